@@ -1,0 +1,48 @@
+# `make run` and `make test` set up everything they need (idempotently) and then do their job.
+SHELL := /bin/bash
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+PY_STAMP := $(VENV)/.installed
+NPM_STAMP := node_modules/.installed
+
+.PHONY: setup run test lint check-artifacts compile bench-gas clean
+
+setup: $(PY_STAMP) $(NPM_STAMP)
+
+$(PY):
+	@$(PYTHON) -c 'import sys; sys.exit(0 if sys.version_info >= (3, 11) else "Python 3.11+ is required (set PYTHON=...)")'
+	$(PYTHON) -m venv $(VENV)
+
+$(PY_STAMP): pyproject.toml | $(PY)
+	$(PY) -m pip install --quiet --upgrade pip
+	$(PY) -m pip install --quiet -e '.[dev]'
+	@touch $@
+
+$(NPM_STAMP): package.json package-lock.json
+	@command -v npm >/dev/null || { echo "npm (Node 18+) is required"; exit 1; }
+	npm ci --no-audit --no-fund --loglevel=error
+	@touch $@
+
+# Fails when the committed artifacts are not what the sources compile to.
+check-artifacts: setup
+	$(PY) scripts/compile_contracts.py --check
+
+compile: setup
+	$(PY) scripts/compile_contracts.py
+
+lint: setup
+	$(VENV)/bin/ruff check settlement tests scripts
+	$(VENV)/bin/mypy
+
+run: check-artifacts
+	$(VENV)/bin/settlement demo
+
+test: lint
+	$(PY) -m pytest
+
+bench-gas: setup
+	$(PY) scripts/bench.py gas
+
+clean:
+	rm -rf $(VENV) node_modules .settlement .pytest_cache .mypy_cache .ruff_cache

@@ -1,0 +1,486 @@
+// SPDX-License-Identifier: MIT
+pragma solidity 0.8.30;
+
+import {IERC20} from "@openzeppelin/contracts/token/ERC20/IERC20.sol";
+import {SafeERC20} from "@openzeppelin/contracts/token/ERC20/utils/SafeERC20.sol";
+import {ECDSA} from "@openzeppelin/contracts/utils/cryptography/ECDSA.sol";
+import {EIP712} from "@openzeppelin/contracts/utils/cryptography/EIP712.sol";
+import {ReentrancyGuardTransient} from "@openzeppelin/contracts/utils/ReentrancyGuardTransient.sol";
+
+/// @title ChannelHub
+/// @notice Unidirectional payment channels (ETH or ERC-20) whose off-chain vouchers are settled in batches.
+/// @dev A voucher is `(channelId, cumulativeAmount)` signed by the payer with EIP-712. Settlement credits the payee's
+/// balance inside the hub with the increment since the last settlement; payees withdraw when they like, or spend the
+/// balance on channels of their own (`openFromBalance`, `topUpFromBalance`) without leaving the hub.
+///
+/// Gas design: everything `settleBatch` touches per channel lives in ONE storage slot (`_state`), and the channel's
+/// parties are not read at all. Entries are grouped by (payee, token) and each carries the channel's salt, so the hub
+/// recomputes `keccak256(abi.encode(signer, payee, token, salt))` and compares it with the channel id: equality proves
+/// the recovered signer is the payer and the group's payee and token are the channel's. The payee's balance is then
+/// written once per group instead of once per entry.
+///
+/// Every state-changing function is `nonReentrant` (transient-storage guard, ~200 gas a call), so no callback of a
+/// token can observe or change a half-done operation.
+///
+/// Invariant, per asset: hub balance == sum of credited balances + sum of (deposit - settled) over channels that are
+/// not closed.
+contract ChannelHub is EIP712, ReentrancyGuardTransient {
+    using SafeERC20 for IERC20;
+
+    // ------------------------------------------------------------------------------------------------------------
+    // Types
+    // ------------------------------------------------------------------------------------------------------------
+
+    /// @notice Life cycle of a channel. `None` means the id was never opened; `Closed` ids can never be reopened.
+    enum Status {
+        None,
+        Open,
+        Closing,
+        Closed
+    }
+
+    /// @notice Why `settleBatch` skipped an entry (carried by `VoucherSkipped`).
+    enum SkipReason {
+        None,
+        UnknownChannel,
+        ChannelClosed,
+        ChallengeExpired,
+        NotAboveSettled,
+        ExceedsDeposit,
+        InvalidSignature
+    }
+
+    /// @dev The whole settle-time state of a channel, packed in one slot (104 + 104 + 40 + 8 = 256 bits).
+    struct ChannelState {
+        uint104 deposit;
+        uint104 settled;
+        uint40 closeDeadline;
+        Status status;
+    }
+
+    /// @dev Who is in a channel; read by the open/close paths only, never by settlement.
+    struct Parties {
+        address payer;
+        address payee;
+        address token;
+    }
+
+    /// @notice Full view of a channel, as returned by `channel`.
+    struct ChannelView {
+        address payer;
+        address payee;
+        address token;
+        uint256 deposit;
+        uint256 settled;
+        uint256 closeDeadline;
+        Status status;
+    }
+
+    /// @notice One voucher to settle. `salt` is the salt the channel was opened with.
+    struct Voucher {
+        bytes32 channelId;
+        bytes32 salt;
+        uint256 cumulativeAmount;
+        bytes signature;
+    }
+
+    /// @notice Vouchers of channels that share one payee and one token.
+    struct PayeeBatch {
+        address payee;
+        address token;
+        Voucher[] vouchers;
+    }
+
+    // ------------------------------------------------------------------------------------------------------------
+    // Constants and storage
+    // ------------------------------------------------------------------------------------------------------------
+
+    /// @notice EIP-712 type hash of a voucher.
+    bytes32 public constant VOUCHER_TYPEHASH = keccak256("Voucher(bytes32 channelId,uint256 cumulativeAmount)");
+
+    /// @notice The shortest challenge period a hub can be deployed with, in seconds.
+    uint256 public constant MIN_CHALLENGE_PERIOD = 60;
+
+    /// @notice The largest deposit a channel can hold, in base units (2^104 - 1, about 2.0e31).
+    uint256 public constant MAX_DEPOSIT = type(uint104).max;
+
+    /// @notice Seconds between `requestClose` and the moment the payer may finalize.
+    uint256 public immutable challengePeriod;
+
+    mapping(bytes32 channelId => ChannelState) private _state;
+    mapping(bytes32 channelId => Parties) private _parties;
+    mapping(address account => mapping(address token => uint256)) private _balances;
+
+    // ------------------------------------------------------------------------------------------------------------
+    // Events
+    // ------------------------------------------------------------------------------------------------------------
+
+    /// @notice A channel was opened with `deposit` (the amount actually received).
+    event ChannelOpened(
+        bytes32 indexed channelId,
+        address indexed payer,
+        address indexed payee,
+        address token,
+        bytes32 salt,
+        uint256 deposit
+    );
+
+    /// @notice A channel's deposit grew by `amount` to `deposit`.
+    event ChannelToppedUp(bytes32 indexed channelId, uint256 amount, uint256 deposit);
+
+    /// @notice A voucher was settled: the payee was credited `increment`.
+    event ChannelSettled(bytes32 indexed channelId, uint256 cumulativeAmount, uint256 increment);
+
+    /// @notice A batch entry was skipped; the rest of the batch went on.
+    event VoucherSkipped(bytes32 indexed channelId, SkipReason reason);
+
+    /// @notice The payer asked to close; vouchers settle until `deadline` (inclusive).
+    event CloseRequested(bytes32 indexed channelId, uint256 deadline);
+
+    /// @notice A channel was closed; `refund` (deposit - settled) was credited to the payer's balance.
+    event ChannelClosed(bytes32 indexed channelId, uint256 settled, uint256 refund);
+
+    /// @notice `account` withdrew `amount` of `token` to `to`.
+    event Withdrawn(address indexed account, address indexed token, address to, uint256 amount);
+
+    // ------------------------------------------------------------------------------------------------------------
+    // Errors
+    // ------------------------------------------------------------------------------------------------------------
+
+    /// @dev The constructor was given a challenge period below `MIN_CHALLENGE_PERIOD` or above 2^32 - 1 seconds.
+    error ChannelHubInvalidChallengePeriod(uint256 challengePeriod);
+    /// @dev The channel id was opened before (maybe closed since): ids are never reused.
+    error ChannelHubChannelExists(bytes32 channelId);
+    /// @dev No channel has this id.
+    error ChannelHubUnknownChannel(bytes32 channelId);
+    /// @dev The operation needs an open channel and this one is closing or closed.
+    error ChannelHubChannelNotOpen(bytes32 channelId);
+    /// @dev The operation needs a channel that is open or closing, and this one is closed.
+    error ChannelHubChannelClosed(bytes32 channelId);
+    /// @dev Only the channel's payer may do this.
+    error ChannelHubNotPayer(bytes32 channelId, address caller);
+    /// @dev Only the channel's payee may do this.
+    error ChannelHubNotPayee(bytes32 channelId, address caller);
+    /// @dev The challenge period is still running until `deadline`.
+    error ChannelHubChallengeNotOver(bytes32 channelId, uint256 deadline);
+    /// @dev A deposit or top-up of zero.
+    error ChannelHubZeroAmount();
+    /// @dev The payee is the zero address or the payer itself.
+    error ChannelHubInvalidPayee(address payee);
+    /// @dev The deposit would exceed `MAX_DEPOSIT`.
+    error ChannelHubDepositTooLarge(uint256 deposit);
+    /// @dev ETH sent does not match the amount (ETH channels) or ETH was sent to a token channel.
+    error ChannelHubWrongValue(uint256 value, uint256 amount);
+    /// @dev The caller's credited balance is below the amount.
+    error ChannelHubInsufficientBalance(address token, uint256 balance, uint256 amount);
+    /// @dev Withdrawal to the zero address.
+    error ChannelHubInvalidRecipient();
+    /// @dev Sending ETH failed.
+    error ChannelHubEthTransferFailed(address to, uint256 amount);
+    /// @dev The final voucher given to `closeByPayee` is not signed by the payer.
+    error ChannelHubInvalidSignature(bytes32 channelId);
+    /// @dev The challenge period ended at `deadline`: vouchers no longer settle.
+    error ChannelHubChallengeExpired(bytes32 channelId, uint256 deadline);
+    /// @dev The final voucher given to `closeByPayee` is above the deposit.
+    error ChannelHubExceedsDeposit(bytes32 channelId, uint256 cumulativeAmount, uint256 deposit);
+
+    // ------------------------------------------------------------------------------------------------------------
+    // Construction
+    // ------------------------------------------------------------------------------------------------------------
+
+    /// @param challengePeriod_ Seconds a payer must wait between `requestClose` and `finalizeClose`.
+    constructor(uint256 challengePeriod_) EIP712("ChannelHub", "1") {
+        if (challengePeriod_ < MIN_CHALLENGE_PERIOD || challengePeriod_ > type(uint32).max) {
+            revert ChannelHubInvalidChallengePeriod(challengePeriod_);
+        }
+        challengePeriod = challengePeriod_;
+    }
+
+    // ------------------------------------------------------------------------------------------------------------
+    // Opening and funding
+    // ------------------------------------------------------------------------------------------------------------
+
+    /// @notice Opens a channel from the caller to `payee`, locking `amount` of `token` (address(0) = ETH).
+    /// @dev For ETH, `msg.value` must equal `amount`. For fee-on-transfer tokens the deposit is what arrived.
+    /// @return channelId keccak256(abi.encode(msg.sender, payee, token, salt)).
+    function open(address payee, address token, bytes32 salt, uint256 amount)
+        external
+        payable
+        nonReentrant
+        returns (bytes32 channelId)
+    {
+        channelId = _create(payee, token, salt);
+        _open(channelId, payee, token, salt, _pull(token, amount));
+    }
+
+    /// @notice Opens a channel funded from the caller's credited balance of `token` in the hub.
+    /// @return channelId keccak256(abi.encode(msg.sender, payee, token, salt)).
+    function openFromBalance(address payee, address token, bytes32 salt, uint256 amount)
+        external
+        nonReentrant
+        returns (bytes32 channelId)
+    {
+        channelId = _create(payee, token, salt);
+        _debit(msg.sender, token, amount);
+        _open(channelId, payee, token, salt, amount);
+    }
+
+    /// @notice Adds `amount` to an open channel's deposit. Anyone may fund any open channel.
+    function topUp(bytes32 channelId, uint256 amount) external payable nonReentrant {
+        address token = _requireOpen(channelId).token;
+        _addDeposit(channelId, _pull(token, amount));
+    }
+
+    /// @notice Adds `amount` to an open channel's deposit from the caller's credited balance.
+    function topUpFromBalance(bytes32 channelId, uint256 amount) external nonReentrant {
+        address token = _requireOpen(channelId).token;
+        _debit(msg.sender, token, amount);
+        _addDeposit(channelId, amount);
+    }
+
+    // ------------------------------------------------------------------------------------------------------------
+    // Settlement
+    // ------------------------------------------------------------------------------------------------------------
+
+    /// @notice Settles vouchers of many channels; callable by anyone, since funds only ever go to payees.
+    /// @dev Skip-not-revert: a bad entry emits `VoucherSkipped` and the rest of the batch settles, so re-sending a
+    /// batch is harmless. Each group's payee is credited once with the sum of its increments.
+    function settleBatch(PayeeBatch[] calldata batches) external nonReentrant {
+        for (uint256 g; g < batches.length; ++g) {
+            PayeeBatch calldata batch = batches[g];
+            uint256 credit;
+            Voucher[] calldata vouchers = batch.vouchers;
+            for (uint256 i; i < vouchers.length; ++i) {
+                credit += _settle(batch.payee, batch.token, vouchers[i]);
+            }
+            if (credit != 0) {
+                _balances[batch.payee][batch.token] += credit;
+            }
+        }
+    }
+
+    // ------------------------------------------------------------------------------------------------------------
+    // Closing
+    // ------------------------------------------------------------------------------------------------------------
+
+    /// @notice Starts the challenge period of the caller's channel; vouchers still settle until the deadline.
+    function requestClose(bytes32 channelId) external nonReentrant {
+        Parties storage parties = _requireOpen(channelId);
+        if (msg.sender != parties.payer) revert ChannelHubNotPayer(channelId, msg.sender);
+        uint256 deadline = block.timestamp + challengePeriod;
+        ChannelState storage state = _state[channelId];
+        state.status = Status.Closing;
+        state.closeDeadline = uint40(deadline);
+        emit CloseRequested(channelId, deadline);
+    }
+
+    /// @notice After the challenge period, closes the channel and credits deposit - settled to the payer's balance.
+    /// @dev Anyone may call it; the refund only ever goes to the payer.
+    function finalizeClose(bytes32 channelId) external nonReentrant {
+        ChannelState memory state = _state[channelId];
+        if (state.status != Status.Closing) {
+            if (state.status == Status.None) revert ChannelHubUnknownChannel(channelId);
+            if (state.status == Status.Closed) revert ChannelHubChannelClosed(channelId);
+            revert ChannelHubChannelNotOpen(channelId);
+        }
+        if (block.timestamp <= state.closeDeadline) {
+            revert ChannelHubChallengeNotOver(channelId, state.closeDeadline);
+        }
+        _close(channelId, state);
+    }
+
+    /// @notice Closes the channel at once, by its payee; optionally settles a final voucher first.
+    /// @dev Pass an empty `signature` to close without settling. The remainder is credited to the payer's balance.
+    function closeByPayee(bytes32 channelId, uint256 cumulativeAmount, bytes calldata signature)
+        external
+        nonReentrant
+    {
+        Parties storage parties = _parties[channelId];
+        ChannelState memory state = _state[channelId];
+        if (state.status == Status.None) revert ChannelHubUnknownChannel(channelId);
+        if (state.status == Status.Closed) revert ChannelHubChannelClosed(channelId);
+        if (msg.sender != parties.payee) revert ChannelHubNotPayee(channelId, msg.sender);
+        if (signature.length != 0 && cumulativeAmount > state.settled) {
+            if (state.status == Status.Closing && block.timestamp > state.closeDeadline) {
+                revert ChannelHubChallengeExpired(channelId, state.closeDeadline);
+            }
+            if (cumulativeAmount > state.deposit) {
+                revert ChannelHubExceedsDeposit(channelId, cumulativeAmount, state.deposit);
+            }
+            (address signer, ECDSA.RecoverError err,) =
+                ECDSA.tryRecoverCalldata(hashVoucher(channelId, cumulativeAmount), signature);
+            if (err != ECDSA.RecoverError.NoError || signer != parties.payer) {
+                revert ChannelHubInvalidSignature(channelId);
+            }
+            // Bounded by the deposit check above, so the cast and the subtraction are exact.
+            uint256 increment = cumulativeAmount - state.settled;
+            state.settled = uint104(cumulativeAmount);
+            _state[channelId].settled = state.settled;
+            _balances[msg.sender][parties.token] += increment;
+            emit ChannelSettled(channelId, cumulativeAmount, increment);
+        }
+        _close(channelId, state);
+    }
+
+    // ------------------------------------------------------------------------------------------------------------
+    // Balances
+    // ------------------------------------------------------------------------------------------------------------
+
+    /// @notice Sends `amount` of the caller's credited `token` balance to `to`.
+    function withdraw(address token, uint256 amount, address to) external nonReentrant {
+        if (to == address(0)) revert ChannelHubInvalidRecipient();
+        _debit(msg.sender, token, amount);
+        emit Withdrawn(msg.sender, token, to, amount);
+        if (token == address(0)) {
+            (bool ok,) = to.call{value: amount}("");
+            if (!ok) revert ChannelHubEthTransferFailed(to, amount);
+        } else {
+            IERC20(token).safeTransfer(to, amount);
+        }
+    }
+
+    // ------------------------------------------------------------------------------------------------------------
+    // Views
+    // ------------------------------------------------------------------------------------------------------------
+
+    /// @notice The credited balance of `account` in `token` (address(0) = ETH).
+    function balanceOf(address account, address token) external view returns (uint256) {
+        return _balances[account][token];
+    }
+
+    /// @notice Everything known about a channel; `status` is `None` for an id never opened.
+    function channel(bytes32 channelId) external view returns (ChannelView memory) {
+        ChannelState memory state = _state[channelId];
+        Parties memory parties = _parties[channelId];
+        return ChannelView({
+            payer: parties.payer,
+            payee: parties.payee,
+            token: parties.token,
+            deposit: state.deposit,
+            settled: state.settled,
+            closeDeadline: state.closeDeadline,
+            status: state.status
+        });
+    }
+
+    /// @notice The id a channel opened by `payer` with these parameters has (or would have).
+    function channelIdOf(address payer, address payee, address token, bytes32 salt) public pure returns (bytes32) {
+        return keccak256(abi.encode(payer, payee, token, salt));
+    }
+
+    /// @notice The EIP-712 digest the payer signs for a voucher.
+    function hashVoucher(bytes32 channelId, uint256 cumulativeAmount) public view returns (bytes32) {
+        return _hashTypedDataV4(keccak256(abi.encode(VOUCHER_TYPEHASH, channelId, cumulativeAmount)));
+    }
+
+    /// @notice The EIP-712 domain separator of this hub on this chain.
+    function domainSeparator() external view returns (bytes32) {
+        return _domainSeparatorV4();
+    }
+
+    // ------------------------------------------------------------------------------------------------------------
+    // Internals
+    // ------------------------------------------------------------------------------------------------------------
+
+    /// @dev Settles one voucher and returns the payee's increment (0 when skipped). Cheap checks come before the
+    /// signature recovery so that a skipped entry costs little.
+    function _settle(address payee, address token, Voucher calldata voucher) private returns (uint256 increment) {
+        bytes32 channelId = voucher.channelId;
+        uint256 cumulativeAmount = voucher.cumulativeAmount;
+        ChannelState memory state = _state[channelId];
+        SkipReason reason;
+        if (state.status == Status.None) {
+            reason = SkipReason.UnknownChannel;
+        } else if (state.status == Status.Closed) {
+            reason = SkipReason.ChannelClosed;
+        } else if (state.status == Status.Closing && block.timestamp > state.closeDeadline) {
+            reason = SkipReason.ChallengeExpired;
+        } else if (cumulativeAmount <= state.settled) {
+            reason = SkipReason.NotAboveSettled;
+        } else if (cumulativeAmount > state.deposit) {
+            reason = SkipReason.ExceedsDeposit;
+        } else {
+            (address signer, ECDSA.RecoverError err,) =
+                ECDSA.tryRecoverCalldata(hashVoucher(channelId, cumulativeAmount), voucher.signature);
+            if (err != ECDSA.RecoverError.NoError || channelIdOf(signer, payee, token, voucher.salt) != channelId) {
+                reason = SkipReason.InvalidSignature;
+            }
+        }
+        if (reason != SkipReason.None) {
+            emit VoucherSkipped(channelId, reason);
+            return 0;
+        }
+        // settled < cumulativeAmount <= deposit <= MAX_DEPOSIT: the subtraction and the cast are exact.
+        unchecked {
+            increment = cumulativeAmount - state.settled;
+        }
+        _state[channelId].settled = uint104(cumulativeAmount);
+        emit ChannelSettled(channelId, cumulativeAmount, increment);
+    }
+
+    /// @dev Checks a new channel's parameters and returns its id.
+    function _create(address payee, address token, bytes32 salt) private view returns (bytes32 channelId) {
+        if (payee == address(0) || payee == msg.sender) revert ChannelHubInvalidPayee(payee);
+        channelId = channelIdOf(msg.sender, payee, token, salt);
+        if (_state[channelId].status != Status.None) revert ChannelHubChannelExists(channelId);
+    }
+
+    function _open(bytes32 channelId, address payee, address token, bytes32 salt, uint256 amount) private {
+        if (amount == 0) revert ChannelHubZeroAmount();
+        if (amount > MAX_DEPOSIT) revert ChannelHubDepositTooLarge(amount);
+        _state[channelId] = ChannelState({
+            deposit: uint104(amount), settled: 0, closeDeadline: 0, status: Status.Open
+        });
+        _parties[channelId] = Parties({payer: msg.sender, payee: payee, token: token});
+        emit ChannelOpened(channelId, msg.sender, payee, token, salt, amount);
+    }
+
+    function _addDeposit(bytes32 channelId, uint256 amount) private {
+        if (amount == 0) revert ChannelHubZeroAmount();
+        ChannelState storage state = _state[channelId];
+        uint256 deposit = uint256(state.deposit) + amount;
+        if (deposit > MAX_DEPOSIT) revert ChannelHubDepositTooLarge(deposit);
+        state.deposit = uint104(deposit);
+        emit ChannelToppedUp(channelId, amount, deposit);
+    }
+
+    /// @dev Marks the channel closed and credits what was not settled back to the payer.
+    function _close(bytes32 channelId, ChannelState memory state) private {
+        uint256 refund = uint256(state.deposit) - state.settled;
+        _state[channelId].status = Status.Closed;
+        Parties storage parties = _parties[channelId];
+        if (refund != 0) _balances[parties.payer][parties.token] += refund;
+        emit ChannelClosed(channelId, state.settled, refund);
+    }
+
+    function _requireOpen(bytes32 channelId) private view returns (Parties storage) {
+        Status status = _state[channelId].status;
+        if (status != Status.Open) {
+            if (status == Status.None) revert ChannelHubUnknownChannel(channelId);
+            revert ChannelHubChannelNotOpen(channelId);
+        }
+        return _parties[channelId];
+    }
+
+    function _debit(address account, address token, uint256 amount) private {
+        uint256 balance = _balances[account][token];
+        if (amount > balance) revert ChannelHubInsufficientBalance(token, balance, amount);
+        // amount <= balance was checked on the line above.
+        unchecked {
+            _balances[account][token] = balance - amount;
+        }
+    }
+
+    /// @dev Takes `amount` from the caller and returns what actually arrived.
+    function _pull(address token, uint256 amount) private returns (uint256 received) {
+        if (token == address(0)) {
+            if (msg.value != amount) revert ChannelHubWrongValue(msg.value, amount);
+            return amount;
+        }
+        if (msg.value != 0) revert ChannelHubWrongValue(msg.value, 0);
+        if (amount == 0) revert ChannelHubZeroAmount();
+        uint256 before = IERC20(token).balanceOf(address(this));
+        IERC20(token).safeTransferFrom(msg.sender, address(this), amount);
+        received = IERC20(token).balanceOf(address(this)) - before;
+    }
+}

@@ -1,0 +1,119 @@
+"""Web3 access: connecting, sending signed transactions with our own nonce counter, decoding custom-error reverts."""
+
+from __future__ import annotations
+
+import threading
+from dataclasses import dataclass
+from typing import Any
+
+import requests
+from eth_abi.abi import decode as abi_decode
+from eth_account.signers.local import LocalAccount
+from eth_utils.abi import function_signature_to_4byte_selector
+from hexbytes import HexBytes
+from web3 import Web3
+from web3.contract.contract import ContractConstructor, ContractFunction
+from web3.exceptions import ContractCustomError, ContractLogicError, TimeExhausted, Web3RPCError
+from web3.types import Nonce, TxParams, TxReceipt
+
+from settlement.errors import ChainUnavailableError, TransactionFailedError
+
+GAS_HEADROOM = 1.2  # estimates are exact on anvil, but state can move between estimate and inclusion
+
+
+def connect(url: str, timeout: float = 10.0) -> Web3:
+    """A Web3 for `url`; raises ChainUnavailableError if nothing answers there."""
+    w3 = Web3(Web3.HTTPProvider(url, request_kwargs={"timeout": timeout}))
+    try:
+        w3.eth.chain_id  # noqa: B018 - the call is the connectivity probe
+    except (requests.RequestException, OSError, Web3RPCError) as ex:
+        raise ChainUnavailableError(f"no JSON-RPC answer at {url}: {ex}") from ex
+    return w3
+
+
+@dataclass(frozen=True)
+class Revert:
+    """A decoded revert: the custom error's name and arguments, or the raw data when the ABI does not know it."""
+
+    name: str
+    args: tuple[Any, ...]
+    data: str
+
+
+def decode_revert(abi: list[dict[str, Any]], data: str | bytes) -> Revert:
+    """Match revert data against the ABI's custom errors (and Error(string) / Panic(uint256))."""
+    raw = bytes(HexBytes(data))
+    errors = [e for e in abi if e.get("type") == "error"]
+    errors += [
+        {"name": "Error", "inputs": [{"type": "string"}]},
+        {"name": "Panic", "inputs": [{"type": "uint256"}]},
+    ]
+    for entry in errors:
+        types = [i["type"] for i in entry["inputs"]]
+        if raw[:4] == function_signature_to_4byte_selector(f"{entry['name']}({','.join(types)})"):
+            return Revert(entry["name"], tuple(abi_decode(types, raw[4:])), "0x" + raw.hex())
+    return Revert("unknown", (), "0x" + raw.hex())
+
+
+def revert_of(ex: Exception, abi: list[dict[str, Any]]) -> Revert | None:
+    """The decoded revert carried by a web3 exception, if any."""
+    if isinstance(ex, ContractCustomError) and isinstance(ex.data, str):
+        return decode_revert(abi, ex.data)
+    if isinstance(ex, ContractLogicError) and isinstance(ex.data, str) and len(ex.data) >= 10:
+        return decode_revert(abi, ex.data)
+    return None
+
+
+class Transactor:
+    """Signs and sends transactions from one local account, numbering nonces itself so that concurrent senders in
+    this process never collide and never leave gaps (a failed send gives its nonce back)."""
+
+    def __init__(self, w3: Web3, account: LocalAccount, abi: list[dict[str, Any]], *, timeout: float = 120.0):
+        self.w3 = w3
+        self.account = account
+        self.abi = abi
+        self.timeout = timeout
+        self._lock = threading.Lock()
+        self._next_nonce: int | None = None
+
+    @property
+    def address(self) -> str:
+        return str(self.account.address)
+
+    def send(
+        self, call: ContractFunction | ContractConstructor, *, value: int = 0, gas: int | None = None
+    ) -> TxReceipt:
+        """Estimate, sign, send and wait; raises TransactionFailedError (with the decoded revert) on failure."""
+        params: TxParams = {"from": self.account.address, "value": value}  # type: ignore[typeddict-item]
+        try:
+            estimate = gas or int(call.estimate_gas(params) * GAS_HEADROOM)
+        except (ContractCustomError, ContractLogicError) as ex:
+            revert = revert_of(ex, self.abi)
+            reason = f"{revert.name}{revert.args}" if revert else str(ex)
+            raise TransactionFailedError(f"transaction would revert: {reason}") from ex
+        with self._lock:
+            nonce = self._nonce()
+            full: TxParams = {**params, "gas": estimate, "nonce": Nonce(nonce), "chainId": self.w3.eth.chain_id}
+            tx = call.build_transaction(full)
+            signed = self.account.sign_transaction(tx)  # type: ignore[arg-type]
+            try:
+                tx_hash = self.w3.eth.send_raw_transaction(signed.raw_transaction)
+            except Exception:
+                self._next_nonce = None  # re-read from the chain: the nonce may or may not be used
+                raise
+            self._next_nonce = nonce + 1
+        return self.wait(tx_hash)
+
+    def wait(self, tx_hash: HexBytes) -> TxReceipt:
+        try:
+            receipt = self.w3.eth.wait_for_transaction_receipt(tx_hash, timeout=self.timeout)
+        except TimeExhausted as ex:
+            raise TransactionFailedError(f"transaction {tx_hash.to_0x_hex()} not mined in {self.timeout}s") from ex
+        if receipt["status"] != 1:
+            raise TransactionFailedError(f"transaction {tx_hash.to_0x_hex()} reverted")
+        return receipt
+
+    def _nonce(self) -> int:
+        if self._next_nonce is None:
+            self._next_nonce = self.w3.eth.get_transaction_count(self.account.address, "pending")
+        return self._next_nonce

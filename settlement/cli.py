@@ -1,0 +1,161 @@
+"""The operator CLI: `settlement devnet | deploy | serve | demo`."""
+
+from __future__ import annotations
+
+import signal
+from pathlib import Path
+from typing import Annotated
+
+import typer
+import uvicorn
+from eth_account import Account
+from eth_account.signers.local import LocalAccount
+from hexbytes import HexBytes
+from rich.console import Console
+from rich.markup import escape
+from rich.table import Table
+from web3 import Web3
+
+from settlement.chain import connect
+from settlement.config import Settings, get_settings
+from settlement.deployment import Deployment, deploy_hub
+from settlement.devnet import Devnet, devnet_accounts
+from settlement.errors import ConfigError, SettlementError
+
+app = typer.Typer(help="ChannelHub micropayment settlement: devnet, deploy, serve.", no_args_is_help=True)
+console = Console()
+err_console = Console(stderr=True)
+
+
+def _fail(ex: SettlementError) -> typer.Exit:
+    err_console.print(f"[bold red]error[/] {escape(f'[{ex.code}] {ex.message}')}")
+    return typer.Exit(code=1)
+
+
+def operator_account(settings: Settings, w3: Web3) -> LocalAccount:
+    """The configured key; on a local anvil only, fall back to its first funded account."""
+    if settings.private_key is not None:
+        account: LocalAccount = Account.from_key(settings.private_key.get_secret_value())
+        return account
+    if w3.client_version.lower().startswith("anvil") and w3.eth.chain_id == settings.devnet_chain_id:
+        err_console.print("[yellow]SETTLEMENT_PRIVATE_KEY unset: using the devnet's first account (anvil only)[/]")
+        return devnet_accounts(settings.devnet_mnemonic, 1)[0]
+    raise ConfigError("SETTLEMENT_PRIVATE_KEY is required on any chain but a local anvil devnet")
+
+
+def _print_devnet(devnet: Devnet) -> None:
+    table = Table(title=f"anvil devnet at {devnet.url} (chain id {devnet.chain_id})")
+    table.add_column("#", justify="right")
+    table.add_column("address")
+    table.add_column("private key (devnet only)")
+    for i, account in enumerate(devnet.accounts):
+        table.add_row(str(i), account.address, HexBytes(account.key).to_0x_hex())
+    console.print(table)
+    console.print(f"export SETTLEMENT_RPC_URL={devnet.url}")
+
+
+def _wait_for_signal() -> None:
+    stop = {"now": False}
+
+    def handler(_signum: int, _frame: object) -> None:
+        stop["now"] = True
+
+    signal.signal(signal.SIGTERM, handler)
+    try:
+        while not stop["now"]:
+            signal.pause()
+    except KeyboardInterrupt:
+        pass
+
+
+@app.command()
+def devnet(
+    port: Annotated[int | None, typer.Option(help="port (default: SETTLEMENT_DEVNET_PORT or 8545)")] = None,
+    chain_id: Annotated[int | None, typer.Option(help="chain id (default: SETTLEMENT_DEVNET_CHAIN_ID)")] = None,
+    block_time: Annotated[float | None, typer.Option(help="seconds per block (default: mine per transaction)")] = None,
+) -> None:
+    """Run a local anvil devnet in the foreground until Ctrl-C; prints its URL and funded accounts."""
+    settings = get_settings()
+    overrides: dict[str, object] = {"devnet_port": port if port is not None else (settings.devnet_port or 8545)}
+    if chain_id is not None:
+        overrides["devnet_chain_id"] = chain_id
+    if block_time is not None:
+        overrides["devnet_block_time"] = block_time
+    try:
+        with Devnet(settings.model_copy(update=overrides)) as net:
+            _print_devnet(net)
+            console.print("[green]devnet running; Ctrl-C stops it[/]")
+            _wait_for_signal()
+    except SettlementError as ex:
+        raise _fail(ex) from ex
+
+
+@app.command()
+def deploy(
+    challenge_period: Annotated[int | None, typer.Option(help="seconds (default: SETTLEMENT_CHALLENGE_PERIOD)")] = None,
+    out: Annotated[Path | None, typer.Option(help="deployment file (default: SETTLEMENT_DEPLOYMENT_FILE)")] = None,
+) -> None:
+    """Deploy ChannelHub to SETTLEMENT_RPC_URL and write the deployment file other commands read."""
+    settings = get_settings()
+    try:
+        deployment = _deploy(settings, challenge_period or settings.challenge_period, out or settings.deployment_file)
+    except SettlementError as ex:
+        raise _fail(ex) from ex
+    console.print(
+        f"ChannelHub deployed at [bold]{deployment.address}[/] on chain {deployment.chain_id} "
+        f"(block {deployment.block_number}, tx {deployment.tx_hash})"
+    )
+    console.print(f"deployment written to {out or settings.deployment_file}")
+
+
+def _deploy(settings: Settings, challenge_period: int, out: Path) -> Deployment:
+    w3 = connect(settings.rpc_url, settings.rpc_timeout)
+    deployment = deploy_hub(w3, operator_account(settings, w3), challenge_period, timeout=settings.tx_timeout)
+    deployment.save(out)
+    return deployment
+
+
+@app.command()
+def serve(
+    host: Annotated[str | None, typer.Option(help="bind address (default: SETTLEMENT_API_HOST)")] = None,
+    port: Annotated[int | None, typer.Option(help="port (default: SETTLEMENT_API_PORT)")] = None,
+) -> None:
+    """Run the HTTP API for the deployment in SETTLEMENT_DEPLOYMENT_FILE."""
+    settings = get_settings()
+    _serve(settings, host or settings.api_host, port if port is not None else settings.api_port)
+
+
+def _serve(settings: Settings, host: str, port: int) -> None:
+    from settlement.api.app import create_app
+
+    try:
+        api = create_app(settings)
+    except SettlementError as ex:
+        raise _fail(ex) from ex
+    console.print(f"API on http://{host}:{port} (docs at /docs)")
+    uvicorn.run(api, host=host, port=port, log_level="info")
+
+
+@app.command()
+def demo(
+    port: Annotated[int | None, typer.Option(help="API port (default: SETTLEMENT_API_PORT)")] = None,
+) -> None:
+    """Start a devnet, deploy ChannelHub on it and serve the API; Ctrl-C stops everything."""
+    settings = get_settings()
+    try:
+        with Devnet(settings) as net:
+            _print_devnet(net)
+            demo_file = settings.deployment_file.with_name("demo-deployment.json")
+            local = settings.model_copy(update={"rpc_url": net.url, "deployment_file": demo_file})
+            deployment = _deploy(local, settings.challenge_period, local.deployment_file)
+            console.print(
+                f"ChannelHub deployed at [bold]{deployment.address}[/] (challenge period "
+                f"{deployment.challenge_period}s)"
+            )
+            _serve(local, settings.api_host, port if port is not None else settings.api_port)
+    except SettlementError as ex:
+        raise _fail(ex) from ex
+
+
+if __name__ == "__main__":
+    app()

@@ -1,0 +1,67 @@
+"""Every knob of the service, in one place: environment variables prefixed SETTLEMENT_, or a .env file."""
+
+from __future__ import annotations
+
+from functools import lru_cache
+from pathlib import Path
+
+from pydantic import Field, SecretStr, field_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+# The mnemonic every anvil and hardhat devnet uses by default: public, so it is only ever a devnet default.
+DEVNET_MNEMONIC = "test test test test test test test test test test test junk"
+
+_PLACEHOLDER_KEYS = {"", "changeme", "change-me", "0x", "your-private-key", "0x" + "0" * 64}
+
+
+class Settings(BaseSettings):
+    """Service configuration; see the README's configuration table for what each field does."""
+
+    model_config = SettingsConfigDict(env_prefix="SETTLEMENT_", env_file=".env", extra="ignore")
+
+    # Chain access
+    rpc_url: str = "http://127.0.0.1:8545"
+    private_key: SecretStr | None = Field(default=None, description="operator key: deploys and settles")
+    rpc_timeout: float = Field(default=10.0, gt=0)
+    tx_timeout: float = Field(default=120.0, gt=0)
+
+    # Deployment
+    deployment_file: Path = Path(".settlement/deployment.json")
+    challenge_period: int = Field(default=3600, ge=60, description="seconds between requestClose and finalize")
+
+    # Storage
+    database_url: str = "sqlite:///.settlement/settlement.db"
+
+    # API
+    api_host: str = "127.0.0.1"
+    api_port: int = Field(default=8000, ge=0, le=65535)
+
+    # Local devnet (anvil)
+    anvil_path: Path | None = None
+    devnet_host: str = "127.0.0.1"
+    devnet_port: int = Field(default=0, ge=0, le=65535, description="0 picks a free port")
+    devnet_chain_id: int = Field(default=31337, gt=0)
+    devnet_block_time: float | None = Field(default=None, gt=0, description="None mines on every transaction")
+    devnet_accounts: int = Field(default=10, ge=1, le=1000)
+    devnet_balance_eth: int = Field(default=10_000, ge=0)
+    devnet_mnemonic: str = DEVNET_MNEMONIC
+    devnet_start_timeout: float = Field(default=30.0, gt=0)
+
+    @field_validator("private_key")
+    @classmethod
+    def _refuse_placeholder_key(cls, value: SecretStr | None) -> SecretStr | None:
+        if value is None:
+            return None
+        raw = value.get_secret_value().strip().lower()
+        if raw in _PLACEHOLDER_KEYS:
+            raise ValueError("SETTLEMENT_PRIVATE_KEY is a placeholder; set a real key or leave it unset")
+        digits = raw.removeprefix("0x")
+        if len(digits) != 64 or any(c not in "0123456789abcdef" for c in digits):
+            raise ValueError("SETTLEMENT_PRIVATE_KEY must be 32 bytes of hex")
+        return value
+
+
+@lru_cache(maxsize=1)
+def get_settings() -> Settings:
+    """The process-wide settings, read once."""
+    return Settings()

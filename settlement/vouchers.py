@@ -1,0 +1,123 @@
+"""Vouchers: the EIP-712 schema, signing (eth-account) and a fast verifier (precomputed domain + coincurve).
+
+A voucher says "channel `channelId` has paid `cumulativeAmount` in total so far". The verifier accepts exactly what
+ChannelHub accepts: 65-byte signatures, v of 27 or 28, s in the lower half of the curve order, a non-zero signer.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+from coincurve import PublicKey
+from eth_account import Account
+from eth_account.messages import encode_typed_data
+from eth_account.signers.local import LocalAccount
+from eth_utils.address import to_checksum_address
+from eth_utils.crypto import keccak
+from web3.contract import Contract
+
+VOUCHER_TYPE = [
+    {"name": "channelId", "type": "bytes32"},
+    {"name": "cumulativeAmount", "type": "uint256"},
+]
+EIP712_DOMAIN_TYPE = [
+    {"name": "name", "type": "string"},
+    {"name": "version", "type": "string"},
+    {"name": "chainId", "type": "uint256"},
+    {"name": "verifyingContract", "type": "address"},
+]
+DOMAIN_NAME = "ChannelHub"
+DOMAIN_VERSION = "1"
+MAX_UINT256 = 2**256 - 1
+
+_VOUCHER_TYPEHASH = keccak(b"Voucher(bytes32 channelId,uint256 cumulativeAmount)")
+_DOMAIN_TYPEHASH = keccak(b"EIP712Domain(string name,string version,uint256 chainId,address verifyingContract)")
+_SECP256K1_N = 0xFFFFFFFFFFFFFFFFFFFFFFFFFFFFFFFEBAAEDCE6AF48A03BBFD25E8CD0364141
+_HALF_N = _SECP256K1_N // 2
+
+
+@dataclass(frozen=True)
+class Domain:
+    """The EIP-712 domain of one deployed hub."""
+
+    chain_id: int
+    verifying_contract: str
+    name: str = DOMAIN_NAME
+    version: str = DOMAIN_VERSION
+
+    def as_dict(self) -> dict[str, Any]:
+        return {
+            "name": self.name,
+            "version": self.version,
+            "chainId": self.chain_id,
+            "verifyingContract": to_checksum_address(self.verifying_contract),
+        }
+
+    def separator(self) -> bytes:
+        return keccak(
+            _DOMAIN_TYPEHASH
+            + keccak(self.name.encode())
+            + keccak(self.version.encode())
+            + self.chain_id.to_bytes(32, "big")
+            + bytes(12)
+            + bytes.fromhex(self.verifying_contract.removeprefix("0x"))
+        )
+
+
+def typed_data(domain: Domain, channel_id: bytes, cumulative_amount: int) -> dict[str, Any]:
+    """The full EIP-712 message, as wallets and eth-account take it."""
+    return {
+        "types": {"EIP712Domain": EIP712_DOMAIN_TYPE, "Voucher": VOUCHER_TYPE},
+        "primaryType": "Voucher",
+        "domain": domain.as_dict(),
+        "message": {"channelId": channel_id, "cumulativeAmount": cumulative_amount},
+    }
+
+
+def sign_voucher(account: LocalAccount, domain: Domain, channel_id: bytes, cumulative_amount: int) -> bytes:
+    """The payer's 65-byte signature (r || s || v, v in {27, 28})."""
+    signable = encode_typed_data(full_message=typed_data(domain, channel_id, cumulative_amount))
+    return bytes(account.sign_message(signable).signature)
+
+
+def recover_reference(domain: Domain, channel_id: bytes, cumulative_amount: int, signature: bytes) -> str:
+    """Signer by eth-account: slow, but the reference the fast path is tested against."""
+    signable = encode_typed_data(full_message=typed_data(domain, channel_id, cumulative_amount))
+    return str(Account.recover_message(signable, signature=signature))
+
+
+class VoucherVerifier:
+    """Recovers voucher signers for one domain; the domain separator is hashed once."""
+
+    def __init__(self, domain: Domain) -> None:
+        self.domain = domain
+        self._prefix = b"\x19\x01" + domain.separator()
+
+    def digest(self, channel_id: bytes, cumulative_amount: int) -> bytes:
+        """The EIP-712 digest; equals ChannelHub.hashVoucher."""
+        struct_hash = keccak(_VOUCHER_TYPEHASH + channel_id + cumulative_amount.to_bytes(32, "big"))
+        return keccak(self._prefix + struct_hash)
+
+    def recover(self, channel_id: bytes, cumulative_amount: int, signature: bytes) -> str | None:
+        """The checksummed signer, or None where ChannelHub would reject the signature."""
+        if len(signature) != 65 or len(channel_id) != 32 or not 0 <= cumulative_amount <= MAX_UINT256:
+            return None
+        v = signature[64]
+        s = int.from_bytes(signature[32:64], "big")
+        r = int.from_bytes(signature[:32], "big")
+        if v not in (27, 28) or s > _HALF_N or not 0 < r < _SECP256K1_N or s == 0:
+            return None
+        try:
+            key = PublicKey.from_signature_and_message(
+                signature[:64] + bytes((v - 27,)), self.digest(channel_id, cumulative_amount), hasher=None
+            )
+        except ValueError:
+            return None
+        return to_checksum_address(keccak(key.format(compressed=False)[1:])[-20:])
+
+
+def read_domain(hub: Contract) -> Domain:
+    """The domain as the deployed hub reports it (ERC-5267), so clients sign for exactly what the chain checks."""
+    _fields, name, version, chain_id, verifying_contract, _salt, _extensions = hub.functions.eip712Domain().call()
+    return Domain(chain_id=chain_id, verifying_contract=verifying_contract, name=name, version=version)

@@ -1,0 +1,95 @@
+"""The operator CLI as a user runs it: real subprocesses against a real devnet."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from web3 import Web3
+
+from settlement.config import Settings
+from settlement.contracts import HUB, load_artifact, runtime_matches
+from settlement.deployment import Deployment
+from settlement.devnet import Devnet
+from settlement.errors import DeploymentError
+
+CLI = [sys.executable, "-m", "settlement.cli"]
+
+
+def run_cli(*args: str, env: dict[str, str], cwd: Path) -> subprocess.CompletedProcess[str]:
+    full_env = {k: v for k, v in os.environ.items() if not k.startswith("SETTLEMENT_")} | env
+    return subprocess.run([*CLI, *args], env=full_env, cwd=cwd, capture_output=True, text=True, timeout=120)
+
+
+def test_help_lists_the_commands(tmp_path: Path) -> None:
+    result = run_cli("--help", env={}, cwd=tmp_path)
+    assert result.returncode == 0
+    for command in ("devnet", "deploy", "serve", "demo"):
+        assert command in result.stdout
+
+
+def test_deploy_writes_a_record_with_code_at_the_address(devnet: Devnet, w3: Web3, tmp_path: Path) -> None:
+    out = tmp_path / "deployment.json"
+    key = devnet.accounts[1].key.hex()
+    env = {"SETTLEMENT_RPC_URL": devnet.url, "SETTLEMENT_PRIVATE_KEY": key, "SETTLEMENT_DEPLOYMENT_FILE": str(out)}
+    result = run_cli("deploy", "--challenge-period", "120", env=env, cwd=tmp_path)
+    assert result.returncode == 0, result.stderr
+    record = json.loads(out.read_text())
+    deployment = Deployment.load(out)
+    assert record["address"] == deployment.address
+    assert deployment.chain_id == devnet.chain_id
+    assert deployment.deployer == devnet.accounts[1].address
+    assert deployment.artifact_sha256 == load_artifact(HUB).checksum
+    code = w3.eth.get_code(Web3.to_checksum_address(deployment.address))
+    assert runtime_matches(load_artifact(HUB), bytes(code))
+    assert w3.eth.get_block(deployment.block_number)["transactions"][0].to_0x_hex() == deployment.tx_hash
+    deployment.check(w3)
+    hub = w3.eth.contract(address=Web3.to_checksum_address(deployment.address), abi=load_artifact(HUB).abi)
+    assert hub.functions.challengePeriod().call() == 120
+
+
+def test_deploy_without_key_uses_first_account_on_anvil(devnet: Devnet, tmp_path: Path) -> None:
+    env = {"SETTLEMENT_RPC_URL": devnet.url, "SETTLEMENT_DEPLOYMENT_FILE": str(tmp_path / "d.json")}
+    result = run_cli("deploy", env=env, cwd=tmp_path)
+    assert result.returncode == 0, result.stderr
+    assert "anvil only" in result.stderr
+    assert Deployment.load(tmp_path / "d.json").deployer == devnet.accounts[0].address
+
+
+def test_deploy_refuses_a_placeholder_key(devnet: Devnet, tmp_path: Path) -> None:
+    env = {"SETTLEMENT_RPC_URL": devnet.url, "SETTLEMENT_PRIVATE_KEY": "changeme"}
+    result = run_cli("deploy", env=env, cwd=tmp_path)
+    assert result.returncode != 0
+    assert "placeholder" in result.stderr
+
+
+def test_deploy_to_nowhere_is_a_clear_error(tmp_path: Path) -> None:
+    result = run_cli("deploy", env={"SETTLEMENT_RPC_URL": "http://127.0.0.1:9"}, cwd=tmp_path)
+    assert result.returncode == 1
+    assert "[chain_unavailable]" in result.stderr
+
+
+def test_record_for_another_chain_is_refused(devnet: Devnet, w3: Web3, tmp_path: Path) -> None:
+    from settlement.deployment import deploy_hub
+
+    deployment = deploy_hub(w3, devnet.accounts[2], 600)
+    deployment.model_copy(update={"chain_id": 1}).save(tmp_path / "d.json")
+    with pytest.raises(DeploymentError, match="for chain 1"):
+        Deployment.load(tmp_path / "d.json").check(w3)
+    with pytest.raises(DeploymentError, match="no deployment file"):
+        Deployment.load(tmp_path / "missing.json")
+
+
+def test_settings_read_the_environment(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("SETTLEMENT_RPC_URL", "http://example.invalid:1")
+    monkeypatch.setenv("SETTLEMENT_CHALLENGE_PERIOD", "900")
+    settings = Settings(_env_file=None)  # type: ignore[call-arg]
+    assert settings.rpc_url == "http://example.invalid:1"
+    assert settings.challenge_period == 900
+    monkeypatch.setenv("SETTLEMENT_CHALLENGE_PERIOD", "5")
+    with pytest.raises(ValueError, match="challenge_period"):
+        Settings(_env_file=None)  # type: ignore[call-arg]

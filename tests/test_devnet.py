@@ -1,0 +1,92 @@
+"""The devnet starts on a free port, answers, honours its settings, and never outlives its owner."""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+
+import httpx
+import pytest
+
+from settlement.chain import connect
+from settlement.devnet import Devnet
+from tests.conftest import devnet_settings
+
+
+def _alive(pid: int) -> bool:
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().split()[2] != "Z"
+    except FileNotFoundError:
+        return False
+
+
+def _port_open(port: int) -> bool:
+    with socket.socket() as sock:
+        return sock.connect_ex(("127.0.0.1", port)) == 0
+
+
+def test_devnet_starts_answers_and_stops() -> None:
+    net = Devnet(devnet_settings(devnet_chain_id=4242, devnet_accounts=3, devnet_balance_eth=7)).start()
+    pid = net.pid
+    assert pid is not None
+    try:
+        w3 = connect(net.url)
+        assert w3.eth.chain_id == 4242
+        assert [a.address for a in net.accounts] == w3.eth.accounts
+        assert w3.eth.get_balance(net.accounts[2].address) == 7 * 10**18
+    finally:
+        net.stop()
+    assert not _alive(pid)
+    assert not _port_open(net.port)
+    net.stop()  # idempotent
+
+
+def test_block_time_mines_without_transactions() -> None:
+    with Devnet(devnet_settings(devnet_block_time=0.2)) as net:
+        w3 = connect(net.url)
+        first = w3.eth.block_number
+        time.sleep(1.0)
+        assert w3.eth.block_number >= first + 2
+
+
+def test_two_devnets_get_different_ports() -> None:
+    with Devnet(devnet_settings()) as a, Devnet(devnet_settings()) as b:
+        assert a.port != b.port
+        assert connect(a.url).eth.block_number == 0 == connect(b.url).eth.block_number
+
+
+def test_taken_port_is_a_clear_error() -> None:
+    from settlement.errors import DevnetError
+
+    with Devnet(devnet_settings()) as net, pytest.raises(DevnetError, match="anvil did not start"):
+        Devnet(devnet_settings(devnet_port=net.port, devnet_start_timeout=5)).start()
+
+
+OWNER = """
+import sys, time
+from settlement.config import Settings
+from settlement.devnet import Devnet
+net = Devnet(Settings(_env_file=None)).start()
+print(net.pid, net.port, flush=True)
+time.sleep(600)
+"""
+
+
+def test_no_orphan_when_owner_is_killed() -> None:
+    owner = subprocess.Popen([sys.executable, "-c", OWNER], stdout=subprocess.PIPE, text=True)
+    assert owner.stdout is not None
+    anvil_pid, port = map(int, owner.stdout.readline().split())
+    assert _alive(anvil_pid)
+    assert httpx.post(f"http://127.0.0.1:{port}", json={"jsonrpc": "2.0", "id": 1, "method": "eth_chainId"}).json()
+    os.kill(owner.pid, signal.SIGKILL)
+    owner.wait()
+    owner.stdout.close()
+    deadline = time.monotonic() + 10
+    while _alive(anvil_pid) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert not _alive(anvil_pid), "anvil outlived its owner"
