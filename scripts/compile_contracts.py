@@ -85,6 +85,7 @@ def standard_input(sources: dict[str, str]) -> dict[str, Any]:
         "settings": {
             "optimizer": {"enabled": True, "runs": OPTIMIZER_RUNS},
             "evmVersion": EVM_VERSION,
+            "viaIR": True,
             "outputSelection": {
                 "*": {
                     "*": [

@@ -10,6 +10,7 @@ import requests
 from eth_abi.abi import decode as abi_decode
 from eth_account.signers.local import LocalAccount
 from eth_utils.abi import function_signature_to_4byte_selector
+from eth_utils.address import to_checksum_address
 from hexbytes import HexBytes
 from web3 import Web3
 from web3.contract.contract import ContractConstructor, ContractFunction
@@ -51,7 +52,9 @@ def decode_revert(abi: list[dict[str, Any]], data: str | bytes) -> Revert:
     for entry in errors:
         types = [i["type"] for i in entry["inputs"]]
         if raw[:4] == function_signature_to_4byte_selector(f"{entry['name']}({','.join(types)})"):
-            return Revert(entry["name"], tuple(abi_decode(types, raw[4:])), "0x" + raw.hex())
+            values = abi_decode(types, raw[4:])
+            args = tuple(to_checksum_address(v) if t == "address" else v for t, v in zip(types, values, strict=True))
+            return Revert(entry["name"], args, "0x" + raw.hex())
     return Revert("unknown", (), "0x" + raw.hex())
 
 

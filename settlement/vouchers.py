@@ -121,3 +121,11 @@ def read_domain(hub: Contract) -> Domain:
     """The domain as the deployed hub reports it (ERC-5267), so clients sign for exactly what the chain checks."""
     _fields, name, version, chain_id, verifying_contract, _salt, _extensions = hub.functions.eip712Domain().call()
     return Domain(chain_id=chain_id, verifying_contract=verifying_contract, name=name, version=version)
+
+
+def to_compact(signature: bytes) -> tuple[bytes, bytes]:
+    """(r, vs) of a 65-byte signature in the EIP-2098 form settleBatch takes: vs = s | (v - 27) << 255."""
+    if len(signature) != 65 or signature[64] not in (27, 28):
+        raise ValueError("expected a 65-byte signature with v = 27 or 28")
+    vs = int.from_bytes(signature[32:64], "big") | ((signature[64] - 27) << 255)
+    return signature[:32], vs.to_bytes(32, "big")

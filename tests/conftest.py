@@ -108,3 +108,37 @@ def reverts_with(call: Any, abi: list[dict[str, Any]], tx: dict[str, Any]) -> Re
 @pytest.fixture(scope="session")
 def postgres_url() -> str:
     return os.environ.get("SETTLEMENT_TEST_POSTGRES_URL", "postgresql+psycopg://postgres@127.0.0.1:5432/test")
+
+
+@pytest.fixture
+def token(deploy: Callable[..., Contract]) -> Contract:
+    """A fresh mintable ERC-20 (18 decimals), reverted with the test."""
+    return deploy("DevToken", "Dev Token", "DEV", 18)
+
+
+@pytest.fixture
+def open_channel(w3: Web3, hub: Contract) -> Callable[..., Any]:
+    """Factory: open_channel(payer, payee, token=None, amount=10**18, salt=None) -> Channel.
+
+    For a token channel the payer is minted and approves `amount` first (DevToken-like tokens only).
+    """
+    from tests.hub_helpers import ETH, Channel, channel_id, salt_of, send
+
+    counter = iter(range(1, 1_000_000))
+
+    def make(
+        payer: LocalAccount, payee: str, token: Contract | None = None, amount: int = 10**18, salt: bytes | None = None
+    ) -> Channel:
+        salt = salt if salt is not None else salt_of(next(counter))
+        if token is None:
+            send(w3, hub.functions.open(payee, ETH, salt, amount), payer.address, value=amount)
+            asset = ETH
+        else:
+            send(w3, token.functions.mint(payer.address, amount), payer.address)
+            send(w3, token.functions.approve(hub.address, amount), payer.address)
+            send(w3, hub.functions.open(payee, token.address, salt, amount), payer.address)
+            asset = token.address
+        cid = channel_id(payer.address, payee, asset, salt)
+        return Channel(id=cid, payer=payer, payee=payee, token=asset, salt=salt, deposit=amount)
+
+    return make

@@ -1,0 +1,176 @@
+"""Benchmarks that print figures: a readable table, then one JSON object as the last line.
+
+python scripts/bench.py gas      # gas per ChannelHub operation and per settled channel, on a fresh anvil
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from collections.abc import Callable, Sequence
+from typing import Any
+
+from eth_abi.abi import encode
+from eth_account.signers.local import LocalAccount
+from eth_utils.crypto import keccak
+from rich.console import Console
+from rich.table import Table
+from web3 import Web3
+from web3.contract import Contract
+from web3.types import RPCEndpoint
+
+from settlement.chain import connect
+from settlement.config import Settings
+from settlement.contracts import HUB, load_artifact
+from settlement.devnet import Devnet
+from settlement.vouchers import Domain, sign_voucher, to_compact
+
+ETH = "0x" + "00" * 20
+CHALLENGE_PERIOD = 3600
+BATCH_SIZES = (1, 10, 100, 500, 1000)
+
+
+class GasBench:
+    """Drives one hub on one devnet; every figure is `gasUsed` of a mined transaction (intrinsic gas included)."""
+
+    def __init__(self, w3: Web3, accounts: list[LocalAccount]) -> None:
+        self.w3 = w3
+        self.accounts = accounts
+        self.operator = accounts[0].address
+        self.hub = self._deploy(HUB, CHALLENGE_PERIOD)
+        self.token = self._deploy("DevToken", "Dev Token", "DEV", 18)
+        chain_id = w3.eth.chain_id
+        self.domain = Domain(chain_id=chain_id, verifying_contract=self.hub.address)
+        self._salt = 0
+        self.last_open_gas = 0
+
+    def _deploy(self, name: str, *args: Any) -> Contract:
+        artifact = load_artifact(name)
+        factory = self.w3.eth.contract(abi=artifact.abi, bytecode=artifact.bytecode)
+        receipt = self._wait(factory.constructor(*args).transact({"from": self.operator}))
+        contract: Contract = self.w3.eth.contract(address=receipt["contractAddress"], abi=artifact.abi)
+        return contract
+
+    def _wait(self, tx_hash: Any) -> Any:
+        receipt = self.w3.eth.wait_for_transaction_receipt(tx_hash, timeout=120)
+        if receipt["status"] != 1:
+            raise SystemExit(f"benchmark transaction {tx_hash.hex()} reverted")
+        return receipt
+
+    def gas(self, call: Any, sender: str, value: int = 0) -> int:
+        return int(self._wait(call.transact({"from": sender, "value": value}))["gasUsed"])
+
+    def open_token_channels(
+        self, payer: LocalAccount, payees: Sequence[str], amount: int
+    ) -> list[tuple[bytes, bytes, str]]:
+        """Open one channel per payee (sent without waiting, then all awaited): (channel id, salt, payee)."""
+        total = amount * len(payees)
+        self._wait(self.token.functions.mint(payer.address, total).transact({"from": payer.address}))
+        self._wait(self.token.functions.approve(self.hub.address, total).transact({"from": payer.address}))
+        channels, hashes = [], []
+        for payee in payees:
+            self._salt += 1
+            salt = self._salt.to_bytes(32, "big")
+            call = self.hub.functions.open(payee, self.token.address, salt, amount)
+            hashes.append(call.transact({"from": payer.address, "gas": 200_000}))
+            cid = keccak(
+                encode(["address", "address", "address", "bytes32"], [payer.address, payee, self.token.address, salt])
+            )
+            channels.append((cid, salt, payee))
+        for tx_hash in hashes:
+            self.last_open_gas = int(self._wait(tx_hash)["gasUsed"])
+        return channels
+
+    def settle_gas(self, payer: LocalAccount, channels: list[tuple[bytes, bytes, str]], cumulative: int) -> int:
+        """One settleBatch over `channels`, grouped by payee as the settlement engine does."""
+        groups: dict[str, list[Any]] = {}
+        for cid, salt, payee in channels:
+            r, vs = to_compact(sign_voucher(payer, self.domain, cid, cumulative))
+            groups.setdefault(payee, []).append((cid, salt, cumulative, r, vs))
+        batches = [(payee, self.token.address, vouchers) for payee, vouchers in groups.items()]
+        return self.gas(self.hub.functions.settleBatch(batches), self.operator)
+
+
+def run_gas(console: Console) -> dict[str, Any]:
+    settings = Settings(_env_file=None, devnet_accounts=12)  # type: ignore[call-arg]
+    with Devnet(settings) as net:
+        w3 = connect(net.url)
+        bench = GasBench(w3, net.accounts)
+        payer, payee, other = net.accounts[1], net.accounts[2], net.accounts[3]
+        figures: dict[str, Any] = {}
+
+        # single operations, ETH channel
+        salt = (10**9).to_bytes(32, "big")
+        figures["open_eth_gas"] = bench.gas(
+            bench.hub.functions.open(payee.address, ETH, salt, 10**18), payer.address, 10**18
+        )
+        cid = keccak(encode(["address", "address", "address", "bytes32"], [payer.address, payee.address, ETH, salt]))
+        figures["top_up_eth_gas"] = bench.gas(bench.hub.functions.topUp(cid, 10**17), payer.address, 10**17)
+        r, vs = to_compact(sign_voucher(payer, bench.domain, cid, 10**16))
+        batch1 = [(payee.address, ETH, [(cid, salt, 10**16, r, vs)])]
+        figures["settle_batch_1_first_gas"] = bench.gas(bench.hub.functions.settleBatch(batch1), bench.operator)
+        figures["request_close_gas"] = bench.gas(bench.hub.functions.requestClose(cid), payer.address)
+        w3.provider.make_request(RPCEndpoint("evm_increaseTime"), [CHALLENGE_PERIOD + 1])
+        w3.provider.make_request(RPCEndpoint("evm_mine"), [])
+        figures["finalize_close_gas"] = bench.gas(bench.hub.functions.finalizeClose(cid), payer.address)
+        figures["withdraw_eth_gas"] = bench.gas(bench.hub.functions.withdraw(ETH, 10**16, payee.address), payee.address)
+        token_channel = bench.open_token_channels(payer, [payee.address], 10**18)
+        figures["open_token_gas"] = bench.last_open_gas
+
+        # settlement at scale: one payee, channels already settled once (non-zero slots), payee balance non-zero
+        sizes: dict[int, int] = {}
+        max_size = max(BATCH_SIZES)
+        channels = bench.open_token_channels(payer, [payee.address] * max_size, 10**18) + token_channel
+        bench.settle_gas(payer, channels, 1)  # first settlement: slots and the payee balance become non-zero
+        for round_no, size in enumerate(BATCH_SIZES, start=2):
+            sizes[size] = bench.settle_gas(payer, channels[:size], round_no)
+        for size, gas in sizes.items():
+            figures[f"settle_batch_{size}_gas"] = gas
+        figures["settle_batch_1_gas"] = sizes[1]
+        figures["settle_marginal_gas_per_channel"] = round((sizes[100] - sizes[1]) / 99, 1)
+
+        # the same with 100 distinct payees (each already credited once): one balance write per payee
+        payees = [Web3.to_checksum_address(keccak(i.to_bytes(32, "big"))[-20:]) for i in range(1, 101)]
+        spread = bench.open_token_channels(other, payees, 10**18)
+        bench.settle_gas(other, spread, 1)
+        one = bench.settle_gas(other, spread[:1], 2)
+        hundred = bench.settle_gas(other, spread, 3)
+        figures["settle_marginal_gas_per_channel_distinct_payees"] = round((hundred - one) / 99, 1)
+
+        # 1,000 vouchers per channel, one settlement: the cost a single micro-payment carries
+        figures["gas_per_payment_at_1000"] = round(sizes[1000] / (1000 * 1000), 2)
+        figures["withdraw_token_gas"] = bench.gas(
+            bench.hub.functions.withdraw(bench.token.address, 10, payee.address), payee.address
+        )
+        # the naive alternative: one ERC-20 transfer per payment, between two addresses that already hold tokens
+        bench.gas(bench.token.functions.mint(payer.address, 10**18), payer.address)
+        figures["baseline_transfer_gas"] = bench.gas(bench.token.functions.transfer(payee.address, 1), payer.address)
+        figures["ratio_vs_transfer"] = round(figures["baseline_transfer_gas"] / figures["gas_per_payment_at_1000"], 1)
+
+    table = Table(title="ChannelHub gas (gasUsed, intrinsic 21,000 included)")
+    table.add_column("operation")
+    table.add_column("gas", justify="right")
+    for key, value in figures.items():
+        table.add_row(key, f"{value:,}")
+    console.print(table)
+    figures["target_settle_marginal_gas_per_channel"] = 11_000
+    figures["meets_target"] = figures["settle_marginal_gas_per_channel"] <= 11_000
+    return figures
+
+
+BENCHES: dict[str, Callable[[Console], dict[str, Any]]] = {"gas": run_gas}
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("name", choices=sorted(BENCHES))
+    args = parser.parse_args(argv)
+    console = Console(stderr=False)
+    figures = BENCHES[args.name](console)
+    print(json.dumps({"bench": args.name, **figures}, sort_keys=False))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,83 @@
+"""Small helpers for driving ChannelHub from tests: transactions from anvil's unlocked accounts, event decoding."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+from eth_abi.abi import encode
+from eth_account.signers.local import LocalAccount
+from eth_utils.crypto import keccak
+from web3 import Web3
+from web3.contract import Contract
+from web3.logs import DISCARD
+from web3.types import TxReceipt
+
+from settlement.vouchers import to_compact
+
+ETH = "0x0000000000000000000000000000000000000000"
+SKIP = {
+    "UnknownChannel": 1,
+    "ChannelClosed": 2,
+    "ChallengeExpired": 3,
+    "NotAboveSettled": 4,
+    "ExceedsDeposit": 5,
+    "InvalidSignature": 6,
+}
+OPEN, CLOSING, CLOSED = 1, 2, 3
+
+
+def send(w3: Web3, call: Any, sender: str, value: int = 0) -> TxReceipt:
+    """Send from an unlocked devnet account and require success."""
+    receipt = w3.eth.wait_for_transaction_receipt(call.transact({"from": sender, "value": value}))
+    assert receipt["status"] == 1
+    return receipt
+
+
+def events(contract: Contract, receipt: TxReceipt, name: str) -> list[dict[str, Any]]:
+    return [dict(e["args"]) for e in contract.events[name]().process_receipt(receipt, errors=DISCARD)]
+
+
+def channel_id(payer: str, payee: str, token: str, salt: bytes) -> bytes:
+    return keccak(encode(["address", "address", "address", "bytes32"], [payer, payee, token, salt]))
+
+
+def salt_of(n: int) -> bytes:
+    return n.to_bytes(32, "big")
+
+
+@dataclass
+class Channel:
+    """A channel opened in a test, with what settlement needs to name it."""
+
+    id: bytes
+    payer: LocalAccount
+    payee: str
+    token: str
+    salt: bytes
+    deposit: int = 0
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    def voucher(self, cumulative: int, signature: bytes) -> Entry:
+        return entry(self.id, self.salt, cumulative, signature)
+
+
+Entry = tuple[bytes, bytes, int, bytes, bytes]
+
+
+def entry(cid: bytes, salt: bytes, cumulative: int, signature: bytes) -> Entry:
+    """A settleBatch entry from a 65-byte signature."""
+    r, vs = to_compact(signature)
+    return (cid, salt, cumulative, r, vs)
+
+
+def batch(payee: str, token: str, *vouchers: Entry) -> tuple[str, str, list[Any]]:
+    return (payee, token, list(vouchers))
+
+
+def settled(contract: Contract, receipt: TxReceipt) -> dict[bytes, int]:
+    """channel id -> cumulative amount, from every ChannelsSettled event of the receipt."""
+    out: dict[bytes, int] = {}
+    for e in events(contract, receipt, "ChannelsSettled"):
+        out.update(zip(e["channelIds"], e["cumulativeAmounts"], strict=True))
+    return out

@@ -1,0 +1,581 @@
+"""ChannelHub against a real anvil: every function, every custom error, every skip reason."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import pytest
+from eth_account.signers.local import LocalAccount
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+from web3 import Web3
+from web3.contract import Contract
+
+from settlement.vouchers import MAX_UINT256, Domain, VoucherVerifier
+from tests.conftest import reverts_with
+from tests.hub_helpers import (
+    CLOSED,
+    CLOSING,
+    ETH,
+    OPEN,
+    SKIP,
+    Channel,
+    batch,
+    channel_id,
+    entry,
+    events,
+    salt_of,
+    send,
+    settled,
+)
+
+OpenChannel = Callable[..., Channel]
+Sign = Callable[..., bytes]
+
+
+def time_travel(w3: Web3, seconds: int) -> None:
+    w3.provider.make_request("evm_increaseTime", [seconds])
+    w3.provider.make_request("evm_mine", [])
+
+
+def settle(w3: Web3, hub: Contract, *batches: Any, sender: str | None = None) -> Any:
+    return send(w3, hub.functions.settleBatch(list(batches)), sender or w3.eth.accounts[0])
+
+
+def view(hub: Contract, cid: bytes) -> tuple[Any, ...]:
+    return tuple(hub.functions.channel(cid).call())
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# Deployment and views
+# --------------------------------------------------------------------------------------------------------------------
+
+
+def test_constructor_enforces_minimum_challenge_period(w3: Web3, hub: Contract, accounts: list[LocalAccount]) -> None:
+    factory = w3.eth.contract(
+        abi=hub.abi, bytecode=__import__("settlement.contracts").contracts.load_artifact().bytecode
+    )
+    revert = reverts_with(factory.constructor(59), hub.abi, {"from": accounts[0].address})
+    assert (revert.name, revert.args) == ("ChannelHubInvalidChallengePeriod", (59,))
+    assert hub.functions.MIN_CHALLENGE_PERIOD().call() == 60
+
+
+def test_eip712_domain_is_erc5267(hub: Contract, w3: Web3) -> None:
+    fields, name, version, chain_id, contract, salt, extensions = hub.functions.eip712Domain().call()
+    assert (fields, name, version, chain_id, contract) == (b"\x0f", "ChannelHub", "1", w3.eth.chain_id, hub.address)
+    assert salt == b"\x00" * 32 and extensions == []
+    domain = Domain(chain_id=chain_id, verifying_contract=contract)
+    assert bytes(hub.functions.domainSeparator().call()) == domain.separator()
+
+
+@settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(cid=st.binary(min_size=32, max_size=32), amount=st.integers(min_value=0, max_value=MAX_UINT256))
+def test_python_digest_equals_hash_voucher(hub: Contract, domain: Domain, cid: bytes, amount: int) -> None:
+    assert VoucherVerifier(domain).digest(cid, amount) == bytes(hub.functions.hashVoucher(cid, amount).call())
+
+
+def test_channel_id_is_the_abi_encoded_hash(hub: Contract, accounts: list[LocalAccount]) -> None:
+    payer, payee = accounts[1].address, accounts[2].address
+    expected = channel_id(payer, payee, ETH, salt_of(7))
+    assert bytes(hub.functions.channelIdOf(payer, payee, ETH, salt_of(7)).call()) == expected
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# Opening and funding
+# --------------------------------------------------------------------------------------------------------------------
+
+
+def test_open_eth_channel(w3: Web3, hub: Contract, accounts: list[LocalAccount]) -> None:
+    payer, payee = accounts[1], accounts[2].address
+    receipt = send(w3, hub.functions.open(payee, ETH, salt_of(1), 5 * 10**17), payer.address, value=5 * 10**17)
+    cid = channel_id(payer.address, payee, ETH, salt_of(1))
+    assert events(hub, receipt, "ChannelOpened") == [
+        {
+            "channelId": cid,
+            "payer": payer.address,
+            "payee": payee,
+            "token": ETH,
+            "salt": salt_of(1),
+            "deposit": 5 * 10**17,
+        }
+    ]
+    assert view(hub, cid) == (payer.address, payee, ETH, 5 * 10**17, 0, 0, OPEN)
+    assert w3.eth.get_balance(hub.address) == 5 * 10**17
+
+
+def test_open_token_channel(
+    open_channel: OpenChannel, hub: Contract, token: Contract, accounts: list[LocalAccount]
+) -> None:
+    ch = open_channel(accounts[1], accounts[2].address, token, 1234)
+    assert view(hub, ch.id) == (accounts[1].address, accounts[2].address, token.address, 1234, 0, 0, OPEN)
+    assert token.functions.balanceOf(hub.address).call() == 1234
+
+
+def test_unknown_channel_view(hub: Contract) -> None:
+    assert view(hub, b"\x42" * 32) == (ETH, ETH, ETH, 0, 0, 0, 0)
+
+
+@pytest.mark.parametrize(
+    ("payee_index", "value", "amount", "error"),
+    [
+        (None, 1, 1, "ChannelHubInvalidPayee"),  # zero payee
+        (1, 1, 1, "ChannelHubInvalidPayee"),  # payer pays itself
+        (2, 0, 0, "ChannelHubZeroAmount"),
+        (2, 5, 6, "ChannelHubWrongValue"),
+    ],
+)
+def test_open_rejects_bad_parameters(
+    hub: Contract, accounts: list[LocalAccount], payee_index: int | None, value: int, amount: int, error: str
+) -> None:
+    payee = ETH if payee_index is None else accounts[payee_index].address
+    revert = reverts_with(
+        hub.functions.open(payee, ETH, salt_of(1), amount), hub.abi, {"from": accounts[1].address, "value": value}
+    )
+    assert revert.name == error
+
+
+def test_eth_sent_to_token_channel_is_refused(hub: Contract, token: Contract, accounts: list[LocalAccount]) -> None:
+    revert = reverts_with(
+        hub.functions.open(accounts[2].address, token.address, salt_of(1), 10),
+        hub.abi,
+        {"from": accounts[1].address, "value": 10},
+    )
+    assert (revert.name, revert.args) == ("ChannelHubWrongValue", (10, 0))
+
+
+def test_channel_id_never_reused(
+    w3: Web3, hub: Contract, open_channel: OpenChannel, accounts: list[LocalAccount]
+) -> None:
+    ch = open_channel(accounts[1], accounts[2].address, salt=salt_of(9))
+    call = hub.functions.open(ch.payee, ETH, ch.salt, 1)
+    assert reverts_with(call, hub.abi, {"from": ch.payer.address, "value": 1}).name == "ChannelHubChannelExists"
+    send(w3, hub.functions.closeByPayee(ch.id, 0, b""), ch.payee)
+    assert reverts_with(call, hub.abi, {"from": ch.payer.address, "value": 1}).name == "ChannelHubChannelExists"
+
+
+def test_deposit_above_max_is_refused(
+    w3: Web3, hub: Contract, token: Contract, open_channel: OpenChannel, accounts: list[LocalAccount]
+) -> None:
+    payer = accounts[1]
+    too_much = 2**104
+    send(w3, token.functions.mint(payer.address, too_much * 2), payer.address)
+    send(w3, token.functions.approve(hub.address, too_much * 2), payer.address)
+    revert = reverts_with(
+        hub.functions.open(accounts[2].address, token.address, salt_of(1), too_much), hub.abi, {"from": payer.address}
+    )
+    assert (revert.name, revert.args) == ("ChannelHubDepositTooLarge", (too_much,))
+    ch = open_channel(payer, accounts[2].address, token, 2**104 - 1)
+    send(w3, token.functions.approve(hub.address, 1), payer.address)
+    revert = reverts_with(hub.functions.topUp(ch.id, 1), hub.abi, {"from": payer.address})
+    assert (revert.name, revert.args) == ("ChannelHubDepositTooLarge", (too_much,))
+
+
+def test_top_up(w3: Web3, hub: Contract, open_channel: OpenChannel, accounts: list[LocalAccount]) -> None:
+    ch = open_channel(accounts[1], accounts[2].address, amount=100)
+    receipt = send(w3, hub.functions.topUp(ch.id, 50), accounts[3].address, value=50)  # anyone may fund
+    assert events(hub, receipt, "ChannelToppedUp") == [{"channelId": ch.id, "amount": 50, "deposit": 150}]
+    assert view(hub, ch.id)[3] == 150
+
+
+def test_top_up_errors(w3: Web3, hub: Contract, open_channel: OpenChannel, accounts: list[LocalAccount]) -> None:
+    sender = {"from": accounts[1].address, "value": 1}
+    assert reverts_with(hub.functions.topUp(b"\x01" * 32, 1), hub.abi, sender).name == "ChannelHubUnknownChannel"
+    ch = open_channel(accounts[1], accounts[2].address, amount=100)
+    assert reverts_with(hub.functions.topUp(ch.id, 0), hub.abi, sender | {"value": 0}).name == "ChannelHubZeroAmount"
+    send(w3, hub.functions.requestClose(ch.id), ch.payer.address)
+    assert reverts_with(hub.functions.topUp(ch.id, 1), hub.abi, sender).name == "ChannelHubChannelNotOpen"
+
+
+def test_open_and_top_up_from_balance(
+    w3: Web3, hub: Contract, open_channel: OpenChannel, sign: Sign, accounts: list[LocalAccount]
+) -> None:
+    payer, earner, third = accounts[1], accounts[2], accounts[3].address
+    ch = open_channel(payer, earner.address, amount=1000)
+    settle(w3, hub, batch(earner.address, ETH, ch.voucher(600, sign(payer, ch.id, 600))))
+    assert hub.functions.balanceOf(earner.address, ETH).call() == 600
+    # the payee spends its earnings on a channel of its own, no withdraw/deposit round trip
+    send(w3, hub.functions.openFromBalance(third, ETH, salt_of(1), 400), earner.address)
+    own = channel_id(earner.address, third, ETH, salt_of(1))
+    assert view(hub, own)[3:] == (400, 0, 0, OPEN)
+    send(w3, hub.functions.topUpFromBalance(own, 150), earner.address)
+    assert view(hub, own)[3] == 550
+    assert hub.functions.balanceOf(earner.address, ETH).call() == 50
+    revert = reverts_with(hub.functions.topUpFromBalance(own, 51), hub.abi, {"from": earner.address})
+    assert (revert.name, revert.args) == ("ChannelHubInsufficientBalance", (ETH, 50, 51))
+    revert = reverts_with(hub.functions.openFromBalance(third, ETH, salt_of(2), 51), hub.abi, {"from": earner.address})
+    assert revert.name == "ChannelHubInsufficientBalance"
+    assert w3.eth.get_balance(hub.address) == 1000
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# Settlement
+# --------------------------------------------------------------------------------------------------------------------
+
+
+def test_settle_credits_increments_once(
+    w3: Web3, hub: Contract, open_channel: OpenChannel, sign: Sign, accounts: list[LocalAccount]
+) -> None:
+    payer, payee = accounts[1], accounts[2].address
+    ch = open_channel(payer, payee, amount=1000)
+    first = batch(payee, ETH, ch.voucher(100, sign(payer, ch.id, 100)))
+    receipt = settle(w3, hub, first)
+    assert events(hub, receipt, "ChannelsSettled") == [
+        {"payee": payee, "token": ETH, "credited": 100, "channelIds": [ch.id], "cumulativeAmounts": [100]}
+    ]
+    receipt = settle(w3, hub, batch(payee, ETH, ch.voucher(350, sign(payer, ch.id, 350))))
+    assert events(hub, receipt, "ChannelsSettled")[0]["credited"] == 250
+    receipt = settle(w3, hub, first)  # re-sending an old batch is harmless
+    assert events(hub, receipt, "VoucherSkipped") == [{"channelId": ch.id, "reason": SKIP["NotAboveSettled"]}]
+    assert events(hub, receipt, "ChannelsSettled") == []
+    assert hub.functions.balanceOf(payee, ETH).call() == 350
+    assert view(hub, ch.id)[3:5] == (1000, 350)
+
+
+def test_settle_is_callable_by_anyone_and_pays_only_the_payee(
+    w3: Web3, hub: Contract, open_channel: OpenChannel, sign: Sign, accounts: list[LocalAccount]
+) -> None:
+    payer, payee, stranger = accounts[1], accounts[2].address, accounts[9].address
+    ch = open_channel(payer, payee, amount=1000)
+    settle(w3, hub, batch(payee, ETH, ch.voucher(10, sign(payer, ch.id, 10))), sender=stranger)
+    assert hub.functions.balanceOf(payee, ETH).call() == 10
+    assert hub.functions.balanceOf(stranger, ETH).call() == 0
+    # claiming the channel for another payee does not match the channel id: skipped, nobody credited
+    receipt = settle(w3, hub, batch(stranger, ETH, ch.voucher(20, sign(payer, ch.id, 20))), sender=stranger)
+    assert events(hub, receipt, "VoucherSkipped") == [{"channelId": ch.id, "reason": SKIP["InvalidSignature"]}]
+    assert hub.functions.balanceOf(stranger, ETH).call() == 0
+
+
+def test_mixed_batch_settles_the_valid_entries(
+    w3: Web3, hub: Contract, open_channel: OpenChannel, sign: Sign, token: Contract, accounts: list[LocalAccount]
+) -> None:
+    payer, payee, other_payee = accounts[1], accounts[2].address, accounts[3].address
+    good = [open_channel(payer, payee, amount=1000) for _ in range(3)]
+    over = open_channel(payer, payee, amount=10)
+    tok = open_channel(accounts[4], other_payee, token, 500)
+    vouchers = [
+        good[0].voucher(5, sign(payer, good[0].id, 5)),
+        over.voucher(11, sign(payer, over.id, 11)),  # above deposit
+        good[1].voucher(7, sign(accounts[5], good[1].id, 7)),  # wrong signer
+        entry(b"\x77" * 32, salt_of(1), 1, sign(payer, b"\x77" * 32, 1)),  # unknown channel
+        good[2].voucher(9, sign(payer, good[2].id, 9)),
+    ]
+    receipt = settle(
+        w3,
+        hub,
+        batch(payee, ETH, *vouchers),
+        batch(other_payee, token.address, tok.voucher(44, sign(accounts[4], tok.id, 44))),
+    )
+    skipped = {e["channelId"]: e["reason"] for e in events(hub, receipt, "VoucherSkipped")}
+    assert skipped == {
+        over.id: SKIP["ExceedsDeposit"],
+        good[1].id: SKIP["InvalidSignature"],
+        b"\x77" * 32: SKIP["UnknownChannel"],
+    }
+    assert settled(hub, receipt) == {good[0].id: 5, good[2].id: 9, tok.id: 44}
+    assert hub.functions.balanceOf(payee, ETH).call() == 14
+    assert hub.functions.balanceOf(other_payee, token.address).call() == 44
+
+
+def test_cumulative_at_uint256_max_is_skipped_not_overflowed(
+    w3: Web3, hub: Contract, open_channel: OpenChannel, sign: Sign, accounts: list[LocalAccount]
+) -> None:
+    ch = open_channel(accounts[1], accounts[2].address, amount=1000)
+    receipt = settle(w3, hub, batch(ch.payee, ETH, ch.voucher(MAX_UINT256, sign(ch.payer, ch.id, MAX_UINT256))))
+    assert events(hub, receipt, "VoucherSkipped") == [{"channelId": ch.id, "reason": SKIP["ExceedsDeposit"]}]
+    assert view(hub, ch.id)[4] == 0
+
+
+def test_settle_exactly_the_deposit(
+    w3: Web3, hub: Contract, open_channel: OpenChannel, sign: Sign, accounts: list[LocalAccount]
+) -> None:
+    ch = open_channel(accounts[1], accounts[2].address, amount=1000)
+    settle(w3, hub, batch(ch.payee, ETH, ch.voucher(1000, sign(ch.payer, ch.id, 1000))))
+    assert hub.functions.balanceOf(ch.payee, ETH).call() == 1000
+
+
+# One negative test per signed field: change only that field, the entry is skipped with InvalidSignature.
+
+
+@pytest.fixture
+def eth_channel(open_channel: OpenChannel, accounts: list[LocalAccount]) -> Channel:
+    return open_channel(accounts[1], accounts[2].address, amount=1000)
+
+
+def assert_skipped_invalid(w3: Web3, hub: Contract, ch: Channel, cumulative: int, signature: bytes) -> None:
+    """Settle a voucher whose signature is well formed but signs something else: skipped, nothing credited."""
+    receipt = settle(w3, hub, batch(ch.payee, ch.token, ch.voucher(cumulative, signature)))
+    assert events(hub, receipt, "VoucherSkipped") == [{"channelId": ch.id, "reason": SKIP["InvalidSignature"]}]
+    assert view(hub, ch.id)[4] == 0
+
+
+def test_signed_field_chain_id(w3: Web3, hub: Contract, eth_channel: Channel, domain: Domain, sign: Sign) -> None:
+    other = Domain(chain_id=domain.chain_id + 1, verifying_contract=domain.verifying_contract)
+    assert_skipped_invalid(w3, hub, eth_channel, 10, sign(eth_channel.payer, eth_channel.id, 10, other))
+
+
+def test_signed_field_contract(w3: Web3, hub: Contract, eth_channel: Channel, domain: Domain, sign: Sign) -> None:
+    other = Domain(chain_id=domain.chain_id, verifying_contract="0x" + "11" * 20)
+    assert_skipped_invalid(w3, hub, eth_channel, 10, sign(eth_channel.payer, eth_channel.id, 10, other))
+
+
+def test_signed_field_channel(w3: Web3, hub: Contract, eth_channel: Channel, sign: Sign) -> None:
+    assert_skipped_invalid(w3, hub, eth_channel, 10, sign(eth_channel.payer, b"\x01" * 32, 10))
+
+
+def test_signed_field_amount(w3: Web3, hub: Contract, eth_channel: Channel, sign: Sign) -> None:
+    assert_skipped_invalid(w3, hub, eth_channel, 11, sign(eth_channel.payer, eth_channel.id, 10))
+
+
+SECP256K1_N = 0xFFFFFFFFFFFFFFFFFFFFFFFFFFFFFFFEBAAEDCE6AF48A03BBFD25E8CD0364141
+TOP_BIT = 1 << 255
+
+
+def _int(b: bytes) -> int:
+    return int.from_bytes(b, "big")
+
+
+def _word(n: int) -> bytes:
+    return n.to_bytes(32, "big")
+
+
+@pytest.mark.parametrize(
+    "mutation",
+    [
+        # s -> n - s (the malleable twin): its top bit is set, so it reads as the other parity and another s
+        pytest.param(lambda r, vs: (r, _word(SECP256K1_N - (_int(vs) & (TOP_BIT - 1)))), id="s->n-s"),
+        # high s with the original parity bit: OpenZeppelin refuses s > n/2
+        pytest.param(lambda r, vs: (r, _word(((SECP256K1_N - 1) & (TOP_BIT - 1)) | (_int(vs) & TOP_BIT))), id="high-s"),
+        pytest.param(lambda r, vs: (r, _word(_int(vs) ^ TOP_BIT)), id="v-parity-flipped"),
+        pytest.param(lambda r, vs: (_word(0), _word(0)), id="zero-recovers-address0"),
+        pytest.param(lambda r, vs: (_word(SECP256K1_N + 1), vs), id="r-not-on-curve"),
+        pytest.param(lambda r, vs: (vs, r), id="garbage"),
+    ],
+)
+def test_signed_field_signature(
+    w3: Web3, hub: Contract, eth_channel: Channel, sign: Sign, mutation: Callable[[bytes, bytes], tuple[bytes, bytes]]
+) -> None:
+    ch = eth_channel
+    _, _, _, r, vs = ch.voucher(10, sign(ch.payer, ch.id, 10))
+    bad_r, bad_vs = mutation(r, vs)
+    receipt = settle(w3, hub, batch(ch.payee, ch.token, (ch.id, ch.salt, 10, bad_r, bad_vs)))
+    assert events(hub, receipt, "VoucherSkipped") == [{"channelId": ch.id, "reason": SKIP["InvalidSignature"]}]
+    assert view(hub, ch.id)[4] == 0
+    settle(w3, hub, batch(ch.payee, ch.token, (ch.id, ch.salt, 10, r, vs)))  # the unmutated voucher settles
+    assert view(hub, ch.id)[4] == 10
+
+
+def _malleate(sig: bytes) -> bytes:
+    s = int.from_bytes(sig[32:64], "big")
+    return sig[:32] + (SECP256K1_N - s).to_bytes(32, "big") + bytes((55 - sig[64],))
+
+
+@pytest.mark.parametrize(
+    "mutation",
+    [
+        pytest.param(_malleate, id="s->n-s"),
+        pytest.param(lambda sig: sig[:64] + bytes((sig[64] - 27,)), id="v=0/1"),
+        pytest.param(lambda sig: sig[:64] + bytes((55 - sig[64],)), id="v=27<->28"),
+        pytest.param(lambda sig: sig[:64] + b"\x1d", id="v=29"),
+        pytest.param(lambda sig: sig[:64], id="64-byte-compact"),
+        pytest.param(lambda sig: sig + b"\x00", id="66-bytes"),
+        pytest.param(lambda sig: b"\x00" * 65, id="zero-recovers-address0"),
+    ],
+)
+def test_close_by_payee_signature_forms(
+    w3: Web3, hub: Contract, eth_channel: Channel, sign: Sign, mutation: Callable[[bytes], bytes]
+) -> None:
+    ch = eth_channel
+    good = sign(ch.payer, ch.id, 10)
+    assert good[64] in (27, 28)
+    revert = reverts_with(hub.functions.closeByPayee(ch.id, 10, mutation(good)), hub.abi, {"from": ch.payee})
+    assert (revert.name, revert.args) == ("ChannelHubInvalidSignature", (ch.id,))
+    send(w3, hub.functions.closeByPayee(ch.id, 10, good), ch.payee)
+    assert view(hub, ch.id)[4:] == (10, 0, CLOSED)
+
+
+def test_wrong_salt_or_token_group_is_invalid(
+    w3: Web3, hub: Contract, eth_channel: Channel, sign: Sign, token: Contract
+) -> None:
+    sig = sign(eth_channel.payer, eth_channel.id, 10)
+    receipt = settle(
+        w3,
+        hub,
+        batch(eth_channel.payee, ETH, entry(eth_channel.id, salt_of(999), 10, sig)),
+        batch(eth_channel.payee, token.address, eth_channel.voucher(10, sig)),
+    )
+    assert [e["reason"] for e in events(hub, receipt, "VoucherSkipped")] == [SKIP["InvalidSignature"]] * 2
+    assert hub.functions.balanceOf(eth_channel.payee, token.address).call() == 0
+
+
+def test_vouchers_from_another_chain_do_not_settle(accounts: list[LocalAccount], sign: Sign) -> None:
+    """A hub deployed on an anvil with another chain id refuses vouchers signed for this chain."""
+    from settlement.chain import connect
+    from settlement.contracts import HUB, load_artifact
+    from settlement.devnet import Devnet
+    from tests.conftest import devnet_settings
+
+    with Devnet(devnet_settings(devnet_chain_id=4242)) as other_net:
+        other = connect(other_net.url)
+        artifact = load_artifact(HUB)
+        tx = (
+            other.eth.contract(abi=artifact.abi, bytecode=artifact.bytecode)
+            .constructor(600)
+            .transact({"from": other_net.accounts[0].address})
+        )
+        hub = other.eth.contract(
+            address=other.eth.wait_for_transaction_receipt(tx)["contractAddress"], abi=artifact.abi
+        )
+        payer, payee = other_net.accounts[1], other_net.accounts[2].address
+        send(other, hub.functions.open(payee, ETH, salt_of(1), 100), payer.address, value=100)
+        cid = channel_id(payer.address, payee, ETH, salt_of(1))
+        this_chain = Domain(chain_id=31337, verifying_contract=hub.address)
+        right_chain = Domain(chain_id=4242, verifying_contract=hub.address)
+        receipt = settle(other, hub, batch(payee, ETH, entry(cid, salt_of(1), 10, sign(payer, cid, 10, this_chain))))
+        assert events(hub, receipt, "VoucherSkipped") == [{"channelId": cid, "reason": SKIP["InvalidSignature"]}]
+        settle(other, hub, batch(payee, ETH, entry(cid, salt_of(1), 10, sign(payer, cid, 10, right_chain))))
+        assert hub.functions.balanceOf(payee, ETH).call() == 10
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# Closing
+# --------------------------------------------------------------------------------------------------------------------
+
+
+def test_close_with_challenge_period(
+    w3: Web3, hub: Contract, open_channel: OpenChannel, sign: Sign, accounts: list[LocalAccount]
+) -> None:
+    ch = open_channel(accounts[1], accounts[2].address, amount=1000)
+    revert = reverts_with(hub.functions.requestClose(ch.id), hub.abi, {"from": ch.payee})
+    assert (revert.name, revert.args) == ("ChannelHubNotPayer", (ch.id, ch.payee))
+    receipt = send(w3, hub.functions.requestClose(ch.id), ch.payer.address)
+    deadline = w3.eth.get_block(receipt["blockNumber"])["timestamp"] + 3600
+    assert events(hub, receipt, "CloseRequested") == [{"channelId": ch.id, "deadline": deadline}]
+    assert view(hub, ch.id)[5:] == (deadline, CLOSING)
+    assert reverts_with(hub.functions.requestClose(ch.id), hub.abi, {"from": ch.payer.address}).name == (
+        "ChannelHubChannelNotOpen"
+    )
+    # vouchers still settle during the challenge period
+    settle(w3, hub, batch(ch.payee, ETH, ch.voucher(300, sign(ch.payer, ch.id, 300))))
+    revert = reverts_with(hub.functions.finalizeClose(ch.id), hub.abi, {"from": ch.payer.address})
+    assert (revert.name, revert.args) == ("ChannelHubChallengeNotOver", (ch.id, deadline))
+    time_travel(w3, 3601)
+    receipt = settle(w3, hub, batch(ch.payee, ETH, ch.voucher(400, sign(ch.payer, ch.id, 400))))
+    assert events(hub, receipt, "VoucherSkipped") == [{"channelId": ch.id, "reason": SKIP["ChallengeExpired"]}]
+    receipt = send(w3, hub.functions.finalizeClose(ch.id), accounts[9].address)  # anyone; refund goes to payer
+    assert events(hub, receipt, "ChannelClosed") == [{"channelId": ch.id, "settled": 300, "refund": 700}]
+    assert hub.functions.balanceOf(ch.payer.address, ETH).call() == 700
+    assert hub.functions.balanceOf(accounts[9].address, ETH).call() == 0
+    assert view(hub, ch.id)[6] == CLOSED
+    assert reverts_with(hub.functions.finalizeClose(ch.id), hub.abi, {"from": ch.payer.address}).name == (
+        "ChannelHubChannelClosed"
+    )
+    receipt = settle(w3, hub, batch(ch.payee, ETH, ch.voucher(500, sign(ch.payer, ch.id, 500))))
+    assert events(hub, receipt, "VoucherSkipped") == [{"channelId": ch.id, "reason": SKIP["ChannelClosed"]}]
+
+
+def test_settle_at_the_deadline_and_one_second_after(
+    w3: Web3, hub: Contract, open_channel: OpenChannel, sign: Sign, accounts: list[LocalAccount]
+) -> None:
+    ch = open_channel(accounts[1], accounts[2].address, amount=1000)
+    receipt = send(w3, hub.functions.requestClose(ch.id), ch.payer.address)
+    deadline = events(hub, receipt, "CloseRequested")[0]["deadline"]
+    w3.provider.make_request("evm_setNextBlockTimestamp", [deadline])
+    receipt = settle(w3, hub, batch(ch.payee, ETH, ch.voucher(100, sign(ch.payer, ch.id, 100))))
+    assert settled(hub, receipt) == {ch.id: 100}
+    w3.provider.make_request("evm_setNextBlockTimestamp", [deadline + 1])
+    receipt = settle(w3, hub, batch(ch.payee, ETH, ch.voucher(200, sign(ch.payer, ch.id, 200))))
+    assert events(hub, receipt, "VoucherSkipped")[0]["reason"] == SKIP["ChallengeExpired"]
+
+
+def test_finalize_errors(w3: Web3, hub: Contract, open_channel: OpenChannel, accounts: list[LocalAccount]) -> None:
+    tx = {"from": accounts[1].address}
+    assert reverts_with(hub.functions.finalizeClose(b"\x05" * 32), hub.abi, tx).name == "ChannelHubUnknownChannel"
+    ch = open_channel(accounts[1], accounts[2].address, amount=10)
+    assert reverts_with(hub.functions.finalizeClose(ch.id), hub.abi, tx).name == "ChannelHubChannelNotOpen"
+    assert reverts_with(hub.functions.requestClose(b"\x05" * 32), hub.abi, tx).name == "ChannelHubUnknownChannel"
+
+
+def test_close_by_payee_with_final_voucher(
+    w3: Web3, hub: Contract, open_channel: OpenChannel, sign: Sign, accounts: list[LocalAccount]
+) -> None:
+    ch = open_channel(accounts[1], accounts[2].address, amount=1000)
+    settle(w3, hub, batch(ch.payee, ETH, ch.voucher(100, sign(ch.payer, ch.id, 100))))
+    sig = sign(ch.payer, ch.id, 640)
+    revert = reverts_with(hub.functions.closeByPayee(ch.id, 640, sig), hub.abi, {"from": ch.payer.address})
+    assert (revert.name, revert.args) == ("ChannelHubNotPayee", (ch.id, ch.payer.address))
+    receipt = send(w3, hub.functions.closeByPayee(ch.id, 640, sig), ch.payee)
+    assert events(hub, receipt, "ChannelsSettled") == [
+        {"payee": ch.payee, "token": ETH, "credited": 540, "channelIds": [ch.id], "cumulativeAmounts": [640]}
+    ]
+    assert events(hub, receipt, "ChannelClosed") == [{"channelId": ch.id, "settled": 640, "refund": 360}]
+    assert hub.functions.balanceOf(ch.payee, ETH).call() == 640
+    assert hub.functions.balanceOf(ch.payer.address, ETH).call() == 360
+    revert = reverts_with(hub.functions.closeByPayee(ch.id, 0, b""), hub.abi, {"from": ch.payee})
+    assert revert.name == "ChannelHubChannelClosed"
+
+
+def test_close_by_payee_errors(
+    w3: Web3, hub: Contract, open_channel: OpenChannel, sign: Sign, accounts: list[LocalAccount]
+) -> None:
+    ch = open_channel(accounts[1], accounts[2].address, amount=1000)
+    tx = {"from": ch.payee}
+    revert = reverts_with(hub.functions.closeByPayee(ch.id, 1001, sign(ch.payer, ch.id, 1001)), hub.abi, tx)
+    assert (revert.name, revert.args) == ("ChannelHubExceedsDeposit", (ch.id, 1001, 1000))
+    revert = reverts_with(hub.functions.closeByPayee(ch.id, 10, sign(accounts[5], ch.id, 10)), hub.abi, tx)
+    assert (revert.name, revert.args) == ("ChannelHubInvalidSignature", (ch.id,))
+    revert = reverts_with(hub.functions.closeByPayee(b"\x09" * 32, 0, b""), hub.abi, tx)
+    assert revert.name == "ChannelHubUnknownChannel"
+    send(w3, hub.functions.requestClose(ch.id), ch.payer.address)
+    time_travel(w3, 3601)
+    revert = reverts_with(hub.functions.closeByPayee(ch.id, 10, sign(ch.payer, ch.id, 10)), hub.abi, tx)
+    assert revert.name == "ChannelHubChallengeExpired"
+    receipt = send(w3, hub.functions.closeByPayee(ch.id, 0, b""), ch.payee)  # closing without a voucher still works
+    assert events(hub, receipt, "ChannelClosed") == [{"channelId": ch.id, "settled": 0, "refund": 1000}]
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# Withdrawals
+# --------------------------------------------------------------------------------------------------------------------
+
+
+def test_withdraw_eth_and_token(
+    w3: Web3, hub: Contract, open_channel: OpenChannel, sign: Sign, token: Contract, accounts: list[LocalAccount]
+) -> None:
+    payee, dest = accounts[2].address, accounts[7].address
+    eth_ch = open_channel(accounts[1], payee, amount=10**18)
+    tok_ch = open_channel(accounts[1], payee, token, 5000)
+    settle(
+        w3,
+        hub,
+        batch(payee, ETH, eth_ch.voucher(10**17, sign(accounts[1], eth_ch.id, 10**17))),
+        batch(payee, token.address, tok_ch.voucher(3000, sign(accounts[1], tok_ch.id, 3000))),
+    )
+    before = w3.eth.get_balance(dest)
+    receipt = send(w3, hub.functions.withdraw(ETH, 4 * 10**16, dest), payee)
+    assert events(hub, receipt, "Withdrawn") == [{"account": payee, "token": ETH, "to": dest, "amount": 4 * 10**16}]
+    assert w3.eth.get_balance(dest) == before + 4 * 10**16
+    send(w3, hub.functions.withdraw(token.address, 3000, payee), payee)
+    assert token.functions.balanceOf(payee).call() == 3000
+    assert hub.functions.balanceOf(payee, token.address).call() == 0
+    revert = reverts_with(hub.functions.withdraw(token.address, 1, payee), hub.abi, {"from": payee})
+    assert (revert.name, revert.args) == ("ChannelHubInsufficientBalance", (token.address, 0, 1))
+    assert reverts_with(hub.functions.withdraw(ETH, 1, ETH), hub.abi, {"from": payee}).name == (
+        "ChannelHubInvalidRecipient"
+    )
+
+
+def test_withdraw_to_a_contract_that_rejects_eth(
+    w3: Web3,
+    hub: Contract,
+    open_channel: OpenChannel,
+    sign: Sign,
+    deploy: Callable[..., Contract],
+    accounts: list[LocalAccount],
+) -> None:
+    rejecter = deploy("EthRejecter")
+    ch = open_channel(accounts[1], accounts[2].address, amount=100)
+    settle(w3, hub, batch(ch.payee, ETH, ch.voucher(100, sign(ch.payer, ch.id, 100))))
+    revert = reverts_with(hub.functions.withdraw(ETH, 100, rejecter.address), hub.abi, {"from": ch.payee})
+    assert (revert.name, revert.args) == ("ChannelHubEthTransferFailed", (rejecter.address, 100))
+    assert hub.functions.balanceOf(ch.payee, ETH).call() == 100  # nothing lost

@@ -1,0 +1,194 @@
+"""ChannelHub against hostile tokens and random operation sequences: the per-asset invariant always holds."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import pytest
+from eth_account.signers.local import LocalAccount
+from eth_utils.abi import function_signature_to_4byte_selector
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+from web3 import Web3
+from web3.contract import Contract
+
+from settlement.vouchers import Domain, sign_voucher
+from tests.conftest import reverts_with
+from tests.hub_helpers import CLOSED, ETH, Channel, batch, channel_id, entry, events, salt_of, send
+
+
+def _approve_and_open(w3: Web3, hub: Contract, tok: Contract, payer: str, payee: str, amount: int, salt: int) -> bytes:
+    send(w3, tok.functions.mint(payer, amount), payer)
+    send(w3, tok.functions.approve(hub.address, amount), payer)
+    send(w3, hub.functions.open(payee, tok.address, salt_of(salt), amount), payer)
+    return channel_id(payer, payee, tok.address, salt_of(salt))
+
+
+def test_fee_on_transfer_token_is_credited_what_arrived(
+    w3: Web3, hub: Contract, deploy: Callable[..., Contract], accounts: list[LocalAccount]
+) -> None:
+    fee_token = deploy("FeeOnTransferToken", 100)  # 1% burnt on every transfer
+    payer, payee = accounts[1].address, accounts[2].address
+    cid = _approve_and_open(w3, hub, fee_token, payer, payee, 10_000, 1)
+    assert hub.functions.channel(cid).call()[3] == 9_900
+    assert fee_token.functions.balanceOf(hub.address).call() == 9_900
+    send(w3, fee_token.functions.mint(payer, 1000), payer)
+    send(w3, fee_token.functions.approve(hub.address, 1000), payer)
+    receipt = send(w3, hub.functions.topUp(cid, 1000), payer)
+    assert events(hub, receipt, "ChannelToppedUp") == [{"channelId": cid, "amount": 990, "deposit": 10_890}]
+
+
+def test_token_without_return_value_works(
+    w3: Web3, hub: Contract, deploy: Callable[..., Contract], domain: Domain, accounts: list[LocalAccount]
+) -> None:
+    usdt_like = deploy("NoReturnToken")
+    payer, payee = accounts[1], accounts[2].address
+    cid = _approve_and_open(w3, hub, usdt_like, payer.address, payee, 500, 1)
+    sig = sign_voucher(payer, domain, cid, 200)
+    send(w3, hub.functions.settleBatch([batch(payee, usdt_like.address, entry(cid, salt_of(1), 200, sig))]), payee)
+    send(w3, hub.functions.withdraw(usdt_like.address, 200, payee), payee)
+    assert usdt_like.functions.balanceOf(payee).call() == 200
+    assert usdt_like.functions.balanceOf(hub.address).call() == 300
+
+
+def test_token_returning_false_is_refused(
+    w3: Web3, hub: Contract, deploy: Callable[..., Contract], accounts: list[LocalAccount]
+) -> None:
+    liar = deploy("FalseReturnToken")
+    payer, payee = accounts[1].address, accounts[2].address
+    send(w3, liar.functions.mint(payer, 500), payer)
+    send(w3, liar.functions.approve(hub.address, 500), payer)
+    send(w3, liar.functions.setFailing(True), payer)
+    revert = reverts_with(hub.functions.open(payee, liar.address, salt_of(1), 500), hub.abi, {"from": payer})
+    assert revert.data.startswith(
+        "0x" + function_signature_to_4byte_selector("SafeERC20FailedOperation(address)").hex()
+    )
+    assert hub.functions.channel(channel_id(payer, payee, liar.address, salt_of(1))).call()[6] == 0
+    # a withdrawal whose transfer returns false reverts as a whole: the balance is kept
+    send(w3, liar.functions.setFailing(False), payer)
+    cid = _approve_and_open(w3, hub, liar, payer, payee, 100, 2)
+    send(w3, hub.functions.closeByPayee(cid, 0, b""), payee)
+    send(w3, liar.functions.setFailing(True), payer)
+    with pytest.raises(Exception, match="0x5274afe7"):  # SafeERC20FailedOperation selector
+        hub.functions.withdraw(liar.address, 100, payer).transact({"from": payer})
+    assert hub.functions.balanceOf(payer, liar.address).call() == 100
+
+
+REENTRANCY_SELECTOR = "0x" + function_signature_to_4byte_selector("ReentrancyGuardReentrantCall()").hex()
+
+
+@pytest.mark.parametrize("attack", ["openFromBalance", "topUpFromBalance", "closeByPayee", "withdraw", "settleBatch"])
+def test_reentrant_token_cannot_reenter(
+    w3: Web3, hub: Contract, deploy: Callable[..., Contract], accounts: list[LocalAccount], attack: str
+) -> None:
+    evil = deploy("ReentrantToken")
+    payer, payee = accounts[1].address, accounts[2].address
+    first = _approve_and_open(w3, hub, evil, payer, payee, 1000, 1)
+    payloads: dict[str, Any] = {
+        "openFromBalance": hub.functions.openFromBalance(payee, evil.address, salt_of(1), 1),
+        "topUpFromBalance": hub.functions.topUpFromBalance(first, 1),
+        "closeByPayee": hub.functions.closeByPayee(first, 0, b""),
+        "withdraw": hub.functions.withdraw(evil.address, 1, payer),
+        "settleBatch": hub.functions.settleBatch([]),
+    }
+    data = payloads[attack]._encode_transaction_data()
+    send(w3, evil.functions.mint(payer, 10), payer)
+    send(w3, evil.functions.approve(hub.address, 10), payer)
+    send(w3, evil.functions.arm(hub.address, data), payer)
+    send(w3, hub.functions.topUp(first, 10), payer)  # the token calls back into the hub mid-transfer
+    assert evil.functions.attempted().call() is True
+    assert evil.functions.reentered().call() is False
+    assert "0x" + bytes(evil.functions.revertData().call()).hex() == REENTRANCY_SELECTOR
+    assert hub.functions.channel(first).call()[3] == 1010
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# Random sequences: contract balance == credited balances + sum(deposit - settled) of channels not closed, per asset
+# --------------------------------------------------------------------------------------------------------------------
+
+ops = st.lists(
+    st.tuples(
+        st.sampled_from(["open", "top_up", "settle", "request_close", "finalize", "close_by_payee", "withdraw"]),
+        st.integers(min_value=0, max_value=7),  # which actor / channel
+        st.integers(min_value=1, max_value=10**6),  # amount
+        st.booleans(),  # ETH or token
+    ),
+    min_size=4,
+    max_size=14,
+)
+
+
+@settings(max_examples=20, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(sequence=ops)
+def test_invariant_under_random_sequences(
+    w3: Web3, hub: Contract, token: Contract, domain: Domain, accounts: list[LocalAccount], sequence: list[Any]
+) -> None:
+    snapshot = w3.provider.make_request("evm_snapshot", [])["result"]
+    try:
+        _run_sequence(w3, hub, token, domain, accounts[1:9], sequence)
+    finally:
+        w3.provider.make_request("evm_revert", [snapshot])
+
+
+def _run_sequence(
+    w3: Web3, hub: Contract, token: Contract, domain: Domain, actors: list[LocalAccount], sequence: list[Any]
+) -> None:
+    channels: list[Channel] = []
+    signed: dict[bytes, int] = {}
+    for n, (op, who, amount, use_eth) in enumerate(sequence):
+        actor = actors[who % len(actors)]
+        asset = ETH if use_eth else token.address
+        ch = channels[who % len(channels)] if channels else None
+        state = hub.functions.channel(ch.id).call() if ch else None
+        if op == "open" or ch is None or state is None:
+            payee = actors[(who + 1) % len(actors)].address
+            if asset == ETH:
+                send(w3, hub.functions.open(payee, ETH, salt_of(n), amount), actor.address, value=amount)
+            else:
+                send(w3, token.functions.mint(actor.address, amount), actor.address)
+                send(w3, token.functions.approve(hub.address, amount), actor.address)
+                send(w3, hub.functions.open(payee, asset, salt_of(n), amount), actor.address)
+            channels.append(
+                Channel(channel_id(actor.address, payee, asset, salt_of(n)), actor, payee, asset, salt_of(n))
+            )
+        elif op == "top_up" and state[6] == 1:
+            if ch.token == ETH:
+                send(w3, hub.functions.topUp(ch.id, amount), actor.address, value=amount)
+            else:
+                send(w3, token.functions.mint(actor.address, amount), actor.address)
+                send(w3, token.functions.approve(hub.address, amount), actor.address)
+                send(w3, hub.functions.topUp(ch.id, amount), actor.address)
+        elif op == "settle":
+            cumulative = signed.get(ch.id, 0) + amount  # may exceed the deposit: then it is skipped
+            signed[ch.id] = cumulative
+            sig = sign_voucher(ch.payer, domain, ch.id, cumulative)
+            send(w3, hub.functions.settleBatch([batch(ch.payee, ch.token, ch.voucher(cumulative, sig))]), actor.address)
+        elif op == "request_close" and state[6] == 1:
+            send(w3, hub.functions.requestClose(ch.id), ch.payer.address)
+        elif op == "finalize" and state[6] == 2:
+            w3.provider.make_request("evm_increaseTime", [3601])
+            w3.provider.make_request("evm_mine", [])
+            send(w3, hub.functions.finalizeClose(ch.id), actor.address)
+        elif op == "close_by_payee" and state[6] in (1, 2):
+            send(w3, hub.functions.closeByPayee(ch.id, 0, b""), ch.payee)
+        elif op == "withdraw":
+            balance = hub.functions.balanceOf(actor.address, asset).call()
+            if balance:
+                send(w3, hub.functions.withdraw(asset, min(balance, amount), actor.address), actor.address)
+        _check_invariant(w3, hub, token, actors, channels)
+
+
+def _check_invariant(
+    w3: Web3, hub: Contract, token: Contract, actors: list[LocalAccount], channels: list[Channel]
+) -> None:
+    for asset in (ETH, token.address):
+        held = w3.eth.get_balance(hub.address) if asset == ETH else token.functions.balanceOf(hub.address).call()
+        credited = sum(hub.functions.balanceOf(a.address, asset).call() for a in actors)
+        locked = 0
+        for ch in channels:
+            _, _, tok, deposit, settled, _, status = hub.functions.channel(ch.id).call()
+            assert settled <= deposit
+            if tok == asset and status != CLOSED:
+                locked += deposit - settled
+        assert held == credited + locked, f"invariant broken for {asset}"
