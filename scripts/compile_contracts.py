@@ -108,6 +108,7 @@ def build_artifacts(root: Path = ROOT) -> dict[str, str]:
     compiler_input = standard_input(sources)
     output = solcx.compile_standard(compiler_input, solc_binary=binary)
     long_version = str(solcx.wrapper.get_solc_version(binary, with_commit_hash=True))
+    recorded_settings = {k: v for k, v in compiler_input["settings"].items() if k != "outputSelection"}
     checksums = {unit: hashlib.sha256(text.encode("utf-8")).hexdigest() for unit, text in sources.items()}
     artifacts: dict[str, str] = {}
     for unit, contracts in sorted(output["contracts"].items()):
@@ -125,13 +126,9 @@ def build_artifacts(root: Path = ROOT) -> dict[str, str]:
                     for refs in data["evm"]["deployedBytecode"].get("immutableReferences", {}).values()
                     for ref in refs
                 ),
-                "compiler": {
-                    "version": long_version,
-                    "settings": compiler_input["settings"] | {"outputSelection": None},
-                },
+                "compiler": {"version": long_version, "settings": recorded_settings},
                 "sources": checksums,
             }
-            artifact["compiler"]["settings"].pop("outputSelection")
             artifacts[f"{name}.json"] = json.dumps(artifact, indent=1, sort_keys=True) + "\n"
     return artifacts
 

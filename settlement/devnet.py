@@ -9,10 +9,12 @@ import shutil
 import signal
 import socket
 import subprocess
+import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import TracebackType
+from typing import IO
 
 import httpx
 from eth_account import Account
@@ -105,14 +107,18 @@ class Devnet:
             port = self.settings.devnet_port or free_port(self.settings.devnet_host)
             if not _port_free(self.settings.devnet_host, port):
                 raise DevnetError(f"anvil did not start: port {port} is already in use")
+            # stderr goes to a file, not a pipe: a pipe nobody reads would stall a long-running anvil once full
+            errors = tempfile.TemporaryFile()
             try:
                 process = subprocess.Popen(
-                    self.command(port), stdout=stdout, stderr=subprocess.PIPE, preexec_fn=_die_with_parent
+                    self.command(port), stdout=stdout, stderr=errors, preexec_fn=_die_with_parent
                 )
             except OSError as ex:
+                errors.close()
                 raise DevnetError(f"cannot start anvil: {ex}") from ex
             url = f"http://{self.settings.devnet_host}:{port}"
-            last_error = self._wait_ready(process, url)
+            last_error = self._wait_ready(process, url, errors)
+            errors.close()
             if not last_error:
                 self._process, self.url, self.port = process, url, port
                 self.accounts = devnet_accounts(self.settings.devnet_mnemonic, self.settings.devnet_accounts)
@@ -122,13 +128,14 @@ class Devnet:
                 break
         raise DevnetError(f"anvil did not start: {last_error}")
 
-    def _wait_ready(self, process: subprocess.Popen[bytes], url: str) -> str:
+    def _wait_ready(self, process: subprocess.Popen[bytes], url: str, errors: IO[bytes]) -> str:
         deadline = time.monotonic() + self.settings.devnet_start_timeout
         payload = {"jsonrpc": "2.0", "id": 1, "method": "eth_chainId", "params": []}
         with httpx.Client(timeout=1.0) as client:
             while time.monotonic() < deadline:
                 if process.poll() is not None:
-                    err = process.stderr.read().decode(errors="replace") if process.stderr else ""
+                    errors.seek(0)
+                    err = errors.read().decode(errors="replace")
                     return f"exited with {process.returncode}: {err.strip()[-500:]}"
                 try:
                     # a second poll() guards against answering for another process on the same port
@@ -164,5 +171,3 @@ def _terminate(process: subprocess.Popen[bytes]) -> None:
         except subprocess.TimeoutExpired:
             os.kill(process.pid, signal.SIGKILL)
             process.wait()
-    if process.stderr:
-        process.stderr.close()

@@ -12,6 +12,7 @@ from hypothesis import strategies as st
 from web3 import Web3
 from web3.contract import Contract
 
+from settlement.contracts import HUB, load_artifact
 from settlement.vouchers import MAX_UINT256, Domain, VoucherVerifier
 from tests.conftest import reverts_with
 from tests.hub_helpers import (
@@ -411,7 +412,6 @@ def test_wrong_salt_or_token_group_is_invalid(
 def test_vouchers_from_another_chain_do_not_settle(accounts: list[LocalAccount], sign: Sign) -> None:
     """A hub deployed on an anvil with another chain id refuses vouchers signed for this chain."""
     from settlement.chain import connect
-    from settlement.contracts import HUB, load_artifact
     from settlement.devnet import Devnet
     from tests.conftest import devnet_settings
 
