@@ -6,7 +6,7 @@ PY := $(VENV)/bin/python
 PY_STAMP := $(VENV)/.installed
 NPM_STAMP := node_modules/.installed
 
-.PHONY: setup run test lint check-artifacts compile bench-gas clean
+.PHONY: setup run test lint check-artifacts compile bench-gas bench-verify clean
 
 setup: $(PY_STAMP) $(NPM_STAMP)
 
@@ -43,6 +43,9 @@ test: lint
 
 bench-gas: setup
 	$(PY) scripts/bench.py gas
+
+bench-verify: setup
+	$(PY) scripts/bench.py verify
 
 clean:
 	rm -rf $(VENV) node_modules .settlement .pytest_cache .mypy_cache .ruff_cache

@@ -10,6 +10,9 @@ from dataclasses import dataclass
 from typing import Any
 
 from coincurve import PublicKey
+from coincurve.ecdsa import deserialize_recoverable
+from coincurve.ecdsa import recover as ecdsa_recover
+from Crypto.Hash.keccak import new as _keccak_new
 from eth_account import Account
 from eth_account.messages import encode_typed_data
 from eth_account.signers.local import LocalAccount
@@ -88,7 +91,12 @@ def recover_reference(domain: Domain, channel_id: bytes, cumulative_amount: int,
 
 
 class VoucherVerifier:
-    """Recovers voucher signers for one domain; the domain separator is hashed once."""
+    """Recovers voucher signers for one domain: the hot path of ingest.
+
+    The domain separator is hashed once; hashing calls pycryptodome's keccak directly (eth-utils adds ~2 µs a call)
+    and the signer comes back as 20 raw bytes, because checksumming an address costs ~20 µs, more than half of
+    the recovery itself (~39 µs in libsecp256k1).
+    """
 
     def __init__(self, domain: Domain) -> None:
         self.domain = domain
@@ -96,25 +104,33 @@ class VoucherVerifier:
 
     def digest(self, channel_id: bytes, cumulative_amount: int) -> bytes:
         """The EIP-712 digest; equals ChannelHub.hashVoucher."""
-        struct_hash = keccak(_VOUCHER_TYPEHASH + channel_id + cumulative_amount.to_bytes(32, "big"))
-        return keccak(self._prefix + struct_hash)
+        struct_hash = _keccak(_VOUCHER_TYPEHASH + channel_id + cumulative_amount.to_bytes(32, "big"))
+        return _keccak(self._prefix + struct_hash)
 
-    def recover(self, channel_id: bytes, cumulative_amount: int, signature: bytes) -> str | None:
-        """The checksummed signer, or None where ChannelHub would reject the signature."""
+    def recover(self, channel_id: bytes, cumulative_amount: int, signature: bytes) -> bytes | None:
+        """The signer's 20-byte address, or None where ChannelHub would reject the voucher's signature."""
         if len(signature) != 65 or len(channel_id) != 32 or not 0 <= cumulative_amount <= MAX_UINT256:
             return None
         v = signature[64]
-        s = int.from_bytes(signature[32:64], "big")
+        if v not in (27, 28):
+            return None
         r = int.from_bytes(signature[:32], "big")
-        if v not in (27, 28) or s > _HALF_N or not 0 < r < _SECP256K1_N or s == 0:
+        s = int.from_bytes(signature[32:64], "big")
+        if not 0 < r < _SECP256K1_N or not 0 < s <= _HALF_N:
             return None
         try:
-            key = PublicKey.from_signature_and_message(
-                signature[:64] + bytes((v - 27,)), self.digest(channel_id, cumulative_amount), hasher=None
+            point = ecdsa_recover(
+                self.digest(channel_id, cumulative_amount),
+                deserialize_recoverable(signature[:64] + bytes((v - 27,))),
+                hasher=None,
             )
         except ValueError:
             return None
-        return to_checksum_address(keccak(key.format(compressed=False)[1:])[-20:])
+        return _keccak(PublicKey(point).format(compressed=False)[1:])[-20:]
+
+
+def _keccak(data: bytes) -> bytes:
+    return bytes(_keccak_new(digest_bits=256, data=data).digest())
 
 
 def read_domain(hub: Contract) -> Domain:

@@ -1,0 +1,92 @@
+"""The fast verifier agrees with eth-account, and refuses exactly the signatures ChannelHub refuses."""
+
+from __future__ import annotations
+
+import pytest
+from eth_account import Account
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from settlement.vouchers import (
+    MAX_UINT256,
+    Domain,
+    VoucherVerifier,
+    recover_reference,
+    sign_voucher,
+    to_compact,
+)
+
+SECP256K1_N = 0xFFFFFFFFFFFFFFFFFFFFFFFFFFFFFFFEBAAEDCE6AF48A03BBFD25E8CD0364141
+DOMAIN = Domain(chain_id=31337, verifying_contract="0x5FbDB2315678afecb367f032d93F642f64180aa3")
+KEY = Account.from_key("0x" + "42" * 32)
+CID = b"\x07" * 32
+
+
+@settings(max_examples=60, deadline=None)
+@given(
+    key=st.integers(min_value=1, max_value=SECP256K1_N - 1),
+    cid=st.binary(min_size=32, max_size=32),
+    amount=st.integers(min_value=0, max_value=MAX_UINT256),
+    chain_id=st.integers(min_value=1, max_value=2**64),
+)
+def test_fast_path_recovers_what_eth_account_recovers(key: int, cid: bytes, amount: int, chain_id: int) -> None:
+    account = Account.from_key(key.to_bytes(32, "big"))
+    domain = Domain(chain_id=chain_id, verifying_contract=DOMAIN.verifying_contract)
+    signature = sign_voucher(account, domain, cid, amount)
+    fast = VoucherVerifier(domain).recover(cid, amount, signature)
+    assert fast is not None
+    assert "0x" + fast.hex() == recover_reference(domain, cid, amount, signature).lower() == account.address.lower()
+
+
+def test_each_signed_field_changes_the_signer() -> None:
+    signature = sign_voucher(KEY, DOMAIN, CID, 100)
+    verifier = VoucherVerifier(DOMAIN)
+    payer = bytes.fromhex(KEY.address[2:])
+    assert verifier.recover(CID, 100, signature) == payer
+    assert verifier.recover(CID, 101, signature) != payer
+    assert verifier.recover(b"\x08" * 32, 100, signature) != payer
+    other_chain = VoucherVerifier(Domain(chain_id=1, verifying_contract=DOMAIN.verifying_contract))
+    assert other_chain.recover(CID, 100, signature) != payer
+    other_hub = VoucherVerifier(Domain(chain_id=31337, verifying_contract="0x" + "11" * 20))
+    assert other_hub.recover(CID, 100, signature) != payer
+
+
+def _high_s(sig: bytes) -> bytes:
+    s = int.from_bytes(sig[32:64], "big")
+    return sig[:32] + (SECP256K1_N - s).to_bytes(32, "big") + bytes((55 - sig[64],))
+
+
+@pytest.mark.parametrize(
+    "mutate",
+    [
+        pytest.param(_high_s, id="high-s"),
+        pytest.param(lambda sig: sig[:64] + bytes((sig[64] - 27,)), id="v=0/1"),
+        pytest.param(lambda sig: sig[:64] + b"\x1d", id="v=29"),
+        pytest.param(lambda sig: sig[:64], id="64-bytes"),
+        pytest.param(lambda sig: sig + b"\x00", id="66-bytes"),
+        pytest.param(lambda sig: b"\x00" * 65, id="zero"),
+        pytest.param(lambda sig: sig[:32] + b"\x00" * 32 + sig[64:], id="s=0"),
+        pytest.param(lambda sig: SECP256K1_N.to_bytes(32, "big") + sig[32:], id="r=n"),
+    ],
+)
+def test_refuses_what_the_hub_refuses(mutate) -> None:  # type: ignore[no-untyped-def]
+    signature = mutate(sign_voucher(KEY, DOMAIN, CID, 100))
+    assert VoucherVerifier(DOMAIN).recover(CID, 100, signature) is None
+
+
+def test_refuses_out_of_range_inputs() -> None:
+    signature = sign_voucher(KEY, DOMAIN, CID, 100)
+    verifier = VoucherVerifier(DOMAIN)
+    assert verifier.recover(CID[:31], 100, signature) is None
+    assert verifier.recover(CID, -1, signature) is None
+    assert verifier.recover(CID, 2**256, signature) is None
+
+
+def test_compact_form_round_trip() -> None:
+    signature = sign_voucher(KEY, DOMAIN, CID, 100)
+    r, vs = to_compact(signature)
+    assert r == signature[:32]
+    assert int.from_bytes(vs, "big") >> 255 == signature[64] - 27
+    assert (int.from_bytes(vs, "big") & ((1 << 255) - 1)).to_bytes(32, "big") == signature[32:64]
+    with pytest.raises(ValueError, match="65-byte"):
+        to_compact(signature[:64] + b"\x01")
