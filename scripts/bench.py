@@ -12,7 +12,6 @@ import time
 from collections.abc import Callable, Sequence
 from typing import Any
 
-from eth_abi.abi import encode
 from eth_account.signers.local import LocalAccount
 from eth_utils.crypto import keccak
 from rich.console import Console
@@ -25,7 +24,7 @@ from settlement.chain import connect
 from settlement.config import Settings
 from settlement.contracts import HUB, load_artifact
 from settlement.devnet import Devnet, devnet_accounts
-from settlement.vouchers import Domain, VoucherVerifier, recover_reference, sign_voucher, to_compact
+from settlement.vouchers import Domain, VoucherVerifier, channel_id, recover_reference, sign_voucher, to_compact
 
 ETH = "0x" + "00" * 20
 CHALLENGE_PERIOD = 3600
@@ -75,9 +74,7 @@ class GasBench:
             salt = self._salt.to_bytes(32, "big")
             call = self.hub.functions.open(payee, self.token.address, salt, amount)
             hashes.append(call.transact({"from": payer.address, "gas": 200_000}))
-            cid = keccak(
-                encode(["address", "address", "address", "bytes32"], [payer.address, payee, self.token.address, salt])
-            )
+            cid = channel_id(payer.address, payee, self.token.address, salt)
             channels.append((cid, salt, payee))
         for tx_hash in hashes:
             self.last_open_gas = int(self._wait(tx_hash)["gasUsed"])
@@ -106,7 +103,7 @@ def run_gas(console: Console) -> dict[str, Any]:
         figures["open_eth_gas"] = bench.gas(
             bench.hub.functions.open(payee.address, ETH, salt, 10**18), payer.address, 10**18
         )
-        cid = keccak(encode(["address", "address", "address", "bytes32"], [payer.address, payee.address, ETH, salt]))
+        cid = channel_id(payer.address, payee.address, ETH, salt)
         figures["top_up_eth_gas"] = bench.gas(bench.hub.functions.topUp(cid, 10**17), payer.address, 10**17)
         r, vs = to_compact(sign_voucher(payer, bench.domain, cid, 10**16))
         batch1 = [(payee.address, ETH, [(cid, salt, 10**16, r, vs)])]

@@ -13,6 +13,7 @@ from coincurve import PublicKey
 from coincurve.ecdsa import deserialize_recoverable
 from coincurve.ecdsa import recover as ecdsa_recover
 from Crypto.Hash.keccak import new as _keccak_new
+from eth_abi.abi import encode
 from eth_account import Account
 from eth_account.messages import encode_typed_data
 from eth_account.signers.local import LocalAccount
@@ -66,6 +67,11 @@ class Domain:
             + bytes(12)
             + bytes.fromhex(self.verifying_contract.removeprefix("0x"))
         )
+
+
+def channel_id(payer: str, payee: str, token: str, salt: bytes) -> bytes:
+    """The id ChannelHub gives a channel: keccak256(abi.encode(payer, payee, token, salt)); token 0x0 = ETH."""
+    return keccak(encode(["address", "address", "address", "bytes32"], [payer, payee, token, salt]))
 
 
 def typed_data(domain: Domain, channel_id: bytes, cumulative_amount: int) -> dict[str, Any]:

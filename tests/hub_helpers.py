@@ -5,15 +5,15 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
-from eth_abi.abi import encode
 from eth_account.signers.local import LocalAccount
-from eth_utils.crypto import keccak
 from web3 import Web3
 from web3.contract import Contract
 from web3.logs import DISCARD
 from web3.types import TxReceipt
 
-from settlement.vouchers import to_compact
+from settlement.vouchers import channel_id, to_compact
+
+__all__ = ["channel_id"]  # re-exported: tests import it from here with the other helpers
 
 ETH = "0x0000000000000000000000000000000000000000"
 SKIP = {
@@ -36,10 +36,6 @@ def send(w3: Web3, call: Any, sender: str, value: int = 0) -> TxReceipt:
 
 def events(contract: Contract, receipt: TxReceipt, name: str) -> list[dict[str, Any]]:
     return [dict(e["args"]) for e in contract.events[name]().process_receipt(receipt, errors=DISCARD)]
-
-
-def channel_id(payer: str, payee: str, token: str, salt: bytes) -> bytes:
-    return keccak(encode(["address", "address", "address", "bytes32"], [payer, payee, token, salt]))
 
 
 def salt_of(n: int) -> bytes:
