@@ -37,8 +37,8 @@ MAX_UINT256 = 2**256 - 1
 
 _VOUCHER_TYPEHASH = keccak(b"Voucher(bytes32 channelId,uint256 cumulativeAmount)")
 _DOMAIN_TYPEHASH = keccak(b"EIP712Domain(string name,string version,uint256 chainId,address verifyingContract)")
-_SECP256K1_N = 0xFFFFFFFFFFFFFFFFFFFFFFFFFFFFFFFEBAAEDCE6AF48A03BBFD25E8CD0364141
-_HALF_N = _SECP256K1_N // 2
+SECP256K1_N = 0xFFFFFFFFFFFFFFFFFFFFFFFFFFFFFFFEBAAEDCE6AF48A03BBFD25E8CD0364141
+_HALF_N = SECP256K1_N // 2
 
 
 @dataclass(frozen=True)
@@ -122,7 +122,7 @@ class VoucherVerifier:
             return None
         r = int.from_bytes(signature[:32], "big")
         s = int.from_bytes(signature[32:64], "big")
-        if not 0 < r < _SECP256K1_N or not 0 < s <= _HALF_N:
+        if not 0 < r < SECP256K1_N or not 0 < s <= _HALF_N:
             return None
         try:
             point = ecdsa_recover(

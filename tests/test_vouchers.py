@@ -9,14 +9,15 @@ from hypothesis import strategies as st
 
 from settlement.vouchers import (
     MAX_UINT256,
+    SECP256K1_N,
     Domain,
     VoucherVerifier,
     recover_reference,
     sign_voucher,
     to_compact,
 )
+from tests.signatures import REFUSED_FORMS
 
-SECP256K1_N = 0xFFFFFFFFFFFFFFFFFFFFFFFFFFFFFFFEBAAEDCE6AF48A03BBFD25E8CD0364141
 DOMAIN = Domain(chain_id=31337, verifying_contract="0x5FbDB2315678afecb367f032d93F642f64180aa3")
 KEY = Account.from_key("0x" + "42" * 32)
 CID = b"\x07" * 32
@@ -51,24 +52,7 @@ def test_each_signed_field_changes_the_signer() -> None:
     assert other_hub.recover(CID, 100, signature) != payer
 
 
-def _high_s(sig: bytes) -> bytes:
-    s = int.from_bytes(sig[32:64], "big")
-    return sig[:32] + (SECP256K1_N - s).to_bytes(32, "big") + bytes((55 - sig[64],))
-
-
-@pytest.mark.parametrize(
-    "mutate",
-    [
-        pytest.param(_high_s, id="high-s"),
-        pytest.param(lambda sig: sig[:64] + bytes((sig[64] - 27,)), id="v=0/1"),
-        pytest.param(lambda sig: sig[:64] + b"\x1d", id="v=29"),
-        pytest.param(lambda sig: sig[:64], id="64-bytes"),
-        pytest.param(lambda sig: sig + b"\x00", id="66-bytes"),
-        pytest.param(lambda sig: b"\x00" * 65, id="zero"),
-        pytest.param(lambda sig: sig[:32] + b"\x00" * 32 + sig[64:], id="s=0"),
-        pytest.param(lambda sig: SECP256K1_N.to_bytes(32, "big") + sig[32:], id="r=n"),
-    ],
-)
+@pytest.mark.parametrize("mutate", REFUSED_FORMS)
 def test_refuses_what_the_hub_refuses(mutate) -> None:  # type: ignore[no-untyped-def]
     signature = mutate(sign_voucher(KEY, DOMAIN, CID, 100))
     assert VoucherVerifier(DOMAIN).recover(CID, 100, signature) is None
