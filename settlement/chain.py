@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import threading
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any
 
@@ -17,7 +19,7 @@ from web3.contract.contract import ContractConstructor, ContractFunction
 from web3.exceptions import ContractCustomError, ContractLogicError, TimeExhausted, Web3RPCError
 from web3.types import Nonce, TxParams, TxReceipt
 
-from settlement.errors import ChainUnavailableError, TransactionFailedError
+from settlement.errors import ChainError, ChainUnavailableError, TransactionFailedError
 
 GAS_HEADROOM = 1.2  # estimates are exact on anvil, but state can move between estimate and inclusion
 
@@ -30,6 +32,17 @@ def connect(url: str, timeout: float = 10.0) -> Web3:
     except (requests.RequestException, OSError, Web3RPCError) as ex:
         raise ChainUnavailableError(f"no JSON-RPC answer at {url}: {ex}") from ex
     return w3
+
+
+@contextmanager
+def rpc_errors(what: str) -> Iterator[None]:
+    """Turn transport failures into ChainUnavailableError and JSON-RPC errors into ChainError, naming `what`."""
+    try:
+        yield
+    except (requests.RequestException, OSError) as ex:
+        raise ChainUnavailableError(f"{what}: the chain's RPC does not answer ({ex})") from ex
+    except Web3RPCError as ex:
+        raise ChainError(f"{what}: the chain's RPC refused ({ex})") from ex
 
 
 @dataclass(frozen=True)

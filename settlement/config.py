@@ -30,7 +30,26 @@ class Settings(BaseSettings):
     challenge_period: int = Field(default=3600, ge=60, description="seconds between requestClose and finalize")
 
     # Storage
-    database_url: str = "sqlite:///.settlement/settlement.db"
+    database_url: str = Field(
+        default="sqlite:///.settlement/settlement.db",
+        description="sqlite:///path (default) or postgresql://user@host:port/db",
+    )
+    db_pool_size: int = Field(default=8, ge=1, le=200)
+
+    # Chain indexer
+    confirmations: int = Field(default=2, ge=0, le=1000, description="blocks before a deposit or event counts")
+    indexer_interval: float = Field(default=1.0, gt=0, description="seconds between polls when caught up")
+    indexer_batch_blocks: int = Field(default=2000, ge=1, description="blocks per eth_getLogs call")
+    reorg_window: int = Field(default=256, ge=8, description="recent block hashes kept to find a fork point")
+
+    # Ingest
+    close_guard_seconds: int = Field(
+        default=120, ge=0, description="stop accepting vouchers this long before a close deadline"
+    )
+    ingest_group_max: int = Field(default=1024, ge=1, description="vouchers per group commit at most")
+    batch_max_items: int = Field(default=1000, ge=1, le=10_000, description="vouchers per batch request at most")
+    max_body_bytes: int = Field(default=1_048_576, ge=1024, description="request bodies above this get a 413")
+    ready_max_lag: int = Field(default=64, ge=0, description="/ready fails when the indexer is further behind")
 
     # API
     api_host: str = "127.0.0.1"

@@ -6,9 +6,26 @@
     │   └── SourceDriftError         500 artifact_source_drift
     ├── DevnetError                  500 devnet_failed
     ├── DeploymentError              500 deployment_missing
-    └── ChainError                   502 chain_error
-        ├── ChainUnavailableError    503 chain_unavailable
-        └── TransactionFailedError   502 transaction_failed
+    ├── StoreError                   500 store_error
+    │   └── StoreUnavailableError    503 store_unavailable
+    ├── ChainError                   502 chain_error
+    │   ├── ChainUnavailableError    503 chain_unavailable
+    │   └── TransactionFailedError   502 transaction_failed
+    └── RequestError                 400 bad_request         (the client's fault: always 4xx)
+        ├── MalformedRequestError    400 malformed_request
+        ├── UnsupportedMediaError    415 unsupported_media_type
+        ├── PayloadTooLargeError     413 payload_too_large
+        ├── BatchTooLargeError       413 batch_too_large
+        ├── NotFoundError            404 not_found
+        ├── MethodNotAllowedError    405 method_not_allowed
+        └── VoucherRejectedError     400 voucher_rejected    (a well-formed voucher the ledger refuses)
+            ├── InvalidSignatureError      400 invalid_signature
+            ├── ChannelNotFoundError       404 channel_not_found
+            ├── ChannelUnconfirmedError    409 channel_unconfirmed
+            ├── ChannelClosedError         409 channel_closed
+            ├── ChannelSuspendedError      409 channel_suspended
+            ├── StaleVoucherError          409 stale_voucher
+            └── AmountExceedsDepositError  409 amount_exceeds_deposit
 
 Lower-level exceptions are wrapped at the boundary (`raise ArtifactError(...) from ex`) so callers catch one root.
 Codes are part of the API: never rename one, add a new class instead.
@@ -23,9 +40,14 @@ class SettlementError(Exception):
     status: int = 500
     code: str = "internal_error"
 
-    def __init__(self, message: str) -> None:
+    def __init__(self, message: str, **details: object) -> None:
         super().__init__(message)
         self.message = message
+        self.details = details  # machine-readable context for the response body, e.g. the current cumulative
+
+    def body(self) -> dict[str, object]:
+        """The JSON error body of the API: a stable code, a message for people, and any details."""
+        return {"code": self.code, "message": self.message, **self.details}
 
 
 class ConfigError(SettlementError, ValueError):
@@ -76,3 +98,118 @@ class TransactionFailedError(ChainError):
     """A transaction reverted or was never mined."""
 
     code = "transaction_failed"
+
+
+class StoreError(SettlementError):
+    """The database refused an operation it should have accepted."""
+
+    code = "store_error"
+
+
+class StoreUnavailableError(StoreError):
+    """The database cannot be reached or is busy; nothing was acknowledged."""
+
+    status = 503
+    code = "store_unavailable"
+
+
+class RequestError(SettlementError):
+    """The request is wrong; retrying it unchanged gives the same answer."""
+
+    status = 400
+    code = "bad_request"
+
+
+class MalformedRequestError(RequestError):
+    """The body or a parameter does not have the documented shape."""
+
+    code = "malformed_request"
+
+
+class UnsupportedMediaError(RequestError):
+    """The body is not JSON."""
+
+    status = 415
+    code = "unsupported_media_type"
+
+
+class PayloadTooLargeError(RequestError):
+    """The body is larger than the configured limit."""
+
+    status = 413
+    code = "payload_too_large"
+
+
+class BatchTooLargeError(RequestError):
+    """A batch holds more items than the configured limit."""
+
+    status = 413
+    code = "batch_too_large"
+
+
+class NotFoundError(RequestError):
+    """No such route or resource."""
+
+    status = 404
+    code = "not_found"
+
+
+class MethodNotAllowedError(RequestError):
+    """The route exists, but not for this method."""
+
+    status = 405
+    code = "method_not_allowed"
+
+
+class VoucherRejectedError(RequestError):
+    """A well-formed voucher that the acceptance rules refuse."""
+
+    code = "voucher_rejected"
+
+
+class InvalidSignatureError(VoucherRejectedError):
+    """The signature does not recover to the channel's payer (or is not a signature the hub accepts)."""
+
+    code = "invalid_signature"
+
+
+class ChannelNotFoundError(VoucherRejectedError):
+    """No channel with this id exists on chain."""
+
+    status = 404
+    code = "channel_not_found"
+
+
+class ChannelUnconfirmedError(VoucherRejectedError):
+    """The channel exists on chain but does not have enough confirmations yet; retry shortly."""
+
+    status = 409
+    code = "channel_unconfirmed"
+
+
+class ChannelClosedError(VoucherRejectedError):
+    """The channel is closed, or closing with too little time left to settle a new voucher."""
+
+    status = 409
+    code = "channel_closed"
+
+
+class ChannelSuspendedError(VoucherRejectedError):
+    """A chain reorganisation deeper than the confirmation depth touched the channel; an operator must look."""
+
+    status = 409
+    code = "channel_suspended"
+
+
+class StaleVoucherError(VoucherRejectedError):
+    """The cumulative amount is not above what the channel already accepted; the body carries the current value."""
+
+    status = 409
+    code = "stale_voucher"
+
+
+class AmountExceedsDepositError(VoucherRejectedError):
+    """The cumulative amount is above the channel's confirmed deposit."""
+
+    status = 409
+    code = "amount_exceeds_deposit"

@@ -3,20 +3,28 @@
 from __future__ import annotations
 
 import os
+import uuid
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
 from eth_account.signers.local import LocalAccount
+from fastapi.testclient import TestClient
+from sqlalchemy import create_engine, text
+from sqlalchemy.engine import make_url
+from sqlalchemy.exc import OperationalError
 from web3 import Web3
 from web3.contract import Contract
 from web3.exceptions import ContractCustomError, ContractLogicError
 
+from settlement.api.app import create_app
 from settlement.chain import Revert, connect, revert_of
 from settlement.config import Settings
-from settlement.contracts import HUB, load_artifact
+from settlement.contracts import load_artifact
+from settlement.deployment import Deployment, deploy_hub, hub_contract
 from settlement.devnet import Devnet
+from settlement.service import Service
 from settlement.vouchers import Domain, sign_voucher
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -59,8 +67,14 @@ def deploy(w3: Web3, accounts: list[LocalAccount]) -> Callable[..., Contract]:
 
 
 @pytest.fixture(scope="session")
-def session_hub(deploy: Callable[..., Contract]) -> Contract:
-    return deploy(HUB, CHALLENGE_PERIOD)
+def hub_deployment(w3: Web3, accounts: list[LocalAccount]) -> Deployment:
+    """The session's hub, deployed the way `settlement deploy` does it, with its deployment record."""
+    return deploy_hub(w3, accounts[0], CHALLENGE_PERIOD)
+
+
+@pytest.fixture(scope="session")
+def session_hub(w3: Web3, hub_deployment: Deployment) -> Contract:
+    return hub_contract(w3, hub_deployment)
 
 
 @pytest.fixture(autouse=True)
@@ -108,6 +122,98 @@ def reverts_with(call: Any, abi: list[dict[str, Any]], tx: dict[str, Any]) -> Re
 @pytest.fixture(scope="session")
 def postgres_url() -> str:
     return os.environ.get("SETTLEMENT_TEST_POSTGRES_URL", "postgresql+psycopg://postgres@127.0.0.1:5432/test")
+
+
+@pytest.fixture(scope="session")
+def postgres_server(postgres_url: str) -> str:
+    """The PostgreSQL server URL, or a skip naming the reason when there is none."""
+    engine = create_engine(postgres_url, isolation_level="AUTOCOMMIT")
+    try:
+        with engine.connect() as conn:
+            conn.execute(text("SELECT 1"))
+    except OperationalError as ex:
+        pytest.skip(f"PostgreSQL not reachable at {postgres_url} ({str(ex.orig).strip()}); SQLite tests still run")
+    finally:
+        engine.dispose()
+    return postgres_url
+
+
+@pytest.fixture
+def fresh_postgres(postgres_server: str) -> Iterator[str]:
+    """A new, empty database on the server for one test, dropped afterwards."""
+    name = f"settlement_test_{uuid.uuid4().hex[:12]}"
+    admin = create_engine(postgres_server, isolation_level="AUTOCOMMIT")
+    with admin.connect() as conn:
+        conn.execute(text(f'CREATE DATABASE "{name}"'))
+    try:
+        yield make_url(postgres_server).set(database=name).render_as_string(hide_password=False)
+    finally:
+        with admin.connect() as conn:
+            conn.execute(text(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
+        admin.dispose()
+
+
+@pytest.fixture(params=["sqlite", pytest.param("postgres", marks=pytest.mark.postgres)])
+def store_url(request: pytest.FixtureRequest, tmp_path: Path) -> str:
+    """Each test that takes this runs twice: on a fresh SQLite file and on a fresh PostgreSQL database."""
+    if request.param == "sqlite":
+        return f"sqlite:///{tmp_path / 'settlement.db'}"
+    url: str = request.getfixturevalue("fresh_postgres")
+    return url
+
+
+@pytest.fixture
+def service_settings(
+    devnet: Devnet, hub_deployment: Deployment, store_url: str, tmp_path: Path
+) -> Callable[..., Settings]:
+    """Factory: settings for a service on the session hub and this test's store; keyword overrides win."""
+    record = tmp_path / "deployment.json"
+    hub_deployment.save(record)
+
+    def make(**overrides: Any) -> Settings:
+        values: dict[str, Any] = {
+            "rpc_url": devnet.url,
+            "deployment_file": record,
+            "database_url": store_url,
+            "confirmations": 0,
+            "indexer_interval": 0.05,
+            **overrides,
+        }
+        return devnet_settings(**values)
+
+    return make
+
+
+@pytest.fixture
+def make_service(w3: Web3, service_settings: Callable[..., Settings]) -> Iterator[Callable[..., Service]]:
+    """Factory: a started Service (store, indexer, ingest writer); every one is stopped after the test."""
+    started: list[Service] = []
+
+    def make(**overrides: Any) -> Service:
+        service = Service.build(service_settings(**overrides))
+        service.start()
+        started.append(service)
+        return service
+
+    yield make
+    for service in started:
+        service.stop()
+
+
+@pytest.fixture
+def api(w3: Web3, service_settings: Callable[..., Settings]) -> Iterator[Callable[..., TestClient]]:
+    """Factory: a TestClient on a fresh app (its lifespan running); all are closed after the test."""
+    clients: list[TestClient] = []
+
+    def make(**overrides: Any) -> TestClient:
+        client = TestClient(create_app(service_settings(**overrides)), raise_server_exceptions=False)
+        client.__enter__()
+        clients.append(client)
+        return client
+
+    yield make
+    for client in clients:
+        client.__exit__(None, None, None)
 
 
 @pytest.fixture

@@ -1,76 +1,75 @@
-"""The FastAPI application: health, readiness and the EIP-712 domain clients sign with."""
+"""The FastAPI application: error mapping, the body guard, the v1 routes, and the service's lifecycle."""
 
 from __future__ import annotations
 
+import logging
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
 from typing import Any
 
-import requests
 from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
-from pydantic import BaseModel
-from web3 import Web3
+from starlette.exceptions import HTTPException
 
 from settlement import __version__
-from settlement.chain import connect
+from settlement.api.middleware import BodyGuard
+from settlement.api.routes import router
 from settlement.config import Settings
-from settlement.deployment import Deployment, hub_contract
-from settlement.errors import ChainUnavailableError, SettlementError
-from settlement.vouchers import EIP712_DOMAIN_TYPE, VOUCHER_TYPE, read_domain
+from settlement.errors import MalformedRequestError, MethodNotAllowedError, NotFoundError, SettlementError
+from settlement.service import Service
+
+logger = logging.getLogger(__name__)
 
 
-class Health(BaseModel):
-    status: str
-    version: str
+def create_app(settings: Settings, service: Service | None = None) -> FastAPI:
+    """Build the app for one deployment (run `settlement deploy` first); the lifespan starts and stops the service."""
+    running = service or Service.build(settings)
 
+    @asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        running.start()
+        try:
+            yield
+        finally:
+            running.stop()
 
-class Readiness(BaseModel):
-    status: str
-    chain_id: int
-    block_number: int
-    contract: str
-
-
-class Eip712Info(BaseModel):
-    domain: dict[str, Any]
-    types: dict[str, list[dict[str, str]]]
-    primaryType: str
-
-
-def create_app(settings: Settings) -> FastAPI:
-    """Build the app for one deployment; the deployment record must exist (run `settlement deploy`)."""
-    deployment = Deployment.load(settings.deployment_file)
-    w3: Web3 = connect(settings.rpc_url, settings.rpc_timeout)
-    deployment.check(w3)
-    domain = read_domain(hub_contract(w3, deployment))
-
-    app = FastAPI(title="ChannelHub settlement service", version=__version__)
+    app = FastAPI(title="ChannelHub settlement service", version=__version__, lifespan=lifespan)
+    app.state.service = running
+    app.add_middleware(BodyGuard, max_bytes=settings.max_body_bytes)
+    app.include_router(router)
 
     @app.exception_handler(SettlementError)
     async def settlement_error(_: Request, ex: SettlementError) -> JSONResponse:
-        return JSONResponse(status_code=ex.status, content={"code": ex.code, "message": ex.message})
+        return JSONResponse(status_code=ex.status, content=ex.body())
 
-    @app.get("/health", operation_id="health")
-    def health() -> Health:
-        """The process is alive."""
-        return Health(status="ok", version=__version__)
+    @app.exception_handler(RequestValidationError)
+    async def validation_error(_: Request, ex: RequestValidationError) -> JSONResponse:
+        problems = [_problem(e) for e in ex.errors()]
+        where = "; ".join(f"{p['field']}: {p['problem']}" for p in problems[:5])
+        error = MalformedRequestError(f"the request does not have the documented shape ({where})", errors=problems)
+        return JSONResponse(status_code=error.status, content=error.body())
 
-    @app.get("/ready", operation_id="ready")
-    def ready() -> Readiness:
-        """The chain answers and still holds the deployed hub."""
-        try:
-            deployment.check(w3)
-            block = w3.eth.block_number
-        except (requests.RequestException, OSError) as ex:
-            raise ChainUnavailableError(f"chain unreachable at {settings.rpc_url}: {ex}") from ex
-        return Readiness(status="ready", chain_id=deployment.chain_id, block_number=block, contract=deployment.address)
+    @app.exception_handler(HTTPException)
+    async def http_error(request: Request, ex: HTTPException) -> JSONResponse:
+        if ex.status_code == 404:
+            error: SettlementError = NotFoundError(f"no route {request.url.path}")
+        elif ex.status_code == 405:
+            error = MethodNotAllowedError(f"{request.method} is not allowed on {request.url.path}")
+        else:
+            return JSONResponse(
+                status_code=ex.status_code, content={"code": f"http_{ex.status_code}", "message": ex.detail}
+            )
+        return JSONResponse(status_code=error.status, content=error.body())
 
-    @app.get("/v1/eip712", operation_id="getEip712Domain")
-    def eip712() -> Eip712Info:
-        """The EIP-712 domain and types a payer signs vouchers with."""
-        return Eip712Info(
-            domain=domain.as_dict(),
-            types={"EIP712Domain": EIP712_DOMAIN_TYPE, "Voucher": VOUCHER_TYPE},
-            primaryType="Voucher",
-        )
+    @app.exception_handler(Exception)
+    async def unexpected(_: Request, ex: Exception) -> JSONResponse:
+        logger.exception("unhandled error")
+        return JSONResponse(status_code=500, content={"code": "internal_error", "message": "internal error"})
 
     return app
+
+
+def _problem(error: Any) -> dict[str, str]:
+    location = ".".join(str(part) for part in error.get("loc", ()) if part != "body") or "body"
+    return {"field": location, "problem": str(error.get("msg", "invalid"))}

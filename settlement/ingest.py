@@ -1,0 +1,197 @@
+"""The voucher ingest pipeline: find the payer, recover the signer, then judge and commit in groups.
+
+Signature recovery runs on the caller's thread (pure CPU, no lock held). Judging and writing run on one writer
+thread per process that takes every voucher waiting in its queue, judges them in one transaction that holds the
+channels' row locks, and commits once: one fsync for the whole group. A caller's future resolves only after that
+commit, so a receipt is never handed out for a voucher that is not durable. With several processes on PostgreSQL the
+row locks (taken in channel id order) serialize writers per channel; with SQLite, BEGIN IMMEDIATE does.
+"""
+
+from __future__ import annotations
+
+import logging
+import queue
+import threading
+import time
+from collections.abc import Sequence
+from concurrent.futures import Future
+from dataclasses import dataclass
+
+from settlement.errors import ChannelNotFoundError, SettlementError, StoreError, VoucherRejectedError
+from settlement.indexer import Indexer
+from settlement.ledger import Verdict, judge
+from settlement.metrics import Metrics
+from settlement.model import Channel, Receipt, Voucher, utcnow
+from settlement.store import Database
+from settlement.store import channels as channel_q
+from settlement.vouchers import VoucherVerifier
+
+logger = logging.getLogger(__name__)
+
+Outcome = Verdict | SettlementError
+
+
+@dataclass(frozen=True)
+class _Job:
+    vouchers: Sequence[Voucher]
+    signers: Sequence[bytes | None]
+    future: Future[list[Outcome]]
+
+
+class Ingestor:
+    """Accepts vouchers for one hub. Call `start()` before submitting and `stop()` to drain and finish."""
+
+    def __init__(
+        self,
+        db: Database,
+        verifier: VoucherVerifier,
+        indexer: Indexer,
+        metrics: Metrics,
+        *,
+        close_guard: int,
+        group_max: int = 1024,
+    ) -> None:
+        self.db = db
+        self.verifier = verifier
+        self.indexer = indexer
+        self.metrics = metrics
+        self.close_guard = close_guard
+        self.group_max = group_max
+        self._payers: dict[str, bytes] = {}  # a channel's payer never changes: it is hashed into the id
+        self._queue: queue.SimpleQueue[_Job | None] = queue.SimpleQueue()
+        self._thread: threading.Thread | None = None
+
+    # --- lifecycle ---------------------------------------------------------------------------------------------
+
+    def start(self) -> None:
+        if self._thread is None:
+            self._thread = threading.Thread(target=self._write_loop, name="ingest-writer", daemon=True)
+            self._thread.start()
+
+    def stop(self) -> None:
+        """Finish every voucher already queued, then stop the writer."""
+        if self._thread is not None:
+            self._queue.put(None)
+            self._thread.join()
+            self._thread = None
+
+    # --- the caller's side -------------------------------------------------------------------------------------
+
+    def resolve_payer(self, channel_id: str) -> bytes:
+        """The channel's payer, from memory, the store, or the chain (blocking I/O; raises if there is none)."""
+        payer = self._payers.get(channel_id)
+        if payer is not None:
+            return payer
+        channel = self.find_channel(channel_id)
+        if channel is None:
+            raise ChannelNotFoundError(f"channel {channel_id} does not exist on chain")
+        payer = bytes.fromhex(channel.payer[2:])
+        self._payers[channel_id] = payer
+        return payer
+
+    def find_channel(self, channel_id: str) -> Channel | None:
+        """The channel from the store, else from the chain's confirmed state (then stored)."""
+        with self.db.read() as conn:
+            channel = channel_q.get_channel(conn, channel_id)
+        return channel if channel is not None else self.indexer.lookup(channel_id)
+
+    def recover(self, voucher: Voucher) -> bytes | None:
+        return self.verifier.recover(bytes.fromhex(voucher.channel_id[2:]), voucher.cumulative, voucher.signature)
+
+    def submit(self, vouchers: Sequence[Voucher], signers: Sequence[bytes | None]) -> Future[list[Outcome]]:
+        """Queue recovered vouchers for judging; the future resolves after the group's commit."""
+        future: Future[list[Outcome]] = Future()
+        if self._thread is None:
+            future.set_exception(StoreError("the ingest writer is not running"))
+        else:
+            self._queue.put(_Job(vouchers, signers, future))
+        return future
+
+    def ingest(self, vouchers: Sequence[Voucher]) -> list[Outcome]:
+        """Resolve payers, recover signers, queue, and wait for the group commit: one outcome per voucher, in order.
+
+        Blocking (store reads, chain lookups for unknown channels, the commit): call it from a worker thread.
+        """
+        outcomes: dict[int, Outcome] = {}
+        pending: list[int] = []
+        signers: list[bytes | None] = []
+        for i, voucher in enumerate(vouchers):
+            try:
+                self.resolve_payer(voucher.channel_id)
+            except SettlementError as ex:
+                outcomes[i] = ex
+                continue
+            pending.append(i)
+            signers.append(self.recover(voucher))
+        if pending:
+            results = self.submit([vouchers[i] for i in pending], signers).result()
+            outcomes.update(zip(pending, results, strict=True))
+        return [outcomes[i] for i in range(len(vouchers))]
+
+    # --- the writer's side -------------------------------------------------------------------------------------
+
+    def _write_loop(self) -> None:
+        stopping = False
+        while not stopping:
+            first = self._queue.get()
+            if first is None:
+                break
+            jobs, size = [first], len(first.vouchers)
+            while size < self.group_max:
+                try:
+                    job = self._queue.get_nowait()
+                except queue.Empty:
+                    break
+                if job is None:
+                    stopping = True
+                    break
+                jobs.append(job)
+                size += len(job.vouchers)
+            self._commit_group(jobs)
+
+    def _commit_group(self, jobs: list[_Job]) -> None:
+        started = time.perf_counter()
+        vouchers = [v for job in jobs for v in job.vouchers]
+        signers = [s for job in jobs for s in job.signers]
+        try:
+            outcomes = self._judge_and_write(vouchers, signers)
+        except SettlementError as ex:
+            logger.error("group of %d vouchers not stored: %s", len(vouchers), ex.message)
+            outcomes = [ex] * len(vouchers)
+        except Exception as ex:  # a bug or an unexpected driver error: refuse the group, keep the writer alive
+            logger.exception("group of %d vouchers not stored", len(vouchers))
+            outcomes = [StoreError(f"vouchers not stored: {type(ex).__name__}")] * len(vouchers)
+        self.metrics.group_size.observe(len(vouchers))
+        self.metrics.commit_seconds.observe(time.perf_counter() - started)
+        at = 0
+        for job in jobs:
+            if not job.future.done():
+                job.future.set_result(outcomes[at : at + len(job.vouchers)])
+            at += len(job.vouchers)
+
+    def _judge_and_write(self, vouchers: list[Voucher], signers: list[bytes | None]) -> list[Outcome]:
+        outcomes: list[Outcome] = []
+        accepted: list[tuple[Receipt, bytes]] = []
+        with self.db.write() as conn:
+            channels = channel_q.lock_channels(conn, (v.channel_id for v in vouchers))
+            known = [
+                v.key for v in vouchers if v.channel_id in channels and v.cumulative <= channels[v.channel_id].floor
+            ]
+            priors = channel_q.receipts_for(conn, known)
+            now = utcnow()
+            for voucher, signer in zip(vouchers, signers, strict=True):
+                channel = channels.get(voucher.channel_id)
+                try:
+                    verdict = judge(
+                        channel, voucher, signer, prior=priors.get(voucher.key), now=now, close_guard=self.close_guard
+                    )
+                except VoucherRejectedError as ex:
+                    outcomes.append(ex)
+                    continue
+                if verdict.new and channel is not None:
+                    accepted.append((verdict.receipt, voucher.signature))
+                    priors[voucher.key] = verdict.receipt
+                    channels[voucher.channel_id] = channel.with_voucher(voucher.cumulative, voucher.signature)
+                outcomes.append(verdict)
+            channel_q.record_payments(conn, accepted)
+        return outcomes

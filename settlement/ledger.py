@@ -1,0 +1,97 @@
+"""The acceptance rules for vouchers: pure functions of the channel as stored, the voucher and its recovered signer.
+
+The ingest pipeline calls `judge` inside the store transaction that holds the channel's row lock, so the state it
+judges against is the state it writes over. The order of the checks is part of the API: a voucher is first matched
+to its channel and signer (so an invalid signature is never reported as anything else), then deduplicated on its
+signed content, then held to the channel's status and amounts.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from datetime import datetime
+
+from settlement.errors import (
+    AmountExceedsDepositError,
+    ChannelClosedError,
+    ChannelNotFoundError,
+    ChannelSuspendedError,
+    InvalidSignatureError,
+    MalformedRequestError,
+    StaleVoucherError,
+)
+from settlement.model import Channel, ChannelStatus, Receipt, Voucher
+from settlement.vouchers import MAX_UINT256
+
+
+@dataclass(frozen=True)
+class Verdict:
+    """An accepted voucher: its receipt, and whether it is new (201) or a re-send of an accepted one (200)."""
+
+    receipt: Receipt
+    new: bool
+
+
+def judge(
+    channel: Channel | None,
+    voucher: Voucher,
+    signer: bytes | None,
+    *,
+    prior: Receipt | None,
+    now: datetime,
+    close_guard: int,
+) -> Verdict:
+    """Accept or refuse `voucher` (raising a VoucherRejectedError subclass with a stable code).
+
+    `signer` is the 20-byte address the signature recovers to (None when it is not a valid signature); `prior` is the
+    receipt already stored for the same (channel, cumulative), if any; `close_guard` is how many seconds before a
+    close deadline new vouchers stop being accepted, because they could no longer be settled in time.
+    """
+    if channel is None:
+        raise ChannelNotFoundError(f"channel {voucher.channel_id} does not exist on chain")
+    if signer is None or signer != bytes.fromhex(channel.payer[2:]):
+        raise InvalidSignatureError(
+            f"the signature does not recover to the payer of channel {voucher.channel_id} for this cumulative amount"
+        )
+    if prior is not None:
+        return Verdict(prior, new=False)
+    if channel.suspended_reason is not None:
+        raise ChannelSuspendedError(
+            f"channel {voucher.channel_id} is suspended: {channel.suspended_reason}", reason=channel.suspended_reason
+        )
+    _require_open(channel, now, close_guard)
+    if not 0 < voucher.cumulative <= MAX_UINT256:
+        raise MalformedRequestError("cumulativeAmount must be above 0 and below 2^256")
+    if voucher.cumulative <= channel.floor:
+        raise StaleVoucherError(
+            f"cumulative amount {voucher.cumulative} is not above the channel's current {channel.floor}",
+            currentCumulativeAmount=str(channel.floor),
+        )
+    if voucher.cumulative > channel.deposit:
+        raise AmountExceedsDepositError(
+            f"cumulative amount {voucher.cumulative} is above the confirmed deposit {channel.deposit}"
+            f" (as of block {channel.as_of_block}); top up the channel or wait for the top-up to confirm",
+            deposit=str(channel.deposit),
+        )
+    receipt = Receipt(
+        channel_id=channel.channel_id,
+        cumulative=voucher.cumulative,
+        increment=voucher.cumulative - channel.floor,
+        remaining=channel.deposit - voucher.cumulative,
+        accepted_at=now,
+        reference=voucher.reference,
+    )
+    return Verdict(receipt, new=True)
+
+
+def _require_open(channel: Channel, now: datetime, close_guard: int) -> None:
+    if channel.status == ChannelStatus.CLOSED:
+        raise ChannelClosedError(f"channel {channel.channel_id} is closed")
+    if channel.status == ChannelStatus.CLOSING and channel.close_deadline is not None:
+        left = channel.close_deadline - int(now.timestamp())
+        if left < close_guard:
+            raise ChannelClosedError(
+                f"channel {channel.channel_id} is closing and its challenge period ends in {max(left, 0)} s,"
+                f" too soon to settle a new voucher (the service stops {close_guard} s before the deadline)",
+                closeDeadline=channel.close_deadline,
+            )

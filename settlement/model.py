@@ -1,0 +1,84 @@
+"""The records every layer passes around: channels as the service knows them, vouchers and receipts.
+
+Plain frozen dataclasses with no behaviour that needs I/O, so the ledger's rules can be tested without a database.
+Money is always an int in base units; ids are 0x-prefixed lowercase hex; addresses are checksummed.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, replace
+from datetime import UTC, datetime
+from enum import IntEnum
+
+ETH = "0x0000000000000000000000000000000000000000"
+
+
+class ChannelStatus(IntEnum):
+    """The hub's channel status; the values are the contract's enum values."""
+
+    OPEN = 1
+    CLOSING = 2
+    CLOSED = 3
+
+
+@dataclass(frozen=True)
+class Channel:
+    """One channel: the chain's facts (as of `as_of_block`, confirmed) plus the latest voucher the service accepted."""
+
+    channel_id: str
+    payer: str
+    payee: str
+    token: str
+    salt: str
+    deposit: int
+    settled: int
+    status: ChannelStatus
+    close_deadline: int | None
+    as_of_block: int
+    accepted: int = 0
+    signature: bytes | None = None
+    suspended_reason: str | None = None
+
+    @property
+    def unsettled(self) -> int:
+        return max(self.accepted - self.settled, 0)
+
+    @property
+    def floor(self) -> int:
+        """A new voucher must be above this: what was accepted, or what the chain already settled if more."""
+        return max(self.accepted, self.settled)
+
+    def with_voucher(self, cumulative: int, signature: bytes) -> Channel:
+        return replace(self, accepted=cumulative, signature=signature)
+
+
+@dataclass(frozen=True)
+class Voucher:
+    """A voucher as submitted: the signed (channelId, cumulativeAmount) and an optional unsigned app reference."""
+
+    channel_id: str
+    cumulative: int
+    signature: bytes
+    reference: str | None = None
+
+    @property
+    def key(self) -> tuple[str, int]:
+        """What the signature commits to; duplicates are found by this, never by signature bytes."""
+        return self.channel_id, self.cumulative
+
+
+@dataclass(frozen=True)
+class Receipt:
+    """What the service answers for an accepted voucher; a re-sent voucher gets the same receipt back."""
+
+    channel_id: str
+    cumulative: int
+    increment: int
+    remaining: int
+    accepted_at: datetime
+    reference: str | None = None
+
+
+def utcnow() -> datetime:
+    """Now, in UTC to the microsecond, the only clock the ledger reads."""
+    return datetime.now(UTC)

@@ -1,0 +1,83 @@
+"""Wiring: one deployment's store, chain connection, indexer and ingest pipeline, with their background threads."""
+
+from __future__ import annotations
+
+import threading
+from dataclasses import dataclass, field
+
+from web3 import Web3
+from web3.contract import Contract
+
+from settlement.chain import connect
+from settlement.config import Settings
+from settlement.deployment import Deployment, hub_contract
+from settlement.indexer import Indexer
+from settlement.ingest import Ingestor
+from settlement.metrics import Metrics
+from settlement.store import Database
+from settlement.vouchers import Domain, VoucherVerifier, read_domain
+
+
+@dataclass
+class Service:
+    """Everything a running API process holds. Build it with `Service.build`, then `start()` / `stop()`."""
+
+    settings: Settings
+    deployment: Deployment
+    w3: Web3
+    hub: Contract
+    domain: Domain
+    db: Database
+    metrics: Metrics
+    indexer: Indexer
+    ingestor: Ingestor
+    _stop: threading.Event = field(default_factory=threading.Event)
+    _threads: list[threading.Thread] = field(default_factory=list)
+
+    @classmethod
+    def build(cls, settings: Settings) -> Service:
+        """Check the deployment against the chain, migrate the store, and assemble the pipeline."""
+        deployment = Deployment.load(settings.deployment_file)
+        w3 = connect(settings.rpc_url, settings.rpc_timeout)
+        deployment.check(w3)
+        hub = hub_contract(w3, deployment)
+        domain = read_domain(hub)
+        db = Database(settings.database_url, pool_size=settings.db_pool_size)
+        db.migrate()
+        metrics = Metrics()
+        indexer = Indexer(
+            db,
+            w3,
+            hub,
+            start_block=deployment.block_number,
+            confirmations=settings.confirmations,
+            batch_blocks=settings.indexer_batch_blocks,
+            reorg_window=settings.reorg_window,
+        )
+        ingestor = Ingestor(
+            db,
+            VoucherVerifier(domain),
+            indexer,
+            metrics,
+            close_guard=settings.close_guard_seconds,
+            group_max=settings.ingest_group_max,
+        )
+        return cls(settings, deployment, w3, hub, domain, db, metrics, indexer, ingestor)
+
+    def start(self) -> None:
+        self._stop.clear()
+        self.ingestor.start()
+        thread = threading.Thread(
+            target=self.indexer.run, args=(self._stop, self.settings.indexer_interval), name="indexer", daemon=True
+        )
+        thread.start()
+        self._threads.append(thread)
+
+    def stop(self) -> None:
+        """Stop following the chain, finish every queued voucher, release the store."""
+        self._stop.set()
+        for thread in self._threads:
+            thread.join(timeout=30)
+        self._threads.clear()
+        self.ingestor.stop()
+        self.db.dispose()

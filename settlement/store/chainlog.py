@@ -1,0 +1,143 @@
+"""Queries for the indexer: its cursor, the events it applied and the block hashes it saw (for reorg detection)."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Sequence
+from dataclasses import dataclass
+from datetime import datetime
+from typing import Any
+
+from sqlalchemy import Connection, delete, select, update
+from sqlalchemy.dialects.postgresql import insert as pg_insert
+from sqlalchemy.dialects.sqlite import insert as sqlite_insert
+
+from settlement.model import Channel
+from settlement.store.channels import to_us
+from settlement.store.tables import chain_events, channels, indexed_blocks, indexer_cursor
+
+CURSOR = "hub"
+
+
+@dataclass(frozen=True)
+class Cursor:
+    """The last block whose events are applied, and its hash as seen then."""
+
+    block_number: int
+    block_hash: str | None
+
+
+@dataclass(frozen=True)
+class ChainEvent:
+    block_number: int
+    log_index: int
+    block_hash: str
+    tx_hash: str
+    event: str
+    channel_id: str | None
+    args: dict[str, Any]
+
+
+def _insert(conn: Connection) -> Any:
+    return sqlite_insert if conn.dialect.name == "sqlite" else pg_insert
+
+
+def ensure_cursor(conn: Connection, start_block: int, now: datetime) -> None:
+    """Create the cursor just before `start_block` unless it exists."""
+    values = {"name": CURSOR, "block_number": start_block - 1, "block_hash": None, "updated_at_us": to_us(now)}
+    conn.execute(_insert(conn)(indexer_cursor).values(**values).on_conflict_do_nothing(index_elements=["name"]))
+
+
+def get_cursor(conn: Connection, *, lock: bool = False) -> Cursor | None:
+    query = select(indexer_cursor).where(indexer_cursor.c.name == CURSOR)
+    if lock and conn.dialect.name != "sqlite":
+        query = query.with_for_update()
+    row = conn.execute(query).first()
+    return None if row is None else Cursor(row.block_number, row.block_hash)
+
+
+def set_cursor(conn: Connection, cursor: Cursor, now: datetime) -> None:
+    conn.execute(
+        update(indexer_cursor)
+        .where(indexer_cursor.c.name == CURSOR)
+        .values(block_number=cursor.block_number, block_hash=cursor.block_hash, updated_at_us=to_us(now))
+    )
+    if cursor.block_hash is not None:
+        conn.execute(
+            _insert(conn)(indexed_blocks)
+            .values(number=cursor.block_number, hash=cursor.block_hash)
+            .on_conflict_do_nothing(index_elements=["number"])
+        )
+
+
+def prune_blocks(conn: Connection, below: int) -> None:
+    conn.execute(delete(indexed_blocks).where(indexed_blocks.c.number < below))
+
+
+def recent_blocks(conn: Connection, limit: int) -> list[Cursor]:
+    """Block hashes the indexer recorded, newest first."""
+    query = select(indexed_blocks).order_by(indexed_blocks.c.number.desc()).limit(limit)
+    return [Cursor(row.number, row.hash) for row in conn.execute(query)]
+
+
+def record_events(conn: Connection, events: Sequence[ChainEvent]) -> None:
+    if events:
+        conn.execute(
+            chain_events.insert(),
+            [
+                {
+                    "block_number": e.block_number,
+                    "log_index": e.log_index,
+                    "block_hash": e.block_hash,
+                    "tx_hash": e.tx_hash,
+                    "event": e.event,
+                    "channel_id": e.channel_id,
+                    "args": json.dumps(e.args, sort_keys=True),
+                }
+                for e in events
+            ],
+        )
+
+
+def channels_touched_after(conn: Connection, block_number: int) -> list[str]:
+    query = (
+        select(chain_events.c.channel_id)
+        .where(chain_events.c.block_number > block_number, chain_events.c.channel_id.is_not(None))
+        .distinct()
+    )
+    return sorted(str(row[0]) for row in conn.execute(query))
+
+
+def forget_after(conn: Connection, block_number: int) -> None:
+    """Drop what the indexer recorded above `block_number`: those blocks are no longer on the chain."""
+    conn.execute(delete(chain_events).where(chain_events.c.block_number > block_number))
+    conn.execute(delete(indexed_blocks).where(indexed_blocks.c.number > block_number))
+
+
+def events_of(conn: Connection, channel_id: str) -> list[ChainEvent]:
+    query = (
+        select(chain_events)
+        .where(chain_events.c.channel_id == channel_id)
+        .order_by(chain_events.c.block_number, chain_events.c.log_index)
+    )
+    return [
+        ChainEvent(r.block_number, r.log_index, r.block_hash, r.tx_hash, r.event, r.channel_id, json.loads(r.args))
+        for r in conn.execute(query)
+    ]
+
+
+def save_chain_state(conn: Connection, channel: Channel, now: datetime) -> None:
+    """Overwrite a stored channel's chain facts (never its accepted voucher) with what the indexer confirmed."""
+    conn.execute(
+        update(channels)
+        .where(channels.c.channel_id == channel.channel_id)
+        .values(
+            deposit=channel.deposit,
+            settled=channel.settled,
+            status=int(channel.status),
+            close_deadline=channel.close_deadline,
+            as_of_block=channel.as_of_block,
+            suspended_reason=channel.suspended_reason,
+            updated_at_us=to_us(now),
+        )
+    )

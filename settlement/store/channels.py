@@ -1,0 +1,208 @@
+"""Queries on channels and payments: what ingest writes and the API reads. Each takes an open Connection."""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+from datetime import UTC, datetime, timedelta
+from typing import Any, Generic, TypeVar
+
+from sqlalchemy import Connection, Row, and_, func, select, tuple_, update
+from sqlalchemy.dialects.postgresql import insert as pg_insert
+from sqlalchemy.dialects.sqlite import insert as sqlite_insert
+
+from settlement.model import Channel, ChannelStatus, Receipt
+from settlement.store.tables import channels, payments
+
+_EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
+_US = timedelta(microseconds=1)
+
+
+def to_us(moment: datetime) -> int:
+    """Microseconds since the epoch, exactly (no float on the way, so a stored receipt reads back identical)."""
+    return (moment - _EPOCH) // _US
+
+
+def from_us(us: int) -> datetime:
+    return _EPOCH + timedelta(microseconds=us)
+
+
+def _channel(row: Row[Any]) -> Channel:
+    return Channel(
+        channel_id=row.channel_id,
+        payer=row.payer,
+        payee=row.payee,
+        token=row.token,
+        salt=row.salt,
+        deposit=row.deposit,
+        settled=row.settled,
+        status=ChannelStatus(row.status),
+        close_deadline=row.close_deadline,
+        as_of_block=row.as_of_block,
+        accepted=row.accepted,
+        signature=row.signature,
+        suspended_reason=row.suspended_reason,
+    )
+
+
+def get_channel(conn: Connection, channel_id: str) -> Channel | None:
+    row = conn.execute(select(channels).where(channels.c.channel_id == channel_id)).first()
+    return None if row is None else _channel(row)
+
+
+def lock_channels(conn: Connection, channel_ids: Iterable[str]) -> dict[str, Channel]:
+    """Read and row-lock channels in id order (one order for every writer, so writers never deadlock).
+
+    On SQLite the write transaction already holds the database's single write lock, so FOR UPDATE is left out.
+    """
+    ids = sorted(set(channel_ids))
+    query = select(channels).where(channels.c.channel_id.in_(ids)).order_by(channels.c.channel_id)
+    if conn.dialect.name != "sqlite":
+        query = query.with_for_update()
+    return {row.channel_id: _channel(row) for row in conn.execute(query)}
+
+
+def insert_channel(conn: Connection, channel: Channel, now: datetime) -> None:
+    """Insert a channel learnt from the chain; a row that already exists (another process was first) is kept."""
+    values = {
+        "channel_id": channel.channel_id,
+        "payer": channel.payer,
+        "payee": channel.payee,
+        "token": channel.token,
+        "salt": channel.salt,
+        "deposit": channel.deposit,
+        "settled": channel.settled,
+        "status": int(channel.status),
+        "close_deadline": channel.close_deadline,
+        "as_of_block": channel.as_of_block,
+        "accepted": 0,
+        "signature": None,
+        "suspended_reason": channel.suspended_reason,
+        "updated_at_us": to_us(now),
+    }
+    insert = sqlite_insert if conn.dialect.name == "sqlite" else pg_insert
+    conn.execute(insert(channels).values(**values).on_conflict_do_nothing(index_elements=["channel_id"]))
+
+
+def receipts_for(conn: Connection, keys: Sequence[tuple[str, int]]) -> dict[tuple[str, int], Receipt]:
+    """Stored receipts for (channel, cumulative) pairs: the idempotency lookup."""
+    if not keys:
+        return {}
+    query = select(payments).where(tuple_(payments.c.channel_id, payments.c.cumulative).in_(list(keys)))
+    return {(row.channel_id, row.cumulative): _receipt(row) for row in conn.execute(query)}
+
+
+def _receipt(row: Row[Any]) -> Receipt:
+    return Receipt(
+        channel_id=row.channel_id,
+        cumulative=row.cumulative,
+        increment=row.increment,
+        remaining=row.remaining,
+        accepted_at=from_us(row.accepted_at_us),
+        reference=row.reference,
+    )
+
+
+def record_payments(conn: Connection, accepted: Sequence[tuple[Receipt, bytes]]) -> None:
+    """Insert the accepted payments and move each channel's latest voucher to its highest one."""
+    if not accepted:
+        return
+    conn.execute(
+        payments.insert(),
+        [
+            {
+                "channel_id": r.channel_id,
+                "cumulative": r.cumulative,
+                "increment": r.increment,
+                "remaining": r.remaining,
+                "signature": signature,
+                "reference": r.reference,
+                "accepted_at_us": to_us(r.accepted_at),
+            }
+            for r, signature in accepted
+        ],
+    )
+    latest: dict[str, tuple[Receipt, bytes]] = {}
+    for receipt, signature in accepted:
+        if receipt.channel_id not in latest or receipt.cumulative > latest[receipt.channel_id][0].cumulative:
+            latest[receipt.channel_id] = (receipt, signature)
+    for channel_id, (receipt, signature) in latest.items():
+        conn.execute(
+            update(channels)
+            .where(channels.c.channel_id == channel_id)
+            .values(accepted=receipt.cumulative, signature=signature, updated_at_us=to_us(receipt.accepted_at))
+        )
+
+
+T = TypeVar("T")
+
+
+@dataclass(frozen=True)
+class Page(Generic[T]):
+    items: list[T]
+    next_cursor: str | None
+
+
+def list_channels(
+    conn: Connection,
+    *,
+    payer: str | None = None,
+    payee: str | None = None,
+    status: ChannelStatus | None = None,
+    after: str | None = None,
+    limit: int = 100,
+) -> Page[Channel]:
+    """Channels in id order, filtered; `after` is the previous page's cursor (the last channel id it held)."""
+    conditions = []
+    if payer is not None:
+        conditions.append(channels.c.payer == payer)
+    if payee is not None:
+        conditions.append(channels.c.payee == payee)
+    if status is not None:
+        conditions.append(channels.c.status == int(status))
+    if after is not None:
+        conditions.append(channels.c.channel_id > after)
+    query = select(channels).where(and_(True, *conditions)).order_by(channels.c.channel_id).limit(limit + 1)
+    rows = [_channel(row) for row in conn.execute(query)]
+    more = len(rows) > limit
+    rows = rows[:limit]
+    return Page(rows, rows[-1].channel_id if more else None)
+
+
+def list_payments(conn: Connection, channel_id: str, *, before: int | None = None, limit: int = 100) -> Page[Receipt]:
+    """A channel's accepted payments, newest first; `before` is the previous page's cursor (a payment id)."""
+    query = select(payments).where(payments.c.channel_id == channel_id)
+    if before is not None:
+        query = query.where(payments.c.id < before)
+    rows = list(conn.execute(query.order_by(payments.c.id.desc()).limit(limit + 1)))
+    more = len(rows) > limit
+    rows = rows[:limit]
+    return Page([_receipt(r) for r in rows], str(rows[-1].id) if more else None)
+
+
+@dataclass(frozen=True)
+class AssetSummary:
+    """One payee's position in one asset: what it was paid, what the chain credited, and the difference."""
+
+    token: str
+    channels: int
+    accepted: int
+    settled: int
+    unsettled: int
+
+
+def payee_summary(conn: Connection, payee: str) -> list[AssetSummary]:
+    """Per asset; summed in Python because SQLite keeps amounts as text (exact, but not summable in SQL)."""
+    query = select(channels.c.token, channels.c.accepted, channels.c.settled).where(channels.c.payee == payee)
+    totals: dict[str, list[int]] = {}
+    for token, accepted, settled in conn.execute(query):
+        entry = totals.setdefault(token, [0, 0, 0, 0])
+        entry[0] += 1
+        entry[1] += accepted
+        entry[2] += settled
+        entry[3] += max(accepted - settled, 0)
+    return [AssetSummary(token, *values) for token, values in sorted(totals.items())]
+
+
+def count_channels(conn: Connection) -> int:
+    return int(conn.execute(select(func.count()).select_from(channels)).scalar_one())

@@ -1,0 +1,144 @@
+"""The database handle: engine set-up per backend, transactions, migrations, and error wrapping.
+
+SQLite runs in WAL mode with `synchronous=FULL`: in WAL mode NORMAL would survive a process crash but could lose the
+last commits on a power cut or kernel panic, and an acknowledged voucher must survive both. Group commits (see
+settlement.ingest) make FULL affordable: one fsync covers every voucher in the group. Write transactions start with
+`BEGIN IMMEDIATE`, so two writers queue on the busy timeout instead of failing with "database is locked" when a
+read lock would have to be upgraded. PostgreSQL runs at READ COMMITTED with explicit row locks.
+"""
+
+from __future__ import annotations
+
+import threading
+import zlib
+from collections.abc import Iterator
+from contextlib import contextmanager
+from importlib.resources import files
+from pathlib import Path
+from typing import Any
+
+from alembic import command
+from alembic.config import Config
+from alembic.runtime.migration import MigrationContext
+from alembic.script import ScriptDirectory
+from sqlalchemy import Connection, Engine, create_engine, event, text
+from sqlalchemy.engine import make_url
+from sqlalchemy.exc import DBAPIError, InterfaceError, OperationalError, SQLAlchemyError
+
+from settlement.errors import StoreError, StoreUnavailableError
+
+SQLITE_BUSY_TIMEOUT_S = 30.0
+_MIGRATION_LOCK = zlib.crc32(b"channelhub-settlement-migrations")
+
+
+class Database:
+    """One store: `write()` for serialized read-modify-write transactions, `read()` for consistent reads."""
+
+    def __init__(self, url: str, *, pool_size: int = 8) -> None:
+        self.url = make_url(url)
+        if self.url.drivername in ("postgresql", "postgres"):
+            self.url = self.url.set(drivername="postgresql+psycopg")  # the driver we ship (psycopg 3)
+        self.is_sqlite = self.url.get_backend_name() == "sqlite"
+        self._migrated = threading.Lock()
+        try:
+            self.engine = self._sqlite_engine() if self.is_sqlite else self._server_engine(pool_size)
+        except (SQLAlchemyError, ImportError, ValueError) as ex:
+            raise StoreError(f"cannot use database {self.url.render_as_string()}: {ex}") from ex
+
+    def _sqlite_engine(self) -> Engine:
+        database = self.url.database
+        if database and database != ":memory:" and not database.startswith("file:"):
+            Path(database).parent.mkdir(parents=True, exist_ok=True)
+        engine = create_engine(
+            self.url, connect_args={"timeout": SQLITE_BUSY_TIMEOUT_S, "check_same_thread": False}, pool_size=8
+        )
+
+        @event.listens_for(engine, "connect")
+        def _on_connect(dbapi_connection: Any, _record: Any) -> None:
+            dbapi_connection.isolation_level = None  # we emit BEGIN ourselves (pysqlite's own BEGIN is deferred)
+            cursor = dbapi_connection.cursor()
+            cursor.execute("PRAGMA journal_mode=WAL")
+            cursor.execute("PRAGMA synchronous=FULL")
+            cursor.execute("PRAGMA foreign_keys=ON")
+            cursor.close()
+
+        @event.listens_for(engine, "begin")
+        def _on_begin(conn: Connection) -> None:
+            immediate = conn.get_execution_options().get("write", False)
+            conn.exec_driver_sql("BEGIN IMMEDIATE" if immediate else "BEGIN")
+
+        return engine
+
+    def _server_engine(self, pool_size: int) -> Engine:
+        return create_engine(self.url, pool_size=pool_size, max_overflow=pool_size, pool_pre_ping=True)
+
+    @property
+    def backend(self) -> str:
+        return "sqlite" if self.is_sqlite else self.url.get_backend_name()
+
+    @contextmanager
+    def write(self) -> Iterator[Connection]:
+        """A transaction that will write: committed on success, rolled back on any exception."""
+        with self._wrap(), self.engine.connect() as conn:
+            conn.execution_options(write=True)
+            with conn.begin():
+                yield conn
+
+    @contextmanager
+    def read(self) -> Iterator[Connection]:
+        """A read-only transaction with one consistent view."""
+        with self._wrap(), self.engine.connect() as conn, conn.begin():
+            yield conn
+
+    @contextmanager
+    def _wrap(self) -> Iterator[None]:
+        try:
+            yield
+        except (OperationalError, InterfaceError) as ex:
+            raise StoreUnavailableError(f"the {self.backend} store is unavailable: {_short(ex)}") from ex
+        except DBAPIError as ex:
+            raise StoreError(f"the {self.backend} store refused the operation: {_short(ex)}") from ex
+
+    def ping(self) -> None:
+        """Raise StoreUnavailableError unless the database answers."""
+        with self.read() as conn:
+            conn.execute(text("SELECT 1"))
+
+    def migrate(self) -> None:
+        """Bring the schema to the newest revision; safe when several processes start at once."""
+        with self._migrated, self._wrap(), self.engine.connect() as conn:
+            if not self.is_sqlite:
+                conn.execute(text("SELECT pg_advisory_lock(:key)"), {"key": _MIGRATION_LOCK})
+                conn.commit()
+            try:
+                config = _alembic_config()
+                config.attributes["connection"] = conn
+                command.upgrade(config, "head")
+                conn.commit()
+            finally:
+                if not self.is_sqlite:
+                    conn.execute(text("SELECT pg_advisory_unlock(:key)"), {"key": _MIGRATION_LOCK})
+                    conn.commit()
+
+    def revision(self) -> str | None:
+        """The schema revision the database is at (None before the first migration)."""
+        with self._wrap(), self.engine.connect() as conn:
+            return MigrationContext.configure(conn).get_current_revision()
+
+    def dispose(self) -> None:
+        self.engine.dispose()
+
+
+def head_revision() -> str | None:
+    """The newest migration shipped with this package."""
+    return ScriptDirectory.from_config(_alembic_config()).get_current_head()
+
+
+def _alembic_config() -> Config:
+    config = Config()
+    config.set_main_option("script_location", str(files("settlement.store") / "migrations"))
+    return config
+
+
+def _short(ex: Exception) -> str:
+    return str(getattr(ex, "orig", ex)).strip().splitlines()[0]

@@ -1,0 +1,131 @@
+"""The schema, as SQLAlchemy Core tables; alembic migrations (settlement/store/migrations) create it.
+
+`channels` holds one row per channel: the chain's facts as the indexer confirmed them and the latest accepted
+voucher. `payments` holds every accepted increment (the audit trail and the idempotency record). `chain_events`,
+`indexed_blocks` and `indexer_cursor` let the indexer apply each event once and notice reorganisations.
+"""
+
+from __future__ import annotations
+
+from sqlalchemy import (
+    BigInteger,
+    CheckConstraint,
+    Column,
+    ForeignKey,
+    Index,
+    Integer,
+    LargeBinary,
+    MetaData,
+    SmallInteger,
+    String,
+    Table,
+    Text,
+    UniqueConstraint,
+)
+
+from settlement.store.types import Amount, amount_checks
+
+metadata = MetaData(
+    naming_convention={
+        "ix": "ix_%(table_name)s_%(column_0_N_name)s",
+        "uq": "uq_%(table_name)s_%(column_0_N_name)s",
+        "ck": "ck_%(table_name)s_%(constraint_name)s",
+        "fk": "fk_%(table_name)s_%(column_0_name)s_%(referred_table_name)s",
+        "pk": "pk_%(table_name)s",
+    }
+)
+
+# BIGINT ids; SQLite only auto-increments a column declared exactly INTEGER PRIMARY KEY.
+BigId = BigInteger().with_variant(Integer(), "sqlite")
+
+HEX32 = 66  # "0x" + 64 hex digits
+ADDRESS = 42
+
+
+def _amount_constraints(table: str, *columns: str) -> list[CheckConstraint]:
+    constraints = []
+    for column in columns:
+        pg, lite = amount_checks(column)
+        constraints.append(CheckConstraint(pg, name=f"{column}_amount_pg").ddl_if(dialect="postgresql"))
+        constraints.append(CheckConstraint(lite, name=f"{column}_amount_lite").ddl_if(dialect="sqlite"))
+    return constraints
+
+
+channels = Table(
+    "channels",
+    metadata,
+    Column("channel_id", String(HEX32), primary_key=True),
+    Column("payer", String(ADDRESS), nullable=False),
+    Column("payee", String(ADDRESS), nullable=False),
+    Column("token", String(ADDRESS), nullable=False),
+    Column("salt", String(HEX32), nullable=False),
+    Column("deposit", Amount(), nullable=False),
+    Column("settled", Amount(), nullable=False),
+    Column("status", SmallInteger(), nullable=False),
+    Column("close_deadline", BigInteger(), nullable=True),
+    Column("as_of_block", BigInteger(), nullable=False),
+    Column("accepted", Amount(), nullable=False),
+    Column("signature", LargeBinary(65), nullable=True),
+    Column("suspended_reason", Text(), nullable=True),
+    Column("updated_at_us", BigInteger(), nullable=False),
+    CheckConstraint("status IN (1, 2, 3)", name="status"),
+    CheckConstraint("settled <= deposit", name="settled_le_deposit"),
+    CheckConstraint("(accepted = 0) = (signature IS NULL)", name="accepted_signed_pg").ddl_if(dialect="postgresql"),
+    CheckConstraint(f"(accepted = '{0:078d}') = (signature IS NULL)", name="accepted_signed_lite").ddl_if(
+        dialect="sqlite"
+    ),
+    *_amount_constraints("channels", "deposit", "settled", "accepted"),
+    Index(None, "payer"),
+    Index(None, "payee", "token"),
+)
+
+payments = Table(
+    "payments",
+    metadata,
+    Column("id", BigId, primary_key=True, autoincrement=True),
+    Column("channel_id", String(HEX32), ForeignKey("channels.channel_id"), nullable=False),
+    Column("cumulative", Amount(), nullable=False),
+    Column("increment", Amount(), nullable=False),
+    Column("remaining", Amount(), nullable=False),
+    Column("signature", LargeBinary(65), nullable=False),
+    Column("reference", String(256), nullable=True),
+    Column("accepted_at_us", BigInteger(), nullable=False),
+    UniqueConstraint("channel_id", "cumulative"),
+    CheckConstraint("increment > 0 AND increment <= cumulative", name="increment_positive").ddl_if(
+        dialect="postgresql"
+    ),
+    CheckConstraint(f"increment > '{0:078d}' AND increment <= cumulative", name="increment_positive_lite").ddl_if(
+        dialect="sqlite"
+    ),
+    *_amount_constraints("payments", "cumulative", "increment", "remaining"),
+    Index(None, "channel_id", "id"),
+)
+
+chain_events = Table(
+    "chain_events",
+    metadata,
+    Column("block_number", BigInteger(), primary_key=True),
+    Column("log_index", Integer(), primary_key=True),
+    Column("block_hash", String(HEX32), nullable=False),
+    Column("tx_hash", String(HEX32), nullable=False),
+    Column("event", String(64), nullable=False),
+    Column("channel_id", String(HEX32), nullable=True),
+    Column("args", Text(), nullable=False),
+    Index(None, "channel_id"),
+)
+
+indexed_blocks = Table(
+    "indexed_blocks",
+    metadata,
+    Column("number", BigInteger(), primary_key=True),
+    Column("hash", String(HEX32), nullable=False),
+)
+
+indexer_cursor = Table(
+    "indexer_cursor",
+    metadata,
+    Column("name", String(32), primary_key=True),
+    Column("block_number", BigInteger(), nullable=False),
+    Column("block_hash", String(HEX32), nullable=True),
+    Column("updated_at_us", BigInteger(), nullable=False),
+)

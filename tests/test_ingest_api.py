@@ -1,0 +1,231 @@
+"""POST /v1/vouchers end to end on the real hub and both stores: receipts, idempotency, every error code."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import pytest
+from eth_account.signers.local import LocalAccount
+from fastapi.testclient import TestClient
+from web3 import Web3
+from web3.contract import Contract
+
+from settlement.vouchers import Domain
+from tests.hub_helpers import ETH, Channel, send
+
+Sign = Callable[..., bytes]
+
+
+def body(channel: Channel, cumulative: int, signature: bytes, **extra: Any) -> dict[str, Any]:
+    return {
+        "channelId": "0x" + channel.id.hex(),
+        "cumulativeAmount": str(cumulative),
+        "signature": "0x" + signature.hex(),
+        **extra,
+    }
+
+
+@pytest.fixture
+def payer(accounts: list[LocalAccount]) -> LocalAccount:
+    return accounts[5]
+
+
+@pytest.fixture
+def payee(accounts: list[LocalAccount]) -> str:
+    return str(accounts[6].address)
+
+
+@pytest.fixture
+def channel(open_channel: Callable[..., Channel], payer: LocalAccount, payee: str) -> Channel:
+    return open_channel(payer, payee, amount=1_000)
+
+
+def test_accepts_then_answers_a_resend_with_the_same_receipt(
+    api: Callable[..., TestClient], channel: Channel, sign: Sign
+) -> None:
+    client = api()
+    first = client.post("/v1/vouchers", json=body(channel, 100, sign(channel.payer, channel.id, 100), reference="o-1"))
+    assert first.status_code == 201, first.text
+    receipt = first.json()
+    assert receipt["channelId"] == "0x" + channel.id.hex()
+    assert (receipt["cumulativeAmount"], receipt["increment"], receipt["remaining"]) == ("100", "100", "900")
+    assert receipt["reference"] == "o-1"
+    again = client.post("/v1/vouchers", json=body(channel, 100, sign(channel.payer, channel.id, 100), reference="x"))
+    assert again.status_code == 200
+    assert again.json() == receipt
+    second = client.post("/v1/vouchers", json=body(channel, 250, sign(channel.payer, channel.id, 250)))
+    assert second.status_code == 201
+    assert (second.json()["increment"], second.json()["remaining"]) == ("150", "750")
+    # an older voucher that was accepted once is still a re-send, not an error
+    assert client.post("/v1/vouchers", json=body(channel, 100, sign(channel.payer, channel.id, 100))).json() == receipt
+
+    state = client.get(f"/v1/channels/0x{channel.id.hex()}").json()
+    assert state["acceptedCumulativeAmount"] == "250"
+    assert state["deposit"] == "1000"
+    assert state["unsettled"] == "250"
+    assert state["status"] == "open"
+    assert state["payer"] == channel.payer.address
+    payments = client.get(f"/v1/channels/0x{channel.id.hex()}/payments").json()
+    assert [p["cumulativeAmount"] for p in payments["items"]] == ["250", "100"]
+    assert payments["nextCursor"] is None
+
+
+def test_payments_paginate_newest_first(api: Callable[..., TestClient], channel: Channel, sign: Sign) -> None:
+    client = api()
+    for amount in range(1, 8):
+        assert client.post(
+            "/v1/vouchers", json=body(channel, amount, sign(channel.payer, channel.id, amount))
+        ).is_success
+    seen: list[str] = []
+    cursor = None
+    while True:
+        params: dict[str, Any] = {"limit": 3, **({"cursor": cursor} if cursor else {})}
+        page = client.get(f"/v1/channels/0x{channel.id.hex()}/payments", params=params).json()
+        seen += [p["cumulativeAmount"] for p in page["items"]]
+        cursor = page["nextCursor"]
+        if cursor is None:
+            break
+    assert seen == [str(n) for n in range(7, 0, -1)]
+
+
+def test_batch_accepts_valid_items_whatever_the_others_do(
+    api: Callable[..., TestClient], channel: Channel, sign: Sign, accounts: list[LocalAccount]
+) -> None:
+    client = api()
+    items = [
+        body(channel, 10, sign(channel.payer, channel.id, 10)),
+        body(channel, 20, sign(accounts[9], channel.id, 20)),  # wrong signer
+        body(channel, 30, sign(channel.payer, channel.id, 30)),
+        body(channel, 10, sign(channel.payer, channel.id, 10)),  # re-send of the first
+        body(channel, 5_000, sign(channel.payer, channel.id, 5_000)),  # above the deposit
+        body(channel, 25, sign(channel.payer, channel.id, 25)),  # below what the batch already accepted
+    ]
+    answer = client.post("/v1/vouchers/batch", json={"vouchers": items})
+    assert answer.status_code == 200, answer.text
+    result = answer.json()
+    assert [r["status"] for r in result["results"]] == [201, 400, 201, 200, 409, 409]
+    assert [r["error"]["code"] for r in result["results"] if r["error"]] == [
+        "invalid_signature",
+        "amount_exceeds_deposit",
+        "stale_voucher",
+    ]
+    assert (result["accepted"], result["duplicates"], result["rejected"]) == (2, 1, 3)
+    assert result["results"][2]["receipt"]["increment"] == "20"
+
+
+def test_batch_over_the_limit_is_refused_whole(api: Callable[..., TestClient], channel: Channel, sign: Sign) -> None:
+    client = api(batch_max_items=3)
+    items = [body(channel, n, sign(channel.payer, channel.id, n)) for n in range(1, 5)]
+    answer = client.post("/v1/vouchers/batch", json={"vouchers": items})
+    assert answer.status_code == 413
+    assert answer.json()["code"] == "batch_too_large"
+    assert client.get(f"/v1/channels/0x{channel.id.hex()}").json()["acceptedCumulativeAmount"] == "0"
+
+
+# --- one negative test per signed field: change only that field, the voucher must be refused -----------------------
+
+
+@pytest.mark.parametrize("field", ["chain_id", "contract", "channel", "amount", "signature"])
+def test_each_signed_field_is_bound(
+    api: Callable[..., TestClient], channel: Channel, sign: Sign, domain: Domain, field: str
+) -> None:
+    client = api()
+    amount, signed_amount, signed_channel, other = 40, 40, channel.id, None
+    if field == "chain_id":
+        other = Domain(chain_id=domain.chain_id + 1, verifying_contract=domain.verifying_contract)
+    elif field == "contract":
+        other = Domain(chain_id=domain.chain_id, verifying_contract="0x" + "11" * 20)
+    elif field == "channel":
+        signed_channel = bytes(31) + b"\x07"
+    elif field == "amount":
+        signed_amount = 39
+    signature = sign(channel.payer, signed_channel, signed_amount, other)
+    if field == "signature":
+        signature = signature[:10] + bytes([signature[10] ^ 1]) + signature[11:]
+    answer = client.post("/v1/vouchers", json=body(channel, amount, signature))
+    assert answer.status_code == 400
+    assert answer.json()["code"] == "invalid_signature"
+    assert client.post("/v1/vouchers", json=body(channel, amount, sign(channel.payer, channel.id, amount))).is_success
+
+
+# --- each error code ------------------------------------------------------------------------------------------------
+
+
+def test_stale_voucher_carries_the_current_value(api: Callable[..., TestClient], channel: Channel, sign: Sign) -> None:
+    client = api()
+    assert client.post("/v1/vouchers", json=body(channel, 70, sign(channel.payer, channel.id, 70))).status_code == 201
+    answer = client.post("/v1/vouchers", json=body(channel, 60, sign(channel.payer, channel.id, 60)))
+    assert answer.status_code == 409
+    assert answer.json()["code"] == "stale_voucher"
+    assert answer.json()["currentCumulativeAmount"] == "70"
+
+
+def test_amount_above_the_deposit(api: Callable[..., TestClient], channel: Channel, sign: Sign) -> None:
+    answer = api().post("/v1/vouchers", json=body(channel, 1_001, sign(channel.payer, channel.id, 1_001)))
+    assert answer.status_code == 409
+    assert (answer.json()["code"], answer.json()["deposit"]) == ("amount_exceeds_deposit", "1000")
+
+
+def test_unknown_channel(api: Callable[..., TestClient], channel: Channel, sign: Sign) -> None:
+    ghost = Channel(id=b"\x42" * 32, payer=channel.payer, payee=channel.payee, token=ETH, salt=bytes(32))
+    answer = api().post("/v1/vouchers", json=body(ghost, 5, sign(channel.payer, ghost.id, 5)))
+    assert answer.status_code == 404
+    assert answer.json()["code"] == "channel_not_found"
+
+
+def test_unconfirmed_channel_then_confirmed(
+    api: Callable[..., TestClient],
+    open_channel: Callable[..., Channel],
+    payer: LocalAccount,
+    payee: str,
+    sign: Sign,
+    w3: Web3,
+) -> None:
+    client = api(confirmations=2)
+    fresh = open_channel(payer, payee, amount=500)
+    answer = client.post("/v1/vouchers", json=body(fresh, 5, sign(payer, fresh.id, 5)))
+    assert answer.status_code == 409
+    assert answer.json()["code"] == "channel_unconfirmed"
+    for _ in range(2):
+        w3.provider.make_request("evm_mine", [])
+    assert client.post("/v1/vouchers", json=body(fresh, 5, sign(payer, fresh.id, 5))).status_code == 201
+
+
+def test_closed_channel(api: Callable[..., TestClient], channel: Channel, sign: Sign, w3: Web3, hub: Contract) -> None:
+    client = api()
+    assert client.post("/v1/vouchers", json=body(channel, 10, sign(channel.payer, channel.id, 10))).status_code == 201
+    send(w3, hub.functions.closeByPayee(channel.id, 0, b""), channel.payee)
+    _wait_for(client, channel, lambda state: state["status"] == "closed")
+    answer = client.post("/v1/vouchers", json=body(channel, 20, sign(channel.payer, channel.id, 20)))
+    assert answer.status_code == 409
+    assert answer.json()["code"] == "channel_closed"
+
+
+def test_closing_channel_accepts_until_the_guard(
+    api: Callable[..., TestClient], channel: Channel, sign: Sign, w3: Web3, hub: Contract
+) -> None:
+    client = api(close_guard_seconds=600)
+    send(w3, hub.functions.requestClose(channel.id), channel.payer.address)
+    _wait_for(client, channel, lambda state: state["status"] == "closing")
+    # the session hub's challenge period is an hour: 600 s before the deadline there is still time
+    assert client.post("/v1/vouchers", json=body(channel, 10, sign(channel.payer, channel.id, 10))).status_code == 201
+    w3.provider.make_request("evm_increaseTime", [3600 - 500])
+    w3.provider.make_request("evm_mine", [])
+    late = api(close_guard_seconds=600).post(
+        "/v1/vouchers", json=body(channel, 20, sign(channel.payer, channel.id, 20))
+    )
+    # the service's clock, not the chain's, decides: evm_increaseTime moved only the chain, so it is still early
+    assert late.status_code == 201
+
+
+def _wait_for(client: TestClient, channel: Channel, done: Callable[[dict[str, Any]], bool]) -> dict[str, Any]:
+    import time
+
+    deadline = time.monotonic() + 10
+    while time.monotonic() < deadline:
+        state: dict[str, Any] = client.get(f"/v1/channels/0x{channel.id.hex()}").json()
+        if done(state):
+            return state
+        time.sleep(0.05)
+    raise AssertionError(f"channel never reached the expected state: {state}")
