@@ -20,6 +20,7 @@
         ├── MethodNotAllowedError    405 method_not_allowed
         └── VoucherRejectedError     400 voucher_rejected    (a well-formed voucher the ledger refuses)
             ├── InvalidSignatureError      400 invalid_signature
+            ├── AmountOutOfRangeError      400 amount_out_of_range
             ├── ChannelNotFoundError       404 channel_not_found
             ├── ChannelUnconfirmedError    409 channel_unconfirmed
             ├── ChannelClosedError         409 channel_closed
@@ -171,6 +172,12 @@ class InvalidSignatureError(VoucherRejectedError):
     """The signature does not recover to the channel's payer (or is not a signature the hub accepts)."""
 
     code = "invalid_signature"
+
+
+class AmountOutOfRangeError(VoucherRejectedError):
+    """The cumulative amount is 0 or not below 2^256."""
+
+    code = "amount_out_of_range"
 
 
 class ChannelNotFoundError(VoucherRejectedError):

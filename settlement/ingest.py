@@ -17,7 +17,7 @@ from collections.abc import Sequence
 from concurrent.futures import Future
 from dataclasses import dataclass
 
-from settlement.errors import ChannelNotFoundError, SettlementError, StoreError, VoucherRejectedError
+from settlement.errors import ChannelNotFoundError, RequestError, SettlementError, StoreError
 from settlement.indexer import Indexer
 from settlement.ledger import Verdict, judge
 from settlement.metrics import Metrics
@@ -185,7 +185,7 @@ class Ingestor:
                     verdict = judge(
                         channel, voucher, signer, prior=priors.get(voucher.key), now=now, close_guard=self.close_guard
                     )
-                except VoucherRejectedError as ex:
+                except RequestError as ex:
                     outcomes.append(ex)
                     continue
                 if verdict.new and channel is not None:

@@ -1,9 +1,10 @@
 """The acceptance rules for vouchers: pure functions of the channel as stored, the voucher and its recovered signer.
 
 The ingest pipeline calls `judge` inside the store transaction that holds the channel's row lock, so the state it
-judges against is the state it writes over. The order of the checks is part of the API: a voucher is first matched
-to its channel and signer (so an invalid signature is never reported as anything else), then deduplicated on its
-signed content, then held to the channel's status and amounts.
+judges against is the state it writes over. The order of the checks is part of the API: an amount no voucher can
+carry is refused first; then the voucher is matched to its channel and signer (so an invalid signature is never
+reported as anything else); then it is deduplicated on its signed content; then it is held to the channel's status
+and amounts.
 """
 
 from __future__ import annotations
@@ -13,11 +14,11 @@ from datetime import datetime
 
 from settlement.errors import (
     AmountExceedsDepositError,
+    AmountOutOfRangeError,
     ChannelClosedError,
     ChannelNotFoundError,
     ChannelSuspendedError,
     InvalidSignatureError,
-    MalformedRequestError,
     StaleVoucherError,
 )
 from settlement.model import Channel, ChannelStatus, Receipt, Voucher
@@ -47,6 +48,8 @@ def judge(
     receipt already stored for the same (channel, cumulative), if any; `close_guard` is how many seconds before a
     close deadline new vouchers stop being accepted, because they could no longer be settled in time.
     """
+    if not 0 < voucher.cumulative <= MAX_UINT256:
+        raise AmountOutOfRangeError("cumulativeAmount must be above 0 and below 2^256")
     if channel is None:
         raise ChannelNotFoundError(f"channel {voucher.channel_id} does not exist on chain")
     if signer is None or signer != bytes.fromhex(channel.payer[2:]):
@@ -60,8 +63,6 @@ def judge(
             f"channel {voucher.channel_id} is suspended: {channel.suspended_reason}", reason=channel.suspended_reason
         )
     _require_open(channel, now, close_guard)
-    if not 0 < voucher.cumulative <= MAX_UINT256:
-        raise MalformedRequestError("cumulativeAmount must be above 0 and below 2^256")
     if voucher.cumulative <= channel.floor:
         raise StaleVoucherError(
             f"cumulative amount {voucher.cumulative} is not above the channel's current {channel.floor}",

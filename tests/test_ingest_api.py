@@ -229,3 +229,16 @@ def _wait_for(client: TestClient, channel: Channel, done: Callable[[dict[str, An
             return state
         time.sleep(0.05)
     raise AssertionError(f"channel never reached the expected state: {state}")
+
+
+def test_amounts_out_of_range_are_refused_without_harming_the_batch(
+    api: Callable[..., TestClient], channel: Channel, sign: Sign
+) -> None:
+    items = [
+        body(channel, 0, sign(channel.payer, channel.id, 0)),
+        {**body(channel, 1, sign(channel.payer, channel.id, 1)), "cumulativeAmount": str(2**256)},
+        body(channel, 3, sign(channel.payer, channel.id, 3)),
+    ]
+    result = api().post("/v1/vouchers/batch", json={"vouchers": items}).json()
+    assert [r["status"] for r in result["results"]] == [400, 400, 201]
+    assert [r["error"]["code"] for r in result["results"][:2]] == ["amount_out_of_range"] * 2

@@ -1,0 +1,206 @@
+"""The indexer against the real hub: every event, restarts, on-demand lookups, and reorgs above and below the
+confirmation depth (evm_snapshot / evm_revert)."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable
+
+import pytest
+from eth_account.signers.local import LocalAccount
+from sqlalchemy import func, select
+from web3 import Web3
+from web3.contract import Contract
+
+from settlement.deployment import Deployment
+from settlement.errors import ChannelSuspendedError
+from settlement.indexer import Indexer
+from settlement.ingest import Ingestor
+from settlement.metrics import Metrics
+from settlement.model import Channel, ChannelStatus, Voucher
+from settlement.store import Database
+from settlement.store import channels as channel_q
+from settlement.store.tables import chain_events
+from settlement.vouchers import VoucherVerifier, read_domain
+from tests.hub_helpers import Channel as HubChannel
+from tests.hub_helpers import batch, send
+
+
+@pytest.fixture
+def db(store_url: str) -> Database:
+    database = Database(store_url)
+    database.migrate()
+    yield database
+    database.dispose()
+
+
+@pytest.fixture
+def make_indexer(w3: Web3, hub: Contract, hub_deployment: Deployment, db: Database) -> Callable[..., Indexer]:
+    def make(confirmations: int = 0) -> Indexer:
+        return Indexer(db, w3, hub, start_block=hub_deployment.block_number, confirmations=confirmations)
+
+    return make
+
+
+def stored(db: Database, channel: HubChannel) -> Channel:
+    with db.read() as conn:
+        found = channel_q.get_channel(conn, "0x" + channel.id.hex())
+    assert found is not None
+    return found
+
+
+def event_count(db: Database) -> int:
+    with db.read() as conn:
+        return int(conn.execute(select(func.count()).select_from(chain_events)).scalar_one())
+
+
+def mine(w3: Web3, blocks: int) -> None:
+    for _ in range(blocks):
+        w3.provider.make_request("evm_mine", [])
+
+
+def catch_up(indexer: Indexer) -> None:
+    while indexer.poll():
+        pass
+
+
+def test_applies_every_channel_event(
+    make_indexer: Callable[..., Indexer],
+    db: Database,
+    w3: Web3,
+    hub: Contract,
+    open_channel: Callable[..., HubChannel],
+    accounts: list[LocalAccount],
+    sign: Callable[..., bytes],
+) -> None:
+    indexer = make_indexer()
+    payer, payee = accounts[5], accounts[6].address
+    channel = open_channel(payer, payee, amount=1_000)
+    catch_up(indexer)
+    first = stored(db, channel)
+    assert (first.payer, first.payee, first.deposit, first.status) == (payer.address, payee, 1_000, ChannelStatus.OPEN)
+    assert first.salt == "0x" + channel.salt.hex()
+
+    send(w3, hub.functions.topUp(channel.id, 500), payer.address, value=500)
+    send(
+        w3,
+        hub.functions.settleBatch([batch(payee, channel.token, channel.voucher(300, sign(payer, channel.id, 300)))]),
+        accounts[0].address,
+    )
+    receipt = send(w3, hub.functions.requestClose(channel.id), payer.address)
+    deadline = w3.eth.get_block(receipt["blockNumber"])["timestamp"] + 3600
+    catch_up(indexer)
+    state = stored(db, channel)
+    assert (state.deposit, state.settled, state.status, state.close_deadline) == (
+        1_500,
+        300,
+        ChannelStatus.CLOSING,
+        deadline,
+    )
+    send(w3, hub.functions.closeByPayee(channel.id, 0, b""), payee)
+    catch_up(indexer)
+    assert stored(db, channel).status == ChannelStatus.CLOSED
+    assert indexer.progress is not None and indexer.progress.lag == 0
+
+
+def test_resumes_after_restart_without_missing_or_repeating(
+    make_indexer: Callable[..., Indexer],
+    db: Database,
+    w3: Web3,
+    hub: Contract,
+    open_channel: Callable[..., HubChannel],
+    accounts: list[LocalAccount],
+) -> None:
+    channel = open_channel(accounts[5], accounts[6].address, amount=100)
+    catch_up(make_indexer())
+    events_before = event_count(db)
+    send(w3, hub.functions.topUp(channel.id, 50), accounts[5].address, value=50)
+    send(w3, hub.functions.topUp(channel.id, 25), accounts[5].address, value=25)
+    restarted = make_indexer()  # a new process: only the store remembers
+    catch_up(restarted)
+    catch_up(restarted)
+    assert stored(db, channel).deposit == 175
+    assert event_count(db) == events_before + 2
+
+
+def test_a_lookup_before_the_indexer_gets_there_is_not_applied_twice(
+    make_indexer: Callable[..., Indexer],
+    db: Database,
+    w3: Web3,
+    hub: Contract,
+    open_channel: Callable[..., HubChannel],
+    accounts: list[LocalAccount],
+) -> None:
+    indexer = make_indexer()
+    channel = open_channel(accounts[5], accounts[6].address, amount=100)
+    send(w3, hub.functions.topUp(channel.id, 50), accounts[5].address, value=50)
+    found = indexer.lookup("0x" + channel.id.hex())
+    assert found is not None and found.deposit == 150
+    send(w3, hub.functions.topUp(channel.id, 1), accounts[5].address, value=1)
+    catch_up(indexer)  # replays ChannelOpened and the first top-up (already reflected) and the second (new)
+    assert stored(db, channel).deposit == 151
+
+
+def test_deposits_count_only_once_confirmed_and_a_shallow_reorg_is_absorbed(
+    make_indexer: Callable[..., Indexer],
+    db: Database,
+    w3: Web3,
+    hub: Contract,
+    open_channel: Callable[..., HubChannel],
+    accounts: list[LocalAccount],
+) -> None:
+    indexer = make_indexer(confirmations=3)
+    channel = open_channel(accounts[5], accounts[6].address, amount=100)
+    mine(w3, 3)
+    catch_up(indexer)
+    assert stored(db, channel).deposit == 100
+    snapshot = w3.provider.make_request("evm_snapshot", [])["result"]
+    send(w3, hub.functions.topUp(channel.id, 900), accounts[5].address, value=900)
+    mine(w3, 1)
+    catch_up(indexer)
+    assert stored(db, channel).deposit == 100  # two blocks deep: not confirmed yet
+    w3.provider.make_request("evm_revert", [snapshot])  # the top-up is reorged out
+    mine(w3, 6)
+    catch_up(indexer)
+    state = stored(db, channel)
+    assert (state.deposit, state.suspended_reason) == (100, None)
+
+
+def test_a_reorg_deeper_than_the_confirmations_suspends_the_channels_it_touched(
+    make_indexer: Callable[..., Indexer],
+    db: Database,
+    w3: Web3,
+    hub: Contract,
+    open_channel: Callable[..., HubChannel],
+    accounts: list[LocalAccount],
+    sign: Callable[..., bytes],
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    indexer = make_indexer(confirmations=1)
+    untouched = open_channel(accounts[7], accounts[6].address, amount=100)
+    mine(w3, 2)
+    catch_up(indexer)
+    snapshot = w3.provider.make_request("evm_snapshot", [])["result"]
+    channel = open_channel(accounts[5], accounts[6].address, amount=100)
+    mine(w3, 3)
+    catch_up(indexer)
+    assert stored(db, channel).deposit == 100
+    w3.provider.make_request("evm_revert", [snapshot])
+    mine(w3, 6)
+    with caplog.at_level(logging.CRITICAL, logger="settlement.indexer"):
+        catch_up(indexer)
+    assert "reorganisation deeper than 1 confirmations" in caplog.text
+    state = stored(db, channel)
+    assert state.suspended_reason is not None and state.deposit == 0
+    assert stored(db, untouched).suspended_reason is None
+
+    domain = read_domain(hub)
+    ingestor = Ingestor(db, VoucherVerifier(domain), indexer, Metrics(), close_guard=0)
+    ingestor.start()
+    try:
+        outcome = ingestor.ingest([Voucher("0x" + channel.id.hex(), 5, sign(accounts[5], channel.id, 5))])[0]
+        ok = ingestor.ingest([Voucher("0x" + untouched.id.hex(), 5, sign(accounts[7], untouched.id, 5))])[0]
+    finally:
+        ingestor.stop()
+    assert isinstance(outcome, ChannelSuspendedError)
+    assert not isinstance(ok, Exception)

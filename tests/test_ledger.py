@@ -1,0 +1,140 @@
+"""The acceptance rules alone: no chain, no store. Each rule, its error code, and the order the rules apply in."""
+
+from __future__ import annotations
+
+from dataclasses import replace
+from datetime import UTC, datetime, timedelta
+
+import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+
+from settlement.errors import (
+    AmountExceedsDepositError,
+    AmountOutOfRangeError,
+    ChannelClosedError,
+    ChannelNotFoundError,
+    ChannelSuspendedError,
+    InvalidSignatureError,
+    StaleVoucherError,
+    VoucherRejectedError,
+)
+from settlement.ledger import judge
+from settlement.model import ETH, Channel, ChannelStatus, Receipt, Voucher
+from settlement.vouchers import MAX_UINT256
+
+PAYER = "0x" + "a1" * 20
+SIGNER = bytes.fromhex("a1" * 20)
+NOW = datetime(2026, 11, 24, 12, 0, tzinfo=UTC)
+CID = "0x" + "cd" * 32
+
+
+def channel(**changes: object) -> Channel:
+    base = Channel(
+        channel_id=CID,
+        payer=PAYER,
+        payee="0x" + "b2" * 20,
+        token=ETH,
+        salt="0x" + "00" * 32,
+        deposit=1_000,
+        settled=0,
+        status=ChannelStatus.OPEN,
+        close_deadline=None,
+        as_of_block=10,
+    )
+    return replace(base, **changes)  # type: ignore[arg-type]
+
+
+def voucher(cumulative: int) -> Voucher:
+    return Voucher(CID, cumulative, b"\x01" * 65, "ref")
+
+
+def run(
+    ch: Channel | None, cumulative: int, signer: bytes | None = SIGNER, prior: Receipt | None = None, guard: int = 60
+):
+    return judge(ch, voucher(cumulative), signer, prior=prior, now=NOW, close_guard=guard)
+
+
+def test_new_voucher_pays_the_increment_above_the_floor() -> None:
+    verdict = run(channel(accepted=100, signature=b"s"), 250)
+    assert verdict.new
+    assert (verdict.receipt.increment, verdict.receipt.remaining, verdict.receipt.accepted_at) == (150, 750, NOW)
+    assert verdict.receipt.reference == "ref"
+
+
+def test_settled_on_chain_above_accepted_raises_the_floor() -> None:
+    verdict = run(channel(accepted=100, signature=b"s", settled=200), 250)
+    assert verdict.receipt.increment == 50
+    with pytest.raises(StaleVoucherError):
+        run(channel(accepted=100, signature=b"s", settled=200), 150)
+
+
+@pytest.mark.parametrize(
+    ("ch", "cumulative", "signer", "error"),
+    [
+        (None, 5, SIGNER, ChannelNotFoundError),
+        (channel(), 5, None, InvalidSignatureError),
+        (channel(), 5, b"\x02" * 20, InvalidSignatureError),
+        (channel(suspended_reason="reorg"), 5, SIGNER, ChannelSuspendedError),
+        (channel(status=ChannelStatus.CLOSED), 5, SIGNER, ChannelClosedError),
+        (
+            channel(status=ChannelStatus.CLOSING, close_deadline=int(NOW.timestamp()) + 59),
+            5,
+            SIGNER,
+            ChannelClosedError,
+        ),
+        (channel(), 0, SIGNER, AmountOutOfRangeError),
+        (channel(), MAX_UINT256 + 1, SIGNER, AmountOutOfRangeError),
+        (channel(accepted=7, signature=b"s"), 7, SIGNER, StaleVoucherError),
+        (channel(accepted=7, signature=b"s"), 3, SIGNER, StaleVoucherError),
+        (channel(), 1_001, SIGNER, AmountExceedsDepositError),
+    ],
+)
+def test_each_rule_has_its_code(ch: Channel | None, cumulative: int, signer: bytes | None, error: type) -> None:
+    with pytest.raises(error) as info:
+        run(ch, cumulative, signer)
+    assert 400 <= info.value.status < 500
+    assert info.value.code
+
+
+def test_closing_channel_accepts_while_the_guard_allows() -> None:
+    deadline = int((NOW + timedelta(seconds=61)).timestamp())
+    assert run(channel(status=ChannelStatus.CLOSING, close_deadline=deadline), 5).new
+
+
+def test_a_resend_wins_over_every_later_state_but_not_over_a_bad_signature() -> None:
+    prior = Receipt(CID, 5, 5, 995, NOW - timedelta(hours=1), "first")
+    closed = channel(status=ChannelStatus.CLOSED, accepted=9, signature=b"s", suspended_reason="reorg")
+    verdict = run(closed, 5, prior=prior)
+    assert (verdict.new, verdict.receipt) == (False, prior)
+    with pytest.raises(InvalidSignatureError):
+        run(closed, 5, signer=b"\x03" * 20, prior=prior)
+
+
+def test_stale_error_carries_the_current_value() -> None:
+    with pytest.raises(StaleVoucherError) as info:
+        run(channel(accepted=70, signature=b"s"), 60)
+    assert info.value.body()["currentCumulativeAmount"] == "70"
+
+
+@given(
+    deposit=st.integers(0, MAX_UINT256),
+    accepted=st.integers(0, MAX_UINT256),
+    settled=st.integers(0, MAX_UINT256),
+    cumulative=st.integers(-5, MAX_UINT256 + 5),
+)
+def test_accepted_vouchers_never_pay_past_the_deposit_nor_twice(
+    deposit: int, accepted: int, settled: int, cumulative: int
+) -> None:
+    ch = channel(
+        deposit=deposit, accepted=accepted, settled=min(settled, deposit), signature=b"s" if accepted else None
+    )
+    try:
+        verdict = run(ch, cumulative)
+    except VoucherRejectedError as ex:
+        assert 400 <= ex.status < 500
+        return
+    assert verdict.new
+    assert ch.floor < cumulative <= deposit
+    assert verdict.receipt.increment == cumulative - ch.floor > 0
+    assert verdict.receipt.remaining == deposit - cumulative >= 0

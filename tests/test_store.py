@@ -1,0 +1,149 @@
+"""The store on both backends: exact amounts, CHECK constraints, migrations, and concurrent writers."""
+
+from __future__ import annotations
+
+import random
+import threading
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+
+import pytest
+from eth_account.signers.local import LocalAccount
+from sqlalchemy import text
+
+from settlement.errors import SettlementError, StaleVoucherError, StoreError
+from settlement.ledger import Verdict
+from settlement.model import ETH, Channel, ChannelStatus, Receipt, Voucher, utcnow
+from settlement.service import Service
+from settlement.store import Database
+from settlement.store import channels as channel_q
+from settlement.store.database import head_revision
+from tests.hub_helpers import Channel as HubChannel
+
+MAX = 2**256 - 1
+
+
+def a_channel(n: int = 1, deposit: int = MAX) -> Channel:
+    return Channel(
+        channel_id="0x" + f"{n:064x}",
+        payer="0x" + "aa" * 20,
+        payee="0x" + "bb" * 20,
+        token=ETH,
+        salt="0x" + "00" * 32,
+        deposit=deposit,
+        settled=0,
+        status=ChannelStatus.OPEN,
+        close_deadline=None,
+        as_of_block=1,
+    )
+
+
+@pytest.fixture
+def db(store_url: str) -> Database:
+    database = Database(store_url)
+    database.migrate()
+    yield database
+    database.dispose()
+
+
+def test_migrations_reach_head_and_are_idempotent(db: Database) -> None:
+    assert db.revision() == head_revision() is not None
+    db.migrate()
+    assert db.revision() == head_revision()
+
+
+def test_amounts_up_to_2_pow_256_minus_1_are_exact(db: Database) -> None:
+    now = utcnow()
+    with db.write() as conn:
+        channel_q.insert_channel(conn, a_channel(), now)
+        channel_q.record_payments(conn, [(Receipt(a_channel().channel_id, MAX, MAX - 1, 0, now), b"\x01" * 65)])
+    with db.read() as conn:
+        stored = channel_q.get_channel(conn, a_channel().channel_id)
+        receipt = channel_q.receipts_for(conn, [(a_channel().channel_id, MAX)])
+        raw = conn.execute(text("SELECT accepted FROM channels")).scalar_one()
+    assert stored is not None and (stored.deposit, stored.accepted) == (MAX, MAX)
+    assert receipt[(a_channel().channel_id, MAX)].increment == MAX - 1
+    assert int(raw) == MAX  # the raw column value, not a float that happens to round back
+
+
+@pytest.mark.parametrize(
+    "statement",
+    [
+        "UPDATE channels SET settled = deposit, deposit = settled",  # settled > deposit
+        "UPDATE channels SET status = 9",
+        "UPDATE channels SET accepted = {zero}",  # accepted 0 while a signature is stored
+        "UPDATE payments SET increment = {zero}",
+        "UPDATE payments SET increment = cumulative || '0'",
+    ],
+)
+def test_check_constraints_guard_the_money_columns(db: Database, statement: str) -> None:
+    now = utcnow()
+    with db.write() as conn:
+        channel_q.insert_channel(conn, a_channel(deposit=10), now)
+        conn.execute(text("UPDATE channels SET settled = :s"), {"s": f"{5:078d}" if db.is_sqlite else 5})
+        channel_q.record_payments(conn, [(Receipt(a_channel().channel_id, 7, 7, 3, now), b"\x01" * 65)])
+    zero = f"'{0:078d}'" if db.is_sqlite else "0"
+    if "||" in statement and not db.is_sqlite:
+        statement = "UPDATE payments SET increment = cumulative * 10"
+    with pytest.raises(StoreError), db.write() as conn:
+        conn.execute(text(statement.format(zero=zero)))
+
+
+def test_concurrent_writers_on_separate_handles_never_see_database_locked(store_url: str) -> None:
+    handles = [Database(store_url) for _ in range(4)]
+    handles[0].migrate()
+    now = utcnow()
+    errors: list[Exception] = []
+
+    def write(i: int) -> None:
+        db = handles[i % len(handles)]
+        try:
+            with db.write() as conn:
+                channel_q.insert_channel(conn, a_channel(i, deposit=i), now)
+        except Exception as ex:
+            errors.append(ex)
+
+    with ThreadPoolExecutor(16) as pool:
+        list(pool.map(write, range(200)))
+    assert errors == []
+    with handles[0].read() as conn:
+        assert channel_q.count_channels(conn) == 200
+    for handle in handles:
+        handle.dispose()
+
+
+def test_fifty_concurrent_submissions_to_one_channel(
+    make_service: Callable[..., Service],
+    open_channel: Callable[..., HubChannel],
+    accounts: list[LocalAccount],
+    sign: Callable[..., bytes],
+) -> None:
+    """Two services (as two processes would) share the store; the highest valid cumulative wins, nothing is lost."""
+    services = [make_service(), make_service()]
+    hub_channel = open_channel(accounts[5], accounts[6].address, amount=40)
+    cid = "0x" + hub_channel.id.hex()
+    amounts = [random.Random(7).randint(1, 45) for _ in range(50)]
+    vouchers = [Voucher(cid, a, sign(accounts[5], hub_channel.id, a)) for a in amounts]
+    start = threading.Barrier(50)
+
+    def submit(i: int) -> object:
+        start.wait()
+        return services[i % 2].ingestor.ingest([vouchers[i]])[0]
+
+    with ThreadPoolExecutor(50) as pool:
+        outcomes = list(pool.map(submit, range(50)))
+
+    for amount, outcome in zip(amounts, outcomes, strict=True):
+        if amount > 40:
+            assert isinstance(outcome, SettlementError) and outcome.code == "amount_exceeds_deposit"
+        else:
+            assert isinstance(outcome, Verdict | StaleVoucherError), outcome
+    with services[0].db.read() as conn:
+        channel = channel_q.get_channel(conn, cid)
+        payments = channel_q.list_payments(conn, cid, limit=1000).items
+    assert channel is not None
+    new = sorted(o.receipt.cumulative for o in outcomes if isinstance(o, Verdict) and o.new)
+    assert channel.accepted == max(new)
+    assert sorted(p.cumulative for p in payments) == new  # every 201 is stored, and nothing else
+    assert sum(p.increment for p in payments) == channel.accepted  # increments chain up without gaps or overlap
+    assert channel.accepted == max(a for a in amounts if a <= 40)  # the highest valid cumulative wins
