@@ -22,11 +22,15 @@ from web3.types import Nonce, TxParams, TxReceipt
 from settlement.errors import ChainError, ChainUnavailableError, TransactionFailedError
 
 GAS_HEADROOM = 1.2  # estimates are exact on anvil, but state can move between estimate and inclusion
+NONCE_RETRIES = 3
 
 
-def connect(url: str, timeout: float = 10.0) -> Web3:
-    """A Web3 for `url`; raises ChainUnavailableError if nothing answers there."""
-    w3 = Web3(Web3.HTTPProvider(url, request_kwargs={"timeout": timeout}))
+def connect(url: str, timeout: float = 10.0, session: requests.Session | None = None) -> Web3:
+    """A Web3 for `url`; raises ChainUnavailableError if nothing answers there.
+
+    Pass `session` to own the HTTP connections (and close them with it); web3's default keeps one per thread.
+    """
+    w3 = Web3(Web3.HTTPProvider(url, request_kwargs={"timeout": timeout}, session=session))
     try:
         w3.eth.chain_id  # noqa: B018 - the call is the connectivity probe
     except (requests.RequestException, OSError, Web3RPCError) as ex:
@@ -108,16 +112,22 @@ class Transactor:
             reason = f"{revert.name}{revert.args}" if revert else str(ex)
             raise TransactionFailedError(f"transaction would revert: {reason}") from ex
         with self._lock:
-            nonce = self._nonce()
-            full: TxParams = {**params, "gas": estimate, "nonce": Nonce(nonce), "chainId": self.w3.eth.chain_id}
-            tx = call.build_transaction(full)
-            signed = self.account.sign_transaction(tx)  # type: ignore[arg-type]
-            try:
-                tx_hash = self.w3.eth.send_raw_transaction(signed.raw_transaction)
-            except Exception:
-                self._next_nonce = None  # re-read from the chain: the nonce may or may not be used
-                raise
-            self._next_nonce = nonce + 1
+            for attempt in range(NONCE_RETRIES):
+                nonce = self._nonce()
+                full: TxParams = {**params, "gas": estimate, "nonce": Nonce(nonce), "chainId": self.w3.eth.chain_id}
+                signed = self.account.sign_transaction(call.build_transaction(full))  # type: ignore[arg-type]
+                try:
+                    tx_hash = self.w3.eth.send_raw_transaction(signed.raw_transaction)
+                except Web3RPCError as ex:
+                    self._next_nonce = None  # re-read from the chain: the nonce may or may not be used
+                    if "nonce too low" in str(ex).lower() and attempt + 1 < NONCE_RETRIES:
+                        continue  # something else sent from this account: number again from the chain
+                    raise
+                except Exception:
+                    self._next_nonce = None
+                    raise
+                self._next_nonce = nonce + 1
+                break
         return self.wait(tx_hash)
 
     def wait(self, tx_hash: HexBytes) -> TxReceipt:

@@ -11,6 +11,8 @@
     ├── ChainError                   502 chain_error
     │   ├── ChainUnavailableError    503 chain_unavailable
     │   └── TransactionFailedError   502 transaction_failed
+    ├── ServiceRejectedError         the service's status and code, as the client SDK received them
+    ├── PaymentUncertainError        503 payment_uncertain   (client SDK: no answer after every retry)
     └── RequestError                 400 bad_request         (the client's fault: always 4xx)
         ├── MalformedRequestError    400 malformed_request
         ├── UnsupportedMediaError    415 unsupported_media_type
@@ -220,3 +222,23 @@ class AmountExceedsDepositError(VoucherRejectedError):
 
     status = 409
     code = "amount_exceeds_deposit"
+
+
+class ServiceRejectedError(SettlementError):
+    """The settlement service answered a client request with an error; status and code are the service's."""
+
+    def __init__(self, status: int, code: str, message: str, **details: object) -> None:
+        super().__init__(message, **details)
+        self.status = status
+        self.code = code
+
+
+class PaymentUncertainError(SettlementError):
+    """A voucher was sent but no answer came back after every retry: it may or may not have been accepted.
+
+    The client forgets its position for the channel and re-reads it from the service before the next payment, so it
+    never signs a lower cumulative amount than one the service may hold.
+    """
+
+    status = 503
+    code = "payment_uncertain"

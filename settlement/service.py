@@ -5,6 +5,7 @@ from __future__ import annotations
 import threading
 from dataclasses import dataclass, field
 
+import requests
 from web3 import Web3
 from web3.contract import Contract
 
@@ -25,6 +26,7 @@ class Service:
     settings: Settings
     deployment: Deployment
     w3: Web3
+    rpc_session: requests.Session
     hub: Contract
     domain: Domain
     db: Database
@@ -38,7 +40,8 @@ class Service:
     def build(cls, settings: Settings) -> Service:
         """Check the deployment against the chain, migrate the store, and assemble the pipeline."""
         deployment = Deployment.load(settings.deployment_file)
-        w3 = connect(settings.rpc_url, settings.rpc_timeout)
+        session = requests.Session()
+        w3 = connect(settings.rpc_url, settings.rpc_timeout, session)
         deployment.check(w3)
         hub = hub_contract(w3, deployment)
         domain = read_domain(hub)
@@ -62,7 +65,7 @@ class Service:
             close_guard=settings.close_guard_seconds,
             group_max=settings.ingest_group_max,
         )
-        return cls(settings, deployment, w3, hub, domain, db, metrics, indexer, ingestor)
+        return cls(settings, deployment, w3, session, hub, domain, db, metrics, indexer, ingestor)
 
     def start(self) -> None:
         self._stop.clear()
@@ -81,3 +84,4 @@ class Service:
         self._threads.clear()
         self.ingestor.stop()
         self.db.dispose()
+        self.rpc_session.close()
