@@ -1,4 +1,4 @@
-"""The operator CLI: `settlement devnet | deploy | serve | demo`."""
+"""The operator CLI: `settlement devnet | deploy | serve | resume | demo`."""
 
 from __future__ import annotations
 
@@ -119,40 +119,96 @@ def _deploy(settings: Settings, challenge_period: int, out: Path) -> Deployment:
 def serve(
     host: Annotated[str | None, typer.Option(help="bind address (default: SETTLEMENT_API_HOST)")] = None,
     port: Annotated[int | None, typer.Option(help="port (default: SETTLEMENT_API_PORT)")] = None,
+    log_level: Annotated[str, typer.Option(help="uvicorn log level (warning hides access lines)")] = "info",
 ) -> None:
-    """Run the HTTP API for the deployment in SETTLEMENT_DEPLOYMENT_FILE."""
+    """Run the HTTP API and the chain indexer for the deployment in SETTLEMENT_DEPLOYMENT_FILE."""
     settings = get_settings()
-    _serve(settings, host or settings.api_host, port if port is not None else settings.api_port)
+    _serve(settings, host or settings.api_host, port if port is not None else settings.api_port, log_level)
 
 
-def _serve(settings: Settings, host: str, port: int) -> None:
+def _serve(settings: Settings, host: str, port: int, log_level: str = "info") -> None:
     from settlement.api.app import create_app
 
     try:
         api = create_app(settings)
     except SettlementError as ex:
         raise _fail(ex) from ex
-    console.print(f"API on http://{host}:{port} (docs at /docs)")
-    uvicorn.run(api, host=host, port=port, log_level="info")
+    console.print(f"API on http://{host}:{port} (docs at /docs); store: {settings.database_url}")
+    uvicorn.run(api, host=host, port=port, log_level=log_level)
+
+
+@app.command()
+def resume(
+    channel_id: Annotated[str, typer.Argument(help="0x-prefixed channel id")],
+) -> None:
+    """Accept vouchers again for a channel a deep reorg suspended, after checking it; its chain state is re-read."""
+    from settlement.service import Service
+
+    settings = get_settings()
+    try:
+        service = Service.build(settings)
+        try:
+            channel = service.indexer.resume(channel_id.lower())
+        finally:
+            service.stop()
+    except SettlementError as ex:
+        raise _fail(ex) from ex
+    console.print(
+        f"channel {channel.channel_id} resumed: deposit {channel.deposit}, settled {channel.settled}, "
+        f"accepted {channel.accepted} (as of block {channel.as_of_block})"
+    )
 
 
 @app.command()
 def demo(
     port: Annotated[int | None, typer.Option(help="API port (default: SETTLEMENT_API_PORT)")] = None,
+    rate: Annotated[float, typer.Option(help="demo payments per second (0: no demo traffic)")] = 20.0,
 ) -> None:
-    """Start a devnet, deploy ChannelHub on it and serve the API; Ctrl-C stops everything."""
+    """Start a devnet, deploy ChannelHub, serve the API and stream demo payments to it; Ctrl-C stops everything.
+
+    The demo keeps its own SQLite store (.settlement/demo.db next to the deployment file), recreated on each run,
+    because every run starts a new chain.
+    """
+    from settlement.demo import DemoTraffic
+
     settings = get_settings()
+    block_time = settings.devnet_block_time or 1.0
     try:
-        with Devnet(settings) as net:
+        with Devnet(settings.model_copy(update={"devnet_block_time": block_time})) as net:
             _print_devnet(net)
-            demo_file = settings.deployment_file.with_name("demo-deployment.json")
-            local = settings.model_copy(update={"rpc_url": net.url, "deployment_file": demo_file})
+            workdir = settings.deployment_file.parent
+            demo_db = workdir / "demo.db"
+            for leftover in (demo_db, workdir / "demo.db-wal", workdir / "demo.db-shm"):
+                leftover.unlink(missing_ok=True)
+            local = settings.model_copy(
+                update={
+                    "rpc_url": net.url,
+                    "deployment_file": workdir / "demo-deployment.json",
+                    "database_url": f"sqlite:///{demo_db}",
+                }
+            )
             deployment = _deploy(local, settings.challenge_period, local.deployment_file)
             console.print(
                 f"ChannelHub deployed at [bold]{deployment.address}[/] (challenge period "
-                f"{deployment.challenge_period}s)"
+                f"{deployment.challenge_period}s, {local.confirmations} confirmations, {block_time:g}s blocks)"
             )
-            _serve(local, settings.api_host, port if port is not None else settings.api_port)
+            api_port = port if port is not None else settings.api_port
+            traffic = None
+            if rate > 0:
+                traffic = DemoTraffic(
+                    f"http://127.0.0.1:{api_port}",
+                    net.url,
+                    net.accounts[1:4],
+                    [a.address for a in net.accounts[4:6]],
+                    rate=rate,
+                    console=console,
+                )
+                traffic.start()
+            try:
+                _serve(local, settings.api_host, api_port, "warning")
+            finally:
+                if traffic is not None:
+                    traffic.stop.set()
     except SettlementError as ex:
         raise _fail(ex) from ex
 

@@ -26,7 +26,7 @@ from web3.contract import Contract
 from web3.types import FilterParams, LogReceipt
 
 from settlement.chain import rpc_errors
-from settlement.errors import ChainError, ChannelUnconfirmedError, SettlementError
+from settlement.errors import ChainError, ChannelNotFoundError, ChannelUnconfirmedError, SettlementError
 from settlement.model import Channel, ChannelStatus, utcnow
 from settlement.store import Database
 from settlement.store import chainlog as log_q
@@ -195,6 +195,20 @@ class Indexer:
         with self.db.write() as conn:
             channel_q.insert_channel(conn, channel, utcnow())
             return channel_q.get_channel(conn, channel_id)
+
+    def resume(self, channel_id: str) -> Channel:
+        """Lift a suspension after an operator checked the channel: re-read its confirmed state, clear the flag."""
+        _head, confirmed = self.confirmed_heads()
+        fresh = self.read_channel(channel_id, confirmed)
+        with self.db.write() as conn:
+            stored = channel_q.lock_channels(conn, [channel_id]).get(channel_id)
+            if stored is None or fresh is None:
+                raise ChannelNotFoundError(f"channel {channel_id} is not in the store or no longer on chain")
+            log_q.save_chain_state(conn, replace(fresh, suspended_reason=None), utcnow())
+            resumed = channel_q.get_channel(conn, channel_id)
+        assert resumed is not None
+        logger.warning("channel %s resumed by an operator at block %d", channel_id, confirmed)
+        return resumed
 
     # --- following the chain -----------------------------------------------------------------------------------
 

@@ -16,6 +16,7 @@ from settlement.indexer import Indexer
 from settlement.ingest import Ingestor
 from settlement.metrics import Metrics
 from settlement.store import Database
+from settlement.store.meta import bind_deployment
 from settlement.vouchers import Domain, VoucherVerifier, read_domain
 
 
@@ -47,6 +48,8 @@ class Service:
         domain = read_domain(hub)
         db = Database(settings.database_url, pool_size=settings.db_pool_size)
         db.migrate()
+        with db.write() as conn:
+            bind_deployment(conn, deployment.chain_id, deployment.address)
         metrics = Metrics()
         indexer = Indexer(
             db,

@@ -248,3 +248,34 @@ def test_rpc_outage_known_channels_still_pay_unknown_ones_get_503(
         assert client.get("/ready").status_code == 503
         proxy.mend()
         assert client.post("/v1/vouchers", json=body(unknown, 1, sign(accounts[7], unknown.id, 1))).status_code == 201
+
+
+def test_demo_traffic_pays_through_the_api(
+    spawn: Callable[..., ServiceProcess], tmp_path: Path, devnet: Devnet, accounts: list[LocalAccount]
+) -> None:
+    from rich.console import Console
+
+    from settlement.demo import DemoTraffic
+
+    service = spawn(f"sqlite:///{tmp_path / 'demo.db'}")
+    with (tmp_path / "demo.out").open("w") as sink:
+        traffic = DemoTraffic(
+            service.url,
+            devnet.url,
+            accounts[16:18],
+            [accounts[18].address],
+            rate=200,
+            console=Console(file=sink, width=200),
+            report_every=0.5,
+        )
+        thread = traffic.start()
+        for _ in range(300):
+            if traffic.paid >= 50:
+                break
+            threading.Event().wait(0.1)
+        traffic.stop.set()
+        thread.join(timeout=30)
+    assert traffic.paid >= 50 and traffic.refused == 0, (tmp_path / "demo.out").read_text()
+    summary = httpx.get(f"{service.url}/v1/payees/{accounts[18].address}/summary").json()
+    assert int(summary["assets"][0]["accepted"]) == traffic.value
+    assert "payments accepted" in (tmp_path / "demo.out").read_text()

@@ -204,3 +204,49 @@ def test_a_reorg_deeper_than_the_confirmations_suspends_the_channels_it_touched(
         ingestor.stop()
     assert isinstance(outcome, ChannelSuspendedError)
     assert not isinstance(ok, Exception)
+
+
+def test_an_operator_resumes_a_suspended_channel_from_the_cli(
+    make_indexer: Callable[..., Indexer],
+    db: Database,
+    store_url: str,
+    w3: Web3,
+    devnet: object,
+    hub_deployment: Deployment,
+    open_channel: Callable[..., HubChannel],
+    accounts: list[LocalAccount],
+    tmp_path: object,
+) -> None:
+    from pathlib import Path
+
+    from tests.test_cli import run_cli
+
+    assert isinstance(tmp_path, Path)
+    indexer = make_indexer(confirmations=1)
+    snapshot = w3.provider.make_request("evm_snapshot", [])["result"]
+    channel = open_channel(accounts[5], accounts[6].address, amount=100)
+    mine(w3, 2)
+    catch_up(indexer)
+    w3.provider.make_request("evm_revert", [snapshot])
+    again = open_channel(accounts[5], accounts[6].address, amount=300, salt=channel.salt)  # same id, more money
+    assert again.id == channel.id
+    mine(w3, 5)
+    catch_up(indexer)
+    assert stored(db, channel).suspended_reason is not None
+
+    record = tmp_path / "deployment.json"
+    hub_deployment.save(record)
+    env = {
+        "SETTLEMENT_RPC_URL": w3.provider.endpoint_uri,  # type: ignore[attr-defined]
+        "SETTLEMENT_DEPLOYMENT_FILE": str(record),
+        "SETTLEMENT_DATABASE_URL": store_url,
+        "SETTLEMENT_CONFIRMATIONS": "1",
+    }
+    result = run_cli("resume", "0x" + channel.id.hex(), env=env, cwd=tmp_path)
+    assert result.returncode == 0, result.stderr
+    assert "resumed" in result.stdout
+    state = stored(db, channel)
+    assert (state.suspended_reason, state.deposit) == (None, 300)
+    missing = run_cli("resume", "0x" + "77" * 32, env=env, cwd=tmp_path)
+    assert missing.returncode == 1
+    assert "channel_not_found" in missing.stderr

@@ -11,13 +11,16 @@ import pytest
 from eth_account.signers.local import LocalAccount
 from sqlalchemy import text
 
-from settlement.errors import SettlementError, StaleVoucherError, StoreError
+from settlement.config import Settings
+from settlement.deployment import Deployment
+from settlement.errors import ConfigError, SettlementError, StaleVoucherError, StoreError
 from settlement.ledger import Verdict
 from settlement.model import ETH, Channel, ChannelStatus, Receipt, Voucher, utcnow
 from settlement.service import Service
 from settlement.store import Database
 from settlement.store import channels as channel_q
 from settlement.store.database import head_revision
+from settlement.store.meta import bind_deployment
 from tests.hub_helpers import Channel as HubChannel
 
 MAX = 2**256 - 1
@@ -147,3 +150,19 @@ def test_fifty_concurrent_submissions_to_one_channel(
     assert sorted(p.cumulative for p in payments) == new  # every 201 is stored, and nothing else
     assert sum(p.increment for p in payments) == channel.accepted  # increments chain up without gaps or overlap
     assert channel.accepted == max(a for a in amounts if a <= 40)  # the highest valid cumulative wins
+
+
+def test_a_database_serves_one_deployment_only(
+    service_settings: Callable[..., Settings], make_service: Callable[..., Service], hub_deployment: Deployment
+) -> None:
+    make_service()  # binds the store to the session hub
+    db = Database(service_settings().database_url)
+    try:
+        with db.write() as conn:
+            bind_deployment(conn, hub_deployment.chain_id, hub_deployment.address.upper().replace("0X", "0x"))
+        with pytest.raises(ConfigError, match="holds the data of hub"), db.write() as conn:
+            bind_deployment(conn, hub_deployment.chain_id, "0x" + "12" * 20)
+        with pytest.raises(ConfigError, match="on chain"), db.write() as conn:
+            bind_deployment(conn, hub_deployment.chain_id + 1, hub_deployment.address)
+    finally:
+        db.dispose()

@@ -129,3 +129,10 @@ indexer_cursor = Table(
     Column("block_hash", String(HEX32), nullable=True),
     Column("updated_at_us", BigInteger(), nullable=False),
 )
+
+service_meta = Table(
+    "service_meta",
+    metadata,
+    Column("key", String(64), primary_key=True),
+    Column("value", Text(), nullable=False),
+)
