@@ -9,16 +9,15 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
-from coincurve import PublicKey
-from coincurve.ecdsa import deserialize_recoverable
-from coincurve.ecdsa import recover as ecdsa_recover
-from Crypto.Hash.keccak import new as _keccak_new
+from coincurve._libsecp256k1 import ffi, lib
+from coincurve.context import GLOBAL_CONTEXT
 from eth_abi.abi import encode
 from eth_account import Account
 from eth_account.messages import encode_typed_data
 from eth_account.signers.local import LocalAccount
 from eth_utils.address import to_checksum_address
 from eth_utils.crypto import keccak
+from sha3 import keccak_256
 from web3.contract import Contract
 
 VOUCHER_TYPE = [
@@ -99,9 +98,9 @@ def recover_reference(domain: Domain, channel_id: bytes, cumulative_amount: int,
 class VoucherVerifier:
     """Recovers voucher signers for one domain: the hot path of ingest.
 
-    The domain separator is hashed once; hashing calls pycryptodome's keccak directly (eth-utils adds ~2 µs a call)
-    and the signer comes back as 20 raw bytes, because checksumming an address costs ~20 µs, more than half of
-    the recovery itself (~39 µs in libsecp256k1).
+    The domain separator is hashed once; hashing calls safe-pysha3's C keccak directly (0.75 µs a call, against
+    4.6 µs for pycryptodome's and more through eth-utils) and the signer comes back as 20 raw bytes, because
+    checksumming an address costs ~20 µs, half of the recovery itself (~40 µs in libsecp256k1).
     """
 
     def __init__(self, domain: Domain) -> None:
@@ -124,19 +123,26 @@ class VoucherVerifier:
         s = int.from_bytes(signature[32:64], "big")
         if not 0 < r < SECP256K1_N or not 0 < s <= _HALF_N:
             return None
-        try:
-            point = ecdsa_recover(
-                self.digest(channel_id, cumulative_amount),
-                deserialize_recoverable(signature[:64] + bytes((v - 27,))),
-                hasher=None,
-            )
-        except ValueError:
-            return None
-        return _keccak(PublicKey(point).format(compressed=False)[1:])[-20:]
+        return _recover_address(self.digest(channel_id, cumulative_amount), signature[:64], v - 27)
+
+
+def _recover_address(digest: bytes, rs: bytes, recovery_id: int) -> bytes | None:
+    """libsecp256k1's recovery through coincurve's cffi binding, without the wrapper objects (~3 µs a call)."""
+    ctx = GLOBAL_CONTEXT.ctx
+    sig = ffi.new("secp256k1_ecdsa_recoverable_signature *")
+    if not lib.secp256k1_ecdsa_recoverable_signature_parse_compact(ctx, sig, rs, recovery_id):
+        return None
+    pubkey = ffi.new("secp256k1_pubkey *")
+    if not lib.secp256k1_ecdsa_recover(ctx, pubkey, sig, digest):
+        return None
+    out = ffi.new("unsigned char[65]")
+    size = ffi.new("size_t *", 65)
+    lib.secp256k1_ec_pubkey_serialize(ctx, out, size, pubkey, lib.SECP256K1_EC_UNCOMPRESSED)
+    return _keccak(bytes(ffi.buffer(out, 65))[1:])[-20:]
 
 
 def _keccak(data: bytes) -> bytes:
-    return bytes(_keccak_new(digest_bits=256, data=data).digest())
+    return bytes(keccak_256(data).digest())
 
 
 def read_domain(hub: Contract) -> Domain:
