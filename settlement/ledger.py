@@ -1,10 +1,10 @@
 """The acceptance rules for vouchers: pure functions of the channel as stored, the voucher and its recovered signer.
 
 The ingest pipeline calls `judge` inside the store transaction that holds the channel's row lock, so the state it
-judges against is the state it writes over. The order of the checks is part of the API: an amount no voucher can
-carry is refused first; then the voucher is matched to its channel and signer (so an invalid signature is never
-reported as anything else); then it is deduplicated on its signed content; then it is held to the channel's status
-and amounts.
+judges against is the state it writes over. The order of the checks is part of the API (docs/api.md): the channel
+must exist; an amount no voucher can carry is refused next; then the voucher is matched to its signer (so an invalid
+signature is never reported as anything else); then it is deduplicated on its signed content; then it is held to
+the channel's status and amounts.
 """
 
 from __future__ import annotations
@@ -48,10 +48,10 @@ def judge(
     receipt already stored for the same (channel, cumulative), if any; `close_guard` is how many seconds before a
     close deadline new vouchers stop being accepted, because they could no longer be settled in time.
     """
-    if not 0 < voucher.cumulative <= MAX_UINT256:
-        raise AmountOutOfRangeError("cumulativeAmount must be above 0 and below 2^256")
     if channel is None:
         raise ChannelNotFoundError(f"channel {voucher.channel_id} does not exist on chain")
+    if not 0 < voucher.cumulative <= MAX_UINT256:
+        raise AmountOutOfRangeError("cumulativeAmount must be above 0 and below 2^256")
     if signer is None or signer != bytes.fromhex(channel.payer[2:]):
         raise InvalidSignatureError(
             f"the signature does not recover to the payer of channel {voucher.channel_id} for this cumulative amount"
