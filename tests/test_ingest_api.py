@@ -242,3 +242,31 @@ def test_amounts_out_of_range_are_refused_without_harming_the_batch(
     result = api().post("/v1/vouchers/batch", json={"vouchers": items}).json()
     assert [r["status"] for r in result["results"]] == [400, 400, 201]
     assert [r["error"]["code"] for r in result["results"][:2]] == ["amount_out_of_range"] * 2
+
+
+@pytest.mark.postgres
+@pytest.mark.parametrize("store_url", ["postgres"], indirect=True)
+def test_store_outage_answers_503_and_acknowledges_nothing(
+    api: Callable[..., TestClient], channel: Channel, sign: Sign, store_url: str, postgres_server: str
+) -> None:
+    from sqlalchemy import create_engine, text
+
+    client = api()
+    assert client.post("/v1/vouchers", json=body(channel, 10, sign(channel.payer, channel.id, 10))).status_code == 201
+    name = store_url.rsplit("/", 1)[1]
+    admin = create_engine(postgres_server, isolation_level="AUTOCOMMIT")
+    try:
+        with admin.connect() as conn:
+            conn.execute(text(f'ALTER DATABASE "{name}" ALLOW_CONNECTIONS false'))
+            conn.execute(text("SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE datname = :n"), {"n": name})
+        answer = client.post("/v1/vouchers", json=body(channel, 20, sign(channel.payer, channel.id, 20)))
+        assert answer.status_code == 503
+        assert answer.json()["code"] == "store_unavailable"
+        assert client.get("/ready").status_code == 503
+    finally:
+        with admin.connect() as conn:
+            conn.execute(text(f'ALTER DATABASE "{name}" ALLOW_CONNECTIONS true'))
+        admin.dispose()
+    assert client.post("/v1/vouchers", json=body(channel, 20, sign(channel.payer, channel.id, 20))).status_code == 201
+    payments = client.get(f"/v1/channels/0x{channel.id.hex()}/payments").json()["items"]
+    assert [p["cumulativeAmount"] for p in payments] == ["20", "10"]
