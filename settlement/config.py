@@ -51,6 +51,20 @@ class Settings(BaseSettings):
     max_body_bytes: int = Field(default=1_048_576, ge=1024, description="request bodies above this get a 413")
     ready_max_lag: int = Field(default=64, ge=0, description="/ready fails when the indexer is further behind")
 
+    # Settlement engine
+    engine_enabled: bool = Field(default=True, description="`serve` also runs the settlement engine (one leader)")
+    settle_interval: float = Field(default=30.0, gt=0, description="seconds between regular batches")
+    min_settle_amount: int = Field(default=1, ge=1, description="base units unsettled before a channel is batched")
+    batch_max_entries: int = Field(default=400, ge=1, le=1200, description="channels per settleBatch at most")
+    batch_gas_limit: int = Field(default=8_000_000, ge=100_000, le=16_777_216, description="gas per batch at most")
+    max_fee_per_gas: int = Field(default=500 * 10**9, ge=1, description="fee ceiling, wei per gas")
+    priority_fee_per_gas: int = Field(default=10**9, ge=0, description="tip, wei per gas")
+    bump_after: float = Field(default=30.0, gt=0, description="seconds before an unmined batch is re-sent dearer")
+    bump_percent: int = Field(default=20, ge=11, le=500, description="fee increase per replacement")
+    close_alert_seconds: int = Field(default=900, ge=0, description="alert when a close deadline is this near")
+    low_balance_wei: int = Field(default=10**16, ge=0, description="alert when the settler holds less ETH")
+    engine_tick: float = Field(default=1.0, gt=0, description="seconds between engine checks")
+
     # API
     api_host: str = "127.0.0.1"
     api_port: int = Field(default=8000, ge=0, le=65535)

@@ -43,3 +43,47 @@ class Metrics:
         self.indexer_lag = Gauge(
             "settlement_indexer_lag_blocks", "Confirmed blocks not applied yet", registry=self.registry
         )
+        self.batches = Counter(
+            "settlement_batches", "Settlement batches by final status", ["status"], registry=self.registry
+        )
+        self.batch_entries = Histogram(
+            "settlement_batch_entries",
+            "Channels per settlement batch",
+            buckets=(1, 5, 10, 25, 50, 100, 200, 400, 800, 1200),
+            registry=self.registry,
+        )
+        self.batch_gas = Histogram(
+            "settlement_batch_gas",
+            "Gas used per confirmed batch",
+            buckets=(5e4, 1e5, 2.5e5, 5e5, 1e6, 2e6, 4e6, 8e6, 16e6),
+            registry=self.registry,
+        )
+        self.settle_latency = Histogram(
+            "settlement_voucher_to_settlement_seconds",
+            "From a batch's intent to its confirmation",
+            buckets=(1, 2, 5, 10, 30, 60, 120, 300, 900, 3600),
+            registry=self.registry,
+        )
+        self.settler_balance = Gauge(
+            "settlement_settler_balance_wei",
+            "ETH the settler account holds (float, for alerting)",
+            registry=self.registry,
+        )
+        self.closes_pending = Gauge(
+            "settlement_closes_pending", "Closing channels with unsettled vouchers", registry=self.registry
+        )
+        self.close_seconds_left = Gauge(
+            "settlement_close_seconds_left",
+            "Seconds to the nearest close deadline with unsettled vouchers",
+            registry=self.registry,
+        )
+        self.unsettled = Gauge(
+            "settlement_unsettled_value",
+            "Accepted but unsettled value per asset, base units (float)",
+            ["token"],
+            registry=self.registry,
+        )
+        self.alerts = Counter("settlement_alerts", "Alerts raised, by kind", ["kind"], registry=self.registry)
+        self.engine_leader = Gauge(
+            "settlement_engine_leader", "1 when this process runs the settlement engine", registry=self.registry
+        )

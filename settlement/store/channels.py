@@ -27,7 +27,7 @@ def from_us(us: int) -> datetime:
     return _EPOCH + timedelta(microseconds=us)
 
 
-def _channel(row: Row[Any]) -> Channel:
+def channel_from_row(row: Row[Any]) -> Channel:
     return Channel(
         channel_id=row.channel_id,
         payer=row.payer,
@@ -47,7 +47,7 @@ def _channel(row: Row[Any]) -> Channel:
 
 def get_channel(conn: Connection, channel_id: str) -> Channel | None:
     row = conn.execute(select(channels).where(channels.c.channel_id == channel_id)).first()
-    return None if row is None else _channel(row)
+    return None if row is None else channel_from_row(row)
 
 
 def lock_channels(conn: Connection, channel_ids: Iterable[str]) -> dict[str, Channel]:
@@ -59,7 +59,7 @@ def lock_channels(conn: Connection, channel_ids: Iterable[str]) -> dict[str, Cha
     query = select(channels).where(channels.c.channel_id.in_(ids)).order_by(channels.c.channel_id)
     if conn.dialect.name != "sqlite":
         query = query.with_for_update()
-    return {row.channel_id: _channel(row) for row in conn.execute(query)}
+    return {row.channel_id: channel_from_row(row) for row in conn.execute(query)}
 
 
 def insert_channel(conn: Connection, channel: Channel, now: datetime) -> None:
@@ -163,7 +163,7 @@ def list_channels(
     if after is not None:
         conditions.append(channels.c.channel_id > after)
     query = select(channels).where(and_(True, *conditions)).order_by(channels.c.channel_id).limit(limit + 1)
-    rows = [_channel(row) for row in conn.execute(query)]
+    rows = [channel_from_row(row) for row in conn.execute(query)]
     more = len(rows) > limit
     rows = rows[:limit]
     return Page(rows, rows[-1].channel_id if more else None)
@@ -206,3 +206,14 @@ def payee_summary(conn: Connection, payee: str) -> list[AssetSummary]:
 
 def count_channels(conn: Connection) -> int:
     return int(conn.execute(select(func.count()).select_from(channels)).scalar_one())
+
+
+def unsettled_by_token(conn: Connection) -> dict[str, int]:
+    """Accepted minus settled, summed per asset over every channel (in Python: SQLite keeps amounts as text)."""
+    query = select(channels.c.token, channels.c.accepted, channels.c.settled).where(
+        channels.c.accepted > channels.c.settled
+    )
+    totals: dict[str, int] = {}
+    for token, accepted, settled in conn.execute(query):
+        totals[token] = totals.get(token, 0) + accepted - settled
+    return totals

@@ -136,3 +136,46 @@ service_meta = Table(
     Column("key", String(64), primary_key=True),
     Column("value", Text(), nullable=False),
 )
+
+settlement_batches = Table(
+    "settlement_batches",
+    metadata,
+    Column("batch_id", String(36), primary_key=True),
+    Column("status", String(16), nullable=False),
+    Column("sender", String(ADDRESS), nullable=False),
+    Column("nonce", BigInteger(), nullable=False),
+    Column("tx_hash", String(HEX32), nullable=True),
+    Column("block_number", BigInteger(), nullable=True),
+    Column("gas_used", BigInteger(), nullable=True),
+    Column("gas_price", Amount(), nullable=True),
+    Column("error", Text(), nullable=True),
+    Column("created_at_us", BigInteger(), nullable=False),
+    Column("updated_at_us", BigInteger(), nullable=False),
+    CheckConstraint("status IN ('pending', 'sent', 'confirmed', 'failed')", name="status"),
+    Index(None, "status"),
+)
+
+settlement_entries = Table(
+    "settlement_entries",
+    metadata,
+    Column("batch_id", String(36), ForeignKey("settlement_batches.batch_id"), primary_key=True),
+    Column("channel_id", String(HEX32), ForeignKey("channels.channel_id"), primary_key=True),
+    Column("cumulative", Amount(), nullable=False),
+    Column("signature", LargeBinary(65), nullable=False),
+    Column("outcome", SmallInteger(), nullable=True),
+    Index(None, "channel_id"),
+)
+
+settlement_txs = Table(
+    "settlement_txs",
+    metadata,
+    Column("tx_hash", String(HEX32), primary_key=True),
+    Column("batch_id", String(36), ForeignKey("settlement_batches.batch_id"), nullable=False),
+    Column("nonce", BigInteger(), nullable=False),
+    Column("max_fee", Amount(), nullable=False),
+    Column("priority_fee", Amount(), nullable=False),
+    Column("raw", LargeBinary(), nullable=False),
+    Column("sent_at_us", BigInteger(), nullable=True),
+    Column("created_at_us", BigInteger(), nullable=False),
+    Index(None, "batch_id"),
+)

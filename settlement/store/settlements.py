@@ -1,0 +1,225 @@
+"""Queries for the settlement engine: intents (batches and their entries), the transactions sent for them."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from datetime import datetime
+from typing import Any
+
+from sqlalchemy import Connection, Row, and_, exists, func, select, update
+
+from settlement.model import Channel, ChannelStatus
+from settlement.store.channels import channel_from_row, from_us, to_us
+from settlement.store.tables import channels, settlement_batches, settlement_entries, settlement_txs
+
+OPEN_STATUSES = ("pending", "sent")
+
+
+@dataclass(frozen=True)
+class Entry:
+    channel_id: str
+    cumulative: int
+    signature: bytes
+    outcome: int | None = None
+
+
+@dataclass(frozen=True)
+class Batch:
+    batch_id: str
+    status: str
+    sender: str
+    nonce: int
+    tx_hash: str | None
+    block_number: int | None
+    gas_used: int | None
+    gas_price: int | None
+    error: str | None
+    created_at: datetime
+    updated_at: datetime
+
+
+@dataclass(frozen=True)
+class SentTx:
+    tx_hash: str
+    nonce: int
+    max_fee: int
+    priority_fee: int
+    raw: bytes
+    sent_at: datetime | None
+    created_at: datetime
+
+
+def _batch(row: Row[Any]) -> Batch:
+    return Batch(
+        batch_id=row.batch_id,
+        status=row.status,
+        sender=row.sender,
+        nonce=row.nonce,
+        tx_hash=row.tx_hash,
+        block_number=row.block_number,
+        gas_used=row.gas_used,
+        gas_price=row.gas_price,
+        error=row.error,
+        created_at=from_us(row.created_at_us),
+        updated_at=from_us(row.updated_at_us),
+    )
+
+
+def settleable(conn: Connection) -> list[Channel]:
+    """Channels with accepted vouchers above what the chain settled, not closed, not suspended, and whose latest
+    voucher is not already in a batch that is in flight or confirmed (the indexer may not have caught up yet)."""
+    covered = exists().where(
+        and_(
+            settlement_entries.c.channel_id == channels.c.channel_id,
+            settlement_entries.c.cumulative >= channels.c.accepted,
+            settlement_batches.c.batch_id == settlement_entries.c.batch_id,
+            settlement_batches.c.status.in_(("pending", "sent", "confirmed")),
+        )
+    )
+    query = (
+        select(channels)
+        .where(
+            channels.c.accepted > channels.c.settled,
+            channels.c.status != int(ChannelStatus.CLOSED),
+            channels.c.suspended_reason.is_(None),
+            ~covered,
+        )
+        .order_by(channels.c.channel_id)
+    )
+    return [channel_from_row(row) for row in conn.execute(query)]
+
+
+def open_batches(conn: Connection) -> list[Batch]:
+    """Batches whose outcome is not known yet, oldest nonce first."""
+    query = select(settlement_batches).where(settlement_batches.c.status.in_(OPEN_STATUSES))
+    return [_batch(row) for row in conn.execute(query.order_by(settlement_batches.c.nonce))]
+
+
+def create_batch(
+    conn: Connection, batch_id: str, sender: str, nonce: int, entries: Sequence[Entry], now: datetime
+) -> None:
+    """The intent: written and committed before any transaction for it exists."""
+    conn.execute(
+        settlement_batches.insert().values(
+            batch_id=batch_id,
+            status="pending",
+            sender=sender,
+            nonce=nonce,
+            created_at_us=to_us(now),
+            updated_at_us=to_us(now),
+        )
+    )
+    conn.execute(
+        settlement_entries.insert(),
+        [
+            {"batch_id": batch_id, "channel_id": e.channel_id, "cumulative": e.cumulative, "signature": e.signature}
+            for e in entries
+        ],
+    )
+
+
+def entries_of(conn: Connection, batch_id: str) -> list[Entry]:
+    query = (
+        select(settlement_entries)
+        .where(settlement_entries.c.batch_id == batch_id)
+        .order_by(settlement_entries.c.channel_id)
+    )
+    return [Entry(r.channel_id, r.cumulative, r.signature, r.outcome) for r in conn.execute(query)]
+
+
+def add_tx(conn: Connection, batch_id: str, tx: SentTx) -> None:
+    conn.execute(
+        settlement_txs.insert().values(
+            tx_hash=tx.tx_hash,
+            batch_id=batch_id,
+            nonce=tx.nonce,
+            max_fee=tx.max_fee,
+            priority_fee=tx.priority_fee,
+            raw=tx.raw,
+            sent_at_us=None,
+            created_at_us=to_us(tx.created_at),
+        )
+    )
+    conn.execute(
+        update(settlement_batches)
+        .where(settlement_batches.c.batch_id == batch_id)
+        .values(tx_hash=tx.tx_hash, updated_at_us=to_us(tx.created_at))
+    )
+
+
+def mark_sent(conn: Connection, batch_id: str, tx_hash: str, now: datetime) -> None:
+    conn.execute(update(settlement_txs).where(settlement_txs.c.tx_hash == tx_hash).values(sent_at_us=to_us(now)))
+    conn.execute(
+        update(settlement_batches)
+        .where(settlement_batches.c.batch_id == batch_id, settlement_batches.c.status == "pending")
+        .values(status="sent", updated_at_us=to_us(now))
+    )
+
+
+def txs_of(conn: Connection, batch_id: str) -> list[SentTx]:
+    query = select(settlement_txs).where(settlement_txs.c.batch_id == batch_id).order_by(settlement_txs.c.created_at_us)
+    return [
+        SentTx(
+            r.tx_hash,
+            r.nonce,
+            r.max_fee,
+            r.priority_fee,
+            r.raw,
+            None if r.sent_at_us is None else from_us(r.sent_at_us),
+            from_us(r.created_at_us),
+        )
+        for r in conn.execute(query)
+    ]
+
+
+def finish_batch(
+    conn: Connection,
+    batch_id: str,
+    *,
+    status: str,
+    now: datetime,
+    outcomes: Mapping[str, int] | None = None,
+    tx_hash: str | None = None,
+    block_number: int | None = None,
+    gas_used: int | None = None,
+    gas_price: int | None = None,
+    error: str | None = None,
+) -> None:
+    """Record the outcome read from the chain: 'confirmed' with each entry's outcome, or 'failed'."""
+    values: dict[str, Any] = {"status": status, "updated_at_us": to_us(now), "error": error}
+    if tx_hash is not None:
+        values.update(tx_hash=tx_hash, block_number=block_number, gas_used=gas_used, gas_price=gas_price)
+    conn.execute(update(settlement_batches).where(settlement_batches.c.batch_id == batch_id).values(**values))
+    for channel_id, outcome in (outcomes or {}).items():
+        conn.execute(
+            update(settlement_entries)
+            .where(settlement_entries.c.batch_id == batch_id, settlement_entries.c.channel_id == channel_id)
+            .values(outcome=outcome)
+        )
+
+
+def recent_batches(conn: Connection, limit: int = 10) -> list[tuple[Batch, int]]:
+    """The latest batches with their entry counts, newest first."""
+    counts = (
+        select(settlement_entries.c.batch_id, func.count().label("n"))
+        .group_by(settlement_entries.c.batch_id)
+        .subquery()
+    )
+    query = (
+        select(settlement_batches, counts.c.n)
+        .join(counts, counts.c.batch_id == settlement_batches.c.batch_id, isouter=True)
+        .order_by(settlement_batches.c.created_at_us.desc())
+        .limit(limit)
+    )
+    return [(_batch(row), int(row.n or 0)) for row in conn.execute(query)]
+
+
+def closing_with_work(conn: Connection) -> list[Channel]:
+    """Closing channels whose accepted vouchers are not all settled on chain: the watchtower's list."""
+    query = (
+        select(channels)
+        .where(channels.c.status == int(ChannelStatus.CLOSING), channels.c.accepted > channels.c.settled)
+        .order_by(channels.c.close_deadline)
+    )
+    return [channel_from_row(row) for row in conn.execute(query)]

@@ -1,0 +1,312 @@
+"""The settlement engine on the real hub and both stores: batches settle exactly what was accepted, once, whatever
+crash comes between the steps; fee bumps; the watchtower; a settler without funds."""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable, Iterator
+from typing import Any
+
+import pytest
+from eth_account.signers.local import LocalAccount
+from web3 import Web3
+from web3.contract import Contract
+
+from settlement.model import Voucher
+from settlement.service import Service
+from settlement.settler import SETTLED, Settler
+from settlement.store import channels as channel_q
+from settlement.store import settlements as batch_q
+from tests.hub_helpers import ETH, Channel, send
+
+Sign = Callable[..., bytes]
+
+
+class Crash(Exception):
+    """Stands for the process dying at a chosen point."""
+
+
+@pytest.fixture
+def settler_account(accounts: list[LocalAccount]) -> LocalAccount:
+    return accounts[19]
+
+
+@pytest.fixture
+def engine(
+    make_service: Callable[..., Service], settler_account: LocalAccount
+) -> Iterator[Callable[..., tuple[Service, Settler]]]:
+    """Factory: engine(**settings) -> (service, settler) sharing this test's store; call again to 'restart'."""
+    made: list[Service] = []
+
+    def make(**overrides: Any) -> tuple[Service, Settler]:
+        settings: dict[str, Any] = {"settle_interval": 3600.0, **overrides}
+        service = make_service(**settings)
+        made.append(service)
+        settler = Settler(service.db, service.w3, service.hub, settler_account, service.settings, service.metrics)
+        return service, settler
+
+    yield make
+
+
+def pay(service: Service, channel: Channel, cumulative: int, sign: Sign) -> None:
+    voucher = Voucher("0x" + channel.id.hex(), cumulative, sign(channel.payer, channel.id, cumulative))
+    outcome = service.ingestor.ingest([voucher])[0]
+    assert not isinstance(outcome, Exception), outcome
+
+
+def settled_on_chain(hub: Contract, channel: Channel) -> int:
+    return int(hub.functions.channel(channel.id).call()[4])
+
+
+def wait_indexed(service: Service) -> None:
+    while service.indexer.poll():
+        pass
+
+
+def run_until_idle(settler: Settler, service: Service, ticks: int = 10) -> None:
+    for _ in range(ticks):
+        settler.tick()
+        wait_indexed(service)
+        with service.db.read() as conn:
+            if not batch_q.open_batches(conn):
+                return
+    raise AssertionError("batches still open")
+
+
+def test_batches_settle_exactly_the_accepted_amounts(
+    engine: Callable[..., tuple[Service, Settler]],
+    open_channel: Callable[..., Channel],
+    accounts: list[LocalAccount],
+    token: Contract,
+    hub: Contract,
+    sign: Sign,
+) -> None:
+    service, settler = engine()
+    alice, bob = accounts[7].address, accounts[8].address
+    channels = [
+        open_channel(accounts[5], alice, amount=10**18),
+        open_channel(accounts[6], alice, amount=10**18),
+        open_channel(accounts[5], bob, token=token, amount=10**24),
+    ]
+    wait_indexed(service)
+    for round_amounts in ([100, 200, 300], [1_000, 2_000, 10**23]):
+        for channel, amount in zip(channels, round_amounts, strict=True):
+            pay(service, channel, amount, sign)
+        started = settler.tick(force=True).started
+        assert started is not None
+        run_until_idle(settler, service)
+        assert [settled_on_chain(hub, c) for c in channels] == round_amounts
+        assert hub.functions.balanceOf(alice, ETH).call() == sum(round_amounts[:2])
+        assert hub.functions.balanceOf(bob, token.address).call() == round_amounts[2]
+    with service.db.read() as conn:
+        batches = batch_q.recent_batches(conn)
+        entries = [batch_q.entries_of(conn, b.batch_id) for b, _ in batches]
+        left = batch_q.settleable(conn)
+    assert [(b.status, n) for b, n in batches] == [("confirmed", 3), ("confirmed", 3)]
+    assert all(e.outcome == SETTLED for batch in entries for e in batch)
+    assert left == []
+    assert settler.tick(force=True).started is None  # nothing left to settle
+
+
+def test_a_regular_batch_waits_for_the_interval_and_the_minimum(
+    engine: Callable[..., tuple[Service, Settler]],
+    open_channel: Callable[..., Channel],
+    accounts: list[LocalAccount],
+    sign: Sign,
+) -> None:
+    now = [1_000_000.0]
+    service, _ = engine(min_settle_amount=50, settle_interval=30)
+    settler = Settler(
+        service.db, service.w3, service.hub, accounts[19], service.settings, service.metrics, clock=lambda: now[0]
+    )
+    small = open_channel(accounts[5], accounts[7].address, amount=1_000)
+    big = open_channel(accounts[6], accounts[7].address, amount=1_000)
+    wait_indexed(service)
+    pay(service, small, 10, sign)
+    pay(service, big, 60, sign)
+    assert settler.tick().started is None  # not due yet
+    now[0] += 31
+    started = settler.tick().started
+    assert started is not None
+    with service.db.read() as conn:
+        assert [e.channel_id for e in batch_q.entries_of(conn, started)] == ["0x" + big.id.hex()]
+
+
+@pytest.mark.parametrize("crash_in", ["_send", "_broadcast", "mark_sent", "record"])
+def test_a_crash_at_any_step_settles_once_after_restart(
+    engine: Callable[..., tuple[Service, Settler]],
+    open_channel: Callable[..., Channel],
+    accounts: list[LocalAccount],
+    settler_account: LocalAccount,
+    hub: Contract,
+    w3: Web3,
+    sign: Sign,
+    monkeypatch: pytest.MonkeyPatch,
+    crash_in: str,
+) -> None:
+    """_send: after the intent, before a transaction exists; _broadcast: signed and stored, never sent;
+    mark_sent: sent (and mined, anvil mines at once) but not recorded as sent; record: mined, outcome not recorded."""
+    service, settler = engine()
+    payee = accounts[7].address
+    channel = open_channel(accounts[5], payee, amount=10**18)
+    wait_indexed(service)
+    pay(service, channel, 777, sign)
+    nonce_before = w3.eth.get_transaction_count(settler_account.address)
+
+    def crash(*_args: Any, **_kwargs: Any) -> None:
+        raise Crash(crash_in)
+
+    if crash_in == "mark_sent":
+        monkeypatch.setattr(batch_q, "mark_sent", crash)
+    elif crash_in == "record":
+        monkeypatch.setattr(batch_q, "finish_batch", crash)
+    else:
+        monkeypatch.setattr(Settler, crash_in, crash)
+    with pytest.raises(Crash):
+        settler.tick(force=True)
+        settler.tick()  # 'record' crashes on the tick that reads the receipt
+    monkeypatch.undo()
+
+    _, restarted = engine()
+    run_until_idle(restarted, service)
+    assert settled_on_chain(hub, channel) == 777
+    assert hub.functions.balanceOf(payee, ETH).call() == 777
+    assert w3.eth.get_transaction_count(settler_account.address) == nonce_before + 1  # one transaction, no gap
+    with service.db.read() as conn:
+        (batch, entries), *_ = batch_q.recent_batches(conn)
+    assert (batch.status, entries) == ("confirmed", 1)
+
+
+def test_an_unmined_batch_is_replaced_with_higher_fees(
+    engine: Callable[..., tuple[Service, Settler]],
+    open_channel: Callable[..., Channel],
+    accounts: list[LocalAccount],
+    settler_account: LocalAccount,
+    hub: Contract,
+    w3: Web3,
+    sign: Sign,
+) -> None:
+    service, settler = engine(bump_after=0.01)
+    channel = open_channel(accounts[5], accounts[7].address, amount=10**18)
+    wait_indexed(service)
+    pay(service, channel, 500, sign)
+    w3.provider.make_request("evm_setAutomine", [False])
+    try:
+        batch_id = settler.tick(force=True).started
+        assert batch_id is not None
+        time.sleep(0.05)
+        settler.tick()  # not mined after bump_after: replaced with the same nonce
+        with service.db.read() as conn:
+            txs = batch_q.txs_of(conn, batch_id)
+        assert len(txs) == 2 and txs[0].nonce == txs[1].nonce
+        assert txs[1].max_fee > txs[0].max_fee and txs[1].priority_fee > txs[0].priority_fee
+        w3.provider.make_request("evm_mine", [])
+    finally:
+        w3.provider.make_request("evm_setAutomine", [True])
+    run_until_idle(settler, service)
+    assert settled_on_chain(hub, channel) == 500
+    with service.db.read() as conn:
+        (batch, _), *_ = batch_q.recent_batches(conn)
+    assert batch.tx_hash == txs[1].tx_hash  # the replacement is the one that mined
+
+
+def test_watchtower_settles_a_close_that_happened_while_the_service_was_down(
+    engine: Callable[..., tuple[Service, Settler]],
+    open_channel: Callable[..., Channel],
+    accounts: list[LocalAccount],
+    hub: Contract,
+    w3: Web3,
+    sign: Sign,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    service, _ = engine()
+    payer, payee = accounts[5], accounts[7].address
+    channel = open_channel(payer, payee, amount=10**18)
+    wait_indexed(service)
+    pay(service, channel, 40, sign)
+    pay(service, channel, 90, sign)
+    service.stop()
+    # the payer closes while nothing watches; the hub's challenge period is an hour; 50 minutes pass
+    send(w3, hub.functions.requestClose(channel.id), payer.address)
+    w3.provider.make_request("evm_increaseTime", [3000])
+    w3.provider.make_request("evm_mine", [])
+
+    restarted, watch = engine(close_alert_seconds=10**9)  # any deadline counts as near: the alert must fire
+    wait_indexed(restarted)
+    with caplog.at_level(logging.CRITICAL, logger="settlement.settler"):
+        assert watch.tick().started is not None  # no interval wait: a close is pending
+    assert "close_deadline_at_risk" in caplog.text
+    run_until_idle(watch, restarted)
+    assert settled_on_chain(hub, channel) == 90
+    w3.provider.make_request("evm_increaseTime", [601])
+    w3.provider.make_request("evm_mine", [])
+    send(w3, hub.functions.finalizeClose(channel.id), payer.address)
+    assert hub.functions.balanceOf(payee, ETH).call() == 90
+    assert hub.functions.balanceOf(payer.address, ETH).call() == 10**18 - 90
+
+
+def test_a_missed_deadline_raises_a_critical_alert(
+    engine: Callable[..., tuple[Service, Settler]],
+    open_channel: Callable[..., Channel],
+    accounts: list[LocalAccount],
+    hub: Contract,
+    w3: Web3,
+    sign: Sign,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    service, _ = engine()
+    channel = open_channel(accounts[5], accounts[7].address, amount=10**18)
+    wait_indexed(service)
+    pay(service, channel, 40, sign)
+    send(w3, hub.functions.requestClose(channel.id), accounts[5].address)
+    wait_indexed(service)
+    late = Settler(
+        service.db,
+        service.w3,
+        service.hub,
+        accounts[19],
+        service.settings,
+        service.metrics,
+        clock=lambda: 4_000_000_000.0,
+    )  # long after the deadline
+    with caplog.at_level(logging.CRITICAL, logger="settlement.settler"):
+        late.tick()
+    assert "close_deadline_missed" in caplog.text
+    assert 'settlement_alerts_total{kind="close_deadline_missed"}' in _metrics(service)
+
+
+def test_a_settler_without_funds_keeps_the_intent_and_resumes_after_a_top_up(
+    engine: Callable[..., tuple[Service, Settler]],
+    open_channel: Callable[..., Channel],
+    accounts: list[LocalAccount],
+    settler_account: LocalAccount,
+    hub: Contract,
+    w3: Web3,
+    sign: Sign,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    service, settler = engine()
+    channel = open_channel(accounts[5], accounts[7].address, amount=10**18)
+    wait_indexed(service)
+    pay(service, channel, 321, sign)
+    funds = w3.eth.get_balance(settler_account.address)
+    w3.provider.make_request("anvil_setBalance", [settler_account.address, hex(10**9)])
+    with caplog.at_level(logging.CRITICAL, logger="settlement.settler"):
+        batch_id = settler.tick(force=True).started
+        settler.tick()
+    assert batch_id is not None and "low_funds" in caplog.text
+    with service.db.read() as conn:
+        assert [b.batch_id for b in batch_q.open_batches(conn)] == [batch_id]
+        assert batch_q.txs_of(conn, batch_id) == []
+    w3.provider.make_request("anvil_setBalance", [settler_account.address, hex(funds)])
+    run_until_idle(settler, service)
+    assert settled_on_chain(hub, channel) == 321
+    with service.db.read() as conn:
+        assert channel_q.get_channel(conn, "0x" + channel.id.hex()).settled == 321  # type: ignore[union-attr]
+
+
+def _metrics(service: Service) -> str:
+    from prometheus_client import generate_latest
+
+    return generate_latest(service.metrics.registry).decode()
