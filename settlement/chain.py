@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -10,6 +11,7 @@ from typing import Any
 
 import requests
 from eth_abi.abi import decode as abi_decode
+from eth_account import Account
 from eth_account.signers.local import LocalAccount
 from eth_utils.abi import function_signature_to_4byte_selector
 from eth_utils.address import to_checksum_address
@@ -19,7 +21,11 @@ from web3.contract.contract import ContractConstructor, ContractFunction
 from web3.exceptions import ContractCustomError, ContractLogicError, TimeExhausted, Web3RPCError
 from web3.types import Nonce, TxParams, TxReceipt
 
-from settlement.errors import ChainError, ChainUnavailableError, TransactionFailedError
+from settlement.config import Settings
+from settlement.devnet import devnet_accounts
+from settlement.errors import ChainError, ChainUnavailableError, ConfigError, TransactionFailedError
+
+logger = logging.getLogger(__name__)
 
 GAS_HEADROOM = 1.2  # estimates are exact on anvil, but state can move between estimate and inclusion
 NONCE_RETRIES = 3
@@ -143,3 +149,14 @@ class Transactor:
         if self._next_nonce is None:
             self._next_nonce = self.w3.eth.get_transaction_count(self.account.address, "pending")
         return self._next_nonce
+
+
+def operator_account(settings: Settings, w3: Web3) -> LocalAccount:
+    """The configured key; on a local anvil only, fall back to its first funded account."""
+    if settings.private_key is not None:
+        account: LocalAccount = Account.from_key(settings.private_key.get_secret_value())
+        return account
+    if w3.client_version.lower().startswith("anvil") and w3.eth.chain_id == settings.devnet_chain_id:
+        logger.warning("SETTLEMENT_PRIVATE_KEY unset: using the devnet's first account (anvil only)")
+        return devnet_accounts(settings.devnet_mnemonic, 1)[0]
+    raise ConfigError("SETTLEMENT_PRIVATE_KEY is required on any chain but a local anvil devnet")

@@ -8,19 +8,16 @@ from typing import Annotated
 
 import typer
 import uvicorn
-from eth_account import Account
-from eth_account.signers.local import LocalAccount
 from hexbytes import HexBytes
 from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
-from web3 import Web3
 
-from settlement.chain import connect
+from settlement.chain import connect, operator_account
 from settlement.config import Settings, get_settings
 from settlement.deployment import Deployment, deploy_hub
-from settlement.devnet import Devnet, devnet_accounts
-from settlement.errors import ConfigError, SettlementError
+from settlement.devnet import Devnet
+from settlement.errors import SettlementError
 
 app = typer.Typer(help="ChannelHub micropayment settlement: devnet, deploy, serve.", no_args_is_help=True)
 console = Console()
@@ -30,17 +27,6 @@ err_console = Console(stderr=True)
 def _fail(ex: SettlementError) -> typer.Exit:
     err_console.print(f"[bold red]error[/] {escape(f'[{ex.code}] {ex.message}')}")
     return typer.Exit(code=1)
-
-
-def operator_account(settings: Settings, w3: Web3) -> LocalAccount:
-    """The configured key; on a local anvil only, fall back to its first funded account."""
-    if settings.private_key is not None:
-        account: LocalAccount = Account.from_key(settings.private_key.get_secret_value())
-        return account
-    if w3.client_version.lower().startswith("anvil") and w3.eth.chain_id == settings.devnet_chain_id:
-        err_console.print("[yellow]SETTLEMENT_PRIVATE_KEY unset: using the devnet's first account (anvil only)[/]")
-        return devnet_accounts(settings.devnet_mnemonic, 1)[0]
-    raise ConfigError("SETTLEMENT_PRIVATE_KEY is required on any chain but a local anvil devnet")
 
 
 def _print_devnet(devnet: Devnet) -> None:

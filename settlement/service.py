@@ -1,7 +1,9 @@
-"""Wiring: one deployment's store, chain connection, indexer and ingest pipeline, with their background threads."""
+"""Wiring: one deployment's store, chain connection, indexer, ingest pipeline and settlement engine, with their
+background threads."""
 
 from __future__ import annotations
 
+import logging
 import threading
 from dataclasses import dataclass, field
 
@@ -9,15 +11,20 @@ import requests
 from web3 import Web3
 from web3.contract import Contract
 
-from settlement.chain import connect
+from settlement.chain import connect, operator_account
 from settlement.config import Settings
 from settlement.deployment import Deployment, hub_contract
+from settlement.errors import SettlementError
 from settlement.indexer import Indexer
 from settlement.ingest import Ingestor
+from settlement.lease import Lease
 from settlement.metrics import Metrics
+from settlement.settler import Settler
 from settlement.store import Database
 from settlement.store.meta import bind_deployment
 from settlement.vouchers import Domain, VoucherVerifier, read_domain
+
+logger = logging.getLogger(__name__)
 
 
 @dataclass
@@ -34,6 +41,8 @@ class Service:
     metrics: Metrics
     indexer: Indexer
     ingestor: Ingestor
+    settler: Settler | None = None
+    lease: Lease | None = None
     _stop: threading.Event = field(default_factory=threading.Event)
     _threads: list[threading.Thread] = field(default_factory=list)
 
@@ -68,7 +77,12 @@ class Service:
             close_guard=settings.close_guard_seconds,
             group_max=settings.ingest_group_max,
         )
-        return cls(settings, deployment, w3, session, hub, domain, db, metrics, indexer, ingestor)
+        service = cls(settings, deployment, w3, session, hub, domain, db, metrics, indexer, ingestor)
+        if settings.engine_enabled:
+            account = operator_account(settings, w3)
+            service.settler = Settler(db, w3, hub, account, settings, metrics)
+            service.lease = Lease(db)
+        return service
 
     def start(self) -> None:
         self._stop.clear()
@@ -78,6 +92,26 @@ class Service:
         )
         thread.start()
         self._threads.append(thread)
+        if self.settler is not None:
+            engine = threading.Thread(target=self._run_engine, name="settlement-engine", daemon=True)
+            engine.start()
+            self._threads.append(engine)
+
+    def _run_engine(self) -> None:
+        """Tick the settler while this process holds the lease; otherwise stand by and try to take it over."""
+        assert self.settler is not None and self.lease is not None
+        while not self._stop.is_set():
+            try:
+                leader = self.lease.acquire()
+                self.metrics.engine_leader.set(1 if leader else 0)
+                if leader:
+                    self.settler.tick()
+            except SettlementError as ex:
+                logger.warning("settlement engine: %s", ex.message)
+            except Exception:
+                logger.exception("settlement engine step failed")
+            self._stop.wait(self.settings.engine_tick)
+        self.lease.release()
 
     def stop(self) -> None:
         """Stop following the chain, finish every queued voucher, release the store."""

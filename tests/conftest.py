@@ -26,6 +26,7 @@ from settlement.deployment import Deployment, deploy_hub, hub_contract
 from settlement.devnet import Devnet
 from settlement.service import Service
 from settlement.vouchers import Domain, sign_voucher
+from tests.servers import ServiceProcess
 
 ROOT = Path(__file__).resolve().parent.parent
 CHALLENGE_PERIOD = 3600
@@ -177,6 +178,7 @@ def service_settings(
             "database_url": store_url,
             "confirmations": 0,
             "indexer_interval": 0.05,
+            "engine_enabled": False,  # tests that want the engine turn it on
             **overrides,
         }
         return devnet_settings(**values)
@@ -248,3 +250,31 @@ def open_channel(w3: Web3, hub: Contract) -> Callable[..., Any]:
         return Channel(id=cid, payer=payer, payee=payee, token=asset, salt=salt, deposit=amount)
 
     return make
+
+
+@pytest.fixture
+def spawn(
+    w3: Web3, devnet: Devnet, hub_deployment: Deployment, tmp_path: Path
+) -> Iterator[Callable[..., ServiceProcess]]:
+    """Factory: spawn(database_url, **settings) -> a started service process; all are killed after the test."""
+    record = tmp_path / "deployment.json"
+    hub_deployment.save(record)
+    running: list[ServiceProcess] = []
+
+    def make(database_url: str, name: str = "service", **settings: str) -> ServiceProcess:
+        values = {
+            "rpc_url": devnet.url,
+            "deployment_file": str(record),
+            "database_url": database_url,
+            "confirmations": "0",
+            "indexer_interval": "0.05",
+            "engine_enabled": "false",
+            **settings,
+        }
+        service = ServiceProcess(values, tmp_path, name).start()
+        running.append(service)
+        return service
+
+    yield make
+    for service in running:
+        service.kill()

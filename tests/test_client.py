@@ -17,7 +17,6 @@ from web3 import Web3
 from web3.contract import Contract
 
 from settlement.client import PayerClient
-from settlement.deployment import Deployment
 from settlement.devnet import Devnet
 from settlement.errors import PaymentUncertainError, ServiceRejectedError
 from settlement.model import Receipt
@@ -29,33 +28,6 @@ from tests.servers import ServiceProcess
 from tests.test_ingest_api import body
 
 pytestmark = pytest.mark.slow
-
-
-@pytest.fixture
-def spawn(
-    w3: Web3, devnet: Devnet, hub_deployment: Deployment, tmp_path: Path
-) -> Iterator[Callable[..., ServiceProcess]]:
-    """Factory: spawn(database_url, **settings) -> a started service process; all are killed after the test."""
-    record = tmp_path / "deployment.json"
-    hub_deployment.save(record)
-    running: list[ServiceProcess] = []
-
-    def make(database_url: str, name: str = "service", **settings: str) -> ServiceProcess:
-        values = {
-            "rpc_url": devnet.url,
-            "deployment_file": str(record),
-            "database_url": database_url,
-            "confirmations": "0",
-            "indexer_interval": "0.05",
-            **settings,
-        }
-        service = ServiceProcess(values, tmp_path, name).start()
-        running.append(service)
-        return service
-
-    yield make
-    for service in running:
-        service.kill()
 
 
 @pytest.fixture

@@ -1,0 +1,84 @@
+"""The engine inside `serve`: it settles on its own, and with two processes on one PostgreSQL exactly one leads and
+the other takes over when the leader is killed."""
+
+from __future__ import annotations
+
+import re
+import time
+from collections.abc import Callable
+
+import httpx
+import pytest
+from eth_account.signers.local import LocalAccount
+from fastapi.testclient import TestClient
+from hexbytes import HexBytes
+from web3.contract import Contract
+
+from tests.hub_helpers import ETH, Channel
+from tests.servers import ServiceProcess
+from tests.test_ingest_api import body
+
+Sign = Callable[..., bytes]
+
+
+def wait_until(done: Callable[[], bool], timeout: float = 30.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not done():
+        if time.monotonic() > deadline:
+            raise AssertionError("condition not met in time")
+        time.sleep(0.1)
+
+
+def leader(url: str) -> bool:
+    text = httpx.get(f"{url}/metrics", timeout=5).text
+    match = re.search(r"^settlement_engine_leader (\S+)$", text, re.M)
+    return match is not None and float(match.group(1)) == 1.0
+
+
+def test_serve_settles_accepted_vouchers_on_its_own(
+    api: Callable[..., TestClient],
+    open_channel: Callable[..., Channel],
+    accounts: list[LocalAccount],
+    hub: Contract,
+    sign: Sign,
+) -> None:
+    key = HexBytes(accounts[19].key).to_0x_hex()
+    client = api(engine_enabled=True, private_key=key, settle_interval=0.2, engine_tick=0.05)
+    payee = accounts[7].address
+    channel = open_channel(accounts[5], payee, amount=10**18)
+    for amount in (10, 25, 60):
+        assert client.post("/v1/vouchers", json=body(channel, amount, sign(accounts[5], channel.id, amount))).is_success
+    wait_until(lambda: hub.functions.balanceOf(payee, ETH).call() == 60)
+    summary = client.get(f"/v1/payees/{payee}/summary").json()["assets"][0]
+    wait_until(lambda: client.get(f"/v1/payees/{payee}/summary").json()["assets"][0]["settled"] == "60")
+    assert summary["accepted"] == "60"
+    assert "settlement_engine_leader 1.0" in client.get("/metrics").text
+
+
+@pytest.mark.postgres
+def test_leader_failover_between_two_processes(
+    spawn: Callable[..., ServiceProcess],
+    fresh_postgres: str,
+    open_channel: Callable[..., Channel],
+    accounts: list[LocalAccount],
+    hub: Contract,
+    sign: Sign,
+) -> None:
+    key = HexBytes(accounts[19].key).to_0x_hex()
+    options = {"engine_enabled": "true", "private_key": key, "settle_interval": "0.3", "engine_tick": "0.1"}
+    services = [spawn(fresh_postgres, "a", **options), spawn(fresh_postgres, "b", **options)]
+    wait_until(lambda: sum(leader(s.url) for s in services) == 1)
+    first = next(s for s in services if leader(s.url))
+    other = next(s for s in services if s is not first)
+    payee = accounts[7].address
+    channel = open_channel(accounts[5], payee, amount=10**18)
+    assert httpx.post(f"{other.url}/v1/vouchers", json=body(channel, 5, sign(accounts[5], channel.id, 5))).is_success
+    wait_until(lambda: hub.functions.balanceOf(payee, ETH).call() == 5)
+
+    first.kill()
+    wait_until(lambda: leader(other.url), timeout=30)
+    assert httpx.post(f"{other.url}/v1/vouchers", json=body(channel, 9, sign(accounts[5], channel.id, 9))).is_success
+    wait_until(lambda: hub.functions.balanceOf(payee, ETH).call() == 9)
+    first.start()  # back as a standby: the survivor keeps the lease
+    time.sleep(1)
+    assert leader(other.url) and not leader(first.url)
