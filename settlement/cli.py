@@ -1,25 +1,37 @@
-"""The operator CLI: `settlement devnet | deploy | serve | resume | demo`."""
+"""The operator CLI: `settlement devnet | deploy | serve | settle | status | channels | reconcile | withdraw |
+resume | demo`."""
 
 from __future__ import annotations
 
+import json
 import signal
+import time
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Annotated
 
 import typer
 import uvicorn
+from eth_account import Account
+from eth_account.signers.local import LocalAccount
 from hexbytes import HexBytes
 from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
+from web3 import Web3
 
-from settlement.chain import connect, operator_account
+from settlement.api.schemas import ChannelOut
+from settlement.chain import Transactor, connect, operator_account
 from settlement.config import Settings, get_settings
 from settlement.deployment import Deployment, deploy_hub
 from settlement.devnet import Devnet
-from settlement.errors import SettlementError
+from settlement.errors import ChainError, ConfigError, SettlementError
+from settlement.model import ETH
+from settlement.service import Service
+from settlement.store import channels as channel_q
+from settlement.store import settlements as batch_q
 
-app = typer.Typer(help="ChannelHub micropayment settlement: devnet, deploy, serve.", no_args_is_help=True)
+app = typer.Typer(help="ChannelHub micropayment settlement: run, settle and check it.", no_args_is_help=True)
 console = Console()
 err_console = Console(stderr=True)
 
@@ -128,11 +140,9 @@ def resume(
     channel_id: Annotated[str, typer.Argument(help="0x-prefixed channel id")],
 ) -> None:
     """Accept vouchers again for a channel a deep reorg suspended, after checking it; its chain state is re-read."""
-    from settlement.service import Service
-
     settings = get_settings()
     try:
-        service = Service.build(settings)
+        service = _service(settings)
         try:
             channel = service.indexer.resume(channel_id.lower())
         finally:
@@ -142,6 +152,251 @@ def resume(
     console.print(
         f"channel {channel.channel_id} resumed: deposit {channel.deposit}, settled {channel.settled}, "
         f"accepted {channel.accepted} (as of block {channel.as_of_block})"
+    )
+
+
+def _service(settings: Settings, *, engine: bool = False) -> Service:
+    """The service's parts without their threads, for one-shot commands."""
+    return Service.build(settings.model_copy(update={"engine_enabled": engine}))
+
+
+@app.command()
+def settle(
+    timeout: Annotated[float, typer.Option(help="seconds to wait for the batch to confirm")] = 300.0,
+) -> None:
+    """Settle now: catch the indexer up, send one batch of every settleable channel, wait until it is confirmed."""
+    settings = get_settings()
+    try:
+        service = _service(settings, engine=True)
+        assert service.settler is not None and service.lease is not None
+        try:
+            if not service.lease.acquire():
+                raise ConfigError("another process runs the settlement engine on this store; it settles already")
+            with console.status("catching up with the chain…"):
+                while service.indexer.poll():
+                    pass
+            result = service.settler.tick(force=True)
+            deadline = time.monotonic() + timeout
+            with console.status("waiting for confirmations…"):
+                while service.settler.reconcile() == [] and _open(service) and time.monotonic() < deadline:
+                    time.sleep(0.5)
+            _print_batches(service, 1 if result.started else 0)
+            if result.started is None and not result.finished:
+                console.print("nothing to settle")
+            if _open(service):
+                raise ChainError(f"the batch is not confirmed after {timeout:.0f}s; the engine will carry on with it")
+        finally:
+            if service.lease is not None:
+                service.lease.release()
+            service.stop()
+    except SettlementError as ex:
+        raise _fail(ex) from ex
+
+
+def _open(service: Service) -> bool:
+    with service.db.read() as conn:
+        return bool(batch_q.open_batches(conn))
+
+
+def _print_batches(service: Service, limit: int) -> None:
+    if limit <= 0:
+        return
+    with service.db.read() as conn:
+        batches = batch_q.recent_batches(conn, limit)
+    table = Table(title="settlement batches")
+    for column in ("batch", "status", "channels", "gas", "block", "tx", "created"):
+        table.add_column(column)
+    for batch, entries in batches:
+        table.add_row(
+            batch.batch_id[:12],
+            batch.status,
+            str(entries),
+            f"{batch.gas_used:,}" if batch.gas_used else "-",
+            str(batch.block_number or "-"),
+            batch.tx_hash or "-",
+            batch.created_at.isoformat(timespec="seconds"),
+        )
+    console.print(table)
+
+
+@app.command()
+def status(
+    as_json: Annotated[bool, typer.Option("--json", help="one JSON object instead of tables")] = False,
+) -> None:
+    """Unsettled value per asset, the next regular settlement, pending closes with deadlines, the last batches."""
+    settings = get_settings()
+    try:
+        service = _service(settings)
+        try:
+            with service.db.read() as conn:
+                unsettled = channel_q.unsettled_by_token(conn)
+                closes = batch_q.closing_with_work(conn)
+                batches = batch_q.recent_batches(conn, 10)
+        finally:
+            service.stop()
+    except SettlementError as ex:
+        raise _fail(ex) from ex
+    last = batches[0][0].created_at if batches else None
+    next_at = (last.timestamp() + settings.settle_interval) if last else None
+    if as_json:
+        print(
+            json.dumps(
+                {
+                    "unsettled": {token: str(value) for token, value in unsettled.items()},
+                    "nextSettlementAt": next_at,
+                    "pendingCloses": [
+                        {"channelId": c.channel_id, "deadline": c.close_deadline, "unsettled": str(c.unsettled)}
+                        for c in closes
+                    ],
+                    "batches": [
+                        {
+                            "batchId": b.batch_id,
+                            "status": b.status,
+                            "channels": n,
+                            "gasUsed": b.gas_used,
+                            "txHash": b.tx_hash,
+                            "createdAt": b.created_at.isoformat(),
+                        }
+                        for b, n in batches
+                    ],
+                }
+            )
+        )
+        return
+    table = Table(title="unsettled value")
+    table.add_column("asset")
+    table.add_column("base units", justify="right")
+    for token, value in sorted(unsettled.items()):
+        table.add_row("ETH" if token == ETH else token, f"{value:,}")
+    console.print(table)
+    when = datetime.fromtimestamp(next_at, UTC).isoformat(timespec="seconds") if next_at else "at the next engine tick"
+    console.print(f"next regular settlement: {when} (every {settings.settle_interval:g}s)")
+    if closes:
+        closing = Table(title="pending closes")
+        for column in ("channel", "deadline", "unsettled"):
+            closing.add_column(column)
+        for c in closes:
+            deadline = datetime.fromtimestamp(c.close_deadline or 0, UTC).isoformat(timespec="seconds")
+            closing.add_row(c.channel_id, deadline, f"{c.unsettled:,}")
+        console.print(closing)
+    else:
+        console.print("no pending closes")
+    service_batches = Table(title="last batches")
+    for column in ("batch", "status", "channels", "gas", "tx"):
+        service_batches.add_column(column)
+    for b, n in batches:
+        service_batches.add_row(b.batch_id[:12], b.status, str(n), f"{b.gas_used or 0:,}", b.tx_hash or "-")
+    console.print(service_batches)
+
+
+@app.command()
+def channels(
+    payee: Annotated[str | None, typer.Option(help="only this payee")] = None,
+    payer: Annotated[str | None, typer.Option(help="only this payer")] = None,
+    limit: Annotated[int, typer.Option(help="rows at most")] = 50,
+    as_json: Annotated[bool, typer.Option("--json")] = False,
+) -> None:
+    """The channels the service knows, with accepted, settled and deposit."""
+    settings = get_settings()
+    try:
+        service = _service(settings)
+        try:
+            with service.db.read() as conn:
+                page = channel_q.list_channels(conn, payer=payer, payee=payee, limit=limit)
+        finally:
+            service.stop()
+    except SettlementError as ex:
+        raise _fail(ex) from ex
+    if as_json:
+        print(json.dumps([ChannelOut.of(c).model_dump() for c in page.items]))
+        return
+    table = Table(title="channels")
+    for column in ("channel", "payer", "payee", "asset", "deposit", "accepted", "settled", "status"):
+        table.add_column(column)
+    for c in page.items:
+        table.add_row(
+            c.channel_id[:18] + "…",
+            c.payer,
+            c.payee,
+            "ETH" if c.token == ETH else c.token,
+            f"{c.deposit:,}",
+            f"{c.accepted:,}",
+            f"{c.settled:,}",
+            c.status.name.lower() + (" (suspended)" if c.suspended_reason else ""),
+        )
+    console.print(table)
+
+
+@app.command("reconcile")
+def reconcile_command(
+    as_json: Annotated[bool, typer.Option("--json")] = False,
+) -> None:
+    """Store versus chain per channel; exits 1 when a difference is not explained by pending work."""
+    from settlement.reconcile import reconcile
+
+    settings = get_settings()
+    try:
+        service = _service(settings)
+        try:
+            block, rows = reconcile(service.db, service.indexer)
+        finally:
+            service.stop()
+    except SettlementError as ex:
+        raise _fail(ex) from ex
+    bad = [r for r in rows if r.problem and not r.explained]
+    if as_json:
+        print(json.dumps({"block": block, "mismatches": len(bad), "channels": [r.as_json() for r in rows]}))
+    else:
+        table = Table(title=f"store vs chain at block {block}")
+        for column in ("channel", "status", "accepted", "settled (store/chain)", "deposit (store/chain)", "problem"):
+            table.add_column(column)
+        for r in rows:
+            table.add_row(
+                r.channel_id[:18] + "…",
+                r.status,
+                f"{r.accepted:,}",
+                f"{r.settled_store:,} / {r.settled_chain if r.settled_chain is not None else '-'}",
+                f"{r.deposit_store:,} / {r.deposit_chain if r.deposit_chain is not None else '-'}",
+                escape(r.problem or ("in flight" if r.in_flight else "ok")),
+            )
+        console.print(table)
+        console.print(f"{len(rows)} channels, {len(bad)} unexplained mismatch(es)")
+    if bad:
+        raise typer.Exit(code=1)
+
+
+@app.command()
+def withdraw(
+    private_key: Annotated[
+        str, typer.Option(envvar="SETTLEMENT_WITHDRAW_KEY", help="the payee's key (or SETTLEMENT_WITHDRAW_KEY)")
+    ],
+    token: Annotated[str | None, typer.Option(help="ERC-20 address (default: ETH)")] = None,
+    amount: Annotated[int | None, typer.Option(help="base units (default: the whole balance)")] = None,
+    to: Annotated[str | None, typer.Option(help="recipient (default: the payee itself)")] = None,
+) -> None:
+    """A payee (or a payer's refund) takes its credited balance out of the hub."""
+    from settlement.deployment import hub_contract
+
+    settings = get_settings()
+    try:
+        deployment = Deployment.load(settings.deployment_file)
+        w3 = connect(settings.rpc_url, settings.rpc_timeout)
+        deployment.check(w3)
+        hub = hub_contract(w3, deployment)
+        account: LocalAccount = Account.from_key(private_key)
+        asset = Web3.to_checksum_address(token) if token else ETH
+        balance = int(hub.functions.balanceOf(account.address, asset).call())
+        value = balance if amount is None else amount
+        if value <= 0 or value > balance:
+            raise ConfigError(f"{account.address} holds {balance} of {asset} in the hub; cannot withdraw {value}")
+        receipt = Transactor(w3, account, list(hub.abi), timeout=settings.tx_timeout).send(  # type: ignore[arg-type]
+            hub.functions.withdraw(asset, value, Web3.to_checksum_address(to or account.address))
+        )
+    except SettlementError as ex:
+        raise _fail(ex) from ex
+    console.print(
+        f"withdrew {value:,} of {'ETH' if asset == ETH else asset} to {to or account.address} "
+        f"(tx {receipt['transactionHash'].to_0x_hex()})"
     )
 
 
@@ -171,6 +426,7 @@ def demo(
                     "rpc_url": net.url,
                     "deployment_file": workdir / "demo-deployment.json",
                     "database_url": f"sqlite:///{demo_db}",
+                    "settle_interval": min(settings.settle_interval, 10.0),
                 }
             )
             deployment = _deploy(local, settings.challenge_period, local.deployment_file)

@@ -1,0 +1,86 @@
+"""The operator commands against a real store and devnet: settle, status, channels, reconcile, withdraw."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable
+from pathlib import Path
+
+from eth_account.signers.local import LocalAccount
+from hexbytes import HexBytes
+from sqlalchemy import text
+from web3 import Web3
+from web3.contract import Contract
+
+from settlement.config import Settings
+from settlement.model import Voucher
+from settlement.service import Service
+from tests.hub_helpers import ETH, Channel
+from tests.test_cli import run_cli
+
+
+def test_settle_status_channels_reconcile_withdraw(
+    make_service: Callable[..., Service],
+    service_settings: Callable[..., Settings],
+    open_channel: Callable[..., Channel],
+    accounts: list[LocalAccount],
+    hub: Contract,
+    w3: Web3,
+    sign: Callable[..., bytes],
+    tmp_path: Path,
+) -> None:
+    service = make_service()
+    payee = accounts[7]
+    channels = [open_channel(accounts[5], payee.address, amount=10**18), open_channel(accounts[6], payee.address)]
+    while service.indexer.poll():
+        pass
+    for channel, amount in zip(channels, (300, 500), strict=True):
+        outcome = service.ingestor.ingest(
+            [Voucher("0x" + channel.id.hex(), amount, sign(channel.payer, channel.id, amount))]
+        )[0]
+        assert not isinstance(outcome, Exception)
+    settings = service_settings()
+    env = {
+        "SETTLEMENT_RPC_URL": settings.rpc_url,
+        "SETTLEMENT_DEPLOYMENT_FILE": str(settings.deployment_file),
+        "SETTLEMENT_DATABASE_URL": settings.database_url,
+        "SETTLEMENT_CONFIRMATIONS": "0",
+        "SETTLEMENT_PRIVATE_KEY": HexBytes(accounts[19].key).to_0x_hex(),
+    }
+
+    before = json.loads(run_cli("status", "--json", env=env, cwd=tmp_path).stdout)
+    assert before["unsettled"] == {ETH: "800"}
+    assert before["batches"] == []
+
+    settled = run_cli("settle", env=env, cwd=tmp_path)
+    assert settled.returncode == 0, settled.stderr
+    assert "confirmed" in settled.stdout
+    assert hub.functions.balanceOf(payee.address, ETH).call() == 800
+
+    after = json.loads(run_cli("status", "--json", env=env, cwd=tmp_path).stdout)
+    assert [(b["status"], b["channels"]) for b in after["batches"]] == [("confirmed", 2)]
+    assert after["batches"][0]["gasUsed"] > 0 and after["batches"][0]["txHash"].startswith("0x")
+    assert "unsettled value" in run_cli("status", env=env, cwd=tmp_path).stdout
+
+    listed = json.loads(run_cli("channels", "--json", "--payee", payee.address, env=env, cwd=tmp_path).stdout)
+    assert sorted(c["settled"] for c in listed) == ["300", "500"]
+
+    report = run_cli("reconcile", "--json", env=env, cwd=tmp_path)
+    assert report.returncode == 0, report.stdout + report.stderr
+    assert json.loads(report.stdout)["mismatches"] == 0
+
+    balance = w3.eth.get_balance(payee.address)
+    out = run_cli("withdraw", env={**env, "SETTLEMENT_WITHDRAW_KEY": HexBytes(payee.key).to_0x_hex()}, cwd=tmp_path)
+    assert out.returncode == 0, out.stderr
+    assert hub.functions.balanceOf(payee.address, ETH).call() == 0
+    assert w3.eth.get_balance(payee.address) > balance - 10**15  # got 800 wei back, minus gas
+    again = run_cli("withdraw", env={**env, "SETTLEMENT_WITHDRAW_KEY": HexBytes(payee.key).to_0x_hex()}, cwd=tmp_path)
+    assert again.returncode == 1 and "cannot withdraw" in again.stderr
+
+    with service.db.write() as conn:  # the books drift from the chain: reconcile must say so
+        conn.execute(text("UPDATE channels SET settled = deposit"))
+    drift = run_cli("reconcile", env=env, cwd=tmp_path)
+    assert drift.returncode == 1
+    assert "2 unexplained mismatch(es)" in drift.stdout
+    rows = json.loads(run_cli("reconcile", "--json", env=env, cwd=tmp_path).stdout)["channels"]
+    assert {r["problem"] for r in rows} == {"settled differs"}
