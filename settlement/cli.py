@@ -132,7 +132,12 @@ def _serve(settings: Settings, host: str, port: int, log_level: str = "info") ->
     except SettlementError as ex:
         raise _fail(ex) from ex
     console.print(f"API on http://{host}:{port} (docs at /docs); store: {settings.database_url}")
-    uvicorn.run(api, host=host, port=port, log_level=log_level)
+    server = uvicorn.Server(uvicorn.Config(api, host=host, port=port, log_level=log_level))
+    try:
+        server.run()
+    except KeyboardInterrupt:  # uvicorn re-raises Ctrl-C after its graceful shutdown; that is how we stop
+        pass
+    console.print("stopped")
 
 
 @app.command()
