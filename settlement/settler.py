@@ -46,6 +46,7 @@ from settlement.vouchers import to_compact
 logger = logging.getLogger(__name__)
 
 SETTLED = 0  # entry outcome; 1..6 are the hub's VoucherSkipped reasons
+ALERT_REPEAT_SECONDS = 60.0
 
 
 @dataclass(frozen=True)
@@ -78,6 +79,7 @@ class Settler:
         self.clock = clock
         self._last_batch_at = clock()
         self._chain_id: int | None = None
+        self._alerted: dict[tuple[str, str], float] = {}
 
     @property
     def sender(self) -> str:
@@ -94,6 +96,7 @@ class Settler:
             closing = batch_q.closing_with_work(conn)
             unsettled = channel_q.unsettled_by_token(conn)
         self._watch(closing)
+        self._watch_funds()
         for token, value in unsettled.items():
             self.metrics.unsettled.labels(token).set(value)
         if in_flight:
@@ -171,7 +174,9 @@ class Settler:
         gas = min(self._estimate(call), self.settings.batch_gas_limit)
         max_fee, priority = self._fees(previous)
         if previous is not None and (max_fee, priority) == (previous.max_fee, previous.priority_fee):
-            self._alert("fee_ceiling", f"batch {batch.batch_id} is at the fee ceiling and still not mined")
+            self._alert(
+                "fee_ceiling", f"batch {batch.batch_id} is at the fee ceiling and still not mined", batch.batch_id
+            )
             self._broadcast(batch, previous)
             return
         with rpc_errors("reading the settler's balance"):
@@ -182,6 +187,7 @@ class Settler:
                 "low_funds",
                 f"settler {self.sender} holds {balance} wei, batch {batch.batch_id} may need {gas * max_fee}: "
                 "top it up; the batch waits",
+                batch.batch_id,
             )
             return
         params: TxParams = {
@@ -373,14 +379,33 @@ class Settler:
                     "close_deadline_missed",
                     f"channel {channel.channel_id}: the close deadline passed {-left}s ago with "
                     f"{channel.accepted - channel.settled} accepted but unsettled; the payee cannot be paid that",
+                    channel.channel_id,
                 )
             elif left < self.settings.close_alert_seconds:
                 self._alert(
                     "close_deadline_at_risk",
                     f"channel {channel.channel_id}: {left}s to its close deadline and "
                     f"{channel.accepted - channel.settled} still unsettled",
+                    channel.channel_id,
                 )
 
-    def _alert(self, kind: str, message: str) -> None:
+    def _watch_funds(self) -> None:
+        with rpc_errors("reading the settler's balance"):
+            balance = int(self.w3.eth.get_balance(self.account.address))
+        self.metrics.settler_balance.set(balance)
+        if balance < self.settings.low_balance_wei:
+            self._alert(
+                "low_balance",
+                f"settler {self.sender} holds {balance} wei, under SETTLEMENT_LOW_BALANCE_WEI "
+                f"({self.settings.low_balance_wei}): top it up before batches stall",
+            )
+
+    def _alert(self, kind: str, message: str, subject: str = "") -> None:
+        """Log at CRITICAL and count; the same alert repeats at most once a minute (the engine ticks every second)."""
+        key = (kind, subject)
+        now = self.clock()
+        if now - self._alerted.get(key, float("-inf")) < ALERT_REPEAT_SECONDS:
+            return
+        self._alerted[key] = now
         self.metrics.alerts.labels(kind).inc()
         logger.critical("ALERT %s: %s", kind, message)

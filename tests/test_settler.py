@@ -295,7 +295,7 @@ def test_a_settler_without_funds_keeps_the_intent_and_resumes_after_a_top_up(
     with caplog.at_level(logging.CRITICAL, logger="settlement.settler"):
         batch_id = settler.tick(force=True).started
         settler.tick()
-    assert batch_id is not None and "low_funds" in caplog.text
+    assert batch_id is not None and "low_funds" in caplog.text and "low_balance" in caplog.text
     with service.db.read() as conn:
         assert [b.batch_id for b in batch_q.open_batches(conn)] == [batch_id]
         assert batch_q.txs_of(conn, batch_id) == []
