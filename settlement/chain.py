@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import logging
 import threading
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any
@@ -24,6 +24,7 @@ from web3.types import Nonce, TxParams, TxReceipt
 from settlement.config import Settings
 from settlement.devnet import devnet_accounts
 from settlement.errors import ChainError, ChainUnavailableError, ConfigError, TransactionFailedError
+from settlement.rpc import FailoverProvider
 
 logger = logging.getLogger(__name__)
 
@@ -31,16 +32,31 @@ GAS_HEADROOM = 1.2  # estimates are exact on anvil, but state can move between e
 NONCE_RETRIES = 3
 
 
-def connect(url: str, timeout: float = 10.0, session: requests.Session | None = None) -> Web3:
-    """A Web3 for `url`; raises ChainUnavailableError if nothing answers there.
+def connect(
+    url: str,
+    timeout: float = 10.0,
+    session: requests.Session | None = None,
+    fallbacks: Sequence[str] = (),
+    primary_retry: float = 10.0,
+) -> Web3:
+    """A Web3 for `url` (and `fallbacks`, tried in order when it fails); raises ChainUnavailableError if none answers.
 
     Pass `session` to own the HTTP connections (and close them with it); web3's default keeps one per thread.
     """
-    w3 = Web3(Web3.HTTPProvider(url, request_kwargs={"timeout": timeout}, session=session))
+    provider = FailoverProvider([url, *fallbacks], timeout=timeout, session=session, primary_retry=primary_retry)
+    w3 = Web3(provider)
     try:
-        w3.eth.chain_id  # noqa: B018 - the call is the connectivity probe
+        chain_id = w3.eth.chain_id
     except (requests.RequestException, OSError, Web3RPCError) as ex:
-        raise ChainUnavailableError(f"no JSON-RPC answer at {url}: {ex}") from ex
+        raise ChainUnavailableError(f"no JSON-RPC answer at {', '.join(provider.urls)}: {ex}") from ex
+    for other in fallbacks:
+        probe = Web3(Web3.HTTPProvider(other, request_kwargs={"timeout": timeout}))
+        try:
+            other_id = probe.eth.chain_id
+        except (requests.RequestException, OSError, Web3RPCError):
+            continue  # down for now; failover will skip it
+        if other_id != chain_id:
+            raise ConfigError(f"RPC {other} serves chain {other_id}, {url} serves chain {chain_id}")
     return w3
 
 

@@ -22,6 +22,10 @@ class Settings(BaseSettings):
     # Chain access
     rpc_url: str = "http://127.0.0.1:8545"
     private_key: SecretStr | None = Field(default=None, description="operator key: deploys and settles")
+    rpc_fallback_urls: list[str] = Field(
+        default_factory=list, description="JSON list of RPC URLs of the same chain, tried in order when rpc_url fails"
+    )
+    rpc_primary_retry: float = Field(default=10.0, gt=0, description="seconds between probes of a failed rpc_url")
     rpc_timeout: float = Field(default=10.0, gt=0)
     tx_timeout: float = Field(default=120.0, gt=0)
 

@@ -51,7 +51,9 @@ class Service:
         """Check the deployment against the chain, migrate the store, and assemble the pipeline."""
         deployment = Deployment.load(settings.deployment_file)
         session = requests.Session()
-        w3 = connect(settings.rpc_url, settings.rpc_timeout, session)
+        w3 = connect(
+            settings.rpc_url, settings.rpc_timeout, session, settings.rpc_fallback_urls, settings.rpc_primary_retry
+        )
         deployment.check(w3)
         hub = hub_contract(w3, deployment)
         domain = read_domain(hub)

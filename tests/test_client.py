@@ -4,6 +4,7 @@ the client and of the service (kill -9), two service processes on one PostgreSQL
 from __future__ import annotations
 
 import threading
+import time
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -251,3 +252,28 @@ def test_demo_traffic_pays_through_the_api(
     summary = httpx.get(f"{service.url}/v1/payees/{accounts[18].address}/summary").json()
     assert int(summary["assets"][0]["accepted"]) == traffic.value
     assert "payments accepted" in (tmp_path / "demo.out").read_text()
+
+
+def test_rpc_failover_to_a_second_url_and_back(
+    api: Callable[..., TestClient],
+    devnet: Devnet,
+    open_channel: Callable[..., Channel],
+    accounts: list[LocalAccount],
+    sign: Callable[..., bytes],
+) -> None:
+    with TcpProxy(devnet.port) as primary:
+        client = api(rpc_url=primary.url, rpc_fallback_urls=[devnet.url], rpc_primary_retry=0.2)
+        provider = client.app.state.service.w3.provider  # type: ignore[attr-defined]
+        assert provider.endpoint_uri == primary.url
+        primary.cut()
+        fresh = open_channel(accounts[7], accounts[6].address, amount=100)  # only the chain knows it: a lookup
+        answer = client.post("/v1/vouchers", json=body(fresh, 1, sign(accounts[7], fresh.id, 1)))
+        assert answer.status_code == 201, answer.text
+        assert provider.endpoint_uri == devnet.url
+        assert client.get("/ready").status_code == 200
+        primary.mend()
+        deadline = time.monotonic() + 10
+        while provider.endpoint_uri != primary.url and time.monotonic() < deadline:
+            client.get("/ready")
+            time.sleep(0.1)
+        assert provider.endpoint_uri == primary.url
