@@ -60,7 +60,7 @@ class Metrics:
         )
         self.settle_latency = Histogram(
             "settlement_voucher_to_settlement_seconds",
-            "From a batch's intent to its confirmation",
+            "From a voucher's acceptance to the confirmation of its settlement",
             buckets=(1, 2, 5, 10, 30, 60, 120, 300, 900, 3600),
             registry=self.registry,
         )

@@ -335,7 +335,13 @@ class Settler:
         self.metrics.batches.labels("confirmed").inc()
         self.metrics.batch_entries.observe(len(outcomes))
         self.metrics.batch_gas.observe(receipt["gasUsed"])
-        self.metrics.settle_latency.observe((now - batch.created_at).total_seconds())
+        with self.db.read() as conn:
+            settled_keys = [
+                (cid, e.cumulative) for cid, e in self._entries(batch).items() if outcomes.get(cid) == SETTLED
+            ]
+            accepted = channel_q.receipts_for(conn, settled_keys)
+        for receipt_of_voucher in accepted.values():
+            self.metrics.settle_latency.observe((now - receipt_of_voucher.accepted_at).total_seconds())
         logger.info(
             "batch %s confirmed in block %d: %d settled, %d skipped, %d gas",
             batch.batch_id,
@@ -346,10 +352,13 @@ class Settler:
         )
         return True
 
+    def _entries(self, batch: Batch) -> dict[str, Entry]:
+        with self.db.read() as conn:
+            return {e.channel_id: e for e in batch_q.entries_of(conn, batch.batch_id)}
+
     def _outcomes(self, batch: Batch, receipt: TxReceipt) -> dict[str, int]:
         """Each entry's outcome as the hub's events tell it, never as what was sent."""
-        with self.db.read() as conn:
-            entries = {e.channel_id: e for e in batch_q.entries_of(conn, batch.batch_id)}
+        entries = self._entries(batch)
         outcomes: dict[str, int] = {}
         for event in self.hub.events.ChannelsSettled().process_receipt(receipt, errors=DISCARD):
             for cid, cumulative in zip(event["args"]["channelIds"], event["args"]["cumulativeAmounts"], strict=True):

@@ -107,6 +107,7 @@ def test_batches_settle_exactly_the_accepted_amounts(
     assert all(e.outcome == SETTLED for batch in entries for e in batch)
     assert left == []
     assert settler.tick(force=True).started is None  # nothing left to settle
+    assert "settlement_voucher_to_settlement_seconds_count 6.0" in _metrics(service)
 
 
 def test_a_regular_batch_waits_for_the_interval_and_the_minimum(
