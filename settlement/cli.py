@@ -1,5 +1,5 @@
 """The operator CLI: `settlement devnet | deploy | serve | settle | status | channels | reconcile | withdraw |
-resume | demo`."""
+resume | simulate | demo`."""
 
 from __future__ import annotations
 
@@ -403,6 +403,66 @@ def withdraw(
         f"withdrew {value:,} of {'ETH' if asset == ETH else asset} to {to or account.address} "
         f"(tx {receipt['transactionHash'].to_0x_hex()})"
     )
+
+
+@app.command()
+def simulate(
+    payers: Annotated[int, typer.Option(min=1, help="paying accounts")] = 3,
+    payees: Annotated[int, typer.Option(min=1, help="paid accounts (each payer pays each in ETH and a token)")] = 2,
+    rate: Annotated[float, typer.Option(min=0.1, help="target payments per second, all payers together")] = 50.0,
+    count: Annotated[int | None, typer.Option(min=1, help="payments in total (default 500 unless --duration)")] = None,
+    duration: Annotated[float | None, typer.Option(min=0.1, help="seconds of payments instead of a count")] = None,
+    settle_interval: Annotated[float, typer.Option(min=0.1, help="engine batch interval, seconds")] = 5.0,
+    settle_timeout: Annotated[float, typer.Option(help="seconds to wait for settlement to catch up")] = 120.0,
+    rpc_url: Annotated[str | None, typer.Option(help="use this anvil instead of starting one")] = None,
+    seed: Annotated[int, typer.Option(help="random seed of the payment stream")] = 1,
+) -> None:
+    """Pay at random between devnet accounts through the real service, settle, and prove the books to the wei."""
+    from settlement.simulate import Plan, Simulation
+
+    plan = Plan(
+        payers=payers,
+        payees=payees,
+        rate=rate,
+        count=count if count is not None or duration is not None else 500,
+        duration=duration,
+        settle_interval=settle_interval,
+        settle_timeout=settle_timeout,
+        seed=seed,
+    )
+    try:
+        outcome = Simulation(plan, get_settings(), console, rpc_url).run()
+    except SettlementError as ex:
+        raise _fail(ex) from ex
+    table = Table(title="simulation")
+    table.add_column("payee")
+    table.add_column("asset")
+    table.add_column("accepted (sum of increments)", justify="right")
+    table.add_column("credited on chain", justify="right")
+    table.add_column("")
+    for (payee, asset), expected in sorted(outcome.expected.items()):
+        credited = outcome.credited.get((payee, asset))
+        table.add_row(
+            payee,
+            "ETH" if asset == ETH else asset,
+            f"{expected:,}",
+            f"{credited:,}" if credited is not None else "-",
+            "[green]ok[/]" if credited == expected else "[red]MISMATCH[/]",
+        )
+    console.print(table)
+    rate_done = outcome.payments / outcome.seconds if outcome.seconds else 0.0
+    console.print(
+        f"{outcome.payments} payments ({rate_done:.0f}/s over {outcome.seconds:.1f}s), {outcome.refused} refused; "
+        f"{outcome.batches} settlement batches, {outcome.gas:,} gas "
+        f"({outcome.gas / max(outcome.payments, 1):,.1f} gas per payment)"
+    )
+    if outcome.mismatches or outcome.refused:
+        err_console.print(
+            f"[bold red]{len(outcome.mismatches)} payee balance(s) differ from the accepted payments; "
+            f"{outcome.refused} payment(s) refused[/]"
+        )
+        raise typer.Exit(code=1)
+    console.print("[green]every payee's credited balance equals its accepted payments, to the wei[/]")
 
 
 @app.command()

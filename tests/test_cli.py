@@ -28,7 +28,7 @@ def run_cli(*args: str, env: dict[str, str], cwd: Path) -> subprocess.CompletedP
 def test_help_lists_the_commands(tmp_path: Path) -> None:
     result = run_cli("--help", env={}, cwd=tmp_path)
     assert result.returncode == 0
-    for command in ("devnet", "deploy", "serve", "resume", "demo"):
+    for command in ("devnet", "deploy", "serve", "settle", "status", "reconcile", "withdraw", "simulate", "demo"):
         assert command in result.stdout
 
 

@@ -84,3 +84,34 @@ def test_settle_status_channels_reconcile_withdraw(
     assert "2 unexplained mismatch(es)" in drift.stdout
     rows = json.loads(run_cli("reconcile", "--json", env=env, cwd=tmp_path).stdout)["channels"]
     assert {r["problem"] for r in rows} == {"settled differs"}
+
+
+def test_simulate_proves_the_books_to_the_wei(tmp_path: Path) -> None:
+    result = run_cli(
+        "simulate",
+        "--payers",
+        "2",
+        "--payees",
+        "2",
+        "--count",
+        "60",
+        "--rate",
+        "200",
+        "--settle-interval",
+        "0.5",
+        env={},
+        cwd=tmp_path,
+    )
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    assert "60 payments" in result.stdout and "0 refused" in result.stdout
+    assert "to the wei" in result.stdout
+
+
+def test_a_simulation_outcome_reports_every_difference() -> None:
+    from settlement.simulate import Outcome
+
+    outcome = Outcome(
+        expected={("a", ETH): 5, ("b", ETH): 7, ("c", ETH): 1},
+        credited={("a", ETH): 5, ("b", ETH): 6},
+    )
+    assert outcome.mismatches == [("b", ETH), ("c", ETH)]
