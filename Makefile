@@ -6,7 +6,7 @@ PY := $(VENV)/bin/python
 PY_STAMP := $(VENV)/.installed
 NPM_STAMP := node_modules/.installed
 
-.PHONY: setup run test lint check-artifacts compile bench-gas bench-verify clean
+.PHONY: setup run test lint check-artifacts compile bench-gas bench-verify bench-ingest simulate clean
 
 setup: $(PY_STAMP) $(NPM_STAMP)
 
@@ -46,6 +46,12 @@ bench-gas: setup
 
 bench-verify: setup
 	$(PY) scripts/bench.py verify
+
+bench-ingest: setup
+	$(PY) scripts/bench.py ingest
+
+simulate: setup
+	$(VENV)/bin/settlement simulate
 
 clean:
 	rm -rf $(VENV) node_modules .settlement .pytest_cache .mypy_cache .ruff_cache

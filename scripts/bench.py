@@ -1,6 +1,8 @@
 """Benchmarks that print figures: a readable table, then one JSON object as the last line.
 
 python scripts/bench.py gas      # gas per ChannelHub operation and per settled channel, on a fresh anvil
+python scripts/bench.py verify   # voucher signature checks per second on one core
+python scripts/bench.py ingest   # durable HTTP ingest on SQLite and PostgreSQL (scripts/bench_ingest.py)
 """
 
 from __future__ import annotations
@@ -11,6 +13,7 @@ import statistics
 import sys
 import time
 from collections.abc import Callable, Sequence
+from pathlib import Path
 from typing import Any
 
 from eth_account.signers.local import LocalAccount
@@ -202,7 +205,14 @@ def run_verify(console: Console) -> dict[str, Any]:
     }
 
 
-BENCHES: dict[str, Callable[[Console], dict[str, Any]]] = {"gas": run_gas, "verify": run_verify}
+def run_ingest(console: Console) -> dict[str, Any]:
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run as a script: make `scripts` importable
+    from scripts.bench_ingest import run_ingest as ingest
+
+    return ingest(console)
+
+
+BENCHES: dict[str, Callable[[Console], dict[str, Any]]] = {"gas": run_gas, "verify": run_verify, "ingest": run_ingest}
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -9,6 +9,7 @@ row locks (taken in channel id order) serialize writers per channel; with SQLite
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import queue
 import threading
@@ -125,6 +126,26 @@ class Ingestor:
             signers.append(self.recover(voucher))
         if pending:
             results = self.submit([vouchers[i] for i in pending], signers).result()
+            outcomes.update(zip(pending, results, strict=True))
+        return [outcomes[i] for i in range(len(vouchers))]
+
+    async def ingest_async(self, vouchers: Sequence[Voucher]) -> list[Outcome]:
+        """`ingest` for the event loop: payers come from memory (else a worker thread looks them up), signers are
+        recovered inline (~46 µs each), and the caller awaits the group commit without holding a thread."""
+        outcomes: dict[int, Outcome] = {}
+        pending: list[int] = []
+        signers: list[bytes | None] = []
+        for i, voucher in enumerate(vouchers):
+            if voucher.channel_id not in self._payers:
+                try:
+                    await asyncio.to_thread(self.resolve_payer, voucher.channel_id)
+                except SettlementError as ex:
+                    outcomes[i] = ex
+                    continue
+            pending.append(i)
+            signers.append(self.recover(voucher))
+        if pending:
+            results = await asyncio.wrap_future(self.submit([vouchers[i] for i in pending], signers))
             outcomes.update(zip(pending, results, strict=True))
         return [outcomes[i] for i in range(len(vouchers))]
 

@@ -1,0 +1,232 @@
+"""`bench.py ingest`: durable HTTP ingest against a real `settlement serve` process, load from another process.
+
+One devnet, one hub, CHANNELS channels (one payer each); every voucher is pre-signed (libsecp256k1 through coincurve,
+checked against eth-account). Each measurement gets a fresh store and a fresh server process (one uvicorn worker,
+engine off: ingest only), then `scripts/bench_load.py` drives it:
+closed loop with single vouchers at several concurrency levels, closed loop with the batch endpoint, and an open loop
+at 2,000 requests/s offered for the latency percentiles.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+import uuid
+from pathlib import Path
+from typing import Any
+
+import httpx
+from coincurve import PrivateKey
+from rich.console import Console
+from rich.table import Table
+from sqlalchemy import create_engine, text
+from sqlalchemy.engine import make_url
+from sqlalchemy.exc import OperationalError
+
+from settlement.chain import Transactor, connect
+from settlement.config import Settings
+from settlement.deployment import deploy_hub, hub_contract
+from settlement.devnet import Devnet, free_port
+from settlement.vouchers import VoucherVerifier, channel_id, read_domain, sign_voucher
+
+CHANNELS = 128
+VOUCHERS_PER_CHANNEL = 700
+SINGLE_CONCURRENCY = (8, 32, 64)
+BATCH_SIZE = 100
+BATCH_CONCURRENCY = 4
+OFFERED_RATE = 2_000.0
+SECONDS = 4.0
+ROOT = Path(__file__).resolve().parent.parent
+POSTGRES_URL = os.environ.get("SETTLEMENT_TEST_POSTGRES_URL", "postgresql+psycopg://postgres@127.0.0.1:5432/test")
+
+
+def run_ingest(console: Console) -> dict[str, Any]:
+    settings = Settings(_env_file=None, devnet_accounts=CHANNELS + 2)  # type: ignore[call-arg]
+    with Devnet(settings) as net, tempfile.TemporaryDirectory(prefix="bench-ingest-") as tmp:
+        work = Path(tmp)
+        w3 = connect(net.url)
+        deployment = deploy_hub(w3, net.accounts[0], 3600)
+        deployment.save(work / "deployment.json")
+        hub = hub_contract(w3, deployment)
+        payee = net.accounts[-1].address
+        vouchers = []
+        with console.status(f"opening {CHANNELS} channels and signing {CHANNELS * VOUCHERS_PER_CHANNEL:,} vouchers…"):
+            verifier = VoucherVerifier(read_domain(hub))
+            for payer in net.accounts[1 : 1 + CHANNELS]:
+                salt = uuid.uuid4().bytes * 2
+                Transactor(w3, payer, list(hub.abi)).send(  # type: ignore[arg-type]
+                    hub.functions.open(payee, "0x" + "00" * 20, salt, 10**18), value=10**18
+                )
+                cid = channel_id(payer.address, payee, "0x" + "00" * 20, salt)
+                key = PrivateKey(bytes(payer.key))
+                chain = []
+                for amount in range(1, VOUCHERS_PER_CHANNEL + 1):
+                    raw = key.sign_recoverable(verifier.digest(cid, amount), hasher=None)
+                    signature = raw[:64] + bytes((raw[64] + 27,))
+                    chain.append(
+                        {
+                            "channelId": "0x" + cid.hex(),
+                            "cumulativeAmount": str(amount),
+                            "signature": "0x" + signature.hex(),
+                        }
+                    )
+                vouchers.append(chain)
+            first = vouchers[0][0]
+            reference = sign_voucher(net.accounts[1], verifier.domain, bytes.fromhex(first["channelId"][2:]), 1)
+            if "0x" + reference.hex() != first["signature"]:
+                raise SystemExit("pre-signed vouchers differ from eth-account's signatures")
+        voucher_file = work / "vouchers.json"
+        voucher_file.write_text(json.dumps(vouchers))
+        stores = {"sqlite": None, "postgres": _postgres_available()}
+        results: dict[str, dict[str, Any]] = {}
+        for store, available in stores.items():
+            if store == "postgres" and not available:
+                console.print(f"[yellow]PostgreSQL not reachable at {POSTGRES_URL}: skipped[/]")
+                continue
+            runs: list[tuple[str, list[str]]] = [
+                *((f"single c={c}", ["--concurrency", str(c)]) for c in SINGLE_CONCURRENCY),
+                (
+                    f"batch {BATCH_SIZE} c={BATCH_CONCURRENCY}",
+                    ["--concurrency", str(BATCH_CONCURRENCY), "--batch", str(BATCH_SIZE)],
+                ),
+                (f"open loop {OFFERED_RATE:,.0f}/s", ["--rate", str(OFFERED_RATE)]),
+            ]
+            for name, load_args in runs:
+                with console.status(f"{store}: {name}…"), _server(net.url, work, store) as url:
+                    result = _load(url, voucher_file, load_args)
+                results[f"{store}: {name}"] = result
+                console.print(
+                    f"{store}: {name}: {result['vouchers_per_s']:,.0f} vouchers/s, p50 {result['p50_ms']} ms, "
+                    f"p99 {result['p99_ms']} ms, {result['statuses']}"
+                )
+    return _report(console, results)
+
+
+def _postgres_available() -> bool:
+    engine = create_engine(POSTGRES_URL)
+    try:
+        with engine.connect() as conn:
+            conn.execute(text("SELECT 1"))
+        return True
+    except OperationalError:
+        return False
+    finally:
+        engine.dispose()
+
+
+class _server:
+    """A fresh store and a `settlement serve` process on it (engine off), stopped and dropped on exit."""
+
+    def __init__(self, rpc_url: str, work: Path, store: str) -> None:
+        self.rpc_url = rpc_url
+        self.work = work
+        self.store = store
+        self.port = free_port("127.0.0.1")
+        self.db_name = f"bench_{uuid.uuid4().hex[:10]}"
+        self.process: subprocess.Popen[bytes] | None = None
+
+    def __enter__(self) -> str:
+        if self.store == "sqlite":
+            database_url = f"sqlite:///{self.work / (self.db_name + '.db')}"
+        else:
+            admin = create_engine(POSTGRES_URL, isolation_level="AUTOCOMMIT")
+            with admin.connect() as conn:
+                conn.execute(text(f'CREATE DATABASE "{self.db_name}"'))
+            admin.dispose()
+            database_url = make_url(POSTGRES_URL).set(database=self.db_name).render_as_string(hide_password=False)
+        env = {
+            **{k: v for k, v in os.environ.items() if not k.startswith("SETTLEMENT_")},
+            "SETTLEMENT_RPC_URL": self.rpc_url,
+            "SETTLEMENT_DEPLOYMENT_FILE": str(self.work / "deployment.json"),
+            "SETTLEMENT_DATABASE_URL": database_url,
+            "SETTLEMENT_CONFIRMATIONS": "0",
+            "SETTLEMENT_ENGINE_ENABLED": "false",
+            "SETTLEMENT_API_PORT": str(self.port),
+        }
+        log = (self.work / f"server-{self.db_name}.log").open("wb")
+        self.process = subprocess.Popen(
+            [sys.executable, "-m", "settlement.cli", "serve", "--log-level", "warning"],
+            env=env,
+            cwd=self.work,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+        )
+        url = f"http://127.0.0.1:{self.port}"
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline:
+            try:
+                if httpx.get(f"{url}/ready", timeout=1).status_code == 200:
+                    return url
+            except httpx.TransportError:
+                pass
+            time.sleep(0.1)
+        raise SystemExit(f"server did not start: {(self.work / f'server-{self.db_name}.log').read_text()[-2000:]}")
+
+    def __exit__(self, *_exc: object) -> None:
+        if self.process is not None:
+            self.process.send_signal(signal.SIGTERM)
+            self.process.wait(timeout=60)
+        if self.store == "postgres":
+            admin = create_engine(POSTGRES_URL, isolation_level="AUTOCOMMIT")
+            with admin.connect() as conn:
+                conn.execute(text(f'DROP DATABASE IF EXISTS "{self.db_name}" WITH (FORCE)'))
+            admin.dispose()
+
+
+def _load(url: str, vouchers: Path, extra: list[str]) -> dict[str, Any]:
+    command = [
+        sys.executable,
+        str(ROOT / "scripts" / "bench_load.py"),
+        "--url",
+        url,
+        "--vouchers",
+        str(vouchers),
+        "--seconds",
+        str(SECONDS),
+        *extra,
+    ]
+    done = subprocess.run(command, capture_output=True, text=True, timeout=120, check=True)
+    result: dict[str, Any] = json.loads(done.stdout.strip().splitlines()[-1])
+    return result
+
+
+def _report(console: Console, results: dict[str, dict[str, Any]]) -> dict[str, Any]:
+    table = Table(title="durable HTTP ingest (one server process, load from another)")
+    for column in ("run", "vouchers/s", "requests/s", "p50 ms", "p99 ms", "statuses"):
+        table.add_column(column, justify="right" if column != "run" else "left")
+    for name, r in results.items():
+        table.add_row(
+            name,
+            f"{r['vouchers_per_s']:,.0f}",
+            f"{r['requests_per_s']:,.0f}",
+            f"{r['p50_ms']:.1f}",
+            f"{r['p99_ms']:.1f}",
+            json.dumps(r["statuses"]),
+        )
+    console.print(table)
+
+    def best(store: str, kind: str) -> float | None:
+        rates = [r["vouchers_per_s"] for n, r in results.items() if n.startswith(f"{store}: {kind}")]
+        return max(rates) if rates else None
+
+    open_sqlite = results.get(f"sqlite: open loop {OFFERED_RATE:,.0f}/s", {})
+    open_pg = results.get(f"postgres: open loop {OFFERED_RATE:,.0f}/s", {})
+    return {
+        "single_per_s_sqlite": best("sqlite", "single"),
+        "single_per_s_postgres": best("postgres", "single"),
+        "batch_per_s_sqlite": best("sqlite", "batch"),
+        "batch_per_s_postgres": best("postgres", "batch"),
+        "p50_ms": open_sqlite.get("p50_ms"),
+        "p99_ms": open_sqlite.get("p99_ms"),
+        "achieved_per_s_at_2000_offered_sqlite": open_sqlite.get("requests_per_s"),
+        "p50_ms_postgres": open_pg.get("p50_ms"),
+        "p99_ms_postgres": open_pg.get("p99_ms"),
+        "server_workers": 1,
+        "targets": {"single_per_s": 5_000, "batch_per_s": 15_000, "p99_ms_at_2000": 25},
+        "runs": results,
+    }

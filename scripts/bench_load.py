@@ -1,0 +1,128 @@
+"""Load generator for `bench.py ingest`, run as its own process so it does not share a GIL with the server.
+
+Reads pre-signed vouchers (one JSON list per channel, cumulative 1, 2, 3, …), posts them, prints one JSON line.
+Each worker owns whole channels and sends a channel's vouchers in order, so every answer should be 201.
+aiohttp, not httpx: httpx's async pool spends more CPU per request than the server under test does.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import statistics
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+
+TIMEOUT = aiohttp.ClientTimeout(total=60)
+
+
+def percentile(values: list[float], q: float) -> float:
+    if not values:
+        return 0.0
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, int(q * len(ordered)))]
+
+
+async def closed_loop(args: argparse.Namespace, channels: list[list[dict[str, Any]]]) -> dict[str, Any]:
+    """`concurrency` workers, each posting as fast as answers come back."""
+    latencies: list[float] = []
+    statuses: dict[int, int] = {}
+    vouchers = 0
+    deadline = time.perf_counter() + args.seconds
+    connector = aiohttp.TCPConnector(limit=args.concurrency)
+    async with aiohttp.ClientSession(args.url, connector=connector, timeout=TIMEOUT) as client:
+
+        async def worker(index: int) -> None:
+            nonlocal vouchers
+            owned = channels[index :: args.concurrency]
+            cursor = [0] * len(owned)
+            turn = 0
+            while time.perf_counter() < deadline:
+                slot = turn % len(owned)
+                turn += 1
+                chain = owned[slot]
+                if cursor[slot] + args.batch > len(chain):
+                    continue
+                items = chain[cursor[slot] : cursor[slot] + args.batch]
+                cursor[slot] += args.batch
+                started = time.perf_counter()
+                path, payload = (
+                    ("/v1/vouchers", items[0]) if args.batch == 1 else ("/v1/vouchers/batch", {"vouchers": items})
+                )
+                async with client.post(path, json=payload) as response:
+                    await response.read()
+                latencies.append(time.perf_counter() - started)
+                statuses[response.status] = statuses.get(response.status, 0) + 1
+                vouchers += len(items)
+
+        started = time.perf_counter()
+        await asyncio.gather(*(worker(i) for i in range(args.concurrency)))
+        elapsed = time.perf_counter() - started
+    return summary(latencies, statuses, vouchers, elapsed)
+
+
+async def open_loop(args: argparse.Namespace, channels: list[list[dict[str, Any]]]) -> dict[str, Any]:
+    """Requests start on a fixed schedule (`rate` per second) whatever the answers do: latency under offered load."""
+    latencies: list[float] = []
+    statuses: dict[int, int] = {}
+    total = int(args.rate * args.seconds)
+    connector = aiohttp.TCPConnector(limit=512)
+    async with aiohttp.ClientSession(args.url, connector=connector, timeout=TIMEOUT) as client:
+
+        async def one(body: dict[str, Any]) -> None:
+            started = time.perf_counter()
+            async with client.post("/v1/vouchers", json=body) as response:
+                await response.read()
+            latencies.append(time.perf_counter() - started)
+            statuses[response.status] = statuses.get(response.status, 0) + 1
+
+        tasks = []
+        started = time.perf_counter()
+        for k in range(total):
+            channel = channels[k % len(channels)]
+            body = channel[k // len(channels)]
+            delay = started + k / args.rate - time.perf_counter()
+            if delay > 0:
+                await asyncio.sleep(delay)
+            tasks.append(asyncio.create_task(one(body)))
+        await asyncio.gather(*tasks)
+        elapsed = time.perf_counter() - started
+    return summary(latencies, statuses, total, elapsed) | {"offered_per_s": args.rate}
+
+
+def summary(latencies: list[float], statuses: dict[int, int], vouchers: int, elapsed: float) -> dict[str, Any]:
+    return {
+        "requests": len(latencies),
+        "vouchers": vouchers,
+        "seconds": round(elapsed, 3),
+        "requests_per_s": round(len(latencies) / elapsed, 1),
+        "vouchers_per_s": round(vouchers / elapsed, 1),
+        "p50_ms": round(percentile(latencies, 0.50) * 1000, 2),
+        "p99_ms": round(percentile(latencies, 0.99) * 1000, 2),
+        "mean_ms": round(statistics.fmean(latencies) * 1000, 2) if latencies else 0.0,
+        "statuses": {str(k): v for k, v in sorted(statuses.items())},
+    }
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--url", required=True)
+    parser.add_argument("--vouchers", type=Path, required=True)
+    parser.add_argument("--seconds", type=float, default=4.0)
+    parser.add_argument("--concurrency", type=int, default=8)
+    parser.add_argument("--batch", type=int, default=1)
+    parser.add_argument("--rate", type=float, default=0.0, help="open loop at this many requests/s")
+    args = parser.parse_args()
+    channels = json.loads(args.vouchers.read_text())
+    result = asyncio.run(open_loop(args, channels) if args.rate else closed_loop(args, channels))
+    print(json.dumps(result))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
