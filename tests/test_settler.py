@@ -36,17 +36,39 @@ def settler_account(accounts: list[LocalAccount]) -> LocalAccount:
 def engine(
     make_service: Callable[..., Service], settler_account: LocalAccount
 ) -> Iterator[Callable[..., tuple[Service, Settler]]]:
-    """Factory: engine(**settings) -> (service, settler) sharing this test's store; call again to 'restart'."""
-    made: list[Service] = []
+    """Factory: engine(clock=None, **settings) -> (service, settler) sharing this test's store; call again to
+    'restart'. `clock` replaces the settler's wall clock."""
 
-    def make(**overrides: Any) -> tuple[Service, Settler]:
-        settings: dict[str, Any] = {"settle_interval": 3600.0, **overrides}
-        service = make_service(**settings)
-        made.append(service)
-        settler = Settler(service.db, service.w3, service.hub, settler_account, service.settings, service.metrics)
+    def make(clock: Callable[[], float] | None = None, **overrides: Any) -> tuple[Service, Settler]:
+        service = make_service(**{"settle_interval": 3600.0, **overrides})
+        settler = Settler(
+            service.db,
+            service.w3,
+            service.hub,
+            settler_account,
+            service.settings,
+            service.metrics,
+            **({"clock": clock} if clock else {}),
+        )
         return service, settler
 
     yield make
+
+
+@pytest.fixture
+def paid_channel(
+    open_channel: Callable[..., Channel], accounts: list[LocalAccount], sign: Sign
+) -> Callable[[Service, int], Channel]:
+    """Factory: paid_channel(service, cumulative) -> a 1 ETH channel (accounts 5 -> 7) the service accepted
+    `cumulative` on."""
+
+    def make(service: Service, cumulative: int) -> Channel:
+        channel = open_channel(accounts[5], accounts[7].address, amount=10**18)
+        wait_indexed(service)
+        pay(service, channel, cumulative, sign)
+        return channel
+
+    return make
 
 
 def pay(service: Service, channel: Channel, cumulative: int, sign: Sign) -> None:
@@ -117,10 +139,7 @@ def test_a_regular_batch_waits_for_the_interval_and_the_minimum(
     sign: Sign,
 ) -> None:
     now = [1_000_000.0]
-    service, _ = engine(min_settle_amount=50, settle_interval=30)
-    settler = Settler(
-        service.db, service.w3, service.hub, accounts[19], service.settings, service.metrics, clock=lambda: now[0]
-    )
+    service, settler = engine(clock=lambda: now[0], min_settle_amount=50, settle_interval=30)
     small = open_channel(accounts[5], accounts[7].address, amount=1_000)
     big = open_channel(accounts[6], accounts[7].address, amount=1_000)
     wait_indexed(service)
@@ -137,12 +156,11 @@ def test_a_regular_batch_waits_for_the_interval_and_the_minimum(
 @pytest.mark.parametrize("crash_in", ["_send", "_broadcast", "mark_sent", "record"])
 def test_a_crash_at_any_step_settles_once_after_restart(
     engine: Callable[..., tuple[Service, Settler]],
-    open_channel: Callable[..., Channel],
+    paid_channel: Callable[[Service, int], Channel],
     accounts: list[LocalAccount],
     settler_account: LocalAccount,
     hub: Contract,
     w3: Web3,
-    sign: Sign,
     monkeypatch: pytest.MonkeyPatch,
     crash_in: str,
 ) -> None:
@@ -150,9 +168,7 @@ def test_a_crash_at_any_step_settles_once_after_restart(
     mark_sent: sent (and mined, anvil mines at once) but not recorded as sent; record: mined, outcome not recorded."""
     service, settler = engine()
     payee = accounts[7].address
-    channel = open_channel(accounts[5], payee, amount=10**18)
-    wait_indexed(service)
-    pay(service, channel, 777, sign)
+    channel = paid_channel(service, 777)
     nonce_before = w3.eth.get_transaction_count(settler_account.address)
 
     def crash(*_args: Any, **_kwargs: Any) -> None:
@@ -181,17 +197,12 @@ def test_a_crash_at_any_step_settles_once_after_restart(
 
 def test_an_unmined_batch_is_replaced_with_higher_fees(
     engine: Callable[..., tuple[Service, Settler]],
-    open_channel: Callable[..., Channel],
-    accounts: list[LocalAccount],
-    settler_account: LocalAccount,
+    paid_channel: Callable[[Service, int], Channel],
     hub: Contract,
     w3: Web3,
-    sign: Sign,
 ) -> None:
     service, settler = engine(bump_after=0.01)
-    channel = open_channel(accounts[5], accounts[7].address, amount=10**18)
-    wait_indexed(service)
-    pay(service, channel, 500, sign)
+    channel = paid_channel(service, 500)
     w3.provider.make_request("evm_setAutomine", [False])
     try:
         batch_id = settler.tick(force=True).started
@@ -249,48 +260,32 @@ def test_watchtower_settles_a_close_that_happened_while_the_service_was_down(
 
 def test_a_missed_deadline_raises_a_critical_alert(
     engine: Callable[..., tuple[Service, Settler]],
-    open_channel: Callable[..., Channel],
-    accounts: list[LocalAccount],
+    paid_channel: Callable[[Service, int], Channel],
     hub: Contract,
     w3: Web3,
-    sign: Sign,
     caplog: pytest.LogCaptureFixture,
 ) -> None:
     service, _ = engine()
-    channel = open_channel(accounts[5], accounts[7].address, amount=10**18)
+    channel = paid_channel(service, 40)
+    send(w3, hub.functions.requestClose(channel.id), channel.payer.address)
     wait_indexed(service)
-    pay(service, channel, 40, sign)
-    send(w3, hub.functions.requestClose(channel.id), accounts[5].address)
-    wait_indexed(service)
-    late = Settler(
-        service.db,
-        service.w3,
-        service.hub,
-        accounts[19],
-        service.settings,
-        service.metrics,
-        clock=lambda: 4_000_000_000.0,
-    )  # long after the deadline
+    watching, late = engine(clock=lambda: 4_000_000_000.0)  # long after the deadline
     with caplog.at_level(logging.CRITICAL, logger="settlement.settler"):
         late.tick()
     assert "close_deadline_missed" in caplog.text
-    assert 'settlement_alerts_total{kind="close_deadline_missed"}' in _metrics(service)
+    assert 'settlement_alerts_total{kind="close_deadline_missed"}' in _metrics(watching)
 
 
 def test_a_settler_without_funds_keeps_the_intent_and_resumes_after_a_top_up(
     engine: Callable[..., tuple[Service, Settler]],
-    open_channel: Callable[..., Channel],
-    accounts: list[LocalAccount],
+    paid_channel: Callable[[Service, int], Channel],
     settler_account: LocalAccount,
     hub: Contract,
     w3: Web3,
-    sign: Sign,
     caplog: pytest.LogCaptureFixture,
 ) -> None:
     service, settler = engine()
-    channel = open_channel(accounts[5], accounts[7].address, amount=10**18)
-    wait_indexed(service)
-    pay(service, channel, 321, sign)
+    channel = paid_channel(service, 321)
     funds = w3.eth.get_balance(settler_account.address)
     w3.provider.make_request("anvil_setBalance", [settler_account.address, hex(10**9)])
     with caplog.at_level(logging.CRITICAL, logger="settlement.settler"):
