@@ -178,8 +178,7 @@ def settle(
             if not service.lease.acquire():
                 raise ConfigError("another process runs the settlement engine on this store; it settles already")
             with console.status("catching up with the chain…"):
-                while service.indexer.poll():
-                    pass
+                service.indexer.catch_up()
             result = service.settler.tick(force=True)
             deadline = time.monotonic() + timeout
             with console.status("waiting for confirmations…"):

@@ -313,6 +313,11 @@ class Indexer:
             "%s; %d channel(s) suspended until an operator resumes them: %s", reason, len(affected), affected
         )
 
+    def catch_up(self) -> None:
+        """Poll until every confirmed block is applied (for one-shot commands and tests)."""
+        while self.poll():
+            pass
+
     def run(self, stop: threading.Event, interval: float) -> None:
         """Poll until `stop` is set; errors are logged and retried with backoff, never fatal."""
         delay = interval

@@ -37,8 +37,7 @@ class Row:
 
 def reconcile(db: Database, indexer: Indexer) -> tuple[int, list[Row]]:
     """(the block compared at, one row per channel)."""
-    while indexer.poll():
-        pass
+    indexer.catch_up()
     block = indexer.progress.cursor if indexer.progress else indexer.start_block - 1
     with db.read() as conn:
         stored = channel_q.list_channels(conn, limit=10**9).items

@@ -28,7 +28,7 @@ from eth_account.signers.local import LocalAccount
 from hexbytes import HexBytes
 from web3 import Web3
 from web3.contract import Contract
-from web3.exceptions import Web3RPCError
+from web3.exceptions import TransactionNotFound
 from web3.logs import DISCARD
 from web3.types import TxParams, TxReceipt
 
@@ -179,9 +179,7 @@ class Settler:
             )
             self._broadcast(batch, previous)
             return
-        with rpc_errors("reading the settler's balance"):
-            balance = int(self.w3.eth.get_balance(self.account.address))
-        self.metrics.settler_balance.set(balance)
+        balance = self._balance()
         if balance < gas * max_fee:
             self._alert(
                 "low_funds",
@@ -294,12 +292,8 @@ class Settler:
         with rpc_errors(f"reading the receipt of {tx_hash}"):
             try:
                 return self.w3.eth.get_transaction_receipt(HexBytes(tx_hash))
-            except Web3RPCError:
+            except TransactionNotFound:
                 return None
-            except Exception as ex:  # web3 raises TransactionNotFound for unknown hashes
-                if type(ex).__name__ == "TransactionNotFound":
-                    return None
-                raise
 
     def _mined(self, batch: Batch, receipt: TxReceipt) -> bool:
         with rpc_errors("reading the chain head"):
@@ -398,10 +392,14 @@ class Settler:
                     channel.channel_id,
                 )
 
-    def _watch_funds(self) -> None:
+    def _balance(self) -> int:
         with rpc_errors("reading the settler's balance"):
             balance = int(self.w3.eth.get_balance(self.account.address))
         self.metrics.settler_balance.set(balance)
+        return balance
+
+    def _watch_funds(self) -> None:
+        balance = self._balance()
         if balance < self.settings.low_balance_wei:
             self._alert(
                 "low_balance",

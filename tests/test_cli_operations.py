@@ -32,8 +32,7 @@ def test_settle_status_channels_reconcile_withdraw(
     service = make_service()
     payee = accounts[7]
     channels = [open_channel(accounts[5], payee.address, amount=10**18), open_channel(accounts[6], payee.address)]
-    while service.indexer.poll():
-        pass
+    service.indexer.catch_up()
     for channel, amount in zip(channels, (300, 500), strict=True):
         outcome = service.ingestor.ingest(
             [Voucher("0x" + channel.id.hex(), amount, sign(channel.payer, channel.id, amount))]

@@ -59,11 +59,6 @@ def mine(w3: Web3, blocks: int) -> None:
         w3.provider.make_request("evm_mine", [])
 
 
-def catch_up(indexer: Indexer) -> None:
-    while indexer.poll():
-        pass
-
-
 def test_applies_every_channel_event(
     make_indexer: Callable[..., Indexer],
     db: Database,
@@ -76,7 +71,7 @@ def test_applies_every_channel_event(
     indexer = make_indexer()
     payer, payee = accounts[5], accounts[6].address
     channel = open_channel(payer, payee, amount=1_000)
-    catch_up(indexer)
+    indexer.catch_up()
     first = stored(db, channel)
     assert (first.payer, first.payee, first.deposit, first.status) == (payer.address, payee, 1_000, ChannelStatus.OPEN)
     assert first.salt == "0x" + channel.salt.hex()
@@ -89,7 +84,7 @@ def test_applies_every_channel_event(
     )
     receipt = send(w3, hub.functions.requestClose(channel.id), payer.address)
     deadline = w3.eth.get_block(receipt["blockNumber"])["timestamp"] + 3600
-    catch_up(indexer)
+    indexer.catch_up()
     state = stored(db, channel)
     assert (state.deposit, state.settled, state.status, state.close_deadline) == (
         1_500,
@@ -98,7 +93,7 @@ def test_applies_every_channel_event(
         deadline,
     )
     send(w3, hub.functions.closeByPayee(channel.id, 0, b""), payee)
-    catch_up(indexer)
+    indexer.catch_up()
     assert stored(db, channel).status == ChannelStatus.CLOSED
     assert indexer.progress is not None and indexer.progress.lag == 0
 
@@ -112,13 +107,13 @@ def test_resumes_after_restart_without_missing_or_repeating(
     accounts: list[LocalAccount],
 ) -> None:
     channel = open_channel(accounts[5], accounts[6].address, amount=100)
-    catch_up(make_indexer())
+    make_indexer().catch_up()
     events_before = event_count(db)
     send(w3, hub.functions.topUp(channel.id, 50), accounts[5].address, value=50)
     send(w3, hub.functions.topUp(channel.id, 25), accounts[5].address, value=25)
     restarted = make_indexer()  # a new process: only the store remembers
-    catch_up(restarted)
-    catch_up(restarted)
+    restarted.catch_up()
+    restarted.catch_up()
     assert stored(db, channel).deposit == 175
     assert event_count(db) == events_before + 2
 
@@ -137,7 +132,7 @@ def test_a_lookup_before_the_indexer_gets_there_is_not_applied_twice(
     found = indexer.lookup("0x" + channel.id.hex())
     assert found is not None and found.deposit == 150
     send(w3, hub.functions.topUp(channel.id, 1), accounts[5].address, value=1)
-    catch_up(indexer)  # replays ChannelOpened and the first top-up (already reflected) and the second (new)
+    indexer.catch_up()  # replays ChannelOpened and the first top-up (already reflected) and the second (new)
     assert stored(db, channel).deposit == 151
 
 
@@ -152,16 +147,16 @@ def test_deposits_count_only_once_confirmed_and_a_shallow_reorg_is_absorbed(
     indexer = make_indexer(confirmations=3)
     channel = open_channel(accounts[5], accounts[6].address, amount=100)
     mine(w3, 3)
-    catch_up(indexer)
+    indexer.catch_up()
     assert stored(db, channel).deposit == 100
     snapshot = w3.provider.make_request("evm_snapshot", [])["result"]
     send(w3, hub.functions.topUp(channel.id, 900), accounts[5].address, value=900)
     mine(w3, 1)
-    catch_up(indexer)
+    indexer.catch_up()
     assert stored(db, channel).deposit == 100  # two blocks deep: not confirmed yet
     w3.provider.make_request("evm_revert", [snapshot])  # the top-up is reorged out
     mine(w3, 6)
-    catch_up(indexer)
+    indexer.catch_up()
     state = stored(db, channel)
     assert (state.deposit, state.suspended_reason) == (100, None)
 
@@ -179,16 +174,16 @@ def test_a_reorg_deeper_than_the_confirmations_suspends_the_channels_it_touched(
     indexer = make_indexer(confirmations=1)
     untouched = open_channel(accounts[7], accounts[6].address, amount=100)
     mine(w3, 2)
-    catch_up(indexer)
+    indexer.catch_up()
     snapshot = w3.provider.make_request("evm_snapshot", [])["result"]
     channel = open_channel(accounts[5], accounts[6].address, amount=100)
     mine(w3, 3)
-    catch_up(indexer)
+    indexer.catch_up()
     assert stored(db, channel).deposit == 100
     w3.provider.make_request("evm_revert", [snapshot])
     mine(w3, 6)
     with caplog.at_level(logging.CRITICAL, logger="settlement.indexer"):
-        catch_up(indexer)
+        indexer.catch_up()
     assert "reorganisation deeper than 1 confirmations" in caplog.text
     state = stored(db, channel)
     assert state.suspended_reason is not None and state.deposit == 0
@@ -226,12 +221,12 @@ def test_an_operator_resumes_a_suspended_channel_from_the_cli(
     snapshot = w3.provider.make_request("evm_snapshot", [])["result"]
     channel = open_channel(accounts[5], accounts[6].address, amount=100)
     mine(w3, 2)
-    catch_up(indexer)
+    indexer.catch_up()
     w3.provider.make_request("evm_revert", [snapshot])
     again = open_channel(accounts[5], accounts[6].address, amount=300, salt=channel.salt)  # same id, more money
     assert again.id == channel.id
     mine(w3, 5)
-    catch_up(indexer)
+    indexer.catch_up()
     assert stored(db, channel).suspended_reason is not None
 
     record = tmp_path / "deployment.json"

@@ -82,8 +82,7 @@ def settled_on_chain(hub: Contract, channel: Channel) -> int:
 
 
 def wait_indexed(service: Service) -> None:
-    while service.indexer.poll():
-        pass
+    service.indexer.catch_up()
 
 
 def run_until_idle(settler: Settler, service: Service, ticks: int = 10) -> None:

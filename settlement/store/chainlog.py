@@ -114,18 +114,6 @@ def forget_after(conn: Connection, block_number: int) -> None:
     conn.execute(delete(indexed_blocks).where(indexed_blocks.c.number > block_number))
 
 
-def events_of(conn: Connection, channel_id: str) -> list[ChainEvent]:
-    query = (
-        select(chain_events)
-        .where(chain_events.c.channel_id == channel_id)
-        .order_by(chain_events.c.block_number, chain_events.c.log_index)
-    )
-    return [
-        ChainEvent(r.block_number, r.log_index, r.block_hash, r.tx_hash, r.event, r.channel_id, json.loads(r.args))
-        for r in conn.execute(query)
-    ]
-
-
 def save_chain_state(conn: Connection, channel: Channel, now: datetime) -> None:
     """Overwrite a stored channel's chain facts (never its accepted voucher) with what the indexer confirmed."""
     conn.execute(
