@@ -113,41 +113,36 @@ class Ingestor:
 
         Blocking (store reads, chain lookups for unknown channels, the commit): call it from a worker thread.
         """
-        outcomes: dict[int, Outcome] = {}
-        pending: list[int] = []
-        signers: list[bytes | None] = []
+        refused: dict[int, Outcome] = {}
         for i, voucher in enumerate(vouchers):
             try:
                 self.resolve_payer(voucher.channel_id)
             except SettlementError as ex:
-                outcomes[i] = ex
-                continue
-            pending.append(i)
-            signers.append(self.recover(voucher))
-        if pending:
-            results = self.submit([vouchers[i] for i in pending], signers).result()
-            outcomes.update(zip(pending, results, strict=True))
-        return [outcomes[i] for i in range(len(vouchers))]
+                refused[i] = ex
+        pending, future = self._enqueue(vouchers, refused)
+        return _in_order(len(vouchers), refused, pending, future.result() if future else [])
 
     async def ingest_async(self, vouchers: Sequence[Voucher]) -> list[Outcome]:
         """`ingest` for the event loop: payers come from memory (else a worker thread looks them up), signers are
         recovered inline (~46 µs each), and the caller awaits the group commit without holding a thread."""
-        outcomes: dict[int, Outcome] = {}
-        pending: list[int] = []
-        signers: list[bytes | None] = []
+        refused: dict[int, Outcome] = {}
         for i, voucher in enumerate(vouchers):
             if voucher.channel_id not in self._payers:
                 try:
                     await asyncio.to_thread(self.resolve_payer, voucher.channel_id)
                 except SettlementError as ex:
-                    outcomes[i] = ex
-                    continue
-            pending.append(i)
-            signers.append(self.recover(voucher))
-        if pending:
-            results = await asyncio.wrap_future(self.submit([vouchers[i] for i in pending], signers))
-            outcomes.update(zip(pending, results, strict=True))
-        return [outcomes[i] for i in range(len(vouchers))]
+                    refused[i] = ex
+        pending, future = self._enqueue(vouchers, refused)
+        return _in_order(len(vouchers), refused, pending, await asyncio.wrap_future(future) if future else [])
+
+    def _enqueue(
+        self, vouchers: Sequence[Voucher], refused: dict[int, Outcome]
+    ) -> tuple[list[int], Future[list[Outcome]] | None]:
+        """Recover the signers of the vouchers not refused yet and queue them; their positions and the future."""
+        pending = [i for i in range(len(vouchers)) if i not in refused]
+        if not pending:
+            return pending, None
+        return pending, self.submit([vouchers[i] for i in pending], [self.recover(vouchers[i]) for i in pending])
 
     # --- the writer's side -------------------------------------------------------------------------------------
 
@@ -216,3 +211,9 @@ class Ingestor:
                 outcomes.append(verdict)
             channel_q.record_payments(conn, accepted)
         return outcomes
+
+
+def _in_order(count: int, refused: dict[int, Outcome], pending: list[int], results: list[Outcome]) -> list[Outcome]:
+    outcomes = dict(refused)
+    outcomes.update(zip(pending, results, strict=True))
+    return [outcomes[i] for i in range(count)]
