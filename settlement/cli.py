@@ -206,8 +206,11 @@ def _print_batches(service: Service, limit: int) -> None:
     if limit <= 0:
         return
     with service.db.read() as conn:
-        batches = batch_q.recent_batches(conn, limit)
-    table = Table(title="settlement batches")
+        console.print(_batch_table("settlement batches", batch_q.recent_batches(conn, limit)))
+
+
+def _batch_table(title: str, batches: list[tuple[batch_q.Batch, int]]) -> Table:
+    table = Table(title=title)
     for column in ("batch", "status", "channels", "gas", "block", "tx", "created"):
         table.add_column(column)
     for batch, entries in batches:
@@ -220,7 +223,7 @@ def _print_batches(service: Service, limit: int) -> None:
             batch.tx_hash or "-",
             batch.created_at.isoformat(timespec="seconds"),
         )
-    console.print(table)
+    return table
 
 
 @app.command()
@@ -285,12 +288,7 @@ def status(
         console.print(closing)
     else:
         console.print("no pending closes")
-    service_batches = Table(title="last batches")
-    for column in ("batch", "status", "channels", "gas", "tx"):
-        service_batches.add_column(column)
-    for b, n in batches:
-        service_batches.add_row(b.batch_id[:12], b.status, str(n), f"{b.gas_used or 0:,}", b.tx_hash or "-")
-    console.print(service_batches)
+    console.print(_batch_table("last batches", batches))
 
 
 @app.command()
