@@ -3,9 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import Any
 
-import pytest
 from eth_account.signers.local import LocalAccount
 from fastapi.testclient import TestClient
 from web3.contract import Contract
@@ -104,60 +102,3 @@ def test_metrics_count_outcomes_by_code(
     assert "settlement_vouchers_duplicate_total 1.0" in text
     assert 'settlement_vouchers_rejected_total{code="stale_voucher"} 1.0' in text
     assert "settlement_indexer_cursor_block" in text
-
-
-CHANNEL = "0x" + "ab" * 32
-
-
-@pytest.mark.parametrize(
-    ("method", "path", "kwargs", "status", "code"),
-    [
-        (
-            "post",
-            "/v1/vouchers",
-            {"content": b"{not json", "headers": {"content-type": "application/json"}},
-            400,
-            "malformed_request",
-        ),
-        (
-            "post",
-            "/v1/vouchers",
-            {"content": b"a=b", "headers": {"content-type": "text/plain"}},
-            415,
-            "unsupported_media_type",
-        ),
-        ("post", "/v1/vouchers", {"content": b"{}", "headers": {}}, 415, "unsupported_media_type"),
-        ("post", "/v1/vouchers", {"json": {"channelId": CHANNEL, "cumulativeAmount": "1"}}, 400, "malformed_request"),
-        (
-            "post",
-            "/v1/vouchers",
-            {"json": {"channelId": CHANNEL, "cumulativeAmount": "1", "signature": "0x", "extra": 1}},
-            400,
-            "malformed_request",
-        ),
-        ("post", "/v1/vouchers", {"json": [1, 2]}, 400, "malformed_request"),
-        (
-            "post",
-            "/v1/vouchers",
-            {"content": b"x" * 2_000_000, "headers": {"content-type": "application/json"}},
-            413,
-            "payload_too_large",
-        ),
-        ("get", "/v1/channels/0x1234", {}, 400, "malformed_request"),
-        ("get", "/v1/channels", {"params": {"payer": "0xZZ"}}, 400, "malformed_request"),
-        ("get", "/v1/channels", {"params": {"payer": "0x" + "aB" * 20}}, 400, "malformed_request"),
-        ("get", "/v1/channels", {"params": {"status": "weird"}}, 400, "malformed_request"),
-        ("get", "/v1/channels", {"params": {"limit": 0}}, 400, "malformed_request"),
-        ("get", f"/v1/channels/{CHANNEL}/payments", {}, 404, "channel_not_found"),
-        ("get", "/v1/nowhere", {}, 404, "not_found"),
-        ("delete", "/v1/vouchers", {}, 405, "method_not_allowed"),
-        ("put", "/v1/vouchers", {"json": {}}, 405, "method_not_allowed"),
-    ],
-)
-def test_http_level_errors(
-    api: Callable[..., TestClient], method: str, path: str, kwargs: dict[str, Any], status: int, code: str
-) -> None:
-    answer = getattr(api(), method)(path, **kwargs)
-    assert answer.status_code == status, answer.text
-    assert answer.json()["code"] == code
-    assert answer.json()["message"]

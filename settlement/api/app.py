@@ -56,6 +56,8 @@ def create_app(settings: Settings, service: Service | None = None) -> FastAPI:
             error: SettlementError = NotFoundError(f"no route {request.url.path}")
         elif ex.status_code == 405:
             error = MethodNotAllowedError(f"{request.method} is not allowed on {request.url.path}")
+        elif ex.status_code == 400:  # e.g. a body that is not UTF-8: Starlette refuses it before validation
+            error = MalformedRequestError(f"the request body could not be read: {ex.detail}")
         else:
             return JSONResponse(
                 status_code=ex.status_code, content={"code": f"http_{ex.status_code}", "message": ex.detail}

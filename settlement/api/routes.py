@@ -50,7 +50,9 @@ def get_service(request: Request) -> Service:
 
 ServiceDep = Annotated[Service, Depends(get_service)]
 ChannelIdPath = Annotated[str, Path(pattern=r"^0x[0-9a-fA-F]{64}$", description="0x + 64 hex digits")]
-AddressPath = Annotated[str, Path(pattern=r"^0x[0-9a-fA-F]{40}$")]
+ADDRESS_RULE = "0x + 40 hex digits; mixed case must be a correct EIP-55 checksum"
+AddressPath = Annotated[str, Path(pattern=r"^0x[0-9a-fA-F]{40}$", description=ADDRESS_RULE)]
+AddressQuery = Annotated[str | None, Query(pattern=r"^0x[0-9a-fA-F]{40}$", description=ADDRESS_RULE)]
 Limit = Annotated[int, Query(ge=1, le=1000)]
 
 ERRORS: dict[int | str, dict[str, Any]] = {code: {"model": ErrorOut} for code in (400, 404, 409, 413, 415, 503)}
@@ -179,8 +181,8 @@ def get_channel(channelId: ChannelIdPath, service: ServiceDep) -> ChannelOut:
 @router.get("/v1/channels", operation_id="listChannels", tags=["channels"])
 def list_channels(
     service: ServiceDep,
-    payer: str | None = None,
-    payee: str | None = None,
+    payer: AddressQuery = None,
+    payee: AddressQuery = None,
     status: Literal["open", "closing", "closed"] | None = None,
     cursor: Annotated[str | None, Query(pattern=r"^0x[0-9a-f]{64}$")] = None,
     limit: Limit = 100,

@@ -1,0 +1,49 @@
+"""Schemathesis against our own OpenAPI document: generated requests, valid and invalid, never reach a 500, and every
+answer matches what the document promises (status codes, content types, response schemas).
+
+The schema is loaded from the running app inside the test (schemathesis' lazy `from_fixture` does not work with
+pytest 9), and each operation's cases are drawn with Hypothesis."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import pytest
+from fastapi.testclient import TestClient
+from hypothesis import HealthCheck, given, settings
+from schemathesis import Case
+from schemathesis.checks import positive_data_acceptance
+from schemathesis.openapi import from_asgi
+
+pytestmark = pytest.mark.parametrize("store_url", ["sqlite"], indirect=True)
+
+OPERATIONS = [
+    "submitVoucher",
+    "submitVoucherBatch",
+    "getChannel",
+    "listChannels",
+    "listPayments",
+    "getPayeeSummary",
+    "getEip712Domain",
+    "health",
+    "ready",
+    "metrics",
+]
+# An address in mixed case must carry a correct EIP-55 checksum, which a JSON Schema pattern cannot say: generated
+# mixed-case addresses are (rightly) refused, so "schema-valid data is accepted" does not hold for these two.
+CHECKSUMMED = {"listChannels", "getPayeeSummary"}
+
+
+@pytest.mark.parametrize("operation_id", OPERATIONS)
+def test_generated_requests_get_documented_answers_and_no_server_error(
+    api: Callable[..., TestClient], operation_id: str
+) -> None:
+    client = api()  # its lifespan has started the service; schemathesis calls the same app in process
+    operation = from_asgi("/openapi.json", client.app).find_operation_by_id(operation_id)
+
+    @given(case=operation.as_strategy())
+    @settings(max_examples=80, deadline=None, suppress_health_check=list(HealthCheck), database=None)
+    def check(case: Case) -> None:
+        case.call_and_validate(excluded_checks=[positive_data_acceptance] if operation_id in CHECKSUMMED else [])
+
+    check()
