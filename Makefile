@@ -6,7 +6,7 @@ PY := $(VENV)/bin/python
 PY_STAMP := $(VENV)/.installed
 NPM_STAMP := node_modules/.installed
 
-.PHONY: setup run test lint check-artifacts compile bench-gas bench-verify bench-ingest simulate clean
+.PHONY: setup run test faults lint check-artifacts compile bench-gas bench-verify bench-ingest simulate clean
 
 setup: $(PY_STAMP) $(NPM_STAMP)
 
@@ -40,6 +40,10 @@ run: check-artifacts
 
 test: lint
 	$(PY) -m pytest
+
+# The fault-injection scenarios alone (docs/reliability.md); `make test` runs them too.
+faults: setup
+	$(PY) -m pytest -m faults
 
 bench-gas: setup
 	$(PY) scripts/bench.py gas

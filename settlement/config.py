@@ -68,6 +68,9 @@ class Settings(BaseSettings):
     close_alert_seconds: int = Field(default=900, ge=0, description="alert when a close deadline is this near")
     low_balance_wei: int = Field(default=10**16, ge=0, description="alert when the settler holds less ETH")
     engine_tick: float = Field(default=1.0, gt=0, description="seconds between engine checks")
+    engine_backoff_max: float = Field(
+        default=30.0, gt=0, description="after failed engine steps the wait doubles from engine_tick up to this"
+    )
 
     # API
     api_host: str = "127.0.0.1"

@@ -102,17 +102,24 @@ class Service:
     def _run_engine(self) -> None:
         """Tick the settler while this process holds the lease; otherwise stand by and try to take it over."""
         assert self.settler is not None and self.lease is not None
+        tick, failures = self.settings.engine_tick, 0
         while not self._stop.is_set():
             try:
                 leader = self.lease.acquire()
                 self.metrics.engine_leader.set(1 if leader else 0)
                 if leader:
                     self.settler.tick()
-            except SettlementError as ex:
-                logger.warning("settlement engine: %s", ex.message)
-            except Exception:
-                logger.exception("settlement engine step failed")
-            self._stop.wait(self.settings.engine_tick)
+                failures = 0
+            except Exception as ex:
+                failures = min(failures + 1, 20)
+                wait = min(tick * 2**failures, max(tick, self.settings.engine_backoff_max))
+                if isinstance(ex, SettlementError):
+                    logger.warning("settlement engine: %s; retrying in %.1fs", ex.message, wait)
+                else:
+                    logger.exception("settlement engine step failed; retrying in %.1fs", wait)
+                self._stop.wait(wait)
+                continue
+            self._stop.wait(tick)
         self.lease.release()
 
     def stop(self) -> None:

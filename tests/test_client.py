@@ -112,6 +112,7 @@ def test_a_restarted_client_continues_from_the_services_position(
     assert first.pay(channel, 1).cumulative == 36
 
 
+@pytest.mark.faults
 def test_service_killed_mid_stream_loses_no_acknowledged_voucher(
     spawn: Callable[..., ServiceProcess],
     payer_client: Callable[..., PayerClient],
@@ -201,6 +202,7 @@ def test_two_service_processes_share_one_postgres(
     assert len(stored) == statuses.count(201)
 
 
+@pytest.mark.faults
 def test_rpc_outage_known_channels_still_pay_unknown_ones_get_503(
     api: Callable[..., TestClient],
     devnet: Devnet,
@@ -254,6 +256,7 @@ def test_demo_traffic_pays_through_the_api(
     assert "payments accepted" in (tmp_path / "demo.out").read_text()
 
 
+@pytest.mark.faults
 def test_rpc_failover_to_a_second_url_and_back(
     api: Callable[..., TestClient],
     devnet: Devnet,

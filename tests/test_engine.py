@@ -55,6 +55,7 @@ def test_serve_settles_accepted_vouchers_on_its_own(
     assert "settlement_engine_leader 1.0" in client.get("/metrics").text
 
 
+@pytest.mark.faults
 @pytest.mark.postgres
 def test_leader_failover_between_two_processes(
     spawn: Callable[..., ServiceProcess],

@@ -474,6 +474,40 @@ def test_settle_at_the_deadline_and_one_second_after(
     assert events(hub, receipt, "VoucherSkipped")[0]["reason"] == SKIP["ChallengeExpired"]
 
 
+@pytest.mark.parametrize("close_first", [True, False], ids=["close-then-settle", "settle-then-close"])
+def test_a_payer_racing_the_settlement_with_request_close(
+    w3: Web3, hub: Contract, open_channel: OpenChannel, sign: Sign, accounts: list[LocalAccount], close_first: bool
+) -> None:
+    """requestClose and the payee's settlement land in the same block, in either order: the payee is paid the
+    voucher and the payer gets back only the rest, after the challenge period."""
+    ch = open_channel(accounts[1], accounts[2].address, amount=1000)
+    close = hub.functions.requestClose(ch.id)
+    payout = hub.functions.settleBatch([batch(ch.payee, ETH, ch.voucher(300, sign(ch.payer, ch.id, 300)))])
+    first, second = (
+        ((close, ch.payer.address), (payout, ch.payee))
+        if close_first
+        else ((payout, ch.payee), (close, ch.payer.address))
+    )
+    w3.provider.make_request("evm_setAutomine", [False])
+    try:
+        hashes = [
+            call.transact({"from": sender, "gas": 500_000, "maxPriorityFeePerGas": tip, "maxFeePerGas": 10**11})
+            for (call, sender), tip in ((first, 2 * 10**9), (second, 10**9))  # the higher tip goes first
+        ]
+        w3.provider.make_request("evm_mine", [])
+    finally:
+        w3.provider.make_request("evm_setAutomine", [True])
+    receipts = [w3.eth.get_transaction_receipt(h) for h in hashes]
+    assert [r["status"] for r in receipts] == [1, 1]
+    assert receipts[0]["blockNumber"] == receipts[1]["blockNumber"]
+    assert [r["transactionIndex"] for r in receipts] == [0, 1]
+    assert view(hub, ch.id)[4] == 300 and view(hub, ch.id)[6] == CLOSING
+    assert hub.functions.balanceOf(ch.payee, ETH).call() == 300
+    time_travel(w3, 3601)
+    send(w3, hub.functions.finalizeClose(ch.id), ch.payer.address)
+    assert hub.functions.balanceOf(ch.payer.address, ETH).call() == 700
+
+
 def test_finalize_errors(w3: Web3, hub: Contract, open_channel: OpenChannel, accounts: list[LocalAccount]) -> None:
     tx = {"from": accounts[1].address}
     assert reverts_with(hub.functions.finalizeClose(b"\x05" * 32), hub.abi, tx).name == "ChannelHubUnknownChannel"

@@ -136,6 +136,7 @@ def test_a_lookup_before_the_indexer_gets_there_is_not_applied_twice(
     assert stored(db, channel).deposit == 151
 
 
+@pytest.mark.faults
 def test_deposits_count_only_once_confirmed_and_a_shallow_reorg_is_absorbed(
     make_indexer: Callable[..., Indexer],
     db: Database,
@@ -161,6 +162,7 @@ def test_deposits_count_only_once_confirmed_and_a_shallow_reorg_is_absorbed(
     assert (state.deposit, state.suspended_reason) == (100, None)
 
 
+@pytest.mark.faults
 def test_a_reorg_deeper_than_the_confirmations_suspends_the_channels_it_touched(
     make_indexer: Callable[..., Indexer],
     db: Database,

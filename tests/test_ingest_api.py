@@ -244,6 +244,7 @@ def test_amounts_out_of_range_are_refused_without_harming_the_batch(
     assert [r["error"]["code"] for r in result["results"][:2]] == ["amount_out_of_range"] * 2
 
 
+@pytest.mark.faults
 @pytest.mark.postgres
 @pytest.mark.parametrize("store_url", ["postgres"], indirect=True)
 def test_store_outage_answers_503_and_acknowledges_nothing(

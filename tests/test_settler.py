@@ -152,6 +152,7 @@ def test_a_regular_batch_waits_for_the_interval_and_the_minimum(
         assert [e.channel_id for e in batch_q.entries_of(conn, started)] == ["0x" + big.id.hex()]
 
 
+@pytest.mark.faults
 @pytest.mark.parametrize("crash_in", ["_send", "_broadcast", "mark_sent", "record"])
 def test_a_crash_at_any_step_settles_once_after_restart(
     engine: Callable[..., tuple[Service, Settler]],
@@ -194,6 +195,7 @@ def test_a_crash_at_any_step_settles_once_after_restart(
     assert (batch.status, entries) == ("confirmed", 1)
 
 
+@pytest.mark.faults
 def test_an_unmined_batch_is_replaced_with_higher_fees(
     engine: Callable[..., tuple[Service, Settler]],
     paid_channel: Callable[[Service, int], Channel],
@@ -222,6 +224,7 @@ def test_an_unmined_batch_is_replaced_with_higher_fees(
     assert batch.tx_hash == txs[1].tx_hash  # the replacement is the one that mined
 
 
+@pytest.mark.faults
 def test_watchtower_settles_a_close_that_happened_while_the_service_was_down(
     engine: Callable[..., tuple[Service, Settler]],
     open_channel: Callable[..., Channel],
@@ -257,6 +260,7 @@ def test_watchtower_settles_a_close_that_happened_while_the_service_was_down(
     assert hub.functions.balanceOf(payer.address, ETH).call() == 10**18 - 90
 
 
+@pytest.mark.faults
 def test_a_missed_deadline_raises_a_critical_alert(
     engine: Callable[..., tuple[Service, Settler]],
     paid_channel: Callable[[Service, int], Channel],
@@ -275,6 +279,7 @@ def test_a_missed_deadline_raises_a_critical_alert(
     assert 'settlement_alerts_total{kind="close_deadline_missed"}' in _metrics(watching)
 
 
+@pytest.mark.faults
 def test_a_settler_without_funds_keeps_the_intent_and_resumes_after_a_top_up(
     engine: Callable[..., tuple[Service, Settler]],
     paid_channel: Callable[[Service, int], Channel],

@@ -92,6 +92,7 @@ def test_check_constraints_guard_the_money_columns(db: Database, statement: str)
         conn.execute(text(statement.format(zero=zero)))
 
 
+@pytest.mark.faults
 def test_concurrent_writers_on_separate_handles_never_see_database_locked(store_url: str) -> None:
     handles = [Database(store_url) for _ in range(4)]
     handles[0].migrate()
@@ -115,6 +116,7 @@ def test_concurrent_writers_on_separate_handles_never_see_database_locked(store_
         handle.dispose()
 
 
+@pytest.mark.faults
 def test_fifty_concurrent_submissions_to_one_channel(
     make_service: Callable[..., Service],
     open_channel: Callable[..., HubChannel],
