@@ -453,6 +453,11 @@ def simulate(
         f"{outcome.batches} settlement batches, {outcome.gas:,} gas "
         f"({outcome.gas / max(outcome.payments, 1):,.1f} gas per payment)"
     )
+    if outcome.e2e_seconds:
+        console.print(
+            f"accepted -> credited on chain: p50 {outcome.e2e_ms(0.5):,.0f} ms, p99 {outcome.e2e_ms(0.99):,.0f} ms "
+            f"(settle interval {plan.settle_interval:g}s)"
+        )
     if outcome.mismatches or outcome.refused:
         err_console.print(
             f"[bold red]{len(outcome.mismatches)} payee balance(s) differ from the accepted payments; "

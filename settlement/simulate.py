@@ -30,7 +30,7 @@ from settlement.chain import Transactor, connect
 from settlement.client import ChannelRef, PayerClient
 from settlement.config import Settings
 from settlement.contracts import load_artifact
-from settlement.deployment import deploy_contract, deploy_hub, hub_contract
+from settlement.deployment import Deployment, deploy_contract, deploy_hub, hub_contract
 from settlement.devnet import Devnet, devnet_accounts, free_port
 from settlement.errors import SettlementError
 from settlement.model import ETH
@@ -68,10 +68,56 @@ class Outcome:
     gas: int = 0
     expected: dict[tuple[str, str], int] = field(default_factory=dict)
     credited: dict[tuple[str, str], int] = field(default_factory=dict)
+    e2e_seconds: list[float] = field(default_factory=list)  # per payment: receipt in hand -> seen credited on chain
 
     @property
     def mismatches(self) -> list[tuple[str, str]]:
         return [key for key, value in self.expected.items() if self.credited.get(key) != value]
+
+    def e2e_ms(self, q: float) -> float | None:
+        """The q-quantile (0..1) of the accepted -> credited latency, in milliseconds (nearest rank)."""
+        if not self.e2e_seconds:
+            return None
+        ordered = sorted(self.e2e_seconds)
+        return 1000 * ordered[min(len(ordered) - 1, max(0, round(q * len(ordered)) - 1))]
+
+
+class CreditWatcher:
+    """Polls the hub's ChannelsSettled logs and notes when each (channel, cumulative) was first seen on chain, so
+    each receipt's accepted -> credited latency can be read off afterwards. Polling every `interval` seconds adds at
+    most that much to each figure."""
+
+    def __init__(self, w3: Web3, hub_address: str, interval: float = 0.05) -> None:
+        self.w3 = w3
+        self.hub = w3.eth.contract(address=Web3.to_checksum_address(hub_address), abi=load_artifact("ChannelHub").abi)
+        self.interval = interval
+        self.seen: dict[str, list[tuple[int, float]]] = {}  # channel id -> [(cumulative, first seen at)]
+        self._next_block = int(w3.eth.block_number)
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="credit-watcher", daemon=True)
+
+    def start(self) -> CreditWatcher:
+        self._thread.start()
+        return self
+
+    def stop(self) -> None:
+        self._stop.set()
+        self._thread.join(timeout=10)
+
+    def _run(self) -> None:
+        while not self._stop.wait(self.interval):
+            head = int(self.w3.eth.block_number)
+            if head < self._next_block:
+                continue
+            now = time.time()
+            for log in self.hub.events.ChannelsSettled().get_logs(from_block=self._next_block, to_block=head):
+                for cid, cumulative in zip(log["args"]["channelIds"], log["args"]["cumulativeAmounts"], strict=True):
+                    self.seen.setdefault("0x" + bytes(cid).hex(), []).append((int(cumulative), now))
+            self._next_block = head + 1
+
+    def credited_at(self, channel_id: str, cumulative: int) -> float | None:
+        """When a settlement covering `cumulative` on the channel was first seen, if it was."""
+        return min((t for c, t in self.seen.get(channel_id, []) if c >= cumulative), default=None)
 
 
 class Simulation:
@@ -84,6 +130,7 @@ class Simulation:
         self.rpc_url = rpc_url
         self.outcome = Outcome()
         self._lock = threading.Lock()
+        self._accepted: list[tuple[str, int, float]] = []  # (channel id, cumulative, receipt received at)
 
     def run(self) -> Outcome:
         accounts_needed = 1 + self.plan.payers + self.plan.payees
@@ -106,10 +153,26 @@ class Simulation:
             )
             with self._service(settings) as service_url:
                 work = self._open(payers, payees, token, url, service_url)
-                self._pay(work)
-                self._await_settlement(w3, settings, token)
+                watcher = CreditWatcher(w3, self._hub_address(settings)).start()
+                try:
+                    self._pay(work)
+                    self._await_settlement(w3, settings, token)
+                    time.sleep(2 * watcher.interval)  # the watcher's last poll covers the last settlement
+                finally:
+                    watcher.stop()
                 self._count_batches(settings)
+                self._latencies(watcher)
         return self.outcome
+
+    @staticmethod
+    def _hub_address(settings: Settings) -> str:
+        return Deployment.load(settings.deployment_file).address
+
+    def _latencies(self, watcher: CreditWatcher) -> None:
+        for channel_id, cumulative, accepted_at in self._accepted:
+            credited_at = watcher.credited_at(channel_id, cumulative)
+            if credited_at is not None:
+                self.outcome.e2e_seconds.append(max(credited_at - accepted_at, 0.0))
 
     @contextmanager
     def _chain(self, accounts: int) -> Iterator[str]:
@@ -216,6 +279,7 @@ class Simulation:
             else:
                 key = (channel.payee, channel.token)
                 with self._lock:
+                    self._accepted.append((channel.hex_id, receipt.cumulative, time.time()))
                     self.outcome.payments += 1
                     self.outcome.expected[key] = self.outcome.expected.get(key, 0) + receipt.increment
             done += 1
@@ -224,8 +288,6 @@ class Simulation:
             time.sleep(max(next_at - time.monotonic(), 0))
 
     def _await_settlement(self, w3: Web3, settings: Settings, token: str) -> None:
-        from settlement.deployment import Deployment
-
         hub = hub_contract(w3, Deployment.load(settings.deployment_file))
         deadline = time.monotonic() + self.plan.settle_timeout
         with self.console.status("waiting for settlement…"):

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 from collections.abc import Callable
 from pathlib import Path
 
@@ -104,6 +105,10 @@ def test_simulate_proves_the_books_to_the_wei(tmp_path: Path) -> None:
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     assert "60 payments" in result.stdout and "0 refused" in result.stdout
     assert "to the wei" in result.stdout
+    latency = re.search(r"accepted -> credited on chain: p50 ([\d,]+) ms, p99 ([\d,]+) ms", result.stdout)
+    assert latency is not None, result.stdout[-2000:]
+    p50, p99 = (int(group.replace(",", "")) for group in latency.groups())
+    assert 0 < p50 <= p99 < 60_000  # every payment was seen credited, after it was accepted
 
 
 def test_a_simulation_outcome_reports_every_difference() -> None:
@@ -114,3 +119,11 @@ def test_a_simulation_outcome_reports_every_difference() -> None:
         credited={("a", ETH): 5, ("b", ETH): 6},
     )
     assert outcome.mismatches == [("b", ETH), ("c", ETH)]
+
+
+def test_e2e_percentiles_are_nearest_rank() -> None:
+    from settlement.simulate import Outcome
+
+    outcome = Outcome(e2e_seconds=[i / 1000 for i in range(100, 0, -1)])  # 1 .. 100 ms
+    assert (outcome.e2e_ms(0.5), outcome.e2e_ms(0.99), outcome.e2e_ms(1.0)) == (50.0, 99.0, 100.0)
+    assert Outcome().e2e_ms(0.5) is None
