@@ -6,7 +6,7 @@ PY := $(VENV)/bin/python
 PY_STAMP := $(VENV)/.installed
 NPM_STAMP := node_modules/.installed
 
-.PHONY: setup run test faults lint check-artifacts compile bench-gas bench-verify bench-ingest simulate clean
+.PHONY: setup run test faults lint check-artifacts compile bench-gas bench-verify bench-ingest bench-e2e bench-scale simulate clean
 
 setup: $(PY_STAMP) $(NPM_STAMP)
 
@@ -53,6 +53,12 @@ bench-verify: setup
 
 bench-ingest: setup
 	$(PY) scripts/bench.py ingest
+
+bench-e2e: setup
+	$(PY) scripts/bench.py e2e
+
+bench-scale: setup
+	$(PY) scripts/bench.py scale
 
 simulate: setup
 	$(VENV)/bin/settlement simulate

@@ -3,6 +3,8 @@
 python scripts/bench.py gas      # gas per ChannelHub operation and per settled channel, on a fresh anvil
 python scripts/bench.py verify   # voucher signature checks per second on one core
 python scripts/bench.py ingest   # durable HTTP ingest on SQLite and PostgreSQL (scripts/bench_ingest.py)
+python scripts/bench.py e2e      # voucher accepted -> credited on chain, through the simulator, per settle interval
+python scripts/bench.py scale    # PostgreSQL with 100k channels and 10M vouchers (scripts/bench_scale.py)
 """
 
 from __future__ import annotations
@@ -212,13 +214,67 @@ def run_ingest(console: Console) -> dict[str, Any]:
     return ingest(console)
 
 
-BENCHES: dict[str, Callable[[Console], dict[str, Any]]] = {"gas": run_gas, "verify": run_verify, "ingest": run_ingest}
+E2E_SETTLE_INTERVALS = (2.0, 10.0)
+E2E_BLOCK_TIME = 1  # seconds: anvil mines on a timer, like a real chain, instead of on every transaction
+E2E_SECONDS = 40.0
+E2E_RATE = 100.0
+
+
+def run_e2e(console: Console) -> dict[str, Any]:
+    """The simulator (real service, engine, devnet with 1 s blocks) at 100 payments/s for 40 s, once per settle
+    interval; each payment's latency runs from its receipt to the moment a settlement covering it is seen on chain."""
+    from settlement.simulate import Plan, Simulation
+
+    table = Table(title=f"accepted -> credited on chain ({E2E_BLOCK_TIME}s blocks, {E2E_RATE:g} payments/s)")
+    for column in ("settle interval", "payments", "batches", "p50 ms", "p99 ms", "max ms"):
+        table.add_column(column, justify="right")
+    figures: dict[str, Any] = {"block_time_s": E2E_BLOCK_TIME, "rate_per_s": E2E_RATE, "seconds": E2E_SECONDS}
+    quiet = Console(quiet=True)
+    for interval in E2E_SETTLE_INTERVALS:
+        settings = Settings(_env_file=None, devnet_block_time=E2E_BLOCK_TIME, confirmations=0)  # type: ignore[call-arg]
+        plan = Plan(payers=4, payees=2, rate=E2E_RATE, count=None, duration=E2E_SECONDS, settle_interval=interval)
+        with console.status(f"settle interval {interval:g}s: paying for {E2E_SECONDS:g}s…"):
+            outcome = Simulation(plan, settings, quiet).run()
+        if outcome.mismatches or outcome.refused or len(outcome.e2e_seconds) != outcome.payments:
+            raise SystemExit(f"the simulation at {interval:g}s did not settle every payment: {outcome}")
+        p50, p99, worst = (outcome.e2e_ms(q) or 0.0 for q in (0.5, 0.99, 1.0))
+        cells = (f"{outcome.payments:,}", str(outcome.batches), f"{p50:,.0f}", f"{p99:,.0f}", f"{worst:,.0f}")
+        table.add_row(f"{interval:g} s", *cells)
+        key = f"{interval:g}s"
+        figures[f"e2e_ms_p50_at_{key}"] = round(p50)
+        figures[f"e2e_ms_p99_at_{key}"] = round(p99)
+        figures[f"payments_at_{key}"] = outcome.payments
+        figures[f"batches_at_{key}"] = outcome.batches
+    console.print(table)
+    return figures
+
+
+SCALE = {"channels": 100_000, "vouchers": 10_000_000}
+
+
+def run_scale(console: Console) -> dict[str, Any]:
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+    from scripts.bench_scale import run_scale as scale
+
+    return scale(console, **SCALE)
+
+
+BENCHES: dict[str, Callable[[Console], dict[str, Any]]] = {
+    "gas": run_gas,
+    "verify": run_verify,
+    "ingest": run_ingest,
+    "e2e": run_e2e,
+    "scale": run_scale,
+}
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("name", choices=sorted(BENCHES))
+    parser.add_argument("--channels", type=int, default=SCALE["channels"], help="scale: channels (100,000)")
+    parser.add_argument("--vouchers", type=int, default=SCALE["vouchers"], help="scale: vouchers (10,000,000)")
     args = parser.parse_args(argv)
+    SCALE.update(channels=args.channels, vouchers=args.vouchers)
     console = Console(stderr=False)
     figures = BENCHES[args.name](console)
     print(json.dumps({"bench": args.name, **figures}, sort_keys=False))

@@ -17,6 +17,8 @@ import sys
 import tempfile
 import time
 import uuid
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -119,6 +121,20 @@ def _postgres_available() -> bool:
         engine.dispose()
 
 
+@contextmanager
+def scratch_postgres(name: str) -> Iterator[str]:
+    """A new database on the benchmark's PostgreSQL server, dropped on exit; yields its URL."""
+    admin = create_engine(POSTGRES_URL, isolation_level="AUTOCOMMIT")
+    with admin.connect() as conn:
+        conn.execute(text(f'CREATE DATABASE "{name}"'))
+    try:
+        yield make_url(POSTGRES_URL).set(database=name).render_as_string(hide_password=False)
+    finally:
+        with admin.connect() as conn:
+            conn.execute(text(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
+        admin.dispose()
+
+
 class _server:
     """A fresh store and a `settlement serve` process on it (engine off), stopped and dropped on exit."""
 
@@ -128,17 +144,14 @@ class _server:
         self.store = store
         self.port = free_port("127.0.0.1")
         self.db_name = f"bench_{uuid.uuid4().hex[:10]}"
+        self._scratch = scratch_postgres(self.db_name)
         self.process: subprocess.Popen[bytes] | None = None
 
     def __enter__(self) -> str:
         if self.store == "sqlite":
             database_url = f"sqlite:///{self.work / (self.db_name + '.db')}"
         else:
-            admin = create_engine(POSTGRES_URL, isolation_level="AUTOCOMMIT")
-            with admin.connect() as conn:
-                conn.execute(text(f'CREATE DATABASE "{self.db_name}"'))
-            admin.dispose()
-            database_url = make_url(POSTGRES_URL).set(database=self.db_name).render_as_string(hide_password=False)
+            database_url = self._scratch.__enter__()
         env = {
             **{k: v for k, v in os.environ.items() if not k.startswith("SETTLEMENT_")},
             "SETTLEMENT_RPC_URL": self.rpc_url,
@@ -172,10 +185,7 @@ class _server:
             self.process.send_signal(signal.SIGTERM)
             self.process.wait(timeout=60)
         if self.store == "postgres":
-            admin = create_engine(POSTGRES_URL, isolation_level="AUTOCOMMIT")
-            with admin.connect() as conn:
-                conn.execute(text(f'DROP DATABASE IF EXISTS "{self.db_name}" WITH (FORCE)'))
-            admin.dispose()
+            self._scratch.__exit__(None, None, None)
 
 
 def _load(url: str, vouchers: Path, extra: list[str]) -> dict[str, Any]:
