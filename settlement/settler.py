@@ -47,6 +47,7 @@ logger = logging.getLogger(__name__)
 
 SETTLED = 0  # entry outcome; 1..6 are the hub's VoucherSkipped reasons
 ALERT_REPEAT_SECONDS = 60.0
+NONCE_USED_GRACE_SECONDS = 15.0  # a batch's nonce used with no receipt of ours this long: another tx took it
 
 
 @dataclass(frozen=True)
@@ -80,6 +81,7 @@ class Settler:
         self._last_batch_at = clock()
         self._chain_id: int | None = None
         self._alerted: dict[tuple[str, str], float] = {}
+        self._nonce_used_since: dict[str, float] = {}
 
     @property
     def sender(self) -> str:
@@ -269,6 +271,10 @@ class Settler:
         if used > batch.nonce:
             if any(self._receipt(tx.tx_hash) is not None for tx in txs):
                 return False  # mined between the two reads: the next tick records it
+            # A node can show the nonce as used before it serves the receipt: conclude only if that lasts.
+            first_seen = self._nonce_used_since.setdefault(batch.batch_id, self.clock())
+            if self.clock() - first_seen < NONCE_USED_GRACE_SECONDS:
+                return False
             with self.db.write() as conn:
                 batch_q.finish_batch(
                     conn, batch.batch_id, status="failed", now=utcnow(), error="nonce used by another transaction"

@@ -15,7 +15,7 @@ from web3.contract import Contract
 
 from settlement.model import Voucher
 from settlement.service import Service
-from settlement.settler import SETTLED, Settler
+from settlement.settler import NONCE_USED_GRACE_SECONDS, SETTLED, Settler
 from settlement.store import channels as channel_q
 from settlement.store import settlements as batch_q
 from tests.hub_helpers import ETH, Channel, send
@@ -222,6 +222,50 @@ def test_an_unmined_batch_is_replaced_with_higher_fees(
     with service.db.read() as conn:
         (batch, _), *_ = batch_q.recent_batches(conn)
     assert batch.tx_hash == txs[1].tx_hash  # the replacement is the one that mined
+
+
+@pytest.mark.faults
+def test_a_batch_whose_nonce_another_transaction_took_fails_only_after_a_grace_period(
+    engine: Callable[..., tuple[Service, Settler]],
+    paid_channel: Callable[[Service, int], Channel],
+    settler_account: LocalAccount,
+    hub: Contract,
+    w3: Web3,
+) -> None:
+    """The operator's key sends something else with the batch's nonce (a dearer tx wins the block). A node may show a
+    nonce as used before it serves the receipt, so the engine waits NONCE_USED_GRACE_SECONDS before calling it."""
+    now = [1_000_000.0]
+    service, settler = engine(clock=lambda: now[0])
+    channel = paid_channel(service, 250)
+    w3.provider.make_request("evm_setAutomine", [False])
+    try:
+        batch_id = settler.tick(force=True).started
+        assert batch_id is not None
+        with service.db.read() as conn:
+            (ours,) = batch_q.txs_of(conn, batch_id)
+        w3.eth.send_transaction(
+            {
+                "from": settler_account.address,
+                "to": settler_account.address,
+                "nonce": ours.nonce,
+                "maxFeePerGas": ours.max_fee * 3,
+                "maxPriorityFeePerGas": ours.priority_fee * 3,
+            }
+        )
+        w3.provider.make_request("evm_mine", [])
+    finally:
+        w3.provider.make_request("evm_setAutomine", [True])
+    assert settled_on_chain(hub, channel) == 0  # the replacement took the nonce; our batch never mined
+    assert settler.reconcile() == []  # nonce used, no receipt of ours: not concluded yet
+    now[0] += NONCE_USED_GRACE_SECONDS
+    assert settler.reconcile() == [batch_id]
+    with service.db.read() as conn:
+        (batch, _), *_ = batch_q.recent_batches(conn)
+    assert (batch.status, batch.error) == ("failed", "nonce used by another transaction")
+    run_until_idle(settler, service)  # the next batch settles the channel with a fresh nonce
+    settler.tick(force=True)
+    run_until_idle(settler, service)
+    assert settled_on_chain(hub, channel) == 250
 
 
 @pytest.mark.faults
