@@ -17,7 +17,7 @@ from hexbytes import HexBytes
 from web3 import Web3
 from web3.contract import Contract
 
-from settlement.client import PayerClient
+from settlement.client import ChannelRef, PayerClient
 from settlement.devnet import Devnet
 from settlement.errors import PaymentUncertainError, ServiceRejectedError
 from settlement.model import Receipt
@@ -29,6 +29,38 @@ from tests.servers import ServiceProcess
 from tests.test_ingest_api import body
 
 pytestmark = pytest.mark.slow
+
+
+def stream_through(
+    client: PayerClient, channel: ChannelRef, disrupt: Callable[[], object], times: int = 2
+) -> list[Receipt]:
+    """Pay 3 at a time on another thread; after every 30 receipts call `disrupt()`, `times` times, then take 20 more.
+    Returns the receipts the payer holds: payments whose outcome stayed uncertain are left out, as a payer would."""
+    receipts: list[Receipt] = []
+    stop = threading.Event()
+
+    def stream() -> None:
+        while not stop.is_set():
+            try:
+                receipts.append(client.pay(channel, 3))
+            except PaymentUncertainError:
+                pass
+
+    def at_least(count: int) -> None:
+        while len(receipts) < count:
+            stop.wait(0.05)
+
+    worker = threading.Thread(target=stream)
+    worker.start()
+    try:
+        for _ in range(times):
+            at_least(len(receipts) + 30)
+            disrupt()
+        at_least(len(receipts) + 20)
+    finally:
+        stop.set()
+        worker.join(timeout=60)
+    return receipts
 
 
 @pytest.fixture
@@ -123,32 +155,7 @@ def test_service_killed_mid_stream_loses_no_acknowledged_voucher(
     client = payer_client(accounts[12], service.url, retries=10, backoff=0.1, timeout=5)
     channel = client.open_channel(accounts[11].address, 10**9)
     client.wait_until_known(channel)
-    receipts: list[Receipt] = []
-    uncertain = 0
-    stop = threading.Event()
-
-    def pay_forever() -> None:
-        nonlocal uncertain
-        while not stop.is_set():
-            try:
-                receipts.append(client.pay(channel, 3))
-            except PaymentUncertainError:
-                uncertain += 1
-
-    worker = threading.Thread(target=pay_forever)
-    worker.start()
-    try:
-        for _ in range(2):
-            while len(receipts) < 30 + len(receipts) // 2:
-                threading.Event().wait(0.05)
-            service.kill()
-            service.start()
-        count = len(receipts)
-        while len(receipts) < count + 20:
-            threading.Event().wait(0.05)
-    finally:
-        stop.set()
-        worker.join(timeout=60)
+    receipts = stream_through(client, channel, lambda: (service.kill(), service.start()))
     stored = {(p.cumulative, p.increment) for p in stored_payments(store_url, channel.hex_id)}
     acknowledged = {(r.cumulative, r.increment) for r in receipts}
     assert acknowledged <= stored  # every receipt the client holds is durable
