@@ -265,6 +265,7 @@ class Settler:
         for tx in txs:
             receipt = self._receipt(tx.tx_hash)
             if receipt is not None:
+                self._nonce_used_since.pop(batch.batch_id, None)  # it was ours after all
                 return self._mined(batch, receipt)
         with rpc_errors("reading the settler's nonce"):
             used = self.w3.eth.get_transaction_count(self.account.address, "latest")
@@ -275,6 +276,7 @@ class Settler:
             first_seen = self._nonce_used_since.setdefault(batch.batch_id, self.clock())
             if self.clock() - first_seen < NONCE_USED_GRACE_SECONDS:
                 return False
+            del self._nonce_used_since[batch.batch_id]
             with self.db.write() as conn:
                 batch_q.finish_batch(
                     conn, batch.batch_id, status="failed", now=utcnow(), error="nonce used by another transaction"

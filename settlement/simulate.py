@@ -24,6 +24,7 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from sqlalchemy import func, select
 from web3 import Web3
+from web3.contract import Contract
 
 from settlement.api.app import create_app
 from settlement.chain import Transactor, connect
@@ -87,9 +88,9 @@ class CreditWatcher:
     each receipt's accepted -> credited latency can be read off afterwards. Polling every `interval` seconds adds at
     most that much to each figure."""
 
-    def __init__(self, w3: Web3, hub_address: str, interval: float = 0.05) -> None:
+    def __init__(self, w3: Web3, hub: Contract, interval: float = 0.05) -> None:
         self.w3 = w3
-        self.hub = w3.eth.contract(address=Web3.to_checksum_address(hub_address), abi=load_artifact("ChannelHub").abi)
+        self.hub = hub
         self.interval = interval
         self.seen: dict[str, list[tuple[int, float]]] = {}  # channel id -> [(cumulative, first seen at)]
         self._next_block = int(w3.eth.block_number)
@@ -153,20 +154,17 @@ class Simulation:
             )
             with self._service(settings) as service_url:
                 work = self._open(payers, payees, token, url, service_url)
-                watcher = CreditWatcher(w3, self._hub_address(settings)).start()
+                hub = hub_contract(w3, Deployment.load(settings.deployment_file))
+                watcher = CreditWatcher(w3, hub).start()
                 try:
                     self._pay(work)
-                    self._await_settlement(w3, settings, token)
+                    self._await_settlement(hub)
                     time.sleep(2 * watcher.interval)  # the watcher's last poll covers the last settlement
                 finally:
                     watcher.stop()
                 self._count_batches(settings)
                 self._latencies(watcher)
         return self.outcome
-
-    @staticmethod
-    def _hub_address(settings: Settings) -> str:
-        return Deployment.load(settings.deployment_file).address
 
     def _latencies(self, watcher: CreditWatcher) -> None:
         for channel_id, cumulative, accepted_at in self._accepted:
@@ -287,8 +285,7 @@ class Simulation:
             next_at += interval
             time.sleep(max(next_at - time.monotonic(), 0))
 
-    def _await_settlement(self, w3: Web3, settings: Settings, token: str) -> None:
-        hub = hub_contract(w3, Deployment.load(settings.deployment_file))
+    def _await_settlement(self, hub: Contract) -> None:
         deadline = time.monotonic() + self.plan.settle_timeout
         with self.console.status("waiting for settlement…"):
             while True:
