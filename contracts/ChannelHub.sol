@@ -5,6 +5,7 @@ import {IERC20} from "@openzeppelin/contracts/token/ERC20/IERC20.sol";
 import {SafeERC20} from "@openzeppelin/contracts/token/ERC20/utils/SafeERC20.sol";
 import {ECDSA} from "@openzeppelin/contracts/utils/cryptography/ECDSA.sol";
 import {EIP712} from "@openzeppelin/contracts/utils/cryptography/EIP712.sol";
+import {MessageHashUtils} from "@openzeppelin/contracts/utils/cryptography/MessageHashUtils.sol";
 import {ReentrancyGuardTransient} from "@openzeppelin/contracts/utils/ReentrancyGuardTransient.sol";
 
 /// @title ChannelHub
@@ -14,10 +15,11 @@ import {ReentrancyGuardTransient} from "@openzeppelin/contracts/utils/Reentrancy
 /// balance on channels of their own (`openFromBalance`, `topUpFromBalance`) without leaving the hub.
 ///
 /// Gas design: everything `settleBatch` touches per channel lives in ONE storage slot (`_state`), and the channel's
-/// parties are not read at all. Entries are grouped by (payee, token) and each carries the channel's salt, so the hub
-/// recomputes `keccak256(abi.encode(signer, payee, token, salt))` and compares it with the channel id: equality proves
-/// the recovered signer is the payer and the group's payee and token are the channel's. The payee's balance is then
-/// written once per group instead of once per entry.
+/// parties are not read at all. `settleBatch` takes a packed byte string parsed in assembly (no ABI decoding of
+/// nested arrays): groups of entries that share a payee and a token, each entry naming its channel by (payer, salt).
+/// The hub recomputes the id `keccak256(abi.encode(payer, payee, token, salt))`; a channel with that id exists only if
+/// it was opened with exactly those parties, and the voucher counts only if its signer is that payer. The payee's
+/// balance is then written once per group instead of once per entry.
 ///
 /// Every state-changing function is `nonReentrant` (transient-storage guard, ~200 gas a call), so no callback of a
 /// token can observe or change a half-done operation.
@@ -76,24 +78,6 @@ contract ChannelHub is EIP712, ReentrancyGuardTransient {
         Status status;
     }
 
-    /// @notice One voucher to settle. `salt` is the salt the channel was opened with; the signature is in the
-    /// EIP-2098 compact form (`vs` = s with the parity of v in its top bit), which keeps the struct static: no
-    /// offsets, no length words, no padding in calldata.
-    struct Voucher {
-        bytes32 channelId;
-        bytes32 salt;
-        uint256 cumulativeAmount;
-        bytes32 r;
-        bytes32 vs;
-    }
-
-    /// @notice Vouchers of channels that share one payee and one token.
-    struct PayeeBatch {
-        address payee;
-        address token;
-        Voucher[] vouchers;
-    }
-
     // ------------------------------------------------------------------------------------------------------------
     // Constants and storage
     // ------------------------------------------------------------------------------------------------------------
@@ -106,6 +90,15 @@ contract ChannelHub is EIP712, ReentrancyGuardTransient {
 
     /// @notice The largest deposit a channel can hold, in base units (2^104 - 1, about 2.0e31).
     uint256 public constant MAX_DEPOSIT = type(uint104).max;
+
+    /// @notice Bytes of a group header in `settleBatch`: payee (20) | token (20) | entry count (2).
+    uint256 public constant GROUP_HEADER_BYTES = 42;
+
+    /// @notice Bytes of an entry in `settleBatch`: payer (20) | salt (32) | cumulativeAmount (13) | r (32) | vs (32).
+    uint256 public constant ENTRY_BYTES = 129;
+
+    /// @notice Bytes of one channel's record in `ChannelsSettled.settlements`: channelId (32) | cumulativeAmount (13).
+    uint256 public constant SETTLED_RECORD_BYTES = 45;
 
     /// @notice Seconds between `requestClose` and the moment the payer may finalize.
     uint256 public immutable challengePeriod;
@@ -131,12 +124,11 @@ contract ChannelHub is EIP712, ReentrancyGuardTransient {
     /// @notice A channel's deposit grew by `amount` to `deposit`.
     event ChannelToppedUp(bytes32 indexed channelId, uint256 amount, uint256 deposit);
 
-    /// @notice Channels of one payee and token were settled up to `cumulativeAmounts`; the payee was credited
-    /// `credited` in total. One event per group rather than per channel: a log costs 375 gas plus 375 per topic, so
-    /// per-channel events would add ~1,100 gas to every settled channel.
-    event ChannelsSettled(
-        address indexed payee, address indexed token, uint256 credited, bytes32[] channelIds, uint256[] cumulativeAmounts
-    );
+    /// @notice Channels of one payee and token were settled; the payee was credited `credited` in total.
+    /// `settlements` holds one 45-byte record per channel: channelId (32) | new cumulativeAmount (13, big-endian).
+    /// One event per group rather than per channel (a log costs 375 gas plus 375 per topic), and packed records rather
+    /// than two arrays (log data costs 8 gas a byte): ~1,250 gas less per settled channel than a typed event each.
+    event ChannelsSettled(address indexed payee, address indexed token, uint256 credited, bytes settlements);
 
     /// @notice A batch entry was skipped; the rest of the batch went on.
     event VoucherSkipped(bytes32 indexed channelId, SkipReason reason);
@@ -190,6 +182,8 @@ contract ChannelHub is EIP712, ReentrancyGuardTransient {
     error ChannelHubChallengeExpired(bytes32 channelId, uint256 deadline);
     /// @dev The final voucher given to `closeByPayee` is above the deposit.
     error ChannelHubExceedsDeposit(bytes32 channelId, uint256 cumulativeAmount, uint256 deposit);
+    /// @dev The `settleBatch` data is cut short or has an empty group; `offset` is where the bad group starts.
+    error ChannelHubMalformedBatch(uint256 offset);
 
     // ------------------------------------------------------------------------------------------------------------
     // Construction
@@ -250,45 +244,68 @@ contract ChannelHub is EIP712, ReentrancyGuardTransient {
     // ------------------------------------------------------------------------------------------------------------
 
     /// @notice Settles vouchers of many channels; callable by anyone, since funds only ever go to payees.
-    /// @dev Skip-not-revert: a bad entry emits `VoucherSkipped` and the rest of the batch settles, so re-sending a
-    /// batch is harmless. Each group's payee is credited once with the sum of its increments.
-    function settleBatch(PayeeBatch[] calldata batches) external nonReentrant {
-        for (uint256 g; g < batches.length; ++g) {
-            PayeeBatch calldata batch = batches[g];
-            address payee = batch.payee;
-            address token = batch.token;
-            Voucher[] calldata vouchers = batch.vouchers;
-            bytes32[] memory channelIds = new bytes32[](vouchers.length);
-            uint256[] memory amounts = new uint256[](vouchers.length);
-            uint256 settledCount;
-            uint256 credit;
-            for (uint256 i; i < vouchers.length; ++i) {
-                Voucher calldata voucher = vouchers[i];
-                uint256 increment = _settle(payee, token, voucher);
-                if (increment != 0) {
-                    bytes32 channelId = voucher.channelId;
-                    uint256 cumulativeAmount = voucher.cumulativeAmount;
-                    // settledCount <= i < length of both arrays, so these writes stay inside them; each increment
-                    // is below 2^104, so the credit of one group cannot wrap a uint256.
-                    assembly ("memory-safe") {
-                        let at := add(0x20, shl(5, settledCount))
-                        mstore(add(channelIds, at), channelId)
-                        mstore(add(amounts, at), cumulativeAmount)
-                    }
-                    unchecked {
-                        ++settledCount;
-                        credit += increment;
-                    }
-                }
+    /// @dev `batch` is a sequence of groups, each `payee (20 bytes) | token (20) | count (2, big-endian, > 0)` followed
+    /// by `count` entries of `payer (20) | salt (32) | cumulativeAmount (13, big-endian) | r (32) | vs (32)`, the
+    /// signature in EIP-2098 compact form (`vs` = s with the parity of v in its top bit). Data that is cut short
+    /// reverts with `ChannelHubMalformedBatch`. Skip-not-revert: a bad entry emits `VoucherSkipped` and the rest of the
+    /// batch settles, so re-sending a batch is harmless. Each group's payee is credited once with the sum of its
+    /// increments.
+    function settleBatch(bytes calldata batch) external nonReentrant {
+        // Scratch memory for the per-entry hashes and the ecrecover call, allocated once; the parts that do not
+        // change per entry (type hash, EIP-712 prefix and domain separator, a group's payee and token) are written
+        // once, not per entry:
+        //   w + 0x000  channel id preimage:  payer | payee | token | salt
+        //   w + 0x080  struct hash preimage: VOUCHER_TYPEHASH | channelId | cumulativeAmount
+        //   w + 0x0e0  digest preimage:      0x1901 | domain separator | struct hash   (0x42 bytes)
+        //   w + 0x140  ecrecover input:      digest | v | r | s
+        bytes32 typeHash = VOUCHER_TYPEHASH;
+        bytes32 domain = _domainSeparatorV4();
+        uint256 w;
+        assembly ("memory-safe") {
+            w := mload(0x40)
+            mstore(0x40, add(w, 0x1c0))
+            mstore(add(w, 0x80), typeHash)
+            mstore(add(w, 0xe0), hex"1901")
+            mstore(add(w, 0xe2), domain)
+        }
+        uint256 start;
+        assembly ("memory-safe") {
+            start := batch.offset
+        }
+        uint256 end = start + batch.length;
+        uint256 p = start;
+        while (p < end) {
+            address payee;
+            address token;
+            uint256 count;
+            assembly ("memory-safe") {
+                payee := shr(96, calldataload(p))
+                token := shr(96, calldataload(add(p, 20)))
+                count := shr(240, calldataload(add(p, 40)))
             }
-            if (settledCount != 0) {
+            // count < 2^16, so the product cannot overflow; `end - p` cannot wrap since p < end.
+            if (end - p < GROUP_HEADER_BYTES || count == 0 || end - p - GROUP_HEADER_BYTES < count * ENTRY_BYTES) {
+                revert ChannelHubMalformedBatch(p - start);
+            }
+            assembly ("memory-safe") {
+                mstore(add(w, 0x20), payee)
+                mstore(add(w, 0x40), token)
+            }
+            uint256 credit;
+            uint256 log;
+            uint256 q;
+            (p, credit, log, q) = _settleGroup(w, p + GROUP_HEADER_BYTES, count);
+            if (credit != 0) {
                 _balances[payee][token] += credit;
-                // Shrink both arrays to the entries that settled; they were allocated at full length just above.
+                bytes32 topic = ChannelsSettled.selector;
                 assembly ("memory-safe") {
-                    mstore(channelIds, settledCount)
-                    mstore(amounts, settledCount)
+                    let length := sub(q, add(log, 0x60))
+                    mstore(q, 0) // zero padding up to the next word
+                    mstore(log, credit)
+                    mstore(add(log, 0x20), 0x40)
+                    mstore(add(log, 0x40), length)
+                    log3(log, add(0x60, and(add(length, 31), not(31))), topic, payee, token)
                 }
-                emit ChannelsSettled(payee, token, credit, channelIds, amounts);
             }
         }
     }
@@ -351,11 +368,9 @@ contract ChannelHub is EIP712, ReentrancyGuardTransient {
             state.settled = uint104(cumulativeAmount);
             _state[channelId].settled = state.settled;
             _balances[msg.sender][parties.token] += increment;
-            bytes32[] memory channelIds = new bytes32[](1);
-            uint256[] memory amounts = new uint256[](1);
-            channelIds[0] = channelId;
-            amounts[0] = cumulativeAmount;
-            emit ChannelsSettled(msg.sender, parties.token, increment, channelIds, amounts);
+            emit ChannelsSettled(
+                msg.sender, parties.token, increment, abi.encodePacked(channelId, uint104(cumulativeAmount))
+            );
         }
         _close(channelId, state);
     }
@@ -420,64 +435,97 @@ contract ChannelHub is EIP712, ReentrancyGuardTransient {
     // Internals
     // ------------------------------------------------------------------------------------------------------------
 
-    /// @dev Settles one voucher and returns the payee's increment (0 when skipped). The channel's slot is read once
-    /// and written once, unpacked by hand (a memory struct would allocate per entry); cheap checks come before the
-    /// signature recovery so that a skipped entry costs little.
-    function _settle(address payee, address token, Voucher calldata voucher) private returns (uint256 increment) {
-        bytes32 channelId = voucher.channelId;
-        uint256 cumulativeAmount = voucher.cumulativeAmount;
-        uint256 slot;
-        uint256 packed;
+    /// @dev Settles the `count` entries of one group starting at calldata offset `p` (the group's payee and token
+    /// are already in the scratch memory at `w`) and returns the offset after them, the group's credit and its
+    /// ChannelsSettled data so far: built in place at `log`, ABI-encoded as credited | 0x40 | length | records, each
+    /// record `channelId (32) | cumulativeAmount (13)`, with records written up to `q`. A function of its own so
+    /// that the loop's variables fit on the stack.
+    function _settleGroup(uint256 w, uint256 p, uint256 count)
+        private
+        returns (uint256 next, uint256 credit, uint256 log, uint256 q)
+    {
+        bytes32 skipped = VoucherSkipped.selector;
         assembly ("memory-safe") {
-            mstore(0x00, channelId)
-            mstore(0x20, _state.slot)
-            slot := keccak256(0x00, 0x40)
-            packed := sload(slot)
-        }
-        // Layout of ChannelState: deposit [0, 104), settled [104, 208), closeDeadline [208, 248), status [248, 256).
-        uint256 settled = (packed >> 104) & type(uint104).max;
-        Status status = Status(packed >> 248);
-        SkipReason reason;
-        if (status == Status.Open) {
-            // the common case first
-        } else if (status == Status.None) {
-            reason = SkipReason.UnknownChannel;
-        } else if (status == Status.Closed) {
-            reason = SkipReason.ChannelClosed;
-        } else if (block.timestamp > ((packed >> 208) & type(uint40).max)) {
-            reason = SkipReason.ChallengeExpired;
-        }
-        if (reason == SkipReason.None) {
-            if (cumulativeAmount <= settled) {
-                reason = SkipReason.NotAboveSettled;
-            } else if (cumulativeAmount > (packed & type(uint104).max)) {
-                reason = SkipReason.ExceedsDeposit;
-            } else {
-                (address signer, ECDSA.RecoverError err,) =
-                    ECDSA.tryRecover(_voucherDigest(channelId, cumulativeAmount), voucher.r, voucher.vs);
-                if (err != ECDSA.RecoverError.NoError || _channelId(signer, payee, token, voucher.salt) != channelId) {
-                    reason = SkipReason.InvalidSignature;
+            // Room for every record plus a word of padding.
+            log := mload(0x40)
+            q := add(log, 0x60)
+            mstore(0x40, add(q, add(mul(count, SETTLED_RECORD_BYTES), 0x20)))
+            let mask := 0xffffffffffffffffffffffffff // 104 bits: deposit and settled
+            mstore(0x20, _state.slot) // stays there: nothing else in the loop writes 0x20
+            for {} count { count := sub(count, 1) p := add(p, ENTRY_BYTES) } {
+                let payer := shr(96, calldataload(p))
+                let amount := shr(152, calldataload(add(p, 52)))
+                // channelId = keccak256(abi.encode(payer, payee, token, salt)): a channel with this id exists
+                // only if it was opened by `payer` to this group's payee in this group's token.
+                mstore(w, payer)
+                mstore(add(w, 0x60), calldataload(add(p, 20)))
+                let channelId := keccak256(w, 0x80)
+                mstore(0x00, channelId)
+                let slot := keccak256(0x00, 0x40) // _state[channelId]: 0x20 holds _state.slot
+                // ChannelState: deposit [0, 104), settled [104, 208), closeDeadline [208, 248), status [248, 256)
+                let packed := sload(slot)
+                let settled := and(shr(104, packed), mask)
+                // SkipReason: 1 unknown, 2 closed, 3 challenge expired, 4 not above settled, 5 exceeds deposit,
+                // 6 invalid signature. Cheap checks first, so that a skipped entry costs little.
+                // settled <= deposit, so at most one of the amount reasons holds; the status ones come first.
+                let reason := or(mul(4, iszero(gt(amount, settled))), mul(5, gt(amount, and(packed, mask))))
+                if iszero(eq(shr(248, packed), 1)) {
+                    switch shr(248, packed)
+                    case 0 { reason := 1 }
+                    case 3 { reason := 2 }
+                    default { if gt(timestamp(), and(shr(208, packed), 0xffffffffff)) { reason := 3 } }
+                }
+                if iszero(reason) {
+                    reason := 6
+                    // The checks of OpenZeppelin's ECDSA.tryRecover(digest, r, vs), inlined: v = 27 + the top
+                    // bit of vs, s = the rest; s above n/2 (the malleable twin) fails. The precompile writes
+                    // nothing for a signature it cannot recover, hence the zeroed output word; a recovery to
+                    // address(0) then fails the comparison with the payer, which is never address(0) here (the
+                    // channel exists, and only a sender, never address(0), opens one).
+                    let vs := calldataload(add(p, 97))
+                    let sValue := shr(1, shl(1, vs))
+                    if iszero(gt(sValue, 0x7fffffffffffffffffffffffffffffff5d576e7357a4501ddfe92f46681b20a0)) {
+                        mstore(add(w, 0xa0), channelId)
+                        mstore(add(w, 0xc0), amount)
+                        mstore(add(w, 0x102), keccak256(add(w, 0x80), 0x60))
+                        mstore(add(w, 0x140), keccak256(add(w, 0xe0), 0x42))
+                        mstore(add(w, 0x160), add(shr(255, vs), 27))
+                        mstore(add(w, 0x180), calldataload(add(p, 65)))
+                        mstore(add(w, 0x1a0), sValue)
+                        mstore(0x00, 0)
+                        if iszero(staticcall(gas(), 0x01, add(w, 0x140), 0x80, 0x00, 0x20)) { revert(0, 0) }
+                        let signer := mload(0x00)
+                        if eq(signer, payer) {
+                            reason := 0
+                            // settled < amount <= deposit <= MAX_DEPOSIT: the subtraction cannot wrap, the
+                            // amount fits the 104 bits of `settled` (so replacing that field keeps the others)
+                            // and a group's credit cannot wrap. The record's second word spills 19 zero bytes
+                            // into the next record, which that record overwrites.
+                            credit := add(credit, sub(amount, settled))
+                            sstore(slot, or(and(packed, not(shl(104, mask))), shl(104, amount)))
+                            mstore(q, channelId)
+                            mstore(add(q, 0x20), shl(152, amount))
+                            q := add(q, SETTLED_RECORD_BYTES)
+                        }
+                    }
+                }
+                if reason {
+                    // emit VoucherSkipped(channelId, reason)
+                    mstore(0x00, reason)
+                    log2(0x00, 0x20, skipped, channelId)
                 }
             }
-        }
-        if (reason != SkipReason.None) {
-            emit VoucherSkipped(channelId, reason);
-            return 0;
-        }
-        // settled < cumulativeAmount <= deposit <= MAX_DEPOSIT: the subtraction cannot wrap and the amount fits in
-        // the 104 bits of `settled`, so replacing that field keeps the other fields intact.
-        unchecked {
-            increment = cumulativeAmount - settled;
-        }
-        packed = (packed & ~(uint256(type(uint104).max) << 104)) | (cumulativeAmount << 104);
-        assembly ("memory-safe") {
-            sstore(slot, packed)
+            next := p
         }
     }
 
-    /// @dev `hashVoucher` without allocating memory: the struct hash is built past the free memory pointer, which
-    /// is left where it was.
-    function _voucherDigest(bytes32 channelId, uint256 cumulativeAmount) private view returns (bytes32 structHash) {
+    /// @dev `hashVoucher`; the struct hash is built without allocating memory.
+    function _voucherDigest(bytes32 channelId, uint256 cumulativeAmount) private view returns (bytes32) {
+        return _hashTypedDataV4(_structHash(channelId, cumulativeAmount));
+    }
+
+    /// @dev The EIP-712 struct hash of a voucher, built past the free memory pointer, which is left where it was.
+    function _structHash(bytes32 channelId, uint256 cumulativeAmount) private pure returns (bytes32 structHash) {
         bytes32 typeHash = VOUCHER_TYPEHASH;
         assembly ("memory-safe") {
             let ptr := mload(0x40)
@@ -486,7 +534,6 @@ contract ChannelHub is EIP712, ReentrancyGuardTransient {
             mstore(add(ptr, 0x40), cumulativeAmount)
             structHash := keccak256(ptr, 0x60)
         }
-        return _hashTypedDataV4(structHash);
     }
 
     /// @dev `channelIdOf` without allocating memory.

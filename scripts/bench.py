@@ -26,11 +26,12 @@ from web3 import Web3
 from web3.contract import Contract
 from web3.types import RPCEndpoint
 
+from settlement.batch_encoding import SettleEntry, encode_batch
 from settlement.chain import connect
 from settlement.config import Settings
 from settlement.contracts import HUB, load_artifact
 from settlement.devnet import Devnet, devnet_accounts
-from settlement.vouchers import Domain, VoucherVerifier, channel_id, recover_reference, sign_voucher, to_compact
+from settlement.vouchers import Domain, VoucherVerifier, channel_id, recover_reference, sign_voucher
 
 ETH = "0x" + "00" * 20
 CHALLENGE_PERIOD = 3600
@@ -88,12 +89,12 @@ class GasBench:
 
     def settle_gas(self, payer: LocalAccount, channels: list[tuple[bytes, bytes, str]], cumulative: int) -> int:
         """One settleBatch over `channels`, grouped by payee as the settlement engine does."""
-        groups: dict[str, list[Any]] = {}
+        groups: dict[str, list[SettleEntry]] = {}
         for cid, salt, payee in channels:
-            r, vs = to_compact(sign_voucher(payer, self.domain, cid, cumulative))
-            groups.setdefault(payee, []).append((cid, salt, cumulative, r, vs))
-        batches = [(payee, self.token.address, vouchers) for payee, vouchers in groups.items()]
-        return self.gas(self.hub.functions.settleBatch(batches), self.operator)
+            signature = sign_voucher(payer, self.domain, cid, cumulative)
+            groups.setdefault(payee, []).append(SettleEntry(payer.address, salt, cumulative, signature))
+        batch = encode_batch((payee, self.token.address, entries) for payee, entries in groups.items())
+        return self.gas(self.hub.functions.settleBatch(batch), self.operator)
 
 
 def run_gas(console: Console) -> dict[str, Any]:
@@ -111,8 +112,8 @@ def run_gas(console: Console) -> dict[str, Any]:
         )
         cid = channel_id(payer.address, payee.address, ETH, salt)
         figures["top_up_eth_gas"] = bench.gas(bench.hub.functions.topUp(cid, 10**17), payer.address, 10**17)
-        r, vs = to_compact(sign_voucher(payer, bench.domain, cid, 10**16))
-        batch1 = [(payee.address, ETH, [(cid, salt, 10**16, r, vs)])]
+        first = SettleEntry(payer.address, salt, 10**16, sign_voucher(payer, bench.domain, cid, 10**16))
+        batch1 = encode_batch([(payee.address, ETH, [first])])
         figures["settle_batch_1_first_gas"] = bench.gas(bench.hub.functions.settleBatch(batch1), bench.operator)
         figures["request_close_gas"] = bench.gas(bench.hub.functions.requestClose(cid), payer.address)
         w3.provider.make_request(RPCEndpoint("evm_increaseTime"), [CHALLENGE_PERIOD + 1])

@@ -25,6 +25,7 @@ from web3 import Web3
 from web3.contract import Contract
 from web3.types import FilterParams, LogReceipt
 
+from settlement.batch_encoding import decode_settlements
 from settlement.chain import rpc_errors
 from settlement.errors import ChainError, ChannelNotFoundError, ChannelUnconfirmedError, SettlementError
 from settlement.model import Channel, ChannelStatus, utcnow
@@ -235,7 +236,7 @@ class Indexer:
     def _apply(self, seen: Cursor, new: Cursor, events: list[ChainEvent]) -> bool:
         now = utcnow()
         touched = {e.channel_id for e in events if e.channel_id} | {
-            cid for e in events if e.event == "ChannelsSettled" for cid in e.args["channelIds"]
+            cid for e in events if e.event == "ChannelsSettled" for cid, _ in _settlements(e)
         }
         with self.db.write() as conn:
             current = log_q.get_cursor(conn, lock=True)
@@ -263,7 +264,7 @@ class Indexer:
     def _transitions(states: dict[str, Channel | None], event: ChainEvent) -> list[tuple[str, Channel]]:
         if event.event == "ChannelsSettled":
             out = []
-            for cid, cumulative in zip(event.args["channelIds"], event.args["cumulativeAmounts"], strict=True):
+            for cid, cumulative in _settlements(event):
                 channel = states.get(cid)
                 if channel is not None and event.block_number > channel.as_of_block:
                     out.append((cid, replace(channel, settled=int(cumulative), as_of_block=event.block_number)))
@@ -335,6 +336,10 @@ class Indexer:
                 delay = min(delay * 2, 30.0)
             if not advanced:
                 stop.wait(delay)
+
+
+def _settlements(event: ChainEvent) -> list[tuple[str, int]]:
+    return decode_settlements(bytes.fromhex(event.args["settlements"][2:]))
 
 
 def _plain(value: Any) -> Any:

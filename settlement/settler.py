@@ -32,6 +32,7 @@ from web3.exceptions import TransactionNotFound
 from web3.logs import DISCARD
 from web3.types import TxParams, TxReceipt
 
+from settlement.batch_encoding import SettleEntry, decode_settlements, encode_batch
 from settlement.chain import GAS_HEADROOM, rpc_errors
 from settlement.config import Settings
 from settlement.errors import ChainError, SettlementError
@@ -41,7 +42,6 @@ from settlement.store import Database
 from settlement.store import channels as channel_q
 from settlement.store import settlements as batch_q
 from settlement.store.settlements import Batch, Entry, SentTx
-from settlement.vouchers import to_compact
 
 logger = logging.getLogger(__name__)
 
@@ -152,14 +152,13 @@ class Settler:
         return batch_id
 
     def _call(self, entries: list[Entry], channels: dict[str, Channel]) -> Any:
-        groups: dict[tuple[str, str], list[tuple[bytes, bytes, int, bytes, bytes]]] = {}
+        groups: dict[tuple[str, str], list[SettleEntry]] = {}
         for entry in entries:
             channel = channels[entry.channel_id]
-            r, vs = to_compact(entry.signature)
             groups.setdefault((channel.payee, channel.token), []).append(
-                (bytes.fromhex(entry.channel_id[2:]), bytes.fromhex(channel.salt[2:]), entry.cumulative, r, vs)
+                SettleEntry(channel.payer, bytes.fromhex(channel.salt[2:]), entry.cumulative, entry.signature)
             )
-        return self.hub.functions.settleBatch([(payee, token, vouchers) for (payee, token), vouchers in groups.items()])
+        return self.hub.functions.settleBatch(encode_batch((payee, token, g) for (payee, token), g in groups.items()))
 
     def _estimate(self, call: Any) -> int:
         with rpc_errors("estimating a settlement's gas"):
@@ -363,8 +362,7 @@ class Settler:
         entries = self._entries(batch)
         outcomes: dict[str, int] = {}
         for event in self.hub.events.ChannelsSettled().process_receipt(receipt, errors=DISCARD):
-            for cid, cumulative in zip(event["args"]["channelIds"], event["args"]["cumulativeAmounts"], strict=True):
-                key = "0x" + bytes(cid).hex()
+            for key, cumulative in decode_settlements(event["args"]["settlements"]):
                 if key in entries and entries[key].cumulative == cumulative:
                     outcomes[key] = SETTLED
         for event in self.hub.events.VoucherSkipped().process_receipt(receipt, errors=DISCARD):

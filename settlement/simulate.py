@@ -27,6 +27,7 @@ from web3 import Web3
 from web3.contract import Contract
 
 from settlement.api.app import create_app
+from settlement.batch_encoding import decode_settlements
 from settlement.chain import Transactor, connect
 from settlement.client import ChannelRef, PayerClient
 from settlement.config import Settings
@@ -112,8 +113,8 @@ class CreditWatcher:
                 continue
             now = time.time()
             for log in self.hub.events.ChannelsSettled().get_logs(from_block=self._next_block, to_block=head):
-                for cid, cumulative in zip(log["args"]["channelIds"], log["args"]["cumulativeAmounts"], strict=True):
-                    self.seen.setdefault("0x" + bytes(cid).hex(), []).append((int(cumulative), now))
+                for cid, cumulative in decode_settlements(log["args"]["settlements"]):
+                    self.seen.setdefault(cid, []).append((cumulative, now))
             self._next_block = head + 1
 
     def credited_at(self, channel_id: str, cumulative: int) -> float | None:

@@ -11,7 +11,8 @@ from web3.contract import Contract
 from web3.logs import DISCARD
 from web3.types import TxReceipt
 
-from settlement.vouchers import channel_id, to_compact
+from settlement.batch_encoding import SettleEntry, decode_settlements, encode_batch
+from settlement.vouchers import channel_id
 
 __all__ = ["channel_id"]  # re-exported: tests import it from here with the other helpers
 
@@ -54,26 +55,30 @@ class Channel:
     deposit: int = 0
     extra: dict[str, Any] = field(default_factory=dict)
 
-    def voucher(self, cumulative: int, signature: bytes) -> Entry:
-        return entry(self.id, self.salt, cumulative, signature)
+    def voucher(self, cumulative: int, signature: bytes) -> SettleEntry:
+        return SettleEntry(self.payer.address, self.salt, cumulative, signature)
 
 
-Entry = tuple[bytes, bytes, int, bytes, bytes]
+Group = tuple[str, str, list[SettleEntry]]
 
 
-def entry(cid: bytes, salt: bytes, cumulative: int, signature: bytes) -> Entry:
-    """A settleBatch entry from a 65-byte signature."""
-    r, vs = to_compact(signature)
-    return (cid, salt, cumulative, r, vs)
-
-
-def batch(payee: str, token: str, *vouchers: Entry) -> tuple[str, str, list[Any]]:
+def batch(payee: str, token: str, *vouchers: SettleEntry) -> Group:
     return (payee, token, list(vouchers))
+
+
+def settle_call(hub: Contract, *groups: Group) -> Any:
+    """settleBatch over `groups`, packed as the settlement engine packs them."""
+    return hub.functions.settleBatch(encode_batch(groups))
+
+
+def record(cid: bytes, cumulative: int) -> bytes:
+    """One channel's record in ChannelsSettled.settlements."""
+    return cid + cumulative.to_bytes(13, "big")
 
 
 def settled(contract: Contract, receipt: TxReceipt) -> dict[bytes, int]:
     """channel id -> cumulative amount, from every ChannelsSettled event of the receipt."""
     out: dict[bytes, int] = {}
     for e in events(contract, receipt, "ChannelsSettled"):
-        out.update(zip(e["channelIds"], e["cumulativeAmounts"], strict=True))
+        out.update((bytes.fromhex(cid[2:]), amount) for cid, amount in decode_settlements(e["settlements"]))
     return out

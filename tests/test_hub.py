@@ -11,9 +11,12 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from web3 import Web3
 from web3.contract import Contract
+from web3.exceptions import ContractCustomError
+from web3.types import RPCEndpoint
 
+from settlement.batch_encoding import MAX_AMOUNT, SettleEntry, encode_batch, group_header, packed_entry
 from settlement.contracts import HUB, load_artifact
-from settlement.vouchers import MAX_UINT256, SECP256K1_N, Domain, VoucherVerifier
+from settlement.vouchers import MAX_UINT256, SECP256K1_N, Domain, VoucherVerifier, to_compact
 from tests.conftest import reverts_with
 from tests.hub_helpers import (
     CLOSED,
@@ -22,12 +25,14 @@ from tests.hub_helpers import (
     OPEN,
     SKIP,
     Channel,
+    Group,
     batch,
     channel_id,
-    entry,
     events,
+    record,
     salt_of,
     send,
+    settle_call,
     settled,
 )
 from tests.signatures import REFUSED_FORMS
@@ -41,8 +46,12 @@ def time_travel(w3: Web3, seconds: int) -> None:
     w3.provider.make_request("evm_mine", [])
 
 
-def settle(w3: Web3, hub: Contract, *batches: Any, sender: str | None = None) -> Any:
-    return send(w3, hub.functions.settleBatch(list(batches)), sender or w3.eth.accounts[0])
+def settle(w3: Web3, hub: Contract, *groups: Group, sender: str | None = None) -> Any:
+    return send(w3, settle_call(hub, *groups), sender or w3.eth.accounts[0])
+
+
+def settle_raw(w3: Web3, hub: Contract, data: bytes) -> Any:
+    return send(w3, hub.functions.settleBatch(data), w3.eth.accounts[0])
 
 
 def view(hub: Contract, cid: bytes) -> tuple[Any, ...]:
@@ -223,7 +232,7 @@ def test_settle_credits_increments_once(
     first = batch(payee, ETH, ch.voucher(100, sign(payer, ch.id, 100)))
     receipt = settle(w3, hub, first)
     assert events(hub, receipt, "ChannelsSettled") == [
-        {"payee": payee, "token": ETH, "credited": 100, "channelIds": [ch.id], "cumulativeAmounts": [100]}
+        {"payee": payee, "token": ETH, "credited": 100, "settlements": record(ch.id, 100)}
     ]
     receipt = settle(w3, hub, batch(payee, ETH, ch.voucher(350, sign(payer, ch.id, 350))))
     assert events(hub, receipt, "ChannelsSettled")[0]["credited"] == 250
@@ -242,10 +251,12 @@ def test_settle_is_callable_by_anyone_and_pays_only_the_payee(
     settle(w3, hub, batch(payee, ETH, ch.voucher(10, sign(payer, ch.id, 10))), sender=stranger)
     assert hub.functions.balanceOf(payee, ETH).call() == 10
     assert hub.functions.balanceOf(stranger, ETH).call() == 0
-    # claiming the channel for another payee does not match the channel id: skipped, nobody credited
+    # claiming the channel for another payee names another channel id, which does not exist: nobody credited
     receipt = settle(w3, hub, batch(stranger, ETH, ch.voucher(20, sign(payer, ch.id, 20))), sender=stranger)
-    assert events(hub, receipt, "VoucherSkipped") == [{"channelId": ch.id, "reason": SKIP["InvalidSignature"]}]
+    claimed = channel_id(payer.address, stranger, ETH, ch.salt)
+    assert events(hub, receipt, "VoucherSkipped") == [{"channelId": claimed, "reason": SKIP["UnknownChannel"]}]
     assert hub.functions.balanceOf(stranger, ETH).call() == 0
+    assert view(hub, ch.id)[4] == 10
 
 
 def test_mixed_batch_settles_the_valid_entries(
@@ -254,12 +265,13 @@ def test_mixed_batch_settles_the_valid_entries(
     payer, payee, other_payee = accounts[1], accounts[2].address, accounts[3].address
     good = [open_channel(payer, payee, amount=1000) for _ in range(3)]
     over = open_channel(payer, payee, amount=10)
+    unknown = channel_id(payer.address, payee, ETH, salt_of(777))
     tok = open_channel(accounts[4], other_payee, token, 500)
     vouchers = [
         good[0].voucher(5, sign(payer, good[0].id, 5)),
         over.voucher(11, sign(payer, over.id, 11)),  # above deposit
         good[1].voucher(7, sign(accounts[5], good[1].id, 7)),  # wrong signer
-        entry(b"\x77" * 32, salt_of(1), 1, sign(payer, b"\x77" * 32, 1)),  # unknown channel
+        SettleEntry(payer.address, salt_of(777), 1, sign(payer, unknown, 1)),  # unknown channel
         good[2].voucher(9, sign(payer, good[2].id, 9)),
     ]
     receipt = settle(
@@ -272,20 +284,44 @@ def test_mixed_batch_settles_the_valid_entries(
     assert skipped == {
         over.id: SKIP["ExceedsDeposit"],
         good[1].id: SKIP["InvalidSignature"],
-        b"\x77" * 32: SKIP["UnknownChannel"],
+        unknown: SKIP["UnknownChannel"],
     }
     assert settled(hub, receipt) == {good[0].id: 5, good[2].id: 9, tok.id: 44}
     assert hub.functions.balanceOf(payee, ETH).call() == 14
     assert hub.functions.balanceOf(other_payee, token.address).call() == 44
 
 
-def test_cumulative_at_uint256_max_is_skipped_not_overflowed(
+def test_amounts_above_104_bits_cannot_be_packed_and_the_largest_is_skipped(
+    w3: Web3, hub: Contract, open_channel: OpenChannel, sign: Sign, accounts: list[LocalAccount]
+) -> None:
+    """Amounts travel in 13 bytes: anything larger could never be within a deposit (MAX_DEPOSIT is 2^104 - 1)."""
+    ch = open_channel(accounts[1], accounts[2].address, amount=1000)
+    too_big = ch.voucher(MAX_AMOUNT + 1, sign(ch.payer, ch.id, MAX_AMOUNT + 1))
+    with pytest.raises(ValueError, match="104 bits"):
+        encode_batch([batch(ch.payee, ETH, too_big)])
+    receipt = settle(w3, hub, batch(ch.payee, ETH, ch.voucher(MAX_AMOUNT, sign(ch.payer, ch.id, MAX_AMOUNT))))
+    assert events(hub, receipt, "VoucherSkipped") == [{"channelId": ch.id, "reason": SKIP["ExceedsDeposit"]}]
+    assert view(hub, ch.id)[4] == 0
+
+
+def test_malformed_batches_revert(
     w3: Web3, hub: Contract, open_channel: OpenChannel, sign: Sign, accounts: list[LocalAccount]
 ) -> None:
     ch = open_channel(accounts[1], accounts[2].address, amount=1000)
-    receipt = settle(w3, hub, batch(ch.payee, ETH, ch.voucher(MAX_UINT256, sign(ch.payer, ch.id, MAX_UINT256))))
-    assert events(hub, receipt, "VoucherSkipped") == [{"channelId": ch.id, "reason": SKIP["ExceedsDeposit"]}]
-    assert view(hub, ch.id)[4] == 0
+    good = encode_batch([batch(ch.payee, ETH, ch.voucher(10, sign(ch.payer, ch.id, 10)))])
+    empty_group = bytes.fromhex(ch.payee[2:]) + bytes(20) + bytes(2)
+    cases = {
+        "header cut short": (good + good[:41], len(good)),
+        "entry cut short": (good[:-1], 0),
+        "count above the entries": (good[:40] + (2).to_bytes(2, "big") + good[42:], 0),
+        "empty group": (good + empty_group, len(good)),
+    }
+    for name, (data, offset) in cases.items():
+        revert = reverts_with(hub.functions.settleBatch(data), hub.abi, {"from": accounts[0].address})
+        assert (revert.name, revert.args) == ("ChannelHubMalformedBatch", (offset,)), name
+    assert settle_raw(w3, hub, b"")["status"] == 1  # nothing to settle is not an error
+    settle_raw(w3, hub, good + good)  # the same group twice: the second entry is skipped, not reverted
+    assert view(hub, ch.id)[4] == 10
 
 
 def test_settle_exactly_the_deposit(
@@ -357,13 +393,55 @@ def test_signed_field_signature(
     w3: Web3, hub: Contract, eth_channel: Channel, sign: Sign, mutation: Callable[[bytes, bytes], tuple[bytes, bytes]]
 ) -> None:
     ch = eth_channel
-    _, _, _, r, vs = ch.voucher(10, sign(ch.payer, ch.id, 10))
-    bad_r, bad_vs = mutation(r, vs)
-    receipt = settle(w3, hub, batch(ch.payee, ch.token, (ch.id, ch.salt, 10, bad_r, bad_vs)))
+    r, vs = to_compact(sign(ch.payer, ch.id, 10))
+    header = group_header(ch.payee, ch.token, 1)
+    receipt = settle_raw(w3, hub, header + packed_entry(ch.payer.address, ch.salt, 10, *mutation(r, vs)))
     assert events(hub, receipt, "VoucherSkipped") == [{"channelId": ch.id, "reason": SKIP["InvalidSignature"]}]
     assert view(hub, ch.id)[4] == 0
-    settle(w3, hub, batch(ch.payee, ch.token, (ch.id, ch.salt, 10, r, vs)))  # the unmutated voucher settles
+    settle_raw(w3, hub, header + packed_entry(ch.payer.address, ch.salt, 10, r, vs))  # the unmutated one settles
     assert view(hub, ch.id)[4] == 10
+
+
+def _tweak(word: bytes, kind: str, bit: int, noise: bytes) -> bytes:
+    n = _int(word)
+    if kind == "flip":
+        return _word(n ^ (1 << bit))
+    if kind == "negate-s":  # keeps the parity bit, s -> n - s
+        return _word((n & TOP_BIT) | ((SECP256K1_N - (n & (TOP_BIT - 1))) % 2**255))
+    if kind == "random":
+        return noise
+    return word
+
+
+@settings(max_examples=30, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(
+    target=st.sampled_from(["r", "vs"]),
+    kind=st.sampled_from(["none", "flip", "negate-s", "random"]),
+    bit=st.integers(min_value=0, max_value=255),
+    noise=st.binary(min_size=32, max_size=32),
+)
+def test_inlined_recovery_agrees_with_openzeppelin(
+    w3: Web3, hub: Contract, eth_channel: Channel, sign: Sign, target: str, kind: str, bit: int, noise: bytes
+) -> None:
+    """settleBatch recovers signers in assembly; closeByPayee through OpenZeppelin's ECDSA. Same verdict, always."""
+    ch = eth_channel
+    r, vs = to_compact(sign(ch.payer, ch.id, 10))
+    if target == "r":
+        r = _tweak(r, kind, bit, noise)
+    else:
+        vs = _tweak(vs, kind, bit, noise)
+    s_value, parity = _int(vs) & (TOP_BIT - 1), _int(vs) >> 255
+    openzeppelin_accepts = True
+    try:
+        hub.functions.closeByPayee(ch.id, 10, r + _word(s_value) + bytes((27 + parity,))).call({"from": ch.payee})
+    except ContractCustomError:
+        openzeppelin_accepts = False
+    snapshot = w3.provider.make_request(RPCEndpoint("evm_snapshot"), [])["result"]
+    try:
+        settle_raw(w3, hub, group_header(ch.payee, ch.token, 1) + packed_entry(ch.payer.address, ch.salt, 10, r, vs))
+        assert (view(hub, ch.id)[4] == 10) == openzeppelin_accepts
+    finally:
+        w3.provider.make_request(RPCEndpoint("evm_revert"), [snapshot])
 
 
 @pytest.mark.parametrize(
@@ -381,18 +459,23 @@ def test_close_by_payee_signature_forms(
     assert view(hub, ch.id)[4:] == (10, 0, CLOSED)
 
 
-def test_wrong_salt_or_token_group_is_invalid(
-    w3: Web3, hub: Contract, eth_channel: Channel, sign: Sign, token: Contract
+def test_wrong_payer_salt_or_token_names_no_channel(
+    w3: Web3, hub: Contract, eth_channel: Channel, sign: Sign, token: Contract, accounts: list[LocalAccount]
 ) -> None:
-    sig = sign(eth_channel.payer, eth_channel.id, 10)
-    receipt = settle(
-        w3,
-        hub,
-        batch(eth_channel.payee, ETH, entry(eth_channel.id, salt_of(999), 10, sig)),
-        batch(eth_channel.payee, token.address, eth_channel.voucher(10, sig)),
-    )
-    assert [e["reason"] for e in events(hub, receipt, "VoucherSkipped")] == [SKIP["InvalidSignature"]] * 2
-    assert hub.functions.balanceOf(eth_channel.payee, token.address).call() == 0
+    """The entry names its channel by (payer, salt) within the group's (payee, token): change any, no channel."""
+    ch = eth_channel
+    sig = sign(ch.payer, ch.id, 10)
+    wrong = [
+        (ETH, SettleEntry(ch.payer.address, salt_of(999), 10, sig)),
+        (ETH, SettleEntry(accounts[5].address, ch.salt, 10, sig)),
+        (token.address, ch.voucher(10, sig)),
+    ]
+    receipt = settle(w3, hub, *(batch(ch.payee, asset, e) for asset, e in wrong))
+    expected = [channel_id(e.payer, ch.payee, asset, e.salt) for asset, e in wrong]
+    skipped = events(hub, receipt, "VoucherSkipped")
+    assert skipped == [{"channelId": cid, "reason": SKIP["UnknownChannel"]} for cid in expected]
+    assert view(hub, ch.id)[4] == 0
+    assert hub.functions.balanceOf(ch.payee, token.address).call() == 0
 
 
 def test_vouchers_from_another_chain_do_not_settle(accounts: list[LocalAccount], sign: Sign) -> None:
@@ -417,9 +500,11 @@ def test_vouchers_from_another_chain_do_not_settle(accounts: list[LocalAccount],
         cid = channel_id(payer.address, payee, ETH, salt_of(1))
         this_chain = Domain(chain_id=31337, verifying_contract=hub.address)
         right_chain = Domain(chain_id=4242, verifying_contract=hub.address)
-        receipt = settle(other, hub, batch(payee, ETH, entry(cid, salt_of(1), 10, sign(payer, cid, 10, this_chain))))
+        wrong = SettleEntry(payer.address, salt_of(1), 10, sign(payer, cid, 10, this_chain))
+        receipt = settle(other, hub, batch(payee, ETH, wrong))
         assert events(hub, receipt, "VoucherSkipped") == [{"channelId": cid, "reason": SKIP["InvalidSignature"]}]
-        settle(other, hub, batch(payee, ETH, entry(cid, salt_of(1), 10, sign(payer, cid, 10, right_chain))))
+        right = SettleEntry(payer.address, salt_of(1), 10, sign(payer, cid, 10, right_chain))
+        settle(other, hub, batch(payee, ETH, right))
         assert hub.functions.balanceOf(payee, ETH).call() == 10
 
 
@@ -482,7 +567,7 @@ def test_a_payer_racing_the_settlement_with_request_close(
     voucher and the payer gets back only the rest, after the challenge period."""
     ch = open_channel(accounts[1], accounts[2].address, amount=1000)
     close = hub.functions.requestClose(ch.id)
-    payout = hub.functions.settleBatch([batch(ch.payee, ETH, ch.voucher(300, sign(ch.payer, ch.id, 300)))])
+    payout = settle_call(hub, batch(ch.payee, ETH, ch.voucher(300, sign(ch.payer, ch.id, 300))))
     first, second = (
         ((close, ch.payer.address), (payout, ch.payee))
         if close_first
@@ -526,7 +611,7 @@ def test_close_by_payee_with_final_voucher(
     assert (revert.name, revert.args) == ("ChannelHubNotPayee", (ch.id, ch.payer.address))
     receipt = send(w3, hub.functions.closeByPayee(ch.id, 640, sig), ch.payee)
     assert events(hub, receipt, "ChannelsSettled") == [
-        {"payee": ch.payee, "token": ETH, "credited": 540, "channelIds": [ch.id], "cumulativeAmounts": [640]}
+        {"payee": ch.payee, "token": ETH, "credited": 540, "settlements": record(ch.id, 640)}
     ]
     assert events(hub, receipt, "ChannelClosed") == [{"channelId": ch.id, "settled": 640, "refund": 360}]
     assert hub.functions.balanceOf(ch.payee, ETH).call() == 640

@@ -13,9 +13,10 @@ from hypothesis import strategies as st
 from web3 import Web3
 from web3.contract import Contract
 
+from settlement.batch_encoding import SettleEntry
 from settlement.vouchers import Domain, sign_voucher
 from tests.conftest import reverts_with
-from tests.hub_helpers import CLOSED, ETH, Channel, batch, channel_id, entry, events, salt_of, send
+from tests.hub_helpers import CLOSED, ETH, Channel, batch, channel_id, events, salt_of, send, settle_call
 
 
 def _approve_and_open(w3: Web3, hub: Contract, tok: Contract, payer: str, payee: str, amount: int, salt: int) -> bytes:
@@ -46,7 +47,7 @@ def test_token_without_return_value_works(
     payer, payee = accounts[1], accounts[2].address
     cid = _approve_and_open(w3, hub, usdt_like, payer.address, payee, 500, 1)
     sig = sign_voucher(payer, domain, cid, 200)
-    send(w3, hub.functions.settleBatch([batch(payee, usdt_like.address, entry(cid, salt_of(1), 200, sig))]), payee)
+    send(w3, settle_call(hub, batch(payee, usdt_like.address, SettleEntry(payer.address, salt_of(1), 200, sig))), payee)
     send(w3, hub.functions.withdraw(usdt_like.address, 200, payee), payee)
     assert usdt_like.functions.balanceOf(payee).call() == 200
     assert usdt_like.functions.balanceOf(hub.address).call() == 300
@@ -90,7 +91,7 @@ def test_reentrant_token_cannot_reenter(
         "topUpFromBalance": hub.functions.topUpFromBalance(first, 1),
         "closeByPayee": hub.functions.closeByPayee(first, 0, b""),
         "withdraw": hub.functions.withdraw(evil.address, 1, payer),
-        "settleBatch": hub.functions.settleBatch([]),
+        "settleBatch": hub.functions.settleBatch(b""),
     }
     data = payloads[attack]._encode_transaction_data()
     send(w3, evil.functions.mint(payer, 10), payer)
@@ -163,7 +164,7 @@ def _run_sequence(
             cumulative = signed.get(ch.id, 0) + amount  # may exceed the deposit: then it is skipped
             signed[ch.id] = cumulative
             sig = sign_voucher(ch.payer, domain, ch.id, cumulative)
-            send(w3, hub.functions.settleBatch([batch(ch.payee, ch.token, ch.voucher(cumulative, sig))]), actor.address)
+            send(w3, settle_call(hub, batch(ch.payee, ch.token, ch.voucher(cumulative, sig))), actor.address)
         elif op == "request_close" and state[6] == 1:
             send(w3, hub.functions.requestClose(ch.id), ch.payer.address)
         elif op == "finalize" and state[6] == 2:

@@ -23,7 +23,7 @@ from settlement.store import channels as channel_q
 from settlement.store.tables import chain_events
 from settlement.vouchers import VoucherVerifier, read_domain
 from tests.hub_helpers import Channel as HubChannel
-from tests.hub_helpers import batch, send
+from tests.hub_helpers import batch, send, settle_call
 
 
 @pytest.fixture
@@ -79,7 +79,7 @@ def test_applies_every_channel_event(
     send(w3, hub.functions.topUp(channel.id, 500), payer.address, value=500)
     send(
         w3,
-        hub.functions.settleBatch([batch(payee, channel.token, channel.voucher(300, sign(payer, channel.id, 300)))]),
+        settle_call(hub, batch(payee, channel.token, channel.voucher(300, sign(payer, channel.id, 300)))),
         accounts[0].address,
     )
     receipt = send(w3, hub.functions.requestClose(channel.id), payer.address)
