@@ -19,7 +19,7 @@ from hexbytes import HexBytes
 from web3 import Web3
 from web3.contract.contract import ContractConstructor, ContractFunction
 from web3.exceptions import ContractCustomError, ContractLogicError, TimeExhausted, Web3RPCError
-from web3.types import Nonce, TxParams, TxReceipt
+from web3.types import AccessList, Nonce, TxParams, TxReceipt
 
 from settlement.config import Settings
 from settlement.devnet import devnet_accounts
@@ -30,6 +30,24 @@ logger = logging.getLogger(__name__)
 
 GAS_HEADROOM = 1.2  # estimates are exact on anvil, but state can move between estimate and inclusion
 NONCE_RETRIES = 3
+
+
+def access_list_plan(w3: Web3, tx: TxParams) -> tuple[int, AccessList | None]:
+    """Gas for `tx`, and the EIP-2930 access list to send it with when naming its storage up front is cheaper.
+
+    A listed slot costs 1,900 gas plus a 100-gas warm read instead of a 2,100-gas cold read, and the list names the
+    contract once for 2,400: a settlement touching more than ~25 channels saves ~100 gas per channel, a smaller one
+    goes without. A node without `eth_createAccessList` gets the plain estimate.
+    """
+    plain = int(w3.eth.estimate_gas(tx))
+    try:
+        access_list = w3.eth.create_access_list(tx)["accessList"]
+    except Web3RPCError:
+        return plain, None
+    if not access_list:
+        return plain, None
+    listed = int(w3.eth.estimate_gas({**tx, "accessList": access_list}))
+    return (listed, access_list) if listed < plain else (plain, None)
 
 
 def connect(

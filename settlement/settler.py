@@ -22,7 +22,6 @@ import time
 import uuid
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any
 
 from eth_account.signers.local import LocalAccount
 from hexbytes import HexBytes
@@ -33,7 +32,7 @@ from web3.logs import DISCARD
 from web3.types import TxParams, TxReceipt
 
 from settlement.batch_encoding import SettleEntry, decode_settlements, encode_batch
-from settlement.chain import GAS_HEADROOM, rpc_errors
+from settlement.chain import GAS_HEADROOM, access_list_plan, rpc_errors
 from settlement.config import Settings
 from settlement.errors import ChainError, SettlementError
 from settlement.metrics import Metrics
@@ -133,7 +132,7 @@ class Settler:
     def _start(self, chosen: list[Channel]) -> str | None:
         entries = [Entry(c.channel_id, c.accepted, c.signature or b"") for c in chosen if c.signature]
         while entries:
-            gas = self._estimate(self._call(entries, {c.channel_id: c for c in chosen}))
+            gas = self._estimate(self._tx(entries, {c.channel_id: c for c in chosen}))
             if gas <= self.settings.batch_gas_limit or len(entries) == 1:
                 break
             entries = entries[: len(entries) // 2]  # too much gas for one transaction: settle half now
@@ -151,18 +150,23 @@ class Settler:
         self._send(batch, previous=None)
         return batch_id
 
-    def _call(self, entries: list[Entry], channels: dict[str, Channel]) -> Any:
+    def _tx(self, entries: list[Entry], channels: dict[str, Channel]) -> TxParams:
         groups: dict[tuple[str, str], list[SettleEntry]] = {}
         for entry in entries:
             channel = channels[entry.channel_id]
             groups.setdefault((channel.payee, channel.token), []).append(
                 SettleEntry(channel.payer, bytes.fromhex(channel.salt[2:]), entry.cumulative, entry.signature)
             )
-        return self.hub.functions.settleBatch(encode_batch((payee, token, g) for (payee, token), g in groups.items()))
+        batch = encode_batch((payee, token, g) for (payee, token), g in groups.items())
+        return {
+            "from": self.account.address,
+            "to": self.hub.address,
+            "data": self.hub.encode_abi("settleBatch", args=[batch]),
+        }
 
-    def _estimate(self, call: Any) -> int:
+    def _estimate(self, tx: TxParams) -> int:
         with rpc_errors("estimating a settlement's gas"):
-            return int(call.estimate_gas({"from": self.account.address}) * GAS_HEADROOM)
+            return int(self.w3.eth.estimate_gas(tx) * GAS_HEADROOM)
 
     # --- sending and re-sending --------------------------------------------------------------------------------
 
@@ -171,8 +175,10 @@ class Settler:
         with self.db.read() as conn:
             entries = batch_q.entries_of(conn, batch.batch_id)
             channels = channel_q.lock_channels(conn, [e.channel_id for e in entries])
-        call = self._call(entries, channels)
-        gas = min(self._estimate(call), self.settings.batch_gas_limit)
+        request = self._tx(entries, channels)
+        with rpc_errors("estimating a settlement's gas"):
+            needed, access_list = access_list_plan(self.w3, request)
+        gas = min(int(needed * GAS_HEADROOM), self.settings.batch_gas_limit)
         max_fee, priority = self._fees(previous)
         if previous is not None and (max_fee, priority) == (previous.max_fee, previous.priority_fee):
             self._alert(
@@ -190,7 +196,7 @@ class Settler:
             )
             return
         params: TxParams = {
-            "from": self.account.address,
+            **request,
             "nonce": batch.nonce,  # type: ignore[typeddict-item]
             "gas": gas,
             "maxFeePerGas": max_fee,  # type: ignore[typeddict-item]
@@ -198,7 +204,9 @@ class Settler:
             "chainId": self._chain(),
             "type": 2,
         }
-        signed = self.account.sign_transaction(call.build_transaction(params))
+        if access_list:
+            params["accessList"] = access_list
+        signed = self.account.sign_transaction(params)  # type: ignore[arg-type]
         tx = SentTx(
             tx_hash=HexBytes(signed.hash).to_0x_hex(),
             nonce=batch.nonce,

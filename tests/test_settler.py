@@ -131,6 +131,35 @@ def test_batches_settle_exactly_the_accepted_amounts(
     assert "settlement_voucher_to_settlement_seconds_count 6.0" in _metrics(service)
 
 
+def test_a_large_batch_names_its_slots_in_an_access_list_and_a_small_one_does_not(
+    engine: Callable[..., tuple[Service, Settler]],
+    open_channel: Callable[..., Channel],
+    accounts: list[LocalAccount],
+    hub: Contract,
+    sign: Sign,
+) -> None:
+    """Listing a slot up front saves ~100 gas per channel, listing the hub costs 2,400: only large batches list."""
+    service, settler = engine()
+    channels = [open_channel(accounts[5], accounts[7].address, amount=10**18) for _ in range(40)]
+    wait_indexed(service)
+    sent = []
+    for paid in (channels, channels[:1]):
+        for channel in paid:
+            pay(service, channel, 100 + len(sent), sign)
+        batch_id = settler.tick(force=True).started
+        assert batch_id is not None
+        run_until_idle(settler, service)
+        with service.db.read() as conn:
+            (tx,) = batch_q.txs_of(conn, batch_id)
+        sent.append(service.w3.eth.get_transaction(tx.tx_hash))
+        assert [settled_on_chain(hub, c) for c in paid] == [100 + len(sent) - 1] * len(paid)
+    large, small = sent
+    (listed,) = large["accessList"]
+    assert listed["address"] == hub.address
+    assert len(listed["storageKeys"]) == 41  # 40 channel slots and the payee's balance
+    assert not small.get("accessList")
+
+
 def test_a_regular_batch_waits_for_the_interval_and_the_minimum(
     engine: Callable[..., tuple[Service, Settler]],
     open_channel: Callable[..., Channel],
