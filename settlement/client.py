@@ -52,6 +52,7 @@ ERC20_ABI: list[dict[str, Any]] = [
 ]
 _RETRYABLE = {502, 503, 504}
 STALE_RETRIES = 20  # other instances paying on the same channel at once; each attempt loses only to a winner
+SALT_RANDOM_BYTES = 8  # a default salt is this many random bytes, left-padded to 32: cheap calldata at settlement
 
 
 @dataclass(frozen=True)
@@ -115,9 +116,15 @@ class PayerClient:
     def open_channel(
         self, payee: str, deposit: int, *, token: str | None = None, salt: bytes | None = None
     ) -> ChannelRef:
-        """Lock `deposit` (base units) for `payee` in a new channel; an ERC-20 is approved first if needed."""
+        """Lock `deposit` (base units) for `payee` in a new channel; an ERC-20 is approved first if needed.
+
+        The default salt is 8 random bytes in a 32-byte word: every settlement of the channel carries the salt in
+        calldata, where a zero byte costs 4 gas and another 16, so this saves ~290 gas per settlement over 32
+        random bytes. It only has to differ between this payer's channels to one payee in one asset (a clash makes
+        `open` revert with ChannelHubChannelExists, nothing is lost).
+        """
         asset = to_checksum_address(token) if token else ETH
-        salt = salt if salt is not None else os.urandom(32)
+        salt = salt if salt is not None else os.urandom(SALT_RANDOM_BYTES).rjust(32, b"\0")
         payee = to_checksum_address(payee)
         if asset != ETH:
             self._approve(asset, deposit)
