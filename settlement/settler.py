@@ -46,6 +46,7 @@ logger = logging.getLogger(__name__)
 
 SETTLED = 0  # entry outcome; 1..6 are the hub's VoucherSkipped reasons
 ALERT_REPEAT_SECONDS = 60.0
+UNSETTLED_REPORT_SECONDS = 10.0  # how often the unsettled-value gauge (a sum over every channel) is refreshed
 NONCE_USED_GRACE_SECONDS = 15.0  # a batch's nonce used with no receipt of ours this long: another tx took it
 
 
@@ -81,6 +82,7 @@ class Settler:
         self._chain_id: int | None = None
         self._alerted: dict[tuple[str, str], float] = {}
         self._nonce_used_since: dict[str, float] = {}
+        self._unsettled_at: float | None = None
 
     @property
     def sender(self) -> str:
@@ -89,28 +91,44 @@ class Settler:
     # --- the engine step ---------------------------------------------------------------------------------------
 
     def tick(self, *, force: bool = False) -> TickResult:
-        """Move open batches on; then start a new batch if one is due (or `force`) and none is in flight."""
+        """Move open batches on; then start a new batch if one is due (or `force`) and none is in flight.
+
+        A tick that starts nothing reads only open batches and closing channels: the settleable channels (possibly
+        hundreds of thousands) are read, LIMITed to one batch, only when a batch may start.
+        """
         finished = self.reconcile()
         with self.db.read() as conn:
             in_flight = batch_q.open_batches(conn)
-            candidates = batch_q.settleable(conn)
             closing = batch_q.closing_with_work(conn)
-            unsettled = channel_q.unsettled_by_token(conn)
         self._watch(closing)
         self._watch_funds()
-        for token, value in unsettled.items():
-            self.metrics.unsettled.labels(token).set(value)
+        self._report_unsettled()
         if in_flight:
             return TickResult(None, finished)
-        urgent = [c for c in candidates if c.status == ChannelStatus.CLOSING]
-        due = force or bool(urgent) or self.clock() - self._last_batch_at >= self.settings.settle_interval
-        if not due:
+        interval_over = self.clock() - self._last_batch_at >= self.settings.settle_interval
+        if not (force or closing or interval_over):
+            return TickResult(None, finished)
+        with self.db.read() as conn:
+            candidates = batch_q.settleable(conn, limit=self.settings.batch_max_entries)
+        urgent = any(c.status == ChannelStatus.CLOSING for c in candidates)
+        if not (force or urgent or interval_over):
             return TickResult(None, finished)
         chosen = self._choose(candidates)
         if not chosen:
             self._last_batch_at = self.clock()
             return TickResult(None, finished)
         return TickResult(self._start(chosen), finished)
+
+    def _report_unsettled(self) -> None:
+        """The unsettled-value gauge sums every channel: refreshed every UNSETTLED_REPORT_SECONDS, not every tick."""
+        now = self.clock()
+        if self._unsettled_at is not None and now - self._unsettled_at < UNSETTLED_REPORT_SECONDS:
+            return
+        self._unsettled_at = now
+        with self.db.read() as conn:
+            unsettled = channel_q.unsettled_by_token(conn)
+        for token, value in unsettled.items():
+            self.metrics.unsettled.labels(token).set(value)
 
     def _choose(self, candidates: list[Channel]) -> list[Channel]:
         """Closing channels first (nearest deadline first), then the largest unsettled amounts."""

@@ -6,6 +6,7 @@ import random
 import threading
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import replace
 
 import pytest
 from eth_account.signers.local import LocalAccount
@@ -19,6 +20,7 @@ from settlement.model import ETH, Channel, ChannelStatus, Receipt, Voucher, utcn
 from settlement.service import Service
 from settlement.store import Database
 from settlement.store import channels as channel_q
+from settlement.store import settlements as batch_q
 from settlement.store.database import head_revision
 from settlement.store.meta import bind_deployment
 from tests.hub_helpers import Channel as HubChannel
@@ -93,6 +95,27 @@ def test_check_constraints_guard_the_money_columns(db: Database, statement: str)
 
 
 @pytest.mark.faults
+def test_settleable_with_a_limit_takes_closing_channels_then_the_largest_amounts(db: Database) -> None:
+    """The settler reads one batch's worth, ranked by the database: closing (nearest deadline) first, then the
+    largest unsettled amounts, above 2^64 included (text on SQLite, ranked by its float value)."""
+    now = utcnow()
+    amounts = {1: 5, 2: 2**70, 3: 7, 4: 2**70 + 2**30, 5: 3, 6: 1}
+    closing = {5: 2_000, 6: 1_000}  # channel -> close deadline
+    with db.write() as conn:
+        for n, amount in amounts.items():
+            channel = a_channel(n)
+            if n in closing:
+                channel = replace(channel, status=ChannelStatus.CLOSING, close_deadline=closing[n])
+            channel_q.insert_channel(conn, channel, now)
+            receipt = Receipt(channel.channel_id, amount, amount, 0, now)
+            channel_q.record_payments(conn, [(receipt, b"\x01" * 65)])
+    with db.read() as conn:
+        everything = batch_q.settleable(conn)
+        top = batch_q.settleable(conn, limit=4)
+    assert len(everything) == 6
+    assert [int(c.channel_id, 16) for c in top] == [6, 5, 4, 2]
+
+
 def test_concurrent_writers_on_separate_handles_never_see_database_locked(store_url: str) -> None:
     handles = [Database(store_url) for _ in range(4)]
     handles[0].migrate()

@@ -7,7 +7,7 @@ from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
 
-from sqlalchemy import Connection, Row, and_, exists, func, select, update
+from sqlalchemy import Connection, Float, Row, and_, case, cast, exists, func, select, update
 
 from settlement.model import Channel, ChannelStatus
 from settlement.store.channels import channel_from_row, from_us, to_us
@@ -66,9 +66,14 @@ def _batch(row: Row[Any]) -> Batch:
     )
 
 
-def settleable(conn: Connection) -> list[Channel]:
+def settleable(conn: Connection, limit: int | None = None) -> list[Channel]:
     """Channels with accepted vouchers above what the chain settled, not closed, not suspended, and whose latest
-    voucher is not already in a batch that is in flight or confirmed (the indexer may not have caught up yet)."""
+    voucher is not already in a batch that is in flight or confirmed (the indexer may not have caught up yet).
+
+    With `limit`: the first `limit` in the order a batch takes them, closing channels first (nearest deadline first),
+    then the largest unsettled amounts, sorted by the database rather than read whole (the store can hold hundreds of
+    thousands). SQLite keeps amounts as text, so there the order uses their float value: exact enough to rank.
+    """
     covered = exists().where(
         and_(
             settlement_entries.c.channel_id == channels.c.channel_id,
@@ -77,16 +82,22 @@ def settleable(conn: Connection) -> list[Channel]:
             settlement_batches.c.status.in_(("pending", "sent", "confirmed")),
         )
     )
-    query = (
-        select(channels)
-        .where(
-            channels.c.accepted > channels.c.settled,
-            channels.c.status != int(ChannelStatus.CLOSED),
-            channels.c.suspended_reason.is_(None),
-            ~covered,
-        )
-        .order_by(channels.c.channel_id)
+    query = select(channels).where(
+        channels.c.accepted > channels.c.settled,
+        channels.c.status != int(ChannelStatus.CLOSED),
+        channels.c.suspended_reason.is_(None),
+        ~covered,
     )
+    if limit is None:
+        query = query.order_by(channels.c.channel_id)
+    else:
+        if conn.dialect.name == "sqlite":
+            unsettled = cast(channels.c.accepted, Float) - cast(channels.c.settled, Float)
+        else:
+            unsettled = channels.c.accepted - channels.c.settled
+        closing = case((channels.c.status == int(ChannelStatus.CLOSING), 0), else_=1)
+        deadline = func.coalesce(channels.c.close_deadline, 0)
+        query = query.order_by(closing, deadline, unsettled.desc(), channels.c.channel_id).limit(limit)
     return [channel_from_row(row) for row in conn.execute(query)]
 
 
