@@ -315,9 +315,17 @@ class Indexer:
         )
 
     def catch_up(self) -> None:
-        """Poll until every confirmed block is applied (for one-shot commands and tests)."""
-        while self.poll():
-            pass
+        """Poll until every confirmed block is applied (for one-shot commands, benchmarks and tests).
+
+        A poll that advances nothing does not mean caught up: another indexer on the same store (a thread of this
+        service, another process) may have applied that range first, with more still to come.
+        """
+        while True:
+            if self.poll():
+                continue
+            progress = self.progress
+            if progress is None or progress.cursor >= progress.confirmed:
+                return
 
     def run(self, stop: threading.Event, interval: float) -> None:
         """Poll until `stop` is set; errors are logged and retried with backoff, never fatal."""

@@ -118,6 +118,40 @@ def test_resumes_after_restart_without_missing_or_repeating(
     assert event_count(db) == events_before + 2
 
 
+def test_catch_up_waits_for_every_block_even_when_another_indexer_applies_a_range_first(
+    make_indexer: Callable[..., Indexer],
+    db: Database,
+    w3: Web3,
+    hub: Contract,
+    open_channel: Callable[..., HubChannel],
+    accounts: list[LocalAccount],
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Found by the scale bench: catch_up stopped at the first poll that lost its range to the service's own
+    indexer thread, while later blocks were still unapplied."""
+    first = make_indexer()
+    first.catch_up()
+    channels = [open_channel(accounts[5], accounts[6].address, amount=100 + n) for n in range(3)]  # 3 blocks
+    mine(w3, 1)  # with no logs, after the channels: the full range is longer than one poll
+    slow, rival = make_indexer(), make_indexer()
+    slow.batch_blocks = rival.batch_blocks = 1
+    real_apply = slow._apply
+    lost = []
+
+    def rival_first(*args: object) -> bool:
+        if not lost:
+            rival.poll()  # the other indexer applies this range meanwhile
+        applied = real_apply(*args)  # type: ignore[arg-type]
+        lost.append(not applied)
+        return applied
+
+    monkeypatch.setattr(slow, "_apply", rival_first)
+    slow.catch_up()
+    assert lost[0] is True
+    assert slow.progress.cursor == slow.progress.confirmed
+    assert [stored(db, c).deposit for c in channels] == [100, 101, 102]
+
+
 def test_a_lookup_before_the_indexer_gets_there_is_not_applied_twice(
     make_indexer: Callable[..., Indexer],
     db: Database,
