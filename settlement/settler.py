@@ -150,8 +150,8 @@ class Settler:
     def _start(self, chosen: list[Channel]) -> str | None:
         entries = [Entry(c.channel_id, c.accepted, c.signature or b"") for c in chosen if c.signature]
         while entries:
-            gas = self._estimate(self._tx(entries, {c.channel_id: c for c in chosen}))
-            if gas <= self.settings.batch_gas_limit or len(entries) == 1:
+            plain = self._estimate(self._tx(entries, {c.channel_id: c for c in chosen}))
+            if int(plain * GAS_HEADROOM) <= self.settings.batch_gas_limit or len(entries) == 1:
                 break
             entries = entries[: len(entries) // 2]  # too much gas for one transaction: settle half now
         if not entries:
@@ -165,7 +165,7 @@ class Settler:
         logger.info("batch %s: %d channels, nonce %d", batch_id, len(entries), nonce)
         with self.db.read() as conn:
             batch = next(b for b in batch_q.open_batches(conn) if b.batch_id == batch_id)
-        self._send(batch, previous=None)
+        self._send(batch, previous=None, estimate=plain)
         return batch_id
 
     def _tx(self, entries: list[Entry], channels: dict[str, Channel]) -> TxParams:
@@ -184,18 +184,19 @@ class Settler:
 
     def _estimate(self, tx: TxParams) -> int:
         with rpc_errors("estimating a settlement's gas"):
-            return int(self.w3.eth.estimate_gas(tx) * GAS_HEADROOM)
+            return int(self.w3.eth.estimate_gas(tx))
 
     # --- sending and re-sending --------------------------------------------------------------------------------
 
-    def _send(self, batch: Batch, previous: SentTx | None) -> None:
-        """Sign a transaction for `batch` (a replacement of `previous` if given), store it, then broadcast it."""
+    def _send(self, batch: Batch, previous: SentTx | None, estimate: int | None = None) -> None:
+        """Sign a transaction for `batch` (a replacement of `previous` if given), store it, then broadcast it.
+        `estimate`: the plain gas estimate just made for the same entries, if any (one node round trip less)."""
         with self.db.read() as conn:
             entries = batch_q.entries_of(conn, batch.batch_id)
             channels = channel_q.lock_channels(conn, [e.channel_id for e in entries])
         request = self._tx(entries, channels)
         with rpc_errors("estimating a settlement's gas"):
-            needed, access_list = access_list_plan(self.w3, request)
+            needed, access_list = access_list_plan(self.w3, request, estimate)
         gas = min(int(needed * GAS_HEADROOM), self.settings.batch_gas_limit)
         max_fee, priority = self._fees(previous)
         if previous is not None and (max_fee, priority) == (previous.max_fee, previous.priority_fee):
