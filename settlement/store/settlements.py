@@ -7,7 +7,7 @@ from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
 
-from sqlalchemy import Connection, Float, Row, and_, case, cast, exists, func, select, update
+from sqlalchemy import Connection, Float, Row, and_, bindparam, case, cast, exists, func, select, update
 
 from settlement.model import Channel, ChannelStatus
 from settlement.store.channels import channel_from_row, from_us, to_us
@@ -202,11 +202,13 @@ def finish_batch(
     if tx_hash is not None:
         values.update(tx_hash=tx_hash, block_number=block_number, gas_used=gas_used, gas_price=gas_price)
     conn.execute(update(settlement_batches).where(settlement_batches.c.batch_id == batch_id).values(**values))
-    for channel_id, outcome in (outcomes or {}).items():
+    if outcomes:  # one executemany, not a statement per entry: a batch holds hundreds
+        entry = settlement_entries.c
         conn.execute(
             update(settlement_entries)
-            .where(settlement_entries.c.batch_id == batch_id, settlement_entries.c.channel_id == channel_id)
-            .values(outcome=outcome)
+            .where(entry.batch_id == bindparam("b_batch"), entry.channel_id == bindparam("b_channel"))
+            .values(outcome=bindparam("b_outcome")),
+            [{"b_batch": batch_id, "b_channel": cid, "b_outcome": outcome} for cid, outcome in outcomes.items()],
         )
 
 
