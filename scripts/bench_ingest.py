@@ -1,8 +1,9 @@
-"""`bench.py ingest`: durable HTTP ingest against a real `settlement serve` process, load from another process.
+"""`bench.py ingest`: durable HTTP ingest against real `settlement serve` processes, load from another process.
 
 One devnet, one hub, CHANNELS channels (one payer each); every voucher is pre-signed (libsecp256k1 through coincurve,
-checked against eth-account). Each measurement gets a fresh store and a fresh server process (one uvicorn worker,
-engine off: ingest only), then `scripts/bench_load.py` drives it:
+checked against eth-account). Each measurement gets a fresh store and SERVERS fresh server processes on it (one by
+default; `BENCH_INGEST_SERVERS=2` runs two on one store, as an operator scales out behind a balancer; engine off:
+ingest only), then `scripts/bench_load.py` drives them, spreading requests over the processes:
 closed loop with single vouchers at several concurrency levels, closed loop with the batch endpoint, and an open loop
 at 2,000 requests/s offered for the latency percentiles.
 """
@@ -43,6 +44,7 @@ BATCH_SIZE = 100
 BATCH_CONCURRENCY = 4
 OFFERED_RATE = 2_000.0
 SECONDS = 4.0
+SERVERS = int(os.environ.get("BENCH_INGEST_SERVERS", "1"))  # `settlement serve` processes sharing one store
 ROOT = Path(__file__).resolve().parent.parent
 POSTGRES_URL = os.environ.get("SETTLEMENT_TEST_POSTGRES_URL", "postgresql+psycopg://postgres@127.0.0.1:5432/test")
 
@@ -99,8 +101,8 @@ def run_ingest(console: Console) -> dict[str, Any]:
                 (f"open loop {OFFERED_RATE:,.0f}/s", ["--rate", str(OFFERED_RATE)]),
             ]
             for name, load_args in runs:
-                with console.status(f"{store}: {name}…"), _server(net.url, work, store) as url:
-                    result = _load(url, voucher_file, load_args)
+                with console.status(f"{store}: {name}…"), _servers(net.url, work, store) as urls:
+                    result = _load(urls, voucher_file, load_args)
                 results[f"{store}: {name}"] = result
                 console.print(
                     f"{store}: {name}: {result['vouchers_per_s']:,.0f} vouchers/s, p50 {result['p50_ms']} ms, "
@@ -135,41 +137,48 @@ def scratch_postgres(name: str) -> Iterator[str]:
         admin.dispose()
 
 
-class _server:
-    """A fresh store and a `settlement serve` process on it (engine off), stopped and dropped on exit."""
+class _servers:
+    """A fresh store and SERVERS `settlement serve` processes on it (engine off), stopped and dropped on exit."""
 
     def __init__(self, rpc_url: str, work: Path, store: str) -> None:
         self.rpc_url = rpc_url
         self.work = work
         self.store = store
-        self.port = free_port("127.0.0.1")
         self.db_name = f"bench_{uuid.uuid4().hex[:10]}"
         self._scratch = scratch_postgres(self.db_name)
-        self.process: subprocess.Popen[bytes] | None = None
+        self.processes: list[subprocess.Popen[bytes]] = []
 
-    def __enter__(self) -> str:
+    def __enter__(self) -> list[str]:
         if self.store == "sqlite":
             database_url = f"sqlite:///{self.work / (self.db_name + '.db')}"
         else:
             database_url = self._scratch.__enter__()
-        env = {
-            **{k: v for k, v in os.environ.items() if not k.startswith("SETTLEMENT_")},
-            "SETTLEMENT_RPC_URL": self.rpc_url,
-            "SETTLEMENT_DEPLOYMENT_FILE": str(self.work / "deployment.json"),
-            "SETTLEMENT_DATABASE_URL": database_url,
-            "SETTLEMENT_CONFIRMATIONS": "0",
-            "SETTLEMENT_ENGINE_ENABLED": "false",
-            "SETTLEMENT_API_PORT": str(self.port),
-        }
-        log = (self.work / f"server-{self.db_name}.log").open("wb")
-        self.process = subprocess.Popen(
-            [sys.executable, "-m", "settlement.cli", "serve", "--log-level", "warning"],
-            env=env,
-            cwd=self.work,
-            stdout=log,
-            stderr=subprocess.STDOUT,
-        )
-        url = f"http://127.0.0.1:{self.port}"
+        urls = []
+        for n in range(SERVERS):
+            port = free_port("127.0.0.1")
+            env = {
+                **{k: v for k, v in os.environ.items() if not k.startswith("SETTLEMENT_")},
+                "SETTLEMENT_RPC_URL": self.rpc_url,
+                "SETTLEMENT_DEPLOYMENT_FILE": str(self.work / "deployment.json"),
+                "SETTLEMENT_DATABASE_URL": database_url,
+                "SETTLEMENT_CONFIRMATIONS": "0",
+                "SETTLEMENT_ENGINE_ENABLED": "false",
+                "SETTLEMENT_API_PORT": str(port),
+            }
+            log = (self.work / f"server-{self.db_name}-{n}.log").open("wb")
+            self.processes.append(
+                subprocess.Popen(
+                    [sys.executable, "-m", "settlement.cli", "serve", "--log-level", "warning"],
+                    env=env,
+                    cwd=self.work,
+                    stdout=log,
+                    stderr=subprocess.STDOUT,
+                )
+            )
+            urls.append(self._ready(f"http://127.0.0.1:{port}", n))
+        return urls
+
+    def _ready(self, url: str, n: int) -> str:
         deadline = time.monotonic() + 60
         while time.monotonic() < deadline:
             try:
@@ -178,22 +187,23 @@ class _server:
             except httpx.TransportError:
                 pass
             time.sleep(0.1)
-        raise SystemExit(f"server did not start: {(self.work / f'server-{self.db_name}.log').read_text()[-2000:]}")
+        log = self.work / f"server-{self.db_name}-{n}.log"
+        raise SystemExit(f"server did not start: {log.read_text()[-2000:]}")
 
     def __exit__(self, *_exc: object) -> None:
-        if self.process is not None:
-            self.process.send_signal(signal.SIGTERM)
-            self.process.wait(timeout=60)
+        for process in self.processes:
+            process.send_signal(signal.SIGTERM)
+        for process in self.processes:
+            process.wait(timeout=60)
         if self.store == "postgres":
             self._scratch.__exit__(None, None, None)
 
 
-def _load(url: str, vouchers: Path, extra: list[str]) -> dict[str, Any]:
+def _load(urls: list[str], vouchers: Path, extra: list[str]) -> dict[str, Any]:
     command = [
         sys.executable,
         str(ROOT / "scripts" / "bench_load.py"),
-        "--url",
-        url,
+        *(arg for url in urls for arg in ("--url", url)),
         "--vouchers",
         str(vouchers),
         "--seconds",
@@ -206,7 +216,7 @@ def _load(url: str, vouchers: Path, extra: list[str]) -> dict[str, Any]:
 
 
 def _report(console: Console, results: dict[str, dict[str, Any]]) -> dict[str, Any]:
-    table = Table(title="durable HTTP ingest (one server process, load from another)")
+    table = Table(title=f"durable HTTP ingest ({SERVERS} server processes on one store, load from another)")
     for column in ("run", "vouchers/s", "requests/s", "p50 ms", "p99 ms", "statuses"):
         table.add_column(column, justify="right" if column != "run" else "left")
     for name, r in results.items():
@@ -236,7 +246,7 @@ def _report(console: Console, results: dict[str, dict[str, Any]]) -> dict[str, A
         "achieved_per_s_at_2000_offered_sqlite": open_sqlite.get("requests_per_s"),
         "p50_ms_postgres": open_pg.get("p50_ms"),
         "p99_ms_postgres": open_pg.get("p99_ms"),
-        "server_workers": 1,
+        "server_workers": SERVERS,
         "targets": {"single_per_s": 5_000, "batch_per_s": 15_000, "p99_ms_at_2000": 25},
         "runs": results,
     }

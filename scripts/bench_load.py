@@ -1,7 +1,9 @@
 """Load generator for `bench.py ingest`, run as its own process so it does not share a GIL with the server.
 
 Reads pre-signed vouchers (one JSON list per channel, cumulative 1, 2, 3, …), posts them, prints one JSON line.
-Each worker owns whole channels and sends a channel's vouchers in order, so every answer should be 201.
+Each worker owns whole channels and sends a channel's vouchers in order, so every answer should be 201. Given several
+`--url`s (server processes on one store), requests are spread over them like a round-robin balancer would: a worker
+(closed loop) or a request (open loop) goes to the next URL.
 aiohttp, not httpx: httpx's async pool spends more CPU per request than the server under test does.
 """
 
@@ -35,10 +37,11 @@ async def closed_loop(args: argparse.Namespace, channels: list[list[dict[str, An
     vouchers = 0
     deadline = time.perf_counter() + args.seconds
     connector = aiohttp.TCPConnector(limit=args.concurrency)
-    async with aiohttp.ClientSession(args.url, connector=connector, timeout=TIMEOUT) as client:
+    async with aiohttp.ClientSession(connector=connector, timeout=TIMEOUT) as client:
 
         async def worker(index: int) -> None:
             nonlocal vouchers
+            base = args.url[index % len(args.url)]
             owned = channels[index :: args.concurrency]
             cursor = [0] * len(owned)
             turn = 0
@@ -54,7 +57,7 @@ async def closed_loop(args: argparse.Namespace, channels: list[list[dict[str, An
                 path, payload = (
                     ("/v1/vouchers", items[0]) if args.batch == 1 else ("/v1/vouchers/batch", {"vouchers": items})
                 )
-                async with client.post(path, json=payload) as response:
+                async with client.post(base + path, json=payload) as response:
                     await response.read()
                 latencies.append(time.perf_counter() - started)
                 statuses[response.status] = statuses.get(response.status, 0) + 1
@@ -72,11 +75,11 @@ async def open_loop(args: argparse.Namespace, channels: list[list[dict[str, Any]
     statuses: dict[int, int] = {}
     total = int(args.rate * args.seconds)
     connector = aiohttp.TCPConnector(limit=512)
-    async with aiohttp.ClientSession(args.url, connector=connector, timeout=TIMEOUT) as client:
+    async with aiohttp.ClientSession(connector=connector, timeout=TIMEOUT) as client:
 
-        async def one(body: dict[str, Any]) -> None:
+        async def one(base: str, body: dict[str, Any]) -> None:
             started = time.perf_counter()
-            async with client.post("/v1/vouchers", json=body) as response:
+            async with client.post(base + "/v1/vouchers", json=body) as response:
                 await response.read()
             latencies.append(time.perf_counter() - started)
             statuses[response.status] = statuses.get(response.status, 0) + 1
@@ -89,7 +92,7 @@ async def open_loop(args: argparse.Namespace, channels: list[list[dict[str, Any]
             delay = started + k / args.rate - time.perf_counter()
             if delay > 0:
                 await asyncio.sleep(delay)
-            tasks.append(asyncio.create_task(one(body)))
+            tasks.append(asyncio.create_task(one(args.url[k % len(args.url)], body)))
         await asyncio.gather(*tasks)
         elapsed = time.perf_counter() - started
     return summary(latencies, statuses, total, elapsed) | {"offered_per_s": args.rate}
@@ -111,7 +114,7 @@ def summary(latencies: list[float], statuses: dict[int, int], vouchers: int, ela
 
 def main() -> int:
     parser = argparse.ArgumentParser()
-    parser.add_argument("--url", required=True)
+    parser.add_argument("--url", required=True, action="append", help="a server; repeat for several")
     parser.add_argument("--vouchers", type=Path, required=True)
     parser.add_argument("--seconds", type=float, default=4.0)
     parser.add_argument("--concurrency", type=int, default=8)
