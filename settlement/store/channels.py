@@ -7,7 +7,7 @@ from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from typing import Any, Generic, TypeVar
 
-from sqlalchemy import Connection, Row, and_, func, select, tuple_, update
+from sqlalchemy import Connection, Row, and_, bindparam, func, select, tuple_, update
 from sqlalchemy.dialects.postgresql import insert as pg_insert
 from sqlalchemy.dialects.sqlite import insert as sqlite_insert
 
@@ -126,12 +126,15 @@ def record_payments(conn: Connection, accepted: Sequence[tuple[Receipt, bytes]])
     for receipt, signature in accepted:
         if receipt.channel_id not in latest or receipt.cumulative > latest[receipt.channel_id][0].cumulative:
             latest[receipt.channel_id] = (receipt, signature)
-    for channel_id, (receipt, signature) in latest.items():
-        conn.execute(
-            update(channels)
-            .where(channels.c.channel_id == channel_id)
-            .values(accepted=receipt.cumulative, signature=signature, updated_at_us=to_us(receipt.accepted_at))
-        )
+    conn.execute(  # one executemany, not a statement per channel: this is the group commit of the hot path
+        update(channels)
+        .where(channels.c.channel_id == bindparam("b_channel"))
+        .values(accepted=bindparam("b_accepted"), signature=bindparam("b_signature"), updated_at_us=bindparam("b_at")),
+        [
+            {"b_channel": cid, "b_accepted": r.cumulative, "b_signature": sig, "b_at": to_us(r.accepted_at)}
+            for cid, (r, sig) in latest.items()
+        ],
+    )
 
 
 T = TypeVar("T")
