@@ -5,7 +5,6 @@ import {IERC20} from "@openzeppelin/contracts/token/ERC20/IERC20.sol";
 import {SafeERC20} from "@openzeppelin/contracts/token/ERC20/utils/SafeERC20.sol";
 import {ECDSA} from "@openzeppelin/contracts/utils/cryptography/ECDSA.sol";
 import {EIP712} from "@openzeppelin/contracts/utils/cryptography/EIP712.sol";
-import {MessageHashUtils} from "@openzeppelin/contracts/utils/cryptography/MessageHashUtils.sol";
 import {ReentrancyGuardTransient} from "@openzeppelin/contracts/utils/ReentrancyGuardTransient.sol";
 
 /// @title ChannelHub
@@ -423,7 +422,7 @@ contract ChannelHub is EIP712, ReentrancyGuardTransient {
 
     /// @notice The EIP-712 digest the payer signs for a voucher.
     function hashVoucher(bytes32 channelId, uint256 cumulativeAmount) public view returns (bytes32) {
-        return _voucherDigest(channelId, cumulativeAmount);
+        return _hashTypedDataV4(keccak256(abi.encode(VOUCHER_TYPEHASH, channelId, cumulativeAmount)));
     }
 
     /// @notice The EIP-712 domain separator of this hub on this chain.
@@ -516,23 +515,6 @@ contract ChannelHub is EIP712, ReentrancyGuardTransient {
                 }
             }
             next := p
-        }
-    }
-
-    /// @dev `hashVoucher`; the struct hash is built without allocating memory.
-    function _voucherDigest(bytes32 channelId, uint256 cumulativeAmount) private view returns (bytes32) {
-        return _hashTypedDataV4(_structHash(channelId, cumulativeAmount));
-    }
-
-    /// @dev The EIP-712 struct hash of a voucher, built past the free memory pointer, which is left where it was.
-    function _structHash(bytes32 channelId, uint256 cumulativeAmount) private pure returns (bytes32 structHash) {
-        bytes32 typeHash = VOUCHER_TYPEHASH;
-        assembly ("memory-safe") {
-            let ptr := mload(0x40)
-            mstore(ptr, typeHash)
-            mstore(add(ptr, 0x20), channelId)
-            mstore(add(ptr, 0x40), cumulativeAmount)
-            structHash := keccak256(ptr, 0x60)
         }
     }
 
