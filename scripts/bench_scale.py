@@ -42,6 +42,7 @@ LEVELS = (0.1, 0.5, 1.0)
 INGEST_CHUNK = 1_000
 INGEST_THREADS = 4  # callers overlap signature recovery with the writer's group commits
 OPEN_CHUNK = 500
+DEVNET_KEEP_STATES = 256  # anvil held 6.4 GB and slowed batch after batch at 100k channels with its whole history
 
 
 def run_scale(console: Console, channels: int = 100_000, vouchers: int = 10_000_000) -> dict[str, Any]:
@@ -49,7 +50,8 @@ def run_scale(console: Console, channels: int = 100_000, vouchers: int = 10_000_
         raise SystemExit(f"bench scale needs PostgreSQL at {POSTGRES_URL}")
     rounds = max(vouchers // channels, 1)
     checkpoints = sorted({max(round(rounds * level), 1) for level in LEVELS})
-    settings = Settings(_env_file=None, devnet_accounts=PAYERS + 2)  # type: ignore[call-arg]
+    keep = DEVNET_KEEP_STATES
+    settings = Settings(_env_file=None, devnet_accounts=PAYERS + 2, devnet_keep_states=keep)  # type: ignore[call-arg]
     figures: dict[str, Any] = {"channels": channels, "vouchers": rounds * channels, "store": "postgresql"}
     rows = []
     with (

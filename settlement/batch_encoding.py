@@ -61,6 +61,7 @@ def encode_batch(groups: Iterable[tuple[str, str, list[SettleEntry]]]) -> bytes:
                 out += packed_entry(e.payer, e.salt, e.cumulative, *to_compact(e.signature))
     return bytes(out)
 
+
 SETTLED_RECORD_BYTES = 32 + AMOUNT_BYTES
 
 

@@ -86,6 +86,9 @@ class Settings(BaseSettings):
     devnet_balance_eth: int = Field(default=10_000, ge=0)
     devnet_mnemonic: str = DEVNET_MNEMONIC
     devnet_start_timeout: float = Field(default=30.0, gt=0)
+    devnet_keep_states: int | None = Field(
+        default=None, ge=1, description="keep only this many recent states in memory (None: the whole history)"
+    )
 
     @field_validator("private_key")
     @classmethod

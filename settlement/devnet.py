@@ -96,6 +96,8 @@ class Devnet:
         ]  # fmt: skip
         if s.devnet_block_time is not None:
             cmd += ["--block-time", str(s.devnet_block_time)]
+        if s.devnet_keep_states is not None:  # long runs: anvil otherwise keeps every block's state in memory
+            cmd += ["--prune-history", str(s.devnet_keep_states)]
         return cmd
 
     def start(self, *, stdout: int | None = subprocess.DEVNULL) -> Devnet:

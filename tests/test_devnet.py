@@ -55,6 +55,21 @@ def test_block_time_mines_without_transactions() -> None:
         assert w3.eth.block_number >= first + 2
 
 
+@pytest.mark.parametrize("keep", [None, 2])
+def test_keep_states_forgets_old_states_but_serves_recent_ones(keep: int | None) -> None:
+    with Devnet(devnet_settings(devnet_keep_states=keep)) as net:
+        w3 = connect(net.url)
+        account = net.accounts[1].address
+        for _ in range(6):
+            w3.provider.make_request("evm_mine", [])  # type: ignore[arg-type]
+        assert w3.eth.get_balance(account, block_identifier=5) > 0
+        if keep is None:  # the whole history
+            assert w3.eth.get_balance(account, block_identifier=1) > 0
+        else:
+            with pytest.raises(Exception, match="BlockOutOfRange"):
+                w3.eth.get_balance(account, block_identifier=1)
+
+
 def test_two_devnets_get_different_ports() -> None:
     with Devnet(devnet_settings()) as a, Devnet(devnet_settings()) as b:
         assert a.port != b.port
