@@ -7,7 +7,8 @@ from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from typing import Any, Generic, TypeVar
 
-from sqlalchemy import Connection, Row, and_, bindparam, func, select, tuple_, update
+from sqlalchemy import Connection, Row, and_, any_, bindparam, func, select, text, tuple_, update
+from sqlalchemy.dialects.postgresql import ARRAY
 from sqlalchemy.dialects.postgresql import insert as pg_insert
 from sqlalchemy.dialects.sqlite import insert as sqlite_insert
 
@@ -16,6 +17,7 @@ from settlement.store.tables import channels, payments
 
 _EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
 _US = timedelta(microseconds=1)
+_ID_ARRAY = ARRAY(channels.c.channel_id.type)
 
 
 def to_us(moment: datetime) -> int:
@@ -54,12 +56,16 @@ def lock_channels(conn: Connection, channel_ids: Iterable[str]) -> dict[str, Cha
     """Read and row-lock channels in id order (one order for every writer, so writers never deadlock).
 
     On SQLite the write transaction already holds the database's single write lock, so FOR UPDATE is left out.
+    PostgreSQL gets the ids as one array parameter: an IN list of a thousand parameters costs more to render and
+    bind than the lookup itself.
     """
     ids = sorted(set(channel_ids))
-    query = select(channels).where(channels.c.channel_id.in_(ids)).order_by(channels.c.channel_id)
-    if conn.dialect.name != "sqlite":
+    if conn.dialect.name == "sqlite":
+        query = select(channels).where(channels.c.channel_id.in_(ids))
+    else:
+        query = select(channels).where(channels.c.channel_id == any_(bindparam("ids", ids, type_=_ID_ARRAY)))
         query = query.with_for_update()
-    return {row.channel_id: channel_from_row(row) for row in conn.execute(query)}
+    return {row.channel_id: channel_from_row(row) for row in conn.execute(query.order_by(channels.c.channel_id))}
 
 
 def insert_channel(conn: Connection, channel: Channel, now: datetime) -> None:
@@ -104,9 +110,68 @@ def _receipt(row: Row[Any]) -> Receipt:
 
 
 def record_payments(conn: Connection, accepted: Sequence[tuple[Receipt, bytes]]) -> None:
-    """Insert the accepted payments and move each channel's latest voucher to its highest one."""
+    """Insert the accepted payments and move each channel's latest voucher to its highest one.
+
+    This is the group commit of the hot path. On PostgreSQL each of the two writes is one statement over arrays
+    (`unnest`): about half the time of SQLAlchemy's multi-row INSERT plus a pipelined UPDATE per channel. SQLite's
+    `executemany` is already a loop in C inside the process, so it keeps the plain form.
+    """
     if not accepted:
         return
+    latest: dict[str, tuple[Receipt, bytes]] = {}
+    for receipt, signature in accepted:
+        if receipt.channel_id not in latest or receipt.cumulative > latest[receipt.channel_id][0].cumulative:
+            latest[receipt.channel_id] = (receipt, signature)
+    if conn.dialect.name == "sqlite":
+        _record_payments_sqlite(conn, accepted, latest)
+    else:
+        _record_payments_arrays(conn, accepted, latest)
+
+
+_INSERT_PAYMENTS = text(
+    "INSERT INTO payments (channel_id, cumulative, increment, remaining, signature, reference, accepted_at_us)"
+    " SELECT * FROM unnest(CAST(:ids AS varchar[]), CAST(:cumulative AS numeric[]), CAST(:increment AS numeric[]),"
+    " CAST(:remaining AS numeric[]), CAST(:signature AS bytea[]), CAST(:reference AS varchar[]),"
+    " CAST(:at AS bigint[]))"
+)
+_UPDATE_LATEST = text(
+    "UPDATE channels AS c SET accepted = v.accepted, signature = v.signature, updated_at_us = v.at"
+    " FROM unnest(CAST(:ids AS varchar[]), CAST(:accepted AS numeric[]), CAST(:signature AS bytea[]),"
+    " CAST(:at AS bigint[])) AS v(channel_id, accepted, signature, at)"
+    " WHERE c.channel_id = v.channel_id"
+)
+
+
+def _record_payments_arrays(
+    conn: Connection, accepted: Sequence[tuple[Receipt, bytes]], latest: dict[str, tuple[Receipt, bytes]]
+) -> None:
+    receipts = [r for r, _ in accepted]
+    conn.execute(
+        _INSERT_PAYMENTS,
+        {
+            "ids": [r.channel_id for r in receipts],
+            "cumulative": [r.cumulative for r in receipts],
+            "increment": [r.increment for r in receipts],
+            "remaining": [r.remaining for r in receipts],
+            "signature": [signature for _, signature in accepted],
+            "reference": [r.reference for r in receipts],
+            "at": [to_us(r.accepted_at) for r in receipts],
+        },
+    )
+    conn.execute(
+        _UPDATE_LATEST,
+        {
+            "ids": list(latest),
+            "accepted": [r.cumulative for r, _ in latest.values()],
+            "signature": [signature for _, signature in latest.values()],
+            "at": [to_us(r.accepted_at) for r, _ in latest.values()],
+        },
+    )
+
+
+def _record_payments_sqlite(
+    conn: Connection, accepted: Sequence[tuple[Receipt, bytes]], latest: dict[str, tuple[Receipt, bytes]]
+) -> None:
     conn.execute(
         payments.insert(),
         [
@@ -122,11 +187,7 @@ def record_payments(conn: Connection, accepted: Sequence[tuple[Receipt, bytes]])
             for r, signature in accepted
         ],
     )
-    latest: dict[str, tuple[Receipt, bytes]] = {}
-    for receipt, signature in accepted:
-        if receipt.channel_id not in latest or receipt.cumulative > latest[receipt.channel_id][0].cumulative:
-            latest[receipt.channel_id] = (receipt, signature)
-    conn.execute(  # one executemany, not a statement per channel: this is the group commit of the hot path
+    conn.execute(  # one executemany, not a statement per channel
         update(channels)
         .where(channels.c.channel_id == bindparam("b_channel"))
         .values(accepted=bindparam("b_accepted"), signature=bindparam("b_signature"), updated_at_us=bindparam("b_at")),
