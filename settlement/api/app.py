@@ -5,7 +5,6 @@ from __future__ import annotations
 import logging
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
-from typing import Any
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
@@ -15,6 +14,7 @@ from starlette.exceptions import HTTPException
 from settlement import __version__
 from settlement.api.middleware import BodyGuard
 from settlement.api.routes import router
+from settlement.api.schemas import shape_error
 from settlement.config import Settings
 from settlement.errors import MalformedRequestError, MethodNotAllowedError, NotFoundError, SettlementError
 from settlement.service import Service
@@ -45,9 +45,7 @@ def create_app(settings: Settings, service: Service | None = None) -> FastAPI:
 
     @app.exception_handler(RequestValidationError)
     async def validation_error(_: Request, ex: RequestValidationError) -> JSONResponse:
-        problems = [_problem(e) for e in ex.errors()]
-        where = "; ".join(f"{p['field']}: {p['problem']}" for p in problems[:5])
-        error = MalformedRequestError(f"the request does not have the documented shape ({where})", errors=problems)
+        error = shape_error(ex.errors())
         return JSONResponse(status_code=error.status, content=error.body())
 
     @app.exception_handler(HTTPException)
@@ -70,8 +68,3 @@ def create_app(settings: Settings, service: Service | None = None) -> FastAPI:
         return JSONResponse(status_code=500, content={"code": "internal_error", "message": "internal error"})
 
     return app
-
-
-def _problem(error: Any) -> dict[str, str]:
-    location = ".".join(str(part) for part in error.get("loc", ()) if part != "body") or "body"
-    return {"field": location, "problem": str(error.get("msg", "invalid"))}

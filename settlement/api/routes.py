@@ -10,6 +10,7 @@ from eth_utils.address import is_address, is_checksum_address, to_checksum_addre
 from fastapi import APIRouter, Depends, Path, Query, Request, Response
 from fastapi.responses import PlainTextResponse
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+from pydantic import BaseModel
 
 from settlement import __version__
 from settlement.api.schemas import (
@@ -27,6 +28,8 @@ from settlement.api.schemas import (
     ReceiptOut,
     VoucherBatchIn,
     VoucherIn,
+    documented_body,
+    parse_body,
 )
 from settlement.errors import (
     BatchTooLargeError,
@@ -43,7 +46,8 @@ from settlement.store import channels as channel_q
 from settlement.vouchers import EIP712_DOMAIN_TYPE, VOUCHER_TYPE
 
 
-def get_service(request: Request) -> Service:
+async def get_service(request: Request) -> Service:
+    """`async` so FastAPI resolves it on the event loop, not with a hop to a worker thread per request."""
     service: Service = request.app.state.service
     return service
 
@@ -132,21 +136,32 @@ def eip712(service: ServiceDep) -> Eip712Info:
     operation_id="submitVoucher",
     tags=["vouchers"],
     status_code=201,
+    response_model=ReceiptOut,
     responses={200: {"model": ReceiptOut, "description": "already accepted: the same receipt again"}},
+    openapi_extra=documented_body(VoucherIn),
 )
-async def submit_voucher(body: VoucherIn, response: Response, service: ServiceDep) -> ReceiptOut:
+async def submit_voucher(request: Request) -> Response:
     """Accept a voucher once it is durably stored (201); a re-sent voucher gets its receipt again (200)."""
-    outcome = (await service.ingestor.ingest_async([body.to_voucher()]))[0]
+    service: Service = request.app.state.service
+    voucher = parse_body(VoucherIn, await request.body()).to_voucher()
+    outcome = (await service.ingestor.ingest_async([voucher]))[0]
     _count(service, outcome)
     if isinstance(outcome, SettlementError):
         raise outcome
-    response.status_code = 201 if outcome.new else 200
-    return ReceiptOut.of(outcome.receipt)
+    return _json(201 if outcome.new else 200, ReceiptOut.of(outcome.receipt))
 
 
-@router.post("/v1/vouchers/batch", operation_id="submitVoucherBatch", tags=["vouchers"])
-async def submit_batch(body: VoucherBatchIn, service: ServiceDep) -> BatchOut:
+@router.post(
+    "/v1/vouchers/batch",
+    operation_id="submitVoucherBatch",
+    tags=["vouchers"],
+    response_model=BatchOut,
+    openapi_extra=documented_body(VoucherBatchIn),
+)
+async def submit_batch(request: Request) -> Response:
     """Many vouchers in one request; each gets its own result and valid ones are accepted whatever the others do."""
+    service: Service = request.app.state.service
+    body = parse_body(VoucherBatchIn, await request.body())
     limit = service.settings.batch_max_items
     if len(body.vouchers) > limit:
         raise BatchTooLargeError(f"a batch holds at most {limit} vouchers, got {len(body.vouchers)}", maxItems=limit)
@@ -161,12 +176,18 @@ async def submit_batch(body: VoucherBatchIn, service: ServiceDep) -> BatchOut:
             results.append(
                 BatchItemOut(index=index, status=outcome.status, error=ErrorOut.model_validate(outcome.body()))
             )
-    return BatchOut(
+    summary = BatchOut(
         accepted=sum(r.status == 201 for r in results),
         duplicates=sum(r.status == 200 for r in results),
         rejected=sum(r.status >= 400 for r in results),
         results=results,
     )
+    return _json(200, summary)
+
+
+def _json(status: int, body: BaseModel) -> Response:
+    """Serialised by pydantic-core in one call; FastAPI's response-model pass would validate and encode it again."""
+    return Response(body.model_dump_json(), status_code=status, media_type="application/json")
 
 
 @router.get("/v1/channels/{channelId}", operation_id="getChannel", tags=["channels"])
