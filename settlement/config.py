@@ -52,6 +52,9 @@ class Settings(BaseSettings):
     )
     ingest_group_max: int = Field(default=1024, ge=1, description="vouchers per group commit at most")
     batch_max_items: int = Field(default=1000, ge=1, le=10_000, description="vouchers per batch request at most")
+    recovery_threads: int = Field(
+        default=2, ge=1, le=64, description="threads recovering a batch request's signers (libsecp256k1 drops the GIL)"
+    )
     max_body_bytes: int = Field(default=1_048_576, ge=1024, description="request bodies above this get a 413")
     ready_max_lag: int = Field(default=64, ge=0, description="/ready fails when the indexer is further behind")
 

@@ -1,6 +1,8 @@
 """The voucher ingest pipeline: find the payer, recover the signer, then judge and commit in groups.
 
-Signature recovery runs on the caller's thread (pure CPU, no lock held). Judging and writing run on one writer
+Signature recovery runs on the caller's thread (pure CPU, no lock held); a request with many vouchers has them
+recovered by a small pool of threads instead, in parallel, because libsecp256k1 (through cffi) releases the GIL
+while it works, and the event loop stays free for other requests meanwhile. Judging and writing run on one writer
 thread per process that takes every voucher waiting in its queue, judges them in one transaction that holds the
 channels' row locks, and commits once: one fsync for the whole group. A caller's future resolves only after that
 commit, so a receipt is never handed out for a voucher that is not durable. With several processes on PostgreSQL the
@@ -15,7 +17,7 @@ import queue
 import threading
 import time
 from collections.abc import Sequence
-from concurrent.futures import Future
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 
 from settlement.errors import ChannelNotFoundError, RequestError, SettlementError, StoreError
@@ -30,6 +32,7 @@ from settlement.vouchers import VoucherVerifier
 logger = logging.getLogger(__name__)
 
 Outcome = Verdict | SettlementError
+PARALLEL_RECOVERY_MIN = 16  # below this a thread hand-off costs more than it saves
 
 
 @dataclass(frozen=True)
@@ -51,6 +54,7 @@ class Ingestor:
         *,
         close_guard: int,
         group_max: int = 1024,
+        recovery_threads: int = 2,
     ) -> None:
         self.db = db
         self.verifier = verifier
@@ -61,11 +65,14 @@ class Ingestor:
         self._payers: dict[str, bytes] = {}  # a channel's payer never changes: it is hashed into the id
         self._queue: queue.SimpleQueue[_Job | None] = queue.SimpleQueue()
         self._thread: threading.Thread | None = None
+        self.recovery_threads = recovery_threads
+        self._recovery: ThreadPoolExecutor | None = None
 
     # --- lifecycle ---------------------------------------------------------------------------------------------
 
     def start(self) -> None:
         if self._thread is None:
+            self._recovery = ThreadPoolExecutor(self.recovery_threads, thread_name_prefix="recover")
             self._thread = threading.Thread(target=self._write_loop, name="ingest-writer", daemon=True)
             self._thread.start()
 
@@ -75,6 +82,9 @@ class Ingestor:
             self._queue.put(None)
             self._thread.join()
             self._thread = None
+        if self._recovery is not None:
+            self._recovery.shutdown(wait=True)
+            self._recovery = None
 
     # --- the caller's side -------------------------------------------------------------------------------------
 
@@ -124,7 +134,8 @@ class Ingestor:
 
     async def ingest_async(self, vouchers: Sequence[Voucher]) -> list[Outcome]:
         """`ingest` for the event loop: payers come from memory (else a worker thread looks them up), signers are
-        recovered inline (~46 µs each), and the caller awaits the group commit without holding a thread."""
+        recovered inline (~46 µs each) or, for many vouchers, by the recovery threads, and the caller awaits the
+        group commit without holding a thread."""
         refused: dict[int, Outcome] = {}
         for i, voucher in enumerate(vouchers):
             if voucher.channel_id not in self._payers:
@@ -132,8 +143,17 @@ class Ingestor:
                     await asyncio.to_thread(self.resolve_payer, voucher.channel_id)
                 except SettlementError as ex:
                     refused[i] = ex
-        pending, future = self._enqueue(vouchers, refused)
-        return _in_order(len(vouchers), refused, pending, await asyncio.wrap_future(future) if future else [])
+        pending = [i for i in range(len(vouchers)) if i not in refused]
+        if not pending:
+            return _in_order(len(vouchers), refused, pending, [])
+        todo = [vouchers[i] for i in pending]
+        pool = self._recovery
+        if pool is None or len(todo) < PARALLEL_RECOVERY_MIN:
+            signers = self._recover_all(todo)
+        else:
+            signers = await self._recover_parallel(pool, todo)
+        results = await asyncio.wrap_future(self.submit(todo, signers))
+        return _in_order(len(vouchers), refused, pending, results)
 
     def _enqueue(
         self, vouchers: Sequence[Voucher], refused: dict[int, Outcome]
@@ -142,7 +162,18 @@ class Ingestor:
         pending = [i for i in range(len(vouchers)) if i not in refused]
         if not pending:
             return pending, None
-        return pending, self.submit([vouchers[i] for i in pending], [self.recover(vouchers[i]) for i in pending])
+        todo = [vouchers[i] for i in pending]
+        return pending, self.submit(todo, self._recover_all(todo))
+
+    def _recover_all(self, vouchers: Sequence[Voucher]) -> list[bytes | None]:
+        return [self.recover(v) for v in vouchers]
+
+    async def _recover_parallel(self, pool: ThreadPoolExecutor, vouchers: list[Voucher]) -> list[bytes | None]:
+        loop = asyncio.get_running_loop()
+        size = -(-len(vouchers) // self.recovery_threads)
+        parts = [vouchers[at : at + size] for at in range(0, len(vouchers), size)]
+        done = await asyncio.gather(*(loop.run_in_executor(pool, self._recover_all, part) for part in parts))
+        return [signer for part in done for signer in part]
 
     # --- the writer's side -------------------------------------------------------------------------------------
 

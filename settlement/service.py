@@ -78,6 +78,7 @@ class Service:
             metrics,
             close_guard=settings.close_guard_seconds,
             group_max=settings.ingest_group_max,
+            recovery_threads=settings.recovery_threads,
         )
         service = cls(settings, deployment, w3, session, hub, domain, db, metrics, indexer, ingestor)
         if settings.engine_enabled:

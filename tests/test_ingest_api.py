@@ -114,6 +114,21 @@ def test_batch_accepts_valid_items_whatever_the_others_do(
     assert result["results"][2]["receipt"]["increment"] == "20"
 
 
+@pytest.mark.parametrize("threads", [1, 3])
+def test_a_large_batch_recovered_by_several_threads_keeps_each_result_in_its_place(
+    api: Callable[..., TestClient], channel: Channel, sign: Sign, accounts: list[LocalAccount], threads: int
+) -> None:
+    client = api(recovery_threads=threads)
+    forged = {n for n in range(1, 41) if n % 7 == 0}  # 40 items: the pool gets uneven parts
+    items = [body(channel, n, sign(accounts[9] if n in forged else channel.payer, channel.id, n)) for n in range(1, 41)]
+    result = client.post("/v1/vouchers/batch", json={"vouchers": items}).json()
+    assert [r["status"] for r in result["results"]] == [400 if n in forged else 201 for n in range(1, 41)]
+    assert [r["receipt"]["cumulativeAmount"] for r in result["results"] if r["receipt"]] == [
+        str(n) for n in range(1, 41) if n not in forged
+    ]
+    assert client.get(f"/v1/channels/0x{channel.id.hex()}").json()["acceptedCumulativeAmount"] == "40"
+
+
 def test_batch_over_the_limit_is_refused_whole(api: Callable[..., TestClient], channel: Channel, sign: Sign) -> None:
     client = api(batch_max_items=3)
     items = [body(channel, n, sign(channel.payer, channel.id, n)) for n in range(1, 5)]
