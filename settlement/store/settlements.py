@@ -7,7 +7,7 @@ from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
 
-from sqlalchemy import Connection, Float, Row, and_, bindparam, case, cast, exists, func, select, update
+from sqlalchemy import Connection, Float, Row, and_, bindparam, case, cast, exists, func, select, text, update
 
 from settlement.model import Channel, ChannelStatus
 from settlement.store.channels import channel_from_row, from_us, to_us
@@ -73,7 +73,13 @@ def settleable(conn: Connection, limit: int | None = None) -> list[Channel]:
     With `limit`: the first `limit` in the order a batch takes them, closing channels first (nearest deadline first),
     then the largest unsettled amounts, sorted by the database rather than read whole (the store can hold hundreds of
     thousands). SQLite keeps amounts as text, so there the order uses their float value: exact enough to rank.
+
+    PostgreSQL plans this query for its parameters every time: psycopg prepares a statement after five runs, and the
+    generic plan PostgreSQL then preferred (tables not analysed yet, a batch table that grows by the minute) compared
+    every candidate with every batched entry, 4 s per batch at 100,000 channels instead of ~150 ms.
     """
+    if conn.dialect.name == "postgresql":
+        conn.execute(text("SET LOCAL plan_cache_mode = force_custom_plan"))
     covered = exists().where(
         and_(
             settlement_entries.c.channel_id == channels.c.channel_id,
