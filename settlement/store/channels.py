@@ -7,13 +7,14 @@ from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from typing import Any, Generic, TypeVar
 
-from sqlalchemy import Connection, Row, and_, any_, bindparam, func, select, text, tuple_, update
+from sqlalchemy import Connection, Row, and_, any_, bindparam, func, select, text, tuple_
 from sqlalchemy.dialects.postgresql import ARRAY
 from sqlalchemy.dialects.postgresql import insert as pg_insert
 from sqlalchemy.dialects.sqlite import insert as sqlite_insert
 
 from settlement.model import Channel, ChannelStatus, Receipt
 from settlement.store.tables import channels, payments
+from settlement.store.types import sqlite_amount
 
 _EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
 _US = timedelta(microseconds=1)
@@ -172,29 +173,27 @@ def _record_payments_arrays(
 def _record_payments_sqlite(
     conn: Connection, accepted: Sequence[tuple[Receipt, bytes]], latest: dict[str, tuple[Receipt, bytes]]
 ) -> None:
-    conn.execute(
-        payments.insert(),
+    """Straight to the driver's executemany (a loop in C): SQLAlchemy's per-row bind processing was most of the
+    writer's time on the batch endpoint."""
+    conn.exec_driver_sql(
+        "INSERT INTO payments (channel_id, cumulative, increment, remaining, signature, reference, accepted_at_us)"
+        " VALUES (?, ?, ?, ?, ?, ?, ?)",
         [
-            {
-                "channel_id": r.channel_id,
-                "cumulative": r.cumulative,
-                "increment": r.increment,
-                "remaining": r.remaining,
-                "signature": signature,
-                "reference": r.reference,
-                "accepted_at_us": to_us(r.accepted_at),
-            }
+            (
+                r.channel_id,
+                sqlite_amount(r.cumulative),
+                sqlite_amount(r.increment),
+                sqlite_amount(r.remaining),
+                signature,
+                r.reference,
+                to_us(r.accepted_at),
+            )
             for r, signature in accepted
         ],
     )
-    conn.execute(  # one executemany, not a statement per channel
-        update(channels)
-        .where(channels.c.channel_id == bindparam("b_channel"))
-        .values(accepted=bindparam("b_accepted"), signature=bindparam("b_signature"), updated_at_us=bindparam("b_at")),
-        [
-            {"b_channel": cid, "b_accepted": r.cumulative, "b_signature": sig, "b_at": to_us(r.accepted_at)}
-            for cid, (r, sig) in latest.items()
-        ],
+    conn.exec_driver_sql(
+        "UPDATE channels SET accepted = ?, signature = ?, updated_at_us = ? WHERE channel_id = ?",
+        [(sqlite_amount(r.cumulative), sig, to_us(r.accepted_at), cid) for cid, (r, sig) in latest.items()],
     )
 
 

@@ -32,14 +32,24 @@ class Amount(TypeDecorator[int]):
     def process_bind_param(self, value: int | None, dialect: Dialect) -> Any:
         if value is None:
             return None
-        if isinstance(value, bool) or not isinstance(value, int) or not 0 <= value <= MAX_AMOUNT:
-            raise ValueError(f"amount must be an int in [0, 2^256): {value!r}")
         if dialect.name == "sqlite":
-            return f"{value:0{AMOUNT_DIGITS}d}"
+            return sqlite_amount(value)
+        _check(value)
         return Decimal(value)
 
     def process_result_value(self, value: Any, dialect: Dialect) -> int | None:
         return None if value is None else int(value)
+
+
+def sqlite_amount(value: int) -> str:
+    """An amount as SQLite stores it: 78-digit zero-padded decimal text."""
+    _check(value)
+    return f"{value:0{AMOUNT_DIGITS}d}"
+
+
+def _check(value: int) -> None:
+    if isinstance(value, bool) or not isinstance(value, int) or not 0 <= value <= MAX_AMOUNT:
+        raise ValueError(f"amount must be an int in [0, 2^256): {value!r}")
 
 
 def amount_checks(column: str) -> tuple[str, str]:
