@@ -286,3 +286,54 @@ def test_store_outage_answers_503_and_acknowledges_nothing(
     assert client.post("/v1/vouchers", json=body(channel, 20, sign(channel.payer, channel.id, 20))).status_code == 201
     payments = client.get(f"/v1/channels/0x{channel.id.hex()}/payments").json()["items"]
     assert [p["cumulativeAmount"] for p in payments] == ["20", "10"]
+
+
+# --- the fast path in front of FastAPI serves POST /v1/vouchers; the documented route must answer the same ----------
+
+
+def test_the_fast_path_and_the_fastapi_route_give_the_same_answers(
+    api: Callable[..., TestClient], channel: Channel, sign: Sign, accounts: list[LocalAccount]
+) -> None:
+    fast = api()
+    route = TestClient(fast.app.app, raise_server_exceptions=False)  # type: ignore[attr-defined]  # same service
+    voucher = lambda n, signer=None: body(channel, n, sign(signer or channel.payer, channel.id, n))  # noqa: E731
+
+    first = route.post("/v1/vouchers", json=voucher(10))
+    again = fast.post("/v1/vouchers", json=voucher(10))
+    assert (first.status_code, again.status_code) == (201, 200)
+    assert first.json() == again.json()
+    second = fast.post("/v1/vouchers", json=voucher(20))
+    again = route.post("/v1/vouchers", json=voucher(20))
+    assert (second.status_code, again.status_code) == (201, 200)
+    assert second.json() == again.json()
+
+    refusals: list[tuple[dict[str, Any], str]] = [
+        ({"json": voucher(5)}, "stale_voucher"),
+        ({"json": voucher(30, accounts[9])}, "invalid_signature"),
+        ({"content": b'{"channelId": ', "headers": {"content-type": "application/json"}}, "malformed_request"),
+        ({"content": b"{}", "headers": {"content-type": "text/plain"}}, "unsupported_media_type"),
+        ({"json": {**voucher(30), "payer": "0x" + "11" * 20}}, "malformed_request"),
+    ]
+    for request, code in refusals:
+        answers = [client.post("/v1/vouchers", **request) for client in (fast, route)]
+        assert answers[0].status_code == answers[1].status_code >= 400
+        assert answers[0].json() == answers[1].json()
+        assert answers[0].json()["code"] == code
+
+
+def test_an_unexpected_failure_on_the_fast_path_is_a_500_and_the_service_goes_on(
+    api: Callable[..., TestClient], channel: Channel, sign: Sign, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    client = api()
+    service = client.app.state.service  # type: ignore[attr-defined]
+    real = service.ingestor.ingest_async
+
+    async def broken(_: Any) -> Any:
+        raise RuntimeError("boom")
+
+    monkeypatch.setattr(service.ingestor, "ingest_async", broken)
+    answer = client.post("/v1/vouchers", json=body(channel, 10, sign(channel.payer, channel.id, 10)))
+    assert answer.status_code == 500
+    assert answer.json() == {"code": "internal_error", "message": "internal error"}
+    monkeypatch.setattr(service.ingestor, "ingest_async", real)
+    assert client.post("/v1/vouchers", json=body(channel, 10, sign(channel.payer, channel.id, 10))).status_code == 201

@@ -13,6 +13,7 @@ from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException
 
 from settlement import __version__
+from settlement.api.fastpath import VoucherFastPath
 from settlement.api.middleware import BodyGuard
 from settlement.api.routes import router
 from settlement.api.schemas import shape_error
@@ -23,8 +24,10 @@ from settlement.service import Service
 logger = logging.getLogger(__name__)
 
 
-def create_app(settings: Settings, service: Service | None = None) -> FastAPI:
-    """Build the app for one deployment (run `settlement deploy` first); the lifespan starts and stops the service."""
+def create_app(settings: Settings, service: Service | None = None) -> VoucherFastPath:
+    """Build the app for one deployment (run `settlement deploy` first); the lifespan starts and stops the service.
+
+    What it returns is FastAPI behind the single-voucher fast path (settlement.api.fastpath)."""
     running = service or Service.build(settings)
 
     @asynccontextmanager
@@ -69,4 +72,4 @@ def create_app(settings: Settings, service: Service | None = None) -> FastAPI:
         logger.exception("unhandled error")
         return JSONResponse(status_code=500, content={"code": "internal_error", "message": "internal error"})
 
-    return app
+    return VoucherFastPath(app, running, settings.max_body_bytes)

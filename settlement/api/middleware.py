@@ -6,7 +6,7 @@ import json
 
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from settlement.errors import PayloadTooLargeError, RequestError, UnsupportedMediaError
+from settlement.errors import PayloadTooLargeError, SettlementError, UnsupportedMediaError
 
 _WITH_BODY = {"POST", "PUT", "PATCH"}
 
@@ -22,47 +22,56 @@ class BodyGuard:
         if scope["type"] != "http" or scope["method"] not in _WITH_BODY:
             await self.app(scope, receive, send)
             return
-        headers = dict(scope["headers"])
-        media = headers.get(b"content-type", b"").split(b";")[0].strip().lower()
-        if media != b"application/json":
-            await _refuse(send, UnsupportedMediaError("send the body as JSON with Content-Type: application/json"))
+        body = await read_json_body(scope, receive, send, self.max_bytes)
+        if body is None:
             return
-        declared = headers.get(b"content-length")
-        if declared is not None and (not declared.isdigit() or int(declared) > self.max_bytes):
-            await _refuse(send, self._too_large())
-            return
-        body = bytearray()
-        while True:
-            message = await receive()
-            if message["type"] == "http.disconnect":
-                return
-            body += message.get("body", b"")
-            if len(body) > self.max_bytes:
-                await _refuse(send, self._too_large())
-                return
-            if not message.get("more_body", False):
-                break
         replayed = False
 
         async def replay() -> Message:
             nonlocal replayed
             if not replayed:
                 replayed = True
-                return {"type": "http.request", "body": bytes(body), "more_body": False}
+                return {"type": "http.request", "body": body, "more_body": False}
             return await receive()
 
         await self.app(scope, replay, send)
 
-    def _too_large(self) -> PayloadTooLargeError:
-        return PayloadTooLargeError(f"the body is larger than {self.max_bytes} bytes", maxBytes=self.max_bytes)
+
+async def read_json_body(scope: Scope, receive: Receive, send: Send, max_bytes: int) -> bytes | None:
+    """The whole body of a JSON request; None once the request has been refused (415, 413) or the client left."""
+    headers = dict(scope["headers"])
+    media = headers.get(b"content-type", b"").split(b";")[0].strip().lower()
+    if media != b"application/json":
+        await refuse(send, UnsupportedMediaError("send the body as JSON with Content-Type: application/json"))
+        return None
+    too_large = PayloadTooLargeError(f"the body is larger than {max_bytes} bytes", maxBytes=max_bytes)
+    declared = headers.get(b"content-length")
+    if declared is not None and (not declared.isdigit() or int(declared) > max_bytes):
+        await refuse(send, too_large)
+        return None
+    body = bytearray()
+    while True:
+        message = await receive()
+        if message["type"] == "http.disconnect":
+            return None
+        body += message.get("body", b"")
+        if len(body) > max_bytes:
+            await refuse(send, too_large)
+            return None
+        if not message.get("more_body", False):
+            return bytes(body)
 
 
-async def _refuse(send: Send, error: RequestError) -> None:
-    payload = json.dumps(error.body()).encode()
+async def refuse(send: Send, error: SettlementError) -> None:
+    await respond(send, error.status, json.dumps(error.body(), ensure_ascii=False, separators=(",", ":")).encode())
+
+
+async def respond(send: Send, status: int, payload: bytes) -> None:
+    """A complete JSON response in two ASGI messages."""
     await send(
         {
             "type": "http.response.start",
-            "status": error.status,
+            "status": status,
             "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(payload)).encode())],
         }
     )

@@ -142,13 +142,20 @@ def eip712(service: ServiceDep) -> Eip712Info:
 )
 async def submit_voucher(request: Request) -> Response:
     """Accept a voucher once it is durably stored (201); a re-sent voucher gets its receipt again (200)."""
-    service: Service = request.app.state.service
-    voucher = parse_body(VoucherIn, await request.body()).to_voucher()
+    status, payload = await accept_voucher(request.app.state.service, await request.body())
+    return Response(payload, status_code=status, media_type="application/json")
+
+
+async def accept_voucher(service: Service, body: bytes) -> tuple[int, bytes]:
+    """One voucher: (status, JSON) once it is durably stored; raises the SettlementError of a refusal.
+
+    Shared by the route above and the fast path in front of FastAPI (settlement.api.fastpath), which serves it."""
+    voucher = parse_body(VoucherIn, body).to_voucher()
     outcome = (await service.ingestor.ingest_async([voucher]))[0]
     _count(service, outcome)
     if isinstance(outcome, SettlementError):
         raise outcome
-    return _json(201 if outcome.new else 200, ReceiptOut.of(outcome.receipt))
+    return 201 if outcome.new else 200, ReceiptOut.of(outcome.receipt).model_dump_json().encode()
 
 
 @router.post(
