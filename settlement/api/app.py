@@ -14,7 +14,7 @@ from starlette.exceptions import HTTPException
 
 from settlement import __version__
 from settlement.api.fastpath import VoucherFastPath
-from settlement.api.middleware import BodyGuard
+from settlement.api.middleware import INTERNAL_ERROR, BodyGuard
 from settlement.api.routes import router
 from settlement.api.schemas import shape_error
 from settlement.config import Settings
@@ -70,6 +70,6 @@ def create_app(settings: Settings, service: Service | None = None) -> VoucherFas
     @app.exception_handler(Exception)
     async def unexpected(_: Request, ex: Exception) -> JSONResponse:
         logger.exception("unhandled error")
-        return JSONResponse(status_code=500, content={"code": "internal_error", "message": "internal error"})
+        return JSONResponse(status_code=500, content=INTERNAL_ERROR)
 
     return VoucherFastPath(app, running, settings.max_body_bytes)

@@ -1,18 +1,20 @@
 """The hot path in front of FastAPI: `POST /v1/vouchers` answered straight from ASGI.
 
 FastAPI declares and documents the operation (and its route calls the same `accept_voucher`), but its routing,
-dependency solving and middleware stack cost ~60 µs of the ~280 µs a single-voucher request takes on one core; the
-single-voucher endpoint is where that shows. Everything else, the batch endpoint included, goes to FastAPI.
+dependency solving and middleware stack cost ~100 µs of the ~310 µs a single-voucher request took on one core
+(docs/benchmarks.md); the single-voucher endpoint is where that shows. Everything else, the batch endpoint included,
+goes to FastAPI.
 """
 
 from __future__ import annotations
 
+import json
 import logging
 from typing import Any
 
 from starlette.types import ASGIApp, Receive, Scope, Send
 
-from settlement.api.middleware import read_json_body, refuse, respond
+from settlement.api.middleware import INTERNAL_ERROR, read_json_body, refuse, respond
 from settlement.api.routes import accept_voucher
 from settlement.errors import SettlementError
 from settlement.service import Service
@@ -20,7 +22,7 @@ from settlement.service import Service
 logger = logging.getLogger(__name__)
 
 PATH = "/v1/vouchers"
-_INTERNAL = b'{"code":"internal_error","message":"internal error"}'
+_INTERNAL = json.dumps(INTERNAL_ERROR).encode()
 
 
 class VoucherFastPath:

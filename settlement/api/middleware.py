@@ -9,6 +9,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 from settlement.errors import PayloadTooLargeError, SettlementError, UnsupportedMediaError
 
 _WITH_BODY = {"POST", "PUT", "PATCH"}
+INTERNAL_ERROR = {"code": "internal_error", "message": "internal error"}  # the answer to a bug: nothing more
 
 
 class BodyGuard:
