@@ -129,8 +129,10 @@ class Ingestor:
                 self.resolve_payer(voucher.channel_id)
             except SettlementError as ex:
                 refused[i] = ex
-        pending, future = self._enqueue(vouchers, refused)
-        return _in_order(len(vouchers), refused, pending, future.result() if future else [])
+        pending = [i for i in range(len(vouchers)) if i not in refused]
+        todo = [vouchers[i] for i in pending]
+        results = self.submit(todo, self._recover_all(todo)).result() if todo else []
+        return _in_order(len(vouchers), refused, pending, results)
 
     async def ingest_async(self, vouchers: Sequence[Voucher]) -> list[Outcome]:
         """`ingest` for the event loop: payers come from memory (else a worker thread looks them up), signers are
@@ -144,9 +146,9 @@ class Ingestor:
                 except SettlementError as ex:
                     refused[i] = ex
         pending = [i for i in range(len(vouchers)) if i not in refused]
-        if not pending:
-            return _in_order(len(vouchers), refused, pending, [])
         todo = [vouchers[i] for i in pending]
+        if not todo:
+            return _in_order(len(vouchers), refused, pending, [])
         pool = self._recovery
         if pool is None or len(todo) < PARALLEL_RECOVERY_MIN:
             signers = self._recover_all(todo)
@@ -154,16 +156,6 @@ class Ingestor:
             signers = await self._recover_parallel(pool, todo)
         results = await asyncio.wrap_future(self.submit(todo, signers))
         return _in_order(len(vouchers), refused, pending, results)
-
-    def _enqueue(
-        self, vouchers: Sequence[Voucher], refused: dict[int, Outcome]
-    ) -> tuple[list[int], Future[list[Outcome]] | None]:
-        """Recover the signers of the vouchers not refused yet and queue them; their positions and the future."""
-        pending = [i for i in range(len(vouchers)) if i not in refused]
-        if not pending:
-            return pending, None
-        todo = [vouchers[i] for i in pending]
-        return pending, self.submit(todo, self._recover_all(todo))
 
     def _recover_all(self, vouchers: Sequence[Voucher]) -> list[bytes | None]:
         return [self.recover(v) for v in vouchers]
