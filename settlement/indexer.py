@@ -7,9 +7,12 @@ recorded block hash the chain no longer has: the indexer then rewinds to the las
 re-reads every channel the lost blocks touched, suspends those channels (no voucher is accepted for them until an
 operator resumes them) and logs at CRITICAL.
 
-Every channel row carries `as_of_block`, the block its chain facts are current to; an event at or below it is
-already reflected and is skipped. That lets `lookup` insert a channel read straight from the chain (for a voucher
-that arrives before the indexer reached the channel's opening) without the indexer applying its events twice.
+Every channel row carries the chain position its facts are current to, (block, log index); an event at or before it
+is already reflected and is skipped. Events are ordered by (block, log index), never by block alone: on a real chain
+several events of one channel share a block (two top-ups; a settlement and a close request; `closeByPayee` with a
+final voucher emits two in one transaction), and each is applied. A channel read straight from the chain's state at
+block B (`lookup`, for a voucher that arrives before the indexer reached the channel's opening) stands at the end of
+B, so the indexer applies none of B's events to it twice.
 """
 
 from __future__ import annotations
@@ -28,7 +31,7 @@ from web3.types import FilterParams, LogReceipt
 from settlement.batch_encoding import decode_settlements
 from settlement.chain import rpc_errors
 from settlement.errors import ChainError, ChannelNotFoundError, ChannelUnconfirmedError, SettlementError
-from settlement.model import Channel, ChannelStatus, utcnow
+from settlement.model import END_OF_BLOCK, Channel, ChannelStatus, utcnow
 from settlement.store import Database
 from settlement.store import chainlog as log_q
 from settlement.store import channels as channel_q
@@ -56,7 +59,7 @@ class Progress:
 def apply_event(channel: Channel | None, event: ChainEvent) -> Channel | None:
     """The channel after `event` (pure). ChannelsSettled is applied per channel by the caller."""
     args = event.args
-    block = event.block_number
+    block, log = event.position
     if event.event == "ChannelOpened":
         return Channel(
             channel_id=event.channel_id or "",
@@ -69,15 +72,17 @@ def apply_event(channel: Channel | None, event: ChainEvent) -> Channel | None:
             status=ChannelStatus.OPEN,
             close_deadline=None,
             as_of_block=block,
+            as_of_log=log,
         )
     if channel is None:
         return None
+    at = replace(channel, as_of_block=block, as_of_log=log)
     if event.event == "ChannelToppedUp":
-        return replace(channel, deposit=int(args["deposit"]), as_of_block=block)
+        return replace(at, deposit=int(args["deposit"]))
     if event.event == "CloseRequested":
-        return replace(channel, status=ChannelStatus.CLOSING, close_deadline=int(args["deadline"]), as_of_block=block)
+        return replace(at, status=ChannelStatus.CLOSING, close_deadline=int(args["deadline"]))
     if event.event == "ChannelClosed":
-        return replace(channel, status=ChannelStatus.CLOSED, settled=int(args["settled"]), as_of_block=block)
+        return replace(at, status=ChannelStatus.CLOSED, settled=int(args["settled"]))
     return channel
 
 
@@ -173,6 +178,7 @@ class Indexer:
             status=ChannelStatus(status),
             close_deadline=deadline or None,
             as_of_block=block,
+            as_of_log=END_OF_BLOCK,
         )
 
     # --- one channel, on demand --------------------------------------------------------------------------------
@@ -266,14 +272,15 @@ class Indexer:
             out = []
             for cid, cumulative in _settlements(event):
                 channel = states.get(cid)
-                if channel is not None and event.block_number > channel.as_of_block:
-                    out.append((cid, replace(channel, settled=int(cumulative), as_of_block=event.block_number)))
+                if channel is not None and event.position > channel.position:
+                    block, log = event.position
+                    out.append((cid, replace(channel, settled=int(cumulative), as_of_block=block, as_of_log=log)))
             return out
         if event.event not in CHANNEL_EVENTS or event.channel_id is None:
             return []
         channel = states.get(event.channel_id)
-        if channel is not None and event.block_number <= channel.as_of_block:
-            return []  # already reflected (read from the chain at or after this block)
+        if channel is not None and event.position <= channel.position:
+            return []  # already reflected (applied, or read from the chain at the end of this block or later)
         if channel is not None and event.event == "ChannelOpened":
             return []
         updated = apply_event(channel, event)
@@ -307,7 +314,8 @@ class Indexer:
                 chain = fresh.get(cid)
                 if chain is None:
                     chain = replace(channel, deposit=0, settled=0, status=ChannelStatus.CLOSED, close_deadline=None)
-                log_q.save_chain_state(conn, replace(chain, as_of_block=confirmed, suspended_reason=reason), now)
+                at = replace(chain, as_of_block=confirmed, as_of_log=END_OF_BLOCK)
+                log_q.save_chain_state(conn, replace(at, suspended_reason=reason), now)
             log_q.forget_after(conn, safe.block_number)
             log_q.set_cursor(conn, safe, now)
         logger.critical(

@@ -12,6 +12,10 @@ from enum import IntEnum
 
 ETH = "0x0000000000000000000000000000000000000000"
 
+# A position on the chain is (block number, log index). A channel read from the chain's state at block B stands after
+# every log of B, so no event of B is applied to it again; the log index of that position is END_OF_BLOCK.
+END_OF_BLOCK = 2**31 - 1
+
 
 class ChannelStatus(IntEnum):
     """The hub's channel status; the values are the contract's enum values."""
@@ -23,7 +27,12 @@ class ChannelStatus(IntEnum):
 
 @dataclass(frozen=True)
 class Channel:
-    """One channel: the chain's facts (as of `as_of_block`, confirmed) plus the latest voucher the service accepted."""
+    """One channel: the chain's facts plus the latest voucher the service accepted.
+
+    The facts are current to the chain position (`as_of_block`, `as_of_log`): every event at or before it is
+    reflected, none after it. Several events of one channel can share a block (even a transaction), so the log index
+    is part of the position.
+    """
 
     channel_id: str
     payer: str
@@ -35,6 +44,7 @@ class Channel:
     status: ChannelStatus
     close_deadline: int | None
     as_of_block: int
+    as_of_log: int = END_OF_BLOCK
     accepted: int = 0
     signature: bytes | None = None
     suspended_reason: str | None = None
@@ -47,6 +57,11 @@ class Channel:
     def floor(self) -> int:
         """A new voucher must be above this: what was accepted, or what the chain already settled if more."""
         return max(self.accepted, self.settled)
+
+    @property
+    def position(self) -> tuple[int, int]:
+        """The chain position the facts are current to: (block number, log index)."""
+        return self.as_of_block, self.as_of_log
 
     def with_voucher(self, cumulative: int, signature: bytes) -> Channel:
         return replace(self, accepted=cumulative, signature=signature)

@@ -2,8 +2,9 @@
 
 The indexer is caught up first and the chain is read at the very block the store is current to, so any difference
 in deposit, settled amount or status is a real discrepancy, unless the channel is suspended after a deep reorg
-(explained: an operator must look anyway). Accepted but unsettled value is pending work, not a mismatch; the chain
-having settled more than the service ever accepted is one.
+(explained: an operator must look anyway). Accepted but unsettled value is pending work while the channel can still
+be settled, not a mismatch; on a channel the chain has closed it can never be paid, and is reported whatever the
+store believes the channel's status to be. The chain having settled more than the service ever accepted is one too.
 """
 
 from __future__ import annotations
@@ -12,7 +13,7 @@ from dataclasses import asdict, dataclass
 from typing import Any
 
 from settlement.indexer import Indexer
-from settlement.model import Channel
+from settlement.model import Channel, ChannelStatus
 from settlement.store import Database
 from settlement.store import channels as channel_q
 from settlement.store import settlements as batch_q
@@ -58,6 +59,8 @@ def _row(store: Channel, chain: Channel | None, in_flight: bool) -> Row:
             problems.append("status differs")
         if chain.settled > store.accepted:
             problems.append("chain settled more than the service accepted")
+        if chain.status == ChannelStatus.CLOSED and store.accepted > chain.settled:
+            problems.append(f"closed with {store.accepted - chain.settled} accepted but never settled")
     return Row(
         channel_id=store.channel_id,
         status=store.status.name.lower(),

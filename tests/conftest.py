@@ -24,7 +24,9 @@ from settlement.config import Settings
 from settlement.contracts import load_artifact
 from settlement.deployment import Deployment, deploy_hub, hub_contract
 from settlement.devnet import Devnet
+from settlement.indexer import Indexer
 from settlement.service import Service
+from settlement.store import Database
 from settlement.vouchers import Domain, sign_voucher
 from tests.servers import ServiceProcess
 
@@ -161,6 +163,25 @@ def store_url(request: pytest.FixtureRequest, tmp_path: Path) -> str:
         return f"sqlite:///{tmp_path / 'settlement.db'}"
     url: str = request.getfixturevalue("fresh_postgres")
     return url
+
+
+@pytest.fixture
+def db(store_url: str) -> Iterator[Database]:
+    """A migrated store on this test's backend."""
+    database = Database(store_url)
+    database.migrate()
+    yield database
+    database.dispose()
+
+
+@pytest.fixture
+def make_indexer(w3: Web3, hub: Contract, hub_deployment: Deployment, db: Database) -> Callable[..., Indexer]:
+    """Factory: an indexer of the session hub on this test's store."""
+
+    def make(confirmations: int = 0) -> Indexer:
+        return Indexer(db, w3, hub, start_block=hub_deployment.block_number, confirmations=confirmations)
+
+    return make
 
 
 @pytest.fixture

@@ -82,3 +82,20 @@ def settled(contract: Contract, receipt: TxReceipt) -> dict[bytes, int]:
     for e in events(contract, receipt, "ChannelsSettled"):
         out.update((bytes.fromhex(cid[2:]), amount) for cid, amount in decode_settlements(e["settlements"]))
     return out
+
+
+Tx = tuple[Any, str, int]  # (contract call, sender, value)
+
+
+def in_one_block(w3: Web3, *txs: Tx, gas: int = 1_000_000) -> list[TxReceipt]:
+    """Send `txs` in this order into one block, as a real chain would mine them; returns every receipt (reverted
+    ones included: the caller asserts what it expects). Automine is off while they queue and on again after."""
+    w3.provider.make_request("evm_setAutomine", [False])
+    try:
+        hashes = [call.transact({"from": sender, "value": value, "gas": gas}) for call, sender, value in txs]
+        w3.provider.make_request("evm_mine", [])
+    finally:
+        w3.provider.make_request("evm_setAutomine", [True])
+    receipts = [w3.eth.wait_for_transaction_receipt(h) for h in hashes]
+    assert len({r["blockNumber"] for r in receipts}) == 1, "the transactions did not share a block"
+    return receipts

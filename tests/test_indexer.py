@@ -26,22 +26,6 @@ from tests.hub_helpers import Channel as HubChannel
 from tests.hub_helpers import batch, send, settle_call
 
 
-@pytest.fixture
-def db(store_url: str) -> Database:
-    database = Database(store_url)
-    database.migrate()
-    yield database
-    database.dispose()
-
-
-@pytest.fixture
-def make_indexer(w3: Web3, hub: Contract, hub_deployment: Deployment, db: Database) -> Callable[..., Indexer]:
-    def make(confirmations: int = 0) -> Indexer:
-        return Indexer(db, w3, hub, start_block=hub_deployment.block_number, confirmations=confirmations)
-
-    return make
-
-
 def stored(db: Database, channel: HubChannel) -> Channel:
     with db.read() as conn:
         found = channel_q.get_channel(conn, "0x" + channel.id.hex())

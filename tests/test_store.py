@@ -43,14 +43,6 @@ def a_channel(n: int = 1, deposit: int = MAX) -> Channel:
     )
 
 
-@pytest.fixture
-def db(store_url: str) -> Database:
-    database = Database(store_url)
-    database.migrate()
-    yield database
-    database.dispose()
-
-
 def test_migrations_reach_head_and_are_idempotent(db: Database) -> None:
     assert db.revision() == head_revision() is not None
     db.migrate()

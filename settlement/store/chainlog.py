@@ -37,6 +37,11 @@ class ChainEvent:
     channel_id: str | None
     args: dict[str, Any]
 
+    @property
+    def position(self) -> tuple[int, int]:
+        """Where the event stands in the chain's order: (block number, log index)."""
+        return self.block_number, self.log_index
+
 
 def _insert(conn: Connection) -> Any:
     return sqlite_insert if conn.dialect.name == "sqlite" else pg_insert
@@ -125,6 +130,7 @@ def save_chain_state(conn: Connection, channel: Channel, now: datetime) -> None:
             status=int(channel.status),
             close_deadline=channel.close_deadline,
             as_of_block=channel.as_of_block,
+            as_of_log=channel.as_of_log,
             suspended_reason=channel.suspended_reason,
             updated_at_us=to_us(now),
         )

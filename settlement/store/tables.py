@@ -23,6 +23,7 @@ from sqlalchemy import (
     UniqueConstraint,
 )
 
+from settlement.model import END_OF_BLOCK
 from settlement.store.types import Amount, amount_checks
 
 metadata = MetaData(
@@ -64,6 +65,7 @@ channels = Table(
     Column("status", SmallInteger(), nullable=False),
     Column("close_deadline", BigInteger(), nullable=True),
     Column("as_of_block", BigInteger(), nullable=False),
+    Column("as_of_log", Integer(), nullable=False, server_default=str(END_OF_BLOCK)),
     Column("accepted", Amount(), nullable=False),
     Column("signature", LargeBinary(65), nullable=True),
     Column("suspended_reason", Text(), nullable=True),
