@@ -10,6 +10,7 @@
     │   └── StoreUnavailableError    503 store_unavailable
     ├── ChainError                   502 chain_error
     │   ├── ChainUnavailableError    503 chain_unavailable
+    │   ├── ChainMismatchError       503 chain_mismatch      (the RPC serves another chain instance than the store's)
     │   └── TransactionFailedError   502 transaction_failed
     ├── ServiceRejectedError         the service's status and code, as the client SDK received them
     ├── PaymentUncertainError        503 payment_uncertain   (client SDK: no answer after every retry)
@@ -95,6 +96,14 @@ class ChainUnavailableError(ChainError):
 
     status = 503
     code = "chain_unavailable"
+
+
+class ChainMismatchError(ChainError):
+    """The RPC serves another chain instance than the one the store or the deployment record belongs to: the
+    deployment block is gone or has another hash (a restarted devnet that redeployed at the same address, a fork)."""
+
+    status = 503
+    code = "chain_mismatch"
 
 
 class TransactionFailedError(ChainError):

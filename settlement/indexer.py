@@ -26,12 +26,19 @@ from eth_utils.address import to_checksum_address
 from hexbytes import HexBytes
 from web3 import Web3
 from web3.contract import Contract
+from web3.exceptions import BlockNotFound
 from web3.types import FilterParams, LogReceipt
 
 from settlement.batch_encoding import decode_settlements
 from settlement.chain import rpc_errors
-from settlement.errors import ChainError, ChannelNotFoundError, ChannelUnconfirmedError, SettlementError
-from settlement.model import END_OF_BLOCK, Channel, ChannelStatus, utcnow
+from settlement.errors import (
+    ChainError,
+    ChainMismatchError,
+    ChannelNotFoundError,
+    ChannelUnconfirmedError,
+    SettlementError,
+)
+from settlement.model import END_OF_BLOCK, BlockRef, Channel, ChannelStatus, utcnow
 from settlement.store import Database
 from settlement.store import chainlog as log_q
 from settlement.store import channels as channel_q
@@ -97,6 +104,7 @@ class Indexer:
         *,
         start_block: int,
         confirmations: int,
+        anchor: BlockRef | None = None,
         batch_blocks: int = 2_000,
         reorg_window: int = 256,
     ) -> None:
@@ -107,6 +115,8 @@ class Indexer:
         self.confirmations = confirmations
         self.batch_blocks = batch_blocks
         self.reorg_window = reorg_window
+        self.anchor = anchor
+        self.failing: str | None = None  # why the last poll of `run` failed; None while it progresses
         self._events = {HexBytes(event.topic): event for event in hub.all_events()}
         self._opened_topic = HexBytes(hub.events.ChannelOpened.topic)
         self.progress: Progress | None = None
@@ -121,11 +131,20 @@ class Indexer:
             head = self.w3.eth.block_number
         return head, max(head - self.confirmations, self.start_block - 1)
 
+    def check_anchor(self) -> None:
+        """Raise ChainMismatchError when the chain no longer has the hub's deployment block (a restarted devnet)."""
+        if self.anchor is not None and self._block_hash(self.anchor.number) != self.anchor.hash:
+            raise ChainMismatchError(
+                f"the chain no longer has the hub's deployment block {self.anchor.number} ({self.anchor.hash}): it "
+                "was restarted or replaced; the store belongs to the old chain. Stop the service and point it at a "
+                "new database and deployment"
+            )
+
     def _block_hash(self, number: int) -> str | None:
         with rpc_errors(f"reading block {number}"):
             try:
                 block = self.w3.eth.get_block(number)
-            except ValueError:
+            except (ValueError, BlockNotFound):
                 return None
         block_hash = block.get("hash")
         return None if block_hash is None else HexBytes(block_hash).to_0x_hex()
@@ -226,6 +245,7 @@ class Indexer:
             cursor = log_q.get_cursor(conn)
         assert cursor is not None  # created in __init__
         if cursor.block_hash is not None and self._block_hash(cursor.block_number) != cursor.block_hash:
+            self.check_anchor()  # a replaced chain is not a reorganisation: nothing here can be rewound to
             self._rewind(cursor, confirmed)
             self.progress = Progress(head, confirmed, cursor.block_number)
             return 0
@@ -342,12 +362,16 @@ class Indexer:
             try:
                 advanced = self.poll()
                 delay = interval
+                self.failing = None
             except SettlementError as ex:
-                logger.warning("indexer: %s (retrying in %.1fs)", ex.message, delay)
+                log = logger.critical if isinstance(ex, ChainMismatchError) else logger.warning
+                log("indexer: %s (retrying in %.1fs)", ex.message, delay)
+                self.failing = f"[{ex.code}] {ex.message}"
                 advanced = 0
                 delay = min(delay * 2, 30.0)
-            except Exception:
+            except Exception as ex:
                 logger.exception("indexer step failed (retrying in %.1fs)", delay)
+                self.failing = f"[internal_error] {type(ex).__name__}"
                 advanced = 0
                 delay = min(delay * 2, 30.0)
             if not advanced:

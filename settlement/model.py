@@ -68,6 +68,14 @@ class Channel:
 
 
 @dataclass(frozen=True)
+class BlockRef:
+    """One block of one chain instance: a number says where, only the hash says which chain."""
+
+    number: int
+    hash: str
+
+
+@dataclass(frozen=True)
 class Voucher:
     """A voucher as submitted: the signed (channelId, cumulativeAmount) and an optional unsigned app reference."""
 

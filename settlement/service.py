@@ -54,19 +54,25 @@ class Service:
         w3 = connect(
             settings.rpc_url, settings.rpc_timeout, session, settings.rpc_fallback_urls, settings.rpc_primary_retry
         )
-        deployment.check(w3)
+        anchor = deployment.check(w3)
         hub = hub_contract(w3, deployment)
         domain = read_domain(hub)
         db = Database(settings.database_url, pool_size=settings.db_pool_size)
-        db.migrate()
-        with db.write() as conn:
-            bind_deployment(conn, deployment.chain_id, deployment.address)
+        try:
+            db.migrate()
+            with db.write() as conn:
+                bind_deployment(conn, deployment.chain_id, deployment.address, anchor)
+        except BaseException:
+            db.dispose()  # a refused store must not leave its connections to the garbage collector
+            session.close()
+            raise
         metrics = Metrics()
         indexer = Indexer(
             db,
             w3,
             hub,
             start_block=deployment.block_number,
+            anchor=anchor,
             confirmations=settings.confirmations,
             batch_blocks=settings.indexer_batch_blocks,
             reorg_window=settings.reorg_window,

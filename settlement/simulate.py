@@ -190,7 +190,7 @@ class Simulation:
         deployment.save(tmp / "deployment.json")
         artifact = load_artifact("DevToken")
         transactor = Transactor(w3, operator, artifact.abi)
-        token, _, _ = deploy_contract(transactor, artifact, "Simulation Token", "SIM", 18)
+        token, _ = deploy_contract(transactor, artifact, "Simulation Token", "SIM", 18)
         for payer in payers:
             transactor.send(token.functions.mint(payer.address, TOKEN_DEPOSIT * self.plan.payees))
         self.console.print(f"hub {deployment.address}, token {token.address}")

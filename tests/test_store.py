@@ -14,9 +14,9 @@ from sqlalchemy import text
 
 from settlement.config import Settings
 from settlement.deployment import Deployment
-from settlement.errors import ConfigError, SettlementError, StaleVoucherError, StoreError
+from settlement.errors import ChainMismatchError, ConfigError, SettlementError, StaleVoucherError, StoreError
 from settlement.ledger import Verdict
-from settlement.model import ETH, Channel, ChannelStatus, Receipt, Voucher, utcnow
+from settlement.model import ETH, BlockRef, Channel, ChannelStatus, Receipt, Voucher, utcnow
 from settlement.service import Service
 from settlement.store import Database
 from settlement.store import channels as channel_q
@@ -174,12 +174,17 @@ def test_a_database_serves_one_deployment_only(
 ) -> None:
     make_service()  # binds the store to the session hub
     db = Database(service_settings().database_url)
+    assert hub_deployment.block_hash is not None
+    anchor = BlockRef(hub_deployment.block_number, hub_deployment.block_hash)
     try:
         with db.write() as conn:
-            bind_deployment(conn, hub_deployment.chain_id, hub_deployment.address.upper().replace("0X", "0x"))
+            bind_deployment(conn, hub_deployment.chain_id, hub_deployment.address.upper().replace("0X", "0x"), anchor)
         with pytest.raises(ConfigError, match="holds the data of hub"), db.write() as conn:
-            bind_deployment(conn, hub_deployment.chain_id, "0x" + "12" * 20)
+            bind_deployment(conn, hub_deployment.chain_id, "0x" + "12" * 20, anchor)
         with pytest.raises(ConfigError, match="on chain"), db.write() as conn:
-            bind_deployment(conn, hub_deployment.chain_id + 1, hub_deployment.address)
+            bind_deployment(conn, hub_deployment.chain_id + 1, hub_deployment.address, anchor)
+        other_instance = BlockRef(hub_deployment.block_number, "0x" + "ab" * 32)
+        with pytest.raises(ChainMismatchError, match="the chain was restarted or replaced"), db.write() as conn:
+            bind_deployment(conn, hub_deployment.chain_id, hub_deployment.address, other_instance)
     finally:
         db.dispose()

@@ -90,8 +90,11 @@ def health() -> Health:
 
 @router.get("/ready", operation_id="ready", tags=["ops"])
 def ready(service: ServiceDep) -> Readiness:
-    """The store and the chain answer and the indexer is within `ready_max_lag` confirmed blocks; else 503."""
+    """The store and the chain answer, the indexer progresses and is within `ready_max_lag` confirmed blocks; else
+    503."""
     service.db.ping()
+    if service.indexer.failing is not None:
+        raise ChainUnavailableError(f"the indexer cannot progress: {service.indexer.failing}")
     head, confirmed = service.indexer.confirmed_heads()
     progress = service.indexer.progress
     indexed = progress.cursor if progress else service.deployment.block_number - 1
