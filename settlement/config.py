@@ -5,6 +5,7 @@ from __future__ import annotations
 from functools import lru_cache
 from pathlib import Path
 
+from eth_utils.address import is_address, to_checksum_address
 from pydantic import Field, SecretStr, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
@@ -62,6 +63,29 @@ class Settings(BaseSettings):
     engine_enabled: bool = Field(default=True, description="`serve` also runs the settlement engine (one leader)")
     settle_interval: float = Field(default=30.0, gt=0, description="seconds between regular batches")
     min_settle_amount: int = Field(default=1, ge=1, description="base units unsettled before a channel is batched")
+    settle_fee_share_percent: int = Field(
+        default=10,
+        ge=0,
+        le=100,
+        description="an ETH channel joins a regular batch only when its gas costs at most this share of the value it "
+        "settles, at the current fee (0: no such check)",
+    )
+    settle_gas_per_channel: int = Field(
+        default=12_000, ge=1, description="gas one more channel adds to a batch, for that check (docs/gas.md)"
+    )
+    token_min_settle_amounts: dict[str, int] = Field(
+        default_factory=dict,
+        description="JSON object: ERC-20 address -> base units unsettled before a channel of it joins a regular "
+        "batch (tokens not named: min_settle_amount)",
+    )
+    max_spend_per_hour_wei: int = Field(
+        default=10**18,
+        ge=0,
+        description="settler gas spend over the last hour above which regular batches wait (closes still settle)",
+    )
+    front_run_alert_skips: int = Field(
+        default=3, ge=1, description="ALERT front_run when a batch has this many entries the chain had settled"
+    )
     batch_max_entries: int = Field(default=400, ge=1, le=1200, description="channels per settleBatch at most")
     batch_gas_limit: int = Field(default=8_000_000, ge=100_000, le=16_777_216, description="gas per batch at most")
     max_fee_per_gas: int = Field(default=500 * 10**9, ge=1, description="fee ceiling, wei per gas")
@@ -92,6 +116,18 @@ class Settings(BaseSettings):
     devnet_keep_states: int | None = Field(
         default=None, ge=1, description="keep only this many recent states in memory (None: the whole history)"
     )
+
+    @field_validator("token_min_settle_amounts")
+    @classmethod
+    def _checksum_tokens(cls, value: dict[str, int]) -> dict[str, int]:
+        out: dict[str, int] = {}
+        for token, amount in value.items():
+            if not is_address(token):
+                raise ValueError(f"token_min_settle_amounts: {token!r} is not an address")
+            if amount < 1:
+                raise ValueError(f"token_min_settle_amounts: {token} needs at least 1 base unit")
+            out[to_checksum_address(token)] = amount
+        return out
 
     @field_validator("private_key")
     @classmethod

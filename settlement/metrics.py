@@ -83,6 +83,9 @@ class Metrics:
             ["token"],
             registry=self.registry,
         )
+        self.skipped = Counter(
+            "settlement_entries_skipped", "Batch entries the hub skipped, by reason", ["reason"], registry=self.registry
+        )
         self.alerts = Counter("settlement_alerts", "Alerts raised, by kind", ["kind"], registry=self.registry)
         self.engine_leader = Gauge(
             "settlement_engine_leader", "1 when this process runs the settlement engine", registry=self.registry

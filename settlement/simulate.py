@@ -150,6 +150,7 @@ class Simulation:
                     "private_key": None,
                     "engine_enabled": True,
                     "settle_interval": self.plan.settle_interval,
+                    "settle_fee_share_percent": 0,  # it proves the books to the wei: every payment must settle
                     "confirmations": 0 if self.settings.devnet_block_time is None else self.settings.confirmations,
                 }
             )

@@ -26,6 +26,7 @@ from settlement.deployment import Deployment, deploy_hub, hub_contract
 from settlement.devnet import Devnet
 from settlement.indexer import Indexer
 from settlement.service import Service
+from settlement.settler import Settler
 from settlement.store import Database
 from settlement.vouchers import Domain, sign_voucher
 from tests.servers import ServiceProcess
@@ -200,6 +201,9 @@ def service_settings(
             "confirmations": 0,
             "indexer_interval": 0.05,
             "engine_enabled": False,  # tests that want the engine turn it on
+            # Test payments are a few wei: the economic check would keep them out of every regular batch. The tests
+            # of that check (test_settle_economics.py) turn it on.
+            "settle_fee_share_percent": 0,
             **overrides,
         }
         return devnet_settings(**values)
@@ -237,6 +241,34 @@ def api(w3: Web3, service_settings: Callable[..., Settings]) -> Iterator[Callabl
     yield make
     for client in clients:
         client.__exit__(None, None, None)
+
+
+@pytest.fixture
+def settler_account(accounts: list[LocalAccount]) -> LocalAccount:
+    return accounts[19]
+
+
+@pytest.fixture
+def engine(
+    make_service: Callable[..., Service], settler_account: LocalAccount
+) -> Iterator[Callable[..., tuple[Service, Settler]]]:
+    """Factory: engine(clock=None, **settings) -> (service, settler) sharing this test's store; call again to
+    'restart'. `clock` replaces the settler's wall clock."""
+
+    def make(clock: Callable[[], float] | None = None, **overrides: Any) -> tuple[Service, Settler]:
+        service = make_service(**{"settle_interval": 3600.0, **overrides})
+        settler = Settler(
+            service.db,
+            service.w3,
+            service.hub,
+            settler_account,
+            service.settings,
+            service.metrics,
+            **({"clock": clock} if clock else {}),
+        )
+        return service, settler
+
+    yield make
 
 
 @pytest.fixture
@@ -290,6 +322,7 @@ def spawn(
             "confirmations": "0",
             "indexer_interval": "0.05",
             "engine_enabled": "false",
+            "settle_fee_share_percent": "0",  # as in service_settings
             **settings,
         }
         service = ServiceProcess(values, tmp_path, name).start()

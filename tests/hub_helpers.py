@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -12,6 +13,10 @@ from web3.logs import DISCARD
 from web3.types import TxReceipt
 
 from settlement.batch_encoding import SettleEntry, decode_settlements, encode_batch
+from settlement.model import Voucher
+from settlement.service import Service
+from settlement.settler import Settler
+from settlement.store import settlements as batch_q
 from settlement.vouchers import channel_id
 
 __all__ = ["channel_id"]  # re-exported: tests import it from here with the other helpers
@@ -99,3 +104,32 @@ def in_one_block(w3: Web3, *txs: Tx, gas: int = 1_000_000) -> list[TxReceipt]:
     receipts = [w3.eth.wait_for_transaction_receipt(h) for h in hashes]
     assert len({r["blockNumber"] for r in receipts}) == 1, "the transactions did not share a block"
     return receipts
+
+
+# --- the service and its settlement engine ---------------------------------------------------------------------
+
+Sign = Callable[..., bytes]
+
+
+def pay(service: Service, channel: Channel, cumulative: int, sign: Sign) -> None:
+    voucher = Voucher("0x" + channel.id.hex(), cumulative, sign(channel.payer, channel.id, cumulative))
+    outcome = service.ingestor.ingest([voucher])[0]
+    assert not isinstance(outcome, Exception), outcome
+
+
+def settled_on_chain(hub: Contract, channel: Channel) -> int:
+    return int(hub.functions.channel(channel.id).call()[4])
+
+
+def wait_indexed(service: Service) -> None:
+    service.indexer.catch_up()
+
+
+def run_until_idle(settler: Settler, service: Service, ticks: int = 10) -> None:
+    for _ in range(ticks):
+        settler.tick()
+        wait_indexed(service)
+        with service.db.read() as conn:
+            if not batch_q.open_batches(conn):
+                return
+    raise AssertionError("batches still open")

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from typing import Any
 
 import pytest
@@ -13,46 +13,15 @@ from eth_account.signers.local import LocalAccount
 from web3 import Web3
 from web3.contract import Contract
 
-from settlement.model import Voucher
 from settlement.service import Service
 from settlement.settler import NONCE_USED_GRACE_SECONDS, SETTLED, Settler
 from settlement.store import channels as channel_q
 from settlement.store import settlements as batch_q
-from tests.hub_helpers import ETH, Channel, send
-
-Sign = Callable[..., bytes]
+from tests.hub_helpers import ETH, Channel, Sign, pay, run_until_idle, send, settled_on_chain, wait_indexed
 
 
 class Crash(Exception):
     """Stands for the process dying at a chosen point."""
-
-
-@pytest.fixture
-def settler_account(accounts: list[LocalAccount]) -> LocalAccount:
-    return accounts[19]
-
-
-@pytest.fixture
-def engine(
-    make_service: Callable[..., Service], settler_account: LocalAccount
-) -> Iterator[Callable[..., tuple[Service, Settler]]]:
-    """Factory: engine(clock=None, **settings) -> (service, settler) sharing this test's store; call again to
-    'restart'. `clock` replaces the settler's wall clock."""
-
-    def make(clock: Callable[[], float] | None = None, **overrides: Any) -> tuple[Service, Settler]:
-        service = make_service(**{"settle_interval": 3600.0, **overrides})
-        settler = Settler(
-            service.db,
-            service.w3,
-            service.hub,
-            settler_account,
-            service.settings,
-            service.metrics,
-            **({"clock": clock} if clock else {}),
-        )
-        return service, settler
-
-    yield make
 
 
 @pytest.fixture
@@ -69,30 +38,6 @@ def paid_channel(
         return channel
 
     return make
-
-
-def pay(service: Service, channel: Channel, cumulative: int, sign: Sign) -> None:
-    voucher = Voucher("0x" + channel.id.hex(), cumulative, sign(channel.payer, channel.id, cumulative))
-    outcome = service.ingestor.ingest([voucher])[0]
-    assert not isinstance(outcome, Exception), outcome
-
-
-def settled_on_chain(hub: Contract, channel: Channel) -> int:
-    return int(hub.functions.channel(channel.id).call()[4])
-
-
-def wait_indexed(service: Service) -> None:
-    service.indexer.catch_up()
-
-
-def run_until_idle(settler: Settler, service: Service, ticks: int = 10) -> None:
-    for _ in range(ticks):
-        settler.tick()
-        wait_indexed(service)
-        with service.db.read() as conn:
-            if not batch_q.open_batches(conn):
-                return
-    raise AssertionError("batches still open")
 
 
 def test_batches_settle_exactly_the_accepted_amounts(

@@ -120,6 +120,32 @@ class Database:
                     conn.execute(text("SELECT pg_advisory_unlock(:key)"), {"key": _MIGRATION_LOCK})
                     conn.commit()
 
+    @classmethod
+    def existing(cls, url: str) -> Database:
+        """The store as it is, for read-only use: no migration, no file created, no chain needed.
+
+        An operator reads the store most when the chain or the service is down; a command that migrated or created
+        an empty database would print a healthy-looking empty answer instead of the truth.
+        """
+        db = cls(url)
+        if db.is_sqlite and db.url.database and not Path(db.url.database).exists():
+            raise StoreError(
+                f"no database at {db.url.database}: set SETTLEMENT_DATABASE_URL to the service's store "
+                "(`settlement serve` creates it)"
+            )
+        try:
+            at, head = db.revision(), head_revision()
+        except StoreError:
+            db.dispose()
+            raise
+        if at != head:
+            db.dispose()
+            raise StoreError(
+                f"the store at {db.url.render_as_string()} has schema revision {at}, this version reads {head}: "
+                "start `settlement serve` once to migrate it"
+            )
+        return db
+
     def revision(self) -> str | None:
         """The schema revision the database is at (None before the first migration)."""
         with self._wrap(), self.engine.connect() as conn:

@@ -11,7 +11,7 @@ from sqlalchemy import Connection, Float, Row, and_, bindparam, case, cast, exis
 
 from settlement.model import Channel, ChannelStatus
 from settlement.store.channels import channel_from_row, from_us, to_us
-from settlement.store.tables import channels, settlement_batches, settlement_entries, settlement_txs
+from settlement.store.tables import channels, engine_alerts, settlement_batches, settlement_entries, settlement_txs
 
 OPEN_STATUSES = ("pending", "sent")
 
@@ -22,6 +22,7 @@ class Entry:
     cumulative: int
     signature: bytes
     outcome: int | None = None
+    close_phase: int | None = None  # which settlement of the channel's close this entry is, if one
 
 
 @dataclass(frozen=True)
@@ -37,6 +38,7 @@ class Batch:
     error: str | None
     created_at: datetime
     updated_at: datetime
+    nonce_used_since: datetime | None = None
 
 
 @dataclass(frozen=True)
@@ -63,6 +65,19 @@ def _batch(row: Row[Any]) -> Batch:
         error=row.error,
         created_at=from_us(row.created_at_us),
         updated_at=from_us(row.updated_at_us),
+        nonce_used_since=None if row.nonce_used_since_us is None else from_us(row.nonce_used_since_us),
+    )
+
+
+def _covered() -> Any:
+    """The channel's latest accepted voucher is already in a batch in flight or confirmed."""
+    return exists().where(
+        and_(
+            settlement_entries.c.channel_id == channels.c.channel_id,
+            settlement_entries.c.cumulative >= channels.c.accepted,
+            settlement_batches.c.batch_id == settlement_entries.c.batch_id,
+            settlement_batches.c.status.in_(("pending", "sent", "confirmed")),
+        )
     )
 
 
@@ -80,14 +95,7 @@ def settleable(conn: Connection, limit: int | None = None) -> list[Channel]:
     """
     if conn.dialect.name == "postgresql":
         conn.execute(text("SET LOCAL plan_cache_mode = force_custom_plan"))
-    covered = exists().where(
-        and_(
-            settlement_entries.c.channel_id == channels.c.channel_id,
-            settlement_entries.c.cumulative >= channels.c.accepted,
-            settlement_batches.c.batch_id == settlement_entries.c.batch_id,
-            settlement_batches.c.status.in_(("pending", "sent", "confirmed")),
-        )
-    )
+    covered = _covered()
     query = select(channels).where(
         channels.c.accepted > channels.c.settled,
         channels.c.status != int(ChannelStatus.CLOSED),
@@ -130,7 +138,13 @@ def create_batch(
     conn.execute(
         settlement_entries.insert(),
         [
-            {"batch_id": batch_id, "channel_id": e.channel_id, "cumulative": e.cumulative, "signature": e.signature}
+            {
+                "batch_id": batch_id,
+                "channel_id": e.channel_id,
+                "cumulative": e.cumulative,
+                "signature": e.signature,
+                "close_phase": e.close_phase,
+            }
             for e in entries
         ],
     )
@@ -142,7 +156,7 @@ def entries_of(conn: Connection, batch_id: str) -> list[Entry]:
         .where(settlement_entries.c.batch_id == batch_id)
         .order_by(settlement_entries.c.channel_id)
     )
-    return [Entry(r.channel_id, r.cumulative, r.signature, r.outcome) for r in conn.execute(query)]
+    return [Entry(r.channel_id, r.cumulative, r.signature, r.outcome, r.close_phase) for r in conn.execute(query)]
 
 
 def add_tx(conn: Connection, batch_id: str, tx: SentTx) -> None:
@@ -166,7 +180,13 @@ def add_tx(conn: Connection, batch_id: str, tx: SentTx) -> None:
 
 
 def mark_sent(conn: Connection, batch_id: str, tx_hash: str, now: datetime) -> None:
-    conn.execute(update(settlement_txs).where(settlement_txs.c.tx_hash == tx_hash).values(sent_at_us=to_us(now)))
+    """Record the first broadcast of a transaction: the fee-bump timer counts from it, so a re-broadcast of the same
+    bytes (every tick while it waits) must not move it."""
+    conn.execute(
+        update(settlement_txs)
+        .where(settlement_txs.c.tx_hash == tx_hash, settlement_txs.c.sent_at_us.is_(None))
+        .values(sent_at_us=to_us(now))
+    )
     conn.execute(
         update(settlement_batches)
         .where(settlement_batches.c.batch_id == batch_id, settlement_batches.c.status == "pending")
@@ -234,11 +254,82 @@ def recent_batches(conn: Connection, limit: int = 10) -> list[tuple[Batch, int]]
     return [(_batch(row), int(row.n or 0)) for row in conn.execute(query)]
 
 
-def closing_with_work(conn: Connection) -> list[Channel]:
-    """Closing channels whose accepted vouchers are not all settled on chain: the watchtower's list."""
-    query = (
-        select(channels)
-        .where(channels.c.status == int(ChannelStatus.CLOSING), channels.c.accepted > channels.c.settled)
-        .order_by(channels.c.close_deadline)
+@dataclass(frozen=True)
+class CloseWork:
+    """A closing channel with accepted value the chain has not settled: the watchtower's unit of work."""
+
+    channel: Channel
+    close_phase: int  # the latest settlement of this close a batch (not a failed one) carried; 0: none yet
+    covered: bool  # its latest voucher is in a batch in flight or confirmed already
+
+
+def closing_with_work(conn: Connection) -> list[CloseWork]:
+    """Closing channels whose accepted vouchers are not all settled on chain, nearest deadline first."""
+    phase = (
+        select(func.coalesce(func.max(settlement_entries.c.close_phase), 0))
+        .where(
+            settlement_entries.c.channel_id == channels.c.channel_id,
+            settlement_batches.c.batch_id == settlement_entries.c.batch_id,
+            settlement_batches.c.status != "failed",
+        )
+        .scalar_subquery()
     )
-    return [channel_from_row(row) for row in conn.execute(query)]
+    query = (
+        select(channels, phase.label("close_phase"), _covered().label("covered"))
+        .where(channels.c.status == int(ChannelStatus.CLOSING), channels.c.accepted > channels.c.settled)
+        .order_by(channels.c.close_deadline, channels.c.channel_id)
+    )
+    return [
+        CloseWork(channel_from_row(row), int(row.close_phase), bool(row.covered))
+        for row in conn.execute(query)
+    ]
+
+
+def last_batch_at(conn: Connection) -> datetime | None:
+    """When the newest batch was created: the regular interval counts from it, in whichever process it ran."""
+    newest = conn.execute(select(func.max(settlement_batches.c.created_at_us))).scalar_one()
+    return None if newest is None else from_us(int(newest))
+
+
+def spent_since(conn: Connection, since: datetime) -> int:
+    """Wei the settler paid for batches mined since `since` (gas used x effective price; summed in Python since
+    SQLite keeps amounts as text)."""
+    query = select(settlement_batches.c.gas_used, settlement_batches.c.gas_price).where(
+        settlement_batches.c.updated_at_us >= to_us(since),
+        settlement_batches.c.gas_used.is_not(None),
+        settlement_batches.c.gas_price.is_not(None),
+    )
+    return sum(int(gas) * int(price) for gas, price in conn.execute(query))
+
+
+def claim_alert(conn: Connection, kind: str, subject: str, now: datetime, repeat_after_us: int) -> bool:
+    """True (and the time recorded) if the alert (kind, subject) did not fire in the last `repeat_after_us`."""
+    key = and_(engine_alerts.c.kind == kind, engine_alerts.c.subject == subject)
+    last = conn.execute(select(engine_alerts.c.last_at_us).where(key)).scalar_one_or_none()
+    if last is not None and to_us(now) - int(last) < repeat_after_us:
+        return False
+    if last is None:
+        conn.execute(engine_alerts.insert().values(kind=kind, subject=subject, last_at_us=to_us(now)))
+    else:
+        conn.execute(update(engine_alerts).where(key).values(last_at_us=to_us(now)))
+    return True
+
+
+def nonce_used_since(conn: Connection, batch_id: str, now: datetime) -> datetime:
+    """Since when the batch's nonce has looked used by another transaction (recorded at the first sighting)."""
+    batch = settlement_batches.c
+    conn.execute(
+        update(settlement_batches)
+        .where(batch.batch_id == batch_id, batch.nonce_used_since_us.is_(None))
+        .values(nonce_used_since_us=to_us(now))
+    )
+    since = conn.execute(select(batch.nonce_used_since_us).where(batch.batch_id == batch_id)).scalar_one()
+    return from_us(int(since))
+
+
+def clear_nonce_used(conn: Connection, batch_id: str) -> None:
+    conn.execute(
+        update(settlement_batches)
+        .where(settlement_batches.c.batch_id == batch_id)
+        .values(nonce_used_since_us=None)
+    )

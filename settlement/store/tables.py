@@ -153,6 +153,7 @@ settlement_batches = Table(
     Column("error", Text(), nullable=True),
     Column("created_at_us", BigInteger(), nullable=False),
     Column("updated_at_us", BigInteger(), nullable=False),
+    Column("nonce_used_since_us", BigInteger(), nullable=True),  # first seen used with no receipt of ours
     CheckConstraint("status IN ('pending', 'sent', 'confirmed', 'failed')", name="status"),
     Index(None, "status"),
 )
@@ -165,6 +166,7 @@ settlement_entries = Table(
     Column("cumulative", Amount(), nullable=False),
     Column("signature", LargeBinary(65), nullable=False),
     Column("outcome", SmallInteger(), nullable=True),
+    Column("close_phase", SmallInteger(), nullable=True),  # settlement.settler.ClosePhase; NULL: a regular entry
     Index(None, "channel_id"),
 )
 
@@ -180,4 +182,12 @@ settlement_txs = Table(
     Column("sent_at_us", BigInteger(), nullable=True),
     Column("created_at_us", BigInteger(), nullable=False),
     Index(None, "batch_id"),
+)
+
+engine_alerts = Table(
+    "engine_alerts",
+    metadata,
+    Column("kind", String(64), primary_key=True),
+    Column("subject", String(HEX32), primary_key=True),
+    Column("last_at_us", BigInteger(), nullable=False),
 )

@@ -1,0 +1,345 @@
+"""Hostile payers must not cost the operator or the payee: settlement is economic, a close is settled at most twice,
+front-running is noticed, and the engine's timing survives a failover.
+
+Each attack test ends with the payee credited every voucher the service accepted up to the close, or with a CRITICAL
+alert naming what is at risk.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable
+
+import pytest
+from eth_account.signers.local import LocalAccount
+from hexbytes import HexBytes
+from web3 import Web3
+from web3.contract import Contract
+
+from settlement.service import Service
+from settlement.settler import Broadcast, Outcome, Settler
+from settlement.store import settlements as batch_q
+from settlement.store.settlements import SentTx
+from tests.hub_helpers import (
+    Channel,
+    Sign,
+    batch,
+    in_one_block,
+    pay,
+    run_until_idle,
+    send,
+    settle_call,
+    settled_on_chain,
+    wait_indexed,
+)
+
+ECONOMIC = {"settle_fee_share_percent": 10, "settle_interval": 30.0}
+GWEI = 10**9
+
+
+def chain_time(w3: Web3) -> int:
+    return int(w3.eth.get_block("latest")["timestamp"])
+
+
+def batches(service: Service) -> list[tuple[batch_q.Batch, int]]:
+    with service.db.read() as conn:
+        return batch_q.recent_batches(conn, 1000)
+
+
+def entries(service: Service) -> list[tuple[str, int]]:
+    """Every (channel, cumulative) the engine ever put in a batch, oldest batch first."""
+    out = []
+    for b, _n in reversed(batches(service)):
+        with service.db.read() as conn:
+            out += [(e.channel_id, e.cumulative) for e in batch_q.entries_of(conn, b.batch_id)]
+    return out
+
+
+def cid(channel: Channel) -> str:
+    return "0x" + channel.id.hex()
+
+
+def step(settler: Settler, service: Service, now: list[float], seconds: float) -> str | None:
+    """Let `seconds` pass on the engine's clock, tick once, and let the indexer see what was mined."""
+    now[0] += seconds
+    started = settler.tick().started
+    wait_indexed(service)
+    return started
+
+
+def test_a_closing_payer_streaming_one_wei_vouchers_buys_no_extra_batches(
+    engine: Callable[..., tuple[Service, Settler]],
+    open_channel: Callable[..., Channel],
+    accounts: list[LocalAccount],
+    w3: Web3,
+    hub: Contract,
+    sign: Sign,
+) -> None:
+    """The measured attack: a close request, then +1 wei a second, beside 40 one-gwei channels. It made 17 batches
+    (8.2 M gas) in 56 s. Now: one batch when the close is seen, one when ingest stops taking vouchers, both carrying
+    the closing channel only; the dust channels are never worth their gas."""
+    now = [float(chain_time(w3))]
+    service, settler = engine(clock=lambda: now[0], **ECONOMIC)
+    attacker = open_channel(accounts[5], accounts[7].address, amount=10**18)
+    dust = [open_channel(accounts[6], accounts[7].address, amount=10**15) for _ in range(40)]
+    wait_indexed(service)
+    for channel in dust:
+        pay(service, channel, GWEI, sign)
+    pay(service, attacker, 1_000, sign)
+    receipt = send(w3, hub.functions.requestClose(attacker.id), attacker.payer.address)
+    deadline = int(w3.eth.get_block(receipt["blockNumber"])["timestamp"]) + 3600
+    wait_indexed(service)
+
+    cumulative = 1_000
+    for _ in range(60):  # a minute of +1 wei vouchers, the engine ticking every second
+        cumulative += 1
+        pay(service, attacker, cumulative, sign)
+        step(settler, service, now, 1.0)
+    assert entries(service) == [(cid(attacker), 1_001)]  # the close, settled once as soon as it was seen
+
+    now[0] = deadline - service.settings.close_guard_seconds  # ingest takes no more vouchers from here
+    assert step(settler, service, now, 0) is not None
+    for _ in range(5):
+        step(settler, service, now, 1.0)
+    assert entries(service) == [(cid(attacker), 1_001), (cid(attacker), cumulative)]
+    assert [n for _b, n in batches(service)] == [1, 1]
+    assert settled_on_chain(hub, attacker) == cumulative  # the payee got every accepted wei
+    assert [settled_on_chain(hub, c) for c in dust] == [0] * 40
+
+
+def test_regular_batches_take_only_channels_worth_their_gas(
+    engine: Callable[..., tuple[Service, Settler]],
+    open_channel: Callable[..., Channel],
+    accounts: list[LocalAccount],
+    token: Contract,
+    w3: Web3,
+    hub: Contract,
+    sign: Sign,
+) -> None:
+    now = [float(chain_time(w3))]
+    service, settler = engine(clock=lambda: now[0], token_min_settle_amounts={token.address: 500}, **ECONOMIC)
+    big = open_channel(accounts[5], accounts[7].address, amount=10**18)
+    small = open_channel(accounts[6], accounts[7].address, amount=10**18)
+    token_big = open_channel(accounts[5], accounts[8].address, token=token, amount=10**6)
+    token_small = open_channel(accounts[6], accounts[8].address, token=token, amount=10**6)
+    wait_indexed(service)
+    price = int(w3.eth.get_block("latest")["baseFeePerGas"]) + service.settings.priority_fee_per_gas
+    threshold = service.settings.settle_gas_per_channel * price * 100 // 10  # gas may cost 10% of the value
+    pay(service, big, threshold, sign)
+    pay(service, small, threshold // 2, sign)
+    pay(service, token_big, 500, sign)
+    pay(service, token_small, 499, sign)
+    assert step(settler, service, now, 31.0) is not None
+    run_until_idle(settler, service)
+    assert sorted(entries(service)) == sorted([(cid(big), threshold), (cid(token_big), 500)])
+    assert step(settler, service, now, 31.0) is None  # what is left is still not worth a batch
+    assert settler.tick(force=True).started is not None  # an operator's `settlement settle` takes everything
+    run_until_idle(settler, service)
+    assert [settled_on_chain(hub, c) for c in (big, small, token_big, token_small)] == [
+        threshold,
+        threshold // 2,
+        500,
+        499,
+    ]
+
+
+def test_the_spend_ceiling_stops_regular_batches_but_not_closes(
+    engine: Callable[..., tuple[Service, Settler]],
+    open_channel: Callable[..., Channel],
+    accounts: list[LocalAccount],
+    w3: Web3,
+    hub: Contract,
+    sign: Sign,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    now = [float(chain_time(w3))]
+    service, settler = engine(clock=lambda: now[0], settle_interval=30.0, max_spend_per_hour_wei=1)
+    first, second, closing = (open_channel(accounts[5], accounts[7].address, amount=10**18) for _ in range(3))
+    wait_indexed(service)
+    pay(service, first, 100, sign)
+    assert step(settler, service, now, 31.0) is not None
+    run_until_idle(settler, service)
+    pay(service, second, 100, sign)
+    pay(service, closing, 100, sign)
+    with caplog.at_level(logging.CRITICAL, logger="settlement.settler"):
+        assert step(settler, service, now, 31.0) is None
+    assert "ALERT spend_ceiling" in caplog.text
+    send(w3, hub.functions.requestClose(closing.id), closing.payer.address)
+    wait_indexed(service)
+    assert step(settler, service, now, 1.0) is not None
+    run_until_idle(settler, service)
+    assert [settled_on_chain(hub, c) for c in (first, second, closing)] == [100, 0, 100]
+
+
+def test_a_front_run_batch_is_noticed_not_resent_and_the_payee_is_paid(
+    engine: Callable[..., tuple[Service, Settler]],
+    open_channel: Callable[..., Channel],
+    accounts: list[LocalAccount],
+    w3: Web3,
+    hub: Contract,
+    sign: Sign,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """A payer sees the engine's batch in the mempool and outbids it with settlements of its own latest vouchers:
+    the engine's entries become paid-for skips."""
+    now = [float(chain_time(w3))]
+    service, settler = engine(clock=lambda: now[0], settle_interval=30.0)
+    payer = accounts[5]
+    channels = [open_channel(payer, accounts[7].address, amount=10**18) for _ in range(3)]
+    wait_indexed(service)
+    for channel in channels:
+        pay(service, channel, 700, sign)
+    w3.provider.make_request("evm_setAutomine", [False])
+    try:
+        now[0] += 31
+        assert settler.tick().started is not None  # in the mempool
+        for channel in channels:
+            entry = channel.voucher(700, sign(payer, channel.id, 700))
+            settle_call(hub, batch(channel.payee, channel.token, entry)).transact(
+                {"from": payer.address, "gas": 200_000, "maxPriorityFeePerGas": 100 * GWEI, "maxFeePerGas": 200 * GWEI}
+            )
+        w3.provider.make_request("evm_mine", [])
+    finally:
+        w3.provider.make_request("evm_setAutomine", [True])
+    with caplog.at_level(logging.CRITICAL, logger="settlement.settler"):
+        run_until_idle(settler, service)
+    [(front_run, _n)] = batches(service)
+    with service.db.read() as conn:
+        assert [e.outcome for e in batch_q.entries_of(conn, front_run.batch_id)] == [Outcome.NOT_ABOVE_SETTLED] * 3
+    assert f"ALERT front_run: batch {front_run.batch_id}: 3 of 3 entries were already settled" in caplog.text
+    assert payer.address in caplog.text
+    assert service.metrics.skipped.labels("not_above_settled")._value.get() == 3
+    for _ in range(3):
+        assert step(settler, service, now, 31.0) is None  # never sent again
+    assert [settled_on_chain(hub, c) for c in channels] == [700, 700, 700]
+
+
+@pytest.mark.parametrize("same_block_as", ["settlement", "top_up"])
+def test_a_close_requested_in_the_same_block_as_a_settlement_or_top_up_is_watched(
+    same_block_as: str,
+    engine: Callable[..., tuple[Service, Settler]],
+    open_channel: Callable[..., Channel],
+    accounts: list[LocalAccount],
+    w3: Web3,
+    hub: Contract,
+    sign: Sign,
+) -> None:
+    """Then the payer finalizes one second after the deadline: by then the payee holds every accepted voucher."""
+    now = [float(chain_time(w3))]
+    service, settler = engine(clock=lambda: now[0], **ECONOMIC)
+    channel = open_channel(accounts[5], accounts[7].address, amount=10**18)
+    payer = channel.payer.address
+    wait_indexed(service)
+    pay(service, channel, 5_000, sign)
+    first = (
+        (
+            settle_call(
+                hub, batch(channel.payee, channel.token, channel.voucher(1, sign(channel.payer, channel.id, 1)))
+            ),
+            payer,
+            0,
+        )
+        if same_block_as == "settlement"
+        else (hub.functions.topUp(channel.id, 10), payer, 10)
+    )
+    receipts = in_one_block(w3, first, (hub.functions.requestClose(channel.id), payer, 0))
+    assert [r["status"] for r in receipts] == [1, 1]
+    deadline = int(w3.eth.get_block(receipts[1]["blockNumber"])["timestamp"]) + 3600
+    wait_indexed(service)
+    assert step(settler, service, now, 1.0) is not None  # seen as closing: settled at once
+    run_until_idle(settler, service)
+    pay(service, channel, 9_000, sign)  # still before the close guard
+    now[0] = deadline - service.settings.close_guard_seconds
+    assert step(settler, service, now, 0) is not None
+    run_until_idle(settler, service)
+    w3.provider.make_request("evm_setNextBlockTimestamp", [deadline + 1])  # the first second it is allowed
+    [finalized] = in_one_block(w3, (hub.functions.finalizeClose(channel.id), payer, 0))
+    assert finalized["status"] == 1
+    assert settled_on_chain(hub, channel) == 9_000
+    assert int(hub.functions.balanceOf(channel.payee, channel.token).call()) == 9_000
+
+
+def test_a_standby_engine_keeps_the_leaders_interval_and_alert_throttle(
+    engine: Callable[..., tuple[Service, Settler]],
+    open_channel: Callable[..., Channel],
+    accounts: list[LocalAccount],
+    w3: Web3,
+    sign: Sign,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """A failover used to reset the engine's timing: an immediate batch, every alert again."""
+    now = [float(chain_time(w3))]
+    service, leader = engine(clock=lambda: now[0], settle_interval=30.0, low_balance_wei=10**30)
+    channel = open_channel(accounts[5], accounts[7].address, amount=10**18)
+    wait_indexed(service)
+    pay(service, channel, 100, sign)
+    with caplog.at_level(logging.CRITICAL, logger="settlement.settler"):
+        assert step(leader, service, now, 31.0) is not None
+        run_until_idle(leader, service)
+        pay(service, channel, 200, sign)
+        standby = Settler(
+            service.db, service.w3, service.hub, leader.account, service.settings, service.metrics, clock=lambda: now[0]
+        )
+        assert step(standby, service, now, 10.0) is None  # 10 s after the leader's batch: not due
+        assert step(standby, service, now, 21.0) is not None  # 31 s after it
+    assert caplog.text.count("ALERT low_balance") == 1  # the standby did not repeat the leader's alert
+
+
+def test_fee_bumps_follow_the_engines_clock_not_the_wall_clock(
+    engine: Callable[..., tuple[Service, Settler]],
+    open_channel: Callable[..., Channel],
+    accounts: list[LocalAccount],
+    w3: Web3,
+    sign: Sign,
+) -> None:
+    now = [float(chain_time(w3))]
+    service, settler = engine(clock=lambda: now[0], bump_after=30.0)
+    channel = open_channel(accounts[5], accounts[7].address, amount=10**18)
+    wait_indexed(service)
+    pay(service, channel, 100, sign)
+    w3.provider.make_request("evm_setAutomine", [False])
+    try:
+        started = settler.tick(force=True).started
+        assert started is not None
+        now[0] += 29
+        settler.tick()
+
+        def sent() -> list[SentTx]:
+            with service.db.read() as conn:
+                return batch_q.txs_of(conn, started)
+
+        assert len(sent()) == 1
+        now[0] += 1
+        settler.tick()
+        assert len(sent()) == 2  # replaced with higher fees at exactly bump_after on the engine's clock
+    finally:
+        w3.provider.make_request("evm_setAutomine", [True])
+
+
+def test_broadcast_outcomes_are_read_from_the_chain(
+    engine: Callable[..., tuple[Service, Settler]], w3: Web3, accounts: list[LocalAccount]
+) -> None:
+    """ "already known" and "nonce too low" are worded differently by every node client: the engine asks the chain."""
+    _service, settler = engine()
+    account = settler.account
+    nonce = w3.eth.get_transaction_count(account.address)
+
+    def signed(n: int, value: int) -> SentTx:
+        tx = account.sign_transaction(
+            {
+                "to": accounts[3].address,
+                "value": value,
+                "nonce": n,
+                "gas": 21_000,
+                "maxFeePerGas": 10 * GWEI,
+                "maxPriorityFeePerGas": GWEI,
+                "chainId": w3.eth.chain_id,
+                "type": 2,
+            }
+        )
+        return SentTx(HexBytes(tx.hash).to_0x_hex(), n, 10 * GWEI, GWEI, bytes(tx.raw_transaction), None, None)  # type: ignore[arg-type]
+
+    first = signed(nonce, 1)
+    assert settler._send_raw(first) == Broadcast.ACCEPTED
+    assert settler._send_raw(first) == Broadcast.ALREADY_KNOWN
+    assert settler._send_raw(signed(nonce, 2)) == Broadcast.NONCE_USED  # another transaction took the nonce
