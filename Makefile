@@ -46,7 +46,7 @@ faults: setup
 	$(PY) -m pytest -m faults
 
 bench-gas: setup
-	$(PY) scripts/bench.py gas
+	$(PY) scripts/bench.py gas --save docs/gas.json
 
 bench-verify: setup
 	$(PY) scripts/bench.py verify

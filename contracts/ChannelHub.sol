@@ -6,6 +6,7 @@ import {SafeERC20} from "@openzeppelin/contracts/token/ERC20/utils/SafeERC20.sol
 import {ECDSA} from "@openzeppelin/contracts/utils/cryptography/ECDSA.sol";
 import {EIP712} from "@openzeppelin/contracts/utils/cryptography/EIP712.sol";
 import {ReentrancyGuardTransient} from "@openzeppelin/contracts/utils/ReentrancyGuardTransient.sol";
+import {IChannelHub} from "./IChannelHub.sol";
 
 /// @title ChannelHub
 /// @notice Unidirectional payment channels (ETH or ERC-20) whose off-chain vouchers are settled in batches.
@@ -25,31 +26,15 @@ import {ReentrancyGuardTransient} from "@openzeppelin/contracts/utils/Reentrancy
 ///
 /// Invariant, per asset: hub balance == sum of credited balances + sum of (deposit - settled) over channels that are
 /// not closed.
-contract ChannelHub is EIP712, ReentrancyGuardTransient {
+///
+/// Types, events, errors and the documentation of every parameter are in `IChannelHub`, which also states the token
+/// behaviours the hub does not support (rebasing, blocklists, pausing, re-entering hooks).
+contract ChannelHub is IChannelHub, EIP712, ReentrancyGuardTransient {
     using SafeERC20 for IERC20;
 
     // ------------------------------------------------------------------------------------------------------------
     // Types
     // ------------------------------------------------------------------------------------------------------------
-
-    /// @notice Life cycle of a channel. `None` means the id was never opened; `Closed` ids can never be reopened.
-    enum Status {
-        None,
-        Open,
-        Closing,
-        Closed
-    }
-
-    /// @notice Why `settleBatch` skipped an entry (carried by `VoucherSkipped`).
-    enum SkipReason {
-        None,
-        UnknownChannel,
-        ChannelClosed,
-        ChallengeExpired,
-        NotAboveSettled,
-        ExceedsDeposit,
-        InvalidSignature
-    }
 
     /// @dev The whole settle-time state of a channel, packed in one slot (104 + 104 + 40 + 8 = 256 bits).
     struct ChannelState {
@@ -64,17 +49,6 @@ contract ChannelHub is EIP712, ReentrancyGuardTransient {
         address payer;
         address payee;
         address token;
-    }
-
-    /// @notice Full view of a channel, as returned by `channel`.
-    struct ChannelView {
-        address payer;
-        address payee;
-        address token;
-        uint256 deposit;
-        uint256 settled;
-        uint256 closeDeadline;
-        Status status;
     }
 
     // ------------------------------------------------------------------------------------------------------------
@@ -107,84 +81,6 @@ contract ChannelHub is EIP712, ReentrancyGuardTransient {
     mapping(address account => mapping(address token => uint256)) private _balances;
 
     // ------------------------------------------------------------------------------------------------------------
-    // Events
-    // ------------------------------------------------------------------------------------------------------------
-
-    /// @notice A channel was opened with `deposit` (the amount actually received).
-    event ChannelOpened(
-        bytes32 indexed channelId,
-        address indexed payer,
-        address indexed payee,
-        address token,
-        bytes32 salt,
-        uint256 deposit
-    );
-
-    /// @notice A channel's deposit grew by `amount` to `deposit`.
-    event ChannelToppedUp(bytes32 indexed channelId, uint256 amount, uint256 deposit);
-
-    /// @notice Channels of one payee and token were settled; the payee was credited `credited` in total.
-    /// `settlements` holds one 45-byte record per channel: channelId (32) | new cumulativeAmount (13, big-endian).
-    /// One event per group rather than per channel (a log costs 375 gas plus 375 per topic), and packed records rather
-    /// than two arrays (log data costs 8 gas a byte): ~1,250 gas less per settled channel than a typed event each.
-    event ChannelsSettled(address indexed payee, address indexed token, uint256 credited, bytes settlements);
-
-    /// @notice A batch entry was skipped; the rest of the batch went on.
-    event VoucherSkipped(bytes32 indexed channelId, SkipReason reason);
-
-    /// @notice The payer asked to close; vouchers settle until `deadline` (inclusive).
-    event CloseRequested(bytes32 indexed channelId, uint256 deadline);
-
-    /// @notice A channel was closed; `refund` (deposit - settled) was credited to the payer's balance.
-    event ChannelClosed(bytes32 indexed channelId, uint256 settled, uint256 refund);
-
-    /// @notice `account` withdrew `amount` of `token` to `to`.
-    event Withdrawn(address indexed account, address indexed token, address to, uint256 amount);
-
-    // ------------------------------------------------------------------------------------------------------------
-    // Errors
-    // ------------------------------------------------------------------------------------------------------------
-
-    /// @dev The constructor was given a challenge period below `MIN_CHALLENGE_PERIOD` or above 2^32 - 1 seconds.
-    error ChannelHubInvalidChallengePeriod(uint256 challengePeriod);
-    /// @dev The channel id was opened before (maybe closed since): ids are never reused.
-    error ChannelHubChannelExists(bytes32 channelId);
-    /// @dev No channel has this id.
-    error ChannelHubUnknownChannel(bytes32 channelId);
-    /// @dev The operation needs an open channel and this one is closing or closed.
-    error ChannelHubChannelNotOpen(bytes32 channelId);
-    /// @dev The operation needs a channel that is open or closing, and this one is closed.
-    error ChannelHubChannelClosed(bytes32 channelId);
-    /// @dev Only the channel's payer may do this.
-    error ChannelHubNotPayer(bytes32 channelId, address caller);
-    /// @dev Only the channel's payee may do this.
-    error ChannelHubNotPayee(bytes32 channelId, address caller);
-    /// @dev The challenge period is still running until `deadline`.
-    error ChannelHubChallengeNotOver(bytes32 channelId, uint256 deadline);
-    /// @dev A deposit or top-up of zero.
-    error ChannelHubZeroAmount();
-    /// @dev The payee is the zero address or the payer itself.
-    error ChannelHubInvalidPayee(address payee);
-    /// @dev The deposit would exceed `MAX_DEPOSIT`.
-    error ChannelHubDepositTooLarge(uint256 deposit);
-    /// @dev ETH sent does not match the amount (ETH channels) or ETH was sent to a token channel.
-    error ChannelHubWrongValue(uint256 value, uint256 amount);
-    /// @dev The caller's credited balance is below the amount.
-    error ChannelHubInsufficientBalance(address token, uint256 balance, uint256 amount);
-    /// @dev Withdrawal to the zero address.
-    error ChannelHubInvalidRecipient();
-    /// @dev Sending ETH failed.
-    error ChannelHubEthTransferFailed(address to, uint256 amount);
-    /// @dev The final voucher given to `closeByPayee` is not signed by the payer.
-    error ChannelHubInvalidSignature(bytes32 channelId);
-    /// @dev The challenge period ended at `deadline`: vouchers no longer settle.
-    error ChannelHubChallengeExpired(bytes32 channelId, uint256 deadline);
-    /// @dev The final voucher given to `closeByPayee` is above the deposit.
-    error ChannelHubExceedsDeposit(bytes32 channelId, uint256 cumulativeAmount, uint256 deposit);
-    /// @dev The `settleBatch` data is cut short or has an empty group; `offset` is where the bad group starts.
-    error ChannelHubMalformedBatch(uint256 offset);
-
-    // ------------------------------------------------------------------------------------------------------------
     // Construction
     // ------------------------------------------------------------------------------------------------------------
 
@@ -200,9 +96,8 @@ contract ChannelHub is EIP712, ReentrancyGuardTransient {
     // Opening and funding
     // ------------------------------------------------------------------------------------------------------------
 
-    /// @notice Opens a channel from the caller to `payee`, locking `amount` of `token` (address(0) = ETH).
+    /// @inheritdoc IChannelHub
     /// @dev For ETH, `msg.value` must equal `amount`. For fee-on-transfer tokens the deposit is what arrived.
-    /// @return channelId keccak256(abi.encode(msg.sender, payee, token, salt)).
     function open(address payee, address token, bytes32 salt, uint256 amount)
         external
         payable
@@ -213,8 +108,7 @@ contract ChannelHub is EIP712, ReentrancyGuardTransient {
         _open(channelId, payee, token, salt, _pull(token, amount));
     }
 
-    /// @notice Opens a channel funded from the caller's credited balance of `token` in the hub.
-    /// @return channelId keccak256(abi.encode(msg.sender, payee, token, salt)).
+    /// @inheritdoc IChannelHub
     function openFromBalance(address payee, address token, bytes32 salt, uint256 amount)
         external
         nonReentrant
@@ -225,13 +119,13 @@ contract ChannelHub is EIP712, ReentrancyGuardTransient {
         _open(channelId, payee, token, salt, amount);
     }
 
-    /// @notice Adds `amount` to an open channel's deposit. Anyone may fund any open channel.
+    /// @inheritdoc IChannelHub
     function topUp(bytes32 channelId, uint256 amount) external payable nonReentrant {
         address token = _requireOpen(channelId).token;
         _addDeposit(channelId, _pull(token, amount));
     }
 
-    /// @notice Adds `amount` to an open channel's deposit from the caller's credited balance.
+    /// @inheritdoc IChannelHub
     function topUpFromBalance(bytes32 channelId, uint256 amount) external nonReentrant {
         address token = _requireOpen(channelId).token;
         _debit(msg.sender, token, amount);
@@ -242,7 +136,7 @@ contract ChannelHub is EIP712, ReentrancyGuardTransient {
     // Settlement
     // ------------------------------------------------------------------------------------------------------------
 
-    /// @notice Settles vouchers of many channels; callable by anyone, since funds only ever go to payees.
+    /// @inheritdoc IChannelHub
     /// @dev `batch` is a sequence of groups, each `payee (20 bytes) | token (20) | count (2, big-endian, > 0)` followed
     /// by `count` entries of `payer (20) | salt (32) | cumulativeAmount (13, big-endian) | r (32) | vs (32)`, the
     /// signature in EIP-2098 compact form (`vs` = s with the parity of v in its top bit). Data that is cut short
@@ -313,7 +207,7 @@ contract ChannelHub is EIP712, ReentrancyGuardTransient {
     // Closing
     // ------------------------------------------------------------------------------------------------------------
 
-    /// @notice Starts the challenge period of the caller's channel; vouchers still settle until the deadline.
+    /// @inheritdoc IChannelHub
     function requestClose(bytes32 channelId) external nonReentrant {
         Parties storage parties = _requireOpen(channelId);
         if (msg.sender != parties.payer) revert ChannelHubNotPayer(channelId, msg.sender);
@@ -324,14 +218,14 @@ contract ChannelHub is EIP712, ReentrancyGuardTransient {
         emit CloseRequested(channelId, deadline);
     }
 
-    /// @notice After the challenge period, closes the channel and credits deposit - settled to the payer's balance.
+    /// @inheritdoc IChannelHub
     /// @dev Anyone may call it; the refund only ever goes to the payer.
     function finalizeClose(bytes32 channelId) external nonReentrant {
         ChannelState memory state = _state[channelId];
         if (state.status != Status.Closing) {
             if (state.status == Status.None) revert ChannelHubUnknownChannel(channelId);
             if (state.status == Status.Closed) revert ChannelHubChannelClosed(channelId);
-            revert ChannelHubChannelNotOpen(channelId);
+            revert ChannelHubChannelNotClosing(channelId);
         }
         if (block.timestamp <= state.closeDeadline) {
             revert ChannelHubChallengeNotOver(channelId, state.closeDeadline);
@@ -339,7 +233,7 @@ contract ChannelHub is EIP712, ReentrancyGuardTransient {
         _close(channelId, state);
     }
 
-    /// @notice Closes the channel at once, by its payee; optionally settles a final voucher first.
+    /// @inheritdoc IChannelHub
     /// @dev Pass an empty `signature` to close without settling. The remainder is credited to the payer's balance.
     function closeByPayee(bytes32 channelId, uint256 cumulativeAmount, bytes calldata signature)
         external
@@ -378,9 +272,10 @@ contract ChannelHub is EIP712, ReentrancyGuardTransient {
     // Balances
     // ------------------------------------------------------------------------------------------------------------
 
-    /// @notice Sends `amount` of the caller's credited `token` balance to `to`.
+    /// @inheritdoc IChannelHub
     function withdraw(address token, uint256 amount, address to) external nonReentrant {
         if (to == address(0)) revert ChannelHubInvalidRecipient();
+        if (amount == 0) revert ChannelHubZeroAmount();
         _debit(msg.sender, token, amount);
         emit Withdrawn(msg.sender, token, to, amount);
         if (token == address(0)) {
@@ -395,12 +290,12 @@ contract ChannelHub is EIP712, ReentrancyGuardTransient {
     // Views
     // ------------------------------------------------------------------------------------------------------------
 
-    /// @notice The credited balance of `account` in `token` (address(0) = ETH).
+    /// @inheritdoc IChannelHub
     function balanceOf(address account, address token) external view returns (uint256) {
         return _balances[account][token];
     }
 
-    /// @notice Everything known about a channel; `status` is `None` for an id never opened.
+    /// @inheritdoc IChannelHub
     function channel(bytes32 channelId) external view returns (ChannelView memory) {
         ChannelState memory state = _state[channelId];
         Parties memory parties = _parties[channelId];
@@ -415,17 +310,17 @@ contract ChannelHub is EIP712, ReentrancyGuardTransient {
         });
     }
 
-    /// @notice The id a channel opened by `payer` with these parameters has (or would have).
+    /// @inheritdoc IChannelHub
     function channelIdOf(address payer, address payee, address token, bytes32 salt) external pure returns (bytes32) {
         return _channelId(payer, payee, token, salt);
     }
 
-    /// @notice The EIP-712 digest the payer signs for a voucher.
+    /// @inheritdoc IChannelHub
     function hashVoucher(bytes32 channelId, uint256 cumulativeAmount) public view returns (bytes32) {
         return _hashTypedDataV4(keccak256(abi.encode(VOUCHER_TYPEHASH, channelId, cumulativeAmount)));
     }
 
-    /// @notice The EIP-712 domain separator of this hub on this chain.
+    /// @inheritdoc IChannelHub
     function domainSeparator() external view returns (bytes32) {
         return _domainSeparatorV4();
     }

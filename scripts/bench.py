@@ -1,6 +1,7 @@
 """Benchmarks that print figures: a readable table, then one JSON object as the last line.
 
 python scripts/bench.py gas      # gas per ChannelHub operation and per settled channel, on a fresh anvil
+                                 # (make bench-gas saves them to docs/gas.json; tests/test_gas.py holds us to it)
 python scripts/bench.py verify   # voucher signature checks per second on one core
 python scripts/bench.py ingest   # durable HTTP ingest on SQLite and PostgreSQL (scripts/bench_ingest.py)
 python scripts/bench.py e2e      # voucher accepted -> credited on chain, through the simulator, per settle interval
@@ -290,11 +291,15 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("name", choices=sorted(BENCHES))
     parser.add_argument("--channels", type=int, default=SCALE["channels"], help="scale: channels (100,000)")
     parser.add_argument("--vouchers", type=int, default=SCALE["vouchers"], help="scale: vouchers (10,000,000)")
+    parser.add_argument("--save", type=Path, help="also write the JSON figures to this file (bench-gas: docs/gas.json)")
     args = parser.parse_args(argv)
     SCALE.update(channels=args.channels, vouchers=args.vouchers)
     console = Console(stderr=False)
     figures = BENCHES[args.name](console)
-    print(json.dumps({"bench": args.name, **figures}, sort_keys=False))
+    line = json.dumps({"bench": args.name, **figures}, sort_keys=False)
+    print(line)
+    if args.save is not None:
+        args.save.write_text(line + "\n", encoding="utf-8")
     return 0
 
 

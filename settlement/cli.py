@@ -34,7 +34,7 @@ from settlement.store import settlements as batch_q
 
 app = typer.Typer(help="ChannelHub micropayment settlement: run, settle and check it.", no_args_is_help=True)
 console = Console()
-err_console = Console(stderr=True)
+err_console = Console(stderr=True, soft_wrap=True)  # an error line is never wrapped: paths and keys stay whole
 
 
 def _fail(ex: SettlementError) -> typer.Exit:

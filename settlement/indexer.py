@@ -174,8 +174,14 @@ class Indexer:
             args=args,
         )
 
-    def read_channel(self, channel_id: str, block: int) -> Channel | None:
-        """The channel as the chain has it at `block`, or None if it does not exist there."""
+    def read_channel(self, channel_id: str, block: int, salt: str | None = None) -> Channel | None:
+        """The channel as the chain has it at `block`, or None if it does not exist there.
+
+        The hub's state has no salt; it is in the ChannelOpened log. Callers that have the channel stored pass its
+        salt. Otherwise the channel is one the indexer has not reached, so its opening is after the indexer's cursor:
+        only those blocks are searched (never the whole chain from the deployment, which grows without bound and
+        which providers that cap `eth_getLogs` ranges refuse).
+        """
         if block < self.start_block:
             return None  # the hub was not deployed yet
         with rpc_errors(f"reading channel {channel_id}"):
@@ -183,21 +189,43 @@ class Indexer:
         payer, payee, token, deposit, settled, deadline, status = state
         if status == 0:
             return None
-        opened = self._logs(self.start_block, block, [self._opened_topic, channel_id])
-        if not opened:
-            raise ChainError(f"channel {channel_id} exists at block {block} but its ChannelOpened log is missing")
+        if salt is None:
+            salt = self._opening_salt(channel_id, block)
         return Channel(
             channel_id=channel_id,
             payer=to_checksum_address(payer),
             payee=to_checksum_address(payee),
             token=to_checksum_address(token),
-            salt=opened[0].args["salt"],
+            salt=salt,
             deposit=deposit,
             settled=settled,
             status=ChannelStatus(status),
             close_deadline=deadline or None,
             as_of_block=block,
             as_of_log=END_OF_BLOCK,
+        )
+
+    def _opening_salt(self, channel_id: str, block: int) -> str:
+        """The salt from the channel's ChannelOpened log, searched from the indexer's cursor up to `block`."""
+        with self.db.read() as conn:
+            # The cursor first, then the channel: the indexer stores a channel and moves its cursor past the opening
+            # in one transaction, so either the channel is stored now or its opening is after this cursor.
+            cursor = log_q.get_cursor(conn)
+            stored = channel_q.get_channel(conn, channel_id)
+        if stored is not None:
+            return stored.salt
+        first = max(self.start_block, cursor.block_number + 1 if cursor else self.start_block)
+        # Newest first, in ranges of batch_blocks: a voucher for a fresh channel comes soon after its opening.
+        to_block = block
+        while to_block >= first:
+            from_block = max(first, to_block - self.batch_blocks + 1)
+            opened = self._logs(from_block, to_block, [self._opened_topic, channel_id])
+            if opened:
+                return str(opened[0].args["salt"])
+            to_block = from_block - 1
+        raise ChainError(
+            f"channel {channel_id} exists at block {block} but no ChannelOpened log for it is in blocks "
+            f"{first}..{block}, after the indexer's cursor"
         )
 
     # --- one channel, on demand --------------------------------------------------------------------------------
@@ -225,7 +253,9 @@ class Indexer:
     def resume(self, channel_id: str) -> Channel:
         """Lift a suspension after an operator checked the channel: re-read its confirmed state, clear the flag."""
         _head, confirmed = self.confirmed_heads()
-        fresh = self.read_channel(channel_id, confirmed)
+        with self.db.read() as conn:
+            known = channel_q.get_channel(conn, channel_id)
+        fresh = None if known is None else self.read_channel(channel_id, confirmed, known.salt)
         with self.db.write() as conn:
             stored = channel_q.lock_channels(conn, [channel_id]).get(channel_id)
             if stored is None or fresh is None:
@@ -324,7 +354,8 @@ class Indexer:
         )
         with self.db.read() as conn:
             affected = log_q.channels_touched_after(conn, safe.block_number)
-        fresh = {cid: self.read_channel(cid, confirmed) for cid in affected}
+            salts = {cid: c.salt for cid, c in channel_q.lock_channels(conn, affected).items()}
+        fresh = {cid: self.read_channel(cid, confirmed, salts.get(cid)) for cid in affected}
         now = utcnow()
         with self.db.write() as conn:
             if log_q.get_cursor(conn, lock=True) != cursor:

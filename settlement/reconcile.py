@@ -43,7 +43,7 @@ def reconcile(db: Database, indexer: Indexer) -> tuple[int, list[Row]]:
     with db.read() as conn:
         stored = channel_q.list_channels(conn, limit=10**9).items
         busy = {e.channel_id for b in batch_q.open_batches(conn) for e in batch_q.entries_of(conn, b.batch_id)}
-    return block, [_row(c, indexer.read_channel(c.channel_id, block), c.channel_id in busy) for c in stored]
+    return block, [_row(c, indexer.read_channel(c.channel_id, block, c.salt), c.channel_id in busy) for c in stored]
 
 
 def _row(store: Channel, chain: Channel | None, in_flight: bool) -> Row:

@@ -2,8 +2,12 @@
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 from eth_account.signers.local import LocalAccount
@@ -133,3 +137,13 @@ def run_until_idle(settler: Settler, service: Service, ticks: int = 10) -> None:
             if not batch_q.open_batches(conn):
                 return
     raise AssertionError("batches still open")
+
+
+# --- the operator CLI -----------------------------------------------------------------------------------------
+
+CLI = [sys.executable, "-m", "settlement.cli"]
+
+
+def run_cli(*args: str, env: dict[str, str], cwd: Path) -> subprocess.CompletedProcess[str]:
+    full_env = {k: v for k, v in os.environ.items() if not k.startswith("SETTLEMENT_")} | env
+    return subprocess.run([*CLI, *args], env=full_env, cwd=cwd, capture_output=True, text=True, timeout=120)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import shutil
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -72,3 +73,39 @@ def test_runtime_match_ignores_only_immutables() -> None:
     assert runtime_matches(artifact, bytes(code))
     code[0] ^= 0xFF
     assert not runtime_matches(artifact, bytes(code))
+
+
+def test_the_integrator_interface_declares_what_the_hub_does(fresh_artifacts: dict[str, str]) -> None:
+    """IChannelHub is what integrators compile against: every event, error and function it declares is the hub's,
+    and every event and error the hub can emit or revert with is declared there (with its documented parameters)."""
+
+    def entries(name: str) -> set[str]:
+        abi = json.loads(fresh_artifacts[f"{name}.json"])["abi"]
+        plain = [{k: v for k, v in e.items() if k != "internalType"} for e in abi]
+        for e in plain:  # internalType names the declaring contract (IChannelHub.Status vs ChannelHub.Status)
+            for field in ("inputs", "outputs"):
+                e[field] = [strip(arg) for arg in e.get(field, [])]
+        return {json.dumps(e, sort_keys=True) for e in plain}
+
+    def strip(arg: dict[str, Any]) -> dict[str, Any]:
+        out = {k: v for k, v in arg.items() if k != "internalType"}
+        if "components" in out:
+            out["components"] = [strip(c) for c in out["components"]]
+        return out
+
+    interface, hub = entries("IChannelHub"), entries(HUB)
+    assert interface <= hub
+    inherited = {"EIP712DomainChanged"}  # OpenZeppelin's (ERC-5267); its errors do not start with ChannelHub
+    own = {
+        e
+        for e in hub
+        if (json.loads(e)["type"] == "event" and json.loads(e)["name"] not in inherited)
+        or (json.loads(e)["type"] == "error" and json.loads(e)["name"].startswith("ChannelHub"))
+    }
+    assert len(own) == 7 + 20 and own <= interface  # 7 events, 20 errors
+    declared = {json.loads(e)["name"] for e in interface if json.loads(e)["type"] == "function"}
+    assert declared == {
+        "open", "openFromBalance", "topUp", "topUpFromBalance", "settleBatch", "requestClose", "finalizeClose",
+        "closeByPayee", "withdraw", "balanceOf", "channel", "channelIdOf", "hashVoucher", "domainSeparator",
+        "challengePeriod",
+    }  # fmt: skip

@@ -3,9 +3,6 @@
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -16,13 +13,7 @@ from settlement.contracts import HUB, load_artifact, runtime_matches
 from settlement.deployment import Deployment
 from settlement.devnet import Devnet
 from settlement.errors import DeploymentError
-
-CLI = [sys.executable, "-m", "settlement.cli"]
-
-
-def run_cli(*args: str, env: dict[str, str], cwd: Path) -> subprocess.CompletedProcess[str]:
-    full_env = {k: v for k, v in os.environ.items() if not k.startswith("SETTLEMENT_")} | env
-    return subprocess.run([*CLI, *args], env=full_env, cwd=cwd, capture_output=True, text=True, timeout=120)
+from tests.hub_helpers import run_cli
 
 
 def test_help_lists_the_commands(tmp_path: Path) -> None:

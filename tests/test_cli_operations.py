@@ -16,8 +16,7 @@ from web3.contract import Contract
 from settlement.config import Settings
 from settlement.model import Voucher
 from settlement.service import Service
-from tests.hub_helpers import ETH, Channel
-from tests.test_cli import run_cli
+from tests.hub_helpers import ETH, Channel, run_cli
 
 
 def test_settle_status_channels_reconcile_withdraw(
@@ -127,3 +126,42 @@ def test_e2e_percentiles_are_nearest_rank() -> None:
     outcome = Outcome(e2e_seconds=[i / 1000 for i in range(100, 0, -1)])  # 1 .. 100 ms
     assert (outcome.e2e_ms(0.5), outcome.e2e_ms(0.99), outcome.e2e_ms(1.0)) == (50.0, 99.0, 100.0)
     assert Outcome().e2e_ms(0.5) is None
+
+
+def test_status_and_channels_read_the_store_alone_when_the_chain_is_down(
+    make_service: Callable[..., Service],
+    service_settings: Callable[..., Settings],
+    open_channel: Callable[..., Channel],
+    accounts: list[LocalAccount],
+    sign: Callable[..., bytes],
+    tmp_path: Path,
+) -> None:
+    """An operator needs them most when the chain is down; they used to connect to it and run migrations."""
+    service = make_service()
+    channel = open_channel(accounts[5], accounts[7].address, amount=10**18)
+    service.indexer.catch_up()
+    outcome = service.ingestor.ingest([Voucher("0x" + channel.id.hex(), 300, sign(channel.payer, channel.id, 300))])[0]
+    assert not isinstance(outcome, Exception)
+    settings = service_settings()
+    env = {
+        "SETTLEMENT_RPC_URL": "http://127.0.0.1:9",  # nothing listens there
+        "SETTLEMENT_DEPLOYMENT_FILE": str(tmp_path / "no-such-deployment.json"),
+        "SETTLEMENT_DATABASE_URL": settings.database_url,
+    }
+    status = run_cli("status", "--json", env=env, cwd=tmp_path)
+    assert status.returncode == 0, status.stderr
+    assert json.loads(status.stdout)["unsettled"] == {ETH: "300"}
+    listed = run_cli("channels", "--json", env=env, cwd=tmp_path)
+    assert listed.returncode == 0, listed.stderr
+    rows = json.loads(listed.stdout)
+    assert [(c["channelId"], c["acceptedCumulativeAmount"]) for c in rows] == [("0x" + channel.id.hex(), "300")]
+
+
+def test_read_only_commands_refuse_a_missing_database_instead_of_creating_one(tmp_path: Path) -> None:
+    missing = tmp_path / "nowhere" / "settlement.db"
+    env = {"SETTLEMENT_DATABASE_URL": f"sqlite:///{missing}", "SETTLEMENT_RPC_URL": "http://127.0.0.1:9"}
+    for command in ("status", "channels"):
+        result = run_cli(command, env=env, cwd=tmp_path)
+        assert result.returncode == 1
+        assert f"[store_error] no database at {missing}" in " ".join(result.stderr.split())
+    assert not missing.exists() and not missing.parent.exists()

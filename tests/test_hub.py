@@ -597,7 +597,8 @@ def test_finalize_errors(w3: Web3, hub: Contract, open_channel: OpenChannel, acc
     tx = {"from": accounts[1].address}
     assert reverts_with(hub.functions.finalizeClose(b"\x05" * 32), hub.abi, tx).name == "ChannelHubUnknownChannel"
     ch = open_channel(accounts[1], accounts[2].address, amount=10)
-    assert reverts_with(hub.functions.finalizeClose(ch.id), hub.abi, tx).name == "ChannelHubChannelNotOpen"
+    revert = reverts_with(hub.functions.finalizeClose(ch.id), hub.abi, tx)
+    assert (revert.name, revert.args) == ("ChannelHubChannelNotClosing", (ch.id,))  # open: requestClose first
     assert reverts_with(hub.functions.requestClose(b"\x05" * 32), hub.abi, tx).name == "ChannelHubUnknownChannel"
 
 
@@ -668,6 +669,8 @@ def test_withdraw_eth_and_token(
     assert reverts_with(hub.functions.withdraw(ETH, 1, ETH), hub.abi, {"from": payee}).name == (
         "ChannelHubInvalidRecipient"
     )
+    # a withdrawal of nothing used to succeed and log a Withdrawn event of 0
+    assert reverts_with(hub.functions.withdraw(ETH, 0, payee), hub.abi, {"from": payee}).name == "ChannelHubZeroAmount"
 
 
 def test_withdraw_to_a_contract_that_rejects_eth(

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Callable
+from typing import Any
 
 import pytest
 from eth_account.signers.local import LocalAccount
@@ -234,7 +235,7 @@ def test_an_operator_resumes_a_suspended_channel_from_the_cli(
 ) -> None:
     from pathlib import Path
 
-    from tests.test_cli import run_cli
+    from tests.hub_helpers import run_cli
 
     assert isinstance(tmp_path, Path)
     indexer = make_indexer(confirmations=1)
@@ -265,3 +266,31 @@ def test_an_operator_resumes_a_suspended_channel_from_the_cli(
     missing = run_cli("resume", "0x" + "77" * 32, env=env, cwd=tmp_path)
     assert missing.returncode == 1
     assert "channel_not_found" in missing.stderr
+
+
+def test_a_lookup_searches_only_the_blocks_after_the_indexers_cursor(
+    make_indexer: Callable[..., Indexer],
+    w3: Web3,
+    open_channel: Callable[..., HubChannel],
+    accounts: list[LocalAccount],
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """The salt is only in the ChannelOpened log; it used to be searched from the deployment block on every lookup
+    (O(chain length), and refused by providers that cap log ranges)."""
+    indexer = make_indexer()
+    indexer.batch_blocks = 1_000
+    w3.provider.make_request("anvil_mine", [hex(300)])
+    indexer.catch_up()
+    cursor = indexer.progress.cursor if indexer.progress else 0
+    channel = open_channel(accounts[5], accounts[6].address, amount=100)
+    ranges: list[tuple[int, int]] = []
+    real_logs = indexer._logs
+
+    def logged(from_block: int, to_block: int, topics: Any = None) -> Any:
+        ranges.append((from_block, to_block))
+        return real_logs(from_block, to_block, topics)
+
+    monkeypatch.setattr(indexer, "_logs", logged)
+    found = indexer.lookup("0x" + channel.id.hex())
+    assert found is not None and found.salt == "0x" + channel.salt.hex()
+    assert ranges == [(cursor + 1, w3.eth.block_number)]

@@ -127,12 +127,17 @@ class Database:
         An operator reads the store most when the chain or the service is down; a command that migrated or created
         an empty database would print a healthy-looking empty answer instead of the truth.
         """
-        db = cls(url)
-        if db.is_sqlite and db.url.database and not Path(db.url.database).exists():
+        try:
+            parsed = make_url(url)
+        except (SQLAlchemyError, ValueError) as ex:
+            raise StoreError(f"cannot use database {url}: {ex}") from ex
+        path = parsed.database
+        if parsed.get_backend_name() == "sqlite" and path and path != ":memory:" and not Path(path).exists():
             raise StoreError(
-                f"no database at {db.url.database}: set SETTLEMENT_DATABASE_URL to the service's store "
+                f"no database at {path}: set SETTLEMENT_DATABASE_URL to the service's store "
                 "(`settlement serve` creates it)"
             )
+        db = cls(url)
         try:
             at, head = db.revision(), head_revision()
         except StoreError:
