@@ -94,6 +94,22 @@ def evm_snapshot(request: pytest.FixtureRequest) -> Iterator[None]:
     assert chain.provider.make_request("evm_revert", [snapshot])["result"] is True
 
 
+@pytest.fixture(params=["automine", "interval"])
+def mining(request: pytest.FixtureRequest, w3: Web3) -> Iterator[str]:
+    """Each test that takes this runs twice: on automine (one block per transaction, which hid a critical bug) and on
+    a chain that mines every second whatever is pending, many transactions per block, as a real chain does."""
+    if request.param == "automine":
+        yield "automine"
+        return
+    w3.provider.make_request("evm_setAutomine", [False])
+    w3.provider.make_request("evm_setIntervalMining", [1])
+    try:
+        yield "interval"
+    finally:  # before evm_snapshot's revert (an autouse fixture, so set up first and torn down last)
+        w3.provider.make_request("evm_setIntervalMining", [0])
+        w3.provider.make_request("evm_setAutomine", [True])
+
+
 @pytest.fixture
 def hub(session_hub: Contract) -> Contract:
     return session_hub

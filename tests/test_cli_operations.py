@@ -7,6 +7,7 @@ import re
 from collections.abc import Callable
 from pathlib import Path
 
+import pytest
 from eth_account.signers.local import LocalAccount
 from hexbytes import HexBytes
 from sqlalchemy import text
@@ -85,7 +86,9 @@ def test_settle_status_channels_reconcile_withdraw(
     assert {r["problem"] for r in rows} == {"settled differs"}
 
 
-def test_simulate_proves_the_books_to_the_wei(tmp_path: Path) -> None:
+@pytest.mark.parametrize("block_time", [None, "1"], ids=["automine", "interval"])
+def test_simulate_proves_the_books_to_the_wei(block_time: str | None, tmp_path: Path) -> None:
+    """Also on a devnet that mines every second: many payers' transactions share each block."""
     result = run_cli(
         "simulate",
         "--payers",
@@ -98,7 +101,7 @@ def test_simulate_proves_the_books_to_the_wei(tmp_path: Path) -> None:
         "200",
         "--settle-interval",
         "0.5",
-        env={},
+        env={} if block_time is None else {"SETTLEMENT_DEVNET_BLOCK_TIME": block_time},
         cwd=tmp_path,
     )
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]

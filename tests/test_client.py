@@ -98,6 +98,7 @@ def test_sdk_pays_tops_up_and_closes(
     accounts: list[LocalAccount],
     token: Contract,
     w3: Web3,
+    mining: str,
 ) -> None:
     service = spawn(store_url)
     payer, payee = accounts[10], accounts[11].address
@@ -151,6 +152,7 @@ def test_service_killed_mid_stream_loses_no_acknowledged_voucher(
     payer_client: Callable[..., PayerClient],
     store_url: str,
     accounts: list[LocalAccount],
+    mining: str,
 ) -> None:
     service = spawn(store_url)
     client = payer_client(accounts[12], service.url, retries=10, backoff=0.1, timeout=5)

@@ -41,6 +41,7 @@ def test_serve_settles_accepted_vouchers_on_its_own(
     accounts: list[LocalAccount],
     hub: Contract,
     sign: Sign,
+    mining: str,
 ) -> None:
     key = HexBytes(accounts[19].key).to_0x_hex()
     client = api(engine_enabled=True, private_key=key, settle_interval=0.2, engine_tick=0.05)

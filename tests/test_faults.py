@@ -117,6 +117,7 @@ def test_killed_between_the_intent_and_the_broadcast_settles_once(
     hub: Contract,
     w3: Web3,
     sign: Sign,
+    mining: str,
 ) -> None:
     """The intent is stored but no transaction exists yet (the settler cannot pay for gas, so the engine holds the
     intent): kill -9 there, fund the settler, restart."""
@@ -214,6 +215,7 @@ def test_rpc_outage_ingest_goes_on_for_known_channels_and_settlement_catches_up(
     payee: str,
     hub: Contract,
     sign: Sign,
+    mining: str,
 ) -> None:
     with TcpProxy(devnet.port) as proxy:
         service = engine_process(store_url, rpc_url=proxy.url, engine_backoff_max="1")
@@ -318,6 +320,7 @@ def test_a_close_while_the_service_is_down(
     sign: Sign,
     asleep: int,
     alert: str,
+    mining: str,
 ) -> None:
     """The hub's challenge period is an hour. Back 50 minutes later: the latest voucher is settled at once and an
     alert says the deadline was near. Back after 61 minutes: too late, and a critical alert says so."""
