@@ -29,7 +29,9 @@
             ├── ChannelClosedError         409 channel_closed
             ├── ChannelSuspendedError      409 channel_suspended
             ├── StaleVoucherError          409 stale_voucher
-            └── AmountExceedsDepositError  409 amount_exceeds_deposit
+            ├── AmountExceedsDepositError  409 amount_exceeds_deposit
+            ├── IdempotencyKeyReusedError  409 idempotency_key_reused   (the key paid another amount on the channel)
+            └── ExistsWithDifferentMetadataError 409 exists_with_different_metadata (accepted before, other metadata)
 
 Lower-level exceptions are wrapped at the boundary (`raise ArtifactError(...) from ex`) so callers catch one root.
 Codes are part of the API: never rename one, add a new class instead.
@@ -251,3 +253,18 @@ class PaymentUncertainError(SettlementError):
 
     status = 503
     code = "payment_uncertain"
+
+
+class IdempotencyKeyReusedError(VoucherRejectedError):
+    """The idempotency key already paid a different amount on this channel: a new payment needs a new key."""
+
+    status = 409
+    code = "idempotency_key_reused"
+
+
+class ExistsWithDifferentMetadataError(VoucherRejectedError):
+    """This voucher was accepted before with another reference or idempotency key (TigerBeetle's "exists with
+    different ..."): the payment stands, as first submitted; the body carries the stored receipt."""
+
+    status = 409
+    code = "exists_with_different_metadata"

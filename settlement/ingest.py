@@ -20,7 +20,7 @@ from collections.abc import Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 
-from settlement.errors import ChannelNotFoundError, RequestError, SettlementError, StoreError
+from settlement.errors import ChannelNotFoundError, RequestError, SettlementError, StoreError, StoreUnavailableError
 from settlement.indexer import Indexer
 from settlement.ledger import Verdict, judge
 from settlement.metrics import Metrics
@@ -192,14 +192,7 @@ class Ingestor:
         started = time.perf_counter()
         vouchers = [v for job in jobs for v in job.vouchers]
         signers = [s for job in jobs for s in job.signers]
-        try:
-            outcomes = self._judge_and_write(vouchers, signers)
-        except SettlementError as ex:
-            logger.error("group of %d vouchers not stored: %s", len(vouchers), ex.message)
-            outcomes = [ex] * len(vouchers)
-        except Exception as ex:  # a bug or an unexpected driver error: refuse the group, keep the writer alive
-            logger.exception("group of %d vouchers not stored", len(vouchers))
-            outcomes = [StoreError(f"vouchers not stored: {type(ex).__name__}")] * len(vouchers)
+        outcomes = self._commit_isolating(vouchers, signers)
         self.metrics.group_size.observe(len(vouchers))
         self.metrics.commit_seconds.observe(time.perf_counter() - started)
         at = 0
@@ -207,6 +200,29 @@ class Ingestor:
             if not job.future.done():
                 job.future.set_result(outcomes[at : at + len(job.vouchers)])
             at += len(job.vouchers)
+
+    def _commit_isolating(self, vouchers: list[Voucher], signers: list[bytes | None]) -> list[Outcome]:
+        """Commit the group; if the store refuses it, commit its halves apart, down to the voucher at fault.
+
+        One client's voucher that a store cannot take (a bug, a value one backend refuses) must never fail the
+        honest vouchers that happened to share its group. Halving keeps the vouchers' order (a channel's vouchers are
+        judged in the order they came) and costs a few extra commits per culprit, only on this failure path. An
+        unavailable store fails the whole group at once: every half would fail the same way.
+        """
+        try:
+            return self._judge_and_write(vouchers, signers)
+        except StoreUnavailableError as ex:
+            logger.error("group of %d vouchers not stored: %s", len(vouchers), ex.message)
+            return [ex] * len(vouchers)
+        except Exception as ex:  # the store refused it, or a bug: isolate the culprit, keep the writer alive
+            if len(vouchers) == 1:
+                logger.exception("voucher %s/%s not stored", vouchers[0].channel_id, vouchers[0].cumulative)
+                reason = ex.code if isinstance(ex, SettlementError) else type(ex).__name__
+                return [StoreError(f"the voucher was not stored: the store refused it ({reason})")]
+        half = len(vouchers) // 2
+        return self._commit_isolating(vouchers[:half], signers[:half]) + self._commit_isolating(
+            vouchers[half:], signers[half:]
+        )
 
     def _judge_and_write(self, vouchers: list[Voucher], signers: list[bytes | None]) -> list[Outcome]:
         outcomes: list[Outcome] = []
@@ -217,12 +233,22 @@ class Ingestor:
                 v.key for v in vouchers if v.channel_id in channels and v.cumulative <= channels[v.channel_id].floor
             ]
             priors = channel_q.receipts_for(conn, known)
+            keyed = channel_q.receipts_by_key(
+                conn, [(v.channel_id, v.idempotency_key) for v in vouchers if v.idempotency_key is not None]
+            )
             now = utcnow()
             for voucher, signer in zip(vouchers, signers, strict=True):
                 channel = channels.get(voucher.channel_id)
+                key = None if voucher.idempotency_key is None else (voucher.channel_id, voucher.idempotency_key)
                 try:
                     verdict = judge(
-                        channel, voucher, signer, prior=priors.get(voucher.key), now=now, close_guard=self.close_guard
+                        channel,
+                        voucher,
+                        signer,
+                        prior=priors.get(voucher.key),
+                        keyed=None if key is None else keyed.get(key),
+                        now=now,
+                        close_guard=self.close_guard,
                     )
                 except RequestError as ex:
                     outcomes.append(ex)
@@ -230,6 +256,8 @@ class Ingestor:
                 if verdict.new and channel is not None:
                     accepted.append((verdict.receipt, voucher.signature))
                     priors[voucher.key] = verdict.receipt
+                    if key is not None:
+                        keyed[key] = verdict.receipt
                     channels[voucher.channel_id] = channel.with_voucher(voucher.cumulative, voucher.signature)
                 outcomes.append(verdict)
             channel_q.record_payments(conn, accepted)

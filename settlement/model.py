@@ -77,12 +77,14 @@ class BlockRef:
 
 @dataclass(frozen=True)
 class Voucher:
-    """A voucher as submitted: the signed (channelId, cumulativeAmount) and an optional unsigned app reference."""
+    """A voucher as submitted: the signed (channelId, cumulativeAmount), and unsigned metadata: the app's reference
+    and the client's idempotency key."""
 
     channel_id: str
     cumulative: int
     signature: bytes
     reference: str | None = None
+    idempotency_key: str | None = None  # the client's id of the payment: a retry with it never pays twice
 
     @property
     def key(self) -> tuple[str, int]:
@@ -100,6 +102,7 @@ class Receipt:
     remaining: int
     accepted_at: datetime
     reference: str | None = None
+    idempotency_key: str | None = None
 
 
 def utcnow() -> datetime:

@@ -103,6 +103,16 @@ def _closed(s: Scene) -> httpx.Response:
     return s.post(s.voucher(100))
 
 
+def _key_reused(s: Scene) -> httpx.Response:
+    assert s.post(s.voucher(100, idempotencyKey="pay-1")).status_code == 201
+    return s.post(s.voucher(300, idempotencyKey="pay-1"))  # 200 more, where pay-1 paid 100
+
+
+def _resent_with_other_reference(s: Scene) -> httpx.Response:
+    assert s.post(s.voucher(100, reference="order-1")).status_code == 201
+    return s.post(s.voucher(100, reference="order-2"))
+
+
 def _chunked_huge(s: Scene) -> httpx.Response:
     chunks = (b"x" * 65536 for _ in range(32))
     return s.client.post("/v1/vouchers", content=chunks, headers={"content-type": "application/json"})
@@ -140,6 +150,19 @@ CASES: dict[str, Case] = {
     "missing-signature": (lambda s: s.post(s.voucher(signature=_DROP)), 400, "malformed_request"),
     "reference-too-long": (lambda s: s.post(s.voucher(reference="r" * 257)), 400, "malformed_request"),
     "reference-not-a-string": (lambda s: s.post(s.voucher(reference=7)), 400, "malformed_request"),
+    "reference-with-nul": (lambda s: s.post(s.voucher(reference="a\x00b")), 400, "malformed_request"),
+    "reference-lone-surrogate": (
+        lambda s: s.post_raw(json.dumps(s.voucher()).encode()[:-1] + b', "reference": "\\ud800"}'),
+        400,
+        "malformed_request",
+    ),
+    "idempotency-key-too-long": (lambda s: s.post(s.voucher(idempotencyKey="k" * 65)), 400, "malformed_request"),
+    "idempotency-key-empty": (lambda s: s.post(s.voucher(idempotencyKey="")), 400, "malformed_request"),
+    "idempotency-key-space": (lambda s: s.post(s.voucher(idempotencyKey="a b")), 400, "malformed_request"),
+    "idempotency-key-nul": (lambda s: s.post(s.voucher(idempotencyKey="a\x00")), 400, "malformed_request"),
+    "idempotency-key-number": (lambda s: s.post(s.voucher(idempotencyKey=7)), 400, "malformed_request"),
+    "idempotency-key-reused": (_key_reused, 409, "idempotency_key_reused"),
+    "resent-with-another-reference": (_resent_with_other_reference, 409, "exists_with_different_metadata"),
     # hex fields
     "channel-without-0x": (lambda s: s.post(s.voucher(channelId=s.cid[2:])), 400, "malformed_request"),
     "channel-odd-length": (lambda s: s.post(s.voucher(channelId=s.cid[:-1])), 400, "malformed_request"),
@@ -225,6 +248,26 @@ CASES: dict[str, Case] = {
     "limit-huge": (lambda s: s.client.get("/v1/channels", params={"limit": 10**6}), 400, "malformed_request"),
     "cursor-garbage": (lambda s: s.client.get("/v1/channels", params={"cursor": "%%%"}), 400, "malformed_request"),
     "payments-unknown-channel": (lambda s: s.client.get(f"/v1/channels/{CHANNEL}/payments"), 404, "channel_not_found"),
+    "payments-cursor-2^63": (
+        lambda s: s.client.get(f"/v1/channels/{s.cid}/payments", params={"cursor": str(2**63)}),
+        400,
+        "malformed_request",
+    ),
+    "payments-cursor-30-digits": (
+        lambda s: s.client.get(f"/v1/channels/{s.cid}/payments", params={"cursor": "9" * 30}),
+        400,
+        "malformed_request",
+    ),
+    "payments-cursor-zero": (
+        lambda s: s.client.get(f"/v1/channels/{s.cid}/payments", params={"cursor": "0"}),
+        400,
+        "malformed_request",
+    ),
+    "payments-cursor-negative": (
+        lambda s: s.client.get(f"/v1/channels/{s.cid}/payments", params={"cursor": "-1"}),
+        400,
+        "malformed_request",
+    ),
     "unknown-route": (lambda s: s.client.get("/v1/nowhere"), 404, "not_found"),
     "wrong-method-delete": (lambda s: s.client.delete("/v1/vouchers"), 405, "method_not_allowed"),
     "wrong-method-put": (lambda s: s.client.put("/v1/vouchers", json=s.voucher()), 405, "method_not_allowed"),
@@ -251,9 +294,21 @@ def test_bad_input_gets_a_4xx_with_a_stable_code(scene: Scene, case: str) -> Non
     answer = make(scene)
     assert (answer.status_code, answer.json().get("code")) == (status, code), answer.text
     assert answer.json()["message"]  # a sentence for the human, next to the code for the program
-    # nothing refused changed the channel
+    # nothing refused changed the channel: it holds exactly what the case accepted before its bad request
     state = scene.client.get(f"/v1/channels/{scene.cid}").json()
-    assert int(state["acceptedCumulativeAmount"]) in (0, 100, 500)
+    assert state["acceptedCumulativeAmount"] == str(ACCEPTED_BEFORE.get(case, 0))
+    payments = scene.client.get(f"/v1/channels/{scene.cid}/payments").json()["items"]
+    expected = [str(ACCEPTED_BEFORE[case])] if case in ACCEPTED_BEFORE else []
+    assert [p["cumulativeAmount"] for p in payments] == expected
+
+
+# What a case accepts before its bad request (every other case starts and ends with nothing accepted).
+ACCEPTED_BEFORE = {
+    "decreasing": 500,
+    "equal-with-another-signature": 100,
+    "idempotency-key-reused": 100,
+    "resent-with-another-reference": 100,
+}
 
 
 def test_a_batch_of_mixed_validity_answers_each_item(scene: Scene) -> None:

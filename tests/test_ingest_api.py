@@ -51,9 +51,13 @@ def test_accepts_then_answers_a_resend_with_the_same_receipt(
     assert receipt["channelId"] == "0x" + channel.id.hex()
     assert (receipt["cumulativeAmount"], receipt["increment"], receipt["remaining"]) == ("100", "100", "900")
     assert receipt["reference"] == "o-1"
-    again = client.post("/v1/vouchers", json=body(channel, 100, sign(channel.payer, channel.id, 100), reference="x"))
+    again = client.post("/v1/vouchers", json=body(channel, 100, sign(channel.payer, channel.id, 100), reference="o-1"))
     assert again.status_code == 200
     assert again.json() == receipt
+    # the same voucher with another (unsigned) reference is reported, never answered with the first one's
+    other = client.post("/v1/vouchers", json=body(channel, 100, sign(channel.payer, channel.id, 100), reference="x"))
+    assert (other.status_code, other.json()["code"]) == (409, "exists_with_different_metadata")
+    assert other.json()["receipt"] == receipt
     second = client.post("/v1/vouchers", json=body(channel, 250, sign(channel.payer, channel.id, 250)))
     assert second.status_code == 201
     assert (second.json()["increment"], second.json()["remaining"]) == ("150", "750")
@@ -337,3 +341,33 @@ def test_an_unexpected_failure_on_the_fast_path_is_a_500_and_the_service_goes_on
     assert answer.json() == {"code": "internal_error", "message": "internal error"}
     monkeypatch.setattr(service.ingestor, "ingest_async", real)
     assert client.post("/v1/vouchers", json=body(channel, 10, sign(channel.payer, channel.id, 10))).status_code == 201
+
+
+def test_an_idempotency_key_makes_a_retry_the_same_payment_on_both_routes(
+    api: Callable[..., TestClient], channel: Channel, sign: Sign
+) -> None:
+    """A client that lost the answer may retry from a position it re-read (the first voucher was accepted, so the
+    position moved): the same key is the same payment, and nothing more is charged."""
+    client = api()
+
+    def voucher(cumulative: int, key: str) -> dict[str, Any]:
+        return body(channel, cumulative, sign(channel.payer, channel.id, cumulative), idempotencyKey=key)
+
+    first = client.post("/v1/vouchers", json=voucher(100, "pay-1"))
+    assert first.status_code == 201
+    assert first.json()["idempotencyKey"] == "pay-1"
+    assert client.post("/v1/vouchers", json=voucher(100, "pay-1")).json() == first.json()  # the same voucher again
+    retried = client.post("/v1/vouchers", json=voucher(200, "pay-1"))  # signed from the re-read position 100
+    assert (retried.status_code, retried.json()) == (200, first.json())
+    batch = client.post("/v1/vouchers/batch", json={"vouchers": [voucher(350, "pay-2"), voucher(600, "pay-2")]})
+    assert [(r["status"], r["receipt"]["cumulativeAmount"]) for r in batch.json()["results"]] == [
+        (201, "350"),
+        (200, "350"),  # 250 more under pay-2, which paid 250: the same payment
+    ]
+    reused = client.post("/v1/vouchers", json=voucher(400, "pay-2"))  # 50 more: another amount under pay-2
+    assert (reused.status_code, reused.json()["code"]) == (409, "idempotency_key_reused")
+    payments = client.get(f"/v1/channels/0x{channel.id.hex()}/payments").json()["items"]
+    assert [(p["cumulativeAmount"], p["increment"], p["idempotencyKey"]) for p in payments] == [
+        ("350", "250", "pay-2"),
+        ("100", "100", "pay-1"),
+    ]

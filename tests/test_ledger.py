@@ -15,11 +15,13 @@ from settlement.errors import (
     ChannelClosedError,
     ChannelNotFoundError,
     ChannelSuspendedError,
+    ExistsWithDifferentMetadataError,
+    IdempotencyKeyReusedError,
     InvalidSignatureError,
     StaleVoucherError,
     VoucherRejectedError,
 )
-from settlement.ledger import judge
+from settlement.ledger import Verdict, judge
 from settlement.model import ETH, Channel, ChannelStatus, Receipt, Voucher
 from settlement.vouchers import MAX_UINT256
 
@@ -103,12 +105,39 @@ def test_closing_channel_accepts_while_the_guard_allows() -> None:
 
 
 def test_a_resend_wins_over_every_later_state_but_not_over_a_bad_signature() -> None:
-    prior = Receipt(CID, 5, 5, 995, NOW - timedelta(hours=1), "first")
+    prior = Receipt(CID, 5, 5, 995, NOW - timedelta(hours=1), "ref")
     closed = channel(status=ChannelStatus.CLOSED, accepted=9, signature=b"s", suspended_reason="reorg")
     verdict = run(closed, 5, prior=prior)
     assert (verdict.new, verdict.receipt) == (False, prior)
     with pytest.raises(InvalidSignatureError):
         run(closed, 5, signer=b"\x03" * 20, prior=prior)
+
+
+def test_a_resend_with_other_metadata_is_reported_and_one_without_asserts_nothing() -> None:
+    """The reference and the key are not signed: whoever submits a voucher first sets them. The payer's own
+    submission must learn that, not get 200 carrying someone else's reference."""
+    prior = Receipt(CID, 5, 5, 995, NOW - timedelta(hours=1), "attacker", "k-1")
+    ch = channel(accepted=5, signature=b"s")
+    with pytest.raises(ExistsWithDifferentMetadataError) as info:
+        run(ch, 5, prior=prior)  # voucher() carries reference "ref"
+    assert info.value.body()["receipt"]["reference"] == "attacker"
+    bare = Voucher(CID, 5, b"\x01" * 65)
+    assert judge(ch, bare, SIGNER, prior=prior, now=NOW, close_guard=60) == Verdict(prior, new=False)
+    other_key = Voucher(CID, 5, b"\x01" * 65, "attacker", "k-2")
+    with pytest.raises(ExistsWithDifferentMetadataError):
+        judge(ch, other_key, SIGNER, prior=prior, now=NOW, close_guard=60)
+
+
+def test_a_key_that_paid_answers_its_retry_and_refuses_another_amount() -> None:
+    """A retry signed from a re-read position carries a higher cumulative amount for the same payment."""
+    keyed = Receipt(CID, 100, 40, 900, NOW - timedelta(seconds=5), None, "pay-7")
+    ch = channel(accepted=100, signature=b"s")
+    retry = Voucher(CID, 140, b"\x01" * 65, None, "pay-7")  # 40 more than the floor: the same amount
+    assert judge(ch, retry, SIGNER, prior=None, keyed=keyed, now=NOW, close_guard=60) == Verdict(keyed, new=False)
+    other = Voucher(CID, 150, b"\x01" * 65, None, "pay-7")
+    with pytest.raises(IdempotencyKeyReusedError) as info:
+        judge(ch, other, SIGNER, prior=None, keyed=keyed, now=NOW, close_guard=60)
+    assert info.value.body()["receipt"]["cumulativeAmount"] == "100"
 
 
 def test_stale_error_carries_the_current_value() -> None:

@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import random
+import re
 import threading
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import replace
+from typing import Any
 
 import pytest
 from eth_account.signers.local import LocalAccount
@@ -188,3 +190,59 @@ def test_a_database_serves_one_deployment_only(
             bind_deployment(conn, hub_deployment.chain_id, hub_deployment.address, other_instance)
     finally:
         db.dispose()
+
+
+def test_one_voucher_the_store_refuses_never_fails_its_group(
+    make_service: Callable[..., Service],
+    open_channel: Callable[..., HubChannel],
+    accounts: list[LocalAccount],
+    sign: Callable[..., bytes],
+    store_url: str,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """On PostgreSQL a NUL byte in a reference failed the whole group commit: every voucher in it got 500, and the
+    bad one was never stored, so it could be replayed forever (15 % of an honest stream failed). The API refuses NUL
+    now; behind it, the writer isolates whatever the store refuses. Here the store refuses one voucher of ten (a
+    NUL reference on PostgreSQL, which only the writer sees; an injected refusal on SQLite, which stores NUL)."""
+    service = make_service()
+    channels = [open_channel(accounts[5], accounts[6].address, amount=1_000) for _ in range(10)]
+    service.indexer.catch_up()
+    vouchers = [
+        Voucher("0x" + c.id.hex(), 100, sign(c.payer, c.id, 100), reference="a\x00b" if n == 3 else f"ok-{n}")
+        for n, c in enumerate(channels)
+    ]
+    if store_url.startswith("sqlite"):
+        real = channel_q.record_payments
+
+        def refuse_nul(conn: Any, accepted: Any) -> None:
+            if any("\x00" in (r.reference or "") for r, _ in accepted):
+                raise StoreError("injected: the store refuses this value")
+            real(conn, accepted)
+
+        monkeypatch.setattr(channel_q, "record_payments", refuse_nul)
+    outcomes = service.ingestor.submit(vouchers, [service.ingestor.recover(v) for v in vouchers]).result()
+    codes = [o.code if isinstance(o, SettlementError) else "accepted" for o in outcomes]
+    assert codes == ["accepted"] * 3 + ["store_error"] + ["accepted"] * 6
+    refused = outcomes[3]
+    assert isinstance(refused, StoreError)
+    assert refused.message == "the voucher was not stored: the store refused it (store_error)"  # no database text
+    with service.db.read() as conn:
+        stored = {cid: c.accepted for cid, c in channel_q.lock_channels(conn, [v.channel_id for v in vouchers]).items()}
+    assert stored == {v.channel_id: (0 if n == 3 else 100) for n, v in enumerate(vouchers)}
+
+
+def test_a_store_error_names_an_incident_not_the_databases_text(
+    store_url: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    db = Database(store_url)
+    db.migrate()
+    try:
+        with pytest.raises(StoreError) as info, db.write() as conn:
+            conn.execute(text("INSERT INTO service_meta (key, value) VALUES ('k', NULL)"))
+    finally:
+        db.dispose()
+    assert re.fullmatch(
+        r"the (sqlite|postgresql) store refused the operation \(logged as [0-9a-f]{12}\)", info.value.message
+    )
+    incident = info.value.message[-13:-1]
+    assert f"store incident {incident}" in caplog.text and "service_meta" in caplog.text  # the detail is in the log

@@ -235,7 +235,9 @@ def list_channels(
 def list_payments(
     channelId: ChannelIdPath,
     service: ServiceDep,
-    cursor: Annotated[str | None, Query(pattern=r"^[0-9]{1,19}$")] = None,
+    cursor: Annotated[
+        int | None, Query(ge=1, le=2**63 - 1, description="the previous page's nextCursor (a payment id)")
+    ] = None,
     limit: Limit = 100,
 ) -> PaymentPage:
     """Every accepted increment of a channel, newest first."""
@@ -243,7 +245,7 @@ def list_payments(
     with service.db.read() as conn:
         if channel_q.get_channel(conn, channel_id) is None:
             raise ChannelNotFoundError(f"the service has no channel {channel_id}")
-        page = channel_q.list_payments(conn, channel_id, before=int(cursor) if cursor else None, limit=limit)
+        page = channel_q.list_payments(conn, channel_id, before=cursor, limit=limit)
     return PaymentPage(items=[ReceiptOut.of(r) for r in page.items], nextCursor=page.next_cursor)
 
 

@@ -16,6 +16,10 @@ Hex32 = Annotated[str, StringConstraints(pattern=r"^0x[0-9a-fA-F]{64}$")]
 HexBytes = Annotated[str, StringConstraints(pattern=r"^0x([0-9a-fA-F]{2}){0,256}$")]
 AmountStr = Annotated[str, StringConstraints(pattern=r"^[0-9]{1,78}$")]
 Address = Annotated[str, StringConstraints(pattern=r"^0x[0-9a-fA-F]{40}$")]
+# What both stores hold: PostgreSQL text cannot hold NUL (one failed whole group commits). A lone surrogate, the other
+# string no UTF-8 store takes, never gets this far: the JSON parser refuses it.
+Reference = Annotated[str, StringConstraints(max_length=256, pattern=r"^[^\x00]*$")]
+IdempotencyKey = Annotated[str, StringConstraints(pattern=r"^[A-Za-z0-9_.:-]{1,64}$")]
 STATUS_NAMES: dict[ChannelStatus, Literal["open", "closing", "closed"]] = {
     ChannelStatus.OPEN: "open",
     ChannelStatus.CLOSING: "closing",
@@ -73,7 +77,17 @@ class VoucherIn(_Strict):
     channelId: Hex32
     cumulativeAmount: AmountStr = Field(description="decimal string, base units, 0 < amount < 2^256")
     signature: HexBytes = Field(description="65-byte r || s || v signature, 0x-prefixed hex")
-    reference: str | None = Field(default=None, max_length=256, description="the app's own id; not signed")
+    reference: Reference | None = Field(
+        default=None,
+        description="the app's own id, at most 256 characters, no NUL; NOT signed: see docs/api.md for what it can "
+        "and cannot be trusted for",
+    )
+    idempotencyKey: IdempotencyKey | None = Field(
+        default=None,
+        description="the client's id of this payment (1-64 of A-Z a-z 0-9 _ - . :): a retry with the same key is "
+        "the same payment and charges nothing more, even when signed from a re-read position; the same key with "
+        "another amount gets 409 idempotency_key_reused",
+    )
 
     def to_voucher(self) -> Voucher:
         return Voucher(
@@ -81,6 +95,7 @@ class VoucherIn(_Strict):
             cumulative=int(self.cumulativeAmount),
             signature=bytes.fromhex(self.signature[2:]),
             reference=self.reference,
+            idempotency_key=self.idempotencyKey,
         )
 
 
@@ -95,6 +110,7 @@ class ReceiptOut(BaseModel):
     remaining: str
     acceptedAt: datetime
     reference: str | None = None
+    idempotencyKey: str | None = None
 
     @classmethod
     def of(cls, receipt: Receipt) -> ReceiptOut:
@@ -105,6 +121,7 @@ class ReceiptOut(BaseModel):
             remaining=str(receipt.remaining),
             acceptedAt=receipt.accepted_at,
             reference=receipt.reference,
+            idempotencyKey=receipt.idempotency_key,
         )
 
 

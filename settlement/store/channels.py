@@ -101,6 +101,14 @@ def receipts_for(conn: Connection, keys: Sequence[tuple[str, int]]) -> dict[tupl
     return {(row.channel_id, row.cumulative): _receipt(row) for row in conn.execute(query)}
 
 
+def receipts_by_key(conn: Connection, keys: Sequence[tuple[str, str]]) -> dict[tuple[str, str], Receipt]:
+    """Stored receipts for (channel, idempotency key) pairs: a retried payment signed from a re-read position."""
+    if not keys:
+        return {}
+    query = select(payments).where(tuple_(payments.c.channel_id, payments.c.idempotency_key).in_(list(keys)))
+    return {(row.channel_id, row.idempotency_key): _receipt(row) for row in conn.execute(query)}
+
+
 def _receipt(row: Row[Any]) -> Receipt:
     return Receipt(
         channel_id=row.channel_id,
@@ -109,6 +117,7 @@ def _receipt(row: Row[Any]) -> Receipt:
         remaining=row.remaining,
         accepted_at=from_us(row.accepted_at_us),
         reference=row.reference,
+        idempotency_key=row.idempotency_key,
     )
 
 
@@ -132,10 +141,11 @@ def record_payments(conn: Connection, accepted: Sequence[tuple[Receipt, bytes]])
 
 
 _INSERT_PAYMENTS = text(
-    "INSERT INTO payments (channel_id, cumulative, increment, remaining, signature, reference, accepted_at_us)"
+    "INSERT INTO payments"
+    " (channel_id, cumulative, increment, remaining, signature, reference, accepted_at_us, idempotency_key)"
     " SELECT * FROM unnest(CAST(:ids AS varchar[]), CAST(:cumulative AS numeric[]), CAST(:increment AS numeric[]),"
     " CAST(:remaining AS numeric[]), CAST(:signature AS bytea[]), CAST(:reference AS varchar[]),"
-    " CAST(:at AS bigint[]))"
+    " CAST(:at AS bigint[]), CAST(:keys AS varchar[]))"
 )
 _UPDATE_LATEST = text(
     "UPDATE channels AS c SET accepted = v.accepted, signature = v.signature, updated_at_us = v.at"
@@ -159,6 +169,7 @@ def _record_payments_arrays(
             "signature": [signature for _, signature in accepted],
             "reference": [r.reference for r in receipts],
             "at": [to_us(r.accepted_at) for r in receipts],
+            "keys": [r.idempotency_key for r in receipts],
         },
     )
     conn.execute(
@@ -178,8 +189,9 @@ def _record_payments_sqlite(
     """Straight to the driver's executemany (a loop in C): SQLAlchemy's per-row bind processing was most of the
     writer's time on the batch endpoint."""
     conn.exec_driver_sql(
-        "INSERT INTO payments (channel_id, cumulative, increment, remaining, signature, reference, accepted_at_us)"
-        " VALUES (?, ?, ?, ?, ?, ?, ?)",
+        "INSERT INTO payments"
+        " (channel_id, cumulative, increment, remaining, signature, reference, accepted_at_us, idempotency_key)"
+        " VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
         [
             (
                 r.channel_id,
@@ -189,6 +201,7 @@ def _record_payments_sqlite(
                 signature,
                 r.reference,
                 to_us(r.accepted_at),
+                r.idempotency_key,
             )
             for r, signature in accepted
         ],

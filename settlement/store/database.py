@@ -9,7 +9,9 @@ read lock would have to be upgraded. PostgreSQL runs at READ COMMITTED with expl
 
 from __future__ import annotations
 
+import logging
 import threading
+import uuid
 import zlib
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -26,6 +28,8 @@ from sqlalchemy.engine import make_url
 from sqlalchemy.exc import DBAPIError, InterfaceError, OperationalError, SQLAlchemyError
 
 from settlement.errors import StoreError, StoreUnavailableError
+
+logger = logging.getLogger(__name__)
 
 SQLITE_BUSY_TIMEOUT_S = 30.0
 _MIGRATION_LOCK = zlib.crc32(b"channelhub-settlement-migrations")
@@ -92,12 +96,16 @@ class Database:
 
     @contextmanager
     def _wrap(self) -> Iterator[None]:
+        """Database errors become StoreError(s) whose message says what happened, never the database's own text
+        (table names, SQL, values): that goes to the log, under an id the message names."""
         try:
             yield
         except (OperationalError, InterfaceError) as ex:
-            raise StoreUnavailableError(f"the {self.backend} store is unavailable: {_short(ex)}") from ex
+            incident = _log_incident(ex)
+            raise StoreUnavailableError(f"the {self.backend} store is unavailable (logged as {incident})") from ex
         except DBAPIError as ex:
-            raise StoreError(f"the {self.backend} store refused the operation: {_short(ex)}") from ex
+            incident = _log_incident(ex)
+            raise StoreError(f"the {self.backend} store refused the operation (logged as {incident})") from ex
 
     def ping(self) -> None:
         """Raise StoreUnavailableError unless the database answers."""
@@ -169,6 +177,12 @@ def _alembic_config() -> Config:
     config = Config()
     config.set_main_option("script_location", str(files("settlement.store") / "migrations"))
     return config
+
+
+def _log_incident(ex: Exception) -> str:
+    incident = uuid.uuid4().hex[:12]
+    logger.error("store incident %s: %s", incident, _short(ex))
+    return incident
 
 
 def _short(ex: Exception) -> str:

@@ -92,7 +92,9 @@ payments = Table(
     Column("signature", LargeBinary(65), nullable=False),
     Column("reference", String(256), nullable=True),
     Column("accepted_at_us", BigInteger(), nullable=False),
+    Column("idempotency_key", String(64), nullable=True),
     UniqueConstraint("channel_id", "cumulative"),
+    UniqueConstraint("channel_id", "idempotency_key"),  # NULLs are distinct: payments without a key never clash
     CheckConstraint("increment > 0 AND increment <= cumulative", name="increment_positive").ddl_if(
         dialect="postgresql"
     ),
