@@ -4,6 +4,7 @@ resume | simulate | demo`."""
 from __future__ import annotations
 
 import json
+import shutil
 import signal
 import time
 from datetime import UTC, datetime
@@ -489,6 +490,7 @@ def demo(
             demo_db = workdir / "demo.db"
             for leftover in (demo_db, workdir / "demo.db-wal", workdir / "demo.db-shm"):
                 leftover.unlink(missing_ok=True)
+            shutil.rmtree(workdir / "demo-journals", ignore_errors=True)  # the last devnet's payers
             local = settings.model_copy(
                 update={
                     "rpc_url": net.url,
@@ -515,6 +517,7 @@ def demo(
                     [a.address for a in net.accounts[4:6]],
                     rate=rate,
                     console=console,
+                    journal_dir=workdir / "demo-journals",
                 )
                 traffic.start()
             try:

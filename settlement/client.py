@@ -5,10 +5,18 @@
     receipt = client.pay(channel, 1_000, reference="order-17")     # one micro-payment, no transaction
     client.close(channel)                                           # starts the challenge period
 
-A payment is safe to retry: the voucher for a given cumulative amount is the same voucher however often it is
-sent, and the service answers a re-send with the original receipt. The client keeps each channel's position (the
-cumulative amount the service accepted) in memory; a new client, or one that lost an answer, re-reads it from the
-service first, so it never signs a lower cumulative amount than one the service may already hold.
+The client never signs more than the app asked for, whatever the service says or does:
+- every payment has an idempotency key (the caller's, or one the client makes); it is written to the payer's
+  journal (settlement.payer_journal, a file of its own) with the voucher BEFORE the voucher is sent. `pay` again
+  with the same key after PaymentUncertainError re-sends that same voucher, in this process or after a restart, so
+  it ends with exactly one payment; the service knows the key too, and answers a retry signed elsewhere with the
+  first receipt;
+- its position on a channel is the highest amount it signed itself (in the journal). A position reported by the
+  service is taken only when proven by a voucher this payer signed (the channel's latest signature), or from the
+  chain's settled amount; anything else raises UntrustedServiceError;
+- the hub it sends deposits to is the one its caller names (`hub_address`), or, when none is named, the one the
+  service names only after the chain shows ChannelHub's code there and the same EIP-712 domain.
+A channel with a payment of unknown outcome pays nothing new until that payment's outcome is known.
 """
 
 from __future__ import annotations
@@ -16,8 +24,10 @@ from __future__ import annotations
 import os
 import threading
 import time
+import uuid
 from dataclasses import dataclass
 from datetime import datetime
+from pathlib import Path
 from typing import Any
 
 import httpx
@@ -29,10 +39,11 @@ from web3 import Web3
 from web3.contract import Contract
 
 from settlement.chain import Transactor, connect
-from settlement.contracts import HUB, load_artifact
-from settlement.errors import ConfigError, PaymentUncertainError, ServiceRejectedError
+from settlement.contracts import HUB, load_artifact, runtime_matches
+from settlement.errors import PaymentUncertainError, ServiceRejectedError, UntrustedServiceError
 from settlement.model import ETH, Receipt
-from settlement.vouchers import Domain, channel_id, sign_voucher
+from settlement.payer_journal import JournalPayment, PayerJournal, PaymentStatus
+from settlement.vouchers import Domain, VoucherVerifier, channel_id, read_domain, sign_voucher
 
 ERC20_ABI: list[dict[str, Any]] = [
     {
@@ -51,6 +62,7 @@ ERC20_ABI: list[dict[str, Any]] = [
     },
 ]
 _RETRYABLE = {502, 503, 504}
+DEFAULT_STATE_DIR = Path.home() / ".channelhub"
 STALE_RETRIES = 20  # other instances paying on the same channel at once; each attempt loses only to a winner
 SALT_RANDOM_BYTES = 8  # a default salt is this many random bytes, left-padded to 32: cheap calldata at settlement
 
@@ -78,34 +90,62 @@ class PayerClient:
         rpc_url: str,
         service_url: str,
         *,
+        hub_address: str | None = None,
+        state_path: Path | None = None,
         timeout: float = 10.0,
         retries: int = 4,
         backoff: float = 0.2,
         http: httpx.Client | None = None,
     ) -> None:
+        """`hub_address`: the hub to trust (from the operator's deployment record); without it, the hub the service
+        names is checked on chain. `state_path`: the payer's journal (default ~/.channelhub/<chain>-<hub>-<payer>
+        .sqlite3); keep it across restarts, it is what makes a retry after a crash safe."""
         self.account: LocalAccount = Account.from_key(private_key)
         self._rpc_session = requests.Session()
         self.w3: Web3 = connect(rpc_url, timeout, self._rpc_session)
         self.http = http or httpx.Client(base_url=service_url, timeout=timeout)
         self.retries = retries
         self.backoff = backoff
-        info = self._get("/v1/eip712")
-        self.domain = Domain(
-            chain_id=int(info["domain"]["chainId"]),
-            verifying_contract=info["domain"]["verifyingContract"],
-            name=info["domain"]["name"],
-            version=info["domain"]["version"],
-        )
-        if self.domain.chain_id != self.w3.eth.chain_id:
-            raise ConfigError(
-                f"the service signs for chain {self.domain.chain_id}, the RPC serves chain {self.w3.eth.chain_id}"
-            )
-        abi = load_artifact(HUB).abi
-        self.hub: Contract = self.w3.eth.contract(address=to_checksum_address(self.domain.verifying_contract), abi=abi)
+        try:
+            info = self._get("/v1/eip712")["domain"]
+            named = to_checksum_address(str(info["verifyingContract"]))
+            if hub_address is not None and named != to_checksum_address(hub_address):
+                raise UntrustedServiceError(f"the service signs for hub {named}, not for {hub_address} as configured")
+            abi = load_artifact(HUB).abi
+            self.hub: Contract = self.w3.eth.contract(address=named, abi=abi)
+            self.domain = self._verified_domain(info)
+        except BaseException:
+            self.http.close()
+            self._rpc_session.close()
+            raise
         self.transactor = Transactor(self.w3, self.account, abi)
-        self._positions: dict[bytes, int] = {}
+        self._verifier = VoucherVerifier(self.domain)
+        self.journal = PayerJournal(
+            state_path
+            or DEFAULT_STATE_DIR / f"{self.domain.chain_id}-{self.hub.address}-{self.account.address}.sqlite3"
+        )
         self._locks: dict[bytes, threading.Lock] = {}
         self._guard = threading.Lock()
+
+    def _verified_domain(self, info: dict[str, Any]) -> Domain:
+        """The hub's EIP-712 domain as the chain reports it, after checking that the address holds ChannelHub's
+        code and that the service signs for that very domain: value is never sent to an address on the service's
+        word alone."""
+        code = bytes(self.w3.eth.get_code(self.hub.address))
+        if not runtime_matches(load_artifact(HUB), code):
+            raise UntrustedServiceError(
+                f"the service names hub {self.hub.address}, which holds no ChannelHub code on this chain"
+            )
+        domain = read_domain(self.hub)
+        claimed = Domain(
+            chain_id=int(info["chainId"]),
+            verifying_contract=to_checksum_address(str(info["verifyingContract"])),
+            name=str(info["name"]),
+            version=str(info["version"]),
+        )
+        if claimed != domain:
+            raise UntrustedServiceError(f"the service's EIP-712 domain {claimed} is not the hub's {domain}")
+        return domain
 
     @property
     def address(self) -> str:
@@ -130,8 +170,7 @@ class PayerClient:
             self._approve(asset, deposit)
         self.transactor.send(self.hub.functions.open(payee, asset, salt, deposit), value=deposit if asset == ETH else 0)
         ref = ChannelRef(channel_id(self.address, payee, asset, salt), payee, asset, salt)
-        with self._guard:
-            self._positions[ref.channel_id] = 0
+        self.journal.reset(ref.hex_id)  # new on this chain (open reverts otherwise): whatever the journal held is void
         return ref
 
     def top_up(self, channel: ChannelRef, amount: int) -> None:
@@ -185,76 +224,150 @@ class PayerClient:
             time.sleep(0.1)
 
     def position(self, channel: ChannelRef) -> int:
-        """The cumulative amount this channel has paid so far, as the service holds it (read once, then tracked)."""
-        with self._guard:
-            known = self._positions.get(channel.channel_id)
-        if known is not None:
-            return known
+        """The cumulative amount this payer signed on the channel: from its journal, or, for a channel it has no
+        record of, the highest of what the chain settled and what the service holds with proof (a voucher of ours)."""
+        signed = self.journal.signed(channel.hex_id)
+        if signed is not None:
+            return signed
+        proven = max(self._proven_by_service(channel), self._settled_on_chain(channel))
+        self.journal.settle_position(channel.hex_id, proven)
+        return proven
+
+    def _proven_by_service(self, channel: ChannelRef) -> int:
         state = self._get(f"/v1/channels/{channel.hex_id}")
-        value = max(int(state["acceptedCumulativeAmount"]), int(state["settled"]))
-        with self._guard:
-            self._positions[channel.channel_id] = value
-        return value
+        accepted = int(state["acceptedCumulativeAmount"])
+        if accepted == 0:
+            return 0
+        signature = state.get("latestSignature")
+        signer = None
+        if isinstance(signature, str) and signature.startswith("0x"):
+            try:
+                signer = self._verifier.recover(channel.channel_id, accepted, bytes.fromhex(signature[2:]))
+            except ValueError:
+                signer = None
+        if signer != bytes.fromhex(self.address[2:]):
+            raise UntrustedServiceError(
+                f"the service says channel {channel.hex_id} stands at {accepted} without a voucher this payer signed "
+                "for it: refusing to pay on top of an unproven position"
+            )
+        return accepted
 
-    def pay(self, channel: ChannelRef, amount: int, reference: str | None = None) -> Receipt:
-        """Pay `amount` more on `channel`: sign the raised cumulative amount and send it until the service answers.
+    def _settled_on_chain(self, channel: ChannelRef) -> int:
+        return int(self.hub.functions.channel(channel.channel_id).call()[4])
 
-        Raises ServiceRejectedError when the service refuses the voucher (its code says why) and
-        PaymentUncertainError when no answer came back after every retry.
+    def pay(
+        self,
+        channel: ChannelRef,
+        amount: int,
+        reference: str | None = None,
+        *,
+        idempotency_key: str | None = None,
+    ) -> Receipt:
+        """Pay `amount` more (an increment, in base units) on `channel`: sign the raised cumulative amount, journal
+        it, send it until the service answers.
+
+        With the `idempotency_key` of a payment whose outcome was uncertain, the same voucher is sent again: one
+        payment, whatever happened to the first attempt. Raises ServiceRejectedError when the service refuses the
+        voucher (its code says why), PaymentUncertainError when no answer came back after every retry (pay again
+        with the key it carries), UntrustedServiceError when the service's word cannot be checked.
         """
         if isinstance(amount, bool) or not isinstance(amount, int) or amount <= 0:
             raise ValueError("amount must be a positive int in base units")
+        key = idempotency_key or uuid.uuid4().hex
         with self._lock(channel):
-            cumulative = self.position(channel) + amount
-            for _ in range(STALE_RETRIES):
-                try:
-                    receipt = self._send(channel, cumulative, reference)
-                    break
-                except ServiceRejectedError as ex:
-                    if ex.code != "stale_voucher":
-                        raise
-                    # someone else (another instance with this key) moved the channel on meanwhile:
-                    # pay `amount` on top of where it really is now
-                    cumulative = int(str(ex.details["currentCumulativeAmount"])) + amount
-            else:
-                raise ServiceRejectedError(
-                    409, "stale_voucher", f"channel {channel.hex_id} kept moving under {STALE_RETRIES} attempts"
-                )
-            with self._guard:
-                self._positions[channel.channel_id] = cumulative
-            return receipt
+            known = self.journal.payment(key)
+            if known is not None:
+                if (known.channel_id, known.amount) != (channel.hex_id, amount):
+                    raise ValueError(
+                        f"idempotency key {key!r} was used for {known.amount} on {known.channel_id}: a new payment "
+                        "needs a new key"
+                    )
+                if known.status == PaymentStatus.ACCEPTED and known.receipt is not None:
+                    return _receipt(known.receipt)
+            for earlier in self.journal.pending(channel.hex_id):
+                if earlier.idempotency_key != key:
+                    self._resolve(channel, earlier)  # an earlier payment's fate decides where this one starts
+            if known is None:
+                start = self.position(channel)
+                pending = PaymentStatus.PENDING
+                known = JournalPayment(key, channel.hex_id, amount, start + amount, reference, pending, None)
+                self.journal.begin(known)
+            return self._deliver(channel, known)
 
-    def _send(self, channel: ChannelRef, cumulative: int, reference: str | None) -> Receipt:
-        signature = sign_voucher(self.account, self.domain, channel.channel_id, cumulative)
-        payload: dict[str, Any] = {
+    def _resolve(self, channel: ChannelRef, payment: JournalPayment) -> None:
+        """Learn the outcome of a payment left uncertain: send its voucher again (harmless if it was stored)."""
+        try:
+            self._deliver(channel, payment)
+        except ServiceRejectedError:
+            pass  # refused for good: forgotten, and the position put back
+
+    def _deliver(self, channel: ChannelRef, payment: JournalPayment) -> Receipt:
+        for _ in range(STALE_RETRIES):
+            try:
+                receipt, body = self._send(channel, payment)
+            except ServiceRejectedError as ex:
+                stored = ex.details.get("receipt")
+                if ex.code == "exists_with_different_metadata" and isinstance(stored, dict):
+                    self.journal.accepted(payment.idempotency_key, {str(k): v for k, v in stored.items()})  # it paid
+                    raise
+                if ex.code == "stale_voucher":
+                    # Another client of this payer moved the channel on: start again above what it proves.
+                    proven = max(self._proven_by_service(channel), self._settled_on_chain(channel))
+                    self.journal.settle_position(channel.hex_id, proven)
+                    payment = JournalPayment(
+                        payment.idempotency_key,
+                        payment.channel_id,
+                        payment.amount,
+                        max(proven, self.journal.signed(channel.hex_id) or 0) + payment.amount,
+                        payment.reference,
+                        PaymentStatus.PENDING,
+                        None,
+                    )
+                    self.journal.begin(payment)
+                    continue
+                if 400 <= ex.status < 500:  # not stored: the payment did not happen, the position goes back
+                    self.journal.refused(payment.idempotency_key, channel.hex_id, payment.cumulative - payment.amount)
+                raise
+            # A receipt for another amount is the key's first voucher (a retry signed elsewhere): ours was not stored.
+            lower = receipt.cumulative if receipt.cumulative != payment.cumulative else None
+            self.journal.accepted(payment.idempotency_key, body, lower_to=lower)
+            return receipt
+        raise ServiceRejectedError(
+            409, "stale_voucher", f"channel {channel.hex_id} kept moving under {STALE_RETRIES} attempts"
+        )
+
+    def _send(self, channel: ChannelRef, payment: JournalPayment) -> tuple[Receipt, dict[str, Any]]:
+        signature = sign_voucher(self.account, self.domain, channel.channel_id, payment.cumulative)
+        body: dict[str, Any] = {
             "channelId": channel.hex_id,
-            "cumulativeAmount": str(cumulative),
+            "cumulativeAmount": str(payment.cumulative),
             "signature": "0x" + signature.hex(),
+            "idempotencyKey": payment.idempotency_key,
         }
-        if reference is not None:
-            payload["reference"] = reference
+        if payment.reference is not None:
+            body["reference"] = payment.reference
         last = "no attempt"
         for attempt in range(self.retries + 1):
             if attempt:
                 time.sleep(self.backoff * 2 ** (attempt - 1))
             try:
-                response = self.http.post("/v1/vouchers", json=payload)
+                response = self.http.post("/v1/vouchers", json=body)
             except httpx.TransportError as ex:
                 last = f"{type(ex).__name__}: {ex}"
                 continue
             if response.status_code in (200, 201):
-                return _receipt(response.json())
+                data: dict[str, Any] = response.json()
+                return _receipt(data), data
             if response.status_code in _RETRYABLE:
                 last = f"HTTP {response.status_code}: {response.text[:200]}"
                 continue
             raise _rejected(response)
-        with self._guard:
-            self._positions.pop(channel.channel_id, None)  # re-read from the service before the next payment
         raise PaymentUncertainError(
-            f"no answer for the voucher of {cumulative} on channel {channel.hex_id} after {self.retries + 1} "
-            f"attempts ({last}); it may have been accepted",
+            f"no answer for the voucher of {payment.cumulative} on channel {channel.hex_id} after {self.retries + 1} "
+            f"attempts ({last}); it may have been accepted: pay again with idempotency_key={payment.idempotency_key!r}",
             channelId=channel.hex_id,
-            cumulativeAmount=str(cumulative),
+            cumulativeAmount=str(payment.cumulative),
+            idempotencyKey=payment.idempotency_key,
         )
 
     def _lock(self, channel: ChannelRef) -> threading.Lock:
@@ -286,9 +399,10 @@ class PayerClient:
         self.shutdown()
 
     def shutdown(self) -> None:
-        """Release the HTTP connections to the service and the RPC."""
+        """Release the HTTP connections to the service and the RPC, and the journal."""
         self.http.close()
         self._rpc_session.close()
+        self.journal.close()
 
 
 def _receipt(data: dict[str, Any]) -> Receipt:
@@ -299,6 +413,7 @@ def _receipt(data: dict[str, Any]) -> Receipt:
         remaining=int(data["remaining"]),
         accepted_at=datetime.fromisoformat(data["acceptedAt"]),
         reference=data.get("reference"),
+        idempotency_key=data.get("idempotencyKey"),
     )
 
 

@@ -6,6 +6,7 @@ import logging
 import random
 import threading
 import time
+from pathlib import Path
 
 import httpx
 from eth_account.signers.local import LocalAccount
@@ -33,8 +34,10 @@ class DemoTraffic:
         *,
         rate: float,
         console: Console,
+        journal_dir: Path,
         report_every: float = 5.0,
     ) -> None:
+        self.journal_dir = journal_dir  # the payers' journals: this devnet's, new with it
         self.service_url = service_url
         self.rpc_url = rpc_url
         self.payers = payers
@@ -73,7 +76,12 @@ class DemoTraffic:
     def _open_channels(self) -> list[tuple[PayerClient, ChannelRef]]:
         work = []
         for payer in self.payers:
-            client = PayerClient(HexBytes(payer.key).to_0x_hex(), self.rpc_url, self.service_url)
+            client = PayerClient(
+                HexBytes(payer.key).to_0x_hex(),
+                self.rpc_url,
+                self.service_url,
+                state_path=self.journal_dir / f"payer-{payer.address}.sqlite3",
+            )
             for payee in self.payees:
                 channel = client.open_channel(payee, DEPOSIT)
                 work.append((client, channel))

@@ -14,6 +14,7 @@
     │   └── TransactionFailedError   502 transaction_failed
     ├── ServiceRejectedError         the service's status and code, as the client SDK received them
     ├── PaymentUncertainError        503 payment_uncertain   (client SDK: no answer after every retry)
+    ├── UntrustedServiceError        502 service_untrusted   (client SDK: the service's word failed a check)
     └── RequestError                 400 bad_request         (the client's fault: always 4xx)
         ├── MalformedRequestError    400 malformed_request
         ├── UnsupportedMediaError    415 unsupported_media_type
@@ -268,3 +269,11 @@ class ExistsWithDifferentMetadataError(VoucherRejectedError):
 
     status = 409
     code = "exists_with_different_metadata"
+
+
+class UntrustedServiceError(SettlementError):
+    """The payer SDK could not check what the service said (a position without the payer's own voucher, a hub
+    without ChannelHub's code or with another domain): it refuses to sign or send value on that word."""
+
+    status = 502
+    code = "service_untrusted"

@@ -133,10 +133,12 @@ class Simulation:
         self.outcome = Outcome()
         self._lock = threading.Lock()
         self._accepted: list[tuple[str, int, float]] = []  # (channel id, cumulative, receipt received at)
+        self._workdir = ""  # the run's temporary directory (the store, the deployment, the payers' journals)
 
     def run(self) -> Outcome:
         accounts_needed = 1 + self.plan.payers + self.plan.payees
         with self._chain(accounts_needed) as url, tempfile.TemporaryDirectory(prefix="simulate-") as tmp:
+            self._workdir = tmp
             accounts = devnet_accounts(self.settings.devnet_mnemonic, accounts_needed)
             operator, payers = accounts[0], accounts[1 : 1 + self.plan.payers]
             payees = [str(a.address) for a in accounts[1 + self.plan.payers :]]
@@ -218,7 +220,12 @@ class Simulation:
         work = []
         with self.console.status("opening channels…"):
             for payer in payers:
-                client = PayerClient(HexBytes(payer.key).to_0x_hex(), rpc_url, service_url)
+                client = PayerClient(
+                    HexBytes(payer.key).to_0x_hex(),
+                    rpc_url,
+                    service_url,
+                    state_path=Path(self._workdir) / f"payer-{payer.address}.sqlite3",
+                )
                 channels = []
                 for payee in payees:
                     channels.append(client.open_channel(payee, ETH_DEPOSIT))

@@ -3,11 +3,14 @@ the client and of the service (kill -9), two service processes on one PostgreSQL
 
 from __future__ import annotations
 
+import json
 import threading
 import time
+import uuid
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
+from typing import Any
 
 import httpx
 import pytest
@@ -19,7 +22,7 @@ from web3.contract import Contract
 
 from settlement.client import ChannelRef, PayerClient
 from settlement.devnet import Devnet
-from settlement.errors import PaymentUncertainError, ServiceRejectedError
+from settlement.errors import PaymentUncertainError, ServiceRejectedError, UntrustedServiceError
 from settlement.model import Receipt
 from settlement.store import Database
 from settlement.store import channels as channel_q
@@ -35,16 +38,21 @@ def stream_through(
     client: PayerClient, channel: ChannelRef, disrupt: Callable[[], object], times: int = 2
 ) -> list[Receipt]:
     """Pay 3 at a time on another thread; after every 30 receipts call `disrupt()`, `times` times, then take 20 more.
-    Returns the receipts the payer holds: payments whose outcome stayed uncertain are left out, as a payer would."""
+    A payment whose outcome is uncertain is paid again with its idempotency key until it has a receipt, as an app
+    should: so what the payee was credited must equal exactly 3 per receipt returned, not more (a double charge) and
+    not less (a lost payment)."""
     receipts: list[Receipt] = []
     stop = threading.Event()
 
     def stream() -> None:
         while not stop.is_set():
-            try:
-                receipts.append(client.pay(channel, 3))
-            except PaymentUncertainError:
-                pass
+            key = uuid.uuid4().hex
+            while True:
+                try:
+                    receipts.append(client.pay(channel, 3, idempotency_key=key))
+                    break
+                except PaymentUncertainError:
+                    time.sleep(0.05)
 
     def at_least(count: int) -> None:
         while len(receipts) < count:
@@ -64,12 +72,14 @@ def stream_through(
 
 
 @pytest.fixture
-def payer_client(devnet: Devnet) -> Iterator[Callable[..., PayerClient]]:
-    """Factory: payer_client(account, service_url, **options) -> PayerClient; all are shut down after the test."""
+def payer_client(devnet: Devnet, tmp_path: Path) -> Iterator[Callable[..., PayerClient]]:
+    """Factory: payer_client(account, service_url, **options) -> PayerClient; all are shut down after the test.
+    Each client has a journal of its own (a new app on another machine) unless `state_path` is given (a restart)."""
     made: list[PayerClient] = []
 
-    def make(account: LocalAccount, service_url: str, **options: float) -> PayerClient:
-        client = PayerClient(key(account), devnet.url, service_url, **options)  # type: ignore[arg-type]
+    def make(account: LocalAccount, service_url: str, **options: Any) -> PayerClient:
+        options.setdefault("state_path", tmp_path / f"journal-{len(made)}.sqlite3")
+        client = PayerClient(key(account), devnet.url, service_url, **options)
         made.append(client)
         return client
 
@@ -162,6 +172,7 @@ def test_service_killed_mid_stream_loses_no_acknowledged_voucher(
     stored = {(p.cumulative, p.increment) for p in stored_payments(store_url, channel.hex_id)}
     acknowledged = {(r.cumulative, r.increment) for r in receipts}
     assert acknowledged <= stored  # every receipt the client holds is durable
+    assert sum(i for _, i in stored) == 3 * len(receipts)  # and the payee got what the app paid: not more
     assert max(c for c, _ in stored) == client.position(channel)
 
 
@@ -251,6 +262,7 @@ def test_demo_traffic_pays_through_the_api(
             [accounts[18].address],
             rate=200,
             console=Console(file=sink, width=200),
+            journal_dir=tmp_path / "journals",
             report_every=0.5,
         )
         thread = traffic.start()
@@ -290,3 +302,140 @@ def test_rpc_failover_to_a_second_url_and_back(
             client.get("/ready")
             time.sleep(0.1)
         assert provider.endpoint_uri == primary.url
+
+
+class Tampering(httpx.BaseTransport):
+    """Between the SDK and the service, as a proxy would be: forwards every request for real, then may drop the
+    answer (`after_post`: called once the voucher was delivered; raise to lose the answer) or rewrite a JSON answer."""
+
+    def __init__(self) -> None:
+        self.real = httpx.HTTPTransport()
+        self.after_post: Callable[[], None] | None = None
+        self.rewrite: Callable[[str, dict[str, Any]], dict[str, Any]] | None = None
+
+    def close(self) -> None:
+        self.real.close()
+
+    def handle_request(self, request: httpx.Request) -> httpx.Response:
+        response = self.real.handle_request(request)
+        if request.method == "POST" and self.after_post is not None:
+            response.read()
+            self.after_post()
+        if self.rewrite is not None and request.method == "GET":
+            data = self.rewrite(request.url.path, json.loads(response.read()))
+            return httpx.Response(response.status_code, json=data)
+        return response
+
+
+def drop_answer() -> None:
+    raise httpx.ReadError("the connection dropped before the answer arrived")
+
+
+@pytest.mark.faults
+@pytest.mark.parametrize("failure", ["answer-dropped", "service-killed-after-commit", "app-restarted"])
+def test_paying_again_with_the_key_after_an_uncertain_payment_pays_once(
+    failure: str,
+    spawn: Callable[..., ServiceProcess],
+    payer_client: Callable[..., PayerClient],
+    store_url: str,
+    accounts: list[LocalAccount],
+    tmp_path: Path,
+) -> None:
+    """The old SDK re-read its position after PaymentUncertainError and signed a second increment: paid twice."""
+    service = spawn(store_url)
+    tamper = Tampering()
+    journal = tmp_path / "app-journal.sqlite3"
+    client = payer_client(
+        accounts[10],
+        service.url,
+        http=httpx.Client(base_url=service.url, transport=tamper),
+        state_path=journal,
+        retries=1,
+        backoff=0.05,
+    )
+    channel = client.open_channel(accounts[11].address, 10_000)
+    client.wait_until_known(channel)
+    client.pay(channel, 100)
+    if failure == "service-killed-after-commit":
+        tamper.after_post = lambda: (service.kill(), drop_answer())
+    else:
+        tamper.after_post = drop_answer
+    with pytest.raises(PaymentUncertainError) as info:
+        client.pay(channel, 7, reference="order-7")
+    key = str(info.value.details["idempotencyKey"])
+    tamper.after_post = None
+    if failure == "service-killed-after-commit":
+        service.start()
+    if failure == "app-restarted":
+        client.shutdown()
+        client = payer_client(accounts[10], service.url, state_path=journal)  # the same journal, a new process
+    receipt = client.pay(channel, 7, reference="order-7", idempotency_key=key)
+    assert (receipt.cumulative, receipt.increment, receipt.idempotency_key) == (107, 7, key)
+    assert client.pay(channel, 7, reference="order-7", idempotency_key=key) == receipt  # answered from the journal
+    stored = [(p.cumulative, p.increment) for p in stored_payments(store_url, channel.hex_id)]
+    assert stored == [(107, 7), (100, 100)]
+
+
+def test_a_retry_signed_by_a_client_without_the_journal_pays_nothing_more(
+    spawn: Callable[..., ServiceProcess],
+    payer_client: Callable[..., PayerClient],
+    store_url: str,
+    accounts: list[LocalAccount],
+) -> None:
+    """Another machine retries the payment with the key but without the first one's journal: it signs from the
+    position it re-reads (already past the first voucher); the service knows the key and charges nothing more."""
+    service = spawn(store_url)
+    first = payer_client(accounts[10], service.url)
+    channel = first.open_channel(accounts[11].address, 10_000)
+    first.wait_until_known(channel)
+    original = first.pay(channel, 25, idempotency_key="invoice-9")
+    elsewhere = payer_client(accounts[10], service.url)  # a journal of its own
+    again = elsewhere.pay(channel, 25, idempotency_key="invoice-9")
+    assert (again.cumulative, again.increment) == (original.cumulative, original.increment) == (25, 25)
+    assert [(p.cumulative, p.increment) for p in stored_payments(store_url, channel.hex_id)] == [(25, 25)]
+    assert elsewhere.pay(channel, 5).cumulative == 30  # and its next payment pays exactly 5
+
+
+def test_an_inflated_position_is_refused_not_signed(
+    spawn: Callable[..., ServiceProcess],
+    payer_client: Callable[..., PayerClient],
+    store_url: str,
+    accounts: list[LocalAccount],
+) -> None:
+    """Through a proxy that inflated the channel's position, pay(1000 wei) used to sign a voucher for the whole
+    deposit, and the service accepted it."""
+    service = spawn(store_url)
+    opener = payer_client(accounts[10], service.url)
+    channel = opener.open_channel(accounts[11].address, 10**16)
+    opener.wait_until_known(channel)
+    opener.pay(channel, 1_000)
+    tamper = Tampering()
+    tamper.rewrite = lambda path, data: (
+        {**data, "acceptedCumulativeAmount": str(10**16 - 1_000)} if path.endswith(channel.hex_id) else data
+    )
+    victim = payer_client(accounts[10], service.url, http=httpx.Client(base_url=service.url, transport=tamper))
+    with pytest.raises(UntrustedServiceError, match="without a voucher this payer signed"):
+        victim.pay(channel, 1_000)
+    assert [p.cumulative for p in stored_payments(store_url, channel.hex_id)] == [1_000]
+
+
+def test_the_hub_is_checked_before_any_value_is_sent(
+    spawn: Callable[..., ServiceProcess],
+    payer_client: Callable[..., PayerClient],
+    store_url: str,
+    accounts: list[LocalAccount],
+    token: Contract,
+    hub: Contract,
+) -> None:
+    """The SDK took the hub address from the service's /v1/eip712 and sent deposits there."""
+    service = spawn(store_url)
+    for forged in (accounts[3].address, token.address):  # an account, a contract that is not a hub
+        tamper = Tampering()
+        tamper.rewrite = lambda path, data, forged=forged: (
+            {**data, "domain": {**data["domain"], "verifyingContract": forged}} if path == "/v1/eip712" else data
+        )
+        with pytest.raises(UntrustedServiceError, match="holds no ChannelHub code"):
+            payer_client(accounts[10], service.url, http=httpx.Client(base_url=service.url, transport=tamper))
+    with pytest.raises(UntrustedServiceError, match="not for"):
+        payer_client(accounts[10], service.url, hub_address=token.address)
+    assert payer_client(accounts[10], service.url, hub_address=hub.address).hub.address == hub.address

@@ -9,6 +9,7 @@ import signal
 import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
 
 import httpx
 import pytest
@@ -385,20 +386,30 @@ def test_postgres_outages_during_ingest_lose_no_acknowledged_voucher(
     fresh_postgres: str,
     devnet: Devnet,
     accounts: list[LocalAccount],
+    tmp_path: Path,
 ) -> None:
     """Every connection to PostgreSQL is reset twice while a payer streams payments (what a server restart looks
     like to the service). Jepsen-style check: every receipt the payer holds is in the store afterwards."""
     server = make_url(fresh_postgres)
     with TcpProxy(server.port or 5432) as proxy:
         service = spawn(server.set(port=proxy.port).render_as_string(hide_password=False))
-        client = PayerClient(HexBytes(accounts[12].key).to_0x_hex(), devnet.url, service.url, retries=30, backoff=0.1)
+        client = PayerClient(
+            HexBytes(accounts[12].key).to_0x_hex(),
+            devnet.url,
+            service.url,
+            retries=30,
+            backoff=0.1,
+            state_path=tmp_path / "journal.sqlite3",
+        )
         try:
             channel = client.open_channel(accounts[11].address, 10**9)
             client.wait_until_known(channel)
             receipts = stream_through(client, channel, lambda: (proxy.cut(), time.sleep(1.5), proxy.mend()))
+            position = client.position(channel)
         finally:
             client.shutdown()
     stored = {(r.cumulative, r.increment) for r in stored_payments(fresh_postgres, channel.hex_id)}
     assert {(r.cumulative, r.increment) for r in receipts} <= stored
-    assert max(c for c, _ in stored) == client.position(channel)
+    assert sum(i for _, i in stored) == 3 * len(receipts)  # the payee got exactly what the app paid, not more
+    assert max(c for c, _ in stored) == position
     assert len(receipts) >= 80

@@ -160,6 +160,9 @@ class ChannelOut(BaseModel):
     status: Literal["open", "closing", "closed"]
     closeDeadline: int | None
     asOfBlock: int = Field(description="the confirmed block the chain facts are current to")
+    latestSignature: str | None = Field(
+        description="the payer's signature of acceptedCumulativeAmount: a payer SDK trusts the position only with it"
+    )
     suspended: bool
     suspendedReason: str | None
 
@@ -178,6 +181,7 @@ class ChannelOut(BaseModel):
             remaining=str(max(channel.deposit - channel.floor, 0)),
             status=STATUS_NAMES[channel.status],
             closeDeadline=channel.close_deadline,
+            latestSignature=None if channel.signature is None else "0x" + channel.signature.hex(),
             asOfBlock=channel.as_of_block,
             suspended=channel.suspended_reason is not None,
             suspendedReason=channel.suspended_reason,

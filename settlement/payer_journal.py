@@ -1,0 +1,172 @@
+"""The payer's durable memory: the highest cumulative amount it signed per channel, and each payment until its
+outcome is known. The payer SDK writes here BEFORE it sends a voucher, so neither a lost answer nor a restart of the
+app can make it sign more than the app asked for (TigerBeetle's reliable submission: the client makes the id,
+persists it, retries with it).
+
+One SQLite file per payer key, hub and chain (stdlib `sqlite3`: the SDK needs nothing of the server), in WAL mode
+with `synchronous=FULL`, one transaction per change. Several clients of one payer may share the file; a channel is
+paid by one client at a time (payments on a channel race each other's cumulative totals otherwise).
+"""
+
+from __future__ import annotations
+
+import json
+import sqlite3
+import threading
+from dataclasses import dataclass
+from enum import Enum
+from pathlib import Path
+from typing import Any
+
+_SCHEMA = """
+CREATE TABLE IF NOT EXISTS positions (
+    channel_id TEXT PRIMARY KEY,
+    signed TEXT NOT NULL            -- the highest cumulative amount this payer signed on the channel (decimal)
+);
+CREATE TABLE IF NOT EXISTS payments (
+    idempotency_key TEXT PRIMARY KEY,
+    channel_id TEXT NOT NULL,
+    amount TEXT NOT NULL,           -- what the app asked to pay (decimal base units)
+    cumulative TEXT NOT NULL,       -- the voucher signed for it
+    reference TEXT,
+    status TEXT NOT NULL CHECK (status IN ('pending', 'accepted')),
+    receipt TEXT                    -- the service's receipt (JSON), once accepted
+);
+CREATE INDEX IF NOT EXISTS payments_pending ON payments (channel_id) WHERE status = 'pending';
+"""
+
+
+class PaymentStatus(Enum):
+    PENDING = "pending"  # signed and (maybe) sent; no answer known yet
+    ACCEPTED = "accepted"  # the service answered with a receipt
+
+
+@dataclass(frozen=True)
+class JournalPayment:
+    """One payment the app asked for, as the journal holds it."""
+
+    idempotency_key: str
+    channel_id: str
+    amount: int
+    cumulative: int
+    reference: str | None
+    status: PaymentStatus
+    receipt: dict[str, Any] | None
+
+
+class PayerJournal:
+    """A payer's signed positions and payments in one SQLite file. Thread-safe."""
+
+    def __init__(self, path: Path) -> None:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        self.path = path
+        self._lock = threading.Lock()
+        self._conn = sqlite3.connect(path, check_same_thread=False, isolation_level=None, timeout=30.0)
+        self._conn.execute("PRAGMA journal_mode=WAL")
+        self._conn.execute("PRAGMA synchronous=FULL")
+        self._conn.executescript(_SCHEMA)
+
+    def close(self) -> None:
+        with self._lock:
+            self._conn.close()
+
+    def signed(self, channel_id: str) -> int | None:
+        """The highest cumulative amount this payer signed on the channel, or None if it never paid on it here."""
+        with self._lock:
+            row = self._conn.execute("SELECT signed FROM positions WHERE channel_id = ?", (channel_id,)).fetchone()
+        return None if row is None else int(row[0])
+
+    def payment(self, key: str) -> JournalPayment | None:
+        with self._lock:
+            row = self._conn.execute("SELECT * FROM payments WHERE idempotency_key = ?", (key,)).fetchone()
+        return None if row is None else _payment(row)
+
+    def pending(self, channel_id: str) -> list[JournalPayment]:
+        """Payments on the channel whose outcome is not known, oldest voucher first."""
+        with self._lock:
+            rows = self._conn.execute(
+                "SELECT * FROM payments WHERE channel_id = ? AND status = 'pending'", (channel_id,)
+            ).fetchall()
+        return sorted((_payment(r) for r in rows), key=lambda p: p.cumulative)
+
+    def begin(self, payment: JournalPayment) -> None:
+        """Record a payment about to be sent, and raise the channel's signed position to its voucher (one commit)."""
+        with self._lock, self._conn:
+            self._conn.execute("BEGIN IMMEDIATE")
+            self._conn.execute(
+                "INSERT INTO payments VALUES (?, ?, ?, ?, ?, 'pending', NULL) ON CONFLICT (idempotency_key) DO UPDATE"
+                " SET cumulative = excluded.cumulative",
+                (
+                    payment.idempotency_key,
+                    payment.channel_id,
+                    str(payment.amount),
+                    str(payment.cumulative),
+                    payment.reference,
+                ),
+            )
+            self._raise(payment.channel_id, payment.cumulative)
+
+    def settle_position(self, channel_id: str, cumulative: int) -> None:
+        """A position proven from outside (a voucher this payer signed, or the chain): never lowers it."""
+        with self._lock, self._conn:
+            self._conn.execute("BEGIN IMMEDIATE")
+            self._raise(channel_id, cumulative)
+
+    def reset(self, channel_id: str) -> None:
+        """A channel just opened: nothing is signed on it yet. (A journal can outlive a devnet whose channel ids come
+        back after a restart; what it held for this id belongs to that other chain.)"""
+        with self._lock, self._conn:
+            self._conn.execute("BEGIN IMMEDIATE")
+            self._conn.execute("DELETE FROM payments WHERE channel_id = ?", (channel_id,))
+            self._conn.execute(
+                "INSERT INTO positions VALUES (?, '0') ON CONFLICT (channel_id) DO UPDATE SET signed = '0'",
+                (channel_id,),
+            )
+
+    def accepted(self, key: str, receipt: dict[str, Any], *, lower_to: int | None = None) -> None:
+        """The service stored the payment. `lower_to`: it answered with an earlier voucher of the same key (a retry
+        signed by another client), so the voucher signed here was not stored and the position is that voucher's."""
+        with self._lock, self._conn:
+            self._conn.execute("BEGIN IMMEDIATE")
+            self._conn.execute(
+                "UPDATE payments SET status = 'accepted', receipt = ? WHERE idempotency_key = ?",
+                (json.dumps(receipt, sort_keys=True), key),
+            )
+            if lower_to is not None:
+                self._conn.execute(
+                    "UPDATE positions SET signed = ? WHERE channel_id = (SELECT channel_id FROM payments"
+                    " WHERE idempotency_key = ?)",
+                    (str(lower_to), key),
+                )
+
+    def refused(self, key: str, channel_id: str, restore: int) -> None:
+        """The service refused the payment's voucher for good: forget the payment and put the signed position back
+        to `restore` (what was accepted before it), so the next payment does not pay this one's amount too."""
+        with self._lock, self._conn:
+            self._conn.execute("BEGIN IMMEDIATE")
+            self._conn.execute("DELETE FROM payments WHERE idempotency_key = ?", (key,))
+            self._conn.execute(
+                "INSERT INTO positions VALUES (?, ?) ON CONFLICT (channel_id) DO UPDATE SET signed = excluded.signed",
+                (channel_id, str(restore)),
+            )
+
+    def _raise(self, channel_id: str, cumulative: int) -> None:
+        row = self._conn.execute("SELECT signed FROM positions WHERE channel_id = ?", (channel_id,)).fetchone()
+        if row is None or int(row[0]) < cumulative:
+            self._conn.execute(
+                "INSERT INTO positions VALUES (?, ?) ON CONFLICT (channel_id) DO UPDATE SET signed = excluded.signed",
+                (channel_id, str(cumulative)),
+            )
+
+
+def _payment(row: tuple[Any, ...]) -> JournalPayment:
+    key, channel_id, amount, cumulative, reference, status, receipt = row
+    return JournalPayment(
+        idempotency_key=key,
+        channel_id=channel_id,
+        amount=int(amount),
+        cumulative=int(cumulative),
+        reference=reference,
+        status=PaymentStatus(status),
+        receipt=None if receipt is None else json.loads(receipt),
+    )
