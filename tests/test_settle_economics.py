@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Callable
+from typing import Any
 
 import pytest
 from eth_account.signers.local import LocalAccount
@@ -59,6 +60,22 @@ def cid(channel: Channel) -> str:
     return "0x" + channel.id.hex()
 
 
+Clocked = Callable[..., tuple[Service, Settler, list[float]]]
+
+
+@pytest.fixture
+def clocked(engine: Callable[..., tuple[Service, Settler]], w3: Web3) -> Clocked:
+    """Factory: clocked(**settings) -> (service, settler, now): the settler reads `now[0]`, which starts at the
+    chain's time; a test moves it."""
+
+    def make(**settings: Any) -> tuple[Service, Settler, list[float]]:
+        now = [float(chain_time(w3))]
+        service, settler = engine(clock=lambda: now[0], **settings)
+        return service, settler, now
+
+    return make
+
+
 def step(settler: Settler, service: Service, now: list[float], seconds: float) -> str | None:
     """Let `seconds` pass on the engine's clock, tick once, and let the indexer see what was mined."""
     now[0] += seconds
@@ -68,7 +85,7 @@ def step(settler: Settler, service: Service, now: list[float], seconds: float) -
 
 
 def test_a_closing_payer_streaming_one_wei_vouchers_buys_no_extra_batches(
-    engine: Callable[..., tuple[Service, Settler]],
+    clocked: Clocked,
     open_channel: Callable[..., Channel],
     accounts: list[LocalAccount],
     w3: Web3,
@@ -78,8 +95,7 @@ def test_a_closing_payer_streaming_one_wei_vouchers_buys_no_extra_batches(
     """The measured attack: a close request, then +1 wei a second, beside 40 one-gwei channels. It made 17 batches
     (8.2 M gas) in 56 s. Now: one batch when the close is seen, one when ingest stops taking vouchers, both carrying
     the closing channel only; the dust channels are never worth their gas."""
-    now = [float(chain_time(w3))]
-    service, settler = engine(clock=lambda: now[0], **ECONOMIC)
+    service, settler, now = clocked(**ECONOMIC)
     attacker = open_channel(accounts[5], accounts[7].address, amount=10**18)
     dust = [open_channel(accounts[6], accounts[7].address, amount=10**15) for _ in range(40)]
     wait_indexed(service)
@@ -108,7 +124,7 @@ def test_a_closing_payer_streaming_one_wei_vouchers_buys_no_extra_batches(
 
 
 def test_regular_batches_take_only_channels_worth_their_gas(
-    engine: Callable[..., tuple[Service, Settler]],
+    clocked: Clocked,
     open_channel: Callable[..., Channel],
     accounts: list[LocalAccount],
     token: Contract,
@@ -116,8 +132,7 @@ def test_regular_batches_take_only_channels_worth_their_gas(
     hub: Contract,
     sign: Sign,
 ) -> None:
-    now = [float(chain_time(w3))]
-    service, settler = engine(clock=lambda: now[0], token_min_settle_amounts={token.address: 500}, **ECONOMIC)
+    service, settler, now = clocked(token_min_settle_amounts={token.address: 500}, **ECONOMIC)
     big = open_channel(accounts[5], accounts[7].address, amount=10**18)
     small = open_channel(accounts[6], accounts[7].address, amount=10**18)
     token_big = open_channel(accounts[5], accounts[8].address, token=token, amount=10**6)
@@ -144,7 +159,7 @@ def test_regular_batches_take_only_channels_worth_their_gas(
 
 
 def test_the_spend_ceiling_stops_regular_batches_but_not_closes(
-    engine: Callable[..., tuple[Service, Settler]],
+    clocked: Clocked,
     open_channel: Callable[..., Channel],
     accounts: list[LocalAccount],
     w3: Web3,
@@ -152,8 +167,7 @@ def test_the_spend_ceiling_stops_regular_batches_but_not_closes(
     sign: Sign,
     caplog: pytest.LogCaptureFixture,
 ) -> None:
-    now = [float(chain_time(w3))]
-    service, settler = engine(clock=lambda: now[0], settle_interval=30.0, max_spend_per_hour_wei=1)
+    service, settler, now = clocked(settle_interval=30.0, max_spend_per_hour_wei=1)
     first, second, closing = (open_channel(accounts[5], accounts[7].address, amount=10**18) for _ in range(3))
     wait_indexed(service)
     pay(service, first, 100, sign)
@@ -172,7 +186,7 @@ def test_the_spend_ceiling_stops_regular_batches_but_not_closes(
 
 
 def test_a_front_run_batch_is_noticed_not_resent_and_the_payee_is_paid(
-    engine: Callable[..., tuple[Service, Settler]],
+    clocked: Clocked,
     open_channel: Callable[..., Channel],
     accounts: list[LocalAccount],
     w3: Web3,
@@ -182,8 +196,7 @@ def test_a_front_run_batch_is_noticed_not_resent_and_the_payee_is_paid(
 ) -> None:
     """A payer sees the engine's batch in the mempool and outbids it with settlements of its own latest vouchers:
     the engine's entries become paid-for skips."""
-    now = [float(chain_time(w3))]
-    service, settler = engine(clock=lambda: now[0], settle_interval=30.0)
+    service, settler, now = clocked(settle_interval=30.0)
     payer = accounts[5]
     channels = [open_channel(payer, accounts[7].address, amount=10**18) for _ in range(3)]
     wait_indexed(service)
@@ -217,7 +230,7 @@ def test_a_front_run_batch_is_noticed_not_resent_and_the_payee_is_paid(
 @pytest.mark.parametrize("same_block_as", ["settlement", "top_up"])
 def test_a_close_requested_in_the_same_block_as_a_settlement_or_top_up_is_watched(
     same_block_as: str,
-    engine: Callable[..., tuple[Service, Settler]],
+    clocked: Clocked,
     open_channel: Callable[..., Channel],
     accounts: list[LocalAccount],
     w3: Web3,
@@ -225,8 +238,7 @@ def test_a_close_requested_in_the_same_block_as_a_settlement_or_top_up_is_watche
     sign: Sign,
 ) -> None:
     """Then the payer finalizes one second after the deadline: by then the payee holds every accepted voucher."""
-    now = [float(chain_time(w3))]
-    service, settler = engine(clock=lambda: now[0], **ECONOMIC)
+    service, settler, now = clocked(**ECONOMIC)
     channel = open_channel(accounts[5], accounts[7].address, amount=10**18)
     payer = channel.payer.address
     wait_indexed(service)
@@ -260,7 +272,7 @@ def test_a_close_requested_in_the_same_block_as_a_settlement_or_top_up_is_watche
 
 
 def test_a_standby_engine_keeps_the_leaders_interval_and_alert_throttle(
-    engine: Callable[..., tuple[Service, Settler]],
+    clocked: Clocked,
     open_channel: Callable[..., Channel],
     accounts: list[LocalAccount],
     w3: Web3,
@@ -268,8 +280,7 @@ def test_a_standby_engine_keeps_the_leaders_interval_and_alert_throttle(
     caplog: pytest.LogCaptureFixture,
 ) -> None:
     """A failover used to reset the engine's timing: an immediate batch, every alert again."""
-    now = [float(chain_time(w3))]
-    service, leader = engine(clock=lambda: now[0], settle_interval=30.0, low_balance_wei=10**30)
+    service, leader, now = clocked(settle_interval=30.0, low_balance_wei=10**30)
     channel = open_channel(accounts[5], accounts[7].address, amount=10**18)
     wait_indexed(service)
     pay(service, channel, 100, sign)
@@ -286,14 +297,13 @@ def test_a_standby_engine_keeps_the_leaders_interval_and_alert_throttle(
 
 
 def test_fee_bumps_follow_the_engines_clock_not_the_wall_clock(
-    engine: Callable[..., tuple[Service, Settler]],
+    clocked: Clocked,
     open_channel: Callable[..., Channel],
     accounts: list[LocalAccount],
     w3: Web3,
     sign: Sign,
 ) -> None:
-    now = [float(chain_time(w3))]
-    service, settler = engine(clock=lambda: now[0], bump_after=30.0)
+    service, settler, now = clocked(bump_after=30.0)
     channel = open_channel(accounts[5], accounts[7].address, amount=10**18)
     wait_indexed(service)
     pay(service, channel, 100, sign)
@@ -319,7 +329,7 @@ def test_fee_bumps_follow_the_engines_clock_not_the_wall_clock(
 def test_broadcast_outcomes_are_read_from_the_chain(
     engine: Callable[..., tuple[Service, Settler]], w3: Web3, accounts: list[LocalAccount]
 ) -> None:
-    """ "already known" and "nonce too low" are worded differently by every node client: the engine asks the chain."""
+    """The nodes word "already known" and "nonce too low" each their own way: the engine asks the chain."""
     _service, settler = engine()
     account = settler.account
     nonce = w3.eth.get_transaction_count(account.address)
