@@ -246,3 +246,22 @@ def test_a_store_error_names_an_incident_not_the_databases_text(
     )
     incident = info.value.message[-13:-1]
     assert f"store incident {incident}" in caplog.text and "service_meta" in caplog.text  # the detail is in the log
+
+
+def test_the_migrations_build_exactly_the_schema_the_tables_describe(db: Database) -> None:
+    """tables.py and the migrations describe the schema twice; alembic's compare_metadata finds any drift (a column,
+    an index, a constraint, a type) between the migrated database and the metadata."""
+    from alembic.autogenerate import compare_metadata
+    from alembic.runtime.migration import MigrationContext
+
+    from settlement.store.tables import metadata
+
+    with db.engine.connect() as conn:
+        context = MigrationContext.configure(conn, opts={"compare_type": True, "compare_server_default": False})
+        drift = [d for d in compare_metadata(context, metadata) if not _alembic_own(d)]
+    assert drift == []
+
+
+def _alembic_own(diff: Any) -> bool:
+    """alembic's version table is not in our metadata."""
+    return isinstance(diff, tuple) and diff[0] == "remove_table" and diff[1].name == "alembic_version"
