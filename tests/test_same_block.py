@@ -138,6 +138,109 @@ def test_two_events_of_one_channel_in_one_block_are_both_applied(
     stored_equals_chain(db, hub, channel_ops.channel.id)
 
 
+# Pairs that can share ONE transaction: a contract makes both calls (tests' Multicall). As a third party it can top
+# up, settle (the vouchers are the payer's) and finalize; as a payer it can open, top up and request a close (it
+# cannot sign vouchers, so its own channels are never settled here). The payee's `closeByPayee` with a voucher makes
+# two events in one transaction by itself (test_one_transaction_settling_a_channel_twice_and_closing_it).
+ONE_TX_AS_ANYONE = [
+    ("open", "top_up", "top_up"),
+    ("open", "top_up", "settle"),
+    ("open", "settle", "top_up"),
+    ("open", "settle", "settle"),
+    ("expired", "settle", "finalize"),
+    ("expired", "finalize", "settle"),
+]
+ONE_TX_AS_PAYER = [
+    ("new", "open", "top_up"),
+    ("new", "open", "request_close"),
+    ("open", "top_up", "request_close"),
+    ("open", "top_up", "top_up"),
+]
+
+
+def one_transaction(w3: Web3, multicall: Contract, hub: Contract, *txs: Tx) -> Any:
+    calls = [bytes.fromhex(call._encode_transaction_data()[2:]) for call, _sender, _value in txs]
+    values = [value for _call, _sender, value in txs]
+    runner = multicall.functions.run(hub.address, calls, values)
+    return send(w3, runner, txs[0][1], value=sum(values))
+
+
+@pytest.fixture
+def multicall(deploy: Callable[..., Contract]) -> Contract:
+    return deploy("Multicall")
+
+
+@pytest.mark.parametrize(
+    ("role", "state", "first", "second"),
+    [("anyone", *p) for p in ONE_TX_AS_ANYONE] + [("payer", *p) for p in ONE_TX_AS_PAYER],
+    ids=[f"anyone-{s}:{a}+{b}" for s, a, b in ONE_TX_AS_ANYONE] + [f"payer-{s}:{a}+{b}" for s, a, b in ONE_TX_AS_PAYER],
+)
+def test_two_events_of_one_channel_in_one_transaction_are_both_applied(
+    role: str,
+    state: str,
+    first: str,
+    second: str,
+    w3: Web3,
+    hub: Contract,
+    db: Database,
+    make_indexer: Callable[..., Indexer],
+    multicall: Contract,
+    accounts: list[LocalAccount],
+    sign: Callable[..., bytes],
+) -> None:
+    if role == "payer":  # the multicall contract is the channel's payer
+        salt = salt_of(20_000 + ONE_TX_AS_PAYER.index((state, first, second)))
+        payer_account = LocalAccount.__new__(LocalAccount)  # never signs: only its address is used
+        payee = accounts[8].address
+        channel = Channel(channel_id(multicall.address, payee, ETH, salt), payer_account, payee, ETH, salt, DEPOSIT)
+        channel_ops = _ContractPayerOps(hub, channel, sign, multicall.address)
+    else:
+        n = 30_000 + ONE_TX_AS_ANYONE.index((state, first, second))
+        channel_ops = Ops(hub, _fresh_channel(accounts, n), sign)
+    indexer = make_indexer()
+    if state != "new":
+        call, _sender, value = channel_ops.open()
+        runner_sender = accounts[9].address
+        if role == "payer":
+            one_transaction(w3, multicall, hub, (call, runner_sender, value))
+        else:
+            send(w3, call, channel_ops.channel.payer.address, value)
+    if state == "expired":
+        send(w3, hub.functions.requestClose(channel_ops.channel.id), channel_ops.channel.payer.address)
+        w3.provider.make_request("evm_increaseTime", [CHALLENGE + 1])
+        w3.provider.make_request("evm_mine", [])  # the gas estimate runs on the latest block: past the deadline
+    indexer.catch_up()
+    pair = [getattr(channel_ops, first)(), getattr(channel_ops, second)()]
+    receipt = one_transaction(w3, multicall, hub, *[(c, accounts[9].address, v) for c, _s, v in pair])
+    assert receipt["status"] == 1
+    indexer.catch_up()
+    stored_equals_chain(db, hub, channel_ops.channel.id)
+
+
+def _fresh_channel(accounts: list[LocalAccount], n: int) -> Channel:
+    payer, payee = accounts[7], accounts[8].address
+    salt = salt_of(n)
+    return Channel(channel_id(payer.address, payee, ETH, salt), payer, payee, ETH, salt, DEPOSIT)
+
+
+class _ContractPayerOps(Ops):
+    """The operations of a channel whose payer is the Multicall contract: `open` as the contract."""
+
+    def __init__(self, hub: Contract, channel: Channel, sign: Callable[..., bytes], payer: str) -> None:
+        super().__init__(hub, channel, sign)
+        self.payer = payer
+
+    def open(self) -> Tx:
+        c = self.channel
+        return self.hub.functions.open(c.payee, ETH, c.salt, DEPOSIT), self.payer, DEPOSIT
+
+    def top_up(self) -> Tx:
+        return self.hub.functions.topUp(self.channel.id, 10), self.payer, 10
+
+    def request_close(self) -> Tx:
+        return self.hub.functions.requestClose(self.channel.id), self.payer, 0
+
+
 def test_a_payers_own_settlement_does_not_hide_its_close_request(
     w3: Web3, hub: Contract, db: Database, make_indexer: Callable[..., Indexer], ops: Callable[[int], Ops]
 ) -> None:
