@@ -119,6 +119,8 @@ def test_a_closing_payer_streaming_one_wei_vouchers_buys_no_extra_batches(
         step(settler, service, now, 1.0)
     assert entries(service) == [(cid(attacker), 1_001), (cid(attacker), cumulative)]
     assert [n for _b, n in batches(service)] == [1, 1]
+    spent = [b.gas_used for b, _n in batches(service)]
+    assert all(gas is not None and gas <= 60_000 for gas in spent), spent  # the documented bound: 2 x 60,000 gas
     assert settled_on_chain(hub, attacker) == cumulative  # the payee got every accepted wei
     assert [settled_on_chain(hub, c) for c in dust] == [0] * 40
 
