@@ -27,12 +27,13 @@ from web3 import Web3
 from web3.contract import Contract
 from web3.types import RPCEndpoint, TxParams
 
-from settlement.batch_encoding import SettleEntry, encode_batch
-from settlement.chain import GAS_HEADROOM, access_list_plan, connect
-from settlement.config import Settings
-from settlement.contracts import HUB, load_artifact
-from settlement.devnet import Devnet, devnet_accounts
-from settlement.vouchers import Domain, VoucherVerifier, channel_id, recover_reference, sign_voucher
+from settlement.chain.batch_codec import SettleEntry, encode_batch
+from settlement.chain.contracts import HUB, load_artifact
+from settlement.chain.node import GAS_HEADROOM, access_list_plan, connect
+from settlement.devtools.devnet import Devnet
+from settlement.eip712.vouchers import Domain, VoucherVerifier, channel_id, recover_reference, sign_voucher
+from settlement.server.config import Settings
+from settlement.server.operator import devnet_accounts
 
 ETH = "0x" + "00" * 20
 CHALLENGE_PERIOD = 3600
@@ -241,7 +242,7 @@ E2E_RATE = 100.0
 def run_e2e(console: Console) -> dict[str, Any]:
     """The simulator (real service, engine, devnet with 1 s blocks) at 100 payments/s for 40 s, once per settle
     interval; each payment's latency runs from its receipt to the moment a settlement covering it is seen on chain."""
-    from settlement.simulate import Plan, Simulation
+    from settlement.devtools.simulate import Plan, Simulation
 
     table = Table(title=f"accepted -> credited on chain ({E2E_BLOCK_TIME}s blocks, {E2E_RATE:g} payments/s)")
     for column in ("settle interval", "payments", "batches", "p50 ms", "p99 ms", "max ms"):

@@ -33,11 +33,11 @@ from sqlalchemy import create_engine, text
 from sqlalchemy.engine import make_url
 from sqlalchemy.exc import OperationalError
 
-from settlement.chain import Transactor, connect
-from settlement.config import Settings
-from settlement.deployment import deploy_hub, hub_contract
-from settlement.devnet import Devnet, free_port
-from settlement.vouchers import VoucherVerifier, channel_id, read_domain, sign_voucher
+from settlement.chain.deployment import deploy_hub, hub_contract
+from settlement.chain.node import Transactor, connect
+from settlement.devtools.devnet import Devnet, free_port
+from settlement.eip712.vouchers import VoucherVerifier, channel_id, read_domain, sign_voucher
+from settlement.server.config import Settings
 
 CHANNELS = 128
 VOUCHERS_PER_CHANNEL = 700
@@ -173,7 +173,7 @@ class _servers:
             log = (self.work / f"server-{self.db_name}-{n}.log").open("wb")
             self.processes.append(
                 subprocess.Popen(
-                    [sys.executable, "-m", "settlement.cli", "serve", "--log-level", "warning"],
+                    [sys.executable, "-m", "settlement.cli.main", "serve", "--log-level", "warning"],
                     env=env,
                     cwd=self.work,
                     stdout=log,

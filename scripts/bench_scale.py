@@ -27,15 +27,16 @@ from rich.console import Console
 from rich.table import Table
 
 from scripts.bench_ingest import POSTGRES_URL, _postgres_available, scratch_postgres
-from settlement.chain import connect, operator_account
-from settlement.config import Settings
-from settlement.deployment import deploy_hub
-from settlement.devnet import Devnet
-from settlement.model import Voucher
-from settlement.service import Service
-from settlement.settler import Settler
+from settlement.chain.deployment import deploy_hub
+from settlement.chain.node import connect
+from settlement.devtools.devnet import Devnet
+from settlement.domain.model import ChannelId, Voucher
+from settlement.eip712.vouchers import Domain, VoucherVerifier, channel_id, read_domain
+from settlement.server.config import Settings
+from settlement.server.operator import operator_account
+from settlement.server.service import Service
+from settlement.settle.engine import Settler
 from settlement.store import settlements as batch_q
-from settlement.vouchers import Domain, VoucherVerifier, channel_id, read_domain
 
 ETH = "0x" + "00" * 20
 PAYERS = 100
@@ -142,7 +143,7 @@ def _sign_round(job: tuple[Domain, list[tuple[bytes, bytes]], int]) -> list[Vouc
     out = []
     for cid, key in owners:
         raw = PrivateKey(key).sign_recoverable(verifier.digest(cid, amount), hasher=None)
-        out.append(Voucher("0x" + cid.hex(), amount, raw[:64] + bytes((raw[64] + 27,))))
+        out.append(Voucher(ChannelId("0x" + cid.hex()), amount, raw[:64] + bytes((raw[64] + 27,))))
     return out
 
 

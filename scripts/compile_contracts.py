@@ -22,7 +22,7 @@ from typing import Any
 import solcx
 from packaging.version import Version
 
-from settlement.contracts import source_file
+from settlement.chain.contracts import source_file
 
 ROOT = Path(__file__).resolve().parent.parent
 CONTRACTS_DIR = "contracts"
@@ -129,7 +129,9 @@ def build_artifacts(root: Path = ROOT) -> dict[str, str]:
                 "compiler": {"version": long_version, "settings": recorded_settings},
                 "sources": checksums,
             }
-            artifacts[f"{name}.json"] = json.dumps(artifact, indent=1, sort_keys=True) + "\n"
+            # Contracts that only tests deploy go to artifacts/test/, which the wheel leaves out.
+            where = "test/" if unit.startswith(f"{CONTRACTS_DIR}/test/") else ""
+            artifacts[f"{where}{name}.json"] = json.dumps(artifact, indent=1, sort_keys=True) + "\n"
     return artifacts
 
 
@@ -145,20 +147,25 @@ def main(argv: list[str] | None = None) -> int:
             for name, text in artifacts.items()
             if not (out_dir / name).exists() or (out_dir / name).read_text(encoding="utf-8") != text
         )
-        extra = sorted(p.name for p in out_dir.glob("*.json") if p.name not in artifacts)
+        extra = sorted(name for name in _committed(out_dir) if name not in artifacts)
         if stale or extra:
             print(f"artifacts out of date: {', '.join(stale + extra)}; run `python scripts/compile_contracts.py`")
             return 1
         print(f"artifacts match the sources ({len(artifacts)} contracts)")
         return 0
-    out_dir.mkdir(parents=True, exist_ok=True)
-    for stale_file in out_dir.glob("*.json"):
-        if stale_file.name not in artifacts:
-            stale_file.unlink()
+    (out_dir / "test").mkdir(parents=True, exist_ok=True)
+    for name in _committed(out_dir):
+        if name not in artifacts:
+            (out_dir / name).unlink()
     for name, text in artifacts.items():
         (out_dir / name).write_text(text, encoding="utf-8")
     print(f"wrote {len(artifacts)} artifacts to {ARTIFACTS_DIR}")
     return 0
+
+
+def _committed(out_dir: Path) -> list[str]:
+    """The artifact files there, by their path below `out_dir` (test/X.json for test-only contracts)."""
+    return sorted(p.relative_to(out_dir).as_posix() for p in out_dir.rglob("*.json"))
 
 
 if __name__ == "__main__":

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import sys
 
-from settlement.cli import app
+from settlement.cli.main import app
 
 if __name__ == "__main__":
     sys.exit(app(["simulate", *sys.argv[1:]]))

@@ -12,7 +12,8 @@
     │   ├── ChainUnavailableError    503 chain_unavailable
     │   ├── ChainMismatchError       503 chain_mismatch      (the RPC serves another chain instance than the store's)
     │   └── TransactionFailedError   502 transaction_failed
-    ├── ServiceRejectedError         the service's status and code, as the client SDK received them
+    ├── ServiceRejectedError         the service's status and code, as the client SDK received them; the SDK raises
+    │                                the class above or below with that code, made a subclass of this one
     ├── PaymentUncertainError        503 payment_uncertain   (client SDK: no answer after every retry)
     ├── UntrustedServiceError        502 service_untrusted   (client SDK: the service's word failed a check)
     └── RequestError                 400 bad_request         (the client's fault: always 4xx)
@@ -237,19 +238,52 @@ class AmountExceedsDepositError(VoucherRejectedError):
 
 
 class ServiceRejectedError(SettlementError):
-    """The settlement service answered a client request with an error; status and code are the service's."""
+    """The settlement service answered a client request with an error; status and code are the service's.
 
-    def __init__(self, status: int, code: str, message: str, **details: object) -> None:
+    The payer SDK raises the very class the service raised, as a subclass of this one (see `rejected`): an app can
+    catch `StaleVoucherError` or `AmountExceedsDepositError` by name, or every refusal as ServiceRejectedError.
+    `request` says which call it answered ("POST /v1/vouchers").
+    """
+
+    def __init__(self, status: int, code: str, message: str, *, request: str = "", **details: object) -> None:
         super().__init__(message, **details)
         self.status = status
         self.code = code
+        self.request = request
+
+
+_ANSWERED: dict[type[SettlementError], type[ServiceRejectedError]] = {}
+
+
+def rejected(status: int, code: str, message: str, *, request: str = "", **details: object) -> ServiceRejectedError:
+    """The client-side error for a service's answer: the class of the tree with that code (also a
+    ServiceRejectedError), or ServiceRejectedError itself for a code this version does not know."""
+    known = _by_code().get(code)
+    if known is None:
+        return ServiceRejectedError(status, code, message, request=request, **details)
+    answered = _ANSWERED.get(known)
+    if answered is None:
+        answered = type(known.__name__, (ServiceRejectedError, known), {"__doc__": known.__doc__})
+        _ANSWERED[known] = answered
+    return answered(status, code, message, request=request, **details)
+
+
+def _by_code() -> dict[str, type[SettlementError]]:
+    found: dict[str, type[SettlementError]] = {}
+    pending: list[type[SettlementError]] = [SettlementError]
+    while pending:
+        cls = pending.pop()
+        pending.extend(cls.__subclasses__())
+        if cls not in _ANSWERED.values() and cls is not ServiceRejectedError and "code" in vars(cls):
+            found.setdefault(str(vars(cls)["code"]), cls)
+    return found
 
 
 class PaymentUncertainError(SettlementError):
     """A voucher was sent but no answer came back after every retry: it may or may not have been accepted.
 
-    The client forgets its position for the channel and re-reads it from the service before the next payment, so it
-    never signs a lower cumulative amount than one the service may hold.
+    Pay again with the idempotency key in `details["idempotencyKey"]`: the SDK re-sends the same voucher, so it ends
+    with exactly one payment.
     """
 
     status = 503

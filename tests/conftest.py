@@ -19,16 +19,16 @@ from web3.contract import Contract
 from web3.exceptions import ContractCustomError, ContractLogicError
 
 from settlement.api.app import create_app
-from settlement.chain import Revert, connect, revert_of
-from settlement.config import Settings
-from settlement.contracts import load_artifact
-from settlement.deployment import Deployment, deploy_hub, hub_contract
-from settlement.devnet import Devnet
-from settlement.indexer import Indexer
-from settlement.service import Service
-from settlement.settler import Settler
+from settlement.chain.contracts import load_artifact
+from settlement.chain.deployment import Deployment, deploy_hub, hub_contract
+from settlement.chain.node import Revert, connect, revert_of
+from settlement.devtools.devnet import Devnet
+from settlement.eip712.vouchers import Domain, sign_voucher
+from settlement.indexer.follower import Indexer
+from settlement.server.config import Settings
+from settlement.server.service import Service
+from settlement.settle.engine import Settler
 from settlement.store import Database
-from settlement.vouchers import Domain, sign_voucher
 from tests.servers import ServiceProcess
 
 ROOT = Path(__file__).resolve().parent.parent

@@ -16,12 +16,12 @@ from web3.contract import Contract
 from web3.logs import DISCARD
 from web3.types import TxReceipt
 
-from settlement.batch_encoding import SettleEntry, decode_settlements, encode_batch
-from settlement.model import Voucher
-from settlement.service import Service
-from settlement.settler import Settler
+from settlement.chain.batch_codec import SettleEntry, decode_settlements, encode_batch
+from settlement.domain.model import Voucher
+from settlement.eip712.vouchers import channel_id
+from settlement.server.service import Service
+from settlement.settle.engine import Settler
 from settlement.store import settlements as batch_q
-from settlement.vouchers import channel_id
 
 __all__ = ["channel_id"]  # re-exported: tests import it from here with the other helpers
 

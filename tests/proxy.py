@@ -5,7 +5,7 @@ from __future__ import annotations
 import socket
 import threading
 
-from settlement.devnet import free_port
+from settlement.devtools.devnet import free_port
 
 
 class TcpProxy:

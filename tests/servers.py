@@ -11,7 +11,7 @@ from pathlib import Path
 
 import httpx
 
-from settlement.devnet import free_port
+from settlement.devtools.devnet import free_port
 
 
 class ServiceProcess:

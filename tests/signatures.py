@@ -6,7 +6,7 @@ from collections.abc import Callable
 
 import pytest
 
-from settlement.vouchers import SECP256K1_N
+from settlement.eip712.vouchers import SECP256K1_N
 
 Mutation = Callable[[bytes], bytes]
 

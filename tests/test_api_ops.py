@@ -8,9 +8,9 @@ from eth_account.signers.local import LocalAccount
 from fastapi.testclient import TestClient
 from web3.contract import Contract
 
-from settlement.deployment import Deployment
-from settlement.devnet import Devnet
-from settlement.vouchers import VoucherVerifier, read_domain
+from settlement.chain.deployment import Deployment
+from settlement.devtools.devnet import Devnet
+from settlement.eip712.vouchers import VoucherVerifier, read_domain
 from tests.hub_helpers import Channel
 from tests.test_ingest_api import body
 

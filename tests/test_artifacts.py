@@ -10,7 +10,7 @@ from typing import Any
 import pytest
 
 from scripts.compile_contracts import build_artifacts
-from settlement.contracts import HUB, load_artifact, runtime_matches, verify_sources
+from settlement.chain.contracts import HUB, load_artifact, runtime_matches, verify_sources
 from settlement.errors import ArtifactError, SourceDriftError
 from tests.conftest import ROOT
 
@@ -21,7 +21,8 @@ def fresh_artifacts() -> dict[str, str]:
 
 
 def test_recompiling_gives_byte_identical_artifacts(fresh_artifacts: dict[str, str]) -> None:
-    committed = {p.name: p.read_text(encoding="utf-8") for p in (ROOT / "settlement" / "artifacts").glob("*.json")}
+    folder = ROOT / "settlement" / "artifacts"
+    committed = {p.relative_to(folder).as_posix(): p.read_text(encoding="utf-8") for p in folder.rglob("*.json")}
     assert committed.keys() == fresh_artifacts.keys()
     for name, text in fresh_artifacts.items():
         assert committed[name] == text, f"{name} differs from a fresh compile"

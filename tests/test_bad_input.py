@@ -19,7 +19,7 @@ from fastapi.testclient import TestClient
 from web3 import Web3
 from web3.contract import Contract
 
-from settlement.vouchers import MAX_UINT256, Domain
+from settlement.eip712.vouchers import MAX_UINT256, Domain
 from tests.hub_helpers import Channel, send
 from tests.signatures import REFUSED_FORMS
 

@@ -12,11 +12,11 @@ import pytest
 from fastapi.testclient import TestClient
 
 from settlement.api.app import create_app
-from settlement.chain import connect
-from settlement.deployment import Deployment, deploy_hub
-from settlement.devnet import Devnet, free_port
+from settlement.chain.deployment import Deployment, deploy_hub
+from settlement.chain.node import connect
+from settlement.devtools.devnet import Devnet, free_port
 from settlement.errors import ChainMismatchError
-from settlement.service import Service
+from settlement.server.service import Service
 from tests.conftest import devnet_settings
 
 CHALLENGE_PERIOD = 3600

@@ -8,11 +8,11 @@ from pathlib import Path
 import pytest
 from web3 import Web3
 
-from settlement.config import Settings
-from settlement.contracts import HUB, load_artifact, runtime_matches
-from settlement.deployment import Deployment
-from settlement.devnet import Devnet
+from settlement.chain.contracts import HUB, load_artifact, runtime_matches
+from settlement.chain.deployment import Deployment
+from settlement.devtools.devnet import Devnet
 from settlement.errors import DeploymentError
+from settlement.server.config import Settings
 from tests.hub_helpers import run_cli
 
 
@@ -65,7 +65,7 @@ def test_deploy_to_nowhere_is_a_clear_error(tmp_path: Path) -> None:
 
 
 def test_record_for_another_chain_is_refused(devnet: Devnet, w3: Web3, tmp_path: Path) -> None:
-    from settlement.deployment import deploy_hub
+    from settlement.chain.deployment import deploy_hub
 
     deployment = deploy_hub(w3, devnet.accounts[2], 600)
     deployment.model_copy(update={"chain_id": 1}).save(tmp_path / "d.json")

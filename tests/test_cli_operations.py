@@ -14,9 +14,9 @@ from sqlalchemy import text
 from web3 import Web3
 from web3.contract import Contract
 
-from settlement.config import Settings
-from settlement.model import Voucher
-from settlement.service import Service
+from settlement.domain.model import Voucher
+from settlement.server.config import Settings
+from settlement.server.service import Service
 from tests.hub_helpers import ETH, Channel, run_cli
 
 
@@ -114,7 +114,7 @@ def test_simulate_proves_the_books_to_the_wei(block_time: str | None, tmp_path: 
 
 
 def test_a_simulation_outcome_reports_every_difference() -> None:
-    from settlement.simulate import Outcome
+    from settlement.devtools.simulate import Outcome
 
     outcome = Outcome(
         expected={("a", ETH): 5, ("b", ETH): 7, ("c", ETH): 1},
@@ -124,7 +124,7 @@ def test_a_simulation_outcome_reports_every_difference() -> None:
 
 
 def test_e2e_percentiles_are_nearest_rank() -> None:
-    from settlement.simulate import Outcome
+    from settlement.devtools.simulate import Outcome
 
     outcome = Outcome(e2e_seconds=[i / 1000 for i in range(100, 0, -1)])  # 1 .. 100 ms
     assert (outcome.e2e_ms(0.5), outcome.e2e_ms(0.99), outcome.e2e_ms(1.0)) == (50.0, 99.0, 100.0)

@@ -20,10 +20,10 @@ from hexbytes import HexBytes
 from web3 import Web3
 from web3.contract import Contract
 
-from settlement.client import ChannelRef, PayerClient
-from settlement.devnet import Devnet
+from settlement.devtools.devnet import Devnet
+from settlement.domain.model import Receipt
 from settlement.errors import PaymentUncertainError, ServiceRejectedError, UntrustedServiceError
-from settlement.model import Receipt
+from settlement.sdk.payer import ChannelRef, PayerClient
 from settlement.store import Database
 from settlement.store import channels as channel_q
 from tests.hub_helpers import Channel, send
@@ -251,7 +251,7 @@ def test_demo_traffic_pays_through_the_api(
 ) -> None:
     from rich.console import Console
 
-    from settlement.demo import DemoTraffic
+    from settlement.devtools.demo import DemoTraffic
 
     service = spawn(f"sqlite:///{tmp_path / 'demo.db'}")
     with (tmp_path / "demo.out").open("w") as sink:

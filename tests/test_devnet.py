@@ -11,8 +11,8 @@ import time
 import httpx
 import pytest
 
-from settlement.chain import connect
-from settlement.devnet import Devnet
+from settlement.chain.node import connect
+from settlement.devtools.devnet import Devnet
 from tests.conftest import devnet_settings
 
 
@@ -85,8 +85,8 @@ def test_taken_port_is_a_clear_error() -> None:
 
 OWNER = """
 import sys, time
-from settlement.config import Settings
-from settlement.devnet import Devnet
+from settlement.server.config import Settings
+from settlement.devtools.devnet import Devnet
 net = Devnet(Settings(_env_file=None)).start()
 print(net.pid, net.port, flush=True)
 time.sleep(600)

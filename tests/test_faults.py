@@ -20,8 +20,8 @@ from web3 import Web3
 from web3.contract import Contract
 from web3.exceptions import TransactionNotFound
 
-from settlement.client import PayerClient
-from settlement.devnet import Devnet
+from settlement.devtools.devnet import Devnet
+from settlement.sdk.payer import PayerClient
 from settlement.store import Database
 from settlement.store import settlements as batch_q
 from settlement.store.settlements import Batch, SentTx

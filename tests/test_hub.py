@@ -14,9 +14,9 @@ from web3.contract import Contract
 from web3.exceptions import ContractCustomError
 from web3.types import RPCEndpoint
 
-from settlement.batch_encoding import MAX_AMOUNT, SettleEntry, encode_batch, group_header, packed_entry
-from settlement.contracts import HUB, load_artifact
-from settlement.vouchers import MAX_UINT256, SECP256K1_N, Domain, VoucherVerifier, to_compact
+from settlement.chain.batch_codec import MAX_AMOUNT, SettleEntry, encode_batch, group_header, packed_entry
+from settlement.chain.contracts import HUB, load_artifact
+from settlement.eip712.vouchers import MAX_UINT256, SECP256K1_N, Domain, VoucherVerifier, to_compact
 from tests.conftest import reverts_with
 from tests.hub_helpers import (
     CLOSED,
@@ -64,9 +64,7 @@ def view(hub: Contract, cid: bytes) -> tuple[Any, ...]:
 
 
 def test_constructor_enforces_minimum_challenge_period(w3: Web3, hub: Contract, accounts: list[LocalAccount]) -> None:
-    factory = w3.eth.contract(
-        abi=hub.abi, bytecode=__import__("settlement.contracts").contracts.load_artifact().bytecode
-    )
+    factory = w3.eth.contract(abi=hub.abi, bytecode=load_artifact().bytecode)
     revert = reverts_with(factory.constructor(59), hub.abi, {"from": accounts[0].address})
     assert (revert.name, revert.args) == ("ChannelHubInvalidChallengePeriod", (59,))
     assert hub.functions.MIN_CHALLENGE_PERIOD().call() == 60
@@ -480,8 +478,8 @@ def test_wrong_payer_salt_or_token_names_no_channel(
 
 def test_vouchers_from_another_chain_do_not_settle(accounts: list[LocalAccount], sign: Sign) -> None:
     """A hub deployed on an anvil with another chain id refuses vouchers signed for this chain."""
-    from settlement.chain import connect
-    from settlement.devnet import Devnet
+    from settlement.chain.node import connect
+    from settlement.devtools.devnet import Devnet
     from tests.conftest import devnet_settings
 
     with Devnet(devnet_settings(devnet_chain_id=4242)) as other_net:

@@ -13,8 +13,8 @@ from hypothesis import strategies as st
 from web3 import Web3
 from web3.contract import Contract
 
-from settlement.batch_encoding import SettleEntry
-from settlement.vouchers import Domain, sign_voucher
+from settlement.chain.batch_codec import SettleEntry
+from settlement.eip712.vouchers import Domain, sign_voucher
 from tests.conftest import reverts_with
 from tests.hub_helpers import CLOSED, ETH, Channel, batch, channel_id, events, salt_of, send, settle_call
 

@@ -13,16 +13,16 @@ from sqlalchemy import func, select
 from web3 import Web3
 from web3.contract import Contract
 
-from settlement.deployment import Deployment
+from settlement.chain.deployment import Deployment
+from settlement.domain.model import Channel, ChannelStatus, Voucher
+from settlement.eip712.vouchers import VoucherVerifier, read_domain
 from settlement.errors import ChannelSuspendedError
-from settlement.indexer import Indexer
-from settlement.ingest import Ingestor
-from settlement.metrics import Metrics
-from settlement.model import Channel, ChannelStatus, Voucher
+from settlement.indexer.follower import Indexer
+from settlement.ingest.pipeline import Ingestor
+from settlement.server.metrics import Metrics
 from settlement.store import Database
 from settlement.store import channels as channel_q
 from settlement.store.tables import chain_events
-from settlement.vouchers import VoucherVerifier, read_domain
 from tests.hub_helpers import Channel as HubChannel
 from tests.hub_helpers import batch, send, settle_call
 
@@ -203,7 +203,7 @@ def test_a_reorg_deeper_than_the_confirmations_suspends_the_channels_it_touched(
     assert stored(db, channel).deposit == 100
     w3.provider.make_request("evm_revert", [snapshot])
     mine(w3, 6)
-    with caplog.at_level(logging.CRITICAL, logger="settlement.indexer"):
+    with caplog.at_level(logging.CRITICAL, logger="settlement.indexer.follower"):
         indexer.catch_up()
     assert "reorganisation deeper than 1 confirmations" in caplog.text
     state = stored(db, channel)

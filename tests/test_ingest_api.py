@@ -11,7 +11,7 @@ from fastapi.testclient import TestClient
 from web3 import Web3
 from web3.contract import Contract
 
-from settlement.vouchers import Domain
+from settlement.eip712.vouchers import Domain
 from tests.hub_helpers import ETH, Channel, send
 
 Sign = Callable[..., bytes]

@@ -9,6 +9,9 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
+from settlement.domain.ledger import Verdict, judge
+from settlement.domain.model import ETH, Channel, ChannelStatus, Receipt, Voucher
+from settlement.eip712.vouchers import MAX_UINT256
 from settlement.errors import (
     AmountExceedsDepositError,
     AmountOutOfRangeError,
@@ -21,9 +24,6 @@ from settlement.errors import (
     StaleVoucherError,
     VoucherRejectedError,
 )
-from settlement.ledger import Verdict, judge
-from settlement.model import ETH, Channel, ChannelStatus, Receipt, Voucher
-from settlement.vouchers import MAX_UINT256
 
 PAYER = "0x" + "a1" * 20
 SIGNER = bytes.fromhex("a1" * 20)

@@ -16,8 +16,8 @@ from eth_account.signers.local import LocalAccount
 from web3 import Web3
 from web3.contract import Contract
 
-from settlement.indexer import Indexer
-from settlement.model import ChannelStatus
+from settlement.domain.model import ChannelStatus
+from settlement.indexer.follower import Indexer
 from settlement.store import Database
 from settlement.store import channels as channel_q
 from tests.hub_helpers import ETH, Channel, Tx, batch, channel_id, in_one_block, salt_of, send, settle_call
@@ -303,8 +303,8 @@ def test_reconcile_reports_accepted_value_a_closed_channel_never_settled(
     sign: Callable[..., bytes],
 ) -> None:
     """Whatever the store believes the status to be: after the close that value can never reach the payee."""
-    from settlement.model import Voucher
-    from settlement.reconcile import reconcile
+    from settlement.domain.model import Voucher
+    from settlement.settle.reconcile import reconcile
 
     service = make_service()
     channel_ops = ops(1_002)

@@ -17,8 +17,8 @@ from hexbytes import HexBytes
 from web3 import Web3
 from web3.contract import Contract
 
-from settlement.service import Service
-from settlement.settler import Broadcast, Outcome, Settler
+from settlement.server.service import Service
+from settlement.settle.engine import Broadcast, Outcome, Settler
 from settlement.store import settlements as batch_q
 from settlement.store.settlements import SentTx
 from tests.hub_helpers import (
@@ -177,7 +177,7 @@ def test_the_spend_ceiling_stops_regular_batches_but_not_closes(
     run_until_idle(settler, service)
     pay(service, second, 100, sign)
     pay(service, closing, 100, sign)
-    with caplog.at_level(logging.CRITICAL, logger="settlement.settler"):
+    with caplog.at_level(logging.CRITICAL, logger="settlement.settle.engine"):
         assert step(settler, service, now, 31.0) is None
     assert "ALERT spend_ceiling" in caplog.text
     send(w3, hub.functions.requestClose(closing.id), closing.payer.address)
@@ -216,7 +216,7 @@ def test_a_front_run_batch_is_noticed_not_resent_and_the_payee_is_paid(
         w3.provider.make_request("evm_mine", [])
     finally:
         w3.provider.make_request("evm_setAutomine", [True])
-    with caplog.at_level(logging.CRITICAL, logger="settlement.settler"):
+    with caplog.at_level(logging.CRITICAL, logger="settlement.settle.engine"):
         run_until_idle(settler, service)
     [(front_run, _n)] = batches(service)
     with service.db.read() as conn:
@@ -286,7 +286,7 @@ def test_a_standby_engine_keeps_the_leaders_interval_and_alert_throttle(
     channel = open_channel(accounts[5], accounts[7].address, amount=10**18)
     wait_indexed(service)
     pay(service, channel, 100, sign)
-    with caplog.at_level(logging.CRITICAL, logger="settlement.settler"):
+    with caplog.at_level(logging.CRITICAL, logger="settlement.settle.engine"):
         assert step(leader, service, now, 31.0) is not None
         run_until_idle(leader, service)
         pay(service, channel, 200, sign)

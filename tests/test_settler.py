@@ -13,8 +13,8 @@ from eth_account.signers.local import LocalAccount
 from web3 import Web3
 from web3.contract import Contract
 
-from settlement.service import Service
-from settlement.settler import NONCE_USED_GRACE_SECONDS, SETTLED, Settler
+from settlement.server.service import Service
+from settlement.settle.engine import NONCE_USED_GRACE_SECONDS, SETTLED, Settler
 from settlement.store import channels as channel_q
 from settlement.store import settlements as batch_q
 from tests.hub_helpers import ETH, Channel, Sign, pay, run_until_idle, send, settled_on_chain, wait_indexed
@@ -266,7 +266,7 @@ def test_watchtower_settles_a_close_that_happened_while_the_service_was_down(
 
     restarted, watch = engine(close_alert_seconds=10**9)  # any deadline counts as near: the alert must fire
     wait_indexed(restarted)
-    with caplog.at_level(logging.CRITICAL, logger="settlement.settler"):
+    with caplog.at_level(logging.CRITICAL, logger="settlement.settle.engine"):
         assert watch.tick().started is not None  # no interval wait: a close is pending
     assert "close_deadline_at_risk" in caplog.text
     run_until_idle(watch, restarted)
@@ -291,7 +291,7 @@ def test_a_missed_deadline_raises_a_critical_alert(
     send(w3, hub.functions.requestClose(channel.id), channel.payer.address)
     wait_indexed(service)
     watching, late = engine(clock=lambda: 4_000_000_000.0)  # long after the deadline
-    with caplog.at_level(logging.CRITICAL, logger="settlement.settler"):
+    with caplog.at_level(logging.CRITICAL, logger="settlement.settle.engine"):
         late.tick()
     assert "close_deadline_missed" in caplog.text
     assert 'settlement_alerts_total{kind="close_deadline_missed"}' in _metrics(watching)
@@ -310,7 +310,7 @@ def test_a_settler_without_funds_keeps_the_intent_and_resumes_after_a_top_up(
     channel = paid_channel(service, 321)
     funds = w3.eth.get_balance(settler_account.address)
     w3.provider.make_request("anvil_setBalance", [settler_account.address, hex(10**9)])
-    with caplog.at_level(logging.CRITICAL, logger="settlement.settler"):
+    with caplog.at_level(logging.CRITICAL, logger="settlement.settle.engine"):
         batch_id = settler.tick(force=True).started
         settler.tick()
     assert batch_id is not None and "low_funds" in caplog.text and "low_balance" in caplog.text

@@ -14,12 +14,12 @@ import pytest
 from eth_account.signers.local import LocalAccount
 from sqlalchemy import text
 
-from settlement.config import Settings
-from settlement.deployment import Deployment
+from settlement.chain.deployment import Deployment
+from settlement.domain.ledger import Verdict
+from settlement.domain.model import ETH, BlockRef, Channel, ChannelStatus, Receipt, Voucher, utcnow
 from settlement.errors import ChainMismatchError, ConfigError, SettlementError, StaleVoucherError, StoreError
-from settlement.ledger import Verdict
-from settlement.model import ETH, BlockRef, Channel, ChannelStatus, Receipt, Voucher, utcnow
-from settlement.service import Service
+from settlement.server.config import Settings
+from settlement.server.service import Service
 from settlement.store import Database
 from settlement.store import channels as channel_q
 from settlement.store import settlements as batch_q

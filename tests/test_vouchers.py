@@ -7,7 +7,7 @@ from eth_account import Account
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from settlement.vouchers import (
+from settlement.eip712.vouchers import (
     MAX_UINT256,
     SECP256K1_N,
     Domain,

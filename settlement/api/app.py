@@ -17,9 +17,9 @@ from settlement.api.fastpath import VoucherFastPath
 from settlement.api.middleware import INTERNAL_ERROR, BodyGuard
 from settlement.api.routes import router
 from settlement.api.schemas import shape_error
-from settlement.config import Settings
 from settlement.errors import MalformedRequestError, MethodNotAllowedError, NotFoundError, SettlementError
-from settlement.service import Service
+from settlement.server.config import Settings
+from settlement.server.service import Service
 
 logger = logging.getLogger(__name__)
 

@@ -14,10 +14,10 @@ from typing import Any
 
 from starlette.types import ASGIApp, Receive, Scope, Send
 
+from settlement.api.handlers import accept_voucher
 from settlement.api.middleware import INTERNAL_ERROR, read_json_body, refuse, respond
-from settlement.api.routes import accept_voucher
 from settlement.errors import SettlementError
-from settlement.service import Service
+from settlement.server.service import Service
 
 logger = logging.getLogger(__name__)
 

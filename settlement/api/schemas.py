@@ -8,8 +8,8 @@ from typing import Annotated, Any, Literal, TypeVar
 
 from pydantic import BaseModel, ConfigDict, Field, StringConstraints, ValidationError
 
+from settlement.domain.model import Channel, ChannelId, ChannelStatus, Receipt, Voucher
 from settlement.errors import MalformedRequestError
-from settlement.model import Channel, ChannelStatus, Receipt, Voucher
 from settlement.store.channels import AssetSummary
 
 Hex32 = Annotated[str, StringConstraints(pattern=r"^0x[0-9a-fA-F]{64}$")]
@@ -91,7 +91,7 @@ class VoucherIn(_Strict):
 
     def to_voucher(self) -> Voucher:
         return Voucher(
-            channel_id=self.channelId.lower(),
+            channel_id=ChannelId(self.channelId.lower()),
             cumulative=int(self.cumulativeAmount),
             signature=bytes.fromhex(self.signature[2:]),
             reference=self.reference,

@@ -1,4 +1,5 @@
-"""Queries for the indexer: its cursor, the events it applied and the block hashes it saw (for reorg detection)."""
+"""Queries for the indexer: its cursor, the events it applied and the block hashes it saw (for reorg detection).
+The channel rows it writes go through settlement.store.channels, like every other write of a channel row."""
 
 from __future__ import annotations
 
@@ -12,9 +13,9 @@ from sqlalchemy import Connection, delete, select, update
 from sqlalchemy.dialects.postgresql import insert as pg_insert
 from sqlalchemy.dialects.sqlite import insert as sqlite_insert
 
-from settlement.model import Channel
+from settlement.domain.model import ChannelId
 from settlement.store.channels import to_us
-from settlement.store.tables import chain_events, channels, indexed_blocks, indexer_cursor
+from settlement.store.tables import chain_events, indexed_blocks, indexer_cursor
 
 CURSOR = "hub"
 
@@ -34,7 +35,7 @@ class ChainEvent:
     block_hash: str
     tx_hash: str
     event: str
-    channel_id: str | None
+    channel_id: ChannelId | None
     args: dict[str, Any]
 
     @property
@@ -104,34 +105,16 @@ def record_events(conn: Connection, events: Sequence[ChainEvent]) -> None:
         )
 
 
-def channels_touched_after(conn: Connection, block_number: int) -> list[str]:
+def channels_touched_after(conn: Connection, block_number: int) -> list[ChannelId]:
     query = (
         select(chain_events.c.channel_id)
         .where(chain_events.c.block_number > block_number, chain_events.c.channel_id.is_not(None))
         .distinct()
     )
-    return sorted(str(row[0]) for row in conn.execute(query))
+    return sorted(ChannelId(str(row[0])) for row in conn.execute(query))
 
 
 def forget_after(conn: Connection, block_number: int) -> None:
     """Drop what the indexer recorded above `block_number`: those blocks are no longer on the chain."""
     conn.execute(delete(chain_events).where(chain_events.c.block_number > block_number))
     conn.execute(delete(indexed_blocks).where(indexed_blocks.c.number > block_number))
-
-
-def save_chain_state(conn: Connection, channel: Channel, now: datetime) -> None:
-    """Overwrite a stored channel's chain facts (never its accepted voucher) with what the indexer confirmed."""
-    conn.execute(
-        update(channels)
-        .where(channels.c.channel_id == channel.channel_id)
-        .values(
-            deposit=channel.deposit,
-            settled=channel.settled,
-            status=int(channel.status),
-            close_deadline=channel.close_deadline,
-            as_of_block=channel.as_of_block,
-            as_of_log=channel.as_of_log,
-            suspended_reason=channel.suspended_reason,
-            updated_at_us=to_us(now),
-        )
-    )

@@ -7,12 +7,12 @@ from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from typing import Any, Generic, TypeVar
 
-from sqlalchemy import Connection, Row, and_, any_, bindparam, func, select, text, tuple_
+from sqlalchemy import Connection, Row, and_, any_, bindparam, func, select, text, tuple_, update
 from sqlalchemy.dialects.postgresql import ARRAY
 from sqlalchemy.dialects.postgresql import insert as pg_insert
 from sqlalchemy.dialects.sqlite import insert as sqlite_insert
 
-from settlement.model import Channel, ChannelStatus, Receipt
+from settlement.domain.model import Channel, ChannelId, ChannelStatus, Receipt
 from settlement.store.tables import channels, payments
 from settlement.store.types import sqlite_amount
 
@@ -54,7 +54,7 @@ def get_channel(conn: Connection, channel_id: str) -> Channel | None:
     return None if row is None else channel_from_row(row)
 
 
-def lock_channels(conn: Connection, channel_ids: Iterable[str]) -> dict[str, Channel]:
+def lock_channels(conn: Connection, channel_ids: Iterable[ChannelId]) -> dict[ChannelId, Channel]:
     """Read and row-lock channels in id order (one order for every writer, so writers never deadlock).
 
     On SQLite the write transaction already holds the database's single write lock, so FOR UPDATE is left out.
@@ -91,6 +91,24 @@ def insert_channel(conn: Connection, channel: Channel, now: datetime) -> None:
     }
     insert = sqlite_insert if conn.dialect.name == "sqlite" else pg_insert
     conn.execute(insert(channels).values(**values).on_conflict_do_nothing(index_elements=["channel_id"]))
+
+
+def save_chain_state(conn: Connection, channel: Channel, now: datetime) -> None:
+    """Overwrite a stored channel's chain facts (never its accepted voucher) with what the indexer confirmed."""
+    conn.execute(
+        update(channels)
+        .where(channels.c.channel_id == channel.channel_id)
+        .values(
+            deposit=channel.deposit,
+            settled=channel.settled,
+            status=int(channel.status),
+            close_deadline=channel.close_deadline,
+            as_of_block=channel.as_of_block,
+            as_of_log=channel.as_of_log,
+            suspended_reason=channel.suspended_reason,
+            updated_at_us=to_us(now),
+        )
+    )
 
 
 def receipts_for(conn: Connection, keys: Sequence[tuple[str, int]]) -> dict[tuple[str, int], Receipt]:

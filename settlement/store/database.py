@@ -2,9 +2,9 @@
 
 SQLite runs in WAL mode with `synchronous=FULL`: in WAL mode NORMAL would survive a process crash but could lose the
 last commits on a power cut or kernel panic, and an acknowledged voucher must survive both. Group commits (see
-settlement.ingest) make FULL affordable: one fsync covers every voucher in the group. Write transactions start with
-`BEGIN IMMEDIATE`, so two writers queue on the busy timeout instead of failing with "database is locked" when a
-read lock would have to be upgraded. PostgreSQL runs at READ COMMITTED with explicit row locks.
+settlement.ingest.pipeline) make FULL affordable: one fsync covers every voucher in the group. Write transactions
+start with `BEGIN IMMEDIATE`, so two writers queue on the busy timeout instead of failing with "database is locked"
+when a read lock would have to be upgraded. PostgreSQL runs at READ COMMITTED with explicit row locks.
 """
 
 from __future__ import annotations

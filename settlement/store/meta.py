@@ -6,8 +6,8 @@ from sqlalchemy import Connection, select
 from sqlalchemy.dialects.postgresql import insert as pg_insert
 from sqlalchemy.dialects.sqlite import insert as sqlite_insert
 
+from settlement.domain.model import BlockRef
 from settlement.errors import ChainMismatchError, ConfigError
-from settlement.model import BlockRef
 from settlement.store.tables import service_meta
 
 DEPLOYMENT_KEY = "deployment"

@@ -9,7 +9,7 @@ from typing import Any
 
 from sqlalchemy import Connection, Float, Row, and_, bindparam, case, cast, exists, func, select, text, update
 
-from settlement.model import Channel, ChannelStatus
+from settlement.domain.model import Channel, ChannelId, ChannelStatus
 from settlement.store.channels import channel_from_row, from_us, to_us
 from settlement.store.tables import channels, engine_alerts, settlement_batches, settlement_entries, settlement_txs
 
@@ -18,7 +18,7 @@ OPEN_STATUSES = ("pending", "sent")
 
 @dataclass(frozen=True)
 class Entry:
-    channel_id: str
+    channel_id: ChannelId
     cumulative: int
     signature: bytes
     outcome: int | None = None
@@ -216,7 +216,7 @@ def finish_batch(
     *,
     status: str,
     now: datetime,
-    outcomes: Mapping[str, int] | None = None,
+    outcomes: Mapping[ChannelId, int] | None = None,
     tx_hash: str | None = None,
     block_number: int | None = None,
     gas_used: int | None = None,

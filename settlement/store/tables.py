@@ -23,7 +23,7 @@ from sqlalchemy import (
     UniqueConstraint,
 )
 
-from settlement.model import END_OF_BLOCK
+from settlement.domain.model import END_OF_BLOCK
 from settlement.store.types import Amount, amount_checks
 
 metadata = MetaData(

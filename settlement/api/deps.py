@@ -1,0 +1,39 @@
+"""What every route depends on: the running service, and the typed path and query parameters with their rules."""
+
+from __future__ import annotations
+
+from typing import Annotated, Any
+
+from eth_utils.address import is_address, is_checksum_address, to_checksum_address
+from fastapi import Depends, Path, Query, Request
+
+from settlement.api.schemas import ErrorOut
+from settlement.errors import MalformedRequestError
+from settlement.server.service import Service
+
+
+async def get_service(request: Request) -> Service:
+    """`async` so FastAPI resolves it on the event loop, not with a hop to a worker thread per request."""
+    service: Service = request.app.state.service
+    return service
+
+
+ServiceDep = Annotated[Service, Depends(get_service)]
+ChannelIdPath = Annotated[str, Path(pattern=r"^0x[0-9a-fA-F]{64}$", description="0x + 64 hex digits")]
+ADDRESS_RULE = "0x + 40 hex digits; mixed case must be a correct EIP-55 checksum"
+AddressPath = Annotated[str, Path(pattern=r"^0x[0-9a-fA-F]{40}$", description=ADDRESS_RULE)]
+AddressQuery = Annotated[str | None, Query(pattern=r"^0x[0-9a-fA-F]{40}$", description=ADDRESS_RULE)]
+Limit = Annotated[int, Query(ge=1, le=1000)]
+
+ERRORS: dict[int | str, dict[str, Any]] = {code: {"model": ErrorOut} for code in (400, 404, 409, 413, 415, 503)}
+
+
+def checked_address(value: str | None, name: str) -> str | None:
+    """Any valid address, checksummed; mixed case must carry a correct EIP-55 checksum."""
+    if value is None:
+        return None
+    digits = value[2:]
+    mixed = digits != digits.lower() and digits != digits.upper()
+    if not is_address(value) or (mixed and not is_checksum_address(value)):
+        raise MalformedRequestError(f"{name} is not a valid address (mixed case must be a correct EIP-55 checksum)")
+    return to_checksum_address(value)

@@ -1,0 +1,75 @@
+"""Routes that read channels, payments and payee totals. Plain `def`: they block on the store, so FastAPI runs them
+on its worker threads."""
+
+from __future__ import annotations
+
+from typing import Annotated, Literal
+
+from fastapi import APIRouter, Query
+
+from settlement.api.deps import ERRORS, AddressPath, AddressQuery, ChannelIdPath, Limit, ServiceDep, checked_address
+from settlement.api.schemas import AssetOut, ChannelOut, ChannelPage, PayeeSummaryOut, PaymentPage, ReceiptOut
+from settlement.domain.model import ChannelId, ChannelStatus
+from settlement.errors import ChannelNotFoundError
+from settlement.store import channels as channel_q
+
+router = APIRouter(responses=ERRORS)
+
+
+@router.get("/v1/channels/{channelId}", operation_id="getChannel", tags=["channels"])
+def get_channel(channelId: ChannelIdPath, service: ServiceDep) -> ChannelOut:
+    """One channel: the chain's confirmed facts and the latest accepted voucher (looked up on chain if new)."""
+    channel = service.ingestor.find_channel(ChannelId(channelId.lower()))
+    if channel is None:
+        raise ChannelNotFoundError(f"channel {channelId.lower()} does not exist on chain")
+    return ChannelOut.of(channel)
+
+
+@router.get("/v1/channels", operation_id="listChannels", tags=["channels"])
+def list_channels(
+    service: ServiceDep,
+    payer: AddressQuery = None,
+    payee: AddressQuery = None,
+    status: Literal["open", "closing", "closed"] | None = None,
+    cursor: Annotated[str | None, Query(pattern=r"^0x[0-9a-f]{64}$")] = None,
+    limit: Limit = 100,
+) -> ChannelPage:
+    """Channels the service knows, in id order; pass `nextCursor` back as `cursor` for the next page."""
+    with service.db.read() as conn:
+        page = channel_q.list_channels(
+            conn,
+            payer=checked_address(payer, "payer"),
+            payee=checked_address(payee, "payee"),
+            status=ChannelStatus[status.upper()] if status else None,
+            after=cursor,
+            limit=limit,
+        )
+    return ChannelPage(items=[ChannelOut.of(c) for c in page.items], nextCursor=page.next_cursor)
+
+
+@router.get("/v1/channels/{channelId}/payments", operation_id="listPayments", tags=["channels"])
+def list_payments(
+    channelId: ChannelIdPath,
+    service: ServiceDep,
+    cursor: Annotated[
+        int | None, Query(ge=1, le=2**63 - 1, description="the previous page's nextCursor (a payment id)")
+    ] = None,
+    limit: Limit = 100,
+) -> PaymentPage:
+    """Every accepted increment of a channel, newest first."""
+    channel_id = channelId.lower()
+    with service.db.read() as conn:
+        if channel_q.get_channel(conn, channel_id) is None:
+            raise ChannelNotFoundError(f"the service has no channel {channel_id}")
+        page = channel_q.list_payments(conn, channel_id, before=cursor, limit=limit)
+    return PaymentPage(items=[ReceiptOut.of(r) for r in page.items], nextCursor=page.next_cursor)
+
+
+@router.get("/v1/payees/{address}/summary", operation_id="getPayeeSummary", tags=["channels"])
+def payee_summary(address: AddressPath, service: ServiceDep) -> PayeeSummaryOut:
+    """What a payee was paid, per asset: accepted by the service, settled on chain, and the difference."""
+    payee = checked_address(address, "address")
+    assert payee is not None
+    with service.db.read() as conn:
+        assets = channel_q.payee_summary(conn, payee)
+    return PayeeSummaryOut(payee=payee, assets=[AssetOut.of(a) for a in assets])

@@ -1,0 +1,67 @@
+"""Routes for operators and probes: health, readiness, metrics, and the EIP-712 domain payers sign with."""
+
+from __future__ import annotations
+
+from fastapi import APIRouter, Response
+from fastapi.responses import PlainTextResponse
+from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+
+from settlement import __version__
+from settlement.api.deps import ERRORS, ServiceDep
+from settlement.api.schemas import Eip712Info, Health, Readiness
+from settlement.eip712.vouchers import EIP712_DOMAIN_TYPE, VOUCHER_TYPE
+from settlement.errors import ChainUnavailableError
+
+router = APIRouter(responses=ERRORS)
+
+
+@router.get("/health", operation_id="health", tags=["ops"])
+def health() -> Health:
+    """The process is alive (it does not look at the store or the chain; see /ready)."""
+    return Health(status="ok", version=__version__)
+
+
+@router.get("/ready", operation_id="ready", tags=["ops"])
+def ready(service: ServiceDep) -> Readiness:
+    """The store and the chain answer, the indexer progresses and is within `ready_max_lag` confirmed blocks; else
+    503."""
+    service.db.ping()
+    if service.indexer.failing is not None:
+        raise ChainUnavailableError(f"the indexer cannot progress: {service.indexer.failing}")
+    head, confirmed = service.indexer.confirmed_heads()
+    progress = service.indexer.progress
+    indexed = progress.cursor if progress else service.deployment.block_number - 1
+    lag = max(confirmed - indexed, 0)
+    if lag > service.settings.ready_max_lag:
+        raise ChainUnavailableError(f"the indexer is {lag} confirmed blocks behind the chain", indexerLag=lag)
+    return Readiness(
+        status="ready",
+        chainId=service.deployment.chain_id,
+        contract=service.deployment.address,
+        store=service.db.backend,
+        headBlock=head,
+        confirmedBlock=confirmed,
+        indexedBlock=indexed,
+        indexerLag=lag,
+    )
+
+
+@router.get("/metrics", operation_id="metrics", tags=["ops"], response_class=PlainTextResponse)
+def metrics(service: ServiceDep) -> Response:
+    """Prometheus metrics of this process."""
+    progress = service.indexer.progress
+    if progress is not None:
+        service.metrics.indexer_head.set(progress.head)
+        service.metrics.indexer_cursor.set(progress.cursor)
+        service.metrics.indexer_lag.set(progress.lag)
+    return Response(generate_latest(service.metrics.registry), media_type=CONTENT_TYPE_LATEST)
+
+
+@router.get("/v1/eip712", operation_id="getEip712Domain", tags=["vouchers"])
+def eip712(service: ServiceDep) -> Eip712Info:
+    """The EIP-712 domain and types a payer signs vouchers with, as the deployed hub reports them."""
+    return Eip712Info(
+        domain=service.domain.as_dict(),
+        types={"EIP712Domain": EIP712_DOMAIN_TYPE, "Voucher": VOUCHER_TYPE},
+        primaryType="Voucher",
+    )

@@ -1,0 +1,534 @@
+"""The operator CLI: `settlement devnet | deploy | serve | settle | status | channels | reconcile | withdraw |
+resume | simulate | demo`."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import signal
+import time
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Annotated
+
+import typer
+import uvicorn
+from eth_account import Account
+from eth_account.signers.local import LocalAccount
+from hexbytes import HexBytes
+from rich.console import Console
+from rich.markup import escape
+from rich.table import Table
+from web3 import Web3
+
+from settlement.api.schemas import ChannelOut
+from settlement.chain.deployment import Deployment, deploy_hub
+from settlement.chain.node import Transactor, connect
+from settlement.devtools.devnet import Devnet
+from settlement.domain.model import ETH, ChannelId
+from settlement.errors import ChainError, ConfigError, SettlementError
+from settlement.server.config import Settings, get_settings
+from settlement.server.operator import operator_account
+from settlement.server.service import Service
+from settlement.store import Database
+from settlement.store import channels as channel_q
+from settlement.store import settlements as batch_q
+
+app = typer.Typer(help="ChannelHub micropayment settlement: run, settle and check it.", no_args_is_help=True)
+console = Console()
+err_console = Console(stderr=True, soft_wrap=True)  # an error line is never wrapped: paths and keys stay whole
+
+
+def _fail(ex: SettlementError) -> typer.Exit:
+    err_console.print(f"[bold red]error[/] {escape(f'[{ex.code}] {ex.message}')}")
+    return typer.Exit(code=1)
+
+
+def _print_devnet(devnet: Devnet) -> None:
+    table = Table(title=f"anvil devnet at {devnet.url} (chain id {devnet.chain_id})")
+    table.add_column("#", justify="right")
+    table.add_column("address")
+    table.add_column("private key (devnet only)")
+    for i, account in enumerate(devnet.accounts):
+        table.add_row(str(i), account.address, HexBytes(account.key).to_0x_hex())
+    console.print(table)
+    console.print(f"export SETTLEMENT_RPC_URL={devnet.url}")
+
+
+def _wait_for_signal() -> None:
+    stop = {"now": False}
+
+    def handler(_signum: int, _frame: object) -> None:
+        stop["now"] = True
+
+    signal.signal(signal.SIGTERM, handler)
+    try:
+        while not stop["now"]:
+            signal.pause()
+    except KeyboardInterrupt:
+        pass
+
+
+@app.command()
+def devnet(
+    port: Annotated[int | None, typer.Option(help="port (default: SETTLEMENT_DEVNET_PORT or 8545)")] = None,
+    chain_id: Annotated[int | None, typer.Option(help="chain id (default: SETTLEMENT_DEVNET_CHAIN_ID)")] = None,
+    block_time: Annotated[float | None, typer.Option(help="seconds per block (default: mine per transaction)")] = None,
+) -> None:
+    """Run a local anvil devnet in the foreground until Ctrl-C; prints its URL and funded accounts."""
+    settings = get_settings()
+    overrides: dict[str, object] = {"devnet_port": port if port is not None else (settings.devnet_port or 8545)}
+    if chain_id is not None:
+        overrides["devnet_chain_id"] = chain_id
+    if block_time is not None:
+        overrides["devnet_block_time"] = block_time
+    try:
+        with Devnet(settings.model_copy(update=overrides)) as net:
+            _print_devnet(net)
+            console.print("[green]devnet running; Ctrl-C stops it[/]")
+            _wait_for_signal()
+    except SettlementError as ex:
+        raise _fail(ex) from ex
+
+
+@app.command()
+def deploy(
+    challenge_period: Annotated[int | None, typer.Option(help="seconds (default: SETTLEMENT_CHALLENGE_PERIOD)")] = None,
+    out: Annotated[Path | None, typer.Option(help="deployment file (default: SETTLEMENT_DEPLOYMENT_FILE)")] = None,
+) -> None:
+    """Deploy ChannelHub to SETTLEMENT_RPC_URL and write the deployment file other commands read."""
+    settings = get_settings()
+    try:
+        deployment = _deploy(settings, challenge_period or settings.challenge_period, out or settings.deployment_file)
+    except SettlementError as ex:
+        raise _fail(ex) from ex
+    console.print(
+        f"ChannelHub deployed at [bold]{deployment.address}[/] on chain {deployment.chain_id} "
+        f"(block {deployment.block_number}, tx {deployment.tx_hash})"
+    )
+    console.print(f"deployment written to {out or settings.deployment_file}")
+
+
+def _deploy(settings: Settings, challenge_period: int, out: Path) -> Deployment:
+    w3 = connect(settings.rpc_url, settings.rpc_timeout)
+    deployment = deploy_hub(w3, operator_account(settings, w3), challenge_period, timeout=settings.tx_timeout)
+    deployment.save(out)
+    return deployment
+
+
+@app.command()
+def serve(
+    host: Annotated[str | None, typer.Option(help="bind address (default: SETTLEMENT_API_HOST)")] = None,
+    port: Annotated[int | None, typer.Option(help="port (default: SETTLEMENT_API_PORT)")] = None,
+    log_level: Annotated[str, typer.Option(help="uvicorn log level (warning hides access lines)")] = "info",
+) -> None:
+    """Run the HTTP API and the chain indexer for the deployment in SETTLEMENT_DEPLOYMENT_FILE."""
+    settings = get_settings()
+    _serve(settings, host or settings.api_host, port if port is not None else settings.api_port, log_level)
+
+
+def _serve(settings: Settings, host: str, port: int, log_level: str = "info") -> None:
+    from settlement.api.app import create_app
+
+    try:
+        api = create_app(settings)
+    except SettlementError as ex:
+        raise _fail(ex) from ex
+    console.print(f"API on http://{host}:{port} (docs at /docs); store: {settings.database_url}")
+    server = uvicorn.Server(uvicorn.Config(api, host=host, port=port, log_level=log_level))
+    try:
+        server.run()
+    except KeyboardInterrupt:  # uvicorn re-raises Ctrl-C after its graceful shutdown; that is how we stop
+        pass
+    console.print("stopped")
+
+
+@app.command()
+def resume(
+    channel_id: Annotated[str, typer.Argument(help="0x-prefixed channel id")],
+) -> None:
+    """Accept vouchers again for a channel a deep reorg suspended, after checking it; its chain state is re-read."""
+    settings = get_settings()
+    try:
+        service = _service(settings)
+        try:
+            channel = service.indexer.resume(ChannelId(channel_id.lower()))
+        finally:
+            service.stop()
+    except SettlementError as ex:
+        raise _fail(ex) from ex
+    console.print(
+        f"channel {channel.channel_id} resumed: deposit {channel.deposit}, settled {channel.settled}, "
+        f"accepted {channel.accepted} (as of block {channel.as_of_block})"
+    )
+
+
+def _service(settings: Settings, *, engine: bool = False) -> Service:
+    """The service's parts without their threads, for one-shot commands."""
+    return Service.build(settings.model_copy(update={"engine_enabled": engine}))
+
+
+@app.command()
+def settle(
+    timeout: Annotated[float, typer.Option(help="seconds to wait for the batch to confirm")] = 300.0,
+) -> None:
+    """Settle now: catch the indexer up, send one batch of every settleable channel, wait until it is confirmed."""
+    settings = get_settings()
+    try:
+        service = _service(settings, engine=True)
+        assert service.settler is not None and service.lease is not None
+        try:
+            if not service.lease.acquire():
+                raise ConfigError("another process runs the settlement engine on this store; it settles already")
+            with console.status("catching up with the chain…"):
+                service.indexer.catch_up()
+            result = service.settler.tick(force=True)
+            deadline = time.monotonic() + timeout
+            with console.status("waiting for confirmations…"):
+                while service.settler.reconcile() == [] and _open(service) and time.monotonic() < deadline:
+                    time.sleep(0.5)
+            _print_batches(service, 1 if result.started else 0)
+            if result.started is None and not result.finished:
+                console.print("nothing to settle")
+            if _open(service):
+                raise ChainError(f"the batch is not confirmed after {timeout:.0f}s; the engine will carry on with it")
+        finally:
+            if service.lease is not None:
+                service.lease.release()
+            service.stop()
+    except SettlementError as ex:
+        raise _fail(ex) from ex
+
+
+def _open(service: Service) -> bool:
+    with service.db.read() as conn:
+        return bool(batch_q.open_batches(conn))
+
+
+def _print_batches(service: Service, limit: int) -> None:
+    if limit <= 0:
+        return
+    with service.db.read() as conn:
+        console.print(_batch_table("settlement batches", batch_q.recent_batches(conn, limit)))
+
+
+def _batch_table(title: str, batches: list[tuple[batch_q.Batch, int]]) -> Table:
+    table = Table(title=title)
+    for column in ("batch", "status", "channels", "gas", "block", "tx", "created"):
+        table.add_column(column)
+    for batch, entries in batches:
+        table.add_row(
+            batch.batch_id[:12],
+            batch.status,
+            str(entries),
+            f"{batch.gas_used:,}" if batch.gas_used else "-",
+            str(batch.block_number or "-"),
+            batch.tx_hash or "-",
+            batch.created_at.isoformat(timespec="seconds"),
+        )
+    return table
+
+
+@app.command()
+def status(
+    as_json: Annotated[bool, typer.Option("--json", help="one JSON object instead of tables")] = False,
+) -> None:
+    """Unsettled value per asset, the next regular settlement, pending closes with deadlines, the last batches."""
+    settings = get_settings()
+    try:
+        db = Database.existing(settings.database_url)
+        try:
+            with db.read() as conn:
+                unsettled = channel_q.unsettled_by_token(conn)
+                closes = [w.channel for w in batch_q.closing_with_work(conn)]
+                batches = batch_q.recent_batches(conn, 10)
+        finally:
+            db.dispose()
+    except SettlementError as ex:
+        raise _fail(ex) from ex
+    last = batches[0][0].created_at if batches else None
+    next_at = (last.timestamp() + settings.settle_interval) if last else None
+    if as_json:
+        print(
+            json.dumps(
+                {
+                    "unsettled": {token: str(value) for token, value in unsettled.items()},
+                    "nextSettlementAt": next_at,
+                    "pendingCloses": [
+                        {"channelId": c.channel_id, "deadline": c.close_deadline, "unsettled": str(c.unsettled)}
+                        for c in closes
+                    ],
+                    "batches": [
+                        {
+                            "batchId": b.batch_id,
+                            "status": b.status,
+                            "channels": n,
+                            "gasUsed": b.gas_used,
+                            "txHash": b.tx_hash,
+                            "createdAt": b.created_at.isoformat(),
+                        }
+                        for b, n in batches
+                    ],
+                }
+            )
+        )
+        return
+    table = Table(title="unsettled value")
+    table.add_column("asset")
+    table.add_column("base units", justify="right")
+    for token, value in sorted(unsettled.items()):
+        table.add_row("ETH" if token == ETH else token, f"{value:,}")
+    console.print(table)
+    when = datetime.fromtimestamp(next_at, UTC).isoformat(timespec="seconds") if next_at else "at the next engine tick"
+    console.print(f"next regular settlement: {when} (every {settings.settle_interval:g}s)")
+    if closes:
+        closing = Table(title="pending closes")
+        for column in ("channel", "deadline", "unsettled"):
+            closing.add_column(column)
+        for c in closes:
+            deadline = datetime.fromtimestamp(c.close_deadline or 0, UTC).isoformat(timespec="seconds")
+            closing.add_row(c.channel_id, deadline, f"{c.unsettled:,}")
+        console.print(closing)
+    else:
+        console.print("no pending closes")
+    console.print(_batch_table("last batches", batches))
+
+
+@app.command()
+def channels(
+    payee: Annotated[str | None, typer.Option(help="only this payee")] = None,
+    payer: Annotated[str | None, typer.Option(help="only this payer")] = None,
+    limit: Annotated[int, typer.Option(help="rows at most")] = 50,
+    as_json: Annotated[bool, typer.Option("--json")] = False,
+) -> None:
+    """The channels the service knows, with accepted, settled and deposit."""
+    settings = get_settings()
+    try:
+        db = Database.existing(settings.database_url)
+        try:
+            with db.read() as conn:
+                page = channel_q.list_channels(conn, payer=payer, payee=payee, limit=limit)
+        finally:
+            db.dispose()
+    except SettlementError as ex:
+        raise _fail(ex) from ex
+    if as_json:
+        print(json.dumps([ChannelOut.of(c).model_dump() for c in page.items]))
+        return
+    table = Table(title="channels")
+    for column in ("channel", "payer", "payee", "asset", "deposit", "accepted", "settled", "status"):
+        table.add_column(column)
+    for c in page.items:
+        table.add_row(
+            c.channel_id[:18] + "…",
+            c.payer,
+            c.payee,
+            "ETH" if c.token == ETH else c.token,
+            f"{c.deposit:,}",
+            f"{c.accepted:,}",
+            f"{c.settled:,}",
+            c.status.name.lower() + (" (suspended)" if c.suspended_reason else ""),
+        )
+    console.print(table)
+
+
+@app.command("reconcile")
+def reconcile_command(
+    as_json: Annotated[bool, typer.Option("--json")] = False,
+) -> None:
+    """Store versus chain per channel; exits 1 when a difference is not explained by pending work."""
+    from settlement.settle.reconcile import reconcile
+
+    settings = get_settings()
+    try:
+        service = _service(settings)
+        try:
+            block, rows = reconcile(service.db, service.indexer)
+        finally:
+            service.stop()
+    except SettlementError as ex:
+        raise _fail(ex) from ex
+    bad = [r for r in rows if r.problem and not r.explained]
+    if as_json:
+        print(json.dumps({"block": block, "mismatches": len(bad), "channels": [r.as_json() for r in rows]}))
+    else:
+        table = Table(title=f"store vs chain at block {block}")
+        for column in ("channel", "status", "accepted", "settled (store/chain)", "deposit (store/chain)", "problem"):
+            table.add_column(column)
+        for r in rows:
+            table.add_row(
+                r.channel_id[:18] + "…",
+                r.status,
+                f"{r.accepted:,}",
+                f"{r.settled_store:,} / {r.settled_chain if r.settled_chain is not None else '-'}",
+                f"{r.deposit_store:,} / {r.deposit_chain if r.deposit_chain is not None else '-'}",
+                escape(r.problem or ("in flight" if r.in_flight else "ok")),
+            )
+        console.print(table)
+        console.print(f"{len(rows)} channels, {len(bad)} unexplained mismatch(es)")
+    if bad:
+        raise typer.Exit(code=1)
+
+
+@app.command()
+def withdraw(
+    private_key: Annotated[
+        str, typer.Option(envvar="SETTLEMENT_WITHDRAW_KEY", help="the payee's key (or SETTLEMENT_WITHDRAW_KEY)")
+    ],
+    token: Annotated[str | None, typer.Option(help="ERC-20 address (default: ETH)")] = None,
+    amount: Annotated[int | None, typer.Option(help="base units (default: the whole balance)")] = None,
+    to: Annotated[str | None, typer.Option(help="recipient (default: the payee itself)")] = None,
+) -> None:
+    """A payee (or a payer's refund) takes its credited balance out of the hub."""
+    from settlement.chain.deployment import hub_contract
+
+    settings = get_settings()
+    try:
+        deployment = Deployment.load(settings.deployment_file)
+        w3 = connect(settings.rpc_url, settings.rpc_timeout)
+        deployment.check(w3)
+        hub = hub_contract(w3, deployment)
+        account: LocalAccount = Account.from_key(private_key)
+        asset = Web3.to_checksum_address(token) if token else ETH
+        balance = int(hub.functions.balanceOf(account.address, asset).call())
+        value = balance if amount is None else amount
+        if value <= 0 or value > balance:
+            raise ConfigError(f"{account.address} holds {balance} of {asset} in the hub; cannot withdraw {value}")
+        receipt = Transactor(w3, account, list(hub.abi), timeout=settings.tx_timeout).send(  # type: ignore[arg-type]
+            hub.functions.withdraw(asset, value, Web3.to_checksum_address(to or account.address))
+        )
+    except SettlementError as ex:
+        raise _fail(ex) from ex
+    console.print(
+        f"withdrew {value:,} of {'ETH' if asset == ETH else asset} to {to or account.address} "
+        f"(tx {receipt['transactionHash'].to_0x_hex()})"
+    )
+
+
+@app.command()
+def simulate(
+    payers: Annotated[int, typer.Option(min=1, help="paying accounts")] = 3,
+    payees: Annotated[int, typer.Option(min=1, help="paid accounts (each payer pays each in ETH and a token)")] = 2,
+    rate: Annotated[float, typer.Option(min=0.1, help="target payments per second, all payers together")] = 50.0,
+    count: Annotated[int | None, typer.Option(min=1, help="payments in total (default 500 unless --duration)")] = None,
+    duration: Annotated[float | None, typer.Option(min=0.1, help="seconds of payments instead of a count")] = None,
+    settle_interval: Annotated[float, typer.Option(min=0.1, help="engine batch interval, seconds")] = 5.0,
+    settle_timeout: Annotated[float, typer.Option(help="seconds to wait for settlement to catch up")] = 120.0,
+    rpc_url: Annotated[str | None, typer.Option(help="use this anvil instead of starting one")] = None,
+    seed: Annotated[int, typer.Option(help="random seed of the payment stream")] = 1,
+) -> None:
+    """Pay at random between devnet accounts through the real service, settle, and prove the books to the wei."""
+    from settlement.devtools.simulate import Plan, Simulation
+
+    plan = Plan(
+        payers=payers,
+        payees=payees,
+        rate=rate,
+        count=count if count is not None or duration is not None else 500,
+        duration=duration,
+        settle_interval=settle_interval,
+        settle_timeout=settle_timeout,
+        seed=seed,
+    )
+    try:
+        outcome = Simulation(plan, get_settings(), console, rpc_url).run()
+    except SettlementError as ex:
+        raise _fail(ex) from ex
+    table = Table(title="simulation")
+    table.add_column("payee")
+    table.add_column("asset")
+    table.add_column("accepted (sum of increments)", justify="right")
+    table.add_column("credited on chain", justify="right")
+    table.add_column("")
+    for (payee, asset), expected in sorted(outcome.expected.items()):
+        credited = outcome.credited.get((payee, asset))
+        table.add_row(
+            payee,
+            "ETH" if asset == ETH else asset,
+            f"{expected:,}",
+            f"{credited:,}" if credited is not None else "-",
+            "[green]ok[/]" if credited == expected else "[red]MISMATCH[/]",
+        )
+    console.print(table)
+    rate_done = outcome.payments / outcome.seconds if outcome.seconds else 0.0
+    console.print(
+        f"{outcome.payments} payments ({rate_done:.0f}/s over {outcome.seconds:.1f}s), {outcome.refused} refused; "
+        f"{outcome.batches} settlement batches, {outcome.gas:,} gas "
+        f"({outcome.gas / max(outcome.payments, 1):,.1f} gas per payment)"
+    )
+    if outcome.e2e_seconds:
+        console.print(
+            f"accepted -> credited on chain: p50 {outcome.e2e_ms(0.5):,.0f} ms, p99 {outcome.e2e_ms(0.99):,.0f} ms "
+            f"(settle interval {plan.settle_interval:g}s)"
+        )
+    if outcome.mismatches or outcome.refused:
+        err_console.print(
+            f"[bold red]{len(outcome.mismatches)} payee balance(s) differ from the accepted payments; "
+            f"{outcome.refused} payment(s) refused[/]"
+        )
+        raise typer.Exit(code=1)
+    console.print("[green]every payee's credited balance equals its accepted payments, to the wei[/]")
+
+
+@app.command()
+def demo(
+    port: Annotated[int | None, typer.Option(help="API port (default: SETTLEMENT_API_PORT)")] = None,
+    rate: Annotated[float, typer.Option(help="demo payments per second (0: no demo traffic)")] = 20.0,
+) -> None:
+    """Start a devnet, deploy ChannelHub, serve the API and stream demo payments to it; Ctrl-C stops everything.
+
+    The demo keeps its own SQLite store (.settlement/demo.db next to the deployment file), recreated on each run,
+    because every run starts a new chain.
+    """
+    from settlement.devtools.demo import DemoTraffic
+
+    settings = get_settings()
+    block_time = settings.devnet_block_time or 1.0
+    try:
+        with Devnet(settings.model_copy(update={"devnet_block_time": block_time})) as net:
+            _print_devnet(net)
+            workdir = settings.deployment_file.parent
+            demo_db = workdir / "demo.db"
+            for leftover in (demo_db, workdir / "demo.db-wal", workdir / "demo.db-shm"):
+                leftover.unlink(missing_ok=True)
+            shutil.rmtree(workdir / "demo-journals", ignore_errors=True)  # the last devnet's payers
+            local = settings.model_copy(
+                update={
+                    "rpc_url": net.url,
+                    "deployment_file": workdir / "demo-deployment.json",
+                    "database_url": f"sqlite:///{demo_db}",
+                    "settle_interval": min(settings.settle_interval, 10.0),
+                    # Demo payments (up to 10^12 wei) would wait a minute or more to be worth a devnet batch's gas:
+                    # the demo shows settlement every interval instead.
+                    "settle_fee_share_percent": 0,
+                }
+            )
+            deployment = _deploy(local, settings.challenge_period, local.deployment_file)
+            console.print(
+                f"ChannelHub deployed at [bold]{deployment.address}[/] (challenge period "
+                f"{deployment.challenge_period}s, {local.confirmations} confirmations, {block_time:g}s blocks)"
+            )
+            api_port = port if port is not None else settings.api_port
+            traffic = None
+            if rate > 0:
+                traffic = DemoTraffic(
+                    f"http://127.0.0.1:{api_port}",
+                    net.url,
+                    net.accounts[1:4],
+                    [a.address for a in net.accounts[4:6]],
+                    rate=rate,
+                    console=console,
+                    journal_dir=workdir / "demo-journals",
+                )
+                traffic.start()
+            try:
+                _serve(local, settings.api_host, api_port, "warning")
+            finally:
+                if traffic is not None:
+                    traffic.stop.set()
+    except SettlementError as ex:
+        raise _fail(ex) from ex
+
+
+if __name__ == "__main__":
+    app()

@@ -1,0 +1,142 @@
+"""The acceptance rules for vouchers: pure functions of the channel as stored, the voucher and its recovered signer.
+
+The ingest pipeline calls `judge` inside the store transaction that holds the channel's row lock, so the state it
+judges against is the state it writes over. The order of the checks is part of the API (docs/api.md): the channel
+must exist; an amount no voucher can carry is refused next; then the voucher is matched to its signer (so an invalid
+signature is never reported as anything else); then it is deduplicated on its signed content, then on its
+idempotency key; then it is held to the channel's status and amounts.
+
+The idempotency key names a payment, not a voucher: a client that lost the answer may sign its retry from a position
+it re-read, so the retry can carry another cumulative amount for the same payment. The key's first payment on the
+channel answers it (200, nothing charged) when the retry asks for the same amount; another amount under the same key
+is refused. A re-send of an accepted voucher that carries other unsigned metadata (reference, key) than was stored is
+reported, never silently answered with the first submitter's metadata; a re-send that leaves a field out asserts
+nothing about it.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from datetime import datetime
+
+from settlement.domain.model import MAX_UINT256, Channel, ChannelStatus, Receipt, Voucher
+from settlement.errors import (
+    AmountExceedsDepositError,
+    AmountOutOfRangeError,
+    ChannelClosedError,
+    ChannelNotFoundError,
+    ChannelSuspendedError,
+    ExistsWithDifferentMetadataError,
+    IdempotencyKeyReusedError,
+    InvalidSignatureError,
+    StaleVoucherError,
+)
+
+
+@dataclass(frozen=True)
+class Verdict:
+    """An accepted voucher: its receipt, and whether it is new (201) or a re-send of an accepted one (200)."""
+
+    receipt: Receipt
+    new: bool
+
+
+def judge(
+    channel: Channel | None,
+    voucher: Voucher,
+    signer: bytes | None,
+    *,
+    prior: Receipt | None,
+    now: datetime,
+    close_guard: int,
+    keyed: Receipt | None = None,
+) -> Verdict:
+    """Accept or refuse `voucher` (raising a VoucherRejectedError subclass with a stable code).
+
+    `signer` is the 20-byte address the signature recovers to (None when it is not a valid signature); `prior` is the
+    receipt already stored for the same (channel, cumulative), if any; `keyed` the receipt of the channel's payment
+    with the voucher's idempotency key, if any; `close_guard` is how many seconds before a close deadline new vouchers
+    stop being accepted, because they could no longer be settled in time.
+    """
+    if channel is None:
+        raise ChannelNotFoundError(f"channel {voucher.channel_id} does not exist on chain")
+    if not 0 < voucher.cumulative <= MAX_UINT256:
+        raise AmountOutOfRangeError("cumulativeAmount must be above 0 and below 2^256")
+    if signer is None or signer != bytes.fromhex(channel.payer[2:]):
+        raise InvalidSignatureError(
+            f"the signature does not recover to the payer of channel {voucher.channel_id} for this cumulative amount"
+        )
+    if prior is not None:
+        if _differs(voucher.reference, prior.reference) or _differs(voucher.idempotency_key, prior.idempotency_key):
+            raise ExistsWithDifferentMetadataError(
+                f"this voucher was accepted before with another reference or idempotency key; the payment stands as "
+                f"first submitted (reference {prior.reference!r}, idempotency key {prior.idempotency_key!r})",
+                receipt=_receipt_body(prior),
+            )
+        return Verdict(prior, new=False)
+    if keyed is not None:
+        asked = voucher.cumulative - channel.floor
+        if asked != keyed.increment:
+            raise IdempotencyKeyReusedError(
+                f"idempotency key {voucher.idempotency_key!r} already paid {keyed.increment} on this channel; "
+                f"this voucher would pay {asked}: use a new key for a new payment",
+                receipt=_receipt_body(keyed),
+            )
+        return Verdict(keyed, new=False)  # the same payment, retried from a re-read position: charge nothing
+    if channel.suspended_reason is not None:
+        raise ChannelSuspendedError(
+            f"channel {voucher.channel_id} is suspended: {channel.suspended_reason}", reason=channel.suspended_reason
+        )
+    _require_open(channel, now, close_guard)
+    if voucher.cumulative <= channel.floor:
+        raise StaleVoucherError(
+            f"cumulative amount {voucher.cumulative} is not above the channel's current {channel.floor}",
+            currentCumulativeAmount=str(channel.floor),
+        )
+    if voucher.cumulative > channel.deposit:
+        raise AmountExceedsDepositError(
+            f"cumulative amount {voucher.cumulative} is above the confirmed deposit {channel.deposit}"
+            f" (as of block {channel.as_of_block}); top up the channel or wait for the top-up to confirm",
+            deposit=str(channel.deposit),
+        )
+    receipt = Receipt(
+        channel_id=channel.channel_id,
+        cumulative=voucher.cumulative,
+        increment=voucher.cumulative - channel.floor,
+        remaining=channel.deposit - voucher.cumulative,
+        accepted_at=now,
+        reference=voucher.reference,
+        idempotency_key=voucher.idempotency_key,
+    )
+    return Verdict(receipt, new=True)
+
+
+def _differs(sent: str | None, stored: str | None) -> bool:
+    """A re-send asserts only the metadata it carries: leaving a field out matches whatever is stored."""
+    return sent is not None and sent != stored
+
+
+def _receipt_body(receipt: Receipt) -> dict[str, str | None]:
+    """A stored receipt in an error's details, shaped as the API's receipts are."""
+    return {
+        "channelId": receipt.channel_id,
+        "cumulativeAmount": str(receipt.cumulative),
+        "increment": str(receipt.increment),
+        "remaining": str(receipt.remaining),
+        "acceptedAt": receipt.accepted_at.isoformat().replace("+00:00", "Z"),  # as the API's receipts have it
+        "reference": receipt.reference,
+        "idempotencyKey": receipt.idempotency_key,
+    }
+
+
+def _require_open(channel: Channel, now: datetime, close_guard: int) -> None:
+    if channel.status == ChannelStatus.CLOSED:
+        raise ChannelClosedError(f"channel {channel.channel_id} is closed")
+    if channel.status == ChannelStatus.CLOSING and channel.close_deadline is not None:
+        left = channel.close_deadline - int(now.timestamp())
+        if left < close_guard:
+            raise ChannelClosedError(
+                f"channel {channel.channel_id} is closing and its challenge period ends in {max(left, 0)} s,"
+                f" too soon to settle a new voucher (the service stops {close_guard} s before the deadline)",
+                closeDeadline=channel.close_deadline,
+            )

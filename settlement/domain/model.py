@@ -1,0 +1,139 @@
+"""The records every layer passes around: channels as the service knows them, vouchers and receipts.
+
+Plain frozen dataclasses with no behaviour that needs I/O, so the ledger's rules can be tested without a database.
+Money is always an int in base units; ids are 0x-prefixed lowercase hex; addresses are checksummed.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, replace
+from datetime import UTC, datetime
+from enum import IntEnum, StrEnum
+from typing import NewType
+
+# One representation per scalar in the service's layers (the SDK holds a channel id as its 32 raw bytes instead):
+ChannelId = NewType("ChannelId", str)  # "0x" + 64 lowercase hex digits
+Address = NewType("Address", str)  # EIP-55 checksummed "0x" + 40 hex digits; ETH is the zero address
+
+ETH = Address("0x0000000000000000000000000000000000000000")
+MAX_UINT256 = 2**256 - 1  # the largest amount a voucher can carry
+
+# A position on the chain is (block number, log index). A channel read from the chain's state at block B stands after
+# every log of B, so no event of B is applied to it again; the log index of that position is END_OF_BLOCK.
+END_OF_BLOCK = 2**31 - 1
+
+
+class ChannelStatus(IntEnum):
+    """The hub's channel status; the values are the contract's enum values (NONE: never opened, never stored)."""
+
+    NONE = 0
+    OPEN = 1
+    CLOSING = 2
+    CLOSED = 3
+
+
+class ChannelViewField(IntEnum):
+    """The fields of the tuple the hub's `channel(id)` view returns (IChannelHub.ChannelView), by position."""
+
+    PAYER = 0
+    PAYEE = 1
+    TOKEN = 2
+    DEPOSIT = 3
+    SETTLED = 4
+    CLOSE_DEADLINE = 5
+    STATUS = 6
+
+
+class HubEvent(StrEnum):
+    """The hub's events that change a channel, by name."""
+
+    CHANNEL_OPENED = "ChannelOpened"
+    CHANNEL_TOPPED_UP = "ChannelToppedUp"
+    CHANNELS_SETTLED = "ChannelsSettled"
+    CLOSE_REQUESTED = "CloseRequested"
+    CHANNEL_CLOSED = "ChannelClosed"
+
+
+@dataclass(frozen=True)
+class Channel:
+    """One channel: the chain's facts plus the latest voucher the service accepted.
+
+    The facts are current to the chain position (`as_of_block`, `as_of_log`): every event at or before it is
+    reflected, none after it. Several events of one channel can share a block (even a transaction), so the log index
+    is part of the position.
+    """
+
+    channel_id: ChannelId
+    payer: Address
+    payee: Address
+    token: Address
+    salt: str
+    deposit: int
+    settled: int
+    status: ChannelStatus
+    close_deadline: int | None
+    as_of_block: int
+    as_of_log: int = END_OF_BLOCK
+    accepted: int = 0
+    signature: bytes | None = None
+    suspended_reason: str | None = None
+
+    @property
+    def unsettled(self) -> int:
+        return max(self.accepted - self.settled, 0)
+
+    @property
+    def floor(self) -> int:
+        """A new voucher must be above this: what was accepted, or what the chain already settled if more."""
+        return max(self.accepted, self.settled)
+
+    @property
+    def position(self) -> tuple[int, int]:
+        """The chain position the facts are current to: (block number, log index)."""
+        return self.as_of_block, self.as_of_log
+
+    def with_voucher(self, cumulative: int, signature: bytes) -> Channel:
+        return replace(self, accepted=cumulative, signature=signature)
+
+
+@dataclass(frozen=True)
+class BlockRef:
+    """One block of one chain instance: a number says where, only the hash says which chain."""
+
+    number: int
+    hash: str
+
+
+@dataclass(frozen=True)
+class Voucher:
+    """A voucher as submitted: the signed (channelId, cumulativeAmount), and unsigned metadata: the app's reference
+    and the client's idempotency key."""
+
+    channel_id: ChannelId
+    cumulative: int
+    signature: bytes
+    reference: str | None = None
+    idempotency_key: str | None = None  # the client's id of the payment: a retry with it never pays twice
+
+    @property
+    def key(self) -> tuple[ChannelId, int]:
+        """What the signature commits to; duplicates are found by this, never by signature bytes."""
+        return self.channel_id, self.cumulative
+
+
+@dataclass(frozen=True)
+class Receipt:
+    """What the service answers for an accepted voucher; a re-sent voucher gets the same receipt back."""
+
+    channel_id: ChannelId
+    cumulative: int
+    increment: int
+    remaining: int
+    accepted_at: datetime
+    reference: str | None = None
+    idempotency_key: str | None = None
+
+
+def utcnow() -> datetime:
+    """Now, in UTC to the microsecond, the only clock the ledger reads."""
+    return datetime.now(UTC)

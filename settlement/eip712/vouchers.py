@@ -1,0 +1,160 @@
+"""Vouchers: the EIP-712 schema, signing (eth-account) and a fast verifier (precomputed domain + coincurve).
+
+A voucher says "channel `channelId` has paid `cumulativeAmount` in total so far". The verifier accepts exactly what
+ChannelHub accepts: 65-byte signatures, v of 27 or 28, s in the lower half of the curve order, a non-zero signer.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+from coincurve._libsecp256k1 import ffi, lib
+from coincurve.context import GLOBAL_CONTEXT
+from eth_abi.abi import encode
+from eth_account import Account
+from eth_account.messages import encode_typed_data
+from eth_account.signers.local import LocalAccount
+from eth_utils.address import to_checksum_address
+from eth_utils.crypto import keccak
+from sha3 import keccak_256
+from web3.contract import Contract
+
+from settlement.domain.model import MAX_UINT256
+
+VOUCHER_TYPE = [
+    {"name": "channelId", "type": "bytes32"},
+    {"name": "cumulativeAmount", "type": "uint256"},
+]
+EIP712_DOMAIN_TYPE = [
+    {"name": "name", "type": "string"},
+    {"name": "version", "type": "string"},
+    {"name": "chainId", "type": "uint256"},
+    {"name": "verifyingContract", "type": "address"},
+]
+DOMAIN_NAME = "ChannelHub"
+DOMAIN_VERSION = "1"
+
+_VOUCHER_TYPEHASH = keccak(b"Voucher(bytes32 channelId,uint256 cumulativeAmount)")
+_DOMAIN_TYPEHASH = keccak(b"EIP712Domain(string name,string version,uint256 chainId,address verifyingContract)")
+SECP256K1_N = 0xFFFFFFFFFFFFFFFFFFFFFFFFFFFFFFFEBAAEDCE6AF48A03BBFD25E8CD0364141
+_HALF_N = SECP256K1_N // 2
+
+
+@dataclass(frozen=True)
+class Domain:
+    """The EIP-712 domain of one deployed hub."""
+
+    chain_id: int
+    verifying_contract: str
+    name: str = DOMAIN_NAME
+    version: str = DOMAIN_VERSION
+
+    def as_dict(self) -> dict[str, Any]:
+        return {
+            "name": self.name,
+            "version": self.version,
+            "chainId": self.chain_id,
+            "verifyingContract": to_checksum_address(self.verifying_contract),
+        }
+
+    def separator(self) -> bytes:
+        return keccak(
+            _DOMAIN_TYPEHASH
+            + keccak(self.name.encode())
+            + keccak(self.version.encode())
+            + self.chain_id.to_bytes(32, "big")
+            + bytes(12)
+            + bytes.fromhex(self.verifying_contract.removeprefix("0x"))
+        )
+
+
+def channel_id(payer: str, payee: str, token: str, salt: bytes) -> bytes:
+    """The id ChannelHub gives a channel: keccak256(abi.encode(payer, payee, token, salt)); token 0x0 = ETH."""
+    return keccak(encode(["address", "address", "address", "bytes32"], [payer, payee, token, salt]))
+
+
+def typed_data(domain: Domain, channel_id: bytes, cumulative_amount: int) -> dict[str, Any]:
+    """The full EIP-712 message, as wallets and eth-account take it."""
+    return {
+        "types": {"EIP712Domain": EIP712_DOMAIN_TYPE, "Voucher": VOUCHER_TYPE},
+        "primaryType": "Voucher",
+        "domain": domain.as_dict(),
+        "message": {"channelId": channel_id, "cumulativeAmount": cumulative_amount},
+    }
+
+
+def sign_voucher(account: LocalAccount, domain: Domain, channel_id: bytes, cumulative_amount: int) -> bytes:
+    """The payer's 65-byte signature (r || s || v, v in {27, 28})."""
+    signable = encode_typed_data(full_message=typed_data(domain, channel_id, cumulative_amount))
+    return bytes(account.sign_message(signable).signature)
+
+
+def recover_reference(domain: Domain, channel_id: bytes, cumulative_amount: int, signature: bytes) -> str:
+    """Signer by eth-account: slow, but the reference the fast path is tested against."""
+    signable = encode_typed_data(full_message=typed_data(domain, channel_id, cumulative_amount))
+    return str(Account.recover_message(signable, signature=signature))
+
+
+class VoucherVerifier:
+    """Recovers voucher signers for one domain: the hot path of ingest.
+
+    The domain separator is hashed once; hashing calls safe-pysha3's C keccak directly (0.75 µs a call, against
+    4.6 µs for pycryptodome's and more through eth-utils) and the signer comes back as 20 raw bytes, because
+    checksumming an address costs ~20 µs, half of the recovery itself (~40 µs in libsecp256k1).
+    """
+
+    def __init__(self, domain: Domain) -> None:
+        self.domain = domain
+        self._prefix = b"\x19\x01" + domain.separator()
+
+    def digest(self, channel_id: bytes, cumulative_amount: int) -> bytes:
+        """The EIP-712 digest; equals ChannelHub.hashVoucher."""
+        struct_hash = _keccak(_VOUCHER_TYPEHASH + channel_id + cumulative_amount.to_bytes(32, "big"))
+        return _keccak(self._prefix + struct_hash)
+
+    def recover(self, channel_id: bytes, cumulative_amount: int, signature: bytes) -> bytes | None:
+        """The signer's 20-byte address, or None where ChannelHub would reject the voucher's signature."""
+        if len(signature) != 65 or len(channel_id) != 32 or not 0 <= cumulative_amount <= MAX_UINT256:
+            return None
+        v = signature[64]
+        if v not in (27, 28):
+            return None
+        r = int.from_bytes(signature[:32], "big")
+        s = int.from_bytes(signature[32:64], "big")
+        if not 0 < r < SECP256K1_N or not 0 < s <= _HALF_N:
+            return None
+        return _recover_address(self.digest(channel_id, cumulative_amount), signature[:64], v - 27)
+
+
+def _recover_address(digest: bytes, rs: bytes, recovery_id: int) -> bytes | None:
+    """libsecp256k1's recovery through coincurve's cffi binding, without the wrapper objects (~3 µs a call)."""
+    ctx = GLOBAL_CONTEXT.ctx
+    sig = ffi.new("secp256k1_ecdsa_recoverable_signature *")
+    if not lib.secp256k1_ecdsa_recoverable_signature_parse_compact(ctx, sig, rs, recovery_id):
+        return None
+    pubkey = ffi.new("secp256k1_pubkey *")
+    if not lib.secp256k1_ecdsa_recover(ctx, pubkey, sig, digest):
+        return None
+    out = ffi.new("unsigned char[65]")
+    size = ffi.new("size_t *", 65)
+    lib.secp256k1_ec_pubkey_serialize(ctx, out, size, pubkey, lib.SECP256K1_EC_UNCOMPRESSED)
+    return _keccak(bytes(ffi.buffer(out, 65))[1:])[-20:]
+
+
+def _keccak(data: bytes) -> bytes:
+    return bytes(keccak_256(data).digest())
+
+
+def read_domain(hub: Contract) -> Domain:
+    """The domain as the deployed hub reports it (ERC-5267), so clients sign for exactly what the chain checks."""
+    _fields, name, version, chain_id, verifying_contract, _salt, _extensions = hub.functions.eip712Domain().call()
+    return Domain(chain_id=chain_id, verifying_contract=verifying_contract, name=name, version=version)
+
+
+def to_compact(signature: bytes) -> tuple[bytes, bytes]:
+    """(r, vs) of a 65-byte signature in the EIP-2098 form settleBatch takes: vs = s | (v - 27) << 255."""
+    if len(signature) != 65 or signature[64] not in (27, 28):
+        raise ValueError("expected a 65-byte signature with v = 27 or 28")
+    vs = int.from_bytes(signature[32:64], "big") | ((signature[64] - 27) << 255)
+    return signature[:32], vs.to_bytes(32, "big")

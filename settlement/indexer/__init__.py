@@ -1,0 +1,1 @@
+"""The chain indexer: hub events -> channel rows, confirmed blocks only, reorg handling."""

@@ -1,0 +1,434 @@
+"""Chain events -> channel state in the store, counting only confirmed blocks.
+
+The indexer reads ChannelHub's logs up to `head - confirmations`, applies them to the channels table and advances a
+persisted cursor in the same transaction, so a restart neither misses nor re-applies an event. A reorganisation
+shallower than the confirmation depth never reaches it (it only reads confirmed blocks). A deeper one shows up as a
+recorded block hash the chain no longer has: the indexer then rewinds to the last block it still agrees with,
+re-reads every channel the lost blocks touched, suspends those channels (no voucher is accepted for them until an
+operator resumes them) and logs at CRITICAL.
+
+Every channel row carries the chain position its facts are current to, (block, log index); an event at or before it
+is already reflected and is skipped. Events are ordered by (block, log index), never by block alone: on a real chain
+several events of one channel share a block (two top-ups; a settlement and a close request; `closeByPayee` with a
+final voucher emits two in one transaction), and each is applied. A channel read straight from the chain's state at
+block B (`lookup`, for a voucher that arrives before the indexer reached the channel's opening) stands at the end of
+B, so the indexer applies none of B's events to it twice.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from dataclasses import dataclass, replace
+from typing import Any
+
+from eth_utils.address import to_checksum_address
+from hexbytes import HexBytes
+from web3 import Web3
+from web3.contract import Contract
+from web3.exceptions import BlockNotFound
+from web3.types import FilterParams, LogReceipt
+
+from settlement.chain.batch_codec import decode_settlements
+from settlement.chain.node import rpc_errors
+from settlement.domain.model import (
+    END_OF_BLOCK,
+    Address,
+    BlockRef,
+    Channel,
+    ChannelId,
+    ChannelStatus,
+    ChannelViewField,
+    HubEvent,
+    utcnow,
+)
+from settlement.errors import (
+    ChainError,
+    ChainMismatchError,
+    ChannelNotFoundError,
+    ChannelUnconfirmedError,
+    SettlementError,
+)
+from settlement.store import Database
+from settlement.store import chainlog as log_q
+from settlement.store import channels as channel_q
+from settlement.store.chainlog import ChainEvent, Cursor
+
+logger = logging.getLogger(__name__)
+
+CHANNEL_EVENTS = frozenset(HubEvent)
+
+
+@dataclass(frozen=True)
+class Progress:
+    """Where the indexer stands, for /ready and metrics."""
+
+    head: int
+    confirmed: int
+    cursor: int
+
+    @property
+    def lag(self) -> int:
+        """Confirmed blocks not yet applied."""
+        return max(self.confirmed - self.cursor, 0)
+
+
+def apply_event(channel: Channel | None, event: ChainEvent) -> Channel | None:
+    """The channel after `event` (pure). ChannelsSettled is applied per channel by the caller."""
+    args = event.args
+    block, log = event.position
+    if event.event == HubEvent.CHANNEL_OPENED:
+        return Channel(
+            channel_id=ChannelId(event.channel_id or ""),
+            payer=args["payer"],
+            payee=args["payee"],
+            token=args["token"],
+            salt=args["salt"],
+            deposit=int(args["deposit"]),
+            settled=0,
+            status=ChannelStatus.OPEN,
+            close_deadline=None,
+            as_of_block=block,
+            as_of_log=log,
+        )
+    if channel is None:
+        return None
+    at = replace(channel, as_of_block=block, as_of_log=log)
+    if event.event == HubEvent.CHANNEL_TOPPED_UP:
+        return replace(at, deposit=int(args["deposit"]))
+    if event.event == HubEvent.CLOSE_REQUESTED:
+        return replace(at, status=ChannelStatus.CLOSING, close_deadline=int(args["deadline"]))
+    if event.event == HubEvent.CHANNEL_CLOSED:
+        return replace(at, status=ChannelStatus.CLOSED, settled=int(args["settled"]))
+    return channel
+
+
+class Indexer:
+    """Follows one hub. `poll` does one step; `run` polls until stopped. Safe to run in several processes at once."""
+
+    def __init__(
+        self,
+        db: Database,
+        w3: Web3,
+        hub: Contract,
+        *,
+        start_block: int,
+        confirmations: int,
+        anchor: BlockRef | None = None,
+        batch_blocks: int = 2_000,
+        reorg_window: int = 256,
+    ) -> None:
+        self.db = db
+        self.w3 = w3
+        self.hub = hub
+        self.start_block = start_block
+        self.confirmations = confirmations
+        self.batch_blocks = batch_blocks
+        self.reorg_window = reorg_window
+        self.anchor = anchor
+        self.failing: str | None = None  # why the last poll of `run` failed; None while it progresses
+        self._events = {HexBytes(event.topic): event for event in hub.all_events()}
+        self._opened_topic = HexBytes(hub.events.ChannelOpened.topic)
+        self.progress: Progress | None = None
+        with db.write() as conn:
+            log_q.ensure_cursor(conn, start_block, utcnow())
+
+    # --- reading the chain -------------------------------------------------------------------------------------
+
+    def confirmed_heads(self) -> tuple[int, int]:
+        """(head, highest confirmed block)."""
+        with rpc_errors("reading the chain head"):
+            head = self.w3.eth.block_number
+        return head, max(head - self.confirmations, self.start_block - 1)
+
+    def check_anchor(self) -> None:
+        """Raise ChainMismatchError when the chain no longer has the hub's deployment block (a restarted devnet)."""
+        if self.anchor is not None and self._block_hash(self.anchor.number) != self.anchor.hash:
+            raise ChainMismatchError(
+                f"the chain no longer has the hub's deployment block {self.anchor.number} ({self.anchor.hash}): it "
+                "was restarted or replaced; the store belongs to the old chain. Stop the service and point it at a "
+                "new database and deployment"
+            )
+
+    def _block_hash(self, number: int) -> str | None:
+        with rpc_errors(f"reading block {number}"):
+            try:
+                block = self.w3.eth.get_block(number)
+            except (ValueError, BlockNotFound):
+                return None
+        block_hash = block.get("hash")
+        return None if block_hash is None else HexBytes(block_hash).to_0x_hex()
+
+    def _logs(self, from_block: int, to_block: int, topics: list[Any] | None = None) -> list[ChainEvent]:
+        params: FilterParams = {"address": self.hub.address, "fromBlock": from_block, "toBlock": to_block}
+        if topics:
+            params["topics"] = topics
+        with rpc_errors(f"reading hub logs {from_block}..{to_block}"):
+            logs = self.w3.eth.get_logs(params)
+        return [e for e in (self._decode(log) for log in logs) if e is not None]
+
+    def _decode(self, log: LogReceipt) -> ChainEvent | None:
+        event = self._events.get(HexBytes(log["topics"][0])) if log["topics"] else None
+        if event is None:
+            return None
+        data = event.process_log(log)
+        args = {k: _plain(v) for k, v in data["args"].items()}
+        channel_id = args.get("channelId")
+        return ChainEvent(
+            block_number=int(log["blockNumber"]),
+            log_index=int(log["logIndex"]),
+            block_hash=HexBytes(log["blockHash"]).to_0x_hex(),
+            tx_hash=HexBytes(log["transactionHash"]).to_0x_hex(),
+            event=event.event_name,
+            channel_id=ChannelId(channel_id) if isinstance(channel_id, str) else None,
+            args=args,
+        )
+
+    def read_channel(self, channel_id: ChannelId, block: int, salt: str | None = None) -> Channel | None:
+        """The channel as the chain has it at `block`, or None if it does not exist there.
+
+        The hub's state has no salt; it is in the ChannelOpened log. Callers that have the channel stored pass its
+        salt. Otherwise the channel is one the indexer has not reached, so its opening is after the indexer's cursor:
+        only those blocks are searched (never the whole chain from the deployment, which grows without bound and
+        which providers that cap `eth_getLogs` ranges refuse).
+        """
+        if block < self.start_block:
+            return None  # the hub was not deployed yet
+        with rpc_errors(f"reading channel {channel_id}"):
+            state = self.hub.functions.channel(bytes.fromhex(channel_id[2:])).call(block_identifier=block)
+        payer, payee, token, deposit, settled, deadline, status = state
+        if ChannelStatus(status) == ChannelStatus.NONE:
+            return None
+        if salt is None:
+            salt = self._opening_salt(channel_id, block)
+        return Channel(
+            channel_id=channel_id,
+            payer=Address(to_checksum_address(payer)),
+            payee=Address(to_checksum_address(payee)),
+            token=Address(to_checksum_address(token)),
+            salt=salt,
+            deposit=deposit,
+            settled=settled,
+            status=ChannelStatus(status),
+            close_deadline=deadline or None,
+            as_of_block=block,
+            as_of_log=END_OF_BLOCK,
+        )
+
+    def _opening_salt(self, channel_id: ChannelId, block: int) -> str:
+        """The salt from the channel's ChannelOpened log, searched from the indexer's cursor up to `block`."""
+        with self.db.read() as conn:
+            # The cursor first, then the channel: the indexer stores a channel and moves its cursor past the opening
+            # in one transaction, so either the channel is stored now or its opening is after this cursor.
+            cursor = log_q.get_cursor(conn)
+            stored = channel_q.get_channel(conn, channel_id)
+        if stored is not None:
+            return stored.salt
+        first = max(self.start_block, cursor.block_number + 1 if cursor else self.start_block)
+        # Newest first, in ranges of batch_blocks: a voucher for a fresh channel comes soon after its opening.
+        to_block = block
+        while to_block >= first:
+            from_block = max(first, to_block - self.batch_blocks + 1)
+            opened = self._logs(from_block, to_block, [self._opened_topic, channel_id])
+            if opened:
+                return str(opened[0].args["salt"])
+            to_block = from_block - 1
+        raise ChainError(
+            f"channel {channel_id} exists at block {block} but no ChannelOpened log for it is in blocks "
+            f"{first}..{block}, after the indexer's cursor"
+        )
+
+    # --- one channel, on demand --------------------------------------------------------------------------------
+
+    def lookup(self, channel_id: ChannelId) -> Channel | None:
+        """Find a channel the store does not know yet on chain (confirmed state) and store it.
+
+        Returns None if no such channel exists; raises ChannelUnconfirmedError if it exists only in blocks that are
+        not confirmed yet, and ChainUnavailableError if the chain cannot be asked (never a misleading "not found").
+        """
+        _head, confirmed = self.confirmed_heads()
+        channel = self.read_channel(channel_id, confirmed)
+        if channel is None:
+            with rpc_errors(f"reading channel {channel_id}"):
+                latest = self.hub.functions.channel(bytes.fromhex(channel_id[2:])).call(block_identifier="latest")
+            if ChannelStatus(latest[ChannelViewField.STATUS]) != ChannelStatus.NONE:
+                raise ChannelUnconfirmedError(
+                    f"channel {channel_id} is opened but not yet {self.confirmations} blocks deep; retry shortly"
+                )
+            return None
+        with self.db.write() as conn:
+            channel_q.insert_channel(conn, channel, utcnow())
+            return channel_q.get_channel(conn, channel_id)
+
+    def resume(self, channel_id: ChannelId) -> Channel:
+        """Lift a suspension after an operator checked the channel: re-read its confirmed state, clear the flag."""
+        _head, confirmed = self.confirmed_heads()
+        with self.db.read() as conn:
+            known = channel_q.get_channel(conn, channel_id)
+        fresh = None if known is None else self.read_channel(channel_id, confirmed, known.salt)
+        with self.db.write() as conn:
+            stored = channel_q.lock_channels(conn, [channel_id]).get(channel_id)
+            if stored is None or fresh is None:
+                raise ChannelNotFoundError(f"channel {channel_id} is not in the store or no longer on chain")
+            channel_q.save_chain_state(conn, replace(fresh, suspended_reason=None), utcnow())
+            resumed = channel_q.get_channel(conn, channel_id)
+        assert resumed is not None
+        logger.warning("channel %s resumed by an operator at block %d", channel_id, confirmed)
+        return resumed
+
+    # --- following the chain -----------------------------------------------------------------------------------
+
+    def poll(self) -> int:
+        """Apply the next range of confirmed blocks; returns how many blocks the cursor advanced."""
+        head, confirmed = self.confirmed_heads()
+        with self.db.read() as conn:
+            cursor = log_q.get_cursor(conn)
+        assert cursor is not None  # created in __init__
+        if cursor.block_hash is not None and self._block_hash(cursor.block_number) != cursor.block_hash:
+            self.check_anchor()  # a replaced chain is not a reorganisation: nothing here can be rewound to
+            self._rewind(cursor, confirmed)
+            self.progress = Progress(head, confirmed, cursor.block_number)
+            return 0
+        if confirmed <= cursor.block_number:
+            self.progress = Progress(head, confirmed, cursor.block_number)
+            return 0
+        to_block = min(confirmed, cursor.block_number + self.batch_blocks)
+        events = self._logs(cursor.block_number + 1, to_block)
+        to_hash = self._block_hash(to_block)
+        advanced = self._apply(cursor, Cursor(to_block, to_hash), events)
+        self.progress = Progress(head, confirmed, to_block if advanced else cursor.block_number)
+        return to_block - cursor.block_number if advanced else 0
+
+    def _apply(self, seen: Cursor, new: Cursor, events: list[ChainEvent]) -> bool:
+        now = utcnow()
+        touched = {e.channel_id for e in events if e.channel_id} | {
+            cid for e in events if e.event == HubEvent.CHANNELS_SETTLED for cid, _ in _settlements(e)
+        }
+        with self.db.write() as conn:
+            current = log_q.get_cursor(conn, lock=True)
+            if current != seen:
+                return False  # another process applied this range first
+            stored = channel_q.lock_channels(conn, touched)
+            states: dict[ChannelId, Channel | None] = dict(stored)
+            for event in events:
+                for cid, updated in self._transitions(states, event):
+                    states[cid] = updated
+            log_q.record_events(conn, events)
+            for cid, after in sorted(states.items()):
+                before = stored.get(cid)
+                if after is None or after == before:
+                    continue
+                if before is None:
+                    channel_q.insert_channel(conn, after, now)
+                else:
+                    channel_q.save_chain_state(conn, after, now)
+            log_q.set_cursor(conn, new, now)
+            log_q.prune_blocks(conn, new.block_number - self.reorg_window)
+        return True
+
+    @staticmethod
+    def _transitions(states: dict[ChannelId, Channel | None], event: ChainEvent) -> list[tuple[ChannelId, Channel]]:
+        if event.event == HubEvent.CHANNELS_SETTLED:
+            out = []
+            for cid, cumulative in _settlements(event):
+                channel = states.get(cid)
+                if channel is not None and event.position > channel.position:
+                    block, log = event.position
+                    out.append((cid, replace(channel, settled=int(cumulative), as_of_block=block, as_of_log=log)))
+            return out
+        if event.event not in CHANNEL_EVENTS or event.channel_id is None:
+            return []
+        channel = states.get(event.channel_id)
+        if channel is not None and event.position <= channel.position:
+            return []  # already reflected (applied, or read from the chain at the end of this block or later)
+        if channel is not None and event.event == HubEvent.CHANNEL_OPENED:
+            return []
+        updated = apply_event(channel, event)
+        if updated is None:
+            logger.error("%s for channel %s that the store does not know; skipped", event.event, event.channel_id)
+            return []
+        return [(event.channel_id, updated)]
+
+    def _rewind(self, cursor: Cursor, confirmed: int) -> None:
+        """A block the indexer applied is gone: a reorg deeper than the confirmation depth."""
+        with self.db.read() as conn:
+            recorded = log_q.recent_blocks(conn, self.reorg_window)
+        safe = Cursor(self.start_block - 1, None)
+        for block in recorded:
+            if block.block_number < cursor.block_number and self._block_hash(block.block_number) == block.block_hash:
+                safe = block
+                break
+        reason = (
+            f"chain reorganisation deeper than {self.confirmations} confirmations: blocks "
+            f"{safe.block_number + 1}..{cursor.block_number} were replaced"
+        )
+        with self.db.read() as conn:
+            affected = log_q.channels_touched_after(conn, safe.block_number)
+            salts = {cid: c.salt for cid, c in channel_q.lock_channels(conn, affected).items()}
+        fresh = {cid: self.read_channel(cid, confirmed, salts.get(cid)) for cid in affected}
+        now = utcnow()
+        with self.db.write() as conn:
+            if log_q.get_cursor(conn, lock=True) != cursor:
+                return  # another process handled it
+            stored = channel_q.lock_channels(conn, affected)
+            for cid, channel in stored.items():
+                chain = fresh.get(cid)
+                if chain is None:
+                    chain = replace(channel, deposit=0, settled=0, status=ChannelStatus.CLOSED, close_deadline=None)
+                at = replace(chain, as_of_block=confirmed, as_of_log=END_OF_BLOCK)
+                channel_q.save_chain_state(conn, replace(at, suspended_reason=reason), now)
+            log_q.forget_after(conn, safe.block_number)
+            log_q.set_cursor(conn, safe, now)
+        logger.critical(
+            "%s; %d channel(s) suspended until an operator resumes them: %s", reason, len(affected), affected
+        )
+
+    def catch_up(self) -> None:
+        """Poll until every confirmed block is applied (for one-shot commands, benchmarks and tests).
+
+        A poll that advances nothing does not mean caught up: another indexer on the same store (a thread of this
+        service, another process) may have applied that range first, with more still to come.
+        """
+        while True:
+            if self.poll():
+                continue
+            progress = self.progress
+            if progress is None or progress.cursor >= progress.confirmed:
+                return
+
+    def run(self, stop: threading.Event, interval: float) -> None:
+        """Poll until `stop` is set; errors are logged and retried with backoff, never fatal."""
+        delay = interval
+        while not stop.is_set():
+            try:
+                advanced = self.poll()
+                delay = interval
+                self.failing = None
+            except SettlementError as ex:
+                log = logger.critical if isinstance(ex, ChainMismatchError) else logger.warning
+                log("indexer: %s (retrying in %.1fs)", ex.message, delay)
+                self.failing = f"[{ex.code}] {ex.message}"
+                advanced = 0
+                delay = min(delay * 2, 30.0)
+            except Exception as ex:
+                logger.exception("indexer step failed (retrying in %.1fs)", delay)
+                self.failing = f"[internal_error] {type(ex).__name__}"
+                advanced = 0
+                delay = min(delay * 2, 30.0)
+            if not advanced:
+                stop.wait(delay)
+
+
+def _settlements(event: ChainEvent) -> list[tuple[ChannelId, int]]:
+    return [
+        (ChannelId(cid), amount) for cid, amount in decode_settlements(bytes.fromhex(event.args["settlements"][2:]))
+    ]
+
+
+def _plain(value: Any) -> Any:
+    """Event args as JSON-able values: bytes as 0x hex, lists element-wise."""
+    if isinstance(value, bytes | bytearray):
+        return "0x" + bytes(value).hex()
+    if isinstance(value, list | tuple):
+        return [_plain(v) for v in value]
+    return value

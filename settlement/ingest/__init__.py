@@ -1,0 +1,1 @@
+"""Voucher ingest: payer lookup, signer recovery, group commits on one writer thread."""

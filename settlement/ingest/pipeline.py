@@ -1,0 +1,270 @@
+"""The voucher ingest pipeline: find the payer, recover the signer, then judge and commit in groups.
+
+Signature recovery runs on the caller's thread (pure CPU, no lock held); a request with many vouchers has them
+recovered by a small pool of threads instead, in parallel, because libsecp256k1 (through cffi) releases the GIL
+while it works, and the event loop stays free for other requests meanwhile. Judging and writing run on one writer
+thread per process that takes every voucher waiting in its queue, judges them in one transaction that holds the
+channels' row locks, and commits once: one fsync for the whole group. A caller's future resolves only after that
+commit, so a receipt is never handed out for a voucher that is not durable. With several processes on PostgreSQL the
+row locks (taken in channel id order) serialize writers per channel; with SQLite, BEGIN IMMEDIATE does.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import queue
+import threading
+import time
+from collections.abc import Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass
+
+from settlement.domain.ledger import Verdict, judge
+from settlement.domain.model import Channel, ChannelId, Receipt, Voucher, utcnow
+from settlement.eip712.vouchers import VoucherVerifier
+from settlement.errors import ChannelNotFoundError, RequestError, SettlementError, StoreError, StoreUnavailableError
+from settlement.indexer.follower import Indexer
+from settlement.server.metrics import Metrics
+from settlement.store import Database
+from settlement.store import channels as channel_q
+
+logger = logging.getLogger(__name__)
+
+Outcome = Verdict | SettlementError
+PARALLEL_RECOVERY_MIN = 16  # below this a thread hand-off costs more than it saves
+
+
+@dataclass(frozen=True)
+class _Job:
+    vouchers: Sequence[Voucher]
+    signers: Sequence[bytes | None]
+    future: Future[list[Outcome]]
+
+
+class Ingestor:
+    """Accepts vouchers for one hub. Call `start()` before submitting and `stop()` to drain and finish."""
+
+    def __init__(
+        self,
+        db: Database,
+        verifier: VoucherVerifier,
+        indexer: Indexer,
+        metrics: Metrics,
+        *,
+        close_guard: int,
+        group_max: int = 1024,
+        recovery_threads: int = 2,
+    ) -> None:
+        self.db = db
+        self.verifier = verifier
+        self.indexer = indexer
+        self.metrics = metrics
+        self.close_guard = close_guard
+        self.group_max = group_max
+        self._payers: dict[str, bytes] = {}  # a channel's payer never changes: it is hashed into the id
+        self._queue: queue.SimpleQueue[_Job | None] = queue.SimpleQueue()
+        self._thread: threading.Thread | None = None
+        self.recovery_threads = recovery_threads
+        self._recovery: ThreadPoolExecutor | None = None
+
+    # --- lifecycle ---------------------------------------------------------------------------------------------
+
+    def start(self) -> None:
+        if self._thread is None:
+            self._recovery = ThreadPoolExecutor(self.recovery_threads, thread_name_prefix="recover")
+            self._thread = threading.Thread(target=self._write_loop, name="ingest-writer", daemon=True)
+            self._thread.start()
+
+    def stop(self) -> None:
+        """Finish every voucher already queued, then stop the writer."""
+        if self._thread is not None:
+            self._queue.put(None)
+            self._thread.join()
+            self._thread = None
+        if self._recovery is not None:
+            self._recovery.shutdown(wait=True)
+            self._recovery = None
+
+    # --- the caller's side -------------------------------------------------------------------------------------
+
+    def resolve_payer(self, channel_id: ChannelId) -> bytes:
+        """The channel's payer, from memory, the store, or the chain (blocking I/O; raises if there is none)."""
+        payer = self._payers.get(channel_id)
+        if payer is not None:
+            return payer
+        channel = self.find_channel(channel_id)
+        if channel is None:
+            raise ChannelNotFoundError(f"channel {channel_id} does not exist on chain")
+        payer = bytes.fromhex(channel.payer[2:])
+        self._payers[channel_id] = payer
+        return payer
+
+    def find_channel(self, channel_id: ChannelId) -> Channel | None:
+        """The channel from the store, else from the chain's confirmed state (then stored)."""
+        with self.db.read() as conn:
+            channel = channel_q.get_channel(conn, channel_id)
+        return channel if channel is not None else self.indexer.lookup(channel_id)
+
+    def recover(self, voucher: Voucher) -> bytes | None:
+        return self.verifier.recover(bytes.fromhex(voucher.channel_id[2:]), voucher.cumulative, voucher.signature)
+
+    def submit(self, vouchers: Sequence[Voucher], signers: Sequence[bytes | None]) -> Future[list[Outcome]]:
+        """Queue recovered vouchers for judging; the future resolves after the group's commit."""
+        future: Future[list[Outcome]] = Future()
+        if self._thread is None:
+            future.set_exception(StoreError("the ingest writer is not running"))
+        else:
+            self._queue.put(_Job(vouchers, signers, future))
+        return future
+
+    def ingest(self, vouchers: Sequence[Voucher]) -> list[Outcome]:
+        """Resolve payers, recover signers, queue, and wait for the group commit: one outcome per voucher, in order.
+
+        Blocking (store reads, chain lookups for unknown channels, the commit): call it from a worker thread.
+        """
+        refused: dict[int, Outcome] = {}
+        for i, voucher in enumerate(vouchers):
+            try:
+                self.resolve_payer(voucher.channel_id)
+            except SettlementError as ex:
+                refused[i] = ex
+        pending = [i for i in range(len(vouchers)) if i not in refused]
+        todo = [vouchers[i] for i in pending]
+        results = self.submit(todo, self._recover_all(todo)).result() if todo else []
+        return _in_order(len(vouchers), refused, pending, results)
+
+    async def ingest_async(self, vouchers: Sequence[Voucher]) -> list[Outcome]:
+        """`ingest` for the event loop: payers come from memory (else a worker thread looks them up), signers are
+        recovered inline (~46 µs each) or, for many vouchers, by the recovery threads, and the caller awaits the
+        group commit without holding a thread."""
+        refused: dict[int, Outcome] = {}
+        for i, voucher in enumerate(vouchers):
+            if voucher.channel_id not in self._payers:
+                try:
+                    await asyncio.to_thread(self.resolve_payer, voucher.channel_id)
+                except SettlementError as ex:
+                    refused[i] = ex
+        pending = [i for i in range(len(vouchers)) if i not in refused]
+        todo = [vouchers[i] for i in pending]
+        if not todo:
+            return _in_order(len(vouchers), refused, pending, [])
+        pool = self._recovery
+        if pool is None or len(todo) < PARALLEL_RECOVERY_MIN:
+            signers = self._recover_all(todo)
+        else:
+            signers = await self._recover_parallel(pool, todo)
+        results = await asyncio.wrap_future(self.submit(todo, signers))
+        return _in_order(len(vouchers), refused, pending, results)
+
+    def _recover_all(self, vouchers: Sequence[Voucher]) -> list[bytes | None]:
+        return [self.recover(v) for v in vouchers]
+
+    async def _recover_parallel(self, pool: ThreadPoolExecutor, vouchers: list[Voucher]) -> list[bytes | None]:
+        loop = asyncio.get_running_loop()
+        size = -(-len(vouchers) // self.recovery_threads)
+        parts = [vouchers[at : at + size] for at in range(0, len(vouchers), size)]
+        done = await asyncio.gather(*(loop.run_in_executor(pool, self._recover_all, part) for part in parts))
+        return [signer for part in done for signer in part]
+
+    # --- the writer's side -------------------------------------------------------------------------------------
+
+    def _write_loop(self) -> None:
+        stopping = False
+        while not stopping:
+            first = self._queue.get()
+            if first is None:
+                break
+            jobs, size = [first], len(first.vouchers)
+            while size < self.group_max:
+                try:
+                    job = self._queue.get_nowait()
+                except queue.Empty:
+                    break
+                if job is None:
+                    stopping = True
+                    break
+                jobs.append(job)
+                size += len(job.vouchers)
+            self._commit_group(jobs)
+
+    def _commit_group(self, jobs: list[_Job]) -> None:
+        started = time.perf_counter()
+        vouchers = [v for job in jobs for v in job.vouchers]
+        signers = [s for job in jobs for s in job.signers]
+        outcomes = self._commit_isolating(vouchers, signers)
+        self.metrics.group_size.observe(len(vouchers))
+        self.metrics.commit_seconds.observe(time.perf_counter() - started)
+        at = 0
+        for job in jobs:
+            if not job.future.done():
+                job.future.set_result(outcomes[at : at + len(job.vouchers)])
+            at += len(job.vouchers)
+
+    def _commit_isolating(self, vouchers: list[Voucher], signers: list[bytes | None]) -> list[Outcome]:
+        """Commit the group; if the store refuses it, commit its halves apart, down to the voucher at fault.
+
+        One client's voucher that a store cannot take (a bug, a value one backend refuses) must never fail the
+        honest vouchers that happened to share its group. Halving keeps the vouchers' order (a channel's vouchers are
+        judged in the order they came) and costs a few extra commits per culprit, only on this failure path. An
+        unavailable store fails the whole group at once: every half would fail the same way.
+        """
+        try:
+            return self._judge_and_write(vouchers, signers)
+        except StoreUnavailableError as ex:
+            logger.error("group of %d vouchers not stored: %s", len(vouchers), ex.message)
+            return [ex] * len(vouchers)
+        except Exception as ex:  # the store refused it, or a bug: isolate the culprit, keep the writer alive
+            if len(vouchers) == 1:
+                logger.exception("voucher %s/%s not stored", vouchers[0].channel_id, vouchers[0].cumulative)
+                reason = ex.code if isinstance(ex, SettlementError) else type(ex).__name__
+                return [StoreError(f"the voucher was not stored: the store refused it ({reason})")]
+        half = len(vouchers) // 2
+        return self._commit_isolating(vouchers[:half], signers[:half]) + self._commit_isolating(
+            vouchers[half:], signers[half:]
+        )
+
+    def _judge_and_write(self, vouchers: list[Voucher], signers: list[bytes | None]) -> list[Outcome]:
+        outcomes: list[Outcome] = []
+        accepted: list[tuple[Receipt, bytes]] = []
+        with self.db.write() as conn:
+            channels = channel_q.lock_channels(conn, (v.channel_id for v in vouchers))
+            known = [
+                v.key for v in vouchers if v.channel_id in channels and v.cumulative <= channels[v.channel_id].floor
+            ]
+            priors = channel_q.receipts_for(conn, known)
+            keyed = channel_q.receipts_by_key(
+                conn, [(v.channel_id, v.idempotency_key) for v in vouchers if v.idempotency_key is not None]
+            )
+            now = utcnow()
+            for voucher, signer in zip(vouchers, signers, strict=True):
+                channel = channels.get(voucher.channel_id)
+                key = None if voucher.idempotency_key is None else (voucher.channel_id, voucher.idempotency_key)
+                try:
+                    verdict = judge(
+                        channel,
+                        voucher,
+                        signer,
+                        prior=priors.get(voucher.key),
+                        keyed=None if key is None else keyed.get(key),
+                        now=now,
+                        close_guard=self.close_guard,
+                    )
+                except RequestError as ex:
+                    outcomes.append(ex)
+                    continue
+                if verdict.new and channel is not None:
+                    accepted.append((verdict.receipt, voucher.signature))
+                    priors[voucher.key] = verdict.receipt
+                    if key is not None:
+                        keyed[key] = verdict.receipt
+                    channels[voucher.channel_id] = channel.with_voucher(voucher.cumulative, voucher.signature)
+                outcomes.append(verdict)
+            channel_q.record_payments(conn, accepted)
+        return outcomes
+
+
+def _in_order(count: int, refused: dict[int, Outcome], pending: list[int], results: list[Outcome]) -> list[Outcome]:
+    outcomes = dict(refused)
+    outcomes.update(zip(pending, results, strict=True))
+    return [outcomes[i] for i in range(count)]

@@ -1,0 +1,141 @@
+"""Wiring: one deployment's store, chain connection, indexer, ingest pipeline and settlement engine, with their
+background threads."""
+
+from __future__ import annotations
+
+import logging
+import threading
+from dataclasses import dataclass, field
+
+import requests
+from web3 import Web3
+from web3.contract import Contract
+
+from settlement.chain.deployment import Deployment, hub_contract
+from settlement.chain.node import connect
+from settlement.eip712.vouchers import Domain, VoucherVerifier, read_domain
+from settlement.errors import SettlementError
+from settlement.indexer.follower import Indexer
+from settlement.ingest.pipeline import Ingestor
+from settlement.server.config import Settings
+from settlement.server.metrics import Metrics
+from settlement.server.operator import operator_account
+from settlement.settle.engine import Settler
+from settlement.settle.lease import Lease
+from settlement.store import Database
+from settlement.store.meta import bind_deployment
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass
+class Service:
+    """Everything a running API process holds. Build it with `Service.build`, then `start()` / `stop()`."""
+
+    settings: Settings
+    deployment: Deployment
+    w3: Web3
+    rpc_session: requests.Session
+    hub: Contract
+    domain: Domain
+    db: Database
+    metrics: Metrics
+    indexer: Indexer
+    ingestor: Ingestor
+    settler: Settler | None = None
+    lease: Lease | None = None
+    _stop: threading.Event = field(default_factory=threading.Event)
+    _threads: list[threading.Thread] = field(default_factory=list)
+
+    @classmethod
+    def build(cls, settings: Settings) -> Service:
+        """Check the deployment against the chain, migrate the store, and assemble the pipeline."""
+        deployment = Deployment.load(settings.deployment_file)
+        session = requests.Session()
+        w3 = connect(
+            settings.rpc_url, settings.rpc_timeout, session, settings.rpc_fallback_urls, settings.rpc_primary_retry
+        )
+        anchor = deployment.check(w3)
+        hub = hub_contract(w3, deployment)
+        domain = read_domain(hub)
+        db = Database(settings.database_url, pool_size=settings.db_pool_size)
+        try:
+            db.migrate()
+            with db.write() as conn:
+                bind_deployment(conn, deployment.chain_id, deployment.address, anchor)
+        except BaseException:
+            db.dispose()  # a refused store must not leave its connections to the garbage collector
+            session.close()
+            raise
+        metrics = Metrics()
+        indexer = Indexer(
+            db,
+            w3,
+            hub,
+            start_block=deployment.block_number,
+            anchor=anchor,
+            confirmations=settings.confirmations,
+            batch_blocks=settings.indexer_batch_blocks,
+            reorg_window=settings.reorg_window,
+        )
+        ingestor = Ingestor(
+            db,
+            VoucherVerifier(domain),
+            indexer,
+            metrics,
+            close_guard=settings.close_guard_seconds,
+            group_max=settings.ingest_group_max,
+            recovery_threads=settings.recovery_threads,
+        )
+        service = cls(settings, deployment, w3, session, hub, domain, db, metrics, indexer, ingestor)
+        if settings.engine_enabled:
+            account = operator_account(settings, w3)
+            service.settler = Settler(db, w3, hub, account, settings, metrics)
+            service.lease = Lease(db)
+        return service
+
+    def start(self) -> None:
+        self._stop.clear()
+        self.ingestor.start()
+        thread = threading.Thread(
+            target=self.indexer.run, args=(self._stop, self.settings.indexer_interval), name="indexer", daemon=True
+        )
+        thread.start()
+        self._threads.append(thread)
+        if self.settler is not None:
+            engine = threading.Thread(target=self._run_engine, name="settlement-engine", daemon=True)
+            engine.start()
+            self._threads.append(engine)
+
+    def _run_engine(self) -> None:
+        """Tick the settler while this process holds the lease; otherwise stand by and try to take it over."""
+        assert self.settler is not None and self.lease is not None
+        tick, failures = self.settings.engine_tick, 0
+        while not self._stop.is_set():
+            try:
+                leader = self.lease.acquire()
+                self.metrics.engine_leader.set(1 if leader else 0)
+                if leader:
+                    self.settler.tick()
+                failures = 0
+            except Exception as ex:
+                failures = min(failures + 1, 20)
+                wait = min(tick * 2**failures, max(tick, self.settings.engine_backoff_max))
+                if isinstance(ex, SettlementError):
+                    logger.warning("settlement engine: %s; retrying in %.1fs", ex.message, wait)
+                else:
+                    logger.exception("settlement engine step failed; retrying in %.1fs", wait)
+                self._stop.wait(wait)
+                continue
+            self._stop.wait(tick)
+        self.lease.release()
+
+    def stop(self) -> None:
+        """Stop following the chain, finish every queued voucher, release the store."""
+        self._stop.set()
+        for thread in self._threads:
+            thread.join(timeout=30)
+        self._threads.clear()
+        self.ingestor.stop()
+        self.db.dispose()
+        self.rpc_session.close()

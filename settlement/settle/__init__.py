@@ -1,0 +1,1 @@
+"""The settlement engine (batches, fees, watchtower), its lease, and store-versus-chain reconciliation."""
