@@ -7,6 +7,8 @@ import json
 import shutil
 import signal
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Annotated
@@ -19,6 +21,7 @@ from hexbytes import HexBytes
 from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
+from sqlalchemy import Connection
 from web3 import Web3
 
 from settlement.api.schemas import ChannelOut
@@ -229,23 +232,33 @@ def _batch_table(title: str, batches: list[tuple[batch_q.Batch, int]]) -> Table:
     return table
 
 
+@contextmanager
+def _store_only(settings: Settings) -> Iterator[Connection]:
+    """A read transaction on the service's store as it is, for the read-only commands: an operator needs them most
+    when the chain is down, so they touch no chain and migrate nothing (a missing store is refused, not created)."""
+    try:
+        db = Database.existing(settings.database_url)
+    except SettlementError as ex:
+        raise _fail(ex) from ex
+    try:
+        with db.read() as conn:
+            yield conn
+    except SettlementError as ex:
+        raise _fail(ex) from ex
+    finally:
+        db.dispose()
+
+
 @app.command()
 def status(
     as_json: Annotated[bool, typer.Option("--json", help="one JSON object instead of tables")] = False,
 ) -> None:
     """Unsettled value per asset, the next regular settlement, pending closes with deadlines, the last batches."""
     settings = get_settings()
-    try:
-        db = Database.existing(settings.database_url)
-        try:
-            with db.read() as conn:
-                unsettled = channel_q.unsettled_by_token(conn)
-                closes = [w.channel for w in batch_q.closing_with_work(conn)]
-                batches = batch_q.recent_batches(conn, 10)
-        finally:
-            db.dispose()
-    except SettlementError as ex:
-        raise _fail(ex) from ex
+    with _store_only(settings) as conn:
+        unsettled = channel_q.unsettled_by_token(conn)
+        closes = [w.channel for w in batch_q.closing_with_work(conn)]
+        batches = batch_q.recent_batches(conn, 10)
     last = batches[0][0].created_at if batches else None
     next_at = (last.timestamp() + settings.settle_interval) if last else None
     if as_json:
@@ -302,16 +315,8 @@ def channels(
     as_json: Annotated[bool, typer.Option("--json")] = False,
 ) -> None:
     """The channels the service knows, with accepted, settled and deposit."""
-    settings = get_settings()
-    try:
-        db = Database.existing(settings.database_url)
-        try:
-            with db.read() as conn:
-                page = channel_q.list_channels(conn, payer=payer, payee=payee, limit=limit)
-        finally:
-            db.dispose()
-    except SettlementError as ex:
-        raise _fail(ex) from ex
+    with _store_only(get_settings()) as conn:
+        page = channel_q.list_channels(conn, payer=payer, payee=payee, limit=limit)
     if as_json:
         print(json.dumps([ChannelOut.of(c).model_dump() for c in page.items]))
         return
