@@ -21,6 +21,7 @@ from sqlalchemy import (
     Table,
     Text,
     UniqueConstraint,
+    text,
 )
 
 from settlement.domain.model import END_OF_BLOCK
@@ -94,7 +95,15 @@ payments = Table(
     Column("accepted_at_us", BigInteger(), nullable=False),
     Column("idempotency_key", String(64), nullable=True),
     UniqueConstraint("channel_id", "cumulative"),
-    UniqueConstraint("channel_id", "idempotency_key"),  # NULLs are distinct: payments without a key never clash
+    # Partial: a payment without a key costs this index nothing (the hot path's keyless vouchers skip it).
+    Index(
+        "uq_payments_channel_id_idempotency_key",
+        "channel_id",
+        "idempotency_key",
+        unique=True,
+        sqlite_where=text("idempotency_key IS NOT NULL"),
+        postgresql_where=text("idempotency_key IS NOT NULL"),
+    ),
     CheckConstraint("increment > 0 AND increment <= cumulative", name="increment_positive").ddl_if(
         dialect="postgresql"
     ),

@@ -19,10 +19,18 @@ depends_on = None
 def upgrade() -> None:
     with op.batch_alter_table("payments") as batch:
         batch.add_column(sa.Column("idempotency_key", sa.String(64), nullable=True))
-        batch.create_unique_constraint("uq_payments_channel_id_idempotency_key", ["channel_id", "idempotency_key"])
+    # Partial: payments without a key (most of the hot path's) cost the index nothing.
+    op.create_index(
+        "uq_payments_channel_id_idempotency_key",
+        "payments",
+        ["channel_id", "idempotency_key"],
+        unique=True,
+        sqlite_where=sa.text("idempotency_key IS NOT NULL"),
+        postgresql_where=sa.text("idempotency_key IS NOT NULL"),
+    )
 
 
 def downgrade() -> None:
+    op.drop_index("uq_payments_channel_id_idempotency_key", table_name="payments")
     with op.batch_alter_table("payments") as batch:
-        batch.drop_constraint("uq_payments_channel_id_idempotency_key", type_="unique")
         batch.drop_column("idempotency_key")
