@@ -8,6 +8,7 @@
     ├── DeploymentError              500 deployment_missing
     ├── StoreError                   500 store_error
     │   └── StoreUnavailableError    503 store_unavailable
+    ├── EngineBusyError              409 engine_busy         (another process runs the settlement engine)
     ├── ChainError                   502 chain_error
     │   ├── ChainUnavailableError    503 chain_unavailable
     │   ├── ChainMismatchError       503 chain_mismatch      (the RPC serves another chain instance than the store's)
@@ -86,6 +87,14 @@ class DeploymentError(SettlementError):
     """No usable deployment record for the configured chain."""
 
     code = "deployment_missing"
+
+
+class EngineBusyError(SettlementError):
+    """Another process (a running `settlement serve`) holds the settlement engine's lease on this store: it is the
+    one that settles; a second engine would race it for the same nonces."""
+
+    status = 409
+    code = "engine_busy"
 
 
 class ChainError(SettlementError):

@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
 from pathlib import Path
 
+import httpx
 import pytest
 from web3 import Web3
 
@@ -14,6 +16,7 @@ from settlement.devtools.devnet import Devnet
 from settlement.errors import DeploymentError
 from settlement.server.config import Settings
 from tests.hub_helpers import run_cli
+from tests.servers import ServiceProcess
 
 
 def test_help_lists_the_commands(tmp_path: Path) -> None:
@@ -84,3 +87,14 @@ def test_settings_read_the_environment(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("SETTLEMENT_CHALLENGE_PERIOD", "5")
     with pytest.raises(ValueError, match="challenge_period"):
         Settings(_env_file=None)  # type: ignore[call-arg]
+
+
+def test_serve_writes_no_access_line_per_request_unless_asked(
+    spawn: Callable[..., ServiceProcess], store_url: str
+) -> None:
+    """One log line per voucher is noise at thousands a second: access logs are opt-in (`--access-log`)."""
+    service = spawn(store_url)
+    for _ in range(3):
+        assert httpx.get(f"{service.url}/health").status_code == 200
+    service.stop()
+    assert '"GET /health HTTP/1.1" 200' not in service.log.read_text()

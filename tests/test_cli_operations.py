@@ -4,9 +4,12 @@ from __future__ import annotations
 
 import json
 import re
+import time
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
+import httpx
 import pytest
 from eth_account.signers.local import LocalAccount
 from hexbytes import HexBytes
@@ -68,6 +71,7 @@ def test_settle_status_channels_reconcile_withdraw(
     report = run_cli("reconcile", "--json", env=env, cwd=tmp_path)
     assert report.returncode == 0, report.stdout + report.stderr
     assert json.loads(report.stdout)["mismatches"] == 0
+    assert [(r["problem"], r["explained"]) for r in json.loads(report.stdout)["channels"]] == [(None, None)] * 2
 
     balance = w3.eth.get_balance(payee.address)
     out = run_cli("withdraw", env={**env, "SETTLEMENT_WITHDRAW_KEY": HexBytes(payee.key).to_0x_hex()}, cwd=tmp_path)
@@ -84,6 +88,10 @@ def test_settle_status_channels_reconcile_withdraw(
     assert "2 unexplained mismatch(es)" in drift.stdout
     rows = json.loads(run_cli("reconcile", "--json", env=env, cwd=tmp_path).stdout)["channels"]
     assert {r["problem"] for r in rows} == {"settled differs"}
+    assert sorted(rows[0]) == [  # camelCase, as the API
+        "accepted", "channelId", "depositChain", "depositStore", "explained", "inFlight", "problem", "settledChain",
+        "settledStore", "status",
+    ]  # fmt: skip
 
 
 @pytest.mark.parametrize("block_time", [None, "1"], ids=["automine", "interval"])
@@ -158,6 +166,8 @@ def test_status_and_channels_read_the_store_alone_when_the_chain_is_down(
     assert listed.returncode == 0, listed.stderr
     rows = json.loads(listed.stdout)
     assert [(c["channelId"], c["acceptedCumulativeAmount"]) for c in rows] == [("0x" + channel.id.hex(), "300")]
+    table = run_cli("channels", env=env, cwd=tmp_path).stdout  # piped, as into a log: nothing cut at 80 columns
+    assert "0x" + channel.id.hex() in table and "1,000,000,000,000,000,000" in table and accounts[7].address in table
 
 
 def test_read_only_commands_refuse_a_missing_database_instead_of_creating_one(tmp_path: Path) -> None:
@@ -168,3 +178,26 @@ def test_read_only_commands_refuse_a_missing_database_instead_of_creating_one(tm
         assert result.returncode == 1
         assert f"[store_error] no database at {missing}" in " ".join(result.stderr.split())
     assert not missing.exists() and not missing.parent.exists()
+
+
+def test_settle_next_to_a_running_engine_says_so(
+    spawn: Callable[..., Any], service_settings: Callable[..., Settings], accounts: list[LocalAccount], tmp_path: Path
+) -> None:
+    """It answered `config_invalid`, as if something were misconfigured."""
+    settings = service_settings()
+    key = HexBytes(accounts[19].key).to_0x_hex()
+    service = spawn(settings.database_url, engine_enabled="true", private_key=key, settle_interval="3600")
+    deadline = time.monotonic() + 30
+    while "settlement_engine_leader 1.0" not in httpx.get(f"{service.url}/metrics").text:  # it holds the lease
+        assert time.monotonic() < deadline, "the engine never took the lease"
+        time.sleep(0.1)
+    env = {
+        "SETTLEMENT_RPC_URL": settings.rpc_url,
+        "SETTLEMENT_DEPLOYMENT_FILE": str(settings.deployment_file),
+        "SETTLEMENT_DATABASE_URL": settings.database_url,
+        "SETTLEMENT_CONFIRMATIONS": "0",
+        "SETTLEMENT_PRIVATE_KEY": key,
+    }
+    result = run_cli("settle", env=env, cwd=tmp_path)
+    assert result.returncode == 1
+    assert "[engine_busy] another process runs the settlement engine on this store" in result.stderr

@@ -371,3 +371,12 @@ def test_an_idempotency_key_makes_a_retry_the_same_payment_on_both_routes(
         ("350", "250", "pay-2"),
         ("100", "100", "pay-1"),
     ]
+
+
+def test_a_signature_of_the_wrong_length_is_named_as_such(
+    api: Callable[..., TestClient], channel: Channel, sign: Sign
+) -> None:
+    """A 1-byte signature used to answer "does not recover to the payer", which sent people looking at keys."""
+    answer = api().post("/v1/vouchers", json={**body(channel, 100, b"\x01")})
+    assert (answer.status_code, answer.json()["code"]) == (400, "invalid_signature")
+    assert answer.json()["message"] == "a voucher's signature is 65 bytes (r, s, v); this one has 1"

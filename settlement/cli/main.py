@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import shutil
 import signal
+import sys
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -29,7 +30,7 @@ from settlement.chain.deployment import Deployment, deploy_hub
 from settlement.chain.node import Transactor, connect
 from settlement.devtools.devnet import Devnet
 from settlement.domain.model import ETH, ChannelId
-from settlement.errors import ChainError, ConfigError, SettlementError
+from settlement.errors import ChainError, ConfigError, EngineBusyError, SettlementError
 from settlement.server.config import Settings, get_settings
 from settlement.server.operator import operator_account
 from settlement.server.service import Service
@@ -38,7 +39,8 @@ from settlement.store import channels as channel_q
 from settlement.store import settlements as batch_q
 
 app = typer.Typer(help="ChannelHub micropayment settlement: run, settle and check it.", no_args_is_help=True)
-console = Console()
+# Piped or logged output is not cut at 80 columns: keys, addresses and amounts are printed whole.
+console = Console(width=None if sys.stdout.isatty() else 1_000)
 err_console = Console(stderr=True, soft_wrap=True)  # an error line is never wrapped: paths and keys stay whole
 
 
@@ -123,14 +125,19 @@ def _deploy(settings: Settings, challenge_period: int, out: Path) -> Deployment:
 def serve(
     host: Annotated[str | None, typer.Option(help="bind address (default: SETTLEMENT_API_HOST)")] = None,
     port: Annotated[int | None, typer.Option(help="port (default: SETTLEMENT_API_PORT)")] = None,
-    log_level: Annotated[str, typer.Option(help="uvicorn log level (warning hides access lines)")] = "info",
+    log_level: Annotated[str, typer.Option(help="uvicorn log level")] = "info",
+    access_log: Annotated[
+        bool, typer.Option("--access-log", help="a log line per request (off: thousands a second are noise)")
+    ] = False,
 ) -> None:
     """Run the HTTP API and the chain indexer for the deployment in SETTLEMENT_DEPLOYMENT_FILE."""
     settings = get_settings()
-    _serve(settings, host or settings.api_host, port if port is not None else settings.api_port, log_level)
+    _serve(
+        settings, host or settings.api_host, port if port is not None else settings.api_port, log_level, access_log
+    )
 
 
-def _serve(settings: Settings, host: str, port: int, log_level: str = "info") -> None:
+def _serve(settings: Settings, host: str, port: int, log_level: str = "info", access_log: bool = False) -> None:
     from settlement.api.app import create_app
 
     try:
@@ -138,7 +145,7 @@ def _serve(settings: Settings, host: str, port: int, log_level: str = "info") ->
     except SettlementError as ex:
         raise _fail(ex) from ex
     console.print(f"API on http://{host}:{port} (docs at /docs); store: {settings.database_url}")
-    server = uvicorn.Server(uvicorn.Config(api, host=host, port=port, log_level=log_level))
+    server = uvicorn.Server(uvicorn.Config(api, host=host, port=port, log_level=log_level, access_log=access_log))
     try:
         server.run()
     except KeyboardInterrupt:  # uvicorn re-raises Ctrl-C after its graceful shutdown; that is how we stop
@@ -182,7 +189,10 @@ def settle(
         assert service.settler is not None and service.lease is not None
         try:
             if not service.lease.acquire():
-                raise ConfigError("another process runs the settlement engine on this store; it settles already")
+                raise EngineBusyError(
+                    "another process runs the settlement engine on this store (a `settlement serve`): it settles "
+                    "every SETTLEMENT_SETTLE_INTERVAL already; stop it first to settle by hand"
+                )
             with console.status("catching up with the chain…"):
                 service.indexer.catch_up()
             result = service.settler.tick(force=True)
@@ -325,7 +335,7 @@ def channels(
         table.add_column(column)
     for c in page.items:
         table.add_row(
-            c.channel_id[:18] + "…",
+            c.channel_id,
             c.payer,
             c.payee,
             "ETH" if c.token == ETH else c.token,
@@ -362,7 +372,7 @@ def reconcile_command(
             table.add_column(column)
         for r in rows:
             table.add_row(
-                r.channel_id[:18] + "…",
+                r.channel_id,
                 r.status,
                 f"{r.accepted:,}",
                 f"{r.settled_store:,} / {r.settled_chain if r.settled_chain is not None else '-'}",

@@ -32,6 +32,8 @@ from settlement.errors import (
     StaleVoucherError,
 )
 
+SIGNATURE_BYTES = 65  # r (32) | s (32) | v (1), as the hub checks it
+
 
 @dataclass(frozen=True)
 class Verdict:
@@ -62,6 +64,10 @@ def judge(
         raise ChannelNotFoundError(f"channel {voucher.channel_id} does not exist on chain")
     if not 0 < voucher.cumulative <= MAX_UINT256:
         raise AmountOutOfRangeError("cumulativeAmount must be above 0 and below 2^256")
+    if len(voucher.signature) != SIGNATURE_BYTES:
+        raise InvalidSignatureError(
+            f"a voucher's signature is {SIGNATURE_BYTES} bytes (r, s, v); this one has {len(voucher.signature)}"
+        )
     if signer is None or signer != bytes.fromhex(channel.payer[2:]):
         raise InvalidSignatureError(
             f"the signature does not recover to the payer of channel {voucher.channel_id} for this cumulative amount"

@@ -33,7 +33,18 @@ class Row:
     explained: bool
 
     def as_json(self) -> dict[str, Any]:
-        return {k: str(v) if isinstance(v, int) and not isinstance(v, bool) else v for k, v in asdict(self).items()}
+        """camelCase as the API's bodies are; amounts as decimal strings; `explained` only where there is a problem."""
+        out = {
+            _camel(k): str(v) if isinstance(v, int) and not isinstance(v, bool) else v for k, v in asdict(self).items()
+        }
+        if self.problem is None:
+            out["explained"] = None
+        return out
+
+
+def _camel(name: str) -> str:
+    head, *rest = name.split("_")
+    return head + "".join(part.title() for part in rest)
 
 
 def reconcile(db: Database, indexer: Indexer) -> tuple[int, list[Row]]:
