@@ -9,6 +9,7 @@ import time
 import uuid
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -22,7 +23,12 @@ from web3.contract import Contract
 
 from settlement.devtools.devnet import Devnet
 from settlement.domain.model import Receipt
-from settlement.errors import PaymentUncertainError, ServiceRejectedError, UntrustedServiceError
+from settlement.errors import (
+    PaymentUncertainError,
+    ServiceRejectedError,
+    TransactionFailedError,
+    UntrustedServiceError,
+)
 from settlement.sdk.payer import ChannelRef, PayerClient
 from settlement.store import Database
 from settlement.store import channels as channel_q
@@ -439,3 +445,33 @@ def test_the_hub_is_checked_before_any_value_is_sent(
     with pytest.raises(UntrustedServiceError, match="not for"):
         payer_client(accounts[10], service.url, hub_address=token.address)
     assert payer_client(accounts[10], service.url, hub_address=hub.address).hub.address == hub.address
+
+
+def test_a_channel_reference_reads_well_and_is_rebuilt_from_its_id(
+    spawn: Callable[..., ServiceProcess],
+    payer_client: Callable[..., PayerClient],
+    store_url: str,
+    accounts: list[LocalAccount],
+) -> None:
+    """print(channel) showed raw bytes, nothing documented rebuilt a reference after a restart, and a revert printed
+    bytes and unix seconds."""
+    service = spawn(store_url)
+    client = payer_client(accounts[10], service.url)
+    channel = client.open_channel(accounts[11].address, 1_000)
+    assert str(channel) == f"channel {channel.hex_id} to {accounts[11].address} in ETH"
+    assert repr(channel).startswith(f"ChannelRef(channel_id={channel.hex_id}, ") and "b'" not in repr(channel)
+    restarted = payer_client(accounts[10], service.url)
+    assert restarted.channel(channel.hex_id) == channel  # salt found in the ChannelOpened log
+    with pytest.raises(ValueError, match="is not a channel of payer"):
+        payer_client(accounts[12], service.url).channel(channel.hex_id)
+    with pytest.raises(TransactionFailedError) as info:
+        client.finalize_close(channel)
+    assert str(info.value) == f"transaction would revert: ChannelHubChannelNotClosing(channelId={channel.hex_id})"
+    client.close(channel)
+    with pytest.raises(TransactionFailedError) as info:
+        client.finalize_close(channel)
+    deadline = datetime.fromtimestamp(client.hub.functions.channel(channel.channel_id).call()[5], UTC)
+    assert str(info.value) == (
+        f"transaction would revert: ChannelHubChallengeNotOver(channelId={channel.hex_id}, "
+        f"deadline={deadline.isoformat().replace('+00:00', 'Z')})"
+    )

@@ -7,6 +7,7 @@ import threading
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
+from datetime import UTC, datetime
 from typing import Any
 
 import requests
@@ -93,6 +94,21 @@ class Revert:
     name: str
     args: tuple[Any, ...]
     data: str
+    names: tuple[str, ...] = ()  # the arguments' names in the ABI
+
+    def describe(self) -> str:
+        """For people: `ChannelHubChallengeNotOver(channelId=0x…, deadline=2026-11-30T03:00:00Z)`, not raw bytes
+        and unix seconds."""
+        names = self.names if len(self.names) == len(self.args) else tuple(f"arg{i}" for i in range(len(self.args)))
+        return f"{self.name}({', '.join(f'{n}={_readable(n, v)}' for n, v in zip(names, self.args, strict=True))})"
+
+
+def _readable(name: str, value: Any) -> str:
+    if isinstance(value, bytes | bytearray):
+        return "0x" + bytes(value).hex()
+    if name.lower().endswith("deadline") and isinstance(value, int) and 0 < value < 2**40:
+        return datetime.fromtimestamp(value, UTC).isoformat().replace("+00:00", "Z")
+    return str(value)
 
 
 def decode_revert(abi: list[dict[str, Any]], data: str | bytes) -> Revert:
@@ -108,7 +124,8 @@ def decode_revert(abi: list[dict[str, Any]], data: str | bytes) -> Revert:
         if raw[:4] == function_signature_to_4byte_selector(f"{entry['name']}({','.join(types)})"):
             values = abi_decode(types, raw[4:])
             args = tuple(to_checksum_address(v) if t == "address" else v for t, v in zip(types, values, strict=True))
-            return Revert(entry["name"], args, "0x" + raw.hex())
+            names = tuple(str(i.get("name", "")) for i in entry["inputs"])
+            return Revert(entry["name"], args, "0x" + raw.hex(), names)
     return Revert("unknown", (), "0x" + raw.hex())
 
 
@@ -146,7 +163,7 @@ class Transactor:
             estimate = gas or int(call.estimate_gas(params) * GAS_HEADROOM)
         except (ContractCustomError, ContractLogicError) as ex:
             revert = revert_of(ex, self.abi)
-            reason = f"{revert.name}{revert.args}" if revert else str(ex)
+            reason = revert.describe() if revert else str(ex)
             raise TransactionFailedError(f"transaction would revert: {reason}") from ex
         with self._lock:
             for attempt in range(NONCE_RETRIES):

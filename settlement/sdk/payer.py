@@ -41,7 +41,8 @@ from web3.contract import Contract
 from settlement.chain.contracts import HUB, load_artifact, runtime_matches
 from settlement.chain.node import Transactor, connect
 from settlement.domain.model import ETH, ChannelViewField, Receipt
-from settlement.eip712.vouchers import Domain, VoucherVerifier, channel_id, read_domain, sign_voucher
+from settlement.eip712.vouchers import Domain, VoucherVerifier, read_domain, sign_voucher
+from settlement.eip712.vouchers import channel_id as channel_id_of
 from settlement.errors import PaymentUncertainError, ServiceRejectedError, UntrustedServiceError, rejected
 from settlement.sdk.journal import JournalPayment, PayerJournal, PaymentStatus
 
@@ -79,6 +80,13 @@ class ChannelRef:
     @property
     def hex_id(self) -> str:
         return "0x" + self.channel_id.hex()
+
+    def __str__(self) -> str:
+        asset = "ETH" if self.token == ETH else self.token
+        return f"channel {self.hex_id} to {self.payee} in {asset}"
+
+    def __repr__(self) -> str:
+        return f"ChannelRef(channel_id={self.hex_id}, payee={self.payee}, token={self.token}, salt=0x{self.salt.hex()})"
 
 
 class PayerClient:
@@ -169,8 +177,30 @@ class PayerClient:
         if asset != ETH:
             self._approve(asset, deposit)
         self.transactor.send(self.hub.functions.open(payee, asset, salt, deposit), value=deposit if asset == ETH else 0)
-        ref = ChannelRef(channel_id(self.address, payee, asset, salt), payee, asset, salt)
+        ref = ChannelRef(channel_id_of(self.address, payee, asset, salt), payee, asset, salt)
         self.journal.reset(ref.hex_id)  # new on this chain (open reverts otherwise): whatever the journal held is void
+        return ref
+
+    def channel(self, channel_id: str | bytes, *, salt: bytes | None = None, from_block: int = 0) -> ChannelRef:
+        """Rebuild the reference of one of this payer's channels from its id (after a restart): its payee and asset
+        from the hub, its salt from `salt` or else from the channel's ChannelOpened log, searched from `from_block`
+        (a provider that caps log ranges needs `salt` or a recent `from_block`)."""
+        raw = bytes.fromhex(channel_id[2:]) if isinstance(channel_id, str) else bytes(channel_id)
+        view = self.hub.functions.channel(raw).call()
+        if to_checksum_address(view[ChannelViewField.PAYER]) != self.address:
+            raise ValueError(f"0x{raw.hex()} is not a channel of payer {self.address} on hub {self.hub.address}")
+        if salt is None:
+            opened = self.hub.events.ChannelOpened().get_logs(
+                argument_filters={"channelId": raw}, from_block=from_block, to_block="latest"
+            )
+            if not opened:
+                raise ValueError(f"no ChannelOpened log for 0x{raw.hex()} since block {from_block}: pass salt=")
+            salt = bytes(opened[0]["args"]["salt"])
+        payee = to_checksum_address(view[ChannelViewField.PAYEE])
+        token = to_checksum_address(view[ChannelViewField.TOKEN])
+        ref = ChannelRef(raw, payee, token, salt)
+        if channel_id_of(self.address, payee, token, salt) != raw:
+            raise ValueError(f"salt 0x{salt.hex()} does not name channel 0x{raw.hex()}")
         return ref
 
     def top_up(self, channel: ChannelRef, amount: int) -> None:
