@@ -20,7 +20,7 @@ from web3.contract import Contract
 from settlement.domain.model import Voucher
 from settlement.server.config import Settings
 from settlement.server.service import Service
-from tests.hub_helpers import ETH, Channel, run_cli
+from tests.hub_helpers import ETH, Channel, run_cli, send
 
 
 def test_settle_status_channels_reconcile_withdraw(
@@ -201,3 +201,30 @@ def test_settle_next_to_a_running_engine_says_so(
     result = run_cli("settle", env=env, cwd=tmp_path)
     assert result.returncode == 1
     assert "[engine_busy] another process runs the settlement engine on this store" in result.stderr
+
+
+def test_status_reports_the_running_engines_interval_and_every_closing_channel(
+    engine: Callable[..., Any],
+    service_settings: Callable[..., Settings],
+    open_channel: Callable[..., Channel],
+    accounts: list[LocalAccount],
+    hub: Contract,
+    w3: Web3,
+    tmp_path: Path,
+) -> None:
+    """It printed the CLI's own interval (30 s) while the demo's engine settled every 10 s, and "no pending closes"
+    while a channel was closing with nothing left to settle."""
+    service, settler = engine(settle_interval=7.0)
+    channel = open_channel(accounts[5], accounts[7].address, amount=1_000)
+    receipt = send(w3, hub.functions.requestClose(channel.id), accounts[5].address)
+    deadline = w3.eth.get_block(receipt["blockNumber"])["timestamp"] + 3600
+    service.indexer.catch_up()
+    env = {"SETTLEMENT_DATABASE_URL": service_settings().database_url}
+    before = json.loads(run_cli("status", "--json", env=env, cwd=tmp_path).stdout)
+    assert before["settleInterval"] is None  # no engine has ticked on this store yet
+    settler.tick()
+    after = json.loads(run_cli("status", "--json", env=env, cwd=tmp_path).stdout)
+    assert after["settleInterval"] == 7.0
+    assert after["pendingCloses"] == [{"channelId": "0x" + channel.id.hex(), "deadline": deadline, "unsettled": "0"}]
+    text_out = run_cli("status", env=env, cwd=tmp_path).stdout
+    assert "the engine settles every 7s" in text_out and "0x" + channel.id.hex() in text_out

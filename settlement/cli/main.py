@@ -37,6 +37,7 @@ from settlement.server.service import Service
 from settlement.store import Database
 from settlement.store import channels as channel_q
 from settlement.store import settlements as batch_q
+from settlement.store.meta import engine_facts
 
 app = typer.Typer(help="ChannelHub micropayment settlement: run, settle and check it.", no_args_is_help=True)
 # Piped or logged output is not cut at 80 columns: keys, addresses and amounts are printed whole.
@@ -267,16 +268,19 @@ def status(
     settings = get_settings()
     with _store_only(settings) as conn:
         unsettled = channel_q.unsettled_by_token(conn)
-        closes = [w.channel for w in batch_q.closing_with_work(conn)]
+        closes = batch_q.closing_channels(conn)
         batches = batch_q.recent_batches(conn, 10)
+        engine = engine_facts(conn)
+    interval = float(str(engine["settleInterval"])) if engine else None  # the running engine's, not this CLI's
     last = batches[0][0].created_at if batches else None
-    next_at = (last.timestamp() + settings.settle_interval) if last else None
+    next_at = (last.timestamp() + interval) if last and interval else None
     if as_json:
         print(
             json.dumps(
                 {
                     "unsettled": {token: str(value) for token, value in unsettled.items()},
                     "nextSettlementAt": next_at,
+                    "settleInterval": interval,
                     "pendingCloses": [
                         {"channelId": c.channel_id, "deadline": c.close_deadline, "unsettled": str(c.unsettled)}
                         for c in closes
@@ -302,10 +306,13 @@ def status(
     for token, value in sorted(unsettled.items()):
         table.add_row("ETH" if token == ETH else token, f"{value:,}")
     console.print(table)
-    when = datetime.fromtimestamp(next_at, UTC).isoformat(timespec="seconds") if next_at else "at the next engine tick"
-    console.print(f"next regular settlement: {when} (every {settings.settle_interval:g}s)")
+    if interval is None:
+        console.print("no settlement engine has run on this store yet (`settlement serve` runs one)")
+    else:
+        when = datetime.fromtimestamp(next_at, UTC).isoformat(timespec="seconds") if next_at else "at its next tick"
+        console.print(f"next regular settlement: {when} (the engine settles every {interval:g}s)")
     if closes:
-        closing = Table(title="pending closes")
+        closing = Table(title="closing channels (the engine settles them before their deadline)")
         for column in ("channel", "deadline", "unsettled"):
             closing.add_column(column)
         for c in closes:
@@ -313,7 +320,7 @@ def status(
             closing.add_row(c.channel_id, deadline, f"{c.unsettled:,}")
         console.print(closing)
     else:
-        console.print("no pending closes")
+        console.print("no channel is closing")
     console.print(_batch_table("last batches", batches))
 
 

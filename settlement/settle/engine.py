@@ -53,6 +53,7 @@ from settlement.server.metrics import Metrics
 from settlement.store import Database
 from settlement.store import channels as channel_q
 from settlement.store import settlements as batch_q
+from settlement.store.meta import record_engine
 from settlement.store.settlements import Batch, CloseWork, Entry, SentTx
 
 logger = logging.getLogger(__name__)
@@ -126,6 +127,7 @@ class Settler:
         self._checked_at: float | None = None  # the last regular check that found nothing worth a batch
         self._chain_id: int | None = None
         self._unsettled_at: float | None = None
+        self._recorded = False  # its interval and sender, in the store for `settlement status`
 
     @property
     def sender(self) -> str:
@@ -139,6 +141,10 @@ class Settler:
         A tick that starts nothing reads only open batches and closing channels: the settleable channels (possibly
         hundreds of thousands) are read, LIMITed to one batch, only when a regular batch may start.
         """
+        if not self._recorded:
+            with self.db.write() as conn:
+                record_engine(conn, {"settleInterval": self.settings.settle_interval, "sender": self.sender})
+            self._recorded = True
         finished = self.reconcile()
         with self.db.read() as conn:
             in_flight = batch_q.open_batches(conn)

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+
 from sqlalchemy import Connection, select
 from sqlalchemy.dialects.postgresql import insert as pg_insert
 from sqlalchemy.dialects.sqlite import insert as sqlite_insert
@@ -12,6 +14,7 @@ from settlement.store.tables import service_meta
 
 DEPLOYMENT_KEY = "deployment"
 CHAIN_INSTANCE_KEY = "chain_instance"
+ENGINE_KEY = "engine"
 
 
 def _claim(conn: Connection, key: str, wanted: str) -> str:
@@ -43,3 +46,17 @@ def bind_deployment(conn: Connection, chain_id: int, address: str, anchor: Block
             f"{anchor.hash} in block {anchor.number}: the chain was restarted or replaced, and the channels stored "
             "here do not exist on it. Point SETTLEMENT_DATABASE_URL at a new database"
         )
+
+
+def record_engine(conn: Connection, facts: dict[str, object]) -> None:
+    """What the running settlement engine works with (its interval, its sender), for operators' read-only commands:
+    the CLI's own settings may differ from the engine's."""
+    value = json.dumps(facts, sort_keys=True)
+    insert = sqlite_insert if conn.dialect.name == "sqlite" else pg_insert
+    statement = insert(service_meta).values(key=ENGINE_KEY, value=value)
+    conn.execute(statement.on_conflict_do_update(index_elements=["key"], set_={"value": value}))
+
+
+def engine_facts(conn: Connection) -> dict[str, object] | None:
+    value = conn.execute(select(service_meta.c.value).where(service_meta.c.key == ENGINE_KEY)).scalar_one_or_none()
+    return None if value is None else dict(json.loads(value))

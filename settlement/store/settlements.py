@@ -285,6 +285,16 @@ def closing_with_work(conn: Connection) -> list[CloseWork]:
     ]
 
 
+def closing_channels(conn: Connection) -> list[Channel]:
+    """Every closing channel, nearest deadline first, whether or not anything is left to settle on it."""
+    query = (
+        select(channels)
+        .where(channels.c.status == int(ChannelStatus.CLOSING))
+        .order_by(channels.c.close_deadline, channels.c.channel_id)
+    )
+    return [channel_from_row(row) for row in conn.execute(query)]
+
+
 def last_batch_at(conn: Connection) -> datetime | None:
     """When the newest batch was created: the regular interval counts from it, in whichever process it ran."""
     newest = conn.execute(select(func.max(settlement_batches.c.created_at_us))).scalar_one()
