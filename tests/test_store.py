@@ -16,7 +16,7 @@ from sqlalchemy import text
 
 from settlement.chain.deployment import Deployment
 from settlement.domain.ledger import Verdict
-from settlement.domain.model import ETH, BlockRef, Channel, ChannelStatus, Receipt, Voucher, utcnow
+from settlement.domain.model import ETH, BlockRef, Channel, ChannelId, ChannelStatus, Receipt, Voucher, utcnow
 from settlement.errors import ChainMismatchError, ConfigError, SettlementError, StaleVoucherError, StoreError
 from settlement.server.config import Settings
 from settlement.server.service import Service
@@ -265,3 +265,38 @@ def test_the_migrations_build_exactly_the_schema_the_tables_describe(db: Databas
 def _alembic_own(diff: Any) -> bool:
     """alembic's version table is not in our metadata."""
     return isinstance(diff, tuple) and diff[0] == "remove_table" and diff[1].name == "alembic_version"
+
+
+def test_racing_retries_of_one_keyed_payment_pay_it_once(
+    make_service: Callable[..., Service],
+    open_channel: Callable[..., HubChannel],
+    accounts: list[LocalAccount],
+    sign: Callable[..., bytes],
+) -> None:
+    """16 submissions of one payment (key "pay-1", 100 wei) race each other: half signed from position 0, half from
+    the re-read position 100, as clients that lost their answers would. Exactly one payment is stored; every other
+    answer is that payment's receipt, or a refusal of the key for another amount, never a second charge."""
+    service = make_service()
+    channel = open_channel(accounts[5], accounts[6].address, amount=1_000)
+    service.indexer.catch_up()
+    cid = ChannelId("0x" + channel.id.hex())
+    vouchers = [
+        Voucher(cid, amount, sign(channel.payer, channel.id, amount), idempotency_key="pay-1")
+        for amount in [100, 200] * 8
+    ]
+    with ThreadPoolExecutor(16) as pool:
+        outcomes = list(pool.map(lambda v: service.ingestor.ingest([v])[0], vouchers))
+    new = [o.receipt for o in outcomes if isinstance(o, Verdict) and o.new]
+    assert len(new) == 1
+    first = new[0]
+    others = [o for o in outcomes if not (isinstance(o, Verdict) and o.new)]
+    assert all(
+        (isinstance(o, Verdict) and o.receipt == first)
+        or (isinstance(o, SettlementError) and o.code == "idempotency_key_reused")
+        for o in others
+    )
+    with service.db.read() as conn:
+        stored = channel_q.list_payments(conn, cid).items
+        accepted = channel_q.get_channel(conn, cid)
+    assert stored == [first]
+    assert accepted is not None and accepted.accepted == first.cumulative

@@ -128,6 +128,7 @@ class Settler:
         self._chain_id: int | None = None
         self._unsettled_at: float | None = None
         self._recorded = False  # its interval and sender, in the store for `settlement status`
+        self._claimed: dict[tuple[str, str], float] = {}  # alerts this process claimed in the store, and when
 
     @property
     def sender(self) -> str:
@@ -587,9 +588,14 @@ class Settler:
 
     def _alert(self, kind: str, message: str, subject: str = "") -> None:
         """Log at CRITICAL and count; the same alert repeats at most once a minute (the engine ticks every second),
-        in whichever process leads the engine (the throttle is in the store)."""
+        in whichever process leads the engine (the throttle is in the store). This process's own last claim is
+        checked first: a throttled alert costs no write transaction, which would queue behind the ingest writer."""
+        key, now = (kind, subject), self.clock()
+        if now - self._claimed.get(key, float("-inf")) < ALERT_REPEAT_SECONDS:
+            return
         with self.db.write() as conn:
             if not batch_q.claim_alert(conn, kind, subject, self._now(), int(ALERT_REPEAT_SECONDS * 1_000_000)):
                 return
+        self._claimed[key] = now
         self.metrics.alerts.labels(kind).inc()
         logger.critical("ALERT %s: %s", kind, message)

@@ -167,6 +167,8 @@ settlement_batches = Table(
     Column("nonce_used_since_us", BigInteger(), nullable=True),  # first seen used with no receipt of ours
     CheckConstraint("status IN ('pending', 'sent', 'confirmed', 'failed')", name="status"),
     Index(None, "status"),
+    Index(None, "created_at_us"),  # the engine reads the newest batch every tick
+    Index(None, "updated_at_us"),  # and the last hour's spend at every regular check
 )
 
 settlement_entries = Table(

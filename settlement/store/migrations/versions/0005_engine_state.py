@@ -28,6 +28,9 @@ def upgrade() -> None:
     )
     with op.batch_alter_table("settlement_batches") as batch:
         batch.add_column(sa.Column("nonce_used_since_us", sa.BigInteger(), nullable=True))
+    # The engine reads the newest batch every tick, and the last hour's spend at every regular check.
+    op.create_index("ix_settlement_batches_created_at_us", "settlement_batches", ["created_at_us"])
+    op.create_index("ix_settlement_batches_updated_at_us", "settlement_batches", ["updated_at_us"])
     with op.batch_alter_table("settlement_entries") as batch:
         batch.add_column(sa.Column("close_phase", sa.SmallInteger(), nullable=True))
 
@@ -35,6 +38,8 @@ def upgrade() -> None:
 def downgrade() -> None:
     with op.batch_alter_table("settlement_entries") as batch:
         batch.drop_column("close_phase")
+    op.drop_index("ix_settlement_batches_updated_at_us", table_name="settlement_batches")
+    op.drop_index("ix_settlement_batches_created_at_us", table_name="settlement_batches")
     with op.batch_alter_table("settlement_batches") as batch:
         batch.drop_column("nonce_used_since_us")
     op.drop_table("engine_alerts")
