@@ -14,9 +14,11 @@ $(PY):
 	@$(PYTHON) -c 'import sys; sys.exit(0 if sys.version_info >= (3, 11) else "Python 3.11+ is required (set PYTHON=...)")'
 	$(PYTHON) -m venv $(VENV)
 
+# Not quiet: the first install takes ~30 s and a silent terminal looks stuck.
 $(PY_STAMP): pyproject.toml | $(PY)
+	@echo "Installing the Python packages into $(VENV) (first run only, ~30 s)"
 	$(PY) -m pip install --quiet --upgrade pip
-	$(PY) -m pip install --quiet -e '.[dev]'
+	$(PY) -m pip install --progress-bar on -e '.[dev]'
 	@touch $@
 
 $(NPM_STAMP): package.json package-lock.json
@@ -35,8 +37,9 @@ lint: setup
 	$(VENV)/bin/ruff check settlement tests scripts
 	$(VENV)/bin/mypy
 
+# `make run PORT=8001` when 8000 is taken.
 run: check-artifacts
-	$(VENV)/bin/settlement demo
+	$(VENV)/bin/settlement demo $(if $(PORT),--port $(PORT))
 
 test: lint
 	$(PY) -m pytest

@@ -2,6 +2,7 @@
 
     SettlementError                  500 internal_error
     ├── ConfigError                  500 config_invalid
+    │   └── PortInUseError           500 port_in_use         (the API's port is taken)
     ├── ArtifactError                500 artifact_invalid
     │   └── SourceDriftError         500 artifact_source_drift
     ├── DevnetError                  500 devnet_failed
@@ -9,6 +10,7 @@
     ├── StoreError                   500 store_error
     │   └── StoreUnavailableError    503 store_unavailable
     ├── EngineBusyError              409 engine_busy         (another process runs the settlement engine)
+    ├── NothingToWithdrawError       409 balance_insufficient (the hub holds less than a withdrawal asks)
     ├── ChainError                   502 chain_error
     │   ├── ChainUnavailableError    503 chain_unavailable
     │   ├── ChainMismatchError       503 chain_mismatch      (the RPC serves another chain instance than the store's)
@@ -17,6 +19,7 @@
     │                                the class above or below with that code, made a subclass of this one
     ├── PaymentUncertainError        503 payment_uncertain   (client SDK: no answer after every retry)
     ├── UntrustedServiceError        502 service_untrusted   (client SDK: the service's word failed a check)
+    ├── WaitTimeoutError             504 wait_timeout        (client SDK: a wait ended; carries the last answer)
     └── RequestError                 400 bad_request         (the client's fault: always 4xx)
         ├── MalformedRequestError    400 malformed_request
         ├── UnsupportedMediaError    415 unsupported_media_type
@@ -63,6 +66,20 @@ class ConfigError(SettlementError, ValueError):
     """A setting is missing or unusable."""
 
     code = "config_invalid"
+
+
+class PortInUseError(ConfigError):
+    """The port the API (or the devnet) should listen on is taken by another process."""
+
+    code = "port_in_use"
+
+
+class NothingToWithdrawError(SettlementError):
+    """The hub holds less for the account than it asked to withdraw (nothing at all, often: payments are credited
+    only when the engine settles them)."""
+
+    status = 409
+    code = "balance_insufficient"
 
 
 class ArtifactError(SettlementError):
@@ -297,6 +314,14 @@ class PaymentUncertainError(SettlementError):
 
     status = 503
     code = "payment_uncertain"
+
+
+class WaitTimeoutError(SettlementError, TimeoutError):
+    """What the SDK waited for did not happen in time. `details` carry the service's last answer (`lastCode`,
+    `lastMessage`), which usually says why: e.g. `channel_unconfirmed` while a deposit is not yet deep enough."""
+
+    status = 504
+    code = "wait_timeout"
 
 
 class IdempotencyKeyReusedError(VoucherRejectedError):

@@ -5,6 +5,9 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
+import threading
+import time
+import uuid
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -17,10 +20,14 @@ from web3.logs import DISCARD
 from web3.types import TxReceipt
 
 from settlement.chain.batch_codec import SettleEntry, decode_settlements, encode_batch
-from settlement.domain.model import Voucher
+from settlement.domain.model import Receipt, Voucher
 from settlement.eip712.vouchers import channel_id
+from settlement.errors import PaymentUncertainError
+from settlement.sdk.payer import ChannelRef, PayerClient
 from settlement.server.service import Service
 from settlement.settle.engine import Settler
+from settlement.store import Database
+from settlement.store import channels as channel_q
 from settlement.store import settlements as batch_q
 
 __all__ = ["channel_id"]  # re-exported: tests import it from here with the other helpers
@@ -147,3 +154,69 @@ CLI = [sys.executable, "-m", "settlement.cli"]
 def run_cli(*args: str, env: dict[str, str], cwd: Path) -> subprocess.CompletedProcess[str]:
     full_env = {k: v for k, v in os.environ.items() if not k.startswith("SETTLEMENT_")} | env
     return subprocess.run([*CLI, *args], env=full_env, cwd=cwd, capture_output=True, text=True, timeout=120)
+
+
+# --- the API and the SDK ------------------------------------------------------------------------------------
+
+
+def body(channel: Channel, cumulative: int, signature: bytes, **extra: Any) -> dict[str, Any]:
+    return {
+        "channelId": "0x" + channel.id.hex(),
+        "cumulativeAmount": str(cumulative),
+        "signature": "0x" + signature.hex(),
+        **extra,
+    }
+
+
+def wait_until(done: Callable[[], bool], timeout: float = 30.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not done():
+        if time.monotonic() > deadline:
+            raise AssertionError("condition not met in time")
+        time.sleep(0.1)
+
+
+def stream_through(
+    client: PayerClient, channel: ChannelRef, disrupt: Callable[[], object], times: int = 2
+) -> list[Receipt]:
+    """Pay 3 at a time on another thread; after every 30 receipts call `disrupt()`, `times` times, then take 20 more.
+    A payment whose outcome is uncertain is paid again with its idempotency key until it has a receipt, as an app
+    should: so what the payee was credited must equal exactly 3 per receipt returned, not more (a double charge) and
+    not less (a lost payment)."""
+    receipts: list[Receipt] = []
+    stop = threading.Event()
+
+    def stream() -> None:
+        while not stop.is_set():
+            key = uuid.uuid4().hex
+            while True:
+                try:
+                    receipts.append(client.pay(channel, 3, idempotency_key=key))
+                    break
+                except PaymentUncertainError:
+                    time.sleep(0.05)
+
+    def at_least(count: int) -> None:
+        while len(receipts) < count:
+            stop.wait(0.05)
+
+    worker = threading.Thread(target=stream)
+    worker.start()
+    try:
+        for _ in range(times):
+            at_least(len(receipts) + 30)
+            disrupt()
+        at_least(len(receipts) + 20)
+    finally:
+        stop.set()
+        worker.join(timeout=60)
+    return receipts
+
+
+def stored_payments(url: str, channel_id: str) -> list[Receipt]:
+    db = Database(url)
+    try:
+        with db.read() as conn:
+            return channel_q.list_payments(conn, channel_id, limit=1000).items
+    finally:
+        db.dispose()

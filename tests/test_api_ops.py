@@ -2,17 +2,20 @@
 
 from __future__ import annotations
 
+import re
 from collections.abc import Callable
 
 from eth_account.signers.local import LocalAccount
 from fastapi.testclient import TestClient
+from hexbytes import HexBytes
+from web3 import Web3
 from web3.contract import Contract
 
 from settlement.chain.deployment import Deployment
 from settlement.devtools.devnet import Devnet
 from settlement.eip712.vouchers import VoucherVerifier, read_domain
-from tests.hub_helpers import Channel
-from tests.test_ingest_api import body
+from tests.hub_helpers import ETH, Channel, body, send, wait_until
+from tests.proxy import TcpProxy
 
 Sign = Callable[..., bytes]
 
@@ -75,9 +78,11 @@ def test_listings_and_payee_summary(
 
     summary = client.get(f"/v1/payees/{payee.lower()}/summary").json()
     assert summary["payee"] == payee
+    assert summary["settleInterval"] is None  # no engine ran on this store
+    nothing = {"settled": "0", "withdrawable": "0", "withdrawn": "0"}
     assert summary["assets"] == [
-        {"token": "0x" + "0" * 40, "channels": 2, "accepted": "1000", "settled": "0", "unsettled": "1000"},
-        {"token": token.address, "channels": 1, "accepted": str(10**29), "settled": "0", "unsettled": str(10**29)},
+        {"token": "0x" + "0" * 40, "channels": 2, "accepted": "1000", "unsettled": "1000", **nothing},
+        {"token": token.address, "channels": 1, "accepted": str(10**29), "unsettled": str(10**29), **nothing},
     ]
     page = client.get("/v1/channels", params={"payee": payee, "limit": 2}).json()
     rest = client.get("/v1/channels", params={"payee": payee, "cursor": page["nextCursor"]}).json()
@@ -102,3 +107,56 @@ def test_metrics_count_outcomes_by_code(
     assert "settlement_vouchers_duplicate_total 1.0" in text
     assert 'settlement_vouchers_rejected_total{code="stale_voucher"} 1.0' in text
     assert "settlement_indexer_cursor_block" in text
+
+
+def test_a_payee_sees_what_it_can_withdraw_and_what_it_withdrew(
+    api: Callable[..., TestClient],
+    open_channel: Callable[..., Channel],
+    accounts: list[LocalAccount],
+    hub: Contract,
+    w3: Web3,
+    devnet: Devnet,
+    sign: Sign,
+) -> None:
+    """Found missing: the summary showed accepted/settled/unsettled, and a payee had to guess when it could withdraw
+    and could not see what it had withdrawn."""
+    key = HexBytes(accounts[19].key).to_0x_hex()
+    with TcpProxy(devnet.port) as rpc:
+        client = api(rpc_url=rpc.url, engine_enabled=True, private_key=key, settle_interval=0.2, engine_tick=0.05)
+        payee = accounts[7]
+        channel = open_channel(accounts[5], payee.address, amount=10**18)
+        assert client.post("/v1/vouchers", json=body(channel, 60, sign(accounts[5], channel.id, 60))).is_success
+
+        def asset() -> dict[str, str]:
+            summary = client.get(f"/v1/payees/{payee.address}/summary").json()
+            assert summary["settleInterval"] == 0.2  # the running engine's
+            only: dict[str, str] = summary["assets"][0]
+            return only
+
+        wait_until(lambda: asset()["settled"] == "60")
+        assert asset() == {
+            "token": ETH, "channels": 1, "accepted": "60", "settled": "60", "unsettled": "0",
+            "withdrawable": "60", "withdrawn": "0",
+        }  # fmt: skip
+        send(w3, hub.functions.withdraw(ETH, 25, accounts[8].address), payee.address)  # to another account
+        wait_until(lambda: asset()["withdrawn"] == "25")
+        assert (asset()["withdrawable"], asset()["settled"]) == ("35", "60")
+        rpc.cut()  # the chain is down: the store's figures stand, the hub balance is unknown, not a guess
+        assert {k: v for k, v in asset().items() if k in ("withdrawable", "withdrawn")} == {
+            "withdrawable": None,
+            "withdrawn": "25",
+        }
+
+
+def test_docs_load_swagger_ui_from_the_service_not_a_cdn(api: Callable[..., TestClient]) -> None:
+    """Found blank offline: /docs loaded Swagger UI from a CDN."""
+    client = api()
+    page = client.get("/docs")
+    assert page.status_code == 200
+    assert "cdn" not in page.text.lower()
+    assets = sorted(set(re.findall(r'(?:src|href)="(/docs-assets/[^"]+)"', page.text)))
+    assert assets == ["/docs-assets/favicon.png", "/docs-assets/swagger-ui-bundle.js", "/docs-assets/swagger-ui.css"]
+    for asset in assets:
+        answer = client.get(asset)
+        assert answer.status_code == 200 and len(answer.content) > 1000, asset
+    assert client.get("/docs-assets/../../etc/passwd").status_code == 404  # nothing but the package's files

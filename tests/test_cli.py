@@ -22,7 +22,8 @@ from tests.servers import ServiceProcess
 def test_help_lists_the_commands(tmp_path: Path) -> None:
     result = run_cli("--help", env={}, cwd=tmp_path)
     assert result.returncode == 0
-    for command in ("devnet", "deploy", "serve", "settle", "status", "reconcile", "withdraw", "simulate", "demo"):
+    commands = ("devnet", "deploy", "serve", "settle", "status", "reconcile", "withdraw", "payee", "simulate", "demo")
+    for command in commands:
         assert command in result.stdout
 
 
@@ -98,3 +99,15 @@ def test_serve_writes_no_access_line_per_request_unless_asked(
         assert httpx.get(f"{service.url}/health").status_code == 200
     service.stop()
     assert '"GET /health HTTP/1.1" 200' not in service.log.read_text()
+
+
+def test_a_bad_setting_is_one_line_naming_the_variable(tmp_path: Path) -> None:
+    """Any command, any bad variable: `config_invalid` with the variable's name, never a pydantic traceback."""
+    env = {"SETTLEMENT_CONFIRMATIONS": "many", "SETTLEMENT_PRIVATE_KEY": "changeme"}
+    result = run_cli("status", env=env, cwd=tmp_path)
+    assert result.returncode == 1
+    assert result.stderr.strip() == (
+        "error [config_invalid] configuration refused: SETTLEMENT_PRIVATE_KEY is a placeholder; set a real key or "
+        "leave it unset; SETTLEMENT_CONFIRMATIONS: Input should be a valid integer, unable to parse string as an "
+        "integer"
+    )

@@ -6,7 +6,6 @@ from __future__ import annotations
 import json
 import threading
 import time
-import uuid
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from datetime import UTC, datetime
@@ -22,59 +21,19 @@ from web3 import Web3
 from web3.contract import Contract
 
 from settlement.devtools.devnet import Devnet
-from settlement.domain.model import Receipt
 from settlement.errors import (
     PaymentUncertainError,
     ServiceRejectedError,
     TransactionFailedError,
     UntrustedServiceError,
+    WaitTimeoutError,
 )
-from settlement.sdk.payer import ChannelRef, PayerClient
-from settlement.store import Database
-from settlement.store import channels as channel_q
-from tests.hub_helpers import Channel, send
+from settlement.sdk.payer import PayerClient
+from tests.hub_helpers import Channel, body, send, stored_payments, stream_through
 from tests.proxy import TcpProxy
 from tests.servers import ServiceProcess
-from tests.test_ingest_api import body
 
 pytestmark = pytest.mark.slow
-
-
-def stream_through(
-    client: PayerClient, channel: ChannelRef, disrupt: Callable[[], object], times: int = 2
-) -> list[Receipt]:
-    """Pay 3 at a time on another thread; after every 30 receipts call `disrupt()`, `times` times, then take 20 more.
-    A payment whose outcome is uncertain is paid again with its idempotency key until it has a receipt, as an app
-    should: so what the payee was credited must equal exactly 3 per receipt returned, not more (a double charge) and
-    not less (a lost payment)."""
-    receipts: list[Receipt] = []
-    stop = threading.Event()
-
-    def stream() -> None:
-        while not stop.is_set():
-            key = uuid.uuid4().hex
-            while True:
-                try:
-                    receipts.append(client.pay(channel, 3, idempotency_key=key))
-                    break
-                except PaymentUncertainError:
-                    time.sleep(0.05)
-
-    def at_least(count: int) -> None:
-        while len(receipts) < count:
-            stop.wait(0.05)
-
-    worker = threading.Thread(target=stream)
-    worker.start()
-    try:
-        for _ in range(times):
-            at_least(len(receipts) + 30)
-            disrupt()
-        at_least(len(receipts) + 20)
-    finally:
-        stop.set()
-        worker.join(timeout=60)
-    return receipts
 
 
 @pytest.fixture
@@ -96,15 +55,6 @@ def payer_client(devnet: Devnet, tmp_path: Path) -> Iterator[Callable[..., Payer
 
 def key(account: LocalAccount) -> str:
     return HexBytes(account.key).to_0x_hex()
-
-
-def stored_payments(url: str, channel_id: str) -> list[Receipt]:
-    db = Database(url)
-    try:
-        with db.read() as conn:
-            return channel_q.list_payments(conn, channel_id, limit=1000).items
-    finally:
-        db.dispose()
 
 
 def test_sdk_pays_tops_up_and_closes(
@@ -475,3 +425,31 @@ def test_a_channel_reference_reads_well_and_is_rebuilt_from_its_id(
         f"transaction would revert: ChannelHubChallengeNotOver(channelId={channel.hex_id}, "
         f"deadline={deadline.isoformat().replace('+00:00', 'Z')})"
     )
+
+
+def test_a_wait_that_cannot_end_says_why_and_serve_warned_about_it(
+    spawn: Callable[..., ServiceProcess],
+    payer_client: Callable[..., PayerClient],
+    accounts: list[LocalAccount],
+    tmp_path: Path,
+) -> None:
+    """A service waiting for 2 confirmations on a chain that mines only on transactions: found as a 60 s timeout
+    saying "does not count ... with 0", while the service knew the reason (`channel_unconfirmed`)."""
+    service = spawn(f"sqlite:///{tmp_path / 'wait.db'}", confirmations="2")
+    assert (
+        " ".join(service.log.read_text().split()).count(
+            "warning this chain mines a block only when a transaction arrives: with SETTLEMENT_CONFIRMATIONS=2"
+        )
+        == 1
+    )
+    client = payer_client(accounts[10], service.url)
+    channel = client.open_channel(accounts[11].address, 1_000)
+    with pytest.raises(WaitTimeoutError) as info:
+        client.wait_until_known(channel, timeout=1.0)
+    assert isinstance(info.value, TimeoutError)  # what code written for the old error catches
+    assert info.value.details["lastCode"] == "channel_unconfirmed"
+    assert info.value.message == (
+        f"the service does not count {channel.hex_id} with a deposit of at least 0 after 1s; its last answer: "
+        f"[channel_unconfirmed] {info.value.details['lastMessage']}"
+    )
+    assert "not yet 2 blocks deep" in str(info.value.details["lastMessage"])

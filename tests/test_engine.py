@@ -14,19 +14,10 @@ from fastapi.testclient import TestClient
 from hexbytes import HexBytes
 from web3.contract import Contract
 
-from tests.hub_helpers import ETH, Channel
+from tests.hub_helpers import ETH, Channel, body, wait_until
 from tests.servers import ServiceProcess
-from tests.test_ingest_api import body
 
 Sign = Callable[..., bytes]
-
-
-def wait_until(done: Callable[[], bool], timeout: float = 30.0) -> None:
-    deadline = time.monotonic() + timeout
-    while not done():
-        if time.monotonic() > deadline:
-            raise AssertionError("condition not met in time")
-        time.sleep(0.1)
 
 
 def leader(url: str) -> bool:

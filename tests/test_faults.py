@@ -25,12 +25,9 @@ from settlement.sdk.payer import PayerClient
 from settlement.store import Database
 from settlement.store import settlements as batch_q
 from settlement.store.settlements import Batch, SentTx
-from tests.hub_helpers import ETH, Channel, send
+from tests.hub_helpers import ETH, Channel, body, send, stored_payments, stream_through, wait_until
 from tests.proxy import TcpProxy
 from tests.servers import ServiceProcess
-from tests.test_client import stored_payments, stream_through
-from tests.test_engine import wait_until
-from tests.test_ingest_api import body
 
 pytestmark = [pytest.mark.faults, pytest.mark.slow]
 

@@ -12,18 +12,9 @@ from web3 import Web3
 from web3.contract import Contract
 
 from settlement.eip712.vouchers import Domain
-from tests.hub_helpers import ETH, Channel, send
+from tests.hub_helpers import ETH, Channel, body, send
 
 Sign = Callable[..., bytes]
-
-
-def body(channel: Channel, cumulative: int, signature: bytes, **extra: Any) -> dict[str, Any]:
-    return {
-        "channelId": "0x" + channel.id.hex(),
-        "cumulativeAmount": str(cumulative),
-        "signature": "0x" + signature.hex(),
-        **extra,
-    }
 
 
 @pytest.fixture

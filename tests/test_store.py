@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import random
 import re
 import threading
@@ -300,3 +301,42 @@ def test_racing_retries_of_one_keyed_payment_pay_it_once(
         accepted = channel_q.get_channel(conn, cid)
     assert stored == [first]
     assert accepted is not None and accepted.accepted == first.cumulative
+
+
+def test_the_withdrawals_migration_names_the_account_of_earlier_withdrawals(store_url: str) -> None:
+    """Revision 0007 gives Withdrawn events an indexed account column; those indexed before it get theirs too."""
+    from alembic import command
+
+    from settlement.store.chainlog import withdrawn_by
+    from settlement.store.database import _alembic_config
+
+    db = Database(store_url)
+    try:
+        with db.engine.connect() as conn:
+            config = _alembic_config()
+            config.attributes["connection"] = conn
+            command.upgrade(config, "0006")
+            conn.commit()
+        account, token = "0x" + "ab" * 20, "0x" + "00" * 20
+        with db.write() as conn:
+            for log_index, (event, args) in enumerate(
+                [
+                    ("Withdrawn", {"account": account, "token": token, "to": account, "amount": 7}),
+                    ("Withdrawn", {"account": account, "token": token, "to": account, "amount": 5}),
+                    ("ChannelOpened", {"payer": account}),
+                ]
+            ):
+                conn.execute(
+                    text(
+                        "INSERT INTO chain_events (block_number, log_index, block_hash, tx_hash, event, channel_id, "
+                        "args) VALUES (9, :i, :h, :h, :e, NULL, :a)"
+                    ),
+                    {"i": log_index, "h": "0x" + "11" * 32, "e": event, "a": json.dumps(args)},
+                )
+        db.migrate()
+        with db.read() as conn:
+            assert withdrawn_by(conn, account) == {token: 12}
+            accounts = conn.execute(text("SELECT account FROM chain_events ORDER BY log_index")).scalars().all()
+        assert accounts == [account, account, None]
+    finally:
+        db.dispose()

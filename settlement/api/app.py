@@ -10,6 +10,7 @@ from contextlib import asynccontextmanager
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
+from fastapi_offline import FastAPIOffline
 from starlette.exceptions import HTTPException
 
 from settlement import __version__
@@ -22,6 +23,8 @@ from settlement.server.config import Settings
 from settlement.server.service import Service
 
 logger = logging.getLogger(__name__)
+
+DOCS_ASSETS = "/docs-assets"  # where /docs loads Swagger UI's script and style from
 
 
 def create_app(settings: Settings, service: Service | None = None) -> VoucherFastPath:
@@ -39,7 +42,14 @@ def create_app(settings: Settings, service: Service | None = None) -> VoucherFas
         finally:
             running.stop()
 
-    app = FastAPI(title="ChannelHub settlement service", version=__version__, lifespan=lifespan)
+    # /docs serves Swagger UI's assets from a package (fastapi-offline), not a CDN: it works offline and air-gapped.
+    app = FastAPIOffline(
+        title="ChannelHub settlement service",
+        version=__version__,
+        lifespan=lifespan,
+        redoc_url=None,
+        static_url=DOCS_ASSETS,
+    )
     app.state.service = running
     app.add_middleware(BodyGuard, max_bytes=settings.max_body_bytes)
     app.include_router(router)

@@ -9,9 +9,12 @@ from fastapi import APIRouter, Query
 
 from settlement.api.deps import ERRORS, AddressPath, AddressQuery, ChannelIdPath, Limit, ServiceDep, checked_address
 from settlement.api.schemas import AssetOut, ChannelOut, ChannelPage, PayeeSummaryOut, PaymentPage, ReceiptOut
+from settlement.chain.node import rpc_errors
 from settlement.domain.model import ChannelId, ChannelStatus
-from settlement.errors import ChannelNotFoundError
+from settlement.errors import ChainError, ChannelNotFoundError
+from settlement.server.service import Service
 from settlement.store import channels as channel_q
+from settlement.store.payees import payee_book
 
 router = APIRouter(responses=ERRORS)
 
@@ -67,9 +70,30 @@ def list_payments(
 
 @router.get("/v1/payees/{address}/summary", operation_id="getPayeeSummary", tags=["channels"])
 def payee_summary(address: AddressPath, service: ServiceDep) -> PayeeSummaryOut:
-    """What a payee was paid, per asset: accepted by the service, settled on chain, and the difference."""
+    """What a payee was paid, per asset: accepted by the service, settled on chain, the difference, what the hub
+    holds for it (`withdrawable`, read from the chain at the block the other figures are current to; null when the
+    chain does not answer) and what it already withdrew (confirmed `Withdrawn` events). Unsettled value becomes
+    withdrawable with the next batch, every `settleInterval` seconds of the running engine."""
     payee = checked_address(address, "address")
     assert payee is not None
     with service.db.read() as conn:
-        assets = channel_q.payee_summary(conn, payee)
-    return PayeeSummaryOut(payee=payee, assets=[AssetOut.of(a) for a in assets])
+        book = payee_book(conn, payee)
+    rows = [
+        AssetOut.of(
+            totals,
+            withdrawable=_hub_balance(service, payee, totals.token, book.as_of_block),
+            withdrawn=book.withdrawn.get(totals.token, 0),
+        )
+        for totals in book.assets
+    ]
+    return PayeeSummaryOut(payee=payee, settleInterval=book.settle_interval, assets=rows)
+
+
+def _hub_balance(service: Service, account: str, token: str, block: int | None) -> int | None:
+    """At the block the store's facts are current to, so that `withdrawable` agrees with `settled` and `withdrawn`
+    (a batch mined but not yet confirmed shows in none of them)."""
+    try:
+        with rpc_errors("reading a hub balance"):
+            return int(service.hub.functions.balanceOf(account, token).call(block_identifier=block or "latest"))
+    except ChainError:
+        return None

@@ -204,20 +204,25 @@ class AssetOut(BaseModel):
     accepted: str
     settled: str
     unsettled: str
+    withdrawable: str | None = Field(description="the hub's balance for the payee now; null if the chain is down")
+    withdrawn: str = Field(description="taken out of the hub so far (confirmed Withdrawn events)")
 
     @classmethod
-    def of(cls, summary: AssetSummary) -> AssetOut:
+    def of(cls, summary: AssetSummary, *, withdrawable: int | None, withdrawn: int) -> AssetOut:
         return cls(
             token=summary.token,
             channels=summary.channels,
             accepted=str(summary.accepted),
             settled=str(summary.settled),
             unsettled=str(summary.unsettled),
+            withdrawable=None if withdrawable is None else str(withdrawable),
+            withdrawn=str(withdrawn),
         )
 
 
 class PayeeSummaryOut(BaseModel):
     payee: str
+    settleInterval: float | None = Field(description="seconds between the running engine's regular batches")
     assets: list[AssetOut]
 
 

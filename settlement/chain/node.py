@@ -87,6 +87,16 @@ def rpc_errors(what: str) -> Iterator[None]:
         raise ChainError(f"{what}: the chain's RPC refused ({ex})") from ex
 
 
+def mines_only_on_transactions(w3: Web3) -> bool:
+    """Whether the chain is an anvil that makes a block only when a transaction arrives (automine): there, an event
+    becomes N blocks deep only after N later transactions. Any other node (or an unreachable one) answers False."""
+    try:
+        answer = w3.provider.make_request("anvil_getAutomine", [])  # type: ignore[arg-type]
+    except (requests.RequestException, OSError, Web3RPCError):
+        return False
+    return isinstance(answer, dict) and answer.get("result") is True
+
+
 @dataclass(frozen=True)
 class Revert:
     """A decoded revert: the custom error's name and arguments, or the raw data when the ABI does not know it."""

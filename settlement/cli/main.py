@@ -4,6 +4,7 @@ resume | simulate | demo`."""
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import signal
 import sys
@@ -16,21 +17,19 @@ from typing import Annotated
 
 import typer
 import uvicorn
-from eth_account import Account
-from eth_account.signers.local import LocalAccount
 from hexbytes import HexBytes
+from pydantic import ValidationError
 from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
 from sqlalchemy import Connection
-from web3 import Web3
 
 from settlement.api.schemas import ChannelOut
 from settlement.chain.deployment import Deployment, deploy_hub
-from settlement.chain.node import Transactor, connect
-from settlement.devtools.devnet import Devnet
+from settlement.chain.node import connect, mines_only_on_transactions
+from settlement.devtools.devnet import Devnet, port_free
 from settlement.domain.model import ETH, ChannelId
-from settlement.errors import ChainError, ConfigError, EngineBusyError, SettlementError
+from settlement.errors import ChainError, ConfigError, EngineBusyError, PortInUseError, SettlementError
 from settlement.server.config import Settings, get_settings
 from settlement.server.operator import operator_account
 from settlement.server.service import Service
@@ -50,6 +49,22 @@ def _fail(ex: SettlementError) -> typer.Exit:
     return typer.Exit(code=1)
 
 
+def _settings() -> Settings:
+    """The settings, or a one-line `config_invalid` naming each bad variable (not a pydantic traceback)."""
+    try:
+        return get_settings()
+    except ValidationError as ex:
+        problems = "; ".join(
+            _setting_problem(e["loc"], str(e["msg"]).removeprefix("Value error, ")) for e in ex.errors()
+        )
+        raise _fail(ConfigError(f"configuration refused: {problems}")) from None
+
+
+def _setting_problem(loc: tuple[int | str, ...], message: str) -> str:
+    name = f"SETTLEMENT_{str(loc[0]).upper()}" if loc else "settings"
+    return message if message.startswith(name) else f"{name}: {message}"
+
+
 def _print_devnet(devnet: Devnet) -> None:
     table = Table(title=f"anvil devnet at {devnet.url} (chain id {devnet.chain_id})")
     table.add_column("#", justify="right")
@@ -58,43 +73,75 @@ def _print_devnet(devnet: Devnet) -> None:
     for i, account in enumerate(devnet.accounts):
         table.add_row(str(i), account.address, HexBytes(account.key).to_0x_hex())
     console.print(table)
-    console.print(f"export SETTLEMENT_RPC_URL={devnet.url}")
 
 
 def _wait_for_signal() -> None:
+    """Until SIGINT or SIGTERM. SIGINT gets its own handler: a shell starts `cmd &` with SIGINT ignored, and Python
+    then never raises KeyboardInterrupt, so `kill -INT` (and Ctrl-C after `fg`) would do nothing."""
     stop = {"now": False}
 
     def handler(_signum: int, _frame: object) -> None:
         stop["now"] = True
 
-    signal.signal(signal.SIGTERM, handler)
+    previous = {sig: signal.signal(sig, handler) for sig in (signal.SIGINT, signal.SIGTERM)}
     try:
         while not stop["now"]:
             signal.pause()
-    except KeyboardInterrupt:
-        pass
+    finally:
+        for sig, old in previous.items():
+            signal.signal(sig, old)
 
 
 @app.command()
 def devnet(
     port: Annotated[int | None, typer.Option(help="port (default: SETTLEMENT_DEVNET_PORT or 8545)")] = None,
     chain_id: Annotated[int | None, typer.Option(help="chain id (default: SETTLEMENT_DEVNET_CHAIN_ID)")] = None,
-    block_time: Annotated[float | None, typer.Option(help="seconds per block (default: mine per transaction)")] = None,
+    block_time: Annotated[
+        float | None,
+        typer.Option(
+            min=0, help="seconds per block (default: SETTLEMENT_DEVNET_BLOCK_TIME or 1; 0 mines per transaction)"
+        ),
+    ] = None,
+    token: Annotated[bool, typer.Option(help="deploy a test ERC-20 and mint it to every account")] = True,
 ) -> None:
-    """Run a local anvil devnet in the foreground until Ctrl-C; prints its URL and funded accounts."""
-    settings = get_settings()
+    """Run a local anvil devnet in the foreground until Ctrl-C (or SIGTERM/SIGINT); prints its URL, its funded
+    accounts and a test ERC-20.
+
+    Blocks come every second by default, so deposits reach SETTLEMENT_CONFIRMATIONS without other traffic.
+    """
+    settings = _settings()
     overrides: dict[str, object] = {"devnet_port": port if port is not None else (settings.devnet_port or 8545)}
     if chain_id is not None:
         overrides["devnet_chain_id"] = chain_id
-    if block_time is not None:
-        overrides["devnet_block_time"] = block_time
+    seconds = block_time if block_time is not None else (settings.devnet_block_time or 1.0)
+    overrides["devnet_block_time"] = seconds or None
     try:
         with Devnet(settings.model_copy(update=overrides)) as net:
             _print_devnet(net)
-            console.print("[green]devnet running; Ctrl-C stops it[/]")
+            if token:
+                from settlement.devtools.devnet import deploy_test_token
+
+                test_token = deploy_test_token(net)
+                console.print(
+                    f"test ERC-20 [bold]{test_token.address}[/] ({test_token.symbol}, {test_token.decimals} decimals): "
+                    f"{test_token.minted // 10**test_token.decimals:,} {test_token.symbol} minted to each account"
+                )
+            mining = f"a block every {seconds:g}s" if seconds else "a block per transaction"
+            console.print(f"{mining}; {settings.confirmations} confirmations make a deposit count")
+            if not seconds and settings.confirmations:
+                err_console.print(f"[yellow]warning[/] {escape(_AUTOMINE_WARNING.format(n=settings.confirmations))}")
+            console.print(f"export SETTLEMENT_RPC_URL={net.url}")
+            console.print(f"[green]devnet running (pid {os.getpid()}); Ctrl-C or `kill {os.getpid()}` stops it[/]")
             _wait_for_signal()
     except SettlementError as ex:
         raise _fail(ex) from ex
+    console.print("devnet stopped")
+
+
+_AUTOMINE_WARNING = (
+    "this chain mines a block only when a transaction arrives: with SETTLEMENT_CONFIRMATIONS={n} a deposit counts "
+    "only after {n} later transactions. Use `settlement devnet` (a block a second) or SETTLEMENT_CONFIRMATIONS=0."
+)
 
 
 @app.command()
@@ -103,7 +150,7 @@ def deploy(
     out: Annotated[Path | None, typer.Option(help="deployment file (default: SETTLEMENT_DEPLOYMENT_FILE)")] = None,
 ) -> None:
     """Deploy ChannelHub to SETTLEMENT_RPC_URL and write the deployment file other commands read."""
-    settings = get_settings()
+    settings = _settings()
     try:
         deployment = _deploy(settings, challenge_period or settings.challenge_period, out or settings.deployment_file)
     except SettlementError as ex:
@@ -132,17 +179,17 @@ def serve(
     ] = False,
 ) -> None:
     """Run the HTTP API and the chain indexer for the deployment in SETTLEMENT_DEPLOYMENT_FILE."""
-    settings = get_settings()
-    _serve(
-        settings, host or settings.api_host, port if port is not None else settings.api_port, log_level, access_log
-    )
+    settings = _settings()
+    _serve(settings, host or settings.api_host, port if port is not None else settings.api_port, log_level, access_log)
 
 
 def _serve(settings: Settings, host: str, port: int, log_level: str = "info", access_log: bool = False) -> None:
     from settlement.api.app import create_app
 
     try:
+        _check_port_free(host, port)
         api = create_app(settings)
+        _warn_if_never_confirmed(settings)
     except SettlementError as ex:
         raise _fail(ex) from ex
     console.print(f"API on http://{host}:{port} (docs at /docs); store: {settings.database_url}")
@@ -154,12 +201,27 @@ def _serve(settings: Settings, host: str, port: int, log_level: str = "info", ac
     console.print("stopped")
 
 
+def _check_port_free(host: str, port: int) -> None:
+    """Fail before anything starts (and before a line claims the API is up) when the port is taken."""
+    if port and not port_free(host, port):
+        raise PortInUseError(
+            f"port {port} on {host} is in use (another `settlement serve` or `make run`?): "
+            f"choose another with --port {port + 1} (make run PORT={port + 1})",
+            port=port,
+        )
+
+
+def _warn_if_never_confirmed(settings: Settings) -> None:
+    if settings.confirmations and mines_only_on_transactions(connect(settings.rpc_url, settings.rpc_timeout)):
+        err_console.print(f"[yellow]warning[/] {escape(_AUTOMINE_WARNING.format(n=settings.confirmations))}")
+
+
 @app.command()
 def resume(
     channel_id: Annotated[str, typer.Argument(help="0x-prefixed channel id")],
 ) -> None:
     """Accept vouchers again for a channel a deep reorg suspended, after checking it; its chain state is re-read."""
-    settings = get_settings()
+    settings = _settings()
     try:
         service = _service(settings)
         try:
@@ -184,7 +246,7 @@ def settle(
     timeout: Annotated[float, typer.Option(help="seconds to wait for the batch to confirm")] = 300.0,
 ) -> None:
     """Settle now: catch the indexer up, send one batch of every settleable channel, wait until it is confirmed."""
-    settings = get_settings()
+    settings = _settings()
     try:
         service = _service(settings, engine=True)
         assert service.settler is not None and service.lease is not None
@@ -265,7 +327,7 @@ def status(
     as_json: Annotated[bool, typer.Option("--json", help="one JSON object instead of tables")] = False,
 ) -> None:
     """Unsettled value per asset, the next regular settlement, pending closes with deadlines, the last batches."""
-    settings = get_settings()
+    settings = _settings()
     with _store_only(settings) as conn:
         unsettled = channel_q.unsettled_by_token(conn)
         closes = batch_q.closing_channels(conn)
@@ -332,7 +394,7 @@ def channels(
     as_json: Annotated[bool, typer.Option("--json")] = False,
 ) -> None:
     """The channels the service knows, with accepted, settled and deposit."""
-    with _store_only(get_settings()) as conn:
+    with _store_only(_settings()) as conn:
         page = channel_q.list_channels(conn, payer=payer, payee=payee, limit=limit)
     if as_json:
         print(json.dumps([ChannelOut.of(c).model_dump() for c in page.items]))
@@ -361,7 +423,7 @@ def reconcile_command(
     """Store versus chain per channel; exits 1 when a difference is not explained by pending work."""
     from settlement.settle.reconcile import reconcile
 
-    settings = get_settings()
+    settings = _settings()
     try:
         service = _service(settings)
         try:
@@ -394,37 +456,39 @@ def reconcile_command(
 
 @app.command()
 def withdraw(
-    private_key: Annotated[
-        str, typer.Option(envvar="SETTLEMENT_WITHDRAW_KEY", help="the payee's key (or SETTLEMENT_WITHDRAW_KEY)")
-    ],
     token: Annotated[str | None, typer.Option(help="ERC-20 address (default: ETH)")] = None,
-    amount: Annotated[int | None, typer.Option(help="base units (default: the whole balance)")] = None,
+    amount: Annotated[int | None, typer.Option(help="base units, wei for ETH (default: the whole balance)")] = None,
     to: Annotated[str | None, typer.Option(help="recipient (default: the payee itself)")] = None,
+    hub: Annotated[
+        str | None, typer.Option(help="the hub's address (default: SETTLEMENT_HUB_ADDRESS, else the deployment file)")
+    ] = None,
+    key_file: Annotated[
+        Path | None, typer.Option(help="a file holding the payee's key (default: SETTLEMENT_WITHDRAW_KEY)")
+    ] = None,
 ) -> None:
-    """A payee (or a payer's refund) takes its credited balance out of the hub."""
-    from settlement.chain.deployment import hub_contract
+    """A payee (or a refunded payer) takes its credited balance out of the hub. Its key comes from
+    SETTLEMENT_WITHDRAW_KEY or --key-file, never from the command line (where `ps` would show it)."""
+    from settlement.cli.payee import withdraw as run_withdraw
 
-    settings = get_settings()
     try:
-        deployment = Deployment.load(settings.deployment_file)
-        w3 = connect(settings.rpc_url, settings.rpc_timeout)
-        deployment.check(w3)
-        hub = hub_contract(w3, deployment)
-        account: LocalAccount = Account.from_key(private_key)
-        asset = Web3.to_checksum_address(token) if token else ETH
-        balance = int(hub.functions.balanceOf(account.address, asset).call())
-        value = balance if amount is None else amount
-        if value <= 0 or value > balance:
-            raise ConfigError(f"{account.address} holds {balance} of {asset} in the hub; cannot withdraw {value}")
-        receipt = Transactor(w3, account, list(hub.abi), timeout=settings.tx_timeout).send(  # type: ignore[arg-type]
-            hub.functions.withdraw(asset, value, Web3.to_checksum_address(to or account.address))
-        )
+        run_withdraw(_settings(), console, token=token, amount=amount, to=to, hub=hub, key_file=key_file)
     except SettlementError as ex:
         raise _fail(ex) from ex
-    console.print(
-        f"withdrew {value:,} of {'ETH' if asset == ETH else asset} to {to or account.address} "
-        f"(tx {receipt['transactionHash'].to_0x_hex()})"
-    )
+
+
+@app.command()
+def payee(
+    address: Annotated[str, typer.Argument(help="the payee's address")],
+    service_url: Annotated[str | None, typer.Option(help="the service (default: SETTLEMENT_SERVICE_URL)")] = None,
+    as_json: Annotated[bool, typer.Option("--json", help="the service's JSON summary as it is")] = False,
+) -> None:
+    """What a payee was paid, per asset: accepted, settled on chain, unsettled, withdrawable now, withdrawn."""
+    from settlement.cli.payee import payee_report
+
+    try:
+        payee_report(_settings(), console, address, service_url=service_url, as_json=as_json)
+    except SettlementError as ex:
+        raise _fail(ex) from ex
 
 
 @app.command()
@@ -453,7 +517,7 @@ def simulate(
         seed=seed,
     )
     try:
-        outcome = Simulation(plan, get_settings(), console, rpc_url).run()
+        outcome = Simulation(plan, _settings(), console, rpc_url).run()
     except SettlementError as ex:
         raise _fail(ex) from ex
     table = Table(title="simulation")
@@ -492,6 +556,20 @@ def simulate(
     console.print("[green]every payee's credited balance equals its accepted payments, to the wei[/]")
 
 
+def _print_second_terminal(settings: Settings, api_port: int) -> None:
+    """What another terminal needs to look at the demo with the CLI (it keeps its own deployment file and store)."""
+    console.print("In a second terminal, these make `settlement status`, `channels` and `reconcile` read this demo:")
+    console.print(f"  export SETTLEMENT_RPC_URL={settings.rpc_url}", soft_wrap=True)
+    console.print(f"  export SETTLEMENT_DEPLOYMENT_FILE={settings.deployment_file.resolve()}", soft_wrap=True)
+    console.print(f"  export SETTLEMENT_DATABASE_URL={_absolute_sqlite(settings.database_url)}", soft_wrap=True)
+    console.print(f"  curl http://127.0.0.1:{api_port}/v1/channels", soft_wrap=True)
+
+
+def _absolute_sqlite(url: str) -> str:
+    prefix = "sqlite:///"
+    return prefix + str(Path(url[len(prefix) :]).resolve()) if url.startswith(prefix) else url
+
+
 @app.command()
 def demo(
     port: Annotated[int | None, typer.Option(help="API port (default: SETTLEMENT_API_PORT)")] = None,
@@ -504,9 +582,11 @@ def demo(
     """
     from settlement.devtools.demo import DemoTraffic
 
-    settings = get_settings()
+    settings = _settings()
     block_time = settings.devnet_block_time or 1.0
+    api_port = port if port is not None else settings.api_port
     try:
+        _check_port_free(settings.api_host, api_port)
         with Devnet(settings.model_copy(update={"devnet_block_time": block_time})) as net:
             _print_devnet(net)
             workdir = settings.deployment_file.parent
@@ -530,7 +610,7 @@ def demo(
                 f"ChannelHub deployed at [bold]{deployment.address}[/] (challenge period "
                 f"{deployment.challenge_period}s, {local.confirmations} confirmations, {block_time:g}s blocks)"
             )
-            api_port = port if port is not None else settings.api_port
+            _print_second_terminal(local, api_port)
             traffic = None
             if rate > 0:
                 traffic = DemoTraffic(

@@ -11,6 +11,7 @@ import socket
 import subprocess
 import tempfile
 import time
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import TracebackType
@@ -19,6 +20,9 @@ from typing import IO
 import httpx
 from eth_account.signers.local import LocalAccount
 
+from settlement.chain.contracts import load_artifact
+from settlement.chain.deployment import deploy_contract
+from settlement.chain.node import Transactor, connect
 from settlement.errors import DevnetError
 from settlement.server.config import Settings
 from settlement.server.operator import devnet_accounts
@@ -48,7 +52,8 @@ def free_port(host: str) -> int:
         return port
 
 
-def _port_free(host: str, port: int) -> bool:
+def port_free(host: str, port: int) -> bool:
+    """Nothing accepts connections on the port right now."""
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
         return sock.connect_ex((host, port)) != 0
 
@@ -101,7 +106,7 @@ class Devnet:
         last_error = ""
         for _ in range(3):
             port = self.settings.devnet_port or free_port(self.settings.devnet_host)
-            if not _port_free(self.settings.devnet_host, port):
+            if not port_free(self.settings.devnet_host, port):
                 raise DevnetError(f"anvil did not start: port {port} is already in use")
             # stderr goes to a file, not a pipe: a pipe nobody reads would stall a long-running anvil once full
             errors = tempfile.TemporaryFile()
@@ -167,3 +172,26 @@ def _terminate(process: subprocess.Popen[bytes]) -> None:
         except subprocess.TimeoutExpired:
             os.kill(process.pid, signal.SIGKILL)
             process.wait()
+
+
+@dataclass(frozen=True)
+class TestToken:
+    """The devnet's test ERC-20 (DevToken: anyone may mint it, so it exists on devnets only)."""
+
+    address: str
+    symbol: str
+    decimals: int
+    minted: int  # base units minted to each devnet account
+
+
+def deploy_test_token(net: Devnet, *, per_account: int = 10**6 * 10**18) -> TestToken:
+    """Deploy a DevToken from the devnet's last account and mint `per_account` to every account, so that
+    `open_channel(..., token=address)` can be tried by hand. The last account deploys it so that the operator's
+    (the first account's) nonce, and with it the hub's address from `settlement deploy`, stay what they were."""
+    w3 = connect(net.url)
+    artifact = load_artifact("DevToken")
+    transactor = Transactor(w3, net.accounts[-1], artifact.abi)
+    token, _ = deploy_contract(transactor, artifact, "Devnet Token", "DEV", 18)
+    with ThreadPoolExecutor(max_workers=len(net.accounts)) as pool:  # one block for every mint, not one each
+        list(pool.map(lambda a: transactor.send(token.functions.mint(a.address, per_account)), net.accounts))
+    return TestToken(address=str(token.address), symbol="DEV", decimals=18, minted=per_account)

@@ -22,7 +22,6 @@ from eth_account.signers.local import LocalAccount
 from hexbytes import HexBytes
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
-from sqlalchemy import func, select
 from web3 import Web3
 from web3.contract import Contract
 
@@ -38,7 +37,6 @@ from settlement.sdk.payer import ChannelRef, PayerClient
 from settlement.server.config import Settings
 from settlement.server.operator import devnet_accounts
 from settlement.server.service import Service
-from settlement.store.tables import settlement_batches
 
 ETH_DEPOSIT = 10**18
 TOKEN_DEPOSIT = 10**24
@@ -95,6 +93,7 @@ class CreditWatcher:
         self.hub = hub
         self.interval = interval
         self.seen: dict[str, list[tuple[int, float]]] = {}  # channel id -> [(cumulative, first seen at)]
+        self.batch_txs: set[HexBytes] = set()  # the settleBatch transactions seen (one may log several groups)
         self._next_block = int(w3.eth.block_number)
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name="credit-watcher", daemon=True)
@@ -114,6 +113,7 @@ class CreditWatcher:
                 continue
             now = time.time()
             for log in self.hub.events.ChannelsSettled().get_logs(from_block=self._next_block, to_block=head):
+                self.batch_txs.add(HexBytes(log["transactionHash"]))
                 for cid, cumulative in decode_settlements(log["args"]["settlements"]):
                     self.seen.setdefault(cid, []).append((cumulative, now))
             self._next_block = head + 1
@@ -167,7 +167,7 @@ class Simulation:
                     time.sleep(2 * watcher.interval)  # the watcher's last poll covers the last settlement
                 finally:
                     watcher.stop()
-                self._count_batches(settings)
+                self._count_batches(w3, watcher)
                 self._latencies(watcher)
         return self.outcome
 
@@ -308,17 +308,8 @@ class Simulation:
                     return
                 time.sleep(0.5)
 
-    def _count_batches(self, settings: Settings) -> None:
-        from settlement.store import Database
-
-        db = Database(settings.database_url)
-        try:
-            with db.read() as conn:
-                row = conn.execute(
-                    select(func.count(), func.coalesce(func.sum(settlement_batches.c.gas_used), 0)).where(
-                        settlement_batches.c.status == "confirmed"
-                    )
-                ).one()
-        finally:
-            db.dispose()
-        self.outcome.batches, self.outcome.gas = int(row[0]), int(row[1])
+    def _count_batches(self, w3: Web3, watcher: CreditWatcher) -> None:
+        """From the chain, not the store: the engine records a batch as confirmed a tick after the credits the
+        simulation waited for are visible, so the store could still say 0 here."""
+        self.outcome.batches = len(watcher.batch_txs)
+        self.outcome.gas = sum(int(w3.eth.get_transaction_receipt(tx)["gasUsed"]) for tx in watcher.batch_txs)

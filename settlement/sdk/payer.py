@@ -43,7 +43,13 @@ from settlement.chain.node import Transactor, connect
 from settlement.domain.model import ETH, ChannelViewField, Receipt
 from settlement.eip712.vouchers import Domain, VoucherVerifier, read_domain, sign_voucher
 from settlement.eip712.vouchers import channel_id as channel_id_of
-from settlement.errors import PaymentUncertainError, ServiceRejectedError, UntrustedServiceError, rejected
+from settlement.errors import (
+    PaymentUncertainError,
+    ServiceRejectedError,
+    UntrustedServiceError,
+    WaitTimeoutError,
+    rejected,
+)
 from settlement.sdk.journal import JournalPayment, PayerJournal, PaymentStatus
 
 ERC20_ABI: list[dict[str, Any]] = [
@@ -241,16 +247,26 @@ class PayerClient:
         service waits for confirmations and the next payment needs the new funds.
         """
         deadline = time.monotonic() + timeout
+        last: tuple[str | None, str]
         while True:
             try:
                 state = self._get(f"/v1/channels/{channel.hex_id}")
                 if int(state["deposit"]) >= min_deposit:
                     return state
+                last = (None, f"it counts a confirmed deposit of {state['deposit']}")
             except ServiceRejectedError as ex:
                 if ex.code not in ("channel_unconfirmed", "channel_not_found"):
                     raise
+                last = (ex.code, ex.message)
             if time.monotonic() > deadline:
-                raise TimeoutError(f"the service does not count {channel.hex_id} with {min_deposit} after {timeout}s")
+                code, message = last
+                raise WaitTimeoutError(
+                    f"the service does not count {channel.hex_id} with a deposit of at least {min_deposit} after "
+                    f"{timeout:g}s; its last answer: " + (f"[{code}] {message}" if code else message),
+                    channelId=channel.hex_id,
+                    lastCode=code,
+                    lastMessage=message,
+                )
             time.sleep(0.1)
 
     def position(self, channel: ChannelRef) -> int:

@@ -6,7 +6,7 @@ from functools import lru_cache
 from pathlib import Path
 
 from eth_utils.address import is_address, to_checksum_address
-from pydantic import Field, SecretStr, field_validator
+from pydantic import Field, SecretStr, ValidationInfo, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 # The mnemonic every anvil and hardhat devnet uses by default: public, so it is only ever a devnet default.
@@ -32,6 +32,9 @@ class Settings(BaseSettings):
 
     # Deployment
     deployment_file: Path = Path(".settlement/deployment.json")
+    hub_address: str | None = Field(
+        default=None, description="the hub a payee withdraws from when it has no deployment file"
+    )
     challenge_period: int = Field(default=3600, ge=60, description="seconds between requestClose and finalize")
 
     # Storage
@@ -103,6 +106,12 @@ class Settings(BaseSettings):
     api_host: str = "127.0.0.1"
     api_port: int = Field(default=8000, ge=0, le=65535)
 
+    # A payee's own commands (`settlement withdraw`, `settlement payee`)
+    withdraw_key: SecretStr | None = Field(default=None, description="the key `settlement withdraw` signs with")
+    service_url: str | None = Field(
+        default=None, description="the service `settlement payee` asks (None: http://api_host:api_port)"
+    )
+
     # Local devnet (anvil)
     anvil_path: Path | None = None
     devnet_host: str = "127.0.0.1"
@@ -129,18 +138,31 @@ class Settings(BaseSettings):
             out[to_checksum_address(token)] = amount
         return out
 
-    @field_validator("private_key")
+    @field_validator("private_key", "withdraw_key")
     @classmethod
-    def _refuse_placeholder_key(cls, value: SecretStr | None) -> SecretStr | None:
+    def _refuse_placeholder_key(cls, value: SecretStr | None, info: ValidationInfo) -> SecretStr | None:
         if value is None:
             return None
+        name = f"SETTLEMENT_{str(info.field_name).upper()}"
         raw = value.get_secret_value().strip().lower()
         if raw in _PLACEHOLDER_KEYS:
-            raise ValueError("SETTLEMENT_PRIVATE_KEY is a placeholder; set a real key or leave it unset")
-        digits = raw.removeprefix("0x")
-        if len(digits) != 64 or any(c not in "0123456789abcdef" for c in digits):
-            raise ValueError("SETTLEMENT_PRIVATE_KEY must be 32 bytes of hex")
+            raise ValueError(f"{name} is a placeholder; set a real key or leave it unset")
+        if not is_private_key(raw):
+            raise ValueError(f"{name} must be 32 bytes of hex (0x + 64 hex digits)")
         return value
+
+    @field_validator("hub_address")
+    @classmethod
+    def _checksum_hub(cls, value: str | None) -> str | None:
+        if value is not None and not is_address(value):
+            raise ValueError(f"SETTLEMENT_HUB_ADDRESS: {value!r} is not an address")
+        return None if value is None else to_checksum_address(value)
+
+
+def is_private_key(text: str) -> bool:
+    """32 bytes of hex, with or without 0x: the shape of a secp256k1 key (the curve check is eth-account's)."""
+    digits = text.strip().lower().removeprefix("0x")
+    return len(digits) == 64 and all(c in "0123456789abcdef" for c in digits)
 
 
 @lru_cache(maxsize=1)

@@ -18,6 +18,7 @@ from settlement.store.channels import to_us
 from settlement.store.tables import chain_events, indexed_blocks, indexer_cursor
 
 CURSOR = "hub"
+WITHDRAWN = "Withdrawn"  # the hub event that takes a credited balance out
 
 
 @dataclass(frozen=True)
@@ -99,6 +100,7 @@ def record_events(conn: Connection, events: Sequence[ChainEvent]) -> None:
                     "event": e.event,
                     "channel_id": e.channel_id,
                     "args": json.dumps(e.args, sort_keys=True),
+                    "account": e.args["account"] if e.event == WITHDRAWN else None,
                 }
                 for e in events
             ],
@@ -118,3 +120,13 @@ def forget_after(conn: Connection, block_number: int) -> None:
     """Drop what the indexer recorded above `block_number`: those blocks are no longer on the chain."""
     conn.execute(delete(chain_events).where(chain_events.c.block_number > block_number))
     conn.execute(delete(indexed_blocks).where(indexed_blocks.c.number > block_number))
+
+
+def withdrawn_by(conn: Connection, account: str) -> dict[str, int]:
+    """What `account` withdrew from the hub, per asset, as far as the confirmed chain shows."""
+    query = select(chain_events.c.args).where(chain_events.c.account == account, chain_events.c.event == WITHDRAWN)
+    totals: dict[str, int] = {}
+    for (args,) in conn.execute(query):
+        event = json.loads(args)
+        totals[event["token"]] = totals.get(event["token"], 0) + int(event["amount"])
+    return totals

@@ -124,7 +124,14 @@ chain_events = Table(
     Column("event", String(64), nullable=False),
     Column("channel_id", String(HEX32), nullable=True),
     Column("args", Text(), nullable=False),
+    Column("account", String(ADDRESS), nullable=True),  # a Withdrawn event's account; None for the others
     Index(None, "channel_id"),
+    Index(
+        "ix_chain_events_account",
+        "account",
+        sqlite_where=text("account IS NOT NULL"),
+        postgresql_where=text("account IS NOT NULL"),
+    ),
 )
 
 indexed_blocks = Table(

@@ -1,0 +1,185 @@
+"""A payee's own commands: `settlement payee` (what it earned and can withdraw) and `settlement withdraw`.
+
+A payee runs them without the operator's files: the hub's address (from the operator, or `/v1/eip712`'s
+`verifyingContract`) and its own key are enough; the code at that address is checked to be ChannelHub's.
+"""
+
+from __future__ import annotations
+
+import json
+from decimal import Decimal
+from pathlib import Path
+from typing import Any
+
+import httpx
+from eth_account import Account
+from eth_account.signers.local import LocalAccount
+from rich.console import Console
+from rich.table import Table
+from web3 import Web3
+from web3.contract import Contract
+
+from settlement.chain.contracts import HUB, load_artifact, runtime_matches
+from settlement.chain.deployment import Deployment, hub_contract
+from settlement.chain.node import Transactor, connect, rpc_errors
+from settlement.domain.model import ETH
+from settlement.errors import (
+    ConfigError,
+    DeploymentError,
+    NothingToWithdrawError,
+    ServiceRejectedError,
+    rejected,
+)
+from settlement.server.config import Settings, is_private_key
+
+_ERC20_METADATA: list[dict[str, Any]] = [
+    {"type": "function", "name": name, "stateMutability": "view", "inputs": [], "outputs": [{"name": "", "type": kind}]}
+    for name, kind in (("symbol", "string"), ("decimals", "uint8"))
+]
+
+
+def resolve_hub(w3: Web3, settings: Settings, hub: str | None) -> Contract:
+    """The hub at `hub`, else SETTLEMENT_HUB_ADDRESS, else the deployment file's; refused without ChannelHub code."""
+    address = hub or settings.hub_address
+    if address is None:
+        if not settings.deployment_file.exists():
+            raise DeploymentError(
+                "no hub address: pass --hub 0x… or set SETTLEMENT_HUB_ADDRESS (the operator publishes it; the service "
+                f"shows it as verifyingContract at /v1/eip712); no deployment file at {settings.deployment_file}"
+            )
+        deployment = Deployment.load(settings.deployment_file)
+        deployment.check(w3)
+        return hub_contract(w3, deployment)
+    if not Web3.is_address(address):
+        raise ConfigError(f"--hub {address!r} is not an address")
+    checksummed = Web3.to_checksum_address(address)
+    with rpc_errors("reading the hub's code"):
+        code = bytes(w3.eth.get_code(checksummed))
+    artifact = load_artifact(HUB)
+    if not runtime_matches(artifact, code):
+        raise DeploymentError(f"no ChannelHub code at {checksummed} on chain {w3.eth.chain_id}: check the address")
+    return w3.eth.contract(address=checksummed, abi=artifact.abi)
+
+
+def withdraw_account(settings: Settings, key_file: Path | None) -> LocalAccount:
+    """The payee's key from --key-file or SETTLEMENT_WITHDRAW_KEY; never from the command line (it shows in `ps`)."""
+    if key_file is not None:
+        try:
+            raw = key_file.read_text(encoding="utf-8").strip()
+        except OSError as ex:
+            raise ConfigError(f"cannot read the key file {key_file}: {ex.strerror}") from ex
+        source = f"the key file {key_file}"
+    elif settings.withdraw_key is not None:
+        raw, source = settings.withdraw_key.get_secret_value().strip(), "SETTLEMENT_WITHDRAW_KEY"
+    else:
+        raise ConfigError("no key: set SETTLEMENT_WITHDRAW_KEY or pass --key-file FILE (a file holding 0x + 64 hex)")
+    if not is_private_key(raw):
+        raise ConfigError(f"{source} does not hold a private key (0x + 64 hex digits)")
+    try:
+        account: LocalAccount = Account.from_key(raw)
+    except ValueError as ex:  # in range of the shape, not of the curve (zero, or above its order)
+        raise ConfigError(f"{source} does not hold a valid secp256k1 key: {ex}") from ex
+    return account
+
+
+def asset_name(w3: Web3, asset: str) -> tuple[str, int]:
+    """`("ETH", 18)`, or an ERC-20's symbol and decimals (its address and 0 when it does not say)."""
+    if asset == ETH:
+        return "ETH", 18
+    token = w3.eth.contract(address=Web3.to_checksum_address(asset), abi=_ERC20_METADATA)
+    try:
+        return str(token.functions.symbol().call()), int(token.functions.decimals().call())
+    except Exception:  # an ERC-20 need not implement the optional metadata; any failure means "not said"
+        return asset, 0
+
+
+def amount_text(value: int, unit: str, decimals: int) -> str:
+    """Base units first, exact; then the human amount when the asset has decimals: `1,500 wei (0.0000000000000015
+    ETH)`."""
+    base = "wei" if unit == "ETH" else "base units"
+    if decimals == 0:
+        return f"{value:,} {base} of {unit}"
+    human = format(Decimal(value).scaleb(-decimals).normalize(), "f")
+    return f"{value:,} {base} ({human} {unit})"
+
+
+def withdraw(
+    settings: Settings,
+    console: Console,
+    *,
+    token: str | None,
+    amount: int | None,
+    to: str | None,
+    hub: str | None,
+    key_file: Path | None,
+) -> None:
+    account = withdraw_account(settings, key_file)
+    for option, given in (("--token", token), ("--to", to)):
+        if given is not None and not Web3.is_address(given):
+            raise ConfigError(f"{option} {given!r} is not an address")
+    if amount is not None and amount <= 0:
+        raise ConfigError(f"--amount must be positive base units, not {amount}")
+    w3 = connect(settings.rpc_url, settings.rpc_timeout)
+    contract = resolve_hub(w3, settings, hub)
+    asset = Web3.to_checksum_address(token) if token else ETH
+    unit, decimals = asset_name(w3, asset)
+    with rpc_errors("reading the hub balance"):
+        balance = int(contract.functions.balanceOf(account.address, asset).call())
+    value = balance if amount is None else amount
+    if balance == 0 or value > balance:
+        raise NothingToWithdrawError(
+            f"{account.address} holds {amount_text(balance, unit, decimals)} in the hub: "
+            + ("nothing to withdraw" if amount is None else f"cannot withdraw {amount_text(value, unit, decimals)}")
+            + ". Accepted payments are credited by the engine's next batch: `settlement payee` shows what is "
+            "settled and what is not yet",
+            balance=str(balance),
+        )
+    recipient = Web3.to_checksum_address(to or account.address)
+    transactor = Transactor(w3, account, list(contract.abi), timeout=settings.tx_timeout)  # type: ignore[arg-type]
+    receipt = transactor.send(contract.functions.withdraw(asset, value, recipient))
+    console.print(
+        f"withdrew {amount_text(value, unit, decimals)} to {recipient} (tx {receipt['transactionHash'].to_0x_hex()}); "
+        f"{amount_text(balance - value, unit, decimals)} left in the hub"
+    )
+
+
+def payee_report(settings: Settings, console: Console, address: str, *, service_url: str | None, as_json: bool) -> None:
+    """The service's summary for `address`: paid, settled, unsettled, withdrawable and withdrawn, per asset."""
+    if not Web3.is_address(address):
+        raise ConfigError(f"{address!r} is not an address")
+    url = (service_url or settings.service_url or f"http://{settings.api_host}:{settings.api_port}").rstrip("/")
+    request = f"GET {url}/v1/payees/{Web3.to_checksum_address(address)}/summary"
+    try:
+        answer = httpx.get(request.split(" ", 1)[1], timeout=10)
+    except httpx.HTTPError as ex:
+        raise ServiceRejectedError(
+            503, "service_unavailable", f"the service at {url} does not answer ({ex}): pass --service-url"
+        ) from ex
+    if answer.status_code != 200:
+        try:
+            body = answer.json()
+            raise rejected(answer.status_code, str(body["code"]), str(body["message"]), request=request)
+        except (ValueError, KeyError, TypeError):
+            raise ServiceRejectedError(
+                answer.status_code, "service_unavailable", f"{request} answered {answer.status_code}", request=request
+            ) from None
+    summary = answer.json()
+    if as_json:
+        print(json.dumps(summary, indent=2))
+        return
+    table = Table(title=f"payee {summary['payee']} (service {url})")
+    for column in ("asset", "channels", "accepted", "settled", "unsettled", "withdrawable now", "withdrawn"):
+        table.add_column(column, justify="left" if column == "asset" else "right")
+    for row in summary["assets"]:
+        withdrawable = row["withdrawable"]
+        table.add_row(
+            "ETH (wei)" if row["token"] == ETH else row["token"],
+            str(row["channels"]),
+            *(f"{int(row[k]):,}" for k in ("accepted", "settled", "unsettled")),
+            "chain down" if withdrawable is None else f"{int(withdrawable):,}",
+            f"{int(row['withdrawn']):,}",
+        )
+    console.print(table)
+    interval = summary.get("settleInterval")
+    when = f"with the engine's next batch (every {interval:g}s)" if interval else "when the engine next settles"
+    console.print(f"unsettled value becomes withdrawable {when}; `settlement withdraw` takes it out")
