@@ -7,6 +7,7 @@ import json
 import os
 import re
 import shlex
+import shutil
 import signal
 import socket
 import subprocess
@@ -76,6 +77,7 @@ class Shell:
             for job in reversed(command.removeprefix("kill ").split()):
                 self.jobs[int(job.removeprefix("%")) - 1].send_signal(signal.SIGTERM)
             return None
+        command = re.sub(r"\$(\w+)", lambda m: self.env.get(m.group(1), ""), command)  # $VAR, as bash expands it
         words = shlex.split(command.removesuffix("&"))
         env = dict(self.env)
         while "=" in words[0] and not words[0].startswith("/"):
@@ -158,12 +160,39 @@ def test_the_by_hand_devnet_session_pays_settles_and_withdraws(shell: Shell, tmp
         "withdrew 25,000,000,000 wei (0.000000025 ETH) to 0x3C44CdDdB6a900fa2b585dd299e03d12FA4293BC"
     )
 
+    # The README's close, to its end: move the devnet's clock past the 60 s challenge period, finalize, refund.
+    if shutil.which("curl") is None:
+        pytest.skip("curl is not installed: the README's clock step cannot run as written")
+    (jump,) = commands(block_after("To see a close to its end", "bash"))
+    moved = shell.run(jump)
+    assert moved is not None and moved.returncode == 0 and '"result"' in moved.stdout, moved.stdout + moved.stderr
+    listed = run_cli("channels", "--json", env=_cli_env(shell), cwd=tmp_path)
+    (channel_id,) = [c["channelId"] for c in json.loads(listed.stdout)]
+    finish = shell.line(FINISH.format(channel_id=channel_id))
+    finished = subprocess.run(
+        [sys.executable, "-c", finish], cwd=tmp_path, env=shell.env, capture_output=True, text=True
+    )
+    assert finished.returncode == 0, finished.stderr
+    assert finished.stdout.split() == [str(2 * 10**18 - 25_000_000_000)]  # the whole deposit but what was paid
+
     shell.run(stop)
     # serve shuts down gracefully, then uvicorn re-raises the SIGTERM it caught (the shell prints "Terminated")
     assert [job.wait(timeout=30) for job in shell.jobs] == [0, -signal.SIGTERM]
     assert "devnet stopped" in shell.job_log(1)
     assert "Application shutdown complete." in shell.job_log(2)
     assert not listening(int(shell.ports["8545"]))
+
+
+# What the README says to run after the clock step, in the snippet's Python session (a new one here, so the channel
+# is rebuilt from its id as the README's SDK section shows).
+FINISH = """
+from settlement.sdk import PayerClient
+client = PayerClient("0x59c6995e998f97a5a0044966f0945389dc9e86dae88c7a8412f4603b6b78690d",
+                     rpc_url="http://127.0.0.1:8545", service_url="http://127.0.0.1:8000")
+channel = client.channel("{channel_id}")
+client.finalize_close(channel)
+print(client.withdraw())
+"""
 
 
 def _cli_env(shell: Shell) -> dict[str, str]:
