@@ -34,7 +34,7 @@ compile: setup
 	$(PY) scripts/compile_contracts.py
 
 lint: setup
-	$(VENV)/bin/ruff check settlement tests scripts
+	$(VENV)/bin/ruff check settlement tests scripts examples
 	$(VENV)/bin/mypy
 
 # `make run PORT=8001` when 8000 is taken.

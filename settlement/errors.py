@@ -36,6 +36,8 @@
             ├── ChannelSuspendedError      409 channel_suspended
             ├── StaleVoucherError          409 stale_voucher
             ├── AmountExceedsDepositError  409 amount_exceeds_deposit
+            ├── UnderpaymentError          409 underpayment     (a priced voucher pays less than its price)
+            ├── OverpaymentError           409 overpayment      (a priced voucher pays more: a stale position)
             ├── IdempotencyKeyReusedError  409 idempotency_key_reused   (the key paid another amount on the channel)
             └── ExistsWithDifferentMetadataError 409 exists_with_different_metadata (accepted before, other metadata)
 
@@ -261,6 +263,23 @@ class AmountExceedsDepositError(VoucherRejectedError):
 
     status = 409
     code = "amount_exceeds_deposit"
+
+
+class UnderpaymentError(VoucherRejectedError):
+    """A voucher that must pay a price (an x402 payment) pays less over the channel's position than the price: with
+    other vouchers accepted meanwhile, its cumulative amount no longer covers it."""
+
+    status = 409
+    code = "underpayment"
+
+
+class OverpaymentError(VoucherRejectedError):
+    """A voucher that must pay a price pays more over the channel's position than the price: the payer signed from a
+    position the service never accepted (a payment that was not charged). It is refused so the payer is never
+    charged for what it did not get; the payer re-reads the position (`currentCumulativeAmount`) and signs again."""
+
+    status = 409
+    code = "overpayment"
 
 
 class ServiceRejectedError(SettlementError):

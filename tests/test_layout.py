@@ -16,7 +16,14 @@ from pathlib import Path
 from tests.conftest import ROOT
 
 PACKAGE = ROOT / "settlement"
-SDK_SIDE = ("settlement.sdk", "settlement.eip712", "settlement.chain", "settlement.domain", "settlement.errors")
+SDK_SIDE = (
+    "settlement.sdk",
+    "settlement.x402",
+    "settlement.eip712",
+    "settlement.chain",
+    "settlement.domain",
+    "settlement.errors",
+)
 SERVER_SIDE = (
     "settlement.server",
     "settlement.api",
@@ -130,5 +137,5 @@ def test_the_readme_architecture_table_names_every_package() -> None:
     readme = (ROOT / "README.md").read_text(encoding="utf-8")
     packages = sorted(p.parent.name for p in PACKAGE.glob("*/__init__.py"))
     assert packages == ["api", "chain", "cli", "devtools", "domain", "eip712", "indexer", "ingest", "sdk", "server",
-                        "settle", "store"]  # fmt: skip
+                        "settle", "store", "x402"]  # fmt: skip
     assert [p for p in packages if f"| `settlement/{p}/` |" not in readme] == []

@@ -21,7 +21,9 @@ from settlement.errors import (
     ExistsWithDifferentMetadataError,
     IdempotencyKeyReusedError,
     InvalidSignatureError,
+    OverpaymentError,
     StaleVoucherError,
+    UnderpaymentError,
     VoucherRejectedError,
 )
 
@@ -167,3 +169,18 @@ def test_accepted_vouchers_never_pay_past_the_deposit_nor_twice(
     assert ch.floor < cumulative <= deposit
     assert verdict.receipt.increment == cumulative - ch.floor > 0
     assert verdict.receipt.remaining == deposit - cumulative >= 0
+
+
+def test_a_priced_voucher_pays_exactly_its_price_over_the_position() -> None:
+    """x402: a voucher answers one price; from a moved position it would pay less (underpayment) or more
+    (overpayment, a position the service never accepted), and both are refused with the position to resync to."""
+    at = channel(accepted=40, signature=b"\x02" * 65)
+    priced = replace(voucher(50), price=10)
+    verdict = judge(at, priced, SIGNER, prior=None, now=NOW, close_guard=60)
+    assert (verdict.new, verdict.receipt.increment) == (True, 10)
+    for cumulative, error in ((49, UnderpaymentError), (51, OverpaymentError)):
+        with pytest.raises(error) as info:
+            judge(at, replace(voucher(cumulative), price=10), SIGNER, prior=None, now=NOW, close_guard=60)
+        assert info.value.details == {"currentCumulativeAmount": "40", "price": "10"}
+    with pytest.raises(StaleVoucherError):  # not above the position at all: stale, as any voucher
+        judge(at, replace(voucher(40), price=10), SIGNER, prior=None, now=NOW, close_guard=60)

@@ -29,7 +29,9 @@ from settlement.errors import (
     ExistsWithDifferentMetadataError,
     IdempotencyKeyReusedError,
     InvalidSignatureError,
+    OverpaymentError,
     StaleVoucherError,
+    UnderpaymentError,
 )
 
 SIGNATURE_BYTES = 65  # r (32) | s (32) | v (1), as the hub checks it
@@ -98,6 +100,14 @@ def judge(
         raise StaleVoucherError(
             f"cumulative amount {voucher.cumulative} is not above the channel's current {channel.floor}",
             currentCumulativeAmount=str(channel.floor),
+        )
+    if voucher.price is not None and voucher.cumulative - channel.floor != voucher.price:
+        paid = voucher.cumulative - channel.floor
+        error = UnderpaymentError if paid < voucher.price else OverpaymentError
+        raise error(
+            f"this voucher pays {paid} over the channel's current {channel.floor}; the price is {voucher.price}",
+            currentCumulativeAmount=str(channel.floor),
+            price=str(voucher.price),
         )
     if voucher.cumulative > channel.deposit:
         raise AmountExceedsDepositError(

@@ -114,6 +114,7 @@ class Voucher:
     signature: bytes
     reference: str | None = None
     idempotency_key: str | None = None  # the client's id of the payment: a retry with it never pays twice
+    price: int | None = None  # the exact increment it must pay over the channel's position (x402); None: any
 
     @property
     def key(self) -> tuple[ChannelId, int]:

@@ -106,6 +106,20 @@ class Ingestor:
             channel = channel_q.get_channel(conn, channel_id)
         return channel if channel is not None else self.indexer.lookup(channel_id)
 
+    def preview(self, voucher: Voucher) -> Verdict:
+        """Judge `voucher` as `ingest` would against what is committed now, without storing anything (x402's
+        verify). Raises the refusal; a later `ingest` judges again under the channel's lock, so a preview promises
+        nothing."""
+        self.resolve_payer(voucher.channel_id)
+        signer = self.recover(voucher)
+        with self.db.read() as conn:
+            channel = channel_q.get_channel(conn, voucher.channel_id)
+            stale = channel is not None and voucher.cumulative <= channel.floor
+            prior = channel_q.receipts_for(conn, [voucher.key]).get(voucher.key) if stale else None
+            key = None if voucher.idempotency_key is None else (voucher.channel_id, voucher.idempotency_key)
+            keyed = None if key is None else channel_q.receipts_by_key(conn, [key]).get(key)
+        return judge(channel, voucher, signer, prior=prior, keyed=keyed, now=utcnow(), close_guard=self.close_guard)
+
     def recover(self, voucher: Voucher) -> bytes | None:
         return self.verifier.recover(bytes.fromhex(voucher.channel_id[2:]), voucher.cumulative, voucher.signature)
 

@@ -209,6 +209,13 @@ class PayerClient:
             raise ValueError(f"salt 0x{salt.hex()} does not name channel 0x{raw.hex()}")
         return ref
 
+    def open_channels(self, payee: str, token: str | None = None) -> list[dict[str, Any]]:
+        """This payer's open channels to `payee` in `token` (default ETH) as the service lists them (its word:
+        `channel(id)` checks each against the hub)."""
+        asset = to_checksum_address(token) if token else ETH
+        query = f"/v1/channels?payer={self.address}&payee={to_checksum_address(payee)}&status=open&limit=1000"
+        return [c for c in self._get(query)["items"] if to_checksum_address(str(c["token"])) == asset]
+
     def top_up(self, channel: ChannelRef, amount: int) -> None:
         """Add `amount` to the channel's deposit (vouchers may use it once the service sees it confirmed)."""
         if channel.token != ETH:
@@ -339,6 +346,55 @@ class PayerClient:
                 known = JournalPayment(key, channel.hex_id, amount, start + amount, reference, pending, None)
                 self.journal.begin(known)
             return self._deliver(channel, known)
+
+    # --- vouchers another party delivers (x402: the payee sends them to the facilitator) --------------------------
+
+    def authorize(self, channel: ChannelRef, amount: int, idempotency_key: str) -> tuple[int, bytes]:
+        """Sign and journal the next voucher of `amount` on `channel` for someone else to deliver; nothing is sent.
+        Returns (cumulative amount, signature). Report what became of it with `concluded`.
+
+        Earlier vouchers on the channel whose fate is unknown are first settled by asking the service where the
+        channel stands, never by submitting them: a voucher handed to a payee pays only if the payee delivers it."""
+        if isinstance(amount, bool) or not isinstance(amount, int) or amount <= 0:
+            raise ValueError("amount must be a positive int in base units")
+        with self._lock(channel):
+            for earlier in self.journal.pending(channel.hex_id):
+                self._learn(channel, earlier)
+            start = self.position(channel)
+            payment = JournalPayment(
+                idempotency_key, channel.hex_id, amount, start + amount, None, PaymentStatus.PENDING, None
+            )
+            self.journal.begin(payment)
+            return payment.cumulative, sign_voucher(self.account, self.domain, channel.channel_id, payment.cumulative)
+
+    def concluded(self, channel: ChannelRef, idempotency_key: str, receipt: dict[str, Any] | None) -> None:
+        """An authorized voucher was accepted (with the facilitator's receipt) or refused (None): refused, the
+        position goes back, so the next voucher does not pay this one's amount too."""
+        with self._lock(channel):
+            payment = self.journal.payment(idempotency_key)
+            if payment is None or payment.status != PaymentStatus.PENDING:
+                return
+            if receipt is not None:
+                self.journal.accepted(idempotency_key, receipt)
+            else:
+                self.journal.refused(idempotency_key, channel.hex_id, payment.cumulative - payment.amount)
+
+    def resynchronise(self, channel: ChannelRef) -> int:
+        """Put the position where the service proves it (a voucher of ours) or the chain settled it, lower or
+        higher: after a refusal that says the position is stale. Returns it."""
+        with self._lock(channel):
+            proven = max(self._proven_by_service(channel), self._settled_on_chain(channel))
+            for earlier in self.journal.pending(channel.hex_id):
+                self.journal.refused(earlier.idempotency_key, channel.hex_id, proven)
+            self.journal.refused("", channel.hex_id, proven)  # no payment has the empty key: sets the position
+            return proven
+
+    def _learn(self, channel: ChannelRef, payment: JournalPayment) -> None:
+        proven = max(self._proven_by_service(channel), self._settled_on_chain(channel))
+        if proven >= payment.cumulative:
+            self.journal.accepted(payment.idempotency_key, {"cumulativeAmount": str(payment.cumulative)})
+        else:
+            self.journal.refused(payment.idempotency_key, channel.hex_id, proven)
 
     def _resolve(self, channel: ChannelRef, payment: JournalPayment) -> None:
         """Learn the outcome of a payment left uncertain: send its voucher again (harmless if it was stored)."""

@@ -1,0 +1,51 @@
+"""A paid API: FastAPI guarded by x402's own middleware, priced per request in wei, paid with ChannelHub vouchers
+through a `settlement serve` as the facilitator. Run it against `make run`'s devnet:
+
+    PAY_TO=0x... .venv/bin/python examples/paid_api.py      # then: .venv/bin/python examples/paying_client.py
+"""
+
+from __future__ import annotations
+
+import os
+
+import uvicorn
+from fastapi import FastAPI, HTTPException
+from x402 import x402ResourceServer
+from x402.http import FacilitatorConfig, HTTPFacilitatorClient
+from x402.http.middleware.fastapi import PaymentMiddlewareASGI
+from x402.http.types import PaymentOption, RouteConfig
+
+from settlement.x402.server import ChannelHubServerScheme
+
+FACILITATOR = os.environ.get("FACILITATOR_URL", "http://127.0.0.1:8000/x402")  # our service's facilitator routes
+NETWORK = os.environ.get("NETWORK", "eip155:31337")
+PAY_TO = os.environ.get("PAY_TO", "0x15d34AAf54267DB7D7c367839AAf71A00a2C6A65")  # a devnet account
+PRICE = int(os.environ.get("PRICE_WEI", "1000000000"))  # 1 gwei a request
+
+server = x402ResourceServer(HTTPFacilitatorClient(FacilitatorConfig(url=FACILITATOR)))
+server.register(NETWORK, ChannelHubServerScheme())
+paid = RouteConfig(accepts=PaymentOption(scheme="channelhub", pay_to=PAY_TO, price=str(PRICE), network=NETWORK))
+
+app = FastAPI(title="a paid API")
+app.add_middleware(PaymentMiddlewareASGI, routes={"GET /weather": paid, "GET /reports/*": paid}, server=server)
+
+
+@app.get("/weather")
+def weather() -> dict[str, str]:
+    return {"forecast": "sunny"}
+
+
+@app.get("/reports/{number}")
+def report(number: int) -> dict[str, int]:
+    if number > 10:
+        raise HTTPException(404, "no such report")  # not found: the payment is not settled, the payer pays nothing
+    return {"report": number}
+
+
+@app.get("/health")
+def health() -> dict[str, str]:
+    return {"status": "ok"}  # free
+
+
+if __name__ == "__main__":
+    uvicorn.run(app, host="127.0.0.1", port=int(os.environ.get("PORT", "8402")), log_level="warning")

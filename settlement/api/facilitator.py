@@ -1,0 +1,179 @@
+"""This service as an x402 facilitator for the `channelhub` scheme: the plug-in the official `x402` package's
+facilitator routes to (`SchemeNetworkFacilitator`), over the ledger and the store.
+
+`verify` judges the voucher exactly as ingest would, committing nothing. `settle` is the durable acceptance: its
+answer comes after the commit, carries the receipt and the channel's position, and moves no money on chain (the
+engine settles vouchers in batches). A voucher buys one response: once accepted, the same voucher is refused as
+`voucher_replayed`, also when it carries the same payment identifier (the first payment stands; nothing more is
+charged). Every answer is the x402 answer with a reason; the store or the chain being down raises instead, so that
+the route answers 503 and a payee does not mistake it for a refused payment.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from dataclasses import replace
+from typing import Any
+
+from x402.extensions.payment_identifier import extract_payment_identifier
+from x402.interfaces import FacilitatorContext
+from x402.schemas import PaymentPayload, PaymentRequirements, SettleResponse, VerifyResponse
+
+from settlement.domain.ledger import Verdict
+from settlement.domain.model import ETH, Channel, Receipt, Voucher
+from settlement.errors import RequestError, SettlementError
+from settlement.server.service import Service
+from settlement.x402.wire import SCHEME, PayloadError, Reason, VoucherPayload, network_of, price_of, same_address
+
+IDEMPOTENCY_KEY_MAX = 64  # what the store keeps of a payment's key
+
+
+class Refused(Exception):
+    """A payment the facilitator refuses, with its stable reason."""
+
+    def __init__(self, reason: str, message: str, payer: str | None = None) -> None:
+        super().__init__(message)
+        self.reason = reason
+        self.message = message
+        self.payer = payer
+
+
+class ChannelHubFacilitator:
+    """The `channelhub` scheme for one deployment (one network: this hub's chain)."""
+
+    scheme = SCHEME
+    caip_family = "eip155:*"
+
+    def __init__(self, service: Service) -> None:
+        self.service = service
+        self.network = network_of(service.deployment.chain_id)
+
+    def get_extra(self, network: str) -> dict[str, Any] | None:
+        """What a payee's requirements must carry so a payer can sign: the hub and its EIP-712 domain."""
+        domain = self.service.domain
+        return {"hub": domain.verifying_contract, "name": domain.name, "version": domain.version}
+
+    def get_signers(self, network: str) -> list[str]:
+        return []  # a payment moves nothing on chain: the engine's batches do, from the operator's account
+
+    def verify(
+        self, payload: PaymentPayload, requirements: PaymentRequirements, context: FacilitatorContext | None = None
+    ) -> VerifyResponse:
+        try:
+            voucher, channel = self._voucher(payload, requirements)
+            verdict = self._judged(lambda: self.service.ingestor.preview(voucher), channel)
+        except Refused as refused:
+            return VerifyResponse(
+                is_valid=False, invalid_reason=refused.reason, invalid_message=refused.message, payer=refused.payer
+            )
+        return VerifyResponse(is_valid=True, payer=channel.payer, extra={"increment": str(verdict.receipt.increment)})
+
+    def settle(
+        self, payload: PaymentPayload, requirements: PaymentRequirements, context: FacilitatorContext | None = None
+    ) -> SettleResponse:
+        try:
+            voucher, channel = self._voucher(payload, requirements)
+            verdict = self._judged(lambda: self._ingest(voucher), channel)
+        except Refused as refused:
+            return SettleResponse(
+                success=False,
+                error_reason=refused.reason,
+                error_message=refused.message,
+                payer=refused.payer,
+                transaction="",
+                network=self.network,
+            )
+        receipt = verdict.receipt
+        return SettleResponse(
+            success=True,
+            payer=channel.payer,
+            transaction="",  # nothing on chain yet: the engine settles the channel's latest voucher in a batch
+            network=self.network,
+            amount=str(receipt.increment),
+            extra={"receipt": _receipt(receipt), "channel": _position(channel, receipt)},
+        )
+
+    def _ingest(self, voucher: Voucher) -> Verdict:
+        (outcome,) = self.service.ingestor.ingest([voucher])
+        if isinstance(outcome, SettlementError):
+            raise outcome
+        return outcome
+
+    def _judged(self, judge: Any, channel: Channel) -> Verdict:
+        """Run the ledger; refusals become reasons, a replay too. Store and chain failures propagate (503)."""
+        try:
+            verdict: Verdict = judge()
+        except RequestError as ex:
+            raise Refused(ex.code, ex.message, channel.payer) from ex
+        if not verdict.new:
+            raise Refused(
+                Reason.VOUCHER_REPLAYED,
+                f"this voucher was accepted at {verdict.receipt.accepted_at.isoformat()} and bought its response "
+                "then; a new payment needs a new voucher",
+                channel.payer,
+            )
+        return verdict
+
+    def _voucher(self, payload: PaymentPayload, requirements: PaymentRequirements) -> tuple[Voucher, Channel]:
+        """The payment as a priced voucher, after every check that needs no ledger: the scheme, the network, the
+        requirements the payment answers, the payload's form, the channel's payee and asset."""
+        accepted = payload.accepted
+        if requirements.scheme != SCHEME or requirements.network != self.network:
+            raise Refused(Reason.UNSUPPORTED, f"this facilitator serves {SCHEME} on {self.network} only")
+        same = (accepted.scheme, accepted.network, accepted.amount) == (
+            requirements.scheme,
+            requirements.network,
+            requirements.amount,
+        )
+        if not (same and same_address(accepted.asset, requirements.asset)) or not same_address(
+            accepted.pay_to, requirements.pay_to
+        ):
+            raise Refused(Reason.REQUIREMENTS_MISMATCH, "the payment answers other requirements than the payee's")
+        price = price_of(requirements.amount)
+        if price is None:
+            raise Refused(Reason.REQUIREMENTS_MISMATCH, "the requirements' amount is not a positive integer")
+        try:
+            voucher = VoucherPayload.parse(payload.payload)
+        except PayloadError as ex:
+            raise Refused(ex.reason, str(ex)) from ex
+        channel = self.service.ingestor.find_channel(voucher.channel_id)
+        if channel is None:
+            raise Refused("channel_not_found", f"channel {voucher.channel_id} does not exist on chain")
+        if not same_address(channel.payee, requirements.pay_to):
+            raise Refused(Reason.WRONG_PAY_TO, f"channel {voucher.channel_id} pays {channel.payee}", channel.payer)
+        if not same_address(channel.token, requirements.asset):
+            asset = "ETH" if channel.token == ETH else channel.token
+            raise Refused(Reason.WRONG_ASSET, f"channel {voucher.channel_id} is in {asset}", channel.payer)
+        key = _payment_id(payload)
+        return replace(
+            Voucher(voucher.channel_id, voucher.cumulative, voucher.signature), idempotency_key=key, price=price
+        ), channel
+
+
+def _payment_id(payload: PaymentPayload) -> str | None:
+    """The payment-identifier extension's id (16-128 characters) as the payment's idempotency key (64 at most: a
+    longer id is kept as its SHA-256). An id that fails the extension's own rules counts as none."""
+    found = extract_payment_identifier(payload, validate=True)
+    if found is None:
+        return None
+    return found if len(found) <= IDEMPOTENCY_KEY_MAX else hashlib.sha256(found.encode()).hexdigest()
+
+
+def _receipt(receipt: Receipt) -> dict[str, str | None]:
+    return {
+        "channelId": receipt.channel_id,
+        "cumulativeAmount": str(receipt.cumulative),
+        "increment": str(receipt.increment),
+        "remaining": str(receipt.remaining),
+        "acceptedAt": receipt.accepted_at.isoformat().replace("+00:00", "Z"),
+        "idempotencyKey": receipt.idempotency_key,
+    }
+
+
+def _position(channel: Channel, receipt: Receipt) -> dict[str, str]:
+    """Where the channel stands after this payment: what the payer's next voucher builds on."""
+    return {
+        "deposit": str(channel.deposit),
+        "cumulativeAmount": str(receipt.cumulative),
+        "remaining": str(receipt.remaining),
+    }

@@ -1,0 +1,195 @@
+"""The payer's side of `channelhub` for the official `x402` package (`SchemeNetworkClient`): register it on an
+`x402Client` (or `x402ClientSync`) and use x402's own httpx or requests transports; a 402 from a payee that
+accepts `channelhub` is then paid with a voucher on one of the payer's channels to that payee.
+
+Channels ("lanes"): a channel carries one payment in flight at a time, so that vouchers (cumulative amounts) never
+race each other; concurrent requests to one payee use several channels, opened on demand up to `max_lanes`.
+Deposits follow a documented policy: `deposit_multiple` prices, at least the payee's `minDeposit` hint, at most
+`max_deposit`; a channel that cannot cover the next price is topped up by the same amount.
+
+Safety: the payer pays through the hub its `PayerClient` trusts only (requirements naming another hub or chain are
+refused); every voucher is journalled before it leaves (`PayerClient.authorize`), and concluded from the payee's
+answer: accepted with the facilitator's receipt, or refused and the position put back. A refusal that says the
+position is stale (another device paid, a response that was never charged) resynchronises from the service and
+x402's transport retries once with a fresh voucher; no voucher ever pays more than the price over the position the
+service proves.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+import uuid
+from dataclasses import dataclass, field
+from types import SimpleNamespace
+from typing import Any
+
+from eth_utils.address import to_checksum_address
+from x402.interfaces import PaymentPayloadContext
+from x402.schemas import PaymentRequirements, PaymentResponseContext, RecoveredResponseResult
+
+from settlement.domain.model import ETH, ChannelId
+from settlement.sdk.payer import ChannelRef, PayerClient
+from settlement.x402.wire import SCHEME, PayloadError, VoucherPayload, network_of, price_of, same_address
+
+# Refusals after which the payer's position is re-read and the payment tried once more.
+STALE_REASONS = frozenset({"overpayment", "underpayment", "stale_voucher", "voucher_replayed"})
+
+
+@dataclass
+class Lane:
+    """One channel of the payer to one payee in one asset, and the payment it carries now, if any."""
+
+    channel: ChannelRef
+    deposit: int
+    busy_since: float | None = None  # monotonic time the payment in flight was signed
+    key: str | None = None  # that payment's journal key
+
+
+@dataclass
+class DepositPolicy:
+    """How much a new channel (or a top-up) locks: `multiple` prices, at least the payee's `minDeposit` hint when
+    `follow_hint`, never more than `maximum` (None: no cap)."""
+
+    multiple: int = 100
+    follow_hint: bool = True
+    maximum: int | None = None
+
+    def amount(self, price: int, hint: int | None) -> int:
+        wanted = price * self.multiple
+        if self.follow_hint and hint is not None:
+            wanted = max(wanted, hint)
+        if self.maximum is not None:
+            wanted = min(wanted, self.maximum)
+        if wanted < price:
+            raise ValueError(f"the deposit cap {self.maximum} cannot cover one payment of {price}")
+        return wanted
+
+
+@dataclass
+class ChannelHubClientScheme:
+    """Pay `channelhub` requirements with `payer`'s channels."""
+
+    payer: PayerClient
+    policy: DepositPolicy = field(default_factory=DepositPolicy)
+    max_lanes: int = 16
+    lane_timeout: float = 120.0  # a payment whose answer never came is looked up after this long
+    scheme: str = SCHEME
+
+    def __post_init__(self) -> None:
+        self.network = network_of(self.payer.domain.chain_id)
+        self._lanes: dict[tuple[str, str], list[Lane]] = {}
+        self._guard = threading.Lock()
+        self.scheme_hooks = SimpleNamespace(on_payment_response=self.on_payment_response)
+
+    def create_payment_payload(
+        self,
+        requirements: PaymentRequirements,
+        extensions: dict[str, Any] | None = None,
+        context: PaymentPayloadContext | None = None,
+    ) -> dict[str, Any]:
+        price = self._check(requirements)
+        lane = self._acquire(requirements, price)
+        key = uuid.uuid4().hex
+        try:
+            cumulative, signature = self.payer.authorize(lane.channel, price, key)
+        except BaseException:
+            self._release(lane)
+            raise
+        lane.key = key
+        return VoucherPayload(ChannelId(lane.channel.hex_id), cumulative, signature).to_dict()
+
+    def on_payment_response(self, context: PaymentResponseContext) -> RecoveredResponseResult | None:
+        """x402's hook after a paid request: conclude the voucher, free its channel, recover from a stale position."""
+        try:
+            voucher = VoucherPayload.parse(context.payment_payload.payload)
+        except PayloadError:
+            return None  # another scheme's payment
+        lane = self._lane_of(voucher.channel_id)
+        if lane is None or lane.key is None:
+            return None
+        settled = context.settle_response
+        try:
+            if settled is not None and settled.success:
+                receipt = (settled.extra or {}).get("receipt")
+                self.payer.concluded(lane.channel, lane.key, receipt if isinstance(receipt, dict) else {})
+                return None
+            self.payer.concluded(lane.channel, lane.key, None)
+            # A refusal at verify comes back as a new 402 whose `error` is the reason; one at settle, in the answer.
+            required = context.payment_required
+            reason = settled.error_reason if settled is not None else getattr(required, "error", None)
+            if reason in STALE_REASONS:
+                self.payer.resynchronise(lane.channel)
+                return RecoveredResponseResult()
+            return None
+        finally:
+            self._release(lane)
+
+    # --- requirements ----------------------------------------------------------------------------------------
+
+    def _check(self, requirements: PaymentRequirements) -> int:
+        if requirements.scheme != SCHEME or requirements.network != self.network:
+            raise ValueError(
+                f"this payer pays {SCHEME} on {self.network}, not {requirements.scheme} on {requirements.network}"
+            )
+        hub = (requirements.extra or {}).get("hub")
+        if not isinstance(hub, str) or not same_address(hub, self.payer.hub.address):
+            raise ValueError(
+                f"the payee asks for payment through hub {hub!r}; this payer trusts {self.payer.hub.address}"
+            )
+        price = price_of(requirements.amount)
+        if price is None:
+            raise ValueError(f"the payee's price {requirements.amount!r} is not a positive integer of base units")
+        return price
+
+    # --- lanes -------------------------------------------------------------------------------------------------
+
+    def _acquire(self, requirements: PaymentRequirements, price: int) -> Lane:
+        payee, asset = self._party(requirements)
+        hint = _int((requirements.extra or {}).get("minDeposit"))
+        with self._guard:
+            lanes = self._lanes.setdefault((payee, asset), [])
+            if not lanes:
+                lanes.extend(self._discover(payee, asset))
+            now = time.monotonic()
+            free = next((lane for lane in lanes if lane.busy_since is None), None)
+            if free is None:  # an answer that never came: its payment is looked up when the lane is used again
+                free = next((lane for lane in lanes if now - (lane.busy_since or now) > self.lane_timeout), None)
+            if free is None and len(lanes) >= self.max_lanes:
+                raise ValueError(f"{len(lanes)} payments to {payee} are in flight already (max_lanes)")
+            if free is not None:
+                free.busy_since, free.key = now, None
+        if free is None:
+            deposit = self.policy.amount(price, hint)
+            channel = self.payer.open_channel(payee, deposit, token=None if asset == ETH else asset)
+            self.payer.wait_until_known(channel, min_deposit=deposit)
+            free = Lane(channel, deposit, busy_since=time.monotonic())
+            with self._guard:
+                self._lanes[(payee, asset)].append(free)
+        if self.payer.position(free.channel) + price > free.deposit:
+            top_up = self.policy.amount(price, hint)
+            self.payer.top_up(free.channel, top_up)
+            free.deposit += top_up
+            self.payer.wait_until_known(free.channel, min_deposit=free.deposit)
+        return free
+
+    def _discover(self, payee: str, asset: str) -> list[Lane]:
+        """This payer's open channels to the payee in the asset, as the service knows them (after a restart)."""
+        found = self.payer.open_channels(payee, asset)
+        return [Lane(self.payer.channel(c["channelId"]), int(c["deposit"])) for c in found]
+
+    def _party(self, requirements: PaymentRequirements) -> tuple[str, str]:
+        return to_checksum_address(requirements.pay_to), to_checksum_address(requirements.asset)
+
+    def _lane_of(self, channel_id: str) -> Lane | None:
+        with self._guard:
+            every = (lane for lanes in self._lanes.values() for lane in lanes)
+            return next((lane for lane in every if lane.channel.hex_id == channel_id), None)
+
+    def _release(self, lane: Lane) -> None:
+        with self._guard:
+            lane.busy_since, lane.key = None, None
+
+
+def _int(value: object) -> int | None:
+    return int(value) if isinstance(value, str) and value.isdigit() else None

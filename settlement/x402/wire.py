@@ -1,0 +1,94 @@
+"""The `channelhub` scheme on x402 v2: what travels in its headers, shared by the payer's, the payee's and the
+facilitator's plug-ins.
+
+A payment is a voucher on the payer's channel to `payTo` in `asset`: `payload = {"channelId", "cumulativeAmount",
+"signature"}`, where the cumulative amount is the channel's position plus exactly the price (`amount`). The
+requirements' `extra` names the hub and its EIP-712 domain, so a payer needs nothing else to pay (docs/x402.md).
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from enum import StrEnum
+from typing import Any
+
+from eth_utils.address import is_address, to_checksum_address
+
+from settlement.domain.model import MAX_UINT256, ChannelId
+
+SCHEME = "channelhub"
+NETWORK_PREFIX = "eip155:"
+_HEX32 = re.compile(r"^0x[0-9a-fA-F]{64}$")
+_SIGNATURE = re.compile(r"^0x[0-9a-fA-F]{130}$")
+_AMOUNT = re.compile(r"^[1-9][0-9]{0,77}$")
+
+
+class Reason(StrEnum):
+    """Why a payment is refused: `invalidReason` / `errorReason` of the facilitator's answers, and what a payee's 402
+    carries. Stable; the ledger's own codes (invalid_signature, stale_voucher, ...) pass through as they are."""
+
+    INVALID_PAYLOAD = "invalid_payload"  # not the scheme's payload: fields missing, not hex, not a number
+    UNSUPPORTED = "unsupported_scheme_or_network"  # another scheme, or a network this facilitator does not serve
+    REQUIREMENTS_MISMATCH = "requirements_mismatch"  # the payment answers other requirements than the payee's
+    WRONG_PAY_TO = "wrong_pay_to"  # the channel pays someone else
+    WRONG_ASSET = "wrong_asset"  # the channel is in another asset
+    VOUCHER_REPLAYED = "voucher_replayed"  # this voucher already bought a response
+    UNAVAILABLE = "facilitator_unavailable"  # the store or the chain does not answer: retry later
+
+
+def network_of(chain_id: int) -> str:
+    """CAIP-2: `eip155:<chainId>`."""
+    return f"{NETWORK_PREFIX}{chain_id}"
+
+
+def chain_id_of(network: str) -> int | None:
+    digits = network.removeprefix(NETWORK_PREFIX)
+    return int(digits) if network.startswith(NETWORK_PREFIX) and digits.isdigit() and digits[0] != "0" else None
+
+
+def same_address(a: str, b: str) -> bool:
+    return is_address(a) and is_address(b) and to_checksum_address(a) == to_checksum_address(b)
+
+
+class PayloadError(ValueError):
+    """A payload that is not the scheme's, with the reason to answer."""
+
+    def __init__(self, message: str) -> None:
+        super().__init__(message)
+        self.reason = Reason.INVALID_PAYLOAD
+
+
+@dataclass(frozen=True)
+class VoucherPayload:
+    """The scheme's payload: one signed voucher."""
+
+    channel_id: ChannelId
+    cumulative: int
+    signature: bytes
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "channelId": self.channel_id,
+            "cumulativeAmount": str(self.cumulative),
+            "signature": "0x" + self.signature.hex(),
+        }
+
+    @classmethod
+    def parse(cls, payload: object) -> VoucherPayload:
+        """Strict: exactly the three fields, each in its one form (lower or mixed-case hex, a decimal string)."""
+        if not isinstance(payload, dict) or set(payload) != {"channelId", "cumulativeAmount", "signature"}:
+            raise PayloadError("the payload must be {channelId, cumulativeAmount, signature}")
+        channel_id, cumulative, signature = payload["channelId"], payload["cumulativeAmount"], payload["signature"]
+        if not isinstance(channel_id, str) or not _HEX32.match(channel_id):
+            raise PayloadError("channelId must be 0x + 64 hex digits")
+        if not isinstance(cumulative, str) or not _AMOUNT.match(cumulative) or int(cumulative) > MAX_UINT256:
+            raise PayloadError("cumulativeAmount must be a decimal string of base units, above 0 and below 2^256")
+        if not isinstance(signature, str) or not _SIGNATURE.match(signature):
+            raise PayloadError("signature must be 0x + 130 hex digits (r, s, v)")
+        return cls(ChannelId(channel_id.lower()), int(cumulative), bytes.fromhex(signature[2:]))
+
+
+def price_of(amount: str) -> int | None:
+    """The requirements' `amount`, in base units, or None when it is not a positive decimal integer."""
+    return int(amount) if _AMOUNT.match(amount) and int(amount) <= MAX_UINT256 else None

@@ -1,0 +1,224 @@
+"""x402 end to end with parts no one here wrote: the official x402 httpx client with our scheme registered pays
+the example FastAPI app (x402's own middleware, served by uvicorn in its own process) through our service as the
+facilitator, on anvil; the engine settles in a batch and the payee withdraws exactly what it earned."""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import json
+import os
+import subprocess
+import sys
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import httpx
+import pytest
+from eth_account.signers.local import LocalAccount
+from hexbytes import HexBytes
+from web3 import Web3
+from web3.contract import Contract
+from x402 import x402Client
+from x402.http import x402HTTPClient
+from x402.http.clients import x402HttpxClient
+
+from settlement.devtools.devnet import Devnet, free_port
+from settlement.sdk.payer import PayerClient
+from settlement.x402.client import ChannelHubClientScheme, DepositPolicy
+from tests.hub_helpers import ETH, events, send, wait_until
+from tests.servers import ServiceProcess
+
+ROOT = Path(__file__).resolve().parents[1]
+PRICE = 1_000_000_000
+
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture
+def paid_api(devnet: Devnet, tmp_path: Path) -> Iterator[Callable[[str, str], str]]:
+    """Factory: paid_api(facilitator_url, pay_to) -> base URL of examples/paid_api.py in its own process."""
+    started: list[subprocess.Popen[bytes]] = []
+
+    def start(facilitator: str, pay_to: str) -> str:
+        port = free_port("127.0.0.1")
+        env = os.environ | {
+            "FACILITATOR_URL": facilitator,
+            "PAY_TO": pay_to,
+            "NETWORK": f"eip155:{devnet.chain_id}",
+            "PRICE_WEI": str(PRICE),
+            "PORT": str(port),
+        }
+        with (tmp_path / f"paid-api-{port}.log").open("wb") as log:
+            process = subprocess.Popen(
+                [sys.executable, str(ROOT / "examples" / "paid_api.py")], env=env, stdout=log, stderr=log
+            )
+        started.append(process)
+        url = f"http://127.0.0.1:{port}"
+
+        def up() -> bool:
+            assert process.poll() is None, (tmp_path / f"paid-api-{port}.log").read_text()
+            try:
+                return httpx.get(f"{url}/health", timeout=1).status_code == 200
+            except httpx.TransportError:
+                return False
+
+        wait_until(up, timeout=60)
+        return url
+
+    yield start
+    for process in started:
+        process.kill()
+        process.wait()
+
+
+def paying_client(devnet: Devnet, scheme: ChannelHubClientScheme) -> x402Client:
+    """x402's client with our scheme, and its spend controls allowing ETH on this chain up to 10x the price."""
+    network = f"eip155:{devnet.chain_id}"
+    x402 = x402Client()
+    x402.register(network, scheme)
+    x402.set_spend_controls(
+        {"allowed_assets": [{"network": network, "asset": ETH, "max_amount_per_payment": str(10 * PRICE)}]}
+    )
+    return x402
+
+
+def accepted_for(service: ServiceProcess, payee: str) -> int:
+    summary = httpx.get(f"{service.url}/v1/payees/{payee}/summary").json()
+    return sum(int(a["accepted"]) for a in summary["assets"])
+
+
+def test_the_official_client_pays_the_official_middleware_through_our_facilitator(
+    spawn: Callable[..., ServiceProcess],
+    paid_api: Callable[[str, str], str],
+    devnet: Devnet,
+    accounts: list[LocalAccount],
+    hub: Contract,
+    w3: Web3,
+    tmp_path: Path,
+) -> None:
+    settler = HexBytes(accounts[19].key).to_0x_hex()
+    service = spawn(
+        f"sqlite:///{tmp_path / 'x402.db'}", engine_enabled="true", private_key=settler, settle_interval="0.5",
+        engine_tick="0.1",
+    )  # fmt: skip
+    payee = accounts[13].address
+    api = paid_api(f"{service.url}/x402", payee)
+    payer = PayerClient(
+        HexBytes(accounts[12].key).to_0x_hex(), devnet.url, service.url, state_path=tmp_path / "payer.sqlite3"
+    )
+    scheme = ChannelHubClientScheme(payer, DepositPolicy(multiple=100), lane_timeout=1.0)
+    x402 = paying_client(devnet, scheme)
+
+    async def walk() -> None:
+        async with x402HttpxClient(x402, timeout=60) as http:
+            # Unpaid, a plain client gets the 402 with our requirements, small enough for any header limit.
+            async with httpx.AsyncClient() as unpaying:
+                plain = await unpaying.get(f"{api}/weather")
+            assert plain.status_code == 402
+            header = plain.headers["payment-required"]
+            assert len(header) < 1_000, len(header)
+            required = json.loads(base64.b64decode(header))["accepts"][0]
+            assert (required["scheme"], required["amount"], required["payTo"], required["extra"]["hub"]) == (
+                "channelhub",
+                str(PRICE),
+                payee,
+                hub.address,
+            )
+            # Five paid requests: one channel, five vouchers, each charged the price once.
+            for _ in range(5):
+                answer = await http.get(f"{api}/weather")
+                assert (answer.status_code, answer.json()) == (200, {"forecast": "sunny"})
+                settled = json.loads(base64.b64decode(answer.headers["payment-response"]))
+                assert (settled["success"], settled["amount"]) == (True, str(PRICE))
+            assert accepted_for(service, payee) == 5 * PRICE
+            # A handler answer that is not a success is not paid for.
+            missing = await http.get(f"{api}/reports/99")
+            assert missing.status_code == 404
+            assert accepted_for(service, payee) == 5 * PRICE
+            # Sixteen paid requests at once: all answered, each charged once, none refused.
+            answers = await asyncio.gather(*(http.get(f"{api}/reports/{n % 10}") for n in range(16)))
+            assert sorted(a.status_code for a in answers) == [200] * 16
+            assert accepted_for(service, payee) == 21 * PRICE
+
+    asyncio.run(walk())
+
+    # The engine settles the payee's vouchers on chain; the payee withdraws exactly what it earned.
+    wait_until(lambda: hub.functions.balanceOf(payee, ETH).call() == 21 * PRICE, timeout=60)
+    receipt = send(w3, hub.functions.withdraw(ETH, 21 * PRICE, payee), payee)
+    assert [e["amount"] for e in events(hub, receipt, "Withdrawn")] == [21 * PRICE]
+    assert hub.functions.balanceOf(payee, ETH).call() == 0
+    payer.shutdown()
+
+
+def test_a_replayed_payment_header_buys_nothing(
+    spawn: Callable[..., ServiceProcess],
+    paid_api: Callable[[str, str], str],
+    devnet: Devnet,
+    accounts: list[LocalAccount],
+    tmp_path: Path,
+) -> None:
+    service = spawn(f"sqlite:///{tmp_path / 'replay.db'}")
+    payee = accounts[14].address
+    api = paid_api(f"{service.url}/x402", payee)
+    payer = PayerClient(
+        HexBytes(accounts[15].key).to_0x_hex(), devnet.url, service.url, state_path=tmp_path / "payer.sqlite3"
+    )
+    x402 = paying_client(devnet, ChannelHubClientScheme(payer))
+    http = x402HTTPClient(x402)
+
+    async def pay_once() -> dict[str, str]:
+        unpaid = httpx.get(f"{api}/weather")
+        required = http.get_payment_required_response(unpaid.headers.get, None)
+        payload = await x402.create_payment_payload(required)
+        return http.encode_payment_signature_header(payload)
+
+    headers = asyncio.run(pay_once())
+    first = httpx.get(f"{api}/weather", headers=headers)
+    assert first.status_code == 200
+    replay = httpx.get(f"{api}/weather", headers=headers)
+    assert replay.status_code == 402
+    refused = json.loads(base64.b64decode(replay.headers["payment-required"]))
+    assert refused["error"] == "voucher_replayed", refused
+    assert accepted_for(service, payee) == PRICE
+    payer.shutdown()
+
+
+def test_a_restarted_payer_and_a_second_device_pay_on_without_paying_twice(
+    spawn: Callable[..., ServiceProcess],
+    paid_api: Callable[[str, str], str],
+    devnet: Devnet,
+    accounts: list[LocalAccount],
+    tmp_path: Path,
+) -> None:
+    """The payer's position survives a restart (its journal, its channels found again through the service), and
+    when another device of the same payer moved the channel on, the refusal resynchronises and the retry pays
+    exactly the price."""
+    service = spawn(f"sqlite:///{tmp_path / 'restart.db'}")
+    payee = accounts[16].address
+    api = paid_api(f"{service.url}/x402", payee)
+    key = HexBytes(accounts[17].key).to_0x_hex()
+
+    def get(scheme: ChannelHubClientScheme, path: str) -> int:
+        async def once() -> int:
+            async with x402HttpxClient(paying_client(devnet, scheme), timeout=60) as http:
+                answer = await http.get(f"{api}{path}")
+                assert answer.status_code == 200, base64.b64decode(answer.headers["payment-required"])[:400]
+                return answer.status_code
+
+        return asyncio.run(once())
+
+    first = PayerClient(key, devnet.url, service.url, state_path=tmp_path / "payer.sqlite3")
+    assert [get(ChannelHubClientScheme(first), "/weather") for _ in range(2)] == [200, 200]
+    first.shutdown()
+    again = PayerClient(key, devnet.url, service.url, state_path=tmp_path / "payer.sqlite3")
+    assert get(ChannelHubClientScheme(again), "/weather") == 200
+    (channel,) = again.open_channels(payee)  # the restart found the channel: no second deposit
+    assert accepted_for(service, payee) == 3 * PRICE
+
+    other = PayerClient(key, devnet.url, service.url, state_path=tmp_path / "other-device.sqlite3")
+    other.pay(other.channel(channel["channelId"]), 7)  # paid through the service directly, from another journal
+    assert get(ChannelHubClientScheme(again), "/weather") == 200  # stale: refused, resynchronised, paid once
+    assert accepted_for(service, payee) == 4 * PRICE + 7
+    other.shutdown()
+    again.shutdown()

@@ -1,0 +1,258 @@
+"""The service as an x402 facilitator (`/x402/supported`, `/verify`, `/settle`) for the `channelhub` scheme, on both
+stores: every refusal has its stable reason, verify commits nothing, a voucher buys one response, and the payer is
+never charged more than the price."""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Callable
+from typing import Any
+
+import pytest
+from eth_account.signers.local import LocalAccount
+from fastapi.testclient import TestClient
+from web3 import Web3
+from web3.contract import Contract
+
+from settlement.devtools.devnet import Devnet
+from tests.hub_helpers import ETH, Channel, send, wait_until
+from tests.proxy import TcpProxy
+
+Sign = Callable[..., bytes]
+PRICE = 10
+
+
+def requirements(devnet: Devnet, pay_to: str, **changes: Any) -> dict[str, Any]:
+    return {
+        "scheme": "channelhub",
+        "network": f"eip155:{devnet.chain_id}",
+        "asset": ETH,
+        "amount": str(PRICE),
+        "payTo": pay_to,
+        "maxTimeoutSeconds": 60,
+        "extra": {},
+        **changes,
+    }
+
+
+def x402_request(
+    required: dict[str, Any],
+    payload: dict[str, Any],
+    *,
+    accepted: dict[str, Any] | None = None,
+    payment_id: str | None = None,
+) -> dict[str, Any]:
+    paid: dict[str, Any] = {"x402Version": 2, "payload": payload, "accepted": accepted or required}
+    if payment_id is not None:
+        paid["extensions"] = {"payment-identifier": {"info": {"required": False, "id": payment_id}, "schema": {}}}
+    return {"x402Version": 2, "paymentPayload": paid, "paymentRequirements": required}
+
+
+def voucher(channel: Channel, cumulative: int, sign: Sign, signer: LocalAccount | None = None) -> dict[str, str]:
+    signature = sign(signer or channel.payer, channel.id, cumulative)
+    return {
+        "channelId": "0x" + channel.id.hex(),
+        "cumulativeAmount": str(cumulative),
+        "signature": "0x" + signature.hex(),
+    }
+
+
+@pytest.fixture
+def channel(open_channel: Callable[..., Channel], accounts: list[LocalAccount]) -> Channel:
+    return open_channel(accounts[5], accounts[6].address, amount=1_000)
+
+
+def accepted(client: TestClient, channel: Channel) -> str:
+    return str(client.get(f"/v1/channels/0x{channel.id.hex()}").json()["acceptedCumulativeAmount"])
+
+
+def test_supported_names_the_scheme_the_network_and_what_requirements_carry(
+    api: Callable[..., TestClient], devnet: Devnet, hub: Contract
+) -> None:
+    answer = api().get("/x402/supported")
+    assert answer.status_code == 200
+    assert answer.json() == {
+        "kinds": [
+            {
+                "x402Version": 2,
+                "scheme": "channelhub",
+                "network": f"eip155:{devnet.chain_id}",
+                "extra": {"hub": hub.address, "name": "ChannelHub", "version": "1"},
+            }
+        ],
+        "extensions": [],
+        "signers": {"eip155:*": []},
+    }
+
+
+def test_verify_commits_nothing_settle_accepts_once_and_a_replay_buys_nothing(
+    api: Callable[..., TestClient], devnet: Devnet, channel: Channel, sign: Sign
+) -> None:
+    client = api()
+    required = requirements(devnet, channel.payee)
+    body = x402_request(required, voucher(channel, PRICE, sign), payment_id="order-0001-abcdefgh")
+    for _ in range(2):  # verify twice: both valid, nothing stored
+        verified = client.post("/x402/verify", json=body)
+        assert verified.status_code == 200
+        assert verified.json() == {"isValid": True, "payer": channel.payer.address, "extra": {"increment": "10"}}
+    assert accepted(client, channel) == "0"
+
+    settled = client.post("/x402/settle", json=body).json()
+    receipt = settled["extra"]["receipt"]
+    assert (settled["success"], settled["amount"], settled["payer"], settled["transaction"]) == (
+        True,
+        "10",
+        channel.payer.address,
+        "",
+    )
+    assert (receipt["cumulativeAmount"], receipt["increment"], receipt["idempotencyKey"]) == (
+        "10",
+        "10",
+        "order-0001-abcdefgh",
+    )
+    assert settled["extra"]["channel"] == {"deposit": "1000", "cumulativeAmount": "10", "remaining": "990"}
+    assert accepted(client, channel) == "10"
+
+    # The same header again, with its payment identifier: the first payment stands, nothing more is charged.
+    for route in ("/x402/verify", "/x402/settle"):
+        again = client.post(route, json=body).json()
+        reason = again.get("invalidReason") or again.get("errorReason")
+        assert (reason, again.get("isValid", again.get("success"))) == ("voucher_replayed", False)
+    # A new voucher that reuses the payment identifier for the same price is that same payment: still nothing more.
+    retried = x402_request(required, voucher(channel, 2 * PRICE, sign), payment_id="order-0001-abcdefgh")
+    assert client.post("/x402/settle", json=retried).json()["errorReason"] == "voucher_replayed"
+    assert accepted(client, channel) == "10"
+    # The next payment builds on the position and pays exactly the price.
+    nxt = client.post("/x402/settle", json=x402_request(required, voucher(channel, 2 * PRICE, sign))).json()
+    assert (nxt["success"], nxt["amount"]) == (True, "10")
+
+
+def test_concurrent_settles_of_one_voucher_charge_once(
+    api: Callable[..., TestClient], devnet: Devnet, channel: Channel, sign: Sign
+) -> None:
+    client = api()
+    body = x402_request(requirements(devnet, channel.payee), voucher(channel, PRICE, sign))
+    answers: list[dict[str, Any]] = []
+    start = threading.Barrier(8)
+
+    def settle() -> None:
+        start.wait()
+        answers.append(client.post("/x402/settle", json=body).json())
+
+    threads = [threading.Thread(target=settle) for _ in range(8)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    outcomes = sorted((a["success"], a.get("errorReason")) for a in answers)
+    assert outcomes == [(False, "voucher_replayed")] * 7 + [(True, None)]
+    assert accepted(client, channel) == "10"
+
+
+@pytest.mark.parametrize(
+    ("case", "reason"),
+    [
+        ("wrong scheme", "unsupported_scheme_or_network"),
+        ("wrong network", "unsupported_scheme_or_network"),
+        ("answers other requirements", "requirements_mismatch"),
+        ("payload missing a field", "invalid_payload"),
+        ("payload with an extra field", "invalid_payload"),
+        ("amount not decimal", "invalid_payload"),
+        ("signature not hex", "invalid_payload"),
+        ("channel to another payee", "wrong_pay_to"),
+        ("channel in another asset", "wrong_asset"),
+        ("underpayment", "underpayment"),
+        ("overpayment from a stale position", "overpayment"),
+        ("foreign signature", "invalid_signature"),
+        ("unknown channel", "channel_not_found"),
+        ("above the deposit", "amount_exceeds_deposit"),
+        ("closing channel", "channel_closed"),
+    ],
+)
+def test_every_bad_payment_gets_its_reason_and_charges_nothing(
+    case: str,
+    reason: str,
+    api: Callable[..., TestClient],
+    devnet: Devnet,
+    channel: Channel,
+    open_channel: Callable[..., Channel],
+    accounts: list[LocalAccount],
+    token: Contract,
+    sign: Sign,
+    w3: Web3,
+    hub: Contract,
+) -> None:
+    client = api()
+    required = requirements(devnet, channel.payee)
+    good = voucher(channel, PRICE, sign)
+    body = x402_request(required, good)
+    if case == "wrong scheme":
+        body = x402_request(required | {"scheme": "exact"}, good)
+    elif case == "wrong network":
+        body = x402_request(required | {"network": "eip155:1"}, good)
+    elif case == "answers other requirements":
+        body = x402_request(required, good, accepted=required | {"amount": "1"})
+    elif case == "payload missing a field":
+        body = x402_request(required, {k: v for k, v in good.items() if k != "signature"})
+    elif case == "payload with an extra field":
+        body = x402_request(required, good | {"reference": "x"})
+    elif case == "amount not decimal":
+        body = x402_request(required, good | {"cumulativeAmount": "0x0a"})
+    elif case == "signature not hex":
+        body = x402_request(required, good | {"signature": "0x" + "zz" * 65})
+    elif case == "channel to another payee":
+        body = x402_request(requirements(devnet, accounts[7].address), good)
+    elif case == "channel in another asset":
+        body = x402_request(required | {"asset": token.address}, good)
+    elif case == "underpayment":
+        body = x402_request(required, voucher(channel, PRICE - 1, sign))
+    elif case == "overpayment from a stale position":
+        body = x402_request(required, voucher(channel, 2 * PRICE, sign))
+    elif case == "foreign signature":
+        body = x402_request(required, voucher(channel, PRICE, sign, signer=accounts[9]))
+    elif case == "unknown channel":
+        ghost = Channel(id=b"\x42" * 32, payer=channel.payer, payee=channel.payee, token=ETH, salt=bytes(32))
+        body = x402_request(required, voucher(ghost, PRICE, sign))
+    elif case == "above the deposit":
+        small = open_channel(accounts[5], channel.payee, amount=5)
+        body = x402_request(required, voucher(small, PRICE, sign))
+    elif case == "closing channel":  # the session hub's challenge period is an hour: inside a 2-hour close guard
+        send(w3, hub.functions.requestClose(channel.id), channel.payer.address)
+        client = api(close_guard_seconds=7200)
+        url = f"/v1/channels/0x{channel.id.hex()}"
+        wait_until(lambda: client.get(url).json()["status"] == "closing")  # the indexers saw the close
+    for route, flag, why in (("/x402/verify", "isValid", "invalidReason"), ("/x402/settle", "success", "errorReason")):
+        answer = client.post(route, json=body)
+        assert answer.status_code == 200, answer.text
+        assert (answer.json()[flag], answer.json()[why]) == (False, reason), answer.json()
+    assert accepted(client, channel) == "0"
+
+
+@pytest.mark.parametrize(
+    "body",
+    [{}, {"x402Version": 2}, {"x402Version": 1, "paymentPayload": {}, "paymentRequirements": {}}, []],
+    ids=["empty", "no payload", "v1 shape", "not an object"],
+)
+def test_a_request_that_is_not_x402_is_a_400(api: Callable[..., TestClient], body: Any) -> None:
+    client = api()
+    for route in ("/x402/verify", "/x402/settle"):
+        answer = client.post(route, json=body)
+        assert (answer.status_code, answer.json()["code"]) == (400, "malformed_request"), answer.text
+
+
+def test_the_chain_down_is_a_503_not_a_refused_payment(
+    api: Callable[..., TestClient],
+    devnet: Devnet,
+    open_channel: Callable[..., Channel],
+    accounts: list[LocalAccount],
+    sign: Sign,
+) -> None:
+    """A payee must not answer 402 ("pay") when the facilitator cannot judge: it answers 503 (retry)."""
+    with TcpProxy(devnet.port) as rpc:
+        client = api(rpc_url=rpc.url)
+        rpc.cut()
+        unseen = open_channel(accounts[5], accounts[6].address, amount=100)  # only the chain could tell
+        body = x402_request(requirements(devnet, unseen.payee), voucher(unseen, PRICE, sign))
+        for route in ("/x402/verify", "/x402/settle"):
+            answer = client.post(route, json=body)
+            assert (answer.status_code, answer.json()["code"]) == (503, "chain_unavailable"), answer.text

@@ -1,0 +1,96 @@
+"""The payee's and the payer's `channelhub` plug-ins on their own: prices, requirements, and what a payer refuses
+to pay (another hub, another chain, a malformed price)."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from pathlib import Path
+
+import pytest
+from eth_account.signers.local import LocalAccount
+from hexbytes import HexBytes
+from x402.schemas import AssetAmount, PaymentRequirements, SupportedKind
+
+from settlement.devtools.devnet import Devnet
+from settlement.sdk.payer import PayerClient
+from settlement.x402.client import ChannelHubClientScheme, DepositPolicy
+from settlement.x402.server import ChannelHubServerScheme
+from settlement.x402.wire import VoucherPayload, chain_id_of
+from tests.hub_helpers import ETH
+from tests.servers import ServiceProcess
+
+NETWORK = "eip155:31337"
+
+
+@pytest.mark.parametrize(
+    ("price", "base_units"),
+    [(1, 1), ("25000000000", 25_000_000_000), ("0.001", 10**15), ("1.5", 15 * 10**17), (10**30, 10**30)],
+)
+def test_prices_are_base_units_or_human_amounts_of_the_asset(price: int | str, base_units: int) -> None:
+    scheme = ChannelHubServerScheme()
+    assert scheme.parse_price(price, NETWORK) == AssetAmount(amount=str(base_units), asset=ETH)
+
+
+@pytest.mark.parametrize("price", ["$0.01", 0, -5, "0", "0.0000000000000000001", "abc", 0.5, True, "1e3"], ids=repr)
+def test_a_price_that_is_not_whole_base_units_is_refused(price: object) -> None:
+    with pytest.raises(ValueError):
+        ChannelHubServerScheme().parse_price(price, NETWORK)  # type: ignore[arg-type]
+
+
+def test_requirements_carry_the_hub_the_domain_and_a_deposit_hint() -> None:
+    scheme = ChannelHubServerScheme(deposit_multiple=50)
+    base = PaymentRequirements(
+        scheme="channelhub", network=NETWORK, asset=ETH, amount="7", pay_to="0x" + "11" * 20, max_timeout_seconds=60
+    )
+    kind = SupportedKind(x402_version=2, scheme="channelhub", network=NETWORK, extra={"hub": "0xabc", "name": "N"})
+    enhanced = scheme.enhance_payment_requirements(base, kind, [])
+    assert enhanced.extra == {"hub": "0xabc", "name": "N", "minDeposit": "350"}
+
+
+def test_networks_and_payloads_have_one_form() -> None:
+    assert [chain_id_of(n) for n in ("eip155:1", "eip155:31337", "eip155:01", "solana:1", "eip155:")] == [
+        1, 31337, None, None, None,
+    ]  # fmt: skip
+    good = {"channelId": "0x" + "ab" * 32, "cumulativeAmount": "5", "signature": "0x" + "cd" * 65}
+    assert VoucherPayload.parse(good).to_dict() == good
+    for bad in ({**good, "cumulativeAmount": "05"}, {**good, "cumulativeAmount": 5}, {**good, "x": 1}, [good]):
+        with pytest.raises(ValueError):
+            VoucherPayload.parse(bad)
+
+
+def test_deposit_policy() -> None:
+    assert DepositPolicy(multiple=10).amount(7, None) == 70
+    assert DepositPolicy(multiple=10).amount(7, 1000) == 1000  # the payee's hint
+    assert DepositPolicy(multiple=10, follow_hint=False).amount(7, 1000) == 70
+    assert DepositPolicy(multiple=10, maximum=50).amount(7, 1000) == 50  # the payer's cap wins
+    with pytest.raises(ValueError, match="cannot cover one payment"):
+        DepositPolicy(maximum=5).amount(7, None)
+
+
+@pytest.mark.parametrize("change", ["another hub", "no hub", "another chain", "another scheme", "price not a number"])
+def test_a_payer_refuses_requirements_it_cannot_trust(
+    change: str, spawn: Callable[..., ServiceProcess], devnet: Devnet, accounts: list[LocalAccount], tmp_path: Path
+) -> None:
+    service = spawn(f"sqlite:///{tmp_path / 'refuse.db'}")
+    payer = PayerClient(HexBytes(accounts[12].key).to_0x_hex(), devnet.url, service.url, state_path=tmp_path / "j")
+    scheme = ChannelHubClientScheme(payer)
+    fields = {
+        "scheme": "channelhub",
+        "network": f"eip155:{devnet.chain_id}",
+        "asset": ETH,
+        "amount": "10",
+        "pay_to": accounts[13].address,
+        "max_timeout_seconds": 60,
+        "extra": {"hub": payer.hub.address},
+    }
+    fields |= {
+        "another hub": {"extra": {"hub": "0x" + "22" * 20}},
+        "no hub": {"extra": {}},
+        "another chain": {"network": "eip155:1"},
+        "another scheme": {"scheme": "exact"},
+        "price not a number": {"amount": "ten"},
+    }[change]
+    with pytest.raises(ValueError):
+        scheme.create_payment_payload(PaymentRequirements(**fields))
+    assert payer.open_channels(accounts[13].address) == []  # nothing was opened, nothing signed
+    payer.shutdown()
