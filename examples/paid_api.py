@@ -11,10 +11,10 @@ import os
 import uvicorn
 from fastapi import FastAPI, HTTPException
 from x402 import x402ResourceServer
-from x402.http import FacilitatorConfig, HTTPFacilitatorClient
-from x402.http.middleware.fastapi import PaymentMiddlewareASGI
+from x402.http import FacilitatorConfig
 from x402.http.types import PaymentOption, RouteConfig
 
+from settlement.x402.fastapi import ChannelHubFacilitatorClient, PaymentMiddleware
 from settlement.x402.server import ChannelHubServerScheme
 
 FACILITATOR = os.environ.get("FACILITATOR_URL", "http://127.0.0.1:8000/x402")  # our service's facilitator routes
@@ -22,12 +22,13 @@ NETWORK = os.environ.get("NETWORK", "eip155:31337")
 PAY_TO = os.environ.get("PAY_TO", "0x15d34AAf54267DB7D7c367839AAf71A00a2C6A65")  # a devnet account
 PRICE = int(os.environ.get("PRICE_WEI", "1000000000"))  # 1 gwei a request
 
-server = x402ResourceServer(HTTPFacilitatorClient(FacilitatorConfig(url=FACILITATOR)))
+# x402's resource server, facilitator client and middleware; ours answer 503 when the facilitator is unreachable.
+server = x402ResourceServer(ChannelHubFacilitatorClient(FacilitatorConfig(url=FACILITATOR)))
 server.register(NETWORK, ChannelHubServerScheme())
 paid = RouteConfig(accepts=PaymentOption(scheme="channelhub", pay_to=PAY_TO, price=str(PRICE), network=NETWORK))
 
 app = FastAPI(title="a paid API")
-app.add_middleware(PaymentMiddlewareASGI, routes={"GET /weather": paid, "GET /reports/*": paid}, server=server)
+app.add_middleware(PaymentMiddleware, routes={"GET /weather": paid, "GET /reports/*": paid}, server=server)
 
 
 @app.get("/weather")

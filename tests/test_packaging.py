@@ -28,6 +28,10 @@ domain = Domain(chain_id=31337, verifying_contract="0x" + "11" * 20)
 signature = sign_voucher(payer, domain, b"\\x07" * 32, 1234)
 assert VoucherVerifier(domain).recover(b"\\x07" * 32, 1234, signature) == bytes.fromhex(payer.address[2:])
 assert load_artifact("ChannelHub").abi
+from x402 import x402Client, x402ResourceServer  # the x402 plug-ins come with the SDK, without a web framework
+from x402.http.clients import x402HttpxClient
+from settlement.x402.client import ChannelHubClientScheme
+from settlement.x402.server import ChannelHubServerScheme
 import settlement
 print("sdk ok", settlement.__version__)
 """

@@ -10,6 +10,7 @@ import json
 import os
 import subprocess
 import sys
+import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
@@ -222,3 +223,39 @@ def test_a_restarted_payer_and_a_second_device_pay_on_without_paying_twice(
     assert accepted_for(service, payee) == 4 * PRICE + 7
     other.shutdown()
     again.shutdown()
+
+
+def test_the_facilitator_down_is_a_503_and_charges_nothing(
+    spawn: Callable[..., ServiceProcess],
+    paid_api: Callable[[str, str], str],
+    devnet: Devnet,
+    accounts: list[LocalAccount],
+    tmp_path: Path,
+) -> None:
+    """Never a 402 (which would make the payer pay again) when the facilitator cannot judge: a 503 to retry, and the
+    voucher of that request is not charged, also once the facilitator is back."""
+    service = spawn(f"sqlite:///{tmp_path / 'down.db'}")
+    payee = accounts[16].address
+    api = paid_api(f"{service.url}/x402", payee)
+    payer = PayerClient(
+        HexBytes(accounts[18].key).to_0x_hex(), devnet.url, service.url, state_path=tmp_path / "payer.sqlite3"
+    )
+    scheme = ChannelHubClientScheme(payer, lane_timeout=0.5)
+
+    async def get() -> httpx.Response:
+        async with x402HttpxClient(paying_client(devnet, scheme), timeout=60) as http:
+            return await http.get(f"{api}/weather")
+
+    assert asyncio.run(get()).status_code == 200
+    service.kill()
+    down = asyncio.run(get())
+    assert (down.status_code, down.headers["retry-after"], down.json()["error"]) == (
+        503,
+        "1",
+        "facilitator_unavailable",
+    )
+    service.start()  # back on the same port, with the same store
+    time.sleep(0.6)  # the unanswered payment's lane times out; its fate is then looked up, not assumed
+    assert asyncio.run(get()).status_code == 200
+    assert accepted_for(service, payee) == 2 * PRICE  # two responses, two prices: the 503 was not charged
+    payer.shutdown()
