@@ -20,6 +20,7 @@
     ├── PaymentUncertainError        503 payment_uncertain   (client SDK: no answer after every retry)
     ├── UntrustedServiceError        502 service_untrusted   (client SDK: the service's word failed a check)
     ├── WaitTimeoutError             504 wait_timeout        (client SDK: a wait ended; carries the last answer)
+    ├── BudgetExceededError          403 budget_exceeded     (client SDK: a payment would pass a spend budget)
     └── RequestError                 400 bad_request         (the client's fault: always 4xx)
         ├── MalformedRequestError    400 malformed_request
         ├── UnsupportedMediaError    415 unsupported_media_type
@@ -341,6 +342,13 @@ class WaitTimeoutError(SettlementError, TimeoutError):
 
     status = 504
     code = "wait_timeout"
+
+
+class BudgetExceededError(SettlementError, ValueError):
+    """The payer SDK would go over one of the app's spend budgets (a limit per rolling period): nothing was signed."""
+
+    status = 403
+    code = "budget_exceeded"
 
 
 class IdempotencyKeyReusedError(VoucherRejectedError):

@@ -23,8 +23,10 @@ from web3.contract import Contract
 from x402 import x402Client
 from x402.http import x402HTTPClient
 from x402.http.clients import x402HttpxClient
+from x402.http.clients.httpx import PaymentError
 
 from settlement.devtools.devnet import Devnet, free_port
+from settlement.sdk.journal import Budget
 from settlement.sdk.payer import PayerClient
 from settlement.x402.client import ChannelHubClientScheme, DepositPolicy
 from tests.hub_helpers import ETH, events, send, wait_until
@@ -258,4 +260,30 @@ def test_the_facilitator_down_is_a_503_and_charges_nothing(
     time.sleep(0.6)  # the unanswered payment's lane times out; its fate is then looked up, not assumed
     assert asyncio.run(get()).status_code == 200
     assert accepted_for(service, payee) == 2 * PRICE  # two responses, two prices: the 503 was not charged
+    payer.shutdown()
+
+
+def test_a_spend_budget_stops_payments_before_anything_is_signed(
+    spawn: Callable[..., ServiceProcess],
+    paid_api: Callable[[str, str], str],
+    devnet: Devnet,
+    accounts: list[LocalAccount],
+    tmp_path: Path,
+) -> None:
+    service = spawn(f"sqlite:///{tmp_path / 'budget.db'}")
+    payee = accounts[14].address
+    api = paid_api(f"{service.url}/x402", payee)
+    payer = PayerClient(
+        HexBytes(accounts[11].key).to_0x_hex(), devnet.url, service.url, state_path=tmp_path / "payer.sqlite3"
+    )
+    scheme = ChannelHubClientScheme(payer, budgets=[Budget(limit=2 * PRICE, period=3600, per_payee=True)])
+
+    async def get() -> int:
+        async with x402HttpxClient(paying_client(devnet, scheme), timeout=60) as http:
+            return (await http.get(f"{api}/weather")).status_code
+
+    assert [asyncio.run(get()) for _ in range(2)] == [200, 200]
+    with pytest.raises(PaymentError, match="budget"):
+        asyncio.run(get())
+    assert accepted_for(service, payee) == 2 * PRICE
     payer.shutdown()

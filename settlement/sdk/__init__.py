@@ -1,10 +1,18 @@
 """What apps import to pay: the payer client and its durable journal. Depends on nothing of the server."""
 
-from settlement.errors import PaymentUncertainError, ServiceRejectedError, SettlementError, UntrustedServiceError
-from settlement.sdk.journal import PayerJournal
+from settlement.errors import (
+    BudgetExceededError,
+    PaymentUncertainError,
+    ServiceRejectedError,
+    SettlementError,
+    UntrustedServiceError,
+)
+from settlement.sdk.journal import Budget, PayerJournal
 from settlement.sdk.payer import ChannelRef, PayerClient
 
 __all__ = [
+    "Budget",
+    "BudgetExceededError",
     "ChannelRef",
     "PayerClient",
     "PayerJournal",

@@ -13,10 +13,13 @@ from __future__ import annotations
 import json
 import sqlite3
 import threading
+from collections.abc import Sequence
 from dataclasses import dataclass
 from enum import Enum
 from pathlib import Path
 from typing import Any
+
+from settlement.errors import BudgetExceededError
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS positions (
@@ -33,7 +36,27 @@ CREATE TABLE IF NOT EXISTS payments (
     receipt TEXT                    -- the service's receipt (JSON), once accepted
 );
 CREATE INDEX IF NOT EXISTS payments_pending ON payments (channel_id) WHERE status = 'pending';
+CREATE TABLE IF NOT EXISTS spending (  -- what budgets count: every payment signed, until it is refused
+    idempotency_key TEXT PRIMARY KEY,
+    payee TEXT NOT NULL,
+    asset TEXT NOT NULL,
+    amount TEXT NOT NULL,
+    at REAL NOT NULL                -- unix time it was signed
+);
+CREATE INDEX IF NOT EXISTS spending_by_time ON spending (asset, at);
 """
+
+
+@dataclass(frozen=True)
+class Budget:
+    """At most `limit` base units of `asset` in any `period` seconds (rolling), over every payee together or, with
+    `per_payee`, for each payee on its own."""
+
+    limit: int
+    period: float
+    asset: str = "0x0000000000000000000000000000000000000000"
+    per_payee: bool = False
+
 
 
 class PaymentStatus(Enum):
@@ -89,10 +112,31 @@ class PayerJournal:
             ).fetchall()
         return sorted((_payment(r) for r in rows), key=lambda p: p.cumulative)
 
-    def begin(self, payment: JournalPayment) -> None:
-        """Record a payment about to be sent, and raise the channel's signed position to its voucher (one commit)."""
+    def begin(
+        self, payment: JournalPayment, *, spend: tuple[str, str, float] | None = None, budgets: Sequence[Budget] = ()
+    ) -> None:
+        """Record a payment about to be sent, and raise the channel's signed position to its voucher (one commit).
+        `spend`: (payee, asset, now) to count it against `budgets`, checked in the same transaction (concurrent
+        payers sharing this file cannot both squeeze under a limit); raises BudgetExceededError and records
+        nothing when one would be exceeded."""
         with self._lock, self._conn:
             self._conn.execute("BEGIN IMMEDIATE")
+            if spend is not None:
+                payee, asset, now = spend
+                for budget in budgets:
+                    if budget.asset != asset:
+                        continue
+                    spent = self._spent(asset, now - budget.period, payee if budget.per_payee else None)
+                    if spent + payment.amount > budget.limit:
+                        raise BudgetExceededError(
+                            f"paying {payment.amount} would spend {spent + payment.amount} of {asset} in "
+                            f"{budget.period:g}s{' to ' + payee if budget.per_payee else ''}; the budget is "
+                            f"{budget.limit}"
+                        )
+                self._conn.execute(
+                    "INSERT OR REPLACE INTO spending VALUES (?, ?, ?, ?, ?)",
+                    (payment.idempotency_key, payee, asset, str(payment.amount), now),
+                )
             self._conn.execute(
                 "INSERT INTO payments VALUES (?, ?, ?, ?, ?, 'pending', NULL) ON CONFLICT (idempotency_key) DO UPDATE"
                 " SET cumulative = excluded.cumulative",
@@ -145,10 +189,23 @@ class PayerJournal:
         with self._lock, self._conn:
             self._conn.execute("BEGIN IMMEDIATE")
             self._conn.execute("DELETE FROM payments WHERE idempotency_key = ?", (key,))
+            self._conn.execute("DELETE FROM spending WHERE idempotency_key = ?", (key,))  # refused: it cost nothing
             self._conn.execute(
                 "INSERT INTO positions VALUES (?, ?) ON CONFLICT (channel_id) DO UPDATE SET signed = excluded.signed",
                 (channel_id, str(restore)),
             )
+
+    def spent(self, asset: str, since: float, payee: str | None = None) -> int:
+        """Base units of `asset` signed since `since` (unix time) and not refused, to one payee or to all."""
+        with self._lock:
+            return self._spent(asset, since, payee)
+
+    def _spent(self, asset: str, since: float, payee: str | None) -> int:
+        query = "SELECT amount FROM spending WHERE asset = ? AND at > ?"
+        args: tuple[Any, ...] = (asset, since)
+        if payee is not None:
+            query, args = query + " AND payee = ?", (*args, payee)
+        return sum(int(row[0]) for row in self._conn.execute(query, args))
 
     def _raise(self, channel_id: str, cumulative: int) -> None:
         row = self._conn.execute("SELECT signed FROM positions WHERE channel_id = ?", (channel_id,)).fetchone()

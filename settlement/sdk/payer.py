@@ -25,6 +25,7 @@ import os
 import threading
 import time
 import uuid
+from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
@@ -50,7 +51,7 @@ from settlement.errors import (
     WaitTimeoutError,
     rejected,
 )
-from settlement.sdk.journal import JournalPayment, PayerJournal, PaymentStatus
+from settlement.sdk.journal import Budget, JournalPayment, PayerJournal, PaymentStatus
 
 ERC20_ABI: list[dict[str, Any]] = [
     {
@@ -349,12 +350,15 @@ class PayerClient:
 
     # --- vouchers another party delivers (x402: the payee sends them to the facilitator) --------------------------
 
-    def authorize(self, channel: ChannelRef, amount: int, idempotency_key: str) -> tuple[int, bytes]:
+    def authorize(
+        self, channel: ChannelRef, amount: int, idempotency_key: str, budgets: Sequence[Budget] = ()
+    ) -> tuple[int, bytes]:
         """Sign and journal the next voucher of `amount` on `channel` for someone else to deliver; nothing is sent.
         Returns (cumulative amount, signature). Report what became of it with `concluded`.
 
         Earlier vouchers on the channel whose fate is unknown are first settled by asking the service where the
-        channel stands, never by submitting them: a voucher handed to a payee pays only if the payee delivers it."""
+        channel stands, never by submitting them: a voucher handed to a payee pays only if the payee delivers it.
+        `budgets` (rolling limits, counted in the journal) raise BudgetExceededError before anything is signed."""
         if isinstance(amount, bool) or not isinstance(amount, int) or amount <= 0:
             raise ValueError("amount must be a positive int in base units")
         with self._lock(channel):
@@ -364,7 +368,7 @@ class PayerClient:
             payment = JournalPayment(
                 idempotency_key, channel.hex_id, amount, start + amount, None, PaymentStatus.PENDING, None
             )
-            self.journal.begin(payment)
+            self.journal.begin(payment, spend=(channel.payee, channel.token, time.time()), budgets=budgets)
             return payment.cumulative, sign_voucher(self.account, self.domain, channel.channel_id, payment.cumulative)
 
     def concluded(self, channel: ChannelRef, idempotency_key: str, receipt: dict[str, Any] | None) -> None:

@@ -29,6 +29,7 @@ from x402.interfaces import PaymentPayloadContext
 from x402.schemas import PaymentRequirements, PaymentResponseContext, RecoveredResponseResult
 
 from settlement.domain.model import ETH, ChannelId
+from settlement.sdk.journal import Budget
 from settlement.sdk.payer import ChannelRef, PayerClient
 from settlement.x402.wire import SCHEME, PayloadError, VoucherPayload, network_of, price_of, same_address
 
@@ -74,6 +75,7 @@ class ChannelHubClientScheme:
     policy: DepositPolicy = field(default_factory=DepositPolicy)
     max_lanes: int = 16
     lane_timeout: float = 120.0  # a payment whose answer never came is looked up after this long
+    budgets: list[Budget] = field(default_factory=list)  # rolling limits per period, overall or per payee
     scheme: str = SCHEME
 
     def __post_init__(self) -> None:
@@ -92,7 +94,7 @@ class ChannelHubClientScheme:
         lane = self._acquire(requirements, price)
         key = uuid.uuid4().hex
         try:
-            cumulative, signature = self.payer.authorize(lane.channel, price, key)
+            cumulative, signature = self.payer.authorize(lane.channel, price, key, self.budgets)
         except BaseException:
             self._release(lane)
             raise
