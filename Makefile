@@ -6,7 +6,7 @@ PY := $(VENV)/bin/python
 PY_STAMP := $(VENV)/.installed
 NPM_STAMP := node_modules/.installed
 
-.PHONY: setup run test faults lint check-artifacts compile bench-gas bench-verify bench-ingest bench-e2e bench-scale simulate clean
+.PHONY: setup run test faults lint check-artifacts compile bench-gas bench-verify bench-ingest bench-e2e bench-scale bench-x402 simulate clean
 
 setup: $(PY_STAMP) $(NPM_STAMP)
 
@@ -62,6 +62,9 @@ bench-e2e: setup
 
 bench-scale: setup
 	$(PY) scripts/bench.py scale
+
+bench-x402: setup
+	$(PY) scripts/bench.py x402
 
 simulate: setup
 	$(VENV)/bin/settlement simulate

@@ -6,6 +6,7 @@ python scripts/bench.py verify   # voucher signature checks per second on one co
 python scripts/bench.py ingest   # durable HTTP ingest on SQLite and PostgreSQL (scripts/bench_ingest.py)
 python scripts/bench.py e2e      # voucher accepted -> credited on chain, through the simulator, per settle interval
 python scripts/bench.py scale    # PostgreSQL with 100k channels and 10M vouchers (scripts/bench_scale.py)
+python scripts/bench.py x402     # paid HTTP requests through x402's client and middleware and our facilitator
 """
 
 from __future__ import annotations
@@ -268,6 +269,13 @@ def run_e2e(console: Console) -> dict[str, Any]:
     return figures
 
 
+def run_x402(console: Console) -> dict[str, Any]:
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+    from scripts.bench_x402 import run_x402 as x402
+
+    return x402(console)
+
+
 SCALE = {"channels": 100_000, "vouchers": 10_000_000}
 
 
@@ -284,6 +292,7 @@ BENCHES: dict[str, Callable[[Console], dict[str, Any]]] = {
     "ingest": run_ingest,
     "e2e": run_e2e,
     "scale": run_scale,
+    "x402": run_x402,
 }
 
 

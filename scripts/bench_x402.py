@@ -1,0 +1,233 @@
+"""`scripts/bench.py x402`: paid HTTP requests through the real parts: the official x402 httpx client with our
+scheme, the example FastAPI app behind x402's middleware (its own uvicorn process), `settlement serve` as the
+facilitator (its own process, SQLite), anvil.
+
+At 1, 16 and 64 concurrent requests for a few seconds each: paid requests per second and their p50/p99 latency,
+against a free route of the same app at the same concurrency (the difference is what paying adds); then where a
+paid request's time goes (the facilitator's verify and settle, timed alone), and the x402 header sizes.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Awaitable, Callable
+from pathlib import Path
+from typing import Any
+
+import httpx
+from hexbytes import HexBytes
+from rich.console import Console
+from rich.table import Table
+from x402 import x402Client
+from x402.http import x402HTTPClient
+from x402.http.clients import x402HttpxClient
+from x402.schemas import PaymentPayload
+
+from settlement.chain.deployment import deploy_hub
+from settlement.chain.node import connect
+from settlement.devtools.devnet import Devnet, free_port
+from settlement.domain.model import ETH
+from settlement.sdk.payer import PayerClient
+from settlement.server.config import Settings
+from settlement.x402.client import ChannelHubClientScheme
+
+CONCURRENCY = (1, 16, 64)
+SECONDS = 5.0
+PRICE = 1_000_000_000
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def run_x402(console: Console) -> dict[str, Any]:
+    settings = Settings(_env_file=None)  # type: ignore[call-arg]
+    with Devnet(settings) as net, tempfile.TemporaryDirectory(prefix="bench-x402-") as tmp:
+        work = Path(tmp)
+        deploy_hub(connect(net.url), net.accounts[0], 3600).save(work / "deployment.json")
+        service_port, api_port = free_port("127.0.0.1"), free_port("127.0.0.1")
+        service_url, api_url = f"http://127.0.0.1:{service_port}", f"http://127.0.0.1:{api_port}"
+        base_env = {k: v for k, v in os.environ.items() if not k.startswith("SETTLEMENT_")}
+        processes = [
+            _start(
+                [sys.executable, "-m", "settlement.cli.main", "serve", "--log-level", "warning"],
+                base_env
+                | {
+                    "SETTLEMENT_RPC_URL": net.url,
+                    "SETTLEMENT_DEPLOYMENT_FILE": str(work / "deployment.json"),
+                    "SETTLEMENT_DATABASE_URL": f"sqlite:///{work / 'bench.db'}",
+                    "SETTLEMENT_CONFIRMATIONS": "0",
+                    "SETTLEMENT_ENGINE_ENABLED": "false",
+                    "SETTLEMENT_API_PORT": str(service_port),
+                },
+                work / "service.log",
+                f"{service_url}/ready",
+            )
+        ]
+        try:
+            processes.append(
+                _start(
+                    [sys.executable, str(ROOT / "examples" / "paid_api.py")],
+                    base_env
+                    | {
+                        "FACILITATOR_URL": f"{service_url}/x402",
+                        "PAY_TO": net.accounts[2].address,
+                        "NETWORK": f"eip155:{net.chain_id}",
+                        "PRICE_WEI": str(PRICE),
+                        "PORT": str(api_port),
+                    },
+                    work / "api.log",
+                    f"{api_url}/health",
+                )
+            )
+            payer = PayerClient(
+                HexBytes(net.accounts[1].key).to_0x_hex(), net.url, service_url, state_path=work / "payer.sqlite3"
+            )
+            try:
+                figures = asyncio.run(_measure(console, payer, api_url, service_url, net.chain_id))
+            finally:
+                payer.shutdown()
+        finally:
+            for process in processes:
+                process.terminate()
+                process.wait(timeout=30)
+    return figures
+
+
+def _start(command: list[str], env: dict[str, str], log: Path, ready: str) -> subprocess.Popen[bytes]:
+    with log.open("wb") as out:
+        process = subprocess.Popen(command, env=env, stdout=out, stderr=subprocess.STDOUT)
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline:
+        if process.poll() is not None:
+            raise SystemExit(f"{command[-1]} exited: {log.read_text()[-2000:]}")
+        try:
+            if httpx.get(ready, timeout=1).status_code == 200:
+                return process
+        except httpx.TransportError:
+            pass
+        time.sleep(0.1)
+    process.kill()
+    raise SystemExit(f"{command[-1]} did not start: {log.read_text()[-2000:]}")
+
+
+async def _measure(console: Console, payer: PayerClient, api: str, service: str, chain_id: int) -> dict[str, Any]:
+    network = f"eip155:{chain_id}"
+    scheme = ChannelHubClientScheme(payer, max_lanes=max(CONCURRENCY))
+    x402 = x402Client()
+    x402.register(network, scheme)
+    x402.set_spend_controls(
+        {"allowed_assets": [{"network": network, "asset": ETH, "max_amount_per_payment": str(10**18)}]}
+    )
+    figures: dict[str, Any] = {"price_wei": PRICE, "seconds_per_run": SECONDS}
+    table = Table(title=f"paid requests through x402 ({SECONDS:g} s a run; free: a route of the same app)")
+    for column in ("concurrent", "paid/s", "paid p50 ms", "paid p99 ms", "free p50 ms", "free p99 ms", "added p50",
+                   "added p99"):  # fmt: skip
+        table.add_column(column, justify="right")
+    async with x402HttpxClient(x402, timeout=60) as paid, httpx.AsyncClient(timeout=60) as free:
+        with console.status("opening channels (one per concurrent request)…"):
+            await asyncio.gather(*(paid.get(f"{api}/weather") for _ in range(max(CONCURRENCY))))
+        for concurrency in CONCURRENCY:
+            with console.status(f"{concurrency} concurrent: free, then paid…"):
+                free_ms, _ = await _run(concurrency, lambda: free.get(f"{api}/health"))
+                paid_ms, paid_count = await _run(concurrency, lambda: paid.get(f"{api}/weather"))
+            row = {
+                "paid_per_s": paid_count / SECONDS,
+                "paid_p50": _pct(paid_ms, 0.5),
+                "paid_p99": _pct(paid_ms, 0.99),
+                "free_p50": _pct(free_ms, 0.5),
+                "free_p99": _pct(free_ms, 0.99),
+            }
+            added = (row["paid_p50"] - row["free_p50"], row["paid_p99"] - row["free_p99"])
+            table.add_row(str(concurrency), f"{row['paid_per_s']:,.0f}",
+                          *(f"{row[k]:,.1f}" for k in ("paid_p50", "paid_p99", "free_p50", "free_p99")),
+                          f"{added[0]:,.1f}", f"{added[1]:,.1f}")  # fmt: skip
+            for key, value in row.items():
+                figures[f"{key}_c{concurrency}"] = round(value, 1)
+            figures[f"added_p50_ms_c{concurrency}"] = round(added[0], 1)
+            figures[f"added_p99_ms_c{concurrency}"] = round(added[1], 1)
+        console.print(table)
+        figures |= await _where_time_goes(console, x402, scheme, api, service)
+    return figures
+
+
+async def _run(concurrency: int, call: Callable[[], Awaitable[httpx.Response]]) -> tuple[list[float], int]:
+    latencies: list[float] = []
+    deadline = time.monotonic() + SECONDS
+
+    async def worker() -> None:
+        while time.monotonic() < deadline:
+            started = time.perf_counter()
+            answer = await call()
+            if answer.status_code != 200:
+                raise SystemExit(f"a request answered {answer.status_code}: {answer.text[:300]}")
+            latencies.append((time.perf_counter() - started) * 1000)
+
+    await asyncio.gather(*(worker() for _ in range(concurrency)))
+    return latencies, len(latencies)
+
+
+async def _where_time_goes(
+    console: Console, x402: x402Client, scheme: ChannelHubClientScheme, api: str, service: str
+) -> dict[str, Any]:
+    """One paid request's parts, timed alone and in sequence: the payee's 402, signing, verify, settle."""
+    http = x402HTTPClient(x402)
+    sign_ms: list[float] = []
+    verify_ms: list[float] = []
+    settle_ms: list[float] = []
+    sizes: dict[str, int] = {}
+    async with httpx.AsyncClient(timeout=60) as client:
+        for _ in range(200):
+            unpaid = await client.get(f"{api}/weather")
+            required = http.get_payment_required_response(unpaid.headers.get, None)
+            started = time.perf_counter()
+            payload = await x402.create_payment_payload(required)
+            assert isinstance(payload, PaymentPayload)  # x402 v2
+            sign_ms.append((time.perf_counter() - started) * 1000)
+            header = http.encode_payment_signature_header(payload)
+            body = {
+                "x402Version": 2,
+                "paymentPayload": payload.model_dump(by_alias=True, exclude_none=True),
+                "paymentRequirements": payload.accepted.model_dump(by_alias=True, exclude_none=True),
+            }
+            for route, into in (("verify", verify_ms), ("settle", settle_ms)):
+                started = time.perf_counter()
+                answer = await client.post(f"{service}/x402/{route}", json=body)
+                into.append((time.perf_counter() - started) * 1000)
+                if not (answer.json().get("isValid") or answer.json().get("success")):
+                    raise SystemExit(f"{route} refused: {answer.text[:300]}")
+            settled_header = base64.b64encode(answer.content).decode()
+            sizes = {
+                "payment_required_bytes": len(unpaid.headers["payment-required"]),
+                "payment_signature_bytes": len(next(iter(header.values()))),
+                "payment_response_bytes": len(settled_header),
+            }
+            scheme.on_payment_response(_accepted(payload, answer.json()))  # as x402's transport would
+    table = Table(title="a paid request's parts, timed alone (200 in sequence)")
+    for column in ("part", "p50 ms", "p99 ms"):
+        table.add_column(column, justify="right" if column != "part" else "left")
+    parts = {"sign (payer: journal + EIP-712)": sign_ms, "facilitator verify": verify_ms,
+             "facilitator settle (durable commit)": settle_ms}  # fmt: skip
+    out: dict[str, Any] = {}
+    for name, values in parts.items():
+        table.add_row(name, f"{_pct(values, 0.5):,.2f}", f"{_pct(values, 0.99):,.2f}")
+        out[f"{name.split(' (')[0].replace(' ', '_')}_p50_ms"] = round(_pct(values, 0.5), 2)
+    console.print(table)
+    console.print("header sizes (bytes): " + ", ".join(f"{k.removesuffix('_bytes')} {v}" for k, v in sizes.items()))
+    return out | sizes
+
+
+def _accepted(payload: Any, settled: dict[str, Any]) -> Any:
+    from x402.schemas import PaymentResponseContext, SettleResponse
+
+    return PaymentResponseContext(
+        payment_payload=payload, requirements=payload.accepted, settle_response=SettleResponse.model_validate(settled)
+    )
+
+
+def _pct(values: list[float], q: float) -> float:
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, max(0, round(q * len(ordered)) - 1))] if ordered else 0.0
