@@ -211,6 +211,8 @@ def test_make_run_then_a_second_terminal_reads_the_demo(tmp_path: Path) -> None:
         demo = subprocess.Popen([*CLI, "demo", "--port", str(port)], cwd=tmp_path, env=env, stdout=out, stderr=out)
     try:
         wait_until(lambda: "demo: 6 channels open" in log.read_text(), timeout=120)
+        # and the paid API (x402): its payer's requests are paid and the payee's earnings reported
+        wait_until(lambda: re.search(r"x402 demo: [1-9]\d* paid requests", log.read_text()) is not None, timeout=60)
         exports = dict(
             line.strip().removeprefix("export ").split("=", 1)
             for line in log.read_text().splitlines()
@@ -221,7 +223,7 @@ def test_make_run_then_a_second_terminal_reads_the_demo(tmp_path: Path) -> None:
         second.mkdir()
         listed = run_cli("channels", "--json", env=exports, cwd=second)
         assert listed.returncode == 0, listed.stderr
-        assert len(json.loads(listed.stdout)) == 6
+        assert len(json.loads(listed.stdout)) == 7  # 3 payers x 2 payees, and the x402 payer's channel
         status = run_cli("status", "--json", env=exports, cwd=second)
         assert status.returncode == 0, status.stderr
         assert json.loads(status.stdout)["settleInterval"] == 10.0

@@ -580,7 +580,7 @@ def demo(
     The demo keeps its own SQLite store (.settlement/demo.db next to the deployment file), recreated on each run,
     because every run starts a new chain.
     """
-    from settlement.devtools.demo import DemoTraffic
+    from settlement.devtools.demo import DemoTraffic, PaidApiDemo
 
     settings = _settings()
     block_time = settings.devnet_block_time or 1.0
@@ -623,11 +623,21 @@ def demo(
                     journal_dir=workdir / "demo-journals",
                 )
                 traffic.start()
+                paid_api = PaidApiDemo(
+                    f"http://127.0.0.1:{api_port}",
+                    net.url,
+                    net.accounts[6],
+                    net.accounts[7].address,
+                    console=console,
+                    journal_dir=workdir / "demo-journals",
+                )
+                paid_api.start()
             try:
                 _serve(local, settings.api_host, api_port, "warning")
             finally:
                 if traffic is not None:
                     traffic.stop.set()
+                    paid_api.stop.set()
     except SettlementError as ex:
         raise _fail(ex) from ex
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import random
 import threading
@@ -9,7 +10,9 @@ import time
 from pathlib import Path
 
 import httpx
+import uvicorn
 from eth_account.signers.local import LocalAccount
+from fastapi import FastAPI
 from hexbytes import HexBytes
 from rich.console import Console
 
@@ -20,6 +23,16 @@ logger = logging.getLogger(__name__)
 
 DEPOSIT = 10**18  # 1 ETH per channel
 MAX_PAYMENT = 10**12  # up to 0.000001 ETH per payment
+
+
+def wait_for_api(service_url: str, stop: threading.Event) -> None:
+    while not stop.is_set():
+        try:
+            if httpx.get(f"{service_url}/health", timeout=1).status_code == 200:
+                return
+        except httpx.TransportError:
+            pass
+        time.sleep(0.2)
 
 
 class DemoTraffic:
@@ -55,18 +68,9 @@ class DemoTraffic:
         thread.start()
         return thread
 
-    def _wait_for_api(self) -> None:
-        while not self.stop.is_set():
-            try:
-                if httpx.get(f"{self.service_url}/health", timeout=1).status_code == 200:
-                    return
-            except httpx.TransportError:
-                pass
-            time.sleep(0.2)
-
     def _run(self) -> None:
         try:
-            self._wait_for_api()
+            wait_for_api(self.service_url, self.stop)
             work = self._open_channels()
             self.console.print(f"[green]demo:[/] {len(work)} channels open; paying ~{self.rate:g} payments/s")
             self._pay(work)
@@ -119,3 +123,121 @@ class DemoTraffic:
             f"demo: {self.paid} payments accepted ({self.paid / max(elapsed, 1e-9):.0f}/s), "
             f"{self.value / 10**18:.9f} ETH in total, {self.refused} refused"
         )
+
+
+class PaidApiDemo:
+    """The other half of the demo: a paid API (x402's FastAPI middleware with the `channelhub` scheme, this service
+    as the facilitator) and a payer calling it with x402's own httpx client; reports what the payee earned."""
+
+    def __init__(
+        self,
+        service_url: str,
+        rpc_url: str,
+        payer: LocalAccount,
+        payee: str,
+        *,
+        console: Console,
+        journal_dir: Path,
+        price: int = 10**9,
+        rate: float = 2.0,
+        report_every: float = 5.0,
+    ) -> None:
+        self.service_url = service_url
+        self.rpc_url = rpc_url
+        self.payer = payer
+        self.payee = payee
+        self.console = console
+        self.journal_dir = journal_dir
+        self.price = price
+        self.rate = rate
+        self.report_every = report_every
+        self.stop = threading.Event()
+        self.paid = 0
+        self.url = ""
+
+    def start(self) -> threading.Thread:
+        thread = threading.Thread(target=self._run, name="demo-x402", daemon=True)
+        thread.start()
+        return thread
+
+    def _run(self) -> None:
+        try:
+            wait_for_api(self.service_url, self.stop)
+            client = PayerClient(
+                HexBytes(self.payer.key).to_0x_hex(),
+                self.rpc_url,
+                self.service_url,
+                state_path=self.journal_dir / f"x402-{self.payer.address}.sqlite3",
+            )
+            server = self._serve(client.domain.chain_id)
+            try:
+                asyncio.run(self._pay(client))
+            finally:
+                server.should_exit = True
+                client.shutdown()
+        except SettlementError as ex:
+            self.console.print(f"[red]x402 demo stopped:[/] [{ex.code}] {ex.message}")
+
+    def _serve(self, chain_id: int) -> uvicorn.Server:
+        from x402 import x402ResourceServer
+        from x402.http import FacilitatorConfig
+        from x402.http.types import PaymentOption, RouteConfig
+
+        from settlement.devtools.devnet import free_port
+        from settlement.x402.fastapi import ChannelHubFacilitatorClient, PaymentMiddleware
+        from settlement.x402.server import ChannelHubServerScheme
+
+        network = f"eip155:{chain_id}"
+        facilitator = ChannelHubFacilitatorClient(FacilitatorConfig(url=f"{self.service_url}/x402"))
+        resource = x402ResourceServer(facilitator)
+        resource.register(network, ChannelHubServerScheme())
+        paid = RouteConfig(
+            accepts=PaymentOption(scheme="channelhub", pay_to=self.payee, price=str(self.price), network=network)
+        )
+        app = FastAPI(title="demo paid API")
+        app.add_middleware(PaymentMiddleware, routes={"GET /weather": paid}, server=resource)
+
+        @app.get("/weather")
+        def weather() -> dict[str, str]:
+            return {"forecast": "sunny"}
+
+        port = free_port("127.0.0.1")
+        server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
+        threading.Thread(target=server.run, name="demo-paid-api", daemon=True).start()
+        while not server.started:
+            time.sleep(0.05)
+        self.url = f"http://127.0.0.1:{port}/weather"
+        self.console.print(
+            f"[green]x402 demo:[/] a paid API at {self.url} ({self.price:,} wei a request to {self.payee}); "
+            f"a payer calls it ~{self.rate:g} times a second with x402's client"
+        )
+        return server
+
+    async def _pay(self, client: PayerClient) -> None:
+        from x402 import x402Client
+        from x402.http.clients import x402HttpxClient
+
+        from settlement.domain.model import ETH
+        from settlement.x402.client import ChannelHubClientScheme
+
+        network = f"eip155:{client.domain.chain_id}"
+        x402 = x402Client()
+        x402.register(network, ChannelHubClientScheme(client))
+        x402.set_spend_controls(
+            {"allowed_assets": [{"network": network, "asset": ETH, "max_amount_per_payment": str(self.price)}]}
+        )
+        last_report = time.monotonic()
+        async with x402HttpxClient(x402, timeout=30) as http:
+            while not self.stop.is_set():
+                try:
+                    answer = await http.get(self.url)
+                    if answer.status_code == 200:
+                        self.paid += 1
+                except Exception as ex:  # a demo keeps going; the reason is logged
+                    logger.warning("x402 demo request failed: %s", ex)
+                if time.monotonic() - last_report >= self.report_every:
+                    self.console.print(
+                        f"x402 demo: {self.paid} paid requests, the payee earned {self.paid * self.price:,} wei"
+                    )
+                    last_report = time.monotonic()
+                await asyncio.sleep(1 / self.rate)
