@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import threading
 from collections.abc import Callable
+from dataclasses import replace
 from typing import Any
 
 import pytest
@@ -15,6 +16,8 @@ from web3 import Web3
 from web3.contract import Contract
 
 from settlement.devtools.devnet import Devnet
+from settlement.eip712.receipts import SignedFields, receipt_domain, receipt_signer
+from settlement.eip712.vouchers import read_domain
 from tests.hub_helpers import ETH, Channel, send, wait_until
 from tests.proxy import TcpProxy
 
@@ -67,7 +70,7 @@ def accepted(client: TestClient, channel: Channel) -> str:
 
 
 def test_supported_names_the_scheme_the_network_and_what_requirements_carry(
-    api: Callable[..., TestClient], devnet: Devnet, hub: Contract
+    api: Callable[..., TestClient], devnet: Devnet, hub: Contract, accounts: list[LocalAccount]
 ) -> None:
     answer = api().get("/x402/supported")
     assert answer.status_code == 200
@@ -81,7 +84,7 @@ def test_supported_names_the_scheme_the_network_and_what_requirements_carry(
             }
         ],
         "extensions": [],
-        "signers": {"eip155:*": []},
+        "signers": {"eip155:*": [accounts[0].address]},  # the receipts' signer: the operator (the devnet's first)
     }
 
 
@@ -256,3 +259,41 @@ def test_the_chain_down_is_a_503_not_a_refused_payment(
         for route in ("/x402/verify", "/x402/settle"):
             answer = client.post(route, json=body)
             assert (answer.status_code, answer.json()["code"]) == (503, "chain_unavailable"), answer.text
+
+
+@pytest.mark.parametrize("field", [None, "channelId", "cumulativeAmount", "increment", "acceptedAt", "paymentId"])
+def test_a_settled_receipt_is_signed_by_the_listed_signer_over_every_field(
+    field: str | None,
+    api: Callable[..., TestClient],
+    devnet: Devnet,
+    channel: Channel,
+    sign: Sign,
+    hub: Contract,
+) -> None:
+    """A payee or an auditor checks a receipt offline: it recovers to the signer /x402/supported lists, and any
+    field changed (one at a time) no longer does."""
+    client = api()
+    body = x402_request(
+        requirements(devnet, channel.payee), voucher(channel, PRICE, sign), payment_id="order-0002-abcdefgh"
+    )
+    receipt = client.post("/x402/settle", json=body).json()["extra"]["receipt"]
+    (signer,) = client.get("/x402/supported").json()["signers"]["eip155:*"]
+    fields = SignedFields(
+        bytes.fromhex(receipt["channelId"][2:]),
+        int(receipt["cumulativeAmount"]),
+        int(receipt["increment"]),
+        int(receipt["acceptedAtSeconds"]),
+        receipt["idempotencyKey"],
+    )
+    assert (fields.cumulative, fields.increment, fields.payment_id) == (PRICE, PRICE, "order-0002-abcdefgh")
+    changed = {
+        None: fields,
+        "channelId": replace(fields, channel_id=b"\x01" * 32),
+        "cumulativeAmount": replace(fields, cumulative=PRICE + 1),
+        "increment": replace(fields, increment=PRICE + 1),
+        "acceptedAt": replace(fields, accepted_at=fields.accepted_at + 1),
+        "paymentId": replace(fields, payment_id="order-0003-abcdefgh"),
+    }[field]
+    domain = receipt_domain(read_domain(hub))
+    recovered = receipt_signer(domain, changed, bytes.fromhex(receipt["signature"][2:]))
+    assert (recovered == signer == receipt["signer"]) is (field is None)

@@ -15,13 +15,16 @@ import hashlib
 from dataclasses import replace
 from typing import Any
 
+from eth_account.signers.local import LocalAccount
 from x402.extensions.payment_identifier import extract_payment_identifier
 from x402.interfaces import FacilitatorContext
 from x402.schemas import PaymentPayload, PaymentRequirements, SettleResponse, VerifyResponse
 
 from settlement.domain.ledger import Verdict
 from settlement.domain.model import ETH, Channel, Receipt, Voucher
-from settlement.errors import RequestError, SettlementError
+from settlement.eip712.receipts import SignedFields, receipt_domain, sign_receipt
+from settlement.errors import ConfigError, RequestError, SettlementError
+from settlement.server.operator import operator_account
 from settlement.server.service import Service
 from settlement.x402.wire import SCHEME, PayloadError, Reason, VoucherPayload, network_of, price_of, same_address
 
@@ -47,6 +50,11 @@ class ChannelHubFacilitator:
     def __init__(self, service: Service) -> None:
         self.service = service
         self.network = network_of(service.deployment.chain_id)
+        self.receipts = receipt_domain(service.domain)
+        try:  # receipts are signed with the operator's key, when there is one
+            self.signer: LocalAccount | None = operator_account(service.settings, service.w3)
+        except ConfigError:
+            self.signer = None
 
     def get_extra(self, network: str) -> dict[str, Any] | None:
         """What a payee's requirements must carry so a payer can sign: the hub and its EIP-712 domain."""
@@ -54,7 +62,8 @@ class ChannelHubFacilitator:
         return {"hub": domain.verifying_contract, "name": domain.name, "version": domain.version}
 
     def get_signers(self, network: str) -> list[str]:
-        return []  # a payment moves nothing on chain: the engine's batches do, from the operator's account
+        """Who signs this facilitator's receipts (a payment itself moves nothing on chain)."""
+        return [] if self.signer is None else [str(self.signer.address)]
 
     def verify(
         self, payload: PaymentPayload, requirements: PaymentRequirements, context: FacilitatorContext | None = None
@@ -90,8 +99,25 @@ class ChannelHubFacilitator:
             transaction="",  # nothing on chain yet: the engine settles the channel's latest voucher in a batch
             network=self.network,
             amount=str(receipt.increment),
-            extra={"receipt": _receipt(receipt), "channel": _position(channel, receipt)},
+            extra={"receipt": self._signed(receipt), "channel": _position(channel, receipt)},
         )
+
+    def _signed(self, receipt: Receipt) -> dict[str, str | None]:
+        """The receipt, with the facilitator's EIP-712 signature over its fields (settlement.eip712.receipts)."""
+        body = _receipt(receipt)
+        seconds = int(receipt.accepted_at.timestamp())
+        body["acceptedAtSeconds"] = str(seconds)
+        if self.signer is not None:
+            fields = SignedFields(
+                bytes.fromhex(receipt.channel_id[2:]),
+                receipt.cumulative,
+                receipt.increment,
+                seconds,
+                receipt.idempotency_key or "",
+            )
+            body["signature"] = "0x" + sign_receipt(self.signer, self.receipts, fields).hex()
+            body["signer"] = str(self.signer.address)
+        return body
 
     def _ingest(self, voucher: Voucher) -> Verdict:
         (outcome,) = self.service.ingestor.ingest([voucher])
