@@ -27,6 +27,7 @@ from x402.http.clients.httpx import PaymentError
 
 from settlement.devtools.devnet import Devnet, free_port
 from settlement.sdk.journal import Budget
+from settlement.sdk.payee import PayeeClient
 from settlement.sdk.payer import PayerClient
 from settlement.x402.client import ChannelHubClientScheme, DepositPolicy
 from tests.hub_helpers import ETH, events, send, wait_until
@@ -287,3 +288,42 @@ def test_a_spend_budget_stops_payments_before_anything_is_signed(
         asyncio.run(get())
     assert accepted_for(service, payee) == 2 * PRICE
     payer.shutdown()
+
+
+def test_a_cooperative_refund_returns_the_unspent_deposit_at_once(
+    spawn: Callable[..., ServiceProcess],
+    paid_api: Callable[[str, str], str],
+    devnet: Devnet,
+    accounts: list[LocalAccount],
+    hub: Contract,
+    tmp_path: Path,
+) -> None:
+    """The payee closes the channel with the payer's latest voucher (closeByPayee): paid what it earned, the rest back
+    to the payer in the same transaction, no challenge period; the payer's next request pays on a new channel."""
+    service = spawn(f"sqlite:///{tmp_path / 'refund.db'}")
+    payee_account = accounts[13]
+    api = paid_api(f"{service.url}/x402", payee_account.address)
+    payer = PayerClient(
+        HexBytes(accounts[10].key).to_0x_hex(), devnet.url, service.url, state_path=tmp_path / "payer.sqlite3"
+    )
+    scheme = ChannelHubClientScheme(payer, DepositPolicy(multiple=100, follow_hint=False))
+
+    async def get() -> int:
+        async with x402HttpxClient(paying_client(devnet, scheme), timeout=60) as http:
+            return (await http.get(f"{api}/weather")).status_code
+
+    assert [asyncio.run(get()) for _ in range(3)] == [200] * 3
+    (channel,) = payer.open_channels(payee_account.address)
+    stranger = PayeeClient(HexBytes(accounts[9].key).to_0x_hex(), devnet.url, service.url)
+    with pytest.raises(ValueError, match="does not pay"):
+        stranger.refund(channel["channelId"])
+    payee = PayeeClient(HexBytes(payee_account.key).to_0x_hex(), devnet.url, service.url)
+    assert payee.refund(channel["channelId"]) == 97 * PRICE
+    assert hub.functions.balanceOf(payer.address, ETH).call() == 97 * PRICE  # back at once
+    assert hub.functions.balanceOf(payee_account.address, ETH).call() == 3 * PRICE
+    wait_until(lambda: payer.open_channels(payee_account.address) == [])  # the service saw the close
+    assert asyncio.run(get()) == 200  # a new channel
+    assert len(payer.open_channels(payee_account.address)) == 1
+    assert accepted_for(service, payee_account.address) == 4 * PRICE
+    for client in (stranger, payee, payer):
+        client.shutdown()

@@ -8,12 +8,14 @@ from settlement.errors import (
     UntrustedServiceError,
 )
 from settlement.sdk.journal import Budget, PayerJournal
+from settlement.sdk.payee import PayeeClient
 from settlement.sdk.payer import ChannelRef, PayerClient
 
 __all__ = [
     "Budget",
     "BudgetExceededError",
     "ChannelRef",
+    "PayeeClient",
     "PayerClient",
     "PayerJournal",
     "PaymentUncertainError",

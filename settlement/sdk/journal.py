@@ -58,7 +58,6 @@ class Budget:
     per_payee: bool = False
 
 
-
 class PaymentStatus(Enum):
     PENDING = "pending"  # signed and (maybe) sent; no answer known yet
     ACCEPTED = "accepted"  # the service answered with a receipt

@@ -96,6 +96,31 @@ class ChannelRef:
         return f"ChannelRef(channel_id={self.hex_id}, payee={self.payee}, token={self.token}, salt=0x{self.salt.hex()})"
 
 
+def checked_hub(w3: Web3, info: dict[str, Any], hub_address: str | None) -> tuple[Contract, Domain]:
+    """The hub the service names (`info`: its /v1/eip712 domain) and its EIP-712 domain as the chain reports it,
+    after checking that the address holds ChannelHub's code, that the service signs for that very domain, and that
+    it is `hub_address` when one is configured: value is never sent to an address on the service's word alone."""
+    named = to_checksum_address(str(info["verifyingContract"]))
+    if hub_address is not None and named != to_checksum_address(hub_address):
+        raise UntrustedServiceError(f"the service signs for hub {named}, not for {hub_address} as configured")
+    hub = w3.eth.contract(address=named, abi=load_artifact(HUB).abi)
+    code = bytes(w3.eth.get_code(hub.address))
+    if not runtime_matches(load_artifact(HUB), code):
+        raise UntrustedServiceError(
+            f"the service names hub {hub.address}, which holds no ChannelHub code on this chain"
+        )
+    domain = read_domain(hub)
+    claimed = Domain(
+        chain_id=int(info["chainId"]),
+        verifying_contract=to_checksum_address(str(info["verifyingContract"])),
+        name=str(info["name"]),
+        version=str(info["version"]),
+    )
+    if claimed != domain:
+        raise UntrustedServiceError(f"the service's EIP-712 domain {claimed} is not the hub's {domain}")
+    return hub, domain
+
+
 class PayerClient:
     """One payer's view of the hub and the service. Thread-safe; payments on one channel are serialized."""
 
@@ -122,13 +147,8 @@ class PayerClient:
         self.retries = retries
         self.backoff = backoff
         try:
-            info = self._get("/v1/eip712")["domain"]
-            named = to_checksum_address(str(info["verifyingContract"]))
-            if hub_address is not None and named != to_checksum_address(hub_address):
-                raise UntrustedServiceError(f"the service signs for hub {named}, not for {hub_address} as configured")
+            self.hub, self.domain = checked_hub(self.w3, self._get("/v1/eip712")["domain"], hub_address)
             abi = load_artifact(HUB).abi
-            self.hub: Contract = self.w3.eth.contract(address=named, abi=abi)
-            self.domain = self._verified_domain(info)
         except BaseException:
             self.http.close()
             self._rpc_session.close()
@@ -141,26 +161,6 @@ class PayerClient:
         )
         self._locks: dict[bytes, threading.Lock] = {}
         self._guard = threading.Lock()
-
-    def _verified_domain(self, info: dict[str, Any]) -> Domain:
-        """The hub's EIP-712 domain as the chain reports it, after checking that the address holds ChannelHub's
-        code and that the service signs for that very domain: value is never sent to an address on the service's
-        word alone."""
-        code = bytes(self.w3.eth.get_code(self.hub.address))
-        if not runtime_matches(load_artifact(HUB), code):
-            raise UntrustedServiceError(
-                f"the service names hub {self.hub.address}, which holds no ChannelHub code on this chain"
-            )
-        domain = read_domain(self.hub)
-        claimed = Domain(
-            chain_id=int(info["chainId"]),
-            verifying_contract=to_checksum_address(str(info["verifyingContract"])),
-            name=str(info["name"]),
-            version=str(info["version"]),
-        )
-        if claimed != domain:
-            raise UntrustedServiceError(f"the service's EIP-712 domain {claimed} is not the hub's {domain}")
-        return domain
 
     @property
     def address(self) -> str:

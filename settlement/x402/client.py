@@ -123,6 +123,9 @@ class ChannelHubClientScheme:
             if reason in STALE_REASONS:
                 self.payer.resynchronise(lane.channel)
                 return RecoveredResponseResult()
+            if reason == "channel_closed":  # closed (a cooperative refund, a close): pay on another channel
+                self._drop(lane)
+                return RecoveredResponseResult()
             return None
         finally:
             self._release(lane)
@@ -187,6 +190,12 @@ class ChannelHubClientScheme:
         with self._guard:
             every = (lane for lanes in self._lanes.values() for lane in lanes)
             return next((lane for lane in every if lane.channel.hex_id == channel_id), None)
+
+    def _drop(self, lane: Lane) -> None:
+        with self._guard:
+            for lanes in self._lanes.values():
+                if lane in lanes:
+                    lanes.remove(lane)
 
     def _release(self, lane: Lane) -> None:
         with self._guard:

@@ -1,0 +1,82 @@
+"""What a payee app imports: its position at the service and on chain, the cooperative refund, and withdrawals.
+
+The cooperative refund: a payer done with a channel (or a payee done with a payer) need not wait out the challenge
+period. The payee closes the channel at once with `closeByPayee` and the payer's latest voucher: the payee is
+credited everything the payer signed, the rest of the deposit goes back to the payer's hub balance in the same
+transaction. Only the payee can do it, so it is the payee's choice; the payer loses nothing by it.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import httpx
+import requests
+from eth_account import Account
+from eth_account.signers.local import LocalAccount
+from eth_utils.address import to_checksum_address
+
+from settlement.chain.node import Transactor, connect
+from settlement.domain.model import ETH, ChannelViewField
+from settlement.eip712.vouchers import VoucherVerifier
+from settlement.errors import UntrustedServiceError, rejected
+from settlement.sdk.payer import checked_hub
+
+
+class PayeeClient:
+    """One payee's key, the hub (checked on chain, as the payer's client checks it) and the service."""
+
+    def __init__(
+        self, private_key: str, rpc_url: str, service_url: str, *, hub_address: str | None = None, timeout: float = 10
+    ) -> None:
+        self.account: LocalAccount = Account.from_key(private_key)
+        self._rpc_session = requests.Session()
+        self.w3 = connect(rpc_url, timeout, self._rpc_session)
+        self.http = httpx.Client(base_url=service_url, timeout=timeout)
+        self.hub, self.domain = checked_hub(self.w3, self._get("/v1/eip712")["domain"], hub_address)
+        self._verifier = VoucherVerifier(self.domain)
+        self.transactor = Transactor(self.w3, self.account, list(self.hub.abi))  # type: ignore[arg-type]
+
+    @property
+    def address(self) -> str:
+        return str(self.account.address)
+
+    def refund(self, channel_id: str) -> int:
+        """Close the channel now with the payer's latest voucher the service holds (checked against the payer's
+        key first): returns what went back to the payer. Raises UntrustedServiceError when the service's voucher
+        is not the payer's."""
+        raw = bytes.fromhex(channel_id.removeprefix("0x"))
+        view = self.hub.functions.channel(raw).call()
+        if to_checksum_address(view[ChannelViewField.PAYEE]) != self.address:
+            raise ValueError(f"channel {channel_id} does not pay {self.address}")
+        state = self._get(f"/v1/channels/0x{raw.hex()}")
+        cumulative = int(state["acceptedCumulativeAmount"])
+        signature = b""
+        if cumulative > int(view[ChannelViewField.SETTLED]):
+            signature = bytes.fromhex(str(state["latestSignature"])[2:])
+            payer = bytes.fromhex(str(view[ChannelViewField.PAYER])[2:])
+            if self._verifier.recover(raw, cumulative, signature) != payer:
+                raise UntrustedServiceError(f"the service's latest voucher on {channel_id} is not the payer's")
+        deposit = int(view[ChannelViewField.DEPOSIT])
+        self.transactor.send(self.hub.functions.closeByPayee(raw, cumulative, signature))
+        return deposit - max(cumulative, int(view[ChannelViewField.SETTLED]))
+
+    def withdraw(self, token: str | None = None) -> int:
+        """Everything the hub holds for this payee in `token` (default ETH), to itself; returns the amount."""
+        asset = to_checksum_address(token) if token else ETH
+        value = int(self.hub.functions.balanceOf(self.address, asset).call())
+        if value:
+            self.transactor.send(self.hub.functions.withdraw(asset, value, self.address))
+        return value
+
+    def shutdown(self) -> None:
+        self.http.close()
+        self._rpc_session.close()
+
+    def _get(self, path: str) -> dict[str, Any]:
+        answer = self.http.get(path)
+        if answer.status_code != 200:
+            body = answer.json()
+            raise rejected(answer.status_code, str(body["code"]), str(body["message"]), request=f"GET {path}")
+        data: dict[str, Any] = answer.json()
+        return data
