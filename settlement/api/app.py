@@ -14,6 +14,7 @@ from fastapi_offline import FastAPIOffline
 from starlette.exceptions import HTTPException
 
 from settlement import __version__
+from settlement.api.facilitator import x402_facilitator
 from settlement.api.fastpath import VoucherFastPath
 from settlement.api.middleware import INTERNAL_ERROR, BodyGuard
 from settlement.api.routes import router
@@ -51,6 +52,7 @@ def create_app(settings: Settings, service: Service | None = None) -> VoucherFas
         static_url=DOCS_ASSETS,
     )
     app.state.service = running
+    app.state.x402_facilitator = x402_facilitator(running)
     app.add_middleware(BodyGuard, max_bytes=settings.max_body_bytes)
     app.include_router(router)
 

@@ -16,10 +16,12 @@ from dataclasses import replace
 from typing import Any
 
 from eth_account.signers.local import LocalAccount
+from x402 import x402FacilitatorSync
 from x402.extensions.payment_identifier import extract_payment_identifier
 from x402.interfaces import FacilitatorContext
 from x402.schemas import PaymentPayload, PaymentRequirements, SettleResponse, VerifyResponse
 
+from settlement.chain.node import rpc_errors
 from settlement.domain.ledger import Verdict
 from settlement.domain.model import ETH, Channel, Receipt, Voucher
 from settlement.eip712.receipts import SignedFields, receipt_domain, sign_receipt
@@ -52,7 +54,8 @@ class ChannelHubFacilitator:
         self.network = network_of(service.deployment.chain_id)
         self.receipts = receipt_domain(service.domain)
         try:  # receipts are signed with the operator's key, when there is one
-            self.signer: LocalAccount | None = operator_account(service.settings, service.w3)
+            with rpc_errors("finding the operator's account"):
+                self.signer: LocalAccount | None = operator_account(service.settings, service.w3)
         except ConfigError:
             self.signer = None
 
@@ -203,3 +206,12 @@ def _position(channel: Channel, receipt: Receipt) -> dict[str, str]:
         "cumulativeAmount": str(receipt.cumulative),
         "remaining": str(receipt.remaining),
     }
+
+
+def x402_facilitator(service: Service) -> x402FacilitatorSync:
+    """x402's facilitator with our scheme registered for this deployment's network (built with the app, while the
+    chain answers: the operator's account is resolved once)."""
+    scheme = ChannelHubFacilitator(service)
+    facilitator = x402FacilitatorSync()
+    facilitator.register([scheme.network], scheme)
+    return facilitator

@@ -22,7 +22,7 @@ from x402.schemas import (
 )
 
 from settlement.api.deps import ERRORS, ServiceDep
-from settlement.api.facilitator import ChannelHubFacilitator
+from settlement.api.facilitator import x402_facilitator
 from settlement.server.service import Service
 from settlement.x402.wire import Reason
 
@@ -38,13 +38,10 @@ class X402Request(BaseModel):
 
 
 def facilitator(request: Request, service: Service) -> x402FacilitatorSync:
-    """One x402 facilitator per app, with our scheme registered for this deployment's network."""
+    """The app's x402 facilitator (made by create_app)."""
     found: x402FacilitatorSync | None = getattr(request.app.state, "x402_facilitator", None)
-    if found is None:
-        scheme = ChannelHubFacilitator(service)
-        found = x402FacilitatorSync()
-        found.register([scheme.network], scheme)
-        request.app.state.x402_facilitator = found
+    if found is None:  # an app assembled without create_app
+        found = request.app.state.x402_facilitator = x402_facilitator(service)
     return found
 
 
