@@ -327,3 +327,44 @@ def test_a_cooperative_refund_returns_the_unspent_deposit_at_once(
     assert accepted_for(service, payee_account.address) == 4 * PRICE
     for client in (stranger, payee, payer):
         client.shutdown()
+
+
+@pytest.mark.parametrize(
+    "header",
+    [
+        "not base64 at all!",
+        base64.b64encode(b"not json").decode(),
+        base64.b64encode(b"[]").decode(),
+        base64.b64encode(json.dumps({"x402Version": 2, "payload": {}}).encode()).decode(),
+        base64.b64encode(
+            json.dumps(
+                {
+                    "x402Version": 2,
+                    "payload": {"channelId": "0x" + "11" * 32, "cumulativeAmount": "1", "signature": "0x" + "22" * 65},
+                    "accepted": {
+                        "scheme": "exact",
+                        "network": "eip155:1",
+                        "asset": ETH,
+                        "amount": "1",
+                        "payTo": ETH,
+                        "maxTimeoutSeconds": 1,
+                        "extra": {},
+                    },
+                }
+            ).encode()
+        ).decode(),
+    ],
+    ids=["not base64", "not JSON", "not an object", "no accepted requirements", "another scheme and network"],
+)
+def test_a_bad_payment_header_gets_a_402_never_a_500(
+    header: str,
+    spawn: Callable[..., ServiceProcess],
+    paid_api: Callable[[str, str], str],
+    accounts: list[LocalAccount],
+    tmp_path: Path,
+) -> None:
+    service = spawn(f"sqlite:///{tmp_path / 'bad.db'}")
+    api = paid_api(f"{service.url}/x402", accounts[14].address)
+    answer = httpx.get(f"{api}/weather", headers={"PAYMENT-SIGNATURE": header})
+    assert answer.status_code == 402, answer.text
+    assert "payment-required" in answer.headers
