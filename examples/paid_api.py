@@ -20,11 +20,12 @@ from settlement.x402.server import ChannelHubServerScheme
 FACILITATOR = os.environ.get("FACILITATOR_URL", "http://127.0.0.1:8000/x402")  # our service's facilitator routes
 NETWORK = os.environ.get("NETWORK", "eip155:31337")
 PAY_TO = os.environ.get("PAY_TO", "0x15d34AAf54267DB7D7c367839AAf71A00a2C6A65")  # a devnet account
-PRICE = int(os.environ.get("PRICE_WEI", "1000000000"))  # 1 gwei a request
+PRICE = int(os.environ.get("PRICE_WEI", "1000000000"))  # 1 gwei a request (base units of ASSET)
+ASSET = os.environ.get("ASSET", "0x0000000000000000000000000000000000000000")  # ETH, or an ERC-20's address
 
 # x402's resource server, facilitator client and middleware; ours answer 503 when the facilitator is unreachable.
 server = x402ResourceServer(ChannelHubFacilitatorClient(FacilitatorConfig(url=FACILITATOR)))
-server.register(NETWORK, ChannelHubServerScheme())
+server.register(NETWORK, ChannelHubServerScheme(asset=ASSET))
 paid = RouteConfig(accepts=PaymentOption(scheme="channelhub", pay_to=PAY_TO, price=str(PRICE), network=NETWORK))
 
 app = FastAPI(title="a paid API")

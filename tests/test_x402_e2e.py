@@ -40,17 +40,19 @@ pytestmark = pytest.mark.slow
 
 
 @pytest.fixture
-def paid_api(devnet: Devnet, tmp_path: Path) -> Iterator[Callable[[str, str], str]]:
-    """Factory: paid_api(facilitator_url, pay_to) -> base URL of examples/paid_api.py in its own process."""
+def paid_api(devnet: Devnet, tmp_path: Path) -> Iterator[Callable[..., str]]:
+    """Factory: paid_api(facilitator_url, pay_to, asset=ETH) -> base URL of examples/paid_api.py in its own
+    process."""
     started: list[subprocess.Popen[bytes]] = []
 
-    def start(facilitator: str, pay_to: str) -> str:
+    def start(facilitator: str, pay_to: str, asset: str = ETH) -> str:
         port = free_port("127.0.0.1")
         env = os.environ | {
             "FACILITATOR_URL": facilitator,
             "PAY_TO": pay_to,
             "NETWORK": f"eip155:{devnet.chain_id}",
             "PRICE_WEI": str(PRICE),
+            "ASSET": asset,
             "PORT": str(port),
         }
         with (tmp_path / f"paid-api-{port}.log").open("wb") as log:
@@ -76,13 +78,13 @@ def paid_api(devnet: Devnet, tmp_path: Path) -> Iterator[Callable[[str, str], st
         process.wait()
 
 
-def paying_client(devnet: Devnet, scheme: ChannelHubClientScheme) -> x402Client:
-    """x402's client with our scheme, and its spend controls allowing ETH on this chain up to 10x the price."""
+def paying_client(devnet: Devnet, scheme: ChannelHubClientScheme, asset: str = ETH) -> x402Client:
+    """x402's client with our scheme, and its spend controls allowing the asset on this chain up to 10x the price."""
     network = f"eip155:{devnet.chain_id}"
     x402 = x402Client()
     x402.register(network, scheme)
     x402.set_spend_controls(
-        {"allowed_assets": [{"network": network, "asset": ETH, "max_amount_per_payment": str(10 * PRICE)}]}
+        {"allowed_assets": [{"network": network, "asset": asset, "max_amount_per_payment": str(10 * PRICE)}]}
     )
     return x402
 
@@ -94,7 +96,7 @@ def accepted_for(service: ServiceProcess, payee: str) -> int:
 
 def test_the_official_client_pays_the_official_middleware_through_our_facilitator(
     spawn: Callable[..., ServiceProcess],
-    paid_api: Callable[[str, str], str],
+    paid_api: Callable[..., str],
     devnet: Devnet,
     accounts: list[LocalAccount],
     hub: Contract,
@@ -157,7 +159,7 @@ def test_the_official_client_pays_the_official_middleware_through_our_facilitato
 
 def test_a_replayed_payment_header_buys_nothing(
     spawn: Callable[..., ServiceProcess],
-    paid_api: Callable[[str, str], str],
+    paid_api: Callable[..., str],
     devnet: Devnet,
     accounts: list[LocalAccount],
     tmp_path: Path,
@@ -190,7 +192,7 @@ def test_a_replayed_payment_header_buys_nothing(
 
 def test_a_restarted_payer_and_a_second_device_pay_on_without_paying_twice(
     spawn: Callable[..., ServiceProcess],
-    paid_api: Callable[[str, str], str],
+    paid_api: Callable[..., str],
     devnet: Devnet,
     accounts: list[LocalAccount],
     tmp_path: Path,
@@ -230,7 +232,7 @@ def test_a_restarted_payer_and_a_second_device_pay_on_without_paying_twice(
 
 def test_the_facilitator_down_is_a_503_and_charges_nothing(
     spawn: Callable[..., ServiceProcess],
-    paid_api: Callable[[str, str], str],
+    paid_api: Callable[..., str],
     devnet: Devnet,
     accounts: list[LocalAccount],
     tmp_path: Path,
@@ -266,7 +268,7 @@ def test_the_facilitator_down_is_a_503_and_charges_nothing(
 
 def test_a_spend_budget_stops_payments_before_anything_is_signed(
     spawn: Callable[..., ServiceProcess],
-    paid_api: Callable[[str, str], str],
+    paid_api: Callable[..., str],
     devnet: Devnet,
     accounts: list[LocalAccount],
     tmp_path: Path,
@@ -292,7 +294,7 @@ def test_a_spend_budget_stops_payments_before_anything_is_signed(
 
 def test_a_cooperative_refund_returns_the_unspent_deposit_at_once(
     spawn: Callable[..., ServiceProcess],
-    paid_api: Callable[[str, str], str],
+    paid_api: Callable[..., str],
     devnet: Devnet,
     accounts: list[LocalAccount],
     hub: Contract,
@@ -322,8 +324,11 @@ def test_a_cooperative_refund_returns_the_unspent_deposit_at_once(
     assert hub.functions.balanceOf(payer.address, ETH).call() == 97 * PRICE  # back at once
     assert hub.functions.balanceOf(payee_account.address, ETH).call() == 3 * PRICE
     wait_until(lambda: payer.open_channels(payee_account.address) == [])  # the service saw the close
-    assert asyncio.run(get()) == 200  # a new channel
-    assert len(payer.open_channels(payee_account.address)) == 1
+    scheme.policy = DepositPolicy(multiple=50, follow_hint=False)
+    assert asyncio.run(get()) == 200  # a new channel, its deposit from the refund in the hub
+    (fresh,) = payer.open_channels(payee_account.address)
+    assert int(fresh["deposit"]) == 50 * PRICE
+    assert hub.functions.balanceOf(payer.address, ETH).call() == 47 * PRICE
     assert accepted_for(service, payee_account.address) == 4 * PRICE
     for client in (stranger, payee, payer):
         client.shutdown()
@@ -359,7 +364,7 @@ def test_a_cooperative_refund_returns_the_unspent_deposit_at_once(
 def test_a_bad_payment_header_gets_a_402_never_a_500(
     header: str,
     spawn: Callable[..., ServiceProcess],
-    paid_api: Callable[[str, str], str],
+    paid_api: Callable[..., str],
     accounts: list[LocalAccount],
     tmp_path: Path,
 ) -> None:
@@ -368,3 +373,36 @@ def test_a_bad_payment_header_gets_a_402_never_a_500(
     answer = httpx.get(f"{api}/weather", headers={"PAYMENT-SIGNATURE": header})
     assert answer.status_code == 402, answer.text
     assert "payment-required" in answer.headers
+
+
+def test_an_erc20_payee_is_paid_in_its_token(
+    spawn: Callable[..., ServiceProcess],
+    paid_api: Callable[..., str],
+    devnet: Devnet,
+    accounts: list[LocalAccount],
+    token: Contract,
+    w3: Web3,
+    tmp_path: Path,
+) -> None:
+    """The payee prices in an ERC-20: the payer's channel is opened in that token (approved first) and the payee is
+    credited in it, never in ETH."""
+    service = spawn(f"sqlite:///{tmp_path / 'token.db'}")
+    payer_account, payee = accounts[10], accounts[13].address
+    send(w3, token.functions.mint(payer_account.address, 10**21), payer_account.address)
+    api = paid_api(f"{service.url}/x402", payee, token.address)
+    payer = PayerClient(
+        HexBytes(payer_account.key).to_0x_hex(), devnet.url, service.url, state_path=tmp_path / "payer.sqlite3"
+    )
+    scheme = ChannelHubClientScheme(payer)
+
+    async def get() -> int:
+        async with x402HttpxClient(paying_client(devnet, scheme, token.address), timeout=60) as http:
+            return (await http.get(f"{api}/weather")).status_code
+
+    assert [asyncio.run(get()) for _ in range(3)] == [200] * 3
+    assert payer.open_channels(payee) == []  # no ETH channel
+    (channel,) = payer.open_channels(payee, token.address)
+    assert int(channel["acceptedCumulativeAmount"]) == 3 * PRICE
+    summary = httpx.get(f"{service.url}/v1/payees/{payee}/summary").json()["assets"]
+    assert [(a["token"], a["accepted"]) for a in summary] == [(token.address, str(3 * PRICE))]
+    payer.shutdown()

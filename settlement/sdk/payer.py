@@ -169,21 +169,32 @@ class PayerClient:
     # --- on chain ----------------------------------------------------------------------------------------------
 
     def open_channel(
-        self, payee: str, deposit: int, *, token: str | None = None, salt: bytes | None = None
+        self,
+        payee: str,
+        deposit: int,
+        *,
+        token: str | None = None,
+        salt: bytes | None = None,
+        from_balance: bool = False,
     ) -> ChannelRef:
         """Lock `deposit` (base units) for `payee` in a new channel; an ERC-20 is approved first if needed.
 
         The default salt is 8 random bytes in a 32-byte word: every settlement of the channel carries the salt in
         calldata, where a zero byte costs 4 gas and another 16, so this saves ~290 gas per settlement over 32
         random bytes. It only has to differ between this payer's channels to one payee in one asset (a clash makes
-        `open` revert with ChannelHubChannelExists, nothing is lost).
+        `open` revert with ChannelHubChannelExists, nothing is lost). `from_balance`: the deposit comes from this
+        payer's balance in the hub (a refund, earnings) instead of its wallet.
         """
         asset = to_checksum_address(token) if token else ETH
         salt = salt if salt is not None else os.urandom(SALT_RANDOM_BYTES).rjust(32, b"\0")
         payee = to_checksum_address(payee)
-        if asset != ETH:
-            self._approve(asset, deposit)
-        self.transactor.send(self.hub.functions.open(payee, asset, salt, deposit), value=deposit if asset == ETH else 0)
+        if from_balance:
+            self.transactor.send(self.hub.functions.openFromBalance(payee, asset, salt, deposit))
+        else:
+            if asset != ETH:
+                self._approve(asset, deposit)
+            value = deposit if asset == ETH else 0
+            self.transactor.send(self.hub.functions.open(payee, asset, salt, deposit), value=value)
         ref = ChannelRef(channel_id_of(self.address, payee, asset, salt), payee, asset, salt)
         self.journal.reset(ref.hex_id)  # new on this chain (open reverts otherwise): whatever the journal held is void
         return ref
@@ -217,8 +228,12 @@ class PayerClient:
         query = f"/v1/channels?payer={self.address}&payee={to_checksum_address(payee)}&status=open&limit=1000"
         return [c for c in self._get(query)["items"] if to_checksum_address(str(c["token"])) == asset]
 
-    def top_up(self, channel: ChannelRef, amount: int) -> None:
-        """Add `amount` to the channel's deposit (vouchers may use it once the service sees it confirmed)."""
+    def top_up(self, channel: ChannelRef, amount: int, *, from_balance: bool = False) -> None:
+        """Add `amount` to the channel's deposit (vouchers may use it once the service sees it confirmed), from the
+        wallet or, with `from_balance`, from this payer's balance in the hub."""
+        if from_balance:
+            self.transactor.send(self.hub.functions.topUpFromBalance(channel.channel_id, amount))
+            return
         if channel.token != ETH:
             self._approve(channel.token, amount)
         self.transactor.send(
@@ -232,6 +247,10 @@ class PayerClient:
     def finalize_close(self, channel: ChannelRef) -> None:
         """After the challenge period: the unspent deposit is credited to this payer's balance in the hub."""
         self.transactor.send(self.hub.functions.finalizeClose(channel.channel_id))
+
+    def hub_balance(self, token: str | None = None) -> int:
+        """What the hub holds for this payer in `token` (default ETH): refunds of closed channels, earnings."""
+        return int(self.hub.functions.balanceOf(self.address, to_checksum_address(token) if token else ETH).call())
 
     def withdraw(self, token: str | None = None, amount: int | None = None, to: str | None = None) -> int:
         """Move this payer's hub balance (all of it by default) to `to` (default: itself); returns the amount."""

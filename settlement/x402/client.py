@@ -4,8 +4,9 @@ accepts `channelhub` is then paid with a voucher on one of the payer's channels 
 
 Channels ("lanes"): a channel carries one payment in flight at a time, so that vouchers (cumulative amounts) never
 race each other; concurrent requests to one payee use several channels, opened on demand up to `max_lanes`.
-Deposits follow a documented policy: `deposit_multiple` prices, at least the payee's `minDeposit` hint, at most
-`max_deposit`; a channel that cannot cover the next price is topped up by the same amount.
+Deposits follow a documented policy (`DepositPolicy`): `multiple` prices, at least the payee's `minDeposit` hint,
+at most `maximum`; a channel that cannot cover the next price is topped up by the same amount. Both come from the
+payer's balance in the hub (a refund, earnings) when it holds enough, else from its wallet.
 
 Safety: the payer pays through the hub its `PayerClient` trusts only (requirements naming another hub or chain are
 refused); every voucher is journalled before it leaves (`PayerClient.authorize`), and concluded from the payee's
@@ -164,16 +165,18 @@ class ChannelHubClientScheme:
                 raise ValueError(f"{len(lanes)} payments to {payee} are in flight already (max_lanes)")
             if free is not None:
                 free.busy_since, free.key = now, None
+        token = None if asset == ETH else asset
         if free is None:
             deposit = self.policy.amount(price, hint)
-            channel = self.payer.open_channel(payee, deposit, token=None if asset == ETH else asset)
+            held = self.payer.hub_balance(token) >= deposit  # a refund or earnings in the hub go first
+            channel = self.payer.open_channel(payee, deposit, token=token, from_balance=held)
             self.payer.wait_until_known(channel, min_deposit=deposit)
             free = Lane(channel, deposit, busy_since=time.monotonic())
             with self._guard:
                 self._lanes[(payee, asset)].append(free)
         if self.payer.position(free.channel) + price > free.deposit:
             top_up = self.policy.amount(price, hint)
-            self.payer.top_up(free.channel, top_up)
+            self.payer.top_up(free.channel, top_up, from_balance=self.payer.hub_balance(token) >= top_up)
             free.deposit += top_up
             self.payer.wait_until_known(free.channel, min_deposit=free.deposit)
         return free
