@@ -13,6 +13,7 @@
     ├── NothingToWithdrawError       409 balance_insufficient (the hub holds less than a withdrawal asks)
     ├── ChainError                   502 chain_error
     │   ├── ChainUnavailableError    503 chain_unavailable
+    │   │   └── LookupBudgetError    503 chain_lookups_exhausted (unknown channel ids over the look-up budget)
     │   ├── ChainMismatchError       503 chain_mismatch      (the RPC serves another chain instance than the store's)
     │   └── TransactionFailedError   502 transaction_failed
     ├── ServiceRejectedError         the service's status and code, as the client SDK received them; the SDK raises
@@ -129,6 +130,14 @@ class ChainUnavailableError(ChainError):
 
     status = 503
     code = "chain_unavailable"
+
+
+class LookupBudgetError(ChainUnavailableError):
+    """More channel ids this service has not seen are being looked up on chain than the look-up budget allows
+    (SETTLEMENT_CHAIN_LOOKUPS_PER_SECOND): a flood of unknown ids costs a bounded number of RPC calls; retry."""
+
+    status = 503
+    code = "chain_lookups_exhausted"
 
 
 class ChainMismatchError(ChainError):

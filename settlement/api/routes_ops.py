@@ -54,6 +54,8 @@ def metrics(service: ServiceDep) -> Response:
         service.metrics.indexer_head.set(progress.head)
         service.metrics.indexer_cursor.set(progress.cursor)
         service.metrics.indexer_lag.set(progress.lag)
+    for method, count in dict(getattr(service.w3.provider, "calls", {})).items():
+        service.metrics.rpc_requests.labels(method=method).set(count)
     return Response(generate_latest(service.metrics.registry), media_type=CONTENT_TYPE_LATEST)
 
 

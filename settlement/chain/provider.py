@@ -11,6 +11,7 @@ from __future__ import annotations
 import logging
 import threading
 import time
+from collections import Counter
 from collections.abc import Sequence
 from typing import Any
 
@@ -43,6 +44,7 @@ class FailoverProvider(JSONBaseProvider):
             for url in urls
         ]
         self.primary_retry = primary_retry
+        self.calls: Counter[str] = Counter()  # JSON-RPC requests sent, by method: what a flood costs, in /metrics
         self._active = 0
         self._last_probe = 0.0
         self._lock = threading.Lock()
@@ -57,6 +59,8 @@ class FailoverProvider(JSONBaseProvider):
         return [str(p.endpoint_uri) for p in self._providers]
 
     def make_request(self, method: RPCEndpoint, params: Any) -> RPCResponse:
+        with self._lock:
+            self.calls[str(method)] += 1
         self._maybe_return_to_primary()
         start = self._active
         last: Exception | None = None

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import logging
 import threading
+import time
 from dataclasses import dataclass, replace
 from typing import Any
 
@@ -47,6 +48,7 @@ from settlement.errors import (
     ChainMismatchError,
     ChannelNotFoundError,
     ChannelUnconfirmedError,
+    LookupBudgetError,
     SettlementError,
 )
 from settlement.store import Database
@@ -55,6 +57,29 @@ from settlement.store import channels as channel_q
 from settlement.store.chainlog import ChainEvent, Cursor
 
 logger = logging.getLogger(__name__)
+
+ABSENT_MAX = 100_000  # remembered unknown ids before the expired ones are dropped: a flood cannot grow it unbounded
+
+
+class TokenBucket:
+    """`rate` tokens a second, at most `burst` saved: how many chain look-ups unknown channel ids may cost."""
+
+    def __init__(self, rate: float, burst: float) -> None:
+        self.rate = rate
+        self.burst = burst
+        self._tokens = burst
+        self._at = time.monotonic()
+        self._lock = threading.Lock()
+
+    def take(self, now: float) -> bool:
+        with self._lock:
+            self._tokens = min(self.burst, self._tokens + (now - self._at) * self.rate)
+            self._at = now
+            if self._tokens < 1:
+                return False
+            self._tokens -= 1
+            return True
+
 
 CHANNEL_EVENTS = frozenset(HubEvent)
 
@@ -117,6 +142,8 @@ class Indexer:
         anchor: BlockRef | None = None,
         batch_blocks: int = 2_000,
         reorg_window: int = 256,
+        absent_ttl: float = 2.0,
+        lookups_per_second: float = 100.0,
     ) -> None:
         self.db = db
         self.w3 = w3
@@ -130,6 +157,12 @@ class Indexer:
         self._events = {HexBytes(event.topic): event for event in hub.all_events()}
         self._opened_topic = HexBytes(hub.events.ChannelOpened.topic)
         self.progress: Progress | None = None
+        # Channel ids the chain said do not exist, until when (monotonic): a repeated unknown id costs no RPC call.
+        # Short-lived: a payer may open the channel a moment later, and its first voucher must not wait long.
+        self.absent_ttl = absent_ttl
+        self._absent: dict[ChannelId, float] = {}
+        self._lookups = TokenBucket(rate=lookups_per_second, burst=max(1.0, 2 * lookups_per_second))
+        self._absent_lock = threading.Lock()
         with db.write() as conn:
             log_q.ensure_cursor(conn, start_block, utcnow())
 
@@ -246,6 +279,18 @@ class Indexer:
         Returns None if no such channel exists; raises ChannelUnconfirmedError if it exists only in blocks that are
         not confirmed yet, and ChainUnavailableError if the chain cannot be asked (never a misleading "not found").
         """
+        now = time.monotonic()
+        with self._absent_lock:
+            if self._absent.get(channel_id, 0.0) > now:
+                return None  # asked moments ago: still absent, and asking again would only cost the chain
+            if len(self._absent) > ABSENT_MAX:
+                self._absent = {cid: until for cid, until in self._absent.items() if until > now}
+        if not self._lookups.take(now):
+            raise LookupBudgetError(
+                f"too many channel ids this service has not seen are being looked up on chain right now; retry "
+                f"channel {channel_id} in a second",
+                retryAfter=1,
+            )
         _head, confirmed = self.confirmed_heads()
         channel = self.read_channel(channel_id, confirmed)
         if channel is None:
@@ -255,6 +300,8 @@ class Indexer:
                 raise ChannelUnconfirmedError(
                     f"channel {channel_id} is opened but not yet {self.confirmations} blocks deep; retry shortly"
                 )
+            with self._absent_lock:
+                self._absent[channel_id] = time.monotonic() + self.absent_ttl
             return None
         with self.db.write() as conn:
             channel_q.insert_channel(conn, channel, utcnow())

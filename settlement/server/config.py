@@ -49,6 +49,12 @@ class Settings(BaseSettings):
     indexer_interval: float = Field(default=1.0, gt=0, description="seconds between polls when caught up")
     indexer_batch_blocks: int = Field(default=2000, ge=1, description="blocks per eth_getLogs call")
     reorg_window: int = Field(default=256, ge=8, description="recent block hashes kept to find a fork point")
+    unknown_channel_ttl: float = Field(
+        default=2.0, ge=0, description="seconds a channel id the chain does not know is answered without asking it"
+    )
+    chain_lookups_per_second: float = Field(
+        default=100.0, gt=0, description="look-ups of unknown channel ids on chain, per second at most (burst 2x)"
+    )
 
     # Ingest
     close_guard_seconds: int = Field(

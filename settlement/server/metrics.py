@@ -36,6 +36,12 @@ class Metrics:
             buckets=(0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 1.0),
             registry=self.registry,
         )
+        self.rpc_requests = Gauge(
+            "settlement_rpc_requests",
+            "JSON-RPC requests this process sent, by method (since it started)",
+            ["method"],
+            registry=self.registry,
+        )
         self.indexer_head = Gauge("settlement_indexer_head_block", "Latest chain block seen", registry=self.registry)
         self.indexer_cursor = Gauge(
             "settlement_indexer_cursor_block", "Last block whose events are applied", registry=self.registry

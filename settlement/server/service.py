@@ -77,6 +77,8 @@ class Service:
             confirmations=settings.confirmations,
             batch_blocks=settings.indexer_batch_blocks,
             reorg_window=settings.reorg_window,
+            absent_ttl=settings.unknown_channel_ttl,
+            lookups_per_second=settings.chain_lookups_per_second,
         )
         ingestor = Ingestor(
             db,
