@@ -78,6 +78,24 @@ def paid_api(devnet: Devnet, tmp_path: Path) -> Iterator[Callable[..., str]]:
         process.wait()
 
 
+@pytest.fixture
+def payer_for(devnet: Devnet, tmp_path: Path) -> Iterator[Callable[..., PayerClient]]:
+    """Factory: payer_for(account, service, journal="payer") -> the account's PayerClient on that service, with its
+    journal in this test's directory; all are shut down after the test."""
+    made: list[PayerClient] = []
+
+    def make(account: LocalAccount, service: ServiceProcess, journal: str = "payer") -> PayerClient:
+        client = PayerClient(
+            HexBytes(account.key).to_0x_hex(), devnet.url, service.url, state_path=tmp_path / f"{journal}.sqlite3"
+        )
+        made.append(client)
+        return client
+
+    yield make
+    for client in made:
+        client.shutdown()
+
+
 def paying_client(devnet: Devnet, scheme: ChannelHubClientScheme, asset: str = ETH) -> x402Client:
     """x402's client with our scheme, and its spend controls allowing the asset on this chain up to 10x the price."""
     network = f"eip155:{devnet.chain_id}"
@@ -102,6 +120,7 @@ def test_the_official_client_pays_the_official_middleware_through_our_facilitato
     hub: Contract,
     w3: Web3,
     tmp_path: Path,
+    payer_for: Callable[..., PayerClient],
 ) -> None:
     settler = HexBytes(accounts[19].key).to_0x_hex()
     service = spawn(
@@ -110,9 +129,7 @@ def test_the_official_client_pays_the_official_middleware_through_our_facilitato
     )  # fmt: skip
     payee = accounts[13].address
     api = paid_api(f"{service.url}/x402", payee)
-    payer = PayerClient(
-        HexBytes(accounts[12].key).to_0x_hex(), devnet.url, service.url, state_path=tmp_path / "payer.sqlite3"
-    )
+    payer = payer_for(accounts[12], service)
     scheme = ChannelHubClientScheme(payer, DepositPolicy(multiple=100), lane_timeout=1.0)
     x402 = paying_client(devnet, scheme)
 
@@ -154,7 +171,6 @@ def test_the_official_client_pays_the_official_middleware_through_our_facilitato
     receipt = send(w3, hub.functions.withdraw(ETH, 21 * PRICE, payee), payee)
     assert [e["amount"] for e in events(hub, receipt, "Withdrawn")] == [21 * PRICE]
     assert hub.functions.balanceOf(payee, ETH).call() == 0
-    payer.shutdown()
 
 
 def test_a_replayed_payment_header_buys_nothing(
@@ -163,13 +179,12 @@ def test_a_replayed_payment_header_buys_nothing(
     devnet: Devnet,
     accounts: list[LocalAccount],
     tmp_path: Path,
+    payer_for: Callable[..., PayerClient],
 ) -> None:
     service = spawn(f"sqlite:///{tmp_path / 'replay.db'}")
     payee = accounts[14].address
     api = paid_api(f"{service.url}/x402", payee)
-    payer = PayerClient(
-        HexBytes(accounts[15].key).to_0x_hex(), devnet.url, service.url, state_path=tmp_path / "payer.sqlite3"
-    )
+    payer = payer_for(accounts[15], service)
     x402 = paying_client(devnet, ChannelHubClientScheme(payer))
     http = x402HTTPClient(x402)
 
@@ -187,7 +202,6 @@ def test_a_replayed_payment_header_buys_nothing(
     refused = json.loads(base64.b64decode(replay.headers["payment-required"]))
     assert refused["error"] == "voucher_replayed", refused
     assert accepted_for(service, payee) == PRICE
-    payer.shutdown()
 
 
 def test_a_restarted_payer_and_a_second_device_pay_on_without_paying_twice(
@@ -196,6 +210,7 @@ def test_a_restarted_payer_and_a_second_device_pay_on_without_paying_twice(
     devnet: Devnet,
     accounts: list[LocalAccount],
     tmp_path: Path,
+    payer_for: Callable[..., PayerClient],
 ) -> None:
     """The payer's position survives a restart (its journal, its channels found again through the service), and
     when another device of the same payer moved the channel on, the refusal resynchronises and the retry pays
@@ -203,7 +218,6 @@ def test_a_restarted_payer_and_a_second_device_pay_on_without_paying_twice(
     service = spawn(f"sqlite:///{tmp_path / 'restart.db'}")
     payee = accounts[16].address
     api = paid_api(f"{service.url}/x402", payee)
-    key = HexBytes(accounts[17].key).to_0x_hex()
 
     def get(scheme: ChannelHubClientScheme, path: str) -> int:
         async def once() -> int:
@@ -214,20 +228,18 @@ def test_a_restarted_payer_and_a_second_device_pay_on_without_paying_twice(
 
         return asyncio.run(once())
 
-    first = PayerClient(key, devnet.url, service.url, state_path=tmp_path / "payer.sqlite3")
+    first = payer_for(accounts[17], service)
     assert [get(ChannelHubClientScheme(first), "/weather") for _ in range(2)] == [200, 200]
     first.shutdown()
-    again = PayerClient(key, devnet.url, service.url, state_path=tmp_path / "payer.sqlite3")
+    again = payer_for(accounts[17], service)  # the same journal: a restarted app
     assert get(ChannelHubClientScheme(again), "/weather") == 200
     (channel,) = again.open_channels(payee)  # the restart found the channel: no second deposit
     assert accepted_for(service, payee) == 3 * PRICE
 
-    other = PayerClient(key, devnet.url, service.url, state_path=tmp_path / "other-device.sqlite3")
+    other = payer_for(accounts[17], service, "other-device")
     other.pay(other.channel(channel["channelId"]), 7)  # paid through the service directly, from another journal
     assert get(ChannelHubClientScheme(again), "/weather") == 200  # stale: refused, resynchronised, paid once
     assert accepted_for(service, payee) == 4 * PRICE + 7
-    other.shutdown()
-    again.shutdown()
 
 
 def test_the_facilitator_down_is_a_503_and_charges_nothing(
@@ -236,15 +248,14 @@ def test_the_facilitator_down_is_a_503_and_charges_nothing(
     devnet: Devnet,
     accounts: list[LocalAccount],
     tmp_path: Path,
+    payer_for: Callable[..., PayerClient],
 ) -> None:
     """Never a 402 (which would make the payer pay again) when the facilitator cannot judge: a 503 to retry, and the
     voucher of that request is not charged, also once the facilitator is back."""
     service = spawn(f"sqlite:///{tmp_path / 'down.db'}")
     payee = accounts[16].address
     api = paid_api(f"{service.url}/x402", payee)
-    payer = PayerClient(
-        HexBytes(accounts[18].key).to_0x_hex(), devnet.url, service.url, state_path=tmp_path / "payer.sqlite3"
-    )
+    payer = payer_for(accounts[18], service)
     scheme = ChannelHubClientScheme(payer, lane_timeout=0.5)
 
     async def get() -> httpx.Response:
@@ -263,7 +274,6 @@ def test_the_facilitator_down_is_a_503_and_charges_nothing(
     time.sleep(0.6)  # the unanswered payment's lane times out; its fate is then looked up, not assumed
     assert asyncio.run(get()).status_code == 200
     assert accepted_for(service, payee) == 2 * PRICE  # two responses, two prices: the 503 was not charged
-    payer.shutdown()
 
 
 def test_a_spend_budget_stops_payments_before_anything_is_signed(
@@ -272,13 +282,12 @@ def test_a_spend_budget_stops_payments_before_anything_is_signed(
     devnet: Devnet,
     accounts: list[LocalAccount],
     tmp_path: Path,
+    payer_for: Callable[..., PayerClient],
 ) -> None:
     service = spawn(f"sqlite:///{tmp_path / 'budget.db'}")
     payee = accounts[14].address
     api = paid_api(f"{service.url}/x402", payee)
-    payer = PayerClient(
-        HexBytes(accounts[11].key).to_0x_hex(), devnet.url, service.url, state_path=tmp_path / "payer.sqlite3"
-    )
+    payer = payer_for(accounts[11], service)
     scheme = ChannelHubClientScheme(payer, budgets=[Budget(limit=2 * PRICE, period=3600, per_payee=True)])
 
     async def get() -> int:
@@ -289,7 +298,6 @@ def test_a_spend_budget_stops_payments_before_anything_is_signed(
     with pytest.raises(PaymentError, match="budget"):
         asyncio.run(get())
     assert accepted_for(service, payee) == 2 * PRICE
-    payer.shutdown()
 
 
 def test_a_cooperative_refund_returns_the_unspent_deposit_at_once(
@@ -299,15 +307,14 @@ def test_a_cooperative_refund_returns_the_unspent_deposit_at_once(
     accounts: list[LocalAccount],
     hub: Contract,
     tmp_path: Path,
+    payer_for: Callable[..., PayerClient],
 ) -> None:
     """The payee closes the channel with the payer's latest voucher (closeByPayee): paid what it earned, the rest back
     to the payer in the same transaction, no challenge period; the payer's next request pays on a new channel."""
     service = spawn(f"sqlite:///{tmp_path / 'refund.db'}")
     payee_account = accounts[13]
     api = paid_api(f"{service.url}/x402", payee_account.address)
-    payer = PayerClient(
-        HexBytes(accounts[10].key).to_0x_hex(), devnet.url, service.url, state_path=tmp_path / "payer.sqlite3"
-    )
+    payer = payer_for(accounts[10], service)
     scheme = ChannelHubClientScheme(payer, DepositPolicy(multiple=100, follow_hint=False))
 
     async def get() -> int:
@@ -330,7 +337,7 @@ def test_a_cooperative_refund_returns_the_unspent_deposit_at_once(
     assert int(fresh["deposit"]) == 50 * PRICE
     assert hub.functions.balanceOf(payer.address, ETH).call() == 47 * PRICE
     assert accepted_for(service, payee_account.address) == 4 * PRICE
-    for client in (stranger, payee, payer):
+    for client in (stranger, payee):
         client.shutdown()
 
 
@@ -383,6 +390,7 @@ def test_an_erc20_payee_is_paid_in_its_token(
     token: Contract,
     w3: Web3,
     tmp_path: Path,
+    payer_for: Callable[..., PayerClient],
 ) -> None:
     """The payee prices in an ERC-20: the payer's channel is opened in that token (approved first) and the payee is
     credited in it, never in ETH."""
@@ -390,9 +398,7 @@ def test_an_erc20_payee_is_paid_in_its_token(
     payer_account, payee = accounts[10], accounts[13].address
     send(w3, token.functions.mint(payer_account.address, 10**21), payer_account.address)
     api = paid_api(f"{service.url}/x402", payee, token.address)
-    payer = PayerClient(
-        HexBytes(payer_account.key).to_0x_hex(), devnet.url, service.url, state_path=tmp_path / "payer.sqlite3"
-    )
+    payer = payer_for(payer_account, service)
     scheme = ChannelHubClientScheme(payer)
 
     async def get() -> int:
@@ -405,4 +411,3 @@ def test_an_erc20_payee_is_paid_in_its_token(
     assert int(channel["acceptedCumulativeAmount"]) == 3 * PRICE
     summary = httpx.get(f"{service.url}/v1/payees/{payee}/summary").json()["assets"]
     assert [(a["token"], a["accepted"]) for a in summary] == [(token.address, str(3 * PRICE))]
-    payer.shutdown()
