@@ -203,8 +203,13 @@ def test_make_run_then_a_second_terminal_reads_the_demo(tmp_path: Path) -> None:
     """`make run`'s demo prints the export lines; a second terminal (another directory) pastes them and the
     read-only commands see the demo's channels. Found broken once: `status` said `deployment_missing`."""
     port = free_port("127.0.0.1")
-    dry = subprocess.run(["make", "-n", "run", f"PORT={port}"], cwd=ROOT, capture_output=True, text=True, check=True)
-    assert dry.stdout.strip().splitlines()[-1] == f".venv/bin/settlement demo --port {port}"
+    shell = {k: v for k, v in os.environ.items() if k not in ("MAKEFLAGS", "MAKELEVEL", "MFLAGS")}  # as typed
+    dry = subprocess.run(
+        ["make", "-n", "run", f"PORT={port}"], cwd=ROOT, env=shell, capture_output=True, text=True, check=True
+    )
+    assert [line for line in dry.stdout.splitlines() if "settlement demo" in line] == [
+        f".venv/bin/settlement demo --port {port}"
+    ]
     env = {k: v for k, v in os.environ.items() if not k.startswith("SETTLEMENT_")} | {"HOME": str(tmp_path)}
     log = tmp_path / "demo.log"
     with log.open("w") as out:
