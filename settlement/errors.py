@@ -26,6 +26,7 @@
         ├── MalformedRequestError    400 malformed_request
         ├── UnsupportedMediaError    415 unsupported_media_type
         ├── PayloadTooLargeError     413 payload_too_large
+        ├── RequestTimeoutError      408 request_timeout     (the body came too slowly)
         ├── BatchTooLargeError       413 batch_too_large
         ├── NotFoundError            404 not_found
         ├── MethodNotAllowedError    405 method_not_allowed
@@ -192,6 +193,13 @@ class PayloadTooLargeError(RequestError):
 
     status = 413
     code = "payload_too_large"
+
+
+class RequestTimeoutError(RequestError):
+    """The request's body did not arrive in time (SETTLEMENT_BODY_TIMEOUT_SECONDS)."""
+
+    status = 408
+    code = "request_timeout"
 
 
 class BatchTooLargeError(RequestError):

@@ -53,7 +53,7 @@ def create_app(settings: Settings, service: Service | None = None) -> VoucherFas
     )
     app.state.service = running
     app.state.x402_facilitator = x402_facilitator(running)
-    app.add_middleware(BodyGuard, max_bytes=settings.max_body_bytes)
+    app.add_middleware(BodyGuard, max_bytes=settings.max_body_bytes, body_timeout=settings.body_timeout_seconds)
     app.include_router(router)
 
     @app.exception_handler(SettlementError)
@@ -84,4 +84,4 @@ def create_app(settings: Settings, service: Service | None = None) -> VoucherFas
         logger.exception("unhandled error")
         return JSONResponse(status_code=500, content=INTERNAL_ERROR)
 
-    return VoucherFastPath(app, running, settings.max_body_bytes)
+    return VoucherFastPath(app, running, settings.max_body_bytes, settings.body_timeout_seconds)

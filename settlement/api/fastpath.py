@@ -28,10 +28,11 @@ _INTERNAL = json.dumps(INTERNAL_ERROR).encode()
 class VoucherFastPath:
     """Serves `POST /v1/vouchers` with the same body rules (415, 413), answers and error codes as the app behind it."""
 
-    def __init__(self, app: ASGIApp, service: Service, max_bytes: int) -> None:
+    def __init__(self, app: ASGIApp, service: Service, max_bytes: int, body_timeout: float = 10.0) -> None:
         self.app = app
         self.service = service
         self.max_bytes = max_bytes
+        self.body_timeout = body_timeout
 
     @property
     def state(self) -> Any:
@@ -42,7 +43,7 @@ class VoucherFastPath:
         if scope["type"] != "http" or scope["path"] != PATH or scope["method"] != "POST":
             await self.app(scope, receive, send)
             return
-        body = await read_json_body(scope, receive, send, self.max_bytes)
+        body = await read_json_body(scope, receive, send, self.max_bytes, self.body_timeout)
         if body is None:
             return
         try:

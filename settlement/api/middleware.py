@@ -1,12 +1,15 @@
-"""ASGI guard in front of the routes: JSON bodies only, and no body larger than the configured limit."""
+"""ASGI guard in front of the routes: JSON bodies only, no body larger than the configured limit, and none that
+takes longer than the configured time to arrive (a client sending its body a byte at a time holds a connection and
+memory for nothing)."""
 
 from __future__ import annotations
 
+import asyncio
 import json
 
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from settlement.errors import PayloadTooLargeError, SettlementError, UnsupportedMediaError
+from settlement.errors import PayloadTooLargeError, RequestTimeoutError, SettlementError, UnsupportedMediaError
 
 _WITH_BODY = {"POST", "PUT", "PATCH"}
 INTERNAL_ERROR = {"code": "internal_error", "message": "internal error"}  # the answer to a bug: nothing more
@@ -15,15 +18,16 @@ INTERNAL_ERROR = {"code": "internal_error", "message": "internal error"}  # the 
 class BodyGuard:
     """Refuses non-JSON (415) and oversized (413) bodies before any route reads them, chunked uploads included."""
 
-    def __init__(self, app: ASGIApp, max_bytes: int) -> None:
+    def __init__(self, app: ASGIApp, max_bytes: int, body_timeout: float = 10.0) -> None:
         self.app = app
         self.max_bytes = max_bytes
+        self.body_timeout = body_timeout
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http" or scope["method"] not in _WITH_BODY:
             await self.app(scope, receive, send)
             return
-        body = await read_json_body(scope, receive, send, self.max_bytes)
+        body = await read_json_body(scope, receive, send, self.max_bytes, self.body_timeout)
         if body is None:
             return
         replayed = False
@@ -38,8 +42,11 @@ class BodyGuard:
         await self.app(scope, replay, send)
 
 
-async def read_json_body(scope: Scope, receive: Receive, send: Send, max_bytes: int) -> bytes | None:
-    """The whole body of a JSON request; None once the request has been refused (415, 413) or the client left."""
+async def read_json_body(
+    scope: Scope, receive: Receive, send: Send, max_bytes: int, timeout: float = 10.0
+) -> bytes | None:
+    """The whole body of a JSON request; None once the request has been refused (415, 413, 408) or the client
+    left."""
     headers = dict(scope["headers"])
     media = headers.get(b"content-type", b"").split(b";")[0].strip().lower()
     if media != b"application/json":
@@ -51,16 +58,21 @@ async def read_json_body(scope: Scope, receive: Receive, send: Send, max_bytes: 
         await refuse(send, too_large)
         return None
     body = bytearray()
-    while True:
-        message = await receive()
-        if message["type"] == "http.disconnect":
-            return None
-        body += message.get("body", b"")
-        if len(body) > max_bytes:
-            await refuse(send, too_large)
-            return None
-        if not message.get("more_body", False):
-            return bytes(body)
+    try:
+        async with asyncio.timeout(timeout):
+            while True:
+                message = await receive()
+                if message["type"] == "http.disconnect":
+                    return None
+                body += message.get("body", b"")
+                if len(body) > max_bytes:
+                    await refuse(send, too_large)
+                    return None
+                if not message.get("more_body", False):
+                    return bytes(body)
+    except TimeoutError:
+        await refuse(send, RequestTimeoutError(f"the body did not arrive within {timeout:g} s", timeoutSeconds=timeout))
+        return None
 
 
 async def refuse(send: Send, error: SettlementError) -> None:

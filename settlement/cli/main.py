@@ -185,6 +185,7 @@ def serve(
 
 def _serve(settings: Settings, host: str, port: int, log_level: str = "info", access_log: bool = False) -> None:
     from settlement.api.app import create_app
+    from settlement.api.transport import bounded_head_protocol
 
     try:
         _check_port_free(host, port)
@@ -193,7 +194,19 @@ def _serve(settings: Settings, host: str, port: int, log_level: str = "info", ac
     except SettlementError as ex:
         raise _fail(ex) from ex
     console.print(f"API on http://{host}:{port} (docs at /docs); store: {settings.database_url}")
-    server = uvicorn.Server(uvicorn.Config(api, host=host, port=port, log_level=log_level, access_log=access_log))
+    server = uvicorn.Server(
+        uvicorn.Config(
+            api,
+            host=host,
+            port=port,
+            log_level=log_level,
+            access_log=access_log,
+            # Transport limits: what one client can hold of this process is bounded (docs/api.md).
+            limit_concurrency=settings.max_connections,
+            timeout_keep_alive=settings.keep_alive_seconds,
+            http=bounded_head_protocol(settings.max_header_bytes),
+        )
+    )
     try:
         server.run()
     except KeyboardInterrupt:  # uvicorn re-raises Ctrl-C after its graceful shutdown; that is how we stop

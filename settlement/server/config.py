@@ -66,6 +66,12 @@ class Settings(BaseSettings):
         default=2, ge=1, le=64, description="threads recovering a batch request's signers (libsecp256k1 drops the GIL)"
     )
     max_body_bytes: int = Field(default=1_048_576, ge=1024, description="request bodies above this get a 413")
+    body_timeout_seconds: float = Field(default=10.0, gt=0, description="a body slower than this to arrive: 408")
+    max_header_bytes: int = Field(default=16_384, ge=1024, description="a request's head larger than this: refused")
+    max_connections: int = Field(
+        default=1000, ge=1, description="concurrent connections and requests; beyond them new ones get a 503"
+    )
+    keep_alive_seconds: int = Field(default=5, ge=1, description="an idle keep-alive connection is closed after")
     ready_max_lag: int = Field(default=64, ge=0, description="/ready fails when the indexer is further behind")
 
     # Settlement engine
