@@ -27,6 +27,7 @@
         ├── UnsupportedMediaError    415 unsupported_media_type
         ├── PayloadTooLargeError     413 payload_too_large
         ├── RequestTimeoutError      408 request_timeout     (the body came too slowly)
+        ├── HostNotAllowedError      400 host_not_allowed    (a Host header not in SETTLEMENT_ALLOWED_HOSTS)
         ├── BatchTooLargeError       413 batch_too_large
         ├── NotFoundError            404 not_found
         ├── MethodNotAllowedError    405 method_not_allowed
@@ -200,6 +201,14 @@ class RequestTimeoutError(RequestError):
 
     status = 408
     code = "request_timeout"
+
+
+class HostNotAllowedError(RequestError):
+    """The request's Host is not one this service answers to (SETTLEMENT_ALLOWED_HOSTS): DNS rebinding, or a name
+    the operator did not list."""
+
+    status = 400
+    code = "host_not_allowed"
 
 
 class BatchTooLargeError(RequestError):

@@ -35,9 +35,12 @@ ROOT = Path(__file__).resolve().parent.parent
 CHALLENGE_PERIOD = 3600
 
 
+TEST_HOSTS = ["127.0.0.1", "localhost", "[::1]", "testserver"]  # the defaults, and what TestClient sends
+
+
 def devnet_settings(**overrides: Any) -> Settings:
     """Settings for a test devnet, independent of the caller's environment and .env file."""
-    return Settings(_env_file=None, **overrides)  # type: ignore[call-arg]
+    return Settings(_env_file=None, **({"allowed_hosts": TEST_HOSTS} | overrides))  # type: ignore[call-arg]
 
 
 @pytest.fixture(scope="session")

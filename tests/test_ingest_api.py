@@ -290,7 +290,7 @@ def test_the_fast_path_and_the_fastapi_route_give_the_same_answers(
     api: Callable[..., TestClient], channel: Channel, sign: Sign, accounts: list[LocalAccount]
 ) -> None:
     fast = api()
-    route = TestClient(fast.app.app, raise_server_exceptions=False)  # type: ignore[attr-defined]  # same service
+    route = TestClient(fast.app.app.app, raise_server_exceptions=False)  # type: ignore[attr-defined]  # same service
     voucher = lambda n, signer=None: body(channel, n, sign(signer or channel.payer, channel.id, n))  # noqa: E731
 
     first = route.post("/v1/vouchers", json=voucher(10))

@@ -37,7 +37,8 @@ def test_a_body_that_arrives_too_slowly_gets_a_408(spawn: Callable[..., ServiceP
     service = spawn(f"sqlite:///{tmp_path / 't.db'}", body_timeout_seconds="1")
     with raw(service) as sock:
         sock.sendall(
-            b"POST /v1/vouchers HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\nContent-Length: 100\r\n\r\n{"
+            b"POST /v1/vouchers HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\n"
+            b"Content-Length: 100\r\n\r\n{"
         )
         started = time.monotonic()
         head = answer(sock)
@@ -52,14 +53,14 @@ def test_an_oversized_request_head_is_refused_and_others_are_served(
 ) -> None:
     service = spawn(f"sqlite:///{tmp_path / 't.db'}", max_header_bytes="4096")
     with raw(service) as sock:
-        sock.sendall(b"GET /health HTTP/1.1\r\nHost: x\r\nX-Junk: " + b"a" * 20_000 + b"\r\n\r\n")
+        sock.sendall(b"GET /health HTTP/1.1\r\nHost: 127.0.0.1\r\nX-Junk: " + b"a" * 20_000 + b"\r\n\r\n")
         head = answer(sock)
     assert head.startswith(b"HTTP/1.1 431 "), head
     with raw(service) as sock:  # a head that never ends: refused once past the limit, not buffered on and on
         sent = 0
         try:
             for n in range(20):
-                sock.sendall(b"GET /health HTTP/1.1\r\nHost: x\r\nX-Junk: " if n == 0 else b"a" * 1000)
+                sock.sendall(b"GET /health HTTP/1.1\r\nHost: 127.0.0.1\r\nX-Junk: " if n == 0 else b"a" * 1000)
                 sent += 1
                 time.sleep(0.05)
         except (BrokenPipeError, ConnectionResetError):
@@ -79,7 +80,7 @@ def test_connections_beyond_the_cap_get_a_503(spawn: Callable[..., ServiceProces
     held = [socket.create_connection(("127.0.0.1", service.port), timeout=10) for _ in range(3)]
     try:
         for sock in held:
-            sock.sendall(b"GET /health HTTP/1.1\r\nHost: x\r\n")  # an unfinished head: the connection is held
+            sock.sendall(b"GET /health HTTP/1.1\r\nHost: 127.0.0.1\r\n")  # an unfinished head: the connection is held
         time.sleep(0.3)
         assert httpx.get(f"{service.url}/health").status_code == 503
     finally:
@@ -87,3 +88,20 @@ def test_connections_beyond_the_cap_get_a_503(spawn: Callable[..., ServiceProces
             sock.close()
     time.sleep(0.3)
     assert httpx.get(f"{service.url}/health").status_code == 200
+
+
+def test_a_request_for_another_host_name_is_refused(spawn: Callable[..., ServiceProcess], tmp_path: Path) -> None:
+    """DNS rebinding: a web page whose name now points at 127.0.0.1 sends its own name as Host; the service answers
+    only the names it was told to (SETTLEMENT_ALLOWED_HOSTS, by default the loopback names)."""
+    service = spawn(f"sqlite:///{tmp_path / 't.db'}")
+    for path in ("/health", "/v1/channels"):
+        evil = httpx.get(f"{service.url}{path}", headers={"Host": "rebind.attacker.example"})
+        assert (evil.status_code, evil.json()["code"]) == (400, "host_not_allowed")
+    voucher = httpx.post(
+        f"{service.url}/v1/vouchers", json={}, headers={"Host": "rebind.attacker.example:8000"}
+    )  # the fast path too
+    assert (voucher.status_code, voucher.json()["code"]) == (400, "host_not_allowed")
+    for host in (f"127.0.0.1:{service.port}", f"localhost:{service.port}", "localhost"):
+        assert httpx.get(f"{service.url}/health", headers={"Host": host}).status_code == 200
+    anyone = spawn(f"sqlite:///{tmp_path / 'u.db'}", name="open", allowed_hosts='["*"]')
+    assert httpx.get(f"{anyone.url}/health", headers={"Host": "api.example.com"}).status_code == 200

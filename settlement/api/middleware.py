@@ -9,7 +9,13 @@ import json
 
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from settlement.errors import PayloadTooLargeError, RequestTimeoutError, SettlementError, UnsupportedMediaError
+from settlement.errors import (
+    HostNotAllowedError,
+    PayloadTooLargeError,
+    RequestTimeoutError,
+    SettlementError,
+    UnsupportedMediaError,
+)
 
 _WITH_BODY = {"POST", "PUT", "PATCH"}
 INTERNAL_ERROR = {"code": "internal_error", "message": "internal error"}  # the answer to a bug: nothing more
@@ -89,3 +95,27 @@ async def respond(send: Send, status: int, payload: bytes) -> None:
         }
     )
     await send({"type": "http.response.body", "body": payload})
+
+
+class HostGuard:
+    """Answers only requests whose Host is one of `allowed` (any port): a web page cannot reach a service on
+    127.0.0.1 through DNS rebinding (its requests carry the attacker's host name). `*` allows any host."""
+
+    def __init__(self, app: ASGIApp, allowed: list[str]) -> None:
+        self.app = app
+        self.any = "*" in allowed
+        self.allowed = {h.lower() for h in allowed}
+
+    @property
+    def state(self) -> object:
+        """The wrapped app's state, so callers can treat this as the app."""
+        return getattr(self.app, "state", None)
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] == "http" and not self.any:
+            host = dict(scope["headers"]).get(b"host", b"").decode("latin-1").lower()
+            name = host.rsplit(":", 1)[0] if not host.endswith("]") else host  # [::1]:8000 -> [::1]
+            if name not in self.allowed:
+                await refuse(send, HostNotAllowedError(f"host {host!r} is not served here (SETTLEMENT_ALLOWED_HOSTS)"))
+                return
+        await self.app(scope, receive, send)

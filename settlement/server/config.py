@@ -72,6 +72,10 @@ class Settings(BaseSettings):
         default=1000, ge=1, description="concurrent connections and requests; beyond them new ones get a 503"
     )
     keep_alive_seconds: int = Field(default=5, ge=1, description="an idle keep-alive connection is closed after")
+    allowed_hosts: list[str] = Field(
+        default_factory=lambda: ["127.0.0.1", "localhost", "[::1]"],
+        description='Host header names the API answers to (any port); JSON list; ["*"] for any',
+    )
     ready_max_lag: int = Field(default=64, ge=0, description="/ready fails when the indexer is further behind")
 
     # Settlement engine
