@@ -53,9 +53,16 @@ def free_port(host: str) -> int:
 
 
 def port_free(host: str, port: int) -> bool:
-    """Nothing accepts connections on the port right now."""
+    """Nothing listens on the port right now: it can be bound (as servers bind, with SO_REUSEADDR, so a closed
+    connection's TIME_WAIT does not count). A connect() probe would be wrong: on Linux a connection to a free port in
+    the ephemeral range can connect to itself, and the port then looks taken."""
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        return sock.connect_ex((host, port)) != 0
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            sock.bind((host, port))
+        except OSError:
+            return False
+        return True
 
 
 def _die_with_parent() -> None:
