@@ -12,6 +12,7 @@ the route answers 503 and a payee does not mistake it for a refused payment.
 from __future__ import annotations
 
 import hashlib
+from collections.abc import Callable
 from dataclasses import replace
 from typing import Any
 
@@ -21,6 +22,7 @@ from x402.extensions.payment_identifier import extract_payment_identifier
 from x402.interfaces import FacilitatorContext
 from x402.schemas import PaymentPayload, PaymentRequirements, SettleResponse, VerifyResponse
 
+from settlement.api.schemas import ReceiptOut
 from settlement.chain.node import rpc_errors
 from settlement.domain.ledger import Verdict
 from settlement.domain.model import ETH, Channel, Receipt, Voucher
@@ -107,7 +109,7 @@ class ChannelHubFacilitator:
 
     def _signed(self, receipt: Receipt) -> dict[str, str | None]:
         """The receipt, with the facilitator's EIP-712 signature over its fields (settlement.eip712.receipts)."""
-        body = _receipt(receipt)
+        body: dict[str, str | None] = ReceiptOut.of(receipt).model_dump()
         seconds = int(receipt.accepted_at.timestamp())
         body["acceptedAtSeconds"] = str(seconds)
         if self.signer is not None:
@@ -128,10 +130,10 @@ class ChannelHubFacilitator:
             raise outcome
         return outcome
 
-    def _judged(self, judge: Any, channel: Channel) -> Verdict:
+    def _judged(self, judge: Callable[[], Verdict], channel: Channel) -> Verdict:
         """Run the ledger; refusals become reasons, a replay too. Store and chain failures propagate (503)."""
         try:
-            verdict: Verdict = judge()
+            verdict = judge()
         except RequestError as ex:
             raise Refused(ex.code, ex.message, channel.payer) from ex
         if not verdict.new:
@@ -186,17 +188,6 @@ def _payment_id(payload: PaymentPayload) -> str | None:
     if found is None:
         return None
     return found if len(found) <= IDEMPOTENCY_KEY_MAX else hashlib.sha256(found.encode()).hexdigest()
-
-
-def _receipt(receipt: Receipt) -> dict[str, str | None]:
-    return {
-        "channelId": receipt.channel_id,
-        "cumulativeAmount": str(receipt.cumulative),
-        "increment": str(receipt.increment),
-        "remaining": str(receipt.remaining),
-        "acceptedAt": receipt.accepted_at.isoformat().replace("+00:00", "Z"),
-        "idempotencyKey": receipt.idempotency_key,
-    }
 
 
 def _position(channel: Channel, receipt: Receipt) -> dict[str, str]:

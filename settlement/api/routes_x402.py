@@ -22,8 +22,6 @@ from x402.schemas import (
 )
 
 from settlement.api.deps import ERRORS, ServiceDep
-from settlement.api.facilitator import x402_facilitator
-from settlement.server.service import Service
 from settlement.x402.wire import Reason
 
 router = APIRouter(prefix="/x402", responses=ERRORS, tags=["x402"])
@@ -37,18 +35,16 @@ class X402Request(BaseModel):
     paymentRequirements: PaymentRequirements
 
 
-def facilitator(request: Request, service: Service) -> x402FacilitatorSync:
-    """The app's x402 facilitator (made by create_app)."""
-    found: x402FacilitatorSync | None = getattr(request.app.state, "x402_facilitator", None)
-    if found is None:  # an app assembled without create_app
-        found = request.app.state.x402_facilitator = x402_facilitator(service)
+def facilitator(request: Request) -> x402FacilitatorSync:
+    """The app's x402 facilitator (create_app makes it, while the chain answers)."""
+    found: x402FacilitatorSync = request.app.state.x402_facilitator
     return found
 
 
 @router.get("/supported", operation_id="x402Supported")
 def supported(request: Request, service: ServiceDep) -> dict[str, Any]:
     """The schemes and networks this facilitator serves, with what a payee's requirements must carry."""
-    answer: dict[str, Any] = facilitator(request, service).get_supported().model_dump(by_alias=True, exclude_none=True)
+    answer: dict[str, Any] = facilitator(request).get_supported().model_dump(by_alias=True, exclude_none=True)
     return answer
 
 
@@ -56,7 +52,7 @@ def supported(request: Request, service: ServiceDep) -> dict[str, Any]:
 def verify(request: Request, service: ServiceDep, parsed: X402Request) -> dict[str, Any]:
     """Would this payment be accepted now? Judged as ingest judges it; nothing is stored."""
     try:
-        result = facilitator(request, service).verify(parsed.paymentPayload, parsed.paymentRequirements)
+        result = facilitator(request).verify(parsed.paymentPayload, parsed.paymentRequirements)
     except SchemeNotFoundError as ex:
         result = VerifyResponse(is_valid=False, invalid_reason=Reason.UNSUPPORTED, invalid_message=str(ex))
     return result.model_dump(by_alias=True, exclude_none=True)
@@ -66,7 +62,7 @@ def verify(request: Request, service: ServiceDep, parsed: X402Request) -> dict[s
 def settle(request: Request, service: ServiceDep, parsed: X402Request) -> dict[str, Any]:
     """Accept the payment durably (answered after the commit) with its receipt; on-chain settlement is batched."""
     try:
-        result = facilitator(request, service).settle(parsed.paymentPayload, parsed.paymentRequirements)
+        result = facilitator(request).settle(parsed.paymentPayload, parsed.paymentRequirements)
     except SchemeNotFoundError as ex:
         result = SettleResponse(
             success=False,

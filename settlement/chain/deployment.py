@@ -76,8 +76,10 @@ class Deployment(BaseModel):
             except TransactionNotFound:
                 receipt = None
         found = None if receipt is None else HexBytes(receipt["blockHash"]).to_0x_hex()
-        if receipt is None or receipt["blockNumber"] != self.block_number or (
-            self.block_hash is not None and found != self.block_hash
+        if (
+            receipt is None
+            or receipt["blockNumber"] != self.block_number
+            or (self.block_hash is not None and found != self.block_hash)
         ):
             raise ChainMismatchError(
                 f"the chain has no deployment transaction {self.tx_hash} in block {self.block_number}"
@@ -118,3 +120,13 @@ def deploy_hub(w3: Web3, account: LocalAccount, challenge_period: int, *, timeou
 def hub_contract(w3: Web3, deployment: Deployment) -> Contract:
     """The deployed hub, bound to its ABI."""
     return w3.eth.contract(address=Web3.to_checksum_address(deployment.address), abi=load_artifact(HUB).abi)
+
+
+def hub_at(w3: Web3, address: str) -> Contract | None:
+    """The hub at `address`, bound to its ABI, or None when the address holds no ChannelHub code on this chain (what
+    a payer or a payee checks before it trusts an address it was told)."""
+    artifact = load_artifact(HUB)
+    checksummed = Web3.to_checksum_address(address)
+    with rpc_errors("reading the hub's code"):
+        code = bytes(w3.eth.get_code(checksummed))
+    return w3.eth.contract(address=checksummed, abi=artifact.abi) if runtime_matches(artifact, code) else None

@@ -36,7 +36,7 @@ from settlement.server.service import Service
 from settlement.store import Database
 from settlement.store import channels as channel_q
 from settlement.store import settlements as batch_q
-from settlement.store.meta import engine_facts
+from settlement.store.meta import engine_interval
 
 app = typer.Typer(help="ChannelHub micropayment settlement: run, settle and check it.", no_args_is_help=True)
 # Piped or logged output is not cut at 80 columns: keys, addresses and amounts are printed whole.
@@ -345,8 +345,7 @@ def status(
         unsettled = channel_q.unsettled_by_token(conn)
         closes = batch_q.closing_channels(conn)
         batches = batch_q.recent_batches(conn, 10)
-        engine = engine_facts(conn)
-    interval = float(str(engine["settleInterval"])) if engine else None  # the running engine's, not this CLI's
+        interval = engine_interval(conn)  # the running engine's, not this CLI's
     last = batches[0][0].created_at if batches else None
     next_at = (last.timestamp() + interval) if last and interval else None
     if as_json:

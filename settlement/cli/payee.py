@@ -19,8 +19,7 @@ from rich.table import Table
 from web3 import Web3
 from web3.contract import Contract
 
-from settlement.chain.contracts import HUB, load_artifact, runtime_matches
-from settlement.chain.deployment import Deployment, hub_contract
+from settlement.chain.deployment import Deployment, hub_at, hub_contract
 from settlement.chain.node import Transactor, connect, rpc_errors
 from settlement.domain.model import ETH
 from settlement.errors import (
@@ -52,13 +51,11 @@ def resolve_hub(w3: Web3, settings: Settings, hub: str | None) -> Contract:
         return hub_contract(w3, deployment)
     if not Web3.is_address(address):
         raise ConfigError(f"--hub {address!r} is not an address")
-    checksummed = Web3.to_checksum_address(address)
-    with rpc_errors("reading the hub's code"):
-        code = bytes(w3.eth.get_code(checksummed))
-    artifact = load_artifact(HUB)
-    if not runtime_matches(artifact, code):
+    found = hub_at(w3, address)
+    if found is None:
+        checksummed = Web3.to_checksum_address(address)
         raise DeploymentError(f"no ChannelHub code at {checksummed} on chain {w3.eth.chain_id}: check the address")
-    return w3.eth.contract(address=checksummed, abi=artifact.abi)
+    return found
 
 
 def withdraw_account(settings: Settings, key_file: Path | None) -> LocalAccount:

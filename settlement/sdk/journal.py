@@ -182,6 +182,12 @@ class PayerJournal:
                     (str(lower_to), key),
                 )
 
+    def set_position(self, channel_id: str, cumulative: int) -> None:
+        """Put the channel's signed position at `cumulative`, lower or higher: where the service proves it stands."""
+        with self._lock, self._conn:
+            self._conn.execute("BEGIN IMMEDIATE")
+            self._set(channel_id, cumulative)
+
     def refused(self, key: str, channel_id: str, restore: int) -> None:
         """The service refused the payment's voucher for good: forget the payment and put the signed position back
         to `restore` (what was accepted before it), so the next payment does not pay this one's amount too."""
@@ -189,10 +195,13 @@ class PayerJournal:
             self._conn.execute("BEGIN IMMEDIATE")
             self._conn.execute("DELETE FROM payments WHERE idempotency_key = ?", (key,))
             self._conn.execute("DELETE FROM spending WHERE idempotency_key = ?", (key,))  # refused: it cost nothing
-            self._conn.execute(
-                "INSERT INTO positions VALUES (?, ?) ON CONFLICT (channel_id) DO UPDATE SET signed = excluded.signed",
-                (channel_id, str(restore)),
-            )
+            self._set(channel_id, restore)
+
+    def _set(self, channel_id: str, cumulative: int) -> None:
+        self._conn.execute(
+            "INSERT INTO positions VALUES (?, ?) ON CONFLICT (channel_id) DO UPDATE SET signed = excluded.signed",
+            (channel_id, str(cumulative)),
+        )
 
     def spent(self, asset: str, since: float, payee: str | None = None) -> int:
         """Base units of `asset` signed since `since` (unix time) and not refused, to one payee or to all."""
@@ -209,10 +218,7 @@ class PayerJournal:
     def _raise(self, channel_id: str, cumulative: int) -> None:
         row = self._conn.execute("SELECT signed FROM positions WHERE channel_id = ?", (channel_id,)).fetchone()
         if row is None or int(row[0]) < cumulative:
-            self._conn.execute(
-                "INSERT INTO positions VALUES (?, ?) ON CONFLICT (channel_id) DO UPDATE SET signed = excluded.signed",
-                (channel_id, str(cumulative)),
-            )
+            self._set(channel_id, cumulative)
 
 
 def _payment(row: tuple[Any, ...]) -> JournalPayment:

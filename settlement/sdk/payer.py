@@ -39,7 +39,8 @@ from eth_utils.address import to_checksum_address
 from web3 import Web3
 from web3.contract import Contract
 
-from settlement.chain.contracts import HUB, load_artifact, runtime_matches
+from settlement.chain.contracts import HUB, load_artifact
+from settlement.chain.deployment import hub_at
 from settlement.chain.node import Transactor, connect
 from settlement.domain.model import ETH, ChannelViewField, Receipt
 from settlement.eip712.vouchers import Domain, VoucherVerifier, read_domain, sign_voucher
@@ -103,12 +104,9 @@ def checked_hub(w3: Web3, info: dict[str, Any], hub_address: str | None) -> tupl
     named = to_checksum_address(str(info["verifyingContract"]))
     if hub_address is not None and named != to_checksum_address(hub_address):
         raise UntrustedServiceError(f"the service signs for hub {named}, not for {hub_address} as configured")
-    hub = w3.eth.contract(address=named, abi=load_artifact(HUB).abi)
-    code = bytes(w3.eth.get_code(hub.address))
-    if not runtime_matches(load_artifact(HUB), code):
-        raise UntrustedServiceError(
-            f"the service names hub {hub.address}, which holds no ChannelHub code on this chain"
-        )
+    hub = hub_at(w3, named)
+    if hub is None:
+        raise UntrustedServiceError(f"the service names hub {named}, which holds no ChannelHub code on this chain")
     domain = read_domain(hub)
     claimed = Domain(
         chain_id=int(info["chainId"]),
@@ -409,7 +407,7 @@ class PayerClient:
             proven = max(self._proven_by_service(channel), self._settled_on_chain(channel))
             for earlier in self.journal.pending(channel.hex_id):
                 self.journal.refused(earlier.idempotency_key, channel.hex_id, proven)
-            self.journal.refused("", channel.hex_id, proven)  # no payment has the empty key: sets the position
+            self.journal.set_position(channel.hex_id, proven)
             return proven
 
     def _learn(self, channel: ChannelRef, payment: JournalPayment) -> None:

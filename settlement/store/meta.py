@@ -60,3 +60,9 @@ def record_engine(conn: Connection, facts: dict[str, object]) -> None:
 def engine_facts(conn: Connection) -> dict[str, object] | None:
     value = conn.execute(select(service_meta.c.value).where(service_meta.c.key == ENGINE_KEY)).scalar_one_or_none()
     return None if value is None else dict(json.loads(value))
+
+
+def engine_interval(conn: Connection) -> float | None:
+    """Seconds between the running engine's regular batches, as it recorded them; None before an engine ran."""
+    facts = engine_facts(conn)
+    return None if facts is None else float(str(facts["settleInterval"]))

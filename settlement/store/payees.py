@@ -9,7 +9,7 @@ from sqlalchemy import Connection
 
 from settlement.store.chainlog import get_cursor, withdrawn_by
 from settlement.store.channels import AssetSummary, payee_summary
-from settlement.store.meta import engine_facts
+from settlement.store.meta import engine_interval
 
 
 @dataclass(frozen=True)
@@ -23,12 +23,11 @@ class PayeeBook:
 def payee_book(conn: Connection, payee: str) -> PayeeBook:
     summaries = {a.token: a for a in payee_summary(conn, payee)}
     withdrawn = withdrawn_by(conn, payee)
-    engine = engine_facts(conn)
     cursor = get_cursor(conn)
     assets = [summaries.get(t) or AssetSummary(t, 0, 0, 0, 0) for t in sorted(summaries.keys() | withdrawn.keys())]
     return PayeeBook(
         assets=assets,
         withdrawn=withdrawn,
-        settle_interval=float(str(engine["settleInterval"])) if engine else None,
+        settle_interval=engine_interval(conn),
         as_of_block=cursor.block_number if cursor else None,
     )
