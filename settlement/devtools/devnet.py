@@ -65,6 +65,18 @@ def port_free(host: str, port: int) -> bool:
         return True
 
 
+PORT_RELEASE_SECONDS = 5.0  # npm's anvil is a wrapper: its child may hold the port a moment after it was stopped
+
+
+def _wait_port_free(host: str, port: int, seconds: float) -> bool:
+    deadline = time.monotonic() + seconds
+    while not port_free(host, port):
+        if time.monotonic() > deadline:
+            return False
+        time.sleep(0.05)
+    return True
+
+
 def _die_with_parent() -> None:
     """Runs in the child before exec: the kernel sends SIGTERM to anvil when our process dies, even by SIGKILL."""
     libc = ctypes.CDLL(None, use_errno=True)
@@ -113,7 +125,7 @@ class Devnet:
         last_error = ""
         for _ in range(3):
             port = self.settings.devnet_port or free_port(self.settings.devnet_host)
-            if not port_free(self.settings.devnet_host, port):
+            if not _wait_port_free(self.settings.devnet_host, port, PORT_RELEASE_SECONDS):
                 raise DevnetError(f"anvil did not start: port {port} is already in use")
             # stderr goes to a file, not a pipe: a pipe nobody reads would stall a long-running anvil once full
             errors = tempfile.TemporaryFile()
