@@ -11,6 +11,7 @@ import os
 import uvicorn
 from fastapi import FastAPI, HTTPException
 from x402 import x402ResourceServer
+from x402.extensions.payment_identifier import PAYMENT_IDENTIFIER, declare_payment_identifier_extension
 from x402.http import FacilitatorConfig
 from x402.http.types import PaymentOption, RouteConfig
 
@@ -25,8 +26,11 @@ ASSET = os.environ.get("ASSET", "0x0000000000000000000000000000000000000000")  #
 
 # x402's resource server, facilitator client and middleware; ours answer 503 when the facilitator is unreachable.
 server = x402ResourceServer(ChannelHubFacilitatorClient(FacilitatorConfig(url=FACILITATOR)))
-server.register(NETWORK, ChannelHubServerScheme(asset=ASSET))
-paid = RouteConfig(accepts=PaymentOption(scheme="channelhub", pay_to=PAY_TO, price=str(PRICE), network=NETWORK))
+server.register(NETWORK, ChannelHubServerScheme(asset=ASSET, facilitator_url=FACILITATOR))
+paid = RouteConfig(
+    accepts=PaymentOption(scheme="channelhub", pay_to=PAY_TO, price=str(PRICE), network=NETWORK),
+    extensions={PAYMENT_IDENTIFIER: declare_payment_identifier_extension()},  # a retried payment is answered again
+)
 
 app = FastAPI(title="a paid API")
 app.add_middleware(PaymentMiddleware, routes={"GET /weather": paid, "GET /reports/*": paid}, server=server)

@@ -15,7 +15,7 @@ from x402.http.clients import x402HttpxClient
 
 from settlement.domain.model import ETH
 from settlement.sdk import PayerClient
-from settlement.x402.client import ChannelHubClientScheme
+from settlement.x402.client import ChannelHubClientScheme, PaymentIdentifiers
 
 KEY = os.environ.get("PAYER_KEY", "0x59c6995e998f97a5a0044966f0945389dc9e86dae88c7a8412f4603b6b78690d")  # devnet #1
 RPC = os.environ.get("SETTLEMENT_RPC_URL", "http://127.0.0.1:8545")
@@ -27,6 +27,7 @@ async def main(url: str, times: int) -> None:
     network = f"eip155:{payer.domain.chain_id}"
     x402 = x402Client()
     x402.register(network, ChannelHubClientScheme(payer))
+    x402.register_extension(PaymentIdentifiers())  # a retried payment is answered again, charged once
     # x402's spend controls: which assets may be paid at all, and at most how much per request (here 0.001 ETH).
     x402.set_spend_controls(
         {"allowed_assets": [{"network": network, "asset": ETH, "max_amount_per_payment": str(10**15)}]}

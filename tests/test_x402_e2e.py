@@ -24,12 +24,13 @@ from x402 import x402Client
 from x402.http import x402HTTPClient
 from x402.http.clients import x402HttpxClient
 from x402.http.clients.httpx import PaymentError
+from x402.http.utils import decode_payment_signature_header, encode_payment_signature_header
 
 from settlement.devtools.devnet import Devnet, free_port
 from settlement.sdk.journal import Budget
 from settlement.sdk.payee import PayeeClient
 from settlement.sdk.payer import PayerClient
-from settlement.x402.client import ChannelHubClientScheme, DepositPolicy
+from settlement.x402.client import ChannelHubClientScheme, DepositPolicy, PaymentIdentifiers
 from tests.hub_helpers import ETH, events, send, wait_until
 from tests.servers import ServiceProcess
 
@@ -135,12 +136,13 @@ def test_the_official_client_pays_the_official_middleware_through_our_facilitato
 
     async def walk() -> None:
         async with x402HttpxClient(x402, timeout=60) as http:
-            # Unpaid, a plain client gets the 402 with our requirements, small enough for any header limit.
+            # Unpaid, a plain client gets the 402 with our requirements, small enough for any header limit (~620
+            # bytes, ~400 more for x402's payment-identifier declaration with its JSON schema).
             async with httpx.AsyncClient() as unpaying:
                 plain = await unpaying.get(f"{api}/weather")
             assert plain.status_code == 402
             header = plain.headers["payment-required"]
-            assert len(header) < 1_000, len(header)
+            assert len(header) < 1_100, len(header)
             required = json.loads(base64.b64decode(header))["accepts"][0]
             assert (required["scheme"], required["amount"], required["payTo"], required["extra"]["hub"]) == (
                 "channelhub",
@@ -148,6 +150,7 @@ def test_the_official_client_pays_the_official_middleware_through_our_facilitato
                 payee,
                 hub.address,
             )
+            assert required["extra"]["facilitator"] == f"{service.url}/x402"
             # Five paid requests: one channel, five vouchers, each charged the price once.
             for _ in range(5):
                 answer = await http.get(f"{api}/weather")
@@ -201,6 +204,53 @@ def test_a_replayed_payment_header_buys_nothing(
     assert replay.status_code == 402
     refused = json.loads(base64.b64decode(replay.headers["payment-required"]))
     assert refused["error"] == "voucher_replayed", refused
+    assert accepted_for(service, payee) == PRICE
+
+
+def test_a_retried_payment_with_an_identifier_is_answered_again_and_charged_once(
+    spawn: Callable[..., ServiceProcess],
+    paid_api: Callable[..., str],
+    devnet: Devnet,
+    accounts: list[LocalAccount],
+    tmp_path: Path,
+    payer_for: Callable[..., PayerClient],
+) -> None:
+    """Eight copies of one paid request with a payment identifier, all at once, then one more: one charge, nine
+    identical answers. The same header on another route, or the same voucher under another identifier, buys
+    nothing."""
+    service = spawn(f"sqlite:///{tmp_path / 'retry.db'}")
+    payee = accounts[14].address
+    api = paid_api(f"{service.url}/x402", payee)
+    x402 = paying_client(devnet, ChannelHubClientScheme(payer_for(accounts[15], service)))
+    x402.register_extension(PaymentIdentifiers())
+    http = x402HTTPClient(x402)
+
+    async def retried() -> tuple[dict[str, str], list[httpx.Response]]:
+        async with httpx.AsyncClient(timeout=30) as client:
+            required = http.get_payment_required_response((await client.get(f"{api}/weather")).headers.get, None)
+            headers = http.encode_payment_signature_header(await x402.create_payment_payload(required))
+            answers = await asyncio.gather(*(client.get(f"{api}/weather", headers=headers) for _ in range(8)))
+            return headers, [*answers, await client.get(f"{api}/weather", headers=headers)]
+
+    headers, answers = asyncio.run(retried())
+    payment = decode_payment_signature_header(next(iter(headers.values())))
+    assert len((payment.extensions or {})["payment-identifier"]["info"]["id"]) >= 16
+    assert [a.status_code for a in answers] == [200] * 9
+    assert {(a.content, a.headers["payment-response"]) for a in answers} == {
+        (answers[0].content, answers[0].headers["payment-response"])
+    }
+    assert accepted_for(service, payee) == PRICE
+
+    elsewhere = httpx.get(f"{api}/reports/1", headers=headers)
+    assert elsewhere.status_code == 402
+    assert json.loads(base64.b64decode(elsewhere.headers["payment-required"]))["error"] == "voucher_replayed"
+    renamed = payment.model_copy(
+        update={"extensions": {"payment-identifier": {"info": {"required": False, "id": "another-id-0123456789"}}}}
+    )
+    forged = httpx.get(f"{api}/weather", headers={"PAYMENT-SIGNATURE": encode_payment_signature_header(renamed)})
+    assert forged.status_code == 402
+    refused = json.loads(base64.b64decode(forged.headers["payment-required"]))["error"]
+    assert refused == "exists_with_different_metadata"
     assert accepted_for(service, payee) == PRICE
 
 

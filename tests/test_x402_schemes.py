@@ -45,6 +45,15 @@ def test_requirements_carry_the_hub_the_domain_and_a_deposit_hint() -> None:
     kind = SupportedKind(x402_version=2, scheme="channelhub", network=NETWORK, extra={"hub": "0xabc", "name": "N"})
     enhanced = scheme.enhance_payment_requirements(base, kind, [])
     assert enhanced.extra == {"hub": "0xabc", "name": "N", "minDeposit": "350"}
+    named = ChannelHubServerScheme(facilitator_url="http://127.0.0.1:8000/x402").enhance_payment_requirements(
+        base, kind, []
+    )
+    assert named.extra == {
+        "hub": "0xabc",
+        "name": "N",
+        "minDeposit": "7000",
+        "facilitator": "http://127.0.0.1:8000/x402",
+    }
 
 
 def test_networks_and_payloads_have_one_form() -> None:

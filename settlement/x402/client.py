@@ -26,8 +26,15 @@ from types import SimpleNamespace
 from typing import Any
 
 from eth_utils.address import to_checksum_address
+from x402.extensions.payment_identifier import PAYMENT_IDENTIFIER, append_payment_identifier_to_extensions
 from x402.interfaces import PaymentPayloadContext
-from x402.schemas import PaymentRequirements, PaymentResponseContext, RecoveredResponseResult
+from x402.schemas import (
+    PaymentPayload,
+    PaymentRequired,
+    PaymentRequirements,
+    PaymentResponseContext,
+    RecoveredResponseResult,
+)
 
 from settlement.domain.model import ETH, ChannelId
 from settlement.sdk.journal import Budget
@@ -203,6 +210,23 @@ class ChannelHubClientScheme:
     def _release(self, lane: Lane) -> None:
         with self._guard:
             lane.busy_since, lane.key = None, None
+
+
+class PaymentIdentifiers:
+    """An x402 client extension (`x402Client.register_extension`): each payment carries a fresh identifier when the
+    payee declares x402's `payment-identifier` extension, so that sending the same paid request again (a lost
+    answer, a timeout) is recognised as the same payment: answered again, charged once (docs/x402.md)."""
+
+    key = PAYMENT_IDENTIFIER
+    hooks = None  # no lifecycle hooks: the payload carries it all
+    transport_hooks = None
+
+    def enrich_payment_payload(self, payload: PaymentPayload, required: PaymentRequired) -> PaymentPayload:
+        declared = (required.extensions or {}).get(PAYMENT_IDENTIFIER)
+        if declared is None:
+            return payload
+        extensions = dict(payload.extensions or {}) | {PAYMENT_IDENTIFIER: declared}
+        return payload.model_copy(update={"extensions": append_payment_identifier_to_extensions(extensions)})
 
 
 def _int(value: object) -> int | None:

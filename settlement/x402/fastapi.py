@@ -4,21 +4,36 @@ of answer. When the facilitator cannot judge a payment (no answer, a 5xx, a body
 `Retry-After` instead: retry later, nothing was charged (the voucher was not accepted, so it pays nothing; the
 payer's next payment finds that out from the service).
 
+And a retry of a paid request is answered as the first one was: a payment that carries x402's payment identifier
+(`payment-identifier` extension) and bought a response gets that same response again for `PaidAnswers.ttl` seconds,
+charged nothing more (the facilitator would refuse the voucher as replayed). Concurrent retries of one payment wait
+for the first. A payment without an identifier that is sent again gets a 402 (`voucher_replayed`), as before.
+
 Needs FastAPI (the payee's app has it); the rest of settlement.x402 does not.
 """
 
 from __future__ import annotations
 
+import asyncio
+import hashlib
+import time
+from collections import OrderedDict
 from collections.abc import Awaitable, Callable
 from contextvars import ContextVar
+from dataclasses import dataclass
 from typing import Any
 
 from fastapi import Request, Response
 from fastapi.responses import JSONResponse
-from x402.http import HTTPFacilitatorClient
+from starlette.types import ASGIApp
+from x402 import x402ResourceServer
+from x402.extensions.payment_identifier import extract_payment_identifier
+from x402.http import HTTPFacilitatorClient, PaywallConfig
 from x402.http.facilitator_client_base import FacilitatorResponseError
 from x402.http.middleware.fastapi import PaymentMiddlewareASGI
-from x402.schemas import SettleResponse, VerifyResponse
+from x402.http.types import RoutesConfig
+from x402.http.utils import decode_payment_signature_header
+from x402.schemas import PaymentPayload, SettleResponse, VerifyResponse
 
 from settlement.x402.wire import Reason
 
@@ -50,10 +65,107 @@ def _unavailable(operation: str, ex: Exception) -> FacilitatorResponseError:
     return FacilitatorResponseError(f"facilitator {operation} unavailable: {ex}")
 
 
+@dataclass(frozen=True)
+class _Answer:
+    status: int
+    headers: list[tuple[bytes, bytes]]
+    body: bytes
+    expires: float
+
+
+class PaidAnswers:
+    """Responses bought by payments that carry an identifier, by the exact payment header and route: what a retry
+    of that payment is answered. Bounded by `max_bytes` in all (oldest first out) and `max_body` each (a larger
+    response is not kept: its retry gets the 402 of a replayed voucher)."""
+
+    def __init__(self, ttl: float = 600.0, max_bytes: int = 64 * 2**20, max_body: int = 2**20) -> None:
+        self.ttl, self.max_bytes, self.max_body = ttl, max_bytes, max_body
+        self._answers: OrderedDict[str, _Answer] = OrderedDict()
+        self._bytes = 0
+        self._in_flight: dict[str, asyncio.Event] = {}
+
+    @staticmethod
+    def key_of(request: Request) -> str | None:
+        """The payment's key, or None when the request carries no payment with a valid identifier."""
+        header = request.headers.get("payment-signature")
+        if not header or len(header) > 16384:
+            return None
+        try:
+            payload = decode_payment_signature_header(header)
+        except Exception:  # not x402's: the middleware answers it
+            return None
+        if not isinstance(payload, PaymentPayload) or extract_payment_identifier(payload, validate=True) is None:
+            return None
+        route = f"{request.method} {request.url.path}?{request.url.query}\n{header}"
+        return hashlib.sha256(route.encode()).hexdigest()
+
+    def get(self, key: str) -> Response | None:
+        answer = self._answers.get(key)
+        if answer is None or answer.expires < time.monotonic():
+            return None
+        response = Response(content=answer.body, status_code=answer.status)
+        response.raw_headers = list(answer.headers)
+        return response
+
+    def keep(self, key: str, response: Response) -> None:
+        body = getattr(response, "body", None)
+        if not isinstance(body, bytes) or len(body) > self.max_body or response.status_code >= 400:
+            return
+        if "payment-response" not in response.headers:  # not a paid answer (no settlement happened)
+            return
+        self._drop(key)
+        self._answers[key] = _Answer(
+            response.status_code, list(response.raw_headers), body, time.monotonic() + self.ttl
+        )
+        self._bytes += len(body)
+        now = time.monotonic()
+        while self._answers and (self._bytes > self.max_bytes or next(iter(self._answers.values())).expires < now):
+            self._drop(next(iter(self._answers)))
+
+    def _drop(self, key: str) -> None:
+        gone = self._answers.pop(key, None)
+        if gone is not None:
+            self._bytes -= len(gone.body)
+
+    async def answer(self, key: str, pay: Callable[[], Awaitable[Response]]) -> Response:
+        """The kept answer of this payment, else pay (one at a time per payment: a concurrent retry waits)."""
+        while (running := self._in_flight.get(key)) is not None:
+            await running.wait()
+        kept = self.get(key)
+        if kept is not None:
+            return kept
+        done = self._in_flight[key] = asyncio.Event()
+        try:
+            response = await pay()
+            self.keep(key, response)
+            return response
+        finally:
+            del self._in_flight[key]
+            done.set()
+
+
 class PaymentMiddleware(PaymentMiddlewareASGI):
-    """`PaymentMiddlewareASGI`, answering 503 + Retry-After when the facilitator could not judge the payment."""
+    """`PaymentMiddlewareASGI`, answering 503 + Retry-After when the facilitator could not judge the payment, and
+    a retry of a payment with an identifier as the payment was answered (`answers`)."""
+
+    def __init__(
+        self,
+        app: ASGIApp,
+        routes: RoutesConfig,
+        server: x402ResourceServer,
+        paywall_config: PaywallConfig | None = None,
+        answers: PaidAnswers | None = None,
+    ) -> None:
+        super().__init__(app, routes, server, paywall_config)
+        self.answers = answers if answers is not None else PaidAnswers()
 
     async def dispatch(self, request: Request, call_next: Callable[[Request], Awaitable[Response]]) -> Response:
+        key = self.answers.key_of(request)
+        if key is None:
+            return await self._paid(request, call_next)
+        return await self.answers.answer(key, lambda: self._paid(request, call_next))
+
+    async def _paid(self, request: Request, call_next: Callable[[Request], Awaitable[Response]]) -> Response:
         holder: dict[str, str] = {}
         token = _failures.set(holder)
         try:

@@ -4,7 +4,8 @@ x402's own middleware.
 
 Prices are base units of the configured asset (an int, or a decimal string of base units), or a human amount of
 it (`"0.001"` with the asset's decimals); dollar prices are refused (no price oracle here). The requirements carry
-what a payer needs to pay and nothing more: the hub and its EIP-712 domain from the facilitator, and a deposit hint.
+what a payer needs to pay and nothing more: the hub and its EIP-712 domain from the facilitator, a deposit hint, and
+(when given) the facilitator's URL, so that a payer without a service of its own knows whose position to trust.
 """
 
 from __future__ import annotations
@@ -30,9 +31,12 @@ class ChannelHubServerScheme:
     # answer is never settled), and the response goes out only once the payment is durably accepted.
     payment_flows: Mapping[str, PaymentFlowConfig] = {SDK_DEFAULT_ASSET_TRANSFER_METHOD: AUTHORIZATION_PAYMENT_FLOW}
 
-    def __init__(self, asset: str = ETH, *, decimals: int = 18, deposit_multiple: int = 1000) -> None:
+    def __init__(
+        self, asset: str = ETH, *, decimals: int = 18, deposit_multiple: int = 1000, facilitator_url: str | None = None
+    ) -> None:
         if deposit_multiple < 1:
             raise ValueError("deposit_multiple must be at least 1")
+        self.facilitator_url = facilitator_url
         self.asset = asset
         self.decimals = decimals
         self.deposit_multiple = deposit_multiple
@@ -63,8 +67,10 @@ class ChannelHubServerScheme:
     def enhance_payment_requirements(
         self, requirements: PaymentRequirements, supported_kind: SupportedKind, extensions: list[str]
     ) -> PaymentRequirements:
-        """Add the hub and its domain (from the facilitator's /supported) and the deposit hint."""
+        """Add the hub and its domain (from the facilitator's /supported), the deposit hint, the facilitator."""
         extra: dict[str, Any] = dict(requirements.extra or {})
         extra.update(supported_kind.extra or {})
         extra["minDeposit"] = str(int(requirements.amount) * self.deposit_multiple)
+        if self.facilitator_url is not None:
+            extra["facilitator"] = self.facilitator_url
         return requirements.model_copy(update={"extra": extra})
