@@ -28,6 +28,10 @@
         ├── PayloadTooLargeError     413 payload_too_large
         ├── RequestTimeoutError      408 request_timeout     (the body came too slowly)
         ├── HostNotAllowedError      400 host_not_allowed    (a Host header not in SETTLEMENT_ALLOWED_HOSTS)
+        ├── AuthenticationRequiredError 401 authentication_required (a read that needs credentials came without)
+        │   └── InvalidCredentialsError 401 invalid_credentials (an unknown, revoked or expired key or token; a
+        │                                                   sign-in whose message or signature does not hold)
+        ├── ForbiddenError           403 forbidden           (another party's data, or an operator's route)
         ├── BatchTooLargeError       413 batch_too_large
         ├── NotFoundError            404 not_found
         ├── MethodNotAllowedError    405 method_not_allowed
@@ -209,6 +213,27 @@ class HostNotAllowedError(RequestError):
 
     status = 400
     code = "host_not_allowed"
+
+
+class AuthenticationRequiredError(RequestError):
+    """A route that needs a caller's credentials (docs/security.md) was asked without any."""
+
+    status = 401
+    code = "authentication_required"
+
+
+class InvalidCredentialsError(AuthenticationRequiredError):
+    """Credentials were given and do not hold: an unknown or revoked API key, an expired or forged token, a sign-in
+    message this service did not issue, or a signature by another account."""
+
+    code = "invalid_credentials"
+
+
+class ForbiddenError(RequestError):
+    """The caller is known, and this is another party's data or an operator's route."""
+
+    status = 403
+    code = "forbidden"
 
 
 class BatchTooLargeError(RequestError):

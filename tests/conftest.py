@@ -223,6 +223,9 @@ def service_settings(
             # Test payments are a few wei: the economic check would keep them out of every regular batch. The tests
             # of that check (test_settle_economics.py) turn it on.
             "settle_fee_share_percent": 0,
+            # Reads open to any caller (allowed on a devnet only): the tests of access control
+            # (test_access.py) turn it on.
+            "access_control": False,
             **overrides,
         }
         return devnet_settings(**values)
@@ -342,6 +345,7 @@ def spawn(
             "indexer_interval": "0.05",
             "engine_enabled": "false",
             "settle_fee_share_percent": "0",  # as in service_settings
+            "access_control": "false",  # as in service_settings
             **settings,
         }
         service = ServiceProcess(values, tmp_path, name).start()

@@ -59,6 +59,7 @@ def settings_for(net: Devnet, deployment: Deployment, store_url: str, tmp_path: 
         confirmations=0,
         indexer_interval=0.05,
         engine_enabled=False,
+        access_control=False,  # as in service_settings
     )
 
 

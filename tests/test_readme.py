@@ -15,6 +15,7 @@ import sys
 from collections.abc import Iterator
 from pathlib import Path
 
+import httpx
 import pytest
 
 from settlement.devtools.devnet import free_port
@@ -126,9 +127,10 @@ def test_the_by_hand_devnet_session_pays_settles_and_withdraws(shell: Shell, tmp
     steps = commands(block_after("### A session on a devnet, by hand", "bash"))
     assert [s.split()[0] for s in steps] == [
         ".venv/bin/settlement", "export", ".venv/bin/settlement", ".venv/bin/settlement", ".venv/bin/python",
-        ".venv/bin/settlement", f"SETTLEMENT_WITHDRAW_KEY={PAYEE_KEY}", "kill",
+        "export", ".venv/bin/settlement", ".venv/bin/settlement", "kill",
     ]  # fmt: skip
-    devnet, export, deploy, serve, pay, payee, withdraw, stop = steps
+    devnet, export, deploy, serve, pay, payee_key, payee, withdraw, stop = steps
+    assert payee_key.split()[1] == f"SETTLEMENT_WITHDRAW_KEY={PAYEE_KEY}"
     shell.run(devnet)
     wait_until(lambda: "devnet running" in shell.job_log(1), timeout=60)
     assert re.search(r"test ERC-20 0x[0-9a-fA-F]{40} \(DEV, 18 decimals\)", shell.job_log(1))
@@ -143,7 +145,10 @@ def test_the_by_hand_devnet_session_pays_settles_and_withdraws(shell: Shell, tmp
     assert paid is not None and paid.returncode == 0, paid.stdout + paid.stderr
     assert paid.stdout.splitlines()[0] == "25000000000 25000000000 999999975000000000"
 
-    # The close made the engine settle the channel at once; the payee sees it, then takes it out.
+    # The close made the engine settle the channel at once; the payee (signed in with its own key) sees it, then
+    # takes it out.
+    shell.run(payee_key)
+
     def settled() -> bool:
         report = run_cli("payee", "--json", payee.split()[-1], env=_cli_env(shell), cwd=tmp_path)
         assets = json.loads(report.stdout)["assets"] if report.returncode == 0 else []
@@ -223,7 +228,14 @@ def test_make_run_then_a_second_terminal_reads_the_demo(tmp_path: Path) -> None:
             for line in log.read_text().splitlines()
             if line.strip().startswith("export SETTLEMENT_")
         )
-        assert sorted(exports) == ["SETTLEMENT_DATABASE_URL", "SETTLEMENT_DEPLOYMENT_FILE", "SETTLEMENT_RPC_URL"]
+        assert sorted(exports) == [
+            "SETTLEMENT_API_KEY", "SETTLEMENT_DATABASE_URL", "SETTLEMENT_DEPLOYMENT_FILE", "SETTLEMENT_RPC_URL",
+        ]  # fmt: skip
+        assert httpx.get(f"http://127.0.0.1:{port}/v1/channels").status_code == 401
+        listing = httpx.get(
+            f"http://127.0.0.1:{port}/v1/channels", headers={"Authorization": f"Bearer {exports['SETTLEMENT_API_KEY']}"}
+        )
+        assert len(listing.json()["items"]) == 7
         second = tmp_path / "elsewhere"
         second.mkdir()
         listed = run_cli("channels", "--json", env=exports, cwd=second)
@@ -234,7 +246,7 @@ def test_make_run_then_a_second_terminal_reads_the_demo(tmp_path: Path) -> None:
         assert json.loads(status.stdout)["settleInterval"] == 10.0
         view = run_cli(  # the demo's payees are devnet accounts 4 and 5
             "payee", "0x15d34AAf54267DB7D7c367839AAf71A00a2C6A65",
-            env={"SETTLEMENT_SERVICE_URL": f"http://127.0.0.1:{port}"}, cwd=second,
+            env=exports | {"SETTLEMENT_SERVICE_URL": f"http://127.0.0.1:{port}"}, cwd=second,
         )  # fmt: skip
         assert view.returncode == 0 and "ETH (wei)" in view.stdout, view.stdout + view.stderr
     finally:

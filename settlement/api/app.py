@@ -58,7 +58,8 @@ def create_app(settings: Settings, service: Service | None = None) -> HostGuard:
 
     @app.exception_handler(SettlementError)
     async def settlement_error(_: Request, ex: SettlementError) -> JSONResponse:
-        return JSONResponse(status_code=ex.status, content=ex.body())
+        challenge = {"WWW-Authenticate": 'Bearer realm="settlement"'} if ex.status == 401 else None
+        return JSONResponse(status_code=ex.status, content=ex.body(), headers=challenge)
 
     @app.exception_handler(RequestValidationError)
     async def validation_error(_: Request, ex: RequestValidationError) -> JSONResponse:

@@ -25,7 +25,9 @@ AddressPath = Annotated[str, Path(pattern=r"^0x[0-9a-fA-F]{40}$", description=AD
 AddressQuery = Annotated[str | None, Query(pattern=r"^0x[0-9a-fA-F]{40}$", description=ADDRESS_RULE)]
 Limit = Annotated[int, Query(ge=1, le=1000)]
 
-ERRORS: dict[int | str, dict[str, Any]] = {code: {"model": ErrorOut} for code in (400, 404, 409, 413, 415, 503)}
+ERRORS: dict[int | str, dict[str, Any]] = {
+    code: {"model": ErrorOut} for code in (400, 401, 403, 404, 409, 413, 415, 503)
+}
 
 
 def checked_address(value: str | None, name: str) -> str | None:

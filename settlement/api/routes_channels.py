@@ -7,11 +7,12 @@ from typing import Annotated, Literal
 
 from fastapi import APIRouter, Query
 
+from settlement.api.auth import CallerDep, require_party
 from settlement.api.deps import ERRORS, AddressPath, AddressQuery, ChannelIdPath, Limit, ServiceDep, checked_address
 from settlement.api.schemas import AssetOut, ChannelOut, ChannelPage, PayeeSummaryOut, PaymentPage, ReceiptOut
 from settlement.chain.node import rpc_errors
 from settlement.domain.model import ChannelId, ChannelStatus
-from settlement.errors import ChainError, ChannelNotFoundError
+from settlement.errors import ChainError, ChannelNotFoundError, ForbiddenError
 from settlement.server.service import Service
 from settlement.store import channels as channel_q
 from settlement.store.payees import payee_book
@@ -20,29 +21,36 @@ router = APIRouter(responses=ERRORS)
 
 
 @router.get("/v1/channels/{channelId}", operation_id="getChannel", tags=["channels"])
-def get_channel(channelId: ChannelIdPath, service: ServiceDep) -> ChannelOut:
-    """One channel: the chain's confirmed facts and the latest accepted voucher (looked up on chain if new)."""
+def get_channel(channelId: ChannelIdPath, service: ServiceDep, who: CallerDep) -> ChannelOut:
+    """One channel: the chain's confirmed facts and the latest accepted voucher (looked up on chain if new). Its
+    payer's, its payee's and the operator's."""
     channel = service.ingestor.find_channel(ChannelId(channelId.lower()))
     if channel is None:
         raise ChannelNotFoundError(f"channel {channelId.lower()} does not exist on chain")
+    require_party(who, channel.payer, channel.payee, "a channel")
     return ChannelOut.of(channel)
 
 
 @router.get("/v1/channels", operation_id="listChannels", tags=["channels"])
 def list_channels(
     service: ServiceDep,
+    who: CallerDep,
     payer: AddressQuery = None,
     payee: AddressQuery = None,
     status: Literal["open", "closing", "closed"] | None = None,
     cursor: Annotated[str | None, Query(pattern=r"^0x[0-9a-f]{64}$")] = None,
     limit: Limit = 100,
 ) -> ChannelPage:
-    """Channels the service knows, in id order; pass `nextCursor` back as `cursor` for the next page."""
+    """Channels the service knows, in id order; pass `nextCursor` back as `cursor` for the next page. A payer or a
+    payee names itself as `payer` or `payee`; the operator lists any."""
+    payer, payee = checked_address(payer, "payer"), checked_address(payee, "payee")
+    if not (who.is_operator or (payer and who.is_payer(payer)) or (payee and who.is_payee(payee))):
+        raise ForbiddenError("name yourself as `payer` or `payee`: only the operator lists every party's channels")
     with service.db.read() as conn:
         page = channel_q.list_channels(
             conn,
-            payer=checked_address(payer, "payer"),
-            payee=checked_address(payee, "payee"),
+            payer=payer,
+            payee=payee,
             status=ChannelStatus[status.upper()] if status else None,
             after=cursor,
             limit=limit,
@@ -54,28 +62,34 @@ def list_channels(
 def list_payments(
     channelId: ChannelIdPath,
     service: ServiceDep,
+    who: CallerDep,
     cursor: Annotated[
         int | None, Query(ge=1, le=2**63 - 1, description="the previous page's nextCursor (a payment id)")
     ] = None,
     limit: Limit = 100,
 ) -> PaymentPage:
-    """Every accepted increment of a channel, newest first."""
+    """Every accepted increment of a channel, newest first (with the payer's references: its payer's, its payee's and
+    the operator's)."""
     channel_id = channelId.lower()
     with service.db.read() as conn:
-        if channel_q.get_channel(conn, channel_id) is None:
+        channel = channel_q.get_channel(conn, channel_id)
+        if channel is None:
             raise ChannelNotFoundError(f"the service has no channel {channel_id}")
+        require_party(who, channel.payer, channel.payee, "a channel's payments")
         page = channel_q.list_payments(conn, channel_id, before=cursor, limit=limit)
     return PaymentPage(items=[ReceiptOut.of(r) for r in page.items], nextCursor=page.next_cursor)
 
 
 @router.get("/v1/payees/{address}/summary", operation_id="getPayeeSummary", tags=["channels"])
-def payee_summary(address: AddressPath, service: ServiceDep) -> PayeeSummaryOut:
+def payee_summary(address: AddressPath, service: ServiceDep, who: CallerDep) -> PayeeSummaryOut:
     """What a payee was paid, per asset: accepted by the service, settled on chain, the difference, what the hub
     holds for it (`withdrawable`, read from the chain at the block the other figures are current to; null when the
     chain does not answer) and what it already withdrew (confirmed `Withdrawn` events). Unsettled value becomes
     withdrawable with the next batch, every `settleInterval` seconds of the running engine."""
     payee = checked_address(address, "address")
     assert payee is not None
+    if not (who.is_operator or who.is_payee(payee)):
+        raise ForbiddenError("a payee's summary is read by that payee and the operator only")
     with service.db.read() as conn:
         book = payee_book(conn, payee)
     rows = [

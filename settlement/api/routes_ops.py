@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 from fastapi import APIRouter, Response
 from fastapi.responses import PlainTextResponse
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from settlement import __version__
+from settlement.api.auth import OperatorDep
 from settlement.api.deps import ERRORS, ServiceDep
 from settlement.api.schemas import Eip712Info, Health, Readiness
 from settlement.eip712.vouchers import EIP712_DOMAIN_TYPE, VOUCHER_TYPE
@@ -46,9 +49,16 @@ def ready(service: ServiceDep) -> Readiness:
     )
 
 
-@router.get("/metrics", operation_id="metrics", tags=["ops"], response_class=PlainTextResponse)
-def metrics(service: ServiceDep) -> Response:
-    """Prometheus metrics of this process."""
+# Its errors are JSON like every other route's, though the metrics themselves are text.
+_JSON_ERRORS: dict[int | str, dict[str, Any]] = {
+    code: {"content": {"application/json": {"schema": {"$ref": "#/components/schemas/ErrorOut"}}}}
+    for code in (401, 403, 503)
+}
+
+
+@router.get("/metrics", operation_id="metrics", tags=["ops"], response_class=PlainTextResponse, responses=_JSON_ERRORS)
+def metrics(service: ServiceDep, _: OperatorDep) -> Response:
+    """Prometheus metrics of this process (the operator's: they show the settler's balance and traffic)."""
     progress = service.indexer.progress
     if progress is not None:
         service.metrics.indexer_head.set(progress.head)

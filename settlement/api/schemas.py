@@ -67,11 +67,11 @@ def documented_body(model: type[BaseModel]) -> dict[str, Any]:
     return {"requestBody": {"required": True, "content": {"application/json": {"schema": inline(schema)}}}}
 
 
-class _Strict(BaseModel):
+class StrictModel(BaseModel):
     model_config = ConfigDict(extra="forbid", strict=True)
 
 
-class VoucherIn(_Strict):
+class VoucherIn(StrictModel):
     """A signed voucher: the channel's new cumulative total, signed by the payer with EIP-712."""
 
     channelId: Hex32
@@ -99,7 +99,7 @@ class VoucherIn(_Strict):
         )
 
 
-class VoucherBatchIn(_Strict):
+class VoucherBatchIn(StrictModel):
     vouchers: list[VoucherIn]
 
 

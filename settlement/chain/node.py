@@ -97,6 +97,17 @@ def mines_only_on_transactions(w3: Web3) -> bool:
     return isinstance(answer, dict) and answer.get("result") is True
 
 
+DEVNET_CLIENTS = ("anvil/", "hardhatnetwork/", "ganache/")
+
+
+def is_devnet(w3: Web3) -> bool:
+    """Whether the node is a local development chain (anvil, Hardhat, Ganache), by its client version: there, the
+    service may start without credentials configured (docs/security.md)."""
+    with rpc_errors("asking the node which client it is"):
+        version = str(w3.client_version).lower()
+    return version.startswith(DEVNET_CLIENTS)
+
+
 @dataclass(frozen=True)
 class Revert:
     """A decoded revert: the custom error's name and arguments, or the raw data when the ABI does not know it."""

@@ -27,6 +27,7 @@ from sqlalchemy import Connection
 from settlement.api.schemas import ChannelOut
 from settlement.chain.deployment import Deployment, deploy_hub
 from settlement.chain.node import connect, mines_only_on_transactions
+from settlement.cli.keys import operator_key_file
 from settlement.devtools.devnet import Devnet, port_free
 from settlement.domain.model import ETH, ChannelId
 from settlement.errors import ChainError, ConfigError, EngineBusyError, PortInUseError, SettlementError
@@ -186,10 +187,14 @@ def serve(
 def _serve(settings: Settings, host: str, port: int, log_level: str = "info", access_log: bool = False) -> None:
     from settlement.api.app import create_app
     from settlement.api.transport import bounded_head_protocol
+    from settlement.cli.keys import devnet_operator_key
 
     try:
         _check_port_free(host, port)
-        api = create_app(settings)
+        service = Service.build(settings)
+        api = create_app(settings, service)
+        if service.devnet:
+            devnet_operator_key(settings, service.db, console)
         _warn_if_never_confirmed(settings)
     except SettlementError as ex:
         raise _fail(ex) from ex
@@ -493,12 +498,16 @@ def payee(
     address: Annotated[str, typer.Argument(help="the payee's address")],
     service_url: Annotated[str | None, typer.Option(help="the service (default: SETTLEMENT_SERVICE_URL)")] = None,
     as_json: Annotated[bool, typer.Option("--json", help="the service's JSON summary as it is")] = False,
+    key_file: Annotated[
+        Path | None, typer.Option(help="sign in with the payee's key in this file (else SETTLEMENT_WITHDRAW_KEY)")
+    ] = None,
 ) -> None:
-    """What a payee was paid, per asset: accepted, settled on chain, unsettled, withdrawable now, withdrawn."""
+    """What a payee was paid, per asset: accepted, settled on chain, unsettled, withdrawable now, withdrawn. The
+    service is asked with SETTLEMENT_API_KEY, or signed in with the payee's own key."""
     from settlement.cli.payee import payee_report
 
     try:
-        payee_report(_settings(), console, address, service_url=service_url, as_json=as_json)
+        payee_report(_settings(), console, address, service_url=service_url, as_json=as_json, key_file=key_file)
     except SettlementError as ex:
         raise _fail(ex) from ex
 
@@ -570,11 +579,57 @@ def simulate(
 
 def _print_second_terminal(settings: Settings, api_port: int) -> None:
     """What another terminal needs to look at the demo with the CLI (it keeps its own deployment file and store)."""
-    console.print("In a second terminal, these make `settlement status`, `channels` and `reconcile` read this demo:")
+    console.print("In a second terminal, these make `settlement status`, `channels`, `payee` and the API read it:")
     console.print(f"  export SETTLEMENT_RPC_URL={settings.rpc_url}", soft_wrap=True)
     console.print(f"  export SETTLEMENT_DEPLOYMENT_FILE={settings.deployment_file.resolve()}", soft_wrap=True)
     console.print(f"  export SETTLEMENT_DATABASE_URL={_absolute_sqlite(settings.database_url)}", soft_wrap=True)
-    console.print(f"  curl http://127.0.0.1:{api_port}/v1/channels", soft_wrap=True)
+    key_file = operator_key_file(settings)
+    if key_file.exists():
+        console.print(f"  export SETTLEMENT_API_KEY={key_file.read_text().strip()}", soft_wrap=True)
+    console.print(
+        f'  curl -H "Authorization: Bearer $SETTLEMENT_API_KEY" http://127.0.0.1:{api_port}/v1/channels', soft_wrap=True
+    )
+
+
+keys_app = typer.Typer(help="The operator's API keys: made once and shown once, listed, revoked.", no_args_is_help=True)
+app.add_typer(keys_app, name="keys")
+
+
+@keys_app.command("create")
+def keys_create(
+    role: Annotated[str, typer.Option(help="operator (reads everything), payee or payer (reads its own)")],
+    account: Annotated[str | None, typer.Option(help="the payee's or payer's address")] = None,
+    name: Annotated[str, typer.Option(help="what the key is for, shown in `keys list`")] = "",
+) -> None:
+    """Make an API key: printed once, on its own line (the store keeps its hash only)."""
+    from settlement.cli import keys
+
+    try:
+        keys.create(_settings(), err_console, role, account, name or role)
+    except SettlementError as ex:
+        raise _fail(ex) from ex
+
+
+@keys_app.command("list")
+def keys_list() -> None:
+    """Every key's id, role, account, name and dates (never the key)."""
+    from settlement.cli import keys
+
+    try:
+        keys.show(_settings(), console)
+    except SettlementError as ex:
+        raise _fail(ex) from ex
+
+
+@keys_app.command("revoke")
+def keys_revoke(key_id: Annotated[str, typer.Argument(help="the key's id, from `keys list`")]) -> None:
+    """Revoke a key: refused from the next request on, by every process on the store."""
+    from settlement.cli import keys
+
+    try:
+        keys.revoke(_settings(), console, key_id)
+    except SettlementError as ex:
+        raise _fail(ex) from ex
 
 
 def _absolute_sqlite(url: str) -> str:
@@ -592,6 +647,7 @@ def demo(
     The demo keeps its own SQLite store (.settlement/demo.db next to the deployment file), recreated on each run,
     because every run starts a new chain.
     """
+    from settlement.cli.keys import devnet_operator_key
     from settlement.devtools.demo import DemoTraffic, PaidApiDemo
 
     settings = _settings()
@@ -622,6 +678,12 @@ def demo(
                 f"ChannelHub deployed at [bold]{deployment.address}[/] (challenge period "
                 f"{deployment.challenge_period}s, {local.confirmations} confirmations, {block_time:g}s blocks)"
             )
+            store = Database(local.database_url)
+            try:
+                store.migrate()
+                devnet_operator_key(local, store, console)  # before the export lines, which name it
+            finally:
+                store.dispose()
             _print_second_terminal(local, api_port)
             traffic = None
             if rate > 0:

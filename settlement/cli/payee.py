@@ -29,6 +29,7 @@ from settlement.errors import (
     ServiceRejectedError,
     rejected,
 )
+from settlement.sdk.signin import SignInAuth
 from settlement.server.config import Settings, is_private_key
 
 _ERC20_METADATA: list[dict[str, Any]] = [
@@ -140,14 +141,30 @@ def withdraw(
     )
 
 
-def payee_report(settings: Settings, console: Console, address: str, *, service_url: str | None, as_json: bool) -> None:
-    """The service's summary for `address`: paid, settled, unsettled, withdrawable and withdrawn, per asset."""
+def payee_report(
+    settings: Settings,
+    console: Console,
+    address: str,
+    *,
+    service_url: str | None,
+    as_json: bool,
+    key_file: Path | None = None,
+) -> None:
+    """The service's summary for `address`: paid, settled, unsettled, withdrawable and withdrawn, per asset. Sent
+    with SETTLEMENT_API_KEY when set, else signed in with the payee's own key (--key-file or SETTLEMENT_WITHDRAW_KEY)
+    when the service asks for credentials."""
     if not Web3.is_address(address):
         raise ConfigError(f"{address!r} is not an address")
     url = (service_url or settings.service_url or f"http://{settings.api_host}:{settings.api_port}").rstrip("/")
     request = f"GET {url}/v1/payees/{Web3.to_checksum_address(address)}/summary"
+    auth: httpx.Auth | None = None
+    headers = {}
+    if settings.api_key is not None:
+        headers["Authorization"] = f"Bearer {settings.api_key.get_secret_value()}"
+    elif key_file is not None or settings.withdraw_key is not None:
+        auth = SignInAuth(withdraw_account(settings, key_file), url)
     try:
-        answer = httpx.get(request.split(" ", 1)[1], timeout=10)
+        answer = httpx.get(request.split(" ", 1)[1], timeout=10, headers=headers, auth=auth)
     except httpx.HTTPError as ex:
         raise ServiceRejectedError(
             503, "service_unavailable", f"the service at {url} does not answer ({ex}): pass --service-url"

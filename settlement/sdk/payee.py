@@ -21,6 +21,7 @@ from settlement.domain.model import ETH, ChannelViewField
 from settlement.eip712.vouchers import VoucherVerifier
 from settlement.errors import UntrustedServiceError, rejected
 from settlement.sdk.payer import checked_hub
+from settlement.sdk.signin import SignInAuth
 
 
 class PayeeClient:
@@ -34,6 +35,7 @@ class PayeeClient:
         self.w3 = connect(rpc_url, timeout, self._rpc_session)
         self.http = httpx.Client(base_url=service_url, timeout=timeout)
         self.hub, self.domain = checked_hub(self.w3, self._get("/v1/eip712")["domain"], hub_address)
+        self.http.auth = SignInAuth(self.account, service_url, self.domain.chain_id)  # reads of its own channels
         self._verifier = VoucherVerifier(self.domain)
         self.transactor = Transactor(self.w3, self.account, list(self.hub.abi))  # type: ignore[arg-type]
 

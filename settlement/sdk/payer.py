@@ -53,6 +53,7 @@ from settlement.errors import (
     rejected,
 )
 from settlement.sdk.journal import Budget, JournalPayment, PayerJournal, PaymentStatus
+from settlement.sdk.signin import SignInAuth
 
 ERC20_ABI: list[dict[str, Any]] = [
     {
@@ -146,6 +147,8 @@ class PayerClient:
         self.backoff = backoff
         try:
             self.hub, self.domain = checked_hub(self.w3, self._get("/v1/eip712")["domain"], hub_address)
+            if self.http.auth is None:  # reads of its own channels: signed in with its own key when asked to
+                self.http.auth = SignInAuth(self.account, service_url, self.domain.chain_id)
             abi = load_artifact(HUB).abi
         except BaseException:
             self.http.close()

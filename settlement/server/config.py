@@ -76,6 +76,20 @@ class Settings(BaseSettings):
         default_factory=lambda: ["127.0.0.1", "localhost", "[::1]"],
         description='Host header names the API answers to (any port); JSON list; ["*"] for any',
     )
+    access_control: bool = Field(
+        default=True,
+        description="reads need credentials (docs/security.md); false only on a devnet: any caller reads anything",
+    )
+    signin_secret: SecretStr | None = Field(
+        default=None,
+        description="HMAC key of sign-in challenges and tokens (None: one made and kept in the store, shared by "
+        "every process on it); changing it ends every token",
+    )
+    signin_token_seconds: int = Field(default=3600, ge=60, le=86_400, description="a sign-in token lasts this long")
+    signin_challenge_seconds: int = Field(default=300, ge=30, le=3600, description="a challenge must be signed within")
+    api_key: SecretStr | None = Field(
+        default=None, description="the API key `settlement payee` and other client commands send"
+    )
     ready_max_lag: int = Field(default=64, ge=0, description="/ready fails when the indexer is further behind")
 
     # Settlement engine

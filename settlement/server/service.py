@@ -8,22 +8,25 @@ import threading
 from dataclasses import dataclass, field
 
 import requests
+from sqlalchemy import Connection
 from web3 import Web3
 from web3.contract import Contract
 
 from settlement.chain.deployment import Deployment, hub_contract
-from settlement.chain.node import connect
+from settlement.chain.node import connect, is_devnet
 from settlement.eip712.vouchers import Domain, VoucherVerifier, read_domain
-from settlement.errors import SettlementError
+from settlement.errors import ConfigError, SettlementError
 from settlement.indexer.follower import Indexer
 from settlement.ingest.pipeline import Ingestor
+from settlement.server.access import Role, SignIn
 from settlement.server.config import Settings
 from settlement.server.metrics import Metrics
 from settlement.server.operator import operator_account
 from settlement.settle.engine import Settler
 from settlement.settle.lease import Lease
 from settlement.store import Database
-from settlement.store.meta import bind_deployment
+from settlement.store.keys import has_live_key
+from settlement.store.meta import bind_deployment, signin_secret
 
 logger = logging.getLogger(__name__)
 
@@ -42,6 +45,8 @@ class Service:
     metrics: Metrics
     indexer: Indexer
     ingestor: Ingestor
+    signin: SignIn
+    devnet: bool
     settler: Settler | None = None
     lease: Lease | None = None
     _stop: threading.Event = field(default_factory=threading.Event)
@@ -58,11 +63,18 @@ class Service:
         anchor = deployment.check(w3)
         hub = hub_contract(w3, deployment)
         domain = read_domain(hub)
+        devnet = is_devnet(w3)
         db = Database(settings.database_url, pool_size=settings.db_pool_size)
         try:
             db.migrate()
             with db.write() as conn:
                 bind_deployment(conn, deployment.chain_id, deployment.address, anchor)
+                check_credentials(conn, settings, devnet)
+                secret = (
+                    settings.signin_secret.get_secret_value().encode()
+                    if settings.signin_secret is not None
+                    else signin_secret(conn)
+                )
         except BaseException:
             db.dispose()  # a refused store must not leave its connections to the garbage collector
             session.close()
@@ -89,7 +101,8 @@ class Service:
             group_max=settings.ingest_group_max,
             recovery_threads=settings.recovery_threads,
         )
-        service = cls(settings, deployment, w3, session, hub, domain, db, metrics, indexer, ingestor)
+        signin = SignIn(secret, deployment.chain_id, settings.signin_challenge_seconds, settings.signin_token_seconds)
+        service = cls(settings, deployment, w3, session, hub, domain, db, metrics, indexer, ingestor, signin, devnet)
         if settings.engine_enabled:
             account = operator_account(settings, w3)
             service.settler = Settler(db, w3, hub, account, settings, metrics)
@@ -141,3 +154,15 @@ class Service:
         self.ingestor.stop()
         self.db.dispose()
         self.rpc_session.close()
+
+
+def check_credentials(conn: Connection, settings: Settings, devnet: bool) -> None:
+    """Off a devnet, refuse to serve reads to anyone: access control on, and an operator key to reach them."""
+    if devnet:
+        return
+    if not settings.access_control:
+        raise ConfigError("SETTLEMENT_ACCESS_CONTROL=false is for a devnet only; this chain is not one")
+    if not has_live_key(conn, Role.OPERATOR):
+        raise ConfigError(
+            "no operator API key: make one with `settlement keys create --role operator` before serving this chain"
+        )

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import secrets
 
 from sqlalchemy import Connection, select
 from sqlalchemy.dialects.postgresql import insert as pg_insert
@@ -15,6 +16,7 @@ from settlement.store.tables import service_meta
 DEPLOYMENT_KEY = "deployment"
 CHAIN_INSTANCE_KEY = "chain_instance"
 ENGINE_KEY = "engine"
+SIGNIN_KEY = "signin_secret"
 
 
 def _claim(conn: Connection, key: str, wanted: str) -> str:
@@ -66,3 +68,9 @@ def engine_interval(conn: Connection) -> float | None:
     """Seconds between the running engine's regular batches, as it recorded them; None before an engine ran."""
     facts = engine_facts(conn)
     return None if facts is None else float(str(facts["settleInterval"]))
+
+
+def signin_secret(conn: Connection) -> bytes:
+    """The store's key for sign-in challenges and tokens, made by the first process that asks (so that every process
+    on this store accepts what another issued)."""
+    return bytes.fromhex(_claim(conn, SIGNIN_KEY, secrets.token_hex(32)))

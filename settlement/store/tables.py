@@ -157,6 +157,18 @@ service_meta = Table(
     Column("value", Text(), nullable=False),
 )
 
+api_keys = Table(
+    "api_keys",
+    metadata,
+    Column("key_id", String(16), primary_key=True),  # the key's public prefix, shown in listings
+    Column("secret_hash", String(64), nullable=False, unique=True),  # SHA-256 of the whole key, hex; never the key
+    Column("role", String(16), nullable=False),
+    Column("account", String(ADDRESS), nullable=True),  # the payee or payer a key of that role reads as
+    Column("name", String(100), nullable=False),
+    Column("created_at_us", BigInteger(), nullable=False),
+    Column("revoked_at_us", BigInteger(), nullable=True),
+)
+
 settlement_batches = Table(
     "settlement_batches",
     metadata,

@@ -1,0 +1,307 @@
+"""Who may read what (docs/security.md), on the real app and both stores: anyone, an account signed in with its own key,
+a payee's or payer's API key, the operator; and the sign-in itself attacked (changed messages, other signers, forged
+and expired tokens), keys revoked, and a store off a devnet refused without an operator key."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+from eth_account import Account
+from eth_account.messages import encode_defunct
+from eth_account.signers.local import LocalAccount
+from fastapi.testclient import TestClient
+from hexbytes import HexBytes
+
+from settlement.errors import ConfigError, InvalidCredentialsError, UntrustedServiceError
+from settlement.sdk.payer import PayerClient
+from settlement.sdk.signin import SignInAuth
+from settlement.server.access import Role, SignIn, make_key
+from settlement.server.config import Settings
+from settlement.server.service import check_credentials
+from settlement.store import Database
+from settlement.store.keys import add_key, revoke_key
+from tests.hub_helpers import Channel, body, run_cli, wait_until
+from tests.servers import ServiceProcess
+
+PROTECTED = ("channel", "list", "payments", "summary", "metrics")
+
+
+def new_key(store_url: str, role: Role, account: str | None = None) -> str:
+    db = Database(store_url)
+    try:
+        db.migrate()
+        secret, row, digest = make_key(role, account, f"test {role}", time.time_ns() // 1000)
+        with db.write() as conn:
+            add_key(conn, row, digest)
+        return secret
+    finally:
+        db.dispose()
+
+
+def sign_in(client: TestClient, account: LocalAccount) -> str:
+    challenge = client.post("/v1/auth/challenge", json={"address": account.address}).json()
+    signature = account.sign_message(encode_defunct(text=challenge["message"])).signature.to_0x_hex()
+    answer = client.post("/v1/auth/token", json={"message": challenge["message"], "signature": signature})
+    assert answer.status_code == 200, answer.text
+    token: str = answer.json()["token"]
+    return token
+
+
+def reads(client: TestClient, channel: Channel, credential: str | None) -> dict[str, int]:
+    """The status of each protected read about `channel` with this credential."""
+    headers = {} if credential is None else {"Authorization": f"Bearer {credential}"}
+    cid = "0x" + channel.id.hex()
+    paths = {
+        "channel": f"/v1/channels/{cid}",
+        "list": f"/v1/channels?payee={channel.payee}",
+        "payments": f"/v1/channels/{cid}/payments",
+        "summary": f"/v1/payees/{channel.payee}/summary",
+        "metrics": "/metrics",
+    }
+    return {name: client.get(path, headers=headers).status_code for name, path in paths.items()}
+
+
+@pytest.fixture
+def paid_channel(
+    api: Callable[..., TestClient],
+    open_channel: Callable[..., Channel],
+    sign: Callable[..., bytes],
+    accounts: list[LocalAccount],
+) -> Callable[..., tuple[TestClient, Channel]]:
+    """Factory: paid_channel(payer_index, payee_index) -> (an app with access control on, a channel with one
+    accepted payment)."""
+
+    def make(payer: int = 3, payee: int = 4, **settings: Any) -> tuple[TestClient, Channel]:
+        client = api(access_control=True, **settings)
+        channel = open_channel(accounts[payer], accounts[payee].address)
+        wait_until(
+            lambda: (
+                client.post("/v1/vouchers", json=body(channel, 5, sign(channel.payer, channel.id, 5))).status_code
+                == 201
+            )
+        )
+        return client, channel
+
+    return make
+
+
+def test_anyone_pays_and_reads_public_facts_but_no_party_data(
+    paid_channel: Callable[..., tuple[TestClient, Channel]], sign: Callable[..., bytes]
+) -> None:
+    client, channel = paid_channel()
+    assert client.post("/v1/vouchers", json=body(channel, 9, sign(channel.payer, channel.id, 9))).status_code == 201
+    assert [client.get(p).status_code for p in ("/health", "/v1/eip712", "/x402/supported", "/openapi.json")] == [
+        200
+    ] * 4
+    assert reads(client, channel, None) == dict.fromkeys(PROTECTED, 401)
+    refused = client.get(f"/v1/payees/{channel.payee}/summary")
+    assert (refused.json()["code"], refused.headers["www-authenticate"]) == (
+        "authentication_required",
+        'Bearer realm="settlement"',
+    )
+    for header in ("Basic dXNlcjpwYXNz", "Bearer", "Bearer chk_" + "A" * 43, "Bearer cht_" + "0" * 40 + ".9.0"):
+        answer = client.get("/metrics", headers={"Authorization": header})
+        assert (answer.status_code, answer.json()["code"]) == (401, "invalid_credentials"), header
+
+
+def test_the_operator_reads_everything_until_its_key_is_revoked(
+    paid_channel: Callable[..., tuple[TestClient, Channel]], store_url: str
+) -> None:
+    client, channel = paid_channel()
+    key = new_key(store_url, Role.OPERATOR)
+    assert reads(client, channel, key) == dict.fromkeys(PROTECTED, 200)
+    assert client.get("/v1/channels", headers={"Authorization": f"Bearer {key}"}).status_code == 200
+    who = client.get("/v1/auth/whoami", headers={"Authorization": f"Bearer {key}"}).json()
+    assert (who["role"], who["account"], who["via"]) == ("operator", None, key[4:12])
+    db = Database(store_url)
+    try:
+        with db.write() as conn:
+            assert revoke_key(conn, key[4:12], time.time_ns() // 1000)
+    finally:
+        db.dispose()
+    assert reads(client, channel, key) == dict.fromkeys(PROTECTED, 401)
+
+
+def test_a_payee_key_reads_its_own_channels_and_takings_only(
+    paid_channel: Callable[..., tuple[TestClient, Channel]], store_url: str, accounts: list[LocalAccount]
+) -> None:
+    client, channel = paid_channel(3, 4)
+    _, other = paid_channel(5, 6)
+    own = new_key(store_url, Role.PAYEE, channel.payee)
+    assert reads(client, channel, own) == {"channel": 200, "list": 200, "payments": 200, "summary": 200, "metrics": 403}
+    assert reads(client, other, own) == dict.fromkeys(PROTECTED, 403)
+    listing = client.get("/v1/channels", headers={"Authorization": f"Bearer {own}"})
+    assert (listing.status_code, listing.json()["code"]) == (403, "forbidden")
+    as_payer = client.get(f"/v1/channels?payer={channel.payee}", headers={"Authorization": f"Bearer {own}"})
+    assert as_payer.status_code == 403  # a payee key does not read as a payer
+    payer_key = new_key(store_url, Role.PAYER, channel.payer.address)
+    assert reads(client, channel, payer_key) == {
+        "channel": 200,
+        "list": 403,  # the list names the payee: a payer lists with payer=itself
+        "payments": 200,
+        "summary": 403,
+        "metrics": 403,
+    }
+    mine = client.get(f"/v1/channels?payer={channel.payer.address}", headers={"Authorization": f"Bearer {payer_key}"})
+    assert [c["channelId"] for c in mine.json()["items"]] == ["0x" + channel.id.hex()]
+
+
+def test_an_account_signs_in_with_its_own_key_and_reads_as_payer_and_payee(
+    paid_channel: Callable[..., tuple[TestClient, Channel]], accounts: list[LocalAccount]
+) -> None:
+    client, channel = paid_channel(3, 4)
+    _, other = paid_channel(5, 6)
+    payee_token = sign_in(client, accounts[4])
+    assert reads(client, channel, payee_token) == {
+        "channel": 200,
+        "list": 200,
+        "payments": 200,
+        "summary": 200,
+        "metrics": 403,
+    }
+    assert reads(client, other, payee_token) == dict.fromkeys(PROTECTED, 403)
+    payer_token = sign_in(client, accounts[3])
+    who = client.get("/v1/auth/whoami", headers={"Authorization": f"Bearer {payer_token}"}).json()
+    assert (who["role"], who["account"], who["via"]) == ("account", accounts[3].address, "sign-in")
+    assert (
+        client.get(f"/v1/channels/0x{channel.id.hex()}", headers={"Authorization": f"Bearer {payer_token}"}).status_code
+        == 200
+    )
+
+
+def test_a_sign_in_that_does_not_hold_gets_no_token(
+    api: Callable[..., TestClient], accounts: list[LocalAccount]
+) -> None:
+    client = api(access_control=True)
+    victim, attacker = accounts[4], accounts[5]
+    message = client.post("/v1/auth/challenge", json={"address": victim.address}).json()["message"]
+
+    def redeem(text: str, signer: LocalAccount) -> tuple[int, str]:
+        signature = signer.sign_message(encode_defunct(text=text)).signature.to_0x_hex()
+        answer = client.post("/v1/auth/token", json={"message": text, "signature": signature})
+        return answer.status_code, answer.json().get("code", "")
+
+    assert redeem(message, attacker) == (401, "invalid_credentials")  # the victim's challenge, another signer
+    renamed = message.replace(victim.address, attacker.address)
+    assert redeem(renamed, attacker) == (401, "invalid_credentials")  # the address changed: the nonce no longer holds
+    year = message.rsplit("Expiration Time: ", 1)[1][:4]
+    later = message.replace(f"Expiration Time: {year}", "Expiration Time: 2099")
+    assert redeem(later, victim) == (401, "invalid_credentials")  # the expiry moved
+    assert redeem(message + "\n", victim) == (401, "invalid_credentials")
+    assert redeem("I agree", victim) == (401, "invalid_credentials")
+    wrong = client.post("/v1/auth/token", json={"message": message, "signature": "0x" + "00" * 65})
+    assert (wrong.status_code, wrong.json()["code"]) == (401, "invalid_credentials")
+    for bad in ({"message": message}, {"message": message, "signature": "0x12"}, {"address": "0x1234"}):
+        path = "/v1/auth/challenge" if "address" in bad else "/v1/auth/token"
+        answer = client.post(path, json=bad)
+        assert (answer.status_code, answer.json()["code"]) == (400, "malformed_request")
+    assert redeem(message, victim)[0] == 200
+
+
+def test_challenges_and_tokens_expire_and_are_bound_to_their_secret_and_chain() -> None:
+    signin = SignIn(b"k" * 32, 31337, challenge_ttl=300, token_ttl=3600)
+    account: LocalAccount = Account.create()
+    now = 1_900_000_000
+    message, expires = signin.challenge(account.address, "127.0.0.1:8000", "http://127.0.0.1:8000", now)
+    assert expires == now + 300
+    signature = account.sign_message(encode_defunct(text=message)).signature.to_0x_hex()
+    with pytest.raises(InvalidCredentialsError, match="expired"):
+        signin.redeem(message, signature, now + 301)
+    token, who, until = signin.redeem(message, signature, now + 300)
+    assert (who, until) == (account.address, now + 3900)
+    assert signin.caller(token, now + 3900).account == account.address
+    with pytest.raises(InvalidCredentialsError, match="expired"):
+        signin.caller(token, now + 3901)
+    for other in (SignIn(b"j" * 32, 31337, 300, 3600), SignIn(b"k" * 32, 1, 300, 3600)):
+        with pytest.raises(InvalidCredentialsError, match="not a credential"):
+            other.caller(token, now)
+        with pytest.raises(InvalidCredentialsError, match="not a sign-in"):
+            other.redeem(message, signature, now)
+    forged = token.replace(account.address[2:].lower(), "00" * 20)
+    with pytest.raises(InvalidCredentialsError, match="not a credential"):
+        signin.caller(forged, now)
+
+
+def test_the_payer_sdk_signs_in_by_itself_and_signs_nothing_else(
+    spawn: Callable[..., ServiceProcess], devnet: Any, accounts: list[LocalAccount], tmp_path: Path
+) -> None:
+    """A real `serve` with access control on: the payer's SDK pays, then reads its own channels (signing in when
+    the service answers 401); a challenge that is not a sign-in of this account here is never signed."""
+    service = spawn(f"sqlite:///{tmp_path / 'sdk.db'}", access_control="true")
+    with PayerClient(
+        HexBytes(accounts[3].key).to_0x_hex(), devnet.url, service.url, state_path=tmp_path / "journal.sqlite3"
+    ) as payer:
+        channel = payer.open_channel(accounts[4].address, 1_000)
+        payer.wait_until_known(channel)
+        assert payer.pay(channel, 10).cumulative == 10
+        found = payer.open_channels(accounts[4].address, "0x" + "00" * 20)
+        assert [(c["channelId"], c["acceptedCumulativeAmount"]) for c in found] == [(channel.hex_id, "10")]
+        assert httpx.get(f"{service.url}/v1/channels/{channel.hex_id}").status_code == 401
+    auth = SignInAuth(accounts[3], "http://127.0.0.1:8000", 31337)
+    first = "127.0.0.1:8000 wants you to sign in with your Ethereum account:"
+    good = f"{first}\n{accounts[3].address}\n\nx\n\nChain ID: 31337"
+    auth._check(good)
+    for bad in (
+        good.replace("127.0.0.1:8000", "bank.example"),  # another site's sign-in
+        good.replace(accounts[3].address, accounts[4].address),
+        good.replace("31337", "1"),
+        "0x1234",
+    ):
+        with pytest.raises(UntrustedServiceError):
+            auth._check(bad)
+
+
+def test_off_a_devnet_a_store_without_an_operator_key_is_refused(store_url: str, tmp_path: Path) -> None:
+    db = Database(store_url)
+    try:
+        db.migrate()
+        settings = Settings(_env_file=None)  # type: ignore[call-arg]
+        with db.write() as conn:
+            check_credentials(conn, settings, devnet=True)  # a devnet starts as it is
+            with pytest.raises(ConfigError, match="no operator API key"):
+                check_credentials(conn, settings, devnet=False)
+        new_key(store_url, Role.PAYEE, "0x" + "11" * 20)
+        with db.write() as conn, pytest.raises(ConfigError, match="no operator API key"):
+            check_credentials(conn, settings, devnet=False)  # a payee's key is not the operator's
+        new_key(store_url, Role.OPERATOR)
+        with db.write() as conn:
+            check_credentials(conn, settings, devnet=False)
+            with pytest.raises(ConfigError, match="devnet only"):
+                check_credentials(conn, settings.model_copy(update={"access_control": False}), devnet=False)
+    finally:
+        db.dispose()
+
+
+def test_keys_from_the_cli_and_a_served_devnet_prints_its_operator_key(
+    spawn: Callable[..., ServiceProcess], tmp_path: Path, accounts: list[LocalAccount]
+) -> None:
+    store = f"sqlite:///{tmp_path / 'keys.db'}"
+    service = spawn(store, access_control="true")
+    key_file = tmp_path / "operator-key"  # next to the deployment record the service was given
+    operator = key_file.read_text().strip()
+    assert f"devnet operator API key (also in {key_file}): {operator}" in service.log.read_text()
+    assert key_file.stat().st_mode & 0o777 == 0o600
+    assert httpx.get(f"{service.url}/metrics").status_code == 401
+    assert httpx.get(f"{service.url}/metrics", headers={"Authorization": f"Bearer {operator}"}).status_code == 200
+
+    env = {"SETTLEMENT_DATABASE_URL": store}
+    made = run_cli("keys", "create", "--role", "payee", "--account", accounts[4].address, env=env, cwd=tmp_path)
+    assert made.returncode == 0, made.stderr
+    payee_key = made.stdout.strip()
+    assert payee_key.startswith("chk_") and len(payee_key) == 47
+    summary = f"{service.url}/v1/payees/{accounts[4].address}/summary"
+    assert httpx.get(summary, headers={"Authorization": f"Bearer {payee_key}"}).status_code == 200
+    listed = run_cli("keys", "list", env=env, cwd=tmp_path)
+    assert payee_key[4:12] in listed.stdout and payee_key not in listed.stdout
+    revoked = run_cli("keys", "revoke", payee_key[4:12], env=env, cwd=tmp_path)
+    assert revoked.returncode == 0, revoked.stderr
+    assert httpx.get(summary, headers={"Authorization": f"Bearer {payee_key}"}).status_code == 401
+    again = run_cli("keys", "revoke", payee_key[4:12], env=env, cwd=tmp_path)
+    assert (again.returncode, "[not_found]" in again.stderr) == (1, True)
+    wrong = run_cli("keys", "create", "--role", "payee", env=env, cwd=tmp_path)
+    assert (wrong.returncode, "[config_invalid]" in wrong.stderr) == (1, True)
