@@ -169,6 +169,7 @@ class _servers:
                 "SETTLEMENT_CONFIRMATIONS": "0",
                 "SETTLEMENT_ENGINE_ENABLED": "false",
                 "SETTLEMENT_API_PORT": str(port),
+                "SETTLEMENT_CLIENT_REQUESTS_PER_SECOND": "0",  # the load comes from one address: measure, not limit
             }
             log = (self.work / f"server-{self.db_name}-{n}.log").open("wb")
             self.processes.append(

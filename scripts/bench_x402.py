@@ -62,6 +62,7 @@ def run_x402(console: Console) -> dict[str, Any]:
                     "SETTLEMENT_CONFIRMATIONS": "0",
                     "SETTLEMENT_ENGINE_ENABLED": "false",
                     "SETTLEMENT_API_PORT": str(service_port),
+                    "SETTLEMENT_CLIENT_REQUESTS_PER_SECOND": "0",  # every request comes from one address
                 },
                 work / "service.log",
                 f"{service_url}/ready",

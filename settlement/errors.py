@@ -32,6 +32,8 @@
         │   └── InvalidCredentialsError 401 invalid_credentials (an unknown, revoked or expired key or token; a
         │                                                   sign-in whose message or signature does not hold)
         ├── ForbiddenError           403 forbidden           (another party's data, or an operator's route)
+        ├── WebhookLimitError        409 webhook_limit       (a payee has SETTLEMENT_WEBHOOKS_PER_PAYEE already)
+        ├── RateLimitedError         429 rate_limited        (one client over SETTLEMENT_CLIENT_REQUESTS_PER_SECOND)
         ├── BatchTooLargeError       413 batch_too_large
         ├── NotFoundError            404 not_found
         ├── MethodNotAllowedError    405 method_not_allowed
@@ -234,6 +236,21 @@ class ForbiddenError(RequestError):
 
     status = 403
     code = "forbidden"
+
+
+class WebhookLimitError(RequestError):
+    """A payee asked for one webhook more than SETTLEMENT_WEBHOOKS_PER_PAYEE."""
+
+    status = 409
+    code = "webhook_limit"
+
+
+class RateLimitedError(RequestError):
+    """One client (its address, or the one a trusted proxy names) sent more requests than its rate allows; the
+    answer carries Retry-After. Other clients are not slowed."""
+
+    status = 429
+    code = "rate_limited"
 
 
 class BatchTooLargeError(RequestError):

@@ -226,6 +226,8 @@ def service_settings(
             # Reads open to any caller (allowed on a devnet only): the tests of access control
             # (test_access.py) turn it on.
             "access_control": False,
+            # No per-client rate limit (every test request comes from one address): test_rate_limits.py turns it on.
+            "client_requests_per_second": 0,
             **overrides,
         }
         return devnet_settings(**values)
@@ -346,6 +348,7 @@ def spawn(
             "engine_enabled": "false",
             "settle_fee_share_percent": "0",  # as in service_settings
             "access_control": "false",  # as in service_settings
+            "client_requests_per_second": "0",  # as in service_settings
             **settings,
         }
         service = ServiceProcess(values, tmp_path, name).start()

@@ -52,7 +52,12 @@ SERVER_LIBRARIES = (
 WEB_ADAPTERS = ("settlement.x402.fastapi",)
 WEB_FRAMEWORK = ("fastapi", "starlette")
 # The query modules the API reads through; a payee's book spans channels, the chain log and the engine's facts.
-API_MAY_USE_OF_THE_STORE = ("settlement.store", "settlement.store.channels", "settlement.store.payees")
+API_MAY_USE_OF_THE_STORE = (
+    "settlement.store",
+    "settlement.store.channels",
+    "settlement.store.payees",
+    "settlement.store.payee_events",
+)
 
 
 def module_name(path: Path) -> str:
@@ -133,7 +138,9 @@ def test_the_api_uses_the_store_through_its_queries_only() -> None:
         for name in names
         if within(name, ("settlement.store",))
         and name not in API_MAY_USE_OF_THE_STORE
-        and not name.startswith(("settlement.store.channels.", "settlement.store.payees."))
+        and not name.startswith(
+            ("settlement.store.channels.", "settlement.store.payees.", "settlement.store.payee_events.")
+        )
     }
     assert offences == set()
 

@@ -16,7 +16,7 @@ from starlette.exceptions import HTTPException
 from settlement import __version__
 from settlement.api.facilitator import x402_facilitator
 from settlement.api.fastpath import VoucherFastPath
-from settlement.api.middleware import INTERNAL_ERROR, BodyGuard, HostGuard
+from settlement.api.middleware import INTERNAL_ERROR, BodyGuard, HostGuard, RateGuard
 from settlement.api.routes import router
 from settlement.api.schemas import shape_error
 from settlement.errors import MalformedRequestError, MethodNotAllowedError, NotFoundError, SettlementError
@@ -28,7 +28,7 @@ logger = logging.getLogger(__name__)
 DOCS_ASSETS = "/docs-assets"  # where /docs loads Swagger UI's script and style from
 
 
-def create_app(settings: Settings, service: Service | None = None) -> HostGuard:
+def create_app(settings: Settings, service: Service | None = None) -> RateGuard:
     """Build the app for one deployment (run `settlement deploy` first); the lifespan starts and stops the service.
 
     What it returns is FastAPI behind the single-voucher fast path (settlement.api.fastpath)."""
@@ -86,4 +86,5 @@ def create_app(settings: Settings, service: Service | None = None) -> HostGuard:
         return JSONResponse(status_code=500, content=INTERNAL_ERROR)
 
     fast = VoucherFastPath(app, running, settings.max_body_bytes, settings.body_timeout_seconds)
-    return HostGuard(fast, settings.allowed_hosts)
+    guarded = HostGuard(fast, settings.allowed_hosts)
+    return RateGuard(guarded, settings.client_requests_per_second, settings.client_burst)

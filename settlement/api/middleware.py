@@ -6,12 +6,15 @@ from __future__ import annotations
 
 import asyncio
 import json
+import math
+import time
 
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from settlement.errors import (
     HostNotAllowedError,
     PayloadTooLargeError,
+    RateLimitedError,
     RequestTimeoutError,
     SettlementError,
     UnsupportedMediaError,
@@ -81,17 +84,22 @@ async def read_json_body(
         return None
 
 
-async def refuse(send: Send, error: SettlementError) -> None:
-    await respond(send, error.status, json.dumps(error.body(), ensure_ascii=False, separators=(",", ":")).encode())
+async def refuse(send: Send, error: SettlementError, headers: list[tuple[bytes, bytes]] | None = None) -> None:
+    body = json.dumps(error.body(), ensure_ascii=False, separators=(",", ":")).encode()
+    await respond(send, error.status, body, headers)
 
 
-async def respond(send: Send, status: int, payload: bytes) -> None:
+async def respond(send: Send, status: int, payload: bytes, headers: list[tuple[bytes, bytes]] | None = None) -> None:
     """A complete JSON response in two ASGI messages."""
     await send(
         {
             "type": "http.response.start",
             "status": status,
-            "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(payload)).encode())],
+            "headers": [
+                (b"content-type", b"application/json"),
+                (b"content-length", str(len(payload)).encode()),
+                *(headers or ()),
+            ],
         }
     )
     await send({"type": "http.response.body", "body": payload})
@@ -119,3 +127,56 @@ class HostGuard:
                 await refuse(send, HostNotAllowedError(f"host {host!r} is not served here (SETTLEMENT_ALLOWED_HOSTS)"))
                 return
         await self.app(scope, receive, send)
+
+
+class RateGuard:
+    """A token bucket per client: `rate` requests a second, `burst` saved. A client over it gets 429 `rate_limited`
+    with Retry-After, before any work is done for it; every other client goes on as before.
+
+    The client is the connection's peer, or the address a trusted proxy names (uvicorn rewrites it only for
+    SETTLEMENT_TRUSTED_PROXIES, so a forged X-Forwarded-For from anyone else changes nothing). At most `max_clients`
+    buckets are kept: full ones are dropped first (a client idle for burst/rate seconds has a full bucket anyway).
+    One event loop runs this, so the buckets need no lock."""
+
+    def __init__(self, app: ASGIApp, rate: float, burst: float, max_clients: int = 100_000) -> None:
+        self.app = app
+        self.rate = rate
+        self.burst = max(burst, 1.0)
+        self.max_clients = max_clients
+        self._buckets: dict[str, tuple[float, float]] = {}  # client -> (tokens, when)
+
+    @property
+    def state(self) -> object:
+        return getattr(self.app, "state", None)
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http" or self.rate <= 0:
+            await self.app(scope, receive, send)
+            return
+        peer = scope.get("client")
+        client = peer[0] if peer else ""
+        now = time.monotonic()
+        tokens, when = self._buckets.get(client, (self.burst, now))
+        tokens = min(self.burst, tokens + (now - when) * self.rate)
+        if tokens < 1:
+            self._buckets[client] = (tokens, now)
+            wait = max(1, math.ceil((1 - tokens) / self.rate))
+            error = RateLimitedError(
+                f"more than {self.rate:g} requests a second from {client or 'this client'}: retry in {wait}s",
+                retryAfter=wait,
+            )
+            await refuse(send, error, [(b"retry-after", str(wait).encode())])
+            return
+        self._buckets[client] = (tokens - 1, now)
+        if len(self._buckets) > self.max_clients:
+            self._prune(now)
+        await self.app(scope, receive, send)
+
+    def _prune(self, now: float) -> None:
+        full = [c for c, (tokens, when) in self._buckets.items() if tokens + (now - when) * self.rate >= self.burst]
+        for client in full:
+            del self._buckets[client]
+        if len(self._buckets) > self.max_clients // 2:  # still too many live clients: forget the oldest half
+            by_age = sorted(self._buckets, key=lambda c: self._buckets[c][1])
+            for client in by_age[: len(by_age) // 2]:
+                del self._buckets[client]

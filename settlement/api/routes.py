@@ -5,8 +5,15 @@ from __future__ import annotations
 
 from fastapi import APIRouter
 
-from settlement.api import routes_auth, routes_channels, routes_ops, routes_vouchers, routes_x402
+from settlement.api import routes_auth, routes_channels, routes_ops, routes_payees, routes_vouchers, routes_x402
 
 router = APIRouter()
-for part in (routes_ops.router, routes_auth.router, routes_vouchers.router, routes_channels.router, routes_x402.router):
+for part in (
+    routes_ops.router,
+    routes_auth.router,
+    routes_vouchers.router,
+    routes_channels.router,
+    routes_payees.router,
+    routes_x402.router,
+):
     router.routes.extend(part.routes)

@@ -210,6 +210,10 @@ def _serve(settings: Settings, host: str, port: int, log_level: str = "info", ac
             limit_concurrency=settings.max_connections,
             timeout_keep_alive=settings.keep_alive_seconds,
             http=bounded_head_protocol(settings.max_header_bytes),
+            # X-Forwarded-For names the client only when a trusted proxy sends it (uvicorn's own default trusts
+            # any 127.0.0.1 peer, so anything local could pose as any client).
+            proxy_headers=bool(settings.trusted_proxies),
+            forwarded_allow_ips=settings.trusted_proxies or None,
         )
     )
     try:

@@ -71,7 +71,7 @@ ERC20_ABI: list[dict[str, Any]] = [
         "outputs": [{"name": "", "type": "uint256"}],
     },
 ]
-_RETRYABLE = {502, 503, 504}
+_RETRYABLE = {429, 502, 503, 504}  # 429: this address is over its rate; the retry waits
 DEFAULT_STATE_DIR = Path.home() / ".channelhub"
 STALE_RETRIES = 20  # other instances paying on the same channel at once; each attempt loses only to a winner
 SALT_RANDOM_BYTES = 8  # a default salt is this many random bytes, left-padded to 32: cheap calldata at settlement

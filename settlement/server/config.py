@@ -76,6 +76,15 @@ class Settings(BaseSettings):
         default_factory=lambda: ["127.0.0.1", "localhost", "[::1]"],
         description='Host header names the API answers to (any port); JSON list; ["*"] for any',
     )
+    trusted_proxies: list[str] = Field(
+        default_factory=list,
+        description="JSON list of proxy addresses whose X-Forwarded-For names the client (rate limits, logs); empty: "
+        "the header is ignored and the client is the connection's peer",
+    )
+    client_requests_per_second: float = Field(
+        default=5000.0, ge=0, description="requests a second one client may send (0: no limit); beyond: 429"
+    )
+    client_burst: float = Field(default=10_000.0, ge=1, description="requests one client may send at once, saved up")
     access_control: bool = Field(
         default=True,
         description="reads need credentials (docs/security.md); false only on a devnet: any caller reads anything",
@@ -89,6 +98,19 @@ class Settings(BaseSettings):
     signin_challenge_seconds: int = Field(default=300, ge=30, le=3600, description="a challenge must be signed within")
     api_key: SecretStr | None = Field(
         default=None, description="the API key `settlement payee` and other client commands send"
+    )
+    webhooks_enabled: bool = Field(default=True, description="`serve` delivers payee webhooks (one process: a lease)")
+    webhook_tick: float = Field(default=0.5, gt=0, description="seconds between looks for events to deliver")
+    webhook_timeout_seconds: float = Field(default=5.0, gt=0, description="a receiver slower than this: a failure")
+    webhook_backoff_max_seconds: float = Field(
+        default=600.0, gt=0, description="a failing receiver is retried after 1, 2, 4 ... seconds, at most this"
+    )
+    webhook_batch: int = Field(default=100, ge=1, le=10_000, description="events one webhook is sent per tick")
+    webhook_concurrency: int = Field(default=8, ge=1, le=256, description="webhooks delivered to at once")
+    webhooks_per_payee: int = Field(default=10, ge=1, le=1000, description="live webhooks a payee may have")
+    webhook_allow_private_targets: bool = Field(
+        default=False,
+        description="allow webhook URLs on loopback, private or link-local addresses (always allowed on a devnet)",
     )
     ready_max_lag: int = Field(default=64, ge=0, description="/ready fails when the indexer is further behind")
 

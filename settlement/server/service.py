@@ -22,6 +22,8 @@ from settlement.server.access import Role, SignIn
 from settlement.server.config import Settings
 from settlement.server.metrics import Metrics
 from settlement.server.operator import operator_account
+from settlement.server.payee_events import Horizon
+from settlement.server.webhooks import WebhookSender
 from settlement.settle.engine import Settler
 from settlement.settle.lease import Lease
 from settlement.store import Database
@@ -49,6 +51,8 @@ class Service:
     devnet: bool
     settler: Settler | None = None
     lease: Lease | None = None
+    webhooks: WebhookSender | None = None
+    horizon: Horizon | None = None  # payee events: how far payment ids are safe to read (payee_events.Horizon)
     _stop: threading.Event = field(default_factory=threading.Event)
     _threads: list[threading.Thread] = field(default_factory=list)
 
@@ -107,7 +111,15 @@ class Service:
             account = operator_account(settings, w3)
             service.settler = Settler(db, w3, hub, account, settings, metrics)
             service.lease = Lease(db)
+        service.horizon = Horizon(db)
+        if settings.webhooks_enabled:
+            service.webhooks = WebhookSender(db, settings, service.private_webhooks, service.horizon)
         return service
+
+    @property
+    def private_webhooks(self) -> bool:
+        """Whether webhook URLs may name the service's own network (a devnet's receivers are local)."""
+        return self.settings.webhook_allow_private_targets or self.devnet
 
     def start(self) -> None:
         self._stop.clear()
@@ -121,6 +133,22 @@ class Service:
             engine = threading.Thread(target=self._run_engine, name="settlement-engine", daemon=True)
             engine.start()
             self._threads.append(engine)
+        if self.webhooks is not None:
+            sender = threading.Thread(target=self._run_webhooks, name="payee-webhooks", daemon=True)
+            sender.start()
+            self._threads.append(sender)
+
+    def _run_webhooks(self) -> None:
+        """Deliver payee events while this process holds the webhooks' lease; a failing store is retried."""
+        assert self.webhooks is not None
+        while not self._stop.is_set():
+            try:
+                self.webhooks.tick()
+            except Exception as ex:
+                logger.warning("payee webhooks: %s; retrying", getattr(ex, "message", None) or ex)
+                self._stop.wait(self.settings.engine_backoff_max / 10)
+            self._stop.wait(self.settings.webhook_tick)
+        self.webhooks.close()
 
     def _run_engine(self) -> None:
         """Tick the settler while this process holds the lease; otherwise stand by and try to take it over."""

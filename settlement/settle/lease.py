@@ -52,11 +52,12 @@ class Lease:
             conn.close()
             return False
         self._conn = conn
-        logger.warning("lease %s acquired by pid %d: this process runs the settlement engine", self.name, os.getpid())
+        logger.warning("lease %s acquired by pid %d", self.name, os.getpid())
         return True
 
     def _acquire_file(self) -> bool:
-        path = Path(self.db.url.database or "settlement.db").with_suffix(".engine.lock")
+        suffix = ".engine.lock" if self.name == "settlement-engine" else f".{self.name}.lock"
+        path = Path(self.db.url.database or "settlement.db").with_suffix(suffix)
         handle = path.open("ab")
         try:
             fcntl.flock(handle.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)

@@ -169,6 +169,25 @@ api_keys = Table(
     Column("revoked_at_us", BigInteger(), nullable=True),
 )
 
+webhooks = Table(
+    "webhooks",
+    metadata,
+    Column("webhook_id", String(32), primary_key=True),
+    Column("payee", String(ADDRESS), nullable=False),
+    Column("url", String(2048), nullable=False),
+    Column("secret", String(80), nullable=False),  # kept to sign with (HMAC): a copy of the store can forge deliveries
+    Column("created_at_us", BigInteger(), nullable=False),
+    Column("deleted_at_us", BigInteger(), nullable=True),
+    # Where its deliveries stand: the last payment id and chain event position delivered (payee_events.Position).
+    Column("after_payment", BigInteger(), nullable=False),
+    Column("after_block", BigInteger(), nullable=False),
+    Column("after_log", Integer(), nullable=False),
+    Column("failures", Integer(), nullable=False, server_default="0"),
+    Column("next_attempt_us", BigInteger(), nullable=False),
+    Column("last_error", Text(), nullable=True),
+    Index(None, "payee"),
+)
+
 settlement_batches = Table(
     "settlement_batches",
     metadata,

@@ -1,0 +1,139 @@
+"""A payee's events, in order, from a position: `payment.accepted` (each accepted payment), `payment.settled` (a
+channel's new settled amount, with the transaction), `channel.closing` (with the deadline) and `channel.closed`.
+Webhooks and the live stream read the same feed (docs/payee-events.md).
+
+The position is (last payment id, last chain event's block and log index). Payment ids come from the store's
+sequence: on PostgreSQL with several processes, an id can become visible after a higher one (two transactions
+committing out of order), so the feed reads payments only up to the `Horizon`: the highest id below which no id is
+missing, or missing for longer than `gap_wait` seconds (a rolled-back insert leaves a hole that never fills). Chain
+events are read once the indexer recorded them, i.e. once confirmed.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from typing import Any
+
+from settlement.chain.batch_codec import decode_settlements
+from settlement.domain.model import HubEvent
+from settlement.store import Database
+from settlement.store.payee_events import ChainRow, PaymentRow, chain_events_after, payment_ids_after, payments_after
+
+
+@dataclass(frozen=True)
+class Position:
+    payment: int = 0
+    block: int = 0
+    log: int = -1
+
+    def token(self) -> str:
+        return f"{self.payment}.{self.block}.{self.log}"
+
+    @classmethod
+    def parse(cls, token: str) -> Position | None:
+        parts = token.split(".")
+        if len(parts) != 3 or not all(p.lstrip("-").isdigit() and len(p) <= 20 for p in parts):
+            return None
+        payment, block, log = (int(p) for p in parts)
+        return cls(payment, block, log) if payment >= 0 and block >= 0 and log >= -1 else None
+
+
+@dataclass(frozen=True)
+class PayeeEvent:
+    event_id: str  # stable: the same event always has the same id, whoever delivers it
+    type: str
+    position: Position  # where a reader stands after this event
+    data: dict[str, Any]
+
+    def body(self) -> dict[str, Any]:
+        return {"id": self.event_id, "type": self.type, "position": self.position.token(), "data": self.data}
+
+
+class Horizon:
+    """The highest payment id up to which every id is visible or given up on (see the module's docstring)."""
+
+    def __init__(self, db: Database, gap_wait: float = 5.0, scan: int = 10_000) -> None:
+        self.db = db
+        self.gap_wait = gap_wait
+        self.scan = scan
+        self._safe = 0
+        self._gap: tuple[int, float] | None = None  # the first missing id, and since when
+        self._lock = threading.Lock()
+
+    def refresh(self) -> int:
+        with self._lock:
+            while True:
+                with self.db.read() as conn:
+                    ids = payment_ids_after(conn, self._safe, self.scan)
+                if not ids:
+                    return self._safe
+                for found in ids:
+                    if found != self._safe + 1 and not self._given_up(self._safe + 1):
+                        return self._safe
+                    self._safe, self._gap = found, None
+                if len(ids) < self.scan:
+                    return self._safe
+
+    def _given_up(self, missing: int) -> bool:
+        now = time.monotonic()
+        if self._gap is None or self._gap[0] != missing:
+            self._gap = (missing, now)
+        return now - self._gap[1] >= self.gap_wait
+
+
+def read_events(db: Database, horizon: int, payee: str, after: Position, limit: int = 100) -> list[PayeeEvent]:
+    """The payee's next events after `after`: its payments up to `horizon` first, then its chain events."""
+    with db.read() as conn:
+        found = payments_after(conn, payee, after.payment, limit)
+        rows = [r for r in found if r.payment_id <= horizon]
+        events = [_accepted(r, Position(r.payment_id, after.block, after.log)) for r in rows]
+        if len(rows) < len(found) or len(events) >= limit:
+            return events  # payments not yet safe to pass: chain events wait behind them (settled after accepted)
+        last = events[-1].position.payment if events else after.payment
+        for chain in chain_events_after(conn, payee, after.block, after.log, limit):
+            events.extend(_chain(chain, payee, Position(last, chain.block_number, chain.log_index)))
+    return events
+
+
+def _accepted(row: PaymentRow, position: Position) -> PayeeEvent:
+    return PayeeEvent(
+        f"pay_{row.payment_id}",
+        "payment.accepted",
+        position,
+        {
+            "channelId": row.channel_id,
+            "payer": row.payer,
+            "token": row.token,
+            "cumulativeAmount": str(row.cumulative),
+            "increment": str(row.increment),
+            "reference": row.reference,
+            "idempotencyKey": row.idempotency_key,
+            "acceptedAt": datetime.fromtimestamp(row.accepted_at_us / 1e6, UTC).isoformat(),
+        },
+    )
+
+
+def _chain(row: ChainRow, payee: str, position: Position) -> list[PayeeEvent]:
+    base = {"transaction": row.tx_hash, "block": row.block_number}
+    stem = f"evt_{row.block_number}_{row.log_index}"
+    if row.event == HubEvent.CHANNELS_SETTLED:
+        if str(row.args.get("payee", "")).lower() != payee.lower():
+            return []
+        records = decode_settlements(bytes.fromhex(str(row.args["settlements"]).removeprefix("0x")))
+        return [
+            PayeeEvent(
+                f"{stem}_{n}",
+                "payment.settled",
+                position,
+                {"channelId": channel_id, "token": row.args["token"], "settledAmount": str(amount)} | base,
+            )
+            for n, (channel_id, amount) in enumerate(records)
+        ]
+    if row.event == HubEvent.CLOSE_REQUESTED:
+        data = {"channelId": row.channel_id, "closeDeadline": int(row.args["deadline"])}
+        return [PayeeEvent(stem, "channel.closing", position, data | base)]
+    data = {"channelId": row.channel_id, "settled": str(row.args["settled"]), "refund": str(row.args["refund"])}
+    return [PayeeEvent(stem, "channel.closed", position, data | base)]

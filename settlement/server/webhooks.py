@@ -1,0 +1,118 @@
+"""Payee webhooks: each webhook gets its payee's events (settlement.server.payee_events) in order, at least once,
+signed with its secret (settlement.sdk.webhooks). One process on the store delivers (a lease, as the engine has);
+each webhook's position is stored after each delivery, so a restart or another process resumes where it stood
+(a delivery whose answer was lost comes again, with the same event id). A failing receiver is retried with
+exponential backoff, its later events waiting behind (per-payee order is kept); other webhooks go on.
+
+Targets are checked each time (SSRF): only http(s), and never a loopback, private, link-local or reserved address
+unless SETTLEMENT_WEBHOOK_ALLOW_PRIVATE_TARGETS (or on a devnet).
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import json
+import logging
+import secrets
+import socket
+import time
+from concurrent.futures import ThreadPoolExecutor
+from urllib.parse import urlsplit
+
+import httpx
+
+from settlement.errors import MalformedRequestError
+from settlement.sdk.webhooks import EVENT_ID_HEADER, SIGNATURE_HEADER, signature
+from settlement.server.config import Settings
+from settlement.server.payee_events import Horizon, Position, read_events
+from settlement.settle.lease import Lease
+from settlement.store import Database
+from settlement.store.payee_events import WebhookRow, due_webhooks, webhook_delivered, webhook_failed
+
+logger = logging.getLogger(__name__)
+BACKOFF_BASE_SECONDS = 1.0
+
+
+def new_secret() -> str:
+    return "whsec_" + secrets.token_urlsafe(32)
+
+
+def check_target(url: str, allow_private: bool) -> None:
+    """Refuse a URL the service must not call: not http(s), or (unless allowed) one that resolves to an address
+    inside the service's own network."""
+    parts = urlsplit(url)
+    if parts.scheme not in ("http", "https") or not parts.hostname or parts.username or parts.password:
+        raise MalformedRequestError("a webhook URL is http(s)://host[:port]/path, without credentials")
+    if allow_private:
+        return
+    try:
+        found = socket.getaddrinfo(parts.hostname, parts.port or (443 if parts.scheme == "https" else 80))
+    except (OSError, UnicodeError) as ex:
+        raise MalformedRequestError(f"the webhook's host {parts.hostname!r} does not resolve") from ex
+    for *_, address in found:
+        ip = ipaddress.ip_address(address[0])
+        if not ip.is_global or ip.is_multicast:
+            raise MalformedRequestError(
+                f"the webhook's host {parts.hostname!r} is a private, loopback or reserved address ({ip}): refused"
+            )
+
+
+class WebhookSender:
+    """`tick()` delivers what is due; call it every `webhook_tick` seconds."""
+
+    def __init__(self, db: Database, settings: Settings, allow_private: bool, horizon: Horizon) -> None:
+        self.db = db
+        self.settings = settings
+        self.allow_private = allow_private
+        self.horizon = horizon
+        self.lease = Lease(db, "payee-webhooks")
+        self.http = httpx.Client(timeout=settings.webhook_timeout_seconds, follow_redirects=False)
+        self._pool = ThreadPoolExecutor(max_workers=settings.webhook_concurrency, thread_name_prefix="webhook")
+
+    def tick(self) -> int:
+        """Deliveries made (0 when another process holds the lease). A store without webhooks costs one query."""
+        with self.db.read() as conn:
+            due = due_webhooks(conn, time.time_ns() // 1000)
+        if not due or not self.lease.acquire():
+            return 0
+        horizon = self.horizon.refresh()
+        return sum(self._pool.map(lambda hook: self._deliver(hook, horizon), due))
+
+    def close(self) -> None:
+        self._pool.shutdown(wait=True)
+        self.http.close()
+        self.lease.release()
+
+    def _deliver(self, hook: WebhookRow, horizon: int) -> int:
+        sent = 0
+        position = Position(hook.after_payment, hook.after_block, hook.after_log)
+        for event in read_events(self.db, horizon, hook.payee, position, self.settings.webhook_batch):
+            body = json.dumps(event.body(), separators=(",", ":")).encode()
+            try:
+                check_target(hook.url, self.allow_private)
+                answer = self.http.post(
+                    hook.url,
+                    content=body,
+                    headers={
+                        "content-type": "application/json",
+                        SIGNATURE_HEADER: signature(hook.secret, body, int(time.time())),
+                        EVENT_ID_HEADER: event.event_id,
+                    },
+                )
+                if not 200 <= answer.status_code < 300:
+                    raise OSError(f"answered HTTP {answer.status_code}")
+            except (httpx.HTTPError, OSError, MalformedRequestError) as ex:
+                self._failed(hook, f"{event.event_id}: {type(ex).__name__}: {ex}")
+                return sent
+            with self.db.write() as conn:
+                p = event.position
+                webhook_delivered(conn, hook.webhook_id, p.payment, p.block, p.log)
+            sent += 1
+        return sent
+
+    def _failed(self, hook: WebhookRow, error: str) -> None:
+        failures = hook.failures + 1
+        wait = min(BACKOFF_BASE_SECONDS * 2 ** min(failures - 1, 30), self.settings.webhook_backoff_max_seconds)
+        logger.warning("webhook %s: %s (attempt %d; next in %.0fs)", hook.webhook_id, error, failures, wait)
+        with self.db.write() as conn:
+            webhook_failed(conn, hook.webhook_id, failures, time.time_ns() // 1000 + int(wait * 1e6), error)

@@ -1,0 +1,197 @@
+"""What a payee is told, read from what the store already records (no row per voucher is added for it): its
+accepted payments (the append-only `payments` log, by id) and the confirmed chain events of its channels (by block
+and log index); and its webhooks, each with the position its deliveries stand at."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from typing import Any
+
+from sqlalchemy import Connection, and_, insert, or_, select, update
+
+from settlement.domain.model import HubEvent
+from settlement.store.tables import chain_events, channels, payments, webhooks
+
+PAYEE_CHAIN_EVENTS = (HubEvent.CHANNELS_SETTLED, HubEvent.CLOSE_REQUESTED, HubEvent.CHANNEL_CLOSED)
+
+
+@dataclass(frozen=True)
+class PaymentRow:
+    payment_id: int
+    channel_id: str
+    payer: str
+    token: str
+    cumulative: int
+    increment: int
+    reference: str | None
+    idempotency_key: str | None
+    accepted_at_us: int
+
+
+@dataclass(frozen=True)
+class ChainRow:
+    block_number: int
+    log_index: int
+    tx_hash: str
+    event: str
+    channel_id: str | None
+    args: dict[str, Any]
+
+
+def payments_after(conn: Connection, payee: str, after: int, limit: int) -> list[PaymentRow]:
+    query = (
+        select(
+            payments.c.id,
+            payments.c.channel_id,
+            channels.c.payer,
+            channels.c.token,
+            payments.c.cumulative,
+            payments.c.increment,
+            payments.c.reference,
+            payments.c.idempotency_key,
+            payments.c.accepted_at_us,
+        )
+        .join(channels, channels.c.channel_id == payments.c.channel_id)
+        .where(channels.c.payee == payee, payments.c.id > after)
+        .order_by(payments.c.id)
+        .limit(limit)
+    )
+    return [PaymentRow(*row) for row in conn.execute(query)]
+
+
+def payment_ids_after(conn: Connection, after: int, limit: int) -> list[int]:
+    """Every payee's payment ids after `after`, in order (a primary-key range: what the feed's horizon walks)."""
+    query = select(payments.c.id).where(payments.c.id > after).order_by(payments.c.id).limit(limit)
+    return [int(i) for i in conn.execute(query).scalars()]
+
+
+def last_payment_id(conn: Connection) -> int:
+    return int(conn.execute(select(payments.c.id).order_by(payments.c.id.desc()).limit(1)).scalar() or 0)
+
+
+def chain_events_after(conn: Connection, payee: str, block: int, log: int, limit: int) -> list[ChainRow]:
+    """The payee's channels' close events and every settlement event (one per payee and token: filtered here by its
+    `payee` argument), after (block, log), in chain order."""
+    own = select(channels.c.channel_id).where(channels.c.payee == payee).scalar_subquery()
+    query = (
+        select(
+            chain_events.c.block_number,
+            chain_events.c.log_index,
+            chain_events.c.tx_hash,
+            chain_events.c.event,
+            chain_events.c.channel_id,
+            chain_events.c.args,
+        )
+        .where(
+            or_(
+                chain_events.c.block_number > block,
+                and_(chain_events.c.block_number == block, chain_events.c.log_index > log),
+            ),
+            or_(
+                chain_events.c.event == HubEvent.CHANNELS_SETTLED.value,
+                and_(
+                    chain_events.c.event.in_([HubEvent.CLOSE_REQUESTED.value, HubEvent.CHANNEL_CLOSED.value]),
+                    chain_events.c.channel_id.in_(own),
+                ),
+            ),
+        )
+        .order_by(chain_events.c.block_number, chain_events.c.log_index)
+        .limit(limit)
+    )
+    rows = [ChainRow(b, i, tx, event, cid, json.loads(args)) for b, i, tx, event, cid, args in conn.execute(query)]
+    return rows
+
+
+def last_chain_position(conn: Connection) -> tuple[int, int]:
+    found = conn.execute(
+        select(chain_events.c.block_number, chain_events.c.log_index)
+        .order_by(chain_events.c.block_number.desc(), chain_events.c.log_index.desc())
+        .limit(1)
+    ).first()
+    return (0, -1) if found is None else (int(found[0]), int(found[1]))
+
+
+# --- webhooks ---------------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class WebhookRow:
+    webhook_id: str
+    payee: str
+    url: str
+    secret: str
+    created_at_us: int
+    after_payment: int
+    after_block: int
+    after_log: int
+    failures: int
+    next_attempt_us: int
+    last_error: str | None
+
+
+_WEBHOOK = (
+    webhooks.c.webhook_id,
+    webhooks.c.payee,
+    webhooks.c.url,
+    webhooks.c.secret,
+    webhooks.c.created_at_us,
+    webhooks.c.after_payment,
+    webhooks.c.after_block,
+    webhooks.c.after_log,
+    webhooks.c.failures,
+    webhooks.c.next_attempt_us,
+    webhooks.c.last_error,
+)
+
+
+def add_webhook(conn: Connection, row: WebhookRow) -> None:
+    conn.execute(
+        insert(webhooks).values(
+            webhook_id=row.webhook_id,
+            payee=row.payee,
+            url=row.url,
+            secret=row.secret,
+            created_at_us=row.created_at_us,
+            after_payment=row.after_payment,
+            after_block=row.after_block,
+            after_log=row.after_log,
+            failures=0,
+            next_attempt_us=row.next_attempt_us,
+        )
+    )
+
+
+def payee_webhooks(conn: Connection, payee: str) -> list[WebhookRow]:
+    query = select(*_WEBHOOK).where(webhooks.c.payee == payee, webhooks.c.deleted_at_us.is_(None))
+    return [WebhookRow(*row) for row in conn.execute(query.order_by(webhooks.c.created_at_us))]
+
+
+def due_webhooks(conn: Connection, now_us: int) -> list[WebhookRow]:
+    query = select(*_WEBHOOK).where(webhooks.c.deleted_at_us.is_(None), webhooks.c.next_attempt_us <= now_us)
+    return [WebhookRow(*row) for row in conn.execute(query)]
+
+
+def delete_webhook(conn: Connection, payee: str, webhook_id: str, now_us: int) -> bool:
+    done = conn.execute(
+        update(webhooks)
+        .where(webhooks.c.webhook_id == webhook_id, webhooks.c.payee == payee, webhooks.c.deleted_at_us.is_(None))
+        .values(deleted_at_us=now_us)
+    )
+    return bool(done.rowcount)
+
+
+def webhook_delivered(conn: Connection, webhook_id: str, after_payment: int, after_block: int, after_log: int) -> None:
+    conn.execute(
+        update(webhooks)
+        .where(webhooks.c.webhook_id == webhook_id)
+        .values(after_payment=after_payment, after_block=after_block, after_log=after_log, failures=0, last_error=None)
+    )
+
+
+def webhook_failed(conn: Connection, webhook_id: str, failures: int, next_attempt_us: int, error: str) -> None:
+    conn.execute(
+        update(webhooks)
+        .where(webhooks.c.webhook_id == webhook_id)
+        .values(failures=failures, next_attempt_us=next_attempt_us, last_error=error[:1000])
+    )

@@ -1,0 +1,322 @@
+"""Payees told the moment they are paid: webhooks to a real receiver (ordered, signed, at least once, retried through
+failures, a receiver down, a slow one, the service killed mid-delivery) and the live stream (SSE, resumable), on the
+real app and both stores."""
+
+from __future__ import annotations
+
+import json
+import threading
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+from eth_account.signers.local import LocalAccount
+from fastapi.testclient import TestClient
+from web3 import Web3
+from web3.contract import Contract
+
+from settlement.devtools.devnet import free_port
+from settlement.errors import MalformedRequestError
+from settlement.sdk.webhooks import is_authentic
+from settlement.server.webhooks import check_target
+from tests.hub_helpers import ETH, Channel, batch, body, send, settle_call, wait_until
+from tests.hub_helpers import events as events_of
+from tests.servers import ServiceProcess
+
+Sign = Callable[..., bytes]
+
+
+@dataclass
+class Receiver:
+    """A payee's webhook endpoint on a real socket: records every delivery; `fail` answers that many with 500,
+    `delay` sleeps before answering."""
+
+    port: int
+    deliveries: list[tuple[int, dict[str, str], bytes]] = field(default_factory=list)  # (status answered, ...)
+    fail: int = 0
+    delay: float = 0.0
+    server: ThreadingHTTPServer | None = None
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}/hook"
+
+    def accepted(self) -> list[dict[str, Any]]:
+        return [json.loads(raw) for status, _, raw in self.deliveries if status == 200]
+
+    def start(self) -> Receiver:
+        receiver = self
+
+        class Handler(BaseHTTPRequestHandler):
+            def do_POST(self) -> None:
+                raw = self.rfile.read(int(self.headers["content-length"]))
+                time.sleep(receiver.delay)
+                status = 500 if receiver.fail > 0 else 200
+                receiver.fail -= 1 if receiver.fail > 0 else 0
+                receiver.deliveries.append((status, dict(self.headers.items()), raw))
+                self.send_response(status)
+                self.send_header("content-length", "0")
+                self.end_headers()
+
+            def log_message(self, *args: Any) -> None:
+                pass
+
+        self.server = ThreadingHTTPServer(("127.0.0.1", self.port), Handler)
+        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+        return self
+
+    def stop(self) -> None:
+        if self.server is not None:
+            self.server.shutdown()
+            self.server.server_close()
+            self.server = None
+
+
+@pytest.fixture
+def receiver() -> Iterator[Callable[..., Receiver]]:
+    """Factory: receiver(fail=0, delay=0.0, started=True) -> a webhook receiver; all are stopped after the test."""
+    made: list[Receiver] = []
+
+    def make(fail: int = 0, delay: float = 0.0, started: bool = True) -> Receiver:
+        hook = Receiver(free_port("127.0.0.1"), fail=fail, delay=delay)
+        made.append(hook.start() if started else hook)
+        return hook
+
+    yield make
+    for hook in made:
+        hook.stop()
+
+
+def pay(client: TestClient, channel: Channel, sign: Sign, *amounts: int) -> None:
+    for cumulative in amounts:
+        answer = client.post(
+            "/v1/vouchers", json=body(channel, cumulative, sign(channel.payer, channel.id, cumulative))
+        )
+        assert answer.status_code == 201, answer.text
+
+
+def subscribe(client: TestClient, payee: str, url: str, **headers: str) -> dict[str, Any]:
+    answer = client.post(f"/v1/payees/{payee}/webhooks", json={"url": url}, headers=headers)
+    assert answer.status_code == 201, answer.text
+    made: dict[str, Any] = answer.json()
+    return made
+
+
+def test_a_payee_is_told_of_each_payment_settlement_and_close_in_order_signed(
+    api: Callable[..., TestClient],
+    open_channel: Callable[..., Channel],
+    accounts: list[LocalAccount],
+    sign: Sign,
+    receiver: Callable[..., Receiver],
+    hub: Contract,
+    w3: Web3,
+) -> None:
+    client = api(webhook_tick=0.05)
+    channel = open_channel(accounts[3], accounts[4].address, amount=1_000)
+    wait_until(lambda: client.get(f"/v1/channels/0x{channel.id.hex()}").status_code == 200)
+    pay(client, channel, sign, 1)  # before the webhook: not sent to it
+    hook = receiver()
+    made = subscribe(client, channel.payee, hook.url)
+    assert made["secret"].startswith("whsec_") and made["failures"] == 0
+    pay(client, channel, sign, 10, 25, 60)
+    signature = sign(channel.payer, channel.id, 60)
+    send(w3, settle_call(hub, batch(channel.payee, ETH, channel.voucher(60, signature))), accounts[19].address)
+    closed = send(w3, hub.functions.requestClose(channel.id), channel.payer.address)
+    (requested,) = events_of(hub, closed, "CloseRequested")
+    wait_until(lambda: len(hook.accepted()) == 5, timeout=30)
+    delivered = hook.accepted()
+    assert [
+        (e["type"], e["data"].get("cumulativeAmount") or e["data"].get("settledAmount")) for e in delivered[:4]
+    ] == [
+        ("payment.accepted", "10"),
+        ("payment.accepted", "25"),
+        ("payment.accepted", "60"),
+        ("payment.settled", "60"),
+    ]
+    closing = delivered[4]
+    assert (closing["type"], closing["data"]["channelId"], closing["data"]["closeDeadline"]) == (
+        "channel.closing",
+        "0x" + channel.id.hex(),
+        requested["deadline"],
+    )
+    assert closing["data"]["transaction"] == closed["transactionHash"].to_0x_hex()
+    assert [e["data"]["increment"] for e in delivered[:3]] == ["9", "15", "35"]  # after the 1 paid before
+    assert len({e["id"] for e in delivered}) == 5
+    for _, headers, raw in hook.deliveries:
+        assert is_authentic(made["secret"], headers["Settlement-Signature"], raw)
+        assert not is_authentic("whsec_wrong", headers["Settlement-Signature"], raw)
+        assert not is_authentic(made["secret"], headers["Settlement-Signature"], raw + b" ")
+        assert headers["Settlement-Event-Id"] == json.loads(raw)["id"]
+    old = hook.deliveries[0]
+    assert not is_authentic(made["secret"], old[1]["Settlement-Signature"], old[2], now=time.time() + 301)
+    listed = client.get(f"/v1/payees/{channel.payee}/webhooks").json()
+    assert [(w["webhookId"], w["failures"], w.get("secret")) for w in listed] == [(made["webhookId"], 0, None)]
+
+
+def test_a_failing_or_slow_receiver_is_retried_in_order_and_does_not_hold_others_back(
+    api: Callable[..., TestClient],
+    open_channel: Callable[..., Channel],
+    accounts: list[LocalAccount],
+    sign: Sign,
+    receiver: Callable[..., Receiver],
+) -> None:
+    client = api(webhook_tick=0.05, webhook_backoff_max_seconds=0.3, webhook_timeout_seconds=0.5)
+    channel = open_channel(accounts[5], accounts[6].address, amount=1_000)
+    wait_until(lambda: client.get(f"/v1/channels/0x{channel.id.hex()}").status_code == 200)
+    failing, slow, healthy = receiver(fail=3), receiver(delay=1.0), receiver()
+    for hook in (failing, slow, healthy):
+        subscribe(client, channel.payee, hook.url)
+    pay(client, channel, sign, 5, 7, 9)
+    wait_until(lambda: len(healthy.accepted()) == 3, timeout=10)
+    expected = ["5", "7", "9"]
+    assert [e["data"]["cumulativeAmount"] for e in healthy.accepted()] == expected
+    wait_until(lambda: len(failing.accepted()) == 3, timeout=30)
+    assert [s for s, _, _ in failing.deliveries] == [500, 500, 500, 200, 200, 200]
+    assert [e["data"]["cumulativeAmount"] for e in failing.accepted()] == expected
+    assert {json.loads(raw)["id"] for _, _, raw in failing.deliveries[:3]} == {failing.accepted()[0]["id"]}
+    slow.delay = 0.0  # it answered too late: each of those is a failure, and the event comes again
+    wait_until(lambda: [e["data"]["cumulativeAmount"] for e in slow.accepted()][-3:] == expected, timeout=30)
+    firsts = list(dict.fromkeys(e["id"] for e in slow.accepted()))
+    assert firsts == [e["id"] for e in healthy.accepted()]  # at least once, in order, the same ids
+
+
+def test_a_receiver_down_gets_everything_when_it_comes_back(
+    api: Callable[..., TestClient],
+    open_channel: Callable[..., Channel],
+    accounts: list[LocalAccount],
+    sign: Sign,
+    receiver: Callable[..., Receiver],
+) -> None:
+    client = api(webhook_tick=0.05, webhook_backoff_max_seconds=0.3)
+    channel = open_channel(accounts[7], accounts[8].address, amount=1_000)
+    wait_until(lambda: client.get(f"/v1/channels/0x{channel.id.hex()}").status_code == 200)
+    hook = receiver(started=False)
+    subscribe(client, channel.payee, hook.url)
+    pay(client, channel, sign, *range(1, 121))  # more than one tick's batch of 100
+    wait_until(lambda: client.get(f"/v1/payees/{channel.payee}/webhooks").json()[0]["failures"] >= 2, timeout=10)
+    state = client.get(f"/v1/payees/{channel.payee}/webhooks").json()[0]
+    assert "ConnectError" in state["lastError"]
+    hook.start()
+    wait_until(lambda: len(hook.accepted()) == 120, timeout=30)
+    assert [e["data"]["cumulativeAmount"] for e in hook.accepted()] == [str(n) for n in range(1, 121)]
+    assert client.get(f"/v1/payees/{channel.payee}/webhooks").json()[0]["failures"] == 0
+
+
+def test_webhooks_are_the_payees_and_their_targets_are_checked(
+    api: Callable[..., TestClient], accounts: list[LocalAccount], receiver: Callable[..., Receiver]
+) -> None:
+    client = api(access_control=True, webhooks_per_payee=2)
+    payee, other = accounts[4], accounts[6]
+
+    def token(account: LocalAccount) -> dict[str, str]:
+        from eth_account.messages import encode_defunct
+
+        message = client.post("/v1/auth/challenge", json={"address": account.address}).json()["message"]
+        signature = account.sign_message(encode_defunct(text=message)).signature.to_0x_hex()
+        issued = client.post("/v1/auth/token", json={"message": message, "signature": signature}).json()["token"]
+        return {"Authorization": f"Bearer {issued}"}
+
+    hook = receiver()
+    path = f"/v1/payees/{payee.address}/webhooks"
+    assert client.post(path, json={"url": hook.url}).status_code == 401
+    refused = client.post(path, json={"url": hook.url}, headers=token(other))
+    assert (refused.status_code, refused.json()["code"]) == (403, "forbidden")
+    assert client.get(f"/v1/payees/{payee.address}/events", headers=token(other)).status_code == 403
+    own = token(payee)
+    first = subscribe(client, payee.address, hook.url, **own)
+    subscribe(client, payee.address, hook.url, **own)
+    third = client.post(path, json={"url": hook.url}, headers=own)
+    assert (third.status_code, third.json()["code"]) == (409, "webhook_limit")
+    for bad in ("ftp://example.com/x", "http://user:pw@example.com/", "not a url", "http:///nohost"):
+        answer = client.post(path, json={"url": bad}, headers=own)
+        assert (answer.status_code, answer.json()["code"]) == (400, "malformed_request"), bad
+    gone = client.delete(f"{path}/{first['webhookId']}", headers=own)
+    assert gone.status_code == 204
+    assert client.delete(f"{path}/{first['webhookId']}", headers=own).status_code == 404
+    listed = [w["webhookId"] for w in client.get(path, headers=own).json()]
+    assert first["webhookId"] not in listed and len(listed) == 1
+
+
+def test_off_a_devnet_a_webhook_cannot_aim_inside_the_network() -> None:
+    for url in ("http://127.0.0.1:5432/", "http://localhost/x", "http://169.254.169.254/latest", "http://10.1.2.3/"):
+        with pytest.raises(MalformedRequestError, match="private, loopback or reserved"):
+            check_target(url, allow_private=False)
+    check_target("http://93.184.216.34/hook", allow_private=False)  # a public address
+    check_target("http://127.0.0.1:9000/hook", allow_private=True)
+
+
+def test_deliveries_survive_the_service_killed_mid_delivery(
+    spawn: Callable[..., ServiceProcess],
+    open_channel: Callable[..., Channel],
+    accounts: list[LocalAccount],
+    sign: Sign,
+    receiver: Callable[..., Receiver],
+    tmp_path: Path,
+) -> None:
+    store = f"sqlite:///{tmp_path / 'hooks.db'}"
+    service = spawn(store, webhook_tick="0.05", webhook_timeout_seconds="5")
+    channel = open_channel(accounts[9], accounts[10].address, amount=1_000)
+    hook = receiver(delay=0.3)  # each delivery in flight for a while: the kill lands inside one
+    made = httpx.post(f"{service.url}/v1/payees/{channel.payee}/webhooks", json={"url": hook.url}).json()
+    wait_until(lambda: httpx.get(f"{service.url}/v1/channels/0x{channel.id.hex()}").status_code == 200)
+    for cumulative in range(1, 11):
+        voucher = body(channel, cumulative, sign(channel.payer, channel.id, cumulative))
+        assert httpx.post(f"{service.url}/v1/vouchers", json=voucher).status_code == 201
+    wait_until(lambda: len(hook.deliveries) >= 3, timeout=20)
+    service.kill()
+    service.start()
+    wait_until(lambda: len({json.loads(raw)["id"] for _, _, raw in hook.deliveries}) == 10, timeout=30)
+    ids = [json.loads(raw)["id"] for _, _, raw in hook.deliveries]
+    assert list(dict.fromkeys(ids)) == [f"pay_{n}" for n in range(1, 11)]  # a fresh store: payment ids 1 to 10
+    repeated = [i for n, i in enumerate(ids) if i in ids[:n]]
+    assert len(repeated) <= 1  # only the delivery the kill interrupted (its answer lost) may come twice
+    assert ids == sorted(ids, key=lambda i: int(i.split("_")[1]))  # and never out of order
+    assert all(is_authentic(made["secret"], h["Settlement-Signature"], raw) for _, h, raw in hook.deliveries)
+
+
+def test_the_live_stream_sends_events_as_they_happen_and_resumes_after_the_last_one(
+    spawn: Callable[..., ServiceProcess],
+    open_channel: Callable[..., Channel],
+    accounts: list[LocalAccount],
+    sign: Sign,
+    tmp_path: Path,
+) -> None:
+    service = spawn(f"sqlite:///{tmp_path / 'stream.db'}")
+    channel = open_channel(accounts[11], accounts[12].address, amount=1_000)
+    wait_until(lambda: httpx.get(f"{service.url}/v1/channels/0x{channel.id.hex()}").status_code == 200)
+    url = f"{service.url}/v1/payees/{channel.payee}/events"
+
+    def pay_many(*amounts: int) -> None:
+        for cumulative in amounts:
+            voucher = body(channel, cumulative, sign(channel.payer, channel.id, cumulative))
+            assert httpx.post(f"{service.url}/v1/vouchers", json=voucher).status_code == 201
+
+    def read(count: int, headers: dict[str, str]) -> list[tuple[str, dict[str, Any]]]:
+        got: list[tuple[str, dict[str, Any]]] = []
+        with httpx.stream("GET", url, headers=headers, timeout=10) as stream:
+            assert stream.headers["content-type"].startswith("text/event-stream")
+            event_id = ""
+            for line in stream.iter_lines():
+                if line.startswith("id:"):
+                    event_id = line[3:].strip()
+                elif line.startswith("data:"):
+                    got.append((event_id, json.loads(line[5:].strip())))
+                    if len(got) == count:
+                        return got
+        return got
+
+    pay_many(3)
+    threading.Timer(0.5, pay_many, args=(4, 6)).start()
+    first = read(2, {})  # from now on: the payment before the stream opened is not in it
+    assert [e["data"]["cumulativeAmount"] for _, e in first] == ["4", "6"]
+    pay_many(9, 12)
+    resumed = read(2, {"Last-Event-ID": first[-1][0]})
+    assert [e["data"]["cumulativeAmount"] for _, e in resumed] == ["9", "12"]
+    assert resumed[0][1]["id"] != first[-1][1]["id"]
+    bad = httpx.get(url, headers={"Last-Event-ID": "x.y"}, timeout=10)
+    assert (bad.status_code, bad.json()["code"]) == (400, "malformed_request")
