@@ -44,6 +44,8 @@
             ├── ChannelUnconfirmedError    409 channel_unconfirmed
             ├── ChannelClosedError         409 channel_closed
             ├── ChannelSuspendedError      409 channel_suspended
+            ├── ChannelHeldError           409 channel_held     (the operator holds the channel: a risk rule)
+            ├── IncrementTooSmallError     409 increment_too_small (below the operator's least increment per asset)
             ├── StaleVoucherError          409 stale_voucher
             ├── AmountExceedsDepositError  409 amount_exceeds_deposit
             ├── UnderpaymentError          409 underpayment     (a priced voucher pays less than its price)
@@ -318,6 +320,20 @@ class ChannelSuspendedError(VoucherRejectedError):
 
     status = 409
     code = "channel_suspended"
+
+
+class ChannelHeldError(VoucherRejectedError):
+    """The operator holds this channel (a risk rule): no voucher is accepted on it until released."""
+
+    status = 409
+    code = "channel_held"
+
+
+class IncrementTooSmallError(VoucherRejectedError):
+    """The voucher adds less than the operator's least increment for the channel's asset (dust)."""
+
+    status = 409
+    code = "increment_too_small"
 
 
 class StaleVoucherError(VoucherRejectedError):

@@ -13,7 +13,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from eth_account.messages import encode_defunct
 from eth_account.signers.local import LocalAccount
+from fastapi.testclient import TestClient
 from web3 import Web3
 from web3.contract import Contract
 from web3.logs import DISCARD
@@ -220,3 +222,12 @@ def stored_payments(url: str, channel_id: str) -> list[Receipt]:
             return channel_q.list_payments(conn, channel_id, limit=1000).items
     finally:
         db.dispose()
+
+
+def signed_in(client: TestClient, account: LocalAccount) -> dict[str, str]:
+    """The Authorization header of `account` signed in with its own key (challenge, personal_sign, token)."""
+    challenge = client.post("/v1/auth/challenge", json={"address": account.address}).json()
+    signature = account.sign_message(encode_defunct(text=challenge["message"])).signature.to_0x_hex()
+    answer = client.post("/v1/auth/token", json={"message": challenge["message"], "signature": signature})
+    assert answer.status_code == 200, answer.text
+    return {"Authorization": f"Bearer {answer.json()['token']}"}

@@ -25,7 +25,7 @@ from settlement.server.config import Settings
 from settlement.server.service import check_credentials
 from settlement.store import Database
 from settlement.store.keys import add_key, revoke_key
-from tests.hub_helpers import Channel, body, run_cli, wait_until
+from tests.hub_helpers import Channel, body, run_cli, signed_in, wait_until
 from tests.servers import ServiceProcess
 
 PROTECTED = ("channel", "list", "payments", "summary", "metrics")
@@ -41,15 +41,6 @@ def new_key(store_url: str, role: Role, account: str | None = None) -> str:
         return secret
     finally:
         db.dispose()
-
-
-def sign_in(client: TestClient, account: LocalAccount) -> str:
-    challenge = client.post("/v1/auth/challenge", json={"address": account.address}).json()
-    signature = account.sign_message(encode_defunct(text=challenge["message"])).signature.to_0x_hex()
-    answer = client.post("/v1/auth/token", json={"message": challenge["message"], "signature": signature})
-    assert answer.status_code == 200, answer.text
-    token: str = answer.json()["token"]
-    return token
 
 
 def reads(client: TestClient, channel: Channel, credential: str | None) -> dict[str, int]:
@@ -156,7 +147,7 @@ def test_an_account_signs_in_with_its_own_key_and_reads_as_payer_and_payee(
 ) -> None:
     client, channel = paid_channel(3, 4)
     _, other = paid_channel(5, 6)
-    payee_token = sign_in(client, accounts[4])
+    payee_token = signed_in(client, accounts[4])["Authorization"].split()[1]
     assert reads(client, channel, payee_token) == {
         "channel": 200,
         "list": 200,
@@ -165,7 +156,7 @@ def test_an_account_signs_in_with_its_own_key_and_reads_as_payer_and_payee(
         "metrics": 403,
     }
     assert reads(client, other, payee_token) == dict.fromkeys(PROTECTED, 403)
-    payer_token = sign_in(client, accounts[3])
+    payer_token = signed_in(client, accounts[3])["Authorization"].split()[1]
     who = client.get("/v1/auth/whoami", headers={"Authorization": f"Bearer {payer_token}"}).json()
     assert (who["role"], who["account"], who["via"]) == ("account", accounts[3].address, "sign-in")
     assert (

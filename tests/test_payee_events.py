@@ -24,7 +24,7 @@ from settlement.devtools.devnet import free_port
 from settlement.errors import MalformedRequestError
 from settlement.sdk.webhooks import is_authentic
 from settlement.server.webhooks import check_target
-from tests.hub_helpers import ETH, Channel, batch, body, send, settle_call, wait_until
+from tests.hub_helpers import ETH, Channel, batch, body, send, settle_call, signed_in, wait_until
 from tests.hub_helpers import events as events_of
 from tests.servers import ServiceProcess
 
@@ -213,21 +213,13 @@ def test_webhooks_are_the_payees_and_their_targets_are_checked(
     client = api(access_control=True, webhooks_per_payee=2)
     payee, other = accounts[4], accounts[6]
 
-    def token(account: LocalAccount) -> dict[str, str]:
-        from eth_account.messages import encode_defunct
-
-        message = client.post("/v1/auth/challenge", json={"address": account.address}).json()["message"]
-        signature = account.sign_message(encode_defunct(text=message)).signature.to_0x_hex()
-        issued = client.post("/v1/auth/token", json={"message": message, "signature": signature}).json()["token"]
-        return {"Authorization": f"Bearer {issued}"}
-
     hook = receiver()
     path = f"/v1/payees/{payee.address}/webhooks"
     assert client.post(path, json={"url": hook.url}).status_code == 401
-    refused = client.post(path, json={"url": hook.url}, headers=token(other))
+    refused = client.post(path, json={"url": hook.url}, headers=signed_in(client, other))
     assert (refused.status_code, refused.json()["code"]) == (403, "forbidden")
-    assert client.get(f"/v1/payees/{payee.address}/events", headers=token(other)).status_code == 403
-    own = token(payee)
+    assert client.get(f"/v1/payees/{payee.address}/events", headers=signed_in(client, other)).status_code == 403
+    own = signed_in(client, payee)
     first = subscribe(client, payee.address, hook.url, **own)
     subscribe(client, payee.address, hook.url, **own)
     third = client.post(path, json={"url": hook.url}, headers=own)

@@ -5,7 +5,15 @@ from __future__ import annotations
 
 from fastapi import APIRouter
 
-from settlement.api import routes_auth, routes_channels, routes_ops, routes_payees, routes_vouchers, routes_x402
+from settlement.api import (
+    routes_auth,
+    routes_channels,
+    routes_ops,
+    routes_payees,
+    routes_risk,
+    routes_vouchers,
+    routes_x402,
+)
 
 router = APIRouter()
 for part in (
@@ -14,6 +22,7 @@ for part in (
     routes_vouchers.router,
     routes_channels.router,
     routes_payees.router,
+    routes_risk.router,
     routes_x402.router,
 ):
     router.routes.extend(part.routes)

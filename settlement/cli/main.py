@@ -437,6 +437,33 @@ def channels(
     console.print(table)
 
 
+@app.command()
+def compact(
+    days: Annotated[
+        float | None, typer.Option(help="retention in days (default: SETTLEMENT_PAYMENT_RETENTION_DAYS)", min=0)
+    ] = None,
+) -> None:
+    """Remove payment rows whose value is settled on chain and older than the retention (each channel's latest and
+    every unsettled one stay). The engine's leader does this hourly; this does it now."""
+    from settlement.store.retention import compact as compact_store
+
+    settings = _settings()
+    retention = settings.payment_retention_days if days is None else days
+    if retention <= 0:
+        raise _fail(ConfigError("a retention of 0 days keeps every payment: nothing to compact"))
+    try:
+        db = Database.existing(settings.database_url)
+    except SettlementError as ex:
+        raise _fail(ex) from ex
+    try:
+        removed = compact_store(db, retention, time.time_ns() // 1000)
+    except SettlementError as ex:
+        raise _fail(ex) from ex
+    finally:
+        db.dispose()
+    console.print(f"removed {removed:,} settled payment rows accepted more than {retention:g} days ago")
+
+
 @app.command("reconcile")
 def reconcile_command(
     as_json: Annotated[bool, typer.Option("--json")] = False,

@@ -16,7 +16,8 @@ nothing about it.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from collections.abc import Mapping
+from dataclasses import dataclass, field
 from datetime import datetime
 
 from settlement.domain.model import MAX_UINT256, Channel, ChannelStatus, Receipt, Voucher
@@ -24,10 +25,12 @@ from settlement.errors import (
     AmountExceedsDepositError,
     AmountOutOfRangeError,
     ChannelClosedError,
+    ChannelHeldError,
     ChannelNotFoundError,
     ChannelSuspendedError,
     ExistsWithDifferentMetadataError,
     IdempotencyKeyReusedError,
+    IncrementTooSmallError,
     InvalidSignatureError,
     OverpaymentError,
     StaleVoucherError,
@@ -35,6 +38,18 @@ from settlement.errors import (
 )
 
 SIGNATURE_BYTES = 65  # r (32) | s (32) | v (1), as the hub checks it
+
+
+@dataclass(frozen=True)
+class Rules:
+    """The operator's risk rules (docs/security.md#risk-controls): channels held (id -> reason), and the least a
+    voucher must add, per asset (dust payments that only fill the store)."""
+
+    held: Mapping[str, str] = field(default_factory=dict)
+    min_increments: Mapping[str, int] = field(default_factory=dict)
+
+
+NO_RULES = Rules()
 
 
 @dataclass(frozen=True)
@@ -54,6 +69,7 @@ def judge(
     now: datetime,
     close_guard: int,
     keyed: Receipt | None = None,
+    rules: Rules = NO_RULES,
 ) -> Verdict:
     """Accept or refuse `voucher` (raising a VoucherRejectedError subclass with a stable code).
 
@@ -95,10 +111,21 @@ def judge(
         raise ChannelSuspendedError(
             f"channel {voucher.channel_id} is suspended: {channel.suspended_reason}", reason=channel.suspended_reason
         )
+    held = rules.held.get(channel.channel_id)
+    if held is not None:
+        raise ChannelHeldError(f"channel {channel.channel_id} is held by the operator: {held}", reason=held)
     _require_open(channel, now, close_guard)
     if voucher.cumulative <= channel.floor:
         raise StaleVoucherError(
             f"cumulative amount {voucher.cumulative} is not above the channel's current {channel.floor}",
+            currentCumulativeAmount=str(channel.floor),
+        )
+    least = rules.min_increments.get(channel.token, 1)
+    if voucher.cumulative - channel.floor < least:
+        raise IncrementTooSmallError(
+            f"this voucher adds {voucher.cumulative - channel.floor}; this service takes at least {least} a payment "
+            "in this asset",
+            minIncrement=str(least),
             currentCumulativeAmount=str(channel.floor),
         )
     if voucher.price is not None and voucher.cumulative - channel.floor != voucher.price:

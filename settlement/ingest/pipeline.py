@@ -16,11 +16,12 @@ import logging
 import queue
 import threading
 import time
+from collections import Counter
 from collections.abc import Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 
-from settlement.domain.ledger import Verdict, judge
+from settlement.domain.ledger import NO_RULES, Verdict, judge
 from settlement.domain.model import Channel, ChannelId, Receipt, Voucher, utcnow
 from settlement.eip712.vouchers import VoucherVerifier
 from settlement.errors import ChannelNotFoundError, RequestError, SettlementError, StoreError, StoreUnavailableError
@@ -61,6 +62,9 @@ class Ingestor:
         self.indexer = indexer
         self.metrics = metrics
         self.close_guard = close_guard
+        self.rules = NO_RULES  # the operator's risk rules; replaced whole by the service when they change
+        self._counts: Counter[tuple[str, str]] = Counter()  # (payer, refusal code or "" for accepted) since taken
+        self._counts_lock = threading.Lock()
         self.group_max = group_max
         self._payers: dict[str, bytes] = {}  # a channel's payer never changes: it is hashed into the id
         self._queue: queue.SimpleQueue[_Job | None] = queue.SimpleQueue()
@@ -118,7 +122,22 @@ class Ingestor:
             prior = channel_q.receipts_for(conn, [voucher.key]).get(voucher.key) if stale else None
             key = None if voucher.idempotency_key is None else (voucher.channel_id, voucher.idempotency_key)
             keyed = None if key is None else channel_q.receipts_by_key(conn, [key]).get(key)
-        return judge(channel, voucher, signer, prior=prior, keyed=keyed, now=utcnow(), close_guard=self.close_guard)
+        return judge(
+            channel,
+            voucher,
+            signer,
+            prior=prior,
+            keyed=keyed,
+            now=utcnow(),
+            close_guard=self.close_guard,
+            rules=self.rules,
+        )
+
+    def take_counts(self) -> Counter[tuple[str, str]]:
+        """What was accepted ("") and refused (by code) per payer since the last call (the risk monitor's window)."""
+        with self._counts_lock:
+            taken, self._counts = self._counts, Counter()
+        return taken
 
     def recover(self, voucher: Voucher) -> bytes | None:
         return self.verifier.recover(bytes.fromhex(voucher.channel_id[2:]), voucher.cumulative, voucher.signature)
@@ -251,6 +270,8 @@ class Ingestor:
                 conn, [(v.channel_id, v.idempotency_key) for v in vouchers if v.idempotency_key is not None]
             )
             now = utcnow()
+            rules = self.rules
+            seen: Counter[tuple[str, str]] = Counter()
             for voucher, signer in zip(vouchers, signers, strict=True):
                 channel = channels.get(voucher.channel_id)
                 key = None if voucher.idempotency_key is None else (voucher.channel_id, voucher.idempotency_key)
@@ -263,11 +284,15 @@ class Ingestor:
                         keyed=None if key is None else keyed.get(key),
                         now=now,
                         close_guard=self.close_guard,
+                        rules=rules,
                     )
                 except RequestError as ex:
                     outcomes.append(ex)
+                    if channel is not None:
+                        seen[(channel.payer, ex.code)] += 1
                     continue
                 if verdict.new and channel is not None:
+                    seen[(channel.payer, "")] += 1
                     accepted.append((verdict.receipt, voucher.signature))
                     priors[voucher.key] = verdict.receipt
                     if key is not None:
@@ -275,6 +300,8 @@ class Ingestor:
                     channels[voucher.channel_id] = channel.with_voucher(voucher.cumulative, voucher.signature)
                 outcomes.append(verdict)
             channel_q.record_payments(conn, accepted)
+        with self._counts_lock:
+            self._counts.update(seen)
         return outcomes
 
 

@@ -154,6 +154,34 @@ class Settings(BaseSettings):
         default=30.0, gt=0, description="after failed engine steps the wait doubles from engine_tick up to this"
     )
 
+    # Risk controls
+    min_increments: dict[str, int] = Field(
+        default_factory=dict,
+        description="JSON object: asset address (0x0…0 for ETH) -> the least a voucher must add (dust payments that "
+        "only fill the store get 409 increment_too_small)",
+    )
+    risk_window_seconds: float = Field(default=60.0, gt=0, description="the window behaviour is counted over")
+    risk_payer_vouchers_per_window: int = Field(
+        default=600_000, ge=1, description="a payer's accepted vouchers in a window above which: risk event burst"
+    )
+    risk_burst_factor: float = Field(
+        default=10.0, gt=1, description="burst also when a payer's vouchers are this many times its previous window"
+    )
+    risk_refusals_per_window: int = Field(
+        default=100, ge=1, description="refusals of one payer for one reason in a window: repeated_refusals / dust"
+    )
+    risk_new_channels_per_window: int = Field(
+        default=20, ge=1, description="channels one payer opens in a window: channel_spread"
+    )
+
+    # Retention
+    payment_retention_days: float = Field(
+        default=30.0,
+        ge=0,
+        description="payment rows whose value is settled on chain are removed this long after acceptance (the "
+        "channel's latest stays; 0: kept for ever); the engine's leader compacts hourly, `settlement compact` now",
+    )
+
     # API
     api_host: str = "127.0.0.1"
     api_port: int = Field(default=8000, ge=0, le=65535)

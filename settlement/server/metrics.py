@@ -42,6 +42,9 @@ class Metrics:
             ["method"],
             registry=self.registry,
         )
+        self.risk_events = Counter(
+            "settlement_risk_events", "Risk events recorded by this process, by kind", ["kind"], registry=self.registry
+        )
         self.indexer_head = Gauge("settlement_indexer_head_block", "Latest chain block seen", registry=self.registry)
         self.indexer_cursor = Gauge(
             "settlement_indexer_cursor_block", "Last block whose events are applied", registry=self.registry

@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import logging
 import threading
+import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import requests
@@ -23,14 +25,18 @@ from settlement.server.config import Settings
 from settlement.server.metrics import Metrics
 from settlement.server.operator import operator_account
 from settlement.server.payee_events import Horizon
+from settlement.server.risk import RiskMonitor
 from settlement.server.webhooks import WebhookSender
 from settlement.settle.engine import Settler
 from settlement.settle.lease import Lease
 from settlement.store import Database
 from settlement.store.keys import has_live_key
 from settlement.store.meta import bind_deployment, signin_secret
+from settlement.store.retention import compact
 
 logger = logging.getLogger(__name__)
+COMPACT_EVERY_SECONDS = 3600.0
+RISK_TICK_SECONDS = 0.25  # a hold reaches ingest within this
 
 
 @dataclass
@@ -53,8 +59,10 @@ class Service:
     lease: Lease | None = None
     webhooks: WebhookSender | None = None
     horizon: Horizon | None = None  # payee events: how far payment ids are safe to read (payee_events.Horizon)
+    risk: RiskMonitor | None = None
     _stop: threading.Event = field(default_factory=threading.Event)
     _threads: list[threading.Thread] = field(default_factory=list)
+    _next_compaction: float = 0.0
 
     @classmethod
     def build(cls, settings: Settings) -> Service:
@@ -112,6 +120,8 @@ class Service:
             service.settler = Settler(db, w3, hub, account, settings, metrics)
             service.lease = Lease(db)
         service.horizon = Horizon(db)
+        service.risk = RiskMonitor(db, settings, ingestor, metrics)
+        service.risk.refresh()
         if settings.webhooks_enabled:
             service.webhooks = WebhookSender(db, settings, service.private_webhooks, service.horizon)
         return service
@@ -122,6 +132,8 @@ class Service:
         return self.settings.webhook_allow_private_targets or self.devnet
 
     def start(self) -> None:
+        if self._threads:  # started already (an app's lifespan can run twice): one set of threads, not two
+            return
         self._stop.clear()
         self.ingestor.start()
         thread = threading.Thread(
@@ -133,22 +145,27 @@ class Service:
             engine = threading.Thread(target=self._run_engine, name="settlement-engine", daemon=True)
             engine.start()
             self._threads.append(engine)
-        if self.webhooks is not None:
-            sender = threading.Thread(target=self._run_webhooks, name="payee-webhooks", daemon=True)
-            sender.start()
-            self._threads.append(sender)
+        if self.risk is not None:  # the operator's rules to ingest; behaviour checked every window
+            self._every(RISK_TICK_SECONDS, "risk-monitor", self.risk.tick, self.risk.close)
+        if self.webhooks is not None:  # payee events, while this process holds the webhooks' lease
+            self._every(self.settings.webhook_tick, "payee-webhooks", self.webhooks.tick, self.webhooks.close)
 
-    def _run_webhooks(self) -> None:
-        """Deliver payee events while this process holds the webhooks' lease; a failing store is retried."""
-        assert self.webhooks is not None
-        while not self._stop.is_set():
-            try:
-                self.webhooks.tick()
-            except Exception as ex:
-                logger.warning("payee webhooks: %s; retrying", getattr(ex, "message", None) or ex)
-                self._stop.wait(self.settings.engine_backoff_max / 10)
-            self._stop.wait(self.settings.webhook_tick)
-        self.webhooks.close()
+    def _every(self, seconds: float, name: str, step: Callable[[], object], finish: Callable[[], None]) -> None:
+        """Run `step` every `seconds` on a thread of its own until stop (a failing step is logged and retried at the
+        next turn, the store or chain being down), then `finish`."""
+
+        def loop() -> None:
+            while not self._stop.is_set():
+                try:
+                    step()
+                except Exception as ex:
+                    logger.warning("%s: %s; retrying", name, getattr(ex, "message", None) or ex)
+                self._stop.wait(seconds)
+            finish()
+
+        thread = threading.Thread(target=loop, name=name, daemon=True)
+        thread.start()
+        self._threads.append(thread)
 
     def _run_engine(self) -> None:
         """Tick the settler while this process holds the lease; otherwise stand by and try to take it over."""
@@ -160,6 +177,7 @@ class Service:
                 self.metrics.engine_leader.set(1 if leader else 0)
                 if leader:
                     self.settler.tick()
+                    self._compact_if_due()
                 failures = 0
             except Exception as ex:
                 failures = min(failures + 1, 20)
@@ -172,6 +190,16 @@ class Service:
                 continue
             self._stop.wait(tick)
         self.lease.release()
+
+    def _compact_if_due(self) -> None:
+        """The engine's leader removes settled payment rows past their retention, once an hour."""
+        days = self.settings.payment_retention_days
+        if days <= 0 or time.monotonic() < self._next_compaction:
+            return
+        self._next_compaction = time.monotonic() + COMPACT_EVERY_SECONDS
+        removed = compact(self.db, days, time.time_ns() // 1000)
+        if removed:
+            logger.info("retention: removed %d settled payment rows older than %g days", removed, days)
 
     def stop(self) -> None:
         """Stop following the chain, finish every queued voucher, release the store."""

@@ -188,6 +188,25 @@ webhooks = Table(
     Index(None, "payee"),
 )
 
+channel_holds = Table(
+    "channel_holds",
+    metadata,
+    Column("channel_id", String(HEX32), primary_key=True),
+    Column("reason", String(500), nullable=False),
+    Column("held_at_us", BigInteger(), nullable=False),
+)
+
+risk_events = Table(
+    "risk_events",
+    metadata,
+    Column("id", BigId, primary_key=True, autoincrement=True),
+    Column("at_us", BigInteger(), nullable=False),
+    Column("kind", String(32), nullable=False),
+    Column("payer", String(ADDRESS), nullable=True),
+    Column("channel_id", String(HEX32), nullable=True),
+    Column("detail", Text(), nullable=False),  # JSON: counts, window, the refusal code
+)
+
 settlement_batches = Table(
     "settlement_batches",
     metadata,

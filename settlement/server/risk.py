@@ -1,0 +1,145 @@
+"""Payment-behaviour monitoring and the operator's risk rules (docs/security.md#risk-controls).
+
+Every second: the channels the operator holds and the least increments are handed to ingest (so a hold takes effect
+within a second in every process on the store). Every `risk_window_seconds`: what this process's ingest accepted and
+refused per payer in the window is checked against the operator's limits and the payer's previous window; and one
+process (a lease) reads the new chain events for payers opening many channels and closes requested while vouchers
+stream. What it finds becomes a risk event: stored, counted (`settlement_risk_events_total{kind}`), logged as an
+ALERT, listed at `GET /v1/risk/events`.
+
+Kinds: `burst` (a payer's vouchers in a window over SETTLEMENT_RISK_PAYER_VOUCHERS_PER_WINDOW, or over
+SETTLEMENT_RISK_BURST_FACTOR times its previous window), `dust` (refusals for a too small increment),
+`repeated_refusals` (one payer refused for one reason SETTLEMENT_RISK_REFUSALS_PER_WINDOW times), `channel_spread`
+(one payer opening SETTLEMENT_RISK_NEW_CHANNELS_PER_WINDOW channels), `close_while_streaming` (a close requested on
+a channel paid within the window), `channel_held` (the operator held a channel).
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections import Counter, deque
+from typing import Any
+
+from eth_utils.address import to_checksum_address
+
+from settlement.domain.ledger import Rules
+from settlement.domain.model import HubEvent
+from settlement.ingest.pipeline import Ingestor
+from settlement.server.config import Settings
+from settlement.server.metrics import Metrics
+from settlement.settle.lease import Lease
+from settlement.store import Database
+from settlement.store.payee_events import last_chain_position
+from settlement.store.risk import chain_events_since, holds, last_payment_at, record
+
+logger = logging.getLogger(__name__)
+BURST_FLOOR = 1_000  # vouchers in a window below which no rise counts as a burst
+Event = tuple[int, str, str | None, str | None, dict[str, Any]]
+
+
+class RiskMonitor:
+    def __init__(self, db: Database, settings: Settings, ingestor: Ingestor, metrics: Metrics) -> None:
+        self.db = db
+        self.settings = settings
+        self.ingestor = ingestor
+        self.metrics = metrics
+        self.lease = Lease(db, "risk-monitor")
+        self.min_increments: dict[str, int] = {
+            str(to_checksum_address(k)): v for k, v in settings.min_increments.items()
+        }
+        self._window_started = time.monotonic()
+        self._previous: Counter[str] = Counter()
+        self._position: tuple[int, int] | None = None
+        self._opened: deque[tuple[int, str]] = deque()  # (when, payer) of channel openings in the window
+        self._spread_flagged: dict[str, int] = {}  # payer -> when it was last flagged
+
+    def refresh(self) -> None:
+        """Hand ingest the rules as the store has them now."""
+        with self.db.read() as conn:
+            held = holds(conn)
+            if self._position is None:
+                self._position = last_chain_position(conn)  # chain events are watched from the first look on
+        self.ingestor.rules = Rules(held=held, min_increments=self.min_increments)
+
+    def tick(self) -> None:
+        self.refresh()
+        now_us = time.time_ns() // 1000
+        if time.monotonic() - self._window_started >= self.settings.risk_window_seconds:
+            self._window_started = time.monotonic()
+            self._report(self._from_ingest(now_us))
+        if self.lease.acquire():
+            self._report(self._from_chain(now_us))
+
+    def close(self) -> None:
+        self.lease.release()
+
+    def _from_ingest(self, now_us: int) -> list[Event]:
+        counts = self.ingestor.take_counts()
+        window = self.settings.risk_window_seconds
+        events: list[Event] = []
+        accepted: Counter[str] = Counter()
+        for (payer, code), count in sorted(counts.items()):
+            if not code:
+                accepted[payer] += count
+            elif count >= self.settings.risk_refusals_per_window:
+                kind = "dust" if code == "increment_too_small" else "repeated_refusals"
+                events.append((now_us, kind, payer, None, {"code": code, "count": count, "windowSeconds": window}))
+        for payer, count in sorted(accepted.items()):
+            before = self._previous.get(payer, 0)
+            over = count >= self.settings.risk_payer_vouchers_per_window
+            rise = before > 0 and count >= BURST_FLOOR and count >= self.settings.risk_burst_factor * before
+            if over or rise:
+                detail = {"count": count, "previousCount": before, "windowSeconds": window}
+                events.append((now_us, "burst", payer, None, detail))
+        self._previous = accepted
+        return events
+
+    def _from_chain(self, now_us: int) -> list[Event]:
+        with self.db.read() as conn:
+            if self._position is None:
+                self._position = last_chain_position(conn)  # from now on
+                return []
+            found = chain_events_since(conn, *self._position, limit=1000)
+            window_us = int(self.settings.risk_window_seconds * 1_000_000)
+            events: list[Event] = []
+            for block, log, event, channel_id, args in found:
+                self._position = (block, log)
+                if event == HubEvent.CHANNEL_OPENED:
+                    events.extend(self._opening(now_us, to_checksum_address(str(args["payer"])), window_us))
+                elif channel_id is not None:
+                    last = last_payment_at(conn, channel_id)
+                    if last is not None and now_us - last <= window_us:
+                        detail = {"secondsSinceLastPayment": round((now_us - last) / 1e6, 3), "block": block}
+                        events.append((now_us, "close_while_streaming", None, channel_id, detail))
+        return events
+
+    def _opening(self, now_us: int, payer: str, window_us: int) -> list[Event]:
+        self._opened.append((now_us, payer))
+        while self._opened and self._opened[0][0] < now_us - window_us:
+            self._opened.popleft()
+        count = sum(1 for _, p in self._opened if p == payer)
+        if (
+            count < self.settings.risk_new_channels_per_window
+            or now_us - self._spread_flagged.get(payer, 0) < window_us
+        ):
+            return []
+        self._spread_flagged[payer] = now_us
+        return [
+            (
+                now_us,
+                "channel_spread",
+                payer,
+                None,
+                {"count": count, "windowSeconds": self.settings.risk_window_seconds},
+            )
+        ]
+
+    def _report(self, events: list[Event]) -> None:
+        if not events:
+            return
+        with self.db.write() as conn:
+            record(conn, events)
+        for _, kind, payer, channel, detail in events:
+            self.metrics.risk_events.labels(kind).inc()
+            logger.critical("ALERT risk %s: %s %s", kind, payer or channel, detail)

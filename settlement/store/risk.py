@@ -1,0 +1,90 @@
+"""Risk controls in the store: channels the operator holds, and risk events (what the monitor saw), newest last."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from typing import Any
+
+from sqlalchemy import Connection, delete, insert, select
+from sqlalchemy.dialects.postgresql import insert as pg_insert
+from sqlalchemy.dialects.sqlite import insert as sqlite_insert
+
+from settlement.domain.model import HubEvent
+from settlement.store.tables import chain_events, channel_holds, payments, risk_events
+
+
+@dataclass(frozen=True)
+class RiskEvent:
+    event_id: int
+    at_us: int
+    kind: str
+    payer: str | None
+    channel_id: str | None
+    detail: dict[str, Any]
+
+
+def hold(conn: Connection, channel_id: str, reason: str, at_us: int) -> None:
+    insert_of = sqlite_insert if conn.dialect.name == "sqlite" else pg_insert
+    statement = insert_of(channel_holds).values(channel_id=channel_id, reason=reason, held_at_us=at_us)
+    conn.execute(statement.on_conflict_do_update(index_elements=["channel_id"], set_={"reason": reason}))
+
+
+def release(conn: Connection, channel_id: str) -> bool:
+    return bool(conn.execute(delete(channel_holds).where(channel_holds.c.channel_id == channel_id)).rowcount)
+
+
+def holds(conn: Connection) -> dict[str, str]:
+    return {
+        str(cid): str(reason)
+        for cid, reason in conn.execute(select(channel_holds.c.channel_id, channel_holds.c.reason))
+    }
+
+
+def record(conn: Connection, events: list[tuple[int, str, str | None, str | None, dict[str, Any]]]) -> None:
+    """(at, kind, payer, channel, detail) each."""
+    if events:
+        conn.execute(
+            insert(risk_events),
+            [
+                {"at_us": at, "kind": kind, "payer": payer, "channel_id": channel, "detail": json.dumps(detail)}
+                for at, kind, payer, channel, detail in events
+            ],
+        )
+
+
+def events_after(conn: Connection, after: int, limit: int, kind: str | None = None) -> list[RiskEvent]:
+    query = select(risk_events).where(risk_events.c.id > after)
+    if kind is not None:
+        query = query.where(risk_events.c.kind == kind)
+    rows = conn.execute(query.order_by(risk_events.c.id).limit(limit))
+    return [RiskEvent(r.id, r.at_us, r.kind, r.payer, r.channel_id, json.loads(r.detail)) for r in rows]
+
+
+def chain_events_since(
+    conn: Connection, block: int, log: int, limit: int
+) -> list[tuple[int, int, str, str | None, dict[str, Any]]]:
+    """Channel openings and close requests after (block, log), in chain order: (block, log, event, channel, args)."""
+    query = (
+        select(
+            chain_events.c.block_number,
+            chain_events.c.log_index,
+            chain_events.c.event,
+            chain_events.c.channel_id,
+            chain_events.c.args,
+        )
+        .where(
+            (chain_events.c.block_number > block)
+            | ((chain_events.c.block_number == block) & (chain_events.c.log_index > log)),
+            chain_events.c.event.in_([HubEvent.CHANNEL_OPENED.value, HubEvent.CLOSE_REQUESTED.value]),
+        )
+        .order_by(chain_events.c.block_number, chain_events.c.log_index)
+        .limit(limit)
+    )
+    return [(b, i, event, cid, json.loads(args)) for b, i, event, cid, args in conn.execute(query)]
+
+
+def last_payment_at(conn: Connection, channel_id: str) -> int | None:
+    query = select(payments.c.accepted_at_us).where(payments.c.channel_id == channel_id)
+    found = conn.execute(query.order_by(payments.c.id.desc()).limit(1)).scalar()
+    return None if found is None else int(found)

@@ -1,0 +1,124 @@
+"""Risk controls on the real app and both stores: the least increment per asset, channels the operator holds, and
+the monitor's risk events (dust, a burst, a payer spreading over new channels, a close requested while vouchers
+stream), listed for the operator only and counted in the metrics."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+from eth_account.signers.local import LocalAccount
+from fastapi.testclient import TestClient
+from web3 import Web3
+from web3.contract import Contract
+
+from tests.hub_helpers import ETH, Channel, body, send, wait_until
+
+Sign = Callable[..., bytes]
+
+
+def voucher(channel: Channel, sign: Sign, cumulative: int) -> dict[str, Any]:
+    return body(channel, cumulative, sign(channel.payer, channel.id, cumulative))
+
+
+def risk_events(client: TestClient, kind: str) -> list[dict[str, Any]]:
+    items: list[dict[str, Any]] = client.get(f"/v1/risk/events?kind={kind}").json()["items"]
+    return items
+
+
+def test_a_voucher_below_the_least_increment_is_refused_and_repeated_dust_is_reported(
+    api: Callable[..., TestClient],
+    open_channel: Callable[..., Channel],
+    accounts: list[LocalAccount],
+    sign: Sign,
+    token: Contract,
+) -> None:
+    client = api(min_increments={ETH: 100}, risk_window_seconds=0.5, risk_refusals_per_window=5)
+    eth = open_channel(accounts[3], accounts[4].address, amount=10_000)
+    erc20 = open_channel(accounts[5], accounts[4].address, token=token, amount=10_000)
+    wait_until(lambda: client.post("/v1/vouchers", json=voucher(eth, sign, 100)).status_code == 201)
+    dust = client.post("/v1/vouchers", json=voucher(eth, sign, 199))
+    assert (dust.status_code, dust.json()["code"], dust.json()["minIncrement"]) == (409, "increment_too_small", "100")
+    assert client.post("/v1/vouchers", json=voucher(eth, sign, 200)).status_code == 201
+    wait_until(lambda: client.post("/v1/vouchers", json=voucher(erc20, sign, 1)).status_code == 201)  # no floor set
+    items = [voucher(eth, sign, 200 + n) for n in range(1, 6)]
+    answers = client.post("/v1/vouchers/batch", json={"vouchers": items}).json()["results"]
+    assert [a["error"]["code"] for a in answers] == ["increment_too_small"] * 5
+    wait_until(lambda: len(risk_events(client, "dust")) == 1, timeout=10)
+    (event,) = risk_events(client, "dust")
+    assert (event["payer"], event["detail"]["code"], event["detail"]["count"]) == (
+        eth.payer.address,
+        "increment_too_small",
+        6,
+    )
+    assert 'settlement_risk_events_total{kind="dust"} 1.0' in client.get("/metrics").text
+
+
+def test_a_held_channel_takes_no_voucher_until_released(
+    api: Callable[..., TestClient], open_channel: Callable[..., Channel], accounts: list[LocalAccount], sign: Sign
+) -> None:
+    client = api()
+    held, other = (open_channel(accounts[n], accounts[6].address, amount=1_000) for n in (7, 8))
+    wait_until(lambda: client.post("/v1/vouchers", json=voucher(held, sign, 10)).status_code == 201)
+    wait_until(lambda: client.post("/v1/vouchers", json=voucher(other, sign, 10)).status_code == 201)
+    cid = "0x" + held.id.hex()
+    answer = client.put(f"/v1/risk/holds/{cid}", json={"reason": "chargeback under review"})
+    assert answer.json() == {"channelId": cid, "reason": "chargeback under review"}
+    rules = client.app.state.service.ingestor  # type: ignore[attr-defined]
+    wait_until(lambda: cid in rules.rules.held, timeout=5)  # the monitor hands holds to ingest every 0.25 s
+    refused = client.post("/v1/vouchers", json=voucher(held, sign, 20)).json()
+    assert (refused["code"], refused["reason"]) == ("channel_held", "chargeback under review")
+    assert client.post("/v1/vouchers", json=voucher(other, sign, 20)).status_code == 201
+    assert client.post("/v1/vouchers", json=voucher(held, sign, 10)).status_code == 200  # what it took stands
+    assert client.get("/v1/risk/holds").json() == [{"channelId": cid, "reason": "chargeback under review"}]
+    assert [(e["channelId"], e["detail"]) for e in risk_events(client, "channel_held")] == [
+        (cid, {"reason": "chargeback under review"})
+    ]
+    assert client.delete(f"/v1/risk/holds/{cid}").status_code == 204
+    assert client.delete(f"/v1/risk/holds/{cid}").status_code == 404
+    wait_until(lambda: cid not in rules.rules.held, timeout=5)
+    assert client.post("/v1/vouchers", json=voucher(held, sign, 20)).status_code == 201
+    bad = client.put(f"/v1/risk/holds/{cid}", json={"reason": ""})
+    assert (bad.status_code, bad.json()["code"]) == (400, "malformed_request")
+
+
+def test_bursts_spreading_payers_and_closes_while_streaming_become_risk_events(
+    api: Callable[..., TestClient],
+    open_channel: Callable[..., Channel],
+    accounts: list[LocalAccount],
+    sign: Sign,
+    hub: Contract,
+    w3: Web3,
+) -> None:
+    client = api(risk_window_seconds=1.0, risk_payer_vouchers_per_window=12, risk_new_channels_per_window=3)
+    spreader = [open_channel(accounts[9], accounts[n].address, amount=1_000) for n in (10, 11, 12)]
+    wait_until(lambda: len(risk_events(client, "channel_spread")) == 1, timeout=10)
+    (spread,) = risk_events(client, "channel_spread")
+    assert (spread["payer"], spread["detail"]["count"]) == (accounts[9].address, 3)
+
+    channel = spreader[0]
+    wait_until(lambda: client.get(f"/v1/channels/0x{channel.id.hex()}").status_code == 200)
+    items = [voucher(channel, sign, n) for n in range(1, 13)]  # one group commit: counted in one window
+    assert [r["status"] for r in client.post("/v1/vouchers/batch", json={"vouchers": items}).json()["results"]] == [
+        201
+    ] * 12
+    wait_until(lambda: len(risk_events(client, "burst")) == 1, timeout=10)
+    (burst,) = risk_events(client, "burst")
+    assert (burst["payer"], burst["detail"]["count"], burst["detail"]["previousCount"]) == (accounts[9].address, 12, 0)
+
+    send(w3, hub.functions.requestClose(channel.id), accounts[9].address)
+    wait_until(lambda: len(risk_events(client, "close_while_streaming")) == 1, timeout=10)
+    (close,) = risk_events(client, "close_while_streaming")
+    assert close["channelId"] == "0x" + channel.id.hex() and close["detail"]["secondsSinceLastPayment"] < 60
+
+
+def test_risk_routes_are_the_operators(
+    api: Callable[..., TestClient], open_channel: Callable[..., Channel], accounts: list[LocalAccount]
+) -> None:
+    client = api(access_control=True)
+    cid = "0x" + open_channel(accounts[13], accounts[14].address, amount=1).id.hex()
+    for method, path in (("GET", "/v1/risk/events"), ("GET", "/v1/risk/holds"), ("DELETE", f"/v1/risk/holds/{cid}")):
+        answer = client.request(method, path)
+        assert (answer.status_code, answer.json()["code"]) == (401, "authentication_required"), path
+    put = client.put(f"/v1/risk/holds/{cid}", json={"reason": "x"})
+    assert put.status_code == 401
