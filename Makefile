@@ -6,7 +6,7 @@ PY := $(VENV)/bin/python
 PY_STAMP := $(VENV)/.installed
 NPM_STAMP := node_modules/.installed
 
-.PHONY: setup run test faults lint check-artifacts compile bench-gas bench-verify bench-ingest bench-e2e bench-scale bench-x402 simulate clean
+.PHONY: setup run test faults lint check-artifacts compile bench-gas bench-verify bench-ingest bench-e2e bench-scale bench-x402 bench-flood simulate clean
 
 setup: $(PY_STAMP) $(NPM_STAMP)
 
@@ -65,6 +65,9 @@ bench-scale: setup
 
 bench-x402: setup
 	$(PY) scripts/bench.py x402
+
+bench-flood: setup
+	$(PY) scripts/bench.py flood
 
 simulate: setup
 	$(VENV)/bin/settlement simulate

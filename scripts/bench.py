@@ -276,6 +276,13 @@ def run_x402(console: Console) -> dict[str, Any]:
     return x402(console)
 
 
+def run_flood(console: Console) -> dict[str, Any]:
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+    from scripts.bench_flood import run_flood as flood
+
+    return flood(console)
+
+
 SCALE = {"channels": 100_000, "vouchers": 10_000_000}
 
 
@@ -293,6 +300,7 @@ BENCHES: dict[str, Callable[[Console], dict[str, Any]]] = {
     "e2e": run_e2e,
     "scale": run_scale,
     "x402": run_x402,
+    "flood": run_flood,
 }
 
 

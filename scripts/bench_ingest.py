@@ -55,37 +55,7 @@ def run_ingest(console: Console) -> dict[str, Any]:
     settings = Settings(_env_file=None, devnet_accounts=CHANNELS + 2)  # type: ignore[call-arg]
     with Devnet(settings) as net, tempfile.TemporaryDirectory(prefix="bench-ingest-") as tmp:
         work = Path(tmp)
-        w3 = connect(net.url)
-        deployment = deploy_hub(w3, net.accounts[0], 3600)
-        deployment.save(work / "deployment.json")
-        hub = hub_contract(w3, deployment)
-        payee = net.accounts[-1].address
-        vouchers = []
-        with console.status(f"opening {CHANNELS} channels and signing {CHANNELS * VOUCHERS_PER_CHANNEL:,} vouchers…"):
-            verifier = VoucherVerifier(read_domain(hub))
-            for payer in net.accounts[1 : 1 + CHANNELS]:
-                salt = uuid.uuid4().bytes * 2
-                Transactor(w3, payer, list(hub.abi)).send(  # type: ignore[arg-type]
-                    hub.functions.open(payee, "0x" + "00" * 20, salt, 10**18), value=10**18
-                )
-                cid = channel_id(payer.address, payee, "0x" + "00" * 20, salt)
-                key = PrivateKey(bytes(payer.key))
-                chain = []
-                for amount in range(1, VOUCHERS_PER_CHANNEL + 1):
-                    raw = key.sign_recoverable(verifier.digest(cid, amount), hasher=None)
-                    signature = raw[:64] + bytes((raw[64] + 27,))
-                    chain.append(
-                        {
-                            "channelId": "0x" + cid.hex(),
-                            "cumulativeAmount": str(amount),
-                            "signature": "0x" + signature.hex(),
-                        }
-                    )
-                vouchers.append(chain)
-            first = vouchers[0][0]
-            reference = sign_voucher(net.accounts[1], verifier.domain, bytes.fromhex(first["channelId"][2:]), 1)
-            if "0x" + reference.hex() != first["signature"]:
-                raise SystemExit("pre-signed vouchers differ from eth-account's signatures")
+        vouchers = signed_channels(net, work, console, CHANNELS, VOUCHERS_PER_CHANNEL)
         warm_file, voucher_file = work / "warm.json", work / "vouchers.json"
         warm_file.write_text(json.dumps([chain[:1] for chain in vouchers]))
         voucher_file.write_text(json.dumps([chain[1:] for chain in vouchers]))
@@ -104,16 +74,55 @@ def run_ingest(console: Console) -> dict[str, Any]:
                 (f"open loop {OFFERED_RATE:,.0f}/s", ["--rate", str(OFFERED_RATE)]),
             ]
             for name, load_args in runs:
-                with console.status(f"{store}: {name}…"), _servers(net.url, work, store) as urls:
+                with console.status(f"{store}: {name}…"), Servers(net.url, work, store) as urls:
                     for url in urls:  # each server learns each channel's payer (a re-send answers 200)
-                        _load([url], warm_file, ["--concurrency", "8"])
-                    result = _load(urls, voucher_file, load_args)
+                        load([url], warm_file, ["--concurrency", "8"])
+                    result = load(urls, voucher_file, load_args)
                 results[f"{store}: {name}"] = result
                 console.print(
                     f"{store}: {name}: {result['vouchers_per_s']:,.0f} vouchers/s, p50 {result['p50_ms']} ms, "
                     f"p99 {result['p99_ms']} ms, {result['statuses']}"
                 )
     return _report(console, results)
+
+
+def signed_channels(
+    net: Devnet, work: Path, console: Console, count: int, per_channel: int
+) -> list[list[dict[str, str]]]:
+    """Deploy a hub (its record in `work`), open `count` ETH channels to one payee (one payer each) and pre-sign
+    `per_channel` vouchers on each (cumulative 1, 2, …), checked against eth-account's signatures."""
+    w3 = connect(net.url)
+    deployment = deploy_hub(w3, net.accounts[0], 3600)
+    deployment.save(work / "deployment.json")
+    hub = hub_contract(w3, deployment)
+    payee = net.accounts[-1].address
+    vouchers = []
+    with console.status(f"opening {count} channels and signing {count * per_channel:,} vouchers…"):
+        verifier = VoucherVerifier(read_domain(hub))
+        for payer in net.accounts[1 : 1 + count]:
+            salt = uuid.uuid4().bytes * 2
+            Transactor(w3, payer, list(hub.abi)).send(  # type: ignore[arg-type]
+                hub.functions.open(payee, "0x" + "00" * 20, salt, 10**18), value=10**18
+            )
+            cid = channel_id(payer.address, payee, "0x" + "00" * 20, salt)
+            key = PrivateKey(bytes(payer.key))
+            chain = []
+            for amount in range(1, per_channel + 1):
+                raw = key.sign_recoverable(verifier.digest(cid, amount), hasher=None)
+                signature = raw[:64] + bytes((raw[64] + 27,))
+                chain.append(
+                    {
+                        "channelId": "0x" + cid.hex(),
+                        "cumulativeAmount": str(amount),
+                        "signature": "0x" + signature.hex(),
+                    }
+                )
+            vouchers.append(chain)
+        first = vouchers[0][0]
+        reference = sign_voucher(net.accounts[1], verifier.domain, bytes.fromhex(first["channelId"][2:]), 1)
+        if "0x" + reference.hex() != first["signature"]:
+            raise SystemExit("pre-signed vouchers differ from eth-account's signatures")
+    return vouchers
 
 
 def _postgres_available() -> bool:
@@ -142,10 +151,11 @@ def scratch_postgres(name: str) -> Iterator[str]:
         admin.dispose()
 
 
-class _servers:
+class Servers:
     """A fresh store and SERVERS `settlement serve` processes on it (engine off), stopped and dropped on exit."""
 
-    def __init__(self, rpc_url: str, work: Path, store: str) -> None:
+    def __init__(self, rpc_url: str, work: Path, store: str, env: dict[str, str] | None = None) -> None:
+        self.extra_env = env or {}
         self.rpc_url = rpc_url
         self.work = work
         self.store = store
@@ -170,6 +180,7 @@ class _servers:
                 "SETTLEMENT_ENGINE_ENABLED": "false",
                 "SETTLEMENT_API_PORT": str(port),
                 "SETTLEMENT_CLIENT_REQUESTS_PER_SECOND": "0",  # the load comes from one address: measure, not limit
+                **self.extra_env,
             }
             log = (self.work / f"server-{self.db_name}-{n}.log").open("wb")
             self.processes.append(
@@ -205,7 +216,7 @@ class _servers:
             self._scratch.__exit__(None, None, None)
 
 
-def _load(urls: list[str], vouchers: Path, extra: list[str]) -> dict[str, Any]:
+def load(urls: list[str], vouchers: Path, extra: list[str]) -> dict[str, Any]:
     command = [
         sys.executable,
         str(ROOT / "scripts" / "bench_load.py"),

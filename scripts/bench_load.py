@@ -12,6 +12,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import os
 import statistics
 import sys
 import time
@@ -37,7 +38,7 @@ async def closed_loop(args: argparse.Namespace, channels: list[list[dict[str, An
     vouchers = 0
     deadline = time.perf_counter() + args.seconds
     connector = aiohttp.TCPConnector(limit=args.concurrency)
-    async with aiohttp.ClientSession(connector=connector, timeout=TIMEOUT) as client:
+    async with aiohttp.ClientSession(connector=connector, timeout=TIMEOUT, headers=_headers(args)) as client:
 
         async def worker(index: int) -> None:
             nonlocal vouchers
@@ -75,7 +76,7 @@ async def open_loop(args: argparse.Namespace, channels: list[list[dict[str, Any]
     statuses: dict[int, int] = {}
     total = int(args.rate * args.seconds)
     connector = aiohttp.TCPConnector(limit=512)
-    async with aiohttp.ClientSession(connector=connector, timeout=TIMEOUT) as client:
+    async with aiohttp.ClientSession(connector=connector, timeout=TIMEOUT, headers=_headers(args)) as client:
 
         async def one(base: str, body: dict[str, Any]) -> None:
             started = time.perf_counter()
@@ -96,6 +97,53 @@ async def open_loop(args: argparse.Namespace, channels: list[list[dict[str, Any]
         await asyncio.gather(*tasks)
         elapsed = time.perf_counter() - started
     return summary(latencies, statuses, total, elapsed) | {"offered_per_s": args.rate}
+
+
+async def flood(args: argparse.Namespace, channels: list[list[dict[str, Any]]]) -> dict[str, Any]:
+    """`count` bogus requests, as fast as `concurrency` connections go, from many forged client addresses (behind
+    the trusted proxy): vouchers for channels that do not exist, real channels with bad signatures, bodies of random
+    bytes, and reads of unknown channels, in turn."""
+    latencies: list[float] = []
+    statuses: dict[int, int] = {}
+    real = [chain[0] for chain in channels]
+    connector = aiohttp.TCPConnector(limit=args.concurrency)
+    async with aiohttp.ClientSession(connector=connector, timeout=TIMEOUT) as client:
+        queue = iter(range(args.count))
+
+        async def worker() -> None:
+            for k in queue:
+                base = args.url[k % len(args.url)]
+                headers = {"X-Forwarded-For": f"10.66.{k % 64}.{k % 251}"}  # 64 x 251 forged clients
+                kind = k % 4
+                started = time.perf_counter()
+                if kind == 3:
+                    request = client.get(f"{base}/v1/channels/0x{os.urandom(32).hex()}", headers=headers)
+                elif kind == 2:
+                    request = client.post(
+                        f"{base}/v1/vouchers",
+                        data=os.urandom(200),
+                        headers=headers | {"content-type": "application/json"},
+                    )
+                else:
+                    body = dict(real[k % len(real)])
+                    if kind == 0:
+                        body["channelId"] = "0x" + os.urandom(32).hex()
+                    else:
+                        body["signature"] = "0x" + os.urandom(65).hex()
+                    request = client.post(f"{base}/v1/vouchers", json=body, headers=headers)
+                async with request as response:
+                    await response.read()
+                latencies.append(time.perf_counter() - started)
+                statuses[response.status] = statuses.get(response.status, 0) + 1
+
+        started = time.perf_counter()
+        await asyncio.gather(*(worker() for _ in range(args.concurrency)))
+        elapsed = time.perf_counter() - started
+    return summary(latencies, statuses, 0, elapsed)
+
+
+def _headers(args: argparse.Namespace) -> dict[str, str]:
+    return {"X-Forwarded-For": args.forwarded_for} if args.forwarded_for else {}
 
 
 def summary(latencies: list[float], statuses: dict[int, int], vouchers: int, elapsed: float) -> dict[str, Any]:
@@ -120,9 +168,14 @@ def main() -> int:
     parser.add_argument("--concurrency", type=int, default=8)
     parser.add_argument("--batch", type=int, default=1)
     parser.add_argument("--rate", type=float, default=0.0, help="open loop at this many requests/s")
+    parser.add_argument("--forwarded-for", help="send X-Forwarded-For: this (a client behind a trusted proxy)")
+    parser.add_argument("--flood", type=int, default=0, dest="count", help="send this many bogus requests instead")
     args = parser.parse_args()
     channels = json.loads(args.vouchers.read_text())
-    result = asyncio.run(open_loop(args, channels) if args.rate else closed_loop(args, channels))
+    if args.count:
+        result = asyncio.run(flood(args, channels))
+    else:
+        result = asyncio.run(open_loop(args, channels) if args.rate else closed_loop(args, channels))
     print(json.dumps(result))
     return 0
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import uuid
 from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -161,24 +162,53 @@ def postgres_server(postgres_url: str) -> str:
     return postgres_url
 
 
-@pytest.fixture
-def fresh_postgres(postgres_server: str) -> Iterator[str]:
-    """A new, empty database on the server for one test, dropped afterwards."""
+@contextmanager
+def scratch_database(server: str, template: str | None = None) -> Iterator[str]:
+    """A new database on the server (a copy of `template`, else empty), dropped on exit; yields its URL."""
     name = f"settlement_test_{uuid.uuid4().hex[:12]}"
-    admin = create_engine(postgres_server, isolation_level="AUTOCOMMIT")
+    admin = create_engine(server, isolation_level="AUTOCOMMIT")
     with admin.connect() as conn:
-        conn.execute(text(f'CREATE DATABASE "{name}"'))
+        conn.execute(text(f'CREATE DATABASE "{name}"' + (f' TEMPLATE "{template}"' if template else "")))
     try:
-        yield make_url(postgres_server).set(database=name).render_as_string(hide_password=False)
+        yield make_url(server).set(database=name).render_as_string(hide_password=False)
     finally:
         with admin.connect() as conn:
             conn.execute(text(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
         admin.dispose()
 
 
+@pytest.fixture(scope="session")
+def postgres_template(postgres_server: str) -> Iterator[str]:
+    """A database migrated to the newest schema once per session: each test's store is a copy of it (copying is
+    cheaper than running every migration for each of the hundreds of PostgreSQL tests)."""
+    with scratch_database(postgres_server) as url:
+        template = Database(url)
+        template.migrate()
+        template.dispose()  # a template database must have no connections when it is copied
+        yield str(make_url(url).database)
+
+
+@pytest.fixture
+def fresh_postgres(postgres_server: str, postgres_template: str) -> Iterator[str]:
+    """A new database for one test, at the newest schema and without rows, dropped afterwards."""
+    with scratch_database(postgres_server, postgres_template) as url:
+        yield url
+
+
+@pytest.fixture(params=["sqlite", pytest.param("postgres", marks=pytest.mark.postgres)])
+def empty_store_url(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[str]:
+    """Like store_url, but without any schema yet: for the tests of the migrations themselves."""
+    if request.param == "sqlite":
+        yield f"sqlite:///{tmp_path / 'settlement.db'}"
+        return
+    with scratch_database(request.getfixturevalue("postgres_server")) as url:
+        yield url
+
+
 @pytest.fixture(params=["sqlite", pytest.param("postgres", marks=pytest.mark.postgres)])
 def store_url(request: pytest.FixtureRequest, tmp_path: Path) -> str:
-    """Each test that takes this runs twice: on a fresh SQLite file and on a fresh PostgreSQL database."""
+    """Each test that takes this runs twice: on a fresh SQLite file and on a fresh PostgreSQL database (a copy of the
+    session's migrated template)."""
     if request.param == "sqlite":
         return f"sqlite:///{tmp_path / 'settlement.db'}"
     url: str = request.getfixturevalue("fresh_postgres")

@@ -303,14 +303,14 @@ def test_racing_retries_of_one_keyed_payment_pay_it_once(
     assert accepted is not None and accepted.accepted == first.cumulative
 
 
-def test_the_withdrawals_migration_names_the_account_of_earlier_withdrawals(store_url: str) -> None:
+def test_the_withdrawals_migration_names_the_account_of_earlier_withdrawals(empty_store_url: str) -> None:
     """Revision 0007 gives Withdrawn events an indexed account column; those indexed before it get theirs too."""
     from alembic import command
 
     from settlement.store.chainlog import withdrawn_by
     from settlement.store.database import _alembic_config
 
-    db = Database(store_url)
+    db = Database(empty_store_url)
     try:
         with db.engine.connect() as conn:
             config = _alembic_config()
