@@ -12,7 +12,6 @@ from pydantic import Field, StringConstraints
 from settlement.api.auth import CallerDep
 from settlement.api.deps import ERRORS, ServiceDep, checked_address
 from settlement.api.schemas import Address, StrictModel
-from settlement.server.access import Role
 
 router = APIRouter(prefix="/v1/auth", responses=ERRORS, tags=["auth"])
 Signature = Annotated[str, StringConstraints(pattern=r"^0x[0-9a-fA-F]{130}$")]
@@ -65,4 +64,4 @@ def token(body: TokenIn, service: ServiceDep) -> TokenOut:
 @router.get("/whoami", operation_id="whoAmI")
 def whoami(who: CallerDep) -> WhoAmIOut:
     """Who the request's credential speaks for."""
-    return WhoAmIOut(role=Role(who.role).value, account=who.account, via=who.via)
+    return WhoAmIOut(role=who.role.value, account=who.account, via=who.via)

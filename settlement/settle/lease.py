@@ -56,6 +56,8 @@ class Lease:
         return True
 
     def _acquire_file(self) -> bool:
+        # The engine's lock keeps the file name it always had: a process of an older version holding it must still
+        # exclude a new one during an upgrade.
         suffix = ".engine.lock" if self.name == "settlement-engine" else f".{self.name}.lock"
         path = Path(self.db.url.database or "settlement.db").with_suffix(suffix)
         handle = path.open("ab")

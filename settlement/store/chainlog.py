@@ -9,7 +9,7 @@ from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
 
-from sqlalchemy import Connection, delete, select, update
+from sqlalchemy import ColumnElement, Connection, and_, delete, or_, select, update
 from sqlalchemy.dialects.postgresql import insert as pg_insert
 from sqlalchemy.dialects.sqlite import insert as sqlite_insert
 
@@ -85,6 +85,15 @@ def recent_blocks(conn: Connection, limit: int) -> list[Cursor]:
     """Block hashes the indexer recorded, newest first."""
     query = select(indexed_blocks).order_by(indexed_blocks.c.number.desc()).limit(limit)
     return [Cursor(row.number, row.hash) for row in conn.execute(query)]
+
+
+def after_position(block: int, log: int) -> ColumnElement[bool]:
+    """Chain events after (block, log index), in the order the chain has them: what the payee feed and the risk
+    monitor read from a position they keep."""
+    return or_(
+        chain_events.c.block_number > block,
+        and_(chain_events.c.block_number == block, chain_events.c.log_index > log),
+    )
 
 
 def record_events(conn: Connection, events: Sequence[ChainEvent]) -> None:

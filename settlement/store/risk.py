@@ -11,6 +11,7 @@ from sqlalchemy.dialects.postgresql import insert as pg_insert
 from sqlalchemy.dialects.sqlite import insert as sqlite_insert
 
 from settlement.domain.model import HubEvent
+from settlement.store.chainlog import after_position
 from settlement.store.tables import chain_events, channel_holds, payments, risk_events
 
 
@@ -74,8 +75,7 @@ def chain_events_since(
             chain_events.c.args,
         )
         .where(
-            (chain_events.c.block_number > block)
-            | ((chain_events.c.block_number == block) & (chain_events.c.log_index > log)),
+            after_position(block, log),
             chain_events.c.event.in_([HubEvent.CHANNEL_OPENED.value, HubEvent.CLOSE_REQUESTED.value]),
         )
         .order_by(chain_events.c.block_number, chain_events.c.log_index)
