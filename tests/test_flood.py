@@ -43,8 +43,13 @@ def test_a_repeated_unknown_channel_id_costs_the_chain_nothing_more(
 
 
 def test_lookups_of_never_seen_ids_are_capped_and_an_honest_channel_still_pays(
-    api: Callable[..., TestClient], open_channel: Callable[..., Channel], accounts: list[LocalAccount], sign: Sign
+    api: Callable[..., TestClient],
+    open_channel: Callable[..., Channel],
+    accounts: list[LocalAccount],
+    sign: Sign,
+    mining: str,
 ) -> None:
+    """On automine and on a chain mining many transactions a block (the existence probe reads the latest block)."""
     client = api(indexer_interval=60, chain_lookups_per_second=5)  # burst 10
     channel = open_channel(accounts[5], accounts[6].address, amount=100)
     provider = client.app.state.service.w3.provider  # type: ignore[attr-defined]

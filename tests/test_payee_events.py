@@ -8,6 +8,7 @@ import json
 import threading
 import time
 from collections.abc import Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
@@ -24,7 +25,7 @@ from settlement.devtools.devnet import free_port
 from settlement.errors import MalformedRequestError
 from settlement.sdk.webhooks import is_authentic
 from settlement.server.webhooks import check_target
-from tests.hub_helpers import ETH, Channel, batch, body, send, settle_call, signed_in, wait_until
+from tests.hub_helpers import ETH, Channel, batch, body, in_one_block, settle_call, signed_in, wait_until
 from tests.hub_helpers import events as events_of
 from tests.servers import ServiceProcess
 
@@ -125,8 +126,12 @@ def test_a_payee_is_told_of_each_payment_settlement_and_close_in_order_signed(
     assert made["secret"].startswith("whsec_") and made["failures"] == 0
     pay(client, channel, sign, 10, 25, 60)
     signature = sign(channel.payer, channel.id, 60)
-    send(w3, settle_call(hub, batch(channel.payee, ETH, channel.voucher(60, signature))), accounts[19].address)
-    closed = send(w3, hub.functions.requestClose(channel.id), channel.payer.address)
+    # The batch and a close in ONE block, as a real chain mines them: both events, in log order.
+    _, closed = in_one_block(
+        w3,
+        (settle_call(hub, batch(channel.payee, ETH, channel.voucher(60, signature))), accounts[19].address, 0),
+        (hub.functions.requestClose(channel.id), channel.payer.address, 0),
+    )
     (requested,) = events_of(hub, closed, "CloseRequested")
     wait_until(lambda: len(hook.accepted()) == 5, timeout=30)
     delivered = hook.accepted()
@@ -227,11 +232,29 @@ def test_webhooks_are_the_payees_and_their_targets_are_checked(
     for bad in ("ftp://example.com/x", "http://user:pw@example.com/", "not a url", "http:///nohost"):
         answer = client.post(path, json={"url": bad}, headers=own)
         assert (answer.status_code, answer.json()["code"]) == (400, "malformed_request"), bad
+    malformed = client.delete(f"{path}/not-a-webhook-id", headers=own)
+    assert (malformed.status_code, malformed.json()["code"]) == (400, "malformed_request")
     gone = client.delete(f"{path}/{first['webhookId']}", headers=own)
     assert gone.status_code == 204
     assert client.delete(f"{path}/{first['webhookId']}", headers=own).status_code == 404
     listed = [w["webhookId"] for w in client.get(path, headers=own).json()]
     assert first["webhookId"] not in listed and len(listed) == 1
+
+
+def test_concurrent_webhook_requests_cannot_pass_the_limit_together(
+    spawn: Callable[..., ServiceProcess],
+    store_url: str,
+    accounts: list[LocalAccount],
+    receiver: Callable[..., Receiver],
+) -> None:
+    """Eight payee requests at once against a limit of two, on a real serve and both stores: two made, six refused."""
+    service = spawn(store_url, webhooks_per_payee="2")
+    url = receiver().url
+    path = f"{service.url}/v1/payees/{accounts[4].address}/webhooks"
+    with ThreadPoolExecutor(8) as pool:
+        codes = sorted(pool.map(lambda _: httpx.post(path, json={"url": url}, timeout=30).status_code, range(8)))
+    assert codes == [201, 201] + [409] * 6
+    assert len(httpx.get(path).json()) == 2
 
 
 def test_off_a_devnet_a_webhook_cannot_aim_inside_the_network() -> None:

@@ -12,7 +12,8 @@ from fastapi.testclient import TestClient
 from web3 import Web3
 from web3.contract import Contract
 
-from tests.hub_helpers import ETH, Channel, body, send, wait_until
+from settlement.eip712.vouchers import channel_id
+from tests.hub_helpers import ETH, Channel, body, in_one_block, send, signed_in, wait_until
 
 Sign = Callable[..., bytes]
 
@@ -91,7 +92,15 @@ def test_bursts_spreading_payers_and_closes_while_streaming_become_risk_events(
     w3: Web3,
 ) -> None:
     client = api(risk_window_seconds=1.0, risk_payer_vouchers_per_window=12, risk_new_channels_per_window=3)
-    spreader = [open_channel(accounts[9], accounts[n].address, amount=1_000) for n in (10, 11, 12)]
+    salts = [n.to_bytes(32, "big") for n in (71, 72, 73)]
+    opens = [(hub.functions.open(accounts[n].address, ETH, salt, 1_000), accounts[9].address, 1_000)
+             for n, salt in zip((10, 11, 12), salts, strict=True)]  # fmt: skip
+    in_one_block(w3, *opens)  # the three openings in ONE block, as a real chain may mine them
+    spreader = [
+        Channel(channel_id(accounts[9].address, accounts[n].address, ETH, salt), accounts[9], accounts[n].address,
+                ETH, salt, 1_000)
+        for n, salt in zip((10, 11, 12), salts, strict=True)
+    ]  # fmt: skip
     wait_until(lambda: len(risk_events(client, "channel_spread")) == 1, timeout=10)
     (spread,) = risk_events(client, "channel_spread")
     assert (spread["payer"], spread["detail"]["count"]) == (accounts[9].address, 3)
@@ -116,9 +125,32 @@ def test_risk_routes_are_the_operators(
     api: Callable[..., TestClient], open_channel: Callable[..., Channel], accounts: list[LocalAccount]
 ) -> None:
     client = api(access_control=True)
-    cid = "0x" + open_channel(accounts[13], accounts[14].address, amount=1).id.hex()
-    for method, path in (("GET", "/v1/risk/events"), ("GET", "/v1/risk/holds"), ("DELETE", f"/v1/risk/holds/{cid}")):
-        answer = client.request(method, path)
-        assert (answer.status_code, answer.json()["code"]) == (401, "authentication_required"), path
-    put = client.put(f"/v1/risk/holds/{cid}", json={"reason": "x"})
-    assert put.status_code == 401
+    channel = open_channel(accounts[13], accounts[14].address, amount=1)
+    cid = "0x" + channel.id.hex()
+    payee = signed_in(client, accounts[14])  # even the channel's own payee is not the operator
+    calls = [
+        ("GET", "/v1/risk/events", None),
+        ("GET", "/v1/risk/holds", None),
+        ("DELETE", f"/v1/risk/holds/{cid}", None),
+        ("PUT", f"/v1/risk/holds/{cid}", {"reason": "x"}),
+    ]
+    for method, path, body_ in calls:
+        anyone = client.request(method, path, json=body_)
+        assert (anyone.status_code, anyone.json()["code"]) == (401, "authentication_required"), path
+        party = client.request(method, path, json=body_, headers=payee)
+        assert (party.status_code, party.json()["code"]) == (403, "forbidden"), path
+    assert client.get("/v1/risk/holds", headers=payee).status_code == 403
+
+
+def test_risk_routes_refuse_malformed_input(api: Callable[..., TestClient]) -> None:
+    client = api()
+    for method, path, body_ in (
+        ("PUT", "/v1/risk/holds/0x1234", {"reason": "x"}),
+        ("PUT", f"/v1/risk/holds/0x{'ab' * 32}", {"reason": "x" * 501}),
+        ("PUT", f"/v1/risk/holds/0x{'ab' * 32}", {"reason": "x", "extra": 1}),
+        ("DELETE", "/v1/risk/holds/nothex", None),
+        ("GET", "/v1/risk/events?cursor=-1", None),
+        ("GET", "/v1/risk/events?limit=0", None),
+    ):
+        answer = client.request(method, path, json=body_)
+        assert (answer.status_code, answer.json()["code"]) == (400, "malformed_request"), path

@@ -91,10 +91,10 @@ def create_webhook(address: AddressPath, body: WebhookIn, service: ServiceDep, w
         "wh_" + secrets.token_hex(8), payee, body.url, new_secret(), now_us, start.payment, start.block, start.log,
         0, 0, None,
     )  # fmt: skip
+    limit = service.settings.webhooks_per_payee
     with service.db.write() as conn:
-        if len(payee_webhooks(conn, payee)) >= service.settings.webhooks_per_payee:
-            raise WebhookLimitError(f"a payee has at most {service.settings.webhooks_per_payee} webhooks")
-        add_webhook(conn, row)
+        if not add_webhook(conn, row, limit):
+            raise WebhookLimitError(f"a payee has at most {limit} webhooks")
     return WebhookOut.of(row, row.secret)
 
 

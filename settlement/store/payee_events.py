@@ -8,12 +8,13 @@ import json
 from dataclasses import dataclass
 from typing import Any
 
-from sqlalchemy import Connection, and_, insert, or_, select, update
+from sqlalchemy import Connection, and_, insert, or_, select, text, update
 
 from settlement.domain.model import HubEvent
+from settlement.store.chainlog import after_position
 from settlement.store.tables import chain_events, channels, payments, webhooks
 
-PAYEE_CHAIN_EVENTS = (HubEvent.CHANNELS_SETTLED, HubEvent.CLOSE_REQUESTED, HubEvent.CHANNEL_CLOSED)
+CLOSE_EVENTS = (HubEvent.CLOSE_REQUESTED.value, HubEvent.CHANNEL_CLOSED.value)
 
 
 @dataclass(frozen=True)
@@ -84,23 +85,16 @@ def chain_events_after(conn: Connection, payee: str, block: int, log: int, limit
             chain_events.c.args,
         )
         .where(
-            or_(
-                chain_events.c.block_number > block,
-                and_(chain_events.c.block_number == block, chain_events.c.log_index > log),
-            ),
+            after_position(block, log),
             or_(
                 chain_events.c.event == HubEvent.CHANNELS_SETTLED.value,
-                and_(
-                    chain_events.c.event.in_([HubEvent.CLOSE_REQUESTED.value, HubEvent.CHANNEL_CLOSED.value]),
-                    chain_events.c.channel_id.in_(own),
-                ),
+                and_(chain_events.c.event.in_(CLOSE_EVENTS), chain_events.c.channel_id.in_(own)),
             ),
         )
         .order_by(chain_events.c.block_number, chain_events.c.log_index)
         .limit(limit)
     )
-    rows = [ChainRow(b, i, tx, event, cid, json.loads(args)) for b, i, tx, event, cid, args in conn.execute(query)]
-    return rows
+    return [ChainRow(b, i, tx, event, cid, json.loads(args)) for b, i, tx, event, cid, args in conn.execute(query)]
 
 
 def last_chain_position(conn: Connection) -> tuple[int, int]:
@@ -145,7 +139,13 @@ _WEBHOOK = (
 )
 
 
-def add_webhook(conn: Connection, row: WebhookRow) -> None:
+def add_webhook(conn: Connection, row: WebhookRow, limit: int) -> bool:
+    """Add `row` unless its payee has `limit` live webhooks already (False then). Concurrent adds for one payee take
+    turns: a transaction lock per payee on PostgreSQL, the single writer on SQLite; else two could pass the count."""
+    if conn.dialect.name != "sqlite":
+        conn.execute(text("SELECT pg_advisory_xact_lock(hashtext(:payee))"), {"payee": row.payee})
+    if len(payee_webhooks(conn, row.payee)) >= limit:
+        return False
     conn.execute(
         insert(webhooks).values(
             webhook_id=row.webhook_id,
@@ -160,6 +160,7 @@ def add_webhook(conn: Connection, row: WebhookRow) -> None:
             next_attempt_us=row.next_attempt_us,
         )
     )
+    return True
 
 
 def payee_webhooks(conn: Connection, payee: str) -> list[WebhookRow]:
