@@ -26,8 +26,12 @@ def ghost(channel: Channel, n: int) -> Channel:
 def test_a_repeated_unknown_channel_id_costs_the_chain_nothing_more(
     api: Callable[..., TestClient], open_channel: Callable[..., Channel], accounts: list[LocalAccount], sign: Sign
 ) -> None:
-    client = api(indexer_interval=60, unknown_channel_ttl=30)  # the indexer's own polls out of the count
     channel = open_channel(accounts[5], accounts[6].address, amount=100)
+    client = api(indexer_interval=60, unknown_channel_ttl=30)  # the indexer's own polls out of the count:
+    indexer = client.app.state.service.indexer  # type: ignore[attr-defined]
+    head = client.app.state.service.w3.eth.block_number  # type: ignore[attr-defined]
+    # its first catch-up polls back to back (one eth_getLogs a range) until it reaches the head, then rests 60 s.
+    wait_until(lambda: indexer.progress is not None and indexer.progress.cursor >= head)
     unknown = ghost(channel, 7)
     first = client.post("/v1/vouchers", json=body(unknown, 1, sign(channel.payer, unknown.id, 1)))
     assert (first.status_code, first.json()["code"]) == (404, "channel_not_found")
