@@ -6,7 +6,7 @@ PY := $(VENV)/bin/python
 PY_STAMP := $(VENV)/.installed
 NPM_STAMP := node_modules/.installed
 
-.PHONY: setup run test faults lint check-artifacts compile bench-gas bench-verify bench-ingest bench-e2e bench-scale bench-x402 bench-flood simulate clean
+.PHONY: setup run test faults lint check-artifacts compile bench-gas bench-verify bench-ingest bench-e2e bench-scale bench-x402 bench-flood bench-store simulate clean
 
 setup: $(PY_STAMP) $(NPM_STAMP)
 
@@ -68,6 +68,9 @@ bench-x402: setup
 
 bench-flood: setup
 	$(PY) scripts/bench.py flood
+
+bench-store: setup
+	$(PY) scripts/bench.py store
 
 simulate: setup
 	$(VENV)/bin/settlement simulate

@@ -7,6 +7,8 @@ python scripts/bench.py ingest   # durable HTTP ingest on SQLite and PostgreSQL 
 python scripts/bench.py e2e      # voucher accepted -> credited on chain, through the simulator, per settle interval
 python scripts/bench.py scale    # PostgreSQL with 100k channels and 10M vouchers (scripts/bench_scale.py)
 python scripts/bench.py x402     # paid HTTP requests through x402's client and middleware and our facilitator
+python scripts/bench.py flood    # an honest payer's latency under a flood of bogus vouchers (scripts/bench_flood.py)
+python scripts/bench.py store    # the store's write path alone, 1-4 writers, bytes per payment (scripts/bench_store.py)
 """
 
 from __future__ import annotations
@@ -283,6 +285,13 @@ def run_flood(console: Console) -> dict[str, Any]:
     return flood(console)
 
 
+def run_store(console: Console) -> dict[str, Any]:
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+    from scripts.bench_store import run_store as store
+
+    return store(console)
+
+
 SCALE = {"channels": 100_000, "vouchers": 10_000_000}
 
 
@@ -301,6 +310,7 @@ BENCHES: dict[str, Callable[[Console], dict[str, Any]]] = {
     "scale": run_scale,
     "x402": run_x402,
     "flood": run_flood,
+    "store": run_store,
 }
 
 

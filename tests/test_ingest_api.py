@@ -82,6 +82,13 @@ def test_payments_paginate_newest_first(api: Callable[..., TestClient], channel:
         if cursor is None:
             break
     assert seen == [str(n) for n in range(7, 0, -1)]
+    # A cursor naming no payment of this channel (compacted, another channel's, made up) still means "ids below it".
+    url = f"/v1/channels/0x{channel.id.hex()}/payments"
+    seventh = int(client.get(url, params={"limit": 1}).json()["nextCursor"])  # the id of the newest payment
+    made_up = client.get(url, params={"cursor": seventh + 10**6}).json()["items"]
+    assert [p["cumulativeAmount"] for p in made_up] == [str(n) for n in range(7, 0, -1)]
+    below_sixth = client.get(url, params={"cursor": seventh - 1}).json()["items"]  # the sixth's id: a stored one
+    assert [p["cumulativeAmount"] for p in below_sixth] == [str(n) for n in range(5, 0, -1)]
 
 
 def test_batch_accepts_valid_items_whatever_the_others_do(

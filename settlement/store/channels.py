@@ -269,8 +269,13 @@ def list_payments(conn: Connection, channel_id: str, *, before: int | None = Non
     """A channel's accepted payments, newest first; `before` is the previous page's cursor (a payment id)."""
     query = select(payments).where(payments.c.channel_id == channel_id)
     if before is not None:
-        query = query.where(payments.c.id < before)
-    rows = list(conn.execute(query.order_by(payments.c.id.desc()).limit(limit + 1)))
+        # Ordered by amount, which within a channel is the order of ids, on the (channel_id, cumulative) index: a
+        # cursor that names a stored payment becomes an amount bound; any other id is a filter on the same walk.
+        bound = conn.execute(
+            select(payments.c.cumulative).where(payments.c.id == before, payments.c.channel_id == channel_id)
+        ).scalar()
+        query = query.where(payments.c.id < before if bound is None else payments.c.cumulative < bound)
+    rows = list(conn.execute(query.order_by(payments.c.cumulative.desc()).limit(limit + 1)))
     more = len(rows) > limit
     rows = rows[:limit]
     return Page([_receipt(r) for r in rows], str(rows[-1].id) if more else None)

@@ -86,5 +86,5 @@ def chain_events_since(
 
 def last_payment_at(conn: Connection, channel_id: str) -> int | None:
     query = select(payments.c.accepted_at_us).where(payments.c.channel_id == channel_id)
-    found = conn.execute(query.order_by(payments.c.id.desc()).limit(1)).scalar()
+    found = conn.execute(query.order_by(payments.c.cumulative.desc()).limit(1)).scalar()  # the latest: on its index
     return None if found is None else int(found)

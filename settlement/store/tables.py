@@ -111,7 +111,8 @@ payments = Table(
         dialect="sqlite"
     ),
     *_amount_constraints("payments", "cumulative", "increment", "remaining"),
-    Index(None, "channel_id", "id"),
+    # No (channel_id, id) index: within a channel ids and cumulative amounts rise together (a payment is recorded
+    # only above the channel's floor), so the unique (channel_id, cumulative) index serves every per-channel order.
 )
 
 chain_events = Table(

@@ -1,0 +1,230 @@
+"""`bench.py store`: the store's write path alone, the ceiling of ingest (issue 20).
+
+No chain, no HTTP, no signature recovery: channels are inserted straight into a fresh store, and each writer process
+runs the service's own ingest writer (`Ingestor`: the ledger rules, the channels' row locks, the group commit) on
+vouchers whose signers are given. A writer keeps IN_FLIGHT requests of REQUEST vouchers queued, as a busy server's
+callers do, so its writer thread commits groups of up to 1,024. Writers own disjoint channels (a payer pays through
+one server at a time); with several, they are separate processes on one database.
+
+Figures per backend and number of writers: vouchers committed per second (all writers together, and per writer), the
+p99 of one request's wait for its commit, the bytes each stored payment adds to the payments table with its indexes
+(the database's own size functions: PostgreSQL's pg_total_relation_size, SQLite's dbstat), and the bytes written per
+voucher: PostgreSQL's WAL (pg_current_wal_lsn) or, on SQLite, what the writer processes wrote (/proc/self/io: the
+WAL and its checkpoints).
+
+Payments are the hot path's kind: no reference, no idempotency key, a 65-byte signature, an increment of 1 base unit.
+"""
+
+from __future__ import annotations
+
+import multiprocessing
+import os
+import statistics
+import tempfile
+import time
+import uuid
+from collections.abc import Iterator
+from concurrent.futures import Future
+from contextlib import contextmanager
+from multiprocessing.synchronize import Barrier
+from pathlib import Path
+from typing import Any, cast
+
+from eth_utils.address import to_checksum_address
+from rich.console import Console
+from rich.table import Table
+from sqlalchemy import text
+
+from scripts.bench_ingest import POSTGRES_URL, _postgres_available, scratch_postgres
+from settlement.domain.ledger import Verdict
+from settlement.domain.model import Address, Channel, ChannelId, ChannelStatus, Voucher, utcnow
+from settlement.ingest.pipeline import Ingestor, Outcome
+from settlement.server.metrics import Metrics
+from settlement.store import Database
+from settlement.store import channels as channel_q
+
+CHANNELS_PER_WRITER = 1_000
+ROUNDS = 30  # vouchers per channel: 30,000 per writer
+REQUEST = 100  # vouchers per submitted request (a batch call)
+IN_FLIGHT = 8  # requests a writer keeps queued
+WRITERS = (1, 2, 4)
+ETH = Address("0x" + "00" * 20)
+PAYEE = Address(to_checksum_address("0x" + "ee" * 20))
+DEPOSIT = 10**30
+
+
+def _ids(writer: int) -> list[tuple[ChannelId, Address]]:
+    """The (channel id, payer) pairs of one writer: made up, distinct, the same in the parent and the child."""
+    pairs = []
+    for n in range(CHANNELS_PER_WRITER):
+        seed = (writer * CHANNELS_PER_WRITER + n + 1).to_bytes(32, "big")
+        pairs.append((ChannelId("0x" + seed.hex()), Address(to_checksum_address(seed[-20:]))))
+    return pairs
+
+
+def _insert_channels(url: str, writers: int) -> None:
+    db = Database(url)
+    db.migrate()
+    now = utcnow()
+    with db.write() as conn:
+        for writer in range(writers):
+            for channel_id, payer in _ids(writer):
+                channel = Channel(
+                    channel_id=channel_id,
+                    payer=payer,
+                    payee=PAYEE,
+                    token=ETH,
+                    salt="0x" + "00" * 32,
+                    deposit=DEPOSIT,
+                    settled=0,
+                    status=ChannelStatus.OPEN,
+                    close_deadline=None,
+                    as_of_block=1,
+                )
+                channel_q.insert_channel(conn, channel, now)
+    db.dispose()
+
+
+def _written_bytes() -> int:
+    """What this process has passed to write(2) so far (Linux)."""
+    for line in Path("/proc/self/io").read_text().splitlines():
+        if line.startswith("wchar:"):
+            return int(line.split()[1])
+    return 0
+
+
+def _writer(url: str, writer: int, start: Barrier, results: Any) -> None:
+    """One server's ingest writer on its own channels; puts (vouchers, seconds, request waits, bytes written)."""
+    db = Database(url)
+    # Neither the verifier nor the indexer is used: signers are given and every channel is stored already.
+    ingestor = Ingestor(db, cast(Any, None), cast(Any, None), Metrics(), close_guard=0)
+    ingestor.start()
+    pairs = _ids(writer)
+    signers = {channel_id: bytes.fromhex(payer[2:]) for channel_id, payer in pairs}
+    requests = []
+    for cumulative in range(1, ROUNDS + 1):
+        round_ = [Voucher(channel_id, cumulative, os.urandom(65)) for channel_id, _ in pairs]
+        requests += [round_[i : i + REQUEST] for i in range(0, len(round_), REQUEST)]
+    start.wait()
+    wrote, began = _written_bytes(), time.perf_counter()
+    waits: list[float] = []
+    refused = 0
+    pending: list[tuple[float, Future[list[Outcome]]]] = []
+
+    def settle_oldest() -> None:
+        nonlocal refused
+        sent, future = pending.pop(0)
+        outcomes = future.result()
+        waits.append(time.perf_counter() - sent)
+        refused += sum(1 for o in outcomes if not (isinstance(o, Verdict) and o.new))
+
+    for request in requests:
+        if len(pending) >= IN_FLIGHT:
+            settle_oldest()
+        pending.append((time.perf_counter(), ingestor.submit(request, [signers[v.channel_id] for v in request])))
+    while pending:
+        settle_oldest()
+    seconds = time.perf_counter() - began
+    written = _written_bytes() - wrote
+    ingestor.stop()
+    db.dispose()
+    if refused:
+        raise SystemExit(f"writer {writer}: {refused} vouchers were not accepted as new payments")
+    results.put((sum(len(r) for r in requests), seconds, waits, written))
+
+
+def _payments_bytes(url: str) -> int:
+    """The payments table with its indexes, as the database counts it."""
+    db = Database(url)
+    with db.read() as conn:
+        if db.is_sqlite:
+            query = (
+                "SELECT SUM(pgsize) FROM dbstat WHERE name IN"
+                " (SELECT name FROM sqlite_master WHERE tbl_name = 'payments')"
+            )
+        else:
+            query = "SELECT pg_total_relation_size('payments')"
+        size = int(conn.execute(text(query)).scalar_one() or 0)
+    db.dispose()
+    return size
+
+
+def _wal_position(url: str) -> int | None:
+    db = Database(url)
+    try:
+        if db.is_sqlite:
+            return None
+        with db.read() as conn:
+            return int(conn.execute(text("SELECT pg_wal_lsn_diff(pg_current_wal_lsn(), '0/0')")).scalar_one())
+    finally:
+        db.dispose()
+
+
+@contextmanager
+def _store(backend: str) -> Iterator[str]:
+    if backend == "postgres":
+        with scratch_postgres(f"bench_store_{uuid.uuid4().hex[:10]}") as url:
+            yield url
+    else:
+        with tempfile.TemporaryDirectory(prefix="bench-store-") as tmp:
+            yield f"sqlite:///{Path(tmp) / 'store.db'}"
+
+
+def measure(backend: str, writers: int) -> dict[str, Any]:
+    """One run on a fresh store: `writers` processes, ROUNDS vouchers on each of their channels."""
+    with _store(backend) as url:
+        _insert_channels(url, writers)
+        size_before, wal_before = _payments_bytes(url), _wal_position(url)
+        context = multiprocessing.get_context("spawn")
+        start, results = context.Barrier(writers + 1), context.Queue()
+        processes = [context.Process(target=_writer, args=(url, w, start, results)) for w in range(writers)]
+        for process in processes:
+            process.start()
+        start.wait()
+        began = time.perf_counter()
+        outcomes = [results.get(timeout=600) for _ in processes]
+        wall = time.perf_counter() - began
+        for process in processes:
+            process.join()
+            if process.exitcode != 0:
+                raise SystemExit(f"a store writer failed (exit {process.exitcode})")
+        vouchers = sum(o[0] for o in outcomes)
+        waits = sorted(w for o in outcomes for w in o[2])
+        wal_after = _wal_position(url)
+        written = (wal_after - wal_before) if wal_after is not None and wal_before is not None else None
+        if written is None:
+            written = sum(o[3] for o in outcomes)
+        size = _payments_bytes(url) - size_before
+        return {
+            "store": backend,
+            "writers": writers,
+            "vouchers": vouchers,
+            "per_second": round(vouchers / wall),
+            "per_writer": round(statistics.mean(o[0] / o[1] for o in outcomes)),
+            "wait_p99_ms": round(waits[min(len(waits) - 1, int(len(waits) * 0.99))] * 1000, 1),
+            "bytes_per_payment": round(size / vouchers),
+            "written_per_voucher": round(written / vouchers),
+            "written_is": "wal" if backend == "postgres" else "process writes",
+        }
+
+
+def run_store(console: Console, writers: tuple[int, ...] = WRITERS) -> dict[str, Any]:
+    backends = ["sqlite"] + (["postgres"] if _postgres_available() else [])
+    if "postgres" not in backends:
+        console.print(f"[yellow]PostgreSQL not reachable at {POSTGRES_URL}: skipped[/]")
+    rows = [measure(backend, count) for backend in backends for count in writers]
+    table = Table(title=f"store alone: {CHANNELS_PER_WRITER:,} channels x {ROUNDS} vouchers per writer")
+    for column in ("store", "writers", "vouchers/s", "per writer", "p99 ms", "bytes/payment", "written/voucher"):
+        table.add_column(column, justify="right", no_wrap=True)
+    for row in rows:
+        table.add_row(
+            row["store"],
+            str(row["writers"]),
+            f"{row['per_second']:,}",
+            f"{row['per_writer']:,}",
+            str(row["wait_p99_ms"]),
+            str(row["bytes_per_payment"]),
+            f"{row['written_per_voucher']:,} ({'WAL' if row['store'] == 'postgres' else 'process'})",
+        )
+    console.print(table)
+    return {"runs": rows}
