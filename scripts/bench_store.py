@@ -133,20 +133,24 @@ def _writer(url: str, writer: int, start: Barrier, results: Any) -> None:
     results.put((sum(len(r) for r in requests), seconds, waits, written))
 
 
-def _payments_bytes(url: str) -> int:
-    """The payments table with its indexes, as the database counts it."""
+def _payments_bytes(url: str) -> tuple[int, int]:
+    """The payments table and its indexes, as the database counts them: (table bytes, index bytes)."""
     db = Database(url)
     with db.read() as conn:
         if db.is_sqlite:
-            query = (
-                "SELECT SUM(pgsize) FROM dbstat WHERE name IN"
-                " (SELECT name FROM sqlite_master WHERE tbl_name = 'payments')"
-            )
+            rows = conn.execute(
+                text(
+                    "SELECT m.type, SUM(d.pgsize) FROM dbstat d JOIN sqlite_master m ON m.name = d.name"
+                    " WHERE m.tbl_name = 'payments' GROUP BY m.type"
+                )
+            ).all()
+            sizes = {kind: int(size) for kind, size in rows}
+            table, indexes = sizes.get("table", 0), sizes.get("index", 0)
         else:
-            query = "SELECT pg_total_relation_size('payments')"
-        size = int(conn.execute(text(query)).scalar_one() or 0)
+            query = "SELECT pg_table_size('payments'), pg_indexes_size('payments')"
+            table, indexes = (int(n) for n in conn.execute(text(query)).one())
     db.dispose()
-    return size
+    return table, indexes
 
 
 def _wal_position(url: str) -> int | None:
@@ -194,7 +198,7 @@ def measure(backend: str, writers: int) -> dict[str, Any]:
         written = (wal_after - wal_before) if wal_after is not None and wal_before is not None else None
         if written is None:
             written = sum(o[3] for o in outcomes)
-        size = _payments_bytes(url) - size_before
+        table, indexes = (after - before for after, before in zip(_payments_bytes(url), size_before, strict=True))
         return {
             "store": backend,
             "writers": writers,
@@ -202,7 +206,9 @@ def measure(backend: str, writers: int) -> dict[str, Any]:
             "per_second": round(vouchers / wall),
             "per_writer": round(statistics.mean(o[0] / o[1] for o in outcomes)),
             "wait_p99_ms": round(waits[min(len(waits) - 1, int(len(waits) * 0.99))] * 1000, 1),
-            "bytes_per_payment": round(size / vouchers),
+            "bytes_per_payment": round((table + indexes) / vouchers),
+            "table_bytes": round(table / vouchers),
+            "index_bytes": round(indexes / vouchers),
             "written_per_voucher": round(written / vouchers),
             "written_is": "wal" if backend == "postgres" else "process writes",
         }
@@ -214,7 +220,15 @@ def run_store(console: Console, writers: tuple[int, ...] = WRITERS) -> dict[str,
         console.print(f"[yellow]PostgreSQL not reachable at {POSTGRES_URL}: skipped[/]")
     rows = [measure(backend, count) for backend in backends for count in writers]
     table = Table(title=f"store alone: {CHANNELS_PER_WRITER:,} channels x {ROUNDS} vouchers per writer")
-    for column in ("store", "writers", "vouchers/s", "per writer", "p99 ms", "bytes/payment", "written/voucher"):
+    for column in (
+        "store",
+        "writers",
+        "vouchers/s",
+        "per writer",
+        "p99 ms",
+        "bytes/payment (table + indexes)",
+        "written/voucher",
+    ):
         table.add_column(column, justify="right", no_wrap=True)
     for row in rows:
         table.add_row(
@@ -223,7 +237,7 @@ def run_store(console: Console, writers: tuple[int, ...] = WRITERS) -> dict[str,
             f"{row['per_second']:,}",
             f"{row['per_writer']:,}",
             str(row["wait_p99_ms"]),
-            str(row["bytes_per_payment"]),
+            f"{row['bytes_per_payment']} = {row['table_bytes']} + {row['index_bytes']}",
             f"{row['written_per_voucher']:,} ({'WAL' if row['store'] == 'postgres' else 'process'})",
         )
     console.print(table)

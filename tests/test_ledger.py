@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import replace
+from dataclasses import fields, replace
 from datetime import UTC, datetime, timedelta
 
 import pytest
@@ -184,3 +184,21 @@ def test_a_priced_voucher_pays_exactly_its_price_over_the_position() -> None:
         assert info.value.details == {"currentCumulativeAmount": "40", "price": "10"}
     with pytest.raises(StaleVoucherError):  # not above the position at all: stale, as any voucher
         judge(at, replace(voucher(40), price=10), SIGNER, prior=None, now=NOW, close_guard=60)
+
+
+def test_with_voucher_keeps_every_other_fact_of_the_channel() -> None:
+    """The writer's fast copy names every field by position: a field added to Channel must be carried over too."""
+    full = {f.name: getattr(channel(), f.name) for f in fields(Channel)}
+    distinct = {
+        **full,
+        "close_deadline": 99,
+        "as_of_log": 4,
+        "accepted": 5,
+        "signature": b"\x02" * 65,
+        "suspended_reason": "held",
+        "status": ChannelStatus.CLOSING,
+        "settled": 3,
+    }
+    assert set(distinct) == {f.name for f in fields(Channel)} and None not in distinct.values()
+    before = Channel(**distinct)
+    assert before.with_voucher(7, b"\x03" * 65) == replace(before, accepted=7, signature=b"\x03" * 65)

@@ -6,7 +6,7 @@ Money is always an int in base units; ids are 0x-prefixed lowercase hex; address
 
 from __future__ import annotations
 
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from datetime import UTC, datetime
 from enum import IntEnum, StrEnum
 from typing import NewType
@@ -93,7 +93,23 @@ class Channel:
         return self.as_of_block, self.as_of_log
 
     def with_voucher(self, cumulative: int, signature: bytes) -> Channel:
-        return replace(self, accepted=cumulative, signature=signature)
+        """The writer calls this once per accepted voucher: spelled out, it costs half of `dataclasses.replace`."""
+        return Channel(
+            self.channel_id,
+            self.payer,
+            self.payee,
+            self.token,
+            self.salt,
+            self.deposit,
+            self.settled,
+            self.status,
+            self.close_deadline,
+            self.as_of_block,
+            self.as_of_log,
+            cumulative,
+            signature,
+            self.suspended_reason,
+        )
 
 
 @dataclass(frozen=True)

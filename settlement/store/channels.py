@@ -7,10 +7,12 @@ from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from typing import Any, Generic, TypeVar
 
-from sqlalchemy import Connection, Row, and_, any_, bindparam, func, select, text, tuple_, update
+import psycopg
+from sqlalchemy import Connection, Row, and_, any_, bindparam, func, select, tuple_, update
 from sqlalchemy.dialects.postgresql import ARRAY
 from sqlalchemy.dialects.postgresql import insert as pg_insert
 from sqlalchemy.dialects.sqlite import insert as sqlite_insert
+from sqlalchemy.exc import DBAPIError
 
 from settlement.domain.model import Channel, ChannelId, ChannelStatus, Receipt
 from settlement.store.tables import channels, payments
@@ -158,26 +160,39 @@ def record_payments(conn: Connection, accepted: Sequence[tuple[Receipt, bytes]])
         _record_payments_arrays(conn, accepted, latest)
 
 
-_INSERT_PAYMENTS = text(
+_INSERT_PAYMENTS = (
     "INSERT INTO payments"
     " (channel_id, cumulative, increment, remaining, signature, reference, accepted_at_us, idempotency_key)"
-    " SELECT * FROM unnest(CAST(:ids AS varchar[]), CAST(:cumulative AS numeric[]), CAST(:increment AS numeric[]),"
-    " CAST(:remaining AS numeric[]), CAST(:signature AS bytea[]), CAST(:reference AS varchar[]),"
-    " CAST(:at AS bigint[]), CAST(:keys AS varchar[]))"
+    " SELECT * FROM unnest(%(ids)b::varchar[], %(cumulative)b::numeric[], %(increment)b::numeric[],"
+    " %(remaining)b::numeric[], %(signature)b::bytea[], %(reference)b::varchar[], %(at)b::bigint[],"
+    " %(keys)b::varchar[])"
 )
-_UPDATE_LATEST = text(
+_UPDATE_LATEST = (
     "UPDATE channels AS c SET accepted = v.accepted, signature = v.signature, updated_at_us = v.at"
-    " FROM unnest(CAST(:ids AS varchar[]), CAST(:accepted AS numeric[]), CAST(:signature AS bytea[]),"
-    " CAST(:at AS bigint[])) AS v(channel_id, accepted, signature, at)"
+    " FROM unnest(%(ids)b::varchar[], %(accepted)b::numeric[], %(signature)b::bytea[], %(at)b::bigint[])"
+    " AS v(channel_id, accepted, signature, at)"
     " WHERE c.channel_id = v.channel_id"
 )
+
+
+def _execute_binary(conn: Connection, statement: str, params: dict[str, list[Any]]) -> None:
+    """Run `statement` on the transaction's own psycopg connection with parameters sent in binary: the text format
+    quotes every array element (a regular expression each), a third of the group commit's time."""
+    driver = conn.connection.driver_connection
+    assert driver is not None
+    try:
+        with driver.cursor() as cursor:
+            cursor.execute(statement, params)
+    except psycopg.Error as ex:  # as SQLAlchemy would have raised it: the store's error handling sees no difference
+        raise DBAPIError.instance(statement, None, ex, psycopg.Error) from ex
 
 
 def _record_payments_arrays(
     conn: Connection, accepted: Sequence[tuple[Receipt, bytes]], latest: dict[str, tuple[Receipt, bytes]]
 ) -> None:
     receipts = [r for r, _ in accepted]
-    conn.execute(
+    _execute_binary(
+        conn,
         _INSERT_PAYMENTS,
         {
             "ids": [r.channel_id for r in receipts],
@@ -190,7 +205,8 @@ def _record_payments_arrays(
             "keys": [r.idempotency_key for r in receipts],
         },
     )
-    conn.execute(
+    _execute_binary(
+        conn,
         _UPDATE_LATEST,
         {
             "ids": list(latest),
