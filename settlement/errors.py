@@ -34,6 +34,8 @@
         ├── ForbiddenError           403 forbidden           (another party's data, or an operator's route)
         ├── WebhookLimitError        409 webhook_limit       (a payee has SETTLEMENT_WEBHOOKS_PER_PAYEE already)
         ├── RateLimitedError         429 rate_limited        (one client over SETTLEMENT_CLIENT_REQUESTS_PER_SECOND)
+        │   └── PayerRateLimitedError 429 payer_rate_limited (one payer's signed vouchers over
+        │                                                   SETTLEMENT_PAYER_VOUCHERS_PER_SECOND, every channel)
         ├── BatchTooLargeError       413 batch_too_large
         ├── NotFoundError            404 not_found
         ├── MethodNotAllowedError    405 method_not_allowed
@@ -253,6 +255,13 @@ class RateLimitedError(RequestError):
 
     status = 429
     code = "rate_limited"
+
+
+class PayerRateLimitedError(RateLimitedError):
+    """One payer signed more vouchers a second, over all its channels and all clients, than its rate allows (only
+    vouchers its own key signed count: nobody else can spend a payer's rate). The answer carries Retry-After."""
+
+    code = "payer_rate_limited"
 
 
 class BatchTooLargeError(RequestError):

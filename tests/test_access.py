@@ -17,6 +17,7 @@ from eth_account.signers.local import LocalAccount
 from fastapi.testclient import TestClient
 from hexbytes import HexBytes
 
+from settlement.devtools.devnet import free_port
 from settlement.errors import ConfigError, InvalidCredentialsError, UntrustedServiceError
 from settlement.sdk.payer import PayerClient
 from settlement.sdk.signin import SignInAuth
@@ -272,13 +273,18 @@ def test_keys_from_the_cli_and_a_served_devnet_prints_its_operator_key(
     spawn: Callable[..., ServiceProcess], tmp_path: Path, accounts: list[LocalAccount]
 ) -> None:
     store = f"sqlite:///{tmp_path / 'keys.db'}"
-    service = spawn(store, access_control="true")
+    scrape = free_port("127.0.0.1")
+    service = spawn(store, access_control="true", metrics_port=str(scrape))
     key_file = tmp_path / "operator-key"  # next to the deployment record the service was given
     operator = key_file.read_text().strip()
     assert f"devnet operator API key (also in {key_file}): {operator}" in service.log.read_text()
     assert key_file.stat().st_mode & 0o777 == 0o600
     assert httpx.get(f"{service.url}/metrics").status_code == 401
     assert httpx.get(f"{service.url}/metrics", headers={"Authorization": f"Bearer {operator}"}).status_code == 200
+    # The scraper's own port needs no key (bound to 127.0.0.1 here) and reads the same registry, gauges refreshed.
+    scraped = httpx.get(f"http://127.0.0.1:{scrape}/metrics")
+    assert scraped.status_code == 200 and "settlement_indexer_cursor_block " in scraped.text
+    assert 'settlement_rpc_requests{method="eth_blockNumber"}' in scraped.text
 
     env = {"SETTLEMENT_DATABASE_URL": store}
     made = run_cli("keys", "create", "--role", "payee", "--account", accounts[4].address, env=env, cwd=tmp_path)

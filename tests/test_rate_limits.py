@@ -1,6 +1,7 @@
 """Per-client rate limits against a real `serve`: a client over its rate gets 429 `rate_limited` with Retry-After
 before any work is done for it, and another client is not slowed; X-Forwarded-For names the client only when a
-trusted proxy sends it (a forged one from anyone else changes nothing)."""
+trusted proxy sends it (a forged one from anyone else changes nothing). Per-payer rates: only vouchers a payer's own
+key signed count, over all its channels."""
 
 from __future__ import annotations
 
@@ -9,8 +10,13 @@ from collections.abc import Callable
 from pathlib import Path
 
 import httpx
+from eth_account.signers.local import LocalAccount
+from fastapi.testclient import TestClient
 
+from tests.hub_helpers import Channel, body
 from tests.servers import ServiceProcess
+
+Sign = Callable[..., bytes]
 
 RATE, BURST = "0.01", "20"  # 20 requests at once, then one every 100 s: nothing refills during a test
 
@@ -45,3 +51,36 @@ def test_behind_a_trusted_proxy_each_client_has_its_own_rate(
     flooder = flood(service.url, 40, client_ip="10.0.0.1")
     assert flooder == [200] * 20 + [429] * 20
     assert flood(service.url, 20, client_ip="10.0.0.2") == [200] * 20  # an honest client behind the same proxy
+
+
+def test_a_payer_over_its_voucher_rate_is_refused_on_every_channel_and_forgeries_spend_none_of_it(
+    api: Callable[..., TestClient], open_channel: Callable[..., Channel], accounts: list[LocalAccount], sign: Sign
+) -> None:
+    client = api(payer_vouchers_per_second=0.01, payer_burst=5)  # 5 at once, then one every 100 s
+    payer, other, forger = accounts[5], accounts[8], accounts[7]
+    first, second = (open_channel(payer, accounts[6].address, amount=1_000) for _ in range(2))
+    honest = open_channel(other, accounts[6].address, amount=1_000)
+    # Twenty vouchers a forger signed on the honest payer's channel: refused by the ledger, and the payer's rate
+    # untouched (a forgery cannot make a payer's own vouchers wait).
+    forged = [body(honest, n, sign(forger, honest.id, n)) for n in range(1, 21)]
+    results = client.post("/v1/vouchers/batch", json={"vouchers": forged}).json()["results"]
+    assert [r["error"]["code"] for r in results] == ["invalid_signature"] * 20
+    for n in range(1, 6):
+        assert client.post("/v1/vouchers", json=body(honest, n, sign(other, honest.id, n))).status_code == 201
+    # The payer's five, over two channels, then a sixth on either channel is over its rate.
+    statuses = [
+        client.post("/v1/vouchers", json=body(c, n, sign(payer, c.id, n))).status_code
+        for n in (1, 2, 3)
+        for c in (first, second)
+        if (c, n) != (second, 3)
+    ]
+    assert statuses == [201] * 5
+    refused = client.post("/v1/vouchers", json=body(second, 3, sign(payer, second.id, 3)))
+    assert (refused.status_code, refused.json()["code"]) == (429, "payer_rate_limited")
+    assert refused.headers["retry-after"] == str(refused.json()["retryAfter"]) == "100"
+    batch = [body(first, 4, sign(payer, first.id, 4)), body(honest, 6, sign(other, honest.id, 6))]
+    results = client.post("/v1/vouchers/batch", json={"vouchers": batch}).json()["results"]
+    assert [r["status"] for r in results] == [429, 429]  # the other payer spent its burst too
+    assert [r["error"]["code"] for r in results] == ["payer_rate_limited"] * 2
+    # Nothing refused was stored: the channel stands where its last accepted voucher left it.
+    assert client.get(f"/v1/channels/0x{second.id.hex()}").json()["acceptedCumulativeAmount"] == "2"

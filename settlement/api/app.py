@@ -16,7 +16,7 @@ from starlette.exceptions import HTTPException
 from settlement import __version__
 from settlement.api.facilitator import x402_facilitator
 from settlement.api.fastpath import VoucherFastPath
-from settlement.api.middleware import INTERNAL_ERROR, BodyGuard, HostGuard, RateGuard
+from settlement.api.middleware import INTERNAL_ERROR, BodyGuard, HostGuard, RateGuard, retry_after
 from settlement.api.routes import router
 from settlement.api.schemas import shape_error
 from settlement.errors import MalformedRequestError, MethodNotAllowedError, NotFoundError, SettlementError
@@ -58,8 +58,10 @@ def create_app(settings: Settings, service: Service | None = None) -> RateGuard:
 
     @app.exception_handler(SettlementError)
     async def settlement_error(_: Request, ex: SettlementError) -> JSONResponse:
-        challenge = {"WWW-Authenticate": 'Bearer realm="settlement"'} if ex.status == 401 else None
-        return JSONResponse(status_code=ex.status, content=ex.body(), headers=challenge)
+        headers = {"WWW-Authenticate": 'Bearer realm="settlement"'} if ex.status == 401 else {}
+        if (wait := retry_after(ex)) is not None:
+            headers["Retry-After"] = wait
+        return JSONResponse(status_code=ex.status, content=ex.body(), headers=headers or None)
 
     @app.exception_handler(RequestValidationError)
     async def validation_error(_: Request, ex: RequestValidationError) -> JSONResponse:

@@ -84,8 +84,17 @@ async def read_json_body(
         return None
 
 
+def retry_after(error: SettlementError) -> str | None:
+    """The Retry-After header of a refusal that says when to come back (429s, the chain look-up budget)."""
+    wait = error.details.get("retryAfter")
+    return str(wait) if isinstance(wait, int) and not isinstance(wait, bool) else None
+
+
 async def refuse(send: Send, error: SettlementError, headers: list[tuple[bytes, bytes]] | None = None) -> None:
     body = json.dumps(error.body(), ensure_ascii=False, separators=(",", ":")).encode()
+    wait = retry_after(error)
+    if wait is not None and not any(name == b"retry-after" for name, _ in headers or ()):
+        headers = [*(headers or ()), (b"retry-after", wait.encode())]
     await respond(send, error.status, body, headers)
 
 

@@ -59,13 +59,7 @@ _JSON_ERRORS: dict[int | str, dict[str, Any]] = {
 @router.get("/metrics", operation_id="metrics", tags=["ops"], response_class=PlainTextResponse, responses=_JSON_ERRORS)
 def metrics(service: ServiceDep, _: OperatorDep) -> Response:
     """Prometheus metrics of this process (the operator's: they show the settler's balance and traffic)."""
-    progress = service.indexer.progress
-    if progress is not None:
-        service.metrics.indexer_head.set(progress.head)
-        service.metrics.indexer_cursor.set(progress.cursor)
-        service.metrics.indexer_lag.set(progress.lag)
-    for method, count in dict(getattr(service.w3.provider, "calls", {})).items():
-        service.metrics.rpc_requests.labels(method=method).set(count)
+    service.refresh_metrics()
     return Response(generate_latest(service.metrics.registry), media_type=CONTENT_TYPE_LATEST)
 
 

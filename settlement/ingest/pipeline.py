@@ -26,6 +26,7 @@ from settlement.domain.model import Channel, ChannelId, Receipt, Voucher, utcnow
 from settlement.eip712.vouchers import VoucherVerifier
 from settlement.errors import ChannelNotFoundError, RequestError, SettlementError, StoreError, StoreUnavailableError
 from settlement.indexer.follower import Indexer
+from settlement.ingest.admission import PayerRates
 from settlement.server.metrics import Metrics
 from settlement.store import Database
 from settlement.store import channels as channel_q
@@ -56,6 +57,7 @@ class Ingestor:
         close_guard: int,
         group_max: int = 1024,
         recovery_threads: int = 2,
+        payer_rates: PayerRates | None = None,
     ) -> None:
         self.db = db
         self.verifier = verifier
@@ -70,6 +72,7 @@ class Ingestor:
         self._queue: queue.SimpleQueue[_Job | None] = queue.SimpleQueue()
         self._thread: threading.Thread | None = None
         self.recovery_threads = recovery_threads
+        self.payer_rates = payer_rates or PayerRates(0, 1)
         self._recovery: ThreadPoolExecutor | None = None
 
     # --- lifecycle ---------------------------------------------------------------------------------------------
@@ -164,7 +167,8 @@ class Ingestor:
                 refused[i] = ex
         pending = [i for i in range(len(vouchers)) if i not in refused]
         todo = [vouchers[i] for i in pending]
-        results = self.submit(todo, self._recover_all(todo)).result() if todo else []
+        pending, todo, signers = self._admit(pending, todo, self._recover_all(todo), refused)
+        results = self.submit(todo, signers).result() if todo else []
         return _in_order(len(vouchers), refused, pending, results)
 
     async def ingest_async(self, vouchers: Sequence[Voucher]) -> list[Outcome]:
@@ -187,8 +191,28 @@ class Ingestor:
             signers = self._recover_all(todo)
         else:
             signers = await self._recover_parallel(pool, todo)
-        results = await asyncio.wrap_future(self.submit(todo, signers))
+        pending, todo, signers = self._admit(pending, todo, signers, refused)
+        results = await asyncio.wrap_future(self.submit(todo, signers)) if todo else []
         return _in_order(len(vouchers), refused, pending, results)
+
+    def _admit(
+        self, pending: list[int], todo: list[Voucher], signers: list[bytes | None], refused: dict[int, Outcome]
+    ) -> tuple[list[int], list[Voucher], list[bytes | None]]:
+        """Apply the per-payer rate to vouchers their payer signed (a refusal goes into `refused`); the rest go on."""
+        if self.payer_rates.rate <= 0:
+            return pending, todo, signers
+        kept: list[int] = []
+        for j, (voucher, signer) in enumerate(zip(todo, signers, strict=True)):
+            error = None
+            if signer is not None and signer == self._payers.get(voucher.channel_id):
+                error = self.payer_rates.admit(signer)
+            if error is None:
+                kept.append(j)
+            else:
+                refused[pending[j]] = error
+        if len(kept) == len(todo):
+            return pending, todo, signers
+        return [pending[j] for j in kept], [todo[j] for j in kept], [signers[j] for j in kept]
 
     def _recover_all(self, vouchers: Sequence[Voucher]) -> list[bytes | None]:
         return [self.recover(v) for v in vouchers]

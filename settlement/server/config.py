@@ -85,6 +85,13 @@ class Settings(BaseSettings):
         default=5000.0, ge=0, description="requests a second one client may send (0: no limit); beyond: 429"
     )
     client_burst: float = Field(default=10_000.0, ge=1, description="requests one client may send at once, saved up")
+    payer_vouchers_per_second: float = Field(
+        default=0.0,
+        ge=0,
+        description="vouchers a second one payer's key may sign, all its channels and clients together, per serve "
+        "process (0: no limit); beyond: 429 payer_rate_limited",
+    )
+    payer_burst: float = Field(default=10_000.0, ge=1, description="vouchers one payer may send at once, saved up")
     access_control: bool = Field(
         default=True,
         description="reads need credentials (docs/security.md); false only on a devnet: any caller reads anything",
@@ -185,6 +192,14 @@ class Settings(BaseSettings):
     # API
     api_host: str = "127.0.0.1"
     api_port: int = Field(default=8000, ge=0, le=65535)
+    metrics_port: int | None = Field(
+        default=None,
+        ge=0,
+        le=65535,
+        description="also serve the Prometheus metrics here, without an API key (0 picks a free port; None: only the "
+        "API's operator route /metrics)",
+    )
+    metrics_host: str = Field(default="127.0.0.1", description="the metrics port's bind address: the scraper's network")
 
     # A payee's own commands (`settlement withdraw`, `settlement payee`)
     withdraw_key: SecretStr | None = Field(default=None, description="the key `settlement withdraw` signs with")

@@ -19,10 +19,12 @@ from settlement.chain.node import connect, is_devnet
 from settlement.eip712.vouchers import Domain, VoucherVerifier, read_domain
 from settlement.errors import ConfigError, SettlementError
 from settlement.indexer.follower import Indexer
+from settlement.ingest.admission import PayerRates
 from settlement.ingest.pipeline import Ingestor
 from settlement.server.access import Role, SignIn
 from settlement.server.config import Settings
 from settlement.server.metrics import Metrics
+from settlement.server.metrics_port import MetricsPort
 from settlement.server.operator import operator_account
 from settlement.server.payee_events import Horizon
 from settlement.server.risk import RiskMonitor
@@ -60,6 +62,7 @@ class Service:
     webhooks: WebhookSender | None = None
     horizon: Horizon | None = None  # payee events: how far payment ids are safe to read (payee_events.Horizon)
     risk: RiskMonitor | None = None
+    metrics_port: MetricsPort | None = None
     _stop: threading.Event = field(default_factory=threading.Event)
     _threads: list[threading.Thread] = field(default_factory=list)
     _next_compaction: float = 0.0
@@ -112,6 +115,7 @@ class Service:
             close_guard=settings.close_guard_seconds,
             group_max=settings.ingest_group_max,
             recovery_threads=settings.recovery_threads,
+            payer_rates=PayerRates(settings.payer_vouchers_per_second, settings.payer_burst),
         )
         signin = SignIn(secret, deployment.chain_id, settings.signin_challenge_seconds, settings.signin_token_seconds)
         service = cls(settings, deployment, w3, session, hub, domain, db, metrics, indexer, ingestor, signin, devnet)
@@ -149,6 +153,21 @@ class Service:
             self._every(RISK_TICK_SECONDS, "risk-monitor", self.risk.tick, self.risk.close)
         if self.webhooks is not None:  # payee events, while this process holds the webhooks' lease
             self._every(self.settings.webhook_tick, "payee-webhooks", self.webhooks.tick, self.webhooks.close)
+        if self.settings.metrics_port is not None:
+            self.metrics_port = MetricsPort(
+                self.metrics.registry, self.refresh_metrics, self.settings.metrics_host, self.settings.metrics_port
+            )
+            self.metrics_port.start()
+
+    def refresh_metrics(self) -> None:
+        """Set the gauges that are read off the indexer and the RPC provider rather than counted as things happen."""
+        progress = self.indexer.progress
+        if progress is not None:
+            self.metrics.indexer_head.set(progress.head)
+            self.metrics.indexer_cursor.set(progress.cursor)
+            self.metrics.indexer_lag.set(progress.lag)
+        for method, count in dict(getattr(self.w3.provider, "calls", {})).items():
+            self.metrics.rpc_requests.labels(method=method).set(count)
 
     def _every(self, seconds: float, name: str, step: Callable[[], object], finish: Callable[[], None]) -> None:
         """Run `step` every `seconds` on a thread of its own until stop (a failing step is logged and retried at the
@@ -204,6 +223,9 @@ class Service:
     def stop(self) -> None:
         """Stop following the chain, finish every queued voucher, release the store."""
         self._stop.set()
+        if self.metrics_port is not None:
+            self.metrics_port.close()
+            self.metrics_port = None
         for thread in self._threads:
             thread.join(timeout=30)
         self._threads.clear()
