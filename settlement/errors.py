@@ -48,6 +48,8 @@
             ├── ChannelSuspendedError      409 channel_suspended
             ├── ChannelHeldError           409 channel_held     (the operator holds the channel: a risk rule)
             ├── IncrementTooSmallError     409 increment_too_small (below the operator's least increment per asset)
+            ├── SpendingCapError           409 spending_cap_reached (a payee's or the operator's cap on what a payer
+            │                                                   may spend in a window; Retry-After: its end)
             ├── StaleVoucherError          409 stale_voucher
             ├── AmountExceedsDepositError  409 amount_exceeds_deposit
             ├── UnderpaymentError          409 underpayment     (a priced voucher pays less than its price)
@@ -336,6 +338,14 @@ class ChannelHeldError(VoucherRejectedError):
 
     status = 409
     code = "channel_held"
+
+
+class SpendingCapError(VoucherRejectedError):
+    """The voucher would take what its payer spent in the current window past a spending cap (one a payee set on its
+    channels, or the operator's); the window's end is when it may pay again."""
+
+    status = 409
+    code = "spending_cap_reached"
 
 
 class IncrementTooSmallError(VoucherRejectedError):

@@ -55,6 +55,7 @@ WEB_FRAMEWORK = ("fastapi", "starlette")
 API_MAY_USE_OF_THE_STORE = (
     "settlement.store",
     "settlement.store.channels",
+    "settlement.store.caps",
     "settlement.store.payees",
     "settlement.store.payee_events",
     "settlement.store.risk",

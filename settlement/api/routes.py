@@ -7,6 +7,7 @@ from fastapi import APIRouter
 
 from settlement.api import (
     routes_auth,
+    routes_caps,
     routes_channels,
     routes_ops,
     routes_payees,
@@ -23,6 +24,8 @@ for part in (
     routes_channels.router,
     routes_payees.router,
     routes_risk.router,
+    routes_caps.payee_router,
+    routes_caps.operator_router,
     routes_x402.router,
 ):
     router.routes.extend(part.routes)

@@ -33,6 +33,7 @@ from settlement.errors import (
     IncrementTooSmallError,
     InvalidSignatureError,
     OverpaymentError,
+    SpendingCapError,
     StaleVoucherError,
     UnderpaymentError,
 )
@@ -40,13 +41,63 @@ from settlement.errors import (
 SIGNATURE_BYTES = 65  # r (32) | s (32) | v (1), as the hub checks it
 
 
+ANY = "*"  # a cap's payee or payer that stands for every one
+
+WindowKey = tuple[int, str, int]  # (cap id, payer, window start): one payer's spending in one window of one cap
+
+
+@dataclass(frozen=True)
+class Cap:
+    """At most `amount` base units of `token` a payer may spend on `payee`'s channels in each window of `window`
+    seconds (windows start at multiples of it since the epoch: UTC hours, UTC days). `payee` ANY: the operator's cap
+    over every payee; `payer` ANY: every payer, each on its own count."""
+
+    cap_id: int
+    payee: str
+    payer: str
+    token: str
+    amount: int
+    window: int
+
+    def applies(self, channel: Channel) -> bool:
+        return self.token == channel.token and self.payee in (ANY, channel.payee) and self.payer in (ANY, channel.payer)
+
+    def key(self, channel: Channel, now: int) -> WindowKey:
+        return self.cap_id, channel.payer, now - now % self.window
+
+
 @dataclass(frozen=True)
 class Rules:
-    """The operator's risk rules (docs/security.md#risk-controls): channels held (id -> reason), and the least a
-    voucher must add, per asset (dust payments that only fill the store)."""
+    """The operator's risk rules (docs/security.md#risk-controls): channels held (id -> reason), the least a voucher
+    must add, per asset (dust payments that only fill the store), and spending caps (the operator's and payees')."""
 
     held: Mapping[str, str] = field(default_factory=dict)
     min_increments: Mapping[str, int] = field(default_factory=dict)
+    caps: tuple[Cap, ...] = ()
+
+    def windows(self, channel: Channel, now: int) -> list[WindowKey]:
+        """The spending windows a payment on `channel` counts in, at unix second `now`."""
+        return [cap.key(channel, now) for cap in self.caps if cap.applies(channel)]
+
+    def check_caps(self, channel: Channel, increment: int, spent: Mapping[WindowKey, int], now: int) -> None:
+        """Raise SpendingCapError if paying `increment` on `channel` passes a cap, given what each window holds."""
+        for cap in self.caps:
+            if not cap.applies(channel):
+                continue
+            key = cap.key(channel, now)
+            already = spent.get(key, 0)
+            if already + increment > cap.amount:
+                ends = key[2] + cap.window
+                raise SpendingCapError(
+                    f"payer {channel.payer} may spend {cap.amount} of {cap.token} in {cap.window}s windows "
+                    f"({'every payee' if cap.payee == ANY else 'on this payee'}); it spent {already} in this one, "
+                    f"and this voucher adds {increment}: retry after the window ends",
+                    capAmount=str(cap.amount),
+                    windowSeconds=cap.window,
+                    spent=str(already),
+                    windowEnds=ends,
+                    retryAfter=max(1, ends - now),
+                )
 
 
 NO_RULES = Rules()

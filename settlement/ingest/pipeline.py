@@ -20,8 +20,11 @@ from collections import Counter
 from collections.abc import Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
+from datetime import datetime
 
-from settlement.domain.ledger import NO_RULES, Verdict, judge
+from sqlalchemy import Connection
+
+from settlement.domain.ledger import NO_RULES, Rules, Verdict, WindowKey, judge
 from settlement.domain.model import Channel, ChannelId, Receipt, Voucher, utcnow
 from settlement.eip712.vouchers import VoucherVerifier
 from settlement.errors import ChannelNotFoundError, RequestError, SettlementError, StoreError, StoreUnavailableError
@@ -29,6 +32,7 @@ from settlement.indexer.follower import Indexer
 from settlement.ingest.admission import PayerRates
 from settlement.server.metrics import Metrics
 from settlement.store import Database
+from settlement.store import caps as caps_q
 from settlement.store import channels as channel_q
 
 logger = logging.getLogger(__name__)
@@ -125,16 +129,21 @@ class Ingestor:
             prior = channel_q.receipts_for(conn, [voucher.key]).get(voucher.key) if stale else None
             key = None if voucher.idempotency_key is None else (voucher.channel_id, voucher.idempotency_key)
             keyed = None if key is None else channel_q.receipts_by_key(conn, [key]).get(key)
-        return judge(
-            channel,
-            voucher,
-            signer,
-            prior=prior,
-            keyed=keyed,
-            now=utcnow(),
-            close_guard=self.close_guard,
-            rules=self.rules,
-        )
+            now, rules = utcnow(), self.rules
+            verdict = judge(
+                channel,
+                voucher,
+                signer,
+                prior=prior,
+                keyed=keyed,
+                now=now,
+                close_guard=self.close_guard,
+                rules=rules,
+            )
+            if verdict.new and channel is not None and rules.caps:
+                windows = caps_q.read_windows(conn, rules.windows(channel, _unix(now)))
+                rules.check_caps(channel, verdict.receipt.increment, windows, _unix(now))
+        return verdict
 
     def take_counts(self) -> Counter[tuple[str, str]]:
         """What was accepted ("") and refused (by code) per payer since the last call (the risk monitor's window)."""
@@ -226,6 +235,27 @@ class Ingestor:
 
     # --- the writer's side -------------------------------------------------------------------------------------
 
+    @staticmethod
+    def _lock_spending(
+        conn: Connection, rules: Rules, channels: dict[ChannelId, Channel], now: datetime
+    ) -> tuple[dict[WindowKey, int], dict[WindowKey, int]]:
+        """The spend windows this group's channels count in, locked (nothing to do without caps: the common case)."""
+        if not rules.caps:
+            return {}, {}
+        unix = _unix(now)
+        ends = {cap.cap_id: cap.window for cap in rules.caps}
+        keys = [(key, key[2] + ends[key[0]]) for c in channels.values() for key in rules.windows(c, unix)]
+        spent = caps_q.lock_windows(conn, keys)
+        return spent, dict(spent)
+
+    @staticmethod
+    def _spend(rules: Rules, channel: Channel, increment: int, spent: dict[WindowKey, int], now: datetime) -> None:
+        """Count an accepted increment in the payer's windows, or raise SpendingCapError (nothing counted)."""
+        unix = _unix(now)
+        rules.check_caps(channel, increment, spent, unix)
+        for key in rules.windows(channel, unix):
+            spent[key] = spent.get(key, 0) + increment
+
     def _write_loop(self) -> None:
         stopping = False
         while not stopping:
@@ -295,6 +325,7 @@ class Ingestor:
             )
             now = utcnow()
             rules = self.rules
+            spent, before = self._lock_spending(conn, rules, channels, now)
             seen: Counter[tuple[str, str]] = Counter()
             for voucher, signer in zip(vouchers, signers, strict=True):
                 channel = channels.get(voucher.channel_id)
@@ -315,6 +346,13 @@ class Ingestor:
                     if channel is not None:
                         seen[(channel.payer, ex.code)] += 1
                     continue
+                if verdict.new and channel is not None and rules.caps:
+                    try:
+                        self._spend(rules, channel, verdict.receipt.increment, spent, now)
+                    except RequestError as ex:
+                        outcomes.append(ex)
+                        seen[(channel.payer, ex.code)] += 1
+                        continue
                 if verdict.new and channel is not None:
                     seen[(channel.payer, "")] += 1
                     accepted.append((verdict.receipt, voucher.signature))
@@ -324,9 +362,14 @@ class Ingestor:
                     channels[voucher.channel_id] = channel.with_voucher(voucher.cumulative, voucher.signature)
                 outcomes.append(verdict)
             channel_q.record_payments(conn, accepted)
+            caps_q.save_windows(conn, {key: total for key, total in spent.items() if total != before[key]})
         with self._counts_lock:
             self._counts.update(seen)
         return outcomes
+
+
+def _unix(now: datetime) -> int:
+    return int(now.timestamp())
 
 
 def _in_order(count: int, refused: dict[int, Outcome], pending: list[int], results: list[Outcome]) -> list[Outcome]:

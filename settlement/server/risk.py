@@ -30,11 +30,13 @@ from settlement.server.config import Settings
 from settlement.server.metrics import Metrics
 from settlement.settle.lease import Lease
 from settlement.store import Database
+from settlement.store.caps import caps, prune_windows
 from settlement.store.payee_events import last_chain_position
 from settlement.store.risk import chain_events_since, holds, last_payment_at, record
 
 logger = logging.getLogger(__name__)
 BURST_FLOOR = 1_000  # vouchers in a window below which no rise counts as a burst
+PRUNE_EVERY_SECONDS = 3_600.0  # ended spend windows are removed hourly
 Event = tuple[int, str, str | None, str | None, dict[str, Any]]
 
 
@@ -53,14 +55,16 @@ class RiskMonitor:
         self._position: tuple[int, int] | None = None
         self._opened: deque[tuple[int, str]] = deque()  # (when, payer) of channel openings in the window
         self._spread_flagged: dict[str, int] = {}  # payer -> when it was last flagged
+        self._next_prune = 0.0
 
     def refresh(self) -> None:
         """Hand ingest the rules as the store has them now."""
         with self.db.read() as conn:
             held = holds(conn)
+            spending = tuple(caps(conn))
             if self._position is None:
                 self._position = last_chain_position(conn)  # chain events are watched from the first look on
-        self.ingestor.rules = Rules(held=held, min_increments=self.min_increments)
+        self.ingestor.rules = Rules(held=held, min_increments=self.min_increments, caps=spending)
 
     def tick(self) -> None:
         self.refresh()
@@ -70,6 +74,10 @@ class RiskMonitor:
             self._report(self._from_ingest(now_us))
         if self.lease.acquire():
             self._report(self._from_chain(now_us))
+            if time.monotonic() >= self._next_prune:  # spend windows a day past their end count for nothing
+                self._next_prune = time.monotonic() + PRUNE_EVERY_SECONDS
+                with self.db.write() as conn:
+                    prune_windows(conn, now_us // 1_000_000 - 86_400)
 
     def close(self) -> None:
         self.lease.release()

@@ -197,6 +197,35 @@ channel_holds = Table(
     Column("held_at_us", BigInteger(), nullable=False),
 )
 
+spending_caps = Table(
+    "spending_caps",
+    metadata,
+    Column("id", BigId, primary_key=True, autoincrement=True),
+    Column("payee", String(ADDRESS), nullable=False),  # an address, or "*": the operator's cap over every payee
+    Column("payer", String(ADDRESS), nullable=False),  # an address, or "*": every payer, each on its own count
+    Column("token", String(ADDRESS), nullable=False),
+    Column("amount", Amount(), nullable=False),
+    Column("window_seconds", BigInteger(), nullable=False),
+    Column("created_at_us", BigInteger(), nullable=False),
+    UniqueConstraint("payee", "payer", "token", "window_seconds"),
+    CheckConstraint("window_seconds > 0", name="window_positive"),
+    *_amount_constraints("spending_caps", "amount"),
+)
+
+# What a payer spent in one window of one cap: locked and updated by the group commit that adds to it, so a cap holds
+# across every process on the store. No foreign key: a cap removed while a group is in flight must not fail the group.
+spend_windows = Table(
+    "spend_windows",
+    metadata,
+    Column("cap_id", BigInteger(), primary_key=True),
+    Column("payer", String(ADDRESS), primary_key=True),
+    Column("window_start", BigInteger(), primary_key=True),
+    Column("window_end", BigInteger(), nullable=False),
+    Column("spent", Amount(), nullable=False),
+    *_amount_constraints("spend_windows", "spent"),
+    Index(None, "window_end"),  # ended windows are pruned
+)
+
 risk_events = Table(
     "risk_events",
     metadata,

@@ -1,0 +1,100 @@
+"""Spending caps in the store: the caps themselves, and the spend windows the group commit locks and adds to."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+
+from sqlalchemy import Connection, and_, delete, select, tuple_, update
+from sqlalchemy.dialects.postgresql import insert as pg_insert
+from sqlalchemy.dialects.sqlite import insert as sqlite_insert
+
+from settlement.domain.ledger import Cap, WindowKey
+from settlement.store.tables import spend_windows, spending_caps
+
+
+def set_cap(conn: Connection, payee: str, payer: str, token: str, amount: int, window: int, at_us: int) -> Cap:
+    """Add a cap, or change the amount of the one with the same payee, payer, asset and window."""
+    insert_of = sqlite_insert if conn.dialect.name == "sqlite" else pg_insert
+    statement = insert_of(spending_caps).values(
+        payee=payee, payer=payer, token=token, amount=amount, window_seconds=window, created_at_us=at_us
+    )
+    conn.execute(
+        statement.on_conflict_do_update(
+            index_elements=["payee", "payer", "token", "window_seconds"], set_={"amount": amount}
+        )
+    )
+    row = conn.execute(
+        select(spending_caps.c.id).where(
+            spending_caps.c.payee == payee,
+            spending_caps.c.payer == payer,
+            spending_caps.c.token == token,
+            spending_caps.c.window_seconds == window,
+        )
+    ).scalar_one()
+    return Cap(int(row), payee, payer, token, amount, window)
+
+
+def caps(conn: Connection, payee: str | None = None) -> list[Cap]:
+    """Every cap (the rules ingest applies), or those a payee set on its own channels."""
+    query = select(spending_caps).order_by(spending_caps.c.id)
+    if payee is not None:
+        query = query.where(spending_caps.c.payee == payee)
+    return [Cap(r.id, r.payee, r.payer, r.token, r.amount, r.window_seconds) for r in conn.execute(query)]
+
+
+def remove_cap(conn: Connection, cap_id: int, payee: str | None = None) -> bool:
+    """Remove a cap (only a payee's own when `payee` is given) and its windows."""
+    query = delete(spending_caps).where(spending_caps.c.id == cap_id)
+    if payee is not None:
+        query = query.where(spending_caps.c.payee == payee)
+    if not conn.execute(query).rowcount:
+        return False
+    conn.execute(delete(spend_windows).where(spend_windows.c.cap_id == cap_id))
+    return True
+
+
+def lock_windows(conn: Connection, keys: Sequence[tuple[WindowKey, int]]) -> dict[WindowKey, int]:
+    """What each (window, its end) holds, its row made if new and locked until commit (in key order, as every writer
+    takes them: after its channels, so two writers never wait on each other in a circle)."""
+    if not keys:
+        return {}
+    ordered = sorted(set(keys))
+    insert_of = sqlite_insert if conn.dialect.name == "sqlite" else pg_insert
+    conn.execute(
+        insert_of(spend_windows).on_conflict_do_nothing(),
+        [
+            {"cap_id": cap, "payer": payer, "window_start": start, "window_end": end, "spent": 0}
+            for (cap, payer, start), end in ordered
+        ],
+    )
+    return read_windows(conn, [key for key, _ in ordered], lock=conn.dialect.name != "sqlite")
+
+
+def read_windows(conn: Connection, keys: Sequence[WindowKey], *, lock: bool = False) -> dict[WindowKey, int]:
+    if not keys:
+        return {}
+    columns = (spend_windows.c.cap_id, spend_windows.c.payer, spend_windows.c.window_start)
+    query = select(*columns, spend_windows.c.spent).where(tuple_(*columns).in_(list(keys)))
+    if lock:
+        query = query.order_by(*columns).with_for_update()
+    return {(int(c), str(p), int(s)): int(spent) for c, p, s, spent in conn.execute(query)}
+
+
+def save_windows(conn: Connection, spent: Mapping[WindowKey, int]) -> None:
+    for (cap, payer, start), amount in spent.items():
+        conn.execute(
+            update(spend_windows)
+            .where(
+                and_(
+                    spend_windows.c.cap_id == cap,
+                    spend_windows.c.payer == payer,
+                    spend_windows.c.window_start == start,
+                )
+            )
+            .values(spent=amount)
+        )
+
+
+def prune_windows(conn: Connection, before: int) -> int:
+    """Remove windows that ended before unix second `before`."""
+    return int(conn.execute(delete(spend_windows).where(spend_windows.c.window_end < before)).rowcount)

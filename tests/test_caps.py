@@ -1,0 +1,209 @@
+"""Spending caps on the real app and both stores: a payee caps what each payer may spend on its channels per window,
+the operator caps a payer over every payee; a voucher past a cap gets 409 `spending_cap_reached` with Retry-After and
+is not stored; a cap holds exactly with two services writing on one store; only the payee and the operator see or
+change a payee's caps."""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections.abc import Callable
+from typing import Any
+
+import pytest
+from eth_account.signers.local import LocalAccount
+from fastapi.testclient import TestClient
+
+from settlement.domain.ledger import Verdict
+from settlement.domain.model import Voucher
+from settlement.errors import SettlementError, SpendingCapError
+from settlement.server.service import Service
+from tests.hub_helpers import Channel, body, signed_in, wait_until
+
+Sign = Callable[..., bytes]
+
+
+def voucher(channel: Channel, sign: Sign, cumulative: int) -> dict[str, Any]:
+    return body(channel, cumulative, sign(channel.payer, channel.id, cumulative))
+
+
+def caps_reach_ingest(*services: Service, count: int = 1) -> None:
+    """The risk monitor hands the store's caps to ingest every quarter of a second, in each process."""
+    wait_until(lambda: all(len(s.ingestor.rules.caps) == count for s in services), timeout=5)
+
+
+def test_a_payee_caps_what_each_payer_spends_on_its_channels_per_window(
+    api: Callable[..., TestClient], open_channel: Callable[..., Channel], accounts: list[LocalAccount], sign: Sign
+) -> None:
+    client = api()
+    payee = accounts[6].address
+    first, second = open_channel(accounts[3], payee, amount=1_000), open_channel(accounts[4], payee, amount=1_000)
+    elsewhere = open_channel(accounts[3], accounts[7].address, amount=1_000)  # the same payer, another payee
+    cap = client.put(f"/v1/payees/{payee}/caps", json={"amount": "100", "windowSeconds": 3600})
+    assert cap.json() == {
+        "capId": cap.json()["capId"],
+        "payee": payee,
+        "payer": "*",
+        "token": "0x" + "00" * 20,
+        "amount": "100",
+        "windowSeconds": 3600,
+    }
+    caps_reach_ingest(client.app.state.service)  # type: ignore[attr-defined]
+    assert client.post("/v1/vouchers", json=voucher(first, sign, 60)).status_code == 201
+    assert client.post("/v1/vouchers", json=voucher(first, sign, 100)).status_code == 201  # 100 in the window
+    refused = client.post("/v1/vouchers", json=voucher(first, sign, 101))
+    error = refused.json()
+    window_ends = int(time.time()) // 3600 * 3600 + 3600
+    assert (refused.status_code, error["code"], error["capAmount"], error["spent"]) == (
+        409,
+        "spending_cap_reached",
+        "100",
+        "100",
+    )
+    assert error["windowEnds"] == window_ends and refused.headers["retry-after"] == str(error["retryAfter"])
+    assert client.post("/v1/vouchers", json=voucher(first, sign, 100)).status_code == 200  # a re-send costs nothing
+    # Each payer on its own count; the payer's channel to another payee is not this payee's to cap.
+    batch = [voucher(second, sign, 100), voucher(elsewhere, sign, 500), voucher(second, sign, 101)]
+    results = client.post("/v1/vouchers/batch", json={"vouchers": batch}).json()["results"]
+    assert [r["status"] for r in results] == [201, 201, 409]
+    assert results[2]["error"]["code"] == "spending_cap_reached"
+    assert client.get(f"/v1/channels/0x{first.id.hex()}").json()["acceptedCumulativeAmount"] == "100"
+    # Raised: the same payer, asset and window is one cap whose amount changes.
+    again = client.put(f"/v1/payees/{payee}/caps", json={"amount": "150", "windowSeconds": 3600}).json()
+    assert (again["capId"], again["amount"]) == (cap.json()["capId"], "150")
+    wait_until(lambda: client.post("/v1/vouchers", json=voucher(first, sign, 150)).status_code == 201, timeout=5)
+    assert client.delete(f"/v1/payees/{payee}/caps/{again['capId']}").status_code == 204
+    assert client.get(f"/v1/payees/{payee}/caps").json() == []
+    caps_reach_ingest(client.app.state.service, count=0)  # type: ignore[attr-defined]
+    assert client.post("/v1/vouchers", json=voucher(first, sign, 900)).status_code == 201
+
+
+def test_a_short_window_ends_and_the_payer_may_pay_again(
+    api: Callable[..., TestClient], open_channel: Callable[..., Channel], accounts: list[LocalAccount], sign: Sign
+) -> None:
+    client = api()
+    channel = open_channel(accounts[8], accounts[9].address, amount=1_000)
+    payer = channel.payer.address
+    cap = {"payer": payer, "amount": "10", "windowSeconds": 2}
+    assert client.put(f"/v1/payees/{channel.payee}/caps", json=cap).status_code == 200
+    caps_reach_ingest(client.app.state.service)  # type: ignore[attr-defined]
+    wait_until(lambda: int(time.time()) % 2 == 0, timeout=3)  # at the start of a window: the next one is 2 s away
+    assert client.post("/v1/vouchers", json=voucher(channel, sign, 10)).status_code == 201
+    refused = client.post("/v1/vouchers", json=voucher(channel, sign, 11)).json()
+    assert (refused["code"], refused["retryAfter"]) in {("spending_cap_reached", 2), ("spending_cap_reached", 1)}
+    wait_until(lambda: client.post("/v1/vouchers", json=voucher(channel, sign, 11)).status_code == 201, timeout=5)
+
+
+def test_the_operator_caps_a_payer_over_every_payee(
+    api: Callable[..., TestClient], open_channel: Callable[..., Channel], accounts: list[LocalAccount], sign: Sign
+) -> None:
+    client = api()
+    payer = accounts[10]
+    one, two = (open_channel(payer, accounts[n].address, amount=1_000) for n in (11, 12))
+    cap = client.put("/v1/risk/caps", json={"payer": payer.address, "amount": "50", "windowSeconds": 86400}).json()
+    assert (cap["payee"], cap["payer"], cap["amount"]) == ("*", payer.address, "50")
+    caps_reach_ingest(client.app.state.service)  # type: ignore[attr-defined]
+    assert client.post("/v1/vouchers", json=voucher(one, sign, 30)).status_code == 201
+    assert client.post("/v1/vouchers", json=voucher(two, sign, 20)).status_code == 201
+    for channel in (one, two):
+        refused = client.post("/v1/vouchers", json=voucher(channel, sign, 31 if channel is one else 21)).json()
+        assert (refused["code"], refused["spent"]) == ("spending_cap_reached", "50")
+    assert [c["capId"] for c in client.get("/v1/risk/caps").json()] == [cap["capId"]]
+    assert client.get(f"/v1/payees/{accounts[11].address}/caps").json() == []  # not a payee's own cap
+    assert client.delete(f"/v1/payees/{accounts[11].address}/caps/{cap['capId']}").status_code == 404
+    assert client.delete(f"/v1/risk/caps/{cap['capId']}").status_code == 204
+    assert client.delete(f"/v1/risk/caps/{cap['capId']}").status_code == 404
+
+
+def test_a_cap_holds_exactly_with_two_services_writing_on_one_store(
+    make_service: Callable[..., Service],
+    api: Callable[..., TestClient],
+    open_channel: Callable[..., Channel],
+    accounts: list[LocalAccount],
+    sign: Sign,
+) -> None:
+    """Two processes' writers (two services, their own connections and group commits) take one payer's vouchers on
+    two channels at once; the payer's window is one locked row, so together they accept exactly the cap."""
+    client = api()
+    payee = accounts[15].address
+    channels = [open_channel(accounts[14], payee, amount=10_000) for _ in range(2)]
+    client.put(f"/v1/payees/{payee}/caps", json={"amount": "500", "windowSeconds": 86400})
+    services = [make_service(), make_service()]
+    caps_reach_ingest(*services)
+    for service in services:
+        service.indexer.catch_up()
+    outcomes: list[list[Any]] = [[], []]
+
+    def pay(n: int) -> None:
+        service, channel = services[n], channels[n]
+        cid = "0x" + channel.id.hex()
+        for step in range(1, 41):  # 40 vouchers of 10 each way: 800 asked, 500 allowed
+            outcomes[n] += service.ingestor.ingest(
+                [Voucher(cid, step * 10, sign(channel.payer, channel.id, step * 10))]
+            )
+
+    threads = [threading.Thread(target=pay, args=(n,)) for n in (0, 1)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    flat = [o for part in outcomes for o in part]
+    accepted = [o for o in flat if isinstance(o, Verdict) and o.new]
+    refused = [o.code for o in flat if isinstance(o, SettlementError)]
+    assert sum(o.receipt.increment for o in accepted) == 500 and len(accepted) == 50
+    assert refused == ["spending_cap_reached"] * 30
+    # x402's verify (a preview, nothing stored) refuses what settle would.
+    channel = channels[0]
+    last = max(o.receipt.cumulative for o in outcomes[0] if isinstance(o, Verdict))
+    with pytest.raises(SpendingCapError):
+        services[0].ingestor.preview(
+            Voucher("0x" + channel.id.hex(), last + 10, sign(channel.payer, channel.id, last + 10))
+        )
+
+
+def test_only_the_payee_and_the_operator_reach_a_payees_caps(
+    api: Callable[..., TestClient], accounts: list[LocalAccount]
+) -> None:
+    client = api(access_control=True)
+    payee, payer, stranger = (signed_in(client, a) for a in (accounts[17], accounts[16], accounts[18]))
+    path = f"/v1/payees/{accounts[17].address}/caps"
+    made = client.put(path, json={"amount": "5", "windowSeconds": 60}, headers=payee)
+    assert made.status_code == 200
+    assert client.get(path, headers=payee).json() == [made.json()]
+    for method, url, body_ in (
+        ("GET", path, None),
+        ("PUT", path, {"amount": "1000", "windowSeconds": 60}),
+        ("DELETE", f"{path}/{made.json()['capId']}", None),
+        ("GET", "/v1/risk/caps", None),
+        ("PUT", "/v1/risk/caps", {"amount": "1", "windowSeconds": 60}),
+    ):
+        assert client.request(method, url, json=body_).status_code == 401, url
+        for who in (payer, stranger) if url.startswith(path) else (payee, payer):
+            answer = client.request(method, url, json=body_, headers=who)
+            assert (answer.status_code, answer.json()["code"]) == (403, "forbidden"), url
+    assert [c["amount"] for c in client.get(path, headers=payee).json()] == ["5"]  # nobody else changed it
+
+
+def test_cap_routes_refuse_malformed_input(api: Callable[..., TestClient], accounts: list[LocalAccount]) -> None:
+    client = api()
+    path = f"/v1/payees/{accounts[6].address}/caps"
+    for sent in (
+        {"amount": "0", "windowSeconds": 60},
+        {"amount": str(2**256), "windowSeconds": 60},
+        {"amount": "-1", "windowSeconds": 60},
+        {"amount": "1.5", "windowSeconds": 60},
+        {"amount": 5, "windowSeconds": 60},
+        {"amount": "5", "windowSeconds": 0},
+        {"amount": "5", "windowSeconds": 366 * 86400 + 1},
+        {"amount": "5", "windowSeconds": 60, "payer": "0x12"},
+        {"amount": "5", "windowSeconds": 60, "payer": "0x" + "aB" * 20},  # a wrong EIP-55 checksum
+        {"amount": "5", "windowSeconds": 60, "token": "*"},
+        {"amount": "5", "windowSeconds": 60, "payee": "*"},  # a payee's route names its payee in the path
+        {"amount": "5"},
+    ):
+        answer = client.put(path, json=sent)
+        assert (answer.status_code, answer.json()["code"]) == (400, "malformed_request"), sent
+    assert client.put("/v1/payees/*/caps", json={"amount": "5", "windowSeconds": 60}).status_code == 400
+    assert client.delete(f"{path}/0").status_code == 400
+    assert client.delete(f"{path}/77").status_code == 404
+    assert client.get(path).json() == []
