@@ -114,7 +114,7 @@ async def flood(args: argparse.Namespace, channels: list[list[dict[str, Any]]]) 
             for k in queue:
                 base = args.url[k % len(args.url)]
                 headers = {"X-Forwarded-For": f"10.66.{k % 64}.{k % 251}"}  # 64 x 251 forged clients
-                kind = k % 4
+                kind = args.kinds[k % len(args.kinds)]
                 started = time.perf_counter()
                 if kind == 3:
                     request = client.get(f"{base}/v1/channels/0x{os.urandom(32).hex()}", headers=headers)
@@ -170,6 +170,13 @@ def main() -> int:
     parser.add_argument("--rate", type=float, default=0.0, help="open loop at this many requests/s")
     parser.add_argument("--forwarded-for", help="send X-Forwarded-For: this (a client behind a trusted proxy)")
     parser.add_argument("--flood", type=int, default=0, dest="count", help="send this many bogus requests instead")
+    parser.add_argument(
+        "--kinds",
+        type=lambda text: [int(k) for k in text.split(",")],
+        default=[0, 1, 2, 3],
+        help="the flood's kinds, in turn: 0 made-up channel, 1 bad signature, 2 random bytes, 3 read of a made-up "
+        "channel (default: all)",
+    )
     args = parser.parse_args()
     channels = json.loads(args.vouchers.read_text())
     if args.count:

@@ -9,6 +9,7 @@
     ├── DeploymentError              500 deployment_missing
     ├── StoreError                   500 store_error
     │   └── StoreUnavailableError    503 store_unavailable
+    │       └── UnknownChannelsBusyError 503 unknown_channels_busy (channel ids not in memory over the read budget)
     ├── EngineBusyError              409 engine_busy         (another process runs the settlement engine)
     ├── NothingToWithdrawError       409 balance_insufficient (the hub holds less than a withdrawal asks)
     ├── ChainError                   502 chain_error
@@ -179,6 +180,14 @@ class StoreUnavailableError(StoreError):
 
     status = 503
     code = "store_unavailable"
+
+
+class UnknownChannelsBusyError(StoreUnavailableError):
+    """More channel ids this process does not hold in memory are asked for than the read budget allows
+    (SETTLEMENT_UNKNOWN_CHANNEL_READS_PER_SECOND): a flood of made-up ids costs the store and the chain a bounded
+    amount, and known channels go on. Retry after a second."""
+
+    code = "unknown_channels_busy"
 
 
 class RequestError(SettlementError):

@@ -8,6 +8,10 @@ from collections.abc import Callable
 from eth_account.signers.local import LocalAccount
 from fastapi.testclient import TestClient
 
+from settlement.domain.ledger import Verdict
+from settlement.domain.model import Voucher
+from settlement.errors import UnknownChannelsBusyError
+from settlement.server.service import Service
 from tests.hub_helpers import ETH, Channel, body, wait_until
 
 Sign = Callable[..., bytes]
@@ -54,7 +58,8 @@ def test_lookups_of_never_seen_ids_are_capped_and_an_honest_channel_still_pays(
     mining: str,
 ) -> None:
     """On automine and on a chain mining many transactions a block (the existence probe reads the latest block)."""
-    client = api(indexer_interval=60, chain_lookups_per_second=5)  # burst 10
+    # The chain's budget is the subject here: store reads of unknown ids are not limited first.
+    client = api(indexer_interval=60, chain_lookups_per_second=5, unknown_channel_reads_per_second=10_000)  # burst 10
     channel = open_channel(accounts[5], accounts[6].address, amount=100)
     provider = client.app.state.service.w3.provider  # type: ignore[attr-defined]
     before = provider.calls["eth_call"]
@@ -72,3 +77,54 @@ def test_lookups_of_never_seen_ids_are_capped_and_an_honest_channel_still_pays(
             client.post("/v1/vouchers", json=body(channel, 5, sign(channel.payer, channel.id, 5))).status_code == 201
         )
     )
+
+
+def test_unknown_ids_beyond_the_read_budget_are_refused_before_any_read_and_known_payers_pay_at_once(
+    api: Callable[..., TestClient], open_channel: Callable[..., Channel], accounts: list[LocalAccount], sign: Sign
+) -> None:
+    """A flood of made-up ids is decided on the event loop: beyond SETTLEMENT_UNKNOWN_CHANNEL_READS_PER_SECOND it is
+    503 `unknown_channels_busy` with no store read, no thread and no chain call, anonymous reads included (the fast
+    path), while a payer whose channel this process holds (the indexer told ingest of it) pays with no wait."""
+    channel = open_channel(accounts[5], accounts[6].address, amount=100)
+    client = api(indexer_interval=60, unknown_channel_reads_per_second=2)  # burst 4
+    service = client.app.state.service  # type: ignore[attr-defined]
+    head = service.w3.eth.block_number
+    wait_until(lambda: service.indexer.progress is not None and service.indexer.progress.cursor >= head)
+    before = rpc_calls(client)
+    items = [body(g, 1, sign(channel.payer, g.id, 1)) for g in (ghost(channel, n) for n in range(2000, 2300))]
+    results = client.post("/v1/vouchers/batch", json={"vouchers": items}).json()["results"]
+    assert [r["error"]["code"] for r in results] == ["channel_not_found"] * 4 + ["unknown_channels_busy"] * 296
+    assert rpc_calls(client) - before == 4  # the four admitted: one existence probe each
+    assert client.post("/v1/vouchers", json=body(channel, 5, sign(channel.payer, channel.id, 5))).status_code == 201
+    made_up = f"/v1/channels/0x{ghost(channel, 3000).id.hex()}"
+    for headers in ({}, {"Authorization": "Bearer cht_not-a-token"}):  # the fast path, and FastAPI's route
+        refused = client.get(made_up, headers=headers)
+        assert (refused.status_code, refused.json()["code"], refused.headers["retry-after"]) == (
+            503,
+            "unknown_channels_busy",
+            "1",
+        )
+    denied = client.get(f"/v1/channels/0x{ghost(channel, 2000).id.hex()}")  # found absent moments ago: no budget
+    assert (denied.status_code, denied.json()["code"]) == (404, "channel_not_found")
+    assert client.get(f"/v1/channels/0x{channel.id.hex()}").json()["acceptedCumulativeAmount"] == "5"
+    assert rpc_calls(client) - before == 4
+
+
+def test_a_restarted_service_holds_its_stored_payers_from_the_start(
+    make_service: Callable[..., Service], open_channel: Callable[..., Channel], accounts: list[LocalAccount], sign: Sign
+) -> None:
+    """After a restart no known payer's voucher needs a store read: a flood that spends the read budget from the
+    first second does not keep them waiting."""
+    channel = open_channel(accounts[7], accounts[8].address, amount=100)
+    make_service().indexer.catch_up()  # stores the channel
+    restarted = make_service(indexer_interval=60, unknown_channel_reads_per_second=0.001)  # admits no unknown id
+    cid = "0x" + channel.id.hex()
+    unknown = "0x" + ghost(channel, 4000).id.hex()
+    outcomes = restarted.ingestor.ingest(
+        [
+            Voucher(unknown, 1, sign(channel.payer, bytes.fromhex(unknown[2:]), 1)),
+            Voucher(cid, 3, sign(channel.payer, channel.id, 3)),
+        ]
+    )
+    assert isinstance(outcomes[0], UnknownChannelsBusyError)
+    assert isinstance(outcomes[1], Verdict) and outcomes[1].new

@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import asyncio
 import gc
 import logging
 from collections.abc import AsyncIterator
+from concurrent.futures import ThreadPoolExecutor
 from contextlib import asynccontextmanager
 
+import anyio.to_thread
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
@@ -38,6 +41,12 @@ def create_app(settings: Settings, service: Service | None = None) -> RateGuard:
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         running.start()
         gc.freeze()  # what start-up built lives as long as the process: keep it out of every collection's scan
+        # Blocking work of requests (store reads, look-ups of unknown channels) runs on a few threads, not 40: each
+        # thread that holds the GIL delays the event loop and the ingest writer, which every paying request needs.
+        anyio.to_thread.current_default_thread_limiter().total_tokens = settings.request_threads
+        asyncio.get_running_loop().set_default_executor(
+            ThreadPoolExecutor(settings.request_threads, thread_name_prefix="request")
+        )
         try:
             yield
         finally:

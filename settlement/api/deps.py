@@ -24,6 +24,7 @@ ADDRESS_RULE = "0x + 40 hex digits; mixed case must be a correct EIP-55 checksum
 AddressPath = Annotated[str, Path(pattern=r"^0x[0-9a-fA-F]{40}$", description=ADDRESS_RULE)]
 AddressQuery = Annotated[str | None, Query(pattern=r"^0x[0-9a-fA-F]{40}$", description=ADDRESS_RULE)]
 Limit = Annotated[int, Query(ge=1, le=1000)]
+ADMITTED = "admitted_channel"  # request.state: the channel id the fast path admitted (its read budget taken once)
 
 ERRORS: dict[int | str, dict[str, Any]] = {
     code: {"model": ErrorOut} for code in (400, 401, 403, 404, 409, 413, 415, 503)

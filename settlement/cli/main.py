@@ -139,6 +139,7 @@ def devnet(
     console.print("devnet stopped")
 
 
+GIL_SWITCH_SECONDS = 0.001
 _AUTOMINE_WARNING = (
     "this chain mines a block only when a transaction arrives: with SETTLEMENT_CONFIRMATIONS={n} a deposit counts "
     "only after {n} later transactions. Use `settlement devnet` (a block a second) or SETTLEMENT_CONFIRMATIONS=0."
@@ -199,6 +200,9 @@ def _serve(settings: Settings, host: str, port: int, log_level: str = "info", ac
     except SettlementError as ex:
         raise _fail(ex) from ex
     console.print(f"API on http://{host}:{port} (docs at /docs); store: {settings.database_url}")
+    # The event loop answers every request; a worker thread (a store read, a chain look-up) that holds the GIL makes
+    # it wait up to the switch interval each time it wakes: 5 ms by default, a millisecond here.
+    sys.setswitchinterval(GIL_SWITCH_SECONDS)
     server = uvicorn.Server(
         uvicorn.Config(
             api,

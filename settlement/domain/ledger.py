@@ -111,6 +111,22 @@ class Verdict:
     new: bool
 
 
+def check_signed(voucher: Voucher, signer: bytes | None, payer: bytes) -> None:
+    """Rules 2 and 3 of `judge`: an amount a voucher can carry, signed by the channel's payer. They depend on nothing
+    that changes (a channel's payer is hashed into its id), so ingest also applies them before the writer: a flood of
+    forged vouchers never reaches the group commit that honest payers wait on."""
+    if not 0 < voucher.cumulative <= MAX_UINT256:
+        raise AmountOutOfRangeError("cumulativeAmount must be above 0 and below 2^256")
+    if len(voucher.signature) != SIGNATURE_BYTES:
+        raise InvalidSignatureError(
+            f"a voucher's signature is {SIGNATURE_BYTES} bytes (r, s, v); this one has {len(voucher.signature)}"
+        )
+    if signer is None or signer != payer:
+        raise InvalidSignatureError(
+            f"the signature does not recover to the payer of channel {voucher.channel_id} for this cumulative amount"
+        )
+
+
 def judge(
     channel: Channel | None,
     voucher: Voucher,
@@ -131,16 +147,7 @@ def judge(
     """
     if channel is None:
         raise ChannelNotFoundError(f"channel {voucher.channel_id} does not exist on chain")
-    if not 0 < voucher.cumulative <= MAX_UINT256:
-        raise AmountOutOfRangeError("cumulativeAmount must be above 0 and below 2^256")
-    if len(voucher.signature) != SIGNATURE_BYTES:
-        raise InvalidSignatureError(
-            f"a voucher's signature is {SIGNATURE_BYTES} bytes (r, s, v); this one has {len(voucher.signature)}"
-        )
-    if signer is None or signer != bytes.fromhex(channel.payer[2:]):
-        raise InvalidSignatureError(
-            f"the signature does not recover to the payer of channel {voucher.channel_id} for this cumulative amount"
-        )
+    check_signed(voucher, signer, bytes.fromhex(channel.payer[2:]))
     if prior is not None:
         if _differs(voucher.reference, prior.reference) or _differs(voucher.idempotency_key, prior.idempotency_key):
             raise ExistsWithDifferentMetadataError(

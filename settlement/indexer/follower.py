@@ -20,6 +20,7 @@ from __future__ import annotations
 import logging
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, replace
 from typing import Any
 
@@ -165,6 +166,9 @@ class Indexer:
         # `channel(bytes32)`'s selector: the existence probe sends it raw (see _exists_at_latest)
         self._channel_selector = hub.functions.channel(bytes(32))._encode_transaction_data()[:10]
         self._absent_lock = threading.Lock()
+        # Told of each channel this indexer stores (ingest keeps its payer in memory: a new channel's first voucher
+        # then costs no store read, even while made-up ids are refused).
+        self.opened: Callable[[Channel], None] | None = None
         with db.write() as conn:
             log_q.ensure_cursor(conn, start_block, utcnow())
 
@@ -275,6 +279,11 @@ class Indexer:
 
     # --- one channel, on demand --------------------------------------------------------------------------------
 
+    def known_absent(self, channel_id: ChannelId) -> bool:
+        """Whether the chain was found moments ago not to have this channel (no I/O: the event loop asks)."""
+        with self._absent_lock:
+            return self._absent.get(channel_id, 0.0) > time.monotonic()
+
     def lookup(self, channel_id: ChannelId) -> Channel | None:
         """Find a channel the store does not know yet on chain (confirmed state) and store it.
 
@@ -384,6 +393,10 @@ class Indexer:
                     channel_q.save_chain_state(conn, after, now)
             log_q.set_cursor(conn, new, now)
             log_q.prune_blocks(conn, new.block_number - self.reorg_window)
+        if self.opened is not None:
+            for cid, after in states.items():
+                if after is not None and stored.get(cid) is None:
+                    self.opened(after)
         return True
 
     @staticmethod

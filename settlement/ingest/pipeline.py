@@ -24,11 +24,18 @@ from datetime import datetime
 
 from sqlalchemy import Connection
 
-from settlement.domain.ledger import NO_RULES, Rules, Verdict, WindowKey, judge
+from settlement.domain.ledger import NO_RULES, Rules, Verdict, WindowKey, check_signed, judge
 from settlement.domain.model import Channel, ChannelId, Receipt, Voucher, utcnow
 from settlement.eip712.vouchers import VoucherVerifier
-from settlement.errors import ChannelNotFoundError, RequestError, SettlementError, StoreError, StoreUnavailableError
-from settlement.indexer.follower import Indexer
+from settlement.errors import (
+    ChannelNotFoundError,
+    RequestError,
+    SettlementError,
+    StoreError,
+    StoreUnavailableError,
+    UnknownChannelsBusyError,
+)
+from settlement.indexer.follower import Indexer, TokenBucket
 from settlement.ingest.admission import PayerRates
 from settlement.server.metrics import Metrics
 from settlement.store import Database
@@ -62,6 +69,7 @@ class Ingestor:
         group_max: int = 1024,
         recovery_threads: int = 2,
         payer_rates: PayerRates | None = None,
+        unknown_reads_per_second: float = 50.0,
     ) -> None:
         self.db = db
         self.verifier = verifier
@@ -73,10 +81,12 @@ class Ingestor:
         self._counts_lock = threading.Lock()
         self.group_max = group_max
         self._payers: dict[str, bytes] = {}  # a channel's payer never changes: it is hashed into the id
+        self._payer_names: dict[bytes, str] = {}  # a payer's checksummed address, for the risk monitor's counts
         self._queue: queue.SimpleQueue[_Job | None] = queue.SimpleQueue()
         self._thread: threading.Thread | None = None
         self.recovery_threads = recovery_threads
         self.payer_rates = payer_rates or PayerRates(0, 1)
+        self._unknown_reads = TokenBucket(unknown_reads_per_second, 2 * unknown_reads_per_second)
         self._recovery: ThreadPoolExecutor | None = None
 
     # --- lifecycle ---------------------------------------------------------------------------------------------
@@ -104,12 +114,50 @@ class Ingestor:
         payer = self._payers.get(channel_id)
         if payer is not None:
             return payer
+        self.admit_unknown(channel_id)
+        return self._resolve(channel_id)
+
+    def admit_unknown(self, channel_id: ChannelId) -> None:
+        """Decide without I/O (on the event loop, before any thread) whether a channel id this process does not hold
+        in memory may be read from the store (and the chain): an id the chain was just found not to have is 404 at
+        once, and reads beyond the budget are 503 `unknown_channels_busy`. A flood of made-up ids then costs the
+        store, the chain and the GIL a bounded amount, and payers whose channels are known never wait behind it."""
+        if channel_id in self._payers:
+            return
+        if self.indexer.known_absent(channel_id):
+            raise ChannelNotFoundError(f"channel {channel_id} does not exist on chain")
+        if not self._unknown_reads.take(time.monotonic()):
+            raise UnknownChannelsBusyError(
+                f"too many channel ids this service does not hold in memory are being asked for right now; retry "
+                f"channel {channel_id} in a second",
+                retryAfter=1,
+            )
+
+    def remember(self, channel: Channel) -> None:
+        """Hold a channel's payer in memory (it never changes: it is hashed into the id)."""
+        self._remember(channel.channel_id, channel.payer)
+
+    def _remember(self, channel_id: ChannelId, address: str) -> None:
+        payer = bytes.fromhex(address[2:])
+        self._payer_names.setdefault(payer, address)
+        self._payers[channel_id] = payer
+
+    def warm(self, limit: int) -> int:
+        """Hold the payers of up to `limit` stored channels that are not closed (at start: after a restart their
+        vouchers need no store read, so a flood of made-up ids cannot keep known payers waiting)."""
+        with self.db.read() as conn:
+            rows = channel_q.open_payers(conn, limit)
+        for channel_id, payer in rows:
+            self._remember(channel_id, payer)
+        return len(rows)
+
+    def _resolve(self, channel_id: ChannelId) -> bytes:
+        """An admitted channel id's payer, from the store or the chain (blocking I/O)."""
         channel = self.find_channel(channel_id)
         if channel is None:
             raise ChannelNotFoundError(f"channel {channel_id} does not exist on chain")
-        payer = bytes.fromhex(channel.payer[2:])
-        self._payers[channel_id] = payer
-        return payer
+        self.remember(channel)
+        return self._payers[channel_id]
 
     def find_channel(self, channel_id: ChannelId) -> Channel | None:
         """The channel from the store, else from the chain's confirmed state (then stored)."""
@@ -188,7 +236,8 @@ class Ingestor:
         for i, voucher in enumerate(vouchers):
             if voucher.channel_id not in self._payers:
                 try:
-                    await asyncio.to_thread(self.resolve_payer, voucher.channel_id)
+                    self.admit_unknown(voucher.channel_id)
+                    await asyncio.to_thread(self._resolve, voucher.channel_id)
                 except SettlementError as ex:
                     refused[i] = ex
         pending = [i for i in range(len(vouchers)) if i not in refused]
@@ -207,18 +256,28 @@ class Ingestor:
     def _admit(
         self, pending: list[int], todo: list[Voucher], signers: list[bytes | None], refused: dict[int, Outcome]
     ) -> tuple[list[int], list[Voucher], list[bytes | None]]:
-        """Apply the per-payer rate to vouchers their payer signed (a refusal goes into `refused`); the rest go on."""
-        if self.payer_rates.rate <= 0:
-            return pending, todo, signers
+        """Before the writer, with nothing but memory: the ledger's rules on the signed content (`check_signed`), then
+        the per-payer rate for vouchers their payer signed. Refusals go into `refused` (and the risk monitor's
+        counts); the rest go on to be judged and committed."""
         kept: list[int] = []
+        seen: Counter[tuple[str, str]] = Counter()
         for j, (voucher, signer) in enumerate(zip(todo, signers, strict=True)):
-            error = None
-            if signer is not None and signer == self._payers.get(voucher.channel_id):
-                error = self.payer_rates.admit(signer)
+            payer = self._payers[voucher.channel_id]
+            error: SettlementError | None = None
+            try:
+                check_signed(voucher, signer, payer)
+            except RequestError as ex:
+                error = ex
+                seen[(self._payer_names[payer], ex.code)] += 1
+            if error is None and self.payer_rates.rate > 0:
+                error = self.payer_rates.admit(payer)
             if error is None:
                 kept.append(j)
             else:
                 refused[pending[j]] = error
+        if seen:
+            with self._counts_lock:
+                self._counts.update(seen)
         if len(kept) == len(todo):
             return pending, todo, signers
         return [pending[j] for j in kept], [todo[j] for j in kept], [signers[j] for j in kept]

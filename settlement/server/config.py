@@ -55,6 +55,19 @@ class Settings(BaseSettings):
     chain_lookups_per_second: float = Field(
         default=100.0, gt=0, description="look-ups of unknown channel ids on chain, per second at most (burst 2x)"
     )
+    warm_channels: int = Field(
+        default=100_000,
+        ge=0,
+        description="payers of stored channels that are not closed held in memory from the start (~150 bytes each): "
+        "their vouchers need no store read, whatever SETTLEMENT_UNKNOWN_CHANNEL_READS_PER_SECOND allows",
+    )
+    unknown_channel_reads_per_second: float = Field(
+        default=50.0,
+        gt=0,
+        description="store reads of channel ids this process does not hold in memory, per second at most (burst 2x); "
+        "beyond: 503 unknown_channels_busy, decided on the event loop, so a flood of made-up ids cannot crowd out "
+        "payers whose channels are known",
+    )
 
     # Ingest
     close_guard_seconds: int = Field(
@@ -83,6 +96,13 @@ class Settings(BaseSettings):
     )
     client_requests_per_second: float = Field(
         default=5000.0, ge=0, description="requests a second one client may send (0: no limit); beyond: 429"
+    )
+    request_threads: int = Field(
+        default=4,
+        ge=1,
+        le=64,
+        description="threads for the blocking work of requests (store reads, look-ups of unknown channels); few, so "
+        "that a flood of such requests cannot starve the event loop and the ingest writer of the GIL",
     )
     client_burst: float = Field(default=10_000.0, ge=1, description="requests one client may send at once, saved up")
     payer_vouchers_per_second: float = Field(

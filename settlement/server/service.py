@@ -116,7 +116,10 @@ class Service:
             group_max=settings.ingest_group_max,
             recovery_threads=settings.recovery_threads,
             payer_rates=PayerRates(settings.payer_vouchers_per_second, settings.payer_burst),
+            unknown_reads_per_second=settings.unknown_channel_reads_per_second,
         )
+        indexer.opened = ingestor.remember
+        ingestor.warm(settings.warm_channels)
         signin = SignIn(secret, deployment.chain_id, settings.signin_challenge_seconds, settings.signin_token_seconds)
         service = cls(settings, deployment, w3, session, hub, domain, db, metrics, indexer, ingestor, signin, devnet)
         if settings.engine_enabled:

@@ -51,6 +51,12 @@ def channel_from_row(row: Row[Any]) -> Channel:
     )
 
 
+def open_payers(conn: Connection, limit: int) -> list[tuple[ChannelId, str]]:
+    """(channel id, payer) of up to `limit` channels not closed: what ingest holds in memory from the start."""
+    query = select(channels.c.channel_id, channels.c.payer).where(channels.c.status != int(ChannelStatus.CLOSED))
+    return [(ChannelId(cid), str(payer)) for cid, payer in conn.execute(query.limit(limit))]
+
+
 def get_channel(conn: Connection, channel_id: str) -> Channel | None:
     row = conn.execute(select(channels).where(channels.c.channel_id == channel_id)).first()
     return None if row is None else channel_from_row(row)
