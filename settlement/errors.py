@@ -34,6 +34,7 @@
         │                                                   sign-in whose message or signature does not hold)
         ├── ForbiddenError           403 forbidden           (another party's data, or an operator's route)
         ├── WebhookLimitError        409 webhook_limit       (a payee has SETTLEMENT_WEBHOOKS_PER_PAYEE already)
+        ├── CapLimitError            409 cap_limit           (a payee, or "*", has SETTLEMENT_CAPS_PER_PAYEE already)
         ├── RateLimitedError         429 rate_limited        (one client over SETTLEMENT_CLIENT_REQUESTS_PER_SECOND)
         │   └── PayerRateLimitedError 429 payer_rate_limited (one payer's signed vouchers over
         │                                                   SETTLEMENT_PAYER_VOUCHERS_PER_SECOND, every channel)
@@ -258,6 +259,14 @@ class WebhookLimitError(RequestError):
 
     status = 409
     code = "webhook_limit"
+
+
+class CapLimitError(RequestError):
+    """A payee (or the operator's "every payee") asked for one spending cap more than SETTLEMENT_CAPS_PER_PAYEE: every
+    cap is held by every process and checked for every payment, so their number is bounded."""
+
+    status = 409
+    code = "cap_limit"
 
 
 class RateLimitedError(RequestError):

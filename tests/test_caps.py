@@ -207,3 +207,19 @@ def test_cap_routes_refuse_malformed_input(api: Callable[..., TestClient], accou
     assert client.delete(f"{path}/0").status_code == 400
     assert client.delete(f"{path}/77").status_code == 404
     assert client.get(path).json() == []
+
+
+def test_a_payee_has_at_most_so_many_caps(api: Callable[..., TestClient], accounts: list[LocalAccount]) -> None:
+    """Every process holds every cap and checks the ones covering each payment: their number per payee is bounded."""
+    client = api(caps_per_payee=2)
+    path = f"/v1/payees/{accounts[6].address}/caps"
+    for payer in (accounts[3].address, accounts[4].address):
+        assert client.put(path, json={"payer": payer, "amount": "5", "windowSeconds": 60}).status_code == 200
+    third = client.put(path, json={"payer": accounts[5].address, "amount": "5", "windowSeconds": 60})
+    assert (third.status_code, third.json()["code"], third.json()["maxCaps"]) == (409, "cap_limit", 2)
+    changed = client.put(path, json={"payer": accounts[4].address, "amount": "9", "windowSeconds": 60})
+    assert (changed.status_code, changed.json()["amount"]) == (200, "9")  # changing one is not a new one
+    assert len(client.get(path).json()) == 2
+    assert client.put(
+        "/v1/risk/caps", json={"payer": accounts[5].address, "amount": "5", "windowSeconds": 60}
+    ).is_success

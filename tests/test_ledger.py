@@ -9,7 +9,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from settlement.domain.ledger import Verdict, judge
+from settlement.domain.ledger import ANY, Cap, Rules, Verdict, judge
 from settlement.domain.model import ETH, Channel, ChannelStatus, Receipt, Voucher
 from settlement.eip712.vouchers import MAX_UINT256
 from settlement.errors import (
@@ -202,3 +202,23 @@ def test_with_voucher_keeps_every_other_fact_of_the_channel() -> None:
     assert set(distinct) == {f.name for f in fields(Channel)} and None not in distinct.values()
     before = Channel(**distinct)
     assert before.with_voucher(7, b"\x03" * 65) == replace(before, accepted=7, signature=b"\x03" * 65)
+
+
+def test_the_caps_covering_a_channel_are_found_by_index_exactly_as_defined() -> None:
+    """Every combination of payee, payer (each exact, another, or ANY) and token: the indexed look-up finds exactly
+    the caps whose definition covers the channel (4 of the 27 here, for each of the three channels)."""
+    parties = {"payee": ("0x" + "b2" * 20, "0x" + "b3" * 20, ANY), "payer": (PAYER, "0x" + "a2" * 20, ANY)}
+    caps = tuple(
+        Cap(n, payee, payer, token, 10, 60)
+        for n, (payee, payer, token) in enumerate(
+            (payee, payer, token)
+            for payee in parties["payee"]
+            for payer in parties["payer"]
+            for token in (ETH, "0x" + "70" * 20, "0x" + "71" * 20)
+        )
+    )
+    rules = Rules(caps=caps)
+    for token in (ETH, "0x" + "70" * 20, "0x" + "71" * 20):
+        ch = channel(token=token)
+        found = sorted(c.cap_id for c in rules.covering(ch))
+        assert found == sorted(c.cap_id for c in caps if c.applies(ch)) and len(found) == 4

@@ -15,7 +15,7 @@ from settlement.api.deps import ERRORS, AddressPath, ServiceDep, checked_address
 from settlement.api.schemas import AmountStr, StrictModel
 from settlement.domain.ledger import ANY, Cap
 from settlement.domain.model import ETH, MAX_UINT256
-from settlement.errors import ForbiddenError, MalformedRequestError, NotFoundError
+from settlement.errors import CapLimitError, ForbiddenError, MalformedRequestError, NotFoundError
 from settlement.server.access import Caller
 from settlement.store import caps as caps_q
 
@@ -87,6 +87,7 @@ def _own(address: str, who: Caller) -> str:
 
 def _set(service: ServiceDep, payee: str, body: CapIn) -> CapOut:
     token = _party(body.token, "token")
+    limit = service.settings.caps_per_payee
     with service.db.write() as conn:
         cap = caps_q.set_cap(
             conn,
@@ -96,7 +97,10 @@ def _set(service: ServiceDep, payee: str, body: CapIn) -> CapOut:
             _amount(body.amount),
             body.windowSeconds,
             time.time_ns() // 1000,
+            limit,
         )
+    if cap is None:
+        raise CapLimitError(f"{payee} has {limit} spending caps already: change or remove one", maxCaps=limit)
     return CapOut.of(cap)
 
 

@@ -60,6 +60,7 @@ class Cap:
     window: int
 
     def applies(self, channel: Channel) -> bool:
+        """Whether the cap covers payments on `channel` (the definition `Rules.covering` finds by index)."""
         return self.token == channel.token and self.payee in (ANY, channel.payee) and self.payer in (ANY, channel.payer)
 
     def key(self, channel: Channel, now: int) -> WindowKey:
@@ -74,16 +75,29 @@ class Rules:
     held: Mapping[str, str] = field(default_factory=dict)
     min_increments: Mapping[str, int] = field(default_factory=dict)
     caps: tuple[Cap, ...] = ()
+    _by_parties: dict[tuple[str, str, str], list[Cap]] = field(default_factory=dict, init=False, compare=False)
+
+    def __post_init__(self) -> None:
+        for cap in self.caps:  # found by (payee, payer, token), each side exact or ANY: four probes, however many caps
+            self._by_parties.setdefault((cap.payee, cap.payer, cap.token), []).append(cap)
+
+    def covering(self, channel: Channel) -> list[Cap]:
+        """The caps that cover payments on `channel`."""
+        if not self.caps:
+            return []
+        found: list[Cap] = []
+        for payee in (channel.payee, ANY):
+            for payer in (channel.payer, ANY):
+                found += self._by_parties.get((payee, payer, channel.token), ())
+        return found
 
     def windows(self, channel: Channel, now: int) -> list[WindowKey]:
         """The spending windows a payment on `channel` counts in, at unix second `now`."""
-        return [cap.key(channel, now) for cap in self.caps if cap.applies(channel)]
+        return [cap.key(channel, now) for cap in self.covering(channel)]
 
     def check_caps(self, channel: Channel, increment: int, spent: Mapping[WindowKey, int], now: int) -> None:
         """Raise SpendingCapError if paying `increment` on `channel` passes a cap, given what each window holds."""
-        for cap in self.caps:
-            if not cap.applies(channel):
-                continue
+        for cap in self.covering(channel):
             key = cap.key(channel, now)
             already = spent.get(key, 0)
             if already + increment > cap.amount:

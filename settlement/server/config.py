@@ -135,6 +135,9 @@ class Settings(BaseSettings):
     webhook_batch: int = Field(default=100, ge=1, le=10_000, description="events one webhook is sent per tick")
     webhook_concurrency: int = Field(default=8, ge=1, le=256, description="webhooks delivered to at once")
     webhooks_per_payee: int = Field(default=10, ge=1, le=1000, description="live webhooks a payee may have")
+    caps_per_payee: int = Field(
+        default=100, ge=1, le=10_000, description='spending caps a payee (or the operator\'s "every payee") may have'
+    )
     webhook_allow_private_targets: bool = Field(
         default=False,
         description="allow webhook URLs on loopback, private or link-local addresses (always allowed on a devnet)",
