@@ -7,12 +7,15 @@ from collections.abc import Callable
 
 from eth_account.signers.local import LocalAccount
 from fastapi.testclient import TestClient
+from web3 import Web3
+from web3.contract import Contract
 
 from settlement.domain.ledger import Verdict
 from settlement.domain.model import Voucher
+from settlement.eip712.vouchers import channel_id
 from settlement.errors import UnknownChannelsBusyError
 from settlement.server.service import Service
-from tests.hub_helpers import ETH, Channel, body, wait_until
+from tests.hub_helpers import ETH, Channel, body, in_one_block, wait_until
 
 Sign = Callable[..., bytes]
 
@@ -80,7 +83,11 @@ def test_lookups_of_never_seen_ids_are_capped_and_an_honest_channel_still_pays(
 
 
 def test_unknown_ids_beyond_the_read_budget_are_refused_before_any_read_and_known_payers_pay_at_once(
-    api: Callable[..., TestClient], open_channel: Callable[..., Channel], accounts: list[LocalAccount], sign: Sign
+    api: Callable[..., TestClient],
+    open_channel: Callable[..., Channel],
+    accounts: list[LocalAccount],
+    sign: Sign,
+    mining: str,
 ) -> None:
     """A flood of made-up ids is decided on the event loop: beyond SETTLEMENT_UNKNOWN_CHANNEL_READS_PER_SECOND it is
     503 `unknown_channels_busy` with no store read, no thread and no chain call, anonymous reads included (the fast
@@ -128,3 +135,24 @@ def test_a_restarted_service_holds_its_stored_payers_from_the_start(
     )
     assert isinstance(outcomes[0], UnknownChannelsBusyError)
     assert isinstance(outcomes[1], Verdict) and outcomes[1].new
+
+
+def test_channels_opened_in_one_block_are_held_from_the_indexer_without_a_read(
+    api: Callable[..., TestClient], accounts: list[LocalAccount], sign: Sign, hub: Contract, w3: Web3
+) -> None:
+    """Three channels opened in ONE block (as a real chain mines them): the indexer's one pass over that block tells
+    ingest of each, so their first vouchers need no store read even when the read budget admits none."""
+    client = api(unknown_channel_reads_per_second=0.001)  # admits no channel id it does not hold
+    salts = [n.to_bytes(32, "big") for n in (81, 82, 83)]
+    payers = (accounts[10], accounts[11], accounts[12])
+    opens = [(hub.functions.open(accounts[13].address, ETH, salt, 1_000), p.address, 1_000)
+             for p, salt in zip(payers, salts, strict=True)]  # fmt: skip
+    in_one_block(w3, *opens)
+    channels = [Channel(channel_id(p.address, accounts[13].address, ETH, salt), p, accounts[13].address, ETH, salt,
+                        1_000) for p, salt in zip(payers, salts, strict=True)]  # fmt: skip
+    # Until the indexer stores them the answer is 503 (no read admitted); then each pays with no read at all.
+    for channel in channels:
+        wait_until(
+            lambda c=channel: client.post("/v1/vouchers", json=body(c, 1, sign(c.payer, c.id, 1))).status_code == 201,
+            timeout=10,
+        )
