@@ -6,11 +6,11 @@ from __future__ import annotations
 
 import asyncio
 import json
-import math
 import time
 
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
+from settlement.domain.buckets import Buckets
 from settlement.errors import (
     HostNotAllowedError,
     PayloadTooLargeError,
@@ -144,15 +144,12 @@ class RateGuard:
 
     The client is the connection's peer, or the address a trusted proxy names (uvicorn rewrites it only for
     SETTLEMENT_TRUSTED_PROXIES, so a forged X-Forwarded-For from anyone else changes nothing). At most `max_clients`
-    buckets are kept: full ones are dropped first (a client idle for burst/rate seconds has a full bucket anyway).
-    One event loop runs this, so the buckets need no lock."""
+    buckets are kept (settlement.domain.buckets)."""
 
     def __init__(self, app: ASGIApp, rate: float, burst: float, max_clients: int = 100_000) -> None:
         self.app = app
         self.rate = rate
-        self.burst = max(burst, 1.0)
-        self.max_clients = max_clients
-        self._buckets: dict[str, tuple[float, float]] = {}  # client -> (tokens, when)
+        self._buckets = Buckets(rate, max(burst, 1.0), max_clients)
 
     @property
     def state(self) -> object:
@@ -164,28 +161,12 @@ class RateGuard:
             return
         peer = scope.get("client")
         client = peer[0] if peer else ""
-        now = time.monotonic()
-        tokens, when = self._buckets.get(client, (self.burst, now))
-        tokens = min(self.burst, tokens + (now - when) * self.rate)
-        if tokens < 1:
-            self._buckets[client] = (tokens, now)
-            wait = max(1, math.ceil((1 - tokens) / self.rate))
+        wait = self._buckets.take(client, time.monotonic())
+        if wait is not None:
             error = RateLimitedError(
                 f"more than {self.rate:g} requests a second from {client or 'this client'}: retry in {wait}s",
                 retryAfter=wait,
             )
-            await refuse(send, error, [(b"retry-after", str(wait).encode())])
+            await refuse(send, error)  # Retry-After from the error's retryAfter
             return
-        self._buckets[client] = (tokens - 1, now)
-        if len(self._buckets) > self.max_clients:
-            self._prune(now)
         await self.app(scope, receive, send)
-
-    def _prune(self, now: float) -> None:
-        full = [c for c, (tokens, when) in self._buckets.items() if tokens + (now - when) * self.rate >= self.burst]
-        for client in full:
-            del self._buckets[client]
-        if len(self._buckets) > self.max_clients // 2:  # still too many live clients: forget the oldest half
-            by_age = sorted(self._buckets, key=lambda c: self._buckets[c][1])
-            for client in by_age[: len(by_age) // 2]:
-                del self._buckets[client]

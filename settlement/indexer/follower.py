@@ -33,6 +33,7 @@ from web3.types import FilterParams, LogReceipt, RPCEndpoint
 
 from settlement.chain.batch_codec import decode_settlements
 from settlement.chain.node import rpc_errors
+from settlement.domain.buckets import TokenBucket
 from settlement.domain.model import (
     END_OF_BLOCK,
     Address,
@@ -60,26 +61,6 @@ from settlement.store.chainlog import ChainEvent, Cursor
 logger = logging.getLogger(__name__)
 
 ABSENT_MAX = 100_000  # remembered unknown ids before the expired ones are dropped: a flood cannot grow it unbounded
-
-
-class TokenBucket:
-    """`rate` tokens a second, at most `burst` saved: how many chain look-ups unknown channel ids may cost."""
-
-    def __init__(self, rate: float, burst: float) -> None:
-        self.rate = rate
-        self.burst = burst
-        self._tokens = burst
-        self._at = time.monotonic()
-        self._lock = threading.Lock()
-
-    def take(self, now: float) -> bool:
-        with self._lock:
-            self._tokens = min(self.burst, self._tokens + (now - self._at) * self.rate)
-            self._at = now
-            if self._tokens < 1:
-                return False
-            self._tokens -= 1
-            return True
 
 
 CHANNEL_EVENTS = frozenset(HubEvent)

@@ -8,13 +8,10 @@ nobody can exhaust an honest payer's rate) and is refused by the ledger anyway. 
 
 from __future__ import annotations
 
-import math
-import threading
 import time
 
+from settlement.domain.buckets import Buckets
 from settlement.errors import PayerRateLimitedError
-
-MAX_PAYERS = 100_000  # buckets kept before the full ones are dropped
 
 
 class PayerRates:
@@ -22,34 +19,14 @@ class PayerRates:
 
     def __init__(self, rate: float, burst: float) -> None:
         self.rate = rate
-        self.burst = max(burst, 1.0)
-        self._buckets: dict[bytes, tuple[float, float]] = {}  # payer -> (tokens, when)
-        self._lock = threading.Lock()  # the event loop and worker threads both admit
+        self._buckets = Buckets(rate, max(burst, 1.0))
 
     def admit(self, payer: bytes, now: float | None = None) -> PayerRateLimitedError | None:
         """Take one token for `payer`; the refusal to answer with when there is none."""
-        if self.rate <= 0:
+        wait = self._buckets.take(payer, time.monotonic() if now is None else now)
+        if wait is None:
             return None
-        now = time.monotonic() if now is None else now
-        with self._lock:
-            tokens, when = self._buckets.get(payer, (self.burst, now))
-            tokens = min(self.burst, tokens + (now - when) * self.rate)
-            if tokens < 1:
-                self._buckets[payer] = (tokens, now)
-                wait = max(1, math.ceil((1 - tokens) / self.rate))
-                return PayerRateLimitedError(
-                    f"payer 0x{payer.hex()} signed more than {self.rate:g} vouchers a second: retry in {wait}s",
-                    retryAfter=wait,
-                )
-            self._buckets[payer] = (tokens - 1, now)
-            if len(self._buckets) > MAX_PAYERS:
-                self._prune(now)
-        return None
-
-    def _prune(self, now: float) -> None:
-        full = [p for p, (tokens, when) in self._buckets.items() if tokens + (now - when) * self.rate >= self.burst]
-        for payer in full:
-            del self._buckets[payer]
-        if len(self._buckets) > MAX_PAYERS // 2:
-            for payer in sorted(self._buckets, key=lambda p: self._buckets[p][1])[: len(self._buckets) // 2]:
-                del self._buckets[payer]
+        return PayerRateLimitedError(
+            f"payer 0x{payer.hex()} signed more than {self.rate:g} vouchers a second: retry in {wait}s",
+            retryAfter=wait,
+        )

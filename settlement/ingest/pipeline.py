@@ -24,6 +24,7 @@ from datetime import datetime
 
 from sqlalchemy import Connection
 
+from settlement.domain.buckets import TokenBucket
 from settlement.domain.ledger import NO_RULES, Rules, Verdict, WindowKey, check_signed, judge
 from settlement.domain.model import Channel, ChannelId, Receipt, Voucher, utcnow
 from settlement.eip712.vouchers import VoucherVerifier
@@ -35,7 +36,7 @@ from settlement.errors import (
     StoreUnavailableError,
     UnknownChannelsBusyError,
 )
-from settlement.indexer.follower import Indexer, TokenBucket
+from settlement.indexer.follower import Indexer
 from settlement.ingest.admission import PayerRates
 from settlement.server.metrics import Metrics
 from settlement.store import Database

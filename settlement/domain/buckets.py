@@ -1,0 +1,54 @@
+"""Token buckets: how much of something (requests, vouchers, look-ups) a client, a payer or the whole process may
+spend a second, with a burst saved up. One arithmetic for every rate the service enforces."""
+
+from __future__ import annotations
+
+import math
+import threading
+from collections.abc import Hashable
+
+
+class Buckets:
+    """A token bucket per key: `rate` tokens a second, at most `burst` saved, a new key starting full (rate 0: no
+    limit). At most `max_keys` are kept: full ones are dropped first (a key idle for burst/rate seconds is full
+    anyway), then the oldest half. Safe from several threads."""
+
+    def __init__(self, rate: float, burst: float, max_keys: int = 100_000) -> None:
+        self.rate = rate
+        self.burst = burst
+        self.max_keys = max_keys
+        self._buckets: dict[Hashable, tuple[float, float]] = {}  # key -> (tokens, when)
+        self._lock = threading.Lock()
+
+    def take(self, key: Hashable, now: float) -> int | None:
+        """Take one token for `key`: None if there was one, else the whole seconds until there is."""
+        if self.rate <= 0:
+            return None
+        with self._lock:
+            tokens, when = self._buckets.get(key, (self.burst, now))
+            tokens = min(self.burst, tokens + (now - when) * self.rate)
+            if tokens < 1:
+                self._buckets[key] = (tokens, now)
+                return max(1, math.ceil((1 - tokens) / self.rate))
+            self._buckets[key] = (tokens - 1, now)
+            if len(self._buckets) > self.max_keys:
+                self._prune(now)
+        return None
+
+    def _prune(self, now: float) -> None:
+        full = [k for k, (tokens, when) in self._buckets.items() if tokens + (now - when) * self.rate >= self.burst]
+        for key in full:
+            del self._buckets[key]
+        if len(self._buckets) > self.max_keys // 2:
+            for key in sorted(self._buckets, key=lambda k: self._buckets[k][1])[: len(self._buckets) // 2]:
+                del self._buckets[key]
+
+
+class TokenBucket:
+    """One bucket for the whole process (chain look-ups, reads of unknown channel ids)."""
+
+    def __init__(self, rate: float, burst: float) -> None:
+        self._one = Buckets(rate, burst, max_keys=1)
+
+    def take(self, now: float) -> bool:
+        return self._one.take(None, now) is None
