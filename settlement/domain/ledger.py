@@ -59,10 +59,6 @@ class Cap:
     amount: int
     window: int
 
-    def applies(self, channel: Channel) -> bool:
-        """Whether the cap covers payments on `channel` (the definition `Rules.covering` finds by index)."""
-        return self.token == channel.token and self.payee in (ANY, channel.payee) and self.payer in (ANY, channel.payer)
-
     def key(self, channel: Channel, now: int) -> WindowKey:
         return self.cap_id, channel.payer, now - now % self.window
 
