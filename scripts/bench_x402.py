@@ -27,7 +27,7 @@ from rich.table import Table
 from x402 import x402Client
 from x402.http import x402HTTPClient
 from x402.http.clients import x402HttpxClient
-from x402.schemas import PaymentPayload
+from x402.schemas import PaymentPayload, SettleResponse
 
 from settlement.chain.deployment import deploy_hub
 from settlement.chain.node import connect
@@ -36,6 +36,13 @@ from settlement.domain.model import ETH
 from settlement.sdk.payer import PayerClient
 from settlement.server.config import Settings
 from settlement.x402.client import ChannelHubClientScheme
+
+try:  # the bench also runs on code from before the pay-ahead transport and local verify (A/B in one sitting)
+    from settlement.x402.ahead import PayAheadTransport
+    from settlement.x402.positions import Positions
+except ImportError:
+    PayAheadTransport = None  # type: ignore[assignment,misc]
+    Positions = None  # type: ignore[assignment,misc]
 
 CONCURRENCY = (1, 16, 64)
 SECONDS = 5.0
@@ -125,31 +132,40 @@ async def _measure(console: Console, payer: PayerClient, api: str, service: str,
     )
     figures: dict[str, Any] = {"price_wei": PRICE, "seconds_per_run": SECONDS}
     table = Table(title=f"paid requests through x402 ({SECONDS:g} s a run; free: a route of the same app)")
-    for column in ("concurrent", "paid/s", "paid p50 ms", "paid p99 ms", "free p50 ms", "free p99 ms", "added p50",
-                   "added p99"):  # fmt: skip
+    for column in ("client", "concurrent", "paid/s", "paid p50 ms", "paid p99 ms", "free p50 ms", "free p99 ms",
+                   "added p50", "added p99"):  # fmt: skip
         table.add_column(column, justify="right")
-    async with x402HttpxClient(x402, timeout=60) as paid, httpx.AsyncClient(timeout=60) as free:
+    ahead_transport = PayAheadTransport(x402) if PayAheadTransport is not None else None
+    async with (
+        x402HttpxClient(x402, timeout=60) as paid,
+        httpx.AsyncClient(timeout=60, transport=ahead_transport) as ahead,
+        httpx.AsyncClient(timeout=60) as free,
+    ):
         with console.status("opening channels (one per concurrent request)…"):
             await asyncio.gather(*(paid.get(f"{api}/weather") for _ in range(max(CONCURRENCY))))
+        clients = [("x402", paid)] + ([("ahead", ahead)] if ahead_transport is not None else [])
         for concurrency in CONCURRENCY:
-            with console.status(f"{concurrency} concurrent: free, then paid…"):
+            with console.status(f"{concurrency} concurrent: free…"):
                 free_ms, _ = await _run(concurrency, lambda: free.get(f"{api}/health"))
-                paid_ms, paid_count = await _run(concurrency, lambda: paid.get(f"{api}/weather"))
-            row = {
-                "paid_per_s": paid_count / SECONDS,
-                "paid_p50": _pct(paid_ms, 0.5),
-                "paid_p99": _pct(paid_ms, 0.99),
-                "free_p50": _pct(free_ms, 0.5),
-                "free_p99": _pct(free_ms, 0.99),
-            }
-            added = (row["paid_p50"] - row["free_p50"], row["paid_p99"] - row["free_p99"])
-            table.add_row(str(concurrency), f"{row['paid_per_s']:,.0f}",
-                          *(f"{row[k]:,.1f}" for k in ("paid_p50", "paid_p99", "free_p50", "free_p99")),
-                          f"{added[0]:,.1f}", f"{added[1]:,.1f}")  # fmt: skip
-            for key, value in row.items():
-                figures[f"{key}_c{concurrency}"] = round(value, 1)
-            figures[f"added_p50_ms_c{concurrency}"] = round(added[0], 1)
-            figures[f"added_p99_ms_c{concurrency}"] = round(added[1], 1)
+            for name, client in clients:
+                with console.status(f"{concurrency} concurrent: paid ({name})…"):
+                    paid_ms, paid_count = await _run(concurrency, lambda c=client: c.get(f"{api}/weather"))  # type: ignore[misc]
+                row = {
+                    "paid_per_s": paid_count / SECONDS,
+                    "paid_p50": _pct(paid_ms, 0.5),
+                    "paid_p99": _pct(paid_ms, 0.99),
+                    "free_p50": _pct(free_ms, 0.5),
+                    "free_p99": _pct(free_ms, 0.99),
+                }
+                added = (row["paid_p50"] - row["free_p50"], row["paid_p99"] - row["free_p99"])
+                table.add_row(name, str(concurrency), f"{row['paid_per_s']:,.0f}",
+                              *(f"{row[k]:,.1f}" for k in ("paid_p50", "paid_p99", "free_p50", "free_p99")),
+                              f"{added[0]:,.1f}", f"{added[1]:,.1f}")  # fmt: skip
+                prefix = "" if name == "x402" else f"{name}_"
+                for key, value in row.items():
+                    figures[f"{prefix}{key}_c{concurrency}"] = round(value, 1)
+                figures[f"{prefix}added_p50_ms_c{concurrency}"] = round(added[0], 1)
+                figures[f"{prefix}added_p99_ms_c{concurrency}"] = round(added[1], 1)
         console.print(table)
         figures |= await _where_time_goes(console, x402, scheme, api, service)
     return figures
@@ -179,6 +195,8 @@ async def _where_time_goes(
     sign_ms: list[float] = []
     verify_ms: list[float] = []
     settle_ms: list[float] = []
+    local_ms: list[float] = []
+    positions = Positions() if Positions is not None else None
     sizes: dict[str, int] = {}
     async with httpx.AsyncClient(timeout=60) as client:
         for _ in range(200):
@@ -194,6 +212,12 @@ async def _where_time_goes(
                 "paymentPayload": payload.model_dump(by_alias=True, exclude_none=True),
                 "paymentRequirements": payload.accepted.model_dump(by_alias=True, exclude_none=True),
             }
+            if positions is not None:
+                started = time.perf_counter()
+                vouched = positions.vouch(payload, payload.accepted)
+                local_ms.append((time.perf_counter() - started) * 1000)
+                if vouched is None and local_ms[1:]:
+                    raise SystemExit("the payee's local verify did not vouch for the next voucher of a known channel")
             for route, into in (("verify", verify_ms), ("settle", settle_ms)):
                 started = time.perf_counter()
                 answer = await client.post(f"{service}/x402/{route}", json=body)
@@ -207,11 +231,15 @@ async def _where_time_goes(
                 "payment_response_bytes": len(settled_header),
             }
             scheme.on_payment_response(_accepted(payload, answer.json()))  # as x402's transport would
+            if positions is not None:
+                positions.learn(payload, payload.accepted, SettleResponse.model_validate(answer.json()))
     table = Table(title="a paid request's parts, timed alone (200 in sequence)")
     for column in ("part", "p50 ms", "p99 ms"):
         table.add_column(column, justify="right" if column != "part" else "left")
     parts = {"sign (payer: journal + EIP-712)": sign_ms, "facilitator verify": verify_ms,
              "facilitator settle (durable commit)": settle_ms}  # fmt: skip
+    if local_ms:
+        parts["local verify (payee, in process)"] = local_ms
     out: dict[str, Any] = {}
     for name, values in parts.items():
         table.add_row(name, f"{_pct(values, 0.5):,.2f}", f"{_pct(values, 0.99):,.2f}")
@@ -222,7 +250,7 @@ async def _where_time_goes(
 
 
 def _accepted(payload: Any, settled: dict[str, Any]) -> Any:
-    from x402.schemas import PaymentResponseContext, SettleResponse
+    from x402.schemas import PaymentResponseContext
 
     return PaymentResponseContext(
         payment_payload=payload, requirements=payload.accepted, settle_response=SettleResponse.model_validate(settled)

@@ -8,6 +8,7 @@ import asyncio
 import base64
 import json
 import os
+import re
 import subprocess
 import sys
 import time
@@ -30,6 +31,7 @@ from settlement.devtools.devnet import Devnet, free_port
 from settlement.sdk.journal import Budget
 from settlement.sdk.payee import PayeeClient
 from settlement.sdk.payer import PayerClient
+from settlement.x402.ahead import PayAheadTransport
 from settlement.x402.client import ChannelHubClientScheme, DepositPolicy, PaymentIdentifiers
 from tests.hub_helpers import ETH, events, send, wait_until
 from tests.servers import ServiceProcess
@@ -290,6 +292,69 @@ def test_a_restarted_payer_and_a_second_device_pay_on_without_paying_twice(
     other.pay(other.channel(channel["channelId"]), 7)  # paid through the service directly, from another journal
     assert get(ChannelHubClientScheme(again), "/weather") == 200  # stale: refused, resynchronised, paid once
     assert accepted_for(service, payee) == 4 * PRICE + 7
+
+
+class CountingWire(httpx.AsyncBaseTransport):
+    """The network under a client: counts the requests that reached the payee, paid or not."""
+
+    def __init__(self) -> None:
+        self.inner = httpx.AsyncHTTPTransport()
+        self.sent: list[str] = []
+
+    async def handle_async_request(self, request: httpx.Request) -> httpx.Response:
+        self.sent.append("paid" if "payment-signature" in request.headers else "unpaid")
+        return await self.inner.handle_async_request(request)
+
+    async def aclose(self) -> None:
+        await self.inner.aclose()
+
+
+def x402_calls(service: ServiceProcess) -> dict[str, float]:
+    """The facilitator's calls so far, by "call answer" (its `settlement_x402_requests` metric)."""
+    found = re.findall(r'settlement_x402_requests_total\{answer="(\w+)",call="(\w+)"\} (\S+)',
+                       httpx.get(f"{service.url}/metrics").text)  # fmt: skip
+    return {f"{call} {answer}": float(value) for answer, call, value in found}
+
+
+def test_paying_ahead_and_verifying_locally_cost_one_request_and_one_facilitator_call_per_payment(
+    spawn: Callable[..., ServiceProcess],
+    paid_api: Callable[..., str],
+    devnet: Devnet,
+    accounts: list[LocalAccount],
+    tmp_path: Path,
+    payer_for: Callable[..., PayerClient],
+) -> None:
+    """After the first payment to a URL, the payer pays on the first request (no unpaid request, no 402) and the
+    payee verifies in its own process (settle is the only facilitator call). When the payer's position is stale (its
+    other device paid meanwhile) the early payment is refused, the request goes through x402's own flow, and the
+    payer is charged once."""
+    service = spawn(f"sqlite:///{tmp_path / 'ahead.db'}")
+    payee = accounts[16].address
+    api = paid_api(f"{service.url}/x402", payee)
+    payer = payer_for(accounts[17], service)
+    wire = CountingWire()
+    transport = PayAheadTransport(paying_client(devnet, ChannelHubClientScheme(payer)), wire)
+
+    async def get(times: int) -> list[int]:
+        async with httpx.AsyncClient(transport=transport, timeout=60) as http:
+            return [(await http.get(f"{api}/weather")).status_code for _ in range(times)]
+
+    assert asyncio.run(get(10)) == [200] * 10
+    assert wire.sent == ["unpaid"] + ["paid"] * 10
+    assert accepted_for(service, payee) == 10 * PRICE
+    assert x402_calls(service) == {"verify ok": 1.0, "settle ok": 10.0}
+
+    other = payer_for(accounts[17], service, "other-device")
+    (channel,) = other.open_channels(payee)
+    other.pay(other.channel(channel["channelId"]), 7)  # paid through the service directly, from another journal
+    wire.sent.clear()
+    assert asyncio.run(get(2)) == [200, 200]
+    # The stale early payment, x402's flow, then paid ahead again. The payee's local verify passed the stale
+    # voucher too (its position predates the other device's payment): the facilitator refused it at settle, after
+    # the handler, so its answer was withheld and the channel forgotten; the next verify asked the facilitator.
+    assert wire.sent == ["paid", "unpaid", "paid", "paid"]
+    assert accepted_for(service, payee) == 12 * PRICE + 7
+    assert x402_calls(service) == {"verify ok": 2.0, "settle underpayment": 1.0, "settle ok": 12.0}
 
 
 def test_the_facilitator_down_is_a_503_and_charges_nothing(

@@ -77,9 +77,11 @@ class ChannelHubFacilitator:
             voucher, channel = self._voucher(payload, requirements)
             verdict = self._judged(lambda: self.service.ingestor.preview(voucher), channel)
         except Refused as refused:
+            self._count("verify", refused.reason)
             return VerifyResponse(
                 is_valid=False, invalid_reason=refused.reason, invalid_message=refused.message, payer=refused.payer
             )
+        self._count("verify", "ok")
         return VerifyResponse(is_valid=True, payer=channel.payer, extra={"increment": str(verdict.receipt.increment)})
 
     def settle(
@@ -89,6 +91,7 @@ class ChannelHubFacilitator:
             voucher, channel = self._voucher(payload, requirements)
             verdict = self._judged(lambda: self._ingest(voucher), channel)
         except Refused as refused:
+            self._count("settle", refused.reason)
             return SettleResponse(
                 success=False,
                 error_reason=refused.reason,
@@ -97,6 +100,7 @@ class ChannelHubFacilitator:
                 transaction="",
                 network=self.network,
             )
+        self._count("settle", "ok")
         receipt = verdict.receipt
         return SettleResponse(
             success=True,
@@ -106,6 +110,9 @@ class ChannelHubFacilitator:
             amount=str(receipt.increment),
             extra={"receipt": self._signed(receipt), "channel": _position(channel, receipt)},
         )
+
+    def _count(self, call: str, answer: str) -> None:
+        self.service.metrics.x402_requests.labels(call, answer).inc()
 
     def _signed(self, receipt: Receipt) -> dict[str, str | None]:
         """The receipt, with the facilitator's EIP-712 signature over its fields (settlement.eip712.receipts)."""

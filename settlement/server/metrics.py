@@ -36,6 +36,12 @@ class Metrics:
             buckets=(0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 1.0),
             registry=self.registry,
         )
+        self.x402_requests = Counter(
+            "settlement_x402_requests",
+            "x402 facilitator calls, by call (verify, settle) and answer (the reason, or ok)",
+            ["call", "answer"],
+            registry=self.registry,
+        )
         self.rpc_requests = Gauge(
             "settlement_rpc_requests",
             "JSON-RPC requests this process sent, by method (since it started)",

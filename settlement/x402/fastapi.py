@@ -9,6 +9,9 @@ And a retry of a paid request is answered as the first one was: a payment that c
 charged nothing more (the facilitator would refuse the voucher as replayed). Concurrent retries of one payment wait
 for the first. A payment without an identifier that is sent again gets a 402 (`voucher_replayed`), as before.
 
+The facilitator client verifies in this process a payment on a channel whose position the facilitator's last
+settle answered (settlement.x402.positions): one facilitator call per paid request instead of two.
+
 Needs FastAPI (the payee's app has it); the rest of settlement.x402 does not.
 """
 
@@ -28,13 +31,14 @@ from fastapi.responses import JSONResponse
 from starlette.types import ASGIApp
 from x402 import x402ResourceServer
 from x402.extensions.payment_identifier import extract_payment_identifier
-from x402.http import HTTPFacilitatorClient, PaywallConfig
+from x402.http import FacilitatorConfig, HTTPFacilitatorClient, PaywallConfig
 from x402.http.facilitator_client_base import FacilitatorResponseError
 from x402.http.middleware.fastapi import PaymentMiddlewareASGI
 from x402.http.types import RoutesConfig
 from x402.http.utils import decode_payment_signature_header
-from x402.schemas import PaymentPayload, SettleResponse, VerifyResponse
+from x402.schemas import PaymentPayload, PaymentRequirements, SettleResponse, VerifyResponse
 
+from settlement.x402.positions import Positions
 from settlement.x402.wire import Reason
 
 RETRY_AFTER_SECONDS = 1
@@ -43,9 +47,19 @@ _failures: ContextVar[dict[str, str] | None] = ContextVar("channelhub_facilitato
 
 
 class ChannelHubFacilitatorClient(HTTPFacilitatorClient):
-    """x402's HTTP facilitator client, noting when the facilitator could not judge a payment at all."""
+    """x402's HTTP facilitator client, noting when the facilitator could not judge a payment at all, and verifying
+    in this process a payment on a channel whose position the facilitator's last settle answered (`Positions`:
+    one facilitator call per paid request instead of two). `local_verify=False` asks the facilitator every time."""
+
+    def __init__(self, config: FacilitatorConfig | dict[str, Any] | None = None, *, local_verify: bool = True) -> None:
+        super().__init__(config)
+        self.positions = Positions(ttl=60.0 if local_verify else 0.0)
 
     async def verify(self, payload: Any, requirements: Any) -> VerifyResponse:
+        if isinstance(payload, PaymentPayload) and isinstance(requirements, PaymentRequirements):
+            payer = self.positions.vouch(payload, requirements)
+            if payer is not None:
+                return VerifyResponse(is_valid=True, payer=payer)
         try:
             return await super().verify(payload, requirements)
         except Exception as ex:
@@ -53,9 +67,14 @@ class ChannelHubFacilitatorClient(HTTPFacilitatorClient):
 
     async def settle(self, payload: Any, requirements: Any) -> SettleResponse:
         try:
-            return await super().settle(payload, requirements)
+            settled: SettleResponse = await super().settle(payload, requirements)
         except Exception as ex:
+            if isinstance(payload, PaymentPayload):
+                self.positions.forget(payload)
             raise _unavailable("settle", ex) from ex
+        if isinstance(payload, PaymentPayload) and isinstance(requirements, PaymentRequirements):
+            self.positions.learn(payload, requirements, settled)
+        return settled
 
 
 def _unavailable(operation: str, ex: Exception) -> FacilitatorResponseError:

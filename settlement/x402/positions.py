@@ -1,0 +1,138 @@
+"""What a payee learnt of each channel from its facilitator's settle answers, so that the next payment on that
+channel is verified in the payee's own process instead of by a call to the facilitator.
+
+x402's middleware verifies a payment before the handler and settles it after; the verify is only there so that a
+payment that will be refused does not run the handler. Settling is what accepts a payment (durably, at the
+facilitator), and a response goes out only once it succeeded, whatever verify said. So a local verify may be
+optimistic without risk to anyone's money: it says "valid" only when the voucher is signed by the channel's payer
+(as the facilitator last answered), pays exactly the price over the position the facilitator last answered, and fits
+the deposit; anything else (a channel it has not seen, a position another process moved, a closing channel it cannot
+know of) goes to the facilitator as before. At worst a stale position costs one handler run whose answer is then
+withheld (settle refuses it and forgets the channel), exactly what a payment refused at settle costs today.
+"""
+
+from __future__ import annotations
+
+import time
+from collections import OrderedDict
+from dataclasses import dataclass
+
+from eth_utils.address import is_address
+from x402.schemas import PaymentPayload, PaymentRequirements, SettleResponse
+
+from settlement.domain.model import ChannelId
+from settlement.eip712.vouchers import Domain, VoucherVerifier
+from settlement.x402.wire import SCHEME, PayloadError, VoucherPayload, chain_id_of, price_of, same_address
+
+
+@dataclass(frozen=True)
+class Position:
+    """A channel as the facilitator's last successful settle described it."""
+
+    payer: str  # checksummed
+    payer_bytes: bytes
+    pay_to: str
+    asset: str
+    cumulative: int
+    deposit: int
+    expires: float  # monotonic
+
+
+class Positions:
+    """Channel positions from settle answers, at most `max_channels` (least recently paid out first), each trusted
+    for `ttl` seconds after the answer that gave it."""
+
+    def __init__(self, ttl: float = 60.0, max_channels: int = 100_000) -> None:
+        self.ttl, self.max_channels = ttl, max_channels
+        self._known: OrderedDict[ChannelId, Position] = OrderedDict()
+        self._verifiers: dict[Domain, VoucherVerifier] = {}
+
+    def __len__(self) -> int:
+        return len(self._known)
+
+    def vouch(self, payload: PaymentPayload, requirements: PaymentRequirements) -> str | None:
+        """The payer, when this payment is provably what the facilitator would accept now as far as its last answer
+        shows; None when only the facilitator can tell."""
+        if not _answers(payload, requirements):
+            return None
+        price = price_of(requirements.amount)
+        domain = _domain(requirements)
+        try:
+            voucher = VoucherPayload.parse(payload.payload)
+        except PayloadError:
+            return None
+        known = self._known.get(voucher.channel_id)
+        if price is None or domain is None or known is None or known.expires < time.monotonic():
+            return None
+        if not (same_address(known.pay_to, requirements.pay_to) and same_address(known.asset, requirements.asset)):
+            return None
+        if voucher.cumulative != known.cumulative + price or voucher.cumulative > known.deposit:
+            return None
+        signer = self._verifier(domain).recover(bytes.fromhex(voucher.channel_id[2:]), voucher.cumulative,
+                                                voucher.signature)  # fmt: skip
+        return known.payer if signer == known.payer_bytes else None
+
+    def learn(self, payload: PaymentPayload, requirements: PaymentRequirements, settled: SettleResponse) -> None:
+        """Keep the position a successful settle answered; forget the channel after any refusal."""
+        try:
+            voucher = VoucherPayload.parse(payload.payload)
+        except PayloadError:
+            return
+        self._known.pop(voucher.channel_id, None)
+        channel = (settled.extra or {}).get("channel")
+        if not settled.success or not settled.payer or not isinstance(channel, dict):
+            return
+        cumulative, deposit = _int(channel.get("cumulativeAmount")), _int(channel.get("deposit"))
+        if cumulative != voucher.cumulative or deposit is None or not is_address(settled.payer):
+            return
+        self._known[voucher.channel_id] = Position(
+            settled.payer,
+            bytes.fromhex(settled.payer[2:]),
+            requirements.pay_to,
+            requirements.asset,
+            cumulative,
+            deposit,
+            time.monotonic() + self.ttl,
+        )
+        while len(self._known) > self.max_channels:
+            self._known.popitem(last=False)
+
+    def forget(self, payload: PaymentPayload) -> None:
+        """Drop what is known of the payment's channel (the facilitator could not answer)."""
+        try:
+            self._known.pop(VoucherPayload.parse(payload.payload).channel_id, None)
+        except PayloadError:
+            return
+
+    def _verifier(self, domain: Domain) -> VoucherVerifier:
+        found = self._verifiers.get(domain)
+        if found is None:
+            found = self._verifiers[domain] = VoucherVerifier(domain)
+        return found
+
+
+def _answers(payload: PaymentPayload, requirements: PaymentRequirements) -> bool:
+    """The payment answers exactly these requirements of this scheme."""
+    accepted = payload.accepted
+    return (
+        requirements.scheme == SCHEME
+        and (accepted.scheme, accepted.network, accepted.amount) == (SCHEME, requirements.network, requirements.amount)
+        and same_address(accepted.asset, requirements.asset)
+        and same_address(accepted.pay_to, requirements.pay_to)
+    )
+
+
+def _domain(requirements: PaymentRequirements) -> Domain | None:
+    """The hub's EIP-712 domain, as the payee's own requirements name it (from its facilitator's /supported)."""
+    extra = requirements.extra or {}
+    hub, name, version = extra.get("hub"), extra.get("name"), extra.get("version")
+    chain_id = chain_id_of(requirements.network)
+    if chain_id is None or not isinstance(hub, str) or not is_address(hub):
+        return None
+    if not isinstance(name, str) or not isinstance(version, str):
+        return None
+    return Domain(chain_id, hub, name, version)
+
+
+def _int(value: object) -> int | None:
+    return int(value) if isinstance(value, str) and value.isdigit() else None

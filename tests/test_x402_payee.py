@@ -1,0 +1,176 @@
+"""The payee's local verify (`settlement.x402.positions`): after a settle answered a channel's position, the next
+payment on that channel is verified in the payee's process, and only when it is exactly what the facilitator would
+accept as far as that answer shows; every other payment (one wrong field at a time below) goes to the facilitator."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import pytest
+from eth_account.signers.local import LocalAccount
+from fastapi.testclient import TestClient
+from web3.contract import Contract
+from x402.schemas import PaymentPayload, PaymentRequirements, SettleResponse
+
+from settlement.devtools.devnet import Devnet
+from settlement.eip712.vouchers import Domain
+from settlement.x402.positions import Positions
+from tests.hub_helpers import ETH, Channel
+
+Sign = Callable[..., bytes]
+PRICE = 10
+DEPOSIT = 25  # room for two payments, not three
+
+
+def requirements(devnet: Devnet, hub: Contract, payee: str, **changes: Any) -> PaymentRequirements:
+    fields: dict[str, Any] = {
+        "scheme": "channelhub",
+        "network": f"eip155:{devnet.chain_id}",
+        "asset": ETH,
+        "amount": str(PRICE),
+        "pay_to": payee,
+        "max_timeout_seconds": 60,
+        "extra": {"hub": hub.address, "name": "ChannelHub", "version": "1"},
+    }
+    return PaymentRequirements(**(fields | changes))
+
+
+def payment(
+    required: PaymentRequirements,
+    channel: Channel,
+    cumulative: int,
+    sign: Sign,
+    signer: LocalAccount | None = None,
+    domain: Domain | None = None,
+) -> PaymentPayload:
+    signature = sign(signer or channel.payer, channel.id, cumulative, domain)
+    voucher = {"channelId": "0x" + channel.id.hex(), "cumulativeAmount": str(cumulative),
+               "signature": "0x" + signature.hex()}  # fmt: skip
+    return PaymentPayload(x402_version=2, payload=voucher, accepted=required)
+
+
+def settle(client: TestClient, paid: PaymentPayload, required: PaymentRequirements) -> SettleResponse:
+    body = {"x402Version": 2, "paymentPayload": paid.model_dump(by_alias=True, exclude_none=True),
+            "paymentRequirements": required.model_dump(by_alias=True, exclude_none=True)}  # fmt: skip
+    return SettleResponse.model_validate(client.post("/x402/settle", json=body).json())
+
+
+def answered(
+    channel: Channel, required: PaymentRequirements, cumulative: int, deposit: int, **changes: Any
+) -> SettleResponse:
+    """A successful settle's answer as the facilitator gives it, with `changes`."""
+    fields: dict[str, Any] = {
+        "success": True,
+        "payer": channel.payer.address,
+        "transaction": "",
+        "network": required.network,
+        "extra": {"channel": {"deposit": str(deposit), "cumulativeAmount": str(cumulative)}},
+    }
+    return SettleResponse(**(fields | changes))
+
+
+@pytest.fixture
+def channel(open_channel: Callable[..., Channel], accounts: list[LocalAccount]) -> Channel:
+    return open_channel(accounts[5], accounts[6].address, amount=DEPOSIT)
+
+
+def test_the_exact_next_voucher_is_vouched_for_locally_after_a_settle(
+    api: Callable[..., TestClient], devnet: Devnet, hub: Contract, channel: Channel, sign: Sign
+) -> None:
+    client, positions = api(), Positions()
+    required = requirements(devnet, hub, channel.payee)
+    first = payment(required, channel, PRICE, sign)
+    assert positions.vouch(first, required) is None  # never answered: only the facilitator can tell
+    positions.learn(first, required, settle(client, first, required))
+    assert len(positions) == 1
+    second = payment(required, channel, 2 * PRICE, sign)
+    assert positions.vouch(second, required) == channel.payer.address
+    positions.learn(second, required, settle(client, second, required))
+    # The third would pass the deposit (30 > 25): the facilitator decides (and refuses it).
+    assert positions.vouch(payment(required, channel, 3 * PRICE, sign), required) is None
+
+
+def test_each_wrong_field_sends_the_payment_to_the_facilitator(
+    api: Callable[..., TestClient],
+    devnet: Devnet,
+    hub: Contract,
+    channel: Channel,
+    sign: Sign,
+    accounts: list[LocalAccount],
+    open_channel: Callable[..., Channel],
+) -> None:
+    client, positions = api(), Positions()
+    required = requirements(devnet, hub, channel.payee)
+    first = payment(required, channel, PRICE, sign)
+    positions.learn(first, required, settle(client, first, required))
+    other_hub = Domain(devnet.chain_id, "0x" + "42" * 20)
+    unknown = open_channel(channel.payer, channel.payee, amount=DEPOSIT)
+    next_ok = payment(required, channel, 2 * PRICE, sign)
+    assert positions.vouch(next_ok, required) == channel.payer.address  # the control: every case below moves one field
+    wrong = {
+        "the settled voucher again (a replay)": payment(required, channel, PRICE, sign),
+        "less than the price over the position": payment(required, channel, 2 * PRICE - 1, sign),
+        "more than the price over the position": payment(required, channel, 2 * PRICE + 1, sign),
+        "signed by someone else": payment(required, channel, 2 * PRICE, sign, signer=accounts[9]),
+        "signed for another hub": payment(required, channel, 2 * PRICE, sign, domain=other_hub),
+        "a channel no settle answered": payment(required, unknown, PRICE, sign),
+        "answering another price": next_ok.model_copy(update={"accepted": required.model_copy(update={"amount": "9"})}),
+        "not the scheme's payload": next_ok.model_copy(update={"payload": {"channelId": "0x00"}}),
+    }
+    assert {name: positions.vouch(paid, required) for name, paid in wrong.items()} == dict.fromkeys(wrong)
+    # The payee's requirements themselves differ from what the position was learnt under.
+    other = {
+        "another payTo": {"pay_to": accounts[7].address},
+        "another asset": {"asset": "0x" + "11" * 20},
+        "another network": {"network": "eip155:1"},
+        "another hub named": {"extra": {"hub": other_hub.verifying_contract, "name": "ChannelHub", "version": "1"}},
+        "no domain named": {"extra": {}},
+    }
+    for name, changes in other.items():
+        moved = requirements(devnet, hub, channel.payee, **changes)
+        assert positions.vouch(next_ok.model_copy(update={"accepted": moved}), moved) is None, name
+
+
+def test_a_refused_or_unanswered_settle_forgets_the_channel_and_positions_expire(
+    api: Callable[..., TestClient], devnet: Devnet, hub: Contract, channel: Channel, sign: Sign
+) -> None:
+    client, positions = api(), Positions()
+    required = requirements(devnet, hub, channel.payee)
+    first = payment(required, channel, PRICE, sign)
+    positions.learn(first, required, settle(client, first, required))
+    replayed = settle(client, first, required)
+    assert (replayed.success, replayed.error_reason) == (False, "voucher_replayed")
+    positions.learn(first, required, replayed)
+    assert positions.vouch(payment(required, channel, 2 * PRICE, sign), required) is None
+    assert len(positions) == 0
+
+    second = payment(required, channel, 2 * PRICE, sign)
+    positions.learn(second, required, settle(client, second, required))
+    assert len(positions) == 1
+    positions.forget(second)  # the facilitator did not answer a settle: what it did is unknown
+    assert len(positions) == 0
+
+    expired = Positions(ttl=0.0)
+    expired.learn(second, required, answered(channel, required, cumulative=2 * PRICE, deposit=1_000))
+    assert len(expired) == 1
+    assert expired.vouch(payment(required, channel, 3 * PRICE, sign), required) is None
+
+
+def test_a_settle_answer_that_does_not_match_its_payment_teaches_nothing(
+    devnet: Devnet, hub: Contract, channel: Channel, sign: Sign
+) -> None:
+    positions = Positions()
+    required = requirements(devnet, hub, channel.payee)
+    paid = payment(required, channel, PRICE, sign)
+    for changes in (
+        {"extra": {"channel": {"deposit": "25", "cumulativeAmount": str(2 * PRICE)}}},  # another position
+        {"extra": {"channel": {"cumulativeAmount": str(PRICE)}}},  # no deposit
+        {"extra": {}},  # no position
+        {"payer": "nobody"},
+        {"success": False},
+    ):
+        positions.learn(paid, required, answered(channel, required, PRICE, DEPOSIT, **changes))
+        assert len(positions) == 0, changes
+    positions.learn(paid, required, answered(channel, required, PRICE, DEPOSIT))
+    assert len(positions) == 1
