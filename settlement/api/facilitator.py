@@ -12,8 +12,9 @@ the route answers 503 and a payee does not mistake it for a refused payment.
 from __future__ import annotations
 
 import hashlib
+import threading
 from collections.abc import Callable
-from dataclasses import replace
+from dataclasses import dataclass, replace
 from typing import Any
 
 from eth_account.signers.local import LocalAccount
@@ -25,7 +26,7 @@ from x402.schemas import PaymentPayload, PaymentRequirements, SettleResponse, Ve
 from settlement.api.schemas import ReceiptOut
 from settlement.chain.node import rpc_errors
 from settlement.domain.ledger import Verdict
-from settlement.domain.model import ETH, Channel, Receipt, Voucher
+from settlement.domain.model import ETH, ChannelId, Receipt, Voucher
 from settlement.eip712.receipts import SignedFields, receipt_domain, sign_receipt
 from settlement.errors import ConfigError, RequestError, SettlementError
 from settlement.server.operator import operator_account
@@ -33,6 +34,16 @@ from settlement.server.service import Service
 from settlement.x402.wire import SCHEME, PayloadError, Reason, VoucherPayload, network_of, price_of, same_address
 
 IDEMPOTENCY_KEY_MAX = 64  # what the store keeps of a payment's key
+PARTIES_KEPT = 100_000  # channels whose parties are held in memory (all forgotten at once beyond)
+
+
+@dataclass(frozen=True)
+class Parties:
+    """A channel's payer, payee and token: they never change (ChannelHub hashes them into the id)."""
+
+    payer: str
+    payee: str
+    token: str
 
 
 class Refused(Exception):
@@ -53,6 +64,8 @@ class ChannelHubFacilitator:
 
     def __init__(self, service: Service) -> None:
         self.service = service
+        self._parties: dict[ChannelId, Parties] = {}
+        self._parties_lock = threading.Lock()
         self.network = network_of(service.deployment.chain_id)
         self.receipts = receipt_domain(service.domain)
         try:  # receipts are signed with the operator's key, when there is one
@@ -108,7 +121,7 @@ class ChannelHubFacilitator:
             transaction="",  # nothing on chain yet: the engine settles the channel's latest voucher in a batch
             network=self.network,
             amount=str(receipt.increment),
-            extra={"receipt": self._signed(receipt), "channel": _position(channel, receipt)},
+            extra={"receipt": self._signed(receipt), "channel": _position(receipt)},
         )
 
     def _count(self, call: str, answer: str) -> None:
@@ -137,7 +150,7 @@ class ChannelHubFacilitator:
             raise outcome
         return outcome
 
-    def _judged(self, judge: Callable[[], Verdict], channel: Channel) -> Verdict:
+    def _judged(self, judge: Callable[[], Verdict], channel: Parties) -> Verdict:
         """Run the ledger; refusals become reasons, a replay too. Store and chain failures propagate (503)."""
         try:
             verdict = judge()
@@ -152,7 +165,22 @@ class ChannelHubFacilitator:
             )
         return verdict
 
-    def _voucher(self, payload: PaymentPayload, requirements: PaymentRequirements) -> tuple[Voucher, Channel]:
+    def _parties_of(self, channel_id: ChannelId) -> Parties:
+        """Who pays whom in what on this channel: facts hashed into its id, so kept once read (no store read per
+        payment on a channel this process has seen)."""
+        known = self._parties.get(channel_id)
+        if known is not None:
+            return known
+        channel = self.service.ingestor.find_channel(channel_id)
+        if channel is None:
+            raise Refused("channel_not_found", f"channel {channel_id} does not exist on chain")
+        with self._parties_lock:
+            if len(self._parties) >= PARTIES_KEPT:
+                self._parties.clear()
+            known = self._parties[channel_id] = Parties(channel.payer, channel.payee, channel.token)
+        return known
+
+    def _voucher(self, payload: PaymentPayload, requirements: PaymentRequirements) -> tuple[Voucher, Parties]:
         """The payment as a priced voucher, after every check that needs no ledger: the scheme, the network, the
         requirements the payment answers, the payload's form, the channel's payee and asset."""
         accepted = payload.accepted
@@ -174,9 +202,7 @@ class ChannelHubFacilitator:
             voucher = VoucherPayload.parse(payload.payload)
         except PayloadError as ex:
             raise Refused(ex.reason, str(ex)) from ex
-        channel = self.service.ingestor.find_channel(voucher.channel_id)
-        if channel is None:
-            raise Refused("channel_not_found", f"channel {voucher.channel_id} does not exist on chain")
+        channel = self._parties_of(voucher.channel_id)
         if not same_address(channel.payee, requirements.pay_to):
             raise Refused(Reason.WRONG_PAY_TO, f"channel {voucher.channel_id} pays {channel.payee}", channel.payer)
         if not same_address(channel.token, requirements.asset):
@@ -197,10 +223,11 @@ def _payment_id(payload: PaymentPayload) -> str | None:
     return found if len(found) <= IDEMPOTENCY_KEY_MAX else hashlib.sha256(found.encode()).hexdigest()
 
 
-def _position(channel: Channel, receipt: Receipt) -> dict[str, str]:
-    """Where the channel stands after this payment: what the payer's next voucher builds on."""
+def _position(receipt: Receipt) -> dict[str, str]:
+    """Where the channel stands after this payment: what the payer's next voucher builds on (the deposit it was
+    judged against is what remains over the cumulative amount)."""
     return {
-        "deposit": str(channel.deposit),
+        "deposit": str(receipt.cumulative + receipt.remaining),
         "cumulativeAmount": str(receipt.cumulative),
         "remaining": str(receipt.remaining),
     }

@@ -23,9 +23,10 @@ import time
 from collections import OrderedDict
 from collections.abc import Awaitable, Callable
 from contextvars import ContextVar
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
+import httpx
 from fastapi import Request, Response
 from fastapi.responses import JSONResponse
 from starlette.types import ASGIApp
@@ -42,6 +43,7 @@ from settlement.x402.positions import Positions
 from settlement.x402.wire import Reason
 
 RETRY_AFTER_SECONDS = 1
+KEEPALIVE_SECONDS = 2.0  # below the service's keep-alive timeout
 # One holder per request (a dict, so that tasks that copy the context still write into this request's holder).
 _failures: ContextVar[dict[str, str] | None] = ContextVar("channelhub_facilitator_failures", default=None)
 
@@ -51,9 +53,31 @@ class ChannelHubFacilitatorClient(HTTPFacilitatorClient):
     in this process a payment on a channel whose position the facilitator's last settle answered (`Positions`:
     one facilitator call per paid request instead of two). `local_verify=False` asks the facilitator every time."""
 
-    def __init__(self, config: FacilitatorConfig | dict[str, Any] | None = None, *, local_verify: bool = True) -> None:
+    def __init__(
+        self,
+        config: FacilitatorConfig | None = None,
+        *,
+        local_verify: bool = True,
+        keepalive_seconds: float = KEEPALIVE_SECONDS,
+    ) -> None:
+        config = config or FacilitatorConfig()
+        if config.http_client is None:
+            # An idle connection is dropped here before the service closes it (SETTLEMENT_KEEP_ALIVE_SECONDS, 5 s):
+            # with both at 5 s, a burst after a lull could send on a connection the service was closing (a
+            # ReadError, answered 503 to a payer who did nothing wrong; seen under `make bench-x402`).
+            limits = httpx.Limits(keepalive_expiry=keepalive_seconds)
+            client = httpx.AsyncClient(timeout=config.timeout, follow_redirects=True, limits=limits)
+            config = replace(config, http_client=client)
+            self.own_client: httpx.AsyncClient | None = client
+        else:
+            self.own_client = None
         super().__init__(config)
         self.positions = Positions(ttl=60.0 if local_verify else 0.0)
+
+    async def aclose(self) -> None:
+        if self.own_client is not None:
+            await self.own_client.aclose()
+        await super().aclose()
 
     async def verify(self, payload: Any, requirements: Any) -> VerifyResponse:
         if isinstance(payload, PaymentPayload) and isinstance(requirements, PaymentRequirements):

@@ -11,6 +11,7 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass
 from enum import StrEnum
+from functools import lru_cache
 from typing import Any
 
 from eth_utils.address import is_address, to_checksum_address
@@ -48,7 +49,15 @@ def chain_id_of(network: str) -> int | None:
 
 
 def same_address(a: str, b: str) -> bool:
-    return is_address(a) and is_address(b) and to_checksum_address(a) == to_checksum_address(b)
+    """Both are valid addresses (a mixed-case one must carry its checksum) and name the same account."""
+    first = _canonical(a)
+    return first is not None and first == _canonical(b)
+
+
+@lru_cache(maxsize=4096)
+def _canonical(address: str) -> str | None:
+    """Checksumming costs a keccak (~20 µs); a facilitator compares the same few addresses on every payment."""
+    return to_checksum_address(address) if is_address(address) else None
 
 
 class PayloadError(ValueError):
