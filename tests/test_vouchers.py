@@ -7,6 +7,7 @@ from eth_account import Account
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from settlement.eip712.receipts import ReceiptSigner, SignedFields, receipt_domain, receipt_signer, sign_receipt
 from settlement.eip712.vouchers import (
     MAX_UINT256,
     SECP256K1_N,
@@ -74,3 +75,30 @@ def test_compact_form_round_trip() -> None:
     assert (int.from_bytes(vs, "big") & ((1 << 255) - 1)).to_bytes(32, "big") == signature[32:64]
     with pytest.raises(ValueError, match="65-byte"):
         to_compact(signature[:64] + b"\x01")
+
+
+@settings(max_examples=40, deadline=None)
+@given(
+    key=st.integers(min_value=1, max_value=SECP256K1_N - 1),
+    cid=st.binary(min_size=32, max_size=32),
+    cumulative=st.integers(min_value=0, max_value=MAX_UINT256),
+    increment=st.integers(min_value=0, max_value=MAX_UINT256),
+    accepted_at=st.integers(min_value=0, max_value=2**64 - 1),
+    payment_id=st.text(max_size=80),
+)
+def test_the_facilitators_receipt_signer_signs_what_eth_account_signs(
+    key: int, cid: bytes, cumulative: int, increment: int, accepted_at: int, payment_id: str
+) -> None:
+    account = Account.from_key(key.to_bytes(32, "big"))
+    domain = receipt_domain(DOMAIN)
+    fields = SignedFields(cid, cumulative, increment, accepted_at, payment_id)
+    signature = ReceiptSigner(account, domain).sign(fields)
+    assert signature == sign_receipt(account, domain, fields)
+    assert receipt_signer(domain, fields, signature) == account.address
+
+
+def test_the_receipt_signer_refuses_fields_a_receipt_cannot_carry() -> None:
+    signer = ReceiptSigner(KEY, receipt_domain(DOMAIN))
+    for fields in (SignedFields(b"\x07" * 31, 1, 1, 0), SignedFields(CID, 1, 1, 2**64), SignedFields(CID, 1, 1, -1)):
+        with pytest.raises(ValueError):
+            signer.sign(fields)

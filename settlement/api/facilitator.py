@@ -27,7 +27,7 @@ from settlement.api.schemas import ReceiptOut
 from settlement.chain.node import rpc_errors
 from settlement.domain.ledger import Verdict
 from settlement.domain.model import ETH, ChannelId, Receipt, Voucher
-from settlement.eip712.receipts import SignedFields, receipt_domain, sign_receipt
+from settlement.eip712.receipts import ReceiptSigner, SignedFields, receipt_domain
 from settlement.errors import ConfigError, RequestError, SettlementError
 from settlement.server.operator import operator_account
 from settlement.server.service import Service
@@ -70,9 +70,10 @@ class ChannelHubFacilitator:
         self.receipts = receipt_domain(service.domain)
         try:  # receipts are signed with the operator's key, when there is one
             with rpc_errors("finding the operator's account"):
-                self.signer: LocalAccount | None = operator_account(service.settings, service.w3)
+                account: LocalAccount | None = operator_account(service.settings, service.w3)
         except ConfigError:
-            self.signer = None
+            account = None
+        self.signer = None if account is None else ReceiptSigner(account, self.receipts)
 
     def get_extra(self, network: str) -> dict[str, Any] | None:
         """What a payee's requirements must carry so a payer can sign: the hub and its EIP-712 domain."""
@@ -81,7 +82,7 @@ class ChannelHubFacilitator:
 
     def get_signers(self, network: str) -> list[str]:
         """Who signs this facilitator's receipts (a payment itself moves nothing on chain)."""
-        return [] if self.signer is None else [str(self.signer.address)]
+        return [] if self.signer is None else [self.signer.address]
 
     def verify(
         self, payload: PaymentPayload, requirements: PaymentRequirements, context: FacilitatorContext | None = None
@@ -140,8 +141,8 @@ class ChannelHubFacilitator:
                 seconds,
                 receipt.idempotency_key or "",
             )
-            body["signature"] = "0x" + sign_receipt(self.signer, self.receipts, fields).hex()
-            body["signer"] = str(self.signer.address)
+            body["signature"] = "0x" + self.signer.sign(fields).hex()
+            body["signer"] = self.signer.address
         return body
 
     def _ingest(self, voucher: Voucher) -> Verdict:

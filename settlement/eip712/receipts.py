@@ -14,13 +14,18 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
+from coincurve import PrivateKey
 from eth_account import Account
 from eth_account.messages import encode_typed_data
 from eth_account.signers.local import LocalAccount
+from eth_utils.crypto import keccak
 
 from settlement.eip712.vouchers import EIP712_DOMAIN_TYPE, Domain
 
 RECEIPT_DOMAIN_NAME = "ChannelHub Receipts"
+_RECEIPT_TYPEHASH = keccak(
+    b"Receipt(bytes32 channelId,uint256 cumulativeAmount,uint256 increment,uint64 acceptedAt,string paymentId)"
+)
 RECEIPT_TYPE = [
     {"name": "channelId", "type": "bytes32"},
     {"name": "cumulativeAmount", "type": "uint256"},
@@ -63,6 +68,35 @@ def receipt_typed_data(domain: Domain, fields: SignedFields) -> dict[str, Any]:
 
 def sign_receipt(account: LocalAccount, domain: Domain, fields: SignedFields) -> bytes:
     return bytes(account.sign_message(encode_typed_data(full_message=receipt_typed_data(domain, fields))).signature)
+
+
+class ReceiptSigner:
+    """Signs receipts of one domain with one key, as the facilitator does on every payment: the domain separator
+    hashed once and the digest signed by libsecp256k1 through coincurve (~0.1 ms, against ~0.55 ms through
+    eth-account's typed-data encoder). RFC 6979 makes the signature the one `sign_receipt` gives, byte for byte."""
+
+    def __init__(self, account: LocalAccount, domain: Domain) -> None:
+        self.address = str(account.address)
+        self._key = PrivateKey(bytes(account.key))
+        self._prefix = b"\x19\x01" + domain.separator()
+
+    def digest(self, fields: SignedFields) -> bytes:
+        if len(fields.channel_id) != 32 or not 0 <= fields.accepted_at < 2**64:
+            raise ValueError("a receipt covers a 32-byte channel id and a uint64 time")
+        struct = keccak(
+            _RECEIPT_TYPEHASH
+            + fields.channel_id
+            + fields.cumulative.to_bytes(32, "big")
+            + fields.increment.to_bytes(32, "big")
+            + fields.accepted_at.to_bytes(32, "big")
+            + keccak(fields.payment_id.encode())
+        )
+        return keccak(self._prefix + struct)
+
+    def sign(self, fields: SignedFields) -> bytes:
+        """r || s || v, v in {27, 28}."""
+        signature = self._key.sign_recoverable(self.digest(fields), hasher=None)
+        return signature[:64] + bytes([signature[64] + 27])
 
 
 def receipt_signer(domain: Domain, fields: SignedFields, signature: bytes) -> str:
