@@ -12,6 +12,7 @@ from settlement.eip712.vouchers import (
     MAX_UINT256,
     SECP256K1_N,
     Domain,
+    VoucherSigner,
     VoucherVerifier,
     recover_reference,
     sign_voucher,
@@ -102,3 +103,23 @@ def test_the_receipt_signer_refuses_fields_a_receipt_cannot_carry() -> None:
     for fields in (SignedFields(b"\x07" * 31, 1, 1, 0), SignedFields(CID, 1, 1, 2**64), SignedFields(CID, 1, 1, -1)):
         with pytest.raises(ValueError):
             signer.sign(fields)
+
+
+@settings(max_examples=60, deadline=None)
+@given(
+    key=st.integers(min_value=1, max_value=SECP256K1_N - 1),
+    cid=st.binary(min_size=32, max_size=32),
+    amount=st.integers(min_value=0, max_value=MAX_UINT256),
+)
+def test_the_payers_voucher_signer_signs_what_eth_account_signs(key: int, cid: bytes, amount: int) -> None:
+    account = Account.from_key(key.to_bytes(32, "big"))
+    signature = VoucherSigner(account, DOMAIN).sign(cid, amount)
+    assert signature == sign_voucher(account, DOMAIN, cid, amount)
+    assert VoucherVerifier(DOMAIN).recover(cid, amount, signature) == bytes.fromhex(account.address[2:])
+
+
+def test_the_voucher_signer_refuses_what_a_voucher_cannot_carry() -> None:
+    signer = VoucherSigner(KEY, DOMAIN)
+    for cid, amount in ((b"\x07" * 31, 1), (CID, -1), (CID, MAX_UINT256 + 1)):
+        with pytest.raises(ValueError):
+            signer.sign(cid, amount)

@@ -20,7 +20,7 @@ from eth_account.messages import encode_typed_data
 from eth_account.signers.local import LocalAccount
 from eth_utils.crypto import keccak
 
-from settlement.eip712.vouchers import EIP712_DOMAIN_TYPE, Domain
+from settlement.eip712.vouchers import EIP712_DOMAIN_TYPE, Domain, sign_digest
 
 RECEIPT_DOMAIN_NAME = "ChannelHub Receipts"
 _RECEIPT_TYPEHASH = keccak(
@@ -94,9 +94,7 @@ class ReceiptSigner:
         return keccak(self._prefix + struct)
 
     def sign(self, fields: SignedFields) -> bytes:
-        """r || s || v, v in {27, 28}."""
-        signature = self._key.sign_recoverable(self.digest(fields), hasher=None)
-        return signature[:64] + bytes([signature[64] + 27])
+        return sign_digest(self._key, self.digest(fields))
 
 
 def receipt_signer(domain: Domain, fields: SignedFields, signature: bytes) -> str:

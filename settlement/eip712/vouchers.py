@@ -9,6 +9,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
+from coincurve import PrivateKey
 from coincurve._libsecp256k1 import ffi, lib
 from coincurve.context import GLOBAL_CONTEXT
 from eth_abi.abi import encode
@@ -88,6 +89,27 @@ def sign_voucher(account: LocalAccount, domain: Domain, channel_id: bytes, cumul
     """The payer's 65-byte signature (r || s || v, v in {27, 28})."""
     signable = encode_typed_data(full_message=typed_data(domain, channel_id, cumulative_amount))
     return bytes(account.sign_message(signable).signature)
+
+
+class VoucherSigner:
+    """Signs vouchers of one domain with one key, as a payer does on every payment: the digest as VoucherVerifier
+    computes it (domain hashed once), signed by libsecp256k1 through coincurve (~0.06 ms, against ~0.54 ms through
+    eth-account's typed-data encoder). RFC 6979 makes the signature `sign_voucher`'s, byte for byte."""
+
+    def __init__(self, account: LocalAccount, domain: Domain) -> None:
+        self._key = PrivateKey(bytes(account.key))
+        self._digest = VoucherVerifier(domain).digest
+
+    def sign(self, channel_id: bytes, cumulative_amount: int) -> bytes:
+        if len(channel_id) != 32 or not 0 <= cumulative_amount <= MAX_UINT256:
+            raise ValueError("a voucher is a 32-byte channel id and an amount in [0, 2^256)")
+        return sign_digest(self._key, self._digest(channel_id, cumulative_amount))
+
+
+def sign_digest(key: PrivateKey, digest: bytes) -> bytes:
+    """r || s || v (v in {27, 28}, s in the lower half: libsecp256k1 normalises it) over a 32-byte digest."""
+    signature = key.sign_recoverable(digest, hasher=None)
+    return signature[:64] + bytes([signature[64] + 27])
 
 
 def recover_reference(domain: Domain, channel_id: bytes, cumulative_amount: int, signature: bytes) -> str:

@@ -43,7 +43,7 @@ from settlement.chain.contracts import HUB, load_artifact
 from settlement.chain.deployment import hub_at
 from settlement.chain.node import Transactor, connect
 from settlement.domain.model import ETH, ChannelViewField, Receipt
-from settlement.eip712.vouchers import Domain, VoucherVerifier, read_domain, sign_voucher
+from settlement.eip712.vouchers import Domain, VoucherSigner, VoucherVerifier, read_domain
 from settlement.eip712.vouchers import channel_id as channel_id_of
 from settlement.errors import (
     PaymentUncertainError,
@@ -156,6 +156,7 @@ class PayerClient:
             raise
         self.transactor = Transactor(self.w3, self.account, abi)
         self._verifier = VoucherVerifier(self.domain)
+        self.signer = VoucherSigner(self.account, self.domain)
         self.journal = PayerJournal(
             state_path
             or DEFAULT_STATE_DIR / f"{self.domain.chain_id}-{self.hub.address}-{self.account.address}.sqlite3"
@@ -389,7 +390,7 @@ class PayerClient:
                 idempotency_key, channel.hex_id, amount, start + amount, None, PaymentStatus.PENDING, None
             )
             self.journal.begin(payment, spend=(channel.payee, channel.token, time.time()), budgets=budgets)
-            return payment.cumulative, sign_voucher(self.account, self.domain, channel.channel_id, payment.cumulative)
+            return payment.cumulative, self.signer.sign(channel.channel_id, payment.cumulative)
 
     def concluded(self, channel: ChannelRef, idempotency_key: str, receipt: dict[str, Any] | None) -> None:
         """An authorized voucher was accepted (with the facilitator's receipt) or refused (None): refused, the
@@ -463,7 +464,7 @@ class PayerClient:
         )
 
     def _send(self, channel: ChannelRef, payment: JournalPayment) -> tuple[Receipt, dict[str, Any]]:
-        signature = sign_voucher(self.account, self.domain, channel.channel_id, payment.cumulative)
+        signature = self.signer.sign(channel.channel_id, payment.cumulative)
         body: dict[str, Any] = {
             "channelId": channel.hex_id,
             "cumulativeAmount": str(payment.cumulative),
