@@ -344,17 +344,32 @@ def test_paying_ahead_and_verifying_locally_cost_one_request_and_one_facilitator
     assert accepted_for(service, payee) == 10 * PRICE
     assert x402_calls(service) == {"verify ok": 1.0, "settle ok": 10.0}
 
+    async def concurrently(times: int) -> list[int]:
+        async with httpx.AsyncClient(transport=transport, timeout=60) as http:
+            answers = await asyncio.gather(*(http.get(f"{api}/weather") for _ in range(times)))
+            return [a.status_code for a in answers]
+
+    # Sixteen at once, paid ahead: fifteen on channels opened for them (the payee has not seen those: its
+    # facilitator verifies them), each charged once, no request sent unpaid, no 402.
+    wire.sent.clear()
+    assert asyncio.run(concurrently(16)) == [200] * 16
+    assert wire.sent == ["paid"] * 16
+    assert accepted_for(service, payee) == 26 * PRICE
+    assert x402_calls(service) == {"verify ok": 16.0, "settle ok": 26.0}
+
     other = payer_for(accounts[17], service, "other-device")
-    (channel,) = other.open_channels(payee)
-    other.pay(other.channel(channel["channelId"]), 7)  # paid through the service directly, from another journal
+    channels = other.open_channels(payee)
+    assert sorted(int(c["acceptedCumulativeAmount"]) for c in channels) == [PRICE] * 15 + [11 * PRICE]
+    first = max(channels, key=lambda c: int(c["acceptedCumulativeAmount"]))  # the lane a lone request takes
+    other.pay(other.channel(first["channelId"]), 7)  # paid through the service directly, from another journal
     wire.sent.clear()
     assert asyncio.run(get(2)) == [200, 200]
     # The stale early payment, x402's flow, then paid ahead again. The payee's local verify passed the stale
     # voucher too (its position predates the other device's payment): the facilitator refused it at settle, after
     # the handler, so its answer was withheld and the channel forgotten; the next verify asked the facilitator.
     assert wire.sent == ["paid", "unpaid", "paid", "paid"]
-    assert accepted_for(service, payee) == 12 * PRICE + 7
-    assert x402_calls(service) == {"verify ok": 2.0, "settle underpayment": 1.0, "settle ok": 12.0}
+    assert accepted_for(service, payee) == 28 * PRICE + 7
+    assert x402_calls(service) == {"verify ok": 17.0, "settle underpayment": 1.0, "settle ok": 28.0}
 
 
 def test_the_facilitator_down_is_a_503_and_charges_nothing(
