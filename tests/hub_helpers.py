@@ -231,3 +231,41 @@ def signed_in(client: TestClient, account: LocalAccount) -> dict[str, str]:
     answer = client.post("/v1/auth/token", json={"message": challenge["message"], "signature": signature})
     assert answer.status_code == 200, answer.text
     return {"Authorization": f"Bearer {answer.json()['token']}"}
+
+
+def x402_requirements(chain_id: int, pay_to: str, price: int, **changes: Any) -> dict[str, Any]:
+    """A payee's `channelhub` requirements in ETH, as x402 sends them (camelCase), with `changes`."""
+    return {
+        "scheme": "channelhub",
+        "network": f"eip155:{chain_id}",
+        "asset": ETH,
+        "amount": str(price),
+        "payTo": pay_to,
+        "maxTimeoutSeconds": 60,
+        "extra": {},
+        **changes,
+    }
+
+
+def x402_request(
+    required: dict[str, Any],
+    payload: dict[str, Any],
+    *,
+    accepted: dict[str, Any] | None = None,
+    payment_id: str | None = None,
+) -> dict[str, Any]:
+    """The body of a facilitator's /verify or /settle for one payment."""
+    paid: dict[str, Any] = {"x402Version": 2, "payload": payload, "accepted": accepted or required}
+    if payment_id is not None:
+        paid["extensions"] = {"payment-identifier": {"info": {"required": False, "id": payment_id}, "schema": {}}}
+    return {"x402Version": 2, "paymentPayload": paid, "paymentRequirements": required}
+
+
+def x402_voucher(channel: Channel, cumulative: int, sign: Sign, signer: LocalAccount | None = None) -> dict[str, str]:
+    """A `channelhub` payload: the channel's voucher for `cumulative`, signed by its payer (or `signer`)."""
+    signature = sign(signer or channel.payer, channel.id, cumulative)
+    return {
+        "channelId": "0x" + channel.id.hex(),
+        "cumulativeAmount": str(cumulative),
+        "signature": "0x" + signature.hex(),
+    }

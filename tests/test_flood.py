@@ -15,7 +15,16 @@ from settlement.domain.model import Voucher
 from settlement.eip712.vouchers import channel_id
 from settlement.errors import UnknownChannelsBusyError
 from settlement.server.service import Service
-from tests.hub_helpers import ETH, Channel, body, in_one_block, wait_until
+from tests.hub_helpers import (
+    ETH,
+    Channel,
+    body,
+    in_one_block,
+    wait_until,
+    x402_request,
+    x402_requirements,
+    x402_voucher,
+)
 
 Sign = Callable[..., bytes]
 
@@ -156,3 +165,32 @@ def test_channels_opened_in_one_block_are_held_from_the_indexer_without_a_read(
             lambda c=channel: client.post("/v1/vouchers", json=body(c, 1, sign(c.payer, c.id, 1))).status_code == 201,
             timeout=10,
         )
+
+
+def test_the_x402_facilitator_admits_made_up_ids_as_ingest_does_and_known_payments_go_on(
+    api: Callable[..., TestClient], open_channel: Callable[..., Channel], accounts: list[LocalAccount], sign: Sign
+) -> None:
+    """`/x402/verify` and `/x402/settle` with made-up channel ids: beyond the read budget 503 (no store read, no
+    chain call: a payee's middleware answers its payer 503, never a 402), an id found absent moments ago is refused
+    at once for free, and a payment on a channel this process holds settles at once."""
+    channel = open_channel(accounts[5], accounts[6].address, amount=100)
+    client = api(indexer_interval=60, unknown_channel_reads_per_second=2)  # burst 4
+    service = client.app.state.service  # type: ignore[attr-defined]
+    head = service.w3.eth.block_number
+    wait_until(lambda: service.indexer.progress is not None and service.indexer.progress.cursor >= head)
+    required = x402_requirements(service.deployment.chain_id, channel.payee, 5)
+    before = rpc_calls(client)
+    answers = []
+    for n in range(4000, 4040):
+        made_up = ghost(channel, n)
+        route = "/x402/verify" if n % 2 else "/x402/settle"
+        answers.append(client.post(route, json=x402_request(required, x402_voucher(made_up, 5, sign, channel.payer))))
+    reasons = [a.json().get("invalidReason") or a.json().get("errorReason") or a.json()["code"] for a in answers]
+    assert reasons == ["channel_not_found"] * 4 + ["unknown_channels_busy"] * 36
+    assert [a.status_code for a in answers] == [200] * 4 + [503] * 36
+    assert rpc_calls(client) - before == 4  # the four admitted: one existence probe each
+    again = client.post("/x402/settle", json=x402_request(required, x402_voucher(ghost(channel, 4000), 5, sign)))
+    assert (again.status_code, again.json()["errorReason"]) == (200, "channel_not_found")  # remembered: no budget
+    honest = client.post("/x402/settle", json=x402_request(required, x402_voucher(channel, 5, sign))).json()
+    assert (honest["success"], honest["amount"]) == (True, "5")
+    assert rpc_calls(client) - before == 4

@@ -18,7 +18,8 @@ from web3.contract import Contract
 from settlement.devtools.devnet import Devnet
 from settlement.eip712.receipts import SignedFields, receipt_domain, receipt_signer
 from settlement.eip712.vouchers import read_domain
-from tests.hub_helpers import ETH, Channel, send, wait_until
+from tests.hub_helpers import ETH, Channel, send, wait_until, x402_request, x402_requirements
+from tests.hub_helpers import x402_voucher as voucher
 from tests.proxy import TcpProxy
 
 Sign = Callable[..., bytes]
@@ -26,38 +27,7 @@ PRICE = 10
 
 
 def requirements(devnet: Devnet, pay_to: str, **changes: Any) -> dict[str, Any]:
-    return {
-        "scheme": "channelhub",
-        "network": f"eip155:{devnet.chain_id}",
-        "asset": ETH,
-        "amount": str(PRICE),
-        "payTo": pay_to,
-        "maxTimeoutSeconds": 60,
-        "extra": {},
-        **changes,
-    }
-
-
-def x402_request(
-    required: dict[str, Any],
-    payload: dict[str, Any],
-    *,
-    accepted: dict[str, Any] | None = None,
-    payment_id: str | None = None,
-) -> dict[str, Any]:
-    paid: dict[str, Any] = {"x402Version": 2, "payload": payload, "accepted": accepted or required}
-    if payment_id is not None:
-        paid["extensions"] = {"payment-identifier": {"info": {"required": False, "id": payment_id}, "schema": {}}}
-    return {"x402Version": 2, "paymentPayload": paid, "paymentRequirements": required}
-
-
-def voucher(channel: Channel, cumulative: int, sign: Sign, signer: LocalAccount | None = None) -> dict[str, str]:
-    signature = sign(signer or channel.payer, channel.id, cumulative)
-    return {
-        "channelId": "0x" + channel.id.hex(),
-        "cumulativeAmount": str(cumulative),
-        "signature": "0x" + signature.hex(),
-    }
+    return x402_requirements(devnet.chain_id, pay_to, PRICE, **changes)
 
 
 @pytest.fixture

@@ -28,7 +28,7 @@ from settlement.chain.node import rpc_errors
 from settlement.domain.ledger import Verdict
 from settlement.domain.model import ETH, ChannelId, Receipt, Voucher
 from settlement.eip712.receipts import ReceiptSigner, SignedFields, receipt_domain
-from settlement.errors import ConfigError, RequestError, SettlementError
+from settlement.errors import ChannelNotFoundError, ConfigError, RequestError, SettlementError
 from settlement.server.operator import operator_account
 from settlement.server.service import Service
 from settlement.x402.wire import SCHEME, PayloadError, Reason, VoucherPayload, network_of, price_of, same_address
@@ -172,9 +172,15 @@ class ChannelHubFacilitator:
         known = self._parties.get(channel_id)
         if known is not None:
             return known
-        channel = self.service.ingestor.find_channel(channel_id)
+        ingestor = self.service.ingestor
+        try:  # as ingest admits an id it does not hold: found absent moments ago, or beyond the read budget (503)
+            ingestor.admit_unknown(channel_id)
+        except ChannelNotFoundError as ex:
+            raise Refused("channel_not_found", ex.message) from ex
+        channel = ingestor.find_channel(channel_id)
         if channel is None:
             raise Refused("channel_not_found", f"channel {channel_id} does not exist on chain")
+        ingestor.remember(channel)
         with self._parties_lock:
             if len(self._parties) >= PARTIES_KEPT:
                 self._parties.clear()
