@@ -70,6 +70,16 @@ def answered(
     return SettleResponse(**(fields | changes))
 
 
+def first_settled(
+    client: TestClient, devnet: Devnet, hub: Contract, channel: Channel, sign: Sign
+) -> tuple[TestClient, Positions, PaymentRequirements]:
+    """The channel's first payment settled by the facilitator, and its answer learnt."""
+    positions, required = Positions(), requirements(devnet, hub, channel.payee)
+    first = payment(required, channel, PRICE, sign)
+    positions.learn(first, required, settle(client, first, required))
+    return client, positions, required
+
+
 @pytest.fixture
 def channel(open_channel: Callable[..., Channel], accounts: list[LocalAccount]) -> Channel:
     return open_channel(accounts[5], accounts[6].address, amount=DEPOSIT)
@@ -100,10 +110,7 @@ def test_each_wrong_field_sends_the_payment_to_the_facilitator(
     accounts: list[LocalAccount],
     open_channel: Callable[..., Channel],
 ) -> None:
-    client, positions = api(), Positions()
-    required = requirements(devnet, hub, channel.payee)
-    first = payment(required, channel, PRICE, sign)
-    positions.learn(first, required, settle(client, first, required))
+    _client, positions, required = first_settled(api(), devnet, hub, channel, sign)
     other_hub = Domain(devnet.chain_id, "0x" + "42" * 20)
     unknown = open_channel(channel.payer, channel.payee, amount=DEPOSIT)
     next_ok = payment(required, channel, 2 * PRICE, sign)
@@ -135,10 +142,8 @@ def test_each_wrong_field_sends_the_payment_to_the_facilitator(
 def test_a_refused_or_unanswered_settle_forgets_the_channel_and_positions_expire(
     api: Callable[..., TestClient], devnet: Devnet, hub: Contract, channel: Channel, sign: Sign
 ) -> None:
-    client, positions = api(), Positions()
-    required = requirements(devnet, hub, channel.payee)
+    client, positions, required = first_settled(api(), devnet, hub, channel, sign)
     first = payment(required, channel, PRICE, sign)
-    positions.learn(first, required, settle(client, first, required))
     replayed = settle(client, first, required)
     assert (replayed.success, replayed.error_reason) == (False, "voucher_replayed")
     positions.learn(first, required, replayed)
