@@ -11,9 +11,11 @@ import os
 import re
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import Any, TypeVar
 
 import httpx
 import pytest
@@ -21,9 +23,9 @@ from eth_account.signers.local import LocalAccount
 from hexbytes import HexBytes
 from web3 import Web3
 from web3.contract import Contract
-from x402 import x402Client
+from x402 import x402Client, x402ClientSync
 from x402.http import x402HTTPClient
-from x402.http.clients import x402HttpxClient
+from x402.http.clients import x402_requests, x402HttpxClient
 from x402.http.clients.httpx import PaymentError
 from x402.http.utils import decode_payment_signature_header, encode_payment_signature_header
 
@@ -38,6 +40,7 @@ from tests.servers import ServiceProcess
 
 ROOT = Path(__file__).resolve().parents[1]
 PRICE = 1_000_000_000
+C = TypeVar("C", x402Client, x402ClientSync)
 
 pytestmark = pytest.mark.slow
 
@@ -99,10 +102,11 @@ def payer_for(devnet: Devnet, tmp_path: Path) -> Iterator[Callable[..., PayerCli
         client.shutdown()
 
 
-def paying_client(devnet: Devnet, scheme: ChannelHubClientScheme, asset: str = ETH) -> x402Client:
-    """x402's client with our scheme, and its spend controls allowing the asset on this chain up to 10x the price."""
+def paying_client(devnet: Devnet, scheme: ChannelHubClientScheme, asset: str = ETH, kind: type[C] = x402Client) -> C:
+    """x402's client (async, or `kind=x402ClientSync`) with our scheme, and its spend controls allowing the asset on
+    this chain up to 10x the price."""
     network = f"eip155:{devnet.chain_id}"
-    x402 = x402Client()
+    x402 = kind()
     x402.register(network, scheme)
     x402.set_spend_controls(
         {"allowed_assets": [{"network": network, "asset": asset, "max_amount_per_payment": str(10 * PRICE)}]}
@@ -309,6 +313,19 @@ class CountingWire(httpx.AsyncBaseTransport):
         await self.inner.aclose()
 
 
+def where_payments_are_made(payer: PayerClient, monkeypatch: pytest.MonkeyPatch) -> list[bool]:
+    """For each voucher the payer signs from now on: was it signed on the main thread (the event loop's here)?"""
+    on_main: list[bool] = []
+    authorize = payer.authorize
+
+    def recorded(*args: Any, **kwargs: Any) -> tuple[int, bytes]:
+        on_main.append(threading.current_thread() is threading.main_thread())
+        return authorize(*args, **kwargs)
+
+    monkeypatch.setattr(payer, "authorize", recorded)
+    return on_main
+
+
 def x402_calls(service: ServiceProcess) -> dict[str, float]:
     """The facilitator's calls so far, by "call answer" (its `settlement_x402_requests` metric)."""
     found = re.findall(r'settlement_x402_requests_total\{answer="(\w+)",call="(\w+)"\} (\S+)',
@@ -323,6 +340,7 @@ def test_paying_ahead_and_verifying_locally_cost_one_request_and_one_facilitator
     accounts: list[LocalAccount],
     tmp_path: Path,
     payer_for: Callable[..., PayerClient],
+    monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     """After the first payment to a URL, the payer pays on the first request (no unpaid request, no 402) and the
     payee verifies in its own process (settle is the only facilitator call). When the payer's position is stale (its
@@ -332,6 +350,7 @@ def test_paying_ahead_and_verifying_locally_cost_one_request_and_one_facilitator
     payee = accounts[16].address
     api = paid_api(f"{service.url}/x402", payee)
     payer = payer_for(accounts[17], service)
+    made_on_the_loop = where_payments_are_made(payer, monkeypatch)  # async client: off the loop (opens too)
     wire = CountingWire()
     transport = PayAheadTransport(paying_client(devnet, ChannelHubClientScheme(payer)), wire)
 
@@ -349,19 +368,20 @@ def test_paying_ahead_and_verifying_locally_cost_one_request_and_one_facilitator
             answers = await asyncio.gather(*(http.get(f"{api}/weather") for _ in range(times)))
             return [a.status_code for a in answers]
 
-    # Sixteen at once, paid ahead: fifteen on channels opened for them (the payee has not seen those: its
-    # facilitator verifies them), each charged once, no request sent unpaid, no 402.
+    # Sixteen at once, paid ahead, none sent unpaid, each charged once. Payments are made in worker threads, so
+    # the first channel is paid again as soon as it is free while others open: every payment on a channel the payee
+    # has seen settled is verified by the payee itself, and only each new channel's first asks the facilitator.
+    (first,) = payer.open_channels(payee)
     wire.sent.clear()
     assert asyncio.run(concurrently(16)) == [200] * 16
     assert wire.sent == ["paid"] * 16
     assert accepted_for(service, payee) == 26 * PRICE
-    assert x402_calls(service) == {"verify ok": 16.0, "settle ok": 26.0}
+    channels = payer.open_channels(payee)
+    assert sum(int(c["acceptedCumulativeAmount"]) for c in channels) == 26 * PRICE
+    assert x402_calls(service) == {"verify ok": float(len(channels)), "settle ok": 26.0}
 
     other = payer_for(accounts[17], service, "other-device")
-    channels = other.open_channels(payee)
-    assert sorted(int(c["acceptedCumulativeAmount"]) for c in channels) == [PRICE] * 15 + [11 * PRICE]
-    first = max(channels, key=lambda c: int(c["acceptedCumulativeAmount"]))  # the lane a lone request takes
-    other.pay(other.channel(first["channelId"]), 7)  # paid through the service directly, from another journal
+    other.pay(other.channel(first["channelId"]), 7)  # the lane a lone request takes; paid from another journal
     wire.sent.clear()
     assert asyncio.run(get(2)) == [200, 200]
     # The stale early payment, x402's flow, then paid ahead again. The payee's local verify passed the stale
@@ -369,7 +389,17 @@ def test_paying_ahead_and_verifying_locally_cost_one_request_and_one_facilitator
     # the handler, so its answer was withheld and the channel forgotten; the next verify asked the facilitator.
     assert wire.sent == ["paid", "unpaid", "paid", "paid"]
     assert accepted_for(service, payee) == 28 * PRICE + 7
-    assert x402_calls(service) == {"verify ok": 17.0, "settle underpayment": 1.0, "settle ok": 28.0}
+    assert x402_calls(service) == {"verify ok": len(channels) + 1.0, "settle underpayment": 1.0, "settle ok": 28.0}
+    assert made_on_the_loop == [False] * 29  # 26 + the stale one + 2
+
+    # x402's sync client (requests) has no loop: the payment is made inline, as it always was.
+    sync_payer = payer_for(accounts[15], service, "sync")
+    sync_x402 = paying_client(devnet, ChannelHubClientScheme(sync_payer), kind=x402ClientSync)
+    made_inline = where_payments_are_made(sync_payer, monkeypatch)
+    with x402_requests(sync_x402) as session:
+        assert [session.get(f"{api}/weather", timeout=60).status_code for _ in range(2)] == [200, 200]
+    assert made_inline == [True, True]
+    assert accepted_for(service, payee) == 30 * PRICE + 7
 
 
 def test_the_facilitator_down_is_a_503_and_charges_nothing(

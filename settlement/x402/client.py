@@ -18,9 +18,12 @@ service proves.
 
 from __future__ import annotations
 
+import asyncio
 import threading
 import time
 import uuid
+from collections import OrderedDict
+from collections.abc import Coroutine
 from dataclasses import dataclass, field
 from types import SimpleNamespace
 from typing import Any
@@ -29,6 +32,7 @@ from eth_utils.address import to_checksum_address
 from x402.extensions.payment_identifier import PAYMENT_IDENTIFIER, append_payment_identifier_to_extensions
 from x402.interfaces import PaymentPayloadContext
 from x402.schemas import (
+    PaymentCreationContext,
     PaymentPayload,
     PaymentRequired,
     PaymentRequirements,
@@ -41,6 +45,7 @@ from settlement.sdk.journal import Budget
 from settlement.sdk.payer import ChannelRef, PayerClient
 from settlement.x402.wire import SCHEME, PayloadError, VoucherPayload, network_of, price_of, same_address
 
+PREPARED_KEPT = 1024  # payments made ahead by the hook and not yet handed over (aborted ones fall out oldest first)
 # Refusals after which the payer's position is re-read and the payment tried once more.
 STALE_REASONS = frozenset({"overpayment", "underpayment", "stale_voucher", "voucher_replayed"})
 
@@ -90,7 +95,28 @@ class ChannelHubClientScheme:
         self.network = network_of(self.payer.domain.chain_id)
         self._lanes: dict[tuple[str, str], list[Lane]] = {}
         self._guard = threading.Lock()
-        self.scheme_hooks = SimpleNamespace(on_payment_response=self.on_payment_response)
+        # One deposit at a time (payments are made in worker threads): two opens must not read one hub balance or
+        # one ERC-20 allowance as if each had it alone.
+        self._funding = threading.Lock()
+        self._prepared: OrderedDict[asyncio.Task[Any], tuple[PaymentRequirements, dict[str, Any] | Exception]] = (
+            OrderedDict()
+        )
+        self.scheme_hooks = SimpleNamespace(
+            on_before_payment_creation=self.on_before_payment_creation, on_payment_response=self.on_payment_response
+        )
+
+    def on_before_payment_creation(self, context: PaymentCreationContext) -> Coroutine[Any, Any, None] | None:
+        """x402's hook before it asks this scheme for a payment. Under an event loop (x402Client) the payment is made
+        here, in a worker thread: opening or topping up a channel waits for the chain (seconds) and the journal's
+        commit for the disk, and an async app's other requests must not wait with it; `create_payment_payload` then
+        hands the payment over. Without a loop (x402ClientSync) it is made inline, as before."""
+        requirements = context.selected_requirements
+        if not isinstance(requirements, PaymentRequirements) or requirements.scheme != self.scheme:
+            return None
+        task = _current_task()
+        if task is None:
+            return None
+        return asyncio.to_thread(self._prepare, task, requirements)
 
     def create_payment_payload(
         self,
@@ -98,6 +124,28 @@ class ChannelHubClientScheme:
         extensions: dict[str, Any] | None = None,
         context: PaymentPayloadContext | None = None,
     ) -> dict[str, Any]:
+        task = _current_task()  # the hook and this call run in one task: the payment x402 is making now
+        with self._guard:
+            prepared = None if task is None else self._prepared.pop(task, None)
+        if prepared is not None and prepared[0] is requirements:  # made by the hook for these very requirements
+            if isinstance(prepared[1], Exception):
+                raise prepared[1]
+            return prepared[1]
+        return self._pay(requirements)
+
+    def _prepare(self, task: asyncio.Task[Any], requirements: PaymentRequirements) -> None:
+        """Make `task`'s payment for `requirements` (a worker thread); a refusal is raised where x402 asks for it.
+        Keyed by the task, not the requirements: concurrent payments often share one requirements object."""
+        try:
+            made: dict[str, Any] | Exception = self._pay(requirements)
+        except Exception as ex:
+            made = ex
+        with self._guard:
+            self._prepared[task] = (requirements, made)
+            while len(self._prepared) > PREPARED_KEPT:  # payments another hook aborted: their lanes time out
+                self._prepared.popitem(last=False)
+
+    def _pay(self, requirements: PaymentRequirements) -> dict[str, Any]:
         price = self._check(requirements)
         lane = self._acquire(requirements, price)
         key = uuid.uuid4().hex
@@ -175,17 +223,19 @@ class ChannelHubClientScheme:
         token = None if asset == ETH else asset
         if free is None:
             deposit = self.policy.amount(price, hint)
-            held = self.payer.hub_balance(token) >= deposit  # a refund or earnings in the hub go first
-            channel = self.payer.open_channel(payee, deposit, token=token, from_balance=held)
-            self.payer.wait_until_known(channel, min_deposit=deposit)
+            with self._funding:
+                held = self.payer.hub_balance(token) >= deposit  # a refund or earnings in the hub go first
+                channel = self.payer.open_channel(payee, deposit, token=token, from_balance=held)
+                self.payer.wait_until_known(channel, min_deposit=deposit)
             free = Lane(channel, deposit, busy_since=time.monotonic())
             with self._guard:
                 self._lanes[(payee, asset)].append(free)
         if self.payer.position(free.channel) + price > free.deposit:
             top_up = self.policy.amount(price, hint)
-            self.payer.top_up(free.channel, top_up, from_balance=self.payer.hub_balance(token) >= top_up)
-            free.deposit += top_up
-            self.payer.wait_until_known(free.channel, min_deposit=free.deposit)
+            with self._funding:
+                self.payer.top_up(free.channel, top_up, from_balance=self.payer.hub_balance(token) >= top_up)
+                free.deposit += top_up
+                self.payer.wait_until_known(free.channel, min_deposit=free.deposit)
         return free
 
     def _discover(self, payee: str, asset: str) -> list[Lane]:
@@ -227,6 +277,13 @@ class PaymentIdentifiers:
             return payload
         extensions = dict(payload.extensions or {}) | {PAYMENT_IDENTIFIER: declared}
         return payload.model_copy(update={"extensions": append_payment_identifier_to_extensions(extensions)})
+
+
+def _current_task() -> asyncio.Task[Any] | None:
+    try:
+        return asyncio.current_task()
+    except RuntimeError:  # no event loop in this thread
+        return None
 
 
 def _int(value: object) -> int | None:
