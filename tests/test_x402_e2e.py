@@ -45,31 +45,36 @@ C = TypeVar("C", x402Client, x402ClientSync)
 pytestmark = pytest.mark.slow
 
 
-@pytest.fixture
-def paid_api(devnet: Devnet, tmp_path: Path) -> Iterator[Callable[..., str]]:
-    """Factory: paid_api(facilitator_url, pay_to, asset=ETH) -> base URL of examples/paid_api.py in its own
-    process."""
-    started: list[subprocess.Popen[bytes]] = []
+class PaidApis:
+    """Factory: paid_apis(facilitator_url, pay_to, asset=ETH, price=PRICE, port=None) -> base URL of
+    examples/paid_api.py in its own process; `stop(url)` kills one (its port can serve another price next)."""
 
-    def start(facilitator: str, pay_to: str, asset: str = ETH) -> str:
-        port = free_port("127.0.0.1")
+    def __init__(self, devnet: Devnet, tmp_path: Path) -> None:
+        self.devnet, self.tmp_path = devnet, tmp_path
+        self.started: dict[str, subprocess.Popen[bytes]] = {}
+
+    def __call__(
+        self, facilitator: str, pay_to: str, asset: str = ETH, price: int = PRICE, port: int | None = None
+    ) -> str:
+        port = port or free_port("127.0.0.1")
         env = os.environ | {
             "FACILITATOR_URL": facilitator,
             "PAY_TO": pay_to,
-            "NETWORK": f"eip155:{devnet.chain_id}",
-            "PRICE_WEI": str(PRICE),
+            "NETWORK": f"eip155:{self.devnet.chain_id}",
+            "PRICE_WEI": str(price),
             "ASSET": asset,
             "PORT": str(port),
         }
-        with (tmp_path / f"paid-api-{port}.log").open("wb") as log:
+        log_path = self.tmp_path / f"paid-api-{port}-{price}.log"
+        with log_path.open("wb") as log:
             process = subprocess.Popen(
                 [sys.executable, str(ROOT / "examples" / "paid_api.py")], env=env, stdout=log, stderr=log
             )
-        started.append(process)
         url = f"http://127.0.0.1:{port}"
+        self.started[url] = process
 
         def up() -> bool:
-            assert process.poll() is None, (tmp_path / f"paid-api-{port}.log").read_text()
+            assert process.poll() is None, log_path.read_text()
             try:
                 return httpx.get(f"{url}/health", timeout=1).status_code == 200
             except httpx.TransportError:
@@ -78,10 +83,18 @@ def paid_api(devnet: Devnet, tmp_path: Path) -> Iterator[Callable[..., str]]:
         wait_until(up, timeout=60)
         return url
 
-    yield start
-    for process in started:
+    def stop(self, url: str) -> None:
+        process = self.started.pop(url)
         process.kill()
         process.wait()
+
+
+@pytest.fixture
+def paid_api(devnet: Devnet, tmp_path: Path) -> Iterator[PaidApis]:
+    apis = PaidApis(devnet, tmp_path)
+    yield apis
+    for url in list(apis.started):
+        apis.stop(url)
 
 
 @pytest.fixture
@@ -400,6 +413,36 @@ def test_paying_ahead_and_verifying_locally_cost_one_request_and_one_facilitator
         assert [session.get(f"{api}/weather", timeout=60).status_code for _ in range(2)] == [200, 200]
     assert made_inline == [True, True]
     assert accepted_for(service, payee) == 30 * PRICE + 7
+
+
+def test_a_payment_made_ahead_at_an_old_price_charges_nothing_and_the_new_price_is_paid_once(
+    spawn: Callable[..., ServiceProcess],
+    paid_api: PaidApis,
+    devnet: Devnet,
+    accounts: list[LocalAccount],
+    tmp_path: Path,
+    payer_for: Callable[..., PayerClient],
+) -> None:
+    """The payee doubles its price on the same URL: the payment made ahead at the old price is refused (402, not
+    charged), x402's flow pays the new price, and the next request is paid ahead at the new price."""
+    service = spawn(f"sqlite:///{tmp_path / 'reprice.db'}")
+    payee = accounts[14].address
+    api = paid_api(f"{service.url}/x402", payee)
+    wire = CountingWire()
+    transport = PayAheadTransport(paying_client(devnet, ChannelHubClientScheme(payer_for(accounts[15], service))), wire)
+
+    async def get(times: int) -> list[int]:
+        async with httpx.AsyncClient(transport=transport, timeout=60) as http:
+            return [(await http.get(f"{api}/weather")).status_code for _ in range(times)]
+
+    assert asyncio.run(get(2)) == [200, 200]
+    assert accepted_for(service, payee) == 2 * PRICE
+    paid_api.stop(api)
+    assert paid_api(f"{service.url}/x402", payee, price=2 * PRICE, port=int(api.rsplit(":", 1)[1])) == api
+    wire.sent.clear()
+    assert asyncio.run(get(2)) == [200, 200]
+    assert wire.sent == ["paid", "unpaid", "paid", "paid"]  # the old price refused, x402's flow, then ahead again
+    assert accepted_for(service, payee) == 2 * PRICE + 2 * (2 * PRICE)
 
 
 def test_the_facilitator_down_is_a_503_and_charges_nothing(
