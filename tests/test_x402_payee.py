@@ -4,17 +4,22 @@ accept as far as that answer shows; every other payment (one wrong field at a ti
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import Callable
 from typing import Any
 
+import httpx
 import pytest
 from eth_account.signers.local import LocalAccount
 from fastapi.testclient import TestClient
 from web3.contract import Contract
+from x402.http import FacilitatorConfig
 from x402.schemas import PaymentPayload, PaymentRequirements, SettleResponse
 
 from settlement.devtools.devnet import Devnet
 from settlement.eip712.vouchers import Domain
+from settlement.server.config import Settings
+from settlement.x402.fastapi import KEEPALIVE_SECONDS, ChannelHubFacilitatorClient
 from settlement.x402.positions import Positions
 from tests.hub_helpers import ETH, Channel
 
@@ -179,3 +184,16 @@ def test_a_settle_answer_that_does_not_match_its_payment_teaches_nothing(
         assert len(positions) == 0, changes
     positions.learn(paid, required, answered(channel, required, PRICE, DEPOSIT))
     assert len(positions) == 1
+
+
+def test_the_payees_facilitator_client_takes_both_of_x402s_config_forms() -> None:
+    """x402's dict form stays accepted; the typed form gets a pool that drops idle connections before the service
+    does (KEEPALIVE_SECONDS, below SETTLEMENT_KEEP_ALIVE_SECONDS)."""
+    url = "http://127.0.0.1:8000/x402"
+    as_dict = ChannelHubFacilitatorClient({"url": url})
+    typed = ChannelHubFacilitatorClient(FacilitatorConfig(url=url))
+    assert (as_dict.url, typed.url, as_dict.own_client) == (url, url, None)
+    assert isinstance(typed.own_client, httpx.AsyncClient)
+    assert KEEPALIVE_SECONDS < Settings.model_fields["keep_alive_seconds"].default
+    asyncio.run(typed.aclose())
+    assert typed.own_client.is_closed

@@ -55,22 +55,21 @@ class ChannelHubFacilitatorClient(HTTPFacilitatorClient):
 
     def __init__(
         self,
-        config: FacilitatorConfig | None = None,
+        config: FacilitatorConfig | dict[str, Any] | None = None,
         *,
         local_verify: bool = True,
         keepalive_seconds: float = KEEPALIVE_SECONDS,
     ) -> None:
         config = config or FacilitatorConfig()
-        if config.http_client is None:
+        self.own_client: httpx.AsyncClient | None = None
+        if isinstance(config, FacilitatorConfig) and config.http_client is None:
             # An idle connection is dropped here before the service closes it (SETTLEMENT_KEEP_ALIVE_SECONDS, 5 s):
             # with both at 5 s, a burst after a lull could send on a connection the service was closing (a
             # ReadError, answered 503 to a payer who did nothing wrong; seen under `make bench-x402`).
             limits = httpx.Limits(keepalive_expiry=keepalive_seconds)
             client = httpx.AsyncClient(timeout=config.timeout, follow_redirects=True, limits=limits)
             config = replace(config, http_client=client)
-            self.own_client: httpx.AsyncClient | None = client
-        else:
-            self.own_client = None
+            self.own_client = client
         super().__init__(config)
         self.positions = Positions(ttl=60.0 if local_verify else 0.0)
 
