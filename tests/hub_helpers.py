@@ -22,6 +22,7 @@ from web3.logs import DISCARD
 from web3.types import TxReceipt
 
 from settlement.chain.batch_codec import SettleEntry, decode_settlements, encode_batch
+from settlement.devtools.devnet import port_free
 from settlement.domain.model import Receipt, Voucher
 from settlement.eip712.vouchers import channel_id
 from settlement.errors import PaymentUncertainError
@@ -269,3 +270,26 @@ def x402_voucher(channel: Channel, cumulative: int, sign: Sign, signer: LocalAcc
         "cumulativeAmount": str(cumulative),
         "signature": "0x" + signature.hex(),
     }
+
+
+_EPHEMERAL_FLOOR = 32768  # Linux's ip_local_port_range starts here: kernel-picked and outgoing ports live above it
+_TEST_PORTS_FLOOR = 20000
+_next_port: dict[str, int] = {}
+
+
+def free_test_port() -> int:
+    """A port for a server a test starts, from this xdist worker's own range below the kernel's ephemeral ports:
+    with several workers, a port taken from the kernel (bind to 0, then close) could be handed to another worker's
+    server or used by an outgoing connection before ours binds it, and our health check would then reach someone
+    else's server. Here no other worker draws from the range and the kernel never does."""
+    workers = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
+    worker = int(os.environ.get("PYTEST_XDIST_WORKER", "gw0").removeprefix("gw") or "0")
+    size = (_EPHEMERAL_FLOOR - _TEST_PORTS_FLOOR) // max(1, workers)
+    low = _TEST_PORTS_FLOOR + worker * size
+    key = f"{low}"
+    for _ in range(size):
+        port = _next_port.get(key, low)
+        _next_port[key] = low + (port + 1 - low) % size
+        if port_free("127.0.0.1", port):
+            return port
+    raise RuntimeError(f"no free port in {low}..{low + size}")

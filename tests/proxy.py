@@ -5,7 +5,7 @@ from __future__ import annotations
 import socket
 import threading
 
-from settlement.devtools.devnet import free_port
+from tests.hub_helpers import free_test_port
 
 
 class TcpProxy:
@@ -13,7 +13,7 @@ class TcpProxy:
 
     def __init__(self, target_port: int) -> None:
         self.target_port = target_port
-        self.port = free_port("127.0.0.1")
+        self.port = free_test_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self._listener: socket.socket | None = None
         self._live: set[socket.socket] = set()

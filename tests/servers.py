@@ -11,14 +11,14 @@ from pathlib import Path
 
 import httpx
 
-from settlement.devtools.devnet import free_port
+from tests.hub_helpers import free_test_port
 
 
 class ServiceProcess:
     """`python -m settlement.cli serve` with SETTLEMENT_* settings; its output goes to a log file next to it."""
 
     def __init__(self, settings: dict[str, str], workdir: Path, name: str = "service") -> None:
-        self.port = free_port("127.0.0.1")
+        self.port = free_test_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.env = {
             **os.environ,

@@ -17,7 +17,6 @@ from eth_account.signers.local import LocalAccount
 from fastapi.testclient import TestClient
 from hexbytes import HexBytes
 
-from settlement.devtools.devnet import free_port
 from settlement.errors import ConfigError, InvalidCredentialsError, UntrustedServiceError
 from settlement.sdk.payer import PayerClient
 from settlement.sdk.signin import SignInAuth
@@ -26,7 +25,7 @@ from settlement.server.config import Settings
 from settlement.server.service import check_credentials
 from settlement.store import Database
 from settlement.store.keys import add_key, revoke_key
-from tests.hub_helpers import Channel, body, run_cli, signed_in, wait_until
+from tests.hub_helpers import Channel, body, free_test_port, run_cli, signed_in, wait_until
 from tests.servers import ServiceProcess
 
 PROTECTED = ("channel", "list", "payments", "summary", "metrics")
@@ -273,7 +272,7 @@ def test_keys_from_the_cli_and_a_served_devnet_prints_its_operator_key(
     spawn: Callable[..., ServiceProcess], tmp_path: Path, accounts: list[LocalAccount]
 ) -> None:
     store = f"sqlite:///{tmp_path / 'keys.db'}"
-    scrape = free_port("127.0.0.1")
+    scrape = free_test_port()
     service = spawn(store, access_control="true", metrics_port=str(scrape))
     key_file = tmp_path / "operator-key"  # next to the deployment record the service was given
     operator = key_file.read_text().strip()

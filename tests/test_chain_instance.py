@@ -14,10 +14,11 @@ from fastapi.testclient import TestClient
 from settlement.api.app import create_app
 from settlement.chain.deployment import Deployment, deploy_hub
 from settlement.chain.node import connect
-from settlement.devtools.devnet import Devnet, free_port
+from settlement.devtools.devnet import Devnet
 from settlement.errors import ChainMismatchError
 from settlement.server.service import Service
 from tests.conftest import devnet_settings
+from tests.hub_helpers import free_test_port
 
 CHALLENGE_PERIOD = 3600
 
@@ -34,7 +35,7 @@ def start_chain(port: int, extra_blocks: int) -> tuple[Devnet, Deployment]:
 @pytest.fixture
 def restartable_chain() -> Any:
     """Factory: start(extra_blocks) -> (devnet, deployment) on one fixed port; every devnet is stopped after."""
-    port = free_port("127.0.0.1")
+    port = free_test_port()
     nets: list[Devnet] = []
 
     def start(extra_blocks: int = 0) -> tuple[Devnet, Deployment]:

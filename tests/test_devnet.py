@@ -14,7 +14,7 @@ import httpx
 import pytest
 
 from settlement.chain.node import connect
-from settlement.devtools.devnet import Devnet, free_port
+from settlement.devtools.devnet import Devnet
 from tests.conftest import devnet_settings
 
 
@@ -121,9 +121,9 @@ def test_a_chain_that_mines_only_on_transactions_is_recognised() -> None:
 def test_settlement_devnet_started_with_ampersand_mines_mints_and_stops_on_sigint(tmp_path: Path) -> None:
     """`settlement devnet &` from a script inherits SIGINT as ignored; it used to ignore Ctrl-C and `kill -INT`.
     It also mined only on transactions, so a deposit never reached the service's 2 confirmations."""
-    from tests.hub_helpers import CLI
+    from tests.hub_helpers import CLI, free_test_port
 
-    port = free_port("127.0.0.1")
+    port = free_test_port()
     env = {k: v for k, v in os.environ.items() if not k.startswith("SETTLEMENT_")}
     log = tmp_path / "devnet.log"
     with log.open("w") as out:
@@ -158,9 +158,9 @@ def test_settlement_devnet_started_with_ampersand_mines_mints_and_stops_on_sigin
 
 
 def test_a_devnet_that_mines_per_transaction_warns_about_confirmations(tmp_path: Path) -> None:
-    from tests.hub_helpers import CLI
+    from tests.hub_helpers import CLI, free_test_port
 
-    port = free_port("127.0.0.1")
+    port = free_test_port()
     env = {k: v for k, v in os.environ.items() if not k.startswith("SETTLEMENT_")}
     process = subprocess.Popen(
         [*CLI, "devnet", "--port", str(port), "--block-time", "0", "--no-token"],

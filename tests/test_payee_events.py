@@ -21,11 +21,20 @@ from fastapi.testclient import TestClient
 from web3 import Web3
 from web3.contract import Contract
 
-from settlement.devtools.devnet import free_port
 from settlement.errors import MalformedRequestError
 from settlement.sdk.webhooks import is_authentic
 from settlement.server.webhooks import check_target
-from tests.hub_helpers import ETH, Channel, batch, body, in_one_block, settle_call, signed_in, wait_until
+from tests.hub_helpers import (
+    ETH,
+    Channel,
+    batch,
+    body,
+    free_test_port,
+    in_one_block,
+    settle_call,
+    signed_in,
+    wait_until,
+)
 from tests.hub_helpers import events as events_of
 from tests.servers import ServiceProcess
 
@@ -84,7 +93,7 @@ def receiver() -> Iterator[Callable[..., Receiver]]:
     made: list[Receiver] = []
 
     def make(fail: int = 0, delay: float = 0.0, started: bool = True) -> Receiver:
-        hook = Receiver(free_port("127.0.0.1"), fail=fail, delay=delay)
+        hook = Receiver(free_test_port(), fail=fail, delay=delay)
         made.append(hook.start() if started else hook)
         return hook
 

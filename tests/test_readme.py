@@ -18,8 +18,7 @@ from pathlib import Path
 import httpx
 import pytest
 
-from settlement.devtools.devnet import free_port
-from tests.hub_helpers import CLI, run_cli, wait_until
+from tests.hub_helpers import CLI, free_test_port, run_cli, wait_until
 
 ROOT = Path(__file__).resolve().parents[1]
 README = (ROOT / "README.md").read_text(encoding="utf-8")
@@ -114,7 +113,7 @@ def listening(port: int) -> bool:
 
 @pytest.fixture
 def shell(tmp_path: Path) -> Iterator[Shell]:
-    ports = {"8545": str(free_port("127.0.0.1")), "8000": str(free_port("127.0.0.1"))}
+    ports = {"8545": str(free_test_port()), "8000": str(free_test_port())}
     walker = Shell(tmp_path, ports)
     yield walker
     walker.stop()
@@ -207,7 +206,7 @@ def _cli_env(shell: Shell) -> dict[str, str]:
 def test_make_run_then_a_second_terminal_reads_the_demo(tmp_path: Path) -> None:
     """`make run`'s demo prints the export lines; a second terminal (another directory) pastes them and the
     read-only commands see the demo's channels. Found broken once: `status` said `deployment_missing`."""
-    port = free_port("127.0.0.1")
+    port = free_test_port()
     shell = {k: v for k, v in os.environ.items() if k not in ("MAKEFLAGS", "MAKELEVEL", "MFLAGS")}  # as typed
     dry = subprocess.run(
         ["make", "-n", "run", f"PORT={port}"], cwd=ROOT, env=shell, capture_output=True, text=True, check=True

@@ -29,13 +29,13 @@ from x402.http.clients import x402_requests, x402HttpxClient
 from x402.http.clients.httpx import PaymentError
 from x402.http.utils import decode_payment_signature_header, encode_payment_signature_header
 
-from settlement.devtools.devnet import Devnet, free_port
+from settlement.devtools.devnet import Devnet
 from settlement.sdk.journal import Budget
 from settlement.sdk.payee import PayeeClient
 from settlement.sdk.payer import PayerClient
 from settlement.x402.ahead import PayAheadTransport
 from settlement.x402.client import ChannelHubClientScheme, DepositPolicy, PaymentIdentifiers
-from tests.hub_helpers import ETH, events, send, wait_until
+from tests.hub_helpers import ETH, events, free_test_port, send, wait_until
 from tests.servers import ServiceProcess
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -56,7 +56,7 @@ class PaidApis:
     def __call__(
         self, facilitator: str, pay_to: str, asset: str = ETH, price: int = PRICE, port: int | None = None
     ) -> str:
-        port = port or free_port("127.0.0.1")
+        port = port or free_test_port()
         env = os.environ | {
             "FACILITATOR_URL": facilitator,
             "PAY_TO": pay_to,
