@@ -31,7 +31,16 @@ from settlement.eip712.receipts import ReceiptSigner, SignedFields, receipt_doma
 from settlement.errors import ChannelNotFoundError, ConfigError, RequestError, SettlementError
 from settlement.server.operator import operator_account
 from settlement.server.service import Service
-from settlement.x402.wire import SCHEME, PayloadError, Reason, VoucherPayload, network_of, price_of, same_address
+from settlement.x402.wire import (
+    SCHEME,
+    PayloadError,
+    Reason,
+    VoucherPayload,
+    answers,
+    network_of,
+    price_of,
+    same_address,
+)
 
 IDEMPOTENCY_KEY_MAX = 64  # what the store keeps of a payment's key
 PARTIES_KEPT = 100_000  # channels whose parties are held in memory (all forgotten at once beyond)
@@ -172,15 +181,10 @@ class ChannelHubFacilitator:
         known = self._parties.get(channel_id)
         if known is not None:
             return known
-        ingestor = self.service.ingestor
         try:  # as ingest admits an id it does not hold: found absent moments ago, or beyond the read budget (503)
-            ingestor.admit_unknown(channel_id)
+            channel = self.service.ingestor.admit_channel(channel_id)
         except ChannelNotFoundError as ex:
             raise Refused("channel_not_found", ex.message) from ex
-        channel = ingestor.find_channel(channel_id)
-        if channel is None:
-            raise Refused("channel_not_found", f"channel {channel_id} does not exist on chain")
-        ingestor.remember(channel)
         with self._parties_lock:
             if len(self._parties) >= PARTIES_KEPT:
                 self._parties.clear()
@@ -193,14 +197,7 @@ class ChannelHubFacilitator:
         accepted = payload.accepted
         if requirements.scheme != SCHEME or requirements.network != self.network:
             raise Refused(Reason.UNSUPPORTED, f"this facilitator serves {SCHEME} on {self.network} only")
-        same = (accepted.scheme, accepted.network, accepted.amount) == (
-            requirements.scheme,
-            requirements.network,
-            requirements.amount,
-        )
-        if not (same and same_address(accepted.asset, requirements.asset)) or not same_address(
-            accepted.pay_to, requirements.pay_to
-        ):
+        if not answers(accepted, requirements):
             raise Refused(Reason.REQUIREMENTS_MISMATCH, "the payment answers other requirements than the payee's")
         price = price_of(requirements.amount)
         if price is None:

@@ -152,13 +152,23 @@ class Ingestor:
             self._remember(channel_id, payer)
         return len(rows)
 
+    def admit_channel(self, channel_id: ChannelId) -> Channel:
+        """The channel, admitted as a voucher's channel is (`admit_unknown`), read from the store or the chain, and
+        its payer held (blocking I/O; raises ChannelNotFoundError when there is none)."""
+        self.admit_unknown(channel_id)
+        return self._load(channel_id)
+
     def _resolve(self, channel_id: ChannelId) -> bytes:
         """An admitted channel id's payer, from the store or the chain (blocking I/O)."""
+        self._load(channel_id)
+        return self._payers[channel_id]
+
+    def _load(self, channel_id: ChannelId) -> Channel:
         channel = self.find_channel(channel_id)
         if channel is None:
             raise ChannelNotFoundError(f"channel {channel_id} does not exist on chain")
         self.remember(channel)
-        return self._payers[channel_id]
+        return channel
 
     def find_channel(self, channel_id: ChannelId) -> Channel | None:
         """The channel from the store, else from the chain's confirmed state (then stored)."""

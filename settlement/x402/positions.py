@@ -22,7 +22,7 @@ from x402.schemas import PaymentPayload, PaymentRequirements, SettleResponse
 
 from settlement.domain.model import ChannelId
 from settlement.eip712.vouchers import Domain, VoucherVerifier
-from settlement.x402.wire import SCHEME, PayloadError, VoucherPayload, chain_id_of, price_of, same_address
+from settlement.x402.wire import SCHEME, PayloadError, VoucherPayload, answers, chain_id_of, price_of, same_address
 
 
 @dataclass(frozen=True)
@@ -53,7 +53,7 @@ class Positions:
     def vouch(self, payload: PaymentPayload, requirements: PaymentRequirements) -> str | None:
         """The payer, when this payment is provably what the facilitator would accept now as far as its last answer
         shows; None when only the facilitator can tell."""
-        if not _answers(payload, requirements):
+        if requirements.scheme != SCHEME or not answers(payload.accepted, requirements):
             return None
         price = price_of(requirements.amount)
         domain = _domain(requirements)
@@ -109,17 +109,6 @@ class Positions:
         if found is None:
             found = self._verifiers[domain] = VoucherVerifier(domain)
         return found
-
-
-def _answers(payload: PaymentPayload, requirements: PaymentRequirements) -> bool:
-    """The payment answers exactly these requirements of this scheme."""
-    accepted = payload.accepted
-    return (
-        requirements.scheme == SCHEME
-        and (accepted.scheme, accepted.network, accepted.amount) == (SCHEME, requirements.network, requirements.amount)
-        and same_address(accepted.asset, requirements.asset)
-        and same_address(accepted.pay_to, requirements.pay_to)
-    )
 
 
 def _domain(requirements: PaymentRequirements) -> Domain | None:

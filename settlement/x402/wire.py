@@ -15,6 +15,7 @@ from functools import lru_cache
 from typing import Any
 
 from eth_utils.address import is_address, to_checksum_address
+from x402.schemas import PaymentRequirements
 
 from settlement.domain.model import MAX_UINT256, ChannelId
 
@@ -46,6 +47,17 @@ def network_of(chain_id: int) -> str:
 def chain_id_of(network: str) -> int | None:
     digits = network.removeprefix(NETWORK_PREFIX)
     return int(digits) if network.startswith(NETWORK_PREFIX) and digits.isdigit() and digits[0] != "0" else None
+
+
+def answers(accepted: PaymentRequirements, requirements: PaymentRequirements) -> bool:
+    """A payment made for `accepted` answers exactly these requirements: the same scheme, network, price, asset and
+    payee (the addresses in any valid case)."""
+    return (
+        (accepted.scheme, accepted.network, accepted.amount)
+        == (requirements.scheme, requirements.network, requirements.amount)
+        and same_address(accepted.asset, requirements.asset)
+        and same_address(accepted.pay_to, requirements.pay_to)
+    )
 
 
 def same_address(a: str, b: str) -> bool:
