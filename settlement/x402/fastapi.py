@@ -71,7 +71,7 @@ class ChannelHubFacilitatorClient(HTTPFacilitatorClient):
             config = replace(config, http_client=client)
             self.own_client = client
         super().__init__(config)
-        self.positions = Positions(ttl=60.0 if local_verify else 0.0)
+        self.positions = Positions() if local_verify else None
 
     async def aclose(self) -> None:
         if self.own_client is not None:
@@ -79,7 +79,11 @@ class ChannelHubFacilitatorClient(HTTPFacilitatorClient):
         await super().aclose()
 
     async def verify(self, payload: Any, requirements: Any) -> VerifyResponse:
-        if isinstance(payload, PaymentPayload) and isinstance(requirements, PaymentRequirements):
+        if (
+            self.positions is not None
+            and isinstance(payload, PaymentPayload)
+            and isinstance(requirements, PaymentRequirements)
+        ):
             payer = self.positions.vouch(payload, requirements)
             if payer is not None:
                 return VerifyResponse(is_valid=True, payer=payer)
@@ -92,10 +96,14 @@ class ChannelHubFacilitatorClient(HTTPFacilitatorClient):
         try:
             settled: SettleResponse = await super().settle(payload, requirements)
         except Exception as ex:
-            if isinstance(payload, PaymentPayload):
+            if self.positions is not None and isinstance(payload, PaymentPayload):
                 self.positions.forget(payload)
             raise _unavailable("settle", ex) from ex
-        if isinstance(payload, PaymentPayload) and isinstance(requirements, PaymentRequirements):
+        if (
+            self.positions is not None
+            and isinstance(payload, PaymentPayload)
+            and isinstance(requirements, PaymentRequirements)
+        ):
             self.positions.learn(payload, requirements, settled)
         return settled
 
