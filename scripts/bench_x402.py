@@ -35,14 +35,9 @@ from settlement.devtools.devnet import Devnet, free_port
 from settlement.domain.model import ETH
 from settlement.sdk.payer import PayerClient
 from settlement.server.config import Settings
+from settlement.x402.ahead import PayAheadTransport
 from settlement.x402.client import ChannelHubClientScheme
-
-try:  # the bench also runs on code from before the pay-ahead transport and local verify (A/B in one sitting)
-    from settlement.x402.ahead import PayAheadTransport
-    from settlement.x402.positions import Positions
-except ImportError:
-    PayAheadTransport = None  # type: ignore[assignment,misc]
-    Positions = None  # type: ignore[assignment,misc]
+from settlement.x402.positions import Positions
 
 CONCURRENCY = (1, 16, 64)
 SECONDS = 5.0
@@ -135,15 +130,14 @@ async def _measure(console: Console, payer: PayerClient, api: str, service: str,
     for column in ("client", "concurrent", "paid/s", "paid p50 ms", "paid p99 ms", "free p50 ms", "free p99 ms",
                    "added p50", "added p99"):  # fmt: skip
         table.add_column(column, justify="right")
-    ahead_transport = PayAheadTransport(x402) if PayAheadTransport is not None else None
     async with (
         x402HttpxClient(x402, timeout=60) as paid,
-        httpx.AsyncClient(timeout=60, transport=ahead_transport) as ahead,
+        httpx.AsyncClient(timeout=60, transport=PayAheadTransport(x402)) as ahead,
         httpx.AsyncClient(timeout=60) as free,
     ):
         with console.status("opening channels (one per concurrent request)…"):
             await asyncio.gather(*(paid.get(f"{api}/weather") for _ in range(max(CONCURRENCY))))
-        clients = [("x402", paid)] + ([("ahead", ahead)] if ahead_transport is not None else [])
+        clients = [("x402", paid), ("ahead", ahead)]
         for concurrency in CONCURRENCY:
             with console.status(f"{concurrency} concurrent: free…"):
                 free_ms, _ = await _run(concurrency, lambda: free.get(f"{api}/health"))
@@ -196,7 +190,7 @@ async def _where_time_goes(
     verify_ms: list[float] = []
     settle_ms: list[float] = []
     local_ms: list[float] = []
-    positions = Positions() if Positions is not None else None
+    positions = Positions()
     sizes: dict[str, int] = {}
     async with httpx.AsyncClient(timeout=60) as client:
         for _ in range(200):
@@ -212,10 +206,9 @@ async def _where_time_goes(
                 "paymentPayload": payload.model_dump(by_alias=True, exclude_none=True),
                 "paymentRequirements": payload.accepted.model_dump(by_alias=True, exclude_none=True),
             }
-            if positions is not None:  # timed when it vouches (a new lane or a top-up sends it to the facilitator)
-                started = time.perf_counter()
-                if positions.vouch(payload, payload.accepted) is not None:
-                    local_ms.append((time.perf_counter() - started) * 1000)
+            started = time.perf_counter()  # timed when it vouches (a new lane or a top-up goes to the facilitator)
+            if positions.vouch(payload, payload.accepted) is not None:
+                local_ms.append((time.perf_counter() - started) * 1000)
             for route, into in (("verify", verify_ms), ("settle", settle_ms)):
                 started = time.perf_counter()
                 answer = await client.post(f"{service}/x402/{route}", json=body)
@@ -229,17 +222,15 @@ async def _where_time_goes(
                 "payment_response_bytes": len(settled_header),
             }
             scheme.on_payment_response(_accepted(payload, answer.json()))  # as x402's transport would
-            if positions is not None:
-                positions.learn(payload, payload.accepted, SettleResponse.model_validate(answer.json()))
+            positions.learn(payload, payload.accepted, SettleResponse.model_validate(answer.json()))
     table = Table(title="a paid request's parts, timed alone (200 in sequence)")
     for column in ("part", "p50 ms", "p99 ms"):
         table.add_column(column, justify="right" if column != "part" else "left")
     parts = {"sign (payer: journal + EIP-712)": sign_ms, "facilitator verify": verify_ms,
              "facilitator settle (durable commit)": settle_ms}  # fmt: skip
-    if positions is not None:
-        if not local_ms:
-            raise SystemExit("the payee's local verify never vouched for a payment on a channel it had seen settled")
-        parts[f"local verify (payee, in process; {len(local_ms)} of 200)"] = local_ms
+    if not local_ms:
+        raise SystemExit("the payee's local verify never vouched for a payment on a channel it had seen settled")
+    parts[f"local verify (payee, in process; {len(local_ms)} of 200)"] = local_ms
     out: dict[str, Any] = {}
     for name, values in parts.items():
         table.add_row(name, f"{_pct(values, 0.5):,.2f}", f"{_pct(values, 0.99):,.2f}")
