@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import os
 import subprocess
 import sys
@@ -274,7 +275,7 @@ def x402_voucher(channel: Channel, cumulative: int, sign: Sign, signer: LocalAcc
 
 _EPHEMERAL_FLOOR = 32768  # Linux's ip_local_port_range starts here: kernel-picked and outgoing ports live above it
 _TEST_PORTS_FLOOR = 20000
-_next_port: dict[str, int] = {}
+_port_draws = itertools.count()
 
 
 def free_test_port() -> int:
@@ -286,10 +287,8 @@ def free_test_port() -> int:
     worker = int(os.environ.get("PYTEST_XDIST_WORKER", "gw0").removeprefix("gw") or "0")
     size = (_EPHEMERAL_FLOOR - _TEST_PORTS_FLOOR) // max(1, workers)
     low = _TEST_PORTS_FLOOR + worker * size
-    key = f"{low}"
     for _ in range(size):
-        port = _next_port.get(key, low)
-        _next_port[key] = low + (port + 1 - low) % size
+        port = low + next(_port_draws) % size
         if port_free("127.0.0.1", port):
             return port
     raise RuntimeError(f"no free port in {low}..{low + size}")
