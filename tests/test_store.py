@@ -303,6 +303,86 @@ def test_racing_retries_of_one_keyed_payment_pay_it_once(
     assert accepted is not None and accepted.accepted == first.cumulative
 
 
+def test_the_channel_numbers_migration_keeps_every_payment_on_its_channel(empty_store_url: str) -> None:
+    """Revision 0013 makes payments carry their channel's number instead of its id: payments stored before it keep
+    their channel, ids, order and idempotency keys, and payments after it continue the same id sequence."""
+    from alembic import command
+
+    from settlement.store.database import _alembic_config
+    from settlement.store.payee_events import payments_after
+
+    db = Database(empty_store_url)
+    try:
+        with db.engine.connect() as conn:
+            config = _alembic_config()
+            config.attributes["connection"] = conn
+            command.upgrade(config, "0012")
+            conn.commit()
+        money = (lambda v: f"{v:078d}") if db.is_sqlite else (lambda v: v)
+        a, b = a_channel(1), a_channel(2)
+        with db.write() as conn:
+            for channel, accepted in ((b, 20), (a, 3)):  # b first: numbered before a
+                conn.execute(
+                    text(
+                        "INSERT INTO channels (channel_id, payer, payee, token, salt, deposit, settled, status,"
+                        " as_of_block, accepted, signature, updated_at_us) VALUES (:c, :payer, :payee, :t, :s, :d,"
+                        " :zero, 1, 1, :acc, :sig, 0)"
+                    ),
+                    {
+                        "c": channel.channel_id,
+                        "payer": channel.payer,
+                        "payee": channel.payee,
+                        "t": ETH,
+                        "s": channel.salt,
+                        "d": money(100),
+                        "zero": money(0),
+                        "acc": money(accepted),
+                        "sig": b"\x01" * 65,
+                    },
+                )
+            for channel, cumulative, key in ((a, 1, None), (b, 10, None), (a, 2, "k"), (b, 20, None), (a, 3, None)):
+                conn.execute(
+                    text(
+                        "INSERT INTO payments (channel_id, cumulative, increment, remaining, signature, reference,"
+                        " accepted_at_us, idempotency_key) VALUES (:c, :cum, :inc, :rem, :sig, :ref, 7, :key)"
+                    ),
+                    {
+                        "c": channel.channel_id,
+                        "cum": money(cumulative),
+                        "inc": money(1 if channel is a else 10),
+                        "rem": money(100 - cumulative),
+                        "sig": bytes([cumulative]) * 65,
+                        "ref": f"r{cumulative}",
+                        "key": key,
+                    },
+                )
+        db.migrate()
+        with db.write() as conn:
+            before = [
+                (r.channel_id, r.cumulative, r.reference) for r in channel_q.list_payments(conn, a.channel_id).items
+            ]
+            keyed = channel_q.receipts_by_key(conn, [(a.channel_id, "k")])
+            feed = [(p.payment_id, p.channel_id, p.cumulative) for p in payments_after(conn, a.payee, 0, 100)]
+            channel_q.insert_channel(conn, a_channel(3), utcnow())
+            channel_q.record_payments(conn, [(Receipt(a_channel(3).channel_id, 5, 5, 95, utcnow()), b"\x02" * 65)])
+            channel_q.record_payments(conn, [(Receipt(b.channel_id, 30, 10, 70, utcnow()), b"\x03" * 65)])
+            after = [(p.payment_id, p.channel_id, p.cumulative) for p in payments_after(conn, a.payee, 5, 100)]
+            numbers = conn.execute(text("SELECT channel_no FROM channels ORDER BY channel_no")).scalars().all()
+        assert before == [(a.channel_id, 3, "r3"), (a.channel_id, 2, "r2"), (a.channel_id, 1, "r1")]
+        assert [(r.cumulative, r.increment, r.remaining) for r in keyed.values()] == [(2, 1, 98)]
+        assert feed == [
+            (1, a.channel_id, 1),
+            (2, b.channel_id, 10),
+            (3, a.channel_id, 2),
+            (4, b.channel_id, 20),
+            (5, a.channel_id, 3),
+        ]
+        assert after == [(6, a_channel(3).channel_id, 5), (7, b.channel_id, 30)]
+        assert len(numbers) == len(set(numbers)) == 3
+    finally:
+        db.dispose()
+
+
 def test_the_withdrawals_migration_names_the_account_of_earlier_withdrawals(empty_store_url: str) -> None:
     """Revision 0007 gives Withdrawn events an indexed account column; those indexed before it get theirs too."""
     from alembic import command

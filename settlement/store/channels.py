@@ -97,8 +97,11 @@ def insert_channel(conn: Connection, channel: Channel, now: datetime) -> None:
         "suspended_reason": channel.suspended_reason,
         "updated_at_us": to_us(now),
     }
-    insert = sqlite_insert if conn.dialect.name == "sqlite" else pg_insert
-    conn.execute(insert(channels).values(**values).on_conflict_do_nothing(index_elements=["channel_id"]))
+    if conn.dialect.name == "sqlite":  # PostgreSQL numbers the row itself; SQLite holds the write lock: next number
+        values["channel_no"] = select(func.coalesce(func.max(channels.c.channel_no), 0) + 1).scalar_subquery()
+        conn.execute(sqlite_insert(channels).values(**values).on_conflict_do_nothing(index_elements=["channel_id"]))
+    else:
+        conn.execute(pg_insert(channels).values(**values).on_conflict_do_nothing(index_elements=["channel_id"]))
 
 
 def save_chain_state(conn: Connection, channel: Channel, now: datetime) -> None:
@@ -123,21 +126,25 @@ def receipts_for(conn: Connection, keys: Sequence[tuple[str, int]]) -> dict[tupl
     """Stored receipts for (channel, cumulative) pairs: the idempotency lookup."""
     if not keys:
         return {}
-    query = select(payments).where(tuple_(payments.c.channel_id, payments.c.cumulative).in_(list(keys)))
-    return {(row.channel_id, row.cumulative): _receipt(row) for row in conn.execute(query)}
+    query = _PAYMENTS.where(tuple_(channels.c.channel_id, payments.c.cumulative).in_(list(keys)))
+    return {(row.channel_id, row.cumulative): _receipt(row, row.channel_id) for row in conn.execute(query)}
 
 
 def receipts_by_key(conn: Connection, keys: Sequence[tuple[str, str]]) -> dict[tuple[str, str], Receipt]:
     """Stored receipts for (channel, idempotency key) pairs: a retried payment signed from a re-read position."""
     if not keys:
         return {}
-    query = select(payments).where(tuple_(payments.c.channel_id, payments.c.idempotency_key).in_(list(keys)))
-    return {(row.channel_id, row.idempotency_key): _receipt(row) for row in conn.execute(query)}
+    query = _PAYMENTS.where(tuple_(channels.c.channel_id, payments.c.idempotency_key).in_(list(keys)))
+    return {(row.channel_id, row.idempotency_key): _receipt(row, row.channel_id) for row in conn.execute(query)}
 
 
-def _receipt(row: Row[Any]) -> Receipt:
+# Payments with their channel's id: a payment row holds only the channel's number.
+_PAYMENTS = select(payments, channels.c.channel_id).join(channels, channels.c.channel_no == payments.c.channel_no)
+
+
+def _receipt(row: Row[Any], channel_id: ChannelId) -> Receipt:
     return Receipt(
-        channel_id=row.channel_id,
+        channel_id=channel_id,
         cumulative=row.cumulative,
         increment=row.increment,
         remaining=row.remaining,
@@ -150,9 +157,10 @@ def _receipt(row: Row[Any]) -> Receipt:
 def record_payments(conn: Connection, accepted: Sequence[tuple[Receipt, bytes]]) -> None:
     """Insert the accepted payments and move each channel's latest voucher to its highest one.
 
-    This is the group commit of the hot path. On PostgreSQL each of the two writes is one statement over arrays
-    (`unnest`): about half the time of SQLAlchemy's multi-row INSERT plus a pipelined UPDATE per channel. SQLite's
-    `executemany` is already a loop in C inside the process, so it keeps the plain form.
+    This is the group commit of the hot path. On PostgreSQL both writes are one statement over arrays (`unnest`):
+    about half the time of SQLAlchemy's multi-row INSERT plus a pipelined UPDATE per channel; the UPDATE returns each
+    channel's number, which its payments carry. SQLite's `executemany` is already a loop in C inside the process, so
+    it keeps the plain form and finds the number on the channel's primary key.
     """
     if not accepted:
         return
@@ -166,29 +174,34 @@ def record_payments(conn: Connection, accepted: Sequence[tuple[Receipt, bytes]])
         _record_payments_arrays(conn, accepted, latest)
 
 
-_INSERT_PAYMENTS = (
-    "INSERT INTO payments"
-    " (channel_id, cumulative, increment, remaining, signature, reference, accepted_at_us, idempotency_key)"
-    " SELECT * FROM unnest(%(ids)b::varchar[], %(cumulative)b::numeric[], %(increment)b::numeric[],"
+# Payment ids are drawn in the order of the group (ORDER BY the array position): within a channel, ids and amounts
+# rise together, which the per-channel listings rely on.
+_RECORD_PAYMENTS = (
+    "WITH latest AS ("
+    " UPDATE channels AS c SET accepted = v.accepted, signature = v.signature, updated_at_us = v.at"
+    " FROM unnest(%(latest_ids)b::varchar[], %(accepted)b::numeric[], %(latest_signature)b::bytea[],"
+    " %(latest_at)b::bigint[]) AS v(channel_id, accepted, signature, at)"
+    " WHERE c.channel_id = v.channel_id RETURNING c.channel_id, c.channel_no)"
+    " INSERT INTO payments"
+    " (channel_no, cumulative, increment, remaining, signature, reference, accepted_at_us, idempotency_key)"
+    " SELECT latest.channel_no, p.cumulative, p.increment, p.remaining, p.signature, p.reference, p.at, p.key"
+    " FROM unnest(%(ids)b::varchar[], %(cumulative)b::numeric[], %(increment)b::numeric[],"
     " %(remaining)b::numeric[], %(signature)b::bytea[], %(reference)b::varchar[], %(at)b::bigint[],"
-    " %(keys)b::varchar[])"
-)
-_UPDATE_LATEST = (
-    "UPDATE channels AS c SET accepted = v.accepted, signature = v.signature, updated_at_us = v.at"
-    " FROM unnest(%(ids)b::varchar[], %(accepted)b::numeric[], %(signature)b::bytea[], %(at)b::bigint[])"
-    " AS v(channel_id, accepted, signature, at)"
-    " WHERE c.channel_id = v.channel_id"
+    " %(keys)b::varchar[]) WITH ORDINALITY"
+    " AS p(channel_id, cumulative, increment, remaining, signature, reference, at, key, n)"
+    " JOIN latest ON latest.channel_id = p.channel_id ORDER BY p.n"
 )
 
 
-def _execute_binary(conn: Connection, statement: str, params: dict[str, list[Any]]) -> None:
-    """Run `statement` on the transaction's own psycopg connection with parameters sent in binary: the text format
-    quotes every array element (a regular expression each), a third of the group commit's time."""
+def _execute_binary(conn: Connection, statement: str, params: dict[str, list[Any]]) -> int:
+    """Run `statement` on the transaction's own psycopg connection with parameters sent in binary (the text format
+    quotes every array element, a regular expression each: a third of the group commit's time); rows it touched."""
     driver = conn.connection.driver_connection
     assert driver is not None
     try:
         with driver.cursor() as cursor:
             cursor.execute(statement, params)
+            return int(cursor.rowcount)
     except psycopg.Error as ex:  # as SQLAlchemy would have raised it: the store's error handling sees no difference
         raise DBAPIError.instance(statement, None, ex, psycopg.Error) from ex
 
@@ -197,10 +210,14 @@ def _record_payments_arrays(
     conn: Connection, accepted: Sequence[tuple[Receipt, bytes]], latest: dict[str, tuple[Receipt, bytes]]
 ) -> None:
     receipts = [r for r, _ in accepted]
-    _execute_binary(
+    inserted = _execute_binary(
         conn,
-        _INSERT_PAYMENTS,
+        _RECORD_PAYMENTS,
         {
+            "latest_ids": list(latest),
+            "accepted": [r.cumulative for r, _ in latest.values()],
+            "latest_signature": [signature for _, signature in latest.values()],
+            "latest_at": [to_us(r.accepted_at) for r, _ in latest.values()],
             "ids": [r.channel_id for r in receipts],
             "cumulative": [r.cumulative for r in receipts],
             "increment": [r.increment for r in receipts],
@@ -211,16 +228,8 @@ def _record_payments_arrays(
             "keys": [r.idempotency_key for r in receipts],
         },
     )
-    _execute_binary(
-        conn,
-        _UPDATE_LATEST,
-        {
-            "ids": list(latest),
-            "accepted": [r.cumulative for r, _ in latest.values()],
-            "signature": [signature for _, signature in latest.values()],
-            "at": [to_us(r.accepted_at) for r, _ in latest.values()],
-        },
-    )
+    if inserted != len(receipts):  # a channel row missing under its lock: fail the group rather than drop a payment
+        raise DBAPIError.instance(_RECORD_PAYMENTS, None, RuntimeError("payments without a channel"), psycopg.Error)
 
 
 def _record_payments_sqlite(
@@ -230,8 +239,8 @@ def _record_payments_sqlite(
     writer's time on the batch endpoint."""
     conn.exec_driver_sql(
         "INSERT INTO payments"
-        " (channel_id, cumulative, increment, remaining, signature, reference, accepted_at_us, idempotency_key)"
-        " VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+        " (channel_no, cumulative, increment, remaining, signature, reference, accepted_at_us, idempotency_key)"
+        " VALUES ((SELECT channel_no FROM channels WHERE channel_id = ?), ?, ?, ?, ?, ?, ?, ?)",
         [
             (
                 r.channel_id,
@@ -289,18 +298,19 @@ def list_channels(
 
 def list_payments(conn: Connection, channel_id: str, *, before: int | None = None, limit: int = 100) -> Page[Receipt]:
     """A channel's accepted payments, newest first; `before` is the previous page's cursor (a payment id)."""
-    query = select(payments).where(payments.c.channel_id == channel_id)
+    number = conn.execute(select(channels.c.channel_no).where(channels.c.channel_id == channel_id)).scalar()
+    query = select(payments).where(payments.c.channel_no == number)
     if before is not None:
-        # Ordered by amount, which within a channel is the order of ids, on the (channel_id, cumulative) index: a
+        # Ordered by amount, which within a channel is the order of ids, on the (channel_no, cumulative) index: a
         # cursor that names a stored payment becomes an amount bound; any other id is a filter on the same walk.
         bound = conn.execute(
-            select(payments.c.cumulative).where(payments.c.id == before, payments.c.channel_id == channel_id)
+            select(payments.c.cumulative).where(payments.c.id == before, payments.c.channel_no == number)
         ).scalar()
         query = query.where(payments.c.id < before if bound is None else payments.c.cumulative < bound)
     rows = list(conn.execute(query.order_by(payments.c.cumulative.desc()).limit(limit + 1)))
     more = len(rows) > limit
     rows = rows[:limit]
-    return Page([_receipt(r) for r in rows], str(rows[-1].id) if more else None)
+    return Page([_receipt(r, ChannelId(channel_id)) for r in rows], str(rows[-1].id) if more else None)
 
 
 @dataclass(frozen=True)

@@ -118,13 +118,23 @@ class Database:
             if not self.is_sqlite:
                 conn.execute(text("SELECT pg_advisory_lock(:key)"), {"key": _MIGRATION_LOCK})
                 conn.commit()
+            else:
+                # SQLite rebuilds a table to change it (create, copy, drop, rename): with foreign keys enforced,
+                # dropping a referenced table would fail. Its own recipe: keys off outside the transaction, checked
+                # before the commit.
+                conn.connection.driver_connection.execute("PRAGMA foreign_keys=OFF")  # type: ignore[union-attr]
             try:
                 config = _alembic_config()
                 config.attributes["connection"] = conn
                 command.upgrade(config, "head")
+                if self.is_sqlite and conn.exec_driver_sql("PRAGMA foreign_key_check").first() is not None:
+                    raise StoreError("the migration left rows whose foreign keys point nowhere; nothing was changed")
                 conn.commit()
             finally:
-                if not self.is_sqlite:
+                if self.is_sqlite:
+                    conn.rollback()
+                    conn.connection.driver_connection.execute("PRAGMA foreign_keys=ON")  # type: ignore[union-attr]
+                else:
                     conn.execute(text("SELECT pg_advisory_unlock(:key)"), {"key": _MIGRATION_LOCK})
                     conn.commit()
 

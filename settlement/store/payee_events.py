@@ -44,7 +44,7 @@ def payments_after(conn: Connection, payee: str, after: int, limit: int) -> list
     query = (
         select(
             payments.c.id,
-            payments.c.channel_id,
+            channels.c.channel_id,
             channels.c.payer,
             channels.c.token,
             payments.c.cumulative,
@@ -53,7 +53,7 @@ def payments_after(conn: Connection, payee: str, after: int, limit: int) -> list
             payments.c.idempotency_key,
             payments.c.accepted_at_us,
         )
-        .join(channels, channels.c.channel_id == payments.c.channel_id)
+        .join(channels, channels.c.channel_no == payments.c.channel_no)
         .where(channels.c.payee == payee, payments.c.id > after)
         .order_by(payments.c.id)
         .limit(limit)

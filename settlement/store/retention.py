@@ -17,7 +17,7 @@ def compact_payments(conn: Connection, accepted_before_us: int, limit: int = BAT
     settled and that are not their channel's latest; returns how many."""
     doomed = (
         select(payments.c.id)
-        .join(channels, channels.c.channel_id == payments.c.channel_id)
+        .join(channels, channels.c.channel_no == payments.c.channel_no)
         .where(
             and_(
                 payments.c.accepted_at_us < accepted_before_us,

@@ -12,7 +12,7 @@ from sqlalchemy.dialects.sqlite import insert as sqlite_insert
 
 from settlement.domain.model import HubEvent
 from settlement.store.chainlog import after_position
-from settlement.store.tables import chain_events, channel_holds, payments, risk_events
+from settlement.store.tables import chain_events, channel_holds, channels, payments, risk_events
 
 
 @dataclass(frozen=True)
@@ -85,6 +85,7 @@ def chain_events_since(
 
 
 def last_payment_at(conn: Connection, channel_id: str) -> int | None:
-    query = select(payments.c.accepted_at_us).where(payments.c.channel_id == channel_id)
+    number = select(channels.c.channel_no).where(channels.c.channel_id == channel_id).scalar_subquery()
+    query = select(payments.c.accepted_at_us).where(payments.c.channel_no == number)
     found = conn.execute(query.order_by(payments.c.cumulative.desc()).limit(1)).scalar()  # the latest: on its index
     return None if found is None else int(found)

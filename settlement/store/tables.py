@@ -12,6 +12,7 @@ from sqlalchemy import (
     CheckConstraint,
     Column,
     ForeignKey,
+    Identity,
     Index,
     Integer,
     LargeBinary,
@@ -39,6 +40,7 @@ metadata = MetaData(
 
 # BIGINT ids; SQLite only auto-increments a column declared exactly INTEGER PRIMARY KEY.
 BigId = BigInteger().with_variant(Integer(), "sqlite")
+ChannelNo = BigInteger().with_variant(Integer(), "sqlite")
 
 HEX32 = 66  # "0x" + 64 hex digits
 ADDRESS = 42
@@ -71,6 +73,9 @@ channels = Table(
     Column("signature", LargeBinary(65), nullable=True),
     Column("suspended_reason", Text(), nullable=True),
     Column("updated_at_us", BigInteger(), nullable=False),
+    # The channel's number in this store: what its payments carry instead of the 66-character id (8 bytes, not 67,
+    # in every payment row and in both of its unique indexes). PostgreSQL numbers new rows; SQLite is given one.
+    Column("channel_no", ChannelNo, Identity(), nullable=False, unique=True),
     CheckConstraint("status IN (1, 2, 3)", name="status"),
     CheckConstraint("settled <= deposit", name="settled_le_deposit"),
     CheckConstraint("(accepted = 0) = (signature IS NULL)", name="accepted_signed_pg").ddl_if(dialect="postgresql"),
@@ -86,7 +91,6 @@ payments = Table(
     "payments",
     metadata,
     Column("id", BigId, primary_key=True, autoincrement=True),
-    Column("channel_id", String(HEX32), ForeignKey("channels.channel_id"), nullable=False),
     Column("cumulative", Amount(), nullable=False),
     Column("increment", Amount(), nullable=False),
     Column("remaining", Amount(), nullable=False),
@@ -94,11 +98,12 @@ payments = Table(
     Column("reference", String(256), nullable=True),
     Column("accepted_at_us", BigInteger(), nullable=False),
     Column("idempotency_key", String(64), nullable=True),
-    UniqueConstraint("channel_id", "cumulative"),
+    Column("channel_no", BigInteger(), ForeignKey("channels.channel_no"), nullable=False),
+    UniqueConstraint("channel_no", "cumulative"),
     # Partial: a payment without a key costs this index nothing (the hot path's keyless vouchers skip it).
     Index(
-        "uq_payments_channel_id_idempotency_key",
-        "channel_id",
+        "uq_payments_channel_no_idempotency_key",
+        "channel_no",
         "idempotency_key",
         unique=True,
         sqlite_where=text("idempotency_key IS NOT NULL"),
@@ -111,8 +116,8 @@ payments = Table(
         dialect="sqlite"
     ),
     *_amount_constraints("payments", "cumulative", "increment", "remaining"),
-    # No (channel_id, id) index: within a channel ids and cumulative amounts rise together (a payment is recorded
-    # only above the channel's floor), so the unique (channel_id, cumulative) index serves every per-channel order.
+    # No (channel_no, id) index: within a channel ids and cumulative amounts rise together (a payment is recorded
+    # only above the channel's floor), so the unique (channel_no, cumulative) index serves every per-channel order.
 )
 
 chain_events = Table(
