@@ -9,6 +9,7 @@ import threading
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import replace
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -63,7 +64,56 @@ def test_amounts_up_to_2_pow_256_minus_1_are_exact(db: Database) -> None:
         raw = conn.execute(text("SELECT accepted FROM channels")).scalar_one()
     assert stored is not None and (stored.deposit, stored.accepted) == (MAX, MAX)
     assert receipt[(a_channel().channel_id, MAX)].increment == MAX - 1
-    assert int(raw) == MAX  # the raw column value, not a float that happens to round back
+    assert (int.from_bytes(raw, "big") if db.is_sqlite else int(raw)) == MAX  # not a float that rounds back
+
+
+@pytest.mark.parametrize("pair", [(2**63 - 1, 2**63), (5, 2**63), (2**63, 2**64), (2**64, 2**255), (0, 1)])
+def test_amounts_compare_in_sql_as_numbers_across_sqlites_two_forms(db: Database, pair: tuple[int, int]) -> None:
+    """SQLite keeps an amount below 2^63 as an integer and one above as 32 bytes: the store's SQL comparisons
+    (`accepted > settled`, `settled <= deposit`, a payment below a bound) still order them as numbers."""
+    low, high = pair
+    now = utcnow()
+    with db.write() as conn:
+        channel_q.insert_channel(conn, replace(a_channel(), deposit=MAX, settled=low), now)
+        channel_q.record_payments(conn, [(Receipt(a_channel().channel_id, high, high, MAX - high, now), b"\x01" * 65)])
+    with db.read() as conn:
+        unsettled = channel_q.unsettled_by_token(conn)
+        ranked = batch_q.settleable(conn, limit=1)
+        forms = (
+            conn.execute(text("SELECT typeof(settled), typeof(accepted) FROM channels")).one() if db.is_sqlite else ()
+        )
+    assert unsettled == {ETH: high - low}
+    assert [c.accepted for c in ranked] == [high]
+    if db.is_sqlite:
+        assert tuple(forms) == tuple("integer" if v < 2**63 else "blob" for v in (low, high))
+    with pytest.raises(StoreError), db.write() as conn:  # accepted below settled: the CHECK sees the order too
+        conn.execute(text("UPDATE channels SET deposit = settled, settled = accepted"))
+
+
+@pytest.mark.parametrize(
+    "stored",
+    [
+        "x'0000000000000000000000000000000000000000000000000000000000000005'",  # 5 as a blob: a second form of 5
+        "x'0100'",  # a blob of the wrong length
+        "'5'",  # text
+        "5.0",  # a real
+        "-1",
+    ],
+)
+def test_sqlite_refuses_an_amount_in_any_other_form(tmp_path: Path, stored: str) -> None:
+    """Each amount has exactly one form on SQLite (what keeps its comparisons numeric); anything else is refused.
+    (PostgreSQL's NUMERIC has one form: nothing to test there.)"""
+    db = Database(f"sqlite:///{tmp_path / 'settlement.db'}")
+    db.migrate()
+    try:
+        with db.write() as conn:
+            channel_q.insert_channel(conn, a_channel(deposit=10), utcnow())
+        with pytest.raises(StoreError), db.write() as conn:
+            conn.execute(text(f"UPDATE channels SET settled = {stored}"))
+        with db.write() as conn:  # the one form of the same amount is taken
+            conn.execute(text("UPDATE channels SET settled = 5"))
+    finally:
+        db.dispose()
 
 
 @pytest.mark.parametrize(
@@ -80,9 +130,9 @@ def test_check_constraints_guard_the_money_columns(db: Database, statement: str)
     now = utcnow()
     with db.write() as conn:
         channel_q.insert_channel(conn, a_channel(deposit=10), now)
-        conn.execute(text("UPDATE channels SET settled = :s"), {"s": f"{5:078d}" if db.is_sqlite else 5})
+        conn.execute(text("UPDATE channels SET settled = :s"), {"s": 5})
         channel_q.record_payments(conn, [(Receipt(a_channel().channel_id, 7, 7, 3, now), b"\x01" * 65)])
-    zero = f"'{0:078d}'" if db.is_sqlite else "0"
+    zero = "0"
     if "||" in statement and not db.is_sqlite:
         statement = "UPDATE payments SET increment = cumulative * 10"
     with pytest.raises(StoreError), db.write() as conn:
@@ -303,9 +353,10 @@ def test_racing_retries_of_one_keyed_payment_pay_it_once(
     assert accepted is not None and accepted.accepted == first.cumulative
 
 
-def test_the_channel_numbers_migration_keeps_every_payment_on_its_channel(empty_store_url: str) -> None:
-    """Revision 0013 makes payments carry their channel's number instead of its id: payments stored before it keep
-    their channel, ids, order and idempotency keys, and payments after it continue the same id sequence."""
+def test_the_channel_numbers_and_compact_amounts_migrations_keep_every_payment(empty_store_url: str) -> None:
+    """Revision 0013 makes payments carry their channel's number instead of its id, 0014 SQLite's amounts integers
+    or blobs instead of text: payments stored before them keep their channel, ids, order, idempotency keys and exact
+    amounts (2^256 - 1 included), and payments after them continue the same id sequence."""
     from alembic import command
 
     from settlement.store.database import _alembic_config
@@ -334,7 +385,7 @@ def test_the_channel_numbers_migration_keeps_every_payment_on_its_channel(empty_
                         "payee": channel.payee,
                         "t": ETH,
                         "s": channel.salt,
-                        "d": money(100),
+                        "d": money(MAX if channel is b else 100),
                         "zero": money(0),
                         "acc": money(accepted),
                         "sig": b"\x01" * 65,
@@ -368,6 +419,7 @@ def test_the_channel_numbers_migration_keeps_every_payment_on_its_channel(empty_
             channel_q.record_payments(conn, [(Receipt(b.channel_id, 30, 10, 70, utcnow()), b"\x03" * 65)])
             after = [(p.payment_id, p.channel_id, p.cumulative) for p in payments_after(conn, a.payee, 5, 100)]
             numbers = conn.execute(text("SELECT channel_no FROM channels ORDER BY channel_no")).scalars().all()
+            wide = channel_q.get_channel(conn, b.channel_id)
         assert before == [(a.channel_id, 3, "r3"), (a.channel_id, 2, "r2"), (a.channel_id, 1, "r1")]
         assert [(r.cumulative, r.increment, r.remaining) for r in keyed.values()] == [(2, 1, 98)]
         assert feed == [
@@ -379,6 +431,7 @@ def test_the_channel_numbers_migration_keeps_every_payment_on_its_channel(empty_
         ]
         assert after == [(6, a_channel(3).channel_id, 5), (7, b.channel_id, 30)]
         assert len(numbers) == len(set(numbers)) == 3
+        assert wide is not None and (wide.deposit, wide.accepted) == (MAX, 30)
     finally:
         db.dispose()
 

@@ -325,7 +325,7 @@ class AssetSummary:
 
 
 def payee_summary(conn: Connection, payee: str) -> list[AssetSummary]:
-    """Per asset; summed in Python because SQLite keeps amounts as text (exact, but not summable in SQL)."""
+    """Per asset; summed in Python because SQLite keeps large amounts as blobs (exact, but not summable in SQL)."""
     query = select(channels.c.token, channels.c.accepted, channels.c.settled).where(channels.c.payee == payee)
     totals: dict[str, list[int]] = {}
     for token, accepted, settled in conn.execute(query):
@@ -342,7 +342,7 @@ def count_channels(conn: Connection) -> int:
 
 
 def unsettled_by_token(conn: Connection) -> dict[str, int]:
-    """Accepted minus settled, summed per asset over every channel (in Python: SQLite keeps amounts as text)."""
+    """Accepted minus settled, summed per asset over every channel (in Python: SQLite keeps large amounts as blobs)."""
     query = select(channels.c.token, channels.c.accepted, channels.c.settled).where(
         channels.c.accepted > channels.c.settled
     )

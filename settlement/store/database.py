@@ -28,6 +28,7 @@ from sqlalchemy.engine import make_url
 from sqlalchemy.exc import DBAPIError, InterfaceError, OperationalError, SQLAlchemyError
 
 from settlement.errors import StoreError, StoreUnavailableError
+from settlement.store.types import sqlite_amount_value
 
 logger = logging.getLogger(__name__)
 
@@ -65,6 +66,7 @@ class Database:
             cursor.execute("PRAGMA synchronous=FULL")
             cursor.execute("PRAGMA foreign_keys=ON")
             cursor.close()
+            dbapi_connection.create_function("amount_value", 1, sqlite_amount_value, deterministic=True)
 
         @event.listens_for(engine, "begin")
         def _on_begin(conn: Connection) -> None:

@@ -7,7 +7,7 @@ from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
 
-from sqlalchemy import Connection, Float, Row, and_, bindparam, case, cast, exists, func, select, text, update
+from sqlalchemy import Connection, Row, and_, bindparam, case, exists, func, select, text, update
 
 from settlement.domain.model import Channel, ChannelId, ChannelStatus
 from settlement.store.channels import channel_from_row, from_us, to_us
@@ -87,7 +87,8 @@ def settleable(conn: Connection, limit: int | None = None) -> list[Channel]:
 
     With `limit`: the first `limit` in the order a batch takes them, closing channels first (nearest deadline first),
     then the largest unsettled amounts, sorted by the database rather than read whole (the store can hold hundreds of
-    thousands). SQLite keeps amounts as text, so there the order uses their float value: exact enough to rank.
+    thousands). SQLite keeps large amounts as blobs, so there the order uses their float value (`amount_value`, a
+    function the store registers on each connection): exact enough to rank.
 
     PostgreSQL plans this query for its parameters every time: psycopg prepares a statement after five runs, and the
     generic plan PostgreSQL then preferred (tables not analysed yet, a batch table that grows by the minute) compared
@@ -106,7 +107,7 @@ def settleable(conn: Connection, limit: int | None = None) -> list[Channel]:
         query = query.order_by(channels.c.channel_id)
     else:
         if conn.dialect.name == "sqlite":
-            unsettled = cast(channels.c.accepted, Float) - cast(channels.c.settled, Float)
+            unsettled = func.amount_value(channels.c.accepted) - func.amount_value(channels.c.settled)
         else:
             unsettled = channels.c.accepted - channels.c.settled
         closing = case((channels.c.status == int(ChannelStatus.CLOSING), 0), else_=1)

@@ -79,9 +79,7 @@ channels = Table(
     CheckConstraint("status IN (1, 2, 3)", name="status"),
     CheckConstraint("settled <= deposit", name="settled_le_deposit"),
     CheckConstraint("(accepted = 0) = (signature IS NULL)", name="accepted_signed_pg").ddl_if(dialect="postgresql"),
-    CheckConstraint(f"(accepted = '{0:078d}') = (signature IS NULL)", name="accepted_signed_lite").ddl_if(
-        dialect="sqlite"
-    ),
+    CheckConstraint("(accepted = 0) = (signature IS NULL)", name="accepted_signed_lite").ddl_if(dialect="sqlite"),
     *_amount_constraints("channels", "deposit", "settled", "accepted"),
     Index(None, "payer"),
     Index(None, "payee", "token"),
@@ -112,7 +110,7 @@ payments = Table(
     CheckConstraint("increment > 0 AND increment <= cumulative", name="increment_positive").ddl_if(
         dialect="postgresql"
     ),
-    CheckConstraint(f"increment > '{0:078d}' AND increment <= cumulative", name="increment_positive_lite").ddl_if(
+    CheckConstraint("increment > 0 AND increment <= cumulative", name="increment_positive_lite").ddl_if(
         dialect="sqlite"
     ),
     *_amount_constraints("payments", "cumulative", "increment", "remaining"),

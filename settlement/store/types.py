@@ -1,8 +1,13 @@
-"""Column types: amounts are NUMERIC(78,0) on PostgreSQL and fixed-width decimal text on SQLite.
+"""Column types: amounts are NUMERIC(78,0) on PostgreSQL; on SQLite an integer below 2^63, a 32-byte blob above.
 
-SQLite gives a NUMERIC column numeric affinity and turns any integer above 2^63 into a REAL, losing digits; so there
-the amount is stored as its 78-digit zero-padded decimal text. Padding keeps text order equal to numeric order, so
-comparisons and CHECK constraints written against the column work on both databases.
+SQLite keeps integers in at most 8 bytes and turns any integer at or above 2^63 into a REAL, losing digits. So an
+amount below 2^63 (nearly every payment) is stored as the integer it is, and one at or above as its 32-byte big-endian
+form. SQLite orders every integer before every blob and blobs of one length by their bytes, which is numeric order
+for this encoding: comparisons and CHECK constraints written against the column (`settled <= deposit`, `accepted =
+0`) mean the same on both databases, as long as each amount has exactly one form (a CHECK keeps blobs >= 2^63).
+
+Before revision 0014 SQLite amounts were 78-digit zero-padded text (79 bytes each); `TextAmount` and
+`text_amount_checks` are that form, for the migrations written before it.
 """
 
 from __future__ import annotations
@@ -10,12 +15,24 @@ from __future__ import annotations
 from decimal import Decimal
 from typing import Any
 
-from sqlalchemy import NUMERIC, String
+from sqlalchemy import NUMERIC, LargeBinary, String
 from sqlalchemy.engine import Dialect
 from sqlalchemy.types import TypeDecorator, TypeEngine
 
 AMOUNT_DIGITS = 78  # len(str(2**256 - 1))
 MAX_AMOUNT = 2**256 - 1
+_WIDE = 2**63  # from here on SQLite would make a REAL of an integer
+_WIDE_BLOB = "x'" + _WIDE.to_bytes(32, "big").hex() + "'"
+
+
+class _Blob(LargeBinary):
+    """A BLOB column whose values reach the driver as they are (ints stay ints; LargeBinary would wrap them)."""
+
+    def bind_processor(self, dialect: Dialect) -> None:
+        return None
+
+    def result_processor(self, dialect: Dialect, coltype: object) -> None:
+        return None
 
 
 class Amount(TypeDecorator[int]):
@@ -26,7 +43,7 @@ class Amount(TypeDecorator[int]):
 
     def load_dialect_impl(self, dialect: Dialect) -> TypeEngine[Any]:
         if dialect.name == "sqlite":
-            return dialect.type_descriptor(String(AMOUNT_DIGITS))
+            return dialect.type_descriptor(_Blob())
         return dialect.type_descriptor(NUMERIC(AMOUNT_DIGITS, 0))
 
     def process_bind_param(self, value: int | None, dialect: Dialect) -> Any:
@@ -38,13 +55,24 @@ class Amount(TypeDecorator[int]):
         return Decimal(value)
 
     def process_result_value(self, value: Any, dialect: Dialect) -> int | None:
-        return None if value is None else int(value)
+        if value is None:
+            return None
+        if isinstance(value, bytes):
+            return int.from_bytes(value, "big")
+        return int(value)
 
 
-def sqlite_amount(value: int) -> str:
-    """An amount as SQLite stores it: 78-digit zero-padded decimal text."""
+def sqlite_amount(value: int) -> int | bytes:
+    """An amount as SQLite stores it: the integer below 2^63, its 32 big-endian bytes above."""
     _check(value)
-    return f"{value:0{AMOUNT_DIGITS}d}"
+    return value if value < _WIDE else value.to_bytes(32, "big")
+
+
+def sqlite_amount_value(stored: int | bytes | str) -> float:
+    """An amount as SQLite stored it (or as it stored it before 0014, text), roughly: what ranking needs."""
+    if isinstance(stored, bytes):
+        return float(int.from_bytes(stored, "big"))
+    return float(int(stored))
 
 
 def _check(value: int) -> None:
@@ -53,7 +81,28 @@ def _check(value: int) -> None:
 
 
 def amount_checks(column: str) -> tuple[str, str]:
-    """CHECK expressions (postgresql, sqlite) that keep `column` a valid amount."""
+    """CHECK expressions (postgresql, sqlite) that keep `column` a valid amount, in one form only."""
+    return (
+        f"{column} >= 0",
+        f"(typeof({column}) = 'integer' AND {column} >= 0)"
+        f" OR (typeof({column}) = 'blob' AND length({column}) = 32 AND {column} >= {_WIDE_BLOB})",
+    )
+
+
+class TextAmount(TypeDecorator[int]):
+    """SQLite's amount column before revision 0014 (78-digit text); PostgreSQL's is unchanged."""
+
+    impl = NUMERIC(AMOUNT_DIGITS, 0)
+    cache_ok = True
+
+    def load_dialect_impl(self, dialect: Dialect) -> TypeEngine[Any]:
+        if dialect.name == "sqlite":
+            return dialect.type_descriptor(String(AMOUNT_DIGITS))
+        return dialect.type_descriptor(NUMERIC(AMOUNT_DIGITS, 0))
+
+
+def text_amount_checks(column: str) -> tuple[str, str]:
+    """The CHECK expressions of revisions before 0014."""
     return (
         f"{column} >= 0",
         f"length({column}) = {AMOUNT_DIGITS} AND {column} NOT GLOB '*[^0-9]*'",

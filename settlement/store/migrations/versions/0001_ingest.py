@@ -12,7 +12,8 @@ from __future__ import annotations
 import sqlalchemy as sa
 from alembic import op
 
-from settlement.store.types import Amount, amount_checks
+from settlement.store.types import TextAmount as Amount  # the form of its time: 0014 converts it
+from settlement.store.types import text_amount_checks as amount_checks
 
 revision = "0001"
 down_revision = None

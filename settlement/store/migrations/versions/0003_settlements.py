@@ -10,7 +10,7 @@ from __future__ import annotations
 import sqlalchemy as sa
 from alembic import op
 
-from settlement.store.types import Amount
+from settlement.store.types import TextAmount as Amount  # the form of its time: 0014 converts it
 
 revision = "0003"
 down_revision = "0002"

@@ -10,7 +10,8 @@ from __future__ import annotations
 import sqlalchemy as sa
 from alembic import op
 
-from settlement.store.types import Amount, amount_checks
+from settlement.store.types import TextAmount as Amount  # the form of its time: 0014 converts it
+from settlement.store.types import text_amount_checks as amount_checks
 
 revision = "0012"
 down_revision = "0011"
