@@ -14,11 +14,13 @@ import sys
 import threading
 import time
 from collections.abc import Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any, TypeVar
 
 import httpx
 import pytest
+import requests
 from eth_account.signers.local import LocalAccount
 from hexbytes import HexBytes
 from web3 import Web3
@@ -33,7 +35,7 @@ from settlement.devtools.devnet import Devnet
 from settlement.sdk.journal import Budget
 from settlement.sdk.payee import PayeeClient
 from settlement.sdk.payer import PayerClient
-from settlement.x402.ahead import PayAheadTransport
+from settlement.x402.ahead import PayAheadAdapter, PayAheadTransport
 from settlement.x402.client import ChannelHubClientScheme, DepositPolicy, PaymentIdentifiers
 from tests.hub_helpers import ETH, events, free_test_port, send, wait_until
 from tests.servers import ServiceProcess
@@ -443,6 +445,71 @@ def test_a_payment_made_ahead_at_an_old_price_charges_nothing_and_the_new_price_
     assert asyncio.run(get(2)) == [200, 200]
     assert wire.sent == ["paid", "unpaid", "paid", "paid"]  # the old price refused, x402's flow, then ahead again
     assert accepted_for(service, payee) == 2 * PRICE + 2 * (2 * PRICE)
+
+
+class CountingAdapter(PayAheadAdapter):
+    """PayAheadAdapter that counts the requests that reached the payee, paid or not (every answer off the wire
+    passes through build_response, x402's own retries included)."""
+
+    def __init__(self, client: x402ClientSync) -> None:
+        super().__init__(client)
+        self.sent: list[str] = []
+
+    def build_response(self, req: requests.PreparedRequest, resp: Any) -> requests.Response:
+        self.sent.append("paid" if "payment-signature" in req.headers else "unpaid")
+        return super().build_response(req, resp)
+
+
+def test_the_sync_client_pays_ahead_too_and_falls_back_to_x402s_flow_without_paying_twice(
+    spawn: Callable[..., ServiceProcess],
+    paid_api: PaidApis,
+    devnet: Devnet,
+    accounts: list[LocalAccount],
+    tmp_path: Path,
+    payer_for: Callable[..., PayerClient],
+) -> None:
+    """x402's sync client (requests) with PayAheadAdapter: after the first 402 a URL is paid on the first request;
+    a stale position (another device paid) and a doubled price each cost one refused early payment (not charged) and
+    x402's flow, never a second charge."""
+    service = spawn(f"sqlite:///{tmp_path / 'sync-ahead.db'}")
+    payee = accounts[14].address
+    api = paid_api(f"{service.url}/x402", payee)
+    payer = payer_for(accounts[13], service)
+    adapter = CountingAdapter(paying_client(devnet, ChannelHubClientScheme(payer), kind=x402ClientSync))
+    session = requests.Session()
+    session.mount("http://", adapter)
+
+    def get(times: int) -> list[int]:
+        return [session.get(f"{api}/weather", timeout=60).status_code for _ in range(times)]
+
+    assert get(4) == [200] * 4
+    assert adapter.sent == ["unpaid", "paid"] + ["paid"] * 3  # x402's flow once, then paid ahead
+    assert accepted_for(service, payee) == 4 * PRICE
+    assert x402_calls(service) == {"verify ok": 1.0, "settle ok": 4.0}
+
+    (channel,) = payer.open_channels(payee)
+    other = payer_for(accounts[13], service, "other-device")
+    other.pay(other.channel(channel["channelId"]), 7)
+    adapter.sent.clear()
+    assert get(2) == [200, 200]
+    assert adapter.sent == ["paid", "unpaid", "paid", "paid"]  # stale: refused at settle, x402's flow, ahead again
+    assert accepted_for(service, payee) == 6 * PRICE + 7
+
+    paid_api.stop(api)
+    assert paid_api(f"{service.url}/x402", payee, price=2 * PRICE, port=int(api.rsplit(":", 1)[1])) == api
+    adapter.sent.clear()
+    assert get(2) == [200, 200]
+    assert adapter.sent == ["paid", "unpaid", "paid", "paid"]  # the old price refused, x402's flow, ahead again
+    assert accepted_for(service, payee) == 6 * PRICE + 7 + 2 * (2 * PRICE)
+
+    # Eight threads on the one session at once: all paid ahead, each charged once.
+    adapter.sent.clear()
+    with ThreadPoolExecutor(8) as pool:
+        answers = list(pool.map(lambda _: session.get(f"{api}/weather", timeout=60).status_code, range(8)))
+    assert answers == [200] * 8
+    assert adapter.sent == ["paid"] * 8
+    assert accepted_for(service, payee) == 6 * PRICE + 7 + 10 * (2 * PRICE)
+    session.close()
 
 
 def test_the_facilitator_down_is_a_503_and_charges_nothing(

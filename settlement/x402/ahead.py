@@ -1,9 +1,13 @@
-"""Paying on the first request: an httpx transport around x402's own (`x402AsyncTransport`) that remembers the
-requirements a payee's 402 named for a URL and pays the next request to that URL at once, instead of sending it
-unpaid, reading the 402 and sending it again. One round trip to the payee per paid request instead of two.
+"""Paying on the first request: an httpx transport around x402's own (`x402AsyncTransport`), and a requests adapter
+around x402's own (`x402HTTPAdapter`), that remember the requirements a payee's 402 named for a URL and pay the next
+request to that URL at once, instead of sending it unpaid, reading the 402 and sending it again. One round trip to the
+payee per paid request instead of two.
 
     async with httpx.AsyncClient(transport=PayAheadTransport(x402)) as http:
         await http.get(url)   # first time: x402's flow (402, then paid); from then on: paid at once
+
+    session = requests.Session()
+    session.mount("http://", PayAheadAdapter(x402_sync)); session.mount("https://", PayAheadAdapter(x402_sync))
 
 Nothing about what a payment buys changes: the voucher is made by the registered schemes (with x402's policies,
 spend controls and extensions) from the requirements the payee itself sent for that URL, and concluded by x402's
@@ -15,15 +19,54 @@ never a second charge. Requirements are kept `ttl` seconds, for at most `max_rou
 
 from __future__ import annotations
 
+import threading
 import time
 from collections import OrderedDict
 from collections.abc import Callable
+from typing import Any
 
 import httpx
-from x402 import x402Client
-from x402.http import x402HTTPClient
+import requests
+from requests.adapters import HTTPAdapter
+from x402 import x402Client, x402ClientSync
+from x402.http import x402HTTPClient, x402HTTPClientSync
 from x402.http.clients.httpx import x402AsyncTransport
+from x402.http.clients.requests import x402HTTPAdapter
 from x402.schemas import PaymentRequired
+
+
+class _Routes:
+    """The requirements each URL's last 402 named, for `ttl` seconds, at most `max_routes` URLs (oldest first out).
+    A lock: a requests session may be shared by threads."""
+
+    def __init__(self, http: x402HTTPClient | x402HTTPClientSync, ttl: float, max_routes: int) -> None:
+        self._http, self.ttl, self.max_routes = http, ttl, max_routes
+        self._routes: OrderedDict[str, tuple[PaymentRequired, float]] = OrderedDict()
+        self._lock = threading.Lock()
+
+    def required(self, route: str) -> PaymentRequired | None:
+        with self._lock:
+            found = self._routes.get(route)
+        if found is None or found[1] < time.monotonic():
+            return None
+        return found[0]
+
+    def learn(self, route: str, header: Callable[[str], str | None]) -> None:
+        try:
+            required = self._http.get_payment_required_response(header, None)
+        except ValueError:
+            return
+        if not isinstance(required, PaymentRequired):  # x402 v1: its flow only
+            return
+        with self._lock:
+            self._routes.pop(route, None)
+            self._routes[route] = (required, time.monotonic() + self.ttl)
+            while len(self._routes) > self.max_routes:
+                self._routes.popitem(last=False)
+
+    def forget(self, route: str) -> None:
+        with self._lock:
+            self._routes.pop(route, None)
 
 
 class PayAheadTransport(httpx.AsyncBaseTransport):
@@ -39,20 +82,20 @@ class PayAheadTransport(httpx.AsyncBaseTransport):
     ) -> None:
         self._client = client
         self._http = x402HTTPClient(client)
-        self._wire = _Learning(transport or httpx.AsyncHTTPTransport(), self._learn)
+        self._routes = _Routes(self._http, ttl, max_routes)
+        self._wire = _Learning(transport or httpx.AsyncHTTPTransport(), self._routes)
         self._x402 = x402AsyncTransport(self._http, self._wire)
-        self.ttl, self.max_routes = ttl, max_routes
-        self._routes: OrderedDict[str, tuple[PaymentRequired, float]] = OrderedDict()
 
     async def handle_async_request(self, request: httpx.Request) -> httpx.Response:
         await request.aread()  # sent twice when the early payment is refused
-        required = self._required(request)
+        route = _route(request.method, str(request.url))
+        required = self._routes.required(route)
         if required is None:
             return await self._x402.handle_async_request(request)
         try:
             payload = await self._client.create_payment_payload(required)
         except Exception:  # the schemes or the policies refuse these requirements now: x402's flow says why
-            self._forget(request)
+            self._routes.forget(route)
             return await self._x402.handle_async_request(request)
         headers = dict(request.headers) | self._http.encode_payment_signature_header(payload)
         paying = httpx.Request(request.method, request.url, headers=headers, content=request.content,
@@ -61,53 +104,70 @@ class PayAheadTransport(httpx.AsyncBaseTransport):
         result = await self._http.process_payment_result(payload, answer.headers.get, answer.status_code)
         if answer.status_code != 402 and not result.recovered:
             if result.settle_response is None:  # answered without being paid: not a priced route any more
-                self._forget(request)
+                self._routes.forget(route)
             return answer
         await answer.aclose()
-        self._forget(request)
+        self._routes.forget(route)
         return await self._x402.handle_async_request(request)
 
     async def aclose(self) -> None:
         await self._x402.aclose()
 
-    def _required(self, request: httpx.Request) -> PaymentRequired | None:
-        found = self._routes.get(_route(request))
-        if found is None or found[1] < time.monotonic():
-            return None
-        return found[0]
-
-    def _learn(self, request: httpx.Request, response: httpx.Response) -> None:
-        try:
-            required = self._http.get_payment_required_response(response.headers.get, None)
-        except ValueError:
-            return
-        if not isinstance(required, PaymentRequired):  # x402 v1: its flow only
-            return
-        key = _route(request)
-        self._routes.pop(key, None)
-        self._routes[key] = (required, time.monotonic() + self.ttl)
-        while len(self._routes) > self.max_routes:
-            self._routes.popitem(last=False)
-
-    def _forget(self, request: httpx.Request) -> None:
-        self._routes.pop(_route(request), None)
-
 
 class _Learning(httpx.AsyncBaseTransport):
-    """The wire, telling every 402 that names requirements to `learn`."""
+    """The wire, telling the routes of every 402 that names requirements."""
 
-    def __init__(self, inner: httpx.AsyncBaseTransport, learn: Callable[[httpx.Request, httpx.Response], None]) -> None:
-        self._inner, self._learn = inner, learn
+    def __init__(self, inner: httpx.AsyncBaseTransport, routes: _Routes) -> None:
+        self._inner, self._routes = inner, routes
 
     async def handle_async_request(self, request: httpx.Request) -> httpx.Response:
         response = await self._inner.handle_async_request(request)
         if response.status_code == 402 and "payment-required" in response.headers:
-            self._learn(request, response)
+            self._routes.learn(_route(request.method, str(request.url)), response.headers.get)
         return response
 
     async def aclose(self) -> None:
         await self._inner.aclose()
 
 
-def _route(request: httpx.Request) -> str:
-    return f"{request.method} {request.url}"
+class PayAheadAdapter(x402HTTPAdapter):
+    """x402's requests adapter, paying ahead on URLs whose requirements it saw in the last `ttl` seconds: the same
+    rules as `PayAheadTransport`, for x402's sync client (`x402ClientSync`). Mount it on a `requests.Session`."""
+
+    def __init__(self, client: x402ClientSync, *, ttl: float = 300.0, max_routes: int = 1024, **kwargs: Any) -> None:
+        super().__init__(client, **kwargs)
+        self._payer = client
+        self._routes = _Routes(self._http_client, ttl, max_routes)
+
+    def send(self, request: requests.PreparedRequest, **kwargs: Any) -> requests.Response:  # type: ignore[override]
+        route = _route(request.method or "GET", request.url or "")
+        required = self._routes.required(route)
+        if required is None:
+            return super().send(request, **kwargs)
+        try:
+            payload = self._payer.create_payment_payload(required)
+        except Exception:  # the schemes or the policies refuse these requirements now: x402's flow says why
+            self._routes.forget(route)
+            return super().send(request, **kwargs)
+        paying = request.copy()
+        paying.headers.update(self._http_client.encode_payment_signature_header(payload))
+        answer = HTTPAdapter.send(self, paying, **kwargs)  # the wire itself: x402's flow is for the fallback
+        result = self._http_client.process_payment_result(payload, answer.headers.get, answer.status_code)
+        if answer.status_code != 402 and not result.recovered:
+            if result.settle_response is None:  # answered without being paid: not a priced route any more
+                self._routes.forget(route)
+            return answer
+        answer.close()
+        self._routes.forget(route)
+        return super().send(request, **kwargs)
+
+    def build_response(self, req: requests.PreparedRequest, resp: Any) -> requests.Response:
+        """Every answer off the wire passes here, x402's own 402s included: learn the requirements they name."""
+        response = super().build_response(req, resp)
+        if response.status_code == 402 and "payment-required" in response.headers:
+            self._routes.learn(_route(req.method or "GET", req.url or ""), response.headers.get)
+        return response
+
+
+def _route(method: str, url: str) -> str:
+    return f"{method} {url}"
