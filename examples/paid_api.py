@@ -2,6 +2,9 @@
 through a `settlement serve` as the facilitator. Run it against `make run`'s devnet:
 
     PAY_TO=0x... .venv/bin/python examples/paid_api.py      # then: .venv/bin/python examples/paying_client.py
+
+With the payee's key in PAYEE_KEY (and the chain at RPC_URL), it also takes payers' refund requests
+(POST /x402/channelhub/refund: the channel closed at once, the rest of the deposit back to the payer).
 """
 
 from __future__ import annotations
@@ -15,7 +18,8 @@ from x402.extensions.payment_identifier import PAYMENT_IDENTIFIER, declare_payme
 from x402.http import FacilitatorConfig
 from x402.http.types import PaymentOption, RouteConfig
 
-from settlement.x402.fastapi import ChannelHubFacilitatorClient, PaymentMiddleware
+from settlement.sdk.payee import PayeeClient
+from settlement.x402.fastapi import ChannelHubFacilitatorClient, PaymentMiddleware, refund_router
 from settlement.x402.server import ChannelHubServerScheme
 
 FACILITATOR = os.environ.get("FACILITATOR_URL", "http://127.0.0.1:8000/x402")  # our service's facilitator routes
@@ -46,6 +50,11 @@ def report(number: int) -> dict[str, int]:
     if number > 10:
         raise HTTPException(404, "no such report")  # not found: the payment is not settled, the payer pays nothing
     return {"report": number}
+
+
+if os.environ.get("PAYEE_KEY"):  # payers may ask for the cooperative refund; the payee sends closeByPayee
+    rpc = os.environ.get("RPC_URL", "http://127.0.0.1:8545")
+    app.include_router(refund_router(PayeeClient(os.environ["PAYEE_KEY"], rpc, FACILITATOR.removesuffix("/x402"))))
 
 
 @app.get("/health")

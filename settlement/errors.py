@@ -39,6 +39,8 @@
         │   └── PayerRateLimitedError 429 payer_rate_limited (one payer's signed vouchers over
         │                                                   SETTLEMENT_PAYER_VOUCHERS_PER_SECOND, every channel)
         ├── BatchTooLargeError       413 batch_too_large
+        ├── RefundRequestExpiredError 400 refund_request_expired (a payer's refund request past its expiry, or
+        │                                                   valid for longer than the payee allows)
         ├── NotFoundError            404 not_found
         ├── MethodNotAllowedError    405 method_not_allowed
         └── VoucherRejectedError     400 voucher_rejected    (a well-formed voucher the ledger refuses)
@@ -289,6 +291,13 @@ class BatchTooLargeError(RequestError):
 
     status = 413
     code = "batch_too_large"
+
+
+class RefundRequestExpiredError(RequestError):
+    """A payer's signed refund request (settlement.x402.refunds) has expired, or names an expiry further ahead than
+    the payee accepts (a request captured now must not stay usable for long); sign a fresh one."""
+
+    code = "refund_request_expired"
 
 
 class NotFoundError(RequestError):

@@ -8,6 +8,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from settlement.eip712.receipts import ReceiptSigner, SignedFields, receipt_domain, receipt_signer, sign_receipt
+from settlement.eip712.refunds import refund_requester, sign_refund_request
 from settlement.eip712.vouchers import (
     MAX_UINT256,
     SECP256K1_N,
@@ -123,3 +124,17 @@ def test_the_voucher_signer_refuses_what_a_voucher_cannot_carry() -> None:
     for cid, amount in ((b"\x07" * 31, 1), (CID, -1), (CID, MAX_UINT256 + 1)):
         with pytest.raises(ValueError):
             signer.sign(cid, amount)
+
+
+def test_each_signed_field_of_a_refund_request_changes_its_signer() -> None:
+    """A refund request binds the channel, its expiry, the chain and the hub; it is never a voucher's signature."""
+    signature = sign_refund_request(KEY, DOMAIN, CID, 1_000)
+    assert refund_requester(DOMAIN, CID, 1_000, signature) == KEY.address
+    assert refund_requester(DOMAIN, CID, 1_001, signature) != KEY.address
+    assert refund_requester(DOMAIN, b"\x08" * 32, 1_000, signature) != KEY.address
+    assert refund_requester(Domain(1, DOMAIN.verifying_contract), CID, 1_000, signature) != KEY.address
+    assert refund_requester(Domain(31337, "0x" + "11" * 20), CID, 1_000, signature) != KEY.address
+    voucher = sign_voucher(KEY, DOMAIN, CID, 1_000)  # the same numbers signed as a voucher ask for nothing
+    assert refund_requester(DOMAIN, CID, 1_000, voucher) != KEY.address
+    assert refund_requester(DOMAIN, CID, 1_000, b"\x01" * 65) != KEY.address
+    assert refund_requester(DOMAIN, CID, 1_000, signature[:64]) is None  # not a signature at all

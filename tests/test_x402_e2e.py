@@ -32,11 +32,15 @@ from x402.http.clients.httpx import PaymentError
 from x402.http.utils import decode_payment_signature_header, encode_payment_signature_header
 
 from settlement.devtools.devnet import Devnet
+from settlement.domain.model import ChannelStatus, ChannelViewField
+from settlement.eip712.refunds import sign_refund_request
+from settlement.errors import ChannelClosedError
 from settlement.sdk.journal import Budget
 from settlement.sdk.payee import PayeeClient
 from settlement.sdk.payer import PayerClient
 from settlement.x402.ahead import PayAheadAdapter, PayAheadTransport
 from settlement.x402.client import ChannelHubClientScheme, DepositPolicy, PaymentIdentifiers
+from settlement.x402.refunds import REFUND_PATH, ask_refund
 from tests.hub_helpers import ETH, events, free_test_port, send, wait_until
 from tests.servers import ServiceProcess
 
@@ -48,15 +52,22 @@ pytestmark = pytest.mark.slow
 
 
 class PaidApis:
-    """Factory: paid_apis(facilitator_url, pay_to, asset=ETH, price=PRICE, port=None) -> base URL of
-    examples/paid_api.py in its own process; `stop(url)` kills one (its port can serve another price next)."""
+    """Factory: paid_apis(facilitator_url, pay_to, asset=ETH, price=PRICE, port=None, payee_key=None) -> base URL of
+    examples/paid_api.py in its own process (with payee_key: taking refund requests); `stop(url)` kills one (its port
+    can serve another price next)."""
 
     def __init__(self, devnet: Devnet, tmp_path: Path) -> None:
         self.devnet, self.tmp_path = devnet, tmp_path
         self.started: dict[str, subprocess.Popen[bytes]] = {}
 
     def __call__(
-        self, facilitator: str, pay_to: str, asset: str = ETH, price: int = PRICE, port: int | None = None
+        self,
+        facilitator: str,
+        pay_to: str,
+        asset: str = ETH,
+        price: int = PRICE,
+        port: int | None = None,
+        payee_key: str | None = None,
     ) -> str:
         port = port or free_test_port()
         env = os.environ | {
@@ -66,7 +77,10 @@ class PaidApis:
             "PRICE_WEI": str(price),
             "ASSET": asset,
             "PORT": str(port),
+            "RPC_URL": self.devnet.url,
         }
+        if payee_key is not None:  # the app takes payers' refund requests
+            env["PAYEE_KEY"] = payee_key
         log_path = self.tmp_path / f"paid-api-{port}-{price}.log"
         with log_path.open("wb") as log:
             process = subprocess.Popen(
@@ -609,6 +623,69 @@ def test_a_cooperative_refund_returns_the_unspent_deposit_at_once(
     assert accepted_for(service, payee_account.address) == 4 * PRICE
     for client in (stranger, payee):
         client.shutdown()
+
+
+def test_a_payer_asks_the_payee_for_the_refund_and_only_the_payer_can(
+    spawn: Callable[..., ServiceProcess],
+    paid_api: PaidApis,
+    devnet: Devnet,
+    accounts: list[LocalAccount],
+    hub: Contract,
+    tmp_path: Path,
+    payer_for: Callable[..., PayerClient],
+) -> None:
+    """The payer signs a refund request and posts it to the payee's refund route: the payee closes the channel at
+    once (closeByPayee), paid what it earned, the rest back to the payer. Every other request is refused with its
+    code and changes nothing: signed by someone else, expired, valid for too long, malformed, another payee's
+    channel, an unknown channel, and the same request again after the refund."""
+    service = spawn(f"sqlite:///{tmp_path / 'asked-refund.db'}")
+    payee_account = accounts[12]
+    api = paid_api(f"{service.url}/x402", payee_account.address, payee_key=HexBytes(payee_account.key).to_0x_hex())
+    payer = payer_for(accounts[11], service)
+    scheme = ChannelHubClientScheme(payer, DepositPolicy(multiple=100, follow_hint=False))
+
+    async def get() -> int:
+        async with x402HttpxClient(paying_client(devnet, scheme), timeout=60) as http:
+            return (await http.get(f"{api}/weather")).status_code
+
+    assert [asyncio.run(get()) for _ in range(2)] == [200] * 2
+    (channel,) = payer.open_channels(payee_account.address)
+    cid, raw = channel["channelId"], bytes.fromhex(channel["channelId"][2:])
+    url = f"{api}{REFUND_PATH}"
+
+    def post(signer: LocalAccount, expires_in: int = 300, channel_id: bytes = raw) -> tuple[int, str]:
+        expires = int(time.time()) + expires_in
+        signature = sign_refund_request(signer, payer.domain, channel_id, expires)
+        body = {"channelId": "0x" + channel_id.hex(), "expires": expires, "signature": "0x" + signature.hex()}
+        answer = httpx.post(url, json=body, timeout=60)
+        return answer.status_code, answer.json()["code"] if answer.status_code != 200 else answer.json()["refunded"]
+
+    assert post(accounts[9]) == (403, "forbidden")  # not the payer's signature
+    assert post(payer.account, expires_in=-1) == (400, "refund_request_expired")
+    assert post(payer.account, expires_in=3_600) == (400, "refund_request_expired")  # usable for too long
+    assert post(payer.account, channel_id=b"\x42" * 32) == (404, "channel_not_found")
+    elsewhere = payer.open_channel(accounts[8].address, 10**15)  # the same payer's channel to another payee
+    assert post(payer.account, channel_id=elsewhere.channel_id) == (403, "forbidden")
+    for body in ({"channelId": cid}, {"channelId": cid, "expires": "soon", "signature": "0x00"}, []):
+        answer = httpx.post(url, json=body, timeout=60)
+        assert (answer.status_code, answer.json()["code"]) == (400, "malformed_request")
+    assert hub.functions.channel(raw).call()[ChannelViewField.STATUS] == ChannelStatus.OPEN  # nothing changed
+
+    assert ask_refund(url, payer, cid) == 98 * PRICE
+    assert hub.functions.balanceOf(payer.address, ETH).call() == 98 * PRICE  # back at once
+    assert hub.functions.balanceOf(payee_account.address, ETH).call() == 2 * PRICE
+    assert post(payer.account) == (409, "channel_closed")  # again: nothing left to do
+    with pytest.raises(ChannelClosedError):
+        ask_refund(url, payer, cid)
+    wait_until(lambda: payer.open_channels(payee_account.address) == [])  # the service saw the close
+    assert asyncio.run(get()) == 200  # the payer's next request pays on a new channel
+    assert accepted_for(service, payee_account.address) == 3 * PRICE
+
+    (fresh,) = payer.open_channels(payee_account.address)
+    raw = bytes.fromhex(fresh["channelId"][2:])
+    with ThreadPoolExecutor(2) as pool:  # two requests racing: one refund, one channel_closed, never two closes
+        answers = sorted(pool.map(lambda _: post(payer.account, channel_id=raw), range(2)), key=lambda a: a[0])
+    assert answers == [(200, str(int(fresh["deposit"]) - PRICE)), (409, "channel_closed")]
 
 
 @pytest.mark.parametrize(

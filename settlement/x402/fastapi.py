@@ -12,6 +12,8 @@ for the first. A payment without an identifier that is sent again gets a 402 (`v
 The facilitator client verifies in this process a payment on a channel whose position the facilitator's last
 settle answered (settlement.x402.positions): one facilitator call per paid request instead of two.
 
+`refund_router` mounts a payee's answers to payers' refund requests (settlement.x402.refunds) as a FastAPI route.
+
 Needs FastAPI (the payee's app has it); the rest of settlement.x402 does not.
 """
 
@@ -27,8 +29,9 @@ from dataclasses import dataclass, replace
 from typing import Any
 
 import httpx
-from fastapi import Request, Response
+from fastapi import APIRouter, Request, Response
 from fastapi.responses import JSONResponse
+from starlette.concurrency import run_in_threadpool
 from starlette.types import ASGIApp
 from x402 import x402ResourceServer
 from x402.extensions.payment_identifier import extract_payment_identifier
@@ -39,7 +42,9 @@ from x402.http.types import RoutesConfig
 from x402.http.utils import decode_payment_signature_header
 from x402.schemas import PaymentPayload, PaymentRequirements, SettleResponse, VerifyResponse
 
+from settlement.sdk.payee import PayeeClient
 from settlement.x402.positions import Positions
+from settlement.x402.refunds import MAX_TTL, REFUND_PATH, RefundDesk
 from settlement.x402.wire import Reason
 
 RETRY_AFTER_SECONDS = 1
@@ -229,3 +234,16 @@ class PaymentMiddleware(PaymentMiddlewareASGI):
                 headers={"Retry-After": str(RETRY_AFTER_SECONDS)},
             )
         return response
+
+
+def refund_router(payee: PayeeClient, *, path: str = REFUND_PATH, max_ttl: int = MAX_TTL) -> APIRouter:
+    """The payee's route that turns a payer's signed refund request into `closeByPayee` (settlement.x402.refunds)."""
+    desk = RefundDesk(payee, max_ttl=max_ttl)
+    router = APIRouter()
+
+    @router.post(path, summary="Close a channel now at its payer's request (closeByPayee)")
+    async def refund(request: Request) -> JSONResponse:
+        status, body = await run_in_threadpool(desk.answer, await request.body())
+        return JSONResponse(body, status_code=status)
+
+    return router

@@ -1,0 +1,119 @@
+"""The cooperative refund, asked for by the payer through the payee's paid API.
+
+Only the payee can close a channel at once (`closeByPayee`: paid what the payer signed, the rest of the deposit back
+to the payer in the same transaction), so the payer asks: it signs a `RefundRequest` (settlement.eip712.refunds) and
+posts it to the route the payee mounts next to its paid routes. The payee checks, against the chain, that the signer
+is the channel's payer and that the channel pays this payee, then closes it with `PayeeClient.refund` (the payer's
+latest voucher the service holds, checked against the payer's key). Mounting the route is the payee's choice; the
+payee pays the transaction's gas.
+
+    payee app:  app.include_router(refund_router(PayeeClient(...)))          # POST /x402/channelhub/refund
+    payer app:  ask_refund(f"{api}/x402/channelhub/refund", payer, channel_id)  # what came back to the payer
+
+`refund_router` is FastAPI's route (settlement.x402.fastapi) around `RefundDesk`, which judges a request's body and
+makes the refund; another web framework mounts the desk the same way.
+
+Every refusal is a 4xx with a stable code (settlement.errors): malformed_request, refund_request_expired, forbidden
+(not the payer's signature, or another payee's channel), channel_not_found, channel_closed (a replay after the
+refund changes nothing). A request names an expiry at most `max_ttl` seconds ahead (600), so a captured request is
+not usable for long; refunds of one payee app are made one at a time, so two racing requests close the channel once.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from typing import Annotated, Any
+
+import httpx
+from eth_utils.address import to_checksum_address
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+from settlement.domain.model import ChannelStatus, ChannelViewField
+from settlement.eip712.refunds import refund_requester, sign_refund_request
+from settlement.errors import (
+    ChainUnavailableError,
+    ChannelClosedError,
+    ChannelNotFoundError,
+    ForbiddenError,
+    MalformedRequestError,
+    RefundRequestExpiredError,
+    SettlementError,
+    rejected,
+)
+from settlement.sdk.payee import PayeeClient
+from settlement.sdk.payer import PayerClient
+
+REFUND_PATH = "/x402/channelhub/refund"
+MAX_TTL = 600
+
+_Hex32 = Annotated[str, Field(pattern=r"^0x[0-9a-fA-F]{64}$")]
+_Signature = Annotated[str, Field(pattern=r"^0x[0-9a-fA-F]{130}$")]
+
+
+class RefundRequestIn(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    channelId: _Hex32  # the wire's camelCase
+    expires: int = Field(ge=0, lt=2**64)
+    signature: _Signature
+
+
+def ask_refund(url: str, payer: PayerClient, channel_id: str, *, ttl: int = 300, timeout: float = 60) -> int:
+    """Ask the payee behind `url` to refund the channel now; returns what went back to the payer's hub balance.
+    A refusal raises the SDK's error for its code (a ServiceRejectedError)."""
+    raw = bytes.fromhex(channel_id.removeprefix("0x"))
+    expires = int(time.time()) + ttl
+    signature = sign_refund_request(payer.account, payer.domain, raw, expires)
+    body = {"channelId": "0x" + raw.hex(), "expires": expires, "signature": "0x" + signature.hex()}
+    answer = httpx.post(url, json=body, timeout=timeout)
+    if answer.status_code != 200:
+        found = answer.json()
+        raise rejected(answer.status_code, str(found["code"]), str(found["message"]), request=f"POST {url}")
+    return int(answer.json()["refunded"])
+
+
+class RefundDesk:
+    """A payee's answers to refund requests: `answer(body)` -> (HTTP status, JSON body). Blocking (the chain, the
+    service): a web framework runs it off its event loop."""
+
+    def __init__(self, payee: PayeeClient, *, max_ttl: int = MAX_TTL) -> None:
+        self.payee, self.max_ttl = payee, max_ttl
+        self._one_at_a_time = threading.Lock()
+
+    def answer(self, body: bytes) -> tuple[int, dict[str, Any]]:
+        try:
+            asked = RefundRequestIn.model_validate_json(body)
+            return 200, {"channelId": asked.channelId, "refunded": str(self._refund(asked))}
+        except ValidationError as ex:
+            return _refusal(MalformedRequestError(f"not a refund request: {ex.error_count()} field(s) wrong"))
+        except SettlementError as ex:
+            return _refusal(ex)
+        except Exception as ex:  # the chain or the service did not answer: retryable, nothing was sent
+            return _refusal(ChainUnavailableError(f"the refund could not be made now: {type(ex).__name__}"))
+
+    def _refund(self, asked: RefundRequestIn) -> int:
+        now = int(time.time())
+        if asked.expires <= now:
+            raise RefundRequestExpiredError("the refund request has expired: sign a fresh one")
+        if asked.expires > now + self.max_ttl:
+            raise RefundRequestExpiredError(f"a refund request may be valid for {self.max_ttl} s at most")
+        raw = bytes.fromhex(asked.channelId[2:])
+        payee = self.payee
+        with self._one_at_a_time:
+            view = payee.hub.functions.channel(raw).call()
+            status = int(view[ChannelViewField.STATUS])
+            if status == int(ChannelStatus.NONE):
+                raise ChannelNotFoundError(f"no channel {asked.channelId} on chain")
+            if to_checksum_address(view[ChannelViewField.PAYEE]) != payee.address:
+                raise ForbiddenError(f"channel {asked.channelId} does not pay this payee")
+            signer = refund_requester(payee.domain, raw, asked.expires, bytes.fromhex(asked.signature[2:]))
+            if signer != to_checksum_address(view[ChannelViewField.PAYER]):
+                raise ForbiddenError("the refund request is not signed by the channel's payer")
+            if status == int(ChannelStatus.CLOSED):
+                raise ChannelClosedError(f"channel {asked.channelId} is closed: nothing left to refund")
+            return payee.refund(asked.channelId)
+
+
+def _refusal(error: SettlementError) -> tuple[int, dict[str, Any]]:
+    return error.status, error.body()
