@@ -275,7 +275,9 @@ def x402_voucher(channel: Channel, cumulative: int, sign: Sign, signer: LocalAcc
 
 _EPHEMERAL_FLOOR = 32768  # Linux's ip_local_port_range starts here: kernel-picked and outgoing ports live above it
 _TEST_PORTS_FLOOR = 20000
-_port_draws = itertools.count()
+# Starts at this process's pid: two test sessions on one machine (a CI run and a developer's pytest) start their
+# draws at different points of the same range instead of both at its first port.
+_port_draws = itertools.count(os.getpid())
 
 
 def free_test_port() -> int:
