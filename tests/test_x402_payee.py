@@ -12,6 +12,7 @@ import httpx
 import pytest
 from eth_account.signers.local import LocalAccount
 from fastapi.testclient import TestClient
+from httpx_aiohttp import AiohttpTransport
 from web3.contract import Contract
 from x402.http import FacilitatorConfig
 from x402.schemas import PaymentPayload, PaymentRequirements, SettleResponse
@@ -194,6 +195,8 @@ def test_the_payees_facilitator_client_takes_both_of_x402s_config_forms() -> Non
     typed = ChannelHubFacilitatorClient(FacilitatorConfig(url=url))
     assert (as_dict.url, typed.url, as_dict.own_client) == (url, url, None)
     assert isinstance(typed.own_client, httpx.AsyncClient)
+    transport = typed.own_client._transport  # aiohttp's pool under httpx's API, with the idle limit
+    assert isinstance(transport, AiohttpTransport) and transport.limits.keepalive_expiry == KEEPALIVE_SECONDS
     assert KEEPALIVE_SECONDS < Settings.model_fields["keep_alive_seconds"].default
     asyncio.run(typed.aclose())
     assert typed.own_client.is_closed
