@@ -294,3 +294,19 @@ def free_test_port() -> int:
         if port_free("127.0.0.1", port):
             return port
     raise RuntimeError(f"no free port in {low}..{low + size}")
+
+
+def store_at_revision(url: str, revision: str) -> Database:
+    """A store migrated only up to `revision` (an empty database first): to test a later migration on the rows an
+    earlier schema held. The caller disposes of it."""
+    from alembic import command
+
+    from settlement.store.database import _alembic_config
+
+    db = Database(url)
+    with db.engine.connect() as conn:
+        config = _alembic_config()
+        config.attributes["connection"] = conn
+        command.upgrade(config, revision)
+        conn.commit()
+    return db

@@ -28,6 +28,7 @@ from settlement.store import settlements as batch_q
 from settlement.store.database import head_revision
 from settlement.store.meta import bind_deployment
 from tests.hub_helpers import Channel as HubChannel
+from tests.hub_helpers import store_at_revision
 
 MAX = 2**256 - 1
 
@@ -357,18 +358,10 @@ def test_the_channel_numbers_and_compact_amounts_migrations_keep_every_payment(e
     """Revision 0013 makes payments carry their channel's number instead of its id, 0014 SQLite's amounts integers
     or blobs instead of text: payments stored before them keep their channel, ids, order, idempotency keys and exact
     amounts (2^256 - 1 included), and payments after them continue the same id sequence."""
-    from alembic import command
-
-    from settlement.store.database import _alembic_config
     from settlement.store.payee_events import payments_after
 
-    db = Database(empty_store_url)
+    db = store_at_revision(empty_store_url, "0012")
     try:
-        with db.engine.connect() as conn:
-            config = _alembic_config()
-            config.attributes["connection"] = conn
-            command.upgrade(config, "0012")
-            conn.commit()
         money = (lambda v: f"{v:078d}") if db.is_sqlite else (lambda v: v)
         a, b = a_channel(1), a_channel(2)
         with db.write() as conn:
@@ -438,18 +431,10 @@ def test_the_channel_numbers_and_compact_amounts_migrations_keep_every_payment(e
 
 def test_the_withdrawals_migration_names_the_account_of_earlier_withdrawals(empty_store_url: str) -> None:
     """Revision 0007 gives Withdrawn events an indexed account column; those indexed before it get theirs too."""
-    from alembic import command
-
     from settlement.store.chainlog import withdrawn_by
-    from settlement.store.database import _alembic_config
 
-    db = Database(empty_store_url)
+    db = store_at_revision(empty_store_url, "0006")
     try:
-        with db.engine.connect() as conn:
-            config = _alembic_config()
-            config.attributes["connection"] = conn
-            command.upgrade(config, "0006")
-            conn.commit()
         account, token = "0x" + "ab" * 20, "0x" + "00" * 20
         with db.write() as conn:
             for log_index, (event, args) in enumerate(

@@ -53,12 +53,13 @@ pytestmark = pytest.mark.slow
 
 class PaidApis:
     """Factory: paid_apis(facilitator_url, pay_to, asset=ETH, price=PRICE, port=None, payee_key=None) -> base URL of
-    examples/paid_api.py in its own process (with payee_key: taking refund requests); `stop(url)` kills one (its port
-    can serve another price next)."""
+    examples/paid_api.py in its own process (with payee_key: taking refund requests); `stop(url)` kills one;
+    `reprice(url, price)` serves the same app at another price on the same URL."""
 
     def __init__(self, devnet: Devnet, tmp_path: Path) -> None:
         self.devnet, self.tmp_path = devnet, tmp_path
         self.started: dict[str, subprocess.Popen[bytes]] = {}
+        self.made_with: dict[str, tuple[str, str, str, str | None]] = {}
 
     def __call__(
         self,
@@ -88,6 +89,7 @@ class PaidApis:
             )
         url = f"http://127.0.0.1:{port}"
         self.started[url] = process
+        self.made_with[url] = (facilitator, pay_to, asset, payee_key)
 
         def up() -> bool:
             assert process.poll() is None, log_path.read_text()
@@ -103,6 +105,12 @@ class PaidApis:
         process = self.started.pop(url)
         process.kill()
         process.wait()
+
+    def reprice(self, url: str, price: int) -> None:
+        facilitator, pay_to, asset, payee_key = self.made_with[url]
+        self.stop(url)
+        port = int(url.rsplit(":", 1)[1])
+        assert self(facilitator, pay_to, asset, price=price, port=port, payee_key=payee_key) == url
 
 
 @pytest.fixture
@@ -141,6 +149,16 @@ def paying_client(devnet: Devnet, scheme: ChannelHubClientScheme, asset: str = E
         {"allowed_assets": [{"network": network, "asset": asset, "max_amount_per_payment": str(10 * PRICE)}]}
     )
     return x402
+
+
+def paid_get(devnet: Devnet, scheme: ChannelHubClientScheme, url: str, asset: str = ETH) -> int:
+    """One GET through x402's own httpx client with our scheme (a fresh client each time, as a new app session)."""
+
+    async def get() -> int:
+        async with x402HttpxClient(paying_client(devnet, scheme, asset), timeout=60) as http:
+            return (await http.get(url)).status_code
+
+    return asyncio.run(get())
 
 
 def accepted_for(service: ServiceProcess, payee: str) -> int:
@@ -453,8 +471,7 @@ def test_a_payment_made_ahead_at_an_old_price_charges_nothing_and_the_new_price_
 
     assert asyncio.run(get(2)) == [200, 200]
     assert accepted_for(service, payee) == 2 * PRICE
-    paid_api.stop(api)
-    assert paid_api(f"{service.url}/x402", payee, price=2 * PRICE, port=int(api.rsplit(":", 1)[1])) == api
+    paid_api.reprice(api, 2 * PRICE)
     wire.sent.clear()
     assert asyncio.run(get(2)) == [200, 200]
     assert wire.sent == ["paid", "unpaid", "paid", "paid"]  # the old price refused, x402's flow, then ahead again
@@ -509,8 +526,7 @@ def test_the_sync_client_pays_ahead_too_and_falls_back_to_x402s_flow_without_pay
     assert adapter.sent == ["paid", "unpaid", "paid", "paid"]  # stale: refused at settle, x402's flow, ahead again
     assert accepted_for(service, payee) == 6 * PRICE + 7
 
-    paid_api.stop(api)
-    assert paid_api(f"{service.url}/x402", payee, price=2 * PRICE, port=int(api.rsplit(":", 1)[1])) == api
+    paid_api.reprice(api, 2 * PRICE)
     adapter.sent.clear()
     assert get(2) == [200, 200]
     assert adapter.sent == ["paid", "unpaid", "paid", "paid"]  # the old price refused, x402's flow, ahead again
@@ -574,13 +590,9 @@ def test_a_spend_budget_stops_payments_before_anything_is_signed(
     payer = payer_for(accounts[11], service)
     scheme = ChannelHubClientScheme(payer, budgets=[Budget(limit=2 * PRICE, period=3600, per_payee=True)])
 
-    async def get() -> int:
-        async with x402HttpxClient(paying_client(devnet, scheme), timeout=60) as http:
-            return (await http.get(f"{api}/weather")).status_code
-
-    assert [asyncio.run(get()) for _ in range(2)] == [200, 200]
+    assert [paid_get(devnet, scheme, f"{api}/weather") for _ in range(2)] == [200, 200]
     with pytest.raises(PaymentError, match="budget"):
-        asyncio.run(get())
+        paid_get(devnet, scheme, f"{api}/weather")
     assert accepted_for(service, payee) == 2 * PRICE
 
 
@@ -601,11 +613,7 @@ def test_a_cooperative_refund_returns_the_unspent_deposit_at_once(
     payer = payer_for(accounts[10], service)
     scheme = ChannelHubClientScheme(payer, DepositPolicy(multiple=100, follow_hint=False))
 
-    async def get() -> int:
-        async with x402HttpxClient(paying_client(devnet, scheme), timeout=60) as http:
-            return (await http.get(f"{api}/weather")).status_code
-
-    assert [asyncio.run(get()) for _ in range(3)] == [200] * 3
+    assert [paid_get(devnet, scheme, f"{api}/weather") for _ in range(3)] == [200] * 3
     (channel,) = payer.open_channels(payee_account.address)
     stranger = PayeeClient(HexBytes(accounts[9].key).to_0x_hex(), devnet.url, service.url)
     with pytest.raises(ValueError, match="does not pay"):
@@ -616,7 +624,7 @@ def test_a_cooperative_refund_returns_the_unspent_deposit_at_once(
     assert hub.functions.balanceOf(payee_account.address, ETH).call() == 3 * PRICE
     wait_until(lambda: payer.open_channels(payee_account.address) == [])  # the service saw the close
     scheme.policy = DepositPolicy(multiple=50, follow_hint=False)
-    assert asyncio.run(get()) == 200  # a new channel, its deposit from the refund in the hub
+    assert paid_get(devnet, scheme, f"{api}/weather") == 200  # a new channel, its deposit from the refund in the hub
     (fresh,) = payer.open_channels(payee_account.address)
     assert int(fresh["deposit"]) == 50 * PRICE
     assert hub.functions.balanceOf(payer.address, ETH).call() == 47 * PRICE
@@ -644,11 +652,7 @@ def test_a_payer_asks_the_payee_for_the_refund_and_only_the_payer_can(
     payer = payer_for(accounts[11], service)
     scheme = ChannelHubClientScheme(payer, DepositPolicy(multiple=100, follow_hint=False))
 
-    async def get() -> int:
-        async with x402HttpxClient(paying_client(devnet, scheme), timeout=60) as http:
-            return (await http.get(f"{api}/weather")).status_code
-
-    assert [asyncio.run(get()) for _ in range(2)] == [200] * 2
+    assert [paid_get(devnet, scheme, f"{api}/weather") for _ in range(2)] == [200] * 2
     (channel,) = payer.open_channels(payee_account.address)
     cid, raw = channel["channelId"], bytes.fromhex(channel["channelId"][2:])
     url = f"{api}{REFUND_PATH}"
@@ -678,7 +682,7 @@ def test_a_payer_asks_the_payee_for_the_refund_and_only_the_payer_can(
     with pytest.raises(ChannelClosedError):
         ask_refund(url, payer, cid)
     wait_until(lambda: payer.open_channels(payee_account.address) == [])  # the service saw the close
-    assert asyncio.run(get()) == 200  # the payer's next request pays on a new channel
+    assert paid_get(devnet, scheme, f"{api}/weather") == 200  # the payer's next request pays on a new channel
     assert accepted_for(service, payee_account.address) == 3 * PRICE
 
     (fresh,) = payer.open_channels(payee_account.address)
@@ -748,11 +752,7 @@ def test_an_erc20_payee_is_paid_in_its_token(
     payer = payer_for(payer_account, service)
     scheme = ChannelHubClientScheme(payer)
 
-    async def get() -> int:
-        async with x402HttpxClient(paying_client(devnet, scheme, token.address), timeout=60) as http:
-            return (await http.get(f"{api}/weather")).status_code
-
-    assert [asyncio.run(get()) for _ in range(3)] == [200] * 3
+    assert [paid_get(devnet, scheme, f"{api}/weather", token.address) for _ in range(3)] == [200] * 3
     assert payer.open_channels(payee) == []  # no ETH channel
     (channel,) = payer.open_channels(payee, token.address)
     assert int(channel["acceptedCumulativeAmount"]) == 3 * PRICE
