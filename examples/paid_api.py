@@ -29,14 +29,15 @@ PRICE = int(os.environ.get("PRICE_WEI", "1000000000"))  # 1 gwei a request (base
 ASSET = os.environ.get("ASSET", "0x0000000000000000000000000000000000000000")  # ETH, or an ERC-20's address
 
 # x402's resource server, facilitator client and middleware; ours answer 503 when the facilitator is unreachable.
-server = x402ResourceServer(ChannelHubFacilitatorClient(FacilitatorConfig(url=FACILITATOR)))
+facilitator = ChannelHubFacilitatorClient(FacilitatorConfig(url=FACILITATOR))
+server = x402ResourceServer(facilitator)
 server.register(NETWORK, ChannelHubServerScheme(asset=ASSET, facilitator_url=FACILITATOR))
 paid = RouteConfig(
     accepts=PaymentOption(scheme="channelhub", pay_to=PAY_TO, price=str(PRICE), network=NETWORK),
     extensions={PAYMENT_IDENTIFIER: declare_payment_identifier_extension()},  # a retried payment is answered again
 )
 
-app = FastAPI(title="a paid API")
+app = FastAPI(title="a paid API", lifespan=facilitator.lifespan)  # its connections closed when the app stops
 app.add_middleware(PaymentMiddleware, routes={"GET /weather": paid, "GET /reports/*": paid}, server=server)
 
 

@@ -11,6 +11,7 @@ from typing import Any
 import httpx
 import pytest
 from eth_account.signers.local import LocalAccount
+from fastapi import FastAPI
 from fastapi.testclient import TestClient
 from httpx_aiohttp import AiohttpTransport
 from web3.contract import Contract
@@ -200,3 +201,11 @@ def test_the_payees_facilitator_client_takes_both_of_x402s_config_forms() -> Non
     assert KEEPALIVE_SECONDS < Settings.model_fields["keep_alive_seconds"].default
     asyncio.run(typed.aclose())
     assert typed.own_client.is_closed
+
+
+def test_the_facilitator_clients_lifespan_closes_its_pool_when_the_app_stops() -> None:
+    facilitator = ChannelHubFacilitatorClient(FacilitatorConfig(url="http://127.0.0.1:8000/x402"))
+    app = FastAPI(lifespan=facilitator.lifespan)
+    with TestClient(app):
+        assert facilitator.own_client is not None and not facilitator.own_client.is_closed
+    assert facilitator.own_client.is_closed

@@ -188,7 +188,10 @@ class PaidApiDemo:
         from settlement.x402.server import ChannelHubServerScheme
 
         network = f"eip155:{chain_id}"
-        facilitator = ChannelHubFacilitatorClient(FacilitatorConfig(url=f"{self.service_url}/x402"))
+        # httpx's own pool, not the default aiohttp one: this app runs in a daemon thread that the interpreter's exit
+        # stops mid-request, and aiohttp's C parser caught there crashed the process once on Ctrl-C.
+        http = httpx.AsyncClient(timeout=30)
+        facilitator = ChannelHubFacilitatorClient(FacilitatorConfig(url=f"{self.service_url}/x402", http_client=http))
         resource = x402ResourceServer(facilitator)
         resource.register(network, ChannelHubServerScheme())
         paid = RouteConfig(

@@ -23,7 +23,8 @@ import asyncio
 import hashlib
 import time
 from collections import OrderedDict
-from collections.abc import Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
+from contextlib import asynccontextmanager
 from contextvars import ContextVar
 from dataclasses import dataclass, replace
 from typing import Any
@@ -86,6 +87,13 @@ class ChannelHubFacilitatorClient(HTTPFacilitatorClient):
         if self.own_client is not None:
             await self.own_client.aclose()
         await super().aclose()
+
+    @asynccontextmanager
+    async def lifespan(self, _app: Any) -> AsyncIterator[None]:
+        """The app's lifespan (`FastAPI(lifespan=facilitator.lifespan)`): the client's connections are closed on the
+        app's own event loop when it stops (aiohttp warns of a pool left open at exit)."""
+        yield
+        await self.aclose()
 
     async def verify(self, payload: Any, requirements: Any) -> VerifyResponse:
         if (
