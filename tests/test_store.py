@@ -429,6 +429,38 @@ def test_the_channel_numbers_and_compact_amounts_migrations_keep_every_payment(e
         db.dispose()
 
 
+def test_the_channel_numbers_and_compact_amounts_migrations_go_back_and_forth_without_losing_a_payment(
+    db: Database,
+) -> None:
+    """Downgrading 0014 and 0013 gives payments their channel ids and SQLite its 78-digit text again; upgrading once
+    more gives back the same payments, amounts up to 2^256 - 1 included."""
+    now = utcnow()
+    big = a_channel(2)
+    with db.write() as conn:
+        channel_q.insert_channel(conn, a_channel(1, deposit=100), now)
+        channel_q.insert_channel(conn, big, now)
+        channel_q.record_payments(
+            conn, [(Receipt(a_channel(1).channel_id, 5, 5, 95, now, idempotency_key="k"), b"\x01" * 65)]
+        )
+        channel_q.record_payments(conn, [(Receipt(big.channel_id, MAX, MAX, 0, now), b"\x02" * 65)])
+    with db.read() as conn:
+        before = [channel_q.list_payments(conn, c.channel_id).items for c in (a_channel(1), big)]
+    db.downgrade("0012")
+    with db.read() as conn:
+        rows = conn.execute(text("SELECT channel_id, cumulative FROM payments ORDER BY id")).all()
+    stored = (lambda v: f"{v:078d}") if db.is_sqlite else (lambda v: v)
+    assert [(c, int(v) if not db.is_sqlite else v) for c, v in rows] == [
+        (a_channel(1).channel_id, stored(5)),
+        (big.channel_id, stored(MAX)),
+    ]
+    db.migrate()
+    with db.read() as conn:
+        after = [channel_q.list_payments(conn, c.channel_id).items for c in (a_channel(1), big)]
+        keyed = channel_q.receipts_by_key(conn, [(a_channel(1).channel_id, "k")])
+    assert after == before
+    assert list(keyed.values()) == before[0]
+
+
 def test_the_withdrawals_migration_names_the_account_of_earlier_withdrawals(empty_store_url: str) -> None:
     """Revision 0007 gives Withdrawn events an indexed account column; those indexed before it get theirs too."""
     from settlement.store.chainlog import withdrawn_by

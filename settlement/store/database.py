@@ -13,7 +13,7 @@ import logging
 import threading
 import uuid
 import zlib
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from importlib.resources import files
 from pathlib import Path
@@ -116,6 +116,13 @@ class Database:
 
     def migrate(self) -> None:
         """Bring the schema to the newest revision; safe when several processes start at once."""
+        self._alembic(lambda config: command.upgrade(config, "head"))
+
+    def downgrade(self, revision: str) -> None:
+        """Take the schema back to `revision` (every revision has its way back; rows are converted, not lost)."""
+        self._alembic(lambda config: command.downgrade(config, revision))
+
+    def _alembic(self, step: Callable[[Config], None]) -> None:
         with self._migrated, self._wrap(), self.engine.connect() as conn:
             if not self.is_sqlite:
                 conn.execute(text("SELECT pg_advisory_lock(:key)"), {"key": _MIGRATION_LOCK})
@@ -128,7 +135,7 @@ class Database:
             try:
                 config = _alembic_config()
                 config.attributes["connection"] = conn
-                command.upgrade(config, "head")
+                step(config)
                 if self.is_sqlite and conn.exec_driver_sql("PRAGMA foreign_key_check").first() is not None:
                     raise StoreError("the migration left rows whose foreign keys point nowhere; nothing was changed")
                 conn.commit()

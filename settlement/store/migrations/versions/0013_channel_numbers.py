@@ -60,4 +60,29 @@ def upgrade() -> None:
 
 
 def downgrade() -> None:
-    raise NotImplementedError("0013 is not reversible: restore the store from a backup taken before the upgrade")
+    """Payments name their channel by its id again; the channels lose their numbers."""
+    lite = op.get_bind().dialect.name == "sqlite"
+    op.drop_index("uq_payments_channel_no_idempotency_key", table_name="payments")
+    op.add_column("payments", sa.Column("channel_id", sa.String(66), nullable=True))
+    op.execute(
+        "UPDATE payments SET channel_id ="
+        " (SELECT c.channel_id FROM channels c WHERE c.channel_no = payments.channel_no)"
+    )
+    with op.batch_alter_table("payments", recreate="always" if lite else "auto") as batch:
+        batch.drop_constraint("uq_payments_channel_no_cumulative", type_="unique")
+        batch.drop_constraint("fk_payments_channel_no_channels", type_="foreignkey")
+        batch.drop_column("channel_no")
+        batch.alter_column("channel_id", existing_type=sa.String(66), nullable=False)
+        batch.create_unique_constraint("uq_payments_channel_id_cumulative", ["channel_id", "cumulative"])
+        batch.create_foreign_key("fk_payments_channel_id_channels", "channels", ["channel_id"], ["channel_id"])
+    op.create_index(
+        "uq_payments_channel_id_idempotency_key",
+        "payments",
+        ["channel_id", "idempotency_key"],
+        unique=True,
+        sqlite_where=_KEYED,
+        postgresql_where=_KEYED,
+    )
+    with op.batch_alter_table("channels", recreate="always" if lite else "auto") as batch:
+        batch.drop_constraint("uq_channels_channel_no", type_="unique")
+        batch.drop_column("channel_no")

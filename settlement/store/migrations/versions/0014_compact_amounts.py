@@ -15,7 +15,7 @@ from __future__ import annotations
 import sqlalchemy as sa
 from alembic import op
 
-from settlement.store.types import Amount, amount_checks, sqlite_amount
+from settlement.store.types import AMOUNT_DIGITS, Amount, TextAmount, amount_checks, sqlite_amount, text_amount_checks
 
 revision = "0014"
 down_revision = "0013"
@@ -70,5 +70,40 @@ def upgrade() -> None:
                 batch.create_check_constraint(name, sa.text(condition))
 
 
+def _text(stored: int | bytes | str | None) -> str | None:
+    if stored is None:
+        return None
+    value = int.from_bytes(stored, "big") if isinstance(stored, bytes) else int(stored)
+    return f"{value:0{AMOUNT_DIGITS}d}"
+
+
 def downgrade() -> None:
-    raise NotImplementedError("0014 is not reversible: restore the store from a backup taken before the upgrade")
+    """Back to 78-digit text, by two rebuilds as well."""
+    bind = op.get_bind()
+    if bind.dialect.name != "sqlite":
+        return
+    driver = bind.connection.driver_connection
+    assert driver is not None
+    driver.create_function("text_amount", 1, _text, deterministic=True)
+    zero = f"'{0:0{AMOUNT_DIGITS}d}'"
+    text_forms = {
+        "accepted_signed_lite": f"(accepted = {zero}) = (signature IS NULL)",
+        "increment_positive_lite": f"increment > {zero} AND increment <= cumulative",
+    }
+    for table, (columns, checked, others) in _TABLES.items():
+        with op.batch_alter_table(table, recreate="always") as batch:
+            for column in checked:
+                batch.drop_constraint(f"{column}_amount_lite", type_="check")
+            for name in others:
+                batch.drop_constraint(name, type_="check")
+        # Converted before the column is retyped: the rebuild copies a retyped column through a CAST, and a blob cast
+        # to text is not its number.
+        assignments = ", ".join(f"{column} = text_amount({column})" for column in columns)
+        op.execute(f"UPDATE {table} SET {assignments}")
+        with op.batch_alter_table(table, recreate="always") as batch:
+            for column in columns:
+                batch.alter_column(column, type_=TextAmount(), existing_type=Amount())
+            for column in checked:
+                batch.create_check_constraint(f"{column}_amount_lite", sa.text(text_amount_checks(column)[1]))
+            for name in others:
+                batch.create_check_constraint(name, sa.text(text_forms[name]))
