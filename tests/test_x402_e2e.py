@@ -40,7 +40,7 @@ from settlement.sdk.payee import PayeeClient
 from settlement.sdk.payer import PayerClient
 from settlement.x402.ahead import PayAheadAdapter, PayAheadTransport
 from settlement.x402.client import ChannelHubClientScheme, DepositPolicy, PaymentIdentifiers
-from settlement.x402.refunds import REFUND_PATH, ask_refund
+from settlement.x402.refunds import REFUND_PATH, RefundDesk, ask_refund
 from tests.hub_helpers import ETH, events, free_test_port, send, wait_until
 from tests.servers import ServiceProcess
 
@@ -690,6 +690,20 @@ def test_a_payer_asks_the_payee_for_the_refund_and_only_the_payer_can(
     with ThreadPoolExecutor(2) as pool:  # two requests racing: one refund, one channel_closed, never two closes
         answers = sorted(pool.map(lambda _: post(payer.account, channel_id=raw), range(2)), key=lambda a: a[0])
     assert answers == [(200, str(int(fresh["deposit"]) - PRICE)), (409, "channel_closed")]
+
+    # A flood of well-formed requests for made-up channels: each admitted one costs a chain read, so only the
+    # burst is read (404 each) and the rest are refused before the chain (429), the clock standing still.
+    payee = PayeeClient(HexBytes(payee_account.key).to_0x_hex(), devnet.url, service.url)
+    desk = RefundDesk(payee, chain_reads_per_second=5, burst=20, clock=lambda: 0.0)
+    codes = []
+    for n in range(25):
+        expires = int(time.time()) + 60
+        made_up = n.to_bytes(32, "big")
+        signature = sign_refund_request(payer.account, payer.domain, made_up, expires)
+        body = {"channelId": "0x" + made_up.hex(), "expires": expires, "signature": "0x" + signature.hex()}
+        codes.append(desk.answer(json.dumps(body).encode())[1]["code"])
+    assert codes == ["channel_not_found"] * 20 + ["rate_limited"] * 5
+    payee.shutdown()
 
 
 @pytest.mark.parametrize(

@@ -15,20 +15,23 @@ makes the refund; another web framework mounts the desk the same way.
 
 Every refusal is a 4xx with a stable code (settlement.errors): malformed_request, refund_request_expired, forbidden
 (not the payer's signature, or another payee's channel), channel_not_found, channel_closed (a replay after the
-refund changes nothing). A request names an expiry at most `max_ttl` seconds ahead (600), so a captured request is
-not usable for long; refunds of one payee app are made one at a time, so two racing requests close the channel once.
+refund changes nothing), rate_limited (429: more requests than the desk's budget of chain reads). A request names
+an expiry at most `max_ttl` seconds ahead (600), so a captured request is not usable for long; refunds of one payee
+app are made one at a time, so two racing requests close the channel once.
 """
 
 from __future__ import annotations
 
 import threading
 import time
+from collections.abc import Callable
 from typing import Annotated, Any
 
 import httpx
 from eth_utils.address import to_checksum_address
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
+from settlement.domain.buckets import Buckets
 from settlement.domain.model import ChannelStatus, ChannelViewField
 from settlement.eip712.refunds import refund_requester, sign_refund_request
 from settlement.errors import (
@@ -37,6 +40,7 @@ from settlement.errors import (
     ChannelNotFoundError,
     ForbiddenError,
     MalformedRequestError,
+    RateLimitedError,
     RefundRequestExpiredError,
     SettlementError,
     rejected,
@@ -46,6 +50,8 @@ from settlement.sdk.payer import PayerClient
 
 REFUND_PATH = "/x402/channelhub/refund"
 MAX_TTL = 600
+CHAIN_READS_PER_SECOND = 5.0
+CHAIN_READS_BURST = 20.0
 
 _Hex32 = Annotated[str, Field(pattern=r"^0x[0-9a-fA-F]{64}$")]
 _Signature = Annotated[str, Field(pattern=r"^0x[0-9a-fA-F]{130}$")]
@@ -75,10 +81,23 @@ def ask_refund(url: str, payer: PayerClient, channel_id: str, *, ttl: int = 300,
 
 class RefundDesk:
     """A payee's answers to refund requests: `answer(body)` -> (HTTP status, JSON body). Blocking (the chain, the
-    service): a web framework runs it off its event loop."""
+    service): a web framework runs it off its event loop.
 
-    def __init__(self, payee: PayeeClient, *, max_ttl: int = MAX_TTL) -> None:
-        self.payee, self.max_ttl = payee, max_ttl
+    Each well-formed, unexpired request costs a read of the chain, so they are budgeted (`chain_reads_per_second`,
+    bursts of `burst`): a flood of made-up requests costs the payee a bounded number of RPC calls and gets 429
+    `rate_limited`; an honest payer refused in a flood retries after `retryAfter`."""
+
+    def __init__(
+        self,
+        payee: PayeeClient,
+        *,
+        max_ttl: int = MAX_TTL,
+        chain_reads_per_second: float = CHAIN_READS_PER_SECOND,
+        burst: float = CHAIN_READS_BURST,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self.payee, self.max_ttl, self._clock = payee, max_ttl, clock
+        self._reads = Buckets(chain_reads_per_second, burst, max_keys=1)
         self._one_at_a_time = threading.Lock()
 
     def answer(self, body: bytes) -> tuple[int, dict[str, Any]]:
@@ -98,6 +117,9 @@ class RefundDesk:
             raise RefundRequestExpiredError("the refund request has expired: sign a fresh one")
         if asked.expires > now + self.max_ttl:
             raise RefundRequestExpiredError(f"a refund request may be valid for {self.max_ttl} s at most")
+        wait = self._reads.take(None, self._clock())
+        if wait is not None:
+            raise RateLimitedError("too many refund requests: retry later", retryAfter=wait)
         raw = bytes.fromhex(asked.channelId[2:])
         payee = self.payee
         with self._one_at_a_time:
