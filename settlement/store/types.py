@@ -68,11 +68,9 @@ def sqlite_amount(value: int) -> int | bytes:
     return value if value < _WIDE else value.to_bytes(32, "big")
 
 
-def sqlite_amount_value(stored: int | bytes | str) -> float:
-    """An amount as SQLite stored it (or as it stored it before 0014, text), roughly: what ranking needs."""
-    if isinstance(stored, bytes):
-        return float(int.from_bytes(stored, "big"))
-    return float(int(stored))
+def sqlite_amount_value(stored: int | bytes) -> float:
+    """An amount as SQLite stores it, roughly: what ranking needs."""
+    return float(int.from_bytes(stored, "big") if isinstance(stored, bytes) else stored)
 
 
 def _check(value: int) -> None:
