@@ -10,7 +10,7 @@ from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import replace
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import pytest
 from eth_account.signers.local import LocalAccount
@@ -20,7 +20,9 @@ from settlement.chain.deployment import Deployment
 from settlement.domain.ledger import Verdict
 from settlement.domain.model import ETH, BlockRef, Channel, ChannelId, ChannelStatus, Receipt, Voucher, utcnow
 from settlement.errors import ChainMismatchError, ConfigError, SettlementError, StaleVoucherError, StoreError
+from settlement.ingest.pipeline import Ingestor
 from settlement.server.config import Settings
+from settlement.server.metrics import Metrics
 from settlement.server.service import Service
 from settlement.store import Database
 from settlement.store import channels as channel_q
@@ -317,6 +319,58 @@ def test_the_migrations_build_exactly_the_schema_the_tables_describe(db: Databas
 def _alembic_own(diff: Any) -> bool:
     """alembic's version table is not in our metadata."""
     return isinstance(diff, tuple) and diff[0] == "remove_table" and diff[1].name == "alembic_version"
+
+
+@pytest.mark.parametrize("held_max", [100_000, 1])
+def test_a_writer_holding_a_channel_judges_what_another_process_or_the_indexer_wrote_since(
+    db: Database, held_max: int
+) -> None:
+    """Each ingest writer keeps the channels it wrote and judges the next group against its own copy while the
+    stored version is the one it wrote. Two writers (two processes on one store) take turns on one channel, and the
+    indexer's write (a confirmed top-up, then a close) lands between their groups: each judges what is stored, never
+    its own older copy (which would have paid 5 twice, refused the top-up's money and taken a voucher after the
+    close). With `held_max` 1 the writer forgets what it held after each group: the same answers."""
+    payer = bytes.fromhex("aa" * 20)
+    with db.write() as conn:
+        channel_q.insert_channel(conn, a_channel(1, deposit=100), utcnow())
+        channel_q.insert_channel(conn, a_channel(2, deposit=100), utcnow())
+    cid, other = a_channel(1).channel_id, a_channel(2).channel_id
+    first, second = (
+        Ingestor(db, cast(Any, None), cast(Any, None), Metrics(), close_guard=0, held_max=held_max) for _ in range(2)
+    )
+
+    def pay(writer: Ingestor, *amounts: int) -> list[str]:
+        vouchers = [
+            Voucher(channel_id, amount, bytes(65)) for channel_id, amount in zip((cid, other), amounts, strict=False)
+        ]
+        outcomes = writer.submit(vouchers, [payer] * len(vouchers)).result()
+        return [
+            o.code if isinstance(o, SettlementError) else f"{'new' if o.new else 'again'} +{o.receipt.increment}"
+            for o in outcomes
+        ]
+
+    for writer in (first, second):
+        writer.start()
+    try:
+        assert pay(first, 10, 1) == ["new +10", "new +1"]
+        assert pay(second, 20) == ["new +10"]
+        assert pay(first, 15, 2) == ["stale_voucher", "new +1"]  # its copy said 10: 15 would have paid 5 twice
+        assert pay(first, 25, 3) == ["new +5", "new +1"]
+        with db.write() as conn:  # the indexer confirms a top-up
+            channel_q.save_chain_state(conn, replace(a_channel(1), deposit=200), utcnow())
+        assert pay(first, 150, 4) == ["new +125", "new +1"]  # its copy's deposit was 100
+        with db.write() as conn:  # and then the close
+            channel_q.save_chain_state(conn, replace(a_channel(1), deposit=200, status=ChannelStatus.CLOSED), utcnow())
+        assert pay(first, 160, 5) == ["channel_closed", "new +1"]
+        assert pay(second, 170) == ["channel_closed"]
+    finally:
+        for writer in (first, second):
+            writer.stop()
+    with db.read() as conn:
+        stored = [p.increment for p in reversed(channel_q.list_payments(conn, cid).items)]
+        held = channel_q.get_channel(conn, other)
+    assert stored == [10, 10, 5, 125]
+    assert held is not None and held.accepted == 5
 
 
 def test_racing_retries_of_one_keyed_payment_pay_it_once(

@@ -12,6 +12,7 @@ row locks (taken in channel id order) serialize writers per channel; with SQLite
 from __future__ import annotations
 
 import asyncio
+import itertools
 import logging
 import queue
 import threading
@@ -47,6 +48,7 @@ logger = logging.getLogger(__name__)
 
 Outcome = Verdict | SettlementError
 PARALLEL_RECOVERY_MIN = 16  # below this a thread hand-off costs more than it saves
+HELD_MAX = 100_000  # channels the writer keeps in memory (~1 KB each); beyond, the least recently written go
 
 
 @dataclass(frozen=True)
@@ -54,6 +56,13 @@ class _Job:
     vouchers: Sequence[Voucher]
     signers: Sequence[bytes | None]
     future: Future[list[Outcome]]
+
+
+@dataclass(frozen=True)
+class _Judged:
+    outcomes: list[Outcome]
+    written: set[ChannelId]  # channels whose row the group wrote
+    seen: Counter[tuple[str, str]]  # (payer, refusal code or "" for accepted), for the risk monitor
 
 
 class Ingestor:
@@ -71,6 +80,7 @@ class Ingestor:
         recovery_threads: int = 2,
         payer_rates: PayerRates | None = None,
         unknown_reads_per_second: float = 50.0,
+        held_max: int = HELD_MAX,
     ) -> None:
         self.db = db
         self.verifier = verifier
@@ -89,6 +99,10 @@ class Ingestor:
         self.payer_rates = payer_rates or PayerRates(0, 1)
         self._unknown_reads = TokenBucket(unknown_reads_per_second, 2 * unknown_reads_per_second)
         self._recovery: ThreadPoolExecutor | None = None
+        # The channels this writer wrote or read last, as stored then (the writer thread's own): judged against
+        # without reading the row again while the stored version is still theirs.
+        self._held: dict[ChannelId, channel_q.VersionedChannel] = {}
+        self.held_max = held_max
 
     # --- lifecycle ---------------------------------------------------------------------------------------------
 
@@ -382,60 +396,101 @@ class Ingestor:
         )
 
     def _judge_and_write(self, vouchers: list[Voucher], signers: list[bytes | None]) -> list[Outcome]:
+        try:
+            with self.db.write() as conn:
+                channels, versions = self._lock_group(conn, {v.channel_id for v in vouchers})
+                judged = self._judge_group(conn, vouchers, signers, channels)
+        except BaseException:
+            for voucher in vouchers:  # what the store holds now is not known: read it again next time
+                self._held.pop(voucher.channel_id, None)
+            raise
+        self._hold(channels, versions, judged.written)
+        with self._counts_lock:
+            self._counts.update(judged.seen)
+        return judged.outcomes
+
+    def _lock_group(
+        self, conn: Connection, ids: set[ChannelId]
+    ) -> tuple[dict[ChannelId, Channel], dict[ChannelId, int]]:
+        """The group's channels, row-locked in id order: the writer's own copy of each while the stored version is
+        the one it holds, else the stored row (another process accepted a voucher, the indexer saw the chain move)."""
+        versions = channel_q.lock_versions(conn, ids)
+        channels: dict[ChannelId, Channel] = {}
+        for channel_id, version in versions.items():
+            held = self._held.get(channel_id)
+            if held is not None and held.version == version:
+                channels[channel_id] = held.channel
+        if len(channels) < len(versions):
+            for channel_id, stored in channel_q.read_versioned(conn, versions.keys() - channels.keys()).items():
+                channels[channel_id] = stored.channel
+                versions[channel_id] = stored.version
+        return channels, versions
+
+    def _hold(
+        self, channels: dict[ChannelId, Channel], versions: dict[ChannelId, int], written: set[ChannelId]
+    ) -> None:
+        """After the commit: keep the group's channels as stored now (the group's write raised their versions)."""
+        held = self._held
+        for channel_id, channel in channels.items():
+            held.pop(channel_id, None)  # re-inserted last: the oldest entries are the least recently used
+            held[channel_id] = channel_q.VersionedChannel(channel, versions[channel_id] + (channel_id in written))
+        if len(held) > self.held_max:
+            for channel_id in list(itertools.islice(held, len(held) - self.held_max * 3 // 4)):
+                del held[channel_id]
+
+    def _judge_group(
+        self, conn: Connection, vouchers: list[Voucher], signers: list[bytes | None], channels: dict[ChannelId, Channel]
+    ) -> _Judged:
+        """Judge the group's vouchers in order against its locked channels (moving each channel's position in
+        `channels` as its vouchers are accepted) and write what was accepted."""
         outcomes: list[Outcome] = []
         accepted: list[tuple[Receipt, bytes]] = []
-        with self.db.write() as conn:
-            channels = channel_q.lock_channels(conn, (v.channel_id for v in vouchers))
-            known = [
-                v.key for v in vouchers if v.channel_id in channels and v.cumulative <= channels[v.channel_id].floor
-            ]
-            priors = channel_q.receipts_for(conn, known)
-            keyed = channel_q.receipts_by_key(
-                conn, [(v.channel_id, v.idempotency_key) for v in vouchers if v.idempotency_key is not None]
-            )
-            now = utcnow()
-            rules = self.rules
-            spent, before = self._lock_spending(conn, rules, channels, now)
-            seen: Counter[tuple[str, str]] = Counter()
-            for voucher, signer in zip(vouchers, signers, strict=True):
-                channel = channels.get(voucher.channel_id)
-                key = None if voucher.idempotency_key is None else (voucher.channel_id, voucher.idempotency_key)
+        known = [v.key for v in vouchers if v.channel_id in channels and v.cumulative <= channels[v.channel_id].floor]
+        priors = channel_q.receipts_for(conn, known)
+        keyed = channel_q.receipts_by_key(
+            conn, [(v.channel_id, v.idempotency_key) for v in vouchers if v.idempotency_key is not None]
+        )
+        now = utcnow()
+        rules = self.rules
+        spent, before = self._lock_spending(conn, rules, channels, now)
+        seen: Counter[tuple[str, str]] = Counter()
+        for voucher, signer in zip(vouchers, signers, strict=True):
+            channel = channels.get(voucher.channel_id)
+            key = None if voucher.idempotency_key is None else (voucher.channel_id, voucher.idempotency_key)
+            try:
+                verdict = judge(
+                    channel,
+                    voucher,
+                    signer,
+                    prior=priors.get(voucher.key),
+                    keyed=None if key is None else keyed.get(key),
+                    now=now,
+                    close_guard=self.close_guard,
+                    rules=rules,
+                )
+            except RequestError as ex:
+                outcomes.append(ex)
+                if channel is not None:
+                    seen[(channel.payer, ex.code)] += 1
+                continue
+            if verdict.new and channel is not None and rules.caps:
                 try:
-                    verdict = judge(
-                        channel,
-                        voucher,
-                        signer,
-                        prior=priors.get(voucher.key),
-                        keyed=None if key is None else keyed.get(key),
-                        now=now,
-                        close_guard=self.close_guard,
-                        rules=rules,
-                    )
+                    self._spend(rules, channel, verdict.receipt.increment, spent, now)
                 except RequestError as ex:
                     outcomes.append(ex)
-                    if channel is not None:
-                        seen[(channel.payer, ex.code)] += 1
+                    seen[(channel.payer, ex.code)] += 1
                     continue
-                if verdict.new and channel is not None and rules.caps:
-                    try:
-                        self._spend(rules, channel, verdict.receipt.increment, spent, now)
-                    except RequestError as ex:
-                        outcomes.append(ex)
-                        seen[(channel.payer, ex.code)] += 1
-                        continue
-                if verdict.new and channel is not None:
-                    seen[(channel.payer, "")] += 1
-                    accepted.append((verdict.receipt, voucher.signature))
-                    priors[voucher.key] = verdict.receipt
-                    if key is not None:
-                        keyed[key] = verdict.receipt
-                    channels[voucher.channel_id] = channel.with_voucher(voucher.cumulative, voucher.signature)
-                outcomes.append(verdict)
-            channel_q.record_payments(conn, accepted)
-            caps_q.save_windows(conn, {key: total for key, total in spent.items() if total != before[key]})
-        with self._counts_lock:
-            self._counts.update(seen)
-        return outcomes
+            if verdict.new and channel is not None:
+                seen[(channel.payer, "")] += 1
+                accepted.append((verdict.receipt, voucher.signature))
+                priors[voucher.key] = verdict.receipt
+                if key is not None:
+                    keyed[key] = verdict.receipt
+                channels[voucher.channel_id] = channel.with_voucher(voucher.cumulative, voucher.signature)
+            outcomes.append(verdict)
+        channel_q.record_payments(conn, accepted)
+        caps_q.save_windows(conn, {key: total for key, total in spent.items() if total != before[key]})
+        return _Judged(outcomes, {receipt.channel_id for receipt, _ in accepted}, seen)
 
 
 def _unix(now: datetime) -> int:
