@@ -9,7 +9,8 @@
     ├── DeploymentError              500 deployment_missing
     ├── StoreError                   500 store_error
     │   └── StoreUnavailableError    503 store_unavailable
-    │       └── UnknownChannelsBusyError 503 unknown_channels_busy (channel ids not in memory over the read budget)
+    │       ├── UnknownChannelsBusyError 503 unknown_channels_busy (channel ids not in memory over the read budget)
+    │       └── UnknownKeysBusyError 503 unknown_keys_busy (API keys not in memory over the read budget)
     ├── EngineBusyError              409 engine_busy         (another process runs the settlement engine)
     ├── NothingToWithdrawError       409 balance_insufficient (the hub holds less than a withdrawal asks)
     ├── ChainError                   502 chain_error
@@ -191,6 +192,14 @@ class UnknownChannelsBusyError(StoreUnavailableError):
     amount, and known channels go on. Retry after a second."""
 
     code = "unknown_channels_busy"
+
+
+class UnknownKeysBusyError(StoreUnavailableError):
+    """More API keys this process does not hold are presented than the read budget allows
+    (SETTLEMENT_UNKNOWN_KEY_READS_PER_SECOND): a flood of made-up keys costs the store a bounded amount. A key made a
+    moment ago by `settlement keys create` works after a retry a second later."""
+
+    code = "unknown_keys_busy"
 
 
 class RequestError(SettlementError):

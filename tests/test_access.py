@@ -16,11 +16,12 @@ from eth_account.messages import encode_defunct
 from eth_account.signers.local import LocalAccount
 from fastapi.testclient import TestClient
 from hexbytes import HexBytes
+from sqlalchemy import event
 
 from settlement.errors import ConfigError, InvalidCredentialsError, UntrustedServiceError
 from settlement.sdk.payer import PayerClient
 from settlement.sdk.signin import SignInAuth
-from settlement.server.access import Role, SignIn, make_key
+from settlement.server.access import KeyDirectory, Role, SignIn, make_key
 from settlement.server.config import Settings
 from settlement.server.service import check_credentials
 from settlement.store import Database
@@ -140,6 +141,50 @@ def test_a_payee_key_reads_its_own_channels_and_takings_only(
     }
     mine = client.get(f"/v1/channels?payer={channel.payer.address}", headers={"Authorization": f"Bearer {payer_key}"})
     assert [c["channelId"] for c in mine.json()["items"]] == ["0x" + channel.id.hex()]
+
+
+def test_a_flood_of_made_up_api_keys_costs_the_store_a_bounded_number_of_reads(
+    api: Callable[..., TestClient], store_url: str
+) -> None:
+    """Each made-up key used to cost a store read. The process holds the live keys' hashes: a key it does not hold
+    makes it read them again, at most 5 a second (bursts of 10, the clock stands still here); beyond, 503
+    `unknown_keys_busy` with no read. A held key is read each time (revocation stops it at once), so the operator's
+    key works through the flood, and a key made during it works once the budget refills."""
+    client = api(access_control=True)
+    service = client.app.state.service  # type: ignore[attr-defined]
+    now = [1_000.0]
+    service.keys = KeyDirectory(service.db, 5.0, clock=lambda: now[0])
+    statements: list[str] = []
+    event.listen(service.db.engine, "before_cursor_execute", lambda *args: statements.append(args[2]))
+
+    def status(key: str) -> tuple[int, str | None]:
+        answer = client.get("/v1/channels", headers={"Authorization": f"Bearer {key}"})
+        return answer.status_code, None if answer.status_code == 200 else answer.json()["code"]
+
+    def key_reads() -> int:
+        return sum("api_keys" in statement for statement in statements)
+
+    operator = new_key(store_url, Role.OPERATOR)
+    assert status(operator) == (200, None)  # not held yet: the live hashes are read, then its row
+    assert key_reads() == 2
+    made_up = [f"chk_{n:043d}" for n in range(30)]
+    answers = [status(key) for key in made_up]
+    assert answers == [(401, "invalid_credentials")] * 9 + [(503, "unknown_keys_busy")] * 21
+    assert key_reads() == 2 + 9
+    assert [status(operator) for _ in range(3)] == [(200, None)] * 3
+    assert key_reads() == 2 + 9 + 3
+    fresh = new_key(store_url, Role.OPERATOR)
+    assert status(fresh) == (503, "unknown_keys_busy")
+    now[0] += 0.2  # one read refilled
+    assert status(fresh) == (200, None)
+    db = Database(store_url)
+    try:
+        with db.write() as conn:
+            assert revoke_key(conn, operator[4:12], time.time_ns() // 1000)
+    finally:
+        db.dispose()
+    assert status(operator) == (401, "invalid_credentials")  # a held key is read each time: revoked, refused at once
+    assert status(operator) == (503, "unknown_keys_busy")  # and let go: it is a key like any made-up one now
 
 
 def test_an_account_signs_in_with_its_own_key_and_reads_as_payer_and_payee(

@@ -25,7 +25,7 @@ _bearer = HTTPBearer(
 
 
 def caller(request: Request, credentials: Annotated[HTTPAuthorizationCredentials | None, Depends(_bearer)]) -> Caller:
-    """Plain `def`: an API key is looked up in the store (so that a revoked key stops at once)."""
+    """Plain `def`: a live API key is read from the store (so that a revoked key stops at once)."""
     service: Service = request.app.state.service
     if not service.settings.access_control:
         return OPEN
@@ -36,7 +36,7 @@ def caller(request: Request, credentials: Annotated[HTTPAuthorizationCredentials
             "this route needs credentials: an API key, or a token from signing in with your account "
             "(POST /v1/auth/challenge, then POST /v1/auth/token)"
         )
-    return identify(service.db, service.signin, credentials.credentials, int(time.time()))
+    return identify(service.keys, service.signin, credentials.credentials, int(time.time()))
 
 
 def operator(who: Annotated[Caller, Depends(caller)]) -> Caller:

@@ -19,6 +19,9 @@ import hashlib
 import hmac
 import re
 import secrets
+import threading
+import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from enum import StrEnum
@@ -27,9 +30,10 @@ from eth_account import Account
 from eth_account.messages import encode_defunct
 from eth_utils.address import to_checksum_address
 
-from settlement.errors import InvalidCredentialsError
+from settlement.domain.buckets import TokenBucket
+from settlement.errors import InvalidCredentialsError, UnknownKeysBusyError
 from settlement.store import Database
-from settlement.store.keys import KeyRow, key_by_hash
+from settlement.store.keys import KeyRow, key_by_hash, live_hashes
 
 KEY_PREFIX = "chk_"
 TOKEN_PREFIX = "cht_"
@@ -98,13 +102,50 @@ def looks_like_key(credential: str) -> bool:
     return bool(_KEY.match(credential))
 
 
-def identify(db: Database, signin: SignIn, credential: str, now: int) -> Caller:
-    """Who a bearer credential speaks for: an API key (looked up in the store each time, so that a revoked key stops
-    at once), else a sign-in token."""
-    if looks_like_key(credential):
-        with db.read() as conn:
-            row = key_by_hash(conn, hash_key(credential))
+class KeyDirectory:
+    """The hashes of the store's live API keys, held by this process so that a made-up key costs no store read.
+
+    A key whose hash is held is read from the store each time (a revoked key stops at once, and its hash is let go).
+    Any other key makes the process read the live hashes again (a key just made by `settlement keys create`, in
+    another process) at most `reads_per_second` a second, bursts of twice that: beyond, 503 `unknown_keys_busy`.
+    """
+
+    def __init__(self, db: Database, reads_per_second: float, clock: Callable[[], float] = time.monotonic) -> None:
+        self.db = db
+        self.clock = clock
+        self._live: frozenset[str] = frozenset()
+        self._reloads = TokenBucket(reads_per_second, 2 * reads_per_second)
+        self._lock = threading.Lock()
+
+    def find(self, credential: str) -> KeyRow | None:
+        """The key's row if it is live, else None (blocking: store reads)."""
+        secret_hash = hash_key(credential)
+        if secret_hash not in self._live:
+            if not self._reloads.take(self.clock()):
+                raise UnknownKeysBusyError(
+                    "too many API keys this service does not hold are being presented right now; retry in a second",
+                    retryAfter=1,
+                )
+            with self.db.read() as conn:
+                live = live_hashes(conn)
+            with self._lock:
+                self._live = live
+            if secret_hash not in live:
+                return None
+        with self.db.read() as conn:
+            row = key_by_hash(conn, secret_hash)
         if row is None or row.revoked_at_us is not None:
+            with self._lock:
+                self._live = self._live - {secret_hash}
+            return None
+        return row
+
+
+def identify(keys: KeyDirectory, signin: SignIn, credential: str, now: int) -> Caller:
+    """Who a bearer credential speaks for: a live API key, else a sign-in token."""
+    if looks_like_key(credential):
+        row = keys.find(credential)
+        if row is None:
             raise InvalidCredentialsError("unknown or revoked API key")
         return Caller(Role(row.role), row.account, row.key_id)
     return signin.caller(credential, now)

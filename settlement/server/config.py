@@ -68,6 +68,13 @@ class Settings(BaseSettings):
         "beyond: 503 unknown_channels_busy, decided on the event loop, so a flood of made-up ids cannot crowd out "
         "payers whose channels are known",
     )
+    unknown_key_reads_per_second: float = Field(
+        default=5.0,
+        gt=0,
+        description="store reads of the live API keys' hashes when a key this process does not hold is presented, per "
+        "second at most (burst 2x); beyond: 503 unknown_keys_busy, so a flood of made-up keys costs the store a "
+        "bounded amount (a key it holds is read each time: a revoked key stops at once)",
+    )
 
     # Ingest
     close_guard_seconds: int = Field(

@@ -21,7 +21,7 @@ from settlement.errors import ConfigError, SettlementError
 from settlement.indexer.follower import Indexer
 from settlement.ingest.admission import PayerRates
 from settlement.ingest.pipeline import Ingestor
-from settlement.server.access import Role, SignIn
+from settlement.server.access import KeyDirectory, Role, SignIn
 from settlement.server.config import Settings
 from settlement.server.metrics import Metrics
 from settlement.server.metrics_port import MetricsPort
@@ -56,6 +56,7 @@ class Service:
     indexer: Indexer
     ingestor: Ingestor
     signin: SignIn
+    keys: KeyDirectory
     devnet: bool
     settler: Settler | None = None
     lease: Lease | None = None
@@ -121,7 +122,10 @@ class Service:
         indexer.opened = ingestor.remember
         ingestor.warm(settings.warm_channels)
         signin = SignIn(secret, deployment.chain_id, settings.signin_challenge_seconds, settings.signin_token_seconds)
-        service = cls(settings, deployment, w3, session, hub, domain, db, metrics, indexer, ingestor, signin, devnet)
+        keys = KeyDirectory(db, settings.unknown_key_reads_per_second)
+        service = cls(
+            settings, deployment, w3, session, hub, domain, db, metrics, indexer, ingestor, signin, keys, devnet
+        )
         if settings.engine_enabled:
             account = operator_account(settings, w3)
             service.settler = Settler(db, w3, hub, account, settings, metrics)

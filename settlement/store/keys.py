@@ -38,6 +38,11 @@ def key_by_hash(conn: Connection, secret_hash: str) -> KeyRow | None:
     return None if found is None else KeyRow(*found)
 
 
+def live_hashes(conn: Connection) -> frozenset[str]:
+    """The hashes of every key not revoked."""
+    return frozenset(conn.execute(select(api_keys.c.secret_hash).where(api_keys.c.revoked_at_us.is_(None))).scalars())
+
+
 def list_keys(conn: Connection) -> list[KeyRow]:
     return [KeyRow(*row) for row in conn.execute(select(*_COLUMNS).order_by(api_keys.c.created_at_us))]
 
