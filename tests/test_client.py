@@ -4,6 +4,7 @@ the client and of the service (kill -9), two service processes on one PostgreSQL
 from __future__ import annotations
 
 import json
+import sqlite3
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -328,6 +329,33 @@ def test_paying_again_with_the_key_after_an_uncertain_payment_pays_once(
     receipt = client.pay(channel, 7, reference="order-7", idempotency_key=key)
     assert (receipt.cumulative, receipt.increment, receipt.idempotency_key) == (107, 7, key)
     assert client.pay(channel, 7, reference="order-7", idempotency_key=key) == receipt  # answered from the journal
+    stored = [(p.cumulative, p.increment) for p in stored_payments(store_url, channel.hex_id)]
+    assert stored == [(107, 7), (100, 100)]
+
+
+def test_a_receipt_the_journal_lost_with_the_machine_is_learnt_again_and_nothing_paid_twice(
+    spawn: Callable[..., ServiceProcess],
+    payer_client: Callable[..., PayerClient],
+    store_url: str,
+    accounts: list[LocalAccount],
+    tmp_path: Path,
+) -> None:
+    """The journal records a receipt without waiting for the disk (one fsync a payment, not two). A machine that
+    dies right after leaves the journal as it was before the receipt: the payment pending, its voucher the signed
+    position. The app's next payment asks the service about it first, and pays its own amount only."""
+    service = spawn(store_url)
+    journal = tmp_path / "app-journal.sqlite3"
+    client = payer_client(accounts[10], service.url, state_path=journal)
+    channel = client.open_channel(accounts[11].address, 10_000)
+    client.wait_until_known(channel)
+    first = client.pay(channel, 100)
+    client.shutdown()
+    with sqlite3.connect(journal) as conn:  # what a lost, unflushed `accepted` leaves
+        assert conn.execute("UPDATE payments SET status = 'pending', receipt = NULL").rowcount == 1
+    client = payer_client(accounts[10], service.url, state_path=journal)
+    second = client.pay(channel, 7)
+    assert (first.cumulative, second.cumulative, second.increment) == (100, 107, 7)
+    assert client.journal.pending(channel.hex_id) == []
     stored = [(p.cumulative, p.increment) for p in stored_payments(store_url, channel.hex_id)]
     assert stored == [(107, 7), (100, 100)]
 

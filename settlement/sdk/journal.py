@@ -4,8 +4,9 @@ app can make it sign more than the app asked for (TigerBeetle's reliable submiss
 persists it, retries with it).
 
 One SQLite file per payer key, hub and chain (stdlib `sqlite3`: the SDK needs nothing of the server), in WAL mode
-with `synchronous=FULL`, one transaction per change. Several clients of one payer may share the file; a channel is
-paid by one client at a time (payments on a channel race each other's cumulative totals otherwise).
+with `synchronous=FULL`, one transaction per change (a receipt's record alone is not flushed: `accepted`). Several
+clients of one payer may share the file; a channel is paid by one client at a time (payments on a channel race each
+other's cumulative totals otherwise).
 """
 
 from __future__ import annotations
@@ -13,7 +14,8 @@ from __future__ import annotations
 import json
 import sqlite3
 import threading
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass
 from enum import Enum
 from pathlib import Path
@@ -92,6 +94,22 @@ class PayerJournal:
         with self._lock:
             self._conn.close()
 
+    @contextmanager
+    def _write(self, *, flush: bool = True) -> Iterator[sqlite3.Connection]:
+        """One transaction under the journal's lock. `flush=False` commits without waiting for the disk (SQLite's
+        `synchronous=NORMAL` in WAL mode: durable if the app dies, not if the machine does; the next flushed commit
+        makes it durable too): only for what the journal can learn again from the service."""
+        with self._lock:
+            if not flush:
+                self._conn.execute("PRAGMA synchronous=NORMAL")
+            try:
+                with self._conn:
+                    self._conn.execute("BEGIN IMMEDIATE")
+                    yield self._conn
+            finally:
+                if not flush:
+                    self._conn.execute("PRAGMA synchronous=FULL")
+
     def signed(self, channel_id: str) -> int | None:
         """The highest cumulative amount this payer signed on the channel, or None if it never paid on it here."""
         with self._lock:
@@ -118,8 +136,7 @@ class PayerJournal:
         `spend`: (payee, asset, now) to count it against `budgets`, checked in the same transaction (concurrent
         payers sharing this file cannot both squeeze under a limit); raises BudgetExceededError and records
         nothing when one would be exceeded."""
-        with self._lock, self._conn:
-            self._conn.execute("BEGIN IMMEDIATE")
+        with self._write():
             if spend is not None:
                 payee, asset, now = spend
                 for budget in budgets:
@@ -151,15 +168,13 @@ class PayerJournal:
 
     def settle_position(self, channel_id: str, cumulative: int) -> None:
         """A position proven from outside (a voucher this payer signed, or the chain): never lowers it."""
-        with self._lock, self._conn:
-            self._conn.execute("BEGIN IMMEDIATE")
+        with self._write():
             self._raise(channel_id, cumulative)
 
     def reset(self, channel_id: str) -> None:
         """A channel just opened: nothing is signed on it yet. (A journal can outlive a devnet whose channel ids come
         back after a restart; what it held for this id belongs to that other chain.)"""
-        with self._lock, self._conn:
-            self._conn.execute("BEGIN IMMEDIATE")
+        with self._write():
             self._conn.execute("DELETE FROM payments WHERE channel_id = ?", (channel_id,))
             self._conn.execute(
                 "INSERT INTO positions VALUES (?, '0') ON CONFLICT (channel_id) DO UPDATE SET signed = '0'",
@@ -168,9 +183,11 @@ class PayerJournal:
 
     def accepted(self, key: str, receipt: dict[str, Any], *, lower_to: int | None = None) -> None:
         """The service stored the payment. `lower_to`: it answered with an earlier voucher of the same key (a retry
-        signed by another client), so the voucher signed here was not stored and the position is that voucher's."""
-        with self._lock, self._conn:
-            self._conn.execute("BEGIN IMMEDIATE")
+        signed by another client), so the voucher signed here was not stored and the position is that voucher's.
+
+        Not flushed to disk (half of a payment's journal fsyncs): lost with the machine, the payment is pending again,
+        and the next payment on the channel asks the service what became of it before it signs anything."""
+        with self._write(flush=False):
             self._conn.execute(
                 "UPDATE payments SET status = 'accepted', receipt = ? WHERE idempotency_key = ?",
                 (json.dumps(receipt, sort_keys=True), key),
@@ -184,15 +201,13 @@ class PayerJournal:
 
     def set_position(self, channel_id: str, cumulative: int) -> None:
         """Put the channel's signed position at `cumulative`, lower or higher: where the service proves it stands."""
-        with self._lock, self._conn:
-            self._conn.execute("BEGIN IMMEDIATE")
+        with self._write():
             self._set(channel_id, cumulative)
 
     def refused(self, key: str, channel_id: str, restore: int) -> None:
         """The service refused the payment's voucher for good: forget the payment and put the signed position back
         to `restore` (what was accepted before it), so the next payment does not pay this one's amount too."""
-        with self._lock, self._conn:
-            self._conn.execute("BEGIN IMMEDIATE")
+        with self._write():
             self._conn.execute("DELETE FROM payments WHERE idempotency_key = ?", (key,))
             self._conn.execute("DELETE FROM spending WHERE idempotency_key = ?", (key,))  # refused: it cost nothing
             self._set(channel_id, restore)
