@@ -217,7 +217,9 @@ def test_make_run_then_a_second_terminal_reads_the_demo(tmp_path: Path) -> None:
     env = {k: v for k, v in os.environ.items() if not k.startswith("SETTLEMENT_")} | {"HOME": str(tmp_path)}
     log = tmp_path / "demo.log"
     with log.open("w") as out:
-        demo = subprocess.Popen([*CLI, "demo", "--port", str(port)], cwd=tmp_path, env=env, stdout=out, stderr=out)
+        demo = subprocess.Popen(  # a group of its own, as a terminal's foreground job
+            [*CLI, "demo", "--port", str(port)], cwd=tmp_path, env=env, stdout=out, stderr=out, start_new_session=True
+        )
     try:
         wait_until(lambda: "demo: 6 channels open" in log.read_text(), timeout=120)
         # and the paid API (x402): its payer's requests are paid and the payee's earnings reported
@@ -249,13 +251,17 @@ def test_make_run_then_a_second_terminal_reads_the_demo(tmp_path: Path) -> None:
         )  # fmt: skip
         assert view.returncode == 0 and "ETH (wei)" in view.stdout, view.stdout + view.stderr
     finally:
-        demo.send_signal(signal.SIGINT)
+        before = len(log.read_text())
+        os.killpg(demo.pid, signal.SIGINT)  # Ctrl-C: every process of the group gets it
         try:
             demo.wait(timeout=30)
         except subprocess.TimeoutExpired:
             demo.kill()
             demo.wait()
     assert demo.returncode == 0, log.read_text()[-3000:]
+    last = log.read_text()[before:]
+    assert last.strip().splitlines()[-1] == "stopped", last
+    assert not re.search(r"Traceback|does not answer|failed", last), last  # anvil stops last, not first
 
 
 def test_a_taken_port_stops_the_demo_before_anything_starts(tmp_path: Path) -> None:

@@ -130,8 +130,14 @@ class Devnet:
             # stderr goes to a file, not a pipe: a pipe nobody reads would stall a long-running anvil once full
             errors = tempfile.TemporaryFile()
             try:
+                # A session of its own: Ctrl-C in a terminal signals the whole foreground group, and anvil dying
+                # first made the demo's last lines RPC errors; the owner stops it after everything that uses it.
                 process = subprocess.Popen(
-                    self.command(port), stdout=stdout, stderr=errors, preexec_fn=_die_with_parent
+                    self.command(port),
+                    stdout=stdout,
+                    stderr=errors,
+                    preexec_fn=_die_with_parent,
+                    start_new_session=True,
                 )
             except OSError as ex:
                 errors.close()
