@@ -1,11 +1,13 @@
 """Per-client rate limits against a real `serve`: a client over its rate gets 429 `rate_limited` with Retry-After
 before any work is done for it, and another client is not slowed; X-Forwarded-For names the client only when a
-trusted proxy sends it (a forged one from anyone else changes nothing). Per-payer rates: only vouchers a payer's own
-key signed count, over all its channels."""
+trusted proxy sends it (a forged one from anyone else changes nothing). Per-connection refusal budgets: a
+connection that keeps being refused is answered late. Per-payer rates: only vouchers a payer's own key signed count,
+over all its channels."""
 
 from __future__ import annotations
 
 import json
+import time
 from collections.abc import Callable
 from pathlib import Path
 
@@ -51,6 +53,49 @@ def test_behind_a_trusted_proxy_each_client_has_its_own_rate(
     flooder = flood(service.url, 40, client_ip="10.0.0.1")
     assert flooder == [200] * 20 + [429] * 20
     assert flood(service.url, 20, client_ip="10.0.0.2") == [200] * 20  # an honest client behind the same proxy
+
+
+def test_a_connection_that_keeps_being_refused_is_paced_whatever_clients_it_names(
+    spawn: Callable[..., ServiceProcess], tmp_path: Path
+) -> None:
+    """A flood behind a proxy names a new client in every request, so per-client limits never bite. Its connection
+    is the same: beyond a burst of 3 refusals, each refusal on it waits its turn, one every 0.5 s here. What it is
+    refused for does not matter (bodies that are not JSON, vouchers for made-up channels); an accepted request on
+    the same connection is never delayed, and another connection has a budget of its own.
+    `settlement_refusals_delayed` counts the late answers."""
+    service = spawn(
+        f"sqlite:///{tmp_path / 'tarpit.db'}",
+        trusted_proxies=json.dumps(["127.0.0.1"]),
+        connection_refusals_per_second="2",
+        connection_refusal_burst="3",
+    )
+    made_up = json.dumps({"channelId": "0x" + "ab" * 32, "cumulativeAmount": "1", "signature": "0x" + "11" * 65})
+
+    def delayed() -> int:
+        text = httpx.get(f"{service.url}/metrics").text
+        return int(float(next(line for line in text.splitlines() if line.startswith("settlement_refusals_delayed_"))
+                         .rsplit(" ", 1)[1]))  # fmt: skip
+
+    with httpx.Client(base_url=service.url, timeout=10) as flooder:
+        started = time.monotonic()
+        codes = [
+            flooder.post(
+                "/v1/vouchers",
+                content=b"\x00not json" if n % 2 else made_up.encode(),
+                headers={"Content-Type": "application/json", "X-Forwarded-For": f"10.1.{n}.1"},
+            ).json()["code"]
+            for n in range(6)
+        ]
+        took = time.monotonic() - started
+        assert codes == ["channel_not_found", "malformed_request"] * 3
+        assert delayed() == 3
+        assert took >= 1.4  # the 4th, 5th and 6th at 0.5 s, 1.0 s and 1.5 s
+        assert flooder.get("/health").status_code == 200  # accepted: on time
+        assert delayed() == 3
+    with httpx.Client(base_url=service.url, timeout=10) as other:
+        assert [other.post("/v1/vouchers", content=made_up, headers={"Content-Type": "application/json"}).status_code
+                for _ in range(4)] == [404] * 4  # fmt: skip
+    assert delayed() == 4  # its own three on time, the fourth late
 
 
 def test_a_payer_over_its_voucher_rate_is_refused_on_every_channel_and_forgeries_spend_none_of_it(

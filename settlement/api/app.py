@@ -19,7 +19,7 @@ from starlette.exceptions import HTTPException
 from settlement import __version__
 from settlement.api.facilitator import x402_facilitator
 from settlement.api.fastpath import VoucherFastPath
-from settlement.api.middleware import INTERNAL_ERROR, BodyGuard, HostGuard, RateGuard, retry_after
+from settlement.api.middleware import INTERNAL_ERROR, BodyGuard, HostGuard, RateGuard, RefusalTarpit, retry_after
 from settlement.api.routes import router
 from settlement.api.schemas import shape_error
 from settlement.errors import MalformedRequestError, MethodNotAllowedError, NotFoundError, SettlementError
@@ -31,7 +31,7 @@ logger = logging.getLogger(__name__)
 DOCS_ASSETS = "/docs-assets"  # where /docs loads Swagger UI's script and style from
 
 
-def create_app(settings: Settings, service: Service | None = None) -> RateGuard:
+def create_app(settings: Settings, service: Service | None = None) -> RefusalTarpit:
     """Build the app for one deployment (run `settlement deploy` first); the lifespan starts and stops the service.
 
     What it returns is FastAPI behind the single-voucher fast path (settlement.api.fastpath)."""
@@ -98,4 +98,10 @@ def create_app(settings: Settings, service: Service | None = None) -> RateGuard:
 
     fast = VoucherFastPath(app, running, settings.max_body_bytes, settings.body_timeout_seconds)
     guarded = HostGuard(fast, settings.allowed_hosts)
-    return RateGuard(guarded, settings.client_requests_per_second, settings.client_burst)
+    limited = RateGuard(guarded, settings.client_requests_per_second, settings.client_burst)
+    return RefusalTarpit(
+        limited,
+        settings.connection_refusals_per_second,
+        settings.connection_refusal_burst,
+        running.metrics.refusals_delayed.inc,
+    )

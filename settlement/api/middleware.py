@@ -1,12 +1,14 @@
-"""ASGI guard in front of the routes: JSON bodies only, no body larger than the configured limit, and none that
+"""ASGI guards in front of the routes: JSON bodies only, no body larger than the configured limit, and none that
 takes longer than the configured time to arrive (a client sending its body a byte at a time holds a connection and
-memory for nothing)."""
+memory for nothing); allowed hosts; a request budget per client; and a refusal budget per connection."""
 
 from __future__ import annotations
 
 import asyncio
 import json
 import time
+from collections.abc import Callable
+from typing import Any
 
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
@@ -21,6 +23,9 @@ from settlement.errors import (
 )
 
 _WITH_BODY = {"POST", "PUT", "PATCH"}
+# The scope key under which `settlement serve`'s HTTP protocol (settlement.api.transport) puts a dict that lives as
+# long as the TCP connection: what a connection has spent is kept there, whatever client addresses it names.
+CONNECTION = "settlement.connection"
 INTERNAL_ERROR = {"code": "internal_error", "message": "internal error"}  # the answer to a bug: nothing more
 
 
@@ -170,3 +175,64 @@ class RateGuard:
             await refuse(send, error)  # Retry-After from the error's retryAfter
             return
         await self.app(scope, receive, send)
+
+
+class RefusalTarpit:
+    """Paces a connection's refusals at `rate` a second once it has had a burst of `burst`.
+
+    Per-client limits cannot hold a flood that names a new client address in every request (a botnet behind a
+    proxy); a connection cannot change. A connection whose requests keep being refused (4xx, 503: forged vouchers,
+    made-up channel ids, bytes that are not JSON) gets each further refusal at its turn, one every 1/`rate` seconds
+    (the generic cell rate algorithm: evenly spaced, so many connections paced at once do not wake together), so a
+    client that waits for its answers, as HTTP/1.1 clients do, is slowed to that pace and the event loop serves
+    everyone else. No accepted request is ever delayed. Outside `settlement serve` (no connection record in the
+    scope) it does nothing.
+    """
+
+    def __init__(
+        self,
+        app: ASGIApp,
+        rate: float,
+        burst: float,
+        delayed: Callable[[], None],
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self.app = app
+        self.rate = rate
+        self.burst = burst
+        self.delayed = delayed
+        self.clock = clock
+
+    @property
+    def state(self) -> object:
+        return getattr(self.app, "state", None)
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        connection: dict[str, Any] | None = scope.get(CONNECTION) if scope["type"] == "http" else None
+        if connection is None or self.rate <= 0:
+            await self.app(scope, receive, send)
+            return
+
+        async def send_late(message: Message) -> None:
+            if message["type"] == "http.response.start" and _refused(message["status"]):
+                wait = self._turn(connection)
+                if wait > 0:
+                    self.delayed()
+                    await asyncio.sleep(wait)
+            await send(message)
+
+        await self.app(scope, receive, send_late)
+
+    def _turn(self, connection: dict[str, Any]) -> float:
+        """Seconds until this refusal's turn; books the turn (one event loop: no lock needed)."""
+        now = self.clock()
+        interval = 1.0 / self.rate
+        due = max(float(connection.get("refusals_due", now)), now)  # when the next refusal is due at the pace
+        turn = max(now, due - (self.burst - 1) * interval)  # a burst may come that much ahead of the pace
+        connection["refusals_due"] = due + interval
+        return turn - now
+
+
+def _refused(status: int) -> bool:
+    """The answers a flood gets: the client's fault (4xx) or a budget that is spent (503). A 500 is ours."""
+    return 400 <= status < 500 or status == 503

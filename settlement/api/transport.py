@@ -1,4 +1,5 @@
-"""The HTTP protocol `settlement serve` runs: uvicorn's own httptools protocol with a bound on a request's head.
+"""The HTTP protocol `settlement serve` runs: uvicorn's own httptools protocol with a bound on a request's head, and
+a record per connection in each request's scope (what the connection spent: settlement.api.middleware.RefusalTarpit).
 
 httptools takes a request head of any size (a 10 MB header line is served), so a client could hold megabytes per
 connection with heads it never finishes. This protocol counts the bytes of a head that is not complete yet and
@@ -12,6 +13,8 @@ from typing import Any
 import httptools
 from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 
+from settlement.api.middleware import CONNECTION
+
 _TOO_LARGE = b"request head too large"
 
 
@@ -22,10 +25,12 @@ class BoundedHeadProtocol(HttpToolsProtocol):
         super().__init__(*args, **kwargs)
         self._head_bytes = 0
         self._in_head = True
+        self._connection: dict[str, Any] = {}  # lives as long as the connection (settlement.api.middleware)
 
     def on_message_begin(self) -> None:
         super().on_message_begin()
         self._head_bytes, self._in_head = 0, True
+        self.scope[CONNECTION] = self._connection  # type: ignore[literal-required]
 
     def on_headers_complete(self) -> None:
         self._in_head = False

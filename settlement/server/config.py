@@ -112,6 +112,16 @@ class Settings(BaseSettings):
         "that a flood of such requests cannot starve the event loop and the ingest writer of the GIL",
     )
     client_burst: float = Field(default=10_000.0, ge=1, description="requests one client may send at once, saved up")
+    connection_refusals_per_second: float = Field(
+        default=5.0,
+        ge=0,
+        description="refused requests (4xx, 503) one connection gets answered per second, beyond its burst (0: no "
+        "limit): further refusals wait their turn, so a connection that keeps sending what is refused (forged "
+        "vouchers, made-up ids) is slowed to that pace, whatever client addresses it names",
+    )
+    connection_refusal_burst: float = Field(
+        default=20.0, ge=1, description="refused requests one connection gets answered at once before the pace applies"
+    )
     payer_vouchers_per_second: float = Field(
         default=0.0,
         ge=0,

@@ -24,6 +24,11 @@ class Metrics:
             ["code"],
             registry=self.registry,
         )
+        self.refusals_delayed = Counter(
+            "settlement_refusals_delayed",
+            "Refusals answered late: their connection was over SETTLEMENT_CONNECTION_REFUSALS_PER_SECOND",
+            registry=self.registry,
+        )
         self.group_size = Histogram(
             "settlement_ingest_group_size",
             "Vouchers per group commit",
