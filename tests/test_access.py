@@ -44,6 +44,15 @@ def new_key(store_url: str, role: Role, account: str | None = None) -> str:
         db.dispose()
 
 
+def revoke(store_url: str, key: str) -> None:
+    db = Database(store_url)
+    try:
+        with db.write() as conn:
+            assert revoke_key(conn, key[4:12], time.time_ns() // 1000)
+    finally:
+        db.dispose()
+
+
 def reads(client: TestClient, channel: Channel, credential: str | None) -> dict[str, int]:
     """The status of each protected read about `channel` with this credential."""
     headers = {} if credential is None else {"Authorization": f"Bearer {credential}"}
@@ -110,12 +119,7 @@ def test_the_operator_reads_everything_until_its_key_is_revoked(
     assert client.get("/v1/channels", headers={"Authorization": f"Bearer {key}"}).status_code == 200
     who = client.get("/v1/auth/whoami", headers={"Authorization": f"Bearer {key}"}).json()
     assert (who["role"], who["account"], who["via"]) == ("operator", None, key[4:12])
-    db = Database(store_url)
-    try:
-        with db.write() as conn:
-            assert revoke_key(conn, key[4:12], time.time_ns() // 1000)
-    finally:
-        db.dispose()
+    revoke(store_url, key)
     assert reads(client, channel, key) == dict.fromkeys(PROTECTED, 401)
 
 
@@ -177,12 +181,7 @@ def test_a_flood_of_made_up_api_keys_costs_the_store_a_bounded_number_of_reads(
     assert status(fresh) == (503, "unknown_keys_busy")
     now[0] += 0.2  # one read refilled
     assert status(fresh) == (200, None)
-    db = Database(store_url)
-    try:
-        with db.write() as conn:
-            assert revoke_key(conn, operator[4:12], time.time_ns() // 1000)
-    finally:
-        db.dispose()
+    revoke(store_url, operator)
     assert status(operator) == (401, "invalid_credentials")  # a held key is read each time: revoked, refused at once
     assert status(operator) == (503, "unknown_keys_busy")  # and let go: it is a key like any made-up one now
 
