@@ -373,6 +373,10 @@ def test_a_writer_holding_a_channel_judges_what_another_process_or_the_indexer_w
     assert held is not None and held.accepted == 5
 
 
+def test_the_service_writer_holds_as_many_channels_as_configured(make_service: Callable[..., Service]) -> None:
+    assert make_service(held_channels=7).ingestor.held_max == 7  # SETTLEMENT_HELD_CHANNELS reaches the writer
+
+
 def test_racing_retries_of_one_keyed_payment_pay_it_once(
     make_service: Callable[..., Service],
     open_channel: Callable[..., HubChannel],

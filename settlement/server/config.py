@@ -61,6 +61,12 @@ class Settings(BaseSettings):
         description="payers of stored channels that are not closed held in memory from the start (~150 bytes each): "
         "their vouchers need no store read, whatever SETTLEMENT_UNKNOWN_CHANNEL_READS_PER_SECOND allows",
     )
+    held_channels: int = Field(
+        default=100_000,
+        ge=1,
+        description="channels the ingest writer keeps as it last wrote them (~0.9 KB each): a group judges them "
+        "without reading their rows, only their versions (docs/scaling.md); beyond, the least recently written go",
+    )
     unknown_channel_reads_per_second: float = Field(
         default=50.0,
         gt=0,

@@ -118,6 +118,7 @@ class Service:
             recovery_threads=settings.recovery_threads,
             payer_rates=PayerRates(settings.payer_vouchers_per_second, settings.payer_burst),
             unknown_reads_per_second=settings.unknown_channel_reads_per_second,
+            held_max=settings.held_channels,
         )
         indexer.opened = ingestor.remember
         ingestor.warm(settings.warm_channels)
