@@ -183,38 +183,38 @@ def judge(
     if held is not None:
         raise ChannelHeldError(f"channel {channel.channel_id} is held by the operator: {held}", reason=held)
     _require_open(channel, now, close_guard)
-    if voucher.cumulative <= channel.floor:
+    cumulative, floor = voucher.cumulative, channel.floor  # read once: this runs per voucher inside the group commit
+    if cumulative <= floor:
         raise StaleVoucherError(
-            f"cumulative amount {voucher.cumulative} is not above the channel's current {channel.floor}",
-            currentCumulativeAmount=str(channel.floor),
+            f"cumulative amount {cumulative} is not above the channel's current {floor}",
+            currentCumulativeAmount=str(floor),
         )
+    increment = cumulative - floor
     least = rules.min_increments.get(channel.token, 1)
-    if voucher.cumulative - channel.floor < least:
+    if increment < least:
         raise IncrementTooSmallError(
-            f"this voucher adds {voucher.cumulative - channel.floor}; this service takes at least {least} a payment "
-            "in this asset",
+            f"this voucher adds {increment}; this service takes at least {least} a payment in this asset",
             minIncrement=str(least),
-            currentCumulativeAmount=str(channel.floor),
+            currentCumulativeAmount=str(floor),
         )
-    if voucher.price is not None and voucher.cumulative - channel.floor != voucher.price:
-        paid = voucher.cumulative - channel.floor
-        error = UnderpaymentError if paid < voucher.price else OverpaymentError
+    if voucher.price is not None and increment != voucher.price:
+        error = UnderpaymentError if increment < voucher.price else OverpaymentError
         raise error(
-            f"this voucher pays {paid} over the channel's current {channel.floor}; the price is {voucher.price}",
-            currentCumulativeAmount=str(channel.floor),
+            f"this voucher pays {increment} over the channel's current {floor}; the price is {voucher.price}",
+            currentCumulativeAmount=str(floor),
             price=str(voucher.price),
         )
-    if voucher.cumulative > channel.deposit:
+    if cumulative > channel.deposit:
         raise AmountExceedsDepositError(
-            f"cumulative amount {voucher.cumulative} is above the confirmed deposit {channel.deposit}"
+            f"cumulative amount {cumulative} is above the confirmed deposit {channel.deposit}"
             f" (as of block {channel.as_of_block}); top up the channel or wait for the top-up to confirm",
             deposit=str(channel.deposit),
         )
     receipt = Receipt(
         channel_id=channel.channel_id,
-        cumulative=voucher.cumulative,
-        increment=voucher.cumulative - channel.floor,
-        remaining=channel.deposit - voucher.cumulative,
+        cumulative=cumulative,
+        increment=increment,
+        remaining=channel.deposit - cumulative,
         accepted_at=now,
         reference=voucher.reference,
         idempotency_key=voucher.idempotency_key,

@@ -400,8 +400,10 @@ class Ingestor:
     def _judge_and_write(self, vouchers: list[Voucher], signers: list[bytes | None]) -> list[Outcome]:
         try:
             with self.db.write() as conn:
-                channels, versions = self._lock_group(conn, {v.channel_id for v in vouchers})
-                judged = self._judge_group(conn, vouchers, signers, channels)
+                stamps = channel_q.lock_versions(conn, {v.channel_id for v in vouchers})
+                channels, versions = self._read_group(conn, stamps)
+                numbers = {channel_id: stamp.number for channel_id, stamp in stamps.items()}
+                judged = self._judge_group(conn, vouchers, signers, channels, numbers)
         except BaseException:
             for voucher in vouchers:  # what the store holds now is not known: read it again next time
                 self._held.pop(voucher.channel_id, None)
@@ -411,12 +413,13 @@ class Ingestor:
             self._counts.update(judged.seen)
         return judged.outcomes
 
-    def _lock_group(
-        self, conn: Connection, ids: set[ChannelId]
+    def _read_group(
+        self, conn: Connection, stamps: dict[ChannelId, channel_q.RowStamp]
     ) -> tuple[dict[ChannelId, Channel], dict[ChannelId, int]]:
-        """The group's channels, row-locked in id order: the writer's own copy of each while the stored version is
-        the one it holds, else the stored row (another process accepted a voucher, the indexer saw the chain move)."""
-        versions = channel_q.lock_versions(conn, ids)
+        """The group's channels, row-locked in id order (`stamps`): the writer's own copy of each while the stored
+        version is the one it holds, else the stored row (another process accepted a voucher, the indexer saw the
+        chain move)."""
+        versions = {channel_id: stamp.version for channel_id, stamp in stamps.items()}
         channels: dict[ChannelId, Channel] = {}
         for channel_id, version in versions.items():
             held = self._held.get(channel_id)
@@ -441,13 +444,22 @@ class Ingestor:
                 del held[channel_id]
 
     def _judge_group(
-        self, conn: Connection, vouchers: list[Voucher], signers: list[bytes | None], channels: dict[ChannelId, Channel]
+        self,
+        conn: Connection,
+        vouchers: list[Voucher],
+        signers: list[bytes | None],
+        channels: dict[ChannelId, Channel],
+        numbers: dict[ChannelId, int],
     ) -> _Judged:
         """Judge the group's vouchers in order against its locked channels (moving each channel's position in
         `channels` as its vouchers are accepted) and write what was accepted."""
         outcomes: list[Outcome] = []
         accepted: list[tuple[Receipt, bytes]] = []
-        known = [v.key for v in vouchers if v.channel_id in channels and v.cumulative <= channels[v.channel_id].floor]
+        known = [
+            (v.channel_id, v.cumulative)
+            for v in vouchers
+            if (c := channels.get(v.channel_id)) is not None and v.cumulative <= c.floor
+        ]
         priors = channel_q.receipts_for(conn, known)
         keyed = channel_q.receipts_by_key(
             conn, [(v.channel_id, v.idempotency_key) for v in vouchers if v.idempotency_key is not None]
@@ -490,7 +502,7 @@ class Ingestor:
                     keyed[key] = verdict.receipt
                 channels[voucher.channel_id] = channel.with_voucher(voucher.cumulative, voucher.signature)
             outcomes.append(verdict)
-        channel_q.record_payments(conn, accepted)
+        channel_q.record_payments(conn, accepted, numbers)
         caps_q.save_windows(conn, {key: total for key, total in spent.items() if total != before[key]})
         return _Judged(outcomes, {receipt.channel_id for receipt, _ in accepted}, seen)
 
