@@ -68,11 +68,12 @@ class Settings(BaseSettings):
         "without reading their rows, only their versions (docs/scaling.md); beyond, the least recently written go",
     )
     unknown_channel_reads_per_second: float = Field(
-        default=50.0,
+        default=5.0,
         gt=0,
         description="store reads of channel ids this process does not hold in memory, per second at most (burst 2x); "
         "beyond: 503 unknown_channels_busy, decided on the event loop, so a flood of made-up ids cannot crowd out "
-        "payers whose channels are known",
+        "payers whose channels are known. Honest new channels rarely need one: the process's indexer holds each "
+        "channel it confirms (docs/benchmarks.md: at 50 a second a flood took two cores from the honest payers)",
     )
     unknown_key_reads_per_second: float = Field(
         default=5.0,
