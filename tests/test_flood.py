@@ -4,7 +4,9 @@ moment, and look-ups of ids never seen are capped per second (issue 17: one 259 
 from __future__ import annotations
 
 import gc
+import threading
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 from eth_account.signers.local import LocalAccount
@@ -136,6 +138,41 @@ def test_unknown_ids_beyond_the_read_budget_are_refused_before_any_read_and_know
     assert (denied.status_code, denied.json()["code"]) == (404, "channel_not_found")
     assert client.get(f"/v1/channels/0x{channel.id.hex()}").json()["acceptedCumulativeAmount"] == "5"
     assert rpc_calls(client) - before == 4
+
+
+def test_a_new_channels_concurrent_first_payments_share_one_admission(
+    make_service: Callable[..., Service],
+    open_channel: Callable[..., Channel],
+    accounts: list[LocalAccount],
+    sign: Sign,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """The read budget counts distinct ids, not requests: twenty threads sending the same first voucher of a channel
+    the process does not hold yet all get its receipt (one payment) under a budget of one read, while a second
+    unknown id right after is refused."""
+    service = make_service(indexer_interval=60, unknown_channel_reads_per_second=0.5)  # burst 1
+    budget = service.ingestor._unknown_reads
+    standing = budget.take
+
+    def take(_now: float) -> bool:  # the budget's clock stands: it never refills during the test
+        return standing(0.0)
+
+    monkeypatch.setattr(budget, "take", take)
+    channel = open_channel(accounts[7], accounts[8].address, amount=100)
+    voucher = Voucher("0x" + channel.id.hex(), 7, sign(channel.payer, channel.id, 7))
+    start = threading.Barrier(20)
+
+    def submit(_: int) -> object:
+        start.wait()
+        return service.ingestor.ingest([voucher])[0]
+
+    with ThreadPoolExecutor(20) as pool:
+        outcomes = list(pool.map(submit, range(20)))
+    assert [isinstance(o, Verdict) for o in outcomes] == [True] * 20, outcomes
+    assert sorted(o.new for o in outcomes if isinstance(o, Verdict)) == [False] * 19 + [True]
+    other = ghost(channel, 6000)
+    refused = service.ingestor.ingest([Voucher("0x" + other.id.hex(), 1, sign(channel.payer, other.id, 1))])[0]
+    assert isinstance(refused, UnknownChannelsBusyError)
 
 
 def test_a_restarted_service_holds_its_stored_payers_from_the_start(

@@ -51,6 +51,8 @@ Outcome = Verdict | SettlementError
 E = TypeVar("E", bound=BaseException)
 PARALLEL_RECOVERY_MIN = 16  # below this a thread hand-off costs more than it saves
 HELD_MAX = 100_000  # channels the writer keeps in memory (~0.9 KB each; SETTLEMENT_HELD_CHANNELS)
+ADMITTED_SECONDS = 1.0  # how long an unknown id's admitted read also admits its repeats
+ADMITTED_MAX = 1_000  # admitted ids remembered before the stale ones are dropped (the budget bounds how many are fresh)
 
 
 @dataclass(frozen=True)
@@ -100,6 +102,9 @@ class Ingestor:
         self.recovery_threads = recovery_threads
         self.payer_rates = payer_rates or PayerRates(0, 1)
         self._unknown_reads = TokenBucket(unknown_reads_per_second, 2 * unknown_reads_per_second)
+        # Ids whose store read was admitted lately (when): the budget counts distinct ids, not requests. Until the
+        # first read ends (the payer is then held, or the chain's "absent" remembered) the repeats read too.
+        self._admitted: dict[ChannelId, float] = {}
         self._recovery: ThreadPoolExecutor | None = None
         # The channels this writer wrote or read last, as stored then (the writer thread's own): judged against
         # without reading the row again while the stored version is still theirs.
@@ -137,18 +142,25 @@ class Ingestor:
     def admit_unknown(self, channel_id: ChannelId) -> None:
         """Decide without I/O (on the event loop, before any thread) whether a channel id this process does not hold
         in memory may be read from the store (and the chain): an id the chain was just found not to have is 404 at
-        once, and reads beyond the budget are 503 `unknown_channels_busy`. A flood of made-up ids then costs the
-        store, the chain and the GIL a bounded amount, and payers whose channels are known never wait behind it."""
+        once, and reads beyond the budget are 503 `unknown_channels_busy`; the budget counts distinct ids (a new
+        channel's concurrent first payments share one admission). A flood of made-up ids then costs the store, the
+        chain and the GIL a bounded amount, and payers whose channels are known never wait behind it."""
         if channel_id in self._payers:
             return
         if self.indexer.known_absent(channel_id):
             raise ChannelNotFoundError(f"channel {channel_id} does not exist on chain")
-        if not self._unknown_reads.take(time.monotonic()):
+        now = time.monotonic()
+        if self._admitted.get(channel_id, -ADMITTED_SECONDS) > now - ADMITTED_SECONDS:
+            return  # this id's read was admitted a moment ago: its repeats (a new channel's first payments) ride on it
+        if not self._unknown_reads.take(now):
             raise UnknownChannelsBusyError(
                 f"too many channel ids this service does not hold in memory are being asked for right now; retry "
                 f"channel {channel_id} in a second",
                 retryAfter=1,
             )
+        if len(self._admitted) >= ADMITTED_MAX:
+            self._admitted = {cid: at for cid, at in self._admitted.items() if at > now - ADMITTED_SECONDS}
+        self._admitted[channel_id] = now
 
     def remember(self, channel: Channel) -> None:
         """Hold a channel's payer in memory (it never changes: it is hashed into the id)."""
