@@ -119,8 +119,8 @@ def test_service_killed_mid_stream_loses_no_acknowledged_voucher(
     payer_client: Callable[..., PayerClient],
     store_url: str,
     accounts: list[LocalAccount],
-    mining: str,
 ) -> None:
+    """On each store; not on each way of mining (the chain only opens the channel here: the subject is the kill)."""
     service = spawn(store_url)
     client = payer_client(accounts[12], service.url, retries=10, backoff=0.1, timeout=5)
     channel = client.open_channel(accounts[11].address, 10**9)

@@ -43,8 +43,8 @@ Sign = Callable[..., bytes]
 
 @dataclass
 class Receiver:
-    """A payee's webhook endpoint on a real socket: records every delivery; `fail` answers that many with 500,
-    `delay` sleeps before answering."""
+    """A payee's webhook endpoint on a real socket: records every delivery whose body arrived whole; `fail` answers
+    that many with 500, `delay` sleeps before answering."""
 
     port: int
     deliveries: list[tuple[int, dict[str, str], bytes]] = field(default_factory=list)  # (status answered, ...)
@@ -64,7 +64,11 @@ class Receiver:
 
         class Handler(BaseHTTPRequestHandler):
             def do_POST(self) -> None:
-                raw = self.rfile.read(int(self.headers["content-length"]))
+                length = int(self.headers["content-length"])
+                raw = self.rfile.read(length)
+                if len(raw) < length:  # the sender died mid-body: no delivery, as any HTTP server would drop it
+                    self.close_connection = True
+                    return
                 time.sleep(receiver.delay)
                 status = 500 if receiver.fail > 0 else 200
                 receiver.fail -= 1 if receiver.fail > 0 else 0
