@@ -41,8 +41,8 @@ lint: setup
 run: check-artifacts
 	$(VENV)/bin/settlement demo $(if $(PORT),--port $(PORT))
 
-# One worker per core, each test file on one worker (its fixtures and processes stay together): ~11 min on 2 cores
-# against ~19 in one process. `.venv/bin/python -m pytest tests/test_x.py` runs one file alone.
+# One worker per core, each test file on one worker (its fixtures and processes stay together): 9-14 min on 2 cores
+# (three workers were slower: the cores are busy). `.venv/bin/python -m pytest tests/test_x.py` runs one file alone.
 test: lint
 	$(PY) -m pytest -n auto --dist loadfile
 
