@@ -48,6 +48,8 @@
             ├── InvalidSignatureError      400 invalid_signature
             ├── AmountOutOfRangeError      400 amount_out_of_range
             ├── ChannelNotFoundError       404 channel_not_found
+            ├── WrongShardError            421 wrong_shard      (the channel's payer belongs to another shard of a
+            │                                                   sharded deployment: `shard` names it)
             ├── ChannelUnconfirmedError    409 channel_unconfirmed
             ├── ChannelClosedError         409 channel_closed
             ├── ChannelSuspendedError      409 channel_suspended
@@ -354,6 +356,14 @@ class ChannelNotFoundError(VoucherRejectedError):
 
     status = 404
     code = "channel_not_found"
+
+
+class WrongShardError(VoucherRejectedError):
+    """The channel's payer belongs to another shard (SETTLEMENT_SHARD of SETTLEMENT_SHARDS): its vouchers are taken
+    only by that shard's service, so no voucher is ever accepted in two stores. Send it there (`shard`)."""
+
+    status = 421
+    code = "wrong_shard"
 
 
 class ChannelUnconfirmedError(VoucherRejectedError):

@@ -6,7 +6,7 @@ import os
 import shutil
 import uuid
 from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from contextlib import ExitStack, contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -194,6 +194,14 @@ def fresh_postgres(postgres_server: str, postgres_template: str) -> Iterator[str
     """A new database for one test, at the newest schema and without rows, dropped afterwards."""
     with scratch_database(postgres_server, postgres_template) as url:
         yield url
+
+
+@pytest.fixture
+def make_postgres(postgres_server: str, postgres_template: str) -> Iterator[Callable[[], str]]:
+    """Factory: another new database at the newest schema on each call (a test of several stores), all dropped
+    afterwards."""
+    with ExitStack() as stack:
+        yield lambda: stack.enter_context(scratch_database(postgres_server, postgres_template))
 
 
 @pytest.fixture(params=["sqlite", pytest.param("postgres", marks=pytest.mark.postgres)])

@@ -27,7 +27,7 @@ Limit = Annotated[int, Query(ge=1, le=1000)]
 ADMITTED = "admitted_channel"  # request.state: the channel id the fast path admitted (its read budget taken once)
 
 ERRORS: dict[int | str, dict[str, Any]] = {
-    code: {"model": ErrorOut} for code in (400, 401, 403, 404, 409, 413, 415, 503)
+    code: {"model": ErrorOut} for code in (400, 401, 403, 404, 409, 413, 415, 421, 503)
 }
 
 

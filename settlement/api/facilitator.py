@@ -28,7 +28,7 @@ from settlement.chain.node import rpc_errors
 from settlement.domain.ledger import Verdict
 from settlement.domain.model import ETH, ChannelId, Receipt, Voucher
 from settlement.eip712.receipts import ReceiptSigner, SignedFields, receipt_domain
-from settlement.errors import ChannelNotFoundError, ConfigError, RequestError, SettlementError
+from settlement.errors import ChannelNotFoundError, ConfigError, RequestError, SettlementError, WrongShardError
 from settlement.server.operator import operator_account
 from settlement.server.service import Service
 from settlement.x402.wire import (
@@ -183,8 +183,8 @@ class ChannelHubFacilitator:
             return known
         try:  # as ingest admits an id it does not hold: found absent moments ago, or beyond the read budget (503)
             channel = self.service.ingestor.admit_channel(channel_id)
-        except ChannelNotFoundError as ex:
-            raise Refused("channel_not_found", ex.message) from ex
+        except (ChannelNotFoundError, WrongShardError) as ex:  # absent, or another shard's payer
+            raise Refused(ex.code, ex.message) from ex
         with self._parties_lock:
             if len(self._parties) >= PARTIES_KEPT:
                 self._parties.clear()

@@ -41,6 +41,7 @@ async def get_channel(channelId: ChannelIdPath, request: Request, service: Servi
     if channel is None:
         raise ChannelNotFoundError(f"channel {channel_id} does not exist on chain")
     service.ingestor.remember(channel)
+    service.ingestor.check_shard(channel_id, channel.payer)  # another shard's: its store has the voucher facts
     require_party(who, channel.payer, channel.payee, "a channel")
     return ChannelOut.of(channel)
 

@@ -45,6 +45,7 @@ from settlement.domain.model import (
     HubEvent,
     utcnow,
 )
+from settlement.domain.shards import UNSHARDED, Shard
 from settlement.errors import (
     ChainError,
     ChainMismatchError,
@@ -126,8 +127,10 @@ class Indexer:
         reorg_window: int = 256,
         absent_ttl: float = 2.0,
         lookups_per_second: float = 100.0,
+        shard: Shard = UNSHARDED,
     ) -> None:
         self.db = db
+        self.shard = shard  # a sharded deployment's store holds only the channels of the payers its shard takes
         self.w3 = w3
         self.hub = hub
         self.start_block = start_block
@@ -219,11 +222,12 @@ class Indexer:
         payer, payee, token, deposit, settled, deadline, status = state
         if ChannelStatus(status) == ChannelStatus.NONE:
             return None
-        if salt is None:
-            salt = self._opening_salt(channel_id, block)
+        payer = Address(to_checksum_address(payer))
+        if salt is None:  # another shard's channel is never stored: its salt is not needed, nor searched
+            salt = self._opening_salt(channel_id, block) if self.shard.owns(payer) else ""
         return Channel(
             channel_id=channel_id,
-            payer=Address(to_checksum_address(payer)),
+            payer=payer,
             payee=Address(to_checksum_address(payee)),
             token=Address(to_checksum_address(token)),
             salt=salt,
@@ -293,6 +297,8 @@ class Indexer:
             raise ChannelUnconfirmedError(
                 f"channel {channel_id} is opened but not yet {self.confirmations} blocks deep; retry shortly"
             )
+        if not self.shard.owns(channel.payer):
+            return channel  # another shard's: its payer is known (the voucher is refused as such), nothing is stored
         with self.db.write() as conn:
             channel_q.insert_channel(conn, channel, utcnow())
             return channel_q.get_channel(conn, channel_id)
@@ -366,7 +372,7 @@ class Indexer:
             log_q.record_events(conn, events)
             for cid, after in sorted(states.items()):
                 before = stored.get(cid)
-                if after is None or after == before:
+                if after is None or after == before or (before is None and not self.shard.owns(after.payer)):
                     continue
                 if before is None:
                     channel_q.insert_channel(conn, after, now)
@@ -376,12 +382,13 @@ class Indexer:
             log_q.prune_blocks(conn, new.block_number - self.reorg_window)
         if self.opened is not None:
             for cid, after in states.items():
-                if after is not None and stored.get(cid) is None:
+                if after is not None and stored.get(cid) is None and self.shard.owns(after.payer):
                     self.opened(after)
         return True
 
-    @staticmethod
-    def _transitions(states: dict[ChannelId, Channel | None], event: ChainEvent) -> list[tuple[ChannelId, Channel]]:
+    def _transitions(
+        self, states: dict[ChannelId, Channel | None], event: ChainEvent
+    ) -> list[tuple[ChannelId, Channel]]:
         if event.event == HubEvent.CHANNELS_SETTLED:
             out = []
             for cid, cumulative in _settlements(event):
@@ -399,7 +406,8 @@ class Indexer:
             return []
         updated = apply_event(channel, event)
         if updated is None:
-            logger.error("%s for channel %s that the store does not know; skipped", event.event, event.channel_id)
+            if self.shard.count == 1:  # sharded: another shard's channel, which this store does not hold
+                logger.error("%s for channel %s that the store does not know; skipped", event.event, event.channel_id)
             return []
         return [(event.channel_id, updated)]
 

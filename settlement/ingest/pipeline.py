@@ -27,7 +27,8 @@ from sqlalchemy import Connection
 
 from settlement.domain.buckets import TokenBucket
 from settlement.domain.ledger import NO_RULES, Rules, Verdict, WindowKey, check_signed, judge
-from settlement.domain.model import Channel, ChannelId, Receipt, Voucher, utcnow
+from settlement.domain.model import Address, Channel, ChannelId, Receipt, Voucher, utcnow
+from settlement.domain.shards import UNSHARDED, Shard, shard_of
 from settlement.eip712.vouchers import VoucherVerifier
 from settlement.errors import (
     ChannelNotFoundError,
@@ -36,6 +37,7 @@ from settlement.errors import (
     StoreError,
     StoreUnavailableError,
     UnknownChannelsBusyError,
+    WrongShardError,
 )
 from settlement.indexer.follower import Indexer
 from settlement.ingest.admission import PayerRates
@@ -83,6 +85,7 @@ class Ingestor:
         payer_rates: PayerRates | None = None,
         unknown_reads_per_second: float = 50.0,
         held_max: int = HELD_MAX,
+        shard: Shard = UNSHARDED,
     ) -> None:
         self.db = db
         self.verifier = verifier
@@ -108,6 +111,7 @@ class Ingestor:
         # without reading the row again while the stored version is still theirs.
         self._held: dict[ChannelId, channel_q.VersionedChannel] = {}
         self.held_max = held_max
+        self.shard = shard
 
     # --- lifecycle ---------------------------------------------------------------------------------------------
 
@@ -194,7 +198,8 @@ class Ingestor:
         channel = self.find_channel(channel_id)
         if channel is None:
             raise ChannelNotFoundError(f"channel {channel_id} does not exist on chain")
-        self.remember(channel)
+        self.remember(channel)  # another shard's too: its next vouchers are refused from memory
+        self._check_shard(channel_id, self._payers[channel_id])
         return channel
 
     def find_channel(self, channel_id: ChannelId) -> Channel | None:
@@ -207,7 +212,7 @@ class Ingestor:
         """Judge `voucher` as `ingest` would against what is committed now, without storing anything (x402's
         verify). Raises the refusal; a later `ingest` judges again under the channel's lock, so a preview promises
         nothing."""
-        self.resolve_payer(voucher.channel_id)
+        self._check_shard(voucher.channel_id, self.resolve_payer(voucher.channel_id))
         signer = self.recover(voucher)
         with self.db.read() as conn:
             channel = channel_q.get_channel(conn, voucher.channel_id)
@@ -230,6 +235,21 @@ class Ingestor:
                 windows = caps_q.read_windows(conn, rules.windows(channel, _unix(now)))
                 rules.check_caps(channel, verdict.receipt.increment, windows, _unix(now))
         return verdict
+
+    def check_shard(self, channel_id: ChannelId, payer: Address) -> None:
+        """Raise WrongShardError for a channel whose payer another shard's service takes (sharded deployments)."""
+        if not self.shard.owns(payer):
+            owner = shard_of(payer, self.shard.count)
+            raise WrongShardError(
+                f"channel {channel_id} is paid by {payer}, whose vouchers shard {owner} of {self.shard.count} takes; "
+                f"this service is shard {self.shard.index}",
+                shard=owner,
+                shards=self.shard.count,
+            )
+
+    def _check_shard(self, channel_id: ChannelId, payer: bytes) -> None:
+        if self.shard.count > 1:  # unsharded: no hash per voucher
+            self.check_shard(channel_id, Address(self._payer_names[payer]))
 
     def take_counts(self) -> Counter[tuple[str, str]]:
         """What was accepted ("") and refused (by code) per payer since the last call (the risk monitor's window)."""
@@ -303,6 +323,7 @@ class Ingestor:
             payer = self._payers[voucher.channel_id]
             error: SettlementError | None = None
             try:
+                self._check_shard(voucher.channel_id, payer)
                 check_signed(voucher, signer, payer)
             except RequestError as ex:
                 error = ex.detached()

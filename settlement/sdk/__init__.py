@@ -10,6 +10,7 @@ from settlement.errors import (
 from settlement.sdk.journal import Budget, PayerJournal
 from settlement.sdk.payee import PayeeClient
 from settlement.sdk.payer import ChannelRef, PayerClient
+from settlement.sdk.shards import service_for
 
 __all__ = [
     "Budget",
@@ -22,4 +23,5 @@ __all__ = [
     "ServiceRejectedError",
     "SettlementError",
     "UntrustedServiceError",
+    "service_for",
 ]

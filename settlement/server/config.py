@@ -6,7 +6,7 @@ from functools import lru_cache
 from pathlib import Path
 
 from eth_utils.address import is_address, to_checksum_address
-from pydantic import Field, SecretStr, ValidationInfo, field_validator
+from pydantic import Field, SecretStr, ValidationInfo, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 # The mnemonic every anvil and hardhat devnet uses by default: public, so it is only ever a devnet default.
@@ -66,6 +66,15 @@ class Settings(BaseSettings):
         ge=1,
         description="channels the ingest writer keeps as it last wrote them (~0.9 KB each): a group judges them "
         "without reading their rows, only their versions (docs/scaling.md); beyond, the least recently written go",
+    )
+    shard: int = Field(
+        default=0,
+        ge=0,
+        description="this deployment's shard, 0 to SETTLEMENT_SHARDS - 1: it takes the vouchers of the payers that "
+        "hash to it and refuses others with 421 wrong_shard (docs/scaling.md)",
+    )
+    shards: int = Field(
+        default=1, ge=1, le=1024, description="shards of a deployment split by payer, each with its own store"
     )
     unknown_channel_reads_per_second: float = Field(
         default=5.0,
@@ -292,6 +301,14 @@ class Settings(BaseSettings):
         if not is_private_key(raw):
             raise ValueError(f"{name} must be 32 bytes of hex (0x + 64 hex digits)")
         return value
+
+    @model_validator(mode="after")
+    def _shard_in_range(self) -> Settings:
+        if self.shard >= self.shards:
+            raise ValueError(
+                f"SETTLEMENT_SHARD={self.shard} is not one of SETTLEMENT_SHARDS={self.shards} (0 to {self.shards - 1})"
+            )
+        return self
 
     @field_validator("hub_address")
     @classmethod

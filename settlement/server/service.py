@@ -16,6 +16,7 @@ from web3.contract import Contract
 
 from settlement.chain.deployment import Deployment, hub_contract
 from settlement.chain.node import connect, is_devnet
+from settlement.domain.shards import Shard
 from settlement.eip712.vouchers import Domain, VoucherVerifier, read_domain
 from settlement.errors import ConfigError, SettlementError
 from settlement.indexer.follower import Indexer
@@ -96,6 +97,7 @@ class Service:
             session.close()
             raise
         metrics = Metrics()
+        shard = Shard(settings.shard, settings.shards)
         indexer = Indexer(
             db,
             w3,
@@ -107,6 +109,7 @@ class Service:
             reorg_window=settings.reorg_window,
             absent_ttl=settings.unknown_channel_ttl,
             lookups_per_second=settings.chain_lookups_per_second,
+            shard=shard,
         )
         ingestor = Ingestor(
             db,
@@ -119,6 +122,7 @@ class Service:
             payer_rates=PayerRates(settings.payer_vouchers_per_second, settings.payer_burst),
             unknown_reads_per_second=settings.unknown_channel_reads_per_second,
             held_max=settings.held_channels,
+            shard=shard,
         )
         indexer.opened = ingestor.remember
         ingestor.warm(settings.warm_channels)
