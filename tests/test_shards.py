@@ -19,14 +19,27 @@ from sqlalchemy import create_engine, text
 from sqlalchemy.engine import make_url
 from web3 import Web3
 from web3.contract import Contract
+from web3.types import RPCEndpoint
 
 from settlement.domain.model import Address
 from settlement.domain.shards import Shard, shard_of
 from settlement.sdk import service_for
 from settlement.server.config import Settings
-from tests.hub_helpers import ETH, Channel, body, wait_until, x402_request, x402_requirements, x402_voucher
+from tests.hub_helpers import (
+    ETH,
+    Channel,
+    body,
+    channel_id,
+    in_one_block,
+    salt_of,
+    wait_until,
+    x402_request,
+    x402_requirements,
+    x402_voucher,
+)
 
 Sign = Callable[..., bytes]
+DEPOSIT = 10**18
 PAYERS = {0: 3, 1: 5}  # devnet accounts whose addresses hash to shard 0 and to shard 1 of two
 
 
@@ -64,6 +77,21 @@ def database_down(url: str) -> Iterator[None]:
         admin.dispose()
 
 
+def open_in_one_block(w3: Web3, hub: Contract, payers: list[LocalAccount], payee: str, mining: str) -> list[Channel]:
+    """Both shards' channels opened in one block: each shard's indexer stores its own and skips the other's."""
+    channels = [
+        Channel(channel_id(p.address, payee, ETH, salt_of(n)), p, payee, ETH, salt_of(n), DEPOSIT)
+        for n, p in enumerate(payers, 1)
+    ]
+    if mining == "interval":
+        w3.provider.make_request(RPCEndpoint("evm_setIntervalMining"), [0])
+    in_one_block(w3, *[(hub.functions.open(payee, ETH, c.salt, DEPOSIT), c.payer.address, DEPOSIT) for c in channels])
+    if mining == "interval":  # in_one_block turned automine back on
+        w3.provider.make_request(RPCEndpoint("evm_setAutomine"), [False])
+        w3.provider.make_request(RPCEndpoint("evm_setIntervalMining"), [1])
+    return channels
+
+
 def answer(client: TestClient, channel: Channel, cumulative: int, sign: Sign) -> tuple[int, str]:
     response = client.post("/v1/vouchers", json=body(channel, cumulative, sign(channel.payer, channel.id, cumulative)))
     return response.status_code, response.json().get("code", "")
@@ -73,7 +101,6 @@ def answer(client: TestClient, channel: Channel, cumulative: int, sign: Sign) ->
 def test_two_shards_take_their_own_payers_and_settle_on_one_hub(
     make_postgres: Callable[[], str],  # before `api`: its databases outlive the services on them
     api: Callable[..., TestClient],
-    open_channel: Callable[..., Channel],
     accounts: list[LocalAccount],
     hub: Contract,
     w3: Web3,
@@ -87,7 +114,7 @@ def test_two_shards_take_their_own_payers_and_settle_on_one_hub(
         api(shard=1, database_url=second, private_key=HexBytes(accounts[18].key).to_0x_hex(), **engine),
     ]
     payee = accounts[7].address
-    channels = [open_channel(accounts[PAYERS[k]], payee) for k in (0, 1)]
+    channels = open_in_one_block(w3, hub, [accounts[PAYERS[k]] for k in (0, 1)], payee, mining)
 
     for k, channel in enumerate(channels):
         assert answer(shards[k], channel, 10, sign) == (201, "")

@@ -8,6 +8,7 @@ import os
 import shutil
 import signal
 import sys
+import threading
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -183,6 +184,7 @@ def serve(
     """Run the HTTP API and the chain indexer for the deployment in SETTLEMENT_DEPLOYMENT_FILE."""
     settings = _settings()
     _serve(settings, host or settings.api_host, port if port is not None else settings.api_port, log_level, access_log)
+    console.print("stopped")
 
 
 def _serve(settings: Settings, host: str, port: int, log_level: str = "info", access_log: bool = False) -> None:
@@ -224,7 +226,6 @@ def _serve(settings: Settings, host: str, port: int, log_level: str = "info", ac
         server.run()
     except KeyboardInterrupt:  # uvicorn re-raises Ctrl-C after its graceful shutdown; that is how we stop
         pass
-    console.print("stopped")
 
 
 def _check_port_free(host: str, port: int) -> None:
@@ -721,6 +722,7 @@ def demo(
                 store.dispose()
             _print_second_terminal(local, api_port)
             traffic = None
+            threads: list[threading.Thread] = []
             if rate > 0:
                 traffic = DemoTraffic(
                     f"http://127.0.0.1:{api_port}",
@@ -731,7 +733,7 @@ def demo(
                     console=console,
                     journal_dir=workdir / "demo-journals",
                 )
-                traffic.start()
+                threads.append(traffic.start())
                 paid_api = PaidApiDemo(
                     f"http://127.0.0.1:{api_port}",
                     net.url,
@@ -740,13 +742,16 @@ def demo(
                     console=console,
                     journal_dir=workdir / "demo-journals",
                 )
-                paid_api.start()
+                threads.append(paid_api.start())
             try:
                 _serve(local, settings.api_host, api_port, "warning")
             finally:
                 if traffic is not None:
                     traffic.stop.set()
                     paid_api.stop.set()
+                for thread in threads:  # done before the devnet stops and the interpreter exits: a thread still in
+                    thread.join(timeout=30)  # a client's C code when the interpreter is torn down crashed the process
+            console.print("stopped")
     except SettlementError as ex:
         raise _fail(ex) from ex
 

@@ -175,6 +175,7 @@ class PaidApiDemo:
             finally:
                 server.should_exit = True
                 client.shutdown()
+                self._server_thread.join(timeout=10)  # its graceful shutdown, before the caller lets the process exit
         except SettlementError as ex:
             self.console.print(f"[red]x402 demo stopped:[/] [{ex.code}] {ex.message}")
 
@@ -206,7 +207,8 @@ class PaidApiDemo:
 
         port = free_port("127.0.0.1")
         server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
-        threading.Thread(target=server.run, name="demo-paid-api", daemon=True).start()
+        self._server_thread = threading.Thread(target=server.run, name="demo-paid-api", daemon=True)
+        self._server_thread.start()
         while not server.started:
             time.sleep(0.05)
         self.url = f"http://127.0.0.1:{port}/weather"
