@@ -10,7 +10,7 @@ Figures per backend and number of writers: vouchers committed per second (all wr
 p99 of one request's wait for its commit, the bytes each stored payment adds to the payments table with its indexes
 (the database's own size functions: PostgreSQL's pg_total_relation_size, SQLite's dbstat), and the bytes written per
 voucher: PostgreSQL's WAL (pg_current_wal_lsn) or, on SQLite, what the writer processes wrote (/proc/self/io: the
-WAL and its checkpoints).
+WAL and its checkpoints), and on PostgreSQL the CPU its server processes spent per voucher (/proc).
 
 Payments are the hot path's kind: no reference, no idempotency key, a 65-byte signature, an increment of 1 base unit.
 """
@@ -155,6 +155,25 @@ def _payments_bytes(url: str) -> tuple[int, int]:
     return table, indexes
 
 
+def _database_cpu_seconds(backend: str) -> float | None:
+    """CPU time of the PostgreSQL server's processes on this machine (its backends, WAL writer, checkpointer), from
+    /proc: the database's own cost per voucher, steadier than a throughput on a shared machine. None for SQLite (it
+    runs inside the writers) or where no server process is visible."""
+    if backend != "postgres":
+        return None
+    total, found = 0, False
+    for entry in Path("/proc").iterdir():
+        try:
+            if entry.name.isdigit() and (entry / "comm").read_text().startswith("postgres"):
+                fields = (entry / "stat").read_text().rsplit(")", 1)[1].split()
+                # utime + stime, and cutime + cstime: a backend that ended is counted in the postmaster that reaped it
+                total += sum(int(field) for field in fields[11:15])
+                found = True
+        except OSError:  # a process that ended meanwhile
+            continue
+    return total / os.sysconf("SC_CLK_TCK") if found else None
+
+
 def _wal_position(url: str) -> int | None:
     db = Database(url)
     try:
@@ -187,9 +206,9 @@ def measure(backend: str, writers: int) -> dict[str, Any]:
         for process in processes:
             process.start()
         start.wait()
-        began = time.perf_counter()
+        began, cpu_before = time.perf_counter(), _database_cpu_seconds(backend)
         outcomes = [results.get(timeout=600) for _ in processes]
-        wall = time.perf_counter() - began
+        wall, cpu_after = time.perf_counter() - began, _database_cpu_seconds(backend)
         for process in processes:
             process.join()
             if process.exitcode != 0:
@@ -213,6 +232,9 @@ def measure(backend: str, writers: int) -> dict[str, Any]:
             "index_bytes": round(indexes / vouchers),
             "written_per_voucher": round(written / vouchers),
             "written_is": "wal" if backend == "postgres" else "process writes",
+            "database_cpu_us_per_voucher": (
+                None if cpu_before is None or cpu_after is None else round((cpu_after - cpu_before) / vouchers * 1e6, 1)
+            ),
         }
 
 
@@ -230,6 +252,7 @@ def run_store(console: Console, writers: tuple[int, ...] = WRITERS) -> dict[str,
         "p99 ms",
         "bytes/payment (table + indexes)",
         "written/voucher",
+        "database CPU/voucher",
     ):
         table.add_column(column, justify="right", no_wrap=True)
     for row in rows:
@@ -241,6 +264,7 @@ def run_store(console: Console, writers: tuple[int, ...] = WRITERS) -> dict[str,
             str(row["wait_p99_ms"]),
             f"{row['bytes_per_payment']} = {row['table_bytes']} + {row['index_bytes']}",
             f"{row['written_per_voucher']:,} ({'WAL' if row['store'] == 'postgres' else 'process'})",
+            "-" if row["database_cpu_us_per_voucher"] is None else f"{row['database_cpu_us_per_voucher']} µs",
         )
     console.print(table)
     return {"runs": rows}
