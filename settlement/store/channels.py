@@ -299,7 +299,8 @@ def _record_payments_arrays(
         },
     )
     if inserted != len(receipts):  # a channel whose row was not updated: fail the group rather than drop a payment
-        raise DBAPIError.instance(_RECORD_PAYMENTS, None, RuntimeError("payments without a channel"), psycopg.Error)
+        missing = psycopg.errors.ForeignKeyViolation("payments without a channel")  # as SQLite's foreign key says it
+        raise DBAPIError.instance(_RECORD_PAYMENTS, None, missing, psycopg.Error)
 
 
 def _times_us(receipts: Iterable[Receipt]) -> dict[datetime, int]:
