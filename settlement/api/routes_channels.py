@@ -37,11 +37,7 @@ async def get_channel(channelId: ChannelIdPath, request: Request, service: Servi
     channel_id = ChannelId(channelId.lower())
     if getattr(request.state, ADMITTED, None) != channel_id:  # the fast path admits anonymous reads itself
         service.ingestor.admit_unknown(channel_id)  # a made-up id is refused here, before a thread or the store
-    channel = await run_in_threadpool(service.ingestor.find_channel, channel_id)
-    if channel is None:
-        raise ChannelNotFoundError(f"channel {channel_id} does not exist on chain")
-    service.ingestor.remember(channel)
-    service.ingestor.check_shard(channel_id, channel.payer)  # another shard's: its store has the voucher facts
+    channel = await run_in_threadpool(service.ingestor.load_channel, channel_id)  # another shard's: 421
     require_party(who, channel.payer, channel.payee, "a channel")
     return ChannelOut.of(channel)
 

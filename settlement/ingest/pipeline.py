@@ -187,14 +187,16 @@ class Ingestor:
         """The channel, admitted as a voucher's channel is (`admit_unknown`), read from the store or the chain, and
         its payer held (blocking I/O; raises ChannelNotFoundError when there is none)."""
         self.admit_unknown(channel_id)
-        return self._load(channel_id)
+        return self.load_channel(channel_id)
 
     def _resolve(self, channel_id: ChannelId) -> bytes:
         """An admitted channel id's payer, from the store or the chain (blocking I/O)."""
-        self._load(channel_id)
+        self.load_channel(channel_id)
         return self._payers[channel_id]
 
-    def _load(self, channel_id: ChannelId) -> Channel:
+    def load_channel(self, channel_id: ChannelId) -> Channel:
+        """The channel from the store or the chain, its payer held and its shard checked (blocking I/O): what a
+        voucher's channel and a read of one both need. Raises ChannelNotFoundError or WrongShardError."""
         channel = self.find_channel(channel_id)
         if channel is None:
             raise ChannelNotFoundError(f"channel {channel_id} does not exist on chain")
