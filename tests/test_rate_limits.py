@@ -6,15 +6,20 @@ over all its channels."""
 
 from __future__ import annotations
 
+import asyncio
 import json
 import time
 from collections.abc import Callable
 from pathlib import Path
 
 import httpx
+import pytest
 from eth_account.signers.local import LocalAccount
 from fastapi.testclient import TestClient
+from starlette.types import Message, Receive, Scope, Send
 
+from settlement.api import middleware
+from settlement.api.middleware import CONNECTION, RefusalTarpit
 from tests.hub_helpers import Channel, body
 from tests.servers import ServiceProcess
 
@@ -96,6 +101,44 @@ def test_a_connection_that_keeps_being_refused_is_paced_whatever_clients_it_name
         assert [other.post("/v1/vouchers", content=made_up, headers={"Content-Type": "application/json"}).status_code
                 for _ in range(4)] == [404] * 4  # fmt: skip
     assert delayed() == 4  # its own three on time, the fourth late
+
+
+@pytest.mark.parametrize("phased", [True, False])
+def test_connections_refused_together_are_answered_at_phases_of_their_own(
+    monkeypatch: pytest.MonkeyPatch, phased: bool
+) -> None:
+    """A flood's connections start together; paced at one rate from one instant they would be answered together and
+    come back together: the whole flood in one burst each interval, which the event loop serves while honest requests
+    wait. Each paced connection keeps a phase of its own (drawn once, a fraction of the interval), so the same pace
+    is a steady trickle. Here two connections refused at the same instants, burst 2 at 5 a second (0.2 s)."""
+    waits: list[float] = []
+
+    async def no_sleep(seconds: float) -> None:
+        waits.append(round(seconds, 9))
+
+    async def refuse(scope: Scope, receive: Receive, send: Send) -> None:
+        await send({"type": "http.response.start", "status": 404, "headers": []})
+        await send({"type": "http.response.body", "body": b""})
+
+    async def noop(_message: Message) -> None:
+        return None
+
+    async def receive() -> Message:
+        return {"type": "http.request", "body": b""}
+
+    draws = iter([0.25, 0.75] if phased else [0.0, 0.0])
+    delayed: list[int] = []
+    tarpit = RefusalTarpit(refuse, 5.0, 2.0, lambda: delayed.append(1), clock=lambda: 100.0, phase=lambda: next(draws))
+    monkeypatch.setattr(middleware.asyncio, "sleep", no_sleep)
+    connections: list[dict[str, object]] = [{}, {}]
+    for _ in range(4):
+        for connection in connections:
+            asyncio.run(tarpit({"type": "http", CONNECTION: connection}, receive, noop))
+    # Each connection: two at once (its burst), then one every 0.2 s, shifted by 0.05 s (A) and 0.15 s (B).
+    expected = [0.25, 0.35, 0.45, 0.55] if phased else [0.2, 0.2, 0.4, 0.4]
+    assert waits == expected
+    assert len(delayed) == 4
+    assert next(draws, None) is None  # one phase drawn per paced connection, not per refusal
 
 
 def test_a_payer_over_its_voucher_rate_is_refused_on_every_channel_and_forgeries_spend_none_of_it(

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import random
 import time
 from collections.abc import Callable
 from typing import Any
@@ -185,10 +186,14 @@ class RefusalTarpit:
     Per-client limits cannot hold a flood that names a new client address in every request (a botnet behind a
     proxy); a connection cannot change. A connection whose requests keep being refused (4xx, 503: forged vouchers,
     made-up channel ids, bytes that are not JSON) gets each further refusal at its turn, one every 1/`rate` seconds
-    (the generic cell rate algorithm: evenly spaced, so many connections paced at once do not wake together), so a
-    client that waits for its answers, as HTTP/1.1 clients do, is slowed to that pace and the event loop serves
-    everyone else. No accepted request is ever delayed. Outside `settlement serve` (no connection record in the
-    scope) it does nothing.
+    (the generic cell rate algorithm), so a client that waits for its answers, as HTTP/1.1 clients do, is slowed to
+    that pace and the event loop serves everyone else. No accepted request is ever delayed. Outside `settlement
+    serve` (no connection record in the scope) it does nothing.
+
+    Each connection's late answers keep a phase of its own, drawn at random within the interval when it is first
+    paced: connections that started together (a flood's) would otherwise be answered together and come back
+    together, one burst of the whole flood each interval, which the event loop serves while honest requests wait
+    (bench-flood: 64 connections, an honest p99 3-6x its p99 alone). Spread out, the same work is a steady trickle.
     """
 
     def __init__(
@@ -198,12 +203,14 @@ class RefusalTarpit:
         burst: float,
         delayed: Callable[[], None],
         clock: Callable[[], float] = time.monotonic,
+        phase: Callable[[], float] = random.random,
     ) -> None:
         self.app = app
         self.rate = rate
         self.burst = burst
         self.delayed = delayed
         self.clock = clock
+        self.phase = phase  # a fraction of the interval, drawn once per paced connection
 
     @property
     def state(self) -> object:
@@ -232,7 +239,11 @@ class RefusalTarpit:
         due = max(float(connection.get("refusals_due", now)), now)  # when the next refusal is due at the pace
         turn = max(now, due - (self.burst - 1) * interval)  # a burst may come that much ahead of the pace
         connection["refusals_due"] = due + interval
-        return turn - now
+        if turn <= now:
+            return 0.0
+        if "refusal_phase" not in connection:
+            connection["refusal_phase"] = self.phase() * interval
+        return turn - now + float(connection["refusal_phase"])
 
 
 def _refused(status: int) -> bool:
