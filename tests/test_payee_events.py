@@ -183,10 +183,12 @@ def test_a_failing_or_slow_receiver_is_retried_in_order_and_does_not_hold_others
     sign: Sign,
     receiver: Callable[..., Receiver],
 ) -> None:
-    client = api(webhook_tick=0.05, webhook_backoff_max_seconds=0.3, webhook_timeout_seconds=0.5)
+    # A 2 s timeout: a healthy delivery from a loaded machine must not time out (its retry would be a second 200);
+    # the slow receiver answers after twice that.
+    client = api(webhook_tick=0.05, webhook_backoff_max_seconds=0.3, webhook_timeout_seconds=2.0)
     channel = open_channel(accounts[5], accounts[6].address, amount=1_000)
     wait_until(lambda: client.get(f"/v1/channels/0x{channel.id.hex()}").status_code == 200)
-    failing, slow, healthy = receiver(fail=3), receiver(delay=1.0), receiver()
+    failing, slow, healthy = receiver(fail=3), receiver(delay=4.0), receiver()
     for hook in (failing, slow, healthy):
         subscribe(client, channel.payee, hook.url)
     pay(client, channel, sign, 5, 7, 9)
