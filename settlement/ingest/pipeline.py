@@ -238,20 +238,20 @@ class Ingestor:
                 rules.check_caps(channel, verdict.receipt.increment, windows, _unix(now))
         return verdict
 
-    def check_shard(self, channel_id: ChannelId, payer: Address) -> None:
-        """Raise WrongShardError for a channel whose payer another shard's service takes (sharded deployments)."""
-        if not self.shard.owns(payer):
-            owner = shard_of(payer, self.shard.count)
+    def _check_shard(self, channel_id: ChannelId, payer: bytes) -> None:
+        """Raise WrongShardError for a channel whose (held) payer another shard's service takes."""
+        count = self.shard.count
+        if count == 1:  # unsharded: no hash per voucher
+            return
+        name = Address(self._payer_names[payer])
+        owner = shard_of(name, count)
+        if owner != self.shard.index:
             raise WrongShardError(
-                f"channel {channel_id} is paid by {payer}, whose vouchers shard {owner} of {self.shard.count} takes; "
+                f"channel {channel_id} is paid by {name}, whose vouchers shard {owner} of {count} takes; "
                 f"this service is shard {self.shard.index}",
                 shard=owner,
-                shards=self.shard.count,
+                shards=count,
             )
-
-    def _check_shard(self, channel_id: ChannelId, payer: bytes) -> None:
-        if self.shard.count > 1:  # unsharded: no hash per voucher
-            self.check_shard(channel_id, Address(self._payer_names[payer]))
 
     def take_counts(self) -> Counter[tuple[str, str]]:
         """What was accepted ("") and refused (by code) per payer since the last call (the risk monitor's window)."""
