@@ -23,6 +23,7 @@ import pytest
 import requests
 from eth_account.signers.local import LocalAccount
 from hexbytes import HexBytes
+from httpx_aiohttp import AiohttpTransport
 from web3 import Web3
 from web3.contract import Contract
 from x402 import x402Client, x402ClientSync
@@ -348,8 +349,8 @@ def test_a_restarted_payer_and_a_second_device_pay_on_without_paying_twice(
 class CountingWire(httpx.AsyncBaseTransport):
     """The network under a client: counts the requests that reached the payee, paid or not."""
 
-    def __init__(self) -> None:
-        self.inner = httpx.AsyncHTTPTransport()
+    def __init__(self, inner: httpx.AsyncBaseTransport | None = None) -> None:
+        self.inner = inner or httpx.AsyncHTTPTransport()
         self.sent: list[str] = []
 
     async def handle_async_request(self, request: httpx.Request) -> httpx.Response:
@@ -476,6 +477,33 @@ def test_a_payment_made_ahead_at_an_old_price_charges_nothing_and_the_new_price_
     assert asyncio.run(get(2)) == [200, 200]
     assert wire.sent == ["paid", "unpaid", "paid", "paid"]  # the old price refused, x402's flow, then ahead again
     assert accepted_for(service, payee) == 2 * PRICE + 2 * (2 * PRICE)
+
+
+def test_a_payer_paying_ahead_over_aiohttps_pool_is_charged_once_per_response_sixteen_at_once(
+    spawn: Callable[..., ServiceProcess],
+    paid_api: PaidApis,
+    devnet: Devnet,
+    accounts: list[LocalAccount],
+    tmp_path: Path,
+    payer_for: Callable[..., PayerClient],
+) -> None:
+    """The wire docs/x402.md advises for a payer with many requests in flight (aiohttp's pool under httpx's API):
+    the same payments as over httpx's own pool, and its session closed with the client (an open one would warn)."""
+    service = spawn(f"sqlite:///{tmp_path / 'aiohttp.db'}")
+    payee = accounts[16].address
+    api = paid_api(f"{service.url}/x402", payee)
+    wire = CountingWire(AiohttpTransport())
+    transport = PayAheadTransport(paying_client(devnet, ChannelHubClientScheme(payer_for(accounts[17], service))), wire)
+
+    async def first_then_sixteen_at_once() -> list[int]:
+        async with httpx.AsyncClient(transport=transport, timeout=60) as http:
+            first = await http.get(f"{api}/weather")
+            answers = await asyncio.gather(*(http.get(f"{api}/weather") for _ in range(16)))
+            return [first.status_code] + [a.status_code for a in answers]
+
+    assert asyncio.run(first_then_sixteen_at_once()) == [200] * 17
+    assert wire.sent == ["unpaid"] + ["paid"] * 17  # the first learned the price; the sixteen were paid ahead
+    assert accepted_for(service, payee) == 17 * PRICE
 
 
 class CountingAdapter(PayAheadAdapter):
