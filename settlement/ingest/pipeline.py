@@ -28,7 +28,7 @@ from sqlalchemy import Connection
 from settlement.domain.buckets import TokenBucket
 from settlement.domain.ledger import NO_RULES, Rules, Verdict, WindowKey, check_signed, judge
 from settlement.domain.model import Address, Channel, ChannelId, Receipt, Voucher, utcnow
-from settlement.domain.shards import UNSHARDED, Shard, shard_of
+from settlement.domain.shards import UNSHARDED, Shard
 from settlement.eip712.vouchers import VoucherVerifier
 from settlement.errors import (
     ChannelNotFoundError,
@@ -239,18 +239,16 @@ class Ingestor:
         return verdict
 
     def _check_shard(self, channel_id: ChannelId, payer: bytes) -> None:
-        """Raise WrongShardError for a channel whose (held) payer another shard's service takes."""
-        count = self.shard.count
-        if count == 1:  # unsharded: no hash per voucher
-            return
+        """Raise WrongShardError for a channel whose (held) payer another shard's service takes: the payer hashed
+        once, naming the owner (not at all unsharded)."""
         name = Address(self._payer_names[payer])
-        owner = shard_of(name, count)
+        owner = self.shard.owner(name)
         if owner != self.shard.index:
             raise WrongShardError(
-                f"channel {channel_id} is paid by {name}, whose vouchers shard {owner} of {count} takes; "
+                f"channel {channel_id} is paid by {name}, whose vouchers shard {owner} of {self.shard.count} takes; "
                 f"this service is shard {self.shard.index}",
                 shard=owner,
-                shards=count,
+                shards=self.shard.count,
             )
 
     def take_counts(self) -> Counter[tuple[str, str]]:
