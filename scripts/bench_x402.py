@@ -37,11 +37,12 @@ from settlement.domain.model import ETH
 from settlement.sdk.payer import PayerClient
 from settlement.server.config import Settings
 from settlement.x402.ahead import PayAheadTransport
-from settlement.x402.client import ChannelHubClientScheme
+from settlement.x402.client import ChannelHubClientScheme, DepositPolicy
 from settlement.x402.positions import Positions
 
 CONCURRENCY = (1, 16, 64)
 SECONDS = 5.0
+LANE_PRICES = 100_000  # a lane's deposit, in prices: no top-up inside the timed runs
 PRICE = 1_000_000_000
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -91,7 +92,9 @@ def run_x402(console: Console) -> dict[str, Any]:
                 HexBytes(net.accounts[1].key).to_0x_hex(), net.url, service_url, state_path=work / "payer.sqlite3"
             )
             try:
-                figures = asyncio.run(_measure(console, payer, api_url, service_url, net.chain_id))
+                figures = asyncio.run(
+                    _measure(console, payer, api_url, service_url, net.chain_id, net.accounts[2].address)
+                )
             finally:
                 payer.shutdown()
         finally:
@@ -118,9 +121,18 @@ def _start(command: list[str], env: dict[str, str], log: Path, ready: str) -> su
     raise SystemExit(f"{command[-1]} did not start: {log.read_text()[-2000:]}")
 
 
-async def _measure(console: Console, payer: PayerClient, api: str, service: str, chain_id: int) -> dict[str, Any]:
+async def _measure(
+    console: Console, payer: PayerClient, api: str, service: str, chain_id: int, pay_to: str
+) -> dict[str, Any]:
     network = f"eip155:{chain_id}"
-    scheme = ChannelHubClientScheme(payer, max_lanes=max(CONCURRENCY))
+    # Every lane open and funded before the timed runs, as a busy payer's are: opening a lane, or topping one up, is
+    # an on-chain transaction and a wait for the service to see it, made inside x402's synchronous payload hook,
+    # which holds the payer's event loop meanwhile. Opened on demand inside a 5-second run, 40 new lanes at 64
+    # concurrent requests were the run (54 paid/s; docs/benchmarks.md, 2026-12-01 afternoon).
+    policy = DepositPolicy(multiple=LANE_PRICES)
+    with console.status(f"opening {max(CONCURRENCY)} channels (one per concurrent request)…"):
+        await asyncio.to_thread(_open_lanes, payer, pay_to, max(CONCURRENCY), policy.amount(PRICE, None))
+    scheme = ChannelHubClientScheme(payer, policy=policy, max_lanes=max(CONCURRENCY))
     x402 = x402Client()
     x402.register(network, scheme)
     x402.set_spend_controls(
@@ -138,7 +150,7 @@ async def _measure(console: Console, payer: PayerClient, api: str, service: str,
         httpx.AsyncClient(timeout=60) as free,
         httpx.AsyncClient(timeout=60, transport=AiohttpTransport()) as free_aiohttp,
     ):
-        with console.status("opening channels (one per concurrent request)…"):
+        with console.status("a first paid request on each channel…"):
             await asyncio.gather(*(paid.get(f"{api}/weather") for _ in range(max(CONCURRENCY))))
         # Each paid client against the free route through the same wire: httpx's own pool, or aiohttp's under
         # httpx's API (httpx-aiohttp), whose pool and C parser spend less of the payer's CPU per request.
@@ -171,6 +183,14 @@ async def _measure(console: Console, payer: PayerClient, api: str, service: str,
         console.print(table)
         figures |= await _where_time_goes(console, x402, scheme, api, service)
     return figures
+
+
+def _open_lanes(payer: PayerClient, pay_to: str, count: int, deposit: int) -> None:
+    """`count` channels to the payee, each sent before any is waited for: the service's indexer then takes them in
+    one poll, instead of a store read of each id (its unknown-channel read budget is 1 a second)."""
+    channels = [payer.open_channel(pay_to, deposit) for _ in range(count)]
+    for channel in channels:
+        payer.wait_until_known(channel, min_deposit=deposit)
 
 
 async def _run(concurrency: int, call: Callable[[], Awaitable[httpx.Response]]) -> tuple[list[float], int]:
