@@ -126,9 +126,9 @@ async def _measure(
 ) -> dict[str, Any]:
     network = f"eip155:{chain_id}"
     # Every lane open and funded before the timed runs, as a busy payer's are: opening a lane, or topping one up, is
-    # an on-chain transaction and a wait for the service to see it, made inside x402's synchronous payload hook,
-    # which holds the payer's event loop meanwhile. Opened on demand inside a 5-second run, 40 new lanes at 64
-    # concurrent requests were the run (54 paid/s; docs/benchmarks.md, 2026-12-01 afternoon).
+    # an on-chain transaction and a wait for the service to see the channel, one deposit at a time. Opened on demand
+    # inside a 5-second run, ~30 new lanes at 64 concurrent requests were the run (54 paid/s; docs/benchmarks.md,
+    # 2026-12-01 afternoon).
     policy = DepositPolicy(multiple=LANE_PRICES)
     with console.status(f"opening {max(CONCURRENCY)} channels (one per concurrent request)…"):
         await asyncio.to_thread(_open_lanes, payer, pay_to, max(CONCURRENCY), policy.amount(PRICE, None))
