@@ -21,6 +21,7 @@ from typing import Any, TypeVar
 import httpx
 import pytest
 import requests
+from eth_account import Account
 from eth_account.signers.local import LocalAccount
 from hexbytes import HexBytes
 from httpx_aiohttp import AiohttpTransport
@@ -504,6 +505,55 @@ def test_a_payer_paying_ahead_over_aiohttps_pool_is_charged_once_per_response_si
     assert asyncio.run(first_then_sixteen_at_once()) == [200] * 17
     assert wire.sent == ["unpaid"] + ["paid"] * 17  # the first learned the price; the sixteen were paid ahead
     assert accepted_for(service, payee) == 17 * PRICE
+
+
+def test_a_payment_on_a_free_channel_does_not_wait_behind_channels_being_opened(
+    spawn: Callable[..., ServiceProcess],
+    paid_api: PaidApis,
+    devnet: Devnet,
+    w3: Web3,
+    accounts: list[LocalAccount],
+    tmp_path: Path,
+    payer_for: Callable[..., PayerClient],
+) -> None:
+    """Payments that need a new channel wait for its deposit, one at a time; a payment that has a free channel must
+    not wait with them. Here as many payments to a second payee wait for their first channels (the payer's
+    `open_channel` gated) as the event loop's default pool has threads (min(32, cores + 4)): in that pool a payment to
+    the first payee, whose channel is free, got no thread until the openings ended."""
+    openers = min(32, (os.cpu_count() or 1) + 4)
+    fresh: LocalAccount = Account.create()  # no channel anywhere yet: every account of the devnet has some
+    w3.eth.send_transaction({"from": accounts[0].address, "to": fresh.address, "value": Web3.to_wei(1, "ether")})
+    service = spawn(f"sqlite:///{tmp_path / 'lanes.db'}")
+    first_payee, second_payee = Account.create().address, Account.create().address
+    first, second = paid_api(f"{service.url}/x402", first_payee), paid_api(f"{service.url}/x402", second_payee)
+    payer = payer_for(fresh, service)
+    scheme = ChannelHubClientScheme(payer, DepositPolicy(multiple=100), max_lanes=openers + 2)
+    gate, opening = threading.Event(), threading.Semaphore(0)
+    real_open = payer.open_channel
+
+    def gated_open(*args: Any, **kwargs: Any) -> Any:
+        opening.release()
+        assert gate.wait(120), "the gate was never opened"
+        return real_open(*args, **kwargs)
+
+    async def scenario() -> tuple[int, bool, list[int]]:
+        async with x402HttpxClient(paying_client(devnet, scheme), timeout=120) as http:
+            assert (await http.get(f"{first}/weather")).status_code == 200  # the first payee's channel, now free
+            payer.open_channel = gated_open  # type: ignore[method-assign]
+            waiting = [asyncio.create_task(http.get(f"{second}/weather")) for _ in range(openers)]
+            try:
+                await asyncio.to_thread(opening.acquire, timeout=60)  # one is opening; the rest wait for it
+                probe = await asyncio.wait_for(http.get(f"{first}/weather"), timeout=30)
+                gate_was_shut = not gate.is_set()
+            finally:
+                gate.set()  # a failure must not leave the openings (and asyncio.run's pool) waiting
+            return probe.status_code, gate_was_shut, [a.status_code for a in await asyncio.gather(*waiting)]
+
+    probe, gate_was_shut, waited = asyncio.run(scenario())
+    assert (probe, gate_was_shut) == (200, True)  # paid on its free channel while every opening still waited
+    assert waited == [200] * openers
+    assert accepted_for(service, first_payee) == 2 * PRICE
+    assert accepted_for(service, second_payee) == openers * PRICE
 
 
 class CountingAdapter(PayAheadAdapter):

@@ -24,6 +24,7 @@ import time
 import uuid
 from collections import OrderedDict
 from collections.abc import Coroutine
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from types import SimpleNamespace
 from typing import Any
@@ -104,6 +105,11 @@ class ChannelHubClientScheme:
         self.scheme_hooks = SimpleNamespace(
             on_before_payment_creation=self.on_before_payment_creation, on_payment_response=self.on_payment_response
         )
+        # Payments are made in the scheme's own threads, as many as it has lanes: in the event loop's shared default
+        # pool (six threads on two cores) payments waiting for new channels, one deposit at a time, held every thread,
+        # and payments on free lanes queued behind them (a payer at 64 concurrent requests fell from ~400 to ~54 paid
+        # a second while ~30 lanes opened; docs/benchmarks.md).
+        self._threads = ThreadPoolExecutor(self.max_lanes, thread_name_prefix="channelhub-pay")
 
     def on_before_payment_creation(self, context: PaymentCreationContext) -> Coroutine[Any, Any, None] | None:
         """x402's hook before it asks this scheme for a payment. Under an event loop (x402Client) the payment is made
@@ -116,7 +122,10 @@ class ChannelHubClientScheme:
         task = _current_task()
         if task is None:
             return None
-        return asyncio.to_thread(self._prepare, task, requirements)
+        return self._prepare_in_thread(task, requirements)
+
+    async def _prepare_in_thread(self, task: asyncio.Task[Any], requirements: PaymentRequirements) -> None:
+        await asyncio.get_running_loop().run_in_executor(self._threads, self._prepare, task, requirements)
 
     def create_payment_payload(
         self,
