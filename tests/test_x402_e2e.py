@@ -556,6 +556,56 @@ def test_a_payment_on_a_free_channel_does_not_wait_behind_channels_being_opened(
     assert accepted_for(service, second_payee) == openers * PRICE
 
 
+def test_a_channel_being_opened_is_one_lane_not_two(
+    spawn: Callable[..., ServiceProcess],
+    paid_api: PaidApis,
+    devnet: Devnet,
+    w3: Web3,
+    accounts: list[LocalAccount],
+    tmp_path: Path,
+    payer_for: Callable[..., PayerClient],
+) -> None:
+    """The first payments to a payee find the payer's earlier channels at the service. One payment's new channel is
+    held here after the service counts it and before the payment lists it as its lane: a second payment then must
+    not find that channel too. Before, it did: two lanes on one channel, paying at once, and the lane released twice
+    was never the other, so with `max_lanes=2` two payments at once were refused from then on."""
+    fresh: LocalAccount = Account.create()
+    w3.eth.send_transaction({"from": accounts[0].address, "to": fresh.address, "value": Web3.to_wei(1, "ether")})
+    service = spawn(f"sqlite:///{tmp_path / 'discover.db'}")
+    payee = Account.create().address
+    api = paid_api(f"{service.url}/x402", payee)
+    payer = payer_for(fresh, service)
+    scheme = ChannelHubClientScheme(payer, DepositPolicy(multiple=100), max_lanes=2)
+    known, gate = threading.Event(), threading.Event()
+    real_wait = payer.wait_until_known
+
+    def held_once(*args: Any, **kwargs: Any) -> Any:
+        state = real_wait(*args, **kwargs)
+        if not known.is_set():  # the first channel: counted by the service, not yet a lane of the scheme
+            known.set()
+            assert gate.wait(120), "the gate was never opened"
+        return state
+
+    async def scenario() -> tuple[list[int], list[int]]:
+        async with x402HttpxClient(paying_client(devnet, scheme), timeout=120) as http:
+            payer.wait_until_known = held_once  # type: ignore[method-assign]
+            opening = asyncio.create_task(http.get(f"{api}/weather"))
+            try:
+                await asyncio.to_thread(known.wait, 60)
+                second = asyncio.create_task(http.get(f"{api}/weather"))
+                await asyncio.sleep(1)  # time for the second to take a lane, had it found one
+            finally:
+                gate.set()
+            first = [a.status_code for a in await asyncio.gather(opening, second)]
+            pairs = [await asyncio.gather(*(http.get(f"{api}/weather") for _ in range(2))) for _ in range(3)]
+            return first, [a.status_code for pair in pairs for a in pair]
+
+    first, after = asyncio.run(scenario())
+    assert (first, after) == ([200, 200], [200] * 6)
+    assert len(payer.open_channels(payee)) == 2  # one channel per lane: the second payment opened its own
+    assert accepted_for(service, payee) == 8 * PRICE
+
+
 class CountingAdapter(PayAheadAdapter):
     """PayAheadAdapter that counts the requests that reached the payee, paid or not (every answer off the wire
     passes through build_response, x402's own retries included)."""

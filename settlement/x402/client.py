@@ -218,9 +218,11 @@ class ChannelHubClientScheme:
         payee, asset = self._party(requirements)
         hint = _int((requirements.extra or {}).get("minDeposit"))
         with self._guard:
-            lanes = self._lanes.setdefault((payee, asset), [])
-            if not lanes:
-                lanes.extend(self._discover(payee, asset))
+            lanes = self._lanes.get((payee, asset))
+            if lanes is None:  # the first payment to this payee here: its channels opened before (a restart)
+                # Once only: found again while a payment of ours was opening a channel (its lane not yet listed),
+                # that channel was listed twice, two payments ran on it at once, and one lane stayed busy for good.
+                lanes = self._lanes[(payee, asset)] = self._discover(payee, asset)
             now = time.monotonic()
             free = next((lane for lane in lanes if lane.busy_since is None), None)
             if free is None:  # an answer that never came: its payment is looked up when the lane is used again
