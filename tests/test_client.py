@@ -481,3 +481,33 @@ def test_a_wait_that_cannot_end_says_why_and_serve_warned_about_it(
         f"[channel_unconfirmed] {info.value.details['lastMessage']}"
     )
     assert "not yet 2 blocks deep" in str(info.value.details["lastMessage"])
+
+
+def test_a_payer_waits_for_its_new_channel_through_a_read_budget_that_admits_none(
+    spawn: Callable[..., ServiceProcess],
+    payer_client: Callable[..., PayerClient],
+    accounts: list[LocalAccount],
+    w3: Web3,
+    tmp_path: Path,
+) -> None:
+    """During a flood the service admits no read of a channel id it does not hold (503 `unknown_channels_busy`) until
+    its indexer confirms the channel. A payer waiting for its new channel must wait for that, not give up when its
+    HTTP retries (~3 s) end: here the confirmations come 6 s after the open."""
+    service = spawn(f"sqlite:///{tmp_path / 'budget.db'}", confirmations="3", unknown_channel_reads_per_second="0.001")
+    client = payer_client(accounts[14], service.url)
+    channel = client.open_channel(accounts[15].address, 1_000)
+    refused = httpx.get(f"{service.url}/v1/channels/{channel.hex_id}")
+    assert (refused.status_code, refused.json()["code"]) == (503, "unknown_channels_busy")
+
+    def confirm_later() -> None:
+        time.sleep(6)
+        for _ in range(3):
+            w3.provider.make_request("evm_mine", [])  # type: ignore[arg-type]
+
+    miner = threading.Thread(target=confirm_later)
+    miner.start()
+    try:
+        state = client.wait_until_known(channel, timeout=60)
+    finally:
+        miner.join()
+    assert (state["channelId"], state["deposit"]) == (channel.hex_id, "1000")

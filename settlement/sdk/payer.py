@@ -284,7 +284,9 @@ class PayerClient:
                     return state
                 last = (None, f"it counts a confirmed deposit of {state['deposit']}")
             except ServiceRejectedError as ex:
-                if ex.code not in ("channel_unconfirmed", "channel_not_found"):
+                # A service under a flood admits no read of a channel it does not hold yet (503, retried by `_get`
+                # and then `service_unavailable`) until its indexer confirms the channel: wait for that too.
+                if ex.code not in ("channel_unconfirmed", "channel_not_found", "service_unavailable"):
                     raise
                 last = (ex.code, ex.message)
             if time.monotonic() > deadline:
