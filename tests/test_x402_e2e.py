@@ -141,6 +141,21 @@ def payer_for(devnet: Devnet, tmp_path: Path) -> Iterator[Callable[..., PayerCli
         client.shutdown()
 
 
+@pytest.fixture
+def fresh_payer(
+    w3: Web3, accounts: list[LocalAccount], payer_for: Callable[..., PayerClient]
+) -> Callable[[ServiceProcess], PayerClient]:
+    """Factory: fresh_payer(service) -> the PayerClient of a new account funded with 1 ETH: no channel anywhere yet
+    (every account of the devnet has some, which a scheme would find at its first payment)."""
+
+    def make(service: ServiceProcess) -> PayerClient:
+        account: LocalAccount = Account.create()
+        w3.eth.send_transaction({"from": accounts[0].address, "to": account.address, "value": Web3.to_wei(1, "ether")})
+        return payer_for(account, service)
+
+    return make
+
+
 def paying_client(devnet: Devnet, scheme: ChannelHubClientScheme, asset: str = ETH, kind: type[C] = x402Client) -> C:
     """x402's client (async, or `kind=x402ClientSync`) with our scheme, and its spend controls allowing the asset on
     this chain up to 10x the price."""
@@ -511,22 +526,18 @@ def test_a_payment_on_a_free_channel_does_not_wait_behind_channels_being_opened(
     spawn: Callable[..., ServiceProcess],
     paid_api: PaidApis,
     devnet: Devnet,
-    w3: Web3,
-    accounts: list[LocalAccount],
     tmp_path: Path,
-    payer_for: Callable[..., PayerClient],
+    fresh_payer: Callable[[ServiceProcess], PayerClient],
 ) -> None:
     """Payments that need a new channel wait for its deposit, one at a time; a payment that has a free channel must
     not wait with them. Here as many payments to a second payee wait for their first channels (the payer's
     `open_channel` gated) as the event loop's default pool has threads (min(32, cores + 4)): in that pool a payment to
     the first payee, whose channel is free, got no thread until the openings ended."""
     openers = min(32, (os.cpu_count() or 1) + 4)
-    fresh: LocalAccount = Account.create()  # no channel anywhere yet: every account of the devnet has some
-    w3.eth.send_transaction({"from": accounts[0].address, "to": fresh.address, "value": Web3.to_wei(1, "ether")})
     service = spawn(f"sqlite:///{tmp_path / 'lanes.db'}")
     first_payee, second_payee = Account.create().address, Account.create().address
     first, second = paid_api(f"{service.url}/x402", first_payee), paid_api(f"{service.url}/x402", second_payee)
-    payer = payer_for(fresh, service)
+    payer = fresh_payer(service)
     scheme = ChannelHubClientScheme(payer, DepositPolicy(multiple=100), max_lanes=openers + 2)
     gate, opening = threading.Event(), threading.Semaphore(0)
     real_open = payer.open_channel
@@ -560,21 +571,17 @@ def test_a_channel_being_opened_is_one_lane_not_two(
     spawn: Callable[..., ServiceProcess],
     paid_api: PaidApis,
     devnet: Devnet,
-    w3: Web3,
-    accounts: list[LocalAccount],
     tmp_path: Path,
-    payer_for: Callable[..., PayerClient],
+    fresh_payer: Callable[[ServiceProcess], PayerClient],
 ) -> None:
     """The first payments to a payee find the payer's earlier channels at the service. One payment's new channel is
     held here after the service counts it and before the payment lists it as its lane: a second payment then must
     not find that channel too. Before, it did: two lanes on one channel, paying at once, and the lane released twice
     was never the other, so with `max_lanes=2` two payments at once were refused from then on."""
-    fresh: LocalAccount = Account.create()
-    w3.eth.send_transaction({"from": accounts[0].address, "to": fresh.address, "value": Web3.to_wei(1, "ether")})
     service = spawn(f"sqlite:///{tmp_path / 'discover.db'}")
     payee = Account.create().address
     api = paid_api(f"{service.url}/x402", payee)
-    payer = payer_for(fresh, service)
+    payer = fresh_payer(service)
     scheme = ChannelHubClientScheme(payer, DepositPolicy(multiple=100), max_lanes=2)
     known, gate = threading.Event(), threading.Event()
     real_wait = payer.wait_until_known
