@@ -201,7 +201,9 @@ def test_the_official_client_pays_the_official_middleware_through_our_facilitato
     payee = accounts[13].address
     api = paid_api(f"{service.url}/x402", payee)
     payer = payer_for(accounts[12], service)
-    scheme = ChannelHubClientScheme(payer, DepositPolicy(multiple=100), lane_timeout=1.0)
+    # 17 lanes: the 404 below carries no payment answer, so its channel is held for `lane_timeout`; the sixteen at
+    # once then need sixteen more (channels being opened count against the limit).
+    scheme = ChannelHubClientScheme(payer, DepositPolicy(multiple=100), lane_timeout=1.0, max_lanes=17)
     x402 = paying_client(devnet, scheme)
 
     async def walk() -> None:
@@ -611,6 +613,52 @@ def test_a_channel_being_opened_is_one_lane_not_two(
     assert (first, after) == ([200, 200], [200] * 6)
     assert len(payer.open_channels(payee)) == 2  # one channel per lane: the second payment opened its own
     assert accepted_for(service, payee) == 8 * PRICE
+
+
+def test_channels_being_opened_count_against_max_lanes(
+    spawn: Callable[..., ServiceProcess],
+    paid_api: PaidApis,
+    devnet: Devnet,
+    tmp_path: Path,
+    fresh_payer: Callable[[ServiceProcess], PayerClient],
+) -> None:
+    """`max_lanes` bounds the channels (and deposits) a payer opens to one payee. Four first payments at once with
+    `max_lanes=2`: two open channels (held here at the gate), two are refused at once. Before, all four saw no lane
+    yet and each opened one: four deposits locked against a limit of two."""
+    service = spawn(f"sqlite:///{tmp_path / 'max-lanes.db'}")
+    payee = Account.create().address
+    api = paid_api(f"{service.url}/x402", payee)
+    payer = fresh_payer(service)
+    scheme = ChannelHubClientScheme(payer, DepositPolicy(multiple=100), max_lanes=2)
+    gate = threading.Event()
+    real_open = payer.open_channel
+
+    def gated_open(*args: Any, **kwargs: Any) -> Any:
+        assert gate.wait(120), "the gate was never opened"
+        return real_open(*args, **kwargs)
+
+    payer.open_channel = gated_open  # type: ignore[method-assign]
+
+    async def scenario() -> tuple[list[str], list[int]]:
+        async with x402HttpxClient(paying_client(devnet, scheme), timeout=120) as http:
+            tasks = [asyncio.create_task(http.get(f"{api}/weather")) for _ in range(4)]
+            try:
+                refused, _ = await asyncio.wait(tasks, timeout=30, return_when=asyncio.FIRST_COMPLETED)
+                while len(refused) < 2:
+                    more, _ = await asyncio.wait(set(tasks) - refused, timeout=30, return_when=asyncio.FIRST_COMPLETED)
+                    assert more, "fewer than two payments were refused while two channels were being opened"
+                    refused |= more
+            finally:
+                gate.set()
+            errors = [str(t.exception()) for t in tasks if t in refused]
+            paid = [(await t).status_code for t in tasks if t not in refused]
+            return errors, paid
+
+    errors, paid = asyncio.run(scenario())
+    assert errors == [f"Failed to handle payment: 2 payments to {payee} are in flight already (max_lanes)"] * 2
+    assert paid == [200, 200]
+    assert len(payer.open_channels(payee)) == 2
+    assert accepted_for(service, payee) == 2 * PRICE
 
 
 class CountingAdapter(PayAheadAdapter):

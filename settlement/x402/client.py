@@ -22,7 +22,7 @@ import asyncio
 import threading
 import time
 import uuid
-from collections import OrderedDict
+from collections import Counter, OrderedDict
 from collections.abc import Coroutine
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -95,6 +95,7 @@ class ChannelHubClientScheme:
     def __post_init__(self) -> None:
         self.network = network_of(self.payer.domain.chain_id)
         self._lanes: dict[tuple[str, str], list[Lane]] = {}
+        self._opening: Counter[tuple[str, str]] = Counter()  # channels being opened per payee, not yet lanes
         self._guard = threading.Lock()
         # One deposit at a time (payments are made in worker threads): two opens must not read one hub balance or
         # one ERC-20 allowance as if each had it alone.
@@ -105,11 +106,12 @@ class ChannelHubClientScheme:
         self.scheme_hooks = SimpleNamespace(
             on_before_payment_creation=self.on_before_payment_creation, on_payment_response=self.on_payment_response
         )
-        # Payments are made in the scheme's own threads, as many as it has lanes: in the event loop's shared default
-        # pool (six threads on two cores) payments waiting for new channels, one deposit at a time, held every thread,
-        # and payments on free lanes queued behind them (a payer at 64 concurrent requests fell from ~400 to ~54 paid
-        # a second while ~30 lanes opened; docs/benchmarks.md).
-        self._threads = ThreadPoolExecutor(self.max_lanes, thread_name_prefix="channelhub-pay")
+        # Payments are made in the scheme's own threads: in the event loop's shared default pool (six threads on two
+        # cores) payments waiting for new channels, one deposit at a time, held every thread, and payments on free
+        # lanes queued behind them (a payer at 64 concurrent requests fell from ~400 to ~54 paid a second while ~30
+        # lanes opened; docs/benchmarks.md). Twice `max_lanes`: a payee's openings hold at most `max_lanes` threads,
+        # its payments on lanes at most as many, and a payment beyond its lanes gets a thread to be refused at once.
+        self._threads = ThreadPoolExecutor(2 * self.max_lanes, thread_name_prefix="channelhub-pay")
 
     def on_before_payment_creation(self, context: PaymentCreationContext) -> Coroutine[Any, Any, None] | None:
         """x402's hook before it asks this scheme for a payment. Under an event loop (x402Client) the payment is made
@@ -216,31 +218,42 @@ class ChannelHubClientScheme:
 
     def _acquire(self, requirements: PaymentRequirements, price: int) -> Lane:
         payee, asset = self._party(requirements)
+        party = (payee, asset)
         hint = _int((requirements.extra or {}).get("minDeposit"))
         with self._guard:
-            lanes = self._lanes.get((payee, asset))
+            lanes = self._lanes.get(party)
             if lanes is None:  # the first payment to this payee here: its channels opened before (a restart)
                 # Once only: found again while a payment of ours was opening a channel (its lane not yet listed),
                 # that channel was listed twice, two payments ran on it at once, and one lane stayed busy for good.
-                lanes = self._lanes[(payee, asset)] = self._discover(payee, asset)
+                lanes = self._lanes[party] = self._discover(payee, asset)
             now = time.monotonic()
             free = next((lane for lane in lanes if lane.busy_since is None), None)
             if free is None:  # an answer that never came: its payment is looked up when the lane is used again
                 free = next((lane for lane in lanes if now - (lane.busy_since or now) > self.lane_timeout), None)
-            if free is None and len(lanes) >= self.max_lanes:
-                raise ValueError(f"{len(lanes)} payments to {payee} are in flight already (max_lanes)")
+            # Channels being opened count too: each payment that found no free lane saw the same short list.
+            in_flight = len(lanes) + self._opening[party]
+            if free is None and in_flight >= self.max_lanes:
+                raise ValueError(f"{in_flight} payments to {payee} are in flight already (max_lanes)")
             if free is not None:
                 free.busy_since, free.key = now, None
+            else:
+                self._opening[party] += 1
         token = None if asset == ETH else asset
         if free is None:
-            deposit = self.policy.amount(price, hint)
-            with self._funding:
-                held = self.payer.hub_balance(token) >= deposit  # a refund or earnings in the hub go first
-                channel = self.payer.open_channel(payee, deposit, token=token, from_balance=held)
-                self.payer.wait_until_known(channel, min_deposit=deposit)
+            try:
+                deposit = self.policy.amount(price, hint)
+                with self._funding:
+                    held = self.payer.hub_balance(token) >= deposit  # a refund or earnings in the hub go first
+                    channel = self.payer.open_channel(payee, deposit, token=token, from_balance=held)
+                    self.payer.wait_until_known(channel, min_deposit=deposit)
+            except BaseException:
+                with self._guard:
+                    self._opening[party] -= 1
+                raise
             free = Lane(channel, deposit, busy_since=time.monotonic())
             with self._guard:
-                self._lanes[(payee, asset)].append(free)
+                self._opening[party] -= 1
+                self._lanes[party].append(free)
         if self.payer.position(free.channel) + price > free.deposit:
             top_up = self.policy.amount(price, hint)
             with self._funding:
