@@ -246,14 +246,12 @@ class ChannelHubClientScheme:
                     held = self.payer.hub_balance(token) >= deposit  # a refund or earnings in the hub go first
                     channel = self.payer.open_channel(payee, deposit, token=token, from_balance=held)
                     self.payer.wait_until_known(channel, min_deposit=deposit)
-            except BaseException:
+                free = Lane(channel, deposit, busy_since=time.monotonic())
+            finally:  # an opening ends as a lane, or as nothing when it failed
                 with self._guard:
                     self._opening[party] -= 1
-                raise
-            free = Lane(channel, deposit, busy_since=time.monotonic())
-            with self._guard:
-                self._opening[party] -= 1
-                self._lanes[party].append(free)
+                    if free is not None:
+                        self._lanes[party].append(free)
         if self.payer.position(free.channel) + price > free.deposit:
             top_up = self.policy.amount(price, hint)
             with self._funding:
