@@ -15,6 +15,7 @@ import threading
 import time
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -141,19 +142,61 @@ def payer_for(devnet: Devnet, tmp_path: Path) -> Iterator[Callable[..., PayerCli
         client.shutdown()
 
 
-@pytest.fixture
-def fresh_payer(
-    w3: Web3, accounts: list[LocalAccount], payer_for: Callable[..., PayerClient]
-) -> Callable[[ServiceProcess], PayerClient]:
-    """Factory: fresh_payer(service) -> the PayerClient of a new account funded with 1 ETH: no channel anywhere yet
-    (every account of the devnet has some, which a scheme would find at its first payment)."""
+@dataclass(frozen=True)
+class LaneRig:
+    """A service, paid apps of new payees on it, and a new payer's scheme to pay them (`lane_rig`)."""
 
-    def make(service: ServiceProcess) -> PayerClient:
+    service: ServiceProcess
+    payer: PayerClient
+    scheme: ChannelHubClientScheme
+    payees: list[tuple[str, str]]  # (payee address, its app's base URL)
+
+
+@pytest.fixture
+def lane_rig(
+    spawn: Callable[..., ServiceProcess],
+    paid_api: PaidApis,
+    w3: Web3,
+    accounts: list[LocalAccount],
+    tmp_path: Path,
+    payer_for: Callable[..., PayerClient],
+) -> Callable[..., LaneRig]:
+    """Factory: lane_rig(name, payees=1, max_lanes=2) -> a LaneRig whose payer is a new account funded with 1 ETH: no
+    channel anywhere yet (every account of the devnet has some, which a scheme would find at its first payment)."""
+
+    def make(name: str, payees: int = 1, max_lanes: int = 2) -> LaneRig:
+        service = spawn(f"sqlite:///{tmp_path / name}.db")
+        apps = []
+        for _ in range(payees):
+            payee = Account.create().address
+            apps.append((payee, paid_api(f"{service.url}/x402", payee)))
         account: LocalAccount = Account.create()
         w3.eth.send_transaction({"from": accounts[0].address, "to": account.address, "value": Web3.to_wei(1, "ether")})
-        return payer_for(account, service)
+        payer = payer_for(account, service)
+        scheme = ChannelHubClientScheme(payer, DepositPolicy(multiple=100), max_lanes=max_lanes)
+        return LaneRig(service, payer, scheme, apps)
 
     return make
+
+
+def gate_calls(payer: PayerClient, method: str, *, after: bool = False) -> tuple[threading.Event, threading.Semaphore]:
+    """Hold every call of the payer's `method` at a gate until it is set (before the call runs, or `after` it): (the
+    gate, a semaphore released by each call reaching it)."""
+    gate, reached = threading.Event(), threading.Semaphore(0)
+    real = getattr(payer, method)
+
+    def held(*args: Any, **kwargs: Any) -> Any:
+        if not after:
+            reached.release()
+            assert gate.wait(120), "the gate was never opened"
+        result = real(*args, **kwargs)
+        if after:
+            reached.release()
+            assert gate.wait(120), "the gate was never opened"
+        return result
+
+    setattr(payer, method, held)
+    return gate, reached
 
 
 def paying_client(devnet: Devnet, scheme: ChannelHubClientScheme, asset: str = ETH, kind: type[C] = x402Client) -> C:
@@ -525,34 +568,21 @@ def test_a_payer_paying_ahead_over_aiohttps_pool_is_charged_once_per_response_si
 
 
 def test_a_payment_on_a_free_channel_does_not_wait_behind_channels_being_opened(
-    spawn: Callable[..., ServiceProcess],
-    paid_api: PaidApis,
-    devnet: Devnet,
-    tmp_path: Path,
-    fresh_payer: Callable[[ServiceProcess], PayerClient],
+    devnet: Devnet, lane_rig: Callable[..., LaneRig]
 ) -> None:
     """Payments that need a new channel wait for its deposit, one at a time; a payment that has a free channel must
     not wait with them. Here as many payments to a second payee wait for their first channels (the payer's
     `open_channel` gated) as the event loop's default pool has threads (min(32, cores + 4)): in that pool a payment to
     the first payee, whose channel is free, got no thread until the openings ended."""
     openers = min(32, (os.cpu_count() or 1) + 4)
-    service = spawn(f"sqlite:///{tmp_path / 'lanes.db'}")
-    first_payee, second_payee = Account.create().address, Account.create().address
-    first, second = paid_api(f"{service.url}/x402", first_payee), paid_api(f"{service.url}/x402", second_payee)
-    payer = fresh_payer(service)
-    scheme = ChannelHubClientScheme(payer, DepositPolicy(multiple=100), max_lanes=openers + 2)
-    gate, opening = threading.Event(), threading.Semaphore(0)
-    real_open = payer.open_channel
-
-    def gated_open(*args: Any, **kwargs: Any) -> Any:
-        opening.release()
-        assert gate.wait(120), "the gate was never opened"
-        return real_open(*args, **kwargs)
+    rig = lane_rig("lanes", payees=2, max_lanes=openers + 2)
+    service, payer, scheme = rig.service, rig.payer, rig.scheme
+    (first_payee, first), (second_payee, second) = rig.payees
 
     async def scenario() -> tuple[int, bool, list[int]]:
         async with x402HttpxClient(paying_client(devnet, scheme), timeout=120) as http:
             assert (await http.get(f"{first}/weather")).status_code == 200  # the first payee's channel, now free
-            payer.open_channel = gated_open  # type: ignore[method-assign]
+            gate, opening = gate_calls(payer, "open_channel")
             waiting = [asyncio.create_task(http.get(f"{second}/weather")) for _ in range(openers)]
             try:
                 await asyncio.to_thread(opening.acquire, timeout=60)  # one is opening; the rest wait for it
@@ -569,38 +599,21 @@ def test_a_payment_on_a_free_channel_does_not_wait_behind_channels_being_opened(
     assert accepted_for(service, second_payee) == openers * PRICE
 
 
-def test_a_channel_being_opened_is_one_lane_not_two(
-    spawn: Callable[..., ServiceProcess],
-    paid_api: PaidApis,
-    devnet: Devnet,
-    tmp_path: Path,
-    fresh_payer: Callable[[ServiceProcess], PayerClient],
-) -> None:
+def test_a_channel_being_opened_is_one_lane_not_two(devnet: Devnet, lane_rig: Callable[..., LaneRig]) -> None:
     """The first payments to a payee find the payer's earlier channels at the service. One payment's new channel is
     held here after the service counts it and before the payment lists it as its lane: a second payment then must
     not find that channel too. Before, it did: two lanes on one channel, paying at once, and the lane released twice
     was never the other, so with `max_lanes=2` two payments at once were refused from then on."""
-    service = spawn(f"sqlite:///{tmp_path / 'discover.db'}")
-    payee = Account.create().address
-    api = paid_api(f"{service.url}/x402", payee)
-    payer = fresh_payer(service)
-    scheme = ChannelHubClientScheme(payer, DepositPolicy(multiple=100), max_lanes=2)
-    known, gate = threading.Event(), threading.Event()
-    real_wait = payer.wait_until_known
-
-    def held_once(*args: Any, **kwargs: Any) -> Any:
-        state = real_wait(*args, **kwargs)
-        if not known.is_set():  # the first channel: counted by the service, not yet a lane of the scheme
-            known.set()
-            assert gate.wait(120), "the gate was never opened"
-        return state
+    rig = lane_rig("discover")
+    service, payer, scheme = rig.service, rig.payer, rig.scheme
+    ((payee, api),) = rig.payees
 
     async def scenario() -> tuple[list[int], list[int]]:
         async with x402HttpxClient(paying_client(devnet, scheme), timeout=120) as http:
-            payer.wait_until_known = held_once  # type: ignore[method-assign]
+            gate, known = gate_calls(payer, "wait_until_known", after=True)  # counted by the service, not yet a lane
             opening = asyncio.create_task(http.get(f"{api}/weather"))
             try:
-                await asyncio.to_thread(known.wait, 60)
+                await asyncio.to_thread(known.acquire, timeout=60)
                 second = asyncio.create_task(http.get(f"{api}/weather"))
                 await asyncio.sleep(1)  # time for the second to take a lane, had it found one
             finally:
@@ -615,29 +628,14 @@ def test_a_channel_being_opened_is_one_lane_not_two(
     assert accepted_for(service, payee) == 8 * PRICE
 
 
-def test_channels_being_opened_count_against_max_lanes(
-    spawn: Callable[..., ServiceProcess],
-    paid_api: PaidApis,
-    devnet: Devnet,
-    tmp_path: Path,
-    fresh_payer: Callable[[ServiceProcess], PayerClient],
-) -> None:
+def test_channels_being_opened_count_against_max_lanes(devnet: Devnet, lane_rig: Callable[..., LaneRig]) -> None:
     """`max_lanes` bounds the channels (and deposits) a payer opens to one payee. Four first payments at once with
     `max_lanes=2`: two open channels (held here at the gate), two are refused at once. Before, all four saw no lane
     yet and each opened one: four deposits locked against a limit of two."""
-    service = spawn(f"sqlite:///{tmp_path / 'max-lanes.db'}")
-    payee = Account.create().address
-    api = paid_api(f"{service.url}/x402", payee)
-    payer = fresh_payer(service)
-    scheme = ChannelHubClientScheme(payer, DepositPolicy(multiple=100), max_lanes=2)
-    gate = threading.Event()
-    real_open = payer.open_channel
-
-    def gated_open(*args: Any, **kwargs: Any) -> Any:
-        assert gate.wait(120), "the gate was never opened"
-        return real_open(*args, **kwargs)
-
-    payer.open_channel = gated_open  # type: ignore[method-assign]
+    rig = lane_rig("max-lanes")
+    service, payer, scheme = rig.service, rig.payer, rig.scheme
+    ((payee, api),) = rig.payees
+    gate, _ = gate_calls(payer, "open_channel")
 
     async def scenario() -> tuple[list[str], list[int]]:
         async with x402HttpxClient(paying_client(devnet, scheme), timeout=120) as http:
