@@ -4,7 +4,11 @@ No chain, no HTTP, no signature recovery: channels are inserted straight into a 
 runs the service's own ingest writer (`Ingestor`: the ledger rules, the channels' row locks, the group commit) on
 vouchers whose signers are given. A writer keeps IN_FLIGHT requests of REQUEST vouchers queued, as a busy server's
 callers do, so its writer thread commits groups of up to 1,024. Writers own disjoint channels (a payer pays through
-one server at a time); with several, they are separate processes on one database.
+one server at a time); with several, they are separate processes on one database. The last rows share every
+channel between SHARED_WRITERS writers: writer w signs k * writers + w + 1 on each channel, as a payer's pipelined
+vouchers spread over processes by a round-robin balancer would arrive, so vouchers below a channel's position are
+refused as stale; these rows count every answered voucher, and the vouchers a group deferred because another
+writer's transaction held their channel.
 
 Figures per backend and number of writers: vouchers committed per second (all writers together, and per writer), the
 p99 of one request's wait for its commit, the bytes each stored payment adds to the payments table with its indexes
@@ -39,6 +43,7 @@ from sqlalchemy import text
 from scripts.bench_ingest import POSTGRES_URL, _postgres_available, scratch_postgres
 from settlement.domain.ledger import Verdict
 from settlement.domain.model import Address, Channel, ChannelId, ChannelStatus, Voucher, utcnow
+from settlement.errors import StaleVoucherError
 from settlement.ingest.pipeline import Ingestor, Outcome
 from settlement.server.metrics import Metrics
 from settlement.store import Database
@@ -49,6 +54,7 @@ ROUNDS = 30  # vouchers per channel: 30,000 per writer
 REQUEST = 100  # vouchers per submitted request (a batch call)
 IN_FLIGHT = 8  # requests a writer keeps queued
 WRITERS = (1, 2, 4)
+SHARED_WRITERS = 4
 ETH = Address("0x" + "00" * 20)
 PAYEE = Address(to_checksum_address("0x" + "ee" * 20))
 DEPOSIT = 10**30
@@ -63,13 +69,13 @@ def _ids(writer: int) -> list[tuple[ChannelId, Address]]:
     return pairs
 
 
-def _insert_channels(url: str, writers: int) -> None:
+def _insert_channels(url: str, owners: int) -> None:
     db = Database(url)
     db.migrate()
     now = utcnow()
     with db.write() as conn:
-        for writer in range(writers):
-            for channel_id, payer in _ids(writer):
+        for owner in range(owners):
+            for channel_id, payer in _ids(owner):
                 channel = Channel(
                     channel_id=channel_id,
                     payer=payer,
@@ -94,31 +100,34 @@ def _written_bytes() -> int:
     return 0
 
 
-def _writer(url: str, writer: int, start: Barrier, results: Any) -> None:
-    """One server's ingest writer on its own channels; puts (vouchers, seconds, request waits, bytes written)."""
+def _writer(url: str, writer: int, shared: int, start: Barrier, results: Any) -> None:
+    """One server's ingest writer on its own channels, or on channels it shares with `shared` writers (0: none);
+    puts (vouchers, seconds, request waits, bytes written, vouchers accepted, vouchers deferred)."""
     db = Database(url)
     # Neither the verifier nor the indexer is used: signers are given and every channel is stored already.
     ingestor = Ingestor(db, cast(Any, None), cast(Any, None), Metrics(), close_guard=0)
     ingestor.start()
-    pairs = _ids(writer)
+    pairs = _ids(0 if shared else writer)
     signers = {channel_id: bytes.fromhex(payer[2:]) for channel_id, payer in pairs}
     requests = []
-    for cumulative in range(1, ROUNDS + 1):
+    for k in range(ROUNDS):
+        cumulative = k * shared + writer + 1 if shared else k + 1
         round_ = [Voucher(channel_id, cumulative, os.urandom(65)) for channel_id, _ in pairs]
         requests += [round_[i : i + REQUEST] for i in range(0, len(round_), REQUEST)]
     gc.freeze()  # as the service does once started (create_app's lifespan): start-up objects stay out of each scan
     start.wait()
     wrote, began = _written_bytes(), time.perf_counter()
     waits: list[float] = []
-    refused = 0
+    refused = stale = 0
     pending: list[tuple[float, Future[list[Outcome]]]] = []
 
     def settle_oldest() -> None:
-        nonlocal refused
+        nonlocal refused, stale
         sent, future = pending.pop(0)
         outcomes = future.result()
         waits.append(time.perf_counter() - sent)
         refused += sum(1 for o in outcomes if not (isinstance(o, Verdict) and o.new))
+        stale += sum(1 for o in outcomes if isinstance(o, StaleVoucherError))
 
     for request in requests:
         if len(pending) >= IN_FLIGHT:
@@ -130,9 +139,12 @@ def _writer(url: str, writer: int, start: Barrier, results: Any) -> None:
     written = _written_bytes() - wrote
     ingestor.stop()
     db.dispose()
-    if refused:
+    if refused > (stale if shared else 0):
         raise SystemExit(f"writer {writer}: {refused} vouchers were not accepted as new payments")
-    results.put((sum(len(r) for r in requests), seconds, waits, written))
+    deferred = ingestor.metrics.registry.get_sample_value("settlement_ingest_deferred_vouchers_total") or 0
+    results.put(
+        (sum(len(r) for r in requests), seconds, waits, written, sum(len(r) for r in requests) - refused, deferred)
+    )
 
 
 def _payments_bytes(url: str) -> tuple[int, int]:
@@ -195,14 +207,18 @@ def _store(backend: str) -> Iterator[str]:
             yield f"sqlite:///{Path(tmp) / 'store.db'}"
 
 
-def measure(backend: str, writers: int) -> dict[str, Any]:
-    """One run on a fresh store: `writers` processes, ROUNDS vouchers on each of their channels."""
+def measure(backend: str, writers: int, *, shared: bool = False) -> dict[str, Any]:
+    """One run on a fresh store: `writers` processes, ROUNDS vouchers on each of their channels (with `shared`, one
+    set of channels for all of them)."""
     with _store(backend) as url:
-        _insert_channels(url, writers)
+        _insert_channels(url, 1 if shared else writers)
         size_before, wal_before = _payments_bytes(url), _wal_position(url)
         context = multiprocessing.get_context("spawn")
         start, results = context.Barrier(writers + 1), context.Queue()
-        processes = [context.Process(target=_writer, args=(url, w, start, results)) for w in range(writers)]
+        processes = [
+            context.Process(target=_writer, args=(url, w, writers if shared else 0, start, results))
+            for w in range(writers)
+        ]
         for process in processes:
             process.start()
         start.wait()
@@ -220,16 +236,20 @@ def measure(backend: str, writers: int) -> dict[str, Any]:
         if written is None:
             written = sum(o[3] for o in outcomes)
         table, indexes = (after - before for after, before in zip(_payments_bytes(url), size_before, strict=True))
+        accepted = sum(o[4] for o in outcomes)
         return {
             "store": backend,
             "writers": writers,
+            "channels": "shared" if shared else "own",
             "vouchers": vouchers,
+            "accepted": accepted,
+            "deferred": round(sum(o[5] for o in outcomes)),
             "per_second": round(vouchers / wall),
             "per_writer": round(statistics.mean(o[0] / o[1] for o in outcomes)),
             "wait_p99_ms": round(waits[min(len(waits) - 1, int(len(waits) * 0.99))] * 1000, 1),
-            "bytes_per_payment": round((table + indexes) / vouchers),
-            "table_bytes": round(table / vouchers),
-            "index_bytes": round(indexes / vouchers),
+            "bytes_per_payment": round((table + indexes) / accepted),
+            "table_bytes": round(table / accepted),
+            "index_bytes": round(indexes / accepted),
             "written_per_voucher": round(written / vouchers),
             "written_is": "wal" if backend == "postgres" else "process writes",
             "database_cpu_us_per_voucher": (
@@ -243,11 +263,15 @@ def run_store(console: Console, writers: tuple[int, ...] = WRITERS) -> dict[str,
     if "postgres" not in backends:
         console.print(f"[yellow]PostgreSQL not reachable at {POSTGRES_URL}: skipped[/]")
     rows = [measure(backend, count) for backend in backends for count in writers]
+    rows += [measure(backend, SHARED_WRITERS, shared=True) for backend in backends]
     table = Table(title=f"store alone: {CHANNELS_PER_WRITER:,} channels x {ROUNDS} vouchers per writer")
     for column in (
         "store",
         "writers",
+        "channels",
         "vouchers/s",
+        "accepted",
+        "deferred",
         "per writer",
         "p99 ms",
         "bytes/payment (table + indexes)",
@@ -259,7 +283,10 @@ def run_store(console: Console, writers: tuple[int, ...] = WRITERS) -> dict[str,
         table.add_row(
             row["store"],
             str(row["writers"]),
+            row["channels"],
             f"{row['per_second']:,}",
+            f"{row['accepted']:,}",
+            f"{row['deferred']:,}",
             f"{row['per_writer']:,}",
             str(row["wait_p99_ms"]),
             f"{row['bytes_per_payment']} = {row['table_bytes']} + {row['index_bytes']}",

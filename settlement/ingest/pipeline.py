@@ -18,7 +18,7 @@ import queue
 import threading
 import time
 from collections import Counter
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from datetime import datetime
@@ -60,6 +60,10 @@ class _Job:
     vouchers: Sequence[Voucher]
     signers: Sequence[bytes | None]
     future: Future[list[Outcome]]
+
+
+# The place of a voucher whose channel another transaction held, until a later turn judges it (never returned).
+_DEFERRED = StoreError("the voucher's channel was held by another transaction")
 
 
 @dataclass(frozen=True)
@@ -397,42 +401,98 @@ class Ingestor:
         started = time.perf_counter()
         vouchers = [v for job in jobs for v in job.vouchers]
         signers = [s for job in jobs for s in job.signers]
-        outcomes = self._commit_isolating(vouchers, signers)
-        self.metrics.group_size.observe(len(vouchers))
-        self.metrics.commit_seconds.observe(time.perf_counter() - started)
+        waiting: list[tuple[_Job, int, int]] = []
         at = 0
         for job in jobs:
-            if not job.future.done():
-                job.future.set_result(outcomes[at : at + len(job.vouchers)])
+            waiting.append((job, at, at + len(job.vouchers)))
             at += len(job.vouchers)
+        for outcomes, todo in self._commit_in_turns(vouchers, signers):
+            left = set(todo)
+            still = []
+            for job, begin, end in waiting:  # a job is answered as soon as its last voucher is committed
+                if left and any(i in left for i in range(begin, end)):
+                    still.append((job, begin, end))
+                elif not job.future.done():
+                    job.future.set_result(outcomes[begin:end])
+            waiting = still
+        self.metrics.group_size.observe(len(vouchers))
+        self.metrics.commit_seconds.observe(time.perf_counter() - started)
 
-    def _commit_isolating(self, vouchers: list[Voucher], signers: list[bytes | None]) -> list[Outcome]:
-        """Commit the group; if the store refuses it, commit its halves apart, down to the voucher at fault.
+    def _commit_in_turns(
+        self, vouchers: list[Voucher], signers: list[bytes | None]
+    ) -> Iterator[tuple[list[Outcome], list[int]]]:
+        """Commit what the group can lock at once; then, for the channels another process's transaction held, wait
+        for one of them (holding nothing else), take what else is free, commit, and so on. After each turn: the
+        outcomes so far and the vouchers still to judge.
+
+        Server processes that share channels (a client's retries, a payer pipelining through a round-robin
+        balancer) used to queue: a group waited for another's row while holding its own, so groups from several
+        processes waited behind each other's commits in a chain. Now a group never holds rows while it waits for a
+        channel, so a wait lasts at most the holder's commit. A channel's vouchers are all judged in one
+        transaction, in the order they came.
+        """
+        outcomes: list[Outcome] = [_DEFERRED] * len(vouchers)
+        todo = list(range(len(vouchers)))
+        first: ChannelId | None = None
+        while todo:
+            part, busy = self._commit_isolating([vouchers[i] for i in todo], [signers[i] for i in todo], first)
+            left = []
+            for i, outcome in zip(todo, part, strict=True):
+                if vouchers[i].channel_id in busy:
+                    left.append(i)
+                else:
+                    outcomes[i] = outcome
+            if left:
+                self.metrics.vouchers_deferred.inc(len(left))
+            todo, first = left, min(busy, default=None)
+            yield outcomes, todo
+
+    def _commit_isolating(
+        self, vouchers: list[Voucher], signers: list[bytes | None], first: ChannelId | None, *, skip_busy: bool = True
+    ) -> tuple[list[Outcome], set[ChannelId]]:
+        """Commit the part; if the store refuses it, commit its halves apart, down to the voucher at fault.
 
         One client's voucher that a store cannot take (a bug, a value one backend refuses) must never fail the
         honest vouchers that happened to share its group. Halving keeps the vouchers' order (a channel's vouchers are
-        judged in the order they came) and costs a few extra commits per culprit, only on this failure path. An
-        unavailable store fails the whole group at once: every half would fail the same way.
+        judged in the order they came) and costs a few extra commits per culprit, only on this failure path; the
+        halves wait for every row they need (nothing is left busy), so a channel's vouchers cannot be split
+        between turns. An unavailable store fails the whole part at once: every half would fail the same way.
         """
         try:
-            return self._judge_and_write(vouchers, signers)
+            return self._write_part(vouchers, signers, first=first, skip_busy=skip_busy)
         except StoreUnavailableError as ex:
             logger.error("group of %d vouchers not stored: %s", len(vouchers), ex.message)
-            return [ex] * len(vouchers)
+            return [ex] * len(vouchers), set()
         except Exception as ex:  # the store refused it, or a bug: isolate the culprit, keep the writer alive
             if len(vouchers) == 1:
                 logger.exception("voucher %s/%s not stored", vouchers[0].channel_id, vouchers[0].cumulative)
                 reason = ex.code if isinstance(ex, SettlementError) else type(ex).__name__
-                return [StoreError(f"the voucher was not stored: the store refused it ({reason})")]
+                return [StoreError(f"the voucher was not stored: the store refused it ({reason})")], set()
         half = len(vouchers) // 2
-        return self._commit_isolating(vouchers[:half], signers[:half]) + self._commit_isolating(
-            vouchers[half:], signers[half:]
-        )
+        head, _ = self._commit_isolating(vouchers[:half], signers[:half], None, skip_busy=False)
+        tail, _ = self._commit_isolating(vouchers[half:], signers[half:], None, skip_busy=False)
+        return head + tail, set()
 
-    def _judge_and_write(self, vouchers: list[Voucher], signers: list[bytes | None]) -> list[Outcome]:
+    def _write_part(
+        self, vouchers: list[Voucher], signers: list[bytes | None], *, first: ChannelId | None, skip_busy: bool
+    ) -> tuple[list[Outcome], set[ChannelId]]:
+        """One transaction: wait for `first`'s row if given, lock the part's other channels (with `skip_busy`,
+        those another transaction does not hold), judge and commit their vouchers. Returns the outcomes in order (a
+        busy channel's voucher keeps a placeholder) and the busy channels."""
+        count = len(vouchers)
         try:
             with self.db.write() as conn:
-                stamps = channel_q.lock_versions(conn, {v.channel_id for v in vouchers})
+                wanted = {v.channel_id for v in vouchers}
+                stamps = {}
+                if first is not None and first in wanted:
+                    stamps = channel_q.lock_versions(conn, [first]).stamps
+                    wanted.discard(first)
+                locked = channel_q.lock_versions(conn, wanted, skip_busy=skip_busy)
+                stamps |= locked.stamps
+                busy = locked.busy
+                mine = [i for i, v in enumerate(vouchers) if v.channel_id not in busy] if busy else []
+                if busy:
+                    vouchers, signers = [vouchers[i] for i in mine], [signers[i] for i in mine]
                 channels, versions = self._read_group(conn, stamps)
                 numbers = {channel_id: stamp.number for channel_id, stamp in stamps.items()}
                 judged = self._judge_group(conn, vouchers, signers, channels, numbers)
@@ -443,7 +503,12 @@ class Ingestor:
         self._hold(channels, versions, judged.written)
         with self._counts_lock:
             self._counts.update(judged.seen)
-        return judged.outcomes
+        if not busy:
+            return judged.outcomes, busy
+        outcomes: list[Outcome] = [_DEFERRED] * count
+        for i, outcome in zip(mine, judged.outcomes, strict=True):
+            outcomes[i] = outcome
+        return outcomes, busy
 
     def _read_group(
         self, conn: Connection, stamps: dict[ChannelId, channel_q.RowStamp]

@@ -18,6 +18,12 @@ class Metrics:
             "Re-sent vouchers answered with their stored receipt",
             registry=self.registry,
         )
+        self.vouchers_deferred = Counter(
+            "settlement_ingest_deferred_vouchers",
+            "Vouchers committed in a second transaction because another process's writer held their channel's row"
+            " (server processes sharing channels: route a channel to one process)",
+            registry=self.registry,
+        )
         self.vouchers_rejected = Counter(
             "settlement_vouchers_rejected",
             "Vouchers or requests refused, by error code",
