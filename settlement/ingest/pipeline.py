@@ -428,7 +428,7 @@ class Ingestor:
         Server processes that share channels (a client's retries, a payer pipelining through a round-robin
         balancer) used to queue: a group waited for another's row while holding its own, so groups from several
         processes waited behind each other's commits in a chain. Now a group never holds rows while it waits for a
-        channel, so a wait lasts at most the holder's commit. A channel's vouchers are all judged in one
+        channel, so a wait for another process's group lasts at most that group's commit. A channel's vouchers are all judged in one
         transaction, in the order they came.
         """
         outcomes: list[Outcome] = [_DEFERRED] * len(vouchers)
