@@ -428,8 +428,8 @@ class Ingestor:
         Server processes that share channels (a client's retries, a payer pipelining through a round-robin
         balancer) used to queue: a group waited for another's row while holding its own, so groups from several
         processes waited behind each other's commits in a chain. Now a group never holds rows while it waits for a
-        channel, so a wait for another process's group lasts at most that group's commit. A channel's vouchers are all judged in one
-        transaction, in the order they came.
+        channel, so a wait for another process's group lasts at most that group's commit. A channel's vouchers are
+        all judged in one transaction, in the order they came.
         """
         outcomes: list[Outcome] = [_DEFERRED] * len(vouchers)
         todo = list(range(len(vouchers)))
@@ -513,7 +513,7 @@ class Ingestor:
     def _read_group(
         self, conn: Connection, stamps: dict[ChannelId, channel_q.RowStamp]
     ) -> tuple[dict[ChannelId, Channel], dict[ChannelId, int]]:
-        """The group's channels, row-locked in id order (`stamps`): the writer's own copy of each while the stored
+        """The group's channels, row-locked (`stamps`): the writer's own copy of each while the stored
         version is the one it holds, else the stored row (another process accepted a voucher, the indexer saw the
         chain move)."""
         versions = {channel_id: stamp.version for channel_id, stamp in stamps.items()}
