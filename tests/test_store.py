@@ -498,6 +498,38 @@ def test_a_group_answers_what_it_locked_while_another_process_holds_one_of_its_c
         writer.stop()
 
 
+def test_a_voucher_deferred_behind_the_indexers_close_is_judged_against_the_close(db: Database) -> None:
+    """The chain moves while a voucher waits for its channel: the indexer's transaction that records the channel's
+    close holds the row when the writer's group comes. The group defers the channel, waits for the indexer's commit,
+    and judges the voucher against the closed channel it then reads (the writer's own copy, from its accepted
+    voucher of 10, is older than the stored row): refused, the position stays 10."""
+    if db.engine.dialect.name == "sqlite":
+        pytest.skip("SQLite has no row locks: one writer transaction holds the whole database at a time")
+    with db.write() as conn:
+        channel_q.insert_channel(conn, a_channel(1, deposit=100), utcnow())
+    cid, payer = a_channel(1).channel_id, bytes.fromhex("aa" * 20)
+    writer = Ingestor(db, cast(Any, None), cast(Any, None), Metrics(), close_guard=0)
+    writer.start()
+    indexer = db.engine.connect()
+    try:
+        (accepted,) = writer.submit([Voucher(cid, 10, bytes(65))], [payer]).result(timeout=20)
+        assert isinstance(accepted, Verdict) and accepted.new
+        closing = indexer.begin()
+        channel_q.save_chain_state(indexer, replace(a_channel(1, deposit=100), status=ChannelStatus.CLOSED), utcnow())
+        late = writer.submit([Voucher(cid, 20, bytes(65))], [payer])
+        _wait_for(lambda: _deferred(writer) == 1, "the writer to defer the channel the indexer holds")
+        assert not late.done()
+        closing.commit()
+        (refused,) = late.result(timeout=20)
+        assert isinstance(refused, SettlementError) and refused.code == "channel_closed"
+    finally:
+        indexer.close()
+        writer.stop()
+    with db.read() as conn:
+        stored = cast(Channel, channel_q.get_channel(conn, cid))
+    assert (stored.accepted, stored.status) == (10, ChannelStatus.CLOSED)
+
+
 def test_writers_sharing_every_channel_pay_each_voucher_once(db: Database) -> None:
     """Four writers (four server processes on one store) take vouchers of the same eight channels at once, each from
     its own sequence (writer w signs k * 4 + w + 1: a payer's pipelined vouchers spread over processes by a
