@@ -142,9 +142,8 @@ def _writer(url: str, writer: int, shared: int, start: Barrier, results: Any) ->
     if refused > (stale if shared else 0):
         raise SystemExit(f"writer {writer}: {refused} vouchers were not accepted as new payments")
     deferred = ingestor.metrics.registry.get_sample_value("settlement_ingest_deferred_vouchers_total") or 0
-    results.put(
-        (sum(len(r) for r in requests), seconds, waits, written, sum(len(r) for r in requests) - refused, deferred)
-    )
+    sent = sum(len(r) for r in requests)
+    results.put((sent, seconds, waits, written, sent - refused, deferred))
 
 
 def _payments_bytes(url: str) -> tuple[int, int]:

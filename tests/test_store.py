@@ -6,7 +6,6 @@ import json
 import random
 import re
 import threading
-import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import replace
@@ -31,7 +30,7 @@ from settlement.store import settlements as batch_q
 from settlement.store.database import head_revision
 from settlement.store.meta import bind_deployment
 from tests.hub_helpers import Channel as HubChannel
-from tests.hub_helpers import store_at_revision
+from tests.hub_helpers import store_at_revision, wait_until
 
 MAX = 2**256 - 1
 
@@ -447,13 +446,6 @@ def _deferred(writer: Ingestor) -> float:
     return writer.metrics.registry.get_sample_value("settlement_ingest_deferred_vouchers_total") or 0.0
 
 
-def _wait_for(condition: Callable[[], bool], what: str) -> None:
-    deadline = time.monotonic() + 20
-    while not condition():
-        assert time.monotonic() < deadline, f"timed out waiting for {what}"
-        time.sleep(0.01)
-
-
 def test_a_group_answers_what_it_locked_while_another_process_holds_one_of_its_channels(db: Database) -> None:
     """Issue 20: groups of server processes that share channels queued behind each other's row locks (four writers
     sharing every channel: 4,500 vouchers/s against 52,000 apart). A group now commits the channels it can lock at
@@ -478,7 +470,7 @@ def test_a_group_answers_what_it_locked_while_another_process_holds_one_of_its_c
     holds_two: RowHolder | None = None
     try:
         first = writer.submit([Voucher(nine, 10, bytes(65))], [payer])
-        _wait_for(lambda: _deferred(writer) == 1, "the writer to defer channel 9 and wait for it")
+        wait_until(lambda: _deferred(writer) == 1)
         holds_two = RowHolder(db, two)
         paid_one = writer.submit([Voucher(one, 10, bytes(65))], [payer])  # these two jobs queue: one group
         paid_two = writer.submit([Voucher(two, 10, bytes(65)), Voucher(two, 30, bytes(65))], [payer, payer])
@@ -517,7 +509,7 @@ def test_a_voucher_deferred_behind_the_indexers_close_is_judged_against_the_clos
         closing = indexer.begin()
         channel_q.save_chain_state(indexer, replace(a_channel(1, deposit=100), status=ChannelStatus.CLOSED), utcnow())
         late = writer.submit([Voucher(cid, 20, bytes(65))], [payer])
-        _wait_for(lambda: _deferred(writer) == 1, "the writer to defer the channel the indexer holds")
+        wait_until(lambda: _deferred(writer) == 1)
         assert not late.done()
         closing.commit()
         (refused,) = late.result(timeout=20)
@@ -561,7 +553,7 @@ def test_writers_sharing_every_channel_pay_each_voucher_once(db: Database) -> No
         with ThreadPoolExecutor(4) as pool:
             runs = [pool.submit(run, w) for w in range(4)]
             if holder is not None:
-                _wait_for(lambda: all(_deferred(w) >= 1 for w in writers), "every writer to defer channel 0")
+                wait_until(lambda: all(_deferred(w) >= 1 for w in writers))
                 holder.release()
             for done in runs:
                 done.result()

@@ -431,21 +431,25 @@ class Ingestor:
         channel, so a wait for another process's group lasts at most that group's commit. A channel's vouchers are
         all judged in one transaction, in the order they came.
         """
+        part, busy = self._commit_isolating(vouchers, signers, None)
+        if not busy:  # the common case: the whole group in one turn
+            yield part, []
+            return
         outcomes: list[Outcome] = [_DEFERRED] * len(vouchers)
         todo = list(range(len(vouchers)))
-        first: ChannelId | None = None
-        while todo:
-            part, busy = self._commit_isolating([vouchers[i] for i in todo], [signers[i] for i in todo], first)
-            left = []
-            for i, outcome in zip(todo, part, strict=True):
+        while True:
+            judged, left = iter(part), []
+            for i in todo:
                 if vouchers[i].channel_id in busy:
                     left.append(i)
                 else:
-                    outcomes[i] = outcome
-            if left:
-                self.metrics.vouchers_deferred.inc(len(left))
-            todo, first = left, min(busy, default=None)
-            yield outcomes, todo
+                    outcomes[i] = next(judged)
+            self.metrics.vouchers_deferred.inc(len(left))
+            yield outcomes, left
+            if not left:
+                return
+            todo = left
+            part, busy = self._commit_isolating([vouchers[i] for i in todo], [signers[i] for i in todo], min(busy))
 
     def _commit_isolating(
         self, vouchers: list[Voucher], signers: list[bytes | None], first: ChannelId | None, *, skip_busy: bool = True
@@ -477,22 +481,21 @@ class Ingestor:
         self, vouchers: list[Voucher], signers: list[bytes | None], *, first: ChannelId | None, skip_busy: bool
     ) -> tuple[list[Outcome], set[ChannelId]]:
         """One transaction: wait for `first`'s row if given, lock the part's other channels (with `skip_busy`,
-        those another transaction does not hold), judge and commit their vouchers. Returns the outcomes in order (a
-        busy channel's voucher keeps a placeholder) and the busy channels."""
-        count = len(vouchers)
+        those another transaction does not hold), judge and commit their vouchers. Returns the outcomes of the
+        vouchers it judged (those of busy channels left out), in order, and the busy channels."""
         try:
             with self.db.write() as conn:
                 wanted = {v.channel_id for v in vouchers}
                 stamps = {}
-                if first is not None and first in wanted:
+                if first is not None:
                     stamps = channel_q.lock_versions(conn, [first]).stamps
                     wanted.discard(first)
                 locked = channel_q.lock_versions(conn, wanted, skip_busy=skip_busy)
                 stamps |= locked.stamps
                 busy = locked.busy
-                mine = [i for i, v in enumerate(vouchers) if v.channel_id not in busy] if busy else []
                 if busy:
-                    vouchers, signers = [vouchers[i] for i in mine], [signers[i] for i in mine]
+                    kept = [i for i, v in enumerate(vouchers) if v.channel_id not in busy]
+                    vouchers, signers = [vouchers[i] for i in kept], [signers[i] for i in kept]
                 channels, versions = self._read_group(conn, stamps)
                 numbers = {channel_id: stamp.number for channel_id, stamp in stamps.items()}
                 judged = self._judge_group(conn, vouchers, signers, channels, numbers)
@@ -503,12 +506,7 @@ class Ingestor:
         self._hold(channels, versions, judged.written)
         with self._counts_lock:
             self._counts.update(judged.seen)
-        if not busy:
-            return judged.outcomes, busy
-        outcomes: list[Outcome] = [_DEFERRED] * count
-        for i, outcome in zip(mine, judged.outcomes, strict=True):
-            outcomes[i] = outcome
-        return outcomes, busy
+        return judged.outcomes, busy
 
     def _read_group(
         self, conn: Connection, stamps: dict[ChannelId, channel_q.RowStamp]
