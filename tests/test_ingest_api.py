@@ -12,7 +12,7 @@ from web3 import Web3
 from web3.contract import Contract
 
 from settlement.eip712.vouchers import Domain
-from tests.hub_helpers import ETH, Channel, body, send
+from tests.hub_helpers import ETH, Channel, behind_the_fast_path, body, send
 
 Sign = Callable[..., bytes]
 
@@ -297,7 +297,7 @@ def test_the_fast_path_and_the_fastapi_route_give_the_same_answers(
     api: Callable[..., TestClient], channel: Channel, sign: Sign, accounts: list[LocalAccount]
 ) -> None:
     fast = api()
-    route = TestClient(fast.app.app.app, raise_server_exceptions=False)  # type: ignore[attr-defined]  # same service
+    route = behind_the_fast_path(fast)
     voucher = lambda n, signer=None: body(channel, n, sign(signer or channel.payer, channel.id, n))  # noqa: E731
 
     first = route.post("/v1/vouchers", json=voucher(10))

@@ -18,7 +18,15 @@ from web3.contract import Contract
 from settlement.devtools.devnet import Devnet
 from settlement.eip712.receipts import SignedFields, receipt_domain, receipt_signer
 from settlement.eip712.vouchers import read_domain
-from tests.hub_helpers import ETH, Channel, send, wait_until, x402_request, x402_requirements
+from tests.hub_helpers import (
+    ETH,
+    Channel,
+    behind_the_fast_path,
+    send,
+    wait_until,
+    x402_request,
+    x402_requirements,
+)
 from tests.hub_helpers import x402_voucher as voucher
 from tests.proxy import TcpProxy
 
@@ -120,6 +128,59 @@ def test_concurrent_settles_of_one_voucher_charge_once(
     outcomes = sorted((a["success"], a.get("errorReason")) for a in answers)
     assert outcomes == [(False, "voucher_replayed")] * 7 + [(True, None)]
     assert accepted(client, channel) == "10"
+
+
+def test_the_fast_path_and_fastapis_x402_routes_give_the_same_answers(
+    api: Callable[..., TestClient], devnet: Devnet, channel: Channel, sign: Sign, accounts: list[LocalAccount]
+) -> None:
+    """/x402/settle and /verify are served in front of FastAPI (settlement.api.fastpath); the documented routes
+    behind it must answer alike, on one service, a payment settled by either being a replay for both."""
+    fast = api()
+    route = behind_the_fast_path(fast)
+    required = requirements(devnet, channel.payee)
+    clients = (fast, route)
+
+    def pay(cumulative: int) -> dict[str, Any]:
+        return x402_request(required, voucher(channel, cumulative, sign))
+
+    verified = [client.post("/x402/verify", json=pay(PRICE)) for client in clients]
+    assert [v.json() for v in verified] == [
+        {"isValid": True, "payer": channel.payer.address, "extra": {"increment": "10"}}
+    ] * 2
+    settled = [route.post("/x402/settle", json=pay(PRICE)), fast.post("/x402/settle", json=pay(2 * PRICE))]
+    for answer, cumulative in zip(settled, (PRICE, 2 * PRICE), strict=True):
+        assert answer.status_code == 200
+        assert (answer.json()["success"], answer.json()["amount"]) == (True, "10")
+        assert answer.json()["extra"]["channel"]["cumulativeAmount"] == str(cumulative)
+    assert [set(a.json()) for a in settled] == [{"success", "payer", "transaction", "network", "amount", "extra"}] * 2
+    assert set(settled[0].json()["extra"]["receipt"]) == set(settled[1].json()["extra"]["receipt"])
+    for cumulative in (PRICE, 2 * PRICE):  # each settled once, by one of them: a replay for both
+        replays = [client.post("/x402/settle", json=pay(cumulative)) for client in clients]
+        assert replays[0].json() == replays[1].json()
+        assert replays[0].json()["errorReason"] == "voucher_replayed"
+    assert accepted(fast, channel) == "20"
+
+    ghost = Channel(id=b"\x42" * 32, payer=channel.payer, payee=channel.payee, token=ETH, salt=bytes(32))
+    next_voucher = voucher(channel, 3 * PRICE, sign)
+    forged = voucher(channel, 3 * PRICE, sign, signer=accounts[9])
+    refusals: list[tuple[dict[str, Any], int, str]] = [
+        ({"json": pay(4 * PRICE)}, 200, "overpayment"),
+        ({"json": pay(3 * PRICE - 1)}, 200, "underpayment"),
+        ({"json": x402_request(required, forged)}, 200, "invalid_signature"),
+        ({"json": x402_request(required | {"scheme": "exact"}, next_voucher)}, 200, "unsupported_scheme_or_network"),
+        ({"json": x402_request(required, voucher(ghost, PRICE, sign))}, 200, "channel_not_found"),
+        ({"json": {"x402Version": 2}}, 400, "malformed_request"),
+        ({"content": b'{"x402Version": ', "headers": {"content-type": "application/json"}}, 400, "malformed_request"),
+        ({"content": b"{}", "headers": {"content-type": "text/plain"}}, 415, "unsupported_media_type"),
+    ]  # fmt: skip
+    for request, status, code in refusals:
+        for path in ("/x402/verify", "/x402/settle"):
+            answers = [client.post(path, **request) for client in clients]
+            assert [a.status_code for a in answers] == [status, status], (path, code)
+            assert answers[0].json() == answers[1].json()
+            found = answers[0].json()
+            assert found.get("code", found.get("invalidReason", found.get("errorReason"))) == code
+    assert accepted(fast, channel) == "20"
 
 
 @pytest.mark.parametrize(

@@ -17,10 +17,11 @@ from fastapi_offline import FastAPIOffline
 from starlette.exceptions import HTTPException
 
 from settlement import __version__
-from settlement.api.facilitator import x402_facilitator
-from settlement.api.fastpath import VoucherFastPath
+from settlement.api.facilitator import ChannelHubFacilitator
+from settlement.api.fastpath import FastPath
 from settlement.api.middleware import INTERNAL_ERROR, BodyGuard, HostGuard, RateGuard, RefusalTarpit, retry_after
 from settlement.api.routes import router
+from settlement.api.routes_x402 import X402Operations
 from settlement.api.schemas import shape_error
 from settlement.errors import MalformedRequestError, MethodNotAllowedError, NotFoundError, SettlementError
 from settlement.server.config import Settings
@@ -34,7 +35,7 @@ DOCS_ASSETS = "/docs-assets"  # where /docs loads Swagger UI's script and style 
 def create_app(settings: Settings, service: Service | None = None) -> RefusalTarpit:
     """Build the app for one deployment (run `settlement deploy` first); the lifespan starts and stops the service.
 
-    What it returns is FastAPI behind the single-voucher fast path (settlement.api.fastpath)."""
+    What it returns is FastAPI behind the fast path of single vouchers and x402 payments (settlement.api.fastpath)."""
     running = service or Service.build(settings)
 
     @asynccontextmanager
@@ -61,7 +62,7 @@ def create_app(settings: Settings, service: Service | None = None) -> RefusalTar
         static_url=DOCS_ASSETS,
     )
     app.state.service = running
-    app.state.x402_facilitator = x402_facilitator(running)
+    app.state.x402 = x402 = X402Operations(ChannelHubFacilitator(running))
     app.add_middleware(BodyGuard, max_bytes=settings.max_body_bytes, body_timeout=settings.body_timeout_seconds)
     app.include_router(router)
 
@@ -96,7 +97,7 @@ def create_app(settings: Settings, service: Service | None = None) -> RefusalTar
         logger.exception("unhandled error")
         return JSONResponse(status_code=500, content=INTERNAL_ERROR)
 
-    fast = VoucherFastPath(app, running, settings.max_body_bytes, settings.body_timeout_seconds)
+    fast = FastPath(app, running, x402, settings.max_body_bytes, settings.body_timeout_seconds)
     guarded = HostGuard(fast, settings.allowed_hosts)
     limited = RateGuard(guarded, settings.client_requests_per_second, settings.client_burst)
     return RefusalTarpit(

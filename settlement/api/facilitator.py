@@ -11,6 +11,7 @@ the route answers 503 and a payee does not mistake it for a refused payment.
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 import threading
 from collections.abc import Callable
@@ -29,6 +30,7 @@ from settlement.domain.ledger import Verdict
 from settlement.domain.model import ETH, ChannelId, Receipt, Voucher
 from settlement.eip712.receipts import ReceiptSigner, SignedFields, receipt_domain
 from settlement.errors import ChannelNotFoundError, ConfigError, RequestError, SettlementError, WrongShardError
+from settlement.ingest.pipeline import Outcome
 from settlement.server.operator import operator_account
 from settlement.server.service import Service
 from settlement.x402.wire import (
@@ -66,7 +68,8 @@ class Refused(Exception):
 
 
 class ChannelHubFacilitator:
-    """The `channelhub` scheme for one deployment (one network: this hub's chain)."""
+    """The `channelhub` scheme for one deployment (one network: this hub's chain). Built with the app, while the
+    chain answers: the operator's account is resolved once."""
 
     scheme = SCHEME
     caip_family = "eip155:*"
@@ -114,15 +117,41 @@ class ChannelHubFacilitator:
             voucher, channel = self._voucher(payload, requirements)
             verdict = self._judged(lambda: self._ingest(voucher), channel)
         except Refused as refused:
-            self._count("settle", refused.reason)
-            return SettleResponse(
-                success=False,
-                error_reason=refused.reason,
-                error_message=refused.message,
-                payer=refused.payer,
-                transaction="",
-                network=self.network,
-            )
+            return self._settle_refused(refused)
+        return self._settled(verdict, channel)
+
+    def serves(self, payload: PaymentPayload) -> bool:
+        """Whether x402's facilitator would route this payment to this scheme (its scheme and network)."""
+        return payload.accepted.scheme == SCHEME and payload.accepted.network == self.network
+
+    async def settle_async(self, payload: PaymentPayload, requirements: PaymentRequirements) -> SettleResponse:
+        """`settle` on the event loop: the commit is awaited without holding a thread (settlement.api.fastpath).
+
+        A channel this process has not seen is looked up on a worker thread, as `settle` does on its own."""
+        try:
+            parsed, price = self._checked(payload, requirements)
+            channel = self._parties.get(parsed.channel_id)
+            if channel is None:
+                channel = await asyncio.to_thread(self._parties_of, parsed.channel_id)
+            voucher = self._priced(payload, requirements, parsed, price, channel)
+            (outcome,) = await self.service.ingestor.ingest_async([voucher])
+            verdict = self._judged(lambda: _verdict(outcome), channel)
+        except Refused as refused:
+            return self._settle_refused(refused)
+        return self._settled(verdict, channel)
+
+    def _settle_refused(self, refused: Refused) -> SettleResponse:
+        self._count("settle", refused.reason)
+        return SettleResponse(
+            success=False,
+            error_reason=refused.reason,
+            error_message=refused.message,
+            payer=refused.payer,
+            transaction="",
+            network=self.network,
+        )
+
+    def _settled(self, verdict: Verdict, channel: Parties) -> SettleResponse:
         self._count("settle", "ok")
         receipt = verdict.receipt
         return SettleResponse(
@@ -156,9 +185,7 @@ class ChannelHubFacilitator:
 
     def _ingest(self, voucher: Voucher) -> Verdict:
         (outcome,) = self.service.ingestor.ingest([voucher])
-        if isinstance(outcome, SettlementError):
-            raise outcome
-        return outcome
+        return _verdict(outcome)
 
     def _judged(self, judge: Callable[[], Verdict], channel: Parties) -> Verdict:
         """Run the ledger; refusals become reasons, a replay too. Store and chain failures propagate (503)."""
@@ -194,6 +221,12 @@ class ChannelHubFacilitator:
     def _voucher(self, payload: PaymentPayload, requirements: PaymentRequirements) -> tuple[Voucher, Parties]:
         """The payment as a priced voucher, after every check that needs no ledger: the scheme, the network, the
         requirements the payment answers, the payload's form, the channel's payee and asset."""
+        parsed, price = self._checked(payload, requirements)
+        channel = self._parties_of(parsed.channel_id)
+        return self._priced(payload, requirements, parsed, price, channel), channel
+
+    def _checked(self, payload: PaymentPayload, requirements: PaymentRequirements) -> tuple[VoucherPayload, int]:
+        """The checks that need neither the channel nor the ledger; the payload parsed, and the price."""
         accepted = payload.accepted
         if requirements.scheme != SCHEME or requirements.network != self.network:
             raise Refused(Reason.UNSUPPORTED, f"this facilitator serves {SCHEME} on {self.network} only")
@@ -203,19 +236,33 @@ class ChannelHubFacilitator:
         if price is None:
             raise Refused(Reason.REQUIREMENTS_MISMATCH, "the requirements' amount is not a positive integer")
         try:
-            voucher = VoucherPayload.parse(payload.payload)
+            return VoucherPayload.parse(payload.payload), price
         except PayloadError as ex:
             raise Refused(ex.reason, str(ex)) from ex
-        channel = self._parties_of(voucher.channel_id)
+
+    def _priced(
+        self,
+        payload: PaymentPayload,
+        requirements: PaymentRequirements,
+        parsed: VoucherPayload,
+        price: int,
+        channel: Parties,
+    ) -> Voucher:
+        """The channel's payee and asset checked against the requirements; the voucher with its price and key."""
         if not same_address(channel.payee, requirements.pay_to):
-            raise Refused(Reason.WRONG_PAY_TO, f"channel {voucher.channel_id} pays {channel.payee}", channel.payer)
+            raise Refused(Reason.WRONG_PAY_TO, f"channel {parsed.channel_id} pays {channel.payee}", channel.payer)
         if not same_address(channel.token, requirements.asset):
             asset = "ETH" if channel.token == ETH else channel.token
-            raise Refused(Reason.WRONG_ASSET, f"channel {voucher.channel_id} is in {asset}", channel.payer)
-        key = _payment_id(payload)
-        return replace(
-            Voucher(voucher.channel_id, voucher.cumulative, voucher.signature), idempotency_key=key, price=price
-        ), channel
+            raise Refused(Reason.WRONG_ASSET, f"channel {parsed.channel_id} is in {asset}", channel.payer)
+        voucher = Voucher(parsed.channel_id, parsed.cumulative, parsed.signature)
+        return replace(voucher, idempotency_key=_payment_id(payload), price=price)
+
+
+def _verdict(outcome: Outcome) -> Verdict:
+    """Ingest's outcome for one voucher: the verdict, or its refusal raised."""
+    if isinstance(outcome, SettlementError):
+        raise outcome
+    return outcome
 
 
 def _payment_id(payload: PaymentPayload) -> str | None:
@@ -237,10 +284,9 @@ def _position(receipt: Receipt) -> dict[str, str]:
     }
 
 
-def x402_facilitator(service: Service) -> x402FacilitatorSync:
-    """x402's facilitator with our scheme registered for this deployment's network (built with the app, while the
-    chain answers: the operator's account is resolved once)."""
-    scheme = ChannelHubFacilitator(service)
+def x402_facilitator(scheme: ChannelHubFacilitator) -> x402FacilitatorSync:
+    """x402's facilitator with our scheme registered for this deployment's network, and no hooks: the fast path
+    (settlement.api.fastpath) hands our scheme's settlements to it directly, as this facilitator would."""
     facilitator = x402FacilitatorSync()
     facilitator.register([scheme.network], scheme)
     return facilitator

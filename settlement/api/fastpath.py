@@ -1,10 +1,11 @@
-"""The hot path in front of FastAPI: `POST /v1/vouchers` answered straight from ASGI, and anonymous reads of channel
-ids this process does not know refused here when they must be (a flood of made-up ids).
+"""The hot path in front of FastAPI: `POST /v1/vouchers`, `POST /x402/settle` and `POST /x402/verify` answered
+straight from ASGI, and anonymous reads of channel ids this process does not know refused here when they must be (a
+flood of made-up ids).
 
-FastAPI declares and documents the operation (and its route calls the same `accept_voucher`), but its routing,
-dependency solving and middleware stack cost ~100 µs of the ~310 µs a single-voucher request took on one core
-(docs/benchmarks.md); the single-voucher endpoint is where that shows. Everything else, the batch endpoint included,
-goes to FastAPI.
+FastAPI declares and documents the operations (and its routes call the same functions), but its routing, dependency
+solving and middleware stack cost ~100 µs of the ~310 µs a single-voucher request took on one core
+(docs/benchmarks.md); a settle of x402's also held one of the few request threads while its commit ran, which is why
+it is served here on the event loop. Everything else, the batch endpoint included, goes to FastAPI.
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ from starlette.types import ASGIApp, Receive, Scope, Send
 from settlement.api.deps import ADMITTED
 from settlement.api.handlers import accept_voucher
 from settlement.api.middleware import INTERNAL_ERROR, read_json_body, refuse, respond
+from settlement.api.routes_x402 import X402Operations
 from settlement.domain.model import ChannelId
 from settlement.errors import SettlementError
 from settlement.server.service import Service
@@ -26,6 +28,8 @@ from settlement.server.service import Service
 logger = logging.getLogger(__name__)
 
 PATH = "/v1/vouchers"
+X402_SETTLE = "/x402/settle"
+X402_VERIFY = "/x402/verify"
 CHANNELS = "/v1/channels/"
 _CHANNEL = re.compile(r"/v1/channels/0x[0-9a-fA-F]{64}")
 
@@ -37,12 +41,20 @@ def _has_credentials(scope: Scope) -> bool:
 _INTERNAL = json.dumps(INTERNAL_ERROR).encode()
 
 
-class VoucherFastPath:
-    """Serves `POST /v1/vouchers` with the same body rules (415, 413), answers and error codes as the app behind it."""
+class FastPath:
+    """Serves its routes with the same body rules (415, 413), answers and error codes as the app behind it."""
 
-    def __init__(self, app: ASGIApp, service: Service, max_bytes: int, body_timeout: float = 10.0) -> None:
+    def __init__(
+        self,
+        app: ASGIApp,
+        service: Service,
+        x402: X402Operations,
+        max_bytes: int,
+        body_timeout: float = 10.0,
+    ) -> None:
         self.app = app
         self.service = service
+        self.x402 = x402
         self.max_bytes = max_bytes
         self.body_timeout = body_timeout
 
@@ -67,14 +79,20 @@ class VoucherFastPath:
             scope.setdefault("state", {})[ADMITTED] = channel_id
             await self.app(scope, receive, send)
             return
-        if scope["path"] != PATH or scope["method"] != "POST":
+        path = scope["path"]
+        if scope["method"] != "POST" or path not in (PATH, X402_SETTLE, X402_VERIFY):
             await self.app(scope, receive, send)
             return
         body = await read_json_body(scope, receive, send, self.max_bytes, self.body_timeout)
         if body is None:
             return
         try:
-            status, payload = await accept_voucher(self.service, body)
+            if path == PATH:
+                status, payload = await accept_voucher(self.service, body)
+            elif path == X402_SETTLE:
+                status, payload = 200, await self.x402.settle(body)
+            else:
+                status, payload = 200, await self.x402.verify(body)
         except SettlementError as ex:
             await refuse(send, ex)
             return

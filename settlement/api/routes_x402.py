@@ -8,11 +8,11 @@ body, which a payee's middleware must not take for a refused payment.
 
 from __future__ import annotations
 
+import asyncio
 from typing import Any, Literal
 
-from fastapi import APIRouter, Request
+from fastapi import APIRouter, Request, Response
 from pydantic import BaseModel
-from x402 import x402FacilitatorSync
 from x402.schemas import (
     PaymentPayload,
     PaymentRequirements,
@@ -22,6 +22,8 @@ from x402.schemas import (
 )
 
 from settlement.api.deps import ERRORS, ServiceDep
+from settlement.api.facilitator import ChannelHubFacilitator, x402_facilitator
+from settlement.api.schemas import documented_body, parse_body
 from settlement.x402.wire import Reason
 
 router = APIRouter(prefix="/x402", responses=ERRORS, tags=["x402"])
@@ -35,40 +37,73 @@ class X402Request(BaseModel):
     paymentRequirements: PaymentRequirements
 
 
-def facilitator(request: Request) -> x402FacilitatorSync:
-    """The app's x402 facilitator (create_app makes it, while the chain answers)."""
-    found: x402FacilitatorSync = request.app.state.x402_facilitator
+class X402Operations:
+    """/verify and /settle on raw bodies, shared by the routes below and the fast path in front of FastAPI
+    (settlement.api.fastpath), which serves them: each parses its own body, as the voucher routes do."""
+
+    def __init__(self, scheme: ChannelHubFacilitator) -> None:
+        self.scheme = scheme
+        self.x402 = x402_facilitator(scheme)
+
+    async def verify(self, body: bytes) -> bytes:
+        """The payment judged as ingest would judge it, nothing stored; its store read on a worker thread."""
+        answer = await asyncio.to_thread(self._verified, parse_body(X402Request, body))
+        return answer.model_dump_json(by_alias=True, exclude_none=True).encode()
+
+    async def settle(self, body: bytes) -> bytes:
+        """A payment of our scheme is settled on the event loop, awaiting its group commit without holding a
+        thread; any other goes to x402's facilitator, which answers `unsupported`. Raises `malformed_request` for a
+        body that is not x402 v2's shape, and the store's or the chain's 503."""
+        parsed = parse_body(X402Request, body)
+        if self.scheme.serves(parsed.paymentPayload):
+            answer = await self.scheme.settle_async(parsed.paymentPayload, parsed.paymentRequirements)
+        else:
+            answer = await asyncio.to_thread(self._settled, parsed)
+        return answer.model_dump_json(by_alias=True, exclude_none=True).encode()
+
+    def _verified(self, parsed: X402Request) -> VerifyResponse:
+        try:
+            return self.x402.verify(parsed.paymentPayload, parsed.paymentRequirements)
+        except SchemeNotFoundError as ex:
+            return VerifyResponse(is_valid=False, invalid_reason=Reason.UNSUPPORTED, invalid_message=str(ex))
+
+    def _settled(self, parsed: X402Request) -> SettleResponse:
+        try:
+            return self.x402.settle(parsed.paymentPayload, parsed.paymentRequirements)
+        except SchemeNotFoundError as ex:
+            return SettleResponse(
+                success=False,
+                error_reason=Reason.UNSUPPORTED,
+                error_message=str(ex),
+                transaction="",
+                network=parsed.paymentRequirements.network,
+            )
+
+
+def operations(request: Request) -> X402Operations:
+    """The app's x402 facilitator (create_app makes it)."""
+    found: X402Operations = request.app.state.x402
     return found
 
 
 @router.get("/supported", operation_id="x402Supported")
 def supported(request: Request, service: ServiceDep) -> dict[str, Any]:
     """The schemes and networks this facilitator serves, with what a payee's requirements must carry."""
-    answer: dict[str, Any] = facilitator(request).get_supported().model_dump(by_alias=True, exclude_none=True)
+    answer: dict[str, Any] = operations(request).x402.get_supported().model_dump(by_alias=True, exclude_none=True)
     return answer
 
 
-@router.post("/verify", operation_id="x402Verify")
-def verify(request: Request, service: ServiceDep, parsed: X402Request) -> dict[str, Any]:
+@router.post("/verify", operation_id="x402Verify", openapi_extra=documented_body(X402Request))
+async def verify(request: Request) -> Response:
     """Would this payment be accepted now? Judged as ingest judges it; nothing is stored."""
-    try:
-        result = facilitator(request).verify(parsed.paymentPayload, parsed.paymentRequirements)
-    except SchemeNotFoundError as ex:
-        result = VerifyResponse(is_valid=False, invalid_reason=Reason.UNSUPPORTED, invalid_message=str(ex))
-    return result.model_dump(by_alias=True, exclude_none=True)
+    return _json(await operations(request).verify(await request.body()))
 
 
-@router.post("/settle", operation_id="x402Settle")
-def settle(request: Request, service: ServiceDep, parsed: X402Request) -> dict[str, Any]:
+@router.post("/settle", operation_id="x402Settle", openapi_extra=documented_body(X402Request))
+async def settle(request: Request) -> Response:
     """Accept the payment durably (answered after the commit) with its receipt; on-chain settlement is batched."""
-    try:
-        result = facilitator(request).settle(parsed.paymentPayload, parsed.paymentRequirements)
-    except SchemeNotFoundError as ex:
-        result = SettleResponse(
-            success=False,
-            error_reason=Reason.UNSUPPORTED,
-            error_message=str(ex),
-            transaction="",
-            network=parsed.paymentRequirements.network,
-        )
-    return result.model_dump(by_alias=True, exclude_none=True)
+    return _json(await operations(request).settle(await request.body()))
+
+
+def _json(body: bytes) -> Response:
+    return Response(body, media_type="application/json")
