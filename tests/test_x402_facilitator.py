@@ -328,3 +328,118 @@ def test_a_settled_receipt_is_signed_by_the_listed_signer_over_every_field(
     domain = receipt_domain(read_domain(hub))
     recovered = receipt_signer(domain, changed, bytes.fromhex(receipt["signature"][2:]))
     assert (recovered == signer == receipt["signer"]) is (field is None)
+
+
+# --- POST /x402/settle/batch: many payments in one call (the payee's facilitator client sends settles in flight) ---
+
+
+def batch_of(*requests: dict[str, Any]) -> dict[str, Any]:
+    return {
+        "x402Version": 2,
+        "settlements": [{k: r[k] for k in ("paymentPayload", "paymentRequirements")} for r in requests],
+    }
+
+
+def test_a_settle_batch_answers_each_payment_as_settle_would_in_order(
+    api: Callable[..., TestClient],
+    devnet: Devnet,
+    channel: Channel,
+    open_channel: Callable[..., Channel],
+    accounts: list[LocalAccount],
+    sign: Sign,
+) -> None:
+    client = api()
+    required = requirements(devnet, channel.payee)
+    other = open_channel(accounts[5], channel.payee, amount=1_000)
+    assert client.post("/x402/settle", json=x402_request(required, voucher(channel, PRICE, sign))).json()["success"]
+    # Known to the facilitator before (verify stores nothing): each payment is then queued in the batch's order.
+    assert client.post("/x402/verify", json=x402_request(required, voucher(other, PRICE, sign))).json()["isValid"]
+    ghost = Channel(id=b"\x42" * 32, payer=channel.payer, payee=channel.payee, token=ETH, salt=bytes(32))
+    twice = x402_request(required, voucher(channel, 2 * PRICE, sign))
+    items = [
+        twice,
+        twice,  # the same voucher twice in one batch: one response bought, the second a replay
+        x402_request(required, voucher(other, PRICE - 1, sign)),
+        x402_request(required, voucher(other, PRICE, sign, signer=accounts[9])),
+        x402_request(required | {"scheme": "exact"}, voucher(other, PRICE, sign)),
+        x402_request(required, voucher(ghost, PRICE, sign)),
+        x402_request(required, voucher(other, PRICE, sign)),
+    ]
+    for client_of in (client, behind_the_fast_path(client)):  # the fast path, then FastAPI's route: the same rules
+        answer = client_of.post("/x402/settle/batch", json=batch_of(*items))
+        assert answer.status_code == 200, answer.text
+        found = [(a["success"], a.get("errorReason"), a.get("amount")) for a in answer.json()["settlements"]]
+        if client_of is client:
+            assert found == [
+                (True, None, "10"),
+                (False, "voucher_replayed", None),
+                (False, "underpayment", None),
+                (False, "invalid_signature", None),
+                (False, "unsupported_scheme_or_network", None),
+                (False, "channel_not_found", None),
+                (True, None, "10"),
+            ]
+            settled = answer.json()["settlements"]
+            assert settled[0]["extra"]["channel"] == {"deposit": "1000", "cumulativeAmount": "20", "remaining": "980"}
+            assert settled[6]["extra"]["receipt"]["channelId"] == "0x" + other.id.hex()
+        else:  # sent again: each payment accepted before is a replay now; `other` moved past 9 meanwhile
+            assert found == [
+                (False, "voucher_replayed", None),
+                (False, "voucher_replayed", None),
+                (False, "stale_voucher", None),
+                (False, "invalid_signature", None),
+                (False, "unsupported_scheme_or_network", None),
+                (False, "channel_not_found", None),
+                (False, "voucher_replayed", None),
+            ]
+    assert (accepted(client, channel), accepted(client, other)) == ("20", "10")
+
+
+def test_a_settle_batch_that_is_not_x402_or_too_large_is_refused_whole(
+    api: Callable[..., TestClient], devnet: Devnet, channel: Channel, sign: Sign
+) -> None:
+    client = api(batch_max_items=2)
+    good = x402_request(requirements(devnet, channel.payee), voucher(channel, PRICE, sign))
+    refused: list[tuple[Any, int, str]] = [
+        ({"x402Version": 2, "settlements": []}, 400, "malformed_request"),
+        ({"x402Version": 1, "settlements": batch_of(good)["settlements"]}, 400, "malformed_request"),
+        ({"settlements": batch_of(good)["settlements"]}, 400, "malformed_request"),
+        ({"x402Version": 2, "settlements": [good["paymentPayload"]]}, 400, "malformed_request"),
+        (batch_of(good, good, good), 413, "batch_too_large"),
+    ]
+    for body, status, code in refused:
+        answers = [c.post("/x402/settle/batch", json=body) for c in (client, behind_the_fast_path(client))]
+        assert [a.status_code for a in answers] == [status, status], body
+        assert answers[0].json() == answers[1].json()
+        assert answers[0].json()["code"] == code
+    assert accepted(client, channel) == "0"
+    assert client.post("/x402/verify", json=good).json()["isValid"]  # the channel known: queued in the batch's order
+    answer = client.post("/x402/settle/batch", json=batch_of(good, good))
+    assert [a["success"] for a in answer.json()["settlements"]] == [True, False]
+    assert accepted(client, channel) == "10"
+
+
+def test_a_payment_of_a_batch_that_cannot_be_judged_is_a_503_in_its_place_and_the_others_stand(
+    api: Callable[..., TestClient],
+    devnet: Devnet,
+    channel: Channel,
+    open_channel: Callable[..., Channel],
+    accounts: list[LocalAccount],
+    sign: Sign,
+) -> None:
+    with TcpProxy(devnet.port) as rpc:
+        client = api(rpc_url=rpc.url)
+        required = requirements(devnet, channel.payee)
+        assert client.post("/x402/settle", json=x402_request(required, voucher(channel, PRICE, sign))).json()["success"]
+        rpc.cut()
+        unseen = open_channel(accounts[5], channel.payee, amount=100)  # only the chain could tell
+        body = batch_of(
+            x402_request(required, voucher(unseen, PRICE, sign)),
+            x402_request(required, voucher(channel, 2 * PRICE, sign)),
+        )
+        answer = client.post("/x402/settle/batch", json=body)
+        assert answer.status_code == 200, answer.text
+        unjudged, settled = answer.json()["settlements"]
+        assert (unjudged["status"], unjudged["error"]["code"]) == (503, "chain_unavailable")
+        assert (settled["success"], settled["amount"]) == (True, "10")
+        assert accepted(client, channel) == "20"

@@ -16,6 +16,7 @@ from fastapi.testclient import TestClient
 from httpx_aiohttp import AiohttpTransport
 from web3.contract import Contract
 from x402.http import FacilitatorConfig
+from x402.http.facilitator_client_base import FacilitatorResponseError
 from x402.schemas import PaymentPayload, PaymentRequirements, SettleResponse
 
 from settlement.devtools.devnet import Devnet
@@ -23,7 +24,7 @@ from settlement.eip712.vouchers import Domain
 from settlement.server.config import Settings
 from settlement.x402.fastapi import KEEPALIVE_SECONDS, ChannelHubFacilitatorClient
 from settlement.x402.positions import Positions
-from tests.hub_helpers import ETH, Channel
+from tests.hub_helpers import ETH, Channel, wait_indexed
 
 Sign = Callable[..., bytes]
 PRICE = 10
@@ -209,3 +210,115 @@ def test_the_facilitator_clients_lifespan_closes_its_pool_when_the_app_stops() -
     with TestClient(app):
         assert facilitator.own_client is not None and not facilitator.own_client.is_closed
     assert facilitator.own_client.is_closed
+
+
+# --- the payee's settles in flight go to the facilitator together (POST /settle/batch) ---------------------------
+
+
+class Recorded:
+    """The service's app as the facilitator client reaches it, every request's path noted; `answer` replaces the
+    service's answer to the batch route (a facilitator without it: 404; one that cannot judge: 503)."""
+
+    def __init__(self, client: TestClient, answer: int | None = None) -> None:
+        self.app, self.answer, self.paths = client.app, answer, list[str]()
+
+    async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
+        self.paths.append(scope["path"])
+        if self.answer is not None and scope["path"] == "/x402/settle/batch":
+            await send({"type": "http.response.start", "status": self.answer, "headers": []})
+            await send({"type": "http.response.body", "body": b"{}"})
+            return
+        await self.app(scope, receive, send)
+
+
+def facilitator_of(app: Recorded, **options: Any) -> ChannelHubFacilitatorClient:
+    client = httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://testserver")
+    return ChannelHubFacilitatorClient(FacilitatorConfig(url="http://testserver/x402", http_client=client), **options)
+
+
+def settle_all(
+    facilitator: ChannelHubFacilitatorClient, *paid: tuple[PaymentPayload, PaymentRequirements]
+) -> list[Any]:
+    async def run() -> list[Any]:
+        return await asyncio.gather(*(facilitator.settle(p, r) for p, r in paid), return_exceptions=True)
+
+    return asyncio.run(run())
+
+
+def test_settles_in_flight_together_go_in_one_batch_each_answered_as_alone(
+    api: Callable[..., TestClient],
+    devnet: Devnet,
+    hub: Contract,
+    open_channel: Callable[..., Channel],
+    accounts: list[LocalAccount],
+    sign: Sign,
+) -> None:
+    service = api()
+    app = Recorded(service)
+    facilitator = facilitator_of(app)
+    required = requirements(devnet, hub, accounts[6].address)
+    one, two, three = (open_channel(accounts[5], accounts[6].address, amount=DEPOSIT) for _ in range(3))
+    wait_indexed(service.app.state.service)  # type: ignore[attr-defined]  # else each id costs the read budget
+    answers = settle_all(
+        facilitator,
+        (payment(required, one, PRICE, sign), required),
+        (payment(required, two, PRICE, sign), required),
+        (payment(required, three, PRICE - 1, sign), required),  # an underpayment, refused alone
+    )
+    assert app.paths == ["/x402/settle/batch"], answers  # three settles, one call
+    assert [(a.success, a.error_reason, a.amount) for a in answers] == [
+        (True, None, "10"),
+        (True, None, "10"),
+        (False, "underpayment", None),
+    ]
+    assert len(facilitator.positions or ()) == 2  # both accepted positions learnt: their next payments verify here
+    (alone,) = settle_all(facilitator, (payment(required, one, 2 * PRICE, sign), required))
+    assert (alone.success, app.paths) == (True, ["/x402/settle/batch"] * 2)
+    assert [service.get(f"/v1/channels/0x{c.id.hex()}").json()["acceptedCumulativeAmount"] for c in (one, two)] == [
+        "20",
+        "10",
+    ]
+
+
+def test_a_facilitator_without_the_batch_route_gets_one_settle_per_payment(
+    api: Callable[..., TestClient], devnet: Devnet, hub: Contract, channel: Channel, sign: Sign
+) -> None:
+    app = Recorded(api(), answer=404)
+    facilitator = facilitator_of(app)
+    required = requirements(devnet, hub, channel.payee)
+    answers = settle_all(facilitator, (payment(required, channel, PRICE, sign), required))
+    assert [a.success for a in answers] == [True]
+    assert app.paths == ["/x402/settle/batch", "/x402/settle"]  # asked once, then x402's own route
+    assert settle_all(facilitator, (payment(required, channel, 2 * PRICE, sign), required))[0].success
+    assert app.paths == ["/x402/settle/batch", "/x402/settle", "/x402/settle"]
+
+
+def test_a_batch_the_facilitator_cannot_judge_is_unavailable_for_each_of_its_payments(
+    api: Callable[..., TestClient],
+    devnet: Devnet,
+    hub: Contract,
+    open_channel: Callable[..., Channel],
+    accounts: list[LocalAccount],
+    sign: Sign,
+) -> None:
+    """A 503 (or no answer) for the batch: each payment's request must answer 503, not a refusal (402), and its
+    channel's position is forgotten (what the facilitator did is unknown)."""
+    service = api()
+    required = requirements(devnet, hub, accounts[6].address)
+    one, two = (open_channel(accounts[5], accounts[6].address, amount=DEPOSIT) for _ in range(2))
+    wait_indexed(service.app.state.service)  # type: ignore[attr-defined]
+    facilitator = facilitator_of(Recorded(service))
+    assert all(
+        a.success for a in settle_all(facilitator, *((payment(required, c, PRICE, sign), required) for c in (one, two)))
+    )
+    assert len(facilitator.positions or ()) == 2
+    broken = facilitator_of(Recorded(service, answer=503))
+    broken.positions = facilitator.positions
+    answers = settle_all(broken, *((payment(required, c, 2 * PRICE, sign), required) for c in (one, two)))
+    assert [type(a) for a in answers] == [FacilitatorResponseError] * 2
+    assert all("facilitator settle unavailable" in str(a) for a in answers)
+    assert len(broken.positions or ()) == 0
+    assert [service.get(f"/v1/channels/0x{c.id.hex()}").json()["acceptedCumulativeAmount"] for c in (one, two)] == [
+        "10",
+        "10",
+    ]

@@ -1,11 +1,11 @@
-"""The hot path in front of FastAPI: `POST /v1/vouchers`, `POST /x402/settle` and `POST /x402/verify` answered
-straight from ASGI, and anonymous reads of channel ids this process does not know refused here when they must be (a
-flood of made-up ids).
+"""The hot path in front of FastAPI: `POST /v1/vouchers` and x402's `POST /x402/settle`, `/x402/settle/batch` and
+`/x402/verify` answered straight from ASGI, and anonymous reads of channel ids this process does not know refused
+here when they must be (a flood of made-up ids).
 
 FastAPI declares and documents the operations (and its routes call the same functions), but its routing, dependency
 solving and middleware stack cost ~100 µs of the ~310 µs a single-voucher request took on one core
 (docs/benchmarks.md); a settle of x402's also held one of the few request threads while its commit ran, which is why
-it is served here on the event loop. Everything else, the batch endpoint included, goes to FastAPI.
+it is served here on the event loop. Everything else, the voucher batch endpoint included, goes to FastAPI.
 """
 
 from __future__ import annotations
@@ -30,6 +30,7 @@ logger = logging.getLogger(__name__)
 PATH = "/v1/vouchers"
 X402_SETTLE = "/x402/settle"
 X402_VERIFY = "/x402/verify"
+X402_SETTLE_BATCH = "/x402/settle/batch"
 CHANNELS = "/v1/channels/"
 _CHANNEL = re.compile(r"/v1/channels/0x[0-9a-fA-F]{64}")
 
@@ -80,7 +81,7 @@ class FastPath:
             await self.app(scope, receive, send)
             return
         path = scope["path"]
-        if scope["method"] != "POST" or path not in (PATH, X402_SETTLE, X402_VERIFY):
+        if scope["method"] != "POST" or path not in (PATH, X402_SETTLE, X402_VERIFY, X402_SETTLE_BATCH):
             await self.app(scope, receive, send)
             return
         body = await read_json_body(scope, receive, send, self.max_bytes, self.body_timeout)
@@ -91,8 +92,10 @@ class FastPath:
                 status, payload = await accept_voucher(self.service, body)
             elif path == X402_SETTLE:
                 status, payload = 200, await self.x402.settle(body)
-            else:
+            elif path == X402_VERIFY:
                 status, payload = 200, await self.x402.verify(body)
+            else:
+                status, payload = 200, await self.x402.settle_batch(body, self.service.settings.batch_max_items)
         except SettlementError as ex:
             await refuse(send, ex)
             return

@@ -9,10 +9,12 @@ body, which a payee's middleware must not take for a refused payment.
 from __future__ import annotations
 
 import asyncio
+import json
+import logging
 from typing import Any, Literal
 
 from fastapi import APIRouter, Request, Response
-from pydantic import BaseModel
+from pydantic import BaseModel, Field
 from x402.schemas import (
     PaymentPayload,
     PaymentRequirements,
@@ -23,9 +25,12 @@ from x402.schemas import (
 
 from settlement.api.deps import ERRORS, ServiceDep
 from settlement.api.facilitator import ChannelHubFacilitator, x402_facilitator
+from settlement.api.middleware import INTERNAL_ERROR
 from settlement.api.schemas import documented_body, parse_body
+from settlement.errors import BatchTooLargeError, SettlementError
 from settlement.x402.wire import Reason
 
+logger = logging.getLogger(__name__)
 router = APIRouter(prefix="/x402", responses=ERRORS, tags=["x402"])
 
 
@@ -35,6 +40,21 @@ class X402Request(BaseModel):
     x402Version: Literal[2]
     paymentPayload: PaymentPayload
     paymentRequirements: PaymentRequirements
+
+
+class X402Settlement(BaseModel):
+    """One payment of a batch: what x402 v2's /settle body carries."""
+
+    paymentPayload: PaymentPayload
+    paymentRequirements: PaymentRequirements
+
+
+class X402SettleBatch(BaseModel):
+    """Many payments settled in one call (`POST /x402/settle/batch`): a ChannelHub addition to x402's facilitator
+    routes, which our payee's facilitator client uses for settles that are in flight at once."""
+
+    x402Version: Literal[2]
+    settlements: list[X402Settlement] = Field(min_length=1)
 
 
 class X402Operations:
@@ -55,11 +75,28 @@ class X402Operations:
         thread; any other goes to x402's facilitator, which answers `unsupported`. Raises `malformed_request` for a
         body that is not x402 v2's shape, and the store's or the chain's 503."""
         parsed = parse_body(X402Request, body)
-        if self.scheme.serves(parsed.paymentPayload):
-            answer = await self.scheme.settle_async(parsed.paymentPayload, parsed.paymentRequirements)
-        else:
-            answer = await asyncio.to_thread(self._settled, parsed)
+        answer = await self._settle(parsed.paymentPayload, parsed.paymentRequirements)
         return answer.model_dump_json(by_alias=True, exclude_none=True).encode()
+
+    async def settle_batch(self, body: bytes, max_items: int) -> bytes:
+        """Each payment settled as `/settle` would settle it, together (their vouchers share group commits), and
+        answered in order. A payment the facilitator could not judge (the store or the chain down: what `/settle`
+        answers 503) is answered `{"status": 503, "error": {code, message}}` in its place: the others stand."""
+        parsed = parse_body(X402SettleBatch, body)
+        if len(parsed.settlements) > max_items:
+            raise BatchTooLargeError(
+                f"a batch holds at most {max_items} settlements, got {len(parsed.settlements)}", maxItems=max_items
+            )
+        done = await asyncio.gather(
+            *(self._settle(item.paymentPayload, item.paymentRequirements) for item in parsed.settlements),
+            return_exceptions=True,
+        )
+        return json.dumps({"settlements": [_item(answer) for answer in done]}, separators=(",", ":")).encode()
+
+    async def _settle(self, payload: PaymentPayload, requirements: PaymentRequirements) -> SettleResponse:
+        if self.scheme.serves(payload):
+            return await self.scheme.settle_async(payload, requirements)
+        return await asyncio.to_thread(self._settled, payload, requirements)
 
     def _verified(self, parsed: X402Request) -> VerifyResponse:
         try:
@@ -67,16 +104,16 @@ class X402Operations:
         except SchemeNotFoundError as ex:
             return VerifyResponse(is_valid=False, invalid_reason=Reason.UNSUPPORTED, invalid_message=str(ex))
 
-    def _settled(self, parsed: X402Request) -> SettleResponse:
+    def _settled(self, payload: PaymentPayload, requirements: PaymentRequirements) -> SettleResponse:
         try:
-            return self.x402.settle(parsed.paymentPayload, parsed.paymentRequirements)
+            return self.x402.settle(payload, requirements)
         except SchemeNotFoundError as ex:
             return SettleResponse(
                 success=False,
                 error_reason=Reason.UNSUPPORTED,
                 error_message=str(ex),
                 transaction="",
-                network=parsed.paymentRequirements.network,
+                network=requirements.network,
             )
 
 
@@ -103,6 +140,24 @@ async def verify(request: Request) -> Response:
 async def settle(request: Request) -> Response:
     """Accept the payment durably (answered after the commit) with its receipt; on-chain settlement is batched."""
     return _json(await operations(request).settle(await request.body()))
+
+
+@router.post("/settle/batch", operation_id="x402SettleBatch", openapi_extra=documented_body(X402SettleBatch))
+async def settle_batch(request: Request, service: ServiceDep) -> Response:
+    """Many payments settled in one call, answered in order (a ChannelHub addition to x402's routes)."""
+    return _json(await operations(request).settle_batch(await request.body(), service.settings.batch_max_items))
+
+
+def _item(answer: SettleResponse | BaseException) -> dict[str, Any]:
+    """A batch's answer for one payment: x402's settle answer, or the error `/settle` would have answered."""
+    if isinstance(answer, SettleResponse):
+        found: dict[str, Any] = answer.model_dump(mode="json", by_alias=True, exclude_none=True)
+        return found
+    if isinstance(answer, SettlementError):
+        answer.detached()
+        return {"status": answer.status, "error": answer.body()}
+    logger.error("unhandled error in a settle batch", exc_info=answer)
+    return {"status": 500, "error": INTERNAL_ERROR}
 
 
 def _json(body: bytes) -> Response:

@@ -47,9 +47,11 @@ from x402.schemas import PaymentPayload, PaymentRequirements, SettleResponse, Ve
 from settlement.sdk.payee import PayeeClient
 from settlement.x402.positions import Positions
 from settlement.x402.refunds import MAX_TTL, REFUND_PATH, RefundDesk
-from settlement.x402.wire import Reason
+from settlement.x402.wire import SCHEME, Reason
 
 RETRY_AFTER_SECONDS = 1
+SETTLE_BATCH_MAX = 100  # settles in one POST /settle/batch (the service takes up to its batch_max_items, 1,000)
+BATCHES_IN_FLIGHT = 2
 KEEPALIVE_SECONDS = 2.0  # below the service's keep-alive timeout
 # One holder per request (a dict, so that tasks that copy the context still write into this request's holder).
 _failures: ContextVar[dict[str, str] | None] = ContextVar("channelhub_facilitator_failures", default=None)
@@ -66,6 +68,8 @@ class ChannelHubFacilitatorClient(HTTPFacilitatorClient):
         *,
         local_verify: bool = True,
         keepalive_seconds: float = KEEPALIVE_SECONDS,
+        batch_settles: bool = True,
+        batches_in_flight: int = BATCHES_IN_FLIGHT,
     ) -> None:
         config = config or FacilitatorConfig()
         self.own_client: httpx.AsyncClient | None = None
@@ -82,6 +86,11 @@ class ChannelHubFacilitatorClient(HTTPFacilitatorClient):
             self.own_client = client
         super().__init__(config)
         self.positions = Positions() if local_verify else None
+        self.batch_settles = batch_settles
+        self.batches_in_flight = batches_in_flight
+        self._queued: list[_Queued] = []
+        self._senders: set[asyncio.Task[None]] = set()  # held: the event loop keeps only weak references to tasks
+        self._sending = 0
 
     async def aclose(self) -> None:
         if self.own_client is not None:
@@ -111,7 +120,15 @@ class ChannelHubFacilitatorClient(HTTPFacilitatorClient):
 
     async def settle(self, payload: Any, requirements: Any) -> SettleResponse:
         try:
-            settled: SettleResponse = await super().settle(payload, requirements)
+            if (
+                self.batch_settles
+                and isinstance(payload, PaymentPayload)
+                and isinstance(requirements, PaymentRequirements)
+                and payload.accepted.scheme == SCHEME
+            ):
+                settled = await self._settle_batched(payload, requirements)
+            else:
+                settled = await super().settle(payload, requirements)
         except Exception as ex:
             if self.positions is not None and isinstance(payload, PaymentPayload):
                 self.positions.forget(payload)
@@ -123,6 +140,88 @@ class ChannelHubFacilitatorClient(HTTPFacilitatorClient):
         ):
             self.positions.learn(payload, requirements, settled)
         return settled
+
+    async def _settle_batched(self, payload: PaymentPayload, requirements: PaymentRequirements) -> SettleResponse:
+        """Queued, and sent with the settles queued beside it in one `POST /settle/batch`: at most
+        `batches_in_flight` batches are in flight, and a settle that finds fewer goes at once (no wait to fill)."""
+        future: asyncio.Future[SettleResponse] = asyncio.get_running_loop().create_future()
+        self._queued.append(_Queued(payload, requirements, future))
+        if self._sending < self.batches_in_flight:
+            self._sending += 1  # counted until the sender finds the queue empty, in the same step (no await between)
+            sender = asyncio.create_task(self._send_queued())
+            self._senders.add(sender)
+            sender.add_done_callback(self._senders.discard)
+        return await future
+
+    async def _send_queued(self) -> None:
+        try:
+            await self._send_while_queued()
+        finally:
+            self._sending -= 1
+
+    async def _send_while_queued(self) -> None:
+        while self._queued:
+            batch, self._queued = self._queued[:SETTLE_BATCH_MAX], self._queued[SETTLE_BATCH_MAX:]
+            try:
+                answers = await self._post_batch(batch)
+            except asyncio.CancelledError:  # the app stopping: no request waits for an answer that will not come
+                for queued in batch:
+                    if not queued.future.done():
+                        queued.future.set_exception(FacilitatorResponseError("the settle batch was cancelled"))
+                raise
+            except Exception as ex:  # the whole batch unjudged: each payment's request answers 503
+                answers = [ex] * len(batch)
+            for queued, answer in zip(batch, answers, strict=True):
+                if queued.future.done():  # its request went away meanwhile
+                    continue
+                if isinstance(answer, SettleResponse):
+                    queued.future.set_result(answer)
+                else:
+                    queued.future.set_exception(FacilitatorResponseError(f"{type(answer).__name__}: {answer}"))
+
+    async def _post_batch(self, batch: list[_Queued]) -> list[SettleResponse | Exception]:
+        settlements = []
+        for queued in batch:
+            body = self._build_request_body(
+                2,
+                queued.payload.model_dump(by_alias=True, exclude_none=True),
+                queued.requirements.model_dump(by_alias=True, exclude_none=True),
+            )
+            settlements.append({k: body[k] for k in ("paymentPayload", "paymentRequirements")})
+        response = await self._get_async_client().post(
+            f"{self._url}/settle/batch",
+            headers=self._get_settle_headers(),
+            json={"x402Version": 2, "settlements": settlements},
+        )
+        if response.status_code in (404, 405):  # a facilitator without the batch route: one settle per payment
+            self.batch_settles = False
+            found = await asyncio.gather(
+                *(HTTPFacilitatorClient.settle(self, q.payload, q.requirements) for q in batch), return_exceptions=True
+            )
+            return [a if isinstance(a, SettleResponse | Exception) else RuntimeError(str(a)) for a in found]
+        if response.status_code != 200:
+            raise ValueError(f"facilitator settle batch failed ({response.status_code}): {response.text[:300]}")
+        answers = response.json().get("settlements")
+        if not isinstance(answers, list) or len(answers) != len(batch):
+            raise ValueError("the facilitator's settle batch answer does not list one answer per payment")
+        return [_batch_answer(answer) for answer in answers]
+
+
+@dataclass(frozen=True)
+class _Queued:
+    payload: PaymentPayload
+    requirements: PaymentRequirements
+    future: asyncio.Future[SettleResponse]
+
+
+def _batch_answer(answer: Any) -> SettleResponse | Exception:
+    """One payment's answer in a batch: x402's settle answer, or the facilitator's error for it (a 503: unjudged)."""
+    if isinstance(answer, dict) and "status" in answer:
+        return ValueError(f"facilitator settle failed ({answer['status']}): {answer.get('error')}")
+    try:
+        return SettleResponse.model_validate(answer)
+    except Exception as ex:
+        return ValueError(f"the facilitator's settle answer is not x402's: {ex}")
 
 
 def _unavailable(operation: str, ex: Exception) -> FacilitatorResponseError:
