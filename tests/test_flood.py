@@ -247,6 +247,40 @@ def test_the_x402_facilitator_admits_made_up_ids_as_ingest_does_and_known_paymen
     assert rpc_calls(client) - before == 4
 
 
+def test_a_settle_batch_of_made_up_ids_costs_what_as_many_settles_cost_and_the_honest_payment_in_it_stands(
+    api: Callable[..., TestClient], open_channel: Callable[..., Channel], accounts: list[LocalAccount], sign: Sign
+) -> None:
+    """One `/x402/settle/batch` request naming 40 made-up channel ids around an honest payment: the read budget is
+    spent per id, as by 40 settles (4 probes, 36 answered 503 in their places, no chain call), and the honest payment
+    is accepted."""
+    channel = open_channel(accounts[5], accounts[6].address, amount=100)
+    client = api(indexer_interval=60, unknown_channel_reads_per_second=2)  # burst 4
+    service = client.app.state.service  # type: ignore[attr-defined]
+    head = service.w3.eth.block_number
+    wait_until(lambda: service.indexer.progress is not None and service.indexer.progress.cursor >= head)
+    required = x402_requirements(service.deployment.chain_id, channel.payee, 5)
+    made_up = [
+        x402_request(required, x402_voucher(ghost(channel, n), 5, sign, channel.payer)) for n in range(5000, 5040)
+    ]
+    honest = x402_request(required, x402_voucher(channel, 5, sign))
+    items = [*made_up[:20], honest, *made_up[20:]]
+    before = rpc_calls(client)
+    answer = client.post(
+        "/x402/settle/batch",
+        json={
+            "x402Version": 2,
+            "settlements": [{k: i[k] for k in ("paymentPayload", "paymentRequirements")} for i in items],
+        },
+    )
+    assert answer.status_code == 200, answer.text
+    settled = answer.json()["settlements"]
+    assert (settled[20]["success"], settled[20]["amount"]) == (True, "5")
+    ghosts = settled[:20] + settled[21:]
+    assert sum(a.get("errorReason") == "channel_not_found" for a in ghosts) == 4
+    assert sum(a.get("status") == 503 and a["error"]["code"] == "unknown_channels_busy" for a in ghosts) == 36
+    assert rpc_calls(client) - before == 4  # the four admitted: one existence probe each
+
+
 def test_refusals_leave_no_garbage_for_the_collector(
     api: Callable[..., TestClient], open_channel: Callable[..., Channel], accounts: list[LocalAccount], sign: Sign
 ) -> None:
