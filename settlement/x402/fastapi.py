@@ -10,7 +10,9 @@ charged nothing more (the facilitator would refuse the voucher as replayed). Con
 for the first. A payment without an identifier that is sent again gets a 402 (`voucher_replayed`), as before.
 
 The facilitator client verifies in this process a payment on a channel whose position the facilitator's last
-settle answered (settlement.x402.positions): one facilitator call per paid request instead of two.
+settle answered (settlement.x402.positions): one facilitator call per paid request instead of two; and it sends the
+settles of payments in flight at once together (`POST /settle/batch`, our service's addition to x402's routes), each
+request still answered only once its own payment is committed.
 
 `refund_router` mounts a payee's answers to payers' refund requests (settlement.x402.refunds) as a FastAPI route.
 
@@ -60,7 +62,8 @@ _failures: ContextVar[dict[str, str] | None] = ContextVar("channelhub_facilitato
 class ChannelHubFacilitatorClient(HTTPFacilitatorClient):
     """x402's HTTP facilitator client, noting when the facilitator could not judge a payment at all, and verifying
     in this process a payment on a channel whose position the facilitator's last settle answered (`Positions`:
-    one facilitator call per paid request instead of two). `local_verify=False` asks the facilitator every time."""
+    one facilitator call per paid request instead of two), and settling the payments in flight at once in batches
+    (`batch_settles=False`: one `/settle` each). `local_verify=False` asks the facilitator every time."""
 
     def __init__(
         self,
