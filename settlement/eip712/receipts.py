@@ -20,7 +20,7 @@ from eth_account.messages import encode_typed_data
 from eth_account.signers.local import LocalAccount
 from eth_utils.crypto import keccak
 
-from settlement.eip712.vouchers import EIP712_DOMAIN_TYPE, Domain, sign_digest
+from settlement.eip712.vouchers import EIP712_DOMAIN_TYPE, Domain, keccak256, sign_digest
 
 RECEIPT_DOMAIN_NAME = "ChannelHub Receipts"
 _RECEIPT_TYPEHASH = keccak(
@@ -83,15 +83,15 @@ class ReceiptSigner:
     def digest(self, fields: SignedFields) -> bytes:
         if len(fields.channel_id) != 32 or not 0 <= fields.accepted_at < 2**64:
             raise ValueError("a receipt covers a 32-byte channel id and a uint64 time")
-        struct = keccak(
+        struct = keccak256(
             _RECEIPT_TYPEHASH
             + fields.channel_id
             + fields.cumulative.to_bytes(32, "big")
             + fields.increment.to_bytes(32, "big")
             + fields.accepted_at.to_bytes(32, "big")
-            + keccak(fields.payment_id.encode())
+            + keccak256(fields.payment_id.encode())
         )
-        return keccak(self._prefix + struct)
+        return keccak256(self._prefix + struct)
 
     def sign(self, fields: SignedFields) -> bytes:
         return sign_digest(self._key, self.digest(fields))

@@ -132,8 +132,8 @@ class VoucherVerifier:
 
     def digest(self, channel_id: bytes, cumulative_amount: int) -> bytes:
         """The EIP-712 digest; equals ChannelHub.hashVoucher."""
-        struct_hash = _keccak(_VOUCHER_TYPEHASH + channel_id + cumulative_amount.to_bytes(32, "big"))
-        return _keccak(self._prefix + struct_hash)
+        struct_hash = keccak256(_VOUCHER_TYPEHASH + channel_id + cumulative_amount.to_bytes(32, "big"))
+        return keccak256(self._prefix + struct_hash)
 
     def recover(self, channel_id: bytes, cumulative_amount: int, signature: bytes) -> bytes | None:
         """The signer's 20-byte address, or None where ChannelHub would reject the voucher's signature."""
@@ -161,10 +161,11 @@ def _recover_address(digest: bytes, rs: bytes, recovery_id: int) -> bytes | None
     out = ffi.new("unsigned char[65]")
     size = ffi.new("size_t *", 65)
     lib.secp256k1_ec_pubkey_serialize(ctx, out, size, pubkey, lib.SECP256K1_EC_UNCOMPRESSED)
-    return _keccak(bytes(ffi.buffer(out, 65))[1:])[-20:]
+    return keccak256(bytes(ffi.buffer(out, 65))[1:])[-20:]
 
 
-def _keccak(data: bytes) -> bytes:
+def keccak256(data: bytes) -> bytes:
+    """keccak-256 through safe-pysha3's C code directly: for what is hashed per voucher or per receipt."""
     return bytes(keccak_256(data).digest())
 
 
