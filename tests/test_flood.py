@@ -7,6 +7,7 @@ import gc
 import threading
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
+from typing import Any
 
 import pytest
 from eth_account.signers.local import LocalAccount
@@ -218,6 +219,16 @@ def test_channels_opened_in_one_block_are_held_from_the_indexer_without_a_read(
         )
 
 
+def budgeted_facilitator(api: Callable[..., TestClient], channel: Channel) -> tuple[TestClient, dict[str, Any]]:
+    """A service whose read budget for unknown ids is 2 a second (burst 4), its indexer past the channel's opening
+    (and then idle), and the payee's requirements at a price of 5."""
+    client = api(indexer_interval=60, unknown_channel_reads_per_second=2)
+    service = client.app.state.service  # type: ignore[attr-defined]
+    head = service.w3.eth.block_number
+    wait_until(lambda: service.indexer.progress is not None and service.indexer.progress.cursor >= head)
+    return client, x402_requirements(service.deployment.chain_id, channel.payee, 5)
+
+
 def test_the_x402_facilitator_admits_made_up_ids_as_ingest_does_and_known_payments_go_on(
     api: Callable[..., TestClient], open_channel: Callable[..., Channel], accounts: list[LocalAccount], sign: Sign
 ) -> None:
@@ -225,11 +236,7 @@ def test_the_x402_facilitator_admits_made_up_ids_as_ingest_does_and_known_paymen
     chain call: a payee's middleware answers its payer 503, never a 402), an id found absent moments ago is refused
     at once for free, and a payment on a channel this process holds settles at once."""
     channel = open_channel(accounts[5], accounts[6].address, amount=100)
-    client = api(indexer_interval=60, unknown_channel_reads_per_second=2)  # burst 4
-    service = client.app.state.service  # type: ignore[attr-defined]
-    head = service.w3.eth.block_number
-    wait_until(lambda: service.indexer.progress is not None and service.indexer.progress.cursor >= head)
-    required = x402_requirements(service.deployment.chain_id, channel.payee, 5)
+    client, required = budgeted_facilitator(api, channel)
     before = rpc_calls(client)
     answers = []
     for n in range(4000, 4040):
@@ -254,11 +261,7 @@ def test_a_settle_batch_of_made_up_ids_costs_what_as_many_settles_cost_and_the_h
     spent per id, as by 40 settles (4 probes, 36 answered 503 in their places, no chain call), and the honest payment
     is accepted."""
     channel = open_channel(accounts[5], accounts[6].address, amount=100)
-    client = api(indexer_interval=60, unknown_channel_reads_per_second=2)  # burst 4
-    service = client.app.state.service  # type: ignore[attr-defined]
-    head = service.w3.eth.block_number
-    wait_until(lambda: service.indexer.progress is not None and service.indexer.progress.cursor >= head)
-    required = x402_requirements(service.deployment.chain_id, channel.payee, 5)
+    client, required = budgeted_facilitator(api, channel)
     made_up = [
         x402_request(required, x402_voucher(ghost(channel, n), 5, sign, channel.payer)) for n in range(5000, 5040)
     ]
