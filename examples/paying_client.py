@@ -32,8 +32,9 @@ async def main(url: str, times: int) -> None:
     x402.set_spend_controls(
         {"allowed_assets": [{"network": network, "asset": ETH, "max_amount_per_payment": str(10**15)}]}
     )
-    # x402's client asks unpaid first on every request; `httpx.AsyncClient(transport=PayAheadTransport(x402))` (from
-    # settlement.x402.ahead) pays at once on a URL it saw priced: one round trip per paid request (docs/x402.md).
+    # x402's client asks unpaid first on every request; `httpx.AsyncClient(transport=PayAheadTransport(x402,
+    # unanswered=<the scheme>.unanswered))` (settlement.x402.ahead) pays at once on a URL it saw priced: one round
+    # trip per paid request, and a channel freed at once when a paid request gets no payment answer (docs/x402.md).
     async with x402HttpxClient(x402) as http:
         for _ in range(times):
             answer = await http.get(url)

@@ -33,6 +33,7 @@ from x402.http import x402HTTPClient
 from x402.http.clients import x402_requests, x402HttpxClient
 from x402.http.clients.httpx import PaymentError
 from x402.http.utils import decode_payment_signature_header, encode_payment_signature_header
+from x402.schemas import PaymentPayload
 
 from settlement.devtools.devnet import Devnet
 from settlement.domain.model import ChannelStatus, ChannelViewField
@@ -755,6 +756,88 @@ def test_the_facilitator_down_is_a_503_and_charges_nothing(
     time.sleep(0.6)  # the unanswered payment's lane times out; its fate is then looked up, not assumed
     assert asyncio.run(get()).status_code == 200
     assert accepted_for(service, payee) == 2 * PRICE  # two responses, two prices: the 503 was not charged
+
+
+def test_a_paid_request_answered_without_a_payment_answer_frees_its_channel_at_once(
+    spawn: Callable[..., ServiceProcess],
+    paid_api: Callable[..., str],
+    devnet: Devnet,
+    accounts: list[LocalAccount],
+    tmp_path: Path,
+    payer_for: Callable[..., PayerClient],
+) -> None:
+    """A handler's 404 and a payee whose facilitator is down (503) answer a paid request with no payment answer, and
+    x402 runs no hook for that: the pay-ahead transport hands it to our scheme, which frees the channel at once (one
+    lane here, and a 2-minute `lane_timeout`: before, the next payment was refused "in flight already" and a payer
+    with more lanes opened new channels). The next payment first asks the service what became of the unanswered one:
+    each 200 paid once, nothing for the 404 or the 503, one channel."""
+    service = spawn(f"sqlite:///{tmp_path / 'unanswered.db'}")
+    payee = Account.create().address  # a payee no other test pays: no channels from before
+    api = paid_api(f"{service.url}/x402", payee)
+    payer = payer_for(accounts[18], service, journal="unanswered")
+    scheme = ChannelHubClientScheme(payer, DepositPolicy(multiple=100), max_lanes=1, lane_timeout=120.0)
+    transport = PayAheadTransport(paying_client(devnet, scheme), unanswered=scheme.unanswered)
+
+    async def walk() -> list[int]:
+        async with httpx.AsyncClient(transport=transport, timeout=60) as http:
+            statuses = [
+                (await http.get(f"{api}{path}")).status_code for path in ("/weather", "/reports/99", "/weather")
+            ]
+            service.kill()
+            statuses.append((await http.get(f"{api}/weather")).status_code)
+            service.start()  # back on the same port, with the same store
+            statuses.append((await http.get(f"{api}/weather")).status_code)
+            return statuses
+
+    assert asyncio.run(walk()) == [200, 404, 200, 503, 200]
+    assert accepted_for(service, payee) == 3 * PRICE
+    (only,) = payer.open_channels(payee)
+    assert payer.position(payer.channel(only["channelId"])) == 3 * PRICE
+
+
+def test_the_sync_adapter_frees_a_channel_whose_paid_request_got_no_payment_answer(
+    devnet: Devnet, lane_rig: Callable[..., LaneRig]
+) -> None:
+    rig = lane_rig("sync-unanswered", max_lanes=1)
+    ((payee, api),) = rig.payees
+    session = requests.Session()
+    session.mount(
+        "http://",
+        PayAheadAdapter(paying_client(devnet, rig.scheme, kind=x402ClientSync), unanswered=rig.scheme.unanswered),
+    )
+    statuses = [
+        session.get(f"{api}{path}", timeout=60).status_code
+        for path in ("/weather", "/reports/99", "/weather", "/weather")
+    ]
+    assert statuses == [200, 404, 200, 200]
+    assert accepted_for(rig.service, payee) == 3 * PRICE
+    assert len(rig.payer.open_channels(payee)) == 1
+
+
+def test_only_the_payment_a_channel_carries_now_frees_it(devnet: Devnet, lane_rig: Callable[..., LaneRig]) -> None:
+    """`unanswered` frees a channel only for the payment it carries: an older payment's late news, or another
+    scheme's payment, leaves the payment in flight holding it (else two payments would run on one channel)."""
+    rig = lane_rig("guard", max_lanes=1)
+    ((_, api),) = rig.payees
+    x402 = paying_client(devnet, rig.scheme)
+
+    async def pay_once() -> int:
+        async with x402HttpxClient(x402, timeout=60) as paying:
+            return (await paying.get(f"{api}/weather")).status_code
+
+    assert asyncio.run(pay_once()) == 200  # the channel opened, one price paid
+    http = x402HTTPClient(x402)
+    required = http.get_payment_required_response(httpx.get(f"{api}/weather").headers.get, None).accepts[0]
+    held = rig.scheme.create_payment_payload(required)  # the channel busy with this payment
+    assert held["cumulativeAmount"] == str(2 * PRICE)
+    older = held | {"cumulativeAmount": str(int(held["cumulativeAmount"]) - PRICE)}
+    for payload in (older, {"note": "another scheme's"}):
+        rig.scheme.unanswered(PaymentPayload(x402_version=2, payload=payload, accepted=required))
+        with pytest.raises(ValueError, match="in flight already"):
+            rig.scheme.create_payment_payload(required)
+    rig.scheme.unanswered(PaymentPayload(x402_version=2, payload=held, accepted=required))
+    again = rig.scheme.create_payment_payload(required)  # the service never saw `held`: the same position again
+    assert (again["channelId"], again["cumulativeAmount"]) == (held["channelId"], held["cumulativeAmount"])
 
 
 def test_a_spend_budget_stops_payments_before_anything_is_signed(

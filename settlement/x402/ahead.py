@@ -15,6 +15,10 @@ payment-response hooks as x402's transport concludes it. When the payee answers 
 price changed, the route is no longer priced alike, the position was stale), the payment was not accepted, the
 requirements are forgotten and the request goes through x402's own flow; so an early payment can cost a round trip,
 never a second charge. Requirements are kept `ttl` seconds, for at most `max_routes` URLs (oldest first out).
+
+A paid request answered with neither a payment answer nor a 402 (a handler's 404, a payee that could not reach its
+facilitator) runs no x402 hook; `unanswered=scheme.unanswered` hands it to our scheme, which frees its channel at
+once instead of after `lane_timeout` (settlement.x402.client).
 """
 
 from __future__ import annotations
@@ -32,7 +36,8 @@ from x402 import x402Client, x402ClientSync
 from x402.http import x402HTTPClient, x402HTTPClientSync
 from x402.http.clients.httpx import x402AsyncTransport
 from x402.http.clients.requests import x402HTTPAdapter
-from x402.schemas import PaymentRequired
+from x402.http.utils import decode_payment_signature_header
+from x402.schemas import PaymentPayload, PaymentRequired
 
 
 class _Routes:
@@ -79,11 +84,12 @@ class PayAheadTransport(httpx.AsyncBaseTransport):
         *,
         ttl: float = 300.0,
         max_routes: int = 1024,
+        unanswered: Callable[[PaymentPayload], object] | None = None,
     ) -> None:
         self._client = client
         self._http = x402HTTPClient(client)
         self._routes = _Routes(self._http, ttl, max_routes)
-        self._wire = _Learning(transport or httpx.AsyncHTTPTransport(), self._routes)
+        self._wire = _Learning(transport or httpx.AsyncHTTPTransport(), self._routes, unanswered)
         self._x402 = x402AsyncTransport(self._http, self._wire)
 
     async def handle_async_request(self, request: httpx.Request) -> httpx.Response:
@@ -115,15 +121,26 @@ class PayAheadTransport(httpx.AsyncBaseTransport):
 
 
 class _Learning(httpx.AsyncBaseTransport):
-    """The wire, telling the routes of every 402 that names requirements."""
+    """The wire, telling the routes of every 402 that names requirements, and `unanswered` of every paid request
+    answered with neither a payment answer nor a 402 (x402 runs no hook for those: settlement.x402.client)."""
 
-    def __init__(self, inner: httpx.AsyncBaseTransport, routes: _Routes) -> None:
-        self._inner, self._routes = inner, routes
+    def __init__(
+        self,
+        inner: httpx.AsyncBaseTransport,
+        routes: _Routes,
+        unanswered: Callable[[PaymentPayload], object] | None = None,
+    ) -> None:
+        self._inner, self._routes, self._unanswered = inner, routes, unanswered
 
     async def handle_async_request(self, request: httpx.Request) -> httpx.Response:
         response = await self._inner.handle_async_request(request)
-        if response.status_code == 402 and "payment-required" in response.headers:
-            self._routes.learn(_route(request.method, str(request.url)), response.headers.get)
+        if response.status_code == 402:
+            if "payment-required" in response.headers:
+                self._routes.learn(_route(request.method, str(request.url)), response.headers.get)
+        elif self._unanswered is not None and "payment-response" not in response.headers:
+            paid = _payment_of(request.headers.get("payment-signature"))
+            if paid is not None:
+                self._unanswered(paid)
         return response
 
     async def aclose(self) -> None:
@@ -134,10 +151,19 @@ class PayAheadAdapter(x402HTTPAdapter):
     """x402's requests adapter, paying ahead on URLs whose requirements it saw in the last `ttl` seconds: the same
     rules as `PayAheadTransport`, for x402's sync client (`x402ClientSync`). Mount it on a `requests.Session`."""
 
-    def __init__(self, client: x402ClientSync, *, ttl: float = 300.0, max_routes: int = 1024, **kwargs: Any) -> None:
+    def __init__(
+        self,
+        client: x402ClientSync,
+        *,
+        ttl: float = 300.0,
+        max_routes: int = 1024,
+        unanswered: Callable[[PaymentPayload], object] | None = None,
+        **kwargs: Any,
+    ) -> None:
         super().__init__(client, **kwargs)
         self._payer = client
         self._routes = _Routes(self._http_client, ttl, max_routes)
+        self._unanswered = unanswered
 
     def send(self, request: requests.PreparedRequest, **kwargs: Any) -> requests.Response:  # type: ignore[override]
         route = _route(request.method or "GET", request.url or "")
@@ -162,11 +188,29 @@ class PayAheadAdapter(x402HTTPAdapter):
         return super().send(request, **kwargs)
 
     def build_response(self, req: requests.PreparedRequest, resp: Any) -> requests.Response:
-        """Every answer off the wire passes here, x402's own 402s included: learn the requirements they name."""
+        """Every answer off the wire passes here, x402's own 402s included: learn the requirements they name, and
+        tell `unanswered` of a paid request answered with neither a payment answer nor a 402."""
         response = super().build_response(req, resp)
-        if response.status_code == 402 and "payment-required" in response.headers:
-            self._routes.learn(_route(req.method or "GET", req.url or ""), response.headers.get)
+        if response.status_code == 402:
+            if "payment-required" in response.headers:
+                self._routes.learn(_route(req.method or "GET", req.url or ""), response.headers.get)
+        elif self._unanswered is not None and "payment-response" not in response.headers:
+            header = req.headers.get("payment-signature")
+            paid = _payment_of(header if isinstance(header, str) else None)
+            if paid is not None:
+                self._unanswered(paid)
         return response
+
+
+def _payment_of(header: str | None) -> PaymentPayload | None:
+    """The x402 v2 payment a request carried, if any."""
+    if header is None:
+        return None
+    try:
+        payload = decode_payment_signature_header(header)
+    except Exception:  # not a header x402 could read: nothing of ours to free
+        return None
+    return payload if isinstance(payload, PaymentPayload) else None
 
 
 def _route(method: str, url: str) -> str:

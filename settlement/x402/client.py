@@ -60,6 +60,7 @@ class Lane:
     deposit: int
     busy_since: float | None = None  # monotonic time the payment in flight was signed
     key: str | None = None  # that payment's journal key
+    cumulative: int | None = None  # and its voucher's cumulative amount
 
 
 @dataclass
@@ -167,7 +168,7 @@ class ChannelHubClientScheme:
         except BaseException:
             self._release(lane)
             raise
-        lane.key = key
+        lane.key, lane.cumulative = key, cumulative
         return VoucherPayload(ChannelId(lane.channel.hex_id), cumulative, signature).to_dict()
 
     def on_payment_response(self, context: PaymentResponseContext) -> RecoveredResponseResult | None:
@@ -198,6 +199,23 @@ class ChannelHubClientScheme:
             return None
         finally:
             self._release(lane)
+
+    def unanswered(self, payload: PaymentPayload) -> None:
+        """A paid request came back with neither a payment answer nor a 402: the payee's handler failed (x402's
+        middleware settles nothing then) or the payee could not reach its facilitator (a 503). x402 runs no hook for
+        it, so the payment's channel would stay busy for `lane_timeout` and new channels be opened meanwhile. Freed
+        now; the payment stays pending in the journal, and the next payment on the channel first asks the service
+        what became of it (`PayerClient.authorize`): charged at most once, whatever the payee did with it.
+
+        Called by the wire that saw the answer (`settlement.x402.ahead.PayAheadTransport(..., unanswered=...)`)."""
+        try:
+            voucher = VoucherPayload.parse(payload.payload)
+        except PayloadError:
+            return  # another scheme's payment
+        with self._guard:
+            lane = self._by_channel.get(voucher.channel_id)
+            if lane is not None and lane.key is not None and lane.cumulative == voucher.cumulative:
+                lane.busy_since, lane.key, lane.cumulative = None, None, None
 
     # --- requirements ----------------------------------------------------------------------------------------
 
@@ -238,7 +256,7 @@ class ChannelHubClientScheme:
             if free is None and in_flight >= self.max_lanes:
                 raise ValueError(f"{in_flight} payments to {payee} are in flight already (max_lanes)")
             if free is not None:
-                free.busy_since, free.key = now, None
+                free.busy_since, free.key, free.cumulative = now, None, None
             else:
                 self._opening[party] += 1
         token = None if asset == ETH else asset
@@ -286,7 +304,7 @@ class ChannelHubClientScheme:
 
     def _release(self, lane: Lane) -> None:
         with self._guard:
-            lane.busy_since, lane.key = None, None
+            lane.busy_since, lane.key, lane.cumulative = None, None, None
 
 
 class PaymentIdentifiers:
