@@ -759,23 +759,17 @@ def test_the_facilitator_down_is_a_503_and_charges_nothing(
 
 
 def test_a_paid_request_answered_without_a_payment_answer_frees_its_channel_at_once(
-    spawn: Callable[..., ServiceProcess],
-    paid_api: Callable[..., str],
-    devnet: Devnet,
-    accounts: list[LocalAccount],
-    tmp_path: Path,
-    payer_for: Callable[..., PayerClient],
+    devnet: Devnet, lane_rig: Callable[..., LaneRig]
 ) -> None:
     """A handler's 404 and a payee whose facilitator is down (503) answer a paid request with no payment answer, and
     x402 runs no hook for that: the pay-ahead transport hands it to our scheme, which frees the channel at once (one
     lane here, and a 2-minute `lane_timeout`: before, the next payment was refused "in flight already" and a payer
     with more lanes opened new channels). The next payment first asks the service what became of the unanswered one:
     each 200 paid once, nothing for the 404 or the 503, one channel."""
-    service = spawn(f"sqlite:///{tmp_path / 'unanswered.db'}")
-    payee = Account.create().address  # a payee no other test pays: no channels from before
-    api = paid_api(f"{service.url}/x402", payee)
-    payer = payer_for(accounts[18], service, journal="unanswered")
-    scheme = ChannelHubClientScheme(payer, DepositPolicy(multiple=100), max_lanes=1, lane_timeout=120.0)
+    rig = lane_rig("unanswered", max_lanes=1)
+    ((payee, api),) = rig.payees
+    service, payer, scheme = rig.service, rig.payer, rig.scheme
+    assert scheme.lane_timeout == 120.0
     transport = PayAheadTransport(paying_client(devnet, scheme), unanswered=scheme.unanswered)
 
     async def walk() -> list[int]:

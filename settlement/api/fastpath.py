@@ -95,7 +95,7 @@ class FastPath:
             elif path == X402_VERIFY:
                 status, payload = 200, await self.x402.verify(body)
             else:
-                status, payload = 200, await self.x402.settle_batch(body, self.service.settings.batch_max_items)
+                status, payload = 200, await self.x402.settle_batch(body)
         except SettlementError as ex:
             await refuse(send, ex)
             return

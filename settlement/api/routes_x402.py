@@ -64,6 +64,7 @@ class X402Operations:
     def __init__(self, scheme: ChannelHubFacilitator) -> None:
         self.scheme = scheme
         self.x402 = x402_facilitator(scheme)
+        self.max_batch = scheme.service.settings.batch_max_items
 
     async def verify(self, body: bytes) -> bytes:
         """The payment judged as ingest would judge it, nothing stored; its store read on a worker thread."""
@@ -78,14 +79,14 @@ class X402Operations:
         answer = await self._settle(parsed.paymentPayload, parsed.paymentRequirements)
         return answer.model_dump_json(by_alias=True, exclude_none=True).encode()
 
-    async def settle_batch(self, body: bytes, max_items: int) -> bytes:
+    async def settle_batch(self, body: bytes) -> bytes:
         """Each payment settled as `/settle` would settle it, together (their vouchers share group commits), and
         answered in order. A payment the facilitator could not judge (the store or the chain down: what `/settle`
         answers 503) is answered `{"status": 503, "error": {code, message}}` in its place: the others stand."""
         parsed = parse_body(X402SettleBatch, body)
-        if len(parsed.settlements) > max_items:
+        if (count := len(parsed.settlements)) > self.max_batch:
             raise BatchTooLargeError(
-                f"a batch holds at most {max_items} settlements, got {len(parsed.settlements)}", maxItems=max_items
+                f"a batch holds at most {self.max_batch} settlements, got {count}", maxItems=self.max_batch
             )
         done = await asyncio.gather(
             *(self._settle(item.paymentPayload, item.paymentRequirements) for item in parsed.settlements),
@@ -143,9 +144,9 @@ async def settle(request: Request) -> Response:
 
 
 @router.post("/settle/batch", operation_id="x402SettleBatch", openapi_extra=documented_body(X402SettleBatch))
-async def settle_batch(request: Request, service: ServiceDep) -> Response:
+async def settle_batch(request: Request) -> Response:
     """Many payments settled in one call, answered in order (a ChannelHub addition to x402's routes)."""
-    return _json(await operations(request).settle_batch(await request.body(), service.settings.batch_max_items))
+    return _json(await operations(request).settle_batch(await request.body()))
 
 
 def _item(answer: SettleResponse | BaseException) -> dict[str, Any]:

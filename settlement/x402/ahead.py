@@ -26,7 +26,7 @@ from __future__ import annotations
 import threading
 import time
 from collections import OrderedDict
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from typing import Any
 
 import httpx
@@ -137,10 +137,8 @@ class _Learning(httpx.AsyncBaseTransport):
         if response.status_code == 402:
             if "payment-required" in response.headers:
                 self._routes.learn(_route(request.method, str(request.url)), response.headers.get)
-        elif self._unanswered is not None and "payment-response" not in response.headers:
-            paid = _payment_of(request.headers.get("payment-signature"))
-            if paid is not None:
-                self._unanswered(paid)
+        else:
+            _tell_unanswered(self._unanswered, response.headers, request.headers.get("payment-signature"))
         return response
 
     async def aclose(self) -> None:
@@ -194,23 +192,24 @@ class PayAheadAdapter(x402HTTPAdapter):
         if response.status_code == 402:
             if "payment-required" in response.headers:
                 self._routes.learn(_route(req.method or "GET", req.url or ""), response.headers.get)
-        elif self._unanswered is not None and "payment-response" not in response.headers:
-            header = req.headers.get("payment-signature")
-            paid = _payment_of(header if isinstance(header, str) else None)
-            if paid is not None:
-                self._unanswered(paid)
+        else:
+            _tell_unanswered(self._unanswered, response.headers, req.headers.get("payment-signature"))
         return response
 
 
-def _payment_of(header: str | None) -> PaymentPayload | None:
-    """The x402 v2 payment a request carried, if any."""
-    if header is None:
-        return None
+def _tell_unanswered(
+    unanswered: Callable[[PaymentPayload], object] | None, answer_headers: Mapping[str, str], sent: object
+) -> None:
+    """A request that carried a payment (`sent`: its header) and got an answer other than a 402 with no payment
+    answer in it: hand the payment to `unanswered`."""
+    if unanswered is None or not isinstance(sent, str) or "payment-response" in answer_headers:
+        return
     try:
-        payload = decode_payment_signature_header(header)
+        payload = decode_payment_signature_header(sent)
     except Exception:  # not a header x402 could read: nothing of ours to free
-        return None
-    return payload if isinstance(payload, PaymentPayload) else None
+        return
+    if isinstance(payload, PaymentPayload):
+        unanswered(payload)
 
 
 def _route(method: str, url: str) -> str:

@@ -62,6 +62,10 @@ class Lane:
     key: str | None = None  # that payment's journal key
     cumulative: int | None = None  # and its voucher's cumulative amount
 
+    def carry(self, since: float | None) -> None:
+        """Busy from `since` with a payment not signed yet, or free (None)."""
+        self.busy_since, self.key, self.cumulative = since, None, None
+
 
 @dataclass
 class DepositPolicy:
@@ -215,7 +219,7 @@ class ChannelHubClientScheme:
         with self._guard:
             lane = self._by_channel.get(voucher.channel_id)
             if lane is not None and lane.key is not None and lane.cumulative == voucher.cumulative:
-                lane.busy_since, lane.key, lane.cumulative = None, None, None
+                lane.carry(None)
 
     # --- requirements ----------------------------------------------------------------------------------------
 
@@ -256,7 +260,7 @@ class ChannelHubClientScheme:
             if free is None and in_flight >= self.max_lanes:
                 raise ValueError(f"{in_flight} payments to {payee} are in flight already (max_lanes)")
             if free is not None:
-                free.busy_since, free.key, free.cumulative = now, None, None
+                free.carry(now)
             else:
                 self._opening[party] += 1
         token = None if asset == ETH else asset
@@ -304,7 +308,7 @@ class ChannelHubClientScheme:
 
     def _release(self, lane: Lane) -> None:
         with self._guard:
-            lane.busy_since, lane.key, lane.cumulative = None, None, None
+            lane.carry(None)
 
 
 class PaymentIdentifiers:

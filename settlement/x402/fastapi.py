@@ -93,7 +93,6 @@ class ChannelHubFacilitatorClient(HTTPFacilitatorClient):
         self.batches_in_flight = batches_in_flight
         self._queued: list[_Queued] = []
         self._senders: set[asyncio.Task[None]] = set()  # held: the event loop keeps only weak references to tasks
-        self._sending = 0
 
     async def aclose(self) -> None:
         if self.own_client is not None:
@@ -149,18 +148,17 @@ class ChannelHubFacilitatorClient(HTTPFacilitatorClient):
         `batches_in_flight` batches are in flight, and a settle that finds fewer goes at once (no wait to fill)."""
         future: asyncio.Future[SettleResponse] = asyncio.get_running_loop().create_future()
         self._queued.append(_Queued(payload, requirements, future))
-        if self._sending < self.batches_in_flight:
-            self._sending += 1  # counted until the sender finds the queue empty, in the same step (no await between)
-            sender = asyncio.create_task(self._send_queued())
-            self._senders.add(sender)
-            sender.add_done_callback(self._senders.discard)
+        if len(self._senders) < self.batches_in_flight:
+            self._senders.add(asyncio.create_task(self._send_queued()))
         return await future
 
     async def _send_queued(self) -> None:
+        """Send what is queued until nothing is. A sender leaves the set in the step that finds the queue empty (no
+        await between): a settle queued after that step starts a new sender, never waits for one that is ending."""
         try:
             await self._send_while_queued()
         finally:
-            self._sending -= 1
+            self._senders.discard(asyncio.current_task())
 
     async def _send_while_queued(self) -> None:
         while self._queued:
