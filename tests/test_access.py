@@ -26,7 +26,17 @@ from settlement.server.config import Settings
 from settlement.server.service import check_credentials
 from settlement.store import Database
 from settlement.store.keys import add_key, revoke_key
-from tests.hub_helpers import Channel, body, free_test_port, run_cli, signed_in, wait_until
+from tests.hub_helpers import (
+    Channel,
+    body,
+    free_test_port,
+    run_cli,
+    signed_in,
+    wait_until,
+    x402_request,
+    x402_requirements,
+    x402_voucher,
+)
 from tests.servers import ServiceProcess
 
 PROTECTED = ("channel", "list", "payments", "summary", "metrics")
@@ -108,6 +118,31 @@ def test_anyone_pays_and_reads_public_facts_but_no_party_data(
     for header in ("Basic dXNlcjpwYXNz", "Bearer", "Bearer chk_" + "A" * 43, "Bearer cht_" + "0" * 40 + ".9.0"):
         answer = client.get("/metrics", headers={"Authorization": header})
         assert (answer.status_code, answer.json()["code"]) == (401, "invalid_credentials"), header
+
+
+def test_the_x402_facilitator_stays_open_to_payees_with_or_without_credentials(
+    paid_channel: Callable[..., tuple[TestClient, Channel]], sign: Callable[..., bytes]
+) -> None:
+    """A payee's middleware calls /x402/verify, /settle and /settle/batch with no key (x402's facilitator client
+    sends none); a header that is not a key changes nothing: what a payment buys is decided by its signed voucher."""
+    client, channel = paid_channel()
+    service = client.app.state.service  # type: ignore[attr-defined]
+    required = x402_requirements(service.deployment.chain_id, channel.payee, 5)
+    payments = [x402_request(required, x402_voucher(channel, n, sign)) for n in (10, 15, 20, 25)]
+    for headers in ({}, {"Authorization": "Bearer cht_not-a-token"}):
+        verified = client.post("/x402/verify", json=payments[0], headers=headers)
+        assert (verified.status_code, verified.json()["isValid"]) == (200, True)
+    settled = client.post("/x402/settle", json=payments[0])
+    assert (settled.status_code, settled.json()["success"]) == (200, True)
+    batch = {
+        "x402Version": 2,
+        "settlements": [{k: p[k] for k in ("paymentPayload", "paymentRequirements")} for p in payments[1:]],
+    }
+    answer = client.post("/x402/settle/batch", json=batch, headers={"Authorization": "Bearer cht_not-a-token"})
+    assert answer.status_code == 200
+    assert [a["success"] for a in answer.json()["settlements"]] == [True, True, True]
+    position = client.get(f"/v1/channels/0x{channel.id.hex()}")
+    assert position.status_code == 401  # the channel's state stays the parties' to read
 
 
 def test_the_operator_reads_everything_until_its_key_is_revoked(

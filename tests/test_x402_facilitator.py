@@ -397,6 +397,30 @@ def test_a_settle_batch_answers_each_payment_as_settle_would_in_order(
     assert (accepted(client, channel), accepted(client, other)) == ("20", "10")
 
 
+def test_concurrent_batches_carrying_one_voucher_charge_it_once(
+    api: Callable[..., TestClient], devnet: Devnet, channel: Channel, sign: Sign
+) -> None:
+    """Eight payees' batches racing with the same voucher (a payer handing one voucher to several payees, or a
+    payee's retry racing its first send): one response bought, seven replays, one price charged."""
+    client = api()
+    paid = x402_request(requirements(devnet, channel.payee), voucher(channel, PRICE, sign))
+    start = threading.Barrier(8)
+    answers: list[dict[str, Any]] = []
+
+    def send_batch() -> None:
+        start.wait()
+        answers.extend(client.post("/x402/settle/batch", json=batch_of(paid, paid)).json()["settlements"])
+
+    threads = [threading.Thread(target=send_batch) for _ in range(8)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    outcomes = sorted((a["success"], a.get("errorReason")) for a in answers)
+    assert outcomes == [(False, "voucher_replayed")] * 15 + [(True, None)]
+    assert accepted(client, channel) == "10"
+
+
 def test_a_settle_batch_that_is_not_x402_or_too_large_is_refused_whole(
     api: Callable[..., TestClient], devnet: Devnet, channel: Channel, sign: Sign
 ) -> None:
