@@ -7,7 +7,7 @@ from __future__ import annotations
 import threading
 from collections.abc import Callable
 from dataclasses import replace
-from typing import Any
+from typing import Any, TypeVar
 
 import pytest
 from eth_account.signers.local import LocalAccount
@@ -32,6 +32,7 @@ from tests.hub_helpers import x402_voucher as voucher
 from tests.proxy import TcpProxy
 
 Sign = Callable[..., bytes]
+T = TypeVar("T")
 PRICE = 10
 
 
@@ -42,6 +43,24 @@ def requirements(devnet: Devnet, pay_to: str, **changes: Any) -> dict[str, Any]:
 @pytest.fixture
 def channel(open_channel: Callable[..., Channel], accounts: list[LocalAccount]) -> Channel:
     return open_channel(accounts[5], accounts[6].address, amount=1_000)
+
+
+def at_once(count: int, call: Callable[[], T]) -> list[T]:
+    """`call` in `count` threads released together: what each returned."""
+    start = threading.Barrier(count)
+    results: list[T] = []
+
+    def run() -> None:
+        start.wait()
+        results.append(call())
+
+    threads = [threading.Thread(target=run) for _ in range(count)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert len(results) == count
+    return results
 
 
 def accepted(client: TestClient, channel: Channel) -> str:
@@ -114,18 +133,7 @@ def test_concurrent_settles_of_one_voucher_charge_once(
 ) -> None:
     client = api()
     body = x402_request(requirements(devnet, channel.payee), voucher(channel, PRICE, sign))
-    answers: list[dict[str, Any]] = []
-    start = threading.Barrier(8)
-
-    def settle() -> None:
-        start.wait()
-        answers.append(client.post("/x402/settle", json=body).json())
-
-    threads = [threading.Thread(target=settle) for _ in range(8)]
-    for thread in threads:
-        thread.start()
-    for thread in threads:
-        thread.join()
+    answers = at_once(8, lambda: client.post("/x402/settle", json=body).json())
     outcomes = sorted((a["success"], a.get("errorReason")) for a in answers)
     assert outcomes == [(False, "voucher_replayed")] * 7 + [(True, None)]
     assert accepted(client, channel) == "10"
@@ -404,19 +412,8 @@ def test_concurrent_batches_carrying_one_voucher_charge_it_once(
     payee's retry racing its first send): one response bought, seven replays, one price charged."""
     client = api()
     paid = x402_request(requirements(devnet, channel.payee), voucher(channel, PRICE, sign))
-    start = threading.Barrier(8)
-    answers: list[dict[str, Any]] = []
-
-    def send_batch() -> None:
-        start.wait()
-        answers.extend(client.post("/x402/settle/batch", json=batch_of(paid, paid)).json()["settlements"])
-
-    threads = [threading.Thread(target=send_batch) for _ in range(8)]
-    for thread in threads:
-        thread.start()
-    for thread in threads:
-        thread.join()
-    outcomes = sorted((a["success"], a.get("errorReason")) for a in answers)
+    batches = at_once(8, lambda: client.post("/x402/settle/batch", json=batch_of(paid, paid)).json()["settlements"])
+    outcomes = sorted((a["success"], a.get("errorReason")) for answers in batches for a in answers)
     assert outcomes == [(False, "voucher_replayed")] * 15 + [(True, None)]
     assert accepted(client, channel) == "10"
 
