@@ -3,8 +3,12 @@ scheme, the example FastAPI app behind x402's middleware (its own uvicorn proces
 facilitator (its own process, SQLite), anvil.
 
 At 1, 16 and 64 concurrent requests for a few seconds each: paid requests per second and their p50/p99 latency,
-against a free route of the same app at the same concurrency (the difference is what paying adds); then where a
-paid request's time goes (the facilitator's verify and settle, timed alone), and the x402 header sizes.
+against a free route of the same app at the same concurrency (the difference is what paying adds). Then at fixed
+offered rates (an open loop: a request starts on its schedule whether or not the earlier ones were answered, and its
+latency counts from that schedule, so waiting for a free channel counts too): the added latency at a given number of
+paid requests a second, which is how the issue's goal is put, and each process's CPU per paid request (payer, payee
+app, facilitator) from /proc. Last, where a paid request's time goes (the facilitator's verify and settle, timed
+alone), and the x402 header sizes.
 """
 
 from __future__ import annotations
@@ -41,6 +45,7 @@ from settlement.x402.client import ChannelHubClientScheme, DepositPolicy
 from settlement.x402.positions import Positions
 
 CONCURRENCY = (1, 16, 64)
+RATES = (50, 100, 200, 300, 500)  # paid requests a second, offered in an open loop
 SECONDS = 5.0
 LANE_PRICES = 100_000  # a lane's deposit, in prices: no top-up inside the timed runs
 PRICE = 1_000_000_000
@@ -92,8 +97,9 @@ def run_x402(console: Console) -> dict[str, Any]:
                 HexBytes(net.accounts[1].key).to_0x_hex(), net.url, service_url, state_path=work / "payer.sqlite3"
             )
             try:
+                pids = {"payer": os.getpid(), "payee app": processes[1].pid, "facilitator": processes[0].pid}
                 figures = asyncio.run(
-                    _measure(console, payer, api_url, service_url, net.chain_id, net.accounts[2].address)
+                    _measure(console, payer, api_url, service_url, net.chain_id, net.accounts[2].address, pids)
                 )
             finally:
                 payer.shutdown()
@@ -122,7 +128,7 @@ def _start(command: list[str], env: dict[str, str], log: Path, ready: str) -> su
 
 
 async def _measure(
-    console: Console, payer: PayerClient, api: str, service: str, chain_id: int, pay_to: str
+    console: Console, payer: PayerClient, api: str, service: str, chain_id: int, pay_to: str, pids: dict[str, int]
 ) -> dict[str, Any]:
     network = f"eip155:{chain_id}"
     # Every lane open and funded before the timed runs, as a busy payer's are: opening a lane, or topping one up, is
@@ -181,8 +187,91 @@ async def _measure(
                 figures[f"{prefix}added_p50_ms_c{concurrency}"] = round(added[0], 1)
                 figures[f"{prefix}added_p99_ms_c{concurrency}"] = round(added[1], 1)
         console.print(table)
+        figures |= await _at_rates(console, ahead_aiohttp, free_aiohttp, api, pids)
         figures |= await _where_time_goes(console, x402, scheme, api, service)
     return figures
+
+
+async def _at_rates(
+    console: Console, paid: httpx.AsyncClient, free: httpx.AsyncClient, api: str, pids: dict[str, int]
+) -> dict[str, Any]:
+    """Pay-ahead over aiohttp (the fastest payer above) at each of RATES, against the free route at the same rate."""
+    figures: dict[str, Any] = {}
+    table = Table(title=f"pay-ahead over aiohttp at fixed offered rates ({SECONDS:g} s a run, open loop); CPU ms per "
+                  "request of each process, paid / free (the payer's includes this bench's load)")  # fmt: skip
+    for column in ("offered/s", "answered/s", "paid p50 / p99", "free p50 / p99", "added p50 / p99",
+                   *(f"CPU {name}" for name in pids), "machine busy"):  # fmt: skip
+        table.add_column(column, justify="right")
+    for rate in RATES:
+        with console.status(f"{rate}/s: free…"):
+            free_ms, free_cpu, _, _ = await _at_rate(rate, lambda: free.get(f"{api}/health"), pids)
+        with console.status(f"{rate}/s: paid…"):
+            paid_ms, cpu, busy, took = await _at_rate(rate, lambda: paid.get(f"{api}/weather"), pids)
+        answered = len(paid_ms) / took
+        added = (_pct(paid_ms, 0.5) - _pct(free_ms, 0.5), _pct(paid_ms, 0.99) - _pct(free_ms, 0.99))
+        table.add_row(f"{rate:,}", f"{answered:,.0f}", f"{_pct(paid_ms, 0.5):,.1f} / {_pct(paid_ms, 0.99):,.1f}",
+                      f"{_pct(free_ms, 0.5):,.1f} / {_pct(free_ms, 0.99):,.1f}", f"{added[0]:,.1f} / {added[1]:,.1f}",
+                      *(f"{cpu[name]:.2f} / {free_cpu[name]:.2f}" for name in pids), f"{busy:.0%}")  # fmt: skip
+        figures |= (
+            {
+                f"rate{rate}_answered_per_s": round(answered, 1),
+                f"rate{rate}_added_p50_ms": round(added[0], 1),
+                f"rate{rate}_added_p99_ms": round(added[1], 1),
+                f"rate{rate}_machine_busy": round(busy, 3),
+            }
+            | {f"rate{rate}_cpu_ms_{name.replace(' ', '_')}": round(cpu[name], 2) for name in pids}
+            | {f"rate{rate}_free_cpu_ms_{name.replace(' ', '_')}": round(free_cpu[name], 2) for name in pids}
+        )
+    console.print(table)
+    return figures
+
+
+async def _at_rate(
+    rate: int, call: Callable[[], Awaitable[httpx.Response]], pids: dict[str, int]
+) -> tuple[list[float], dict[str, float], float, float]:
+    """`rate` calls a second for SECONDS, each started on its schedule, at most one per channel in flight (a call
+    waiting for a free one is late, and its lateness counts: no coordinated omission). Returns each call's latency
+    from its schedule (ms), each process's CPU ms per call, the machine's busy share, and the seconds until the last
+    call was answered."""
+    slots = asyncio.Semaphore(max(CONCURRENCY))
+    latencies: list[float] = []
+
+    async def one(due: float) -> None:
+        async with slots:
+            answer = await call()
+        if answer.status_code != 200:
+            raise SystemExit(f"a request answered {answer.status_code}: {answer.text[:300]}")
+        latencies.append((time.perf_counter() - due) * 1000)
+
+    calls = []
+    before = _cpu_now(pids)
+    began = time.perf_counter()
+    for i in range(int(rate * SECONDS)):
+        due = began + i / rate
+        if (wait := due - time.perf_counter()) > 0:
+            await asyncio.sleep(wait)
+        calls.append(asyncio.create_task(one(due)))
+    await asyncio.gather(*calls)
+    took = time.perf_counter() - began
+    after = _cpu_now(pids)
+    cpu = {name: (after[name] - before[name]) * 1000 / len(latencies) for name in pids}
+    return latencies, cpu, _busy(before["machine"], after["machine"]), took
+
+
+def _cpu_now(pids: dict[str, int]) -> dict[str, Any]:
+    """Each process's CPU seconds so far, and the machine's (busy, all) clock ticks (Linux's /proc)."""
+    tick = os.sysconf("SC_CLK_TCK")
+    out: dict[str, Any] = {}
+    for name, pid in pids.items():
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+        out[name] = (int(fields[11]) + int(fields[12])) / tick  # utime, stime
+    ticks = [int(x) for x in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:]]
+    out["machine"] = (sum(ticks) - ticks[3] - ticks[4], sum(ticks))  # all but idle and iowait
+    return out
+
+
+def _busy(before: tuple[int, int], after: tuple[int, int]) -> float:
+    return (after[0] - before[0]) / max(1, after[1] - before[1])
 
 
 def _open_lanes(payer: PayerClient, pay_to: str, count: int, deposit: int) -> None:
