@@ -30,7 +30,7 @@ from web3 import Web3
 from web3.contract import Contract
 from x402 import x402Client, x402ClientSync
 from x402.http import x402HTTPClient
-from x402.http.clients import x402_requests, x402HttpxClient
+from x402.http.clients import x402_httpx_transport, x402_requests, x402HttpxClient
 from x402.http.clients.httpx import PaymentError
 from x402.http.utils import decode_payment_signature_header, encode_payment_signature_header
 from x402.schemas import PaymentPayload
@@ -45,6 +45,7 @@ from settlement.sdk.payer import PayerClient
 from settlement.x402.ahead import PayAheadAdapter, PayAheadTransport
 from settlement.x402.client import ChannelHubClientScheme, DepositPolicy, PaymentIdentifiers
 from settlement.x402.refunds import REFUND_PATH, RefundDesk, ask_refund
+from settlement.x402.unanswered import UnansweredWire
 from tests.hub_helpers import ETH, events, free_test_port, send, wait_until
 from tests.servers import ServiceProcess
 
@@ -758,19 +759,26 @@ def test_the_facilitator_down_is_a_503_and_charges_nothing(
     assert accepted_for(service, payee) == 2 * PRICE  # two responses, two prices: the 503 was not charged
 
 
+@pytest.mark.parametrize("wire", ["pay-ahead", "x402's transport"])
 def test_a_paid_request_answered_without_a_payment_answer_frees_its_channel_at_once(
-    devnet: Devnet, lane_rig: Callable[..., LaneRig]
+    devnet: Devnet, lane_rig: Callable[..., LaneRig], wire: str
 ) -> None:
     """A handler's 404 and a payee whose facilitator is down (503) answer a paid request with no payment answer, and
-    x402 runs no hook for that: the pay-ahead transport hands it to our scheme, which frees the channel at once (one
-    lane here, and a 2-minute `lane_timeout`: before, the next payment was refused "in flight already" and a payer
-    with more lanes opened new channels). The next payment first asks the service what became of the unanswered one:
-    each 200 paid once, nothing for the 404 or the 503, one channel."""
+    x402 runs no hook for that: the wire (the pay-ahead transport's, or `UnansweredWire` under x402's own transport)
+    hands it to our scheme, which frees the channel at once (one lane here, and a 2-minute `lane_timeout`: before, the
+    next payment was refused "in flight already" and a payer with more lanes opened new channels). The next payment
+    first asks the service what became of the unanswered one: each 200 paid once, nothing for the 404 or the 503, one
+    channel."""
     rig = lane_rig("unanswered", max_lanes=1)
     ((payee, api),) = rig.payees
     service, payer, scheme = rig.service, rig.payer, rig.scheme
     assert scheme.lane_timeout == 120.0
-    transport = PayAheadTransport(paying_client(devnet, scheme), unanswered=scheme.unanswered)
+    x402 = paying_client(devnet, scheme)
+    transport: httpx.AsyncBaseTransport = (
+        PayAheadTransport(x402, unanswered=scheme.unanswered)
+        if wire == "pay-ahead"
+        else x402_httpx_transport(x402, UnansweredWire(scheme.unanswered))
+    )
 
     async def walk() -> list[int]:
         async with httpx.AsyncClient(transport=transport, timeout=60) as http:

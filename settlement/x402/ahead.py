@@ -18,7 +18,7 @@ never a second charge. Requirements are kept `ttl` seconds, for at most `max_rou
 
 A paid request answered with neither a payment answer nor a 402 (a handler's 404, a payee that could not reach its
 facilitator) runs no x402 hook; `unanswered=scheme.unanswered` hands it to our scheme, which frees its channel at
-once instead of after `lane_timeout` (settlement.x402.client).
+once instead of after `lane_timeout` (settlement.x402.unanswered, settlement.x402.client).
 """
 
 from __future__ import annotations
@@ -26,7 +26,7 @@ from __future__ import annotations
 import threading
 import time
 from collections import OrderedDict
-from collections.abc import Callable, Mapping
+from collections.abc import Callable
 from typing import Any
 
 import httpx
@@ -36,8 +36,9 @@ from x402 import x402Client, x402ClientSync
 from x402.http import x402HTTPClient, x402HTTPClientSync
 from x402.http.clients.httpx import x402AsyncTransport
 from x402.http.clients.requests import x402HTTPAdapter
-from x402.http.utils import decode_payment_signature_header
-from x402.schemas import PaymentPayload, PaymentRequired
+from x402.schemas import PaymentRequired
+
+from settlement.x402.unanswered import Unanswered, UnansweredWire, tell_unanswered
 
 
 class _Routes:
@@ -84,7 +85,7 @@ class PayAheadTransport(httpx.AsyncBaseTransport):
         *,
         ttl: float = 300.0,
         max_routes: int = 1024,
-        unanswered: Callable[[PaymentPayload], object] | None = None,
+        unanswered: Unanswered | None = None,
     ) -> None:
         self._client = client
         self._http = x402HTTPClient(client)
@@ -121,24 +122,16 @@ class PayAheadTransport(httpx.AsyncBaseTransport):
 
 
 class _Learning(httpx.AsyncBaseTransport):
-    """The wire, telling the routes of every 402 that names requirements, and `unanswered` of every paid request
-    answered with neither a payment answer nor a 402 (x402 runs no hook for those: settlement.x402.client)."""
+    """The wire, telling the routes of every 402 that names requirements (under it, `UnansweredWire` tells
+    `unanswered` of every paid request answered with neither a payment answer nor a 402)."""
 
-    def __init__(
-        self,
-        inner: httpx.AsyncBaseTransport,
-        routes: _Routes,
-        unanswered: Callable[[PaymentPayload], object] | None = None,
-    ) -> None:
-        self._inner, self._routes, self._unanswered = inner, routes, unanswered
+    def __init__(self, inner: httpx.AsyncBaseTransport, routes: _Routes, unanswered: Unanswered | None = None) -> None:
+        self._inner, self._routes = UnansweredWire(unanswered, inner), routes
 
     async def handle_async_request(self, request: httpx.Request) -> httpx.Response:
         response = await self._inner.handle_async_request(request)
-        if response.status_code == 402:
-            if "payment-required" in response.headers:
-                self._routes.learn(_route(request.method, str(request.url)), response.headers.get)
-        else:
-            _tell_unanswered(self._unanswered, response.headers, request.headers.get("payment-signature"))
+        if response.status_code == 402 and "payment-required" in response.headers:
+            self._routes.learn(_route(request.method, str(request.url)), response.headers.get)
         return response
 
     async def aclose(self) -> None:
@@ -155,7 +148,7 @@ class PayAheadAdapter(x402HTTPAdapter):
         *,
         ttl: float = 300.0,
         max_routes: int = 1024,
-        unanswered: Callable[[PaymentPayload], object] | None = None,
+        unanswered: Unanswered | None = None,
         **kwargs: Any,
     ) -> None:
         super().__init__(client, **kwargs)
@@ -193,23 +186,8 @@ class PayAheadAdapter(x402HTTPAdapter):
             if "payment-required" in response.headers:
                 self._routes.learn(_route(req.method or "GET", req.url or ""), response.headers.get)
         else:
-            _tell_unanswered(self._unanswered, response.headers, req.headers.get("payment-signature"))
+            tell_unanswered(self._unanswered, response.headers, req.headers.get("payment-signature"))
         return response
-
-
-def _tell_unanswered(
-    unanswered: Callable[[PaymentPayload], object] | None, answer_headers: Mapping[str, str], sent: object
-) -> None:
-    """A request that carried a payment (`sent`: its header) and got an answer other than a 402 with no payment
-    answer in it: hand the payment to `unanswered`."""
-    if unanswered is None or not isinstance(sent, str) or "payment-response" in answer_headers:
-        return
-    try:
-        payload = decode_payment_signature_header(sent)
-    except Exception:  # not a header x402 could read: nothing of ours to free
-        return
-    if isinstance(payload, PaymentPayload):
-        unanswered(payload)
 
 
 def _route(method: str, url: str) -> str:

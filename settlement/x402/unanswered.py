@@ -1,0 +1,52 @@
+"""Paid requests answered with neither a payment answer nor a 402: a handler's 404 or 500, a payee that could not reach
+its facilitator (503). x402's clients run no hook for them (a payment answer or a 402 is what their hooks read), so
+our scheme would keep the payment's channel busy for `lane_timeout` and open new channels meanwhile. The wire under
+x402's transport sees every answer with the request that carried the payment, and hands that payment to
+`ChannelHubClientScheme.unanswered`, which frees the channel if it still carries that payment (settlement.x402.client).
+
+    transport = x402_httpx_transport(x402, UnansweredWire(scheme.unanswered))   # x402's own transport, ours under it
+    async with httpx.AsyncClient(transport=transport) as http: ...
+
+`PayAheadTransport(..., unanswered=...)` and `PayAheadAdapter(..., unanswered=...)` (settlement.x402.ahead) do the same.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping
+
+import httpx
+from x402.http.utils import decode_payment_signature_header
+from x402.schemas import PaymentPayload
+
+Unanswered = Callable[[PaymentPayload], object]
+
+
+class UnansweredWire(httpx.AsyncBaseTransport):
+    """An httpx transport (`inner`, httpx's own by default) that tells `unanswered` of each paid request answered with
+    neither a payment answer nor a 402. Put it under x402's transport (`x402_httpx_transport(x402, wire)`): x402's
+    `x402HttpxClient` builds its transport with no wire of the caller's."""
+
+    def __init__(self, unanswered: Unanswered | None, inner: httpx.AsyncBaseTransport | None = None) -> None:
+        self._unanswered, self._inner = unanswered, inner or httpx.AsyncHTTPTransport()
+
+    async def handle_async_request(self, request: httpx.Request) -> httpx.Response:
+        response = await self._inner.handle_async_request(request)
+        if response.status_code != 402:
+            tell_unanswered(self._unanswered, response.headers, request.headers.get("payment-signature"))
+        return response
+
+    async def aclose(self) -> None:
+        await self._inner.aclose()
+
+
+def tell_unanswered(unanswered: Unanswered | None, answer_headers: Mapping[str, str], sent: object) -> None:
+    """A request that carried a payment (`sent`: its header) and got an answer other than a 402 with no payment
+    answer in it: hand the payment to `unanswered`."""
+    if unanswered is None or not isinstance(sent, str) or "payment-response" in answer_headers:
+        return
+    try:
+        payload = decode_payment_signature_header(sent)
+    except Exception:  # not a header x402 could read: nothing of ours to free
+        return
+    if isinstance(payload, PaymentPayload):
+        unanswered(payload)
