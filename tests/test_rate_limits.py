@@ -17,10 +17,11 @@ import pytest
 from eth_account.signers.local import LocalAccount
 from fastapi.testclient import TestClient
 from starlette.types import Message, Receive, Scope, Send
+from web3 import Web3
 
 from settlement.api import middleware
 from settlement.api.middleware import CONNECTION, RefusalTarpit
-from tests.hub_helpers import Channel, body
+from tests.hub_helpers import Channel, body, wait_until, x402_request, x402_requirements, x402_voucher
 from tests.servers import ServiceProcess
 
 Sign = Callable[..., bytes]
@@ -32,6 +33,13 @@ def flood(url: str, count: int, client_ip: str | None = None) -> list[int]:
     headers = {"X-Forwarded-For": client_ip} if client_ip else {}
     with httpx.Client(timeout=10) as http:
         return [http.get(f"{url}/health", headers=headers).status_code for _ in range(count)]
+
+
+def refusals_delayed(url: str) -> int:
+    """`settlement_refusals_delayed_total` of a running service."""
+    text = httpx.get(f"{url}/metrics").text
+    return int(float(next(line for line in text.splitlines() if line.startswith("settlement_refusals_delayed_"))
+                     .rsplit(" ", 1)[1]))  # fmt: skip
 
 
 def test_a_client_over_its_rate_is_refused_and_a_forged_forwarded_for_does_not_help(
@@ -77,9 +85,7 @@ def test_a_connection_that_keeps_being_refused_is_paced_whatever_clients_it_name
     made_up = json.dumps({"channelId": "0x" + "ab" * 32, "cumulativeAmount": "1", "signature": "0x" + "11" * 65})
 
     def delayed() -> int:
-        text = httpx.get(f"{service.url}/metrics").text
-        return int(float(next(line for line in text.splitlines() if line.startswith("settlement_refusals_delayed_"))
-                         .rsplit(" ", 1)[1]))  # fmt: skip
+        return refusals_delayed(service.url)
 
     with httpx.Client(base_url=service.url, timeout=10) as flooder:
         started = time.monotonic()
@@ -101,6 +107,43 @@ def test_a_connection_that_keeps_being_refused_is_paced_whatever_clients_it_name
         assert [other.post("/v1/vouchers", content=made_up, headers={"Content-Type": "application/json"}).status_code
                 for _ in range(4)] == [404] * 4  # fmt: skip
     assert delayed() == 4  # its own three on time, the fourth late
+
+
+def test_a_payees_settle_batches_are_not_paced_for_one_payers_refused_payments(
+    spawn: Callable[..., ServiceProcess],
+    tmp_path: Path,
+    w3: Web3,
+    open_channel: Callable[..., Channel],
+    accounts: list[LocalAccount],
+    sign: Sign,
+) -> None:
+    """A payee app's settle batches carry all its payers' payments on its connections. One payer whose payment is
+    sent again (the same voucher in every later batch: a replay) has it refused in its place, and the batch is
+    answered 200 at once: the connection is not paced for it (burst 3 at 2 a second here, so six batches each with a
+    refused payment would be answered late from the fourth on), and the other payer's payments are each accepted."""
+    service = spawn(
+        f"sqlite:///{tmp_path / 'batches.db'}", connection_refusals_per_second="2", connection_refusal_burst="3"
+    )
+    payee = accounts[6].address
+    honest, replaying = open_channel(accounts[5], payee, amount=1_000), open_channel(accounts[8], payee, amount=1_000)
+    required = x402_requirements(w3.eth.chain_id, payee, 5)
+    replayed = x402_request(required, x402_voucher(replaying, 5, sign))
+
+    def batch(http: httpx.Client, n: int) -> list[object]:
+        items = [x402_request(required, x402_voucher(honest, 5 * n, sign)), replayed]
+        settlements = [{k: i[k] for k in ("paymentPayload", "paymentRequirements")} for i in items]
+        answer = http.post("/x402/settle/batch", json={"x402Version": 2, "settlements": settlements})
+        assert answer.status_code == 200, answer.text
+        return [a.get("errorReason", a["success"]) for a in answer.json()["settlements"]]
+
+    for channel in (honest, replaying):  # indexed (each poll on a connection of its own: a 404 is a refusal)
+        wait_until(lambda c=channel: httpx.get(f"{service.url}/v1/channels/0x{c.id.hex()}").status_code == 200)
+    with httpx.Client(base_url=service.url, timeout=10) as http:
+        answers = [batch(http, n) for n in range(1, 7)]
+        channel = http.get(f"/v1/channels/0x{honest.id.hex()}").json()
+    assert answers == [[True, True]] + [[True, "voucher_replayed"]] * 5
+    assert channel["acceptedCumulativeAmount"] == "30"
+    assert refusals_delayed(service.url) == 0
 
 
 @pytest.mark.parametrize("phased", [True, False])
