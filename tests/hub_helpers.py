@@ -14,10 +14,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import httpx
 from eth_account.messages import encode_defunct
 from eth_account.signers.local import LocalAccount
 from fastapi import FastAPI
 from fastapi.testclient import TestClient
+from prometheus_client.parser import text_string_to_metric_families
 from web3 import Web3
 from web3.contract import Contract
 from web3.logs import DISCARD
@@ -170,6 +172,16 @@ def body(channel: Channel, cumulative: int, signature: bytes, **extra: Any) -> d
         "cumulativeAmount": str(cumulative),
         "signature": "0x" + signature.hex(),
         **extra,
+    }
+
+
+def scraped(url: str, name: str) -> dict[tuple[tuple[str, str], ...], float]:
+    """A running service's samples named `name` (from its /metrics), by their labels (sorted name/value pairs)."""
+    return {
+        tuple(sorted(sample.labels.items())): sample.value
+        for family in text_string_to_metric_families(httpx.get(f"{url}/metrics").text)
+        for sample in family.samples
+        if sample.name == name
     }
 
 

@@ -21,7 +21,7 @@ from web3 import Web3
 
 from settlement.api import middleware
 from settlement.api.middleware import CONNECTION, RefusalTarpit
-from tests.hub_helpers import Channel, body, wait_until, x402_request, x402_requirements, x402_voucher
+from tests.hub_helpers import Channel, body, scraped, wait_until, x402_request, x402_requirements, x402_voucher
 from tests.servers import ServiceProcess
 
 Sign = Callable[..., bytes]
@@ -37,9 +37,7 @@ def flood(url: str, count: int, client_ip: str | None = None) -> list[int]:
 
 def refusals_delayed(url: str) -> int:
     """`settlement_refusals_delayed_total` of a running service."""
-    text = httpx.get(f"{url}/metrics").text
-    return int(float(next(line for line in text.splitlines() if line.startswith("settlement_refusals_delayed_"))
-                     .rsplit(" ", 1)[1]))  # fmt: skip
+    return int(scraped(url, "settlement_refusals_delayed_total")[()])
 
 
 def test_a_client_over_its_rate_is_refused_and_a_forged_forwarded_for_does_not_help(
@@ -84,9 +82,6 @@ def test_a_connection_that_keeps_being_refused_is_paced_whatever_clients_it_name
     )
     made_up = json.dumps({"channelId": "0x" + "ab" * 32, "cumulativeAmount": "1", "signature": "0x" + "11" * 65})
 
-    def delayed() -> int:
-        return refusals_delayed(service.url)
-
     with httpx.Client(base_url=service.url, timeout=10) as flooder:
         started = time.monotonic()
         codes = [
@@ -99,14 +94,14 @@ def test_a_connection_that_keeps_being_refused_is_paced_whatever_clients_it_name
         ]
         took = time.monotonic() - started
         assert codes == ["channel_not_found", "malformed_request"] * 3
-        assert delayed() == 3
+        assert refusals_delayed(service.url) == 3
         assert took >= 1.4  # the 4th, 5th and 6th at 0.5 s, 1.0 s and 1.5 s
         assert flooder.get("/health").status_code == 200  # accepted: on time
-        assert delayed() == 3
+        assert refusals_delayed(service.url) == 3
     with httpx.Client(base_url=service.url, timeout=10) as other:
         assert [other.post("/v1/vouchers", content=made_up, headers={"Content-Type": "application/json"}).status_code
                 for _ in range(4)] == [404] * 4  # fmt: skip
-    assert delayed() == 4  # its own three on time, the fourth late
+    assert refusals_delayed(service.url) == 4  # its own three on time, the fourth late
 
 
 def test_a_payees_settle_batches_are_not_paced_for_one_payers_refused_payments(

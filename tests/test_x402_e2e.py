@@ -8,7 +8,6 @@ import asyncio
 import base64
 import json
 import os
-import re
 import subprocess
 import sys
 import threading
@@ -46,7 +45,7 @@ from settlement.x402.ahead import PayAheadAdapter, PayAheadTransport
 from settlement.x402.client import ChannelHubClientScheme, DepositPolicy, PaymentIdentifiers
 from settlement.x402.refunds import REFUND_PATH, RefundDesk, ask_refund
 from settlement.x402.unanswered import UnansweredWire
-from tests.hub_helpers import ETH, events, free_test_port, send, wait_until
+from tests.hub_helpers import ETH, events, free_test_port, scraped, send, wait_until
 from tests.servers import ServiceProcess
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -439,9 +438,8 @@ def where_payments_are_made(payer: PayerClient, monkeypatch: pytest.MonkeyPatch)
 
 def x402_calls(service: ServiceProcess) -> dict[str, float]:
     """The facilitator's calls so far, by "call answer" (its `settlement_x402_requests` metric)."""
-    found = re.findall(r'settlement_x402_requests_total\{answer="(\w+)",call="(\w+)"\} (\S+)',
-                       httpx.get(f"{service.url}/metrics").text)  # fmt: skip
-    return {f"{call} {answer}": float(value) for answer, call, value in found}
+    found = scraped(service.url, "settlement_x402_requests_total")
+    return {f"{dict(labels)['call']} {dict(labels)['answer']}": value for labels, value in found.items()}
 
 
 def test_paying_ahead_and_verifying_locally_cost_one_request_and_one_facilitator_call_per_payment(
