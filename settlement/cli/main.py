@@ -14,31 +14,29 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Annotated
+from typing import TYPE_CHECKING, Annotated
 
 import typer
-import uvicorn
 from hexbytes import HexBytes
 from pydantic import ValidationError
 from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
-from sqlalchemy import Connection
 
-from settlement.api.schemas import ChannelOut
-from settlement.chain.deployment import Deployment, deploy_hub
-from settlement.chain.node import connect, mines_only_on_transactions
-from settlement.cli.keys import operator_key_file
-from settlement.devtools.devnet import Devnet, port_free
 from settlement.domain.model import ETH, ChannelId
 from settlement.errors import ChainError, ConfigError, EngineBusyError, PortInUseError, SettlementError
 from settlement.server.config import Settings, get_settings
-from settlement.server.operator import operator_account
-from settlement.server.service import Service
-from settlement.store import Database
-from settlement.store import channels as channel_q
-from settlement.store import settlements as batch_q
-from settlement.store.meta import engine_interval
+
+# Each command imports the parts it runs (web3 and eth-account alone take seconds to import on a slow machine): `--help`
+# and the store-only commands (`status`, `channels`), which an operator reaches for when something is wrong, answer in
+# about a second, without loading the chain, the API or the engine.
+if TYPE_CHECKING:
+    from sqlalchemy import Connection
+
+    from settlement.chain.deployment import Deployment
+    from settlement.devtools.devnet import Devnet
+    from settlement.server.service import Service
+    from settlement.store.settlements import Batch
 
 app = typer.Typer(help="ChannelHub micropayment settlement: run, settle and check it.", no_args_is_help=True)
 # Piped or logged output is not cut at 80 columns: keys, addresses and amounts are printed whole.
@@ -111,6 +109,8 @@ def devnet(
 
     Blocks come every second by default, so deposits reach SETTLEMENT_CONFIRMATIONS without other traffic.
     """
+    from settlement.devtools.devnet import Devnet, deploy_test_token
+
     settings = _settings()
     overrides: dict[str, object] = {"devnet_port": port if port is not None else (settings.devnet_port or 8545)}
     if chain_id is not None:
@@ -121,8 +121,6 @@ def devnet(
         with Devnet(settings.model_copy(update=overrides)) as net:
             _print_devnet(net)
             if token:
-                from settlement.devtools.devnet import deploy_test_token
-
                 test_token = deploy_test_token(net)
                 console.print(
                     f"test ERC-20 [bold]{test_token.address}[/] ({test_token.symbol}, {test_token.decimals} decimals): "
@@ -166,6 +164,10 @@ def deploy(
 
 
 def _deploy(settings: Settings, challenge_period: int, out: Path) -> Deployment:
+    from settlement.chain.deployment import deploy_hub
+    from settlement.chain.node import connect
+    from settlement.server.operator import operator_account
+
     w3 = connect(settings.rpc_url, settings.rpc_timeout)
     deployment = deploy_hub(w3, operator_account(settings, w3), challenge_period, timeout=settings.tx_timeout)
     deployment.save(out)
@@ -188,9 +190,12 @@ def serve(
 
 
 def _serve(settings: Settings, host: str, port: int, log_level: str = "info", access_log: bool = False) -> None:
+    import uvicorn
+
     from settlement.api.app import create_app
     from settlement.api.transport import bounded_head_protocol
     from settlement.cli.keys import devnet_operator_key
+    from settlement.server.service import Service
 
     try:
         _check_port_free(host, port)
@@ -230,6 +235,8 @@ def _serve(settings: Settings, host: str, port: int, log_level: str = "info", ac
 
 def _check_port_free(host: str, port: int) -> None:
     """Fail before anything starts (and before a line claims the API is up) when the port is taken."""
+    from settlement.devtools.devnet import port_free
+
     if port and not port_free(host, port):
         raise PortInUseError(
             f"port {port} on {host} is in use (another `settlement serve` or `make run`?): "
@@ -239,6 +246,8 @@ def _check_port_free(host: str, port: int) -> None:
 
 
 def _warn_if_never_confirmed(settings: Settings) -> None:
+    from settlement.chain.node import connect, mines_only_on_transactions
+
     if settings.confirmations and mines_only_on_transactions(connect(settings.rpc_url, settings.rpc_timeout)):
         err_console.print(f"[yellow]warning[/] {escape(_AUTOMINE_WARNING.format(n=settings.confirmations))}")
 
@@ -265,6 +274,8 @@ def resume(
 
 def _service(settings: Settings, *, engine: bool = False) -> Service:
     """The service's parts without their threads, for one-shot commands."""
+    from settlement.server.service import Service
+
     return Service.build(settings.model_copy(update={"engine_enabled": engine}))
 
 
@@ -304,18 +315,22 @@ def settle(
 
 
 def _open(service: Service) -> bool:
+    from settlement.store import settlements as batch_q
+
     with service.db.read() as conn:
         return bool(batch_q.open_batches(conn))
 
 
 def _print_batches(service: Service, limit: int) -> None:
+    from settlement.store import settlements as batch_q
+
     if limit <= 0:
         return
     with service.db.read() as conn:
         console.print(_batch_table("settlement batches", batch_q.recent_batches(conn, limit)))
 
 
-def _batch_table(title: str, batches: list[tuple[batch_q.Batch, int]]) -> Table:
+def _batch_table(title: str, batches: list[tuple[Batch, int]]) -> Table:
     table = Table(title=title)
     for column in ("batch", "status", "channels", "gas", "block", "tx", "created"):
         table.add_column(column)
@@ -336,6 +351,8 @@ def _batch_table(title: str, batches: list[tuple[batch_q.Batch, int]]) -> Table:
 def _store_only(settings: Settings) -> Iterator[Connection]:
     """A read transaction on the service's store as it is, for the read-only commands: an operator needs them most
     when the chain is down, so they touch no chain and migrate nothing (a missing store is refused, not created)."""
+    from settlement.store import Database
+
     try:
         db = Database.existing(settings.database_url)
     except SettlementError as ex:
@@ -354,6 +371,10 @@ def status(
     as_json: Annotated[bool, typer.Option("--json", help="one JSON object instead of tables")] = False,
 ) -> None:
     """Unsettled value per asset, the next regular settlement, pending closes with deadlines, the last batches."""
+    from settlement.store import channels as channel_q
+    from settlement.store import settlements as batch_q
+    from settlement.store.meta import engine_interval
+
     settings = _settings()
     with _store_only(settings) as conn:
         unsettled = channel_q.unsettled_by_token(conn)
@@ -420,6 +441,9 @@ def channels(
     as_json: Annotated[bool, typer.Option("--json")] = False,
 ) -> None:
     """The channels the service knows, with accepted, settled and deposit."""
+    from settlement.api.schemas import ChannelOut
+    from settlement.store import channels as channel_q
+
     with _store_only(_settings()) as conn:
         page = channel_q.list_channels(conn, payer=payer, payee=payee, limit=limit)
     if as_json:
@@ -450,6 +474,7 @@ def compact(
 ) -> None:
     """Remove payment rows whose value is settled on chain and older than the retention (each channel's latest and
     every unsettled one stay). The engine's leader does this hourly; this does it now."""
+    from settlement.store import Database
     from settlement.store.retention import compact as compact_store
 
     settings = _settings()
@@ -615,6 +640,8 @@ def simulate(
 
 def _print_second_terminal(settings: Settings, api_port: int) -> None:
     """What another terminal needs to look at the demo with the CLI (it keeps its own deployment file and store)."""
+    from settlement.cli.keys import operator_key_file
+
     console.print("In a second terminal, these make `settlement status`, `channels`, `payee` and the API read it:")
     console.print(f"  export SETTLEMENT_RPC_URL={settings.rpc_url}", soft_wrap=True)
     console.print(f"  export SETTLEMENT_DEPLOYMENT_FILE={settings.deployment_file.resolve()}", soft_wrap=True)
@@ -685,6 +712,8 @@ def demo(
     """
     from settlement.cli.keys import devnet_operator_key
     from settlement.devtools.demo import DemoTraffic, PaidApiDemo
+    from settlement.devtools.devnet import Devnet
+    from settlement.store import Database
 
     settings = _settings()
     block_time = settings.devnet_block_time or 1.0
