@@ -25,12 +25,13 @@ from settlement.chain.contracts import load_artifact
 from settlement.chain.deployment import Deployment, deploy_hub, hub_contract
 from settlement.chain.node import Revert, connect, revert_of
 from settlement.devtools.devnet import Devnet
-from settlement.eip712.vouchers import Domain, sign_voucher
+from settlement.eip712.vouchers import Domain
 from settlement.indexer.follower import Indexer
 from settlement.server.config import Settings
 from settlement.server.service import Service
 from settlement.settle.engine import Settler
 from settlement.store import Database
+from tests.hub_helpers import voucher_signer
 from tests.servers import ServiceProcess
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -128,11 +129,7 @@ def domain(hub: Contract, w3: Web3) -> Domain:
 @pytest.fixture
 def sign(domain: Domain) -> Callable[..., bytes]:
     """Factory: sign(account, channel_id, cumulative, domain=None) -> 65-byte signature."""
-
-    def make(account: LocalAccount, channel_id: bytes, cumulative: int, other: Domain | None = None) -> bytes:
-        return sign_voucher(account, other or domain, channel_id, cumulative)
-
-    return make
+    return voucher_signer(domain)
 
 
 def reverts_with(call: Any, abi: list[dict[str, Any]], tx: dict[str, Any]) -> Revert:
@@ -237,6 +234,20 @@ def store_url(request: pytest.FixtureRequest, tmp_path: Path) -> str:
     return url
 
 
+@pytest.fixture(scope="module", params=["sqlite", pytest.param("postgres", marks=pytest.mark.postgres)])
+def module_store_url(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    """As store_url, but one store for a whole module's tests on each backend: for a module of many small cases that
+    share one service (each on its own channel), where a store and a service per case would cost most of its time."""
+    if request.param == "sqlite":
+        path = tmp_path_factory.mktemp("module-store") / "settlement.db"
+        shutil.copyfile(request.getfixturevalue("sqlite_template"), path)
+        yield f"sqlite:///{path}"
+        return
+    server, template = request.getfixturevalue("postgres_server"), request.getfixturevalue("postgres_template")
+    with scratch_database(server, template) as url:
+        yield url
+
+
 @pytest.fixture
 def db(store_url: str) -> Iterator[Database]:
     """A migrated store on this test's backend."""
@@ -263,28 +274,39 @@ def service_settings(
     """Factory: settings for a service on the session hub and this test's store; keyword overrides win."""
     record = tmp_path / "deployment.json"
     hub_deployment.save(record)
+    return lambda **overrides: settings_for_tests(devnet, record, store_url, **overrides)
 
-    def make(**overrides: Any) -> Settings:
-        values: dict[str, Any] = {
-            "rpc_url": devnet.url,
-            "deployment_file": record,
-            "database_url": store_url,
-            "confirmations": 0,
-            "indexer_interval": 0.05,
-            "engine_enabled": False,  # tests that want the engine turn it on
-            # Test payments are a few wei: the economic check would keep them out of every regular batch. The tests
-            # of that check (test_settle_economics.py) turn it on.
-            "settle_fee_share_percent": 0,
-            # Reads open to any caller (allowed on a devnet only): the tests of access control
-            # (test_access.py) turn it on.
-            "access_control": False,
-            # No per-client rate limit (every test request comes from one address): test_rate_limits.py turns it on.
-            "client_requests_per_second": 0,
-            **overrides,
-        }
-        return devnet_settings(**values)
 
-    return make
+@pytest.fixture(scope="module")
+def module_service_settings(
+    devnet: Devnet, hub_deployment: Deployment, module_store_url: str, tmp_path_factory: pytest.TempPathFactory
+) -> Callable[..., Settings]:
+    """As service_settings, on the module's store (module_store_url)."""
+    record = tmp_path_factory.mktemp("module-service") / "deployment.json"
+    hub_deployment.save(record)
+    return lambda **overrides: settings_for_tests(devnet, record, module_store_url, **overrides)
+
+
+def settings_for_tests(devnet: Devnet, deployment_file: Path, store_url: str, **overrides: Any) -> Settings:
+    """Settings for a service on the session's devnet and hub and the given store, as the tests want them."""
+    values: dict[str, Any] = {
+        "rpc_url": devnet.url,
+        "deployment_file": deployment_file,
+        "database_url": store_url,
+        "confirmations": 0,
+        "indexer_interval": 0.05,
+        "engine_enabled": False,  # tests that want the engine turn it on
+        # Test payments are a few wei: the economic check would keep them out of every regular batch. The tests
+        # of that check (test_settle_economics.py) turn it on.
+        "settle_fee_share_percent": 0,
+        # Reads open to any caller (allowed on a devnet only): the tests of access control
+        # (test_access.py) turn it on.
+        "access_control": False,
+        # No per-client rate limit (every test request comes from one address): test_rate_limits.py turns it on.
+        "client_requests_per_second": 0,
+        **overrides,
+    }
+    return devnet_settings(**values)
 
 
 @pytest.fixture
@@ -359,7 +381,7 @@ def open_channel(w3: Web3, hub: Contract) -> Callable[..., Any]:
 
     For a token channel the payer is minted and approves `amount` first (DevToken-like tokens only).
     """
-    from tests.hub_helpers import ETH, Channel, channel_id, salt_of, send
+    from tests.hub_helpers import Channel, channel_id, open_eth_channel, salt_of, send
 
     counter = iter(range(1, 1_000_000))
 
@@ -368,15 +390,12 @@ def open_channel(w3: Web3, hub: Contract) -> Callable[..., Any]:
     ) -> Channel:
         salt = salt if salt is not None else salt_of(next(counter))
         if token is None:
-            send(w3, hub.functions.open(payee, ETH, salt, amount), payer.address, value=amount)
-            asset = ETH
-        else:
-            send(w3, token.functions.mint(payer.address, amount), payer.address)
-            send(w3, token.functions.approve(hub.address, amount), payer.address)
-            send(w3, hub.functions.open(payee, token.address, salt, amount), payer.address)
-            asset = token.address
-        cid = channel_id(payer.address, payee, asset, salt)
-        return Channel(id=cid, payer=payer, payee=payee, token=asset, salt=salt, deposit=amount)
+            return open_eth_channel(w3, hub, payer, payee, amount, salt)
+        send(w3, token.functions.mint(payer.address, amount), payer.address)
+        send(w3, token.functions.approve(hub.address, amount), payer.address)
+        send(w3, hub.functions.open(payee, token.address, salt, amount), payer.address)
+        cid = channel_id(payer.address, payee, token.address, salt)
+        return Channel(id=cid, payer=payer, payee=payee, token=token.address, salt=salt, deposit=amount)
 
     return make
 

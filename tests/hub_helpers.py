@@ -28,7 +28,7 @@ from web3.types import TxReceipt
 from settlement.chain.batch_codec import SettleEntry, decode_settlements, encode_batch
 from settlement.devtools.devnet import port_free
 from settlement.domain.model import Receipt, Voucher
-from settlement.eip712.vouchers import channel_id
+from settlement.eip712.vouchers import Domain, channel_id, sign_voucher
 from settlement.errors import PaymentUncertainError
 from settlement.sdk.payer import ChannelRef, PayerClient
 from settlement.server.service import Service
@@ -82,6 +82,25 @@ class Channel:
         return SettleEntry(self.payer.address, self.salt, cumulative, signature)
 
 
+Sign = Callable[..., bytes]
+
+
+def voucher_signer(domain: Domain) -> Sign:
+    """sign(account, channel_id, cumulative, domain=None) -> a 65-byte voucher signature, on `domain` unless told."""
+
+    def sign(account: LocalAccount, channel: bytes, cumulative: int, other: Domain | None = None) -> bytes:
+        return sign_voucher(account, other or domain, channel, cumulative)
+
+    return sign
+
+
+def open_eth_channel(w3: Web3, hub: Contract, payer: LocalAccount, payee: str, amount: int, salt: bytes) -> Channel:
+    """An ETH channel from `payer` to `payee` holding `amount`, opened on chain."""
+    send(w3, hub.functions.open(payee, ETH, salt, amount), payer.address, value=amount)
+    cid = channel_id(payer.address, payee, ETH, salt)
+    return Channel(id=cid, payer=payer, payee=payee, token=ETH, salt=salt, deposit=amount)
+
+
 Group = tuple[str, str, list[SettleEntry]]
 
 
@@ -125,8 +144,6 @@ def in_one_block(w3: Web3, *txs: Tx, gas: int = 1_000_000) -> list[TxReceipt]:
 
 
 # --- the service and its settlement engine ---------------------------------------------------------------------
-
-Sign = Callable[..., bytes]
 
 
 def pay(service: Service, channel: Channel, cumulative: int, sign: Sign) -> None:
