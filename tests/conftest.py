@@ -32,7 +32,7 @@ from settlement.server.service import Service
 from settlement.settle.engine import Settler
 from settlement.store import Database
 from tests.hub_helpers import voucher_signer
-from tests.servers import ServiceProcess
+from tests.servers import ServiceProcess, ServiceThread
 
 ROOT = Path(__file__).resolve().parent.parent
 CHALLENGE_PERIOD = 3600
@@ -429,3 +429,23 @@ def spawn(
     yield make
     for service in running:
         service.kill()
+
+
+@pytest.fixture
+def serve_here(
+    w3: Web3, devnet: Devnet, hub_deployment: Deployment, tmp_path: Path
+) -> Iterator[Callable[..., ServiceThread]]:
+    """Factory: serve_here(database_url, **settings) -> the service's app served by uvicorn on a thread of this
+    process, as `serve` configures it (tests.servers.ServiceThread); all are stopped after the test."""
+    record = tmp_path / "deployment-here.json"
+    hub_deployment.save(record)
+    running: list[ServiceThread] = []
+
+    def make(database_url: str, **overrides: Any) -> ServiceThread:
+        service = ServiceThread(settings_for_tests(devnet, record, database_url, **overrides))
+        running.append(service)
+        return service.start()
+
+    yield make
+    for service in running:
+        service.stop()

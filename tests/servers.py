@@ -1,4 +1,5 @@
-"""Run `settlement serve` as a real child process (the way operators run it), to kill -9 and restart it."""
+"""Run `settlement serve` as a real child process (the way operators run it), to kill -9 and restart it; or its app
+on a thread of the test process, for the tests of its clients."""
 
 from __future__ import annotations
 
@@ -6,11 +7,16 @@ import os
 import signal
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
 import httpx
+import uvicorn
 
+from settlement.api.app import create_app
+from settlement.api.transport import server_config
+from settlement.server.config import Settings
 from tests.hub_helpers import free_test_port
 
 
@@ -64,3 +70,33 @@ class ServiceProcess:
                 self.process.wait(timeout=30)
             except subprocess.TimeoutExpired:
                 self.kill()
+
+
+class ServiceThread:
+    """The app `settlement serve` runs, with the same uvicorn configuration, served on a thread of the test process.
+
+    For tests whose subject is a client of the service (the SDK, the demo traffic) and which never kill it: a service
+    process costs ~4 s of imports on a slow machine before it answers. The tests of the process itself (crashes,
+    restarts, its log, its transport limits) spawn `ServiceProcess`.
+    """
+
+    def __init__(self, settings: Settings) -> None:
+        self.port = free_test_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        config = server_config(create_app(settings), settings, "127.0.0.1", self.port, "warning")
+        self.server = uvicorn.Server(config)
+        self.thread = threading.Thread(target=self.server.run, name=f"service-{self.port}", daemon=True)
+
+    def start(self, timeout: float = 60.0) -> ServiceThread:
+        self.thread.start()
+        deadline = time.monotonic() + timeout
+        while not self.server.started:  # set once the lifespan (store, indexer catch-up) is done and the port is bound
+            if not self.thread.is_alive() or time.monotonic() > deadline:
+                self.stop()
+                raise RuntimeError(f"the service on port {self.port} did not start in {timeout}s")
+            time.sleep(0.02)
+        return self
+
+    def stop(self) -> None:
+        self.server.should_exit = True
+        self.thread.join(timeout=30)

@@ -37,7 +37,7 @@ from tests.hub_helpers import (
     x402_requirements,
     x402_voucher,
 )
-from tests.servers import ServiceProcess
+from tests.servers import ServiceProcess, ServiceThread
 
 PROTECTED = ("channel", "list", "payments", "summary", "metrics")
 
@@ -298,11 +298,12 @@ def test_challenges_and_tokens_expire_and_are_bound_to_their_secret_and_chain() 
 
 
 def test_the_payer_sdk_signs_in_by_itself_and_signs_nothing_else(
-    spawn: Callable[..., ServiceProcess], devnet: Any, accounts: list[LocalAccount], tmp_path: Path
+    serve_here: Callable[..., ServiceThread], devnet: Any, accounts: list[LocalAccount], tmp_path: Path
 ) -> None:
-    """A real `serve` with access control on: the payer's SDK pays, then reads its own channels (signing in when
-    the service answers 401); a challenge that is not a sign-in of this account here is never signed."""
-    service = spawn(f"sqlite:///{tmp_path / 'sdk.db'}", access_control="true")
+    """The app served as `serve` serves it, with access control on: the payer's SDK pays, then reads its own channels
+    (signing in when the service answers 401); a challenge that is not a sign-in of this account here is never
+    signed."""
+    service = serve_here(f"sqlite:///{tmp_path / 'sdk.db'}", access_control=True)
     with PayerClient(
         HexBytes(accounts[3].key).to_0x_hex(), devnet.url, service.url, state_path=tmp_path / "journal.sqlite3"
     ) as payer:

@@ -32,7 +32,7 @@ from settlement.errors import (
 from settlement.sdk.payer import PayerClient
 from tests.hub_helpers import Channel, body, send, stored_payments, stream_through
 from tests.proxy import TcpProxy
-from tests.servers import ServiceProcess
+from tests.servers import ServiceProcess, ServiceThread
 
 pytestmark = pytest.mark.slow
 
@@ -59,7 +59,7 @@ def key(account: LocalAccount) -> str:
 
 
 def test_sdk_pays_tops_up_and_closes(
-    spawn: Callable[..., ServiceProcess],
+    serve_here: Callable[..., ServiceThread],
     payer_client: Callable[..., PayerClient],
     store_url: str,
     accounts: list[LocalAccount],
@@ -67,7 +67,7 @@ def test_sdk_pays_tops_up_and_closes(
     w3: Web3,
     mining: str,
 ) -> None:
-    service = spawn(store_url)
+    service = serve_here(store_url)
     payer, payee = accounts[10], accounts[11].address
     client = payer_client(payer, service.url)
     channel = client.open_channel(payee, 1_000)
@@ -96,12 +96,12 @@ def test_sdk_pays_tops_up_and_closes(
 
 
 def test_a_restarted_client_continues_from_the_services_position(
-    spawn: Callable[..., ServiceProcess],
+    serve_here: Callable[..., ServiceThread],
     payer_client: Callable[..., PayerClient],
     store_url: str,
     accounts: list[LocalAccount],
 ) -> None:
-    service = spawn(store_url)
+    service = serve_here(store_url)
     first = payer_client(accounts[10], service.url)
     channel = first.open_channel(accounts[11].address, 10_000)
     first.wait_until_known(channel)
@@ -204,13 +204,13 @@ def test_rpc_outage_known_channels_still_pay_unknown_ones_get_503(
 
 
 def test_demo_traffic_pays_through_the_api(
-    spawn: Callable[..., ServiceProcess], tmp_path: Path, devnet: Devnet, accounts: list[LocalAccount]
+    serve_here: Callable[..., ServiceThread], tmp_path: Path, devnet: Devnet, accounts: list[LocalAccount]
 ) -> None:
     from rich.console import Console
 
     from settlement.devtools.demo import DemoTraffic
 
-    service = spawn(f"sqlite:///{tmp_path / 'demo.db'}")
+    service = serve_here(f"sqlite:///{tmp_path / 'demo.db'}")
     with (tmp_path / "demo.out").open("w") as sink:
         traffic = DemoTraffic(
             service.url,
@@ -293,13 +293,15 @@ def drop_answer() -> None:
 def test_paying_again_with_the_key_after_an_uncertain_payment_pays_once(
     failure: str,
     spawn: Callable[..., ServiceProcess],
+    serve_here: Callable[..., ServiceThread],
     payer_client: Callable[..., PayerClient],
     store_url: str,
     accounts: list[LocalAccount],
     tmp_path: Path,
 ) -> None:
     """The old SDK re-read its position after PaymentUncertainError and signed a second increment: paid twice."""
-    service = spawn(store_url)
+    killed = failure == "service-killed-after-commit"
+    service = spawn(store_url) if killed else serve_here(store_url)  # a process only where one is killed
     tamper = Tampering()
     journal = tmp_path / "app-journal.sqlite3"
     client = payer_client(
@@ -313,7 +315,7 @@ def test_paying_again_with_the_key_after_an_uncertain_payment_pays_once(
     channel = client.open_channel(accounts[11].address, 10_000)
     client.wait_until_known(channel)
     client.pay(channel, 100)
-    if failure == "service-killed-after-commit":
+    if killed:
         tamper.after_post = lambda: (service.kill(), drop_answer())
     else:
         tamper.after_post = drop_answer
@@ -321,7 +323,7 @@ def test_paying_again_with_the_key_after_an_uncertain_payment_pays_once(
         client.pay(channel, 7, reference="order-7")
     key = str(info.value.details["idempotencyKey"])
     tamper.after_post = None
-    if failure == "service-killed-after-commit":
+    if killed:
         service.start()
     if failure == "app-restarted":
         client.shutdown()
@@ -334,7 +336,7 @@ def test_paying_again_with_the_key_after_an_uncertain_payment_pays_once(
 
 
 def test_a_receipt_the_journal_lost_with_the_machine_is_learnt_again_and_nothing_paid_twice(
-    spawn: Callable[..., ServiceProcess],
+    serve_here: Callable[..., ServiceThread],
     payer_client: Callable[..., PayerClient],
     store_url: str,
     accounts: list[LocalAccount],
@@ -343,7 +345,7 @@ def test_a_receipt_the_journal_lost_with_the_machine_is_learnt_again_and_nothing
     """The journal records a receipt without waiting for the disk (one fsync a payment, not two). A machine that
     dies right after leaves the journal as it was before the receipt: the payment pending, its voucher the signed
     position. The app's next payment asks the service about it first, and pays its own amount only."""
-    service = spawn(store_url)
+    service = serve_here(store_url)
     journal = tmp_path / "app-journal.sqlite3"
     client = payer_client(accounts[10], service.url, state_path=journal)
     channel = client.open_channel(accounts[11].address, 10_000)
@@ -361,14 +363,14 @@ def test_a_receipt_the_journal_lost_with_the_machine_is_learnt_again_and_nothing
 
 
 def test_a_retry_signed_by_a_client_without_the_journal_pays_nothing_more(
-    spawn: Callable[..., ServiceProcess],
+    serve_here: Callable[..., ServiceThread],
     payer_client: Callable[..., PayerClient],
     store_url: str,
     accounts: list[LocalAccount],
 ) -> None:
     """Another machine retries the payment with the key but without the first one's journal: it signs from the
     position it re-reads (already past the first voucher); the service knows the key and charges nothing more."""
-    service = spawn(store_url)
+    service = serve_here(store_url)
     first = payer_client(accounts[10], service.url)
     channel = first.open_channel(accounts[11].address, 10_000)
     first.wait_until_known(channel)
@@ -381,14 +383,14 @@ def test_a_retry_signed_by_a_client_without_the_journal_pays_nothing_more(
 
 
 def test_an_inflated_position_is_refused_not_signed(
-    spawn: Callable[..., ServiceProcess],
+    serve_here: Callable[..., ServiceThread],
     payer_client: Callable[..., PayerClient],
     store_url: str,
     accounts: list[LocalAccount],
 ) -> None:
     """Through a proxy that inflated the channel's position, pay(1000 wei) used to sign a voucher for the whole
     deposit, and the service accepted it."""
-    service = spawn(store_url)
+    service = serve_here(store_url)
     opener = payer_client(accounts[10], service.url)
     channel = opener.open_channel(accounts[11].address, 10**16)
     opener.wait_until_known(channel)
@@ -404,7 +406,7 @@ def test_an_inflated_position_is_refused_not_signed(
 
 
 def test_the_hub_is_checked_before_any_value_is_sent(
-    spawn: Callable[..., ServiceProcess],
+    serve_here: Callable[..., ServiceThread],
     payer_client: Callable[..., PayerClient],
     store_url: str,
     accounts: list[LocalAccount],
@@ -412,7 +414,7 @@ def test_the_hub_is_checked_before_any_value_is_sent(
     hub: Contract,
 ) -> None:
     """The SDK took the hub address from the service's /v1/eip712 and sent deposits there."""
-    service = spawn(store_url)
+    service = serve_here(store_url)
     for forged in (accounts[3].address, token.address):  # an account, a contract that is not a hub
         tamper = Tampering()
         tamper.rewrite = lambda path, data, forged=forged: (
@@ -426,14 +428,14 @@ def test_the_hub_is_checked_before_any_value_is_sent(
 
 
 def test_a_channel_reference_reads_well_and_is_rebuilt_from_its_id(
-    spawn: Callable[..., ServiceProcess],
+    serve_here: Callable[..., ServiceThread],
     payer_client: Callable[..., PayerClient],
     store_url: str,
     accounts: list[LocalAccount],
 ) -> None:
     """print(channel) showed raw bytes, nothing documented rebuilt a reference after a restart, and a revert printed
     bytes and unix seconds."""
-    service = spawn(store_url)
+    service = serve_here(store_url)
     client = payer_client(accounts[10], service.url)
     channel = client.open_channel(accounts[11].address, 1_000)
     assert str(channel) == f"channel {channel.hex_id} to {accounts[11].address} in ETH"
@@ -484,7 +486,7 @@ def test_a_wait_that_cannot_end_says_why_and_serve_warned_about_it(
 
 
 def test_a_payer_waits_for_its_new_channel_through_a_read_budget_that_admits_none(
-    spawn: Callable[..., ServiceProcess],
+    serve_here: Callable[..., ServiceThread],
     payer_client: Callable[..., PayerClient],
     accounts: list[LocalAccount],
     w3: Web3,
@@ -493,7 +495,7 @@ def test_a_payer_waits_for_its_new_channel_through_a_read_budget_that_admits_non
     """During a flood the service admits no read of a channel id it does not hold (503 `unknown_channels_busy`) until
     its indexer confirms the channel. A payer waiting for its new channel must wait for that, not give up when its
     HTTP retries (~3 s) end: here the confirmations come 6 s after the open."""
-    service = spawn(f"sqlite:///{tmp_path / 'budget.db'}", confirmations="3", unknown_channel_reads_per_second="0.001")
+    service = serve_here(f"sqlite:///{tmp_path / 'budget.db'}", confirmations=3, unknown_channel_reads_per_second=0.001)
     client = payer_client(accounts[14], service.url)
     channel = client.open_channel(accounts[15].address, 1_000)
     refused = httpx.get(f"{service.url}/v1/channels/{channel.hex_id}")

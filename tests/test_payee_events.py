@@ -36,7 +36,7 @@ from tests.hub_helpers import (
     wait_until,
 )
 from tests.hub_helpers import events as events_of
-from tests.servers import ServiceProcess
+from tests.servers import ServiceProcess, ServiceThread
 
 Sign = Callable[..., bytes]
 
@@ -310,13 +310,13 @@ def test_deliveries_survive_the_service_killed_mid_delivery(
 
 
 def test_the_live_stream_sends_events_as_they_happen_and_resumes_after_the_last_one(
-    spawn: Callable[..., ServiceProcess],
+    serve_here: Callable[..., ServiceThread],
     open_channel: Callable[..., Channel],
     accounts: list[LocalAccount],
     sign: Sign,
     tmp_path: Path,
 ) -> None:
-    service = spawn(f"sqlite:///{tmp_path / 'stream.db'}")
+    service = serve_here(f"sqlite:///{tmp_path / 'stream.db'}")
     channel = open_channel(accounts[11], accounts[12].address, amount=1_000)
     wait_until(lambda: httpx.get(f"{service.url}/v1/channels/0x{channel.id.hex()}").status_code == 200)
     url = f"{service.url}/v1/payees/{channel.payee}/events"

@@ -11,9 +11,11 @@ from __future__ import annotations
 from typing import Any
 
 import httptools
+import uvicorn
 from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 
-from settlement.api.middleware import CONNECTION
+from settlement.api.middleware import CONNECTION, RefusalTarpit
+from settlement.server.config import Settings
 
 _TOO_LARGE = b"request head too large"
 
@@ -62,3 +64,24 @@ class BoundedHeadProtocol(HttpToolsProtocol):
 def bounded_head_protocol(max_head_bytes: int) -> type[BoundedHeadProtocol]:
     """The protocol class for uvicorn's `http=`, with this process's limit."""
     return type("BoundedHeadProtocol", (BoundedHeadProtocol,), {"max_head_bytes": max_head_bytes})
+
+
+def server_config(
+    api: RefusalTarpit, settings: Settings, host: str, port: int, log_level: str = "info", access_log: bool = False
+) -> uvicorn.Config:
+    """How `settlement serve` serves the app: the transport limits bound what one client can hold of this process
+    (docs/api.md)."""
+    return uvicorn.Config(
+        api,
+        host=host,
+        port=port,
+        log_level=log_level,
+        access_log=access_log,
+        limit_concurrency=settings.max_connections,
+        timeout_keep_alive=settings.keep_alive_seconds,
+        http=bounded_head_protocol(settings.max_header_bytes),
+        # X-Forwarded-For names the client only when a trusted proxy sends it (uvicorn's own default trusts any
+        # 127.0.0.1 peer, so anything local could pose as any client).
+        proxy_headers=bool(settings.trusted_proxies),
+        forwarded_allow_ips=settings.trusted_proxies or None,
+    )

@@ -193,7 +193,7 @@ def _serve(settings: Settings, host: str, port: int, log_level: str = "info", ac
     import uvicorn
 
     from settlement.api.app import create_app
-    from settlement.api.transport import bounded_head_protocol
+    from settlement.api.transport import server_config
     from settlement.cli.keys import devnet_operator_key
     from settlement.server.service import Service
 
@@ -210,23 +210,7 @@ def _serve(settings: Settings, host: str, port: int, log_level: str = "info", ac
     # The event loop answers every request; a worker thread (a store read, a chain look-up) that holds the GIL makes
     # it wait up to the switch interval each time it wakes: 5 ms by default, a millisecond here.
     sys.setswitchinterval(GIL_SWITCH_SECONDS)
-    server = uvicorn.Server(
-        uvicorn.Config(
-            api,
-            host=host,
-            port=port,
-            log_level=log_level,
-            access_log=access_log,
-            # Transport limits: what one client can hold of this process is bounded (docs/api.md).
-            limit_concurrency=settings.max_connections,
-            timeout_keep_alive=settings.keep_alive_seconds,
-            http=bounded_head_protocol(settings.max_header_bytes),
-            # X-Forwarded-For names the client only when a trusted proxy sends it (uvicorn's own default trusts
-            # any 127.0.0.1 peer, so anything local could pose as any client).
-            proxy_headers=bool(settings.trusted_proxies),
-            forwarded_allow_ips=settings.trusted_proxies or None,
-        )
-    )
+    server = uvicorn.Server(server_config(api, settings, host, port, log_level, access_log))
     try:
         server.run()
     except KeyboardInterrupt:  # uvicorn re-raises Ctrl-C after its graceful shutdown; that is how we stop
