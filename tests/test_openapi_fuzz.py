@@ -6,7 +6,7 @@ pytest 9), and each operation's cases are drawn with Hypothesis."""
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 
 import pytest
 from fastapi.routing import APIRoute
@@ -16,9 +16,11 @@ from schemathesis import Case
 from schemathesis.checks import positive_data_acceptance
 from schemathesis.openapi import from_asgi
 
+from settlement.api.app import create_app
 from settlement.api.routes import router
+from settlement.server.config import Settings
 
-pytestmark = pytest.mark.parametrize("store_url", ["sqlite"], indirect=True)
+pytestmark = pytest.mark.parametrize("module_store_url", ["sqlite"], indirect=True)
 
 OPERATIONS = [route.operation_id for route in router.routes if isinstance(route, APIRoute)]  # every one we serve
 # An address in mixed case must carry a correct EIP-55 checksum, which a JSON Schema pattern cannot say: generated
@@ -26,13 +28,18 @@ OPERATIONS = [route.operation_id for route in router.routes if isinstance(route,
 CHECKSUMMED = {"listChannels", "getPayeeSummary", "signInChallenge"}
 
 
+@pytest.fixture(scope="module")
+def client(module_service_settings: Callable[..., Settings]) -> Iterator[TestClient]:
+    """One app for every operation's cases. Reads of made-up channel ids are budgeted (503 `unknown_channels_busy`
+    beyond, documented, which schemathesis counts as a server error): not the subject."""
+    settings = module_service_settings(access_control=True, unknown_channel_reads_per_second=10_000)
+    with TestClient(create_app(settings), raise_server_exceptions=False) as running:
+        yield running
+
+
 @pytest.mark.parametrize("operation_id", OPERATIONS)
-def test_generated_requests_get_documented_answers_and_no_server_error(
-    api: Callable[..., TestClient], operation_id: str
-) -> None:
-    # Its lifespan has started the service; schemathesis calls the same app. Reads of made-up channel ids are budgeted
-    # (503 `unknown_channels_busy` beyond, documented, which schemathesis counts as a server error): not the subject.
-    client = api(access_control=True, unknown_channel_reads_per_second=10_000)
+def test_generated_requests_get_documented_answers_and_no_server_error(client: TestClient, operation_id: str) -> None:
+    # Its lifespan has started the service; schemathesis calls the same app.
     operation = from_asgi("/openapi.json", client.app).find_operation_by_id(operation_id)
 
     @given(case=operation.as_strategy())
