@@ -24,7 +24,7 @@ from web3.contract import Contract
 from settlement.api.app import create_app
 from settlement.eip712.vouchers import MAX_UINT256, Domain
 from settlement.server.config import Settings
-from tests.hub_helpers import Channel, open_eth_channel, salt_of, send, voucher_signer
+from tests.hub_helpers import Channel, open_eth_channel, salt_of, send, voucher_signer, wait_until
 from tests.signatures import REFUSED_FORMS
 
 # Every case runs on both stores (store_url's parameters): "a 4xx with a stable code" must hold on each, and some
@@ -302,6 +302,8 @@ def scenes(
         domain = Domain(chain_id=w3.eth.chain_id, verifying_contract=session_hub.address)
         settings = module_service_settings(batch_max_items=10)
         with TestClient(create_app(settings), raise_server_exceptions=False) as client:
+            # every channel indexed before the first case: the indexer catches up on its own thread
+            wait_until(lambda: client.get("/ready").json().get("indexerLag") == 0)
             yield {
                 name: Scene(client, channel, voucher_signer(domain), domain, accounts[8], w3, session_hub)
                 for name, channel in channels.items()
