@@ -30,9 +30,12 @@ CHECKSUMMED = {"listChannels", "getPayeeSummary", "signInChallenge"}
 
 @pytest.fixture(scope="module")
 def client(module_service_settings: Callable[..., Settings]) -> Iterator[TestClient]:
-    """One app for every operation's cases. Reads of made-up channel ids are budgeted (503 `unknown_channels_busy`
-    beyond, documented, which schemathesis counts as a server error): not the subject."""
-    settings = module_service_settings(access_control=True, unknown_channel_reads_per_second=10_000)
+    """One app for every operation's cases. Reads of made-up channel ids and API keys are budgeted per process (503
+    `unknown_channels_busy` and `unknown_keys_busy` beyond, documented, which schemathesis counts as server errors),
+    and all the operations' cases now share one process's budgets: not the subject."""
+    settings = module_service_settings(
+        access_control=True, unknown_channel_reads_per_second=10_000, unknown_key_reads_per_second=10_000
+    )
     with TestClient(create_app(settings), raise_server_exceptions=False) as running:
         yield running
 
