@@ -21,7 +21,8 @@ from sqlalchemy import event
 from settlement.errors import ConfigError, InvalidCredentialsError, UntrustedServiceError
 from settlement.sdk.payer import PayerClient
 from settlement.sdk.signin import SignInAuth
-from settlement.server.access import KeyDirectory, Role, SignIn, make_key
+from settlement.server.access import SignIn
+from settlement.server.api_keys import KeyDirectory, Role, make_key
 from settlement.server.config import Settings
 from settlement.server.service import check_credentials
 from settlement.store import Database

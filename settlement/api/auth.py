@@ -13,7 +13,8 @@ from fastapi import Depends, Request
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 
 from settlement.errors import AuthenticationRequiredError, ForbiddenError, InvalidCredentialsError
-from settlement.server.access import Caller, Role, identify
+from settlement.server.access import Caller, identify
+from settlement.server.api_keys import Role
 from settlement.server.service import Service
 
 OPEN = Caller(Role.OPERATOR, None, "open")  # what every caller is when access control is off

@@ -7,12 +7,12 @@ import os
 import time
 from pathlib import Path
 
+from eth_utils.address import is_address, to_checksum_address
 from rich.console import Console
 from rich.table import Table
-from web3 import Web3
 
 from settlement.errors import ConfigError, NotFoundError
-from settlement.server.access import Role, make_key
+from settlement.server.api_keys import Role, make_key
 from settlement.server.config import Settings
 from settlement.store import Database
 from settlement.store.keys import add_key, has_live_key, list_keys, revoke_key
@@ -23,9 +23,9 @@ ROLES = [Role.OPERATOR.value, Role.PAYEE.value, Role.PAYER.value]
 def create(settings: Settings, console: Console, role: str, account: str | None, name: str) -> str:
     if role not in ROLES:
         raise ConfigError(f"--role must be one of {', '.join(ROLES)}, not {role!r}")
-    if account is not None and not Web3.is_address(account):
+    if account is not None and not is_address(account):
         raise ConfigError(f"--account {account!r} is not an address")
-    checksummed = Web3.to_checksum_address(account) if account else None
+    checksummed = to_checksum_address(account) if account else None
     try:
         secret, row, digest = make_key(Role(role), checksummed, name, time.time_ns() // 1000)
     except ValueError as ex:

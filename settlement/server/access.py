@@ -2,8 +2,8 @@
 or a payer, or the operator.
 
 Two kinds of credential, both sent as `Authorization: Bearer <credential>`:
-- **API keys** (`settlement keys create --role ...`): `chk_` + 32 random bytes; the store keeps their SHA-256 only
-  (a key is 256 bits of entropy: a slow hash would add nothing), shown once, revocable at once.
+- **API keys** (`settlement keys create --role ...`; settlement.server.api_keys): `chk_` + 32 random bytes; the store
+  keeps their SHA-256 only, shown once, revocable at once.
 - **sign-in tokens**: an account signs an EIP-4361 message this service issued (`POST /v1/auth/challenge`, then
   `POST /v1/auth/token`) and gets a token for `token_ttl` seconds. Messages and tokens are HMAC-SHA256 under one
   secret per store (or SETTLEMENT_SIGNIN_SECRET), so every process on the store accepts them and nothing is stored
@@ -18,23 +18,16 @@ from __future__ import annotations
 import hashlib
 import hmac
 import re
-import secrets
-import time
-from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import UTC, datetime
-from enum import StrEnum
 
 from eth_account import Account
 from eth_account.messages import encode_defunct
 from eth_utils.address import to_checksum_address
 
-from settlement.domain.buckets import TokenBucket
-from settlement.errors import InvalidCredentialsError, UnknownKeysBusyError
-from settlement.store import Database
-from settlement.store.keys import KeyRow, key_by_hash, live_hashes
+from settlement.errors import InvalidCredentialsError
+from settlement.server.api_keys import KeyDirectory, Role, looks_like_key
 
-KEY_PREFIX = "chk_"
 TOKEN_PREFIX = "cht_"
 STATEMENT = "Sign in to read your own channels, payments and takings at this ChannelHub settlement service."
 _MESSAGE = re.compile(
@@ -49,17 +42,6 @@ _MESSAGE = re.compile(
 _TOKEN = re.compile(
     r"\A" + TOKEN_PREFIX + r"(?P<address>[0-9a-f]{40})\.(?P<expires>[1-9][0-9]{0,11})\.(?P<mac>[0-9a-f]{64})\Z"
 )
-_KEY = re.compile(r"\A" + KEY_PREFIX + r"[A-Za-z0-9_-]{43}\Z")
-
-
-class Role(StrEnum):
-    """What a credential may read. ACCOUNT is an account signed in with its own key: its channels as payer and as
-    payee. An API key is made for the OPERATOR, or for one PAYEE or PAYER account."""
-
-    OPERATOR = "operator"
-    PAYEE = "payee"
-    PAYER = "payer"
-    ACCOUNT = "account"
 
 
 @dataclass(frozen=True)
@@ -80,62 +62,6 @@ class Caller:
 
     def may_read_channel(self, payer: str, payee: str) -> bool:
         return self.is_operator or self.is_payer(payer) or self.is_payee(payee)
-
-
-def make_key(role: Role, account: str | None, name: str, now_us: int) -> tuple[str, KeyRow, str]:
-    """A new key: (the key, shown once; its row; its hash)."""
-    if role is Role.ACCOUNT:
-        raise ValueError("an API key is for the operator, a payee or a payer; an account signs in with its own key")
-    if (account is None) != (role is Role.OPERATOR):
-        raise ValueError("a payee or payer key names its account; an operator key names none")
-    secret = KEY_PREFIX + secrets.token_urlsafe(32)
-    row = KeyRow(secret[len(KEY_PREFIX) : len(KEY_PREFIX) + 8], role.value, account, name, now_us, None)
-    return secret, row, hash_key(secret)
-
-
-def hash_key(secret: str) -> str:
-    return hashlib.sha256(secret.encode()).hexdigest()
-
-
-def looks_like_key(credential: str) -> bool:
-    return bool(_KEY.match(credential))
-
-
-class KeyDirectory:
-    """The hashes of the store's live API keys, held by this process so that a made-up key costs no store read.
-
-    A key whose hash is held is read from the store each time (a revoked key stops at once, and its hash is let go).
-    Any other key makes the process read the live hashes again (a key just made by `settlement keys create`, in
-    another process) at most `reads_per_second` a second, bursts of twice that: beyond, 503 `unknown_keys_busy`.
-    The set is replaced whole, never changed in place: threads that race on it can at worst cost one more read.
-    """
-
-    def __init__(self, db: Database, reads_per_second: float, clock: Callable[[], float] = time.monotonic) -> None:
-        self.db = db
-        self.clock = clock
-        self._live: frozenset[str] = frozenset()
-        self._reloads = TokenBucket(reads_per_second, 2 * reads_per_second)
-
-    def find(self, credential: str) -> KeyRow | None:
-        """The key's row if it is live, else None (blocking: store reads)."""
-        secret_hash = hash_key(credential)
-        if secret_hash not in self._live:
-            if not self._reloads.take(self.clock()):
-                raise UnknownKeysBusyError(
-                    "too many API keys this service does not hold are being presented right now; retry in a second",
-                    retryAfter=1,
-                )
-            with self.db.read() as conn:
-                live = live_hashes(conn)
-            self._live = live
-            if secret_hash not in live:
-                return None
-        with self.db.read() as conn:
-            row = key_by_hash(conn, secret_hash)
-        if row is None or row.revoked_at_us is not None:
-            self._live = self._live - {secret_hash}
-            return None
-        return row
 
 
 def identify(keys: KeyDirectory, signin: SignIn, credential: str, now: int) -> Caller:

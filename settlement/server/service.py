@@ -22,7 +22,8 @@ from settlement.errors import ConfigError, SettlementError
 from settlement.indexer.follower import Indexer
 from settlement.ingest.admission import PayerRates
 from settlement.ingest.pipeline import Ingestor
-from settlement.server.access import KeyDirectory, Role, SignIn
+from settlement.server.access import SignIn
+from settlement.server.api_keys import KeyDirectory, Role
 from settlement.server.config import Settings
 from settlement.server.metrics import Metrics
 from settlement.server.metrics_port import MetricsPort
