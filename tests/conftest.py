@@ -224,22 +224,27 @@ def sqlite_template(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 @pytest.fixture(params=["sqlite", pytest.param("postgres", marks=pytest.mark.postgres)])
-def store_url(request: pytest.FixtureRequest, tmp_path: Path) -> str:
+def store_url(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[str]:
     """Each test that takes this runs twice: on a fresh SQLite file and on a fresh PostgreSQL database, each a copy of
     the session's migrated template."""
-    if request.param == "sqlite":
-        shutil.copyfile(request.getfixturevalue("sqlite_template"), tmp_path / "settlement.db")
-        return f"sqlite:///{tmp_path / 'settlement.db'}"
-    url: str = request.getfixturevalue("fresh_postgres")
-    return url
+    with template_copy(request, tmp_path) as url:
+        yield url
 
 
 @pytest.fixture(scope="module", params=["sqlite", pytest.param("postgres", marks=pytest.mark.postgres)])
 def module_store_url(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
     """As store_url, but one store for a whole module's tests on each backend: for a module of many small cases that
     share one service (each on its own channel), where a store and a service per case would cost most of its time."""
+    with template_copy(request, tmp_path_factory.mktemp("module-store")) as url:
+        yield url
+
+
+@contextmanager
+def template_copy(request: pytest.FixtureRequest, directory: Path) -> Iterator[str]:
+    """A new store at the newest schema on `request.param`'s backend: a copy of the worker's migrated template (a
+    SQLite file in `directory`, or a PostgreSQL database dropped on exit); yields its URL."""
     if request.param == "sqlite":
-        path = tmp_path_factory.mktemp("module-store") / "settlement.db"
+        path = directory / "settlement.db"
         shutil.copyfile(request.getfixturevalue("sqlite_template"), path)
         yield f"sqlite:///{path}"
         return
