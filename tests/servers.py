@@ -90,7 +90,7 @@ class ServiceThread:
     def start(self, timeout: float = 60.0) -> ServiceThread:
         self.thread.start()
         deadline = time.monotonic() + timeout
-        while not self.server.started:  # set once the lifespan (store, indexer catch-up) is done and the port is bound
+        while not self.server.started:  # set once the lifespan has started the service and the port is bound
             if not self.thread.is_alive() or time.monotonic() > deadline:
                 self.stop()
                 raise RuntimeError(f"the service on port {self.port} did not start in {timeout}s")
