@@ -9,7 +9,7 @@ from datetime import UTC, datetime, timedelta
 from typing import Any, Generic, NamedTuple, TypeVar
 
 import psycopg
-from sqlalchemy import Connection, Row, Select, and_, any_, bindparam, func, select, tuple_, update
+from sqlalchemy import Connection, Row, Select, and_, any_, bindparam, func, select, update
 from sqlalchemy.dialects.postgresql import ARRAY
 from sqlalchemy.dialects.postgresql import insert as pg_insert
 from sqlalchemy.dialects.sqlite import insert as sqlite_insert
@@ -17,7 +17,7 @@ from sqlalchemy.exc import DBAPIError
 
 from settlement.domain.model import Channel, ChannelId, ChannelStatus, Receipt
 from settlement.store.tables import channels, payments
-from settlement.store.types import sqlite_amount
+from settlement.store.types import sqlite_amount, stored_amount
 
 _EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
 _US = timedelta(microseconds=1)
@@ -200,24 +200,89 @@ def save_chain_state(conn: Connection, channel: Channel, now: datetime) -> None:
     )
 
 
-def receipts_for(conn: Connection, keys: Sequence[tuple[str, int]]) -> dict[tuple[str, int], Receipt]:
+def receipts_for(conn: Connection, keys: Sequence[tuple[ChannelId, int]]) -> dict[tuple[ChannelId, int], Receipt]:
     """Stored receipts for (channel, cumulative) pairs: the idempotency lookup."""
-    if not keys:
-        return {}
-    query = _PAYMENTS.where(tuple_(channels.c.channel_id, payments.c.cumulative).in_(list(keys)))
-    return {(row.channel_id, row.cumulative): _receipt(row, row.channel_id) for row in conn.execute(query)}
+    if conn.dialect.name == "sqlite":
+        pairs = [(channel_id, sqlite_amount(cumulative)) for channel_id, cumulative in keys]
+        rows = _pairs_sqlite(conn, _RECEIPTS_FOR_SQLITE, pairs)
+    else:
+        ids = [channel_id for channel_id, _ in keys]
+        rows = _pairs_postgres(conn, _RECEIPTS_FOR, {"ids": ids, "values": _decimals(c for _, c in keys)})
+    found = (_receipt_of(row) for row in rows)
+    return {(receipt.channel_id, receipt.cumulative): receipt for receipt in found}
 
 
-def receipts_by_key(conn: Connection, keys: Sequence[tuple[str, str]]) -> dict[tuple[str, str], Receipt]:
+def receipts_by_key(conn: Connection, keys: Sequence[tuple[ChannelId, str]]) -> dict[tuple[ChannelId, str], Receipt]:
     """Stored receipts for (channel, idempotency key) pairs: a retried payment signed from a re-read position."""
-    if not keys:
-        return {}
-    query = _PAYMENTS.where(tuple_(channels.c.channel_id, payments.c.idempotency_key).in_(list(keys)))
-    return {(row.channel_id, row.idempotency_key): _receipt(row, row.channel_id) for row in conn.execute(query)}
+    if conn.dialect.name == "sqlite":
+        rows = _pairs_sqlite(conn, _RECEIPTS_BY_KEY_SQLITE, list(keys))
+    else:
+        ids = [channel_id for channel_id, _ in keys]
+        rows = _pairs_postgres(conn, _RECEIPTS_BY_KEY, {"ids": ids, "values": [key for _, key in keys]})
+    found = (_receipt_of(row) for row in rows)
+    return {(receipt.channel_id, receipt.idempotency_key or ""): receipt for receipt in found}
 
 
-# Payments with their channel's id: a payment row holds only the channel's number.
-_PAYMENTS = select(payments, channels.c.channel_id).join(channels, channels.c.channel_no == payments.c.channel_no)
+# Both look-ups join the pairs to the payments' unique indexes on BOTH columns, (channel_no, cumulative) and
+# (channel_no, idempotency_key): a row-value IN over the join (`(channels.channel_id, payments.x) IN (...)`) was
+# planned as a walk of the channel's every payment, filtered: a keyed payment on a channel with 200,000 payments
+# behind it took 35 ms of the SQLite writer, a re-sent old voucher 21 ms, and the writer serves every payer.
+_RECEIPT_COLUMNS = (
+    "c.channel_id, p.cumulative, p.increment, p.remaining, p.accepted_at_us, p.reference, p.idempotency_key"
+)
+_RECEIPTS_FOR = (
+    f"SELECT {_RECEIPT_COLUMNS}"
+    " FROM unnest(%(ids)b::varchar[], string_to_array(%(values)b::text, ',')::numeric[]) AS k(id, cumulative)"
+    " JOIN channels AS c ON c.channel_id = k.id"
+    " JOIN payments AS p ON p.channel_no = c.channel_no AND p.cumulative = k.cumulative"
+)
+_RECEIPTS_BY_KEY = (
+    f"SELECT {_RECEIPT_COLUMNS}"
+    " FROM unnest(%(ids)b::varchar[], %(values)b::varchar[]) AS k(id, key)"
+    " JOIN channels AS c ON c.channel_id = k.id"
+    " JOIN payments AS p ON p.channel_no = c.channel_no AND p.idempotency_key = k.key"
+    " WHERE p.idempotency_key IS NOT NULL"  # the index is partial: this says it holds every row wanted
+)
+_RECEIPTS_FOR_SQLITE = (
+    f"WITH k(id, cumulative) AS (VALUES {{pairs}}) SELECT {_RECEIPT_COLUMNS}"
+    " FROM k JOIN channels AS c ON c.channel_id = k.id"
+    " JOIN payments AS p ON p.channel_no = c.channel_no AND p.cumulative = k.cumulative"
+)
+_RECEIPTS_BY_KEY_SQLITE = (
+    f"WITH k(id, key) AS (VALUES {{pairs}}) SELECT {_RECEIPT_COLUMNS}"
+    " FROM k JOIN channels AS c ON c.channel_id = k.id"
+    " JOIN payments AS p ON p.channel_no = c.channel_no AND p.idempotency_key = k.key"
+    " WHERE p.idempotency_key IS NOT NULL"
+)
+_SQLITE_PAIRS_PER_STATEMENT = 400  # 800 parameters: under SQLite's oldest default limit (999)
+
+
+def _pairs_sqlite(conn: Connection, statement: str, pairs: Sequence[tuple[Any, Any]]) -> list[tuple[Any, ...]]:
+    rows: list[tuple[Any, ...]] = []
+    for at in range(0, len(pairs), _SQLITE_PAIRS_PER_STATEMENT):
+        part = pairs[at : at + _SQLITE_PAIRS_PER_STATEMENT]
+        sql = statement.format(pairs=", ".join(["(?, ?)"] * len(part)))
+        rows += _execute_raw(conn, sql, [value for pair in part for value in pair])[1]
+    return rows
+
+
+def _pairs_postgres(conn: Connection, statement: str, params: dict[str, Any]) -> list[tuple[Any, ...]]:
+    return _execute_raw(conn, statement, params)[1] if params["ids"] else []
+
+
+def _receipt_of(row: tuple[Any, ...]) -> Receipt:
+    """A receipt from a raw row of `_RECEIPT_COLUMNS` (the driver's values: SQLite's compact amounts, PostgreSQL's
+    decimals)."""
+    channel_id, cumulative, increment, remaining, accepted_at_us, reference, idempotency_key = row
+    return Receipt(
+        channel_id=ChannelId(channel_id),
+        cumulative=stored_amount(cumulative),
+        increment=stored_amount(increment),
+        remaining=stored_amount(remaining),
+        accepted_at=from_us(accepted_at_us),
+        reference=reference,
+        idempotency_key=idempotency_key,
+    )
 
 
 def _receipt(row: Row[Any], channel_id: ChannelId) -> Receipt:

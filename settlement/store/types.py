@@ -55,11 +55,12 @@ class Amount(TypeDecorator[int]):
         return Decimal(value)
 
     def process_result_value(self, value: Any, dialect: Dialect) -> int | None:
-        if value is None:
-            return None
-        if isinstance(value, bytes):
-            return int.from_bytes(value, "big")
-        return int(value)
+        return None if value is None else stored_amount(value)
+
+
+def stored_amount(value: int | bytes | Decimal) -> int:
+    """An amount as the driver returns it (SQLite's compact form, PostgreSQL's decimal) as an int."""
+    return int.from_bytes(value, "big") if isinstance(value, bytes) else int(value)
 
 
 def sqlite_amount(value: int) -> int | bytes:
