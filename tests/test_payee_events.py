@@ -21,9 +21,17 @@ from fastapi.testclient import TestClient
 from web3 import Web3
 from web3.contract import Contract
 
+from settlement.domain.model import Address, ChannelId, ChannelStatus, Receipt, utcnow
+from settlement.domain.model import Channel as StoreChannel
 from settlement.errors import MalformedRequestError
 from settlement.sdk.webhooks import is_authentic
-from settlement.server.webhooks import check_target
+from settlement.server.config import Settings
+from settlement.server.payee_events import Feed, Horizon, Position, read_events
+from settlement.server.webhooks import PASSED_SAVED, WebhookSender, check_target
+from settlement.store import Database
+from settlement.store import channels as channel_q
+from settlement.store.chainlog import ChainEvent, record_events
+from settlement.store.payee_events import WebhookRow, add_webhook, last_payment_id, payee_webhooks
 from tests.hub_helpers import (
     ETH,
     Channel,
@@ -350,3 +358,103 @@ def test_the_live_stream_sends_events_as_they_happen_and_resumes_after_the_last_
     assert resumed[0][1]["id"] != first[-1][1]["id"]
     bad = httpx.get(url, headers={"Last-Event-ID": "x.y"}, timeout=10)
     assert (bad.status_code, bad.json()["code"]) == (400, "malformed_request")
+
+
+def stored_channel(n: int, payee: str) -> StoreChannel:
+    return StoreChannel(
+        channel_id=ChannelId("0x" + f"{n:064x}"),
+        payer=Address("0x" + "aa" * 20),
+        payee=Address(payee),
+        token=Address(ETH),
+        salt="0x" + "00" * 32,
+        deposit=10**30,
+        settled=0,
+        status=ChannelStatus.OPEN,
+        close_deadline=None,
+        as_of_block=1,
+    )
+
+
+def paid(db: Database, channel: StoreChannel, amounts: range) -> int:
+    """Payments straight into the store; the id of the last one."""
+    with db.write() as conn:
+        now = utcnow()
+        channel_q.record_payments(conn, [(Receipt(channel.channel_id, n, 1, 1, now), b"\x01" * 65) for n in amounts])
+        return last_payment_id(conn)
+
+
+def settlements_of(payee: str, blocks: range) -> list[ChainEvent]:
+    return [
+        ChainEvent(b, 0, "0x" + "11" * 32, "0x" + "22" * 32, "ChannelsSettled", None, {"payee": payee, "token": ETH})
+        for b in blocks
+    ]
+
+
+QUIET, BUSY = "0x" + "a1" * 20, "0x" + "b2" * 20
+
+
+def test_a_quiet_payees_feed_passes_what_it_looked_at_and_reaches_its_own_close_behind_others_settlements(
+    db: Database,
+) -> None:
+    """A read of the feed leaves its reader past every row it looked at, the payee's or not. Before, a page of other
+    payees' settlements (100) in front of a payee's own close stopped its stream and its webhooks for good, and a
+    quiet payee's every read walked again every payment made since its last one (200 ms a read on PostgreSQL with a
+    million)."""
+    quiet, busy = stored_channel(1, QUIET), stored_channel(2, BUSY)
+    with db.write() as conn:
+        for channel in (quiet, busy):
+            channel_q.insert_channel(conn, channel, utcnow())
+        close = ChainEvent(
+            500, 3, "0x" + "11" * 32, "0x" + "33" * 32, "CloseRequested", quiet.channel_id, {"deadline": 9}
+        )
+        record_events(conn, [*settlements_of(BUSY, range(10, 160)), close])
+    paid(db, busy, range(1, 251))
+    own = paid(db, quiet, range(1, 2))
+    horizon = Horizon(db)
+    reads: list[tuple[list[str], Position, bool]] = []
+    position = Position()
+    for _ in range(3):
+        feed = read_events(db, horizon.refresh(), QUIET, position)
+        reads.append(([e.type for e in feed.events], feed.position, feed.more))
+        position = feed.position
+    assert reads == [
+        (["payment.accepted"], Position(own, 109, 0), True),  # 100 settlements looked at, none the payee's
+        (["channel.closing"], Position(own, 500, 3), False),
+        ([], Position(own, 500, 3), False),
+    ]
+    last = paid(db, busy, range(251, 551))  # the busy payee's: the quiet one's reader passes them, once
+    assert read_events(db, horizon.refresh(), QUIET, position) == Feed([], Position(last, 500, 3), False)
+    mine = paid(db, quiet, range(2, 3))  # above the horizon given: not safe to pass yet, nor to step over
+    assert read_events(db, mine - 1, QUIET, Position(last, 500, 3)) == Feed([], Position(last, 500, 3), False)
+    feed = read_events(db, mine, QUIET, Position(last, 500, 3))
+    assert ([e.data["cumulativeAmount"] for e in feed.events], feed.position) == (["2"], Position(mine, 500, 3))
+
+
+def test_a_quiet_payees_webhook_stores_what_it_passed_without_a_delivery(db: Database, store_url: str) -> None:
+    """A webhook's stored position moves past the other payees' rows its reads looked at: past settlements at once,
+    past payments once there are PASSED_SAVED of them (a write per webhook at every tick would cost more than the
+    walk it saves), so a quiet payee's webhook never walks more than that many again."""
+    quiet, busy = stored_channel(1, QUIET), stored_channel(2, BUSY)
+    with db.write() as conn:
+        for channel in (quiet, busy):
+            channel_q.insert_channel(conn, channel, utcnow())
+        row = WebhookRow("wh_" + "0" * 16, QUIET, "http://127.0.0.1:9/never", "s", 0, 0, 0, -1, 0, 0, None)
+        assert add_webhook(conn, row, 10)
+    sender = WebhookSender(db, Settings(_env_file=None, database_url=store_url), True, Horizon(db))  # type: ignore[call-arg]
+
+    def stored() -> Position:
+        with db.read() as conn:
+            (hook,) = payee_webhooks(conn, QUIET)
+        assert (hook.failures, hook.last_error) == (0, None)  # nothing was sent: nothing failed
+        return Position(hook.after_payment, hook.after_block, hook.after_log)
+
+    try:
+        paid(db, busy, range(1, PASSED_SAVED))
+        assert (sender.tick(), stored()) == (0, Position(0, 0, -1))
+        last = paid(db, busy, range(PASSED_SAVED, PASSED_SAVED + 1))
+        assert (sender.tick(), stored()) == (0, Position(last, 0, -1))
+        with db.write() as conn:
+            record_events(conn, settlements_of(BUSY, range(7, 8)))
+        assert (sender.tick(), stored()) == (0, Position(last, 7, 0))
+    finally:
+        sender.close()

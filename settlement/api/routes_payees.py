@@ -145,9 +145,9 @@ async def _events(service: Service, request: Request, payee: str, start: Positio
     assert service.horizon is not None
     while not await request.is_disconnected():
         horizon = await run_in_threadpool(service.horizon.refresh)
-        events = await run_in_threadpool(read_events, service.db, horizon, payee, position)
-        for event in events:
+        feed = await run_in_threadpool(read_events, service.db, horizon, payee, position)
+        for event in feed.events:
             yield {"id": event.position.token(), "event": event.type, "data": json.dumps(event.body())}
-            position = event.position
-        if not events:
+        position = feed.position
+        if not feed.more:
             await asyncio.sleep(STREAM_POLL_SECONDS)

@@ -84,18 +84,36 @@ class Horizon:
         return now - self._gap[1] >= self.gap_wait
 
 
-def read_events(db: Database, horizon: int, payee: str, after: Position, limit: int = 100) -> list[PayeeEvent]:
+@dataclass(frozen=True)
+class Feed:
+    """One read of a payee's feed: its events, and where the reader stands after it. The position passes every row
+    the read looked at, the payee's or not, so the next read starts there: a quiet payee's reader does not walk
+    again the other payees' payments and settlements it has already looked past (nor stop behind a full page of
+    them). `more`: the read stopped at its limit; read again at once."""
+
+    events: list[PayeeEvent]
+    position: Position
+    more: bool
+
+
+def read_events(db: Database, horizon: int, payee: str, after: Position, limit: int = 100) -> Feed:
     """The payee's next events after `after`: its payments up to `horizon` first, then its chain events."""
     with db.read() as conn:
         found = payments_after(conn, payee, after.payment, limit)
         rows = [r for r in found if r.payment_id <= horizon]
         events = [_accepted(r, Position(r.payment_id, after.block, after.log)) for r in rows]
-        if len(rows) < len(found) or len(events) >= limit:
-            return events  # payments not yet safe to pass: chain events wait behind them (settled after accepted)
-        last = events[-1].position.payment if events else after.payment
-        for chain in chain_events_after(conn, payee, after.block, after.log, limit):
-            events.extend(_chain(chain, payee, Position(last, chain.block_number, chain.log_index)))
-    return events
+        if len(rows) < len(found) or len(events) >= limit:  # payments not yet safe to pass: chain events wait
+            position = events[-1].position if events else after  # behind them (settled after accepted)
+            return Feed(events, position, more=len(events) >= limit)
+        # Every payment of the payee after `after` is in `events` and none is above the horizon: the reader passes
+        # every payment up to the horizon.
+        last = max(after.payment, horizon)
+        position = Position(last, after.block, after.log)
+        chain = chain_events_after(conn, payee, after.block, after.log, limit)
+        for row in chain:
+            position = Position(last, row.block_number, row.log_index)
+            events.extend(_chain(row, payee, position))
+    return Feed(events, position, more=len(chain) >= limit)
 
 
 def _accepted(row: PaymentRow, position: Position) -> PayeeEvent:
