@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable
-from typing import Any
+from typing import Any, cast
 
 from eth_account.signers.local import LocalAccount
 from fastapi.testclient import TestClient
@@ -14,6 +14,12 @@ from web3 import Web3
 from web3.contract import Contract
 
 from settlement.eip712.vouchers import channel_id
+from settlement.ingest.pipeline import Ingestor
+from settlement.server.config import Settings
+from settlement.server.metrics import Metrics
+from settlement.server.risk import RiskMonitor
+from settlement.store import Database
+from settlement.store.chainlog import ChainEvent, record_events
 from tests.hub_helpers import ETH, Channel, body, in_one_block, signed_in, wait_until
 
 Sign = Callable[..., bytes]
@@ -180,3 +186,33 @@ def test_risk_routes_refuse_malformed_input(api: Callable[..., TestClient]) -> N
     ):
         answer = client.request(method, path, json=body_)
         assert (answer.status_code, answer.json()["code"]) == (400, "malformed_request"), path
+
+
+def test_the_monitor_looks_past_the_chain_events_it_does_not_watch(db: Database, store_url: str) -> None:
+    """Each tick reads the openings and close requests after where the last one stood. It stood at the last one it
+    found, so every tick walked again all the deposits and settlements since (one per payee and asset per batch);
+    now it stands past every event it looked at, and at most CHAIN_EVENTS_PER_TICK of its own at a time."""
+    ingestor = Ingestor(db, cast(Any, None), cast(Any, None), Metrics(), close_guard=0)  # gives the rules only
+    monitor = RiskMonitor(db, Settings(_env_file=None, database_url=store_url), ingestor, Metrics())  # type: ignore[call-arg]
+
+    def happened(event: str, blocks: range, log: int = 0, **args: Any) -> None:
+        with db.write() as conn:
+            record_events(
+                conn,
+                [ChainEvent(b, log, "0x" + "11" * 32, "0x" + "22" * 32, event, None, args) for b in blocks],
+            )
+
+    try:
+        happened("ChannelOpened", range(5, 6), payer="0x" + "aa" * 20)
+        monitor.refresh()
+        assert monitor.position == (5, 0)  # from its first look on
+        happened("ChannelsSettled", range(6, 1506), payee="0x" + "bb" * 20)
+        monitor.tick()
+        assert monitor.position == (1505, 0)
+        happened("CloseRequested", range(3000, 4200), log=2)
+        monitor.tick()
+        assert monitor.position == (3999, 2)  # the 1,000th close request: the rest at the next tick
+        monitor.tick()
+        assert monitor.position == (4199, 2)
+    finally:
+        monitor.close()

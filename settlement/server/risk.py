@@ -37,6 +37,7 @@ from settlement.store.risk import chain_events_since, holds, last_payment_at, re
 logger = logging.getLogger(__name__)
 BURST_FLOOR = 1_000  # vouchers in a window below which no rise counts as a burst
 PRUNE_EVERY_SECONDS = 3_600.0  # ended spend windows are removed hourly
+CHAIN_EVENTS_PER_TICK = 1_000  # openings and close requests read at one tick, at most
 Event = tuple[int, str, str | None, str | None, dict[str, Any]]
 
 
@@ -56,6 +57,11 @@ class RiskMonitor:
         self._opened: deque[tuple[int, str]] = deque()  # (when, payer) of channel openings in the window
         self._spread_flagged: dict[str, int] = {}  # payer -> when it was last flagged
         self._next_prune = 0.0
+
+    @property
+    def position(self) -> tuple[int, int] | None:
+        """The (block, log index) up to which the chain's events have been looked at; None before the first look."""
+        return self._position
 
     def refresh(self) -> None:
         """Hand ingest the rules as the store has them now."""
@@ -108,11 +114,14 @@ class RiskMonitor:
             if self._position is None:
                 self._position = last_chain_position(conn)  # from now on
                 return []
-            found = chain_events_since(conn, *self._position, limit=1000)
+            until = last_chain_position(conn)
+            found = chain_events_since(conn, *self._position, until, limit=CHAIN_EVENTS_PER_TICK)
             window_us = int(self.settings.risk_window_seconds * 1_000_000)
             events: list[Event] = []
+            if len(found) < CHAIN_EVENTS_PER_TICK:  # it looked past every event up to `until` (deposits, settlements
+                self._position = max(self._position, until)  # ...): the next tick starts there, not behind them
             for block, log, event, channel_id, args in found:
-                self._position = (block, log)
+                self._position = max(self._position, (block, log))
                 if event == HubEvent.CHANNEL_OPENED:
                     events.extend(self._opening(now_us, to_checksum_address(str(args["payer"])), window_us))
                 elif channel_id is not None:

@@ -9,7 +9,7 @@ from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
 
-from sqlalchemy import ColumnElement, Connection, and_, delete, or_, select, update
+from sqlalchemy import ColumnElement, Connection, delete, select, tuple_, update
 from sqlalchemy.dialects.postgresql import insert as pg_insert
 from sqlalchemy.dialects.sqlite import insert as sqlite_insert
 
@@ -90,10 +90,9 @@ def recent_blocks(conn: Connection, limit: int) -> list[Cursor]:
 def after_position(block: int, log: int) -> ColumnElement[bool]:
     """Chain events after (block, log index), in the order the chain has them: what the payee feed and the risk
     monitor read from a position they keep."""
-    return or_(
-        chain_events.c.block_number > block,
-        and_(chain_events.c.block_number == block, chain_events.c.log_index > log),
-    )
+    # A row-value comparison: both databases walk the primary key from the position (SQLite scanned the whole table
+    # for the equivalent OR of two comparisons).
+    return tuple_(chain_events.c.block_number, chain_events.c.log_index) > tuple_(block, log)
 
 
 def record_events(conn: Connection, events: Sequence[ChainEvent]) -> None:

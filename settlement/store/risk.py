@@ -6,7 +6,7 @@ import json
 from dataclasses import dataclass
 from typing import Any
 
-from sqlalchemy import Connection, delete, insert, select
+from sqlalchemy import Connection, delete, insert, not_, select
 from sqlalchemy.dialects.postgresql import insert as pg_insert
 from sqlalchemy.dialects.sqlite import insert as sqlite_insert
 
@@ -63,9 +63,10 @@ def events_after(conn: Connection, after: int, limit: int, kind: str | None = No
 
 
 def chain_events_since(
-    conn: Connection, block: int, log: int, limit: int
+    conn: Connection, block: int, log: int, until: tuple[int, int], limit: int
 ) -> list[tuple[int, int, str, str | None, dict[str, Any]]]:
-    """Channel openings and close requests after (block, log), in chain order: (block, log, event, channel, args)."""
+    """Channel openings and close requests after (block, log) and up to `until`, in chain order: (block, log, event,
+    channel, args)."""
     query = (
         select(
             chain_events.c.block_number,
@@ -76,6 +77,7 @@ def chain_events_since(
         )
         .where(
             after_position(block, log),
+            not_(after_position(*until)),
             chain_events.c.event.in_([HubEvent.CHANNEL_OPENED.value, HubEvent.CLOSE_REQUESTED.value]),
         )
         .order_by(chain_events.c.block_number, chain_events.c.log_index)
