@@ -9,6 +9,7 @@ import threading
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import replace
+from datetime import timedelta
 from pathlib import Path
 from typing import Any, cast
 
@@ -645,6 +646,23 @@ def _index_entries_read(conn: Any) -> int:
             " WHERE indrelid = 'payments'::regclass"
         ).scalar()
     )
+
+
+def test_the_latest_batches_come_with_their_own_entry_counts(db: Database) -> None:
+    """What `settlement status` and `settlement batches` show: each of the latest batches with how many channels it
+    carried, counted for those batches only."""
+    start = utcnow()
+    with db.write() as conn:
+        for n in (1, 2, 3):
+            channel_q.insert_channel(conn, a_channel(n), start)
+        for k, channels in enumerate(((1, 2), (1, 2, 3), (3,))):
+            entries = [batch_q.Entry(a_channel(n).channel_id, 10 * k + n, b"\x01" * 65) for n in channels]
+            batch_q.create_batch(conn, f"b{k}", "0x" + "cc" * 20, k, entries, start + timedelta(seconds=k))
+    with db.read() as conn:
+        latest = [(batch.batch_id, n) for batch, n in batch_q.recent_batches(conn, 2)]
+        every = [(batch.batch_id, n) for batch, n in batch_q.recent_batches(conn)]
+    assert latest == [("b2", 1), ("b1", 3)]
+    assert every == [("b2", 1), ("b1", 3), ("b0", 2)]
 
 
 def test_racing_retries_of_one_keyed_payment_pay_it_once(

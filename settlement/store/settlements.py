@@ -240,18 +240,15 @@ def finish_batch(
 
 
 def recent_batches(conn: Connection, limit: int = 10) -> list[tuple[Batch, int]]:
-    """The latest batches with their entry counts, newest first."""
-    counts = (
-        select(settlement_entries.c.batch_id, func.count().label("n"))
-        .group_by(settlement_entries.c.batch_id)
-        .subquery()
+    """The latest batches with their entry counts, newest first (each batch's entries counted on the primary key's
+    prefix: counting every batch's entries before picking the latest grew with the whole history)."""
+    count = (
+        select(func.count())
+        .where(settlement_entries.c.batch_id == settlement_batches.c.batch_id)
+        .scalar_subquery()
+        .label("n")
     )
-    query = (
-        select(settlement_batches, counts.c.n)
-        .join(counts, counts.c.batch_id == settlement_batches.c.batch_id, isouter=True)
-        .order_by(settlement_batches.c.created_at_us.desc())
-        .limit(limit)
-    )
+    query = select(settlement_batches, count).order_by(settlement_batches.c.created_at_us.desc()).limit(limit)
     return [(_batch(row), int(row.n or 0)) for row in conn.execute(query)]
 
 
