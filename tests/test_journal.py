@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import random
+import sqlite3
 import threading
 from pathlib import Path
 
@@ -70,4 +72,76 @@ def test_concurrent_payments_cannot_squeeze_past_a_budget(tmp_path: Path) -> Non
     assert len(signed) == 25
     assert journals[0].spent(ETH, 0) == 25
     for journal in journals:
+        journal.close()
+
+
+def test_budget_sums_over_the_buckets_equal_the_payments_in_every_window_within_a_day(tmp_path: Path) -> None:
+    """A budget's window is summed over per-second, per-minute and per-hour totals (a sum over every row took 2.5 s a
+    payment with a million of them in the window): the same as adding up the payments after `since`, to the base
+    unit, for windows starting anywhere in the last day, overall and per payee, with refused and re-begun payments
+    taken out, amounts past 2^64, and a journal reopened."""
+    rng = random.Random(20)
+    journal = PayerJournal(tmp_path / "j.sqlite3")
+    start, kept = 1_700_000_000.0, {}
+    for n in range(3_000):
+        at = start + rng.uniform(0, 3 * 3600)
+        key, payee = f"k{n % 2_900}", rng.choice((A, B))  # 100 keys begun twice: the later one counts
+        amount = rng.choice((1, rng.randrange(1, 10**6), rng.randrange(2**64, 2**70)))
+        journal.begin(payment(key, amount), spend=(payee, ETH, at))
+        kept[key] = (payee, amount, at)
+    for key in rng.sample(sorted(kept), 300):
+        journal.refused(key, "0x01", 0)
+        del kept[key]
+    journal.close()
+    journal = PayerJournal(tmp_path / "j.sqlite3")
+    moments = [
+        start - 1,
+        start,
+        *(start + rng.uniform(0, 3 * 3600) for _ in range(200)),
+        *[at for *_, at in kept.values()][:50],
+    ]
+    checked = 0
+    for since in moments:
+        for payee in (None, A, B):
+            expected = sum(a for p, a, at in kept.values() if at > since and payee in (None, p))
+            assert journal.spent(ETH, since, payee) == expected
+            checked += expected > 0
+    assert checked > 500  # the windows held payments
+    journal.close()
+
+
+def test_windows_reaching_past_a_day_count_early_never_late_and_old_totals_are_pruned(tmp_path: Path) -> None:
+    """Seconds (and the rows) are kept a day, minutes 31 days, hours 366: a window whose start lies further back than
+    a width is kept starts at the whole minute or hour that holds it. A budget can refuse a payment a minute (an hour)
+    early, never let one through late."""
+    journal = PayerJournal(tmp_path / "j.sqlite3")
+    day, t0 = 86_400, 1_700_000_000  # t0: 800 s into its hour, 20 s into its minute
+    now, t1 = t0 + 40 * day, t0 + 30 * day  # t1: 10 days before now, 20 s into its minute too
+    paid = [(t0 + 30.5, 7), (t0 + 90.25, 11), (t0 + 3_000.75, 13), (t1 + 5.5, 3), (t1 + 30.25, 5), (now, 1)]
+    for n, (at, amount) in enumerate(paid):  # each begin prunes what its clock puts out of reach
+        journal.begin(payment(f"k{n}", amount), spend=(A, ETH, at))
+    assert journal.spent(ETH, t0 + 90.5) == 7 + 11 + 13 + 3 + 5 + 1  # from t0's whole hour: 18 early
+    assert journal.spent(ETH, t0 + 2_800) == 13 + 3 + 5 + 1  # an hour's start: exact
+    assert journal.spent(ETH, t1 + 10) == 3 + 5 + 1  # from t1's whole minute: 3 early
+    assert [journal.spent(ETH, now - d) for d in (100.5, 0.001, 0)] == [1, 1, 0]  # within a day: exact
+    with pytest.raises(ValueError, match="366 days"):
+        Budget(limit=1, period=367 * day)
+    journal.close()
+
+
+def test_a_journal_from_before_the_buckets_counts_its_payments_once_opened(tmp_path: Path) -> None:
+    """Journals written by the earlier SDK have the spending rows only: opening one adds them up, once."""
+    path = tmp_path / "old.sqlite3"
+    PayerJournal(path).close()
+    with sqlite3.connect(path) as old:
+        old.executemany(
+            "INSERT INTO spending VALUES (?, ?, ?, ?, ?)",
+            [("a", A, ETH, "5", 100.5), ("b", B, ETH, str(2**80), 160.0), ("c", A, ETH, "7", 3_700.0)],
+        )
+        old.execute("DELETE FROM spend_buckets")
+        old.execute("PRAGMA user_version = 0")
+    for _ in range(2):  # the second open adds nothing again
+        journal = PayerJournal(path)
+        assert [journal.spent(ETH, s) for s in (0, 100.5, 3_699)] == [12 + 2**80, 7 + 2**80, 7]
+        assert journal.spent(ETH, 0, payee=A) == 12
         journal.close()
