@@ -356,8 +356,10 @@ def test_the_live_stream_sends_events_as_they_happen_and_resumes_after_the_last_
     resumed = read(2, {"Last-Event-ID": first[-1][0]})
     assert [e["data"]["cumulativeAmount"] for _, e in resumed] == ["9", "12"]
     assert resumed[0][1]["id"] != first[-1][1]["id"]
-    bad = httpx.get(url, headers={"Last-Event-ID": "x.y"}, timeout=10)
-    assert (bad.status_code, bad.json()["code"]) == (400, "malformed_request")
+    too_far = ("9223372036854775808.0.-1", "0.9223372036854775808.-1", "0.0.2147483648")  # past 64- and 32-bit
+    for token in ("x.y", "1.2.-2", *too_far):  # (the databases refused to compare with them: a broken stream)
+        bad = httpx.get(url, headers={"Last-Event-ID": token}, timeout=10)
+        assert (bad.status_code, bad.json()["code"]) == (400, "malformed_request"), token
 
 
 def stored_channel(n: int, payee: str) -> StoreChannel:
@@ -428,6 +430,8 @@ def test_a_quiet_payees_feed_passes_what_it_looked_at_and_reaches_its_own_close_
     assert read_events(db, mine - 1, QUIET, Position(last, 500, 3)) == Feed([], Position(last, 500, 3), False)
     feed = read_events(db, mine, QUIET, Position(last, 500, 3))
     assert ([e.data["cumulativeAmount"] for e in feed.events], feed.position) == (["2"], Position(mine, 500, 3))
+    largest = Position.parse(f"{2**63 - 1}.{2**63 - 1}.{2**31 - 1}")  # the furthest a reader may ask: read
+    assert largest is not None and read_events(db, mine, QUIET, largest) == Feed([], largest, False)
 
 
 def test_a_quiet_payees_webhook_stores_what_it_passed_without_a_delivery(db: Database, store_url: str) -> None:

@@ -22,6 +22,9 @@ from settlement.domain.model import HubEvent
 from settlement.store import Database
 from settlement.store.payee_events import ChainRow, PaymentRow, chain_events_after, payment_ids_after, payments_after
 
+MAX_ID = 2**63 - 1  # payment ids and block numbers are 64-bit in the store
+MAX_LOG = 2**31 - 1  # log indexes are 32-bit
+
 
 @dataclass(frozen=True)
 class Position:
@@ -38,7 +41,9 @@ class Position:
         if len(parts) != 3 or not all(p.lstrip("-").isdigit() and len(p) <= 20 for p in parts):
             return None
         payment, block, log = (int(p) for p in parts)
-        return cls(payment, block, log) if payment >= 0 and block >= 0 and log >= -1 else None
+        if not (0 <= payment <= MAX_ID and 0 <= block <= MAX_ID and -1 <= log <= MAX_LOG):
+            return None  # beyond what the store's columns hold: the databases refuse to compare with it (a 500)
+        return cls(payment, block, log)
 
 
 @dataclass(frozen=True)
