@@ -18,6 +18,7 @@ import httpx
 import pytest
 from eth_account.signers.local import LocalAccount
 from fastapi.testclient import TestClient
+from sqlalchemy import event
 from web3 import Web3
 from web3.contract import Contract
 
@@ -31,7 +32,14 @@ from settlement.server.webhooks import PASSED_SAVED, WebhookSender, check_target
 from settlement.store import Database
 from settlement.store import channels as channel_q
 from settlement.store.chainlog import ChainEvent, record_events
-from settlement.store.payee_events import WebhookRow, add_webhook, last_payment_id, payee_webhooks
+from settlement.store.payee_events import (
+    WebhookRow,
+    add_webhook,
+    delete_webhook,
+    due_webhooks,
+    last_payment_id,
+    payee_webhooks,
+)
 from tests.hub_helpers import (
     ETH,
     Channel,
@@ -462,3 +470,33 @@ def test_a_quiet_payees_webhook_stores_what_it_passed_without_a_delivery(db: Dat
         assert (sender.tick(), stored()) == (0, Position(last, 7, 0))
     finally:
         sender.close()
+
+
+def test_the_senders_look_for_due_webhooks_reads_only_the_live_ones_on_their_index(db: Database) -> None:
+    """Twice a second the sender asks which webhooks are due. Deleted webhooks are kept, so a payee that makes and
+    deletes them grew that scan for everyone; the live ones now have an index of their own (revision 0017)."""
+    with db.write() as conn:
+        for n in range(40):  # 40 webhooks of 4 payees (10 each: the limit), every other one deleted, half due
+            payee = f"0x{n % 4:040x}"
+            row = WebhookRow(
+                f"wh_{n:016x}", payee, "http://h/x", "s", n, 0, 0, -1, 0, 1_000 + 1_000 * (n % 4 // 2), None
+            )
+            assert add_webhook(conn, row, 10)
+            if n % 2:
+                assert delete_webhook(conn, payee, row.webhook_id, 5)
+    statements: list[tuple[str, Any]] = []
+    with db.read() as conn:
+        event.listen(
+            conn, "before_cursor_execute", lambda _c, _u, sql, params, _x, _m: statements.append((sql, params))
+        )
+        due = sorted(row.webhook_id for row in due_webhooks(conn, 1_500))
+    assert due == [f"wh_{n:016x}" for n in range(0, 40, 4)]
+    ((sql, params),) = statements
+    with db.read() as conn:
+        if not db.is_sqlite:
+            conn.exec_driver_sql("SET LOCAL enable_seqscan = off")  # a table this small is read whole otherwise
+        plan = " ".join(
+            str(row[-1])
+            for row in conn.exec_driver_sql(f"EXPLAIN {'QUERY PLAN ' if db.is_sqlite else ''}{sql}", params)
+        )
+    assert "ix_webhooks_due" in plan

@@ -201,6 +201,13 @@ webhooks = Table(
     Column("next_attempt_us", BigInteger(), nullable=False),
     Column("last_error", Text(), nullable=True),
     Index(None, "payee"),
+    # The sender's look for due webhooks at every tick: live ones only (deleted webhooks are kept, and add up).
+    Index(
+        "ix_webhooks_due",
+        "next_attempt_us",
+        sqlite_where=text("deleted_at_us IS NULL"),
+        postgresql_where=text("deleted_at_us IS NULL"),
+    ),
 )
 
 channel_holds = Table(
