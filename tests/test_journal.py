@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 
 from settlement.errors import BudgetExceededError
-from settlement.sdk.journal import Budget, JournalPayment, PayerJournal, PaymentStatus
+from settlement.sdk.journal import KEEP_ACCEPTED, Budget, JournalPayment, PayerJournal, PaymentStatus
 
 ETH = "0x" + "00" * 20
 A, B = "0x" + "aa" * 20, "0x" + "bb" * 20
@@ -145,3 +145,45 @@ def test_a_journal_from_before_the_buckets_counts_its_payments_once_opened(tmp_p
         assert [journal.spent(ETH, s) for s in (0, 100.5, 3_699)] == [12 + 2**80, 7 + 2**80, 7]
         assert journal.spent(ETH, 0, payee=A) == 12
         journal.close()
+
+
+def test_accepted_payments_are_forgotten_a_week_after_their_receipt_and_pending_ones_never(tmp_path: Path) -> None:
+    """The journal kept every accepted payment with its receipt for good (~1 KB a payment). A retry with a key
+    within a week gets its receipt from here; after that from the service's record of the key (30 days by default)."""
+    clock = [0.0]
+    journal = PayerJournal(tmp_path / "j.sqlite3", clock=lambda: clock[0])
+    for key, at in (("old", 0.0), ("recent", 3 * 86_400.0), ("pending", 0.0)):
+        clock[0] = at
+        journal.begin(payment(key, 1))
+        if key != "pending":
+            journal.accepted(key, {"cumulativeAmount": "1"})
+    clock[0] = KEEP_ACCEPTED + 1.0
+    journal.begin(payment("new", 1))
+    journal.accepted("new", {"cumulativeAmount": "1"})
+    kept = {key: journal.payment(key) for key in ("old", "recent", "pending", "new")}
+    assert [key for key, found in kept.items() if found is not None] == ["recent", "pending", "new"]
+    assert kept["recent"] is not None and kept["recent"].receipt == {"cumulativeAmount": "1"}
+    journal.close()
+
+
+def test_a_journal_from_before_the_receipts_times_keeps_its_accepted_payments_a_week_from_opening(
+    tmp_path: Path,
+) -> None:
+    path = tmp_path / "old.sqlite3"
+    with sqlite3.connect(path) as old:  # the payments table as the SDK wrote it before version 2
+        old.execute(
+            "CREATE TABLE payments (idempotency_key TEXT PRIMARY KEY, channel_id TEXT NOT NULL, amount TEXT NOT NULL,"
+            " cumulative TEXT NOT NULL, reference TEXT, status TEXT NOT NULL, receipt TEXT)"
+        )
+        old.execute("INSERT INTO payments VALUES ('a', '0x01', '5', '5', NULL, 'accepted', '{}')")
+        old.execute("INSERT INTO payments VALUES ('p', '0x01', '2', '7', NULL, 'pending', NULL)")
+        old.execute("PRAGMA user_version = 1")
+    clock = [1_000.0]
+    journal = PayerJournal(path, clock=lambda: clock[0])
+    assert [journal.payment(k) is not None for k in ("a", "p")] == [True, True]
+    clock[0] += KEEP_ACCEPTED + 1.0
+    journal.begin(payment("b", 1, "0x02"))
+    journal.accepted("b", {})
+    assert [journal.payment(k) is not None for k in ("a", "p", "b")] == [False, True, True]
+    assert [p.idempotency_key for p in journal.pending("0x01")] == ["p"]
+    journal.close()

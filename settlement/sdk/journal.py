@@ -15,8 +15,9 @@ import json
 import math
 import sqlite3
 import threading
+import time
 from collections import defaultdict
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from enum import Enum
@@ -37,7 +38,8 @@ CREATE TABLE IF NOT EXISTS payments (
     cumulative TEXT NOT NULL,       -- the voucher signed for it
     reference TEXT,
     status TEXT NOT NULL CHECK (status IN ('pending', 'accepted')),
-    receipt TEXT                    -- the service's receipt (JSON), once accepted
+    receipt TEXT,                   -- the service's receipt (JSON), once accepted
+    accepted_at REAL                -- unix time the receipt came (version 2); forgotten KEEP_ACCEPTED later
 );
 CREATE INDEX IF NOT EXISTS payments_pending ON payments (channel_id) WHERE status = 'pending';
 CREATE TABLE IF NOT EXISTS spending (  -- what budgets count: every payment signed, until it is refused
@@ -62,7 +64,12 @@ CREATE TABLE IF NOT EXISTS spend_pruned (  -- below which start a width's bucket
     below INTEGER NOT NULL
 );
 """
-SCHEMA_VERSION = 1  # 1: spend_buckets, filled from the spending rows of a journal made before them
+SCHEMA_VERSION = 2  # 1: spend_buckets, filled from a journal's spending rows; 2: payments' accepted_at
+_PAYMENT_COLUMNS = "idempotency_key, channel_id, amount, cumulative, reference, status, receipt"
+# An accepted payment is kept a week to answer a retry with its key; after that the service's own record of the key
+# answers it (`SETTLEMENT_PAYMENT_RETENTION_DAYS`, 30 by default), and the journal does not grow ~1 KB a payment for
+# good. A payment not accepted yet is never forgotten.
+KEEP_ACCEPTED = 7 * 86_400.0
 WIDTHS = (1, 60, 3600)
 # How long each width is kept, in seconds of the clock payments are counted with: a budget's window is summed exactly
 # while its start is within a day, and a minute (an hour) early at most beyond (a payment counts that much longer).
@@ -107,9 +114,10 @@ class JournalPayment:
 class PayerJournal:
     """A payer's signed positions and payments in one SQLite file. Thread-safe."""
 
-    def __init__(self, path: Path) -> None:
+    def __init__(self, path: Path, *, clock: Callable[[], float] = time.time) -> None:
         path.parent.mkdir(parents=True, exist_ok=True)
         self.path = path
+        self.clock = clock  # when receipts come (accepted payments are forgotten KEEP_ACCEPTED later)
         self._lock = threading.Lock()
         self._conn = sqlite3.connect(path, check_same_thread=False, isolation_level=None, timeout=30.0)
         self._conn.execute("PRAGMA journal_mode=WAL")
@@ -117,11 +125,21 @@ class PayerJournal:
         self._conn.create_function("add_decimal", 2, _add_decimal, deterministic=True)
         self._conn.executescript(_SCHEMA)
         self._pruned_at: float | None = None
+        self._forgot_at: float | None = None
         with self._write():
-            if self._conn.execute("PRAGMA user_version").fetchone()[0] < SCHEMA_VERSION:
+            version = self._conn.execute("PRAGMA user_version").fetchone()[0]
+            if version < 1:
                 rows = self._conn.execute("SELECT payee, asset, amount, at FROM spending")
                 self._count(rows, 1)  # a journal from before the buckets: its rows added up once
-                self._conn.execute(f"PRAGMA user_version = {SCHEMA_VERSION}")
+            if version < 2 and "accepted_at" not in {c[1] for c in self._conn.execute("PRAGMA table_info(payments)")}:
+                self._conn.execute("ALTER TABLE payments ADD COLUMN accepted_at REAL")
+                self._conn.execute(  # accepted before: kept KEEP_ACCEPTED from now
+                    "UPDATE payments SET accepted_at = ? WHERE status = 'accepted'", (self.clock(),)
+                )
+            self._conn.execute(
+                "CREATE INDEX IF NOT EXISTS payments_accepted ON payments (accepted_at) WHERE status = 'accepted'"
+            )
+            self._conn.execute(f"PRAGMA user_version = {SCHEMA_VERSION}")
 
     def close(self) -> None:
         with self._lock:
@@ -151,14 +169,15 @@ class PayerJournal:
 
     def payment(self, key: str) -> JournalPayment | None:
         with self._lock:
-            row = self._conn.execute("SELECT * FROM payments WHERE idempotency_key = ?", (key,)).fetchone()
+            query = f"SELECT {_PAYMENT_COLUMNS} FROM payments WHERE idempotency_key = ?"
+            row = self._conn.execute(query, (key,)).fetchone()
         return None if row is None else _payment(row)
 
     def pending(self, channel_id: str) -> list[JournalPayment]:
         """Payments on the channel whose outcome is not known, oldest voucher first."""
         with self._lock:
             rows = self._conn.execute(
-                "SELECT * FROM payments WHERE channel_id = ? AND status = 'pending'", (channel_id,)
+                f"SELECT {_PAYMENT_COLUMNS} FROM payments WHERE channel_id = ? AND status = 'pending'", (channel_id,)
             ).fetchall()
         return sorted((_payment(r) for r in rows), key=lambda p: p.cumulative)
 
@@ -190,8 +209,8 @@ class PayerJournal:
                 self._count([(payee, asset, str(payment.amount), now)], 1)
                 self._prune(now)
             self._conn.execute(
-                "INSERT INTO payments VALUES (?, ?, ?, ?, ?, 'pending', NULL) ON CONFLICT (idempotency_key) DO UPDATE"
-                " SET cumulative = excluded.cumulative",
+                f"INSERT INTO payments ({_PAYMENT_COLUMNS}) VALUES (?, ?, ?, ?, ?, 'pending', NULL)"
+                " ON CONFLICT (idempotency_key) DO UPDATE SET cumulative = excluded.cumulative",
                 (
                     payment.idempotency_key,
                     payment.channel_id,
@@ -223,11 +242,17 @@ class PayerJournal:
 
         Not flushed to disk (half of a payment's journal fsyncs): lost with the machine, the payment is pending again,
         and the next payment on the channel asks the service what became of it before it signs anything."""
+        now = self.clock()
         with self._write(flush=False):
             self._conn.execute(
-                "UPDATE payments SET status = 'accepted', receipt = ? WHERE idempotency_key = ?",
-                (json.dumps(receipt, sort_keys=True), key),
+                "UPDATE payments SET status = 'accepted', receipt = ?, accepted_at = ? WHERE idempotency_key = ?",
+                (json.dumps(receipt, sort_keys=True), now, key),
             )
+            if self._forgot_at is None or not 0 <= now - self._forgot_at < PRUNE_EVERY:
+                self._forgot_at = now
+                self._conn.execute(
+                    "DELETE FROM payments WHERE status = 'accepted' AND accepted_at < ?", (now - KEEP_ACCEPTED,)
+                )
             if lower_to is not None:
                 self._conn.execute(
                     "UPDATE positions SET signed = ? WHERE channel_id = (SELECT channel_id FROM payments"
