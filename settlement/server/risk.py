@@ -118,10 +118,8 @@ class RiskMonitor:
             found = chain_events_since(conn, *self._position, until, limit=CHAIN_EVENTS_PER_TICK)
             window_us = int(self.settings.risk_window_seconds * 1_000_000)
             events: list[Event] = []
-            if len(found) < CHAIN_EVENTS_PER_TICK:  # it looked past every event up to `until` (deposits, settlements
-                self._position = max(self._position, until)  # ...): the next tick starts there, not behind them
             for block, log, event, channel_id, args in found:
-                self._position = max(self._position, (block, log))
+                self._position = (block, log)
                 if event == HubEvent.CHANNEL_OPENED:
                     events.extend(self._opening(now_us, to_checksum_address(str(args["payer"])), window_us))
                 elif channel_id is not None:
@@ -129,6 +127,8 @@ class RiskMonitor:
                     if last is not None and now_us - last <= window_us:
                         detail = {"secondsSinceLastPayment": round((now_us - last) / 1e6, 3), "block": block}
                         events.append((now_us, "close_while_streaming", None, channel_id, detail))
+            if len(found) < CHAIN_EVENTS_PER_TICK:  # it looked past every event up to `until` (deposits, settlements
+                self._position = max(self._position, until)  # ...): the next tick starts there, not behind them
         return events
 
     def _opening(self, now_us: int, payer: str, window_us: int) -> list[Event]:

@@ -271,8 +271,8 @@ def _pairs_postgres(conn: Connection, statement: str, params: dict[str, Any]) ->
 
 
 def _receipt_of(row: tuple[Any, ...]) -> Receipt:
-    """A receipt from a raw row of `_RECEIPT_COLUMNS` (the driver's values: SQLite's compact amounts, PostgreSQL's
-    decimals)."""
+    """A receipt from a row of `_RECEIPT_COLUMNS`: the driver's values (SQLite's compact amounts, PostgreSQL's
+    decimals) or SQLAlchemy's (ints)."""
     channel_id, cumulative, increment, remaining, accepted_at_us, reference, idempotency_key = row
     return Receipt(
         channel_id=ChannelId(channel_id),
@@ -286,15 +286,8 @@ def _receipt_of(row: tuple[Any, ...]) -> Receipt:
 
 
 def _receipt(row: Row[Any], channel_id: ChannelId) -> Receipt:
-    return Receipt(
-        channel_id=channel_id,
-        cumulative=row.cumulative,
-        increment=row.increment,
-        remaining=row.remaining,
-        accepted_at=from_us(row.accepted_at_us),
-        reference=row.reference,
-        idempotency_key=row.idempotency_key,
-    )
+    values = (row.cumulative, row.increment, row.remaining, row.accepted_at_us, row.reference, row.idempotency_key)
+    return _receipt_of((channel_id, *values))
 
 
 def record_payments(
