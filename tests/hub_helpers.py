@@ -27,7 +27,8 @@ from web3.types import TxReceipt
 
 from settlement.chain.batch_codec import SettleEntry, decode_settlements, encode_batch
 from settlement.devtools.devnet import port_free
-from settlement.domain.model import Receipt, Voucher
+from settlement.domain.model import Address, ChannelId, ChannelStatus, Receipt, Voucher
+from settlement.domain.model import Channel as StoredChannel
 from settlement.eip712.vouchers import Domain, channel_id, sign_voucher
 from settlement.errors import PaymentUncertainError
 from settlement.sdk.payer import ChannelRef, PayerClient
@@ -36,6 +37,7 @@ from settlement.settle.engine import Settler
 from settlement.store import Database
 from settlement.store import channels as channel_q
 from settlement.store import settlements as batch_q
+from settlement.store.chainlog import ChainEvent, record_events
 
 __all__ = ["channel_id"]  # re-exported: tests import it from here with the other helpers
 
@@ -349,3 +351,34 @@ def store_at_revision(url: str, revision: str) -> Database:
         command.upgrade(config, revision)
         conn.commit()
     return db
+
+
+def a_channel(n: int = 1, payee: str = "0x" + "bb" * 20, deposit: int = 2**256 - 1) -> StoredChannel:
+    """A channel as the store holds it, for tests of the store alone (no chain): id n, payer 0xaa…, in ETH."""
+    return StoredChannel(
+        channel_id=ChannelId("0x" + f"{n:064x}"),
+        payer=Address("0x" + "aa" * 20),
+        payee=Address(payee),
+        token=Address(ETH),
+        salt="0x" + "00" * 32,
+        deposit=deposit,
+        settled=0,
+        status=ChannelStatus.OPEN,
+        close_deadline=None,
+        as_of_block=1,
+    )
+
+
+def positions(first_block: int, count: int, per_block: int = 3) -> list[tuple[int, int]]:
+    """`count` (block, log index) positions from `first_block` on, `per_block` events in each block: as a real chain
+    mines them (automine's one per block hid a critical bug once)."""
+    return [(first_block + n // per_block, n % per_block) for n in range(count)]
+
+
+def chain_happened(
+    db: Database, event: str, at: list[tuple[int, int]], channel: str | None = None, **args: Any
+) -> None:
+    """Hub events straight into the store at these positions, as the indexer records what it read."""
+    cid = None if channel is None else ChannelId(channel)
+    with db.write() as conn:
+        record_events(conn, [ChainEvent(b, i, "0x" + "11" * 32, "0x" + "22" * 32, event, cid, args) for b, i in at])

@@ -22,8 +22,8 @@ from sqlalchemy import event
 from web3 import Web3
 from web3.contract import Contract
 
-from settlement.domain.model import Address, ChannelId, ChannelStatus, Receipt, utcnow
-from settlement.domain.model import Channel as StoreChannel
+from settlement.domain.model import Channel as StoredChannel
+from settlement.domain.model import Receipt, utcnow
 from settlement.errors import MalformedRequestError
 from settlement.sdk.webhooks import is_authentic
 from settlement.server.config import Settings
@@ -31,7 +31,6 @@ from settlement.server.payee_events import Feed, Horizon, Position, read_events
 from settlement.server.webhooks import PASSED_SAVED, WebhookSender, check_target
 from settlement.store import Database
 from settlement.store import channels as channel_q
-from settlement.store.chainlog import ChainEvent, record_events
 from settlement.store.payee_events import (
     WebhookRow,
     add_webhook,
@@ -43,10 +42,13 @@ from settlement.store.payee_events import (
 from tests.hub_helpers import (
     ETH,
     Channel,
+    a_channel,
     batch,
     body,
+    chain_happened,
     free_test_port,
     in_one_block,
+    positions,
     settle_call,
     signed_in,
     wait_until,
@@ -370,34 +372,12 @@ def test_the_live_stream_sends_events_as_they_happen_and_resumes_after_the_last_
         assert (bad.status_code, bad.json()["code"]) == (400, "malformed_request"), token
 
 
-def stored_channel(n: int, payee: str) -> StoreChannel:
-    return StoreChannel(
-        channel_id=ChannelId("0x" + f"{n:064x}"),
-        payer=Address("0x" + "aa" * 20),
-        payee=Address(payee),
-        token=Address(ETH),
-        salt="0x" + "00" * 32,
-        deposit=10**30,
-        settled=0,
-        status=ChannelStatus.OPEN,
-        close_deadline=None,
-        as_of_block=1,
-    )
-
-
-def paid(db: Database, channel: StoreChannel, amounts: range) -> int:
+def paid(db: Database, channel: StoredChannel, amounts: range) -> int:
     """Payments straight into the store; the id of the last one."""
     with db.write() as conn:
         now = utcnow()
         channel_q.record_payments(conn, [(Receipt(channel.channel_id, n, 1, 1, now), b"\x01" * 65) for n in amounts])
         return last_payment_id(conn)
-
-
-def settlements_of(payee: str, blocks: range) -> list[ChainEvent]:
-    return [
-        ChainEvent(b, 0, "0x" + "11" * 32, "0x" + "22" * 32, "ChannelsSettled", None, {"payee": payee, "token": ETH})
-        for b in blocks
-    ]
 
 
 QUIET, BUSY = "0x" + "a1" * 20, "0x" + "b2" * 20
@@ -410,14 +390,14 @@ def test_a_quiet_payees_feed_passes_what_it_looked_at_and_reaches_its_own_close_
     payees' settlements (100) in front of a payee's own close stopped its stream and its webhooks for good, and a
     quiet payee's every read walked again every payment made since its last one (200 ms a read on PostgreSQL with a
     million)."""
-    quiet, busy = stored_channel(1, QUIET), stored_channel(2, BUSY)
+    quiet, busy = a_channel(1, QUIET), a_channel(2, BUSY)
     with db.write() as conn:
         for channel in (quiet, busy):
             channel_q.insert_channel(conn, channel, utcnow())
-        close = ChainEvent(
-            500, 3, "0x" + "11" * 32, "0x" + "33" * 32, "CloseRequested", quiet.channel_id, {"deadline": 9}
-        )
-        record_events(conn, [*settlements_of(BUSY, range(10, 160)), close])
+    # 150 settlements of the busy payee, three a block (blocks 10-59): the first page of 100 ends inside block 43;
+    # the quiet payee's close comes in the block of the last three.
+    chain_happened(db, "ChannelsSettled", positions(10, 150), payee=BUSY, token=ETH)
+    chain_happened(db, "CloseRequested", [(59, 3)], channel=quiet.channel_id, deadline=9)
     paid(db, busy, range(1, 251))
     own = paid(db, quiet, range(1, 2))
     horizon = Horizon(db)
@@ -428,16 +408,16 @@ def test_a_quiet_payees_feed_passes_what_it_looked_at_and_reaches_its_own_close_
         reads.append(([e.type for e in feed.events], feed.position, feed.more))
         position = feed.position
     assert reads == [
-        (["payment.accepted"], Position(own, 109, 0), True),  # 100 settlements looked at, none the payee's
-        (["channel.closing"], Position(own, 500, 3), False),
-        ([], Position(own, 500, 3), False),
+        (["payment.accepted"], Position(own, 43, 0), True),  # 100 settlements looked at, none the payee's
+        (["channel.closing"], Position(own, 59, 3), False),
+        ([], Position(own, 59, 3), False),
     ]
     last = paid(db, busy, range(251, 551))  # the busy payee's: the quiet one's reader passes them, once
-    assert read_events(db, horizon.refresh(), QUIET, position) == Feed([], Position(last, 500, 3), False)
+    assert read_events(db, horizon.refresh(), QUIET, position) == Feed([], Position(last, 59, 3), False)
     mine = paid(db, quiet, range(2, 3))  # above the horizon given: not safe to pass yet, nor to step over
-    assert read_events(db, mine - 1, QUIET, Position(last, 500, 3)) == Feed([], Position(last, 500, 3), False)
-    feed = read_events(db, mine, QUIET, Position(last, 500, 3))
-    assert ([e.data["cumulativeAmount"] for e in feed.events], feed.position) == (["2"], Position(mine, 500, 3))
+    assert read_events(db, mine - 1, QUIET, Position(last, 59, 3)) == Feed([], Position(last, 59, 3), False)
+    feed = read_events(db, mine, QUIET, Position(last, 59, 3))
+    assert ([e.data["cumulativeAmount"] for e in feed.events], feed.position) == (["2"], Position(mine, 59, 3))
     largest = Position.parse(f"{2**63 - 1}.{2**63 - 1}.{2**31 - 1}")  # the furthest a reader may ask: read
     assert largest is not None and read_events(db, mine, QUIET, largest) == Feed([], largest, False)
 
@@ -446,7 +426,7 @@ def test_a_quiet_payees_webhook_stores_what_it_passed_without_a_delivery(db: Dat
     """A webhook's stored position moves past the other payees' rows its reads looked at: past settlements at once,
     past payments once there are PASSED_SAVED of them (a write per webhook at every tick would cost more than the
     walk it saves), so a quiet payee's webhook never walks more than that many again."""
-    quiet, busy = stored_channel(1, QUIET), stored_channel(2, BUSY)
+    quiet, busy = a_channel(1, QUIET), a_channel(2, BUSY)
     with db.write() as conn:
         for channel in (quiet, busy):
             channel_q.insert_channel(conn, channel, utcnow())
@@ -465,9 +445,8 @@ def test_a_quiet_payees_webhook_stores_what_it_passed_without_a_delivery(db: Dat
         assert (sender.tick(), stored()) == (0, Position(0, 0, -1))
         last = paid(db, busy, range(PASSED_SAVED, PASSED_SAVED + 1))
         assert (sender.tick(), stored()) == (0, Position(last, 0, -1))
-        with db.write() as conn:
-            record_events(conn, settlements_of(BUSY, range(7, 8)))
-        assert (sender.tick(), stored()) == (0, Position(last, 7, 0))
+        chain_happened(db, "ChannelsSettled", positions(7, 2), payee=BUSY, token=ETH)  # two in block 7
+        assert (sender.tick(), stored()) == (0, Position(last, 7, 1))
     finally:
         sender.close()
 

@@ -19,8 +19,7 @@ from settlement.server.config import Settings
 from settlement.server.metrics import Metrics
 from settlement.server.risk import RiskMonitor
 from settlement.store import Database
-from settlement.store.chainlog import ChainEvent, record_events
-from tests.hub_helpers import ETH, Channel, body, in_one_block, signed_in, wait_until
+from tests.hub_helpers import ETH, Channel, body, chain_happened, in_one_block, positions, signed_in, wait_until
 
 Sign = Callable[..., bytes]
 
@@ -195,24 +194,17 @@ def test_the_monitor_looks_past_the_chain_events_it_does_not_watch(db: Database,
     ingestor = Ingestor(db, cast(Any, None), cast(Any, None), Metrics(), close_guard=0)  # gives the rules only
     monitor = RiskMonitor(db, Settings(_env_file=None, database_url=store_url), ingestor, Metrics())  # type: ignore[call-arg]
 
-    def happened(event: str, blocks: range, log: int = 0, **args: Any) -> None:
-        with db.write() as conn:
-            record_events(
-                conn,
-                [ChainEvent(b, log, "0x" + "11" * 32, "0x" + "22" * 32, event, None, args) for b in blocks],
-            )
-
     try:
-        happened("ChannelOpened", range(5, 6), payer="0x" + "aa" * 20)
+        chain_happened(db, "ChannelOpened", [(5, 0)], payer="0x" + "aa" * 20)
         monitor.refresh()
         assert monitor.position == (5, 0)  # from its first look on
-        happened("ChannelsSettled", range(6, 1506), payee="0x" + "bb" * 20)
+        chain_happened(db, "ChannelsSettled", positions(6, 1500), payee="0x" + "bb" * 20)  # three a block
         monitor.tick()
-        assert monitor.position == (1505, 0)
-        happened("CloseRequested", range(3000, 4200), log=2)
+        assert monitor.position == (505, 2)
+        chain_happened(db, "CloseRequested", positions(3000, 1200))  # three a block: a page ends inside one
         monitor.tick()
-        assert monitor.position == (3999, 2)  # the 1,000th close request: the rest at the next tick
+        assert monitor.position == (3333, 0)  # the 1,000th close request: the rest at the next tick
         monitor.tick()
-        assert monitor.position == (4199, 2)
+        assert monitor.position == (3399, 2)
     finally:
         monitor.close()

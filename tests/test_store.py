@@ -31,24 +31,9 @@ from settlement.store import settlements as batch_q
 from settlement.store.database import head_revision
 from settlement.store.meta import bind_deployment
 from tests.hub_helpers import Channel as HubChannel
-from tests.hub_helpers import store_at_revision, wait_until
+from tests.hub_helpers import a_channel, store_at_revision, wait_until
 
 MAX = 2**256 - 1
-
-
-def a_channel(n: int = 1, deposit: int = MAX) -> Channel:
-    return Channel(
-        channel_id="0x" + f"{n:064x}",
-        payer="0x" + "aa" * 20,
-        payee="0x" + "bb" * 20,
-        token=ETH,
-        salt="0x" + "00" * 32,
-        deposit=deposit,
-        settled=0,
-        status=ChannelStatus.OPEN,
-        close_deadline=None,
-        as_of_block=1,
-    )
 
 
 def test_migrations_reach_head_and_are_idempotent(db: Database) -> None:
