@@ -248,7 +248,7 @@ class PayerJournal:
                 "UPDATE payments SET status = 'accepted', receipt = ?, accepted_at = ? WHERE idempotency_key = ?",
                 (json.dumps(receipt, sort_keys=True), now, key),
             )
-            if self._forgot_at is None or not 0 <= now - self._forgot_at < PRUNE_EVERY:
+            if _due(self._forgot_at, now):
                 self._forgot_at = now
                 self._conn.execute(
                     "DELETE FROM payments WHERE status = 'accepted' AND accepted_at < ?", (now - KEEP_ACCEPTED,)
@@ -339,7 +339,7 @@ class PayerJournal:
 
     def _prune(self, now: float) -> None:
         """Every PRUNE_EVERY seconds of the payments' clock: drop what no budget's window can reach (KEPT)."""
-        if self._pruned_at is not None and 0 <= now - self._pruned_at < PRUNE_EVERY:
+        if not _due(self._pruned_at, now):
             return
         self._pruned_at = now
         for width in WIDTHS:
@@ -357,6 +357,12 @@ class PayerJournal:
         row = self._conn.execute("SELECT signed FROM positions WHERE channel_id = ?", (channel_id,)).fetchone()
         if row is None or int(row[0]) < cumulative:
             self._set(channel_id, cumulative)
+
+
+def _due(last: float | None, now: float) -> bool:
+    """Whether a tidy-up last done at `last` is due again at `now`: every PRUNE_EVERY seconds, or when the clock went
+    back."""
+    return last is None or not 0 <= now - last < PRUNE_EVERY
 
 
 def _add_decimal(a: str, b: str) -> str:
