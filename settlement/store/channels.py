@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import sqlite3
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from typing import Any, Generic, NamedTuple, TypeVar
@@ -202,24 +202,14 @@ def save_chain_state(conn: Connection, channel: Channel, now: datetime) -> None:
 
 def receipts_for(conn: Connection, keys: Sequence[tuple[ChannelId, int]]) -> dict[tuple[ChannelId, int], Receipt]:
     """Stored receipts for (channel, cumulative) pairs: the idempotency lookup."""
-    if conn.dialect.name == "sqlite":
-        pairs = [(channel_id, sqlite_amount(cumulative)) for channel_id, cumulative in keys]
-        rows = _pairs_sqlite(conn, _RECEIPTS_FOR_SQLITE, pairs)
-    else:
-        ids = [channel_id for channel_id, _ in keys]
-        rows = _pairs_postgres(conn, _RECEIPTS_FOR, {"ids": ids, "values": _decimals(c for _, c in keys)})
-    found = (_receipt_of(row) for row in rows)
+    values = ("string_to_array(%(values)b::text, ',')::numeric[]", _decimals(c for _, c in keys))
+    found = _paired(conn, _BY_AMOUNT, keys, sqlite_amount, values)
     return {(receipt.channel_id, receipt.cumulative): receipt for receipt in found}
 
 
 def receipts_by_key(conn: Connection, keys: Sequence[tuple[ChannelId, str]]) -> dict[tuple[ChannelId, str], Receipt]:
     """Stored receipts for (channel, idempotency key) pairs: a retried payment signed from a re-read position."""
-    if conn.dialect.name == "sqlite":
-        rows = _pairs_sqlite(conn, _RECEIPTS_BY_KEY_SQLITE, list(keys))
-    else:
-        ids = [channel_id for channel_id, _ in keys]
-        rows = _pairs_postgres(conn, _RECEIPTS_BY_KEY, {"ids": ids, "values": [key for _, key in keys]})
-    found = (_receipt_of(row) for row in rows)
+    found = _paired(conn, _BY_KEY, keys, str, ("%(values)b::varchar[]", [key for _, key in keys]))
     return {(receipt.channel_id, receipt.idempotency_key or ""): receipt for receipt in found}
 
 
@@ -230,44 +220,34 @@ def receipts_by_key(conn: Connection, keys: Sequence[tuple[ChannelId, str]]) -> 
 _RECEIPT_COLUMNS = (
     "c.channel_id, p.cumulative, p.increment, p.remaining, p.accepted_at_us, p.reference, p.idempotency_key"
 )
-_RECEIPTS_FOR = (
-    f"SELECT {_RECEIPT_COLUMNS}"
-    " FROM unnest(%(ids)b::varchar[], string_to_array(%(values)b::text, ',')::numeric[]) AS k(id, cumulative)"
-    " JOIN channels AS c ON c.channel_id = k.id"
-    " JOIN payments AS p ON p.channel_no = c.channel_no AND p.cumulative = k.cumulative"
-)
-_RECEIPTS_BY_KEY = (
-    f"SELECT {_RECEIPT_COLUMNS}"
-    " FROM unnest(%(ids)b::varchar[], %(values)b::varchar[]) AS k(id, key)"
-    " JOIN channels AS c ON c.channel_id = k.id"
-    " JOIN payments AS p ON p.channel_no = c.channel_no AND p.idempotency_key = k.key"
-    " WHERE p.idempotency_key IS NOT NULL"  # the index is partial: this says it holds every row wanted
-)
-_RECEIPTS_FOR_SQLITE = (
-    f"WITH k(id, cumulative) AS (VALUES {{pairs}}) SELECT {_RECEIPT_COLUMNS}"
-    " FROM k JOIN channels AS c ON c.channel_id = k.id"
-    " JOIN payments AS p ON p.channel_no = c.channel_no AND p.cumulative = k.cumulative"
-)
-_RECEIPTS_BY_KEY_SQLITE = (
-    f"WITH k(id, key) AS (VALUES {{pairs}}) SELECT {_RECEIPT_COLUMNS}"
-    " FROM k JOIN channels AS c ON c.channel_id = k.id"
-    " JOIN payments AS p ON p.channel_no = c.channel_no AND p.idempotency_key = k.key"
-    " WHERE p.idempotency_key IS NOT NULL"
-)
+_PAIRED = " JOIN channels AS c ON c.channel_id = k.id JOIN payments AS p ON p.channel_no = c.channel_no AND "
+_BY_AMOUNT = "p.cumulative = k.value"
+_BY_KEY = "p.idempotency_key = k.value AND p.idempotency_key IS NOT NULL"  # the index is partial: it holds them all
 _SQLITE_PAIRS_PER_STATEMENT = 400  # 800 parameters: under SQLite's oldest default limit (999)
 
 
-def _pairs_sqlite(conn: Connection, statement: str, pairs: Sequence[tuple[Any, Any]]) -> list[tuple[Any, ...]]:
+def _paired(
+    conn: Connection,
+    match: str,
+    pairs: Sequence[tuple[ChannelId, Any]],
+    stored: Callable[[Any], Any],
+    postgres_values: tuple[str, Any],
+) -> list[Receipt]:
+    """The receipts of (channel id, value) pairs, `match` saying which payment a value names. The pairs come as a
+    VALUES list on SQLite (`stored`: a value as SQLite holds it), as arrays on PostgreSQL (`postgres_values`: the
+    array's expression and its parameter)."""
+    head, join = f"SELECT {_RECEIPT_COLUMNS}", _PAIRED + match
     rows: list[tuple[Any, ...]] = []
-    for at in range(0, len(pairs), _SQLITE_PAIRS_PER_STATEMENT):
-        part = pairs[at : at + _SQLITE_PAIRS_PER_STATEMENT]
-        sql = statement.format(pairs=", ".join(["(?, ?)"] * len(part)))
-        rows += _execute_raw(conn, sql, [value for pair in part for value in pair])[1]
-    return rows
-
-
-def _pairs_postgres(conn: Connection, statement: str, params: dict[str, Any]) -> list[tuple[Any, ...]]:
-    return _execute_raw(conn, statement, params)[1] if params["ids"] else []
+    if conn.dialect.name == "sqlite":
+        for at in range(0, len(pairs), _SQLITE_PAIRS_PER_STATEMENT):
+            part = pairs[at : at + _SQLITE_PAIRS_PER_STATEMENT]
+            sql = f"WITH k(id, value) AS (VALUES {', '.join(['(?, ?)'] * len(part))}) {head} FROM k{join}"
+            rows += _execute_raw(conn, sql, [v for channel_id, value in part for v in (channel_id, stored(value))])[1]
+    elif pairs:
+        array, values = postgres_values
+        sql = f"{head} FROM unnest(%(ids)b::varchar[], {array}) AS k(id, value){join}"
+        rows = _execute_raw(conn, sql, {"ids": [channel_id for channel_id, _ in pairs], "values": values})[1]
+    return [_receipt_of(row) for row in rows]
 
 
 def _receipt_of(row: tuple[Any, ...]) -> Receipt:
