@@ -50,7 +50,7 @@ def test_amounts_up_to_2_pow_256_minus_1_are_exact(db: Database) -> None:
     with db.read() as conn:
         stored = channel_q.get_channel(conn, a_channel().channel_id)
         receipt = channel_q.receipts_for(conn, [(a_channel().channel_id, MAX)])
-        raw = conn.execute(text("SELECT accepted FROM channels")).scalar_one()
+        raw = conn.execute(text("SELECT cumulative FROM payments")).scalar_one()  # the channel's latest voucher
     assert stored is not None and (stored.deposit, stored.accepted) == (MAX, MAX)
     assert receipt[(a_channel().channel_id, MAX)].increment == MAX - 1
     assert (int.from_bytes(raw, "big") if db.is_sqlite else int(raw)) == MAX  # not a float that rounds back
@@ -69,14 +69,16 @@ def test_amounts_compare_in_sql_as_numbers_across_sqlites_two_forms(db: Database
         unsettled = channel_q.unsettled_by_token(conn)
         ranked = batch_q.settleable(conn, limit=1)
         forms = (
-            conn.execute(text("SELECT typeof(settled), typeof(accepted) FROM channels")).one() if db.is_sqlite else ()
+            conn.execute(text("SELECT typeof(settled), typeof(cumulative) FROM channels, payments")).one()
+            if db.is_sqlite
+            else ()
         )
     assert unsettled == {ETH: high - low}
     assert [c.accepted for c in ranked] == [high]
     if db.is_sqlite:
         assert tuple(forms) == tuple("integer" if v < 2**63 else "blob" for v in (low, high))
     with pytest.raises(StoreError), db.write() as conn:  # accepted below settled: the CHECK sees the order too
-        conn.execute(text("UPDATE channels SET deposit = settled, settled = accepted"))
+        conn.execute(text("UPDATE channels SET deposit = settled, settled = (SELECT cumulative FROM payments)"))
 
 
 @pytest.mark.parametrize(
@@ -110,7 +112,7 @@ def test_sqlite_refuses_an_amount_in_any_other_form(tmp_path: Path, stored: str)
     [
         "UPDATE channels SET settled = deposit, deposit = settled",  # settled > deposit
         "UPDATE channels SET status = 9",
-        "UPDATE channels SET accepted = {zero}",  # accepted 0 while a signature is stored
+        "UPDATE channels SET accepted = {zero}, signature = (SELECT signature FROM payments)",  # signed, accepted 0
         "UPDATE payments SET increment = {zero}",
         "UPDATE payments SET increment = cumulative || '0'",
     ],
@@ -254,10 +256,10 @@ def test_one_voucher_the_store_refuses_never_fails_its_group(
     if store_url.startswith("sqlite"):
         real = channel_q.record_payments
 
-        def refuse_nul(conn: Any, accepted: Any, numbers: Any = None) -> None:
+        def refuse_nul(conn: Any, accepted: Any, numbers: Any = None) -> set[ChannelId]:
             if any("\x00" in (r.reference or "") for r, _ in accepted):
                 raise StoreError("injected: the store refuses this value")
-            real(conn, accepted, numbers)
+            return real(conn, accepted, numbers)
 
         monkeypatch.setattr(channel_q, "record_payments", refuse_nul)
     outcomes = service.ingestor.submit(vouchers, [service.ingestor.recover(v) for v in vouchers]).result()
@@ -506,6 +508,44 @@ def test_a_voucher_deferred_behind_the_indexers_close_is_judged_against_the_clos
     with db.read() as conn:
         stored = cast(Channel, channel_q.get_channel(conn, cid))
     assert (stored.accepted, stored.status) == (10, ChannelStatus.CLOSED)
+
+
+def test_a_voucher_deferred_behind_another_writers_payment_is_judged_against_that_payment(db: Database) -> None:
+    """A writer that waited for another process's writer to let go of a channel judges what that writer committed
+    meanwhile, not its own copy nor what its waiting statement's snapshot held: its copy says 10, the other writer
+    commits 30 while this one waits, and 20 must be refused as stale (taken, it would have counted 10 of the payer's
+    money twice), then 40 is taken as +10. (Tried while moving SQLite's latest voucher off the channel row: a latest
+    voucher read from the payments in the statement that waited, rather than from the row it locked, took 20.)"""
+    if db.engine.dialect.name == "sqlite":
+        pytest.skip("SQLite has no row locks: one writer transaction holds the whole database at a time")
+    with db.write() as conn:
+        channel_q.insert_channel(conn, a_channel(1, deposit=100), utcnow())
+    cid, payer = a_channel(1).channel_id, bytes.fromhex("aa" * 20)
+    writer = Ingestor(db, cast(Any, None), cast(Any, None), Metrics(), close_guard=0)
+    writer.start()
+    other = db.engine.connect()
+    try:
+        (accepted,) = writer.submit([Voucher(cid, 10, bytes(65))], [payer]).result(timeout=20)
+        assert isinstance(accepted, Verdict) and accepted.new
+        elsewhere = other.begin()
+        other.execute(text("SELECT 1 FROM channels WHERE channel_id = :id FOR UPDATE"), {"id": cid})
+        channel_q.record_payments(other, [(Receipt(cid, 30, 20, 70, utcnow()), b"\x02" * 65)])
+        late = writer.submit([Voucher(cid, 20, bytes(65))], [payer])
+        wait_until(lambda: _deferred(writer) == 1)
+        assert not late.done()
+        elsewhere.commit()
+        (refused,) = late.result(timeout=20)
+        assert isinstance(refused, SettlementError) and refused.code == "stale_voucher"
+        (taken,) = writer.submit([Voucher(cid, 40, bytes(65))], [payer]).result(timeout=20)
+        assert isinstance(taken, Verdict) and taken.new and taken.receipt.increment == 10
+    finally:
+        other.close()
+        writer.stop()
+    with db.read() as conn:
+        stored = [p.increment for p in reversed(channel_q.list_payments(conn, cid).items)]
+        latest = cast(Channel, channel_q.get_channel(conn, cid))
+    assert stored == [10, 20, 10]
+    assert (latest.accepted, latest.signature) == (40, bytes(65))
 
 
 def test_writers_sharing_every_channel_pay_each_voucher_once(db: Database) -> None:

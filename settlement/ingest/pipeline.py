@@ -69,7 +69,7 @@ _DEFERRED = StoreError("the voucher's channel was held by another transaction")
 @dataclass(frozen=True)
 class _Judged:
     outcomes: list[Outcome]
-    written: set[ChannelId]  # channels whose row the group wrote
+    written: set[ChannelId]  # channels whose row the group rewrote (its version raised)
     seen: Counter[tuple[str, str]]  # (payer, refusal code or "" for accepted), for the risk monitor
 
 
@@ -511,14 +511,14 @@ class Ingestor:
     def _read_group(
         self, conn: Connection, stamps: dict[ChannelId, channel_q.RowStamp]
     ) -> tuple[dict[ChannelId, Channel], dict[ChannelId, int]]:
-        """The group's channels, row-locked (`stamps`): the writer's own copy of each while the stored
-        version is the one it holds, else the stored row (another process accepted a voucher, the indexer saw the
-        chain move)."""
+        """The group's channels, row-locked (`stamps`): the writer's own copy of each while the stored row's
+        version and the channel's latest accepted amount are the ones it holds, else the stored channel (another
+        process accepted a voucher, the indexer saw the chain move)."""
         versions = {channel_id: stamp.version for channel_id, stamp in stamps.items()}
         channels: dict[ChannelId, Channel] = {}
-        for channel_id, version in versions.items():
+        for channel_id, stamp in stamps.items():
             held = self._held.get(channel_id)
-            if held is not None and held.version == version:
+            if held is not None and held.version == stamp.version and held.channel.accepted == stamp.accepted:
                 channels[channel_id] = held.channel
         if len(channels) < len(versions):
             for channel_id, stored in channel_q.read_versioned(conn, versions.keys() - channels.keys()).items():
@@ -529,7 +529,8 @@ class Ingestor:
     def _hold(
         self, channels: dict[ChannelId, Channel], versions: dict[ChannelId, int], written: set[ChannelId]
     ) -> None:
-        """After the commit: keep the group's channels as stored now (the group's write raised their versions)."""
+        """After the commit: keep the group's channels as stored now (the rows the group rewrote have their
+        versions raised; on SQLite none is rewritten: the group's payments moved their latest vouchers)."""
         held = self._held
         for channel_id, channel in channels.items():
             held.pop(channel_id, None)  # re-inserted last: the oldest entries are the least recently used
@@ -597,9 +598,9 @@ class Ingestor:
                     keyed[key] = verdict.receipt
                 channels[voucher.channel_id] = channel.with_voucher(voucher.cumulative, voucher.signature)
             outcomes.append(verdict)
-        channel_q.record_payments(conn, accepted, numbers)
+        written = channel_q.record_payments(conn, accepted, numbers)
         caps_q.save_windows(conn, {key: total for key, total in spent.items() if total != before[key]})
-        return _Judged(outcomes, {receipt.channel_id for receipt, _ in accepted}, seen)
+        return _Judged(outcomes, written, seen)
 
 
 def _unix(now: datetime) -> int:

@@ -9,7 +9,7 @@ from datetime import UTC, datetime, timedelta
 from typing import Any, Generic, NamedTuple, TypeVar
 
 import psycopg
-from sqlalchemy import Connection, Row, Select, and_, any_, bindparam, func, select, update
+from sqlalchemy import ColumnElement, Connection, LargeBinary, Row, Select, and_, any_, bindparam, func, select, update
 from sqlalchemy.dialects.postgresql import ARRAY
 from sqlalchemy.dialects.postgresql import insert as pg_insert
 from sqlalchemy.dialects.sqlite import insert as sqlite_insert
@@ -17,7 +17,7 @@ from sqlalchemy.exc import DBAPIError
 
 from settlement.domain.model import Channel, ChannelId, ChannelStatus, Receipt
 from settlement.store.tables import channels, payments
-from settlement.store.types import sqlite_amount, stored_amount
+from settlement.store.types import Amount, sqlite_amount, stored_amount
 
 _EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
 _US = timedelta(microseconds=1)
@@ -31,6 +31,37 @@ def to_us(moment: datetime) -> int:
 
 def from_us(us: int) -> datetime:
     return _EPOCH + timedelta(microseconds=us)
+
+
+# A channel's latest accepted voucher. On PostgreSQL, the row's own `accepted` and `signature`, which the writer's
+# group statement moves with its insert (a heap-only update: revision 0015). On SQLite, its highest payment, found
+# on the payments' unique (channel_no, cumulative) index: there the writer does not rewrite the channel's row, a
+# page of the channels table written to the WAL and the database per group (half of what a voucher wrote, and a
+# sixth of the writer's time; docs/scaling.md). The row's own columns stand for a channel without a payment row
+# (written so by older versions, or by hand) and are never above its highest payment.
+_head = payments.alias("head")
+
+
+def _head_of(column: ColumnElement[Any]) -> ColumnElement[Any]:
+    query = select(column).where(_head.c.channel_no == channels.c.channel_no).order_by(_head.c.cumulative.desc())
+    return query.limit(1).scalar_subquery()
+
+
+_HEAD_ACCEPTED = func.coalesce(_head_of(_head.c.cumulative), channels.c.accepted, type_=Amount())
+_HEAD_SIGNATURE = func.coalesce(_head_of(_head.c.signature), channels.c.signature, type_=LargeBinary())
+_ROW = [c for c in channels.c if c.name not in ("accepted", "signature")]
+
+
+def latest_accepted(conn: Connection) -> ColumnElement[int]:
+    """The channel's latest accepted amount, as an expression over `channels` (see above)."""
+    return _HEAD_ACCEPTED if conn.dialect.name == "sqlite" else channels.c.accepted
+
+
+def channel_rows(conn: Connection, *extra: ColumnElement[Any]) -> Select[Any]:
+    """`select(channels)`, each channel's latest accepted voucher as its `accepted` and `signature`."""
+    if conn.dialect.name != "sqlite":
+        return select(channels, *extra)
+    return select(*_ROW, _HEAD_ACCEPTED.label("accepted"), _HEAD_SIGNATURE.label("signature"), *extra)
 
 
 def channel_from_row(row: Row[Any]) -> Channel:
@@ -59,7 +90,7 @@ def open_payers(conn: Connection, limit: int) -> list[tuple[ChannelId, str]]:
 
 
 def get_channel(conn: Connection, channel_id: str) -> Channel | None:
-    row = conn.execute(select(channels).where(channels.c.channel_id == channel_id)).first()
+    row = conn.execute(channel_rows(conn).where(channels.c.channel_id == channel_id)).first()
     return None if row is None else channel_from_row(row)
 
 
@@ -79,8 +110,8 @@ def lock_channels(conn: Connection, channel_ids: Iterable[ChannelId]) -> dict[Ch
 def _with_ids(conn: Connection, channel_ids: Iterable[ChannelId]) -> Select[Any]:
     ids = sorted(set(channel_ids))
     if conn.dialect.name == "sqlite":
-        return select(channels).where(channels.c.channel_id.in_(ids))
-    return select(channels).where(channels.c.channel_id == any_(bindparam("ids", ids, type_=_ID_ARRAY)))
+        return channel_rows(conn).where(channels.c.channel_id.in_(ids))
+    return channel_rows(conn).where(channels.c.channel_id == any_(bindparam("ids", ids, type_=_ID_ARRAY)))
 
 
 class VersionedChannel(NamedTuple):
@@ -93,11 +124,13 @@ class VersionedChannel(NamedTuple):
 
 
 class RowStamp(NamedTuple):
-    """What the writer reads of a channel row it locks: the row's version, and the channel's number in the store
-    (which its payments carry; it never changes)."""
+    """What the writer reads of a channel it locks: the row's version, the channel's number in the store (which its
+    payments carry; it never changes), and its latest accepted amount (on SQLite another process's writer that
+    accepted a voucher on it moved that, not the row)."""
 
     version: int
     number: int
+    accepted: int
 
 
 class Locked(NamedTuple):
@@ -123,11 +156,19 @@ def lock_versions(conn: Connection, channel_ids: Iterable[ChannelId], *, skip_bu
         return Locked({}, set())
     if conn.dialect.name == "sqlite":
         marks = ",".join("?" * len(ids))
-        statement = f"SELECT channel_id, version, channel_no FROM channels WHERE channel_id IN ({marks})"
+        # The write transaction holds the whole database: what this statement reads is what every commit left.
+        latest = (
+            "COALESCE((SELECT p.cumulative FROM payments p WHERE p.channel_no = c.channel_no"
+            " ORDER BY p.cumulative DESC LIMIT 1), c.accepted)"
+        )
+        statement = f"SELECT channel_id, version, channel_no, {latest} FROM channels c WHERE channel_id IN ({marks})"
         _, found = _execute_raw(conn, statement, ids)
     else:
         _, found = _execute_raw(conn, _LOCK_AVAILABLE if skip_busy else _LOCK_VERSIONS, {"ids": ids})
-    stamps = {ChannelId(cid): RowStamp(int(version), int(number)) for cid, version, number in found}
+    stamps = {
+        ChannelId(cid): RowStamp(int(version), int(number), stored_amount(accepted))
+        for cid, version, number, accepted in found
+    }
     busy: set[ChannelId] = set()
     if skip_busy and len(stamps) < len(ids) and conn.dialect.name != "sqlite":
         _, rows = _execute_raw(conn, _EXISTING, {"ids": [cid for cid in ids if cid not in stamps]})
@@ -136,7 +177,7 @@ def lock_versions(conn: Connection, channel_ids: Iterable[ChannelId], *, skip_bu
 
 
 _LOCK_VERSIONS = (
-    "SELECT channel_id, version, channel_no FROM channels WHERE channel_id = ANY(%(ids)b::varchar[])"
+    "SELECT channel_id, version, channel_no, accepted FROM channels WHERE channel_id = ANY(%(ids)b::varchar[])"
     " ORDER BY channel_id FOR UPDATE"
 )
 _LOCK_AVAILABLE = _LOCK_VERSIONS + " SKIP LOCKED"
@@ -272,23 +313,26 @@ def _receipt(row: Row[Any], channel_id: ChannelId) -> Receipt:
 
 def record_payments(
     conn: Connection, accepted: Sequence[tuple[Receipt, bytes]], numbers: Mapping[ChannelId, int] | None = None
-) -> None:
-    """Insert the accepted payments and move each channel's latest voucher to its highest one.
+) -> set[ChannelId]:
+    """Insert the accepted payments and move each channel's latest voucher to its highest one; returns the channels
+    whose row it rewrote, each row's version raised by one (PostgreSQL; on SQLite the latest voucher is the highest
+    payment, and no row is rewritten).
 
     This is the group commit of the hot path. `numbers` are the channels' numbers in the store, as the writer read
-    them under its row locks (`lock_versions`); left out, they are read here. Both writes address a channel by its
-    number, the key a payment carries. On PostgreSQL they are one statement over arrays (`unnest`): about half the
-    time of SQLAlchemy's multi-row INSERT plus a pipelined UPDATE per channel; a payment is inserted only with its
+    them under its row locks (`lock_versions`); left out, they are read here. A payment addresses its channel by that
+    number. On PostgreSQL the insert and the channels' update are one statement over arrays (`unnest`): about half
+    the time of SQLAlchemy's multi-row INSERT plus a pipelined UPDATE per channel; a payment is inserted only with its
     channel's UPDATE. SQLite's `executemany` is already a loop in C inside the process, so it keeps the plain form.
     """
     if not accepted:
-        return
+        return set()
     if numbers is None:
         numbers = channel_numbers(conn, {receipt.channel_id for receipt, _ in accepted})
     if conn.dialect.name == "sqlite":
         _record_payments_sqlite(conn, accepted, numbers)
-    else:
-        _record_payments_arrays(conn, accepted, numbers)
+        return set()
+    _record_payments_arrays(conn, accepted, numbers)
+    return {receipt.channel_id for receipt, _ in accepted}
 
 
 # Payment ids are drawn in the order of the group (ORDER BY the array position): within a channel, ids and amounts
@@ -375,10 +419,6 @@ def _record_payments_sqlite(
 ) -> None:
     """Straight to the driver's executemany (a loop in C): SQLAlchemy's per-row bind processing was most of the
     writer's time on the batch endpoint."""
-    latest: dict[ChannelId, tuple[Receipt, bytes]] = {}
-    for receipt, signature in accepted:
-        if receipt.channel_id not in latest or receipt.cumulative > latest[receipt.channel_id][0].cumulative:
-            latest[receipt.channel_id] = (receipt, signature)
     at = _times_us(r for r, _ in accepted)
     conn.exec_driver_sql(
         "INSERT INTO payments"
@@ -397,11 +437,6 @@ def _record_payments_sqlite(
             )
             for r, signature in accepted
         ],
-    )
-    conn.exec_driver_sql(
-        "UPDATE channels SET accepted = ?, signature = ?, updated_at_us = ?, version = version + 1"
-        " WHERE channel_no = ?",
-        [(sqlite_amount(r.cumulative), sig, at[r.accepted_at], numbers[cid]) for cid, (r, sig) in latest.items()],
     )
 
 
@@ -433,7 +468,7 @@ def list_channels(
         conditions.append(channels.c.status == int(status))
     if after is not None:
         conditions.append(channels.c.channel_id > after)
-    query = select(channels).where(and_(True, *conditions)).order_by(channels.c.channel_id).limit(limit + 1)
+    query = channel_rows(conn).where(and_(True, *conditions)).order_by(channels.c.channel_id).limit(limit + 1)
     rows = [channel_from_row(row) for row in conn.execute(query)]
     more = len(rows) > limit
     rows = rows[:limit]
@@ -470,7 +505,7 @@ class AssetSummary:
 
 def payee_summary(conn: Connection, payee: str) -> list[AssetSummary]:
     """Per asset; summed in Python because SQLite keeps large amounts as blobs (exact, but not summable in SQL)."""
-    query = select(channels.c.token, channels.c.accepted, channels.c.settled).where(channels.c.payee == payee)
+    query = select(channels.c.token, latest_accepted(conn), channels.c.settled).where(channels.c.payee == payee)
     totals: dict[str, list[int]] = {}
     for token, accepted, settled in conn.execute(query):
         entry = totals.setdefault(token, [0, 0, 0, 0])
@@ -487,9 +522,8 @@ def count_channels(conn: Connection) -> int:
 
 def unsettled_by_token(conn: Connection) -> dict[str, int]:
     """Accepted minus settled, summed per asset over every channel (in Python: SQLite keeps large amounts as blobs)."""
-    query = select(channels.c.token, channels.c.accepted, channels.c.settled).where(
-        channels.c.accepted > channels.c.settled
-    )
+    accepted = latest_accepted(conn)
+    query = select(channels.c.token, accepted, channels.c.settled).where(accepted > channels.c.settled)
     totals: dict[str, int] = {}
     for token, accepted, settled in conn.execute(query):
         totals[token] = totals.get(token, 0) + accepted - settled

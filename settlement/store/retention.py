@@ -6,6 +6,7 @@ from __future__ import annotations
 
 from sqlalchemy import Connection, and_, delete, select
 
+from settlement.store.channels import latest_accepted
 from settlement.store.database import Database
 from settlement.store.tables import channels, payments
 
@@ -22,7 +23,7 @@ def compact_payments(conn: Connection, accepted_before_us: int, limit: int = BAT
             and_(
                 payments.c.accepted_at_us < accepted_before_us,
                 payments.c.cumulative <= channels.c.settled,
-                payments.c.cumulative < channels.c.accepted,
+                payments.c.cumulative < latest_accepted(conn),
             )
         )
         .limit(limit)

@@ -10,7 +10,7 @@ from typing import Any
 from sqlalchemy import Connection, Row, and_, bindparam, case, exists, func, select, text, update
 
 from settlement.domain.model import Channel, ChannelId, ChannelStatus
-from settlement.store.channels import channel_from_row, from_us, to_us
+from settlement.store.channels import channel_from_row, channel_rows, from_us, latest_accepted, to_us
 from settlement.store.tables import channels, engine_alerts, settlement_batches, settlement_entries, settlement_txs
 
 OPEN_STATUSES = ("pending", "sent")
@@ -69,12 +69,12 @@ def _batch(row: Row[Any]) -> Batch:
     )
 
 
-def _covered() -> Any:
+def _covered(conn: Connection) -> Any:
     """The channel's latest accepted voucher is already in a batch in flight or confirmed."""
     return exists().where(
         and_(
             settlement_entries.c.channel_id == channels.c.channel_id,
-            settlement_entries.c.cumulative >= channels.c.accepted,
+            settlement_entries.c.cumulative >= latest_accepted(conn),
             settlement_batches.c.batch_id == settlement_entries.c.batch_id,
             settlement_batches.c.status.in_(("pending", "sent", "confirmed")),
         )
@@ -96,9 +96,9 @@ def settleable(conn: Connection, limit: int | None = None) -> list[Channel]:
     """
     if conn.dialect.name == "postgresql":
         conn.execute(text("SET LOCAL plan_cache_mode = force_custom_plan"))
-    covered = _covered()
-    query = select(channels).where(
-        channels.c.accepted > channels.c.settled,
+    covered, accepted = _covered(conn), latest_accepted(conn)
+    query = channel_rows(conn).where(
+        accepted > channels.c.settled,
         channels.c.status != int(ChannelStatus.CLOSED),
         channels.c.suspended_reason.is_(None),
         ~covered,
@@ -107,9 +107,9 @@ def settleable(conn: Connection, limit: int | None = None) -> list[Channel]:
         query = query.order_by(channels.c.channel_id)
     else:
         if conn.dialect.name == "sqlite":
-            unsettled = func.amount_value(channels.c.accepted) - func.amount_value(channels.c.settled)
+            unsettled = func.amount_value(accepted) - func.amount_value(channels.c.settled)
         else:
-            unsettled = channels.c.accepted - channels.c.settled
+            unsettled = accepted - channels.c.settled
         closing = case((channels.c.status == int(ChannelStatus.CLOSING), 0), else_=1)
         deadline = func.coalesce(channels.c.close_deadline, 0)
         query = query.order_by(closing, deadline, unsettled.desc(), channels.c.channel_id).limit(limit)
@@ -273,14 +273,11 @@ def closing_with_work(conn: Connection) -> list[CloseWork]:
         .scalar_subquery()
     )
     query = (
-        select(channels, phase.label("close_phase"), _covered().label("covered"))
-        .where(channels.c.status == int(ChannelStatus.CLOSING), channels.c.accepted > channels.c.settled)
+        channel_rows(conn, phase.label("close_phase"), _covered(conn).label("covered"))
+        .where(channels.c.status == int(ChannelStatus.CLOSING), latest_accepted(conn) > channels.c.settled)
         .order_by(channels.c.close_deadline, channels.c.channel_id)
     )
-    return [
-        CloseWork(channel_from_row(row), int(row.close_phase), bool(row.covered))
-        for row in conn.execute(query)
-    ]
+    return [CloseWork(channel_from_row(row), int(row.close_phase), bool(row.covered)) for row in conn.execute(query)]
 
 
 def closing_channels(conn: Connection) -> list[Channel]:
@@ -337,7 +334,5 @@ def nonce_used_since(conn: Connection, batch_id: str, now: datetime) -> datetime
 
 def clear_nonce_used(conn: Connection, batch_id: str) -> None:
     conn.execute(
-        update(settlement_batches)
-        .where(settlement_batches.c.batch_id == batch_id)
-        .values(nonce_used_since_us=None)
+        update(settlement_batches).where(settlement_batches.c.batch_id == batch_id).values(nonce_used_since_us=None)
     )

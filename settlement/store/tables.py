@@ -1,7 +1,8 @@
 """The schema, as SQLAlchemy Core tables; alembic migrations (settlement/store/migrations) create it.
 
-`channels` holds one row per channel: the chain's facts as the indexer confirmed them and the latest accepted
-voucher. `payments` holds every accepted increment (the audit trail and the idempotency record). `chain_events`,
+`channels` holds one row per channel: the chain's facts as the indexer confirmed them and, on PostgreSQL, the latest
+accepted voucher (on SQLite that is the channel's highest payment: settlement.store.channels.latest_accepted).
+`payments` holds every accepted increment (the audit trail and the idempotency record). `chain_events`,
 `indexed_blocks` and `indexer_cursor` let the indexer apply each event once and notice reorganisations.
 """
 
@@ -70,6 +71,8 @@ channels = Table(
     Column("close_deadline", BigInteger(), nullable=True),
     Column("as_of_block", BigInteger(), nullable=False),
     Column("as_of_log", Integer(), nullable=False, server_default=str(END_OF_BLOCK)),
+    # The latest accepted voucher on PostgreSQL; on SQLite only for a channel without a payment row (never above its
+    # highest payment, which is the latest voucher there): read both through channels.channel_rows / latest_accepted.
     Column("accepted", Amount(), nullable=False),
     Column("signature", LargeBinary(65), nullable=True),
     Column("suspended_reason", Text(), nullable=True),
