@@ -42,6 +42,39 @@ def test_migrations_reach_head_and_are_idempotent(db: Database) -> None:
     assert db.revision() == head_revision()
 
 
+def test_every_read_of_a_channel_gives_its_latest_voucher(db: Database) -> None:
+    """On SQLite a channel's latest voucher is its highest payment, not a column the writer rewrites (on PostgreSQL
+    it is the row's): each read of whole channels, the settler's and the watchtower's included, gives the same."""
+    now = utcnow()
+    with db.write() as conn:
+        channel_q.insert_channel(conn, a_channel(1, deposit=100), now)
+        for cumulative, increment, mark in ((7, 7, 1), (30, 23, 2)):  # two groups
+            receipt = Receipt(a_channel(1).channel_id, cumulative, increment, 100 - cumulative, now)
+            channel_q.record_payments(conn, [(receipt, bytes([mark]) * 65)])
+        channel_q.save_chain_state(conn, replace(a_channel(1, deposit=100), status=ChannelStatus.CLOSING), now)
+    cid = a_channel(1).channel_id
+    with db.write() as conn:
+        reads = {
+            "get_channel": channel_q.get_channel(conn, cid),
+            "list_channels": channel_q.list_channels(conn).items[0],
+            "lock_channels": channel_q.lock_channels(conn, [cid])[cid],
+            "read_versioned": channel_q.read_versioned(conn, [cid])[cid].channel,
+            "settleable": batch_q.settleable(conn)[0],
+            "settleable, ranked": batch_q.settleable(conn, limit=5)[0],
+            "closing_with_work": batch_q.closing_with_work(conn)[0].channel,
+            "closing_channels": batch_q.closing_channels(conn)[0],
+        }
+        stamp = channel_q.lock_versions(conn, [cid]).stamps[cid]
+        summary = channel_q.payee_summary(conn, a_channel(1).payee)
+        unsettled = channel_q.unsettled_by_token(conn)
+    assert {name: (c.accepted, c.signature) for name, c in reads.items() if c is not None} == {
+        name: (30, bytes([2]) * 65) for name in reads
+    }
+    assert stamp.accepted == 30
+    assert [(a.accepted, a.unsettled) for a in summary] == [(30, 30)]
+    assert unsettled == {ETH: 30}
+
+
 def test_amounts_up_to_2_pow_256_minus_1_are_exact(db: Database) -> None:
     now = utcnow()
     with db.write() as conn:
@@ -478,44 +511,32 @@ def test_a_group_answers_what_it_locked_while_another_process_holds_one_of_its_c
         writer.stop()
 
 
-def test_a_voucher_deferred_behind_the_indexers_close_is_judged_against_the_close(db: Database) -> None:
-    """The chain moves while a voucher waits for its channel: the indexer's transaction that records the channel's
-    close holds the row when the writer's group comes. The group defers the channel, waits for the indexer's commit,
-    and judges the voucher against the closed channel it then reads (the writer's own copy, from its accepted
-    voucher of 10, is older than the stored row): refused, the position stays 10."""
-    if db.engine.dialect.name == "sqlite":
-        pytest.skip("SQLite has no row locks: one writer transaction holds the whole database at a time")
-    with db.write() as conn:
-        channel_q.insert_channel(conn, a_channel(1, deposit=100), utcnow())
-    cid, payer = a_channel(1).channel_id, bytes.fromhex("aa" * 20)
-    writer = Ingestor(db, cast(Any, None), cast(Any, None), Metrics(), close_guard=0)
-    writer.start()
-    indexer = db.engine.connect()
-    try:
-        (accepted,) = writer.submit([Voucher(cid, 10, bytes(65))], [payer]).result(timeout=20)
-        assert isinstance(accepted, Verdict) and accepted.new
-        closing = indexer.begin()
-        channel_q.save_chain_state(indexer, replace(a_channel(1, deposit=100), status=ChannelStatus.CLOSED), utcnow())
-        late = writer.submit([Voucher(cid, 20, bytes(65))], [payer])
-        wait_until(lambda: _deferred(writer) == 1)
-        assert not late.done()
-        closing.commit()
-        (refused,) = late.result(timeout=20)
-        assert isinstance(refused, SettlementError) and refused.code == "channel_closed"
-    finally:
-        indexer.close()
-        writer.stop()
-    with db.read() as conn:
-        stored = cast(Channel, channel_q.get_channel(conn, cid))
-    assert (stored.accepted, stored.status) == (10, ChannelStatus.CLOSED)
+def _the_indexers_close(conn: Any, channel_id: str) -> None:
+    channel_q.save_chain_state(conn, replace(a_channel(1, deposit=100), status=ChannelStatus.CLOSED), utcnow())
 
 
-def test_a_voucher_deferred_behind_another_writers_payment_is_judged_against_that_payment(db: Database) -> None:
-    """A writer that waited for another process's writer to let go of a channel judges what that writer committed
-    meanwhile, not its own copy nor what its waiting statement's snapshot held: its copy says 10, the other writer
-    commits 30 while this one waits, and 20 must be refused as stale (taken, it would have counted 10 of the payer's
-    money twice), then 40 is taken as +10. (Tried while moving SQLite's latest voucher off the channel row: a latest
-    voucher read from the payments in the statement that waited, rather than from the row it locked, took 20.)"""
+def _another_writers_payment_of_30(conn: Any, channel_id: str) -> None:
+    conn.execute(text("SELECT 1 FROM channels WHERE channel_id = :id FOR UPDATE"), {"id": channel_id})
+    channel_q.record_payments(conn, [(Receipt(ChannelId(channel_id), 30, 20, 70, utcnow()), b"\x02" * 65)])
+
+
+@pytest.mark.parametrize(
+    ("meanwhile", "answers", "increments", "latest"),
+    [
+        (_the_indexers_close, ["channel_closed", "channel_closed"], [10], (10, ChannelStatus.CLOSED)),
+        (_another_writers_payment_of_30, ["stale_voucher", "new +10"], [10, 20, 10], (40, ChannelStatus.OPEN)),
+    ],
+)
+def test_a_voucher_deferred_behind_another_transaction_is_judged_against_what_it_committed(
+    db: Database, meanwhile: Callable[[Any, str], None], answers: list[str], increments: list[int], latest: Any
+) -> None:
+    """The store moves while a voucher waits for its channel: another transaction holds the channel's row when the
+    writer's group comes, the indexer's recording the channel's close, or another process's writer's accepting 30.
+    The group defers the channel, waits for that commit, and judges the voucher (20) against what it then reads, not
+    against its own copy (from its accepted voucher of 10) nor what its waiting statement's snapshot held: refused as
+    closed, or as stale (taken, it would have counted 10 of the payer's money twice); a later 40 likewise (refused,
+    or +10). (Tried while moving SQLite's latest voucher off the channel row: a latest voucher read from the payments
+    in the statement that waited, rather than from the row it locked, took 20.)"""
     if db.engine.dialect.name == "sqlite":
         pytest.skip("SQLite has no row locks: one writer transaction holds the whole database at a time")
     with db.write() as conn:
@@ -524,28 +545,30 @@ def test_a_voucher_deferred_behind_another_writers_payment_is_judged_against_tha
     writer = Ingestor(db, cast(Any, None), cast(Any, None), Metrics(), close_guard=0)
     writer.start()
     other = db.engine.connect()
+
+    def answer(outcome: Any) -> str:
+        return outcome.code if isinstance(outcome, SettlementError) else f"new +{outcome.receipt.increment}"
+
     try:
         (accepted,) = writer.submit([Voucher(cid, 10, bytes(65))], [payer]).result(timeout=20)
         assert isinstance(accepted, Verdict) and accepted.new
         elsewhere = other.begin()
-        other.execute(text("SELECT 1 FROM channels WHERE channel_id = :id FOR UPDATE"), {"id": cid})
-        channel_q.record_payments(other, [(Receipt(cid, 30, 20, 70, utcnow()), b"\x02" * 65)])
+        meanwhile(other, cid)
         late = writer.submit([Voucher(cid, 20, bytes(65))], [payer])
         wait_until(lambda: _deferred(writer) == 1)
         assert not late.done()
         elsewhere.commit()
         (refused,) = late.result(timeout=20)
-        assert isinstance(refused, SettlementError) and refused.code == "stale_voucher"
-        (taken,) = writer.submit([Voucher(cid, 40, bytes(65))], [payer]).result(timeout=20)
-        assert isinstance(taken, Verdict) and taken.new and taken.receipt.increment == 10
+        (then,) = writer.submit([Voucher(cid, 40, bytes(65))], [payer]).result(timeout=20)
+        assert [answer(refused), answer(then)] == answers
     finally:
         other.close()
         writer.stop()
     with db.read() as conn:
-        stored = [p.increment for p in reversed(channel_q.list_payments(conn, cid).items)]
-        latest = cast(Channel, channel_q.get_channel(conn, cid))
-    assert stored == [10, 20, 10]
-    assert (latest.accepted, latest.signature) == (40, bytes(65))
+        stored = cast(Channel, channel_q.get_channel(conn, cid))
+        paid = [p.increment for p in reversed(channel_q.list_payments(conn, cid).items)]
+    assert (stored.accepted, stored.status) == latest
+    assert paid == increments
 
 
 def test_writers_sharing_every_channel_pay_each_voucher_once(db: Database) -> None:

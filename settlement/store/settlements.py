@@ -283,7 +283,7 @@ def closing_with_work(conn: Connection) -> list[CloseWork]:
 def closing_channels(conn: Connection) -> list[Channel]:
     """Every closing channel, nearest deadline first, whether or not anything is left to settle on it."""
     query = (
-        select(channels)
+        channel_rows(conn)
         .where(channels.c.status == int(ChannelStatus.CLOSING))
         .order_by(channels.c.close_deadline, channels.c.channel_id)
     )
