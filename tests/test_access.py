@@ -64,6 +64,15 @@ def revoke(store_url: str, key: str) -> None:
         db.dispose()
 
 
+def test_a_key_id_never_starts_with_a_dash(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A key's id is the 8 characters after its prefix, which an operator passes to `settlement keys revoke`: one
+    that began with "-" (1 key in 64) read as an option there ("No such option: -Q"). Such a draw is drawn again."""
+    draws = iter(["-QbCQHbV" + "a" * 35, "QbCQHbV-" + "b" * 35])
+    monkeypatch.setattr("settlement.server.api_keys.secrets.token_urlsafe", lambda _n: next(draws))
+    secret, row, _ = make_key(Role.OPERATOR, None, "test", 0)
+    assert (secret, row.key_id) == ("chk_QbCQHbV-" + "b" * 35, "QbCQHbV-")
+
+
 def reads(client: TestClient, channel: Channel, credential: str | None) -> dict[str, int]:
     """The status of each protected read about `channel` with this credential."""
     headers = {} if credential is None else {"Authorization": f"Bearer {credential}"}

@@ -38,6 +38,8 @@ def make_key(role: Role, account: str | None, name: str, now_us: int) -> tuple[s
     if (account is None) != (role is Role.OPERATOR):
         raise ValueError("a payee or payer key names its account; an operator key names none")
     secret = KEY_PREFIX + secrets.token_urlsafe(32)
+    while secret[len(KEY_PREFIX)] == "-":  # an id "-Qb..." would read as an option: `settlement keys revoke -Qb...`
+        secret = KEY_PREFIX + secrets.token_urlsafe(32)
     row = KeyRow(secret[len(KEY_PREFIX) : len(KEY_PREFIX) + 8], role.value, account, name, now_us, None)
     return secret, row, hash_key(secret)
 

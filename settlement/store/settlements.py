@@ -10,7 +10,7 @@ from typing import Any
 from sqlalchemy import Connection, Row, and_, bindparam, case, exists, func, select, text, update
 
 from settlement.domain.model import Channel, ChannelId, ChannelStatus
-from settlement.store.channels import channel_from_row, channel_rows, from_us, latest_accepted, to_us
+from settlement.store.channels import channel_from_row, channel_rows, from_us, latest_accepted, read_versioned, to_us
 from settlement.store.tables import channels, engine_alerts, settlement_batches, settlement_entries, settlement_txs
 
 OPEN_STATUSES = ("pending", "sent")
@@ -69,12 +69,12 @@ def _batch(row: Row[Any]) -> Batch:
     )
 
 
-def _covered(conn: Connection) -> Any:
+def _covered(channel_id: Any, accepted: Any) -> Any:
     """The channel's latest accepted voucher is already in a batch in flight or confirmed."""
     return exists().where(
         and_(
-            settlement_entries.c.channel_id == channels.c.channel_id,
-            settlement_entries.c.cumulative >= latest_accepted(conn),
+            settlement_entries.c.channel_id == channel_id,
+            settlement_entries.c.cumulative >= accepted,
             settlement_batches.c.batch_id == settlement_entries.c.batch_id,
             settlement_batches.c.status.in_(("pending", "sent", "confirmed")),
         )
@@ -96,24 +96,35 @@ def settleable(conn: Connection, limit: int | None = None) -> list[Channel]:
     """
     if conn.dialect.name == "postgresql":
         conn.execute(text("SET LOCAL plan_cache_mode = force_custom_plan"))
-    covered, accepted = _covered(conn), latest_accepted(conn)
-    query = channel_rows(conn).where(
-        accepted > channels.c.settled,
-        channels.c.status != int(ChannelStatus.CLOSED),
-        channels.c.suspended_reason.is_(None),
-        ~covered,
-    )
+    candidates = select(
+        channels.c.channel_id,
+        channels.c.settled,
+        channels.c.status,
+        channels.c.close_deadline,
+        latest_accepted(conn).label("accepted"),
+    ).where(channels.c.status != int(ChannelStatus.CLOSED), channels.c.suspended_reason.is_(None))
+    # On SQLite the latest accepted amount is a probe of the payments' index each time a clause names it (the filter,
+    # the batched check, the ranking): materialised, each channel's is probed once. PostgreSQL reads the column.
+    c = (
+        candidates.cte("candidates").prefix_with("MATERIALIZED")
+        if conn.dialect.name == "sqlite"
+        else candidates.subquery("candidates")
+    ).c
+    query = select(c.channel_id).where(c.accepted > c.settled, ~_covered(c.channel_id, c.accepted))
     if limit is None:
-        query = query.order_by(channels.c.channel_id)
+        query = query.order_by(c.channel_id)
     else:
         if conn.dialect.name == "sqlite":
-            unsettled = func.amount_value(accepted) - func.amount_value(channels.c.settled)
+            unsettled = func.amount_value(c.accepted) - func.amount_value(c.settled)
         else:
-            unsettled = accepted - channels.c.settled
-        closing = case((channels.c.status == int(ChannelStatus.CLOSING), 0), else_=1)
-        deadline = func.coalesce(channels.c.close_deadline, 0)
-        query = query.order_by(closing, deadline, unsettled.desc(), channels.c.channel_id).limit(limit)
-    return [channel_from_row(row) for row in conn.execute(query)]
+            unsettled = c.accepted - c.settled
+        closing = case((c.status == int(ChannelStatus.CLOSING), 0), else_=1)
+        deadline = func.coalesce(c.close_deadline, 0)
+        query = query.order_by(closing, deadline, unsettled.desc(), c.channel_id).limit(limit)
+    ids = [ChannelId(channel_id) for channel_id in conn.execute(query).scalars()]
+    # The chosen channels' whole rows after: a sort keeps every column of every candidate it sorts.
+    found = read_versioned(conn, ids)
+    return [found[channel_id].channel for channel_id in ids]
 
 
 def open_batches(conn: Connection) -> list[Batch]:
@@ -273,7 +284,9 @@ def closing_with_work(conn: Connection) -> list[CloseWork]:
         .scalar_subquery()
     )
     query = (
-        channel_rows(conn, phase.label("close_phase"), _covered(conn).label("covered"))
+        channel_rows(
+            conn, phase.label("close_phase"), _covered(channels.c.channel_id, latest_accepted(conn)).label("covered")
+        )
         .where(channels.c.status == int(ChannelStatus.CLOSING), latest_accepted(conn) > channels.c.settled)
         .order_by(channels.c.close_deadline, channels.c.channel_id)
     )
