@@ -12,6 +12,7 @@ import psycopg
 from sqlalchemy import ColumnElement, Connection, LargeBinary, Row, Select, and_, any_, bindparam, func, select, update
 from sqlalchemy.dialects.postgresql import ARRAY
 from sqlalchemy.dialects.postgresql import insert as pg_insert
+from sqlalchemy.dialects.sqlite import dialect as sqlite_dialect
 from sqlalchemy.dialects.sqlite import insert as sqlite_insert
 from sqlalchemy.exc import DBAPIError
 
@@ -157,12 +158,7 @@ def lock_versions(conn: Connection, channel_ids: Iterable[ChannelId], *, skip_bu
     if conn.dialect.name == "sqlite":
         marks = ",".join("?" * len(ids))
         # The write transaction holds the whole database: what this statement reads is what every commit left.
-        latest = (
-            "COALESCE((SELECT p.cumulative FROM payments p WHERE p.channel_no = c.channel_no"
-            " ORDER BY p.cumulative DESC LIMIT 1), c.accepted)"
-        )
-        statement = f"SELECT channel_id, version, channel_no, {latest} FROM channels c WHERE channel_id IN ({marks})"
-        _, found = _execute_raw(conn, statement, ids)
+        _, found = _execute_raw(conn, f"{_STAMPS_SQLITE} WHERE channel_id IN ({marks})", ids)
     else:
         _, found = _execute_raw(conn, _LOCK_AVAILABLE if skip_busy else _LOCK_VERSIONS, {"ids": ids})
     stamps = {
@@ -176,6 +172,12 @@ def lock_versions(conn: Connection, channel_ids: Iterable[ChannelId], *, skip_bu
     return Locked(stamps, busy)
 
 
+# The SQLite stamps' statement, with `latest_accepted`'s own expression, as text for the driver (see _execute_raw).
+_STAMPS_SQLITE = str(
+    select(channels.c.channel_id, channels.c.version, channels.c.channel_no, _HEAD_ACCEPTED).compile(
+        dialect=sqlite_dialect(), compile_kwargs={"literal_binds": True}
+    )
+)
 _LOCK_VERSIONS = (
     "SELECT channel_id, version, channel_no, accepted FROM channels WHERE channel_id = ANY(%(ids)b::varchar[])"
     " ORDER BY channel_id FOR UPDATE"
