@@ -106,6 +106,15 @@ def test_metrics_count_outcomes_by_code(
     assert "settlement_vouchers_accepted_total 1.0" in text
     assert "settlement_vouchers_duplicate_total 1.0" in text
     assert 'settlement_vouchers_rejected_total{code="stale_voucher"} 1.0' in text
+    batch = [(20, channel.payer), (30, channel.payer), (20, channel.payer), (25, channel.payer), (40, accounts[9])]
+    items = [body(channel, n, sign(signer, channel.id, n)) for n, signer in batch]
+    results = client.post("/v1/vouchers/batch", json={"vouchers": items}).json()["results"]
+    assert [r["status"] for r in results] == [201, 201, 200, 409, 400]
+    text = client.get("/metrics").text  # a batch's outcomes counted together, each in its own counter
+    assert "settlement_vouchers_accepted_total 3.0" in text
+    assert "settlement_vouchers_duplicate_total 2.0" in text
+    assert 'settlement_vouchers_rejected_total{code="stale_voucher"} 2.0' in text
+    assert 'settlement_vouchers_rejected_total{code="invalid_signature"} 1.0' in text
     assert "settlement_indexer_cursor_block" in text
 
 

@@ -3,14 +3,19 @@
 from __future__ import annotations
 
 from collections.abc import Callable
+from datetime import UTC, datetime
 from typing import Any
 
 import pytest
 from eth_account.signers.local import LocalAccount
 from fastapi.testclient import TestClient
+from pydantic_core import to_json
 from web3 import Web3
 from web3.contract import Contract
 
+from settlement.api.schemas import BatchOut, ReceiptOut
+from settlement.domain.ledger import receipt_body
+from settlement.domain.model import ChannelId, Receipt
 from settlement.eip712.vouchers import Domain
 from tests.hub_helpers import ETH, Channel, behind_the_fast_path, body, send
 
@@ -321,6 +326,55 @@ def test_the_fast_path_and_the_fastapi_route_give_the_same_answers(
         assert answers[0].status_code == answers[1].status_code >= 400
         assert answers[0].json() == answers[1].json()
         assert answers[0].json()["code"] == code
+
+
+def test_the_batch_route_answers_the_same_on_the_fast_path_and_behind_it(
+    api: Callable[..., TestClient], channel: Channel, sign: Sign, accounts: list[LocalAccount]
+) -> None:
+    """The fast path serves POST /v1/vouchers/batch too, its answer built without a model per item: each answer is,
+    byte for byte, what the documented models (BatchOut, ReceiptOut) make of it, and FastAPI's route says the same."""
+    fast = api(batch_max_items=4)
+    route = behind_the_fast_path(fast)
+
+    def voucher(n: int, signer: LocalAccount | None = None, **extra: Any) -> dict[str, Any]:
+        return body(channel, n, sign(signer or channel.payer, channel.id, n), **extra)
+
+    items = [voucher(10, reference="o-é"), voucher(20, accounts[9]), voucher(30, idempotencyKey="k-1"), voucher(5)]
+    first = fast.post("/v1/vouchers/batch", json={"vouchers": items})
+    again = route.post("/v1/vouchers/batch", json={"vouchers": items})
+    assert (first.status_code, again.status_code) == (200, 200)
+    assert [r["status"] for r in first.json()["results"]] == [201, 400, 201, 409]
+    assert [r["status"] for r in again.json()["results"]] == [200, 400, 200, 409]
+    for answer in (first, again):
+        assert answer.content == BatchOut.model_validate_json(answer.content).model_dump_json().encode()
+    assert [r["receipt"] for r in first.json()["results"]] == [r["receipt"] for r in again.json()["results"]]
+    assert [r["error"] for r in first.json()["results"]] == [r["error"] for r in again.json()["results"]]
+    single = fast.post("/v1/vouchers", json=voucher(40))
+    assert single.content == ReceiptOut.model_validate_json(single.content).model_dump_json().encode()
+
+    refusals: list[tuple[dict[str, Any], str]] = [
+        ({"json": {"vouchers": [voucher(50)] * 5}}, "batch_too_large"),
+        ({"json": {"vouchers": [{**voucher(50), "payer": "0x" + "11" * 20}]}}, "malformed_request"),
+        ({"json": [voucher(50)]}, "malformed_request"),
+        ({"content": b'{"vouchers": [', "headers": {"content-type": "application/json"}}, "malformed_request"),
+        ({"content": b'{"vouchers": []}', "headers": {"content-type": "text/plain"}}, "unsupported_media_type"),
+    ]
+    for request, code in refusals:
+        answers = [client.post("/v1/vouchers/batch", **request) for client in (fast, route)]
+        assert answers[0].status_code == answers[1].status_code >= 400
+        assert answers[0].json() == answers[1].json()
+        assert answers[0].json()["code"] == code
+    assert fast.get(f"/v1/channels/0x{channel.id.hex()}").json()["acceptedCumulativeAmount"] == "40"
+
+
+@pytest.mark.parametrize("microsecond", [0, 1, 999_999])
+def test_a_receipt_body_is_the_documented_receipt(microsecond: int) -> None:
+    """The voucher routes answer `receipt_body` through pydantic-core's `to_json`: exactly ReceiptOut's JSON, the
+    time included (pydantic writes a whole second without a fraction, as `isoformat` does)."""
+    at = datetime(2026, 12, 2, 9, 10, 26, microsecond, tzinfo=UTC)
+    for reference, key in ((None, None), ("ordre n° 7 \u2028 \\", "pay-1:a.b_c")):
+        receipt = Receipt(ChannelId("0x" + "ab" * 32), 10**30, 7, 0, at, reference, key)
+        assert to_json(receipt_body(receipt)) == ReceiptOut.of(receipt).model_dump_json().encode()
 
 
 def test_an_unexpected_failure_on_the_fast_path_is_a_500_and_the_service_goes_on(

@@ -6,20 +6,8 @@ from __future__ import annotations
 from fastapi import APIRouter, Request, Response
 
 from settlement.api.deps import ERRORS
-from settlement.api.handlers import accept_voucher, count, json_response
-from settlement.api.schemas import (
-    BatchItemOut,
-    BatchOut,
-    ErrorOut,
-    ReceiptOut,
-    VoucherBatchIn,
-    VoucherIn,
-    documented_body,
-    parse_body,
-)
-from settlement.domain.ledger import Verdict
-from settlement.errors import BatchTooLargeError
-from settlement.server.service import Service
+from settlement.api.handlers import accept_batch, accept_voucher
+from settlement.api.schemas import BatchOut, ReceiptOut, VoucherBatchIn, VoucherIn, documented_body
 
 router = APIRouter(responses=ERRORS)
 
@@ -48,26 +36,5 @@ async def submit_voucher(request: Request) -> Response:
 )
 async def submit_batch(request: Request) -> Response:
     """Many vouchers in one request; each gets its own result and valid ones are accepted whatever the others do."""
-    service: Service = request.app.state.service
-    body = parse_body(VoucherBatchIn, await request.body())
-    limit = service.settings.batch_max_items
-    if len(body.vouchers) > limit:
-        raise BatchTooLargeError(f"a batch holds at most {limit} vouchers, got {len(body.vouchers)}", maxItems=limit)
-    outcomes = await service.ingestor.ingest_async([v.to_voucher() for v in body.vouchers])
-    results = []
-    for index, outcome in enumerate(outcomes):
-        count(service, outcome)
-        if isinstance(outcome, Verdict):
-            status = 201 if outcome.new else 200
-            results.append(BatchItemOut(index=index, status=status, receipt=ReceiptOut.of(outcome.receipt)))
-        else:
-            results.append(
-                BatchItemOut(index=index, status=outcome.status, error=ErrorOut.model_validate(outcome.body()))
-            )
-    summary = BatchOut(
-        accepted=sum(r.status == 201 for r in results),
-        duplicates=sum(r.status == 200 for r in results),
-        rejected=sum(r.status >= 400 for r in results),
-        results=results,
-    )
-    return json_response(200, summary)
+    status, payload = await accept_batch(request.app.state.service, await request.body())
+    return Response(payload, status_code=status, media_type="application/json")

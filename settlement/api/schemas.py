@@ -8,6 +8,7 @@ from typing import Annotated, Any, Literal, TypeVar
 
 from pydantic import BaseModel, ConfigDict, Field, StringConstraints, ValidationError
 
+from settlement.domain.ledger import receipt_body
 from settlement.domain.model import Channel, ChannelId, ChannelStatus, Receipt, Voucher
 from settlement.errors import MalformedRequestError
 from settlement.store.channels import AssetSummary
@@ -114,15 +115,7 @@ class ReceiptOut(BaseModel):
 
     @classmethod
     def of(cls, receipt: Receipt) -> ReceiptOut:
-        return cls(
-            channelId=receipt.channel_id,
-            cumulativeAmount=str(receipt.cumulative),
-            increment=str(receipt.increment),
-            remaining=str(receipt.remaining),
-            acceptedAt=receipt.accepted_at,
-            reference=receipt.reference,
-            idempotencyKey=receipt.idempotency_key,
-        )
+        return cls.model_validate(receipt_body(receipt))
 
 
 class ErrorOut(BaseModel):

@@ -163,7 +163,7 @@ def judge(
             raise ExistsWithDifferentMetadataError(
                 f"this voucher was accepted before with another reference or idempotency key; the payment stands as "
                 f"first submitted (reference {prior.reference!r}, idempotency key {prior.idempotency_key!r})",
-                receipt=_receipt_body(prior),
+                receipt=receipt_body(prior),
             )
         return Verdict(prior, new=False)
     if keyed is not None:
@@ -172,7 +172,7 @@ def judge(
             raise IdempotencyKeyReusedError(
                 f"idempotency key {voucher.idempotency_key!r} already paid {keyed.increment} on this channel; "
                 f"this voucher would pay {asked}: use a new key for a new payment",
-                receipt=_receipt_body(keyed),
+                receipt=receipt_body(keyed),
             )
         return Verdict(keyed, new=False)  # the same payment, retried from a re-read position: charge nothing
     if channel.suspended_reason is not None:
@@ -227,8 +227,9 @@ def _differs(sent: str | None, stored: str | None) -> bool:
     return sent is not None and sent != stored
 
 
-def _receipt_body(receipt: Receipt) -> dict[str, str | None]:
-    """A stored receipt in an error's details, shaped as the API's receipts are."""
+def receipt_body(receipt: Receipt) -> dict[str, str | None]:
+    """A receipt as the API shows it (ReceiptOut's fields, in its order), in an error's details and in the voucher
+    routes' answers: pydantic-core's `to_json` makes ReceiptOut's own JSON of it without a model per receipt."""
     return {
         "channelId": receipt.channel_id,
         "cumulativeAmount": str(receipt.cumulative),

@@ -59,7 +59,6 @@ from settlement.store.settlements import Batch, CloseWork, Entry, SentTx
 logger = logging.getLogger(__name__)
 
 
-
 class Outcome(IntEnum):
     """What became of a batch entry: settled, or the hub's VoucherSkipped reason."""
 
