@@ -309,6 +309,9 @@ def settings_for_tests(devnet: Devnet, deployment_file: Path, store_url: str, **
         "access_control": False,
         # No per-client rate limit (every test request comes from one address): test_rate_limits.py turns it on.
         "client_requests_per_second": 0,
+        # No signature recovery process per service (hundreds of services start here): the tests of the workers
+        # (test_ingest_api.py) and every `settlement serve` a test runs as a process have them.
+        "recovery_processes": 0,
         **overrides,
     }
     return devnet_settings(**values)

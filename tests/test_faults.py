@@ -410,3 +410,42 @@ def test_postgres_outages_during_ingest_lose_no_acknowledged_voucher(
     assert sum(i for _, i in stored) == 3 * len(receipts)  # the payee got exactly what the app paid, not more
     assert max(c for c, _ in stored) == position
     assert len(receipts) >= 80
+
+
+def _children(pid: int) -> dict[int, str]:
+    """The processes whose parent is `pid`, with their command lines (from /proc)."""
+    found = {}
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                parent = int((entry / "stat").read_text().rsplit(")", 1)[1].split()[1])
+                command = (entry / "cmdline").read_bytes().replace(b"\0", b" ").decode()
+            except (OSError, IndexError, ValueError):
+                continue  # gone meanwhile
+            if parent == pid:
+                found[int(entry.name)] = command
+    return found
+
+
+def _alive(pid: int) -> bool:
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except OSError:
+        return False
+    return state != "Z"  # a zombie has exited: only its parent's wait is missing
+
+
+@pytest.mark.parametrize("how", ["kill", "stop"])
+def test_the_signature_recovery_worker_never_outlives_its_server(
+    spawn: Callable[..., ServiceProcess], store_url: str, how: str
+) -> None:
+    """`settlement serve` starts a worker process for batches' signatures: stopped with the server, and gone within
+    seconds when the server is killed -9 (no shutdown hook ran), rather than left behind for good."""
+    service = spawn(store_url, recovery_processes="1")
+    assert service.process is not None
+    server = service.process.pid
+    wait_until(lambda: any("multiprocessing" in command for command in _children(server).values()))
+    workers = [pid for pid, command in _children(server).items() if "multiprocessing" in command]
+    assert workers
+    service.kill() if how == "kill" else service.stop()
+    wait_until(lambda: not any(_alive(pid) for pid in workers), timeout=10)

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import multiprocessing
+import os
+import signal
 from collections.abc import Callable
 from datetime import UTC, datetime
 from typing import Any
@@ -17,7 +20,7 @@ from settlement.api.schemas import BatchOut, ReceiptOut
 from settlement.domain.ledger import receipt_body
 from settlement.domain.model import ChannelId, Receipt
 from settlement.eip712.vouchers import Domain
-from tests.hub_helpers import ETH, Channel, behind_the_fast_path, body, send
+from tests.hub_helpers import ETH, Channel, behind_the_fast_path, body, send, wait_until
 
 Sign = Callable[..., bytes]
 
@@ -121,12 +124,31 @@ def test_batch_accepts_valid_items_whatever_the_others_do(
     assert result["results"][2]["receipt"]["increment"] == "20"
 
 
-@pytest.mark.parametrize("threads", [1, 3])
-def test_a_large_batch_recovered_by_several_threads_keeps_each_result_in_its_place(
-    api: Callable[..., TestClient], channel: Channel, sign: Sign, accounts: list[LocalAccount], threads: int
+def recovered(client: TestClient, where: str) -> float:
+    """How many signers the service recovered in a worker process or on threads (its metric)."""
+    prefix = f'settlement_signers_recovered_total{{where="{where}"}} '
+    lines = [line for line in client.get("/metrics").text.splitlines() if line.startswith(prefix)]
+    return float(lines[0][len(prefix) :]) if lines else 0.0
+
+
+def workers_ready(client: TestClient) -> None:
+    recovery = client.app.state.service.ingestor.recovery  # type: ignore[attr-defined]
+    wait_until(lambda: recovery.workers_ready)
+
+
+@pytest.mark.parametrize(("threads", "processes"), [(1, 0), (3, 0), (2, 1), (2, 3)])
+def test_a_large_batch_recovered_off_the_event_loop_keeps_each_result_in_its_place(
+    api: Callable[..., TestClient],
+    channel: Channel,
+    sign: Sign,
+    accounts: list[LocalAccount],
+    threads: int,
+    processes: int,
 ) -> None:
-    client = api(recovery_threads=threads)
-    forged = {n for n in range(1, 41) if n % 7 == 0}  # 40 items: the pool gets uneven parts
+    client = api(recovery_threads=threads, recovery_processes=processes)
+    if processes:
+        workers_ready(client)
+    forged = {n for n in range(1, 41) if n % 7 == 0}  # 40 items: the threads or workers get uneven parts
     items = [body(channel, n, sign(accounts[9] if n in forged else channel.payer, channel.id, n)) for n in range(1, 41)]
     result = client.post("/v1/vouchers/batch", json={"vouchers": items}).json()
     assert [r["status"] for r in result["results"]] == [400 if n in forged else 201 for n in range(1, 41)]
@@ -134,6 +156,35 @@ def test_a_large_batch_recovered_by_several_threads_keeps_each_result_in_its_pla
         str(n) for n in range(1, 41) if n not in forged
     ]
     assert client.get(f"/v1/channels/0x{channel.id.hex()}").json()["acceptedCumulativeAmount"] == "40"
+    assert (recovered(client, "process"), recovered(client, "thread")) == ((40, 0) if processes else (0, 40))
+
+
+def test_a_killed_recovery_worker_costs_a_recovery_on_threads_then_a_new_worker_takes_over(
+    api: Callable[..., TestClient], channel: Channel, sign: Sign, accounts: list[LocalAccount]
+) -> None:
+    """A worker process that dies (the OOM killer, an operator's kill) must not fail a payment: the request in flight
+    is recovered on threads, and new workers start."""
+    before = set(multiprocessing.active_children())
+    client = api(recovery_processes=1)
+    workers_ready(client)
+    (worker,) = set(multiprocessing.active_children()) - before
+
+    def batch(start: int) -> list[int]:
+        amounts = range(start, start + 20)
+        items = [body(channel, n, sign(accounts[9] if n % 5 == 0 else channel.payer, channel.id, n)) for n in amounts]
+        return [r["status"] for r in client.post("/v1/vouchers/batch", json={"vouchers": items}).json()["results"]]
+
+    expected = [400 if n % 5 == 0 else 201 for n in range(1, 21)]
+    assert batch(1) == expected
+    assert (recovered(client, "process"), recovered(client, "thread")) == (20, 0)
+    os.kill(worker.pid, signal.SIGKILL)  # type: ignore[arg-type]
+    worker.join(timeout=10)
+    assert batch(21) == expected
+    assert (recovered(client, "process"), recovered(client, "thread")) == (20, 20)
+    workers_ready(client)
+    assert batch(41) == expected
+    assert (recovered(client, "process"), recovered(client, "thread")) == (40, 20)
+    assert client.get(f"/v1/channels/0x{channel.id.hex()}").json()["acceptedCumulativeAmount"] == "59"
 
 
 def test_batch_over_the_limit_is_refused_whole(api: Callable[..., TestClient], channel: Channel, sign: Sign) -> None:

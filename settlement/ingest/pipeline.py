@@ -1,8 +1,8 @@
 """The voucher ingest pipeline: find the payer, recover the signer, then judge and commit in groups.
 
 Signature recovery runs on the caller's thread (pure CPU, no lock held); a request with many vouchers has them
-recovered by a small pool of threads instead, in parallel, because libsecp256k1 (through cffi) releases the GIL
-while it works, and the event loop stays free for other requests meanwhile. Judging and writing run on one writer
+recovered off the event loop instead (`recovery`: a worker process, or threads), and the event loop stays free for
+other requests meanwhile. Judging and writing run on one writer
 thread per process that takes every voucher waiting in its queue, judges them in one transaction that holds the
 channels' row locks, and commits once: one fsync for the whole group. A caller's future resolves only after that
 commit, so a receipt is never handed out for a voucher that is not durable. With several processes on PostgreSQL the
@@ -19,7 +19,7 @@ import threading
 import time
 from collections import Counter
 from collections.abc import Iterator, Sequence
-from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import Future
 from dataclasses import dataclass
 from datetime import datetime
 
@@ -41,6 +41,7 @@ from settlement.errors import (
 )
 from settlement.indexer.follower import Indexer
 from settlement.ingest.admission import PayerRates
+from settlement.ingest.recovery import Recovery
 from settlement.server.metrics import Metrics
 from settlement.store import Database
 from settlement.store import caps as caps_q
@@ -49,7 +50,7 @@ from settlement.store import channels as channel_q
 logger = logging.getLogger(__name__)
 
 Outcome = Verdict | SettlementError
-PARALLEL_RECOVERY_MIN = 16  # below this a thread hand-off costs more than it saves
+PARALLEL_RECOVERY_MIN = 16  # below this a hand-off to a thread or a worker costs more than it saves
 HELD_MAX = 100_000  # channels the writer keeps in memory (~0.9 KB each; SETTLEMENT_HELD_CHANNELS)
 ADMITTED_SECONDS = 1.0  # how long an unknown id's admitted read also admits its repeats
 ADMITTED_MAX = 1_000  # admitted ids remembered before the stale ones are dropped (the budget bounds how many are fresh)
@@ -86,6 +87,7 @@ class Ingestor:
         close_guard: int,
         group_max: int = 1024,
         recovery_threads: int = 2,
+        recovery_processes: int = 0,
         payer_rates: PayerRates | None = None,
         unknown_reads_per_second: float = 50.0,
         held_max: int = HELD_MAX,
@@ -104,13 +106,12 @@ class Ingestor:
         self._payer_names: dict[bytes, str] = {}  # a payer's checksummed address, for the risk monitor's counts
         self._queue: queue.SimpleQueue[_Job | None] = queue.SimpleQueue()
         self._thread: threading.Thread | None = None
-        self.recovery_threads = recovery_threads
+        self.recovery = Recovery(verifier, threads=recovery_threads, processes=recovery_processes)
         self.payer_rates = payer_rates or PayerRates(0, 1)
         self._unknown_reads = TokenBucket(unknown_reads_per_second, 2 * unknown_reads_per_second)
         # Ids whose store read was admitted lately (when): the budget counts distinct ids, not requests. Until the
         # first read ends (the payer is then held, or the chain's "absent" remembered) the repeats read too.
         self._admitted: dict[ChannelId, float] = {}
-        self._recovery: ThreadPoolExecutor | None = None
         # The channels this writer wrote or read last, as stored then (the writer thread's own): judged against
         # without reading the row again while the stored version is still theirs.
         self._held: dict[ChannelId, channel_q.VersionedChannel] = {}
@@ -121,7 +122,7 @@ class Ingestor:
 
     def start(self) -> None:
         if self._thread is None:
-            self._recovery = ThreadPoolExecutor(self.recovery_threads, thread_name_prefix="recover")
+            self.recovery.start()
             self._thread = threading.Thread(target=self._write_loop, name="ingest-writer", daemon=True)
             self._thread.start()
 
@@ -131,9 +132,7 @@ class Ingestor:
             self._queue.put(None)
             self._thread.join()
             self._thread = None
-        if self._recovery is not None:
-            self._recovery.shutdown(wait=True)
-            self._recovery = None
+        self.recovery.stop()
 
     # --- the caller's side -------------------------------------------------------------------------------------
 
@@ -286,14 +285,14 @@ class Ingestor:
                 refused[i] = ex.detached()
         pending = [i for i in range(len(vouchers)) if i not in refused]
         todo = [vouchers[i] for i in pending]
-        pending, todo, signers = self._admit(pending, todo, self._recover_all(todo), refused)
+        pending, todo, signers = self._admit(pending, todo, self.recovery.here(todo), refused)
         results = self.submit(todo, signers).result() if todo else []
         return _in_order(len(vouchers), refused, pending, results)
 
     async def ingest_async(self, vouchers: Sequence[Voucher]) -> list[Outcome]:
         """`ingest` for the event loop: payers come from memory (else a worker thread looks them up), signers are
-        recovered inline (~46 µs each) or, for many vouchers, by the recovery threads, and the caller awaits the
-        group commit without holding a thread."""
+        recovered inline (~46 µs each) or, for many vouchers, by a worker process or threads (`recovery`), and the
+        caller awaits the group commit without holding a thread."""
         refused: dict[int, Outcome] = {}
         for i, voucher in enumerate(vouchers):
             if voucher.channel_id not in self._payers:
@@ -306,11 +305,11 @@ class Ingestor:
         todo = [vouchers[i] for i in pending]
         if not todo:
             return _in_order(len(vouchers), refused, pending, [])
-        pool = self._recovery
-        if pool is None or len(todo) < PARALLEL_RECOVERY_MIN:
-            signers = self._recover_all(todo)
+        if len(todo) < PARALLEL_RECOVERY_MIN or self._thread is None:
+            signers = self.recovery.here(todo)
         else:
-            signers = await self._recover_parallel(pool, todo)
+            signers, where = await self.recovery.recover(todo)
+            self.metrics.signers_recovered.labels(where).inc(len(todo))
         pending, todo, signers = self._admit(pending, todo, signers, refused)
         results = await asyncio.wrap_future(self.submit(todo, signers)) if todo else []
         return _in_order(len(vouchers), refused, pending, results)
@@ -344,16 +343,6 @@ class Ingestor:
         if len(kept) == len(todo):
             return pending, todo, signers
         return [pending[j] for j in kept], [todo[j] for j in kept], [signers[j] for j in kept]
-
-    def _recover_all(self, vouchers: Sequence[Voucher]) -> list[bytes | None]:
-        return [self.recover(v) for v in vouchers]
-
-    async def _recover_parallel(self, pool: ThreadPoolExecutor, vouchers: list[Voucher]) -> list[bytes | None]:
-        loop = asyncio.get_running_loop()
-        size = -(-len(vouchers) // self.recovery_threads)
-        parts = [vouchers[at : at + size] for at in range(0, len(vouchers), size)]
-        done = await asyncio.gather(*(loop.run_in_executor(pool, self._recover_all, part) for part in parts))
-        return [signer for part in done for signer in part]
 
     # --- the writer's side -------------------------------------------------------------------------------------
 

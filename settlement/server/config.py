@@ -100,7 +100,13 @@ class Settings(BaseSettings):
     ingest_group_max: int = Field(default=1024, ge=1, description="vouchers per group commit at most")
     batch_max_items: int = Field(default=1000, ge=1, le=10_000, description="vouchers per batch request at most")
     recovery_threads: int = Field(
-        default=2, ge=1, le=64, description="threads recovering a batch request's signers (libsecp256k1 drops the GIL)"
+        default=2, ge=1, le=64, description="threads recovering a batch request's signers when no worker process can"
+    )
+    recovery_processes: int = Field(
+        default=1,
+        ge=0,
+        le=64,
+        description="worker processes recovering the signers of requests with 16 or more vouchers (0: threads only)",
     )
     max_body_bytes: int = Field(default=1_048_576, ge=1024, description="request bodies above this get a 413")
     body_timeout_seconds: float = Field(default=10.0, gt=0, description="a body slower than this to arrive: 408")

@@ -18,6 +18,13 @@ class Metrics:
             "Re-sent vouchers answered with their stored receipt",
             registry=self.registry,
         )
+        self.signers_recovered = Counter(
+            "settlement_signers_recovered",
+            "Signers of vouchers in requests of 16 or more recovered off the event loop, by where: a worker process,"
+            " or threads (no worker ready yet, one died, or SETTLEMENT_RECOVERY_PROCESSES=0)",
+            ["where"],
+            registry=self.registry,
+        )
         self.vouchers_deferred = Counter(
             "settlement_ingest_deferred_vouchers",
             "Vouchers committed in a second transaction because another process's writer held their channel's row"

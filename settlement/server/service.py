@@ -120,6 +120,7 @@ class Service:
             close_guard=settings.close_guard_seconds,
             group_max=settings.ingest_group_max,
             recovery_threads=settings.recovery_threads,
+            recovery_processes=settings.recovery_processes,
             payer_rates=PayerRates(settings.payer_vouchers_per_second, settings.payer_burst),
             unknown_reads_per_second=settings.unknown_channel_reads_per_second,
             held_max=settings.held_channels,
