@@ -16,6 +16,7 @@ nothing about it.
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from datetime import datetime
@@ -227,6 +228,12 @@ def _differs(sent: str | None, stored: str | None) -> bool:
     return sent is not None and sent != stored
 
 
+@functools.lru_cache(maxsize=256)
+def _api_time(moment: datetime) -> str:
+    """A time as the API's receipts have it (pydantic's form); once per distinct time: a group's receipts share one."""
+    return moment.isoformat().replace("+00:00", "Z")
+
+
 def receipt_body(receipt: Receipt) -> dict[str, str | None]:
     """A receipt as the API shows it (ReceiptOut's fields, in its order), in an error's details and in the voucher
     routes' answers: pydantic-core's `to_json` makes ReceiptOut's own JSON of it without a model per receipt."""
@@ -235,7 +242,7 @@ def receipt_body(receipt: Receipt) -> dict[str, str | None]:
         "cumulativeAmount": str(receipt.cumulative),
         "increment": str(receipt.increment),
         "remaining": str(receipt.remaining),
-        "acceptedAt": receipt.accepted_at.isoformat().replace("+00:00", "Z"),  # as the API's receipts have it
+        "acceptedAt": _api_time(receipt.accepted_at),
         "reference": receipt.reference,
         "idempotencyKey": receipt.idempotency_key,
     }

@@ -145,6 +145,7 @@ class Recovery:
                     self._spawn()
         workers.shutdown(wait=False, cancel_futures=True)
 
+
 def _split(items: list[T], parts: int) -> list[list[T]]:
     size = -(-len(items) // max(parts, 1))
     return [items[at : at + size] for at in range(0, len(items), size)] if items else []
