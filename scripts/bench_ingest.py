@@ -7,13 +7,16 @@ ingest only), then `scripts/bench_load.py` drives them, spreading requests over 
 one voucher per channel (not measured): a server reads a channel's payer from the store the first time it sees the
 channel, and the figures are about the steady state. Then:
 closed loop with single vouchers at several concurrency levels, closed loop with the batch endpoint, and an open loop
-at 2,000 requests/s offered for the latency percentiles.
+at 2,000 requests/s offered for the latency percentiles. Each run also says where its CPU went, per voucher answered:
+the server processes, their signature recovery workers, PostgreSQL and the load generator (scripts/proc_cpu.py), and
+how busy the machine was: a figure below the goal with the machine idle is a serial limit, not the cores.
 """
 
 from __future__ import annotations
 
 import json
 import os
+import resource
 import signal
 import subprocess
 import sys
@@ -33,6 +36,7 @@ from sqlalchemy import create_engine, text
 from sqlalchemy.engine import make_url
 from sqlalchemy.exc import OperationalError
 
+from scripts.proc_cpu import children, cpu_seconds, machine_seconds, postgres_cpu_seconds
 from settlement.chain.deployment import deploy_hub, hub_contract
 from settlement.chain.node import Transactor, connect
 from settlement.devtools.devnet import Devnet, free_port
@@ -74,14 +78,20 @@ def run_ingest(console: Console) -> dict[str, Any]:
                 (f"open loop {OFFERED_RATE:,.0f}/s", ["--rate", str(OFFERED_RATE)]),
             ]
             for name, load_args in runs:
-                with console.status(f"{store}: {name}…"), Servers(net.url, work, store) as urls:
+                servers = Servers(net.url, work, store)
+                with console.status(f"{store}: {name}…"), servers as urls:
                     for url in urls:  # each server learns each channel's payer (a re-send answers 200)
                         load([url], warm_file, ["--concurrency", "8"])
+                    before = servers.cpu()
                     result = load(urls, voucher_file, load_args)
+                    result["cpu_us_per_voucher"], result["machine_busy_percent"] = servers.cpu_since(before, result)
                 results[f"{store}: {name}"] = result
+                cpu = result["cpu_us_per_voucher"]
                 console.print(
                     f"{store}: {name}: {result['vouchers_per_s']:,.0f} vouchers/s, p50 {result['p50_ms']} ms, "
-                    f"p99 {result['p99_ms']} ms, {result['statuses']}"
+                    f"p99 {result['p99_ms']} ms, {result['statuses']}; CPU per voucher: server {cpu['server']} µs, "
+                    f"its recovery workers {cpu['workers']}, PostgreSQL {cpu['postgres']}, load generator "
+                    f"{cpu['load']}; machine {result['machine_busy_percent']} % busy"
                 )
     return _report(console, results)
 
@@ -207,6 +217,32 @@ class Servers:
         log = self.work / f"server-{self.db_name}-{n}.log"
         raise SystemExit(f"server did not start: {log.read_text()[-2000:]}")
 
+    def cpu(self) -> dict[str, float]:
+        """CPU seconds so far: the servers', their children's (signature recovery workers), PostgreSQL's, this
+        process's waited-for children's (the load generator, once it ended) and the machine's (busy, all)."""
+        busy, total = machine_seconds()
+        return {
+            "server": sum(cpu_seconds(p.pid) for p in self.processes),
+            "workers": sum(cpu_seconds(child) for p in self.processes for child in children(p.pid)),
+            "postgres": postgres_cpu_seconds() or 0.0,
+            "load": sum(getattr(resource.getrusage(resource.RUSAGE_CHILDREN), f) for f in ("ru_utime", "ru_stime")),
+            "busy": busy,
+            "all": total,
+        }
+
+    def cpu_since(self, before: dict[str, float], result: dict[str, Any]) -> tuple[dict[str, float], float]:
+        """Where the CPU of a run went, in µs per voucher answered, and how busy the machine was meanwhile (%)."""
+        after = self.cpu()
+        vouchers = max(result["vouchers"], 1)
+        spent = {
+            part: round((after[part] - before[part]) * 1e6 / vouchers, 1)
+            for part in ("server", "workers", "postgres", "load")
+        }
+        if self.store == "sqlite":
+            spent["postgres"] = 0.0  # another database's work on the same server, if any, is not this run's
+        busy = 100 * (after["busy"] - before["busy"]) / max(after["all"] - before["all"], 1e-9)
+        return spent, round(busy)
+
     def __exit__(self, *_exc: object) -> None:
         for process in self.processes:
             process.send_signal(signal.SIGTERM)
@@ -234,7 +270,7 @@ def load(urls: list[str], vouchers: Path, extra: list[str]) -> dict[str, Any]:
 
 def _report(console: Console, results: dict[str, dict[str, Any]]) -> dict[str, Any]:
     table = Table(title=f"durable HTTP ingest ({SERVERS} server processes on one store, load from another)")
-    for column in ("run", "vouchers/s", "requests/s", "p50 ms", "p99 ms", "statuses"):
+    for column in ("run", "vouchers/s", "requests/s", "p50 ms", "p99 ms", "CPU µs/voucher*", "statuses"):
         table.add_column(column, justify="right" if column != "run" else "left")
     for name, r in results.items():
         table.add_row(
@@ -243,9 +279,11 @@ def _report(console: Console, results: dict[str, dict[str, Any]]) -> dict[str, A
             f"{r['requests_per_s']:,.0f}",
             f"{r['p50_ms']:.1f}",
             f"{r['p99_ms']:.1f}",
+            " / ".join(f"{r['cpu_us_per_voucher'][part]:.0f}" for part in ("server", "workers", "postgres", "load")),
             json.dumps(r["statuses"]),
         )
     console.print(table)
+    console.print("* server / its signature recovery workers / PostgreSQL / load generator")
 
     def best(store: str, kind: str) -> float | None:
         rates = [r["vouchers_per_s"] for n, r in results.items() if n.startswith(f"{store}: {kind}")]

@@ -41,6 +41,7 @@ from rich.table import Table
 from sqlalchemy import text
 
 from scripts.bench_ingest import POSTGRES_URL, _postgres_available, scratch_postgres
+from scripts.proc_cpu import postgres_cpu_seconds
 from settlement.domain.ledger import Verdict
 from settlement.domain.model import Address, Channel, ChannelId, ChannelStatus, Voucher, utcnow
 from settlement.errors import StaleVoucherError
@@ -167,22 +168,9 @@ def _payments_bytes(url: str) -> tuple[int, int]:
 
 
 def _database_cpu_seconds(backend: str) -> float | None:
-    """CPU time of the PostgreSQL server's processes on this machine (its backends, WAL writer, checkpointer), from
-    /proc: the database's own cost per voucher, steadier than a throughput on a shared machine. None for SQLite (it
-    runs inside the writers) or where no server process is visible."""
-    if backend != "postgres":
-        return None
-    total, found = 0, False
-    for entry in Path("/proc").iterdir():
-        try:
-            if entry.name.isdigit() and (entry / "comm").read_text().startswith("postgres"):
-                fields = (entry / "stat").read_text().rsplit(")", 1)[1].split()
-                # utime + stime, and cutime + cstime: a backend that ended is counted in the postmaster that reaped it
-                total += sum(int(field) for field in fields[11:15])
-                found = True
-        except OSError:  # a process that ended meanwhile
-            continue
-    return total / os.sysconf("SC_CLK_TCK") if found else None
+    """The PostgreSQL server's CPU time: the database's own cost per voucher, steadier than a throughput on a shared
+    machine. None for SQLite (it runs inside the writers)."""
+    return postgres_cpu_seconds() if backend == "postgres" else None
 
 
 def _wal_position(url: str) -> int | None:
