@@ -187,6 +187,32 @@ def test_a_killed_recovery_worker_costs_a_recovery_on_threads_then_a_new_worker_
     assert client.get(f"/v1/channels/0x{channel.id.hex()}").json()["acceptedCumulativeAmount"] == "59"
 
 
+def test_a_hung_recovery_worker_is_ended_and_the_request_recovered_on_threads(
+    api: Callable[..., TestClient], channel: Channel, sign: Sign, accounts: list[LocalAccount]
+) -> None:
+    """A worker that takes no more tasks (stopped here; stuck, swapped out) must not hold payments: past the deadline
+    the request is recovered on threads, the worker is killed, and new ones take over."""
+    before = set(multiprocessing.active_children())
+    client = api(recovery_processes=1)
+    client.app.state.service.ingestor.recovery.deadline = 0.5  # type: ignore[attr-defined]
+    workers_ready(client)
+    (worker,) = set(multiprocessing.active_children()) - before
+    assert worker.pid is not None
+    os.kill(worker.pid, signal.SIGSTOP)
+    items = [body(channel, n, sign(accounts[9] if n == 7 else channel.payer, channel.id, n)) for n in range(1, 21)]
+    results = client.post("/v1/vouchers/batch", json={"vouchers": items}).json()["results"]
+    assert [r["status"] for r in results] == [400 if n == 7 else 201 for n in range(1, 21)]
+    assert (recovered(client, "process"), recovered(client, "thread")) == (0, 20)
+    worker.join(timeout=10)
+    assert worker.exitcode == -signal.SIGKILL
+    workers_ready(client)
+    items = [body(channel, n, sign(channel.payer, channel.id, n)) for n in range(21, 41)]
+    assert [r["status"] for r in client.post("/v1/vouchers/batch", json={"vouchers": items}).json()["results"]] == [
+        201
+    ] * 20
+    assert (recovered(client, "process"), recovered(client, "thread")) == (20, 20)
+
+
 def test_batch_over_the_limit_is_refused_whole(api: Callable[..., TestClient], channel: Channel, sign: Sign) -> None:
     client = api(batch_max_items=3)
     items = [body(channel, n, sign(channel.payer, channel.id, n)) for n in range(1, 5)]

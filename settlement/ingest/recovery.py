@@ -8,7 +8,8 @@ of its own: the process recovers, the server process only sends it the batch's b
 
 Workers start with the service (spawned: the server's threads are never forked), and until they are ready, or after
 one died, vouchers are recovered on the threads meanwhile: no request waits for a process to start, and a worker that
-is killed costs the requests in flight a recovery on threads, not an error, and new workers start.
+is killed, or hangs (no answer in DEADLINE), costs the requests in flight a recovery on threads, not an error, and new
+workers start.
 """
 
 from __future__ import annotations
@@ -32,6 +33,7 @@ from settlement.eip712.vouchers import Domain, VoucherVerifier
 logger = logging.getLogger(__name__)
 
 T = TypeVar("T")
+DEADLINE = 5.0  # seconds: 1,000 vouchers take ~0.06 s in a worker
 Item = tuple[bytes, int, bytes]  # (channel id, cumulative amount, signature): what a worker needs of a voucher
 
 
@@ -45,10 +47,11 @@ class RecoveredBy(StrEnum):
 class Recovery:
     """Recovers the signers of many vouchers at once, off the event loop. `processes` 0: threads only."""
 
-    def __init__(self, verifier: VoucherVerifier, *, threads: int, processes: int) -> None:
+    def __init__(self, verifier: VoucherVerifier, *, threads: int, processes: int, deadline: float = DEADLINE) -> None:
         self.verifier = verifier
         self.threads = threads
         self.processes = processes
+        self.deadline = deadline  # workers that take longer are taken for hung: the request goes on on threads
         self._threads: ThreadPoolExecutor | None = None
         self._workers: ProcessPoolExecutor | None = None
         self._ready = threading.Event()  # the current workers answered their first (empty) task
@@ -82,13 +85,17 @@ class Recovery:
         if workers is not None:
             items = [(bytes.fromhex(v.channel_id[2:]), v.cumulative, v.signature) for v in vouchers]
             try:
-                parts = await asyncio.gather(
-                    *(loop.run_in_executor(workers, recover_items, part) for part in _split(items, self.processes))
-                )
+                async with asyncio.timeout(self.deadline):
+                    parts = await asyncio.gather(
+                        *(loop.run_in_executor(workers, recover_items, part) for part in _split(items, self.processes))
+                    )
                 return [signer for part in parts for signer in part], RecoveredBy.PROCESS
             except BrokenProcessPool:
                 logger.error("a signature recovery worker died; recovering on threads until a new one is ready")
                 self._discard(workers, again=True)
+            except TimeoutError:
+                logger.error("recovery workers did not answer in %s s: ended, new ones starting", self.deadline)
+                self._discard(workers, again=True, end=True)
         threads = self._threads
         if threads is None:
             raise RuntimeError("Recovery.start() was not called")
@@ -135,14 +142,18 @@ class Recovery:
         for future in warm:
             future.add_done_callback(done)
 
-    def _discard(self, workers: ProcessPoolExecutor, *, again: bool) -> None:
-        """Stop using `workers`; with `again`, start new ones (threads recover until they are ready)."""
+    def _discard(self, workers: ProcessPoolExecutor, *, again: bool, end: bool = False) -> None:
+        """Stop using `workers`; with `again`, start new ones (threads recover until they are ready); with `end`, kill
+        their processes (hung: stopped, or stuck) rather than leave them."""
         with self._lock:
             if self._workers is workers:
                 self._workers = None
                 self._ready.clear()
                 if again and self._threads is not None:
                     self._spawn()
+        if end:  # the executor can end its workers itself only from Python 3.14 (terminate_workers)
+            for process in list(getattr(workers, "_processes", {}).values()):
+                process.kill()
         workers.shutdown(wait=False, cancel_futures=True)
 
 
