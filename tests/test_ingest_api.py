@@ -20,6 +20,7 @@ from settlement.api.schemas import BatchOut, ReceiptOut
 from settlement.domain.ledger import receipt_body
 from settlement.domain.model import ChannelId, Receipt
 from settlement.eip712.vouchers import Domain
+from settlement.ingest import recovery as recovery_module
 from tests.hub_helpers import ETH, Channel, behind_the_fast_path, body, send, wait_until
 
 Sign = Callable[..., bytes]
@@ -185,6 +186,23 @@ def test_a_killed_recovery_worker_costs_a_recovery_on_threads_then_a_new_worker_
     assert batch(41) == expected
     assert (recovered(client, "process"), recovered(client, "thread")) == (40, 20)
     assert client.get(f"/v1/channels/0x{channel.id.hex()}").json()["acceptedCumulativeAmount"] == "59"
+
+
+def test_a_machine_that_cannot_start_a_recovery_worker_still_serves_batches_on_threads(
+    api: Callable[..., TestClient], channel: Channel, sign: Sign, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """No /dev/shm (the executor's semaphores), a process limit: the service starts anyway and recovers on threads."""
+
+    def refused(_: str) -> Any:
+        raise OSError(38, "Function not implemented")
+
+    monkeypatch.setattr(recovery_module.multiprocessing, "get_context", refused)
+    client = api(recovery_processes=1)
+    items = [body(channel, n, sign(channel.payer, channel.id, n)) for n in range(1, 21)]
+    results = client.post("/v1/vouchers/batch", json={"vouchers": items}).json()["results"]
+    assert [r["status"] for r in results] == [201] * 20
+    assert (recovered(client, "process"), recovered(client, "thread")) == (0, 20)
+    assert client.app.state.service.ingestor.recovery.processes == 0  # type: ignore[attr-defined]
 
 
 def test_a_hung_recovery_worker_is_ended_and_the_request_recovered_on_threads(

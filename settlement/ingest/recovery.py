@@ -119,14 +119,22 @@ class Recovery:
             return self._workers if self._ready.is_set() else None
 
     def _spawn(self) -> None:
-        """New workers (under the lock), ready once each has answered an empty task."""
-        self._workers = workers = ProcessPoolExecutor(
-            self.processes,
-            mp_context=multiprocessing.get_context("spawn"),
-            initializer=start_worker,
-            initargs=(self.verifier.domain, os.getpid()),
-        )
-        warm = [workers.submit(recover_items, []) for _ in range(self.processes)]
+        """New workers (under the lock), ready once each has answered an empty task. Where processes cannot be made
+        (no /dev/shm for the executor's semaphores, a process limit), threads recover from then on: the service
+        starts and serves regardless."""
+        try:
+            self._workers = workers = ProcessPoolExecutor(
+                self.processes,
+                mp_context=multiprocessing.get_context("spawn"),
+                initializer=start_worker,
+                initargs=(self.verifier.domain, os.getpid()),
+            )
+            warm = [workers.submit(recover_items, []) for _ in range(self.processes)]
+        except (OSError, RuntimeError, ValueError) as ex:
+            logger.error("signature recovery workers cannot be started (%s); recovering on threads from now on", ex)
+            self.processes = 0
+            self._workers = None
+            return
 
         def done(_: Future[list[bytes | None]]) -> None:
             if all(f.done() for f in warm):
