@@ -137,15 +137,16 @@ class Recovery:
             return
 
         def done(_: Future[list[bytes | None]]) -> None:
-            if all(f.done() for f in warm):
-                if any(f.exception() is not None for f in warm):
-                    logger.error("signature recovery workers did not start; recovering on threads from now on")
-                    self.processes = 0
-                    self._discard(workers, again=False)
-                else:
-                    with self._lock:
-                        if self._workers is workers:
-                            self._ready.set()
+            if not all(f.done() for f in warm) or any(f.cancelled() for f in warm):
+                return  # still starting, or shut down meanwhile (the service stopping)
+            if any(f.exception() is not None for f in warm):
+                logger.error("signature recovery workers did not start; recovering on threads from now on")
+                self.processes = 0
+                self._discard(workers, again=False)
+            else:
+                with self._lock:
+                    if self._workers is workers:
+                        self._ready.set()
 
         for future in warm:
             future.add_done_callback(done)
