@@ -20,6 +20,7 @@ from web3 import Web3
 from web3.contract import Contract
 from web3.exceptions import TransactionNotFound
 
+from scripts.proc_cpu import children
 from settlement.devtools.devnet import Devnet
 from settlement.sdk.payer import PayerClient
 from settlement.store import Database
@@ -413,17 +414,13 @@ def test_postgres_outages_during_ingest_lose_no_acknowledged_voucher(
 
 
 def _children(pid: int) -> dict[int, str]:
-    """The processes whose parent is `pid`, with their command lines (from /proc)."""
+    """The processes whose parent is `pid`, with their command lines."""
     found = {}
-    for entry in Path("/proc").iterdir():
-        if entry.name.isdigit():
-            try:
-                parent = int((entry / "stat").read_text().rsplit(")", 1)[1].split()[1])
-                command = (entry / "cmdline").read_bytes().replace(b"\0", b" ").decode()
-            except (OSError, IndexError, ValueError):
-                continue  # gone meanwhile
-            if parent == pid:
-                found[int(entry.name)] = command
+    for child in children(pid):
+        try:
+            found[child] = Path(f"/proc/{child}/cmdline").read_bytes().replace(b"\0", b" ").decode()
+        except OSError:
+            continue  # gone meanwhile
     return found
 
 

@@ -24,9 +24,8 @@ from x402.extensions.payment_identifier import extract_payment_identifier
 from x402.interfaces import FacilitatorContext
 from x402.schemas import PaymentPayload, PaymentRequirements, SettleResponse, VerifyResponse
 
-from settlement.api.schemas import ReceiptOut
 from settlement.chain.node import rpc_errors
-from settlement.domain.ledger import Verdict
+from settlement.domain.ledger import Verdict, receipt_body
 from settlement.domain.model import ETH, ChannelId, Receipt, Voucher
 from settlement.eip712.receipts import ReceiptSigner, SignedFields, receipt_domain
 from settlement.errors import ChannelNotFoundError, ConfigError, RequestError, SettlementError, WrongShardError
@@ -168,7 +167,7 @@ class ChannelHubFacilitator:
 
     def _signed(self, receipt: Receipt) -> dict[str, str | None]:
         """The receipt, with the facilitator's EIP-712 signature over its fields (settlement.eip712.receipts)."""
-        body: dict[str, str | None] = ReceiptOut.of(receipt).model_dump()
+        body = receipt_body(receipt)
         seconds = int(receipt.accepted_at.timestamp())
         body["acceptedAtSeconds"] = str(seconds)
         if self.signer is not None:

@@ -15,8 +15,9 @@ from settlement.ingest.pipeline import Outcome
 from settlement.server.service import Service
 
 
-def count(service: Service, outcomes: Sequence[Outcome]) -> None:
-    """The outcomes in the voucher counters: one increment per counter and request, not per voucher."""
+def count(service: Service, outcomes: Sequence[Outcome]) -> tuple[int, int]:
+    """The outcomes in the voucher counters (one increment per counter and request, not per voucher); returns how
+    many were accepted and how many were already accepted before."""
     new = duplicates = 0
     refused: Counter[str] = Counter()
     for outcome in outcomes:
@@ -34,6 +35,7 @@ def count(service: Service, outcomes: Sequence[Outcome]) -> None:
         metrics.vouchers_duplicate.inc(duplicates)
     for code, times in refused.items():
         metrics.vouchers_rejected.labels(code).inc(times)
+    return new, duplicates
 
 
 async def accept_voucher(service: Service, body: bytes) -> tuple[int, bytes]:
@@ -58,15 +60,10 @@ async def accept_batch(service: Service, body: bytes) -> tuple[int, bytes]:
     if len(vouchers) > limit:
         raise BatchTooLargeError(f"a batch holds at most {limit} vouchers, got {len(vouchers)}", maxItems=limit)
     outcomes = await service.ingestor.ingest_async([v.to_voucher() for v in vouchers])
-    count(service, outcomes)
+    accepted, duplicates = count(service, outcomes)
     results: list[dict[str, Any]] = []
-    accepted = duplicates = 0
     for index, outcome in enumerate(outcomes):
         if isinstance(outcome, Verdict):
-            if outcome.new:
-                accepted += 1
-            else:
-                duplicates += 1
             status = 201 if outcome.new else 200
             results.append({"index": index, "status": status, "receipt": receipt_body(outcome.receipt), "error": None})
         else:

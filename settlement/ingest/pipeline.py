@@ -263,7 +263,8 @@ class Ingestor:
         return taken
 
     def recover(self, voucher: Voucher) -> bytes | None:
-        return self.verifier.recover(bytes.fromhex(voucher.channel_id[2:]), voucher.cumulative, voucher.signature)
+        (signer,) = self.recovery.here([voucher])
+        return signer
 
     def submit(self, vouchers: Sequence[Voucher], signers: Sequence[bytes | None]) -> Future[list[Outcome]]:
         """Queue recovered vouchers for judging; the future resolves after the group's commit."""

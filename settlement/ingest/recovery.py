@@ -83,7 +83,7 @@ class Recovery:
         loop = asyncio.get_running_loop()
         workers = self._usable_workers()
         if workers is not None:
-            items = [(bytes.fromhex(v.channel_id[2:]), v.cumulative, v.signature) for v in vouchers]
+            items = [item(v) for v in vouchers]
             try:
                 async with asyncio.timeout(self.deadline):
                     parts = await asyncio.gather(
@@ -106,8 +106,7 @@ class Recovery:
 
     def here(self, vouchers: Sequence[Voucher]) -> list[bytes | None]:
         """The signers, recovered on the caller's thread (a few vouchers: a hand-off would cost more)."""
-        recover = self.verifier.recover
-        return [recover(bytes.fromhex(v.channel_id[2:]), v.cumulative, v.signature) for v in vouchers]
+        return _recover(self.verifier, [item(v) for v in vouchers])
 
     def _usable_workers(self) -> ProcessPoolExecutor | None:
         """The workers once ready (`start()` starts them, and a worker's death new ones)."""
@@ -166,6 +165,15 @@ class Recovery:
         workers.shutdown(wait=False, cancel_futures=True)
 
 
+def item(voucher: Voucher) -> Item:
+    """What recovering a voucher's signer takes of it, as a worker receives it."""
+    return bytes.fromhex(voucher.channel_id[2:]), voucher.cumulative, voucher.signature
+
+
+def _recover(verifier: VoucherVerifier, items: Sequence[Item]) -> list[bytes | None]:
+    return [verifier.recover(channel_id, amount, signature) for channel_id, amount, signature in items]
+
+
 def _split(items: list[T], parts: int) -> list[list[T]]:
     size = -(-len(items) // max(parts, 1))
     return [items[at : at + size] for at in range(0, len(items), size)] if items else []
@@ -194,7 +202,6 @@ def start_worker(domain: Domain, server: int) -> None:
 
 def recover_items(items: list[Item]) -> list[bytes | None]:
     """In a worker: the signers of `items`."""
-    verifier = _VERIFIER
-    if verifier is None:
+    if _VERIFIER is None:
         raise RuntimeError("the recovery worker was not started with start_worker")
-    return [verifier.recover(channel_id, amount, signature) for channel_id, amount, signature in items]
+    return _recover(_VERIFIER, items)
