@@ -196,12 +196,29 @@ def body(channel: Channel, cumulative: int, signature: bytes, **extra: Any) -> d
 
 def scraped(url: str, name: str) -> dict[tuple[tuple[str, str], ...], float]:
     """A running service's samples named `name` (from its /metrics), by their labels (sorted name/value pairs)."""
+    return samples(httpx.get(f"{url}/metrics").text, name)
+
+
+def samples(exposition: str, name: str) -> dict[tuple[tuple[str, str], ...], float]:
+    """The samples named `name` in a /metrics text, by their labels (sorted name/value pairs)."""
     return {
         tuple(sorted(sample.labels.items())): sample.value
-        for family in text_string_to_metric_families(httpx.get(f"{url}/metrics").text)
+        for family in text_string_to_metric_families(exposition)
         for sample in family.samples
         if sample.name == name
     }
+
+
+def recovered(client: TestClient, where: str) -> float:
+    """How many signers the service recovered in a worker `process` or on a `thread` (its metric)."""
+    found = samples(client.get("/metrics").text, "settlement_signers_recovered_total")
+    return found.get((("where", where),), 0.0)
+
+
+def workers_ready(client: TestClient) -> None:
+    """Wait until the service's signature recovery workers answer."""
+    recovery = client.app.state.service.ingestor.recovery  # type: ignore[attr-defined]
+    wait_until(lambda: recovery.workers_ready)
 
 
 def wait_until(done: Callable[[], bool], timeout: float = 30.0) -> None:

@@ -21,7 +21,7 @@ from settlement.domain.ledger import receipt_body
 from settlement.domain.model import ChannelId, Receipt
 from settlement.eip712.vouchers import Domain
 from settlement.ingest import recovery as recovery_module
-from tests.hub_helpers import ETH, Channel, behind_the_fast_path, body, send, wait_until
+from tests.hub_helpers import ETH, Channel, behind_the_fast_path, body, recovered, send, workers_ready
 
 Sign = Callable[..., bytes]
 
@@ -123,18 +123,6 @@ def test_batch_accepts_valid_items_whatever_the_others_do(
     ]
     assert (result["accepted"], result["duplicates"], result["rejected"]) == (2, 1, 3)
     assert result["results"][2]["receipt"]["increment"] == "20"
-
-
-def recovered(client: TestClient, where: str) -> float:
-    """How many signers the service recovered in a worker process or on threads (its metric)."""
-    prefix = f'settlement_signers_recovered_total{{where="{where}"}} '
-    lines = [line for line in client.get("/metrics").text.splitlines() if line.startswith(prefix)]
-    return float(lines[0][len(prefix) :]) if lines else 0.0
-
-
-def workers_ready(client: TestClient) -> None:
-    recovery = client.app.state.service.ingestor.recovery  # type: ignore[attr-defined]
-    wait_until(lambda: recovery.workers_ready)
 
 
 @pytest.mark.parametrize(("threads", "processes"), [(1, 0), (3, 0), (2, 1), (2, 3)])
