@@ -14,7 +14,7 @@ from fastapi.testclient import TestClient
 from hexbytes import HexBytes
 from web3.contract import Contract
 
-from tests.hub_helpers import ETH, Channel, body, wait_until
+from tests.hub_helpers import ETH, Channel, body, recovered, settled_on_chain, wait_until, workers_ready
 from tests.servers import ServiceProcess
 
 Sign = Callable[..., bytes]
@@ -45,6 +45,31 @@ def test_serve_settles_accepted_vouchers_on_its_own(
     wait_until(lambda: client.get(f"/v1/payees/{payee}/summary").json()["assets"][0]["settled"] == "60")
     assert summary["accepted"] == "60"
     assert "settlement_engine_leader 1.0" in client.get("/metrics").text
+
+
+def test_serve_settles_a_batch_whose_signers_a_worker_recovered(
+    api: Callable[..., TestClient],
+    open_channel: Callable[..., Channel],
+    accounts: list[LocalAccount],
+    hub: Contract,
+    sign: Sign,
+    mining: str,
+) -> None:
+    """A batch's signers recovered in the worker process go to the chain like any others, on automine and on a chain
+    that puts many transactions in each block: exactly the accepted vouchers are credited, the forged one never."""
+    key = HexBytes(accounts[19].key).to_0x_hex()
+    client = api(engine_enabled=True, private_key=key, settle_interval=0.2, engine_tick=0.05, recovery_processes=1)
+    workers_ready(client)
+    payee = accounts[7].address
+    channels = [open_channel(accounts[5], payee, amount=10**18), open_channel(accounts[6], payee, amount=10**18)]
+    items = [body(c, n, sign(c.payer, c.id, n)) for n in range(1, 11) for c in channels]
+    items.append(body(channels[0], 500, sign(accounts[9], channels[0].id, 500)))  # forged: never paid
+    results = client.post("/v1/vouchers/batch", json={"vouchers": items}).json()["results"]
+    assert [r["status"] for r in results] == [201] * 20 + [400]
+    assert (recovered(client, "process"), recovered(client, "thread")) == (21, 0)
+    wait_until(lambda: hub.functions.balanceOf(payee, ETH).call() == 20)
+    wait_until(lambda: client.get(f"/v1/payees/{payee}/summary").json()["assets"][0]["settled"] == "20")
+    assert [settled_on_chain(hub, c) for c in channels] == [10, 10]
 
 
 @pytest.mark.faults
