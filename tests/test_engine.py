@@ -6,6 +6,7 @@ from __future__ import annotations
 import re
 import time
 from collections.abc import Callable
+from typing import Any
 
 import httpx
 import pytest
@@ -26,16 +27,26 @@ def leader(url: str) -> bool:
     return match is not None and float(match.group(1)) == 1.0
 
 
+@pytest.fixture
+def engine_api(api: Callable[..., TestClient], accounts: list[LocalAccount]) -> Callable[..., TestClient]:
+    """Factory: a service whose engine settles every 0.2 s with the settler account (overrides for the rest)."""
+    key = HexBytes(accounts[19].key).to_0x_hex()
+
+    def make(**overrides: Any) -> TestClient:
+        return api(engine_enabled=True, private_key=key, settle_interval=0.2, engine_tick=0.05, **overrides)
+
+    return make
+
+
 def test_serve_settles_accepted_vouchers_on_its_own(
-    api: Callable[..., TestClient],
+    engine_api: Callable[..., TestClient],
     open_channel: Callable[..., Channel],
     accounts: list[LocalAccount],
     hub: Contract,
     sign: Sign,
     mining: str,
 ) -> None:
-    key = HexBytes(accounts[19].key).to_0x_hex()
-    client = api(engine_enabled=True, private_key=key, settle_interval=0.2, engine_tick=0.05)
+    client = engine_api()
     payee = accounts[7].address
     channel = open_channel(accounts[5], payee, amount=10**18)
     for amount in (10, 25, 60):
@@ -48,7 +59,7 @@ def test_serve_settles_accepted_vouchers_on_its_own(
 
 
 def test_serve_settles_a_batch_whose_signers_a_worker_recovered(
-    api: Callable[..., TestClient],
+    engine_api: Callable[..., TestClient],
     open_channel: Callable[..., Channel],
     accounts: list[LocalAccount],
     hub: Contract,
@@ -57,8 +68,7 @@ def test_serve_settles_a_batch_whose_signers_a_worker_recovered(
 ) -> None:
     """A batch's signers recovered in the worker process go to the chain like any others, on automine and on a chain
     that puts many transactions in each block: exactly the accepted vouchers are credited, the forged one never."""
-    key = HexBytes(accounts[19].key).to_0x_hex()
-    client = api(engine_enabled=True, private_key=key, settle_interval=0.2, engine_tick=0.05, recovery_processes=1)
+    client = engine_api(recovery_processes=1)
     workers_ready(client)
     payee = accounts[7].address
     channels = [open_channel(accounts[5], payee, amount=10**18), open_channel(accounts[6], payee, amount=10**18)]
