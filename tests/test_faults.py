@@ -5,6 +5,7 @@ elsewhere. Every test checks the money: what the hub credited equals what the se
 
 from __future__ import annotations
 
+import os
 import signal
 import time
 from collections.abc import Callable
@@ -446,3 +447,19 @@ def test_the_signature_recovery_worker_never_outlives_its_server(
     assert workers
     service.kill() if how == "kill" else service.stop()
     wait_until(lambda: not any(_alive(pid) for pid in workers), timeout=10)
+
+
+def test_a_stopped_recovery_worker_does_not_hold_the_service_shutdown(
+    spawn: Callable[..., ServiceProcess], store_url: str
+) -> None:
+    """A worker frozen (SIGSTOP: a debugger, a stuck page-in) when the service is asked to stop: the server waits
+    for it a moment, then kills it and exits, rather than wait for it for good (SIGTERM, then our 30 s kill)."""
+    service = spawn(store_url, recovery_processes="1")
+    assert service.process is not None
+    server = service.process
+    wait_until(lambda: any("spawn_main" in command for command in _children(server.pid).values()))
+    (worker,) = [pid for pid, command in _children(server.pid).items() if "spawn_main" in command]
+    os.kill(worker, signal.SIGSTOP)
+    server.send_signal(signal.SIGTERM)
+    assert server.wait(timeout=20) == -signal.SIGTERM  # uvicorn ends by re-raising the signal it shut down on
+    wait_until(lambda: not _alive(worker), timeout=5)

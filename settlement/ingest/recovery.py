@@ -34,6 +34,7 @@ logger = logging.getLogger(__name__)
 
 T = TypeVar("T")
 DEADLINE = 5.0  # seconds: 1,000 vouchers take ~0.06 s in a worker
+STOP_GRACE = 2.0  # seconds a stopping service waits for its workers to exit before it kills them
 Item = tuple[bytes, int, bytes]  # (channel id, cumulative amount, signature): what a worker needs of a voucher
 
 
@@ -67,8 +68,8 @@ class Recovery:
         with self._lock:
             workers, self._workers = self._workers, None
             self._ready.clear()
-        if workers is not None:
-            workers.shutdown(wait=True, cancel_futures=True)
+        if workers is not None:  # a worker frozen (SIGSTOP) or stuck would otherwise hold the shutdown for good
+            _end(workers, grace=STOP_GRACE)
         if self._threads is not None:
             self._threads.shutdown(wait=True)
             self._threads = None
@@ -159,10 +160,22 @@ class Recovery:
                 self._ready.clear()
                 if again and self._threads is not None:
                     self._spawn()
-        if end:  # the executor can end its workers itself only from Python 3.14 (terminate_workers)
-            for process in list(getattr(workers, "_processes", {}).values()):
-                process.kill()
-        workers.shutdown(wait=False, cancel_futures=True)
+        if end:
+            _end(workers, grace=0.0)
+        else:
+            workers.shutdown(wait=False, cancel_futures=True)
+
+
+def _end(workers: ProcessPoolExecutor, *, grace: float) -> None:
+    """Shut `workers` down (tasks not started are cancelled) and kill each process still there after `grace` seconds.
+    The executor can end its workers itself only from Python 3.14 (terminate_workers), hence its `_processes`."""
+    processes = list((getattr(workers, "_processes", None) or {}).values())
+    workers.shutdown(wait=False, cancel_futures=True)
+    until = time.monotonic() + grace
+    for process in processes:
+        process.join(max(0.0, until - time.monotonic()))
+        if process.is_alive():
+            process.kill()
 
 
 def item(voucher: Voucher) -> Item:
