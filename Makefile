@@ -42,9 +42,9 @@ run: check-artifacts
 	$(VENV)/bin/settlement demo $(if $(PORT),--port $(PORT))
 
 # One worker per core, each test file on one worker (its fixtures and processes stay together): 9-14 min on 2 cores
-# (three workers were slower: the cores are busy). `.venv/bin/python -m pytest tests/test_x.py` runs one file alone.
+# (three workers were slower: the cores are busy); the 40 slowest are listed at the end. `.venv/bin/python -m pytest tests/test_x.py` runs one file alone.
 test: lint
-	$(PY) -m pytest -n auto --dist loadfile
+	$(PY) -m pytest -n auto --dist loadfile --durations=40
 
 # The fault-injection scenarios alone (docs/reliability.md); `make test` runs them too.
 faults: setup

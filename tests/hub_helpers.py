@@ -27,6 +27,7 @@ from web3.types import TxReceipt
 
 from settlement.chain.batch_codec import SettleEntry, decode_settlements, encode_batch
 from settlement.devtools.devnet import port_free
+from settlement.domain.buckets import TokenBucket
 from settlement.domain.model import Address, ChannelId, ChannelStatus, Receipt, Voucher
 from settlement.domain.model import Channel as StoredChannel
 from settlement.eip712.vouchers import Domain, channel_id, sign_voucher
@@ -219,6 +220,13 @@ def workers_ready(client: TestClient) -> None:
     """Wait until the service's signature recovery workers answer."""
     recovery = client.app.state.service.ingestor.recovery  # type: ignore[attr-defined]
     wait_until(lambda: recovery.workers_ready)
+
+
+def stand_still(monkeypatch: Any, budget: TokenBucket) -> None:
+    """Stop a process-wide budget's clock for the test (until `monkeypatch.undo()`): what it admits is its burst,
+    exactly, however slowly a loaded machine runs the test (at the real clock a slow step refilled it mid-test)."""
+    take = budget.take
+    monkeypatch.setattr(budget, "take", lambda _now: take(0.0))
 
 
 def wait_until(done: Callable[[], bool], timeout: float = 30.0) -> None:

@@ -25,6 +25,7 @@ from tests.hub_helpers import (
     Channel,
     body,
     in_one_block,
+    stand_still,
     wait_until,
     x402_request,
     x402_requirements,
@@ -81,14 +82,7 @@ def test_lookups_of_never_seen_ids_are_capped_and_an_honest_channel_still_pays(
     channel = open_channel(accounts[5], accounts[6].address, amount=100)
     service = client.app.state.service  # type: ignore[attr-defined]
     provider = service.w3.provider
-    # The budget's clock stands while the flood is judged (a slow machine would otherwise refill it mid-batch).
-    budget = service.indexer._lookups
-    standing = budget.take
-
-    def take(_now: float) -> bool:
-        return standing(0.0)
-
-    monkeypatch.setattr(budget, "take", take)
+    stand_still(monkeypatch, service.indexer._lookups)  # while the flood is judged
     before = provider.calls["eth_call"]
     flood = [ghost(channel, n) for n in range(1000, 1300)]
     items = [body(g, 1, sign(channel.payer, g.id, 1)) for g in flood]
@@ -112,6 +106,7 @@ def test_unknown_ids_beyond_the_read_budget_are_refused_before_any_read_and_know
     accounts: list[LocalAccount],
     sign: Sign,
     mining: str,
+    monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     """A flood of made-up ids is decided on the event loop: beyond SETTLEMENT_UNKNOWN_CHANNEL_READS_PER_SECOND it is
     503 `unknown_channels_busy` with no store read, no thread and no chain call, anonymous reads included (the fast
@@ -119,6 +114,7 @@ def test_unknown_ids_beyond_the_read_budget_are_refused_before_any_read_and_know
     channel = open_channel(accounts[5], accounts[6].address, amount=100)
     client = api(indexer_interval=60, unknown_channel_reads_per_second=2)  # burst 4
     service = client.app.state.service  # type: ignore[attr-defined]
+    stand_still(monkeypatch, service.ingestor._unknown_reads)
     head = service.w3.eth.block_number
     wait_until(lambda: service.indexer.progress is not None and service.indexer.progress.cursor >= head)
     before = rpc_calls(client)
@@ -152,13 +148,7 @@ def test_a_new_channels_concurrent_first_payments_share_one_admission(
     the process does not hold yet all get its receipt (one payment) under a budget of one read, while a second
     unknown id right after is refused."""
     service = make_service(indexer_interval=60, unknown_channel_reads_per_second=0.5)  # burst 1
-    budget = service.ingestor._unknown_reads
-    standing = budget.take
-
-    def take(_now: float) -> bool:  # the budget's clock stands: it never refills during the test
-        return standing(0.0)
-
-    monkeypatch.setattr(budget, "take", take)
+    stand_still(monkeypatch, service.ingestor._unknown_reads)
     head = service.w3.eth.block_number  # the indexer's first pass ends before the channel opens: it never holds it
     wait_until(lambda: service.indexer.progress is not None and service.indexer.progress.cursor >= head)
     channel = open_channel(accounts[7], accounts[8].address, amount=100)
@@ -219,24 +209,31 @@ def test_channels_opened_in_one_block_are_held_from_the_indexer_without_a_read(
         )
 
 
-def budgeted_facilitator(api: Callable[..., TestClient], channel: Channel) -> tuple[TestClient, dict[str, Any]]:
-    """A service whose read budget for unknown ids is 2 a second (burst 4), its indexer past the channel's opening
-    (and then idle), and the payee's requirements at a price of 5."""
+def budgeted_facilitator(
+    api: Callable[..., TestClient], channel: Channel, monkeypatch: pytest.MonkeyPatch
+) -> tuple[TestClient, dict[str, Any]]:
+    """A service whose read budget for unknown ids is its burst of 4 (its clock stands), its indexer past the
+    channel's opening (and then idle), and the payee's requirements at a price of 5."""
     client = api(indexer_interval=60, unknown_channel_reads_per_second=2)
     service = client.app.state.service  # type: ignore[attr-defined]
+    stand_still(monkeypatch, service.ingestor._unknown_reads)
     head = service.w3.eth.block_number
     wait_until(lambda: service.indexer.progress is not None and service.indexer.progress.cursor >= head)
     return client, x402_requirements(service.deployment.chain_id, channel.payee, 5)
 
 
 def test_the_x402_facilitator_admits_made_up_ids_as_ingest_does_and_known_payments_go_on(
-    api: Callable[..., TestClient], open_channel: Callable[..., Channel], accounts: list[LocalAccount], sign: Sign
+    api: Callable[..., TestClient],
+    open_channel: Callable[..., Channel],
+    accounts: list[LocalAccount],
+    sign: Sign,
+    monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     """`/x402/verify` and `/x402/settle` with made-up channel ids: beyond the read budget 503 (no store read, no
     chain call: a payee's middleware answers its payer 503, never a 402), an id found absent moments ago is refused
     at once for free, and a payment on a channel this process holds settles at once."""
     channel = open_channel(accounts[5], accounts[6].address, amount=100)
-    client, required = budgeted_facilitator(api, channel)
+    client, required = budgeted_facilitator(api, channel, monkeypatch)
     before = rpc_calls(client)
     answers = []
     for n in range(4000, 4040):
@@ -255,13 +252,17 @@ def test_the_x402_facilitator_admits_made_up_ids_as_ingest_does_and_known_paymen
 
 
 def test_a_settle_batch_of_made_up_ids_costs_what_as_many_settles_cost_and_the_honest_payment_in_it_stands(
-    api: Callable[..., TestClient], open_channel: Callable[..., Channel], accounts: list[LocalAccount], sign: Sign
+    api: Callable[..., TestClient],
+    open_channel: Callable[..., Channel],
+    accounts: list[LocalAccount],
+    sign: Sign,
+    monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     """One `/x402/settle/batch` request naming 40 made-up channel ids around an honest payment: the read budget is
     spent per id, as by 40 settles (4 probes, 36 answered 503 in their places, no chain call), and the honest payment
     is accepted."""
     channel = open_channel(accounts[5], accounts[6].address, amount=100)
-    client, required = budgeted_facilitator(api, channel)
+    client, required = budgeted_facilitator(api, channel, monkeypatch)
     made_up = [
         x402_request(required, x402_voucher(ghost(channel, n), 5, sign, channel.payer)) for n in range(5000, 5040)
     ]
