@@ -309,8 +309,9 @@ def settings_for_tests(devnet: Devnet, deployment_file: Path, store_url: str, **
         "access_control": False,
         # No per-client rate limit (every test request comes from one address): test_rate_limits.py turns it on.
         "client_requests_per_second": 0,
-        # No signature recovery process per service (hundreds of services start here): the tests of the workers
-        # (test_ingest_api.py) and every `settlement serve` a test runs as a process have them.
+        # No signature recovery process per service (hundreds of services start here, and a worker costs ~1.7 s of
+        # CPU to start on a slow machine): the tests of the workers (test_ingest_api.py, test_engine.py,
+        # test_faults.py) ask for one, in process or in a `settlement serve` they spawn.
         "recovery_processes": 0,
         **overrides,
     }
@@ -428,6 +429,8 @@ def spawn(
             "settle_fee_share_percent": "0",  # as in service_settings
             "access_control": "false",  # as in service_settings
             "client_requests_per_second": "0",  # as in service_settings
+            # As in service_settings (the tests of the worker ask for one).
+            "recovery_processes": "0",
             **settings,
         }
         service = ServiceProcess(values, tmp_path, name).start()
