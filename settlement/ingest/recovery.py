@@ -96,7 +96,7 @@ class Recovery:
                 self._discard(workers, again=True)
             except TimeoutError:
                 logger.error("recovery workers did not answer in %s s: ended, new ones starting", self.deadline)
-                self._discard(workers, again=True, end=True)
+                self._discard(workers, again=True)
         threads = self._threads
         if threads is None:
             raise RuntimeError("Recovery.start() was not called")
@@ -151,19 +151,16 @@ class Recovery:
         for future in warm:
             future.add_done_callback(done)
 
-    def _discard(self, workers: ProcessPoolExecutor, *, again: bool, end: bool = False) -> None:
-        """Stop using `workers`; with `again`, start new ones (threads recover until they are ready); with `end`, kill
-        their processes (hung: stopped, or stuck) rather than leave them."""
+    def _discard(self, workers: ProcessPoolExecutor, *, again: bool) -> None:
+        """Stop using `workers` and end their processes (a hung one is stopped or stuck; a broken pool's are being
+        ended by the executor already); with `again`, start new ones (threads recover until they are ready)."""
         with self._lock:
             if self._workers is workers:
                 self._workers = None
                 self._ready.clear()
                 if again and self._threads is not None:
                     self._spawn()
-        if end:
-            _end(workers, grace=0.0)
-        else:
-            workers.shutdown(wait=False, cancel_futures=True)
+        _end(workers, grace=0.0)
 
 
 def _end(workers: ProcessPoolExecutor, *, grace: float) -> None:
