@@ -425,6 +425,12 @@ def _children(pid: int) -> dict[int, str]:
     return found
 
 
+def _started(server: int, marker: str) -> list[int]:
+    """The children of `server` whose command line holds `marker`, once there is one."""
+    wait_until(lambda: any(marker in command for command in _children(server).values()))
+    return [pid for pid, command in _children(server).items() if marker in command]
+
+
 def _alive(pid: int) -> bool:
     try:
         state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
@@ -442,9 +448,7 @@ def test_the_signature_recovery_worker_never_outlives_its_server(
     service = spawn(store_url, recovery_processes="1")
     assert service.process is not None
     server = service.process.pid
-    wait_until(lambda: any("multiprocessing" in command for command in _children(server).values()))
-    workers = [pid for pid, command in _children(server).items() if "multiprocessing" in command]
-    assert workers
+    workers = _started(server, "multiprocessing")  # the worker and multiprocessing's resource tracker
     service.kill() if how == "kill" else service.stop()
     wait_until(lambda: not any(_alive(pid) for pid in workers), timeout=10)
 
@@ -457,8 +461,7 @@ def test_a_stopped_recovery_worker_does_not_hold_the_service_shutdown(
     service = spawn(store_url, recovery_processes="1")
     assert service.process is not None
     server = service.process
-    wait_until(lambda: any("spawn_main" in command for command in _children(server.pid).values()))
-    (worker,) = [pid for pid, command in _children(server.pid).items() if "spawn_main" in command]
+    (worker,) = _started(server.pid, "spawn_main")  # the worker alone
     os.kill(worker, signal.SIGSTOP)
     server.send_signal(signal.SIGTERM)
     assert server.wait(timeout=20) == -signal.SIGTERM  # uvicorn ends by re-raising the signal it shut down on
