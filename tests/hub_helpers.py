@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any
 
 import httpx
+import pytest
 from eth_account.messages import encode_defunct
 from eth_account.signers.local import LocalAccount
 from fastapi import FastAPI
@@ -222,7 +223,7 @@ def workers_ready(client: TestClient) -> None:
     wait_until(lambda: recovery.workers_ready)
 
 
-def stand_still(monkeypatch: Any, budget: TokenBucket) -> None:
+def stand_still(monkeypatch: pytest.MonkeyPatch, budget: TokenBucket) -> None:
     """Stop a process-wide budget's clock for the test (until `monkeypatch.undo()`): what it admits is its burst,
     exactly, however slowly a loaded machine runs the test (at the real clock a slow step refilled it mid-test)."""
     take = budget.take
