@@ -8,6 +8,7 @@
     ├── DevnetError                  500 devnet_failed
     ├── DeploymentError              500 deployment_missing
     ├── StoreError                   500 store_error
+    │   ├── ChannelMovedError        503 channel_moved       (ingest writer only, never answered: a held copy is stale)
     │   └── StoreUnavailableError    503 store_unavailable
     │       ├── UnknownChannelsBusyError 503 unknown_channels_busy (channel ids not in memory over the read budget)
     │       └── UnknownKeysBusyError 503 unknown_keys_busy (API keys not in memory over the read budget)
@@ -187,6 +188,14 @@ class StoreError(SettlementError):
     """The database refused an operation it should have accepted."""
 
     code = "store_error"
+
+
+class ChannelMovedError(StoreError):
+    """A channel the ingest writer judged against its own copy was written since, or another transaction holds its
+    row: the writer rolls the group back and writes it again under row locks. It never reaches a client."""
+
+    status = 503
+    code = "channel_moved"
 
 
 class StoreUnavailableError(StoreError):

@@ -289,10 +289,10 @@ def test_one_voucher_the_store_refuses_never_fails_its_group(
     if store_url.startswith("sqlite"):
         real = channel_q.record_payments
 
-        def refuse_nul(conn: Any, accepted: Any, numbers: Any = None) -> set[ChannelId]:
+        def refuse_nul(conn: Any, accepted: Any, numbers: Any = None, **options: Any) -> set[ChannelId]:
             if any("\x00" in (r.reference or "") for r, _ in accepted):
                 raise StoreError("injected: the store refuses this value")
-            return real(conn, accepted, numbers)
+            return real(conn, accepted, numbers, **options)
 
         monkeypatch.setattr(channel_q, "record_payments", refuse_nul)
     outcomes = service.ingestor.submit(vouchers, [service.ingestor.recover(v) for v in vouchers]).result()
@@ -446,6 +446,66 @@ def test_a_writer_holding_a_channel_judges_what_another_process_or_the_indexer_w
         held = channel_q.get_channel(conn, other)
     assert stored == [10, 10, 5, 125]
     assert held is not None and held.accepted == 5
+
+
+def _group_writes(writer: Ingestor) -> dict[str, int]:
+    get = writer.metrics.registry.get_sample_value
+    writes = {how: get("settlement_ingest_group_writes_total", {"how": how}) for how in ("held", "locked", "moved")}
+    return {how: int(n or 0) for how, n in writes.items()}
+
+
+def test_a_writer_writes_against_its_own_copies_in_one_statement_and_never_answers_from_a_moved_one(
+    db: Database,
+) -> None:
+    """Issue 20, fewer lock round trips per group: on PostgreSQL a group whose channels the writer holds is judged
+    against its copies and written in one statement that locks each row only at the copy's version, with no lock
+    statement first. When the indexer moved a channel since (a close, a top-up), that write is rolled back (`moved`)
+    and the group is written again under row locks, judged on what is stored: the voucher after the close is refused,
+    not taken on the copy's "open"; the voucher the copy's deposit refused is taken once the top-up is stored. Its
+    answers are checked the same way when no payment of the group touched the channel (a refusal alone). A channel
+    found moved is locked first at its next group, then written against its copy again. SQLite's writer holds the
+    whole database and always reads what it locks: the same answers, every group `locked`."""
+    with db.write() as conn:
+        channel_q.insert_channel(conn, a_channel(1, deposit=100), utcnow())
+        channel_q.insert_channel(conn, a_channel(2, deposit=100), utcnow())
+    one, two = a_channel(1).channel_id, a_channel(2).channel_id
+    payer = bytes.fromhex("aa" * 20)
+    writer = Ingestor(db, cast(Any, None), cast(Any, None), Metrics(), close_guard=0)
+    writer.start()
+
+    def pay(*vouchers: tuple[str, int]) -> list[str]:
+        outcomes = writer.submit([Voucher(cid, amount, bytes(65)) for cid, amount in vouchers], [payer] * len(vouchers))
+        return [o.code if isinstance(o, SettlementError) else f"new +{o.receipt.increment}" for o in outcomes.result()]
+
+    def indexer_saves(channel: Channel) -> None:
+        with db.write() as conn:
+            channel_q.save_chain_state(conn, channel, utcnow())
+
+    try:
+        answers = [pay((one, 10), (two, 1)), pay((one, 20), (two, 2))]  # the first reads the rows, the next not
+        indexer_saves(replace(a_channel(1, deposit=100), status=ChannelStatus.CLOSED))
+        answers += [pay((one, 30), (two, 3)), pay((two, 4)), pay((one, 40)), pay((one, 50)), pay((two, 150))]
+        indexer_saves(replace(a_channel(2, deposit=200)))
+        answers += [pay((two, 150))]
+    finally:
+        writer.stop()
+    assert answers == [
+        ["new +10", "new +1"],
+        ["new +10", "new +1"],
+        ["channel_closed", "new +1"],  # written against the copies first: channel 1 had moved, rolled back
+        ["new +1"],
+        ["channel_closed"],  # channel 1 locked first: its copy had moved at its last group
+        ["channel_closed"],  # against the copy again, refused, and the copy checked
+        ["amount_exceeds_deposit"],
+        ["new +146"],  # the copy (deposit 100) refused it; that answer was checked, found moved, judged again
+    ]
+    with db.read() as conn:
+        paid = {cid: [p.increment for p in reversed(channel_q.list_payments(conn, cid).items)] for cid in (one, two)}
+    assert paid == {one: [10, 10], two: [1, 1, 1, 1, 146]}
+    if db.is_sqlite:
+        assert _group_writes(writer) == {"held": 0, "locked": 8, "moved": 0}
+    else:
+        assert _group_writes(writer) == {"held": 4, "locked": 4, "moved": 2}
 
 
 class RowHolder:

@@ -31,6 +31,7 @@ from settlement.domain.model import Address, Channel, ChannelId, Receipt, Vouche
 from settlement.domain.shards import UNSHARDED, Shard
 from settlement.eip712.vouchers import VoucherVerifier
 from settlement.errors import (
+    ChannelMovedError,
     ChannelNotFoundError,
     RequestError,
     SettlementError,
@@ -474,7 +475,14 @@ class Ingestor:
     ) -> tuple[list[Outcome], set[ChannelId]]:
         """One transaction: wait for `first`'s row if given, lock the part's other channels (with `skip_busy`,
         those another transaction does not hold), judge and commit their vouchers. Returns the outcomes of the
-        vouchers it judged (those of busy channels left out), in order, and the busy channels."""
+        vouchers it judged (those of busy channels left out), in order, and the busy channels.
+
+        On PostgreSQL a part whose channels the writer all holds is first written against its copies, with no lock
+        statement before (`_write_held`); only if a channel moved or was busy is it written again this way."""
+        if first is None and skip_busy and not self.db.is_sqlite and not self.rules.caps:
+            written = self._write_held(vouchers, signers)
+            if written is not None:
+                return written
         try:
             with self.db.write() as conn:
                 wanted = {v.channel_id for v in vouchers}
@@ -488,45 +496,97 @@ class Ingestor:
                 if busy:
                     kept = [i for i, v in enumerate(vouchers) if v.channel_id not in busy]
                     vouchers, signers = [vouchers[i] for i in kept], [signers[i] for i in kept]
-                channels, versions = self._read_group(conn, stamps)
+                channels, versions, moved = self._read_group(conn, stamps)
                 numbers = {channel_id: stamp.number for channel_id, stamp in stamps.items()}
                 judged = self._judge_group(conn, vouchers, signers, channels, numbers)
         except BaseException:
-            for voucher in vouchers:  # what the store holds now is not known: read it again next time
-                self._held.pop(voucher.channel_id, None)
+            self._forget(vouchers)
             raise
-        self._hold(channels, versions, judged.written)
+        self._hold(channels, versions, numbers, judged.written, moved)
         with self._counts_lock:
             self._counts.update(judged.seen)
+        self.metrics.group_writes.labels("locked").inc()
         return judged.outcomes, busy
+
+    def _write_held(
+        self, vouchers: list[Voucher], signers: list[bytes | None]
+    ) -> tuple[list[Outcome], set[ChannelId]] | None:
+        """The part judged against the writer's own copies of its channels and written in one statement that locks
+        each row only at the version the copy has (PostgreSQL): the group's lock statement and its round trip saved,
+        a third of the database's time per voucher. None, with nothing written, when a channel is not held or is
+        shared with another process's writer (`_hold`), or moved since (that writer, the indexer), or another
+        transaction holds its row."""
+        held = self._held
+        channels: dict[ChannelId, Channel] = {}
+        versions: dict[ChannelId, int] = {}
+        numbers: dict[ChannelId, int] = {}
+        for voucher in vouchers:
+            copy = held.get(voucher.channel_id)
+            if copy is None or copy.shared:
+                return None
+            channels[voucher.channel_id] = copy.channel
+            versions[voucher.channel_id] = copy.version
+            numbers[voucher.channel_id] = copy.number
+        try:
+            with self.db.write() as conn:
+                judged = self._judge_group(conn, vouchers, signers, channels, numbers, held=versions)
+        except ChannelMovedError:  # rolled back: nothing of the part was written
+            self.metrics.group_writes.labels("moved").inc()
+            return None
+        except BaseException:
+            self._forget(vouchers)
+            raise
+        self._hold(channels, versions, numbers, judged.written, set())  # every copy was current
+        with self._counts_lock:
+            self._counts.update(judged.seen)
+        self.metrics.group_writes.labels("held").inc()
+        return judged.outcomes, set()
+
+    def _forget(self, vouchers: list[Voucher]) -> None:
+        """After a failed transaction what the store holds now is not known: read it again next time."""
+        for voucher in vouchers:
+            self._held.pop(voucher.channel_id, None)
 
     def _read_group(
         self, conn: Connection, stamps: dict[ChannelId, channel_q.RowStamp]
-    ) -> tuple[dict[ChannelId, Channel], dict[ChannelId, int]]:
+    ) -> tuple[dict[ChannelId, Channel], dict[ChannelId, int], set[ChannelId]]:
         """The group's channels, row-locked (`stamps`): the writer's own copy of each while the stored row's
         version and the channel's latest accepted amount are the ones it holds, else the stored channel (another
-        process accepted a voucher, the indexer saw the chain move)."""
+        process accepted a voucher, the indexer saw the chain move). Also the channels whose copy had moved."""
         versions = {channel_id: stamp.version for channel_id, stamp in stamps.items()}
         channels: dict[ChannelId, Channel] = {}
+        moved: set[ChannelId] = set()
         for channel_id, stamp in stamps.items():
             held = self._held.get(channel_id)
-            if held is not None and held.version == stamp.version and held.channel.accepted == stamp.accepted:
+            if held is None:
+                continue
+            if held.version == stamp.version and held.channel.accepted == stamp.accepted:
                 channels[channel_id] = held.channel
+            else:
+                moved.add(channel_id)
         if len(channels) < len(versions):
             for channel_id, stored in channel_q.read_versioned(conn, versions.keys() - channels.keys()).items():
                 channels[channel_id] = stored.channel
                 versions[channel_id] = stored.version
-        return channels, versions
+        return channels, versions, moved
 
     def _hold(
-        self, channels: dict[ChannelId, Channel], versions: dict[ChannelId, int], written: set[ChannelId]
+        self,
+        channels: dict[ChannelId, Channel],
+        versions: dict[ChannelId, int],
+        numbers: dict[ChannelId, int],
+        written: set[ChannelId],
+        moved: set[ChannelId],
     ) -> None:
         """After the commit: keep the group's channels as stored now (the rows the group rewrote have their
-        versions raised; on SQLite none is rewritten: the group's payments moved their latest vouchers)."""
+        versions raised; on SQLite none is rewritten: the group's payments moved their latest vouchers). A channel
+        whose copy had moved is kept as `shared`: another process writes it too, so a write against the copy would
+        likely be rolled back; it is locked first until this writer finds its copy current again."""
         held = self._held
         for channel_id, channel in channels.items():
             held.pop(channel_id, None)  # re-inserted last: the oldest entries are the least recently used
-            held[channel_id] = channel_q.VersionedChannel(channel, versions[channel_id] + (channel_id in written))
+            version = versions[channel_id] + (channel_id in written)
+            held[channel_id] = channel_q.VersionedChannel(channel, version, numbers[channel_id], channel_id in moved)
         if len(held) > self.held_max:
             for channel_id in list(itertools.islice(held, len(held) - self.held_max * 3 // 4)):
                 del held[channel_id]
@@ -538,9 +598,13 @@ class Ingestor:
         signers: list[bytes | None],
         channels: dict[ChannelId, Channel],
         numbers: dict[ChannelId, int],
+        *,
+        held: dict[ChannelId, int] | None = None,
     ) -> _Judged:
         """Judge the group's vouchers in order against its locked channels (moving each channel's position in
-        `channels` as its vouchers are accepted) and write what was accepted."""
+        `channels` as its vouchers are accepted) and write what was accepted. With `held` (the versions of the
+        writer's copies the channels are, not locked), the write checks that each channel is still at that version
+        (ChannelMovedError if not)."""
         outcomes: list[Outcome] = []
         accepted: list[tuple[Receipt, bytes]] = []
         known = [
@@ -590,7 +654,9 @@ class Ingestor:
                     keyed[key] = verdict.receipt
                 channels[voucher.channel_id] = channel.with_voucher(voucher.cumulative, voucher.signature)
             outcomes.append(verdict)
-        written = channel_q.record_payments(conn, accepted, numbers)
+        written = channel_q.record_payments(conn, accepted, numbers, held=held)
+        if held is not None:  # the answers about the group's other channels rest on their copies too
+            channel_q.versions_kept(conn, numbers, {c: held[c] for c in held.keys() - written})
         caps_q.save_windows(conn, {key: total for key, total in spent.items() if total != before[key]})
         return _Judged(outcomes, written, seen)
 

@@ -31,6 +31,14 @@ class Metrics:
             " (server processes sharing channels: route a channel to one process)",
             registry=self.registry,
         )
+        self.group_writes = Counter(
+            "settlement_ingest_group_writes",
+            "Group transactions of the ingest writer, by how: held (PostgreSQL: judged against the writer's copies of"
+            " its channels, each row locked only at that version by the write itself), locked (the rows locked and"
+            " read first), moved (a held write rolled back, a channel having moved or being busy; then written locked)",
+            ["how"],
+            registry=self.registry,
+        )
         self.vouchers_rejected = Counter(
             "settlement_vouchers_rejected",
             "Vouchers or requests refused, by error code",

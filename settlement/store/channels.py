@@ -17,6 +17,7 @@ from sqlalchemy.dialects.sqlite import insert as sqlite_insert
 from sqlalchemy.exc import DBAPIError
 
 from settlement.domain.model import Channel, ChannelId, ChannelStatus, Receipt
+from settlement.errors import ChannelMovedError
 from settlement.store.tables import channels, payments
 from settlement.store.types import Amount, sqlite_amount, stored_amount
 
@@ -122,6 +123,8 @@ class VersionedChannel(NamedTuple):
 
     channel: Channel
     version: int
+    number: int  # the channel's number in the store (RowStamp.number)
+    shared: bool = False  # the ingest writer found its copy moved by another writer at its last write (its own use)
 
 
 class RowStamp(NamedTuple):
@@ -195,7 +198,10 @@ def channel_numbers(conn: Connection, channel_ids: Iterable[ChannelId]) -> dict[
 def read_versioned(conn: Connection, channel_ids: Iterable[ChannelId]) -> dict[ChannelId, VersionedChannel]:
     """Whole rows with their versions (no lock of its own: the writer calls it under `lock_versions`' locks)."""
     query = _with_ids(conn, channel_ids)
-    return {row.channel_id: VersionedChannel(channel_from_row(row), row.version) for row in conn.execute(query)}
+    return {
+        row.channel_id: VersionedChannel(channel_from_row(row), row.version, row.channel_no)
+        for row in conn.execute(query)
+    }
 
 
 def insert_channel(conn: Connection, channel: Channel, now: datetime) -> None:
@@ -314,7 +320,11 @@ def _receipt(row: Row[Any], channel_id: ChannelId) -> Receipt:
 
 
 def record_payments(
-    conn: Connection, accepted: Sequence[tuple[Receipt, bytes]], numbers: Mapping[ChannelId, int] | None = None
+    conn: Connection,
+    accepted: Sequence[tuple[Receipt, bytes]],
+    numbers: Mapping[ChannelId, int] | None = None,
+    *,
+    held: Mapping[ChannelId, int] | None = None,
 ) -> set[ChannelId]:
     """Insert the accepted payments and move each channel's latest voucher to its highest one; returns the channels
     whose row it rewrote, each row's version raised by one (PostgreSQL; on SQLite the latest voucher is the highest
@@ -325,6 +335,10 @@ def record_payments(
     number. On PostgreSQL the insert and the channels' update are one statement over arrays (`unnest`): about half
     the time of SQLAlchemy's multi-row INSERT plus a pipelined UPDATE per channel; a payment is inserted only with its
     channel's UPDATE. SQLite's `executemany` is already a loop in C inside the process, so it keeps the plain form.
+
+    `held` (PostgreSQL): the row versions of the writer's own copies, which it judged against without locking the
+    rows first. The statement locks each row only at that version, skipping rows another transaction holds; if one
+    had moved or was busy, ChannelMovedError, and the caller rolls the transaction back.
     """
     if not accepted:
         return set()
@@ -333,8 +347,20 @@ def record_payments(
     if conn.dialect.name == "sqlite":
         _record_payments_sqlite(conn, accepted, numbers)
         return set()
-    _record_payments_arrays(conn, accepted, numbers)
+    _record_payments_arrays(conn, accepted, numbers, held)
     return {receipt.channel_id for receipt, _ in accepted}
+
+
+def versions_kept(conn: Connection, numbers: Mapping[ChannelId, int], versions: Mapping[ChannelId, int]) -> None:
+    """Raise ChannelMovedError unless each channel's row is still at the version given (PostgreSQL): for the channels
+    of a group judged against the writer's copies that got no payment (their vouchers refused or answered again), so
+    that every answer of the group rests on what is stored. No lock: a refusal is an answer about that moment."""
+    if not versions:
+        return
+    params = {"held_nos": _decimals(numbers[c] for c in versions), "versions": _decimals(versions.values())}
+    _, rows = _execute_raw(conn, _VERSIONS_KEPT, params)
+    if rows[0][0] != len(versions):
+        raise ChannelMovedError("a channel moved since the writer's copy of it")
 
 
 # Payment ids are drawn in the order of the group (ORDER BY the array position): within a channel, ids and amounts
@@ -343,23 +369,42 @@ def record_payments(
 # comma-separated decimals each, which the server splits and parses: psycopg builds a binary array element by element
 # in Python, which was the largest part of the writer's time per voucher. References and idempotency keys are sent
 # as NULL when the group has none (the hot path): `unnest` pads a NULL array with NULLs.
-_RECORD_PAYMENTS = (
+_PAYMENTS_IN = (
     "WITH p AS MATERIALIZED ("
     " SELECT * FROM unnest(string_to_array(%(nos)b::text, ',')::bigint[],"
     " string_to_array(%(cumulative)b::text, ',')::numeric[], string_to_array(%(increment)b::text, ',')::numeric[],"
     " string_to_array(%(remaining)b::text, ',')::numeric[], %(signature)b::bytea[], %(reference)b::varchar[],"
     " string_to_array(%(at)b::text, ',')::bigint[], %(keys)b::varchar[]) WITH ORDINALITY"
     " AS p(channel_no, cumulative, increment, remaining, signature, reference, at, key, n)),"
+    " v AS (SELECT DISTINCT ON (channel_no) channel_no, cumulative, signature, at FROM p"
+    " ORDER BY channel_no, cumulative DESC),"
+)
+_MOVE_LATEST = (
     " latest AS ("
     " UPDATE channels AS c SET accepted = v.cumulative, signature = v.signature, updated_at_us = v.at,"
     " version = c.version + 1"
-    " FROM (SELECT DISTINCT ON (channel_no) channel_no, cumulative, signature, at FROM p"
-    " ORDER BY channel_no, cumulative DESC) AS v"
-    " WHERE c.channel_no = v.channel_no RETURNING c.channel_no)"
+    " FROM v{held} WHERE c.channel_no = v.channel_no RETURNING c.channel_no)"
     " INSERT INTO payments"
     " (channel_no, cumulative, increment, remaining, signature, reference, accepted_at_us, idempotency_key)"
     " SELECT p.channel_no, p.cumulative, p.increment, p.remaining, p.signature, p.reference, p.at, p.key"
     " FROM p JOIN latest ON latest.channel_no = p.channel_no ORDER BY p.n"
+)
+# Under the rows' locks (`lock_versions`).
+_RECORD_PAYMENTS = _PAYMENTS_IN + _MOVE_LATEST.format(held="")
+# Against the writer's own copies, with no lock taken before: each channel's row is locked here, and only at the
+# version the writer holds (`%(versions)b`, the channels' numbers and versions as pairs); a row another transaction
+# holds is skipped, not waited for, so a payment whose channel moved or is busy is not inserted.
+_HELD = (
+    " held AS MATERIALIZED (SELECT c.channel_no FROM channels AS c JOIN"
+    " unnest(string_to_array(%(held_nos)b::text, ',')::bigint[], string_to_array(%(versions)b::text, ',')::bigint[])"
+    " AS h(channel_no, version) ON c.channel_no = h.channel_no AND c.version = h.version"
+    " FOR UPDATE OF c SKIP LOCKED),"
+)
+_RECORD_PAYMENTS_HELD = _PAYMENTS_IN + _HELD + _MOVE_LATEST.format(held=" JOIN held ON held.channel_no = v.channel_no")
+_VERSIONS_KEPT = (
+    "SELECT count(*) FROM channels AS c JOIN unnest(string_to_array(%(held_nos)b::text, ',')::bigint[],"
+    " string_to_array(%(versions)b::text, ',')::bigint[]) AS h(channel_no, version)"
+    " ON c.channel_no = h.channel_no AND c.version = h.version"
 )
 
 
@@ -381,29 +426,39 @@ def _execute_raw(conn: Connection, statement: str, params: Any) -> tuple[int, li
 
 
 def _record_payments_arrays(
-    conn: Connection, accepted: Sequence[tuple[Receipt, bytes]], numbers: Mapping[ChannelId, int]
+    conn: Connection,
+    accepted: Sequence[tuple[Receipt, bytes]],
+    numbers: Mapping[ChannelId, int],
+    held: Mapping[ChannelId, int] | None,
 ) -> None:
     receipts = [r for r, _ in accepted]
     at = _times_us(receipts)
     references = [r.reference for r in receipts]
     keys = [r.idempotency_key for r in receipts]
-    inserted, _ = _execute_raw(
-        conn,
-        _RECORD_PAYMENTS,
-        {
-            "nos": _decimals(numbers[r.channel_id] for r in receipts),
-            "cumulative": _decimals(r.cumulative for r in receipts),
-            "increment": _decimals(r.increment for r in receipts),
-            "remaining": _decimals(r.remaining for r in receipts),
-            "signature": [signature for _, signature in accepted],
-            "reference": references if any(ref is not None for ref in references) else None,
-            "at": _decimals(at[r.accepted_at] for r in receipts),
-            "keys": keys if any(key is not None for key in keys) else None,
-        },
-    )
-    if inserted != len(receipts):  # a channel whose row was not updated: fail the group rather than drop a payment
-        missing = psycopg.errors.ForeignKeyViolation("payments without a channel")  # as SQLite's foreign key says it
-        raise DBAPIError.instance(_RECORD_PAYMENTS, None, missing, psycopg.Error)
+    params = {
+        "nos": _decimals(numbers[r.channel_id] for r in receipts),
+        "cumulative": _decimals(r.cumulative for r in receipts),
+        "increment": _decimals(r.increment for r in receipts),
+        "remaining": _decimals(r.remaining for r in receipts),
+        "signature": [signature for _, signature in accepted],
+        "reference": references if any(ref is not None for ref in references) else None,
+        "at": _decimals(at[r.accepted_at] for r in receipts),
+        "keys": keys if any(key is not None for key in keys) else None,
+    }
+    statement = _RECORD_PAYMENTS
+    if held is not None:
+        paid = {r.channel_id for r in receipts}
+        params["held_nos"] = _decimals(numbers[c] for c in paid)
+        params["versions"] = _decimals(held[c] for c in paid)
+        statement = _RECORD_PAYMENTS_HELD
+    inserted, _ = _execute_raw(conn, statement, params)
+    if inserted == len(receipts):
+        return
+    if held is not None:  # a channel moved since the writer's copy, or another transaction holds it
+        raise ChannelMovedError("a channel moved since the writer's copy of it, or another transaction holds it")
+    # A channel whose row was not updated: fail the group rather than drop a payment.
+    missing = psycopg.errors.ForeignKeyViolation("payments without a channel")  # as SQLite's foreign key says it
+    raise DBAPIError.instance(statement, None, missing, psycopg.Error)
 
 
 def _decimals(numbers: Iterable[int]) -> str:
