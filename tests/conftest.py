@@ -413,12 +413,13 @@ def open_channel(w3: Web3, hub: Contract) -> Callable[..., Any]:
 def spawn(
     w3: Web3, devnet: Devnet, hub_deployment: Deployment, tmp_path: Path
 ) -> Iterator[Callable[..., ServiceProcess]]:
-    """Factory: spawn(database_url, **settings) -> a started service process; all are killed after the test."""
+    """Factory: spawn(database_url, **settings) -> a started service process; all are killed after the test. With
+    `wait=False` it is only launched: the test starts what else it needs, then calls its `ready()`."""
     record = tmp_path / "deployment.json"
     hub_deployment.save(record)
     running: list[ServiceProcess] = []
 
-    def make(database_url: str, name: str = "service", **settings: str) -> ServiceProcess:
+    def make(database_url: str, name: str = "service", *, wait: bool = True, **settings: str) -> ServiceProcess:
         values = {
             "rpc_url": devnet.url,
             "deployment_file": str(record),
@@ -433,9 +434,9 @@ def spawn(
             "recovery_processes": "0",
             **settings,
         }
-        service = ServiceProcess(values, tmp_path, name).start()
+        service = ServiceProcess(values, tmp_path, name).launch()
         running.append(service)
-        return service
+        return service.ready() if wait else service
 
     yield make
     for service in running:

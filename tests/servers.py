@@ -36,6 +36,11 @@ class ServiceProcess:
         self.process: subprocess.Popen[bytes] | None = None
 
     def start(self, timeout: float = 60.0) -> ServiceProcess:
+        return self.launch().ready(timeout)
+
+    def launch(self) -> ServiceProcess:
+        """Start the process without waiting for it: a test starts its other processes meanwhile (each spends
+        seconds on imports), then calls `ready()`."""
         with self.log.open("ab") as out:
             self.process = subprocess.Popen(
                 [sys.executable, "-m", "settlement.cli", "serve"],
@@ -44,6 +49,11 @@ class ServiceProcess:
                 stdout=out,
                 stderr=subprocess.STDOUT,
             )
+        return self
+
+    def ready(self, timeout: float = 60.0) -> ServiceProcess:
+        """Wait until the launched process answers /health."""
+        assert self.process is not None, "launch() first"
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             if self.process.poll() is not None:
