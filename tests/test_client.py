@@ -141,7 +141,9 @@ def test_two_service_processes_share_one_postgres(
     accounts: list[LocalAccount],
     sign: Callable[..., bytes],
 ) -> None:
-    services = [spawn(fresh_postgres, "a"), spawn(fresh_postgres, "b")]
+    services = [spawn(fresh_postgres, name, wait=False) for name in "ab"]  # both start (and migrate) at once
+    for service in services:
+        service.ready()
     # one payer per service, each on its own channel, paying through its own process
     clients = [payer_client(accounts[13 + i], s.url) for i, s in enumerate(services)]
     own = [c.open_channel(accounts[11].address, 10**6) for c in clients]

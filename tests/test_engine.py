@@ -94,7 +94,9 @@ def test_leader_failover_between_two_processes(
 ) -> None:
     key = HexBytes(accounts[19].key).to_0x_hex()
     options = {"engine_enabled": "true", "private_key": key, "settle_interval": "0.3", "engine_tick": "0.1"}
-    services = [spawn(fresh_postgres, "a", **options), spawn(fresh_postgres, "b", **options)]
+    services = [spawn(fresh_postgres, name, wait=False, **options) for name in "ab"]  # both start (and migrate) at once
+    for service in services:
+        service.ready()
     wait_until(lambda: sum(leader(s.url) for s in services) == 1)
     first = next(s for s in services if leader(s.url))
     other = next(s for s in services if s is not first)
