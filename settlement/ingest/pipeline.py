@@ -502,10 +502,7 @@ class Ingestor:
         except BaseException:
             self._forget(vouchers)
             raise
-        self._hold(channels, versions, numbers, judged.written, moved)
-        with self._counts_lock:
-            self._counts.update(judged.seen)
-        self.metrics.group_writes.labels("locked").inc()
+        self._committed(judged, channels, versions, numbers, moved, "locked")
         return judged.outcomes, busy
 
     def _write_held(
@@ -514,9 +511,8 @@ class Ingestor:
         """The part judged against the writer's own copies of its channels and written in one statement that locks
         each row only at the version the copy has (PostgreSQL): the group's lock statement and its round trip saved
         (~13 % of the writer's CPU). Not while spending caps are set: their windows are locked and read per group.
-        None, with nothing written, when a channel is not held or is
-        shared with another process's writer (`_hold`), or moved since (that writer, the indexer), or another
-        transaction holds its row."""
+        None, with nothing written, when a channel is not held or is shared with another process's writer (`_hold`),
+        or moved since (that writer, the indexer), or another transaction holds its row."""
         held = self._held
         channels: dict[ChannelId, Channel] = {}
         versions: dict[ChannelId, int] = {}
@@ -537,11 +533,23 @@ class Ingestor:
         except BaseException:
             self._forget(vouchers)
             raise
-        self._hold(channels, versions, numbers, judged.written, set())  # every copy was current
+        self._committed(judged, channels, versions, numbers, set(), "held")  # every copy was current
+        return judged.outcomes, set()
+
+    def _committed(
+        self,
+        judged: _Judged,
+        channels: dict[ChannelId, Channel],
+        versions: dict[ChannelId, int],
+        numbers: dict[ChannelId, int],
+        moved: set[ChannelId],
+        how: str,
+    ) -> None:
+        """After a group's commit, whichever way it was written: hold its channels, count what was judged."""
+        self._hold(channels, versions, numbers, judged.written, moved)
         with self._counts_lock:
             self._counts.update(judged.seen)
-        self.metrics.group_writes.labels("held").inc()
-        return judged.outcomes, set()
+        self.metrics.group_writes.labels(how).inc()
 
     def _forget(self, vouchers: list[Voucher]) -> None:
         """After a failed transaction what the store holds now is not known: read it again next time."""
