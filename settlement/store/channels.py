@@ -357,8 +357,7 @@ def versions_kept(conn: Connection, numbers: Mapping[ChannelId, int], versions: 
     that every answer of the group rests on what is stored. No lock: a refusal is an answer about that moment."""
     if not versions:
         return
-    params = {"held_nos": _decimals(numbers[c] for c in versions), "versions": _decimals(versions.values())}
-    _, rows = _execute_raw(conn, _VERSIONS_KEPT, params)
+    _, rows = _execute_raw(conn, _VERSIONS_KEPT, _at_versions(numbers, versions, versions))
     if rows[0][0] != len(versions):
         raise ChannelMovedError("a channel moved since the writer's copy of it")
 
@@ -391,21 +390,29 @@ _MOVE_LATEST = (
 )
 # Under the rows' locks (`lock_versions`).
 _RECORD_PAYMENTS = _PAYMENTS_IN + _MOVE_LATEST.format(held="")
-# Against the writer's own copies, with no lock taken before: each channel's row is locked here, and only at the
-# version the writer holds (`%(versions)b`, the channels' numbers and versions as pairs); a row another transaction
-# holds is skipped, not waited for, so a payment whose channel moved or is busy is not inserted.
-_HELD = (
-    " held AS MATERIALIZED (SELECT c.channel_no FROM channels AS c JOIN"
+# The channel rows still at the versions given (`_at_versions`: the channels' numbers and versions, as pairs).
+_ROWS_AT_VERSIONS = (
+    "channels AS c JOIN"
     " unnest(string_to_array(%(held_nos)b::text, ',')::bigint[], string_to_array(%(versions)b::text, ',')::bigint[])"
     " AS h(channel_no, version) ON c.channel_no = h.channel_no AND c.version = h.version"
-    " FOR UPDATE OF c SKIP LOCKED),"
 )
-_RECORD_PAYMENTS_HELD = _PAYMENTS_IN + _HELD + _MOVE_LATEST.format(held=" JOIN held ON held.channel_no = v.channel_no")
-_VERSIONS_KEPT = (
-    "SELECT count(*) FROM channels AS c JOIN unnest(string_to_array(%(held_nos)b::text, ',')::bigint[],"
-    " string_to_array(%(versions)b::text, ',')::bigint[]) AS h(channel_no, version)"
-    " ON c.channel_no = h.channel_no AND c.version = h.version"
+# Against the writer's own copies, with no lock taken before: each channel's row is locked here, and only at the
+# version the writer holds; a row another transaction holds is skipped, not waited for, so a payment whose channel
+# moved or is busy is not inserted.
+_RECORD_PAYMENTS_HELD = (
+    _PAYMENTS_IN
+    + f" held AS MATERIALIZED (SELECT c.channel_no FROM {_ROWS_AT_VERSIONS} FOR UPDATE OF c SKIP LOCKED),"
+    + _MOVE_LATEST.format(held=" JOIN held ON held.channel_no = v.channel_no")
 )
+_VERSIONS_KEPT = f"SELECT count(*) FROM {_ROWS_AT_VERSIONS}"
+
+
+def _at_versions(
+    numbers: Mapping[ChannelId, int], versions: Mapping[ChannelId, int], channel_ids: Iterable[ChannelId]
+) -> dict[str, str]:
+    """The parameters of `_ROWS_AT_VERSIONS` for these channels: their numbers and versions, pair by pair."""
+    ids = list(channel_ids)
+    return {"held_nos": _decimals(numbers[c] for c in ids), "versions": _decimals(versions[c] for c in ids)}
 
 
 def _execute_raw(conn: Connection, statement: str, params: Any) -> tuple[int, list[tuple[Any, ...]]]:
@@ -447,9 +454,7 @@ def _record_payments_arrays(
     }
     statement = _RECORD_PAYMENTS
     if held is not None:
-        paid = {r.channel_id for r in receipts}
-        params["held_nos"] = _decimals(numbers[c] for c in paid)
-        params["versions"] = _decimals(held[c] for c in paid)
+        params |= _at_versions(numbers, held, {r.channel_id for r in receipts})
         statement = _RECORD_PAYMENTS_HELD
     inserted, _ = _execute_raw(conn, statement, params)
     if inserted == len(receipts):
