@@ -56,27 +56,33 @@ pytestmark = pytest.mark.slow
 
 
 class PaidApis:
-    """Factory: paid_apis(facilitator_url, pay_to, asset=ETH, price=PRICE, port=None, payee_key=None) -> base URL of
-    examples/paid_api.py in its own process (with payee_key: taking refund requests); `stop(url)` kills one;
-    `reprice(url, price)` serves the same app at another price on the same URL."""
+    """Factory: paid_apis(service, pay_to, asset=ETH, price=PRICE, port=None, payee_key=None) -> base URL of
+    examples/paid_api.py in its own process, `service` its facilitator (with payee_key: taking refund requests);
+    `stop(url)` kills one; `reprice(url, price)` serves the same app at another price on the same URL.
+
+    `service` may be only launched (`spawn(..., wait=False)`): the app starts meanwhile (it asks the facilitator
+    nothing before its first paid request), and the service is ready when this returns. An app taking refund requests
+    reads the service at start-up, so the service is waited for first."""
 
     def __init__(self, devnet: Devnet, tmp_path: Path) -> None:
         self.devnet, self.tmp_path = devnet, tmp_path
         self.started: dict[str, subprocess.Popen[bytes]] = {}
-        self.made_with: dict[str, tuple[str, str, str, str | None]] = {}
+        self.made_with: dict[str, tuple[ServiceProcess, str, str, str | None]] = {}
 
     def __call__(
         self,
-        facilitator: str,
+        service: ServiceProcess,
         pay_to: str,
         asset: str = ETH,
         price: int = PRICE,
         port: int | None = None,
         payee_key: str | None = None,
     ) -> str:
+        if payee_key is not None:
+            service.ready()
         port = port or free_test_port()
         env = os.environ | {
-            "FACILITATOR_URL": facilitator,
+            "FACILITATOR_URL": f"{service.url}/x402",
             "PAY_TO": pay_to,
             "NETWORK": f"eip155:{self.devnet.chain_id}",
             "PRICE_WEI": str(price),
@@ -93,7 +99,7 @@ class PaidApis:
             )
         url = f"http://127.0.0.1:{port}"
         self.started[url] = process
-        self.made_with[url] = (facilitator, pay_to, asset, payee_key)
+        self.made_with[url] = (service, pay_to, asset, payee_key)
 
         def up() -> bool:
             assert process.poll() is None, log_path.read_text()
@@ -103,6 +109,7 @@ class PaidApis:
                 return False
 
         wait_until(up, timeout=60)
+        service.ready()
         return url
 
     def stop(self, url: str) -> None:
@@ -111,10 +118,10 @@ class PaidApis:
         process.wait()
 
     def reprice(self, url: str, price: int) -> None:
-        facilitator, pay_to, asset, payee_key = self.made_with[url]
+        service, pay_to, asset, payee_key = self.made_with[url]
         self.stop(url)
         port = int(url.rsplit(":", 1)[1])
-        assert self(facilitator, pay_to, asset, price=price, port=port, payee_key=payee_key) == url
+        assert self(service, pay_to, asset, price=price, port=port, payee_key=payee_key) == url
 
 
 @pytest.fixture
@@ -166,12 +173,11 @@ def lane_rig(
     channel anywhere yet (every account of the devnet has some, which a scheme would find at its first payment)."""
 
     def make(name: str, payees: int = 1, max_lanes: int = 2) -> LaneRig:
-        service = spawn(f"sqlite:///{tmp_path / name}.db", wait=False)  # started while the paid apps start
+        service = spawn(f"sqlite:///{tmp_path / name}.db", wait=False)  # ready once the paid apps are
         apps = []
         for _ in range(payees):
             payee = Account.create().address
-            apps.append((payee, paid_api(f"{service.url}/x402", payee)))
-        service.ready()
+            apps.append((payee, paid_api(service, payee)))
         account: LocalAccount = Account.create()
         w3.eth.send_transaction({"from": accounts[0].address, "to": account.address, "value": Web3.to_wei(1, "ether")})
         payer = payer_for(account, service)
@@ -244,8 +250,7 @@ def test_the_official_client_pays_the_official_middleware_through_our_facilitato
         engine_tick="0.1", wait=False,
     )  # fmt: skip
     payee = accounts[13].address
-    api = paid_api(f"{service.url}/x402", payee)
-    service.ready()
+    api = paid_api(service, payee)
     payer = payer_for(accounts[12], service)
     # 17 lanes: the 404 below carries no payment answer, so its channel is held for `lane_timeout`; the sixteen at
     # once then need sixteen more (channels being opened count against the limit).
@@ -302,10 +307,9 @@ def test_a_replayed_payment_header_buys_nothing(
     tmp_path: Path,
     payer_for: Callable[..., PayerClient],
 ) -> None:
-    service = spawn(f"sqlite:///{tmp_path / 'replay.db'}", wait=False)  # started while the paid app starts
+    service = spawn(f"sqlite:///{tmp_path / 'replay.db'}", wait=False)  # ready once the paid app is
     payee = accounts[14].address
-    api = paid_api(f"{service.url}/x402", payee)
-    service.ready()
+    api = paid_api(service, payee)
     payer = payer_for(accounts[15], service)
     x402 = paying_client(devnet, ChannelHubClientScheme(payer))
     http = x402HTTPClient(x402)
@@ -337,10 +341,9 @@ def test_a_retried_payment_with_an_identifier_is_answered_again_and_charged_once
     """Eight copies of one paid request with a payment identifier, all at once, then one more: one charge, nine
     identical answers. The same header on another route, or the same voucher under another identifier, buys
     nothing."""
-    service = spawn(f"sqlite:///{tmp_path / 'retry.db'}", wait=False)  # started while the paid app starts
+    service = spawn(f"sqlite:///{tmp_path / 'retry.db'}", wait=False)  # ready once the paid app is
     payee = accounts[14].address
-    api = paid_api(f"{service.url}/x402", payee)
-    service.ready()
+    api = paid_api(service, payee)
     x402 = paying_client(devnet, ChannelHubClientScheme(payer_for(accounts[15], service)))
     x402.register_extension(PaymentIdentifiers())
     http = x402HTTPClient(x402)
@@ -385,10 +388,9 @@ def test_a_restarted_payer_and_a_second_device_pay_on_without_paying_twice(
     """The payer's position survives a restart (its journal, its channels found again through the service), and
     when another device of the same payer moved the channel on, the refusal resynchronises and the retry pays
     exactly the price."""
-    service = spawn(f"sqlite:///{tmp_path / 'restart.db'}", wait=False)  # started while the paid app starts
+    service = spawn(f"sqlite:///{tmp_path / 'restart.db'}", wait=False)  # ready once the paid app is
     payee = accounts[16].address
-    api = paid_api(f"{service.url}/x402", payee)
-    service.ready()
+    api = paid_api(service, payee)
 
     def get(scheme: ChannelHubClientScheme, path: str) -> int:
         async def once() -> int:
@@ -460,10 +462,9 @@ def test_paying_ahead_and_verifying_locally_cost_one_request_and_one_facilitator
     payee verifies in its own process (settle is the only facilitator call). When the payer's position is stale (its
     other device paid meanwhile) the early payment is refused, the request goes through x402's own flow, and the
     payer is charged once."""
-    service = spawn(f"sqlite:///{tmp_path / 'ahead.db'}", wait=False)  # started while the paid app starts
+    service = spawn(f"sqlite:///{tmp_path / 'ahead.db'}", wait=False)  # ready once the paid app is
     payee = accounts[16].address
-    api = paid_api(f"{service.url}/x402", payee)
-    service.ready()
+    api = paid_api(service, payee)
     payer = payer_for(accounts[17], service)
     made_on_the_loop = where_payments_are_made(payer, monkeypatch)  # async client: off the loop (opens too)
     wire = CountingWire()
@@ -527,10 +528,9 @@ def test_a_payment_made_ahead_at_an_old_price_charges_nothing_and_the_new_price_
 ) -> None:
     """The payee doubles its price on the same URL: the payment made ahead at the old price is refused (402, not
     charged), x402's flow pays the new price, and the next request is paid ahead at the new price."""
-    service = spawn(f"sqlite:///{tmp_path / 'reprice.db'}", wait=False)  # started while the paid app starts
+    service = spawn(f"sqlite:///{tmp_path / 'reprice.db'}", wait=False)  # ready once the paid app is
     payee = accounts[14].address
-    api = paid_api(f"{service.url}/x402", payee)
-    service.ready()
+    api = paid_api(service, payee)
     wire = CountingWire()
     transport = PayAheadTransport(paying_client(devnet, ChannelHubClientScheme(payer_for(accounts[15], service))), wire)
 
@@ -557,10 +557,9 @@ def test_a_payer_paying_ahead_over_aiohttps_pool_is_charged_once_per_response_si
 ) -> None:
     """The wire docs/x402.md advises for a payer with many requests in flight (aiohttp's pool under httpx's API):
     the same payments as over httpx's own pool, and its session closed with the client (an open one would warn)."""
-    service = spawn(f"sqlite:///{tmp_path / 'aiohttp.db'}", wait=False)  # started while the paid app starts
+    service = spawn(f"sqlite:///{tmp_path / 'aiohttp.db'}", wait=False)  # ready once the paid app is
     payee = accounts[16].address
-    api = paid_api(f"{service.url}/x402", payee)
-    service.ready()
+    api = paid_api(service, payee)
     wire = CountingWire(AiohttpTransport())
     transport = PayAheadTransport(paying_client(devnet, ChannelHubClientScheme(payer_for(accounts[17], service))), wire)
 
@@ -691,10 +690,9 @@ def test_the_sync_client_pays_ahead_too_and_falls_back_to_x402s_flow_without_pay
     """x402's sync client (requests) with PayAheadAdapter: after the first 402 a URL is paid on the first request;
     a stale position (another device paid) and a doubled price each cost one refused early payment (not charged) and
     x402's flow, never a second charge."""
-    service = spawn(f"sqlite:///{tmp_path / 'sync-ahead.db'}", wait=False)  # started while the paid app starts
+    service = spawn(f"sqlite:///{tmp_path / 'sync-ahead.db'}", wait=False)  # ready once the paid app is
     payee = accounts[14].address
-    api = paid_api(f"{service.url}/x402", payee)
-    service.ready()
+    api = paid_api(service, payee)
     payer = payer_for(accounts[13], service)
     adapter = CountingAdapter(paying_client(devnet, ChannelHubClientScheme(payer), kind=x402ClientSync))
     session = requests.Session()
@@ -742,10 +740,9 @@ def test_the_facilitator_down_is_a_503_and_charges_nothing(
 ) -> None:
     """Never a 402 (which would make the payer pay again) when the facilitator cannot judge: a 503 to retry, and the
     voucher of that request is not charged, also once the facilitator is back."""
-    service = spawn(f"sqlite:///{tmp_path / 'down.db'}", wait=False)  # started while the paid app starts
+    service = spawn(f"sqlite:///{tmp_path / 'down.db'}", wait=False)  # ready once the paid app is
     payee = accounts[16].address
-    api = paid_api(f"{service.url}/x402", payee)
-    service.ready()
+    api = paid_api(service, payee)
     payer = payer_for(accounts[18], service)
     scheme = ChannelHubClientScheme(payer, lane_timeout=0.5)
 
@@ -858,10 +855,9 @@ def test_a_spend_budget_stops_payments_before_anything_is_signed(
     tmp_path: Path,
     payer_for: Callable[..., PayerClient],
 ) -> None:
-    service = spawn(f"sqlite:///{tmp_path / 'budget.db'}", wait=False)  # started while the paid app starts
+    service = spawn(f"sqlite:///{tmp_path / 'budget.db'}", wait=False)  # ready once the paid app is
     payee = accounts[14].address
-    api = paid_api(f"{service.url}/x402", payee)
-    service.ready()
+    api = paid_api(service, payee)
     payer = payer_for(accounts[11], service)
     scheme = ChannelHubClientScheme(payer, budgets=[Budget(limit=2 * PRICE, period=3600, per_payee=True)])
 
@@ -882,10 +878,9 @@ def test_a_cooperative_refund_returns_the_unspent_deposit_at_once(
 ) -> None:
     """The payee closes the channel with the payer's latest voucher (closeByPayee): paid what it earned, the rest back
     to the payer in the same transaction, no challenge period; the payer's next request pays on a new channel."""
-    service = spawn(f"sqlite:///{tmp_path / 'refund.db'}", wait=False)  # started while the paid app starts
+    service = spawn(f"sqlite:///{tmp_path / 'refund.db'}", wait=False)  # ready once the paid app is
     payee_account = accounts[13]
-    api = paid_api(f"{service.url}/x402", payee_account.address)
-    service.ready()
+    api = paid_api(service, payee_account.address)
     payer = payer_for(accounts[10], service)
     scheme = ChannelHubClientScheme(payer, DepositPolicy(multiple=100, follow_hint=False))
 
@@ -924,7 +919,7 @@ def test_a_payer_asks_the_payee_for_the_refund_and_only_the_payer_can(
     channel, an unknown channel, and the same request again after the refund."""
     service = spawn(f"sqlite:///{tmp_path / 'asked-refund.db'}")
     payee_account = accounts[12]
-    api = paid_api(f"{service.url}/x402", payee_account.address, payee_key=HexBytes(payee_account.key).to_0x_hex())
+    api = paid_api(service, payee_account.address, payee_key=HexBytes(payee_account.key).to_0x_hex())
     payer = payer_for(accounts[11], service)
     scheme = ChannelHubClientScheme(payer, DepositPolicy(multiple=100, follow_hint=False))
 
@@ -1015,9 +1010,8 @@ def test_a_bad_payment_header_gets_a_402_never_a_500(
 ) -> None:
     """Every kind on one payee and facilitator (each is refused before anything is kept; a process pair each cost
     ~10 s here): the answers are compared by kind, so a failure names the header that broke."""
-    service = spawn(f"sqlite:///{tmp_path / 'bad.db'}", wait=False)  # started while the paid app starts
-    api = paid_api(f"{service.url}/x402", accounts[14].address)
-    service.ready()
+    service = spawn(f"sqlite:///{tmp_path / 'bad.db'}", wait=False)  # ready once the paid app is
+    api = paid_api(service, accounts[14].address)
     answers = {kind: httpx.get(f"{api}/weather", headers={"PAYMENT-SIGNATURE": h}) for kind, h in BAD_HEADERS.items()}
     seen = {kind: (a.status_code, "payment-required" in a.headers) for kind, a in answers.items()}
     assert seen == dict.fromkeys(BAD_HEADERS, (402, True)), {kind: a.text for kind, a in answers.items()}
@@ -1035,11 +1029,10 @@ def test_an_erc20_payee_is_paid_in_its_token(
 ) -> None:
     """The payee prices in an ERC-20: the payer's channel is opened in that token (approved first) and the payee is
     credited in it, never in ETH."""
-    service = spawn(f"sqlite:///{tmp_path / 'token.db'}", wait=False)  # started while the paid app starts
+    service = spawn(f"sqlite:///{tmp_path / 'token.db'}", wait=False)  # ready once the paid app is
     payer_account, payee = accounts[10], accounts[13].address
     send(w3, token.functions.mint(payer_account.address, 10**21), payer_account.address)
-    api = paid_api(f"{service.url}/x402", payee, token.address)
-    service.ready()
+    api = paid_api(service, payee, token.address)
     payer = payer_for(payer_account, service)
     scheme = ChannelHubClientScheme(payer)
 
