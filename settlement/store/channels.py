@@ -347,8 +347,9 @@ def record_payments(
     if conn.dialect.name == "sqlite":
         _record_payments_sqlite(conn, accepted, numbers)
         return set()
-    _record_payments_arrays(conn, accepted, numbers, held)
-    return {receipt.channel_id for receipt, _ in accepted}
+    paid = {receipt.channel_id for receipt, _ in accepted}
+    _record_payments_arrays(conn, accepted, numbers, None if held is None else _at_versions(numbers, held, paid))
+    return paid
 
 
 def versions_kept(conn: Connection, numbers: Mapping[ChannelId, int], versions: Mapping[ChannelId, int]) -> None:
@@ -436,7 +437,7 @@ def _record_payments_arrays(
     conn: Connection,
     accepted: Sequence[tuple[Receipt, bytes]],
     numbers: Mapping[ChannelId, int],
-    held: Mapping[ChannelId, int] | None,
+    held: dict[str, str] | None,  # `_at_versions` of the paid channels: written against the writer's copies
 ) -> None:
     receipts = [r for r, _ in accepted]
     at = _times_us(receipts)
@@ -454,7 +455,7 @@ def _record_payments_arrays(
     }
     statement = _RECORD_PAYMENTS
     if held is not None:
-        params |= _at_versions(numbers, held, {r.channel_id for r in receipts})
+        params |= held
         statement = _RECORD_PAYMENTS_HELD
     inserted, _ = _execute_raw(conn, statement, params)
     if inserted == len(receipts):
