@@ -267,7 +267,9 @@ def test_a_database_serves_one_deployment_only(
         db.dispose()
 
 
+@pytest.mark.parametrize("paid_before", [False, True], ids=["new-channels", "channels-the-writer-holds"])
 def test_one_voucher_the_store_refuses_never_fails_its_group(
+    paid_before: bool,
     make_service: Callable[..., Service],
     open_channel: Callable[..., HubChannel],
     accounts: list[LocalAccount],
@@ -278,10 +280,16 @@ def test_one_voucher_the_store_refuses_never_fails_its_group(
     """On PostgreSQL a NUL byte in a reference failed the whole group commit: every voucher in it got 500, and the
     bad one was never stored, so it could be replayed forever (15 % of an honest stream failed). The API refuses NUL
     now; behind it, the writer isolates whatever the store refuses. Here the store refuses one voucher of ten (a
-    NUL reference on PostgreSQL, which only the writer sees; an injected refusal on SQLite, which stores NUL)."""
+    NUL reference on PostgreSQL, which only the writer sees; an injected refusal on SQLite, which stores NUL). With
+    channels the writer holds, PostgreSQL's group is judged in memory and its statement sent in pipeline mode, where
+    the refusal comes: the same isolation."""
     service = make_service()
     channels = [open_channel(accounts[5], accounts[6].address, amount=1_000) for _ in range(10)]
     service.indexer.catch_up()
+    if paid_before:
+        earlier = [Voucher("0x" + c.id.hex(), 50, sign(c.payer, c.id, 50)) for c in channels]
+        codes = service.ingestor.submit(earlier, [service.ingestor.recover(v) for v in earlier]).result()
+        assert all(isinstance(o, Verdict) and o.new for o in codes)
     vouchers = [
         Voucher("0x" + c.id.hex(), 100, sign(c.payer, c.id, 100), reference="a\x00b" if n == 3 else f"ok-{n}")
         for n, c in enumerate(channels)
@@ -303,7 +311,7 @@ def test_one_voucher_the_store_refuses_never_fails_its_group(
     assert refused.message == "the voucher was not stored: the store refused it (store_error)"  # no database text
     with service.db.read() as conn:
         stored = {cid: c.accepted for cid, c in channel_q.lock_channels(conn, [v.channel_id for v in vouchers]).items()}
-    assert stored == {v.channel_id: (0 if n == 3 else 100) for n, v in enumerate(vouchers)}
+    assert stored == {v.channel_id: ((50 if paid_before else 0) if n == 3 else 100) for n, v in enumerate(vouchers)}
 
 
 def test_a_store_error_names_an_incident_not_the_databases_text(
@@ -450,7 +458,8 @@ def test_a_writer_holding_a_channel_judges_what_another_process_or_the_indexer_w
 
 def _group_writes(writer: Ingestor) -> dict[str, int]:
     get = writer.metrics.registry.get_sample_value
-    writes = {how: get("settlement_ingest_group_writes_total", {"how": how}) for how in ("held", "locked", "moved")}
+    hows = ("held", "ahead", "locked", "moved")
+    writes = {how: get("settlement_ingest_group_writes_total", {"how": how}) for how in hows}
     return {how: int(n or 0) for how, n in writes.items()}
 
 
@@ -503,9 +512,9 @@ def test_a_writer_writes_against_its_own_copies_in_one_statement_and_never_answe
         paid = {cid: [p.increment for p in reversed(channel_q.list_payments(conn, cid).items)] for cid in (one, two)}
     assert paid == {one: [10, 10], two: [1, 1, 1, 1, 146]}
     if db.is_sqlite:
-        assert _group_writes(writer) == {"held": 0, "locked": 8, "moved": 0}
+        assert _group_writes(writer) == {"held": 0, "ahead": 0, "locked": 8, "moved": 0}
     else:
-        assert _group_writes(writer) == {"held": 4, "locked": 4, "moved": 2}
+        assert _group_writes(writer) == {"held": 4, "ahead": 0, "locked": 4, "moved": 2}
 
 
 class RowHolder:
@@ -569,6 +578,66 @@ def test_a_group_answers_what_it_locked_while_another_process_holds_one_of_its_c
             if holder is not None:
                 holder.release()  # before the writer stops: it may be waiting for the row
         writer.stop()
+
+
+def test_a_group_judged_while_the_one_before_it_is_written_is_judged_again_when_that_write_is_rolled_back(
+    db: Database,
+) -> None:
+    """Issue 20, the writer's Python beside the database's work: on PostgreSQL the writer sends a group's statement
+    and, while the database runs it, judges the next group against that group's outcome (`ahead`); each group is
+    answered after its own commit. Here two jobs queue while the writer waits for a row another transaction holds:
+    the first is judged against the writer's copy and sent, the second judged against the first and written after it.
+    Then the indexer suspends the channel while two more queue: the first one's write finds the row moved and is
+    rolled back, and the second, judged against the first's outcome (its row version too: the indexer's write raised
+    the row to the very version the first write would have), is judged again on what is stored: both refused,
+    nothing paid."""
+    if db.engine.dialect.name == "sqlite":
+        pytest.skip("SQLite's writer holds the whole database: a group is never judged while another is written")
+    with db.write() as conn:
+        for n in (1, 9):
+            channel_q.insert_channel(conn, a_channel(n, deposit=100), utcnow())
+    one, nine = a_channel(1).channel_id, a_channel(9).channel_id
+    payer = bytes.fromhex("aa" * 20)
+    writer = Ingestor(db, cast(Any, None), cast(Any, None), Metrics(), close_guard=0)
+    writer.start()
+
+    def answer(outcomes: list[Any]) -> str:
+        (outcome,) = outcomes
+        return outcome.code if isinstance(outcome, SettlementError) else f"new +{outcome.receipt.increment}"
+
+    def queued_behind_a_held_row(at: int, amounts: list[int], meanwhile: Callable[[], None]) -> list[str]:
+        holder = RowHolder(db, nine)
+        try:
+            held_back = writer.submit([Voucher(nine, at, bytes(65))], [payer])
+            wait_until(lambda: _deferred(writer) == at // 10)  # the writer waits for channel 9's row
+            meanwhile()
+            queued = [writer.submit([Voucher(one, amount, bytes(65))], [payer]) for amount in amounts]
+        finally:
+            holder.release()
+        return [answer(future.result(timeout=20)) for future in (held_back, *queued)]
+
+    def the_indexer_suspends_channel_one() -> None:
+        with db.write() as conn:
+            suspended = replace(a_channel(1, deposit=100), suspended_reason="a reorganisation deeper than expected")
+            channel_q.save_chain_state(conn, suspended, utcnow())
+
+    try:
+        first = answer(writer.submit([Voucher(one, 10, bytes(65))], [payer]).result(timeout=20))
+        landed = queued_behind_a_held_row(10, [20, 30], lambda: None)
+        writes_then = _group_writes(writer)
+        rolled_back = queued_behind_a_held_row(20, [40, 50], the_indexer_suspends_channel_one)
+    finally:
+        writer.stop()
+    assert [first, landed, rolled_back] == [
+        "new +10",
+        ["new +10", "new +10", "new +10"],
+        ["new +10", "channel_suspended", "channel_suspended"],
+    ]
+    with db.read() as conn:
+        paid = {cid: [p.increment for p in reversed(channel_q.list_payments(conn, cid).items)] for cid in (one, nine)}
+    assert paid == {one: [10, 10, 10], nine: [10, 10]}
+    assert writes_then == {"held": 1, "ahead": 1, "locked": 3, "moved": 0}  # 30 was judged against 20's write
+    assert _group_writes(writer) == {"held": 1, "ahead": 1, "locked": 7, "moved": 2}
 
 
 def _the_indexers_close(conn: Any, channel_id: str) -> None:

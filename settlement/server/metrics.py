@@ -34,8 +34,9 @@ class Metrics:
         self.group_writes = Counter(
             "settlement_ingest_group_writes",
             "Group transactions of the ingest writer, by how: held (PostgreSQL: judged against the writer's copies of"
-            " its channels, each row locked only at that version by the write itself), locked (the rows locked and"
-            " read first), moved (a held write rolled back, a channel having moved or being busy; then written locked)",
+            " its channels, each row locked only at that version by the write itself), ahead (held, and judged while"
+            " the group before it was being written), locked (the rows locked and read first), moved (a held or"
+            " ahead write rolled back, a channel having moved or being busy; then written locked)",
             ["how"],
             registry=self.registry,
         )

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import sqlite3
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Callable, Generator, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from typing import Any, Generic, NamedTuple, TypeVar
@@ -359,8 +359,59 @@ def versions_kept(conn: Connection, numbers: Mapping[ChannelId, int], versions: 
     if not versions:
         return
     _, rows = _execute_raw(conn, _VERSIONS_KEPT, _at_versions(numbers, versions, versions))
+    _check_kept(rows, versions)
+
+
+def _check_kept(rows: list[tuple[Any, ...]], versions: Mapping[ChannelId, int]) -> None:
     if rows[0][0] != len(versions):
         raise ChannelMovedError("a channel moved since the writer's copy of it")
+
+
+def record_payments_in_steps(
+    conn: Connection,
+    accepted: Sequence[tuple[Receipt, bytes]],
+    numbers: Mapping[ChannelId, int],
+    held: Mapping[ChannelId, int],
+) -> Generator[None, None, set[ChannelId]]:
+    """`record_payments` against the writer's copies (`held`), with `versions_kept` for the copies' other channels,
+    in two steps (PostgreSQL): both statements are sent at the first step (psycopg's pipeline mode) and their outcome
+    is read at the second, so what the caller does in between overlaps the database's work. Returns the channels
+    whose row was rewritten."""
+    paid = {receipt.channel_id for receipt, _ in accepted}
+    kept = {channel_id: held[channel_id] for channel_id in held.keys() - paid}
+    statements = []
+    if accepted:
+        statements.append(_payments_statement(accepted, numbers, _at_versions(numbers, held, paid)))
+    if kept:
+        statements.append((_VERSIONS_KEPT, _at_versions(numbers, kept, kept)))
+    results = yield from _pipelined(conn, statements)
+    if accepted:
+        _check_inserted(statements[0][0], results[0][0], len(accepted), held=True)
+    if kept:
+        _check_kept(results[-1][1], kept)
+    return paid
+
+
+def _pipelined(
+    conn: Connection, statements: list[tuple[str, dict[str, Any]]]
+) -> Generator[None, None, list[tuple[int, list[tuple[Any, ...]]]]]:
+    """`_execute_raw` of several statements, sent before the yield and read after it: each one's rows touched and
+    rows returned."""
+    driver: Any = conn.connection.driver_connection
+    cursors = []
+    statement = ""
+    try:
+        with driver.pipeline():
+            for statement, params in statements:
+                cursors.append(cursor := driver.cursor())
+                cursor.execute(statement, params)
+            yield
+        return [(int(c.rowcount), c.fetchall() if c.description is not None else []) for c in cursors]
+    except psycopg.Error as ex:  # as SQLAlchemy would have raised it: the store's error handling sees no difference
+        raise DBAPIError.instance(statement, None, ex, psycopg.Error) from ex
+    finally:
+        for cursor in cursors:
+            cursor.close()
 
 
 # Payment ids are drawn in the order of the group (ORDER BY the array position): within a channel, ids and amounts
@@ -439,6 +490,14 @@ def _record_payments_arrays(
     numbers: Mapping[ChannelId, int],
     held: dict[str, str] | None,  # `_at_versions` of the paid channels: written against the writer's copies
 ) -> None:
+    statement, params = _payments_statement(accepted, numbers, held)
+    inserted, _ = _execute_raw(conn, statement, params)
+    _check_inserted(statement, inserted, len(accepted), held=held is not None)
+
+
+def _payments_statement(
+    accepted: Sequence[tuple[Receipt, bytes]], numbers: Mapping[ChannelId, int], held: dict[str, str] | None
+) -> tuple[str, dict[str, Any]]:
     receipts = [r for r, _ in accepted]
     at = _times_us(receipts)
     references = [r.reference for r in receipts]
@@ -453,14 +512,15 @@ def _record_payments_arrays(
         "at": _decimals(at[r.accepted_at] for r in receipts),
         "keys": keys if any(key is not None for key in keys) else None,
     }
-    statement = _RECORD_PAYMENTS
-    if held is not None:
-        params |= held
-        statement = _RECORD_PAYMENTS_HELD
-    inserted, _ = _execute_raw(conn, statement, params)
-    if inserted == len(receipts):
+    if held is None:
+        return _RECORD_PAYMENTS, params
+    return _RECORD_PAYMENTS_HELD, params | held
+
+
+def _check_inserted(statement: str, inserted: int, count: int, *, held: bool) -> None:
+    if inserted == count:
         return
-    if held is not None:  # a channel moved since the writer's copy, or another transaction holds it
+    if held:  # a channel moved since the writer's copy, or another transaction holds it
         raise ChannelMovedError("a channel moved since the writer's copy of it, or another transaction holds it")
     # A channel whose row was not updated: fail the group rather than drop a payment.
     missing = psycopg.errors.ForeignKeyViolation("payments without a channel")  # as SQLite's foreign key says it
