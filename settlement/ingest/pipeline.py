@@ -7,6 +7,10 @@ thread per process that takes every voucher waiting in its queue, judges them in
 channels' row locks, and commits once: one fsync for the whole group. A caller's future resolves only after that
 commit, so a receipt is never handed out for a voucher that is not durable. With several processes on PostgreSQL the
 row locks (taken in channel id order) serialize writers per channel; with SQLite, BEGIN IMMEDIATE does.
+
+On PostgreSQL the writer keeps its own copies of the channels it wrote: a group on those is judged against them and
+written by one statement that requires each row at the copy's version (else it is rolled back and written the locked
+way), and while that statement runs the writer judges the next group (`_write_loop`).
 """
 
 from __future__ import annotations
@@ -54,9 +58,9 @@ Outcome = Verdict | SettlementError
 PARALLEL_RECOVERY_MIN = 16  # below this a hand-off to a thread or a worker costs more than it saves
 HELD_MAX = 100_000  # channels the writer keeps in memory (~0.9 KB each; SETTLEMENT_HELD_CHANNELS)
 ADMITTED_SECONDS = 1.0  # how long an unknown id's admitted read also admits its repeats
+ADMITTED_MAX = 1_000  # admitted ids remembered before the stale ones are dropped (the budget bounds how many are fresh)
 AHEAD_WAIT_MIN = 64  # vouchers in flight from which the writer waits a moment for the next group's jobs
 AHEAD_WAIT = 0.0005  # seconds: a fraction of such a group's statement (~20 us a voucher), nothing at low load
-ADMITTED_MAX = 1_000  # admitted ids remembered before the stale ones are dropped (the budget bounds how many are fresh)
 
 
 @dataclass(frozen=True)
