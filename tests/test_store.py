@@ -532,6 +532,25 @@ class RowHolder:
             self._conn.close()
 
 
+class WriterBlock:
+    """Holds the writer back: on PostgreSQL another transaction's lock on one channel's row (`RowHolder`), on SQLite
+    the database's write lock itself, until released."""
+
+    def __init__(self, db: Database, channel_id: str) -> None:
+        self._row = None if db.is_sqlite else RowHolder(db, channel_id)
+        self._raw: Any = db.engine.raw_connection() if db.is_sqlite else None
+        if self._raw is not None:
+            self._raw.execute("BEGIN IMMEDIATE")
+
+    def release(self) -> None:
+        if self._row is not None:
+            self._row.release()
+        if self._raw is not None:
+            self._raw.rollback()
+            self._raw.close()
+            self._raw = None
+
+
 def _deferred(writer: Ingestor) -> float:
     return writer.metrics.registry.get_sample_value("settlement_ingest_deferred_vouchers_total") or 0.0
 
@@ -638,6 +657,47 @@ def test_a_group_judged_while_the_one_before_it_is_written_is_judged_again_when_
     assert paid == {one: [10, 10, 10], nine: [10, 10]}
     assert writes_then == {"held": 1, "ahead": 1, "locked": 3, "moved": 0}  # 30 was judged against 20's write
     assert _group_writes(writer) == {"held": 1, "ahead": 1, "locked": 7, "moved": 2}
+
+
+def test_a_caller_gone_before_its_group_commits_never_stops_the_writer(db: Database) -> None:
+    """A caller that stops waiting (an HTTP client gone: the event loop cancels the future it awaited) must not take
+    the writer with it: its voucher is still committed (it was queued: a receipt may already be on its way), the
+    group's other callers are answered, and the next groups too. Here the cancelled job is the first of two that
+    queue while the writer waits for a held row, so on PostgreSQL it is written while the next is judged against
+    it (`ahead`); on SQLite the two are one group."""
+    with db.write() as conn:
+        for n in (1, 9):
+            channel_q.insert_channel(conn, a_channel(n, deposit=100), utcnow())
+    one, nine = a_channel(1).channel_id, a_channel(9).channel_id
+    payer = bytes.fromhex("aa" * 20)
+    writer = Ingestor(db, cast(Any, None), cast(Any, None), Metrics(), close_guard=0)
+    writer.start()
+
+    def pay(cid: str, amount: int) -> Any:
+        return writer.submit([Voucher(cid, amount, bytes(65))], [payer])
+
+    def increment(future: Any) -> int:
+        (verdict,) = future.result(timeout=20)
+        assert isinstance(verdict, Verdict) and verdict.new
+        return verdict.receipt.increment
+
+    try:
+        assert increment(pay(one, 10)) == 10  # the writer holds channel 1 from now on
+        assert increment(pay(nine, 10)) == 10
+        holder = WriterBlock(db, nine)
+        try:
+            held_back = pay(nine, 20)
+            if not db.is_sqlite:
+                wait_until(lambda: _deferred(writer) == 1)  # the writer waits for channel 9's row
+            gone, waiting = pay(one, 20), pay(one, 30)
+            assert gone.cancel()  # nothing could be answered meanwhile: the writer is held back
+        finally:
+            holder.release()
+        assert [increment(held_back), increment(waiting), increment(pay(one, 40))] == [10, 10, 10]
+    finally:
+        writer.stop()
+    with db.read() as conn:
+        assert [p.increment for p in reversed(channel_q.list_payments(conn, one).items)] == [10, 10, 10, 10]
 
 
 def _the_indexers_close(conn: Any, channel_id: str) -> None:

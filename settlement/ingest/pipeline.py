@@ -556,7 +556,8 @@ class Ingestor:
     def _answer(self, jobs: list[_Job], outcomes: list[Outcome], started: float) -> None:
         at = 0
         for job in jobs:
-            job.future.set_result(outcomes[at : at + len(job.vouchers)])
+            if not job.future.done():  # a caller gone (its future cancelled) is not answered
+                job.future.set_result(outcomes[at : at + len(job.vouchers)])
             at += len(job.vouchers)
         self.metrics.group_size.observe(at)
         self.metrics.commit_seconds.observe(time.perf_counter() - started)
