@@ -599,6 +599,24 @@ def test_a_group_answers_what_it_locked_while_another_process_holds_one_of_its_c
         writer.stop()
 
 
+def _stored_channels(db: Database, *numbers: int) -> list[str]:
+    """`a_channel(n)` for each number, stored with a deposit of 100; their ids."""
+    with db.write() as conn:
+        for n in numbers:
+            channel_q.insert_channel(conn, a_channel(n, deposit=100), utcnow())
+    return [a_channel(n).channel_id for n in numbers]
+
+
+def _started_writer(db: Database) -> Ingestor:
+    """A writer given its vouchers' signers: no verifier, no indexer."""
+    writer = Ingestor(db, cast(Any, None), cast(Any, None), Metrics(), close_guard=0)
+    writer.start()
+    return writer
+
+
+PAYER = bytes.fromhex("aa" * 20)  # the signer these tests give the writer for every voucher
+
+
 def test_a_group_judged_while_the_one_before_it_is_written_is_judged_again_when_that_write_is_rolled_back(
     db: Database,
 ) -> None:
@@ -612,13 +630,8 @@ def test_a_group_judged_while_the_one_before_it_is_written_is_judged_again_when_
     nothing paid."""
     if db.engine.dialect.name == "sqlite":
         pytest.skip("SQLite's writer holds the whole database: a group is never judged while another is written")
-    with db.write() as conn:
-        for n in (1, 9):
-            channel_q.insert_channel(conn, a_channel(n, deposit=100), utcnow())
-    one, nine = a_channel(1).channel_id, a_channel(9).channel_id
-    payer = bytes.fromhex("aa" * 20)
-    writer = Ingestor(db, cast(Any, None), cast(Any, None), Metrics(), close_guard=0)
-    writer.start()
+    one, nine = _stored_channels(db, 1, 9)
+    writer = _started_writer(db)
 
     def answer(outcomes: list[Any]) -> str:
         (outcome,) = outcomes
@@ -627,10 +640,10 @@ def test_a_group_judged_while_the_one_before_it_is_written_is_judged_again_when_
     def queued_behind_a_held_row(at: int, amounts: list[int], meanwhile: Callable[[], None]) -> list[str]:
         holder = RowHolder(db, nine)
         try:
-            held_back = writer.submit([Voucher(nine, at, bytes(65))], [payer])
+            held_back = writer.submit([Voucher(nine, at, bytes(65))], [PAYER])
             wait_until(lambda: _deferred(writer) == at // 10)  # the writer waits for channel 9's row
             meanwhile()
-            queued = [writer.submit([Voucher(one, amount, bytes(65))], [payer]) for amount in amounts]
+            queued = [writer.submit([Voucher(one, amount, bytes(65))], [PAYER]) for amount in amounts]
         finally:
             holder.release()
         return [answer(future.result(timeout=20)) for future in (held_back, *queued)]
@@ -641,7 +654,7 @@ def test_a_group_judged_while_the_one_before_it_is_written_is_judged_again_when_
             channel_q.save_chain_state(conn, suspended, utcnow())
 
     try:
-        first = answer(writer.submit([Voucher(one, 10, bytes(65))], [payer]).result(timeout=20))
+        first = answer(writer.submit([Voucher(one, 10, bytes(65))], [PAYER]).result(timeout=20))
         landed = queued_behind_a_held_row(10, [20, 30], lambda: None)
         writes_then = _group_writes(writer)
         rolled_back = queued_behind_a_held_row(20, [40, 50], the_indexer_suspends_channel_one)
@@ -665,16 +678,11 @@ def test_a_caller_gone_before_its_group_commits_never_stops_the_writer(db: Datab
     group's other callers are answered, and the next groups too. Here the cancelled job is the first of two that
     queue while the writer waits for a held row, so on PostgreSQL it is written while the next is judged against
     it (`ahead`); on SQLite the two are one group."""
-    with db.write() as conn:
-        for n in (1, 9):
-            channel_q.insert_channel(conn, a_channel(n, deposit=100), utcnow())
-    one, nine = a_channel(1).channel_id, a_channel(9).channel_id
-    payer = bytes.fromhex("aa" * 20)
-    writer = Ingestor(db, cast(Any, None), cast(Any, None), Metrics(), close_guard=0)
-    writer.start()
+    one, nine = _stored_channels(db, 1, 9)
+    writer = _started_writer(db)
 
     def pay(cid: str, amount: int) -> Any:
-        return writer.submit([Voucher(cid, amount, bytes(65))], [payer])
+        return writer.submit([Voucher(cid, amount, bytes(65))], [PAYER])
 
     def increment(future: Any) -> int:
         (verdict,) = future.result(timeout=20)
