@@ -523,7 +523,6 @@ class Ingestor:
         """Wait for the flight's commit and answer its vouchers; if it was not written as judged (a channel moved,
         the store refused it), commit the group again the usual way. Whether it landed as judged."""
         ahead = flight.ahead
-        vouchers = [v for job in ahead.jobs for v in job.vouchers]
         try:
             flight.finish()
         except ChannelMovedError:  # rolled back: nothing of it was written; lock its channels first this time
@@ -532,12 +531,13 @@ class Ingestor:
             self._commit_group(ahead.jobs)
             return False
         except StoreUnavailableError as ex:
-            logger.error("group of %d vouchers not stored: %s", len(vouchers), ex.message)
-            self._forget(vouchers)
-            self._answer(ahead.jobs, [ex] * len(vouchers), ahead.started)
+            count = len(ahead.judged.outcomes)
+            logger.error("group of %d vouchers not stored: %s", count, ex.message)
+            self._forget([v for job in ahead.jobs for v in job.vouchers])
+            self._answer(ahead.jobs, [ex] * count, ahead.started)
             return False
         except Exception:  # the store refused it: the usual way isolates the voucher at fault
-            self._forget(vouchers)
+            self._forget([v for job in ahead.jobs for v in job.vouchers])
             self._commit_group(ahead.jobs)
             return False
         how = "ahead" if ahead.overlapped else "held"
@@ -805,10 +805,9 @@ class Ingestor:
     ) -> set[ChannelId]:
         """Store the accepted payments; with `held` (the versions the group was judged against, no row locked
         before), raise ChannelMovedError unless every channel of the group is still at its version."""
-        written = channel_q.record_payments(conn, accepted, numbers, held=held)
-        if held is not None:  # the answers about the group's other channels rest on their copies too
-            channel_q.versions_kept(conn, numbers, {c: held[c] for c in held.keys() - written})
-        return written
+        if held is None:
+            return channel_q.record_payments(conn, accepted, numbers)
+        return channel_q.run_steps(channel_q.record_payments_in_steps(conn, accepted, numbers, held))
 
     def _judge(
         self,

@@ -6,7 +6,7 @@ import sqlite3
 from collections.abc import Callable, Generator, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
-from typing import Any, Generic, NamedTuple, TypeVar
+from typing import Any, Generic, NamedTuple, TypeVar, cast
 
 import psycopg
 from sqlalchemy import ColumnElement, Connection, LargeBinary, Row, Select, and_, any_, bindparam, func, select, update
@@ -323,8 +323,6 @@ def record_payments(
     conn: Connection,
     accepted: Sequence[tuple[Receipt, bytes]],
     numbers: Mapping[ChannelId, int] | None = None,
-    *,
-    held: Mapping[ChannelId, int] | None = None,
 ) -> set[ChannelId]:
     """Insert the accepted payments and move each channel's latest voucher to its highest one; returns the channels
     whose row it rewrote, each row's version raised by one (PostgreSQL; on SQLite the latest voucher is the highest
@@ -335,10 +333,7 @@ def record_payments(
     number. On PostgreSQL the insert and the channels' update are one statement over arrays (`unnest`): about half
     the time of SQLAlchemy's multi-row INSERT plus a pipelined UPDATE per channel; a payment is inserted only with its
     channel's UPDATE. SQLite's `executemany` is already a loop in C inside the process, so it keeps the plain form.
-
-    `held` (PostgreSQL): the row versions of the writer's own copies, which it judged against without locking the
-    rows first. The statement locks each row only at that version, skipping rows another transaction holds; if one
-    had moved or was busy, ChannelMovedError, and the caller rolls the transaction back.
+    Against the writer's copies, with no row locked first: `record_payments_in_steps`.
     """
     if not accepted:
         return set()
@@ -347,24 +342,10 @@ def record_payments(
     if conn.dialect.name == "sqlite":
         _record_payments_sqlite(conn, accepted, numbers)
         return set()
-    paid = {receipt.channel_id for receipt, _ in accepted}
-    _record_payments_arrays(conn, accepted, numbers, None if held is None else _at_versions(numbers, held, paid))
-    return paid
-
-
-def versions_kept(conn: Connection, numbers: Mapping[ChannelId, int], versions: Mapping[ChannelId, int]) -> None:
-    """Raise ChannelMovedError unless each channel's row is still at the version given (PostgreSQL): for the channels
-    of a group judged against the writer's copies that got no payment (their vouchers refused or answered again), so
-    that every answer of the group rests on what is stored. No lock: a refusal is an answer about that moment."""
-    if not versions:
-        return
-    _, rows = _execute_raw(conn, _VERSIONS_KEPT, _at_versions(numbers, versions, versions))
-    _check_kept(rows, versions)
-
-
-def _check_kept(rows: list[tuple[Any, ...]], versions: Mapping[ChannelId, int]) -> None:
-    if rows[0][0] != len(versions):
-        raise ChannelMovedError("a channel moved since the writer's copy of it")
+    statement, params = _payments_statement(accepted, numbers, None)
+    inserted, _ = _execute_raw(conn, statement, params)
+    _check_inserted(statement, inserted, len(accepted), held=False)
+    return {receipt.channel_id for receipt, _ in accepted}
 
 
 def record_payments_in_steps(
@@ -373,10 +354,13 @@ def record_payments_in_steps(
     numbers: Mapping[ChannelId, int],
     held: Mapping[ChannelId, int],
 ) -> Generator[None, None, set[ChannelId]]:
-    """`record_payments` against the writer's copies (`held`), with `versions_kept` for the copies' other channels,
-    in two steps (PostgreSQL): both statements are sent at the first step (psycopg's pipeline mode) and their outcome
-    is read at the second, so what the caller does in between overlaps the database's work. Returns the channels
-    whose row was rewritten."""
+    """`record_payments` against the writer's copies, which it judged against without locking the rows first (`held`:
+    their row versions; PostgreSQL), in two steps: the statements are sent at the first (psycopg's pipeline mode) and
+    their outcome is read at the second, so what the caller does in between overlaps the database's work (or nothing:
+    `run_steps`). The payments' statement locks each row only at its version, skipping rows another transaction
+    holds; the group's other channels (their vouchers refused or answered again) are counted at their versions, so
+    that every answer rests on what is stored. ChannelMovedError if a row had moved or was busy: the caller rolls the
+    transaction back. Returns the channels whose row was rewritten."""
     paid = {receipt.channel_id for receipt, _ in accepted}
     kept = {channel_id: held[channel_id] for channel_id in held.keys() - paid}
     statements = []
@@ -387,9 +371,18 @@ def record_payments_in_steps(
     results = yield from _pipelined(conn, statements)
     if accepted:
         _check_inserted(statements[0][0], results[0][0], len(accepted), held=True)
-    if kept:
-        _check_kept(results[-1][1], kept)
+    if kept and results[-1][1][0][0] != len(kept):
+        raise ChannelMovedError("a channel moved since the writer's copy of it")
     return paid
+
+
+def run_steps(steps: Generator[None, None, T]) -> T:
+    """A function in steps (`record_payments_in_steps`) run to its end with nothing between the steps."""
+    while True:
+        try:
+            next(steps)
+        except StopIteration as done:
+            return cast(T, done.value)
 
 
 def _pipelined(
@@ -482,17 +475,6 @@ def _execute_raw(conn: Connection, statement: str, params: Any) -> tuple[int, li
             cursor.close()
     except error as ex:  # as SQLAlchemy would have raised it: the store's error handling sees no difference
         raise DBAPIError.instance(statement, None, ex, error) from ex
-
-
-def _record_payments_arrays(
-    conn: Connection,
-    accepted: Sequence[tuple[Receipt, bytes]],
-    numbers: Mapping[ChannelId, int],
-    held: dict[str, str] | None,  # `_at_versions` of the paid channels: written against the writer's copies
-) -> None:
-    statement, params = _payments_statement(accepted, numbers, held)
-    inserted, _ = _execute_raw(conn, statement, params)
-    _check_inserted(statement, inserted, len(accepted), held=held is not None)
 
 
 def _payments_statement(
