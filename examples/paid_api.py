@@ -27,11 +27,14 @@ NETWORK = os.environ.get("NETWORK", "eip155:31337")
 PAY_TO = os.environ.get("PAY_TO", "0x15d34AAf54267DB7D7c367839AAf71A00a2C6A65")  # a devnet account
 PRICE = int(os.environ.get("PRICE_WEI", "1000000000"))  # 1 gwei a request (base units of ASSET)
 ASSET = os.environ.get("ASSET", "0x0000000000000000000000000000000000000000")  # ETH, or an ERC-20's address
+DEPOSIT_MULTIPLE = int(os.environ.get("DEPOSIT_MULTIPLE", "1000"))  # the deposit hint (`minDeposit`), in prices
 
 # x402's resource server, facilitator client and middleware; ours answer 503 when the facilitator is unreachable.
 facilitator = ChannelHubFacilitatorClient(FacilitatorConfig(url=FACILITATOR))
 server = x402ResourceServer(facilitator)
-server.register(NETWORK, ChannelHubServerScheme(asset=ASSET, facilitator_url=FACILITATOR))
+server.register(
+    NETWORK, ChannelHubServerScheme(asset=ASSET, deposit_multiple=DEPOSIT_MULTIPLE, facilitator_url=FACILITATOR)
+)
 paid = RouteConfig(
     accepts=PaymentOption(scheme="channelhub", pay_to=PAY_TO, price=str(PRICE), network=NETWORK),
     extensions={PAYMENT_IDENTIFIER: declare_payment_identifier_extension()},  # a retried payment is answered again

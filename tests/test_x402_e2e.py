@@ -67,7 +67,7 @@ class PaidApis:
     def __init__(self, devnet: Devnet, tmp_path: Path) -> None:
         self.devnet, self.tmp_path = devnet, tmp_path
         self.started: dict[str, subprocess.Popen[bytes]] = {}
-        self.made_with: dict[str, tuple[ServiceProcess, str, str, str | None]] = {}
+        self.made_with: dict[str, tuple[ServiceProcess, str, str, str | None, int | None]] = {}
 
     def __call__(
         self,
@@ -77,6 +77,7 @@ class PaidApis:
         price: int = PRICE,
         port: int | None = None,
         payee_key: str | None = None,
+        deposit_multiple: int | None = None,
     ) -> str:
         if payee_key is not None:
             service.ready()
@@ -92,6 +93,8 @@ class PaidApis:
         }
         if payee_key is not None:  # the app takes payers' refund requests
             env["PAYEE_KEY"] = payee_key
+        if deposit_multiple is not None:  # the deposit hint, in prices
+            env["DEPOSIT_MULTIPLE"] = str(deposit_multiple)
         log_path = self.tmp_path / f"paid-api-{port}-{price}.log"
         with log_path.open("wb") as log:
             process = subprocess.Popen(
@@ -99,7 +102,7 @@ class PaidApis:
             )
         url = f"http://127.0.0.1:{port}"
         self.started[url] = process
-        self.made_with[url] = (service, pay_to, asset, payee_key)
+        self.made_with[url] = (service, pay_to, asset, payee_key, deposit_multiple)
 
         def up() -> bool:
             assert process.poll() is None, log_path.read_text()
@@ -118,10 +121,13 @@ class PaidApis:
         process.wait()
 
     def reprice(self, url: str, price: int) -> None:
-        service, pay_to, asset, payee_key = self.made_with[url]
+        service, pay_to, asset, payee_key, deposit_multiple = self.made_with[url]
         self.stop(url)
         port = int(url.rsplit(":", 1)[1])
-        assert self(service, pay_to, asset, price=price, port=port, payee_key=payee_key) == url
+        again = self(
+            service, pay_to, asset, price=price, port=port, payee_key=payee_key, deposit_multiple=deposit_multiple
+        )
+        assert again == url
 
 
 @pytest.fixture
@@ -169,15 +175,16 @@ def lane_rig(
     tmp_path: Path,
     payer_for: Callable[..., PayerClient],
 ) -> Callable[..., LaneRig]:
-    """Factory: lane_rig(name, payees=1, max_lanes=2) -> a LaneRig whose payer is a new account funded with 1 ETH: no
-    channel anywhere yet (every account of the devnet has some, which a scheme would find at its first payment)."""
+    """Factory: lane_rig(name, payees=1, max_lanes=2, deposit_multiple=None) -> a LaneRig whose payer is a new account
+    funded with 1 ETH: no channel anywhere yet (every account of the devnet has some, which a scheme would find at its
+    first payment); its payees' apps hint at deposits of `deposit_multiple` prices (None: the app's default)."""
 
-    def make(name: str, payees: int = 1, max_lanes: int = 2) -> LaneRig:
+    def make(name: str, payees: int = 1, max_lanes: int = 2, deposit_multiple: int | None = None) -> LaneRig:
         service = spawn(f"sqlite:///{tmp_path / name}.db", wait=False)  # ready once the paid apps are
         apps = []
         for _ in range(payees):
             payee = Account.create().address
-            apps.append((payee, paid_api(service, payee)))
+            apps.append((payee, paid_api(service, payee, deposit_multiple=deposit_multiple)))
         account: LocalAccount = Account.create()
         w3.eth.send_transaction({"from": accounts[0].address, "to": account.address, "value": Web3.to_wei(1, "ether")})
         payer = payer_for(account, service)
@@ -865,6 +872,23 @@ def test_a_spend_budget_stops_payments_before_anything_is_signed(
     with pytest.raises(PaymentError, match="budget"):
         paid_get(devnet, scheme, f"{api}/weather")
     assert accepted_for(service, payee) == 2 * PRICE
+
+
+def test_a_payees_deposit_hint_locks_no_more_than_the_payers_limit(
+    devnet: Devnet, w3: Web3, lane_rig: Callable[..., LaneRig]
+) -> None:
+    """A hostile payee hints at a deposit of 10^8 prices (0.1 ETH of the payer's 1 ETH, for a price of 1 gwei): the
+    payer's first payment opens a channel of 1,000 prices (DepositPolicy's default hint limit), not what the payee
+    asked, and pays on it."""
+    rig = lane_rig("hostile-hint", deposit_multiple=10**8)
+    ((payee, api),) = rig.payees
+    wallet = w3.eth.get_balance(rig.payer.address)
+
+    assert [paid_get(devnet, rig.scheme, f"{api}/weather") for _ in range(2)] == [200, 200]
+    (channel,) = rig.payer.open_channels(payee)
+    assert int(channel["deposit"]) == 1_000 * PRICE
+    assert wallet - w3.eth.get_balance(rig.payer.address) < 1_000 * PRICE + 10**16  # the deposit and gas, no more
+    assert accepted_for(rig.service, payee) == 2 * PRICE
 
 
 def test_a_cooperative_refund_returns_the_unspent_deposit_at_once(

@@ -76,6 +76,20 @@ def test_deposit_policy() -> None:
         DepositPolicy(maximum=5).amount(7, None)
 
 
+def test_a_payees_deposit_hint_is_followed_only_up_to_the_payers_limit() -> None:
+    """A hostile payee's hint (its price 1 wei, its hint a whole wallet) locks 1,000 prices by default, not the wallet;
+    an honest payee's default hint (1,000 prices) is followed in full."""
+    assert DepositPolicy().amount(1, 10**24) == 1_000
+    assert DepositPolicy().amount(7, 7_000) == 7_000
+    assert DepositPolicy().amount(7, 6_999) == 6_999
+    assert DepositPolicy(hint_limit=2_000).amount(7, 10**24) == 14_000
+    assert DepositPolicy(hint_limit=None).amount(7, 10**24) == 10**24  # a payer that trusts its payees' hints
+    assert DepositPolicy(multiple=5_000).amount(7, 10**24) == 35_000  # the payer's own multiple is not the hint's
+    for bad in ({"multiple": 0}, {"hint_limit": 0}, {"hint_limit": -1}):
+        with pytest.raises(ValueError, match="at least 1"):
+            DepositPolicy(**bad)  # type: ignore[arg-type]
+
+
 @pytest.mark.parametrize("change", ["another hub", "no hub", "another chain", "another scheme", "price not a number"])
 def test_a_payer_refuses_requirements_it_cannot_trust(
     change: str, spawn: Callable[..., ServiceProcess], devnet: Devnet, accounts: list[LocalAccount], tmp_path: Path

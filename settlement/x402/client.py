@@ -4,9 +4,10 @@ accepts `channelhub` is then paid with a voucher on one of the payer's channels 
 
 Channels ("lanes"): a channel carries one payment in flight at a time, so that vouchers (cumulative amounts) never
 race each other; concurrent requests to one payee use several channels, opened on demand up to `max_lanes`.
-Deposits follow a documented policy (`DepositPolicy`): `multiple` prices, at least the payee's `minDeposit` hint,
-at most `maximum`; a channel that cannot cover the next price is topped up by the same amount. Both come from the
-payer's balance in the hub (a refund, earnings) when it holds enough, else from its wallet.
+Deposits follow a documented policy (`DepositPolicy`): `multiple` prices, at least the payee's `minDeposit` hint
+(followed up to `hint_limit` prices), at most `maximum`; a channel that cannot cover the next price is topped up by
+the same amount. Both come from the payer's balance in the hub (a refund, earnings) when it holds enough, else from
+its wallet.
 
 Safety: the payer pays through the hub its `PayerClient` trusts only (requirements naming another hub or chain are
 refused); every voucher is journalled before it leaves (`PayerClient.authorize`), and concluded from the payee's
@@ -70,16 +71,27 @@ class Lane:
 @dataclass
 class DepositPolicy:
     """How much a new channel (or a top-up) locks: `multiple` prices, at least the payee's `minDeposit` hint when
-    `follow_hint`, never more than `maximum` (None: no cap)."""
+    `follow_hint`, but the hint only up to `hint_limit` prices (None: any hint), never more than `maximum` (None: no
+    cap).
+
+    The hint is the payee's word: followed without a limit, a hostile payee (a price of 1 wei, a hint of the payer's
+    whole wallet) would have the payer lock all it holds in a channel to that payee, to wait out the challenge period
+    to get it back. The default limit is the hint an honest payee gives by default (`ChannelHubServerScheme`'s
+    `deposit_multiple`, 1,000 prices)."""
 
     multiple: int = 100
     follow_hint: bool = True
     maximum: int | None = None
+    hint_limit: int | None = 1_000
+
+    def __post_init__(self) -> None:
+        if self.multiple < 1 or (self.hint_limit is not None and self.hint_limit < 1):
+            raise ValueError("a deposit policy's multiple and hint limit are whole numbers of prices, at least 1")
 
     def amount(self, price: int, hint: int | None) -> int:
         wanted = price * self.multiple
         if self.follow_hint and hint is not None:
-            wanted = max(wanted, hint)
+            wanted = max(wanted, hint if self.hint_limit is None else min(hint, price * self.hint_limit))
         if self.maximum is not None:
             wanted = min(wanted, self.maximum)
         if wanted < price:
