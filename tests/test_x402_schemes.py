@@ -13,6 +13,7 @@ from x402.schemas import AssetAmount, PaymentRequirements, SupportedKind
 
 from settlement.devtools.devnet import Devnet
 from settlement.sdk.payer import PayerClient
+from settlement.x402 import wire
 from settlement.x402.client import ChannelHubClientScheme, DepositPolicy
 from settlement.x402.server import ChannelHubServerScheme
 from settlement.x402.wire import VoucherPayload, chain_id_of
@@ -65,6 +66,14 @@ def test_networks_and_payloads_have_one_form() -> None:
     for bad in ({**good, "cumulativeAmount": "05"}, {**good, "cumulativeAmount": 5}, {**good, "x": 1}, [good]):
         with pytest.raises(ValueError):
             VoucherPayload.parse(bad)
+
+
+def test_amounts_from_a_payee_or_a_facilitator_have_one_form() -> None:
+    """A price, a deposit hint, a facilitator's position: plain decimals in (0, 2^256) or nothing (a hint that is not
+    is no hint); never `int()` of whatever text came ("²" and "١٢٣" are digits to str.isdigit)."""
+    assert [wire.base_units(v) for v in ("1", "1000", str(2**256 - 1))] == [1, 1000, 2**256 - 1]
+    for bad in ("0", "007", "-5", "+5", " 7", "7 ", "1e30", "1.0", "²", "١٢٣", "1" * 79, str(2**256), "", 5, None, [1]):
+        assert wire.base_units(bad) is None, bad
 
 
 def test_deposit_policy() -> None:

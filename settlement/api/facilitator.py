@@ -38,8 +38,8 @@ from settlement.x402.wire import (
     Reason,
     VoucherPayload,
     answers,
+    base_units,
     network_of,
-    price_of,
     same_address,
 )
 
@@ -231,7 +231,7 @@ class ChannelHubFacilitator:
             raise Refused(Reason.UNSUPPORTED, f"this facilitator serves {SCHEME} on {self.network} only")
         if not answers(accepted, requirements):
             raise Refused(Reason.REQUIREMENTS_MISMATCH, "the payment answers other requirements than the payee's")
-        price = price_of(requirements.amount)
+        price = base_units(requirements.amount)
         if price is None:
             raise Refused(Reason.REQUIREMENTS_MISMATCH, "the requirements' amount is not a positive integer")
         try:

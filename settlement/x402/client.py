@@ -46,7 +46,7 @@ from x402.schemas import (
 from settlement.domain.model import ETH, ChannelId
 from settlement.sdk.journal import Budget
 from settlement.sdk.payer import ChannelRef, PayerClient
-from settlement.x402.wire import SCHEME, PayloadError, VoucherPayload, network_of, price_of, same_address
+from settlement.x402.wire import SCHEME, PayloadError, VoucherPayload, base_units, network_of, same_address
 
 PREPARED_KEPT = 1024  # payments made ahead by the hook and not yet handed over (aborted ones fall out oldest first)
 # Refusals after which the payer's position is re-read and the payment tried once more.
@@ -245,7 +245,7 @@ class ChannelHubClientScheme:
             raise ValueError(
                 f"the payee asks for payment through hub {hub!r}; this payer trusts {self.payer.hub.address}"
             )
-        price = price_of(requirements.amount)
+        price = base_units(requirements.amount)
         if price is None:
             raise ValueError(f"the payee's price {requirements.amount!r} is not a positive integer of base units")
         return price
@@ -255,7 +255,7 @@ class ChannelHubClientScheme:
     def _acquire(self, requirements: PaymentRequirements, price: int) -> Lane:
         payee, asset = self._party(requirements)
         party = (payee, asset)
-        hint = _int((requirements.extra or {}).get("minDeposit"))
+        hint = base_units((requirements.extra or {}).get("minDeposit"))  # not a whole amount: no hint
         with self._guard:
             lanes = self._lanes.get(party)
             if lanes is None:  # the first payment to this payee here: its channels opened before (a restart)
@@ -352,7 +352,3 @@ def _current_task() -> asyncio.Task[Any] | None:
         return asyncio.current_task()
     except RuntimeError:  # no event loop in this thread
         return None
-
-
-def _int(value: object) -> int | None:
-    return int(value) if isinstance(value, str) and value.isdigit() else None

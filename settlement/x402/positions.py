@@ -22,7 +22,7 @@ from x402.schemas import PaymentPayload, PaymentRequirements, SettleResponse
 
 from settlement.domain.model import ChannelId
 from settlement.eip712.vouchers import Domain, VoucherVerifier
-from settlement.x402.wire import SCHEME, PayloadError, VoucherPayload, answers, chain_id_of, price_of, same_address
+from settlement.x402.wire import SCHEME, PayloadError, VoucherPayload, answers, base_units, chain_id_of, same_address
 
 
 @dataclass(frozen=True)
@@ -55,7 +55,7 @@ class Positions:
         shows; None when only the facilitator can tell."""
         if requirements.scheme != SCHEME or not answers(payload.accepted, requirements):
             return None
-        price = price_of(requirements.amount)
+        price = base_units(requirements.amount)
         domain = _domain(requirements)
         try:
             voucher = VoucherPayload.parse(payload.payload)
@@ -82,7 +82,7 @@ class Positions:
         channel = (settled.extra or {}).get("channel")
         if not settled.success or not settled.payer or not isinstance(channel, dict):
             return
-        cumulative, deposit = _int(channel.get("cumulativeAmount")), _int(channel.get("deposit"))
+        cumulative, deposit = base_units(channel.get("cumulativeAmount")), base_units(channel.get("deposit"))
         if cumulative != voucher.cumulative or deposit is None or not is_address(settled.payer):
             return
         self._known[voucher.channel_id] = Position(
@@ -121,7 +121,3 @@ def _domain(requirements: PaymentRequirements) -> Domain | None:
     if not isinstance(name, str) or not isinstance(version, str):
         return None
     return Domain(chain_id, hub, name, version)
-
-
-def _int(value: object) -> int | None:
-    return int(value) if isinstance(value, str) and value.isdigit() else None

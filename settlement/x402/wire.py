@@ -110,6 +110,8 @@ class VoucherPayload:
         return cls(ChannelId(channel_id.lower()), int(cumulative), bytes.fromhex(signature[2:]))
 
 
-def price_of(amount: str) -> int | None:
-    """The requirements' `amount`, in base units, or None when it is not a positive decimal integer."""
-    return int(amount) if _AMOUNT.match(amount) and int(amount) <= MAX_UINT256 else None
+def base_units(value: object) -> int | None:
+    """An amount of base units in its one form (a string of ASCII decimal digits, above 0, no leading zero, below
+    2^256): the requirements' price, a payee's deposit hint, a facilitator's position. None for anything else: a
+    payee's or a facilitator's text is never handed to `int` as it is (a sign, "²", 5,000 digits)."""
+    return int(value) if isinstance(value, str) and _AMOUNT.match(value) and int(value) <= MAX_UINT256 else None
