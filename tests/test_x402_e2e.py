@@ -891,6 +891,78 @@ def test_a_payees_deposit_hint_locks_no_more_than_the_payers_limit(
     assert accepted_for(rig.service, payee) == 2 * PRICE
 
 
+class TakesAndRefuses(httpx.AsyncBaseTransport):
+    """A hostile payee, as its payer sees it over the network: it answers unpaid requests as the real app does, and
+    a paid one by storing the payment at the facilitator (the money is its own once stored) and answering a 402 that
+    says the payer's position is `reason` (stale_voucher: "read your position again and pay once more")."""
+
+    def __init__(self, facilitator: str, reason: str) -> None:
+        self.facilitator, self.reason = facilitator, reason
+        self.inner = httpx.AsyncHTTPTransport()
+        self.taken = 0
+
+    async def handle_async_request(self, request: httpx.Request) -> httpx.Response:
+        header = request.headers.get("payment-signature")
+        if header is None:
+            return await self.inner.handle_async_request(request)
+        payload = decode_payment_signature_header(header)
+        body = {
+            "x402Version": 2,
+            "paymentPayload": payload.model_dump(by_alias=True, exclude_none=True),
+            "paymentRequirements": payload.accepted.model_dump(by_alias=True, exclude_none=True),
+        }
+        async with httpx.AsyncClient(timeout=60) as http:
+            stored = (await http.post(f"{self.facilitator}/settle", json=body)).json()
+        assert stored["success"], stored
+        self.taken += 1
+        required = {"x402Version": 2, "error": self.reason, "resource": {"url": str(request.url)}}
+        required["accepts"] = [payload.accepted.model_dump(by_alias=True, exclude_none=True)]
+        encoded = base64.b64encode(json.dumps(required).encode()).decode()
+        return httpx.Response(402, headers={"payment-required": encoded}, request=request)
+
+    async def aclose(self) -> None:
+        await self.inner.aclose()
+
+
+@pytest.mark.parametrize("reason", ["stale_voucher", "invalid_signature"])
+def test_a_payee_that_takes_payments_and_answers_refusals_is_bounded_by_the_budget(
+    reason: str, devnet: Devnet, lane_rig: Callable[..., LaneRig]
+) -> None:
+    """The payee stores every voucher at the service and answers each paid request with a refusal. Refusals
+    used to put the payment back on the payee's word (its amount given back to the budget), while the service
+    proved the position higher: a payee answering `stale_voucher` took a price at every attempt, uncounted, until
+    the deposits (topped up from the wallet) ran out. Now a payment's fate is what the service proves: every
+    stored voucher counts, and the budget of 3 prices is all the payee gets."""
+    rig = lane_rig(f"takes-and-refuses-{reason}")
+    ((payee, api),) = rig.payees
+    rig.scheme.budgets = [Budget(limit=3 * PRICE, period=3600, per_payee=True)]
+    wire = TakesAndRefuses(f"{rig.service.url}/x402", reason)
+
+    async def attempts() -> list[str]:
+        transport = x402_httpx_transport(paying_client(devnet, rig.scheme), wire)
+        outcomes = []
+        async with httpx.AsyncClient(transport=transport, timeout=60) as http:
+            for _ in range(6):
+                try:
+                    outcomes.append(str((await http.get(f"{api}/weather")).status_code))
+                except PaymentError as ex:
+                    outcomes.append("budget" if "budget" in str(ex) else str(ex))
+        await wire.aclose()  # closed by the client's transport too, if it passes aclose on: twice is harmless
+        return outcomes
+
+    outcomes = asyncio.run(attempts())
+    assert wire.taken == 3
+    assert accepted_for(rig.service, payee) == 3 * PRICE
+    assert rig.payer.journal.spent(ETH, time.time() - 3600, payee) == 3 * PRICE
+    assert (
+        outcomes
+        == {
+            "stale_voucher": ["402"] + ["budget"] * 5,  # x402 paid again at each recovery, up to the budget
+            "invalid_signature": ["402"] * 3 + ["budget"] * 3,  # each refused payment found paid at the next one
+        }[reason]
+    )
+
+
 def test_a_cooperative_refund_returns_the_unspent_deposit_at_once(
     spawn: Callable[..., ServiceProcess],
     paid_api: Callable[..., str],

@@ -42,7 +42,7 @@ from web3.contract import Contract
 from settlement.chain.contracts import HUB, load_artifact
 from settlement.chain.deployment import hub_at
 from settlement.chain.node import Transactor, connect
-from settlement.domain.model import ETH, ChannelViewField, Receipt
+from settlement.domain.model import ETH, ChannelStatus, ChannelViewField, Receipt
 from settlement.eip712.vouchers import Domain, VoucherSigner, VoucherVerifier, read_domain
 from settlement.eip712.vouchers import channel_id as channel_id_of
 from settlement.errors import (
@@ -396,7 +396,9 @@ class PayerClient:
 
     def concluded(self, channel: ChannelRef, idempotency_key: str, receipt: dict[str, Any] | None) -> None:
         """An authorized voucher was accepted (with the facilitator's receipt) or refused (None): refused, the
-        position goes back, so the next voucher does not pay this one's amount too."""
+        position goes back, so the next voucher does not pay this one's amount too. A refusal only the payee reports
+        is not one to pass here: leave the payment pending, and the channel's next `authorize` (or `resynchronise`)
+        learns its fate from the service."""
         with self._lock(channel):
             payment = self.journal.payment(idempotency_key)
             if payment is None or payment.status != PaymentStatus.PENDING:
@@ -408,16 +410,28 @@ class PayerClient:
 
     def resynchronise(self, channel: ChannelRef) -> int:
         """Put the position where the service proves it (a voucher of ours) or the chain settled it, lower or
-        higher: after a refusal that says the position is stale. Returns it."""
+        higher: after a refusal that says the position is stale. The channel's payments of unknown fate are concluded
+        by the same proof (`_conclude`). Returns it."""
         with self._lock(channel):
             proven = max(self._proven_by_service(channel), self._settled_on_chain(channel))
             for earlier in self.journal.pending(channel.hex_id):
-                self.journal.refused(earlier.idempotency_key, channel.hex_id, proven)
+                self._conclude(channel, earlier, proven)
             self.journal.set_position(channel.hex_id, proven)
             return proven
 
+    def is_open(self, channel: ChannelRef) -> bool:
+        """Whether the hub has the channel open still (neither closing nor closed): the chain's word, not a payee's."""
+        status = self.hub.functions.channel(channel.channel_id).call()[ChannelViewField.STATUS]
+        return int(status) == ChannelStatus.OPEN
+
     def _learn(self, channel: ChannelRef, payment: JournalPayment) -> None:
-        proven = max(self._proven_by_service(channel), self._settled_on_chain(channel))
+        self._conclude(channel, payment, max(self._proven_by_service(channel), self._settled_on_chain(channel)))
+
+    def _conclude(self, channel: ChannelRef, payment: JournalPayment, proven: int) -> None:
+        """A payment of unknown fate, by what the service or the chain proves the channel stands at: paid if that
+        reaches its voucher (counted against the budgets, whoever's voucher it was), else refused (its amount given
+        back, the position put at `proven`). Never by a payee's word: a hostile one can store a voucher at the service
+        and answer that it refused it."""
         if proven >= payment.cumulative:
             self.journal.accepted(payment.idempotency_key, {"cumulativeAmount": str(payment.cumulative)})
         else:

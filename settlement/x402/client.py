@@ -10,11 +10,11 @@ the same amount. Both come from the payer's balance in the hub (a refund, earnin
 its wallet.
 
 Safety: the payer pays through the hub its `PayerClient` trusts only (requirements naming another hub or chain are
-refused); every voucher is journalled before it leaves (`PayerClient.authorize`), and concluded from the payee's
-answer: accepted with the facilitator's receipt, or refused and the position put back. A refusal that says the
-position is stale (another device paid, a response that was never charged) resynchronises from the service and
-x402's transport retries once with a fresh voucher; no voucher ever pays more than the price over the position the
-service proves.
+refused); every voucher is journalled before it leaves (`PayerClient.authorize`), and concluded by the facilitator's
+receipt, or, refused in the payee's word, by what the service proves of it (a payee's refusal alone never gives an
+amount back to the budgets). A refusal that says the position is stale (another device paid, a response that was
+never charged) resynchronises from the service and x402's transport retries with a fresh voucher; no voucher ever
+pays more than the price over the position the service proves.
 """
 
 from __future__ import annotations
@@ -202,14 +202,19 @@ class ChannelHubClientScheme:
                 receipt = (settled.extra or {}).get("receipt")
                 self.payer.concluded(lane.channel, lane.key, receipt if isinstance(receipt, dict) else {})
                 return None
-            self.payer.concluded(lane.channel, lane.key, None)
+            # Refused, in the payee's word. A hostile payee can store the voucher at the service and still answer
+            # a refusal, so the payment stays pending (counted against the budgets) until the service proves its
+            # fate: at once where the refusal asks for the position to be read again, else at the channel's next
+            # payment (`PayerClient.authorize`). Put back on the payee's word, a position proven higher by the
+            # service afterwards was paid without being counted: budgets did not bound such a payee.
             # A refusal at verify comes back as a new 402 whose `error` is the reason; one at settle, in the answer.
             required = context.payment_required
             reason = settled.error_reason if settled is not None else getattr(required, "error", None)
             if reason in STALE_REASONS:
                 self.payer.resynchronise(lane.channel)
                 return RecoveredResponseResult()
-            if reason == "channel_closed":  # closed (a cooperative refund, a close): pay on another channel
+            if reason == "channel_closed" and not self.payer.is_open(lane.channel):
+                self.payer.resynchronise(lane.channel)  # closed (a refund, a close): pay on another channel
                 self._drop(lane)
                 return RecoveredResponseResult()
             return None
