@@ -924,7 +924,7 @@ class TakesAndRefuses(httpx.AsyncBaseTransport):
         await self.inner.aclose()
 
 
-@pytest.mark.parametrize("reason", ["stale_voucher", "invalid_signature"])
+@pytest.mark.parametrize("reason", ["stale_voucher", "invalid_signature", "channel_closed"])
 def test_a_payee_that_takes_payments_and_answers_refusals_is_bounded_by_the_budget(
     reason: str, devnet: Devnet, lane_rig: Callable[..., LaneRig]
 ) -> None:
@@ -932,7 +932,8 @@ def test_a_payee_that_takes_payments_and_answers_refusals_is_bounded_by_the_budg
     used to put the payment back on the payee's word (its amount given back to the budget), while the service
     proved the position higher: a payee answering `stale_voucher` took a price at every attempt, uncounted, until
     the deposits (topped up from the wallet) ran out. Now a payment's fate is what the service proves: every
-    stored voucher counts, and the budget of 3 prices is all the payee gets."""
+    stored voucher counts, and the budget of 3 prices is all the payee gets. A channel said to be closed while the
+    chain has it open is kept (dropped, each payment opened a new channel: a deposit and gas each time)."""
     rig = lane_rig(f"takes-and-refuses-{reason}")
     ((payee, api),) = rig.payees
     rig.scheme.budgets = [Budget(limit=3 * PRICE, period=3600, per_payee=True)]
@@ -954,13 +955,13 @@ def test_a_payee_that_takes_payments_and_answers_refusals_is_bounded_by_the_budg
     assert wire.taken == 3
     assert accepted_for(rig.service, payee) == 3 * PRICE
     assert rig.payer.journal.spent(ETH, time.time() - 3600, payee) == 3 * PRICE
-    assert (
-        outcomes
-        == {
-            "stale_voucher": ["402"] + ["budget"] * 5,  # x402 paid again at each recovery, up to the budget
-            "invalid_signature": ["402"] * 3 + ["budget"] * 3,  # each refused payment found paid at the next one
-        }[reason]
-    )
+    expected = {
+        "stale_voucher": ["402"] + ["budget"] * 5,  # x402 paid again at each recovery, up to the budget
+        "invalid_signature": ["402"] * 3 + ["budget"] * 3,  # each refused payment found paid at the next one
+        "channel_closed": ["402"] * 3 + ["budget"] * 3,
+    }
+    assert outcomes == expected[reason]
+    assert len(rig.payer.open_channels(payee)) == 1
 
 
 def test_a_cooperative_refund_returns_the_unspent_deposit_at_once(
