@@ -31,8 +31,12 @@ from x402 import x402Client, x402ClientSync
 from x402.http import x402HTTPClient
 from x402.http.clients import x402_httpx_transport, x402_requests, x402HttpxClient
 from x402.http.clients.httpx import PaymentError
-from x402.http.utils import decode_payment_signature_header, encode_payment_signature_header
-from x402.schemas import PaymentPayload
+from x402.http.utils import (
+    decode_payment_signature_header,
+    encode_payment_required_header,
+    encode_payment_signature_header,
+)
+from x402.schemas import PaymentPayload, PaymentRequired
 
 from settlement.devtools.devnet import Devnet
 from settlement.domain.model import ChannelStatus, ChannelViewField
@@ -45,7 +49,7 @@ from settlement.x402.ahead import PayAheadAdapter, PayAheadTransport
 from settlement.x402.client import ChannelHubClientScheme, DepositPolicy, PaymentIdentifiers
 from settlement.x402.refunds import REFUND_PATH, RefundDesk, ask_refund
 from settlement.x402.unanswered import UnansweredWire
-from tests.hub_helpers import ETH, events, free_test_port, scraped, send, wait_until
+from tests.hub_helpers import ETH, events, free_test_port, scraped, send, wait_until, x402_request
 from tests.servers import ServiceProcess
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -906,19 +910,14 @@ class TakesAndRefuses(httpx.AsyncBaseTransport):
         if header is None:
             return await self.inner.handle_async_request(request)
         payload = decode_payment_signature_header(header)
-        body = {
-            "x402Version": 2,
-            "paymentPayload": payload.model_dump(by_alias=True, exclude_none=True),
-            "paymentRequirements": payload.accepted.model_dump(by_alias=True, exclude_none=True),
-        }
+        body = x402_request(payload.accepted.model_dump(by_alias=True, exclude_none=True), payload.payload)
         async with httpx.AsyncClient(timeout=60) as http:
             stored = (await http.post(f"{self.facilitator}/settle", json=body)).json()
         assert stored["success"], stored
         self.taken += 1
-        required = {"x402Version": 2, "error": self.reason, "resource": {"url": str(request.url)}}
-        required["accepts"] = [payload.accepted.model_dump(by_alias=True, exclude_none=True)]
-        encoded = base64.b64encode(json.dumps(required).encode()).decode()
-        return httpx.Response(402, headers={"payment-required": encoded}, request=request)
+        refusal = PaymentRequired(x402_version=2, error=self.reason, accepts=[payload.accepted])
+        headers = {"payment-required": encode_payment_required_header(refusal)}
+        return httpx.Response(402, headers=headers, request=request)
 
     async def aclose(self) -> None:
         await self.inner.aclose()
