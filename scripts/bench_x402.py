@@ -7,8 +7,10 @@ against a free route of the same app at the same concurrency (the difference is 
 offered rates (an open loop: a request starts on its schedule whether or not the earlier ones were answered, and its
 latency counts from that schedule, so waiting for a free channel counts too): the added latency at a given number of
 paid requests a second, which is how the issue's goal is put, and each process's CPU per paid request (payer, payee
-app, facilitator) from /proc. Last, where a paid request's time goes (the facilitator's verify and settle, timed
-alone), and the x402 header sizes.
+app, facilitator) from /proc; and the same against x402's floor (scripts/x402_floor_app.py: the same middleware and
+client with a scheme that does nothing, x402's own facilitator in the app's process: what x402's middleware and
+client cost by themselves, the part of a paid request no scheme can take away). Last, where a paid request's time
+goes (the facilitator's verify and settle, timed alone), and the x402 header sizes.
 """
 
 from __future__ import annotations
@@ -57,8 +59,9 @@ def run_x402(console: Console) -> dict[str, Any]:
     with Devnet(settings) as net, tempfile.TemporaryDirectory(prefix="bench-x402-") as tmp:
         work = Path(tmp)
         deploy_hub(connect(net.url), net.accounts[0], 3600).save(work / "deployment.json")
-        service_port, api_port = free_port("127.0.0.1"), free_port("127.0.0.1")
+        service_port, api_port, floor_port = (free_port("127.0.0.1") for _ in range(3))
         service_url, api_url = f"http://127.0.0.1:{service_port}", f"http://127.0.0.1:{api_port}"
+        floor_url = f"http://127.0.0.1:{floor_port}"
         base_env = {k: v for k, v in os.environ.items() if not k.startswith("SETTLEMENT_")}
         processes = [
             _start(
@@ -93,13 +96,22 @@ def run_x402(console: Console) -> dict[str, Any]:
                     f"{api_url}/health",
                 )
             )
+            processes.append(
+                _start(
+                    [sys.executable, str(ROOT / "scripts" / "x402_floor_app.py")],
+                    base_env | {"NETWORK": f"eip155:{net.chain_id}", "PRICE_WEI": str(PRICE), "PORT": str(floor_port)},
+                    work / "floor.log",
+                    f"{floor_url}/health",
+                )
+            )
             payer = PayerClient(
                 HexBytes(net.accounts[1].key).to_0x_hex(), net.url, service_url, state_path=work / "payer.sqlite3"
             )
             try:
                 pids = {"payer": os.getpid(), "payee app": processes[1].pid, "facilitator": processes[0].pid}
+                floor = (floor_url, {"payer": os.getpid(), "floor app": processes[2].pid})
                 figures = asyncio.run(
-                    _measure(console, payer, api_url, service_url, net.chain_id, net.accounts[2].address, pids)
+                    _measure(console, payer, api_url, service_url, net.chain_id, net.accounts[2].address, pids, floor)
                 )
             finally:
                 payer.shutdown()
@@ -128,7 +140,14 @@ def _start(command: list[str], env: dict[str, str], log: Path, ready: str) -> su
 
 
 async def _measure(
-    console: Console, payer: PayerClient, api: str, service: str, chain_id: int, pay_to: str, pids: dict[str, int]
+    console: Console,
+    payer: PayerClient,
+    api: str,
+    service: str,
+    chain_id: int,
+    pay_to: str,
+    pids: dict[str, int],
+    floor: tuple[str, dict[str, int]],
 ) -> dict[str, Any]:
     network = f"eip155:{chain_id}"
     # Every lane open and funded before the timed runs, as a busy payer's are: opening a lane, or topping one up, is
@@ -152,9 +171,9 @@ async def _measure(
     async with (
         x402HttpxClient(x402, timeout=60) as paid,
         httpx.AsyncClient(timeout=60, transport=PayAheadTransport(x402)) as ahead,
-        httpx.AsyncClient(timeout=60, transport=PayAheadTransport(x402, AiohttpTransport())) as ahead_aiohttp,
+        httpx.AsyncClient(timeout=60, transport=PayAheadTransport(x402, _aiohttp())) as ahead_aiohttp,
         httpx.AsyncClient(timeout=60) as free,
-        httpx.AsyncClient(timeout=60, transport=AiohttpTransport()) as free_aiohttp,
+        httpx.AsyncClient(timeout=60, transport=_aiohttp()) as free_aiohttp,
     ):
         with console.status("a first paid request on each channel…"):
             await asyncio.gather(*(paid.get(f"{api}/weather") for _ in range(max(CONCURRENCY))))
@@ -188,17 +207,58 @@ async def _measure(
                 figures[f"{prefix}added_p99_ms_c{concurrency}"] = round(added[1], 1)
         console.print(table)
         figures |= await _at_rates(console, ahead_aiohttp, free_aiohttp, api, pids)
+        figures |= await _floor_at_rates(console, network, *floor)
         figures |= await _where_time_goes(console, x402, scheme, api, service)
     return figures
 
 
+def _aiohttp() -> AiohttpTransport:
+    """aiohttp's pool under httpx's API, its idle connections dropped after 2 s: the apps' uvicorn closes them after
+    5 s, and a pool that keeps them 5 s too sent a run's first requests on connections being closed after a 5-second
+    run on the other client ("Server disconnected")."""
+    return AiohttpTransport(limits=httpx.Limits(max_connections=100, max_keepalive_connections=20, keepalive_expiry=2))
+
+
+class FloorClientScheme:
+    """The payer's side of scripts/x402_floor_app.py's scheme: a payload of 16 random bytes, nothing signed."""
+
+    scheme = "floor"
+
+    def create_payment_payload(self, requirements: Any) -> dict[str, Any]:
+        return {"nonce": os.urandom(16).hex()}
+
+
+async def _floor_at_rates(console: Console, network: str, api: str, pids: dict[str, int]) -> dict[str, Any]:
+    """x402's floor at each of RATES: its client (with the same spend controls) and pay-ahead over aiohttp, as in
+    `_at_rates`, against the floor app, whose scheme does nothing and whose facilitator runs in the app's process."""
+    x402 = x402Client()
+    x402.register(network, FloorClientScheme())
+    x402.set_spend_controls(
+        {"allowed_assets": [{"network": network, "asset": ETH, "max_amount_per_payment": str(10**18)}]}
+    )
+    async with (
+        httpx.AsyncClient(timeout=60, transport=PayAheadTransport(x402, _aiohttp())) as paid,
+        httpx.AsyncClient(timeout=60, transport=_aiohttp()) as free,
+    ):
+        await asyncio.gather(*(paid.get(f"{api}/weather") for _ in range(max(CONCURRENCY))))
+        return await _at_rates(console, paid, free, api, pids, floor=True)
+
+
 async def _at_rates(
-    console: Console, paid: httpx.AsyncClient, free: httpx.AsyncClient, api: str, pids: dict[str, int]
+    console: Console,
+    paid: httpx.AsyncClient,
+    free: httpx.AsyncClient,
+    api: str,
+    pids: dict[str, int],
+    *,
+    floor: bool = False,
 ) -> dict[str, Any]:
-    """Pay-ahead over aiohttp (the fastest payer above) at each of RATES, against the free route at the same rate."""
+    """Pay-ahead over aiohttp (the fastest payer above) at each of RATES, against the free route at the same rate.
+    `floor`: the app is x402's floor (keys `floor_rate…`)."""
     figures: dict[str, Any] = {}
-    table = Table(title=f"pay-ahead over aiohttp at fixed offered rates ({SECONDS:g} s a run, open loop); CPU ms per "
-                  "request of each process, paid / free (the payer's includes this bench's load)")  # fmt: skip
+    what = "x402's floor (a scheme that does nothing, x402's facilitator in the app)" if floor else "pay-ahead"
+    table = Table(title=f"{what} at fixed offered rates ({SECONDS:g} s a run, open loop); CPU ms per request of each "
+                  "process, paid / free (the payer's includes this bench's load)")  # fmt: skip
     for column in ("offered/s", "answered/s", "paid p50 / p99", "free p50 / p99", "added p50 / p99",
                    *(f"CPU {name}" for name in pids), "machine busy"):  # fmt: skip
         table.add_column(column, justify="right")
@@ -212,15 +272,16 @@ async def _at_rates(
         table.add_row(f"{rate:,}", f"{answered:,.0f}", f"{_pct(paid_ms, 0.5):,.1f} / {_pct(paid_ms, 0.99):,.1f}",
                       f"{_pct(free_ms, 0.5):,.1f} / {_pct(free_ms, 0.99):,.1f}", f"{added[0]:,.1f} / {added[1]:,.1f}",
                       *(f"{cpu[name]:.2f} / {free_cpu[name]:.2f}" for name in pids), f"{busy:.0%}")  # fmt: skip
+        key = f"floor_rate{rate}" if floor else f"rate{rate}"
         figures |= (
             {
-                f"rate{rate}_answered_per_s": round(answered, 1),
-                f"rate{rate}_added_p50_ms": round(added[0], 1),
-                f"rate{rate}_added_p99_ms": round(added[1], 1),
-                f"rate{rate}_machine_busy": round(busy, 3),
+                f"{key}_answered_per_s": round(answered, 1),
+                f"{key}_added_p50_ms": round(added[0], 1),
+                f"{key}_added_p99_ms": round(added[1], 1),
+                f"{key}_machine_busy": round(busy, 3),
             }
-            | {f"rate{rate}_cpu_ms_{name.replace(' ', '_')}": round(cpu[name], 2) for name in pids}
-            | {f"rate{rate}_free_cpu_ms_{name.replace(' ', '_')}": round(free_cpu[name], 2) for name in pids}
+            | {f"{key}_cpu_ms_{name.replace(' ', '_')}": round(cpu[name], 2) for name in pids}
+            | {f"{key}_free_cpu_ms_{name.replace(' ', '_')}": round(free_cpu[name], 2) for name in pids}
         )
     console.print(table)
     return figures
