@@ -16,7 +16,7 @@ from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any, ClassVar, TypeVar
 
 import httpx
 import pytest
@@ -830,6 +830,109 @@ def test_the_sync_adapter_frees_a_channel_whose_paid_request_got_no_payment_answ
     assert statuses == [200, 404, 200, 200]
     assert accepted_for(rig.service, payee) == 3 * PRICE
     assert len(rig.payer.open_channels(payee)) == 1
+
+
+class DroppingWire(httpx.AsyncBaseTransport):
+    """The network between payer and payee, dropping paid requests as `plan` says, in turn: "lose" delivers one and
+    loses its answer (the payee served it and settled its payment), "drop" never delivers it; anything else passes.
+    Unpaid requests always pass."""
+
+    def __init__(self, plan: list[str]) -> None:
+        self.plan, self.inner = plan, httpx.AsyncHTTPTransport()
+
+    async def handle_async_request(self, request: httpx.Request) -> httpx.Response:
+        step = self.plan.pop(0) if "payment-signature" in request.headers else "pass"
+        if step == "drop":
+            raise httpx.ConnectError("connection refused", request=request)
+        response = await self.inner.handle_async_request(request)
+        if step == "lose":
+            await response.aread()
+            await response.aclose()
+            raise httpx.RemoteProtocolError("Server disconnected without sending a response.", request=request)
+        return response
+
+    async def aclose(self) -> None:
+        await self.inner.aclose()
+
+
+class DroppingAdapter(requests.adapters.HTTPAdapter):
+    """`DroppingWire` for requests: put under `PayAheadAdapter` (`class _(PayAheadAdapter, DroppingAdapter)`), it is the
+    wire our adapter and x402's send on."""
+
+    plan: ClassVar[list[str]] = []
+
+    def send(self, request: requests.PreparedRequest, **kwargs: Any) -> requests.Response:  # type: ignore[override]
+        step = self.plan.pop(0) if "payment-signature" in request.headers else "pass"
+        if step == "drop":
+            raise requests.ConnectionError("connection refused")
+        response = super().send(request, **kwargs)
+        if step == "lose":
+            response.close()
+            raise requests.ConnectionError("Server disconnected without sending a response.")
+        return response
+
+
+@pytest.mark.parametrize("wire", ["pay-ahead", "x402's transport"])
+def test_a_paid_request_that_gets_no_answer_frees_its_channel_and_is_charged_as_the_service_says(
+    devnet: Devnet, lane_rig: Callable[..., LaneRig], wire: str
+) -> None:
+    """A paid request whose connection drops gets no answer at all, and x402 runs no hook for it: without a word from
+    the wire its channel stayed busy for `lane_timeout` (2 minutes), so a payer with one lane was refused from then on
+    ("in flight already") and one with more opened new channels, a deposit each, for every dropped request (a flaky
+    network, or a payee that drops paid connections on purpose). The wire now hands it to our scheme like an answer
+    without a payment answer: the channel is freed at once, and the next payment first asks the service what became
+    of the dropped one. Here one answer is lost after the payee settled its payment (charged: the service says so),
+    one request never arrives (not charged), on one channel."""
+    rig = lane_rig("dropped", max_lanes=1)
+    ((payee, api),) = rig.payees
+    x402 = paying_client(devnet, rig.scheme)
+    network = DroppingWire(["pass", "lose", "drop", "pass"])
+    transport: httpx.AsyncBaseTransport = (
+        PayAheadTransport(x402, network, unanswered=rig.scheme.unanswered)
+        if wire == "pay-ahead"
+        else x402_httpx_transport(x402, UnansweredWire(rig.scheme.unanswered, network))
+    )
+    lost = PaymentError if wire == "x402's transport" else httpx.RemoteProtocolError
+    dropped = PaymentError if wire == "x402's transport" else httpx.ConnectError
+
+    async def walk() -> None:
+        async with httpx.AsyncClient(transport=transport, timeout=60) as http:
+            assert (await http.get(f"{api}/weather")).status_code == 200
+            with pytest.raises(lost):
+                await http.get(f"{api}/weather")
+            with pytest.raises(dropped):
+                await http.get(f"{api}/weather")
+            assert (await http.get(f"{api}/weather")).status_code == 200
+
+    asyncio.run(walk())
+    assert network.plan == []
+    assert accepted_for(rig.service, payee) == 3 * PRICE  # the lost answer's payment, not the dropped one's
+    (only,) = rig.payer.open_channels(payee)
+    assert rig.payer.position(rig.payer.channel(only["channelId"])) == 3 * PRICE
+
+
+def test_the_sync_adapter_frees_a_channel_whose_paid_request_got_no_answer(
+    devnet: Devnet, lane_rig: Callable[..., LaneRig]
+) -> None:
+    rig = lane_rig("sync-dropped", max_lanes=1)
+    ((payee, api),) = rig.payees
+
+    class Dropping(PayAheadAdapter, DroppingAdapter):
+        plan: ClassVar[list[str]] = ["pass", "lose", "drop", "pass"]
+
+    session = requests.Session()
+    session.mount(
+        "http://", Dropping(paying_client(devnet, rig.scheme, kind=x402ClientSync), unanswered=rig.scheme.unanswered)
+    )
+    assert session.get(f"{api}/weather", timeout=60).status_code == 200
+    for _ in range(2):
+        with pytest.raises(requests.ConnectionError):
+            session.get(f"{api}/weather", timeout=60)
+    assert session.get(f"{api}/weather", timeout=60).status_code == 200
+    assert Dropping.plan == []
+    assert accepted_for(rig.service, payee) == 3 * PRICE
+    (only,) = rig.payer.open_channels(payee)
+    assert rig.payer.position(rig.payer.channel(only["channelId"])) == 3 * PRICE
 
 
 def test_only_the_payment_a_channel_carries_now_frees_it(devnet: Devnet, lane_rig: Callable[..., LaneRig]) -> None:

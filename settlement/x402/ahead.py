@@ -17,8 +17,9 @@ requirements are forgotten and the request goes through x402's own flow; so an e
 never a second charge. Requirements are kept `ttl` seconds, for at most `max_routes` URLs (oldest first out).
 
 A paid request answered with neither a payment answer nor a 402 (a handler's 404, a payee that could not reach its
-facilitator) runs no x402 hook; `unanswered=scheme.unanswered` hands it to our scheme, which frees its channel at
-once instead of after `lane_timeout` (settlement.x402.unanswered, settlement.x402.client).
+facilitator), or not answered at all (a dropped connection, a timeout), runs no x402 hook;
+`unanswered=scheme.unanswered` hands it to our scheme, which frees its channel at once instead of after
+`lane_timeout` (settlement.x402.unanswered, settlement.x402.client).
 """
 
 from __future__ import annotations
@@ -138,7 +139,22 @@ class _Learning(httpx.AsyncBaseTransport):
         await self._inner.aclose()
 
 
-class PayAheadAdapter(x402HTTPAdapter):
+class _TellingWire(HTTPAdapter):
+    """requests' wire under x402's adapter (x402's paid retries reach it through `super().send`): a paid request that
+    got no answer at all (the connection dropped, a timeout) is told to `unanswered`, as `build_response` tells one
+    answered with neither a payment answer nor a 402."""
+
+    _unanswered: Unanswered | None = None
+
+    def send(self, request: requests.PreparedRequest, **kwargs: Any) -> requests.Response:  # type: ignore[override]
+        try:
+            return super().send(request, **kwargs)
+        except BaseException:
+            tell_unanswered(self._unanswered, {}, request.headers.get("payment-signature"))
+            raise
+
+
+class PayAheadAdapter(x402HTTPAdapter, _TellingWire):
     """x402's requests adapter, paying ahead on URLs whose requirements it saw in the last `ttl` seconds: the same
     rules as `PayAheadTransport`, for x402's sync client (`x402ClientSync`). Mount it on a `requests.Session`."""
 
@@ -168,7 +184,7 @@ class PayAheadAdapter(x402HTTPAdapter):
             return super().send(request, **kwargs)
         paying = request.copy()
         paying.headers.update(self._http_client.encode_payment_signature_header(payload))
-        answer = HTTPAdapter.send(self, paying, **kwargs)  # the wire itself: x402's flow is for the fallback
+        answer = _TellingWire.send(self, paying, **kwargs)  # the wire itself: x402's flow is for the fallback
         result = self._http_client.process_payment_result(payload, answer.headers.get, answer.status_code)
         if answer.status_code != 402 and not result.recovered:
             if result.settle_response is None:  # answered without being paid: not a priced route any more

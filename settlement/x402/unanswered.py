@@ -1,6 +1,8 @@
 """Paid requests answered with neither a payment answer nor a 402: a handler's 404 or 500, a payee that could not reach
-its facilitator (503). x402's clients run no hook for them (a payment answer or a 402 is what their hooks read), so
-our scheme would keep the payment's channel busy for `lane_timeout` and open new channels meanwhile. The wire under
+its facilitator (503); and paid requests that got no answer at all: the connection dropped or reset, a timeout, the
+caller cancelled. x402's clients run no hook for them (a payment answer or a 402 is what their hooks read), so
+our scheme would keep the payment's channel busy for `lane_timeout` and open new channels meanwhile (a flaky network,
+or a payee that drops every paid connection, made a payer lock a deposit in up to `max_lanes` channels). The wire under
 x402's transport sees every answer with the request that carried the payment, and hands that payment to
 `ChannelHubClientScheme.unanswered`, which frees the channel if it still carries that payment (settlement.x402.client).
 
@@ -23,14 +25,18 @@ Unanswered = Callable[[PaymentPayload], object]
 
 class UnansweredWire(httpx.AsyncBaseTransport):
     """An httpx transport (`inner`, httpx's own by default) that tells `unanswered` of each paid request answered with
-    neither a payment answer nor a 402. Put it under x402's transport (`x402_httpx_transport(x402, wire)`): x402's
-    `x402HttpxClient` builds its transport with no wire of the caller's."""
+    neither a payment answer nor a 402, or not answered at all. Put it under x402's transport
+    (`x402_httpx_transport(x402, wire)`): x402's `x402HttpxClient` builds its transport with no wire of the caller's."""
 
     def __init__(self, unanswered: Unanswered | None, inner: httpx.AsyncBaseTransport | None = None) -> None:
         self._unanswered, self._inner = unanswered, inner or httpx.AsyncHTTPTransport()
 
     async def handle_async_request(self, request: httpx.Request) -> httpx.Response:
-        response = await self._inner.handle_async_request(request)
+        try:
+            response = await self._inner.handle_async_request(request)
+        except BaseException:  # no answer at all: what became of the payment is the service's to tell
+            tell_unanswered(self._unanswered, {}, request.headers.get("payment-signature"))
+            raise
         if response.status_code != 402:
             tell_unanswered(self._unanswered, response.headers, request.headers.get("payment-signature"))
         return response
@@ -41,7 +47,7 @@ class UnansweredWire(httpx.AsyncBaseTransport):
 
 def tell_unanswered(unanswered: Unanswered | None, answer_headers: Mapping[str, str], sent: object) -> None:
     """A request that carried a payment (`sent`: its header) and got an answer other than a 402 with no payment
-    answer in it: hand the payment to `unanswered`."""
+    answer in it (`answer_headers`), or none (empty): hand the payment to `unanswered`."""
     if unanswered is None or not isinstance(sent, str) or "payment-response" in answer_headers:
         return
     try:
