@@ -64,7 +64,8 @@ def run_flood(console: Console) -> dict[str, Any]:
                     [
                         *NICE,
                         sys.executable,
-                        str(ROOT / "scripts" / "bench_load.py"),
+                        "-m",
+                        "scripts.bench_load",
                         "--url",
                         url,
                         "--vouchers",
@@ -76,6 +77,7 @@ def run_flood(console: Console) -> dict[str, Any]:
                     ],
                     stdout=subprocess.PIPE,
                     text=True,
+                    cwd=ROOT,
                 )
                 time.sleep(1.0)  # the flood's process is up and sending before the payer starts
                 flooded = load([url], files["flooded"], honest)

@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import json
 import os
-import resource
 import signal
 import subprocess
 import sys
@@ -36,7 +35,7 @@ from sqlalchemy import create_engine, text
 from sqlalchemy.engine import make_url
 from sqlalchemy.exc import OperationalError
 
-from scripts.proc_cpu import children, cpu_seconds, machine_seconds, postgres_cpu_seconds
+from scripts.proc_cpu import children, cpu_seconds, postgres_cpu_seconds
 from settlement.chain.deployment import deploy_hub, hub_contract
 from settlement.chain.node import Transactor, connect
 from settlement.devtools.devnet import Devnet, free_port
@@ -218,29 +217,26 @@ class Servers:
         raise SystemExit(f"server did not start: {log.read_text()[-2000:]}")
 
     def cpu(self) -> dict[str, float]:
-        """CPU seconds so far: the servers', their children's (signature recovery workers), PostgreSQL's, this
-        process's waited-for children's (the load generator, once it ended) and the machine's (busy, all)."""
-        busy, total = machine_seconds()
+        """CPU seconds so far: the servers', their children's (signature recovery workers) and PostgreSQL's."""
         return {
             "server": sum(cpu_seconds(p.pid) for p in self.processes),
             "workers": sum(cpu_seconds(child) for p in self.processes for child in children(p.pid)),
             "postgres": postgres_cpu_seconds() or 0.0,
-            "load": sum(getattr(resource.getrusage(resource.RUSAGE_CHILDREN), f) for f in ("ru_utime", "ru_stime")),
-            "busy": busy,
-            "all": total,
         }
 
     def cpu_since(self, before: dict[str, float], result: dict[str, Any]) -> tuple[dict[str, float], float]:
-        """Where the CPU of a run went, in µs per voucher answered, and how busy the machine was meanwhile (%)."""
+        """Where the CPU of a run went, in µs per voucher answered, and how busy the machine was meanwhile (%): the
+        load generator's CPU and the machine's within its timed window (its own figures), the others' since `before`
+        (the servers idle while the load generator starts)."""
         after = self.cpu()
         vouchers = max(result["vouchers"], 1)
         spent = {
-            part: round((after[part] - before[part]) * 1e6 / vouchers, 1)
-            for part in ("server", "workers", "postgres", "load")
+            part: round((after[part] - before[part]) * 1e6 / vouchers, 1) for part in ("server", "workers", "postgres")
         }
+        spent["load"] = round(result["load_cpu_seconds"] * 1e6 / vouchers, 1)
         if self.store == "sqlite":
             spent["postgres"] = 0.0  # another database's work on the same server, if any, is not this run's
-        busy = 100 * (after["busy"] - before["busy"]) / max(after["all"] - before["all"], 1e-9)
+        busy = 100 * result["machine_busy_seconds"] / max(result["machine_seconds"], 1e-9)
         return spent, round(busy)
 
     def __exit__(self, *_exc: object) -> None:
@@ -255,7 +251,8 @@ class Servers:
 def load(urls: list[str], vouchers: Path, extra: list[str]) -> dict[str, Any]:
     command = [
         sys.executable,
-        str(ROOT / "scripts" / "bench_load.py"),
+        "-m",
+        "scripts.bench_load",
         *(arg for url in urls for arg in ("--url", url)),
         "--vouchers",
         str(vouchers),
@@ -263,7 +260,7 @@ def load(urls: list[str], vouchers: Path, extra: list[str]) -> dict[str, Any]:
         str(SECONDS),
         *extra,
     ]
-    done = subprocess.run(command, capture_output=True, text=True, timeout=120, check=True)
+    done = subprocess.run(command, capture_output=True, text=True, timeout=120, check=True, cwd=ROOT)
     result: dict[str, Any] = json.loads(done.stdout.strip().splitlines()[-1])
     return result
 

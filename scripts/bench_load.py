@@ -21,6 +21,8 @@ from typing import Any
 
 import aiohttp
 
+from scripts.proc_cpu import machine_seconds
+
 TIMEOUT = aiohttp.ClientTimeout(total=60)
 
 
@@ -64,10 +66,10 @@ async def closed_loop(args: argparse.Namespace, channels: list[list[dict[str, An
                 statuses[response.status] = statuses.get(response.status, 0) + 1
                 vouchers += len(items)
 
-        started = time.perf_counter()
+        window = Window()
         await asyncio.gather(*(worker(i) for i in range(args.concurrency)))
-        elapsed = time.perf_counter() - started
-    return summary(latencies, statuses, vouchers, elapsed)
+        elapsed = time.perf_counter() - window.started
+    return summary(latencies, statuses, vouchers, elapsed) | window.close()
 
 
 async def open_loop(args: argparse.Namespace, channels: list[list[dict[str, Any]]]) -> dict[str, Any]:
@@ -86,7 +88,8 @@ async def open_loop(args: argparse.Namespace, channels: list[list[dict[str, Any]
             statuses[response.status] = statuses.get(response.status, 0) + 1
 
         tasks = []
-        started = time.perf_counter()
+        window = Window()
+        started = window.started
         for k in range(total):
             channel = channels[k % len(channels)]
             body = channel[k // len(channels)]
@@ -96,7 +99,7 @@ async def open_loop(args: argparse.Namespace, channels: list[list[dict[str, Any]
             tasks.append(asyncio.create_task(one(args.url[k % len(args.url)], body)))
         await asyncio.gather(*tasks)
         elapsed = time.perf_counter() - started
-    return summary(latencies, statuses, total, elapsed) | {"offered_per_s": args.rate}
+    return summary(latencies, statuses, total, elapsed) | {"offered_per_s": args.rate} | window.close()
 
 
 async def flood(args: argparse.Namespace, channels: list[list[dict[str, Any]]]) -> dict[str, Any]:
@@ -140,6 +143,25 @@ async def flood(args: argparse.Namespace, channels: list[list[dict[str, Any]]]) 
         await asyncio.gather(*(worker() for _ in range(args.concurrency)))
         elapsed = time.perf_counter() - started
     return summary(latencies, statuses, 0, elapsed)
+
+
+class Window:
+    """The timed window: this process's CPU in it and the machine's, so that the bench's figures leave out this
+    process's start-up (reading tens of MB of vouchers, importing aiohttp: a second of one core before the first
+    request, which made the machine look idler and this process costlier than they were while measured)."""
+
+    def __init__(self) -> None:
+        self.started = time.perf_counter()
+        self.cpu = time.process_time()
+        self.machine = machine_seconds()
+
+    def close(self) -> dict[str, float]:
+        busy, total = machine_seconds()
+        return {
+            "load_cpu_seconds": round(time.process_time() - self.cpu, 4),
+            "machine_busy_seconds": round(busy - self.machine[0], 3),
+            "machine_seconds": round(total - self.machine[1], 3),
+        }
 
 
 def _headers(args: argparse.Namespace) -> dict[str, str]:
