@@ -39,7 +39,7 @@ from x402.http.clients.httpx import x402AsyncTransport
 from x402.http.clients.requests import x402HTTPAdapter
 from x402.schemas import PaymentRequired
 
-from settlement.x402.unanswered import Unanswered, UnansweredWire, tell_unanswered
+from settlement.x402.unanswered import Unanswered, UnansweredWire, tell_unanswered, telling_if_unanswered
 
 
 class _Routes:
@@ -147,11 +147,8 @@ class _TellingWire(HTTPAdapter):
     _unanswered: Unanswered | None = None
 
     def send(self, request: requests.PreparedRequest, **kwargs: Any) -> requests.Response:  # type: ignore[override]
-        try:
+        with telling_if_unanswered(self._unanswered, request.headers.get("payment-signature")):
             return super().send(request, **kwargs)
-        except BaseException:
-            tell_unanswered(self._unanswered, {}, request.headers.get("payment-signature"))
-            raise
 
 
 class PayAheadAdapter(x402HTTPAdapter, _TellingWire):

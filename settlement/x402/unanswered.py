@@ -14,7 +14,8 @@ x402's transport sees every answer with the request that carried the payment, an
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterator, Mapping
+from contextlib import contextmanager
 
 import httpx
 from x402.http.utils import decode_payment_signature_header
@@ -32,17 +33,26 @@ class UnansweredWire(httpx.AsyncBaseTransport):
         self._unanswered, self._inner = unanswered, inner or httpx.AsyncHTTPTransport()
 
     async def handle_async_request(self, request: httpx.Request) -> httpx.Response:
-        try:
+        with telling_if_unanswered(self._unanswered, request.headers.get("payment-signature")):
             response = await self._inner.handle_async_request(request)
-        except BaseException:  # no answer at all: what became of the payment is the service's to tell
-            tell_unanswered(self._unanswered, {}, request.headers.get("payment-signature"))
-            raise
         if response.status_code != 402:
             tell_unanswered(self._unanswered, response.headers, request.headers.get("payment-signature"))
         return response
 
     async def aclose(self) -> None:
         await self._inner.aclose()
+
+
+@contextmanager
+def telling_if_unanswered(unanswered: Unanswered | None, sent: object) -> Iterator[None]:
+    """Around sending a request that may carry a payment (`sent`: its header): if no answer comes at all (the
+    connection dropped or was refused, a timeout, the caller cancelled), hand the payment to `unanswered`; what
+    became of it is the service's to tell."""
+    try:
+        yield
+    except BaseException:
+        tell_unanswered(unanswered, {}, sent)
+        raise
 
 
 def tell_unanswered(unanswered: Unanswered | None, answer_headers: Mapping[str, str], sent: object) -> None:
