@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import gc
 import os
 import subprocess
 import sys
@@ -177,6 +178,8 @@ async def _measure(
     ):
         with console.status("a first paid request on each channel…"):
             await asyncio.gather(*(paid.get(f"{api}/weather") for _ in range(max(CONCURRENCY))))
+        gc.collect()  # as a payer app does once started (docs/x402.md): start-up's objects out of every full scan
+        gc.freeze()
         # Each paid client against the free route through the same wire: httpx's own pool, or aiohttp's under
         # httpx's API (httpx-aiohttp), whose pool and C parser spend less of the payer's CPU per request.
         frees = {"httpx": free, "aiohttp": free_aiohttp}

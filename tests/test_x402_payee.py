@@ -5,6 +5,7 @@ accept as far as that answer shows; every other payment (one wrong field at a ti
 from __future__ import annotations
 
 import asyncio
+import gc
 from collections.abc import Callable
 from typing import Any
 
@@ -210,6 +211,17 @@ def test_the_facilitator_clients_lifespan_closes_its_pool_when_the_app_stops() -
     with TestClient(app):
         assert facilitator.own_client is not None and not facilitator.own_client.is_closed
     assert facilitator.own_client.is_closed
+
+
+def test_the_facilitator_clients_lifespan_keeps_what_start_up_built_out_of_the_collectors_scans() -> None:
+    facilitator = ChannelHubFacilitatorClient(FacilitatorConfig(url="http://127.0.0.1:8000/x402"))
+    app = FastAPI(lifespan=facilitator.lifespan)
+    built = [["a route table, say"]]  # a list: the collector tracks it
+    gc.unfreeze()  # whatever an earlier app of this test process froze
+    assert any(o is built for o in gc.get_objects())
+    with TestClient(app):
+        assert not any(o is built for o in gc.get_objects())  # in the permanent generation: no scan walks it
+    assert gc.is_tracked(built)
 
 
 # --- the payee's settles in flight go to the facilitator together (POST /settle/batch) ---------------------------
