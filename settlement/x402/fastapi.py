@@ -108,7 +108,7 @@ class ChannelHubFacilitatorClient(HTTPFacilitatorClient):
 
         At start it also moves what start-up built (FastAPI, x402, pydantic's schemas: most of the app's objects,
         alive as long as the process) out of the garbage collector's scans (`gc.freeze`), as our service does: a
-        full collection walked them all, a 50-75 ms stall of every request in flight every few seconds under load,
+        full collection walked them all, a 45-75 ms stall of every request in flight every few seconds under load,
         which was most of the paid p99 at 300 paid/s (docs/benchmarks.md)."""
         gc.collect()
         gc.freeze()
