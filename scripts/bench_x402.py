@@ -37,6 +37,7 @@ from x402.http import x402HTTPClient
 from x402.http.clients import x402HttpxClient
 from x402.schemas import PaymentPayload, SettleResponse
 
+from scripts.proc_cpu import cpu_seconds, machine_seconds
 from settlement.chain.deployment import deploy_hub
 from settlement.chain.node import connect
 from settlement.devtools.devnet import Devnet, free_port
@@ -323,19 +324,12 @@ async def _at_rate(
 
 
 def _cpu_now(pids: dict[str, int]) -> dict[str, Any]:
-    """Each process's CPU seconds so far, and the machine's (busy, all) clock ticks (Linux's /proc)."""
-    tick = os.sysconf("SC_CLK_TCK")
-    out: dict[str, Any] = {}
-    for name, pid in pids.items():
-        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-        out[name] = (int(fields[11]) + int(fields[12])) / tick  # utime, stime
-    ticks = [int(x) for x in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:]]
-    out["machine"] = (sum(ticks) - ticks[3] - ticks[4], sum(ticks))  # all but idle and iowait
-    return out
+    """Each process's CPU seconds so far, and the machine's (busy, all) CPU seconds (scripts.proc_cpu)."""
+    return {name: cpu_seconds(pid) for name, pid in pids.items()} | {"machine": machine_seconds()}
 
 
-def _busy(before: tuple[int, int], after: tuple[int, int]) -> float:
-    return (after[0] - before[0]) / max(1, after[1] - before[1])
+def _busy(before: tuple[float, float], after: tuple[float, float]) -> float:
+    return (after[0] - before[0]) / max(1e-9, after[1] - before[1])
 
 
 def _open_lanes(payer: PayerClient, pay_to: str, count: int, deposit: int) -> None:
