@@ -399,14 +399,14 @@ class PayerClient:
         position goes back, so the next voucher does not pay this one's amount too. A refusal only the payee reports
         is not one to pass here: leave the payment pending, and the channel's next `authorize` (or `resynchronise`)
         learns its fate from the service."""
+        if receipt is not None:  # no read first: recorded if still pending, and no wait for the journal (`accepted`)
+            self.journal.accepted(idempotency_key, receipt)
+            return
         with self._lock(channel):
             payment = self.journal.payment(idempotency_key)
             if payment is None or payment.status != PaymentStatus.PENDING:
                 return
-            if receipt is not None:
-                self.journal.accepted(idempotency_key, receipt)
-            else:
-                self.journal.refused(idempotency_key, channel.hex_id, payment.cumulative - payment.amount)
+            self.journal.refused(idempotency_key, channel.hex_id, payment.cumulative - payment.amount)
 
     def resynchronise(self, channel: ChannelRef) -> int:
         """Put the position where the service proves it (a voucher of ours) or the chain settled it, lower or
