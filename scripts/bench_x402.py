@@ -6,8 +6,9 @@ At 1, 16 and 64 concurrent requests for a few seconds each: paid requests per se
 against a free route of the same app at the same concurrency (the difference is what paying adds). Then at fixed
 offered rates (an open loop: a request starts on its schedule whether or not the earlier ones were answered, and its
 latency counts from that schedule, so waiting for a free channel counts too): the added latency at a given number of
-paid requests a second, which is how the issue's goal is put, and each process's CPU per paid request (payer, payee
-app, facilitator) from /proc; and the same against x402's floor (scripts/x402_floor_app.py: the same middleware and
+paid requests a second, which is how the issue's goal is put, how late the payer's event loop ran a 1-ms timer
+meanwhile (how long a payer app's other work waited), and each process's CPU per paid request (payer, payee app,
+facilitator) from /proc; and the same against x402's floor (scripts/x402_floor_app.py: the same middleware and
 client with a scheme that does nothing, x402's own facilitator in the app's process: what x402's middleware and
 client cost by themselves, the part of a paid request no scheme can take away). Last, where a paid request's time
 goes (the facilitator's verify and settle, timed alone), and the x402 header sizes.
@@ -25,7 +26,7 @@ import tempfile
 import time
 from collections.abc import Awaitable, Callable
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import httpx
 from hexbytes import HexBytes
@@ -261,28 +262,34 @@ async def _at_rates(
     `floor`: the app is x402's floor (keys `floor_rate…`)."""
     figures: dict[str, Any] = {}
     what = "x402's floor (a scheme that does nothing, x402's facilitator in the app)" if floor else "pay-ahead"
-    table = Table(title=f"{what} at fixed offered rates ({SECONDS:g} s a run, open loop); CPU ms per request of each "
-                  "process, paid / free (the payer's includes this bench's load)")  # fmt: skip
+    table = Table(title=f"{what} at fixed offered rates ({SECONDS:g} s a run, open loop); ms; the payer's event loop "
+                  "late to a 1-ms timer while paying; CPU ms per request of each process, paid / free (the payer's "
+                  "includes this bench's load)")  # fmt: skip
     for column in ("offered/s", "answered/s", "paid p50 / p99", "free p50 / p99", "added p50 / p99",
-                   *(f"CPU {name}" for name in pids), "machine busy"):  # fmt: skip
+                   "payer loop lag p99 / max", *(f"CPU {name}" for name in pids), "machine busy"):  # fmt: skip
         table.add_column(column, justify="right")
     for rate in RATES:
         with console.status(f"{rate}/s: free…"):
-            free_ms, free_cpu, _, _ = await _at_rate(rate, lambda: free.get(f"{api}/health"), pids)
+            free_run = await _at_rate(rate, lambda: free.get(f"{api}/health"), pids)
         with console.status(f"{rate}/s: paid…"):
-            paid_ms, cpu, busy, took = await _at_rate(rate, lambda: paid.get(f"{api}/weather"), pids)
-        answered = len(paid_ms) / took
+            paid_run = await _at_rate(rate, lambda: paid.get(f"{api}/weather"), pids)
+        free_ms, free_cpu, paid_ms, cpu = free_run.latencies, free_run.cpu, paid_run.latencies, paid_run.cpu
+        answered = len(paid_ms) / paid_run.took
         added = (_pct(paid_ms, 0.5) - _pct(free_ms, 0.5), _pct(paid_ms, 0.99) - _pct(free_ms, 0.99))
+        lag = (_pct(paid_run.loop_lag, 0.99), max(paid_run.loop_lag, default=0.0))
         table.add_row(f"{rate:,}", f"{answered:,.0f}", f"{_pct(paid_ms, 0.5):,.1f} / {_pct(paid_ms, 0.99):,.1f}",
                       f"{_pct(free_ms, 0.5):,.1f} / {_pct(free_ms, 0.99):,.1f}", f"{added[0]:,.1f} / {added[1]:,.1f}",
-                      *(f"{cpu[name]:.2f} / {free_cpu[name]:.2f}" for name in pids), f"{busy:.0%}")  # fmt: skip
+                      f"{lag[0]:,.1f} / {lag[1]:,.1f}", *(f"{cpu[name]:.2f} / {free_cpu[name]:.2f}" for name in pids),
+                      f"{paid_run.busy:.0%}")  # fmt: skip
         key = f"floor_rate{rate}" if floor else f"rate{rate}"
         figures |= (
             {
                 f"{key}_answered_per_s": round(answered, 1),
                 f"{key}_added_p50_ms": round(added[0], 1),
                 f"{key}_added_p99_ms": round(added[1], 1),
-                f"{key}_machine_busy": round(busy, 3),
+                f"{key}_payer_loop_lag_p99_ms": round(lag[0], 1),
+                f"{key}_payer_loop_lag_max_ms": round(lag[1], 1),
+                f"{key}_machine_busy": round(paid_run.busy, 3),
             }
             | {f"{key}_cpu_ms_{name.replace(' ', '_')}": round(cpu[name], 2) for name in pids}
             | {f"{key}_free_cpu_ms_{name.replace(' ', '_')}": round(free_cpu[name], 2) for name in pids}
@@ -291,15 +298,30 @@ async def _at_rates(
     return figures
 
 
-async def _at_rate(
-    rate: int, call: Callable[[], Awaitable[httpx.Response]], pids: dict[str, int]
-) -> tuple[list[float], dict[str, float], float, float]:
+class RateRun(NamedTuple):
+    """One run of `_at_rate`."""
+
+    latencies: list[float]  # each call's latency from its schedule, ms
+    cpu: dict[str, float]  # each process's CPU ms per call
+    busy: float  # the machine's busy share
+    took: float  # seconds until the last call was answered
+    loop_lag: list[float]  # how late the payer's event loop ran a 1-ms timer, ms, one after the other all run long
+
+
+async def _at_rate(rate: int, call: Callable[[], Awaitable[httpx.Response]], pids: dict[str, int]) -> RateRun:
     """`rate` calls a second for SECONDS, each started on its schedule, at most one per channel in flight (a call
-    waiting for a free one is late, and its lateness counts: no coordinated omission). Returns each call's latency
-    from its schedule (ms), each process's CPU ms per call, the machine's busy share, and the seconds until the last
-    call was answered."""
+    waiting for a free one is late, and its lateness counts: no coordinated omission). Beside them a timer measures how
+    long the payer's event loop is kept from the app's other work (the payer is the app making the calls)."""
     slots = asyncio.Semaphore(max(CONCURRENCY))
     latencies: list[float] = []
+    lags: list[float] = []
+    running = True
+
+    async def tick() -> None:
+        while running:
+            started = time.perf_counter()
+            await asyncio.sleep(0.001)
+            lags.append((time.perf_counter() - started) * 1000 - 1)
 
     async def one(due: float) -> None:
         async with slots:
@@ -310,6 +332,7 @@ async def _at_rate(
 
     calls = []
     before = _cpu_now(pids)
+    ticker = asyncio.create_task(tick())
     began = time.perf_counter()
     for i in range(int(rate * SECONDS)):
         due = began + i / rate
@@ -318,9 +341,11 @@ async def _at_rate(
         calls.append(asyncio.create_task(one(due)))
     await asyncio.gather(*calls)
     took = time.perf_counter() - began
+    running = False
+    await ticker
     after = _cpu_now(pids)
     cpu = {name: (after[name] - before[name]) * 1000 / len(latencies) for name in pids}
-    return latencies, cpu, _busy(before["machine"], after["machine"]), took
+    return RateRun(latencies, cpu, _busy(before["machine"], after["machine"]), took, lags)
 
 
 def _cpu_now(pids: dict[str, int]) -> dict[str, Any]:
