@@ -191,7 +191,7 @@ def test_a_journal_from_before_the_receipts_times_keeps_its_accepted_payments_a_
 
 def test_a_receipt_is_recorded_without_waiting_for_the_journal_and_read_as_written_until_it_is(tmp_path: Path) -> None:
     """x402's answer hook records a payment's receipt on the payer app's event loop. The journal's file is often held
-    by another payment's commit while the disk flushes it, and the loop waited for it (14-31 % of its time at 300 paid
+    by another payment's commit while the disk flushes it, and the loop waited for it (14-38 % of its time at 300 paid
     requests a second). Here another connection holds the file's write lock: the receipt is taken at once, read back
     as written, and written with the journal's next change."""
     path = tmp_path / "j.sqlite3"

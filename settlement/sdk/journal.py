@@ -273,7 +273,7 @@ class PayerJournal:
         and the next payment on the channel asks the service what became of it before it signs anything. Without
         `lower_to` not even written now, but with the journal's next change (or `close`), and read as written
         meanwhile: the caller (x402's hook: the payer app's event loop) never waits for the journal, which another
-        payment's commit holds while the disk flushes it (14-31 % of the loop's time at 300 paid requests a second,
+        payment's commit holds while the disk flushes it (14-38 % of the loop's time at 300 paid requests a second,
         docs/benchmarks.md). Lost with the app then, it is as lost with the machine."""
         record = (json.dumps(receipt, sort_keys=True), self.clock())
         if lower_to is None:
