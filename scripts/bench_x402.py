@@ -305,7 +305,7 @@ class RateRun(NamedTuple):
     cpu: dict[str, float]  # each process's CPU ms per call
     busy: float  # the machine's busy share
     took: float  # seconds until the last call was answered
-    loop_lag: list[float]  # how late the payer's event loop ran a 1-ms timer, ms, one after the other all run long
+    loop_lag: list[float]  # ms the payer's event loop ran a 1-ms timer late, re-armed at once for the whole run
 
 
 async def _at_rate(rate: int, call: Callable[[], Awaitable[httpx.Response]], pids: dict[str, int]) -> RateRun:

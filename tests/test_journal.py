@@ -206,6 +206,7 @@ def test_a_receipt_is_recorded_without_waiting_for_the_journal_and_read_as_writt
     found = journal.payment("k1")  # reads do not wait for the writer (WAL)
     pending = journal.pending("0x01")
     holder.execute("ROLLBACK")
+    holder.close()
     recorded.join()
     assert not still_waiting
     assert found is not None and (found.status, found.receipt) == (PaymentStatus.ACCEPTED, {"cumulativeAmount": "5"})

@@ -131,7 +131,7 @@ class PayerJournal:
         # own lock, which is never held while waiting for the journal's.
         self._receipts: dict[str, tuple[str, float]] = {}
         self._receipts_lock = threading.Lock()
-        with self._write(receipts=False):
+        with self._write(with_receipts=False):
             version = self._conn.execute("PRAGMA user_version").fetchone()[0]
             if version < 1:
                 rows = self._conn.execute("SELECT payee, asset, amount, at FROM spending")
@@ -158,11 +158,11 @@ class PayerJournal:
             self._conn.close()
 
     @contextmanager
-    def _write(self, *, flush: bool = True, receipts: bool = True) -> Iterator[sqlite3.Connection]:
-        """One transaction under the journal's lock, which first writes the receipts not written yet (`receipts`;
-        not while the schema is brought up to date). `flush=False` commits without waiting for the disk (SQLite's
-        `synchronous=NORMAL` in WAL mode: durable if the app dies, not if the machine does; the next flushed commit
-        makes it durable too): only for what the journal can learn again from the service."""
+    def _write(self, *, flush: bool = True, with_receipts: bool = True) -> Iterator[sqlite3.Connection]:
+        """One transaction under the journal's lock, which first writes the receipts not written yet
+        (`with_receipts`; not while the schema is brought up to date). `flush=False` commits without waiting for the
+        disk (SQLite's `synchronous=NORMAL` in WAL mode: durable if the app dies, not if the machine does; the next
+        flushed commit makes it durable too): only for what the journal can learn again from the service."""
         with self._lock:
             if not flush:
                 self._conn.execute("PRAGMA synchronous=NORMAL")
@@ -170,7 +170,7 @@ class PayerJournal:
             try:
                 with self._conn:
                     self._conn.execute("BEGIN IMMEDIATE")
-                    written = self._write_receipts() if receipts else {}
+                    written = self._write_receipts() if with_receipts else {}
                     yield self._conn
             except BaseException:  # rolled back (a budget refused, the disk): the receipts wait for the next change
                 with self._receipts_lock:
