@@ -275,16 +275,11 @@ class PayerJournal:
         meanwhile: the caller (x402's hook: the payer app's event loop) never waits for the journal, which another
         payment's commit holds while the disk flushes it (14-38 % of the loop's time at 300 paid requests a second,
         docs/benchmarks.md). Lost with the app then, it is as lost with the machine."""
-        record = (json.dumps(receipt, sort_keys=True), self.clock())
+        with self._receipts_lock:
+            self._receipts.setdefault(key, (json.dumps(receipt, sort_keys=True), self.clock()))  # its first outcome
         if lower_to is None:
-            with self._receipts_lock:
-                self._receipts.setdefault(key, record)  # a payment keeps its first outcome
             return
-        with self._write(flush=False):
-            self._conn.execute(
-                "UPDATE payments SET status = 'accepted', receipt = ?, accepted_at = ? WHERE idempotency_key = ?",
-                (*record, key),
-            )
+        with self._write(flush=False):  # the receipt written first, then the position, in one transaction
             self._conn.execute(
                 "UPDATE positions SET signed = ? WHERE channel_id = (SELECT channel_id FROM payments"
                 " WHERE idempotency_key = ?)",
