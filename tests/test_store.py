@@ -6,6 +6,7 @@ import json
 import random
 import re
 import threading
+import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import replace
@@ -15,12 +16,19 @@ from typing import Any, cast
 
 import pytest
 from eth_account.signers.local import LocalAccount
-from sqlalchemy import text
+from sqlalchemy import create_engine, text
 
 from settlement.chain.deployment import Deployment
 from settlement.domain.ledger import Verdict
 from settlement.domain.model import ETH, BlockRef, Channel, ChannelId, ChannelStatus, Receipt, Voucher, utcnow
-from settlement.errors import ChainMismatchError, ConfigError, SettlementError, StaleVoucherError, StoreError
+from settlement.errors import (
+    ChainMismatchError,
+    ConfigError,
+    SettlementError,
+    StaleVoucherError,
+    StoreError,
+    StoreUnavailableError,
+)
 from settlement.ingest.pipeline import Ingestor
 from settlement.server.config import Settings
 from settlement.server.metrics import Metrics
@@ -329,6 +337,61 @@ def test_a_store_error_names_an_incident_not_the_databases_text(
     )
     incident = info.value.message[-13:-1]
     assert f"store incident {incident}" in caplog.text and "service_meta" in caplog.text  # the detail is in the log
+
+
+def _end_other_sessions(url: str) -> int:
+    """Ends every other session on `url`'s database, as a server restart would; how many there were."""
+    engine = create_engine(url, isolation_level="AUTOCOMMIT")
+    try:
+        with engine.connect() as conn:
+            ended = conn.execute(
+                text(
+                    "SELECT count(pg_terminate_backend(pid)) FROM pg_stat_activity"
+                    " WHERE datname = current_database() AND pid <> pg_backend_pid()"
+                )
+            ).scalar_one()
+    finally:
+        engine.dispose()
+    return int(ended)
+
+
+def _one(db: Database) -> int:
+    with db.read() as conn:
+        return int(conn.execute(text("SELECT 1")).scalar_one())
+
+
+@pytest.mark.postgres
+def test_a_pooled_connection_the_server_ended_while_idle_is_replaced_unseen(fresh_postgres: str) -> None:
+    db = Database(fresh_postgres, ping_after_idle=0.05)
+    try:
+        assert _one(db) == 1  # one connection, back in the pool
+        assert _end_other_sessions(fresh_postgres) == 1
+        time.sleep(0.1)
+        assert _one(db) == 1  # pinged on its way out of the pool, found dead, replaced
+        assert db.engine.pool.checkedin() == 1
+    finally:
+        db.dispose()
+
+
+@pytest.mark.postgres
+def test_a_connection_reused_at_once_is_not_pinged_and_one_dead_since_fails_one_transaction_only(
+    fresh_postgres: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The price of not pinging at every checkout (a round trip per transaction): a connection used a moment ago
+    that died since fails the transaction that takes it (StoreUnavailableError, a 503); the ones after it do not."""
+    db = Database(fresh_postgres, ping_after_idle=60.0)
+    pings: list[object] = []
+    ping = db.engine.dialect.do_ping
+    monkeypatch.setattr(db.engine.dialect, "do_ping", lambda connection: pings.append(connection) or ping(connection))
+    try:
+        assert [_one(db) for _ in range(3)] == [1, 1, 1]
+        assert _end_other_sessions(fresh_postgres) == 1
+        with pytest.raises(StoreUnavailableError):
+            _one(db)
+        assert [_one(db) for _ in range(3)] == [1, 1, 1]
+        assert pings == []
+    finally:
+        db.dispose()
 
 
 def test_the_migrations_build_exactly_the_schema_the_tables_describe(db: Database) -> None:

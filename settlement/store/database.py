@@ -5,12 +5,20 @@ last commits on a power cut or kernel panic, and an acknowledged voucher must su
 settlement.ingest.pipeline) make FULL affordable: one fsync covers every voucher in the group. Write transactions
 start with `BEGIN IMMEDIATE`, so two writers queue on the busy timeout instead of failing with "database is locked"
 when a read lock would have to be upgraded. PostgreSQL runs at READ COMMITTED with explicit row locks.
+
+A PostgreSQL connection taken from the pool after it sat idle there for `ping_after_idle` seconds is pinged first,
+and replaced (with every connection pooled before it) if the server does not answer: one restarted or dropped while
+the service was quiet costs no request. SQLAlchemy's `pool_pre_ping` pings at every checkout, a round trip per
+transaction (~170 µs, ~105 µs of the process's CPU and ~40 of the server's here): a third of a one-voucher group's
+time. A connection in use moments ago that died since fails its transaction (503, nothing acknowledged) and SQLAlchemy
+then replaces every connection pooled before it, as it does for one that dies in use.
 """
 
 from __future__ import annotations
 
 import logging
 import threading
+import time
 import uuid
 import zlib
 from collections.abc import Callable, Iterator
@@ -25,7 +33,7 @@ from alembic.runtime.migration import MigrationContext
 from alembic.script import ScriptDirectory
 from sqlalchemy import Connection, Engine, create_engine, event, text
 from sqlalchemy.engine import make_url
-from sqlalchemy.exc import DBAPIError, InterfaceError, OperationalError, SQLAlchemyError
+from sqlalchemy.exc import DBAPIError, InterfaceError, InvalidatePoolError, OperationalError, SQLAlchemyError
 
 from settlement.errors import StoreError, StoreUnavailableError
 from settlement.store.types import sqlite_amount_value
@@ -33,14 +41,16 @@ from settlement.store.types import sqlite_amount_value
 logger = logging.getLogger(__name__)
 
 SQLITE_BUSY_TIMEOUT_S = 30.0
+PING_AFTER_IDLE_S = 1.0  # a pooled PostgreSQL connection idle this long is pinged before use
 _MIGRATION_LOCK = zlib.crc32(b"channelhub-settlement-migrations")
 
 
 class Database:
     """One store: `write()` for serialized read-modify-write transactions, `read()` for consistent reads."""
 
-    def __init__(self, url: str, *, pool_size: int = 8) -> None:
+    def __init__(self, url: str, *, pool_size: int = 8, ping_after_idle: float = PING_AFTER_IDLE_S) -> None:
         self.url = make_url(url)
+        self.ping_after_idle = ping_after_idle
         if self.url.drivername in ("postgresql", "postgres"):
             self.url = self.url.set(drivername="postgresql+psycopg")  # the driver we ship (psycopg 3)
         self.is_sqlite = self.url.get_backend_name() == "sqlite"
@@ -76,7 +86,23 @@ class Database:
         return engine
 
     def _server_engine(self, pool_size: int) -> Engine:
-        return create_engine(self.url, pool_size=pool_size, max_overflow=pool_size, pool_pre_ping=True)
+        engine = create_engine(self.url, pool_size=pool_size, max_overflow=pool_size)
+
+        @event.listens_for(engine, "checkin")
+        def _idle_from(_dbapi_connection: Any, record: Any) -> None:
+            record.info["idle_since"] = time.monotonic()
+
+        @event.listens_for(engine, "checkout")
+        def _ping_if_idle(dbapi_connection: Any, record: Any, _proxy: Any) -> None:
+            idle_since = record.info.pop("idle_since", None)  # none: a new connection, just made
+            if idle_since is None or time.monotonic() - idle_since < self.ping_after_idle:
+                return
+            try:
+                engine.dialect.do_ping(dbapi_connection)
+            except engine.dialect.loaded_dbapi.Error as ex:  # the pool replaces it and every one pooled before it
+                raise InvalidatePoolError(f"a pooled connection did not answer its ping: {ex}") from ex
+
+        return engine
 
     @property
     def backend(self) -> str:
