@@ -680,6 +680,37 @@ def _started_writer(db: Database) -> Ingestor:
 PAYER = bytes.fromhex("aa" * 20)  # the signer these tests give the writer for every voucher
 
 
+@pytest.mark.postgres
+def test_one_voucher_groups_are_not_planned_anew_each_time(fresh_postgres: str) -> None:
+    """PostgreSQL keeps planning a prepared statement at every execution while its generic plan looks dearer than the
+    custom plans of its first executions, which it does for good when those paid one voucher each: the writer's
+    group statement asks for the generic plan. Counted on the writer's one connection (psycopg prepares a statement
+    at its `prepare_threshold`-th execution; the executions before it are planned as they come)."""
+    db = Database(fresh_postgres, pool_size=1)
+    with db.write() as conn:
+        channel_q.insert_channel(conn, a_channel(1, deposit=100), utcnow())
+    writer = _started_writer(db)
+    try:
+        for amount in range(1, 21):
+            (outcome,) = writer.submit([Voucher(a_channel(1).channel_id, amount, bytes(65))], [PAYER]).result()
+            assert isinstance(outcome, Verdict) and outcome.new
+    finally:
+        writer.stop()
+    try:
+        with db.read() as conn:
+            threshold = conn.connection.driver_connection.prepare_threshold  # type: ignore[union-attr]
+            plans = conn.execute(
+                text(
+                    "SELECT generic_plans, custom_plans FROM pg_prepared_statements"
+                    " WHERE statement LIKE '%held AS MATERIALIZED%'"
+                )
+            ).all()
+    finally:
+        db.dispose()
+    # the first group reads and locks its channel (the writer holds no copy yet); the 19 after it are written held
+    assert [tuple(row) for row in plans] == [(19 - threshold, 0)]
+
+
 def test_a_group_judged_while_the_one_before_it_is_written_is_judged_again_when_that_write_is_rolled_back(
     db: Database,
 ) -> None:
