@@ -374,6 +374,24 @@ def test_a_pooled_connection_the_server_ended_while_idle_is_replaced_unseen(fres
 
 
 @pytest.mark.postgres
+def test_a_quiet_service_keeps_using_its_last_connection(fresh_postgres: str) -> None:
+    """After a burst opened several connections, one request at a time runs on the one used last, not on each in
+    turn: its PostgreSQL backend stays warm, and the others idle (and are pinged before their next use)."""
+    db = Database(fresh_postgres)
+    try:
+        with db.read() as a, db.read() as b, db.read() as c:  # a burst: three transactions at once
+            burst = {conn.execute(text("SELECT pg_backend_pid()")).scalar_one() for conn in (a, b, c)}
+        quiet = []
+        for _ in range(6):
+            with db.read() as conn:
+                quiet.append(conn.execute(text("SELECT pg_backend_pid()")).scalar_one())
+    finally:
+        db.dispose()
+    assert len(burst) == 3
+    assert len(set(quiet)) == 1 and quiet[0] in burst
+
+
+@pytest.mark.postgres
 def test_a_connection_reused_at_once_is_not_pinged_and_one_dead_since_fails_one_transaction_only(
     fresh_postgres: str, monkeypatch: pytest.MonkeyPatch
 ) -> None:
