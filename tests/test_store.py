@@ -340,13 +340,14 @@ def test_a_store_error_names_an_incident_not_the_databases_text(
 
 
 def _end_other_sessions(url: str) -> int:
-    """Ends every other session on `url`'s database, as a server restart would; how many there were."""
+    """Ends every other session on `url`'s database, as a server restart would, and waits until each has ended (up
+    to 5 s each); how many there were."""
     engine = create_engine(url, isolation_level="AUTOCOMMIT")
     try:
         with engine.connect() as conn:
             ended = conn.execute(
                 text(
-                    "SELECT count(pg_terminate_backend(pid)) FROM pg_stat_activity"
+                    "SELECT count(*) FILTER (WHERE pg_terminate_backend(pid, 5000)) FROM pg_stat_activity"
                     " WHERE datname = current_database() AND pid <> pg_backend_pid()"
                 )
             ).scalar_one()
