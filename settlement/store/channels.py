@@ -363,14 +363,14 @@ def record_payments_in_steps(
     transaction back. Returns the channels whose row was rewritten."""
     paid = {receipt.channel_id for receipt, _ in accepted}
     kept = {channel_id: held[channel_id] for channel_id in held.keys() - paid}
-    statements: list[tuple[str, dict[str, Any] | None]] = [(_GENERIC_PLANS, None)]
+    statements = []
     if accepted:
         statements.append(_payments_statement(accepted, numbers, _at_versions(numbers, held, paid)))
     if kept:
         statements.append((_VERSIONS_KEPT, _at_versions(numbers, kept, kept)))
     results = yield from _pipelined(conn, statements)
     if accepted:
-        _check_inserted(statements[1][0], results[1][0], len(accepted), held=True)
+        _check_inserted(statements[0][0], results[0][0], len(accepted), held=True)
     if kept and results[-1][1][0][0] != len(kept):
         raise ChannelMovedError("a channel moved since the writer's copy of it")
     return paid
@@ -386,15 +386,16 @@ def run_steps(steps: Generator[None, None, T]) -> T:
 
 
 def _pipelined(
-    conn: Connection, statements: list[tuple[str, dict[str, Any] | None]]
+    conn: Connection, statements: list[tuple[str, dict[str, Any]]]
 ) -> Generator[None, None, list[tuple[int, list[tuple[Any, ...]]]]]:
     """`_execute_raw` of several statements, sent before the yield and read after it: each one's rows touched and
-    rows returned."""
+    rows returned. The transaction's generic plans (`_GENERIC_PLANS`) go first, in the same round trip."""
     driver: Any = conn.connection.driver_connection
     cursors = []
-    statement = ""
+    statement = _GENERIC_PLANS
     try:
         with driver.pipeline():
+            driver.execute(_GENERIC_PLANS)
             for statement, params in statements:
                 cursors.append(cursor := driver.cursor())
                 cursor.execute(statement, params)
@@ -450,10 +451,11 @@ _RECORD_PAYMENTS_HELD = (
     + _MOVE_LATEST.format(held=" JOIN held ON held.channel_no = v.channel_no")
 )
 _VERSIONS_KEPT = f"SELECT count(*) FROM {_ROWS_AT_VERSIONS}"
-# Sent first in the writer's pipelined transaction. PostgreSQL plans a prepared statement anew at every execution for
-# as long as it judges its generic plan dearer than the custom plans of its first executions, which it does for good
-# when those had one or two vouchers (the plan of arrays of unknown length looks costly): ~250 µs of its CPU a group,
-# a third of a one-voucher group's (docs/benchmarks.md). From ~10 vouchers a group it picks the generic plan itself.
+# Sent first in the writer's pipelined transaction (`_pipelined`). PostgreSQL plans a prepared statement anew at
+# every execution for as long as it judges its generic plan dearer than the custom plans of its first executions,
+# which it does for good when those had one or two vouchers (the plan of arrays of unknown length looks costly):
+# ~250 µs of its CPU a group, a third of a one-voucher group's (docs/benchmarks.md). From ~10 vouchers a group it
+# picks the generic plan itself.
 _GENERIC_PLANS = "SET LOCAL plan_cache_mode = force_generic_plan"
 
 
