@@ -9,7 +9,8 @@ import sys
 import threading
 import time
 import uuid
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -21,6 +22,8 @@ from eth_account.signers.local import LocalAccount
 from fastapi import FastAPI
 from fastapi.testclient import TestClient
 from prometheus_client.parser import text_string_to_metric_families
+from sqlalchemy import create_engine, text
+from sqlalchemy.engine import make_url
 from web3 import Web3
 from web3.contract import Contract
 from web3.logs import DISCARD
@@ -408,3 +411,37 @@ def chain_happened(
     cid = None if channel is None else ChannelId(channel)
     with db.write() as conn:
         record_events(conn, [ChainEvent(b, i, "0x" + "11" * 32, "0x" + "22" * 32, event, cid, args) for b, i in at])
+
+
+def end_sessions(url: str) -> int:
+    """Ends every session on `url`'s PostgreSQL database, as a server restart does, and waits until each has ended
+    (up to 5 s each); how many there were."""
+    admin = create_engine(make_url(url).set(database="postgres"), isolation_level="AUTOCOMMIT")
+    try:
+        with admin.connect() as conn:
+            ended = conn.execute(
+                text(
+                    "SELECT count(*) FILTER (WHERE pg_terminate_backend(pid, 5000)) FROM pg_stat_activity"
+                    " WHERE datname = :name"
+                ),
+                {"name": make_url(url).database},
+            ).scalar_one()
+    finally:
+        admin.dispose()
+    return int(ended)
+
+
+@contextmanager
+def database_down(url: str) -> Iterator[None]:
+    """The database refuses connections and drops the ones it has, as a failed primary does, until the block ends."""
+    name = make_url(url).database
+    admin = create_engine(make_url(url).set(database="postgres"), isolation_level="AUTOCOMMIT")
+    try:
+        with admin.connect() as conn:
+            conn.execute(text(f'ALTER DATABASE "{name}" ALLOW_CONNECTIONS false'))
+        end_sessions(url)
+        yield
+    finally:
+        with admin.connect() as conn:
+            conn.execute(text(f'ALTER DATABASE "{name}" ALLOW_CONNECTIONS true'))
+        admin.dispose()

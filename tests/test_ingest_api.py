@@ -21,7 +21,16 @@ from settlement.domain.ledger import receipt_body
 from settlement.domain.model import ChannelId, Receipt
 from settlement.eip712.vouchers import Domain
 from settlement.ingest import recovery as recovery_module
-from tests.hub_helpers import ETH, Channel, behind_the_fast_path, body, recovered, send, workers_ready
+from tests.hub_helpers import (
+    ETH,
+    Channel,
+    behind_the_fast_path,
+    body,
+    database_down,
+    recovered,
+    send,
+    workers_ready,
+)
 
 Sign = Callable[..., bytes]
 
@@ -353,26 +362,15 @@ def test_amounts_out_of_range_are_refused_without_harming_the_batch(
 @pytest.mark.postgres
 @pytest.mark.parametrize("store_url", ["postgres"], indirect=True)
 def test_store_outage_answers_503_and_acknowledges_nothing(
-    api: Callable[..., TestClient], channel: Channel, sign: Sign, store_url: str, postgres_server: str
+    api: Callable[..., TestClient], channel: Channel, sign: Sign, store_url: str
 ) -> None:
-    from sqlalchemy import create_engine, text
-
     client = api()
     assert client.post("/v1/vouchers", json=body(channel, 10, sign(channel.payer, channel.id, 10))).status_code == 201
-    name = store_url.rsplit("/", 1)[1]
-    admin = create_engine(postgres_server, isolation_level="AUTOCOMMIT")
-    try:
-        with admin.connect() as conn:
-            conn.execute(text(f'ALTER DATABASE "{name}" ALLOW_CONNECTIONS false'))
-            conn.execute(text("SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE datname = :n"), {"n": name})
+    with database_down(store_url):
         answer = client.post("/v1/vouchers", json=body(channel, 20, sign(channel.payer, channel.id, 20)))
         assert answer.status_code == 503
         assert answer.json()["code"] == "store_unavailable"
         assert client.get("/ready").status_code == 503
-    finally:
-        with admin.connect() as conn:
-            conn.execute(text(f'ALTER DATABASE "{name}" ALLOW_CONNECTIONS true'))
-        admin.dispose()
     assert client.post("/v1/vouchers", json=body(channel, 20, sign(channel.payer, channel.id, 20))).status_code == 201
     payments = client.get(f"/v1/channels/0x{channel.id.hex()}/payments").json()["items"]
     assert [p["cumulativeAmount"] for p in payments] == ["20", "10"]

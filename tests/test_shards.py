@@ -5,8 +5,7 @@ shard's engine settles its own channels on the one hub."""
 from __future__ import annotations
 
 from collections import Counter
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from collections.abc import Callable
 
 import pytest
 from eth_account.signers.local import LocalAccount
@@ -15,8 +14,6 @@ from eth_utils.crypto import keccak
 from fastapi.testclient import TestClient
 from hexbytes import HexBytes
 from pydantic import ValidationError
-from sqlalchemy import create_engine, text
-from sqlalchemy.engine import make_url
 from web3 import Web3
 from web3.contract import Contract
 from web3.types import RPCEndpoint
@@ -30,6 +27,7 @@ from tests.hub_helpers import (
     Channel,
     body,
     channel_id,
+    database_down,
     in_one_block,
     salt_of,
     wait_until,
@@ -59,22 +57,6 @@ def test_a_shard_outside_the_count_is_refused() -> None:
         Shard(1, 1)
     with pytest.raises(ValueError, match="shards must be at least 1"):
         shard_of(Address("0x" + "11" * 20), 0)
-
-
-@contextmanager
-def database_down(url: str) -> Iterator[None]:
-    """The database refuses connections and drops the ones it has, as a failed primary does, until the block ends."""
-    name = make_url(url).database
-    admin = create_engine(make_url(url).set(database="postgres"), isolation_level="AUTOCOMMIT")
-    with admin.connect() as conn:
-        conn.execute(text(f'ALTER DATABASE "{name}" ALLOW_CONNECTIONS false'))
-        conn.execute(text("SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE datname = :n"), {"n": name})
-    try:
-        yield
-    finally:
-        with admin.connect() as conn:
-            conn.execute(text(f'ALTER DATABASE "{name}" ALLOW_CONNECTIONS true'))
-        admin.dispose()
 
 
 def open_in_one_block(w3: Web3, hub: Contract, payers: list[LocalAccount], payee: str, mining: str) -> list[Channel]:

@@ -16,7 +16,7 @@ from typing import Any, cast
 
 import pytest
 from eth_account.signers.local import LocalAccount
-from sqlalchemy import create_engine, text
+from sqlalchemy import text
 
 from settlement.chain.deployment import Deployment
 from settlement.domain.ledger import Verdict
@@ -39,7 +39,7 @@ from settlement.store import settlements as batch_q
 from settlement.store.database import head_revision
 from settlement.store.meta import bind_deployment
 from tests.hub_helpers import Channel as HubChannel
-from tests.hub_helpers import a_channel, store_at_revision, wait_until
+from tests.hub_helpers import a_channel, end_sessions, store_at_revision, wait_until
 
 MAX = 2**256 - 1
 
@@ -339,23 +339,6 @@ def test_a_store_error_names_an_incident_not_the_databases_text(
     assert f"store incident {incident}" in caplog.text and "service_meta" in caplog.text  # the detail is in the log
 
 
-def _end_other_sessions(url: str) -> int:
-    """Ends every other session on `url`'s database, as a server restart would, and waits until each has ended (up
-    to 5 s each); how many there were."""
-    engine = create_engine(url, isolation_level="AUTOCOMMIT")
-    try:
-        with engine.connect() as conn:
-            ended = conn.execute(
-                text(
-                    "SELECT count(*) FILTER (WHERE pg_terminate_backend(pid, 5000)) FROM pg_stat_activity"
-                    " WHERE datname = current_database() AND pid <> pg_backend_pid()"
-                )
-            ).scalar_one()
-    finally:
-        engine.dispose()
-    return int(ended)
-
-
 def _one(db: Database) -> int:
     with db.read() as conn:
         return int(conn.execute(text("SELECT 1")).scalar_one())
@@ -366,7 +349,7 @@ def test_a_pooled_connection_the_server_ended_while_idle_is_replaced_unseen(fres
     db = Database(fresh_postgres, ping_after_idle=0.05)
     try:
         assert _one(db) == 1  # one connection, back in the pool
-        assert _end_other_sessions(fresh_postgres) == 1
+        assert end_sessions(fresh_postgres) == 1
         time.sleep(0.1)
         assert _one(db) == 1  # pinged on its way out of the pool, found dead, replaced
         assert db.engine.pool.checkedin() == 1
@@ -404,7 +387,7 @@ def test_a_connection_reused_at_once_is_not_pinged_and_one_dead_since_fails_one_
     monkeypatch.setattr(db.engine.dialect, "do_ping", lambda connection: pings.append(connection) or ping(connection))
     try:
         assert [_one(db) for _ in range(3)] == [1, 1, 1]
-        assert _end_other_sessions(fresh_postgres) == 1
+        assert end_sessions(fresh_postgres) == 1
         with pytest.raises(StoreUnavailableError):
             _one(db)
         assert [_one(db) for _ in range(3)] == [1, 1, 1]
