@@ -48,12 +48,17 @@ async def closed_loop(args: argparse.Namespace, channels: list[list[dict[str, An
             base = args.url[index % len(args.url)]
             owned = channels[index :: args.concurrency]
             cursor = [0] * len(owned)
+            spent: set[int] = set()  # its channels with no voucher left to send
             turn = 0
-            while time.perf_counter() < deadline:
+            while time.perf_counter() < deadline and len(spent) < len(owned):
                 slot = turn % len(owned)
                 turn += 1
                 chain = owned[slot]
                 if cursor[slot] + args.batch > len(chain):
+                    # Done with this channel. Once all are, the worker stops: it used to spin without yielding
+                    # until the deadline, holding the event loop (the other workers' answers unread meanwhile) and
+                    # a core, and a run longer than the servers' keep-alive failed on a connection they had closed.
+                    spent.add(slot)
                     continue
                 items = chain[cursor[slot] : cursor[slot] + args.batch]
                 cursor[slot] += args.batch
