@@ -83,6 +83,9 @@ async def open_loop(args: argparse.Namespace, channels: list[list[dict[str, Any]
     latencies: list[float] = []
     statuses: dict[int, int] = {}
     total = int(args.rate * args.seconds)
+    available = len(channels) * min(len(chain) for chain in channels)  # sent a voucher of each channel in turn
+    if total > available:
+        raise SystemExit(f"{total} requests asked for (--rate x --seconds), the file holds {available} in turn")
     connector = aiohttp.TCPConnector(limit=512)
     async with aiohttp.ClientSession(connector=connector, timeout=TIMEOUT, headers=_headers(args)) as client:
 
