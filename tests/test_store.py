@@ -16,7 +16,7 @@ from typing import Any, cast
 
 import pytest
 from eth_account.signers.local import LocalAccount
-from sqlalchemy import text
+from sqlalchemy import event, text
 
 from settlement.chain.deployment import Deployment
 from settlement.domain.ledger import Verdict
@@ -393,6 +393,72 @@ def test_a_connection_reused_at_once_is_not_pinged_and_one_dead_since_fails_one_
         assert [_one(db) for _ in range(3)] == [1, 1, 1]
         assert pings == []
     finally:
+        db.dispose()
+
+
+def _deposit_of(db: Database, channel_id: str) -> int | None:
+    with db.read() as conn:
+        found = channel_q.get_channel(conn, channel_id)
+    return None if found is None else found.deposit
+
+
+def test_a_writer_keeps_its_connection_between_quick_transactions_and_gives_it_back_idle_or_failed(
+    store_url: str,
+) -> None:
+    """The ingest writer's connection: one checkout for a run of transactions, not one each; back to the pool once
+    idle for `ping_after_idle` (to be pinged before its next use) and after a failed transaction, rolled back."""
+    db = Database(store_url, ping_after_idle=0.3)
+    db.migrate()
+    checkouts: list[object] = []
+    event.listen(db.engine, "checkout", lambda *_: checkouts.append(None))
+    writer = db.writer_connection()
+    try:
+        for n in range(1, 6):
+            with writer.write() as conn:
+                channel_q.insert_channel(conn, a_channel(n, deposit=100 * n), utcnow())
+        assert (len(checkouts), db.engine.pool.checkedout()) == (1, 1)  # one connection for all five, still held
+        time.sleep(0.4)
+        with writer.write() as conn:
+            channel_q.insert_channel(conn, a_channel(6, deposit=600), utcnow())
+        assert (len(checkouts), db.engine.pool.checkedout()) == (2, 1)  # given back after idling, taken again
+        with pytest.raises(ValueError), writer.write() as conn:
+            channel_q.insert_channel(conn, a_channel(7, deposit=700), utcnow())
+            raise ValueError("the transaction fails after its write")
+        assert db.engine.pool.checkedout() == 0  # given back, rolled back
+        with writer.write() as conn:
+            channel_q.insert_channel(conn, a_channel(8, deposit=800), utcnow())
+        assert len(checkouts) == 3
+        assert [_deposit_of(db, a_channel(n).channel_id) for n in (1, 5, 6, 7, 8)] == [100, 500, 600, None, 800]
+    finally:
+        writer.close()
+        assert db.engine.pool.checkedout() == 0
+        db.dispose()
+
+
+@pytest.mark.postgres
+def test_a_writer_connection_the_server_ended_fails_one_transaction_or_none_if_it_had_idled(
+    fresh_postgres: str,
+) -> None:
+    """A held connection that died while in use moments ago fails the one transaction that takes it (503, nothing
+    written), as a pooled one does; one that died while idle longer than `ping_after_idle` is replaced unseen."""
+    db = Database(fresh_postgres, ping_after_idle=0.3)
+    db.migrate()
+    writer = db.writer_connection()
+    try:
+        with writer.write() as conn:
+            channel_q.insert_channel(conn, a_channel(1, deposit=100), utcnow())
+        assert end_sessions(fresh_postgres) == 1
+        with pytest.raises(StoreUnavailableError), writer.write() as conn:
+            channel_q.insert_channel(conn, a_channel(2, deposit=200), utcnow())
+        with writer.write() as conn:
+            channel_q.insert_channel(conn, a_channel(3, deposit=300), utcnow())
+        assert end_sessions(fresh_postgres) == 1
+        time.sleep(0.4)
+        with writer.write() as conn:  # idle long enough: pinged on its way out of the pool, found dead, replaced
+            channel_q.insert_channel(conn, a_channel(4, deposit=400), utcnow())
+        assert [_deposit_of(db, a_channel(n).channel_id) for n in (1, 2, 3, 4)] == [100, None, 300, 400]
+    finally:
+        writer.close()
         db.dispose()
 
 

@@ -124,6 +124,7 @@ class Ingestor:
         shard: Shard = UNSHARDED,
     ) -> None:
         self.db = db
+        self._writes = db.writer_connection()  # the writer thread's own, kept between its groups
         self.verifier = verifier
         self.indexer = indexer
         self.metrics = metrics
@@ -162,6 +163,7 @@ class Ingestor:
             self._queue.put(None)
             self._thread.join()
             self._thread = None
+            self._writes.close()
         self.recovery.stop()
 
     # --- the caller's side -------------------------------------------------------------------------------------
@@ -516,7 +518,7 @@ class Ingestor:
         return _Flight(ahead, _started(self._write_ahead(ahead)))
 
     def _write_ahead(self, ahead: _Ahead) -> Generator[None, None, None]:
-        with self.db.write() as conn:
+        with self._writes.write() as conn:
             yield from channel_q.record_payments_in_steps(conn, ahead.accepted, ahead.numbers, ahead.versions)
 
     def _land(self, flight: _Flight) -> bool:
@@ -656,7 +658,7 @@ class Ingestor:
             if written is not None:
                 return written
         try:
-            with self.db.write() as conn:
+            with self._writes.write() as conn:
                 wanted = {v.channel_id for v in vouchers}
                 stamps = {}
                 if first is not None:
@@ -690,7 +692,7 @@ class Ingestor:
             return None
         channels, versions, numbers = copies
         try:
-            with self.db.write() as conn:
+            with self._writes.write() as conn:
                 judged = self._judge_group(conn, vouchers, signers, channels, numbers, held=versions)
         except ChannelMovedError:  # rolled back: nothing of the part was written
             self.metrics.group_writes.labels("moved").inc()
