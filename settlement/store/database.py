@@ -98,7 +98,7 @@ class Database:
 
         @event.listens_for(engine, "checkin")
         def _idle_from(_dbapi_connection: Any, record: Any) -> None:
-            record.info[_IDLE_SINCE] = time.monotonic()
+            record.info.setdefault(_IDLE_SINCE, time.monotonic())  # or since its holder last used it (WriterConnection)
 
         @event.listens_for(engine, "checkout")
         def _ping_if_idle(dbapi_connection: Any, record: Any, _proxy: Any) -> None:
@@ -119,10 +119,14 @@ class Database:
     @contextmanager
     def write(self) -> Iterator[Connection]:
         """A transaction that will write: committed on success, rolled back on any exception."""
-        with self._wrap(), self.engine.connect() as conn:
-            conn.execution_options(write=True)
-            with conn.begin():
-                yield conn
+        with self._wrap(), self._write_connection() as conn, conn.begin():
+            yield conn
+
+    def _write_connection(self) -> Connection:
+        """A pooled connection whose transactions will write (on SQLite: `BEGIN IMMEDIATE`)."""
+        conn = self.engine.connect()
+        conn.execution_options(write=True)
+        return conn
 
     def writer_connection(self) -> WriterConnection:
         """A connection kept between one thread's write transactions (`WriterConnection`)."""
@@ -254,15 +258,12 @@ class WriterConnection:
         """As `Database.write()`: committed on success, rolled back on any exception. One at a time."""
         conn = self._conn
         if conn is not None and time.monotonic() - self._used_at >= self.db.ping_after_idle:
-            info = conn.info  # the pooled connection's own, kept across checkouts
+            conn.info[_IDLE_SINCE] = self._used_at  # idle since its last use: the pool pings it on its way out again
             self.close()
-            info[_IDLE_SINCE] = self._used_at  # idle since its last use: the pool pings it on its way out again
             conn = None
         with self.db._wrap():
             if conn is None:
-                conn = self.db.engine.connect()
-                conn.execution_options(write=True)
-                self._conn = conn
+                conn = self._conn = self.db._write_connection()
             try:
                 with conn.begin():
                     yield conn
