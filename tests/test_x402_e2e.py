@@ -53,6 +53,7 @@ from tests.hub_helpers import ETH, events, free_test_port, scraped, send, wait_u
 from tests.servers import ServiceProcess
 
 ROOT = Path(__file__).resolve().parents[1]
+EXAMPLE_APP = ROOT / "examples" / "paid_api.py"
 PRICE = 1_000_000_000
 C = TypeVar("C", x402Client, x402ClientSync)
 
@@ -60,8 +61,9 @@ pytestmark = pytest.mark.slow
 
 
 class PaidApis:
-    """Factory: paid_apis(service, pay_to, asset=ETH, price=PRICE, port=None, payee_key=None) -> base URL of
-    examples/paid_api.py in its own process, `service` its facilitator (with payee_key: taking refund requests);
+    """Factory: paid_apis(service, pay_to, asset=ETH, price=PRICE, port=None, payee_key=None, deposit_multiple=None,
+    script=EXAMPLE_APP) -> base URL of examples/paid_api.py (or `script`, which runs it with more routes) in its own
+    process, `service` its facilitator (with payee_key: taking refund requests);
     `stop(url)` kills one; `reprice(url, price)` serves the same app at another price on the same URL.
 
     `service` may be only launched (`spawn(..., wait=False)`): the app starts meanwhile (it asks the facilitator
@@ -71,7 +73,7 @@ class PaidApis:
     def __init__(self, devnet: Devnet, tmp_path: Path) -> None:
         self.devnet, self.tmp_path = devnet, tmp_path
         self.started: dict[str, subprocess.Popen[bytes]] = {}
-        self.made_with: dict[str, tuple[ServiceProcess, str, str, str | None, int | None]] = {}
+        self.made_with: dict[str, tuple[ServiceProcess, str, str, str | None, int | None, Path]] = {}
 
     def __call__(
         self,
@@ -82,6 +84,7 @@ class PaidApis:
         port: int | None = None,
         payee_key: str | None = None,
         deposit_multiple: int | None = None,
+        script: Path = EXAMPLE_APP,
     ) -> str:
         if payee_key is not None:
             service.ready()
@@ -101,12 +104,10 @@ class PaidApis:
             env["DEPOSIT_MULTIPLE"] = str(deposit_multiple)
         log_path = self.tmp_path / f"paid-api-{port}-{price}.log"
         with log_path.open("wb") as log:
-            process = subprocess.Popen(
-                [sys.executable, str(ROOT / "examples" / "paid_api.py")], env=env, stdout=log, stderr=log
-            )
+            process = subprocess.Popen([sys.executable, str(script)], env=env, stdout=log, stderr=log)
         url = f"http://127.0.0.1:{port}"
         self.started[url] = process
-        self.made_with[url] = (service, pay_to, asset, payee_key, deposit_multiple)
+        self.made_with[url] = (service, pay_to, asset, payee_key, deposit_multiple, script)
 
         def up() -> bool:
             assert process.poll() is None, log_path.read_text()
@@ -125,11 +126,18 @@ class PaidApis:
         process.wait()
 
     def reprice(self, url: str, price: int) -> None:
-        service, pay_to, asset, payee_key, deposit_multiple = self.made_with[url]
+        service, pay_to, asset, payee_key, deposit_multiple, script = self.made_with[url]
         self.stop(url)
         port = int(url.rsplit(":", 1)[1])
         again = self(
-            service, pay_to, asset, price=price, port=port, payee_key=payee_key, deposit_multiple=deposit_multiple
+            service,
+            pay_to,
+            asset,
+            price=price,
+            port=port,
+            payee_key=payee_key,
+            deposit_multiple=deposit_multiple,
+            script=script,
         )
         assert again == url
 
@@ -179,16 +187,19 @@ def lane_rig(
     tmp_path: Path,
     payer_for: Callable[..., PayerClient],
 ) -> Callable[..., LaneRig]:
-    """Factory: lane_rig(name, payees=1, max_lanes=2, deposit_multiple=None) -> a LaneRig whose payer is a new account
-    funded with 1 ETH: no channel anywhere yet (every account of the devnet has some, which a scheme would find at its
-    first payment); its payees' apps hint at deposits of `deposit_multiple` prices (None: the app's default)."""
+    """Factory: lane_rig(name, payees=1, max_lanes=2, deposit_multiple=None, script=EXAMPLE_APP) -> a LaneRig whose
+    payer is a new account funded with 1 ETH: no channel anywhere yet (every account of the devnet has some, which a
+    scheme would find at its first payment); its payees' apps (`script`) hint at deposits of `deposit_multiple` prices
+    (None: the app's default)."""
 
-    def make(name: str, payees: int = 1, max_lanes: int = 2, deposit_multiple: int | None = None) -> LaneRig:
+    def make(
+        name: str, payees: int = 1, max_lanes: int = 2, deposit_multiple: int | None = None, script: Path = EXAMPLE_APP
+    ) -> LaneRig:
         service = spawn(f"sqlite:///{tmp_path / name}.db", wait=False)  # ready once the paid apps are
         apps = []
         for _ in range(payees):
             payee = Account.create().address
-            apps.append((payee, paid_api(service, payee, deposit_multiple=deposit_multiple)))
+            apps.append((payee, paid_api(service, payee, deposit_multiple=deposit_multiple, script=script)))
         account: LocalAccount = Account.create()
         w3.eth.send_transaction({"from": accounts[0].address, "to": account.address, "value": Web3.to_wei(1, "ether")})
         payer = payer_for(account, service)
@@ -811,6 +822,38 @@ def test_a_paid_request_answered_without_a_payment_answer_frees_its_channel_at_o
     assert accepted_for(service, payee) == 3 * PRICE
     (only,) = payer.open_channels(payee)
     assert payer.position(payer.channel(only["channelId"])) == 3 * PRICE
+
+
+@pytest.mark.parametrize("wire", ["pay-ahead", "x402's transport"])
+def test_a_handler_that_raises_or_a_body_that_breaks_is_a_500_and_charges_nothing(
+    devnet: Devnet, lane_rig: Callable[..., LaneRig], wire: str
+) -> None:
+    """The payer is charged for the responses it gets: a paid route whose handler raises, or whose streamed body
+    breaks after its first chunk, answers 500 without a payment answer (x402's middleware reads the whole body before
+    it settles), and the payer's next payment on the same channel pays the price once: one voucher a 200."""
+    rig = lane_rig("faulty", max_lanes=1, script=ROOT / "tests" / "faulty_paid_api.py")
+    ((payee, api),) = rig.payees
+    x402 = paying_client(devnet, rig.scheme)
+    transport: httpx.AsyncBaseTransport = (
+        PayAheadTransport(x402, unanswered=rig.scheme.unanswered)
+        if wire == "pay-ahead"
+        else x402_httpx_transport(x402, UnansweredWire(rig.scheme.unanswered))
+    )
+    broken = ("/reports/broken/raise", "/reports/broken/stream")
+    paths = ("/weather", *broken, "/reports/3", broken[0], "/weather")
+
+    async def walk() -> list[tuple[int, bool]]:
+        async with httpx.AsyncClient(transport=transport, timeout=60) as http:
+            # A connection each: uvicorn ends a connection once a handler's error reached it, resetting a request
+            # already sent on it (the payer's next one: unanswered, charged as the service says; tested elsewhere).
+            answers = [await http.get(f"{api}{path}", headers={"connection": "close"}) for path in paths]
+            return [(a.status_code, "payment-response" in a.headers) for a in answers]
+
+    failed = (500, False)
+    assert asyncio.run(walk()) == [(200, True), failed, failed, (200, True), failed, (200, True)]
+    assert accepted_for(rig.service, payee) == 3 * PRICE
+    (only,) = rig.payer.open_channels(payee)
+    assert rig.payer.position(rig.payer.channel(only["channelId"])) == 3 * PRICE
 
 
 def test_the_sync_adapter_frees_a_channel_whose_paid_request_got_no_payment_answer(

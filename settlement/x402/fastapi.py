@@ -14,6 +14,11 @@ settle answered (settlement.x402.positions): one facilitator call per paid reque
 settles of payments in flight at once together (`POST /settle/batch`, our service's addition to x402's routes), each
 request still answered only once its own payment is committed.
 
+And a paid answer is settled only once its handler sent all of it. Starlette's `BaseHTTPMiddleware`, which x402's
+middleware is, ends a streamed body quietly when the handler raises partway, and x402 reads the body before it
+settles: the payer would be charged for the part, sent as a 200. Here the handler's error is raised instead (the app
+answers 500, as for a handler that raises at once) and nothing is settled.
+
 `refund_router` mounts a payee's answers to payers' refund requests (settlement.x402.refunds) as a FastAPI route.
 
 Needs FastAPI (the payee's app has it); the rest of settlement.x402 does not.
@@ -38,7 +43,7 @@ from fastapi.responses import JSONResponse
 from httpx_aiohttp import AiohttpTransport
 from pydantic_core import from_json, to_json
 from starlette.concurrency import run_in_threadpool
-from starlette.types import ASGIApp
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
 from x402 import x402ResourceServer
 from x402.extensions.payment_identifier import extract_payment_identifier
 from x402.http import FacilitatorConfig, HTTPFacilitatorClient, PaywallConfig
@@ -48,6 +53,7 @@ from x402.http.types import RoutesConfig
 from x402.http.utils import decode_payment_signature_header
 from x402.schemas import PaymentPayload, PaymentRequirements, SettleResponse, VerifyResponse
 
+from settlement.errors import SettlementError
 from settlement.sdk.payee import PayeeClient
 from settlement.x402.positions import Positions
 from settlement.x402.refunds import MAX_TTL, REFUND_PATH, RefundDesk
@@ -59,6 +65,8 @@ BATCHES_IN_FLIGHT = 2
 KEEPALIVE_SECONDS = 2.0  # below the service's keep-alive timeout
 # One holder per request (a dict, so that tasks that copy the context still write into this request's holder).
 _failures: ContextVar[dict[str, str] | None] = ContextVar("channelhub_facilitator_failures", default=None)
+_SENT_WHOLE = "channelhub.answer_sent_whole"  # scope keys the app under the middleware leaves for it
+_FAILED = "channelhub.answer_failed"
 
 
 class ChannelHubFacilitatorClient(HTTPFacilitatorClient):
@@ -332,7 +340,7 @@ class PaymentMiddleware(PaymentMiddlewareASGI):
         paywall_config: PaywallConfig | None = None,
         answers: PaidAnswers | None = None,
     ) -> None:
-        super().__init__(app, routes, server, paywall_config)
+        super().__init__(_watched(app), routes, server, paywall_config)
         self.answers = answers if answers is not None else PaidAnswers()
 
     async def dispatch(self, request: Request, call_next: Callable[[Request], Awaitable[Response]]) -> Response:
@@ -345,7 +353,7 @@ class PaymentMiddleware(PaymentMiddlewareASGI):
         holder: dict[str, str] = {}
         token = _failures.set(holder)
         try:
-            response = await super().dispatch(request, call_next)
+            response = await super().dispatch(request, _whole(call_next))
         finally:
             _failures.reset(token)
         if "failure" in holder:
@@ -355,6 +363,49 @@ class PaymentMiddleware(PaymentMiddlewareASGI):
                 headers={"Retry-After": str(RETRY_AFTER_SECONDS)},
             )
         return response
+
+
+def _watched(app: ASGIApp) -> ASGIApp:
+    """`app`, noting in the request's scope when its answer's last part is sent, or the error it raised instead."""
+
+    async def watched(scope: Scope, receive: Receive, send: Send) -> None:
+        async def sending(message: Message) -> None:
+            if message["type"] == "http.response.pathsend" or (
+                message["type"] == "http.response.body" and not message.get("more_body", False)
+            ):
+                scope[_SENT_WHOLE] = True
+            await send(message)
+
+        try:
+            await app(scope, receive, sending)
+        except Exception as ex:
+            scope[_FAILED] = ex
+            raise
+
+    return watched
+
+
+def _whole(call_next: Callable[[Request], Awaitable[Response]]) -> Callable[[Request], Awaitable[Response]]:
+    """`call_next`, whose answer's body raises at its end if the app did not send all of it (`_watched`)."""
+
+    async def whole_body(request: Request) -> Response:
+        response = await call_next(request)
+        body = getattr(response, "body_iterator", None)
+        if body is not None:
+            response.body_iterator = _checked(body, request.scope)  # type: ignore[attr-defined]
+        return response
+
+    return whole_body
+
+
+async def _checked(body: AsyncIterator[Any], scope: Scope) -> AsyncIterator[Any]:
+    async for part in body:
+        yield part
+    if not scope.get(_SENT_WHOLE):
+        failed = scope.get(_FAILED)
+        if isinstance(failed, Exception):
+            raise failed
+        raise SettlementError("the paid route's answer ended before its last part: not settled")
 
 
 def refund_router(payee: PayeeClient, *, path: str = REFUND_PATH, max_ttl: int = MAX_TTL) -> APIRouter:

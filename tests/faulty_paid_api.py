@@ -1,0 +1,35 @@
+"""examples/paid_api.py with two more paid routes that fail the ways a payee's own code can: a handler that raises,
+and a streamed answer whose body breaks after its first chunk. Neither is a response the payer got, so neither may be
+charged (tests/test_x402_e2e.py runs it as it runs the example)."""
+
+from __future__ import annotations
+
+import os
+import runpy
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+import uvicorn
+from fastapi import FastAPI
+from fastapi.responses import StreamingResponse
+
+example = runpy.run_path(str(Path(__file__).resolve().parents[1] / "examples" / "paid_api.py"))
+app: FastAPI = example["app"]
+
+
+@app.get("/reports/broken/raise")  # priced by the example's "GET /reports/*"
+async def raising() -> dict[str, str]:
+    raise RuntimeError("a bug in the payee's handler")
+
+
+@app.get("/reports/broken/stream")
+async def breaking() -> StreamingResponse:
+    async def body() -> AsyncIterator[bytes]:
+        yield b'{"report": '
+        raise RuntimeError("the report's source went away mid-answer")
+
+    return StreamingResponse(body(), media_type="application/json")
+
+
+if __name__ == "__main__":
+    uvicorn.run(app, host="127.0.0.1", port=int(os.environ["PORT"]), log_level="warning")
