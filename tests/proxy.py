@@ -1,4 +1,5 @@
-"""A TCP proxy that can drop and refuse connections on demand: an RPC outage without touching anvil."""
+"""A TCP proxy that can drop, refuse or hold connections on demand: an outage (an RPC node, a facilitator) without
+touching the process behind it."""
 
 from __future__ import annotations
 
@@ -9,7 +10,8 @@ from tests.hub_helpers import free_test_port
 
 
 class TcpProxy:
-    """Forwards 127.0.0.1:<port> to a target; `cut()` closes every connection and refuses new ones until `mend()`."""
+    """Forwards 127.0.0.1:<port> to a target; `cut()` closes every connection and refuses new ones until `mend()`;
+    while `silent`, new connections are accepted and never answered (a host that black-holes), until `speak()`."""
 
     def __init__(self, target_port: int) -> None:
         self.target_port = target_port
@@ -17,7 +19,9 @@ class TcpProxy:
         self.url = f"http://127.0.0.1:{self.port}"
         self._listener: socket.socket | None = None
         self._live: set[socket.socket] = set()
+        self._held: set[socket.socket] = set()
         self._lock = threading.Lock()
+        self.silent = False
 
     def __enter__(self) -> TcpProxy:
         self.mend()
@@ -39,9 +43,18 @@ class TcpProxy:
             if self._listener is not None:
                 _close(self._listener)  # shutdown() wakes the thread blocked in accept(); close() alone would not
                 self._listener = None
-            for sock in self._live:
+            for sock in self._live | self._held:
                 _close(sock)
             self._live.clear()
+            self._held.clear()
+
+    def speak(self) -> None:
+        """Forward again; the connections held while silent are closed."""
+        with self._lock:
+            self.silent = False
+            for sock in self._held:
+                _close(sock)
+            self._held.clear()
 
     def _accept(self, listener: socket.socket) -> None:
         while True:
@@ -49,6 +62,10 @@ class TcpProxy:
                 client, _ = listener.accept()
             except OSError:
                 return
+            with self._lock:
+                if self.silent:
+                    self._held.add(client)
+                    continue
             try:
                 upstream = socket.create_connection(("127.0.0.1", self.target_port))
             except OSError:

@@ -50,6 +50,7 @@ from settlement.x402.client import ChannelHubClientScheme, DepositPolicy, Paymen
 from settlement.x402.refunds import REFUND_PATH, RefundDesk, ask_refund
 from settlement.x402.unanswered import UnansweredWire
 from tests.hub_helpers import ETH, events, free_test_port, scraped, send, wait_until, x402_request
+from tests.proxy import TcpProxy
 from tests.servers import ServiceProcess
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -62,8 +63,9 @@ pytestmark = pytest.mark.slow
 
 class PaidApis:
     """Factory: paid_apis(service, pay_to, asset=ETH, price=PRICE, port=None, payee_key=None, deposit_multiple=None,
-    script=EXAMPLE_APP) -> base URL of examples/paid_api.py (or `script`, which runs it with more routes) in its own
-    process, `service` its facilitator (with payee_key: taking refund requests);
+    script=EXAMPLE_APP, facilitator=None) -> base URL of examples/paid_api.py (or `script`, which runs it with more
+    routes) in its own process, `service` its facilitator (reached at `facilitator`, a proxy's URL, when given; with
+    payee_key: taking refund requests);
     `stop(url)` kills one; `reprice(url, price)` serves the same app at another price on the same URL.
 
     `service` may be only launched (`spawn(..., wait=False)`): the app starts meanwhile (it asks the facilitator
@@ -73,7 +75,7 @@ class PaidApis:
     def __init__(self, devnet: Devnet, tmp_path: Path) -> None:
         self.devnet, self.tmp_path = devnet, tmp_path
         self.started: dict[str, subprocess.Popen[bytes]] = {}
-        self.made_with: dict[str, tuple[ServiceProcess, str, str, str | None, int | None, Path]] = {}
+        self.made_with: dict[str, dict[str, Any]] = {}  # each app's arguments but its price and port
 
     def __call__(
         self,
@@ -85,12 +87,13 @@ class PaidApis:
         payee_key: str | None = None,
         deposit_multiple: int | None = None,
         script: Path = EXAMPLE_APP,
+        facilitator: str | None = None,
     ) -> str:
         if payee_key is not None:
             service.ready()
         port = port or free_test_port()
         env = os.environ | {
-            "FACILITATOR_URL": f"{service.url}/x402",
+            "FACILITATOR_URL": f"{facilitator or service.url}/x402",
             "PAY_TO": pay_to,
             "NETWORK": f"eip155:{self.devnet.chain_id}",
             "PRICE_WEI": str(price),
@@ -107,7 +110,15 @@ class PaidApis:
             process = subprocess.Popen([sys.executable, str(script)], env=env, stdout=log, stderr=log)
         url = f"http://127.0.0.1:{port}"
         self.started[url] = process
-        self.made_with[url] = (service, pay_to, asset, payee_key, deposit_multiple, script)
+        self.made_with[url] = {
+            "service": service,
+            "pay_to": pay_to,
+            "asset": asset,
+            "payee_key": payee_key,
+            "deposit_multiple": deposit_multiple,
+            "script": script,
+            "facilitator": facilitator,
+        }
 
         def up() -> bool:
             assert process.poll() is None, log_path.read_text()
@@ -126,19 +137,9 @@ class PaidApis:
         process.wait()
 
     def reprice(self, url: str, price: int) -> None:
-        service, pay_to, asset, payee_key, deposit_multiple, script = self.made_with[url]
+        made_with = self.made_with[url]
         self.stop(url)
-        port = int(url.rsplit(":", 1)[1])
-        again = self(
-            service,
-            pay_to,
-            asset,
-            price=price,
-            port=port,
-            payee_key=payee_key,
-            deposit_multiple=deposit_multiple,
-            script=script,
-        )
+        again = self(**made_with, price=price, port=int(url.rsplit(":", 1)[1]))
         assert again == url
 
 
@@ -784,6 +785,58 @@ def test_the_facilitator_down_is_a_503_and_charges_nothing(
     time.sleep(0.6)  # the unanswered payment's lane times out; its fate is then looked up, not assumed
     assert asyncio.run(get()).status_code == 200
     assert accepted_for(service, payee) == 2 * PRICE  # two responses, two prices: the 503 was not charged
+
+
+@pytest.mark.parametrize("outage", ["refused", "silent"])
+def test_a_payee_that_started_without_its_facilitator_answers_503_at_once_then_is_paid(
+    spawn: Callable[..., ServiceProcess],
+    paid_api: PaidApis,
+    devnet: Devnet,
+    accounts: list[LocalAccount],
+    tmp_path: Path,
+    payer_for: Callable[..., PayerClient],
+    outage: str,
+) -> None:
+    """x402's middleware asks the facilitator's /supported on the event loop, at start and then at each paid route's
+    request until it has an answer. A facilitator refusing connections made that a 500 for each paid route (not even
+    a 402); one that never answers (`silent`) froze the whole app, free routes too, for x402's 90-second timeout.
+    Now a paid route answers 503 (Retry-After) within a second, a free route at once, nothing is charged, and once
+    the facilitator answers the payer pays once."""
+    service = spawn(f"sqlite:///{tmp_path / 'no-facilitator.db'}", wait=False)
+    payee = accounts[15].address
+    with TcpProxy(service.port) as proxy:
+        if outage == "refused":
+            proxy.cut()
+        else:
+            proxy.silent = True
+        api = paid_api(service, payee, facilitator=proxy.url)
+        payer = payer_for(accounts[17], service)
+        scheme = ChannelHubClientScheme(payer, lane_timeout=0.5)
+
+        async def walk() -> list[tuple[int, str]]:
+            async with x402HttpxClient(paying_client(devnet, scheme), timeout=30) as http, httpx.AsyncClient() as free:
+                paid = asyncio.create_task(http.get(f"{api}/weather"))
+                await asyncio.sleep(0.1)  # the paid request waits for /supported meanwhile
+                health = await free.get(f"{api}/health", timeout=5)
+                down = await paid
+                if outage == "refused":
+                    proxy.mend()
+                else:
+                    proxy.speak()  # the /supported still waiting ends: the payer retries after Retry-After
+                await asyncio.sleep(float(down.headers["retry-after"]))
+                up = await http.get(f"{api}/weather")
+                return [
+                    (health.status_code, health.text),
+                    (down.status_code, f"{down.headers.get('retry-after')} {down.json()['error']}"),
+                    (up.status_code, up.text),
+                ]
+
+        assert asyncio.run(walk()) == [
+            (200, '{"status":"ok"}'),
+            (503, "1 facilitator_unavailable"),
+            (200, '{"forecast":"sunny"}'),
+        ]
+    assert accepted_for(service, payee) == PRICE
 
 
 @pytest.mark.parametrize("wire", ["pay-ahead", "x402's transport"])

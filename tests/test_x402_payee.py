@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import gc
+import threading
 from collections.abc import Callable
 from typing import Any
 
@@ -18,12 +19,12 @@ from httpx_aiohttp import AiohttpTransport
 from web3.contract import Contract
 from x402.http import FacilitatorConfig
 from x402.http.facilitator_client_base import FacilitatorResponseError
-from x402.schemas import PaymentPayload, PaymentRequirements, SettleResponse
+from x402.schemas import PaymentPayload, PaymentRequirements, SettleResponse, SupportedResponse
 
 from settlement.devtools.devnet import Devnet
 from settlement.eip712.vouchers import Domain
 from settlement.server.config import Settings
-from settlement.x402.fastapi import KEEPALIVE_SECONDS, ChannelHubFacilitatorClient
+from settlement.x402.fastapi import KEEPALIVE_SECONDS, ChannelHubFacilitatorClient, _Supported
 from settlement.x402.positions import Positions
 from tests.hub_helpers import ETH, Channel, wait_indexed
 
@@ -203,6 +204,41 @@ def test_the_payees_facilitator_client_takes_both_of_x402s_config_forms() -> Non
     assert KEEPALIVE_SECONDS < Settings.model_fields["keep_alive_seconds"].default
     asyncio.run(typed.aclose())
     assert typed.own_client.is_closed
+
+
+def test_supported_is_fetched_once_at_a_time_waited_for_briefly_and_kept() -> None:
+    """What the payee's event loop does while the facilitator's /supported is slow, failing, then answering (the
+    end-to-end cases: tests/test_x402_e2e.py, a payee started without its facilitator)."""
+    gate, calls = threading.Event(), []
+    outcomes: list[SupportedResponse | Exception] = [
+        ConnectionRefusedError("first"),
+        ConnectionRefusedError("second"),
+        SupportedResponse(kinds=[]),
+    ]
+
+    def fetch() -> SupportedResponse:
+        calls.append(len(calls))
+        assert gate.wait(10)
+        outcome = outcomes.pop(0)
+        if isinstance(outcome, Exception):
+            raise outcome
+        return outcome
+
+    supported = _Supported(fetch)
+    with pytest.raises(TimeoutError, match=r"did not answer /supported in 0\.05 s"):
+        supported.get(0.05)
+    with pytest.raises(TimeoutError, match="has not answered /supported yet"):  # in flight: no second fetch, no wait
+        supported.get(10)
+    assert calls == [0]
+    gate.set()
+    for thread in threading.enumerate():  # the first fetch ends (failed; no one waits for it any more)
+        if thread.name == "x402-supported":
+            thread.join(10)
+    with pytest.raises(ConnectionRefusedError, match="second"):  # a new fetch, ended within the wait: its error
+        supported.get(5)
+    assert supported.get(5) == SupportedResponse(kinds=[])
+    assert supported.get(0) == SupportedResponse(kinds=[])  # kept: no fetch more
+    assert calls == [0, 1, 2]
 
 
 def test_the_facilitator_clients_lifespan_closes_its_pool_when_the_app_stops() -> None:

@@ -29,6 +29,7 @@ from __future__ import annotations
 import asyncio
 import gc
 import hashlib
+import threading
 import time
 from collections import OrderedDict
 from collections.abc import AsyncIterator, Awaitable, Callable
@@ -51,7 +52,7 @@ from x402.http.facilitator_client_base import FacilitatorResponseError
 from x402.http.middleware.fastapi import PaymentMiddlewareASGI
 from x402.http.types import RoutesConfig
 from x402.http.utils import decode_payment_signature_header
-from x402.schemas import PaymentPayload, PaymentRequirements, SettleResponse, VerifyResponse
+from x402.schemas import PaymentPayload, PaymentRequirements, SettleResponse, SupportedResponse, VerifyResponse
 
 from settlement.errors import SettlementError
 from settlement.sdk.payee import PayeeClient
@@ -63,6 +64,8 @@ RETRY_AFTER_SECONDS = 1
 SETTLE_BATCH_MAX = 100  # settles in one POST /settle/batch (the service takes up to its batch_max_items, 1,000)
 BATCHES_IN_FLIGHT = 2
 KEEPALIVE_SECONDS = 2.0  # below the service's keep-alive timeout
+SUPPORTED_WAIT = 1.0  # seconds the event loop waits for the facilitator's /supported (x402 asks it synchronously)
+SUPPORTED_TIMEOUT = 5.0  # seconds a /supported request may take on its own thread (x402's default: 90)
 # One holder per request (a dict, so that tasks that copy the context still write into this request's holder).
 _failures: ContextVar[dict[str, str] | None] = ContextVar("channelhub_facilitator_failures", default=None)
 _SENT_WHOLE = "channelhub.answer_sent_whole"  # scope keys the app under the middleware leaves for it
@@ -103,6 +106,22 @@ class ChannelHubFacilitatorClient(HTTPFacilitatorClient):
         self.batches_in_flight = batches_in_flight
         self._queued: list[_Queued] = []
         self._senders: set[asyncio.Task[None]] = set()  # held: the event loop keeps only weak references to tasks
+        self._supported = _Supported(super().get_supported)
+
+    def get_supported(self) -> SupportedResponse:
+        """x402's `/supported`, asked on a thread and waited for `SUPPORTED_WAIT` at most. x402's middleware asks it
+        on the event loop, at start and at each paid route's request until it has an answer: with the facilitator
+        down that was a 500 for every paid route (not even the 402), and with one that never answers, the whole app,
+        free routes too, stood still for x402's 90-second timeout. Now the payment middleware answers 503 at once
+        (Retry-After) until the facilitator answers."""
+        try:
+            return self._supported.get(SUPPORTED_WAIT)
+        except Exception as ex:
+            raise _unavailable("judge", ex) from ex
+
+    def _get_sync_client(self) -> httpx.Client:
+        """x402's client for `/supported` (its only synchronous call), with a timeout of its own."""
+        return httpx.Client(timeout=min(self._timeout, SUPPORTED_TIMEOUT), follow_redirects=True)
 
     async def aclose(self) -> None:
         if self.own_client is not None:
@@ -223,6 +242,43 @@ class ChannelHubFacilitatorClient(HTTPFacilitatorClient):
         if not isinstance(answers, list) or len(answers) != len(batch):
             raise ValueError("the facilitator's settle batch answer does not list one answer per payment")
         return [_batch_answer(answer) for answer in answers]
+
+
+class _Supported:
+    """The facilitator's `/supported`, fetched by `fetch` on a thread: one fetch at a time, its answer kept."""
+
+    def __init__(self, fetch: Callable[[], SupportedResponse]) -> None:
+        self._fetch = fetch
+        self._lock = threading.Lock()
+        self._answer: SupportedResponse | None = None
+        self._error: Exception | None = None
+        self._done: threading.Event | None = None  # set when the fetch in flight ended
+
+    def get(self, wait: float) -> SupportedResponse:
+        """The answer; else a new fetch waited for `wait` seconds, or, while one is in flight, an error at once."""
+        with self._lock:
+            if self._answer is not None:
+                return self._answer
+            if self._done is not None:
+                raise TimeoutError("the facilitator has not answered /supported yet")
+            done = self._done = threading.Event()
+            threading.Thread(target=self._run, args=(done,), name="x402-supported", daemon=True).start()
+        done.wait(wait)
+        with self._lock:
+            if self._answer is not None:
+                return self._answer
+            if done.is_set() and self._error is not None:
+                raise self._error
+        raise TimeoutError(f"the facilitator did not answer /supported in {wait} s")
+
+    def _run(self, done: threading.Event) -> None:
+        try:
+            answer, error = self._fetch(), None
+        except Exception as ex:
+            answer, error = None, ex
+        with self._lock:
+            self._answer, self._error, self._done = answer, error, None
+        done.set()
 
 
 @dataclass(frozen=True)
