@@ -24,7 +24,13 @@ from x402.schemas import PaymentPayload, PaymentRequirements, SettleResponse, Su
 from settlement.devtools.devnet import Devnet
 from settlement.eip712.vouchers import Domain
 from settlement.server.config import Settings
-from settlement.x402.fastapi import KEEPALIVE_SECONDS, ChannelHubFacilitatorClient, _Supported
+from settlement.x402.fastapi import (
+    CONNECT_TIMEOUT,
+    KEEPALIVE_SECONDS,
+    SUPPORTED_TIMEOUT,
+    ChannelHubFacilitatorClient,
+    _Supported,
+)
 from settlement.x402.positions import Positions
 from tests.hub_helpers import ETH, Channel, wait_indexed
 
@@ -193,7 +199,8 @@ def test_a_settle_answer_that_does_not_match_its_payment_teaches_nothing(
 
 def test_the_payees_facilitator_client_takes_both_of_x402s_config_forms() -> None:
     """x402's dict form stays accepted; the typed form gets a pool that drops idle connections before the service
-    does (KEEPALIVE_SECONDS, below SETTLEMENT_KEEP_ALIVE_SECONDS)."""
+    does (KEEPALIVE_SECONDS, below SETTLEMENT_KEEP_ALIVE_SECONDS), and gives up reaching the facilitator in
+    CONNECT_TIMEOUT but waits for an answer as long as the config says; /supported waits SUPPORTED_TIMEOUT at most."""
     url = "http://127.0.0.1:8000/x402"
     as_dict = ChannelHubFacilitatorClient({"url": url})
     typed = ChannelHubFacilitatorClient(FacilitatorConfig(url=url))
@@ -202,6 +209,11 @@ def test_the_payees_facilitator_client_takes_both_of_x402s_config_forms() -> Non
     transport = typed.own_client._transport  # aiohttp's pool under httpx's API, with the idle limit
     assert isinstance(transport, AiohttpTransport) and transport.limits.keepalive_expiry == KEEPALIVE_SECONDS
     assert KEEPALIVE_SECONDS < Settings.model_fields["keep_alive_seconds"].default
+    expected = (CONNECT_TIMEOUT, 90.0, 90.0, 90.0)  # connect, read, write, pool: x402's default timeout is 90 s
+    timeout = typed.own_client.timeout
+    assert (timeout.connect, timeout.read, timeout.write, timeout.pool) == expected
+    with typed._get_sync_client() as sync:
+        assert (sync.timeout.connect, sync.timeout.read) == (CONNECT_TIMEOUT, SUPPORTED_TIMEOUT)
     asyncio.run(typed.aclose())
     assert typed.own_client.is_closed
 

@@ -66,6 +66,7 @@ BATCHES_IN_FLIGHT = 2
 KEEPALIVE_SECONDS = 2.0  # below the service's keep-alive timeout
 SUPPORTED_WAIT = 1.0  # seconds the event loop waits for the facilitator's /supported (x402 asks it synchronously)
 SUPPORTED_TIMEOUT = 5.0  # seconds a /supported request may take on its own thread (x402's default: 90)
+CONNECT_TIMEOUT = 3.0  # seconds to reach the facilitator: a request not sent yet charges nothing, so fail it early
 # One holder per request (a dict, so that tasks that copy the context still write into this request's holder).
 _failures: ContextVar[dict[str, str] | None] = ContextVar("channelhub_facilitator_failures", default=None)
 _SENT_WHOLE = "channelhub.answer_sent_whole"  # scope keys the app under the middleware leaves for it
@@ -95,9 +96,13 @@ class ChannelHubFacilitatorClient(HTTPFacilitatorClient):
             # ReadError, answered 503 to a payer who did nothing wrong; seen under `make bench-x402`).
             # aiohttp's pool and C parser under httpx's API (httpx-aiohttp): the payee's busiest work was httpx's own
             # pool and parser sending the settle (py-spy: 57 % of the payee app at 16 concurrent payers).
+            # A facilitator host that is down (its packets dropped) held each paid request for x402's whole timeout
+            # (90 s by default) before the 503; a connection not made yet is a payment not sent, so that fails in
+            # CONNECT_TIMEOUT. An answer keeps the whole timeout: a settle cut short may have been committed.
             limits = httpx.Limits(keepalive_expiry=keepalive_seconds)
             transport = AiohttpTransport(limits=limits)
-            client = httpx.AsyncClient(timeout=config.timeout, follow_redirects=True, transport=transport)
+            timeout = httpx.Timeout(config.timeout, connect=min(config.timeout, CONNECT_TIMEOUT))
+            client = httpx.AsyncClient(timeout=timeout, follow_redirects=True, transport=transport)
             config = replace(config, http_client=client)
             self.own_client = client
         super().__init__(config)
@@ -121,7 +126,10 @@ class ChannelHubFacilitatorClient(HTTPFacilitatorClient):
 
     def _get_sync_client(self) -> httpx.Client:
         """x402's client for `/supported` (its only synchronous call), with a timeout of its own."""
-        return httpx.Client(timeout=min(self._timeout, SUPPORTED_TIMEOUT), follow_redirects=True)
+        timeout = min(self._timeout, SUPPORTED_TIMEOUT)
+        return httpx.Client(
+            timeout=httpx.Timeout(timeout, connect=min(timeout, CONNECT_TIMEOUT)), follow_redirects=True
+        )
 
     async def aclose(self) -> None:
         if self.own_client is not None:
