@@ -5,6 +5,8 @@ real app and both stores."""
 from __future__ import annotations
 
 import json
+import re
+import socket
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -28,7 +30,7 @@ from settlement.errors import MalformedRequestError
 from settlement.sdk.webhooks import is_authentic
 from settlement.server.config import Settings
 from settlement.server.payee_events import Feed, Horizon, Position, read_events
-from settlement.server.webhooks import PASSED_SAVED, WebhookSender, check_target
+from settlement.server.webhooks import PASSED_SAVED, Target, WebhookSender, check_target
 from settlement.store import Database
 from settlement.store import channels as channel_q
 from settlement.store.payee_events import (
@@ -296,6 +298,66 @@ def test_off_a_devnet_a_webhook_cannot_aim_inside_the_network() -> None:
             check_target(url, allow_private=False)
     check_target("http://93.184.216.34/hook", allow_private=False)  # a public address
     check_target("http://127.0.0.1:9000/hook", allow_private=True)
+
+
+def resolving_to(*ips: str) -> Callable[[str, int], list[tuple[Any, ...]]]:
+    """A resolver (socket.getaddrinfo's shape) answering `ips` for any host."""
+
+    def resolve(_host: str, port: int) -> list[tuple[Any, ...]]:
+        return [(socket.AF_INET6 if ":" in ip else socket.AF_INET, socket.SOCK_STREAM, 6, "", (ip, port)) for ip in ips]
+
+    return resolve
+
+
+def test_a_webhook_is_sent_to_the_address_that_was_checked_for_its_own_name() -> None:
+    """Every address a host resolves to is checked, and the delivery goes to the first, by its name (Host, and SNI
+    for TLS, which the certificate is checked against): the HTTP client never looks the name up again."""
+    public = resolving_to("93.184.216.34")
+    assert check_target("https://Hooks.Example.com/in?x=1#f", False, public) == Target(
+        "https://93.184.216.34:443/in?x=1", "hooks.example.com", "hooks.example.com"
+    )
+    assert check_target("http://hooks.example.com:8080", False, resolving_to("2606:2800:220:1::1")) == Target(
+        "http://[2606:2800:220:1::1]:8080/", "hooks.example.com:8080", None
+    )
+    with pytest.raises(MalformedRequestError, match=re.escape("private, loopback or reserved address (127.0.0.1)")):
+        check_target("https://hooks.example.com/in", False, resolving_to("93.184.216.34", "127.0.0.1"))
+    with pytest.raises(MalformedRequestError, match="does not resolve"):
+        check_target("https://hooks.example.com/in", False, resolving_to())
+
+
+def test_a_delivery_reaches_only_the_address_its_one_look_up_found(
+    db: Database, store_url: str, receiver: Callable[..., Receiver]
+) -> None:
+    """DNS rebinding: a webhook host answering a public address to the check and one inside the network to the HTTP
+    client's own look-up a moment later carried the delivery inside. Now each delivery looks its host up once and
+    sends to that address: `hooks.rebind.test` resolves only through the sender's resolver here (the system does
+    not know the name), to the receiver, which is asked for it by name."""
+    hook = receiver()
+    lookups: list[tuple[str, int]] = []
+    loopback = resolving_to("127.0.0.1")
+
+    def resolve(host: str, port: int) -> list[tuple[Any, ...]]:
+        lookups.append((host, port))
+        return loopback(host, port)
+
+    channel = a_channel(1, QUIET)
+    url = f"http://hooks.rebind.test:{hook.port}/hook"
+    with db.write() as conn:
+        channel_q.insert_channel(conn, channel, utcnow())
+        assert add_webhook(conn, WebhookRow("wh_" + "1" * 16, QUIET, url, "s", 0, 0, 0, -1, 0, 0, None), 10)
+    paid(db, channel, range(1, 3))
+    settings = Settings(_env_file=None, database_url=store_url)  # type: ignore[call-arg]
+    sender = WebhookSender(db, settings, True, Horizon(db), resolve)
+    try:
+        assert sender.tick() == 2
+    finally:
+        sender.close()
+    assert lookups == [("hooks.rebind.test", hook.port)] * 2
+    hosts = [
+        (status, {k.lower(): v for k, v in headers.items()}["host"], json.loads(raw)["data"]["cumulativeAmount"])
+        for status, headers, raw in hook.deliveries
+    ]
+    assert hosts == [(200, f"hooks.rebind.test:{hook.port}", "1"), (200, f"hooks.rebind.test:{hook.port}", "2")]
 
 
 def test_deliveries_survive_the_service_killed_mid_delivery(

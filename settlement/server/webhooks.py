@@ -5,7 +5,8 @@ each webhook's position is stored after each delivery, so a restart or another p
 exponential backoff, its later events waiting behind (per-payee order is kept); other webhooks go on.
 
 Targets are checked each time (SSRF): only http(s), and never a loopback, private, link-local or reserved address
-unless SETTLEMENT_WEBHOOK_ALLOW_PRIVATE_TARGETS (or on a devnet).
+unless SETTLEMENT_WEBHOOK_ALLOW_PRIVATE_TARGETS (or on a devnet); and a delivery goes to the very address that was
+checked (`Target`), so a host name that resolves elsewhere a moment later (DNS rebinding) cannot move it inside.
 """
 
 from __future__ import annotations
@@ -16,8 +17,11 @@ import logging
 import secrets
 import socket
 import time
+from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
-from urllib.parse import urlsplit
+from dataclasses import dataclass
+from typing import Any
+from urllib.parse import urlsplit, urlunsplit
 
 import httpx
 
@@ -37,24 +41,52 @@ def new_secret() -> str:
     return "whsec_" + secrets.token_urlsafe(32)
 
 
-def check_target(url: str, allow_private: bool) -> None:
+Resolve = Callable[[str, int], Sequence[tuple[Any, ...]]]  # socket.getaddrinfo's (host, port) -> addresses
+
+
+@dataclass(frozen=True)
+class Target:
+    """Where a webhook's delivery goes: the address that was checked (`url`), asked for by its own name (`host`, the
+    Host header, and for TLS `sni`, which the certificate is checked against). The name is not looked up again by the
+    HTTP client: a name that resolves to a public address when checked and to one inside the network a moment later
+    (DNS rebinding) reaches only the address checked."""
+
+    url: str
+    host: str
+    sni: str | None
+
+    @property
+    def extensions(self) -> dict[str, Any]:
+        return {"sni_hostname": self.sni} if self.sni is not None else {}
+
+
+def check_target(url: str, allow_private: bool, resolve: Resolve = socket.getaddrinfo) -> Target:
     """Refuse a URL the service must not call: not http(s), or (unless allowed) one that resolves to an address
-    inside the service's own network."""
+    inside the service's own network; else where to send its deliveries."""
     parts = urlsplit(url)
     if parts.scheme not in ("http", "https") or not parts.hostname or parts.username or parts.password:
         raise MalformedRequestError("a webhook URL is http(s)://host[:port]/path, without credentials")
-    if allow_private:
-        return
     try:
-        found = socket.getaddrinfo(parts.hostname, parts.port or (443 if parts.scheme == "https" else 80))
-    except (OSError, UnicodeError) as ex:
+        port = parts.port or (443 if parts.scheme == "https" else 80)
+        name = httpx.URL(url)
+        found = resolve(parts.hostname, port)
+        addresses = [ipaddress.ip_address(address[0]) for *_, address in found]
+    except (OSError, UnicodeError, ValueError, httpx.InvalidURL) as ex:
         raise MalformedRequestError(f"the webhook's host {parts.hostname!r} does not resolve") from ex
-    for *_, address in found:
-        ip = ipaddress.ip_address(address[0])
-        if not ip.is_global or ip.is_multicast:
-            raise MalformedRequestError(
-                f"the webhook's host {parts.hostname!r} is a private, loopback or reserved address ({ip}): refused"
-            )
+    if not addresses:
+        raise MalformedRequestError(f"the webhook's host {parts.hostname!r} does not resolve")
+    if not allow_private:
+        for ip in addresses:
+            if not ip.is_global or ip.is_multicast:
+                raise MalformedRequestError(
+                    f"the webhook's host {parts.hostname!r} is a private, loopback or reserved address ({ip}): refused"
+                )
+    ip = addresses[0]
+    literal = f"[{ip}]" if ip.version == 6 else str(ip)
+    pinned = urlunsplit((parts.scheme, f"{literal}:{port}", parts.path or "/", parts.query, ""))
+    return Target(
+        pinned, name.netloc.decode("ascii"), name.raw_host.decode("ascii") if parts.scheme == "https" else None
+    )
 
 
 PASSED_SAVED = 10_000  # other payees' payments a webhook's stored position is moved past at once, at least
@@ -70,10 +102,18 @@ def _worth_saving(stored: Position, passed: Position) -> bool:
 class WebhookSender:
     """`tick()` delivers what is due; call it every `webhook_tick` seconds."""
 
-    def __init__(self, db: Database, settings: Settings, allow_private: bool, horizon: Horizon) -> None:
+    def __init__(
+        self,
+        db: Database,
+        settings: Settings,
+        allow_private: bool,
+        horizon: Horizon,
+        resolve: Resolve = socket.getaddrinfo,
+    ) -> None:
         self.db = db
         self.settings = settings
         self.allow_private = allow_private
+        self.resolve = resolve  # the one look-up of a webhook's host per delivery (`check_target`)
         self.horizon = horizon
         self.lease = Lease(db, "payee-webhooks")
         self.http = httpx.Client(timeout=settings.webhook_timeout_seconds, follow_redirects=False)
@@ -100,15 +140,17 @@ class WebhookSender:
         for event in feed.events:
             body = json.dumps(event.body(), separators=(",", ":")).encode()
             try:
-                check_target(hook.url, self.allow_private)
+                target = check_target(hook.url, self.allow_private, self.resolve)
                 answer = self.http.post(
-                    hook.url,
+                    target.url,
                     content=body,
                     headers={
+                        "host": target.host,
                         "content-type": "application/json",
                         SIGNATURE_HEADER: signature(hook.secret, body, int(time.time())),
                         EVENT_ID_HEADER: event.event_id,
                     },
+                    extensions=target.extensions,
                 )
                 if not 200 <= answer.status_code < 300:
                     raise OSError(f"answered HTTP {answer.status_code}")
