@@ -242,6 +242,16 @@ def paying_client(devnet: Devnet, scheme: ChannelHubClientScheme, asset: str = E
     return x402
 
 
+def paying_wire(
+    wire: str, x402: x402Client, scheme: ChannelHubClientScheme, network: httpx.AsyncBaseTransport | None = None
+) -> httpx.AsyncBaseTransport:
+    """The payer's httpx transport: "pay-ahead" (ours) or x402's own over `UnansweredWire`; either tells the scheme of
+    a paid request that got no payment answer. `network`: the transport under it (httpx's by default)."""
+    if wire == "pay-ahead":
+        return PayAheadTransport(x402, network, unanswered=scheme.unanswered)
+    return x402_httpx_transport(x402, UnansweredWire(scheme.unanswered, network))
+
+
 def paid_get(devnet: Devnet, scheme: ChannelHubClientScheme, url: str, asset: str = ETH) -> int:
     """One GET through x402's own httpx client with our scheme (a fresh client each time, as a new app session)."""
 
@@ -854,11 +864,7 @@ def test_a_paid_request_answered_without_a_payment_answer_frees_its_channel_at_o
     service, payer, scheme = rig.service, rig.payer, rig.scheme
     assert scheme.lane_timeout == 120.0
     x402 = paying_client(devnet, scheme)
-    transport: httpx.AsyncBaseTransport = (
-        PayAheadTransport(x402, unanswered=scheme.unanswered)
-        if wire == "pay-ahead"
-        else x402_httpx_transport(x402, UnansweredWire(scheme.unanswered))
-    )
+    transport = paying_wire(wire, x402, scheme)
 
     async def walk() -> list[int]:
         async with httpx.AsyncClient(transport=transport, timeout=60) as http:
@@ -887,11 +893,7 @@ def test_a_handler_that_raises_or_a_body_that_breaks_is_a_500_and_charges_nothin
     rig = lane_rig("faulty", max_lanes=1, script=ROOT / "tests" / "faulty_paid_api.py")
     ((payee, api),) = rig.payees
     x402 = paying_client(devnet, rig.scheme)
-    transport: httpx.AsyncBaseTransport = (
-        PayAheadTransport(x402, unanswered=rig.scheme.unanswered)
-        if wire == "pay-ahead"
-        else x402_httpx_transport(x402, UnansweredWire(rig.scheme.unanswered))
-    )
+    transport = paying_wire(wire, x402, rig.scheme)
     broken = ("/reports/broken/raise", "/reports/broken/stream")
     paths = ("/weather", *broken, "/reports/3", broken[0], "/weather")
 
@@ -983,11 +985,7 @@ def test_a_paid_request_that_gets_no_answer_frees_its_channel_and_is_charged_as_
     ((payee, api),) = rig.payees
     x402 = paying_client(devnet, rig.scheme)
     network = DroppingWire(["pass", "lose", "drop", "pass"])
-    transport: httpx.AsyncBaseTransport = (
-        PayAheadTransport(x402, network, unanswered=rig.scheme.unanswered)
-        if wire == "pay-ahead"
-        else x402_httpx_transport(x402, UnansweredWire(rig.scheme.unanswered, network))
-    )
+    transport = paying_wire(wire, x402, rig.scheme, network)
     lost = PaymentError if wire == "x402's transport" else httpx.RemoteProtocolError
     dropped = PaymentError if wire == "x402's transport" else httpx.ConnectError
 
