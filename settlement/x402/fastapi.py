@@ -417,7 +417,8 @@ class PaymentMiddleware(PaymentMiddlewareASGI):
         holder: dict[str, str] = {}
         token = _failures.set(holder)
         try:
-            response = await super().dispatch(request, _whole(call_next))
+            paying = "payment-signature" in request.headers or "x-payment" in request.headers  # x402's two headers
+            response = await super().dispatch(request, _whole(call_next) if paying else call_next)
         finally:
             _failures.reset(token)
         if "failure" in holder:
