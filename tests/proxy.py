@@ -11,7 +11,9 @@ from tests.hub_helpers import free_test_port
 
 class TcpProxy:
     """Forwards 127.0.0.1:<port> to a target; `cut()` closes every connection and refuses new ones until `mend()`;
-    while `silent`, new connections are accepted and never answered (a host that black-holes), until `speak()`."""
+    while `silent`, new connections are accepted and never answered (a host that black-holes), until `speak()`;
+    `drop()` closes every connection and lets new ones never connect (a host that is down: the SYN gets no answer)
+    until `mend()`."""
 
     def __init__(self, target_port: int) -> None:
         self.target_port = target_port
@@ -20,6 +22,7 @@ class TcpProxy:
         self._listener: socket.socket | None = None
         self._live: set[socket.socket] = set()
         self._held: set[socket.socket] = set()
+        self._dropping: list[socket.socket] = []
         self._lock = threading.Lock()
         self.silent = False
 
@@ -30,7 +33,21 @@ class TcpProxy:
     def __exit__(self, *_exc: object) -> None:
         self.cut()
 
+    def drop(self) -> None:
+        """A listener that never accepts, with a backlog of none, filled by one connection: the kernel then drops
+        each new SYN, and a client's connect waits for its own timeout."""
+        self.cut()
+        listener = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+        listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        listener.bind(("127.0.0.1", self.port))
+        listener.listen(0)
+        filler = socket.create_connection(("127.0.0.1", self.port))
+        self._dropping = [listener, filler]
+
     def mend(self) -> None:
+        for sock in self._dropping:
+            _close(sock)
+        self._dropping = []
         listener = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
         listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         listener.bind(("127.0.0.1", self.port))
