@@ -1,9 +1,10 @@
-"""examples/paid_api.py with two more paid routes that fail the ways a payee's own code can: a handler that raises,
-and a streamed answer whose body breaks after its first chunk. Neither is a response the payer got, so neither may be
-charged (tests/test_x402_e2e.py runs it as it runs the example)."""
+"""examples/paid_api.py with more paid routes that fail the ways a payee's own code can: a handler that raises, a
+streamed answer whose body breaks after its first chunk, and a handler slower than its payer waits (SLOW_SECONDS).
+None is a response the payer got, so none may be charged (tests/test_x402_e2e.py runs it as it runs the example)."""
 
 from __future__ import annotations
 
+import asyncio
 import os
 import runpy
 from collections.abc import AsyncIterator
@@ -29,6 +30,12 @@ async def breaking() -> StreamingResponse:
         raise RuntimeError("the report's source went away mid-answer")
 
     return StreamingResponse(body(), media_type="application/json")
+
+
+@app.get("/reports/broken/slow")
+async def slow() -> dict[str, str]:
+    await asyncio.sleep(float(os.environ.get("SLOW_SECONDS", "2")))
+    return {"report": "late"}
 
 
 if __name__ == "__main__":

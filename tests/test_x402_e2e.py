@@ -947,6 +947,34 @@ def test_a_handler_that_raises_or_a_body_that_breaks_is_a_500_and_charges_nothin
     assert rig.payer.position(rig.payer.channel(only["channelId"])) == 3 * PRICE
 
 
+def test_a_payer_that_gave_up_before_its_answer_was_ready_is_not_charged(
+    devnet: Devnet, lane_rig: Callable[..., LaneRig]
+) -> None:
+    """A handler slower than the payer waits (2 s against a 0.5-s client timeout): the payer's client closes the
+    connection, and the payee, which settled after the handler whatever became of the payer, charged it for an
+    answer it never got. Now the payee asks whether the payer is still there before it settles: not charged, and
+    the payer's next payment reuses the voucher's amount."""
+    rig = lane_rig("gave-up", max_lanes=1, script=ROOT / "tests" / "faulty_paid_api.py")
+    ((payee, api),) = rig.payees
+    transport = paying_wire("pay-ahead", paying_client(devnet, rig.scheme), rig.scheme)
+
+    async def walk() -> list[int | str]:
+        async with httpx.AsyncClient(transport=transport, timeout=60) as http:
+            first = (await http.get(f"{api}/weather")).status_code
+            try:  # not priced yet for the pay-ahead wire: x402's flow pays the 402, and its paid retry times out
+                late: int | str = (await http.get(f"{api}/reports/broken/slow", timeout=0.5)).status_code
+            except PaymentError as ex:
+                late = "gave up" if isinstance(ex.__cause__, httpx.ReadTimeout) else repr(ex)
+            await asyncio.sleep(2.5)  # the handler ends meanwhile, and the payee would have settled then
+            charged = accepted_for(rig.service, payee)
+            return [first, late, charged, (await http.get(f"{api}/weather")).status_code]
+
+    assert asyncio.run(walk()) == [200, "gave up", PRICE, 200]
+    assert accepted_for(rig.service, payee) == 2 * PRICE
+    (only,) = rig.payer.open_channels(payee)
+    assert rig.payer.position(rig.payer.channel(only["channelId"])) == 2 * PRICE
+
+
 def test_the_sync_adapter_frees_a_channel_whose_paid_request_got_no_payment_answer(
     devnet: Devnet, lane_rig: Callable[..., LaneRig]
 ) -> None:

@@ -14,6 +14,9 @@ settle answered (settlement.x402.positions): one facilitator call per paid reque
 settles of payments in flight at once together (`POST /settle/batch`, our service's addition to x402's routes), each
 request still answered only once its own payment is committed.
 
+A payer that went away before its answer was ready (its client timed out, the connection closed while the
+handler ran) is not charged: the settle is not sent. (One that goes away while the settle is on its way may still be.)
+
 And a paid answer is settled only once its handler sent all of it. Starlette's `BaseHTTPMiddleware`, which x402's
 middleware is, ends a streamed body quietly when the handler raises partway, and x402 reads the body before it
 settles: the payer would be charged for the part, sent as a 200. Here the handler's error is raised instead (the app
@@ -69,6 +72,7 @@ SUPPORTED_TIMEOUT = 5.0  # seconds a /supported request may take on its own thre
 CONNECT_TIMEOUT = 3.0  # seconds to reach the facilitator: a request not sent yet charges nothing, so fail it early
 # One holder per request (a dict, so that tasks that copy the context still write into this request's holder).
 _failures: ContextVar[dict[str, str] | None] = ContextVar("channelhub_facilitator_failures", default=None)
+_paying: ContextVar[Request | None] = ContextVar("channelhub_paying_request", default=None)  # the request settling
 _SENT_WHOLE = "channelhub.answer_sent_whole"  # scope keys the app under the middleware leaves for it
 _FAILED = "channelhub.answer_failed"
 
@@ -165,6 +169,9 @@ class ChannelHubFacilitatorClient(HTTPFacilitatorClient):
             raise _unavailable("verify", ex) from ex
 
     async def settle(self, payload: Any, requirements: Any) -> SettleResponse:
+        request = _paying.get()
+        if request is not None and await request.is_disconnected():  # it would be charged for nothing it gets
+            raise FacilitatorResponseError("the payer went away before its answer was ready: not settled")
         try:
             if (
                 self.batch_settles
@@ -415,12 +422,13 @@ class PaymentMiddleware(PaymentMiddlewareASGI):
 
     async def _paid(self, request: Request, call_next: Callable[[Request], Awaitable[Response]]) -> Response:
         holder: dict[str, str] = {}
-        token = _failures.set(holder)
+        token, paying_token = _failures.set(holder), _paying.set(request)
         try:
             paying = "payment-signature" in request.headers or "x-payment" in request.headers  # x402's two headers
             response = await super().dispatch(request, _whole(call_next) if paying else call_next)
         finally:
             _failures.reset(token)
+            _paying.reset(paying_token)
         if "failure" in holder:
             return JSONResponse(
                 {"error": Reason.UNAVAILABLE, "message": holder["failure"]},
