@@ -763,74 +763,49 @@ def test_the_sync_client_pays_ahead_too_and_falls_back_to_x402s_flow_without_pay
     session.close()
 
 
+@pytest.mark.parametrize("outage", ["service killed", "host down"])
 def test_the_facilitator_down_is_a_503_and_charges_nothing(
-    spawn: Callable[..., ServiceProcess],
-    paid_api: Callable[..., str],
-    devnet: Devnet,
-    accounts: list[LocalAccount],
-    tmp_path: Path,
-    payer_for: Callable[..., PayerClient],
-) -> None:
-    """Never a 402 (which would make the payer pay again) when the facilitator cannot judge: a 503 to retry, and the
-    voucher of that request is not charged, also once the facilitator is back."""
-    service = spawn(f"sqlite:///{tmp_path / 'down.db'}", wait=False)  # ready once the paid app is
-    payee = accounts[16].address
-    api = paid_api(service, payee)
-    payer = payer_for(accounts[18], service)
-    scheme = ChannelHubClientScheme(payer, lane_timeout=0.5)
-
-    async def get() -> httpx.Response:
-        async with x402HttpxClient(paying_client(devnet, scheme), timeout=60) as http:
-            return await http.get(f"{api}/weather")
-
-    assert asyncio.run(get()).status_code == 200
-    service.kill()
-    down = asyncio.run(get())
-    assert (down.status_code, down.headers["retry-after"], down.json()["error"]) == (
-        503,
-        "1",
-        "facilitator_unavailable",
-    )
-    service.start()  # back on the same port, with the same store
-    time.sleep(0.6)  # the unanswered payment's lane times out; its fate is then looked up, not assumed
-    assert asyncio.run(get()).status_code == 200
-    assert accepted_for(service, payee) == 2 * PRICE  # two responses, two prices: the 503 was not charged
-
-
-def test_a_facilitator_host_that_is_down_is_a_503_within_the_connect_timeout(
     spawn: Callable[..., ServiceProcess],
     paid_api: PaidApis,
     devnet: Devnet,
     accounts: list[LocalAccount],
     tmp_path: Path,
     payer_for: Callable[..., PayerClient],
+    outage: str,
 ) -> None:
-    """A facilitator host that is down (connection attempts get no answer at all) held each paid request for x402's
-    whole timeout (90 s) before the 503; a connection not made is a payment not sent, so the payee's client gives up
-    connecting after CONNECT_TIMEOUT (3 s) and answers 503 then, charging nothing. (The payer's client here waits 30
-    s: before, the request timed out instead.)"""
-    service = spawn(f"sqlite:///{tmp_path / 'host-down.db'}", wait=False)
-    payee = accounts[14].address
+    """Never a 402 (which would make the payer pay again) when the facilitator cannot judge: a 503 to retry, and the
+    voucher of that request is not charged, also once the facilitator is back. A facilitator host that is down
+    (connection attempts get no answer at all: `TcpProxy.drop`) held each paid request for x402's whole timeout (90
+    s) before the 503: the payee's client now gives up connecting after CONNECT_TIMEOUT (3 s); the payer's client
+    here waits 30 s (before, it timed out)."""
+    service = spawn(f"sqlite:///{tmp_path / 'down.db'}", wait=False)  # ready once the paid app is
+    payee = accounts[16].address
     with TcpProxy(service.port) as proxy:
         api = paid_api(service, payee, facilitator=proxy.url)
-        scheme = ChannelHubClientScheme(payer_for(accounts[19], service), lane_timeout=0.5)
+        scheme = ChannelHubClientScheme(payer_for(accounts[18], service), lane_timeout=0.5)
 
         async def get() -> httpx.Response:
             async with x402HttpxClient(paying_client(devnet, scheme), timeout=30) as http:
                 return await http.get(f"{api}/weather")
 
         assert asyncio.run(get()).status_code == 200
-        proxy.drop()
+        if outage == "service killed":
+            service.kill()
+        else:
+            proxy.drop()
         down = asyncio.run(get())
         assert (down.status_code, down.headers["retry-after"], down.json()["error"]) == (
             503,
             "1",
             "facilitator_unavailable",
         )
-        proxy.mend()
+        if outage == "service killed":
+            service.start()  # back on the same port, with the same store
+        else:
+            proxy.mend()
         time.sleep(0.6)  # the unanswered payment's lane times out; its fate is then looked up, not assumed
         assert asyncio.run(get()).status_code == 200
-    assert accepted_for(service, payee) == 2 * PRICE
+    assert accepted_for(service, payee) == 2 * PRICE  # two responses, two prices: the 503 was not charged
 
 
 @pytest.mark.parametrize("outage", ["refused", "silent"])
