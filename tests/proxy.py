@@ -45,9 +45,10 @@ class TcpProxy:
         self._dropping = [listener, filler]
 
     def mend(self) -> None:
-        for sock in self._dropping:
-            _close(sock)
-        self._dropping = []
+        with self._lock:  # a listener left by drop() holds the port
+            for sock in self._dropping:
+                _close(sock)
+            self._dropping = []
         listener = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
         listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         listener.bind(("127.0.0.1", self.port))
@@ -60,10 +61,11 @@ class TcpProxy:
             if self._listener is not None:
                 _close(self._listener)  # shutdown() wakes the thread blocked in accept(); close() alone would not
                 self._listener = None
-            for sock in self._live | self._held:
+            for sock in [*self._live, *self._held, *self._dropping]:
                 _close(sock)
             self._live.clear()
             self._held.clear()
+            self._dropping = []
 
     def speak(self) -> None:
         """Forward again; the connections held while silent are closed."""
