@@ -70,11 +70,20 @@ KEEPALIVE_SECONDS = 2.0  # below the service's keep-alive timeout
 SUPPORTED_WAIT = 1.0  # seconds the event loop waits for the facilitator's /supported (x402 asks it synchronously)
 SUPPORTED_TIMEOUT = 5.0  # seconds a /supported request may take on its own thread (x402's default: 90)
 CONNECT_TIMEOUT = 3.0  # seconds to reach the facilitator: a request not sent yet charges nothing, so fail it early
-# One holder per request (a dict, so that tasks that copy the context still write into this request's holder).
-_failures: ContextVar[dict[str, str] | None] = ContextVar("channelhub_facilitator_failures", default=None)
-_paying: ContextVar[Request | None] = ContextVar("channelhub_paying_request", default=None)  # the request settling
-_SENT_WHOLE = "channelhub.answer_sent_whole"  # scope keys the app under the middleware leaves for it
-_FAILED = "channelhub.answer_failed"
+
+
+@dataclass
+class _Exchange:
+    """One request through `PaymentMiddleware`, as the parts under it saw it: one object per request, so that tasks
+    that copy the context (the app's, under Starlette's `call_next`) still write into this request's."""
+
+    request: Request
+    failure: str | None = None  # the facilitator could not judge the payment: the answer is a 503
+    sent_whole: bool = False  # the app sent its answer's last part
+    failed: Exception | None = None  # or raised this instead
+
+
+_exchange: ContextVar[_Exchange | None] = ContextVar("channelhub_exchange", default=None)
 
 
 class ChannelHubFacilitatorClient(HTTPFacilitatorClient):
@@ -169,8 +178,8 @@ class ChannelHubFacilitatorClient(HTTPFacilitatorClient):
             raise _unavailable("verify", ex) from ex
 
     async def settle(self, payload: Any, requirements: Any) -> SettleResponse:
-        request = _paying.get()
-        if request is not None and await request.is_disconnected():  # it would be charged for nothing it gets
+        exchange = _exchange.get()
+        if exchange is not None and await exchange.request.is_disconnected():  # charged for nothing it gets
             raise FacilitatorResponseError("the payer went away before its answer was ready: not settled")
         try:
             if (
@@ -314,9 +323,9 @@ def _batch_answer(answer: Any) -> SettleResponse | Exception:
 
 
 def _unavailable(operation: str, ex: Exception) -> FacilitatorResponseError:
-    holder = _failures.get()
-    if holder is not None:
-        holder["failure"] = f"the facilitator could not {operation} the payment ({type(ex).__name__}: {ex})"
+    exchange = _exchange.get()
+    if exchange is not None:
+        exchange.failure = f"the facilitator could not {operation} the payment ({type(ex).__name__}: {ex})"
     return FacilitatorResponseError(f"facilitator {operation} unavailable: {ex}")
 
 
@@ -421,17 +430,16 @@ class PaymentMiddleware(PaymentMiddlewareASGI):
         return await self.answers.answer(key, lambda: self._paid(request, call_next))
 
     async def _paid(self, request: Request, call_next: Callable[[Request], Awaitable[Response]]) -> Response:
-        holder: dict[str, str] = {}
-        token, paying_token = _failures.set(holder), _paying.set(request)
+        exchange = _Exchange(request)
+        token = _exchange.set(exchange)
         try:
             paying = "payment-signature" in request.headers or "x-payment" in request.headers  # x402's two headers
-            response = await super().dispatch(request, _whole(call_next) if paying else call_next)
+            response = await super().dispatch(request, _whole(call_next, exchange) if paying else call_next)
         finally:
-            _failures.reset(token)
-            _paying.reset(paying_token)
-        if "failure" in holder:
+            _exchange.reset(token)
+        if exchange.failure is not None:
             return JSONResponse(
-                {"error": Reason.UNAVAILABLE, "message": holder["failure"]},
+                {"error": Reason.UNAVAILABLE, "message": exchange.failure},
                 status_code=503,
                 headers={"Retry-After": str(RETRY_AFTER_SECONDS)},
             )
@@ -439,45 +447,51 @@ class PaymentMiddleware(PaymentMiddlewareASGI):
 
 
 def _watched(app: ASGIApp) -> ASGIApp:
-    """`app`, noting in the request's scope when its answer's last part is sent, or the error it raised instead."""
+    """`app`, noting in the request's `_Exchange` when its answer's last part is sent, or the error raised instead."""
 
     async def watched(scope: Scope, receive: Receive, send: Send) -> None:
+        exchange = _exchange.get()
+        if exchange is None:  # not under PaymentMiddleware's dispatch
+            await app(scope, receive, send)
+            return
+
         async def sending(message: Message) -> None:
             if message["type"] == "http.response.pathsend" or (
                 message["type"] == "http.response.body" and not message.get("more_body", False)
             ):
-                scope[_SENT_WHOLE] = True
+                exchange.sent_whole = True
             await send(message)
 
         try:
             await app(scope, receive, sending)
         except Exception as ex:
-            scope[_FAILED] = ex
+            exchange.failed = ex
             raise
 
     return watched
 
 
-def _whole(call_next: Callable[[Request], Awaitable[Response]]) -> Callable[[Request], Awaitable[Response]]:
+def _whole(
+    call_next: Callable[[Request], Awaitable[Response]], exchange: _Exchange
+) -> Callable[[Request], Awaitable[Response]]:
     """`call_next`, whose answer's body raises at its end if the app did not send all of it (`_watched`)."""
 
     async def whole_body(request: Request) -> Response:
         response = await call_next(request)
         body = getattr(response, "body_iterator", None)
         if body is not None:
-            response.body_iterator = _checked(body, request.scope)  # type: ignore[attr-defined]
+            response.body_iterator = _checked(body, exchange)  # type: ignore[attr-defined]
         return response
 
     return whole_body
 
 
-async def _checked(body: AsyncIterator[Any], scope: Scope) -> AsyncIterator[Any]:
+async def _checked(body: AsyncIterator[Any], exchange: _Exchange) -> AsyncIterator[Any]:
     async for part in body:
         yield part
-    if not scope.get(_SENT_WHOLE):
-        failed = scope.get(_FAILED)
-        if isinstance(failed, Exception):
-            raise failed
+    if not exchange.sent_whole:
+        if exchange.failed is not None:
+            raise exchange.failed
         raise SettlementError("the paid route's answer ended before its last part: not settled")
 
 
