@@ -10,10 +10,9 @@ from tests.hub_helpers import free_test_port
 
 
 class TcpProxy:
-    """Forwards 127.0.0.1:<port> to a target; `cut()` closes every connection and refuses new ones until `mend()`;
-    while `silent`, new connections are accepted and never answered (a host that black-holes), until `speak()`;
-    `drop()` closes every connection and lets new ones never connect (a host that is down: the SYN gets no answer)
-    until `mend()`."""
+    """Forwards 127.0.0.1:<port> to a target until an outage, and again after `mend()`: `cut()` closes every
+    connection and refuses new ones; `hold()` accepts new ones and never answers (a host that black-holes); `drop()`
+    closes every connection and lets new ones never connect (a host that is down: the SYN gets no answer)."""
 
     def __init__(self, target_port: int) -> None:
         self.target_port = target_port
@@ -24,7 +23,7 @@ class TcpProxy:
         self._held: set[socket.socket] = set()
         self._dropping: list[socket.socket] = []
         self._lock = threading.Lock()
-        self.silent = False
+        self._holding = False
 
     def __enter__(self) -> TcpProxy:
         self.mend()
@@ -44,16 +43,26 @@ class TcpProxy:
         filler = socket.create_connection(("127.0.0.1", self.port))
         self._dropping = [listener, filler]
 
+    def hold(self) -> None:
+        with self._lock:
+            self._holding = True
+
     def mend(self) -> None:
-        with self._lock:  # a listener left by drop() holds the port
-            for sock in self._dropping:
+        """Forward again, whatever the outage: the connections held, and what drop() left (it holds the port), are
+        closed."""
+        with self._lock:
+            self._holding = False
+            for sock in [*self._held, *self._dropping]:
                 _close(sock)
+            self._held.clear()
             self._dropping = []
-        listener = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-        listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        listener.bind(("127.0.0.1", self.port))
-        listener.listen(64)
-        self._listener = listener
+            if self._listener is not None:
+                return
+            listener = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+            listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            listener.bind(("127.0.0.1", self.port))
+            listener.listen(64)
+            self._listener = listener
         threading.Thread(target=self._accept, args=(listener,), daemon=True).start()
 
     def cut(self) -> None:
@@ -67,14 +76,6 @@ class TcpProxy:
             self._held.clear()
             self._dropping = []
 
-    def speak(self) -> None:
-        """Forward again; the connections held while silent are closed."""
-        with self._lock:
-            self.silent = False
-            for sock in self._held:
-                _close(sock)
-            self._held.clear()
-
     def _accept(self, listener: socket.socket) -> None:
         while True:
             try:
@@ -82,7 +83,7 @@ class TcpProxy:
             except OSError:
                 return
             with self._lock:
-                if self.silent:
+                if self._holding:
                     self._held.add(client)
                     continue
             try:

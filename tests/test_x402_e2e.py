@@ -252,6 +252,12 @@ def paying_wire(
     return x402_httpx_transport(x402, UnansweredWire(scheme.unanswered, network))
 
 
+def position_on_only_channel(payer: PayerClient, payee: str) -> int:
+    """The payer's position on its one open channel to `payee` (there must be exactly one)."""
+    (only,) = payer.open_channels(payee)
+    return payer.position(payer.channel(only["channelId"]))
+
+
 def paid_get(devnet: Devnet, scheme: ChannelHubClientScheme, url: str, asset: str = ETH) -> int:
     """One GET through x402's own httpx client with our scheme (a fresh client each time, as a new app session)."""
 
@@ -763,101 +769,117 @@ def test_the_sync_client_pays_ahead_too_and_falls_back_to_x402s_flow_without_pay
     session.close()
 
 
-@pytest.mark.parametrize("outage", ["service killed", "host down"])
-def test_the_facilitator_down_is_a_503_and_charges_nothing(
+@dataclass(frozen=True)
+class ProxiedPayee:
+    """A service, the example app of `payee` reaching it (its facilitator) through `proxy`, and a payer's scheme."""
+
+    service: ServiceProcess
+    proxy: TcpProxy
+    payee: str
+    api: str
+    scheme: ChannelHubClientScheme
+
+
+@pytest.fixture
+def proxied_payee(
     spawn: Callable[..., ServiceProcess],
     paid_api: PaidApis,
-    devnet: Devnet,
     accounts: list[LocalAccount],
     tmp_path: Path,
     payer_for: Callable[..., PayerClient],
-    outage: str,
+) -> Iterator[Callable[..., ProxiedPayee]]:
+    """Factory: proxied_payee(payee, payer, outage=None) -> a ProxiedPayee of devnet accounts `payee` and `payer`
+    (indexes), its proxy in `outage` ("refused", "held", "host down") before the app starts when given; the payer's
+    lanes are freed 0.5 s after a paid request got no payment answer. Its proxies are closed after the test."""
+    proxies: list[TcpProxy] = []
+
+    def make(payee: int, payer: int, outage: str | None = None) -> ProxiedPayee:
+        service = spawn(f"sqlite:///{tmp_path / f'proxied-{payee}.db'}", wait=False)  # ready once the paid app is
+        proxy = TcpProxy(service.port)
+        proxies.append(proxy)
+        proxy.mend()  # forwarding
+        if outage is not None:
+            start_outage(proxy, outage)
+        api = paid_api(service, accounts[payee].address, facilitator=proxy.url)
+        scheme = ChannelHubClientScheme(payer_for(accounts[payer], service), lane_timeout=0.5)
+        return ProxiedPayee(service, proxy, accounts[payee].address, api, scheme)
+
+    yield make
+    for proxy in proxies:
+        proxy.cut()
+
+
+def start_outage(proxy: TcpProxy, outage: str) -> None:
+    {"refused": proxy.cut, "held": proxy.hold, "host down": proxy.drop}[outage]()
+
+
+@pytest.mark.parametrize("outage", ["service killed", "host down"])
+def test_the_facilitator_down_is_a_503_and_charges_nothing(
+    devnet: Devnet, proxied_payee: Callable[..., ProxiedPayee], outage: str
 ) -> None:
     """Never a 402 (which would make the payer pay again) when the facilitator cannot judge: a 503 to retry, and the
     voucher of that request is not charged, also once the facilitator is back. A facilitator host that is down
     (connection attempts get no answer at all: `TcpProxy.drop`) held each paid request for x402's whole timeout (90
     s) before the 503: the payee's client now gives up connecting after CONNECT_TIMEOUT (3 s); the payer's client
     here waits 30 s (before, it timed out)."""
-    service = spawn(f"sqlite:///{tmp_path / 'down.db'}", wait=False)  # ready once the paid app is
-    payee = accounts[16].address
-    with TcpProxy(service.port) as proxy:
-        api = paid_api(service, payee, facilitator=proxy.url)
-        scheme = ChannelHubClientScheme(payer_for(accounts[18], service), lane_timeout=0.5)
+    rig = proxied_payee(16, 18)
 
-        async def get() -> httpx.Response:
-            async with x402HttpxClient(paying_client(devnet, scheme), timeout=30) as http:
-                return await http.get(f"{api}/weather")
+    async def get() -> httpx.Response:
+        async with x402HttpxClient(paying_client(devnet, rig.scheme), timeout=30) as http:
+            return await http.get(f"{rig.api}/weather")
 
-        assert asyncio.run(get()).status_code == 200
-        if outage == "service killed":
-            service.kill()
-        else:
-            proxy.drop()
-        down = asyncio.run(get())
-        assert (down.status_code, down.headers["retry-after"], down.json()["error"]) == (
-            503,
-            "1",
-            "facilitator_unavailable",
-        )
-        if outage == "service killed":
-            service.start()  # back on the same port, with the same store
-        else:
-            proxy.mend()
-        time.sleep(0.6)  # the unanswered payment's lane times out; its fate is then looked up, not assumed
-        assert asyncio.run(get()).status_code == 200
-    assert accepted_for(service, payee) == 2 * PRICE  # two responses, two prices: the 503 was not charged
+    assert asyncio.run(get()).status_code == 200
+    if outage == "service killed":
+        rig.service.kill()
+    else:
+        start_outage(rig.proxy, outage)
+    down = asyncio.run(get())
+    assert (down.status_code, down.headers["retry-after"], down.json()["error"]) == (
+        503,
+        "1",
+        "facilitator_unavailable",
+    )
+    if outage == "service killed":
+        rig.service.start()  # back on the same port, with the same store
+    else:
+        rig.proxy.mend()
+    time.sleep(0.6)  # the unanswered payment's lane times out; its fate is then looked up, not assumed
+    assert asyncio.run(get()).status_code == 200
+    assert accepted_for(rig.service, rig.payee) == 2 * PRICE  # two responses, two prices: the 503 was not charged
 
 
-@pytest.mark.parametrize("outage", ["refused", "silent"])
+@pytest.mark.parametrize("outage", ["refused", "held"])
 def test_a_payee_that_started_without_its_facilitator_answers_503_at_once_then_is_paid(
-    spawn: Callable[..., ServiceProcess],
-    paid_api: PaidApis,
-    devnet: Devnet,
-    accounts: list[LocalAccount],
-    tmp_path: Path,
-    payer_for: Callable[..., PayerClient],
-    outage: str,
+    devnet: Devnet, proxied_payee: Callable[..., ProxiedPayee], outage: str
 ) -> None:
     """x402's middleware asks the facilitator's /supported on the event loop, at start and then at each paid route's
     request until it has an answer. A facilitator refusing connections made that a 500 for each paid route (not even
-    a 402); one that never answers (`silent`) froze the whole app, free routes too, for x402's 90-second timeout.
+    a 402); one that never answers (`held`) froze the whole app, free routes too, for x402's 90-second timeout.
     Now a paid route answers 503 (Retry-After) within a second, a free route at once, nothing is charged, and once
     the facilitator answers the payer pays once."""
-    service = spawn(f"sqlite:///{tmp_path / 'no-facilitator.db'}", wait=False)
-    payee = accounts[15].address
-    with TcpProxy(service.port) as proxy:
-        if outage == "refused":
-            proxy.cut()
-        else:
-            proxy.silent = True
-        api = paid_api(service, payee, facilitator=proxy.url)
-        payer = payer_for(accounts[17], service)
-        scheme = ChannelHubClientScheme(payer, lane_timeout=0.5)
+    rig = proxied_payee(15, 17, outage)
 
-        async def walk() -> list[tuple[int, str]]:
-            async with x402HttpxClient(paying_client(devnet, scheme), timeout=30) as http, httpx.AsyncClient() as free:
-                paid = asyncio.create_task(http.get(f"{api}/weather"))
-                await asyncio.sleep(0.1)  # the paid request waits for /supported meanwhile
-                health = await free.get(f"{api}/health", timeout=5)
-                down = await paid
-                if outage == "refused":
-                    proxy.mend()
-                else:
-                    proxy.speak()  # the /supported still waiting ends: the payer retries after Retry-After
-                await asyncio.sleep(float(down.headers["retry-after"]))
-                up = await http.get(f"{api}/weather")
-                return [
-                    (health.status_code, health.text),
-                    (down.status_code, f"{down.headers.get('retry-after')} {down.json()['error']}"),
-                    (up.status_code, up.text),
-                ]
+    async def walk() -> list[tuple[int, str]]:
+        async with x402HttpxClient(paying_client(devnet, rig.scheme), timeout=30) as http, httpx.AsyncClient() as free:
+            paid = asyncio.create_task(http.get(f"{rig.api}/weather"))
+            await asyncio.sleep(0.1)  # the paid request waits for /supported meanwhile
+            health = await free.get(f"{rig.api}/health", timeout=5)
+            down = await paid
+            rig.proxy.mend()  # a /supported still held ends: the payer retries after Retry-After
+            await asyncio.sleep(float(down.headers["retry-after"]))
+            up = await http.get(f"{rig.api}/weather")
+            return [
+                (health.status_code, health.text),
+                (down.status_code, f"{down.headers.get('retry-after')} {down.json()['error']}"),
+                (up.status_code, up.text),
+            ]
 
-        assert asyncio.run(walk()) == [
-            (200, '{"status":"ok"}'),
-            (503, "1 facilitator_unavailable"),
-            (200, '{"forecast":"sunny"}'),
-        ]
-    assert accepted_for(service, payee) == PRICE
+    assert asyncio.run(walk()) == [
+        (200, '{"status":"ok"}'),
+        (503, "1 facilitator_unavailable"),
+        (200, '{"forecast":"sunny"}'),
+    ]
+    assert accepted_for(rig.service, rig.payee) == PRICE
 
 
 @pytest.mark.parametrize("wire", ["pay-ahead", "x402's transport"])
@@ -890,8 +912,7 @@ def test_a_paid_request_answered_without_a_payment_answer_frees_its_channel_at_o
 
     assert asyncio.run(walk()) == [200, 404, 200, 503, 200]
     assert accepted_for(service, payee) == 3 * PRICE
-    (only,) = payer.open_channels(payee)
-    assert payer.position(payer.channel(only["channelId"])) == 3 * PRICE
+    assert position_on_only_channel(payer, payee) == 3 * PRICE
 
 
 @pytest.mark.parametrize("wire", ["pay-ahead", "x402's transport"])
@@ -918,8 +939,7 @@ def test_a_handler_that_raises_or_a_body_that_breaks_is_a_500_and_charges_nothin
     failed = (500, False)
     assert asyncio.run(walk()) == [(200, True), failed, failed, (200, True), failed, (200, True)]
     assert accepted_for(rig.service, payee) == 3 * PRICE
-    (only,) = rig.payer.open_channels(payee)
-    assert rig.payer.position(rig.payer.channel(only["channelId"])) == 3 * PRICE
+    assert position_on_only_channel(rig.payer, payee) == 3 * PRICE
 
 
 def test_a_payer_that_gave_up_before_its_answer_was_ready_is_not_charged(
@@ -946,8 +966,7 @@ def test_a_payer_that_gave_up_before_its_answer_was_ready_is_not_charged(
 
     assert asyncio.run(walk()) == [200, "gave up", PRICE, 200]
     assert accepted_for(rig.service, payee) == 2 * PRICE
-    (only,) = rig.payer.open_channels(payee)
-    assert rig.payer.position(rig.payer.channel(only["channelId"])) == 2 * PRICE
+    assert position_on_only_channel(rig.payer, payee) == 2 * PRICE
 
 
 def test_the_sync_adapter_frees_a_channel_whose_paid_request_got_no_payment_answer(
@@ -1040,8 +1059,7 @@ def test_a_paid_request_that_gets_no_answer_frees_its_channel_and_is_charged_as_
     asyncio.run(walk())
     assert network.plan == []
     assert accepted_for(rig.service, payee) == 3 * PRICE  # the lost answer's payment, not the dropped one's
-    (only,) = rig.payer.open_channels(payee)
-    assert rig.payer.position(rig.payer.channel(only["channelId"])) == 3 * PRICE
+    assert position_on_only_channel(rig.payer, payee) == 3 * PRICE
 
 
 def test_the_sync_adapter_frees_a_channel_whose_paid_request_got_no_answer(
@@ -1064,8 +1082,7 @@ def test_the_sync_adapter_frees_a_channel_whose_paid_request_got_no_answer(
     assert session.get(f"{api}/weather", timeout=60).status_code == 200
     assert Dropping.plan == []
     assert accepted_for(rig.service, payee) == 3 * PRICE
-    (only,) = rig.payer.open_channels(payee)
-    assert rig.payer.position(rig.payer.channel(only["channelId"])) == 3 * PRICE
+    assert position_on_only_channel(rig.payer, payee) == 3 * PRICE
 
 
 def test_only_the_payment_a_channel_carries_now_frees_it(devnet: Devnet, lane_rig: Callable[..., LaneRig]) -> None:
