@@ -10,6 +10,9 @@ x402's transport sees every answer with the request that carried the payment, an
     async with httpx.AsyncClient(transport=transport) as http: ...
 
 `PayAheadTransport(..., unanswered=...)` and `PayAheadAdapter(..., unanswered=...)` (settlement.x402.ahead) do the same.
+
+Under it, the wire sends a request lost to a kept-alive connection the payee closed meanwhile once more
+(settlement.x402.resend): a request answered on the second sending was answered, and is not told.
 """
 
 from __future__ import annotations
@@ -21,16 +24,19 @@ import httpx
 from x402.http.utils import decode_payment_signature_header
 from x402.schemas import PaymentPayload
 
+from settlement.x402.resend import Resending
+
 Unanswered = Callable[[PaymentPayload], object]
 
 
 class UnansweredWire(httpx.AsyncBaseTransport):
-    """An httpx transport (`inner`, httpx's own by default) that tells `unanswered` of each paid request answered with
-    neither a payment answer nor a 402, or not answered at all. Put it under x402's transport
+    """An httpx transport (`inner`, httpx's own by default, under `Resending`) that tells `unanswered` of each paid
+    request answered with neither a payment answer nor a 402, or not answered at all. Put it under x402's transport
     (`x402_httpx_transport(x402, wire)`): x402's `x402HttpxClient` builds its transport with no wire of the caller's."""
 
     def __init__(self, unanswered: Unanswered | None, inner: httpx.AsyncBaseTransport | None = None) -> None:
-        self._unanswered, self._inner = unanswered, inner or httpx.AsyncHTTPTransport()
+        self._unanswered = unanswered
+        self._inner = inner if isinstance(inner, Resending) else Resending(inner)
 
     async def handle_async_request(self, request: httpx.Request) -> httpx.Response:
         with telling_if_unanswered(self._unanswered, request.headers.get("payment-signature")):
