@@ -8,12 +8,16 @@ from __future__ import annotations
 import asyncio
 import socket
 import struct
-from collections.abc import Awaitable, Callable
+import threading
+from collections.abc import Awaitable, Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any
 
 import httpx
 import pytest
+import requests
+from x402 import x402ClientSync
 from x402.extensions.payment_identifier import (
     PAYMENT_IDENTIFIER,
     append_payment_identifier_to_extensions,
@@ -22,7 +26,8 @@ from x402.extensions.payment_identifier import (
 from x402.http.utils import encode_payment_signature_header
 from x402.schemas import PaymentPayload, PaymentRequirements
 
-from settlement.x402.resend import Resending
+from settlement.x402.ahead import PayAheadAdapter
+from settlement.x402.resend import Resending, ResendingAdapter
 from settlement.x402.unanswered import UnansweredWire
 
 Seen = tuple[int, str, str | None]  # (the connection's number, the request's method and path, its payment header)
@@ -87,6 +92,30 @@ def run_against(server: OneAnswerEach, talk: Callable[[str], Awaitable[list[Any]
                 await asyncio.gather(*server.handlers, return_exceptions=True)
 
     return asyncio.run(main())
+
+
+@contextmanager
+def serving(server: OneAnswerEach) -> Iterator[str]:
+    """`server` on an event loop of its own thread, for a blocking client (requests): its URL."""
+    loop = asyncio.new_event_loop()
+    started = asyncio.run_coroutine_threadsafe(asyncio.start_server(server.serve, "127.0.0.1", 0), loop)
+    thread = threading.Thread(target=loop.run_forever, daemon=True)
+    thread.start()
+    listening = started.result(10)
+    try:
+        yield f"http://127.0.0.1:{listening.sockets[0].getsockname()[1]}"
+    finally:
+
+        async def stop() -> None:
+            listening.close()
+            for handler in list(server.handlers):
+                handler.cancel()
+            await asyncio.gather(*server.handlers, return_exceptions=True)
+
+        asyncio.run_coroutine_threadsafe(stop(), loop).result(10)
+        loop.call_soon_threadsafe(loop.stop)
+        thread.join(10)
+        loop.close()
 
 
 def outcome(answer: httpx.Response | BaseException) -> int | str:
@@ -215,3 +244,52 @@ def test_a_request_answered_on_its_second_sending_is_not_told_unanswered() -> No
     server = OneAnswerEach()
     assert run_against(server, through_the_wire(a_payment(identified=False))) == ["RemoteProtocolError"]
     assert (told, [s[0] for s in server.seen]) == (["signed"], [1, 1])
+
+
+def sync_requests(adapter: requests.adapters.HTTPAdapter, url: str, method: str, **kwargs: Any) -> list[int | str]:
+    """A first GET (answered, its connection kept), then `method` on the same connection, through `adapter`."""
+    with requests.Session() as session:
+        session.mount("http://", adapter)
+        first = session.get(f"{url}/first").status_code
+        try:
+            return [first, session.request(method, f"{url}/second", **kwargs).status_code]
+        except requests.ConnectionError as ex:
+            return [first, type(ex).__name__]
+
+
+@pytest.mark.parametrize(
+    ("adapter", "ending"), [("ResendingAdapter", "FIN"), ("ResendingAdapter", "reset"), ("PayAheadAdapter", "FIN")]
+)
+@pytest.mark.parametrize("method", ["GET", "HEAD", "PUT", "DELETE"])
+def test_requests_sends_an_idempotent_request_lost_to_a_kept_alive_connection_once_more(
+    adapter: str, ending: str, method: str
+) -> None:
+    server = OneAnswerEach(reset=ending == "reset")
+    wire = ResendingAdapter() if adapter == "ResendingAdapter" else PayAheadAdapter(x402ClientSync())
+    with serving(server) as url:
+        assert sync_requests(wire, url, method, data=b"x" if method == "PUT" else None) == [200, 200]
+    assert server.seen == [(1, "GET /first", None), (1, f"{method} /second", None), (2, f"{method} /second", None)]
+
+
+def test_requests_sends_again_neither_a_post_nor_a_streamed_body_nor_a_payment_without_identifier() -> None:
+    identified, bare = a_payment(identified=True), a_payment(identified=False)
+    cases: list[tuple[str, dict[str, Any], int | str]] = [
+        ("POST", {"data": b"x"}, "ConnectionError"),
+        ("PUT", {"data": iter([b"x"])}, "ConnectionError"),
+        ("GET", {"headers": {"payment-signature": bare}}, "ConnectionError"),
+        ("GET", {"headers": {"payment-signature": identified}}, 200),
+    ]
+    for method, kwargs, expected in cases:
+        server = OneAnswerEach()
+        with serving(server) as url:
+            assert sync_requests(ResendingAdapter(), url, method, **kwargs) == [200, expected]
+        assert [s[0] for s in server.seen] == ([1, 1, 2] if expected == 200 else [1, 1])
+
+
+def test_requests_does_not_send_again_a_request_that_failed_on_a_new_connection() -> None:
+    server = OneAnswerEach(first_too=True)
+    with serving(server) as url, requests.Session() as session:
+        session.mount("http://", ResendingAdapter())
+        with pytest.raises(requests.ConnectionError):
+            session.get(f"{url}/only")
+    assert server.seen == [(1, "GET /only", None)]

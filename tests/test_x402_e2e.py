@@ -915,30 +915,38 @@ def test_a_paid_request_answered_without_a_payment_answer_frees_its_channel_at_o
     assert position_on_only_channel(payer, payee) == 3 * PRICE
 
 
-@pytest.mark.parametrize("wire", ["pay-ahead", "x402's transport"])
+@pytest.mark.parametrize("wire", ["pay-ahead", "x402's transport", "requests"])
 def test_a_handler_that_raises_or_a_body_that_breaks_is_a_500_and_charges_nothing(
     devnet: Devnet, lane_rig: Callable[..., LaneRig], wire: str
 ) -> None:
     """The payer is charged for the responses it gets: a paid route whose handler raises, or whose streamed body
     breaks after its first chunk, answers 500 without a payment answer (x402's middleware reads the whole body before
-    it settles), and the payer's next payment on the same channel pays the price once: one voucher a 200."""
+    it settles), and the payer's next payment on the same channel pays the price once: one voucher a 200. On one kept
+    connection: uvicorn ends it after each handler's error, and the request written on it meanwhile is sent again by
+    the payer's wire (settlement.x402.resend; the paid ones, with their identifier, charged once)."""
     rig = lane_rig("faulty", max_lanes=1, script=ROOT / "tests" / "faulty_paid_api.py")
     ((payee, api),) = rig.payees
-    x402 = paying_client(devnet, rig.scheme)
-    x402.register_extension(PaymentIdentifiers())
-    transport = paying_wire(wire, x402, rig.scheme)
     broken = ("/reports/broken/raise", "/reports/broken/stream")
-    paths = ("/weather", *broken, "/reports/3", broken[0], "/weather")
+    urls = [f"{api}{path}" for path in ("/weather", *broken, "/reports/3", broken[0], "/weather")]
 
-    async def walk() -> list[tuple[int, bool]]:
-        async with httpx.AsyncClient(transport=transport, timeout=60) as http:
-            # uvicorn ends the kept connection after each handler's error: the request written on it meanwhile is
-            # sent again by the wire (settlement.x402.resend; paid ones, with their identifier, charged once).
-            answers = [await http.get(f"{api}{path}") for path in paths]
-            return [(a.status_code, "payment-response" in a.headers) for a in answers]
+    async def walk() -> list[httpx.Response]:
+        x402 = paying_client(devnet, rig.scheme)
+        x402.register_extension(PaymentIdentifiers())
+        async with httpx.AsyncClient(transport=paying_wire(wire, x402, rig.scheme), timeout=60) as http:
+            return [await http.get(url) for url in urls]
 
+    def walk_requests() -> list[requests.Response]:
+        x402 = paying_client(devnet, rig.scheme, kind=x402ClientSync)
+        x402.register_extension(PaymentIdentifiers())
+        with requests.Session() as session:
+            session.mount("http://", PayAheadAdapter(x402, unanswered=rig.scheme.unanswered))
+            return [session.get(url, timeout=60) for url in urls]
+
+    answers = walk_requests() if wire == "requests" else asyncio.run(walk())
     failed = (500, False)
-    assert asyncio.run(walk()) == [(200, True), failed, failed, (200, True), failed, (200, True)]
+    assert [(a.status_code, "payment-response" in a.headers) for a in answers] == [
+        (200, True), failed, failed, (200, True), failed, (200, True)
+    ]  # fmt: skip
     assert accepted_for(rig.service, payee) == 3 * PRICE
     assert position_on_only_channel(rig.payer, payee) == 3 * PRICE
 

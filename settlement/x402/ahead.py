@@ -32,13 +32,13 @@ from typing import Any
 
 import httpx
 import requests
-from requests.adapters import HTTPAdapter
 from x402 import x402Client, x402ClientSync
 from x402.http import x402HTTPClient, x402HTTPClientSync
 from x402.http.clients.httpx import x402AsyncTransport
 from x402.http.clients.requests import x402HTTPAdapter
 from x402.schemas import PaymentRequired
 
+from settlement.x402.resend import ResendingAdapter
 from settlement.x402.unanswered import Unanswered, UnansweredWire, tell_unanswered, telling_if_unanswered
 
 
@@ -139,7 +139,7 @@ class _Learning(httpx.AsyncBaseTransport):
         await self._inner.aclose()
 
 
-class _TellingWire(HTTPAdapter):
+class _TellingWire(ResendingAdapter):
     """requests' wire under x402's adapter (x402's paid retries reach it through `super().send`): a paid request that
     got no answer at all (the connection dropped, a timeout) is told to `unanswered`, as `build_response` tells one
     answered with neither a payment answer nor a 402."""

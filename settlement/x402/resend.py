@@ -4,10 +4,12 @@ A server may close an idle kept-alive connection at any moment, and uvicorn clos
 (Starlette answers it with a 500, then raises it on): the client's next request, written on that connection before the
 close reached it, is reset unread, and the payer's app saw `httpx.ReadError` for a sound request. Browsers send such a
 request again when its method is idempotent (RFC 9110, 9.2.2); httpx does not. `Resending` does, under x402's
-transport and ours (`UnansweredWire` puts it under every payer wire of ours):
+transport and ours (`UnansweredWire` puts it under every payer wire of ours), and `ResendingAdapter` does for
+requests (under `PayAheadAdapter`):
 
 - once, and only a request written on a connection that was already open (httpcore's `trace` extension says whether
-  it opened one for this request): a request that failed on a new connection failed for another reason;
+  it opened one for this request; for requests, urllib3's pool counts the connections it opened): a request that
+  failed on a new connection failed for another reason;
 - only an idempotent method whose body is already in memory;
 - a paid request only if its payment carries x402's payment identifier: the payee may have settled the payment and
   lost its answer, and then the same payment sent again is answered again and charged once (docs/x402.md, "A retried
@@ -20,6 +22,9 @@ from collections.abc import Awaitable, Callable
 from typing import Any
 
 import httpx
+import requests
+from requests.adapters import HTTPAdapter
+from urllib3.exceptions import ProtocolError
 from x402.extensions.payment_identifier import extract_payment_identifier
 from x402.http.utils import decode_payment_signature_header
 from x402.schemas import PaymentPayload
@@ -47,7 +52,7 @@ class Resending(httpx.AsyncBaseTransport):
         try:
             return await self._inner.handle_async_request(request)
         except LOST:
-            if not (seen.sent and not seen.opened and _may_be_sent_again(request)):
+            if not seen.sent or seen.opened or not _payment_may_be_sent_again(request.headers.get("payment-signature")):
                 raise
         finally:
             _restore(request, theirs)
@@ -80,11 +85,32 @@ def _in_memory(request: httpx.Request) -> bool:
         return False
 
 
-def _may_be_sent_again(request: httpx.Request) -> bool:
+class ResendingAdapter(HTTPAdapter):
+    """requests' adapter, sending a request lost to a kept-alive connection once more (the rules above)."""
+
+    def send(self, request: requests.PreparedRequest, **kwargs: Any) -> requests.Response:  # type: ignore[override]
+        if request.method not in IDEMPOTENT or not isinstance(request.body, bytes | str | None):
+            return super().send(request, **kwargs)
+        pool = self.get_connection_with_tls_context(
+            request, kwargs.get("verify", True), kwargs.get("proxies"), kwargs.get("cert")
+        )
+        opened = pool.num_connections  # another thread's new connection meanwhile: taken for ours, not resent
+        try:
+            return super().send(request, **kwargs)
+        except requests.ConnectionError as ex:
+            lost = bool(ex.args) and isinstance(ex.args[0], ProtocolError)  # reset or ended before an answer
+            paid = request.headers.get("payment-signature")
+            if not lost or pool.num_connections != opened or not _payment_may_be_sent_again(paid):
+                raise
+        return super().send(request, **kwargs)
+
+
+def _payment_may_be_sent_again(header: str | bytes | None) -> bool:
     """Not paid, or paid with a payment that carries an identifier (the payee answers it again, charged once)."""
-    header = request.headers.get("payment-signature")
     if header is None:
         return True
+    if not isinstance(header, str):
+        return False
     try:
         payload = decode_payment_signature_header(header)
     except Exception:  # not a header x402 could read: the payee judges it, not us; it is not sent twice
