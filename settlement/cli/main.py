@@ -10,10 +10,11 @@ import signal
 import sys
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from datetime import UTC, datetime
 from pathlib import Path
+from types import FrameType
 from typing import TYPE_CHECKING, Annotated
 
 import typer
@@ -189,8 +190,23 @@ def serve(
     console.print("stopped")
 
 
-def _serve(settings: Settings, host: str, port: int, log_level: str = "info", access_log: bool = False) -> None:
+def _serve(
+    settings: Settings,
+    host: str,
+    port: int,
+    log_level: str = "info",
+    access_log: bool = False,
+    on_stop: Callable[[], object] | None = None,
+) -> None:
+    """Serve the API until Ctrl-C or SIGTERM. `on_stop` is called as the signal arrives, before uvicorn closes its
+    socket (the demo's payers stop paying first: a payment sent after the close would find no one to answer it)."""
     import uvicorn
+
+    class Server(uvicorn.Server):
+        def handle_exit(self, sig: int, frame: FrameType | None) -> None:
+            if on_stop is not None:
+                on_stop()
+            super().handle_exit(sig, frame)
 
     from settlement.api.app import create_app
     from settlement.api.transport import server_config
@@ -210,7 +226,7 @@ def _serve(settings: Settings, host: str, port: int, log_level: str = "info", ac
     # The event loop answers every request; a worker thread (a store read, a chain look-up) that holds the GIL makes
     # it wait up to the switch interval each time it wakes: 5 ms by default, a millisecond here.
     sys.setswitchinterval(GIL_SWITCH_SECONDS)
-    server = uvicorn.Server(server_config(api, settings, host, port, log_level, access_log))
+    server = Server(server_config(api, settings, host, port, log_level, access_log))
     try:
         server.run()
     except KeyboardInterrupt:  # uvicorn re-raises Ctrl-C after its graceful shutdown; that is how we stop
@@ -734,7 +750,7 @@ def demo(
             finally:
                 store.dispose()
             _print_second_terminal(local, api_port)
-            traffic = None
+            stops: list[threading.Event] = []  # the demo's payers, told to stop when Ctrl-C arrives
             threads: list[threading.Thread] = []
             if rate > 0:
                 traffic = DemoTraffic(
@@ -756,12 +772,16 @@ def demo(
                     journal_dir=workdir / "demo-journals",
                 )
                 threads.append(paid_api.start())
+                stops += [traffic.stop, paid_api.stop]
+
+            def stop_paying() -> None:
+                for stop in stops:
+                    stop.set()
+
             try:
-                _serve(local, settings.api_host, api_port, "warning")
+                _serve(local, settings.api_host, api_port, "warning", on_stop=stop_paying)
             finally:
-                if traffic is not None:
-                    traffic.stop.set()
-                    paid_api.stop.set()
+                stop_paying()
                 for thread in threads:  # done before the devnet stops and the interpreter exits: a thread still in
                     thread.join(timeout=30)  # a client's C code when the interpreter is torn down crashed the process
             console.print("stopped")
