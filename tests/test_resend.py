@@ -9,7 +9,7 @@ import asyncio
 import socket
 import struct
 import threading
-from collections.abc import Awaitable, Callable, Iterator
+from collections.abc import Callable, Coroutine, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any
@@ -79,24 +79,9 @@ class OneAnswerEach:
             self.handlers.discard(task)
 
 
-def run_against(server: OneAnswerEach, talk: Callable[[str], Awaitable[list[Any]]]) -> list[Any]:
-    async def main() -> list[Any]:
-        listening = await asyncio.start_server(server.serve, "127.0.0.1", 0)
-        port = listening.sockets[0].getsockname()[1]
-        async with listening:
-            try:
-                return await talk(f"http://127.0.0.1:{port}")
-            finally:
-                for handler in list(server.handlers):
-                    handler.cancel()
-                await asyncio.gather(*server.handlers, return_exceptions=True)
-
-    return asyncio.run(main())
-
-
 @contextmanager
 def serving(server: OneAnswerEach) -> Iterator[str]:
-    """`server` on an event loop of its own thread, for a blocking client (requests): its URL."""
+    """`server` on an event loop of its own thread: its URL."""
     loop = asyncio.new_event_loop()
     started = asyncio.run_coroutine_threadsafe(asyncio.start_server(server.serve, "127.0.0.1", 0), loop)
     thread = threading.Thread(target=loop.run_forever, daemon=True)
@@ -116,6 +101,12 @@ def serving(server: OneAnswerEach) -> Iterator[str]:
         loop.call_soon_threadsafe(loop.stop)
         thread.join(10)
         loop.close()
+
+
+def run_against(server: OneAnswerEach, talk: Callable[[str], Coroutine[Any, Any, list[Any]]]) -> list[Any]:
+    """An async client's `talk` to `server`, on an event loop of its own."""
+    with serving(server) as url:
+        return asyncio.run(talk(url))
 
 
 def outcome(answer: httpx.Response | BaseException) -> int | str:
@@ -227,7 +218,7 @@ def test_a_request_answered_on_its_second_sending_is_not_told_unanswered() -> No
     the scheme as unanswered; one that was not sent again (no identifier) is."""
     told: list[str | None] = []
 
-    def through_the_wire(header: str) -> Callable[[str], Awaitable[list[int | str]]]:
+    def through_the_wire(header: str) -> Callable[[str], Coroutine[Any, Any, list[int | str]]]:
         async def talk(url: str) -> list[int | str]:
             async with httpx.AsyncClient(transport=UnansweredWire(lambda p: told.append(p.payload["voucher"]))) as http:
                 await http.get(f"{url}/first")
