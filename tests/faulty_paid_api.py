@@ -1,6 +1,7 @@
 """examples/paid_api.py with more paid routes that fail the ways a payee's own code can: a handler that raises, a
-streamed answer whose body breaks after its first chunk, and a handler slower than its payer waits (SLOW_SECONDS).
-None is a response the payer got, so none may be charged (tests/test_x402_e2e.py runs it as it runs the example)."""
+streamed answer whose body breaks after its first chunk, a handler slower than its payer waits (SLOW_SECONDS), and a
+route that has moved (a redirect, as Starlette's router also answers a paid URL with a trailing slash). None is the
+response the payer paid for, so none may be charged (tests/test_x402_e2e.py runs it as it runs the example)."""
 
 from __future__ import annotations
 
@@ -12,7 +13,7 @@ from pathlib import Path
 
 import uvicorn
 from fastapi import FastAPI
-from fastapi.responses import StreamingResponse
+from fastapi.responses import RedirectResponse, StreamingResponse
 
 example = runpy.run_path(str(Path(__file__).resolve().parents[1] / "examples" / "paid_api.py"))
 app: FastAPI = example["app"]
@@ -36,6 +37,11 @@ async def breaking() -> StreamingResponse:
 async def slow() -> dict[str, str]:
     await asyncio.sleep(float(os.environ.get("SLOW_SECONDS", "2")))
     return {"report": "late"}
+
+
+@app.get("/reports/broken/moved")
+async def moved() -> RedirectResponse:
+    return RedirectResponse("/reports/3", status_code=307)
 
 
 if __name__ == "__main__":

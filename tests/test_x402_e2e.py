@@ -951,6 +951,38 @@ def test_a_handler_that_raises_or_a_body_that_breaks_is_a_500_and_charges_nothin
     assert position_on_only_channel(rig.payer, payee) == 3 * PRICE
 
 
+@pytest.mark.parametrize("wire", ["pay-ahead", "x402's transport", "requests"])
+def test_a_redirect_is_not_what_was_paid_for_and_charges_nothing(
+    devnet: Devnet, lane_rig: Callable[..., LaneRig], wire: str
+) -> None:
+    """x402's middleware settles any answer below 400, so a paid route that redirects was charged, and a payer that
+    follows redirects paid again at the new address: two prices for one answer. A paid URL with a trailing slash
+    is the common case (Starlette's router answers it 307 to the URL without). Now only a 2xx answer is settled: the
+    redirect is sent as it is, with no payment answer, and the payer pays once, where it lands."""
+    rig = lane_rig("moved", max_lanes=1, script=ROOT / "tests" / "faulty_paid_api.py")
+    ((payee, api),) = rig.payees
+    urls = [f"{api}{path}" for path in ("/weather", "/reports/broken/moved", "/reports/3/", "/weather")]
+
+    async def walk() -> list[httpx.Response]:
+        x402 = paying_client(devnet, rig.scheme)
+        transport = paying_wire(wire, x402, rig.scheme)
+        async with httpx.AsyncClient(transport=transport, timeout=60, follow_redirects=True) as http:
+            return [await http.get(url) for url in urls]
+
+    def walk_requests() -> list[requests.Response]:  # requests follows redirects by default
+        x402 = paying_client(devnet, rig.scheme, kind=x402ClientSync)
+        with requests.Session() as session:
+            session.mount("http://", PayAheadAdapter(x402, unanswered=rig.scheme.unanswered))
+            return [session.get(url, timeout=60) for url in urls]
+
+    answers = walk_requests() if wire == "requests" else asyncio.run(walk())
+    assert [(a.status_code, [r.status_code for r in a.history], "payment-response" in a.headers) for a in answers] == [
+        (200, [], True), (200, [307], True), (200, [307], True), (200, [], True)
+    ]  # fmt: skip
+    assert accepted_for(rig.service, payee) == 4 * PRICE
+    assert position_on_only_channel(rig.payer, payee) == 4 * PRICE
+
+
 def test_a_payer_that_gave_up_before_its_answer_was_ready_is_not_charged(
     devnet: Devnet, lane_rig: Callable[..., LaneRig]
 ) -> None:

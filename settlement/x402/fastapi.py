@@ -22,6 +22,9 @@ middleware is, ends a streamed body quietly when the handler raises partway, and
 settles: the payer would be charged for the part, sent as a 200. Here the handler's error is raised instead (the app
 answers 500, as for a handler that raises at once) and nothing is settled.
 
+And only a 2xx answer is settled: x402 settles every answer below 400, so a redirect was charged, and a payer that
+followed it paid again where it landed. A redirect (or a 304) is sent as the app gave it, unsettled.
+
 `refund_router` mounts a payee's answers to payers' refund requests (settlement.x402.refunds) as a FastAPI route.
 
 Needs FastAPI (the payee's app has it); the rest of settlement.x402 does not.
@@ -84,6 +87,16 @@ class _Exchange:
 
 
 _exchange: ContextVar[_Exchange | None] = ContextVar("channelhub_exchange", default=None)
+
+
+class _NotSettled(Exception):
+    """Not an error: a paid request's answer that is neither a 2xx nor an error (a redirect, a 304), carried out of
+    x402's dispatch. x402 settles every answer below 400 and lets an exception from the handler through uncharged;
+    so the answer passes it this way and is sent as the app gave it, and nothing is settled."""
+
+    def __init__(self, response: Response) -> None:
+        super().__init__(response.status_code)
+        self.response = response
 
 
 class ChannelHubFacilitatorClient(HTTPFacilitatorClient):
@@ -435,6 +448,8 @@ class PaymentMiddleware(PaymentMiddlewareASGI):
         try:
             paying = "payment-signature" in request.headers or "x-payment" in request.headers  # x402's two headers
             response = await super().dispatch(request, _whole(call_next, exchange) if paying else call_next)
+        except _NotSettled as unsettled:
+            return unsettled.response
         finally:
             _exchange.reset(token)
         if exchange.failure is not None:
@@ -474,10 +489,13 @@ def _watched(app: ASGIApp) -> ASGIApp:
 def _whole(
     call_next: Callable[[Request], Awaitable[Response]], exchange: _Exchange
 ) -> Callable[[Request], Awaitable[Response]]:
-    """`call_next`, whose answer's body raises at its end if the app did not send all of it (`_watched`)."""
+    """`call_next`, whose answer's body raises at its end if the app did not send all of it (`_watched`), and whose
+    answer is not settled unless it is a 2xx (x402 settles a redirect: `_NotSettled`)."""
 
     async def whole_body(request: Request) -> Response:
         response = await call_next(request)
+        if not 200 <= response.status_code < 300 and response.status_code < 400:
+            raise _NotSettled(response)
         body = getattr(response, "body_iterator", None)
         if body is not None:
             response.body_iterator = _checked(body, exchange)  # type: ignore[attr-defined]
