@@ -92,7 +92,8 @@ _exchange: ContextVar[_Exchange | None] = ContextVar("channelhub_exchange", defa
 class _NotSettled(Exception):
     """Not an error: a paid request's answer that is neither a 2xx nor an error (a redirect, a 304), carried out of
     x402's dispatch. x402 settles every answer below 400 and lets an exception from the handler through uncharged;
-    so the answer passes it this way and is sent as the app gave it, and nothing is settled."""
+    so the answer passes it this way and is sent as the app gave it, and nothing is settled. (x402's
+    `on_verified_payment_canceled` hooks see it as `handler_threw`, with this exception, which carries the status.)"""
 
     def __init__(self, response: Response) -> None:
         super().__init__(response.status_code)
