@@ -1,7 +1,8 @@
 """examples/paid_api.py with more paid routes that fail the ways a payee's own code can: a handler that raises, a
-streamed answer whose body breaks after its first chunk, a handler slower than its payer waits (SLOW_SECONDS), and a
-route that has moved (a redirect, as Starlette's router also answers a paid URL with a trailing slash). None is the
-response the payer paid for, so none may be charged (tests/test_x402_e2e.py runs it as it runs the example)."""
+streamed answer whose body breaks after its first chunk, a handler slower than its payer waits (SLOW_SECONDS), a
+route that has moved (a redirect, as Starlette's router also answers a paid URL with a trailing slash), and a 304.
+None is the response the payer paid for, so none may be charged (tests/test_x402_e2e.py runs it as it runs the
+example)."""
 
 from __future__ import annotations
 
@@ -12,7 +13,7 @@ from collections.abc import AsyncIterator
 from pathlib import Path
 
 import uvicorn
-from fastapi import FastAPI
+from fastapi import FastAPI, Response
 from fastapi.responses import RedirectResponse, StreamingResponse
 
 example = runpy.run_path(str(Path(__file__).resolve().parents[1] / "examples" / "paid_api.py"))
@@ -42,6 +43,11 @@ async def slow() -> dict[str, str]:
 @app.get("/reports/broken/moved")
 async def moved() -> RedirectResponse:
     return RedirectResponse("/reports/3", status_code=307)
+
+
+@app.get("/reports/broken/unchanged")
+async def unchanged() -> Response:
+    return Response(status_code=304)  # as to a conditional GET whose copy is current
 
 
 if __name__ == "__main__":
