@@ -252,6 +252,37 @@ def paying_wire(
     return x402_httpx_transport(x402, UnansweredWire(scheme.unanswered, network))
 
 
+Walked = tuple[int, list[int], bool]  # an answer's status, the redirects before it, whether it carries a payment answer
+
+
+def walk_in_turn(
+    devnet: Devnet, scheme: ChannelHubClientScheme, wire: str, urls: list[str], *, identifiers: bool
+) -> list[Walked]:
+    """GETs of `urls` one after another (one kept connection, redirects followed) through `wire`: "requests" (our
+    `PayAheadAdapter` on a session) or one of `paying_wire`'s. `identifiers`: the payer gives each payment one."""
+
+    def seen(answer: httpx.Response | requests.Response) -> Walked:
+        return answer.status_code, [r.status_code for r in answer.history], "payment-response" in answer.headers
+
+    if wire == "requests":
+        sync = paying_client(devnet, scheme, kind=x402ClientSync)
+        if identifiers:
+            sync.register_extension(PaymentIdentifiers())
+        with requests.Session() as session:
+            session.mount("http://", PayAheadAdapter(sync, unanswered=scheme.unanswered))
+            return [seen(session.get(url, timeout=60)) for url in urls]
+    x402 = paying_client(devnet, scheme)
+    if identifiers:
+        x402.register_extension(PaymentIdentifiers())
+
+    async def walk() -> list[Walked]:
+        transport = paying_wire(wire, x402, scheme)
+        async with httpx.AsyncClient(transport=transport, timeout=60, follow_redirects=True) as http:
+            return [seen(await http.get(url)) for url in urls]
+
+    return asyncio.run(walk())
+
+
 def position_on_only_channel(payer: PayerClient, payee: str) -> int:
     """The payer's position on its one open channel to `payee` (there must be exactly one)."""
     (only,) = payer.open_channels(payee)
@@ -929,22 +960,9 @@ def test_a_handler_that_raises_or_a_body_that_breaks_is_a_500_and_charges_nothin
     broken = ("/reports/broken/raise", "/reports/broken/stream")
     urls = [f"{api}{path}" for path in ("/weather", *broken, "/reports/3", broken[0], "/weather")]
 
-    async def walk() -> list[httpx.Response]:
-        x402 = paying_client(devnet, rig.scheme)
-        x402.register_extension(PaymentIdentifiers())
-        async with httpx.AsyncClient(transport=paying_wire(wire, x402, rig.scheme), timeout=60) as http:
-            return [await http.get(url) for url in urls]
-
-    def walk_requests() -> list[requests.Response]:
-        x402 = paying_client(devnet, rig.scheme, kind=x402ClientSync)
-        x402.register_extension(PaymentIdentifiers())
-        with requests.Session() as session:
-            session.mount("http://", PayAheadAdapter(x402, unanswered=rig.scheme.unanswered))
-            return [session.get(url, timeout=60) for url in urls]
-
-    answers = walk_requests() if wire == "requests" else asyncio.run(walk())
+    answers = walk_in_turn(devnet, rig.scheme, wire, urls, identifiers=True)
     failed = (500, False)
-    assert [(a.status_code, "payment-response" in a.headers) for a in answers] == [
+    assert [(status, paid) for status, _, paid in answers] == [
         (200, True), failed, failed, (200, True), failed, (200, True)
     ]  # fmt: skip
     assert accepted_for(rig.service, payee) == 3 * PRICE
@@ -964,20 +982,8 @@ def test_a_redirect_is_not_what_was_paid_for_and_charges_nothing(
     paths = ("/weather", "/reports/broken/moved", "/reports/3/", "/reports/broken/unchanged", "/weather")
     urls = [f"{api}{path}" for path in paths]
 
-    async def walk() -> list[httpx.Response]:
-        x402 = paying_client(devnet, rig.scheme)
-        transport = paying_wire(wire, x402, rig.scheme)
-        async with httpx.AsyncClient(transport=transport, timeout=60, follow_redirects=True) as http:
-            return [await http.get(url) for url in urls]
-
-    def walk_requests() -> list[requests.Response]:  # requests follows redirects by default
-        x402 = paying_client(devnet, rig.scheme, kind=x402ClientSync)
-        with requests.Session() as session:
-            session.mount("http://", PayAheadAdapter(x402, unanswered=rig.scheme.unanswered))
-            return [session.get(url, timeout=60) for url in urls]
-
-    answers = walk_requests() if wire == "requests" else asyncio.run(walk())
-    assert [(a.status_code, [r.status_code for r in a.history], "payment-response" in a.headers) for a in answers] == [
+    answers = walk_in_turn(devnet, rig.scheme, wire, urls, identifiers=False)  # requests follows redirects too
+    assert answers == [
         (200, [], True), (200, [307], True), (200, [307], True), (304, [], False), (200, [], True)
     ]  # fmt: skip
     assert accepted_for(rig.service, payee) == 4 * PRICE
