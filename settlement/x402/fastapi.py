@@ -52,19 +52,17 @@ from pydantic_core import from_json, to_json
 from starlette.concurrency import run_in_threadpool
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 from x402 import x402ResourceServer
-from x402.extensions.payment_identifier import extract_payment_identifier
 from x402.http import FacilitatorConfig, HTTPFacilitatorClient, PaywallConfig
 from x402.http.facilitator_client_base import FacilitatorResponseError
 from x402.http.middleware.fastapi import PaymentMiddlewareASGI
 from x402.http.types import RoutesConfig
-from x402.http.utils import decode_payment_signature_header
 from x402.schemas import PaymentPayload, PaymentRequirements, SettleResponse, SupportedResponse, VerifyResponse
 
 from settlement.errors import SettlementError
 from settlement.sdk.payee import PayeeClient
 from settlement.x402.positions import Positions
 from settlement.x402.refunds import MAX_TTL, REFUND_PATH, RefundDesk
-from settlement.x402.wire import SCHEME, Reason
+from settlement.x402.wire import SCHEME, Reason, payment_identifier_in
 
 RETRY_AFTER_SECONDS = 1
 SETTLE_BATCH_MAX = 100  # settles in one POST /settle/batch (the service takes up to its batch_max_items, 1,000)
@@ -368,11 +366,7 @@ class PaidAnswers:
         header = request.headers.get("payment-signature")
         if not header or len(header) > 16384:
             return None
-        try:
-            payload = decode_payment_signature_header(header)
-        except Exception:  # not x402's: the middleware answers it
-            return None
-        if not isinstance(payload, PaymentPayload) or extract_payment_identifier(payload, validate=True) is None:
+        if payment_identifier_in(header) is None:  # no identifier, or not x402's (the middleware answers it)
             return None
         route = f"{request.method} {request.url.path}?{request.url.query}\n{header}"
         return hashlib.sha256(route.encode()).hexdigest()

@@ -25,9 +25,8 @@ import httpx
 import requests
 from requests.adapters import HTTPAdapter
 from urllib3.exceptions import ProtocolError
-from x402.extensions.payment_identifier import extract_payment_identifier
-from x402.http.utils import decode_payment_signature_header
-from x402.schemas import PaymentPayload
+
+from settlement.x402.wire import payment_identifier_in
 
 IDEMPOTENT = frozenset({"GET", "HEAD", "OPTIONS", "TRACE", "PUT", "DELETE"})
 LOST = (httpx.ReadError, httpx.WriteError, httpx.RemoteProtocolError)  # the connection ended before an answer
@@ -107,15 +106,7 @@ class ResendingAdapter(HTTPAdapter):
 
 def _payment_may_be_sent_again(header: str | bytes | None) -> bool:
     """Not paid, or paid with a payment that carries an identifier (the payee answers it again, charged once)."""
-    if header is None:
-        return True
-    if not isinstance(header, str):
-        return False
-    try:
-        payload = decode_payment_signature_header(header)
-    except Exception:  # not a header x402 could read: the payee judges it, not us; it is not sent twice
-        return False
-    return isinstance(payload, PaymentPayload) and extract_payment_identifier(payload, validate=True) is not None
+    return header is None or payment_identifier_in(header) is not None
 
 
 def _restore(request: httpx.Request, theirs: Tracer | None) -> None:

@@ -21,10 +21,10 @@ from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
 
 import httpx
-from x402.http.utils import decode_payment_signature_header
 from x402.schemas import PaymentPayload
 
 from settlement.x402.resend import Resending
+from settlement.x402.wire import payment_in
 
 Unanswered = Callable[[PaymentPayload], object]
 
@@ -64,11 +64,8 @@ def telling_if_unanswered(unanswered: Unanswered | None, sent: object) -> Iterat
 def tell_unanswered(unanswered: Unanswered | None, answer_headers: Mapping[str, str], sent: object) -> None:
     """A request that carried a payment (`sent`: its header) and got an answer other than a 402 with no payment
     answer in it (`answer_headers`), or none (empty): hand the payment to `unanswered`."""
-    if unanswered is None or not isinstance(sent, str) or "payment-response" in answer_headers:
+    if unanswered is None or "payment-response" in answer_headers:
         return
-    try:
-        payload = decode_payment_signature_header(sent)
-    except Exception:  # not a header x402 could read: nothing of ours to free
-        return
-    if isinstance(payload, PaymentPayload):
+    payload = payment_in(sent)
+    if payload is not None:  # else not a header x402 could read: nothing of ours to free
         unanswered(payload)

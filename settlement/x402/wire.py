@@ -15,7 +15,9 @@ from functools import lru_cache
 from typing import Any
 
 from eth_utils.address import is_address, to_checksum_address
-from x402.schemas import PaymentRequirements
+from x402.extensions.payment_identifier import extract_payment_identifier
+from x402.http.utils import decode_payment_signature_header
+from x402.schemas import PaymentPayload, PaymentRequirements
 
 from settlement.domain.model import MAX_UINT256, ChannelId
 
@@ -115,3 +117,20 @@ def base_units(value: object) -> int | None:
     2^256): the requirements' price, a payee's deposit hint, a facilitator's position. None for anything else: a
     payee's or a facilitator's text is never handed to `int` as it is (a sign, "²", 5,000 digits)."""
     return int(value) if isinstance(value, str) and _AMOUNT.match(value) and int(value) <= MAX_UINT256 else None
+
+
+def payment_in(header: object) -> PaymentPayload | None:
+    """The x402 v2 payment a `PAYMENT-SIGNATURE` header carries; None for anything else (no header, not x402's, v1)."""
+    if not isinstance(header, str):
+        return None
+    try:
+        payload = decode_payment_signature_header(header)
+    except Exception:  # not a header x402 could read
+        return None
+    return payload if isinstance(payload, PaymentPayload) else None
+
+
+def payment_identifier_in(header: object) -> str | None:
+    """The valid x402 payment identifier of the payment a `PAYMENT-SIGNATURE` header carries, if any."""
+    payment = payment_in(header)
+    return None if payment is None else extract_payment_identifier(payment, validate=True)
