@@ -9,6 +9,7 @@ python scripts/bench.py scale    # PostgreSQL with 100k channels and 10M voucher
 python scripts/bench.py x402     # paid HTTP requests through x402's client and middleware and our facilitator
 python scripts/bench.py flood    # an honest payer's latency under a flood of bogus vouchers (scripts/bench_flood.py)
 python scripts/bench.py store    # the store's write path alone, 1-4 writers, bytes per payment (scripts/bench_store.py)
+python scripts/bench.py journal  # the payer's journal alone: a payment's durable write (scripts/bench_journal.py)
 """
 
 from __future__ import annotations
@@ -292,6 +293,13 @@ def run_store(console: Console) -> dict[str, Any]:
     return store(console)
 
 
+def run_journal(console: Console) -> dict[str, Any]:
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+    from scripts.bench_journal import run_journal as journal
+
+    return journal(console)
+
+
 SCALE = {"channels": 100_000, "vouchers": 10_000_000}
 
 
@@ -311,6 +319,7 @@ BENCHES: dict[str, Callable[[Console], dict[str, Any]]] = {
     "x402": run_x402,
     "flood": run_flood,
     "store": run_store,
+    "journal": run_journal,
 }
 
 

@@ -247,3 +247,39 @@ def test_a_receipt_not_written_yet_outlives_a_refused_change_and_is_written_by_c
     again = PayerJournal(path)
     assert again.payment("k1") is None
     again.close()
+
+
+def test_a_payment_delivered_by_another_is_dropped_once_accepted_and_its_spending_counts_on(tmp_path: Path) -> None:
+    """x402's payments (`PayerClient.authorize`: keys of the SDK's own, never retried) were kept a week with their
+    receipts, ~1 KB a payment: `keep=False` drops the record with the journal's next change. Until then it reads as
+    accepted; its spending counts on after; a second outcome for it changes nothing."""
+    path = tmp_path / "j.sqlite3"
+    journal = PayerJournal(path)
+    journal.begin(payment("k1", 5), spend=(A, ETH, 1000.0))
+    journal.accepted("k1", {"cumulativeAmount": "5"}, keep=False)
+    found = journal.payment("k1")
+    assert found is not None and (found.status, found.receipt) == (PaymentStatus.ACCEPTED, None)
+    assert journal.pending("0x01") == []
+    journal.begin(payment("k2", 1, "0x02"), spend=(A, ETH, 1001.0))  # the next change drops it
+    journal.accepted("k1", {"cumulativeAmount": "5"})  # a second outcome: nothing
+    journal.accepted("k2", {"cumulativeAmount": "1"}, keep=False)
+    journal.close()  # drops k2
+    with sqlite3.connect(path) as raw:
+        assert raw.execute("SELECT COUNT(*) FROM payments").fetchone() == (0,)
+    reopened = PayerJournal(path)
+    assert (reopened.payment("k1"), reopened.payment("k2")) == (None, None)
+    assert (reopened.spent(ETH, 0), reopened.spent(ETH, 0, A), reopened.spent(ETH, 1000.5)) == (6, 6, 1)
+    assert (reopened.signed("0x01"), reopened.signed("0x02")) == (5, 1)  # the positions stand
+    reopened.close()
+
+
+def test_a_payment_not_kept_that_was_lost_before_the_next_change_is_pending_again(tmp_path: Path) -> None:
+    """Dropped with the next change: an app that dies before it finds the payment pending (and asks the service)."""
+    path = tmp_path / "j.sqlite3"
+    journal = PayerJournal(path)
+    journal.begin(payment("k1", 5), spend=(A, ETH, 1000.0))
+    journal.accepted("k1", {"cumulativeAmount": "5"}, keep=False)
+    restarted = PayerJournal(path)  # the app died (the first journal's memory lost)
+    assert [p.idempotency_key for p in restarted.pending("0x01")] == ["k1"]
+    restarted.close()
+    journal.close()

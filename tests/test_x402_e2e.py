@@ -8,12 +8,14 @@ import asyncio
 import base64
 import json
 import os
+import sqlite3
 import subprocess
 import sys
 import threading
 import time
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
+from contextlib import closing
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, ClassVar, TypeVar
@@ -361,6 +363,15 @@ def test_the_official_client_pays_the_official_middleware_through_our_facilitato
             assert accepted_for(service, payee) == 21 * PRICE
 
     asyncio.run(walk())
+    # The payer's journal keeps no record of a payment x402 delivered once it is accepted (a week of receipts was ~1
+    # KB a payment), and counts what each cost against its budgets. (The 404's payment stays pending until its
+    # channel pays again and asks the service: asked now.)
+    for listed in payer.open_channels(payee):
+        payer.resynchronise(payer.channel(listed["channelId"]))
+    assert payer.journal.spent(ETH, time.time() - 3600, payee) == 21 * PRICE
+    payer.journal.close()  # its last receipts written
+    with closing(sqlite3.connect(tmp_path / "payer.sqlite3")) as journal:
+        assert journal.execute("SELECT COUNT(*) FROM payments").fetchone() == (0,)
 
     # The engine settles the payee's vouchers on chain; the payee withdraws exactly what it earned.
     wait_until(lambda: hub.functions.balanceOf(payee, ETH).call() == 21 * PRICE, timeout=60)

@@ -127,9 +127,9 @@ class PayerJournal:
         self._pruned_at: float | None = None
         self._forgot_at: float | None = None
         self._closed = False
-        # Receipts not written yet (`accepted`), by payment key: (receipt JSON, unix time it came). Guarded by their
-        # own lock, which is never held while waiting for the journal's.
-        self._receipts: dict[str, tuple[str, float]] = {}
+        # Receipts not written yet (`accepted`), by payment key: (receipt JSON, or None for a payment not kept, unix
+        # time it came). Guarded by their own lock, which is never held while waiting for the journal's.
+        self._receipts: dict[str, tuple[str | None, float]] = {}
         self._receipts_lock = threading.Lock()
         with self._write(with_receipts=False):
             version = self._conn.execute("PRAGMA user_version").fetchone()[0]
@@ -166,7 +166,7 @@ class PayerJournal:
         with self._lock:
             if not flush:
                 self._conn.execute("PRAGMA synchronous=NORMAL")
-            written: dict[str, tuple[str, float]] = {}
+            written: dict[str, tuple[str | None, float]] = {}
             try:
                 with self._conn:
                     self._conn.execute("BEGIN IMMEDIATE")
@@ -196,7 +196,8 @@ class PayerJournal:
             return None
         found = _payment(row)
         if unwritten is not None and found.status == PaymentStatus.PENDING:
-            return replace(found, status=PaymentStatus.ACCEPTED, receipt=json.loads(unwritten[0]))
+            receipt = None if unwritten[0] is None else json.loads(unwritten[0])
+            return replace(found, status=PaymentStatus.ACCEPTED, receipt=receipt)
         return found
 
     def pending(self, channel_id: str) -> list[JournalPayment]:
@@ -264,10 +265,14 @@ class PayerJournal:
                 (channel_id,),
             )
 
-    def accepted(self, key: str, receipt: dict[str, Any], *, lower_to: int | None = None) -> None:
+    def accepted(
+        self, key: str, receipt: dict[str, Any], *, lower_to: int | None = None, keep: bool = True
+    ) -> None:
         """The service stored the payment (if it is pending here: a payment concluded already keeps its outcome).
         `lower_to`: it answered with an earlier voucher of the same key (a retry signed by another client), so the
-        voucher signed here was not stored and the position is that voucher's.
+        voucher signed here was not stored and the position is that voucher's. `keep=False`: the payment's record is
+        dropped, not kept KEEP_ACCEPTED with its receipt: for a voucher someone else delivered under a key of the
+        SDK's own (`PayerClient.authorize`: x402), which no retry asks for. Its spending counts on (budgets).
 
         Not flushed to disk (half of a payment's journal fsyncs): lost with the machine, the payment is pending again,
         and the next payment on the channel asks the service what became of it before it signs anything. Without
@@ -275,8 +280,9 @@ class PayerJournal:
         meanwhile: the caller (x402's hook: the payer app's event loop) never waits for the journal, which another
         payment's commit holds while the disk flushes it (14-38 % of the loop's time at 300 paid requests a second,
         docs/benchmarks.md). Lost with the app then, it is as lost with the machine."""
+        written = json.dumps(receipt, sort_keys=True) if keep else None
         with self._receipts_lock:
-            self._receipts.setdefault(key, (json.dumps(receipt, sort_keys=True), self.clock()))  # its first outcome
+            self._receipts.setdefault(key, (written, self.clock()))  # its first outcome
         if lower_to is None:
             return
         with self._write(flush=False):  # the receipt written first, then the position, in one transaction
@@ -286,16 +292,23 @@ class PayerJournal:
                 (str(lower_to), key),
             )
 
-    def _write_receipts(self) -> dict[str, tuple[str, float]]:
-        """The receipts not written yet, in the transaction the journal's lock holds open (returned); and, every
-        PRUNE_EVERY seconds of the journal's clock, accepted payments older than KEEP_ACCEPTED forgotten."""
+    def _write_receipts(self) -> dict[str, tuple[str | None, float]]:
+        """The receipts not written yet, in the transaction the journal's lock holds open (returned), the payments
+        not kept dropped; and, every PRUNE_EVERY seconds of the journal's clock, accepted payments older than
+        KEEP_ACCEPTED forgotten."""
         with self._receipts_lock:
             receipts, self._receipts = self._receipts, {}
-        if receipts:
+        kept = [(receipt, at, key) for key, (receipt, at) in receipts.items() if receipt is not None]
+        if kept:
             self._conn.executemany(
                 "UPDATE payments SET status = 'accepted', receipt = ?, accepted_at = ?"
                 " WHERE idempotency_key = ? AND status = 'pending'",
-                ((receipt, at, key) for key, (receipt, at) in receipts.items()),
+                kept,
+            )
+        if len(kept) < len(receipts):
+            self._conn.executemany(
+                "DELETE FROM payments WHERE idempotency_key = ? AND status = 'pending'",
+                ((key,) for key, (receipt, _) in receipts.items() if receipt is None),
             )
         now = self.clock()
         if _due(self._forgot_at, now):

@@ -400,7 +400,9 @@ class PayerClient:
         is not one to pass here: leave the payment pending, and the channel's next `authorize` (or `resynchronise`)
         learns its fate from the service."""
         if receipt is not None:  # no read first: recorded if still pending, and no wait for the journal (`accepted`)
-            self.journal.accepted(idempotency_key, receipt)
+            # Not kept with its receipt: the key is the caller's for this one delivery, and a week of receipts was a
+            # KB a payment (hundreds of GB at x402's rates); the payment's spending counts on.
+            self.journal.accepted(idempotency_key, receipt, keep=False)
             return
         with self._lock(channel):
             payment = self.journal.payment(idempotency_key)
