@@ -1119,6 +1119,12 @@ def test_a_paid_request_that_gets_no_answer_frees_its_channel_and_is_charged_as_
     assert network.plan == []
     assert accepted_for(rig.service, payee) == 3 * PRICE  # the lost answer's payment, not the dropped one's
     assert position_on_only_channel(rig.payer, payee) == 3 * PRICE
+    # Each learnt from the service (paid, refused) and the last answered: none is left in the journal, and the
+    # budgets count the three paid.
+    assert rig.payer.journal.spent(ETH, time.time() - 3600, payee) == 3 * PRICE
+    rig.payer.journal.close()  # the last acceptance written
+    with closing(sqlite3.connect(rig.payer.journal.path)) as journal:
+        assert journal.execute("SELECT COUNT(*) FROM payments").fetchone() == (0,)
 
 
 def test_the_sync_adapter_frees_a_channel_whose_paid_request_got_no_answer(

@@ -434,8 +434,8 @@ class PayerClient:
         reaches its voucher (counted against the budgets, whoever's voucher it was), else refused (its amount given
         back, the position put at `proven`). Never by a payee's word: a hostile one can store a voucher at the service
         and answer that it refused it."""
-        if proven >= payment.cumulative:
-            self.journal.accepted(payment.idempotency_key, {"cumulativeAmount": str(payment.cumulative)})
+        if proven >= payment.cumulative:  # dropped as `concluded` drops it: a voucher someone else delivered
+            self.journal.accepted(payment.idempotency_key, {"cumulativeAmount": str(payment.cumulative)}, keep=False)
         else:
             self.journal.refused(payment.idempotency_key, channel.hex_id, proven)
 
