@@ -251,18 +251,18 @@ def test_a_receipt_not_written_yet_outlives_a_refused_change_and_is_written_by_c
 
 def test_a_payment_delivered_by_another_is_dropped_once_accepted_and_its_spending_counts_on(tmp_path: Path) -> None:
     """x402's payments (`PayerClient.authorize`: keys of the SDK's own, never retried) were kept a week with their
-    receipts, ~1 KB a payment: `keep=False` drops the record with the journal's next change. Until then it reads as
-    accepted; its spending counts on after; a second outcome for it changes nothing."""
+    receipts, ~1 KB a payment: accepted without a receipt, the record is dropped with the journal's next change.
+    Until then it reads as accepted; its spending counts on after; a second outcome for it changes nothing."""
     path = tmp_path / "j.sqlite3"
     journal = PayerJournal(path)
     journal.begin(payment("k1", 5), spend=(A, ETH, 1000.0))
-    journal.accepted("k1", {"cumulativeAmount": "5"}, keep=False)
+    journal.accepted("k1", None)
     found = journal.payment("k1")
     assert found is not None and (found.status, found.receipt) == (PaymentStatus.ACCEPTED, None)
     assert journal.pending("0x01") == []
     journal.begin(payment("k2", 1, "0x02"), spend=(A, ETH, 1001.0))  # the next change drops it
     journal.accepted("k1", {"cumulativeAmount": "5"})  # a second outcome: nothing
-    journal.accepted("k2", {"cumulativeAmount": "1"}, keep=False)
+    journal.accepted("k2", None)
     journal.close()  # drops k2
     with sqlite3.connect(path) as raw:
         assert raw.execute("SELECT COUNT(*) FROM payments").fetchone() == (0,)
@@ -278,7 +278,7 @@ def test_a_payment_not_kept_that_was_lost_before_the_next_change_is_pending_agai
     path = tmp_path / "j.sqlite3"
     journal = PayerJournal(path)
     journal.begin(payment("k1", 5), spend=(A, ETH, 1000.0))
-    journal.accepted("k1", {"cumulativeAmount": "5"}, keep=False)
+    journal.accepted("k1", None)
     restarted = PayerJournal(path)  # the app died (the first journal's memory lost)
     assert [p.idempotency_key for p in restarted.pending("0x01")] == ["k1"]
     restarted.close()

@@ -265,12 +265,10 @@ class PayerJournal:
                 (channel_id,),
             )
 
-    def accepted(
-        self, key: str, receipt: dict[str, Any], *, lower_to: int | None = None, keep: bool = True
-    ) -> None:
+    def accepted(self, key: str, receipt: dict[str, Any] | None, *, lower_to: int | None = None) -> None:
         """The service stored the payment (if it is pending here: a payment concluded already keeps its outcome).
         `lower_to`: it answered with an earlier voucher of the same key (a retry signed by another client), so the
-        voucher signed here was not stored and the position is that voucher's. `keep=False`: the payment's record is
+        voucher signed here was not stored and the position is that voucher's. No `receipt`: the payment's record is
         dropped, not kept KEEP_ACCEPTED with its receipt: for a voucher someone else delivered under a key of the
         SDK's own (`PayerClient.authorize`: x402), which no retry asks for. Its spending counts on (budgets).
 
@@ -280,7 +278,7 @@ class PayerJournal:
         meanwhile: the caller (x402's hook: the payer app's event loop) never waits for the journal, which another
         payment's commit holds while the disk flushes it (14-38 % of the loop's time at 300 paid requests a second,
         docs/benchmarks.md). Lost with the app then, it is as lost with the machine."""
-        written = json.dumps(receipt, sort_keys=True) if keep else None
+        written = None if receipt is None else json.dumps(receipt, sort_keys=True)
         with self._receipts_lock:
             self._receipts.setdefault(key, (written, self.clock()))  # its first outcome
         if lower_to is None:

@@ -402,7 +402,7 @@ class PayerClient:
         if receipt is not None:  # no read first: recorded if still pending, and no wait for the journal (`accepted`)
             # Not kept with its receipt: the key is the caller's for this one delivery, and a week of receipts was a
             # KB a payment (hundreds of GB at x402's rates); the payment's spending counts on.
-            self.journal.accepted(idempotency_key, receipt, keep=False)
+            self.journal.accepted(idempotency_key, None)
             return
         with self._lock(channel):
             payment = self.journal.payment(idempotency_key)
@@ -435,7 +435,7 @@ class PayerClient:
         back, the position put at `proven`). Never by a payee's word: a hostile one can store a voucher at the service
         and answer that it refused it."""
         if proven >= payment.cumulative:  # dropped as `concluded` drops it: a voucher someone else delivered
-            self.journal.accepted(payment.idempotency_key, {"cumulativeAmount": str(payment.cumulative)}, keep=False)
+            self.journal.accepted(payment.idempotency_key, None)
         else:
             self.journal.refused(payment.idempotency_key, channel.hex_id, proven)
 
