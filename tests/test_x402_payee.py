@@ -10,8 +10,10 @@ import threading
 from collections.abc import Callable
 from typing import Any
 
+import aiohttp
 import httpx
 import pytest
+from aiohttp import web
 from eth_account.signers.local import LocalAccount
 from fastapi import FastAPI
 from fastapi.testclient import TestClient
@@ -212,10 +214,74 @@ def test_the_payees_facilitator_client_takes_both_of_x402s_config_forms() -> Non
     expected = (CONNECT_TIMEOUT, 90.0, 90.0, 90.0)  # connect, read, write, pool: x402's default timeout is 90 s
     timeout = typed.own_client.timeout
     assert (timeout.connect, timeout.read, timeout.write, timeout.pool) == expected
+    batches = typed._pool_timeout  # the settle batches, posted through aiohttp's session itself: the same limits
+    assert batches is not None and (batches.sock_connect, batches.sock_read, batches.connect) == (
+        CONNECT_TIMEOUT,
+        90,
+        90,
+    )
     with typed._get_sync_client() as sync:
         assert (sync.timeout.connect, sync.timeout.read) == (CONNECT_TIMEOUT, SUPPORTED_TIMEOUT)
     asyncio.run(typed.aclose())
     assert typed.own_client.is_closed
+
+
+def test_the_settle_batches_go_through_the_clients_own_aiohttp_session_which_closing_closes() -> None:
+    """Where the client made its pool, a batch of settles is one POST through that pool's aiohttp session (not
+    httpx's layers above it), the payments answered each as the facilitator said, and closing the client closes the
+    session; a facilitator that answers the batch with a 5xx leaves every payment of it unjudged."""
+    seen: list[tuple[str, str, int]] = []
+    status = [200]
+
+    async def batch(request: web.Request) -> web.Response:
+        body = await request.json()
+        seen.append((request.path, request.headers["Content-Type"], len(body["settlements"])))
+        answers = [
+            {
+                "success": True,
+                "transaction": "",
+                "network": "eip155:31337",
+                "amount": item["paymentRequirements"]["amount"],
+            }
+            for item in body["settlements"]
+        ]
+        return web.json_response({"settlements": answers}, status=status[0])
+
+    async def run() -> tuple[list[Any], list[Any], bool, bool]:
+        app = web.Application()
+        app.router.add_post("/x402/settle/batch", batch)
+        runner = web.AppRunner(app)
+        await runner.setup()
+        site = web.TCPSite(runner, "127.0.0.1", 0)
+        await site.start()
+        port = site._server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
+        facilitator = ChannelHubFacilitatorClient(
+            FacilitatorConfig(url=f"http://127.0.0.1:{port}/x402"), local_verify=False
+        )
+        paid = [
+            PaymentPayload(x402_version=2, payload={"n": n}, accepted=PaymentRequirements(
+                scheme="channelhub", network="eip155:31337", asset=ETH, amount=str(n), pay_to=ETH,
+                max_timeout_seconds=60, extra={},
+            ))
+            for n in (1, 2, 3)
+        ]  # fmt: skip
+        try:
+            answers = await asyncio.gather(*(facilitator.settle(p, p.accepted) for p in paid))
+            status[0] = 503
+            refused = await asyncio.gather(*(facilitator.settle(p, p.accepted) for p in paid), return_exceptions=True)
+            assert facilitator._pool is not None
+            session = facilitator._pool.client
+            assert isinstance(session, aiohttp.ClientSession) and not session.closed
+            await facilitator.aclose()
+            return answers, refused, session.closed, facilitator.own_client is not None
+        finally:
+            await runner.cleanup()
+
+    answers, refused, closed, own = asyncio.run(run())
+    assert [(a.success, a.amount) for a in answers] == [(True, "1"), (True, "2"), (True, "3")]
+    assert [type(r) for r in refused] == [FacilitatorResponseError] * 3
+    assert seen == [("/x402/settle/batch", "application/json", 3)] * 2  # three settles in flight: one call each time
+    assert (closed, own) == (True, True)
 
 
 def test_supported_is_fetched_once_at_a_time_waited_for_briefly_and_kept() -> None:

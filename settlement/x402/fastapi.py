@@ -44,6 +44,7 @@ from contextvars import ContextVar
 from dataclasses import dataclass, replace
 from typing import Any
 
+import aiohttp
 import httpx
 from fastapi import APIRouter, Request, Response
 from fastapi.responses import JSONResponse
@@ -115,6 +116,8 @@ class ChannelHubFacilitatorClient(HTTPFacilitatorClient):
     ) -> None:
         config = config or FacilitatorConfig()
         self.own_client: httpx.AsyncClient | None = None
+        self._pool: AiohttpTransport | None = None  # under own_client: the settle batches are posted through it
+        self._pool_timeout: aiohttp.ClientTimeout | None = None
         if isinstance(config, FacilitatorConfig) and config.http_client is None:
             # An idle connection is dropped here before the service closes it (SETTLEMENT_KEEP_ALIVE_SECONDS, 5 s):
             # with both at 5 s, a burst after a lull could send on a connection the service was closing (a
@@ -129,7 +132,10 @@ class ChannelHubFacilitatorClient(HTTPFacilitatorClient):
             timeout = httpx.Timeout(config.timeout, connect=min(config.timeout, CONNECT_TIMEOUT))
             client = httpx.AsyncClient(timeout=timeout, follow_redirects=True, transport=transport)
             config = replace(config, http_client=client)
-            self.own_client = client
+            self.own_client, self._pool = client, transport
+            self._pool_timeout = aiohttp.ClientTimeout(
+                connect=timeout.pool, sock_connect=timeout.connect, sock_read=timeout.read
+            )  # as httpx-aiohttp maps httpx's timeout for x402's own calls
         super().__init__(config)
         self.positions = Positions() if local_verify else None
         self.batch_settles = batch_settles
@@ -263,21 +269,33 @@ class ChannelHubFacilitatorClient(HTTPFacilitatorClient):
             by_alias=True,
             exclude_none=True,
         )
-        response = await self._get_async_client().post(
-            f"{self._url}/settle/batch", headers=self._get_settle_headers(), content=body
-        )
-        if response.status_code in (404, 405):  # a facilitator without the batch route: one settle per payment
+        status, content = await self._post(f"{self._url}/settle/batch", body)
+        if status in (404, 405):  # a facilitator without the batch route: one settle per payment
             self.batch_settles = False
             found = await asyncio.gather(
                 *(HTTPFacilitatorClient.settle(self, q.payload, q.requirements) for q in batch), return_exceptions=True
             )
             return [a if isinstance(a, SettleResponse | Exception) else RuntimeError(str(a)) for a in found]
-        if response.status_code != 200:
-            raise ValueError(f"facilitator settle batch failed ({response.status_code}): {response.text[:300]}")
-        answers = from_json(response.content).get("settlements")
+        if status != 200:
+            text = content[:300].decode(errors="replace")
+            raise ValueError(f"facilitator settle batch failed ({status}): {text}")
+        answers = from_json(content).get("settlements")
         if not isinstance(answers, list) or len(answers) != len(batch):
             raise ValueError("the facilitator's settle batch answer does not list one answer per payment")
         return [_batch_answer(answer) for answer in answers]
+
+    async def _post(self, url: str, body: bytes) -> tuple[int, bytes]:
+        """POST `body`; the answer's status and body. Through aiohttp's session itself where this client made the pool
+        (the one x402's own calls use through httpx's API): httpx's layers above the pool were 12 % of the payee app's
+        CPU a paid request at 400 paid/s (py-spy; docs/benchmarks.md). An app's own httpx client is used as given."""
+        headers = self._get_settle_headers()
+        if self._pool is None or self._pool_timeout is None:
+            response = await self._get_async_client().post(url, headers=headers, content=body)
+            return response.status_code, response.content
+        if not isinstance(self._pool.client, aiohttp.ClientSession):
+            self._pool.client = self._pool.get_client()  # made as httpx-aiohttp makes it at its first request
+        async with self._pool.client.post(url, headers=headers, data=body, timeout=self._pool_timeout) as answer:
+            return answer.status, await answer.read()
 
 
 class _Supported:
