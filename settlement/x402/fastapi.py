@@ -116,8 +116,7 @@ class ChannelHubFacilitatorClient(HTTPFacilitatorClient):
     ) -> None:
         config = config or FacilitatorConfig()
         self.own_client: httpx.AsyncClient | None = None
-        self._pool: AiohttpTransport | None = None  # under own_client: the settle batches are posted through it
-        self._pool_timeout: aiohttp.ClientTimeout | None = None
+        self._pool: _Pool | None = None  # under own_client: the settle batches are posted through its session
         if isinstance(config, FacilitatorConfig) and config.http_client is None:
             # An idle connection is dropped here before the service closes it (SETTLEMENT_KEEP_ALIVE_SECONDS, 5 s):
             # with both at 5 s, a burst after a lull could send on a connection the service was closing (a
@@ -132,10 +131,11 @@ class ChannelHubFacilitatorClient(HTTPFacilitatorClient):
             timeout = httpx.Timeout(config.timeout, connect=min(config.timeout, CONNECT_TIMEOUT))
             client = httpx.AsyncClient(timeout=timeout, follow_redirects=True, transport=transport)
             config = replace(config, http_client=client)
-            self.own_client, self._pool = client, transport
-            self._pool_timeout = aiohttp.ClientTimeout(
-                connect=timeout.pool, sock_connect=timeout.connect, sock_read=timeout.read
-            )  # as httpx-aiohttp maps httpx's timeout for x402's own calls
+            self.own_client = client
+            self._pool = _Pool(  # the timeout as httpx-aiohttp maps httpx's for x402's own calls
+                transport,
+                aiohttp.ClientTimeout(connect=timeout.pool, sock_connect=timeout.connect, sock_read=timeout.read),
+            )
         super().__init__(config)
         self.positions = Positions() if local_verify else None
         self.batch_settles = batch_settles
@@ -289,12 +289,13 @@ class ChannelHubFacilitatorClient(HTTPFacilitatorClient):
         (the one x402's own calls use through httpx's API): httpx's layers above the pool were 12 % of the payee app's
         CPU a paid request at 400 paid/s (py-spy; docs/benchmarks.md). An app's own httpx client is used as given."""
         headers = self._get_settle_headers()
-        if self._pool is None or self._pool_timeout is None:
+        if self._pool is None:
             response = await self._get_async_client().post(url, headers=headers, content=body)
             return response.status_code, response.content
-        if not isinstance(self._pool.client, aiohttp.ClientSession):
-            self._pool.client = self._pool.get_client()  # made as httpx-aiohttp makes it at its first request
-        async with self._pool.client.post(url, headers=headers, data=body, timeout=self._pool_timeout) as answer:
+        transport = self._pool.transport
+        if not isinstance(transport.client, aiohttp.ClientSession):
+            transport.client = transport.get_client()  # made as httpx-aiohttp makes it at its first request
+        async with transport.client.post(url, headers=headers, data=body, timeout=self._pool.timeout) as answer:
             return answer.status, await answer.read()
 
 
@@ -333,6 +334,15 @@ class _Supported:
         with self._lock:
             self._answer, self._error, self._done = answer, error, None
         done.set()
+
+
+@dataclass(frozen=True)
+class _Pool:
+    """The pool a facilitator client made for itself (httpx-aiohttp's transport under its httpx client), and the
+    timeout its settle batches are posted with through the pool's aiohttp session."""
+
+    transport: AiohttpTransport
+    timeout: aiohttp.ClientTimeout
 
 
 @dataclass(frozen=True)
