@@ -25,7 +25,7 @@ def cpu_seconds(pid: int) -> float:
 
 
 def children(pid: int) -> list[int]:
-    """The processes whose parent is `pid` (a server's signature recovery workers, their resource tracker)."""
+    """The processes whose parent is `pid` (a server's signature recovery workers)."""
     found = []
     for entry in Path("/proc").iterdir():
         if entry.name.isdigit():

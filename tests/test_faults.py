@@ -448,7 +448,7 @@ def test_the_signature_recovery_worker_never_outlives_its_server(
     service = spawn(store_url, recovery_processes="1")
     assert service.process is not None
     server = service.process.pid
-    workers = _started(server, "multiprocessing")  # the worker and multiprocessing's resource tracker
+    workers = _started(server, "multiprocessing")  # the worker (and multiprocessing's resource tracker, if one runs)
     service.kill() if how == "kill" else service.stop()
     wait_until(lambda: not any(_alive(pid) for pid in workers), timeout=10)
 

@@ -188,7 +188,7 @@ def test_a_killed_recovery_worker_costs_a_recovery_on_threads_then_a_new_worker_
 def test_a_machine_that_cannot_start_a_recovery_worker_still_serves_batches_on_threads(
     api: Callable[..., TestClient], channel: Channel, sign: Sign, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """No /dev/shm (the executor's semaphores), a process limit: the service starts anyway and recovers on threads."""
+    """A process limit, no file descriptors left for its pipes: the service starts anyway and recovers on threads."""
 
     def refused(_: str) -> Any:
         raise OSError(38, "Function not implemented")

@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import pytest
+from coincurve import PublicKey
 from eth_account import Account
+from eth_utils.crypto import keccak
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -67,6 +69,36 @@ def test_refuses_out_of_range_inputs() -> None:
     assert verifier.recover(CID[:31], 100, signature) is None
     assert verifier.recover(CID, -1, signature) is None
     assert verifier.recover(CID, 2**256, signature) is None
+
+
+HALF_N = SECP256K1_N // 2
+
+
+@pytest.mark.parametrize(
+    ("r", "s", "in_range"),
+    [
+        (0, 1, False),
+        (1, 1, True),
+        (SECP256K1_N - 2, 1, True),  # the largest r below n that is an x-coordinate on the curve
+        (SECP256K1_N, 1, False),
+        (2**256 - 1, 1, False),
+        (1, 0, False),
+        (1, HALF_N, True),
+        (1, HALF_N + 1, False),
+        (1, 2**256 - 1, False),
+    ],
+)
+def test_r_and_s_compared_as_bytes_bound_where_the_hub_bounds_them(r: int, s: int, in_range: bool) -> None:
+    """recover_encoded compares r and s as 32-byte strings: at each bound it refuses exactly what the hub's integer
+    checks refuse (0 < r < n, 0 < s <= n / 2), and in range it gives what libsecp256k1 gives."""
+    verifier = VoucherVerifier(DOMAIN)
+    rs = r.to_bytes(32, "big") + s.to_bytes(32, "big")
+    found = verifier.recover_encoded(CID + (100).to_bytes(32, "big"), rs + b"\x1b")
+    if not in_range:
+        assert found is None
+    else:  # coincurve's own wrapper as the reference (each r here is an x-coordinate on the curve: 1, n - 2)
+        key = PublicKey.from_signature_and_message(rs + b"\x00", verifier.digest(CID, 100), hasher=None)
+        assert found == keccak(key.format(compressed=False)[1:])[-20:]
 
 
 def test_compact_form_round_trip() -> None:

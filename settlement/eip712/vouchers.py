@@ -40,6 +40,7 @@ _VOUCHER_TYPEHASH = keccak(b"Voucher(bytes32 channelId,uint256 cumulativeAmount)
 _DOMAIN_TYPEHASH = keccak(b"EIP712Domain(string name,string version,uint256 chainId,address verifyingContract)")
 SECP256K1_N = 0xFFFFFFFFFFFFFFFFFFFFFFFFFFFFFFFEBAAEDCE6AF48A03BBFD25E8CD0364141
 _HALF_N = SECP256K1_N // 2
+_ZERO_WORD, _N_WORD, _HALF_N_WORD = bytes(32), SECP256K1_N.to_bytes(32, "big"), _HALF_N.to_bytes(32, "big")
 
 
 @dataclass(frozen=True)
@@ -137,16 +138,21 @@ class VoucherVerifier:
 
     def recover(self, channel_id: bytes, cumulative_amount: int, signature: bytes) -> bytes | None:
         """The signer's 20-byte address, or None where ChannelHub would reject the voucher's signature."""
-        if len(signature) != 65 or len(channel_id) != 32 or not 0 <= cumulative_amount <= MAX_UINT256:
+        if len(channel_id) != 32 or not 0 <= cumulative_amount <= MAX_UINT256:
             return None
-        v = signature[64]
-        if v not in (27, 28):
+        return self.recover_encoded(channel_id + cumulative_amount.to_bytes(32, "big"), signature)
+
+    def recover_encoded(self, encoded: bytes, signature: bytes) -> bytes | None:
+        """`recover` for a voucher given as its EIP-712 encoded data (channel id || amount, 64 bytes), as a recovery
+        worker receives it: no integer is made of it. r and s are compared as 32-byte big-endian strings, which
+        order as their values do."""
+        if len(encoded) != 64 or len(signature) != 65 or signature[64] not in (27, 28):
             return None
-        r = int.from_bytes(signature[:32], "big")
-        s = int.from_bytes(signature[32:64], "big")
-        if not 0 < r < SECP256K1_N or not 0 < s <= _HALF_N:
+        r, s = signature[:32], signature[32:64]
+        if not _ZERO_WORD < r < _N_WORD or not _ZERO_WORD < s <= _HALF_N_WORD:
             return None
-        return _recover_address(self.digest(channel_id, cumulative_amount), signature[:64], v - 27)
+        digest = keccak256(self._prefix + keccak256(_VOUCHER_TYPEHASH + encoded))
+        return _recover_address(digest, signature[:64], signature[64] - 27)
 
 
 def _recover_address(digest: bytes, rs: bytes, recovery_id: int) -> bytes | None:

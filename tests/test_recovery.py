@@ -1,0 +1,122 @@
+"""Signer recovery in worker processes, through the pipes the event loop writes and reads (settlement.ingest.recovery):
+each request gets its own answers, in place, however many are in flight; a voucher no record can hold, a worker that
+cannot start and a service that stops are handled without an error."""
+
+from __future__ import annotations
+
+import asyncio
+import multiprocessing
+import os
+from collections.abc import Callable, Iterator
+
+import pytest
+from eth_account import Account
+from eth_account.signers.local import LocalAccount
+
+from settlement.domain.model import MAX_UINT256, Voucher
+from settlement.eip712.vouchers import Domain, VoucherSigner, VoucherVerifier
+from settlement.ingest.recovery import RecoveredBy, Recovery
+from tests.hub_helpers import wait_until
+
+DOMAIN = Domain(chain_id=31337, verifying_contract="0x" + "5a" * 20)
+PAYER: LocalAccount = Account.from_key(b"\x01" * 32)
+STRANGER: LocalAccount = Account.from_key(b"\x02" * 32)
+
+
+@pytest.fixture
+def recovery() -> Iterator[Callable[..., Recovery]]:
+    """Started Recovery objects, stopped after the test."""
+    made: list[Recovery] = []
+
+    def make(*, processes: int, verifier: VoucherVerifier | None = None) -> Recovery:
+        started = Recovery(verifier or VoucherVerifier(DOMAIN), threads=2, processes=processes)
+        made.append(started)
+        started.start()
+        return started
+
+    yield make
+    for started in made:
+        started.stop()
+
+
+def voucher(channel: bytes, cumulative: int, by: LocalAccount) -> Voucher:
+    return Voucher("0x" + channel.hex(), cumulative, VoucherSigner(by, DOMAIN).sign(channel, cumulative))
+
+
+def test_many_requests_in_flight_on_two_workers_each_get_their_own_signers_in_place(
+    recovery: Callable[..., Recovery],
+) -> None:
+    """24 requests at once over two workers (each request split between them; the answers of one worker come back in
+    one read or across several): every request gets exactly its own signers, a forged voucher's in its place."""
+    workers = recovery(processes=2)
+    wait_until(lambda: workers.workers_ready)
+    payer, stranger = bytes.fromhex(PAYER.address[2:]), bytes.fromhex(STRANGER.address[2:])
+    requests = [
+        [voucher(os.urandom(32), n, STRANGER if (r + n) % 5 == 0 else PAYER) for n in range(1, 18 + r)]
+        for r in range(24)
+    ]
+
+    async def all_at_once() -> list[tuple[list[bytes | None], RecoveredBy]]:
+        return await asyncio.gather(*(workers.recover(request) for request in requests))
+
+    answers = asyncio.run(all_at_once())
+    assert [where for _, where in answers] == [RecoveredBy.PROCESS] * 24
+    assert [signers for signers, _ in answers] == [
+        [stranger if (r + n) % 5 == 0 else payer for n in range(1, 18 + r)] for r in range(24)
+    ]
+
+
+def test_a_voucher_no_record_holds_has_no_signer_and_the_rest_keep_their_places(
+    recovery: Callable[..., Recovery],
+) -> None:
+    """A signature of 64 or 66 bytes, an amount below 0 or above 2^256 - 1, a short channel id: the hub accepts no
+    such voucher, so none has a signer; they are not sent to a worker, and the vouchers around them keep theirs."""
+    workers = recovery(processes=1)
+    wait_until(lambda: workers.workers_ready)
+    channel = os.urandom(32)
+    good = [voucher(channel, n, PAYER) for n in range(1, 21)]
+    signature = good[0].signature
+    bad = {
+        0: Voucher(good[0].channel_id, 1, signature[:64]),
+        5: Voucher(good[0].channel_id, 1, signature + b"\x00"),
+        9: Voucher(good[0].channel_id, -1, signature),
+        13: Voucher(good[0].channel_id, MAX_UINT256 + 1, signature),
+        21: Voucher("0x" + channel[:31].hex(), 1, signature),
+    }
+    mixed = list(good)
+    for at in sorted(bad):
+        mixed.insert(at, bad[at])
+    signers, where = asyncio.run(workers.recover(mixed))
+    payer = bytes.fromhex(PAYER.address[2:])
+    assert where == RecoveredBy.PROCESS
+    assert signers == [None if at in bad else payer for at in range(25)]
+
+
+def test_a_worker_that_cannot_start_leaves_recovery_to_the_threads(
+    recovery: Callable[..., Recovery],
+) -> None:
+    """A worker that dies before it is ready (here its domain cannot be hashed: it fails on start, the server's
+    verifier does not): threads recover from then on, and no worker process is left behind."""
+    before = set(multiprocessing.active_children())
+    verifier = VoucherVerifier(DOMAIN)
+    verifier.domain = Domain(chain_id=31337, verifying_contract="0xnot-hex")
+    workers = recovery(processes=1, verifier=verifier)
+    wait_until(lambda: workers.processes == 0)
+    channel = os.urandom(32)
+    signers, where = asyncio.run(workers.recover([voucher(channel, n, PAYER) for n in range(1, 21)]))
+    assert (where, signers) == (RecoveredBy.THREAD, [bytes.fromhex(PAYER.address[2:])] * 20)
+    wait_until(lambda: not set(multiprocessing.active_children()) - before)
+
+
+def test_stopping_after_the_event_loop_is_gone_ends_the_workers(recovery: Callable[..., Recovery]) -> None:
+    """The pipes were handed to an event loop that has closed since (a test's, a script's): stopping still closes
+    them, and the worker exits on its own (it is not killed)."""
+    before = set(multiprocessing.active_children())
+    workers = recovery(processes=1)
+    wait_until(lambda: workers.workers_ready)
+    (worker,) = set(multiprocessing.active_children()) - before
+    channel = os.urandom(32)
+    assert asyncio.run(workers.recover([voucher(channel, n, PAYER) for n in range(1, 21)]))[1] == RecoveredBy.PROCESS
+    workers.stop()
+    worker.join(timeout=10)
+    assert worker.exitcode == 0
