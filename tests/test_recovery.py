@@ -66,6 +66,25 @@ def test_many_requests_in_flight_on_two_workers_each_get_their_own_signers_in_pl
     ]
 
 
+def test_a_batch_larger_than_the_pipe_is_written_as_the_worker_reads_it(recovery: Callable[..., Recovery]) -> None:
+    """3,000 vouchers are 387 KB of records, six times what a pipe holds: the event loop writes what the pipe takes and
+    the rest as the worker drains it, while smaller requests queue behind it; the answers (60 KB) come back in several
+    reads. Every request gets its own signers."""
+    workers = recovery(processes=1)
+    wait_until(lambda: workers.workers_ready)
+    channel = os.urandom(32)
+    signer = VoucherSigner(PAYER, DOMAIN)
+    large = [Voucher("0x" + channel.hex(), n, signer.sign(channel, n)) for n in range(1, 3001)]
+    small = [[voucher(os.urandom(32), n, STRANGER) for n in range(1, 21)] for _ in range(3)]
+
+    async def together() -> list[tuple[list[bytes | None], RecoveredBy]]:
+        return await asyncio.gather(workers.recover(large), *(workers.recover(request) for request in small))
+
+    answers = asyncio.run(together())
+    payer, stranger = bytes.fromhex(PAYER.address[2:]), bytes.fromhex(STRANGER.address[2:])
+    assert answers == [([payer] * 3000, RecoveredBy.PROCESS)] + [([stranger] * 20, RecoveredBy.PROCESS)] * 3
+
+
 def test_a_voucher_no_record_holds_has_no_signer_and_the_rest_keep_their_places(
     recovery: Callable[..., Recovery],
 ) -> None:
