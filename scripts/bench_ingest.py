@@ -5,7 +5,8 @@ checked against eth-account). Each measurement gets a fresh store and SERVERS fr
 default; `BENCH_INGEST_SERVERS=2` runs two on one store, as an operator scales out behind a balancer; engine off:
 ingest only), then `scripts/bench_load.py` drives them, spreading requests over the processes. Every run starts with
 one voucher per channel (not measured): a server reads a channel's payer from the store the first time it sees the
-channel, and the figures are about the steady state. Then:
+channel, and the figures are about the steady state (for the same reason a run waits until the servers' recovery
+workers have started). Then:
 closed loop with single vouchers at several concurrency levels, closed loop with the batch endpoint, and an open loop
 at 2,000 requests/s offered for the latency percentiles. Each run also says where its CPU went, per voucher answered:
 the server processes, their signature recovery workers, PostgreSQL and the load generator (scripts/proc_cpu.py), and
@@ -202,7 +203,20 @@ class Servers:
                 )
             )
             urls.append(self._ready(f"http://127.0.0.1:{port}", n))
+        self._workers_started()
         return urls
+
+    def _workers_started(self) -> None:
+        """Wait until the servers' children (the recovery workers) stop using CPU: a worker imports its modules
+        after the server answers /ready (~0.5 s of CPU), and that start is not the measured run's work."""
+        deadline = time.monotonic() + 20
+        last = -1.0
+        while time.monotonic() < deadline:
+            spent = sum(cpu_seconds(child) for p in self.processes for child in children(p.pid))
+            if abs(spent - last) < 0.005:
+                return
+            last = spent
+            time.sleep(0.25)
 
     def _ready(self, url: str, n: int) -> str:
         deadline = time.monotonic() + 60

@@ -1,5 +1,9 @@
 """Vouchers: the EIP-712 schema, signing (eth-account) and a fast verifier (precomputed domain + coincurve).
 
+eth-account, eth-abi and eth-utils are imported where they are used, not with the module: a signature recovery
+worker imports this module for the verifier alone (coincurve and keccak), and with them it took 1.1 s of CPU to start
+(py_ecc's BLS tables through eth-keyfile, web3) against ~0.1 s without.
+
 A voucher says "channel `channelId` has paid `cumulativeAmount` in total so far". The verifier accepts exactly what
 ChannelHub accepts: 65-byte signatures, v of 27 or 28, s in the lower half of the curve order, a non-zero signer.
 """
@@ -7,21 +11,24 @@ ChannelHub accepts: 65-byte signatures, v of 27 or 28, s in the lower half of th
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from coincurve import PrivateKey
 from coincurve._libsecp256k1 import ffi, lib
 from coincurve.context import GLOBAL_CONTEXT
-from eth_abi.abi import encode
-from eth_account import Account
-from eth_account.messages import encode_typed_data
-from eth_account.signers.local import LocalAccount
-from eth_utils.address import to_checksum_address
-from eth_utils.crypto import keccak
 from sha3 import keccak_256
-from web3.contract import Contract
 
 from settlement.domain.model import MAX_UINT256
+
+if TYPE_CHECKING:
+    from eth_account.signers.local import LocalAccount
+    from web3.contract import Contract
+
+
+def keccak256(data: bytes) -> bytes:
+    """keccak-256 through safe-pysha3's C code directly: for what is hashed per voucher or per receipt."""
+    return bytes(keccak_256(data).digest())
+
 
 VOUCHER_TYPE = [
     {"name": "channelId", "type": "bytes32"},
@@ -36,8 +43,8 @@ EIP712_DOMAIN_TYPE = [
 DOMAIN_NAME = "ChannelHub"
 DOMAIN_VERSION = "1"
 
-_VOUCHER_TYPEHASH = keccak(b"Voucher(bytes32 channelId,uint256 cumulativeAmount)")
-_DOMAIN_TYPEHASH = keccak(b"EIP712Domain(string name,string version,uint256 chainId,address verifyingContract)")
+_VOUCHER_TYPEHASH = keccak256(b"Voucher(bytes32 channelId,uint256 cumulativeAmount)")
+_DOMAIN_TYPEHASH = keccak256(b"EIP712Domain(string name,string version,uint256 chainId,address verifyingContract)")
 SECP256K1_N = 0xFFFFFFFFFFFFFFFFFFFFFFFFFFFFFFFEBAAEDCE6AF48A03BBFD25E8CD0364141
 _HALF_N = SECP256K1_N // 2
 _ZERO_WORD, _N_WORD, _HALF_N_WORD = bytes(32), SECP256K1_N.to_bytes(32, "big"), _HALF_N.to_bytes(32, "big")
@@ -53,6 +60,8 @@ class Domain:
     version: str = DOMAIN_VERSION
 
     def as_dict(self) -> dict[str, Any]:
+        from eth_utils.address import to_checksum_address
+
         return {
             "name": self.name,
             "version": self.version,
@@ -61,10 +70,10 @@ class Domain:
         }
 
     def separator(self) -> bytes:
-        return keccak(
+        return keccak256(
             _DOMAIN_TYPEHASH
-            + keccak(self.name.encode())
-            + keccak(self.version.encode())
+            + keccak256(self.name.encode())
+            + keccak256(self.version.encode())
             + self.chain_id.to_bytes(32, "big")
             + bytes(12)
             + bytes.fromhex(self.verifying_contract.removeprefix("0x"))
@@ -73,7 +82,9 @@ class Domain:
 
 def channel_id(payer: str, payee: str, token: str, salt: bytes) -> bytes:
     """The id ChannelHub gives a channel: keccak256(abi.encode(payer, payee, token, salt)); token 0x0 = ETH."""
-    return keccak(encode(["address", "address", "address", "bytes32"], [payer, payee, token, salt]))
+    from eth_abi.abi import encode
+
+    return keccak256(encode(["address", "address", "address", "bytes32"], [payer, payee, token, salt]))
 
 
 def typed_data(domain: Domain, channel_id: bytes, cumulative_amount: int) -> dict[str, Any]:
@@ -88,6 +99,8 @@ def typed_data(domain: Domain, channel_id: bytes, cumulative_amount: int) -> dic
 
 def sign_voucher(account: LocalAccount, domain: Domain, channel_id: bytes, cumulative_amount: int) -> bytes:
     """The payer's 65-byte signature (r || s || v, v in {27, 28})."""
+    from eth_account.messages import encode_typed_data
+
     signable = encode_typed_data(full_message=typed_data(domain, channel_id, cumulative_amount))
     return bytes(account.sign_message(signable).signature)
 
@@ -115,6 +128,9 @@ def sign_digest(key: PrivateKey, digest: bytes) -> bytes:
 
 def recover_reference(domain: Domain, channel_id: bytes, cumulative_amount: int, signature: bytes) -> str:
     """Signer by eth-account: slow, but the reference the fast path is tested against."""
+    from eth_account import Account
+    from eth_account.messages import encode_typed_data
+
     signable = encode_typed_data(full_message=typed_data(domain, channel_id, cumulative_amount))
     return str(Account.recover_message(signable, signature=signature))
 
@@ -168,11 +184,6 @@ def _recover_address(digest: bytes, rs: bytes, recovery_id: int) -> bytes | None
     size = ffi.new("size_t *", 65)
     lib.secp256k1_ec_pubkey_serialize(ctx, out, size, pubkey, lib.SECP256K1_EC_UNCOMPRESSED)
     return keccak256(bytes(ffi.buffer(out, 65))[1:])[-20:]
-
-
-def keccak256(data: bytes) -> bytes:
-    """keccak-256 through safe-pysha3's C code directly: for what is hashed per voucher or per receipt."""
-    return bytes(keccak_256(data).digest())
 
 
 def read_domain(hub: Contract) -> Domain:
