@@ -64,8 +64,9 @@ class RecoveredBy(StrEnum):
     THREAD = "thread"
 
 
-class WorkerLost(Exception):
-    """A worker's answers ended (it died) before a request's answer came."""
+class _WorkerLost(Exception):
+    """A worker's answers ended (it died) before a request's answer came. Never leaves this module: the request is
+    recovered on threads instead."""
 
 
 @dataclass
@@ -90,10 +91,10 @@ class _Worker:
         self.loop = loop
 
     def ask(self, number: int, records: bytes) -> asyncio.Future[bytes]:
-        """The signers of `records`, once the worker answers (WorkerLost if it dies first)."""
+        """The signers of `records`, once the worker answers (_WorkerLost if it dies first)."""
         assert self.loop is not None
         if self.lost:  # died since the last request: no answer would come
-            raise WorkerLost()
+            raise _WorkerLost()
         future: asyncio.Future[bytes] = self.loop.create_future()
         self.waiting[number] = future
         self.unsent += HEADER.pack(number, len(records) // RECORD) + records
@@ -143,7 +144,7 @@ class _Worker:
         self.close_answers()
         for future in self.waiting.values():
             if not future.done():
-                future.set_exception(WorkerLost())
+                future.set_exception(_WorkerLost())
         self.waiting.clear()
 
     def close_requests(self) -> None:
@@ -250,7 +251,7 @@ class Recovery:
             try:
                 async with asyncio.timeout(self.deadline):
                     return await self._in_workers(loop, workers, vouchers), RecoveredBy.PROCESS
-            except (WorkerLost, OSError):
+            except (_WorkerLost, OSError):
                 logger.error("a signature recovery worker died; recovering on threads until a new one is ready")
                 self._discard(workers, again=True)
             except TimeoutError:
