@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import multiprocessing
 import os
 import signal
@@ -203,7 +204,11 @@ def test_a_machine_that_cannot_start_a_recovery_worker_still_serves_batches_on_t
 
 
 def test_a_hung_recovery_worker_is_ended_and_the_request_recovered_on_threads(
-    api: Callable[..., TestClient], channel: Channel, sign: Sign, accounts: list[LocalAccount]
+    api: Callable[..., TestClient],
+    channel: Channel,
+    sign: Sign,
+    accounts: list[LocalAccount],
+    caplog: pytest.LogCaptureFixture,
 ) -> None:
     """A worker that takes no more tasks (stopped here; stuck, swapped out) must not hold payments: past the deadline
     the request is recovered on threads, the worker is killed, and new ones take over."""
@@ -215,9 +220,13 @@ def test_a_hung_recovery_worker_is_ended_and_the_request_recovered_on_threads(
     assert worker.pid is not None
     os.kill(worker.pid, signal.SIGSTOP)
     items = [body(channel, n, sign(accounts[9] if n == 7 else channel.payer, channel.id, n)) for n in range(1, 21)]
-    results = client.post("/v1/vouchers/batch", json={"vouchers": items}).json()["results"]
+    with caplog.at_level(logging.ERROR, logger="settlement.ingest.recovery"):
+        results = client.post("/v1/vouchers/batch", json={"vouchers": items}).json()["results"]
     assert [r["status"] for r in results] == [400 if n == 7 else 201 for n in range(1, 21)]
     assert (recovered(client, "process"), recovered(client, "thread")) == (0, 20)
+    assert [r.getMessage() for r in caplog.records if r.name == "settlement.ingest.recovery"] == [
+        "recovery workers did not answer in 0.5 s: ended, new ones starting"  # a hang, not taken for a death
+    ]
     worker.join(timeout=10)
     assert worker.exitcode == -signal.SIGKILL
     workers_ready(client)

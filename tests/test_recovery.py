@@ -5,8 +5,10 @@ cannot start and a service that stops are handled without an error."""
 from __future__ import annotations
 
 import asyncio
+import logging
 import multiprocessing
 import os
+import signal
 from collections.abc import Callable, Iterator
 
 import pytest
@@ -83,6 +85,39 @@ def test_a_batch_larger_than_the_pipe_is_written_as_the_worker_reads_it(recovery
     answers = asyncio.run(together())
     payer, stranger = bytes.fromhex(PAYER.address[2:]), bytes.fromhex(STRANGER.address[2:])
     assert answers == [([payer] * 3000, RecoveredBy.PROCESS)] + [([stranger] * 20, RecoveredBy.PROCESS)] * 3
+
+
+def test_when_one_worker_dies_a_request_waiting_on_another_goes_on_on_threads_at_once(
+    recovery: Callable[..., Recovery], caplog: pytest.LogCaptureFixture
+) -> None:
+    """Two workers, both stopped (SIGSTOP): a one-voucher request waits on the first, a two-voucher one on both; then
+    the second is killed. Its death ends the generation, and the request on the first worker goes on on threads then,
+    not when its 60 s deadline runs out (which would log that the workers did not answer)."""
+    before = set(multiprocessing.active_children())
+    workers = recovery(processes=2)
+    workers.deadline = 60.0
+    wait_until(lambda: workers.workers_ready)
+    by_name = {process.name: process for process in set(multiprocessing.active_children()) - before}
+    channel = os.urandom(32)
+    payer = bytes.fromhex(PAYER.address[2:])
+
+    async def scenario() -> list[tuple[list[bytes | None], RecoveredBy]]:
+        assert (await workers.recover([voucher(channel, n, PAYER) for n in range(1, 21)]))[1] == RecoveredBy.PROCESS
+        for name in ("recover-0", "recover-1"):
+            os.kill(by_name[name].pid, signal.SIGSTOP)  # type: ignore[arg-type]
+        alone = asyncio.ensure_future(workers.recover([voucher(channel, 21, PAYER)]))  # all on the first worker
+        split = asyncio.ensure_future(workers.recover([voucher(channel, n, PAYER) for n in (22, 23)]))
+        await asyncio.sleep(0.2)
+        os.kill(by_name["recover-1"].pid, signal.SIGKILL)  # type: ignore[arg-type]
+        return list(await asyncio.gather(alone, split))
+
+    with caplog.at_level(logging.ERROR, logger="settlement.ingest.recovery"):
+        answers = asyncio.run(scenario())
+    assert answers == [([payer], RecoveredBy.THREAD), ([payer, payer], RecoveredBy.THREAD)]
+    died = "a signature recovery worker died; recovering on threads until a new one is ready"
+    assert [record.getMessage() for record in caplog.records] == [died, died]  # each request says so
+    by_name["recover-0"].join(timeout=10)
+    assert by_name["recover-0"].exitcode == -signal.SIGKILL  # the stopped one ended with its generation
 
 
 def test_a_voucher_no_record_holds_has_no_signer_and_the_rest_keep_their_places(

@@ -142,10 +142,6 @@ class _Worker:
         self.lost = True
         self.close_requests()
         self.close_answers()
-        for future in self.waiting.values():
-            if not future.done():
-                future.set_exception(_WorkerLost())
-        self.waiting.clear()
 
     def close_requests(self) -> None:
         """The server's end of the request pipe (a worker waiting for a request then exits); on the loop, if any."""
@@ -155,9 +151,16 @@ class _Worker:
         self.unsent.clear()  # batches not yet written are for threads now (their requests failed over)
 
     def close_answers(self) -> None:
+        """The server's end of the answer pipe; the requests still waiting on it go on on threads now, not at their
+        deadline (another worker of the generation died or hung, and the generation is being ended)."""
         if self.loop is not None and not self.answers.closed:
             self.loop.remove_reader(self.answers.fileno())
         self.answers.close()
+        if self.loop is not None and not self.loop.is_closed():
+            for future in self.waiting.values():
+                if not future.done():
+                    future.set_exception(_WorkerLost())
+        self.waiting.clear()
 
 
 @dataclass
@@ -251,11 +254,11 @@ class Recovery:
             try:
                 async with asyncio.timeout(self.deadline):
                     return await self._in_workers(loop, workers, vouchers), RecoveredBy.PROCESS
+            except TimeoutError:  # before OSError: TimeoutError is one
+                logger.error("recovery workers did not answer in %s s: ended, new ones starting", self.deadline)
+                self._discard(workers, again=True)
             except (_WorkerLost, OSError):
                 logger.error("a signature recovery worker died; recovering on threads until a new one is ready")
-                self._discard(workers, again=True)
-            except TimeoutError:
-                logger.error("recovery workers did not answer in %s s: ended, new ones starting", self.deadline)
                 self._discard(workers, again=True)
         threads = self._threads
         if threads is None:
