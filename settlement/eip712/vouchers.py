@@ -135,6 +135,14 @@ def recover_reference(domain: Domain, channel_id: bytes, cumulative_amount: int,
     return str(Account.recover_message(signable, signature=signature))
 
 
+def encode_voucher(channel_id: bytes, cumulative_amount: int) -> bytes | None:
+    """A voucher's EIP-712 encoded data (channel id || amount, 64 bytes), or None where no voucher the hub accepts has
+    these fields (a channel id not of 32 bytes, an amount outside [0, 2^256))."""
+    if len(channel_id) != 32 or not 0 <= cumulative_amount <= MAX_UINT256:
+        return None
+    return channel_id + cumulative_amount.to_bytes(32, "big")
+
+
 class VoucherVerifier:
     """Recovers voucher signers for one domain: the hot path of ingest.
 
@@ -149,25 +157,26 @@ class VoucherVerifier:
 
     def digest(self, channel_id: bytes, cumulative_amount: int) -> bytes:
         """The EIP-712 digest; equals ChannelHub.hashVoucher."""
-        struct_hash = keccak256(_VOUCHER_TYPEHASH + channel_id + cumulative_amount.to_bytes(32, "big"))
-        return keccak256(self._prefix + struct_hash)
+        return self._digest_of(channel_id + cumulative_amount.to_bytes(32, "big"))
+
+    def _digest_of(self, encoded: bytes) -> bytes:
+        return keccak256(self._prefix + keccak256(_VOUCHER_TYPEHASH + encoded))
 
     def recover(self, channel_id: bytes, cumulative_amount: int, signature: bytes) -> bytes | None:
         """The signer's 20-byte address, or None where ChannelHub would reject the voucher's signature."""
-        if len(channel_id) != 32 or not 0 <= cumulative_amount <= MAX_UINT256:
-            return None
-        return self.recover_encoded(channel_id + cumulative_amount.to_bytes(32, "big"), signature)
+        encoded = encode_voucher(channel_id, cumulative_amount)
+        return None if encoded is None else self.recover_encoded(encoded, signature)
 
     def recover_encoded(self, encoded: bytes, signature: bytes) -> bytes | None:
-        """`recover` for a voucher given as its EIP-712 encoded data (channel id || amount, 64 bytes), as a recovery
-        worker receives it: no integer is made of it. r and s are compared as 32-byte big-endian strings, which
-        order as their values do."""
+        """`recover` for a voucher given as its EIP-712 encoded data (`encode_voucher`), as a recovery worker receives
+        it: no integer is made of it. r and s are compared as 32-byte big-endian strings, which order as their values
+        do."""
         if len(encoded) != 64 or len(signature) != 65 or signature[64] not in (27, 28):
             return None
         r, s = signature[:32], signature[32:64]
         if not _ZERO_WORD < r < _N_WORD or not _ZERO_WORD < s <= _HALF_N_WORD:
             return None
-        digest = keccak256(self._prefix + keccak256(_VOUCHER_TYPEHASH + encoded))
+        digest = self._digest_of(encoded)
         return _recover_address(digest, signature[:64], signature[64] - 27)
 
 

@@ -37,8 +37,8 @@ from multiprocessing.connection import Connection
 from multiprocessing.process import BaseProcess
 from typing import TypeVar
 
-from settlement.domain.model import MAX_UINT256, Voucher
-from settlement.eip712.vouchers import Domain, VoucherVerifier
+from settlement.domain.model import Voucher
+from settlement.eip712.vouchers import Domain, VoucherVerifier, encode_voucher
 
 logger = logging.getLogger(__name__)
 
@@ -82,7 +82,6 @@ class _Worker:
     waiting: dict[int, asyncio.Future[bytes]] = field(default_factory=dict)
     received: bytearray = field(default_factory=bytearray)
     unsent: bytearray = field(default_factory=bytearray)  # what the pipe could not take yet (a worker behind)
-    lost: bool = False
 
     def attach(self, loop: asyncio.AbstractEventLoop) -> None:
         os.set_blocking(self.requests.fileno(), False)
@@ -93,14 +92,14 @@ class _Worker:
     def ask(self, number: int, records: bytes) -> asyncio.Future[bytes]:
         """The signers of `records`, once the worker answers (_WorkerLost if it dies first)."""
         assert self.loop is not None
-        if self.lost:  # died since the last request: no answer would come
+        if self.answers.closed:  # died since the last request (or its generation ended): no answer would come
             raise _WorkerLost()
         future: asyncio.Future[bytes] = self.loop.create_future()
         self.waiting[number] = future
         self.unsent += HEADER.pack(number, len(records) // RECORD) + records
         if len(self.unsent) == HEADER.size + len(records):  # nothing was waiting to be written before it
             self._writable()
-            if self.unsent and not self.lost:
+            if self.unsent:  # the rest once the pipe takes it (a write that found the worker dead cleared it)
                 self.loop.add_writer(self.requests.fileno(), self._writable)
         return future
 
@@ -139,7 +138,6 @@ class _Worker:
                 future.set_result(answer)
 
     def _lose(self) -> None:
-        self.lost = True
         self.close_requests()
         self.close_answers()
 
@@ -279,8 +277,9 @@ class Recovery:
         unsendable: list[int] = []  # where a voucher does not fit a record: no signer the hub would accept
         for i, voucher in enumerate(vouchers):
             channel_id, amount, signature = item(voucher)
-            if len(channel_id) == 32 and 0 <= amount <= MAX_UINT256 and len(signature) == 65:
-                records.append(channel_id + amount.to_bytes(32, "big") + signature)
+            encoded = encode_voucher(channel_id, amount)
+            if encoded is not None and len(signature) == 65:
+                records.append(encoded + signature)
             else:
                 unsendable.append(i)
         asked = [  # fewer parts than workers where there are fewer records
