@@ -87,6 +87,28 @@ def test_a_batch_larger_than_the_pipe_is_written_as_the_worker_reads_it(recovery
     assert answers == [([payer] * 3000, RecoveredBy.PROCESS)] + [([stranger] * 20, RecoveredBy.PROCESS)] * 3
 
 
+def test_request_numbers_wrap_past_what_a_frame_header_holds(recovery: Callable[..., Recovery]) -> None:
+    """A frame's request number is 32 bits. A server up long enough passes 2^32 - 1 requests to one generation of
+    workers (~50 days at 1,000 batches a second over two workers): the numbers wrap to 1 (0 is a worker's "ready"),
+    not to an error on every batch from then on, and each request still gets its own signers from the workers."""
+    workers = recovery(processes=2)
+    wait_until(lambda: workers.workers_ready)
+    generation = workers._workers  # the number is the generation's, with no public way to age it
+    assert generation is not None
+    generation.last_number = 2**32 - 4  # a number for each of a request's two parts: the second request's wraps
+    payer, stranger = bytes.fromhex(PAYER.address[2:]), bytes.fromhex(STRANGER.address[2:])
+    requests = [[voucher(os.urandom(32), n, STRANGER if n == r else PAYER) for n in range(1, 4)] for r in range(1, 6)]
+
+    async def in_turn() -> list[tuple[list[bytes | None], RecoveredBy]]:
+        return [await workers.recover(request) for request in requests]
+
+    assert asyncio.run(in_turn()) == [
+        ([stranger if n == r else payer for n in range(1, 4)], RecoveredBy.PROCESS) for r in range(1, 6)
+    ]
+    assert generation.last_number == 7  # the two parts of each: 2^32 - 3, 2^32 - 2; 2^32 - 1, 1; 2, 3; 4, 5; 6, 7
+    assert workers._workers is generation  # no worker was taken for dead on the way
+
+
 def test_when_one_worker_dies_a_request_waiting_on_another_goes_on_on_threads_at_once(
     recovery: Callable[..., Recovery], caplog: pytest.LogCaptureFixture
 ) -> None:

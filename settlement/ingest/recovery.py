@@ -21,7 +21,6 @@ workers start. A worker ends when its request pipe ends: the server closed it, o
 from __future__ import annotations
 
 import asyncio
-import itertools
 import logging
 import multiprocessing
 import os
@@ -51,6 +50,7 @@ Item = tuple[bytes, int, bytes]  # (channel id, cumulative amount, signature): w
 # The pipes' frames: a header (the request's number, its vouchers), then per voucher a record to the worker and a
 # signer back. Number 0 is the worker's "ready", before any request.
 HEADER = struct.Struct("<II")
+LAST_NUMBER = 2**32 - 1  # what a header's number holds: requests are numbered 1 … LAST_NUMBER, then 1 again
 RECORD = 129  # channel id (32) + cumulative amount (32, big-endian) + signature (65)
 SIGNER = 20
 NO_SIGNER = bytes(SIGNER)  # where the hub would refuse the signature: it refuses the zero address as a signer too
@@ -170,7 +170,13 @@ class _Workers:
     ready: threading.Event = field(default_factory=threading.Event)
     waiter: threading.Thread | None = None  # reads each worker's "ready"
     loop: asyncio.AbstractEventLoop | None = None
-    numbers: itertools.count[int] = field(default_factory=lambda: itertools.count(1))
+    last_number: int = 0  # the last request's (on the loop only)
+
+    def number(self) -> int:
+        """The next request's number. It wraps: a counter that ran past what a header holds failed every batch from
+        then on (~50 days at 1,000 batches a second over two workers); a number is in flight for moments only."""
+        self.last_number = self.last_number % LAST_NUMBER + 1
+        return self.last_number
 
     def end(self, *, grace: float) -> None:
         """Close the request pipes, wait up to `grace` seconds for the workers to exit, kill those still there, then
@@ -283,7 +289,7 @@ class Recovery:
             else:
                 unsendable.append(i)
         asked = [  # fewer parts than workers where there are fewer records
-            worker.ask(next(workers.numbers), b"".join(part))
+            worker.ask(workers.number(), b"".join(part))
             for worker, part in zip(workers.workers, _split(records, len(workers.workers)), strict=False)
         ]
         answers = b"".join(await asyncio.gather(*asked))
