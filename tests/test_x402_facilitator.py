@@ -22,9 +22,11 @@ from tests.hub_helpers import (
     ETH,
     Channel,
     behind_the_fast_path,
+    recovered,
     send,
     wait_indexed,
     wait_until,
+    workers_ready,
     x402_request,
     x402_requirements,
 )
@@ -416,6 +418,37 @@ def test_concurrent_batches_carrying_one_voucher_charge_it_once(
     outcomes = sorted((a["success"], a.get("errorReason")) for answers in batches for a in answers)
     assert outcomes == [(False, "voucher_replayed")] * 15 + [(True, None)]
     assert accepted(client, channel) == "10"
+
+
+def test_a_large_settle_batch_is_recovered_by_a_worker_process_and_each_payment_answered_in_place(
+    api: Callable[..., TestClient], devnet: Devnet, channel: Channel, accounts: list[LocalAccount], sign: Sign
+) -> None:
+    """A batch's vouchers go to ingest together, as a voucher batch's do: 24 of them have their signers recovered by
+    a worker process, not one by one on the event loop (~60 µs each, every other request waiting), and each payment
+    is answered in its place: a forged voucher before the honest one at its amount, another scheme's payment."""
+    client = api(recovery_processes=1)
+    workers_ready(client)
+    required = requirements(devnet, channel.payee)
+    items: list[dict[str, Any]] = []
+    expected: list[tuple[bool, str | None]] = []
+    for n in range(1, 21):
+        if n % 5 == 0:
+            items.append(x402_request(required, voucher(channel, n * PRICE, sign, signer=accounts[9])))
+            expected.append((False, "invalid_signature"))
+        if n == 12:
+            items.append(x402_request(required | {"scheme": "exact"}, voucher(channel, n * PRICE, sign)))
+            expected.append((False, "unsupported_scheme_or_network"))
+        items.append(x402_request(required, voucher(channel, n * PRICE, sign)))
+        expected.append((True, None))
+    answer = client.post("/x402/settle/batch", json=batch_of(*items))
+    assert answer.status_code == 200, answer.text
+    settled = answer.json()["settlements"]
+    assert [(a["success"], a.get("errorReason")) for a in settled] == expected
+    assert [a["extra"]["channel"]["cumulativeAmount"] for a in settled if a["success"]] == [
+        str(n * PRICE) for n in range(1, 21)
+    ]
+    assert (recovered(client, "process"), recovered(client, "thread")) == (24, 0)
+    assert accepted(client, channel) == "200"
 
 
 def test_a_settle_batch_that_is_not_x402_or_too_large_is_refused_whole(

@@ -14,7 +14,7 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, replace
 from typing import Any
 
@@ -124,19 +124,68 @@ class ChannelHubFacilitator:
         return payload.accepted.scheme == SCHEME and payload.accepted.network == self.network
 
     async def settle_async(self, payload: PaymentPayload, requirements: PaymentRequirements) -> SettleResponse:
-        """`settle` on the event loop: the commit is awaited without holding a thread (settlement.api.fastpath).
+        """`settle` on the event loop: the commit is awaited without holding a thread (settlement.api.fastpath)."""
+        (answer,) = await self.settle_many_async([(payload, requirements)])
+        if isinstance(answer, BaseException):
+            raise answer
+        return answer
 
-        A channel this process has not seen is looked up on a worker thread, as `settle` does on its own."""
+    async def settle_many_async(
+        self, payments: Sequence[tuple[PaymentPayload, PaymentRequirements]]
+    ) -> list[SettleResponse | BaseException]:
+        """`settle` for each payment, on the event loop, in order; in place of an answer, what a payment raised (the
+        store or the chain down: a 503). The vouchers go to ingest together, as a voucher batch's do: one job for the
+        writer, and their signers recovered by a worker process when there are many (inline on the event loop, each
+        of a large batch held every other request ~60 µs), in the batch's order. Each channel this process has not
+        seen is looked up once, on a worker thread (one lookup a payment, racing, could put a channel's payments out of
+        order: an honest second payment judged first was refused as an overpayment)."""
+        answers: dict[int, SettleResponse | BaseException] = {}
+        checked: list[tuple[int, VoucherPayload, int, Parties | None]] = []
+        for i, (payload, requirements) in enumerate(payments):
+            try:
+                parsed, price = self._checked(payload, requirements)
+            except Refused as refused:
+                answers[i] = self._settle_refused(refused)
+                continue
+            checked.append((i, parsed, price, self._parties.get(parsed.channel_id)))
+        unknown = list(dict.fromkeys(parsed.channel_id for _, parsed, _, known in checked if known is None))
+        lookups = (asyncio.to_thread(self._parties_of, channel_id) for channel_id in unknown)
+        looked_up = dict(zip(unknown, await asyncio.gather(*lookups, return_exceptions=True), strict=True))
+        priced: list[tuple[int, Voucher, Parties]] = []
+        for i, parsed, price, known in checked:
+            found = looked_up[parsed.channel_id] if known is None else known
+            if isinstance(found, Refused):  # no such channel, or another shard's
+                answers[i] = self._settle_refused(found)
+            elif isinstance(found, BaseException):  # the chain down for its lookup: this payment's 503, not the others'
+                answers[i] = found
+            else:
+                try:
+                    priced.append((i, self._priced(*payments[i], parsed, price, found), found))
+                except Refused as refused:
+                    answers[i] = self._settle_refused(refused)
+                except Exception as ex:  # as an answer in its place, as every payment's failure
+                    answers[i] = ex
+        if priced:
+            try:
+                outcomes: list[Outcome | BaseException] = list(
+                    await self.service.ingestor.ingest_async([voucher for _, voucher, _ in priced])
+                )
+            except Exception as ex:  # the store down: none of them was judged
+                outcomes = [ex] * len(priced)
+            for (i, _, channel), outcome in zip(priced, outcomes, strict=True):
+                answers[i] = self._answer(outcome, channel)
+        return [answers[i] for i in range(len(payments))]
+
+    def _answer(self, outcome: Outcome | BaseException, channel: Parties) -> SettleResponse | BaseException:
+        """A payment's answer from ingest's outcome: settled, refused with its reason, or what could not judge it."""
+        if isinstance(outcome, BaseException) and not isinstance(outcome, SettlementError):
+            return outcome
         try:
-            parsed, price = self._checked(payload, requirements)
-            channel = self._parties.get(parsed.channel_id)
-            if channel is None:
-                channel = await asyncio.to_thread(self._parties_of, parsed.channel_id)
-            voucher = self._priced(payload, requirements, parsed, price, channel)
-            (outcome,) = await self.service.ingestor.ingest_async([voucher])
             verdict = self._judged(lambda: _verdict(outcome), channel)
         except Refused as refused:
             return self._settle_refused(refused)
+        except SettlementError as ex:  # no refusal: the store's or the chain's 503
+            return ex
         return self._settled(verdict, channel)
 
     def _settle_refused(self, refused: Refused) -> SettleResponse:

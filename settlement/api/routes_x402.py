@@ -88,11 +88,18 @@ class X402Operations:
             raise BatchTooLargeError(
                 f"a batch holds at most {self.max_batch} settlements, got {count}", maxItems=self.max_batch
             )
-        done = await asyncio.gather(
-            *(self._settle(item.paymentPayload, item.paymentRequirements) for item in parsed.settlements),
-            return_exceptions=True,
+        payments = [(item.paymentPayload, item.paymentRequirements) for item in parsed.settlements]
+        ours: list[int] = []  # our scheme's, whose vouchers go to ingest together
+        theirs: list[int] = []  # the rest, which x402's facilitator answers `unsupported`
+        for i, (payload, _) in enumerate(payments):
+            (ours if self.scheme.serves(payload) else theirs).append(i)
+        settled, others = await asyncio.gather(
+            self.scheme.settle_many_async([payments[i] for i in ours]),
+            asyncio.gather(*(asyncio.to_thread(self._settled, *payments[i]) for i in theirs), return_exceptions=True),
         )
-        return json.dumps({"settlements": [_item(answer) for answer in done]}, separators=(",", ":")).encode()
+        done = dict(zip(ours, settled, strict=True)) | dict(zip(theirs, others, strict=True))
+        answers = [_item(done[i]) for i in range(len(payments))]
+        return json.dumps({"settlements": answers}, separators=(",", ":")).encode()
 
     async def _settle(self, payload: PaymentPayload, requirements: PaymentRequirements) -> SettleResponse:
         if self.scheme.serves(payload):
