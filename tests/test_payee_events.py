@@ -27,7 +27,7 @@ from web3.contract import Contract
 from settlement.domain.model import Channel as StoredChannel
 from settlement.domain.model import Receipt, utcnow
 from settlement.errors import MalformedRequestError
-from settlement.sdk.webhooks import is_authentic
+from settlement.sdk.webhooks import is_authentic, signature
 from settlement.server.config import Settings
 from settlement.server.payee_events import Feed, Horizon, Position, read_events
 from settlement.server.webhooks import PASSED_SAVED, Target, WebhookSender, check_target
@@ -432,6 +432,26 @@ def test_the_live_stream_sends_events_as_they_happen_and_resumes_after_the_last_
     for token in ("x.y", "1.2.-2", *too_far):  # (the databases refused to compare with them: a broken stream)
         bad = httpx.get(url, headers={"Last-Event-ID": token}, timeout=10)
         assert (bad.status_code, bad.json()["code"]) == (400, "malformed_request"), token
+    # Digits to str.isdigit that int() refuses (a 500 before) or reads as another form of a number, a double sign.
+    for token in ("1.2.\u00b2", "\u0661.0.0", "--1.0.0", "1.2.3\n", " 1.2.3"):
+        bad = httpx.get(url, params={"after": token}, timeout=10)
+        assert (bad.status_code, bad.json()["code"]) == (400, "malformed_request"), token
+
+
+def test_a_forged_delivery_signature_is_not_authentic_and_never_an_error() -> None:
+    """The header is the sender's text: whatever it holds, `is_authentic` answers False (a payee's webhook route
+    answering it with a 500 was one forged request away: "t=²" and a 5,000-digit time raised in int())."""
+    secret, body, now = "whsec_test", b'{"id":"evt_1"}', 1_800_000_000
+    good = signature(secret, body, now)
+    assert is_authentic(secret, good, body, now=now)
+    mac = good.split("v1=", 1)[1]
+    forged = [
+        None, "", "t=", "v1=" + mac, f"t=\u00b2,v1={mac}", f"t={'9' * 5000},v1={mac}", f"t=\u0661{now},v1={mac}",
+        f"t=-{now},v1={mac}", f"t={now} 5,v1={mac}", f"t={now},t={now},v1={mac}", f"t={now},v1={mac[:-1]}",
+        f"t={now + 1},v1={mac}", f"t={now},v1=", "t=x,v1=y", ",,,", "=",
+    ]  # fmt: skip
+    assert [is_authentic(secret, header, body, now=now) for header in forged] == [False] * len(forged)
+    assert is_authentic(secret, f"t={now},v1={'0' * 64},v1={mac}", body, now=now)  # a second, rotated MAC holds
 
 
 def paid(db: Database, channel: StoredChannel, amounts: range) -> int:

@@ -194,6 +194,35 @@ def test_the_fast_path_and_fastapis_x402_routes_give_the_same_answers(
     assert accepted(fast, channel) == "20"
 
 
+def test_a_paid_voucher_in_another_spelling_is_refused_and_charges_nothing(
+    api: Callable[..., TestClient], devnet: Devnet, channel: Channel, sign: Sign
+) -> None:
+    """Each payload field has one form. Python's `$` also matches before a final newline, and `bytes.fromhex` and
+    `int` skip whitespace, so a voucher already paid, sent again with a newline after a field, passed the payload's
+    checks as a channel id (or amount, or signature) no other layer spells that way. Now it is not the payload's
+    form (`invalid_payload`); the same voucher in upper-case hex is the voucher it is, and a replay."""
+    client = api()
+    required = requirements(devnet, channel.payee)
+    good = voucher(channel, PRICE, sign)
+    assert client.post("/x402/settle", json=x402_request(required, good)).json()["success"]
+    spellings = [
+        (good | {"channelId": good["channelId"] + "\n"}, "invalid_payload"),
+        (good | {"cumulativeAmount": good["cumulativeAmount"] + "\n"}, "invalid_payload"),
+        (good | {"signature": good["signature"] + "\n"}, "invalid_payload"),
+        (good | {"channelId": good["channelId"][:40] + "\n" + good["channelId"][40:]}, "invalid_payload"),
+        (good | {"cumulativeAmount": "0" + good["cumulativeAmount"]}, "invalid_payload"),
+        (good | {"channelId": "0x" + good["channelId"][2:].upper()}, "voucher_replayed"),
+    ]
+    for payload, reason in spellings:
+        body = x402_request(required, payload)
+        verified = client.post("/x402/verify", json=body)
+        settled = client.post("/x402/settle", json=body)
+        assert (verified.status_code, settled.status_code) == (200, 200), payload
+        assert (verified.json()["isValid"], verified.json().get("invalidReason")) == (False, reason), payload
+        assert (settled.json()["success"], settled.json().get("errorReason")) == (False, reason), payload
+    assert accepted(client, channel) == str(PRICE)
+
+
 @pytest.mark.parametrize(
     ("case", "reason"),
     [

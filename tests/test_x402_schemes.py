@@ -61,6 +61,10 @@ def test_networks_and_payloads_have_one_form() -> None:
     assert [chain_id_of(n) for n in ("eip155:1", "eip155:31337", "eip155:01", "solana:1", "eip155:")] == [
         1, 31337, None, None, None,
     ]  # fmt: skip
+    # Digits to str.isdigit that int() refuses, or reads as another form of a number, or cannot read at all: none.
+    for bad in ("eip155:\u00b2", "eip155:\u0661", "eip155:1\n", "eip155: 1", "eip155:+1", "eip155:" + "9" * 5000):
+        assert chain_id_of(bad) is None, bad
+    assert chain_id_of("eip155:" + "9" * 32) == 10**32 - 1  # CAIP-2's longest reference
     good = {"channelId": "0x" + "ab" * 32, "cumulativeAmount": "5", "signature": "0x" + "cd" * 65}
     assert VoucherPayload.parse(good).to_dict() == good
     for bad in ({**good, "cumulativeAmount": "05"}, {**good, "cumulativeAmount": 5}, {**good, "x": 1}, [good]):

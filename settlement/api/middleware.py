@@ -69,7 +69,7 @@ async def read_json_body(
         return None
     too_large = PayloadTooLargeError(f"the body is larger than {max_bytes} bytes", maxBytes=max_bytes)
     declared = headers.get(b"content-length")
-    if declared is not None and (not declared.isdigit() or int(declared) > max_bytes):
+    if declared is not None and (not declared.isdigit() or len(declared) > 18 or int(declared) > max_bytes):
         await refuse(send, too_large)
         return None
     body = bytearray()

@@ -7,11 +7,13 @@ from __future__ import annotations
 
 import hashlib
 import hmac
+import re
 import time
 
 SIGNATURE_HEADER = "Settlement-Signature"
 EVENT_ID_HEADER = "Settlement-Event-Id"
 TOLERANCE_SECONDS = 300
+_TIMESTAMP = re.compile(r"[0-9]{1,12}")  # ASCII: str.isdigit takes "²" (then int() raised) and other scripts' digits
 
 
 def signature(secret: str, body: bytes, timestamp: int) -> str:
@@ -32,8 +34,8 @@ def is_authentic(
         key, _, value = part.strip().partition("=")
         fields.setdefault(key, []).append(value)
     stamps = fields.get("t", [])
-    if len(stamps) != 1 or not stamps[0].isdigit():
-        return False
+    if len(stamps) != 1 or not _TIMESTAMP.fullmatch(stamps[0]):
+        return False  # a forged header is not authentic, never an error in the app that asks
     timestamp = int(stamps[0])
     if abs((time.time() if now is None else now) - timestamp) > tolerance:
         return False

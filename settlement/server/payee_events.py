@@ -11,6 +11,7 @@ events are read once the indexer recorded them, i.e. once confirmed.
 
 from __future__ import annotations
 
+import re
 import threading
 import time
 from dataclasses import dataclass
@@ -24,6 +25,7 @@ from settlement.store.payee_events import ChainRow, PaymentRow, chain_events_aft
 
 MAX_ID = 2**63 - 1  # payment ids and block numbers are 64-bit in the store
 MAX_LOG = 2**31 - 1  # log indexes are 32-bit
+_PART = re.compile(r"-?[0-9]{1,19}")  # one number of a position: ASCII digits, at most a 64-bit integer's
 
 
 @dataclass(frozen=True)
@@ -38,8 +40,8 @@ class Position:
     @classmethod
     def parse(cls, token: str) -> Position | None:
         parts = token.split(".")
-        if len(parts) != 3 or not all(p.lstrip("-").isdigit() and len(p) <= 20 for p in parts):
-            return None
+        if len(parts) != 3 or not all(_PART.fullmatch(p) for p in parts):
+            return None  # ("²" and "--1" passed str.isdigit's test, and int() raised: a 500)
         payment, block, log = (int(p) for p in parts)
         if not (0 <= payment <= MAX_ID and 0 <= block <= MAX_ID and -1 <= log <= MAX_LOG):
             return None  # beyond what the store's columns hold: the databases refuse to compare with it (a 500)

@@ -23,9 +23,12 @@ from settlement.domain.model import MAX_UINT256, ChannelId
 
 SCHEME = "channelhub"
 NETWORK_PREFIX = "eip155:"
-_HEX32 = re.compile(r"^0x[0-9a-fA-F]{64}$")
-_SIGNATURE = re.compile(r"^0x[0-9a-fA-F]{130}$")
-_AMOUNT = re.compile(r"^[1-9][0-9]{0,77}$")
+# Matched whole (`fullmatch`): `$` would also match before a final newline, which `int` and `bytes.fromhex` skip, so
+# "0x…\n" passed as a channel id no other layer spells that way (a paid voucher sent again so went to the chain).
+_HEX32 = re.compile(r"0x[0-9a-fA-F]{64}")
+_SIGNATURE = re.compile(r"0x[0-9a-fA-F]{130}")
+_AMOUNT = re.compile(r"[1-9][0-9]{0,77}")
+_CHAIN_ID = re.compile(r"[1-9][0-9]{0,31}")  # ASCII: str.isdigit took "²" (then int() raised) and other scripts' digits
 
 
 class Reason(StrEnum):
@@ -47,8 +50,9 @@ def network_of(chain_id: int) -> str:
 
 
 def chain_id_of(network: str) -> int | None:
+    """The chain id of an `eip155:<chainId>` network in its one form (CAIP-2: at most 32 characters); else None."""
     digits = network.removeprefix(NETWORK_PREFIX)
-    return int(digits) if network.startswith(NETWORK_PREFIX) and digits.isdigit() and digits[0] != "0" else None
+    return int(digits) if network.startswith(NETWORK_PREFIX) and _CHAIN_ID.fullmatch(digits) else None
 
 
 def answers(accepted: PaymentRequirements, requirements: PaymentRequirements) -> bool:
@@ -103,11 +107,11 @@ class VoucherPayload:
         if not isinstance(payload, dict) or set(payload) != {"channelId", "cumulativeAmount", "signature"}:
             raise PayloadError("the payload must be {channelId, cumulativeAmount, signature}")
         channel_id, cumulative, signature = payload["channelId"], payload["cumulativeAmount"], payload["signature"]
-        if not isinstance(channel_id, str) or not _HEX32.match(channel_id):
+        if not isinstance(channel_id, str) or not _HEX32.fullmatch(channel_id):
             raise PayloadError("channelId must be 0x + 64 hex digits")
-        if not isinstance(cumulative, str) or not _AMOUNT.match(cumulative) or int(cumulative) > MAX_UINT256:
+        if not isinstance(cumulative, str) or not _AMOUNT.fullmatch(cumulative) or int(cumulative) > MAX_UINT256:
             raise PayloadError("cumulativeAmount must be a decimal string of base units, above 0 and below 2^256")
-        if not isinstance(signature, str) or not _SIGNATURE.match(signature):
+        if not isinstance(signature, str) or not _SIGNATURE.fullmatch(signature):
             raise PayloadError("signature must be 0x + 130 hex digits (r, s, v)")
         return cls(ChannelId(channel_id.lower()), int(cumulative), bytes.fromhex(signature[2:]))
 
@@ -116,7 +120,7 @@ def base_units(value: object) -> int | None:
     """An amount of base units in its one form (a string of ASCII decimal digits, above 0, no leading zero, below
     2^256): the requirements' price, a payee's deposit hint, a facilitator's position. None for anything else: a
     payee's or a facilitator's text is never handed to `int` as it is (a sign, "²", 5,000 digits)."""
-    return int(value) if isinstance(value, str) and _AMOUNT.match(value) and int(value) <= MAX_UINT256 else None
+    return int(value) if isinstance(value, str) and _AMOUNT.fullmatch(value) and int(value) <= MAX_UINT256 else None
 
 
 def payment_in(header: object) -> PaymentPayload | None:
