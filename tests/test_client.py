@@ -407,6 +407,35 @@ def test_an_inflated_position_is_refused_not_signed(
     assert [p.cumulative for p in stored_payments(store_url, channel.hex_id)] == [1_000]
 
 
+def test_a_position_in_another_spelling_is_untrusted_not_read_as_a_number(
+    serve_here: Callable[..., ServiceThread],
+    payer_client: Callable[..., PayerClient],
+    store_url: str,
+    accounts: list[LocalAccount],
+) -> None:
+    """The position and the deposit are the service's text: `int()` of it took " 1000" and "+1000", raised
+    ValueError on "²" and on 5,000 digits, KeyError on none. The payer takes an amount in its one form or refuses
+    the service's word (UntrustedServiceError), and signs nothing."""
+    service = serve_here(store_url)
+    opener = payer_client(accounts[10], service.url)
+    channel = opener.open_channel(accounts[11].address, 10**16)
+    opener.wait_until_known(channel)
+    opener.pay(channel, 1_000)
+    spellings: list[object] = [" 1000", "+1000", "1000\n", "01000", "1e3", "\u00b2", "\u0661", "9" * 5000, 1000, None]
+    for spelling in spellings:
+        tamper = Tampering()
+        tamper.rewrite = lambda path, data, sent=spelling: (
+            {**data, "acceptedCumulativeAmount": sent, "deposit": sent} if path.endswith(channel.hex_id) else data
+        )
+        victim = payer_client(accounts[10], service.url, http=httpx.Client(base_url=service.url, transport=tamper))
+        with pytest.raises(UntrustedServiceError, match="acceptedCumulativeAmount is not an amount"):
+            victim.pay(channel, 1_000)
+        with pytest.raises(UntrustedServiceError, match="deposit is not an amount"):
+            victim.wait_until_known(channel, timeout=5)
+    assert [p.cumulative for p in stored_payments(store_url, channel.hex_id)] == [1_000]
+    assert payer_client(accounts[10], service.url).pay(channel, 1_000).cumulative == 2_000  # the true position
+
+
 def test_the_hub_is_checked_before_any_value_is_sent(
     serve_here: Callable[..., ServiceThread],
     payer_client: Callable[..., PayerClient],

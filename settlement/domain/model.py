@@ -6,6 +6,7 @@ Money is always an int in base units; ids are 0x-prefixed lowercase hex; address
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from enum import IntEnum, StrEnum
@@ -17,6 +18,15 @@ Address = NewType("Address", str)  # EIP-55 checksummed "0x" + 40 hex digits; ET
 
 ETH = Address("0x0000000000000000000000000000000000000000")
 MAX_UINT256 = 2**256 - 1  # the largest amount a voucher can carry
+_UINT256 = re.compile(r"0|[1-9][0-9]{0,77}")  # ASCII digits, matched whole: str.isdigit takes other scripts' too
+
+
+def uint256_of(value: object) -> int | None:
+    """An amount another party sent (a service's, a payee's, a facilitator's), in its one form: a string of decimal
+    digits, no sign, space or leading zero, below 2^256; None for anything else. Never `int()` of the text as it
+    came: it takes " 7", "+7", "7\n" and other scripts' digits, and raises on "²" and on 5,000 digits."""
+    return int(value) if isinstance(value, str) and _UINT256.fullmatch(value) and int(value) <= MAX_UINT256 else None
+
 
 # A position on the chain is (block number, log index). A channel read from the chain's state at block B stands after
 # every log of B, so no event of B is applied to it again; the log index of that position is END_OF_BLOCK.

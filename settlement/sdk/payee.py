@@ -20,7 +20,7 @@ from settlement.chain.node import Transactor, connect
 from settlement.domain.model import ETH, ChannelViewField
 from settlement.eip712.vouchers import VoucherVerifier
 from settlement.errors import UntrustedServiceError, rejected
-from settlement.sdk.payer import checked_hub
+from settlement.sdk.payer import checked_hub, service_amount
 from settlement.sdk.signin import SignInAuth
 
 
@@ -52,7 +52,7 @@ class PayeeClient:
         if to_checksum_address(view[ChannelViewField.PAYEE]) != self.address:
             raise ValueError(f"channel {channel_id} does not pay {self.address}")
         state = self._get(f"/v1/channels/0x{raw.hex()}")
-        cumulative = int(state["acceptedCumulativeAmount"])
+        cumulative = service_amount(state, "acceptedCumulativeAmount")
         signature = b""
         if cumulative > int(view[ChannelViewField.SETTLED]):
             signature = bytes.fromhex(str(state["latestSignature"])[2:])

@@ -42,7 +42,7 @@ from web3.contract import Contract
 from settlement.chain.contracts import HUB, load_artifact
 from settlement.chain.deployment import hub_at
 from settlement.chain.node import Transactor, connect
-from settlement.domain.model import ETH, ChannelStatus, ChannelViewField, Receipt
+from settlement.domain.model import ETH, ChannelStatus, ChannelViewField, Receipt, uint256_of
 from settlement.eip712.vouchers import Domain, VoucherSigner, VoucherVerifier, read_domain
 from settlement.eip712.vouchers import channel_id as channel_id_of
 from settlement.errors import (
@@ -280,7 +280,7 @@ class PayerClient:
         while True:
             try:
                 state = self._get(f"/v1/channels/{channel.hex_id}")
-                if int(state["deposit"]) >= min_deposit:
+                if service_amount(state, "deposit") >= min_deposit:
                     return state
                 last = (None, f"it counts a confirmed deposit of {state['deposit']}")
             except ServiceRejectedError as ex:
@@ -312,7 +312,7 @@ class PayerClient:
 
     def _proven_by_service(self, channel: ChannelRef) -> int:
         state = self._get(f"/v1/channels/{channel.hex_id}")
-        accepted = int(state["acceptedCumulativeAmount"])
+        accepted = service_amount(state, "acceptedCumulativeAmount")
         if accepted == 0:
             return 0
         signature = state.get("latestSignature")
@@ -550,12 +550,23 @@ class PayerClient:
         self.journal.close()
 
 
+def service_amount(data: dict[str, Any], field: str) -> int:
+    """An amount in the service's answer, in its one form (`uint256_of`); else the service's word cannot be taken:
+    UntrustedServiceError, not whatever `int()` made of the text or raised."""
+    found = uint256_of(data.get(field))
+    if found is None:
+        raise UntrustedServiceError(
+            f"the service's {field} is not an amount in base units: {str(data.get(field))[:40]!r}"
+        )
+    return found
+
+
 def _receipt(data: dict[str, Any]) -> Receipt:
     return Receipt(
         channel_id=data["channelId"],
-        cumulative=int(data["cumulativeAmount"]),
-        increment=int(data["increment"]),
-        remaining=int(data["remaining"]),
+        cumulative=service_amount(data, "cumulativeAmount"),
+        increment=service_amount(data, "increment"),
+        remaining=service_amount(data, "remaining"),
         accepted_at=datetime.fromisoformat(data["acceptedAt"]),
         reference=data.get("reference"),
         idempotency_key=data.get("idempotencyKey"),

@@ -32,7 +32,7 @@ from eth_utils.address import to_checksum_address
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from settlement.domain.buckets import Buckets
-from settlement.domain.model import ChannelStatus, ChannelViewField
+from settlement.domain.model import ChannelStatus, ChannelViewField, uint256_of
 from settlement.eip712.refunds import refund_requester, sign_refund_request
 from settlement.errors import (
     ChainUnavailableError,
@@ -43,6 +43,7 @@ from settlement.errors import (
     RateLimitedError,
     RefundRequestExpiredError,
     SettlementError,
+    UntrustedServiceError,
     rejected,
 )
 from settlement.sdk.payee import PayeeClient
@@ -76,7 +77,10 @@ def ask_refund(url: str, payer: PayerClient, channel_id: str, *, ttl: int = 300,
     if answer.status_code != 200:
         found = answer.json()
         raise rejected(answer.status_code, str(found["code"]), str(found["message"]), request=f"POST {url}")
-    return int(answer.json()["refunded"])
+    refunded = uint256_of(answer.json().get("refunded"))
+    if refunded is None:  # the payee's text, never int() of it as it came
+        raise UntrustedServiceError(f"the payee at {url} answered no refunded amount in base units")
+    return refunded
 
 
 class RefundDesk:

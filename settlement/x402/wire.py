@@ -19,7 +19,7 @@ from x402.extensions.payment_identifier import extract_payment_identifier
 from x402.http.utils import decode_payment_signature_header
 from x402.schemas import PaymentPayload, PaymentRequirements
 
-from settlement.domain.model import MAX_UINT256, ChannelId
+from settlement.domain.model import ChannelId, uint256_of
 
 SCHEME = "channelhub"
 NETWORK_PREFIX = "eip155:"
@@ -27,7 +27,6 @@ NETWORK_PREFIX = "eip155:"
 # "0x…\n" passed as a channel id no other layer spells that way (a paid voucher sent again so went to the chain).
 _HEX32 = re.compile(r"0x[0-9a-fA-F]{64}")
 _SIGNATURE = re.compile(r"0x[0-9a-fA-F]{130}")
-_AMOUNT = re.compile(r"[1-9][0-9]{0,77}")
 _CHAIN_ID = re.compile(r"[1-9][0-9]{0,31}")  # ASCII: str.isdigit took "²" (then int() raised) and other scripts' digits
 
 
@@ -109,18 +108,20 @@ class VoucherPayload:
         channel_id, cumulative, signature = payload["channelId"], payload["cumulativeAmount"], payload["signature"]
         if not isinstance(channel_id, str) or not _HEX32.fullmatch(channel_id):
             raise PayloadError("channelId must be 0x + 64 hex digits")
-        if not isinstance(cumulative, str) or not _AMOUNT.fullmatch(cumulative) or int(cumulative) > MAX_UINT256:
+        amount = base_units(cumulative)
+        if amount is None:
             raise PayloadError("cumulativeAmount must be a decimal string of base units, above 0 and below 2^256")
         if not isinstance(signature, str) or not _SIGNATURE.fullmatch(signature):
             raise PayloadError("signature must be 0x + 130 hex digits (r, s, v)")
-        return cls(ChannelId(channel_id.lower()), int(cumulative), bytes.fromhex(signature[2:]))
+        return cls(ChannelId(channel_id.lower()), amount, bytes.fromhex(signature[2:]))
 
 
 def base_units(value: object) -> int | None:
     """An amount of base units in its one form (a string of ASCII decimal digits, above 0, no leading zero, below
     2^256): the requirements' price, a payee's deposit hint, a facilitator's position. None for anything else: a
     payee's or a facilitator's text is never handed to `int` as it is (a sign, "²", 5,000 digits)."""
-    return int(value) if isinstance(value, str) and _AMOUNT.fullmatch(value) and int(value) <= MAX_UINT256 else None
+    found = uint256_of(value)
+    return found if found else None
 
 
 def payment_in(header: object) -> PaymentPayload | None:
