@@ -45,7 +45,7 @@ from x402.schemas import (
 
 from settlement.domain.model import ETH, ChannelId
 from settlement.sdk.journal import Budget
-from settlement.sdk.payer import ChannelRef, PayerClient
+from settlement.sdk.payer import ChannelRef, PayerClient, service_amount
 from settlement.x402.wire import SCHEME, PayloadError, VoucherPayload, base_units, network_of, same_address
 
 PREPARED_KEPT = 1024  # payments made ahead by the hook and not yet handed over (aborted ones fall out oldest first)
@@ -307,7 +307,7 @@ class ChannelHubClientScheme:
     def _discover(self, payee: str, asset: str) -> list[Lane]:
         """This payer's open channels to the payee in the asset, as the service knows them (after a restart)."""
         found = self.payer.open_channels(payee, asset)
-        return [Lane(self.payer.channel(c["channelId"]), int(c["deposit"])) for c in found]
+        return [Lane(self.payer.channel(c["channelId"]), service_amount(c, "deposit")) for c in found]
 
     def _party(self, requirements: PaymentRequirements) -> tuple[str, str]:
         return _checksummed(requirements.pay_to), _checksummed(requirements.asset)
