@@ -271,6 +271,7 @@ class Tampering(httpx.BaseTransport):
         self.real = httpx.HTTPTransport()
         self.after_post: Callable[[], None] | None = None
         self.rewrite: Callable[[str, dict[str, Any]], dict[str, Any]] | None = None
+        self.rewrite_post: Callable[[str, dict[str, Any]], dict[str, Any]] | None = None  # a POST's JSON answer
 
     def close(self) -> None:
         self.real.close()
@@ -282,6 +283,9 @@ class Tampering(httpx.BaseTransport):
             self.after_post()
         if self.rewrite is not None and request.method == "GET":
             data = self.rewrite(request.url.path, json.loads(response.read()))
+            return httpx.Response(response.status_code, json=data)
+        if self.rewrite_post is not None and request.method == "POST":
+            data = self.rewrite_post(request.url.path, json.loads(response.read()))
             return httpx.Response(response.status_code, json=data)
         return response
 
@@ -434,6 +438,31 @@ def test_a_position_in_another_spelling_is_untrusted_not_read_as_a_number(
             victim.wait_until_known(channel, timeout=5)
     assert [p.cumulative for p in stored_payments(store_url, channel.hex_id)] == [1_000]
     assert payer_client(accounts[10], service.url).pay(channel, 1_000).cumulative == 2_000  # the true position
+
+
+def test_a_receipt_for_more_than_was_signed_does_not_move_the_position_up(
+    serve_here: Callable[..., ServiceThread],
+    payer_client: Callable[..., PayerClient],
+    store_url: str,
+    accounts: list[LocalAccount],
+) -> None:
+    """A receipt for another amount than the voucher sent means another voucher of the key was stored (a retry
+    signed elsewhere), and the journal took the receipt's amount as the channel's position. A proxy answering 1,000
+    wei with a receipt for nearly the whole deposit so had the payer's next payment sign for the whole deposit, which
+    the service accepted. The position is now what the service proves with a voucher of the payer's, and a receipt
+    for more than that is the service's word the payer cannot take (the payment stays pending, and is asked again)."""
+    service = serve_here(store_url)
+    tamper = Tampering()
+    payer = payer_client(accounts[10], service.url, http=httpx.Client(base_url=service.url, transport=tamper))
+    channel = payer.open_channel(accounts[11].address, 10**16)
+    payer.wait_until_known(channel)
+    assert payer.pay(channel, 1_000).cumulative == 1_000
+    tamper.rewrite_post = lambda path, data: {**data, "cumulativeAmount": str(10**16 - 1_000)}
+    with pytest.raises(UntrustedServiceError, match="more than it proves with a voucher this payer signed"):
+        payer.pay(channel, 1_000)  # stored at 2,000; the answer says otherwise
+    tamper.rewrite_post = None
+    assert payer.pay(channel, 1_000).cumulative == 3_000  # the one left pending asked again first: 2,000, stored
+    assert sorted(p.cumulative for p in stored_payments(store_url, channel.hex_id)) == [1_000, 2_000, 3_000]
 
 
 def test_the_hub_is_checked_before_any_value_is_sent(

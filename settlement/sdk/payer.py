@@ -473,9 +473,18 @@ class PayerClient:
                 if 400 <= ex.status < 500:  # not stored: the payment did not happen, the position goes back
                     self.journal.refused(payment.idempotency_key, channel.hex_id, payment.cumulative - payment.amount)
                 raise
-            # A receipt for another amount is the key's first voucher (a retry signed elsewhere): ours was not stored.
-            lower = receipt.cumulative if receipt.cumulative != payment.cumulative else None
-            self.journal.accepted(payment.idempotency_key, body, lower_to=lower)
+            # A receipt for another amount is the key's first voucher (a retry signed elsewhere): ours was not stored,
+            # and the position is where the service proves the channel stands with a voucher of ours, never the
+            # receipt's word (a receipt for nearly the whole deposit had the next payment sign for all of it).
+            moved = None
+            if receipt.cumulative != payment.cumulative:
+                moved = max(self._proven_by_service(channel), self._settled_on_chain(channel))
+                if receipt.cumulative > moved:  # left pending: the channel's next payment asks again
+                    raise UntrustedServiceError(
+                        f"the service's receipt on channel {channel.hex_id} names {receipt.cumulative}, more than it "
+                        f"proves with a voucher this payer signed ({moved})"
+                    )
+            self.journal.accepted(payment.idempotency_key, body, lower_to=moved)
             return receipt
         raise ServiceRejectedError(
             409, "stale_voucher", f"channel {channel.hex_id} kept moving under {STALE_RETRIES} attempts"
