@@ -22,6 +22,8 @@ from web3 import Web3
 from web3.contract import Contract
 
 from settlement.devtools.devnet import Devnet
+from settlement.domain.model import ChannelStatus, ChannelViewField
+from settlement.eip712.vouchers import VoucherSigner
 from settlement.errors import (
     PaymentUncertainError,
     ServiceRejectedError,
@@ -29,6 +31,7 @@ from settlement.errors import (
     UntrustedServiceError,
     WaitTimeoutError,
 )
+from settlement.sdk.payee import PayeeClient
 from settlement.sdk.payer import PayerClient
 from tests.hub_helpers import Channel, body, send, stored_payments, stream_through
 from tests.proxy import TcpProxy
@@ -463,6 +466,37 @@ def test_a_receipt_for_more_than_was_signed_does_not_move_the_position_up(
     tamper.rewrite_post = None
     assert payer.pay(channel, 1_000).cumulative == 3_000  # the one left pending asked again first: 2,000, stored
     assert sorted(p.cumulative for p in stored_payments(store_url, channel.hex_id)) == [1_000, 2_000, 3_000]
+
+
+def test_a_refund_on_a_voucher_the_service_cannot_show_is_refused_before_any_transaction(
+    serve_here: Callable[..., ServiceThread],
+    payer_client: Callable[..., PayerClient],
+    devnet: Devnet,
+    store_url: str,
+    hub: Contract,
+    accounts: list[LocalAccount],
+) -> None:
+    """The payee's refund closes the channel with the service's latest voucher, checked against the payer's key
+    first. A voucher that is not one (not hex, short, not a string, none) raised ValueError in the hex parse; now it
+    is the service's word the payee cannot take, as another signer's voucher is, and no transaction is sent."""
+    service = serve_here(store_url)
+    payer = payer_client(accounts[10], service.url)
+    channel = payer.open_channel(accounts[11].address, 10**16)
+    payer.wait_until_known(channel)
+    payer.pay(channel, 1_000)
+    payee = PayeeClient(key(accounts[11]), devnet.url, service.url)
+    try:
+        stranger = "0x" + VoucherSigner(accounts[9], payee.domain).sign(channel.channel_id, 1_000).hex()
+        for sent in ("0x" + "zz" * 65, "0x12", "12" * 65, 5, None, stranger):
+            tamper = Tampering()
+            tamper.rewrite = lambda path, data, sent=sent: {**data, "latestSignature": sent}
+            payee.http.close()
+            payee.http = httpx.Client(base_url=service.url, transport=tamper, auth=payee.http.auth)
+            with pytest.raises(UntrustedServiceError, match="is not the payer's"):
+                payee.refund(channel.hex_id)
+        assert hub.functions.channel(channel.channel_id).call()[ChannelViewField.STATUS] == ChannelStatus.OPEN
+    finally:
+        payee.shutdown()
 
 
 def test_the_hub_is_checked_before_any_value_is_sent(

@@ -8,6 +8,7 @@ transaction. Only the payee can do it, so it is the payee's choice; the payer lo
 
 from __future__ import annotations
 
+import re
 from typing import Any
 
 import httpx
@@ -22,6 +23,8 @@ from settlement.eip712.vouchers import VoucherVerifier
 from settlement.errors import UntrustedServiceError, rejected
 from settlement.sdk.payer import checked_hub, service_amount
 from settlement.sdk.signin import SignInAuth
+
+_SIGNATURE = re.compile(r"0x[0-9a-fA-F]{130}")  # the service's latest voucher's, checked before it is read
 
 
 class PayeeClient:
@@ -55,9 +58,10 @@ class PayeeClient:
         cumulative = service_amount(state, "acceptedCumulativeAmount")
         signature = b""
         if cumulative > int(view[ChannelViewField.SETTLED]):
-            signature = bytes.fromhex(str(state["latestSignature"])[2:])
+            sent = state.get("latestSignature")
+            signature = bytes.fromhex(sent[2:]) if isinstance(sent, str) and _SIGNATURE.fullmatch(sent) else b""
             payer = bytes.fromhex(str(view[ChannelViewField.PAYER])[2:])
-            if self._verifier.recover(raw, cumulative, signature) != payer:
+            if not signature or self._verifier.recover(raw, cumulative, signature) != payer:
                 raise UntrustedServiceError(f"the service's latest voucher on {channel_id} is not the payer's")
         deposit = int(view[ChannelViewField.DEPOSIT])
         self.transactor.send(self.hub.functions.closeByPayee(raw, cumulative, signature))
