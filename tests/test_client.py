@@ -499,6 +499,34 @@ def test_a_refund_on_a_voucher_the_service_cannot_show_is_refused_before_any_tra
         payee.shutdown()
 
 
+def test_an_answer_that_is_not_a_receipt_is_untrusted_and_the_payment_asked_again(
+    serve_here: Callable[..., ServiceThread],
+    payer_client: Callable[..., PayerClient],
+    store_url: str,
+    accounts: list[LocalAccount],
+) -> None:
+    """A 201 whose body is not a receipt (a proxy's page, fields missing, a list) raised KeyError or TypeError out of
+    `pay`; now it is the service's word the payer cannot take, and the payment stays pending: the next payment asks
+    for it first (it was stored), and pays exactly its own amount on top once the answer is a receipt."""
+    service = serve_here(store_url)
+    tamper = Tampering()
+    payer = payer_client(accounts[10], service.url, http=httpx.Client(base_url=service.url, transport=tamper))
+    channel = payer.open_channel(accounts[11].address, 10**16)
+    payer.wait_until_known(channel)
+    answers: list[tuple[object, str]] = [
+        ({"status": "ok"}, "is not a receipt"),
+        ([], "is not a receipt"),
+        ({"channelId": channel.hex_id}, "cumulativeAmount is not an amount"),
+    ]
+    for answer, refusal in answers:  # the first payment's; the next two calls ask for it again first
+        tamper.rewrite_post = lambda path, data, answer=answer: answer
+        with pytest.raises(UntrustedServiceError, match=refusal):
+            payer.pay(channel, 1_000)
+    tamper.rewrite_post = None
+    assert payer.pay(channel, 1_000).cumulative == 2_000  # the first found stored (1,000), then this one
+    assert sorted(p.cumulative for p in stored_payments(store_url, channel.hex_id)) == [1_000, 2_000]
+
+
 def test_the_hub_is_checked_before_any_value_is_sent(
     serve_here: Callable[..., ServiceThread],
     payer_client: Callable[..., PayerClient],

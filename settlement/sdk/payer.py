@@ -510,8 +510,14 @@ class PayerClient:
                 last = f"{type(ex).__name__}: {ex}"
                 continue
             if response.status_code in (200, 201):
-                data: dict[str, Any] = response.json()
-                return _receipt(data), data
+                try:
+                    data: dict[str, Any] = response.json()
+                    return _receipt(data), data
+                except (ValueError, KeyError, TypeError, AttributeError) as ex:  # left pending: asked again later
+                    raise UntrustedServiceError(
+                        f"the service's answer to the voucher of {payment.cumulative} on channel {channel.hex_id} is "
+                        f"not a receipt ({type(ex).__name__})"
+                    ) from ex
             if response.status_code in _RETRYABLE:
                 last = f"HTTP {response.status_code}: {response.text[:200]}"
                 continue
