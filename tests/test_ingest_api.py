@@ -30,6 +30,7 @@ from tests.hub_helpers import (
     database_down,
     recovered,
     send,
+    wait_until,
     workers_ready,
 )
 
@@ -325,21 +326,30 @@ def test_closed_channel(api: Callable[..., TestClient], channel: Channel, sign: 
     assert answer.json()["code"] == "channel_closed"
 
 
-def test_closing_channel_accepts_until_the_guard(
+def test_closing_channel_accepts_until_the_guard_by_the_chains_clock(
     api: Callable[..., TestClient], channel: Channel, sign: Sign, w3: Web3, hub: Contract
 ) -> None:
+    """The hub judges the deadline by its blocks' times. Once the chain's clock is 500 s from the deadline, inside
+    the 600-s guard, the voucher is refused though this machine's clock says the hour has barely begun (a chain
+    whose clock runs ahead: evm_increaseTime here, a sequencer's stamps elsewhere); before, it was accepted, and a
+    chain already past the deadline would have left the payee a receipt it could never settle."""
     client = api(close_guard_seconds=600)
     send(w3, hub.functions.requestClose(channel.id), channel.payer.address)
-    _wait_for(client, channel, lambda state: state["status"] == "closing")
+    state = _wait_for(client, channel, lambda state: state["status"] == "closing")
     # the session hub's challenge period is an hour: 600 s before the deadline there is still time
     assert client.post("/v1/vouchers", json=body(channel, 10, sign(channel.payer, channel.id, 10))).status_code == 201
-    w3.provider.make_request("evm_increaseTime", [3600 - 500])
+    moved = state["closeDeadline"] - 500 - int(w3.eth.get_block("latest")["timestamp"])
+    w3.provider.make_request("evm_increaseTime", [moved])
     w3.provider.make_request("evm_mine", [])
-    late = api(close_guard_seconds=600).post(
-        "/v1/vouchers", json=body(channel, 20, sign(channel.payer, channel.id, 20))
-    )
-    # the service's clock, not the chain's, decides: evm_increaseTime moved only the chain, so it is still early
-    assert late.status_code == 201
+    mined = int(w3.eth.get_block("latest")["timestamp"])
+    later = api(close_guard_seconds=600)
+    for each in (client, later):
+        indexer = each.app.state.service.indexer  # type: ignore[attr-defined]
+        wait_until(lambda indexer=indexer: indexer.block_time >= mined)
+        late = each.post("/v1/vouchers", json=body(channel, 20, sign(channel.payer, channel.id, 20)))
+        assert (late.status_code, late.json()["code"]) == (409, "channel_closed"), late.text
+        assert late.json()["closeDeadline"] == state["closeDeadline"]
+        assert f"ends in {state['closeDeadline'] - indexer.block_time} s" in late.json()["message"]  # the chain's
 
 
 def _wait_for(client: TestClient, channel: Channel, done: Callable[[dict[str, Any]], bool]) -> dict[str, Any]:

@@ -106,6 +106,19 @@ def test_closing_channel_accepts_while_the_guard_allows() -> None:
     assert run(channel(status=ChannelStatus.CLOSING, close_deadline=deadline), 5).new
 
 
+def test_the_close_guard_counts_from_the_chains_clock_where_it_is_ahead() -> None:
+    """The hub judges a deadline by its blocks' times: a chain whose clock runs ahead of ours (a sequencer's stamps)
+    has less time left than our clock says, and the guard counts from the later of the two."""
+    closing = channel(status=ChannelStatus.CLOSING, close_deadline=int(NOW.timestamp()) + 1_000)
+    ours = int(NOW.timestamp())
+    for chain_time, accepted in ((0, True), (ours - 3_600, True), (ours + 939, True), (ours + 941, False)):
+        if accepted:
+            assert judge(closing, voucher(5), SIGNER, prior=None, now=NOW, close_guard=60, chain_time=chain_time).new
+        else:
+            with pytest.raises(ChannelClosedError, match="ends in 59 s"):
+                judge(closing, voucher(5), SIGNER, prior=None, now=NOW, close_guard=60, chain_time=chain_time)
+
+
 def test_a_resend_wins_over_every_later_state_but_not_over_a_bad_signature() -> None:
     prior = Receipt(CID, 5, 5, 995, NOW - timedelta(hours=1), "ref")
     closed = channel(status=ChannelStatus.CLOSED, accepted=9, signature=b"s", suspended_reason="reorg")

@@ -148,13 +148,15 @@ def judge(
     close_guard: int,
     keyed: Receipt | None = None,
     rules: Rules = NO_RULES,
+    chain_time: int = 0,
 ) -> Verdict:
     """Accept or refuse `voucher` (raising a VoucherRejectedError subclass with a stable code).
 
     `signer` is the 20-byte address the signature recovers to (None when it is not a valid signature); `prior` is the
     receipt already stored for the same (channel, cumulative), if any; `keyed` the receipt of the channel's payment
     with the voucher's idempotency key, if any; `close_guard` is how many seconds before a close deadline new vouchers
-    stop being accepted, because they could no longer be settled in time.
+    stop being accepted, because they could no longer be settled in time; counted from `now` or, where later,
+    `chain_time` (the latest block's time seen, unix seconds): the hub judges a deadline by its blocks' times.
     """
     if channel is None:
         raise ChannelNotFoundError(f"channel {voucher.channel_id} does not exist on chain")
@@ -183,7 +185,7 @@ def judge(
     held = rules.held.get(channel.channel_id)
     if held is not None:
         raise ChannelHeldError(f"channel {channel.channel_id} is held by the operator: {held}", reason=held)
-    _require_open(channel, now, close_guard)
+    _require_open(channel, now, close_guard, chain_time)
     cumulative, floor = voucher.cumulative, channel.floor  # read once: this runs per voucher inside the group commit
     if cumulative <= floor:
         raise StaleVoucherError(
@@ -248,11 +250,11 @@ def receipt_body(receipt: Receipt) -> dict[str, str | None]:
     }
 
 
-def _require_open(channel: Channel, now: datetime, close_guard: int) -> None:
+def _require_open(channel: Channel, now: datetime, close_guard: int, chain_time: int = 0) -> None:
     if channel.status == ChannelStatus.CLOSED:
         raise ChannelClosedError(f"channel {channel.channel_id} is closed")
     if channel.status == ChannelStatus.CLOSING and channel.close_deadline is not None:
-        left = channel.close_deadline - int(now.timestamp())
+        left = channel.close_deadline - max(int(now.timestamp()), chain_time)
         if left < close_guard:
             raise ChannelClosedError(
                 f"channel {channel.channel_id} is closing and its challenge period ends in {max(left, 0)} s,"

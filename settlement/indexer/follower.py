@@ -153,6 +153,10 @@ class Indexer:
         # Told of each channel this indexer stores (ingest keeps its payer in memory: a new channel's first voucher
         # then costs no store read, even while made-up ids are refused).
         self.opened: Callable[[Channel], None] | None = None
+        # The latest time of a block read (unix seconds): the hub judges close deadlines by its blocks' times, which
+        # can run ahead of this machine's clock (a sequencer's stamps, a devnet's moved clock): ingest's close guard
+        # counts from the later of the two.
+        self.block_time = 0
         with db.write() as conn:
             log_q.ensure_cursor(conn, start_block, utcnow())
 
@@ -179,6 +183,9 @@ class Indexer:
                 block = self.w3.eth.get_block(number)
             except (ValueError, BlockNotFound):
                 return None
+        stamp = block.get("timestamp")
+        if isinstance(stamp, int) and stamp > self.block_time:
+            self.block_time = stamp
         block_hash = block.get("hash")
         return None if block_hash is None else HexBytes(block_hash).to_0x_hex()
 

@@ -266,6 +266,7 @@ class Ingestor:
                 keyed=keyed,
                 now=now,
                 close_guard=self.close_guard,
+                chain_time=self._chain_time(),
                 rules=rules,
             )
             if verdict.new and channel is not None and rules.caps:
@@ -287,6 +288,11 @@ class Ingestor:
                 shard=owner,
                 shards=self.shard.count,
             )
+
+    def _chain_time(self) -> int:
+        """The latest block's time the indexer read (0 before any, or without an indexer: a store-only ingestor)."""
+        indexer: Indexer | None = self.indexer
+        return 0 if indexer is None else indexer.block_time
 
     def take_counts(self) -> Counter[tuple[str, str]]:
         """What was accepted ("") and refused (by code) per payer since the last call (the risk monitor's window)."""
@@ -827,6 +833,7 @@ class Ingestor:
         outcomes: list[Outcome] = []
         accepted: list[tuple[Receipt, bytes]] = []
         seen: Counter[tuple[str, str]] = Counter()
+        chain_time = self._chain_time()  # the hub's clock as last seen: close deadlines are its
         for voucher, signer in zip(vouchers, signers, strict=True):
             channel = channels.get(voucher.channel_id)
             key = None if voucher.idempotency_key is None else (voucher.channel_id, voucher.idempotency_key)
@@ -839,6 +846,7 @@ class Ingestor:
                     keyed=None if key is None else keyed.get(key),
                     now=now,
                     close_guard=self.close_guard,
+                    chain_time=chain_time,
                     rules=rules,
                 )
             except RequestError as ex:
