@@ -28,6 +28,15 @@ def uint256_of(value: object) -> int | None:
     return int(value) if isinstance(value, str) and _UINT256.fullmatch(value) and int(value) <= MAX_UINT256 else None
 
 
+_SIGNATURE_HEX = re.compile(r"0x[0-9a-fA-F]{130}")
+
+
+def signature_of(value: object) -> bytes | None:
+    """A 65-byte signature (r, s, v) another party sent, in its one form: "0x" + 130 hex digits, matched whole (`$`
+    would take a final newline, which `bytes.fromhex` skips); None for anything else."""
+    return bytes.fromhex(value[2:]) if isinstance(value, str) and _SIGNATURE_HEX.fullmatch(value) else None
+
+
 # A position on the chain is (block number, log index). A channel read from the chain's state at block B stands after
 # every log of B, so no event of B is applied to it again; the log index of that position is END_OF_BLOCK.
 END_OF_BLOCK = 2**31 - 1

@@ -8,7 +8,6 @@ transaction. Only the payee can do it, so it is the payee's choice; the payer lo
 
 from __future__ import annotations
 
-import re
 from typing import Any
 
 import httpx
@@ -18,13 +17,11 @@ from eth_account.signers.local import LocalAccount
 from eth_utils.address import to_checksum_address
 
 from settlement.chain.node import Transactor, connect
-from settlement.domain.model import ETH, ChannelViewField
+from settlement.domain.model import ETH, ChannelViewField, signature_of
 from settlement.eip712.vouchers import VoucherVerifier
 from settlement.errors import UntrustedServiceError, rejected
 from settlement.sdk.payer import checked_hub, service_amount
 from settlement.sdk.signin import SignInAuth
-
-_SIGNATURE = re.compile(r"0x[0-9a-fA-F]{130}")  # the service's latest voucher's, checked before it is read
 
 
 class PayeeClient:
@@ -58,11 +55,11 @@ class PayeeClient:
         cumulative = service_amount(state, "acceptedCumulativeAmount")
         signature = b""
         if cumulative > int(view[ChannelViewField.SETTLED]):
-            sent = state.get("latestSignature")
-            signature = bytes.fromhex(sent[2:]) if isinstance(sent, str) and _SIGNATURE.fullmatch(sent) else b""
+            sent = signature_of(state.get("latestSignature"))
             payer = bytes.fromhex(str(view[ChannelViewField.PAYER])[2:])
-            if not signature or self._verifier.recover(raw, cumulative, signature) != payer:
+            if sent is None or self._verifier.recover(raw, cumulative, sent) != payer:
                 raise UntrustedServiceError(f"the service's latest voucher on {channel_id} is not the payer's")
+            signature = sent
         deposit = int(view[ChannelViewField.DEPOSIT])
         self.transactor.send(self.hub.functions.closeByPayee(raw, cumulative, signature))
         return deposit - max(cumulative, int(view[ChannelViewField.SETTLED]))

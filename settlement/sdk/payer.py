@@ -42,7 +42,7 @@ from web3.contract import Contract
 from settlement.chain.contracts import HUB, load_artifact
 from settlement.chain.deployment import hub_at
 from settlement.chain.node import Transactor, connect
-from settlement.domain.model import ETH, ChannelStatus, ChannelViewField, Receipt, uint256_of
+from settlement.domain.model import ETH, ChannelStatus, ChannelViewField, Receipt, signature_of, uint256_of
 from settlement.eip712.vouchers import Domain, VoucherSigner, VoucherVerifier, read_domain
 from settlement.eip712.vouchers import channel_id as channel_id_of
 from settlement.errors import (
@@ -306,22 +306,22 @@ class PayerClient:
         signed = self.journal.signed(channel.hex_id)
         if signed is not None:
             return signed
-        proven = max(self._proven_by_service(channel), self._settled_on_chain(channel))
+        proven = self._proven(channel)
         self.journal.settle_position(channel.hex_id, proven)
         return proven
+
+    def _proven(self, channel: ChannelRef) -> int:
+        """Where the channel provably stands: what the service proves with a voucher of this payer's, or what the
+        chain settled if more."""
+        return max(self._proven_by_service(channel), self._settled_on_chain(channel))
 
     def _proven_by_service(self, channel: ChannelRef) -> int:
         state = self._get(f"/v1/channels/{channel.hex_id}")
         accepted = service_amount(state, "acceptedCumulativeAmount")
         if accepted == 0:
             return 0
-        signature = state.get("latestSignature")
-        signer = None
-        if isinstance(signature, str) and signature.startswith("0x"):
-            try:
-                signer = self._verifier.recover(channel.channel_id, accepted, bytes.fromhex(signature[2:]))
-            except ValueError:
-                signer = None
+        signature = signature_of(state.get("latestSignature"))
+        signer = None if signature is None else self._verifier.recover(channel.channel_id, accepted, signature)
         if signer != bytes.fromhex(self.address[2:]):
             raise UntrustedServiceError(
                 f"the service says channel {channel.hex_id} stands at {accepted} without a voucher this payer signed "
@@ -415,7 +415,7 @@ class PayerClient:
         higher: after a refusal that says the position is stale. The channel's payments of unknown fate are concluded
         by the same proof (`_conclude`). Returns it."""
         with self._lock(channel):
-            proven = max(self._proven_by_service(channel), self._settled_on_chain(channel))
+            proven = self._proven(channel)
             for earlier in self.journal.pending(channel.hex_id):
                 self._conclude(channel, earlier, proven)
             self.journal.set_position(channel.hex_id, proven)
@@ -427,7 +427,7 @@ class PayerClient:
         return int(status) == ChannelStatus.OPEN
 
     def _learn(self, channel: ChannelRef, payment: JournalPayment) -> None:
-        self._conclude(channel, payment, max(self._proven_by_service(channel), self._settled_on_chain(channel)))
+        self._conclude(channel, payment, self._proven(channel))
 
     def _conclude(self, channel: ChannelRef, payment: JournalPayment, proven: int) -> None:
         """A payment of unknown fate, by what the service or the chain proves the channel stands at: paid if that
@@ -457,7 +457,7 @@ class PayerClient:
                     raise
                 if ex.code == "stale_voucher":
                     # Another client of this payer moved the channel on: start again above what it proves.
-                    proven = max(self._proven_by_service(channel), self._settled_on_chain(channel))
+                    proven = self._proven(channel)
                     self.journal.settle_position(channel.hex_id, proven)
                     payment = JournalPayment(
                         payment.idempotency_key,
@@ -478,7 +478,7 @@ class PayerClient:
             # receipt's word (a receipt for nearly the whole deposit had the next payment sign for all of it).
             moved = None
             if receipt.cumulative != payment.cumulative:
-                moved = max(self._proven_by_service(channel), self._settled_on_chain(channel))
+                moved = self._proven(channel)
                 if receipt.cumulative > moved:  # left pending: the channel's next payment asks again
                     raise UntrustedServiceError(
                         f"the service's receipt on channel {channel.hex_id} names {receipt.cumulative}, more than it "

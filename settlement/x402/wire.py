@@ -19,14 +19,13 @@ from x402.extensions.payment_identifier import extract_payment_identifier
 from x402.http.utils import decode_payment_signature_header
 from x402.schemas import PaymentPayload, PaymentRequirements
 
-from settlement.domain.model import ChannelId, uint256_of
+from settlement.domain.model import ChannelId, signature_of, uint256_of
 
 SCHEME = "channelhub"
 NETWORK_PREFIX = "eip155:"
 # Matched whole (`fullmatch`): `$` would also match before a final newline, which `int` and `bytes.fromhex` skip, so
 # "0x…\n" passed as a channel id no other layer spells that way (a paid voucher sent again so went to the chain).
 _HEX32 = re.compile(r"0x[0-9a-fA-F]{64}")
-_SIGNATURE = re.compile(r"0x[0-9a-fA-F]{130}")
 _CHAIN_ID = re.compile(r"[1-9][0-9]{0,31}")  # ASCII: str.isdigit took "²" (then int() raised) and other scripts' digits
 
 
@@ -111,9 +110,10 @@ class VoucherPayload:
         amount = base_units(cumulative)
         if amount is None:
             raise PayloadError("cumulativeAmount must be a decimal string of base units, above 0 and below 2^256")
-        if not isinstance(signature, str) or not _SIGNATURE.fullmatch(signature):
+        raw = signature_of(signature)
+        if raw is None:
             raise PayloadError("signature must be 0x + 130 hex digits (r, s, v)")
-        return cls(ChannelId(channel_id.lower()), amount, bytes.fromhex(signature[2:]))
+        return cls(ChannelId(channel_id.lower()), amount, raw)
 
 
 def base_units(value: object) -> int | None:
