@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import itertools
+import json
 import os
 import subprocess
 import sys
@@ -445,3 +446,31 @@ def database_down(url: str) -> Iterator[None]:
         with admin.connect() as conn:
             conn.execute(text(f'ALTER DATABASE "{name}" ALLOW_CONNECTIONS true'))
         admin.dispose()
+
+
+class Tampering(httpx.BaseTransport):
+    """Between the SDK and the service, as a proxy would be: forwards every request for real, then may drop the
+    answer (`after_post`: called once the voucher was delivered; raise to lose the answer) or rewrite a JSON answer
+    (into other JSON, or into bytes that are not JSON: an error page, a truncated body)."""
+
+    def __init__(self) -> None:
+        self.real = httpx.HTTPTransport()
+        self.after_post: Callable[[], None] | None = None
+        self.rewrite: Callable[[str, Any], object] | None = None  # a GET's JSON answer, by the request's path
+        self.rewrite_post: Callable[[str, Any], object] | None = None  # a POST's JSON answer
+
+    def close(self) -> None:
+        self.real.close()
+
+    def handle_request(self, request: httpx.Request) -> httpx.Response:
+        response = self.real.handle_request(request)
+        if request.method == "POST" and self.after_post is not None:
+            response.read()
+            self.after_post()
+        rewrite = self.rewrite if request.method == "GET" else self.rewrite_post
+        if rewrite is None:
+            return response
+        data = rewrite(request.url.path, json.loads(response.read()))
+        if isinstance(data, bytes):
+            return httpx.Response(response.status_code, content=data)
+        return httpx.Response(response.status_code, json=data)

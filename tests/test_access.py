@@ -29,6 +29,7 @@ from settlement.store import Database
 from settlement.store.keys import add_key, revoke_key
 from tests.hub_helpers import (
     Channel,
+    Tampering,
     body,
     free_test_port,
     run_cli,
@@ -335,6 +336,38 @@ def test_the_payer_sdk_signs_in_by_itself_and_signs_nothing_else(
     ):
         with pytest.raises(UntrustedServiceError):
             auth._check(bad)
+
+
+def test_a_sign_in_answer_not_in_the_services_form_is_untrusted(
+    serve_here: Callable[..., ServiceThread], devnet: Any, accounts: list[LocalAccount], tmp_path: Path
+) -> None:
+    """The SDK's sign-in read the challenge and the token with `[...]` and `float(str(...))`: a challenge or a token
+    answer that was not one raised KeyError, ValueError or JSONDecodeError out of whatever read the app made (and
+    "inf" made a token never expire in the SDK's eyes). Each is now the service's word the SDK cannot take."""
+    service = serve_here(f"sqlite:///{tmp_path / 'signin.db'}", access_control=True)
+    answers: list[tuple[str, Callable[[dict[str, Any]], object], str]] = [
+        ("/v1/auth/challenge", lambda data: b"<html>", "is not a JSON object"),
+        ("/v1/auth/challenge", lambda data: {**data, "message": 7}, "message is not a string"),
+        ("/v1/auth/token", lambda data: {k: v for k, v in data.items() if k != "token"}, "token is not a string"),
+        ("/v1/auth/token", lambda data: [data], "is not a JSON object"),
+    ] + [
+        ("/v1/auth/token", lambda data, at=at: {**data, "expiresAt": at}, "expires at")
+        for at in ("inf", "nan", str(int(time.time()) + 60), 1e12, True, None)
+    ]
+    for path, rewrite, refusal in answers:
+        tamper = Tampering()
+        tamper.rewrite_post = lambda sent, data, path=path, rewrite=rewrite: rewrite(data) if sent == path else data
+        with PayerClient(
+            HexBytes(accounts[3].key).to_0x_hex(),
+            devnet.url,
+            service.url,
+            state_path=tmp_path / "journal.sqlite3",
+            http=httpx.Client(base_url=service.url, transport=tamper),
+        ) as payer:
+            with pytest.raises(UntrustedServiceError, match=refusal):
+                payer.open_channels(accounts[4].address)
+            tamper.rewrite_post = None
+            assert payer.open_channels(accounts[4].address) == []  # the service's own answers: signed in
 
 
 def test_off_a_devnet_a_store_without_an_operator_key_is_refused(store_url: str, tmp_path: Path) -> None:

@@ -3,7 +3,6 @@ the client and of the service (kill -9), two service processes on one PostgreSQL
 
 from __future__ import annotations
 
-import json
 import sqlite3
 import threading
 import time
@@ -33,7 +32,7 @@ from settlement.errors import (
 )
 from settlement.sdk.payee import PayeeClient
 from settlement.sdk.payer import PayerClient
-from tests.hub_helpers import Channel, body, send, stored_payments, stream_through
+from tests.hub_helpers import Channel, Tampering, body, send, stored_payments, stream_through
 from tests.proxy import TcpProxy
 from tests.servers import ServiceProcess, ServiceThread
 
@@ -266,33 +265,6 @@ def test_rpc_failover_to_a_second_url_and_back(
         assert provider.endpoint_uri == primary.url
 
 
-class Tampering(httpx.BaseTransport):
-    """Between the SDK and the service, as a proxy would be: forwards every request for real, then may drop the
-    answer (`after_post`: called once the voucher was delivered; raise to lose the answer) or rewrite a JSON answer."""
-
-    def __init__(self) -> None:
-        self.real = httpx.HTTPTransport()
-        self.after_post: Callable[[], None] | None = None
-        self.rewrite: Callable[[str, dict[str, Any]], dict[str, Any]] | None = None
-        self.rewrite_post: Callable[[str, dict[str, Any]], dict[str, Any]] | None = None  # a POST's JSON answer
-
-    def close(self) -> None:
-        self.real.close()
-
-    def handle_request(self, request: httpx.Request) -> httpx.Response:
-        response = self.real.handle_request(request)
-        if request.method == "POST" and self.after_post is not None:
-            response.read()
-            self.after_post()
-        if self.rewrite is not None and request.method == "GET":
-            data = self.rewrite(request.url.path, json.loads(response.read()))
-            return httpx.Response(response.status_code, json=data)
-        if self.rewrite_post is not None and request.method == "POST":
-            data = self.rewrite_post(request.url.path, json.loads(response.read()))
-            return httpx.Response(response.status_code, json=data)
-        return response
-
-
 def drop_answer() -> None:
     raise httpx.ReadError("the connection dropped before the answer arrived")
 
@@ -443,6 +415,44 @@ def test_a_position_in_another_spelling_is_untrusted_not_read_as_a_number(
     assert payer_client(accounts[10], service.url).pay(channel, 1_000).cumulative == 2_000  # the true position
 
 
+def test_a_listing_or_a_state_not_in_the_services_form_is_untrusted(
+    serve_here: Callable[..., ServiceThread],
+    payer_client: Callable[..., PayerClient],
+    store_url: str,
+    accounts: list[LocalAccount],
+) -> None:
+    """The service's listing of a payer's channels and a channel's state came through `response.json()` and
+    `c["token"]`: an error page with status 200, a list, items that are not channels raised JSONDecodeError, KeyError,
+    TypeError or ValueError out of `open_channels` and `wait_until_known` (and out of x402's client, which finds a
+    restarted payer's channels so). Now each is the service's word the SDK cannot take."""
+    service = serve_here(store_url)
+    opener = payer_client(accounts[10], service.url)
+    channel = opener.open_channel(accounts[11].address, 10_000)
+    opener.wait_until_known(channel)
+    listing = {"channelId": channel.hex_id, "token": "0x" + "00" * 20}
+    listings: list[tuple[object, str]] = [
+        (b"<html>Bad gateway</html>", "is not a JSON object"),
+        ([listing], "is not a JSON object"),
+        ({"items": "all of them"}, "lists no channels"),
+        ({"items": [listing, "0x" + "ab" * 32]}, "lists no channels"),
+        ({"items": [{**listing, "channelId": "0x12"}]}, "channelId is not a channel id"),
+        ({"items": [{**listing, "channelId": channel.hex_id + "\n"}]}, "channelId is not a channel id"),
+        ({"items": [{**listing, "token": "ETH"}]}, "token is not an address"),
+        ({"items": [{k: v for k, v in listing.items() if k != "token"}]}, "token is not an address"),
+    ]
+    for answer, refusal in listings:
+        tamper = Tampering()
+        tamper.rewrite = lambda path, data, answer=answer: answer if path == "/v1/channels" else data
+        victim = payer_client(accounts[10], service.url, http=httpx.Client(base_url=service.url, transport=tamper))
+        with pytest.raises(UntrustedServiceError, match=refusal):
+            victim.open_channels(accounts[11].address)
+    tamper.rewrite = lambda path, data: b"\x00\x01" if path.endswith(channel.hex_id) else data
+    with pytest.raises(UntrustedServiceError, match="is not a JSON object"):
+        victim.wait_until_known(channel, timeout=5)
+    (found,) = payer_client(accounts[10], service.url).open_channels(accounts[11].address)
+    assert (found["channelId"], found["deposit"]) == (channel.hex_id, "10000")
+
+
 def test_a_receipt_for_more_than_was_signed_does_not_move_the_position_up(
     serve_here: Callable[..., ServiceThread],
     payer_client: Callable[..., PayerClient],
@@ -494,6 +504,9 @@ def test_a_refund_on_a_voucher_the_service_cannot_show_is_refused_before_any_tra
             payee.http = httpx.Client(base_url=service.url, transport=tamper, auth=payee.http.auth)
             with pytest.raises(UntrustedServiceError, match="is not the payer's"):
                 payee.refund(channel.hex_id)
+        tamper.rewrite = lambda path, data: b"<html>Bad gateway</html>"  # not JSON: KeyError or JSONDecodeError before
+        with pytest.raises(UntrustedServiceError, match="is not a JSON object"):
+            payee.refund(channel.hex_id)
         assert hub.functions.channel(channel.channel_id).call()[ChannelViewField.STATUS] == ChannelStatus.OPEN
     finally:
         payee.shutdown()

@@ -43,7 +43,7 @@ from x402.schemas import PaymentPayload, PaymentRequired
 from settlement.devtools.devnet import Devnet
 from settlement.domain.model import ChannelStatus, ChannelViewField
 from settlement.eip712.refunds import sign_refund_request
-from settlement.errors import ChannelClosedError
+from settlement.errors import ChannelClosedError, ServiceRejectedError
 from settlement.sdk.journal import Budget
 from settlement.sdk.payee import PayeeClient
 from settlement.sdk.payer import PayerClient
@@ -51,7 +51,7 @@ from settlement.x402.ahead import PayAheadAdapter, PayAheadTransport
 from settlement.x402.client import ChannelHubClientScheme, DepositPolicy, PaymentIdentifiers
 from settlement.x402.refunds import REFUND_PATH, RefundDesk, ask_refund
 from settlement.x402.unanswered import UnansweredWire
-from tests.hub_helpers import ETH, events, free_test_port, scraped, send, wait_until, x402_request
+from tests.hub_helpers import ETH, Tampering, events, free_test_port, scraped, send, wait_until, x402_request
 from tests.proxy import TcpProxy
 from tests.servers import ServiceProcess
 
@@ -1360,12 +1360,20 @@ def test_a_payer_asks_the_payee_for_the_refund_and_only_the_payer_can(
         assert (answer.status_code, answer.json()["code"]) == (400, "malformed_request")
     assert hub.functions.channel(raw).call()[ChannelViewField.STATUS] == ChannelStatus.OPEN  # nothing changed
 
-    assert ask_refund(url, payer, cid) == 98 * PRICE
+    # Through a proxy that inflates the payee's figure: the payer takes the hub's (its `refunded` is the payee's word).
+    tamper = Tampering()
+    tamper.rewrite_post = lambda path, data: {**data, "refunded": str(10**30)} if "refunded" in data else data
+    with httpx.Client(transport=tamper) as proxied:
+        assert ask_refund(url, payer, cid, http=proxied) == 98 * PRICE
     assert hub.functions.balanceOf(payer.address, ETH).call() == 98 * PRICE  # back at once
     assert hub.functions.balanceOf(payee_account.address, ETH).call() == 2 * PRICE
     assert post(payer.account) == (409, "channel_closed")  # again: nothing left to do
     with pytest.raises(ChannelClosedError):
         ask_refund(url, payer, cid)
+    tamper.rewrite_post = lambda path, data: b"<html>Bad gateway</html>"  # a refusal that is not the payee's JSON
+    with httpx.Client(transport=tamper) as proxied, pytest.raises(ServiceRejectedError) as refused:
+        ask_refund(url, payer, cid, http=proxied)
+    assert (refused.value.status, refused.value.code) == (409, "http_409")
     wait_until(lambda: payer.open_channels(payee_account.address) == [])  # the service saw the close
     assert paid_get(devnet, scheme, f"{api}/weather") == 200  # the payer's next request pays on a new channel
     assert accepted_for(service, payee_account.address) == 3 * PRICE

@@ -6,18 +6,20 @@ from __future__ import annotations
 from collections.abc import Callable
 from pathlib import Path
 
+import httpx
 import pytest
 from eth_account.signers.local import LocalAccount
 from hexbytes import HexBytes
 from x402.schemas import AssetAmount, PaymentRequirements, SupportedKind
 
 from settlement.devtools.devnet import Devnet
+from settlement.errors import UntrustedServiceError
 from settlement.sdk.payer import PayerClient
 from settlement.x402 import wire
 from settlement.x402.client import ChannelHubClientScheme, DepositPolicy
 from settlement.x402.server import ChannelHubServerScheme
 from settlement.x402.wire import VoucherPayload, chain_id_of
-from tests.hub_helpers import ETH
+from tests.hub_helpers import ETH, Tampering
 from tests.servers import ServiceProcess
 
 NETWORK = "eip155:31337"
@@ -129,4 +131,37 @@ def test_a_payer_refuses_requirements_it_cannot_trust(
     with pytest.raises(ValueError):
         scheme.create_payment_payload(PaymentRequirements(**fields))
     assert payer.open_channels(accounts[13].address) == []  # nothing was opened, nothing signed
+    payer.shutdown()
+
+
+def test_a_listed_channel_to_another_payee_is_never_paid_on(
+    spawn: Callable[..., ServiceProcess], devnet: Devnet, accounts: list[LocalAccount], tmp_path: Path
+) -> None:
+    """A payer's client that restarts finds its channels to a payee through the service's listing. A listing that
+    named the payer's channel to someone else (a service colluding with that payee) had x402's client sign its
+    payments to this payee on that channel: vouchers the other payee could settle. Each listed channel is now checked
+    on the hub to be this payer's, to this payee, in this asset, before a lane is made of it."""
+    service = spawn(f"sqlite:///{tmp_path / 'listed.db'}")
+    tamper = Tampering()
+    http = httpx.Client(base_url=service.url, transport=tamper)
+    key = HexBytes(accounts[12].key).to_0x_hex()
+    payer = PayerClient(key, devnet.url, service.url, state_path=tmp_path / "j", http=http)
+    elsewhere = payer.open_channel(accounts[14].address, 1_000)
+    payer.wait_until_known(elsewhere)
+    (listed,) = payer.open_channels(accounts[14].address)
+    tamper.rewrite = lambda path, data: {"items": [listed]} if path == "/v1/channels" else data
+    requirements = PaymentRequirements(
+        scheme="channelhub",
+        network=f"eip155:{devnet.chain_id}",
+        asset=ETH,
+        amount="10",
+        pay_to=accounts[13].address,
+        max_timeout_seconds=60,
+        extra={"hub": payer.hub.address},
+    )
+    with pytest.raises(UntrustedServiceError, match=f"the hub says it pays {accounts[14].address}"):
+        ChannelHubClientScheme(payer).create_payment_payload(requirements)
+    assert payer.position(elsewhere) == 0  # nothing signed on it
+    tamper.rewrite = None
+    assert payer.open_channels(accounts[13].address) == []  # and nothing opened to the payee asked for
     payer.shutdown()

@@ -37,6 +37,15 @@ def signature_of(value: object) -> bytes | None:
     return bytes.fromhex(value[2:]) if isinstance(value, str) and _SIGNATURE_HEX.fullmatch(value) else None
 
 
+_HEX32 = re.compile(r"0x[0-9a-fA-F]{64}")
+
+
+def hex32_of(value: object) -> str | None:
+    """A 32-byte id another party sent (a channel id), in its one form: "0x" + 64 hex digits, matched whole, returned
+    in lower case (the one spelling of a channel id); None for anything else."""
+    return value.lower() if isinstance(value, str) and _HEX32.fullmatch(value) else None
+
+
 # A position on the chain is (block number, log index). A channel read from the chain's state at block B stands after
 # every log of B, so no event of B is applied to it again; the log index of that position is END_OF_BLOCK.
 END_OF_BLOCK = 2**31 - 1

@@ -19,8 +19,9 @@ from eth_utils.address import to_checksum_address
 from settlement.chain.node import Transactor, connect
 from settlement.domain.model import ETH, ChannelViewField, signature_of
 from settlement.eip712.vouchers import VoucherVerifier
-from settlement.errors import UntrustedServiceError, rejected
-from settlement.sdk.payer import checked_hub, service_amount
+from settlement.errors import UntrustedServiceError
+from settlement.sdk.answers import answer_object, refusal, service_amount
+from settlement.sdk.payer import checked_hub
 from settlement.sdk.signin import SignInAuth
 
 
@@ -79,7 +80,5 @@ class PayeeClient:
     def _get(self, path: str) -> dict[str, Any]:
         answer = self.http.get(path)
         if answer.status_code != 200:
-            body = answer.json()
-            raise rejected(answer.status_code, str(body["code"]), str(body["message"]), request=f"GET {path}")
-        data: dict[str, Any] = answer.json()
-        return data
+            raise refusal(answer)
+        return answer_object(answer)

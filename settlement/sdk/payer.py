@@ -42,7 +42,7 @@ from web3.contract import Contract
 from settlement.chain.contracts import HUB, load_artifact
 from settlement.chain.deployment import hub_at
 from settlement.chain.node import Transactor, connect
-from settlement.domain.model import ETH, ChannelStatus, ChannelViewField, Receipt, signature_of, uint256_of
+from settlement.domain.model import ETH, ChannelStatus, ChannelViewField, Receipt, signature_of
 from settlement.eip712.vouchers import Domain, VoucherSigner, VoucherVerifier, read_domain
 from settlement.eip712.vouchers import channel_id as channel_id_of
 from settlement.errors import (
@@ -50,7 +50,13 @@ from settlement.errors import (
     ServiceRejectedError,
     UntrustedServiceError,
     WaitTimeoutError,
-    rejected,
+)
+from settlement.sdk.answers import (
+    answer_object,
+    refusal,
+    service_address,
+    service_amount,
+    service_channel_id,
 )
 from settlement.sdk.journal import Budget, JournalPayment, PayerJournal, PaymentStatus
 from settlement.sdk.signin import SignInAuth
@@ -228,7 +234,12 @@ class PayerClient:
         `channel(id)` checks each against the hub)."""
         asset = to_checksum_address(token) if token else ETH
         query = f"/v1/channels?payer={self.address}&payee={to_checksum_address(payee)}&status=open&limit=1000"
-        return [c for c in self._get(query)["items"] if to_checksum_address(str(c["token"])) == asset]
+        listed = self._get(query).get("items")
+        if not isinstance(listed, list) or not all(isinstance(c, dict) for c in listed):
+            raise UntrustedServiceError(f"the service's answer to GET {query} lists no channels in items")
+        for listing in listed:  # each in its one form before anyone acts on it
+            service_channel_id(listing, "channelId")
+        return [c for c in listed if service_address(c, "token") == asset]
 
     def top_up(self, channel: ChannelRef, amount: int, *, from_balance: bool = False) -> None:
         """Add `amount` to the channel's deposit (vouchers may use it once the service sees it confirmed), from the
@@ -521,7 +532,7 @@ class PayerClient:
             if response.status_code in _RETRYABLE:
                 last = f"HTTP {response.status_code}: {response.text[:200]}"
                 continue
-            raise _rejected(response)
+            raise refusal(response)
         raise PaymentUncertainError(
             f"no answer for the voucher of {payment.cumulative} on channel {channel.hex_id} after {self.retries + 1} "
             f"attempts ({last}); it may have been accepted: pay again with idempotency_key={payment.idempotency_key!r}",
@@ -545,10 +556,9 @@ class PayerClient:
                 last = f"{type(ex).__name__}: {ex}"
                 continue
             if response.status_code == 200:
-                data: dict[str, Any] = response.json()
-                return data
+                return answer_object(response)
             if response.status_code not in _RETRYABLE:
-                raise _rejected(response)
+                raise refusal(response)
             last = f"HTTP {response.status_code}"
         raise ServiceRejectedError(503, "service_unavailable", f"GET {path} failed after retries ({last})")
 
@@ -565,17 +575,6 @@ class PayerClient:
         self.journal.close()
 
 
-def service_amount(data: dict[str, Any], field: str) -> int:
-    """An amount in the service's answer, in its one form (`uint256_of`); else the service's word cannot be taken:
-    UntrustedServiceError, not whatever `int()` made of the text or raised."""
-    found = uint256_of(data.get(field))
-    if found is None:
-        raise UntrustedServiceError(
-            f"the service's {field} is not an amount in base units: {str(data.get(field))[:40]!r}"
-        )
-    return found
-
-
 def _receipt(data: dict[str, Any]) -> Receipt:
     return Receipt(
         channel_id=data["channelId"],
@@ -586,16 +585,3 @@ def _receipt(data: dict[str, Any]) -> Receipt:
         reference=data.get("reference"),
         idempotency_key=data.get("idempotencyKey"),
     )
-
-
-def _rejected(response: httpx.Response) -> ServiceRejectedError:
-    try:
-        data = response.json()
-    except ValueError:
-        data = {}
-    if not isinstance(data, dict):
-        data = {}
-    code = str(data.pop("code", f"http_{response.status_code}"))
-    message = str(data.pop("message", response.text[:200]))
-    request = f"{response.request.method} {response.request.url.path}"
-    return rejected(response.status_code, code, message, request=request, **data)

@@ -12,12 +12,14 @@ import re
 import threading
 import time
 from collections.abc import Generator
+from typing import Any
 
 import httpx
 from eth_account.messages import encode_defunct
 from eth_account.signers.local import LocalAccount
 
 from settlement.errors import UntrustedServiceError, rejected
+from settlement.sdk.answers import answer_object, service_text
 
 RENEW_BEFORE_SECONDS = 30  # a token this close to its expiry is renewed before use
 
@@ -45,7 +47,7 @@ class SignInAuth(httpx.Auth):
         asked = yield httpx.Request(
             "POST", self.service.join("v1/auth/challenge"), json={"address": self.account.address}
         )
-        message = str(_answer(asked)["message"])
+        message = service_text(_answer(asked), "message")
         self._check(message)
         signature = self.account.sign_message(encode_defunct(text=message)).signature.to_0x_hex()
         granted = _answer(
@@ -55,8 +57,11 @@ class SignInAuth(httpx.Auth):
                 )
             )
         )
+        token, expires = service_text(granted, "token"), granted.get("expiresAt")
+        if not isinstance(expires, int) or isinstance(expires, bool):  # unix seconds, as the service sends them
+            raise UntrustedServiceError(f"the service's sign-in token expires at {str(expires)[:40]!r}, not a time")
         with self._guard:
-            self._token, self._expires = str(granted["token"]), float(str(granted["expiresAt"]))
+            self._token, self._expires = token, float(expires)
         request.headers["Authorization"] = f"Bearer {self._token}"
         yield request
 
@@ -81,7 +86,7 @@ class SignInAuth(httpx.Auth):
             )
 
 
-def _answer(response: httpx.Response) -> dict[str, object]:
+def _answer(response: httpx.Response) -> dict[str, Any]:
     response.read()
     if response.status_code != 200:
         try:
@@ -90,5 +95,4 @@ def _answer(response: httpx.Response) -> dict[str, object]:
         except (ValueError, KeyError, TypeError):
             code, text = "service_unavailable", f"sign-in answered {response.status_code}"
         raise rejected(response.status_code, code, text, request=f"{response.request.method} {response.request.url}")
-    data: dict[str, object] = response.json()
-    return data
+    return answer_object(response)

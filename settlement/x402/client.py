@@ -44,8 +44,10 @@ from x402.schemas import (
 )
 
 from settlement.domain.model import ETH, ChannelId
+from settlement.errors import UntrustedServiceError
+from settlement.sdk.answers import service_amount
 from settlement.sdk.journal import Budget
-from settlement.sdk.payer import ChannelRef, PayerClient, service_amount
+from settlement.sdk.payer import ChannelRef, PayerClient
 from settlement.x402.wire import SCHEME, PayloadError, VoucherPayload, base_units, network_of, same_address
 
 PREPARED_KEPT = 1024  # payments made ahead by the hook and not yet handed over (aborted ones fall out oldest first)
@@ -306,8 +308,19 @@ class ChannelHubClientScheme:
 
     def _discover(self, payee: str, asset: str) -> list[Lane]:
         """This payer's open channels to the payee in the asset, as the service knows them (after a restart)."""
-        found = self.payer.open_channels(payee, asset)
-        return [Lane(self.payer.channel(c["channelId"]), service_amount(c, "deposit")) for c in found]
+        lanes = []
+        for listed in self.payer.open_channels(payee, asset):
+            try:  # the hub's word, not the listing's: this payer's channel, to this payee, in this asset
+                channel = self.payer.channel(listed["channelId"])
+            except ValueError as ex:
+                raise UntrustedServiceError(f"the service lists {listed['channelId']} among this payer's: {ex}") from ex
+            if (channel.payee, channel.token) != (payee, asset):  # else its vouchers would pay someone else
+                raise UntrustedServiceError(
+                    f"the service lists {channel.hex_id} as a channel to {payee} in {asset}; the hub says it pays "
+                    f"{channel.payee} in {channel.token}"
+                )
+            lanes.append(Lane(channel, service_amount(listed, "deposit")))
+        return lanes
 
     def _party(self, requirements: PaymentRequirements) -> tuple[str, str]:
         return _checksummed(requirements.pay_to), _checksummed(requirements.asset)

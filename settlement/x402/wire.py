@@ -19,13 +19,12 @@ from x402.extensions.payment_identifier import extract_payment_identifier
 from x402.http.utils import decode_payment_signature_header
 from x402.schemas import PaymentPayload, PaymentRequirements
 
-from settlement.domain.model import ChannelId, signature_of, uint256_of
+from settlement.domain.model import ChannelId, hex32_of, signature_of, uint256_of
 
 SCHEME = "channelhub"
 NETWORK_PREFIX = "eip155:"
 # Matched whole (`fullmatch`): `$` would also match before a final newline, which `int` and `bytes.fromhex` skip, so
 # "0x…\n" passed as a channel id no other layer spells that way (a paid voucher sent again so went to the chain).
-_HEX32 = re.compile(r"0x[0-9a-fA-F]{64}")
 _CHAIN_ID = re.compile(r"[1-9][0-9]{0,31}")  # ASCII: str.isdigit took "²" (then int() raised) and other scripts' digits
 
 
@@ -105,7 +104,8 @@ class VoucherPayload:
         if not isinstance(payload, dict) or set(payload) != {"channelId", "cumulativeAmount", "signature"}:
             raise PayloadError("the payload must be {channelId, cumulativeAmount, signature}")
         channel_id, cumulative, signature = payload["channelId"], payload["cumulativeAmount"], payload["signature"]
-        if not isinstance(channel_id, str) or not _HEX32.fullmatch(channel_id):
+        channel = hex32_of(channel_id)
+        if channel is None:
             raise PayloadError("channelId must be 0x + 64 hex digits")
         amount = base_units(cumulative)
         if amount is None:
@@ -113,7 +113,7 @@ class VoucherPayload:
         raw = signature_of(signature)
         if raw is None:
             raise PayloadError("signature must be 0x + 130 hex digits (r, s, v)")
-        return cls(ChannelId(channel_id.lower()), amount, raw)
+        return cls(ChannelId(channel), amount, raw)
 
 
 def base_units(value: object) -> int | None:

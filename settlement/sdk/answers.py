@@ -1,0 +1,79 @@
+"""The answers of a service (or a payee) as the SDK reads them: its word in one form, or an SDK error.
+
+Whatever another party sends (a proxy, a service that lies, a web server's error page with status 200) reaches the
+app as UntrustedServiceError, or as the refusal's ServiceRejectedError when it is one: never as a KeyError, a
+ValueError or a JSONDecodeError of the parse, which an app cannot tell from its own bug and a retry loop does not
+catch.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import httpx
+from eth_utils.address import is_address, to_checksum_address
+
+from settlement.domain.model import hex32_of, uint256_of
+from settlement.errors import ServiceRejectedError, UntrustedServiceError, rejected
+
+
+def answer_object(response: httpx.Response, who: str = "the service") -> dict[str, Any]:
+    """The answer's JSON object."""
+    try:
+        data = response.json()
+    except ValueError:
+        data = None
+    if not isinstance(data, dict):
+        raise UntrustedServiceError(
+            f"{who}'s answer to {_request(response)} is not a JSON object: {response.text[:80]!r}"
+        )
+    return data
+
+
+def refusal(response: httpx.Response) -> ServiceRejectedError:
+    """A refusal's error of its code, with its details; a body that is not one of ours keeps the status as code."""
+    try:
+        data = response.json()
+    except ValueError:
+        data = {}
+    if not isinstance(data, dict):
+        data = {}
+    code = str(data.pop("code", f"http_{response.status_code}"))
+    message = str(data.pop("message", response.text[:200]))
+    return rejected(response.status_code, code, message, request=_request(response), **data)
+
+
+def service_amount(data: dict[str, Any], field: str, who: str = "the service") -> int:
+    """An amount in the answer, in its one form (`uint256_of`), not whatever `int()` made of the text or raised."""
+    found = uint256_of(data.get(field))
+    if found is None:
+        raise UntrustedServiceError(f"{who}'s {field} is not an amount in base units: {str(data.get(field))[:40]!r}")
+    return found
+
+
+def service_text(data: dict[str, Any], field: str, who: str = "the service") -> str:
+    """A string field of the answer, present and a string."""
+    found = data.get(field)
+    if not isinstance(found, str):
+        raise UntrustedServiceError(f"{who}'s {field} is not a string: {str(found)[:40]!r}")
+    return found
+
+
+def service_address(data: dict[str, Any], field: str, who: str = "the service") -> str:
+    """An address in the answer (a mixed-case one with its checksum), checksummed."""
+    found = data.get(field)
+    if not isinstance(found, str) or not is_address(found) or not found.startswith("0x"):
+        raise UntrustedServiceError(f"{who}'s {field} is not an address: {str(found)[:50]!r}")
+    return to_checksum_address(found)
+
+
+def service_channel_id(data: dict[str, Any], field: str, who: str = "the service") -> str:
+    """A channel id in the answer ("0x" + 64 hex digits, matched whole), in lower case."""
+    found = hex32_of(data.get(field))
+    if found is None:
+        raise UntrustedServiceError(f"{who}'s {field} is not a channel id: {str(data.get(field))[:70]!r}")
+    return found
+
+
+def _request(response: httpx.Response) -> str:
+    return f"{response.request.method} {response.request.url.path}"
