@@ -406,7 +406,7 @@ def test_keys_from_the_cli_and_a_served_devnet_prints_its_operator_key(
     # The scraper's own port needs no key (bound to 127.0.0.1 here) and reads the same registry, gauges refreshed.
     scraped = httpx.get(f"http://127.0.0.1:{scrape}/metrics")
     assert scraped.status_code == 200 and "settlement_indexer_cursor_block " in scraped.text
-    assert 'settlement_rpc_requests{method="eth_blockNumber"}' in scraped.text
+    assert 'settlement_rpc_requests{method="eth_getBlockByNumber"}' in scraped.text
 
     env = {"SETTLEMENT_DATABASE_URL": store}
     made = run_cli("keys", "create", "--role", "payee", "--account", accounts[4].address, env=env, cwd=tmp_path)

@@ -352,6 +352,33 @@ def test_closing_channel_accepts_until_the_guard_by_the_chains_clock(
         assert f"ends in {state['closeDeadline'] - indexer.block_time} s" in late.json()["message"]  # the chain's
 
 
+def test_the_close_guard_counts_from_the_heads_time_not_the_confirmed_blocks(
+    api: Callable[..., TestClient], channel: Channel, sign: Sign, w3: Web3, hub: Contract
+) -> None:
+    """With confirmations, the indexer reads blocks `confirmations` deep, and the guard counted from the latest of
+    those: up to that many blocks' time behind the head, from which the engine's final settle counts. A chain whose
+    clock jumped at the head (here 3,100 s in one block) had ingest accept vouchers the engine no longer settles."""
+    for _ in range(3):
+        w3.provider.make_request("evm_mine", [])  # the session's channel, 3 blocks deep
+    client = api(close_guard_seconds=600, confirmations=3)
+    send(w3, hub.functions.requestClose(channel.id), channel.payer.address)
+    for _ in range(3):
+        w3.provider.make_request("evm_mine", [])
+    state = _wait_for(client, channel, lambda state: state["status"] == "closing")
+    assert client.post("/v1/vouchers", json=body(channel, 10, sign(channel.payer, channel.id, 10))).status_code == 201
+    moved = state["closeDeadline"] - 500 - int(w3.eth.get_block("latest")["timestamp"])
+    w3.provider.make_request("evm_increaseTime", [moved])
+    w3.provider.make_request("evm_mine", [])  # the head is 500 s from the deadline; the confirmed block is not
+    head = w3.eth.get_block("latest")
+    mined = int(head["timestamp"])
+    indexer = client.app.state.service.indexer  # type: ignore[attr-defined]
+    wait_until(lambda: indexer.progress is not None and indexer.progress.head >= head["number"])  # it saw the head
+    late = client.post("/v1/vouchers", json=body(channel, 20, sign(channel.payer, channel.id, 20)))
+    assert late.status_code == 409, late.text  # before: 201, a receipt the engine would not settle
+    assert late.json()["code"] == "channel_closed"
+    assert f"ends in {state['closeDeadline'] - mined} s" in late.json()["message"]
+
+
 def _wait_for(client: TestClient, channel: Channel, done: Callable[[dict[str, Any]], bool]) -> dict[str, Any]:
     import time
 

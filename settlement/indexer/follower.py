@@ -153,9 +153,9 @@ class Indexer:
         # Told of each channel this indexer stores (ingest keeps its payer in memory: a new channel's first voucher
         # then costs no store read, even while made-up ids are refused).
         self.opened: Callable[[Channel], None] | None = None
-        # The latest time of a block read (unix seconds): the hub judges close deadlines by its blocks' times, which
-        # can run ahead of this machine's clock (a sequencer's stamps, a devnet's moved clock): ingest's close guard
-        # counts from the later of the two.
+        # The latest time of a block read (unix seconds; the head's, read each poll): the hub judges close deadlines
+        # by its blocks' times, which can run ahead of this machine's clock (a sequencer's stamps, a devnet's moved
+        # clock): ingest's close guard counts from the later of the two.
         self.block_time = 0
         with db.write() as conn:
             log_q.ensure_cursor(conn, start_block, utcnow())
@@ -163,9 +163,13 @@ class Indexer:
     # --- reading the chain -------------------------------------------------------------------------------------
 
     def confirmed_heads(self) -> tuple[int, int]:
-        """(head, highest confirmed block)."""
+        """(head, highest confirmed block). The head is read as a block, not as a number (one call either way), for its
+        time: the engine's final settle counts from the head's time, and so must ingest's close guard; the confirmed
+        block's time was up to `confirmations` blocks behind."""
         with rpc_errors("reading the chain head"):
-            head = self.w3.eth.block_number
+            block = self.w3.eth.get_block("latest")
+        head = int(block["number"])
+        self._saw_time(block.get("timestamp"))
         return head, max(head - self.confirmations, self.start_block - 1)
 
     def check_anchor(self) -> None:
@@ -183,11 +187,13 @@ class Indexer:
                 block = self.w3.eth.get_block(number)
             except (ValueError, BlockNotFound):
                 return None
-        stamp = block.get("timestamp")
-        if isinstance(stamp, int) and stamp > self.block_time:
-            self.block_time = stamp
+        self._saw_time(block.get("timestamp"))
         block_hash = block.get("hash")
         return None if block_hash is None else HexBytes(block_hash).to_0x_hex()
+
+    def _saw_time(self, stamp: object) -> None:
+        if isinstance(stamp, int) and stamp > self.block_time:
+            self.block_time = stamp
 
     def _logs(self, from_block: int, to_block: int, topics: list[Any] | None = None) -> list[ChainEvent]:
         params: FilterParams = {"address": self.hub.address, "fromBlock": from_block, "toBlock": to_block}
