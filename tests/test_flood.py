@@ -318,3 +318,19 @@ def test_refusals_leave_no_garbage_for_the_collector(
     )
     assert [r["status"] for r in batch] == [400, 404, 404, 404]
     assert left == []
+
+
+def test_a_flood_of_readiness_checks_costs_the_chain_no_call_each(api: Callable[..., TestClient], w3: Web3) -> None:
+    """/ready read the chain's head for each request: anyone may ask it, and a flood of checks spent the RPC
+    provider's quota the indexer and the engine share (the engine must settle closing channels in time). It now
+    reuses the head as last read (here by the indexer) for `ready_chain_max_age` seconds while no read failed; 0
+    reads it every time, as before."""
+    for max_age, cost in ((3600.0, 0), (0.0, 50)):
+        client = api(indexer_interval=3600.0, ready_chain_max_age=max_age)
+        indexer = client.app.state.service.indexer  # type: ignore[attr-defined]
+        wait_until(lambda i=indexer: i.progress is not None and i.progress.cursor >= i.progress.confirmed)
+        calls = client.app.state.service.w3.provider.calls  # type: ignore[attr-defined]
+        before = calls["eth_getBlockByNumber"]
+        answers = [client.get("/ready") for _ in range(50)]
+        assert {(a.status_code, a.json()["headBlock"]) for a in answers} == {(200, w3.eth.block_number)}
+        assert calls["eth_getBlockByNumber"] - before == cost

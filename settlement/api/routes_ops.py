@@ -27,11 +27,12 @@ def health() -> Health:
 @router.get("/ready", operation_id="ready", tags=["ops"])
 def ready(service: ServiceDep) -> Readiness:
     """The store and the chain answer, the indexer progresses and is within `ready_max_lag` confirmed blocks; else
-    503."""
+    503. The chain's head as read within `ready_chain_max_age` seconds, by the indexer's poll or another check, while
+    none of its reads failed: a flood of checks costs the chain's RPC a call a second, not one each."""
     service.db.ping()
     if service.indexer.failing is not None:
         raise ChainUnavailableError(f"the indexer cannot progress: {service.indexer.failing}")
-    head, confirmed = service.indexer.confirmed_heads()
+    head, confirmed = service.indexer.recent_heads(service.settings.ready_chain_max_age)
     progress = service.indexer.progress
     indexed = progress.cursor if progress else service.deployment.block_number - 1
     lag = max(confirmed - indexed, 0)

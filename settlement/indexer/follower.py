@@ -20,7 +20,8 @@ from __future__ import annotations
 import logging
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, replace
 from typing import Any
 
@@ -139,6 +140,8 @@ class Indexer:
         self.reorg_window = reorg_window
         self.anchor = anchor
         self.failing: str | None = None  # why the last poll of `run` failed; None while it progresses
+        self._heads: tuple[float, int, int] | None = None  # (when, head, confirmed) of the last read that succeeded
+        self._heads_lock = threading.Lock()
         self._events = {HexBytes(event.topic): event for event in hub.all_events()}
         self._opened_topic = HexBytes(hub.events.ChannelOpened.topic)
         self.progress: Progress | None = None
@@ -162,15 +165,38 @@ class Indexer:
 
     # --- reading the chain -------------------------------------------------------------------------------------
 
+    @contextmanager
+    def _reading(self, what: str) -> Iterator[None]:
+        """`rpc_errors`; a read that fails also drops the heads `recent_heads` would reuse (the chain may be down)."""
+        try:
+            with rpc_errors(what):
+                yield
+        except SettlementError:
+            self._heads = None
+            raise
+
+    def recent_heads(self, max_age: float) -> tuple[int, int]:
+        """`confirmed_heads` as read at most `max_age` seconds ago (by a poll, a look-up, an earlier call) and since no
+        read of this indexer failed; else read now, once for every caller waiting. For /ready, which anyone may ask:
+        a flood of it cost the chain's RPC a call a request (a paid provider's quota, shared with the indexer and the
+        engine, which must settle closing channels in time)."""
+        with self._heads_lock:
+            read = self._heads
+            if read is not None and time.monotonic() - read[0] <= max_age:
+                return read[1], read[2]
+            return self.confirmed_heads()
+
     def confirmed_heads(self) -> tuple[int, int]:
         """(head, highest confirmed block). The head is read as a block, not as a number (one call either way), for its
         time: the engine's final settle counts from the head's time, and so must ingest's close guard; the confirmed
         block's time was up to `confirmations` blocks behind."""
-        with rpc_errors("reading the chain head"):
+        with self._reading("reading the chain head"):
             block = self.w3.eth.get_block("latest")
         head = int(block["number"])
         self._saw_time(block.get("timestamp"))
-        return head, max(head - self.confirmations, self.start_block - 1)
+        confirmed = max(head - self.confirmations, self.start_block - 1)
+        self._heads = (time.monotonic(), head, confirmed)
+        return head, confirmed
 
     def check_anchor(self) -> None:
         """Raise ChainMismatchError when the chain no longer has the hub's deployment block (a restarted devnet)."""
@@ -182,7 +208,7 @@ class Indexer:
             )
 
     def _block_hash(self, number: int) -> str | None:
-        with rpc_errors(f"reading block {number}"):
+        with self._reading(f"reading block {number}"):
             try:
                 block = self.w3.eth.get_block(number)
             except (ValueError, BlockNotFound):
@@ -199,7 +225,7 @@ class Indexer:
         params: FilterParams = {"address": self.hub.address, "fromBlock": from_block, "toBlock": to_block}
         if topics:
             params["topics"] = topics
-        with rpc_errors(f"reading hub logs {from_block}..{to_block}"):
+        with self._reading(f"reading hub logs {from_block}..{to_block}"):
             logs = self.w3.eth.get_logs(params)
         return [e for e in (self._decode(log) for log in logs) if e is not None]
 
@@ -230,7 +256,7 @@ class Indexer:
         """
         if block < self.start_block:
             return None  # the hub was not deployed yet
-        with rpc_errors(f"reading channel {channel_id}"):
+        with self._reading(f"reading channel {channel_id}"):
             state = self.hub.functions.channel(bytes.fromhex(channel_id[2:])).call(block_identifier=block)
         payer, payee, token, deposit, settled, deadline, status = state
         if ChannelStatus(status) == ChannelStatus.NONE:
@@ -321,7 +347,7 @@ class Indexer:
         static tuple of words; its status is word STATUS). A made-up id, what a flood sends, costs the chain this
         call and nothing more; web3's contract call would add two eth_chainId calls and ~5 ms of CPU to each."""
         call = {"to": self.hub.address, "data": self._channel_selector + channel_id[2:]}
-        with rpc_errors(f"reading channel {channel_id}"):
+        with self._reading(f"reading channel {channel_id}"):
             answer = self.w3.provider.make_request(RPCEndpoint("eth_call"), [call, "latest"])
         if "error" in answer:
             raise ChainError(f"reading channel {channel_id}: the chain's RPC refused ({answer['error']})")

@@ -183,6 +183,12 @@ class Settings(BaseSettings):
         description="allow webhook URLs on loopback, private or link-local addresses (always allowed on a devnet)",
     )
     ready_max_lag: int = Field(default=64, ge=0, description="/ready fails when the indexer is further behind")
+    ready_chain_max_age: float = Field(
+        default=1.0,
+        ge=0,
+        description="seconds /ready reuses the chain's head as last read (by the indexer, another check) while no read "
+        "failed: anyone may ask /ready, and each answer cost a call to the chain's RPC (0: read every time)",
+    )
 
     # Settlement engine
     engine_enabled: bool = Field(default=True, description="`serve` also runs the settlement engine (one leader)")
