@@ -148,13 +148,20 @@ def test_a_payee_sees_what_it_can_withdraw_and_what_it_withdrew(
             "withdrawable": "60", "withdrawn": "0",
         }  # fmt: skip
         send(w3, hub.functions.withdraw(ETH, 25, accounts[8].address), payee.address)  # to another account
+        stranger = accounts[9].address
+        open_channel(accounts[5], stranger, amount=100)  # a payee whose summary nobody asked for yet
+        indexer = client.app.state.service.indexer  # type: ignore[attr-defined]
+        head = w3.eth.block_number
+        wait_until(lambda: indexer.progress is not None and indexer.progress.cursor >= head - indexer.confirmations)
         wait_until(lambda: asset()["withdrawn"] == "25")
         assert (asset()["withdrawable"], asset()["settled"]) == ("35", "60")
-        rpc.cut()  # the chain is down: the store's figures stand, the hub balance is unknown, not a guess
+        rpc.cut()  # the chain is down: the store's figures stand, with the hub balance as read at their block
         assert {k: v for k, v in asset().items() if k in ("withdrawable", "withdrawn")} == {
-            "withdrawable": None,
+            "withdrawable": "35",
             "withdrawn": "25",
         }
+        never_read = client.get(f"/v1/payees/{stranger}/summary").json()["assets"]
+        assert [(a["channels"], a["withdrawable"]) for a in never_read] == [(1, None)]  # unknown, not a guess
 
 
 def test_docs_load_swagger_ui_from_the_service_not_a_cdn(api: Callable[..., TestClient]) -> None:

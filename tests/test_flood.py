@@ -334,3 +334,35 @@ def test_a_flood_of_readiness_checks_costs_the_chain_no_call_each(api: Callable[
         answers = [client.get("/ready") for _ in range(50)]
         assert {(a.status_code, a.json()["headBlock"]) for a in answers} == {(200, w3.eth.block_number)}
         assert calls["eth_getBlockByNumber"] - before == cost
+
+
+def test_a_flood_of_payee_summaries_reads_each_balance_once_a_block(
+    api: Callable[..., TestClient],
+    open_channel: Callable[..., Channel],
+    accounts: list[LocalAccount],
+    sign: Sign,
+    w3: Web3,
+) -> None:
+    """A payee's summary read the hub's balance for each request, and a payee is anyone with a key and a 1-wei
+    channel to itself: a flood of summaries spent the chain's RPC quota. A balance at a block never changes: it is
+    read once for the block the store's facts are current to, and again only when they move on."""
+    client = api()
+    channel = open_channel(accounts[5], accounts[11].address, amount=100)
+    assert client.post("/v1/vouchers", json=body(channel, 10, sign(channel.payer, channel.id, 10))).status_code == 201
+    calls = client.app.state.service.w3.provider.calls  # type: ignore[attr-defined]
+    indexer = client.app.state.service.indexer  # type: ignore[attr-defined]
+    head = w3.eth.block_number
+    wait_until(lambda: indexer.progress is not None and indexer.progress.cursor >= head - indexer.confirmations)
+    summary = f"/v1/payees/{channel.payee}/summary"
+    first = client.get(summary).json()
+    before = calls["eth_call"]
+    answers = [client.get(summary).json() for _ in range(50)]
+    assert answers == [first] * 50
+    assert [a["withdrawable"] for a in first["assets"]] == ["0"]
+    assert calls["eth_call"] - before == 0
+    w3.provider.make_request("evm_mine", [])  # the store's facts move to a new block: read there, once
+    head = w3.eth.block_number
+    wait_until(lambda: indexer.progress is not None and indexer.progress.cursor >= head - indexer.confirmations)
+    before = calls["eth_call"]
+    assert [client.get(summary).json()["assets"][0]["withdrawable"] for _ in range(10)] == ["0"] * 10
+    assert calls["eth_call"] - before == 1

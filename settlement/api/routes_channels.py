@@ -94,9 +94,10 @@ def list_payments(
 @router.get("/v1/payees/{address}/summary", operation_id="getPayeeSummary", tags=["channels"])
 def payee_summary(address: AddressPath, service: ServiceDep, who: CallerDep) -> PayeeSummaryOut:
     """What a payee was paid, per asset: accepted by the service, settled on chain, the difference, what the hub
-    holds for it (`withdrawable`, read from the chain at the block the other figures are current to; null when the
-    chain does not answer) and what it already withdrew (confirmed `Withdrawn` events). Unsettled value becomes
-    withdrawable with the next batch, every `settleInterval` seconds of the running engine."""
+    holds for it (`withdrawable`, read from the chain at the block the other figures are current to, once per block:
+    `HubBalances`; null when the chain does not answer) and what it already withdrew (confirmed `Withdrawn`
+    events). Unsettled value becomes withdrawable with the next batch, every `settleInterval` seconds of the running
+    engine."""
     payee = checked_address(address, "address")
     assert payee is not None
     if not (who.is_operator or who.is_payee(payee)):
@@ -119,6 +120,6 @@ def _hub_balance(service: Service, account: str, token: str, block: int | None) 
     (a batch mined but not yet confirmed shows in none of them)."""
     try:
         with rpc_errors("reading a hub balance"):
-            return int(service.hub.functions.balanceOf(account, token).call(block_identifier=block or "latest"))
+            return service.balances.at(account, token, block or None)
     except ChainError:
         return None

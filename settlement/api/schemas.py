@@ -197,7 +197,10 @@ class AssetOut(BaseModel):
     accepted: str
     settled: str
     unsettled: str
-    withdrawable: str | None = Field(description="the hub's balance for the payee now; null if the chain is down")
+    withdrawable: str | None = Field(
+        description="the hub's balance for the payee at the block the other figures are current to (read once per "
+        "block); null if the chain did not answer when it was first asked for at that block"
+    )
     withdrawn: str = Field(description="taken out of the hub so far (confirmed Withdrawn events)")
 
     @classmethod

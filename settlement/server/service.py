@@ -14,6 +14,7 @@ from sqlalchemy import Connection
 from web3 import Web3
 from web3.contract import Contract
 
+from settlement.chain.balances import HubBalances
 from settlement.chain.deployment import Deployment, hub_contract
 from settlement.chain.node import connect, is_devnet
 from settlement.domain.shards import Shard
@@ -66,9 +67,13 @@ class Service:
     horizon: Horizon | None = None  # payee events: how far payment ids are safe to read (payee_events.Horizon)
     risk: RiskMonitor | None = None
     metrics_port: MetricsPort | None = None
+    balances: HubBalances = field(init=False)  # balances at a block, read once (payee summaries)
     _stop: threading.Event = field(default_factory=threading.Event)
     _threads: list[threading.Thread] = field(default_factory=list)
     _next_compaction: float = 0.0
+
+    def __post_init__(self) -> None:
+        self.balances = HubBalances(self.hub)
 
     @classmethod
     def build(cls, settings: Settings) -> Service:
