@@ -366,3 +366,7 @@ def test_a_flood_of_payee_summaries_reads_each_balance_once_a_block(
     before = calls["eth_call"]
     assert [client.get(summary).json()["assets"][0]["withdrawable"] for _ in range(10)] == ["0"] * 10
     assert calls["eth_call"] - before == 1
+    balances = client.app.state.service.balances  # type: ignore[attr-defined]
+    before = calls["eth_call"]
+    assert balances.at(channel.payee, ETH, indexer.progress.cursor, "0x" + "ab" * 32) == 0  # that number, another
+    assert calls["eth_call"] - before == 1  # block (a reorganisation): read again

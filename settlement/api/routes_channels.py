@@ -107,7 +107,7 @@ def payee_summary(address: AddressPath, service: ServiceDep, who: CallerDep) -> 
     rows = [
         AssetOut.of(
             totals,
-            withdrawable=_hub_balance(service, payee, totals.token, book.as_of_block),
+            withdrawable=_hub_balance(service, payee, totals.token, book.as_of_block, book.as_of_hash),
             withdrawn=book.withdrawn.get(totals.token, 0),
         )
         for totals in book.assets
@@ -115,11 +115,11 @@ def payee_summary(address: AddressPath, service: ServiceDep, who: CallerDep) -> 
     return PayeeSummaryOut(payee=payee, settleInterval=book.settle_interval, assets=rows)
 
 
-def _hub_balance(service: Service, account: str, token: str, block: int | None) -> int | None:
+def _hub_balance(service: Service, account: str, token: str, block: int | None, block_hash: str | None) -> int | None:
     """At the block the store's facts are current to, so that `withdrawable` agrees with `settled` and `withdrawn`
     (a batch mined but not yet confirmed shows in none of them)."""
     try:
         with rpc_errors("reading a hub balance"):
-            return service.balances.at(account, token, block or None)
+            return service.balances.at(account, token, block or None, block_hash)
     except ChainError:
         return None

@@ -13,7 +13,7 @@ from collections import OrderedDict
 
 from web3.contract import Contract
 
-KEPT = 4096  # (account, token, block) balances kept, least recently read out first
+KEPT = 4096  # (account, token, block, hash) balances kept, least recently read out first
 
 
 class HubBalances:
@@ -23,14 +23,15 @@ class HubBalances:
     def __init__(self, hub: Contract, kept: int = KEPT) -> None:
         self.hub = hub
         self.kept = kept
-        self._read: OrderedDict[tuple[str, str, int], int] = OrderedDict()
+        self._read: OrderedDict[tuple[str, str, int, str | None], int] = OrderedDict()
         self._lock = threading.Lock()
 
-    def at(self, account: str, token: str, block: int | None) -> int:
-        """The balance at `block`; None: at the latest block, read every time (it moves)."""
+    def at(self, account: str, token: str, block: int | None, block_hash: str | None) -> int:
+        """The balance at `block` (whose hash is `block_hash`: after a reorganisation the number names another block,
+        read again); None: at the latest block, read every time (it moves)."""
         if block is None:
             return int(self.hub.functions.balanceOf(account, token).call(block_identifier="latest"))
-        key = (account, token, block)
+        key = (account, token, block, block_hash)
         with self._lock:
             found = self._read.get(key)
             if found is not None:

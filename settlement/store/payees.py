@@ -18,6 +18,7 @@ class PayeeBook:
     withdrawn: dict[str, int]  # token -> base units withdrawn (confirmed Withdrawn events)
     settle_interval: float | None  # seconds between the running engine's regular batches; None: no engine yet
     as_of_block: int | None  # the indexer's cursor: every figure above is current to this block
+    as_of_hash: str | None  # and that block's hash (a reorganisation gives the number another block)
 
 
 def payee_book(conn: Connection, payee: str) -> PayeeBook:
@@ -30,4 +31,5 @@ def payee_book(conn: Connection, payee: str) -> PayeeBook:
         withdrawn=withdrawn,
         settle_interval=engine_interval(conn),
         as_of_block=cursor.block_number if cursor else None,
+        as_of_hash=cursor.block_hash if cursor else None,
     )
