@@ -562,6 +562,38 @@ def test_the_hub_is_checked_before_any_value_is_sent(
     assert payer_client(accounts[10], service.url, hub_address=hub.address).hub.address == hub.address
 
 
+def test_a_domain_not_in_the_services_form_is_untrusted(
+    serve_here: Callable[..., ServiceThread],
+    payer_client: Callable[..., PayerClient],
+    store_url: str,
+    accounts: list[LocalAccount],
+    devnet: Devnet,
+) -> None:
+    """The SDK read /v1/eip712 with `["domain"]`, `int()` and `str()`: an answer without a domain, a chain id
+    "31337" or "abc", an address that is not one raised KeyError or ValueError out of the client's constructor (or
+    took "31337" as the number). Each is now the service's word the SDK cannot take, for the payer and the payee."""
+    service = serve_here(store_url)
+    forms: list[tuple[Callable[[dict[str, Any]], object], str]] = [
+        (lambda data: b"<html>", "is not a JSON object"),
+        (lambda data: {}, "names no domain"),
+        (lambda data: {"domain": [data["domain"]]}, "names no domain"),
+        (lambda data: {"domain": {**data["domain"], "chainId": "31337"}}, "chainId is not a number"),
+        (lambda data: {"domain": {**data["domain"], "chainId": True}}, "chainId is not a number"),
+        (lambda data: {"domain": {**data["domain"], "verifyingContract": "the hub"}}, "is not an address"),
+        (lambda data: {"domain": {k: v for k, v in data["domain"].items() if k != "name"}}, "name is not a string"),
+    ]
+    for forge, refusal in forms:
+        tamper = Tampering()
+        tamper.rewrite = lambda path, data, forge=forge: forge(data) if path == "/v1/eip712" else data
+        with pytest.raises(UntrustedServiceError, match=refusal):
+            payer_client(accounts[10], service.url, http=httpx.Client(base_url=service.url, transport=tamper))
+        with pytest.raises(UntrustedServiceError, match=refusal):
+            PayeeClient(
+                key(accounts[11]), devnet.url, service.url, http=httpx.Client(base_url=service.url, transport=tamper)
+            )
+    assert payer_client(accounts[10], service.url).domain.chain_id == devnet.chain_id  # the service's own answer
+
+
 def test_a_channel_reference_reads_well_and_is_rebuilt_from_its_id(
     serve_here: Callable[..., ServiceThread],
     payer_client: Callable[..., PayerClient],

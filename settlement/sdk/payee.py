@@ -29,14 +29,27 @@ class PayeeClient:
     """One payee's key, the hub (checked on chain, as the payer's client checks it) and the service."""
 
     def __init__(
-        self, private_key: str, rpc_url: str, service_url: str, *, hub_address: str | None = None, timeout: float = 10
+        self,
+        private_key: str,
+        rpc_url: str,
+        service_url: str,
+        *,
+        hub_address: str | None = None,
+        timeout: float = 10,
+        http: httpx.Client | None = None,
     ) -> None:
+        """`http`: the client to reach the service with (a proxy, other timeouts), else one made here."""
         self.account: LocalAccount = Account.from_key(private_key)
         self._rpc_session = requests.Session()
         self.w3 = connect(rpc_url, timeout, self._rpc_session)
-        self.http = httpx.Client(base_url=service_url, timeout=timeout)
-        self.hub, self.domain = checked_hub(self.w3, self._get("/v1/eip712")["domain"], hub_address)
-        self.http.auth = SignInAuth(self.account, service_url, self.domain.chain_id)  # reads of its own channels
+        self.http = http or httpx.Client(base_url=service_url, timeout=timeout)
+        try:
+            self.hub, self.domain = checked_hub(self.w3, self._get("/v1/eip712"), hub_address)
+        except BaseException:
+            self.shutdown()
+            raise
+        if self.http.auth is None:  # reads of its own channels: signed in with its own key when asked to
+            self.http.auth = SignInAuth(self.account, service_url, self.domain.chain_id)
         self._verifier = VoucherVerifier(self.domain)
         self.transactor = Transactor(self.w3, self.account, list(self.hub.abi))  # type: ignore[arg-type]
 

@@ -57,6 +57,7 @@ from settlement.sdk.answers import (
     service_address,
     service_amount,
     service_channel_id,
+    service_text,
 )
 from settlement.sdk.journal import Budget, JournalPayment, PayerJournal, PaymentStatus
 from settlement.sdk.signin import SignInAuth
@@ -104,23 +105,24 @@ class ChannelRef:
         return f"ChannelRef(channel_id={self.hex_id}, payee={self.payee}, token={self.token}, salt=0x{self.salt.hex()})"
 
 
-def checked_hub(w3: Web3, info: dict[str, Any], hub_address: str | None) -> tuple[Contract, Domain]:
-    """The hub the service names (`info`: its /v1/eip712 domain) and its EIP-712 domain as the chain reports it,
-    after checking that the address holds ChannelHub's code, that the service signs for that very domain, and that
-    it is `hub_address` when one is configured: value is never sent to an address on the service's word alone."""
-    named = to_checksum_address(str(info["verifyingContract"]))
+def checked_hub(w3: Web3, answer: dict[str, Any], hub_address: str | None) -> tuple[Contract, Domain]:
+    """The hub the service names (`answer`: its /v1/eip712) and its EIP-712 domain as the chain reports it, after
+    checking that the address holds ChannelHub's code, that the service signs for that very domain, and that it is
+    `hub_address` when one is configured: value is never sent to an address on the service's word alone."""
+    info = answer.get("domain")
+    if not isinstance(info, dict):
+        raise UntrustedServiceError(f"the service's /v1/eip712 names no domain: {str(info)[:80]!r}")
+    named = service_address(info, "verifyingContract")
+    chain_id = info.get("chainId")
+    if not isinstance(chain_id, int) or isinstance(chain_id, bool):
+        raise UntrustedServiceError(f"the service's chainId is not a number: {str(chain_id)[:40]!r}")
     if hub_address is not None and named != to_checksum_address(hub_address):
         raise UntrustedServiceError(f"the service signs for hub {named}, not for {hub_address} as configured")
     hub = hub_at(w3, named)
     if hub is None:
         raise UntrustedServiceError(f"the service names hub {named}, which holds no ChannelHub code on this chain")
     domain = read_domain(hub)
-    claimed = Domain(
-        chain_id=int(info["chainId"]),
-        verifying_contract=to_checksum_address(str(info["verifyingContract"])),
-        name=str(info["name"]),
-        version=str(info["version"]),
-    )
+    claimed = Domain(chain_id, named, service_text(info, "name"), service_text(info, "version"))
     if claimed != domain:
         raise UntrustedServiceError(f"the service's EIP-712 domain {claimed} is not the hub's {domain}")
     return hub, domain
@@ -152,7 +154,7 @@ class PayerClient:
         self.retries = retries
         self.backoff = backoff
         try:
-            self.hub, self.domain = checked_hub(self.w3, self._get("/v1/eip712")["domain"], hub_address)
+            self.hub, self.domain = checked_hub(self.w3, self._get("/v1/eip712"), hub_address)
             if self.http.auth is None:  # reads of its own channels: signed in with its own key when asked to
                 self.http.auth = SignInAuth(self.account, service_url, self.domain.chain_id)
             abi = load_artifact(HUB).abi
