@@ -332,6 +332,7 @@ def test_the_payer_sdk_signs_in_by_itself_and_signs_nothing_else(
         good.replace("127.0.0.1:8000", "bank.example"),  # another site's sign-in
         good.replace(accounts[3].address, accounts[4].address),
         good.replace("31337", "1"),
+        good.replace("31337", "9" * 5000),  # int() of it raised ValueError
         "0x1234",
     ):
         with pytest.raises(UntrustedServiceError):

@@ -72,7 +72,8 @@ class SignInAuth(httpx.Auth):
     def _check(self, message: str) -> None:
         lines = message.split("\n")
         host = self.service.netloc.decode()
-        chain = re.search(r"^Chain ID: ([0-9]+)$", message, re.MULTILINE)
+        # CAIP-2's longest reference at most: int() of 5,000 digits raised
+        chain = re.search(r"^Chain ID: ([1-9][0-9]{0,31})$", message, re.MULTILINE)
         if (
             len(lines) < 2
             or lines[0] != f"{host} wants you to sign in with your Ethereum account:"
