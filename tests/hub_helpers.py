@@ -37,6 +37,7 @@ from settlement.domain.model import Address, ChannelId, ChannelStatus, Receipt, 
 from settlement.domain.model import Channel as StoredChannel
 from settlement.eip712.vouchers import Domain, channel_id, sign_voucher
 from settlement.errors import PaymentUncertainError
+from settlement.indexer.follower import Indexer
 from settlement.sdk.payer import ChannelRef, PayerClient
 from settlement.server.service import Service
 from settlement.settle.engine import Settler
@@ -166,6 +167,11 @@ def settled_on_chain(hub: Contract, channel: Channel) -> int:
 
 def wait_indexed(service: Service) -> None:
     service.indexer.catch_up()
+
+
+def wait_cursor(indexer: Indexer, block: int) -> None:
+    """Until a running indexer's cursor reaches `block` (for its confirmed blocks: the head less its confirmations)."""
+    wait_until(lambda: indexer.progress is not None and indexer.progress.cursor >= block)
 
 
 def run_until_idle(settler: Settler, service: Service, ticks: int = 10) -> None:

@@ -14,7 +14,7 @@ from web3.contract import Contract
 from settlement.chain.deployment import Deployment
 from settlement.devtools.devnet import Devnet
 from settlement.eip712.vouchers import VoucherVerifier, read_domain
-from tests.hub_helpers import ETH, Channel, body, send, wait_until
+from tests.hub_helpers import ETH, Channel, body, send, wait_cursor, wait_until
 from tests.proxy import TcpProxy
 
 Sign = Callable[..., bytes]
@@ -151,8 +151,7 @@ def test_a_payee_sees_what_it_can_withdraw_and_what_it_withdrew(
         stranger = accounts[9].address
         open_channel(accounts[5], stranger, amount=100)  # a payee whose summary nobody asked for yet
         indexer = client.app.state.service.indexer  # type: ignore[attr-defined]
-        head = w3.eth.block_number
-        wait_until(lambda: indexer.progress is not None and indexer.progress.cursor >= head - indexer.confirmations)
+        wait_cursor(indexer, w3.eth.block_number - indexer.confirmations)
         wait_until(lambda: asset()["withdrawn"] == "25")
         assert (asset()["withdrawable"], asset()["settled"]) == ("35", "60")
         rpc.cut()  # the chain is down: the store's figures stand, with the hub balance as read at their block

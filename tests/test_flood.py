@@ -26,6 +26,7 @@ from tests.hub_helpers import (
     body,
     in_one_block,
     stand_still,
+    wait_cursor,
     wait_until,
     x402_request,
     x402_requirements,
@@ -53,7 +54,7 @@ def test_a_repeated_unknown_channel_id_costs_the_chain_nothing_more(
     indexer = client.app.state.service.indexer  # type: ignore[attr-defined]
     head = client.app.state.service.w3.eth.block_number  # type: ignore[attr-defined]
     # its first catch-up polls back to back (one eth_getLogs a range) until it reaches the head, then rests 60 s.
-    wait_until(lambda: indexer.progress is not None and indexer.progress.cursor >= head)
+    wait_cursor(indexer, head)
     unknown = ghost(channel, 7)
     first = client.post("/v1/vouchers", json=body(unknown, 1, sign(channel.payer, unknown.id, 1)))
     assert (first.status_code, first.json()["code"]) == (404, "channel_not_found")
@@ -116,7 +117,7 @@ def test_unknown_ids_beyond_the_read_budget_are_refused_before_any_read_and_know
     service = client.app.state.service  # type: ignore[attr-defined]
     stand_still(monkeypatch, service.ingestor._unknown_reads)
     head = service.w3.eth.block_number
-    wait_until(lambda: service.indexer.progress is not None and service.indexer.progress.cursor >= head)
+    wait_cursor(service.indexer, head)
     before = rpc_calls(client)
     items = [body(g, 1, sign(channel.payer, g.id, 1)) for g in (ghost(channel, n) for n in range(2000, 2300))]
     results = client.post("/v1/vouchers/batch", json={"vouchers": items}).json()["results"]
@@ -150,7 +151,7 @@ def test_a_new_channels_concurrent_first_payments_share_one_admission(
     service = make_service(indexer_interval=60, unknown_channel_reads_per_second=0.5)  # burst 1
     stand_still(monkeypatch, service.ingestor._unknown_reads)
     head = service.w3.eth.block_number  # the indexer's first pass ends before the channel opens: it never holds it
-    wait_until(lambda: service.indexer.progress is not None and service.indexer.progress.cursor >= head)
+    wait_cursor(service.indexer, head)
     channel = open_channel(accounts[7], accounts[8].address, amount=100)
     voucher = Voucher("0x" + channel.id.hex(), 7, sign(channel.payer, channel.id, 7))
     start = threading.Barrier(20)
@@ -218,7 +219,7 @@ def budgeted_facilitator(
     service = client.app.state.service  # type: ignore[attr-defined]
     stand_still(monkeypatch, service.ingestor._unknown_reads)
     head = service.w3.eth.block_number
-    wait_until(lambda: service.indexer.progress is not None and service.indexer.progress.cursor >= head)
+    wait_cursor(service.indexer, head)
     return client, x402_requirements(service.deployment.chain_id, channel.payee, 5)
 
 
@@ -351,8 +352,7 @@ def test_a_flood_of_payee_summaries_reads_each_balance_once_a_block(
     assert client.post("/v1/vouchers", json=body(channel, 10, sign(channel.payer, channel.id, 10))).status_code == 201
     calls = client.app.state.service.w3.provider.calls  # type: ignore[attr-defined]
     indexer = client.app.state.service.indexer  # type: ignore[attr-defined]
-    head = w3.eth.block_number
-    wait_until(lambda: indexer.progress is not None and indexer.progress.cursor >= head - indexer.confirmations)
+    wait_cursor(indexer, w3.eth.block_number - indexer.confirmations)
     summary = f"/v1/payees/{channel.payee}/summary"
     first = client.get(summary).json()
     before = calls["eth_call"]
@@ -361,8 +361,7 @@ def test_a_flood_of_payee_summaries_reads_each_balance_once_a_block(
     assert [a["withdrawable"] for a in first["assets"]] == ["0"]
     assert calls["eth_call"] - before == 0
     w3.provider.make_request("evm_mine", [])  # the store's facts move to a new block: read there, once
-    head = w3.eth.block_number
-    wait_until(lambda: indexer.progress is not None and indexer.progress.cursor >= head - indexer.confirmations)
+    wait_cursor(indexer, w3.eth.block_number - indexer.confirmations)
     before = calls["eth_call"]
     assert [client.get(summary).json()["assets"][0]["withdrawable"] for _ in range(10)] == ["0"] * 10
     assert calls["eth_call"] - before == 1
