@@ -562,6 +562,27 @@ def test_the_hub_is_checked_before_any_value_is_sent(
     assert payer_client(accounts[10], service.url, hub_address=hub.address).hub.address == hub.address
 
 
+def test_a_refusal_with_fields_of_any_name_is_still_the_refusal(
+    serve_here: Callable[..., ServiceThread],
+    payer_client: Callable[..., PayerClient],
+    store_url: str,
+    accounts: list[LocalAccount],
+) -> None:
+    """A refusal's extra fields become the error's details; one named "request" or "status" (a proxy's, another
+    service version's) raised TypeError out of `pay`, the refusal lost. Now the refusal is raised, with its code."""
+    service = serve_here(store_url)
+    tamper = Tampering()
+    payer = payer_client(accounts[10], service.url, http=httpx.Client(base_url=service.url, transport=tamper))
+    channel = payer.open_channel(accounts[11].address, 1_000)
+    payer.wait_until_known(channel)
+    tamper.rewrite_post = lambda path, data: {**data, "request": "GET /", "status": 200, "note": "kept"}
+    with pytest.raises(ServiceRejectedError) as refused:
+        payer.pay(channel, 5_000)  # more than the deposit
+    assert (refused.value.status, refused.value.code) == (409, "amount_exceeds_deposit")
+    assert (refused.value.request, refused.value.details["note"]) == ("POST /v1/vouchers", "kept")
+    assert "status" not in refused.value.details
+
+
 def test_a_domain_not_in_the_services_form_is_untrusted(
     serve_here: Callable[..., ServiceThread],
     payer_client: Callable[..., PayerClient],

@@ -38,9 +38,13 @@ def refusal(response: httpx.Response) -> ServiceRejectedError:
         data = {}
     if not isinstance(data, dict):
         data = {}
-    code = str(data.pop("code", f"http_{response.status_code}"))
-    message = str(data.pop("message", response.text[:200]))
-    return rejected(response.status_code, code, message, request=_request(response), **data)
+    code = str(data.get("code", f"http_{response.status_code}"))
+    message = str(data.get("message", response.text[:200]))
+    details = {k: v for k, v in data.items() if k not in _NAMED}  # "request" or "status" in a body raised TypeError
+    return rejected(response.status_code, code, message, request=_request(response), **details)
+
+
+_NAMED = frozenset(("status", "code", "message", "request"))  # what `rejected` takes by name
 
 
 def service_amount(data: dict[str, Any], field: str, who: str = "the service") -> int:
