@@ -13,6 +13,7 @@ import uuid
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
 
@@ -480,3 +481,41 @@ class Tampering(httpx.BaseTransport):
         if isinstance(data, bytes):
             return httpx.Response(response.status_code, content=data)
         return httpx.Response(response.status_code, json=data)
+
+
+class TamperingProxy:
+    """An HTTP proxy in front of a service, as `Tampering` is for the SDK's client but for any program (the CLI):
+    forwards each GET for real, then `rewrite(path, JSON answer)` gives the JSON (or bytes) it answers instead."""
+
+    def __init__(self, target: str, rewrite: Callable[[str, Any], object]) -> None:
+        self.target, self.rewrite = target.rstrip("/"), rewrite
+        self.port = free_test_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.server: ThreadingHTTPServer | None = None
+
+    def __enter__(self) -> TamperingProxy:
+        proxy = self
+
+        class Handler(BaseHTTPRequestHandler):
+            def do_GET(self) -> None:
+                sent = {k: v for k, v in self.headers.items() if k.lower() in ("authorization", "accept")}
+                real = httpx.get(proxy.target + self.path, headers=sent, timeout=30)
+                data = proxy.rewrite(self.path.split("?")[0], real.json())
+                raw = data if isinstance(data, bytes) else json.dumps(data).encode()
+                self.send_response(real.status_code)
+                self.send_header("content-type", "application/json")
+                self.send_header("content-length", str(len(raw)))
+                self.end_headers()
+                self.wfile.write(raw)
+
+            def log_message(self, *args: Any) -> None:
+                pass
+
+        self.server = ThreadingHTTPServer(("127.0.0.1", self.port), Handler)
+        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+        return self
+
+    def __exit__(self, *_exc: object) -> None:
+        if self.server is not None:
+            self.server.shutdown()
+            self.server.server_close()

@@ -20,7 +20,8 @@ from web3.contract import Contract
 from settlement.domain.model import Voucher
 from settlement.server.config import Settings
 from settlement.server.service import Service
-from tests.hub_helpers import ETH, Channel, run_cli, send
+from tests.hub_helpers import ETH, Channel, TamperingProxy, body, run_cli, send
+from tests.servers import ServiceThread
 
 
 def test_settle_status_channels_reconcile_withdraw(
@@ -306,3 +307,44 @@ def test_a_payee_withdraws_with_only_its_key_and_the_hub_address(
     assert out.startswith(f"withdrew 500,000,000,000,000,000 base units (0.5 DEV) to {accounts[8].address} (tx 0x")
     assert out.endswith("; 1,000,000,000,000,000,000 base units (1 DEV) left in the hub")
     assert token.functions.balanceOf(accounts[8].address).call() == 500_000_000_000_000_000
+
+
+def test_a_payee_summary_not_in_the_services_form_is_refused_not_rendered(
+    serve_here: Callable[..., ServiceThread],
+    open_channel: Callable[..., Channel],
+    accounts: list[LocalAccount],
+    sign: Callable[..., bytes],
+    store_url: str,
+    tmp_path: Path,
+) -> None:
+    """`settlement payee` rendered the service's summary with `[...]` and `int()`: an answer that was not one (a
+    proxy's page, a list of assets that is not one, an amount "1e3") showed a traceback. Each is now refused, with
+    the field it could not read, before anything is shown."""
+    service = serve_here(store_url)
+    payee = accounts[7].address
+    channel = open_channel(accounts[5], payee, amount=1_000)
+    paid = httpx.post(f"{service.url}/v1/vouchers", json=body(channel, 10, sign(channel.payer, channel.id, 10)))
+    assert paid.status_code == 201, paid.text
+
+    def row(data: dict[str, Any], **changes: object) -> dict[str, Any]:
+        return {**data, "assets": [{**data["assets"][0], **changes}]}
+
+    forms: list[tuple[Callable[[Any], object], str]] = [
+        (lambda data: b"<html>Bad gateway</html>", "is not a JSON object"),
+        (lambda data: {**data, "assets": "all"}, "lists no assets"),
+        (lambda data: row(data, accepted="1e3"), "accepted is not an amount"),
+        (lambda data: row(data, channels="1"), "channels is not a count"),
+        (lambda data: row(data, token="ETH"), "token is not an address"),
+        (lambda data: {**data, "settleInterval": "soon"}, "settleInterval is not a number"),
+    ]
+    summary = f"/v1/payees/{payee}/summary"
+    for forge, refusal in forms:
+        with TamperingProxy(
+            service.url, lambda path, data, forge=forge: forge(data) if path == summary else data
+        ) as proxy:
+            out = run_cli("payee", payee, "--service-url", proxy.url, env={}, cwd=tmp_path)
+        assert (out.returncode, "Traceback" in out.stderr) == (1, False), out.stderr
+        assert "error [service_untrusted]" in out.stderr and refusal in out.stderr, out.stderr
+    shown = run_cli("payee", payee, "--service-url", service.url, env={}, cwd=tmp_path)
+    assert shown.returncode == 0, shown.stderr
+    assert re.search(r"\s*│\s*".join(["ETH \\(wei\\)", "1", "10", "0", "10"]), shown.stdout), shown.stdout

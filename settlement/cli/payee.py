@@ -27,8 +27,10 @@ from settlement.errors import (
     DeploymentError,
     NothingToWithdrawError,
     ServiceRejectedError,
+    UntrustedServiceError,
     rejected,
 )
+from settlement.sdk.answers import answer_object, service_address, service_amount
 from settlement.sdk.signin import SignInAuth
 from settlement.server.config import Settings, is_private_key
 
@@ -177,23 +179,45 @@ def payee_report(
             raise ServiceRejectedError(
                 answer.status_code, "service_unavailable", f"{request} answered {answer.status_code}", request=request
             ) from None
-    summary = answer.json()
+    summary = answer_object(answer)
+    rows, interval = _summary_of(summary)  # the service's word in its one form, before any of it is shown
     if as_json:
         print(json.dumps(summary, indent=2))
         return
-    table = Table(title=f"payee {summary['payee']} (service {url})")
+    table = Table(title=f"payee {Web3.to_checksum_address(address)} (service {url})")
     for column in ("asset", "channels", "accepted", "settled", "unsettled", "withdrawable now", "withdrawn"):
         table.add_column(column, justify="left" if column == "asset" else "right")
-    for row in summary["assets"]:
-        withdrawable = row["withdrawable"]
+    for token, channels, accepted, settled, unsettled, withdrawable, withdrawn in rows:
         table.add_row(
-            "ETH (wei)" if row["token"] == ETH else row["token"],
-            str(row["channels"]),
-            *(f"{int(row[k]):,}" for k in ("accepted", "settled", "unsettled")),
-            "chain down" if withdrawable is None else f"{int(withdrawable):,}",
-            f"{int(row['withdrawn']):,}",
+            "ETH (wei)" if token == ETH else token,
+            str(channels),
+            *(f"{value:,}" for value in (accepted, settled, unsettled)),
+            "chain down" if withdrawable is None else f"{withdrawable:,}",
+            f"{withdrawn:,}",
         )
     console.print(table)
-    interval = summary.get("settleInterval")
     when = f"with the engine's next batch (every {interval:g}s)" if interval else "when the engine next settles"
     console.print(f"unsettled value becomes withdrawable {when}; `settlement withdraw` takes it out")
+
+
+_SummaryRow = tuple[str, int, int, int, int, int | None, int]
+
+
+def _summary_of(summary: dict[str, Any]) -> tuple[list[_SummaryRow], float | None]:
+    """A payee summary's rows and the engine's interval, each field in its one form; else `service_untrusted`, not a
+    KeyError or ValueError of the rendering."""
+    assets, interval = summary.get("assets"), summary.get("settleInterval")
+    if not isinstance(assets, list) or not all(isinstance(row, dict) for row in assets):
+        raise UntrustedServiceError("the service's payee summary lists no assets")
+    if interval is not None and (not isinstance(interval, int | float) or isinstance(interval, bool)):
+        raise UntrustedServiceError(f"the service's settleInterval is not a number: {str(interval)[:40]!r}")
+    rows = []
+    for row in assets:
+        channels = row.get("channels")
+        if not isinstance(channels, int) or isinstance(channels, bool):
+            raise UntrustedServiceError(f"the service's channels is not a count: {str(channels)[:40]!r}")
+        withdrawable = None if row.get("withdrawable") is None else service_amount(row, "withdrawable")
+        accepted, settled, unsettled = (service_amount(row, field) for field in ("accepted", "settled", "unsettled"))
+        token, withdrawn = service_address(row, "token"), service_amount(row, "withdrawn")
+        rows.append((token, channels, accepted, settled, unsettled, withdrawable, withdrawn))
+    return rows, None if interval is None else float(interval)
