@@ -30,7 +30,7 @@ from settlement.errors import (
     UntrustedServiceError,
     rejected,
 )
-from settlement.sdk.answers import answer_object, service_address, service_amount
+from settlement.sdk.answers import answer_object, service_address, service_amount, service_int
 from settlement.sdk.signin import SignInAuth
 from settlement.server.config import Settings, is_private_key
 
@@ -157,8 +157,9 @@ def payee_report(
     when the service asks for credentials."""
     if not Web3.is_address(address):
         raise ConfigError(f"{address!r} is not an address")
+    payee = Web3.to_checksum_address(address)
     url = (service_url or settings.service_url or f"http://{settings.api_host}:{settings.api_port}").rstrip("/")
-    request = f"GET {url}/v1/payees/{Web3.to_checksum_address(address)}/summary"
+    request = f"GET {url}/v1/payees/{payee}/summary"
     auth: httpx.Auth | None = None
     headers = {}
     if settings.api_key is not None:
@@ -184,7 +185,7 @@ def payee_report(
     if as_json:
         print(json.dumps(summary, indent=2))
         return
-    table = Table(title=f"payee {Web3.to_checksum_address(address)} (service {url})")
+    table = Table(title=f"payee {payee} (service {url})")
     for column in ("asset", "channels", "accepted", "settled", "unsettled", "withdrawable now", "withdrawn"):
         table.add_column(column, justify="left" if column == "asset" else "right")
     for token, channels, accepted, settled, unsettled, withdrawable, withdrawn in rows:
@@ -213,9 +214,7 @@ def _summary_of(summary: dict[str, Any]) -> tuple[list[_SummaryRow], float | Non
         raise UntrustedServiceError(f"the service's settleInterval is not a number: {str(interval)[:40]!r}")
     rows = []
     for row in assets:
-        channels = row.get("channels")
-        if not isinstance(channels, int) or isinstance(channels, bool):
-            raise UntrustedServiceError(f"the service's channels is not a count: {str(channels)[:40]!r}")
+        channels = service_int(row, "channels", "a count")
         withdrawable = None if row.get("withdrawable") is None else service_amount(row, "withdrawable")
         accepted, settled, unsettled = (service_amount(row, field) for field in ("accepted", "settled", "unsettled"))
         token, withdrawn = service_address(row, "token"), service_amount(row, "withdrawn")

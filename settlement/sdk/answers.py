@@ -55,6 +55,14 @@ def service_amount(data: dict[str, Any], field: str, who: str = "the service") -
     return found
 
 
+def service_int(data: dict[str, Any], field: str, what: str, who: str = "the service") -> int:
+    """A JSON integer of the answer (not a bool, which JSON's true is to Python, nor a string of digits)."""
+    found = data.get(field)
+    if not isinstance(found, int) or isinstance(found, bool):
+        raise UntrustedServiceError(f"{who}'s {field} is not {what}: {str(found)[:40]!r}")
+    return found
+
+
 def service_text(data: dict[str, Any], field: str, who: str = "the service") -> str:
     """A string field of the answer, present and a string."""
     found = data.get(field)

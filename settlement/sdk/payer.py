@@ -57,6 +57,7 @@ from settlement.sdk.answers import (
     service_address,
     service_amount,
     service_channel_id,
+    service_int,
     service_text,
 )
 from settlement.sdk.journal import Budget, JournalPayment, PayerJournal, PaymentStatus
@@ -113,9 +114,7 @@ def checked_hub(w3: Web3, answer: dict[str, Any], hub_address: str | None) -> tu
     if not isinstance(info, dict):
         raise UntrustedServiceError(f"the service's /v1/eip712 names no domain: {str(info)[:80]!r}")
     named = service_address(info, "verifyingContract")
-    chain_id = info.get("chainId")
-    if not isinstance(chain_id, int) or isinstance(chain_id, bool):
-        raise UntrustedServiceError(f"the service's chainId is not a number: {str(chain_id)[:40]!r}")
+    chain_id = service_int(info, "chainId", "a number")
     if hub_address is not None and named != to_checksum_address(hub_address):
         raise UntrustedServiceError(f"the service signs for hub {named}, not for {hub_address} as configured")
     hub = hub_at(w3, named)
