@@ -12,6 +12,8 @@
     │   └── StoreUnavailableError    503 store_unavailable
     │       ├── UnknownChannelsBusyError 503 unknown_channels_busy (channel ids not in memory over the read budget)
     │       └── UnknownKeysBusyError 503 unknown_keys_busy (API keys not in memory over the read budget)
+    ├── StreamsFullError             503 streams_full        (this process serves SETTLEMENT_EVENT_STREAMS_MAX live
+    │                                                   streams of payee events already)
     ├── EngineBusyError              409 engine_busy         (another process runs the settlement engine)
     ├── NothingToWithdrawError       409 balance_insufficient (the hub holds less than a withdrawal asks)
     ├── ChainError                   502 chain_error
@@ -37,6 +39,8 @@
         ├── ForbiddenError           403 forbidden           (another party's data, or an operator's route)
         ├── WebhookLimitError        409 webhook_limit       (a payee has SETTLEMENT_WEBHOOKS_PER_PAYEE already)
         ├── CapLimitError            409 cap_limit           (a payee, or "*", has SETTLEMENT_CAPS_PER_PAYEE already)
+        ├── StreamLimitError         429 stream_limit        (an account holds SETTLEMENT_EVENT_STREAMS_PER_ACCOUNT
+        │                                                   live streams of this process already)
         ├── RateLimitedError         429 rate_limited        (one client over SETTLEMENT_CLIENT_REQUESTS_PER_SECOND)
         │   └── PayerRateLimitedError 429 payer_rate_limited (one payer's signed vouchers over
         │                                                   SETTLEMENT_PAYER_VOUCHERS_PER_SECOND, every channel)
@@ -221,6 +225,15 @@ class UnknownKeysBusyError(StoreUnavailableError):
     code = "unknown_keys_busy"
 
 
+class StreamsFullError(SettlementError):
+    """This process serves as many live streams of payee events as SETTLEMENT_EVENT_STREAMS_MAX allows: each holds a
+    connection and reads the store when the feed moves, so their number is bounded. Retry later, or another process;
+    webhooks deliver the same events without a stream."""
+
+    status = 503
+    code = "streams_full"
+
+
 class RequestError(SettlementError):
     """The request is wrong; retrying it unchanged gives the same answer."""
 
@@ -297,6 +310,14 @@ class CapLimitError(RequestError):
 
     status = 409
     code = "cap_limit"
+
+
+class StreamLimitError(RequestError):
+    """An account opened one live stream of payee events more than SETTLEMENT_EVENT_STREAMS_PER_ACCOUNT on this
+    process (signing in is free: without the limit one key could take every stream the process serves)."""
+
+    status = 429
+    code = "stream_limit"
 
 
 class RateLimitedError(RequestError):

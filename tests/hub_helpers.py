@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import contextlib
 import itertools
 import json
 import os
+import queue
+import socket
 import subprocess
 import sys
 import threading
@@ -304,7 +307,7 @@ def stored_payments(url: str, channel_id: str) -> list[Receipt]:
         db.dispose()
 
 
-def signed_in(client: TestClient, account: LocalAccount) -> dict[str, str]:
+def signed_in(client: httpx.Client, account: LocalAccount) -> dict[str, str]:
     """The Authorization header of `account` signed in with its own key (challenge, personal_sign, token)."""
     challenge = client.post("/v1/auth/challenge", json={"address": account.address}).json()
     signature = account.sign_message(encode_defunct(text=challenge["message"])).signature.to_0x_hex()
@@ -519,3 +522,50 @@ class TamperingProxy:
         if self.server is not None:
             self.server.shutdown()
             self.server.server_close()
+
+
+class EventStream:
+    """A live stream of payee events (`GET /v1/payees/{address}/events`) read on a thread of its own, so that a test
+    waits for its events, or for its end, with a timeout. A refused stream has its status and `json()` only."""
+
+    def __init__(self, url: str, headers: dict[str, str]) -> None:
+        self.client = httpx.Client(timeout=httpx.Timeout(10, read=None))
+        self.response = self.client.send(self.client.build_request("GET", url, headers=headers), stream=True)
+        self.status = self.response.status_code
+        self.events: queue.Queue[tuple[str, dict[str, Any]] | None] = queue.Queue()
+        if self.status == 200:
+            threading.Thread(target=self._read, daemon=True).start()
+        else:
+            self.response.read()
+
+    def json(self) -> Any:
+        return self.response.json()
+
+    def _read(self) -> None:
+        kind = "message"
+        try:
+            for line in self.response.iter_lines():
+                if line.startswith("event:"):
+                    kind = line[6:].strip()
+                elif line.startswith("data:"):
+                    self.events.put((kind, json.loads(line[5:].strip())))
+                    kind = "message"
+        except httpx.HTTPError:
+            pass  # closed by the test
+        self.events.put(None)
+
+    def next(self, timeout: float = 10.0) -> tuple[str, dict[str, Any]] | None:
+        """The next event (type, data), or None once the service ended the stream; AssertionError if none came."""
+        try:
+            return self.events.get(timeout=timeout)
+        except queue.Empty:
+            raise AssertionError(f"no event in {timeout}s") from None
+
+    def close(self) -> None:
+        """Hang up at once: the socket is shut first (closing the response waits for the reading thread, which waits
+        for the next line, a ping 15 s away)."""
+        if self.status == 200 and not self.response.is_closed:
+            with contextlib.suppress(OSError):
+                self.response.extensions["network_stream"].get_extra_info("socket").shutdown(socket.SHUT_RDWR)
+        self.response.close()
+        self.client.close()

@@ -29,6 +29,7 @@ from settlement.store import Database
 from settlement.store.keys import add_key, revoke_key
 from tests.hub_helpers import (
     Channel,
+    EventStream,
     Tampering,
     body,
     free_test_port,
@@ -306,6 +307,50 @@ def test_challenges_and_tokens_expire_and_are_bound_to_their_secret_and_chain() 
     forged = token.replace(account.address[2:].lower(), "00" * 20)
     with pytest.raises(InvalidCredentialsError, match="not a credential"):
         signin.caller(forged, now)
+
+
+def test_a_live_stream_ends_once_its_key_is_revoked_or_its_token_expires(
+    serve_here: Callable[..., ServiceThread],
+    accounts: list[LocalAccount],
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A revoked key stops at once for every request, but a live stream of payee events, checked when it opened, went
+    on delivering the payee's events for good, as did one opened with a sign-in token after the token expired. Now a
+    stream checks its credential again every CREDENTIAL_RECHECK_SECONDS and ends with a `stream.ended` event."""
+    monkeypatch.setattr("settlement.api.routes_payees.CREDENTIAL_RECHECK_SECONDS", 0.2)
+    store = f"sqlite:///{tmp_path / 'streams.db'}"
+    payee, other = accounts[4], accounts[5]
+    revoked, kept = new_key(store, Role.PAYEE, payee.address), new_key(store, Role.PAYEE, other.address)
+    service = serve_here(store, access_control=True, signin_secret="s" * 32)
+    now = int(time.time())
+    signin = SignIn(b"s" * 32, 31337, challenge_ttl=300, token_ttl=60)  # the service's secret: a token of its own
+    message, _ = signin.challenge(payee.address, "127.0.0.1", service.url, now - 58)
+    token, _, expires = signin.redeem(
+        message, payee.sign_message(encode_defunct(text=message)).signature.to_0x_hex(), now - 58
+    )
+    assert expires == now + 2
+    url = f"{service.url}/v1/payees/{{}}/events"
+    by_key = EventStream(url.format(payee.address), {"Authorization": f"Bearer {revoked}"})
+    by_token = EventStream(url.format(payee.address), {"Authorization": f"Bearer {token}"})
+    by_live_key = EventStream(url.format(other.address), {"Authorization": f"Bearer {kept}"})
+    try:
+        assert (by_key.status, by_token.status, by_live_key.status) == (200, 200, 200)
+        with pytest.raises(AssertionError, match="no event"):
+            by_key.next(timeout=1.0)  # five checks of a live key: the stream goes on
+        revoke(store, revoked)
+        ended = by_key.next(timeout=5)
+        assert ended is not None and (ended[0], ended[1]["code"]) == ("stream.ended", "invalid_credentials")
+        assert by_key.next(timeout=5) is None  # and the service hung up
+        ended = by_token.next(timeout=10)
+        assert ended is not None and (ended[0], ended[1]["code"]) == ("stream.ended", "invalid_credentials")
+        assert "expired" in ended[1]["message"] and time.time() >= expires
+        assert by_token.next(timeout=5) is None
+        with pytest.raises(AssertionError, match="no event"):
+            by_live_key.next(timeout=0.5)  # another payee's stream, its key live, goes on
+    finally:
+        for stream in (by_key, by_token, by_live_key):
+            stream.close()
 
 
 def test_the_payer_sdk_signs_in_by_itself_and_signs_nothing_else(

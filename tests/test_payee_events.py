@@ -44,6 +44,7 @@ from settlement.store.payee_events import (
 from tests.hub_helpers import (
     ETH,
     Channel,
+    EventStream,
     a_channel,
     batch,
     body,
@@ -436,6 +437,74 @@ def test_the_live_stream_sends_events_as_they_happen_and_resumes_after_the_last_
     for token in ("1.2.\u00b2", "\u0661.0.0", "--1.0.0", "1.2.3\n", " 1.2.3"):
         bad = httpx.get(url, params={"after": token}, timeout=10)
         assert (bad.status_code, bad.json()["code"]) == (400, "malformed_request"), token
+
+
+def test_live_streams_are_bounded_per_account_and_per_process_and_an_idle_one_reads_nothing(
+    serve_here: Callable[..., ServiceThread],
+    open_channel: Callable[..., Channel],
+    accounts: list[LocalAccount],
+    sign: Sign,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Signing in is free, and each stream read the store twice a tick, idle or not, without a bound on their number:
+    300 idle streams of one fresh key took a core of the service and made an honest read ~20x slower (scratch run,
+    docs/payee-events.md). An account now holds at most SETTLEMENT_EVENT_STREAMS_PER_ACCOUNT streams, a process serves
+    at most SETTLEMENT_EVENT_STREAMS_MAX, a closed stream gives its place back, and a stream reads its payee's feed
+    only when the process's one read of the front shows something new."""
+    feed_reads: list[str] = []
+
+    def counted(db: Database, horizon: int, payee: str, after: Position, limit: int = 100) -> Feed:
+        feed_reads.append(payee)
+        return read_events(db, horizon, payee, after, limit)
+
+    monkeypatch.setattr("settlement.api.routes_payees.read_events", counted)
+    service = serve_here(
+        f"sqlite:///{tmp_path / 'streams.db'}", access_control=True, event_streams_per_account=2, event_streams_max=3
+    )
+    alice, bob = accounts[11], accounts[12]
+    channel = open_channel(accounts[13], alice.address, amount=1_000)
+    with httpx.Client(base_url=service.url, timeout=10) as client:
+        as_alice, as_bob = signed_in(client, alice), signed_in(client, bob)
+        wait_until(lambda: client.get(f"/v1/channels/0x{channel.id.hex()}", headers=as_alice).status_code == 200)
+    events_of_alice, events_of_bob = (f"{service.url}/v1/payees/{who.address}/events" for who in (alice, bob))
+    opened: list[EventStream] = []
+
+    def stream(url: str, headers: dict[str, str]) -> EventStream:
+        made = EventStream(url, headers)
+        opened.append(made)
+        return made
+
+    try:
+        first, second = stream(events_of_alice, as_alice), stream(events_of_alice, as_alice)
+        third = stream(events_of_alice, as_alice)
+        assert (first.status, second.status, third.status) == (200, 200, 429)
+        assert third.json()["code"] == "stream_limit"
+        own = stream(events_of_bob, as_bob)
+        full = stream(events_of_bob, as_bob)
+        assert (own.status, full.status, full.json()["code"]) == (200, 503, "streams_full")
+        assert full.response.headers["retry-after"] == "5"
+        second.close()  # its place comes back once the service sees the disconnect
+        wait_until(lambda: stream(events_of_bob, as_bob).status == 200)
+        for _ in range(5):  # an account opening and closing streams never leaks one of its places
+            opened[-1].close()
+            wait_until(lambda: stream(events_of_alice, as_alice).status == 200)
+        live = [s for s in opened if s.status == 200 and not s.response.is_closed]
+        assert [s.response.url.path.split("/")[3] for s in live] == [alice.address, bob.address, alice.address]
+
+        reads = len(feed_reads)
+        time.sleep(2)  # four ticks of the front: nothing happened, so no stream read the store
+        assert len(feed_reads) == reads
+        voucher = body(channel, 7, sign(channel.payer, channel.id, 7))
+        assert httpx.post(f"{service.url}/v1/vouchers", json=voucher).status_code == 201
+        for alices in (live[0], live[2]):
+            kind, event = alices.next() or ("", {})
+            assert (kind, event["data"]["cumulativeAmount"]) == ("payment.accepted", "7")
+        time.sleep(1)
+        assert sorted(feed_reads[reads:]) == sorted([alice.address, bob.address, alice.address])  # one read each
+    finally:
+        for made in opened:
+            made.close()
 
 
 def test_a_forged_delivery_signature_is_not_authentic_and_never_an_error() -> None:

@@ -5,21 +5,30 @@ from __future__ import annotations
 
 import asyncio
 import json
+import logging
 import secrets
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from typing import Annotated, Any
 
 from fastapi import APIRouter, Header, Path, Query, Request, Response
+from fastapi.security.utils import get_authorization_scheme_param
 from pydantic import Field
 from sse_starlette import EventSourceResponse
 from starlette.concurrency import run_in_threadpool
+from starlette.types import Receive, Scope, Send
 
 from settlement.api.auth import CallerDep
 from settlement.api.deps import ERRORS, AddressPath, ServiceDep, checked_address
-from settlement.api.schemas import StrictModel
-from settlement.errors import ForbiddenError, MalformedRequestError, NotFoundError, WebhookLimitError
-from settlement.server.access import Caller
+from settlement.api.schemas import ErrorOut, StrictModel
+from settlement.errors import (
+    ForbiddenError,
+    InvalidCredentialsError,
+    MalformedRequestError,
+    NotFoundError,
+    WebhookLimitError,
+)
+from settlement.server.access import Caller, identify
 from settlement.server.payee_events import Position, read_events
 from settlement.server.service import Service
 from settlement.server.webhooks import check_target, new_secret
@@ -32,8 +41,9 @@ from settlement.store.payee_events import (
     payee_webhooks,
 )
 
+logger = logging.getLogger(__name__)
 router = APIRouter(prefix="/v1/payees/{address}", responses=ERRORS, tags=["payee events"])
-STREAM_POLL_SECONDS = 0.5
+CREDENTIAL_RECHECK_SECONDS = 5.0  # a live stream whose API key was revoked or token expired ends within this
 
 
 class WebhookIn(StrictModel):
@@ -121,7 +131,12 @@ def remove_webhook(
     return Response(status_code=204)
 
 
-@router.get("/events", operation_id="streamPayeeEvents", response_class=EventSourceResponse)
+@router.get(
+    "/events",
+    operation_id="streamPayeeEvents",
+    response_class=EventSourceResponse,
+    responses={429: {"model": ErrorOut, "description": "the account holds its live streams already"}},
+)
 async def stream_events(
     address: AddressPath,
     request: Request,
@@ -131,23 +146,82 @@ async def stream_events(
     last_event_id: Annotated[str | None, Header(alias="Last-Event-ID", max_length=64)] = None,
 ) -> EventSourceResponse:
     """The payee's events as they happen (text/event-stream); each event's `id` is the position to resume after
-    (browsers send it back as `Last-Event-ID`). Without one, from now on."""
+    (browsers send it back as `Last-Event-ID`). Without one, from now on. An account holds at most
+    SETTLEMENT_EVENT_STREAMS_PER_ACCOUNT streams of a process (429 `stream_limit`), a process serves at most
+    SETTLEMENT_EVENT_STREAMS_MAX (503 `streams_full`); a stream ends with a `stream.ended` event once its credential
+    no longer holds (an API key revoked, a sign-in token expired)."""
     payee = _payee(address, who)
     token = last_event_id or after
-    start = Position.parse(token) if token else await run_in_threadpool(_now, service)
-    if start is None:
+    resumed = Position.parse(token) if token else None
+    if token and resumed is None:
         raise MalformedRequestError("a position is payment.block.log, as an event's id gives it")
-    return EventSourceResponse(_events(service, request, payee, start), ping=15)
+    credential = _credential(request) if service.settings.access_control else None
+    assert service.streams is not None
+    release = service.streams.admit(None if who.is_operator else who.account)  # refused before any store read
+    try:
+        start = resumed if resumed is not None else await run_in_threadpool(_now, service)
+        return _HeldStream(_events(service, request, payee, start, credential), release, ping=15)
+    except BaseException:
+        release()
+        raise
 
 
-async def _events(service: Service, request: Request, payee: str, start: Position) -> AsyncIterator[dict[str, Any]]:
-    position = start
-    assert service.horizon is not None
+class _HeldStream(EventSourceResponse):
+    """A live stream that gives its place in the process's count back when it ends, however it ends (a disconnect
+    can end it before its generator ever started, which would then never run a `finally`)."""
+
+    def __init__(self, content: AsyncIterator[dict[str, Any]], release: Callable[[], None], ping: int) -> None:
+        super().__init__(content, ping=ping)
+        self._release = release
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        try:
+            await super().__call__(scope, receive, send)
+        finally:
+            self._release()
+
+
+def _credential(request: Request) -> str:
+    """The bearer credential the caller was identified by (HTTPBearer's reading of the header)."""
+    _, credential = get_authorization_scheme_param(request.headers.get("authorization"))
+    return credential
+
+
+async def _events(
+    service: Service, request: Request, payee: str, start: Position, credential: str | None
+) -> AsyncIterator[dict[str, Any]]:
+    """The payee's feed from `start`, read again each time the process's front moves (settlement.server.
+    event_streams), its credential checked again every CREDENTIAL_RECHECK_SECONDS."""
+    streams = service.streams
+    assert streams is not None
+    loop = asyncio.get_running_loop()
+    position, seen = start, None
+    recheck_at = loop.time() + CREDENTIAL_RECHECK_SECONDS
     while not await request.is_disconnected():
-        horizon = await run_in_threadpool(service.horizon.refresh)
-        feed = await run_in_threadpool(read_events, service.db, horizon, payee, position)
-        for event in feed.events:
-            yield {"id": event.position.token(), "event": event.type, "data": json.dumps(event.body())}
-        position = feed.position
-        if not feed.more:
-            await asyncio.sleep(STREAM_POLL_SECONDS)
+        front = await streams.moved(seen, max(recheck_at - loop.time(), 0.0))
+        if front is not None:
+            seen = front
+            more = True
+            while more:
+                feed = await run_in_threadpool(read_events, service.db, front.horizon, payee, position)
+                for event in feed.events:
+                    yield {"id": event.position.token(), "event": event.type, "data": json.dumps(event.body())}
+                position, more = feed.position, feed.more
+        if credential is not None and loop.time() >= recheck_at:
+            ended = await run_in_threadpool(_refused, service, credential)
+            if ended is not None:
+                yield {"event": "stream.ended", "data": json.dumps(ended.body())}
+                return
+            recheck_at = loop.time() + CREDENTIAL_RECHECK_SECONDS
+
+
+def _refused(service: Service, credential: str) -> InvalidCredentialsError | None:
+    """Why the stream's credential no longer holds (revoked, expired), or None while it does or cannot be told now
+    (the store busy or down: checked again later)."""
+    try:
+        identify(service.keys, service.signin, credential, int(time.time()))
+    except InvalidCredentialsError as ex:
+        return ex
+    except Exception:
+        logger.warning("checking a live stream's credential failed; checking again later", exc_info=True)
+    return None

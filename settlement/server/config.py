@@ -175,6 +175,16 @@ class Settings(BaseSettings):
     webhook_batch: int = Field(default=100, ge=1, le=10_000, description="events one webhook is sent per tick")
     webhook_concurrency: int = Field(default=8, ge=1, le=256, description="webhooks delivered to at once")
     webhooks_per_payee: int = Field(default=10, ge=1, le=1000, description="live webhooks a payee may have")
+    event_streams_max: int = Field(
+        default=100,
+        ge=1,
+        le=10_000,
+        description="live streams of payee events (GET /v1/payees/{address}/events) this process serves at once; "
+        "beyond: 503 streams_full",
+    )
+    event_streams_per_account: int = Field(
+        default=4, ge=1, le=10_000, description="live streams one account may hold on this process; beyond: 429"
+    )
     caps_per_payee: int = Field(
         default=100, ge=1, le=10_000, description='spending caps a payee (or the operator\'s "every payee") may have'
     )

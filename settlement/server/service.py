@@ -26,6 +26,7 @@ from settlement.ingest.pipeline import Ingestor
 from settlement.server.access import SignIn
 from settlement.server.api_keys import KeyDirectory, Role
 from settlement.server.config import Settings
+from settlement.server.event_streams import EventStreams
 from settlement.server.metrics import Metrics
 from settlement.server.metrics_port import MetricsPort
 from settlement.server.operator import operator_account
@@ -42,6 +43,7 @@ from settlement.store.retention import compact
 logger = logging.getLogger(__name__)
 COMPACT_EVERY_SECONDS = 3600.0
 RISK_TICK_SECONDS = 0.25  # a hold reaches ingest within this
+STREAM_TICK_SECONDS = 0.5  # a live stream of payee events sees a new event within this
 
 
 @dataclass
@@ -65,6 +67,7 @@ class Service:
     lease: Lease | None = None
     webhooks: WebhookSender | None = None
     horizon: Horizon | None = None  # payee events: how far payment ids are safe to read (payee_events.Horizon)
+    streams: EventStreams | None = None  # payee events' live streams: their number, the front they wait on
     risk: RiskMonitor | None = None
     metrics_port: MetricsPort | None = None
     balances: HubBalances = field(init=False)  # balances at a block, read once (payee summaries)
@@ -143,6 +146,9 @@ class Service:
             service.settler = Settler(db, w3, hub, account, settings, metrics)
             service.lease = Lease(db)
         service.horizon = Horizon(db)
+        service.streams = EventStreams(
+            db, service.horizon, STREAM_TICK_SECONDS, settings.event_streams_max, settings.event_streams_per_account
+        )
         service.risk = RiskMonitor(db, settings, ingestor, metrics)
         service.risk.refresh()
         if settings.webhooks_enabled:
