@@ -4,6 +4,7 @@ real app and both stores."""
 
 from __future__ import annotations
 
+import ipaddress
 import json
 import re
 import socket
@@ -324,6 +325,28 @@ def test_a_webhook_is_sent_to_the_address_that_was_checked_for_its_own_name() ->
         check_target("https://hooks.example.com/in", False, resolving_to("93.184.216.34", "127.0.0.1"))
     with pytest.raises(MalformedRequestError, match="does not resolve"):
         check_target("https://hooks.example.com/in", False, resolving_to())
+
+
+def test_an_ipv6_address_carrying_an_inside_ipv4_address_is_inside() -> None:
+    """Python's `is_global` counts IPv6 forms that carry an IPv4 address by the IPv6 prefix alone: a host resolving to
+    64:ff9b::a9fe:a9fe reached 169.254.169.254 (a cloud's metadata) through a NAT64 gateway, and 6to4 or
+    IPv4-compatible forms of 127.0.0.1 and 10.0.0.1 passed the check. Each carried address is judged now; the same
+    forms of a public address still pass."""
+    inside = [
+        "64:ff9b::a9fe:a9fe", "64:ff9b::7f00:1", "64:ff9b::a00:1", "64:ff9b::c0a8:101",  # NAT64 of inside addresses
+        "64:ff9b:1::808:808",  # RFC 8215's local-use NAT64 prefix: the network's own choice of target
+        "2002:7f00:1::1", "2002:a00:1::", "2002:a9fe:a9fe::1",  # 6to4
+        "::7f00:1", "::a00:1",  # IPv4-compatible (deprecated)
+        "::ffff:127.0.0.1", "::ffff:169.254.169.254",  # IPv4-mapped
+    ]  # fmt: skip
+    refused = []
+    for ip in inside:
+        with pytest.raises(MalformedRequestError, match="private, loopback or reserved") as caught:
+            check_target("https://hooks.example.com/in", False, resolving_to(ip))
+        refused.append(f"({ipaddress.ip_address(ip)})" in caught.value.message)
+    assert refused == [True] * len(inside)
+    for ip in ("64:ff9b::808:808", "2002:808:808::1", "::808:808", "2606:2800:220:1::1"):  # 8.8.8.8 in each form
+        assert check_target("http://hooks.example.com", False, resolving_to(ip)).url.startswith("http://[")
 
 
 def test_a_delivery_reaches_only_the_address_its_one_look_up_found(

@@ -77,7 +77,7 @@ def check_target(url: str, allow_private: bool, resolve: Resolve = socket.getadd
         raise MalformedRequestError(f"the webhook's host {parts.hostname!r} does not resolve")
     if not allow_private:
         for ip in addresses:
-            if not ip.is_global or ip.is_multicast:
+            if _inside(ip):
                 raise MalformedRequestError(
                     f"the webhook's host {parts.hostname!r} is a private, loopback or reserved address ({ip}): refused"
                 )
@@ -87,6 +87,26 @@ def check_target(url: str, allow_private: bool, resolve: Resolve = socket.getadd
     return Target(
         pinned, name.netloc.decode("ascii"), name.raw_host.decode("ascii") if parts.scheme == "https" else None
     )
+
+
+NAT64 = ipaddress.ip_network("64:ff9b::/96")  # RFC 6052: the IPv4 address is the last 32 bits
+NAT64_LOCAL = ipaddress.ip_network("64:ff9b:1::/48")  # RFC 8215: a network's own translation, to wherever it chose
+IPV4_COMPATIBLE = ipaddress.ip_network("::/96")  # deprecated ::a.b.c.d
+
+
+def _inside(ip: ipaddress.IPv4Address | ipaddress.IPv6Address) -> bool:
+    """Whether an address may reach inside the service's network: not global, multicast, or an IPv6 address that
+    carries an IPv4 address which is (IPv4-mapped, IPv4-compatible, NAT64, 6to4): Python counts 64:ff9b::a00:1
+    (10.0.0.1 through a NAT64 gateway) and 2002:7f00:1:: (6to4 of 127.0.0.1) as global."""
+    if not ip.is_global or ip.is_multicast:
+        return True
+    if not isinstance(ip, ipaddress.IPv6Address):
+        return False
+    if ip in NAT64_LOCAL:
+        return True
+    last32 = ipaddress.IPv4Address(int(ip) & 0xFFFFFFFF)
+    carried = ip.ipv4_mapped or ip.sixtofour or (last32 if ip in NAT64 or ip in IPV4_COMPATIBLE else None)
+    return carried is not None and _inside(carried)
 
 
 PASSED_SAVED = 10_000  # other payees' payments a webhook's stored position is moved past at once, at least
