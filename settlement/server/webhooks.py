@@ -2,7 +2,8 @@
 signed with its secret (settlement.sdk.webhooks). One process on the store delivers (a lease, as the engine has);
 each webhook's position is stored after each delivery, so a restart or another process resumes where it stood
 (a delivery whose answer was lost comes again, with the same event id). A failing receiver is retried with
-exponential backoff, its later events waiting behind (per-payee order is kept); other webhooks go on.
+exponential backoff, its later events waiting behind (per-payee order is kept); other webhooks go on. A slow one
+too: a webhook's turn lasts TURN_SECONDS at most, and ticks do not wait for turns still running.
 
 Targets are checked each time (SSRF): only http(s), and never a loopback, private, link-local or reserved address
 unless SETTLEMENT_WEBHOOK_ALLOW_PRIVATE_TARGETS (or on a devnet); and a delivery goes to the very address that was
@@ -16,8 +17,10 @@ import json
 import logging
 import secrets
 import socket
+import threading
 import time
 from collections.abc import Callable, Sequence
+from concurrent import futures
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any
@@ -35,6 +38,7 @@ from settlement.store.payee_events import WebhookRow, due_webhooks, webhook_deli
 
 logger = logging.getLogger(__name__)
 BACKOFF_BASE_SECONDS = 1.0
+TURN_SECONDS = 1.0  # a webhook's deliveries in a row before its thread goes to the next due webhook
 
 
 def new_secret() -> str:
@@ -138,26 +142,52 @@ class WebhookSender:
         self.lease = Lease(db, "payee-webhooks")
         self.http = httpx.Client(timeout=settings.webhook_timeout_seconds, follow_redirects=False)
         self._pool = ThreadPoolExecutor(max_workers=settings.webhook_concurrency, thread_name_prefix="webhook")
+        self._busy: set[str] = set()  # webhooks whose turn is running
+        self._lock = threading.Lock()
 
-    def tick(self) -> int:
-        """Deliveries made (0 when another process holds the lease). A store without webhooks costs one query."""
+    def tick(self, wait: float | None = None) -> int:
+        """Start a turn for each due webhook that has none running; returns the deliveries of the turns that ended
+        within `wait` seconds (default: `webhook_tick`). A turn still running goes on by itself: its webhook gets
+        no other turn meanwhile (never two deliveries of one webhook at once), the others get theirs at the next
+        tick. 0 when another process holds the lease; a store without webhooks costs one query."""
+        with self._lock:
+            busy = set(self._busy)  # before the read: a turn that ends after it was read from a row it moved
         with self.db.read() as conn:
-            due = due_webhooks(conn, time.time_ns() // 1000)
+            due = [hook for hook in due_webhooks(conn, time.time_ns() // 1000) if hook.webhook_id not in busy]
         if not due or not self.lease.acquire():
             return 0
         horizon = self.horizon.refresh()
-        return sum(self._pool.map(lambda hook: self._deliver(hook, horizon), due))
+        with self._lock:
+            self._busy.update(hook.webhook_id for hook in due)
+        turns = [self._pool.submit(self._turn, hook, horizon) for hook in due]
+        ended, _ = futures.wait(turns, timeout=self.settings.webhook_tick if wait is None else wait)
+        return sum(turn.result() for turn in ended)
 
     def close(self) -> None:
         self._pool.shutdown(wait=True)
         self.http.close()
         self.lease.release()
 
+    def _turn(self, hook: WebhookRow, horizon: int) -> int:
+        try:
+            return self._deliver(hook, horizon)
+        except Exception as ex:  # the store down: the webhook's stored position stands, the next turn resumes there
+            logger.warning("webhook %s: %s; retrying", hook.webhook_id, getattr(ex, "message", None) or ex)
+            return 0
+        finally:
+            with self._lock:
+                self._busy.discard(hook.webhook_id)
+
     def _deliver(self, hook: WebhookRow, horizon: int) -> int:
-        sent = 0
+        """Deliver the webhook's next events in order, for TURN_SECONDS at most (then its thread goes to the others:
+        a receiver that answers each event just inside the timeout held a thread, and every webhook's next tick,
+        for as long as a hundred such answers took)."""
+        sent, started = 0, time.monotonic()
         position = Position(hook.after_payment, hook.after_block, hook.after_log)
         feed = read_events(self.db, horizon, hook.payee, position, self.settings.webhook_batch)
         for event in feed.events:
+            if sent and time.monotonic() - started >= TURN_SECONDS:
+                return sent  # the rest at its next turn, from the position stored after each delivery
             body = json.dumps(event.body(), separators=(",", ":")).encode()
             try:
                 target = check_target(hook.url, self.allow_private, self.resolve)
