@@ -341,6 +341,42 @@ def resolving_to(*ips: str) -> Callable[[str, int], list[tuple[Any, ...]]]:
     return resolve
 
 
+def test_a_webhook_host_slow_to_resolve_holds_no_request_thread(
+    api: Callable[..., TestClient], open_channel: Callable[..., Channel], accounts: list[LocalAccount]
+) -> None:
+    """Making a webhook looked its host up on a request thread (4 of them): hosts in a zone whose DNS answers slowly
+    (an attacker's own) held them all, and every store read of every client waited. The look-ups now wait on
+    threads of their own, and a request gives up after the look-up's timeout."""
+    client = api()
+    lookups = client.app.state.service.lookups  # type: ignore[attr-defined]
+    answer_now = threading.Event()
+
+    def slow(host: str, port: int) -> list[tuple[Any, ...]]:  # a zone that answers when the test says so
+        answer_now.wait(30)
+        raise OSError(f"{host}: no answer")
+
+    lookups.resolve, lookups.timeout = slow, 30.0
+    channel = open_channel(accounts[5], accounts[6].address, amount=1_000)
+    path = f"/v1/channels/0x{channel.id.hex()}"
+    wait_until(lambda: client.get(path).status_code == 200)
+    made = f"/v1/payees/{channel.payee}/webhooks"
+    with ThreadPoolExecutor(8) as pool:
+        pending = [pool.submit(client.post, made, json={"url": f"https://h{n}.slow.test/in"}) for n in range(8)]
+        time.sleep(1.0)  # all eight waiting for their hosts
+        assert client.get(path).status_code == 200  # a store read on a request thread: none is held
+        assert [request.done() for request in pending] == [False] * 8
+        answer_now.set()
+        assert [request.result().json()["code"] for request in pending] == ["malformed_request"] * 8
+    answer_now.clear()
+    lookups.timeout = 0.2
+    late = client.post(made, json={"url": "https://late.slow.test/in"})
+    assert (late.status_code, late.json()["message"]) == (
+        400,
+        "the webhook's host 'late.slow.test' did not resolve in 0.2s",
+    )
+    answer_now.set()
+
+
 def test_a_webhook_is_sent_to_the_address_that_was_checked_for_its_own_name() -> None:
     """Every address a host resolves to is checked, and the delivery goes to the first, by its name (Host, and SNI
     for TLS, which the certificate is checked against): the HTTP client never looks the name up again."""

@@ -31,7 +31,7 @@ from settlement.errors import (
 from settlement.server.access import Caller, identify
 from settlement.server.payee_events import Position, read_events
 from settlement.server.service import Service
-from settlement.server.webhooks import check_target, new_secret
+from settlement.server.webhooks import new_secret
 from settlement.store.payee_events import (
     WebhookRow,
     add_webhook,
@@ -91,14 +91,19 @@ def _now(service: Service) -> Position:
 
 
 @router.post("/webhooks", operation_id="createWebhook", status_code=201)
-def create_webhook(address: AddressPath, body: WebhookIn, service: ServiceDep, who: CallerDep) -> WebhookOut:
-    """A webhook for the payee's events from now on; the answer carries its signing secret, once."""
+async def create_webhook(address: AddressPath, body: WebhookIn, service: ServiceDep, who: CallerDep) -> WebhookOut:
+    """A webhook for the payee's events from now on; the answer carries its signing secret, once. Its host is looked
+    up off the request threads (settlement.server.webhooks.HostLookUps)."""
     payee = _payee(address, who)
-    check_target(body.url, service.private_webhooks)
+    await service.lookups.check(body.url, service.private_webhooks)
+    return await run_in_threadpool(_add_webhook, service, payee, body.url)
+
+
+def _add_webhook(service: Service, payee: str, url: str) -> WebhookOut:
     start = _now(service)
     now_us = time.time_ns() // 1000
     row = WebhookRow(
-        "wh_" + secrets.token_hex(8), payee, body.url, new_secret(), now_us, start.payment, start.block, start.log,
+        "wh_" + secrets.token_hex(8), payee, url, new_secret(), now_us, start.payment, start.block, start.log,
         0, 0, None,
     )  # fmt: skip
     limit = service.settings.webhooks_per_payee

@@ -32,7 +32,7 @@ from settlement.server.metrics_port import MetricsPort
 from settlement.server.operator import operator_account
 from settlement.server.payee_events import Horizon
 from settlement.server.risk import RiskMonitor
-from settlement.server.webhooks import WebhookSender
+from settlement.server.webhooks import HostLookUps, WebhookSender
 from settlement.settle.engine import Settler
 from settlement.settle.lease import Lease
 from settlement.store import Database
@@ -68,6 +68,7 @@ class Service:
     webhooks: WebhookSender | None = None
     horizon: Horizon | None = None  # payee events: how far payment ids are safe to read (payee_events.Horizon)
     streams: EventStreams | None = None  # payee events' live streams: their number, the front they wait on
+    lookups: HostLookUps = field(default_factory=HostLookUps)  # webhook hosts, off the request threads
     risk: RiskMonitor | None = None
     metrics_port: MetricsPort | None = None
     balances: HubBalances = field(init=False)  # balances at a block, read once (payee summaries)
@@ -255,6 +256,7 @@ class Service:
             thread.join(timeout=30)
         self._threads.clear()
         self.ingestor.stop()
+        self.lookups.close()
         self.db.dispose()
         self.rpc_session.close()
 
