@@ -257,6 +257,91 @@ def test_a_receiver_slow_to_answer_does_not_hold_back_another_payees_webhook(
     assert [e["data"]["cumulativeAmount"] for e in slow.accepted()] == [str(n) for n in amounts]
 
 
+class HostileReceiver:
+    """A webhook endpoint that never finishes its answer: `endless` answers 200 and then a body that goes on (up to
+    `body_cap` bytes, counted in `written`), `dribble` sends its status line and then a header byte every 0.2 s."""
+
+    def __init__(self, mode: str, body_cap: int = 256 * 2**20) -> None:
+        self.mode, self.body_cap, self.written, self.posts = mode, body_cap, 0, 0
+        hostile = self
+
+        class Handler(BaseHTTPRequestHandler):
+            protocol_version = "HTTP/1.1"
+
+            def do_POST(self) -> None:
+                self.rfile.read(int(self.headers["content-length"]))
+                hostile.posts += 1
+                try:
+                    if hostile.mode == "endless":
+                        self.send_response(200)
+                        self.send_header("transfer-encoding", "chunked")
+                        self.end_headers()
+                        chunk = b"x" * 65536
+                        while hostile.written < hostile.body_cap:
+                            self.wfile.write(b"%x\r\n%s\r\n" % (len(chunk), chunk))
+                            hostile.written += len(chunk)
+                        self.wfile.write(b"0\r\n\r\n")
+                    else:
+                        self.wfile.write(b"HTTP/1.1 200 OK\r\nx-slow: ")
+                        for _ in range(600):
+                            time.sleep(0.2)
+                            self.wfile.write(b"a")
+                            self.wfile.flush()
+                except OSError:
+                    pass  # the sender hung up
+                self.close_connection = True
+
+            def log_message(self, *args: Any) -> None:
+                pass
+
+        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.server.daemon_threads = True
+        self.url = f"http://127.0.0.1:{self.server.server_address[1]}/hook"
+        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+
+    def stop(self) -> None:
+        self.server.shutdown()
+        self.server.server_close()
+
+
+def test_a_receiver_that_never_finishes_its_answer_holds_nothing(
+    api: Callable[..., TestClient],
+    open_channel: Callable[..., Channel],
+    accounts: list[LocalAccount],
+    sign: Sign,
+    receiver: Callable[..., Receiver],
+) -> None:
+    """The sender read a receiver's whole answer with a timeout per read: a receiver streaming an endless body had it
+    read into the service's memory (~400 MB a second on loopback, until the process died), one dribbling its headers
+    a byte at a time held a sender thread for good. Now an answer's status is all that is read, and an exchange ends
+    at `webhook_timeout_seconds` in all: the endless one's 200s are deliveries, the dribbling one's are failures,
+    retried with backoff, and a healthy receiver beside them gets every event."""
+    client = api(webhook_tick=0.05, webhook_timeout_seconds=1.0, webhook_backoff_max_seconds=0.5)
+    channel = open_channel(accounts[5], accounts[6].address, amount=1_000)
+    wait_until(lambda: client.get(f"/v1/channels/0x{channel.id.hex()}").status_code == 200)
+    endless, dribble, healthy = HostileReceiver("endless"), HostileReceiver("dribble"), receiver()
+    try:
+        made = {name: subscribe(client, channel.payee, hook.url)["webhookId"] for name, hook in
+                (("endless", endless), ("dribble", dribble), ("healthy", healthy))}  # fmt: skip
+        pay(client, channel, sign, 5, 7)
+        wait_until(lambda: len(healthy.accepted()) == 2, timeout=15)
+
+        def listed() -> dict[str, dict[str, Any]]:
+            hooks = client.get(f"/v1/payees/{channel.payee}/webhooks").json()
+            return {name: next(h for h in hooks if h["webhookId"] == wid) for name, wid in made.items()}
+
+        wait_until(lambda: listed()["endless"]["position"] == listed()["healthy"]["position"], timeout=15)
+        wait_until(lambda: listed()["dribble"]["failures"] >= 2, timeout=15)
+        hooks = listed()
+        assert (hooks["endless"]["failures"], endless.posts) == (0, 2)  # two events, each delivered once
+        assert endless.written < 64 * 2**20  # what the sockets' buffers took before the sender hung up; old: 256 MB
+        assert hooks["dribble"]["lastError"].startswith("pay_1: TimeoutError")
+        assert hooks["dribble"]["position"] != hooks["healthy"]["position"]  # its first event still to deliver
+    finally:
+        endless.stop()
+        dribble.stop()
+
+
 def test_a_receiver_down_gets_everything_when_it_comes_back(
     api: Callable[..., TestClient],
     open_channel: Callable[..., Channel],

@@ -167,7 +167,8 @@ class WebhookSender:
         self.resolve = resolve  # the one look-up of a webhook's host per delivery (`check_target`)
         self.horizon = horizon
         self.lease = Lease(db, "payee-webhooks")
-        self.http = httpx.Client(timeout=settings.webhook_timeout_seconds, follow_redirects=False)
+        self._local = threading.local()  # each sender thread's event loop and HTTP client (`_post`)
+        self._clients: list[tuple[asyncio.AbstractEventLoop, httpx.AsyncClient]] = []
         self._pool = ThreadPoolExecutor(max_workers=settings.webhook_concurrency, thread_name_prefix="webhook")
         self._busy: set[str] = set()  # webhooks whose turn is running
         self._lock = threading.Lock()
@@ -192,7 +193,10 @@ class WebhookSender:
 
     def close(self) -> None:
         self._pool.shutdown(wait=True)
-        self.http.close()
+        for loop, client in self._clients:  # their threads have ended: nothing runs these loops now
+            loop.run_until_complete(client.aclose())
+            loop.close()
+        self._clients.clear()
         self.lease.release()
 
     def _turn(self, hook: WebhookRow, horizon: int) -> int:
@@ -218,19 +222,15 @@ class WebhookSender:
             body = json.dumps(event.body(), separators=(",", ":")).encode()
             try:
                 target = check_target(hook.url, self.allow_private, self.resolve)
-                answer = self.http.post(
-                    target.url,
-                    content=body,
-                    headers={
-                        "host": target.host,
-                        "content-type": "application/json",
-                        SIGNATURE_HEADER: signature(hook.secret, body, int(time.time())),
-                        EVENT_ID_HEADER: event.event_id,
-                    },
-                    extensions=target.extensions,
-                )
-                if not 200 <= answer.status_code < 300:
-                    raise OSError(f"answered HTTP {answer.status_code}")
+                headers = {
+                    "host": target.host,
+                    "content-type": "application/json",
+                    SIGNATURE_HEADER: signature(hook.secret, body, int(time.time())),
+                    EVENT_ID_HEADER: event.event_id,
+                }
+                status = self._post(target, body, headers)
+                if not 200 <= status < 300:
+                    raise OSError(f"answered HTTP {status}")
             except (httpx.HTTPError, OSError, MalformedRequestError) as ex:
                 self._failed(hook, f"{event.event_id}: {type(ex).__name__}: {ex}")
                 return sent
@@ -243,6 +243,29 @@ class WebhookSender:
                 p = feed.position
                 webhook_delivered(conn, hook.webhook_id, p.payment, p.block, p.log)
         return sent
+
+    def _post(self, target: Target, body: bytes, headers: dict[str, str]) -> int:
+        """The receiver's answer status, within `webhook_timeout_seconds` in all; its body is never read. A timeout
+        per read let a receiver that streams an endless body (memory grew ~400 MB a second on loopback, a whole
+        body being read) or dribbles its headers a byte at a time hold a sender thread, and the service, for good:
+        the exchange runs on this thread's own event loop and is cancelled wherever it stands at the deadline
+        (TimeoutError, an OSError: a failure like any other)."""
+        mine: tuple[asyncio.AbstractEventLoop, httpx.AsyncClient] | None = getattr(self._local, "client", None)
+        if mine is None:
+            loop = asyncio.new_event_loop()
+            client = httpx.AsyncClient(timeout=self.settings.webhook_timeout_seconds, follow_redirects=False)
+            mine = self._local.client = (loop, client)
+            with self._lock:
+                self._clients.append(mine)
+        loop, client = mine
+
+        async def exchange() -> int:
+            async with client.stream(
+                "POST", target.url, content=body, headers=headers, extensions=target.extensions
+            ) as answer:
+                return answer.status_code
+
+        return loop.run_until_complete(asyncio.wait_for(exchange(), self.settings.webhook_timeout_seconds))
 
     def _failed(self, hook: WebhookRow, error: str) -> None:
         failures = hook.failures + 1
