@@ -19,7 +19,7 @@ from eth_account.signers.local import LocalAccount
 from sqlalchemy import event, text
 
 from settlement.chain.deployment import Deployment
-from settlement.domain.ledger import Verdict
+from settlement.domain.ledger import ANY, Rules, Verdict
 from settlement.domain.model import ETH, BlockRef, Channel, ChannelId, ChannelStatus, Receipt, Voucher, utcnow
 from settlement.errors import (
     ChainMismatchError,
@@ -34,6 +34,7 @@ from settlement.server.config import Settings
 from settlement.server.metrics import Metrics
 from settlement.server.service import Service
 from settlement.store import Database
+from settlement.store import caps as caps_q
 from settlement.store import channels as channel_q
 from settlement.store import settlements as batch_q
 from settlement.store.database import head_revision
@@ -646,6 +647,37 @@ def test_a_writer_writes_against_its_own_copies_in_one_statement_and_never_answe
         assert _group_writes(writer) == {"held": 0, "ahead": 0, "locked": 8, "moved": 0}
     else:
         assert _group_writes(writer) == {"held": 4, "ahead": 0, "locked": 4, "moved": 2}
+
+
+def test_a_cap_on_one_payee_leaves_the_writers_fast_paths_to_every_other_payees_groups(db: Database) -> None:
+    """Anyone may set a spending cap on its own payee address (a signed-in account), and any cap took the PostgreSQL
+    writer's in-memory judging and lock-free writes (`held`) from every group of every payee. Now only a group with a
+    channel a cap covers is written under row locks, its windows locked after them; the cap holds exactly."""
+    capped_payee = "0x" + "cc" * 20
+    with db.write() as conn:
+        channel_q.insert_channel(conn, a_channel(1, deposit=100), utcnow())
+        channel_q.insert_channel(conn, a_channel(2, payee=capped_payee, deposit=100), utcnow())
+        cap = caps_q.set_cap(conn, capped_payee, ANY, ETH, 8, 3600, 0, 10)
+    assert cap is not None
+    one, two = a_channel(1).channel_id, a_channel(2).channel_id
+    payer = bytes.fromhex("aa" * 20)
+    writer = Ingestor(db, cast(Any, None), cast(Any, None), Metrics(), close_guard=0)
+    writer.rules = Rules(caps=(cap,))
+    writer.start()
+
+    def pay(channel_id: str, amount: int) -> str:
+        (outcome,) = writer.submit([Voucher(ChannelId(channel_id), amount, bytes(65))], [payer]).result()
+        return outcome.code if isinstance(outcome, SettlementError) else f"new +{outcome.receipt.increment}"
+
+    try:
+        answers = [pay(one, 10), pay(one, 20), pay(one, 30), pay(two, 5), pay(two, 8), pay(two, 9), pay(one, 40)]
+    finally:
+        writer.stop()
+    assert answers == ["new +10", "new +10", "new +10", "new +5", "new +3", "spending_cap_reached", "new +10"]
+    if db.is_sqlite:
+        assert _group_writes(writer) == {"held": 0, "ahead": 0, "locked": 7, "moved": 0}
+    else:  # old code: every group locked (7)
+        assert _group_writes(writer) == {"held": 3, "ahead": 0, "locked": 4, "moved": 0}
 
 
 class RowHolder:

@@ -22,7 +22,7 @@ import queue
 import threading
 import time
 from collections import Counter
-from collections.abc import Callable, Generator, Iterator, Sequence
+from collections.abc import Callable, Generator, Iterator, Mapping, Sequence
 from concurrent.futures import Future
 from dataclasses import dataclass
 from datetime import datetime
@@ -461,9 +461,9 @@ class Ingestor:
         return jobs, False
 
     def _ahead_allowed(self) -> bool:
-        """Groups are judged in memory only on PostgreSQL (SQLite has one writer: nothing to overlap with) and while no
-        spending cap is set (their windows are locked and read per group)."""
-        return not self.db.is_sqlite and not self.rules.caps
+        """Groups are judged in memory only on PostgreSQL (SQLite has one writer: nothing to overlap with); a group
+        with a channel a spending cap covers is not (`_capped`)."""
+        return not self.db.is_sqlite
 
     def _copies(
         self, vouchers: Sequence[Voucher], flight: _Flight | None
@@ -499,7 +499,7 @@ class Ingestor:
         and no idempotency key (looked up in the store). None otherwise: the group is committed the usual way."""
         if not self._ahead_allowed():
             return None
-        started = time.perf_counter()
+        started, rules = time.perf_counter(), self.rules
         vouchers = [v for job in jobs for v in job.vouchers]
         if any(v.idempotency_key is not None for v in vouchers):
             return None
@@ -507,11 +507,11 @@ class Ingestor:
         if copies is None:
             return None
         channels, versions, numbers = copies
-        if any(v.cumulative <= channels[v.channel_id].floor for v in vouchers):
+        if any(v.cumulative <= channels[v.channel_id].floor for v in vouchers) or _capped(rules, channels):
             return None
         signers = [s for job in jobs for s in job.signers]
         try:
-            outcomes, accepted, seen = self._judge(vouchers, signers, channels, {}, {}, utcnow(), self.rules, {})
+            outcomes, accepted, seen = self._judge(vouchers, signers, channels, {}, {}, utcnow(), rules, {})
         except Exception:  # a bug: the usual way isolates what fails
             logger.exception("a group of %d vouchers could not be judged in memory", len(vouchers))
             return None
@@ -659,7 +659,7 @@ class Ingestor:
 
         On PostgreSQL a part whose channels the writer all holds is first written against its copies, with no lock
         statement before (`_write_held`); only if a channel moved or was busy is it written again this way."""
-        if first is None and skip_busy and not self.db.is_sqlite and not self.rules.caps:
+        if first is None and skip_busy and not self.db.is_sqlite:
             written = self._write_held(vouchers, signers)
             if written is not None:
                 return written
@@ -690,16 +690,20 @@ class Ingestor:
     ) -> tuple[list[Outcome], set[ChannelId]] | None:
         """The part judged against the writer's own copies of its channels and written in one statement that locks
         each row only at the version the copy has (PostgreSQL): the group's lock statement and its round trip saved
-        (~13 % of the writer's CPU). Not while spending caps are set: their windows are locked and read per group.
-        None, with nothing written, when a channel is not held or is shared with another process's writer (`_hold`),
-        or moved since (that writer, the indexer), or another transaction holds its row."""
+        (~13 % of the writer's CPU). Not for a channel a spending cap covers (`_capped`): its windows are locked after
+        its row, as every writer takes them. None, with nothing written, when a channel is not held or is shared with
+        another process's writer (`_hold`), or moved since (that writer, the indexer), or another transaction holds
+        its row."""
+        rules = self.rules
         copies = self._copies(vouchers, None)
         if copies is None:
             return None
         channels, versions, numbers = copies
+        if _capped(rules, channels):
+            return None
         try:
             with self._writes.write() as conn:
-                judged = self._judge_group(conn, vouchers, signers, channels, numbers, held=versions)
+                judged = self._judge_group(conn, vouchers, signers, channels, numbers, held=versions, rules=rules)
         except ChannelMovedError:  # rolled back: nothing of the part was written
             self.metrics.group_writes.labels("moved").inc()
             return None
@@ -782,6 +786,7 @@ class Ingestor:
         numbers: dict[ChannelId, int],
         *,
         held: dict[ChannelId, int] | None = None,
+        rules: Rules | None = None,
     ) -> _Judged:
         """Judge the group's vouchers in order against its locked channels (moving each channel's position in
         `channels` as its vouchers are accepted) and write what was accepted. With `held` (the versions of the
@@ -797,7 +802,7 @@ class Ingestor:
             conn, [(v.channel_id, v.idempotency_key) for v in vouchers if v.idempotency_key is not None]
         )
         now = utcnow()
-        rules = self.rules
+        rules = self.rules if rules is None else rules
         spent, before = self._lock_spending(conn, rules, channels, now)
         outcomes, accepted, seen = self._judge(vouchers, signers, channels, priors, keyed, now, rules, spent)
         written = self._write_judged(conn, accepted, numbers, held)
@@ -899,3 +904,10 @@ def _in_order(count: int, refused: dict[int, Outcome], pending: list[int], resul
     outcomes = dict(refused)
     outcomes.update(zip(pending, results, strict=True))
     return [outcomes[i] for i in range(count)]
+
+
+def _capped(rules: Rules, channels: Mapping[ChannelId, Channel]) -> bool:
+    """Whether a spending cap covers one of the channels: its spend windows are then locked and read in the group's
+    transaction. Only theirs: anyone may set a cap on its own payee address, and any cap used to take the
+    PostgreSQL writer's in-memory judging and lock-free writes from every group (docs/security.md)."""
+    return bool(rules.caps) and any(rules.covering(channel) for channel in channels.values())
