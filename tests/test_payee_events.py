@@ -776,6 +776,50 @@ def test_a_quiet_payees_webhook_stores_what_it_passed_without_a_delivery(db: Dat
         sender.close()
 
 
+def test_a_webhook_with_nothing_new_costs_no_read_of_its_feed(
+    db: Database, store_url: str, receiver: Callable[..., Receiver], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Every due webhook's turn read its payee's feed at every tick (two queries, twice a second), idle or not, and
+    anyone may make ten webhooks for its own address: a thousand idle ones took the store's and the machine's time.
+    A webhook now reads only when its payee has an event since it last read all it had, or when a read would move
+    its stored position (a chain event, PASSED_SAVED payments of others); 21 webhooks here, tick by tick."""
+    reads: list[str] = []
+
+    def counted(db: Database, horizon: int, payee: str, after: Position, limit: int = 100) -> Feed:
+        reads.append(payee.lower())
+        return read_events(db, horizon, payee, after, limit)
+
+    monkeypatch.setattr("settlement.server.webhooks.read_events", counted)
+    hook = receiver()
+    quiet_payees = ["0x" + f"{n:040x}" for n in range(1, 21)]
+    busy, quiet = a_channel(1, BUSY), a_channel(2, quiet_payees[0])
+    with db.write() as conn:
+        for channel in (busy, quiet):
+            channel_q.insert_channel(conn, channel, utcnow())
+        for n, payee in enumerate([BUSY, *quiet_payees]):
+            assert add_webhook(conn, WebhookRow(f"wh_{n:016x}", payee, hook.url, "s", 0, 0, 0, -1, 0, 0, None), 10)
+    sender = WebhookSender(db, Settings(_env_file=None, database_url=store_url), True, Horizon(db))  # type: ignore[call-arg]
+
+    def tick() -> tuple[int, list[str]]:
+        reads.clear()
+        return sender.tick(wait=30), sorted(reads)
+
+    try:
+        assert tick() == (0, sorted([BUSY, *quiet_payees]))  # each reads once: nothing known of them yet
+        assert tick() == (0, [])  # nothing happened: nothing read (old code: 21 reads every tick)
+        paid(db, busy, range(1, 4))
+        assert tick() == (3, [BUSY])  # only the busy payee's webhook reads, and delivers
+        assert tick() == (0, [])
+        paid(db, quiet, range(1, 2))
+        assert tick() == (1, [quiet_payees[0]])
+        chain_happened(db, "ChannelsSettled", positions(9, 1), payee="0x" + "dd" * 20, token=ETH)  # another's
+        assert tick() == (0, sorted([BUSY, *quiet_payees]))  # a chain event: each moves its position past it once
+        assert tick() == (0, [])
+    finally:
+        sender.close()
+    assert [json.loads(raw)["data"]["cumulativeAmount"] for _, _, raw in hook.deliveries] == ["1", "2", "3", "1"]
+
+
 def test_the_senders_look_for_due_webhooks_reads_only_the_live_ones_on_their_index(db: Database) -> None:
     """Twice a second the sender asks which webhooks are due. Deleted webhooks are kept, so a payee that makes and
     deletes them grew that scan for everyone; the live ones now have an index of their own (revision 0017)."""

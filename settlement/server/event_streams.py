@@ -18,25 +18,14 @@ import contextlib
 import logging
 from collections import Counter
 from collections.abc import Callable
-from dataclasses import dataclass
 
 from starlette.concurrency import run_in_threadpool
 
 from settlement.errors import StreamLimitError, StreamsFullError
-from settlement.server.payee_events import Horizon
+from settlement.server.payee_events import Front, Horizon, read_front
 from settlement.store import Database
-from settlement.store.payee_events import last_chain_position
 
 logger = logging.getLogger(__name__)
-
-
-@dataclass(frozen=True)
-class Front:
-    """How far the feed reaches for every payee: payments up to `horizon`, chain events up to (`block`, `log`)."""
-
-    horizon: int
-    block: int
-    log: int
 
 
 class EventStreams:
@@ -124,7 +113,4 @@ class EventStreams:
         self._front = None  # read afresh when a stream opens again
 
     def _read(self) -> Front:
-        horizon = self.horizon.refresh()  # first: every payment up to it is visible by the chain read below too
-        with self.db.read() as conn:
-            block, log = last_chain_position(conn)
-        return Front(horizon, block, log)
+        return read_front(self.db, self.horizon)

@@ -21,7 +21,16 @@ from typing import Any
 from settlement.chain.batch_codec import decode_settlements
 from settlement.domain.model import HubEvent
 from settlement.store import Database
-from settlement.store.payee_events import ChainRow, PaymentRow, chain_events_after, payment_ids_after, payments_after
+from settlement.store.payee_events import (
+    ChainRow,
+    PaymentRow,
+    chain_events_after,
+    last_chain_position,
+    payees_of_chain_events,
+    payees_paid,
+    payment_ids_after,
+    payments_after,
+)
 
 MAX_ID = 2**63 - 1  # payment ids and block numbers are 64-bit in the store
 MAX_LOG = 2**31 - 1  # log indexes are 32-bit
@@ -57,6 +66,34 @@ class PayeeEvent:
 
     def body(self) -> dict[str, Any]:
         return {"id": self.event_id, "type": self.type, "position": self.position.token(), "data": self.data}
+
+
+@dataclass(frozen=True)
+class Front:
+    """How far the feed reaches for every payee: payments up to `horizon`, chain events up to (`block`, `log`)."""
+
+    horizon: int
+    block: int
+    log: int
+
+
+def read_front(db: Database, horizon: Horizon) -> Front:
+    safe = horizon.refresh()  # first: every payment up to it is visible to the chain read below too
+    with db.read() as conn:
+        block, log = last_chain_position(conn)
+    return Front(safe, block, log)
+
+
+def payees_moved(db: Database, since: Front, now: Front) -> set[str] | None:
+    """The payees (lower case) with an event between two fronts, or None when that cannot be told (the chain's
+    position went back: a reorganisation replaced events): then every payee may have one."""
+    if (now.block, now.log) < (since.block, since.log) or now.horizon < since.horizon:
+        return None
+    with db.read() as conn:
+        moved = payees_paid(conn, since.horizon, now.horizon) if now.horizon > since.horizon else set()
+        if (now.block, now.log) > (since.block, since.log):
+            moved |= payees_of_chain_events(conn, since.block, since.log)
+    return moved
 
 
 class Horizon:

@@ -32,7 +32,7 @@ import httpx
 from settlement.errors import MalformedRequestError
 from settlement.sdk.webhooks import EVENT_ID_HEADER, SIGNATURE_HEADER, signature
 from settlement.server.config import Settings
-from settlement.server.payee_events import Horizon, Position, read_events
+from settlement.server.payee_events import Front, Horizon, Position, payees_moved, read_events, read_front
 from settlement.settle.lease import Lease
 from settlement.store import Database
 from settlement.store.payee_events import WebhookRow, due_webhooks, webhook_delivered, webhook_failed
@@ -150,6 +150,20 @@ def _worth_saving(stored: Position, passed: Position) -> bool:
     return (passed.block, passed.log) != (stored.block, stored.log) or passed.payment - stored.payment >= PASSED_SAVED
 
 
+def _quiet(hook: WebhookRow, seen: dict[str, tuple[Front, Front]], last: Front, now: Front, moved: set[str]) -> bool:
+    """Whether a webhook's turn would read nothing new and store nothing: it had nothing to deliver as of the last
+    tick's front, its payee has no event since, no chain event came since its last read (its position moves past
+    every settlement at once: `_worth_saving`), and fewer than PASSED_SAVED payments of other payees."""
+    checked, read_at = seen.get(hook.webhook_id, (None, None))
+    return (
+        checked == last
+        and read_at is not None
+        and hook.payee.lower() not in moved
+        and (now.block, now.log) == (read_at.block, read_at.log)
+        and now.horizon - hook.after_payment < PASSED_SAVED
+    )
+
+
 class WebhookSender:
     """`tick()` delivers what is due; call it every `webhook_tick` seconds."""
 
@@ -171,23 +185,40 @@ class WebhookSender:
         self._clients: list[tuple[asyncio.AbstractEventLoop, httpx.AsyncClient]] = []
         self._pool = ThreadPoolExecutor(max_workers=settings.webhook_concurrency, thread_name_prefix="webhook")
         self._busy: set[str] = set()  # webhooks whose turn is running
+        self._front: Front | None = None  # the feed's front at the last tick
+        # webhook -> (the front as of which it had nothing to deliver, the front of its last turn that read all)
+        self._seen: dict[str, tuple[Front, Front]] = {}
         self._lock = threading.Lock()
 
     def tick(self, wait: float | None = None) -> int:
-        """Start a turn for each due webhook that has none running; returns the deliveries of the turns that ended
-        within `wait` seconds (default: `webhook_tick`). A turn still running goes on by itself: its webhook gets
-        no other turn meanwhile (never two deliveries of one webhook at once), the others get theirs at the next
-        tick. 0 when another process holds the lease; a store without webhooks costs one query."""
+        """Start a turn for each due webhook that has none running and may have something to deliver; returns the
+        deliveries of the turns that ended within `wait` seconds (default: `webhook_tick`). A turn still running goes
+        on by itself: its webhook gets no other turn meanwhile (never two deliveries of one webhook at once), the
+        others get theirs at the next tick. A webhook whose last turn read all it had gets none while its payee has no
+        new event (`payees_moved`): a turn costs the store reads, and anyone may make ten webhooks for its own
+        address. 0 when another process holds the lease; a store without webhooks costs one query."""
         with self._lock:
             busy = set(self._busy)  # before the read: a turn that ends after it was read from a row it moved
         with self.db.read() as conn:
             due = [hook for hook in due_webhooks(conn, time.time_ns() // 1000) if hook.webhook_id not in busy]
         if not due or not self.lease.acquire():
             return 0
-        horizon = self.horizon.refresh()
+        front = read_front(self.db, self.horizon)
+        last, self._front = self._front, front
+        moved = None if last is None else payees_moved(self.db, last, front)
         with self._lock:
+            kept = busy | {hook.webhook_id for hook in due}  # a deleted webhook's entry goes
+            seen = {webhook: fronts for webhook, fronts in self._seen.items() if webhook in kept}
+            quiet = {
+                hook.webhook_id
+                for hook in due
+                if last is not None and moved is not None and _quiet(hook, seen, last, front, moved)
+            }
+            seen.update({webhook: (front, seen[webhook][1]) for webhook in quiet})  # checked as of this front
+            self._seen = seen
+            due = [hook for hook in due if hook.webhook_id not in quiet]
             self._busy.update(hook.webhook_id for hook in due)
-        turns = [self._pool.submit(self._turn, hook, horizon) for hook in due]
+        turns = [self._pool.submit(self._turn, hook, front) for hook in due]
         ended, _ = futures.wait(turns, timeout=self.settings.webhook_tick if wait is None else wait)
         return sum(turn.result() for turn in ended)
 
@@ -199,17 +230,23 @@ class WebhookSender:
         self._clients.clear()
         self.lease.release()
 
-    def _turn(self, hook: WebhookRow, horizon: int) -> int:
+    def _turn(self, hook: WebhookRow, front: Front) -> int:
+        complete = False
         try:
-            return self._deliver(hook, horizon)
+            sent, complete = self._deliver(hook, front.horizon)
+            return sent
         except Exception as ex:  # the store down: the webhook's stored position stands, the next turn resumes there
             logger.warning("webhook %s: %s; retrying", hook.webhook_id, getattr(ex, "message", None) or ex)
             return 0
         finally:
             with self._lock:
                 self._busy.discard(hook.webhook_id)
+                if complete:  # it read all it had as of `front`
+                    self._seen[hook.webhook_id] = (front, front)
+                else:
+                    self._seen.pop(hook.webhook_id, None)
 
-    def _deliver(self, hook: WebhookRow, horizon: int) -> int:
+    def _deliver(self, hook: WebhookRow, horizon: int) -> tuple[int, bool]:
         """Deliver the webhook's next events in order, for TURN_SECONDS at most (then its thread goes to the others:
         a receiver that answers each event just inside the timeout held a thread, and every webhook's next tick,
         for as long as a hundred such answers took)."""
@@ -218,7 +255,7 @@ class WebhookSender:
         feed = read_events(self.db, horizon, hook.payee, position, self.settings.webhook_batch)
         for event in feed.events:
             if sent and time.monotonic() - started >= TURN_SECONDS:
-                return sent  # the rest at its next turn, from the position stored after each delivery
+                return sent, False  # the rest at its next turn, from the position stored after each delivery
             body = json.dumps(event.body(), separators=(",", ":")).encode()
             try:
                 target = check_target(hook.url, self.allow_private, self.resolve)
@@ -233,7 +270,7 @@ class WebhookSender:
                     raise OSError(f"answered HTTP {status}")
             except (httpx.HTTPError, OSError, MalformedRequestError) as ex:
                 self._failed(hook, f"{event.event_id}: {type(ex).__name__}: {ex}")
-                return sent
+                return sent, False
             position = event.position
             with self.db.write() as conn:
                 webhook_delivered(conn, hook.webhook_id, position.payment, position.block, position.log)
@@ -242,7 +279,7 @@ class WebhookSender:
             with self.db.write() as conn:
                 p = feed.position
                 webhook_delivered(conn, hook.webhook_id, p.payment, p.block, p.log)
-        return sent
+        return sent, not feed.more
 
     def _post(self, target: Target, body: bytes, headers: dict[str, str]) -> int:
         """The receiver's answer status, within `webhook_timeout_seconds` in all; its body is never read. A timeout

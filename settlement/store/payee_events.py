@@ -97,6 +97,35 @@ def chain_events_after(conn: Connection, payee: str, block: int, log: int, limit
     return [ChainRow(b, i, tx, event, cid, json.loads(args)) for b, i, tx, event, cid, args in conn.execute(query)]
 
 
+def payees_paid(conn: Connection, after: int, upto: int) -> set[str]:
+    """The payees (lower case) with a payment whose id is in (after, upto]: a primary-key range."""
+    query = (
+        select(channels.c.payee)
+        .distinct()
+        .select_from(payments.join(channels, channels.c.channel_no == payments.c.channel_no))
+        .where(payments.c.id > after, payments.c.id <= upto)
+    )
+    return {str(payee).lower() for payee in conn.execute(query).scalars()}
+
+
+def payees_of_chain_events(conn: Connection, block: int, log: int) -> set[str]:
+    """The payees (lower case) the chain events after (block, log) concern: a settlement's payee, a close's
+    channel's payee."""
+    rows = conn.execute(
+        select(chain_events.c.event, chain_events.c.channel_id, chain_events.c.args).where(after_position(block, log))
+    ).all()
+    found = {
+        str(json.loads(args).get("payee", "")).lower()
+        for event, _, args in rows
+        if event == HubEvent.CHANNELS_SETTLED.value
+    }
+    closed = {cid for event, cid, _ in rows if event in CLOSE_EVENTS and cid is not None}
+    if closed:
+        query = select(channels.c.payee).where(channels.c.channel_id.in_(sorted(closed)))
+        found |= {str(payee).lower() for payee in conn.execute(query).scalars()}
+    return found
+
+
 def last_chain_position(conn: Connection) -> tuple[int, int]:
     found = conn.execute(
         select(chain_events.c.block_number, chain_events.c.log_index)
