@@ -776,6 +776,42 @@ def test_a_quiet_payees_webhook_stores_what_it_passed_without_a_delivery(db: Dat
         sender.close()
 
 
+def test_a_webhook_host_slow_to_resolve_fails_at_the_timeout_and_holds_no_sender_thread(
+    db: Database, store_url: str, receiver: Callable[..., Receiver]
+) -> None:
+    """The sender looked a webhook's host up before each delivery with no deadline of its own: a host whose DNS
+    answers slowly held a sender thread for as long as the resolver waited, and with it the webhooks queued behind.
+    The look-up is now within the delivery's timeout: a failure like any other, retried with backoff. One sender
+    thread here, so a held one would hold the other payee's delivery too."""
+    hook = receiver()
+    answer_now = threading.Event()
+
+    def resolve(host: str, port: int) -> list[tuple[Any, ...]]:
+        if host == "slow.test":
+            answer_now.wait(30)
+        return [(socket.AF_INET, socket.SOCK_STREAM, 6, "", ("127.0.0.1", port))]
+
+    slow, fast = a_channel(1, QUIET), a_channel(2, BUSY)
+    with db.write() as conn:
+        for n, (channel, host) in enumerate(((slow, "slow.test"), (fast, "fast.test"))):
+            channel_q.insert_channel(conn, channel, utcnow())
+            url = f"http://{host}:{hook.port}/hook"
+            assert add_webhook(conn, WebhookRow(f"wh_{n:016x}", channel.payee, url, "s", 0, 0, 0, -1, 0, 0, None), 10)
+    settings = Settings(_env_file=None, database_url=store_url, webhook_timeout_seconds=0.5, webhook_concurrency=1)  # type: ignore[call-arg]
+    sender = WebhookSender(db, settings, True, Horizon(db), resolve)
+    try:
+        paid(db, slow, range(1, 2))
+        paid(db, fast, range(1, 2))
+        assert sender.tick(wait=20) == 1  # old code: the fast payee's delivery waited behind the look-up
+        with db.read() as conn:
+            (stuck,) = payee_webhooks(conn, QUIET)
+        assert (stuck.failures, (stuck.last_error or "").split(":")[1].strip()) == (1, "TimeoutError")
+        assert [json.loads(raw)["id"] for _, _, raw in hook.deliveries] == ["pay_2"]
+    finally:
+        answer_now.set()
+        sender.close()
+
+
 def test_a_webhook_with_nothing_new_costs_no_read_of_its_feed(
     db: Database, store_url: str, receiver: Callable[..., Receiver], monkeypatch: pytest.MonkeyPatch
 ) -> None:

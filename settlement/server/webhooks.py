@@ -258,14 +258,12 @@ class WebhookSender:
                 return sent, False  # the rest at its next turn, from the position stored after each delivery
             body = json.dumps(event.body(), separators=(",", ":")).encode()
             try:
-                target = check_target(hook.url, self.allow_private, self.resolve)
                 headers = {
-                    "host": target.host,
                     "content-type": "application/json",
                     SIGNATURE_HEADER: signature(hook.secret, body, int(time.time())),
                     EVENT_ID_HEADER: event.event_id,
                 }
-                status = self._post(target, body, headers)
+                status = self._post(hook.url, body, headers)
                 if not 200 <= status < 300:
                     raise OSError(f"answered HTTP {status}")
             except (httpx.HTTPError, OSError, MalformedRequestError) as ex:
@@ -281,12 +279,14 @@ class WebhookSender:
                 webhook_delivered(conn, hook.webhook_id, p.payment, p.block, p.log)
         return sent, not feed.more
 
-    def _post(self, target: Target, body: bytes, headers: dict[str, str]) -> int:
-        """The receiver's answer status, within `webhook_timeout_seconds` in all; its body is never read. A timeout
-        per read let a receiver that streams an endless body (memory grew ~400 MB a second on loopback, a whole
-        body being read) or dribbles its headers a byte at a time hold a sender thread, and the service, for good:
-        the exchange runs on this thread's own event loop and is cancelled wherever it stands at the deadline
-        (TimeoutError, an OSError: a failure like any other)."""
+    def _post(self, url: str, body: bytes, headers: dict[str, str]) -> int:
+        """The receiver's answer status, its host looked up and checked (`check_target`) and the exchange made within
+        `webhook_timeout_seconds` in all; its body is never read. A timeout per read let a receiver that streams an
+        endless body (memory grew ~400 MB a second on loopback, a whole body being read) or dribbles its headers a
+        byte at a time hold a sender thread, and the service, for good; a host whose DNS answers slowly held it as
+        long as the resolver waited. The whole runs on this thread's own event loop (the look-up on that loop's
+        executor) and is cancelled wherever it stands at the deadline (TimeoutError, an OSError: a failure like any
+        other)."""
         mine: tuple[asyncio.AbstractEventLoop, httpx.AsyncClient] | None = getattr(self._local, "client", None)
         if mine is None:
             loop = asyncio.new_event_loop()
@@ -297,8 +297,10 @@ class WebhookSender:
         loop, client = mine
 
         async def exchange() -> int:
+            target = await loop.run_in_executor(None, check_target, url, self.allow_private, self.resolve)
+            sent = {"host": target.host, **headers}
             async with client.stream(
-                "POST", target.url, content=body, headers=headers, extensions=target.extensions
+                "POST", target.url, content=body, headers=sent, extensions=target.extensions
             ) as answer:
                 return answer.status_code
 
