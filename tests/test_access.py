@@ -194,6 +194,47 @@ def test_a_payee_key_reads_its_own_channels_and_takings_only(
     assert [c["channelId"] for c in mine.json()["items"]] == ["0x" + channel.id.hex()]
 
 
+def test_only_its_payee_and_the_operator_stop_a_channel(
+    paid_channel: Callable[..., tuple[TestClient, Channel]],
+    store_url: str,
+    accounts: list[LocalAccount],
+    sign: Callable[..., bytes],
+) -> None:
+    """A stop ends a channel's payments at the service for good (its payee closes it next): anyone else stopping it
+    would cut a payer off its channel, so its payer, another payee, a payee key of another address and an anonymous
+    caller are refused and the channel still takes vouchers; its payee (by key or by signing in) and the operator
+    may, and only then is a voucher refused."""
+    client, channel = paid_channel(3, 4)
+    _, other = paid_channel(5, 6)
+    url = f"/v1/channels/0x{channel.id.hex()}/stop"
+    credentials = {
+        "anonymous": None,
+        "its payer": signed_in(client, accounts[3])["Authorization"].split()[1],
+        "another payee": signed_in(client, accounts[6])["Authorization"].split()[1],
+        "another payee's key": new_key(store_url, Role.PAYEE, other.payee),
+        "its payer's payee key": new_key(store_url, Role.PAYEE, channel.payer.address),
+    }
+    for who, credential in credentials.items():
+        headers = {} if credential is None else {"Authorization": f"Bearer {credential}"}
+        answer = client.post(url, json={}, headers=headers)
+        assert (answer.status_code, answer.json()["code"]) == ((401, "authentication_required") if credential is None
+                                                                 else (403, "forbidden")), who  # fmt: skip
+    assert client.post("/v1/vouchers", json=body(channel, 6, sign(channel.payer, channel.id, 6))).status_code == 201
+    own = new_key(store_url, Role.PAYEE, channel.payee)
+    stopped = client.post(url, json={}, headers={"Authorization": f"Bearer {own}"})
+    assert (stopped.status_code, stopped.json()["acceptedCumulativeAmount"]) == (200, "6")
+    refused = client.post("/v1/vouchers", json=body(channel, 7, sign(channel.payer, channel.id, 7)))
+    assert (refused.status_code, refused.json()["code"]) == (409, "channel_closed")
+    token = signed_in(client, accounts[6])  # the other channel's payee, signed in
+    assert client.post(f"/v1/channels/0x{other.id.hex()}/stop", json={}, headers=token).status_code == 200
+    operator = new_key(store_url, Role.OPERATOR)
+    service, third = paid_channel(7, 8)  # through the service it paid: the first spent its unknown-id reads on `other`
+    third_stop = service.post(
+        f"/v1/channels/0x{third.id.hex()}/stop", json={}, headers={"Authorization": f"Bearer {operator}"}
+    )
+    assert third_stop.status_code == 200, third_stop.text
+
+
 def test_a_flood_of_made_up_api_keys_costs_the_store_a_bounded_number_of_reads(
     api: Callable[..., TestClient], store_url: str
 ) -> None:

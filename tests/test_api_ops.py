@@ -49,6 +49,7 @@ def test_openapi_has_stable_operation_ids(api: Callable[..., TestClient]) -> Non
         "submitVoucher",
         "submitVoucherBatch",
         "getChannel",
+        "stopChannel",
         "listChannels",
         "listPayments",
         "getPayeeSummary",

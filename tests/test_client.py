@@ -486,9 +486,10 @@ def test_a_refund_on_a_voucher_the_service_cannot_show_is_refused_before_any_tra
     hub: Contract,
     accounts: list[LocalAccount],
 ) -> None:
-    """The payee's refund closes the channel with the service's latest voucher, checked against the payer's key
-    first. A voucher that is not one (not hex, short, not a string, none) raised ValueError in the hex parse; now it
-    is the service's word the payee cannot take, as another signer's voucher is, and no transaction is sent."""
+    """The payee's refund closes the channel with the latest voucher its stop at the service answers, checked against
+    the payer's key first. A voucher that is not one (not hex, short, not a string, none) raised ValueError in the
+    hex parse; now it is the service's word the payee cannot take, as another signer's voucher is, and no
+    transaction is sent."""
     service = serve_here(store_url)
     payer = payer_client(accounts[10], service.url)
     channel = payer.open_channel(accounts[11].address, 10**16)
@@ -499,15 +500,71 @@ def test_a_refund_on_a_voucher_the_service_cannot_show_is_refused_before_any_tra
         stranger = "0x" + VoucherSigner(accounts[9], payee.domain).sign(channel.channel_id, 1_000).hex()
         for sent in ("0x" + "zz" * 65, "0x12", "12" * 65, 5, None, stranger):
             tamper = Tampering()
-            tamper.rewrite = lambda path, data, sent=sent: {**data, "latestSignature": sent}
+            tamper.rewrite_post = lambda path, data, sent=sent: (
+                {**data, "latestSignature": sent} if path.endswith("/stop") else data
+            )
             payee.http.close()
             payee.http = httpx.Client(base_url=service.url, transport=tamper, auth=payee.http.auth)
             with pytest.raises(UntrustedServiceError, match="is not the payer's"):
                 payee.refund(channel.hex_id)
-        tamper.rewrite = lambda path, data: b"<html>Bad gateway</html>"  # not JSON: KeyError or JSONDecodeError before
+        # Not JSON: KeyError or JSONDecodeError before.
+        tamper.rewrite_post = lambda path, data: b"<html>Bad gateway</html>" if path.endswith("/stop") else data
         with pytest.raises(UntrustedServiceError, match="is not a JSON object"):
             payee.refund(channel.hex_id)
         assert hub.functions.channel(channel.channel_id).call()[ChannelViewField.STATUS] == ChannelStatus.OPEN
+    finally:
+        payee.shutdown()
+
+
+def test_a_refund_settles_every_payment_the_service_accepted_while_the_payer_pays_on(
+    serve_here: Callable[..., ServiceThread],
+    payer_client: Callable[..., PayerClient],
+    devnet: Devnet,
+    store_url: str,
+    hub: Contract,
+    accounts: list[LocalAccount],
+) -> None:
+    """A payer asks for the cooperative refund and pays on meanwhile. The refund read the service's latest voucher,
+    then closed the channel with it (closeByPayee); the service went on accepting vouchers until its indexer saw the
+    close, each one acknowledged (a payee app served what it bought) and never payable: the payer was served for
+    nothing. The refund now stops the channel at the service first: every payment the payer got a receipt for is
+    settled by the close, and its next payment is refused (channel_closed), however the payments race the refund."""
+    service = serve_here(store_url, indexer_interval=60)  # the service does not see the close within the test
+    payer = payer_client(accounts[10], service.url)
+    channel = payer.open_channel(accounts[11].address, 10**16)
+    payer.wait_until_known(channel)
+    receipts: list[int] = []
+    refused: list[str] = []
+    started = threading.Event()
+
+    def pay_on() -> None:
+        while True:
+            try:
+                receipts.append(payer.pay(channel, 1_000).cumulative)
+            except ServiceRejectedError as ex:
+                refused.append(ex.code)
+                return
+            if len(receipts) == 3:
+                started.set()
+
+    paying = threading.Thread(target=pay_on)
+    paying.start()
+    assert started.wait(30)
+    payee = PayeeClient(key(accounts[11]), devnet.url, service.url)
+    try:
+        refunded = payee.refund(channel.hex_id)
+        paying.join(30)
+        assert not paying.is_alive()
+        view = hub.functions.channel(channel.channel_id).call()
+        assert view[ChannelViewField.STATUS] == ChannelStatus.CLOSED
+        assert refused == ["channel_closed"]
+        assert receipts == [1_000 * n for n in range(1, len(receipts) + 1)]
+        assert view[ChannelViewField.SETTLED] == receipts[-1]  # every receipt is paid: old code left some unpaid
+        assert max(p.cumulative for p in stored_payments(store_url, channel.hex_id)) == receipts[-1]
+        assert refunded == 10**16 - receipts[-1]
+        with pytest.raises(ServiceRejectedError) as after:
+            payer.pay(channel, 1_000)
+        assert after.value.code == "channel_closed"
     finally:
         payee.shutdown()
 

@@ -6,6 +6,7 @@ import logging
 import multiprocessing
 import os
 import signal
+import time
 from collections.abc import Callable
 from datetime import UTC, datetime
 from typing import Any
@@ -19,7 +20,7 @@ from web3.contract import Contract
 
 from settlement.api.schemas import BatchOut, ReceiptOut
 from settlement.domain.ledger import receipt_body
-from settlement.domain.model import ChannelId, Receipt
+from settlement.domain.model import ChannelId, ChannelViewField, Receipt
 from settlement.eip712.vouchers import Domain
 from settlement.ingest import recovery as recovery_module
 from tests.hub_helpers import (
@@ -324,6 +325,42 @@ def test_closed_channel(api: Callable[..., TestClient], channel: Channel, sign: 
     answer = client.post("/v1/vouchers", json=body(channel, 20, sign(channel.payer, channel.id, 20)))
     assert answer.status_code == 409
     assert answer.json()["code"] == "channel_closed"
+
+
+def test_a_channel_its_payee_stopped_takes_no_voucher_after_the_stop_which_answers_the_last_one(
+    api: Callable[..., TestClient], channel: Channel, sign: Sign, w3: Web3, hub: Contract
+) -> None:
+    """A payee closes a channel at once (closeByPayee) with the latest voucher the service holds, but the service
+    learns of the close only once its indexer sees it, and acknowledged every voucher until then: none of those could
+    ever be settled. The payee now stops the channel at the service first: the stop answers the latest voucher and
+    every later one is refused (409 channel_closed); a re-send of an accepted voucher is still answered as accepted
+    (a lost answer retried); a second stop answers the same; the close settles exactly what the service accepted."""
+    client = api(indexer_interval=60)  # the close is not seen by the service within the test, as on a slow chain
+    url = f"/v1/channels/0x{channel.id.hex()}"
+    for cumulative in (100, 250):
+        paid = client.post("/v1/vouchers", json=body(channel, cumulative, sign(channel.payer, channel.id, cumulative)))
+        assert paid.status_code == 201, paid.text
+    before = int(time.time())
+    stopped = client.post(f"{url}/stop", json={})
+    assert stopped.status_code == 200, stopped.text
+    state = stopped.json()
+    assert (state["acceptedCumulativeAmount"], state["status"]) == ("250", "open")
+    assert state["latestSignature"] == "0x" + sign(channel.payer, channel.id, 250).hex()
+    assert before <= state["stoppedAt"] <= int(time.time())
+    refused = client.post("/v1/vouchers", json=body(channel, 300, sign(channel.payer, channel.id, 300)))
+    assert (refused.status_code, refused.json()["code"]) == (409, "channel_closed")
+    assert refused.json()["stoppedAt"] == state["stoppedAt"]
+    later = body(channel, 400, sign(channel.payer, channel.id, 400))
+    batch = client.post("/v1/vouchers/batch", json={"vouchers": [later]})
+    assert [item["error"]["code"] for item in batch.json()["results"]] == ["channel_closed"]
+    again = client.post("/v1/vouchers", json=body(channel, 250, sign(channel.payer, channel.id, 250)))
+    assert (again.status_code, again.json()["cumulativeAmount"]) == (200, "250")
+    assert client.post(f"{url}/stop", json={}).json() == state  # final: the same answer
+    assert client.get(url).json() == state
+    assert client.post(f"/v1/channels/0x{'42' * 32}/stop", json={}).json()["code"] == "channel_not_found"
+
+    send(w3, hub.functions.closeByPayee(channel.id, 250, sign(channel.payer, channel.id, 250)), channel.payee)
+    assert hub.functions.channel(channel.id).call()[ChannelViewField.SETTLED] == 250
 
 
 def test_closing_channel_accepts_until_the_guard_by_the_chains_clock(

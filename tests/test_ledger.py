@@ -209,6 +209,7 @@ def test_with_voucher_keeps_every_other_fact_of_the_channel() -> None:
         "accepted": 5,
         "signature": b"\x02" * 65,
         "suspended_reason": "held",
+        "stopped_at_us": 1_700_000_000_000_000,
         "status": ChannelStatus.CLOSING,
         "settled": 3,
     }

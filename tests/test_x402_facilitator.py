@@ -241,6 +241,7 @@ def test_a_paid_voucher_in_another_spelling_is_refused_and_charges_nothing(
         ("unknown channel", "channel_not_found"),
         ("above the deposit", "amount_exceeds_deposit"),
         ("closing channel", "channel_closed"),
+        ("channel its payee stopped", "channel_closed"),
     ],
 )
 def test_every_bad_payment_gets_its_reason_and_charges_nothing(
@@ -295,6 +296,8 @@ def test_every_bad_payment_gets_its_reason_and_charges_nothing(
         client = api(close_guard_seconds=7200)
         url = f"/v1/channels/0x{channel.id.hex()}"
         wait_until(lambda: client.get(url).json()["status"] == "closing")  # the indexers saw the close
+    elif case == "channel its payee stopped":  # to close it with the latest voucher (closeByPayee)
+        assert client.post(f"/v1/channels/0x{channel.id.hex()}/stop", json={}).status_code == 200
     for route, flag, why in (("/x402/verify", "isValid", "invalidReason"), ("/x402/settle", "success", "errorReason")):
         answer = client.post(route, json=body)
         assert answer.status_code == 200, answer.text

@@ -19,9 +19,17 @@ from settlement.api.deps import (
     ServiceDep,
     checked_address,
 )
-from settlement.api.schemas import AssetOut, ChannelOut, ChannelPage, PayeeSummaryOut, PaymentPage, ReceiptOut
+from settlement.api.schemas import (
+    AssetOut,
+    ChannelOut,
+    ChannelPage,
+    PayeeSummaryOut,
+    PaymentPage,
+    ReceiptOut,
+    StrictModel,
+)
 from settlement.chain.node import rpc_errors
-from settlement.domain.model import ChannelId, ChannelStatus
+from settlement.domain.model import Channel, ChannelId, ChannelStatus, utcnow
 from settlement.errors import ChainError, ChannelNotFoundError, ForbiddenError
 from settlement.server.service import Service
 from settlement.store import channels as channel_q
@@ -40,6 +48,32 @@ async def get_channel(channelId: ChannelIdPath, request: Request, service: Servi
     channel = await run_in_threadpool(service.ingestor.load_channel, channel_id)  # another shard's: 421
     require_party(who, channel.payer, channel.payee, "a channel")
     return ChannelOut.of(channel)
+
+
+class StopIn(StrictModel):
+    """A stop names nothing but its channel (a JSON body, as every POST of this API has one)."""
+
+
+@router.post("/v1/channels/{channelId}/stop", operation_id="stopChannel", tags=["channels"])
+async def stop_channel(channelId: ChannelIdPath, _: StopIn, service: ServiceDep, who: CallerDep) -> ChannelOut:
+    """Stop a channel at the service (body `{}`), so that its payee can close it on chain (`closeByPayee`) with the
+    latest voucher: no voucher is accepted after this answer, which carries that voucher (every one accepted before
+    it is settled by the close; without the stop, those accepted until the service saw the close never could be).
+    Its payee's and the operator's; final (its payer pays on another channel); a second stop answers the same."""
+    channel_id = ChannelId(channelId.lower())
+    service.ingestor.admit_unknown(channel_id)  # a made-up id is refused here, before a thread or the store
+    channel = await run_in_threadpool(service.ingestor.load_channel, channel_id)  # another shard's: 421
+    if not (who.is_operator or who.is_payee(channel.payee)):
+        raise ForbiddenError("a channel is stopped by its payee (to close it) and the operator only")
+    return ChannelOut.of(await run_in_threadpool(_stop, service, channel_id))
+
+
+def _stop(service: Service, channel_id: ChannelId) -> Channel:
+    with service.db.write() as conn:
+        stopped = channel_q.stop_channel(conn, channel_id, utcnow())
+    if stopped is None:  # load_channel stored it: the store lost it since
+        raise ChannelNotFoundError(f"the service has no channel {channel_id}")
+    return stopped
 
 
 @router.get("/v1/channels", operation_id="listChannels", tags=["channels"])

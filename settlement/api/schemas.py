@@ -158,6 +158,10 @@ class ChannelOut(BaseModel):
     )
     suspended: bool
     suspendedReason: str | None
+    stoppedAt: int | None = Field(
+        description="unix seconds its payee stopped the channel at the service, to close it: no voucher is accepted "
+        "after it (POST /v1/channels/{channelId}/stop)"
+    )
 
     @classmethod
     def of(cls, channel: Channel) -> ChannelOut:
@@ -178,6 +182,7 @@ class ChannelOut(BaseModel):
             asOfBlock=channel.as_of_block,
             suspended=channel.suspended_reason is not None,
             suspendedReason=channel.suspended_reason,
+            stoppedAt=None if channel.stopped_at_us is None else channel.stopped_at_us // 1_000_000,
         )
 
 

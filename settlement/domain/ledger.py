@@ -253,6 +253,12 @@ def receipt_body(receipt: Receipt) -> dict[str, str | None]:
 def _require_open(channel: Channel, now: datetime, close_guard: int, chain_time: int = 0) -> None:
     if channel.status == ChannelStatus.CLOSED:
         raise ChannelClosedError(f"channel {channel.channel_id} is closed")
+    if channel.stopped_at_us is not None:
+        raise ChannelClosedError(
+            f"channel {channel.channel_id} was stopped by its payee, to close it with the latest voucher accepted: "
+            "it takes no more vouchers; pay on another channel",
+            stoppedAt=channel.stopped_at_us // 1_000_000,
+        )
     if channel.status == ChannelStatus.CLOSING and channel.close_deadline is not None:
         left = channel.close_deadline - max(int(now.timestamp()), chain_time)
         if left < close_guard:

@@ -105,6 +105,7 @@ class Channel:
     accepted: int = 0
     signature: bytes | None = None
     suspended_reason: str | None = None
+    stopped_at_us: int | None = None  # the payee stopped it at the service to close it: no voucher accepted after
 
     @property
     def unsettled(self) -> int:

@@ -59,13 +59,14 @@ class PayeeClient:
 
     def refund(self, channel_id: str) -> int:
         """Close the channel now with the payer's latest voucher the service holds (checked against the payer's
-        key first): returns what went back to the payer. Raises UntrustedServiceError when the service's voucher
-        is not the payer's."""
+        key first): returns what went back to the payer. The channel is stopped at the service first (it accepts
+        no voucher after the one the stop answers), so every payment the service acknowledged is settled by the
+        close. Raises UntrustedServiceError when the service's voucher is not the payer's."""
         raw = bytes.fromhex(channel_id.removeprefix("0x"))
         view = self.hub.functions.channel(raw).call()
         if to_checksum_address(view[ChannelViewField.PAYEE]) != self.address:
             raise ValueError(f"channel {channel_id} does not pay {self.address}")
-        state = self._get(f"/v1/channels/0x{raw.hex()}")
+        state = self._post(f"/v1/channels/0x{raw.hex()}/stop")
         cumulative = service_amount(state, "acceptedCumulativeAmount")
         signature = b""
         if cumulative > int(view[ChannelViewField.SETTLED]):
@@ -91,7 +92,13 @@ class PayeeClient:
         self._rpc_session.close()
 
     def _get(self, path: str) -> dict[str, Any]:
-        answer = self.http.get(path)
+        return self._answer(self.http.get(path))
+
+    def _post(self, path: str) -> dict[str, Any]:
+        return self._answer(self.http.post(path, json={}))
+
+    @staticmethod
+    def _answer(answer: httpx.Response) -> dict[str, Any]:
         if answer.status_code != 200:
             raise refusal(answer)
         return answer_object(answer)

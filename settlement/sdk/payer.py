@@ -232,7 +232,8 @@ class PayerClient:
 
     def open_channels(self, payee: str, token: str | None = None) -> list[dict[str, Any]]:
         """This payer's open channels to `payee` in `token` (default ETH) as the service lists them (its word:
-        `channel(id)` checks each against the hub)."""
+        `channel(id)` checks each against the hub), less those the payee stopped (`stoppedAt`: it is closing them
+        and they take no more vouchers)."""
         asset = to_checksum_address(token) if token else ETH
         query = f"/v1/channels?payer={self.address}&payee={to_checksum_address(payee)}&status=open&limit=1000"
         listed = self._get(query).get("items")
@@ -240,7 +241,7 @@ class PayerClient:
             raise UntrustedServiceError(f"the service's answer to GET {query} lists no channels in items")
         for listing in listed:  # each in its one form before anyone acts on it
             service_channel_id(listing, "channelId")
-        return [c for c in listed if service_address(c, "token") == asset]
+        return [c for c in listed if service_address(c, "token") == asset and c.get("stoppedAt") is None]
 
     def top_up(self, channel: ChannelRef, amount: int, *, from_balance: bool = False) -> None:
         """Add `amount` to the channel's deposit (vouchers may use it once the service sees it confirmed), from the

@@ -82,6 +82,7 @@ def channel_from_row(row: Row[Any]) -> Channel:
         accepted=row.accepted,
         signature=row.signature,
         suspended_reason=row.suspended_reason,
+        stopped_at_us=row.stopped_at_us,
     )
 
 
@@ -247,6 +248,19 @@ def save_chain_state(conn: Connection, channel: Channel, now: datetime) -> None:
             version=channels.c.version + 1,
         )
     )
+
+
+def stop_channel(conn: Connection, channel_id: ChannelId, now: datetime) -> Channel | None:
+    """Stop a stored channel for its payee (a second stop keeps the first's time) and read it back in the same write
+    transaction. The row's version is raised, so every writer judges its next voucher against the stopped row (on
+    PostgreSQL the update waits for a group that holds the row, whose voucher the read then sees): the latest voucher
+    read is the last one accepted."""
+    conn.execute(
+        update(channels)
+        .where(channels.c.channel_id == channel_id, channels.c.stopped_at_us.is_(None))
+        .values(stopped_at_us=to_us(now), updated_at_us=to_us(now), version=channels.c.version + 1)
+    )
+    return get_channel(conn, channel_id)
 
 
 def receipts_for(conn: Connection, keys: Sequence[tuple[ChannelId, int]]) -> dict[tuple[ChannelId, int], Receipt]:

@@ -76,6 +76,9 @@ channels = Table(
     Column("accepted", Amount(), nullable=False),
     Column("signature", LargeBinary(65), nullable=True),
     Column("suspended_reason", Text(), nullable=True),
+    # When the payee stopped the channel at the service to close it (`POST /v1/channels/{id}/stop`): no voucher is
+    # accepted after it, so the latest voucher the stop answered is the last one (revision 0018).
+    Column("stopped_at_us", BigInteger(), nullable=True),
     Column("updated_at_us", BigInteger(), nullable=False),
     # The channel's number in this store: what its payments carry instead of the 66-character id (8 bytes, not 67,
     # in every payment row and in both of its unique indexes). PostgreSQL numbers new rows; SQLite is given one.
