@@ -65,6 +65,8 @@ async def stop_channel(channelId: ChannelIdPath, _: StopIn, service: ServiceDep,
     channel = await run_in_threadpool(service.ingestor.load_channel, channel_id)  # another shard's: 421
     if not (who.is_operator or who.is_payee(channel.payee)):
         raise ForbiddenError("a channel is stopped by its payee (to close it) and the operator only")
+    if channel.stopped_at_us is not None:  # read after the stop committed: final, so no write again (a flood of
+        return ChannelOut.of(channel)  # stops would otherwise take SQLite's write lock from ingest each time)
     return ChannelOut.of(await run_in_threadpool(_stop, service, channel_id))
 
 
