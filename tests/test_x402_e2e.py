@@ -1318,6 +1318,40 @@ def test_a_cooperative_refund_returns_the_unspent_deposit_at_once(
         client.shutdown()
 
 
+def test_a_channel_its_payee_stopped_and_never_closed_is_left_for_a_new_one(
+    spawn: Callable[..., ServiceProcess],
+    paid_api: Callable[..., str],
+    devnet: Devnet,
+    accounts: list[LocalAccount],
+    hub: Contract,
+    tmp_path: Path,
+    payer_for: Callable[..., PayerClient],
+) -> None:
+    """A payee stops a channel at the service to close it, then never closes it (its transaction failed, or it chose
+    not to). The payer's client took `channel_closed` for a payee's word while the hub held the channel open, kept it,
+    and every later request to that payee was refused; it now takes the service's word that the channel is stopped
+    and pays on a new channel at once, the stopped one left out of its listing."""
+    service = spawn(f"sqlite:///{tmp_path / 'stopped.db'}", wait=False)  # ready once the paid app is
+    payee_account = accounts[13]
+    api = paid_api(service, payee_account.address)
+    payer = payer_for(accounts[10], service)
+    scheme = ChannelHubClientScheme(payer, DepositPolicy(multiple=100, follow_hint=False))
+    assert [paid_get(devnet, scheme, f"{api}/weather") for _ in range(2)] == [200] * 2
+    (channel,) = payer.open_channels(payee_account.address)
+    payee = PayeeClient(HexBytes(payee_account.key).to_0x_hex(), devnet.url, service.url)
+    try:
+        assert payee.stop(channel["channelId"])["acceptedCumulativeAmount"] == str(2 * PRICE)
+    finally:
+        payee.shutdown()
+    assert paid_get(devnet, scheme, f"{api}/weather") == 200  # old code: 402 (channel_closed), for good
+    assert paid_get(devnet, scheme, f"{api}/weather") == 200
+    (fresh,) = payer.open_channels(payee_account.address)
+    assert fresh["channelId"] != channel["channelId"]
+    stopped = bytes.fromhex(channel["channelId"][2:])
+    assert hub.functions.channel(stopped).call()[ChannelViewField.STATUS] == ChannelStatus.OPEN
+    assert accepted_for(service, payee_account.address) == 4 * PRICE
+
+
 def test_a_payer_asks_the_payee_for_the_refund_and_only_the_payer_can(
     spawn: Callable[..., ServiceProcess],
     paid_api: PaidApis,

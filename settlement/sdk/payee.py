@@ -66,7 +66,7 @@ class PayeeClient:
         view = self.hub.functions.channel(raw).call()
         if to_checksum_address(view[ChannelViewField.PAYEE]) != self.address:
             raise ValueError(f"channel {channel_id} does not pay {self.address}")
-        state = self._post(f"/v1/channels/0x{raw.hex()}/stop")
+        state = self.stop(channel_id)
         cumulative = service_amount(state, "acceptedCumulativeAmount")
         signature = b""
         if cumulative > int(view[ChannelViewField.SETTLED]):
@@ -78,6 +78,12 @@ class PayeeClient:
         deposit = int(view[ChannelViewField.DEPOSIT])
         self.transactor.send(self.hub.functions.closeByPayee(raw, cumulative, signature))
         return deposit - max(cumulative, int(view[ChannelViewField.SETTLED]))
+
+    def stop(self, channel_id: str) -> dict[str, Any]:
+        """Stop the channel at the service before closing it on chain (`refund` does both): the service accepts no
+        voucher on it after this, and answers its state (`acceptedCumulativeAmount`, `latestSignature`: the last
+        voucher accepted). Final."""
+        return self._post(f"/v1/channels/0x{bytes.fromhex(channel_id.removeprefix('0x')).hex()}/stop")
 
     def withdraw(self, token: str | None = None) -> int:
         """Everything the hub holds for this payee in `token` (default ETH), to itself; returns the amount."""

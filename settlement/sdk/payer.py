@@ -439,6 +439,15 @@ class PayerClient:
         status = self.hub.functions.channel(channel.channel_id).call()[ChannelViewField.STATUS]
         return int(status) == ChannelStatus.OPEN
 
+    def takes_vouchers(self, channel: ChannelRef) -> bool:
+        """Whether a payment on the channel can still be accepted: open on the hub (the chain's word) and not stopped
+        by its payee at the service (`stoppedAt`: the payee is closing it). Not a payee's word: a hostile payee that
+        answers `channel_closed` for an open channel must not make the payer open channels, and lock deposits, one
+        after another."""
+        if not self.is_open(channel):
+            return False
+        return self._get(f"/v1/channels/{channel.hex_id}").get("stoppedAt") is None
+
     def _learn(self, channel: ChannelRef, payment: JournalPayment) -> None:
         self._conclude(channel, payment, self._proven(channel))
 

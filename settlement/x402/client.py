@@ -215,8 +215,8 @@ class ChannelHubClientScheme:
             if reason in STALE_REASONS:
                 self.payer.resynchronise(lane.channel)
                 return RecoveredResponseResult()
-            if reason == "channel_closed" and not self.payer.is_open(lane.channel):
-                self.payer.resynchronise(lane.channel)  # closed (a refund, a close): pay on another channel
+            if reason == "channel_closed" and not self.payer.takes_vouchers(lane.channel):
+                self.payer.resynchronise(lane.channel)  # closed or stopped (a refund, a close): pay on another one
                 self._drop(lane)
                 return RecoveredResponseResult()
             return None
