@@ -14,6 +14,7 @@
     │       └── UnknownKeysBusyError 503 unknown_keys_busy (API keys not in memory over the read budget)
     ├── StreamsFullError             503 streams_full        (this process serves SETTLEMENT_EVENT_STREAMS_MAX live
     │                                                   streams of payee events already)
+    ├── WebhooksFullError            503 webhooks_full       (the service holds SETTLEMENT_WEBHOOKS_MAX live webhooks)
     ├── EngineBusyError              409 engine_busy         (another process runs the settlement engine)
     ├── NothingToWithdrawError       409 balance_insufficient (the hub holds less than a withdrawal asks)
     ├── ChainError                   502 chain_error
@@ -232,6 +233,14 @@ class StreamsFullError(SettlementError):
 
     status = 503
     code = "streams_full"
+
+
+class WebhooksFullError(SettlementError):
+    """The service holds as many live webhooks as SETTLEMENT_WEBHOOKS_MAX allows: its sender reads each one's row at
+    every tick, and making one needs nothing but a key, so their number is bounded. The operator may raise it."""
+
+    status = 503
+    code = "webhooks_full"
 
 
 class RequestError(SettlementError):

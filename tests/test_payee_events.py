@@ -35,6 +35,7 @@ from settlement.server.webhooks import PASSED_SAVED, Target, WebhookSender, chec
 from settlement.store import Database
 from settlement.store import channels as channel_q
 from settlement.store.payee_events import (
+    Added,
     WebhookRow,
     add_webhook,
     delete_webhook,
@@ -409,6 +410,31 @@ def test_concurrent_webhook_requests_cannot_pass_the_limit_together(
     assert len(httpx.get(path).json()) == 2
 
 
+def test_the_service_holds_at_most_its_webhooks_in_all_even_when_payees_ask_at_once(
+    spawn: Callable[..., ServiceProcess],
+    store_url: str,
+    accounts: list[LocalAccount],
+    receiver: Callable[..., Receiver],
+) -> None:
+    """The sender reads every live webhook's row at each tick, and anyone may sign in with a fresh key and make ten
+    for its own address: a million fresh addresses were ten million rows read twice a second. The service now holds
+    `SETTLEMENT_WEBHOOKS_MAX` in all (503 `webhooks_full` beyond): eight payees at once against three, on a real serve
+    and both stores, make three; a deleted one frees its place."""
+    service = spawn(store_url, webhooks_max="3")
+    url = receiver().url
+    paths = [f"{service.url}/v1/payees/{account.address}/webhooks" for account in accounts[2:10]]
+    with ThreadPoolExecutor(8) as pool:
+        answers = list(pool.map(lambda path: httpx.post(path, json={"url": url}, timeout=30), paths))
+    assert sorted(a.status_code for a in answers) == [201] * 3 + [503] * 5
+    assert {a.json()["code"] for a in answers if a.status_code == 503} == {"webhooks_full"}
+    made = [(path, a.json()["webhookId"]) for path, a in zip(paths, answers, strict=True) if a.status_code == 201]
+    assert sum(len(httpx.get(path).json()) for path in paths) == 3
+    refused = next(path for path, a in zip(paths, answers, strict=True) if a.status_code == 503)
+    assert httpx.delete(f"{made[0][0]}/{made[0][1]}", timeout=30).status_code == 204
+    assert httpx.post(refused, json={"url": url}, timeout=30).status_code == 201
+    assert httpx.post(made[0][0], json={"url": url}, timeout=30).json()["code"] == "webhooks_full"
+
+
 def test_off_a_devnet_a_webhook_cannot_aim_inside_the_network() -> None:
     for url in ("http://127.0.0.1:5432/", "http://localhost/x", "http://169.254.169.254/latest", "http://10.1.2.3/"):
         with pytest.raises(MalformedRequestError, match="private, loopback or reserved"):
@@ -519,7 +545,8 @@ def test_a_delivery_reaches_only_the_address_its_one_look_up_found(
     url = f"http://hooks.rebind.test:{hook.port}/hook"
     with db.write() as conn:
         channel_q.insert_channel(conn, channel, utcnow())
-        assert add_webhook(conn, WebhookRow("wh_" + "1" * 16, QUIET, url, "s", 0, 0, 0, -1, 0, 0, None), 10)
+        row = WebhookRow("wh_" + "1" * 16, QUIET, url, "s", 0, 0, 0, -1, 0, 0, None)
+        assert add_webhook(conn, row, 10, 1_000) is Added.ADDED
     paid(db, channel, range(1, 3))
     settings = Settings(_env_file=None, database_url=store_url)  # type: ignore[call-arg]
     sender = WebhookSender(db, settings, True, Horizon(db), resolve)
@@ -756,7 +783,7 @@ def test_a_quiet_payees_webhook_stores_what_it_passed_without_a_delivery(db: Dat
         for channel in (quiet, busy):
             channel_q.insert_channel(conn, channel, utcnow())
         row = WebhookRow("wh_" + "0" * 16, QUIET, "http://127.0.0.1:9/never", "s", 0, 0, 0, -1, 0, 0, None)
-        assert add_webhook(conn, row, 10)
+        assert add_webhook(conn, row, 10, 1_000) is Added.ADDED
     sender = WebhookSender(db, Settings(_env_file=None, database_url=store_url), True, Horizon(db))  # type: ignore[call-arg]
 
     def stored() -> Position:
@@ -796,7 +823,8 @@ def test_a_webhook_host_slow_to_resolve_fails_at_the_timeout_and_holds_no_sender
         for n, (channel, host) in enumerate(((slow, "slow.test"), (fast, "fast.test"))):
             channel_q.insert_channel(conn, channel, utcnow())
             url = f"http://{host}:{hook.port}/hook"
-            assert add_webhook(conn, WebhookRow(f"wh_{n:016x}", channel.payee, url, "s", 0, 0, 0, -1, 0, 0, None), 10)
+            row = WebhookRow(f"wh_{n:016x}", channel.payee, url, "s", 0, 0, 0, -1, 0, 0, None)
+            assert add_webhook(conn, row, 10, 1_000) is Added.ADDED
     settings = Settings(_env_file=None, database_url=store_url, webhook_timeout_seconds=0.5, webhook_concurrency=1)  # type: ignore[call-arg]
     sender = WebhookSender(db, settings, True, Horizon(db), resolve)
     try:
@@ -833,7 +861,8 @@ def test_a_webhook_with_nothing_new_costs_no_read_of_its_feed(
         for channel in (busy, quiet):
             channel_q.insert_channel(conn, channel, utcnow())
         for n, payee in enumerate([BUSY, *quiet_payees]):
-            assert add_webhook(conn, WebhookRow(f"wh_{n:016x}", payee, hook.url, "s", 0, 0, 0, -1, 0, 0, None), 10)
+            row = WebhookRow(f"wh_{n:016x}", payee, hook.url, "s", 0, 0, 0, -1, 0, 0, None)
+            assert add_webhook(conn, row, 10, 1_000) is Added.ADDED
     sender = WebhookSender(db, Settings(_env_file=None, database_url=store_url), True, Horizon(db))  # type: ignore[call-arg]
 
     def tick() -> tuple[int, list[str]]:
@@ -865,7 +894,7 @@ def test_the_senders_look_for_due_webhooks_reads_only_the_live_ones_on_their_ind
             row = WebhookRow(
                 f"wh_{n:016x}", payee, "http://h/x", "s", n, 0, 0, -1, 0, 1_000 + 1_000 * (n % 4 // 2), None
             )
-            assert add_webhook(conn, row, 10)
+            assert add_webhook(conn, row, 10, 1_000) is Added.ADDED
             if n % 2:
                 assert delete_webhook(conn, payee, row.webhook_id, 5)
     statements: list[tuple[str, Any]] = []

@@ -27,12 +27,14 @@ from settlement.errors import (
     MalformedRequestError,
     NotFoundError,
     WebhookLimitError,
+    WebhooksFullError,
 )
 from settlement.server.access import Caller, identify
 from settlement.server.payee_events import Position, read_events
 from settlement.server.service import Service
 from settlement.server.webhooks import new_secret
 from settlement.store.payee_events import (
+    Added,
     WebhookRow,
     add_webhook,
     delete_webhook,
@@ -106,10 +108,13 @@ def _add_webhook(service: Service, payee: str, url: str) -> WebhookOut:
         "wh_" + secrets.token_hex(8), payee, url, new_secret(), now_us, start.payment, start.block, start.log,
         0, 0, None,
     )  # fmt: skip
-    limit = service.settings.webhooks_per_payee
+    limit, total = service.settings.webhooks_per_payee, service.settings.webhooks_max
     with service.db.write() as conn:
-        if not add_webhook(conn, row, limit):
-            raise WebhookLimitError(f"a payee has at most {limit} webhooks")
+        added = add_webhook(conn, row, limit, total)
+    if added is Added.PAYEE_FULL:
+        raise WebhookLimitError(f"a payee has at most {limit} webhooks")
+    if added is Added.ALL_FULL:
+        raise WebhooksFullError(f"this service holds {total} webhooks, its most (SETTLEMENT_WEBHOOKS_MAX)")
     return WebhookOut.of(row, row.secret)
 
 

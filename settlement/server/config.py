@@ -175,6 +175,13 @@ class Settings(BaseSettings):
     webhook_batch: int = Field(default=100, ge=1, le=10_000, description="events one webhook is sent per tick")
     webhook_concurrency: int = Field(default=8, ge=1, le=256, description="webhooks delivered to at once")
     webhooks_per_payee: int = Field(default=10, ge=1, le=1000, description="live webhooks a payee may have")
+    webhooks_max: int = Field(
+        default=10_000,
+        ge=1,
+        le=10_000_000,
+        description="live webhooks in all, every payee's: the sender reads each one's row at every tick, and anyone "
+        "may sign in with a fresh key and make webhooks for its own address (503 webhooks_full beyond)",
+    )
     event_streams_max: int = Field(
         default=100,
         ge=1,
