@@ -212,6 +212,43 @@ def lane_rig(
     return make
 
 
+@dataclass(frozen=True)
+class PaidChannel:
+    """A payee's paid app on a new service, and a payer that paid it through x402 on one channel (`paid_channel`)."""
+
+    service: ServiceProcess
+    api: str
+    payee: LocalAccount
+    payer: PayerClient
+    scheme: ChannelHubClientScheme
+    channel_id: str
+
+
+@pytest.fixture
+def paid_channel(
+    spawn: Callable[..., ServiceProcess],
+    paid_api: PaidApis,
+    devnet: Devnet,
+    accounts: list[LocalAccount],
+    tmp_path: Path,
+    payer_for: Callable[..., PayerClient],
+) -> Callable[..., PaidChannel]:
+    """Factory: paid_channel(name, paid, payer=10, payee=13, **app) -> a PaidChannel whose payer (that devnet
+    account) paid `paid` GETs of /weather on a channel of 100 prices (the payee's hint not followed); `app`: what
+    `paid_api` takes besides (`payee_key`)."""
+
+    def make(name: str, paid: int, payer: int = 10, payee: int = 13, **app: Any) -> PaidChannel:
+        service = spawn(f"sqlite:///{tmp_path / name}.db", wait=False)  # ready once the paid app is
+        api = paid_api(service, accounts[payee].address, **app)
+        client = payer_for(accounts[payer], service)
+        scheme = ChannelHubClientScheme(client, DepositPolicy(multiple=100, follow_hint=False))
+        assert [paid_get(devnet, scheme, f"{api}/weather") for _ in range(paid)] == [200] * paid
+        (channel,) = client.open_channels(accounts[payee].address)
+        return PaidChannel(service, api, accounts[payee], client, scheme, str(channel["channelId"]))
+
+    return make
+
+
 def gate_calls(payer: PayerClient, method: str, *, after: bool = False) -> tuple[threading.Event, threading.Semaphore]:
     """Hold every call of the payer's `method` at a gate until it is set (before the call runs, or `after` it): (the
     gate, a semaphore released by each call reaching it)."""
@@ -1282,29 +1319,17 @@ def test_a_payee_that_takes_payments_and_answers_refusals_is_bounded_by_the_budg
 
 
 def test_a_cooperative_refund_returns_the_unspent_deposit_at_once(
-    spawn: Callable[..., ServiceProcess],
-    paid_api: Callable[..., str],
-    devnet: Devnet,
-    accounts: list[LocalAccount],
-    hub: Contract,
-    tmp_path: Path,
-    payer_for: Callable[..., PayerClient],
+    paid_channel: Callable[..., PaidChannel], devnet: Devnet, accounts: list[LocalAccount], hub: Contract
 ) -> None:
     """The payee closes the channel with the payer's latest voucher (closeByPayee): paid what it earned, the rest back
     to the payer in the same transaction, no challenge period; the payer's next request pays on a new channel."""
-    service = spawn(f"sqlite:///{tmp_path / 'refund.db'}", wait=False)  # ready once the paid app is
-    payee_account = accounts[13]
-    api = paid_api(service, payee_account.address)
-    payer = payer_for(accounts[10], service)
-    scheme = ChannelHubClientScheme(payer, DepositPolicy(multiple=100, follow_hint=False))
-
-    assert [paid_get(devnet, scheme, f"{api}/weather") for _ in range(3)] == [200] * 3
-    (channel,) = payer.open_channels(payee_account.address)
+    rig = paid_channel("refund", paid=3)
+    service, api, payee_account, payer, scheme = rig.service, rig.api, rig.payee, rig.payer, rig.scheme
     stranger = PayeeClient(HexBytes(accounts[9].key).to_0x_hex(), devnet.url, service.url)
     with pytest.raises(ValueError, match="does not pay"):
-        stranger.refund(channel["channelId"])
+        stranger.refund(rig.channel_id)
     payee = PayeeClient(HexBytes(payee_account.key).to_0x_hex(), devnet.url, service.url)
-    assert payee.refund(channel["channelId"]) == 97 * PRICE
+    assert payee.refund(rig.channel_id) == 97 * PRICE
     assert hub.functions.balanceOf(payer.address, ETH).call() == 97 * PRICE  # back at once
     assert hub.functions.balanceOf(payee_account.address, ETH).call() == 3 * PRICE
     wait_until(lambda: payer.open_channels(payee_account.address) == [])  # the service saw the close
@@ -1319,61 +1344,38 @@ def test_a_cooperative_refund_returns_the_unspent_deposit_at_once(
 
 
 def test_a_channel_its_payee_stopped_and_never_closed_is_left_for_a_new_one(
-    spawn: Callable[..., ServiceProcess],
-    paid_api: Callable[..., str],
-    devnet: Devnet,
-    accounts: list[LocalAccount],
-    hub: Contract,
-    tmp_path: Path,
-    payer_for: Callable[..., PayerClient],
+    paid_channel: Callable[..., PaidChannel], devnet: Devnet, hub: Contract
 ) -> None:
     """A payee stops a channel at the service to close it, then never closes it (its transaction failed, or it chose
     not to). The payer's client took `channel_closed` for a payee's word while the hub held the channel open, kept it,
     and every later request to that payee was refused; it now takes the service's word that the channel is stopped
     and pays on a new channel at once, the stopped one left out of its listing."""
-    service = spawn(f"sqlite:///{tmp_path / 'stopped.db'}", wait=False)  # ready once the paid app is
-    payee_account = accounts[13]
-    api = paid_api(service, payee_account.address)
-    payer = payer_for(accounts[10], service)
-    scheme = ChannelHubClientScheme(payer, DepositPolicy(multiple=100, follow_hint=False))
-    assert [paid_get(devnet, scheme, f"{api}/weather") for _ in range(2)] == [200] * 2
-    (channel,) = payer.open_channels(payee_account.address)
+    rig = paid_channel("stopped", paid=2)
+    service, api, payee_account, payer, scheme = rig.service, rig.api, rig.payee, rig.payer, rig.scheme
     payee = PayeeClient(HexBytes(payee_account.key).to_0x_hex(), devnet.url, service.url)
     try:
-        assert payee.stop(channel["channelId"])["acceptedCumulativeAmount"] == str(2 * PRICE)
+        assert payee.stop(rig.channel_id)["acceptedCumulativeAmount"] == str(2 * PRICE)
     finally:
         payee.shutdown()
     assert paid_get(devnet, scheme, f"{api}/weather") == 200  # old code: 402 (channel_closed), for good
     assert paid_get(devnet, scheme, f"{api}/weather") == 200
     (fresh,) = payer.open_channels(payee_account.address)
-    assert fresh["channelId"] != channel["channelId"]
-    stopped = bytes.fromhex(channel["channelId"][2:])
+    assert fresh["channelId"] != rig.channel_id
+    stopped = bytes.fromhex(rig.channel_id[2:])
     assert hub.functions.channel(stopped).call()[ChannelViewField.STATUS] == ChannelStatus.OPEN
     assert accepted_for(service, payee_account.address) == 4 * PRICE
 
 
 def test_a_payer_asks_the_payee_for_the_refund_and_only_the_payer_can(
-    spawn: Callable[..., ServiceProcess],
-    paid_api: PaidApis,
-    devnet: Devnet,
-    accounts: list[LocalAccount],
-    hub: Contract,
-    tmp_path: Path,
-    payer_for: Callable[..., PayerClient],
+    paid_channel: Callable[..., PaidChannel], devnet: Devnet, accounts: list[LocalAccount], hub: Contract
 ) -> None:
     """The payer signs a refund request and posts it to the payee's refund route: the payee closes the channel at
     once (closeByPayee), paid what it earned, the rest back to the payer. Every other request is refused with its
     code and changes nothing: signed by someone else, expired, valid for too long, malformed, another payee's
     channel, an unknown channel, and the same request again after the refund."""
-    service = spawn(f"sqlite:///{tmp_path / 'asked-refund.db'}")
-    payee_account = accounts[12]
-    api = paid_api(service, payee_account.address, payee_key=HexBytes(payee_account.key).to_0x_hex())
-    payer = payer_for(accounts[11], service)
-    scheme = ChannelHubClientScheme(payer, DepositPolicy(multiple=100, follow_hint=False))
-
-    assert [paid_get(devnet, scheme, f"{api}/weather") for _ in range(2)] == [200] * 2
-    (channel,) = payer.open_channels(payee_account.address)
-    cid, raw = channel["channelId"], bytes.fromhex(channel["channelId"][2:])
+    rig = paid_channel("asked-refund", paid=2, payer=11, payee=12, payee_key=HexBytes(accounts[12].key).to_0x_hex())
+    service, api, payee_account, payer, scheme = rig.service, rig.api, rig.payee, rig.payer, rig.scheme
+    cid, raw = rig.channel_id, bytes.fromhex(rig.channel_id[2:])
     url = f"{api}{REFUND_PATH}"
 
     def post(signer: LocalAccount, expires_in: int = 300, channel_id: bytes = raw) -> tuple[int, str]:
