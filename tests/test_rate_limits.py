@@ -11,6 +11,7 @@ import json
 import time
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import httpx
 import pytest
@@ -210,3 +211,67 @@ def test_a_payer_over_its_voucher_rate_is_refused_on_every_channel_and_forgeries
     assert [r["error"]["code"] for r in results] == ["payer_rate_limited"] * 2
     # Nothing refused was stored: the channel stands where its last accepted voucher left it.
     assert client.get(f"/v1/channels/0x{second.id.hex()}").json()["acceptedCumulativeAmount"] == "2"
+
+
+def test_a_client_sending_forged_vouchers_in_batches_is_refused_before_their_recovery_and_only_it(
+    spawn: Callable[..., ServiceProcess],
+    tmp_path: Path,
+    w3: Web3,
+    open_channel: Callable[..., Channel],
+    accounts: list[LocalAccount],
+    sign: Sign,
+) -> None:
+    """A batch is answered 200 whatever its items' refusals, so the connection's refusal pace never slowed a client
+    that sent a thousand forged vouchers a batch, each a signature recovery: one client could keep the cores busy
+    with a few requests a second. A client's forged vouchers in batches are now budgeted (50 at once here, then one
+    every 100 s): past it, its next batch (of vouchers or of x402 settlements, forged or not) is 429 `rate_limited`
+    before any recovery; another client behind the same proxy, and payments refused for other reasons, spend none
+    of it."""
+    service = spawn(
+        f"sqlite:///{tmp_path / 'forgeries.db'}",
+        client_forged_per_second=RATE,
+        client_forged_burst="50",
+        trusted_proxies=json.dumps(["127.0.0.1"]),
+    )
+    payee, forger = accounts[6].address, accounts[7]
+    channel = open_channel(accounts[5], payee, amount=10_000)
+    wait_until(lambda: httpx.get(f"{service.url}/v1/channels/0x{channel.id.hex()}").status_code == 200)
+    forged = {"vouchers": [body(channel, n, sign(forger, channel.id, n)) for n in range(1, 41)]}
+    required = x402_requirements(w3.eth.chain_id, payee, 5)
+
+    def settlements(*payloads: dict[str, str]) -> dict[str, Any]:
+        items = [x402_request(required, payload) for payload in payloads]
+        return {"x402Version": 2, "settlements": [{k: i[k] for k in ("paymentPayload", "paymentRequirements")}
+                                                  for i in items]}  # fmt: skip
+
+    def recovered() -> float:
+        return sum(scraped(service.url, "settlement_signers_recovered_total").values())
+
+    def post(path: str, payload: dict[str, Any], client: str) -> httpx.Response:
+        return httpx.post(f"{service.url}{path}", json=payload, headers={"X-Forwarded-For": client}, timeout=30)
+
+    for _ in range(2):  # 40, then 40 more: the budget of 50 is passed during the second batch, which still counts
+        answer = post("/v1/vouchers/batch", forged, "10.0.0.1")
+        assert [r["error"]["code"] for r in answer.json()["results"]] == ["invalid_signature"] * 40
+    before = recovered()
+    honest = {"vouchers": [body(channel, 5, sign(accounts[5], channel.id, 5))]}
+    for path, payload in (("/v1/vouchers/batch", forged), ("/v1/vouchers/batch", honest),
+                          ("/x402/settle/batch", settlements(x402_voucher(channel, 5, sign))),):  # fmt: skip
+        refused = post(path, payload, "10.0.0.1")
+        assert (refused.status_code, refused.json()["code"]) == (429, "rate_limited"), path
+        assert refused.headers["retry-after"] == str(refused.json()["retryAfter"])
+    assert recovered() == before  # refused before any recovery
+
+    # Another client behind the same proxy: its own budget. A replayed payment is refused, and costs none of it.
+    settled = post("/x402/settle/batch", settlements(x402_voucher(channel, 5, sign)), "10.0.0.2").json()
+    assert [s["success"] for s in settled["settlements"]] == [True]
+    for _ in range(3):
+        again = post("/x402/settle/batch", settlements(x402_voucher(channel, 5, sign)), "10.0.0.2").json()
+        assert [s["errorReason"] for s in again["settlements"]] == ["voucher_replayed"]
+    forged_payments = settlements(*(x402_voucher(channel, 5 * n, sign, signer=forger) for n in range(2, 62)))
+    answer = post("/x402/settle/batch", forged_payments, "10.0.0.2").json()
+    assert [s["errorReason"] for s in answer["settlements"]] == ["invalid_signature"] * 60
+    refused = post("/x402/settle/batch", settlements(x402_voucher(channel, 10, sign)), "10.0.0.2")
+    assert (refused.status_code, refused.json()["code"]) == (429, "rate_limited")
+    third = post("/v1/vouchers/batch", {"vouchers": [body(channel, 10, sign(accounts[5], channel.id, 10))]}, "10.0.0.3")
+    assert [r["status"] for r in third.json()["results"]] == [201]

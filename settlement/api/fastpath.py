@@ -19,7 +19,7 @@ from starlette.types import ASGIApp, Receive, Scope, Send
 
 from settlement.api.deps import ADMITTED
 from settlement.api.handlers import accept_batch, accept_voucher
-from settlement.api.middleware import INTERNAL_ERROR, read_json_body, refuse, respond
+from settlement.api.middleware import INTERNAL_ERROR, client_of, read_json_body, refuse, respond
 from settlement.api.routes_x402 import X402Operations
 from settlement.domain.model import ChannelId
 from settlement.errors import SettlementError
@@ -92,13 +92,13 @@ class FastPath:
             if path == PATH:
                 status, payload = await accept_voucher(self.service, body)
             elif path == BATCH:
-                status, payload = await accept_batch(self.service, body)
+                status, payload = await accept_batch(self.service, body, client_of(scope))
             elif path == X402_SETTLE:
                 status, payload = 200, await self.x402.settle(body)
             elif path == X402_VERIFY:
                 status, payload = 200, await self.x402.verify(body)
             else:
-                status, payload = 200, await self.x402.settle_batch(body)
+                status, payload = 200, await self.x402.settle_batch(body, client_of(scope))
         except SettlementError as ex:
             await refuse(send, ex)
             return

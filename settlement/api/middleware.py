@@ -146,6 +146,13 @@ class HostGuard:
         await self.app(scope, receive, send)
 
 
+def client_of(scope: Scope) -> str:
+    """The client a request's limits count against: the connection's peer, or the address a trusted proxy names
+    (uvicorn rewrites the peer only for SETTLEMENT_TRUSTED_PROXIES)."""
+    peer = scope.get("client")
+    return str(peer[0]) if peer else ""
+
+
 class RateGuard:
     """A token bucket per client: `rate` requests a second, `burst` saved. A client over it gets 429 `rate_limited`
     with Retry-After, before any work is done for it; every other client goes on as before.
@@ -167,8 +174,7 @@ class RateGuard:
         if scope["type"] != "http" or self.rate <= 0:
             await self.app(scope, receive, send)
             return
-        peer = scope.get("client")
-        client = peer[0] if peer else ""
+        client = client_of(scope)
         wait = self._buckets.take(client, time.monotonic())
         if wait is not None:
             error = RateLimitedError(

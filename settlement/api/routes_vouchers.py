@@ -7,6 +7,7 @@ from fastapi import APIRouter, Request, Response
 
 from settlement.api.deps import ERRORS
 from settlement.api.handlers import accept_batch, accept_voucher
+from settlement.api.middleware import client_of
 from settlement.api.schemas import BatchOut, ReceiptOut, VoucherBatchIn, VoucherIn, documented_body
 
 router = APIRouter(responses=ERRORS)
@@ -36,5 +37,5 @@ async def submit_voucher(request: Request) -> Response:
 )
 async def submit_batch(request: Request) -> Response:
     """Many vouchers in one request; each gets its own result and valid ones are accepted whatever the others do."""
-    status, payload = await accept_batch(request.app.state.service, await request.body())
+    status, payload = await accept_batch(request.app.state.service, await request.body(), client_of(request.scope))
     return Response(payload, status_code=status, media_type="application/json")

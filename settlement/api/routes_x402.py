@@ -25,9 +25,9 @@ from x402.schemas import (
 
 from settlement.api.deps import ERRORS, ServiceDep
 from settlement.api.facilitator import ChannelHubFacilitator, x402_facilitator
-from settlement.api.middleware import INTERNAL_ERROR
+from settlement.api.middleware import INTERNAL_ERROR, client_of
 from settlement.api.schemas import documented_body, parse_body
-from settlement.errors import BatchTooLargeError, SettlementError
+from settlement.errors import BatchTooLargeError, InvalidSignatureError, SettlementError
 from settlement.x402.wire import Reason
 
 logger = logging.getLogger(__name__)
@@ -79,10 +79,13 @@ class X402Operations:
         answer = await self._settle(parsed.paymentPayload, parsed.paymentRequirements)
         return answer.model_dump_json(by_alias=True, exclude_none=True).encode()
 
-    async def settle_batch(self, body: bytes) -> bytes:
+    async def settle_batch(self, body: bytes, client: str) -> bytes:
         """Each payment settled as `/settle` would settle it, together (their vouchers share group commits), and
         answered in order. A payment the facilitator could not judge (the store or the chain down: what `/settle`
-        answers 503) is answered `{"status": 503, "error": {code, message}}` in its place: the others stand."""
+        answers 503) is answered `{"status": 503, "error": {code, message}}` in its place: the others stand.
+        `client` pays for the batch's forged vouchers (`Service.forgeries`), and is refused while it owes."""
+        forgeries = self.scheme.service.forgeries
+        forgeries.admit(client)
         parsed = parse_body(X402SettleBatch, body)
         if (count := len(parsed.settlements)) > self.max_batch:
             raise BatchTooLargeError(
@@ -97,6 +100,8 @@ class X402Operations:
             self.scheme.settle_many_async([payments[i] for i in ours]),
             asyncio.gather(*(asyncio.to_thread(self._settled, *payments[i]) for i in theirs), return_exceptions=True),
         )
+        forged = InvalidSignatureError.code
+        forgeries.charge(client, sum(isinstance(s, SettleResponse) and s.error_reason == forged for s in settled))
         done = dict(zip(ours, settled, strict=True)) | dict(zip(theirs, others, strict=True))
         answers = [_item(done[i]) for i in range(len(payments))]
         return json.dumps({"settlements": answers}, separators=(",", ":")).encode()
@@ -153,7 +158,7 @@ async def settle(request: Request) -> Response:
 @router.post("/settle/batch", operation_id="x402SettleBatch", openapi_extra=documented_body(X402SettleBatch))
 async def settle_batch(request: Request) -> Response:
     """Many payments settled in one call, answered in order (a ChannelHub addition to x402's routes)."""
-    return _json(await operations(request).settle_batch(await request.body()))
+    return _json(await operations(request).settle_batch(await request.body(), client_of(request.scope)))
 
 
 def _item(answer: SettleResponse | BaseException) -> dict[str, Any]:

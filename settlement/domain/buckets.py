@@ -35,6 +35,26 @@ class Buckets:
                 self._prune(now)
         return None
 
+    def due(self, key: Hashable, now: float) -> int | None:
+        """None if `key` has a token now (none is taken), else the whole seconds until it has: for spending that is
+        known only after the work (`charge`), so that a key in debt is refused before any more of it."""
+        if self.rate <= 0:
+            return None
+        with self._lock:
+            tokens, when = self._buckets.get(key, (self.burst, now))
+        tokens = min(self.burst, tokens + (now - when) * self.rate)
+        return None if tokens >= 1 else max(1, math.ceil((1 - tokens) / self.rate))
+
+    def charge(self, key: Hashable, amount: int, now: float) -> None:
+        """Take `amount` tokens for `key`, below zero if it has fewer: a debt it pays back at `rate`."""
+        if self.rate <= 0 or amount <= 0:
+            return
+        with self._lock:
+            tokens, when = self._buckets.get(key, (self.burst, now))
+            self._buckets[key] = (min(self.burst, tokens + (now - when) * self.rate) - amount, now)
+            if len(self._buckets) > self.max_keys:
+                self._prune(now)
+
     def _prune(self, now: float) -> None:
         full = [k for k, (tokens, when) in self._buckets.items() if tokens + (now - when) * self.rate >= self.burst]
         for key in full:

@@ -152,6 +152,16 @@ class Settings(BaseSettings):
         "process (0: no limit); beyond: 429 payer_rate_limited",
     )
     payer_burst: float = Field(default=10_000.0, ge=1, description="vouchers one payer may send at once, saved up")
+    client_forged_per_second: float = Field(
+        default=100.0,
+        ge=0,
+        description="vouchers with a signature that is not their channel's payer's one client may send a second in "
+        "batches (/v1/vouchers/batch, /x402/settle/batch; 0: no limit): each costs a signature recovery and a batch "
+        "is answered 200 whatever its items' refusals; a client past it gets 429 rate_limited for its batches",
+    )
+    client_forged_burst: float = Field(
+        default=1_000.0, ge=1, description="forged vouchers in batches one client may send at once, saved up"
+    )
     access_control: bool = Field(
         default=True,
         description="reads need credentials (docs/security.md); false only on a devnet: any caller reads anything",

@@ -21,7 +21,7 @@ from settlement.domain.shards import Shard
 from settlement.eip712.vouchers import Domain, VoucherVerifier, read_domain
 from settlement.errors import ConfigError, SettlementError
 from settlement.indexer.follower import Indexer
-from settlement.ingest.admission import PayerRates
+from settlement.ingest.admission import ForgeryBudgets, PayerRates
 from settlement.ingest.pipeline import Ingestor
 from settlement.server.access import SignIn
 from settlement.server.api_keys import KeyDirectory, Role
@@ -72,12 +72,14 @@ class Service:
     risk: RiskMonitor | None = None
     metrics_port: MetricsPort | None = None
     balances: HubBalances = field(init=False)  # balances at a block, read once (payee summaries)
+    forgeries: ForgeryBudgets = field(init=False)  # forged vouchers in each client's batches (docs/security.md)
     _stop: threading.Event = field(default_factory=threading.Event)
     _threads: list[threading.Thread] = field(default_factory=list)
     _next_compaction: float = 0.0
 
     def __post_init__(self) -> None:
         self.balances = HubBalances(self.hub)
+        self.forgeries = ForgeryBudgets(self.settings.client_forged_per_second, self.settings.client_forged_burst)
 
     @classmethod
     def build(cls, settings: Settings) -> Service:
