@@ -488,19 +488,47 @@ class Tampering(httpx.BaseTransport):
 
 class TamperingProxy:
     """An HTTP proxy in front of a service, as `Tampering` is for the SDK's client but for any program (the CLI):
-    forwards each GET for real, then `rewrite(path, JSON answer)` gives the JSON (or bytes) it answers instead."""
+    forwards each GET for real, then `rewrite(path, JSON answer)` gives the JSON (or bytes) it answers instead; or,
+    where `hostile(path)` names a way, answers 200 and then a body that never ends ("endless": as fast as the client
+    reads, up to 256 MB, counted in `written`) or comes a byte every 0.2 s ("dribble")."""
 
-    def __init__(self, target: str, rewrite: Callable[[str, Any], object]) -> None:
-        self.target, self.rewrite = target.rstrip("/"), rewrite
+    def __init__(
+        self,
+        target: str,
+        rewrite: Callable[[str, Any], object],
+        hostile: Callable[[str], str | None] = lambda _path: None,
+    ) -> None:
+        self.target, self.rewrite, self.hostile = target.rstrip("/"), rewrite, hostile
         self.port = free_test_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.server: ThreadingHTTPServer | None = None
+        self.written = 0
 
     def __enter__(self) -> TamperingProxy:
         proxy = self
 
         class Handler(BaseHTTPRequestHandler):
+            def answer_hostile(self, way: str) -> None:
+                self.send_response(200)  # HTTP/1.0: the body runs until the connection closes
+                self.send_header("content-type", "application/json")
+                self.end_headers()
+                chunk = b"x" * 65536 if way == "endless" else b"x"
+                try:
+                    while proxy.written < 256 * 2**20:
+                        self.wfile.write(chunk)
+                        self.wfile.flush()
+                        proxy.written += len(chunk)
+                        if way == "dribble":
+                            time.sleep(0.2)
+                except OSError:
+                    pass  # the client hung up
+                self.close_connection = True
+
             def do_GET(self) -> None:
+                way = proxy.hostile(self.path.split("?")[0])
+                if way is not None:
+                    self.answer_hostile(way)
+                    return
                 sent = {k: v for k, v in self.headers.items() if k.lower() in ("authorization", "accept")}
                 real = httpx.get(proxy.target + self.path, headers=sent, timeout=30)
                 data = proxy.rewrite(self.path.split("?")[0], real.json())

@@ -30,9 +30,10 @@ from settlement.errors import (
     UntrustedServiceError,
     WaitTimeoutError,
 )
+from settlement.sdk import bounded
 from settlement.sdk.payee import PayeeClient
 from settlement.sdk.payer import PayerClient
-from tests.hub_helpers import Channel, Tampering, body, send, stored_payments, stream_through
+from tests.hub_helpers import Channel, Tampering, TamperingProxy, body, send, stored_payments, stream_through
 from tests.proxy import TcpProxy
 from tests.servers import ServiceProcess, ServiceThread
 
@@ -567,6 +568,34 @@ def test_a_refund_settles_every_payment_the_service_accepted_while_the_payer_pay
         assert after.value.code == "channel_closed"
     finally:
         payee.shutdown()
+
+
+@pytest.mark.parametrize("way", ["endless", "dribble"])
+def test_an_answer_that_never_ends_is_cut_and_is_the_services_word_the_sdk_cannot_take(
+    way: str,
+    serve_here: Callable[..., ServiceThread],
+    payer_client: Callable[..., PayerClient],
+    store_url: str,
+    accounts: list[LocalAccount],
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """httpx reads a whole answer before it returns, with timeouts per read: a service (or a proxy on the way) that
+    answers a listing with a body that never ends filled the payer app's memory (256 MB read here, then the proxy
+    gave up), and one that sends a byte every 0.2 s held its call for good. The SDK's own client now cuts an answer
+    at 8 MB, or at six times its timeout (here 3 s), as the service's word it cannot take."""
+    monkeypatch.setattr(bounded, "ANSWER_DEADLINE_FACTOR", 0.3)  # 10 s x 0.3: cut after 3 s
+    service = serve_here(store_url)
+    hostile = TamperingProxy(
+        service.url, lambda _path, data: data, lambda path: way if path == "/v1/channels" else None
+    )
+    with hostile:
+        payer = payer_client(accounts[10], hostile.url)
+        started = time.monotonic()
+        cut = "is larger than 8388608 bytes" if way == "endless" else "took more than 3s"
+        with pytest.raises(UntrustedServiceError, match=cut):
+            payer.open_channels(accounts[11].address)
+        assert time.monotonic() - started < 10
+    assert hostile.written < 64 * 2**20 if way == "endless" else hostile.written < 40
 
 
 def test_an_answer_that_is_not_a_receipt_is_untrusted_and_the_payment_asked_again(

@@ -21,6 +21,7 @@ from settlement.domain.model import ETH, ChannelViewField, signature_of
 from settlement.eip712.vouchers import VoucherVerifier
 from settlement.errors import UntrustedServiceError
 from settlement.sdk.answers import answer_object, refusal, service_amount
+from settlement.sdk.bounded import bounded_client
 from settlement.sdk.payer import checked_hub
 from settlement.sdk.signin import SignInAuth
 
@@ -42,7 +43,7 @@ class PayeeClient:
         self.account: LocalAccount = Account.from_key(private_key)
         self._rpc_session = requests.Session()
         self.w3 = connect(rpc_url, timeout, self._rpc_session)
-        self.http = http or httpx.Client(base_url=service_url, timeout=timeout)
+        self.http = http or bounded_client(service_url, timeout)
         try:
             self.hub, self.domain = checked_hub(self.w3, self._get("/v1/eip712"), hub_address)
         except BaseException:

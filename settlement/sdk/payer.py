@@ -60,6 +60,7 @@ from settlement.sdk.answers import (
     service_int,
     service_text,
 )
+from settlement.sdk.bounded import bounded_client
 from settlement.sdk.journal import Budget, JournalPayment, PayerJournal, PaymentStatus
 from settlement.sdk.signin import SignInAuth
 
@@ -149,7 +150,7 @@ class PayerClient:
         self.account: LocalAccount = Account.from_key(private_key)
         self._rpc_session = requests.Session()
         self.w3: Web3 = connect(rpc_url, timeout, self._rpc_session)
-        self.http = http or httpx.Client(base_url=service_url, timeout=timeout)
+        self.http = http or bounded_client(service_url, timeout)
         self.retries = retries
         self.backoff = backoff
         try:

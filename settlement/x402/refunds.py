@@ -46,6 +46,7 @@ from settlement.errors import (
     UntrustedServiceError,
 )
 from settlement.sdk.answers import refusal
+from settlement.sdk.bounded import bounded_client
 from settlement.sdk.payee import PayeeClient
 from settlement.sdk.payer import PayerClient
 
@@ -83,7 +84,11 @@ def ask_refund(
     expires = int(time.time()) + ttl
     signature = sign_refund_request(payer.account, payer.domain, raw, expires)
     body = {"channelId": "0x" + raw.hex(), "expires": expires, "signature": "0x" + signature.hex()}
-    answer = httpx.post(url, json=body, timeout=timeout) if http is None else http.post(url, json=body, timeout=timeout)
+    if http is None:
+        with bounded_client("", timeout) as own:
+            answer = own.post(url, json=body)
+    else:
+        answer = http.post(url, json=body, timeout=timeout)
     if answer.status_code != 200:
         raise refusal(answer)
     view = payer.hub.functions.channel(raw).call()
