@@ -344,6 +344,14 @@ def x402_request(
     return {"x402Version": 2, "paymentPayload": paid, "paymentRequirements": required}
 
 
+def x402_settle_batch(*requests: dict[str, Any]) -> dict[str, Any]:
+    """The body of a facilitator's /settle/batch for these /settle bodies (`x402_request`), in order."""
+    return {
+        "x402Version": 2,
+        "settlements": [{k: r[k] for k in ("paymentPayload", "paymentRequirements")} for r in requests],
+    }
+
+
 def x402_voucher(channel: Channel, cumulative: int, sign: Sign, signer: LocalAccount | None = None) -> dict[str, str]:
     """A `channelhub` payload: the channel's voucher for `cumulative`, signed by its payer (or `signer`)."""
     signature = sign(signer or channel.payer, channel.id, cumulative)

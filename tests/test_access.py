@@ -38,6 +38,7 @@ from tests.hub_helpers import (
     wait_until,
     x402_request,
     x402_requirements,
+    x402_settle_batch,
     x402_voucher,
 )
 from tests.servers import ServiceProcess, ServiceThread
@@ -146,10 +147,7 @@ def test_the_x402_facilitator_stays_open_to_payees_with_or_without_credentials(
         assert (verified.status_code, verified.json()["isValid"]) == (200, True)
     settled = client.post("/x402/settle", json=payments[0])
     assert (settled.status_code, settled.json()["success"]) == (200, True)
-    batch = {
-        "x402Version": 2,
-        "settlements": [{k: p[k] for k in ("paymentPayload", "paymentRequirements")} for p in payments[1:]],
-    }
+    batch = x402_settle_batch(*payments[1:])
     answer = client.post("/x402/settle/batch", json=batch, headers={"Authorization": "Bearer cht_not-a-token"})
     assert answer.status_code == 200
     assert [a["success"] for a in answer.json()["settlements"]] == [True, True, True]

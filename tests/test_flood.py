@@ -30,6 +30,7 @@ from tests.hub_helpers import (
     wait_until,
     x402_request,
     x402_requirements,
+    x402_settle_batch,
     x402_voucher,
 )
 
@@ -272,10 +273,7 @@ def test_a_settle_batch_of_made_up_ids_costs_what_as_many_settles_cost_and_the_h
     before = rpc_calls(client)
     answer = client.post(
         "/x402/settle/batch",
-        json={
-            "x402Version": 2,
-            "settlements": [{k: i[k] for k in ("paymentPayload", "paymentRequirements")} for i in items],
-        },
+        json=x402_settle_batch(*items),
     )
     assert answer.status_code == 200, answer.text
     settled = answer.json()["settlements"]

@@ -22,7 +22,16 @@ from web3 import Web3
 
 from settlement.api import middleware
 from settlement.api.middleware import CONNECTION, RefusalTarpit
-from tests.hub_helpers import Channel, body, scraped, wait_until, x402_request, x402_requirements, x402_voucher
+from tests.hub_helpers import (
+    Channel,
+    body,
+    scraped,
+    wait_until,
+    x402_request,
+    x402_requirements,
+    x402_settle_batch,
+    x402_voucher,
+)
 from tests.servers import ServiceProcess
 
 Sign = Callable[..., bytes]
@@ -127,8 +136,7 @@ def test_a_payees_settle_batches_are_not_paced_for_one_payers_refused_payments(
 
     def batch(http: httpx.Client, n: int) -> list[object]:
         items = [x402_request(required, x402_voucher(honest, 5 * n, sign)), replayed]
-        settlements = [{k: i[k] for k in ("paymentPayload", "paymentRequirements")} for i in items]
-        answer = http.post("/x402/settle/batch", json={"x402Version": 2, "settlements": settlements})
+        answer = http.post("/x402/settle/batch", json=x402_settle_batch(*items))
         assert answer.status_code == 200, answer.text
         return [a.get("errorReason", a["success"]) for a in answer.json()["settlements"]]
 
@@ -240,9 +248,7 @@ def test_a_client_sending_forged_vouchers_in_batches_is_refused_before_their_rec
     required = x402_requirements(w3.eth.chain_id, payee, 5)
 
     def settlements(*payloads: dict[str, str]) -> dict[str, Any]:
-        items = [x402_request(required, payload) for payload in payloads]
-        return {"x402Version": 2, "settlements": [{k: i[k] for k in ("paymentPayload", "paymentRequirements")}
-                                                  for i in items]}  # fmt: skip
+        return x402_settle_batch(*(x402_request(required, payload) for payload in payloads))
 
     def recovered() -> float:
         return sum(scraped(service.url, "settlement_signers_recovered_total").values())

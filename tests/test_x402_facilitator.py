@@ -29,6 +29,7 @@ from tests.hub_helpers import (
     workers_ready,
     x402_request,
     x402_requirements,
+    x402_settle_batch,
 )
 from tests.hub_helpers import x402_voucher as voucher
 from tests.proxy import TcpProxy
@@ -376,13 +377,6 @@ def test_a_settled_receipt_is_signed_by_the_listed_signer_over_every_field(
 # --- POST /x402/settle/batch: many payments in one call (the payee's facilitator client sends settles in flight) ---
 
 
-def batch_of(*requests: dict[str, Any]) -> dict[str, Any]:
-    return {
-        "x402Version": 2,
-        "settlements": [{k: r[k] for k in ("paymentPayload", "paymentRequirements")} for r in requests],
-    }
-
-
 def test_a_settle_batch_answers_each_payment_as_settle_would_in_order(
     api: Callable[..., TestClient],
     devnet: Devnet,
@@ -410,7 +404,7 @@ def test_a_settle_batch_answers_each_payment_as_settle_would_in_order(
         x402_request(required, voucher(other, PRICE, sign)),
     ]
     for client_of in (client, behind_the_fast_path(client)):  # the fast path, then FastAPI's route: the same rules
-        answer = client_of.post("/x402/settle/batch", json=batch_of(*items))
+        answer = client_of.post("/x402/settle/batch", json=x402_settle_batch(*items))
         assert answer.status_code == 200, answer.text
         found = [(a["success"], a.get("errorReason"), a.get("amount")) for a in answer.json()["settlements"]]
         if client_of is client:
@@ -446,7 +440,9 @@ def test_concurrent_batches_carrying_one_voucher_charge_it_once(
     payee's retry racing its first send): one response bought, seven replays, one price charged."""
     client = api()
     paid = x402_request(requirements(devnet, channel.payee), voucher(channel, PRICE, sign))
-    batches = at_once(8, lambda: client.post("/x402/settle/batch", json=batch_of(paid, paid)).json()["settlements"])
+    batches = at_once(
+        8, lambda: client.post("/x402/settle/batch", json=x402_settle_batch(paid, paid)).json()["settlements"]
+    )
     outcomes = sorted((a["success"], a.get("errorReason")) for answers in batches for a in answers)
     assert outcomes == [(False, "voucher_replayed")] * 15 + [(True, None)]
     assert accepted(client, channel) == "10"
@@ -472,7 +468,7 @@ def test_a_large_settle_batch_is_recovered_by_a_worker_process_and_each_payment_
             expected.append((False, "unsupported_scheme_or_network"))
         items.append(x402_request(required, voucher(channel, n * PRICE, sign)))
         expected.append((True, None))
-    answer = client.post("/x402/settle/batch", json=batch_of(*items))
+    answer = client.post("/x402/settle/batch", json=x402_settle_batch(*items))
     assert answer.status_code == 200, answer.text
     settled = answer.json()["settlements"]
     assert [(a["success"], a.get("errorReason")) for a in settled] == expected
@@ -490,10 +486,10 @@ def test_a_settle_batch_that_is_not_x402_or_too_large_is_refused_whole(
     good = x402_request(requirements(devnet, channel.payee), voucher(channel, PRICE, sign))
     refused: list[tuple[Any, int, str]] = [
         ({"x402Version": 2, "settlements": []}, 400, "malformed_request"),
-        ({"x402Version": 1, "settlements": batch_of(good)["settlements"]}, 400, "malformed_request"),
-        ({"settlements": batch_of(good)["settlements"]}, 400, "malformed_request"),
+        ({"x402Version": 1, "settlements": x402_settle_batch(good)["settlements"]}, 400, "malformed_request"),
+        ({"settlements": x402_settle_batch(good)["settlements"]}, 400, "malformed_request"),
         ({"x402Version": 2, "settlements": [good["paymentPayload"]]}, 400, "malformed_request"),
-        (batch_of(good, good, good), 413, "batch_too_large"),
+        (x402_settle_batch(good, good, good), 413, "batch_too_large"),
     ]
     for body, status, code in refused:
         answers = [c.post("/x402/settle/batch", json=body) for c in (client, behind_the_fast_path(client))]
@@ -502,7 +498,7 @@ def test_a_settle_batch_that_is_not_x402_or_too_large_is_refused_whole(
         assert answers[0].json()["code"] == code
     assert accepted(client, channel) == "0"
     assert client.post("/x402/verify", json=good).json()["isValid"]  # the channel known: queued in the batch's order
-    answer = client.post("/x402/settle/batch", json=batch_of(good, good))
+    answer = client.post("/x402/settle/batch", json=x402_settle_batch(good, good))
     assert [a["success"] for a in answer.json()["settlements"]] == [True, False]
     assert accepted(client, channel) == "10"
 
@@ -521,7 +517,7 @@ def test_a_payment_of_a_batch_that_cannot_be_judged_is_a_503_in_its_place_and_th
         assert client.post("/x402/settle", json=x402_request(required, voucher(channel, PRICE, sign))).json()["success"]
         rpc.cut()
         unseen = open_channel(accounts[5], channel.payee, amount=100)  # only the chain could tell
-        body = batch_of(
+        body = x402_settle_batch(
             x402_request(required, voucher(unseen, PRICE, sign)),
             x402_request(required, voucher(channel, 2 * PRICE, sign)),
         )
