@@ -479,6 +479,35 @@ def test_a_receipt_for_more_than_was_signed_does_not_move_the_position_up(
     assert sorted(p.cumulative for p in stored_payments(store_url, channel.hex_id)) == [1_000, 2_000, 3_000]
 
 
+def test_a_stop_at_one_process_holds_for_another_that_keeps_the_channel_in_memory(
+    serve_here: Callable[..., ServiceThread],
+    payer_client: Callable[..., PayerClient],
+    devnet: Devnet,
+    store_url: str,
+    accounts: list[LocalAccount],
+) -> None:
+    """Two services on one store: the payer pays through the second, whose writer keeps the channel in memory (on
+    PostgreSQL it writes against its copy with no lock first); the payee stops the channel through the first. The
+    second's next voucher is refused (`channel_closed`): the stop raised the row's version, so its copy is stale and
+    it reads the row again. The stop answered the last voucher the second accepted."""
+    first, second = serve_here(store_url), serve_here(store_url)
+    payer = payer_client(accounts[10], second.url)
+    channel = payer.open_channel(accounts[11].address, 10**16)
+    payer.wait_until_known(channel)
+    for _ in range(5):
+        payer.pay(channel, 1_000)
+    payee = PayeeClient(key(accounts[11]), devnet.url, first.url)
+    try:
+        state = payee.stop(channel.hex_id)
+    finally:
+        payee.shutdown()
+    assert state["acceptedCumulativeAmount"] == "5000"
+    with pytest.raises(ServiceRejectedError) as refused:
+        payer.pay(channel, 1_000)
+    assert refused.value.code == "channel_closed"
+    assert max(p.cumulative for p in stored_payments(store_url, channel.hex_id)) == 5_000
+
+
 def test_a_refund_on_a_voucher_the_service_cannot_show_is_refused_before_any_transaction(
     serve_here: Callable[..., ServiceThread],
     payer_client: Callable[..., PayerClient],
