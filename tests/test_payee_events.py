@@ -144,9 +144,24 @@ def subscribe(client: TestClient, payee: str, url: str, **headers: str) -> dict[
     return made
 
 
+@pytest.fixture
+def known_channel(
+    open_channel: Callable[..., Channel], accounts: list[LocalAccount]
+) -> Callable[[TestClient, int, int], Channel]:
+    """Factory: known_channel(client, payer, payee) -> a channel of 1,000 wei from one devnet account to another that
+    the service behind `client` has seen (it answers the channel's reads)."""
+
+    def make(client: TestClient, payer: int, payee: int) -> Channel:
+        channel = open_channel(accounts[payer], accounts[payee].address, amount=1_000)
+        wait_until(lambda: client.get(f"/v1/channels/0x{channel.id.hex()}").status_code == 200)
+        return channel
+
+    return make
+
+
 def test_a_payee_is_told_of_each_payment_settlement_and_close_in_order_signed(
     api: Callable[..., TestClient],
-    open_channel: Callable[..., Channel],
+    known_channel: Callable[[TestClient, int, int], Channel],
     accounts: list[LocalAccount],
     sign: Sign,
     receiver: Callable[..., Receiver],
@@ -154,8 +169,7 @@ def test_a_payee_is_told_of_each_payment_settlement_and_close_in_order_signed(
     w3: Web3,
 ) -> None:
     client = api(webhook_tick=0.05)
-    channel = open_channel(accounts[3], accounts[4].address, amount=1_000)
-    wait_until(lambda: client.get(f"/v1/channels/0x{channel.id.hex()}").status_code == 200)
+    channel = known_channel(client, 3, 4)
     pay(client, channel, sign, 1)  # before the webhook: not sent to it
     hook = receiver()
     made = subscribe(client, channel.payee, hook.url)
@@ -201,16 +215,14 @@ def test_a_payee_is_told_of_each_payment_settlement_and_close_in_order_signed(
 
 def test_a_failing_or_slow_receiver_is_retried_in_order_and_does_not_hold_others_back(
     api: Callable[..., TestClient],
-    open_channel: Callable[..., Channel],
-    accounts: list[LocalAccount],
+    known_channel: Callable[[TestClient, int, int], Channel],
     sign: Sign,
     receiver: Callable[..., Receiver],
 ) -> None:
     # A 2 s timeout: a healthy delivery from a loaded machine must not time out (its retry would be a second 200);
     # the slow receiver answers after twice that.
     client = api(webhook_tick=0.05, webhook_backoff_max_seconds=0.3, webhook_timeout_seconds=2.0)
-    channel = open_channel(accounts[5], accounts[6].address, amount=1_000)
-    wait_until(lambda: client.get(f"/v1/channels/0x{channel.id.hex()}").status_code == 200)
+    channel = known_channel(client, 5, 6)
     failing, slow, healthy = receiver(fail=3), receiver(delay=4.0), receiver()
     for hook in (failing, slow, healthy):
         subscribe(client, channel.payee, hook.url)
@@ -230,8 +242,7 @@ def test_a_failing_or_slow_receiver_is_retried_in_order_and_does_not_hold_others
 
 def test_a_receiver_slow_to_answer_does_not_hold_back_another_payees_webhook(
     api: Callable[..., TestClient],
-    open_channel: Callable[..., Channel],
-    accounts: list[LocalAccount],
+    known_channel: Callable[[TestClient, int, int], Channel],
     sign: Sign,
     receiver: Callable[..., Receiver],
 ) -> None:
@@ -240,10 +251,7 @@ def test_a_receiver_slow_to_answer_does_not_hold_back_another_payees_webhook(
     such answers. Its turn now ends after TURN_SECONDS and ticks go on without it: another payee's event arrives
     while the slow one's are still coming, and the slow one still gets every event, in order."""
     client = api(webhook_tick=0.05, webhook_timeout_seconds=5.0)
-    busy = open_channel(accounts[5], accounts[6].address, amount=1_000)
-    quiet = open_channel(accounts[7], accounts[8].address, amount=1_000)
-    known = [f"/v1/channels/0x{channel.id.hex()}" for channel in (busy, quiet)]
-    wait_until(lambda: [client.get(path).status_code for path in known] == [200, 200])
+    busy, quiet = known_channel(client, 5, 6), known_channel(client, 7, 8)
     slow, other = receiver(delay=0.6), receiver()
     subscribe(client, busy.payee, slow.url)
     subscribe(client, quiet.payee, other.url)
@@ -307,8 +315,7 @@ class HostileReceiver:
 
 def test_a_receiver_that_never_finishes_its_answer_holds_nothing(
     api: Callable[..., TestClient],
-    open_channel: Callable[..., Channel],
-    accounts: list[LocalAccount],
+    known_channel: Callable[[TestClient, int, int], Channel],
     sign: Sign,
     receiver: Callable[..., Receiver],
 ) -> None:
@@ -318,8 +325,7 @@ def test_a_receiver_that_never_finishes_its_answer_holds_nothing(
     at `webhook_timeout_seconds` in all: the endless one's 200s are deliveries, the dribbling one's are failures,
     retried with backoff, and a healthy receiver beside them gets every event."""
     client = api(webhook_tick=0.05, webhook_timeout_seconds=1.0, webhook_backoff_max_seconds=0.5)
-    channel = open_channel(accounts[5], accounts[6].address, amount=1_000)
-    wait_until(lambda: client.get(f"/v1/channels/0x{channel.id.hex()}").status_code == 200)
+    channel = known_channel(client, 5, 6)
     endless, dribble, healthy = HostileReceiver("endless"), HostileReceiver("dribble"), receiver()
     try:
         made = {name: subscribe(client, channel.payee, hook.url)["webhookId"] for name, hook in
@@ -345,14 +351,12 @@ def test_a_receiver_that_never_finishes_its_answer_holds_nothing(
 
 def test_a_receiver_down_gets_everything_when_it_comes_back(
     api: Callable[..., TestClient],
-    open_channel: Callable[..., Channel],
-    accounts: list[LocalAccount],
+    known_channel: Callable[[TestClient, int, int], Channel],
     sign: Sign,
     receiver: Callable[..., Receiver],
 ) -> None:
     client = api(webhook_tick=0.05, webhook_backoff_max_seconds=0.3)
-    channel = open_channel(accounts[7], accounts[8].address, amount=1_000)
-    wait_until(lambda: client.get(f"/v1/channels/0x{channel.id.hex()}").status_code == 200)
+    channel = known_channel(client, 7, 8)
     hook = receiver(started=False)
     subscribe(client, channel.payee, hook.url)
     pay(client, channel, sign, *range(1, 121))  # more than one tick's batch of 100
