@@ -25,14 +25,11 @@ class Buckets:
         if self.rate <= 0:
             return None
         with self._lock:
-            tokens, when = self._buckets.get(key, (self.burst, now))
-            tokens = min(self.burst, tokens + (now - when) * self.rate)
+            tokens = self._level(key, now)
             if tokens < 1:
                 self._buckets[key] = (tokens, now)
-                return max(1, math.ceil((1 - tokens) / self.rate))
-            self._buckets[key] = (tokens - 1, now)
-            if len(self._buckets) > self.max_keys:
-                self._prune(now)
+                return self._wait(tokens)
+            self._set(key, tokens - 1, now)
         return None
 
     def due(self, key: Hashable, now: float) -> int | None:
@@ -41,19 +38,29 @@ class Buckets:
         if self.rate <= 0:
             return None
         with self._lock:
-            tokens, when = self._buckets.get(key, (self.burst, now))
-        tokens = min(self.burst, tokens + (now - when) * self.rate)
-        return None if tokens >= 1 else max(1, math.ceil((1 - tokens) / self.rate))
+            tokens = self._level(key, now)
+        return None if tokens >= 1 else self._wait(tokens)
 
     def charge(self, key: Hashable, amount: int, now: float) -> None:
         """Take `amount` tokens for `key`, below zero if it has fewer: a debt it pays back at `rate`."""
         if self.rate <= 0 or amount <= 0:
             return
         with self._lock:
-            tokens, when = self._buckets.get(key, (self.burst, now))
-            self._buckets[key] = (min(self.burst, tokens + (now - when) * self.rate) - amount, now)
-            if len(self._buckets) > self.max_keys:
-                self._prune(now)
+            self._set(key, self._level(key, now) - amount, now)
+
+    def _level(self, key: Hashable, now: float) -> float:
+        """The tokens `key` has at `now` (under the lock): a new key is full."""
+        tokens, when = self._buckets.get(key, (self.burst, now))
+        return min(self.burst, tokens + (now - when) * self.rate)
+
+    def _wait(self, tokens: float) -> int:
+        """Whole seconds until a level of `tokens` (below 1) reaches one token."""
+        return max(1, math.ceil((1 - tokens) / self.rate))
+
+    def _set(self, key: Hashable, tokens: float, now: float) -> None:
+        self._buckets[key] = (tokens, now)
+        if len(self._buckets) > self.max_keys:
+            self._prune(now)
 
     def _prune(self, now: float) -> None:
         full = [k for k, (tokens, when) in self._buckets.items() if tokens + (now - when) * self.rate >= self.burst]
