@@ -366,6 +366,17 @@ def test_a_channel_its_payee_stopped_takes_no_voucher_after_the_stop_which_answe
     assert writes == []  # and no write again: a flood of stops does not take the store's write lock from ingest
     assert client.get(url).json() == state
     assert client.post(f"/v1/channels/0x{'42' * 32}/stop", json={}).json()["code"] == "channel_not_found"
+    bad = [
+        (f"/v1/channels/0x{'zz' * 32}/stop", {"json": {}}, 400, "malformed_request"),  # not an id
+        (f"/v1/channels/0x{'42' * 31}/stop", {"json": {}}, 400, "malformed_request"),  # 31 bytes
+        (f"{url}/stop", {"json": {"cumulativeAmount": "1"}}, 400, "malformed_request"),  # a stop names nothing
+        (f"{url}/stop", {"json": []}, 400, "malformed_request"),
+        (f"{url}/stop", {"content": b"{", "headers": {"content-type": "application/json"}}, 400, "malformed_request"),
+        (f"{url}/stop", {"content": b""}, 415, "unsupported_media_type"),  # no JSON body
+    ]
+    for path, sent, status, code in bad:
+        answer = client.post(path, **sent)
+        assert (answer.status_code, answer.json()["code"]) == (status, code), (path, sent)
 
     send(w3, hub.functions.closeByPayee(channel.id, 250, sign(channel.payer, channel.id, 250)), channel.payee)
     assert hub.functions.channel(channel.id).call()[ChannelViewField.SETTLED] == 250
