@@ -498,7 +498,8 @@ class TamperingProxy:
     """An HTTP proxy in front of a service, as `Tampering` is for the SDK's client but for any program (the CLI):
     forwards each GET for real, then `rewrite(path, JSON answer)` gives the JSON (or bytes) it answers instead; or,
     where `hostile(path)` names a way, answers 200 and then a body that never ends ("endless": as fast as the client
-    reads, up to 256 MB, counted in `written`) or comes a byte every 0.2 s ("dribble")."""
+    reads, up to 256 MB, counted in `written`) or comes a byte every 0.2 s ("dribble"), or sends its headers a byte
+    every 0.2 s ("slow_headers": 100 of them, 20 s, then the end of the headers and `{}`)."""
 
     def __init__(
         self,
@@ -516,7 +517,23 @@ class TamperingProxy:
         proxy = self
 
         class Handler(BaseHTTPRequestHandler):
+            def answer_slow_headers(self) -> None:
+                try:
+                    self.wfile.write(b"HTTP/1.1 200 OK\r\nx-slow: ")
+                    for _ in range(100):
+                        self.wfile.write(b"x")
+                        self.wfile.flush()
+                        proxy.written += 1
+                        time.sleep(0.2)
+                    self.wfile.write(b"\r\ncontent-type: application/json\r\ncontent-length: 2\r\n\r\n{}")
+                except OSError:
+                    pass  # the client hung up
+                self.close_connection = True
+
             def answer_hostile(self, way: str) -> None:
+                if way == "slow_headers":
+                    self.answer_slow_headers()
+                    return
                 self.send_response(200)  # HTTP/1.0: the body runs until the connection closes
                 self.send_header("content-type", "application/json")
                 self.end_headers()
