@@ -458,7 +458,9 @@ def test_a_retried_payment_with_an_identifier_is_answered_again_and_charged_once
 ) -> None:
     """Eight copies of one paid request with a payment identifier, all at once, then one more: one charge, nine
     identical answers. The same header on another route, or the same voucher under another identifier, buys
-    nothing."""
+    nothing; nor does it without the credentials the paid request carried (the kept answer is given before the
+    app's own sign-in runs: a header seen in a log had the bought answer, the signed-in user's data, given to
+    anyone)."""
     service = spawn(f"sqlite:///{tmp_path / 'retry.db'}", wait=False)  # ready once the paid app is
     payee = accounts[14].address
     api = paid_api(service, payee)
@@ -470,8 +472,9 @@ def test_a_retried_payment_with_an_identifier_is_answered_again_and_charged_once
         async with httpx.AsyncClient(timeout=30) as client:
             required = http.get_payment_required_response((await client.get(f"{api}/weather")).headers.get, None)
             headers = http.encode_payment_signature_header(await x402.create_payment_payload(required))
-            answers = await asyncio.gather(*(client.get(f"{api}/weather", headers=headers) for _ in range(8)))
-            return headers, [*answers, await client.get(f"{api}/weather", headers=headers)]
+            signed_in = {**headers, "Authorization": "Bearer the-payers-own", "Cookie": "session=the-payers"}
+            answers = await asyncio.gather(*(client.get(f"{api}/weather", headers=signed_in) for _ in range(8)))
+            return headers, [*answers, await client.get(f"{api}/weather", headers=signed_in)]
 
     headers, answers = asyncio.run(retried())
     payment = decode_payment_signature_header(next(iter(headers.values())))
@@ -482,6 +485,10 @@ def test_a_retried_payment_with_an_identifier_is_answered_again_and_charged_once
     }
     assert accepted_for(service, payee) == PRICE
 
+    for credentials in ({}, {"Authorization": "Bearer someone-else", "Cookie": "session=the-payers"}):
+        anyone = httpx.get(f"{api}/weather", headers={**headers, **credentials})
+        assert anyone.status_code == 402
+        assert json.loads(base64.b64decode(anyone.headers["payment-required"]))["error"] == "voucher_replayed"
     elsewhere = httpx.get(f"{api}/reports/1", headers=headers)
     assert elsewhere.status_code == 402
     assert json.loads(base64.b64decode(elsewhere.headers["payment-required"]))["error"] == "voucher_replayed"

@@ -378,25 +378,37 @@ class _Answer:
 
 
 class PaidAnswers:
-    """Responses bought by payments that carry an identifier, by the exact payment header and route: what a retry
-    of that payment is answered. Bounded by `max_bytes` in all (oldest first out) and `max_body` each (a larger
-    response is not kept: its retry gets the 402 of a replayed voucher)."""
+    """Responses bought by payments that carry an identifier, by the exact payment header, route and credentials:
+    what a retry of that payment is answered. Bounded by `max_bytes` in all (oldest first out) and `max_body` each (a
+    larger response is not kept: its retry gets the 402 of a replayed voucher).
 
-    def __init__(self, ttl: float = 600.0, max_bytes: int = 64 * 2**20, max_body: int = 2**20) -> None:
+    `vary` names the request headers that carry who is asking (as HTTP's Vary does for a cache): a kept answer is
+    given again only to a copy that carries the same ones. The answer is given before the app runs, so without them a
+    payment header seen where it should not be (a log, a shared proxy) had the app's own sign-in skipped: its holder
+    was given the response bought for the signed-in user, that user's data included."""
+
+    def __init__(
+        self,
+        ttl: float = 600.0,
+        max_bytes: int = 64 * 2**20,
+        max_body: int = 2**20,
+        vary: tuple[str, ...] = ("authorization", "cookie"),
+    ) -> None:
         self.ttl, self.max_bytes, self.max_body = ttl, max_bytes, max_body
+        self.vary = tuple(name.lower() for name in vary)
         self._answers: OrderedDict[str, _Answer] = OrderedDict()
         self._bytes = 0
         self._in_flight: dict[str, asyncio.Event] = {}
 
-    @staticmethod
-    def key_of(request: Request) -> str | None:
+    def key_of(self, request: Request) -> str | None:
         """The payment's key, or None when the request carries no payment with a valid identifier."""
         header = request.headers.get("payment-signature")
         if not header or len(header) > 16384:
             return None
         if payment_identifier_in(header) is None:  # no identifier, or not x402's (the middleware answers it)
             return None
-        route = f"{request.method} {request.url.path}?{request.url.query}\n{header}"
+        asking = "\n".join(f"{name}: {value}" for name in self.vary for value in request.headers.getlist(name))
+        route = f"{request.method} {request.url.path}?{request.url.query}\n{header}\n{asking}"
         return hashlib.sha256(route.encode()).hexdigest()
 
     def get(self, key: str) -> Response | None:
