@@ -76,6 +76,26 @@ def test_behind_a_trusted_proxy_each_client_has_its_own_rate(
     assert flood(service.url, 20, client_ip="10.0.0.2") == [200] * 20  # an honest client behind the same proxy
 
 
+def test_an_ipv6_client_is_counted_by_its_network_not_by_each_of_its_addresses(
+    spawn: Callable[..., ServiceProcess], tmp_path: Path
+) -> None:
+    """A host is given a /64 (or more) and may send from any address in it: counted by address, each of its 2^64
+    addresses was a fresh client with a full budget. An IPv6 client is now its /64 (SETTLEMENT_CLIENT_IPV6_PREFIX),
+    an IPv4-mapped address its IPv4 address."""
+    service = spawn(
+        f"sqlite:///{tmp_path / 'ipv6.db'}",
+        client_requests_per_second=RATE,
+        client_burst=BURST,
+        trusted_proxies=json.dumps(["127.0.0.1"]),
+    )
+    assert flood(service.url, 20, client_ip="2001:db8:1:2::1") == [200] * 20
+    for other_address in ("2001:db8:1:2::2", "2001:db8:1:2:ffff:ffff:ffff:ffff", "2001:DB8:1:2:0:0:0:abc"):
+        assert flood(service.url, 1, client_ip=other_address) == [429], other_address
+    assert flood(service.url, 20, client_ip="2001:db8:1:3::1") == [200] * 20  # the next /64: another client
+    assert flood(service.url, 20, client_ip="::ffff:10.0.0.9") == [200] * 20
+    assert flood(service.url, 1, client_ip="10.0.0.9") == [429]
+
+
 def test_a_connection_that_keeps_being_refused_is_paced_whatever_clients_it_names(
     spawn: Callable[..., ServiceProcess], tmp_path: Path
 ) -> None:
@@ -281,3 +301,12 @@ def test_a_client_sending_forged_vouchers_in_batches_is_refused_before_their_rec
     assert (refused.status_code, refused.json()["code"]) == (429, "rate_limited")
     third = post("/v1/vouchers/batch", {"vouchers": [body(channel, 10, sign(accounts[5], channel.id, 10))]}, "10.0.0.3")
     assert [r["status"] for r in third.json()["results"]] == [201]
+
+    # An IPv6 client is one network (a /64): another address of it owes what the first forged.
+    forged_more = {"vouchers": [body(channel, n, sign(forger, channel.id, n)) for n in range(100, 160)]}
+    answer = post("/v1/vouchers/batch", forged_more, "2001:db8:5:6::1")
+    assert [r["error"]["code"] for r in answer.json()["results"]] == ["invalid_signature"] * 60
+    refused = post("/v1/vouchers/batch", honest, "2001:db8:5:6:ffff::9")
+    assert (refused.status_code, refused.json()["code"]) == (429, "rate_limited")
+    elsewhere = post("/v1/vouchers/batch", forged, "2001:db8:5:7::1")  # another network: its own budget
+    assert [r["error"]["code"] for r in elsewhere.json()["results"]] == ["invalid_signature"] * 40

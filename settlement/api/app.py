@@ -99,7 +99,9 @@ def create_app(settings: Settings, service: Service | None = None) -> RefusalTar
 
     fast = FastPath(app, running, x402, settings.max_body_bytes, settings.body_timeout_seconds)
     guarded = HostGuard(fast, settings.allowed_hosts)
-    limited = RateGuard(guarded, settings.client_requests_per_second, settings.client_burst)
+    limited = RateGuard(
+        guarded, settings.client_requests_per_second, settings.client_burst, settings.client_ipv6_prefix
+    )
     return RefusalTarpit(
         limited,
         settings.connection_refusals_per_second,

@@ -7,6 +7,7 @@ from typing import Annotated, Any
 from eth_utils.address import is_address, is_checksum_address, to_checksum_address
 from fastapi import Depends, Path, Query, Request
 
+from settlement.api.middleware import client_of
 from settlement.api.schemas import ErrorOut
 from settlement.errors import MalformedRequestError
 from settlement.server.service import Service
@@ -19,6 +20,13 @@ async def get_service(request: Request) -> Service:
 
 
 ServiceDep = Annotated[Service, Depends(get_service)]
+
+
+def client_of_request(request: Request) -> str:
+    """The client a route's budgets (forged vouchers in batches) count against, as the rate limit counts it."""
+    service: Service = request.app.state.service
+    return client_of(request.scope, service.settings.client_ipv6_prefix)
+
 ChannelIdPath = Annotated[str, Path(pattern=r"^0x[0-9a-fA-F]{64}$", description="0x + 64 hex digits")]
 ADDRESS_RULE = "0x + 40 hex digits; mixed case must be a correct EIP-55 checksum"
 AddressPath = Annotated[str, Path(pattern=r"^0x[0-9a-fA-F]{40}$", description=ADDRESS_RULE)]

@@ -59,6 +59,7 @@ class FastPath:
         self.x402 = x402
         self.max_bytes = max_bytes
         self.body_timeout = body_timeout
+        self.ipv6_prefix = service.settings.client_ipv6_prefix
 
     @property
     def state(self) -> Any:
@@ -92,13 +93,13 @@ class FastPath:
             if path == PATH:
                 status, payload = await accept_voucher(self.service, body)
             elif path == BATCH:
-                status, payload = await accept_batch(self.service, body, client_of(scope))
+                status, payload = await accept_batch(self.service, body, client_of(scope, self.ipv6_prefix))
             elif path == X402_SETTLE:
                 status, payload = 200, await self.x402.settle(body)
             elif path == X402_VERIFY:
                 status, payload = 200, await self.x402.verify(body)
             else:
-                status, payload = 200, await self.x402.settle_batch(body, client_of(scope))
+                status, payload = 200, await self.x402.settle_batch(body, client_of(scope, self.ipv6_prefix))
         except SettlementError as ex:
             await refuse(send, ex)
             return

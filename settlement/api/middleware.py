@@ -5,6 +5,8 @@ memory for nothing); allowed hosts; a request budget per client; and a refusal b
 from __future__ import annotations
 
 import asyncio
+import functools
+import ipaddress
 import json
 import random
 import time
@@ -146,11 +148,32 @@ class HostGuard:
         await self.app(scope, receive, send)
 
 
-def client_of(scope: Scope) -> str:
+def client_of(scope: Scope, ipv6_prefix: int) -> str:
     """The client a request's limits count against: the connection's peer, or the address a trusted proxy names
-    (uvicorn rewrites the peer only for SETTLEMENT_TRUSTED_PROXIES)."""
+    (uvicorn rewrites the peer only for SETTLEMENT_TRUSTED_PROXIES); an IPv6 client by its network (`client_key`)."""
     peer = scope.get("client")
-    return str(peer[0]) if peer else ""
+    return client_key(str(peer[0]), ipv6_prefix) if peer else ""
+
+
+def client_key(host: str, ipv6_prefix: int) -> str:
+    """`host` as a client: an IPv4 address as it is, an IPv6 address as its network of `ipv6_prefix` bits
+    (SETTLEMENT_CLIENT_IPV6_PREFIX), an IPv4-mapped one as its IPv4 address. One host is given a /64 (or more) and
+    may send from any address in it: counted by address, each of its 2^64 addresses was a fresh client with a full
+    budget of requests and forgeries, and its flood pushed other clients' debts out of the buckets."""
+    if ":" not in host:
+        return host
+    return _ipv6_client(host, ipv6_prefix)
+
+
+@functools.lru_cache(maxsize=4096)
+def _ipv6_client(host: str, ipv6_prefix: int) -> str:
+    try:
+        ip = ipaddress.IPv6Address(host)
+    except ValueError:
+        return host  # not an address (a name a proxy gave): counted as given
+    if ip.ipv4_mapped is not None:
+        return str(ip.ipv4_mapped)
+    return str(ipaddress.IPv6Network((int(ip), ipv6_prefix), strict=False))
 
 
 class RateGuard:
@@ -158,12 +181,15 @@ class RateGuard:
     with Retry-After, before any work is done for it; every other client goes on as before.
 
     The client is the connection's peer, or the address a trusted proxy names (uvicorn rewrites it only for
-    SETTLEMENT_TRUSTED_PROXIES, so a forged X-Forwarded-For from anyone else changes nothing). At most `max_clients`
-    buckets are kept (settlement.domain.buckets)."""
+    SETTLEMENT_TRUSTED_PROXIES, so a forged X-Forwarded-For from anyone else changes nothing); an IPv6 client by its
+    network of `ipv6_prefix` bits. At most `max_clients` buckets are kept (settlement.domain.buckets)."""
 
-    def __init__(self, app: ASGIApp, rate: float, burst: float, max_clients: int = 100_000) -> None:
+    def __init__(
+        self, app: ASGIApp, rate: float, burst: float, ipv6_prefix: int = 64, max_clients: int = 100_000
+    ) -> None:
         self.app = app
         self.rate = rate
+        self.ipv6_prefix = ipv6_prefix
         self._buckets = Buckets(rate, max(burst, 1.0), max_clients)
 
     @property
@@ -174,7 +200,7 @@ class RateGuard:
         if scope["type"] != "http" or self.rate <= 0:
             await self.app(scope, receive, send)
             return
-        client = client_of(scope)
+        client = client_of(scope, self.ipv6_prefix)
         wait = self._buckets.take(client, time.monotonic())
         if wait is not None:
             error = RateLimitedError(

@@ -5,9 +5,8 @@ from __future__ import annotations
 
 from fastapi import APIRouter, Request, Response
 
-from settlement.api.deps import ERRORS
+from settlement.api.deps import ERRORS, client_of_request
 from settlement.api.handlers import accept_batch, accept_voucher
-from settlement.api.middleware import client_of
 from settlement.api.schemas import BatchOut, ReceiptOut, VoucherBatchIn, VoucherIn, documented_body
 
 router = APIRouter(responses=ERRORS)
@@ -37,5 +36,5 @@ async def submit_voucher(request: Request) -> Response:
 )
 async def submit_batch(request: Request) -> Response:
     """Many vouchers in one request; each gets its own result and valid ones are accepted whatever the others do."""
-    status, payload = await accept_batch(request.app.state.service, await request.body(), client_of(request.scope))
+    status, payload = await accept_batch(request.app.state.service, await request.body(), client_of_request(request))
     return Response(payload, status_code=status, media_type="application/json")

@@ -23,9 +23,9 @@ from x402.schemas import (
     VerifyResponse,
 )
 
-from settlement.api.deps import ERRORS, ServiceDep
+from settlement.api.deps import ERRORS, ServiceDep, client_of_request
 from settlement.api.facilitator import ChannelHubFacilitator, x402_facilitator
-from settlement.api.middleware import INTERNAL_ERROR, client_of
+from settlement.api.middleware import INTERNAL_ERROR
 from settlement.api.schemas import documented_body, parse_body
 from settlement.errors import BatchTooLargeError, InvalidSignatureError, SettlementError
 from settlement.x402.wire import Reason
@@ -158,7 +158,7 @@ async def settle(request: Request) -> Response:
 @router.post("/settle/batch", operation_id="x402SettleBatch", openapi_extra=documented_body(X402SettleBatch))
 async def settle_batch(request: Request) -> Response:
     """Many payments settled in one call, answered in order (a ChannelHub addition to x402's routes)."""
-    return _json(await operations(request).settle_batch(await request.body(), client_of(request.scope)))
+    return _json(await operations(request).settle_batch(await request.body(), client_of_request(request)))
 
 
 def _item(answer: SettleResponse | BaseException) -> dict[str, Any]:

@@ -135,6 +135,13 @@ class Settings(BaseSettings):
         "that a flood of such requests cannot starve the event loop and the ingest writer of the GIL",
     )
     client_burst: float = Field(default=10_000.0, ge=1, description="requests one client may send at once, saved up")
+    client_ipv6_prefix: int = Field(
+        default=64,
+        ge=16,
+        le=128,
+        description="an IPv6 client's limits count against its network of this many bits (a host holds a /64 and may "
+        "send from any address in it); an IPv4 client's against its address",
+    )
     connection_refusals_per_second: float = Field(
         default=5.0,
         ge=0,
