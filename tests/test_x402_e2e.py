@@ -1373,6 +1373,66 @@ def test_a_channel_its_payee_stopped_and_never_closed_is_left_for_a_new_one(
     assert accepted_for(service, payee_account.address) == 4 * PRICE
 
 
+def test_a_payee_that_stops_every_channel_locks_at_most_two_deposits_and_the_payer_gets_them_back(
+    spawn: Callable[..., ServiceProcess],
+    paid_api: Callable[..., str],
+    devnet: Devnet,
+    accounts: list[LocalAccount],
+    hub: Contract,
+    w3: Web3,
+    tmp_path: Path,
+    payer_for: Callable[..., PayerClient],
+) -> None:
+    """A payee stops each channel the payer opens and never closes it. The payer's client left each for a new one,
+    each a deposit locked until the payer's own close: channel after channel. Now it leaves at most two
+    (`max_stopped`), requests their closes itself (after `stopped_grace`, here 0), and refuses to open a third; once
+    the challenge period is over it finalizes them and pays on a channel funded by what came back. The service's
+    engine settled the payee's vouchers on the stopped channels when their closes were requested."""
+    service = spawn(
+        f"sqlite:///{tmp_path / 'stops.db'}", engine_enabled="true", private_key=HexBytes(accounts[19].key).to_0x_hex(),
+        settle_interval="0.5", engine_tick="0.1", wait=False,
+    )  # fmt: skip
+    payee_account = accounts[16]
+    api = paid_api(service, payee_account.address)
+    payer = payer_for(accounts[17], service)
+    scheme = ChannelHubClientScheme(payer, DepositPolicy(multiple=100, follow_hint=False), stopped_grace=0)
+    payee = PayeeClient(HexBytes(payee_account.key).to_0x_hex(), devnet.url, service.url)
+    stopped: list[bytes] = []
+    try:
+        for _ in range(2):
+            assert paid_get(devnet, scheme, f"{api}/weather") == 200
+            (channel,) = payer.open_channels(payee_account.address)
+            payee.stop(channel["channelId"])
+            stopped.append(bytes.fromhex(channel["channelId"][2:]))
+    finally:
+        payee.shutdown()
+    with pytest.raises(PaymentError, match=f"{payee_account.address} stopped 2 channels of this payer"):
+        paid_get(devnet, scheme, f"{api}/weather")
+    def listed(status: ChannelStatus) -> list[bytes]:
+        return [bytes.fromhex(c["channelId"][2:]) for c in payer.listed_channels(payee_account.address, None, status)]
+
+    wait_until(lambda: sorted(listed(ChannelStatus.CLOSING)) == sorted(stopped))  # no third channel, no third deposit
+    assert listed(ChannelStatus.OPEN) == []
+    # A restarted app finds them (stopped, closing) in the service's listing and refuses a third as well.
+    restarted = ChannelHubClientScheme(payer, DepositPolicy(multiple=100, follow_hint=False))
+    with pytest.raises(PaymentError, match=f"{payee_account.address} stopped 2 channels of this payer"):
+        paid_get(devnet, restarted, f"{api}/weather")
+
+    def state(raw: bytes, field: ChannelViewField) -> int:
+        return int(hub.functions.channel(raw).call()[field])
+
+    assert [state(raw, ChannelViewField.STATUS) for raw in stopped] == [ChannelStatus.CLOSING] * 2
+    wait_until(lambda: [state(raw, ChannelViewField.SETTLED) for raw in stopped] == [PRICE] * 2, timeout=60)
+    w3.provider.make_request("evm_increaseTime", [3601])  # the session hub's challenge period, and a second
+    w3.provider.make_request("evm_mine", [])
+    assert paid_get(devnet, scheme, f"{api}/weather") == 200  # both finalized; a new channel from the refunds
+    assert [state(raw, ChannelViewField.STATUS) for raw in stopped] == [ChannelStatus.CLOSED] * 2
+    assert payer.hub_balance() == 2 * 99 * PRICE - 100 * PRICE
+    (fresh,) = payer.open_channels(payee_account.address)
+    assert bytes.fromhex(fresh["channelId"][2:]) not in stopped
+    assert accepted_for(service, payee_account.address) == 3 * PRICE
+
+
 def test_a_payer_asks_the_payee_for_the_refund_and_only_the_payer_can(
     paid_channel: Callable[..., PaidChannel], devnet: Devnet, accounts: list[LocalAccount], hub: Contract
 ) -> None:

@@ -28,6 +28,7 @@ import uuid
 from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import datetime
+from enum import StrEnum
 from pathlib import Path
 from typing import Any
 
@@ -84,6 +85,14 @@ _RETRYABLE = {429, 502, 503, 504}  # 429: this address is over its rate; the ret
 DEFAULT_STATE_DIR = Path.home() / ".channelhub"
 STALE_RETRIES = 20  # other instances paying on the same channel at once; each attempt loses only to a winner
 SALT_RANDOM_BYTES = 8  # a default salt is this many random bytes, left-padded to 32: cheap calldata at settlement
+
+
+class Reclaim(StrEnum):
+    """Where a channel's unspent deposit stands (`PayerClient.reclaim`)."""
+
+    OPEN = "open"  # the channel is open: its deposit is locked in it
+    CLOSING = "closing"  # its challenge period runs: the deposit comes back once it is over and the close finalized
+    BACK = "back"  # closed: what was not paid out is in this payer's balance in the hub
 
 
 @dataclass(frozen=True)
@@ -235,14 +244,24 @@ class PayerClient:
         """This payer's open channels to `payee` in `token` (default ETH) as the service lists them (its word:
         `channel(id)` checks each against the hub), less those the payee stopped (`stoppedAt`: it is closing them
         and they take no more vouchers)."""
+        return [c for c in self.listed_channels(payee, token) if c.get("stoppedAt") is None]
+
+    def listed_channels(
+        self, payee: str, token: str | None = None, status: ChannelStatus = ChannelStatus.OPEN
+    ) -> list[dict[str, Any]]:
+        """This payer's channels to `payee` in `token` in `status` as the service lists them (`open_channels` with
+        those the payee stopped, their deposits still locked in the hub)."""
         asset = to_checksum_address(token) if token else ETH
-        query = f"/v1/channels?payer={self.address}&payee={to_checksum_address(payee)}&status=open&limit=1000"
+        query = (
+            f"/v1/channels?payer={self.address}&payee={to_checksum_address(payee)}&status={status.name.lower()}"
+            "&limit=1000"
+        )
         listed = self._get(query).get("items")
         if not isinstance(listed, list) or not all(isinstance(c, dict) for c in listed):
             raise UntrustedServiceError(f"the service's answer to GET {query} lists no channels in items")
         for listing in listed:  # each in its one form before anyone acts on it
             service_channel_id(listing, "channelId")
-        return [c for c in listed if service_address(c, "token") == asset and c.get("stoppedAt") is None]
+        return [c for c in listed if service_address(c, "token") == asset]
 
     def top_up(self, channel: ChannelRef, amount: int, *, from_balance: bool = False) -> None:
         """Add `amount` to the channel's deposit (vouchers may use it once the service sees it confirmed), from the
@@ -263,6 +282,24 @@ class PayerClient:
     def finalize_close(self, channel: ChannelRef) -> None:
         """After the challenge period: the unspent deposit is credited to this payer's balance in the hub."""
         self.transactor.send(self.hub.functions.finalizeClose(channel.channel_id))
+
+    def reclaim(self, channel: ChannelRef, *, request_close: bool = True) -> Reclaim:
+        """One step towards the channel's unspent deposit, by the hub's word: finalize a close whose challenge period
+        is over, request the close of a channel still open (when `request_close`), and say where it stands.
+        TransactionFailedError when a close it sent was refused (someone closed it first: ask again)."""
+        view = self.hub.functions.channel(channel.channel_id).call()
+        status = ChannelStatus(int(view[ChannelViewField.STATUS]))
+        if status == ChannelStatus.CLOSED:
+            return Reclaim.BACK
+        if status == ChannelStatus.CLOSING:
+            if int(self.w3.eth.get_block("latest")["timestamp"]) <= int(view[ChannelViewField.CLOSE_DEADLINE]):
+                return Reclaim.CLOSING
+            self.finalize_close(channel)
+            return Reclaim.BACK
+        if status == ChannelStatus.OPEN and request_close:
+            self.close(channel)
+            return Reclaim.CLOSING
+        return Reclaim.OPEN
 
     def hub_balance(self, token: str | None = None) -> int:
         """What the hub holds for this payer in `token` (default ETH): refunds of closed channels, earnings."""

@@ -9,6 +9,10 @@ Deposits follow a documented policy (`DepositPolicy`): `multiple` prices, at lea
 the same amount. Both come from the payer's balance in the hub (a refund, earnings) when it holds enough, else from
 its wallet.
 
+A channel left because its payee stopped it (`channel_closed`, `stoppedAt`) is followed until its deposit is back
+(`_reclaim`: its close requested, then finalized), and no new channel is opened to a payee that has `max_stopped` such
+channels not back: a payee must not make the payer lock deposit after deposit.
+
 Safety: the payer pays through the hub its `PayerClient` trusts only (requirements naming another hub or chain are
 refused); every voucher is journalled before it leaves (`PayerClient.authorize`), and concluded by the facilitator's
 receipt, or, refused in the payee's word, by what the service proves of it (a payee's refusal alone never gives an
@@ -43,11 +47,11 @@ from x402.schemas import (
     RecoveredResponseResult,
 )
 
-from settlement.domain.model import ETH, ChannelId
-from settlement.errors import UntrustedServiceError
+from settlement.domain.model import ETH, ChannelId, ChannelStatus
+from settlement.errors import TransactionFailedError, UntrustedServiceError
 from settlement.sdk.answers import service_amount
 from settlement.sdk.journal import Budget
-from settlement.sdk.payer import ChannelRef, PayerClient
+from settlement.sdk.payer import ChannelRef, PayerClient, Reclaim
 from settlement.x402.wire import SCHEME, PayloadError, VoucherPayload, base_units, network_of, same_address
 
 PREPARED_KEPT = 1024  # payments made ahead by the hook and not yet handed over (aborted ones fall out oldest first)
@@ -68,6 +72,14 @@ class Lane:
     def carry(self, since: float | None) -> None:
         """Busy from `since` with a payment not signed yet, or free (None)."""
         self.busy_since, self.key, self.cumulative = since, None, None
+
+
+@dataclass
+class Stopped:
+    """A channel this client left because its payee stopped it at the service, until its deposit is back."""
+
+    channel: ChannelRef
+    since: float  # monotonic: when the client left it
 
 
 @dataclass
@@ -110,6 +122,10 @@ class ChannelHubClientScheme:
     max_lanes: int = 16
     lane_timeout: float = 120.0  # a payment whose answer never came is looked up after this long
     budgets: list[Budget] = field(default_factory=list)  # rolling limits per period, overall or per payee
+    # Channels a payee stopped and whose deposits are not back yet, per payee and asset, beyond which no new channel
+    # is opened to it; and how long such a channel is left to its payee's own close before this payer requests it.
+    max_stopped: int = 2
+    stopped_grace: float = 60.0
     scheme: str = SCHEME
 
     def __post_init__(self) -> None:
@@ -117,6 +133,7 @@ class ChannelHubClientScheme:
         self._lanes: dict[tuple[str, str], list[Lane]] = {}
         self._by_channel: dict[str, Lane] = {}  # the same lanes by channel id (a payment's answer names its channel)
         self._opening: Counter[tuple[str, str]] = Counter()  # channels being opened per payee, not yet lanes
+        self._stopped: dict[tuple[str, str], list[Stopped]] = {}  # left for a stop, their deposits not back yet
         self._guard = threading.Lock()
         # One deposit at a time (payments are made in worker threads): two opens must not read one hub balance or
         # one ERC-20 allowance as if each had it alone.
@@ -269,7 +286,9 @@ class ChannelHubClientScheme:
             if lanes is None:  # the first payment to this payee here: its channels opened before (a restart)
                 # Once only: found again while a payment of ours was opening a channel (its lane not yet listed),
                 # that channel was listed twice, two payments ran on it at once, and one lane stayed busy for good.
-                lanes = self._lanes[party] = self._discover(payee, asset)
+                lanes, stopped = self._discover(payee, asset)
+                self._lanes[party] = lanes
+                self._stopped.setdefault(party, []).extend(stopped)
                 self._by_channel.update((lane.channel.hex_id, lane) for lane in lanes)
             now = time.monotonic()
             free = next((lane for lane in lanes if lane.busy_since is None), None)
@@ -288,6 +307,7 @@ class ChannelHubClientScheme:
             try:
                 deposit = self.policy.amount(price, hint)
                 with self._funding:
+                    self._reclaim(party)
                     held = self.payer.hub_balance(token) >= deposit  # a refund or earnings in the hub go first
                     channel = self.payer.open_channel(payee, deposit, token=token, from_balance=held)
                     self.payer.wait_until_known(channel, min_deposit=deposit)
@@ -306,10 +326,12 @@ class ChannelHubClientScheme:
                 self.payer.wait_until_known(free.channel, min_deposit=free.deposit)
         return free
 
-    def _discover(self, payee: str, asset: str) -> list[Lane]:
-        """This payer's open channels to the payee in the asset, as the service knows them (after a restart)."""
-        lanes = []
-        for listed in self.payer.open_channels(payee, asset):
+    def _discover(self, payee: str, asset: str) -> tuple[list[Lane], list[Stopped]]:
+        """This payer's open channels to the payee in the asset, as the service knows them (after a restart): the
+        ones to pay on, and the ones the payee stopped, open or closing (their deposits to follow)."""
+        lanes, stopped = [], []
+        closing = self.payer.listed_channels(payee, asset, ChannelStatus.CLOSING)
+        for listed in [*self.payer.listed_channels(payee, asset), *(c for c in closing if c.get("stoppedAt"))]:
             try:  # the hub's word, not the listing's: this payer's channel, to this payee, in this asset
                 channel = self.payer.channel(listed["channelId"])
             except ValueError as ex:
@@ -319,8 +341,11 @@ class ChannelHubClientScheme:
                     f"the service lists {channel.hex_id} as a channel to {payee} in {asset}; the hub says it pays "
                     f"{channel.payee} in {channel.token}"
                 )
-            lanes.append(Lane(channel, service_amount(listed, "deposit")))
-        return lanes
+            if listed.get("stoppedAt") is None:
+                lanes.append(Lane(channel, service_amount(listed, "deposit")))
+            else:
+                stopped.append(Stopped(channel, time.monotonic()))
+        return lanes, stopped
 
     def _party(self, requirements: PaymentRequirements) -> tuple[str, str]:
         return _checksummed(requirements.pay_to), _checksummed(requirements.asset)
@@ -330,12 +355,39 @@ class ChannelHubClientScheme:
             return self._by_channel.get(channel_id)
 
     def _drop(self, lane: Lane) -> None:
+        """Leave a channel that takes no more vouchers; its deposit is followed until it is back (`_reclaim`)."""
         with self._guard:
-            for lanes in self._lanes.values():
+            for party, lanes in self._lanes.items():
                 if lane in lanes:
                     lanes.remove(lane)
+                    self._stopped.setdefault(party, []).append(Stopped(lane.channel, time.monotonic()))
             if self._by_channel.get(lane.channel.hex_id) is lane:
                 del self._by_channel[lane.channel.hex_id]
+
+    def _reclaim(self, party: tuple[str, str]) -> None:
+        """Before a new channel to a payee: follow the deposits of the channels left to it (`PayerClient.reclaim`:
+        the close requested once a channel was left `stopped_grace` seconds to its payee's own, finalized once its
+        challenge period is over), and refuse while `max_stopped` are not back. A payee that stopped every channel
+        it was given and never closed them had this payer open channel after channel, each locking a deposit only
+        the payer's own close could free, an hour each."""
+        with self._guard:
+            left = list(self._stopped.get(party, ()))
+        back = []
+        for stopped in left:
+            try:
+                ask = time.monotonic() - stopped.since >= self.stopped_grace
+                if self.payer.reclaim(stopped.channel, request_close=ask) is Reclaim.BACK:
+                    back.append(stopped)
+            except TransactionFailedError:
+                continue  # the payee closed it first: read again next time
+        with self._guard:
+            waiting = self._stopped[party] = [s for s in self._stopped.get(party, ()) if s not in back]
+        if len(waiting) >= self.max_stopped:
+            raise ValueError(
+                f"{party[0]} stopped {len(waiting)} channels of this payer without closing them; no new channel is "
+                f"opened to it until their deposits are back (closes requested after {self.stopped_grace:g}s, "
+                "finalized after the hub's challenge period)"
+            )
 
     def _release(self, lane: Lane) -> None:
         with self._guard:
