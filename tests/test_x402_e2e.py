@@ -225,6 +225,23 @@ class PaidChannel:
 
 
 @pytest.fixture
+def settling(
+    spawn: Callable[..., ServiceProcess], accounts: list[LocalAccount], tmp_path: Path
+) -> Callable[[str], ServiceProcess]:
+    """Factory: settling(name) -> a service on its own SQLite store whose engine settles every half second with
+    accounts[19]'s key; launched only (ready once its paid app is)."""
+
+    def make(name: str) -> ServiceProcess:
+        settler = HexBytes(accounts[19].key).to_0x_hex()
+        return spawn(
+            f"sqlite:///{tmp_path / name}.db", engine_enabled="true", private_key=settler, settle_interval="0.5",
+            engine_tick="0.1", wait=False,
+        )  # fmt: skip
+
+    return make
+
+
+@pytest.fixture
 def paid_channel(
     spawn: Callable[..., ServiceProcess],
     paid_api: PaidApis,
@@ -344,7 +361,7 @@ def accepted_for(service: ServiceProcess, payee: str) -> int:
 
 
 def test_the_official_client_pays_the_official_middleware_through_our_facilitator(
-    spawn: Callable[..., ServiceProcess],
+    settling: Callable[[str], ServiceProcess],
     paid_api: Callable[..., str],
     devnet: Devnet,
     accounts: list[LocalAccount],
@@ -353,11 +370,7 @@ def test_the_official_client_pays_the_official_middleware_through_our_facilitato
     tmp_path: Path,
     payer_for: Callable[..., PayerClient],
 ) -> None:
-    settler = HexBytes(accounts[19].key).to_0x_hex()
-    service = spawn(
-        f"sqlite:///{tmp_path / 'x402.db'}", engine_enabled="true", private_key=settler, settle_interval="0.5",
-        engine_tick="0.1", wait=False,
-    )  # fmt: skip
+    service = settling("x402")
     payee = accounts[13].address
     api = paid_api(service, payee)
     payer = payer_for(accounts[12], service)
@@ -1374,13 +1387,12 @@ def test_a_channel_its_payee_stopped_and_never_closed_is_left_for_a_new_one(
 
 
 def test_a_payee_that_stops_every_channel_locks_at_most_two_deposits_and_the_payer_gets_them_back(
-    spawn: Callable[..., ServiceProcess],
+    settling: Callable[[str], ServiceProcess],
     paid_api: Callable[..., str],
     devnet: Devnet,
     accounts: list[LocalAccount],
     hub: Contract,
     w3: Web3,
-    tmp_path: Path,
     payer_for: Callable[..., PayerClient],
 ) -> None:
     """A payee stops each channel the payer opens and never closes it. The payer's client left each for a new one,
@@ -1388,10 +1400,7 @@ def test_a_payee_that_stops_every_channel_locks_at_most_two_deposits_and_the_pay
     (`max_stopped`), requests their closes itself (after `stopped_grace`, here 0), and refuses to open a third; once
     the challenge period is over it finalizes them and pays on a channel funded by what came back. The service's
     engine settled the payee's vouchers on the stopped channels when their closes were requested."""
-    service = spawn(
-        f"sqlite:///{tmp_path / 'stops.db'}", engine_enabled="true", private_key=HexBytes(accounts[19].key).to_0x_hex(),
-        settle_interval="0.5", engine_tick="0.1", wait=False,
-    )  # fmt: skip
+    service = settling("stops")
     payee_account = accounts[16]
     api = paid_api(service, payee_account.address)
     payer = payer_for(accounts[17], service)
