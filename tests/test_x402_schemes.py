@@ -105,6 +105,21 @@ def test_a_payees_deposit_hint_is_followed_only_up_to_the_payers_limit() -> None
             DepositPolicy(**bad)  # type: ignore[arg-type]
 
 
+def test_a_payers_bounds_on_channels_its_payees_stopped_are_checked(
+    spawn: Callable[..., ServiceProcess], devnet: Devnet, accounts: list[LocalAccount], tmp_path: Path
+) -> None:
+    """No channel could ever be opened with `max_stopped` 0, and a negative grace is not a time."""
+    service = spawn(f"sqlite:///{tmp_path / 'bounds.db'}")
+    payer = PayerClient(HexBytes(accounts[12].key).to_0x_hex(), devnet.url, service.url, state_path=tmp_path / "j")
+    try:
+        for bad in ({"max_stopped": 0}, {"max_stopped": -1}, {"stopped_grace": -1.0}):
+            with pytest.raises(ValueError, match="max_stopped is at least 1 channel"):
+                ChannelHubClientScheme(payer, **bad)  # type: ignore[arg-type]
+        assert ChannelHubClientScheme(payer, max_stopped=1, stopped_grace=0).max_stopped == 1
+    finally:
+        payer.shutdown()
+
+
 @pytest.mark.parametrize("change", ["another hub", "no hub", "another chain", "another scheme", "price not a number"])
 def test_a_payer_refuses_requirements_it_cannot_trust(
     change: str, spawn: Callable[..., ServiceProcess], devnet: Devnet, accounts: list[LocalAccount], tmp_path: Path

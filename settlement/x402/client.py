@@ -129,6 +129,8 @@ class ChannelHubClientScheme:
     scheme: str = SCHEME
 
     def __post_init__(self) -> None:
+        if self.max_stopped < 1 or self.stopped_grace < 0:
+            raise ValueError("max_stopped is at least 1 channel and stopped_grace at least 0 seconds")
         self.network = network_of(self.payer.domain.chain_id)
         self._lanes: dict[tuple[str, str], list[Lane]] = {}
         self._by_channel: dict[str, Lane] = {}  # the same lanes by channel id (a payment's answer names its channel)
