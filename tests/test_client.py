@@ -32,7 +32,7 @@ from settlement.errors import (
 )
 from settlement.sdk import bounded
 from settlement.sdk.payee import PayeeClient
-from settlement.sdk.payer import PayerClient
+from settlement.sdk.payer import PayerClient, Reclaim
 from tests.hub_helpers import Channel, Tampering, TamperingProxy, body, send, stored_payments, stream_through
 from tests.proxy import TcpProxy
 from tests.servers import ServiceProcess, ServiceThread
@@ -759,6 +759,36 @@ def test_a_channel_reference_reads_well_and_is_rebuilt_from_its_id(
         f"transaction would revert: ChannelHubChallengeNotOver(channelId={channel.hex_id}, "
         f"deadline={deadline.isoformat().replace('+00:00', 'Z')})"
     )
+
+
+def test_reclaim_takes_the_step_that_is_due_until_the_deposit_is_back(
+    serve_here: Callable[..., ServiceThread],
+    payer_client: Callable[..., PayerClient],
+    store_url: str,
+    accounts: list[LocalAccount],
+    w3: Web3,
+) -> None:
+    """`reclaim` reads the hub and takes the step that is due: nothing for an open channel unless asked, the close
+    request, nothing while the challenge period runs, the finalize after it; then the unspent deposit is in the
+    payer's hub balance."""
+    service = serve_here(store_url)
+    client = payer_client(accounts[10], service.url)
+    channel = client.open_channel(accounts[11].address, 1_000)
+    client.wait_until_known(channel)
+    client.pay(channel, 300)
+    before = client.hub_balance()
+
+    def status() -> ChannelStatus:
+        return ChannelStatus(client.hub.functions.channel(channel.channel_id).call()[ChannelViewField.STATUS])
+
+    assert (client.reclaim(channel, request_close=False), status()) == (Reclaim.OPEN, ChannelStatus.OPEN)
+    assert (client.reclaim(channel), status()) == (Reclaim.CLOSING, ChannelStatus.CLOSING)
+    assert (client.reclaim(channel), status()) == (Reclaim.CLOSING, ChannelStatus.CLOSING)  # the period runs
+    w3.provider.make_request("evm_increaseTime", [3601])  # the session hub's challenge period, and a second
+    w3.provider.make_request("evm_mine", [])
+    assert (client.reclaim(channel), status()) == (Reclaim.BACK, ChannelStatus.CLOSED)
+    assert client.hub_balance() == before + 1_000  # no engine here: the voucher of 300 was never settled
+    assert client.reclaim(channel) == Reclaim.BACK
 
 
 def test_a_wait_that_cannot_end_says_why_and_serve_warned_about_it(
