@@ -1442,6 +1442,34 @@ def test_a_payee_that_stops_every_channel_locks_at_most_two_deposits_and_the_pay
     assert accepted_for(service, payee_account.address) == 3 * PRICE
 
 
+def test_channels_the_payers_own_app_closes_count_for_no_payee(
+    spawn: Callable[..., ServiceProcess],
+    paid_api: Callable[..., str],
+    devnet: Devnet,
+    accounts: list[LocalAccount],
+    tmp_path: Path,
+    payer_for: Callable[..., PayerClient],
+) -> None:
+    """The payer's app closes two of the client's channels itself: each is left for a new one, and neither is taken
+    for a channel its payee stopped (the client would have refused a third channel to an honest payee for an hour)."""
+    service = spawn(f"sqlite:///{tmp_path / 'own-closes.db'}", close_guard_seconds="7200", wait=False)
+    payee = accounts[18].address
+    api = paid_api(service, payee)
+    payer = payer_for(accounts[17], service)
+    scheme = ChannelHubClientScheme(payer, DepositPolicy(multiple=100, follow_hint=False), stopped_grace=0)
+    closed: list[str] = []
+    for _ in range(2):
+        assert paid_get(devnet, scheme, f"{api}/weather") == 200
+        (channel,) = payer.open_channels(payee)
+        payer.close(payer.channel(channel["channelId"]))  # closing: refused at once (guard > period)
+        closed.append(channel["channelId"])
+        wait_until(lambda: payer.open_channels(payee) == [])
+    assert paid_get(devnet, scheme, f"{api}/weather") == 200  # old code: "... stopped 2 channels of this payer ..."
+    (third,) = payer.open_channels(payee)
+    assert third["channelId"] not in closed
+    assert accepted_for(service, payee) == 3 * PRICE
+
+
 def test_a_payer_asks_the_payee_for_the_refund_and_only_the_payer_can(
     paid_channel: Callable[..., PaidChannel], devnet: Devnet, accounts: list[LocalAccount], hub: Contract
 ) -> None:

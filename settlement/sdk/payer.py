@@ -482,9 +482,12 @@ class PayerClient:
         by its payee at the service (`stoppedAt`: the payee is closing it). Not a payee's word: a hostile payee that
         answers `channel_closed` for an open channel must not make the payer open channels, and lock deposits, one
         after another."""
-        if not self.is_open(channel):
-            return False
-        return self._get(f"/v1/channels/{channel.hex_id}").get("stoppedAt") is None
+        return self.is_open(channel) and not self.stopped(channel)
+
+    def stopped(self, channel: ChannelRef) -> bool:
+        """Whether the channel's payee stopped it at the service (`stoppedAt`: it takes no more vouchers), the
+        service's word."""
+        return self._get(f"/v1/channels/{channel.hex_id}").get("stoppedAt") is not None
 
     def _learn(self, channel: ChannelRef, payment: JournalPayment) -> None:
         self._conclude(channel, payment, self._proven(channel))

@@ -236,7 +236,7 @@ class ChannelHubClientScheme:
                 return RecoveredResponseResult()
             if reason == "channel_closed" and not self.payer.takes_vouchers(lane.channel):
                 self.payer.resynchronise(lane.channel)  # closed or stopped (a refund, a close): pay on another one
-                self._drop(lane)
+                self._drop(lane, followed=self.payer.stopped(lane.channel))
                 return RecoveredResponseResult()
             return None
         finally:
@@ -356,13 +356,16 @@ class ChannelHubClientScheme:
         with self._guard:
             return self._by_channel.get(channel_id)
 
-    def _drop(self, lane: Lane) -> None:
-        """Leave a channel that takes no more vouchers; its deposit is followed until it is back (`_reclaim`)."""
+    def _drop(self, lane: Lane, followed: bool) -> None:
+        """Leave a channel that takes no more vouchers; if `followed` (its payee stopped it), its deposit is followed
+        until it is back (`_reclaim`). One the payer's app closed itself is the app's to finalize, and counts for no
+        payee."""
         with self._guard:
             for party, lanes in self._lanes.items():
                 if lane in lanes:
                     lanes.remove(lane)
-                    self._stopped.setdefault(party, []).append(Stopped(lane.channel, time.monotonic()))
+                    if followed:
+                        self._stopped.setdefault(party, []).append(Stopped(lane.channel, time.monotonic()))
             if self._by_channel.get(lane.channel.hex_id) is lane:
                 del self._by_channel[lane.channel.hex_id]
 
