@@ -15,6 +15,7 @@
     ├── StreamsFullError             503 streams_full        (this process serves SETTLEMENT_EVENT_STREAMS_MAX live
     │                                                   streams of payee events already)
     ├── WebhooksFullError            503 webhooks_full       (the service holds SETTLEMENT_WEBHOOKS_MAX live webhooks)
+    ├── LookUpsBusyError             503 lookups_busy        (every thread looking up new webhooks' hosts is taken)
     ├── EngineBusyError              409 engine_busy         (another process runs the settlement engine)
     ├── NothingToWithdrawError       409 balance_insufficient (the hub holds less than a withdrawal asks)
     ├── ChainError                   502 chain_error
@@ -241,6 +242,15 @@ class WebhooksFullError(SettlementError):
 
     status = 503
     code = "webhooks_full"
+
+
+class LookUpsBusyError(SettlementError):
+    """Every thread that looks up new webhooks' hosts is waiting for a resolver: a look-up cannot be cancelled, so
+    hosts in a zone that answers slowly (an attacker's own) hold them until it answers. A webhook asked for meanwhile
+    is refused at once, retryable, instead of waiting behind them and being told its own host did not resolve."""
+
+    status = 503
+    code = "lookups_busy"
 
 
 class RequestError(SettlementError):

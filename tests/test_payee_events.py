@@ -461,7 +461,9 @@ def test_a_webhook_host_slow_to_resolve_holds_no_request_thread(
 ) -> None:
     """Making a webhook looked its host up on a request thread (4 of them): hosts in a zone whose DNS answers slowly
     (an attacker's own) held them all, and every store read of every client waited. The look-ups now wait on
-    threads of their own, and a request gives up after the look-up's timeout."""
+    threads of their own, and a request gives up after the look-up's timeout. While such hosts hold every look-up
+    thread, another payee's webhook is refused at once, retryable (before, it waited behind them and was told its own
+    host did not resolve); once they answer, it is made."""
     client = api()
     lookups = client.app.state.service.lookups  # type: ignore[attr-defined]
     answer_now = threading.Event()
@@ -475,13 +477,19 @@ def test_a_webhook_host_slow_to_resolve_holds_no_request_thread(
     path = f"/v1/channels/0x{channel.id.hex()}"
     wait_until(lambda: client.get(path).status_code == 200)
     made = f"/v1/payees/{channel.payee}/webhooks"
+    other = f"/v1/payees/{accounts[7].address}/webhooks"  # another payee's (access control is off here)
     with ThreadPoolExecutor(8) as pool:
-        pending = [pool.submit(client.post, made, json={"url": f"https://h{n}.slow.test/in"}) for n in range(8)]
-        time.sleep(1.0)  # all eight waiting for their hosts
+        pending = [pool.submit(client.post, made, json={"url": f"https://h{n}.slow.test/in"}) for n in range(4)]
+        time.sleep(1.0)  # all four waiting for their hosts, on the four look-up threads
         assert client.get(path).status_code == 200  # a store read on a request thread: none is held
-        assert [request.done() for request in pending] == [False] * 8
+        assert [request.done() for request in pending] == [False] * 4
+        busy = client.post(other, json={"url": "https://hooks.example.com/in"})
+        assert (busy.status_code, busy.json()["code"], busy.headers["retry-after"]) == (503, "lookups_busy", "5")
         answer_now.set()
-        assert [request.result().json()["code"] for request in pending] == ["malformed_request"] * 8
+        assert [request.result().json()["code"] for request in pending] == ["malformed_request"] * 4
+    lookups.resolve = resolving_to("93.184.216.34")
+    assert client.post(other, json={"url": "https://hooks.example.com/in"}).status_code == 201
+    lookups.resolve = slow
     answer_now.clear()
     lookups.timeout = 0.2
     late = client.post(made, json={"url": "https://late.slow.test/in"})

@@ -29,7 +29,7 @@ from urllib.parse import urlsplit, urlunsplit
 
 import httpx
 
-from settlement.errors import MalformedRequestError
+from settlement.errors import LookUpsBusyError, MalformedRequestError
 from settlement.sdk.webhooks import EVENT_ID_HEADER, SIGNATURE_HEADER, signature
 from settlement.server.config import Settings
 from settlement.server.payee_events import Front, Horizon, Position, payees_moved, read_events, read_front
@@ -39,6 +39,7 @@ from settlement.store.payee_events import WebhookRow, due_webhooks, webhook_deli
 
 logger = logging.getLogger(__name__)
 BACKOFF_BASE_SECONDS = 1.0
+LOOKUPS_RETRY_SECONDS = 5  # a webhook refused while every look-up thread waits: asked again after
 TURN_SECONDS = 1.0  # a webhook's deliveries in a row before its thread goes to the next due webhook
 
 
@@ -98,23 +99,42 @@ class HostLookUps:
     """The look-ups of webhook hosts the API makes (a webhook made), on threads of their own, each given up after
     `timeout` seconds: a host whose DNS answers slowly (an attacker's own zone) held one of the few request threads
     (SETTLEMENT_REQUEST_THREADS) for as long as the resolver waited, so a handful of such requests at once stopped
-    every store read of every client. Now they wait on these threads only; a request gives up at the timeout."""
+    every store read of every client. Now they wait on these threads only; a request gives up at the timeout.
 
-    def __init__(self, threads: int = 2, timeout: float = 3.0, resolve: Resolve = socket.getaddrinfo) -> None:
+    A look-up given up still holds its thread until the resolver answers. While every thread is so held, a webhook
+    asked for is refused at once (503 `lookups_busy`, Retry-After): queued behind them, its own look-up's time ran out
+    before it started, and its maker was told its host did not resolve."""
+
+    def __init__(self, threads: int = 4, timeout: float = 3.0, resolve: Resolve = socket.getaddrinfo) -> None:
+        self.threads = threads
         self.timeout = timeout
         self.resolve = resolve
         self._pool = ThreadPoolExecutor(max_workers=threads, thread_name_prefix="webhook-lookup")
+        self._running = 0  # look-ups on the threads, finished or not by their requests' measure
+        self._lock = threading.Lock()
 
     async def check(self, url: str, allow_private: bool) -> Target:
-        """`check_target` off the request threads; MalformedRequestError if the host took longer than `timeout`."""
-        looked_up = asyncio.get_running_loop().run_in_executor(
-            self._pool, check_target, url, allow_private, self.resolve
-        )
+        """`check_target` off the request threads; MalformedRequestError if the host took longer than `timeout`,
+        LookUpsBusyError when no thread is free."""
+        with self._lock:
+            if self._running >= self.threads:
+                raise LookUpsBusyError(
+                    f"every one of the {self.threads} threads looking up webhook hosts waits for a slow resolver: "
+                    "retry in a few seconds",
+                    retryAfter=LOOKUPS_RETRY_SECONDS,
+                )
+            self._running += 1
+        looking = self._pool.submit(check_target, url, allow_private, self.resolve)
+        looking.add_done_callback(self._done)  # answered, failed or cancelled: the thread is free again
         try:
-            return await asyncio.wait_for(looked_up, self.timeout)
+            return await asyncio.wait_for(asyncio.wrap_future(looking), self.timeout)
         except TimeoutError:
             host = urlsplit(url).hostname
             raise MalformedRequestError(f"the webhook's host {host!r} did not resolve in {self.timeout:g}s") from None
+
+    def _done(self, _looked_up: futures.Future[Target]) -> None:
+        with self._lock:
+            self._running -= 1
 
     def close(self) -> None:
         self._pool.shutdown(wait=False, cancel_futures=True)
