@@ -96,6 +96,24 @@ def test_an_ipv6_client_is_counted_by_its_network_not_by_each_of_its_addresses(
     assert flood(service.url, 1, client_ip="10.0.0.9") == [429]
 
 
+def test_a_clients_key_has_one_form_per_network() -> None:
+    """Every spelling of an IPv6 address in one network is one client; an IPv4 address and its IPv4-mapped form are
+    one; a scope id changes nothing; what is not an address (a name a proxy gave) is counted as given."""
+    forms = {
+        "10.0.0.1": "10.0.0.1",
+        "::ffff:10.0.0.1": "10.0.0.1",
+        "2001:db8:1:2::1": "2001:db8:1:2::/64",
+        "2001:DB8:1:2:FFFF:0:0:9": "2001:db8:1:2::/64",
+        "2001:0db8:0001:0002:0000:0000:0000:0001": "2001:db8:1:2::/64",
+        "fe80::1%eth0": "fe80::/64",
+        "not:an:address": "not:an:address",
+        "": "",
+    }
+    assert {host: middleware.client_key(host, 64) for host in forms} == forms
+    assert middleware.client_key("2001:db8:1:2:3::1", 48) == "2001:db8:1::/48"
+    assert middleware.client_key("2001:db8::1", 128) == "2001:db8::1/128"
+
+
 def test_a_connection_that_keeps_being_refused_is_paced_whatever_clients_it_names(
     spawn: Callable[..., ServiceProcess], tmp_path: Path
 ) -> None:
