@@ -477,13 +477,6 @@ class PayerClient:
         status = self.hub.functions.channel(channel.channel_id).call()[ChannelViewField.STATUS]
         return int(status) == ChannelStatus.OPEN
 
-    def takes_vouchers(self, channel: ChannelRef) -> bool:
-        """Whether a payment on the channel can still be accepted: open on the hub (the chain's word) and not stopped
-        by its payee at the service (`stoppedAt`: the payee is closing it). Not a payee's word: a hostile payee that
-        answers `channel_closed` for an open channel must not make the payer open channels, and lock deposits, one
-        after another."""
-        return self.is_open(channel) and not self.stopped(channel)
-
     def stopped(self, channel: ChannelRef) -> bool:
         """Whether the channel's payee stopped it at the service (`stoppedAt`: it takes no more vouchers), the
         service's word."""

@@ -234,10 +234,15 @@ class ChannelHubClientScheme:
             if reason in STALE_REASONS:
                 self.payer.resynchronise(lane.channel)
                 return RecoveredResponseResult()
-            if reason == "channel_closed" and not self.payer.takes_vouchers(lane.channel):
-                self.payer.resynchronise(lane.channel)  # closed or stopped (a refund, a close): pay on another one
-                self._drop(lane, followed=self.payer.stopped(lane.channel))
-                return RecoveredResponseResult()
+            if reason == "channel_closed":
+                # Not on the payee's word alone: a hostile payee that answers `channel_closed` for an open channel
+                # must not make the payer open channels, and lock deposits, one after another. Stopped by its payee
+                # at the service (the payee is closing it), or no longer open on the hub: pay on another one.
+                stopped = self.payer.stopped(lane.channel)
+                if stopped or not self.payer.is_open(lane.channel):
+                    self.payer.resynchronise(lane.channel)
+                    self._drop(lane, followed=stopped)
+                    return RecoveredResponseResult()
             return None
         finally:
             self._release(lane)
