@@ -35,29 +35,25 @@ _ENDS: ContextVar[float | None] = ContextVar("settlement_sdk_request_ends", defa
 def bounded_client(base_url: str, timeout: float) -> httpx.Client:
     """An httpx client for `base_url` whose answers are cut at MAX_ANSWER_BYTES or at `timeout` x
     ANSWER_DEADLINE_FACTOR seconds from the request's start, whichever comes first."""
-    transport = BoundedTransport(deadlined_transport(), MAX_ANSWER_BYTES, timeout * ANSWER_DEADLINE_FACTOR)
+    transport = BoundedTransport(MAX_ANSWER_BYTES, timeout * ANSWER_DEADLINE_FACTOR)
     return httpx.Client(base_url=base_url, timeout=timeout, transport=transport)
 
 
-def deadlined_transport() -> httpx.HTTPTransport:
-    """httpx's own transport on a pool whose connections read and write within their request's deadline. httpx
-    takes no network backend, so its pool is replaced by httpcore's with one (httpcore's public API)."""
-    transport = httpx.HTTPTransport()
-    transport._pool = httpcore.ConnectionPool(
-        ssl_context=httpx.create_ssl_context(),
-        max_connections=POOL_CONNECTIONS,
-        max_keepalive_connections=POOL_KEEPALIVE,
-        keepalive_expiry=POOL_KEEPALIVE_SECONDS,
-        network_backend=_Deadlined(httpcore.SyncBackend()),
-    )
-    return transport
-
-
 class BoundedTransport(httpx.BaseTransport):
-    """`inner`, each answer's body cut at `max_bytes` and at `deadline` seconds from its request's start."""
+    """httpx's own transport, each request's reads and writes (its answer's headers and body) within `deadline`
+    seconds of its start, and each answer's body cut at `max_bytes`. httpx takes no network backend, so its pool is
+    replaced by httpcore's with one (`_Deadlined`, httpcore's public API) and httpx's default limits."""
 
-    def __init__(self, inner: httpx.BaseTransport, max_bytes: int, deadline: float) -> None:
-        self._inner, self.max_bytes, self.deadline = inner, max_bytes, deadline
+    def __init__(self, max_bytes: int, deadline: float) -> None:
+        self.max_bytes, self.deadline = max_bytes, deadline
+        self._inner = httpx.HTTPTransport()
+        self._inner._pool = httpcore.ConnectionPool(
+            ssl_context=httpx.create_ssl_context(),
+            max_connections=POOL_CONNECTIONS,
+            max_keepalive_connections=POOL_KEEPALIVE,
+            keepalive_expiry=POOL_KEEPALIVE_SECONDS,
+            network_backend=_Deadlined(httpcore.SyncBackend()),
+        )
 
     def handle_request(self, request: httpx.Request) -> httpx.Response:
         ends = time.monotonic() + self.deadline
@@ -69,9 +65,6 @@ class BoundedTransport(httpx.BaseTransport):
             if time.monotonic() < ends:
                 raise
             raise _late(what, self.deadline) from None
-        if time.monotonic() > ends:  # a transport without deadlined reads: each read within the timeout, the whole not
-            response.close()
-            raise _late(what, self.deadline)
         assert isinstance(response.stream, httpx.SyncByteStream)
         response.stream = _Bounded(response.stream, self.max_bytes, ends, what, self.deadline)
         return response
@@ -92,7 +85,7 @@ class _Bounded(httpx.SyncByteStream):
                 chunk = next(chunks)
             except StopIteration:
                 return
-            except httpx.TimeoutException:
+            except httpx.TimeoutException:  # a read past the deadline (`_left`), or a read timeout before it
                 if time.monotonic() < self._ends:
                     raise
                 self.close()
@@ -101,9 +94,6 @@ class _Bounded(httpx.SyncByteStream):
             if read > self._max:
                 self.close()
                 raise UntrustedServiceError(f"the service's answer to {self._what} is larger than {self._max} bytes")
-            if time.monotonic() > self._ends:
-                self.close()
-                raise _late(self._what, self._deadline)
             yield chunk
 
     def close(self) -> None:
