@@ -13,8 +13,12 @@
     │       ├── UnknownChannelsBusyError 503 unknown_channels_busy (channel ids not in memory over the read budget)
     │       └── UnknownKeysBusyError 503 unknown_keys_busy (API keys not in memory over the read budget)
     ├── StreamsFullError             503 streams_full        (this process serves SETTLEMENT_EVENT_STREAMS_MAX live
-    │                                                   streams of payee events already)
-    ├── WebhooksFullError            503 webhooks_full       (the service holds SETTLEMENT_WEBHOOKS_MAX live webhooks)
+    │                                                   streams of payee events already, or payees of no channel
+    │                                                   their share)
+    ├── WebhooksFullError            503 webhooks_full       (the service holds SETTLEMENT_WEBHOOKS_MAX live webhooks,
+    │                                                   or payees of no channel their share)
+    ├── CapsFullError                503 caps_full           (the service holds SETTLEMENT_CAPS_MAX spending caps, or
+    │                                                   payees of no channel their share)
     ├── LookUpsBusyError             503 lookups_busy        (every thread looking up new webhooks' hosts is taken)
     ├── EngineBusyError              409 engine_busy         (another process runs the settlement engine)
     ├── NothingToWithdrawError       409 balance_insufficient (the hub holds less than a withdrawal asks)
@@ -242,6 +246,15 @@ class WebhooksFullError(SettlementError):
 
     status = 503
     code = "webhooks_full"
+
+
+class CapsFullError(SettlementError):
+    """The service holds as many spending caps as SETTLEMENT_CAPS_MAX allows, or payees of no channel hold their share
+    (SETTLEMENT_CAPS_WITHOUT_CHANNELS): every process reads every cap four times a second and holds them all, and
+    making one needs nothing but a key, so their number is bounded. The operator may raise it."""
+
+    status = 503
+    code = "caps_full"
 
 
 class LookUpsBusyError(SettlementError):

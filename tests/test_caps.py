@@ -11,6 +11,7 @@ from collections.abc import Callable
 from typing import Any
 
 import pytest
+from eth_account import Account
 from eth_account.signers.local import LocalAccount
 from fastapi.testclient import TestClient
 
@@ -223,3 +224,42 @@ def test_a_payee_has_at_most_so_many_caps(api: Callable[..., TestClient], accoun
     assert client.put(
         "/v1/risk/caps", json={"payer": accounts[5].address, "amount": "5", "windowSeconds": 60}
     ).is_success
+
+
+def test_fresh_keys_fill_no_more_than_their_share_of_caps_and_never_hold_back_a_payee_of_a_channel(
+    api: Callable[..., TestClient], open_channel: Callable[..., Channel], accounts: list[LocalAccount]
+) -> None:
+    """Every process reads every cap four times a second and holds them all, and a fresh key signed in is a payee
+    that may set its own: keys made by the thousand set caps without end (no bound but each payee's), and once a
+    total was reached, no payee with channels could set one. Now payees of no channel in the store share
+    SETTLEMENT_CAPS_WITHOUT_CHANNELS and every payee's caps SETTLEMENT_CAPS_MAX (503 `caps_full`), on both stores."""
+    client = api(access_control=True, caps_per_payee=2, caps_without_channels=3, caps_max=5)
+    fresh = [Account.create() for _ in range(3)]
+    cap = {"amount": "5", "windowSeconds": 60}
+    made = [
+        client.put(f"/v1/payees/{key.address}/caps", json={**cap, "payer": payer}, headers=signed_in(client, key))
+        for key, payer in ((fresh[0], "*"), (fresh[0], accounts[3].address), (fresh[1], "*"))
+    ]
+    assert [answer.status_code for answer in made] == [200, 200, 200]
+    refused = client.put(f"/v1/payees/{fresh[2].address}/caps", json=cap, headers=signed_in(client, fresh[2]))
+    assert (refused.status_code, refused.json()["code"]) == (503, "caps_full")
+    assert "SETTLEMENT_CAPS_WITHOUT_CHANNELS" in refused.json()["message"]
+    again = client.put(  # changing a cap it has is not a new one
+        f"/v1/payees/{fresh[0].address}/caps", json={**cap, "amount": "7"}, headers=signed_in(client, fresh[0])
+    )
+    assert (again.status_code, again.json()["amount"]) == (200, "7")
+
+    payee = accounts[6]
+    channel = open_channel(accounts[3], payee.address, amount=1_000)
+    as_payee = signed_in(client, payee)
+    wait_until(lambda: client.get(f"/v1/channels/0x{channel.id.hex()}", headers=as_payee).status_code == 200)
+    path = f"/v1/payees/{payee.address}/caps"
+    assert client.put(path, json=cap, headers=as_payee).status_code == 200  # 4 in all: not held back by them
+    assert client.put(path, json={**cap, "payer": accounts[3].address}, headers=as_payee).status_code == 200
+    full = client.put(f"/v1/payees/{accounts[7].address}/caps", json=cap, headers=signed_in(client, accounts[7]))
+    assert (full.status_code, full.json()["code"]) == (503, "caps_full")
+    assert "SETTLEMENT_CAPS_MAX" in full.json()["message"]
+    as_fresh = signed_in(client, fresh[1])
+    removed = client.delete(f"/v1/payees/{fresh[1].address}/caps/{made[2].json()['capId']}", headers=as_fresh)
+    assert removed.status_code == 204  # a place freed is a payee's of channels' as much as a fresh key's
+    assert client.put(f"/v1/payees/{fresh[2].address}/caps", json=cap, headers=signed_in(client, fresh[2])).is_success

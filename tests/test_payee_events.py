@@ -19,6 +19,7 @@ from typing import Any
 
 import httpx
 import pytest
+from eth_account import Account
 from eth_account.signers.local import LocalAccount
 from fastapi.testclient import TestClient
 from sqlalchemy import event
@@ -35,7 +36,6 @@ from settlement.server.webhooks import PASSED_SAVED, Target, WebhookSender, chec
 from settlement.store import Database
 from settlement.store import channels as channel_q
 from settlement.store.payee_events import (
-    Added,
     WebhookRow,
     add_webhook,
     delete_webhook,
@@ -43,6 +43,7 @@ from settlement.store.payee_events import (
     last_payment_id,
     payee_webhooks,
 )
+from settlement.store.standing import Admission, Limits
 from tests.hub_helpers import (
     ETH,
     Channel,
@@ -439,6 +440,42 @@ def test_the_service_holds_at_most_its_webhooks_in_all_even_when_payees_ask_at_o
     assert httpx.post(made[0][0], json={"url": url}, timeout=30).json()["code"] == "webhooks_full"
 
 
+def test_fresh_keys_fill_no_more_than_their_share_of_webhooks_and_never_hold_back_a_payee_of_a_channel(
+    api: Callable[..., TestClient],
+    open_channel: Callable[..., Channel],
+    accounts: list[LocalAccount],
+    receiver: Callable[..., Receiver],
+) -> None:
+    """With the limit in all alone, a thousand fresh keys (signing in is free) making ten webhooks each took every
+    place, and no payee with channels could make one until the operator stepped in. Payees of no channel in the store
+    now share SETTLEMENT_WEBHOOKS_WITHOUT_CHANNELS (503 `webhooks_full` beyond), and a payee of a channel still finds
+    the rest, on both stores."""
+    client = api(access_control=True, webhooks_without_channels=2, webhooks_max=4)
+    url = receiver().url
+    fresh = [Account.create() for _ in range(3)]
+
+    def make(key: Any) -> httpx.Response:
+        return client.post(f"/v1/payees/{key.address}/webhooks", json={"url": url}, headers=signed_in(client, key))
+
+    assert [make(fresh[0]).status_code, make(fresh[0]).status_code] == [201, 201]
+    refused = make(fresh[1])
+    assert (refused.status_code, refused.json()["code"]) == (503, "webhooks_full")
+    assert "SETTLEMENT_WEBHOOKS_WITHOUT_CHANNELS" in refused.json()["message"]
+    payee = accounts[6]
+    channel = open_channel(accounts[5], payee.address, amount=1_000)
+    wait_until(lambda: client.get(f"/v1/channels/0x{channel.id.hex()}", headers=signed_in(client, payee)).is_success)
+    assert [make(payee).status_code, make(payee).status_code] == [201, 201]  # 4 in all: not held back by them
+    full = make(accounts[7])
+    assert (full.status_code, full.json()["code"]) == (503, "webhooks_full")
+    assert "SETTLEMENT_WEBHOOKS_MAX" in full.json()["message"]
+    first = client.get(f"/v1/payees/{fresh[0].address}/webhooks", headers=signed_in(client, fresh[0])).json()[0]
+    gone = client.delete(
+        f"/v1/payees/{fresh[0].address}/webhooks/{first['webhookId']}", headers=signed_in(client, fresh[0])
+    )
+    assert gone.status_code == 204
+    assert make(fresh[2]).status_code == 201  # a place given back is a fresh key's again
+
+
 def test_off_a_devnet_a_webhook_cannot_aim_inside_the_network() -> None:
     for url in ("http://127.0.0.1:5432/", "http://localhost/x", "http://169.254.169.254/latest", "http://10.1.2.3/"):
         with pytest.raises(MalformedRequestError, match="private, loopback or reserved"):
@@ -558,7 +595,7 @@ def test_a_delivery_reaches_only_the_address_its_one_look_up_found(
     with db.write() as conn:
         channel_q.insert_channel(conn, channel, utcnow())
         row = WebhookRow("wh_" + "1" * 16, QUIET, url, "s", 0, 0, 0, -1, 0, 0, None)
-        assert add_webhook(conn, row, 10, 1_000) is Added.ADDED
+        assert add_webhook(conn, row, Limits(10, 1_000, 1_000)) is Admission.ADMITTED
     paid(db, channel, range(1, 3))
     settings = Settings(_env_file=None, database_url=store_url)  # type: ignore[call-arg]
     sender = WebhookSender(db, settings, True, Horizon(db), resolve)
@@ -720,6 +757,52 @@ def test_live_streams_are_bounded_per_account_and_per_process_and_an_idle_one_re
             made.close()
 
 
+def test_fresh_keys_take_no_more_than_their_share_of_a_processs_streams(
+    serve_here: Callable[..., ServiceThread],
+    open_channel: Callable[..., Channel],
+    accounts: list[LocalAccount],
+    store_url: str,
+) -> None:
+    """An account holds at most SETTLEMENT_EVENT_STREAMS_PER_ACCOUNT (4) streams of a process and the process serves
+    SETTLEMENT_EVENT_STREAMS_MAX (100): 25 fresh keys (free) took every stream, for as long as they held them, and no
+    payee of a channel could have one. Payees of no channel now share SETTLEMENT_EVENT_STREAMS_WITHOUT_CHANNELS of
+    them (503 `streams_full` beyond), on both stores; a stream closed gives its place back to its kind."""
+    service = serve_here(
+        store_url,
+        access_control=True,
+        event_streams_per_account=2,
+        event_streams_max=5,
+        event_streams_without_channels=3,
+    )
+    payee = accounts[11]
+    fresh = [Account.create() for _ in range(2)]
+    channel = open_channel(accounts[13], payee.address, amount=1_000)
+    with httpx.Client(base_url=service.url, timeout=10) as client:
+        as_payee, as_fresh = signed_in(client, payee), [signed_in(client, key) for key in fresh]
+        wait_until(lambda: client.get(f"/v1/channels/0x{channel.id.hex()}", headers=as_payee).status_code == 200)
+    opened: list[EventStream] = []
+
+    def stream(who: Any, headers: dict[str, str]) -> EventStream:
+        opened.append(EventStream(f"{service.url}/v1/payees/{who.address}/events", headers))
+        return opened[-1]
+
+    try:
+        held = [stream(fresh[0], as_fresh[0]), stream(fresh[0], as_fresh[0]), stream(fresh[1], as_fresh[1])]
+        refused = stream(fresh[1], as_fresh[1])
+        assert [s.status for s in held] + [refused.status] == [200, 200, 200, 503]
+        assert refused.json()["code"] == "streams_full"
+        assert "SETTLEMENT_EVENT_STREAMS_WITHOUT_CHANNELS" in refused.json()["message"]
+        assert [stream(payee, as_payee).status, stream(payee, as_payee).status] == [200, 200]  # 5: the process's
+        full = stream(fresh[1], as_fresh[1])
+        assert (full.status, full.json()["code"]) == (503, "streams_full")
+        assert "SETTLEMENT_EVENT_STREAMS_MAX" in full.json()["message"]
+        held[0].close()
+        wait_until(lambda: stream(fresh[1], as_fresh[1]).status == 200)
+    finally:
+        for made in opened:
+            made.close()
+
+
 def test_a_forged_delivery_signature_is_not_authentic_and_never_an_error() -> None:
     """The header is the sender's text: whatever it holds, `is_authentic` answers False (a payee's webhook route
     answering it with a 500 was one forged request away: "t=²" and a 5,000-digit time raised in int())."""
@@ -795,7 +878,7 @@ def test_a_quiet_payees_webhook_stores_what_it_passed_without_a_delivery(db: Dat
         for channel in (quiet, busy):
             channel_q.insert_channel(conn, channel, utcnow())
         row = WebhookRow("wh_" + "0" * 16, QUIET, "http://127.0.0.1:9/never", "s", 0, 0, 0, -1, 0, 0, None)
-        assert add_webhook(conn, row, 10, 1_000) is Added.ADDED
+        assert add_webhook(conn, row, Limits(10, 1_000, 1_000)) is Admission.ADMITTED
     sender = WebhookSender(db, Settings(_env_file=None, database_url=store_url), True, Horizon(db))  # type: ignore[call-arg]
 
     def stored() -> Position:
@@ -836,7 +919,7 @@ def test_a_webhook_host_slow_to_resolve_fails_at_the_timeout_and_holds_no_sender
             channel_q.insert_channel(conn, channel, utcnow())
             url = f"http://{host}:{hook.port}/hook"
             row = WebhookRow(f"wh_{n:016x}", channel.payee, url, "s", 0, 0, 0, -1, 0, 0, None)
-            assert add_webhook(conn, row, 10, 1_000) is Added.ADDED
+            assert add_webhook(conn, row, Limits(10, 1_000, 1_000)) is Admission.ADMITTED
     settings = Settings(_env_file=None, database_url=store_url, webhook_timeout_seconds=0.5, webhook_concurrency=1)  # type: ignore[call-arg]
     sender = WebhookSender(db, settings, True, Horizon(db), resolve)
     try:
@@ -874,7 +957,7 @@ def test_a_webhook_with_nothing_new_costs_no_read_of_its_feed(
             channel_q.insert_channel(conn, channel, utcnow())
         for n, payee in enumerate([BUSY, *quiet_payees]):
             row = WebhookRow(f"wh_{n:016x}", payee, hook.url, "s", 0, 0, 0, -1, 0, 0, None)
-            assert add_webhook(conn, row, 10, 1_000) is Added.ADDED
+            assert add_webhook(conn, row, Limits(10, 1_000, 1_000)) is Admission.ADMITTED
     sender = WebhookSender(db, Settings(_env_file=None, database_url=store_url), True, Horizon(db))  # type: ignore[call-arg]
 
     def tick() -> tuple[int, list[str]]:
@@ -906,7 +989,7 @@ def test_the_senders_look_for_due_webhooks_reads_only_the_live_ones_on_their_ind
             row = WebhookRow(
                 f"wh_{n:016x}", payee, "http://h/x", "s", n, 0, 0, -1, 0, 1_000 + 1_000 * (n % 4 // 2), None
             )
-            assert add_webhook(conn, row, 10, 1_000) is Added.ADDED
+            assert add_webhook(conn, row, Limits(10, 1_000, 1_000)) is Admission.ADMITTED
             if n % 2:
                 assert delete_webhook(conn, payee, row.webhook_id, 5)
     statements: list[tuple[str, Any]] = []

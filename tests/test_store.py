@@ -19,7 +19,7 @@ from eth_account.signers.local import LocalAccount
 from sqlalchemy import event, text
 
 from settlement.chain.deployment import Deployment
-from settlement.domain.ledger import ANY, Rules, Verdict
+from settlement.domain.ledger import ANY, Cap, Rules, Verdict
 from settlement.domain.model import ETH, BlockRef, Channel, ChannelId, ChannelStatus, Receipt, Voucher, utcnow
 from settlement.errors import (
     ChainMismatchError,
@@ -39,6 +39,7 @@ from settlement.store import channels as channel_q
 from settlement.store import settlements as batch_q
 from settlement.store.database import head_revision
 from settlement.store.meta import bind_deployment
+from settlement.store.standing import Limits
 from tests.hub_helpers import Channel as HubChannel
 from tests.hub_helpers import a_channel, end_sessions, store_at_revision, wait_until
 
@@ -657,8 +658,8 @@ def test_a_cap_on_one_payee_leaves_the_writers_fast_paths_to_every_other_payees_
     with db.write() as conn:
         channel_q.insert_channel(conn, a_channel(1, deposit=100), utcnow())
         channel_q.insert_channel(conn, a_channel(2, payee=capped_payee, deposit=100), utcnow())
-        cap = caps_q.set_cap(conn, capped_payee, ANY, ETH, 8, 3600, 0, 10)
-    assert cap is not None
+        cap = caps_q.set_cap(conn, capped_payee, ANY, ETH, 8, 3600, 0, Limits(10, 10, 10))
+    assert isinstance(cap, Cap)
     one, two = a_channel(1).channel_id, a_channel(2).channel_id
     payer = bytes.fromhex("aa" * 20)
     writer = Ingestor(db, cast(Any, None), cast(Any, None), Metrics(), close_guard=0)

@@ -15,9 +15,10 @@ from settlement.api.deps import ERRORS, AddressPath, ServiceDep, checked_address
 from settlement.api.schemas import AmountStr, StrictModel
 from settlement.domain.ledger import ANY, Cap
 from settlement.domain.model import ETH, MAX_UINT256
-from settlement.errors import CapLimitError, ForbiddenError, MalformedRequestError, NotFoundError
+from settlement.errors import CapLimitError, CapsFullError, ForbiddenError, MalformedRequestError, NotFoundError
 from settlement.server.access import Caller
 from settlement.store import caps as caps_q
+from settlement.store.standing import Admission, Limits
 
 payee_router = APIRouter(prefix="/v1/payees/{address}/caps", responses=ERRORS, tags=["risk"])
 operator_router = APIRouter(prefix="/v1/risk/caps", responses=ERRORS, tags=["risk"])
@@ -87,7 +88,8 @@ def _own(address: str, who: Caller) -> str:
 
 def _set(service: ServiceDep, payee: str, body: CapIn) -> CapOut:
     token = _party(body.token, "token")
-    limit = service.settings.caps_per_payee
+    settings = service.settings
+    limits = Limits(settings.caps_per_payee, settings.caps_max, settings.caps_without_channels)
     with service.db.write() as conn:
         cap = caps_q.set_cap(
             conn,
@@ -97,10 +99,20 @@ def _set(service: ServiceDep, payee: str, body: CapIn) -> CapOut:
             _amount(body.amount),
             body.windowSeconds,
             time.time_ns() // 1000,
-            limit,
+            limits,
         )
-    if cap is None:
-        raise CapLimitError(f"{payee} has {limit} spending caps already: change or remove one", maxCaps=limit)
+    if cap is Admission.PAYEE_FULL:
+        raise CapLimitError(
+            f"{payee} has {limits.per_payee} spending caps already: change or remove one", maxCaps=limits.per_payee
+        )
+    if cap is Admission.ALL_FULL:
+        raise CapsFullError(f"this service holds {limits.total} spending caps, its most (SETTLEMENT_CAPS_MAX)")
+    if cap is Admission.NO_CHANNEL_FULL:
+        raise CapsFullError(
+            f"payees of no channel at this service hold {limits.without_channels} spending caps, their most "
+            "(SETTLEMENT_CAPS_WITHOUT_CHANNELS); a payee of a channel is not held back by them"
+        )
+    assert isinstance(cap, Cap)
     return CapOut.of(cap)
 
 

@@ -34,7 +34,6 @@ from settlement.server.payee_events import Position, read_events
 from settlement.server.service import Service
 from settlement.server.webhooks import new_secret
 from settlement.store.payee_events import (
-    Added,
     WebhookRow,
     add_webhook,
     delete_webhook,
@@ -42,6 +41,7 @@ from settlement.store.payee_events import (
     last_payment_id,
     payee_webhooks,
 )
+from settlement.store.standing import Admission, Limits, payee_of_a_channel
 
 logger = logging.getLogger(__name__)
 router = APIRouter(prefix="/v1/payees/{address}", responses=ERRORS, tags=["payee events"])
@@ -108,13 +108,19 @@ def _add_webhook(service: Service, payee: str, url: str) -> WebhookOut:
         "wh_" + secrets.token_hex(8), payee, url, new_secret(), now_us, start.payment, start.block, start.log,
         0, 0, None,
     )  # fmt: skip
-    limit, total = service.settings.webhooks_per_payee, service.settings.webhooks_max
+    settings = service.settings
+    limits = Limits(settings.webhooks_per_payee, settings.webhooks_max, settings.webhooks_without_channels)
     with service.db.write() as conn:
-        added = add_webhook(conn, row, limit, total)
-    if added is Added.PAYEE_FULL:
-        raise WebhookLimitError(f"a payee has at most {limit} webhooks")
-    if added is Added.ALL_FULL:
-        raise WebhooksFullError(f"this service holds {total} webhooks, its most (SETTLEMENT_WEBHOOKS_MAX)")
+        added = add_webhook(conn, row, limits)
+    if added is Admission.PAYEE_FULL:
+        raise WebhookLimitError(f"a payee has at most {limits.per_payee} webhooks")
+    if added is Admission.ALL_FULL:
+        raise WebhooksFullError(f"this service holds {limits.total} webhooks, its most (SETTLEMENT_WEBHOOKS_MAX)")
+    if added is Admission.NO_CHANNEL_FULL:
+        raise WebhooksFullError(
+            f"payees of no channel at this service hold {limits.without_channels} webhooks, their most "
+            "(SETTLEMENT_WEBHOOKS_WITHOUT_CHANNELS); a payee of a channel is not held back by them"
+        )
     return WebhookOut.of(row, row.secret)
 
 
@@ -166,14 +172,23 @@ async def stream_events(
     if token and resumed is None:
         raise MalformedRequestError("a position is payment.block.log, as an event's id gives it")
     credential = _credential(request) if service.settings.access_control else None
-    assert service.streams is not None
-    release = service.streams.admit(None if who.is_operator else who.account)  # refused before any store read
+    streams = service.streams
+    assert streams is not None
+    account = None if who.is_operator else who.account
+    streams.check(account)  # refused before any store read
+    known = account is None or await run_in_threadpool(_payee_of_a_channel, service, payee)
+    release = streams.admit(account, without_channels=not known)
     try:
         start = resumed if resumed is not None else await run_in_threadpool(_now, service)
         return _HeldStream(_events(service, request, payee, start, credential), release, ping=15)
     except BaseException:
         release()
         raise
+
+
+def _payee_of_a_channel(service: Service, payee: str) -> bool:
+    with service.db.read() as conn:
+        return payee_of_a_channel(conn, payee)
 
 
 class _HeldStream(EventSourceResponse):

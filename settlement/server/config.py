@@ -199,6 +199,13 @@ class Settings(BaseSettings):
         description="live webhooks in all, every payee's: the sender reads each one's row at every tick, and anyone "
         "may sign in with a fresh key and make webhooks for its own address (503 webhooks_full beyond)",
     )
+    webhooks_without_channels: int = Field(
+        default=1_000,
+        ge=0,
+        le=10_000_000,
+        description="of those, live webhooks in all of payees that are the payee of no channel here: fresh keys, free "
+        "to make, never hold back a payee with channels (503 webhooks_full beyond)",
+    )
     event_streams_max: int = Field(
         default=100,
         ge=1,
@@ -209,8 +216,27 @@ class Settings(BaseSettings):
     event_streams_per_account: int = Field(
         default=4, ge=1, le=10_000, description="live streams one account may hold on this process; beyond: 429"
     )
+    event_streams_without_channels: int = Field(
+        default=10,
+        ge=0,
+        le=10_000,
+        description="of those, live streams this process serves in all to payees of no channel here (503 "
+        "streams_full beyond)",
+    )
     caps_per_payee: int = Field(
         default=100, ge=1, le=10_000, description='spending caps a payee (or the operator\'s "every payee") may have'
+    )
+    caps_max: int = Field(
+        default=10_000,
+        ge=1,
+        le=1_000_000,
+        description="spending caps in all: every process reads and holds every one (503 caps_full beyond)",
+    )
+    caps_without_channels: int = Field(
+        default=1_000,
+        ge=0,
+        le=1_000_000,
+        description="of those, caps in all of payees that are the payee of no channel here (503 caps_full beyond)",
     )
     webhook_allow_private_targets: bool = Field(
         default=False,

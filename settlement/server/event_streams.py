@@ -8,7 +8,9 @@ whole core of the service and made an honest read ~20x slower (docs/payee-events
   is open, and a stream reads its payee's feed only when the front moved since its last read: an idle stream costs
   the store nothing;
 - a process serves at most `most` streams (beyond: 503 `streams_full`) and an account at most `per_account` of them
-  (429 `stream_limit`), so streams cannot take the connections and the store reads every other client needs.
+  (429 `stream_limit`), so streams cannot take the connections and the store reads every other client needs;
+- payees of no channel in the store (fresh keys, free to make) share `without_channels` of them (503 `streams_full`),
+  so that a few dozen such keys do not take every stream a payee with channels could have.
 """
 
 from __future__ import annotations
@@ -31,22 +33,31 @@ logger = logging.getLogger(__name__)
 class EventStreams:
     """Admission of a process's live streams, and the front they wait on."""
 
-    def __init__(self, db: Database, horizon: Horizon, interval: float, most: int, per_account: int) -> None:
+    def __init__(
+        self, db: Database, horizon: Horizon, interval: float, most: int, per_account: int, without_channels: int
+    ) -> None:
         self.db = db
         self.horizon = horizon
         self.interval = interval
         self.most = most
         self.per_account = per_account
+        self.without_channels = without_channels
         self.open = 0
+        self._strangers = 0  # streams of payees of no channel in the store
         self._accounts: Counter[str] = Counter()
         self._front: Front | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
         self._moved = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
 
-    def admit(self, account: str | None) -> Callable[[], None]:
+    def check(self, account: str | None) -> None:
+        """Refuse at once what `admit` would refuse whoever asks, before the payee's standing is read."""
+        self.admit(account, without_channels=False)()
+
+    def admit(self, account: str | None, *, without_channels: bool) -> Callable[[], None]:
         """Take one of the process's streams for `account` (None: the operator, bound by the process's limit only),
-        or refuse at once when none is left; returns what gives it back (once, however often it is called)."""
+        or refuse at once when none is left (`without_channels`: for a payee of no channel in the store, which takes
+        one of their share); returns what gives it back (once, however often it is called)."""
         if account is not None and self._accounts[account] >= self.per_account:
             raise StreamLimitError(
                 f"{account} holds {self.per_account} live streams of this process already "
@@ -59,7 +70,14 @@ class EventStreams:
                 "or receive the events by webhook",
                 retryAfter=5,
             )
+        if without_channels and self._strangers >= self.without_channels:
+            raise StreamsFullError(
+                f"this process serves {self.without_channels} live streams to payees of no channel at this service "
+                "already (SETTLEMENT_EVENT_STREAMS_WITHOUT_CHANNELS): a payee of a channel is not held back by them",
+                retryAfter=5,
+            )
         self.open += 1
+        self._strangers += without_channels
         if account is not None:
             self._accounts[account] += 1
         released = False
@@ -70,6 +88,7 @@ class EventStreams:
                 return
             released = True
             self.open -= 1
+            self._strangers -= without_channels
             if account is not None:
                 self._accounts[account] -= 1
                 if not self._accounts[account]:

@@ -150,7 +150,12 @@ class Service:
             service.lease = Lease(db)
         service.horizon = Horizon(db)
         service.streams = EventStreams(
-            db, service.horizon, STREAM_TICK_SECONDS, settings.event_streams_max, settings.event_streams_per_account
+            db,
+            service.horizon,
+            STREAM_TICK_SECONDS,
+            settings.event_streams_max,
+            settings.event_streams_per_account,
+            settings.event_streams_without_channels,
         )
         service.risk = RiskMonitor(db, settings, ingestor, metrics)
         service.risk.refresh()

@@ -4,32 +4,33 @@ from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
 
-from sqlalchemy import Connection, and_, delete, func, select, text, tuple_, update
+from sqlalchemy import Connection, and_, delete, select, text, true, tuple_, update
 from sqlalchemy.dialects.postgresql import insert as pg_insert
 from sqlalchemy.dialects.sqlite import insert as sqlite_insert
 
 from settlement.domain.ledger import Cap, WindowKey
+from settlement.store.standing import Admission, Limits, admit
 from settlement.store.tables import spend_windows, spending_caps
 
 
 def set_cap(
-    conn: Connection, payee: str, payer: str, token: str, amount: int, window: int, at_us: int, limit: int
-) -> Cap | None:
-    """Add a cap, or change the amount of the one with the same payee, payer, asset and window; None when the payee
-    has `limit` caps already and this would be a new one. Concurrent calls for one payee take turns (a transaction
-    lock per payee on PostgreSQL, the single writer on SQLite), so two cannot pass the count together."""
+    conn: Connection, payee: str, payer: str, token: str, amount: int, window: int, at_us: int, limits: Limits
+) -> Cap | Admission:
+    """Add a cap, or change the amount of the one with the same payee, payer, asset and window; when this would be a
+    new one, only if the payee may have one more (settlement.store.standing: why not, otherwise). Concurrent calls
+    take turns (a transaction lock on PostgreSQL, the single writer on SQLite), so two cannot pass a count together."""
     if conn.dialect.name != "sqlite":
-        conn.execute(text("SELECT pg_advisory_xact_lock(hashtext(:payee))"), {"payee": "caps:" + payee})
+        conn.execute(text("SELECT pg_advisory_xact_lock(hashtext('settlement.caps'))"))
     same = (
         spending_caps.c.payee == payee,
         spending_caps.c.payer == payer,
         spending_caps.c.token == token,
         spending_caps.c.window_seconds == window,
     )
-    exists = conn.execute(select(spending_caps.c.id).where(*same)).first() is not None
-    count = conn.execute(select(func.count()).select_from(spending_caps).where(spending_caps.c.payee == payee))
-    if not exists and int(count.scalar_one()) >= limit:
-        return None
+    if conn.execute(select(spending_caps.c.id).where(*same)).first() is None:
+        admission = admit(conn, spending_caps.c.payee, true(), payee, limits)
+        if admission is not Admission.ADMITTED:
+            return admission
     insert_of = sqlite_insert if conn.dialect.name == "sqlite" else pg_insert
     statement = insert_of(spending_caps).values(
         payee=payee, payer=payer, token=token, amount=amount, window_seconds=window, created_at_us=at_us

@@ -6,13 +6,13 @@ from __future__ import annotations
 
 import json
 from dataclasses import dataclass
-from enum import Enum
 from typing import Any
 
-from sqlalchemy import Connection, and_, func, insert, or_, select, text, update
+from sqlalchemy import Connection, and_, insert, or_, select, text, update
 
 from settlement.domain.model import HubEvent
 from settlement.store.chainlog import after_position
+from settlement.store.standing import Admission, Limits, admit
 from settlement.store.tables import chain_events, channels, payments, webhooks
 
 CLOSE_EVENTS = (HubEvent.CLOSE_REQUESTED.value, HubEvent.CHANNEL_CLOSED.value)
@@ -169,24 +169,14 @@ _WEBHOOK = (
 )
 
 
-class Added(Enum):
-    """What `add_webhook` did."""
-
-    ADDED = "added"
-    PAYEE_FULL = "payee_full"  # the payee has its limit of live webhooks
-    ALL_FULL = "all_full"  # the service has its limit of live webhooks in all
-
-
-def add_webhook(conn: Connection, row: WebhookRow, limit: int, total: int) -> Added:
-    """Add `row` unless its payee has `limit` live webhooks already, or the store `total` in all. Concurrent adds take
-    turns: a transaction lock on PostgreSQL, the single writer on SQLite; else two could pass a count together."""
+def add_webhook(conn: Connection, row: WebhookRow, limits: Limits) -> Admission:
+    """Add `row` if its payee may have one more live webhook (settlement.store.standing). Concurrent adds take turns:
+    a transaction lock on PostgreSQL, the single writer on SQLite; else two could pass a count together."""
     if conn.dialect.name != "sqlite":
         conn.execute(text("SELECT pg_advisory_xact_lock(hashtext('settlement.webhooks'))"))
-    if len(payee_webhooks(conn, row.payee)) >= limit:
-        return Added.PAYEE_FULL
-    live = select(func.count()).select_from(webhooks).where(webhooks.c.deleted_at_us.is_(None))
-    if int(conn.execute(live).scalar_one()) >= total:
-        return Added.ALL_FULL
+    admission = admit(conn, webhooks.c.payee, webhooks.c.deleted_at_us.is_(None), row.payee, limits)
+    if admission is not Admission.ADMITTED:
+        return admission
     conn.execute(
         insert(webhooks).values(
             webhook_id=row.webhook_id,
@@ -201,7 +191,7 @@ def add_webhook(conn: Connection, row: WebhookRow, limit: int, total: int) -> Ad
             next_attempt_us=row.next_attempt_us,
         )
     )
-    return Added.ADDED
+    return Admission.ADMITTED
 
 
 def payee_webhooks(conn: Connection, payee: str) -> list[WebhookRow]:
