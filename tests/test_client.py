@@ -8,6 +8,7 @@ import threading
 import time
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import replace
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -789,6 +790,9 @@ def test_reclaim_takes_the_step_that_is_due_until_the_deposit_is_back(
     assert (client.reclaim(channel), status()) == (Reclaim.BACK, ChannelStatus.CLOSED)
     assert client.hub_balance() == before + 1_000  # no engine here: the voucher of 300 was never settled
     assert client.reclaim(channel) == Reclaim.BACK
+    never_opened = replace(channel, channel_id=bytes(32))
+    with pytest.raises(ValueError, match="the hub has no channel 0x0000"):
+        client.reclaim(never_opened)
 
 
 def test_a_wait_that_cannot_end_says_why_and_serve_warned_about_it(

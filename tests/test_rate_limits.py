@@ -81,7 +81,7 @@ def test_an_ipv6_client_is_counted_by_its_network_not_by_each_of_its_addresses(
 ) -> None:
     """A host is given a /64 (or more) and may send from any address in it: counted by address, each of its 2^64
     addresses was a fresh client with a full budget. An IPv6 client is now its /64 (SETTLEMENT_CLIENT_IPV6_PREFIX),
-    an IPv4-mapped address its IPv4 address."""
+    an IPv4-mapped address its IPv4 address, an address with a port the address."""
     service = spawn(
         f"sqlite:///{tmp_path / 'ipv6.db'}",
         client_requests_per_second=RATE,
@@ -94,6 +94,9 @@ def test_an_ipv6_client_is_counted_by_its_network_not_by_each_of_its_addresses(
     assert flood(service.url, 20, client_ip="2001:db8:1:3::1") == [200] * 20  # the next /64: another client
     assert flood(service.url, 20, client_ip="::ffff:10.0.0.9") == [200] * 20
     assert flood(service.url, 1, client_ip="10.0.0.9") == [429]
+    # A proxy that writes the client's port too (each connection a new one) names the same client.
+    for with_port in ("10.0.0.9:4711", "[::ffff:10.0.0.9]:4712", "[2001:db8:1:2::9]:443"):
+        assert flood(service.url, 1, client_ip=with_port) == [429], with_port
 
 
 def test_a_clients_key_has_one_form_per_network() -> None:

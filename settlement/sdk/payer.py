@@ -286,9 +286,12 @@ class PayerClient:
     def reclaim(self, channel: ChannelRef, *, request_close: bool = True) -> Reclaim:
         """One step towards the channel's unspent deposit, by the hub's word: finalize a close whose challenge period
         is over, request the close of a channel still open (when `request_close`), and say where it stands.
-        TransactionFailedError when a close it sent was refused (someone closed it first: ask again)."""
+        TransactionFailedError when a close it sent was refused (someone closed it first: ask again); ValueError for
+        a channel the hub has never seen (it was answered OPEN, as if a deposit waited there)."""
         view = self.hub.functions.channel(channel.channel_id).call()
         status = ChannelStatus(int(view[ChannelViewField.STATUS]))
+        if status == ChannelStatus.NONE:
+            raise ValueError(f"the hub has no channel {channel.hex_id}")
         if status == ChannelStatus.CLOSED:
             return Reclaim.BACK
         if status == ChannelStatus.CLOSING:
