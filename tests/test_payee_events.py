@@ -267,6 +267,36 @@ def test_a_receiver_slow_to_answer_does_not_hold_back_another_payees_webhook(
     assert [e["data"]["cumulativeAmount"] for e in slow.accepted()] == [str(n) for n in amounts]
 
 
+def test_many_slow_receivers_never_hold_the_threads_other_payees_webhooks_are_delivered_on(
+    api: Callable[..., TestClient],
+    known_channel: Callable[[TestClient, int, int], Channel],
+    sign: Sign,
+    receiver: Callable[..., Receiver],
+) -> None:
+    """A turn ends after TURN_SECONDS, but a receiver that takes a second to answer holds its thread that long each
+    turn: a payee's ten webhooks on such receivers (its own, on a channel it pays itself) held every sender thread,
+    and another payee's event waited behind all their turns, every time they had an event. A webhook whose receiver
+    answered slowly now takes its turns on a quarter as many threads of their own for a minute: once they are
+    known, another payee's event is delivered while theirs wait their turns, and they still get every event, in
+    order. Old code: the other payee's event came after at least four of their second deliveries."""
+    client = api(webhook_tick=0.05, webhook_timeout_seconds=5.0, webhook_concurrency=4)  # 1 slow thread
+    busy, quiet = known_channel(client, 5, 6), known_channel(client, 7, 8)
+    slow = [receiver(delay=1.0) for _ in range(8)]
+    for hook in slow:
+        subscribe(client, busy.payee, hook.url)
+    other = receiver()
+    subscribe(client, quiet.payee, other.url)  # the last made: due after them
+    pay(client, busy, sign, 1)
+    wait_until(lambda: all(len(hook.accepted()) == 1 for hook in slow), timeout=30)  # each answered slowly once
+    pay(client, busy, sign, 2)
+    time.sleep(0.3)  # ticks: all eight turns begun or waiting for a thread
+    pay(client, quiet, sign, 5)
+    wait_until(lambda: len(other.accepted()) == 1, timeout=30)
+    assert sum(len(hook.accepted()) - 1 for hook in slow) <= 1
+    wait_until(lambda: all(len(hook.accepted()) == 2 for hook in slow), timeout=30)
+    assert [[e["data"]["cumulativeAmount"] for e in hook.accepted()] for hook in slow] == [["1", "2"]] * 8
+
+
 class HostileReceiver:
     """A webhook endpoint that never finishes its answer: `endless` answers 200 and then a body that goes on (up to
     `body_cap` bytes, counted in `written`), `dribble` sends its status line and then a header byte every 0.2 s."""

@@ -190,7 +190,13 @@ class Settings(BaseSettings):
         default=600.0, gt=0, description="a failing receiver is retried after 1, 2, 4 ... seconds, at most this"
     )
     webhook_batch: int = Field(default=100, ge=1, le=10_000, description="events one webhook is sent per tick")
-    webhook_concurrency: int = Field(default=8, ge=1, le=256, description="webhooks delivered to at once")
+    webhook_concurrency: int = Field(
+        default=8,
+        ge=1,
+        le=256,
+        description="webhooks delivered to at once (and a quarter as many more, at least one, for receivers slow to "
+        "answer)",
+    )
     webhooks_per_payee: int = Field(default=10, ge=1, le=1000, description="live webhooks a payee may have")
     webhooks_max: int = Field(
         default=10_000,

@@ -3,7 +3,9 @@ signed with its secret (settlement.sdk.webhooks). One process on the store deliv
 each webhook's position is stored after each delivery, so a restart or another process resumes where it stood
 (a delivery whose answer was lost comes again, with the same event id). A failing receiver is retried with
 exponential backoff, its later events waiting behind (per-payee order is kept); other webhooks go on. A slow one
-too: a webhook's turn lasts TURN_SECONDS at most, and ticks do not wait for turns still running.
+too: a webhook's turn lasts TURN_SECONDS at most, and ticks do not wait for turns still running; and a webhook whose
+receiver answered slowly takes its turns on threads of their own for a while, so that many of them (a payee's ten, or
+several payees') never hold the threads that every other webhook is delivered on.
 
 Targets are checked each time (SSRF): only http(s), and never a loopback, private, link-local or reserved address
 unless SETTLEMENT_WEBHOOK_ALLOW_PRIVATE_TARGETS (or on a devnet); and a delivery goes to the very address that was
@@ -41,6 +43,8 @@ logger = logging.getLogger(__name__)
 BACKOFF_BASE_SECONDS = 1.0
 LOOKUPS_RETRY_SECONDS = 5  # a webhook refused while every look-up thread waits: asked again after
 TURN_SECONDS = 1.0  # a webhook's deliveries in a row before its thread goes to the next due webhook
+SLOW_ANSWER_SECONDS = 0.5  # an answer (or a failure) that took this long makes its webhook a slow one ...
+SLOW_FOR_SECONDS = 60.0  # ... for this long after it: its turns on the slow threads
 
 
 def new_secret() -> str:
@@ -204,6 +208,13 @@ class WebhookSender:
         self._local = threading.local()  # each sender thread's event loop and HTTP client (`_post`)
         self._clients: list[tuple[asyncio.AbstractEventLoop, httpx.AsyncClient]] = []
         self._pool = ThreadPoolExecutor(max_workers=settings.webhook_concurrency, thread_name_prefix="webhook")
+        # Turns of webhooks whose receivers answered slowly (`_slow_until`: webhook -> monotonic end): a quarter as
+        # many threads. On the one pool, ten such receivers answering just inside the timeout held every thread, and
+        # every other payee's events waited behind them, seconds a turn.
+        self._slow_pool = ThreadPoolExecutor(
+            max_workers=max(1, settings.webhook_concurrency // 4), thread_name_prefix="webhook-slow"
+        )
+        self._slow_until: dict[str, float] = {}
         self._busy: set[str] = set()  # webhooks whose turn is running
         self._front: Front | None = None  # the feed's front at the last tick
         # webhook -> (the front as of which it had nothing to deliver, the front of its last turn that read all)
@@ -238,12 +249,16 @@ class WebhookSender:
             self._seen = seen
             due = [hook for hook in due if hook.webhook_id not in quiet]
             self._busy.update(hook.webhook_id for hook in due)
-        turns = [self._pool.submit(self._turn, hook, front) for hook in due]
+            now = time.monotonic()
+            self._slow_until = {webhook: end for webhook, end in self._slow_until.items() if end > now}
+            slow = {hook.webhook_id for hook in due if hook.webhook_id in self._slow_until}
+        turns = [(self._slow_pool if h.webhook_id in slow else self._pool).submit(self._turn, h, front) for h in due]
         ended, _ = futures.wait(turns, timeout=self.settings.webhook_tick if wait is None else wait)
         return sum(turn.result() for turn in ended)
 
     def close(self) -> None:
         self._pool.shutdown(wait=True)
+        self._slow_pool.shutdown(wait=True)
         for loop, client in self._clients:  # their threads have ended: nothing runs these loops now
             loop.run_until_complete(client.aclose())
             loop.close()
@@ -283,7 +298,13 @@ class WebhookSender:
                     SIGNATURE_HEADER: signature(hook.secret, body, int(time.time())),
                     EVENT_ID_HEADER: event.event_id,
                 }
-                status = self._post(hook.url, body, headers)
+                asked = time.monotonic()
+                try:
+                    status = self._post(hook.url, body, headers)
+                finally:
+                    if time.monotonic() - asked >= SLOW_ANSWER_SECONDS:
+                        with self._lock:
+                            self._slow_until[hook.webhook_id] = time.monotonic() + SLOW_FOR_SECONDS
                 if not 200 <= status < 300:
                     raise OSError(f"answered HTTP {status}")
             except (httpx.HTTPError, OSError, MalformedRequestError) as ex:
