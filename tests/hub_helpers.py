@@ -43,12 +43,14 @@ from settlement.eip712.vouchers import Domain, channel_id, sign_voucher
 from settlement.errors import PaymentUncertainError
 from settlement.indexer.follower import Indexer
 from settlement.sdk.payer import ChannelRef, PayerClient
+from settlement.server.api_keys import Role, make_key
 from settlement.server.service import Service
 from settlement.settle.engine import Settler
 from settlement.store import Database
 from settlement.store import channels as channel_q
 from settlement.store import settlements as batch_q
 from settlement.store.chainlog import ChainEvent, record_events
+from settlement.store.keys import add_key
 
 __all__ = ["channel_id"]  # re-exported: tests import it from here with the other helpers
 
@@ -622,3 +624,16 @@ class EventStream:
                 self.response.extensions["network_stream"].get_extra_info("socket").shutdown(socket.SHUT_RDWR)
         self.response.close()
         self.client.close()
+
+
+def new_key(store_url: str, role: Role, account: str | None = None) -> str:
+    """An API key the operator made (`settlement keys create`), straight into the store."""
+    db = Database(store_url)
+    try:
+        db.migrate()
+        secret, row, digest = make_key(role, account, f"test {role}", time.time_ns() // 1000)
+        with db.write() as conn:
+            add_key(conn, row, digest)
+        return secret
+    finally:
+        db.dispose()

@@ -26,13 +26,14 @@ from settlement.server.api_keys import KeyDirectory, Role, make_key
 from settlement.server.config import Settings
 from settlement.server.service import check_credentials
 from settlement.store import Database
-from settlement.store.keys import add_key, revoke_key
+from settlement.store.keys import revoke_key
 from tests.hub_helpers import (
     Channel,
     EventStream,
     Tampering,
     body,
     free_test_port,
+    new_key,
     run_cli,
     signed_in,
     wait_until,
@@ -44,18 +45,6 @@ from tests.hub_helpers import (
 from tests.servers import ServiceProcess, ServiceThread
 
 PROTECTED = ("channel", "list", "payments", "summary", "metrics")
-
-
-def new_key(store_url: str, role: Role, account: str | None = None) -> str:
-    db = Database(store_url)
-    try:
-        db.migrate()
-        secret, row, digest = make_key(role, account, f"test {role}", time.time_ns() // 1000)
-        with db.write() as conn:
-            add_key(conn, row, digest)
-        return secret
-    finally:
-        db.dispose()
 
 
 def revoke(store_url: str, key: str) -> None:

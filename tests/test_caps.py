@@ -18,8 +18,9 @@ from fastapi.testclient import TestClient
 from settlement.domain.ledger import Verdict
 from settlement.domain.model import Voucher
 from settlement.errors import SettlementError, SpendingCapError
+from settlement.server.api_keys import Role
 from settlement.server.service import Service
-from tests.hub_helpers import Channel, body, signed_in, wait_until
+from tests.hub_helpers import Channel, body, new_key, signed_in, wait_until
 
 Sign = Callable[..., bytes]
 
@@ -227,39 +228,45 @@ def test_a_payee_has_at_most_so_many_caps(api: Callable[..., TestClient], accoun
 
 
 def test_fresh_keys_fill_no_more_than_their_share_of_caps_and_never_hold_back_a_payee_of_a_channel(
-    api: Callable[..., TestClient], open_channel: Callable[..., Channel], accounts: list[LocalAccount]
+    api: Callable[..., TestClient],
+    open_channel: Callable[..., Channel],
+    accounts: list[LocalAccount],
+    store_url: str,
 ) -> None:
     """Every process reads every cap four times a second and holds them all, and a fresh key signed in is a payee
     that may set its own: keys made by the thousand set caps without end (no bound but each payee's), and once a
     total was reached, no payee with channels could set one. Now payees of no channel in the store share
-    SETTLEMENT_CAPS_WITHOUT_CHANNELS and every payee's caps SETTLEMENT_CAPS_MAX (503 `caps_full`), on both stores."""
-    client = api(access_control=True, caps_per_payee=2, caps_without_channels=3, caps_max=5)
-    fresh = [Account.create() for _ in range(3)]
+    SETTLEMENT_CAPS_WITHOUT_CHANNELS and every payee's caps SETTLEMENT_CAPS_MAX (503 `caps_full`), on both stores; a
+    payee the operator made a key for is held to the bound in all only."""
+    client = api(access_control=True, caps_per_payee=2, caps_without_channels=3, caps_max=6)
+    fresh = [Account.create() for _ in range(4)]
     cap = {"amount": "5", "windowSeconds": 60}
-    made = [
-        client.put(f"/v1/payees/{key.address}/caps", json={**cap, "payer": payer}, headers=signed_in(client, key))
-        for key, payer in ((fresh[0], "*"), (fresh[0], accounts[3].address), (fresh[1], "*"))
-    ]
+
+    def put(key: Any, headers: dict[str, str] | None = None, **sent: Any) -> Any:
+        return client.put(
+            f"/v1/payees/{key.address}/caps", json={**cap, **sent}, headers=headers or signed_in(client, key)
+        )
+
+    made = [put(fresh[0], payer="*"), put(fresh[0], payer=accounts[3].address), put(fresh[1])]
     assert [answer.status_code for answer in made] == [200, 200, 200]
-    refused = client.put(f"/v1/payees/{fresh[2].address}/caps", json=cap, headers=signed_in(client, fresh[2]))
+    refused = put(fresh[2])
     assert (refused.status_code, refused.json()["code"]) == (503, "caps_full")
     assert "SETTLEMENT_CAPS_WITHOUT_CHANNELS" in refused.json()["message"]
-    again = client.put(  # changing a cap it has is not a new one
-        f"/v1/payees/{fresh[0].address}/caps", json={**cap, "amount": "7"}, headers=signed_in(client, fresh[0])
-    )
+    again = put(fresh[0], amount="7")  # changing a cap it has is not a new one
     assert (again.status_code, again.json()["amount"]) == (200, "7")
+    keyed = {"Authorization": f"Bearer {new_key(store_url, Role.PAYEE, fresh[3].address)}"}
+    assert put(fresh[3], keyed).status_code == 200  # the operator's key: not a fresh one's (4 in all)
 
     payee = accounts[6]
     channel = open_channel(accounts[3], payee.address, amount=1_000)
     as_payee = signed_in(client, payee)
     wait_until(lambda: client.get(f"/v1/channels/0x{channel.id.hex()}", headers=as_payee).status_code == 200)
-    path = f"/v1/payees/{payee.address}/caps"
-    assert client.put(path, json=cap, headers=as_payee).status_code == 200  # 4 in all: not held back by them
-    assert client.put(path, json={**cap, "payer": accounts[3].address}, headers=as_payee).status_code == 200
-    full = client.put(f"/v1/payees/{accounts[7].address}/caps", json=cap, headers=signed_in(client, accounts[7]))
+    assert put(payee, as_payee).status_code == 200  # not held back by the fresh keys
+    assert put(payee, as_payee, payer=accounts[3].address).status_code == 200  # 6 in all
+    full = put(accounts[7])
     assert (full.status_code, full.json()["code"]) == (503, "caps_full")
     assert "SETTLEMENT_CAPS_MAX" in full.json()["message"]
-    as_fresh = signed_in(client, fresh[1])
-    removed = client.delete(f"/v1/payees/{fresh[1].address}/caps/{made[2].json()['capId']}", headers=as_fresh)
-    assert removed.status_code == 204  # a place freed is a payee's of channels' as much as a fresh key's
-    assert client.put(f"/v1/payees/{fresh[2].address}/caps", json=cap, headers=signed_in(client, fresh[2])).is_success
+    for key, made_cap in ((fresh[1], made[2]), (fresh[0], made[0])):
+        path = f"/v1/payees/{key.address}/caps/{made_cap.json()['capId']}"
+        assert client.delete(path, headers=signed_in(client, key)).status_code == 204
+    assert put(fresh[2]).status_code == 200  # a place given back is a fresh key's again (3 of no channel, 5 in all)

@@ -86,7 +86,7 @@ def _own(address: str, who: Caller) -> str:
     return payee
 
 
-def _set(service: ServiceDep, payee: str, body: CapIn) -> CapOut:
+def _set(service: ServiceDep, payee: str, body: CapIn, who: Caller) -> CapOut:
     token = _party(body.token, "token")
     settings = service.settings
     limits = Limits(settings.caps_per_payee, settings.caps_max, settings.caps_without_channels)
@@ -100,6 +100,7 @@ def _set(service: ServiceDep, payee: str, body: CapIn) -> CapOut:
             body.windowSeconds,
             time.time_ns() // 1000,
             limits,
+            vouched=who.is_vouched_for,
         )
     if cap is Admission.PAYEE_FULL:
         raise CapLimitError(
@@ -128,7 +129,7 @@ def list_payee_caps(address: AddressPath, service: ServiceDep, who: CallerDep) -
 def set_payee_cap(address: AddressPath, body: CapIn, service: ServiceDep, who: CallerDep) -> CapOut:
     """Cap what a payer (or each payer) may spend on this payee's channels in each window; setting it again for the
     same payer, asset and window changes its amount."""
-    return _set(service, _own(address, who), body)
+    return _set(service, _own(address, who), body, who)
 
 
 @payee_router.delete("/{capId}", operation_id="removePayeeCap", status_code=204)
@@ -148,9 +149,9 @@ def list_caps(service: ServiceDep, _: OperatorDep) -> list[CapOut]:
 
 
 @operator_router.put("", operation_id="setCap")
-def set_cap(body: OperatorCapIn, service: ServiceDep, _: OperatorDep) -> CapOut:
+def set_cap(body: OperatorCapIn, service: ServiceDep, who: OperatorDep) -> CapOut:
     """Cap a payer over every payee (`payee` "*"), or any payee and payer pair."""
-    return _set(service, _party(body.payee, "payee"), body)
+    return _set(service, _party(body.payee, "payee"), body, who)
 
 
 @operator_router.delete("/{capId}", operation_id="removeCap", status_code=204)

@@ -98,10 +98,10 @@ async def create_webhook(address: AddressPath, body: WebhookIn, service: Service
     up off the request threads (settlement.server.webhooks.HostLookUps)."""
     payee = _payee(address, who)
     await service.lookups.check(body.url, service.private_webhooks)
-    return await run_in_threadpool(_add_webhook, service, payee, body.url)
+    return await run_in_threadpool(_add_webhook, service, payee, body.url, who.is_vouched_for)
 
 
-def _add_webhook(service: Service, payee: str, url: str) -> WebhookOut:
+def _add_webhook(service: Service, payee: str, url: str, vouched: bool) -> WebhookOut:
     start = _now(service)
     now_us = time.time_ns() // 1000
     row = WebhookRow(
@@ -111,7 +111,7 @@ def _add_webhook(service: Service, payee: str, url: str) -> WebhookOut:
     settings = service.settings
     limits = Limits(settings.webhooks_per_payee, settings.webhooks_max, settings.webhooks_without_channels)
     with service.db.write() as conn:
-        added = add_webhook(conn, row, limits)
+        added = add_webhook(conn, row, limits, vouched=vouched)
     if added is Admission.PAYEE_FULL:
         raise WebhookLimitError(f"a payee has at most {limits.per_payee} webhooks")
     if added is Admission.ALL_FULL:
@@ -176,7 +176,7 @@ async def stream_events(
     assert streams is not None
     account = None if who.is_operator else who.account
     streams.check(account)  # refused before any store read
-    known = account is None or await run_in_threadpool(_payee_of_a_channel, service, payee)
+    known = who.is_vouched_for or await run_in_threadpool(_payee_of_a_channel, service, payee)
     release = streams.admit(account, without_channels=not known)
     try:
         start = resumed if resumed is not None else await run_in_threadpool(_now, service)

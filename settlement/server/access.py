@@ -54,6 +54,11 @@ class Caller:
     def is_operator(self) -> bool:
         return self.role is Role.OPERATOR
 
+    @property
+    def is_vouched_for(self) -> bool:
+        """The operator, or an API key the operator made for one account: not a fresh key anyone may make."""
+        return self.role in (Role.OPERATOR, Role.PAYEE, Role.PAYER)
+
     def is_payer(self, address: str) -> bool:
         return self.role in (Role.PAYER, Role.ACCOUNT) and self.account == address
 

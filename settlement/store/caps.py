@@ -14,7 +14,16 @@ from settlement.store.tables import spend_windows, spending_caps
 
 
 def set_cap(
-    conn: Connection, payee: str, payer: str, token: str, amount: int, window: int, at_us: int, limits: Limits
+    conn: Connection,
+    payee: str,
+    payer: str,
+    token: str,
+    amount: int,
+    window: int,
+    at_us: int,
+    limits: Limits,
+    *,
+    vouched: bool = False,
 ) -> Cap | Admission:
     """Add a cap, or change the amount of the one with the same payee, payer, asset and window; when this would be a
     new one, only if the payee may have one more (settlement.store.standing: why not, otherwise). Concurrent calls
@@ -28,7 +37,7 @@ def set_cap(
         spending_caps.c.window_seconds == window,
     )
     if conn.execute(select(spending_caps.c.id).where(*same)).first() is None:
-        admission = admit(conn, spending_caps.c.payee, true(), payee, limits)
+        admission = admit(conn, spending_caps.c.payee, true(), payee, limits, vouched=vouched)
         if admission is not Admission.ADMITTED:
             return admission
     insert_of = sqlite_insert if conn.dialect.name == "sqlite" else pg_insert

@@ -169,12 +169,12 @@ _WEBHOOK = (
 )
 
 
-def add_webhook(conn: Connection, row: WebhookRow, limits: Limits) -> Admission:
+def add_webhook(conn: Connection, row: WebhookRow, limits: Limits, *, vouched: bool = False) -> Admission:
     """Add `row` if its payee may have one more live webhook (settlement.store.standing). Concurrent adds take turns:
     a transaction lock on PostgreSQL, the single writer on SQLite; else two could pass a count together."""
     if conn.dialect.name != "sqlite":
         conn.execute(text("SELECT pg_advisory_xact_lock(hashtext('settlement.webhooks'))"))
-    admission = admit(conn, webhooks.c.payee, webhooks.c.deleted_at_us.is_(None), row.payee, limits)
+    admission = admit(conn, webhooks.c.payee, webhooks.c.deleted_at_us.is_(None), row.payee, limits, vouched=vouched)
     if admission is not Admission.ADMITTED:
         return admission
     conn.execute(

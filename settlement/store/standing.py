@@ -37,11 +37,18 @@ def payee_of_a_channel(conn: Connection, address: str) -> bool:
 
 
 def admit(
-    conn: Connection, payee_column: Column[str], live: ColumnElement[bool], payee: str, limits: Limits
+    conn: Connection,
+    payee_column: Column[str],
+    live: ColumnElement[bool],
+    payee: str,
+    limits: Limits,
+    *,
+    vouched: bool = False,
 ) -> Admission:
     """Whether `payee` may add one more live row (`live`) to `payee_column`'s table. The caller serialises adds (one
     lock for the table on PostgreSQL, the single writer on SQLite), or two could pass a count together. A row of no
-    address (the operator's "*" of every payee) is never a payee's without channels."""
+    address (the operator's "*" of every payee) is never a payee's without channels; nor is a `vouched` one's (the
+    operator asks, or a key the operator made for the payee), which is held to the first two limits only."""
     table = payee_column.table
 
     def count(*where: ColumnElement[bool]) -> int:
@@ -51,7 +58,7 @@ def admit(
         return Admission.PAYEE_FULL
     if count() >= limits.total:
         return Admission.ALL_FULL
-    if payee.startswith("0x") and not payee_of_a_channel(conn, payee):
+    if not vouched and payee.startswith("0x") and not payee_of_a_channel(conn, payee):
         strangers = count(payee_column.startswith("0x"), ~exists().where(channels.c.payee == payee_column))
         if strangers >= limits.without_channels:
             return Admission.NO_CHANNEL_FULL
