@@ -59,6 +59,7 @@ API_MAY_USE_OF_THE_STORE = (
     "settlement.store.payees",
     "settlement.store.payee_events",
     "settlement.store.risk",
+    "settlement.store.standing",
 )
 
 
