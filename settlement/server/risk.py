@@ -23,7 +23,7 @@ from typing import Any
 
 from eth_utils.address import to_checksum_address
 
-from settlement.domain.ledger import Rules
+from settlement.domain.ledger import Cap, Rules
 from settlement.domain.model import HubEvent
 from settlement.ingest.pipeline import Ingestor
 from settlement.server.config import Settings
@@ -31,6 +31,7 @@ from settlement.server.metrics import Metrics
 from settlement.settle.lease import Lease
 from settlement.store import Database
 from settlement.store.caps import caps, prune_windows
+from settlement.store.caps import generation as caps_generation
 from settlement.store.payee_events import last_chain_position
 from settlement.store.risk import chain_events_since, holds, last_payment_at, record
 
@@ -57,6 +58,10 @@ class RiskMonitor:
         self._opened: deque[tuple[int, str]] = deque()  # (when, payer) of channel openings in the window
         self._spread_flagged: dict[str, int] = {}  # payer -> when it was last flagged
         self._next_prune = 0.0
+        # What ingest was last handed, and the caps' generation it was read at (settlement.store.caps.generation).
+        self._held: dict[str, str] | None = None
+        self._caps: tuple[Cap, ...] = ()
+        self._caps_generation: str | None = None
 
     @property
     def position(self) -> tuple[int, int] | None:
@@ -64,13 +69,18 @@ class RiskMonitor:
         return self._position
 
     def refresh(self) -> None:
-        """Hand ingest the rules as the store has them now."""
+        """Hand ingest the rules as the store has them now (the caps read again only when they changed)."""
         with self.db.read() as conn:
             held = holds(conn)
-            spending = tuple(caps(conn))
+            generation = caps_generation(conn)
+            spending = self._caps
+            if generation is None or generation != self._caps_generation:
+                spending = tuple(caps(conn))
             if self._position is None:
                 self._position = last_chain_position(conn)  # chain events are watched from the first look on
-        self.ingestor.rules = Rules(held=held, min_increments=self.min_increments, caps=spending)
+        if (held, spending) != (self._held, self._caps) or self._held is None:
+            self.ingestor.rules = Rules(held=held, min_increments=self.min_increments, caps=spending)
+        self._held, self._caps, self._caps_generation = held, spending, generation
 
     def tick(self) -> None:
         self.refresh()

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import secrets
 from collections.abc import Mapping, Sequence
 
 from sqlalchemy import Connection, and_, delete, select, text, true, tuple_, update
@@ -10,7 +11,9 @@ from sqlalchemy.dialects.sqlite import insert as sqlite_insert
 
 from settlement.domain.ledger import Cap, WindowKey
 from settlement.store.standing import Admission, Limits, admit
-from settlement.store.tables import spend_windows, spending_caps
+from settlement.store.tables import service_meta, spend_windows, spending_caps
+
+GENERATION_KEY = "caps_generation"
 
 
 def set_cap(
@@ -50,6 +53,7 @@ def set_cap(
         )
     )
     row = conn.execute(select(spending_caps.c.id).where(*same)).scalar_one()
+    _changed(conn)
     return Cap(int(row), payee, payer, token, amount, window)
 
 
@@ -69,7 +73,24 @@ def remove_cap(conn: Connection, cap_id: int, payee: str | None = None) -> bool:
     if not conn.execute(query).rowcount:
         return False
     conn.execute(delete(spend_windows).where(spend_windows.c.cap_id == cap_id))
+    _changed(conn)
     return True
+
+
+def generation(conn: Connection) -> str | None:
+    """A token that changes with every change of the caps (None: none since this store kept one): every process reads
+    it four times a second and the caps only when it moved. Reading 10,000 caps took 50 ms of CPU, a fifth of a core
+    a process, whether or not any had changed."""
+    query = select(service_meta.c.value).where(service_meta.c.key == GENERATION_KEY)
+    value = conn.execute(query).scalar_one_or_none()
+    return None if value is None else str(value)
+
+
+def _changed(conn: Connection) -> None:
+    insert_of = sqlite_insert if conn.dialect.name == "sqlite" else pg_insert
+    token = secrets.token_hex(8)
+    statement = insert_of(service_meta).values(key=GENERATION_KEY, value=token)
+    conn.execute(statement.on_conflict_do_update(index_elements=["key"], set_={"value": token}))
 
 
 def lock_windows(conn: Connection, keys: Sequence[tuple[WindowKey, int]]) -> dict[WindowKey, int]:
