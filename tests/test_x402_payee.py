@@ -407,6 +407,51 @@ def test_settles_in_flight_together_go_in_one_batch_each_answered_as_alone(
     ]
 
 
+def test_one_payers_payment_never_fails_the_other_payments_of_its_batch(
+    api: Callable[..., TestClient],
+    devnet: Devnet,
+    hub: Contract,
+    open_channel: Callable[..., Channel],
+    accounts: list[LocalAccount],
+    sign: Sign,
+) -> None:
+    """A payer's payment carries what it likes in `extensions` (and `accepted.extra`, `resource`): a lone surrogate,
+    which Python's JSON reader takes from its header and no JSON encoder writes, failed the encoding of the whole
+    batch; payments of 40 KB each, together past the service's body limit, had the batch refused (413). Either way
+    every other payer's payment in the batch went unsettled and its request answered 503, and the hostile payer
+    was charged nothing. Now the unsendable payment is refused alone (`invalid_payload`), and a batch is cut at
+    `batch_bytes`: the large payments are settled in batches of their own, and the others as before."""
+    service = api(max_body_bytes=65_536)
+    app = Recorded(service)
+    facilitator = facilitator_of(app, batch_bytes=32_768)
+    required = requirements(devnet, hub, accounts[6].address)
+    honest, odd, large, larger = (open_channel(accounts[5], accounts[6].address, amount=DEPOSIT) for _ in range(4))
+    wait_indexed(service.app.state.service)  # type: ignore[attr-defined]
+
+    def carrying(channel: Channel, extensions: dict[str, Any]) -> PaymentPayload:
+        return payment(required, channel, PRICE, sign).model_copy(update={"extensions": extensions})
+
+    answers = settle_all(
+        facilitator,
+        (payment(required, honest, PRICE, sign), required),
+        (carrying(odd, {"note": "\ud800"}), required),
+        (carrying(large, {"note": "x" * 40_000}), required),
+        (carrying(larger, {"note": "y" * 40_000}), required),
+    )
+    assert [(a.success, a.error_reason) for a in answers] == [
+        (True, None),
+        (False, "invalid_payload"),
+        (True, None),
+        (True, None),
+    ]
+    assert app.paths == ["/x402/settle/batch"] * 3  # the honest one, then each large one alone
+    accepted = [
+        service.get(f"/v1/channels/0x{c.id.hex()}").json()["acceptedCumulativeAmount"]
+        for c in (honest, odd, large, larger)
+    ]
+    assert accepted == [str(PRICE), "0", str(PRICE), str(PRICE)]
+
+
 def test_a_facilitator_without_the_batch_route_gets_one_settle_per_payment(
     api: Callable[..., TestClient], devnet: Devnet, hub: Contract, channel: Channel, sign: Sign
 ) -> None:

@@ -49,7 +49,7 @@ import httpx
 from fastapi import APIRouter, Request, Response
 from fastapi.responses import JSONResponse
 from httpx_aiohttp import AiohttpTransport
-from pydantic_core import from_json, to_json
+from pydantic_core import PydanticSerializationError, from_json, to_json
 from starlette.concurrency import run_in_threadpool
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 from x402 import x402ResourceServer
@@ -67,6 +67,10 @@ from settlement.x402.wire import SCHEME, Reason, payment_identifier_in
 
 RETRY_AFTER_SECONDS = 1
 SETTLE_BATCH_MAX = 100  # settles in one POST /settle/batch (the service takes up to its batch_max_items, 1,000)
+# Bytes of settles in one batch (the service takes bodies of up to SETTLEMENT_MAX_BODY_BYTES, 1 MiB): a payer's payment
+# carries what it likes in `extensions` and `accepted.extra` (up to the payee server's header limit, 16 KiB under
+# uvicorn), and a batch of such payments was refused whole (413), every other payer's in it with them.
+SETTLE_BATCH_BYTES = 256 * 1024
 BATCHES_IN_FLIGHT = 2
 KEEPALIVE_SECONDS = 2.0  # below the service's keep-alive timeout
 SUPPORTED_WAIT = 1.0  # seconds the event loop waits for the facilitator's /supported (x402 asks it synchronously)
@@ -113,6 +117,7 @@ class ChannelHubFacilitatorClient(HTTPFacilitatorClient):
         keepalive_seconds: float = KEEPALIVE_SECONDS,
         batch_settles: bool = True,
         batches_in_flight: int = BATCHES_IN_FLIGHT,
+        batch_bytes: int = SETTLE_BATCH_BYTES,
     ) -> None:
         config = config or FacilitatorConfig()
         self.own_client: httpx.AsyncClient | None = None
@@ -140,6 +145,7 @@ class ChannelHubFacilitatorClient(HTTPFacilitatorClient):
         self.positions = Positions() if local_verify else None
         self.batch_settles = batch_settles
         self.batches_in_flight = batches_in_flight
+        self.batch_bytes = batch_bytes
         self._queued: list[_Queued] = []
         self._senders: set[asyncio.Task[None]] = set()  # held: the event loop keeps only weak references to tasks
         self._supported = _Supported(super().get_supported)
@@ -223,9 +229,26 @@ class ChannelHubFacilitatorClient(HTTPFacilitatorClient):
 
     async def _settle_batched(self, payload: PaymentPayload, requirements: PaymentRequirements) -> SettleResponse:
         """Queued, and sent with the settles queued beside it in one `POST /settle/batch`: at most
-        `batches_in_flight` batches are in flight, and a settle that finds fewer goes at once (no wait to fill)."""
+        `batches_in_flight` batches are in flight, and a settle that finds fewer goes at once (no wait to fill).
+        Each payment's part of the batch body is made here, so a payment that cannot be sent is refused alone: a
+        string no JSON can carry (a lone surrogate, which Python's JSON reader takes from a payer's header) failed the
+        whole batch's encoding, and every other payer's request in it answered 503."""
+        try:
+            # x402's settle body for the payment, made by pydantic-core in one call: 4 µs, against 39 through
+            # model_dump, x402's JSON round trip (`_build_request_body`) and the standard library's encoder.
+            part = to_json(
+                {"paymentPayload": payload, "paymentRequirements": requirements}, by_alias=True, exclude_none=True
+            )
+        except PydanticSerializationError as ex:
+            return SettleResponse(
+                success=False,
+                error_reason=Reason.INVALID_PAYLOAD,
+                error_message=f"the payment cannot be sent to the facilitator: {ex}",
+                transaction="",
+                network=requirements.network,
+            )
         future: asyncio.Future[SettleResponse] = asyncio.get_running_loop().create_future()
-        self._queued.append(_Queued(payload, requirements, future))
+        self._queued.append(_Queued(payload, requirements, future, part))
         if len(self._senders) < self.batches_in_flight:
             self._senders.add(asyncio.create_task(self._send_queued()))
         return await future
@@ -240,7 +263,13 @@ class ChannelHubFacilitatorClient(HTTPFacilitatorClient):
 
     async def _send_while_queued(self) -> None:
         while self._queued:
-            batch, self._queued = self._queued[:SETTLE_BATCH_MAX], self._queued[SETTLE_BATCH_MAX:]
+            taken, size = 1, len(self._queued[0].part)  # the first always: one too large for the service alone
+            while taken < min(len(self._queued), SETTLE_BATCH_MAX) and size + len(self._queued[taken].part) <= (
+                self.batch_bytes
+            ):
+                size += len(self._queued[taken].part)
+                taken += 1
+            batch, self._queued = self._queued[:taken], self._queued[taken:]
             try:
                 answers = await self._post_batch(batch)
             except asyncio.CancelledError:  # the app stopping: no request waits for an answer that will not come
@@ -259,16 +288,7 @@ class ChannelHubFacilitatorClient(HTTPFacilitatorClient):
                     queued.future.set_exception(FacilitatorResponseError(f"{type(answer).__name__}: {answer}"))
 
     async def _post_batch(self, batch: list[_Queued]) -> list[SettleResponse | Exception]:
-        # x402's settle body for each payment, made by pydantic-core in one call: 4 µs a payment, against 39 through
-        # model_dump, x402's JSON round trip (`_build_request_body`) and the standard library's encoder.
-        body = to_json(
-            {
-                "x402Version": 2,
-                "settlements": [{"paymentPayload": q.payload, "paymentRequirements": q.requirements} for q in batch],
-            },
-            by_alias=True,
-            exclude_none=True,
-        )
+        body = b'{"x402Version":2,"settlements":[' + b",".join(q.part for q in batch) + b"]}"
         status, content = await self._post(f"{self._url}/settle/batch", body)
         if status in (404, 405):  # a facilitator without the batch route: one settle per payment
             self.batch_settles = False
@@ -350,6 +370,7 @@ class _Queued:
     payload: PaymentPayload
     requirements: PaymentRequirements
     future: asyncio.Future[SettleResponse]
+    part: bytes  # its settlement in the batch body (JSON)
 
 
 def _batch_answer(answer: Any) -> SettleResponse | Exception:
