@@ -4,6 +4,7 @@ never charged more than the price."""
 
 from __future__ import annotations
 
+import json
 import threading
 from collections.abc import Callable
 from dataclasses import replace
@@ -501,6 +502,42 @@ def test_a_settle_batch_that_is_not_x402_or_too_large_is_refused_whole(
     answer = client.post("/x402/settle/batch", json=x402_settle_batch(good, good))
     assert [a["success"] for a in answer.json()["settlements"]] == [True, False]
     assert accepted(client, channel) == "10"
+
+
+def test_a_payment_of_a_batch_nested_deeper_than_the_json_parser_goes_is_judged_and_a_malformed_one_refused_alone(
+    api: Callable[..., TestClient], devnet: Devnet, channel: Channel, sign: Sign
+) -> None:
+    """A payee's x402 reads a payment's `extensions` from the payer's header as deep as Python's JSON reader goes
+    (~1,000 levels) and passes them on, but pydantic-core reads JSON 200 levels deep at most: one payer's payment
+    nested 250 levels deep had the whole batch refused (400), every other payer's request in it a 503. Where the whole
+    does not parse but is framed as a batch, each payment is now parsed on its own (from Python's reading of the
+    body): the deep one is judged as any other, one that is not x402's shape is refused in its place
+    (`invalid_payload`), the others settle; on both of the app's paths."""
+    client = api()
+    required = requirements(devnet, channel.payee)
+
+    def paid(cumulative: int, deep: bool = False) -> dict[str, Any]:
+        made = x402_request(required, voucher(channel, cumulative, sign))
+        if deep:
+            made["paymentPayload"]["extensions"] = {"note": json.loads("[" * 250 + "]" * 250)}
+        return made
+
+    odd = paid(3 * PRICE)
+    odd["paymentRequirements"] = "not requirements"
+    body = json.dumps(x402_settle_batch(paid(PRICE), paid(2 * PRICE, deep=True), odd, paid(3 * PRICE)))
+    answer = client.post("/x402/settle/batch", content=body, headers={"content-type": "application/json"})
+    assert answer.status_code == 200, answer.text
+    assert [(a["success"], a.get("errorReason"), a["network"]) for a in answer.json()["settlements"]] == [
+        (True, None, required["network"]),
+        (True, None, required["network"]),
+        (False, "invalid_payload", ""),
+        (True, None, required["network"]),
+    ]
+    assert accepted(client, channel) == str(3 * PRICE)
+    for n, path in ((4, client), (5, behind_the_fast_path(client))):
+        again = path.post("/x402/settle/batch", json=x402_settle_batch(paid(n * PRICE, deep=True)))
+        assert [a["success"] for a in again.json()["settlements"]] == [True]
+    assert accepted(client, channel) == str(5 * PRICE)
 
 
 def test_a_payment_of_a_batch_that_cannot_be_judged_is_a_503_in_its_place_and_the_others_stand(

@@ -11,10 +11,10 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
-from typing import Any, Literal
+from typing import Any, Literal, cast
 
 from fastapi import APIRouter, Request, Response
-from pydantic import BaseModel, Field
+from pydantic import BaseModel, Field, ValidationError
 from x402.schemas import (
     PaymentPayload,
     PaymentRequirements,
@@ -26,8 +26,8 @@ from x402.schemas import (
 from settlement.api.deps import ERRORS, ServiceDep, client_of_request
 from settlement.api.facilitator import ChannelHubFacilitator, x402_facilitator
 from settlement.api.middleware import INTERNAL_ERROR
-from settlement.api.schemas import documented_body, parse_body
-from settlement.errors import BatchTooLargeError, InvalidSignatureError, SettlementError
+from settlement.api.schemas import documented_body, parse_body, shape_error
+from settlement.errors import BatchTooLargeError, InvalidSignatureError, MalformedRequestError, SettlementError
 from settlement.x402.wire import Reason
 
 logger = logging.getLogger(__name__)
@@ -55,6 +55,16 @@ class X402SettleBatch(BaseModel):
 
     x402Version: Literal[2]
     settlements: list[X402Settlement] = Field(min_length=1)
+
+
+_FRAME = {"paymentPayload", "paymentRequirements"}
+
+
+class _BatchOf(BaseModel):
+    """A settle batch's outer shape, its payments not looked into (`X402Operations.settlements`)."""
+
+    x402Version: Literal[2]
+    settlements: list[Any] = Field(min_length=1)
 
 
 class X402Operations:
@@ -86,25 +96,66 @@ class X402Operations:
         `client` pays for the batch's forged vouchers (`Service.forgeries`), and is refused while it owes."""
         forgeries = self.scheme.service.forgeries
         forgeries.admit(client)
-        parsed = parse_body(X402SettleBatch, body)
-        if (count := len(parsed.settlements)) > self.max_batch:
+        parsed = self.settlements(body)
+        if (count := len(parsed)) > self.max_batch:
             raise BatchTooLargeError(
                 f"a batch holds at most {self.max_batch} settlements, got {count}", maxItems=self.max_batch
             )
-        payments = [(item.paymentPayload, item.paymentRequirements) for item in parsed.settlements]
+        refused = {i: item for i, item in enumerate(parsed) if isinstance(item, SettleResponse)}
+        payments = [
+            (item.paymentPayload, item.paymentRequirements) if isinstance(item, X402Settlement) else (None, None)
+            for item in parsed
+        ]
         ours: list[int] = []  # our scheme's, whose vouchers go to ingest together
         theirs: list[int] = []  # the rest, which x402's facilitator answers `unsupported`
         for i, (payload, _) in enumerate(payments):
-            (ours if self.scheme.serves(payload) else theirs).append(i)
+            if payload is not None:
+                (ours if self.scheme.serves(payload) else theirs).append(i)
+        judged = {i: cast(tuple[PaymentPayload, PaymentRequirements], payments[i]) for i in (*ours, *theirs)}
         settled, others = await asyncio.gather(
-            self.scheme.settle_many_async([payments[i] for i in ours]),
-            asyncio.gather(*(asyncio.to_thread(self._settled, *payments[i]) for i in theirs), return_exceptions=True),
+            self.scheme.settle_many_async([judged[i] for i in ours]),
+            asyncio.gather(*(asyncio.to_thread(self._settled, *judged[i]) for i in theirs), return_exceptions=True),
         )
         forged = InvalidSignatureError.code
         forgeries.charge(client, sum(isinstance(s, SettleResponse) and s.error_reason == forged for s in settled))
-        done = dict(zip(ours, settled, strict=True)) | dict(zip(theirs, others, strict=True))
+        done = dict(zip(ours, settled, strict=True)) | dict(zip(theirs, others, strict=True)) | refused
         answers = [_item(done[i]) for i in range(len(payments))]
         return json.dumps({"settlements": answers}, separators=(",", ":")).encode()
+
+    @staticmethod
+    def settlements(body: bytes) -> list[X402Settlement | SettleResponse]:
+        """A settle batch's payments. Where the batch as a whole does not parse but is framed as one (each item an
+        object of `paymentPayload` and `paymentRequirements`), each payment is parsed on its own, and one that is not
+        x402 v2's shape is refused in its place (`invalid_payload`), not the batch with it: one payer's payment
+        nested 201 levels deep in its `extensions` (which a payee's x402 reads from its header and passes on) was
+        past pydantic-core's JSON depth, and the whole batch was a 400, every other payer's request in it a 503.
+        Raises `malformed_request` for a body that is not framed as a batch."""
+        try:
+            return list(parse_body(X402SettleBatch, body).settlements)
+        except MalformedRequestError as whole:
+            try:
+                outer = _BatchOf.model_validate(json.loads(body))
+            except (ValueError, RecursionError):  # ValidationError is a ValueError
+                raise whole from None
+            if not all(isinstance(item, dict) and set(item) == _FRAME for item in outer.settlements):
+                raise whole from None
+        found: list[X402Settlement | SettleResponse] = []
+        for item in outer.settlements:
+            try:
+                found.append(X402Settlement.model_validate(item))
+            except ValidationError as ex:
+                asked = item["paymentRequirements"]
+                network = asked.get("network") if isinstance(asked, dict) else None
+                found.append(
+                    SettleResponse(
+                        success=False,
+                        error_reason=Reason.INVALID_PAYLOAD,
+                        error_message=shape_error(ex.errors()).message,
+                        transaction="",
+                        network=network if isinstance(network, str) else "",
+                    )
+                )
+        return found
 
     async def _settle(self, payload: PaymentPayload, requirements: PaymentRequirements) -> SettleResponse:
         if self.scheme.serves(payload):
