@@ -538,6 +538,10 @@ def test_a_payment_of_a_batch_nested_deeper_than_the_json_parser_goes_is_judged_
         again = path.post("/x402/settle/batch", json=x402_settle_batch(paid(n * PRICE, deep=True)))
         assert [a["success"] for a in again.json()["settlements"]] == [True]
     assert accepted(client, channel) == str(5 * PRICE)
+    escaped = json.dumps(x402_settle_batch(paid(6 * PRICE, deep=True))).replace('"note"', '"\\udc00"', 1)
+    refused = client.post("/x402/settle/batch", content=escaped, headers={"content-type": "application/json"})
+    assert (refused.status_code, refused.json()["code"]) == (400, "malformed_request")  # as the fast reader says
+    assert accepted(client, channel) == str(5 * PRICE)
 
 
 def test_a_payment_of_a_batch_that_cannot_be_judged_is_a_503_in_its_place_and_the_others_stand(

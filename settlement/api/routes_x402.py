@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import re
 from typing import Any, Literal, cast
 
 from fastapi import APIRouter, Request, Response
@@ -58,6 +59,7 @@ class X402SettleBatch(BaseModel):
 
 
 _FRAME = {"paymentPayload", "paymentRequirements"}
+_SURROGATE_ESCAPE = re.compile(rb"\\u[dD][89a-fA-F]")  # \ud800 to \udfff
 
 
 class _BatchOf(BaseModel):
@@ -124,15 +126,19 @@ class X402Operations:
 
     @staticmethod
     def settlements(body: bytes) -> list[X402Settlement | SettleResponse]:
-        """A settle batch's payments. Where the batch as a whole does not parse but is framed as one (each item an
-        object of `paymentPayload` and `paymentRequirements`), each payment is parsed on its own, and one that is not
-        x402 v2's shape is refused in its place (`invalid_payload`), not the batch with it: one payer's payment
-        nested 201 levels deep in its `extensions` (which a payee's x402 reads from its header and passes on) was
-        past pydantic-core's JSON depth, and the whole batch was a 400, every other payer's request in it a 503.
-        Raises `malformed_request` for a body that is not framed as a batch."""
+        """A settle batch's payments. pydantic-core reads JSON 200 levels deep at most, and a payee's x402 reads a
+        payment's `extensions` from the payer's header as deep as Python's JSON reader goes (~1,000) and passes them
+        on: one payer's payment nested 201 levels deep had the whole batch refused (400), every other payer's request
+        in it a 503. A batch too deep for pydantic-core is read by Python's reader and each payment parsed on its own:
+        one that is not x402's shape is refused in its place (`invalid_payload`), the others judged as ever. Any other
+        body that does not parse is a `malformed_request`, as before (a surrogate escape too: the fast reader refuses
+        lone ones, Python's would not)."""
         try:
             return list(parse_body(X402SettleBatch, body).settlements)
         except MalformedRequestError as whole:
+            too_deep = "recursion limit exceeded" in whole.message
+            if not too_deep or _SURROGATE_ESCAPE.search(body):
+                raise
             try:
                 outer = _BatchOf.model_validate(json.loads(body))
             except (ValueError, RecursionError):  # ValidationError is a ValueError
