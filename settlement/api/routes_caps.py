@@ -11,7 +11,7 @@ from fastapi import APIRouter, Path, Response
 from pydantic import Field
 
 from settlement.api.auth import CallerDep, OperatorDep
-from settlement.api.deps import ERRORS, AddressPath, ServiceDep, checked_address
+from settlement.api.deps import ERRORS, AddressPath, ServiceDep, checked_address, refuse_unless_admitted
 from settlement.api.schemas import AmountStr, StrictModel
 from settlement.domain.ledger import ANY, Cap
 from settlement.domain.model import ETH, MAX_UINT256
@@ -102,18 +102,12 @@ def _set(service: ServiceDep, payee: str, body: CapIn, who: Caller) -> CapOut:
             limits,
             vouched=who.is_vouched_for,
         )
-    if cap is Admission.PAYEE_FULL:
-        raise CapLimitError(
+    if isinstance(cap, Admission):
+        over = CapLimitError(
             f"{payee} has {limits.per_payee} spending caps already: change or remove one", maxCaps=limits.per_payee
         )
-    if cap is Admission.ALL_FULL:
-        raise CapsFullError(f"this service holds {limits.total} spending caps, its most (SETTLEMENT_CAPS_MAX)")
-    if cap is Admission.NO_CHANNEL_FULL:
-        raise CapsFullError(
-            f"payees of no channel at this service hold {limits.without_channels} spending caps, their most "
-            "(SETTLEMENT_CAPS_WITHOUT_CHANNELS); a payee of a channel is not held back by them"
-        )
-    assert isinstance(cap, Cap)
+        refuse_unless_admitted(cap, limits, things="spending caps", setting="CAPS", payee_full=over, full=CapsFullError)
+        raise AssertionError(cap)  # a cap is made whenever there was room
     return CapOut.of(cap)
 
 

@@ -19,7 +19,7 @@ from starlette.concurrency import run_in_threadpool
 from starlette.types import Receive, Scope, Send
 
 from settlement.api.auth import CallerDep
-from settlement.api.deps import ERRORS, AddressPath, ServiceDep, checked_address
+from settlement.api.deps import ERRORS, AddressPath, ServiceDep, checked_address, refuse_unless_admitted
 from settlement.api.schemas import ErrorOut, StrictModel
 from settlement.errors import (
     ForbiddenError,
@@ -41,7 +41,7 @@ from settlement.store.payee_events import (
     last_payment_id,
     payee_webhooks,
 )
-from settlement.store.standing import Admission, Limits, payee_of_a_channel
+from settlement.store.standing import Limits, payee_of_a_channel
 
 logger = logging.getLogger(__name__)
 router = APIRouter(prefix="/v1/payees/{address}", responses=ERRORS, tags=["payee events"])
@@ -112,15 +112,10 @@ def _add_webhook(service: Service, payee: str, url: str, vouched: bool) -> Webho
     limits = Limits(settings.webhooks_per_payee, settings.webhooks_max, settings.webhooks_without_channels)
     with service.db.write() as conn:
         added = add_webhook(conn, row, limits, vouched=vouched)
-    if added is Admission.PAYEE_FULL:
-        raise WebhookLimitError(f"a payee has at most {limits.per_payee} webhooks")
-    if added is Admission.ALL_FULL:
-        raise WebhooksFullError(f"this service holds {limits.total} webhooks, its most (SETTLEMENT_WEBHOOKS_MAX)")
-    if added is Admission.NO_CHANNEL_FULL:
-        raise WebhooksFullError(
-            f"payees of no channel at this service hold {limits.without_channels} webhooks, their most "
-            "(SETTLEMENT_WEBHOOKS_WITHOUT_CHANNELS); a payee of a channel is not held back by them"
-        )
+    over = WebhookLimitError(f"a payee has at most {limits.per_payee} webhooks")
+    refuse_unless_admitted(
+        added, limits, things="webhooks", setting="WEBHOOKS", payee_full=over, full=WebhooksFullError
+    )
     return WebhookOut.of(row, row.secret)
 
 
