@@ -95,7 +95,9 @@ def _now(service: Service) -> Position:
 @router.post("/webhooks", operation_id="createWebhook", status_code=201)
 async def create_webhook(address: AddressPath, body: WebhookIn, service: ServiceDep, who: CallerDep) -> WebhookOut:
     """A webhook for the payee's events from now on; the answer carries its signing secret, once. Its host is looked
-    up off the request threads (settlement.server.webhooks.HostLookUps)."""
+    up off the request threads (settlement.server.webhooks.HostLookUps). At most SETTLEMENT_WEBHOOKS_PER_PAYEE a payee
+    (409), SETTLEMENT_WEBHOOKS_MAX in all, of which payees of no channel at this service hold
+    SETTLEMENT_WEBHOOKS_WITHOUT_CHANNELS together (503 `webhooks_full`)."""
     payee = _payee(address, who)
     await service.lookups.check(body.url, service.private_webhooks)
     return await run_in_threadpool(_add_webhook, service, payee, body.url, who.is_vouched_for)
@@ -159,8 +161,9 @@ async def stream_events(
     """The payee's events as they happen (text/event-stream); each event's `id` is the position to resume after
     (browsers send it back as `Last-Event-ID`). Without one, from now on. An account holds at most
     SETTLEMENT_EVENT_STREAMS_PER_ACCOUNT streams of a process (429 `stream_limit`), a process serves at most
-    SETTLEMENT_EVENT_STREAMS_MAX (503 `streams_full`); a stream ends with a `stream.ended` event once its credential
-    no longer holds (an API key revoked, a sign-in token expired)."""
+    SETTLEMENT_EVENT_STREAMS_MAX (503 `streams_full`), of which payees of no channel at this service hold
+    SETTLEMENT_EVENT_STREAMS_WITHOUT_CHANNELS together (503 `streams_full`); a stream ends with a `stream.ended` event
+    once its credential no longer holds (an API key revoked, a sign-in token expired)."""
     payee = _payee(address, who)
     token = last_event_id or after
     resumed = Position.parse(token) if token else None
