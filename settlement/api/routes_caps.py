@@ -122,7 +122,9 @@ def list_payee_caps(address: AddressPath, service: ServiceDep, who: CallerDep) -
 @payee_router.put("", operation_id="setPayeeCap")
 def set_payee_cap(address: AddressPath, body: CapIn, service: ServiceDep, who: CallerDep) -> CapOut:
     """Cap what a payer (or each payer) may spend on this payee's channels in each window; setting it again for the
-    same payer, asset and window changes its amount."""
+    same payer, asset and window changes its amount. At most SETTLEMENT_CAPS_PER_PAYEE a payee (409 `cap_limit`),
+    SETTLEMENT_CAPS_MAX in all, of which payees of no channel at this service hold SETTLEMENT_CAPS_WITHOUT_CHANNELS
+    together (503 `caps_full`)."""
     return _set(service, _own(address, who), body, who)
 
 
