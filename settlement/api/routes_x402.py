@@ -12,7 +12,7 @@ import asyncio
 import json
 import logging
 import re
-from typing import Any, Literal, cast
+from typing import Any, Literal
 
 from fastapi import APIRouter, Request, Response
 from pydantic import BaseModel, Field, ValidationError
@@ -104,24 +104,23 @@ class X402Operations:
                 f"a batch holds at most {self.max_batch} settlements, got {count}", maxItems=self.max_batch
             )
         refused = {i: item for i, item in enumerate(parsed) if isinstance(item, SettleResponse)}
-        payments = [
-            (item.paymentPayload, item.paymentRequirements) if isinstance(item, X402Settlement) else (None, None)
-            for item in parsed
-        ]
+        payments = {
+            i: (item.paymentPayload, item.paymentRequirements)
+            for i, item in enumerate(parsed)
+            if isinstance(item, X402Settlement)
+        }
         ours: list[int] = []  # our scheme's, whose vouchers go to ingest together
         theirs: list[int] = []  # the rest, which x402's facilitator answers `unsupported`
-        for i, (payload, _) in enumerate(payments):
-            if payload is not None:
-                (ours if self.scheme.serves(payload) else theirs).append(i)
-        judged = {i: cast(tuple[PaymentPayload, PaymentRequirements], payments[i]) for i in (*ours, *theirs)}
+        for i, (payload, _) in payments.items():
+            (ours if self.scheme.serves(payload) else theirs).append(i)
         settled, others = await asyncio.gather(
-            self.scheme.settle_many_async([judged[i] for i in ours]),
-            asyncio.gather(*(asyncio.to_thread(self._settled, *judged[i]) for i in theirs), return_exceptions=True),
+            self.scheme.settle_many_async([payments[i] for i in ours]),
+            asyncio.gather(*(asyncio.to_thread(self._settled, *payments[i]) for i in theirs), return_exceptions=True),
         )
         forged = InvalidSignatureError.code
         forgeries.charge(client, sum(isinstance(s, SettleResponse) and s.error_reason == forged for s in settled))
         done = dict(zip(ours, settled, strict=True)) | dict(zip(theirs, others, strict=True)) | refused
-        answers = [_item(done[i]) for i in range(len(payments))]
+        answers = [_item(done[i]) for i in range(len(parsed))]
         return json.dumps({"settlements": answers}, separators=(",", ":")).encode()
 
     @staticmethod

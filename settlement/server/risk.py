@@ -78,7 +78,7 @@ class RiskMonitor:
                 spending = tuple(caps(conn))
             if self._position is None:
                 self._position = last_chain_position(conn)  # chain events are watched from the first look on
-        if (held, spending) != (self._held, self._caps) or self._held is None:
+        if (held, spending) != (self._held, self._caps):  # always at the first refresh: `_held` is None
             self.ingestor.rules = Rules(held=held, min_increments=self.min_increments, caps=spending)
         self._held, self._caps, self._caps_generation = held, spending, generation
 

@@ -263,12 +263,11 @@ class ChannelHubFacilitatorClient(HTTPFacilitatorClient):
 
     async def _send_while_queued(self) -> None:
         while self._queued:
-            taken, size = 1, len(self._queued[0].part)  # the first always: one too large for the service alone
-            while taken < min(len(self._queued), SETTLE_BATCH_MAX) and size + len(self._queued[taken].part) <= (
-                self.batch_bytes
-            ):
-                size += len(self._queued[taken].part)
-                taken += 1
+            taken, size = 0, 0
+            for queued in self._queued[:SETTLE_BATCH_MAX]:
+                if taken and size + len(queued.part) > self.batch_bytes:  # the first always: a large one goes alone
+                    break
+                taken, size = taken + 1, size + len(queued.part)
             batch, self._queued = self._queued[:taken], self._queued[taken:]
             try:
                 answers = await self._post_batch(batch)
