@@ -5,9 +5,11 @@ elsewhere. Every test checks the money: what the hub credited equals what the se
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import time
+import uuid
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -235,6 +237,59 @@ def test_rpc_outage_ingest_goes_on_for_known_channels_and_settlement_catches_up(
         assert pay(service, unknown, 5, sign).status_code == 201
         wait_until(lambda: credited(hub, payee) == 35)
         assert (settled(hub, known), settled(hub, unknown)) == (30, 5)
+
+
+def test_the_rpc_urls_key_is_never_shown_to_a_client_nor_written_to_the_log(
+    spawn: Callable[..., ServiceProcess],
+    store_url: str,
+    devnet: Devnet,
+    open_channel: Callable[..., Channel],
+    accounts: list[LocalAccount],
+    payee: str,
+    sign: Sign,
+) -> None:
+    """A provider's RPC URL carries its API key (`/v2/<key>`, `?apikey=`). While the chain did not answer, the 503 a
+    client got for a channel the service had to look up, and `/ready`'s answer to anyone, quoted requests' failure,
+    which names the URL it was sending to: any client could read the operator's key off them. The log named every
+    URL whole at each failover. Now only the scheme, host and port are written, and `/…` for the rest."""
+    secret = "sk" + uuid.uuid4().hex
+    with TcpProxy(devnet.port) as proxy:
+        service = spawn(
+            store_url,
+            rpc_url=f"{proxy.url}/?apikey={secret}",
+            rpc_fallbacks=json.dumps([f"{proxy.url}/v2/{secret}"]),  # anvil answers this path 404: a failing fallback
+            indexer_interval="0.2",
+        )
+        proxy.cut()
+        unknown = open_channel(accounts[6], payee)  # opened while the service cannot see the chain
+
+        def refused_naming_the_url(call: Callable[[], httpx.Response]) -> httpx.Response:
+            """The refusal once requests names the URL in it (a new connection refused, not a pooled one cut)."""
+            answers: list[httpx.Response] = []
+
+            def names_it() -> bool:
+                answers.append(call())
+                return "Max retries exceeded with url: " in answers[-1].text
+
+            wait_until(names_it)
+            return answers[-1]
+
+        answer = refused_naming_the_url(lambda: pay(service, unknown, 5, sign))
+        assert (answer.status_code, answer.json()["code"]) == (503, "chain_unavailable")
+        assert secret not in answer.text
+        assert "Max retries exceeded with url: … (" in answer.json()["message"]
+        ready = refused_naming_the_url(lambda: httpx.get(f"{service.url}/ready", timeout=10))
+        assert (ready.status_code, ready.json()["code"]) == (503, "chain_unavailable")
+        assert (  # the indexer's poll or the readiness check's own read of the head, whichever failed first
+            "reading the chain head: the chain's RPC does not answer (HTTPConnectionPool(host='127.0.0.1', "
+            f"port={proxy.port}): Max retries exceeded with url: … (" in ready.json()["message"]
+        )
+        assert secret not in ready.text
+        proxy.mend()
+        assert pay(service, unknown, 5, sign).status_code == 201
+    log = service.log.read_text()
+    assert secret not in log
+    assert f"RPC {proxy.url}/… failed (ConnectionError)" in log
 
 
 # --- 5: reorgs within the confirmation depth ---------------------------------------------------------------------

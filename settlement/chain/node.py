@@ -21,7 +21,7 @@ from web3.contract.contract import ContractConstructor, ContractFunction
 from web3.exceptions import ContractCustomError, ContractLogicError, TimeExhausted, Web3RPCError
 from web3.types import AccessList, Nonce, TxParams, TxReceipt
 
-from settlement.chain.provider import FailoverProvider
+from settlement.chain.provider import FailoverProvider, scrubbed, shown
 from settlement.errors import ChainError, ChainUnavailableError, ConfigError, TransactionFailedError
 
 logger = logging.getLogger(__name__)
@@ -64,7 +64,7 @@ def connect(
     try:
         chain_id = w3.eth.chain_id
     except (requests.RequestException, OSError, Web3RPCError) as ex:
-        raise ChainUnavailableError(f"no JSON-RPC answer at {', '.join(provider.urls)}: {ex}") from ex
+        raise ChainUnavailableError(f"no JSON-RPC answer at {provider.shown_urls}: {scrubbed(str(ex))}") from ex
     for other in fallbacks:
         probe = Web3(Web3.HTTPProvider(other, request_kwargs={"timeout": timeout}))
         try:
@@ -72,7 +72,7 @@ def connect(
         except (requests.RequestException, OSError, Web3RPCError):
             continue  # down for now; failover will skip it
         if other_id != chain_id:
-            raise ConfigError(f"RPC {other} serves chain {other_id}, {url} serves chain {chain_id}")
+            raise ConfigError(f"RPC {shown(other)} serves chain {other_id}, {shown(url)} serves chain {chain_id}")
     return w3
 
 
@@ -82,9 +82,9 @@ def rpc_errors(what: str) -> Iterator[None]:
     try:
         yield
     except (requests.RequestException, OSError) as ex:
-        raise ChainUnavailableError(f"{what}: the chain's RPC does not answer ({ex})") from ex
+        raise ChainUnavailableError(f"{what}: the chain's RPC does not answer ({scrubbed(str(ex))})") from ex
     except Web3RPCError as ex:
-        raise ChainError(f"{what}: the chain's RPC refused ({ex})") from ex
+        raise ChainError(f"{what}: the chain's RPC refused ({scrubbed(str(ex))})") from ex
 
 
 def mines_only_on_transactions(w3: Web3) -> bool:

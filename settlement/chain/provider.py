@@ -4,11 +4,16 @@ Requests go to the active URL; a transport failure (connection refused, reset, t
 active URL, to the next one that answers. While a fallback is active the primary (the first URL) is probed every
 `primary_retry` seconds and taken back as soon as it answers. JSON-RPC errors are answers, not failures: they are
 returned as they are.
+
+A provider's URL often carries its API key (in the path, the query or the user part): every URL this module writes
+(a log line, an error) is `shown`, its host and port only. A failure's text from requests names the URL it was
+sending to, and `scrubbed` takes it out: that text reached the 503 a client got while the chain was down.
 """
 
 from __future__ import annotations
 
 import logging
+import re
 import threading
 import time
 from collections import Counter
@@ -16,6 +21,7 @@ from collections.abc import Sequence
 from typing import Any
 
 import requests
+from urllib3.util import parse_url
 from web3 import HTTPProvider
 from web3.providers.base import JSONBaseProvider
 from web3.types import RPCEndpoint, RPCResponse
@@ -23,6 +29,27 @@ from web3.types import RPCEndpoint, RPCResponse
 logger = logging.getLogger(__name__)
 
 TRANSPORT_ERRORS = (requests.RequestException, OSError)
+_URL = re.compile(r"\b(?:https?|wss?)://[^\s'\"<>]+", re.IGNORECASE)
+_REQUESTED = re.compile(r"(\burl: )\S+")  # how requests names the URL a failed request went to
+
+
+def shown(url: str) -> str:
+    """`url` as it may be written where others read it: its scheme, host and port, `/…` for anything more (a path,
+    a query or a user part may hold the provider's key)."""
+    try:
+        parts = parse_url(url)
+    except ValueError:
+        return "(an RPC URL that does not parse)"
+    if not parts.host:
+        return "(an RPC URL without a host)"
+    base = f"{parts.scheme or 'http'}://{parts.host}" + (f":{parts.port}" if parts.port else "")
+    more = parts.auth or parts.query or parts.fragment or (parts.path or "/") != "/"
+    return base + ("/…" if more else "")
+
+
+def scrubbed(text: str) -> str:
+    """A transport failure's text without the URLs, or the parts of URLs, it names (see `shown`)."""
+    return _REQUESTED.sub(r"\1…", _URL.sub(lambda found: shown(found.group(0)), text))
 
 
 class FailoverProvider(JSONBaseProvider):
@@ -58,6 +85,11 @@ class FailoverProvider(JSONBaseProvider):
     def urls(self) -> list[str]:
         return [str(p.endpoint_uri) for p in self._providers]
 
+    @property
+    def shown_urls(self) -> str:
+        """The URLs as they may be written (`shown`)."""
+        return ", ".join(shown(url) for url in self.urls)
+
     def make_request(self, method: RPCEndpoint, params: Any) -> RPCResponse:
         with self._lock:
             self.calls[str(method)] += 1
@@ -70,13 +102,13 @@ class FailoverProvider(JSONBaseProvider):
                 response = self._providers[index].make_request(method, params)
             except TRANSPORT_ERRORS as ex:
                 last = ex
-                logger.warning("RPC %s failed (%s)", self._providers[index].endpoint_uri, type(ex).__name__)
+                logger.warning("RPC %s failed (%s)", shown(str(self._providers[index].endpoint_uri)), type(ex).__name__)
                 continue
             if index != self._active:
                 with self._lock:
                     self._active = index
                     self._last_probe = time.monotonic()
-                logger.warning("RPC failover: now using %s", self._providers[index].endpoint_uri)
+                logger.warning("RPC failover: now using %s", shown(str(self._providers[index].endpoint_uri)))
             return response
         assert last is not None
         raise last
@@ -92,4 +124,4 @@ class FailoverProvider(JSONBaseProvider):
             return
         with self._lock:
             self._active = 0
-        logger.warning("RPC primary %s answers again: switching back", self._providers[0].endpoint_uri)
+        logger.warning("RPC primary %s answers again: switching back", shown(str(self._providers[0].endpoint_uri)))
