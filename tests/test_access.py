@@ -17,6 +17,7 @@ from eth_account.signers.local import LocalAccount
 from fastapi.testclient import TestClient
 from hexbytes import HexBytes
 from sqlalchemy import event
+from sqlalchemy.engine import make_url
 
 from settlement.errors import ConfigError, InvalidCredentialsError, UntrustedServiceError
 from settlement.sdk.payer import PayerClient
@@ -498,3 +499,30 @@ def test_keys_from_the_cli_and_a_served_devnet_prints_its_operator_key(
     assert (again.returncode, "[not_found]" in again.stderr) == (1, True)
     wrong = run_cli("keys", "create", "--role", "payee", env=env, cwd=tmp_path)
     assert (wrong.returncode, "[config_invalid]" in wrong.stderr) == (1, True)
+
+
+def test_a_keys_name_is_printed_as_given_and_the_stores_password_never(
+    spawn: Callable[..., ServiceProcess], store_url: str, tmp_path: Path
+) -> None:
+    """The CLI printed a key's name as rich markup: `keys create --name "[/] …"` failed after the key was stored,
+    so the key, shown only on that line, was never shown; and `keys list` failed on it from then on. `serve` and
+    `keys list` printed the store's URL whole, its password with it, where logs are kept."""
+    url = make_url(store_url)
+    if url.get_backend_name() == "postgresql":
+        url = url.set(password="hunter2")  # trust authentication takes any password: the URL is as an operator's
+    with_password = url.render_as_string(hide_password=False)
+    shown = url.render_as_string(hide_password=True)
+    env = {"SETTLEMENT_DATABASE_URL": with_password}
+    name = "[/] ops [bold]red"
+    made = run_cli("keys", "create", "--role", "operator", "--name", name, env=env, cwd=tmp_path)
+    assert made.returncode == 0, made.stderr
+    key = made.stdout.strip()
+    assert key.startswith("chk_") and len(key) == 47
+    assert f"made operator key {key[4:12]} ({name}); it is shown once, keep it secret:" in made.stderr
+    listed = run_cli("keys", "list", env=env, cwd=tmp_path)
+    assert listed.returncode == 0, listed.stderr
+    assert listed.stdout.endswith(f"store: {shown}\n")
+    assert f"│ {name} │" in listed.stdout
+    service = spawn(with_password, access_control="true")
+    assert f"store: {shown}\n" in service.log.read_text()
+    assert "hunter2" not in listed.stdout + service.log.read_text()

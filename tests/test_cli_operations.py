@@ -309,6 +309,46 @@ def test_a_payee_withdraws_with_only_its_key_and_the_hub_address(
     assert token.functions.balanceOf(accounts[8].address).call() == 500_000_000_000_000_000
 
 
+@pytest.mark.parametrize(
+    ("symbol", "shown"),
+    [("[/]", "[/]"), ("[bold red]ETH", "[bold red]ETH"), ("\x1b]0;pwned\x07", None), ("S" * 33, None)],
+    ids=["closing-tag", "style", "terminal-control", "too-long"],
+)
+def test_a_tokens_symbol_is_printed_as_text_never_as_markup_or_terminal_control(
+    symbol: str,
+    shown: str | None,
+    deploy: Callable[..., Contract],
+    open_channel: Callable[..., Channel],
+    accounts: list[LocalAccount],
+    hub: Contract,
+    w3: Web3,
+    sign: Callable[..., bytes],
+    tmp_path: Path,
+) -> None:
+    """A payer picks its channel's token, so the token's symbol is the payer's text. `settlement withdraw` printed
+    it as rich markup: "[/]" failed the output line with a traceback after the withdrawal was sent (the payee saw
+    an error for a withdrawal that was made), and a style tag changed what the line said. A symbol that is not a
+    short printable line (a terminal's control sequence) is replaced by the token's address."""
+    hostile = deploy("DevToken", "Hostile Token", symbol, 18)
+    payee = accounts[7]
+    channel = open_channel(accounts[5], payee.address, token=hostile, amount=10**21)
+    amount = 1_500_000_000_000_000_000
+    send(w3, hub.functions.closeByPayee(channel.id, amount, sign(channel.payer, channel.id, amount)), payee.address)
+    env = {
+        "SETTLEMENT_RPC_URL": w3.provider.endpoint_uri,  # type: ignore[attr-defined]
+        "SETTLEMENT_HUB_ADDRESS": hub.address,
+        "SETTLEMENT_WITHDRAW_KEY": HexBytes(payee.key).to_0x_hex(),
+        "SETTLEMENT_DEPLOYMENT_FILE": str(tmp_path / "none.json"),
+    }
+    result = run_cli("withdraw", "--token", hostile.address, "--amount", str(amount // 3), env=env, cwd=tmp_path)
+    assert result.returncode == 0, result.stderr
+    unit = shown or hostile.address
+    assert result.stdout.startswith(f"withdrew 500,000,000,000,000,000 base units (0.5 {unit}) to {payee.address} (tx")
+    assert result.stdout.rstrip("\n").endswith(f"; 1,000,000,000,000,000,000 base units (1 {unit}) left in the hub")
+    assert "\x1b" not in result.stdout + result.stderr
+    assert hostile.functions.balanceOf(payee.address).call() == amount // 3
+
+
 def test_a_payee_summary_not_in_the_services_form_is_refused_not_rendered(
     serve_here: Callable[..., ServiceThread],
     open_channel: Callable[..., Channel],

@@ -9,6 +9,7 @@ from pathlib import Path
 
 from eth_utils.address import is_address, to_checksum_address
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
 
 from settlement.errors import ConfigError, NotFoundError
@@ -37,7 +38,9 @@ def create(settings: Settings, console: Console, role: str, account: str | None,
     finally:
         db.dispose()
     who = f" for {checksummed}" if checksummed else ""
-    console.print(f"made {role} key [bold]{row.key_id}[/]{who} ({name}); it is shown once, keep it secret:")
+    # The name is the operator's text, not markup: "[/]" in it failed this line, after the key was stored, and the
+    # key (shown here once) was never shown.
+    console.print(f"made {role} key [bold]{row.key_id}[/]{who} ({escape(name)}); it is shown once, keep it secret:")
     print(secret)
     return secret
 
@@ -49,7 +52,7 @@ def show(settings: Settings, console: Console) -> None:
             rows = list_keys(conn)
     finally:
         db.dispose()
-    table = Table(title=f"API keys ({settings.database_url})")
+    table = Table(title="API keys")
     for column in ("id", "role", "account", "name", "made", "revoked"):
         table.add_column(column)
     for row in rows:
@@ -57,11 +60,13 @@ def show(settings: Settings, console: Console) -> None:
             row.key_id,
             row.role,
             row.account or "",
-            row.name,
+            escape(row.name),
             _when(row.created_at_us),
             _when(row.revoked_at_us) if row.revoked_at_us else "",
         )
     console.print(table)
+    # A line of its own, not the table's title: a title wraps at the table's width, through a long path.
+    console.print(f"store: {escape(db.shown_url)}", soft_wrap=True)
 
 
 def revoke(settings: Settings, console: Console, key_id: str) -> None:
@@ -91,7 +96,7 @@ def devnet_operator_key(settings: Settings, db: Database, console: Console) -> N
     descriptor = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
     with os.fdopen(descriptor, "w") as out:
         out.write(secret + "\n")
-    console.print(f"devnet operator API key (also in {path}): {secret}", soft_wrap=True)
+    console.print(escape(f"devnet operator API key (also in {path}): {secret}"), soft_wrap=True)
 
 
 def operator_key_file(settings: Settings) -> Path:

@@ -161,7 +161,7 @@ def deploy(
         f"ChannelHub deployed at [bold]{deployment.address}[/] on chain {deployment.chain_id} "
         f"(block {deployment.block_number}, tx {deployment.tx_hash})"
     )
-    console.print(f"deployment written to {out or settings.deployment_file}")
+    console.print(f"deployment written to {escape(str(out or settings.deployment_file))}")
 
 
 def _deploy(settings: Settings, challenge_period: int, out: Path) -> Deployment:
@@ -222,7 +222,7 @@ def _serve(
         _warn_if_never_confirmed(settings)
     except SettlementError as ex:
         raise _fail(ex) from ex
-    console.print(f"API on http://{host}:{port} (docs at /docs); store: {settings.database_url}")
+    console.print(f"API on http://{host}:{port} (docs at /docs); store: {escape(service.db.shown_url)}")
     # The event loop answers every request; a worker thread (a store read, a chain look-up) that holds the GIL makes
     # it wait up to the switch interval each time it wakes: 5 ms by default, a millisecond here.
     sys.setswitchinterval(GIL_SWITCH_SECONDS)
@@ -643,9 +643,9 @@ def _print_second_terminal(settings: Settings, api_port: int) -> None:
     from settlement.cli.keys import operator_key_file
 
     console.print("In a second terminal, these make `settlement status`, `channels`, `payee` and the API read it:")
-    console.print(f"  export SETTLEMENT_RPC_URL={settings.rpc_url}", soft_wrap=True)
-    console.print(f"  export SETTLEMENT_DEPLOYMENT_FILE={settings.deployment_file.resolve()}", soft_wrap=True)
-    console.print(f"  export SETTLEMENT_DATABASE_URL={_absolute_sqlite(settings.database_url)}", soft_wrap=True)
+    console.print(escape(f"  export SETTLEMENT_RPC_URL={settings.rpc_url}"), soft_wrap=True)
+    console.print(escape(f"  export SETTLEMENT_DEPLOYMENT_FILE={settings.deployment_file.resolve()}"), soft_wrap=True)
+    console.print(escape(f"  export SETTLEMENT_DATABASE_URL={_absolute_sqlite(settings.database_url)}"), soft_wrap=True)
     key_file = operator_key_file(settings)
     if key_file.exists():
         console.print(f"  export SETTLEMENT_API_KEY={key_file.read_text().strip()}", soft_wrap=True)

@@ -15,6 +15,7 @@ import httpx
 from eth_account import Account
 from eth_account.signers.local import LocalAccount
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
 from web3 import Web3
 from web3.contract import Contract
@@ -34,6 +35,7 @@ from settlement.sdk.answers import answer_object, service_address, service_amoun
 from settlement.sdk.signin import SignInAuth
 from settlement.server.config import Settings, is_private_key
 
+SYMBOL_MAX = 32  # characters of a token's symbol shown; a longer one is not shown (its address stands for it)
 _ERC20_METADATA: list[dict[str, Any]] = [
     {"type": "function", "name": name, "stateMutability": "view", "inputs": [], "outputs": [{"name": "", "type": kind}]}
     for name, kind in (("symbol", "string"), ("decimals", "uint8"))
@@ -83,14 +85,20 @@ def withdraw_account(settings: Settings, key_file: Path | None) -> LocalAccount:
 
 
 def asset_name(w3: Web3, asset: str) -> tuple[str, int]:
-    """`("ETH", 18)`, or an ERC-20's symbol and decimals (its address and 0 when it does not say)."""
+    """`("ETH", 18)`, or an ERC-20's symbol and decimals (its address and 0 when it does not say).
+
+    The symbol is the token's word, and a payer picks the token of its channel: one that is not a short line of
+    printable text (terminal control sequences, a page of text) is replaced by the token's address. What is printed
+    is escaped by the caller (rich markup such as "[/]" failed the line after the withdrawal was sent)."""
     if asset == ETH:
         return "ETH", 18
     token = w3.eth.contract(address=Web3.to_checksum_address(asset), abi=_ERC20_METADATA)
     try:
-        return str(token.functions.symbol().call()), int(token.functions.decimals().call())
+        symbol, decimals = str(token.functions.symbol().call()), int(token.functions.decimals().call())
     except Exception:  # an ERC-20 need not implement the optional metadata; any failure means "not said"
         return asset, 0
+    shown = symbol.strip()
+    return (shown if 0 < len(shown) <= SYMBOL_MAX and shown.isprintable() else asset), decimals
 
 
 def amount_text(value: int, unit: str, decimals: int) -> str:
@@ -138,8 +146,10 @@ def withdraw(
     transactor = Transactor(w3, account, list(contract.abi), timeout=settings.tx_timeout)  # type: ignore[arg-type]
     receipt = transactor.send(contract.functions.withdraw(asset, value, recipient))
     console.print(
-        f"withdrew {amount_text(value, unit, decimals)} to {recipient} (tx {receipt['transactionHash'].to_0x_hex()}); "
-        f"{amount_text(balance - value, unit, decimals)} left in the hub"
+        escape(
+            f"withdrew {amount_text(value, unit, decimals)} to {recipient} (tx "
+            f"{receipt['transactionHash'].to_0x_hex()}); {amount_text(balance - value, unit, decimals)} left in the hub"
+        )
     )
 
 

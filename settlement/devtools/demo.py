@@ -15,6 +15,7 @@ from eth_account.signers.local import LocalAccount
 from fastapi import FastAPI
 from hexbytes import HexBytes
 from rich.console import Console
+from rich.markup import escape
 
 from settlement.errors import SettlementError
 from settlement.sdk.payer import ChannelRef, PayerClient
@@ -75,7 +76,7 @@ class DemoTraffic:
             self.console.print(f"[green]demo:[/] {len(work)} channels open; paying ~{self.rate:g} payments/s")
             self._pay(work)
         except SettlementError as ex:
-            self.console.print(f"[red]demo traffic stopped:[/] [{ex.code}] {ex.message}")
+            self.console.print(f"[red]demo traffic stopped:[/] {escape(f'[{ex.code}] {ex.message}')}")
 
     def _open_channels(self) -> list[tuple[PayerClient, ChannelRef]]:
         work = []
@@ -177,7 +178,7 @@ class PaidApiDemo:
                 client.shutdown()
                 self._server_thread.join(timeout=10)  # its graceful shutdown, before the caller lets the process exit
         except SettlementError as ex:
-            self.console.print(f"[red]x402 demo stopped:[/] [{ex.code}] {ex.message}")
+            self.console.print(f"[red]x402 demo stopped:[/] {escape(f'[{ex.code}] {ex.message}')}")
 
     def _serve(self, chain_id: int) -> uvicorn.Server:
         from x402 import x402ResourceServer

@@ -113,6 +113,11 @@ class Database:
         return engine
 
     @property
+    def shown_url(self) -> str:
+        """The store's URL as it may be printed: its password masked (`serve` writes it where logs are kept)."""
+        return self.url.render_as_string(hide_password=True)
+
+    @property
     def backend(self) -> str:
         return "sqlite" if self.is_sqlite else self.url.get_backend_name()
 
