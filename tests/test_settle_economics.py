@@ -18,10 +18,11 @@ from web3 import Web3
 from web3.contract import Contract
 
 from settlement.server.service import Service
-from settlement.settle.engine import Broadcast, Outcome, Settler
+from settlement.settle.engine import UNSETTLED_REPORT_SECONDS, Broadcast, Outcome, Settler
 from settlement.store import settlements as batch_q
 from settlement.store.settlements import SentTx
 from tests.hub_helpers import (
+    ETH,
     Channel,
     Sign,
     batch,
@@ -158,6 +159,44 @@ def test_regular_batches_take_only_channels_worth_their_gas(
         500,
         499,
     ]
+
+
+def test_the_unsettled_gauge_reads_zero_once_settled_and_names_few_of_the_tokens_payers_pick(
+    clocked: Clocked,
+    open_channel: Callable[..., Channel],
+    deploy: Callable[..., Contract],
+    token: Contract,
+    accounts: list[LocalAccount],
+    sign: Sign,
+) -> None:
+    """`settlement_unsettled_value{token}` was set for the assets the store's sum named, which are those with value
+    left: once every voucher of an asset settled, its series kept its last figure for good (an operator's alert on
+    it never cleared). And every token a payer opened a channel in became a series of every scrape, for good (a
+    token costs a payer one deployment). ETH and the configured tokens are always named, 0 when all is settled; other
+    assets only while they have value unsettled, `SETTLEMENT_UNSETTLED_TOKENS_SHOWN` of them at most."""
+    service, settler, now = clocked(
+        settle_fee_share_percent=0, unsettled_tokens_shown=1, token_min_settle_amounts={token.address: 1}
+    )
+    payee = accounts[7].address
+    picked = [deploy("DevToken", f"Picked {n}", f"P{n}", 18) for n in (1, 2)]
+    eth = open_channel(accounts[5], payee, amount=10**18)
+    first, second = (open_channel(accounts[6], payee, token=t, amount=10**6) for t in picked)
+    open_channel(accounts[5], payee, token=token, amount=10**6)  # the configured token: nothing paid on it
+    wait_indexed(service)
+    for channel, amount in ((eth, 100), (first, 7), (second, 9)):
+        pay(service, channel, amount, sign)
+
+    def gauge() -> dict[str, float]:
+        return {s.labels["token"]: s.value for s in service.metrics.unsettled.collect()[0].samples}
+
+    assert step(settler, service, now, 0) is None  # the interval is not over: a report, no batch
+    lower = min(picked, key=lambda t: t.address)  # the one named: the others in address order, one here
+    assert gauge() == {ETH: 100.0, token.address: 0.0, lower.address: 7.0 if lower is picked[0] else 9.0}
+    assert step(settler, service, now, 3600) is not None  # a regular batch of the three channels
+    run_until_idle(settler, service)
+    assert [settled_on_chain(service.hub, c) for c in (eth, first, second)] == [100, 7, 9]
+    step(settler, service, now, UNSETTLED_REPORT_SECONDS)
+    assert gauge() == {ETH: 0.0, token.address: 0.0}
 
 
 def test_the_spend_ceiling_stops_regular_batches_but_not_closes(

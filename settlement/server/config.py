@@ -275,6 +275,13 @@ class Settings(BaseSettings):
         description="JSON object: ERC-20 address -> base units unsettled before a channel of it joins a regular "
         "batch (tokens not named: min_settle_amount)",
     )
+    unsettled_tokens_shown: int = Field(
+        default=100,
+        ge=0,
+        description="assets the settlement_unsettled_value gauge names besides ETH and the tokens of "
+        "token_min_settle_amounts (which it always names): a payer picks its channel's token, and each named asset "
+        "is a series every scrape carries",
+    )
     max_spend_per_hour_wei: int = Field(
         default=10**18,
         ge=0,

@@ -126,6 +126,7 @@ class Settler:
         self._checked_at: float | None = None  # the last regular check that found nothing worth a batch
         self._chain_id: int | None = None
         self._unsettled_at: float | None = None
+        self._unsettled_shown: set[str] = set()  # the assets the unsettled-value gauge names now
         self._recorded = False  # its interval and sender, in the store for `settlement status`
         self._claimed: dict[tuple[str, str], float] = {}  # alerts this process claimed in the store, and when
 
@@ -232,15 +233,26 @@ class Settler:
         return self._now_at(self.clock())
 
     def _report_unsettled(self) -> None:
-        """The unsettled-value gauge sums every channel: refreshed every UNSETTLED_REPORT_SECONDS, not every tick."""
+        """The unsettled-value gauge sums every channel: refreshed every UNSETTLED_REPORT_SECONDS, not every tick.
+
+        ETH and the operator's configured tokens are always named (0 when all is settled: an asset whose value was
+        all settled used to keep its last figure for good, the store's sum naming only assets with value left); any
+        other asset is named while it has value unsettled, `unsettled_tokens_shown` of them at most (in address
+        order): a payer picks its channel's token, and each asset named is a series in every scrape."""
         now = self.clock()
         if self._unsettled_at is not None and now - self._unsettled_at < UNSETTLED_REPORT_SECONDS:
             return
         self._unsettled_at = now
         with self.db.read() as conn:
             unsettled = channel_q.unsettled_by_token(conn)
-        for token, value in unsettled.items():
+        always = {ETH, *self.settings.token_min_settle_amounts}
+        others = sorted(token for token in unsettled if token not in always)[: self.settings.unsettled_tokens_shown]
+        shown = {token: unsettled.get(token, 0) for token in [*always, *others]}
+        for gone in self._unsettled_shown - shown.keys():
+            self.metrics.unsettled.remove(gone)
+        for token, value in shown.items():
             self.metrics.unsettled.labels(token).set(value)
+        self._unsettled_shown = set(shown)
 
     # --- starting a batch --------------------------------------------------------------------------------------
 
