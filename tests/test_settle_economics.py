@@ -161,6 +161,43 @@ def test_regular_batches_take_only_channels_worth_their_gas(
     ]
 
 
+def test_a_token_a_payer_made_never_crowds_other_payees_out_of_regular_batches(
+    clocked: Clocked,
+    open_channel: Callable[..., Channel],
+    deploy: Callable[..., Contract],
+    accounts: list[LocalAccount],
+    w3: Web3,
+    hub: Contract,
+    sign: Sign,
+) -> None:
+    """A regular batch took the first `batch_max_entries` channels ranked by unsettled base units, closing ones
+    first, and only then dropped the closing ones: amounts of a token a payer made (10^30 units each cost it nothing)
+    outranked every ETH channel, and its closing channels (settled by the watchtower, then paid again) took places
+    too. With as many of them as a batch has places, no other payee's channel was ever settled before it closed.
+    Now a regular batch reads open channels only, ETH's and the configured tokens' first."""
+    service, settler, now = clocked(settle_fee_share_percent=0, settle_interval=30.0, batch_max_entries=2)
+    made = deploy("DevToken", "Made Up", "MADE", 18)
+    honest = open_channel(accounts[5], accounts[7].address, amount=10**18)
+    junk = [open_channel(accounts[6], accounts[8].address, token=made, amount=10**31) for _ in range(3)]
+    wait_indexed(service)
+    pay(service, junk[2], 10**30, sign)
+    send(w3, hub.functions.requestClose(junk[2].id), junk[2].payer.address)
+    wait_indexed(service)
+    assert step(settler, service, now, 0) is not None  # the watchtower's first settlement of the close
+    run_until_idle(settler, service)
+    assert entries(service) == [(cid(junk[2]), 10**30)]
+    pay(service, junk[2], 2 * 10**30, sign)  # the closing channel paid again: its second settlement is not due yet
+    for channel in junk[:2]:
+        pay(service, channel, 10**30, sign)
+    pay(service, honest, 100, sign)
+
+    assert step(settler, service, now, 31) is not None  # a regular batch of two places; the close is not due
+    run_until_idle(settler, service)
+    first_junk = min(junk[:2], key=cid)  # the two open ones tie: the channel id decides
+    assert sorted(entries(service)[1:]) == sorted([(cid(honest), 100), (cid(first_junk), 10**30)])
+    assert settled_on_chain(hub, honest) == 100
+
+
 def test_the_unsettled_gauge_reads_zero_once_settled_and_names_few_of_the_tokens_payers_pick(
     clocked: Clocked,
     open_channel: Callable[..., Channel],

@@ -81,14 +81,19 @@ def _covered(channel_id: Any, accepted: Any) -> Any:
     )
 
 
-def settleable(conn: Connection, limit: int | None = None) -> list[Channel]:
+def settleable(
+    conn: Connection, limit: int | None = None, *, open_only: bool = False, first: Sequence[str] = ()
+) -> list[Channel]:
     """Channels with accepted vouchers above what the chain settled, not closed, not suspended, and whose latest
-    voucher is not already in a batch that is in flight or confirmed (the indexer may not have caught up yet).
+    voucher is not already in a batch that is in flight or confirmed (the indexer may not have caught up yet);
+    `open_only`: not closing either.
 
     With `limit`: the first `limit` in the order a batch takes them, closing channels first (nearest deadline first),
-    then the largest unsettled amounts, sorted by the database rather than read whole (the store can hold hundreds of
-    thousands). SQLite keeps large amounts as blobs, so there the order uses their float value (`amount_value`, a
-    function the store registers on each connection): exact enough to rank.
+    then channels in the assets `first` names, then the largest unsettled amounts, sorted by the database rather than
+    read whole (the store can hold hundreds of thousands). SQLite keeps large amounts as blobs, so there the order uses
+    their float value (`amount_value`, a function the store registers on each connection): exact enough to rank.
+    Amounts of different assets do not compare: a token a payer made can hold 10^30 units, and ranked by amount
+    alone its channels took every place of a regular batch, so `first` names the assets the operator prices.
 
     PostgreSQL plans this query for its parameters every time: psycopg prepares a statement after five runs, and the
     generic plan PostgreSQL then preferred (tables not analysed yet, a batch table that grows by the minute) compared
@@ -101,8 +106,12 @@ def settleable(conn: Connection, limit: int | None = None) -> list[Channel]:
         channels.c.settled,
         channels.c.status,
         channels.c.close_deadline,
+        channels.c.token,
         latest_accepted(conn).label("accepted"),
-    ).where(channels.c.status != int(ChannelStatus.CLOSED), channels.c.suspended_reason.is_(None))
+    ).where(
+        channels.c.status == int(ChannelStatus.OPEN) if open_only else channels.c.status != int(ChannelStatus.CLOSED),
+        channels.c.suspended_reason.is_(None),
+    )
     # On SQLite the latest accepted amount is a probe of the payments' index each time a clause names it (the filter,
     # the batched check, the ranking): materialised, each channel's is probed once. PostgreSQL reads the column.
     c = (
@@ -120,7 +129,9 @@ def settleable(conn: Connection, limit: int | None = None) -> list[Channel]:
             unsettled = c.accepted - c.settled
         closing = case((c.status == int(ChannelStatus.CLOSING), 0), else_=1)
         deadline = func.coalesce(c.close_deadline, 0)
-        query = query.order_by(closing, deadline, unsettled.desc(), c.channel_id).limit(limit)
+        named = case((c.token.in_(list(first)), 0), else_=1) if first else None
+        ranks = [closing, deadline, *([named] if named is not None else []), unsettled.desc(), c.channel_id]
+        query = query.order_by(*ranks).limit(limit)
     ids = [ChannelId(channel_id) for channel_id in conn.execute(query).scalars()]
     # The chosen channels' whole rows after: a sort keeps every column of every candidate it sorts.
     found = read_versioned(conn, ids)
