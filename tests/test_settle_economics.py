@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Callable
+from datetime import UTC, datetime
 from typing import Any
 
 import pytest
@@ -196,6 +197,57 @@ def test_a_token_a_payer_made_never_crowds_other_payees_out_of_regular_batches(
     first_junk = min(junk[:2], key=cid)  # the two open ones tie: the channel id decides
     assert sorted(entries(service)[1:]) == sorted([(cid(honest), 100), (cid(first_junk), 10**30)])
     assert settled_on_chain(hub, honest) == 100
+
+
+def test_a_token_a_payer_made_spends_its_own_ceiling_not_the_settlers(
+    clocked: Clocked,
+    open_channel: Callable[..., Channel],
+    deploy: Callable[..., Contract],
+    token: Contract,
+    accounts: list[LocalAccount],
+    hub: Contract,
+    sign: Sign,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """The engine cannot price a token the operator did not name, so any amount of one was worth settling: a payer
+    that made its own token and paid itself on many channels (vouchers are free) had every regular batch carry them at
+    the operator's gas, until the settler's whole hourly ceiling was spent and no regular batch went out for anyone.
+    Such channels now have a ceiling of their own (the batches' gas shared evenly by their entries); past it they
+    are left out of regular batches and an alert says so, while ETH and the configured tokens settle on."""
+    service, settler, now = clocked(
+        settle_fee_share_percent=0,
+        settle_interval=30.0,
+        max_unpriced_spend_per_hour_wei=1,
+        token_min_settle_amounts={token.address: 1},
+    )
+    made = deploy("DevToken", "Made Up", "MADE", 18)
+    honest = open_channel(accounts[5], accounts[7].address, amount=10**18)
+    configured = open_channel(accounts[5], accounts[7].address, token=token, amount=10**6)
+    junk = open_channel(accounts[6], accounts[8].address, token=made, amount=10**31)
+    wait_indexed(service)
+    for channel in (honest, configured, junk):
+        pay(service, channel, 10, sign)
+    assert step(settler, service, now, 31) is not None
+    run_until_idle(settler, service)
+    assert sorted(entries(service)) == sorted([(cid(honest), 10), (cid(configured), 10), (cid(junk), 10)])
+    hour_ago = datetime.fromtimestamp(now[0] - 3600, UTC)
+    with service.db.read() as conn:
+        spent = batch_q.spent_since(conn, hour_ago)
+        on_junk = batch_q.spent_on_others_since(conn, hour_ago, [ETH, token.address])
+    assert spent > 0 and on_junk == spent // 3  # one entry of three
+
+    for channel in (honest, configured, junk):
+        pay(service, channel, 20, sign)
+    caplog.set_level(logging.CRITICAL)
+    assert step(settler, service, now, 31) is not None
+    run_until_idle(settler, service)
+    assert sorted(entries(service)[3:]) == sorted([(cid(honest), 20), (cid(configured), 20)])
+    assert [settled_on_chain(hub, c) for c in (honest, configured, junk)] == [20, 20, 10]
+    alerts = [r.getMessage().split(":")[0] for r in caplog.records if r.name == "settlement.settle.engine"]
+    assert alerts == ["ALERT unpriced_spend_ceiling"]
+    assert settler.tick(force=True).started is not None  # an operator's `settlement settle` takes it still
+    run_until_idle(settler, service)
+    assert settled_on_chain(hub, junk) == 20
 
 
 def test_the_unsettled_gauge_reads_zero_once_settled_and_names_few_of_the_tokens_payers_pick(

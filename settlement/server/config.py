@@ -287,6 +287,13 @@ class Settings(BaseSettings):
         ge=0,
         description="settler gas spend over the last hour above which regular batches wait (closes still settle)",
     )
+    max_unpriced_spend_per_hour_wei: int = Field(
+        default=10**17,
+        ge=0,
+        description="settler gas spend over the last hour on channels in tokens token_min_settle_amounts does not "
+        "name, above which regular batches leave such channels out (their closes still settle): a payer picks its "
+        "channel's token, and without it a token of its own could spend the whole hourly ceiling",
+    )
     front_run_alert_skips: int = Field(
         default=3, ge=1, description="ALERT front_run when a batch has this many entries the chain had settled"
     )

@@ -203,8 +203,27 @@ class Settler:
         priced = [ETH, *self.settings.token_min_settle_amounts]
         with self.db.read() as conn:
             candidates = batch_q.settleable(conn, limit=self.settings.batch_max_entries, open_only=True, first=priced)
+        if not force and any(c.token not in priced for c in candidates) and self._unpriced_spent_up(priced):
+            candidates = [c for c in candidates if c.token in priced]
         price = None if force else self._gas_price()
         return [c for c in candidates if self._worth(c, price)]
+
+    def _unpriced_spent_up(self, priced: list[str]) -> bool:
+        """Whether the last hour's gas on channels in tokens the operator did not price reached their own ceiling: a
+        payer's own token (free to make in any amount) joined every regular batch until the settler's whole hourly
+        ceiling was spent, and then no payee's channel was settled before its close."""
+        with self.db.read() as conn:
+            spent = batch_q.spent_on_others_since(conn, self._now_at(self.clock() - 3600), priced)
+        if spent < self.settings.max_unpriced_spend_per_hour_wei:
+            return False
+        self._alert(
+            "unpriced_spend_ceiling",
+            f"settler {self.sender} spent {spent} wei on gas in the last hour settling channels in tokens "
+            "SETTLEMENT_TOKEN_MIN_SETTLE_AMOUNTS does not name, at or above SETTLEMENT_MAX_UNPRICED_SPEND_PER_HOUR_WEI "
+            f"({self.settings.max_unpriced_spend_per_hour_wei}): regular batches leave them out; their closes still "
+            "settle",
+        )
+        return True
 
     def _worth(self, channel: Channel, gas_price: int | None) -> bool:
         """Is the channel's unsettled value worth one more entry's gas? (`gas_price` None: an operator forces it.)"""

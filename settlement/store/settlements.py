@@ -331,6 +331,29 @@ def spent_since(conn: Connection, since: datetime) -> int:
     return sum(int(gas) * int(price) for gas, price in conn.execute(query))
 
 
+def spent_on_others_since(conn: Connection, since: datetime, priced: Sequence[str]) -> int:
+    """The part of `spent_since` that settled channels in assets `priced` does not name: each batch's wei shared
+    evenly by its entries (one costs ~11,000 gas whatever its asset), the entries of other assets' channels summed."""
+    batched = select(
+        settlement_batches.c.batch_id, settlement_batches.c.gas_used, settlement_batches.c.gas_price
+    ).where(
+        settlement_batches.c.updated_at_us >= to_us(since),
+        settlement_batches.c.gas_used.is_not(None),
+        settlement_batches.c.gas_price.is_not(None),
+    )
+    spent = {batch_id: int(gas) * int(price) for batch_id, gas, price in conn.execute(batched)}
+    if not spent:
+        return 0
+    other = case((channels.c.token.in_(list(priced)), 0), else_=1)
+    shares = (
+        select(settlement_entries.c.batch_id, func.count(), func.sum(other))
+        .join(channels, channels.c.channel_id == settlement_entries.c.channel_id)
+        .where(settlement_entries.c.batch_id.in_(list(spent)))
+        .group_by(settlement_entries.c.batch_id)
+    )
+    return sum(spent[batch_id] * int(others) // int(count) for batch_id, count, others in conn.execute(shares))
+
+
 def claim_alert(conn: Connection, kind: str, subject: str, now: datetime, repeat_after_us: int) -> bool:
     """True (and the time recorded) if the alert (kind, subject) did not fire in the last `repeat_after_us`."""
     key = and_(engine_alerts.c.kind == kind, engine_alerts.c.subject == subject)
