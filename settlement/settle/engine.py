@@ -16,7 +16,9 @@ flight at a time.
 Settlement is economic, since every entry costs the operator gas and a payer can make vouchers for free:
 - a regular batch (every `settle_interval`) takes an ETH channel only when its gas, at the current fee, is at most
   `settle_fee_share_percent` of the value it settles (an ERC-20 channel: `token_min_settle_amounts`), and waits while
-  the settler spent more than `max_spend_per_hour_wei` in the last hour;
+  the settler spent more than `max_spend_per_hour_wei` in the last hour; it reads open channels, ETH's and the
+  priced tokens' first (amounts of different assets do not compare), and a token the operator did not price (a payer
+  may make its own) joins only while such channels spent less than `max_unpriced_spend_per_hour_wei`;
 - the watchtower settles a closing channel at most twice per close: once as soon as it sees the close, and once
   more when ingest stops taking its vouchers (`close_guard_seconds` before the deadline) if value arrived since.
   A payer that streams 1-wei vouchers after its close request therefore buys no extra batches;
