@@ -359,8 +359,9 @@ def test_a_payee_summary_not_in_the_services_form_is_refused_not_rendered(
 ) -> None:
     """`settlement payee` rendered the service's summary with `[...]` and `int()`: an answer that was not one (a
     proxy's page, a list of assets that is not one, an amount "1e3") showed a traceback. Each is now refused, with
-    the field it could not read, before anything is shown."""
-    service = serve_here(store_url)
+    the field it could not read, before anything is shown. And the service's URL is printed whole, on a line of its
+    own, as text: in the table's title it was folded at the table's width, and a `[…]` part would be rich markup."""
+    service = serve_here(store_url, allowed_hosts=["*"])
     payee = accounts[7].address
     channel = open_channel(accounts[5], payee, amount=1_000)
     paid = httpx.post(f"{service.url}/v1/vouchers", json=body(channel, 10, sign(channel.payer, channel.id, 10)))
@@ -388,3 +389,7 @@ def test_a_payee_summary_not_in_the_services_form_is_refused_not_rendered(
     shown = run_cli("payee", payee, "--service-url", service.url, env={}, cwd=tmp_path)
     assert shown.returncode == 0, shown.stderr
     assert re.search(r"\s*│\s*".join(["ETH \\(wei\\)", "1", "10", "0", "10"]), shown.stdout), shown.stdout
+    mapped = service.url.replace("127.0.0.1", "[::ffff:127.0.0.1]")  # IPv4 through an IPv6 literal
+    shown = run_cli("payee", payee, "--service-url", mapped, env={}, cwd=tmp_path)
+    assert shown.returncode == 0, shown.stderr
+    assert f"\nservice: {mapped}\n" in shown.stdout, shown.stdout

@@ -222,7 +222,7 @@ def _serve(
         _warn_if_never_confirmed(settings)
     except SettlementError as ex:
         raise _fail(ex) from ex
-    console.print(f"API on http://{host}:{port} (docs at /docs); store: {escape(service.db.shown_url)}")
+    console.print(escape(f"API on http://{host}:{port} (docs at /docs); store: {service.db.shown_url}"))
     # The event loop answers every request; a worker thread (a store read, a chain look-up) that holds the GIL makes
     # it wait up to the switch interval each time it wakes: 5 ms by default, a millisecond here.
     sys.setswitchinterval(GIL_SWITCH_SECONDS)

@@ -195,7 +195,7 @@ def payee_report(
     if as_json:
         print(json.dumps(summary, indent=2))
         return
-    table = Table(title=f"payee {payee} (service {url})")
+    table = Table(title=f"payee {payee}")
     for column in ("asset", "channels", "accepted", "settled", "unsettled", "withdrawable now", "withdrawn"):
         table.add_column(column, justify="left" if column == "asset" else "right")
     for token, channels, accepted, settled, unsettled, withdrawable, withdrawn in rows:
@@ -207,6 +207,9 @@ def payee_report(
             f"{withdrawn:,}",
         )
     console.print(table)
+    # A line of its own (a title wraps at the table's width, through a URL), and text, not markup: "[fe80::1]" was
+    # read as a style tag and left out.
+    console.print(f"service: {escape(url)}", soft_wrap=True)
     when = f"with the engine's next batch (every {interval:g}s)" if interval else "when the engine next settles"
     console.print(f"unsettled value becomes withdrawable {when}; `settlement withdraw` takes it out")
 
