@@ -377,6 +377,7 @@ def test_a_payee_summary_not_in_the_services_form_is_refused_not_rendered(
         (lambda data: row(data, channels="1"), "channels is not a count"),
         (lambda data: row(data, token="ETH"), "token is not an address"),
         (lambda data: {**data, "settleInterval": "soon"}, "settleInterval is not a number"),
+        (lambda data: {**data, "balancesUnread": "all"}, "balancesUnread is not a list of addresses"),
     ]
     summary = f"/v1/payees/{payee}/summary"
     for forge, refusal in forms:
@@ -389,6 +390,14 @@ def test_a_payee_summary_not_in_the_services_form_is_refused_not_rendered(
     shown = run_cli("payee", payee, "--service-url", service.url, env={}, cwd=tmp_path)
     assert shown.returncode == 0, shown.stderr
     assert re.search(r"\s*│\s*".join(["ETH \\(wei\\)", "1", "10", "0", "10"]), shown.stdout), shown.stdout
+    unread = {"balancesUnread": [ETH]}  # the service read no balance of this asset: not "chain down"
+    with TamperingProxy(
+        service.url, lambda path, data: {**row(data, withdrawable=None), **unread} if path == summary else data
+    ) as proxy:
+        shown = run_cli("payee", payee, "--service-url", proxy.url, env={}, cwd=tmp_path)
+    assert shown.returncode == 0, shown.stderr
+    assert re.search(r"\s*│\s*".join(["ETH \\(wei\\)", "1", "10", "0", "10", "not read", "0"]), shown.stdout)
+    assert "withdrawable not read for 1 asset(s): the service reads a few balances a summary" in shown.stdout
     mapped = service.url.replace("127.0.0.1", "[::ffff:127.0.0.1]")  # IPv4 through an IPv6 literal
     shown = run_cli("payee", payee, "--service-url", mapped, env={}, cwd=tmp_path)
     assert shown.returncode == 0, shown.stderr

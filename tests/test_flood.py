@@ -367,3 +367,34 @@ def test_a_flood_of_payee_summaries_reads_each_balance_once_a_block(
     before = calls["eth_call"]
     assert balances.at(channel.payee, ETH, indexer.progress.cursor, "0x" + "ab" * 32) == 0  # that number, another
     assert calls["eth_call"] - before == 1  # block (a reorganisation): read again
+
+
+def test_a_payee_paid_in_many_tokens_costs_a_few_balance_reads_a_summary(
+    api: Callable[..., TestClient],
+    open_channel: Callable[..., Channel],
+    deploy: Callable[..., Contract],
+    token: Contract,
+    accounts: list[LocalAccount],
+    w3: Web3,
+) -> None:
+    """A payer picks its channel's token, and a payee's summary read the hub's balance of every asset it was paid in:
+    a payer that opened channels to a payee in many tokens of its own making (a payee may be itself) made each
+    summary of that payee cost as many RPC calls (each new block), on one of the service's four request threads. A
+    summary now reads SETTLEMENT_SUMMARY_BALANCES_MAX balances at most, ETH's and the configured tokens' first, and
+    names the others in `balancesUnread` (their `withdrawable` null, not a guess)."""
+    client = api(summary_balances_max=2, token_min_settle_amounts={token.address: 1})
+    payee = accounts[11].address
+    made = [deploy("DevToken", f"Made {n}", f"M{n}", 18) for n in range(3)]
+    for asset in (*made, token, None):
+        open_channel(accounts[5], payee, token=asset, amount=1_000)
+    indexer = client.app.state.service.indexer  # type: ignore[attr-defined]
+    wait_cursor(indexer, w3.eth.block_number - indexer.confirmations)
+    calls = client.app.state.service.w3.provider.calls  # type: ignore[attr-defined]
+    before = calls["eth_call"]
+    summary = client.get(f"/v1/payees/{payee}/summary").json()
+    assert calls["eth_call"] - before == 2
+    listed = sorted([ETH, token.address, *(t.address for t in made)])
+    assert [a["token"] for a in summary["assets"]] == listed
+    read = {ETH: "0", token.address: "0"}
+    assert [a["withdrawable"] for a in summary["assets"]] == [read.get(t) for t in listed]
+    assert summary["balancesUnread"] == [t for t in listed if t not in read]

@@ -225,6 +225,11 @@ class PayeeSummaryOut(BaseModel):
     payee: str
     settleInterval: float | None = Field(description="seconds between the running engine's regular batches")
     assets: list[AssetOut]
+    balancesUnread: list[str] = Field(
+        default_factory=list,
+        description="assets whose withdrawable was not asked of the chain (null): a summary reads "
+        "SETTLEMENT_SUMMARY_BALANCES_MAX balances at most, ETH's and the configured tokens' first",
+    )
 
 
 class Health(BaseModel):

@@ -191,7 +191,7 @@ def payee_report(
                 answer.status_code, "service_unavailable", f"{request} answered {answer.status_code}", request=request
             ) from None
     summary = answer_object(answer)
-    rows, interval = _summary_of(summary)  # the service's word in its one form, before any of it is shown
+    rows, interval, unread = _summary_of(summary)  # the service's word in its one form, before any of it is shown
     if as_json:
         print(json.dumps(summary, indent=2))
         return
@@ -203,10 +203,15 @@ def payee_report(
             "ETH (wei)" if token == ETH else token,
             str(channels),
             *(f"{value:,}" for value in (accepted, settled, unsettled)),
-            "chain down" if withdrawable is None else f"{withdrawable:,}",
+            ("not read" if token in unread else "chain down") if withdrawable is None else f"{withdrawable:,}",
             f"{withdrawn:,}",
         )
     console.print(table)
+    if unread:
+        console.print(
+            f"withdrawable not read for {len(unread)} asset(s): the service reads a few balances a summary, ETH's and "
+            "its configured tokens' first; `settlement withdraw --token` reads one from the chain"
+        )
     # A line of its own (a title wraps at the table's width, through a URL), and text, not markup: "[fe80::1]" was
     # read as a style tag and left out.
     console.print(f"service: {escape(url)}", soft_wrap=True)
@@ -217,10 +222,13 @@ def payee_report(
 _SummaryRow = tuple[str, int, int, int, int, int | None, int]
 
 
-def _summary_of(summary: dict[str, Any]) -> tuple[list[_SummaryRow], float | None]:
-    """A payee summary's rows and the engine's interval, each field in its one form; else `service_untrusted`, not a
-    KeyError or ValueError of the rendering."""
+def _summary_of(summary: dict[str, Any]) -> tuple[list[_SummaryRow], float | None, set[str]]:
+    """A payee summary's rows, the engine's interval and the assets whose balance the service did not read, each
+    field in its one form; else `service_untrusted`, not a KeyError or ValueError of the rendering."""
     assets, interval = summary.get("assets"), summary.get("settleInterval")
+    unread = summary.get("balancesUnread", [])
+    if not isinstance(unread, list) or not all(isinstance(token, str) and Web3.is_address(token) for token in unread):
+        raise UntrustedServiceError("the service's balancesUnread is not a list of addresses")
     if not isinstance(assets, list) or not all(isinstance(row, dict) for row in assets):
         raise UntrustedServiceError("the service's payee summary lists no assets")
     if interval is not None and (not isinstance(interval, int | float) or isinstance(interval, bool)):
@@ -232,4 +240,4 @@ def _summary_of(summary: dict[str, Any]) -> tuple[list[_SummaryRow], float | Non
         accepted, settled, unsettled = (service_amount(row, field) for field in ("accepted", "settled", "unsettled"))
         token, withdrawn = service_address(row, "token"), service_amount(row, "withdrawn")
         rows.append((token, channels, accepted, settled, unsettled, withdrawable, withdrawn))
-    return rows, None if interval is None else float(interval)
+    return rows, None if interval is None else float(interval), {Web3.to_checksum_address(t) for t in unread}

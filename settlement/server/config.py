@@ -275,6 +275,13 @@ class Settings(BaseSettings):
         description="JSON object: ERC-20 address -> base units unsettled before a channel of it joins a regular "
         "batch (tokens not named: min_settle_amount)",
     )
+    summary_balances_max: int = Field(
+        default=32,
+        ge=1,
+        description="hub balances a payee's summary reads from the chain at most (ETH and the tokens of "
+        "token_min_settle_amounts first); the others' withdrawable is null and listed in balancesUnread: a payer "
+        "picks its channel's token, and each asset was an RPC call a summary, on a request thread",
+    )
     unsettled_tokens_shown: int = Field(
         default=100,
         ge=0,
