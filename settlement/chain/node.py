@@ -21,7 +21,8 @@ from web3.contract.contract import ContractConstructor, ContractFunction
 from web3.exceptions import ContractCustomError, ContractLogicError, TimeExhausted, Web3RPCError
 from web3.types import AccessList, Nonce, TxParams, TxReceipt
 
-from settlement.chain.provider import FailoverProvider, scrubbed, shown
+from settlement.chain.provider import FailoverProvider
+from settlement.domain.redaction import scrubbed, shown_url
 from settlement.errors import ChainError, ChainUnavailableError, ConfigError, TransactionFailedError
 
 logger = logging.getLogger(__name__)
@@ -72,7 +73,9 @@ def connect(
         except (requests.RequestException, OSError, Web3RPCError):
             continue  # down for now; failover will skip it
         if other_id != chain_id:
-            raise ConfigError(f"RPC {shown(other)} serves chain {other_id}, {shown(url)} serves chain {chain_id}")
+            raise ConfigError(
+                f"RPC {shown_url(other)} serves chain {other_id}, {shown_url(url)} serves chain {chain_id}"
+            )
     return w3
 
 

@@ -6,14 +6,12 @@ active URL, to the next one that answers. While a fallback is active the primary
 returned as they are.
 
 A provider's URL often carries its API key (in the path, the query or the user part): every URL this module writes
-(a log line, an error) is `shown`, its host and port only. A failure's text from requests names the URL it was
-sending to, and `scrubbed` takes it out: that text reached the 503 a client got while the chain was down.
+(a log line, an error) is written by `settlement.domain.redaction.shown_url`, its scheme, host and port only.
 """
 
 from __future__ import annotations
 
 import logging
-import re
 import threading
 import time
 from collections import Counter
@@ -21,35 +19,15 @@ from collections.abc import Sequence
 from typing import Any
 
 import requests
-from urllib3.util import parse_url
 from web3 import HTTPProvider
 from web3.providers.base import JSONBaseProvider
 from web3.types import RPCEndpoint, RPCResponse
 
+from settlement.domain.redaction import shown_url
+
 logger = logging.getLogger(__name__)
 
 TRANSPORT_ERRORS = (requests.RequestException, OSError)
-_URL = re.compile(r"\b(?:https?|wss?)://[^\s'\"<>]+", re.IGNORECASE)
-_REQUESTED = re.compile(r"(\burl: )\S+")  # how requests names the URL a failed request went to
-
-
-def shown(url: str) -> str:
-    """`url` as it may be written where others read it: its scheme, host and port, `/…` for anything more (a path,
-    a query or a user part may hold the provider's key)."""
-    try:
-        parts = parse_url(url)
-    except ValueError:
-        return "(an RPC URL that does not parse)"
-    if not parts.host:
-        return "(an RPC URL without a host)"
-    base = f"{parts.scheme or 'http'}://{parts.host}" + (f":{parts.port}" if parts.port else "")
-    more = parts.auth or parts.query or parts.fragment or (parts.path or "/") != "/"
-    return base + ("/…" if more else "")
-
-
-def scrubbed(text: str) -> str:
-    """A transport failure's text without the URLs, or the parts of URLs, it names (see `shown`)."""
-    return _REQUESTED.sub(r"\1…", _URL.sub(lambda found: shown(found.group(0)), text))
 
 
 class FailoverProvider(JSONBaseProvider):
@@ -87,8 +65,8 @@ class FailoverProvider(JSONBaseProvider):
 
     @property
     def shown_urls(self) -> str:
-        """The URLs as they may be written (`shown`)."""
-        return ", ".join(shown(url) for url in self.urls)
+        """The URLs as they may be written (`shown_url`)."""
+        return ", ".join(shown_url(url) for url in self.urls)
 
     def make_request(self, method: RPCEndpoint, params: Any) -> RPCResponse:
         with self._lock:
@@ -102,13 +80,15 @@ class FailoverProvider(JSONBaseProvider):
                 response = self._providers[index].make_request(method, params)
             except TRANSPORT_ERRORS as ex:
                 last = ex
-                logger.warning("RPC %s failed (%s)", shown(str(self._providers[index].endpoint_uri)), type(ex).__name__)
+                logger.warning(
+                    "RPC %s failed (%s)", shown_url(str(self._providers[index].endpoint_uri)), type(ex).__name__
+                )
                 continue
             if index != self._active:
                 with self._lock:
                     self._active = index
                     self._last_probe = time.monotonic()
-                logger.warning("RPC failover: now using %s", shown(str(self._providers[index].endpoint_uri)))
+                logger.warning("RPC failover: now using %s", shown_url(str(self._providers[index].endpoint_uri)))
             return response
         assert last is not None
         raise last
@@ -124,4 +104,4 @@ class FailoverProvider(JSONBaseProvider):
             return
         with self._lock:
             self._active = 0
-        logger.warning("RPC primary %s answers again: switching back", shown(str(self._providers[0].endpoint_uri)))
+        logger.warning("RPC primary %s answers again: switching back", shown_url(str(self._providers[0].endpoint_uri)))

@@ -1,0 +1,34 @@
+"""URLs as they may be written where others read them (a log, an error a client gets).
+
+An RPC provider's or a hosted facilitator's URL often carries its key, in the path (`/v2/<key>`), the query
+(`?apikey=`) or the user part (`https://:secret@…`): such a URL is written as its scheme, host and port, `/…` for the
+rest. A transport failure's text names the URL it was sending to (requests: `… with url: /v2/<key>`; httpx: `… for
+url 'https://…'`): `scrubbed` takes URLs out of it.
+"""
+
+from __future__ import annotations
+
+import re
+from urllib.parse import urlsplit
+
+_URL = re.compile(r"\b(?:https?|wss?)://[^\s'\"<>()]+", re.IGNORECASE)
+_REQUESTED = re.compile(r"(\burl: )\S+")  # how requests names the URL a failed request went to
+
+
+def shown_url(url: str) -> str:
+    """`url` as scheme, host and port, with `/…` for anything more (a path, a query or a user part may hold a key)."""
+    try:
+        parts = urlsplit(url)
+        host, port = parts.hostname, parts.port
+    except ValueError:
+        return "(a URL that does not parse)"
+    if not host:
+        return "(a URL without a host)"
+    base = f"{parts.scheme or 'http'}://" + (f"[{host}]" if ":" in host else host) + (f":{port}" if port else "")
+    more = parts.username or parts.password or parts.query or parts.fragment or parts.path not in ("", "/")
+    return base + ("/…" if more else "")
+
+
+def scrubbed(text: str) -> str:
+    """A failure's text with every URL it names written as `shown_url` writes it, and requests' `url: <path>` cut."""
+    return _REQUESTED.sub(r"\1…", _URL.sub(lambda found: shown_url(found.group(0)), text))
