@@ -23,6 +23,7 @@ from web3.contract import Contract
 
 from settlement.devtools.devnet import Devnet
 from settlement.domain.model import ChannelStatus, ChannelViewField
+from settlement.domain.redaction import scrubbed, shown_url
 from settlement.eip712.vouchers import VoucherSigner
 from settlement.errors import (
     PaymentUncertainError,
@@ -265,6 +266,30 @@ def test_rpc_failover_to_a_second_url_and_back(
             client.get("/ready")
             time.sleep(0.1)
         assert provider.endpoint_uri == primary.url
+
+
+def test_a_url_is_written_without_the_parts_that_may_hold_its_key() -> None:
+    """What `settlement.domain.redaction` writes of an RPC URL in a log line or an error a client gets (the
+    end-to-end case: tests/test_faults.py::test_the_rpc_urls_key_is_never_shown_to_a_client_nor_written_to_the_log)."""
+    urls = {
+        "http://127.0.0.1:8545": "http://127.0.0.1:8545",
+        "http://127.0.0.1:8545/": "http://127.0.0.1:8545",
+        "https://eth-mainnet.example/v2/k3y": "https://eth-mainnet.example/…",
+        "https://rpc.example/?apikey=k3y": "https://rpc.example/…",
+        "https://:k3y@mainnet.example": "https://mainnet.example/…",
+        "wss://rpc.example/ws#k3y": "wss://rpc.example/…",
+        "http://[::1]:8545/k3y": "http://[::1]:8545/…",
+        "http://rpc.example:99999/k3y": "(a URL that does not parse)",
+        "k3y": "(a URL without a host)",
+    }
+    assert {url: shown_url(url) for url in urls} == urls
+    assert scrubbed(
+        "HTTPConnectionPool(host='rpc.example', port=80): Max retries exceeded with url: /v2/k3y (Caused by x); "
+        "401 Client Error: Unauthorized for url: https://rpc.example/v2/k3y; (see https://rpc.example/?key=k3y)"
+    ) == (
+        "HTTPConnectionPool(host='rpc.example', port=80): Max retries exceeded with url: … (Caused by x); "
+        "401 Client Error: Unauthorized for url: …; (see https://rpc.example/…)"
+    )
 
 
 def drop_answer() -> None:

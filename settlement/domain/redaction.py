@@ -12,7 +12,7 @@ import re
 from urllib.parse import urlsplit
 
 _URL = re.compile(r"\b(?:https?|wss?)://[^\s'\"<>()]+", re.IGNORECASE)
-_REQUESTED = re.compile(r"(\burl: )\S+")  # how requests names the URL a failed request went to
+_REQUESTED = re.compile(r"(\burl: )[^\s;,()]+")  # how requests names the URL a failed request went to
 
 
 def shown_url(url: str) -> str:
@@ -31,4 +31,11 @@ def shown_url(url: str) -> str:
 
 def scrubbed(text: str) -> str:
     """A failure's text with every URL it names written as `shown_url` writes it, and requests' `url: <path>` cut."""
-    return _REQUESTED.sub(r"\1…", _URL.sub(lambda found: shown_url(found.group(0)), text))
+    return _REQUESTED.sub(r"\1…", _URL.sub(_shown_in_text, text))
+
+
+def _shown_in_text(found: re.Match[str]) -> str:
+    """A URL found in text, shown; the sentence's punctuation after it kept."""
+    url = found.group(0)
+    core = url.rstrip(".,;:!?")
+    return shown_url(core) + url[len(core) :]
