@@ -295,7 +295,7 @@ class Settings(BaseSettings):
         description="settler gas spend over the last hour above which regular batches wait (closes still settle)",
     )
     max_unpriced_spend_per_hour_wei: int = Field(
-        default=10**17,
+        default=10**16,
         ge=0,
         description="settler gas spend over the last hour on channels in tokens token_min_settle_amounts does not "
         "name, above which regular batches leave such channels out (their closes still settle): a payer picks its "
