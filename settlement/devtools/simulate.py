@@ -154,6 +154,8 @@ class Simulation:
                     "engine_enabled": True,
                     "settle_interval": self.plan.settle_interval,
                     "settle_fee_share_percent": 0,  # it proves the books to the wei: every payment must settle
+                    # its own token is one the operator accepts: priced, so no unpriced-token ceiling holds it back
+                    "token_min_settle_amounts": {token: 1},
                     "confirmations": 0 if self.settings.devnet_block_time is None else self.settings.confirmations,
                 }
             )
