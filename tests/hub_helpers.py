@@ -146,13 +146,20 @@ Tx = tuple[Any, str, int]  # (contract call, sender, value)
 
 def in_one_block(w3: Web3, *txs: Tx, gas: int = 1_000_000) -> list[TxReceipt]:
     """Send `txs` in this order into one block, as a real chain would mine them; returns every receipt (reverted
-    ones included: the caller asserts what it expects). Automine is off while they queue and on again after."""
+    ones included: the caller asserts what it expects). Mining stops while they queue, and the chain mines as it did
+    before after (automine, or a block every N seconds: `mining`'s interval chain stays one)."""
+    automine = w3.provider.make_request("anvil_getAutomine", [])["result"]  # type: ignore[arg-type]
+    interval = w3.provider.make_request("anvil_getIntervalMining", [])["result"]  # type: ignore[arg-type]
+    w3.provider.make_request("evm_setIntervalMining", [0])
     w3.provider.make_request("evm_setAutomine", [False])
     try:
         hashes = [call.transact({"from": sender, "value": value, "gas": gas}) for call, sender, value in txs]
         w3.provider.make_request("evm_mine", [])
     finally:
-        w3.provider.make_request("evm_setAutomine", [True])
+        if interval:
+            w3.provider.make_request("evm_setIntervalMining", [interval])
+        else:
+            w3.provider.make_request("evm_setAutomine", [bool(automine)])
     receipts = [w3.eth.wait_for_transaction_receipt(h) for h in hashes]
     assert len({r["blockNumber"] for r in receipts}) == 1, "the transactions did not share a block"
     return receipts
@@ -180,13 +187,16 @@ def wait_cursor(indexer: Indexer, block: int) -> None:
     wait_until(lambda: indexer.progress is not None and indexer.progress.cursor >= block)
 
 
-def run_until_idle(settler: Settler, service: Service, ticks: int = 10) -> None:
+def run_until_idle(settler: Settler, service: Service, ticks: int = 10, pause: float = 0.0) -> None:
+    """Tick until no batch is open; `pause` seconds between ticks on a chain that mines on an interval (a batch is
+    mined up to a block later, not as it is sent)."""
     for _ in range(ticks):
         settler.tick()
         wait_indexed(service)
         with service.db.read() as conn:
             if not batch_q.open_batches(conn):
                 return
+        time.sleep(pause)
     raise AssertionError("batches still open")
 
 

@@ -16,7 +16,6 @@ from hexbytes import HexBytes
 from pydantic import ValidationError
 from web3 import Web3
 from web3.contract import Contract
-from web3.types import RPCEndpoint
 
 from settlement.domain.model import Address
 from settlement.domain.shards import Shard, shard_of
@@ -59,18 +58,13 @@ def test_a_shard_outside_the_count_is_refused() -> None:
         shard_of(Address("0x" + "11" * 20), 0)
 
 
-def open_in_one_block(w3: Web3, hub: Contract, payers: list[LocalAccount], payee: str, mining: str) -> list[Channel]:
+def open_in_one_block(w3: Web3, hub: Contract, payers: list[LocalAccount], payee: str) -> list[Channel]:
     """Both shards' channels opened in one block: each shard's indexer stores its own and skips the other's."""
     channels = [
         Channel(channel_id(p.address, payee, ETH, salt_of(n)), p, payee, ETH, salt_of(n), DEPOSIT)
         for n, p in enumerate(payers, 1)
     ]
-    if mining == "interval":
-        w3.provider.make_request(RPCEndpoint("evm_setIntervalMining"), [0])
     in_one_block(w3, *[(hub.functions.open(payee, ETH, c.salt, DEPOSIT), c.payer.address, DEPOSIT) for c in channels])
-    if mining == "interval":  # in_one_block turned automine back on
-        w3.provider.make_request(RPCEndpoint("evm_setAutomine"), [False])
-        w3.provider.make_request(RPCEndpoint("evm_setIntervalMining"), [1])
     return channels
 
 
@@ -96,7 +90,7 @@ def test_two_shards_take_their_own_payers_and_settle_on_one_hub(
         api(shard=1, database_url=second, private_key=HexBytes(accounts[18].key).to_0x_hex(), **engine),
     ]
     payee = accounts[7].address
-    channels = open_in_one_block(w3, hub, [accounts[PAYERS[k]] for k in (0, 1)], payee, mining)
+    channels = open_in_one_block(w3, hub, [accounts[PAYERS[k]] for k in (0, 1)], payee)
 
     for k, channel in enumerate(channels):
         assert answer(shards[k], channel, 10, sign) == (201, "")
