@@ -29,7 +29,7 @@ from settlement.api.schemas import (
     StrictModel,
 )
 from settlement.chain.node import rpc_errors
-from settlement.domain.model import ETH, Channel, ChannelId, ChannelStatus, utcnow
+from settlement.domain.model import Channel, ChannelId, ChannelStatus, utcnow
 from settlement.errors import ChainError, ChannelNotFoundError, ForbiddenError
 from settlement.server.service import Service
 from settlement.store import channels as channel_q
@@ -142,7 +142,7 @@ def payee_summary(address: AddressPath, service: ServiceDep, who: CallerDep) -> 
         book = payee_book(conn, payee)
     # A payer picks its channel's token: a payee paid in a thousand tokens of payers' making cost a thousand RPC calls
     # a summary (each new block), on one of the few request threads. ETH's and the priced tokens' balances first.
-    priced = {ETH, *service.settings.token_min_settle_amounts}
+    priced = service.settings.priced_assets
     ranked = sorted(book.assets, key=lambda totals: totals.token not in priced)
     asked = {totals.token for totals in ranked[: service.settings.summary_balances_max]}
     rows = [

@@ -9,6 +9,8 @@ from eth_utils.address import is_address, to_checksum_address
 from pydantic import Field, SecretStr, ValidationInfo, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
+from settlement.domain.model import ETH
+
 # The mnemonic every anvil and hardhat devnet uses by default: public, so it is only ever a devnet default.
 DEVNET_MNEMONIC = "test test test test test test test test test test test junk"
 
@@ -409,6 +411,13 @@ class Settings(BaseSettings):
                 f"SETTLEMENT_SHARD={self.shard} is not one of SETTLEMENT_SHARDS={self.shards} (0 to {self.shards - 1})"
             )
         return self
+
+    @property
+    def priced_assets(self) -> frozenset[str]:
+        """ETH and the tokens of token_min_settle_amounts: the assets the operator prices. A payer picks its channel's
+        token and may make its own, in any amount: what the service spends on an asset, or how it ranks one, puts
+        these first and bounds the rest."""
+        return frozenset({ETH, *self.token_min_settle_amounts})
 
     @field_validator("hub_address")
     @classmethod

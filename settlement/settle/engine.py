@@ -202,7 +202,7 @@ class Settler:
         # Open channels only (the watchtower settles closing ones), ETH's and the priced tokens' first: ranked by
         # amount alone, 400 channels of a token a payer made (10^30 units each) took every place of every regular
         # batch, and no other payee's channel was settled until it closed.
-        priced = [ETH, *self.settings.token_min_settle_amounts]
+        priced = self.settings.priced_assets
         with self.db.read() as conn:
             candidates = batch_q.settleable(conn, limit=self.settings.batch_max_entries, open_only=True, first=priced)
         if not force and any(c.token not in priced for c in candidates) and self._unpriced_spent_up(priced):
@@ -210,7 +210,7 @@ class Settler:
         price = None if force else self._gas_price()
         return [c for c in candidates if self._worth(c, price)]
 
-    def _unpriced_spent_up(self, priced: list[str]) -> bool:
+    def _unpriced_spent_up(self, priced: frozenset[str]) -> bool:
         """Whether the last hour's gas on channels in tokens the operator did not price reached their own ceiling: a
         payer's own token (free to make in any amount) joined every regular batch until the settler's whole hourly
         ceiling was spent, and then no payee's channel was settled before its close."""
@@ -269,7 +269,7 @@ class Settler:
         self._unsettled_at = now
         with self.db.read() as conn:
             unsettled = channel_q.unsettled_by_token(conn)
-        always = {ETH, *self.settings.token_min_settle_amounts}
+        always = self.settings.priced_assets
         others = sorted(token for token in unsettled if token not in always)[: self.settings.unsettled_tokens_shown]
         shown = {token: unsettled.get(token, 0) for token in [*always, *others]}
         for gone in self._unsettled_shown - shown.keys():

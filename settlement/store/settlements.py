@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Collection, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
@@ -82,7 +82,7 @@ def _covered(channel_id: Any, accepted: Any) -> Any:
 
 
 def settleable(
-    conn: Connection, limit: int | None = None, *, open_only: bool = False, first: Sequence[str] = ()
+    conn: Connection, limit: int | None = None, *, open_only: bool = False, first: Collection[str] = ()
 ) -> list[Channel]:
     """Channels with accepted vouchers above what the chain settled, not closed, not suspended, and whose latest
     voucher is not already in a batch that is in flight or confirmed (the indexer may not have caught up yet);
@@ -331,7 +331,7 @@ def spent_since(conn: Connection, since: datetime) -> int:
     return sum(int(gas) * int(price) for gas, price in conn.execute(query))
 
 
-def spent_on_others_since(conn: Connection, since: datetime, priced: Sequence[str]) -> int:
+def spent_on_others_since(conn: Connection, since: datetime, priced: Collection[str]) -> int:
     """The part of `spent_since` that settled channels in assets `priced` does not name: each batch's wei shared
     evenly by its entries (one costs ~11,000 gas whatever its asset), the entries of other assets' channels summed."""
     batched = select(
