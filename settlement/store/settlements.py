@@ -323,25 +323,13 @@ def last_batch_at(conn: Connection) -> datetime | None:
 def spent_since(conn: Connection, since: datetime) -> int:
     """Wei the settler paid for batches mined since `since` (gas used x effective price; summed in Python since
     SQLite keeps amounts as text)."""
-    query = select(settlement_batches.c.gas_used, settlement_batches.c.gas_price).where(
-        settlement_batches.c.updated_at_us >= to_us(since),
-        settlement_batches.c.gas_used.is_not(None),
-        settlement_batches.c.gas_price.is_not(None),
-    )
-    return sum(int(gas) * int(price) for gas, price in conn.execute(query))
+    return sum(_spent_by_batch(conn, since).values())
 
 
 def spent_on_others_since(conn: Connection, since: datetime, priced: Collection[str]) -> int:
     """The part of `spent_since` that settled channels in assets `priced` does not name: each batch's wei shared
     evenly by its entries (one costs ~11,000 gas whatever its asset), the entries of other assets' channels summed."""
-    batched = select(
-        settlement_batches.c.batch_id, settlement_batches.c.gas_used, settlement_batches.c.gas_price
-    ).where(
-        settlement_batches.c.updated_at_us >= to_us(since),
-        settlement_batches.c.gas_used.is_not(None),
-        settlement_batches.c.gas_price.is_not(None),
-    )
-    spent = {batch_id: int(gas) * int(price) for batch_id, gas, price in conn.execute(batched)}
+    spent = _spent_by_batch(conn, since)
     if not spent:
         return 0
     other = case((channels.c.token.in_(list(priced)), 0), else_=1)
@@ -352,6 +340,16 @@ def spent_on_others_since(conn: Connection, since: datetime, priced: Collection[
         .group_by(settlement_entries.c.batch_id)
     )
     return sum(spent[batch_id] * int(others) // int(count) for batch_id, count, others in conn.execute(shares))
+
+
+def _spent_by_batch(conn: Connection, since: datetime) -> dict[str, int]:
+    """Wei paid for each batch mined since `since`."""
+    query = select(settlement_batches.c.batch_id, settlement_batches.c.gas_used, settlement_batches.c.gas_price).where(
+        settlement_batches.c.updated_at_us >= to_us(since),
+        settlement_batches.c.gas_used.is_not(None),
+        settlement_batches.c.gas_price.is_not(None),
+    )
+    return {batch_id: int(gas) * int(price) for batch_id, gas, price in conn.execute(query)}
 
 
 def claim_alert(conn: Connection, kind: str, subject: str, now: datetime, repeat_after_us: int) -> bool:
