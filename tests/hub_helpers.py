@@ -508,18 +508,21 @@ class Tampering(httpx.BaseTransport):
 
 class TamperingProxy:
     """An HTTP proxy in front of a service, as `Tampering` is for the SDK's client but for any program (the CLI):
-    forwards each GET for real, then `rewrite(path, JSON answer)` gives the JSON (or bytes) it answers instead; or,
-    where `hostile(path)` names a way, answers 200 and then a body that never ends ("endless": as fast as the client
-    reads, up to 256 MB, counted in `written`) or comes a byte every 0.2 s ("dribble"), or sends its headers a byte
-    every 0.2 s ("slow_headers": 100 of them, 20 s, then the end of the headers and `{}`)."""
+        forwards each GET for real, then `rewrite(path, JSON answer)` gives the JSON (or bytes) it answers instead; or,
+        where `hostile(path)` names a way, answers 200 and then a body that never ends ("endless": as fast as the client
+        reads, up to 256 MB, counted in `written`) or comes a byte every 0.2 s ("dribble"), or sends its headers a byte
+        every 0.2 s ("slow_headers": 100 of them, 20 s, then the end of the headers and `{}`). Every POST is answered
+    `failing_posts` (a status and a body) when given, as a failing server or a proxy's error page is (else 501)."""
 
     def __init__(
         self,
         target: str,
         rewrite: Callable[[str, Any], object],
         hostile: Callable[[str], str | None] = lambda _path: None,
+        failing_posts: tuple[int, bytes] | None = None,
     ) -> None:
         self.target, self.rewrite, self.hostile = target.rstrip("/"), rewrite, hostile
+        self.failing_posts = failing_posts
         self.port = free_test_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.server: ThreadingHTTPServer | None = None
@@ -575,6 +578,18 @@ class TamperingProxy:
                 self.send_header("content-length", str(len(raw)))
                 self.end_headers()
                 self.wfile.write(raw)
+
+            def do_POST(self) -> None:
+                if proxy.failing_posts is None:
+                    self.send_error(501)
+                    return
+                self.rfile.read(int(self.headers.get("content-length", "0")))
+                status, body = proxy.failing_posts
+                self.send_response(status)
+                self.send_header("content-type", "text/html")
+                self.send_header("content-length", str(len(body)))
+                self.end_headers()
+                self.wfile.write(body)
 
             def log_message(self, *args: Any) -> None:
                 pass

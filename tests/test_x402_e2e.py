@@ -51,7 +51,17 @@ from settlement.x402.ahead import PayAheadAdapter, PayAheadTransport
 from settlement.x402.client import ChannelHubClientScheme, DepositPolicy, PaymentIdentifiers
 from settlement.x402.refunds import REFUND_PATH, RefundDesk, ask_refund
 from settlement.x402.unanswered import UnansweredWire
-from tests.hub_helpers import ETH, Tampering, events, free_test_port, scraped, send, wait_until, x402_request
+from tests.hub_helpers import (
+    ETH,
+    Tampering,
+    TamperingProxy,
+    events,
+    free_test_port,
+    scraped,
+    send,
+    wait_until,
+    x402_request,
+)
 from tests.proxy import TcpProxy
 from tests.servers import ServiceProcess
 
@@ -947,6 +957,46 @@ def test_the_facilitator_down_is_a_503_and_charges_nothing(
     assert accepted_for(rig.service, rig.payee) == 2 * PRICE  # two responses, two prices: the 503 was not charged
 
 
+def test_a_facilitators_failure_reaches_the_payer_short_and_without_its_urls(
+    devnet: Devnet,
+    spawn: Callable[..., ServiceProcess],
+    paid_api: PaidApis,
+    accounts: list[LocalAccount],
+    tmp_path: Path,
+    payer_for: Callable[..., PayerClient],
+) -> None:
+    """x402's facilitator client quotes the facilitator's whole answer body in its failure (`… failed (502):
+    <body>`), and the payee's 503 quoted that failure to the payer: here a front that answers every POST 502 with an
+    error page naming a hosted facilitator's URL, its key in the path, and 100 KB more. The payer now gets the start of
+    it without the URL; the payee's own log has it (URL shortened), one line however many payments failed meanwhile;
+    nothing is charged."""
+    service = spawn(f"sqlite:///{tmp_path / 'front.db'}")
+    page = b"upstream https://facilitator.example.com/v2/s3cr3t-key/verify failed: " + b"x" * 100_000
+    payee = accounts[19].address
+    with TamperingProxy(service.url, rewrite=lambda _path, data: data, failing_posts=(502, page)) as front:
+        api = paid_api(service, payee, facilitator=front.url)
+        scheme = ChannelHubClientScheme(payer_for(accounts[13], service), lane_timeout=0.5)
+
+        async def get() -> httpx.Response:
+            async with x402HttpxClient(paying_client(devnet, scheme), timeout=30) as http:
+                return await http.get(f"{api}/weather")
+
+        answers = [asyncio.run(get()) for _ in range(2)]
+    failure = "ValueError: Facilitator verify failed (502): upstream https://facilitator.example.com/… failed: "
+    shown = f"the facilitator could not verify the payment ({(failure + 'x' * 240)[:240]}…)"
+    assert [(a.status_code, a.json()) for a in answers] == 2 * [
+        (503, {"error": "facilitator_unavailable", "message": shown})
+    ]
+    port = api.rsplit(":", 1)[1]
+    log = (tmp_path / f"paid-api-{port}-{PRICE}.log").read_text()
+    lines = [line for line in log.splitlines() if "the facilitator could not judge" in line]
+    assert [line[: line.index("xxx")] for line in lines] == [
+        "the facilitator could not judge 1 payment(s) since the last such line; the last could not verify: " + failure
+    ]
+    assert ("s3cr3t" in log, lines[0].endswith("failed: " + "x" * 100_000)) == (False, True)  # the whole page
+    assert accepted_for(service, payee) == 0
+
+
 @pytest.mark.parametrize("outage", ["refused", "held"])
 def test_a_payee_that_started_without_its_facilitator_answers_503_at_once_then_is_paid(
     devnet: Devnet, proxied_payee: Callable[..., ProxiedPayee], outage: str
@@ -1417,6 +1467,7 @@ def test_a_payee_that_stops_every_channel_locks_at_most_two_deposits_and_the_pay
         payee.shutdown()
     with pytest.raises(PaymentError, match=f"{payee_account.address} stopped 2 channels of this payer"):
         paid_get(devnet, scheme, f"{api}/weather")
+
     def listed(status: ChannelStatus) -> list[bytes]:
         return [bytes.fromhex(c["channelId"][2:]) for c in payer.listed_channels(payee_account.address, None, status)]
 

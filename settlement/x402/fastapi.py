@@ -35,6 +35,7 @@ from __future__ import annotations
 import asyncio
 import gc
 import hashlib
+import logging
 import threading
 import time
 from collections import OrderedDict
@@ -59,11 +60,14 @@ from x402.http.middleware.fastapi import PaymentMiddlewareASGI
 from x402.http.types import RoutesConfig
 from x402.schemas import PaymentPayload, PaymentRequirements, SettleResponse, SupportedResponse, VerifyResponse
 
+from settlement.domain.redaction import scrubbed
 from settlement.errors import SettlementError
 from settlement.sdk.payee import PayeeClient
 from settlement.x402.positions import Positions
 from settlement.x402.refunds import MAX_TTL, REFUND_PATH, RefundDesk
 from settlement.x402.wire import SCHEME, Reason, payment_identifier_in
+
+logger = logging.getLogger(__name__)
 
 RETRY_AFTER_SECONDS = 1
 SETTLE_BATCH_MAX = 100  # settles in one POST /settle/batch (the service takes up to its batch_max_items, 1,000)
@@ -76,6 +80,8 @@ KEEPALIVE_SECONDS = 2.0  # below the service's keep-alive timeout
 SUPPORTED_WAIT = 1.0  # seconds the event loop waits for the facilitator's /supported (x402 asks it synchronously)
 SUPPORTED_TIMEOUT = 5.0  # seconds a /supported request may take on its own thread (x402's default: 90)
 CONNECT_TIMEOUT = 3.0  # seconds to reach the facilitator: a request not sent yet charges nothing, so fail it early
+FAILURE_SHOWN_MAX = 240  # characters of the facilitator's failure a payer's 503 quotes (the payee's log has it whole)
+FAILURE_LOG_SECONDS = 10.0  # the payee logs the facilitator's failures once in this long, with their count
 
 
 @dataclass
@@ -383,10 +389,46 @@ def _batch_answer(answer: Any) -> SettleResponse | Exception:
 
 
 def _unavailable(operation: str, ex: Exception) -> FacilitatorResponseError:
+    """The error x402 answers (a 502, a 503 under `PaymentMiddleware`) when the facilitator could not judge a payment.
+
+    The facilitator's failure is its text, and x402's client quotes the facilitator's whole answer body in it (`…
+    failed (502): <body>`): a proxy's HTML page, or a hosted facilitator's error naming its own URL, key and all, went
+    whole into the payer's 503. A payer is shown the start of it, without URLs; the payee's log has it whole (URLs
+    written as `shown_url` writes them), once in `FAILURE_LOG_SECONDS` with the count."""
+    failure = scrubbed(f"{type(ex).__name__}: {ex}")
+    _failures.note(operation, failure)
+    shown = failure if len(failure) <= FAILURE_SHOWN_MAX else failure[:FAILURE_SHOWN_MAX] + "…"
     exchange = _exchange.get()
     if exchange is not None:
-        exchange.failure = f"the facilitator could not {operation} the payment ({type(ex).__name__}: {ex})"
-    return FacilitatorResponseError(f"facilitator {operation} unavailable: {ex}")
+        exchange.failure = f"the facilitator could not {operation} the payment ({shown})"
+    return FacilitatorResponseError(f"facilitator {operation} unavailable ({shown})")
+
+
+class _FailureLog:
+    """The facilitator's failures, logged once in `FAILURE_LOG_SECONDS` with their count: an outage fails every paid
+    request, hundreds a second, and one line each would bury the payee's log."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._since = 0
+        self._next = 0.0
+
+    def note(self, operation: str, failure: str) -> None:
+        now = time.monotonic()
+        with self._lock:
+            self._since += 1
+            if now < self._next:
+                return
+            count, self._since, self._next = self._since, 0, now + FAILURE_LOG_SECONDS
+        logger.warning(
+            "the facilitator could not judge %d payment(s) since the last such line; the last could not %s: %s",
+            count,
+            operation,
+            failure,
+        )
+
+
+_failures = _FailureLog()
 
 
 @dataclass(frozen=True)
