@@ -334,19 +334,57 @@ def test_a_tokens_symbol_is_printed_as_text_never_as_markup_or_terminal_control(
     channel = open_channel(accounts[5], payee.address, token=hostile, amount=10**21)
     amount = 1_500_000_000_000_000_000
     send(w3, hub.functions.closeByPayee(channel.id, amount, sign(channel.payer, channel.id, amount)), payee.address)
-    env = {
-        "SETTLEMENT_RPC_URL": w3.provider.endpoint_uri,  # type: ignore[attr-defined]
-        "SETTLEMENT_HUB_ADDRESS": hub.address,
-        "SETTLEMENT_WITHDRAW_KEY": HexBytes(payee.key).to_0x_hex(),
-        "SETTLEMENT_DEPLOYMENT_FILE": str(tmp_path / "none.json"),
-    }
-    result = run_cli("withdraw", "--token", hostile.address, "--amount", str(amount // 3), env=env, cwd=tmp_path)
+    result = run_cli(
+        "withdraw",
+        "--token",
+        hostile.address,
+        "--amount",
+        str(amount // 3),
+        env=withdrawing(w3, hub, payee, tmp_path),
+        cwd=tmp_path,
+    )
     assert result.returncode == 0, result.stderr
     unit = shown or hostile.address
     assert result.stdout.startswith(f"withdrew 500,000,000,000,000,000 base units (0.5 {unit}) to {payee.address} (tx")
     assert result.stdout.rstrip("\n").endswith(f"; 1,000,000,000,000,000,000 base units (1 {unit}) left in the hub")
     assert "\x1b" not in result.stdout + result.stderr
     assert hostile.functions.balanceOf(payee.address).call() == amount // 3
+
+
+def test_a_withdrawal_is_printed_to_the_last_base_unit(
+    deploy: Callable[..., Contract],
+    open_channel: Callable[..., Channel],
+    accounts: list[LocalAccount],
+    hub: Contract,
+    w3: Web3,
+    sign: Callable[..., bytes],
+    tmp_path: Path,
+) -> None:
+    """`settlement withdraw` wrote the human amount through `Decimal`, whose arithmetic rounds to 28 significant
+    digits: a balance of 30 digits was shown ending in ...679 where it ends in ...6789 (a payer's token holds any
+    amount). Every digit is kept now."""
+    token = deploy("DevToken", "Big Token", "BIG", 18)
+    payee = accounts[7]
+    amount = 123_456_789_012_345_678_901_234_567_891
+    channel = open_channel(accounts[5], payee.address, token=token, amount=amount)
+    send(w3, hub.functions.closeByPayee(channel.id, amount, sign(channel.payer, channel.id, amount)), payee.address)
+    env = withdrawing(w3, hub, payee, tmp_path)
+    result = run_cli("withdraw", "--token", token.address, "--amount", str(amount - 1), env=env, cwd=tmp_path)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.startswith(
+        "withdrew 123,456,789,012,345,678,901,234,567,890 base units (123456789012.34567890123456789 BIG) to "
+    )
+    assert result.stdout.rstrip("\n").endswith("; 1 base units (0.000000000000000001 BIG) left in the hub")
+
+
+def withdrawing(w3: Web3, hub: Contract, payee: LocalAccount, tmp_path: Path) -> dict[str, str]:
+    """The environment of `settlement withdraw` by `payee` from `hub`, in `tmp_path` (cwd too)."""
+    return {
+        "SETTLEMENT_RPC_URL": w3.provider.endpoint_uri,  # type: ignore[attr-defined]
+        "SETTLEMENT_HUB_ADDRESS": hub.address,
+        "SETTLEMENT_WITHDRAW_KEY": HexBytes(payee.key).to_0x_hex(),
+        "SETTLEMENT_DEPLOYMENT_FILE": str(tmp_path / "none.json"),
+    }
 
 
 def test_a_payee_summary_not_in_the_services_form_is_refused_not_rendered(

@@ -27,14 +27,46 @@ NETWORK = "eip155:31337"
 
 @pytest.mark.parametrize(
     ("price", "base_units"),
-    [(1, 1), ("25000000000", 25_000_000_000), ("0.001", 10**15), ("1.5", 15 * 10**17), (10**30, 10**30)],
+    [
+        (1, 1),
+        ("25000000000", 25_000_000_000),
+        ("0.001", 10**15),
+        ("1.5", 15 * 10**17),
+        (10**30, 10**30),
+        (".5", 5 * 10**17),
+        ("2.", 2 * 10**18),
+        ("1.000000000000000000000", 10**18),
+        ("12345678901.123456789012345678", 12_345_678_901_123_456_789_012_345_678),  # Decimal: ...345680
+    ],
 )
 def test_prices_are_base_units_or_human_amounts_of_the_asset(price: int | str, base_units: int) -> None:
     scheme = ChannelHubServerScheme()
     assert scheme.parse_price(price, NETWORK) == AssetAmount(amount=str(base_units), asset=ETH)
 
 
-@pytest.mark.parametrize("price", ["$0.01", 0, -5, "0", "0.0000000000000000001", "abc", 0.5, True, "1e3"], ids=repr)
+@pytest.mark.parametrize(
+    "price",
+    [
+        "$0.01",
+        0,
+        -5,
+        "0",
+        "0.0000000000000000001",
+        "abc",
+        0.5,
+        True,
+        "1e3",
+        "1.0000000000000000000000000000001",  # Decimal's 28 digits took it for 10^18
+        "1_000",
+        "+5",
+        "\u0661\u0662\u0663",  # Arabic-Indic digits, which int() reads
+        ".",
+        "007",
+        "9" * 5000,
+        2**256,
+    ],
+    ids=lambda price: repr(price)[:40],
+)
 def test_a_price_that_is_not_whole_base_units_is_refused(price: object) -> None:
     with pytest.raises(ValueError):
         ChannelHubServerScheme().parse_price(price, NETWORK)  # type: ignore[arg-type]

@@ -7,7 +7,6 @@ A payee runs them without the operator's files: the hub's address (from the oper
 from __future__ import annotations
 
 import json
-from decimal import Decimal
 from pathlib import Path
 from typing import Any
 
@@ -22,6 +21,7 @@ from web3.contract import Contract
 
 from settlement.chain.deployment import Deployment, hub_at, hub_contract
 from settlement.chain.node import Transactor, connect, rpc_errors
+from settlement.domain.amounts import human_of_units
 from settlement.domain.model import ETH
 from settlement.errors import (
     ConfigError,
@@ -107,7 +107,7 @@ def amount_text(value: int, unit: str, decimals: int) -> str:
     base = "wei" if unit == "ETH" else "base units"
     if decimals == 0:
         return f"{value:,} {base} of {unit}"
-    human = format(Decimal(value).scaleb(-decimals).normalize(), "f")
+    human = human_of_units(value, decimals)
     return f"{value:,} {base} ({human} {unit})"
 
 

@@ -11,14 +11,14 @@ what a payer needs to pay and nothing more: the hub and its EIP-712 domain from 
 from __future__ import annotations
 
 from collections.abc import Mapping
-from decimal import Decimal, InvalidOperation
 from typing import Any
 
 from x402.interfaces import PaymentFlowConfig
 from x402.payment_flow import AUTHORIZATION_PAYMENT_FLOW, SDK_DEFAULT_ASSET_TRANSFER_METHOD
 from x402.schemas import AssetAmount, PaymentRequirements, Price, SupportedKind
 
-from settlement.domain.model import ETH, MAX_UINT256
+from settlement.domain.amounts import units_of_human
+from settlement.domain.model import ETH, MAX_UINT256, uint256_of
 from settlement.x402.wire import SCHEME, chain_id_of
 
 
@@ -49,20 +49,22 @@ class ChannelHubServerScheme:
         return AssetAmount(amount=str(self.base_units(price)), asset=self.asset)
 
     def base_units(self, price: str | int | float) -> int:
-        """An int is base units; a string of digits too; a decimal string is a human amount of the asset."""
+        """An int is base units; a string of digits too; a decimal string is a human amount of the asset, converted
+        exactly (`settlement.domain.amounts`)."""
         if isinstance(price, bool) or isinstance(price, float):
             raise ValueError("give a price as an int of base units or a decimal string, never a float")
         text = str(price).strip()
         if text.startswith("$"):
             raise ValueError(f"{SCHEME} prices are in the asset, not dollars: {text!r}")
-        try:
-            value = Decimal(text) if "." in text else Decimal(int(text))
-        except (InvalidOperation, ValueError) as ex:
-            raise ValueError(f"not a price: {text!r}") from ex
-        units = value.scaleb(self.decimals) if "." in text else value
-        if units != units.to_integral_value() or not 0 < units <= MAX_UINT256:
-            raise ValueError(f"{text!r} is not a whole positive number of base units of {self.asset}")
-        return int(units)
+        if isinstance(price, int):
+            units: int | None = price if 0 < price <= MAX_UINT256 else None
+        elif "." in text:
+            units = units_of_human(text, self.decimals)
+        else:
+            units = uint256_of(text) or None
+        if units is None:
+            raise ValueError(f"{text[:100]!r} is not a whole positive number of base units of {self.asset}")
+        return units
 
     def enhance_payment_requirements(
         self, requirements: PaymentRequirements, supported_kind: SupportedKind, extensions: list[str]
