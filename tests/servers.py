@@ -4,14 +4,17 @@ process, for the tests of its clients.
 A service process is forked from the suite's fork server (`multiprocessing`'s, one per test worker), which imported
 the service once: the process then runs the CLI's `serve` as `python -m settlement.cli serve` does, with its own
 environment, directory, log, pid and signals, without spending ~4 s of a slow machine's CPU on imports at each start
-(the suite starts ~170 of them; a third of its CPU went to their imports)."""
+(the suite starts ~170 of them; a third of its CPU went to their imports). The example apps of the x402 tests are run
+the same way (`run_script`): the script runs as `__main__` in a process of its own."""
 
 from __future__ import annotations
 
 import multiprocessing
 import os
+import runpy
 import signal
 import subprocess
+import sys
 import threading
 import time
 from multiprocessing.process import BaseProcess
@@ -109,10 +112,21 @@ class Forked:
         if self._process.exitcode is None:
             os.kill(self.pid, sig)
 
+    def kill(self) -> None:
+        self.send_signal(signal.SIGKILL)
 
-def _serve(env: dict[str, str], workdir: str, log: str) -> None:
-    """In the forked process: the environment, directory and output `python -m settlement.cli serve` would have,
-    then the CLI's `serve`."""
+
+def run_script(script: Path, env: dict[str, str], workdir: Path, log: Path) -> Forked:
+    """`python script` (an example app), forked from the fork server: the script itself runs as `__main__` in the
+    new process, the libraries it imports were imported by the server."""
+    process = _FORKS.Process(target=_script, args=(str(script), env, str(workdir), str(log)), name=script.stem)
+    process.start()
+    return Forked(process)
+
+
+def _launched(env: dict[str, str], workdir: str, log: str) -> None:
+    """In a forked process: the environment, directory and output (stdout and stderr) it would have been started
+    with."""
     os.environ.clear()
     os.environ.update(env)
     os.chdir(workdir)
@@ -120,15 +134,37 @@ def _serve(env: dict[str, str], workdir: str, log: str) -> None:
     os.dup2(out, 1)
     os.dup2(out, 2)
     os.close(out)
+
+
+def _serve(env: dict[str, str], workdir: str, log: str) -> None:
+    """`python -m settlement.cli serve`, in a forked process."""
+    _launched(env, workdir, log)
     from settlement.cli.main import app
 
     app(["serve"], prog_name="settlement")
 
 
-# What `serve` imports, imported once by the fork server; a service process is a fork of it.
+def _script(script: str, env: dict[str, str], workdir: str, log: str) -> None:
+    """`python script`, in a forked process."""
+    _launched(env, workdir, log)
+    sys.argv = [script]
+    sys.path.insert(0, str(Path(script).parent))
+    runpy.run_path(script, run_name="__main__")
+
+
+# What `serve` and the example apps import, imported once by the fork server; their processes are forks of it.
 _FORKS = multiprocessing.get_context("forkserver")
 _FORKS.set_forkserver_preload(
-    ["tests.servers", "settlement.cli.main", "settlement.cli.keys", "settlement.server.service", "uvicorn.main"]
+    [
+        "tests.servers",
+        "settlement.cli.main",
+        "settlement.cli.keys",
+        "settlement.server.service",
+        "uvicorn.main",
+        "settlement.x402.fastapi",
+        "settlement.x402.server",
+        "x402.extensions.payment_identifier",
+    ]
 )
 
 

@@ -9,8 +9,6 @@ import base64
 import json
 import os
 import sqlite3
-import subprocess
-import sys
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -63,7 +61,7 @@ from tests.hub_helpers import (
     x402_request,
 )
 from tests.proxy import TcpProxy
-from tests.servers import ServiceProcess
+from tests.servers import Forked, ServiceProcess, run_script
 
 ROOT = Path(__file__).resolve().parents[1]
 EXAMPLE_APP = ROOT / "examples" / "paid_api.py"
@@ -86,7 +84,7 @@ class PaidApis:
 
     def __init__(self, devnet: Devnet, tmp_path: Path) -> None:
         self.devnet, self.tmp_path = devnet, tmp_path
-        self.started: dict[str, subprocess.Popen[bytes]] = {}
+        self.started: dict[str, Forked] = {}
         self.made_with: dict[str, dict[str, Any]] = {}  # each app's arguments but its price and port
 
     def __call__(
@@ -118,8 +116,7 @@ class PaidApis:
         if deposit_multiple is not None:  # the deposit hint, in prices
             env["DEPOSIT_MULTIPLE"] = str(deposit_multiple)
         log_path = self.tmp_path / f"paid-api-{port}-{price}.log"
-        with log_path.open("wb") as log:
-            process = subprocess.Popen([sys.executable, str(script)], env=env, stdout=log, stderr=log)
+        process = run_script(script, env, self.tmp_path, log_path)
         url = f"http://127.0.0.1:{port}"
         self.started[url] = process
         self.made_with[url] = {
