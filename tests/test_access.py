@@ -314,6 +314,36 @@ def test_a_sign_in_that_does_not_hold_gets_no_token(
     assert redeem(message, victim)[0] == 200
 
 
+def test_a_sign_in_challenge_names_only_a_host_the_operator_listed(
+    api: Callable[..., TestClient], accounts: list[LocalAccount]
+) -> None:
+    """With SETTLEMENT_ALLOWED_HOSTS `["*"]` the service made a challenge for whatever Host a request named: a
+    look-alike site got one naming itself, had a payee sign it there (a wallet checks that a sign-in names the site
+    asking for it: it did), and redeemed it here as that payee (its payments read, its channels stopped). A challenge
+    now names a host the list names; `*` names none."""
+    payee = accounts[4]
+
+    def challenge(client: TestClient, host: str) -> tuple[int, str]:
+        answer = client.post("/v1/auth/challenge", json={"address": payee.address}, headers={"Host": host})
+        data = answer.json()
+        return answer.status_code, data["code"] if answer.status_code != 200 else data["message"].split(" wants")[0]
+
+    anyone = api(access_control=True, allowed_hosts=["*"])
+    assert [challenge(anyone, host) for host in ("evil.example", "testserver", "*")] == [(400, "host_not_allowed")] * 3
+    assert anyone.get("/health", headers={"Host": "evil.example"}).status_code == 200  # the API still answers it
+    listed = api(access_control=True, allowed_hosts=["*", "API.example.com"])
+    assert [challenge(listed, host) for host in ("api.example.com:8443", "evil.example")] == [
+        (200, "api.example.com:8443"),
+        (400, "host_not_allowed"),
+    ]
+    message = listed.post(
+        "/v1/auth/challenge", json={"address": payee.address}, headers={"Host": "api.example.com"}
+    ).json()["message"]
+    signature = payee.sign_message(encode_defunct(text=message)).signature.to_0x_hex()
+    redeemed = listed.post("/v1/auth/token", json={"message": message, "signature": signature})
+    assert (redeemed.status_code, redeemed.json()["account"]) == (200, payee.address)
+
+
 def test_challenges_and_tokens_expire_and_are_bound_to_their_secret_and_chain() -> None:
     signin = SignIn(b"k" * 32, 31337, challenge_ttl=300, token_ttl=3600)
     account: LocalAccount = Account.create()

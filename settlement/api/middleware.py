@@ -10,7 +10,7 @@ import ipaddress
 import json
 import random
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from typing import Any
 
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
@@ -140,12 +140,23 @@ class HostGuard:
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] == "http" and not self.any:
-            host = dict(scope["headers"]).get(b"host", b"").decode("latin-1").lower()
-            name = host.rsplit(":", 1)[0] if not host.endswith("]") else host  # [::1]:8000 -> [::1]
-            if name not in self.allowed:
+            host = dict(scope["headers"]).get(b"host", b"").decode("latin-1")
+            if host_name(host) not in self.allowed:
                 await refuse(send, HostNotAllowedError(f"host {host!r} is not served here (SETTLEMENT_ALLOWED_HOSTS)"))
                 return
         await self.app(scope, receive, send)
+
+
+def host_name(host: str) -> str:
+    """A Host header's name, lower case, without its port: `[::1]:8000` -> `[::1]`."""
+    host = host.lower()
+    return host.rsplit(":", 1)[0] if not host.endswith("]") else host
+
+
+def named_host(host: str, allowed: Iterable[str]) -> bool:
+    """Whether a Host header's name (any port) is one of `allowed` by name (`*` names none)."""
+    name = host_name(host)
+    return name != "*" and name in {h.lower() for h in allowed}
 
 
 def client_of(scope: Scope, ipv6_prefix: int) -> str:

@@ -11,7 +11,9 @@ from pydantic import Field, StringConstraints
 
 from settlement.api.auth import CallerDep
 from settlement.api.deps import ERRORS, ServiceDep, checked_address
+from settlement.api.middleware import named_host
 from settlement.api.schemas import Address, StrictModel
+from settlement.errors import HostNotAllowedError
 
 router = APIRouter(prefix="/v1/auth", responses=ERRORS, tags=["auth"])
 Signature = Annotated[str, StringConstraints(pattern=r"^0x[0-9a-fA-F]{130}$")]
@@ -46,10 +48,20 @@ class WhoAmIOut(StrictModel):
 
 @router.post("/challenge", operation_id="signInChallenge")
 def challenge(body: ChallengeIn, request: Request, service: ServiceDep) -> ChallengeOut:
-    """A message for the account to sign; stateless (HMAC-bound to this service), valid a few minutes."""
+    """A message for the account to sign; stateless (HMAC-bound to this service), valid a few minutes.
+
+    It names the request's host, which must be one SETTLEMENT_ALLOWED_HOSTS lists by name. `*` lets any host reach
+    the API, and a challenge was made for any: a look-alike site got one naming itself from the service, had a
+    payee sign it there (a wallet checks that a sign-in names the site asking for it: it did), and redeemed it here
+    as that payee (its payments read, its channels stopped, a webhook of its own added)."""
     address = checked_address(body.address, "address")
     assert address is not None
-    host = request.headers.get("host", "localhost")
+    host = request.headers.get("host", "")
+    if not named_host(host, service.settings.allowed_hosts):
+        raise HostNotAllowedError(
+            f"sign-in challenges name a host SETTLEMENT_ALLOWED_HOSTS lists by name; {host[:100]!r} is not listed "
+            "(`*` lets any host reach the API, not sign in under its name)"
+        )
     message, expires = service.signin.challenge(address, host, f"{request.url.scheme}://{host}", int(time.time()))
     return ChallengeOut(message=message, expiresAt=expires)
 

@@ -119,7 +119,8 @@ class Settings(BaseSettings):
     keep_alive_seconds: int = Field(default=5, ge=1, description="an idle keep-alive connection is closed after")
     allowed_hosts: list[str] = Field(
         default_factory=lambda: ["127.0.0.1", "localhost", "[::1]"],
-        description='Host header names the API answers to (any port); JSON list; ["*"] for any',
+        description='Host header names the API answers to (any port); JSON list; ["*"] for any (sign-in challenges '
+        "name only a host listed by name)",
     )
     trusted_proxies: list[str] = Field(
         default_factory=list,
