@@ -129,9 +129,8 @@ def settleable(
             unsettled = c.accepted - c.settled
         closing = case((c.status == int(ChannelStatus.CLOSING), 0), else_=1)
         deadline = func.coalesce(c.close_deadline, 0)
-        named = case((c.token.in_(list(first)), 0), else_=1) if first else None
-        ranks = [closing, deadline, *([named] if named is not None else []), unsettled.desc(), c.channel_id]
-        query = query.order_by(*ranks).limit(limit)
+        named = [case((c.token.in_(list(first)), 0), else_=1)] if first else []
+        query = query.order_by(closing, deadline, *named, unsettled.desc(), c.channel_id).limit(limit)
     ids = [ChannelId(channel_id) for channel_id in conn.execute(query).scalars()]
     # The chosen channels' whole rows after: a sort keeps every column of every candidate it sorts.
     found = read_versioned(conn, ids)

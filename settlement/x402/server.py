@@ -18,7 +18,8 @@ from x402.payment_flow import AUTHORIZATION_PAYMENT_FLOW, SDK_DEFAULT_ASSET_TRAN
 from x402.schemas import AssetAmount, PaymentRequirements, Price, SupportedKind
 
 from settlement.domain.amounts import units_of_human
-from settlement.domain.model import ETH, MAX_UINT256, uint256_of
+from settlement.domain.model import ETH, MAX_UINT256
+from settlement.x402 import wire
 from settlement.x402.wire import SCHEME, chain_id_of
 
 
@@ -61,7 +62,7 @@ class ChannelHubServerScheme:
         elif "." in text:
             units = units_of_human(text, self.decimals)
         else:
-            units = uint256_of(text) or None
+            units = wire.base_units(text)
         if units is None:
             raise ValueError(f"{text[:100]!r} is not a whole positive number of base units of {self.asset}")
         return units
