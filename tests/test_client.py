@@ -216,6 +216,7 @@ def test_demo_traffic_pays_through_the_api(
     from rich.console import Console
 
     from settlement.devtools.demo import DemoTraffic
+    from settlement.domain.amounts import human_of_units
 
     service = serve_here(f"sqlite:///{tmp_path / 'demo.db'}")
     with (tmp_path / "demo.out").open("w") as sink:
@@ -239,7 +240,9 @@ def test_demo_traffic_pays_through_the_api(
     assert traffic.paid >= 50 and traffic.refused == 0, (tmp_path / "demo.out").read_text()
     summary = httpx.get(f"{service.url}/v1/payees/{accounts[18].address}/summary").json()
     assert int(summary["assets"][0]["accepted"]) == traffic.value
-    assert "payments accepted" in (tmp_path / "demo.out").read_text()
+    last = (tmp_path / "demo.out").read_text().strip().splitlines()[-1]  # the report after the last payment
+    assert f"demo: {traffic.paid} payments accepted (" in last
+    assert f"/s), {human_of_units(traffic.value, 18)} ETH in total, 0 refused" in last  # to the last wei
 
 
 @pytest.mark.faults

@@ -17,6 +17,7 @@ from hexbytes import HexBytes
 from rich.console import Console
 from rich.markup import escape
 
+from settlement.domain.amounts import human_of_units
 from settlement.errors import SettlementError
 from settlement.sdk.payer import ChannelRef, PayerClient
 
@@ -122,7 +123,7 @@ class DemoTraffic:
     def _report(self, elapsed: float) -> None:
         self.console.print(
             f"demo: {self.paid} payments accepted ({self.paid / max(elapsed, 1e-9):.0f}/s), "
-            f"{self.value / 10**18:.9f} ETH in total, {self.refused} refused"
+            f"{human_of_units(self.value, 18)} ETH in total, {self.refused} refused"
         )
 
 
