@@ -6,7 +6,7 @@ PY := $(VENV)/bin/python
 PY_STAMP := $(VENV)/.installed
 NPM_STAMP := node_modules/.installed
 
-.PHONY: setup run test faults lint check-artifacts compile bench-gas bench-verify bench-ingest bench-e2e bench-scale bench-x402 bench-flood bench-store bench-journal simulate clean
+.PHONY: setup run test faults lint check-artifacts compile bench-gas bench-verify bench-ingest bench-e2e bench-scale bench-x402 bench-flood bench-store bench-journal bench-processes simulate clean
 
 setup: $(PY_STAMP) $(NPM_STAMP)
 
@@ -78,6 +78,9 @@ bench-store: setup
 
 bench-journal: setup
 	$(PY) scripts/bench.py journal
+
+bench-processes: setup
+	$(PY) scripts/bench.py processes
 
 simulate: setup
 	$(VENV)/bin/settlement simulate

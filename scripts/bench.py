@@ -10,6 +10,8 @@ python scripts/bench.py x402     # paid HTTP requests through x402's client and 
 python scripts/bench.py flood    # an honest payer's latency under a flood of bogus vouchers (scripts/bench_flood.py)
 python scripts/bench.py store    # the store's write path alone, 1-4 writers, bytes per payment (scripts/bench_store.py)
 python scripts/bench.py journal  # the payer's journal alone: a payment's durable write (scripts/bench_journal.py)
+python scripts/bench.py processes  # 1 and 8 server processes on one PostgreSQL, own and shared channels
+                                   # (scripts/bench_processes.py)
 """
 
 from __future__ import annotations
@@ -300,6 +302,13 @@ def run_journal(console: Console) -> dict[str, Any]:
     return journal(console)
 
 
+def run_processes(console: Console) -> dict[str, Any]:
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+    from scripts.bench_processes import run_processes as processes
+
+    return processes(console)
+
+
 SCALE = {"channels": 100_000, "vouchers": 10_000_000}
 
 
@@ -320,6 +329,7 @@ BENCHES: dict[str, Callable[[Console], dict[str, Any]]] = {
     "flood": run_flood,
     "store": run_store,
     "journal": run_journal,
+    "processes": run_processes,
 }
 
 

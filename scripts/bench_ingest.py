@@ -162,10 +162,14 @@ def scratch_postgres(name: str) -> Iterator[str]:
 
 
 class Servers:
-    """A fresh store and SERVERS `settlement serve` processes on it (engine off), stopped and dropped on exit."""
+    """A fresh store and `count` (SERVERS) `settlement serve` processes on it (engine off), stopped and dropped on
+    exit."""
 
-    def __init__(self, rpc_url: str, work: Path, store: str, env: dict[str, str] | None = None) -> None:
+    def __init__(
+        self, rpc_url: str, work: Path, store: str, env: dict[str, str] | None = None, *, count: int = SERVERS
+    ) -> None:
         self.extra_env = env or {}
+        self.count = count
         self.rpc_url = rpc_url
         self.work = work
         self.store = store
@@ -179,7 +183,7 @@ class Servers:
         else:
             database_url = self._scratch.__enter__()
         urls = []
-        for n in range(SERVERS):
+        for n in range(self.count):
             port = free_port("127.0.0.1")
             env = {
                 **{k: v for k, v in os.environ.items() if not k.startswith("SETTLEMENT_")},
