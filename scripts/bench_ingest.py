@@ -59,10 +59,7 @@ def run_ingest(console: Console) -> dict[str, Any]:
     settings = Settings(_env_file=None, devnet_accounts=CHANNELS + 2)  # type: ignore[call-arg]
     with Devnet(settings) as net, tempfile.TemporaryDirectory(prefix="bench-ingest-") as tmp:
         work = Path(tmp)
-        vouchers = signed_channels(net, work, console, CHANNELS, VOUCHERS_PER_CHANNEL)
-        warm_file, voucher_file = work / "warm.json", work / "vouchers.json"
-        warm_file.write_text(json.dumps([chain[:1] for chain in vouchers]))
-        voucher_file.write_text(json.dumps([chain[1:] for chain in vouchers]))
+        warm_file, voucher_file = voucher_files(net, work, console)
         stores = {"sqlite": None, "postgres": _postgres_available()}
         results: dict[str, dict[str, Any]] = {}
         for store, available in stores.items():
@@ -94,6 +91,16 @@ def run_ingest(console: Console) -> dict[str, Any]:
                     f"{cpu['load']}; machine {result['machine_busy_percent']} % busy"
                 )
     return _report(console, results)
+
+
+def voucher_files(net: Devnet, work: Path, console: Console) -> tuple[Path, Path]:
+    """CHANNELS channels' signed vouchers in two files of `work`: each channel's first voucher (sent to every server
+    before a run, unmeasured) and the rest (the run's)."""
+    vouchers = signed_channels(net, work, console, CHANNELS, VOUCHERS_PER_CHANNEL)
+    warm_file, voucher_file = work / "warm.json", work / "vouchers.json"
+    warm_file.write_text(json.dumps([chain[:1] for chain in vouchers]))
+    voucher_file.write_text(json.dumps([chain[1:] for chain in vouchers]))
+    return warm_file, voucher_file
 
 
 def signed_channels(

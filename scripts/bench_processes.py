@@ -17,7 +17,6 @@ load generator).
 
 from __future__ import annotations
 
-import json
 import os
 import tempfile
 from concurrent.futures import ThreadPoolExecutor
@@ -27,7 +26,7 @@ from typing import Any
 from rich.console import Console
 from rich.table import Table
 
-from scripts.bench_ingest import BATCH_SIZE, CHANNELS, VOUCHERS_PER_CHANNEL, Servers, load, signed_channels
+from scripts.bench_ingest import BATCH_SIZE, CHANNELS, Servers, load, voucher_files
 from settlement.devtools.devnet import Devnet
 from settlement.server.config import Settings
 
@@ -42,16 +41,14 @@ def run_processes(console: Console) -> dict[str, Any]:
     settings = Settings(_env_file=None, devnet_accounts=CHANNELS + 2)  # type: ignore[call-arg]
     runs: list[dict[str, Any]] = []
     with Devnet(settings) as net, tempfile.TemporaryDirectory(prefix="bench-processes-") as tmp:
-        work = Path(tmp)
-        vouchers = signed_channels(net, work, console, CHANNELS, VOUCHERS_PER_CHANNEL)
-        warm_file, voucher_file = work / "warm.json", work / "vouchers.json"
-        warm_file.write_text(json.dumps([chain[:1] for chain in vouchers]))
-        voucher_file.write_text(json.dumps([chain[1:] for chain in vouchers]))
+        warm_file, voucher_file = voucher_files(net, Path(tmp), console)
         for round_ in range(ROUNDS):
             for count in PROCESSES:
                 for mode in MODES:
                     with console.status(f"round {round_ + 1}: {count} processes, {mode} channels…"):
-                        runs.append(_run(net.url, work, count, mode, warm_file, voucher_file) | {"round": round_ + 1})
+                        runs.append(
+                            _run(net.url, Path(tmp), count, mode, warm_file, voucher_file) | {"round": round_ + 1}
+                        )
                     console.print(_line(runs[-1]))
     table = Table(title=f"batches of {BATCH_SIZE}, {BATCH_CONCURRENCY} in flight, servers on one PostgreSQL")
     for column in ("round", "processes", "channels", "vouchers/s", "p50 ms", "p99 ms", "p99 / p50", "PostgreSQL µs"):
