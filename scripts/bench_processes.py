@@ -41,14 +41,13 @@ def run_processes(console: Console) -> dict[str, Any]:
     settings = Settings(_env_file=None, devnet_accounts=CHANNELS + 2)  # type: ignore[call-arg]
     runs: list[dict[str, Any]] = []
     with Devnet(settings) as net, tempfile.TemporaryDirectory(prefix="bench-processes-") as tmp:
-        warm_file, voucher_file = voucher_files(net, Path(tmp), console)
+        work = Path(tmp)
+        warm_file, voucher_file = voucher_files(net, work, console)
         for round_ in range(ROUNDS):
             for count in PROCESSES:
                 for mode in MODES:
                     with console.status(f"round {round_ + 1}: {count} processes, {mode} channels…"):
-                        runs.append(
-                            _run(net.url, Path(tmp), count, mode, warm_file, voucher_file) | {"round": round_ + 1}
-                        )
+                        runs.append(_run(net.url, work, count, mode, warm_file, voucher_file) | {"round": round_ + 1})
                     console.print(_line(runs[-1]))
     table = Table(title=f"batches of {BATCH_SIZE}, {BATCH_CONCURRENCY} in flight, servers on one PostgreSQL")
     for column in ("round", "processes", "channels", "vouchers/s", "p50 ms", "p99 ms", "p99 / p50", "PostgreSQL µs"):

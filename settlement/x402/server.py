@@ -18,7 +18,7 @@ from x402.payment_flow import AUTHORIZATION_PAYMENT_FLOW, SDK_DEFAULT_ASSET_TRAN
 from x402.schemas import AssetAmount, PaymentRequirements, Price, SupportedKind
 
 from settlement.domain.amounts import units_of_human
-from settlement.domain.model import ETH, MAX_UINT256
+from settlement.domain.model import ETH
 from settlement.x402 import wire
 from settlement.x402.wire import SCHEME, chain_id_of
 
@@ -57,12 +57,7 @@ class ChannelHubServerScheme:
         text = str(price).strip()
         if text.startswith("$"):
             raise ValueError(f"{SCHEME} prices are in the asset, not dollars: {text!r}")
-        if isinstance(price, int):
-            units: int | None = price if 0 < price <= MAX_UINT256 else None
-        elif "." in text:
-            units = units_of_human(text, self.decimals)
-        else:
-            units = wire.base_units(text)
+        units = units_of_human(text, self.decimals) if "." in text else wire.base_units(text)
         if units is None:
             raise ValueError(f"{text[:100]!r} is not a whole positive number of base units of {self.asset}")
         return units
