@@ -11,6 +11,7 @@ import os
 import sqlite3
 import threading
 import time
+from collections import Counter
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import closing
@@ -41,7 +42,7 @@ from x402.schemas import PaymentPayload, PaymentRequired
 from settlement.devtools.devnet import Devnet
 from settlement.domain.model import ChannelStatus, ChannelViewField
 from settlement.eip712.refunds import sign_refund_request
-from settlement.errors import ChannelClosedError, ServiceRejectedError
+from settlement.errors import BudgetExceededError, ChannelClosedError, ServiceRejectedError
 from settlement.sdk.journal import Budget
 from settlement.sdk.payee import PayeeClient
 from settlement.sdk.payer import PayerClient
@@ -575,17 +576,25 @@ class CountingWire(httpx.AsyncBaseTransport):
         await self.inner.aclose()
 
 
-def where_payments_are_made(payer: PayerClient, monkeypatch: pytest.MonkeyPatch) -> list[bool]:
-    """For each voucher the payer signs from now on: was it signed on the main thread (the event loop's here)?"""
-    on_main: list[bool] = []
-    authorize = payer.authorize
+def where_payments_are_made(payer: PayerClient, monkeypatch: pytest.MonkeyPatch) -> list[str]:
+    """For each voucher the payer signs from now on, where: "loop" (`authorize_now` on the main thread, the event
+    loop's here), "thread" (`authorize` in a worker thread), "inline" (`authorize` on the main thread: no loop)."""
+    made: list[str] = []
+    authorize, authorize_now = payer.authorize, payer.authorize_now
 
-    def recorded(*args: Any, **kwargs: Any) -> tuple[int, bytes]:
-        on_main.append(threading.current_thread() is threading.main_thread())
+    def slow(*args: Any, **kwargs: Any) -> tuple[int, bytes]:
+        made.append("inline" if threading.current_thread() is threading.main_thread() else "thread")
         return authorize(*args, **kwargs)
 
-    monkeypatch.setattr(payer, "authorize", recorded)
-    return on_main
+    def now(*args: Any, **kwargs: Any) -> tuple[int, bytes] | None:
+        signed = authorize_now(*args, **kwargs)
+        if signed is not None:
+            made.append("loop" if threading.current_thread() is threading.main_thread() else "now in a thread")
+        return signed
+
+    monkeypatch.setattr(payer, "authorize", slow)
+    monkeypatch.setattr(payer, "authorize_now", now)
+    return made
 
 
 def x402_calls(service: ServiceProcess) -> dict[str, float]:
@@ -611,7 +620,7 @@ def test_paying_ahead_and_verifying_locally_cost_one_request_and_one_facilitator
     payee = accounts[16].address
     api = paid_api(service, payee)
     payer = payer_for(accounts[17], service)
-    made_on_the_loop = where_payments_are_made(payer, monkeypatch)  # async client: off the loop (opens too)
+    made = where_payments_are_made(payer, monkeypatch)
     wire = CountingWire()
     transport = PayAheadTransport(paying_client(devnet, ChannelHubClientScheme(payer)), wire)
 
@@ -623,27 +632,34 @@ def test_paying_ahead_and_verifying_locally_cost_one_request_and_one_facilitator
     assert wire.sent == ["unpaid"] + ["paid"] * 10
     assert accepted_for(service, payee) == 10 * PRICE
     assert x402_calls(service) == {"verify ok": 1.0, "settle ok": 10.0}
+    # The first opens the channel in a worker thread (the chain's wait is no event loop's); the journal alone signs
+    # the next nine, on the loop.
+    assert made == ["thread"] + ["loop"] * 9
 
     async def concurrently(times: int) -> list[int]:
         async with httpx.AsyncClient(transport=transport, timeout=60) as http:
             answers = await asyncio.gather(*(http.get(f"{api}/weather") for _ in range(times)))
             return [a.status_code for a in answers]
 
-    # Sixteen at once, paid ahead, none sent unpaid, each charged once. Payments are made in worker threads, so
-    # the first channel is paid again as soon as it is free while others open: every payment on a channel the payee
-    # has seen settled is verified by the payee itself, and only each new channel's first asks the facilitator.
+    # Sixteen at once, paid ahead, none sent unpaid, each charged once. The first takes the free channel, on the
+    # loop; the other fifteen find none and go to worker threads, which open channels, so the first channel is paid
+    # again as soon as it is free while others open: every payment on a channel the payee has seen settled is
+    # verified by the payee itself, and only each new channel's first asks the facilitator.
     (first,) = payer.open_channels(payee)
     wire.sent.clear()
+    made.clear()
     assert asyncio.run(concurrently(16)) == [200] * 16
     assert wire.sent == ["paid"] * 16
     assert accepted_for(service, payee) == 26 * PRICE
     channels = payer.open_channels(payee)
     assert sum(int(c["acceptedCumulativeAmount"]) for c in channels) == 26 * PRICE
     assert x402_calls(service) == {"verify ok": float(len(channels)), "settle ok": 26.0}
+    assert Counter(made) == {"loop": 1, "thread": 15}
 
     other = payer_for(accounts[17], service, "other-device")
     other.pay(other.channel(first["channelId"]), 7)  # the lane a lone request takes; paid from another journal
     wire.sent.clear()
+    made.clear()
     assert asyncio.run(get(2)) == [200, 200]
     # The stale early payment, x402's flow, then paid ahead again. The payee's local verify passed the stale
     # voucher too (its position predates the other device's payment): the facilitator refused it at settle, after
@@ -651,7 +667,7 @@ def test_paying_ahead_and_verifying_locally_cost_one_request_and_one_facilitator
     assert wire.sent == ["paid", "unpaid", "paid", "paid"]
     assert accepted_for(service, payee) == 28 * PRICE + 7
     assert x402_calls(service) == {"verify ok": len(channels) + 1.0, "settle underpayment": 1.0, "settle ok": 28.0}
-    assert made_on_the_loop == [False] * 29  # 26 + the stale one + 2
+    assert made == ["loop"] * 3  # the stale one too (no journal knows what another device paid), then 2
 
     # x402's sync client (requests) has no loop: the payment is made inline, as it always was.
     sync_payer = payer_for(accounts[15], service, "sync")
@@ -659,8 +675,51 @@ def test_paying_ahead_and_verifying_locally_cost_one_request_and_one_facilitator
     made_inline = where_payments_are_made(sync_payer, monkeypatch)
     with x402_requests(sync_x402) as session:
         assert [session.get(f"{api}/weather", timeout=60).status_code for _ in range(2)] == [200, 200]
-    assert made_inline == [True, True]
+    assert made_inline == ["inline", "inline"]
     assert accepted_for(service, payee) == 30 * PRICE + 7
+
+
+def test_a_voucher_is_signed_from_the_journal_alone_only_where_authorize_would_ask_no_one(
+    spawn: Callable[..., ServiceProcess],
+    accounts: list[LocalAccount],
+    tmp_path: Path,
+    payer_for: Callable[..., PayerClient],
+) -> None:
+    """`PayerClient.authorize_now`, what an x402 payer signs on its event loop, signs the very voucher `authorize`
+    would, under the same budgets; and signs nothing, journals nothing, where `authorize` would first ask the service
+    or the chain (no position of the channel in this journal, a payment of unknown fate on it), where the voucher
+    would pass the deposit (a top-up first), or while another thread pays on the channel."""
+    service = spawn(f"sqlite:///{tmp_path / 'now.db'}")
+    payer = payer_for(accounts[12], service)
+    channel = payer.open_channel(Account.create().address, 3 * PRICE)
+    payer.wait_until_known(channel, min_deposit=3 * PRICE)
+
+    other = payer_for(accounts[12], service, "other-device")  # the same payer, a journal that never saw the channel
+    assert other.authorize_now(other.channel(channel.hex_id), PRICE, "elsewhere", within=3 * PRICE) is None
+    assert (other.journal.signed(channel.hex_id), other.journal.payment("elsewhere")) == (None, None)
+
+    assert payer.authorize_now(channel, PRICE, "first", within=3 * PRICE) == (
+        PRICE,
+        payer.signer.sign(channel.channel_id, PRICE),
+    )
+    assert [p.idempotency_key for p in payer.journal.pending(channel.hex_id)] == ["first"]
+    assert payer.authorize_now(channel, PRICE, "second", within=3 * PRICE) is None  # "first"'s fate is unknown
+    assert payer.journal.payment("second") is None
+
+    payer.concluded(channel, "first", {})
+    with pytest.raises(BudgetExceededError):  # 2 prices spent in the hour would pass a budget of 1
+        payer.authorize_now(channel, PRICE, "second", [Budget(limit=PRICE, period=3600)], within=3 * PRICE)
+    assert payer.journal.payment("second") is None
+    assert payer.authorize_now(channel, 3 * PRICE, "second", within=3 * PRICE) is None  # 4 prices: past the deposit
+    with payer._lock(channel):  # another thread paying on the channel (resynchronising, say)
+        assert payer.authorize_now(channel, PRICE, "second", within=3 * PRICE) is None
+    assert payer.journal.payment("second") is None
+    assert payer.authorize_now(channel, 2 * PRICE, "second", within=3 * PRICE) == (
+        3 * PRICE,
+        payer.signer.sign(channel.channel_id, 3 * PRICE),
+    )
+    with pytest.raises(ValueError, match="positive int"):
+        payer.authorize_now(channel, 0, "third", within=3 * PRICE)
 
 
 def test_a_payment_made_ahead_at_an_old_price_charges_nothing_and_the_new_price_is_paid_once(
@@ -1193,7 +1252,7 @@ class DroppingAdapter(requests.adapters.HTTPAdapter):
 
 @pytest.mark.parametrize("wire", ["pay-ahead", "x402's transport"])
 def test_a_paid_request_that_gets_no_answer_frees_its_channel_and_is_charged_as_the_service_says(
-    devnet: Devnet, lane_rig: Callable[..., LaneRig], wire: str
+    devnet: Devnet, lane_rig: Callable[..., LaneRig], wire: str, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """A paid request whose connection drops gets no answer at all, and x402 runs no hook for it: without a word from
     the wire its channel stayed busy for `lane_timeout` (2 minutes), so a payer with one lane was refused from then on
@@ -1201,9 +1260,11 @@ def test_a_paid_request_that_gets_no_answer_frees_its_channel_and_is_charged_as_
     network, or a payee that drops paid connections on purpose). The wire now hands it to our scheme like an answer
     without a payment answer: the channel is freed at once, and the next payment first asks the service what became
     of the dropped one. Here one answer is lost after the payee settled its payment (charged: the service says so),
-    one request never arrives (not charged), on one channel."""
+    one request never arrives (not charged), on one channel. Neither is signed over on the event loop from the
+    journal alone: a payment of unknown fate sends the next one to a worker thread, which asks the service."""
     rig = lane_rig("dropped", max_lanes=1)
     ((payee, api),) = rig.payees
+    made = where_payments_are_made(rig.payer, monkeypatch)
     x402 = paying_client(devnet, rig.scheme)
     network = DroppingWire(["pass", "lose", "drop", "pass"])
     transport = paying_wire(wire, x402, rig.scheme, network)
@@ -1221,6 +1282,7 @@ def test_a_paid_request_that_gets_no_answer_frees_its_channel_and_is_charged_as_
 
     asyncio.run(walk())
     assert network.plan == []
+    assert made == ["thread", "loop", "thread", "thread"]  # opened; paid; after the lost answer; after the drop
     assert accepted_for(rig.service, payee) == 3 * PRICE  # the lost answer's payment, not the dropped one's
     assert position_on_only_channel(rig.payer, payee) == 3 * PRICE
     # Each learnt from the service (paid, refused) and the last answered: none is left in the journal, and the

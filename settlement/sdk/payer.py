@@ -402,8 +402,7 @@ class PayerClient:
         voucher (its code says why), PaymentUncertainError when no answer came back after every retry (pay again
         with the key it carries), UntrustedServiceError when the service's word cannot be checked.
         """
-        if isinstance(amount, bool) or not isinstance(amount, int) or amount <= 0:
-            raise ValueError("amount must be a positive int in base units")
+        _check_amount(amount)
         key = idempotency_key or uuid.uuid4().hex
         with self._lock(channel):
             known = self.journal.payment(key)
@@ -436,17 +435,42 @@ class PayerClient:
         Earlier vouchers on the channel whose fate is unknown are first settled by asking the service where the
         channel stands, never by submitting them: a voucher handed to a payee pays only if the payee delivers it.
         `budgets` (rolling limits, counted in the journal) raise BudgetExceededError before anything is signed."""
-        if isinstance(amount, bool) or not isinstance(amount, int) or amount <= 0:
-            raise ValueError("amount must be a positive int in base units")
+        _check_amount(amount)
         with self._lock(channel):
             for earlier in self.journal.pending(channel.hex_id):
                 self._learn(channel, earlier)
-            start = self.position(channel)
-            payment = JournalPayment(
-                idempotency_key, channel.hex_id, amount, start + amount, None, PaymentStatus.PENDING, None
-            )
-            self.journal.begin(payment, spend=(channel.payee, channel.token, time.time()), budgets=budgets)
-            return payment.cumulative, self.signer.sign(channel.channel_id, payment.cumulative)
+            return self._authorized(channel, amount, idempotency_key, budgets, self.position(channel))
+
+    def authorize_now(
+        self, channel: ChannelRef, amount: int, idempotency_key: str, budgets: Sequence[Budget] = (), *, within: int
+    ) -> tuple[int, bytes] | None:
+        """`authorize`, if the journal alone can: None, and nothing signed, when it would first ask the service or
+        the chain (payments of unknown fate on the channel, no position of it here), when another thread is paying on
+        the channel, or when the voucher's cumulative amount would pass `within` (the deposit: a top-up first).
+        For a caller on an event loop, which cannot wait for the service or the chain, but can for one journal commit
+        (`ChannelHubClientScheme`: cheaper than handing the payment to a worker thread and back)."""
+        _check_amount(amount)
+        lock = self._lock(channel)
+        if not lock.acquire(blocking=False):
+            return None
+        try:
+            start = self.journal.signed(channel.hex_id)
+            if start is None or start + amount > within or self.journal.pending(channel.hex_id):
+                return None
+            return self._authorized(channel, amount, idempotency_key, budgets, start)
+        finally:
+            lock.release()
+
+    def _authorized(
+        self, channel: ChannelRef, amount: int, idempotency_key: str, budgets: Sequence[Budget], start: int
+    ) -> tuple[int, bytes]:
+        """Journal the voucher of `amount` over `start` (counted against `budgets`), then sign it; under the
+        channel's lock."""
+        payment = JournalPayment(
+            idempotency_key, channel.hex_id, amount, start + amount, None, PaymentStatus.PENDING, None
+        )
+        self.journal.begin(payment, spend=(channel.payee, channel.token, time.time()), budgets=budgets)
+        return payment.cumulative, self.signer.sign(channel.channel_id, payment.cumulative)
 
     def concluded(self, channel: ChannelRef, idempotency_key: str, receipt: dict[str, Any] | None) -> None:
         """An authorized voucher was accepted (with the facilitator's receipt) or refused (None): refused, the
@@ -621,6 +645,11 @@ class PayerClient:
         self.http.close()
         self._rpc_session.close()
         self.journal.close()
+
+
+def _check_amount(amount: int) -> None:
+    if isinstance(amount, bool) or not isinstance(amount, int) or amount <= 0:
+        raise ValueError("amount must be a positive int in base units")
 
 
 def _receipt(data: dict[str, Any]) -> Receipt:
