@@ -8,7 +8,8 @@ offered rates (an open loop: a request starts on its schedule whether or not the
 latency counts from that schedule, so waiting for a free channel counts too): the added latency at a given number of
 paid requests a second, which is how the issue's goal is put, how late the payer's event loop ran a 1-ms timer
 meanwhile (how long a payer app's other work waited), and each process's CPU per paid request (payer, payee app,
-facilitator) from /proc; and the same against x402's floor (scripts/x402_floor_app.py: the same middleware and
+facilitator) from /proc; at the top rate, the payer's payments made on its event loop against all in worker threads,
+alternated in pairs; and the same against x402's floor (scripts/x402_floor_app.py: the same middleware and
 client with a scheme that does nothing, x402's own facilitator in the app's process: what x402's middleware and
 client cost by themselves, the part of a paid request no scheme can take away), and our scheme's CPU a paid request
 beyond that floor, process by process. Last, where a paid request's time goes (the facilitator's verify and settle,
@@ -213,6 +214,7 @@ async def _measure(
                 figures[f"{prefix}added_p99_ms_c{concurrency}"] = round(added[1], 1)
         console.print(table)
         figures |= await _at_rates(console, ahead_aiohttp, free_aiohttp, api, pids)
+        figures |= await _loop_or_threads(console, scheme, ahead_aiohttp, api, pids)
         figures |= await _floor_at_rates(console, network, *floor)
         figures |= _beyond_floor(console, figures)
         figures |= await _where_time_goes(console, x402, scheme, api, service)
@@ -298,6 +300,41 @@ async def _at_rates(
         )
     console.print(table)
     return figures
+
+
+async def _loop_or_threads(
+    console: Console, scheme: ChannelHubClientScheme, paid: httpx.AsyncClient, api: str, pids: dict[str, int]
+) -> dict[str, Any]:
+    """A/B at the top rate, alternated in pairs in this one run (the machine is noisy): the payer signing a payment
+    the journal alone can sign on its event loop (`pay_on_loop`, the default) against every payment in a worker
+    thread, as before 2026-12-04."""
+    rate, pairs = max(RATES), 3
+    runs: dict[bool, list[RateRun]] = {True: [], False: []}
+    for _ in range(pairs):
+        for on_loop in (True, False):
+            scheme.pay_on_loop = on_loop
+            with console.status(f"{rate}/s, payments {'on the loop' if on_loop else 'in worker threads'}…"):
+                runs[on_loop].append(await _at_rate(rate, lambda: paid.get(f"{api}/weather"), pids))
+    scheme.pay_on_loop = True
+    table = Table(title=f"pay-ahead at {rate}/s: payments the journal alone signs made on the payer's event loop, or "
+                  f"in worker threads ({pairs} pairs, alternated); ms, CPU ms a paid request")  # fmt: skip
+    for column in ("payments", "run", "answered/s", "paid p50 / p99", "payer loop lag p99", "CPU payer",
+                   "machine busy"):  # fmt: skip
+        table.add_column(column, justify="right")
+    out: dict[str, Any] = {}
+    for on_loop, done in runs.items():
+        name = "loop" if on_loop else "threads"
+        for i, run in enumerate(done):
+            table.add_row(name, str(i + 1), f"{len(run.latencies) / run.took:,.0f}",
+                          f"{_pct(run.latencies, 0.5):,.1f} / {_pct(run.latencies, 0.99):,.1f}",
+                          f"{_pct(run.loop_lag, 0.99):,.1f}", f"{run.cpu['payer']:.2f}", f"{run.busy:.0%}")  # fmt: skip
+        out |= {
+            f"{name}_rate{rate}_paid_p50_ms": [round(_pct(run.latencies, 0.5), 1) for run in done],
+            f"{name}_rate{rate}_paid_p99_ms": [round(_pct(run.latencies, 0.99), 1) for run in done],
+            f"{name}_rate{rate}_cpu_ms_payer": [round(run.cpu["payer"], 2) for run in done],
+        }
+    console.print(table)
+    return out
 
 
 def _beyond_floor(console: Console, figures: dict[str, Any]) -> dict[str, Any]:
