@@ -166,6 +166,22 @@ def test_accepted_payments_are_forgotten_a_week_after_their_receipt_and_pending_
     journal.close()
 
 
+def test_the_tidy_up_is_due_once_a_minute_of_spending_or_of_receipts(tmp_path: Path) -> None:
+    """`tidy_due`: whether the next change also deletes what no budget and no retry can reach, the work a payer on an
+    event loop leaves to a worker thread. Due until a change with spending tidied up, then again a minute of either
+    clock later (the spending's, or the journal's own for the receipts), or when a clock went back."""
+    clock = [1_000.0]
+    journal = PayerJournal(tmp_path / "j.sqlite3", clock=lambda: clock[0])
+    assert journal.tidy_due(1_000.0) is True  # never tidied
+    journal.begin(payment("first", 1), spend=(A, ETH, 1_000.0))
+    assert [journal.tidy_due(at) for at in (1_000.0, 1_059.0, 1_060.0, 999.0)] == [False, False, True, True]
+    clock[0] = 1_060.0  # a minute of the receipts' clock
+    assert journal.tidy_due(1_001.0) is True
+    journal.begin(payment("second", 1), spend=(A, ETH, 1_001.0))  # tidies the receipts; the spending's not due
+    assert journal.tidy_due(1_001.0) is False
+    journal.close()
+
+
 def test_a_journal_from_before_the_receipts_times_keeps_its_accepted_payments_a_week_from_opening(
     tmp_path: Path,
 ) -> None:

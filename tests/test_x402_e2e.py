@@ -43,7 +43,7 @@ from settlement.devtools.devnet import Devnet
 from settlement.domain.model import ChannelStatus, ChannelViewField
 from settlement.eip712.refunds import sign_refund_request
 from settlement.errors import BudgetExceededError, ChannelClosedError, ServiceRejectedError
-from settlement.sdk.journal import Budget
+from settlement.sdk.journal import PRUNE_EVERY, Budget
 from settlement.sdk.payee import PayeeClient
 from settlement.sdk.payer import PayerClient
 from settlement.x402.ahead import PayAheadAdapter, PayAheadTransport
@@ -688,38 +688,42 @@ def test_a_voucher_is_signed_from_the_journal_alone_only_where_authorize_would_a
     """`PayerClient.authorize_now`, what an x402 payer signs on its event loop, signs the very voucher `authorize`
     would, under the same budgets; and signs nothing, journals nothing, where `authorize` would first ask the service
     or the chain (no position of the channel in this journal, a payment of unknown fate on it), where the voucher
-    would pass the deposit (a top-up first), or while another thread pays on the channel."""
+    would pass the deposit (a top-up first), while another thread pays on the channel, or when the journal's
+    once-a-minute tidy-up is due (a DELETE of up to a minute of payments: a worker thread's)."""
     service = spawn(f"sqlite:///{tmp_path / 'now.db'}")
     payer = payer_for(accounts[12], service)
+    other = payer_for(accounts[12], service, "other-device")  # the same payer with a journal of its own
     channel = payer.open_channel(Account.create().address, 3 * PRICE)
-    payer.wait_until_known(channel, min_deposit=3 * PRICE)
+    elsewhere = other.open_channel(Account.create().address, 3 * PRICE)  # never seen by `payer`'s journal
+    for client, opened in ((payer, channel), (other, elsewhere)):
+        client.wait_until_known(opened, min_deposit=3 * PRICE)
 
-    other = payer_for(accounts[12], service, "other-device")  # the same payer, a journal that never saw the channel
-    assert other.authorize_now(other.channel(channel.hex_id), PRICE, "elsewhere", within=3 * PRICE) is None
-    assert (other.journal.signed(channel.hex_id), other.journal.payment("elsewhere")) == (None, None)
+    def nothing_signed(key: str, amount: int = PRICE, budgets: list[Budget] | None = None) -> bool:
+        found = payer.authorize_now(channel, amount, key, budgets or [], within=3 * PRICE)
+        return found is None and payer.journal.payment(key) is None
 
-    assert payer.authorize_now(channel, PRICE, "first", within=3 * PRICE) == (
-        PRICE,
-        payer.signer.sign(channel.channel_id, PRICE),
-    )
-    assert [p.idempotency_key for p in payer.journal.pending(channel.hex_id)] == ["first"]
-    assert payer.authorize_now(channel, PRICE, "second", within=3 * PRICE) is None  # "first"'s fate is unknown
-    assert payer.journal.payment("second") is None
-
+    # The first through `authorize`, as a worker thread pays it: the tidy-up a new journal owes is done with it.
+    assert payer.authorize(channel, PRICE, "first") == (PRICE, payer.signer.sign(channel.channel_id, PRICE))
+    assert nothing_signed("second")  # "first"'s fate is unknown
     payer.concluded(channel, "first", {})
+    on_elsewhere = payer.authorize_now(payer.channel(elsewhere.hex_id), PRICE, "third", within=3 * PRICE)
+    assert (on_elsewhere, payer.journal.signed(elsewhere.hex_id)) == (None, None)  # the service's to say
     with pytest.raises(BudgetExceededError):  # 2 prices spent in the hour would pass a budget of 1
         payer.authorize_now(channel, PRICE, "second", [Budget(limit=PRICE, period=3600)], within=3 * PRICE)
     assert payer.journal.payment("second") is None
-    assert payer.authorize_now(channel, 3 * PRICE, "second", within=3 * PRICE) is None  # 4 prices: past the deposit
+    assert nothing_signed("second", 3 * PRICE)  # 4 prices: past the deposit
     with payer._lock(channel):  # another thread paying on the channel (resynchronising, say)
-        assert payer.authorize_now(channel, PRICE, "second", within=3 * PRICE) is None
-    assert payer.journal.payment("second") is None
+        assert nothing_signed("second")
+    clock = payer.journal.clock
+    payer.journal.clock = lambda: clock() + PRUNE_EVERY  # a minute on: the tidy-up is due
+    assert nothing_signed("second")
+    payer.journal.clock = clock
     assert payer.authorize_now(channel, 2 * PRICE, "second", within=3 * PRICE) == (
         3 * PRICE,
         payer.signer.sign(channel.channel_id, 3 * PRICE),
     )
     with pytest.raises(ValueError, match="positive int"):
-        payer.authorize_now(channel, 0, "third", within=3 * PRICE)
+        payer.authorize_now(channel, 0, "fourth", within=3 * PRICE)
 
 
 def test_a_payment_made_ahead_at_an_old_price_charges_nothing_and_the_new_price_is_paid_once(

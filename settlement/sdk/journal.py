@@ -180,6 +180,13 @@ class PayerJournal:
                 if not flush:
                     self._conn.execute("PRAGMA synchronous=FULL")
 
+    def tidy_due(self, now: float) -> bool:
+        """Whether the next change would also tidy up (every PRUNE_EVERY seconds: the spending no budget's window
+        reaches, the accepted payments past KEEP_ACCEPTED): a DELETE of up to a minute of payments, tens of ms at
+        hundreds of payments a second, which a caller on an event loop leaves to a worker thread
+        (`PayerClient.authorize_now`). `now`: the unix time of the next payment's spending."""
+        return _due(self._pruned_at, now) or _due(self._forgot_at, self.clock())
+
     def signed(self, channel_id: str) -> int | None:
         """The highest cumulative amount this payer signed on the channel, or None if it never paid on it here."""
         with self._lock:

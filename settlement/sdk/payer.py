@@ -444,12 +444,16 @@ class PayerClient:
     def authorize_now(
         self, channel: ChannelRef, amount: int, idempotency_key: str, budgets: Sequence[Budget] = (), *, within: int
     ) -> tuple[int, bytes] | None:
-        """`authorize`, if the journal alone can: None, and nothing signed, when it would first ask the service or
-        the chain (payments of unknown fate on the channel, no position of it here), when another thread is paying on
-        the channel, or when the voucher's cumulative amount would pass `within` (the deposit: a top-up first).
+        """`authorize`, if the journal alone can, in one short commit: None, and nothing signed, when it would first
+        ask the service or the chain (payments of unknown fate on the channel, no position of it here), when the
+        journal's once-a-minute tidy-up is due with it (`PayerJournal.tidy_due`), when another thread is paying on the
+        channel, or when the voucher's cumulative amount would pass `within` (the deposit: a top-up first).
         For a caller on an event loop, which cannot wait for the service or the chain, but can for one journal commit
         (`ChannelHubClientScheme`: cheaper than handing the payment to a worker thread and back)."""
         _check_amount(amount)
+        now = time.time()
+        if self.journal.tidy_due(now):
+            return None
         lock = self._lock(channel)
         if not lock.acquire(blocking=False):
             return None
@@ -457,19 +461,26 @@ class PayerClient:
             start = self.journal.signed(channel.hex_id)
             if start is None or start + amount > within or self.journal.pending(channel.hex_id):
                 return None
-            return self._authorized(channel, amount, idempotency_key, budgets, start)
+            return self._authorized(channel, amount, idempotency_key, budgets, start, now)
         finally:
             lock.release()
 
     def _authorized(
-        self, channel: ChannelRef, amount: int, idempotency_key: str, budgets: Sequence[Budget], start: int
+        self,
+        channel: ChannelRef,
+        amount: int,
+        idempotency_key: str,
+        budgets: Sequence[Budget],
+        start: int,
+        now: float | None = None,
     ) -> tuple[int, bytes]:
-        """Journal the voucher of `amount` over `start` (counted against `budgets`), then sign it; under the
-        channel's lock."""
+        """Journal the voucher of `amount` over `start`, spent at `now` (unix time; None: now) and counted against
+        `budgets`, then sign it; under the channel's lock."""
         payment = JournalPayment(
             idempotency_key, channel.hex_id, amount, start + amount, None, PaymentStatus.PENDING, None
         )
-        self.journal.begin(payment, spend=(channel.payee, channel.token, time.time()), budgets=budgets)
+        spend = (channel.payee, channel.token, time.time() if now is None else now)
+        self.journal.begin(payment, spend=spend, budgets=budgets)
         return payment.cumulative, self.signer.sign(channel.channel_id, payment.cumulative)
 
     def concluded(self, channel: ChannelRef, idempotency_key: str, receipt: dict[str, Any] | None) -> None:
