@@ -688,8 +688,9 @@ def test_a_voucher_is_signed_from_the_journal_alone_only_where_authorize_would_a
     """`PayerClient.authorize_now`, what an x402 payer signs on its event loop, signs the very voucher `authorize`
     would, under the same budgets; and signs nothing, journals nothing, where `authorize` would first ask the service
     or the chain (no position of the channel in this journal, a payment of unknown fate on it), where the voucher
-    would pass the deposit (a top-up first), while another thread pays on the channel, or when the journal's
-    once-a-minute tidy-up is due (a DELETE of up to a minute of payments: a worker thread's)."""
+    would pass the deposit (a top-up first), while another thread pays on the channel or is in the journal (the loop
+    would wait for its commit), or when the journal's once-a-minute tidy-up is due (a DELETE of up to a minute of
+    payments: a worker thread's)."""
     service = spawn(f"sqlite:///{tmp_path / 'now.db'}")
     payer = payer_for(accounts[12], service)
     other = payer_for(accounts[12], service, "other-device")  # the same payer with a journal of its own
@@ -714,6 +715,9 @@ def test_a_voucher_is_signed_from_the_journal_alone_only_where_authorize_would_a
     assert nothing_signed("second", 3 * PRICE)  # 4 prices: past the deposit
     with payer._lock(channel):  # another thread paying on the channel (resynchronising, say)
         assert nothing_signed("second")
+    with payer.journal._lock:  # another thread in the journal (a commit waiting for the disk)
+        assert payer.authorize_now(channel, PRICE, "second", within=3 * PRICE) is None
+    assert payer.journal.payment("second") is None
     clock = payer.journal.clock
     payer.journal.clock = lambda: clock() + PRUNE_EVERY  # a minute on: the tidy-up is due
     assert nothing_signed("second")

@@ -180,6 +180,11 @@ class PayerJournal:
                 if not flush:
                     self._conn.execute("PRAGMA synchronous=FULL")
 
+    def busy(self) -> bool:
+        """Whether another thread is writing or reading the journal now (a commit waits for the disk while it holds
+        it): a caller that must not wait for it goes elsewhere (`PayerClient.authorize_now`)."""
+        return self._lock.locked()
+
     def tidy_due(self, now: float) -> bool:
         """Whether the next change would also tidy up (every PRUNE_EVERY seconds: the spending no budget's window
         reaches, the accepted payments past KEEP_ACCEPTED): a DELETE of up to a minute of payments, tens of ms at

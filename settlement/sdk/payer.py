@@ -447,12 +447,13 @@ class PayerClient:
         """`authorize`, if the journal alone can, in one short commit: None, and nothing signed, when it would first
         ask the service or the chain (payments of unknown fate on the channel, no position of it here), when the
         journal's once-a-minute tidy-up is due with it (`PayerJournal.tidy_due`), when another thread is paying on the
-        channel, or when the voucher's cumulative amount would pass `within` (the deposit: a top-up first).
+        channel or is in the journal (`PayerJournal.busy`: its commit waits for the disk), or when the voucher's
+        cumulative amount would pass `within` (the deposit: a top-up first).
         For a caller on an event loop, which cannot wait for the service or the chain, but can for one journal commit
         (`ChannelHubClientScheme`: cheaper than handing the payment to a worker thread and back)."""
         _check_amount(amount)
         now = time.time()
-        if self.journal.tidy_due(now):
+        if self.journal.tidy_due(now) or self.journal.busy():
             return None
         lock = self._lock(channel)
         if not lock.acquire(blocking=False):
