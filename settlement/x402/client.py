@@ -219,7 +219,8 @@ class ChannelHubClientScheme:
         price = self._check(requirements)
         lane = self._acquire(requirements, price)
         made = self._signed(lane, lambda key: self.payer.authorize(lane.channel, price, key, self.budgets))
-        assert made is not None  # authorize signs or raises
+        if made is None:  # not reached: authorize signs or raises
+            raise RuntimeError("the payer's journal signed nothing")
         return made
 
     def _pay_now(self, requirements: PaymentRequirements) -> dict[str, Any] | None:
