@@ -14,11 +14,11 @@ A channel left because its payee stopped it (`channel_closed`, `stoppedAt`) is f
 channels not back: a payee must not make the payer lock deposit after deposit.
 
 Safety: the payer pays through the hub its `PayerClient` trusts only (requirements naming another hub or chain are
-refused); every voucher is journalled before it leaves (`PayerClient.authorize`), and concluded by the facilitator's
-receipt, or, refused in the payee's word, by what the service proves of it (a payee's refusal alone never gives an
-amount back to the budgets). A refusal that says the position is stale (another device paid, a response that was
-never charged) resynchronises from the service and x402's transport retries with a fresh voucher; no voucher ever
-pays more than the price over the position the service proves.
+refused); every voucher is journalled before it leaves (`PayerClient.authorize`, or `authorize_now` on the event
+loop), and concluded by the facilitator's receipt, or, refused in the payee's word, by what the service proves of it
+(a payee's refusal alone never gives an amount back to the budgets). A refusal that says the position is stale
+(another device paid, a response that was never charged) resynchronises from the service and x402's transport retries
+with a fresh voucher; no voucher ever pays more than the price over the position the service proves.
 """
 
 from __future__ import annotations
