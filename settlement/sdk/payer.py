@@ -439,7 +439,7 @@ class PayerClient:
         with self._lock(channel):
             for earlier in self.journal.pending(channel.hex_id):
                 self._learn(channel, earlier)
-            return self._authorized(channel, amount, idempotency_key, budgets, self.position(channel))
+            return self._authorized(channel, amount, idempotency_key, budgets, self.position(channel), time.time())
 
     def authorize_now(
         self, channel: ChannelRef, amount: int, idempotency_key: str, budgets: Sequence[Budget] = (), *, within: int
@@ -473,15 +473,14 @@ class PayerClient:
         idempotency_key: str,
         budgets: Sequence[Budget],
         start: int,
-        now: float | None = None,
+        now: float,
     ) -> tuple[int, bytes]:
-        """Journal the voucher of `amount` over `start`, spent at `now` (unix time; None: now) and counted against
-        `budgets`, then sign it; under the channel's lock."""
+        """Journal the voucher of `amount` over `start`, spent at `now` (unix time) and counted against `budgets`,
+        then sign it; under the channel's lock."""
         payment = JournalPayment(
             idempotency_key, channel.hex_id, amount, start + amount, None, PaymentStatus.PENDING, None
         )
-        spend = (channel.payee, channel.token, time.time() if now is None else now)
-        self.journal.begin(payment, spend=spend, budgets=budgets)
+        self.journal.begin(payment, spend=(channel.payee, channel.token, now), budgets=budgets)
         return payment.cumulative, self.signer.sign(channel.channel_id, payment.cumulative)
 
     def concluded(self, channel: ChannelRef, idempotency_key: str, receipt: dict[str, Any] | None) -> None:

@@ -230,7 +230,7 @@ class ChannelHubClientScheme:
         price = self._check(requirements)
         party = self._party(requirements)
         with self._guard:
-            lane = next((lane for lane in self._lanes.get(party, ()) if lane.busy_since is None), None)
+            lane = _idle(self._lanes.get(party, []))
             if lane is None:
                 return None
             lane.carry(time.monotonic())
@@ -343,7 +343,7 @@ class ChannelHubClientScheme:
                 self._stopped.setdefault(party, []).extend(stopped)
                 self._by_channel.update((lane.channel.hex_id, lane) for lane in lanes)
             now = time.monotonic()
-            free = next((lane for lane in lanes if lane.busy_since is None), None)
+            free = _idle(lanes)
             if free is None:  # an answer that never came: its payment is looked up when the lane is used again
                 free = next((lane for lane in lanes if now - (lane.busy_since or now) > self.lane_timeout), None)
             # Channels being opened count too: each payment that found no free lane saw the same short list.
@@ -464,6 +464,11 @@ class PaymentIdentifiers:
             return payload
         extensions = dict(payload.extensions or {}) | {PAYMENT_IDENTIFIER: declared}
         return payload.model_copy(update={"extensions": append_payment_identifier_to_extensions(extensions)})
+
+
+def _idle(lanes: list[Lane]) -> Lane | None:
+    """The first lane that carries no payment now."""
+    return next((lane for lane in lanes if lane.busy_since is None), None)
 
 
 @functools.lru_cache(maxsize=1024)
