@@ -11,8 +11,13 @@
 from __future__ import annotations
 
 import ast
+import importlib
+import json
+import subprocess
 import sys
 from pathlib import Path
+
+import pytest
 
 from tests.conftest import ROOT
 
@@ -152,3 +157,29 @@ def test_the_readme_architecture_table_names_every_package() -> None:
     assert packages == ["api", "chain", "cli", "devtools", "domain", "eip712", "indexer", "ingest", "sdk", "server",
                         "settle", "store", "x402"]  # fmt: skip
     assert [p for p in packages if f"| `settlement/{p}/` |" not in readme] == []
+
+
+def test_the_payee_command_and_a_part_of_the_sdk_import_no_chain_library_until_one_is_used() -> None:
+    """`settlement payee` reads the service alone: web3 and eth-account (3 of its 6 s on a slow machine) come with the
+    chain or a key, not with the module; `settlement.sdk`'s names are imported when asked for."""
+    probe = (
+        "import json, sys\n"
+        "import settlement.cli.payee, settlement.sdk.answers\n"
+        "loaded = lambda: [m for m in ('eth_account', 'web3') if m in sys.modules]\n"
+        "before = loaded()\n"
+        "from settlement.sdk import PayerClient\n"
+        "print(json.dumps([before, loaded(), PayerClient.__module__]))\n"
+    )
+    out = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, timeout=120, cwd=ROOT)
+    assert out.returncode == 0, out.stderr
+    assert json.loads(out.stdout) == [[], ["eth_account", "web3"], "settlement.sdk.payer"]
+
+
+def test_the_sdks_names_are_the_modules_own() -> None:
+    import settlement.sdk as sdk
+
+    assert sdk.__all__ == sorted(sdk._FROM)
+    for name in sdk.__all__:
+        assert getattr(sdk, name) is getattr(importlib.import_module(sdk._FROM[name]), name)
+    with pytest.raises(AttributeError, match="no attribute 'Payer'"):
+        sdk.Payer  # noqa: B018

@@ -2,25 +2,23 @@
 
 A payee runs them without the operator's files: the hub's address (from the operator, or `/v1/eip712`'s
 `verifyingContract`) and its own key are enough; the code at that address is checked to be ChannelHub's.
+
+`settlement payee` reads the service alone: web3 and eth-account are imported by what needs them (the chain, a key),
+not with this module (3 of the command's 6 s on a slow machine, 2026-12-04).
 """
 
 from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import httpx
-from eth_account import Account
-from eth_account.signers.local import LocalAccount
+from eth_utils.address import is_address, to_checksum_address
 from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
-from web3 import Web3
-from web3.contract import Contract
 
-from settlement.chain.deployment import Deployment, hub_at, hub_contract
-from settlement.chain.node import Transactor, connect, rpc_errors
 from settlement.domain.amounts import human_of_units
 from settlement.domain.model import ETH
 from settlement.errors import (
@@ -32,8 +30,12 @@ from settlement.errors import (
     rejected,
 )
 from settlement.sdk.answers import answer_object, service_address, service_amount, service_int
-from settlement.sdk.signin import SignInAuth
 from settlement.server.config import Settings, is_private_key
+
+if TYPE_CHECKING:
+    from eth_account.signers.local import LocalAccount
+    from web3 import Web3
+    from web3.contract import Contract
 
 SYMBOL_MAX = 32  # characters of a token's symbol shown; a longer one is not shown (its address stands for it)
 _ERC20_METADATA: list[dict[str, Any]] = [
@@ -44,6 +46,8 @@ _ERC20_METADATA: list[dict[str, Any]] = [
 
 def resolve_hub(w3: Web3, settings: Settings, hub: str | None) -> Contract:
     """The hub at `hub`, else SETTLEMENT_HUB_ADDRESS, else the deployment file's; refused without ChannelHub code."""
+    from settlement.chain.deployment import Deployment, hub_at, hub_contract
+
     address = hub or settings.hub_address
     if address is None:
         if not settings.deployment_file.exists():
@@ -54,17 +58,19 @@ def resolve_hub(w3: Web3, settings: Settings, hub: str | None) -> Contract:
         deployment = Deployment.load(settings.deployment_file)
         deployment.check(w3)
         return hub_contract(w3, deployment)
-    if not Web3.is_address(address):
+    if not is_address(address):
         raise ConfigError(f"--hub {address!r} is not an address")
     found = hub_at(w3, address)
     if found is None:
-        checksummed = Web3.to_checksum_address(address)
+        checksummed = to_checksum_address(address)
         raise DeploymentError(f"no ChannelHub code at {checksummed} on chain {w3.eth.chain_id}: check the address")
     return found
 
 
 def withdraw_account(settings: Settings, key_file: Path | None) -> LocalAccount:
     """The payee's key from --key-file or SETTLEMENT_WITHDRAW_KEY; never from the command line (it shows in `ps`)."""
+    from eth_account import Account
+
     if key_file is not None:
         try:
             raw = key_file.read_text(encoding="utf-8").strip()
@@ -92,7 +98,7 @@ def asset_name(w3: Web3, asset: str) -> tuple[str, int]:
     is escaped by the caller (rich markup such as "[/]" failed the line after the withdrawal was sent)."""
     if asset == ETH:
         return "ETH", 18
-    token = w3.eth.contract(address=Web3.to_checksum_address(asset), abi=_ERC20_METADATA)
+    token = w3.eth.contract(address=to_checksum_address(asset), abi=_ERC20_METADATA)
     try:
         symbol, decimals = str(token.functions.symbol().call()), int(token.functions.decimals().call())
     except Exception:  # an ERC-20 need not implement the optional metadata; any failure means "not said"
@@ -121,15 +127,17 @@ def withdraw(
     hub: str | None,
     key_file: Path | None,
 ) -> None:
+    from settlement.chain.node import Transactor, connect, rpc_errors
+
     account = withdraw_account(settings, key_file)
     for option, given in (("--token", token), ("--to", to)):
-        if given is not None and not Web3.is_address(given):
+        if given is not None and not is_address(given):
             raise ConfigError(f"{option} {given!r} is not an address")
     if amount is not None and amount <= 0:
         raise ConfigError(f"--amount must be positive base units, not {amount}")
     w3 = connect(settings.rpc_url, settings.rpc_timeout)
     contract = resolve_hub(w3, settings, hub)
-    asset = Web3.to_checksum_address(token) if token else ETH
+    asset = to_checksum_address(token) if token else ETH
     unit, decimals = asset_name(w3, asset)
     with rpc_errors("reading the hub balance"):
         balance = int(contract.functions.balanceOf(account.address, asset).call())
@@ -142,7 +150,7 @@ def withdraw(
             "settled and what is not yet",
             balance=str(balance),
         )
-    recipient = Web3.to_checksum_address(to or account.address)
+    recipient = to_checksum_address(to or account.address)
     transactor = Transactor(w3, account, list(contract.abi), timeout=settings.tx_timeout)  # type: ignore[arg-type]
     receipt = transactor.send(contract.functions.withdraw(asset, value, recipient))
     console.print(
@@ -165,9 +173,9 @@ def payee_report(
     """The service's summary for `address`: paid, settled, unsettled, withdrawable and withdrawn, per asset. Sent
     with SETTLEMENT_API_KEY when set, else signed in with the payee's own key (--key-file or SETTLEMENT_WITHDRAW_KEY)
     when the service asks for credentials."""
-    if not Web3.is_address(address):
+    if not is_address(address):
         raise ConfigError(f"{address!r} is not an address")
-    payee = Web3.to_checksum_address(address)
+    payee = to_checksum_address(address)
     url = (service_url or settings.service_url or f"http://{settings.api_host}:{settings.api_port}").rstrip("/")
     request = f"GET {url}/v1/payees/{payee}/summary"
     auth: httpx.Auth | None = None
@@ -175,6 +183,8 @@ def payee_report(
     if settings.api_key is not None:
         headers["Authorization"] = f"Bearer {settings.api_key.get_secret_value()}"
     elif key_file is not None or settings.withdraw_key is not None:
+        from settlement.sdk.signin import SignInAuth
+
         auth = SignInAuth(withdraw_account(settings, key_file), url)
     try:
         answer = httpx.get(request.split(" ", 1)[1], timeout=10, headers=headers, auth=auth)
@@ -227,7 +237,7 @@ def _summary_of(summary: dict[str, Any]) -> tuple[list[_SummaryRow], float | Non
     field in its one form; else `service_untrusted`, not a KeyError or ValueError of the rendering."""
     assets, interval = summary.get("assets"), summary.get("settleInterval")
     unread = summary.get("balancesUnread", [])
-    if not isinstance(unread, list) or not all(isinstance(token, str) and Web3.is_address(token) for token in unread):
+    if not isinstance(unread, list) or not all(isinstance(token, str) and is_address(token) for token in unread):
         raise UntrustedServiceError("the service's balancesUnread is not a list of addresses")
     if not isinstance(assets, list) or not all(isinstance(row, dict) for row in assets):
         raise UntrustedServiceError("the service's payee summary lists no assets")
@@ -240,4 +250,4 @@ def _summary_of(summary: dict[str, Any]) -> tuple[list[_SummaryRow], float | Non
         accepted, settled, unsettled = (service_amount(row, field) for field in ("accepted", "settled", "unsettled"))
         token, withdrawn = service_address(row, "token"), service_amount(row, "withdrawn")
         rows.append((token, channels, accepted, settled, unsettled, withdrawable, withdrawn))
-    return rows, None if interval is None else float(interval), {Web3.to_checksum_address(t) for t in unread}
+    return rows, None if interval is None else float(interval), {to_checksum_address(t) for t in unread}
