@@ -43,7 +43,7 @@ run: check-artifacts
 
 # One worker per core, each test file on one worker (its fixtures and processes stay together): 8-15 min on 2 cores
 # (three workers were slower: the cores are busy), 18 min on a machine twice as slow (a Python loop of 3 M additions
-# 0.35-0.49 s, against 0.20-0.29), 19 min in all with the set-up on 2026-12-04's slow machine (three workers: 23 min,
+# 0.35-0.49 s, against 0.20-0.29), 19-21 min in all with the set-up on 2026-12-04's slow machine (three workers: 23 min,
 # and a timing test failed). The 40 slowest are listed at the end. `.venv/bin/python -m pytest tests/test_x.py` runs
 # one file alone.
 test: lint
