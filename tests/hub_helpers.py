@@ -206,8 +206,14 @@ CLI = [sys.executable, "-m", "settlement.cli"]
 
 
 def run_cli(*args: str, env: dict[str, str], cwd: Path) -> subprocess.CompletedProcess[str]:
-    full_env = {k: v for k, v in os.environ.items() if not k.startswith("SETTLEMENT_")} | env
-    return subprocess.run([*CLI, *args], env=full_env, cwd=cwd, capture_output=True, text=True, timeout=120)
+    """`python -m settlement.cli *args` in a fresh interpreter, as a user starts it (tests/servers.py's `forked_cli`
+    runs a command in a fork of the suite's fork server instead, its imports done once)."""
+    return subprocess.run([*CLI, *args], env=cli_env(env), cwd=cwd, capture_output=True, text=True, timeout=120)
+
+
+def cli_env(env: dict[str, str]) -> dict[str, str]:
+    """A command's environment: the test process's without its SETTLEMENT_* settings, and `env`."""
+    return {k: v for k, v in os.environ.items() if not k.startswith("SETTLEMENT_")} | env
 
 
 # --- the API and the SDK ------------------------------------------------------------------------------------

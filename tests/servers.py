@@ -15,6 +15,7 @@ import runpy
 import signal
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 from multiprocessing.process import BaseProcess
@@ -26,7 +27,7 @@ import uvicorn
 from settlement.api.app import create_app
 from settlement.api.transport import server_config
 from settlement.server.config import Settings
-from tests.hub_helpers import free_test_port
+from tests.hub_helpers import CLI, cli_env, free_test_port
 
 
 class ServiceProcess:
@@ -124,16 +125,36 @@ def run_script(script: Path, env: dict[str, str], workdir: Path, log: Path) -> F
     return Forked(process)
 
 
-def _launched(env: dict[str, str], workdir: str, log: str) -> None:
-    """In a forked process: the environment, directory and output (stdout and stderr) it would have been started
-    with."""
+def forked_cli(*args: str, env: dict[str, str], cwd: Path) -> subprocess.CompletedProcess[str]:
+    """What `run_cli` returns, the command run in a fork of the fork server (`settlement.cli.main` and the libraries
+    its commands import already imported): for the tests of what a command does. A fresh interpreter spends ~1-4 s
+    of a slow machine's CPU on imports per command; the tests of the CLI as a user starts it (tests/test_cli.py, the
+    README's) use `run_cli`. Its output is a file's, as a pipe's would be (no terminal): a suite run with `-s` on a
+    terminal starts the fork server with the terminal as its output, and rich's consoles would colour it."""
+    with tempfile.TemporaryDirectory() as streams:
+        out, err = Path(streams) / "stdout", Path(streams) / "stderr"
+        process = _FORKS.Process(
+            target=_command, args=(list(args), cli_env(env), str(cwd), str(out), str(err)), name="settlement"
+        )
+        process.start()
+        process.join(120)
+        if process.exitcode is None:
+            process.kill()
+            process.join()
+            raise subprocess.TimeoutExpired([*CLI, *args], 120)
+        return subprocess.CompletedProcess([*CLI, *args], process.exitcode, out.read_text(), err.read_text())
+
+
+def _launched(env: dict[str, str], workdir: str, log: str, errors: str | None = None) -> None:
+    """In a forked process: the environment, directory and output (stdout, and stderr to `errors` or the same
+    file) it would have been started with."""
     os.environ.clear()
     os.environ.update(env)
     os.chdir(workdir)
-    out = os.open(log, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
-    os.dup2(out, 1)
-    os.dup2(out, 2)
-    os.close(out)
+    for fd, path in ((1, log), (2, errors or log)):
+        opened = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+        os.dup2(opened, fd)
+        os.close(opened)
 
 
 def _serve(env: dict[str, str], workdir: str, log: str) -> None:
@@ -144,6 +165,15 @@ def _serve(env: dict[str, str], workdir: str, log: str) -> None:
     app(["serve"], prog_name="settlement")
 
 
+def _command(args: list[str], env: dict[str, str], workdir: str, out: str, err: str) -> None:
+    """`python -m settlement.cli *args`, in a forked process: its exit code the process's (multiprocessing takes a
+    SystemExit's code as it)."""
+    _launched(env, workdir, out, err)
+    from settlement.cli.main import app
+
+    app(args, prog_name="python -m settlement.cli")
+
+
 def _script(script: str, env: dict[str, str], workdir: str, log: str) -> None:
     """`python script`, in a forked process."""
     _launched(env, workdir, log)
@@ -152,13 +182,17 @@ def _script(script: str, env: dict[str, str], workdir: str, log: str) -> None:
     runpy.run_path(script, run_name="__main__")
 
 
-# What `serve` and the example apps import, imported once by the fork server; their processes are forks of it.
+# What `serve`, the CLI's commands and the example apps import, imported once by the fork server; their processes are
+# forks of it.
 _FORKS = multiprocessing.get_context("forkserver")
 _FORKS.set_forkserver_preload(
     [
         "tests.servers",
         "settlement.cli.main",
         "settlement.cli.keys",
+        "settlement.cli.payee",
+        "settlement.settle.reconcile",
+        "settlement.api.schemas",
         "settlement.server.service",
         "uvicorn.main",
         "settlement.x402.fastapi",

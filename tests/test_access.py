@@ -35,7 +35,6 @@ from tests.hub_helpers import (
     body,
     free_test_port,
     new_key,
-    run_cli,
     signed_in,
     wait_until,
     x402_request,
@@ -43,7 +42,7 @@ from tests.hub_helpers import (
     x402_settle_batch,
     x402_voucher,
 )
-from tests.servers import ServiceProcess, ServiceThread
+from tests.servers import ServiceProcess, ServiceThread, forked_cli
 
 PROTECTED = ("channel", "list", "payments", "summary", "metrics")
 
@@ -514,20 +513,20 @@ def test_keys_from_the_cli_and_a_served_devnet_prints_its_operator_key(
     assert 'settlement_rpc_requests{method="eth_getBlockByNumber"}' in scraped.text
 
     env = {"SETTLEMENT_DATABASE_URL": store}
-    made = run_cli("keys", "create", "--role", "payee", "--account", accounts[4].address, env=env, cwd=tmp_path)
+    made = forked_cli("keys", "create", "--role", "payee", "--account", accounts[4].address, env=env, cwd=tmp_path)
     assert made.returncode == 0, made.stderr
     payee_key = made.stdout.strip()
     assert payee_key.startswith("chk_") and len(payee_key) == 47
     summary = f"{service.url}/v1/payees/{accounts[4].address}/summary"
     assert httpx.get(summary, headers={"Authorization": f"Bearer {payee_key}"}).status_code == 200
-    listed = run_cli("keys", "list", env=env, cwd=tmp_path)
+    listed = forked_cli("keys", "list", env=env, cwd=tmp_path)
     assert payee_key[4:12] in listed.stdout and payee_key not in listed.stdout
-    revoked = run_cli("keys", "revoke", payee_key[4:12], env=env, cwd=tmp_path)
+    revoked = forked_cli("keys", "revoke", payee_key[4:12], env=env, cwd=tmp_path)
     assert revoked.returncode == 0, revoked.stderr
     assert httpx.get(summary, headers={"Authorization": f"Bearer {payee_key}"}).status_code == 401
-    again = run_cli("keys", "revoke", payee_key[4:12], env=env, cwd=tmp_path)
+    again = forked_cli("keys", "revoke", payee_key[4:12], env=env, cwd=tmp_path)
     assert (again.returncode, "[not_found]" in again.stderr) == (1, True)
-    wrong = run_cli("keys", "create", "--role", "payee", env=env, cwd=tmp_path)
+    wrong = forked_cli("keys", "create", "--role", "payee", env=env, cwd=tmp_path)
     assert (wrong.returncode, "[config_invalid]" in wrong.stderr) == (1, True)
 
 
@@ -544,12 +543,12 @@ def test_a_keys_name_is_printed_as_given_and_the_stores_password_never(
     shown = url.render_as_string(hide_password=True)
     env = {"SETTLEMENT_DATABASE_URL": with_password}
     name = "[/] ops [bold]red"
-    made = run_cli("keys", "create", "--role", "operator", "--name", name, env=env, cwd=tmp_path)
+    made = forked_cli("keys", "create", "--role", "operator", "--name", name, env=env, cwd=tmp_path)
     assert made.returncode == 0, made.stderr
     key = made.stdout.strip()
     assert key.startswith("chk_") and len(key) == 47
     assert f"made operator key {key[4:12]} ({name}); it is shown once, keep it secret:" in made.stderr
-    listed = run_cli("keys", "list", env=env, cwd=tmp_path)
+    listed = forked_cli("keys", "list", env=env, cwd=tmp_path)
     assert listed.returncode == 0, listed.stderr
     assert listed.stdout.endswith(f"store: {shown}\n")
     assert f"│ {name} │" in listed.stdout

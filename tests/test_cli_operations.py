@@ -1,4 +1,5 @@
-"""The operator commands against a real store and devnet: settle, status, channels, reconcile, withdraw."""
+"""The operator commands against a real store and devnet: settle, status, channels, reconcile, withdraw (each run in a
+fork of the suite's fork server, as `python -m settlement.cli` runs it; tests/test_cli.py starts fresh interpreters)."""
 
 from __future__ import annotations
 
@@ -20,8 +21,8 @@ from web3.contract import Contract
 from settlement.domain.model import Voucher
 from settlement.server.config import Settings
 from settlement.server.service import Service
-from tests.hub_helpers import ETH, Channel, TamperingProxy, body, run_cli, send
-from tests.servers import ServiceThread
+from tests.hub_helpers import ETH, Channel, TamperingProxy, body, send
+from tests.servers import ServiceThread, forked_cli
 
 
 def test_settle_status_channels_reconcile_withdraw(
@@ -52,36 +53,38 @@ def test_settle_status_channels_reconcile_withdraw(
         "SETTLEMENT_PRIVATE_KEY": HexBytes(accounts[19].key).to_0x_hex(),
     }
 
-    before = json.loads(run_cli("status", "--json", env=env, cwd=tmp_path).stdout)
+    before = json.loads(forked_cli("status", "--json", env=env, cwd=tmp_path).stdout)
     assert before["unsettled"] == {ETH: "800"}
     assert before["batches"] == []
 
-    settled = run_cli("settle", env=env, cwd=tmp_path)
+    settled = forked_cli("settle", env=env, cwd=tmp_path)
     assert settled.returncode == 0, settled.stderr
     assert "confirmed" in settled.stdout
     assert hub.functions.balanceOf(payee.address, ETH).call() == 800
 
-    after = json.loads(run_cli("status", "--json", env=env, cwd=tmp_path).stdout)
+    after = json.loads(forked_cli("status", "--json", env=env, cwd=tmp_path).stdout)
     assert [(b["status"], b["channels"]) for b in after["batches"]] == [("confirmed", 2)]
     assert after["batches"][0]["gasUsed"] > 0 and after["batches"][0]["txHash"].startswith("0x")
-    assert "unsettled value" in run_cli("status", env=env, cwd=tmp_path).stdout
+    assert "unsettled value" in forked_cli("status", env=env, cwd=tmp_path).stdout
 
-    listed = json.loads(run_cli("channels", "--json", "--payee", payee.address, env=env, cwd=tmp_path).stdout)
+    listed = json.loads(forked_cli("channels", "--json", "--payee", payee.address, env=env, cwd=tmp_path).stdout)
     assert sorted(c["settled"] for c in listed) == ["300", "500"]
 
-    report = run_cli("reconcile", "--json", env=env, cwd=tmp_path)
+    report = forked_cli("reconcile", "--json", env=env, cwd=tmp_path)
     assert report.returncode == 0, report.stdout + report.stderr
     assert json.loads(report.stdout)["mismatches"] == 0
     assert [(r["problem"], r["explained"]) for r in json.loads(report.stdout)["channels"]] == [(None, None)] * 2
 
     balance = w3.eth.get_balance(payee.address)
-    out = run_cli("withdraw", env={**env, "SETTLEMENT_WITHDRAW_KEY": HexBytes(payee.key).to_0x_hex()}, cwd=tmp_path)
+    out = forked_cli("withdraw", env={**env, "SETTLEMENT_WITHDRAW_KEY": HexBytes(payee.key).to_0x_hex()}, cwd=tmp_path)
     assert out.returncode == 0, out.stderr
     assert out.stdout.startswith(f"withdrew 800 wei (0.0000000000000008 ETH) to {payee.address} (tx 0x")
     assert out.stdout.rstrip().endswith("; 0 wei (0 ETH) left in the hub")
     assert hub.functions.balanceOf(payee.address, ETH).call() == 0
     assert w3.eth.get_balance(payee.address) > balance - 10**15  # got 800 wei back, minus gas
-    again = run_cli("withdraw", env={**env, "SETTLEMENT_WITHDRAW_KEY": HexBytes(payee.key).to_0x_hex()}, cwd=tmp_path)
+    again = forked_cli(
+        "withdraw", env={**env, "SETTLEMENT_WITHDRAW_KEY": HexBytes(payee.key).to_0x_hex()}, cwd=tmp_path
+    )
     assert again.returncode == 1
     assert again.stderr.startswith(
         f"error [balance_insufficient] {payee.address} holds 0 wei (0 ETH) in the hub: nothing to withdraw."
@@ -89,10 +92,10 @@ def test_settle_status_channels_reconcile_withdraw(
 
     with service.db.write() as conn:  # the books drift from the chain: reconcile must say so
         conn.execute(text("UPDATE channels SET settled = deposit"))
-    drift = run_cli("reconcile", env=env, cwd=tmp_path)
+    drift = forked_cli("reconcile", env=env, cwd=tmp_path)
     assert drift.returncode == 1
     assert "2 unexplained mismatch(es)" in drift.stdout
-    rows = json.loads(run_cli("reconcile", "--json", env=env, cwd=tmp_path).stdout)["channels"]
+    rows = json.loads(forked_cli("reconcile", "--json", env=env, cwd=tmp_path).stdout)["channels"]
     assert {r["problem"] for r in rows} == {"settled differs"}
     assert sorted(rows[0]) == [  # camelCase, as the API
         "accepted", "channelId", "depositChain", "depositStore", "explained", "inFlight", "problem", "settledChain",
@@ -103,7 +106,7 @@ def test_settle_status_channels_reconcile_withdraw(
 @pytest.mark.parametrize("block_time", [None, "1"], ids=["automine", "interval"])
 def test_simulate_proves_the_books_to_the_wei(block_time: str | None, tmp_path: Path) -> None:
     """Also on a devnet that mines every second: many payers' transactions share each block."""
-    result = run_cli(
+    result = forked_cli(
         "simulate",
         "--payers",
         "2",
@@ -170,14 +173,14 @@ def test_status_and_channels_read_the_store_alone_when_the_chain_is_down(
         "SETTLEMENT_DEPLOYMENT_FILE": str(tmp_path / "no-such-deployment.json"),
         "SETTLEMENT_DATABASE_URL": settings.database_url,
     }
-    status = run_cli("status", "--json", env=env, cwd=tmp_path)
+    status = forked_cli("status", "--json", env=env, cwd=tmp_path)
     assert status.returncode == 0, status.stderr
     assert json.loads(status.stdout)["unsettled"] == {ETH: "300"}
-    listed = run_cli("channels", "--json", env=env, cwd=tmp_path)
+    listed = forked_cli("channels", "--json", env=env, cwd=tmp_path)
     assert listed.returncode == 0, listed.stderr
     rows = json.loads(listed.stdout)
     assert [(c["channelId"], c["acceptedCumulativeAmount"]) for c in rows] == [("0x" + channel.id.hex(), "300")]
-    table = run_cli("channels", env=env, cwd=tmp_path).stdout  # piped, as into a log: nothing cut at 80 columns
+    table = forked_cli("channels", env=env, cwd=tmp_path).stdout  # piped, as into a log: nothing cut at 80 columns
     assert "0x" + channel.id.hex() in table and "1,000,000,000,000,000,000" in table and accounts[7].address in table
 
 
@@ -185,7 +188,7 @@ def test_read_only_commands_refuse_a_missing_database_instead_of_creating_one(tm
     missing = tmp_path / "nowhere" / "settlement.db"
     env = {"SETTLEMENT_DATABASE_URL": f"sqlite:///{missing}", "SETTLEMENT_RPC_URL": "http://127.0.0.1:9"}
     for command in ("status", "channels"):
-        result = run_cli(command, env=env, cwd=tmp_path)
+        result = forked_cli(command, env=env, cwd=tmp_path)
         assert result.returncode == 1
         assert f"[store_error] no database at {missing}" in " ".join(result.stderr.split())
     assert not missing.exists() and not missing.parent.exists()
@@ -209,7 +212,7 @@ def test_settle_next_to_a_running_engine_says_so(
         "SETTLEMENT_CONFIRMATIONS": "0",
         "SETTLEMENT_PRIVATE_KEY": key,
     }
-    result = run_cli("settle", env=env, cwd=tmp_path)
+    result = forked_cli("settle", env=env, cwd=tmp_path)
     assert result.returncode == 1
     assert "[engine_busy] another process runs the settlement engine on this store" in result.stderr
 
@@ -231,13 +234,13 @@ def test_status_reports_the_running_engines_interval_and_every_closing_channel(
     deadline = w3.eth.get_block(receipt["blockNumber"])["timestamp"] + 3600
     service.indexer.catch_up()
     env = {"SETTLEMENT_DATABASE_URL": service_settings().database_url}
-    before = json.loads(run_cli("status", "--json", env=env, cwd=tmp_path).stdout)
+    before = json.loads(forked_cli("status", "--json", env=env, cwd=tmp_path).stdout)
     assert before["settleInterval"] is None  # no engine has ticked on this store yet
     settler.tick()
-    after = json.loads(run_cli("status", "--json", env=env, cwd=tmp_path).stdout)
+    after = json.loads(forked_cli("status", "--json", env=env, cwd=tmp_path).stdout)
     assert after["settleInterval"] == 7.0
     assert after["pendingCloses"] == [{"channelId": "0x" + channel.id.hex(), "deadline": deadline, "unsettled": "0"}]
-    text_out = run_cli("status", env=env, cwd=tmp_path).stdout
+    text_out = forked_cli("status", env=env, cwd=tmp_path).stdout
     assert "the engine settles every 7s" in text_out and "0x" + channel.id.hex() in text_out
 
 
@@ -265,7 +268,7 @@ def test_a_payee_withdraws_with_only_its_key_and_the_hub_address(
     nowhere = {**rpc, "SETTLEMENT_DEPLOYMENT_FILE": str(tmp_path / "none.json")}
 
     def withdraw(*args: str, env: dict[str, str] = nowhere) -> tuple[int, str, str]:
-        result = run_cli("withdraw", *args, env=env, cwd=tmp_path)
+        result = forked_cli("withdraw", *args, env=env, cwd=tmp_path)
         return result.returncode, result.stdout.strip(), result.stderr.strip()
 
     code, _, err = withdraw("--key-file", str(key_file), "--token", token.address)
@@ -287,7 +290,7 @@ def test_a_payee_withdraws_with_only_its_key_and_the_hub_address(
     code, _, err = withdraw("--key-file", str(tmp_path / "bad.key"), "--hub", hub.address)
     assert code == 1
     assert err.startswith(f"error [config_invalid] the key file {tmp_path / 'bad.key'} does not hold a valid"), err
-    assert run_cli("withdraw", "--private-key", "0x" + "1" * 64, env=nowhere, cwd=tmp_path).returncode == 2  # gone
+    assert forked_cli("withdraw", "--private-key", "0x" + "1" * 64, env=nowhere, cwd=tmp_path).returncode == 2  # gone
     assert withdraw("--key-file", str(key_file), "--hub", hub.address)[2] == (
         f"error [balance_insufficient] {payee.address} holds 0 wei (0 ETH) in the hub: nothing to withdraw. Accepted "
         "payments are credited by the engine's next batch: `settlement payee` shows what is settled and what is not yet"
@@ -334,7 +337,7 @@ def test_a_tokens_symbol_is_printed_as_text_never_as_markup_or_terminal_control(
     channel = open_channel(accounts[5], payee.address, token=hostile, amount=10**21)
     amount = 1_500_000_000_000_000_000
     send(w3, hub.functions.closeByPayee(channel.id, amount, sign(channel.payer, channel.id, amount)), payee.address)
-    result = run_cli(
+    result = forked_cli(
         "withdraw",
         "--token",
         hostile.address,
@@ -369,7 +372,7 @@ def test_a_withdrawal_is_printed_to_the_last_base_unit(
     channel = open_channel(accounts[5], payee.address, token=token, amount=amount)
     send(w3, hub.functions.closeByPayee(channel.id, amount, sign(channel.payer, channel.id, amount)), payee.address)
     env = withdrawing(w3, hub, payee, tmp_path)
-    result = run_cli("withdraw", "--token", token.address, "--amount", str(amount - 1), env=env, cwd=tmp_path)
+    result = forked_cli("withdraw", "--token", token.address, "--amount", str(amount - 1), env=env, cwd=tmp_path)
     assert result.returncode == 0, result.stderr
     assert result.stdout.startswith(
         "withdrew 123,456,789,012,345,678,901,234,567,890 base units (123456789012.34567890123456789 BIG) to "
@@ -422,21 +425,21 @@ def test_a_payee_summary_not_in_the_services_form_is_refused_not_rendered(
         with TamperingProxy(
             service.url, lambda path, data, forge=forge: forge(data) if path == summary else data
         ) as proxy:
-            out = run_cli("payee", payee, "--service-url", proxy.url, env={}, cwd=tmp_path)
+            out = forked_cli("payee", payee, "--service-url", proxy.url, env={}, cwd=tmp_path)
         assert (out.returncode, "Traceback" in out.stderr) == (1, False), out.stderr
         assert "error [service_untrusted]" in out.stderr and refusal in out.stderr, out.stderr
-    shown = run_cli("payee", payee, "--service-url", service.url, env={}, cwd=tmp_path)
+    shown = forked_cli("payee", payee, "--service-url", service.url, env={}, cwd=tmp_path)
     assert shown.returncode == 0, shown.stderr
     assert re.search(r"\s*│\s*".join(["ETH \\(wei\\)", "1", "10", "0", "10"]), shown.stdout), shown.stdout
     unread = {"balancesUnread": [ETH]}  # the service read no balance of this asset: not "chain down"
     with TamperingProxy(
         service.url, lambda path, data: {**row(data, withdrawable=None), **unread} if path == summary else data
     ) as proxy:
-        shown = run_cli("payee", payee, "--service-url", proxy.url, env={}, cwd=tmp_path)
+        shown = forked_cli("payee", payee, "--service-url", proxy.url, env={}, cwd=tmp_path)
     assert shown.returncode == 0, shown.stderr
     assert re.search(r"\s*│\s*".join(["ETH \\(wei\\)", "1", "10", "0", "10", "not read", "0"]), shown.stdout)
     assert "withdrawable not read for 1 asset(s): the service reads a few balances a summary" in shown.stdout
     mapped = service.url.replace("127.0.0.1", "[::ffff:127.0.0.1]")  # IPv4 through an IPv6 literal
-    shown = run_cli("payee", payee, "--service-url", mapped, env={}, cwd=tmp_path)
+    shown = forked_cli("payee", payee, "--service-url", mapped, env={}, cwd=tmp_path)
     assert shown.returncode == 0, shown.stderr
     assert f"\nservice: {mapped}\n" in shown.stdout, shown.stdout

@@ -235,7 +235,7 @@ def test_an_operator_resumes_a_suspended_channel_from_the_cli(
 ) -> None:
     from pathlib import Path
 
-    from tests.hub_helpers import run_cli
+    from tests.servers import forked_cli
 
     assert isinstance(tmp_path, Path)
     indexer = make_indexer(confirmations=1)
@@ -258,12 +258,12 @@ def test_an_operator_resumes_a_suspended_channel_from_the_cli(
         "SETTLEMENT_DATABASE_URL": store_url,
         "SETTLEMENT_CONFIRMATIONS": "1",
     }
-    result = run_cli("resume", "0x" + channel.id.hex(), env=env, cwd=tmp_path)
+    result = forked_cli("resume", "0x" + channel.id.hex(), env=env, cwd=tmp_path)
     assert result.returncode == 0, result.stderr
     assert "resumed" in result.stdout
     state = stored(db, channel)
     assert (state.suspended_reason, state.deposit) == (None, 300)
-    missing = run_cli("resume", "0x" + "77" * 32, env=env, cwd=tmp_path)
+    missing = forked_cli("resume", "0x" + "77" * 32, env=env, cwd=tmp_path)
     assert missing.returncode == 1
     assert "channel_not_found" in missing.stderr
 

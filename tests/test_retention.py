@@ -14,7 +14,8 @@ from web3.contract import Contract
 
 from settlement.server.service import Service
 from settlement.store.retention import compact
-from tests.hub_helpers import ETH, Channel, batch, body, run_cli, send, settle_call, wait_until
+from tests.hub_helpers import ETH, Channel, batch, body, send, settle_call, wait_until
+from tests.servers import forked_cli
 
 Sign = Callable[..., bytes]
 NOW_US = time.time_ns() // 1000
@@ -61,10 +62,10 @@ def test_settled_payments_past_retention_go_and_the_rest_stay(
     assert compact(service.db, 0, time.time_ns() // 1000 + 1_000_000) == 0
 
     env = {"SETTLEMENT_DATABASE_URL": store_url}
-    kept = run_cli("compact", "--days", "30", env=env, cwd=tmp_path)
+    kept = forked_cli("compact", "--days", "30", env=env, cwd=tmp_path)
     assert (kept.returncode, kept.stdout.strip()) == (
         0,
         "removed 0 settled payment rows accepted more than 30 days ago",
     ), kept.stderr
-    zero = run_cli("compact", "--days", "0", env=env, cwd=tmp_path)
+    zero = forked_cli("compact", "--days", "0", env=env, cwd=tmp_path)
     assert (zero.returncode, "[config_invalid]" in zero.stderr) == (1, True)
