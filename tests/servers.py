@@ -131,7 +131,8 @@ def forked_cli(*args: str, env: dict[str, str], cwd: Path) -> subprocess.Complet
     of a slow machine's CPU on imports per command; the tests of the CLI as a user starts it (tests/test_cli.py, the
     README's) use `run_cli`. Its output is a file's, as a pipe's would be (no terminal): a suite run with `-s` on a
     terminal starts the fork server with the terminal as its output, and rich's consoles would colour it. Unlike an
-    interpreter's exit, the fork's runs no atexit hook: only the devnet registers one, and `devnet` is not run here."""
+    interpreter's exit, the fork's runs no atexit hook: only a devnet registers one, a backstop to its `with` block
+    (`simulate`'s devnet is stopped by its block)."""
     with tempfile.TemporaryDirectory() as streams:
         out, err = Path(streams) / "stdout", Path(streams) / "stderr"
         process = _FORKS.Process(
