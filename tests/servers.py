@@ -18,8 +18,11 @@ import sys
 import tempfile
 import threading
 import time
+from collections.abc import Callable
+from multiprocessing import forkserver
 from multiprocessing.process import BaseProcess
 from pathlib import Path
+from typing import Any
 
 import httpx
 import uvicorn
@@ -51,9 +54,7 @@ class ServiceProcess:
     def launch(self) -> ServiceProcess:
         """Start the process without waiting for it: a test starts its other processes meanwhile, then calls
         `ready()`."""
-        process = _FORKS.Process(target=_serve, args=(self.env, str(self.workdir), str(self.log)), name="service")
-        process.start()
-        self.process = Forked(process)
+        self.process = Forked(_fork(_serve, (self.env, str(self.workdir), str(self.log)), "service"))
         return self
 
     def ready(self, timeout: float = 60.0) -> ServiceProcess:
@@ -120,31 +121,63 @@ class Forked:
 def run_script(script: Path, env: dict[str, str], workdir: Path, log: Path) -> Forked:
     """`python script` (an example app), forked from the fork server: the script itself runs as `__main__` in the
     new process, the libraries it imports were imported by the server."""
-    process = _FORKS.Process(target=_script, args=(str(script), env, str(workdir), str(log)), name=script.stem)
-    process.start()
-    return Forked(process)
+    return Forked(_fork(_script, (str(script), env, str(workdir), str(log)), script.stem))
 
 
 def forked_cli(*args: str, env: dict[str, str], cwd: Path) -> subprocess.CompletedProcess[str]:
     """What `run_cli` returns, the command run in a fork of the fork server (`settlement.cli.main` and the libraries
     its commands import already imported): for the tests of what a command does. A fresh interpreter spends ~1-4 s
     of a slow machine's CPU on imports per command; the tests of the CLI as a user starts it (tests/test_cli.py, the
-    README's) use `run_cli`. Its output is a file's, as a pipe's would be (no terminal): a suite run with `-s` on a
-    terminal starts the fork server with the terminal as its output, and rich's consoles would colour it. Unlike an
-    interpreter's exit, the fork's runs no atexit hook: only a devnet registers one, a backstop to its `with` block
+    README's) use `run_cli`. Its output is a file's, as a pipe's would be (no terminal). Unlike an interpreter's
+    exit, the fork's runs no atexit hook: only a devnet registers one, a backstop to its `with` block
     (`simulate`'s devnet is stopped by its block)."""
     with tempfile.TemporaryDirectory() as streams:
         out, err = Path(streams) / "stdout", Path(streams) / "stderr"
-        process = _FORKS.Process(
-            target=_command, args=(list(args), cli_env(env), str(cwd), str(out), str(err)), name="settlement"
-        )
-        process.start()
+        process = _fork(_command, (list(args), cli_env(env), str(cwd), str(out), str(err)), "settlement")
         process.join(120)
         if process.exitcode is None:
             process.kill()
             process.join()
             raise subprocess.TimeoutExpired([*CLI, *args], 120)
         return subprocess.CompletedProcess([*CLI, *args], process.exitcode, out.read_text(), err.read_text())
+
+
+def _fork(target: Callable[..., None], args: tuple[Any, ...], name: str) -> BaseProcess:
+    """`target(*args)` in a new fork of the fork server, started; the server itself started first if it is not
+    running, with a file as its output."""
+    _start_fork_server()
+    process = _FORKS.Process(target=target, args=args, name=name)
+    process.start()
+    return process
+
+
+_SERVER_START = threading.Lock()
+_SERVER_STARTED: list[int] = []  # this test process's pid once started (one that died is started by multiprocessing)
+_SERVER_LOG = Path(tempfile.gettempdir()) / "settlement-tests-fork-server.log"
+
+
+def _start_fork_server() -> None:
+    """The fork server, started with a file as its stdout and stderr, not this process's: the CLI makes its rich
+    consoles at import, in the server, for the output they find there, and a terminal there (`pytest -s` run on one)
+    coloured every forked command's output and wrapped it at the terminal's width (a test of `withdraw`'s text failed
+    so). What the server itself prints (nothing, unless it fails) goes to `_SERVER_LOG`."""
+    with _SERVER_START:
+        if _SERVER_STARTED:
+            return
+        for stream in (sys.stdout, sys.stderr):
+            stream.flush()
+        saved = [os.dup(fd) for fd in (1, 2)]
+        log = os.open(_SERVER_LOG, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+        try:
+            for fd in (1, 2):
+                os.dup2(log, fd)
+            forkserver.ensure_running()
+            _SERVER_STARTED.append(os.getpid())
+        finally:
+            for fd, was in zip((1, 2), saved, strict=True):
+                os.dup2(was, fd)
+                os.close(was)
+            os.close(log)
 
 
 def _launched(env: dict[str, str], workdir: str, log: str, errors: str | None = None) -> None:
