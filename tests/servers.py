@@ -131,6 +131,7 @@ def forked_cli(*args: str, env: dict[str, str], cwd: Path) -> subprocess.Complet
     README's) use `run_cli`. Its output is a file's, as a pipe's would be (no terminal). Unlike an interpreter's
     exit, the fork's runs no atexit hook: only a devnet registers one, a backstop to its `with` block
     (`simulate`'s devnet is stopped by its block)."""
+    command = [*CLI, *args]
     with tempfile.TemporaryDirectory() as streams:
         out, err = Path(streams) / "stdout", Path(streams) / "stderr"
         process = _fork(_command, (list(args), cli_env(env), str(cwd), str(out), str(err)), "settlement")
@@ -138,8 +139,8 @@ def forked_cli(*args: str, env: dict[str, str], cwd: Path) -> subprocess.Complet
         if process.exitcode is None:
             process.kill()
             process.join()
-            raise subprocess.TimeoutExpired([*CLI, *args], 120)
-        return subprocess.CompletedProcess([*CLI, *args], process.exitcode, out.read_text(), err.read_text())
+            raise subprocess.TimeoutExpired(command, 120)
+        return subprocess.CompletedProcess(command, process.exitcode, out.read_text(), err.read_text())
 
 
 def _fork(target: Callable[..., None], args: tuple[Any, ...], name: str) -> BaseProcess:
@@ -152,7 +153,7 @@ def _fork(target: Callable[..., None], args: tuple[Any, ...], name: str) -> Base
 
 
 _SERVER_START = threading.Lock()
-_SERVER_STARTED: list[int] = []  # this test process's pid once started (one that died is started by multiprocessing)
+_server_started = False  # in this test process (a server that died is started again by multiprocessing itself)
 _SERVER_LOG = Path(tempfile.gettempdir()) / "settlement-tests-fork-server.log"
 
 
@@ -161,8 +162,9 @@ def _start_fork_server() -> None:
     consoles at import, in the server, for the output they find there, and a terminal there (`pytest -s` run on one)
     coloured every forked command's output and wrapped it at the terminal's width (a test of `withdraw`'s text failed
     so). What the server itself prints (nothing, unless it fails) goes to `_SERVER_LOG`."""
+    global _server_started
     with _SERVER_START:
-        if _SERVER_STARTED:
+        if _server_started:
             return
         for stream in (sys.stdout, sys.stderr):
             stream.flush()
@@ -172,7 +174,7 @@ def _start_fork_server() -> None:
             for fd in (1, 2):
                 os.dup2(log, fd)
             forkserver.ensure_running()
-            _SERVER_STARTED.append(os.getpid())
+            _server_started = True
         finally:
             for fd, was in zip((1, 2), saved, strict=True):
                 os.dup2(was, fd)
