@@ -6,7 +6,7 @@ PY := $(VENV)/bin/python
 PY_STAMP := $(VENV)/.installed
 NPM_STAMP := node_modules/.installed
 
-.PHONY: setup run test faults lint check-artifacts compile bench-gas bench-verify bench-ingest bench-e2e bench-scale bench-x402 bench-flood bench-store bench-journal bench-processes simulate clean
+.PHONY: setup lock run test faults lint check-artifacts compile bench-gas bench-verify bench-ingest bench-e2e bench-scale bench-x402 bench-flood bench-store bench-journal bench-processes simulate clean
 
 setup: $(PY_STAMP) $(NPM_STAMP)
 
@@ -14,12 +14,25 @@ $(PY):
 	@$(PYTHON) -c 'import sys; sys.exit(0 if sys.version_info >= (3, 11) else "Python 3.11+ is required (set PYTHON=...)")'
 	$(PYTHON) -m venv $(VENV)
 
-# Not quiet: the first install takes ~30 s and a silent terminal looks stuck.
-$(PY_STAMP): pyproject.toml | $(PY)
+# Not quiet: the first install takes ~30 s and a silent terminal looks stuck. Every package at the version
+# constraints.txt names: a fresh clone installs what the suite last passed with, not whatever was released since.
+$(PY_STAMP): pyproject.toml constraints.txt | $(PY)
 	@echo "Installing the Python packages into $(VENV) (first run only, ~30 s)"
 	$(PY) -m pip install --quiet --upgrade pip
-	$(PY) -m pip install --progress-bar on -e '.[dev]'
+	$(PY) -m pip install --progress-bar on -c constraints.txt -e '.[dev]'
 	@touch $@
+
+# constraints.txt anew: the newest release of every package that pyproject.toml's ranges allow, resolved in a
+# venv of its own; then `make test` (which installs them) and commit the file with what it took to pass.
+LOCK_VENV := $(VENV)-lock
+lock:
+	rm -rf $(LOCK_VENV)
+	$(PYTHON) -m venv $(LOCK_VENV)
+	$(LOCK_VENV)/bin/python -m pip install --quiet --upgrade pip
+	$(LOCK_VENV)/bin/python -m pip install --quiet -e '.[dev]'
+	{ grep '^#' constraints.txt; $(LOCK_VENV)/bin/python -m pip freeze --exclude-editable; } > constraints.txt.new
+	mv constraints.txt.new constraints.txt
+	rm -rf $(LOCK_VENV)
 
 $(NPM_STAMP): package.json package-lock.json
 	@command -v npm >/dev/null || { echo "npm (Node 18+) is required"; exit 1; }
@@ -87,4 +100,4 @@ simulate: setup
 	$(VENV)/bin/settlement simulate
 
 clean:
-	rm -rf $(VENV) node_modules .settlement .pytest_cache .mypy_cache .ruff_cache
+	rm -rf $(VENV) $(LOCK_VENV) node_modules .settlement .pytest_cache .mypy_cache .ruff_cache
