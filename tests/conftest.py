@@ -414,12 +414,15 @@ def spawn(
     w3: Web3, devnet: Devnet, hub_deployment: Deployment, tmp_path: Path
 ) -> Iterator[Callable[..., ServiceProcess]]:
     """Factory: spawn(database_url, **settings) -> a started service process; all are killed after the test. With
-    `wait=False` it is only launched: the test starts what else it needs, then calls its `ready()`."""
+    `wait=False` it is only launched: the test starts what else it needs, then calls its `ready()`; with `script`,
+    that Python file serves the settings instead of `serve` (tests.servers.ServiceProcess.launch)."""
     record = tmp_path / "deployment.json"
     hub_deployment.save(record)
     running: list[ServiceProcess] = []
 
-    def make(database_url: str, name: str = "service", *, wait: bool = True, **settings: str) -> ServiceProcess:
+    def make(
+        database_url: str, name: str = "service", *, wait: bool = True, script: Path | None = None, **settings: str
+    ) -> ServiceProcess:
         values = {
             "rpc_url": devnet.url,
             "deployment_file": str(record),
@@ -434,7 +437,7 @@ def spawn(
             "recovery_processes": "0",
             **settings,
         }
-        service = ServiceProcess(values, tmp_path, name).launch()
+        service = ServiceProcess(values, tmp_path, name).launch(script)
         running.append(service)
         return service.ready() if wait else service
 

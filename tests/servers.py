@@ -51,10 +51,13 @@ class ServiceProcess:
     def start(self, timeout: float = 60.0) -> ServiceProcess:
         return self.launch().ready(timeout)
 
-    def launch(self) -> ServiceProcess:
+    def launch(self, script: Path | None = None) -> ServiceProcess:
         """Start the process without waiting for it: a test starts its other processes meanwhile, then calls
-        `ready()`."""
-        self.process = Forked(_fork(_serve, (self.env, str(self.workdir), str(self.log)), "service"))
+        `ready()`. With `script`, that script serves instead of `serve` (with the same settings and port)."""
+        if script is None:
+            self.process = Forked(_fork(_serve, (self.env, str(self.workdir), str(self.log)), "service"))
+        else:
+            self.process = run_script(script, self.env, self.workdir, self.log)
         return self
 
     def ready(self, timeout: float = 60.0) -> ServiceProcess:

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import signal
+import time
 from collections.abc import Callable
 from pathlib import Path
 
@@ -15,7 +17,7 @@ from settlement.chain.deployment import Deployment
 from settlement.devtools.devnet import Devnet
 from settlement.errors import DeploymentError
 from settlement.server.config import Settings
-from tests.hub_helpers import run_cli
+from tests.hub_helpers import run_cli, wait_until
 from tests.servers import ServiceProcess
 
 
@@ -99,6 +101,59 @@ def test_serve_writes_no_access_line_per_request_unless_asked(
         assert httpx.get(f"{service.url}/health").status_code == 200
     service.stop()
     assert '"GET /health HTTP/1.1" 200' not in service.log.read_text()
+
+
+STOP_HOOK = """
+import os, sys, time
+from pathlib import Path
+
+import httpx
+
+from settlement.cli.main import _serve
+from settlement.server.config import get_settings
+
+settings = get_settings()
+release = Path("release")
+
+
+def on_stop() -> None:  # as the demo's payers: a payment in flight answered by the API, then done when released
+    print("stopping: /health", httpx.get(f"http://127.0.0.1:{settings.api_port}/health", timeout=5).status_code)
+    sys.stdout.flush()
+    while not release.exists():
+        time.sleep(0.05)
+
+
+_serve(settings, "127.0.0.1", settings.api_port, "warning", on_stop=on_stop)
+print("stopped")
+"""
+
+
+@pytest.mark.parametrize("then", ["released", "second_ctrl_c"])
+def test_serve_answers_while_its_stop_hook_runs_and_closes_after_it(
+    then: str, spawn: Callable[..., ServiceProcess], tmp_path: Path
+) -> None:
+    """`make run`'s demo stops its payers when Ctrl-C arrives, before the API closes its socket. The hook ran in the
+    signal handler, which held the API's event loop: a payment begun just before Ctrl-C went out after the close,
+    found no one to answer it, and the demo printed it as refused (`payment_uncertain`; a CI run failed so). Now the
+    hook runs beside the API, which answers until it returns (old code: the hook's own request timed out); a second
+    Ctrl-C stops at once."""
+    script = tmp_path / "stop_hook.py"
+    script.write_text(STOP_HOOK)
+    service = spawn(f"sqlite:///{tmp_path / 'stop-hook.db'}", script=script)
+    assert service.process is not None
+    service.process.send_signal(signal.SIGINT)
+    wait_until(lambda: "stopping: /health 200" in service.log.read_text(), timeout=15)
+    for _ in range(3):  # still serving while the hook waits
+        assert httpx.get(f"{service.url}/health", timeout=5).status_code == 200
+        time.sleep(0.2)
+    if then == "released":
+        (tmp_path / "release").touch()
+    else:
+        service.process.send_signal(signal.SIGINT)
+    assert service.process.wait(timeout=30) == 0, service.log.read_text()[-3000:]
+    assert service.log.read_text().strip().splitlines()[-1] == "stopped"
+    with pytest.raises(httpx.ConnectError):
+        httpx.get(f"{service.url}/health", timeout=5)
 
 
 def test_a_bad_setting_is_one_line_naming_the_variable(tmp_path: Path) -> None:

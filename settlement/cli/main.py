@@ -198,15 +198,29 @@ def _serve(
     access_log: bool = False,
     on_stop: Callable[[], object] | None = None,
 ) -> None:
-    """Serve the API until Ctrl-C or SIGTERM. `on_stop` is called as the signal arrives, before uvicorn closes its
-    socket (the demo's payers stop paying first: a payment sent after the close would find no one to answer it)."""
+    """Serve the API until Ctrl-C or SIGTERM. `on_stop` is called when the signal arrives, on a thread of its own,
+    and uvicorn closes its socket once it returns, the API answering meanwhile: the demo's payers finish the payment
+    they are making and stop (called in the signal handler, it held the event loop, and a payment begun just before
+    Ctrl-C was sent after the close and found no one to answer it: `payment_uncertain`). A second signal stops at
+    once."""
     import uvicorn
 
     class Server(uvicorn.Server):
+        stopping = False
+
         def handle_exit(self, sig: int, frame: FrameType | None) -> None:
-            if on_stop is not None:
-                on_stop()
-            super().handle_exit(sig, frame)
+            if on_stop is None or self.stopping:
+                super().handle_exit(sig, frame)
+                return
+            self.stopping = True
+
+            def stop_then_exit() -> None:
+                try:
+                    on_stop()
+                finally:
+                    uvicorn.Server.handle_exit(self, sig, frame)
+
+            threading.Thread(target=stop_then_exit, name="on-stop", daemon=True).start()
 
     from settlement.api.app import create_app
     from settlement.api.transport import server_config
@@ -775,15 +789,18 @@ def demo(
                 stops += [traffic.stop, paid_api.stop]
 
             def stop_paying() -> None:
+                """The payers told to stop and waited for: their payments in flight answered before the API closes
+                its socket, and done before the devnet stops and the interpreter exits (a thread still in a client's
+                C code when the interpreter is torn down crashed the process)."""
                 for stop in stops:
                     stop.set()
+                for thread in threads:
+                    thread.join(timeout=30)
 
             try:
                 _serve(local, settings.api_host, api_port, "warning", on_stop=stop_paying)
             finally:
                 stop_paying()
-                for thread in threads:  # done before the devnet stops and the interpreter exits: a thread still in
-                    thread.join(timeout=30)  # a client's C code when the interpreter is torn down crashed the process
             console.print("stopped")
     except SettlementError as ex:
         raise _fail(ex) from ex
