@@ -54,7 +54,12 @@ def test_every_package_the_dev_install_needs_is_installed_at_its_pinned_version(
     installed = needed(PROJECT, "dev")
     installed.pop(canonicalize_name(PROJECT))
     assert len(installed) > 50  # the walk followed the requirements (web3, FastAPI, pytest and theirs)
-    assert installed == pinned()
+    pins = pinned()
+    differ = {name: (installed.get(name), pins.get(name)) for name in installed.keys() | pins.keys()}
+    assert installed == pins, (
+        "installed / pinned, where they differ (`make setup` installs the pins; `make lock` after a change to "
+        f"pyproject.toml's dependencies): {sorted((k, v) for k, v in differ.items() if v[0] != v[1])}"
+    )
 
 
 def test_the_walk_follows_extras_and_markers() -> None:
