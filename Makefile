@@ -57,8 +57,9 @@ run: check-artifacts
 # One worker per core, each test file on one worker (its fixtures and processes stay together): 8-15 min on 2 cores
 # (three workers were slower: the cores are busy), 18 min on a machine twice as slow (a Python loop of 3 M additions
 # 0.35-0.49 s, against 0.20-0.29), 19-21 min in all with the set-up on 2026-12-04's slow machine (three workers: 23 min,
-# and a timing test failed). The 40 slowest are listed at the end. `.venv/bin/python -m pytest tests/test_x.py` runs
-# one file alone.
+# and a timing test failed); since the operator commands' tests fork instead of starting interpreters, 10-11 min in
+# all on a slow machine (loop 0.40-0.43 s, 2026-12-05), 12.5 with a CPU-bound process beside it. The 40 slowest are
+# listed at the end. `.venv/bin/python -m pytest tests/test_x.py` runs one file alone.
 test: lint
 	$(PY) -m pytest -n auto --dist loadfile --durations=40
 
