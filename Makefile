@@ -18,7 +18,7 @@ $(PY):
 # constraints.txt names: a fresh clone installs what the suite last passed with, not whatever was released since.
 $(PY_STAMP): pyproject.toml constraints.txt | $(PY)
 	@echo "Installing the Python packages into $(VENV) (first run only, ~30 s)"
-	$(PY) -m pip install --quiet --upgrade pip
+	$(PY) -m pip install --quiet --upgrade -c constraints.txt pip
 	$(PY) -m pip install --progress-bar on -c constraints.txt -e '.[dev]'
 	@touch $@
 
@@ -30,7 +30,8 @@ lock:
 	$(PYTHON) -m venv $(LOCK_VENV)
 	$(LOCK_VENV)/bin/python -m pip install --quiet --upgrade pip
 	$(LOCK_VENV)/bin/python -m pip install --quiet -e '.[dev]'
-	{ grep '^#' constraints.txt; $(LOCK_VENV)/bin/python -m pip freeze --exclude-editable; } > constraints.txt.new
+	{ grep '^#' constraints.txt; $(LOCK_VENV)/bin/python -m pip freeze --all --exclude-editable | grep -i '^pip=='; \
+	  $(LOCK_VENV)/bin/python -m pip freeze --exclude-editable; } > constraints.txt.new
 	mv constraints.txt.new constraints.txt
 	rm -rf $(LOCK_VENV)
 

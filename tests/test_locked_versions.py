@@ -1,6 +1,6 @@
-"""The installed packages are the ones constraints.txt names: every package the dev install needs, at that version,
-and no pin left for a package nothing needs any more. A dependency added to pyproject.toml without `make lock`, or a
-package upgraded by hand in the venv, fails here, before a fresh clone would install something else."""
+"""The installed packages are the ones constraints.txt names: pip, every package the dev install needs, at that
+version, and no pin left for a package nothing needs any more. A dependency added to pyproject.toml without `make
+lock`, or a package upgraded by hand in the venv, fails here, before a fresh clone would install something else."""
 
 from __future__ import annotations
 
@@ -55,6 +55,7 @@ def test_every_package_the_dev_install_needs_is_installed_at_its_pinned_version(
     installed.pop(canonicalize_name(PROJECT))
     assert len(installed) > 50  # the walk followed the requirements (web3, FastAPI, pytest and theirs)
     pins = pinned()
+    assert pins.pop(canonicalize_name("pip"), None) == distribution("pip").version  # installed first, by itself
     differ = {name: (installed.get(name), pins.get(name)) for name in installed.keys() | pins.keys()}
     assert installed == pins, (
         "installed / pinned, where they differ (`make setup` installs the pins; `make lock` after a change to "
