@@ -104,7 +104,7 @@ def test_serve_writes_no_access_line_per_request_unless_asked(
 
 
 STOP_HOOK = """
-import os, sys, time
+import time
 from pathlib import Path
 
 import httpx
@@ -117,8 +117,8 @@ release = Path("release")
 
 
 def on_stop() -> None:  # as the demo's payers: a payment in flight answered by the API, then done when released
-    print("stopping: /health", httpx.get(f"http://127.0.0.1:{settings.api_port}/health", timeout=5).status_code)
-    sys.stdout.flush()
+    answer = httpx.get(f"http://127.0.0.1:{settings.api_port}/health", timeout=5)
+    print("stopping: /health", answer.status_code, flush=True)
     while not release.exists():
         time.sleep(0.05)
 

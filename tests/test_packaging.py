@@ -64,8 +64,8 @@ def pip_into(python: Path) -> list[str]:
     """`pip install` into another environment, at the versions `make setup` installs (constraints.txt);
     `--no-compile`: the check imports a few modules of the hundreds installed, and compiling them all was most of
     this test's time."""
-    pip = [sys.executable, "-m", "pip", "--python", str(python), "install", "--quiet", "--no-compile"]
-    return [*pip, "-c", str(ROOT / "constraints.txt")]
+    return [sys.executable, "-m", "pip", "--python", str(python), "install", "--quiet", "--no-compile", "-c",
+            str(ROOT / "constraints.txt")]  # fmt: skip
 
 
 def test_the_wheel_carries_no_test_only_contract(wheel: Path) -> None:
