@@ -56,10 +56,16 @@ def test_every_package_the_dev_install_needs_is_installed_at_its_pinned_version(
     assert len(installed) > 50  # the walk followed the requirements (web3, FastAPI, pytest and theirs)
     pins = pinned()
     assert pins.pop(canonicalize_name("pip"), None) == distribution("pip").version  # installed first, by itself
-    differ = {name: (installed.get(name), pins.get(name)) for name in installed.keys() | pins.keys()}
-    assert installed == pins, (
+    assert installed == pins, (  # the message is built only on a failure: each package where the two differ
         "installed / pinned, where they differ (`make setup` installs the pins; `make lock` after a change to "
-        f"pyproject.toml's dependencies): {sorted((k, v) for k, v in differ.items() if v[0] != v[1])}"
+        "pyproject.toml's dependencies): "
+        + str(
+            sorted(
+                (name, (installed.get(name), pins.get(name)))
+                for name in installed.keys() | pins.keys()
+                if installed.get(name) != pins.get(name)
+            )
+        )
     )
 
 
