@@ -6,15 +6,14 @@ At 1, 16 and 64 concurrent requests for a few seconds each: paid requests per se
 against a free route of the same app at the same concurrency (the difference is what paying adds). Then at fixed
 offered rates (an open loop: a request starts on its schedule whether or not the earlier ones were answered, and its
 latency counts from that schedule, so waiting for a free channel counts too; each run's first half second, its cold
-start, is reported apart from the steady part after it): the added latency at a given number of
-paid requests a second, which is how the issue's goal is put, how late the payer's event loop ran a 1-ms timer
-meanwhile (how long a payer app's other work waited), and each process's CPU per paid request (payer, payee app,
-facilitator) from /proc; at the top rate, the payer's payments made on its event loop against all in worker threads,
-alternated in pairs; and the same against x402's floor (scripts/x402_floor_app.py: the same middleware and
-client with a scheme that does nothing, x402's own facilitator in the app's process: what x402's middleware and
-client cost by themselves, the part of a paid request no scheme can take away), and our scheme's CPU a paid request
-beyond that floor, process by process. Last, where a paid request's time goes (the facilitator's verify and settle,
-timed alone), and the x402 header sizes.
+start, is reported apart from the steady part after it): the added latency at a given number of paid requests a
+second, which is how the issue's goal is put, how late the payer's event loop ran a 1-ms timer meanwhile (how long a
+payer app's other work waited), and each process's CPU per paid request (payer, payee app, facilitator) from /proc; at
+the top rate, the payer's payments made on its event loop against all in worker threads, alternated in pairs; and the
+same against x402's floor (scripts/x402_floor_app.py: the same middleware and client with a scheme that does nothing,
+x402's own facilitator in the app's process: what x402's middleware and client cost by themselves, the part of a paid
+request no scheme can take away), and our scheme's CPU a paid request beyond that floor, process by process. Last, where
+a paid request's time goes (the facilitator's verify and settle, timed alone), and the x402 header sizes.
 """
 
 from __future__ import annotations
@@ -55,10 +54,10 @@ from settlement.x402.positions import Positions
 CONCURRENCY = (1, 16, 64)
 RATES = (50, 100, 200, 300, 500)  # paid requests a second, offered in an open loop
 SECONDS = 5.0
-# Each fixed-rate run starts with this long at its rate, timed apart as the cold start: the client's pool dropped its
-# connections while the other client ran (idle > 2 s), and a run's first 20-40 ms of requests took 6-20 ms while
-# they were opened again and the paid path's code came back into the caches (2026-12-05, thirty-sixth sitting). A
-# payer paying 500 times a second has none of that; the figures at a rate are of the steady part after it.
+# Each fixed-rate run starts with this long at its rate, timed apart as the cold start: the paid path sat idle while
+# the other client ran (its pool dropping the connections idle for 2 s), and a run's first 20-50 ms of requests took
+# 6-20 ms (connections opened just before the run did not take that away; docs/benchmarks.md, thirty-sixth sitting).
+# A payer paying 500 times a second has no such start; the figures at a rate are of the steady part after it.
 WARMUP_SECONDS = 0.5
 LANE_PRICES = 100_000  # a lane's deposit, in prices: no top-up inside the timed runs
 PRICE = 1_000_000_000
