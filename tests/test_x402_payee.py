@@ -285,6 +285,67 @@ def test_the_settle_batches_go_through_the_clients_own_aiohttp_session_which_clo
     assert (closed, own) == (True, True)
 
 
+def test_settles_that_come_while_a_batch_is_out_wait_for_it_and_go_together() -> None:
+    """One batch in flight by default (`BATCHES_IN_FLIGHT`): the settles that come while a batch is out are sent
+    together once it is answered, each answered as the facilitator said. With `batches_in_flight=2` the first of them
+    went at once, alone, and the rest waited for either."""
+    sizes: list[list[int]] = []
+    held = asyncio.Event()
+
+    async def batch(request: web.Request) -> web.Response:
+        body = await request.json()
+        amounts = [int(item["paymentRequirements"]["amount"]) for item in body["settlements"]]
+        sizes[-1].append(len(amounts))
+        await held.wait()  # every batch is held until the test lets them go
+        answers = [{"success": True, "transaction": "", "network": "eip155:31337", "amount": str(a)} for a in amounts]
+        return web.json_response({"settlements": answers})
+
+    def paid(amount: int) -> PaymentPayload:
+        return PaymentPayload(x402_version=2, payload={"n": amount}, accepted=PaymentRequirements(
+            scheme="channelhub", network="eip155:31337", asset=ETH, amount=str(amount), pay_to=ETH,
+            max_timeout_seconds=60, extra={},
+        ))  # fmt: skip
+
+    async def round_of(url: str, first: int, **options: Any) -> list[str | None]:
+        sizes.append([])
+        held.clear()
+        facilitator = ChannelHubFacilitatorClient(FacilitatorConfig(url=url), local_verify=False, **options)
+
+        def settle(amount: int) -> asyncio.Task[SettleResponse]:
+            payload = paid(amount)
+            return asyncio.create_task(facilitator.settle(payload, payload.accepted))
+
+        try:
+            out = [settle(first)]
+            while not sizes[-1]:  # the first batch is at the facilitator
+                await asyncio.sleep(0.01)
+            out.append(settle(first + 1))
+            await asyncio.sleep(0.5)  # time enough for it to reach the facilitator, if it is sent
+            out += [settle(first + 2), settle(first + 3)]
+            await asyncio.sleep(0.1)
+            held.set()
+            return [answer.amount for answer in await asyncio.gather(*out)]
+        finally:
+            await facilitator.aclose()
+
+    async def run() -> tuple[list[str | None], list[str | None]]:
+        app = web.Application()
+        app.router.add_post("/x402/settle/batch", batch)
+        runner = web.AppRunner(app)
+        await runner.setup()
+        site = web.TCPSite(runner, "127.0.0.1", 0)
+        await site.start()
+        url = f"http://127.0.0.1:{site._server.sockets[0].getsockname()[1]}/x402"  # type: ignore[union-attr]
+        try:
+            return await round_of(url, 1), await round_of(url, 11, batches_in_flight=2)
+        finally:
+            await runner.cleanup()
+
+    one, two = asyncio.run(run())
+    assert (one, two) == (["1", "2", "3", "4"], ["11", "12", "13", "14"])
+    assert sizes == [[1, 3], [1, 1, 2]]
+
+
 def test_supported_is_fetched_once_at_a_time_waited_for_briefly_and_kept() -> None:
     """What the payee's event loop does while the facilitator's /supported is slow, failing, then answering (the
     end-to-end cases: tests/test_x402_e2e.py, a payee started without its facilitator)."""
