@@ -78,8 +78,8 @@ SETTLE_BATCH_BYTES = 256 * 1024
 # One batch in flight: the settles that come while it is out wait for its answer and go together. With two, a settle
 # that came while one was out went at once, in a batch of its own: at 500 paid/s on two cores the facilitator spent
 # 0.08-0.15 ms more CPU a paid request (0.83-0.93 against 0.73-0.81 ms), the machine 85-87 % busy against 81-86 %,
-# and the p99 was higher in 8 of 10 alternated pairs; no difference at 200-300/s (docs/benchmarks.md, thirty-seventh
-# sitting).
+# and the p99 was higher in 8 of 10 alternated pairs; at 400/s 0.04-0.07 ms more CPU, a p50 0.1-0.3 ms lower and the
+# p99 a wash; no difference at 200-300/s (docs/benchmarks.md, thirty-seventh sitting).
 BATCHES_IN_FLIGHT = 1
 KEEPALIVE_SECONDS = 2.0  # below the service's keep-alive timeout
 SUPPORTED_WAIT = 1.0  # seconds the event loop waits for the facilitator's /supported (x402 asks it synchronously)
