@@ -7,7 +7,8 @@ from __future__ import annotations
 import asyncio
 import gc
 import threading
-from collections.abc import Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
+from contextlib import asynccontextmanager
 from typing import Any
 
 import aiohttp
@@ -227,6 +228,29 @@ def test_the_payees_facilitator_client_takes_both_of_x402s_config_forms() -> Non
     assert typed.own_client.is_closed
 
 
+def bare_payment(amount: int) -> PaymentPayload:
+    """A payment of `amount` whose payload no facilitator here looks into (the batch routes below answer it)."""
+    return PaymentPayload(x402_version=2, payload={"n": amount}, accepted=PaymentRequirements(
+        scheme="channelhub", network="eip155:31337", asset=ETH, amount=str(amount), pay_to=ETH,
+        max_timeout_seconds=60, extra={},
+    ))  # fmt: skip
+
+
+@asynccontextmanager
+async def batch_route(handler: Callable[[web.Request], Awaitable[web.Response]]) -> AsyncIterator[str]:
+    """A facilitator's URL whose `/settle/batch` is `handler`, over real HTTP (aiohttp's server)."""
+    app = web.Application()
+    app.router.add_post("/x402/settle/batch", handler)
+    runner = web.AppRunner(app)
+    await runner.setup()
+    site = web.TCPSite(runner, "127.0.0.1", 0)
+    await site.start()
+    try:
+        yield f"http://127.0.0.1:{site._server.sockets[0].getsockname()[1]}/x402"  # type: ignore[union-attr]
+    finally:
+        await runner.cleanup()
+
+
 def test_the_settle_batches_go_through_the_clients_own_aiohttp_session_which_closing_closes() -> None:
     """Where the client made its pool, a batch of settles is one POST through that pool's aiohttp session (not
     httpx's layers above it), the payments answered each as the facilitator said, and closing the client closes the
@@ -249,24 +273,9 @@ def test_the_settle_batches_go_through_the_clients_own_aiohttp_session_which_clo
         return web.json_response({"settlements": answers}, status=status[0])
 
     async def run() -> tuple[list[Any], list[Any], bool, bool]:
-        app = web.Application()
-        app.router.add_post("/x402/settle/batch", batch)
-        runner = web.AppRunner(app)
-        await runner.setup()
-        site = web.TCPSite(runner, "127.0.0.1", 0)
-        await site.start()
-        port = site._server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
-        facilitator = ChannelHubFacilitatorClient(
-            FacilitatorConfig(url=f"http://127.0.0.1:{port}/x402"), local_verify=False
-        )
-        paid = [
-            PaymentPayload(x402_version=2, payload={"n": n}, accepted=PaymentRequirements(
-                scheme="channelhub", network="eip155:31337", asset=ETH, amount=str(n), pay_to=ETH,
-                max_timeout_seconds=60, extra={},
-            ))
-            for n in (1, 2, 3)
-        ]  # fmt: skip
-        try:
+        async with batch_route(batch) as url:
+            facilitator = ChannelHubFacilitatorClient(FacilitatorConfig(url=url), local_verify=False)
+            paid = [bare_payment(n) for n in (1, 2, 3)]
             answers = await asyncio.gather(*(facilitator.settle(p, p.accepted) for p in paid))
             status[0] = 503
             refused = await asyncio.gather(*(facilitator.settle(p, p.accepted) for p in paid), return_exceptions=True)
@@ -275,8 +284,6 @@ def test_the_settle_batches_go_through_the_clients_own_aiohttp_session_which_clo
             assert isinstance(session, aiohttp.ClientSession) and not session.closed
             await facilitator.aclose()
             return answers, refused, session.closed, facilitator.own_client is not None
-        finally:
-            await runner.cleanup()
 
     answers, refused, closed, own = asyncio.run(run())
     assert [(a.success, a.amount) for a in answers] == [(True, "1"), (True, "2"), (True, "3")]
@@ -300,19 +307,13 @@ def test_settles_that_come_while_a_batch_is_out_wait_for_it_and_go_together() ->
         answers = [{"success": True, "transaction": "", "network": "eip155:31337", "amount": str(a)} for a in amounts]
         return web.json_response({"settlements": answers})
 
-    def paid(amount: int) -> PaymentPayload:
-        return PaymentPayload(x402_version=2, payload={"n": amount}, accepted=PaymentRequirements(
-            scheme="channelhub", network="eip155:31337", asset=ETH, amount=str(amount), pay_to=ETH,
-            max_timeout_seconds=60, extra={},
-        ))  # fmt: skip
-
     async def round_of(url: str, first: int, **options: Any) -> list[str | None]:
         sizes.append([])
         held.clear()
         facilitator = ChannelHubFacilitatorClient(FacilitatorConfig(url=url), local_verify=False, **options)
 
         def settle(amount: int) -> asyncio.Task[SettleResponse]:
-            payload = paid(amount)
+            payload = bare_payment(amount)
             return asyncio.create_task(facilitator.settle(payload, payload.accepted))
 
         try:
@@ -329,17 +330,8 @@ def test_settles_that_come_while_a_batch_is_out_wait_for_it_and_go_together() ->
             await facilitator.aclose()
 
     async def run() -> tuple[list[str | None], list[str | None]]:
-        app = web.Application()
-        app.router.add_post("/x402/settle/batch", batch)
-        runner = web.AppRunner(app)
-        await runner.setup()
-        site = web.TCPSite(runner, "127.0.0.1", 0)
-        await site.start()
-        url = f"http://127.0.0.1:{site._server.sockets[0].getsockname()[1]}/x402"  # type: ignore[union-attr]
-        try:
+        async with batch_route(batch) as url:
             return await round_of(url, 1), await round_of(url, 11, batches_in_flight=2)
-        finally:
-            await runner.cleanup()
 
     one, two = asyncio.run(run())
     assert (one, two) == (["1", "2", "3", "4"], ["11", "12", "13", "14"])
