@@ -297,12 +297,13 @@ def test_settles_that_come_while_a_batch_is_out_wait_for_it_and_go_together() ->
     together once it is answered, each answered as the facilitator said. With `batches_in_flight=2` the first of them
     went at once, alone, and the rest waited for either."""
     sizes: list[list[int]] = []
-    held = asyncio.Event()
+    held, arrived = asyncio.Event(), asyncio.Event()
 
     async def batch(request: web.Request) -> web.Response:
         body = await request.json()
         amounts = [int(item["paymentRequirements"]["amount"]) for item in body["settlements"]]
         sizes[-1].append(len(amounts))
+        arrived.set()
         await held.wait()  # every batch is held until the test lets them go
         answers = [{"success": True, "transaction": "", "network": "eip155:31337", "amount": str(a)} for a in amounts]
         return web.json_response({"settlements": answers})
@@ -310,6 +311,7 @@ def test_settles_that_come_while_a_batch_is_out_wait_for_it_and_go_together() ->
     async def round_of(url: str, first: int, **options: Any) -> list[str | None]:
         sizes.append([])
         held.clear()
+        arrived.clear()
         facilitator = ChannelHubFacilitatorClient(FacilitatorConfig(url=url), local_verify=False, **options)
 
         def settle(amount: int) -> asyncio.Task[SettleResponse]:
@@ -318,8 +320,7 @@ def test_settles_that_come_while_a_batch_is_out_wait_for_it_and_go_together() ->
 
         try:
             out = [settle(first)]
-            while not sizes[-1]:  # the first batch is at the facilitator
-                await asyncio.sleep(0.01)
+            await asyncio.wait_for(arrived.wait(), 10)  # the first batch is at the facilitator
             out.append(settle(first + 1))
             await asyncio.sleep(0.5)  # time enough for it to reach the facilitator, if it is sent
             out += [settle(first + 2), settle(first + 3)]
