@@ -236,6 +236,14 @@ def bare_payment(amount: int) -> PaymentPayload:
     ))  # fmt: skip
 
 
+def settled_each(body: dict[str, Any]) -> list[dict[str, Any]]:
+    """A facilitator's answers to a settle batch's body: each payment settled for its requirements' amount."""
+    return [
+        {"success": True, "transaction": "", "network": "eip155:31337", "amount": item["paymentRequirements"]["amount"]}
+        for item in body["settlements"]
+    ]
+
+
 @asynccontextmanager
 async def batch_route(handler: Callable[[web.Request], Awaitable[web.Response]]) -> AsyncIterator[str]:
     """A facilitator's URL whose `/settle/batch` is `handler`, over real HTTP (aiohttp's server)."""
@@ -261,16 +269,7 @@ def test_the_settle_batches_go_through_the_clients_own_aiohttp_session_which_clo
     async def batch(request: web.Request) -> web.Response:
         body = await request.json()
         seen.append((request.path, request.headers["Content-Type"], len(body["settlements"])))
-        answers = [
-            {
-                "success": True,
-                "transaction": "",
-                "network": "eip155:31337",
-                "amount": item["paymentRequirements"]["amount"],
-            }
-            for item in body["settlements"]
-        ]
-        return web.json_response({"settlements": answers}, status=status[0])
+        return web.json_response({"settlements": settled_each(body)}, status=status[0])
 
     async def run() -> tuple[list[Any], list[Any], bool, bool]:
         async with batch_route(batch) as url:
@@ -301,12 +300,10 @@ def test_settles_that_come_while_a_batch_is_out_wait_for_it_and_go_together() ->
 
     async def batch(request: web.Request) -> web.Response:
         body = await request.json()
-        amounts = [int(item["paymentRequirements"]["amount"]) for item in body["settlements"]]
-        sizes[-1].append(len(amounts))
+        sizes[-1].append(len(body["settlements"]))
         arrived.set()
         await held.wait()  # every batch is held until the test lets them go
-        answers = [{"success": True, "transaction": "", "network": "eip155:31337", "amount": str(a)} for a in amounts]
-        return web.json_response({"settlements": answers})
+        return web.json_response({"settlements": settled_each(body)})
 
     async def round_of(url: str, first: int, **options: Any) -> list[str | None]:
         sizes.append([])
