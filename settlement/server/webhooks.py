@@ -151,17 +151,18 @@ IPV4_COMPATIBLE = ipaddress.ip_network("::/96")  # deprecated ::a.b.c.d
 
 def _inside(ip: ipaddress.IPv4Address | ipaddress.IPv6Address) -> bool:
     """Whether an address may reach inside the service's network: not global, multicast, or an IPv6 address that
-    carries an IPv4 address which is (IPv4-mapped, IPv4-compatible, NAT64, 6to4): Python counts 64:ff9b::a00:1
-    (10.0.0.1 through a NAT64 gateway) and 2002:7f00:1:: (6to4 of 127.0.0.1) as global."""
-    if not ip.is_global or ip.is_multicast:
-        return True
-    if not isinstance(ip, ipaddress.IPv6Address):
-        return False
-    if ip in NAT64_LOCAL:
-        return True
-    last32 = ipaddress.IPv4Address(int(ip) & 0xFFFFFFFF)
-    carried = ip.ipv4_mapped or ip.sixtofour or (last32 if ip in NAT64 or ip in IPV4_COMPATIBLE else None)
-    return carried is not None and _inside(carried)
+    carries an IPv4 address which is (IPv4-mapped, IPv4-compatible, NAT64, 6to4). Those are judged by the address they
+    carry alone, not by Python's table of IPv6 prefixes: it counts 64:ff9b::a00:1 (10.0.0.1 through a NAT64 gateway)
+    as global, and 2002::/16 (6to4) as global or not by its patch level (not since CVE-2024-4032's fix: 3.11.10,
+    3.12.4, 3.13, and Debian's 3.11.2), so a public address's 6to4 form passed on one Python and not on another."""
+    if isinstance(ip, ipaddress.IPv6Address):
+        if ip in NAT64_LOCAL:
+            return True
+        last32 = ipaddress.IPv4Address(int(ip) & 0xFFFFFFFF)
+        carried = ip.ipv4_mapped or ip.sixtofour or (last32 if ip in NAT64 or ip in IPV4_COMPATIBLE else None)
+        if carried is not None:
+            return _inside(carried)
+    return not ip.is_global or ip.is_multicast
 
 
 PASSED_SAVED = 10_000  # other payees' payments a webhook's stored position is moved past at once, at least
