@@ -15,6 +15,7 @@ import sqlite3
 import tempfile
 import time
 import uuid
+from contextlib import closing
 from pathlib import Path
 from typing import Any
 
@@ -89,7 +90,7 @@ def _run(keep: bool) -> tuple[float, float, float, float]:
             if timed:
                 cpu = (time.process_time() - started) / count
         journal.close()
-        with sqlite3.connect(path) as raw:
+        with closing(sqlite3.connect(path)) as raw, raw:
             raw.execute("PRAGMA wal_checkpoint(TRUNCATE)")
         size = path.stat().st_size / (FILL + TIMED)
     walls.sort()

@@ -8,6 +8,7 @@ import threading
 import time
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
+from contextlib import closing
 from dataclasses import replace
 from datetime import UTC, datetime
 from pathlib import Path
@@ -363,7 +364,7 @@ def test_a_receipt_the_journal_lost_with_the_machine_is_learnt_again_and_nothing
     client.wait_until_known(channel)
     first = client.pay(channel, 100)
     client.shutdown()
-    with sqlite3.connect(journal) as conn:  # what a lost, unflushed `accepted` leaves
+    with closing(sqlite3.connect(journal)) as conn, conn:  # what a lost, unflushed `accepted` leaves
         assert conn.execute("UPDATE payments SET status = 'pending', receipt = NULL").rowcount == 1
     client = payer_client(accounts[10], service.url, state_path=journal)
     second = client.pay(channel, 7)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import random
 import sqlite3
 import threading
+from contextlib import closing
 from pathlib import Path
 
 import pytest
@@ -133,7 +134,7 @@ def test_a_journal_from_before_the_buckets_counts_its_payments_once_opened(tmp_p
     """Journals written by the earlier SDK have the spending rows only: opening one adds them up, once."""
     path = tmp_path / "old.sqlite3"
     PayerJournal(path).close()
-    with sqlite3.connect(path) as old:
+    with closing(sqlite3.connect(path)) as old, old:
         old.executemany(
             "INSERT INTO spending VALUES (?, ?, ?, ?, ?)",
             [("a", A, ETH, "5", 100.5), ("b", B, ETH, str(2**80), 160.0), ("c", A, ETH, "7", 3_700.0)],
@@ -186,7 +187,7 @@ def test_a_journal_from_before_the_receipts_times_keeps_its_accepted_payments_a_
     tmp_path: Path,
 ) -> None:
     path = tmp_path / "old.sqlite3"
-    with sqlite3.connect(path) as old:  # the payments table as the SDK wrote it before version 2
+    with closing(sqlite3.connect(path)) as old, old:  # the payments table as the SDK wrote it before version 2
         old.execute(
             "CREATE TABLE payments (idempotency_key TEXT PRIMARY KEY, channel_id TEXT NOT NULL, amount TEXT NOT NULL,"
             " cumulative TEXT NOT NULL, reference TEXT, status TEXT NOT NULL, receipt TEXT)"
@@ -280,7 +281,7 @@ def test_a_payment_delivered_by_another_is_dropped_once_accepted_and_its_spendin
     journal.accepted("k1", {"cumulativeAmount": "5"})  # a second outcome: nothing
     journal.accepted("k2", None)
     journal.close()  # drops k2
-    with sqlite3.connect(path) as raw:
+    with closing(sqlite3.connect(path)) as raw, raw:
         assert raw.execute("SELECT COUNT(*) FROM payments").fetchone() == (0,)
     reopened = PayerJournal(path)
     assert (reopened.payment("k1"), reopened.payment("k2")) == (None, None)
