@@ -153,8 +153,8 @@ def _inside(ip: ipaddress.IPv4Address | ipaddress.IPv6Address) -> bool:
     """Whether an address may reach inside the service's network: not global, multicast, or an IPv6 address that
     carries an IPv4 address which is (IPv4-mapped, IPv4-compatible, NAT64, 6to4). Those are judged by the address they
     carry alone, not by Python's table of IPv6 prefixes: it counts 64:ff9b::a00:1 (10.0.0.1 through a NAT64 gateway)
-    as global, and 2002::/16 (6to4) as global or not by its patch level (not since CVE-2024-4032's fix: 3.11.10,
-    3.12.4, 3.13, and Debian's 3.11.2), so a public address's 6to4 form passed on one Python and not on another."""
+    as global, and 2002::/16 (6to4) as global or not by its release (global in 3.11.7 and 3.12.1, not in 3.13 and
+    Debian's 3.11.2), so a public address's 6to4 form passed on one Python and not on another."""
     if isinstance(ip, ipaddress.IPv6Address):
         if ip in NAT64_LOCAL:
             return True
