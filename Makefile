@@ -35,9 +35,14 @@ lock:
 	mv constraints.txt.new constraints.txt
 	rm -rf $(LOCK_VENV)
 
+# anvil's npm package brings its binary in a package per platform, which installs on Node 20 and newer only: on Node
+# 18 `npm ci` skipped it without a word, and `make run` then said "anvil not found: run `npm ci`". Checked here.
 $(NPM_STAMP): package.json package-lock.json
-	@command -v npm >/dev/null || { echo "npm (Node 18+) is required"; exit 1; }
+	@command -v npm >/dev/null || { echo "npm (Node 20+) is required"; exit 1; }
 	npm ci --no-audit --no-fund --loglevel=error
+	@[ -n "$$SETTLEMENT_ANVIL_PATH" ] || [ -x node_modules/.bin/anvil ] || { echo "npm ci installed no anvil:" \
+	  "its npm package needs Node 20+ (this is node $$(node --version)), on Linux or macOS (x64, arm64) or Windows x64;" \
+	  "or set SETTLEMENT_ANVIL_PATH to an anvil binary"; exit 1; }
 	@touch $@
 
 # Fails when the committed artifacts are not what the sources compile to.

@@ -40,7 +40,7 @@ def find_anvil(settings: Settings) -> Path:
             return candidate
     found = shutil.which("anvil")
     if found is None:
-        raise DevnetError("anvil not found: run `npm ci` in the repository or set SETTLEMENT_ANVIL_PATH")
+        raise DevnetError("anvil not found: run `npm ci` in the repository (Node 20+) or set SETTLEMENT_ANVIL_PATH")
     return Path(found)
 
 
