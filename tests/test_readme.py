@@ -205,7 +205,8 @@ def _cli_env(shell: Shell) -> dict[str, str]:
 
 def test_make_run_then_a_second_terminal_reads_the_demo(tmp_path: Path) -> None:
     """`make run`'s demo prints the export lines; a second terminal (another directory) pastes them and the
-    read-only commands see the demo's channels. Found broken once: `status` said `deployment_missing`."""
+    read-only commands see the demo's channels. Found broken once: `status` said `deployment_missing`; and once in a
+    checkout whose path has a space (`bash` took the path's second word for a name to export)."""
     port = free_test_port()
     shell = {k: v for k, v in os.environ.items() if k not in ("MAKEFLAGS", "MAKELEVEL", "MFLAGS")}  # as typed
     dry = subprocess.run(
@@ -216,22 +217,30 @@ def test_make_run_then_a_second_terminal_reads_the_demo(tmp_path: Path) -> None:
     ]
     env = {k: v for k, v in os.environ.items() if not k.startswith("SETTLEMENT_")} | {"HOME": str(tmp_path)}
     log = tmp_path / "demo.log"
+    checkout = tmp_path / "My Projects"
+    checkout.mkdir()
     with log.open("w") as out:
         demo = subprocess.Popen(  # a group of its own, as a terminal's foreground job
-            [*CLI, "demo", "--port", str(port)], cwd=tmp_path, env=env, stdout=out, stderr=out, start_new_session=True
+            [*CLI, "demo", "--port", str(port)], cwd=checkout, env=env, stdout=out, stderr=out, start_new_session=True
         )
     try:
         wait_until(lambda: "demo: 6 channels open" in log.read_text(), timeout=120)
         # and the paid API (x402): its payer's requests are paid and the payee's earnings reported
         wait_until(lambda: re.search(r"x402 demo: [1-9]\d* paid requests", log.read_text()) is not None, timeout=60)
-        exports = dict(
-            line.strip().removeprefix("export ").split("=", 1)
-            for line in log.read_text().splitlines()
-            if line.strip().startswith("export SETTLEMENT_")
-        )
+        lines = [line.strip() for line in log.read_text().splitlines() if line.strip().startswith("export SETTLEMENT_")]
+        pasted = subprocess.run(  # into bash, as a second terminal would
+            ["bash", "-c", "\n".join([*lines, "env -0"])], env={"PATH": os.environ["PATH"]}, capture_output=True,
+            text=True, check=True,
+        )  # fmt: skip
+        exports = dict(item.split("=", 1) for item in pasted.stdout.split("\0") if item.startswith("SETTLEMENT_"))
         assert sorted(exports) == [
             "SETTLEMENT_API_KEY", "SETTLEMENT_DATABASE_URL", "SETTLEMENT_DEPLOYMENT_FILE", "SETTLEMENT_RPC_URL",
         ]  # fmt: skip
+        deployment = checkout / ".settlement" / "demo-deployment.json"
+        assert (exports["SETTLEMENT_DEPLOYMENT_FILE"], exports["SETTLEMENT_DATABASE_URL"]) == (
+            str(deployment),
+            f"sqlite:///{deployment.parent / 'demo.db'}",
+        )
         assert httpx.get(f"http://127.0.0.1:{port}/v1/channels").status_code == 401
         listing = httpx.get(
             f"http://127.0.0.1:{port}/v1/channels", headers={"Authorization": f"Bearer {exports['SETTLEMENT_API_KEY']}"}

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import shlex
 import shutil
 import signal
 import sys
@@ -657,12 +658,16 @@ def _print_second_terminal(settings: Settings, api_port: int) -> None:
     from settlement.cli.keys import operator_key_file
 
     console.print("In a second terminal, these make `settlement status`, `channels`, `payee` and the API read it:")
-    console.print(escape(f"  export SETTLEMENT_RPC_URL={settings.rpc_url}"), soft_wrap=True)
-    console.print(escape(f"  export SETTLEMENT_DEPLOYMENT_FILE={settings.deployment_file.resolve()}"), soft_wrap=True)
-    console.print(escape(f"  export SETTLEMENT_DATABASE_URL={_absolute_sqlite(settings.database_url)}"), soft_wrap=True)
+    exports = {
+        "SETTLEMENT_RPC_URL": settings.rpc_url,
+        "SETTLEMENT_DEPLOYMENT_FILE": str(settings.deployment_file.resolve()),
+        "SETTLEMENT_DATABASE_URL": _absolute_sqlite(settings.database_url),
+    }
     key_file = operator_key_file(settings)
     if key_file.exists():
-        console.print(f"  export SETTLEMENT_API_KEY={key_file.read_text().strip()}", soft_wrap=True)
+        exports["SETTLEMENT_API_KEY"] = key_file.read_text().strip()
+    for name, value in exports.items():  # quoted for a shell: a checkout under "My Projects" pasted as two words
+        console.print(escape(f"  export {name}={shlex.quote(value)}"), soft_wrap=True)
     console.print(
         f'  curl -H "Authorization: Bearer $SETTLEMENT_API_KEY" http://127.0.0.1:{api_port}/v1/channels', soft_wrap=True
     )
