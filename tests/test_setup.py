@@ -36,7 +36,8 @@ def make_stamp(cwd: Path, env: dict[str, str]) -> subprocess.CompletedProcess[st
     make = shutil.which("make")
     if make is None:
         pytest.skip("make is not installed")
-    clean = {k: v for k, v in os.environ.items() if k != "SETTLEMENT_ANVIL_PATH"}
+    dropped = ("SETTLEMENT_ANVIL_PATH", "MAKEFLAGS", "MAKELEVEL", "MFLAGS")  # as typed, not under `make test`'s make
+    clean = {k: v for k, v in os.environ.items() if k not in dropped}
     return subprocess.run(
         [make, "--no-print-directory", str(STAMP)],
         cwd=cwd,
