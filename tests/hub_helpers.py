@@ -211,6 +211,12 @@ def run_cli(*args: str, env: dict[str, str], cwd: Path) -> subprocess.CompletedP
     return subprocess.run([*CLI, *args], env=cli_env(env), cwd=cwd, capture_output=True, text=True, timeout=120)
 
 
+def typed_env(*dropped: str) -> dict[str, str]:
+    """The test process's environment as a terminal's would be: without what `make test`'s make passes its children
+    (a nested make prints "make[1]:" and joins that make's jobs), and without `dropped`."""
+    return {k: v for k, v in os.environ.items() if k not in ("MAKEFLAGS", "MAKELEVEL", "MFLAGS", *dropped)}
+
+
 def cli_env(env: dict[str, str]) -> dict[str, str]:
     """A command's environment: the test process's without its SETTLEMENT_* settings, and `env`."""
     return {k: v for k, v in os.environ.items() if not k.startswith("SETTLEMENT_")} | env

@@ -18,7 +18,7 @@ from pathlib import Path
 import httpx
 import pytest
 
-from tests.hub_helpers import CLI, free_test_port, run_cli, wait_until
+from tests.hub_helpers import CLI, free_test_port, run_cli, typed_env, wait_until
 
 ROOT = Path(__file__).resolve().parents[1]
 README = (ROOT / "README.md").read_text(encoding="utf-8")
@@ -208,7 +208,7 @@ def test_make_run_then_a_second_terminal_reads_the_demo(tmp_path: Path) -> None:
     read-only commands see the demo's channels. Found broken once: `status` said `deployment_missing`; and once in a
     checkout whose path has a space (`bash` took the path's second word for a name to export)."""
     port = free_test_port()
-    shell = {k: v for k, v in os.environ.items() if k not in ("MAKEFLAGS", "MAKELEVEL", "MFLAGS")}  # as typed
+    shell = typed_env()
     dry = subprocess.run(
         ["make", "-n", "run", f"PORT={port}"], cwd=ROOT, env=shell, capture_output=True, text=True, check=True
     )

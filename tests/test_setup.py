@@ -12,6 +12,7 @@ from pathlib import Path
 import pytest
 
 from tests.conftest import ROOT
+from tests.hub_helpers import typed_env
 
 STAMP = Path("node_modules/.installed")
 NODE_18 = "v18.20.8"
@@ -36,12 +37,10 @@ def make_stamp(cwd: Path, env: dict[str, str]) -> subprocess.CompletedProcess[st
     make = shutil.which("make")
     if make is None:
         pytest.skip("make is not installed")
-    dropped = ("SETTLEMENT_ANVIL_PATH", "MAKEFLAGS", "MAKELEVEL", "MFLAGS")  # as typed, not under `make test`'s make
-    clean = {k: v for k, v in os.environ.items() if k not in dropped}
     return subprocess.run(
         [make, "--no-print-directory", str(STAMP)],
         cwd=cwd,
-        env={**clean, **env},
+        env={**typed_env("SETTLEMENT_ANVIL_PATH"), **env},
         capture_output=True,
         text=True,
         timeout=60,
