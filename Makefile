@@ -36,13 +36,16 @@ lock:
 	rm -rf $(LOCK_VENV)
 
 # anvil's npm package brings its binary in a package per platform, which installs on Node 20 and newer only: on Node
-# 18 `npm ci` skipped it without a word, and `make run` then said "anvil not found: run `npm ci`". Checked here.
+# 18 `npm ci` skipped it without a word, and `make run` then said "anvil not found: run `npm ci`". Checked here. An
+# anvil of one's own (SETTLEMENT_ANVIL_PATH) counts where Settings read it: the environment or `.env` (any case).
 $(NPM_STAMP): package.json package-lock.json
 	@command -v npm >/dev/null || { echo "npm (Node 20+) is required"; exit 1; }
 	npm ci --no-audit --no-fund --loglevel=error
-	@[ -n "$$SETTLEMENT_ANVIL_PATH" ] || [ -x node_modules/.bin/anvil ] || { echo "npm ci installed no anvil:" \
+	@[ -n "$$SETTLEMENT_ANVIL_PATH" ] || [ -x node_modules/.bin/anvil ] \
+	  || grep -qsiE '^[[:space:]]*(export[[:space:]]+)?SETTLEMENT_ANVIL_PATH[[:space:]]*=[[:space:]]*[^[:space:]#]' .env \
+	  || { echo "npm ci installed no anvil:" \
 	  "its npm package needs Node 20+ (this is node $$(node --version)), on Linux or macOS (x64, arm64) or Windows x64;" \
-	  "or set SETTLEMENT_ANVIL_PATH to an anvil binary"; exit 1; }
+	  "or set SETTLEMENT_ANVIL_PATH (in the environment or .env) to an anvil binary"; exit 1; }
 	@touch $@
 
 # Fails when the committed artifacts are not what the sources compile to.

@@ -70,3 +70,19 @@ def test_an_anvil_of_ones_own_lets_the_set_up_go_on_without_npms(tmp_path: Path)
     done = npm_step(tmp_path, NODE_18, installs_anvil=False, SETTLEMENT_ANVIL_PATH="/opt/foundry/anvil")
     assert done.returncode == 0, done.stdout + done.stderr
     assert (tmp_path / STAMP).exists()
+
+
+@pytest.mark.parametrize(
+    ("line", "goes_on"),
+    [
+        ("SETTLEMENT_ANVIL_PATH=/opt/foundry/anvil", True),
+        ('export settlement_anvil_path="/opt/foundry/anvil"', True),  # as Settings read it: any case, `export`
+        ("# SETTLEMENT_ANVIL_PATH=/opt/foundry/anvil", False),
+        ("SETTLEMENT_ANVIL_PATH=", False),
+    ],
+)
+def test_an_anvil_of_ones_own_in_dot_env_counts_as_settings_read_it(tmp_path: Path, line: str, goes_on: bool) -> None:
+    """The service's Settings read `.env` too: an anvil set there was refused by the set-up, and the service used it."""
+    (tmp_path / ".env").write_text(f"SETTLEMENT_DATABASE_URL=sqlite:///x.db\n{line}\n")
+    done = npm_step(tmp_path, NODE_18, installs_anvil=False)
+    assert (done.returncode, (tmp_path / STAMP).exists()) == ((0, True) if goes_on else (2, False)), done.stdout
