@@ -29,6 +29,7 @@ from settlement.eip712.vouchers import Domain
 from settlement.server.config import Settings
 from settlement.x402.fastapi import (
     CONNECT_TIMEOUT,
+    GC_YOUNG_THRESHOLD,
     KEEPALIVE_SECONDS,
     SUPPORTED_TIMEOUT,
     ChannelHubFacilitatorClient,
@@ -388,6 +389,32 @@ def test_the_facilitator_clients_lifespan_keeps_what_start_up_built_out_of_the_c
     with TestClient(app):
         assert not any(o is built for o in gc.get_objects())  # in the permanent generation: no scan walks it
     assert gc.is_tracked(built)
+
+
+@pytest.mark.parametrize(
+    ("own", "young", "running"),
+    [
+        (700, GC_YOUNG_THRESHOLD, 20_000),  # Python's default, raised while the app runs
+        (50_000, GC_YOUNG_THRESHOLD, 50_000),  # never sooner than the app's own setting
+        (0, GC_YOUNG_THRESHOLD, 0),  # an app that turned automatic collections off keeps them off
+        (700, None, 700),  # None: the app's setting left alone
+    ],
+)
+def test_the_facilitator_clients_lifespan_scans_the_young_generation_less_often_while_the_app_runs(
+    own: int, young: int | None, running: int
+) -> None:
+    facilitator = ChannelHubFacilitatorClient(
+        FacilitatorConfig(url="http://127.0.0.1:8000/x402"), gc_young_threshold=young
+    )
+    app = FastAPI(lifespan=facilitator.lifespan)
+    saved = gc.get_threshold()
+    gc.set_threshold(own, 11, 12)
+    try:
+        with TestClient(app):
+            assert gc.get_threshold() == (running, 11, 12)
+        assert gc.get_threshold() == (own, 11, 12)  # put back when the app stops
+    finally:
+        gc.set_threshold(*saved)
 
 
 # --- the payee's settles in flight go to the facilitator together (POST /settle/batch) ---------------------------
