@@ -89,8 +89,8 @@ FAILURE_SHOWN_MAX = 240  # characters of the facilitator's failure a payer's 503
 FAILURE_LOG_SECONDS = 10.0  # the payee logs the facilitator's failures once in this long, with their count
 # The collector's young generation is scanned after this many more new objects than freed ones (Python's default: 700).
 # A paid request's objects are freed by reference counting: at 500 paid/s the default scanned the young objects ~45
-# times a second (and the older ones every 10th and 100th time, up to ~3 ms each) to find 0.3-0.5 objects of cyclic
-# garbage a request, 2-3.3 % of the app's CPU; with 20,000, no scan in a 5-s run (docs/benchmarks.md, 39th sitting).
+# times a second (and the older ones every 10th and 100th time, up to ~4 ms each) to find 0.3-0.5 objects of cyclic
+# garbage a request, 2-4.5 % of the app's CPU; with 20,000, no scan in a 5-s run (docs/benchmarks.md, 39th sitting).
 GC_YOUNG_THRESHOLD = 20_000
 
 
