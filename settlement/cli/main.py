@@ -132,7 +132,7 @@ def devnet(
             console.print(f"{mining}; {settings.confirmations} confirmations make a deposit count")
             if not seconds and settings.confirmations:
                 err_console.print(f"[yellow]warning[/] {escape(_AUTOMINE_WARNING.format(n=settings.confirmations))}")
-            console.print(f"export SETTLEMENT_RPC_URL={net.url}")
+            console.print(escape(_export_line("SETTLEMENT_RPC_URL", net.url)), soft_wrap=True)
             console.print(f"[green]devnet running (pid {os.getpid()}); Ctrl-C or `kill {os.getpid()}` stops it[/]")
             _wait_for_signal()
     except SettlementError as ex:
@@ -653,6 +653,11 @@ def simulate(
     console.print("[green]every payee's credited balance equals its accepted payments, to the wei[/]")
 
 
+def _export_line(name: str, value: str) -> str:
+    """A line to paste into a shell, the value quoted for it: a checkout under "My Projects" pasted as two words."""
+    return f"export {name}={shlex.quote(value)}"
+
+
 def _print_second_terminal(settings: Settings, api_port: int) -> None:
     """What another terminal needs to look at the demo with the CLI (it keeps its own deployment file and store)."""
     from settlement.cli.keys import operator_key_file
@@ -666,8 +671,8 @@ def _print_second_terminal(settings: Settings, api_port: int) -> None:
     key_file = operator_key_file(settings)
     if key_file.exists():
         exports["SETTLEMENT_API_KEY"] = key_file.read_text().strip()
-    for name, value in exports.items():  # quoted for a shell: a checkout under "My Projects" pasted as two words
-        console.print(escape(f"  export {name}={shlex.quote(value)}"), soft_wrap=True)
+    for name, value in exports.items():
+        console.print(escape(f"  {_export_line(name, value)}"), soft_wrap=True)
     console.print(
         f'  curl -H "Authorization: Bearer $SETTLEMENT_API_KEY" http://127.0.0.1:{api_port}/v1/channels', soft_wrap=True
     )
