@@ -44,6 +44,7 @@ from settlement.domain.model import ChannelStatus, ChannelViewField
 from settlement.eip712.refunds import sign_refund_request
 from settlement.errors import BudgetExceededError, ChannelClosedError, ServiceRejectedError
 from settlement.sdk.journal import PRUNE_EVERY, Budget
+from settlement.sdk.loop_commits import LoopCommits
 from settlement.sdk.payee import PayeeClient
 from settlement.sdk.payer import PayerClient
 from settlement.x402.ahead import PayAheadAdapter, PayAheadTransport
@@ -689,8 +690,8 @@ def test_a_voucher_is_signed_from_the_journal_alone_only_where_authorize_would_a
     would, under the same budgets; and signs nothing, journals nothing, where `authorize` would first ask the service
     or the chain (no position of the channel in this journal, a payment of unknown fate on it), where the voucher
     would pass the deposit (a top-up first), while another thread pays on the channel or is in the journal (the loop
-    would wait for its commit), or when the journal's once-a-minute tidy-up is due (a DELETE of up to a minute of
-    payments: a worker thread's)."""
+    would wait for its commit), when the journal's once-a-minute tidy-up is due (a DELETE of up to a minute of
+    payments: a worker thread's), or when its commits on the loop say the disk is too slow for them (`LoopCommits`)."""
     service = spawn(f"sqlite:///{tmp_path / 'now.db'}")
     payer = payer_for(accounts[12], service)
     other = payer_for(accounts[12], service, "other-device")  # the same payer with a journal of its own
@@ -722,7 +723,16 @@ def test_a_voucher_is_signed_from_the_journal_alone_only_where_authorize_would_a
     payer.journal.clock = lambda: clock() + PRUNE_EVERY  # a minute on: the tidy-up is due
     assert nothing_signed("second")
     payer.journal.clock = clock
-    assert payer.authorize_now(channel, 2 * PRICE, "second", within=3 * PRICE) == (
+    # The disk too slow for a commit on the loop: a commit of any length counts as slow, and none probes this hour.
+    payer.loop_commits = LoopCommits(limit=0.0, seen=1, probe_every=3600.0)
+    assert payer.authorize_now(channel, PRICE, "second", within=3 * PRICE) == (
+        2 * PRICE,
+        payer.signer.sign(channel.channel_id, 2 * PRICE),
+    )
+    payer.concluded(channel, "second", {})
+    assert nothing_signed("third")  # the commit just made was timed: slow, a worker thread's from now on
+    payer.loop_commits = LoopCommits()
+    assert payer.authorize_now(channel, PRICE, "third", within=3 * PRICE) == (
         3 * PRICE,
         payer.signer.sign(channel.channel_id, 3 * PRICE),
     )

@@ -63,6 +63,7 @@ from settlement.sdk.answers import (
 )
 from settlement.sdk.bounded import bounded_client
 from settlement.sdk.journal import Budget, JournalPayment, PayerJournal, PaymentStatus
+from settlement.sdk.loop_commits import LoopCommits
 from settlement.sdk.signin import SignInAuth
 
 ERC20_ABI: list[dict[str, Any]] = [
@@ -152,10 +153,12 @@ class PayerClient:
         retries: int = 4,
         backoff: float = 0.2,
         http: httpx.Client | None = None,
+        loop_commits: LoopCommits | None = None,
     ) -> None:
         """`hub_address`: the hub to trust (from the operator's deployment record); without it, the hub the service
         names is checked on chain. `state_path`: the payer's journal (default ~/.channelhub/<chain>-<hub>-<payer>
-        .sqlite3); keep it across restarts, it is what makes a retry after a crash safe."""
+        .sqlite3); keep it across restarts, it is what makes a retry after a crash safe. `loop_commits`: when the
+        journal's disk is too slow for payments made on an event loop (`authorize_now`; default `LoopCommits()`)."""
         self.account: LocalAccount = Account.from_key(private_key)
         self._rpc_session = requests.Session()
         self.w3: Web3 = connect(rpc_url, timeout, self._rpc_session)
@@ -178,6 +181,7 @@ class PayerClient:
             state_path
             or DEFAULT_STATE_DIR / f"{self.domain.chain_id}-{self.hub.address}-{self.account.address}.sqlite3"
         )
+        self.loop_commits = loop_commits or LoopCommits()
         self._locks: dict[bytes, threading.Lock] = {}
         self._guard = threading.Lock()
 
@@ -447,8 +451,9 @@ class PayerClient:
         """`authorize`, if the journal alone can, in one short commit: None, and nothing signed, when it would first
         ask the service or the chain (payments of unknown fate on the channel, no position of it here), when the
         journal's once-a-minute tidy-up is due with it (`PayerJournal.tidy_due`), when another thread is paying on the
-        channel or is in the journal (`PayerJournal.busy`: its commit waits for the disk), or when the voucher's
-        cumulative amount would pass `within` (the deposit: a top-up first).
+        channel or is in the journal (`PayerJournal.busy`: its commit waits for the disk), when the voucher's
+        cumulative amount would pass `within` (the deposit: a top-up first), or when the disk is too slow for a commit
+        on the loop (`loop_commits`: the median of its last commits here; every commit it makes is timed for it).
         For a caller on an event loop, which cannot wait for the service or the chain, but can for one journal commit
         (`ChannelHubClientScheme`: cheaper than handing the payment to a worker thread and back)."""
         _check_amount(amount)
@@ -462,7 +467,12 @@ class PayerClient:
             start = self.journal.signed(channel.hex_id)
             if start is None or start + amount > within or self.journal.pending(channel.hex_id):
                 return None
-            return self._authorized(channel, amount, idempotency_key, budgets, start, now)
+            if self.loop_commits.slow():
+                return None
+            began = time.perf_counter()
+            signed = self._authorized(channel, amount, idempotency_key, budgets, start, now)
+            self.loop_commits.took(time.perf_counter() - began)
+            return signed
         finally:
             lock.release()
 
