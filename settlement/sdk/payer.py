@@ -453,7 +453,8 @@ class PayerClient:
         journal's once-a-minute tidy-up is due with it (`PayerJournal.tidy_due`), when another thread is paying on the
         channel or is in the journal (`PayerJournal.busy`: its commit waits for the disk), when the voucher's
         cumulative amount would pass `within` (the deposit: a top-up first), or when the disk is too slow for a commit
-        on the loop (`loop_commits`: the median of its last commits here; every commit it makes is timed for it).
+        on the loop (`loop_commits`: the median of its last commits here; every commit it makes is timed for it: the
+        time it waited, not its CPU, which a worker thread would spend as well).
         For a caller on an event loop, which cannot wait for the service or the chain, but can for one journal commit
         (`ChannelHubClientScheme`: cheaper than handing the payment to a worker thread and back)."""
         _check_amount(amount)
@@ -469,9 +470,9 @@ class PayerClient:
                 return None
             if self.loop_commits.slow():
                 return None
-            began = time.perf_counter()
+            began, cpu = time.perf_counter(), time.thread_time()
             signed = self._authorized(channel, amount, idempotency_key, budgets, start, now)
-            self.loop_commits.took(time.perf_counter() - began)
+            self.loop_commits.took(time.perf_counter() - began - (time.thread_time() - cpu))  # the loop's wait
             return signed
         finally:
             lock.release()
