@@ -453,8 +453,8 @@ class PayerClient:
         journal's once-a-minute tidy-up is due with it (`PayerJournal.tidy_due`), when another thread is paying on the
         channel or is in the journal (`PayerJournal.busy`: its commit waits for the disk), when the voucher's
         cumulative amount would pass `within` (the deposit: a top-up first), or when the disk is too slow for a commit
-        on the loop (`loop_commits`: the median of its last commits here; every commit it makes is timed for it: the
-        time it waited, not its CPU, which a worker thread would spend as well).
+        on the loop (`loop_commits`: every one of its last commits here waited too long; every commit it makes is timed
+        for it: the time it waited, not its CPU, which a worker thread would spend as well).
         For a caller on an event loop, which cannot wait for the service or the chain, but can for one journal commit
         (`ChannelHubClientScheme`: cheaper than handing the payment to a worker thread and back)."""
         _check_amount(amount)
