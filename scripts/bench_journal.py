@@ -7,12 +7,17 @@ to answer a retry with its key) and one x402 delivers (accepted without a receip
 journal and fills it with FILL payments before TIMED are timed, so the tables are not empty. Figures: the process's
 CPU a payment, the begin's wall time (p50 / p99: it waits for the disk), and the journal's bytes a payment (the file
 after a checkpoint, over every payment made).
+
+Then THREADS threads paying at once for SECONDS each, one channel each, as x402's client pays in its worker threads
+(a payer on a slow disk: `LoopCommits`): payments a second, the begin's wall time, and payments a commit (the group
+commit gathers the changes of threads that come while another's commit waits for the disk).
 """
 
 from __future__ import annotations
 
 import sqlite3
 import tempfile
+import threading
 import time
 import uuid
 from contextlib import closing
@@ -44,6 +49,8 @@ RECEIPT = {
     "signer": "0x" + "11" * 20,
 }
 KINDS = {"pay() (kept a week)": True, "x402 (dropped once accepted)": False}
+THREADS = 16
+SECONDS = 3.0
 
 
 def run_journal(console: Console) -> dict[str, Any]:
@@ -62,7 +69,55 @@ def run_journal(console: Console) -> dict[str, Any]:
         for i, name in enumerate(("cpu_us", "begin_p50_us", "begin_p99_us", "bytes_per_payment")):
             figures[f"{key}_{name}"] = [round(r[i], 1) for r in results]
     console.print(table)
+    figures |= _threads(console)
     return figures
+
+
+def _threads(console: Console) -> dict[str, Any]:
+    with console.status(f"journal: {THREADS} threads paying at once…"):
+        results = [_run_threads() for _ in range(ROUNDS)]
+    table = Table(title=f"the payer's journal: {THREADS} threads paying at once, one channel each, {SECONDS:g} s a run")
+    for column in ("payments/s", "begin p50 µs", "begin p99 µs", "payments a commit"):
+        table.add_column(column, justify="right")
+    table.add_row(*(" / ".join(f"{r[i]:,.{1 if i == 3 else 0}f}" for r in results) for i in range(4)))
+    console.print(table)
+    names = ("per_s", "begin_p50_us", "begin_p99_us", "payments_per_commit")
+    return {f"threads_{name}": [round(r[i], 1) for r in results] for i, name in enumerate(names)}
+
+
+def _run_threads() -> tuple[float, float, float, float]:
+    """(payments a second, begin p50 µs, begin p99 µs, payments a commit) of THREADS threads paying for SECONDS."""
+    with tempfile.TemporaryDirectory(prefix="bench-journal-") as tmp:
+        journal = PayerJournal(Path(tmp) / "journal.sqlite3")
+        walls: list[list[float]] = [[] for _ in range(THREADS)]
+        commits = journal.commits
+        stop = time.monotonic() + SECONDS
+
+        def pay(n: int) -> None:
+            channel = f"0x{n:064x}"
+            while time.monotonic() < stop:
+                journal.pending(channel)
+                cumulative = (journal.signed(channel) or 0) + 1_000
+                key = uuid.uuid4().hex
+                began = time.perf_counter()
+                journal.begin(
+                    JournalPayment(key, channel, 1_000, cumulative, None, PaymentStatus.PENDING, None),
+                    spend=(PAYEE, ETH, time.time()),
+                )
+                walls[n].append(time.perf_counter() - began)
+                journal.accepted(key, None)
+
+        started = time.monotonic()
+        threads = [threading.Thread(target=pay, args=(n,)) for n in range(THREADS)]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join()
+        took = time.monotonic() - started
+        commits = journal.commits - commits
+        journal.close()
+    every = sorted(w for mine in walls for w in mine)
+    return len(every) / took, every[len(every) // 2] * 1e6, every[int(len(every) * 0.99)] * 1e6, len(every) / commits
 
 
 def _run(keep: bool) -> tuple[float, float, float, float]:

@@ -5,8 +5,11 @@ from __future__ import annotations
 import random
 import sqlite3
 import threading
+import time
+from collections.abc import Callable
 from contextlib import closing
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -299,4 +302,235 @@ def test_a_payment_not_kept_that_was_lost_before_the_next_change_is_pending_agai
     restarted = PayerJournal(path)  # the app died (the first journal's memory lost)
     assert [p.idempotency_key for p in restarted.pending("0x01")] == ["k1"]
     restarted.close()
+    journal.close()
+
+
+def _queue_behind_the_lock(journal: PayerJournal, calls: list[Callable[[], None]]) -> list[BaseException | None]:
+    """Run each call in a thread of its own while this thread holds the journal's lock (as a commit waiting for the
+    disk holds it), release it once every call waits for it, and return what each raised (None: nothing)."""
+    outcomes: list[BaseException | None] = [None] * len(calls)
+
+    def run(n: int) -> None:
+        try:
+            calls[n]()
+        except BaseException as ex:  # recorded for the test to assert
+            outcomes[n] = ex
+
+    threads = [threading.Thread(target=run, args=(n,)) for n in range(len(calls))]
+    with journal._lock:  # white box: the lock is what makes writers come together
+        for thread in threads:
+            thread.start()
+        deadline = time.monotonic() + 10
+        while journal._queued < len(calls) and time.monotonic() < deadline:
+            time.sleep(0.001)
+        assert journal._queued == len(calls)
+    for thread in threads:
+        thread.join(timeout=30)
+        assert not thread.is_alive()  # a change left waiting for a commit that never comes
+    return outcomes
+
+
+def _on_disk(path: Path, key: str) -> bool:
+    """Whether another connection (another process, a restart) sees the payment: its transaction was committed."""
+    with closing(sqlite3.connect(path)) as other:
+        return other.execute("SELECT 1 FROM payments WHERE idempotency_key = ?", (key,)).fetchone() is not None
+
+
+def test_payments_begun_while_the_journal_is_busy_share_one_commit_each_on_disk_when_its_begin_returns(
+    tmp_path: Path,
+) -> None:
+    """A group commit: eight payments that wait for the journal while another change holds it are committed together
+    (one flush), and each `begin` returns only once its payment is committed, never while the group is still open."""
+    path = tmp_path / "j.sqlite3"
+    journal = PayerJournal(path)
+    journal.begin(payment("first", 1, "0x00"))
+    before = journal.commits
+    seen: dict[str, bool] = {}
+
+    def pay(n: int) -> Callable[[], None]:
+        def call() -> None:
+            journal.begin(payment(f"g{n}", 10 + n, f"0x{n + 1:02x}"), spend=(A, ETH, 1000.0))
+            seen[f"g{n}"] = _on_disk(path, f"g{n}")  # as soon as begin returned
+
+        return call
+
+    assert _queue_behind_the_lock(journal, [pay(n) for n in range(8)]) == [None] * 8
+    assert journal.commits == before + 1
+    assert seen == {f"g{n}": True for n in range(8)}
+    assert journal.spent(ETH, 0) == sum(10 + n for n in range(8))
+    assert [journal.signed(f"0x{n + 1:02x}") for n in range(8)] == [10 + n for n in range(8)]
+    journal.close()
+
+
+def test_a_payment_refused_in_a_group_takes_nothing_of_the_others(tmp_path: Path) -> None:
+    """One payment of the group passes its budget alone: it is refused and recorded nowhere; the other five are
+    committed in the one transaction, with their spending."""
+    path = tmp_path / "j.sqlite3"
+    journal = PayerJournal(path)
+    budget = [Budget(limit=100, period=60)]
+
+    def pay(n: int, amount: int) -> Callable[[], None]:
+        def call() -> None:
+            journal.begin(payment(f"p{n}", amount, f"0x{n:02x}"), spend=(A, ETH, 1000.0), budgets=budget)
+
+        return call
+
+    calls = [pay(n, 10) for n in range(5)] + [pay(5, 101)]
+    before = journal.commits
+    outcomes = _queue_behind_the_lock(journal, calls)
+    assert outcomes[:5] == [None] * 5
+    assert isinstance(outcomes[5], BudgetExceededError)
+    assert journal.commits == before + 1
+    assert [_on_disk(path, f"p{n}") for n in range(6)] == [True] * 5 + [False]
+    assert journal.spent(ETH, 0) == 50 and journal.signed("0x05") is None
+    journal.close()
+
+
+class _FailingCommit:
+    """The journal's connection, whose next COMMIT fails as a full or failing disk's would."""
+
+    def __init__(self, conn: sqlite3.Connection) -> None:
+        self.conn = conn
+        self.fail = True
+
+    def execute(self, sql: str, *args: Any) -> sqlite3.Cursor:
+        if sql == "COMMIT" and self.fail:
+            self.fail = False
+            raise sqlite3.OperationalError("disk I/O error")
+        return self.conn.execute(sql, *args)
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.conn, name)
+
+
+def test_a_failed_group_commit_fails_every_payment_of_the_group_and_loses_no_receipt(tmp_path: Path) -> None:
+    """Four payments in one transaction whose commit fails: each `begin` raises (none may be sent), none is on disk or
+    counted, the receipt the group's transaction wrote waits for the next change, and the journal goes on."""
+    path = tmp_path / "j.sqlite3"
+    journal = PayerJournal(path)
+    journal.begin(payment("before", 5, "0x09"))
+    journal.accepted("before", {"n": 1})  # written with the next change: the failing group's
+    journal._conn = _FailingCommit(journal._conn)  # type: ignore[assignment]
+
+    def pay(n: int) -> Callable[[], None]:
+        return lambda: journal.begin(payment(f"f{n}", 10, f"0x{n:02x}"), spend=(A, ETH, 1000.0))
+
+    outcomes = _queue_behind_the_lock(journal, [pay(n) for n in range(4)])
+    assert [type(o) for o in outcomes] == [sqlite3.OperationalError] * 4
+    assert [_on_disk(path, f"f{n}") for n in range(4)] == [False] * 4
+    assert journal.spent(ETH, 0) == 0 and [journal.signed(f"0x{n:02x}") for n in range(4)] == [None] * 4
+    found = journal.payment("before")
+    assert found is not None and (found.status, found.receipt) == (PaymentStatus.ACCEPTED, {"n": 1})
+    journal.begin(payment("after", 7, "0x0a"), spend=(A, ETH, 1001.0))
+    assert _on_disk(path, "after") and journal.spent(ETH, 0) == 7
+    with closing(sqlite3.connect(path)) as other:
+        row = other.execute("SELECT status, receipt FROM payments WHERE idempotency_key = 'before'").fetchone()
+    assert row == ("accepted", '{"n": 1}')
+    journal.close()
+
+
+class _FullDisk:
+    """The journal's connection, on which a change to channel 0xdead fails as a full disk fails one in SQLite: the
+    whole transaction rolled back, not only the statement."""
+
+    def __init__(self, conn: sqlite3.Connection) -> None:
+        self.conn = conn
+
+    def execute(self, sql: str, *args: Any) -> sqlite3.Cursor:
+        if sql.startswith("INSERT") and args and "0xdead" in args[0]:
+            self.conn.execute("ROLLBACK")
+            raise sqlite3.OperationalError("database or disk is full")
+        return self.conn.execute(sql, *args)
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.conn, name)
+
+
+def test_a_change_that_loses_the_whole_transaction_fails_its_group_and_leaves_no_change_waiting(tmp_path: Path) -> None:
+    """A change waiting for its group's commit, and one joining the group whose error rolls back the whole transaction:
+    both fail (neither on disk; the first may not send its voucher), neither waits for good, and the journal goes on."""
+    path = tmp_path / "j.sqlite3"
+    journal = PayerJournal(path)
+    journal._conn = _FullDisk(journal._conn)  # type: ignore[assignment]
+    inside, go_on = threading.Event(), threading.Event()
+
+    def first() -> None:
+        with journal._write():  # white box: a change holding the group open while the other queues behind it
+            journal._conn.execute("INSERT INTO positions VALUES ('0x01', '5')")
+            inside.set()
+            assert go_on.wait(10)
+
+    outcomes: dict[str, BaseException | None] = {}
+
+    def run(name: str, call: Callable[[], None]) -> None:
+        try:
+            call()
+            outcomes[name] = None
+        except BaseException as ex:  # recorded for the test to assert
+            outcomes[name] = ex
+
+    threads = [threading.Thread(target=run, args=("first", first))]
+    threads[0].start()
+    assert inside.wait(10)
+    threads.append(threading.Thread(target=run, args=("full", lambda: journal.settle_position("0xdead", 7))))
+    threads[1].start()
+    deadline = time.monotonic() + 10
+    while journal._queued < 1 and time.monotonic() < deadline:
+        time.sleep(0.001)
+    go_on.set()
+    for thread in threads:
+        thread.join(timeout=30)
+        assert not thread.is_alive()
+    assert str(outcomes["full"]) == "database or disk is full"
+    assert str(outcomes["first"]) == "the journal's group commit failed: database or disk is full"
+    assert journal.signed("0x01") is None and journal.signed("0xdead") is None
+    journal.begin(payment("after", 3, "0x02"))
+    assert _on_disk(path, "after") and journal.signed("0x01") is None
+    journal.close()
+
+
+def test_a_payment_from_an_event_loop_is_committed_at_once_whoever_waits_behind_it(tmp_path: Path) -> None:
+    """`group=False` (`PayerClient.authorize_now`, on the app's event loop) never leaves its transaction open for a
+    writer waiting for the lock: the loop would wait for that thread's change and its flush."""
+    path = tmp_path / "j.sqlite3"
+    journal = PayerJournal(path)
+    before = journal.commits
+    journal._queued += 1  # white box: a writer on its way to the lock
+    try:
+        journal.begin(payment("loop", 3), spend=(A, ETH, 1000.0), group=False)
+        assert _on_disk(path, "loop") and journal.commits == before + 1
+    finally:
+        journal._queued -= 1
+    journal.close()
+
+
+def test_reads_do_not_wait_for_a_commit_and_see_the_receipts_it_is_writing(tmp_path: Path) -> None:
+    """While a change holds the journal (its commit waiting for the disk), reads go through a connection of their own:
+    they see what is committed without waiting, and a receipt that change is writing reads as accepted (the file
+    says pending until its commit), so a payment whose answer came is never looked up again as one of unknown fate."""
+    path = tmp_path / "j.sqlite3"
+    journal = PayerJournal(path)
+    journal.begin(payment("k1", 10, "0x01"))
+    journal.begin(payment("k2", 20, "0x02"))
+    journal.accepted("k1", {"n": 1})  # not written yet: with the next change
+    read: dict[str, Any] = {}
+
+    def reads() -> None:
+        read["signed"] = journal.signed("0x01")
+        read["k1"] = journal.payment("k1")
+        read["pending 0x01"] = journal.pending("0x01")
+        read["pending 0x02"] = [p.idempotency_key for p in journal.pending("0x02")]
+
+    with journal._write() as conn:  # white box: a change in progress, the receipt written in its transaction
+        conn.execute("UPDATE positions SET signed = '99' WHERE channel_id = '0x02'")
+        reader = threading.Thread(target=reads)
+        reader.start()
+        reader.join(timeout=10)
+        assert not reader.is_alive()  # it did not wait for the change
+    found = read["k1"]
+    assert found is not None and (found.status, found.receipt) == (PaymentStatus.ACCEPTED, {"n": 1})
+    assert (read["signed"], read["pending 0x01"], read["pending 0x02"]) == (10, [], ["k2"])
+    assert journal.signed("0x02") == 99  # committed once the change returned
+    found = journal.payment("k1")
+    assert found is not None and (found.status, found.receipt) == (PaymentStatus.ACCEPTED, {"n": 1})
     journal.close()

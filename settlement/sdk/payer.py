@@ -471,7 +471,7 @@ class PayerClient:
             if self.loop_commits.slow():
                 return None
             began, cpu = time.perf_counter(), time.thread_time()
-            signed = self._authorized(channel, amount, idempotency_key, budgets, start, now)
+            signed = self._authorized(channel, amount, idempotency_key, budgets, start, now, group=False)
             self.loop_commits.took(time.perf_counter() - began - (time.thread_time() - cpu))  # the loop's wait
             return signed
         finally:
@@ -485,13 +485,15 @@ class PayerClient:
         budgets: Sequence[Budget],
         start: int,
         now: float,
+        *,
+        group: bool = True,
     ) -> tuple[int, bytes]:
         """Journal the voucher of `amount` over `start`, spent at `now` (unix time) and counted against `budgets`,
-        then sign it; under the channel's lock."""
+        then sign it; under the channel's lock. `group=False`: the journal commits it at once (`PayerJournal.begin`)."""
         payment = JournalPayment(
             idempotency_key, channel.hex_id, amount, start + amount, None, PaymentStatus.PENDING, None
         )
-        self.journal.begin(payment, spend=(channel.payee, channel.token, now), budgets=budgets)
+        self.journal.begin(payment, spend=(channel.payee, channel.token, now), budgets=budgets, group=group)
         return payment.cumulative, self.signer.sign(channel.channel_id, payment.cumulative)
 
     def concluded(self, channel: ChannelRef, idempotency_key: str, receipt: dict[str, Any] | None) -> None:
