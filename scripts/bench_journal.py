@@ -96,16 +96,7 @@ def _run_threads() -> tuple[float, float, float, float]:
         def pay(n: int) -> None:
             channel = f"0x{n:064x}"
             while time.monotonic() < stop:
-                journal.pending(channel)
-                cumulative = (journal.signed(channel) or 0) + 1_000
-                key = uuid.uuid4().hex
-                began = time.perf_counter()
-                journal.begin(
-                    JournalPayment(key, channel, 1_000, cumulative, None, PaymentStatus.PENDING, None),
-                    spend=(PAYEE, ETH, time.time()),
-                )
-                walls[n].append(time.perf_counter() - began)
-                journal.accepted(key, None)
+                walls[n].append(_pay(journal, channel, None))
 
         started = time.monotonic()
         threads = [threading.Thread(target=pay, args=(n,)) for n in range(THREADS)]
@@ -131,17 +122,7 @@ def _run(keep: bool) -> tuple[float, float, float, float]:
         for count, timed in ((FILL, False), (TIMED, True)):
             walls, started = [], time.process_time()
             for n in range(count):
-                channel = channels[n % CHANNELS]
-                journal.pending(channel)
-                cumulative = (journal.signed(channel) or 0) + 1_000
-                key = uuid.uuid4().hex
-                began = time.perf_counter()
-                journal.begin(
-                    JournalPayment(key, channel, 1_000, cumulative, None, PaymentStatus.PENDING, None),
-                    spend=(PAYEE, ETH, time.time()),
-                )
-                walls.append(time.perf_counter() - began)
-                journal.accepted(key, RECEIPT if keep else None)
+                walls.append(_pay(journal, channels[n % CHANNELS], RECEIPT if keep else None))
             if timed:
                 cpu = (time.process_time() - started) / count
         journal.close()
@@ -150,3 +131,18 @@ def _run(keep: bool) -> tuple[float, float, float, float]:
         size = path.stat().st_size / (FILL + TIMED)
     walls.sort()
     return cpu * 1e6, walls[len(walls) // 2] * 1e6, walls[int(len(walls) * 0.99)] * 1e6, size
+
+
+def _pay(journal: PayerJournal, channel: str, receipt: dict[str, Any] | None) -> float:
+    """One payment as `PayerClient.authorize` makes it, then its acceptance; the begin's wall time (s)."""
+    journal.pending(channel)
+    cumulative = (journal.signed(channel) or 0) + 1_000
+    key = uuid.uuid4().hex
+    began = time.perf_counter()
+    journal.begin(
+        JournalPayment(key, channel, 1_000, cumulative, None, PaymentStatus.PENDING, None),
+        spend=(PAYEE, ETH, time.time()),
+    )
+    took = time.perf_counter() - began
+    journal.accepted(key, receipt)
+    return took
