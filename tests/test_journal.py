@@ -316,7 +316,7 @@ def _queue_behind_the_lock(journal: PayerJournal, calls: list[Callable[[], None]
         except BaseException as ex:  # recorded for the test to assert
             outcomes[n] = ex
 
-    threads = [threading.Thread(target=run, args=(n,)) for n in range(len(calls))]
+    threads = [threading.Thread(target=run, args=(n,), daemon=True) for n in range(len(calls))]
     with journal._lock:  # white box: the lock is what makes writers come together
         for thread in threads:
             thread.start()
@@ -469,10 +469,11 @@ def test_a_change_that_loses_the_whole_transaction_fails_its_group_and_leaves_no
         except BaseException as ex:  # recorded for the test to assert
             outcomes[name] = ex
 
-    threads = [threading.Thread(target=run, args=("first", first))]
+    threads = [threading.Thread(target=run, args=("first", first), daemon=True)]
     threads[0].start()
     assert inside.wait(10)
-    threads.append(threading.Thread(target=run, args=("full", lambda: journal.settle_position("0xdead", 7))))
+    full = threading.Thread(target=run, args=("full", lambda: journal.settle_position("0xdead", 7)), daemon=True)
+    threads.append(full)
     threads[1].start()
     deadline = time.monotonic() + 10
     while journal._queued < 1 and time.monotonic() < deadline:
@@ -523,7 +524,7 @@ def test_reads_do_not_wait_for_a_commit_and_see_the_receipts_it_is_writing(tmp_p
 
     with journal._write() as conn:  # white box: a change in progress, the receipt written in its transaction
         conn.execute("UPDATE positions SET signed = '99' WHERE channel_id = '0x02'")
-        reader = threading.Thread(target=reads)
+        reader = threading.Thread(target=reads, daemon=True)
         reader.start()
         reader.join(timeout=10)
         assert not reader.is_alive()  # it did not wait for the change
@@ -533,4 +534,27 @@ def test_reads_do_not_wait_for_a_commit_and_see_the_receipts_it_is_writing(tmp_p
     assert journal.signed("0x02") == 99  # committed once the change returned
     found = journal.payment("k1")
     assert found is not None and (found.status, found.receipt) == (PaymentStatus.ACCEPTED, {"n": 1})
+    journal.close()
+
+
+def test_a_group_left_open_for_a_writer_that_never_came_is_committed_by_the_change_waiting_for_it(
+    tmp_path: Path,
+) -> None:
+    """A change leaves its transaction open for a writer waiting for the lock, which is then interrupted on its way (a
+    KeyboardInterrupt): the change waiting for the group's commit commits it itself, instead of waiting for the next
+    payment (or for good)."""
+    path = tmp_path / "j.sqlite3"
+    journal = PayerJournal(path)
+    before = journal.commits
+    journal._queued += 1  # white box: a writer on its way to the lock
+    waiting = threading.Thread(target=lambda: journal.begin(payment("left", 4), spend=(A, ETH, 1000.0)), daemon=True)
+    waiting.start()
+    deadline = time.monotonic() + 10
+    while not (journal._open and not journal._lock.locked()) and time.monotonic() < deadline:
+        time.sleep(0.001)
+    assert journal._open and not _on_disk(path, "left")  # left open for the writer on its way, the lock free
+    journal._queued -= 1  # ... which never comes
+    waiting.join(timeout=10)
+    assert not waiting.is_alive()
+    assert _on_disk(path, "left") and journal.commits == before + 1
     journal.close()

@@ -21,7 +21,7 @@ import threading
 import time
 from collections import defaultdict
 from collections.abc import Callable, Iterable, Iterator, Sequence
-from contextlib import contextmanager
+from contextlib import contextmanager, suppress
 from dataclasses import dataclass, replace
 from enum import Enum
 from pathlib import Path
@@ -79,6 +79,7 @@ WIDTHS = (1, 60, 3600)
 KEPT = {1: 86_400 + 3_600, 60: 31 * 86_400 + 3_600, 3600: 366 * 86_400 + 3_600}
 LONGEST_PERIOD = 366 * 86_400
 PRUNE_EVERY = 60.0
+RESCUE_AFTER = 0.1  # a change waiting this long for its group's commit looks whether the group was left behind
 
 
 @dataclass(frozen=True)
@@ -312,11 +313,29 @@ class PayerJournal:
 
     def _await(self, group: int) -> None:
         """Wait for the commit of the group this change was made in; raise if it failed."""
-        with self._ended:
-            self._ended.wait_for(lambda: self._ended_group >= group)
-            failed = self._failed.get(group)
+        while True:
+            with self._ended:
+                if self._ended.wait_for(lambda: self._ended_group >= group, timeout=RESCUE_AFTER):
+                    failed = self._failed.get(group)
+                    break
+            self._rescue(group)
         if failed is not None:
             raise sqlite3.OperationalError(f"the journal's group commit failed: {failed}") from failed
+
+    def _rescue(self, group: int) -> None:
+        """Commit `group` if it is still open with the journal free and no writer on its way: the writer it was left
+        open for never came (interrupted while it waited for the lock, a KeyboardInterrupt), and its changes would
+        wait for the next payment, or for good."""
+        if not self._lock.acquire(blocking=False):
+            return  # a writer has it: it commits the group, or leaves it to the next
+        try:
+            with self._queued_lock:
+                orphaned = self._open and self._group == group and not self._queued
+            if orphaned:
+                with suppress(sqlite3.Error):  # its failure is recorded for each of its changes (`_await`)
+                    self._commit()
+        finally:
+            self._lock.release()
 
     def _restore(self, written: dict[str, tuple[str | None, float]]) -> None:
         """Receipts whose write was rolled back wait for the next change (the first outcome of a payment wins)."""
