@@ -139,8 +139,8 @@ class PayerJournal:
         self._conn.execute("PRAGMA synchronous=FULL")
         self._conn.create_function("add_decimal", 2, _add_decimal, deterministic=True)
         self._conn.executescript(_SCHEMA)
-        # Reads go through a connection of their own (WAL: they see what is committed, and never wait for a commit
-        # waiting for the disk, nor keep the changes of threads waiting behind them from joining one).
+        # Reads the writers' connection cannot serve at once (a change holds it) go through a connection of their own
+        # (WAL: they see what is committed, and never wait for a commit waiting for the disk: `_read`).
         self._reader = sqlite3.connect(path, check_same_thread=False, isolation_level=None, timeout=30.0)
         self._read_lock = threading.Lock()
         self._pruned_at: float | None = None
