@@ -123,11 +123,10 @@ class PayerJournal:
         self.path = path
         self.clock = clock  # when receipts come (accepted payments are forgotten KEEP_ACCEPTED later)
         self._lock = threading.Lock()
-        # The group commit: the transaction left open for the writers waiting for the lock (`_queued`), its number
-        # (`_group`), the last group whose outcome is known, and the groups whose commit failed (with why).
+        # The group commit: the writers waiting for the lock (`_queued`), for whom the transaction is left open, its
+        # number (`_group`), the last group whose outcome is known, and the groups whose commit failed (with why).
         self._queued = 0
         self._queued_lock = threading.Lock()
-        self._open = False
         self._group = 0
         self._ended = threading.Condition()
         self._ended_group = 0
@@ -175,12 +174,18 @@ class PayerJournal:
             with self._write(flush=False):
                 pass
         with self._lock:
-            if self._open:  # left open for a writer that never came (it was interrupted on its way)
+            if not self._closed and self._open:  # left open for a writer that never came (interrupted on its way)
                 self._commit()
             self._closed = True
             self._conn.close()
         with self._read_lock:
             self._reader.close()
+
+    @property
+    def _open(self) -> bool:
+        """Whether a group's transaction is open: SQLite's own word, not a copy of it to keep in step (a change's
+        error can end the transaction in SQLite before the journal knows: `_undo`)."""
+        return self._conn.in_transaction
 
     @property
     def commits(self) -> int:
@@ -255,7 +260,7 @@ class PayerJournal:
         except BaseException:
             self._full()
             raise
-        self._open, self._group = True, self._group + 1
+        self._group += 1
 
     def _full(self) -> None:
         if self._normal:
@@ -274,7 +279,6 @@ class PayerJournal:
             with self._receipts_lock:
                 writing, self._writing = self._writing, {}
             self._restore(writing)
-            self._open = False
             self._ended_now(group)
             self._full()
 
@@ -298,7 +302,6 @@ class PayerJournal:
         self._commits += 1
         with self._receipts_lock:
             self._writing = {}
-        self._open = False
         self._ended_now(self._group)
         self._full()
 
