@@ -386,17 +386,19 @@ def test_a_payment_refused_in_a_group_takes_nothing_of_the_others(tmp_path: Path
     journal.close()
 
 
-class _FailingCommit:
-    """The journal's connection, whose next COMMIT fails as a full or failing disk's would."""
+class _BrokenDisk:
+    """The journal's connection, on which the statements `breaks` picks fail as a failing disk fails them in SQLite:
+    with the whole transaction rolled back first when `whole` (a full disk), else the statement alone (once)."""
 
-    def __init__(self, conn: sqlite3.Connection) -> None:
-        self.conn = conn
-        self.fail = True
+    def __init__(self, conn: sqlite3.Connection, breaks: Callable[[str, tuple[Any, ...]], bool], whole: bool) -> None:
+        self.conn, self.breaks, self.whole, self.broken = conn, breaks, whole, False
 
     def execute(self, sql: str, *args: Any) -> sqlite3.Cursor:
-        if sql == "COMMIT" and self.fail:
-            self.fail = False
-            raise sqlite3.OperationalError("disk I/O error")
+        if self.breaks(sql, args) and (self.whole or not self.broken):
+            self.broken = True
+            if self.whole:
+                self.conn.execute("ROLLBACK")
+            raise sqlite3.OperationalError("database or disk is full" if self.whole else "disk I/O error")
         return self.conn.execute(sql, *args)
 
     def __getattr__(self, name: str) -> Any:
@@ -410,7 +412,7 @@ def test_a_failed_group_commit_fails_every_payment_of_the_group_and_loses_no_rec
     journal = PayerJournal(path)
     journal.begin(payment("before", 5, "0x09"))
     journal.accepted("before", {"n": 1})  # written with the next change: the failing group's
-    journal._conn = _FailingCommit(journal._conn)  # type: ignore[assignment]
+    journal._conn = _BrokenDisk(journal._conn, lambda sql, _: sql == "COMMIT", whole=False)  # type: ignore[assignment]
 
     def pay(n: int) -> Callable[[], None]:
         return lambda: journal.begin(payment(f"f{n}", 10, f"0x{n:02x}"), spend=(A, ETH, 1000.0))
@@ -429,29 +431,16 @@ def test_a_failed_group_commit_fails_every_payment_of_the_group_and_loses_no_rec
     journal.close()
 
 
-class _FullDisk:
-    """The journal's connection, on which a change to channel 0xdead fails as a full disk fails one in SQLite: the
-    whole transaction rolled back, not only the statement."""
-
-    def __init__(self, conn: sqlite3.Connection) -> None:
-        self.conn = conn
-
-    def execute(self, sql: str, *args: Any) -> sqlite3.Cursor:
-        if sql.startswith("INSERT") and args and "0xdead" in args[0]:
-            self.conn.execute("ROLLBACK")
-            raise sqlite3.OperationalError("database or disk is full")
-        return self.conn.execute(sql, *args)
-
-    def __getattr__(self, name: str) -> Any:
-        return getattr(self.conn, name)
-
-
 def test_a_change_that_loses_the_whole_transaction_fails_its_group_and_leaves_no_change_waiting(tmp_path: Path) -> None:
     """A change waiting for its group's commit, and one joining the group whose error rolls back the whole transaction:
     both fail (neither on disk; the first may not send its voucher), neither waits for good, and the journal goes on."""
     path = tmp_path / "j.sqlite3"
     journal = PayerJournal(path)
-    journal._conn = _FullDisk(journal._conn)  # type: ignore[assignment]
+
+    def dead(sql: str, args: tuple[Any, ...]) -> bool:  # a change to channel 0xdead
+        return sql.startswith("INSERT") and bool(args) and "0xdead" in args[0]
+
+    journal._conn = _BrokenDisk(journal._conn, dead, whole=True)  # type: ignore[assignment]
     inside, go_on = threading.Event(), threading.Event()
 
     def first() -> None:
