@@ -470,6 +470,38 @@ def test_a_replayed_payment_header_buys_nothing(
     assert accepted_for(service, payee) == PRICE
 
 
+def test_a_payment_header_nested_deeper_than_the_services_json_reader_goes_pays(
+    spawn: Callable[..., ServiceProcess],
+    paid_api: Callable[..., str],
+    devnet: Devnet,
+    accounts: list[LocalAccount],
+    tmp_path: Path,
+    payer_for: Callable[..., PayerClient],
+) -> None:
+    """x402 reads a payment header's JSON as deep as Python's reader goes (~1,000 levels) and passes its
+    `extensions` on to the facilitator. A payer's header nested 250 levels deep, on a channel the payee had not
+    learned yet, was answered 503 (the service's `/verify` read 200 levels and answered 400): a payment retried that
+    could never pass. It pays once now, and the next one too (verified by the payee alone)."""
+    service = spawn(f"sqlite:///{tmp_path / 'deep.db'}", wait=False)  # ready once the paid app is
+    payee = accounts[14].address
+    api = paid_api(service, payee)
+    payer = payer_for(accounts[15], service)
+    x402 = paying_client(devnet, ChannelHubClientScheme(payer))
+    http = x402HTTPClient(x402)
+
+    async def deep_header() -> dict[str, str]:
+        unpaid = httpx.get(f"{api}/weather")
+        required = http.get_payment_required_response(unpaid.headers.get, None)
+        payload = (await x402.create_payment_payload(required)).model_dump(by_alias=True, exclude_none=True)
+        payload["extensions"] = {"note": json.loads("[" * 250 + "]" * 250)}
+        return {"PAYMENT-SIGNATURE": base64.b64encode(json.dumps(payload).encode()).decode()}
+
+    for paid in (1, 2):
+        answer = httpx.get(f"{api}/weather", headers=asyncio.run(deep_header()))
+        assert (answer.status_code, answer.json()) == (200, {"forecast": "sunny"}), answer.text
+        assert accepted_for(service, payee) == paid * PRICE
+
+
 def test_a_retried_payment_with_an_identifier_is_answered_again_and_charged_once(
     spawn: Callable[..., ServiceProcess],
     paid_api: Callable[..., str],
@@ -1675,6 +1707,9 @@ BAD_HEADERS = {
     "not JSON": base64.b64encode(b"not json").decode(),
     "not an object": base64.b64encode(b"[]").decode(),
     "no accepted requirements": base64.b64encode(json.dumps({"x402Version": 2, "payload": {}}).encode()).decode(),
+    "nested deeper than Python's JSON reader goes": base64.b64encode(
+        b'{"x402Version": 2, "payload": ' + b"[" * 5_000 + b"]" * 5_000 + b"}"
+    ).decode(),
     "another scheme and network": base64.b64encode(
         json.dumps(
             {

@@ -544,6 +544,43 @@ def test_a_payment_of_a_batch_nested_deeper_than_the_json_parser_goes_is_judged_
     assert accepted(client, channel) == str(5 * PRICE)
 
 
+def test_a_single_payment_nested_deeper_than_the_json_parser_goes_is_judged_as_any_other(
+    api: Callable[..., TestClient], devnet: Devnet, channel: Channel, sign: Sign
+) -> None:
+    """As in a batch, on `/verify` and `/settle`: a payee's x402 passes on a payment's `extensions` read from the
+    payer's header up to ~1,000 levels deep. Nested 250 deep, both were a 400 (pydantic-core reads 200 levels), and a
+    payee's facilitator client answers a 400 with a 503: the payer retried a payment that could never pass. Judged
+    now, on both of the app's paths; one that is not x402's shape beneath the depth is still a 400 naming its field."""
+    client = api()
+    required = requirements(devnet, channel.payee)
+
+    def deep(cumulative: int) -> str:
+        made = x402_request(required, voucher(channel, cumulative, sign))
+        made["paymentPayload"]["extensions"] = {"note": json.loads("[" * 250 + "]" * 250)}
+        return json.dumps(made)
+
+    json_body = {"content-type": "application/json"}
+    for n, path in ((1, client), (2, behind_the_fast_path(client))):
+        verified = path.post("/x402/verify", content=deep(n * PRICE), headers=json_body)
+        assert (verified.status_code, verified.json()) == (
+            200,
+            {"isValid": True, "payer": channel.payer.address, "extra": {"increment": str(PRICE)}},
+        )
+        settled = path.post("/x402/settle", content=deep(n * PRICE), headers=json_body)
+        assert (settled.status_code, settled.json()["success"], settled.json()["amount"]) == (200, True, str(PRICE))
+        assert accepted(client, channel) == str(n * PRICE)
+    odd = json.loads(deep(3 * PRICE))
+    odd["paymentRequirements"] = "not requirements"
+    for path in (client, behind_the_fast_path(client)):
+        refused = path.post("/x402/settle", content=json.dumps(odd), headers=json_body)
+        assert (refused.status_code, refused.json()["code"]) == (400, "malformed_request")
+        assert refused.json()["errors"][0]["field"] == "paymentRequirements"
+    escaped = deep(3 * PRICE).replace('"note"', '"\\udc00"', 1)
+    refused = client.post("/x402/settle", content=escaped, headers=json_body)
+    assert (refused.status_code, refused.json()["code"]) == (400, "malformed_request")  # as the fast reader says
+    assert accepted(client, channel) == str(2 * PRICE)
+
+
 def test_a_payment_of_a_batch_that_cannot_be_judged_is_a_503_in_its_place_and_the_others_stand(
     api: Callable[..., TestClient],
     devnet: Devnet,

@@ -80,14 +80,14 @@ class X402Operations:
 
     async def verify(self, body: bytes) -> bytes:
         """The payment judged as ingest would judge it, nothing stored; its store read on a worker thread."""
-        answer = await asyncio.to_thread(self._verified, parse_body(X402Request, body))
+        answer = await asyncio.to_thread(self._verified, _request(body))
         return answer.model_dump_json(by_alias=True, exclude_none=True).encode()
 
     async def settle(self, body: bytes) -> bytes:
         """A payment of our scheme is settled on the event loop, awaiting its group commit without holding a
         thread; any other goes to x402's facilitator, which answers `unsupported`. Raises `malformed_request` for a
         body that is not x402 v2's shape, and the store's or the chain's 503."""
-        parsed = parse_body(X402Request, body)
+        parsed = _request(body)
         answer = await self._settle(parsed.paymentPayload, parsed.paymentRequirements)
         return answer.model_dump_json(by_alias=True, exclude_none=True).encode()
 
@@ -135,12 +135,10 @@ class X402Operations:
         try:
             return list(parse_body(X402SettleBatch, body).settlements)
         except MalformedRequestError as whole:
-            too_deep = "recursion limit exceeded" in whole.message
-            if not too_deep or _SURROGATE_ESCAPE.search(body):
-                raise
+            read = _read_deep(body, whole)
             try:
-                outer = _BatchOf.model_validate(json.loads(body))
-            except (ValueError, RecursionError):  # ValidationError is a ValueError
+                outer = _BatchOf.model_validate(read)
+            except ValidationError:
                 raise whole from None
             if not all(isinstance(item, dict) and set(item) == _FRAME for item in outer.settlements):
                 raise whole from None
@@ -227,6 +225,33 @@ def _item(answer: SettleResponse | BaseException) -> dict[str, Any]:
         return {"status": answer.status, "error": answer.body()}
     logger.error("unhandled error in a settle batch", exc_info=answer)
     return {"status": 500, "error": INTERNAL_ERROR}
+
+
+def _request(body: bytes) -> X402Request:
+    """The body of `/verify` or `/settle`; one nested deeper than pydantic-core reads (200 levels) read by Python's
+    reader, as a batch's payments are (`X402Operations.settlements`): a payee's x402 passes on a payment's
+    `extensions` as deep as it read them from the payer's header (~1,000 levels), and a 400 for it became the payee's
+    503, a payment retried that could never pass."""
+    try:
+        return parse_body(X402Request, body)
+    except MalformedRequestError as whole:
+        read = _read_deep(body, whole)
+    try:
+        return X402Request.model_validate(read)
+    except ValidationError as ex:
+        raise shape_error(ex.errors()) from None
+
+
+def _read_deep(body: bytes, whole: MalformedRequestError) -> Any:
+    """A body pydantic-core refused for its depth alone, read by Python's JSON reader; `whole` raised again for any
+    other refusal, for a body Python's reader refuses too, and for one with a lone surrogate escape (which the fast
+    reader refuses and Python's would take)."""
+    if "recursion limit exceeded" not in whole.message or _SURROGATE_ESCAPE.search(body):
+        raise whole
+    try:
+        return json.loads(body)
+    except (ValueError, RecursionError):
+        raise whole from None
 
 
 def _json(body: bytes) -> Response:
