@@ -470,7 +470,7 @@ def test_a_replayed_payment_header_buys_nothing(
     assert accepted_for(service, payee) == PRICE
 
 
-def test_a_payment_header_nested_deeper_than_the_services_json_reader_goes_pays(
+def test_a_payment_header_nested_deeper_than_the_services_json_reader_goes_pays_and_one_json_cannot_carry_is_a_402(
     spawn: Callable[..., ServiceProcess],
     paid_api: Callable[..., str],
     devnet: Devnet,
@@ -478,28 +478,35 @@ def test_a_payment_header_nested_deeper_than_the_services_json_reader_goes_pays(
     tmp_path: Path,
     payer_for: Callable[..., PayerClient],
 ) -> None:
-    """x402 reads a payment header's JSON as deep as Python's reader goes (~1,000 levels) and passes its
-    `extensions` on to the facilitator. A payer's header nested 250 levels deep, on a channel the payee had not
-    learned yet, was answered 503 (the service's `/verify` read 200 levels and answered 400): a payment retried that
-    could never pass. It pays once now, and the next one too (verified by the payee alone)."""
+    """x402 reads a payment header's JSON as deep as Python's reader goes (~1,000 levels), lone surrogate escapes
+    and all, and passes its `extensions` on to the facilitator. On a channel the payee had not learned yet (its
+    first payment: verified by the service), a header nested 250 levels deep was answered 503 (the service's
+    `/verify` read 200 levels and answered 400), and one with a lone surrogate 503 too (x402's client could not
+    encode it): payments retried that could never pass. The deep one pays now, and the next one too (verified by the
+    payee alone); the one no JSON can carry is a 402, `invalid_payload`, and charges nothing."""
     service = spawn(f"sqlite:///{tmp_path / 'deep.db'}", wait=False)  # ready once the paid app is
     payee = accounts[14].address
     api = paid_api(service, payee)
-    payer = payer_for(accounts[15], service)
-    x402 = paying_client(devnet, ChannelHubClientScheme(payer))
-    http = x402HTTPClient(x402)
 
-    async def deep_header() -> dict[str, str]:
+    def header_of(payer: PayerClient, extensions: str) -> dict[str, str]:
+        x402 = paying_client(devnet, ChannelHubClientScheme(payer))
+        http = x402HTTPClient(x402)
         unpaid = httpx.get(f"{api}/weather")
         required = http.get_payment_required_response(unpaid.headers.get, None)
-        payload = (await x402.create_payment_payload(required)).model_dump(by_alias=True, exclude_none=True)
-        payload["extensions"] = {"note": json.loads("[" * 250 + "]" * 250)}
-        return {"PAYMENT-SIGNATURE": base64.b64encode(json.dumps(payload).encode()).decode()}
+        payload = asyncio.run(x402.create_payment_payload(required)).model_dump(by_alias=True, exclude_none=True)
+        written = json.dumps(payload).removesuffix("}") + f', "extensions": {extensions}}}'
+        return {"PAYMENT-SIGNATURE": base64.b64encode(written.encode()).decode()}
 
+    lone_surrogate = header_of(payer_for(accounts[16], service, journal="other"), '{"\\udc00": 1}')
+    unsendable = httpx.get(f"{api}/weather", headers=lone_surrogate)
+    assert unsendable.status_code == 402, unsendable.text
+    assert json.loads(base64.b64decode(unsendable.headers["payment-required"]))["error"] == "invalid_payload"
+    payer = payer_for(accounts[15], service)
     for paid in (1, 2):
-        answer = httpx.get(f"{api}/weather", headers=asyncio.run(deep_header()))
+        deep = header_of(payer, '{"note": ' + "[" * 250 + "]" * 250 + "}")
+        answer = httpx.get(f"{api}/weather", headers=deep)
         assert (answer.status_code, answer.json()) == (200, {"forecast": "sunny"}), answer.text
-        assert accepted_for(service, payee) == paid * PRICE
+        assert accepted_for(service, payee) == paid * PRICE  # the unsendable one charged nothing
 
 
 def test_a_retried_payment_with_an_identifier_is_answered_again_and_charged_once(

@@ -543,6 +543,25 @@ def test_a_facilitator_without_the_batch_route_gets_one_settle_per_payment(
     assert app.paths == ["/x402/settle/batch", "/x402/settle", "/x402/settle"]
 
 
+def test_a_payment_no_json_can_carry_is_refused_by_verify_and_by_a_settle_alone_and_never_sent(
+    api: Callable[..., TestClient], devnet: Devnet, hub: Contract, channel: Channel, sign: Sign
+) -> None:
+    """A lone surrogate in a payment's `extensions` (Python's JSON reader takes it from a payer's header): x402's
+    client cannot encode the `/verify` or `/settle` body, and the payee answered 503, a payment the payer retried that
+    could never be sent. Refused now, `invalid_payload`, nothing sent, and the channel's next payment settles."""
+    app = Recorded(api())
+    facilitator = facilitator_of(app, batch_settles=False)
+    required = requirements(devnet, hub, channel.payee)
+    odd = payment(required, channel, PRICE, sign).model_copy(update={"extensions": {"\udc00": "\ud800"}})
+    verified = asyncio.run(facilitator.verify(odd, required))
+    assert (verified.is_valid, verified.invalid_reason) == (False, "invalid_payload")
+    (settled,) = settle_all(facilitator, (odd, required))
+    assert (settled.success, settled.error_reason, settled.network) == (False, "invalid_payload", required.network)
+    assert app.paths == []
+    assert settle_all(facilitator, (payment(required, channel, PRICE, sign), required))[0].success
+    assert app.paths == ["/x402/settle"]
+
+
 def test_a_batch_the_facilitator_cannot_judge_is_unavailable_for_each_of_its_payments(
     api: Callable[..., TestClient],
     devnet: Devnet,

@@ -224,6 +224,9 @@ class ChannelHubFacilitatorClient(HTTPFacilitatorClient):
                 return VerifyResponse(is_valid=True, payer=payer)
         try:
             return await super().verify(payload, requirements)
+        except UnicodeEncodeError as ex:  # never sent: no answer to wait for, and none will come
+            refused = Reason.INVALID_PAYLOAD
+            return VerifyResponse(is_valid=False, invalid_reason=refused, invalid_message=_unsendable(ex))
         except Exception as ex:
             raise _unavailable("verify", ex) from ex
 
@@ -241,6 +244,14 @@ class ChannelHubFacilitatorClient(HTTPFacilitatorClient):
                 settled = await self._settle_batched(payload, requirements)
             else:
                 settled = await super().settle(payload, requirements)
+        except UnicodeEncodeError as ex:  # never sent (as `verify`)
+            settled = SettleResponse(
+                success=False,
+                error_reason=Reason.INVALID_PAYLOAD,
+                error_message=_unsendable(ex),
+                transaction="",
+                network=getattr(requirements, "network", ""),
+            )
         except Exception as ex:
             if self.positions is not None and isinstance(payload, PaymentPayload):
                 self.positions.forget(payload)
@@ -269,7 +280,7 @@ class ChannelHubFacilitatorClient(HTTPFacilitatorClient):
             return SettleResponse(
                 success=False,
                 error_reason=Reason.INVALID_PAYLOAD,
-                error_message=f"the payment cannot be sent to the facilitator: {ex}",
+                error_message=_unsendable(ex),
                 transaction="",
                 network=requirements.network,
             )
@@ -396,6 +407,14 @@ class _Queued:
     requirements: PaymentRequirements
     future: asyncio.Future[SettleResponse]
     part: bytes  # its settlement in the batch body (JSON)
+
+
+def _unsendable(ex: Exception) -> str:
+    """Why a payment was refused that no JSON can carry to the facilitator: a lone surrogate, which Python's JSON reader
+    takes from a payer's header. Sent to be judged, it was a 503 (x402's client fails to encode it), and the payer
+    retried a payment that could never be sent; in a settle batch, it failed the whole batch (a 503 for every other
+    payer's request in it)."""
+    return f"the payment cannot be sent to the facilitator: {ex}"
 
 
 def _batch_answer(answer: Any) -> SettleResponse | Exception:
