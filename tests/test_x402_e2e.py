@@ -470,7 +470,7 @@ def test_a_replayed_payment_header_buys_nothing(
     assert accepted_for(service, payee) == PRICE
 
 
-def test_a_payment_header_nested_deeper_than_the_services_json_reader_goes_pays_and_one_json_cannot_carry_is_a_402(
+def test_a_payment_header_nested_deeper_than_the_services_json_reader_goes_pays_and_one_that_cannot_be_sent_is_a_402(
     spawn: Callable[..., ServiceProcess],
     paid_api: Callable[..., str],
     devnet: Devnet,
@@ -482,8 +482,9 @@ def test_a_payment_header_nested_deeper_than_the_services_json_reader_goes_pays_
     and all, and passes its `extensions` on to the facilitator. On a channel the payee had not learned yet (its
     first payment: verified by the service), a header nested 250 levels deep was answered 503 (the service's
     `/verify` read 200 levels and answered 400), and one with a lone surrogate 503 too (x402's client could not
-    encode it): payments retried that could never pass. The deep one pays now, and the next one too (verified by the
-    payee alone); the one no JSON can carry is a 402, `invalid_payload`, and charges nothing."""
+    encode it), and one of 1.1 MB 503 too (uvicorn's httptools takes it; the service's body limit is 1 MiB): payments
+    retried that could never pass. The deep one pays now, and the next one too (verified by the payee alone); the
+    others are a 402, `invalid_payload`, and charge nothing."""
     service = spawn(f"sqlite:///{tmp_path / 'deep.db'}", wait=False)  # ready once the paid app is
     payee = accounts[14].address
     api = paid_api(service, payee)
@@ -497,10 +498,11 @@ def test_a_payment_header_nested_deeper_than_the_services_json_reader_goes_pays_
         written = json.dumps(payload).removesuffix("}") + f', "extensions": {extensions}}}'
         return {"PAYMENT-SIGNATURE": base64.b64encode(written.encode()).decode()}
 
-    lone_surrogate = header_of(payer_for(accounts[16], service, journal="other"), '{"\\udc00": 1}')
-    unsendable = httpx.get(f"{api}/weather", headers=lone_surrogate)
-    assert unsendable.status_code == 402, unsendable.text
-    assert json.loads(base64.b64decode(unsendable.headers["payment-required"]))["error"] == "invalid_payload"
+    other = payer_for(accounts[16], service, journal="other")
+    for extensions in ('{"\\udc00": 1}', '{"note": "' + "x" * 1_100_000 + '"}'):  # the second past the service's 1 MiB
+        unsendable = httpx.get(f"{api}/weather", headers=header_of(other, extensions))
+        assert unsendable.status_code == 402, unsendable.text
+        assert json.loads(base64.b64decode(unsendable.headers["payment-required"]))["error"] == "invalid_payload"
     payer = payer_for(accounts[15], service)
     for paid in (1, 2):
         deep = header_of(payer, '{"note": ' + "[" * 250 + "]" * 250 + "}")

@@ -543,23 +543,35 @@ def test_a_facilitator_without_the_batch_route_gets_one_settle_per_payment(
     assert app.paths == ["/x402/settle/batch", "/x402/settle", "/x402/settle"]
 
 
-def test_a_payment_no_json_can_carry_is_refused_by_verify_and_by_a_settle_alone_and_never_sent(
-    api: Callable[..., TestClient], devnet: Devnet, hub: Contract, channel: Channel, sign: Sign
+@pytest.mark.parametrize("batched", [False, True])
+def test_a_payment_that_cannot_be_sent_is_refused_by_verify_and_by_settle_and_never_sent(
+    api: Callable[..., TestClient], devnet: Devnet, hub: Contract, channel: Channel, sign: Sign, batched: bool
 ) -> None:
-    """A lone surrogate in a payment's `extensions` (Python's JSON reader takes it from a payer's header): x402's
-    client cannot encode the `/verify` or `/settle` body, and the payee answered 503, a payment the payer retried that
-    could never be sent. Refused now, `invalid_payload`, nothing sent, and the channel's next payment settles."""
+    """A lone surrogate in a key or a value of a payment's `extensions` (Python's JSON reader takes it from a payer's
+    header): x402's client could not encode the `/verify` or `/settle` body. A payment past the service's body limit
+    (a header of any size under uvicorn's httptools): the service's 413. Either way the payee answered 503, a payment
+    the payer retried that could never pass. Refused now, `invalid_payload`, nothing sent (past
+    `max_payment_bytes`), and the channel's next payment settles."""
     app = Recorded(api())
-    facilitator = facilitator_of(app, batch_settles=False)
+    facilitator = facilitator_of(app, batch_settles=batched, max_payment_bytes=8_192)
     required = requirements(devnet, hub, channel.payee)
-    odd = payment(required, channel, PRICE, sign).model_copy(update={"extensions": {"\udc00": "\ud800"}})
-    verified = asyncio.run(facilitator.verify(odd, required))
-    assert (verified.is_valid, verified.invalid_reason) == (False, "invalid_payload")
-    (settled,) = settle_all(facilitator, (odd, required))
-    assert (settled.success, settled.error_reason, settled.network) == (False, "invalid_payload", required.network)
-    assert app.paths == []
-    assert settle_all(facilitator, (payment(required, channel, PRICE, sign), required))[0].success
-    assert app.paths == ["/x402/settle"]
+    unsendable = [
+        payment(required, channel, PRICE, sign).model_copy(update={"extensions": extensions})
+        for extensions in ({"\udc00": 1}, {"note": "\ud800"}, {"note": "x" * 8_000})
+    ]
+    for odd in unsendable:
+        verified = asyncio.run(facilitator.verify(odd, required))
+        assert (verified.is_valid, verified.invalid_reason) == (False, "invalid_payload")
+    assert "8,192 at most" in str(verified.invalid_message)
+    settled = settle_all(facilitator, *((odd, required) for odd in unsendable))
+    refused = (False, "invalid_payload", required.network)
+    # In a batch's body a key's lone surrogate is written as U+FFFD (pydantic-core), and the voucher stands.
+    expected = [(True, None, required.network), refused, refused] if batched else [refused] * 3
+    assert [(s.success, s.error_reason, s.network) for s in settled] == expected
+    assert app.paths == (["/x402/settle/batch"] if batched else [])
+    paid = 2 * PRICE if batched else PRICE
+    assert settle_all(facilitator, (payment(required, channel, paid, sign), required))[0].success
+    assert app.paths == (["/x402/settle/batch"] * 2 if batched else ["/x402/settle"])
 
 
 def test_a_batch_the_facilitator_cannot_judge_is_unavailable_for_each_of_its_payments(

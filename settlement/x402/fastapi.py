@@ -72,9 +72,14 @@ logger = logging.getLogger(__name__)
 RETRY_AFTER_SECONDS = 1
 SETTLE_BATCH_MAX = 100  # settles in one POST /settle/batch (the service takes up to its batch_max_items, 1,000)
 # Bytes of settles in one batch (the service takes bodies of up to SETTLEMENT_MAX_BODY_BYTES, 1 MiB): a payer's payment
-# carries what it likes in `extensions` and `accepted.extra` (up to the payee server's header limit, 16 KiB under
-# uvicorn), and a batch of such payments was refused whole (413), every other payer's in it with them.
+# carries what it likes in `extensions` and `accepted.extra` (up to the payee server's header limit: 16 KiB under
+# uvicorn's h11, none under its httptools, which it takes when installed), and a batch of such payments was refused
+# whole (413), every other payer's in it with them.
 SETTLE_BATCH_BYTES = 256 * 1024
+# Bytes of one payment as sent to the facilitator, beyond which it is refused (`invalid_payload`) and not sent: ours
+# are ~1.4 KB; a 1.5 MB header under httptools was the service's 413, which the payee answered 503, and the payer
+# retried a payment that could never pass. Below the service's SETTLEMENT_MAX_BODY_BYTES, or such a payment is a 503.
+MAX_PAYMENT_BYTES = 64 * 1024
 # One batch in flight: the settles that come while it is out wait for its answer and go together. With two, a settle
 # that came while one was out went at once, in a batch of its own: at 500 paid/s on two cores the facilitator spent
 # 0.08-0.15 ms more CPU a paid request (0.83-0.93 against 0.73-0.81 ms), the machine 85-87 % busy against 81-86 %,
@@ -123,7 +128,8 @@ class ChannelHubFacilitatorClient(HTTPFacilitatorClient):
     """x402's HTTP facilitator client, noting when the facilitator could not judge a payment at all, and verifying
     in this process a payment on a channel whose position the facilitator's last settle answered (`Positions`:
     one facilitator call per paid request instead of two), and settling the payments in flight at once in batches
-    (`batch_settles=False`: one `/settle` each). `local_verify=False` asks the facilitator every time."""
+    (`batch_settles=False`: one `/settle` each). `local_verify=False` asks the facilitator every time. A payment that
+    cannot be sent (no JSON can carry it, or larger than `max_payment_bytes`) is refused, `invalid_payload`, unsent."""
 
     def __init__(
         self,
@@ -134,6 +140,7 @@ class ChannelHubFacilitatorClient(HTTPFacilitatorClient):
         batch_settles: bool = True,
         batches_in_flight: int = BATCHES_IN_FLIGHT,
         batch_bytes: int = SETTLE_BATCH_BYTES,
+        max_payment_bytes: int = MAX_PAYMENT_BYTES,
         gc_young_threshold: int | None = GC_YOUNG_THRESHOLD,
     ) -> None:
         config = config or FacilitatorConfig()
@@ -164,6 +171,7 @@ class ChannelHubFacilitatorClient(HTTPFacilitatorClient):
         self.batch_settles = batch_settles
         self.batches_in_flight = batches_in_flight
         self.batch_bytes = batch_bytes
+        self.max_payment_bytes = max_payment_bytes
         self._queued: list[_Queued] = []
         self._senders: set[asyncio.Task[None]] = set()  # held: the event loop keeps only weak references to tasks
         self._supported = _Supported(super().get_supported)
@@ -222,9 +230,11 @@ class ChannelHubFacilitatorClient(HTTPFacilitatorClient):
             payer = self.positions.vouch(payload, requirements)
             if payer is not None:
                 return VerifyResponse(is_valid=True, payer=payer)
+            if isinstance(unsendable := _part(payload, requirements, self.max_payment_bytes), str):
+                return VerifyResponse(is_valid=False, invalid_reason=Reason.INVALID_PAYLOAD, invalid_message=unsendable)
         try:
             return await super().verify(payload, requirements)
-        except UnicodeEncodeError as ex:  # never sent: no answer to wait for, and none will come
+        except UnicodeEncodeError as ex:  # never sent: a lone surrogate in a key (pydantic-core writes it as U+FFFD)
             refused = Reason.INVALID_PAYLOAD
             return VerifyResponse(is_valid=False, invalid_reason=refused, invalid_message=_unsendable(ex))
         except Exception as ex:
@@ -235,23 +245,16 @@ class ChannelHubFacilitatorClient(HTTPFacilitatorClient):
         if exchange is not None and await exchange.request.is_disconnected():  # charged for nothing it gets
             raise FacilitatorResponseError("the payer went away before its answer was ready: not settled")
         try:
-            if (
-                self.batch_settles
-                and isinstance(payload, PaymentPayload)
-                and isinstance(requirements, PaymentRequirements)
-                and payload.accepted.scheme == SCHEME
-            ):
-                settled = await self._settle_batched(payload, requirements)
+            ours = isinstance(payload, PaymentPayload) and isinstance(requirements, PaymentRequirements)
+            part = _part(payload, requirements, self.max_payment_bytes) if ours else b""
+            if isinstance(part, str):
+                settled = _refused(part, requirements.network)
+            elif ours and self.batch_settles and payload.accepted.scheme == SCHEME:
+                settled = await self._settle_batched(payload, requirements, part)
             else:
                 settled = await super().settle(payload, requirements)
         except UnicodeEncodeError as ex:  # never sent (as `verify`)
-            settled = SettleResponse(
-                success=False,
-                error_reason=Reason.INVALID_PAYLOAD,
-                error_message=_unsendable(ex),
-                transaction="",
-                network=getattr(requirements, "network", ""),
-            )
+            settled = _refused(_unsendable(ex), getattr(requirements, "network", ""))
         except Exception as ex:
             if self.positions is not None and isinstance(payload, PaymentPayload):
                 self.positions.forget(payload)
@@ -264,26 +267,13 @@ class ChannelHubFacilitatorClient(HTTPFacilitatorClient):
             self.positions.learn(payload, requirements, settled)
         return settled
 
-    async def _settle_batched(self, payload: PaymentPayload, requirements: PaymentRequirements) -> SettleResponse:
+    async def _settle_batched(
+        self, payload: PaymentPayload, requirements: PaymentRequirements, part: bytes
+    ) -> SettleResponse:
         """Queued, and sent with the settles queued beside it in one `POST /settle/batch`: at most
         `batches_in_flight` batches are in flight, and a settle that finds fewer goes at once (no wait to fill).
-        Each payment's part of the batch body is made here, so a payment that cannot be sent is refused alone: a
-        string no JSON can carry (a lone surrogate, which Python's JSON reader takes from a payer's header) failed the
-        whole batch's encoding, and every other payer's request in it answered 503."""
-        try:
-            # x402's settle body for the payment, made by pydantic-core in one call: 4 µs, against 39 through
-            # model_dump, x402's JSON round trip (`_build_request_body`) and the standard library's encoder.
-            part = to_json(
-                {"paymentPayload": payload, "paymentRequirements": requirements}, by_alias=True, exclude_none=True
-            )
-        except PydanticSerializationError as ex:
-            return SettleResponse(
-                success=False,
-                error_reason=Reason.INVALID_PAYLOAD,
-                error_message=_unsendable(ex),
-                transaction="",
-                network=requirements.network,
-            )
+        `part` is the payment's part of the batch body (`_part`), made before: a payment that cannot be sent is
+        refused alone."""
         future: asyncio.Future[SettleResponse] = asyncio.get_running_loop().create_future()
         self._queued.append(_Queued(payload, requirements, future, part))
         if len(self._senders) < self.batches_in_flight:
@@ -407,6 +397,28 @@ class _Queued:
     requirements: PaymentRequirements
     future: asyncio.Future[SettleResponse]
     part: bytes  # its settlement in the batch body (JSON)
+
+
+def _part(payload: PaymentPayload, requirements: PaymentRequirements, limit: int) -> bytes | str:
+    """x402's settle body for the payment (its part of a settle batch), made by pydantic-core in one call: 4 µs,
+    against 39 through model_dump, x402's JSON round trip (`_build_request_body`) and the standard library's encoder.
+    Or why it is not sent: a string no JSON can carry, or more than `limit` bytes (`MAX_PAYMENT_BYTES`)."""
+    try:
+        part = to_json(
+            {"paymentPayload": payload, "paymentRequirements": requirements}, by_alias=True, exclude_none=True
+        )
+    except PydanticSerializationError as ex:
+        return _unsendable(ex)
+    if len(part) > limit:
+        return f"the payment is {len(part):,} bytes: this payee sends its facilitator payments of {limit:,} at most"
+    return part
+
+
+def _refused(message: str, network: str) -> SettleResponse:
+    """A settle refused before it was sent (`_part`, `_unsendable`): the payer is charged nothing."""
+    return SettleResponse(
+        success=False, error_reason=Reason.INVALID_PAYLOAD, error_message=message, transaction="", network=network
+    )
 
 
 def _unsendable(ex: Exception) -> str:
