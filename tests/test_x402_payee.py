@@ -553,7 +553,8 @@ def test_a_payment_that_cannot_be_sent_is_refused_by_verify_and_by_settle_and_ne
     the payer retried that could never pass. Refused now, `invalid_payload`, nothing sent (past
     `max_payment_bytes`), and the channel's next payment settles."""
     app = Recorded(api())
-    facilitator = facilitator_of(app, batch_settles=batched, max_payment_bytes=8_192)
+    # Without local verify too: every verify is the facilitator's (one variant of each: two settings, two runs).
+    facilitator = facilitator_of(app, batch_settles=batched, local_verify=batched, max_payment_bytes=8_192)
     required = requirements(devnet, hub, channel.payee)
     unsendable = [
         payment(required, channel, PRICE, sign).model_copy(update={"extensions": extensions})

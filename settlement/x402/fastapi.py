@@ -222,12 +222,8 @@ class ChannelHubFacilitatorClient(HTTPFacilitatorClient):
         await self.aclose()
 
     async def verify(self, payload: Any, requirements: Any) -> VerifyResponse:
-        if (
-            self.positions is not None
-            and isinstance(payload, PaymentPayload)
-            and isinstance(requirements, PaymentRequirements)
-        ):
-            payer = self.positions.vouch(payload, requirements)
+        if isinstance(payload, PaymentPayload) and isinstance(requirements, PaymentRequirements):
+            payer = None if self.positions is None else self.positions.vouch(payload, requirements)
             if payer is not None:
                 return VerifyResponse(is_valid=True, payer=payer)
             if isinstance(unsendable := _part(payload, requirements, self.max_payment_bytes), str):
