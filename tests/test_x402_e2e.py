@@ -6,8 +6,10 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import copy
 import json
 import os
+import random
 import sqlite3
 import threading
 import time
@@ -42,6 +44,7 @@ from x402.schemas import PaymentPayload, PaymentRequired
 from settlement.devtools.devnet import Devnet
 from settlement.domain.model import ChannelStatus, ChannelViewField
 from settlement.eip712.refunds import sign_refund_request
+from settlement.eip712.vouchers import VoucherSigner
 from settlement.errors import BudgetExceededError, ChannelClosedError, ServiceRejectedError
 from settlement.sdk.journal import PRUNE_EVERY, Budget
 from settlement.sdk.loop_commits import LoopCommits
@@ -481,10 +484,10 @@ def test_a_payment_header_nested_deeper_than_the_services_json_reader_goes_pays_
     """x402 reads a payment header's JSON as deep as Python's reader goes (~1,000 levels), lone surrogate escapes
     and all, and passes its `extensions` on to the facilitator. On a channel the payee had not learned yet (its
     first payment: verified by the service), a header nested 250 levels deep was answered 503 (the service's
-    `/verify` read 200 levels and answered 400), and one with a lone surrogate 503 too (x402's client could not
-    encode it), and one of 1.1 MB 503 too (uvicorn's httptools takes it; the service's body limit is 1 MiB): payments
-    retried that could never pass. The deep one pays now, and the next one too (verified by the payee alone); the
-    others are a 402, `invalid_payload`, and charge nothing."""
+    `/verify` read 200 levels and answered 400), and one with a lone surrogate in a string 503 too (x402's client
+    could not encode it), and one of 1.1 MB 503 too (uvicorn's httptools takes it; the service's body limit is
+    1 MiB): payments retried that could never pass. The deep one pays now, and the next one too (verified by the
+    payee alone); the others are a 402, `invalid_payload`, and charge nothing."""
     service = spawn(f"sqlite:///{tmp_path / 'deep.db'}", wait=False)  # ready once the paid app is
     payee = accounts[14].address
     api = paid_api(service, payee)
@@ -499,7 +502,7 @@ def test_a_payment_header_nested_deeper_than_the_services_json_reader_goes_pays_
         return {"PAYMENT-SIGNATURE": base64.b64encode(written.encode()).decode()}
 
     other = payer_for(accounts[16], service, journal="other")
-    for extensions in ('{"\\udc00": 1}', '{"note": "' + "x" * 1_100_000 + '"}'):  # the second past the service's 1 MiB
+    for extensions in ('{"note": "\\udc00"}', '{"note": "' + "x" * 1_100_000 + '"}'):  # the second past its 1 MiB
         unsendable = httpx.get(f"{api}/weather", headers=header_of(other, extensions))
         assert unsendable.status_code == 402, unsendable.text
         assert json.loads(base64.b64decode(unsendable.headers["payment-required"]))["error"] == "invalid_payload"
@@ -1752,6 +1755,80 @@ def test_a_bad_payment_header_gets_a_402_never_a_500(
     answers = {kind: httpx.get(f"{api}/weather", headers={"PAYMENT-SIGNATURE": h}) for kind, h in BAD_HEADERS.items()}
     seen = {kind: (a.status_code, "payment-required" in a.headers) for kind, a in answers.items()}
     assert seen == dict.fromkeys(BAD_HEADERS, (402, True)), {kind: a.text for kind, a in answers.items()}
+
+
+ODD_VALUES: list[Any] = [
+    None, True, 0, -1, 1.5, 2**256, "", "x" * 300, "0x", "1", "00000", "\u0000", "é", "\ud800", [], {}, [1, [2]],
+    {"a": {"b": 1}}, float("nan"), float("inf"), " 1", "1 ", "0x" + "00" * 32, "-1", "1e3", "٣", "eip155:1",
+    "channelhub", "exact", ETH, json.loads("[" * 300 + "]" * 300),
+]  # fmt: skip
+
+
+def _paths(node: Any, at: tuple[Any, ...] = ()) -> Iterator[tuple[Any, ...]]:
+    yield at
+    if isinstance(node, dict):
+        for key, value in node.items():
+            yield from _paths(value, (*at, key))
+    elif isinstance(node, list):
+        for index, value in enumerate(node):
+            yield from _paths(value, (*at, index))
+
+
+def _mutated(rng: random.Random, payment: dict[str, Any]) -> dict[str, Any]:
+    """`payment` with one to three of its fields (anywhere in it) removed, replaced by an odd value, or given an odd
+    sibling."""
+    made = copy.deepcopy(payment)
+    for _ in range(rng.choice((1, 1, 2, 3))):
+        at = rng.choice([p for p in _paths(made) if p])
+        parent: Any = made
+        for key in at[:-1]:
+            parent = parent[key]
+        roll = rng.random()
+        if roll < 0.15 and isinstance(parent, dict):
+            del parent[at[-1]]
+        elif roll < 0.25 and isinstance(parent, dict):
+            parent[rng.choice(("zz", "extra", "extensions", "payload"))] = copy.deepcopy(rng.choice(ODD_VALUES))
+        else:
+            parent[at[-1]] = copy.deepcopy(rng.choice(ODD_VALUES))
+    return made
+
+
+def test_odd_payment_headers_are_paid_or_refused_with_a_402_and_the_payee_earns_exactly_what_it_answered(
+    spawn: Callable[..., ServiceProcess],
+    paid_api: Callable[..., str],
+    devnet: Devnet,
+    accounts: list[LocalAccount],
+    tmp_path: Path,
+    payer_for: Callable[..., PayerClient],
+) -> None:
+    """A seeded fuzz of the payment header: a payer's real payment, re-signed for the channel's next amount each time
+    (a fresh voucher), with one to three of its fields anywhere removed or replaced by an odd value (types, numbers
+    past 2^256, other scripts' digits, NaN, lone surrogates, 300 levels of nesting), sent to the payee app and the
+    service as real processes. Every answer is a 200 (the voucher good, what else changed did not matter) or a 402,
+    never a 500 or a 503 (both processes are up: a 503 is a refusal taken for an outage, retried for good), and the
+    payee earns exactly one price for each 200. A NaN (x402's client could not write it) was such a 503."""
+    service = spawn(f"sqlite:///{tmp_path / 'odd.db'}", wait=False)  # ready once the paid app is
+    payee = accounts[14].address
+    api = paid_api(service, payee)
+    payer = payer_for(accounts[15], service)
+    x402 = paying_client(devnet, ChannelHubClientScheme(payer))
+    http = x402HTTPClient(x402)
+    required = http.get_payment_required_response(httpx.get(f"{api}/weather").headers.get, None)
+    made = asyncio.run(x402.create_payment_payload(required)).model_dump(by_alias=True, exclude_none=True)
+    channel_id, position = bytes.fromhex(made["payload"]["channelId"][2:]), 0
+    signer = VoucherSigner(accounts[15], payer.domain)
+    rng = random.Random(19)
+    answers: Counter[int] = Counter()
+    for _ in range(150):
+        made["payload"]["cumulativeAmount"] = str(position + PRICE)
+        made["payload"]["signature"] = "0x" + signer.sign(channel_id, position + PRICE).hex()
+        sent = json.dumps(_mutated(rng, made)).encode("utf-8", "surrogatepass")
+        answer = httpx.get(f"{api}/weather", headers={"PAYMENT-SIGNATURE": base64.b64encode(sent).decode()})
+        assert answer.status_code in (200, 402), (answer.status_code, answer.text, sent[:2000])
+        answers[answer.status_code] += 1
+        position += PRICE if answer.status_code == 200 else 0
+    assert answers[200] >= 20 and answers[402] >= 20, answers  # both kinds of answer were exercised
+    assert accepted_for(service, payee) == answers[200] * PRICE == position
 
 
 def test_an_erc20_payee_is_paid_in_its_token(

@@ -544,35 +544,45 @@ def test_a_facilitator_without_the_batch_route_gets_one_settle_per_payment(
 
 
 @pytest.mark.parametrize("batched", [False, True])
-def test_a_payment_that_cannot_be_sent_is_refused_by_verify_and_by_settle_and_never_sent(
+def test_a_payment_is_sent_as_its_batch_writes_it_and_one_that_cannot_be_sent_is_refused_unsent(
     api: Callable[..., TestClient], devnet: Devnet, hub: Contract, channel: Channel, sign: Sign, batched: bool
 ) -> None:
-    """A lone surrogate in a key or a value of a payment's `extensions` (Python's JSON reader takes it from a payer's
-    header): x402's client could not encode the `/verify` or `/settle` body. A payment past the service's body limit
-    (a header of any size under uvicorn's httptools): the service's 413. Either way the payee answered 503, a payment
-    the payer retried that could never pass. Refused now, `invalid_payload`, nothing sent (past
-    `max_payment_bytes`), and the channel's next payment settles."""
-    app = Recorded(api())
+    """A payer's header carries what Python's JSON reader takes into a payment's `extensions`: a lone surrogate, a NaN.
+    x402's own client wrote `/verify` and `/settle` bodies with the standard library's encoder, which fails on a NaN
+    and on a lone surrogate anywhere, and the payee answered 503, a payment the payer retried that could never be sent;
+    a payment past the service's body limit (a header of any size under uvicorn's httptools) was the service's 413,
+    a 503 too. Now every call sends the payment as its settle batch writes it (pydantic-core: a NaN as null, a lone
+    surrogate in a key as U+FFFD), judged alike by `/verify` and `/settle`; one that cannot be written (a lone
+    surrogate in a string) or is larger than `max_payment_bytes` is refused, `invalid_payload`, unsent."""
+    service = api()
+    app = Recorded(service)
     # Without local verify too: every verify is the facilitator's (one variant of each: two settings, two runs).
     facilitator = facilitator_of(app, batch_settles=batched, local_verify=batched, max_payment_bytes=8_192)
     required = requirements(devnet, hub, channel.payee)
-    unsendable = [
-        payment(required, channel, PRICE, sign).model_copy(update={"extensions": extensions})
-        for extensions in ({"\udc00": 1}, {"note": "\ud800"}, {"note": "x" * 8_000})
-    ]
+
+    def carrying(cumulative: int, extensions: dict[str, Any]) -> PaymentPayload:
+        return payment(required, channel, cumulative, sign).model_copy(update={"extensions": extensions})
+
+    unsendable = [carrying(PRICE, {"note": "\ud800"}), carrying(PRICE, {"note": "x" * 8_000})]
     for odd in unsendable:
         verified = asyncio.run(facilitator.verify(odd, required))
         assert (verified.is_valid, verified.invalid_reason) == (False, "invalid_payload")
     assert "8,192 at most" in str(verified.invalid_message)
     settled = settle_all(facilitator, *((odd, required) for odd in unsendable))
-    refused = (False, "invalid_payload", required.network)
-    # In a batch's body a key's lone surrogate is written as U+FFFD (pydantic-core), and the voucher stands.
-    expected = [(True, None, required.network), refused, refused] if batched else [refused] * 3
-    assert [(s.success, s.error_reason, s.network) for s in settled] == expected
-    assert app.paths == (["/x402/settle/batch"] if batched else [])
-    paid = 2 * PRICE if batched else PRICE
-    assert settle_all(facilitator, (payment(required, channel, paid, sign), required))[0].success
-    assert app.paths == (["/x402/settle/batch"] * 2 if batched else ["/x402/settle"])
+    assert [(s.success, s.error_reason, s.network) for s in settled] == [
+        (False, "invalid_payload", required.network)
+    ] * 2
+    assert app.paths == []
+
+    odd = carrying(PRICE, {"\udc00": 1, "nan": float("nan"), "inf": float("inf")})
+    verified = asyncio.run(facilitator.verify(odd, required))
+    assert (verified.is_valid, verified.payer) == (True, channel.payer.address)
+    (settled,) = settle_all(facilitator, (odd, required))
+    assert (settled.success, settled.amount) == (True, str(PRICE))
+    assert settle_all(facilitator, (payment(required, channel, 2 * PRICE, sign), required))[0].success
+    settles = ["/x402/settle/batch"] * 2 if batched else ["/x402/settle"] * 2
+    assert app.paths == ["/x402/verify", *settles]
+    assert service.get(f"/v1/channels/0x{channel.id.hex()}").json()["acceptedCumulativeAmount"] == str(2 * PRICE)
 
 
 def test_a_batch_the_facilitator_cannot_judge_is_unavailable_for_each_of_its_payments(

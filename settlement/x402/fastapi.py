@@ -43,7 +43,7 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
 from contextvars import ContextVar
 from dataclasses import dataclass, replace
-from typing import Any
+from typing import Any, TypeVar
 
 import aiohttp
 import httpx
@@ -68,6 +68,7 @@ from settlement.x402.refunds import MAX_TTL, REFUND_PATH, RefundDesk
 from settlement.x402.wire import SCHEME, Reason, payment_identifier_in
 
 logger = logging.getLogger(__name__)
+_Answered = TypeVar("_Answered", VerifyResponse, SettleResponse)
 
 RETRY_AFTER_SECONDS = 1
 SETTLE_BATCH_MAX = 100  # settles in one POST /settle/batch (the service takes up to its batch_max_items, 1,000)
@@ -222,17 +223,18 @@ class ChannelHubFacilitatorClient(HTTPFacilitatorClient):
         await self.aclose()
 
     async def verify(self, payload: Any, requirements: Any) -> VerifyResponse:
-        if isinstance(payload, PaymentPayload) and isinstance(requirements, PaymentRequirements):
+        """Vouched for here (`Positions`), or the facilitator's `/verify` of the payment written as its settle will be
+        (`_part`): one that cannot be sent is refused here."""
+        try:
+            if not (isinstance(payload, PaymentPayload) and isinstance(requirements, PaymentRequirements)):
+                return await super().verify(payload, requirements)
             payer = None if self.positions is None else self.positions.vouch(payload, requirements)
             if payer is not None:
                 return VerifyResponse(is_valid=True, payer=payer)
-            if isinstance(unsendable := _part(payload, requirements, self.max_payment_bytes), str):
-                return VerifyResponse(is_valid=False, invalid_reason=Reason.INVALID_PAYLOAD, invalid_message=unsendable)
-        try:
-            return await super().verify(payload, requirements)
-        except UnicodeEncodeError as ex:  # never sent: a lone surrogate in a key (pydantic-core writes it as U+FFFD)
-            refused = Reason.INVALID_PAYLOAD
-            return VerifyResponse(is_valid=False, invalid_reason=refused, invalid_message=_unsendable(ex))
+            part = _part(payload, requirements, self.max_payment_bytes)
+            if isinstance(part, str):
+                return VerifyResponse(is_valid=False, invalid_reason=Reason.INVALID_PAYLOAD, invalid_message=part)
+            return await self._sent("verify", part, VerifyResponse)
         except Exception as ex:
             raise _unavailable("verify", ex) from ex
 
@@ -245,12 +247,12 @@ class ChannelHubFacilitatorClient(HTTPFacilitatorClient):
             part = _part(payload, requirements, self.max_payment_bytes) if ours else b""
             if isinstance(part, str):
                 settled = _refused(part, requirements.network)
-            elif ours and self.batch_settles and payload.accepted.scheme == SCHEME:
+            elif not ours:
+                settled = await super().settle(payload, requirements)
+            elif self.batch_settles and payload.accepted.scheme == SCHEME:
                 settled = await self._settle_batched(payload, requirements, part)
             else:
-                settled = await super().settle(payload, requirements)
-        except UnicodeEncodeError as ex:  # never sent (as `verify`)
-            settled = _refused(_unsendable(ex), getattr(requirements, "network", ""))
+                settled = await self._sent("settle", part, SettleResponse)
         except Exception as ex:
             if self.positions is not None and isinstance(payload, PaymentPayload):
                 self.positions.forget(payload)
@@ -311,11 +313,11 @@ class ChannelHubFacilitatorClient(HTTPFacilitatorClient):
 
     async def _post_batch(self, batch: list[_Queued]) -> list[SettleResponse | Exception]:
         body = b'{"x402Version":2,"settlements":[' + b",".join(q.part for q in batch) + b"]}"
-        status, content = await self._post(f"{self._url}/settle/batch", body)
+        status, content = await self._post(f"{self._url}/settle/batch", body, self._get_settle_headers())
         if status in (404, 405):  # a facilitator without the batch route: one settle per payment
             self.batch_settles = False
             found = await asyncio.gather(
-                *(HTTPFacilitatorClient.settle(self, q.payload, q.requirements) for q in batch), return_exceptions=True
+                *(self._sent("settle", q.part, SettleResponse) for q in batch), return_exceptions=True
             )
             return [a if isinstance(a, SettleResponse | Exception) else RuntimeError(str(a)) for a in found]
         if status != 200:
@@ -326,11 +328,22 @@ class ChannelHubFacilitatorClient(HTTPFacilitatorClient):
             raise ValueError("the facilitator's settle batch answer does not list one answer per payment")
         return [_batch_answer(answer) for answer in answers]
 
-    async def _post(self, url: str, body: bytes) -> tuple[int, bytes]:
+    async def _sent(self, operation: str, part: bytes, answer: type[_Answered]) -> _Answered:
+        """x402's `/verify` or `/settle` of one payment, its body the payment's part of a settle batch: the bytes a
+        batch sends of it, so that one payment is written one way whichever call judges it (x402's own client writes
+        its body again, with the standard library's encoder: a NaN, or a lone surrogate in a key, which pydantic-core
+        writes, failed to encode there, a 503 for a payment that could never be sent). Raises, as x402's client does,
+        for any answer but a 200 with x402's answer in it."""
+        headers = self._get_verify_headers() if operation == "verify" else self._get_settle_headers()
+        status, content = await self._post(f"{self._url}/{operation}", b'{"x402Version":2,' + part[1:], headers)
+        if status != 200:
+            raise ValueError(f"Facilitator {operation} failed ({status}): {content.decode(errors='replace')}")
+        return answer.model_validate_json(content)
+
+    async def _post(self, url: str, body: bytes, headers: dict[str, str]) -> tuple[int, bytes]:
         """POST `body`; the answer's status and body. Through aiohttp's session itself where this client made the pool
         (the one x402's own calls use through httpx's API): httpx's layers above the pool were 12 % of the payee app's
         CPU a paid request at 400 paid/s (py-spy; docs/benchmarks.md). An app's own httpx client is used as given."""
-        headers = self._get_settle_headers()
         if self._pool is None:
             response = await self._get_async_client().post(url, headers=headers, content=body)
             return response.status_code, response.content
@@ -403,26 +416,18 @@ def _part(payload: PaymentPayload, requirements: PaymentRequirements, limit: int
         part = to_json(
             {"paymentPayload": payload, "paymentRequirements": requirements}, by_alias=True, exclude_none=True
         )
-    except PydanticSerializationError as ex:
-        return _unsendable(ex)
+    except PydanticSerializationError as ex:  # a lone surrogate in a string: in a batch, it failed the whole batch
+        return f"the payment cannot be sent to the facilitator: {ex}"
     if len(part) > limit:
         return f"the payment is {len(part):,} bytes: this payee sends its facilitator payments of {limit:,} at most"
     return part
 
 
 def _refused(message: str, network: str) -> SettleResponse:
-    """A settle refused before it was sent (`_part`, `_unsendable`): the payer is charged nothing."""
+    """A settle refused before it was sent (`_part`): the payer is charged nothing."""
     return SettleResponse(
         success=False, error_reason=Reason.INVALID_PAYLOAD, error_message=message, transaction="", network=network
     )
-
-
-def _unsendable(ex: Exception) -> str:
-    """Why a payment was refused that no JSON can carry to the facilitator: a lone surrogate, which Python's JSON reader
-    takes from a payer's header. Sent to be judged, it was a 503 (x402's client fails to encode it), and the payer
-    retried a payment that could never be sent; in a settle batch, it failed the whole batch (a 503 for every other
-    payer's request in it)."""
-    return f"the payment cannot be sent to the facilitator: {ex}"
 
 
 def _batch_answer(answer: Any) -> SettleResponse | Exception:
