@@ -12,7 +12,9 @@ for the first. A payment without an identifier that is sent again gets a 402 (`v
 The facilitator client verifies in this process a payment on a channel whose position the facilitator's last
 settle answered (settlement.x402.positions): one facilitator call per paid request instead of two; and it sends the
 settles of payments in flight at once together (`POST /settle/batch`, our service's addition to x402's routes), each
-request still answered only once its own payment is committed.
+request still answered only once its own payment is committed. A payment of our scheme is sent to `/verify` and
+`/settle` as the batch writes it, so every call judges one payment alike; one that cannot be written (a lone surrogate
+in a string) or is larger than `max_payment_bytes` is refused unsent (`invalid_payload`), never a 503.
 
 A payer that went away before its answer was ready (its client timed out, the connection closed while the
 handler ran) is not charged: the settle is not sent. (One that goes away while the settle is on its way may still be.)
