@@ -367,6 +367,13 @@ def paid_get(devnet: Devnet, scheme: ChannelHubClientScheme, url: str, asset: st
     return asyncio.run(get())
 
 
+def payment_for(api: str, x402: x402Client) -> PaymentPayload:
+    """x402's payment for the 402 of `api`'s paid route, made as a payer app makes it, not sent."""
+    http = x402HTTPClient(x402)
+    required = http.get_payment_required_response(httpx.get(f"{api}/weather").headers.get, None)
+    return asyncio.run(x402.create_payment_payload(required))
+
+
 def accepted_for(service: ServiceProcess, payee: str) -> int:
     summary = httpx.get(f"{service.url}/v1/payees/{payee}/summary").json()
     return sum(int(a["accepted"]) for a in summary["assets"])
@@ -453,17 +460,8 @@ def test_a_replayed_payment_header_buys_nothing(
     service = spawn(f"sqlite:///{tmp_path / 'replay.db'}", wait=False)  # ready once the paid app is
     payee = accounts[14].address
     api = paid_api(service, payee)
-    payer = payer_for(accounts[15], service)
-    x402 = paying_client(devnet, ChannelHubClientScheme(payer))
-    http = x402HTTPClient(x402)
-
-    async def pay_once() -> dict[str, str]:
-        unpaid = httpx.get(f"{api}/weather")
-        required = http.get_payment_required_response(unpaid.headers.get, None)
-        payload = await x402.create_payment_payload(required)
-        return http.encode_payment_signature_header(payload)
-
-    headers = asyncio.run(pay_once())
+    x402 = paying_client(devnet, ChannelHubClientScheme(payer_for(accounts[15], service)))
+    headers = x402HTTPClient(x402).encode_payment_signature_header(payment_for(api, x402))
     first = httpx.get(f"{api}/weather", headers=headers)
     assert first.status_code == 200
     replay = httpx.get(f"{api}/weather", headers=headers)
@@ -493,12 +491,11 @@ def test_a_payment_header_nested_deeper_than_the_services_json_reader_goes_pays_
     api = paid_api(service, payee)
 
     def header_of(payer: PayerClient, extensions: str) -> dict[str, str]:
-        x402 = paying_client(devnet, ChannelHubClientScheme(payer))
-        http = x402HTTPClient(x402)
-        unpaid = httpx.get(f"{api}/weather")
-        required = http.get_payment_required_response(unpaid.headers.get, None)
-        payload = asyncio.run(x402.create_payment_payload(required)).model_dump(by_alias=True, exclude_none=True)
-        written = json.dumps(payload).removesuffix("}") + f', "extensions": {extensions}}}'
+        payload = payment_for(api, paying_client(devnet, ChannelHubClientScheme(payer)))
+        written = (
+            json.dumps(payload.model_dump(by_alias=True, exclude_none=True)).removesuffix("}")
+            + f', "extensions": {extensions}}}'
+        )
         return {"PAYMENT-SIGNATURE": base64.b64encode(written.encode()).decode()}
 
     other = payer_for(accounts[16], service, journal="other")
@@ -1811,10 +1808,9 @@ def test_odd_payment_headers_are_paid_or_refused_with_a_402_and_the_payee_earns_
     payee = accounts[14].address
     api = paid_api(service, payee)
     payer = payer_for(accounts[15], service)
-    x402 = paying_client(devnet, ChannelHubClientScheme(payer))
-    http = x402HTTPClient(x402)
-    required = http.get_payment_required_response(httpx.get(f"{api}/weather").headers.get, None)
-    made = asyncio.run(x402.create_payment_payload(required)).model_dump(by_alias=True, exclude_none=True)
+    made = payment_for(api, paying_client(devnet, ChannelHubClientScheme(payer))).model_dump(
+        by_alias=True, exclude_none=True
+    )
     channel_id, position = bytes.fromhex(made["payload"]["channelId"][2:]), 0
     signer = VoucherSigner(accounts[15], payer.domain)
     rng = random.Random(19)
