@@ -23,14 +23,16 @@ from x402.extensions.payment_identifier import (
     append_payment_identifier_to_extensions,
     declare_payment_identifier_extension,
 )
-from x402.http.utils import encode_payment_signature_header
-from x402.schemas import PaymentPayload, PaymentRequirements
+from x402.http.utils import encode_payment_response_header, encode_payment_signature_header
+from x402.schemas import PaymentPayload, PaymentRequirements, SettleResponse
 
 from settlement.x402.ahead import PayAheadAdapter
 from settlement.x402.resend import Resending, ResendingAdapter
 from settlement.x402.unanswered import UnansweredWire
 
 Seen = tuple[int, str, str | None]  # (the connection's number, the request's method and path, its payment header)
+# A payment answer x402 reads (one it cannot read is no answer to the payer's wire).
+SETTLED = encode_payment_response_header(SettleResponse(success=True, transaction="", network="eip155:1")).encode()
 
 
 @dataclass
@@ -70,7 +72,7 @@ class OneAnswerEach:
                         sock = writer.get_extra_info("socket")
                         sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
                     return
-                settled = b"" if paid is None else b"payment-response: settled\r\n"
+                settled = b"" if paid is None else b"payment-response: " + SETTLED + b"\r\n"
                 writer.write(b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\n" + settled + b"\r\nok")
                 await writer.drain()
                 answered = True

@@ -1179,6 +1179,53 @@ def test_a_paid_request_answered_without_a_payment_answer_frees_its_channel_at_o
     assert position_on_only_channel(payer, payee) == 3 * PRICE
 
 
+class Mangling(httpx.AsyncBaseTransport):
+    """httpx's own transport, each answer's payment answer (if any) replaced by the next of `headers`: a proxy that
+    rewrites it, or a hostile payee."""
+
+    def __init__(self, headers: list[str]) -> None:
+        self.real, self.headers = httpx.AsyncHTTPTransport(), headers
+
+    async def handle_async_request(self, request: httpx.Request) -> httpx.Response:
+        answer = await self.real.handle_async_request(request)
+        if "payment-response" in answer.headers:
+            answer.headers["payment-response"] = self.headers.pop(0)
+        return answer
+
+    async def aclose(self) -> None:
+        await self.real.aclose()
+
+
+@pytest.mark.parametrize("wire", ["pay-ahead", "x402's transport"])
+def test_a_payment_answer_the_payer_cannot_read_frees_its_channel_at_once(
+    devnet: Devnet, lane_rig: Callable[..., LaneRig], wire: str
+) -> None:
+    """A paid request answered with a payment answer x402 cannot read (not base64, not JSON, not a settle answer: a
+    proxy that rewrote it, a hostile payee): x402 runs no hook for it, and the wire took the header's presence for an
+    answer. The channel stayed busy for `lane_timeout` (two minutes): with one lane, the next payment was refused "in
+    flight already"; with more, a payee that mangles every answer had them all busy after as many requests. The wire
+    now frees it as it frees a channel of a request answered with no payment answer, and the next payment asks the
+    service what became of it: each 200 paid once."""
+    rig = lane_rig("mangled", max_lanes=1)
+    ((payee, api),) = rig.payees
+    x402 = paying_client(devnet, rig.scheme)
+    mangled = [
+        "not base64!",
+        base64.b64encode(b"not json").decode(),
+        base64.b64encode(b'{"success": "maybe"}').decode(),
+        "",
+    ]
+    transport = paying_wire(wire, x402, rig.scheme, Mangling(mangled))
+
+    async def walk() -> list[int]:
+        async with httpx.AsyncClient(transport=transport, timeout=60) as http:
+            return [(await http.get(f"{api}/weather")).status_code for _ in range(4)]
+
+    assert asyncio.run(walk()) == [200] * 4
+    assert accepted_for(rig.service, payee) == 4 * PRICE
+    assert position_on_only_channel(rig.payer, payee) == 4 * PRICE
+
+
 @pytest.mark.parametrize("wire", ["pay-ahead", "x402's transport", "requests"])
 def test_a_handler_that_raises_or_a_body_that_breaks_is_a_500_and_charges_nothing(
     devnet: Devnet, lane_rig: Callable[..., LaneRig], wire: str

@@ -21,6 +21,7 @@ from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
 
 import httpx
+from x402.http.utils import decode_payment_response_header
 from x402.schemas import PaymentPayload
 
 from settlement.x402.resend import Resending
@@ -63,9 +64,22 @@ def telling_if_unanswered(unanswered: Unanswered | None, sent: object) -> Iterat
 
 def tell_unanswered(unanswered: Unanswered | None, answer_headers: Mapping[str, str], sent: object) -> None:
     """A request that carried a payment (`sent`: its header) and got an answer other than a 402 with no payment
-    answer in it (`answer_headers`), or none (empty): hand the payment to `unanswered`."""
-    if unanswered is None or "payment-response" in answer_headers:
+    answer in it that x402 can read (`answer_headers`), or none (empty): hand the payment to `unanswered`. One x402
+    cannot read (a proxy rewrote it, a hostile payee) runs no hook either: taken for an answer, it kept the channel
+    busy for `lane_timeout` (~6 µs a paid answer to read it here)."""
+    if unanswered is None or _readable(answer_headers.get("payment-response")):
         return
     payload = payment_in(sent)
     if payload is not None:  # else not a header x402 could read: nothing of ours to free
         unanswered(payload)
+
+
+def _readable(header: str | None) -> bool:
+    """Whether x402 reads a payment answer in `header`, as its clients do (`get_payment_settle_response`)."""
+    if not header:
+        return False
+    try:
+        decode_payment_response_header(header)
+    except ValueError:
+        return False
+    return True
