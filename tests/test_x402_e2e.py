@@ -1179,17 +1179,17 @@ def test_a_paid_request_answered_without_a_payment_answer_frees_its_channel_at_o
     assert position_on_only_channel(payer, payee) == 3 * PRICE
 
 
-class Mangling(httpx.AsyncBaseTransport):
-    """httpx's own transport, each answer's payment answer (if any) replaced by the next of `headers`: a proxy that
-    rewrites it, or a hostile payee."""
+class Rewriting(httpx.AsyncBaseTransport):
+    """httpx's own transport, each answer's `header` (where it has one) rewritten by `rewrite`: a proxy that rewrites
+    it, or a hostile payee."""
 
-    def __init__(self, headers: list[str]) -> None:
-        self.real, self.headers = httpx.AsyncHTTPTransport(), headers
+    def __init__(self, header: str, rewrite: Callable[[str], str]) -> None:
+        self.real, self.header, self.rewrite = httpx.AsyncHTTPTransport(), header, rewrite
 
     async def handle_async_request(self, request: httpx.Request) -> httpx.Response:
         answer = await self.real.handle_async_request(request)
-        if "payment-response" in answer.headers:
-            answer.headers["payment-response"] = self.headers.pop(0)
+        if self.header in answer.headers:
+            answer.headers[self.header] = self.rewrite(answer.headers[self.header])
         return answer
 
     async def aclose(self) -> None:
@@ -1215,7 +1215,7 @@ def test_a_payment_answer_the_payer_cannot_read_frees_its_channel_at_once(
         base64.b64encode(b'{"success": "maybe"}').decode(),
         "",
     ]
-    transport = paying_wire(wire, x402, rig.scheme, Mangling(mangled))
+    transport = paying_wire(wire, x402, rig.scheme, Rewriting("payment-response", lambda _: mangled.pop(0)))
 
     async def walk() -> list[int]:
         async with httpx.AsyncClient(transport=transport, timeout=60) as http:
@@ -1224,6 +1224,52 @@ def test_a_payment_answer_the_payer_cannot_read_frees_its_channel_at_once(
     assert asyncio.run(walk()) == [200] * 4
     assert accepted_for(rig.service, payee) == 4 * PRICE
     assert position_on_only_channel(rig.payer, payee) == 4 * PRICE
+
+
+@pytest.mark.parametrize("wire", ["pay-ahead", "x402's transport"])
+@pytest.mark.parametrize("part", ["extra", "resource", "extensions"])
+def test_requirements_no_payment_header_can_carry_are_refused_before_anything_is_signed(
+    devnet: Devnet, lane_rig: Callable[..., LaneRig], wire: str, part: str
+) -> None:
+    """A payee's 402 with a lone surrogate (Python's JSON reader takes it from the header) in the requirements' `extra`,
+    the resource or the extensions, which x402 copies into the payment: x402 cannot write that payment into its
+    header. Our scheme signed the voucher first, so its channel stayed busy for `lane_timeout` (the next payment "in
+    flight already" with one lane), and the pay-ahead transport raised pydantic-core's error to the app. Refused now
+    before anything is signed (x402's `PaymentError`), and the payee's next good 402 is paid at once."""
+    rig = lane_rig("unwritable", max_lanes=1)
+    ((payee, api),) = rig.payees
+    odd = {"on": True}
+
+    def surrogate(header: str) -> str:
+        if not odd["on"]:
+            return header
+        required = json.loads(base64.b64decode(header))
+        if part == "extra":
+            required["accepts"][0]["extra"]["note"] = "\ud800"
+        elif part == "resource":
+            required["resource"]["description"] = "\ud800"
+        else:
+            required["extensions"] = {"note": "\ud800"}
+        return base64.b64encode(json.dumps(required).encode("utf-8", "surrogatepass")).decode()
+
+    transport = paying_wire(
+        wire, paying_client(devnet, rig.scheme), rig.scheme, Rewriting("payment-required", surrogate)
+    )
+
+    async def walk() -> list[str]:
+        answers = []
+        async with httpx.AsyncClient(transport=transport, timeout=60) as http:
+            for n in range(3):
+                odd["on"] = n < 2
+                try:
+                    answers.append(str((await http.get(f"{api}/weather")).status_code))
+                except PaymentError as ex:
+                    answers.append("cannot be written" if "cannot be written" in str(ex) else str(ex))
+        return answers
+
+    assert asyncio.run(walk()) == ["cannot be written", "cannot be written", "200"]
+    assert accepted_for(rig.service, payee) == PRICE
+    assert position_on_only_channel(rig.payer, payee) == PRICE
 
 
 @pytest.mark.parametrize("wire", ["pay-ahead", "x402's transport", "requests"])

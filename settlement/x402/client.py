@@ -36,6 +36,7 @@ from types import SimpleNamespace
 from typing import Any
 
 from eth_utils.address import to_checksum_address
+from pydantic_core import PydanticSerializationError, to_json
 from x402.extensions.payment_identifier import PAYMENT_IDENTIFIER, append_payment_identifier_to_extensions
 from x402.interfaces import PaymentPayloadContext
 from x402.schemas import (
@@ -166,6 +167,7 @@ class ChannelHubClientScheme:
         requirements = context.selected_requirements
         if not isinstance(requirements, PaymentRequirements) or requirements.scheme != self.scheme:
             return None
+        _writable(context.payment_required)
         task = _current_task()
         if task is None:
             return None
@@ -469,6 +471,17 @@ class PaymentIdentifiers:
 def _idle(lanes: list[Lane]) -> Lane | None:
     """The first lane that carries no payment now."""
     return next((lane for lane in lanes if lane.busy_since is None), None)
+
+
+def _writable(required: object) -> None:
+    """Refuse a payee's 402 whose payment x402 could not write into its header (a lone surrogate, which Python's JSON
+    reader takes from the 402's header, in the requirements, the resource or the extensions it copies into the
+    payment), before anything is signed (1.8 µs): signed and then not sent, the voucher kept its channel busy for
+    `lane_timeout`, and the pay-ahead transport raised pydantic-core's error to the app."""
+    try:
+        to_json(required)
+    except PydanticSerializationError as ex:
+        raise ValueError(f"the payee's payment requirements cannot be written into a payment header: {ex}") from None
 
 
 @functools.lru_cache(maxsize=1024)
