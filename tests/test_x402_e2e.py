@@ -1226,6 +1226,57 @@ def test_a_payment_answer_the_payer_cannot_read_frees_its_channel_at_once(
     assert position_on_only_channel(rig.payer, payee) == 4 * PRICE
 
 
+class Refusing(httpx.AsyncBaseTransport):
+    """httpx's own transport that spoils the signature of the first `count` payments it sends (the payee refuses
+    them: a 402) and rewrites the requirements in those 402s into `garbled` (a proxy, a hostile payee)."""
+
+    def __init__(self, count: int, garbled: str) -> None:
+        self.real, self.count, self.garbled = httpx.AsyncHTTPTransport(), count, garbled
+
+    async def handle_async_request(self, request: httpx.Request) -> httpx.Response:
+        sent = request.headers.get("payment-signature")
+        if sent is None or self.count == 0:
+            return await self.real.handle_async_request(request)
+        self.count -= 1
+        payment = json.loads(base64.b64decode(sent))
+        payment["payload"]["signature"] = "0x" + "11" * 65
+        request.headers["payment-signature"] = base64.b64encode(json.dumps(payment).encode()).decode()
+        answer = await self.real.handle_async_request(request)
+        answer.headers["payment-required"] = self.garbled
+        return answer
+
+    async def aclose(self) -> None:
+        await self.real.aclose()
+
+
+@pytest.mark.parametrize("wire", ["pay-ahead", "x402's transport"])
+def test_a_refusal_the_payer_cannot_read_frees_its_channel_at_once(
+    devnet: Devnet, lane_rig: Callable[..., LaneRig], wire: str
+) -> None:
+    """A paid request refused with a 402 whose requirements x402 cannot read (rewritten on the way): x402 runs no hook
+    for it, and the wire took any 402 for an answer x402 reads, so the channel stayed busy for `lane_timeout`. The wire
+    frees it now, and the next payment asks the service what became of the refused one: nothing charged for it."""
+    rig = lane_rig("refused-garbled", max_lanes=1)
+    ((payee, api),) = rig.payees
+    transport = paying_wire(wire, paying_client(devnet, rig.scheme), rig.scheme, Refusing(2, "not base64!"))
+
+    async def walk() -> list[str]:
+        answers = []
+        async with httpx.AsyncClient(transport=transport, timeout=60) as http:
+            for _ in range(4):
+                try:
+                    answers.append(str((await http.get(f"{api}/weather")).status_code))
+                except PaymentError as ex:
+                    answers.append(str(ex)[:60])
+        return answers
+
+    # x402's transport answers the app each refusal; the pay-ahead one, refused, pays once more through x402's flow.
+    expected = ["402", "200", "200", "200"] if wire == "pay-ahead" else ["402", "402", "200", "200"]
+    assert asyncio.run(walk()) == expected
+    assert accepted_for(rig.service, payee) == expected.count("200") * PRICE
+    assert position_on_only_channel(rig.payer, payee) == expected.count("200") * PRICE
+
+
 @pytest.mark.parametrize("wire", ["pay-ahead", "x402's transport"])
 @pytest.mark.parametrize("part", ["extra", "resource", "extensions"])
 def test_requirements_no_payment_header_can_carry_are_refused_before_anything_is_signed(

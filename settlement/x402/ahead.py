@@ -16,8 +16,8 @@ price changed, the route is no longer priced alike, the position was stale), the
 requirements are forgotten and the request goes through x402's own flow; so an early payment can cost a round trip,
 never a second charge. Requirements are kept `ttl` seconds, for at most `max_routes` URLs (oldest first out).
 
-A paid request answered with neither a payment answer nor a 402 (a handler's 404, a payee that could not reach its
-facilitator), or not answered at all (a dropped connection, a timeout), runs no x402 hook;
+A paid request answered with neither a payment answer nor a 402 x402 can read (a handler's 404, a payee that could
+not reach its facilitator), or not answered at all (a dropped connection, a timeout), runs no x402 hook;
 `unanswered=scheme.unanswered` hands it to our scheme, which frees its channel at once instead of after
 `lane_timeout` (settlement.x402.unanswered, settlement.x402.client).
 """
@@ -124,7 +124,7 @@ class PayAheadTransport(httpx.AsyncBaseTransport):
 
 class _Learning(httpx.AsyncBaseTransport):
     """The wire, telling the routes of every 402 that names requirements (under it, `UnansweredWire` tells
-    `unanswered` of every paid request answered with neither a payment answer nor a 402)."""
+    `unanswered` of every paid request answered with neither a payment answer nor a 402 x402 can read)."""
 
     def __init__(self, inner: httpx.AsyncBaseTransport, routes: _Routes, unanswered: Unanswered | None = None) -> None:
         self._inner, self._routes = UnansweredWire(unanswered, inner), routes
@@ -142,7 +142,7 @@ class _Learning(httpx.AsyncBaseTransport):
 class _TellingWire(ResendingAdapter):
     """requests' wire under x402's adapter (x402's paid retries reach it through `super().send`): a paid request that
     got no answer at all (the connection dropped, a timeout) is told to `unanswered`, as `build_response` tells one
-    answered with neither a payment answer nor a 402."""
+    answered with neither a payment answer nor a 402 x402 can read."""
 
     _unanswered: Unanswered | None = None
 
@@ -193,13 +193,11 @@ class PayAheadAdapter(x402HTTPAdapter, _TellingWire):
 
     def build_response(self, req: requests.PreparedRequest, resp: Any) -> requests.Response:
         """Every answer off the wire passes here, x402's own 402s included: learn the requirements they name, and
-        tell `unanswered` of a paid request answered with neither a payment answer nor a 402."""
+        tell `unanswered` of a paid request answered with neither a payment answer nor a 402 x402 can read."""
         response = super().build_response(req, resp)
-        if response.status_code == 402:
-            if "payment-required" in response.headers:
-                self._routes.learn(_route(req.method or "GET", req.url or ""), response.headers.get)
-        else:
-            tell_unanswered(self._unanswered, response.headers, req.headers.get("payment-signature"))
+        if response.status_code == 402 and "payment-required" in response.headers:
+            self._routes.learn(_route(req.method or "GET", req.url or ""), response.headers.get)
+        tell_unanswered(self._unanswered, response.status_code, response.headers, req.headers.get("payment-signature"))
         return response
 
 

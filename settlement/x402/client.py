@@ -295,10 +295,11 @@ class ChannelHubClientScheme:
             self._release(lane)
 
     def unanswered(self, payload: PaymentPayload) -> None:
-        """A paid request came back with neither a payment answer nor a 402: the payee's handler failed (x402's
-        middleware settles nothing then) or the payee could not reach its facilitator (a 503); or it got no answer at
-        all (the connection dropped, a timeout: the payee may have settled it or not). x402 runs no hook for it, so
-        the payment's channel would stay busy for `lane_timeout` and new channels be opened meanwhile. Freed now;
+        """A paid request came back with neither a payment answer nor a 402 x402 can read: the payee's handler failed
+        (x402's middleware settles nothing then), the payee could not reach its facilitator (a 503), a proxy rewrote
+        the header; or it got no answer at all (the connection dropped, a timeout: the payee may have settled it or
+        not). x402 runs no hook for it, so the payment's channel would stay busy for `lane_timeout` and new channels be
+        opened meanwhile. Freed now;
         the payment stays pending in the journal, and the next payment on the channel first asks the service what
         became of it (`PayerClient.authorize`): charged at most once, whatever the payee did with it.
 
