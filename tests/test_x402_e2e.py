@@ -1277,6 +1277,77 @@ def test_a_refusal_the_payer_cannot_read_frees_its_channel_at_once(
     assert position_on_only_channel(rig.payer, payee) == expected.count("200") * PRICE
 
 
+class Hostile(httpx.AsyncBaseTransport):
+    """httpx's own transport under a payee that answers a payer with odd x402 headers while `on`: each payment answer
+    and 402 requirements header (seeded) left, removed, made garbage, replaced by an earlier payment's answer, or with
+    one to three of its fields made odd (`_mutated`)."""
+
+    def __init__(self, rng: random.Random) -> None:
+        self.real, self.rng, self.on = httpx.AsyncHTTPTransport(), rng, True
+        self.answers: list[str] = []  # the payment answers seen, to answer later payments with
+
+    def _odd(self, name: str, value: str) -> str:
+        if name == "payment-response":
+            self.answers.append(value)
+        roll = self.rng.random()
+        if roll < 0.1:
+            return ""
+        if roll < 0.2:
+            return "not base64!"
+        if roll < 0.3:
+            return self.rng.choice(self.answers or [value])
+        if roll < 0.7:
+            made = json.dumps(_mutated(self.rng, json.loads(base64.b64decode(value))))
+            return base64.b64encode(made.encode("utf-8", "surrogatepass")).decode()
+        return value
+
+    async def handle_async_request(self, request: httpx.Request) -> httpx.Response:
+        answer = await self.real.handle_async_request(request)
+        for name in ("payment-response", "payment-required"):
+            if self.on and name in answer.headers:
+                answer.headers[name] = self._odd(name, answer.headers[name])
+        return answer
+
+    async def aclose(self) -> None:
+        await self.real.aclose()
+
+
+@pytest.mark.parametrize("wire", ["pay-ahead", "x402's transport"])
+def test_a_payee_answering_odd_headers_never_stalls_the_payer_nor_charges_it_for_more_than_its_200s(
+    devnet: Devnet, lane_rig: Callable[..., LaneRig], wire: str
+) -> None:
+    """A seeded fuzz of what a payee answers a payer: payment answers and 402 requirements removed, garbage, an earlier
+    payment's answer again, or with fields made odd, on a payer of four lanes. Every request ends in a response or
+    x402's `PaymentError` (never another exception into the app); afterwards no channel is left busy (a payment answer
+    or a refusal x402 could not read kept one busy for `lane_timeout`: the payer stalled once every lane was), honest
+    answers are paid at once, and the payer's journal, the service and the 200s agree to the wei."""
+    rig = lane_rig("odd-answers", max_lanes=4)
+    ((payee, api),) = rig.payees
+    hostile = Hostile(random.Random(43))
+    transport = paying_wire(wire, paying_client(devnet, rig.scheme), rig.scheme, hostile)
+
+    async def walk() -> tuple[Counter[str], list[int]]:
+        odd: Counter[str] = Counter()
+        async with httpx.AsyncClient(transport=transport, timeout=60) as http:
+            for _ in range(60):
+                try:
+                    odd[str((await http.get(f"{api}/weather")).status_code)] += 1
+                except PaymentError:
+                    odd["PaymentError"] += 1
+            hostile.on = False  # then honest answers, four at once: every lane free, or one is refused
+            honest = []
+            for _ in range(2):
+                answers = await asyncio.gather(*(http.get(f"{api}/weather") for _ in range(4)))
+                honest += [answer.status_code for answer in answers]
+        return odd, honest
+
+    odd, honest = asyncio.run(walk())
+    assert set(odd) <= {"200", "402", "PaymentError"} and odd["200"] >= 10 and odd.total() - odd["200"] >= 5, odd
+    assert honest == [200] * 8
+    paid = (odd["200"] + 8) * PRICE
+    assert (accepted_for(rig.service, payee), rig.payer.journal.spent(ETH, 0)) == (paid, paid)
+
+
 @pytest.mark.parametrize("wire", ["pay-ahead", "x402's transport"])
 @pytest.mark.parametrize("part", ["extra", "resource", "extensions"])
 def test_requirements_no_payment_header_can_carry_are_refused_before_anything_is_signed(
