@@ -299,9 +299,9 @@ class ChannelHubClientScheme:
         (x402's middleware settles nothing then), the payee could not reach its facilitator (a 503), a proxy rewrote
         the header; or it got no answer at all (the connection dropped, a timeout: the payee may have settled it or
         not). x402 runs no hook for it, so the payment's channel would stay busy for `lane_timeout` and new channels be
-        opened meanwhile. Freed now;
-        the payment stays pending in the journal, and the next payment on the channel first asks the service what
-        became of it (`PayerClient.authorize`): charged at most once, whatever the payee did with it.
+        opened meanwhile. Freed now; the payment stays pending in the journal, and the next payment on the channel
+        first asks the service what became of it (`PayerClient.authorize`): charged at most once, whatever the payee
+        did with it.
 
         Called by the wire that saw the answer (`settlement.x402.ahead.PayAheadTransport(..., unanswered=...)`)."""
         try:

@@ -335,7 +335,7 @@ class ChannelHubFacilitatorClient(HTTPFacilitatorClient):
         batch sends of it, so that one payment is written one way whichever call judges it (x402's own client writes
         its body again, with the standard library's encoder: a NaN, or a lone surrogate in a key, which pydantic-core
         writes, failed to encode there, a 503 for a payment that could never be sent). Raises, as x402's client does,
-        for any answer but a 200 with x402's answer in it."""
+        for any answer but a 200 with x402's answer in it (our service sends no extension responses beside it)."""
         headers = self._get_verify_headers() if operation == "verify" else self._get_settle_headers()
         status, content = await self._post(f"{self._url}/{operation}", b'{"x402Version":2,' + part[1:], headers)
         if status != 200:
