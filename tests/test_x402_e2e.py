@@ -14,7 +14,7 @@ import sqlite3
 import threading
 import time
 from collections import Counter
-from collections.abc import Callable, Iterator
+from collections.abc import Awaitable, Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import closing
 from dataclasses import dataclass
@@ -34,6 +34,7 @@ from x402 import x402Client, x402ClientSync
 from x402.http import x402HTTPClient
 from x402.http.clients import x402_httpx_transport, x402_requests, x402HttpxClient
 from x402.http.clients.httpx import PaymentError
+from x402.http.clients.requests import PaymentError as RequestsPaymentError
 from x402.http.utils import (
     decode_payment_signature_header,
     encode_payment_required_header,
@@ -1277,14 +1278,20 @@ def test_a_refusal_the_payer_cannot_read_frees_its_channel_at_once(
     assert position_on_only_channel(rig.payer, payee) == expected.count("200") * PRICE
 
 
-class Hostile(httpx.AsyncBaseTransport):
-    """httpx's own transport under a payee that answers a payer with odd x402 headers while `on`: each payment answer
-    and 402 requirements header (seeded) left, removed, made garbage, replaced by an earlier payment's answer, or with
-    one to three of its fields made odd (`_mutated`)."""
+class OddAnswers:
+    """A payee that answers a payer with odd x402 headers while `on`: each payment answer and 402 requirements header
+    (seeded) left, removed, made garbage, replaced by an earlier payment's answer, or with one to three of its fields
+    made odd (`_mutated`)."""
 
     def __init__(self, rng: random.Random) -> None:
-        self.real, self.rng, self.on = httpx.AsyncHTTPTransport(), rng, True
+        self.rng, self.on = rng, True
         self.answers: list[str] = []  # the payment answers seen, to answer later payments with
+
+    def rewrite(self, headers: Any) -> None:
+        """`headers` (httpx's or urllib3's) rewritten in place."""
+        for name in ("payment-response", "payment-required"):
+            if self.on and name in headers:
+                headers[name] = self._odd(name, headers[name])
 
     def _odd(self, name: str, value: str) -> str:
         if name == "payment-response":
@@ -1301,18 +1308,35 @@ class Hostile(httpx.AsyncBaseTransport):
             return base64.b64encode(made.encode("utf-8", "surrogatepass")).decode()
         return value
 
+
+class OddTransport(httpx.AsyncBaseTransport):
+    """httpx's own transport, its answers rewritten by `odd`."""
+
+    def __init__(self, odd: OddAnswers) -> None:
+        self.real, self.odd = httpx.AsyncHTTPTransport(), odd
+
     async def handle_async_request(self, request: httpx.Request) -> httpx.Response:
         answer = await self.real.handle_async_request(request)
-        for name in ("payment-response", "payment-required"):
-            if self.on and name in answer.headers:
-                answer.headers[name] = self._odd(name, answer.headers[name])
+        self.odd.rewrite(answer.headers)
         return answer
 
     async def aclose(self) -> None:
         await self.real.aclose()
 
 
-@pytest.mark.parametrize("wire", ["pay-ahead", "x402's transport"])
+class OddAdapter(PayAheadAdapter):
+    """Our requests adapter, the answers off its wire rewritten by `odd` before it (and x402's flow) reads them."""
+
+    def __init__(self, client: x402ClientSync, odd: OddAnswers, **kwargs: Any) -> None:
+        super().__init__(client, **kwargs)
+        self.odd = odd
+
+    def build_response(self, req: requests.PreparedRequest, resp: Any) -> requests.Response:
+        self.odd.rewrite(resp.headers)
+        return super().build_response(req, resp)
+
+
+@pytest.mark.parametrize("wire", ["pay-ahead", "x402's transport", "requests"])
 def test_a_payee_answering_odd_headers_never_stalls_the_payer_nor_charges_it_for_more_than_its_200s(
     devnet: Devnet, lane_rig: Callable[..., LaneRig], wire: str
 ) -> None:
@@ -1323,28 +1347,54 @@ def test_a_payee_answering_odd_headers_never_stalls_the_payer_nor_charges_it_for
     answers are paid at once, and the payer's journal, the service and the 200s agree to the wei."""
     rig = lane_rig("odd-answers", max_lanes=4)
     ((payee, api),) = rig.payees
-    hostile = Hostile(random.Random(43))
-    transport = paying_wire(wire, paying_client(devnet, rig.scheme), rig.scheme, hostile)
+    odd = OddAnswers(random.Random(43))
+    url = f"{api}/weather"
 
-    async def walk() -> tuple[Counter[str], list[int]]:
-        odd: Counter[str] = Counter()
-        async with httpx.AsyncClient(transport=transport, timeout=60) as http:
-            for _ in range(60):
-                try:
-                    odd[str((await http.get(f"{api}/weather")).status_code)] += 1
-                except PaymentError:
-                    odd["PaymentError"] += 1
-            hostile.on = False  # then honest answers, four at once: every lane free, or one is refused
-            honest = []
-            for _ in range(2):
-                answers = await asyncio.gather(*(http.get(f"{api}/weather") for _ in range(4)))
-                honest += [answer.status_code for answer in answers]
-        return odd, honest
+    async def walk(one: Callable[[], Awaitable[int]]) -> tuple[Counter[str], list[int]]:
+        """60 requests one at a time to the odd payee, then twice four at once to the payee turned honest."""
+        answers: Counter[str] = Counter()
+        for _ in range(60):
+            try:
+                answers[str(await one())] += 1
+            except (PaymentError, RequestsPaymentError):
+                answers["PaymentError"] += 1
+        odd.on = False  # honest answers, four at once: every lane free, or one is refused
+        honest = [status for _ in range(2) for status in await asyncio.gather(*(one() for _ in range(4)))]
+        return answers, honest
 
-    odd, honest = asyncio.run(walk())
-    assert set(odd) <= {"200", "402", "PaymentError"} and odd["200"] >= 10 and odd.total() - odd["200"] >= 5, odd
+    if wire == "requests":
+        adapter = OddAdapter(
+            paying_client(devnet, rig.scheme, kind=x402ClientSync), odd, unanswered=rig.scheme.unanswered
+        )
+        sessions = [requests.Session() for _ in range(4)]
+        for session in sessions:
+            session.mount("http://", adapter)
+
+        async def sent() -> int:  # on a worker thread, each on a session of its own
+            session = sessions.pop()
+            try:
+                return await asyncio.to_thread(lambda: session.get(url, timeout=60).status_code)
+            finally:
+                sessions.append(session)
+
+        fuzzed = asyncio.run(walk(sent))
+    else:
+        transport = paying_wire(wire, paying_client(devnet, rig.scheme), rig.scheme, OddTransport(odd))
+
+        async def run() -> tuple[Counter[str], list[int]]:
+            async with httpx.AsyncClient(transport=transport, timeout=60) as http:
+
+                async def get() -> int:
+                    return (await http.get(url)).status_code
+
+                return await walk(get)
+
+        fuzzed = asyncio.run(run())
+    answers, honest = fuzzed
+    assert set(answers) <= {"200", "402", "PaymentError"} and answers["200"] >= 10, answers
+    assert answers.total() - answers["200"] >= 5, answers
     assert honest == [200] * 8
-    paid = (odd["200"] + 8) * PRICE
+    paid = (answers["200"] + 8) * PRICE
     assert (accepted_for(rig.service, payee), rig.payer.journal.spent(ETH, 0)) == (paid, paid)
 
 
