@@ -1180,86 +1180,86 @@ def test_a_paid_request_answered_without_a_payment_answer_frees_its_channel_at_o
     assert position_on_only_channel(payer, payee) == 3 * PRICE
 
 
-class Rewriting(httpx.AsyncBaseTransport):
-    """httpx's own transport, each answer's `header` (where it has one) rewritten by `rewrite`: a proxy that rewrites
-    it, or a hostile payee."""
+class OnTheWay(httpx.AsyncBaseTransport):
+    """httpx's own transport, with what passes on it changed (`sending`, `answered`): a proxy, or a hostile payee."""
+
+    def __init__(self) -> None:
+        self.real = httpx.AsyncHTTPTransport()
+
+    def sending(self, request: httpx.Request) -> None:
+        """Change `request` in place before it is sent."""
+
+    def answered(self, request: httpx.Request, answer: httpx.Response) -> None:
+        """Change `answer` (to `request`) in place before the payer reads it."""
+
+    async def handle_async_request(self, request: httpx.Request) -> httpx.Response:
+        self.sending(request)
+        answer = await self.real.handle_async_request(request)
+        self.answered(request, answer)
+        return answer
+
+    async def aclose(self) -> None:
+        await self.real.aclose()
+
+
+class Rewriting(OnTheWay):
+    """Each answer's `header` (where it has one) rewritten by `rewrite`."""
 
     def __init__(self, header: str, rewrite: Callable[[str], str]) -> None:
-        self.real, self.header, self.rewrite = httpx.AsyncHTTPTransport(), header, rewrite
+        super().__init__()
+        self.header, self.rewrite = header, rewrite
 
-    async def handle_async_request(self, request: httpx.Request) -> httpx.Response:
-        answer = await self.real.handle_async_request(request)
+    def answered(self, request: httpx.Request, answer: httpx.Response) -> None:
         if self.header in answer.headers:
             answer.headers[self.header] = self.rewrite(answer.headers[self.header])
-        return answer
-
-    async def aclose(self) -> None:
-        await self.real.aclose()
 
 
-@pytest.mark.parametrize("wire", ["pay-ahead", "x402's transport"])
-def test_a_payment_answer_the_payer_cannot_read_frees_its_channel_at_once(
-    devnet: Devnet, lane_rig: Callable[..., LaneRig], wire: str
-) -> None:
-    """A paid request answered with a payment answer x402 cannot read (not base64, not JSON, not a settle answer: a
-    proxy that rewrote it, a hostile payee): x402 runs no hook for it, and the wire took the header's presence for an
-    answer. The channel stayed busy for `lane_timeout` (two minutes): with one lane, the next payment was refused "in
-    flight already"; with more, a payee that mangles every answer had them all busy after as many requests. The wire
-    now frees it as it frees a channel of a request answered with no payment answer, and the next payment asks the
-    service what became of it: each 200 paid once."""
-    rig = lane_rig("mangled", max_lanes=1)
-    ((payee, api),) = rig.payees
-    x402 = paying_client(devnet, rig.scheme)
-    mangled = [
-        "not base64!",
-        base64.b64encode(b"not json").decode(),
-        base64.b64encode(b'{"success": "maybe"}').decode(),
-        "",
-    ]
-    transport = paying_wire(wire, x402, rig.scheme, Rewriting("payment-response", lambda _: mangled.pop(0)))
-
-    async def walk() -> list[int]:
-        async with httpx.AsyncClient(transport=transport, timeout=60) as http:
-            return [(await http.get(f"{api}/weather")).status_code for _ in range(4)]
-
-    assert asyncio.run(walk()) == [200] * 4
-    assert accepted_for(rig.service, payee) == 4 * PRICE
-    assert position_on_only_channel(rig.payer, payee) == 4 * PRICE
-
-
-class Refusing(httpx.AsyncBaseTransport):
-    """httpx's own transport that spoils the signature of the first `count` payments it sends (the payee refuses
-    them: a 402) and rewrites the requirements in those 402s into `garbled` (a proxy, a hostile payee)."""
+class Refusing(OnTheWay):
+    """The signature of the first `count` payments sent spoiled (the payee refuses them: a 402), and the requirements
+    in those 402s rewritten into `garbled`."""
 
     def __init__(self, count: int, garbled: str) -> None:
-        self.real, self.count, self.garbled = httpx.AsyncHTTPTransport(), count, garbled
+        super().__init__()
+        self.count, self.garbled = count, garbled
 
-    async def handle_async_request(self, request: httpx.Request) -> httpx.Response:
+    def sending(self, request: httpx.Request) -> None:
         sent = request.headers.get("payment-signature")
-        if sent is None or self.count == 0:
-            return await self.real.handle_async_request(request)
-        self.count -= 1
-        payment = json.loads(base64.b64decode(sent))
-        payment["payload"]["signature"] = "0x" + "11" * 65
-        request.headers["payment-signature"] = base64.b64encode(json.dumps(payment).encode()).decode()
-        answer = await self.real.handle_async_request(request)
-        answer.headers["payment-required"] = self.garbled
-        return answer
+        if sent is not None and self.count > 0:
+            self.count -= 1
+            payment = json.loads(base64.b64decode(sent))
+            payment["payload"]["signature"] = "0x" + "11" * 65
+            request.headers["payment-signature"] = base64.b64encode(json.dumps(payment).encode()).decode()
+            request.extensions["spoiled"] = True
 
-    async def aclose(self) -> None:
-        await self.real.aclose()
+    def answered(self, request: httpx.Request, answer: httpx.Response) -> None:
+        if request.extensions.get("spoiled"):
+            answer.headers["payment-required"] = self.garbled
 
 
 @pytest.mark.parametrize("wire", ["pay-ahead", "x402's transport"])
-def test_a_refusal_the_payer_cannot_read_frees_its_channel_at_once(
-    devnet: Devnet, lane_rig: Callable[..., LaneRig], wire: str
+@pytest.mark.parametrize("garbled", ["payment answer", "refusal"])
+def test_an_answer_the_payer_cannot_read_frees_its_channel_at_once(
+    devnet: Devnet, lane_rig: Callable[..., LaneRig], wire: str, garbled: str
 ) -> None:
-    """A paid request refused with a 402 whose requirements x402 cannot read (rewritten on the way): x402 runs no hook
-    for it, and the wire took any 402 for an answer x402 reads, so the channel stayed busy for `lane_timeout`. The wire
-    frees it now, and the next payment asks the service what became of the refused one: nothing charged for it."""
-    rig = lane_rig("refused-garbled", max_lanes=1)
+    """A paid request answered with a payment answer x402 cannot read (not base64, not JSON, not a settle answer,
+    empty), or refused with a 402 whose requirements x402 cannot read: a proxy rewrote them, a hostile payee. x402 runs
+    no hook for such an answer, and the wire took the header's presence (any 402) for one it reads: the channel stayed
+    busy for `lane_timeout` (two minutes), and with one lane the next payment was refused "in flight already" (with
+    more, a payee that garbles every answer had them all busy after as many requests). The wire frees it now, as it
+    frees a channel of a request answered with no payment answer, and the next payment asks the service what became
+    of it: each 200 paid once, nothing for a refusal."""
+    rig = lane_rig(f"garbled-{garbled.split()[-1]}", max_lanes=1)
     ((payee, api),) = rig.payees
-    transport = paying_wire(wire, paying_client(devnet, rig.scheme), rig.scheme, Refusing(2, "not base64!"))
+    if garbled == "payment answer":
+        mangled = [b"not base64!", base64.b64encode(b"not json"), base64.b64encode(b'{"success": "maybe"}'), b""]
+        on_the_way: OnTheWay = Rewriting("payment-response", lambda _: mangled.pop(0).decode())
+        # each garbled answer is a 200
+        expected = ["200"] * 4
+    else:
+        on_the_way = Refusing(2, "not base64!")
+        # x402's transport answers the app each refusal; the pay-ahead one, refused, pays once more through x402's flow
+        expected = ["402", "200", "200", "200"] if wire == "pay-ahead" else ["402", "402", "200", "200"]
+    transport = paying_wire(wire, paying_client(devnet, rig.scheme), rig.scheme, on_the_way)
 
     async def walk() -> list[str]:
         answers = []
@@ -1271,8 +1271,6 @@ def test_a_refusal_the_payer_cannot_read_frees_its_channel_at_once(
                     answers.append(str(ex)[:60])
         return answers
 
-    # x402's transport answers the app each refusal; the pay-ahead one, refused, pays once more through x402's flow.
-    expected = ["402", "200", "200", "200"] if wire == "pay-ahead" else ["402", "402", "200", "200"]
     assert asyncio.run(walk()) == expected
     assert accepted_for(rig.service, payee) == expected.count("200") * PRICE
     assert position_on_only_channel(rig.payer, payee) == expected.count("200") * PRICE
@@ -1309,19 +1307,15 @@ class OddAnswers:
         return value
 
 
-class OddTransport(httpx.AsyncBaseTransport):
-    """httpx's own transport, its answers rewritten by `odd`."""
+class OddTransport(OnTheWay):
+    """Its answers rewritten by `odd`."""
 
     def __init__(self, odd: OddAnswers) -> None:
-        self.real, self.odd = httpx.AsyncHTTPTransport(), odd
+        super().__init__()
+        self.odd = odd
 
-    async def handle_async_request(self, request: httpx.Request) -> httpx.Response:
-        answer = await self.real.handle_async_request(request)
+    def answered(self, request: httpx.Request, answer: httpx.Response) -> None:
         self.odd.rewrite(answer.headers)
-        return answer
-
-    async def aclose(self) -> None:
-        await self.real.aclose()
 
 
 class OddAdapter(PayAheadAdapter):
