@@ -2049,7 +2049,7 @@ def _mutated(rng: random.Random, payment: dict[str, Any]) -> dict[str, Any]:
     return made
 
 
-def test_odd_payment_headers_are_paid_or_refused_with_a_402_and_the_payee_earns_exactly_what_it_answered(
+def test_odd_payment_headers_are_paid_or_refused_with_a_402_and_fail_no_other_payers_payment(
     spawn: Callable[..., ServiceProcess],
     paid_api: Callable[..., str],
     devnet: Devnet,
@@ -2060,9 +2060,11 @@ def test_odd_payment_headers_are_paid_or_refused_with_a_402_and_the_payee_earns_
     """A seeded fuzz of the payment header: a payer's real payment, re-signed for the channel's next amount each time
     (a fresh voucher), with one to three of its fields anywhere removed or replaced by an odd value (types, numbers
     past 2^256, other scripts' digits, NaN, lone surrogates, 300 levels of nesting), sent to the payee app and the
-    service as real processes. Every answer is a 200 (the voucher good, what else changed did not matter) or a 402,
-    never a 500 or a 503 (both processes are up: a 503 is a refusal taken for an outage, retried for good), and the
-    payee earns exactly one price for each 200. A NaN (x402's client could not write it) was such a 503."""
+    service as real processes, while an honest payer pays the same payee eight requests at a time (their settles share
+    the payee's batches). Every odd answer is a 200 (the voucher good, what else changed did not matter) or a 402,
+    never a 500 or a 503 (both processes are up: a 503 is a refusal taken for an outage, retried for good); every honest
+    request is a 200; and the payee earns exactly one price for each 200. A NaN (x402's client could not write it) was
+    such a 503."""
     service = spawn(f"sqlite:///{tmp_path / 'odd.db'}", wait=False)  # ready once the paid app is
     payee = accounts[14].address
     api = paid_api(service, payee)
@@ -2074,16 +2076,37 @@ def test_odd_payment_headers_are_paid_or_refused_with_a_402_and_the_payee_earns_
     signer = VoucherSigner(accounts[15], payer.domain)
     rng = random.Random(19)
     answers: Counter[int] = Counter()
-    for _ in range(150):
-        made["payload"]["cumulativeAmount"] = str(position + PRICE)
-        made["payload"]["signature"] = "0x" + signer.sign(channel_id, position + PRICE).hex()
-        sent = json.dumps(_mutated(rng, made)).encode("utf-8", "surrogatepass")
-        answer = httpx.get(f"{api}/weather", headers={"PAYMENT-SIGNATURE": base64.b64encode(sent).decode()})
-        assert answer.status_code in (200, 402), (answer.status_code, answer.text, sent[:2000])
-        answers[answer.status_code] += 1
-        position += PRICE if answer.status_code == 200 else 0
+
+    def odd_payer() -> None:
+        nonlocal position
+        for _ in range(150):
+            made["payload"]["cumulativeAmount"] = str(position + PRICE)
+            made["payload"]["signature"] = "0x" + signer.sign(channel_id, position + PRICE).hex()
+            sent = json.dumps(_mutated(rng, made)).encode("utf-8", "surrogatepass")
+            answer = httpx.get(f"{api}/weather", headers={"PAYMENT-SIGNATURE": base64.b64encode(sent).decode()})
+            assert answer.status_code in (200, 402), (answer.status_code, answer.text, sent[:2000])
+            answers[answer.status_code] += 1
+            position += PRICE if answer.status_code == 200 else 0
+
+    honest_scheme = ChannelHubClientScheme(payer_for(accounts[16], service, journal="honest"), max_lanes=8)
+    honest: Counter[int] = Counter()
+
+    async def both() -> None:
+        odd = asyncio.create_task(asyncio.to_thread(odd_payer))
+        transport = PayAheadTransport(paying_client(devnet, honest_scheme), unanswered=honest_scheme.unanswered)
+        async with httpx.AsyncClient(transport=transport, timeout=60) as http:
+
+            async def pays() -> None:
+                while not odd.done():
+                    honest[(await http.get(f"{api}/weather")).status_code] += 1
+
+            await asyncio.gather(odd, *(pays() for _ in range(8)))
+
+    asyncio.run(both())
     assert answers[200] >= 20 and answers[402] >= 20, answers  # both kinds of answer were exercised
-    assert accepted_for(service, payee) == answers[200] * PRICE == position
+    assert set(honest) == {200} and honest[200] >= 100, honest
+    assert accepted_for(service, payee) == (answers[200] + honest[200]) * PRICE
+    assert position == answers[200] * PRICE
 
 
 def test_an_erc20_payee_is_paid_in_its_token(
