@@ -132,6 +132,22 @@ def test_verify_commits_nothing_settle_accepts_once_and_a_replay_buys_nothing(
     assert (nxt["success"], nxt["amount"]) == (True, "10")
 
 
+def test_a_payment_identifier_x402_takes_with_a_final_newline_counts_as_none(
+    api: Callable[..., TestClient], devnet: Devnet, channel: Channel, sign: Sign
+) -> None:
+    """x402 checks an identifier with `match` and `$`, which takes a final newline: "order-0004-abcdefgh\n" was a key
+    of its own beside "order-0004-abcdefgh". It now fails the extension's rules as any odd id does (counted as none),
+    as do one too short and one with a space; a valid one is the payment's key."""
+    client = api()
+    required = requirements(devnet, channel.payee)
+    keys = []
+    for n, payment_id in enumerate(("order-0004-abcdefgh\n", "short", "order 0004 abcdefgh", "order-0004-abcdefgh")):
+        body = x402_request(required, voucher(channel, (n + 1) * PRICE, sign), payment_id=payment_id)
+        keys.append(client.post("/x402/settle", json=body).json()["extra"]["receipt"]["idempotencyKey"])
+    assert keys == [None, None, None, "order-0004-abcdefgh"]
+    assert accepted(client, channel) == str(4 * PRICE)
+
+
 def test_concurrent_settles_of_one_voucher_charge_once(
     api: Callable[..., TestClient], devnet: Devnet, channel: Channel, sign: Sign
 ) -> None:

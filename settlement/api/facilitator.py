@@ -20,7 +20,6 @@ from typing import Any
 
 from eth_account.signers.local import LocalAccount
 from x402 import x402FacilitatorSync
-from x402.extensions.payment_identifier import extract_payment_identifier
 from x402.interfaces import FacilitatorContext
 from x402.schemas import PaymentPayload, PaymentRequirements, SettleResponse, VerifyResponse
 
@@ -40,6 +39,7 @@ from settlement.x402.wire import (
     answers,
     base_units,
     network_of,
+    payment_identifier,
     same_address,
 )
 
@@ -316,7 +316,7 @@ def _verdict(outcome: Outcome) -> Verdict:
 def _payment_id(payload: PaymentPayload) -> str | None:
     """The payment-identifier extension's id (16-128 characters) as the payment's idempotency key (64 at most: a
     longer id is kept as its SHA-256). An id that fails the extension's own rules counts as none."""
-    found = extract_payment_identifier(payload, validate=True)
+    found = payment_identifier(payload)
     if found is None:
         return None
     return found if len(found) <= IDEMPOTENCY_KEY_MAX else hashlib.sha256(found.encode()).hexdigest()

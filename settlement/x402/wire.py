@@ -15,7 +15,7 @@ from functools import lru_cache
 from typing import Any
 
 from eth_utils.address import is_address, to_checksum_address
-from x402.extensions.payment_identifier import extract_payment_identifier
+from x402.extensions.payment_identifier import PAYMENT_ID_PATTERN, extract_payment_identifier
 from x402.http.utils import decode_payment_signature_header
 from x402.schemas import PaymentPayload, PaymentRequirements
 
@@ -138,4 +138,11 @@ def payment_in(header: object) -> PaymentPayload | None:
 def payment_identifier_in(header: object) -> str | None:
     """The valid x402 payment identifier of the payment a `PAYMENT-SIGNATURE` header carries, if any."""
     payment = payment_in(header)
-    return None if payment is None else extract_payment_identifier(payment, validate=True)
+    return None if payment is None else payment_identifier(payment)
+
+
+def payment_identifier(payment: PaymentPayload) -> str | None:
+    """The payment's x402 payment identifier if it is valid by the extension's rules, x402's pattern matched whole:
+    x402 matches it with `match` and `$`, which also takes a final newline ("…abc\n" was a key of its own)."""
+    found = extract_payment_identifier(payment, validate=True)
+    return found if found is not None and PAYMENT_ID_PATTERN.fullmatch(found) else None
