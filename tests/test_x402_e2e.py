@@ -473,11 +473,9 @@ def test_a_replayed_payment_header_buys_nothing(
 
 
 def test_a_payment_header_nested_deeper_than_the_services_json_reader_goes_pays_and_one_that_cannot_be_sent_is_a_402(
-    spawn: Callable[..., ServiceProcess],
-    paid_api: Callable[..., str],
     devnet: Devnet,
+    lane_rig: Callable[..., LaneRig],
     accounts: list[LocalAccount],
-    tmp_path: Path,
     payer_for: Callable[..., PayerClient],
 ) -> None:
     """x402 reads a payment header's JSON as deep as Python's reader goes (~1,000 levels), lone surrogate escapes
@@ -487,9 +485,8 @@ def test_a_payment_header_nested_deeper_than_the_services_json_reader_goes_pays_
     could not encode it), and one of 1.1 MB 503 too (uvicorn's httptools takes it; the service's body limit is
     1 MiB): payments retried that could never pass. The deep one pays now, and the next one too (verified by the
     payee alone); the others are a 402, `invalid_payload`, and charge nothing."""
-    service = spawn(f"sqlite:///{tmp_path / 'deep.db'}", wait=False)  # ready once the paid app is
-    payee = accounts[14].address
-    api = paid_api(service, payee)
+    rig = lane_rig("deep")
+    ((payee, api),) = rig.payees
 
     def header_of(payer: PayerClient, extensions: str) -> dict[str, str]:
         payload = payment_for(api, paying_client(devnet, ChannelHubClientScheme(payer)))
@@ -499,17 +496,16 @@ def test_a_payment_header_nested_deeper_than_the_services_json_reader_goes_pays_
         )
         return {"PAYMENT-SIGNATURE": base64.b64encode(written.encode()).decode()}
 
-    other = payer_for(accounts[16], service, journal="other")
+    other = payer_for(accounts[16], rig.service, journal="other")
     for extensions in ('{"note": "\\udc00"}', '{"note": "' + "x" * 1_100_000 + '"}'):  # the second past its 1 MiB
         unsendable = httpx.get(f"{api}/weather", headers=header_of(other, extensions))
         assert unsendable.status_code == 402, unsendable.text
         assert json.loads(base64.b64decode(unsendable.headers["payment-required"]))["error"] == "invalid_payload"
-    payer = payer_for(accounts[15], service)
     for paid in (1, 2):
-        deep = header_of(payer, '{"note": ' + "[" * 250 + "]" * 250 + "}")
+        deep = header_of(rig.payer, '{"note": ' + "[" * 250 + "]" * 250 + "}")
         answer = httpx.get(f"{api}/weather", headers=deep)
         assert (answer.status_code, answer.json()) == (200, {"forecast": "sunny"}), answer.text
-        assert accepted_for(service, payee) == paid * PRICE  # the unsendable one charged nothing
+        assert accepted_for(rig.service, payee) == paid * PRICE  # the unsendable one charged nothing
 
 
 def test_a_retried_payment_with_an_identifier_is_answered_again_and_charged_once(
@@ -2050,11 +2046,9 @@ def _mutated(rng: random.Random, payment: dict[str, Any]) -> dict[str, Any]:
 
 
 def test_odd_payment_headers_are_paid_or_refused_with_a_402_and_fail_no_other_payers_payment(
-    spawn: Callable[..., ServiceProcess],
-    paid_api: Callable[..., str],
     devnet: Devnet,
+    lane_rig: Callable[..., LaneRig],
     accounts: list[LocalAccount],
-    tmp_path: Path,
     payer_for: Callable[..., PayerClient],
 ) -> None:
     """A seeded fuzz of the payment header: a payer's real payment, re-signed for the channel's next amount each time
@@ -2065,10 +2059,9 @@ def test_odd_payment_headers_are_paid_or_refused_with_a_402_and_fail_no_other_pa
     never a 500 or a 503 (both processes are up: a 503 is a refusal taken for an outage, retried for good); every honest
     request is a 200; and the payee earns exactly one price for each 200. A NaN (x402's client could not write it) was
     such a 503."""
-    service = spawn(f"sqlite:///{tmp_path / 'odd.db'}", wait=False)  # ready once the paid app is
-    payee = accounts[14].address
-    api = paid_api(service, payee)
-    payer = payer_for(accounts[15], service)
+    rig = lane_rig("odd", max_lanes=8)  # its payer the honest one
+    ((payee, api),) = rig.payees
+    payer = payer_for(accounts[15], rig.service, journal="odd")
     made = payment_for(api, paying_client(devnet, ChannelHubClientScheme(payer))).model_dump(
         by_alias=True, exclude_none=True
     )
@@ -2088,12 +2081,11 @@ def test_odd_payment_headers_are_paid_or_refused_with_a_402_and_fail_no_other_pa
             answers[answer.status_code] += 1
             position += PRICE if answer.status_code == 200 else 0
 
-    honest_scheme = ChannelHubClientScheme(payer_for(accounts[16], service, journal="honest"), max_lanes=8)
     honest: Counter[int] = Counter()
 
     async def both() -> None:
         odd = asyncio.create_task(asyncio.to_thread(odd_payer))
-        transport = PayAheadTransport(paying_client(devnet, honest_scheme), unanswered=honest_scheme.unanswered)
+        transport = PayAheadTransport(paying_client(devnet, rig.scheme), unanswered=rig.scheme.unanswered)
         async with httpx.AsyncClient(transport=transport, timeout=60) as http:
 
             async def pays() -> None:
@@ -2105,7 +2097,7 @@ def test_odd_payment_headers_are_paid_or_refused_with_a_402_and_fail_no_other_pa
     asyncio.run(both())
     assert answers[200] >= 20 and answers[402] >= 20, answers  # both kinds of answer were exercised
     assert set(honest) == {200} and honest[200] >= 100, honest
-    assert accepted_for(service, payee) == (answers[200] + honest[200]) * PRICE
+    assert accepted_for(rig.service, payee) == (answers[200] + honest[200]) * PRICE
     assert position == answers[200] * PRICE
 
 
