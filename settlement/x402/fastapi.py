@@ -244,13 +244,12 @@ class ChannelHubFacilitatorClient(HTTPFacilitatorClient):
         exchange = _exchange.get()
         if exchange is not None and await exchange.request.is_disconnected():  # charged for nothing it gets
             raise FacilitatorResponseError("the payer went away before its answer was ready: not settled")
+        ours = isinstance(payload, PaymentPayload) and isinstance(requirements, PaymentRequirements)
         try:
-            ours = isinstance(payload, PaymentPayload) and isinstance(requirements, PaymentRequirements)
-            part = _part(payload, requirements, self.max_payment_bytes) if ours else b""
-            if isinstance(part, str):
-                settled = _refused(part, requirements.network)
-            elif not ours:
+            if not ours:
                 settled = await super().settle(payload, requirements)
+            elif isinstance(part := _part(payload, requirements, self.max_payment_bytes), str):
+                settled = _refused(part, requirements.network)
             elif self.batch_settles and payload.accepted.scheme == SCHEME:
                 settled = await self._settle_batched(payload, requirements, part)
             else:
@@ -259,11 +258,7 @@ class ChannelHubFacilitatorClient(HTTPFacilitatorClient):
             if self.positions is not None and isinstance(payload, PaymentPayload):
                 self.positions.forget(payload)
             raise _unavailable("settle", ex) from ex
-        if (
-            self.positions is not None
-            and isinstance(payload, PaymentPayload)
-            and isinstance(requirements, PaymentRequirements)
-        ):
+        if self.positions is not None and ours:
             self.positions.learn(payload, requirements, settled)
         return settled
 
