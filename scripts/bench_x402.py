@@ -8,8 +8,9 @@ offered rates (an open loop: a request starts on its schedule whether or not the
 latency counts from that schedule, so waiting for a free channel counts too; each run's first half second, its cold
 start, is reported apart from the steady part after it): the added latency at a given number of paid requests a
 second, which is how the issue's goal is put, how late the payer's event loop ran a 1-ms timer meanwhile (how long a
-payer app's other work waited), and each process's CPU per paid request (payer, payee app, facilitator) from /proc; at
-the top rate, the payer's payments made on its event loop against all in worker threads, alternated in pairs; and the
+payer app's other work waited), and each process's CPU per paid request (payer, payee app, facilitator) from /proc; the
+goal's figure again over several pairs of runs at the top rate (each pair's added p99, their median, and all pooled);
+at the top rate, the payer's payments made on its event loop against all in worker threads, alternated in pairs; and the
 same against x402's floor (scripts/x402_floor_app.py: the same middleware and client with a scheme that does nothing,
 x402's own facilitator in the app's process: what x402's middleware and client cost by themselves, the part of a paid
 request no scheme can take away), and our scheme's CPU a paid request beyond that floor, process by process. Last, where
@@ -22,6 +23,7 @@ import asyncio
 import base64
 import gc
 import os
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -54,6 +56,11 @@ from settlement.x402.positions import Positions
 CONCURRENCY = (1, 16, 64)
 RATES = (50, 100, 200, 300, 500)  # paid requests a second, offered in an open loop
 SECONDS = 5.0
+GOAL_ADDED_P99_MS = 5.0  # issue 19: p99 added latency at the top rate
+# Pairs of runs (free, then paid) at the top rate, back to back, for the goal's figure. One 5-s run's p99 is its
+# slowest ~25 requests, which one stall of a process or of the machine sets: on one machine the same code's added p99
+# was 3.3-3.9 ms in five runs and 13.8 in the sixth (docs/benchmarks.md, forty-fourth sitting).
+STEADY_ROUNDS = 5
 # Each fixed-rate run starts with this long at its rate, timed apart as the cold start: the paid path sat idle while
 # the other client ran (its pool dropping the connections idle for 2 s), and a run's first 20-50 ms of requests took
 # 6-20 ms (connections opened just before the run did not take that away; docs/benchmarks.md, thirty-sixth sitting).
@@ -219,6 +226,7 @@ async def _measure(
                 figures[f"{prefix}added_p99_ms_c{concurrency}"] = round(added[1], 1)
         console.print(table)
         figures |= await _at_rates(console, ahead_aiohttp, free_aiohttp, api, pids)
+        figures |= await _steady(console, ahead_aiohttp, free_aiohttp, api, pids)
         figures |= await _loop_or_threads(console, scheme, ahead_aiohttp, api, pids)
         figures |= await _floor_at_rates(console, network, *floor)
         figures |= _beyond_floor(console, figures)
@@ -310,6 +318,43 @@ async def _at_rates(
         )
     console.print(table)
     return figures
+
+
+async def _steady(
+    console: Console, paid: httpx.AsyncClient, free: httpx.AsyncClient, api: str, pids: dict[str, int]
+) -> dict[str, Any]:
+    """The goal's figure over STEADY_ROUNDS pairs of runs at the top rate (as `_at_rates` runs each rate once): each
+    pair's added p99, their median, how many are within the goal, and the added p99 of all the pairs' requests pooled
+    (paid against free), which a stall in any one of them raises."""
+    rate = max(RATES)
+    table = Table(title=f"the goal: {rate} paid requests a second, {STEADY_ROUNDS} pairs of {SECONDS:g}-s runs back to "
+                  f"back (free, then paid); ms; goal: added p99 <= {GOAL_ADDED_P99_MS:g}")  # fmt: skip
+    for column in ("pair", "paid p50 / p99", "free p50 / p99", "added p99", "machine busy"):
+        table.add_column(column, justify="right")
+    added: list[float] = []
+    pooled: dict[str, list[float]] = {"paid": [], "free": []}
+    for pair in range(STEADY_ROUNDS):
+        with console.status(f"{rate}/s, pair {pair + 1} of {STEADY_ROUNDS}…"):
+            free_run = await _at_rate(rate, lambda: free.get(f"{api}/health"), pids)
+            paid_run = await _at_rate(rate, lambda: paid.get(f"{api}/weather"), pids)
+        paid_ms, free_ms = paid_run.latencies, free_run.latencies
+        pooled["paid"] += paid_ms
+        pooled["free"] += free_ms
+        added.append(_pct(paid_ms, 0.99) - _pct(free_ms, 0.99))
+        table.add_row(str(pair + 1), _spread(paid_ms), _spread(free_ms), f"{added[-1]:,.1f}", f"{paid_run.busy:.0%}")
+    median = statistics.median(added)
+    all_added = _pct(pooled["paid"], 0.99) - _pct(pooled["free"], 0.99)
+    within = sum(1 for value in added if value <= GOAL_ADDED_P99_MS)
+    table.add_row("median", "", "", f"{median:,.1f}", "")
+    table.add_row("pooled", _spread(pooled["paid"]), _spread(pooled["free"]), f"{all_added:,.1f}", "")
+    console.print(table)
+    return {
+        f"steady_rate{rate}_added_p99_ms": [round(value, 1) for value in added],
+        f"steady_rate{rate}_added_p99_median_ms": round(median, 1),
+        f"steady_rate{rate}_pooled_added_p99_ms": round(all_added, 1),
+        f"steady_rate{rate}_pairs_within_goal": within,
+        "goal_added_p99_ms": GOAL_ADDED_P99_MS,
+    }
 
 
 async def _loop_or_threads(
@@ -525,6 +570,11 @@ def _accepted(payload: Any, settled: dict[str, Any]) -> Any:
     return PaymentResponseContext(
         payment_payload=payload, requirements=payload.accepted, settle_response=SettleResponse.model_validate(settled)
     )
+
+
+def _spread(values: list[float]) -> str:
+    """p50 / p99, for a table's cell."""
+    return f"{_pct(values, 0.5):,.1f} / {_pct(values, 0.99):,.1f}"
 
 
 def _pct(values: list[float], q: float) -> float:
