@@ -296,9 +296,9 @@ async def _at_rates(
         added = (_pct(paid_ms, 0.5) - _pct(free_ms, 0.5), _pct(paid_ms, 0.99) - _pct(free_ms, 0.99))
         lag = (_pct(paid_run.loop_lag, 0.99), max(paid_run.loop_lag, default=0.0))
         cold = (_pct(paid_run.cold, 0.99), _pct(free_run.cold, 0.99))
-        table.add_row(f"{rate:,}", f"{answered:,.0f}", f"{_pct(paid_ms, 0.5):,.1f} / {_pct(paid_ms, 0.99):,.1f}",
-                      f"{_pct(free_ms, 0.5):,.1f} / {_pct(free_ms, 0.99):,.1f}", f"{added[0]:,.1f} / {added[1]:,.1f}",
-                      f"{cold[0]:,.1f} / {cold[1]:,.1f}", f"{lag[0]:,.1f} / {lag[1]:,.1f}",
+        table.add_row(f"{rate:,}", f"{answered:,.0f}", _spread(paid_ms), _spread(free_ms),
+                      f"{added[0]:,.1f} / {added[1]:,.1f}", f"{cold[0]:,.1f} / {cold[1]:,.1f}",
+                      f"{lag[0]:,.1f} / {lag[1]:,.1f}",
                       *(f"{cpu[name]:.2f} / {free_cpu[name]:.2f}" for name in pids),
                       f"{paid_run.busy:.0%}")  # fmt: skip
         key = f"floor_rate{rate}" if floor else f"rate{rate}"
@@ -380,8 +380,7 @@ async def _loop_or_threads(
     for on_loop, done in runs.items():
         name = "loop" if on_loop else "threads"
         for i, run in enumerate(done):
-            table.add_row(name, str(i + 1), f"{len(run.latencies) / run.took:,.0f}",
-                          f"{_pct(run.latencies, 0.5):,.1f} / {_pct(run.latencies, 0.99):,.1f}",
+            table.add_row(name, str(i + 1), f"{len(run.latencies) / run.took:,.0f}", _spread(run.latencies),
                           f"{_pct(run.loop_lag, 0.99):,.1f}", f"{run.cpu['payer']:.2f}", f"{run.busy:.0%}")  # fmt: skip
         out |= {
             f"{name}_rate{rate}_paid_p50_ms": [round(_pct(run.latencies, 0.5), 1) for run in done],
