@@ -63,11 +63,12 @@ def payment(
     sign: Sign,
     signer: LocalAccount | None = None,
     domain: Domain | None = None,
+    extensions: dict[str, Any] | None = None,
 ) -> PaymentPayload:
     signature = sign(signer or channel.payer, channel.id, cumulative, domain)
     voucher = {"channelId": "0x" + channel.id.hex(), "cumulativeAmount": str(cumulative),
                "signature": "0x" + signature.hex()}  # fmt: skip
-    return PaymentPayload(x402_version=2, payload=voucher, accepted=required)
+    return PaymentPayload(x402_version=2, payload=voucher, accepted=required, extensions=extensions)
 
 
 def settle(client: TestClient, paid: PaymentPayload, required: PaymentRequirements) -> SettleResponse:
@@ -506,15 +507,12 @@ def test_one_payers_payment_never_fails_the_other_payments_of_its_batch(
     honest, odd, large, larger = (open_channel(accounts[5], accounts[6].address, amount=DEPOSIT) for _ in range(4))
     wait_indexed(service.app.state.service)  # type: ignore[attr-defined]
 
-    def carrying(channel: Channel, extensions: dict[str, Any]) -> PaymentPayload:
-        return payment(required, channel, PRICE, sign).model_copy(update={"extensions": extensions})
-
     answers = settle_all(
         facilitator,
         (payment(required, honest, PRICE, sign), required),
-        (carrying(odd, {"note": "\ud800"}), required),
-        (carrying(large, {"note": "x" * 40_000}), required),
-        (carrying(larger, {"note": "y" * 40_000}), required),
+        (payment(required, odd, PRICE, sign, extensions={"note": "\ud800"}), required),
+        (payment(required, large, PRICE, sign, extensions={"note": "x" * 40_000}), required),
+        (payment(required, larger, PRICE, sign, extensions={"note": "y" * 40_000}), required),
     )
     assert [(a.success, a.error_reason) for a in answers] == [
         (True, None),
@@ -560,10 +558,10 @@ def test_a_payment_is_sent_as_its_batch_writes_it_and_one_that_cannot_be_sent_is
     facilitator = facilitator_of(app, batch_settles=batched, local_verify=batched, max_payment_bytes=8_192)
     required = requirements(devnet, hub, channel.payee)
 
-    def carrying(cumulative: int, extensions: dict[str, Any]) -> PaymentPayload:
-        return payment(required, channel, cumulative, sign).model_copy(update={"extensions": extensions})
-
-    unsendable = [carrying(PRICE, {"note": "\ud800"}), carrying(PRICE, {"note": "x" * 8_000})]
+    unsendable = [
+        payment(required, channel, PRICE, sign, extensions={"note": "\ud800"}),
+        payment(required, channel, PRICE, sign, extensions={"note": "x" * 8_000}),
+    ]
     for odd in unsendable:
         verified = asyncio.run(facilitator.verify(odd, required))
         assert (verified.is_valid, verified.invalid_reason) == (False, "invalid_payload")
@@ -574,7 +572,7 @@ def test_a_payment_is_sent_as_its_batch_writes_it_and_one_that_cannot_be_sent_is
     ] * 2
     assert app.paths == []
 
-    odd = carrying(PRICE, {"\udc00": 1, "nan": float("nan"), "inf": float("inf")})
+    odd = payment(required, channel, PRICE, sign, extensions={"\udc00": 1, "nan": float("nan"), "inf": float("inf")})
     verified = asyncio.run(facilitator.verify(odd, required))
     assert (verified.is_valid, verified.payer) == (True, channel.payer.address)
     (settled,) = settle_all(facilitator, (odd, required))
