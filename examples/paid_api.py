@@ -21,6 +21,7 @@ from x402.http.types import PaymentOption, RouteConfig
 from settlement.sdk.payee import PayeeClient
 from settlement.x402.fastapi import ChannelHubFacilitatorClient, PaymentMiddleware, refund_router
 from settlement.x402.server import ChannelHubServerScheme
+from settlement.x402.serving import bounded_head_protocol
 
 FACILITATOR = os.environ.get("FACILITATOR_URL", "http://127.0.0.1:8000/x402")  # our service's facilitator routes
 NETWORK = os.environ.get("NETWORK", "eip155:31337")
@@ -71,4 +72,13 @@ async def health() -> dict[str, str]:
 
 
 if __name__ == "__main__":
-    uvicorn.run(app, host="127.0.0.1", port=int(os.environ.get("PORT", "8402")), log_level="warning")
+    # A request head past 16 KiB is a 431 (uvicorn's httptools buffers one of any size, and a payment header is the
+    # payer's to fill), and requests past 1,000 connections or tasks a 503.
+    uvicorn.run(
+        app,
+        host="127.0.0.1",
+        port=int(os.environ.get("PORT", "8402")),
+        http=bounded_head_protocol(),
+        limit_concurrency=1_000,
+        log_level="warning",
+    )

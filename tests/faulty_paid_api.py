@@ -16,6 +16,8 @@ import uvicorn
 from fastapi import FastAPI, Response
 from fastapi.responses import RedirectResponse, StreamingResponse
 
+from settlement.x402.serving import bounded_head_protocol
+
 example = runpy.run_path(str(Path(__file__).resolve().parents[1] / "examples" / "paid_api.py"))
 app: FastAPI = example["app"]
 
@@ -51,4 +53,11 @@ async def unchanged() -> Response:
 
 
 if __name__ == "__main__":
-    uvicorn.run(app, host="127.0.0.1", port=int(os.environ["PORT"]), log_level="warning")
+    uvicorn.run(
+        app,
+        host="127.0.0.1",
+        port=int(os.environ["PORT"]),
+        http=bounded_head_protocol(),
+        limit_concurrency=1_000,
+        log_level="warning",
+    )

@@ -3,7 +3,8 @@
 - the domain (records and ledger rules) imports nothing of ours but the error tree, and nothing from outside the
   standard library;
 - what apps install (sdk, x402, eip712, chain, domain, errors) imports nothing of the server, nor any server-only
-  library (but settlement.x402.fastapi, a payee's FastAPI adapter, imports FastAPI);
+  library (but settlement.x402.fastapi, a payee's FastAPI adapter, imports FastAPI, and settlement.x402.serving, its
+  uvicorn protocol, uvicorn);
 - nothing imports the dev tools but the CLI (and the dev tools themselves);
 - the API reaches the store through its package and its query module only, never its tables or internals.
 """
@@ -53,9 +54,10 @@ SERVER_LIBRARIES = (
     "rich",
     "solcx",
 )
-# A payee app's web framework adapter: imported only by apps that run FastAPI themselves (the SDK alone needs none).
-WEB_ADAPTERS = ("settlement.x402.fastapi",)
-WEB_FRAMEWORK = ("fastapi", "starlette")
+# A payee app's web framework adapter and the protocol its server runs: imported only by apps that run FastAPI and
+# uvicorn themselves (the SDK alone needs neither).
+WEB_ADAPTERS = ("settlement.x402.fastapi", "settlement.x402.serving")
+WEB_FRAMEWORK = ("fastapi", "starlette", "uvicorn")
 # The query modules the API reads through; a payee's book spans channels, the chain log and the engine's facts.
 API_MAY_USE_OF_THE_STORE = (
     "settlement.store",

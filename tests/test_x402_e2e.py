@@ -10,6 +10,7 @@ import copy
 import json
 import os
 import random
+import socket
 import sqlite3
 import threading
 import time
@@ -484,7 +485,8 @@ def test_a_payment_header_nested_deeper_than_the_services_json_reader_goes_pays_
     `/verify` read 200 levels and answered 400), and one with a lone surrogate in a string 503 too (x402's client
     could not encode it), and one of 1.1 MB 503 too (uvicorn's httptools takes it; the service's body limit is
     1 MiB): payments retried that could never pass. The deep one pays now, and the next one too (verified by the
-    payee alone); the others are a 402, `invalid_payload`, and charge nothing."""
+    payee alone); the surrogate one is a 402, `invalid_payload`, the 1.1-MB one a 431 (the example app's bound on a
+    request head, before x402 reads it), and neither charges anything."""
     rig = lane_rig("deep")
     ((payee, api),) = rig.payees
 
@@ -497,15 +499,55 @@ def test_a_payment_header_nested_deeper_than_the_services_json_reader_goes_pays_
         return {"PAYMENT-SIGNATURE": base64.b64encode(written.encode()).decode()}
 
     other = payer_for(accounts[16], rig.service, journal="other")
-    for extensions in ('{"note": "\\udc00"}', '{"note": "' + "x" * 1_100_000 + '"}'):  # the second past its 1 MiB
-        unsendable = httpx.get(f"{api}/weather", headers=header_of(other, extensions))
-        assert unsendable.status_code == 402, unsendable.text
-        assert json.loads(base64.b64decode(unsendable.headers["payment-required"]))["error"] == "invalid_payload"
+    unsendable = httpx.get(f"{api}/weather", headers=header_of(other, '{"note": "\\udc00"}'))
+    assert unsendable.status_code == 402, unsendable.text
+    assert json.loads(base64.b64decode(unsendable.headers["payment-required"]))["error"] == "invalid_payload"
+    oversized = httpx.get(f"{api}/weather", headers=header_of(other, '{"note": "' + "x" * 1_100_000 + '"}'))
+    assert (oversized.status_code, oversized.text) == (431, "request head too large")
     for paid in (1, 2):
         deep = header_of(rig.payer, '{"note": ' + "[" * 250 + "]" * 250 + "}")
         answer = httpx.get(f"{api}/weather", headers=deep)
         assert (answer.status_code, answer.json()) == (200, {"forecast": "sunny"}), answer.text
         assert accepted_for(rig.service, payee) == paid * PRICE  # the unsendable one charged nothing
+
+
+def test_the_example_app_refuses_a_request_head_past_its_bound_and_serves_paid_requests_beside(
+    devnet: Devnet, lane_rig: Callable[..., LaneRig]
+) -> None:
+    """A payment header is the payer's to fill, and uvicorn's httptools buffers a request head of any size: four
+    connections each sending a header line of 100 MB that never ended held ~380 MB of a plain uvicorn app. The example
+    app is served with settlement.x402.serving's protocol: a head past 16 KiB, whole or still coming, is a 431 and its
+    connection closed, long before the client stops sending; a paid request beside them is served and charged once."""
+    rig = lane_rig("heads")
+    ((payee, api),) = rig.payees
+    whole = httpx.get(f"{api}/weather", headers={"PAYMENT-SIGNATURE": "A" * 20_000})
+    assert (whole.status_code, whole.text) == (431, "request head too large")
+    port = int(api.rsplit(":", 1)[1])
+    for _ in range(4):
+        with socket.create_connection(("127.0.0.1", port), timeout=10) as sock:
+            sent = 0
+            try:
+                sock.sendall(b"GET /weather HTTP/1.1\r\nHost: 127.0.0.1\r\nPAYMENT-SIGNATURE: ")
+                while sent < 1_000:  # 2 MB of a header line that never ends, over 10 s, unless the app cuts it off
+                    sock.sendall(b"A" * 2048)
+                    sent += 1
+                    time.sleep(0.01)
+            except (BrokenPipeError, ConnectionResetError):
+                pass  # the app closed it: what this test wants
+            # Cut off past 16 KiB (9 chunks here), and what the kernel's buffers took before the app read it: within
+            # 600 KB, unless the app stalled for 3 s.
+            assert sent < 300, sent
+            head = b""
+            while b"\r\n\r\n" not in head and (chunk := sock.recv(65536)):
+                head += chunk
+        assert head.startswith(b"HTTP/1.1 431 "), head
+
+    async def paid() -> int:
+        async with x402HttpxClient(paying_client(devnet, rig.scheme), timeout=60) as http:
+            return (await http.get(f"{api}/weather")).status_code
+
+    assert asyncio.run(paid()) == 200
+    assert accepted_for(rig.service, payee) == PRICE
 
 
 def test_a_retried_payment_with_an_identifier_is_answered_again_and_charged_once(

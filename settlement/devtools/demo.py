@@ -189,6 +189,7 @@ class PaidApiDemo:
         from settlement.devtools.devnet import free_port
         from settlement.x402.fastapi import ChannelHubFacilitatorClient, PaymentMiddleware
         from settlement.x402.server import ChannelHubServerScheme
+        from settlement.x402.serving import bounded_head_protocol
 
         network = f"eip155:{chain_id}"
         # httpx's own pool, not the default aiohttp one: this app runs in a daemon thread that the interpreter's exit
@@ -208,7 +209,10 @@ class PaidApiDemo:
             return {"forecast": "sunny"}
 
         port = free_port("127.0.0.1")
-        server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
+        config = uvicorn.Config(
+            app, host="127.0.0.1", port=port, http=bounded_head_protocol(), limit_concurrency=1_000, log_level="warning"
+        )  # served as examples/paid_api.py is: a request head past 16 KiB is a 431
+        server = uvicorn.Server(config)
         self._server_thread = threading.Thread(target=server.run, name="demo-paid-api", daemon=True)
         self._server_thread.start()
         while not server.started:
