@@ -3,6 +3,8 @@ an oversized request head is refused, connections beyond the cap get a 503, and 
 
 from __future__ import annotations
 
+import json
+import re
 import socket
 import time
 from collections.abc import Callable, Iterator
@@ -88,6 +90,41 @@ def test_connections_beyond_the_cap_get_a_503(spawn: Callable[..., ServiceProces
             sock.close()
     time.sleep(0.3)
     assert httpx.get(f"{service.url}/health").status_code == 200
+
+
+def test_a_slow_head_gets_a_408_and_silent_connections_are_closed_which_frees_the_cap(
+    spawn: Callable[..., ServiceProcess], tmp_path: Path
+) -> None:
+    """uvicorn's parser waits for a request head for ever: a client holding the connection cap with connections that
+    sent nothing, or half a head, had every other client's requests answered 503 for as long as it held them. Past
+    SETTLEMENT_HEAD_TIMEOUT_SECONDS the half head gets a 408 and its connection is closed, and so is a connection that
+    sent nothing (no answer: nothing was asked), while the client still holds its sockets; a kept-alive connection's
+    next head is timed from its first byte, not from the last answer."""
+    service = spawn(f"sqlite:///{tmp_path / 't.db'}", max_connections="3", head_timeout_seconds="1")
+    silent = [socket.create_connection(("127.0.0.1", service.port), timeout=10) for _ in range(2)]
+    half = socket.create_connection(("127.0.0.1", service.port), timeout=10)
+    try:
+        half.sendall(b"GET /health HTTP/1.1\r\nHost: 127.0.0.1\r\n")
+        time.sleep(0.3)
+        assert httpx.get(f"{service.url}/health").status_code == 503  # the cap is held
+        started = time.monotonic()
+        assert answer(half).startswith(b"HTTP/1.1 408 "), "the half head's answer"
+        assert 0.5 <= time.monotonic() - started < 5
+        assert [sock.recv(1024) for sock in silent] == [b"", b""]  # closed, nothing said
+        assert httpx.get(f"{service.url}/health").status_code == 200  # the cap is free while the client holds on
+    finally:
+        for sock in [*silent, half]:
+            sock.close()
+    with raw(service) as sock:  # kept alive: 2 s idle (under the 5-s keep-alive), then a whole head at once
+        for _ in range(2):
+            sock.sendall(b"GET /health HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n")
+            head, _, body = answer(sock).partition(b"\r\n\r\n")
+            assert head.startswith(b"HTTP/1.1 200 "), head
+            length = int(re.search(rb"content-length: (\d+)", head, re.IGNORECASE).group(1))  # type: ignore[union-attr]
+            while len(body) < length:
+                body += sock.recv(65536)
+            assert json.loads(body)["status"] == "ok"
+            time.sleep(2)
 
 
 def test_a_request_for_another_host_name_is_refused(spawn: Callable[..., ServiceProcess], tmp_path: Path) -> None:

@@ -2,9 +2,10 @@
 one a payee app serves with, settlement.x402.serving), and a record per connection in each request's scope (what the
 connection spent: settlement.api.middleware.RefusalTarpit).
 
-httptools takes a request head of any size (a 10 MB header line is served), so a client could hold megabytes per
-connection with heads it never finishes: past the limit the head is answered 431 and the connection closed; with
-uvicorn's connection cap, what clients can hold is bounded.
+httptools takes a request head of any size (a 10 MB header line is served) and for any time, so a client could hold
+megabytes per connection with heads it never finishes, or hold the connection cap with connections that send nothing
+(every other client's requests then a 503): past the size limit the head is answered 431, past the time limit 408,
+and the connection closed; with uvicorn's connection cap, what clients can hold is bounded.
 """
 
 from __future__ import annotations
@@ -28,9 +29,10 @@ class ServiceProtocol(BoundedHeadProtocol):
         self.scope[CONNECTION] = self._connection  # type: ignore[literal-required]
 
 
-def service_protocol(max_head_bytes: int) -> type[ServiceProtocol]:
-    """The protocol class for uvicorn's `http=`, with this process's limit."""
-    return type("ServiceProtocol", (ServiceProtocol,), {"max_head_bytes": max_head_bytes})
+def service_protocol(max_head_bytes: int, head_timeout: float) -> type[ServiceProtocol]:
+    """The protocol class for uvicorn's `http=`, with this process's limits."""
+    limits = {"max_head_bytes": max_head_bytes, "head_timeout": head_timeout}
+    return type("ServiceProtocol", (ServiceProtocol,), limits)
 
 
 def server_config(
@@ -46,7 +48,7 @@ def server_config(
         access_log=access_log,
         limit_concurrency=settings.max_connections,
         timeout_keep_alive=settings.keep_alive_seconds,
-        http=service_protocol(settings.max_header_bytes),
+        http=service_protocol(settings.max_header_bytes, settings.head_timeout_seconds),
         # X-Forwarded-For names the client only when a trusted proxy sends it (uvicorn's own default trusts any
         # 127.0.0.1 peer, so anything local could pose as any client).
         proxy_headers=bool(settings.trusted_proxies),

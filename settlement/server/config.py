@@ -113,6 +113,9 @@ class Settings(BaseSettings):
     max_body_bytes: int = Field(default=1_048_576, ge=1024, description="request bodies above this get a 413")
     body_timeout_seconds: float = Field(default=10.0, gt=0, description="a body slower than this to arrive: 408")
     max_header_bytes: int = Field(default=16_384, ge=1024, description="a request's head larger than this: refused")
+    head_timeout_seconds: float = Field(
+        default=10.0, gt=0, description="a request's head slower than this to arrive: 408 (none of it: closed)"
+    )
     max_connections: int = Field(
         default=1000, ge=1, description="concurrent connections and requests; beyond them new ones get a 503"
     )

@@ -1,20 +1,24 @@
-"""Serving a payee app with uvicorn: a bound on each request's head.
+"""Serving a payee app with uvicorn: a bound on each request's head, in size and in time.
 
 uvicorn's httptools protocol (the one it takes when httptools is installed, as `uvicorn[standard]` and
 `fastapi[standard]` install it) buffers a request head of any size, and a payment header is the payer's to fill:
-four connections each sending a header line of 100 MB that never ended held ~380 MB of a plain uvicorn app. This
-protocol counts the bytes of a head that is not complete yet and answers 431 and closes the connection once they pass
-the limit, so that a connection holds at most that much of the app (and with uvicorn's `limit_concurrency`, requests
-past it are a 503):
+four connections each sending a header line of 100 MB that never ended held ~380 MB of a plain uvicorn app. Nor does
+it time a head: a connection that sends nothing, or half a head, is held until the client closes it, and with
+uvicorn's `limit_concurrency` a client holding that many such connections had every other client's requests
+answered 503. This protocol answers 431 and closes the connection once a head that is not complete yet passes
+`max_head_bytes`, and 408 (or closes a connection that sent nothing) once one takes longer than `head_timeout`
+seconds from the connection's start or its first byte, so that a connection holds at most that much of the app for
+at most that long:
 
     uvicorn.run(app, host=..., port=..., http=bounded_head_protocol(), limit_concurrency=1_000)
 
-uvicorn's other protocol, h11, bounds a head at 16 KiB by itself (a 400 past it). `settlement serve` runs this
-protocol too, with a record per connection of its own (settlement.api.transport).
+uvicorn's other protocol, h11, bounds a head at 16 KiB by itself (a 400 past it), but not in time. `settlement serve`
+runs this protocol too, with a record per connection of its own (settlement.api.transport).
 """
 
 from __future__ import annotations
 
+import asyncio
 from typing import Any
 
 import httptools
@@ -23,26 +27,43 @@ from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 # A paid request's head: ~1.4 KB of PAYMENT-SIGNATURE (ours) and the app's own headers. 16 KiB, as h11's own bound and
 # `settlement serve`'s default (SETTLEMENT_MAX_HEADER_BYTES).
 MAX_HEAD_BYTES = 16 * 1024
+# Seconds a head may take from the connection's start (or, on a kept-alive connection, its first byte): a client on a
+# slow link sends a head of a few KB in well under a second.
+HEAD_TIMEOUT_SECONDS = 10.0
 _TOO_LARGE = b"request head too large"
+_TOO_SLOW = b"request head too slow"
 
 
 class BoundedHeadProtocol(HttpToolsProtocol):
     """uvicorn's httptools protocol that answers 431 and closes a connection whose request head passes
-    `max_head_bytes`, whether it came whole or is still coming."""
+    `max_head_bytes`, whether it came whole or is still coming, and 408 one whose head takes over `head_timeout`."""
 
     max_head_bytes = MAX_HEAD_BYTES
+    head_timeout = HEAD_TIMEOUT_SECONDS
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         self._head_bytes = 0
         self._in_head = True
+        self._head_deadline: asyncio.TimerHandle | None = None
+
+    def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
+        super().connection_made(transport)
+        self._head_deadline = self.loop.call_later(self.head_timeout, self._head_too_slow)
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self._stop_head_deadline()
+        super().connection_lost(exc)
 
     def on_message_begin(self) -> None:
         super().on_message_begin()
         self._head_bytes, self._in_head = 0, True
+        if self._head_deadline is None:  # a kept-alive connection's next request: timed from its first byte
+            self._head_deadline = self.loop.call_later(self.head_timeout, self._head_too_slow)
 
     def on_headers_complete(self) -> None:
         self._in_head = False
+        self._stop_head_deadline()
         size = len(self.url) + sum(len(name) + len(value) + 4 for name, value in self.headers)
         if size > self.max_head_bytes:  # a whole head that came in one piece: refused all the same
             self._head_bytes = size
@@ -61,15 +82,42 @@ class BoundedHeadProtocol(HttpToolsProtocol):
         if self._head_bytes <= self.max_head_bytes:
             super().send_400_response(msg)
             return
+        self._refuse(b"431 Request Header Fields Too Large", _TOO_LARGE)
+
+    def _head_too_slow(self) -> None:
+        self._head_deadline = None
+        if self.transport.is_closing() or not self._in_head:
+            return
+        if self.cycle is not None and not self.cycle.response_complete:  # a pipelined head behind an answer in flight
+            self._head_deadline = self.loop.call_later(self.head_timeout, self._head_too_slow)
+            return
+        if self._head_bytes:
+            self._refuse(b"408 Request Timeout", _TOO_SLOW)
+        else:
+            self.transport.close()  # nothing was asked: nothing to answer
+
+    def _stop_head_deadline(self) -> None:
+        if self._head_deadline is not None:
+            self._head_deadline.cancel()
+            self._head_deadline = None
+
+    def _refuse(self, status: bytes, text: bytes) -> None:
         self.transport.write(
-            b"HTTP/1.1 431 Request Header Fields Too Large\r\ncontent-type: text/plain\r\nconnection: close\r\n"
-            b"content-length: " + str(len(_TOO_LARGE)).encode() + b"\r\n\r\n" + _TOO_LARGE
+            b"HTTP/1.1 "
+            + status
+            + b"\r\ncontent-type: text/plain\r\nconnection: close\r\ncontent-length: "
+            + str(len(text)).encode()
+            + b"\r\n\r\n"
+            + text
         )
         self.transport.close()
 
 
-def bounded_head_protocol(max_head_bytes: int = MAX_HEAD_BYTES) -> type[BoundedHeadProtocol]:
-    """The protocol class for uvicorn's `http=`, with this limit."""
-    if max_head_bytes < 1024:
-        raise ValueError("a request head bound below 1 KiB refuses ordinary requests")
-    return type("BoundedHeadProtocol", (BoundedHeadProtocol,), {"max_head_bytes": max_head_bytes})
+def bounded_head_protocol(
+    max_head_bytes: int = MAX_HEAD_BYTES, head_timeout: float = HEAD_TIMEOUT_SECONDS
+) -> type[BoundedHeadProtocol]:
+    """The protocol class for uvicorn's `http=`, with these limits."""
+    if max_head_bytes < 1024 or not head_timeout > 0:
+        raise ValueError("a request head's bound is at least 1 KiB (ordinary requests pass) and its timeout above 0 s")
+    limits = {"max_head_bytes": max_head_bytes, "head_timeout": head_timeout}
+    return type("BoundedHeadProtocol", (BoundedHeadProtocol,), limits)
