@@ -32,6 +32,12 @@ from x402 import x402Client, x402ResourceServer  # the x402 plug-ins come with t
 from x402.http.clients import x402HttpxClient
 from settlement.x402.client import ChannelHubClientScheme
 from settlement.x402.server import ChannelHubServerScheme
+try:  # a payee app's uvicorn protocol says what it needs
+    import settlement.x402.serving
+except ImportError as missing:
+    assert "pip install 'uvicorn[standard]'" in str(missing), missing
+else:
+    raise AssertionError("settlement.x402.serving imported without uvicorn")
 import settlement
 print("sdk ok", settlement.__version__)
 """

@@ -21,8 +21,13 @@ from __future__ import annotations
 import asyncio
 from typing import Any
 
-import httptools
-from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
+try:
+    import httptools
+    from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
+except ImportError as missing:  # uvicorn alone serves with h11
+    raise ImportError(
+        "settlement.x402.serving runs uvicorn's httptools protocol: pip install 'uvicorn[standard]'"
+    ) from missing
 
 # A paid request's head: ~1.4 KB of PAYMENT-SIGNATURE (ours) and the app's own headers. 16 KiB, as h11's own bound and
 # `settlement serve`'s default (SETTLEMENT_MAX_HEADER_BYTES).
