@@ -20,6 +20,8 @@ from settlement.x402.serving import BoundedHeadProtocol
 
 
 class ServiceProtocol(BoundedHeadProtocol):
+    """The payee apps' bounded protocol, and what each connection spent, for the tarpit that paces refusals."""
+
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         self._connection: dict[str, Any] = {}  # lives as long as the connection (settlement.api.middleware)
