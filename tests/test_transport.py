@@ -35,6 +35,16 @@ def answer(sock: socket.socket) -> bytes:
     return data
 
 
+def whole_answer(sock: socket.socket) -> tuple[bytes, bytes]:
+    """An answer's head and its whole body (by its Content-Length): the next answer on the connection starts clean."""
+    head, _, body = answer(sock).partition(b"\r\n\r\n")
+    length = re.search(rb"content-length: (\d+)", head, re.IGNORECASE)
+    assert length is not None, head
+    while len(body) < int(length.group(1)):
+        body += sock.recv(65536)
+    return head, body
+
+
 def test_a_body_that_arrives_too_slowly_gets_a_408(spawn: Callable[..., ServiceProcess], tmp_path: Path) -> None:
     service = spawn(f"sqlite:///{tmp_path / 't.db'}", body_timeout_seconds="1")
     with raw(service) as sock:
@@ -118,13 +128,50 @@ def test_a_slow_head_gets_a_408_and_silent_connections_are_closed_which_frees_th
     with raw(service) as sock:  # kept alive: 2 s idle (under the 5-s keep-alive), then a whole head at once
         for _ in range(2):
             sock.sendall(b"GET /health HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n")
-            head, _, body = answer(sock).partition(b"\r\n\r\n")
+            head, body = whole_answer(sock)
             assert head.startswith(b"HTTP/1.1 200 "), head
-            length = int(re.search(rb"content-length: (\d+)", head, re.IGNORECASE).group(1))  # type: ignore[union-attr]
-            while len(body) < length:
-                body += sock.recv(65536)
             assert json.loads(body)["status"] == "ok"
             time.sleep(2)
+
+
+def test_a_body_still_coming_after_its_answer_is_cut_off_and_one_that_came_leaves_the_connection_usable(
+    spawn: Callable[..., ServiceProcess], tmp_path: Path
+) -> None:
+    """A route that never reads its body answers at once; uvicorn then discards the rest of the body as it comes, and
+    each piece put off its keep-alive timer: a GET with a long Content-Length sent a byte every 0.2 s held its
+    connection for good (two such held a cap of 3: every other request a 503). The rest now has the head's time
+    (SETTLEMENT_HEAD_TIMEOUT_SECONDS) to come, and the connection is closed after it; a rest that does come in time
+    leaves the connection usable, and idle from then on (closed after the keep-alive)."""
+    service = spawn(f"sqlite:///{tmp_path / 't.db'}", max_connections="3", head_timeout_seconds="1")
+    with raw(service) as sock:
+        sock.sendall(b"GET /health HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Length: 100000\r\n\r\nx")
+        assert whole_answer(sock)[0].startswith(b"HTTP/1.1 200 ")
+        started, sent = time.monotonic(), 0
+        try:
+            while sent < 50:  # 10 s of a byte every 0.2 s, unless the service cuts it off
+                sock.sendall(b"x")
+                sent += 1
+                time.sleep(0.2)
+        except (BrokenPipeError, ConnectionResetError):
+            pass
+        assert sent < 25, sent  # cut off about a second after the answer (5 bytes), not left to trickle on
+        assert time.monotonic() - started < 5
+    with raw(service) as sock:  # the rest comes within the time: the connection serves the next request
+        sock.sendall(b"GET /health HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Length: 4\r\n\r\nx")
+        assert whole_answer(sock)[0].startswith(b"HTTP/1.1 200 ")
+        time.sleep(0.3)
+        sock.sendall(b"xyz")
+        time.sleep(1.5)  # past the head's time: the connection was not closed for it
+        sock.sendall(b"GET /health HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n")
+        assert whole_answer(sock)[0].startswith(b"HTTP/1.1 200 ")
+    with raw(service) as sock:  # and idle once it came: closed after the keep-alive (5 s), not held for good
+        sock.sendall(b"GET /health HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Length: 4\r\n\r\nx")
+        assert whole_answer(sock)[0].startswith(b"HTTP/1.1 200 ")
+        time.sleep(0.3)
+        sock.sendall(b"xyz")
+        started = time.monotonic()
+        assert sock.recv(1024) == b""  # the socket's timeout is 10 s
+        assert 4 <= time.monotonic() - started < 9
 
 
 def test_a_request_for_another_host_name_is_refused(spawn: Callable[..., ServiceProcess], tmp_path: Path) -> None:

@@ -4,8 +4,9 @@ connection spent: settlement.api.middleware.RefusalTarpit).
 
 httptools takes a request head of any size (a 10 MB header line is served) and for any time, so a client could hold
 megabytes per connection with heads it never finishes, or hold the connection cap with connections that send nothing
-(every other client's requests then a 503): past the size limit the head is answered 431, past the time limit 408,
-and the connection closed; with uvicorn's connection cap, what clients can hold is bounded.
+(every other client's requests then a 503), or with a body that keeps coming a byte at a time after its answer: past
+the size limit the head is answered 431, past the time limit 408, and the connection closed, as is one whose body is
+still coming that long after its answer; with uvicorn's connection cap, what clients can hold is bounded.
 """
 
 from __future__ import annotations

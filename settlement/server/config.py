@@ -114,7 +114,10 @@ class Settings(BaseSettings):
     body_timeout_seconds: float = Field(default=10.0, gt=0, description="a body slower than this to arrive: 408")
     max_header_bytes: int = Field(default=16_384, ge=1024, description="a request's head larger than this: refused")
     head_timeout_seconds: float = Field(
-        default=10.0, gt=0, description="a request's head slower than this to arrive: 408 (none of it: closed)"
+        default=10.0,
+        gt=0,
+        description="a request's head slower than this to arrive: 408 (none of it: closed); so is a connection whose "
+        "body is still coming this long after its answer",
     )
     max_connections: int = Field(
         default=1000, ge=1, description="concurrent connections and requests; beyond them new ones get a 503"

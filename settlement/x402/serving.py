@@ -5,10 +5,12 @@ uvicorn's httptools protocol (the one it takes when httptools is installed, as `
 four connections each sending a header line of 100 MB that never ended held ~380 MB of a plain uvicorn app. Nor does
 it time a head: a connection that sends nothing, or half a head, is held until the client closes it, and with
 uvicorn's `limit_concurrency` a client holding that many such connections had every other client's requests
-answered 503. This protocol answers 431 and closes the connection once a head that is not complete yet passes
-`max_head_bytes`, and 408 (or closes a connection that sent nothing) once one takes longer than `head_timeout`
-seconds from the connection's start or its first byte, so that a connection holds at most that much of the app for
-at most that long:
+answered 503; nor the rest of a body that its answer went out before (a route that never reads it): each piece put
+off its keep-alive timer, so a body sent a byte at a time held the connection for good. This protocol answers 431 and
+closes the connection once a head that is not complete yet passes `max_head_bytes`, and 408 (or closes a connection
+that sent nothing) once one takes longer than `head_timeout` seconds from the connection's start or its first byte,
+and closes a connection whose body is still coming `head_timeout` after its answer, so that a connection holds at
+most that much of the app for at most that long:
 
     uvicorn.run(app, host=..., port=..., http=bounded_head_protocol(), limit_concurrency=1_000)
 
@@ -41,7 +43,8 @@ _TOO_SLOW = b"request head too slow"
 
 class BoundedHeadProtocol(HttpToolsProtocol):
     """uvicorn's httptools protocol that answers 431 and closes a connection whose request head passes
-    `max_head_bytes`, whether it came whole or is still coming, and 408 one whose head takes over `head_timeout`."""
+    `max_head_bytes`, whether it came whole or is still coming, and 408 one whose head takes over `head_timeout`; and
+    closes one whose request body is still coming `head_timeout` after its answer went out."""
 
     max_head_bytes = MAX_HEAD_BYTES
     head_timeout = HEAD_TIMEOUT_SECONDS
@@ -51,6 +54,8 @@ class BoundedHeadProtocol(HttpToolsProtocol):
         self._head_bytes = 0
         self._in_head = True
         self._head_deadline: asyncio.TimerHandle | None = None
+        self._message_done = False  # the request's whole message (head and body) has come
+        self._rest_deadline: asyncio.TimerHandle | None = None
 
     def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
         super().connection_made(transport)
@@ -58,11 +63,13 @@ class BoundedHeadProtocol(HttpToolsProtocol):
 
     def connection_lost(self, exc: Exception | None) -> None:
         self._stop_head_deadline()
+        self._stop_rest_deadline()
         super().connection_lost(exc)
 
     def on_message_begin(self) -> None:
         super().on_message_begin()
-        self._head_bytes, self._in_head = 0, True
+        self._unset_keepalive_if_required()  # a request is coming: not idle (whatever armed the timer)
+        self._head_bytes, self._in_head, self._message_done = 0, True, False
         if self._head_deadline is None:  # a kept-alive connection's next request: timed from its first byte
             self._head_deadline = self.loop.call_later(self.head_timeout, self._head_too_slow)
 
@@ -74,6 +81,28 @@ class BoundedHeadProtocol(HttpToolsProtocol):
             self._head_bytes = size
             raise httptools.HttpParserError("request head too large")  # uvicorn answers it (send_400_response)
         super().on_headers_complete()
+
+    def on_message_complete(self) -> None:
+        late = self._rest_deadline is not None
+        self._message_done = True
+        self._stop_rest_deadline()
+        super().on_message_complete()
+        if late and self.timeout_keep_alive_task is None and not self.transport.is_closing():
+            # The rest of a body whose answer went out before it: idle from here, as after any answer (the body's
+            # pieces put off uvicorn's keep-alive timer, and nothing armed it again).
+            self.timeout_keep_alive_task = self.loop.call_later(
+                self.timeout_keep_alive, self.timeout_keep_alive_handler
+            )
+
+    def on_response_complete(self) -> None:
+        super().on_response_complete()
+        cycle = self.cycle
+        if cycle is not None and cycle.response_complete and not self._message_done and not self.transport.is_closing():
+            # Answered before its body came (a route that never reads it, a refusal): the rest is read by no one, and
+            # each piece of it put off uvicorn's keep-alive timer, so a body sent a byte at a time held the
+            # connection for good. It may come within the head's time (a client sends its whole body before it
+            # reads the answer); later, the connection is closed.
+            self._rest_deadline = self.loop.call_later(self.head_timeout, self._rest_too_slow)
 
     def data_received(self, data: bytes) -> None:
         super().data_received(data)
@@ -100,6 +129,16 @@ class BoundedHeadProtocol(HttpToolsProtocol):
             self._refuse(b"408 Request Timeout", _TOO_SLOW)
         else:
             self.transport.close()  # nothing was asked: nothing to answer
+
+    def _rest_too_slow(self) -> None:
+        self._rest_deadline = None
+        if not self._message_done and not self.transport.is_closing():
+            self.transport.close()
+
+    def _stop_rest_deadline(self) -> None:
+        if self._rest_deadline is not None:
+            self._rest_deadline.cancel()
+            self._rest_deadline = None
 
     def _stop_head_deadline(self) -> None:
         if self._head_deadline is not None:
