@@ -1,4 +1,4 @@
-"""Serving a payee app with uvicorn: a bound on each request's head, in size and in time.
+"""Serving a payee app with uvicorn: bounds on a request head (its size and its time) and on a body after its answer.
 
 uvicorn's httptools protocol (the one it takes when httptools is installed, as `uvicorn[standard]` and
 `fastapi[standard]` install it) buffers a request head of any size, and a payment header is the payer's to fill:
