@@ -21,7 +21,7 @@ from x402.http.types import PaymentOption, RouteConfig
 from settlement.sdk.payee import PayeeClient
 from settlement.x402.fastapi import ChannelHubFacilitatorClient, PaymentMiddleware, refund_router
 from settlement.x402.server import ChannelHubServerScheme
-from settlement.x402.serving import bounded_head_protocol
+from settlement.x402.serving import bounded_protocol
 
 FACILITATOR = os.environ.get("FACILITATOR_URL", "http://127.0.0.1:8000/x402")  # our service's facilitator routes
 NETWORK = os.environ.get("NETWORK", "eip155:31337")
@@ -78,7 +78,7 @@ if __name__ == "__main__":
         app,
         host="127.0.0.1",
         port=int(os.environ.get("PORT", "8402")),
-        http=bounded_head_protocol(),
+        http=bounded_protocol(),
         limit_concurrency=1_000,
         log_level="warning",
     )

@@ -16,7 +16,7 @@ import uvicorn
 from fastapi import FastAPI, Response
 from fastapi.responses import RedirectResponse, StreamingResponse
 
-from settlement.x402.serving import bounded_head_protocol
+from settlement.x402.serving import bounded_protocol
 
 example = runpy.run_path(str(Path(__file__).resolve().parents[1] / "examples" / "paid_api.py"))
 app: FastAPI = example["app"]
@@ -57,7 +57,7 @@ if __name__ == "__main__":
         app,
         host="127.0.0.1",
         port=int(os.environ["PORT"]),
-        http=bounded_head_protocol(),
+        http=bounded_protocol(),
         limit_concurrency=1_000,
         log_level="warning",
     )

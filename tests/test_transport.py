@@ -8,7 +8,7 @@ import re
 import socket
 import time
 from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from contextlib import closing, contextmanager
 from pathlib import Path
 
 import httpx
@@ -172,6 +172,32 @@ def test_a_body_still_coming_after_its_answer_is_cut_off_and_one_that_came_leave
         started = time.monotonic()
         assert sock.recv(1024) == b""  # the socket's timeout is 10 s
         assert 4 <= time.monotonic() - started < 9
+
+
+def test_a_client_that_reads_none_of_its_answers_is_dropped(
+    spawn: Callable[..., ServiceProcess], tmp_path: Path
+) -> None:
+    """200 pipelined requests for a large answer (/openapi.json, ~90 KB) from a client that reads nothing: the
+    answers waited for the buffers to drain, no timer runs while one is in flight, and the connection was held for as
+    long as the client liked. Past SETTLEMENT_WRITE_TIMEOUT_SECONDS with its writes paused the connection is dropped:
+    what the client reads afterwards is what the buffers held, far from the 200 answers it asked for."""
+    service = spawn(f"sqlite:///{tmp_path / 't.db'}", write_timeout_seconds="1")
+    size = len(httpx.get(f"{service.url}/openapi.json").content)
+    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)  # a window that fills at once
+    sock.settimeout(10)
+    sock.connect(("127.0.0.1", service.port))
+    with closing(sock):
+        sock.sendall(b"GET /openapi.json HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n" * 200)
+        time.sleep(3)  # reading nothing
+        assert httpx.get(f"{service.url}/health").status_code == 200  # others are served meanwhile
+        read = 0
+        try:
+            while chunk := sock.recv(1 << 20):
+                read += len(chunk)
+        except ConnectionResetError:
+            pass
+    assert 0 < read < 100 * size, (read, size)  # the old code sent all 200 once the client read
 
 
 def test_a_request_for_another_host_name_is_refused(spawn: Callable[..., ServiceProcess], tmp_path: Path) -> None:

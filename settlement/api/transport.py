@@ -6,7 +6,8 @@ httptools takes a request head of any size (a 10 MB header line is served) and f
 megabytes per connection with heads it never finishes, or hold the connection cap with connections that send nothing
 (every other client's requests then a 503), or with a body that keeps coming a byte at a time after its answer: past
 the size limit the head is answered 431, past the time limit 408, and the connection closed, as is one whose body is
-still coming that long after its answer; with uvicorn's connection cap, what clients can hold is bounded.
+still coming that long after its answer, and one whose client reads none of its answer for the write timeout is
+dropped; with uvicorn's connection cap, what clients can hold is bounded.
 """
 
 from __future__ import annotations
@@ -17,10 +18,10 @@ import uvicorn
 
 from settlement.api.middleware import CONNECTION, RefusalTarpit
 from settlement.server.config import Settings
-from settlement.x402.serving import BoundedHeadProtocol
+from settlement.x402.serving import BoundedProtocol
 
 
-class ServiceProtocol(BoundedHeadProtocol):
+class ServiceProtocol(BoundedProtocol):
     """The payee apps' bounded protocol, and what each connection spent, for the tarpit that paces refusals."""
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
@@ -32,9 +33,9 @@ class ServiceProtocol(BoundedHeadProtocol):
         self.scope[CONNECTION] = self._connection  # type: ignore[literal-required]
 
 
-def service_protocol(max_head_bytes: int, head_timeout: float) -> type[ServiceProtocol]:
+def service_protocol(max_head_bytes: int, head_timeout: float, write_timeout: float) -> type[ServiceProtocol]:
     """The protocol class for uvicorn's `http=`, with this process's limits."""
-    limits = {"max_head_bytes": max_head_bytes, "head_timeout": head_timeout}
+    limits = {"max_head_bytes": max_head_bytes, "head_timeout": head_timeout, "write_timeout": write_timeout}
     return type("ServiceProtocol", (ServiceProtocol,), limits)
 
 
@@ -51,7 +52,7 @@ def server_config(
         access_log=access_log,
         limit_concurrency=settings.max_connections,
         timeout_keep_alive=settings.keep_alive_seconds,
-        http=service_protocol(settings.max_header_bytes, settings.head_timeout_seconds),
+        http=service_protocol(settings.max_header_bytes, settings.head_timeout_seconds, settings.write_timeout_seconds),
         # X-Forwarded-For names the client only when a trusted proxy sends it (uvicorn's own default trusts any
         # 127.0.0.1 peer, so anything local could pose as any client).
         proxy_headers=bool(settings.trusted_proxies),

@@ -119,6 +119,9 @@ class Settings(BaseSettings):
         description="a request's head slower than this to arrive: 408 (none of it: closed); so is a connection whose "
         "body is still coming this long after its answer",
     )
+    write_timeout_seconds: float = Field(
+        default=30.0, gt=0, description="an answer its client reads none of for this long: the connection dropped"
+    )
     max_connections: int = Field(
         default=1000, ge=1, description="concurrent connections and requests; beyond them new ones get a 503"
     )

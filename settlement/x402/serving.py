@@ -1,18 +1,19 @@
-"""Serving a payee app with uvicorn: bounds on a request head (its size and its time) and on a body after its answer.
+"""Serving a payee app with uvicorn: bounds on what one connection holds, and for how long.
 
 uvicorn's httptools protocol (the one it takes when httptools is installed, as `uvicorn[standard]` and
-`fastapi[standard]` install it) buffers a request head of any size, and a payment header is the payer's to fill:
-four connections each sending a header line of 100 MB that never ended held ~380 MB of a plain uvicorn app. Nor does
-it time a head: a connection that sends nothing, or half a head, is held until the client closes it, and with
-uvicorn's `limit_concurrency` a client holding that many such connections had every other client's requests
-answered 503; nor the rest of a body that its answer went out before (a route that never reads it): each piece put
-off its keep-alive timer, so a body sent a byte at a time held the connection for good. This protocol answers 431 and
-closes the connection once a head that is not complete yet passes `max_head_bytes`, and 408 (or closes a connection
-that sent nothing) once one takes longer than `head_timeout` seconds from the connection's start or its first byte,
-and closes a connection whose body is still coming `head_timeout` after its answer, so that a connection holds at
-most that much of the app for at most that long:
+`fastapi[standard]` install it) buffers a request head of any size, and a payment header is the payer's to fill: four
+connections each sending a header line of 100 MB that never ended held ~380 MB of a plain uvicorn app. Nor does it time
+a head: a connection that sends nothing, or half a head, is held until the client closes it, and with uvicorn's
+`limit_concurrency` a client holding that many such connections had every other client's requests answered 503; nor the
+rest of a body that its answer went out before (a route that never reads it): each piece put off its keep-alive timer,
+so a body sent a byte at a time held the connection for good; nor an answer its client reads none of (pipelined requests
+for a large answer, the window closed). This protocol answers 431 and closes the connection once a head that is not
+complete yet passes `max_head_bytes`, and 408 (or closes a connection that sent nothing) once one takes longer than
+`head_timeout` seconds from the connection's start or its first byte, closes a connection whose body is still coming
+`head_timeout` after its answer, and drops one whose answer waits `write_timeout` seconds for its client to read any of
+it, so that a connection holds at most that much of the app for at most that long:
 
-    uvicorn.run(app, host=..., port=..., http=bounded_head_protocol(), limit_concurrency=1_000)
+    uvicorn.run(app, host=..., port=..., http=bounded_protocol(), limit_concurrency=1_000)
 
 uvicorn's other protocol, h11, bounds a head at 16 KiB by itself (a 400 past it), but not in time. `settlement serve`
 runs this protocol too, with a record per connection of its own (settlement.api.transport).
@@ -37,17 +38,22 @@ MAX_HEAD_BYTES = 16 * 1024
 # Seconds a head may take from the connection's start (or, on a kept-alive connection, its first byte): a client on a
 # slow link sends a head of a few KB in well under a second.
 HEAD_TIMEOUT_SECONDS = 10.0
+# Seconds an answer may wait for its client to read it (its writes paused: the buffers full) before the connection
+# is dropped: a client on a slow link reads something within seconds.
+WRITE_TIMEOUT_SECONDS = 30.0
 _TOO_LARGE = b"request head too large"
 _TOO_SLOW = b"request head too slow"
 
 
-class BoundedHeadProtocol(HttpToolsProtocol):
+class BoundedProtocol(HttpToolsProtocol):
     """uvicorn's httptools protocol that answers 431 and closes a connection whose request head passes
-    `max_head_bytes`, whether it came whole or is still coming, and 408 one whose head takes over `head_timeout`; and
-    closes one whose request body is still coming `head_timeout` after its answer went out."""
+    `max_head_bytes`, whether it came whole or is still coming, and 408 one whose head takes over `head_timeout`;
+    closes one whose request body is still coming `head_timeout` after its answer went out; and drops one whose answer
+    waits `write_timeout` for its client to read any of it."""
 
     max_head_bytes = MAX_HEAD_BYTES
     head_timeout = HEAD_TIMEOUT_SECONDS
+    write_timeout = WRITE_TIMEOUT_SECONDS
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
@@ -56,6 +62,7 @@ class BoundedHeadProtocol(HttpToolsProtocol):
         self._head_deadline: asyncio.TimerHandle | None = None
         self._message_done = False  # the request's whole message (head and body) has come
         self._rest_deadline: asyncio.TimerHandle | None = None
+        self._write_deadline: asyncio.TimerHandle | None = None
 
     def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
         super().connection_made(transport)
@@ -64,7 +71,17 @@ class BoundedHeadProtocol(HttpToolsProtocol):
     def connection_lost(self, exc: Exception | None) -> None:
         self._stop_head_deadline()
         self._stop_rest_deadline()
+        self._stop_write_deadline()
         super().connection_lost(exc)
+
+    def pause_writing(self) -> None:
+        super().pause_writing()
+        if self._write_deadline is None:
+            self._write_deadline = self.loop.call_later(self.write_timeout, self._reader_stalled)
+
+    def resume_writing(self) -> None:
+        self._stop_write_deadline()
+        super().resume_writing()
 
     def on_message_begin(self) -> None:
         super().on_message_begin()
@@ -130,6 +147,19 @@ class BoundedHeadProtocol(HttpToolsProtocol):
         else:
             self.transport.close()  # nothing was asked: nothing to answer
 
+    def _reader_stalled(self) -> None:
+        # A client that reads none of its answers (pipelined requests for a large one, its window closed) held the
+        # connection for good: the answer waited for the buffers to drain, and no timer runs while one is in flight.
+        # Dropped, not closed: a close waits for the buffers to drain.
+        self._write_deadline = None
+        if not self.transport.is_closing():
+            self.transport.abort()
+
+    def _stop_write_deadline(self) -> None:
+        if self._write_deadline is not None:
+            self._write_deadline.cancel()
+            self._write_deadline = None
+
     def _rest_too_slow(self) -> None:
         self._rest_deadline = None
         if not self._message_done and not self.transport.is_closing():
@@ -157,11 +187,13 @@ class BoundedHeadProtocol(HttpToolsProtocol):
         self.transport.close()
 
 
-def bounded_head_protocol(
-    max_head_bytes: int = MAX_HEAD_BYTES, head_timeout: float = HEAD_TIMEOUT_SECONDS
-) -> type[BoundedHeadProtocol]:
+def bounded_protocol(
+    max_head_bytes: int = MAX_HEAD_BYTES,
+    head_timeout: float = HEAD_TIMEOUT_SECONDS,
+    write_timeout: float = WRITE_TIMEOUT_SECONDS,
+) -> type[BoundedProtocol]:
     """The protocol class for uvicorn's `http=`, with these limits."""
-    if max_head_bytes < 1024 or not head_timeout > 0:
-        raise ValueError("a request head's bound is at least 1 KiB (ordinary requests pass) and its timeout above 0 s")
-    limits = {"max_head_bytes": max_head_bytes, "head_timeout": head_timeout}
-    return type("BoundedHeadProtocol", (BoundedHeadProtocol,), limits)
+    if max_head_bytes < 1024 or not head_timeout > 0 or not write_timeout > 0:
+        raise ValueError("a request head's bound is at least 1 KiB (ordinary requests pass); the timeouts above 0 s")
+    limits = {"max_head_bytes": max_head_bytes, "head_timeout": head_timeout, "write_timeout": write_timeout}
+    return type("BoundedProtocol", (BoundedProtocol,), limits)
