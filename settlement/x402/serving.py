@@ -22,6 +22,7 @@ runs this protocol too, with a record per connection of its own (settlement.api.
 from __future__ import annotations
 
 import asyncio
+from collections.abc import Callable
 from typing import Any
 
 try:
@@ -45,6 +46,30 @@ _TOO_LARGE = b"request head too large"
 _TOO_SLOW = b"request head too slow"
 
 
+class _Deadline:
+    """One of a connection's timers: started, cancelled or run, and then not set."""
+
+    def __init__(self) -> None:
+        self._timer: asyncio.TimerHandle | None = None
+
+    @property
+    def set(self) -> bool:
+        return self._timer is not None
+
+    def start(self, loop: asyncio.AbstractEventLoop, seconds: float, then: Callable[[], None]) -> None:
+        self.cancel()
+        self._timer = loop.call_later(seconds, self._run, then)
+
+    def cancel(self) -> None:
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+
+    def _run(self, then: Callable[[], None]) -> None:
+        self._timer = None
+        then()
+
+
 class BoundedProtocol(HttpToolsProtocol):
     """uvicorn's httptools protocol that answers 431 and closes a connection whose request head passes
     `max_head_bytes`, whether it came whole or is still coming, and 408 one whose head takes over `head_timeout`;
@@ -59,40 +84,39 @@ class BoundedProtocol(HttpToolsProtocol):
         super().__init__(*args, **kwargs)
         self._head_bytes = 0
         self._in_head = True
-        self._head_deadline: asyncio.TimerHandle | None = None
         self._message_done = False  # the request's whole message (head and body) has come
-        self._rest_deadline: asyncio.TimerHandle | None = None
-        self._write_deadline: asyncio.TimerHandle | None = None
+        self._head_deadline = _Deadline()  # the head's time
+        self._rest_deadline = _Deadline()  # the time of a body's rest after its answer
+        self._write_deadline = _Deadline()  # the time an answer waits for its client to read
 
     def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
         super().connection_made(transport)
-        self._head_deadline = self.loop.call_later(self.head_timeout, self._head_too_slow)
+        self._head_deadline.start(self.loop, self.head_timeout, self._head_too_slow)
 
     def connection_lost(self, exc: Exception | None) -> None:
-        self._stop_head_deadline()
-        self._stop_rest_deadline()
-        self._stop_write_deadline()
+        for deadline in (self._head_deadline, self._rest_deadline, self._write_deadline):
+            deadline.cancel()
         super().connection_lost(exc)
 
     def pause_writing(self) -> None:
         super().pause_writing()
-        if self._write_deadline is None:
-            self._write_deadline = self.loop.call_later(self.write_timeout, self._reader_stalled)
+        if not self._write_deadline.set:
+            self._write_deadline.start(self.loop, self.write_timeout, self._reader_stalled)
 
     def resume_writing(self) -> None:
-        self._stop_write_deadline()
+        self._write_deadline.cancel()
         super().resume_writing()
 
     def on_message_begin(self) -> None:
         super().on_message_begin()
         self._unset_keepalive_if_required()  # a request is coming: not idle (whatever armed the timer)
         self._head_bytes, self._in_head, self._message_done = 0, True, False
-        if self._head_deadline is None:  # a kept-alive connection's next request: timed from its first byte
-            self._head_deadline = self.loop.call_later(self.head_timeout, self._head_too_slow)
+        if not self._head_deadline.set:  # a kept-alive connection's next request: timed from its first byte
+            self._head_deadline.start(self.loop, self.head_timeout, self._head_too_slow)
 
     def on_headers_complete(self) -> None:
         self._in_head = False
-        self._stop_head_deadline()
+        self._head_deadline.cancel()
         size = len(self.url) + sum(len(name) + len(value) + 4 for name, value in self.headers)
         if size > self.max_head_bytes:  # a whole head that came in one piece: refused all the same
             self._head_bytes = size
@@ -100,9 +124,9 @@ class BoundedProtocol(HttpToolsProtocol):
         super().on_headers_complete()
 
     def on_message_complete(self) -> None:
-        late = self._rest_deadline is not None
+        late = self._rest_deadline.set
         self._message_done = True
-        self._stop_rest_deadline()
+        self._rest_deadline.cancel()
         super().on_message_complete()
         if late and self.timeout_keep_alive_task is None and not self.transport.is_closing():
             # The rest of a body whose answer went out before it: idle from here, as after any answer (the body's
@@ -119,7 +143,7 @@ class BoundedProtocol(HttpToolsProtocol):
             # each piece of it put off uvicorn's keep-alive timer, so a body sent a byte at a time held the
             # connection for good. It may come within the head's time (a client sends its whole body before it
             # reads the answer); later, the connection is closed.
-            self._rest_deadline = self.loop.call_later(self.head_timeout, self._rest_too_slow)
+            self._rest_deadline.start(self.loop, self.head_timeout, self._rest_too_slow)
 
     def data_received(self, data: bytes) -> None:
         super().data_received(data)
@@ -136,11 +160,10 @@ class BoundedProtocol(HttpToolsProtocol):
         self._refuse(b"431 Request Header Fields Too Large", _TOO_LARGE)
 
     def _head_too_slow(self) -> None:
-        self._head_deadline = None
         if self.transport.is_closing() or not self._in_head:
             return
         if self.cycle is not None and not self.cycle.response_complete:  # a pipelined head behind an answer in flight
-            self._head_deadline = self.loop.call_later(self.head_timeout, self._head_too_slow)
+            self._head_deadline.start(self.loop, self.head_timeout, self._head_too_slow)
             return
         if self._head_bytes:
             self._refuse(b"408 Request Timeout", _TOO_SLOW)
@@ -151,29 +174,12 @@ class BoundedProtocol(HttpToolsProtocol):
         # A client that reads none of its answers (pipelined requests for a large one, its window closed) held the
         # connection for good: the answer waited for the buffers to drain, and no timer runs while one is in flight.
         # Dropped, not closed: a close waits for the buffers to drain.
-        self._write_deadline = None
         if not self.transport.is_closing():
             self.transport.abort()
 
-    def _stop_write_deadline(self) -> None:
-        if self._write_deadline is not None:
-            self._write_deadline.cancel()
-            self._write_deadline = None
-
     def _rest_too_slow(self) -> None:
-        self._rest_deadline = None
         if not self._message_done and not self.transport.is_closing():
             self.transport.close()
-
-    def _stop_rest_deadline(self) -> None:
-        if self._rest_deadline is not None:
-            self._rest_deadline.cancel()
-            self._rest_deadline = None
-
-    def _stop_head_deadline(self) -> None:
-        if self._head_deadline is not None:
-            self._head_deadline.cancel()
-            self._head_deadline = None
 
     def _refuse(self, status: bytes, text: bytes) -> None:
         self.transport.write(
