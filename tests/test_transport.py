@@ -112,14 +112,14 @@ def test_a_slow_head_gets_a_408_and_silent_connections_are_closed_which_frees_th
     next head is timed from its first byte, not from the last answer."""
     service = spawn(f"sqlite:///{tmp_path / 't.db'}", max_connections="3", head_timeout_seconds="1")
     silent = [socket.create_connection(("127.0.0.1", service.port), timeout=10) for _ in range(2)]
+    opened = time.monotonic()
     half = socket.create_connection(("127.0.0.1", service.port), timeout=10)
     try:
         half.sendall(b"GET /health HTTP/1.1\r\nHost: 127.0.0.1\r\n")
         time.sleep(0.3)
         assert httpx.get(f"{service.url}/health").status_code == 503  # the cap is held
-        started = time.monotonic()
         assert answer(half).startswith(b"HTTP/1.1 408 "), "the half head's answer"
-        assert 0.5 <= time.monotonic() - started < 5
+        assert 0.9 <= time.monotonic() - opened < 6  # timed from the connection's start
         assert [sock.recv(1024) for sock in silent] == [b"", b""]  # closed, nothing said
         assert httpx.get(f"{service.url}/health").status_code == 200  # the cap is free while the client holds on
     finally:
@@ -189,7 +189,7 @@ def test_a_client_that_reads_none_of_its_answers_is_dropped(
     sock.connect(("127.0.0.1", service.port))
     with closing(sock):
         sock.sendall(b"GET /openapi.json HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n" * 200)
-        time.sleep(3)  # reading nothing
+        time.sleep(5)  # reading nothing
         assert httpx.get(f"{service.url}/health").status_code == 200  # others are served meanwhile
         read = 0
         try:
