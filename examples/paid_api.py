@@ -72,8 +72,9 @@ async def health() -> dict[str, str]:
 
 
 if __name__ == "__main__":
-    # A request head past 16 KiB is a 431 and one slower than 10 s a 408 (uvicorn's httptools waits for a head of any
-    # size for ever, and a payment header is the payer's to fill); requests past 1,000 connections or tasks a 503.
+    # What one connection can hold of this app is bounded (settlement.x402.serving): a request head past 16 KiB is a
+    # 431, one slower than 10 s a 408, an answer read by no one for 30 s drops the connection (uvicorn's httptools
+    # bounds none of these, and a payment header is the payer's to fill); past 1,000 connections, requests get a 503.
     uvicorn.run(
         app,
         host="127.0.0.1",

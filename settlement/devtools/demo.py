@@ -211,7 +211,7 @@ class PaidApiDemo:
         port = free_port("127.0.0.1")
         config = uvicorn.Config(
             app, host="127.0.0.1", port=port, http=bounded_protocol(), limit_concurrency=1_000, log_level="warning"
-        )  # served as examples/paid_api.py is: a request head past 16 KiB is a 431, one slower than 10 s a 408
+        )  # served as examples/paid_api.py is, with settlement.x402.serving's bounds on what a connection holds
         server = uvicorn.Server(config)
         self._server_thread = threading.Thread(target=server.run, name="demo-paid-api", daemon=True)
         self._server_thread.start()
