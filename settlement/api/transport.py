@@ -33,12 +33,6 @@ class ServiceProtocol(BoundedProtocol):
         self.scope[CONNECTION] = self._connection  # type: ignore[literal-required]
 
 
-def service_protocol(max_head_bytes: int, head_timeout: float, write_timeout: float) -> type[ServiceProtocol]:
-    """The protocol class for uvicorn's `http=`, with this process's limits."""
-    limits = {"max_head_bytes": max_head_bytes, "head_timeout": head_timeout, "write_timeout": write_timeout}
-    return type("ServiceProtocol", (ServiceProtocol,), limits)
-
-
 def server_config(
     api: RefusalTarpit, settings: Settings, host: str, port: int, log_level: str = "info", access_log: bool = False
 ) -> uvicorn.Config:
@@ -52,7 +46,9 @@ def server_config(
         access_log=access_log,
         limit_concurrency=settings.max_connections,
         timeout_keep_alive=settings.keep_alive_seconds,
-        http=service_protocol(settings.max_header_bytes, settings.head_timeout_seconds, settings.write_timeout_seconds),
+        http=ServiceProtocol.with_limits(
+            settings.max_header_bytes, settings.head_timeout_seconds, settings.write_timeout_seconds
+        ),
         # X-Forwarded-For names the client only when a trusted proxy sends it (uvicorn's own default trusts any
         # 127.0.0.1 peer, so anything local could pose as any client).
         proxy_headers=bool(settings.trusted_proxies),

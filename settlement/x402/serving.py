@@ -23,7 +23,7 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import Callable
-from typing import Any
+from typing import Any, Self
 
 try:
     import httptools
@@ -88,6 +88,21 @@ class BoundedProtocol(HttpToolsProtocol):
         self._head_deadline = _Deadline()  # the head's time
         self._rest_deadline = _Deadline()  # the time of a body's rest after its answer
         self._write_deadline = _Deadline()  # the time an answer waits for its client to read
+
+    @classmethod
+    def with_limits(
+        cls,
+        max_head_bytes: int = MAX_HEAD_BYTES,
+        head_timeout: float = HEAD_TIMEOUT_SECONDS,
+        write_timeout: float = WRITE_TIMEOUT_SECONDS,
+    ) -> type[Self]:
+        """This protocol class (or a subclass's) for uvicorn's `http=`, with these limits."""
+        if max_head_bytes < 1024 or not head_timeout > 0 or not write_timeout > 0:
+            raise ValueError(
+                "a request head's bound is at least 1 KiB (ordinary requests pass); the timeouts above 0 s"
+            )
+        limits = {"max_head_bytes": max_head_bytes, "head_timeout": head_timeout, "write_timeout": write_timeout}
+        return type(cls.__name__, (cls,), limits)
 
     def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
         super().connection_made(transport)
@@ -199,7 +214,4 @@ def bounded_protocol(
     write_timeout: float = WRITE_TIMEOUT_SECONDS,
 ) -> type[BoundedProtocol]:
     """The protocol class for uvicorn's `http=`, with these limits."""
-    if max_head_bytes < 1024 or not head_timeout > 0 or not write_timeout > 0:
-        raise ValueError("a request head's bound is at least 1 KiB (ordinary requests pass); the timeouts above 0 s")
-    limits = {"max_head_bytes": max_head_bytes, "head_timeout": head_timeout, "write_timeout": write_timeout}
-    return type("BoundedProtocol", (BoundedProtocol,), limits)
+    return BoundedProtocol.with_limits(max_head_bytes, head_timeout, write_timeout)
