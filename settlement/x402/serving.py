@@ -174,8 +174,8 @@ class BoundedProtocol(HttpToolsProtocol):
             return
         self._refuse(b"431 Request Header Fields Too Large", _TOO_LARGE)
 
-    def _head_too_slow(self) -> None:
-        if self.transport.is_closing() or not self._in_head:
+    def _head_too_slow(self) -> None:  # set only while a head is coming: cancelled when it is complete
+        if self.transport.is_closing():
             return
         if self.cycle is not None and not self.cycle.response_complete:  # a pipelined head behind an answer in flight
             self._head_deadline.start(self.loop, self.head_timeout, self._head_too_slow)
@@ -192,8 +192,8 @@ class BoundedProtocol(HttpToolsProtocol):
         if not self.transport.is_closing():
             self.transport.abort()
 
-    def _rest_too_slow(self) -> None:
-        if not self._message_done and not self.transport.is_closing():
+    def _rest_too_slow(self) -> None:  # cancelled when the rest has come
+        if not self.transport.is_closing():
             self.transport.close()
 
     def _refuse(self, status: bytes, text: bytes) -> None:
