@@ -73,8 +73,9 @@ async def health() -> dict[str, str]:
 
 if __name__ == "__main__":
     # What one connection can hold of this app is bounded (settlement.x402.serving): a request head past 16 KiB is a
-    # 431, one slower than 10 s a 408, an answer read by no one for 30 s drops the connection (uvicorn's httptools
-    # bounds none of these, and a payment header is the payer's to fill); past 1,000 connections, requests get a 503.
+    # 431, one slower than 10 s a 408, as is a body slower than 10 s and a second for each 500 bytes of it, an answer
+    # read by no one for 30 s drops the connection (uvicorn's httptools bounds none of these, and a payment header is
+    # the payer's to fill); past 1,000 connections, requests get a 503.
     uvicorn.run(
         app,
         host="127.0.0.1",

@@ -2,7 +2,8 @@
 streamed answer whose body breaks after its first chunk, a handler slower than its payer waits (SLOW_SECONDS), a
 route that has moved (a redirect, as Starlette's router also answers a paid URL with a trailing slash), and a 304.
 None is the response the payer paid for, so none may be charged (tests/test_x402_e2e.py runs it as it runs the
-example)."""
+example). And a paid route that reads its request's body, served with a body bound of 1 s (10 by default) so that
+the tests of slow bodies take seconds."""
 
 from __future__ import annotations
 
@@ -13,7 +14,7 @@ from collections.abc import AsyncIterator
 from pathlib import Path
 
 import uvicorn
-from fastapi import FastAPI, Response
+from fastapi import FastAPI, Request, Response, WebSocket
 from fastapi.responses import RedirectResponse, StreamingResponse
 
 from settlement.x402.serving import bounded_protocol
@@ -52,12 +53,25 @@ async def unchanged() -> Response:
     return Response(status_code=304)  # as to a conditional GET whose copy is current
 
 
+@app.get("/reports/uploaded/size")  # a body with a GET, as the example prices GETs
+async def uploaded(request: Request, think: float = 0.0) -> dict[str, int]:
+    await asyncio.sleep(think)  # the handler's own work before it reads the body
+    return {"bytes": len(await request.body())}
+
+
+@app.websocket("/echo")  # free: a payee app's own WebSocket outlives the protocol's body bound
+async def echo(socket: WebSocket) -> None:
+    await socket.accept()
+    while True:
+        await socket.send_text(await socket.receive_text())
+
+
 if __name__ == "__main__":
     uvicorn.run(
         app,
         host="127.0.0.1",
         port=int(os.environ["PORT"]),
-        http=bounded_protocol(),
+        http=bounded_protocol(body_timeout=1.0),
         limit_concurrency=1_000,
         log_level="warning",
     )

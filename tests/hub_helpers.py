@@ -7,6 +7,7 @@ import itertools
 import json
 import os
 import queue
+import re
 import socket
 import subprocess
 import sys
@@ -674,3 +675,28 @@ def new_key(store_url: str, role: Role, account: str | None = None) -> str:
         return secret
     finally:
         db.dispose()
+
+
+class Answers:
+    """A raw socket's answers in turn: bytes read past one answer (a pipelined answer sent with it) are the next's."""
+
+    def __init__(self, sock: socket.socket) -> None:
+        self.sock = sock
+        self.read = b""
+
+    def head(self) -> bytes:
+        """The next head (an interim one, as `100 Continue`, or one with no body), its blank line included."""
+        while b"\r\n\r\n" not in self.read and (chunk := self.sock.recv(65536)):
+            self.read += chunk
+        head, blank, self.read = self.read.partition(b"\r\n\r\n")
+        return head + blank
+
+    def whole(self) -> tuple[bytes, bytes]:
+        """The next answer's head and its whole body (by its Content-Length)."""
+        head = self.head()
+        length = re.search(rb"content-length: (\d+)", head, re.IGNORECASE)
+        assert length is not None, head
+        while len(self.read) < int(length.group(1)) and (chunk := self.sock.recv(65536)):
+            self.read += chunk
+        body, self.read = self.read[: int(length.group(1))], self.read[int(length.group(1)) :]
+        return head, body

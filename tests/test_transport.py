@@ -4,7 +4,6 @@ an oversized request head is refused, connections beyond the cap get a 503, and 
 from __future__ import annotations
 
 import json
-import re
 import socket
 import time
 from collections.abc import Callable, Iterator
@@ -12,7 +11,10 @@ from contextlib import closing, contextmanager
 from pathlib import Path
 
 import httpx
+import pytest
 
+from settlement.x402.serving import BoundedProtocol, bounded_protocol
+from tests.hub_helpers import Answers
 from tests.servers import ServiceProcess
 
 
@@ -25,26 +27,6 @@ def raw(service: ServiceProcess) -> Iterator[socket.socket]:
         sock.close()
 
 
-def answer(sock: socket.socket) -> bytes:
-    data = b""
-    while b"\r\n\r\n" not in data:
-        chunk = sock.recv(65536)
-        if not chunk:
-            break
-        data += chunk
-    return data
-
-
-def whole_answer(sock: socket.socket) -> tuple[bytes, bytes]:
-    """An answer's head and its whole body (by its Content-Length): the next answer on the connection starts clean."""
-    head, _, body = answer(sock).partition(b"\r\n\r\n")
-    length = re.search(rb"content-length: (\d+)", head, re.IGNORECASE)
-    assert length is not None, head
-    while len(body) < int(length.group(1)):
-        body += sock.recv(65536)
-    return head, body
-
-
 def test_a_body_that_arrives_too_slowly_gets_a_408(spawn: Callable[..., ServiceProcess], tmp_path: Path) -> None:
     service = spawn(f"sqlite:///{tmp_path / 't.db'}", body_timeout_seconds="1")
     with raw(service) as sock:
@@ -53,7 +35,7 @@ def test_a_body_that_arrives_too_slowly_gets_a_408(spawn: Callable[..., ServiceP
             b"Content-Length: 100\r\n\r\n{"
         )
         started = time.monotonic()
-        head = answer(sock)
+        head = Answers(sock).head()
         waited = time.monotonic() - started
     assert head.startswith(b"HTTP/1.1 408 "), head
     assert 0.9 <= waited < 5, waited
@@ -66,7 +48,7 @@ def test_an_oversized_request_head_is_refused_and_others_are_served(
     service = spawn(f"sqlite:///{tmp_path / 't.db'}", max_header_bytes="4096")
     with raw(service) as sock:
         sock.sendall(b"GET /health HTTP/1.1\r\nHost: 127.0.0.1\r\nX-Junk: " + b"a" * 20_000 + b"\r\n\r\n")
-        head = answer(sock)
+        head = Answers(sock).head()
     assert head.startswith(b"HTTP/1.1 431 "), head
     with raw(service) as sock:  # a head that never ends: refused once past the limit, not buffered on and on
         sent = 0
@@ -77,7 +59,7 @@ def test_an_oversized_request_head_is_refused_and_others_are_served(
                 time.sleep(0.05)
         except (BrokenPipeError, ConnectionResetError):
             pass  # the server closed it: what this test wants
-        head = answer(sock)
+        head = Answers(sock).head()
     assert sent < 20  # cut off past the limit (4 KB), long before the client stopped
     assert head.startswith(b"HTTP/1.1 431 "), head
     assert httpx.get(f"{service.url}/health", headers={"X-Fine": "b" * 1000}).status_code == 200
@@ -118,7 +100,7 @@ def test_a_slow_head_gets_a_408_and_silent_connections_are_closed_which_frees_th
         half.sendall(b"GET /health HTTP/1.1\r\nHost: 127.0.0.1\r\n")
         time.sleep(0.3)
         assert httpx.get(f"{service.url}/health").status_code == 503  # the cap is held
-        assert answer(half).startswith(b"HTTP/1.1 408 "), "the half head's answer"
+        assert Answers(half).head().startswith(b"HTTP/1.1 408 "), "the half head's answer"
         assert 0.9 <= time.monotonic() - opened < 6  # timed from the connection's start
         assert [sock.recv(1024) for sock in silent] == [b"", b""]  # closed, nothing said
         assert httpx.get(f"{service.url}/health").status_code == 200  # the cap is free while the client holds on
@@ -126,9 +108,10 @@ def test_a_slow_head_gets_a_408_and_silent_connections_are_closed_which_frees_th
         for sock in [*silent, half]:
             sock.close()
     with raw(service) as sock:  # kept alive: 2 s idle (under the 5-s keep-alive), then a whole head at once
+        answers = Answers(sock)
         for _ in range(2):
             sock.sendall(b"GET /health HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n")
-            head, body = whole_answer(sock)
+            head, body = answers.whole()
             assert head.startswith(b"HTTP/1.1 200 "), head
             assert json.loads(body)["status"] == "ok"
             time.sleep(2)
@@ -145,7 +128,7 @@ def test_a_body_still_coming_after_its_answer_is_cut_off_and_one_that_came_leave
     service = spawn(f"sqlite:///{tmp_path / 't.db'}", max_connections="3", head_timeout_seconds="1")
     with raw(service) as sock:
         sock.sendall(b"GET /health HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Length: 100000\r\n\r\nx")
-        assert whole_answer(sock)[0].startswith(b"HTTP/1.1 200 ")
+        assert Answers(sock).whole()[0].startswith(b"HTTP/1.1 200 ")
         started, sent = time.monotonic(), 0
         try:
             while sent < 50:  # 10 s of a byte every 0.2 s, unless the service cuts it off
@@ -157,16 +140,17 @@ def test_a_body_still_coming_after_its_answer_is_cut_off_and_one_that_came_leave
         assert sent < 25, sent  # cut off about a second after the answer (5 bytes), not left to trickle on
         assert time.monotonic() - started < 5
     with raw(service) as sock:  # the rest comes within the time: the connection serves the next request
+        answers = Answers(sock)
         sock.sendall(b"GET /health HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Length: 4\r\n\r\nx")
-        assert whole_answer(sock)[0].startswith(b"HTTP/1.1 200 ")
+        assert answers.whole()[0].startswith(b"HTTP/1.1 200 ")
         time.sleep(0.3)
         sock.sendall(b"xyz")
         time.sleep(1.5)  # past the head's time: the connection was not closed for it
         sock.sendall(b"GET /health HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n")
-        assert whole_answer(sock)[0].startswith(b"HTTP/1.1 200 ")
+        assert answers.whole()[0].startswith(b"HTTP/1.1 200 ")
     with raw(service) as sock:  # and idle once it came: closed after the keep-alive (5 s), not held for good
         sock.sendall(b"GET /health HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Length: 4\r\n\r\nx")
-        assert whole_answer(sock)[0].startswith(b"HTTP/1.1 200 ")
+        assert Answers(sock).whole()[0].startswith(b"HTTP/1.1 200 ")
         time.sleep(0.3)
         sock.sendall(b"xyz")
         started = time.monotonic()
@@ -215,3 +199,28 @@ def test_a_request_for_another_host_name_is_refused(spawn: Callable[..., Service
         assert httpx.get(f"{service.url}/health", headers={"Host": host}).status_code == 200
     anyone = spawn(f"sqlite:///{tmp_path / 'u.db'}", name="open", allowed_hosts='["*"]')
     assert httpx.get(f"{anyone.url}/health", headers={"Host": "api.example.com"}).status_code == 200
+
+
+@pytest.mark.parametrize(
+    "limits",
+    [
+        {"max_head_bytes": 1023},
+        {"head_timeout": 0.0},
+        {"write_timeout": -1.0},
+        {"body_timeout": 0.0},
+        {"body_min_rate": 0},
+    ],
+)
+def test_the_bounded_protocols_limits_are_checked(limits: dict[str, float]) -> None:
+    """A bound that would refuse ordinary requests, or a timeout that is no time, is refused when the app is set up."""
+    with pytest.raises(ValueError, match="at least 1 KiB"):
+        bounded_protocol(**limits)  # type: ignore[arg-type]
+
+
+def test_the_bounded_protocol_takes_its_limits_and_can_leave_bodies_to_the_app() -> None:
+    made = bounded_protocol(2048, 1.5, 2.5, None, 7)
+    assert issubclass(made, BoundedProtocol)
+    assert (made.max_head_bytes, made.head_timeout, made.write_timeout, made.body_timeout, made.body_min_rate) == (
+        2048, 1.5, 2.5, None, 7
+    )  # fmt: skip
+    assert (BoundedProtocol.body_timeout, BoundedProtocol.body_min_rate) == (10.0, 500)  # the class itself untouched

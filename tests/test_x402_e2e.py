@@ -58,6 +58,7 @@ from settlement.x402.refunds import REFUND_PATH, RefundDesk, ask_refund
 from settlement.x402.unanswered import UnansweredWire
 from tests.hub_helpers import (
     ETH,
+    Answers,
     Tampering,
     TamperingProxy,
     events,
@@ -369,10 +370,10 @@ def paid_get(devnet: Devnet, scheme: ChannelHubClientScheme, url: str, asset: st
     return asyncio.run(get())
 
 
-def payment_for(api: str, x402: x402Client) -> PaymentPayload:
+def payment_for(api: str, x402: x402Client, path: str = "/weather") -> PaymentPayload:
     """x402's payment for the 402 of `api`'s paid route, made as a payer app makes it, not sent."""
     http = x402HTTPClient(x402)
-    required = http.get_payment_required_response(httpx.get(f"{api}/weather").headers.get, None)
+    required = http.get_payment_required_response(httpx.get(f"{api}{path}").headers.get, None)
     return asyncio.run(x402.create_payment_payload(required))
 
 
@@ -548,6 +549,115 @@ def test_the_example_app_refuses_a_request_head_past_its_bound_and_serves_paid_r
 
     assert asyncio.run(paid()) == 200
     assert accepted_for(rig.service, payee) == PRICE
+
+
+def test_a_paid_request_whose_body_trickles_in_is_cut_off_charged_nothing_and_a_slow_steady_one_is_served(
+    devnet: Devnet, lane_rig: Callable[..., LaneRig]
+) -> None:
+    """A payment is verified before the handler reads the request's body and settled after it answered, so one
+    payment (verified again and again, settled never) held a connection for as long as its body took to come: a
+    paid route that reads its body waited on a body sent a byte at a time for good, and enough such connections held
+    the app's `limit_concurrency` (every other request a 503). The payee app's protocol bounds a body's time (here 1 s,
+    and a second for each 500 bytes that came): the trickle is a 408, charged nothing; the same payment with a body
+    that comes slowly but steadily (2 KB a second, 2.5 s) is served and charged once; and neither a pipelined request
+    whose body waits while the app answers the one before it (its reading paused) nor a body that waits for a
+    `100 Continue` the app sends late is cut off for the app's time (one that never comes after it is)."""
+    rig = lane_rig("bodies", max_lanes=3, script=ROOT / "tests" / "faulty_paid_api.py")
+    ((payee, api),) = rig.payees
+    port = int(api.rsplit(":", 1)[1])
+    x402 = paying_client(devnet, rig.scheme)
+    http = x402HTTPClient(x402)
+
+    def head(path: str, payment: PaymentPayload, length: int) -> bytes:
+        (name, value), = http.encode_payment_signature_header(payment).items()  # fmt: skip
+        return (
+            f"GET {path} HTTP/1.1\r\nHost: 127.0.0.1\r\n{name}: {value}\r\nContent-Length: {length}\r\n\r\n"
+        ).encode()
+
+    payment = payment_for(api, x402, "/reports/uploaded/size")
+    with socket.create_connection(("127.0.0.1", port), timeout=10) as sock:
+        sock.sendall(head("/reports/uploaded/size", payment, 1_000))
+        sent = 0
+        try:
+            while sent < 50:  # 10 s of a byte every 0.2 s, unless the app cuts it off
+                sock.sendall(b"x")
+                sent += 1
+                time.sleep(0.2)
+        except (BrokenPipeError, ConnectionResetError):
+            pass
+        assert sent < 25, sent  # cut off about a second after its head (5-6 bytes), not left to trickle on
+        refused = b""
+        while chunk := sock.recv(65536):
+            refused += chunk
+    assert refused.startswith(b"HTTP/1.1 408 ") and refused.endswith(b"\r\n\r\nrequest body too slow"), refused
+    time.sleep(0.5)  # a settle would have been sent by now
+    assert accepted_for(rig.service, payee) == 0
+
+    with socket.create_connection(("127.0.0.1", port), timeout=10) as sock:
+        sock.sendall(head("/reports/uploaded/size", payment, 5_000))
+        for _ in range(25):  # 200 bytes every 0.1 s: past the second, within the rate
+            sock.sendall(b"y" * 200)
+            time.sleep(0.1)
+        served = Answers(sock).whole()
+    assert (served[0].split(b"\r\n")[0], json.loads(served[1])) == (b"HTTP/1.1 200 OK", {"bytes": 5_000})
+    assert accepted_for(rig.service, payee) == PRICE
+
+    thinking = payment_for(api, x402, "/reports/uploaded/size?think=2")  # the other lane's channel
+    with socket.create_connection(("127.0.0.1", port), timeout=10) as sock:
+        # A paid request the handler thinks over for 2 s, and behind it a request whose body's second half comes
+        # 1.5 s later: the app reads neither it nor its rest until the first is answered.
+        pipelined = b"GET /health HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Length: 10\r\n\r\n12345"
+        sock.sendall(head("/reports/uploaded/size?think=2", thinking, 0) + pipelined)
+        time.sleep(1.5)
+        sock.sendall(b"67890")
+        answers = Answers(sock)
+        first, second = answers.whole(), answers.whole()
+    assert (first[0].split(b"\r\n")[0], json.loads(first[1])) == (b"HTTP/1.1 200 OK", {"bytes": 0})
+    assert (second[0].split(b"\r\n")[0], json.loads(second[1])) == (b"HTTP/1.1 200 OK", {"status": "ok"})
+    assert accepted_for(rig.service, payee) == 2 * PRICE
+
+    # A client that waits for `100 Continue` before its body: the app's wait for it (2 s of thinking) is not the
+    # client's; one that asks for it and then sends nothing is cut off all the same.
+    waiting = payment_for(api, x402, "/reports/uploaded/size?think=2")  # a third channel
+    expecting = b"Expect: 100-continue\r\n\r\n"
+    for think in ("0", "2"):
+        path = f"/reports/uploaded/size?think={think}"
+        with socket.create_connection(("127.0.0.1", port), timeout=10) as sock:
+            answers, started = Answers(sock), time.monotonic()
+            sock.sendall(head(path, waiting, 5).removesuffix(b"\r\n") + expecting)
+            assert answers.head() == b"HTTP/1.1 100 Continue\r\n\r\n"
+            if think == "0":  # nothing more
+                refused = answers.head()
+                assert refused.startswith(b"HTTP/1.1 408 ") and 0.95 < time.monotonic() - started < 5, refused
+                assert accepted_for(rig.service, payee) == 2 * PRICE
+                continue
+            sock.sendall(b"hello")
+            served = answers.whole()
+        assert (served[0].split(b"\r\n")[0], json.loads(served[1])) == (b"HTTP/1.1 200 OK", {"bytes": 5})
+    assert accepted_for(rig.service, payee) == 3 * PRICE
+
+
+def test_a_websocket_upgraded_on_a_kept_alive_connection_outlives_the_body_bound(
+    lane_rig: Callable[..., LaneRig],
+) -> None:
+    """The protocol's timers end where uvicorn hands a connection to its WebSocket protocol: one upgraded on a
+    kept-alive connection (its last request answered before it) still echoes after 1.5 s, past the app's body bound
+    (1 s) and head bound."""
+    rig = lane_rig("upgrade", max_lanes=1, script=ROOT / "tests" / "faulty_paid_api.py")
+    ((_, api),) = rig.payees
+    with socket.create_connection(("127.0.0.1", int(api.rsplit(":", 1)[1])), timeout=10) as sock:
+        answers = Answers(sock)
+        sock.sendall(b"GET /health HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n")
+        assert answers.whole()[0].startswith(b"HTTP/1.1 200 ")
+        sock.sendall(
+            b"GET /echo HTTP/1.1\r\nHost: 127.0.0.1\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
+            b"Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n\r\n"
+        )
+        assert answers.head().startswith(b"HTTP/1.1 101 ")
+        time.sleep(1.5)
+        mask, text = b"\x01\x02\x03\x04", b"still here"
+        sock.sendall(bytes([0x81, 0x80 | len(text)]) + mask + bytes(b ^ mask[i % 4] for i, b in enumerate(text)))
+        assert sock.recv(1024) == bytes([0x81, len(text)]) + text
 
 
 def test_a_retried_payment_with_an_identifier_is_answered_again_and_charged_once(

@@ -47,7 +47,10 @@ def server_config(
         limit_concurrency=settings.max_connections,
         timeout_keep_alive=settings.keep_alive_seconds,
         http=ServiceProtocol.with_limits(
-            settings.max_header_bytes, settings.head_timeout_seconds, settings.write_timeout_seconds
+            settings.max_header_bytes,
+            settings.head_timeout_seconds,
+            settings.write_timeout_seconds,
+            body_timeout=None,  # the service reads every body with its own bound and answer (BodyGuard, FastPath)
         ),
         # X-Forwarded-For names the client only when a trusted proxy sends it (uvicorn's own default trusts any
         # 127.0.0.1 peer, so anything local could pose as any client).

@@ -6,12 +6,15 @@ connections each sending a header line of 100 MB that never ended held ~380 MB o
 a head: a connection that sends nothing, or half a head, is held until the client closes it, and with uvicorn's
 `limit_concurrency` a client holding that many such connections had every other client's requests answered 503; nor the
 rest of a body that its answer went out before (a route that never reads it): each piece put off its keep-alive timer,
-so a body sent a byte at a time held the connection for good; nor an answer its client reads none of (pipelined requests
-for a large answer, the window closed). This protocol answers 431 and closes the connection once a head that is not
-complete yet passes `max_head_bytes`, and 408 (or closes a connection that sent nothing) once one takes longer than
-`head_timeout` seconds from the connection's start or its first byte, closes a connection whose body is still coming
-`head_timeout` after its answer, and drops one whose answer waits `write_timeout` seconds for its client to read any of
-it, so that a connection holds at most that much of the app for at most that long:
+so a body sent a byte at a time held the connection for good; nor a body that a route reads (a payment is verified
+before the handler reads the body and settled after it answered, so one payment held connections for as long as their
+bodies took); nor an answer its client reads none of (pipelined requests for a large answer, the window closed). This
+protocol answers 431 and closes the connection once a head that is not complete yet passes `max_head_bytes`, and 408
+(or closes a connection that sent nothing) once one takes longer than `head_timeout` seconds from the connection's start
+or its first byte, and 408 once a body takes longer than `body_timeout` seconds and one more for each `body_min_rate`
+bytes of it, closes a connection whose body is still coming `head_timeout` after its answer, and drops one whose answer
+waits `write_timeout` seconds for its client to read any of it, so that a connection holds at most that much of the app
+for at most that long:
 
     uvicorn.run(app, host=..., port=..., http=bounded_protocol(), limit_concurrency=1_000)
 
@@ -27,6 +30,7 @@ from typing import Any, Self
 
 try:
     import httptools
+    from uvicorn.protocols.http.flow_control import FlowControl
     from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 except ImportError as missing:  # uvicorn alone serves with h11
     raise ImportError(
@@ -42,8 +46,15 @@ HEAD_TIMEOUT_SECONDS = 10.0
 # Seconds an answer may wait for its client to read it (its writes paused: the buffers full) before the connection
 # is dropped: a client on a slow link reads something within seconds.
 WRITE_TIMEOUT_SECONDS = 30.0
+# A request body (one the app reads) may take this many seconds, and one more for each BODY_MIN_RATE bytes that came:
+# a large upload on a slow link passes, a body sent a byte at a time does not (Apache's mod_reqtimeout has the same
+# rule, body=20,MinRate=500). Time the app spends not reading (its buffer full, a pipelined request waiting its turn,
+# a 100-continue not sent yet) does not count.
+BODY_TIMEOUT_SECONDS = 10.0
+BODY_MIN_RATE = 500
 _TOO_LARGE = b"request head too large"
 _TOO_SLOW = b"request head too slow"
+_BODY_TOO_SLOW = b"request body too slow"
 
 
 class _Deadline:
@@ -70,15 +81,31 @@ class _Deadline:
         then()
 
 
+class _Flow(FlowControl):
+    """uvicorn's flow control, telling its connection when the app takes up reading again."""
+
+    def __init__(self, transport: asyncio.Transport, resumed: Callable[[], None]) -> None:
+        super().__init__(transport)
+        self._resumed = resumed
+
+    def resume_reading(self) -> None:
+        if self.read_paused:
+            super().resume_reading()
+            self._resumed()
+
+
 class BoundedProtocol(HttpToolsProtocol):
     """uvicorn's httptools protocol that answers 431 and closes a connection whose request head passes
-    `max_head_bytes`, whether it came whole or is still coming, and 408 one whose head takes over `head_timeout`;
-    closes one whose request body is still coming `head_timeout` after its answer went out; and drops one whose answer
-    waits `write_timeout` for its client to read any of it."""
+    `max_head_bytes`, whether it came whole or is still coming, and 408 one whose head takes over `head_timeout`, or
+    whose body takes over `body_timeout` and a second for each `body_min_rate` bytes of it; closes one whose request
+    body is still coming `head_timeout` after its answer went out; and drops one whose answer waits `write_timeout` for
+    its client to read any of it."""
 
     max_head_bytes = MAX_HEAD_BYTES
     head_timeout = HEAD_TIMEOUT_SECONDS
     write_timeout = WRITE_TIMEOUT_SECONDS
+    body_timeout: float | None = BODY_TIMEOUT_SECONDS  # None: a body's time is not bounded here (the app bounds it)
+    body_min_rate = BODY_MIN_RATE
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
@@ -88,6 +115,9 @@ class BoundedProtocol(HttpToolsProtocol):
         self._head_deadline = _Deadline()  # the head's time
         self._rest_deadline = _Deadline()  # the time of a body's rest after its answer
         self._write_deadline = _Deadline()  # the time an answer waits for its client to read
+        self._body_deadline = _Deadline()  # the time of a body the app is (or will be) reading
+        self._body_since = 0.0  # the body's time counts from here (its head's end, or the app reading again)
+        self._body_bytes = 0  # and what came of it since
 
     @classmethod
     def with_limits(
@@ -95,21 +125,32 @@ class BoundedProtocol(HttpToolsProtocol):
         max_head_bytes: int = MAX_HEAD_BYTES,
         head_timeout: float = HEAD_TIMEOUT_SECONDS,
         write_timeout: float = WRITE_TIMEOUT_SECONDS,
+        body_timeout: float | None = BODY_TIMEOUT_SECONDS,
+        body_min_rate: int = BODY_MIN_RATE,
     ) -> type[Self]:
         """This protocol class (or a subclass's) for uvicorn's `http=`, with these limits."""
-        if max_head_bytes < 1024 or not head_timeout > 0 or not write_timeout > 0:
+        timeouts = [head_timeout, write_timeout, *([] if body_timeout is None else [body_timeout])]
+        if max_head_bytes < 1024 or body_min_rate < 1 or not all(timeout > 0 for timeout in timeouts):
             raise ValueError(
-                "a request head's bound is at least 1 KiB (ordinary requests pass); the timeouts above 0 s"
+                "a request head's bound is at least 1 KiB (ordinary requests pass), a body's rate at least 1 byte a"
+                " second; the timeouts above 0 s"
             )
-        limits = {"max_head_bytes": max_head_bytes, "head_timeout": head_timeout, "write_timeout": write_timeout}
+        limits = {
+            "max_head_bytes": max_head_bytes,
+            "head_timeout": head_timeout,
+            "write_timeout": write_timeout,
+            "body_timeout": body_timeout,
+            "body_min_rate": body_min_rate,
+        }
         return type(cls.__name__, (cls,), limits)
 
     def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
         super().connection_made(transport)
+        self.flow = _Flow(transport, self._reading_resumed)
         self._head_deadline.start(self.loop, self.head_timeout, self._head_too_slow)
 
     def connection_lost(self, exc: Exception | None) -> None:
-        for deadline in (self._head_deadline, self._rest_deadline, self._write_deadline):
+        for deadline in (self._head_deadline, self._rest_deadline, self._write_deadline, self._body_deadline):
             deadline.cancel()
         super().connection_lost(exc)
 
@@ -142,6 +183,7 @@ class BoundedProtocol(HttpToolsProtocol):
         late = self._rest_deadline.set
         self._message_done = True
         self._rest_deadline.cancel()
+        self._body_deadline.cancel()
         super().on_message_complete()
         if late and self.timeout_keep_alive_task is None and not self.transport.is_closing():
             # The rest of a body whose answer went out before it: idle from here, as after any answer (the body's
@@ -158,15 +200,30 @@ class BoundedProtocol(HttpToolsProtocol):
             # each piece of it put off uvicorn's keep-alive timer, so a body sent a byte at a time held the
             # connection for good. It may come within the head's time (a client sends its whole body before it
             # reads the answer); later, the connection is closed.
+            self._body_deadline.cancel()
             self._rest_deadline.start(self.loop, self.head_timeout, self._rest_too_slow)
 
     def data_received(self, data: bytes) -> None:
         super().data_received(data)
-        if not self._in_head or self.transport.is_closing():
+        if self.transport.is_closing():
             return
-        self._head_bytes += len(data)  # the parser took this chunk and the head is still not complete
-        if self._head_bytes > self.max_head_bytes:
-            self.send_400_response("")
+        if self._in_head:
+            self._head_bytes += len(data)  # the parser took this chunk and the head is still not complete
+            if self._head_bytes > self.max_head_bytes:
+                self.send_400_response("")
+        elif (
+            not self._message_done
+            and self.body_timeout is not None
+            and self.cycle is not None
+            and not self.cycle.response_complete  # else the rest's time (on_response_complete), or an upgrade's
+        ):
+            # A body is coming for a request not answered yet: a route that reads it waited for as long as the client
+            # took, and a payer with one payment (verified, never settled) held as many connections as it liked so.
+            if self._body_deadline.set:
+                self._body_bytes += len(data)
+            else:
+                self._body_since, self._body_bytes = self.loop.time(), 0
+                self._body_deadline.start(self.loop, self.body_timeout, self._body_too_slow)
 
     def send_400_response(self, msg: str) -> None:
         if self._head_bytes <= self.max_head_bytes:
@@ -184,6 +241,31 @@ class BoundedProtocol(HttpToolsProtocol):
             self._refuse(b"408 Request Timeout", _TOO_SLOW)
         else:
             self.transport.close()  # nothing was asked: nothing to answer
+
+    def _reading_resumed(self) -> None:
+        if self._body_deadline.set:  # the app reads again: the body's time counts afresh
+            self._body_since, self._body_bytes = self.loop.time(), 0
+
+    def _body_too_slow(self) -> None:  # cancelled when the body has come or the request is answered
+        cycle = self.cycle
+        if self.body_timeout is None or self.transport.is_closing() or cycle is None or cycle.response_complete:
+            return  # (armed only with a timeout, for a request not answered yet)
+        if self.flow.read_paused or cycle.waiting_for_100_continue:  # the app's turn, not the client's
+            self._body_since, self._body_bytes = self.loop.time(), 0
+            self._body_deadline.start(self.loop, self.body_timeout, self._body_too_slow)
+            return
+        left = self._body_since + self.body_timeout + self._body_bytes / self.body_min_rate - self.loop.time()
+        if left > 0:  # it came fast enough so far
+            self._body_deadline.start(self.loop, left, self._body_too_slow)
+            return
+        if cycle.response_started:
+            self.transport.close()
+            return
+        # The app waits on the body: it is told the client went away (its answer, if it makes one, is not sent; a
+        # payment is not settled for it), and the client is told why.
+        cycle.disconnected = True
+        cycle.message_event.set()
+        self._refuse(b"408 Request Timeout", _BODY_TOO_SLOW)
 
     def _reader_stalled(self) -> None:
         # A client that reads none of its answers (pipelined requests for a large one, its window closed) held the
@@ -212,6 +294,8 @@ def bounded_protocol(
     max_head_bytes: int = MAX_HEAD_BYTES,
     head_timeout: float = HEAD_TIMEOUT_SECONDS,
     write_timeout: float = WRITE_TIMEOUT_SECONDS,
+    body_timeout: float | None = BODY_TIMEOUT_SECONDS,
+    body_min_rate: int = BODY_MIN_RATE,
 ) -> type[BoundedProtocol]:
     """The protocol class for uvicorn's `http=`, with these limits."""
-    return BoundedProtocol.with_limits(max_head_bytes, head_timeout, write_timeout)
+    return BoundedProtocol.with_limits(max_head_bytes, head_timeout, write_timeout, body_timeout, body_min_rate)
