@@ -54,6 +54,7 @@ from fastapi.responses import JSONResponse
 from httpx_aiohttp import AiohttpTransport
 from pydantic_core import PydanticSerializationError, from_json, to_json
 from starlette.concurrency import run_in_threadpool
+from starlette.requests import ClientDisconnect
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 from x402 import x402ResourceServer
 from x402.http import FacilitatorConfig, HTTPFacilitatorClient, PaywallConfig
@@ -596,6 +597,12 @@ class PaymentMiddleware(PaymentMiddlewareASGI):
             response = await super().dispatch(request, _whole(call_next, exchange) if paying else call_next)
         except _NotSettled as unsettled:
             return unsettled.response
+        except ClientDisconnect:
+            # The handler read a body whose client went away (or whose time ran out: settlement.x402.serving), and
+            # nothing was settled. There is no one to answer, and uvicorn logged each such request as the app's
+            # error, a traceback of ~80 lines: one for each connection a client gives up on purpose.
+            logger.debug("%s %s: the client went away before its request's body came", request.method, request.url.path)
+            return Response(status_code=400)  # sent to no one (the connection is gone)
         finally:
             _exchange.reset(token)
         if exchange.failure is not None:
