@@ -43,7 +43,11 @@ paid = RouteConfig(
 
 # Its lifespan closes the client's connections when the app stops, and at start keeps what start-up built out of
 # the garbage collector's scans (gc.freeze: full collections stalled paid requests under load; docs/x402.md).
-app = FastAPI(title="a paid API", lifespan=facilitator.lifespan)
+# FastAPI reads a request body of any size unless told: a payment is verified before the handler reads the body, so
+# one payment (never settled: the answer is an error) could send as much as it liked to a route that reads it. This
+# app's bodies are refund requests (under 1 KB): past 64 KiB, 413 before the payment is looked at (by Content-Length)
+# or as the body comes (chunked), and nothing charged.
+app = FastAPI(title="a paid API", lifespan=facilitator.lifespan, max_body_size=64 * 1024)
 app.add_middleware(PaymentMiddleware, routes={"GET /weather": paid, "GET /reports/*": paid}, server=server)
 
 

@@ -642,6 +642,39 @@ def test_a_paid_request_whose_body_trickles_in_is_cut_off_charged_nothing_and_a_
     assert "Traceback" not in log and "ClientDisconnect" not in log, log[-3000:]
 
 
+def test_a_paid_body_past_the_apps_bound_is_a_413_and_charged_nothing(
+    devnet: Devnet, lane_rig: Callable[..., LaneRig]
+) -> None:
+    """FastAPI reads a body of any size unless told, and a payment is verified before the handler reads it: one
+    payment, never settled, could send a route that reads its body as much as it liked. The example app (which the
+    faulty app is) takes bodies of up to 64 KiB (FastAPI's `max_body_size`): one declared larger is a 413 before the
+    payment is looked at, a chunked one a 413 once 64 KiB came; neither is charged, and the same payment then buys a
+    small body's answer, charged once."""
+    rig = lane_rig("big-bodies", max_lanes=1, script=ROOT / "tests" / "faulty_paid_api.py")
+    ((payee, api),) = rig.payees
+    x402 = paying_client(devnet, rig.scheme)
+    payment = payment_for(api, x402, "/reports/uploaded/size")
+    headers = x402HTTPClient(x402).encode_payment_signature_header(payment)
+    url = f"{api}/reports/uploaded/size"
+
+    declared = httpx.request("GET", url, headers=headers, content=b"z" * 1_000_000)
+    assert (declared.status_code, declared.text) == (413, "Content Too Large")
+
+    def chunks() -> Iterator[bytes]:
+        for _ in range(100):  # 1 MB in chunks of 10 KB, no Content-Length
+            yield b"z" * 10_000
+
+    chunked = httpx.request("GET", url, headers=headers, content=chunks())
+    assert chunked.status_code == 413, chunked.text
+    assert "payment-response" not in chunked.headers
+    time.sleep(0.5)  # a settle would have been sent by now
+    assert accepted_for(rig.service, payee) == 0
+
+    small = httpx.request("GET", url, headers=headers, content=b"z" * 60_000)
+    assert (small.status_code, small.json()) == (200, {"bytes": 60_000})
+    assert accepted_for(rig.service, payee) == PRICE
+
+
 def test_a_websocket_upgraded_on_a_kept_alive_connection_outlives_the_body_bound(
     lane_rig: Callable[..., LaneRig],
 ) -> None:

@@ -201,7 +201,7 @@ class PaidApiDemo:
         paid = RouteConfig(
             accepts=PaymentOption(scheme="channelhub", pay_to=self.payee, price=str(self.price), network=network)
         )
-        app = FastAPI(title="demo paid API")
+        app = FastAPI(title="demo paid API", max_body_size=64 * 1024)  # as examples/paid_api.py: it reads no body
         app.add_middleware(PaymentMiddleware, routes={"GET /weather": paid}, server=resource)
 
         @app.get("/weather")
