@@ -700,3 +700,16 @@ class Answers:
             self.read += chunk
         body, self.read = self.read[: int(length.group(1))], self.read[int(length.group(1)) :]
         return head, body
+
+
+def trickled(sock: socket.socket, piece: bytes, most: int, every: float) -> int:
+    """Send `piece` every `every` seconds, `most` times, unless the peer cuts the connection off: how many went."""
+    sent = 0
+    try:
+        while sent < most:
+            sock.sendall(piece)
+            sent += 1
+            time.sleep(every)
+    except (BrokenPipeError, ConnectionResetError):
+        pass  # the peer closed it
+    return sent

@@ -14,7 +14,7 @@ import httpx
 import pytest
 
 from settlement.x402.serving import BoundedProtocol, bounded_protocol
-from tests.hub_helpers import Answers
+from tests.hub_helpers import Answers, trickled
 from tests.servers import ServiceProcess
 
 
@@ -51,14 +51,8 @@ def test_an_oversized_request_head_is_refused_and_others_are_served(
         head = Answers(sock).head()
     assert head.startswith(b"HTTP/1.1 431 "), head
     with raw(service) as sock:  # a head that never ends: refused once past the limit, not buffered on and on
-        sent = 0
-        try:
-            for n in range(20):
-                sock.sendall(b"GET /health HTTP/1.1\r\nHost: 127.0.0.1\r\nX-Junk: " if n == 0 else b"a" * 1000)
-                sent += 1
-                time.sleep(0.05)
-        except (BrokenPipeError, ConnectionResetError):
-            pass  # the server closed it: what this test wants
+        sock.sendall(b"GET /health HTTP/1.1\r\nHost: 127.0.0.1\r\nX-Junk: ")
+        sent = 1 + trickled(sock, b"a" * 1000, 19, 0.05)
         head = Answers(sock).head()
     assert sent < 20  # cut off past the limit (4 KB), long before the client stopped
     assert head.startswith(b"HTTP/1.1 431 "), head
@@ -129,14 +123,8 @@ def test_a_body_still_coming_after_its_answer_is_cut_off_and_one_that_came_leave
     with raw(service) as sock:
         sock.sendall(b"GET /health HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Length: 100000\r\n\r\nx")
         assert Answers(sock).whole()[0].startswith(b"HTTP/1.1 200 ")
-        started, sent = time.monotonic(), 0
-        try:
-            while sent < 50:  # 10 s of a byte every 0.2 s, unless the service cuts it off
-                sock.sendall(b"x")
-                sent += 1
-                time.sleep(0.2)
-        except (BrokenPipeError, ConnectionResetError):
-            pass
+        started = time.monotonic()
+        sent = trickled(sock, b"x", 50, 0.2)  # 10 s of a byte every 0.2 s, unless the service cuts it off
         assert sent < 25, sent  # cut off about a second after the answer (5 bytes), not left to trickle on
         assert time.monotonic() - started < 5
     with raw(service) as sock:  # the rest comes within the time: the connection serves the next request

@@ -65,6 +65,7 @@ from tests.hub_helpers import (
     free_test_port,
     scraped,
     send,
+    trickled,
     wait_until,
     x402_request,
 )
@@ -526,15 +527,9 @@ def test_the_example_app_refuses_a_request_head_past_its_bound_and_serves_paid_r
     port = int(api.rsplit(":", 1)[1])
     for _ in range(4):
         with socket.create_connection(("127.0.0.1", port), timeout=10) as sock:
-            sent = 0
-            try:
-                sock.sendall(b"GET /weather HTTP/1.1\r\nHost: 127.0.0.1\r\nPAYMENT-SIGNATURE: ")
-                while sent < 1_000:  # 2 MB of a header line that never ends, over 10 s, unless the app cuts it off
-                    sock.sendall(b"A" * 2048)
-                    sent += 1
-                    time.sleep(0.01)
-            except (BrokenPipeError, ConnectionResetError):
-                pass  # the app closed it: what this test wants
+            sock.sendall(b"GET /weather HTTP/1.1\r\nHost: 127.0.0.1\r\nPAYMENT-SIGNATURE: ")
+            # 2 MB of a header line that never ends, over 10 s, unless the app cuts it off
+            sent = trickled(sock, b"A" * 2048, 1_000, 0.01)
             # Cut off past 16 KiB (9 chunks here), and what the kernel's buffers took before the app read it: within
             # 600 KB, unless the app stalled for 3 s.
             assert sent < 300, sent
@@ -578,14 +573,7 @@ def test_a_paid_request_whose_body_trickles_in_is_cut_off_charged_nothing_and_a_
     payment = payment_for(api, x402, "/reports/uploaded/size")
     with socket.create_connection(("127.0.0.1", port), timeout=10) as sock:
         sock.sendall(head("/reports/uploaded/size", payment, 1_000))
-        sent = 0
-        try:
-            while sent < 50:  # 10 s of a byte every 0.2 s, unless the app cuts it off
-                sock.sendall(b"x")
-                sent += 1
-                time.sleep(0.2)
-        except (BrokenPipeError, ConnectionResetError):
-            pass
+        sent = trickled(sock, b"x", 50, 0.2)  # 10 s of a byte every 0.2 s, unless the app cuts it off
         assert sent < 25, sent  # cut off about a second after its head (5-6 bytes), not left to trickle on
         refused = b""
         while chunk := sock.recv(65536):
