@@ -12,7 +12,9 @@ from tests.hub_helpers import free_test_port
 class TcpProxy:
     """Forwards 127.0.0.1:<port> to a target until an outage, and again after `mend()`: `cut()` closes every
     connection and refuses new ones; `hold()` accepts new ones and never answers (a host that black-holes); `drop()`
-    closes every connection and lets new ones never connect (a host that is down: the SYN gets no answer)."""
+    closes every connection and lets new ones never connect (a host that is down: the SYN gets no answer);
+    `lose_answer(marker)` forwards the next request that carries `marker` and closes its connection when the answer
+    comes, unsent (the answer lost on the way: the target did the work)."""
 
     def __init__(self, target_port: int) -> None:
         self.target_port = target_port
@@ -24,6 +26,9 @@ class TcpProxy:
         self._dropping: list[socket.socket] = []
         self._lock = threading.Lock()
         self._holding = False
+        self._losing: bytes | None = None  # the marker of a request whose answer is to be lost
+        self._doomed: set[socket.socket] = set()  # upstream connections whose next answer is lost
+        self.lost = 0  # answers lost so far
 
     def __enter__(self) -> TcpProxy:
         self.mend()
@@ -42,6 +47,10 @@ class TcpProxy:
         listener.listen(0)
         filler = socket.create_connection(("127.0.0.1", self.port))
         self._dropping = [listener, filler]
+
+    def lose_answer(self, marker: bytes) -> None:
+        with self._lock:
+            self._losing = marker
 
     def hold(self) -> None:
         with self._lock:
@@ -93,12 +102,20 @@ class TcpProxy:
                 continue
             with self._lock:
                 self._live.update((client, upstream))
-            for a, b in ((client, upstream), (upstream, client)):
-                threading.Thread(target=self._pump, args=(a, b), daemon=True).start()
+            for a, b, answers in ((client, upstream, False), (upstream, client, True)):
+                threading.Thread(target=self._pump, args=(a, b, answers), daemon=True).start()
 
-    def _pump(self, source: socket.socket, sink: socket.socket) -> None:
+    def _pump(self, source: socket.socket, sink: socket.socket, answers: bool) -> None:
         try:
             while data := source.recv(65536):
+                with self._lock:
+                    if answers and source in self._doomed:  # the answer comes: lost, and the connection with it
+                        self._doomed.discard(source)
+                        self.lost += 1
+                        break
+                    if not answers and self._losing is not None and self._losing in data:
+                        self._losing = None
+                        self._doomed.add(sink)
                 sink.sendall(data)
         except OSError:
             pass

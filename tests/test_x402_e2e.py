@@ -1247,6 +1247,30 @@ def test_the_facilitator_down_is_a_503_and_charges_nothing(
     assert accepted_for(rig.service, rig.payee) == 2 * PRICE  # two responses, two prices: the 503 was not charged
 
 
+def test_a_settle_whose_answer_was_lost_is_sent_again_and_the_payer_gets_what_it_paid_for(
+    devnet: Devnet, proxied_payee: Callable[..., ProxiedPayee]
+) -> None:
+    """The facilitator accepts a payment and its answer is lost on the way to the payee (a connection reset, a proxy's
+    idle close racing the answer): the payee answered 503 ("retry, nothing charged"), and the payer, whose voucher
+    the service holds, was charged for a response it never got. The payee sends that settle batch again, marked
+    `resend`, and the facilitator answers a payment the first send got accepted as accepted: the paid request is
+    served, charged once, and the payer's next payments build on it."""
+    rig = proxied_payee(16, 18)
+
+    async def paid() -> tuple[int, bool]:
+        async with x402HttpxClient(paying_client(devnet, rig.scheme), timeout=30) as http:
+            answer = await http.get(f"{rig.api}/weather")
+            return answer.status_code, "payment-response" in answer.headers
+
+    assert asyncio.run(paid()) == (200, True)
+    rig.proxy.lose_answer(b"/settle")
+    assert asyncio.run(paid()) == (200, True)
+    assert rig.proxy.lost == 1  # the first send's answer was lost
+    assert accepted_for(rig.service, rig.payee) == 2 * PRICE
+    assert asyncio.run(paid()) == (200, True)
+    assert accepted_for(rig.service, rig.payee) == 3 * PRICE
+
+
 def test_a_facilitators_failure_reaches_the_payer_short_and_without_its_urls(
     devnet: Devnet,
     spawn: Callable[..., ServiceProcess],

@@ -465,6 +465,33 @@ def test_concurrent_batches_carrying_one_voucher_charge_it_once(
     assert accepted(client, channel) == "10"
 
 
+def test_a_resent_batch_answers_a_payment_accepted_before_as_accepted_and_charges_nothing_more(
+    api: Callable[..., TestClient], devnet: Devnet, channel: Channel, sign: Sign
+) -> None:
+    """A payee whose settle batch's answer was lost sends it again with `resend`: a payment the first send got
+    accepted is answered as accepted, with that acceptance's receipt; a new one is judged as ever; the same voucher
+    twice in it is one purchase and one replay. Nothing is charged twice, and without `resend` the accepted payment
+    is a replay, as before (on the fast path and on FastAPI's route)."""
+    client = api()
+    required = requirements(devnet, channel.payee)
+    first = x402_request(required, voucher(channel, PRICE, sign))
+    (sent,) = client.post("/x402/settle/batch", json=x402_settle_batch(first)).json()["settlements"]
+    assert sent["success"], sent
+    for n, client_of in enumerate((client, behind_the_fast_path(client)), start=2):
+        new = x402_request(required, voucher(channel, n * PRICE, sign))
+        answer = client_of.post("/x402/settle/batch", json=x402_settle_batch(first, new, new) | {"resend": True})
+        assert answer.status_code == 200, answer.text
+        resent, accepted_now, twice = answer.json()["settlements"]
+        assert (resent["success"], resent["amount"]) == (True, "10")
+        assert resent["extra"]["receipt"] == sent["extra"]["receipt"]  # the first send's acceptance
+        assert (accepted_now["success"], accepted_now["amount"]) == (True, "10")
+        assert accepted_now["extra"]["channel"]["cumulativeAmount"] == str(n * PRICE)
+        assert (twice["success"], twice["errorReason"]) == (False, "voucher_replayed")
+        (plain,) = client_of.post("/x402/settle/batch", json=x402_settle_batch(first)).json()["settlements"]
+        assert (plain["success"], plain["errorReason"]) == (False, "voucher_replayed")
+    assert accepted(client, channel) == "30"
+
+
 def test_a_large_settle_batch_is_recovered_by_a_worker_process_and_each_payment_answered_in_place(
     api: Callable[..., TestClient], devnet: Devnet, channel: Channel, accounts: list[LocalAccount], sign: Sign
 ) -> None:

@@ -338,6 +338,37 @@ def test_settles_that_come_while_a_batch_is_out_wait_for_it_and_go_together() ->
     assert sizes == [[1, 3], [1, 1, 2]]
 
 
+def test_a_batch_whose_answer_was_lost_is_sent_again_as_a_resend_and_one_voucher_is_settled_for_one_request() -> None:
+    """A batch that reached the facilitator and whose answer was lost (the connection closed before it came) is sent
+    once more, marked `resend`: its payments answered as the facilitator answers them then (a payment the first send
+    got accepted, as accepted). A second request carrying a voucher already being settled is refused at once as a
+    replay, unsent: with a resend, the facilitator would have answered both as accepted."""
+    seen: list[tuple[bool, int]] = []
+
+    async def batch(request: web.Request) -> web.Response:
+        body = await request.json()
+        seen.append((body.get("resend", False), len(body["settlements"])))
+        if len(seen) == 1:  # the work done, the answer lost
+            assert request.transport is not None
+            request.transport.close()
+        return web.json_response({"settlements": settled_each(body)})
+
+    voucher = {"channelId": "0x" + "ab" * 32, "cumulativeAmount": "7", "signature": "0x" + "cd" * 65}
+    paid = bare_payment(7).model_copy(update={"payload": voucher})
+
+    async def run() -> list[tuple[bool, str | None, str | None]]:
+        async with batch_route(batch) as url:
+            facilitator = ChannelHubFacilitatorClient(FacilitatorConfig(url=url), local_verify=False)
+            try:
+                answers = await asyncio.gather(*(facilitator.settle(paid, paid.accepted) for _ in range(2)))
+            finally:
+                await facilitator.aclose()
+        return [(a.success, a.amount, a.error_reason) for a in answers]
+
+    assert asyncio.run(run()) == [(True, "7", None), (False, None, "voucher_replayed")]
+    assert seen == [(False, 1), (True, 1)]
+
+
 def test_supported_is_fetched_once_at_a_time_waited_for_briefly_and_kept() -> None:
     """What the payee's event loop does while the facilitator's /supported is slow, failing, then answering (the
     end-to-end cases: tests/test_x402_e2e.py, a payee started without its facilitator)."""

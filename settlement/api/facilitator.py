@@ -131,14 +131,16 @@ class ChannelHubFacilitator:
         return answer
 
     async def settle_many_async(
-        self, payments: Sequence[tuple[PaymentPayload, PaymentRequirements]]
+        self, payments: Sequence[tuple[PaymentPayload, PaymentRequirements]], *, resend: bool = False
     ) -> list[SettleResponse | BaseException]:
         """`settle` for each payment, on the event loop, in order; in place of an answer, what a payment raised (the
         store or the chain down: a 503). The vouchers go to ingest together, as a voucher batch's do: one job for the
         writer, and their signers recovered by a worker process when there are many (inline on the event loop, each
         of a large batch held every other request ~60 µs), in the batch's order. Each channel this process has not
         seen is looked up once, on a worker thread (one lookup a payment, racing, could put a channel's payments out of
-        order: an honest second payment judged first was refused as an overpayment)."""
+        order: an honest second payment judged first was refused as an overpayment). With `resend` (a payee's batch
+        sent again after its answer was lost), a payment accepted before is answered as accepted, with its receipt:
+        the first send's acceptance, whose answer the payee never read."""
         answers: dict[int, SettleResponse | BaseException] = {}
         checked: list[tuple[int, VoucherPayload, int, Parties | None]] = []
         for i, (payload, requirements) in enumerate(payments):
@@ -172,16 +174,22 @@ class ChannelHubFacilitator:
                 )
             except Exception as ex:  # the store down: none of them was judged
                 outcomes = [ex] * len(priced)
-            for (i, _, channel), outcome in zip(priced, outcomes, strict=True):
-                answers[i] = self._answer(outcome, channel)
+            resent: set[tuple[ChannelId, int]] = set()  # a resend's vouchers: the same one twice is one purchase
+            for (i, voucher, channel), outcome in zip(priced, outcomes, strict=True):
+                first = resend and (voucher.channel_id, voucher.cumulative) not in resent
+                if first:
+                    resent.add((voucher.channel_id, voucher.cumulative))
+                answers[i] = self._answer(outcome, channel, first)
         return [answers[i] for i in range(len(payments))]
 
-    def _answer(self, outcome: Outcome | BaseException, channel: Parties) -> SettleResponse | BaseException:
+    def _answer(
+        self, outcome: Outcome | BaseException, channel: Parties, resend: bool = False
+    ) -> SettleResponse | BaseException:
         """A payment's answer from ingest's outcome: settled, refused with its reason, or what could not judge it."""
         if isinstance(outcome, BaseException) and not isinstance(outcome, SettlementError):
             return outcome
         try:
-            verdict = self._judged(lambda: _verdict(outcome), channel)
+            verdict = self._judged(lambda: _verdict(outcome), channel, replayed_is_settled=resend)
         except Refused as refused:
             return self._settle_refused(refused)
         except SettlementError as ex:  # no refusal: the store's or the chain's 503
@@ -235,13 +243,14 @@ class ChannelHubFacilitator:
         (outcome,) = self.service.ingestor.ingest([voucher])
         return _verdict(outcome)
 
-    def _judged(self, judge: Callable[[], Verdict], channel: Parties) -> Verdict:
-        """Run the ledger; refusals become reasons, a replay too. Store and chain failures propagate (503)."""
+    def _judged(self, judge: Callable[[], Verdict], channel: Parties, *, replayed_is_settled: bool = False) -> Verdict:
+        """Run the ledger; refusals become reasons, a replay too (unless `replayed_is_settled`: a resend). Store and
+        chain failures propagate (503)."""
         try:
             verdict = judge()
         except RequestError as ex:
             raise Refused(ex.code, ex.message, channel.payer) from ex
-        if not verdict.new:
+        if not verdict.new and not replayed_is_settled:
             raise Refused(
                 Reason.VOUCHER_REPLAYED,
                 f"this voucher was accepted at {verdict.receipt.accepted_at.isoformat()} and bought its response "

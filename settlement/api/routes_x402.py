@@ -56,6 +56,11 @@ class X402SettleBatch(BaseModel):
 
     x402Version: Literal[2]
     settlements: list[X402Settlement] = Field(min_length=1)
+    resend: bool = Field(
+        default=False,
+        description="the payee's batch sent again after its answer was lost: a payment already accepted is answered "
+        "as accepted (its receipt), not refused as a replay; nothing is charged twice",
+    )
 
 
 _FRAME = {"paymentPayload", "paymentRequirements"}
@@ -67,6 +72,7 @@ class _BatchOf(BaseModel):
 
     x402Version: Literal[2]
     settlements: list[Any] = Field(min_length=1)
+    resend: bool = False
 
 
 class X402Operations:
@@ -98,7 +104,7 @@ class X402Operations:
         `client` pays for the batch's forged vouchers (`Service.forgeries`), and is refused while it owes."""
         forgeries = self.scheme.service.forgeries
         forgeries.admit(client)
-        parsed = self.settlements(body)
+        parsed, resend = self.settlements(body)
         if (count := len(parsed)) > self.max_batch:
             raise BatchTooLargeError(
                 f"a batch holds at most {self.max_batch} settlements, got {count}", maxItems=self.max_batch
@@ -114,7 +120,7 @@ class X402Operations:
         for i, (payload, _) in payments.items():
             (ours if self.scheme.serves(payload) else theirs).append(i)
         settled, others = await asyncio.gather(
-            self.scheme.settle_many_async([payments[i] for i in ours]),
+            self.scheme.settle_many_async([payments[i] for i in ours], resend=resend),
             asyncio.gather(*(asyncio.to_thread(self._settled, *payments[i]) for i in theirs), return_exceptions=True),
         )
         forged = InvalidSignatureError.code
@@ -124,16 +130,17 @@ class X402Operations:
         return json.dumps({"settlements": answers}, separators=(",", ":")).encode()
 
     @staticmethod
-    def settlements(body: bytes) -> list[X402Settlement | SettleResponse]:
+    def settlements(body: bytes) -> tuple[list[X402Settlement | SettleResponse], bool]:
         """A settle batch's payments. pydantic-core reads JSON 200 levels deep at most, and a payee's x402 reads a
         payment's `extensions` from the payer's header as deep as Python's JSON reader goes (~1,000) and passes them
         on: one payer's payment nested 201 levels deep had the whole batch refused (400), every other payer's request
         in it a 503. A batch too deep for pydantic-core is read by Python's reader and each payment parsed on its own:
         one that is not x402's shape is refused in its place (`invalid_payload`), the others judged as ever. Any other
         body that does not parse is a `malformed_request`, as before (a surrogate escape too: the fast reader refuses
-        lone ones, Python's would not)."""
+        lone ones, Python's would not). And whether the batch is a resend (`X402SettleBatch.resend`)."""
         try:
-            return list(parse_body(X402SettleBatch, body).settlements)
+            batch = parse_body(X402SettleBatch, body)
+            return list(batch.settlements), batch.resend
         except MalformedRequestError as whole:
             read = _read_deep(body, whole)
             try:
@@ -158,7 +165,7 @@ class X402Operations:
                         network=network if isinstance(network, str) else "",
                     )
                 )
-        return found
+        return found, outer.resend
 
     async def _settle(self, payload: PaymentPayload, requirements: PaymentRequirements) -> SettleResponse:
         if self.scheme.serves(payload):

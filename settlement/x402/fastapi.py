@@ -2,7 +2,9 @@
 of answer. When the facilitator cannot judge a payment (no answer, a 5xx, a body that is not x402's), x402 answers
 500 or 502, or, after the handler ran, a 402 that tells the payer to pay again. Here the payee answers **503** with
 `Retry-After` instead: retry later, nothing was charged (the voucher was not accepted, so it pays nothing; the
-payer's next payment finds that out from the service).
+payer's next payment finds that out from the service). A settle batch whose answer was lost after it reached the
+facilitator is sent once more as a `resend`, which the facilitator answers with a payment the first send got accepted
+as accepted: the payer gets what it paid for, not a 503 for a voucher the service holds.
 
 And a retry of a paid request is answered as the first one was: a payment that carries x402's payment identifier
 (`payment-identifier` extension) and bought a response gets that same response again for `PaidAnswers.ttl` seconds,
@@ -177,6 +179,7 @@ class ChannelHubFacilitatorClient(HTTPFacilitatorClient):
         self.batch_bytes = batch_bytes
         self.max_payment_bytes = max_payment_bytes
         self._queued: list[_Queued] = []
+        self._settling: set[tuple[str, str]] = set()  # the vouchers of the settles queued or in flight
         self._senders: set[asyncio.Task[None]] = set()  # held: the event loop keeps only weak references to tasks
         self._supported = _Supported(super().get_supported)
 
@@ -270,11 +273,23 @@ class ChannelHubFacilitatorClient(HTTPFacilitatorClient):
         `batches_in_flight` batches are in flight, and a settle that finds fewer goes at once (no wait to fill).
         `part` is the payment's part of the batch body (`_part`), made before: a payment that cannot be sent is
         refused alone."""
+        key = _voucher_key(payload)
+        if key is not None and key in self._settling:
+            # The same voucher for two requests at once (a replay): the facilitator accepts one and refuses the other
+            # as a replay, or, a batch sent again after its answer was lost (`resend`), would answer both accepted.
+            message = "this voucher is being settled for another request: a new payment needs a new voucher"
+            return _refused(message, requirements.network, Reason.VOUCHER_REPLAYED)
         future: asyncio.Future[SettleResponse] = asyncio.get_running_loop().create_future()
         self._queued.append(_Queued(payload, requirements, future, part))
+        if key is not None:
+            self._settling.add(key)
         if len(self._senders) < self.batches_in_flight:
             self._senders.add(asyncio.create_task(self._send_queued()))
-        return await future
+        try:
+            return await future
+        finally:
+            if key is not None:
+                self._settling.discard(key)
 
     async def _send_queued(self) -> None:
         """Send what is queued until nothing is. A sender leaves the set in the step that finds the queue empty (no
@@ -293,7 +308,15 @@ class ChannelHubFacilitatorClient(HTTPFacilitatorClient):
                 taken, size = taken + 1, size + len(queued.part)
             batch, self._queued = self._queued[:taken], self._queued[taken:]
             try:
-                answers = await self._post_batch(batch)
+                try:
+                    answers = await self._post_batch(batch)
+                except Exception as ex:
+                    if not _answer_lost(ex):
+                        raise
+                    # The facilitator may have accepted payments whose answers were lost: sent again as a resend, each
+                    # is judged afresh or, if the first send got it accepted, answered as accepted. Else the payer
+                    # was charged (the service holds its voucher) for a 503.
+                    answers = await self._post_batch(batch, resend=True)
             except asyncio.CancelledError:  # the app stopping: no request waits for an answer that will not come
                 for queued in batch:
                     if not queued.future.done():
@@ -309,8 +332,9 @@ class ChannelHubFacilitatorClient(HTTPFacilitatorClient):
                 else:
                     queued.future.set_exception(FacilitatorResponseError(f"{type(answer).__name__}: {answer}"))
 
-    async def _post_batch(self, batch: list[_Queued]) -> list[SettleResponse | Exception]:
-        body = b'{"x402Version":2,"settlements":[' + b",".join(q.part for q in batch) + b"]}"
+    async def _post_batch(self, batch: list[_Queued], resend: bool = False) -> list[SettleResponse | Exception]:
+        opening = b'{"x402Version":2,"resend":true,"settlements":[' if resend else b'{"x402Version":2,"settlements":['
+        body = opening + b",".join(q.part for q in batch) + b"]}"
         status, content = await self._post(f"{self._url}/settle/batch", body, self._get_settle_headers())
         if status in (404, 405):  # a facilitator without the batch route: one settle per payment
             self.batch_settles = False
@@ -421,11 +445,29 @@ def _part(payload: PaymentPayload, requirements: PaymentRequirements, limit: int
     return part
 
 
-def _refused(message: str, network: str) -> SettleResponse:
-    """A settle refused before it was sent (`_part`): the payer is charged nothing."""
-    return SettleResponse(
-        success=False, error_reason=Reason.INVALID_PAYLOAD, error_message=message, transaction="", network=network
-    )
+def _refused(message: str, network: str, reason: str = Reason.INVALID_PAYLOAD) -> SettleResponse:
+    """A settle refused before it was sent (`_part`, `_voucher_key`): the payer is charged nothing."""
+    return SettleResponse(success=False, error_reason=reason, error_message=message, transaction="", network=network)
+
+
+def _voucher_key(payload: PaymentPayload) -> tuple[str, str] | None:
+    """The voucher a payment of our scheme carries, as the facilitator keys it (channel, cumulative amount); None for
+    a payload that is not one (the facilitator refuses it)."""
+    voucher = payload.payload
+    channel, cumulative = voucher.get("channelId"), voucher.get("cumulativeAmount")
+    if not (isinstance(channel, str) and isinstance(cumulative, str)):
+        return None
+    return channel.lower(), cumulative
+
+
+def _answer_lost(ex: Exception) -> bool:
+    """Whether a settle batch may have reached the facilitator and its answer was lost on the way (the connection
+    reset or closed after the request was written), rather than never sent (no connection) or not answered in time."""
+    if isinstance(ex, aiohttp.ClientConnectorError):  # no connection: nothing was sent
+        return False
+    return isinstance(
+        ex, aiohttp.ServerDisconnectedError | aiohttp.ClientOSError | aiohttp.ClientPayloadError
+    ) or isinstance(ex, httpx.RemoteProtocolError | httpx.ReadError)
 
 
 def _batch_answer(answer: Any) -> SettleResponse | Exception:
