@@ -222,8 +222,7 @@ class BoundedProtocol(HttpToolsProtocol):
             if self._body_deadline.set:
                 self._body_bytes += len(data)
             else:
-                self._body_since, self._body_bytes = self.loop.time(), 0
-                self._body_deadline.start(self.loop, self.body_timeout, self._body_too_slow)
+                self._time_body_afresh()
 
     def send_400_response(self, msg: str) -> None:
         if self._head_bytes <= self.max_head_bytes:
@@ -244,15 +243,20 @@ class BoundedProtocol(HttpToolsProtocol):
 
     def _reading_resumed(self) -> None:
         if self._body_deadline.set:  # the app reads again: the body's time counts afresh
-            self._body_since, self._body_bytes = self.loop.time(), 0
+            self._time_body_afresh()
+
+    def _time_body_afresh(self) -> None:
+        """The body's time and bytes counted from now, its timer set for `body_timeout` (the rate's seconds come on
+        top as bytes come: `_body_too_slow`)."""
+        self._body_since, self._body_bytes = self.loop.time(), 0
+        self._body_deadline.start(self.loop, self.body_timeout or 0.0, self._body_too_slow)
 
     def _body_too_slow(self) -> None:  # cancelled when the body has come or the request is answered
         cycle = self.cycle
         if self.body_timeout is None or self.transport.is_closing() or cycle is None or cycle.response_complete:
             return  # (armed only with a timeout, for a request not answered yet)
         if self.flow.read_paused or cycle.waiting_for_100_continue:  # the app's turn, not the client's
-            self._body_since, self._body_bytes = self.loop.time(), 0
-            self._body_deadline.start(self.loop, self.body_timeout, self._body_too_slow)
+            self._time_body_afresh()
             return
         left = self._body_since + self.body_timeout + self._body_bytes / self.body_min_rate - self.loop.time()
         if left > 0:  # it came fast enough so far
@@ -290,12 +294,4 @@ class BoundedProtocol(HttpToolsProtocol):
         self.transport.close()
 
 
-def bounded_protocol(
-    max_head_bytes: int = MAX_HEAD_BYTES,
-    head_timeout: float = HEAD_TIMEOUT_SECONDS,
-    write_timeout: float = WRITE_TIMEOUT_SECONDS,
-    body_timeout: float | None = BODY_TIMEOUT_SECONDS,
-    body_min_rate: int = BODY_MIN_RATE,
-) -> type[BoundedProtocol]:
-    """The protocol class for uvicorn's `http=`, with these limits."""
-    return BoundedProtocol.with_limits(max_head_bytes, head_timeout, write_timeout, body_timeout, body_min_rate)
+bounded_protocol = BoundedProtocol.with_limits  # the protocol class for uvicorn's `http=`, with these limits
