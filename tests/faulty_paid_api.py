@@ -3,7 +3,8 @@ streamed answer whose body breaks after its first chunk, a handler slower than i
 route that has moved (a redirect, as Starlette's router also answers a paid URL with a trailing slash), and a 304.
 None is the response the payer paid for, so none may be charged (tests/test_x402_e2e.py runs it as it runs the
 example). And a paid route that reads its request's body, served with a body bound of 1 s (10 by default) so that
-the tests of slow bodies take seconds."""
+the tests of slow bodies take seconds. With SETTLE_ONE_BY_ONE set, its facilitator client settles each payment
+with one `/settle` (`batch_settles=False`)."""
 
 from __future__ import annotations
 
@@ -21,6 +22,8 @@ from settlement.x402.serving import bounded_protocol
 
 example = runpy.run_path(str(Path(__file__).resolve().parents[1] / "examples" / "paid_api.py"))
 app: FastAPI = example["app"]
+if os.environ.get("SETTLE_ONE_BY_ONE"):
+    example["facilitator"].batch_settles = False
 
 
 @app.get("/reports/broken/raise")  # priced by the example's "GET /reports/*"

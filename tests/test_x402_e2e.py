@@ -1187,19 +1187,20 @@ def proxied_payee(
     tmp_path: Path,
     payer_for: Callable[..., PayerClient],
 ) -> Iterator[Callable[..., ProxiedPayee]]:
-    """Factory: proxied_payee(payee, payer, outage=None) -> a ProxiedPayee of devnet accounts `payee` and `payer`
-    (indexes), its proxy in `outage` ("refused", "held", "host down") before the app starts when given; the payer's
-    lanes are freed 0.5 s after a paid request got no payment answer. Its proxies are closed after the test."""
+    """Factory: proxied_payee(payee, payer, outage=None, script=EXAMPLE_APP) -> a ProxiedPayee of devnet accounts
+    `payee` and `payer` (indexes), its proxy in `outage` ("refused", "held", "host down") before the app starts when
+    given; the payer's lanes are freed 0.5 s after a paid request got no payment answer. Its proxies are closed after
+    the test."""
     proxies: list[TcpProxy] = []
 
-    def make(payee: int, payer: int, outage: str | None = None) -> ProxiedPayee:
+    def make(payee: int, payer: int, outage: str | None = None, script: Path = EXAMPLE_APP) -> ProxiedPayee:
         service = spawn(f"sqlite:///{tmp_path / f'proxied-{payee}.db'}", wait=False)  # ready once the paid app is
         proxy = TcpProxy(service.port)
         proxies.append(proxy)
         proxy.mend()  # forwarding
         if outage is not None:
             start_outage(proxy, outage)
-        api = paid_api(service, accounts[payee].address, facilitator=proxy.url)
+        api = paid_api(service, accounts[payee].address, facilitator=proxy.url, script=script)
         scheme = ChannelHubClientScheme(payer_for(accounts[payer], service), lane_timeout=0.5)
         return ProxiedPayee(service, proxy, accounts[payee].address, api, scheme)
 
@@ -1247,15 +1248,18 @@ def test_the_facilitator_down_is_a_503_and_charges_nothing(
     assert accepted_for(rig.service, rig.payee) == 2 * PRICE  # two responses, two prices: the 503 was not charged
 
 
+@pytest.mark.parametrize("one_by_one", [False, True])
 def test_a_settle_whose_answer_was_lost_is_sent_again_and_the_payer_gets_what_it_paid_for(
-    devnet: Devnet, proxied_payee: Callable[..., ProxiedPayee]
+    devnet: Devnet, proxied_payee: Callable[..., ProxiedPayee], monkeypatch: pytest.MonkeyPatch, one_by_one: bool
 ) -> None:
     """The facilitator accepts a payment and its answer is lost on the way to the payee (a connection reset, a proxy's
     idle close racing the answer): the payee answered 503 ("retry, nothing charged"), and the payer, whose voucher
-    the service holds, was charged for a response it never got. The payee sends that settle batch again, marked
-    `resend`, and the facilitator answers a payment the first send got accepted as accepted: the paid request is
-    served, charged once, and the payer's next payments build on it."""
-    rig = proxied_payee(16, 18)
+    the service holds, was charged for a response it never got. The payee sends that settle batch (or, settling one
+    payment a `/settle`, that settle) again, marked `resend`, and the facilitator answers a payment the first send got
+    accepted as accepted: the paid request is served, charged once, and the payer's next payments build on it."""
+    if one_by_one:
+        monkeypatch.setenv("SETTLE_ONE_BY_ONE", "1")
+    rig = proxied_payee(16, 18, script=ROOT / "tests" / "faulty_paid_api.py")
 
     async def paid() -> tuple[int, bool]:
         async with x402HttpxClient(paying_client(devnet, rig.scheme), timeout=30) as http:

@@ -492,6 +492,35 @@ def test_a_resent_batch_answers_a_payment_accepted_before_as_accepted_and_charge
     assert accepted(client, channel) == "30"
 
 
+def test_a_resent_settle_answers_a_payment_accepted_before_as_accepted_and_charges_nothing_more(
+    api: Callable[..., TestClient], devnet: Devnet, channel: Channel, sign: Sign
+) -> None:
+    """A payee that settles one payment a `/settle` and lost an answer sends it again with `"resend": true` (beside
+    x402's body): a payment accepted before is answered as accepted, with that acceptance's receipt; a new one is
+    judged as ever. Without `resend` the accepted payment is a replay, as before, and a `resend` that is not a boolean
+    is a 400 (on the fast path and on FastAPI's route)."""
+    client = api()
+    required = requirements(devnet, channel.payee)
+    first = x402_request(required, voucher(channel, PRICE, sign))
+    sent = client.post("/x402/settle", json=first).json()
+    assert sent["success"], sent
+    for n, client_of in enumerate((client, behind_the_fast_path(client)), start=2):
+        resent = client_of.post("/x402/settle", json=first | {"resend": True})
+        assert resent.status_code == 200, resent.text
+        assert (resent.json()["success"], resent.json()["amount"]) == (True, "10")
+        assert resent.json()["extra"]["receipt"] == sent["extra"]["receipt"]  # the first send's acceptance
+        new = client_of.post("/x402/settle", json=x402_request(required, voucher(channel, n * PRICE, sign)) | {
+            "resend": True
+        }).json()  # fmt: skip
+        assert (new["success"], new["amount"]) == (True, "10")
+        assert new["extra"]["channel"]["cumulativeAmount"] == str(n * PRICE)
+        plain = client_of.post("/x402/settle", json=first).json()
+        assert (plain["success"], plain["errorReason"]) == (False, "voucher_replayed")
+        bad = client_of.post("/x402/settle", json=first | {"resend": [True]})
+        assert (bad.status_code, bad.json()["code"]) == (400, "malformed_request")
+    assert accepted(client, channel) == "30"
+
+
 def test_a_large_settle_batch_is_recovered_by_a_worker_process_and_each_payment_answered_in_place(
     api: Callable[..., TestClient], devnet: Devnet, channel: Channel, accounts: list[LocalAccount], sign: Sign
 ) -> None:

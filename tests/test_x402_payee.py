@@ -247,10 +247,13 @@ def settled_each(body: dict[str, Any]) -> list[dict[str, Any]]:
 
 
 @asynccontextmanager
-async def batch_route(handler: Callable[[web.Request], Awaitable[web.Response]]) -> AsyncIterator[str]:
-    """A facilitator's URL whose `/settle/batch` is `handler`, over real HTTP (aiohttp's server)."""
+async def batch_route(
+    handler: Callable[[web.Request], Awaitable[web.Response]], route: str = "/settle/batch"
+) -> AsyncIterator[str]:
+    """A facilitator's URL whose `route` (`/settle/batch`) is `handler`, over real HTTP (aiohttp's server); any other
+    route is a 404."""
     app = web.Application()
-    app.router.add_post("/x402/settle/batch", handler)
+    app.router.add_post(f"/x402{route}", handler)
     runner = web.AppRunner(app)
     await runner.setup()
     site = web.TCPSite(runner, "127.0.0.1", 0)
@@ -367,6 +370,43 @@ def test_a_batch_whose_answer_was_lost_is_sent_again_as_a_resend_and_one_voucher
 
     assert asyncio.run(run()) == [(True, "7", None), (False, None, "voucher_replayed")]
     assert seen == [(False, 1), (True, 1)]
+
+
+@pytest.mark.parametrize("batch_settles", [False, True])  # True: a facilitator without the batch route (a 404)
+def test_a_lone_settle_whose_answer_was_lost_is_sent_again_as_a_resend_and_one_voucher_is_settled_for_one_request(
+    batch_settles: bool,
+) -> None:
+    """Payments settled one `/settle` each (`batch_settles=False`, or a facilitator with no batch route): one whose
+    answer was lost after it reached the facilitator is sent once more with `"resend": true`, as a batch is; before,
+    the payee's 503 while the service held the voucher. The same voucher for two requests at once is settled for one,
+    the other refused unsent as a replay (a resend would have answered both accepted)."""
+    seen: list[tuple[bool, int]] = []
+
+    async def settle(request: web.Request) -> web.Response:
+        body = await request.json()
+        seen.append((body.get("resend", False), body["x402Version"]))
+        if len(seen) == 1:  # the work done, the answer lost
+            assert request.transport is not None
+            request.transport.close()
+        (answer,) = settled_each({"settlements": [body]})
+        return web.json_response(answer)
+
+    voucher = {"channelId": "0x" + "ab" * 32, "cumulativeAmount": "7", "signature": "0x" + "cd" * 65}
+    paid = bare_payment(7).model_copy(update={"payload": voucher})
+
+    async def run() -> list[tuple[bool, str | None, str | None]]:
+        async with batch_route(settle, "/settle") as url:
+            facilitator = ChannelHubFacilitatorClient(
+                FacilitatorConfig(url=url), local_verify=False, batch_settles=batch_settles
+            )
+            try:
+                answers = await asyncio.gather(*(facilitator.settle(paid, paid.accepted) for _ in range(2)))
+            finally:
+                await facilitator.aclose()
+        return [(a.success, a.amount, a.error_reason) for a in answers]
+
+    assert asyncio.run(run()) == [(True, "7", None), (False, None, "voucher_replayed")]
+    assert seen == [(False, 2), (True, 2)]
 
 
 def test_supported_is_fetched_once_at_a_time_waited_for_briefly_and_kept() -> None:

@@ -123,9 +123,11 @@ class ChannelHubFacilitator:
         """Whether x402's facilitator would route this payment to this scheme (its scheme and network)."""
         return payload.accepted.scheme == SCHEME and payload.accepted.network == self.network
 
-    async def settle_async(self, payload: PaymentPayload, requirements: PaymentRequirements) -> SettleResponse:
+    async def settle_async(
+        self, payload: PaymentPayload, requirements: PaymentRequirements, *, resend: bool = False
+    ) -> SettleResponse:
         """`settle` on the event loop: the commit is awaited without holding a thread (settlement.api.fastpath)."""
-        (answer,) = await self.settle_many_async([(payload, requirements)])
+        (answer,) = await self.settle_many_async([(payload, requirements)], resend=resend)
         if isinstance(answer, BaseException):
             raise answer
         return answer

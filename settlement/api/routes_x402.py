@@ -12,7 +12,7 @@ import asyncio
 import json
 import logging
 import re
-from typing import Any, Literal
+from typing import Any, Literal, TypeVar
 
 from fastapi import APIRouter, Request, Response
 from pydantic import BaseModel, Field, ValidationError
@@ -43,6 +43,16 @@ class X402Request(BaseModel):
     paymentRequirements: PaymentRequirements
 
 
+class X402SettleRequest(X402Request):
+    """x402 v2's body of /settle, and a ChannelHub addition beside it: `resend`."""
+
+    resend: bool = Field(
+        default=False,
+        description="the payee's settle sent again after its answer was lost: a payment already accepted is answered "
+        "as accepted (its receipt), not refused as a replay; nothing is charged twice",
+    )
+
+
 class X402Settlement(BaseModel):
     """One payment of a batch: what x402 v2's /settle body carries."""
 
@@ -63,6 +73,7 @@ class X402SettleBatch(BaseModel):
     )
 
 
+_Body = TypeVar("_Body", bound=X402Request)
 _FRAME = {"paymentPayload", "paymentRequirements"}
 _SURROGATE_ESCAPE = re.compile(rb"\\u[dD][89a-fA-F]")  # \ud800 to \udfff
 
@@ -86,15 +97,16 @@ class X402Operations:
 
     async def verify(self, body: bytes) -> bytes:
         """The payment judged as ingest would judge it, nothing stored; its store read on a worker thread."""
-        answer = await asyncio.to_thread(self._verified, _request(body))
+        answer = await asyncio.to_thread(self._verified, _request(body, X402Request))
         return answer.model_dump_json(by_alias=True, exclude_none=True).encode()
 
     async def settle(self, body: bytes) -> bytes:
         """A payment of our scheme is settled on the event loop, awaiting its group commit without holding a
         thread; any other goes to x402's facilitator, which answers `unsupported`. Raises `malformed_request` for a
-        body that is not x402 v2's shape, and the store's or the chain's 503."""
-        parsed = _request(body)
-        answer = await self._settle(parsed.paymentPayload, parsed.paymentRequirements)
+        body that is not x402 v2's shape, and the store's or the chain's 503. A `resend` (X402SettleRequest) answers
+        a payment accepted before as accepted, as a batch's does."""
+        parsed = _request(body, X402SettleRequest)
+        answer = await self._settle(parsed.paymentPayload, parsed.paymentRequirements, parsed.resend)
         return answer.model_dump_json(by_alias=True, exclude_none=True).encode()
 
     async def settle_batch(self, body: bytes, client: str) -> bytes:
@@ -167,9 +179,9 @@ class X402Operations:
                 )
         return found, outer.resend
 
-    async def _settle(self, payload: PaymentPayload, requirements: PaymentRequirements) -> SettleResponse:
+    async def _settle(self, payload: PaymentPayload, requirements: PaymentRequirements, resend: bool) -> SettleResponse:
         if self.scheme.serves(payload):
-            return await self.scheme.settle_async(payload, requirements)
+            return await self.scheme.settle_async(payload, requirements, resend=resend)
         return await asyncio.to_thread(self._settled, payload, requirements)
 
     def _verified(self, parsed: X402Request) -> VerifyResponse:
@@ -210,7 +222,7 @@ async def verify(request: Request) -> Response:
     return _json(await operations(request).verify(await request.body()))
 
 
-@router.post("/settle", operation_id="x402Settle", openapi_extra=documented_body(X402Request))
+@router.post("/settle", operation_id="x402Settle", openapi_extra=documented_body(X402SettleRequest))
 async def settle(request: Request) -> Response:
     """Accept the payment durably (answered after the commit) with its receipt; on-chain settlement is batched."""
     return _json(await operations(request).settle(await request.body()))
@@ -234,17 +246,17 @@ def _item(answer: SettleResponse | BaseException) -> dict[str, Any]:
     return {"status": 500, "error": INTERNAL_ERROR}
 
 
-def _request(body: bytes) -> X402Request:
-    """The body of `/verify` or `/settle`; one nested deeper than pydantic-core reads (200 levels) read by Python's
-    reader, as a batch's payments are (`X402Operations.settlements`): a payee's x402 passes on a payment's
+def _request(body: bytes, model: type[_Body]) -> _Body:
+    """The body of `/verify` or `/settle` (`model`); one nested deeper than pydantic-core reads (200 levels) read by
+    Python's reader, as a batch's payments are (`X402Operations.settlements`): a payee's x402 passes on a payment's
     `extensions` as deep as it read them from the payer's header (~1,000 levels), and a 400 for it became the payee's
     503, a payment retried that could never pass."""
     try:
-        return parse_body(X402Request, body)
+        return parse_body(model, body)
     except MalformedRequestError as whole:
         read = _read_deep(body, whole)
     try:
-        return X402Request.model_validate(read)
+        return model.model_validate(read)
     except ValidationError as ex:
         raise shape_error(ex.errors()) from None
 

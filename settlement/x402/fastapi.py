@@ -2,9 +2,9 @@
 of answer. When the facilitator cannot judge a payment (no answer, a 5xx, a body that is not x402's), x402 answers
 500 or 502, or, after the handler ran, a 402 that tells the payer to pay again. Here the payee answers **503** with
 `Retry-After` instead: retry later, nothing was charged (the voucher was not accepted, so it pays nothing; the
-payer's next payment finds that out from the service). A settle batch whose answer was lost after it reached the
-facilitator is sent once more as a `resend`, which the facilitator answers with a payment the first send got accepted
-as accepted: the payer gets what it paid for, not a 503 for a voucher the service holds.
+payer's next payment finds that out from the service). A settle (a batch, or one `/settle`) whose answer was lost
+after it reached the facilitator is sent once more as a `resend`, which the facilitator answers with a payment the
+first send got accepted as accepted: the payer gets what it paid for, not a 503 for a voucher the service holds.
 
 And a retry of a paid request is answered as the first one was: a payment that carries x402's payment identifier
 (`payment-identifier` extension) and bought a response gets that same response again for `PaidAnswers.ttl` seconds,
@@ -254,8 +254,8 @@ class ChannelHubFacilitatorClient(HTTPFacilitatorClient):
                 settled = await super().settle(payload, requirements)
             elif isinstance(part := _part(payload, requirements, self.max_payment_bytes), str):
                 settled = _refused(part, requirements.network)
-            elif self.batch_settles and payload.accepted.scheme == SCHEME:
-                settled = await self._settle_batched(payload, requirements, part)
+            elif payload.accepted.scheme == SCHEME:
+                settled = await self._settle_ours(payload, requirements, part)
             else:
                 settled = await self._sent("settle", part, SettleResponse)
         except Exception as ex:
@@ -266,30 +266,49 @@ class ChannelHubFacilitatorClient(HTTPFacilitatorClient):
             self.positions.learn(payload, requirements, settled)
         return settled
 
+    async def _settle_ours(
+        self, payload: PaymentPayload, requirements: PaymentRequirements, part: bytes
+    ) -> SettleResponse:
+        """A payment of our scheme, settled in a batch (`_settle_batched`) or alone (`_settle_alone`); `part` is its
+        part of a batch body (`_part`), made before: a payment that cannot be sent is refused alone. One voucher is
+        settled for one request at a time: the same voucher for two requests at once (a replay) is refused at once,
+        unsent. The facilitator would accept one and refuse the other as a replay, but a settle sent again after its
+        answer was lost (`resend`) would have both answered accepted."""
+        key = _voucher_key(payload)
+        if key is not None and key in self._settling:
+            message = "this voucher is being settled for another request: a new payment needs a new voucher"
+            return _refused(message, requirements.network, Reason.VOUCHER_REPLAYED)
+        if key is not None:
+            self._settling.add(key)
+        try:
+            if self.batch_settles:
+                return await self._settle_batched(payload, requirements, part)
+            return await self._settle_alone(part)
+        finally:
+            if key is not None:
+                self._settling.discard(key)
+
     async def _settle_batched(
         self, payload: PaymentPayload, requirements: PaymentRequirements, part: bytes
     ) -> SettleResponse:
         """Queued, and sent with the settles queued beside it in one `POST /settle/batch`: at most
-        `batches_in_flight` batches are in flight, and a settle that finds fewer goes at once (no wait to fill).
-        `part` is the payment's part of the batch body (`_part`), made before: a payment that cannot be sent is
-        refused alone."""
-        key = _voucher_key(payload)
-        if key is not None and key in self._settling:
-            # The same voucher for two requests at once (a replay): the facilitator accepts one and refuses the other
-            # as a replay, or, a batch sent again after its answer was lost (`resend`), would answer both accepted.
-            message = "this voucher is being settled for another request: a new payment needs a new voucher"
-            return _refused(message, requirements.network, Reason.VOUCHER_REPLAYED)
+        `batches_in_flight` batches are in flight, and a settle that finds fewer goes at once (no wait to fill)."""
         future: asyncio.Future[SettleResponse] = asyncio.get_running_loop().create_future()
         self._queued.append(_Queued(payload, requirements, future, part))
-        if key is not None:
-            self._settling.add(key)
         if len(self._senders) < self.batches_in_flight:
             self._senders.add(asyncio.create_task(self._send_queued()))
-        try:
-            return await future
-        finally:
-            if key is not None:
-                self._settling.discard(key)
+        return await future
+
+    async def _settle_alone(self, part: bytes, resend: bool = False) -> SettleResponse:
+        """One `POST /settle`; sent once more as a `resend` when its answer was lost after it reached the facilitator
+        (as a batch is, `_send_while_queued`): else the payer was charged (the service holds its voucher) for a 503."""
+        if not resend:
+            try:
+                return await self._sent("settle", part, SettleResponse)
+            except Exception as ex:
+                if not _answer_lost(ex):
+                    raise
+        return await self._sent("settle", part, SettleResponse, resend=True)
 
     async def _send_queued(self) -> None:
         """Send what is queued until nothing is. A sender leaves the set in the step that finds the queue empty (no
@@ -338,9 +357,7 @@ class ChannelHubFacilitatorClient(HTTPFacilitatorClient):
         status, content = await self._post(f"{self._url}/settle/batch", body, self._get_settle_headers())
         if status in (404, 405):  # a facilitator without the batch route: one settle per payment
             self.batch_settles = False
-            found = await asyncio.gather(
-                *(self._sent("settle", q.part, SettleResponse) for q in batch), return_exceptions=True
-            )
+            found = await asyncio.gather(*(self._settle_alone(q.part, resend) for q in batch), return_exceptions=True)
             return [a if isinstance(a, SettleResponse | Exception) else RuntimeError(str(a)) for a in found]
         if status != 200:
             text = content[:300].decode(errors="replace")
@@ -350,14 +367,16 @@ class ChannelHubFacilitatorClient(HTTPFacilitatorClient):
             raise ValueError("the facilitator's settle batch answer does not list one answer per payment")
         return [_batch_answer(answer) for answer in answers]
 
-    async def _sent(self, operation: str, part: bytes, answer: type[_Answered]) -> _Answered:
+    async def _sent(self, operation: str, part: bytes, answer: type[_Answered], resend: bool = False) -> _Answered:
         """x402's `/verify` or `/settle` of one payment, its body the payment's part of a settle batch: the bytes a
         batch sends of it, so that one payment is written one way whichever call judges it (x402's own client writes
         its body again, with the standard library's encoder: a NaN, or a lone surrogate in a key, which pydantic-core
         writes, failed to encode there, a 503 for a payment that could never be sent). Raises, as x402's client does,
-        for any answer but a 200 with x402's answer in it (our service sends no extension responses beside it)."""
+        for any answer but a 200 with x402's answer in it (our service sends no extension responses beside it). A
+        `resend` is a settle sent again after its answer was lost (our facilitator's addition to x402's body)."""
         headers = self._get_verify_headers() if operation == "verify" else self._get_settle_headers()
-        status, content = await self._post(f"{self._url}/{operation}", b'{"x402Version":2,' + part[1:], headers)
+        opening = b'{"x402Version":2,"resend":true,' if resend else b'{"x402Version":2,'
+        status, content = await self._post(f"{self._url}/{operation}", opening + part[1:], headers)
         if status != 200:
             raise ValueError(f"Facilitator {operation} failed ({status}): {content.decode(errors='replace')}")
         return answer.model_validate_json(content)
