@@ -341,61 +341,38 @@ def test_settles_that_come_while_a_batch_is_out_wait_for_it_and_go_together() ->
     assert sizes == [[1, 3], [1, 1, 2]]
 
 
-def test_a_batch_whose_answer_was_lost_is_sent_again_as_a_resend_and_one_voucher_is_settled_for_one_request() -> None:
-    """A batch that reached the facilitator and whose answer was lost (the connection closed before it came) is sent
-    once more, marked `resend`: its payments answered as the facilitator answers them then (a payment the first send
-    got accepted, as accepted). A second request carrying a voucher already being settled is refused at once as a
-    replay, unsent: with a resend, the facilitator would have answered both as accepted."""
-    seen: list[tuple[bool, int]] = []
-
-    async def batch(request: web.Request) -> web.Response:
-        body = await request.json()
-        seen.append((body.get("resend", False), len(body["settlements"])))
-        if len(seen) == 1:  # the work done, the answer lost
-            assert request.transport is not None
-            request.transport.close()
-        return web.json_response({"settlements": settled_each(body)})
-
-    voucher = {"channelId": "0x" + "ab" * 32, "cumulativeAmount": "7", "signature": "0x" + "cd" * 65}
-    paid = bare_payment(7).model_copy(update={"payload": voucher})
-
-    async def run() -> list[tuple[bool, str | None, str | None]]:
-        async with batch_route(batch) as url:
-            facilitator = ChannelHubFacilitatorClient(FacilitatorConfig(url=url), local_verify=False)
-            try:
-                answers = await asyncio.gather(*(facilitator.settle(paid, paid.accepted) for _ in range(2)))
-            finally:
-                await facilitator.aclose()
-        return [(a.success, a.amount, a.error_reason) for a in answers]
-
-    assert asyncio.run(run()) == [(True, "7", None), (False, None, "voucher_replayed")]
-    assert seen == [(False, 1), (True, 1)]
-
-
-@pytest.mark.parametrize("batch_settles", [False, True])  # True: a facilitator without the batch route (a 404)
-def test_a_lone_settle_whose_answer_was_lost_is_sent_again_as_a_resend_and_one_voucher_is_settled_for_one_request(
-    batch_settles: bool,
+@pytest.mark.parametrize(
+    ("route", "batch_settles"),
+    [
+        ("/settle/batch", True),
+        ("/settle", False),  # one `/settle` each
+        ("/settle", True),  # a facilitator without the batch route (a 404): one `/settle` each
+    ],
+)
+def test_a_settle_whose_answer_was_lost_is_sent_again_as_a_resend_and_one_voucher_is_settled_for_one_request(
+    route: str, batch_settles: bool
 ) -> None:
-    """Payments settled one `/settle` each (`batch_settles=False`, or a facilitator with no batch route): one whose
-    answer was lost after it reached the facilitator is sent once more with `"resend": true`, as a batch is; before,
-    the payee's 503 while the service held the voucher. The same voucher for two requests at once is settled for one,
-    the other refused unsent as a replay (a resend would have answered both accepted)."""
+    """A settle batch (or one `/settle`) that reached the facilitator and whose answer was lost (the connection closed
+    before it came) is sent once more, marked `resend`: its payments answered as the facilitator answers them then (a
+    payment the first send got accepted, as accepted). A second request carrying a voucher already being settled is
+    refused at once as a replay, unsent: with a resend, the facilitator would have answered both as accepted."""
     seen: list[tuple[bool, int]] = []
 
     async def settle(request: web.Request) -> web.Response:
         body = await request.json()
-        seen.append((body.get("resend", False), body["x402Version"]))
+        settlements = body.get("settlements", [body])
+        seen.append((body.get("resend", False), len(settlements)))
         if len(seen) == 1:  # the work done, the answer lost
             assert request.transport is not None
             request.transport.close()
-        (answer,) = settled_each({"settlements": [body]})
-        return web.json_response(answer)
+        answers = settled_each({"settlements": settlements})
+        return web.json_response({"settlements": answers} if "settlements" in body else answers[0])
 
     voucher = {"channelId": "0x" + "ab" * 32, "cumulativeAmount": "7", "signature": "0x" + "cd" * 65}
     paid = bare_payment(7).model_copy(update={"payload": voucher})
 
     async def run() -> list[tuple[bool, str | None, str | None]]:
-        async with batch_route(settle, "/settle") as url:
+        async with batch_route(settle, route) as url:
             facilitator = ChannelHubFacilitatorClient(
                 FacilitatorConfig(url=url), local_verify=False, batch_settles=batch_settles
             )
@@ -406,7 +383,7 @@ def test_a_lone_settle_whose_answer_was_lost_is_sent_again_as_a_resend_and_one_v
         return [(a.success, a.amount, a.error_reason) for a in answers]
 
     assert asyncio.run(run()) == [(True, "7", None), (False, None, "voucher_replayed")]
-    assert seen == [(False, 2), (True, 2)]
+    assert seen == [(False, 1), (True, 1)]
 
 
 def test_supported_is_fetched_once_at_a_time_waited_for_briefly_and_kept() -> None:
