@@ -378,6 +378,12 @@ def payment_for(api: str, x402: x402Client, path: str = "/weather") -> PaymentPa
     return asyncio.run(x402.create_payment_payload(required))
 
 
+def paid_head(x402: x402Client, path: str, payment: PaymentPayload, length: int) -> bytes:
+    """A paid GET's head as it goes on the wire, for a test that writes requests on a socket of its own."""
+    (name, value), = x402HTTPClient(x402).encode_payment_signature_header(payment).items()  # fmt: skip
+    return f"GET {path} HTTP/1.1\r\nHost: 127.0.0.1\r\n{name}: {value}\r\nContent-Length: {length}\r\n\r\n".encode()
+
+
 def accepted_for(service: ServiceProcess, payee: str) -> int:
     summary = httpx.get(f"{service.url}/v1/payees/{payee}/summary").json()
     return sum(int(a["accepted"]) for a in summary["assets"])
@@ -562,13 +568,9 @@ def test_a_paid_request_whose_body_trickles_in_is_cut_off_charged_nothing_and_a_
     ((payee, api),) = rig.payees
     port = int(api.rsplit(":", 1)[1])
     x402 = paying_client(devnet, rig.scheme)
-    http = x402HTTPClient(x402)
 
     def head(path: str, payment: PaymentPayload, length: int) -> bytes:
-        (name, value), = http.encode_payment_signature_header(payment).items()  # fmt: skip
-        return (
-            f"GET {path} HTTP/1.1\r\nHost: 127.0.0.1\r\n{name}: {value}\r\nContent-Length: {length}\r\n\r\n"
-        ).encode()
+        return paid_head(x402, path, payment, length)
 
     payment = payment_for(api, x402, "/reports/uploaded/size")
     with socket.create_connection(("127.0.0.1", port), timeout=10) as sock:
@@ -628,6 +630,34 @@ def test_a_paid_request_whose_body_trickles_in_is_cut_off_charged_nothing_and_a_
     # logged one of ~80 lines for each).
     log = (tmp_path / f"paid-api-{port}-{PRICE}.log").read_text()
     assert "Traceback" not in log and "ClientDisconnect" not in log, log[-3000:]
+
+
+def test_a_paid_request_whose_client_went_away_with_a_request_pipelined_behind_it_is_not_charged(
+    devnet: Devnet, lane_rig: Callable[..., LaneRig], tmp_path: Path
+) -> None:
+    """A client sends a paid request and a second one pipelined behind it, and goes away while the first is being
+    answered. uvicorn told only its newest request that the client was gone: the paid one was settled (its payer
+    charged for an answer it never got) and its answer written to the closed connection ("Exception in ASGI
+    application" in the payee's log). Every request of the connection is told now: charged nothing, nothing logged,
+    and the same payment then buys its answer, charged once."""
+    rig = lane_rig("pipelined-gone", max_lanes=1, script=ROOT / "tests" / "faulty_paid_api.py")
+    ((payee, api),) = rig.payees
+    port = int(api.rsplit(":", 1)[1])
+    x402 = paying_client(devnet, rig.scheme)
+    path = "/reports/uploaded/size?think=1"
+    payment = payment_for(api, x402, path)
+    with socket.create_connection(("127.0.0.1", port), timeout=10) as sock:
+        sock.sendall(paid_head(x402, path, payment, 0) + b"GET /health HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n")
+        time.sleep(0.3)  # the handler thinks for a second: gone before it answers
+    time.sleep(1.7)  # answered, and a settle sent, by now
+    assert accepted_for(rig.service, payee) == 0
+    with socket.create_connection(("127.0.0.1", port), timeout=10) as sock:
+        sock.sendall(paid_head(x402, path, payment, 0))
+        served = Answers(sock).whole()
+    assert (served[0].split(b"\r\n")[0], json.loads(served[1])) == (b"HTTP/1.1 200 OK", {"bytes": 0})
+    assert accepted_for(rig.service, payee) == PRICE
+    log = (tmp_path / f"paid-api-{port}-{PRICE}.log").read_text()
+    assert "Traceback" not in log and "Exception in ASGI application" not in log, log[-3000:]
 
 
 def test_a_paid_body_past_the_apps_bound_is_a_413_and_charged_nothing(

@@ -14,7 +14,8 @@ protocol answers 431 and closes the connection once a head that is not complete 
 or its first byte, and 408 once a body takes longer than `body_timeout` seconds and one more for each `body_min_rate`
 bytes of it, closes a connection whose body is still coming `head_timeout` after its answer, and drops one whose answer
 waits `write_timeout` seconds for its client to read any of it, so that a connection holds at most that much of the app
-for at most that long:
+for at most that long. And when a connection goes, every request of it not answered yet is told (uvicorn tells only the
+newest: a paid request with another pipelined behind it was settled for a client that was gone):
 
     uvicorn.run(app, host=..., port=..., http=bounded_protocol(), limit_concurrency=1_000)
 
@@ -31,7 +32,7 @@ from typing import Any, Self
 try:
     import httptools
     from uvicorn.protocols.http.flow_control import FlowControl
-    from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
+    from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol, RequestResponseCycle
 except ImportError as missing:  # uvicorn alone serves with h11
     raise ImportError(
         "settlement.x402.serving runs uvicorn's httptools protocol: pip install 'uvicorn[standard]'"
@@ -118,6 +119,7 @@ class BoundedProtocol(HttpToolsProtocol):
         self._body_deadline = _Deadline()  # the time of a body the app is (or will be) reading
         self._body_since = 0.0  # the body's time counts from here (its head's end, or the app reading again)
         self._body_bytes = 0  # and what came of it since
+        self._unanswered: list[RequestResponseCycle] = []  # this connection's requests not answered yet, oldest first
 
     @classmethod
     def with_limits(
@@ -152,6 +154,13 @@ class BoundedProtocol(HttpToolsProtocol):
     def connection_lost(self, exc: Exception | None) -> None:
         for deadline in (self._head_deadline, self._rest_deadline, self._write_deadline, self._body_deadline):
             deadline.cancel()
+        # uvicorn tells only the newest request that its client went away: one being answered while a request was
+        # pipelined behind it wrote its answer to the closed connection (an "Exception in ASGI application" in the
+        # log), and a paid one was settled, its payer charged for an answer it never got. Every one is told.
+        for cycle in self._unanswered:
+            if not cycle.response_complete:
+                cycle.disconnected = True
+                cycle.message_event.set()
         super().connection_lost(exc)
 
     def pause_writing(self) -> None:
@@ -178,6 +187,9 @@ class BoundedProtocol(HttpToolsProtocol):
             self._head_bytes = size
             raise httptools.HttpParserError("request head too large")  # uvicorn answers it (send_400_response)
         super().on_headers_complete()
+        cycle = self.cycle  # the request this head made (an upgrade makes none)
+        if cycle is not None and not cycle.response_complete and cycle not in self._unanswered:
+            self._unanswered = [c for c in self._unanswered if not c.response_complete] + [cycle]
 
     def on_message_complete(self) -> None:
         late = self._rest_deadline.set
