@@ -13,8 +13,9 @@ class TcpProxy:
     """Forwards 127.0.0.1:<port> to a target until an outage, and again after `mend()`: `cut()` closes every
     connection and refuses new ones; `hold()` accepts new ones and never answers (a host that black-holes); `drop()`
     closes every connection and lets new ones never connect (a host that is down: the SYN gets no answer);
-    `lose_answer(marker)` forwards the next request that carries `marker` and closes its connection when the answer
-    comes, unsent (the answer lost on the way: the target did the work)."""
+    `lose_answer(marker, instead=b"")` forwards the next request that carries `marker` and closes its connection when
+    the answer comes, unsent, `instead` sent in its place (the answer lost on the way, or a proxy's 502 for it: the
+    target did the work)."""
 
     def __init__(self, target_port: int) -> None:
         self.target_port = target_port
@@ -27,6 +28,7 @@ class TcpProxy:
         self._lock = threading.Lock()
         self._holding = False
         self._losing: bytes | None = None  # the marker of a request whose answer is to be lost
+        self._instead = b""  # what the client gets in place of a lost answer
         self._doomed: set[socket.socket] = set()  # upstream connections whose next answer is lost
         self.lost = 0  # answers lost so far
 
@@ -48,9 +50,9 @@ class TcpProxy:
         filler = socket.create_connection(("127.0.0.1", self.port))
         self._dropping = [listener, filler]
 
-    def lose_answer(self, marker: bytes) -> None:
+    def lose_answer(self, marker: bytes, instead: bytes = b"") -> None:
         with self._lock:
-            self._losing = marker
+            self._losing, self._instead = marker, instead
 
     def hold(self) -> None:
         with self._lock:
@@ -112,6 +114,7 @@ class TcpProxy:
                     if answers and source in self._doomed:  # the answer comes: lost, and the connection with it
                         self._doomed.discard(source)
                         self.lost += 1
+                        sink.sendall(self._instead)
                         break
                     if not answers and self._losing is not None and self._losing in data:
                         self._losing = None

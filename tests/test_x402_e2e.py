@@ -1239,6 +1239,12 @@ def proxied_payee(
         proxy.cut()
 
 
+BAD_GATEWAY_PAGE = (
+    b"HTTP/1.1 502 Bad Gateway\r\ncontent-type: text/html\r\ncontent-length: 28\r\nconnection: close\r\n\r\n"
+    b"<html>502 Bad Gateway</html>"
+)
+
+
 def start_outage(proxy: TcpProxy, outage: str) -> None:
     {"refused": proxy.cut, "held": proxy.hold, "host down": proxy.drop}[outage]()
 
@@ -1278,15 +1284,21 @@ def test_the_facilitator_down_is_a_503_and_charges_nothing(
     assert accepted_for(rig.service, rig.payee) == 2 * PRICE  # two responses, two prices: the 503 was not charged
 
 
+@pytest.mark.parametrize("instead", [b"", BAD_GATEWAY_PAGE], ids=["closed", "bad gateway"])
 @pytest.mark.parametrize("one_by_one", [False, True])
 def test_a_settle_whose_answer_was_lost_is_sent_again_and_the_payer_gets_what_it_paid_for(
-    devnet: Devnet, proxied_payee: Callable[..., ProxiedPayee], monkeypatch: pytest.MonkeyPatch, one_by_one: bool
+    devnet: Devnet,
+    proxied_payee: Callable[..., ProxiedPayee],
+    monkeypatch: pytest.MonkeyPatch,
+    one_by_one: bool,
+    instead: bytes,
 ) -> None:
     """The facilitator accepts a payment and its answer is lost on the way to the payee (a connection reset, a proxy's
-    idle close racing the answer): the payee answered 503 ("retry, nothing charged"), and the payer, whose voucher
-    the service holds, was charged for a response it never got. The payee sends that settle batch (or, settling one
-    payment a `/settle`, that settle) again, marked `resend`, and the facilitator answers a payment the first send got
-    accepted as accepted: the paid request is served, charged once, and the payer's next payments build on it."""
+    idle close racing the answer, a proxy's 502 in its place): the payee answered 503 ("retry, nothing charged"), and
+    the payer, whose voucher the service holds, was charged for a response it never got. The payee sends that settle
+    batch (or, settling one payment a `/settle`, that settle) again, marked `resend`, and the facilitator answers a
+    payment the first send got accepted as accepted: the paid request is served, charged once, and the payer's next
+    payments build on it."""
     if one_by_one:
         monkeypatch.setenv("SETTLE_ONE_BY_ONE", "1")
     rig = proxied_payee(16, 18, script=ROOT / "tests" / "faulty_paid_api.py")
@@ -1297,7 +1309,7 @@ def test_a_settle_whose_answer_was_lost_is_sent_again_and_the_payer_gets_what_it
             return answer.status_code, "payment-response" in answer.headers
 
     assert asyncio.run(paid()) == (200, True)
-    rig.proxy.lose_answer(b"/settle")
+    rig.proxy.lose_answer(b"/settle", instead)
     assert asyncio.run(paid()) == (200, True)
     assert rig.proxy.lost == 1  # the first send's answer was lost
     assert accepted_for(rig.service, rig.payee) == 2 * PRICE

@@ -341,6 +341,7 @@ def test_settles_that_come_while_a_batch_is_out_wait_for_it_and_go_together() ->
     assert sizes == [[1, 3], [1, 1, 2]]
 
 
+@pytest.mark.parametrize("loss", ["closed", "bad gateway", "mangled"])
 @pytest.mark.parametrize(
     ("route", "batch_settles"),
     [
@@ -350,12 +351,13 @@ def test_settles_that_come_while_a_batch_is_out_wait_for_it_and_go_together() ->
     ],
 )
 def test_a_settle_whose_answer_was_lost_is_sent_again_as_a_resend_and_one_voucher_is_settled_for_one_request(
-    route: str, batch_settles: bool
+    route: str, batch_settles: bool, loss: str
 ) -> None:
     """A settle batch (or one `/settle`) that reached the facilitator and whose answer was lost (the connection closed
-    before it came) is sent once more, marked `resend`: its payments answered as the facilitator answers them then (a
-    payment the first send got accepted, as accepted). A second request carrying a voucher already being settled is
-    refused at once as a replay, unsent: with a resend, the facilitator would have answered both as accepted."""
+    before it came, a proxy's 502 in its place, or a body that is not the answer) is sent once more, marked `resend`:
+    its payments answered as the facilitator answers them then (a payment the first send got accepted, as accepted).
+    A second request carrying a voucher already being settled is refused at once as a replay, unsent: with a resend,
+    the facilitator would have answered both as accepted."""
     seen: list[tuple[bool, int]] = []
 
     async def settle(request: web.Request) -> web.Response:
@@ -363,6 +365,10 @@ def test_a_settle_whose_answer_was_lost_is_sent_again_as_a_resend_and_one_vouche
         settlements = body.get("settlements", [body])
         seen.append((body.get("resend", False), len(settlements)))
         if len(seen) == 1:  # the work done, the answer lost
+            if loss == "bad gateway":
+                return web.Response(status=502, text="<html>502 Bad Gateway</html>")
+            if loss == "mangled":
+                return web.Response(status=200, text='{"settlements": [{"succ', content_type="application/json")
             assert request.transport is not None
             request.transport.close()
         answers = settled_each({"settlements": settlements})

@@ -3,7 +3,8 @@ of answer. When the facilitator cannot judge a payment (no answer, a 5xx, a body
 500 or 502, or, after the handler ran, a 402 that tells the payer to pay again. Here the payee answers **503** with
 `Retry-After` instead: retry later, nothing was charged (the voucher was not accepted, so it pays nothing; the
 payer's next payment finds that out from the service). A settle (a batch, or one `/settle`) whose answer was lost
-after it reached the facilitator is sent once more as a `resend`, which the facilitator answers with a payment the
+after it reached the facilitator (the connection gone, a proxy's 502 in its place, a body that is not the answer) is
+sent once more as a `resend`, which the facilitator answers with a payment the
 first send got accepted as accepted: the payer gets what it paid for, not a 503 for a voucher the service holds.
 
 And a retry of a paid request is answered as the first one was: a payment that carries x402's payment identifier
@@ -95,6 +96,7 @@ BATCHES_IN_FLIGHT = 1
 KEEPALIVE_SECONDS = 2.0  # below the service's keep-alive timeout
 SUPPORTED_WAIT = 1.0  # seconds the event loop waits for the facilitator's /supported (x402 asks it synchronously)
 SUPPORTED_TIMEOUT = 5.0  # seconds a /supported request may take on its own thread (x402's default: 90)
+BAD_GATEWAY = 502  # a proxy's answer when the facilitator behind it dropped the request, whether it did the work or not
 CONNECT_TIMEOUT = 3.0  # seconds to reach the facilitator: a request not sent yet charges nothing, so fail it early
 FAILURE_SHOWN_MAX = 240  # characters of the facilitator's failure a payer's 503 quotes (the payee's log has it whole)
 FAILURE_LOG_SECONDS = 10.0  # the payee logs the facilitator's failures once in this long, with their count
@@ -117,6 +119,12 @@ class _Exchange:
 
 
 _exchange: ContextVar[_Exchange | None] = ContextVar("channelhub_exchange", default=None)
+
+
+class AnswerUnreadError(ValueError):
+    """A settle's answer that came but cannot be read: a gateway's 502 in its place (the facilitator behind it closed
+    or reset the connection, maybe after its commit) or a body that is not the answer (mangled on the way). The
+    payments may have been accepted, as when the answer is lost: the settle is sent again as a `resend`."""
 
 
 class _NotSettled(Exception):
@@ -361,10 +369,15 @@ class ChannelHubFacilitatorClient(HTTPFacilitatorClient):
             return [a if isinstance(a, SettleResponse | Exception) else RuntimeError(str(a)) for a in found]
         if status != 200:
             text = content[:300].decode(errors="replace")
-            raise ValueError(f"facilitator settle batch failed ({status}): {text}")
-        answers = from_json(content).get("settlements")
+            failure = AnswerUnreadError if status == BAD_GATEWAY else ValueError
+            raise failure(f"facilitator settle batch failed ({status}): {text}")
+        try:
+            read = from_json(content)
+        except ValueError as ex:
+            raise AnswerUnreadError(f"the facilitator's settle batch answer is not JSON: {ex}") from None
+        answers = read.get("settlements") if isinstance(read, dict) else None
         if not isinstance(answers, list) or len(answers) != len(batch):
-            raise ValueError("the facilitator's settle batch answer does not list one answer per payment")
+            raise AnswerUnreadError("the facilitator's settle batch answer does not list one answer per payment")
         return [_batch_answer(answer) for answer in answers]
 
     async def _sent(self, operation: str, part: bytes, answer: type[_Answered], resend: bool = False) -> _Answered:
@@ -377,9 +390,16 @@ class ChannelHubFacilitatorClient(HTTPFacilitatorClient):
         headers = self._get_verify_headers() if operation == "verify" else self._get_settle_headers()
         opening = b'{"x402Version":2,"resend":true,' if resend else b'{"x402Version":2,'
         status, content = await self._post(f"{self._url}/{operation}", opening + part[1:], headers)
+        settle = operation == "settle"
         if status != 200:
-            raise ValueError(f"Facilitator {operation} failed ({status}): {content.decode(errors='replace')}")
-        return answer.model_validate_json(content)
+            failure = AnswerUnreadError if settle and status == BAD_GATEWAY else ValueError
+            raise failure(f"Facilitator {operation} failed ({status}): {content.decode(errors='replace')}")
+        try:
+            return answer.model_validate_json(content)
+        except ValueError as ex:
+            if not settle:
+                raise
+            raise AnswerUnreadError(f"the facilitator's settle answer is not x402's: {ex}") from None
 
     async def _post(self, url: str, body: bytes, headers: dict[str, str]) -> tuple[int, bytes]:
         """POST `body`; the answer's status and body. Through aiohttp's session itself where this client made the pool
@@ -480,8 +500,11 @@ def _voucher_key(payload: PaymentPayload) -> tuple[str, str] | None:
 
 
 def _answer_lost(ex: Exception) -> bool:
-    """Whether a settle batch may have reached the facilitator and its answer was lost on the way (the connection
-    reset or closed after the request was written), rather than never sent (no connection) or not answered in time."""
+    """Whether a settle may have reached the facilitator and its answer was lost on the way (the connection reset or
+    closed after the request was written, a gateway's 502 in its place, an answer that cannot be read), rather than
+    never sent (no connection), refused, or not answered in time."""
+    if isinstance(ex, AnswerUnreadError):
+        return True
     if isinstance(ex, aiohttp.ClientConnectorError):  # no connection: nothing was sent
         return False
     return isinstance(
