@@ -530,7 +530,7 @@ async def _where_time_goes(
                 "paymentRequirements": payload.accepted.model_dump(by_alias=True, exclude_none=True),
             }
             started = time.perf_counter()  # timed when it vouches (a new lane or a top-up goes to the facilitator)
-            if positions.vouch(payload, payload.accepted) is not None:
+            if isinstance(positions.vouch(payload, payload.accepted), str):
                 local_ms.append((time.perf_counter() - started) * 1000)
             for route, into in (("verify", verify_ms), ("settle", settle_ms)):
                 started = time.perf_counter()

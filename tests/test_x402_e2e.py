@@ -916,6 +916,20 @@ def test_paying_ahead_and_verifying_locally_cost_one_request_and_one_facilitator
     assert x402_calls(service) == {"verify ok": len(channels) + 1.0, "settle underpayment": 1.0, "settle ok": 28.0}
     assert made == ["loop"] * 3  # the stale one too (no journal knows what another device paid), then 2
 
+    # A forger who read the channel's id off the chain: a signature not the payer's, on a channel the payee knows, is
+    # refused by the payee itself (`invalid_signature`, as the facilitator would), which never sees it.
+    required = (
+        x402HTTPClient(paying_client(devnet, ChannelHubClientScheme(payer)))
+        .get_payment_required_response(httpx.get(f"{api}/weather").headers.get, None)
+        .accepts[0]
+    )
+    voucher = {"channelId": first["channelId"], "cumulativeAmount": str(10**15), "signature": "0x" + "11" * 64 + "1b"}
+    forged = encode_payment_signature_header(PaymentPayload(x402_version=2, payload=voucher, accepted=required))
+    refused = httpx.get(f"{api}/weather", headers={"PAYMENT-SIGNATURE": forged})
+    assert refused.status_code == 402
+    assert json.loads(base64.b64decode(refused.headers["payment-required"]))["error"] == "invalid_signature"
+    assert x402_calls(service) == {"verify ok": len(channels) + 1.0, "settle underpayment": 1.0, "settle ok": 28.0}
+
     # x402's sync client (requests) has no loop: the payment is made inline, as it always was.
     sync_payer = payer_for(accounts[15], service, "sync")
     sync_x402 = paying_client(devnet, ChannelHubClientScheme(sync_payer), kind=x402ClientSync)

@@ -22,7 +22,7 @@ from httpx_aiohttp import AiohttpTransport
 from web3.contract import Contract
 from x402.http import FacilitatorConfig
 from x402.http.facilitator_client_base import FacilitatorResponseError
-from x402.schemas import PaymentPayload, PaymentRequirements, SettleResponse, SupportedResponse
+from x402.schemas import PaymentPayload, PaymentRequirements, SettleResponse, SupportedResponse, VerifyResponse
 
 from settlement.devtools.devnet import Devnet
 from settlement.eip712.vouchers import Domain
@@ -35,7 +35,7 @@ from settlement.x402.fastapi import (
     ChannelHubFacilitatorClient,
     _Supported,
 )
-from settlement.x402.positions import Positions
+from settlement.x402.positions import Forged, Positions
 from tests.hub_helpers import ETH, Channel, wait_indexed
 
 Sign = Callable[..., bytes]
@@ -71,10 +71,17 @@ def payment(
     return PaymentPayload(x402_version=2, payload=voucher, accepted=required, extensions=extensions)
 
 
-def settle(client: TestClient, paid: PaymentPayload, required: PaymentRequirements) -> SettleResponse:
-    body = {"x402Version": 2, "paymentPayload": paid.model_dump(by_alias=True, exclude_none=True),
+def facilitator_body(paid: PaymentPayload, required: PaymentRequirements) -> dict[str, Any]:
+    return {"x402Version": 2, "paymentPayload": paid.model_dump(by_alias=True, exclude_none=True),
             "paymentRequirements": required.model_dump(by_alias=True, exclude_none=True)}  # fmt: skip
-    return SettleResponse.model_validate(client.post("/x402/settle", json=body).json())
+
+
+def settle(client: TestClient, paid: PaymentPayload, required: PaymentRequirements) -> SettleResponse:
+    return SettleResponse.model_validate(client.post("/x402/settle", json=facilitator_body(paid, required)).json())
+
+
+def verify(client: TestClient, paid: PaymentPayload, required: PaymentRequirements) -> VerifyResponse:
+    return VerifyResponse.model_validate(client.post("/x402/verify", json=facilitator_body(paid, required)).json())
 
 
 def answered(
@@ -140,8 +147,6 @@ def test_each_wrong_field_sends_the_payment_to_the_facilitator(
         "the settled voucher again (a replay)": payment(required, channel, PRICE, sign),
         "less than the price over the position": payment(required, channel, 2 * PRICE - 1, sign),
         "more than the price over the position": payment(required, channel, 2 * PRICE + 1, sign),
-        "signed by someone else": payment(required, channel, 2 * PRICE, sign, signer=accounts[9]),
-        "signed for another hub": payment(required, channel, 2 * PRICE, sign, domain=other_hub),
         "a channel no settle answered": payment(required, unknown, PRICE, sign),
         "answering another price": next_ok.model_copy(update={"accepted": required.model_copy(update={"amount": "9"})}),
         "not the scheme's payload": next_ok.model_copy(update={"payload": {"channelId": "0x00"}}),
@@ -158,6 +163,40 @@ def test_each_wrong_field_sends_the_payment_to_the_facilitator(
     for name, changes in other.items():
         moved = requirements(devnet, hub, channel.payee, **changes)
         assert positions.vouch(next_ok.model_copy(update={"accepted": moved}), moved) is None, name
+
+
+def test_a_forged_signature_on_a_known_channel_is_refused_by_the_payee_itself(
+    api: Callable[..., TestClient],
+    devnet: Devnet,
+    hub: Contract,
+    channel: Channel,
+    sign: Sign,
+    accounts: list[LocalAccount],
+    open_channel: Callable[..., Channel],
+) -> None:
+    """A forger who read a channel's id off the chain had each payment it sent a payee verified by the facilitator.
+    On a channel the payee knows, a signature that is not the channel's payer's is refused in the payee's process,
+    `invalid_signature` as the facilitator refuses it, whatever the amount and however old the position (a channel's
+    payer is hashed into its id); the same payment sent to the facilitator is refused so too. A channel the payee does
+    not know, or another payee's requirements, still go to the facilitator."""
+    client, positions, required = first_settled(api(), devnet, hub, channel, sign)
+    message = f"the signature does not recover to the payer of channel 0x{channel.id.hex()}"
+    forged = {
+        "the next amount": payment(required, channel, 2 * PRICE, sign, signer=accounts[9]),
+        "any amount": payment(required, channel, 7 * PRICE + 3, sign, signer=accounts[9]),
+        "signed for another hub": payment(required, channel, 2 * PRICE, sign, domain=Domain(devnet.chain_id, ETH)),
+    }
+    for name, paid in forged.items():
+        assert positions.vouch(paid, required) == Forged(channel.payer.address, message), name
+        assert verify(client, paid, required).invalid_reason == "invalid_signature", name
+    stale = Positions(ttl=0.0)
+    stale.learn(payment(required, channel, PRICE, sign), required, answered(channel, required, PRICE, DEPOSIT))
+    assert stale.vouch(forged["the next amount"], required) == Forged(channel.payer.address, message)
+    assert stale.vouch(payment(required, channel, 2 * PRICE, sign), required) is None  # expired: the facilitator's
+    unknown = open_channel(channel.payer, channel.payee, amount=DEPOSIT)
+    assert positions.vouch(payment(required, unknown, PRICE, sign, signer=accounts[9]), required) is None
+    elsewhere = requirements(devnet, hub, channel.payee, pay_to=accounts[7].address)
+    assert positions.vouch(payment(elsewhere, channel, 2 * PRICE, sign, signer=accounts[9]), elsewhere) is None
 
 
 def test_a_refused_or_unanswered_settle_forgets_the_channel_and_positions_expire(

@@ -67,9 +67,9 @@ from x402.http.types import RoutesConfig
 from x402.schemas import PaymentPayload, PaymentRequirements, SettleResponse, SupportedResponse, VerifyResponse
 
 from settlement.domain.redaction import scrubbed
-from settlement.errors import SettlementError
+from settlement.errors import InvalidSignatureError, SettlementError
 from settlement.sdk.payee import PayeeClient
-from settlement.x402.positions import Positions
+from settlement.x402.positions import Forged, Positions
 from settlement.x402.refunds import MAX_TTL, REFUND_PATH, RefundDesk
 from settlement.x402.wire import SCHEME, Reason, payment_identifier_in
 
@@ -243,6 +243,11 @@ class ChannelHubFacilitatorClient(HTTPFacilitatorClient):
             if not (isinstance(payload, PaymentPayload) and isinstance(requirements, PaymentRequirements)):
                 return await super().verify(payload, requirements)
             payer = None if self.positions is None else self.positions.vouch(payload, requirements)
+            if isinstance(payer, Forged):
+                reason = InvalidSignatureError.code
+                return VerifyResponse(
+                    is_valid=False, invalid_reason=reason, invalid_message=payer.message, payer=payer.payer
+                )
             if payer is not None:
                 return VerifyResponse(is_valid=True, payer=payer)
             part = _part(payload, requirements, self.max_payment_bytes)

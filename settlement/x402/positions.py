@@ -33,9 +33,20 @@ class Position:
     payer_bytes: bytes
     pay_to: str
     asset: str
+    domain: Domain  # the hub's, as the requirements the facilitator accepted a payment under named it
     cumulative: int
     deposit: int
     expires: float  # monotonic
+
+
+@dataclass(frozen=True)
+class Forged:
+    """A payment refused in the payee's own process: signed by someone else than its channel's payer. A forger who
+    read a channel's id off the chain had each such payment verified by the facilitator (a call, a signature
+    recovery there), for as many as it sent the payee."""
+
+    payer: str  # the channel's, checksummed
+    message: str
 
 
 class Positions:
@@ -50,9 +61,11 @@ class Positions:
     def __len__(self) -> int:
         return len(self._known)
 
-    def vouch(self, payload: PaymentPayload, requirements: PaymentRequirements) -> str | None:
+    def vouch(self, payload: PaymentPayload, requirements: PaymentRequirements) -> str | Forged | None:
         """The payer, when this payment is provably what the facilitator would accept now as far as its last answer
-        shows; None when only the facilitator can tell."""
+        shows; `Forged` when it is provably what the facilitator refuses `invalid_signature` (a channel this payee
+        knows, signed by someone else than its payer, whatever the amount and however old what is known of the channel:
+        its payer is hashed into its id); None when only the facilitator can tell."""
         if requirements.scheme != SCHEME or not answers(payload.accepted, requirements):
             return None
         price = base_units(requirements.amount)
@@ -62,15 +75,21 @@ class Positions:
         except PayloadError:
             return None
         known = self._known.get(voucher.channel_id)
-        if price is None or domain is None or known is None or known.expires < time.monotonic():
+        if price is None or domain is None or known is None:
             return None
         if not (same_address(known.pay_to, requirements.pay_to) and same_address(known.asset, requirements.asset)):
             return None
-        if voucher.cumulative != known.cumulative + price or voucher.cumulative > known.deposit:
+        if domain != known.domain:  # requirements that name another hub or chain: only the facilitator can tell
             return None
         signer = self._verifier(domain).recover(bytes.fromhex(voucher.channel_id[2:]), voucher.cumulative,
                                                 voucher.signature)  # fmt: skip
-        return known.payer if signer == known.payer_bytes else None
+        if signer != known.payer_bytes:
+            return Forged(known.payer, f"the signature does not recover to the payer of channel {voucher.channel_id}")
+        if known.expires < time.monotonic():
+            return None
+        if voucher.cumulative != known.cumulative + price or voucher.cumulative > known.deposit:
+            return None
+        return known.payer
 
     def learn(self, payload: PaymentPayload, requirements: PaymentRequirements, settled: SettleResponse) -> None:
         """Keep the position a successful settle answered; forget the channel after any refusal."""
@@ -83,13 +102,15 @@ class Positions:
         if not settled.success or not settled.payer or not isinstance(channel, dict):
             return
         cumulative, deposit = base_units(channel.get("cumulativeAmount")), base_units(channel.get("deposit"))
-        if cumulative != voucher.cumulative or deposit is None or not is_address(settled.payer):
+        domain = _domain(requirements)
+        if cumulative != voucher.cumulative or deposit is None or domain is None or not is_address(settled.payer):
             return
         self._known[voucher.channel_id] = Position(
             settled.payer,
             bytes.fromhex(settled.payer[2:]),
             requirements.pay_to,
             requirements.asset,
+            domain,
             cumulative,
             deposit,
             time.monotonic() + self.ttl,
