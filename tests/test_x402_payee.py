@@ -184,6 +184,7 @@ def test_a_forged_signature_on_a_known_channel_is_refused_by_the_payee_itself(
     forged = {
         "the next amount": payment(required, channel, 2 * PRICE, sign, signer=accounts[9]),
         "any amount": payment(required, channel, 7 * PRICE + 3, sign, signer=accounts[9]),
+        "the settled amount": payment(required, channel, PRICE, sign, signer=accounts[9]),
         "signed for another hub": payment(required, channel, 2 * PRICE, sign, domain=Domain(devnet.chain_id, ETH)),
     }
     for name, paid in forged.items():
