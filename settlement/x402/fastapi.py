@@ -4,8 +4,8 @@ of answer. When the facilitator cannot judge a payment (no answer, a 5xx, a body
 `Retry-After` instead: retry later, nothing was charged (the voucher was not accepted, so it pays nothing; the
 payer's next payment finds that out from the service). A settle (a batch, or one `/settle`) whose answer was lost
 after it reached the facilitator (the connection gone, a proxy's 502 in its place, a body that is not the answer) is
-sent once more as a `resend`, which the facilitator answers with a payment the
-first send got accepted as accepted: the payer gets what it paid for, not a 503 for a voucher the service holds.
+sent once more as a `resend`, which the facilitator answers with a payment the first send got accepted as accepted:
+the payer gets what it paid for, not a 503 for a voucher the service holds.
 
 And a retry of a paid request is answered as the first one was: a payment that carries x402's payment identifier
 (`payment-identifier` extension) and bought a response gets that same response again for `PaidAnswers.ttl` seconds,

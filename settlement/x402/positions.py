@@ -9,6 +9,11 @@ optimistic without risk to anyone's money: it says "valid" only when the voucher
 the deposit; anything else (a channel it has not seen, a position another process moved, a closing channel it cannot
 know of) goes to the facilitator as before. At worst a stale position costs one handler run whose answer is then
 withheld (settle refuses it and forgets the channel), exactly what a payment refused at settle costs today.
+
+One refusal is made here too: a payment on a known channel whose signature is not that channel's payer's (`Forged`),
+which the facilitator refuses `invalid_signature` whatever else it holds (a channel's payer is hashed into its id, so
+no position going stale changes that); a forger who read channel ids off the chain cost the facilitator a call and
+a signature recovery for each payment it sent the payee.
 """
 
 from __future__ import annotations
