@@ -7,6 +7,7 @@ from __future__ import annotations
 import asyncio
 import gc
 import threading
+import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
 from typing import Any
@@ -430,6 +431,73 @@ def test_a_settle_whose_answer_was_lost_is_sent_again_as_a_resend_and_one_vouche
 
     assert asyncio.run(run()) == [(True, "7", None), (False, None, "voucher_replayed")]
     assert seen == [(False, 1), (True, 1)]
+
+
+@pytest.mark.parametrize("way", ["endless", "dribble"])
+def test_a_facilitator_answer_that_never_ends_is_cut_off_in_size_and_in_time(way: str) -> None:
+    """The payee's own calls to its facilitator read an answer whole within six times the timeout and at most 8 MB,
+    as the SDK's calls to the service do: an endless body (a broken proxy on the way) filled the payee's memory, and a
+    body sent a byte at a time (each read within aiohttp's per-read timeout) held the paid request for good. Either is
+    the facilitator's failure (the payee's 503); an answer too large may be a lost one, so a settle batch is sent once
+    more as a resend, an answer too slow is not. x402's `/supported`, asked on a thread, is bounded alike."""
+    seen: list[bool] = []
+    written = [0]
+
+    async def never_ends(request: web.Request) -> web.StreamResponse:
+        if request.method == "POST":
+            seen.append((await request.json()).get("resend", False))
+        answer = web.StreamResponse(headers={"Content-Type": "application/json"})
+        await answer.prepare(request)
+        try:
+            while written[0] < 256 * 2**20:
+                chunk = b" " * (65536 if way == "endless" else 1)
+                await answer.write(chunk)
+                written[0] += len(chunk)
+                if way == "dribble":
+                    await asyncio.sleep(0.1)
+        except (ConnectionError, RuntimeError):
+            pass  # the client went away
+        return answer
+
+    async def run() -> tuple[BaseException, float, BaseException]:
+        app = web.Application()
+        app.router.add_post("/x402/settle/batch", never_ends)
+        app.router.add_get("/x402/supported", never_ends)
+        runner = web.AppRunner(app)
+        await runner.setup()
+        site = web.TCPSite(runner, "127.0.0.1", 0)
+        await site.start()
+        url = f"http://127.0.0.1:{site._server.sockets[0].getsockname()[1]}/x402"  # type: ignore[union-attr]
+        facilitator = ChannelHubFacilitatorClient(FacilitatorConfig(url=url, timeout=0.5), local_verify=False)
+        paid = bare_payment(7)
+        started = time.monotonic()
+        supported: BaseException | SupportedResponse
+        try:
+            (settled,) = await asyncio.wait_for(
+                asyncio.gather(facilitator.settle(paid, paid.accepted), return_exceptions=True), 20
+            )
+            took = time.monotonic() - started
+            written[0] = 0
+            try:
+                supported = await asyncio.to_thread(lambda: facilitator._supported.get(20))
+            except Exception as ex:
+                supported = ex
+        finally:
+            await facilitator.aclose()
+            await runner.cleanup()
+        assert isinstance(settled, BaseException) and isinstance(supported, BaseException), (settled, supported)
+        return settled, took, supported
+
+    settled, took, supported = asyncio.run(run())
+    assert isinstance(settled, FacilitatorResponseError)
+    if way == "endless":
+        assert "larger than 8,388,608 bytes" in str(settled), settled
+        assert seen == [False, True]  # maybe lost: sent once more
+        assert "larger than 8388608 bytes" in str(supported), supported
+    else:
+        assert 2.9 < took < 6, took  # 0.5 s x 6, where each byte came within the 0.5 s of a read
+        assert seen == [False]
+        assert "took more than 3s" in str(supported), supported
 
 
 def test_supported_is_fetched_once_at_a_time_waited_for_briefly_and_kept() -> None:

@@ -68,6 +68,7 @@ from x402.schemas import PaymentPayload, PaymentRequirements, SettleResponse, Su
 
 from settlement.domain.redaction import scrubbed
 from settlement.errors import InvalidSignatureError, SettlementError
+from settlement.sdk.bounded import ANSWER_DEADLINE_FACTOR, MAX_ANSWER_BYTES, BoundedTransport
 from settlement.sdk.payee import PayeeClient
 from settlement.x402.positions import Forged, Positions
 from settlement.x402.refunds import MAX_TTL, REFUND_PATH, RefundDesk
@@ -176,9 +177,14 @@ class ChannelHubFacilitatorClient(HTTPFacilitatorClient):
             client = httpx.AsyncClient(timeout=timeout, follow_redirects=True, transport=transport)
             config = replace(config, http_client=client)
             self.own_client = client
-            self._pool = _Pool(  # the timeout as httpx-aiohttp maps httpx's for x402's own calls
+            self._pool = _Pool(  # the timeout as httpx-aiohttp maps httpx's for x402's own calls, and a whole one
                 transport,
-                aiohttp.ClientTimeout(connect=timeout.pool, sock_connect=timeout.connect, sock_read=timeout.read),
+                aiohttp.ClientTimeout(
+                    connect=timeout.pool,
+                    sock_connect=timeout.connect,
+                    sock_read=timeout.read,
+                    total=None if timeout.read is None else timeout.read * ANSWER_DEADLINE_FACTOR,
+                ),
             )
         super().__init__(config)
         self.positions = Positions() if local_verify else None
@@ -203,10 +209,14 @@ class ChannelHubFacilitatorClient(HTTPFacilitatorClient):
             raise _unavailable("judge", ex) from ex
 
     def _get_sync_client(self) -> httpx.Client:
-        """x402's client for `/supported` (its only synchronous call), with a timeout of its own."""
+        """x402's client for `/supported` (its only synchronous call), with a timeout of its own, and its answer
+        bounded as the SDK's are (settlement.sdk.bounded): at most `MAX_ANSWER_BYTES`, read whole within
+        `ANSWER_DEADLINE_FACTOR` times the timeout."""
         timeout = min(self._timeout, SUPPORTED_TIMEOUT)
         return httpx.Client(
-            timeout=httpx.Timeout(timeout, connect=min(timeout, CONNECT_TIMEOUT)), follow_redirects=True
+            timeout=httpx.Timeout(timeout, connect=min(timeout, CONNECT_TIMEOUT)),
+            follow_redirects=True,
+            transport=BoundedTransport(MAX_ANSWER_BYTES, timeout * ANSWER_DEADLINE_FACTOR),
         )
 
     async def aclose(self) -> None:
@@ -409,7 +419,11 @@ class ChannelHubFacilitatorClient(HTTPFacilitatorClient):
     async def _post(self, url: str, body: bytes, headers: dict[str, str]) -> tuple[int, bytes]:
         """POST `body`; the answer's status and body. Through aiohttp's session itself where this client made the pool
         (the one x402's own calls use through httpx's API): httpx's layers above the pool were 12 % of the payee app's
-        CPU a paid request at 400 paid/s (py-spy; docs/benchmarks.md). An app's own httpx client is used as given."""
+        CPU a paid request at 400 paid/s (py-spy; docs/benchmarks.md). There the answer is bounded as the SDK's are
+        (settlement.sdk.bounded): read whole within `ANSWER_DEADLINE_FACTOR` times the timeout (aiohttp's timeouts
+        are per read: a body sent a byte at a time held the paid request for good), and cut past `MAX_ANSWER_BYTES`
+        (an endless body, from a broken proxy on the way, filled the payee's memory; the facilitator's answers are
+        small: 100 settles, ~100 KB). An app's own httpx client is used as given."""
         if self._pool is None:
             response = await self._get_async_client().post(url, headers=headers, content=body)
             return response.status_code, response.content
@@ -417,7 +431,12 @@ class ChannelHubFacilitatorClient(HTTPFacilitatorClient):
         if not isinstance(transport.client, aiohttp.ClientSession):
             transport.client = transport.get_client()  # made as httpx-aiohttp makes it at its first request
         async with transport.client.post(url, headers=headers, data=body, timeout=self._pool.timeout) as answer:
-            return answer.status, await answer.read()
+            content = bytearray()
+            async for chunk in answer.content.iter_any():
+                content += chunk
+                if len(content) > MAX_ANSWER_BYTES:
+                    raise AnswerUnreadError(f"the facilitator's answer is larger than {MAX_ANSWER_BYTES:,} bytes")
+            return answer.status, bytes(content)
 
 
 class _Supported:
