@@ -431,11 +431,16 @@ class ChannelHubFacilitatorClient(HTTPFacilitatorClient):
         if not isinstance(transport.client, aiohttp.ClientSession):
             transport.client = transport.get_client()  # made as httpx-aiohttp makes it at its first request
         async with transport.client.post(url, headers=headers, data=body, timeout=self._pool.timeout) as answer:
+            too_large = AnswerUnreadError(f"the facilitator's answer is larger than {MAX_ANSWER_BYTES:,} bytes")
+            if answer.content_length is not None:  # its length said: read whole, or not at all
+                if answer.content_length > MAX_ANSWER_BYTES:
+                    raise too_large
+                return answer.status, await answer.read()
             content = bytearray()
             async for chunk in answer.content.iter_any():
                 content += chunk
                 if len(content) > MAX_ANSWER_BYTES:
-                    raise AnswerUnreadError(f"the facilitator's answer is larger than {MAX_ANSWER_BYTES:,} bytes")
+                    raise too_large
             return answer.status, bytes(content)
 
 

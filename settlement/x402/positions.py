@@ -18,6 +18,7 @@ a signature recovery for each payment it sent the payee.
 
 from __future__ import annotations
 
+import functools
 import time
 from collections import OrderedDict
 from dataclasses import dataclass
@@ -141,9 +142,16 @@ def _domain(requirements: PaymentRequirements) -> Domain | None:
     """The hub's EIP-712 domain, as the payee's own requirements name it (from its facilitator's /supported)."""
     extra = requirements.extra or {}
     hub, name, version = extra.get("hub"), extra.get("name"), extra.get("version")
-    chain_id = chain_id_of(requirements.network)
-    if chain_id is None or not isinstance(hub, str) or not is_address(hub):
+    if not (isinstance(hub, str) and isinstance(name, str) and isinstance(version, str)):
         return None
-    if not isinstance(name, str) or not isinstance(version, str):
+    return _named_domain(requirements.network, hub, name, version)
+
+
+@functools.lru_cache(maxsize=64)
+def _named_domain(network: str, hub: str, name: str, version: str) -> Domain | None:
+    """A payee names one or a few domains, once per paid request and per settle: checked once each (the address
+    check was most of the time)."""
+    chain_id = chain_id_of(network)
+    if chain_id is None or not is_address(hub):
         return None
     return Domain(chain_id, hub, name, version)
