@@ -100,6 +100,7 @@ SUPPORTED_TIMEOUT = 5.0  # seconds a /supported request may take on its own thre
 BAD_GATEWAY = 502  # a proxy's answer when the facilitator behind it dropped the request, whether it did the work or not
 CONNECT_TIMEOUT = 3.0  # seconds to reach the facilitator: a request not sent yet charges nothing, so fail it early
 FAILURE_SHOWN_MAX = 240  # characters of the facilitator's failure a payer's 503 quotes (the payee's log has it whole)
+FAILURE_LOGGED_MAX = 4_000  # characters of it the payee's log keeps (its length too)
 FAILURE_LOG_SECONDS = 10.0  # the payee logs the facilitator's failures once in this long, with their count
 # The collector's young generation is scanned after this many more new objects than freed ones (Python's default: 700).
 # A paid request's objects are freed by reference counting: at 500 paid/s the default scanned the young objects ~45
@@ -556,10 +557,14 @@ def _unavailable(operation: str, ex: Exception) -> FacilitatorResponseError:
 
     The facilitator's failure is its text, and x402's client quotes the facilitator's whole answer body in it (`…
     failed (502): <body>`): a proxy's HTML page, or a hosted facilitator's error naming its own URL, key and all, went
-    whole into the payer's 503. A payer is shown the start of it, without URLs; the payee's log has it whole (URLs
-    written as `shown_url` writes them), once in `FAILURE_LOG_SECONDS` with the count."""
-    failure = scrubbed(f"{type(ex).__name__}: {ex}")
-    _failures.note(operation, failure)
+    whole into the payer's 503. A payer is shown the start of it, without URLs; the payee's log has its first
+    `FAILURE_LOGGED_MAX` characters (URLs written as `shown_url` writes them) and its length, once in
+    `FAILURE_LOG_SECONDS` with the count. Cut before its URLs are scrubbed: a 100-KB error page took 2.1 ms of the
+    payee's CPU to scrub for each paid request of an outage, and its whole was a 100-KB line in the log every 10 s."""
+    text = f"{type(ex).__name__}: {ex}"
+    failure = scrubbed(text[:FAILURE_LOGGED_MAX])  # a URL cut short loses its path, never its host
+    logged = failure if len(text) <= FAILURE_LOGGED_MAX else f"{failure}… ({len(text):,} characters in all)"
+    _failures.note(operation, logged)
     shown = failure if len(failure) <= FAILURE_SHOWN_MAX else failure[:FAILURE_SHOWN_MAX] + "…"
     exchange = _exchange.get()
     if exchange is not None:
