@@ -24,7 +24,7 @@ from web3.contract import Contract
 
 from settlement.devtools.devnet import Devnet
 from settlement.domain.model import ChannelStatus, ChannelViewField
-from settlement.domain.redaction import scrubbed, shown_url
+from settlement.domain.redaction import scrubbed, scrubbed_start, shown_url
 from settlement.eip712.vouchers import VoucherSigner
 from settlement.errors import (
     PaymentUncertainError,
@@ -294,6 +294,17 @@ def test_a_url_is_written_without_the_parts_that_may_hold_its_key() -> None:
         "HTTPConnectionPool(host='rpc.example', port=80): Max retries exceeded with url: … (Caused by x); "
         "401 Client Error: Unauthorized for url: …; (see https://rpc.example/…)"
     )
+    # Only the start scrubbed (a failure quoting a 100-KB page): a URL the cut falls in is dropped, not shown cut
+    # short, where its user part would read as a host and a port ("https://user:12" from "https://user:1234@host").
+    failure = "failed at https://api.example/v2/k3y, see https://user:1234@api.example/x"
+    assert failure[:57].endswith("https://user:12")
+    assert {n: scrubbed_start(failure, n) for n in (len(failure), 57, 40, 20)} == {
+        len(failure): "failed at https://api.example/…, see https://api.example/…",
+        57: "failed at https://api.example/…, see ",
+        40: "failed at https://api.example/…, se",
+        20: "failed at ",
+    }
+    assert scrubbed(failure[:57]) == "failed at https://api.example/…, see https://user:12"  # what a plain cut showed
 
 
 def drop_answer() -> None:

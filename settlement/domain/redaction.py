@@ -12,6 +12,7 @@ import re
 from urllib.parse import urlsplit
 
 _URL = re.compile(r"\b(?:https?|wss?)://[^\s'\"<>()]+", re.IGNORECASE)
+_URL_AT_END = re.compile(r"\b(?:https?|wss?)://[^\s'\"<>()]*\Z", re.IGNORECASE)
 _REQUESTED = re.compile(r"(\burl: )[^\s;,()]+")  # how requests names the URL a failed request went to
 
 
@@ -39,3 +40,13 @@ def _shown_in_text(found: re.Match[str]) -> str:
     url = found.group(0)
     core = url.rstrip(".,;:!?")
     return shown_url(core) + url[len(core) :]
+
+
+def scrubbed_start(text: str, limit: int) -> str:
+    """`scrubbed` of `text`'s first `limit` characters (scrubbing is linear in the text: a 100-KB error page took 2 ms).
+    A URL the cut falls in is dropped whole: cut short, its user part could read as a host and a port."""
+    if len(text) <= limit:
+        return scrubbed(text)
+    start = text[:limit]
+    cut = _URL_AT_END.search(start)
+    return scrubbed(start if cut is None else start[: cut.start()])

@@ -66,7 +66,7 @@ from x402.http.middleware.fastapi import PaymentMiddlewareASGI
 from x402.http.types import RoutesConfig
 from x402.schemas import PaymentPayload, PaymentRequirements, SettleResponse, SupportedResponse, VerifyResponse
 
-from settlement.domain.redaction import scrubbed
+from settlement.domain.redaction import scrubbed_start
 from settlement.errors import InvalidSignatureError, SettlementError
 from settlement.sdk.bounded import ANSWER_DEADLINE_FACTOR, MAX_ANSWER_BYTES, BoundedTransport
 from settlement.sdk.payee import PayeeClient
@@ -562,7 +562,7 @@ def _unavailable(operation: str, ex: Exception) -> FacilitatorResponseError:
     `FAILURE_LOG_SECONDS` with the count. Cut before its URLs are scrubbed: a 100-KB error page took 2.1 ms of the
     payee's CPU to scrub for each paid request of an outage, and its whole was a 100-KB line in the log every 10 s."""
     text = f"{type(ex).__name__}: {ex}"
-    failure = scrubbed(text[:FAILURE_LOGGED_MAX])  # a URL cut short loses its path, never its host
+    failure = scrubbed_start(text, FAILURE_LOGGED_MAX)
     logged = failure if len(text) <= FAILURE_LOGGED_MAX else f"{failure}… ({len(text):,} characters in all)"
     _failures.note(operation, logged)
     shown = failure if len(failure) <= FAILURE_SHOWN_MAX else failure[:FAILURE_SHOWN_MAX] + "…"
