@@ -48,6 +48,7 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
 from contextvars import ContextVar
 from dataclasses import dataclass, replace
+from functools import partial
 from typing import Any, TypeVar
 
 import aiohttp
@@ -66,16 +67,18 @@ from x402.http.middleware.fastapi import PaymentMiddlewareASGI
 from x402.http.types import RoutesConfig
 from x402.schemas import PaymentPayload, PaymentRequirements, SettleResponse, SupportedResponse, VerifyResponse
 
+from settlement.domain.model import ChannelId
 from settlement.domain.redaction import scrubbed_start
 from settlement.errors import InvalidSignatureError, SettlementError
 from settlement.sdk.bounded import ANSWER_DEADLINE_FACTOR, MAX_ANSWER_BYTES, BoundedTransport
 from settlement.sdk.payee import PayeeClient
 from settlement.x402.positions import Forged, Positions
 from settlement.x402.refunds import MAX_TTL, REFUND_PATH, RefundDesk
-from settlement.x402.wire import SCHEME, Reason, payment_identifier_in
+from settlement.x402.wire import SCHEME, PayloadError, Reason, VoucherPayload, payment_identifier_in
 
 logger = logging.getLogger(__name__)
 _Answered = TypeVar("_Answered", VerifyResponse, SettleResponse)
+_Sent = TypeVar("_Sent")
 
 RETRY_AFTER_SECONDS = 1
 SETTLE_BATCH_MAX = 100  # settles in one POST /settle/batch (the service takes up to its batch_max_items, 1,000)
@@ -194,7 +197,7 @@ class ChannelHubFacilitatorClient(HTTPFacilitatorClient):
         self.batch_bytes = batch_bytes
         self.max_payment_bytes = max_payment_bytes
         self._queued: list[_Queued] = []
-        self._settling: set[tuple[str, str]] = set()  # the vouchers of the settles queued or in flight
+        self._settling: set[tuple[ChannelId, int]] = set()  # the vouchers of the settles queued or in flight
         self._senders: set[asyncio.Task[None]] = set()  # held: the event loop keeps only weak references to tasks
         self._supported = _Supported(super().get_supported)
 
@@ -324,15 +327,8 @@ class ChannelHubFacilitatorClient(HTTPFacilitatorClient):
         return await future
 
     async def _settle_alone(self, part: bytes, resend: bool = False) -> SettleResponse:
-        """One `POST /settle`; sent once more as a `resend` when its answer was lost after it reached the facilitator
-        (as a batch is, `_send_while_queued`): else the payer was charged (the service holds its voucher) for a 503."""
-        if not resend:
-            try:
-                return await self._sent("settle", part, SettleResponse)
-            except Exception as ex:
-                if not _answer_lost(ex):
-                    raise
-        return await self._sent("settle", part, SettleResponse, resend=True)
+        """One `POST /settle` (`_once_more_if_lost`); `resend`: sent as one from the start."""
+        return await _once_more_if_lost(partial(self._sent, "settle", part, SettleResponse), resend)
 
     async def _send_queued(self) -> None:
         """Send what is queued until nothing is. A sender leaves the set in the step that finds the queue empty (no
@@ -351,15 +347,7 @@ class ChannelHubFacilitatorClient(HTTPFacilitatorClient):
                 taken, size = taken + 1, size + len(queued.part)
             batch, self._queued = self._queued[:taken], self._queued[taken:]
             try:
-                try:
-                    answers = await self._post_batch(batch)
-                except Exception as ex:
-                    if not _answer_lost(ex):
-                        raise
-                    # The facilitator may have accepted payments whose answers were lost: sent again as a resend, each
-                    # is judged afresh or, if the first send got it accepted, answered as accepted. Else the payer
-                    # was charged (the service holds its voucher) for a 503.
-                    answers = await self._post_batch(batch, resend=True)
+                answers = await _once_more_if_lost(partial(self._post_batch, batch))
             except asyncio.CancelledError:  # the app stopping: no request waits for an answer that will not come
                 for queued in batch:
                     if not queued.future.done():
@@ -375,7 +363,7 @@ class ChannelHubFacilitatorClient(HTTPFacilitatorClient):
                 else:
                     queued.future.set_exception(FacilitatorResponseError(f"{type(answer).__name__}: {answer}"))
 
-    async def _post_batch(self, batch: list[_Queued], resend: bool = False) -> list[SettleResponse | Exception]:
+    async def _post_batch(self, batch: list[_Queued], resend: bool) -> list[SettleResponse | Exception]:
         opening = b'{"x402Version":2,"resend":true,"settlements":[' if resend else b'{"x402Version":2,"settlements":['
         body = opening + b",".join(q.part for q in batch) + b"]}"
         status, content = await self._post(f"{self._url}/settle/batch", body, self._get_settle_headers())
@@ -519,14 +507,28 @@ def _refused(message: str, network: str, reason: str = Reason.INVALID_PAYLOAD) -
     return SettleResponse(success=False, error_reason=reason, error_message=message, transaction="", network=network)
 
 
-def _voucher_key(payload: PaymentPayload) -> tuple[str, str] | None:
+def _voucher_key(payload: PaymentPayload) -> tuple[ChannelId, int] | None:
     """The voucher a payment of our scheme carries, as the facilitator keys it (channel, cumulative amount); None for
     a payload that is not one (the facilitator refuses it)."""
-    voucher = payload.payload
-    channel, cumulative = voucher.get("channelId"), voucher.get("cumulativeAmount")
-    if not (isinstance(channel, str) and isinstance(cumulative, str)):
+    try:
+        voucher = VoucherPayload.parse(payload.payload)
+    except PayloadError:
         return None
-    return channel.lower(), cumulative
+    return voucher.channel_id, voucher.cumulative
+
+
+async def _once_more_if_lost(send: Callable[[bool], Awaitable[_Sent]], resend: bool = False) -> _Sent:
+    """`send(False)`, then `send(True)` once more, as a `resend`, when its answer was lost after it may have reached
+    the facilitator (`_answer_lost`): the facilitator judges its payments afresh and answers one the first send got
+    accepted as accepted. Else the payer was charged (the service holds its voucher) for a 503. With `resend`, only
+    `send(True)`."""
+    if not resend:
+        try:
+            return await send(False)
+        except Exception as ex:
+            if not _answer_lost(ex):
+                raise
+    return await send(True)
 
 
 def _answer_lost(ex: Exception) -> bool:
