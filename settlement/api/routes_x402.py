@@ -35,6 +35,12 @@ logger = logging.getLogger(__name__)
 router = APIRouter(prefix="/x402", responses=ERRORS, tags=["x402"])
 
 
+_RESEND = (
+    "the payee's settle sent again after its answer was lost: a payment already accepted is answered as accepted (its "
+    "receipt), not refused as a replay; nothing is charged twice"
+)
+
+
 class X402Request(BaseModel):
     """x402 v2's body of /verify and /settle (the facilitator client sends both alike)."""
 
@@ -46,11 +52,7 @@ class X402Request(BaseModel):
 class X402SettleRequest(X402Request):
     """x402 v2's body of /settle, and a ChannelHub addition beside it: `resend`."""
 
-    resend: bool = Field(
-        default=False,
-        description="the payee's settle sent again after its answer was lost: a payment already accepted is answered "
-        "as accepted (its receipt), not refused as a replay; nothing is charged twice",
-    )
+    resend: bool = Field(default=False, description=_RESEND)
 
 
 class X402Settlement(BaseModel):
@@ -66,11 +68,7 @@ class X402SettleBatch(BaseModel):
 
     x402Version: Literal[2]
     settlements: list[X402Settlement] = Field(min_length=1)
-    resend: bool = Field(
-        default=False,
-        description="the payee's batch sent again after its answer was lost: a payment already accepted is answered "
-        "as accepted (its receipt), not refused as a replay; nothing is charged twice",
-    )
+    resend: bool = Field(default=False, description=_RESEND)
 
 
 _Body = TypeVar("_Body", bound=X402Request)
