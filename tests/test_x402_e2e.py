@@ -569,12 +569,9 @@ def test_a_paid_request_whose_body_trickles_in_is_cut_off_charged_nothing_and_a_
     port = int(api.rsplit(":", 1)[1])
     x402 = paying_client(devnet, rig.scheme)
 
-    def head(path: str, payment: PaymentPayload, length: int) -> bytes:
-        return paid_head(x402, path, payment, length)
-
     payment = payment_for(api, x402, "/reports/uploaded/size")
     with socket.create_connection(("127.0.0.1", port), timeout=10) as sock:
-        sock.sendall(head("/reports/uploaded/size", payment, 1_000))
+        sock.sendall(paid_head(x402, "/reports/uploaded/size", payment, 1_000))
         sent = trickled(sock, b"x", 50, 0.2)  # 10 s of a byte every 0.2 s, unless the app cuts it off
         assert sent < 25, sent  # cut off about a second after its head (5-6 bytes), not left to trickle on
         refused = b""
@@ -585,7 +582,7 @@ def test_a_paid_request_whose_body_trickles_in_is_cut_off_charged_nothing_and_a_
     assert accepted_for(rig.service, payee) == 0
 
     with socket.create_connection(("127.0.0.1", port), timeout=10) as sock:
-        sock.sendall(head("/reports/uploaded/size", payment, 5_000))
+        sock.sendall(paid_head(x402, "/reports/uploaded/size", payment, 5_000))
         for _ in range(25):  # 200 bytes every 0.1 s: past the second, within the rate
             sock.sendall(b"y" * 200)
             time.sleep(0.1)
@@ -598,7 +595,7 @@ def test_a_paid_request_whose_body_trickles_in_is_cut_off_charged_nothing_and_a_
         # A paid request the handler thinks over for 2 s, and behind it a request whose body's second half comes
         # 1.5 s later: the app reads neither it nor its rest until the first is answered.
         pipelined = b"GET /health HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Length: 10\r\n\r\n12345"
-        sock.sendall(head("/reports/uploaded/size?think=2", thinking, 0) + pipelined)
+        sock.sendall(paid_head(x402, "/reports/uploaded/size?think=2", thinking, 0) + pipelined)
         time.sleep(1.5)
         sock.sendall(b"67890")
         answers = Answers(sock)
@@ -615,7 +612,7 @@ def test_a_paid_request_whose_body_trickles_in_is_cut_off_charged_nothing_and_a_
         path = f"/reports/uploaded/size?think={think}"
         with socket.create_connection(("127.0.0.1", port), timeout=10) as sock:
             answers, started = Answers(sock), time.monotonic()
-            sock.sendall(head(path, waiting, 5).removesuffix(b"\r\n") + expecting)
+            sock.sendall(paid_head(x402, path, waiting, 5).removesuffix(b"\r\n") + expecting)
             assert answers.head() == b"HTTP/1.1 100 Continue\r\n\r\n"
             if think == "0":  # nothing more
                 refused = answers.head()
