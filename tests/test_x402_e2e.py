@@ -54,6 +54,7 @@ from settlement.sdk.payee import PayeeClient
 from settlement.sdk.payer import PayerClient
 from settlement.x402.ahead import PayAheadAdapter, PayAheadTransport
 from settlement.x402.client import ChannelHubClientScheme, DepositPolicy, PaymentIdentifiers
+from settlement.x402.fastapi import CONNECT_TIMEOUT, SUPPORTED_RETRY
 from settlement.x402.refunds import REFUND_PATH, RefundDesk, ask_refund
 from settlement.x402.unanswered import UnansweredWire
 from tests.hub_helpers import (
@@ -1401,6 +1402,47 @@ def test_a_payee_that_started_without_its_facilitator_answers_503_at_once_then_i
         (503, "1 facilitator_unavailable"),
         (200, '{"forecast":"sunny"}'),
     ]
+    assert accepted_for(rig.service, rig.payee) == PRICE
+
+
+def test_a_payee_whose_facilitators_host_is_down_answers_at_once_while_it_is_down(
+    devnet: Devnet, proxied_payee: Callable[..., ProxiedPayee]
+) -> None:
+    """A facilitator's host that is down: each /supported fails after CONNECT_TIMEOUT (3 s). Only the payee's start
+    waits for the first (a second at most, on its event loop); then, while paid requests keep asking, its thread
+    fetches again (three failed fetches), each paid request answers 503 at once, and a free route asked all along is
+    never held. Before, each paid request after a failed fetch began the next and waited a second for it on the event
+    loop, the free routes with it: here 3 paid requests and 3 free ones of more than half a second."""
+    rig = proxied_payee(15, 17, "host down")
+
+    async def walk() -> tuple[int, int, set[int], int]:
+        slow_free = 0
+        end = time.monotonic() + 3 * CONNECT_TIMEOUT + 0.5
+
+        async def free_route() -> None:
+            nonlocal slow_free
+            async with httpx.AsyncClient() as free:
+                while time.monotonic() < end:
+                    began = time.monotonic()
+                    assert (await free.get(f"{rig.api}/health", timeout=5)).status_code == 200
+                    slow_free += time.monotonic() - began > 0.5
+                    await asyncio.sleep(0.02)
+
+        slow_paid = 0
+        statuses: set[int] = set()
+        async with x402HttpxClient(paying_client(devnet, rig.scheme), timeout=30) as http:
+            asked = asyncio.create_task(free_route())
+            while time.monotonic() < end:
+                began = time.monotonic()
+                statuses.add((await http.get(f"{rig.api}/weather")).status_code)
+                slow_paid += time.monotonic() - began > 0.5
+                await asyncio.sleep(0.05)
+            await asked
+            rig.proxy.mend()
+            await asyncio.sleep(2 * SUPPORTED_RETRY + 0.5)  # the next fetch, apart from the requests
+            return slow_paid, slow_free, statuses, (await http.get(f"{rig.api}/weather")).status_code
+
+    assert asyncio.run(walk()) == (0, 0, {503}, 200)
     assert accepted_for(rig.service, rig.payee) == PRICE
 
 

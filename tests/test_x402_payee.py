@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import gc
+import queue
 import threading
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
@@ -503,39 +504,93 @@ def test_a_facilitator_answer_that_never_ends_is_cut_off_in_size_and_in_time(way
         assert "took more than 3s" in str(supported), supported
 
 
-def test_supported_is_fetched_once_at_a_time_waited_for_briefly_and_kept() -> None:
+def test_supported_is_fetched_again_while_it_fails_and_a_request_waits_only_for_a_fetch_that_may_end_soon() -> None:
     """What the payee's event loop does while the facilitator's /supported is slow, failing, then answering (the
-    end-to-end cases: tests/test_x402_e2e.py, a payee started without its facilitator)."""
-    gate, calls = threading.Event(), []
-    outcomes: list[SupportedResponse | Exception] = [
-        ConnectionRefusedError("first"),
-        ConnectionRefusedError("second"),
-        SupportedResponse(kinds=[]),
-    ]
+    end-to-end cases: tests/test_x402_e2e.py, a payee started without its facilitator, and one whose facilitator's
+    host is down). A request waits (on the event loop) for the fetch in flight, begun for it if none runs, until that
+    fetch has run the wait; not at all after a fetch that failed only after longer; the thread fetches again while
+    requests ask. Before, each request after a failed fetch began the next and waited for it (with the facilitator's
+    host down, a second of the payee's event loop in every connect timeout), and a request that came while a fetch
+    ran answered at once, though the facilitator had come back and that fetch was about to say so."""
+    outcomes: queue.Queue[SupportedResponse | Exception] = queue.Queue()
+    calls: list[int] = []
 
     def fetch() -> SupportedResponse:
         calls.append(len(calls))
-        assert gate.wait(10)
-        outcome = outcomes.pop(0)
+        outcome = outcomes.get(timeout=20)
         if isinstance(outcome, Exception):
             raise outcome
         return outcome
 
-    supported = _Supported(fetch)
+    def fetches(count: int) -> None:
+        deadline = time.monotonic() + 10
+        while len(calls) < count and time.monotonic() < deadline:
+            time.sleep(0.005)
+        assert len(calls) == count
+
+    woken = _Supported(fetch, retry=60, idle=60)  # a failure that came at once: the next request waits for its fetch
+    outcomes.put(ConnectionRefusedError("refused"))
+    with pytest.raises(ConnectionRefusedError, match="refused"):  # the first fetch, ended within the wait: its error
+        woken.get(5)
+    outcomes.put(SupportedResponse(kinds=[]))
+    assert woken.get(5) == SupportedResponse(kinds=[])  # the thread woken from its 60 s: fetched at once, waited for
+    assert woken.get(0) == SupportedResponse(kinds=[])  # kept: no fetch more
+    assert calls == [0, 1]
+
+    calls.clear()
+    again = _Supported(fetch, retry=0.01, idle=60)  # fetched again by the thread, not by a request
+    outcomes.put(ConnectionRefusedError("refused"))
+    with pytest.raises(ConnectionRefusedError, match="refused"):
+        again.get(5)
+    fetches(2)
+    answered = threading.Timer(0.2, outcomes.put, [SupportedResponse(kinds=[])])
+    answered.start()
+    assert again.get(5) == SupportedResponse(kinds=[])  # the fetch in flight, waited for: not the last error
+    answered.join()
+    _join_supported_threads()
+    assert calls == [0, 1]
+
+    calls.clear()
+    slow = _Supported(fetch, retry=60, idle=60)  # a failure after longer than the wait: no request waits for the next
     with pytest.raises(TimeoutError, match=r"did not answer /supported in 0\.05 s"):
-        supported.get(0.05)
-    with pytest.raises(TimeoutError, match="has not answered /supported yet"):  # in flight: no second fetch, no wait
-        supported.get(10)
+        slow.get(0.05)
+    with pytest.raises(TimeoutError, match="has not answered /supported yet"):  # it has run the wait: no more
+        slow.get(0.05)
+    time.sleep(0.1)
+    outcomes.put(ConnectionResetError("slow"))
+    deadline = time.monotonic() + 10
+    while True:  # at once each time: "not answered yet" while the first runs, then its error (a second fetch begun)
+        with pytest.raises((TimeoutError, ConnectionResetError)) as raised:
+            slow.get(0.05)
+        if raised.type is ConnectionResetError or time.monotonic() > deadline:
+            break
+        assert "has not answered /supported yet" in str(raised.value)
+        time.sleep(0.005)
+    assert (raised.type, str(raised.value)) == (ConnectionResetError, "slow")
+    fetches(2)
+    with pytest.raises(ConnectionResetError, match="slow"):  # the second runs: at once
+        slow.get(0.05)
+    outcomes.put(SupportedResponse(kinds=[]))
+    _join_supported_threads()
+    assert (slow.get(0), calls) == (SupportedResponse(kinds=[]), [0, 1])
+
+    calls.clear()
+    idle = _Supported(fetch, retry=0.01, idle=0)  # no request asks within `idle`: the thread stops after a failure
+    outcomes.put(ConnectionRefusedError("down"))
+    with pytest.raises(ConnectionRefusedError, match="down"):
+        idle.get(5)
+    _join_supported_threads()
     assert calls == [0]
-    gate.set()
-    for thread in threading.enumerate():  # the first fetch ends (failed; no one waits for it any more)
+    outcomes.put(SupportedResponse(kinds=[]))
+    assert idle.get(5) == SupportedResponse(kinds=[])  # a thread begun again, and its fetch waited for
+    assert calls == [0, 1]
+
+
+def _join_supported_threads() -> None:
+    for thread in threading.enumerate():
         if thread.name == "x402-supported":
             thread.join(10)
-    with pytest.raises(ConnectionRefusedError, match="second"):  # a new fetch, ended within the wait: its error
-        supported.get(5)
-    assert supported.get(5) == SupportedResponse(kinds=[])
-    assert supported.get(0) == SupportedResponse(kinds=[])  # kept: no fetch more
-    assert calls == [0, 1, 2]
+            assert not thread.is_alive()
 
 
 def test_the_facilitator_clients_lifespan_closes_its_pool_when_the_app_stops() -> None:

@@ -98,8 +98,10 @@ MAX_PAYMENT_BYTES = 64 * 1024
 # p99 a wash; no difference at 200-300/s (docs/benchmarks.md, thirty-seventh sitting).
 BATCHES_IN_FLIGHT = 1
 KEEPALIVE_SECONDS = 2.0  # below the service's keep-alive timeout
-SUPPORTED_WAIT = 1.0  # seconds the event loop waits for the facilitator's /supported (x402 asks it synchronously)
+SUPPORTED_WAIT = 1.0  # seconds the event loop waits for a /supported begun (x402 asks it synchronously)
 SUPPORTED_TIMEOUT = 5.0  # seconds a /supported request may take on its own thread (x402's default: 90)
+SUPPORTED_RETRY = 0.25  # seconds between a failed /supported and the next, while paid requests ask
+SUPPORTED_IDLE = 10.0  # seconds without a paid request asking after which a failed /supported is not fetched again
 BAD_GATEWAY = 502  # a proxy's answer when the facilitator behind it dropped the request, whether it did the work or not
 CONNECT_TIMEOUT = 3.0  # seconds to reach the facilitator: a request not sent yet charges nothing, so fail it early
 FAILURE_SHOWN_MAX = 240  # characters of the facilitator's failure a payer's 503 quotes (the payee's log has it whole)
@@ -202,11 +204,12 @@ class ChannelHubFacilitatorClient(HTTPFacilitatorClient):
         self._supported = _Supported(super().get_supported)
 
     def get_supported(self) -> SupportedResponse:
-        """x402's `/supported`, asked on a thread and waited for `SUPPORTED_WAIT` at most. x402's middleware asks it
-        on the event loop, at start and at each paid route's request until it has an answer: with the facilitator
-        down that was a 500 for every paid route (not even the 402), and with one that never answers, the whole app,
-        free routes too, stood still for x402's 90-second timeout. Now the payment middleware answers 503 at once
-        (Retry-After) until the facilitator answers."""
+        """x402's `/supported`, asked on a thread (`_Supported`): a fetch waited for a second at most in all
+        (`SUPPORTED_WAIT`), and not at all after one that failed only after longer. x402's middleware asks it on the
+        event loop, at start and at each paid route's request until it has an answer: with the facilitator down that
+        was a 500 for every paid route (not even the 402), and with one that never answers, the whole app, free routes
+        too, stood still for x402's 90-second timeout. Now the payment middleware answers 503 at once (Retry-After)
+        until the facilitator answers."""
         try:
             return self._supported.get(SUPPORTED_WAIT)
         except Exception as ex:
@@ -434,40 +437,76 @@ class ChannelHubFacilitatorClient(HTTPFacilitatorClient):
 
 
 class _Supported:
-    """The facilitator's `/supported`, fetched by `fetch` on a thread: one fetch at a time, its answer kept."""
+    """The facilitator's `/supported`, fetched on a thread of its own and kept once answered. A request waits for the
+    fetch in flight (beginning one if none runs) until that fetch has run `get`'s `wait` (on the event loop that
+    asks), unless the last fetch failed only after longer than that (a host that does not answer: the next would
+    not either): then it answers at once with that failure. After a failure the thread fetches again every `retry`
+    seconds for as long as requests keep asking (within `idle` seconds), and at once when one asks. Before, each
+    request after a failed fetch began the next and waited for it: with the facilitator's host down (each fetch a
+    connect timeout long), the payee's event loop, free routes too, stood still a second in every three."""
 
-    def __init__(self, fetch: Callable[[], SupportedResponse]) -> None:
-        self._fetch = fetch
-        self._lock = threading.Lock()
+    def __init__(
+        self,
+        fetch: Callable[[], SupportedResponse],
+        retry: float = SUPPORTED_RETRY,
+        idle: float = SUPPORTED_IDLE,
+    ) -> None:
+        self._fetch, self._retry, self._idle = fetch, retry, idle
+        self._changed = threading.Condition()
         self._answer: SupportedResponse | None = None
-        self._error: Exception | None = None
-        self._done: threading.Event | None = None  # set when the fetch in flight ended
+        self._error: Exception | None = None  # the last fetch's
+        self._took = 0.0  # seconds the last fetch took
+        self._ended = 0  # fetches ended
+        self._fetching = False  # a fetch runs, or the thread is about to begin one
+        self._began = 0.0  # when it began (time.monotonic)
+        self._running = False  # the thread runs (fetching, or waiting to fetch again)
+        self._asked = 0.0  # when a request last asked
 
     def get(self, wait: float) -> SupportedResponse:
-        """The answer; else a new fetch waited for `wait` seconds, or, while one is in flight, an error at once."""
-        with self._lock:
+        """The answer; else the fetch in flight waited for until it has run `wait` seconds; else at once the last
+        fetch's error."""
+        with self._changed:
             if self._answer is not None:
                 return self._answer
-            if self._done is not None:
+            now = self._asked = time.monotonic()
+            if not self._fetching:
+                self._fetching, self._began = True, now
+                if not self._running:
+                    self._running = True
+                    threading.Thread(target=self._run, name="x402-supported", daemon=True).start()
+                self._changed.notify_all()
+            left = self._began + wait - now
+            if left > 0 and (self._error is None or self._took <= wait):
+                ended = self._ended + 1  # the fetch in flight
+                if not self._changed.wait_for(lambda: self._ended >= ended, left):
+                    raise TimeoutError(f"the facilitator did not answer /supported in {wait} s")
+                if self._answer is not None:
+                    return self._answer
+            if self._error is None:
                 raise TimeoutError("the facilitator has not answered /supported yet")
-            done = self._done = threading.Event()
-            threading.Thread(target=self._run, args=(done,), name="x402-supported", daemon=True).start()
-        done.wait(wait)
-        with self._lock:
-            if self._answer is not None:
-                return self._answer
-            if done.is_set() and self._error is not None:
-                raise self._error
-        raise TimeoutError(f"the facilitator did not answer /supported in {wait} s")
+            raise self._error
 
-    def _run(self, done: threading.Event) -> None:
-        try:
-            answer, error = self._fetch(), None
-        except Exception as ex:
-            answer, error = None, ex
-        with self._lock:
-            self._answer, self._error, self._done = answer, error, None
-        done.set()
+    def _run(self) -> None:
+        """Fetches until answered, or until no request has asked for `idle` seconds after a failure."""
+        while True:
+            try:
+                answer, error = self._fetch(), None
+            except Exception as ex:
+                answer, error = None, ex
+            with self._changed:
+                self._answer, self._error = answer, error
+                self._took = time.monotonic() - self._began
+                self._ended += 1
+                self._fetching = False
+                self._changed.notify_all()
+                if answer is None:
+                    asked = self._changed.wait_for(lambda: self._fetching, self._retry)
+                    if asked or time.monotonic() - self._asked <= self._idle:
+                        if not asked:
+                            self._fetching, self._began = True, time.monotonic()
+                        continue
+                self._running = False
+                return
 
 
 @dataclass(frozen=True)
