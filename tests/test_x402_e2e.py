@@ -1405,6 +1405,69 @@ def test_a_payee_that_started_without_its_facilitator_answers_503_at_once_then_i
     assert accepted_for(rig.service, rig.payee) == PRICE
 
 
+def test_a_flood_of_made_up_channels_through_a_payee_never_holds_a_known_payers_settle(
+    spawn: Callable[..., ServiceProcess],
+    paid_api: PaidApis,
+    w3: Web3,
+    accounts: list[LocalAccount],
+    devnet: Devnet,
+    tmp_path: Path,
+    payer_for: Callable[..., PayerClient],
+) -> None:
+    """A payment on a channel id no one opened (ids are cheap to make up) is verified by the facilitator, which
+    answers 503 `unknown_channels_busy` past its read budget and paces a connection's refusals (here one at once,
+    then one every 10 s). A flood of them through a payee held every connection of the payee's pool to the
+    facilitator (100), and the settle of a payer whose channel the payee knows waited for one of them to be answered:
+    10-30 s here. The payee's settles go on connections of their own: the known payer is served while the flood's
+    payments all still wait."""
+    service = spawn(
+        f"sqlite:///{tmp_path / 'made-up.db'}",
+        wait=False,
+        connection_refusals_per_second="0.1",
+        connection_refusal_burst="1",
+    )
+    payee = Account.create().address
+    api = paid_api(service, payee)
+    account: LocalAccount = Account.create()
+    w3.eth.send_transaction({"from": accounts[0].address, "to": account.address, "value": Web3.to_wei(1, "ether")})
+    scheme = ChannelHubClientScheme(payer_for(account, service), DepositPolicy(multiple=100))
+    assert paid_get(devnet, scheme, f"{api}/weather") == 200  # the payee knows this payer's channel now
+    required = (
+        x402HTTPClient(paying_client(devnet, scheme))
+        .get_payment_required_response(httpx.get(f"{api}/weather").headers.get, None)
+        .accepts[0]
+    )
+
+    def made_up(n: int) -> dict[str, str]:
+        voucher = {"channelId": "0x" + n.to_bytes(32, "big").hex(), "cumulativeAmount": str(PRICE)}
+        signed = voucher | {"signature": "0x" + "11" * 64 + "1b"}
+        return {"PAYMENT-SIGNATURE": encode_payment_signature_header(PaymentPayload(payload=signed, accepted=required))}
+
+    def delayed() -> float:
+        return sum(scraped(service.url, "settlement_refusals_delayed_total").values())
+
+    async def flood() -> tuple[list[int], int, int, int]:
+        async with httpx.AsyncClient(timeout=60, limits=httpx.Limits(max_connections=None)) as http:
+            burst = await asyncio.gather(*(http.get(f"{api}/weather", headers=made_up(n + 1)) for n in range(100)))
+            held = [asyncio.create_task(http.get(f"{api}/weather", headers=made_up(n + 101))) for n in range(300)]
+            deadline = time.monotonic() + 30
+            while await asyncio.to_thread(delayed) < 100 and time.monotonic() < deadline:  # each holds a connection
+                await asyncio.sleep(0.1)
+            before = sum(task.done() for task in held)
+            async with x402HttpxClient(paying_client(devnet, scheme), timeout=60) as payer:
+                honest = (await payer.get(f"{api}/weather")).status_code
+            after = sum(task.done() for task in held)
+            for task in held:
+                task.cancel()
+            await asyncio.gather(*held, return_exceptions=True)
+            return sorted({answer.status_code for answer in burst}), honest, before, after
+
+    statuses, honest, before, after = asyncio.run(flood())
+    assert (statuses, honest) == ([402, 503], 200)
+    assert after == before < 300  # served while the flood waits: no connection of the pool was let go for it
+    assert accepted_for(service, payee) == 2 * PRICE
+
+
 def test_a_payee_whose_facilitators_host_is_down_answers_at_once_while_it_is_down(
     devnet: Devnet, proxied_payee: Callable[..., ProxiedPayee]
 ) -> None:

@@ -259,8 +259,11 @@ def test_the_payees_facilitator_client_takes_both_of_x402s_config_forms() -> Non
     expected = (CONNECT_TIMEOUT, 90.0, 90.0, 90.0)  # connect, read, write, pool: x402's default timeout is 90 s
     timeout = typed.own_client.timeout
     assert (timeout.connect, timeout.read, timeout.write, timeout.pool) == expected
-    assert typed._pool is not None and typed._pool.transport is transport
-    batches = typed._pool.timeout  # the settle batches, posted through aiohttp's session itself: the same limits
+    assert typed._pool is not None and typed._pool.transport is transport  # verifies, through aiohttp's session
+    settles = typed._settle_pool  # settles, through a session of their own (a flood of verifies holds none of it)
+    assert settles is not None and settles.transport is not transport and settles.timeout is typed._pool.timeout
+    assert isinstance(settles.transport, AiohttpTransport) and settles.transport.limits == transport.limits
+    batches = typed._pool.timeout  # the same limits as x402's own calls
     assert batches is not None and (batches.sock_connect, batches.sock_read, batches.connect) == (
         CONNECT_TIMEOUT,
         90,
@@ -325,8 +328,8 @@ def test_the_settle_batches_go_through_the_clients_own_aiohttp_session_which_clo
             answers = await asyncio.gather(*(facilitator.settle(p, p.accepted) for p in paid))
             status[0] = 503
             refused = await asyncio.gather(*(facilitator.settle(p, p.accepted) for p in paid), return_exceptions=True)
-            assert facilitator._pool is not None
-            session = facilitator._pool.transport.client
+            assert facilitator._settle_pool is not None
+            session = facilitator._settle_pool.transport.client
             assert isinstance(session, aiohttp.ClientSession) and not session.closed
             await facilitator.aclose()
             return answers, refused, session.closed, facilitator.own_client is not None

@@ -167,7 +167,8 @@ class ChannelHubFacilitatorClient(HTTPFacilitatorClient):
         config = config or FacilitatorConfig()
         self.gc_young_threshold = gc_young_threshold
         self.own_client: httpx.AsyncClient | None = None
-        self._pool: _Pool | None = None  # under own_client: the settle batches are posted through its session
+        self._pool: _Pool | None = None  # under own_client: verifies are posted through its session
+        self._settle_pool: _Pool | None = None  # and settles through a pool of their own
         if isinstance(config, FacilitatorConfig) and config.http_client is None:
             # An idle connection is dropped here before the service closes it (SETTLEMENT_KEEP_ALIVE_SECONDS, 5 s):
             # with both at 5 s, a burst after a lull could send on a connection the service was closing (a
@@ -183,15 +184,18 @@ class ChannelHubFacilitatorClient(HTTPFacilitatorClient):
             client = httpx.AsyncClient(timeout=timeout, follow_redirects=True, transport=transport)
             config = replace(config, http_client=client)
             self.own_client = client
-            self._pool = _Pool(  # the timeout as httpx-aiohttp maps httpx's for x402's own calls, and a whole one
-                transport,
-                aiohttp.ClientTimeout(
-                    connect=timeout.pool,
-                    sock_connect=timeout.connect,
-                    sock_read=timeout.read,
-                    total=None if timeout.read is None else timeout.read * ANSWER_DEADLINE_FACTOR,
-                ),
+            posted = aiohttp.ClientTimeout(  # as httpx-aiohttp maps httpx's for x402's calls, and a whole one
+                connect=timeout.pool,
+                sock_connect=timeout.connect,
+                sock_read=timeout.read,
+                total=None if timeout.read is None else timeout.read * ANSWER_DEADLINE_FACTOR,
             )
+            self._pool = _Pool(transport, posted)
+            # Settles on connections of their own: a payment on a channel id no one opened (a flood of them is cheap
+            # to make) is a verify the facilitator answers 503 `unknown_channels_busy` past its read budget, and it
+            # paces a connection's refusals; such verifies held every connection of a shared pool, and each known
+            # payer's settle waited for one of them to be answered (tests/test_x402_e2e.py).
+            self._settle_pool = _Pool(AiohttpTransport(limits=limits), posted)
         super().__init__(config)
         self.positions = Positions() if local_verify else None
         self.batch_settles = batch_settles
@@ -229,6 +233,8 @@ class ChannelHubFacilitatorClient(HTTPFacilitatorClient):
     async def aclose(self) -> None:
         if self.own_client is not None:
             await self.own_client.aclose()
+        if self._settle_pool is not None:
+            await self._settle_pool.transport.aclose()
         await super().aclose()
 
     @asynccontextmanager
@@ -369,7 +375,7 @@ class ChannelHubFacilitatorClient(HTTPFacilitatorClient):
     async def _post_batch(self, batch: list[_Queued], resend: bool) -> list[SettleResponse | Exception]:
         opening = b'{"x402Version":2,"resend":true,"settlements":[' if resend else b'{"x402Version":2,"settlements":['
         body = opening + b",".join(q.part for q in batch) + b"]}"
-        status, content = await self._post(f"{self._url}/settle/batch", body, self._get_settle_headers())
+        status, content = await self._post(f"{self._url}/settle/batch", body, self._get_settle_headers(), settle=True)
         if status in (404, 405):  # a facilitator without the batch route: one settle per payment
             self.batch_settles = False
             found = await asyncio.gather(*(self._settle_alone(q.part, resend) for q in batch), return_exceptions=True)
@@ -394,10 +400,10 @@ class ChannelHubFacilitatorClient(HTTPFacilitatorClient):
         writes, failed to encode there, a 503 for a payment that could never be sent). Raises, as x402's client does,
         for any answer but a 200 with x402's answer in it (our service sends no extension responses beside it). A
         `resend` is a settle sent again after its answer was lost (our facilitator's addition to x402's body)."""
-        headers = self._get_verify_headers() if operation == "verify" else self._get_settle_headers()
-        opening = b'{"x402Version":2,"resend":true,' if resend else b'{"x402Version":2,'
-        status, content = await self._post(f"{self._url}/{operation}", opening + part[1:], headers)
         settle = operation == "settle"
+        headers = self._get_settle_headers() if settle else self._get_verify_headers()
+        opening = b'{"x402Version":2,"resend":true,' if resend else b'{"x402Version":2,'
+        status, content = await self._post(f"{self._url}/{operation}", opening + part[1:], headers, settle)
         if status != 200:
             failure = AnswerUnreadError if settle and status == BAD_GATEWAY else ValueError
             raise failure(f"Facilitator {operation} failed ({status}): {content.decode(errors='replace')}")
@@ -408,21 +414,23 @@ class ChannelHubFacilitatorClient(HTTPFacilitatorClient):
                 raise
             raise AnswerUnreadError(f"the facilitator's settle answer is not x402's: {ex}") from None
 
-    async def _post(self, url: str, body: bytes, headers: dict[str, str]) -> tuple[int, bytes]:
-        """POST `body`; the answer's status and body. Through aiohttp's session itself where this client made the pool
-        (the one x402's own calls use through httpx's API): httpx's layers above the pool were 12 % of the payee app's
-        CPU a paid request at 400 paid/s (py-spy; docs/benchmarks.md). There the answer is bounded as the SDK's are
+    async def _post(self, url: str, body: bytes, headers: dict[str, str], settle: bool) -> tuple[int, bytes]:
+        """POST `body`; the answer's status and body. Through aiohttp's sessions themselves where this client made the
+        pools (a verify through the one x402's own calls use through httpx's API, a settle through its own): httpx's
+        layers above the pool were 12 % of the payee app's CPU a paid request at 400 paid/s (py-spy;
+        docs/benchmarks.md). There the answer is bounded as the SDK's are
         (settlement.sdk.bounded): read whole within `ANSWER_DEADLINE_FACTOR` times the timeout (aiohttp's timeouts
         are per read: a body sent a byte at a time held the paid request for good), and cut past `MAX_ANSWER_BYTES`
         (an endless body, from a broken proxy on the way, filled the payee's memory; the facilitator's answers are
         small: 100 settles, ~100 KB). An app's own httpx client is used as given."""
-        if self._pool is None:
+        pool = self._settle_pool if settle else self._pool
+        if pool is None:
             response = await self._get_async_client().post(url, headers=headers, content=body)
             return response.status_code, response.content
-        transport = self._pool.transport
+        transport = pool.transport
         if not isinstance(transport.client, aiohttp.ClientSession):
             transport.client = transport.get_client()  # made as httpx-aiohttp makes it at its first request
-        async with transport.client.post(url, headers=headers, data=body, timeout=self._pool.timeout) as answer:
+        async with transport.client.post(url, headers=headers, data=body, timeout=pool.timeout) as answer:
             too_large = AnswerUnreadError(f"the facilitator's answer is larger than {MAX_ANSWER_BYTES:,} bytes")
             if answer.content_length is not None:  # its length said: read whole, or not at all
                 if answer.content_length > MAX_ANSWER_BYTES:
