@@ -4,7 +4,8 @@ route that has moved (a redirect, as Starlette's router also answers a paid URL 
 None is the response the payer paid for, so none may be charged (tests/test_x402_e2e.py runs it as it runs the
 example). And a paid route that reads its request's body, served with a body bound of 1 s (10 by default) so that
 the tests of slow bodies take seconds. With SETTLE_ONE_BY_ONE set, its facilitator client settles each payment
-with one `/settle` (`batch_settles=False`)."""
+with one `/settle` (`batch_settles=False`); UNSEEN_BUDGET ("rate burst") sets its budget of a client's payments
+on channels the facilitator does not know."""
 
 from __future__ import annotations
 
@@ -18,12 +19,16 @@ import uvicorn
 from fastapi import FastAPI, Request, Response, WebSocket
 from fastapi.responses import RedirectResponse, StreamingResponse
 
+from settlement.domain.buckets import Buckets
 from settlement.x402.serving import bounded_protocol
 
 example = runpy.run_path(str(Path(__file__).resolve().parents[1] / "examples" / "paid_api.py"))
 app: FastAPI = example["app"]
 if os.environ.get("SETTLE_ONE_BY_ONE"):
     example["facilitator"].batch_settles = False
+if unseen := os.environ.get("UNSEEN_BUDGET"):  # "rate burst": a client's payments on channels no one knows
+    rate, burst = (float(part) for part in unseen.split())
+    example["facilitator"].unseen = Buckets(rate, burst)
 
 
 @app.get("/reports/broken/raise")  # priced by the example's "GET /reports/*"

@@ -22,6 +22,7 @@ from web3 import Web3
 
 from settlement.api import middleware
 from settlement.api.middleware import CONNECTION, RefusalTarpit
+from settlement.domain.clients import client_key
 from tests.hub_helpers import (
     Channel,
     body,
@@ -117,9 +118,9 @@ def test_a_clients_key_has_one_form_per_network() -> None:
         "not:an:address": "not:an:address",
         "": "",
     }
-    assert {host: middleware.client_key(host, 64) for host in forms} == forms
-    assert middleware.client_key("2001:db8:1:2:3::1", 48) == "2001:db8:1::/48"
-    assert middleware.client_key("2001:db8::1", 128) == "2001:db8::1/128"
+    assert {host: client_key(host, 64) for host in forms} == forms
+    assert client_key("2001:db8:1:2:3::1", 48) == "2001:db8:1::/48"
+    assert client_key("2001:db8::1", 128) == "2001:db8::1/128"
 
 
 def test_a_connection_that_keeps_being_refused_is_paced_whatever_clients_it_names(

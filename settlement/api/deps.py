@@ -7,8 +7,8 @@ from typing import Annotated, Any
 from eth_utils.address import is_address, is_checksum_address, to_checksum_address
 from fastapi import Depends, Path, Query, Request
 
-from settlement.api.middleware import client_of
 from settlement.api.schemas import ErrorOut
+from settlement.domain.clients import client_of
 from settlement.errors import MalformedRequestError, SettlementError
 from settlement.server.service import Service
 from settlement.store.standing import Admission, Limits

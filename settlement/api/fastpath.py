@@ -19,8 +19,9 @@ from starlette.types import ASGIApp, Receive, Scope, Send
 
 from settlement.api.deps import ADMITTED
 from settlement.api.handlers import accept_batch, accept_voucher
-from settlement.api.middleware import INTERNAL_ERROR, client_of, read_json_body, refuse, respond
+from settlement.api.middleware import INTERNAL_ERROR, read_json_body, refuse, respond
 from settlement.api.routes_x402 import X402Operations
+from settlement.domain.clients import client_of
 from settlement.domain.model import ChannelId
 from settlement.errors import SettlementError
 from settlement.server.service import Service

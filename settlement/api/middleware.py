@@ -5,8 +5,6 @@ memory for nothing); allowed hosts; a request budget per client; and a refusal b
 from __future__ import annotations
 
 import asyncio
-import functools
-import ipaddress
 import json
 import random
 import time
@@ -16,6 +14,7 @@ from typing import Any
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from settlement.domain.buckets import Buckets
+from settlement.domain.clients import client_of
 from settlement.errors import (
     HostNotAllowedError,
     PayloadTooLargeError,
@@ -157,34 +156,6 @@ def named_host(host: str, allowed: Iterable[str]) -> bool:
     """Whether a Host header's name (any port) is one of `allowed` by name (`*` names none)."""
     name = host_name(host)
     return name != "*" and name in {h.lower() for h in allowed}
-
-
-def client_of(scope: Scope, ipv6_prefix: int) -> str:
-    """The client a request's limits count against: the connection's peer, or the address a trusted proxy names
-    (uvicorn rewrites the peer only for SETTLEMENT_TRUSTED_PROXIES); an IPv6 client by its network (`client_key`)."""
-    peer = scope.get("client")
-    return client_key(str(peer[0]), ipv6_prefix) if peer else ""
-
-
-def client_key(host: str, ipv6_prefix: int) -> str:
-    """`host` as a client: an IPv4 address as it is, an IPv6 address as its network of `ipv6_prefix` bits
-    (SETTLEMENT_CLIENT_IPV6_PREFIX), an IPv4-mapped one as its IPv4 address. One host is given a /64 (or more) and
-    may send from any address in it: counted by address, each of its 2^64 addresses was a fresh client with a full
-    budget of requests and forgeries, and its flood pushed other clients' debts out of the buckets."""
-    if ":" not in host:
-        return host
-    return _ipv6_client(host, ipv6_prefix)
-
-
-@functools.lru_cache(maxsize=4096)
-def _ipv6_client(host: str, ipv6_prefix: int) -> str:
-    try:
-        ip = ipaddress.IPv6Address(host)
-    except ValueError:
-        return host  # not an address (a name a proxy gave): counted as given
-    if ip.ipv4_mapped is not None:
-        return str(ip.ipv4_mapped)
-    return str(ipaddress.IPv6Network((int(ip), ipv6_prefix), strict=False))
 
 
 class RateGuard:

@@ -67,9 +67,17 @@ from x402.http.middleware.fastapi import PaymentMiddlewareASGI
 from x402.http.types import RoutesConfig
 from x402.schemas import PaymentPayload, PaymentRequirements, SettleResponse, SupportedResponse, VerifyResponse
 
+from settlement.domain.buckets import Buckets
+from settlement.domain.clients import client_of
 from settlement.domain.model import ChannelId
 from settlement.domain.redaction import scrubbed_start
-from settlement.errors import InvalidSignatureError, SettlementError
+from settlement.errors import (
+    ChannelNotFoundError,
+    InvalidSignatureError,
+    RateLimitedError,
+    SettlementError,
+    UnknownChannelsBusyError,
+)
 from settlement.sdk.bounded import ANSWER_DEADLINE_FACTOR, MAX_ANSWER_BYTES, BoundedTransport
 from settlement.sdk.payee import PayeeClient
 from settlement.x402.positions import Forged, Positions
@@ -98,6 +106,15 @@ MAX_PAYMENT_BYTES = 64 * 1024
 # p99 a wash; no difference at 200-300/s (docs/benchmarks.md, thirty-seventh sitting).
 BATCHES_IN_FLIGHT = 1
 KEEPALIVE_SECONDS = 2.0  # below the service's keep-alive timeout
+# A client's payments on channel ids the facilitator does not know (it answered `channel_not_found`, or 503
+# `unknown_channels_busy` past its read budget), a second beyond a burst: further payments of that client on channels
+# this payee has not seen are answered 429 here, unsent (0: no limit). Channel ids are cheap to make up, and each one
+# was a verify at the facilitator, which paces a connection's refusals: a flood of them held the payee's connections
+# to it, and every new payer's first payment waited behind the flood.
+UNSEEN_PER_CLIENT = 5.0
+UNSEEN_BURST = 20.0
+IPV6_PREFIX = 64  # an IPv6 client is counted by its network of this many bits (a host holds a /64)
+OVER_BUDGET = "this client's payments named more channels the facilitator does not know than this payee allows"
 SUPPORTED_WAIT = 1.0  # seconds the event loop waits for a /supported begun (x402 asks it synchronously)
 SUPPORTED_TIMEOUT = 5.0  # seconds a /supported request may take on its own thread (x402's default: 90)
 SUPPORTED_RETRY = 0.25  # seconds between a failed /supported and the next, while paid requests ask
@@ -121,6 +138,7 @@ class _Exchange:
 
     request: Request
     failure: str | None = None  # the facilitator could not judge the payment: the answer is a 503
+    limited: int | None = None  # or the client is over its budget of unknown channels: a 429, retry in this many s
     sent_whole: bool = False  # the app sent its answer's last part
     failed: Exception | None = None  # or raised this instead
 
@@ -132,6 +150,28 @@ class AnswerUnreadError(ValueError):
     """A settle's answer that came but cannot be read: a gateway's 502 in its place (the facilitator behind it closed
     or reset the connection, maybe after its commit) or a body that is not the answer (mangled on the way). The
     payments may have been accepted, as when the answer is lost: the settle is sent again as a `resend`."""
+
+
+class FacilitatorStatusError(ValueError):
+    """The facilitator's answer to a call that is not a 200 (nor a gateway's 502 for a settle): its text as x402's
+    client writes it, and its stable code when the body is our service's error."""
+
+    def __init__(self, text: str, content: bytes) -> None:
+        super().__init__(text)
+        try:
+            body = from_json(content)
+        except ValueError:
+            body = None
+        code = body.get("code") if isinstance(body, dict) else None
+        self.code = code if isinstance(code, str) else None
+
+
+class _OverBudget(Exception):
+    """A client over its budget of payments on unknown channels (`UNSEEN_PER_CLIENT`): retry in `wait` seconds."""
+
+    def __init__(self, wait: int) -> None:
+        super().__init__(wait)
+        self.wait = wait
 
 
 class _NotSettled(Exception):
@@ -163,6 +203,9 @@ class ChannelHubFacilitatorClient(HTTPFacilitatorClient):
         batch_bytes: int = SETTLE_BATCH_BYTES,
         max_payment_bytes: int = MAX_PAYMENT_BYTES,
         gc_young_threshold: int | None = GC_YOUNG_THRESHOLD,
+        unseen_per_client: float = UNSEEN_PER_CLIENT,
+        unseen_burst: float = UNSEEN_BURST,
+        ipv6_prefix: int = IPV6_PREFIX,
     ) -> None:
         config = config or FacilitatorConfig()
         self.gc_young_threshold = gc_young_threshold
@@ -202,6 +245,8 @@ class ChannelHubFacilitatorClient(HTTPFacilitatorClient):
         self.batches_in_flight = batches_in_flight
         self.batch_bytes = batch_bytes
         self.max_payment_bytes = max_payment_bytes
+        self.unseen = Buckets(unseen_per_client, unseen_burst)  # by client: payments on channels no one knows
+        self.ipv6_prefix = ipv6_prefix
         self._queued: list[_Queued] = []
         self._settling: set[tuple[ChannelId, int]] = set()  # the vouchers of the settles queued or in flight
         self._senders: set[asyncio.Task[None]] = set()  # held: the event loop keeps only weak references to tasks
@@ -276,9 +321,29 @@ class ChannelHubFacilitatorClient(HTTPFacilitatorClient):
             part = _part(payload, requirements, self.max_payment_bytes)
             if isinstance(part, str):
                 return VerifyResponse(is_valid=False, invalid_reason=Reason.INVALID_PAYLOAD, invalid_message=part)
-            return await self._sent("verify", part, VerifyResponse)
+            return await self._verified(part)
+        except _OverBudget as over:
+            raise _limited(over.wait) from None
         except Exception as ex:
             raise _unavailable("verify", ex) from ex
+
+    async def _verified(self, part: bytes) -> VerifyResponse:
+        """The facilitator's `/verify` of a payment on a channel this payee has not seen, within its client's budget
+        (`unseen`): the facilitator not knowing the channel is charged to the client, and a client in debt is refused
+        here, unsent. Only unseen channels spend it: a payer whose channel the payee knows verifies locally."""
+        exchange = _exchange.get()
+        client = None if exchange is None else client_of(exchange.request.scope, self.ipv6_prefix) or None
+        if client is not None and (wait := self.unseen.due(client, time.monotonic())) is not None:
+            raise _OverBudget(wait)
+        try:
+            verified = await self._sent("verify", part, VerifyResponse)
+        except FacilitatorStatusError as failed:
+            if client is not None and failed.code == UnknownChannelsBusyError.code:
+                self.unseen.charge(client, 1, time.monotonic())
+            raise
+        if client is not None and verified.invalid_reason == ChannelNotFoundError.code:
+            self.unseen.charge(client, 1, time.monotonic())
+        return verified
 
     async def settle(self, payload: Any, requirements: Any) -> SettleResponse:
         exchange = _exchange.get()
@@ -405,8 +470,8 @@ class ChannelHubFacilitatorClient(HTTPFacilitatorClient):
         opening = b'{"x402Version":2,"resend":true,' if resend else b'{"x402Version":2,'
         status, content = await self._post(f"{self._url}/{operation}", opening + part[1:], headers, settle)
         if status != 200:
-            failure = AnswerUnreadError if settle and status == BAD_GATEWAY else ValueError
-            raise failure(f"Facilitator {operation} failed ({status}): {content.decode(errors='replace')}")
+            text = f"Facilitator {operation} failed ({status}): {content.decode(errors='replace')}"
+            raise AnswerUnreadError(text) if settle and status == BAD_GATEWAY else FacilitatorStatusError(text, content)
         try:
             return answer.model_validate_json(content)
         except ValueError as ex:
@@ -601,6 +666,14 @@ def _batch_answer(answer: Any) -> SettleResponse | Exception:
         return ValueError(f"the facilitator's settle answer is not x402's: {ex}")
 
 
+def _limited(wait: int) -> FacilitatorResponseError:
+    """The error x402 answers when a client is over its budget of unknown channels; the payee's answer is a 429."""
+    exchange = _exchange.get()
+    if exchange is not None:
+        exchange.limited = wait
+    return FacilitatorResponseError(f"{OVER_BUDGET}: retry in {wait}s")
+
+
 def _unavailable(operation: str, ex: Exception) -> FacilitatorResponseError:
     """The error x402 answers (a 502, a 503 under `PaymentMiddleware`) when the facilitator could not judge a payment.
 
@@ -772,6 +845,12 @@ class PaymentMiddleware(PaymentMiddlewareASGI):
             return Response(status_code=400)  # sent to no one (the connection is gone)
         finally:
             _exchange.reset(token)
+        if exchange.limited is not None:
+            return JSONResponse(
+                {"error": RateLimitedError.code, "message": f"{OVER_BUDGET}: retry in {exchange.limited}s"},
+                status_code=RateLimitedError.status,
+                headers={"Retry-After": str(exchange.limited)},
+            )
         if exchange.failure is not None:
             return JSONResponse(
                 {"error": Reason.UNAVAILABLE, "message": exchange.failure},
