@@ -41,7 +41,7 @@ from x402.http.utils import (
     encode_payment_required_header,
     encode_payment_signature_header,
 )
-from x402.schemas import PaymentPayload, PaymentRequired
+from x402.schemas import PaymentPayload, PaymentRequired, PaymentRequirements
 
 from settlement.devtools.devnet import Devnet
 from settlement.domain.model import ChannelStatus, ChannelViewField
@@ -207,15 +207,20 @@ def lane_rig(
     tmp_path: Path,
     payer_for: Callable[..., PayerClient],
 ) -> Callable[..., LaneRig]:
-    """Factory: lane_rig(name, payees=1, max_lanes=2, deposit_multiple=None, script=EXAMPLE_APP) -> a LaneRig whose
-    payer is a new account funded with 1 ETH: no channel anywhere yet (every account of the devnet has some, which a
-    scheme would find at its first payment); its payees' apps (`script`) hint at deposits of `deposit_multiple` prices
-    (None: the app's default)."""
+    """Factory: lane_rig(name, payees=1, max_lanes=2, deposit_multiple=None, script=EXAMPLE_APP, **settings) -> a
+    LaneRig whose payer is a new account funded with 1 ETH: no channel anywhere yet (every account of the devnet has
+    some, which a scheme would find at its first payment); its payees' apps (`script`) hint at deposits of
+    `deposit_multiple` prices (None: the app's default); its service runs with `settings` (`spawn`'s)."""
 
     def make(
-        name: str, payees: int = 1, max_lanes: int = 2, deposit_multiple: int | None = None, script: Path = EXAMPLE_APP
+        name: str,
+        payees: int = 1,
+        max_lanes: int = 2,
+        deposit_multiple: int | None = None,
+        script: Path = EXAMPLE_APP,
+        **settings: str,
     ) -> LaneRig:
-        service = spawn(f"sqlite:///{tmp_path / name}.db", wait=False)  # ready once the paid apps are
+        service = spawn(f"sqlite:///{tmp_path / name}.db", wait=False, **settings)  # ready once the paid apps are
         apps = []
         for _ in range(payees):
             payee = Account.create().address
@@ -370,6 +375,13 @@ def paid_get(devnet: Devnet, scheme: ChannelHubClientScheme, url: str, asset: st
             return (await http.get(url)).status_code
 
     return asyncio.run(get())
+
+
+def made_up_payment(required: PaymentRequirements, n: int) -> dict[str, str]:
+    """A PAYMENT-SIGNATURE header paying `required` on channel id `n`, which no one opened (ids cost nothing)."""
+    voucher = {"channelId": "0x" + n.to_bytes(32, "big").hex(), "cumulativeAmount": required.amount}
+    signed = voucher | {"signature": "0x" + "11" * 64 + "1b"}
+    return {"PAYMENT-SIGNATURE": encode_payment_signature_header(PaymentPayload(payload=signed, accepted=required))}
 
 
 def payment_for(api: str, x402: x402Client, path: str = "/weather") -> PaymentPayload:
@@ -1408,14 +1420,7 @@ def test_a_payee_that_started_without_its_facilitator_answers_503_at_once_then_i
 
 
 def test_a_flood_of_made_up_channels_through_a_payee_never_holds_a_known_payers_settle(
-    spawn: Callable[..., ServiceProcess],
-    paid_api: PaidApis,
-    w3: Web3,
-    accounts: list[LocalAccount],
-    devnet: Devnet,
-    tmp_path: Path,
-    payer_for: Callable[..., PayerClient],
-    monkeypatch: pytest.MonkeyPatch,
+    devnet: Devnet, lane_rig: Callable[..., LaneRig], monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """A payment on a channel id no one opened (ids are cheap to make up) is verified by the facilitator, which
     answers 503 `unknown_channels_busy` past its read budget and paces a connection's refusals (here one at once,
@@ -1425,17 +1430,14 @@ def test_a_flood_of_made_up_channels_through_a_payee_never_holds_a_known_payers_
     payments still wait. (The flood comes from one address here, and the payee's budget of unknown channels per
     client is off: as from many addresses.)"""
     monkeypatch.setenv("UNSEEN_BUDGET", "0 1")
-    service = spawn(
-        f"sqlite:///{tmp_path / 'made-up.db'}",
-        wait=False,
+    rig = lane_rig(
+        "made-up",
+        script=ROOT / "tests" / "faulty_paid_api.py",
         connection_refusals_per_second="0.05",
         connection_refusal_burst="1",
     )
-    payee = Account.create().address
-    api = paid_api(service, payee, script=ROOT / "tests" / "faulty_paid_api.py")
-    account: LocalAccount = Account.create()
-    w3.eth.send_transaction({"from": accounts[0].address, "to": account.address, "value": Web3.to_wei(1, "ether")})
-    scheme = ChannelHubClientScheme(payer_for(account, service), DepositPolicy(multiple=100))
+    ((payee, api),) = rig.payees
+    service, scheme = rig.service, rig.scheme
     assert paid_get(devnet, scheme, f"{api}/weather") == 200  # the payee knows this payer's channel now
     required = (
         x402HTTPClient(paying_client(devnet, scheme))
@@ -1443,18 +1445,18 @@ def test_a_flood_of_made_up_channels_through_a_payee_never_holds_a_known_payers_
         .accepts[0]
     )
 
-    def made_up(n: int) -> dict[str, str]:
-        voucher = {"channelId": "0x" + n.to_bytes(32, "big").hex(), "cumulativeAmount": str(PRICE)}
-        signed = voucher | {"signature": "0x" + "11" * 64 + "1b"}
-        return {"PAYMENT-SIGNATURE": encode_payment_signature_header(PaymentPayload(payload=signed, accepted=required))}
-
     def delayed() -> float:
         return sum(scraped(service.url, "settlement_refusals_delayed_total").values())
 
     async def flood() -> tuple[list[int], float, int, float]:
         async with httpx.AsyncClient(timeout=60, limits=httpx.Limits(max_connections=None)) as http:
-            burst = await asyncio.gather(*(http.get(f"{api}/weather", headers=made_up(n + 1)) for n in range(100)))
-            held = [asyncio.create_task(http.get(f"{api}/weather", headers=made_up(n + 101))) for n in range(300)]
+            burst = await asyncio.gather(
+                *(http.get(f"{api}/weather", headers=made_up_payment(required, n + 1)) for n in range(100))
+            )
+            held = [
+                asyncio.create_task(http.get(f"{api}/weather", headers=made_up_payment(required, n + 101)))
+                for n in range(300)
+            ]
             deadline = time.monotonic() + 30
             while await asyncio.to_thread(delayed) < 100 and time.monotonic() < deadline:  # each holds a connection
                 await asyncio.sleep(0.1)
@@ -1477,15 +1479,7 @@ def test_a_flood_of_made_up_channels_through_a_payee_never_holds_a_known_payers_
 
 @pytest.mark.parametrize("facilitator", ["reads each id", "over its read budget"])
 def test_a_client_paying_on_made_up_channels_is_refused_by_the_payee_past_its_budget_and_no_one_else_is(
-    spawn: Callable[..., ServiceProcess],
-    paid_api: PaidApis,
-    w3: Web3,
-    accounts: list[LocalAccount],
-    devnet: Devnet,
-    tmp_path: Path,
-    payer_for: Callable[..., PayerClient],
-    monkeypatch: pytest.MonkeyPatch,
-    facilitator: str,
+    devnet: Devnet, lane_rig: Callable[..., LaneRig], monkeypatch: pytest.MonkeyPatch, facilitator: str
 ) -> None:
     """Each payment on a channel id no one opened was a verify at the facilitator: a flood of them held the payee's
     connections to it (the facilitator paces a connection's refusals), and each new payer's first payment waited
@@ -1495,27 +1489,19 @@ def test_a_client_paying_on_made_up_channels_is_refused_by_the_payee_past_its_bu
     served, and so is a payer from the same address whose channel the payee knows (verified in the payee's process)."""
     monkeypatch.setenv("UNSEEN_BUDGET", "0.001 3")
     reads = "1000" if facilitator == "reads each id" else "0.001"
-    service = spawn(f"sqlite:///{tmp_path / 'budget.db'}", wait=False, unknown_channel_reads_per_second=reads)
-    payee = Account.create().address
-    api = paid_api(service, payee, script=ROOT / "tests" / "faulty_paid_api.py")
-    account: LocalAccount = Account.create()
-    w3.eth.send_transaction({"from": accounts[0].address, "to": account.address, "value": Web3.to_wei(1, "ether")})
-    scheme = ChannelHubClientScheme(payer_for(account, service), DepositPolicy(multiple=100))
+    rig = lane_rig("budget", script=ROOT / "tests" / "faulty_paid_api.py", unknown_channel_reads_per_second=reads)
+    ((payee, api),) = rig.payees
+    service, scheme = rig.service, rig.scheme
     x402 = paying_client(devnet, scheme)
     required = x402HTTPClient(x402).get_payment_required_response(httpx.get(f"{api}/weather").headers.get, None)
-
-    def made_up(n: int) -> dict[str, str]:
-        voucher = {"channelId": "0x" + n.to_bytes(32, "big").hex(), "cumulativeAmount": str(PRICE)}
-        signed = voucher | {"signature": "0x" + "11" * 64 + "1b"}
-        payment = PaymentPayload(payload=signed, accepted=required.accepts[0])
-        return {"PAYMENT-SIGNATURE": encode_payment_signature_header(payment)}
+    accepted = required.accepts[0]
 
     def refusal(answer: httpx.Response) -> tuple[int, str]:
         if answer.status_code == 402:
             return 402, json.loads(base64.b64decode(answer.headers["payment-required"]))["error"]
         return answer.status_code, answer.json()["error"]
 
-    flood = [httpx.get(f"{api}/weather", headers=made_up(n + 1)) for n in range(6)]
+    flood = [httpx.get(f"{api}/weather", headers=made_up_payment(accepted, n + 1)) for n in range(6)]
     sent = (402, "channel_not_found") if facilitator == "reads each id" else (503, "facilitator_unavailable")
     assert [refusal(answer) for answer in flood] == [sent] * 3 + [(429, "rate_limited")] * 3
     assert {990 <= int(answer.headers["retry-after"]) <= 1000 for answer in flood[3:]} == {True}
