@@ -19,6 +19,10 @@ request still answered only once its own payment is committed. A payment of our 
 `/settle` as the batch writes it, so every call judges one payment alike; one that cannot be written (a lone surrogate
 in a string) or is larger than `max_payment_bytes` is refused unsent (`invalid_payload`), never a 503.
 
+A payment on a channel this payee has not seen is verified by the facilitator within a budget per client address
+(`unseen_per_client`): a client whose payments name channels the facilitator does not know (made-up ids are free, and
+each was a verify) is answered 429 `rate_limited`, unsent, until its budget refills.
+
 A payer that went away before its answer was ready (its client timed out, the connection closed while the
 handler ran) is not charged: the settle is not sent. (One that goes away while the settle is on its way may still be.)
 
@@ -483,11 +487,11 @@ class ChannelHubFacilitatorClient(HTTPFacilitatorClient):
         """POST `body`; the answer's status and body. Through aiohttp's sessions themselves where this client made the
         pools (a verify through the one x402's own calls use through httpx's API, a settle through its own): httpx's
         layers above the pool were 12 % of the payee app's CPU a paid request at 400 paid/s (py-spy;
-        docs/benchmarks.md). There the answer is bounded as the SDK's are
-        (settlement.sdk.bounded): read whole within `ANSWER_DEADLINE_FACTOR` times the timeout (aiohttp's timeouts
-        are per read: a body sent a byte at a time held the paid request for good), and cut past `MAX_ANSWER_BYTES`
-        (an endless body, from a broken proxy on the way, filled the payee's memory; the facilitator's answers are
-        small: 100 settles, ~100 KB). An app's own httpx client is used as given."""
+        docs/benchmarks.md). There the answer is bounded as the SDK's are (settlement.sdk.bounded): read whole within
+        `ANSWER_DEADLINE_FACTOR` times the timeout (aiohttp's timeouts are per read: a body sent a byte at a time held
+        the paid request for good), and cut past `MAX_ANSWER_BYTES` (an endless body, from a broken proxy on the way,
+        filled the payee's memory; the facilitator's answers are small: 100 settles, ~100 KB). An app's own httpx
+        client is used as given."""
         pool = self._settle_pool if settle else self._pool
         if pool is None:
             response = await self._get_async_client().post(url, headers=headers, content=body)
