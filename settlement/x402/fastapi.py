@@ -450,9 +450,8 @@ class ChannelHubFacilitatorClient(HTTPFacilitatorClient):
             found = await asyncio.gather(*(self._settle_alone(q.part, resend) for q in batch), return_exceptions=True)
             return [a if isinstance(a, SettleResponse | Exception) else RuntimeError(str(a)) for a in found]
         if status != 200:
-            text = content[:300].decode(errors="replace")
-            failure = AnswerUnreadError if status == BAD_GATEWAY else ValueError
-            raise failure(f"facilitator settle batch failed ({status}): {text}")
+            text = f"facilitator settle batch failed ({status}): {content[:300].decode(errors='replace')}"
+            raise _status_failure(text, status, content, settle=True)
         try:
             read = from_json(content)
         except ValueError as ex:
@@ -475,7 +474,7 @@ class ChannelHubFacilitatorClient(HTTPFacilitatorClient):
         status, content = await self._post(f"{self._url}/{operation}", opening + part[1:], headers, settle)
         if status != 200:
             text = f"Facilitator {operation} failed ({status}): {content.decode(errors='replace')}"
-            raise AnswerUnreadError(text) if settle and status == BAD_GATEWAY else FacilitatorStatusError(text, content)
+            raise _status_failure(text, status, content, settle)
         try:
             return answer.model_validate_json(content)
         except ValueError as ex:
@@ -631,6 +630,12 @@ def _voucher_key(payload: PaymentPayload) -> tuple[ChannelId, int] | None:
     except PayloadError:
         return None
     return voucher.channel_id, voucher.cumulative
+
+
+def _status_failure(text: str, status: int, content: bytes, settle: bool) -> ValueError:
+    """The error of a facilitator's answer that is not a 200: for a settle, a gateway's 502 may follow a commit
+    (`AnswerUnreadError`: sent again as a resend); else the facilitator's own refusal, with its code."""
+    return AnswerUnreadError(text) if settle and status == BAD_GATEWAY else FacilitatorStatusError(text, content)
 
 
 async def _once_more_if_lost(send: Callable[[bool], Awaitable[_Sent]], resend: bool = False) -> _Sent:
