@@ -19,8 +19,8 @@ import uvicorn
 from fastapi import FastAPI, Request, Response, WebSocket
 from fastapi.responses import RedirectResponse, StreamingResponse
 
-from settlement.domain.buckets import Buckets
 from settlement.x402.serving import bounded_protocol
+from settlement.x402.unseen import UnseenBudget
 
 example = runpy.run_path(str(Path(__file__).resolve().parents[1] / "examples" / "paid_api.py"))
 app: FastAPI = example["app"]
@@ -28,7 +28,7 @@ if os.environ.get("SETTLE_ONE_BY_ONE"):
     example["facilitator"].batch_settles = False
 if unseen := os.environ.get("UNSEEN_BUDGET"):  # "rate burst": a client's payments on channels no one knows
     rate, burst = (float(part) for part in unseen.split())
-    example["facilitator"].unseen = Buckets(rate, burst)
+    example["facilitator"].unseen = UnseenBudget(rate, burst)
 
 
 @app.get("/reports/broken/raise")  # priced by the example's "GET /reports/*"

@@ -1486,8 +1486,10 @@ def test_a_client_paying_on_made_up_channels_is_refused_by_the_payee_past_its_bu
     connections to it (the facilitator paces a connection's refusals), and each new payer's first payment waited
     behind the flood. The payee charges the facilitator's `channel_not_found` (or its 503 `unknown_channels_busy`,
     past its own read budget) to the client that sent the payment (its address), and a client in debt is answered
-    429 `rate_limited` with Retry-After, unsent (here 3 at once, then one in 1,000 s). A payer from another address is
-    served, and so is a payer from the same address whose channel the payee knows (verified in the payee's process)."""
+    429 `rate_limited` with Retry-After, unsent (here 3 at once, then one in 1,000 s). A payment holds its token while
+    its verify is in flight: of 40 sent at once, 3 reach the facilitator (charged after each answer, all 40 did). A
+    payer from another address is served, and so is a payer from the same address whose channel the payee knows
+    (verified in the payee's process)."""
     monkeypatch.setenv("UNSEEN_BUDGET", "0.001 3")
     reads = "1000" if facilitator == "reads each id" else "0.001"
     rig = lane_rig("budget", script=ROOT / "tests" / "faulty_paid_api.py", unknown_channel_reads_per_second=reads)
@@ -1502,11 +1504,17 @@ def test_a_client_paying_on_made_up_channels_is_refused_by_the_payee_past_its_bu
             return 402, json.loads(base64.b64decode(answer.headers["payment-required"]))["error"]
         return answer.status_code, answer.json()["error"]
 
-    flood = [httpx.get(f"{api}/weather", headers=made_up_payment(accepted, n + 1)) for n in range(6)]
+    async def wave() -> list[httpx.Response]:
+        async with httpx.AsyncClient(timeout=60, limits=httpx.Limits(max_connections=None)) as http:
+            payments = [made_up_payment(accepted, n + 1) for n in range(40)]
+            return await asyncio.gather(*(http.get(f"{api}/weather", headers=payment) for payment in payments))
+
+    flood = asyncio.run(wave())
     sent = (402, "channel_not_found") if facilitator == "reads each id" else (503, "facilitator_unavailable")
-    assert [refusal(answer) for answer in flood] == [sent] * 3 + [(429, "rate_limited")] * 3
-    assert {990 <= int(answer.headers["retry-after"]) <= 1000 for answer in flood[3:]} == {True}
-    # The facilitator judged 3 (the other three never reached it); past its read budget, it judged none (its 503s).
+    assert Counter(refusal(answer) for answer in flood) == {sent: 3, (429, "rate_limited"): 37}
+    limited = [answer for answer in flood if answer.status_code == 429]
+    assert {990 <= int(answer.headers["retry-after"]) <= 1000 for answer in limited} == {True}
+    # The facilitator judged 3 (the others never reached it); past its read budget, it judged none (its 503s).
     judged = {"verify channel_not_found": 3.0} if facilitator == "reads each id" else {}
     assert x402_calls(service) == judged
 

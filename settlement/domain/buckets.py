@@ -32,13 +32,14 @@ class Buckets:
             self._set(key, tokens - 1, now)
         return None
 
-    def due(self, key: Hashable, now: float) -> int | None:
-        """None if `key` has a token now (none is taken), else the whole seconds until it has: for spending that is
-        known only after the work (`charge`), so that a key in debt is refused before any more of it."""
+    def due(self, key: Hashable, now: float, held: int = 0) -> int | None:
+        """None if `key` has a token now beside the `held` ones (none is taken), else the whole seconds until it has:
+        for spending that is known only after the work (`charge`), so that a key in debt is refused before any more of
+        it; `held`: tokens the caller counts as spent by work still under way."""
         if self.rate <= 0:
             return None
         with self._lock:
-            tokens = self._level(key, now)
+            tokens = self._level(key, now) - held
         return None if tokens >= 1 else self._wait(tokens)
 
     def charge(self, key: Hashable, amount: int, now: float) -> None:

@@ -20,8 +20,9 @@ request still answered only once its own payment is committed. A payment of our 
 in a string) or is larger than `max_payment_bytes` is refused unsent (`invalid_payload`), never a 503.
 
 A payment on a channel this payee has not seen is verified by the facilitator within a budget per client address
-(`unseen_per_client`): a client whose payments name channels the facilitator does not know (made-up ids are free, and
-each was a verify) is answered 429 `rate_limited`, unsent, until its budget refills.
+(`unseen_per_client`, settlement.x402.unseen): a client whose payments name channels the facilitator does not know
+(made-up ids are free, and each was a verify) is answered 429 `rate_limited`, unsent, until its budget refills; each
+holds a token while its verify is in flight, so that a wave sent at once cannot pass whole.
 
 A payer that went away before its answer was ready (its client timed out, the connection closed while the
 handler ran) is not charged: the settle is not sent. (One that goes away while the settle is on its way may still be.)
@@ -71,7 +72,6 @@ from x402.http.middleware.fastapi import PaymentMiddlewareASGI
 from x402.http.types import RoutesConfig
 from x402.schemas import PaymentPayload, PaymentRequirements, SettleResponse, SupportedResponse, VerifyResponse
 
-from settlement.domain.buckets import Buckets
 from settlement.domain.clients import client_of
 from settlement.domain.model import ChannelId
 from settlement.domain.redaction import scrubbed_start
@@ -86,6 +86,7 @@ from settlement.sdk.bounded import ANSWER_DEADLINE_FACTOR, MAX_ANSWER_BYTES, Bou
 from settlement.sdk.payee import PayeeClient
 from settlement.x402.positions import Forged, Positions
 from settlement.x402.refunds import MAX_TTL, REFUND_PATH, RefundDesk
+from settlement.x402.unseen import OverBudget, UnseenBudget
 from settlement.x402.wire import SCHEME, PayloadError, Reason, VoucherPayload, payment_identifier_in
 
 logger = logging.getLogger(__name__)
@@ -170,14 +171,6 @@ class FacilitatorStatusError(ValueError):
         self.code = code if isinstance(code, str) else None
 
 
-class _OverBudget(Exception):
-    """A client over its budget of payments on unknown channels (`UNSEEN_PER_CLIENT`): retry in `wait` seconds."""
-
-    def __init__(self, wait: int) -> None:
-        super().__init__(wait)
-        self.wait = wait
-
-
 class _NotSettled(Exception):
     """Not an error: a paid request's answer that is neither a 2xx nor an error (a redirect, a 304), carried out of
     x402's dispatch. x402 settles every answer below 400 and lets an exception from the handler through uncharged;
@@ -249,7 +242,7 @@ class ChannelHubFacilitatorClient(HTTPFacilitatorClient):
         self.batches_in_flight = batches_in_flight
         self.batch_bytes = batch_bytes
         self.max_payment_bytes = max_payment_bytes
-        self.unseen = Buckets(unseen_per_client, unseen_burst)  # by client: payments on channels no one knows
+        self.unseen = UnseenBudget(unseen_per_client, unseen_burst)  # by client: payments on channels no one knows
         self.ipv6_prefix = ipv6_prefix
         self._queued: list[_Queued] = []
         self._settling: set[tuple[ChannelId, int]] = set()  # the vouchers of the settles queued or in flight
@@ -326,28 +319,30 @@ class ChannelHubFacilitatorClient(HTTPFacilitatorClient):
             if isinstance(part, str):
                 return VerifyResponse(is_valid=False, invalid_reason=Reason.INVALID_PAYLOAD, invalid_message=part)
             return await self._verified(part)
-        except _OverBudget as over:
+        except OverBudget as over:
             raise _limited(over.wait) from None
         except Exception as ex:
             raise _unavailable("verify", ex) from ex
 
     async def _verified(self, part: bytes) -> VerifyResponse:
         """The facilitator's `/verify` of a payment on a channel this payee has not seen, within its client's budget
-        (`unseen`): the facilitator not knowing the channel is charged to the client, and a client in debt is refused
-        here, unsent. Only unseen channels spend it: a payer whose channel the payee knows verifies locally."""
+        (`unseen`): each holds a token while in flight, spent if the facilitator does not know the channel, and a
+        client in debt is refused here, unsent. Only unseen channels spend it: a payer whose channel the payee knows
+        verifies locally."""
         exchange = _exchange.get()
         client = None if exchange is None else client_of(exchange.request.scope, self.ipv6_prefix) or None
-        if client is not None and (wait := self.unseen.due(client, time.monotonic())) is not None:
-            raise _OverBudget(wait)
-        try:
-            verified = await self._sent("verify", part, VerifyResponse)
-        except FacilitatorStatusError as failed:
-            if client is not None and failed.code == UnknownChannelsBusyError.code:
-                self.unseen.charge(client, 1, time.monotonic())
-            raise
-        if client is not None and verified.invalid_reason == ChannelNotFoundError.code:
-            self.unseen.charge(client, 1, time.monotonic())
-        return verified
+        if client is None:
+            return await self._sent("verify", part, VerifyResponse)
+        async with self.unseen.spend(client) as unknown:
+            try:
+                verified = await self._sent("verify", part, VerifyResponse)
+            except FacilitatorStatusError as failed:
+                if failed.code == UnknownChannelsBusyError.code:
+                    unknown()
+                raise
+            if verified.invalid_reason == ChannelNotFoundError.code:
+                unknown()
+            return verified
 
     async def settle(self, payload: Any, requirements: Any) -> SettleResponse:
         exchange = _exchange.get()
