@@ -19,7 +19,7 @@ from x402.http import FacilitatorConfig
 from x402.http.types import PaymentOption, RouteConfig
 
 from settlement.sdk.payee import PayeeClient
-from settlement.x402.fastapi import ChannelHubFacilitatorClient, PaymentMiddleware, refund_router
+from settlement.x402.fastapi import ChannelHubFacilitatorClient, PaidAnswers, PaymentMiddleware, refund_router
 from settlement.x402.server import ChannelHubServerScheme
 from settlement.x402.serving import bounded_protocol
 
@@ -48,7 +48,12 @@ paid = RouteConfig(
 # app's bodies are refund requests (under 1 KB): past 64 KiB, 413 before the payment is looked at (by Content-Length)
 # or as the body comes (chunked), and nothing charged.
 app = FastAPI(title="a paid API", lifespan=facilitator.lifespan, max_body_size=64 * 1024)
-app.add_middleware(PaymentMiddleware, routes={"GET /weather": paid, "GET /reports/*": paid}, server=server)
+# A retried payment (same identifier) gets the answer it bought, kept by the process that served it; an app served by
+# several processes (uvicorn --workers) shares them through a file: PAID_ANSWERS=/var/lib/paid-api/answers.sqlite3.
+answers = PaidAnswers(path=os.environ.get("PAID_ANSWERS") or None)
+app.add_middleware(
+    PaymentMiddleware, routes={"GET /weather": paid, "GET /reports/*": paid}, server=server, answers=answers
+)
 
 
 # Handlers that do not block are `async def`: FastAPI runs a plain `def` on a worker thread, a hand-off that cost

@@ -780,6 +780,47 @@ def test_a_retried_payment_with_an_identifier_is_answered_again_and_charged_once
     assert accepted_for(service, payee) == PRICE
 
 
+def test_a_retried_payment_is_answered_again_by_another_process_of_the_payee_and_charged_once(
+    devnet: Devnet,
+    lane_rig: Callable[..., LaneRig],
+    paid_api: PaidApis,
+    monkeypatch: pytest.MonkeyPatch,
+    tmp_path: Path,
+) -> None:
+    """A payee app served by two processes on one host (here two instances of the example app, as `uvicorn
+    --workers 2` runs it or a balancer in front of two), sharing their kept answers through one file (PAID_ANSWERS:
+    `PaidAnswers(path=)`). Eight copies of one paid request at once, four at each, then one more at the other: one
+    charge, nine identical answers. Each process kept its own answers before: a copy at the process that had not
+    served the payment was a replayed voucher there, a 402 for an answer paid for and never received. The header
+    without the paid request's credentials buys nothing at either."""
+    monkeypatch.setenv("PAID_ANSWERS", str(tmp_path / "answers.sqlite3"))
+    rig = lane_rig("two-processes")
+    ((payee, one),) = rig.payees
+    two = paid_api(rig.service, payee)
+    x402 = paying_client(devnet, rig.scheme)
+    x402.register_extension(PaymentIdentifiers())
+    http = x402HTTPClient(x402)
+
+    async def retried() -> tuple[dict[str, str], list[httpx.Response]]:
+        async with httpx.AsyncClient(timeout=30) as client:
+            required = http.get_payment_required_response((await client.get(f"{one}/weather")).headers.get, None)
+            headers = http.encode_payment_signature_header(await x402.create_payment_payload(required))
+            signed_in = {**headers, "Authorization": "Bearer the-payers-own"}
+            copies = (client.get(f"{api}/weather", headers=signed_in) for api in (one, two) * 4)
+            return headers, [*await asyncio.gather(*copies), await client.get(f"{two}/weather", headers=signed_in)]
+
+    headers, answers = asyncio.run(retried())
+    assert [a.status_code for a in answers] == [200] * 9
+    assert {(a.content, a.headers["payment-response"]) for a in answers} == {
+        (answers[0].content, answers[0].headers["payment-response"])
+    }
+    for api in (one, two):
+        anyone = httpx.get(f"{api}/weather", headers=headers)
+        assert anyone.status_code == 402
+        assert json.loads(base64.b64decode(anyone.headers["payment-required"]))["error"] == "voucher_replayed"
+    assert accepted_for(rig.service, payee) == PRICE
+
+
 def test_a_restarted_payer_and_a_second_device_pay_on_without_paying_twice(
     spawn: Callable[..., ServiceProcess],
     paid_api: Callable[..., str],

@@ -10,7 +10,8 @@ the payer gets what it paid for, not a 503 for a voucher the service holds.
 And a retry of a paid request is answered as the first one was: a payment that carries x402's payment identifier
 (`payment-identifier` extension) and bought a response gets that same response again for `PaidAnswers.ttl` seconds,
 charged nothing more (the facilitator would refuse the voucher as replayed). Concurrent retries of one payment wait
-for the first. A payment without an identifier that is sent again gets a 402 (`voucher_replayed`), as before.
+for the first. An app served by several processes shares those answers through a file (`PaidAnswers(path=)`,
+settlement.x402.kept). A payment without an identifier that is sent again gets a 402 (`voucher_replayed`), as before.
 
 The facilitator client verifies in this process a payment on a channel whose position the facilitator's last
 settle answered (settlement.x402.positions): one facilitator call per paid request instead of two; and it sends the
@@ -54,6 +55,7 @@ from contextlib import asynccontextmanager
 from contextvars import ContextVar
 from dataclasses import dataclass, replace
 from functools import partial
+from pathlib import Path
 from typing import Any, TypeVar
 
 import aiohttp
@@ -84,6 +86,7 @@ from settlement.errors import (
 )
 from settlement.sdk.bounded import ANSWER_DEADLINE_FACTOR, MAX_ANSWER_BYTES, BoundedTransport
 from settlement.sdk.payee import PayeeClient
+from settlement.x402.kept import CLAIM_SECONDS, KeptAnswer, SharedAnswers
 from settlement.x402.positions import Forged, Positions
 from settlement.x402.refunds import MAX_TTL, REFUND_PATH, RefundDesk
 from settlement.x402.unseen import OverBudget, UnseenBudget
@@ -94,6 +97,7 @@ _Answered = TypeVar("_Answered", VerifyResponse, SettleResponse)
 _Sent = TypeVar("_Sent")
 
 RETRY_AFTER_SECONDS = 1
+CLAIM_POLL_SECONDS = 0.02  # how often a retry waiting for another process's answer to its payment looks again
 SETTLE_BATCH_MAX = 100  # settles in one POST /settle/batch (the service takes up to its batch_max_items, 1,000)
 # Bytes of settles in one batch (the service takes bodies of up to SETTLEMENT_MAX_BODY_BYTES, 1 MiB): a payer's payment
 # carries what it likes in `extensions` and `accepted.extra` (up to the payee server's header limit: 16 KiB under
@@ -727,10 +731,8 @@ _failures = _FailureLog()
 
 @dataclass(frozen=True)
 class _Answer:
-    status: int
-    headers: list[tuple[bytes, bytes]]
-    body: bytes
-    expires: float
+    kept: KeptAnswer
+    expires: float  # time.monotonic()
 
 
 class PaidAnswers:
@@ -741,7 +743,11 @@ class PaidAnswers:
     `vary` names the request headers that carry who is asking (as HTTP's Vary does for a cache): a kept answer is
     given again only to a copy that carries the same ones. The answer is given before the app runs, so without them a
     payment header seen where it should not be (a log, a shared proxy) had the app's own sign-in skipped: its holder
-    was given the response bought for the signed-in user, that user's data included."""
+    was given the response bought for the signed-in user, that user's data included.
+
+    `path`: a file the app's processes on this host share their answers through (settlement.x402.kept), for an app
+    served by several (`uvicorn --workers`): without it, a retry that reached another process than its payment's was
+    a replayed voucher there, a 402 for an answer paid and never received."""
 
     def __init__(
         self,
@@ -749,9 +755,12 @@ class PaidAnswers:
         max_bytes: int = 64 * 2**20,
         max_body: int = 2**20,
         vary: tuple[str, ...] = ("authorization", "cookie"),
+        path: str | Path | None = None,
+        claim_seconds: float = CLAIM_SECONDS,
     ) -> None:
         self.ttl, self.max_bytes, self.max_body = ttl, max_bytes, max_body
         self.vary = tuple(name.lower() for name in vary)
+        self.shared = None if path is None else SharedAnswers(path, claim_seconds)
         self._answers: OrderedDict[str, _Answer] = OrderedDict()
         self._bytes = 0
         self._in_flight: dict[str, asyncio.Event] = {}
@@ -771,45 +780,78 @@ class PaidAnswers:
         answer = self._answers.get(key)
         if answer is None or answer.expires < time.monotonic():
             return None
-        response = Response(content=answer.body, status_code=answer.status)
-        response.raw_headers = list(answer.headers)
-        return response
+        return _response(answer.kept)
 
-    def keep(self, key: str, response: Response) -> None:
+    def keep(self, key: str, response: Response) -> KeptAnswer | None:
+        """Keep `response` in this process if it is a paid answer that may be kept; what was kept."""
         body = getattr(response, "body", None)
         if not isinstance(body, bytes) or len(body) > self.max_body or response.status_code >= 400:
-            return
+            return None
         if "payment-response" not in response.headers:  # not a paid answer (no settlement happened)
-            return
+            return None
+        kept = KeptAnswer(response.status_code, list(response.raw_headers), body)
         self._drop(key)
-        self._answers[key] = _Answer(
-            response.status_code, list(response.raw_headers), body, time.monotonic() + self.ttl
-        )
+        self._answers[key] = _Answer(kept, time.monotonic() + self.ttl)
         self._bytes += len(body)
         now = time.monotonic()
         while self._answers and (self._bytes > self.max_bytes or next(iter(self._answers.values())).expires < now):
             self._drop(next(iter(self._answers)))
+        return kept
 
     def _drop(self, key: str) -> None:
         gone = self._answers.pop(key, None)
         if gone is not None:
-            self._bytes -= len(gone.body)
+            self._bytes -= len(gone.kept.body)
 
     async def answer(self, key: str, pay: Callable[[], Awaitable[Response]]) -> Response:
-        """The kept answer of this payment, else pay (one at a time per payment: a concurrent retry waits)."""
+        """The kept answer of this payment, else pay (one at a time per payment: a concurrent retry waits; with
+        `shared`, one at a time in all the app's processes)."""
         while (running := self._in_flight.get(key)) is not None:
             await running.wait()
         kept = self.get(key)
         if kept is not None:
             return kept
         done = self._in_flight[key] = asyncio.Event()
+        claimed = False
         try:
+            if self.shared is not None:
+                elsewhere = await self._claimed(self.shared, key)
+                if elsewhere is not None:
+                    return elsewhere
+                claimed = True
             response = await pay()
-            self.keep(key, response)
+            kept_here = self.keep(key, response)
+            if self.shared is not None and kept_here is not None:
+                await asyncio.to_thread(self.shared.keep, key, kept_here, self.ttl, self.max_bytes)  # and releases
+                claimed = False
             return response
         finally:
+            if claimed and self.shared is not None:  # not kept (an answer not to keep, an error, cancelled)
+                self.shared.release(key)
             del self._in_flight[key]
             done.set()
+
+    async def _claimed(self, shared: SharedAnswers, key: str) -> Response | None:
+        """The answer another process kept of this payment (waiting while one is answering it), or None once this
+        process holds the payment's claim and no process kept an answer. The file is read and claimed on the event
+        loop (tens of microseconds, never a flush): a claim made on a thread for a request cancelled meanwhile was
+        held by no one until it ran out, and every copy of the payment waited for it."""
+        while True:
+            kept = shared.get(key)
+            if kept is None and shared.claim(key):
+                kept = shared.get(key)  # kept by another as it released its claim
+                if kept is None:
+                    return None
+                shared.release(key)
+            if kept is not None:
+                return _response(kept)
+            await asyncio.sleep(CLAIM_POLL_SECONDS)
+
+
+def _response(kept: KeptAnswer) -> Response:
+    response = Response(content=kept.body, status_code=kept.status)
+    response.raw_headers = list(kept.headers)
+    return response
 
 
 class PaymentMiddleware(PaymentMiddlewareASGI):

@@ -1,0 +1,129 @@
+"""Paid answers kept in a file a payee's processes share (settlement.x402.kept, `PaidAnswers(path=)`): each
+`PaidAnswers` here stands for one process of the app (its own claims, its own memory), the file for their host."""
+
+from __future__ import annotations
+
+import asyncio
+from pathlib import Path
+
+from fastapi import Response
+
+from settlement.x402.fastapi import PaidAnswers
+from settlement.x402.kept import KeptAnswer, SharedAnswers
+
+KEY = "a" * 64
+
+
+class Handler:
+    """A paid route: each call is one payment settled (`paid`); it answers once the test lets it (`go`)."""
+
+    def __init__(self, status: int = 200, settled: bool = True) -> None:
+        self.paid = 0
+        self.go = asyncio.Event()
+        self.status, self.settled = status, settled
+
+    async def __call__(self) -> Response:
+        self.paid += 1
+        await self.go.wait()
+        headers = {"payment-response": f"receipt-{self.paid}"} if self.settled else {}
+        return Response(content=f"answer {self.paid}".encode(), status_code=self.status, headers=headers)
+
+
+def answered(response: Response) -> tuple[int, bytes, str | None]:
+    return response.status_code, bytes(response.body), response.headers.get("payment-response")
+
+
+async def settle_soon(*handlers: Handler) -> None:
+    await asyncio.sleep(0.1)
+    for handler in handlers:
+        handler.go.set()
+
+
+def test_a_retry_at_another_process_gets_the_answer_bought_and_pays_nothing(tmp_path: Path) -> None:
+    """Without the file, the other process had nothing kept: the retry paid again (the facilitator's replay 402)."""
+
+    async def run(path: Path | None) -> tuple[list[tuple[int, bytes, str | None]], int, int]:
+        one, two = PaidAnswers(path=path), PaidAnswers(path=path)
+        first, second = Handler(), Handler()
+        first.go.set()
+        second.go.set()
+        answers = [await one.answer(KEY, first), await two.answer(KEY, second)]
+        return [answered(a) for a in answers], first.paid, second.paid
+
+    shared = asyncio.run(run(tmp_path / "answers.sqlite3"))
+    assert shared == ([(200, b"answer 1", "receipt-1")] * 2, 1, 0)
+    alone = asyncio.run(run(None))
+    assert alone == ([(200, b"answer 1", "receipt-1"), (200, b"answer 1", "receipt-1")], 1, 1)
+
+
+def test_copies_sent_to_two_processes_at_once_pay_once(tmp_path: Path) -> None:
+    async def run() -> tuple[list[tuple[int, bytes, str | None]], int]:
+        one, two = PaidAnswers(path=tmp_path / "answers.sqlite3"), PaidAnswers(path=tmp_path / "answers.sqlite3")
+        handler = Handler()
+        copies = [asyncio.create_task(answers.answer(KEY, handler)) for answers in (one, two, one, two)]
+        await settle_soon(handler)
+        return [answered(a) for a in await asyncio.gather(*copies)], handler.paid
+
+    assert asyncio.run(run()) == ([(200, b"answer 1", "receipt-1")] * 4, 1)
+
+
+def test_an_answer_not_kept_lets_the_waiting_process_pay_for_itself(tmp_path: Path) -> None:
+    """The first process's answer was a refusal (nothing settled, nothing kept): the copy waiting at the other
+    process is judged on its own once the claim is released."""
+
+    async def run() -> tuple[list[tuple[int, bytes, str | None]], int, int]:
+        one, two = PaidAnswers(path=tmp_path / "answers.sqlite3"), PaidAnswers(path=tmp_path / "answers.sqlite3")
+        refused, served = Handler(status=402, settled=False), Handler()
+        first = asyncio.create_task(one.answer(KEY, refused))
+        await asyncio.sleep(0.05)
+        second = asyncio.create_task(two.answer(KEY, served))
+        await asyncio.sleep(0.1)
+        assert served.paid == 0  # waits for the first process
+        await settle_soon(refused, served)
+        return [answered(await first), answered(await second)], refused.paid, served.paid
+
+    assert asyncio.run(run()) == ([(402, b"answer 1", None), (200, b"answer 1", "receipt-1")], 1, 1)
+
+
+def test_a_request_cancelled_while_it_is_answered_releases_its_claim(tmp_path: Path) -> None:
+    """Its claim held for `claim_seconds` (60 s) would have held every copy of the payment at other processes."""
+
+    async def run() -> tuple[tuple[int, bytes, str | None], int]:
+        one, two = PaidAnswers(path=tmp_path / "answers.sqlite3"), PaidAnswers(path=tmp_path / "answers.sqlite3")
+        stuck, served = Handler(), Handler()
+        first = asyncio.create_task(one.answer(KEY, stuck))
+        await asyncio.sleep(0.05)
+        assert stuck.paid == 1
+        first.cancel()
+        served.go.set()
+        return answered(await asyncio.wait_for(two.answer(KEY, served), 2)), served.paid
+
+    assert asyncio.run(run()) == ((200, b"answer 1", "receipt-1"), 1)
+
+
+def test_a_claim_left_by_a_process_that_died_runs_out(tmp_path: Path) -> None:
+    path = tmp_path / "answers.sqlite3"
+    dead = SharedAnswers(path, claim_seconds=0.3)
+    assert dead.claim(KEY)  # and its process is gone
+
+    async def run() -> tuple[tuple[int, bytes, str | None], int, float]:
+        answers, handler = PaidAnswers(path=path), Handler()
+        handler.go.set()
+        started = asyncio.get_running_loop().time()
+        response = await answers.answer(KEY, handler)
+        return answered(response), handler.paid, asyncio.get_running_loop().time() - started
+
+    response, paid, waited = asyncio.run(run())
+    assert (response, paid, waited >= 0.2) == ((200, b"answer 1", "receipt-1"), 1, True)
+
+
+def test_the_file_keeps_answers_for_their_ttl_and_within_its_bytes(tmp_path: Path) -> None:
+    shared = SharedAnswers(tmp_path / "answers.sqlite3")
+    answer = KeptAnswer(200, [(b"payment-response", b"r"), (b"x-\xe9", b"\xff")], b"x" * 100)
+    for n in range(5):
+        assert shared.claim(f"{n}")
+        shared.keep(f"{n}", answer, ttl=60 + n, max_bytes=300)
+    assert [shared.get(f"{n}") for n in range(5)] == [None, None, answer, answer, answer]
+    assert SharedAnswers(tmp_path / "answers.sqlite3").claim("4")  # its claim released as it was kept
+    shared.keep("gone", answer, ttl=-1, max_bytes=300)
+    assert shared.get("gone") is None
