@@ -4,8 +4,11 @@
 from __future__ import annotations
 
 import asyncio
+import multiprocessing
+import sqlite3
 from pathlib import Path
 
+import pytest
 from fastapi import Response
 
 from settlement.x402.fastapi import PaidAnswers
@@ -127,3 +130,28 @@ def test_the_file_keeps_answers_for_their_ttl_and_within_its_bytes(tmp_path: Pat
     assert SharedAnswers(tmp_path / "answers.sqlite3").claim("4")  # its claim released as it was kept
     shared.keep("gone", answer, ttl=-1, max_bytes=300)
     assert shared.get("gone") is None
+
+
+def test_a_file_that_cannot_be_opened_fails_at_once_not_at_each_paid_request(tmp_path: Path) -> None:
+    with pytest.raises(sqlite3.OperationalError, match="unable to open database file"):
+        PaidAnswers(path=tmp_path / "no-such-directory" / "answers.sqlite3")
+
+
+def test_workers_forked_after_the_app_was_built_share_the_file(tmp_path: Path) -> None:
+    """As gunicorn's `--preload` forks its workers: the object built before the fork opens the file afresh in each."""
+    answers = PaidAnswers(path=tmp_path / "answers.sqlite3")
+
+    def worker() -> None:
+        handler = Handler()
+        handler.go.set()
+        asyncio.run(answers.answer(KEY, handler))
+
+    child = multiprocessing.get_context("fork").Process(target=worker)
+    child.start()
+    child.join(30)
+
+    async def retried() -> tuple[tuple[int, bytes, str | None], int]:
+        handler = Handler()
+        return answered(await answers.answer(KEY, handler)), handler.paid
+
+    assert (child.exitcode, asyncio.run(retried())) == (0, ((200, b"answer 1", "receipt-1"), 0))

@@ -44,6 +44,8 @@ class SharedAnswers:
         self._db: sqlite3.Connection | None = None
         self._pid = 0
         self._instance = uuid.uuid4().hex[:12]
+        self._open()  # a file that cannot be opened (its directory missing, not writable) fails the app's start,
+        self.close()  # not each paid request; kept open, it would cross a fork (gunicorn's `--preload`)
 
     @property
     def owner(self) -> str:
