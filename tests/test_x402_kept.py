@@ -155,3 +155,30 @@ def test_workers_forked_after_the_app_was_built_share_the_file(tmp_path: Path) -
         return answered(await answers.answer(KEY, handler)), handler.paid
 
     assert (child.exitcode, asyncio.run(retried())) == (0, ((200, b"answer 1", "receipt-1"), 0))
+
+
+def test_a_file_that_fails_never_fails_a_paid_request(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A read that fails: the process answers as if it had no file; a write that fails: the paid answer goes out all
+    the same, kept in the process, and the claim is released for the other processes."""
+
+    def broken(*_: object) -> None:
+        raise sqlite3.OperationalError("disk I/O error")
+
+    async def run() -> tuple[list[tuple[int, bytes, str | None]], list[int], bool]:
+        one, two = PaidAnswers(path=tmp_path / "answers.sqlite3"), PaidAnswers(path=tmp_path / "answers.sqlite3")
+        handlers = [Handler(), Handler(), Handler()]
+        for handler in handlers:
+            handler.go.set()
+        with monkeypatch.context() as patch:
+            patch.setattr(SharedAnswers, "keep", broken)
+            written = await one.answer(KEY, handlers[0])
+        with monkeypatch.context() as patch:
+            patch.setattr(SharedAnswers, "get", broken)
+            read = await two.answer("b" * 64, handlers[1])
+        again = await one.answer(KEY, handlers[2])  # kept in the process whose write failed
+        free = SharedAnswers(tmp_path / "answers.sqlite3").claim(KEY)  # its claim was released
+        return [answered(a) for a in (written, read, again)], [h.paid for h in handlers], free
+
+    answers, paid, free = asyncio.run(run())
+    assert answers == [(200, b"answer 1", "receipt-1")] * 3
+    assert (paid, free) == ([1, 1, 0], True)

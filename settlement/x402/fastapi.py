@@ -47,6 +47,7 @@ import asyncio
 import gc
 import hashlib
 import logging
+import sqlite3
 import threading
 import time
 from collections import OrderedDict
@@ -764,6 +765,7 @@ class PaidAnswers:
         self._answers: OrderedDict[str, _Answer] = OrderedDict()
         self._bytes = 0
         self._in_flight: dict[str, asyncio.Event] = {}
+        self._file_logged = -FAILURE_LOG_SECONDS  # when a failure of the shared file was last logged (monotonic)
 
     def key_of(self, request: Request) -> str | None:
         """The payment's key, or None when the request carries no payment with a valid identifier."""
@@ -815,21 +817,39 @@ class PaidAnswers:
         claimed = False
         try:
             if self.shared is not None:
-                elsewhere = await self._claimed(self.shared, key)
-                if elsewhere is not None:
-                    return elsewhere
-                claimed = True
+                try:
+                    elsewhere = await self._claimed(self.shared, key)
+                except sqlite3.Error as ex:  # the file failed: this process answers as if it had none
+                    self._file_failed("read", ex)
+                else:
+                    if elsewhere is not None:
+                        return elsewhere
+                    claimed = True
             response = await pay()
             kept_here = self.keep(key, response)
-            if self.shared is not None and kept_here is not None:
-                await asyncio.to_thread(self.shared.keep, key, kept_here, self.ttl, self.max_bytes)  # and releases
-                claimed = False
+            if claimed and self.shared is not None and kept_here is not None:
+                try:
+                    await asyncio.to_thread(self.shared.keep, key, kept_here, self.ttl, self.max_bytes)  # releases
+                    claimed = False
+                except sqlite3.Error as ex:  # the paid answer goes out all the same (kept in this process)
+                    self._file_failed("write", ex)
             return response
         finally:
             if claimed and self.shared is not None:  # not kept (an answer not to keep, an error, cancelled)
-                self.shared.release(key)
+                try:
+                    self.shared.release(key)
+                except sqlite3.Error as ex:  # the claim runs out on its own
+                    self._file_failed("write", ex)
             del self._in_flight[key]
             done.set()
+
+    def _file_failed(self, what: str, ex: sqlite3.Error) -> None:
+        """A failure of the shared file, logged once in `FAILURE_LOG_SECONDS`: the paid request goes on without it (a
+        retry at another process is then a replay there, as without the file), never fails for it."""
+        now = time.monotonic()
+        if now - self._file_logged >= FAILURE_LOG_SECONDS:
+            self._file_logged = now
+            logger.warning("could not %s the paid answers shared by this app's processes: %s", what, ex)
 
     async def _claimed(self, shared: SharedAnswers, key: str) -> Response | None:
         """The answer another process kept of this payment (waiting while one is answering it), or None once this
