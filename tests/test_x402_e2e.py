@@ -391,6 +391,14 @@ def payment_for(api: str, x402: x402Client, path: str = "/weather") -> PaymentPa
     return asyncio.run(x402.create_payment_payload(required))
 
 
+def identified_payment(devnet: Devnet, scheme: ChannelHubClientScheme, api: str) -> dict[str, str]:
+    """A PAYMENT-SIGNATURE header for `api`'s paid route carrying x402's payment identifier, made as a payer app
+    that registers `PaymentIdentifiers` makes it, not sent."""
+    x402 = paying_client(devnet, scheme)
+    x402.register_extension(PaymentIdentifiers())
+    return x402HTTPClient(x402).encode_payment_signature_header(payment_for(api, x402))
+
+
 def paid_head(x402: x402Client, path: str, payment: PaymentPayload, length: int) -> bytes:
     """A paid GET's head as it goes on the wire, for a test that writes requests on a socket of its own."""
     (name, value), = x402HTTPClient(x402).encode_payment_signature_header(payment).items()  # fmt: skip
@@ -742,19 +750,15 @@ def test_a_retried_payment_with_an_identifier_is_answered_again_and_charged_once
     service = spawn(f"sqlite:///{tmp_path / 'retry.db'}", wait=False)  # ready once the paid app is
     payee = accounts[14].address
     api = paid_api(service, payee)
-    x402 = paying_client(devnet, ChannelHubClientScheme(payer_for(accounts[15], service)))
-    x402.register_extension(PaymentIdentifiers())
-    http = x402HTTPClient(x402)
+    headers = identified_payment(devnet, ChannelHubClientScheme(payer_for(accounts[15], service)), api)
 
-    async def retried() -> tuple[dict[str, str], list[httpx.Response]]:
+    async def retried() -> list[httpx.Response]:
         async with httpx.AsyncClient(timeout=30) as client:
-            required = http.get_payment_required_response((await client.get(f"{api}/weather")).headers.get, None)
-            headers = http.encode_payment_signature_header(await x402.create_payment_payload(required))
             signed_in = {**headers, "Authorization": "Bearer the-payers-own", "Cookie": "session=the-payers"}
             answers = await asyncio.gather(*(client.get(f"{api}/weather", headers=signed_in) for _ in range(8)))
-            return headers, [*answers, await client.get(f"{api}/weather", headers=signed_in)]
+            return [*answers, await client.get(f"{api}/weather", headers=signed_in)]
 
-    headers, answers = asyncio.run(retried())
+    answers = asyncio.run(retried())
     payment = decode_payment_signature_header(next(iter(headers.values())))
     assert len((payment.extensions or {})["payment-identifier"]["info"]["id"]) >= 16
     assert [a.status_code for a in answers] == [200] * 9
@@ -797,19 +801,15 @@ def test_a_retried_payment_is_answered_again_by_another_process_of_the_payee_and
     rig = lane_rig("two-processes")
     ((payee, one),) = rig.payees
     two = paid_api(rig.service, payee)
-    x402 = paying_client(devnet, rig.scheme)
-    x402.register_extension(PaymentIdentifiers())
-    http = x402HTTPClient(x402)
+    headers = identified_payment(devnet, rig.scheme, one)
 
-    async def retried() -> tuple[dict[str, str], list[httpx.Response]]:
+    async def retried() -> list[httpx.Response]:
         async with httpx.AsyncClient(timeout=30) as client:
-            required = http.get_payment_required_response((await client.get(f"{one}/weather")).headers.get, None)
-            headers = http.encode_payment_signature_header(await x402.create_payment_payload(required))
             signed_in = {**headers, "Authorization": "Bearer the-payers-own"}
             copies = (client.get(f"{api}/weather", headers=signed_in) for api in (one, two) * 4)
-            return headers, [*await asyncio.gather(*copies), await client.get(f"{two}/weather", headers=signed_in)]
+            return [*await asyncio.gather(*copies), await client.get(f"{two}/weather", headers=signed_in)]
 
-    headers, answers = asyncio.run(retried())
+    answers = asyncio.run(retried())
     assert [a.status_code for a in answers] == [200] * 9
     assert {(a.content, a.headers["payment-response"]) for a in answers} == {
         (answers[0].content, answers[0].headers["payment-response"])
