@@ -263,13 +263,16 @@ def test_the_rpc_urls_key_is_never_shown_to_a_client_nor_written_to_the_log(
         proxy.cut()
         unknown = open_channel(accounts[6], payee)  # opened while the service cannot see the chain
 
-        def refused_naming_the_url(call: Callable[[], httpx.Response]) -> httpx.Response:
-            """The refusal once requests names the URL in it (a new connection refused, not a pooled one cut)."""
+        def refused_naming_the_url(call: Callable[[], httpx.Response], reading: str = "") -> httpx.Response:
+            """The refusal once requests names the URL in it (a new connection refused, not a pooled one cut), of a
+            failure `reading` what is named (a poll cut between its two reads failed reading the cursor's block; the
+            next poll fails reading the head)."""
             answers: list[httpx.Response] = []
 
             def names_it() -> bool:
                 answers.append(call())
-                return "Max retries exceeded with url: " in answers[-1].text
+                text = answers[-1].text
+                return "Max retries exceeded with url: " in text and f"reading {reading}" in text
 
             wait_until(names_it)
             return answers[-1]
@@ -278,7 +281,7 @@ def test_the_rpc_urls_key_is_never_shown_to_a_client_nor_written_to_the_log(
         assert (answer.status_code, answer.json()["code"]) == (503, "chain_unavailable")
         assert secret not in answer.text
         assert "Max retries exceeded with url: … (" in answer.json()["message"]
-        ready = refused_naming_the_url(lambda: httpx.get(f"{service.url}/ready", timeout=10))
+        ready = refused_naming_the_url(lambda: httpx.get(f"{service.url}/ready", timeout=10), "the chain head")
         assert (ready.status_code, ready.json()["code"]) == (503, "chain_unavailable")
         assert (  # the indexer's poll or the readiness check's own read of the head, whichever failed first
             "reading the chain head: the chain's RPC does not answer (HTTPConnectionPool(host='127.0.0.1', "
