@@ -1570,6 +1570,43 @@ def test_a_client_paying_on_made_up_channels_is_refused_by_the_payee_past_its_bu
     assert accepted_for(service, payee) == 2 * PRICE
 
 
+def test_a_payee_behind_a_proxy_it_does_not_trust_is_told_so_when_it_refuses_a_client(
+    devnet: Devnet, lane_rig: Callable[..., LaneRig], monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    """Behind a proxy uvicorn does not trust (`--forwarded-allow-ips`), every client is the proxy's address: one
+    flood of made-up channel ids spends the budget of all, and each new payer is refused 429. The payee cannot tell
+    which proxy to trust; it says so in its log when it refuses a client whose requests carry an X-Forwarded-For
+    that uvicorn did not apply (here from 127.0.0.2: uvicorn trusts 127.0.0.1 alone by default), once in 10 minutes.
+    Through the proxy uvicorn trusts (127.0.0.1), each forwarded client has a budget of its own."""
+    monkeypatch.setenv("UNSEEN_BUDGET", "0.001 3")
+    rig = lane_rig("proxied", script=ROOT / "tests" / "faulty_paid_api.py", unknown_channel_reads_per_second="1000")
+    ((_payee, api),) = rig.payees
+    x402 = paying_client(devnet, rig.scheme)
+    accepted = x402HTTPClient(x402).get_payment_required_response(httpx.get(f"{api}/weather").headers.get, None)
+
+    async def flood(source: str, forwarded_for: str, ids: range) -> list[int]:
+        wire = httpx.AsyncHTTPTransport(local_address=source)
+        async with httpx.AsyncClient(transport=wire, timeout=30) as http:
+            return [
+                (
+                    await http.get(
+                        f"{api}/weather",
+                        headers={**made_up_payment(accepted.accepts[0], n), "X-Forwarded-For": forwarded_for},
+                    )
+                ).status_code
+                for n in ids
+            ]
+
+    assert asyncio.run(flood("127.0.0.2", "203.0.113.7", range(1, 7))) == [402, 402, 402, 429, 429, 429]
+    assert asyncio.run(flood("127.0.0.1", "203.0.113.8", range(7, 9))) == [402, 402]  # its own budget
+    port = api.rsplit(":", 1)[1]
+    log = (tmp_path / f"paid-api-{port}-{PRICE}.log").read_text()
+    warned = [line for line in log.splitlines() if "X-Forwarded-For that uvicorn did not apply" in line]
+    assert len(warned) == 1, log
+    assert "client 127.0.0.2 is refused" in warned[0]
+    assert "--forwarded-allow-ips" in warned[0]
+
+
 def test_a_payee_whose_facilitators_host_is_down_answers_at_once_while_it_is_down(
     devnet: Devnet, proxied_payee: Callable[..., ProxiedPayee]
 ) -> None:

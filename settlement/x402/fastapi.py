@@ -133,6 +133,7 @@ BAD_GATEWAY = 502  # a proxy's answer when the facilitator behind it dropped the
 CONNECT_TIMEOUT = 3.0  # seconds to reach the facilitator: a request not sent yet charges nothing, so fail it early
 FAILURE_SHOWN_MAX = 240  # characters of the facilitator's failure a payer's 503 quotes (the payee's log has it whole)
 FAILURE_LOGGED_MAX = 4_000  # characters of it the payee's log keeps (its length too)
+PROXY_WARNING_SECONDS = 600.0  # a payee behind a proxy it does not trust is told so in its log once in this long
 FAILURE_LOG_SECONDS = 10.0  # the payee logs the facilitator's failures once in this long, with their count
 # The collector's young generation is scanned after this many more new objects than freed ones (Python's default: 700).
 # A paid request's objects are freed by reference counting: at 500 paid/s the default scanned the young objects ~45
@@ -249,6 +250,7 @@ class ChannelHubFacilitatorClient(HTTPFacilitatorClient):
         self.max_payment_bytes = max_payment_bytes
         self.unseen = UnseenBudget(unseen_per_client, unseen_burst)  # by client: payments on channels no one knows
         self.ipv6_prefix = ipv6_prefix
+        self._proxy_warned = -PROXY_WARNING_SECONDS  # when an unapplied X-Forwarded-For was last logged (monotonic)
         self._queued: list[_Queued] = []
         self._settling: set[tuple[ChannelId, int]] = set()  # the vouchers of the settles queued or in flight
         self._senders: set[asyncio.Task[None]] = set()  # held: the event loop keeps only weak references to tasks
@@ -336,18 +338,42 @@ class ChannelHubFacilitatorClient(HTTPFacilitatorClient):
         verifies locally."""
         exchange = _exchange.get()
         client = None if exchange is None else client_of(exchange.request.scope, self.ipv6_prefix) or None
-        if client is None:
+        if exchange is None or client is None:
             return await self._sent("verify", part, VerifyResponse)
-        async with self.unseen.spend(client) as unknown:
-            try:
-                verified = await self._sent("verify", part, VerifyResponse)
-            except FacilitatorStatusError as failed:
-                if failed.code == UnknownChannelsBusyError.code:
+        try:
+            async with self.unseen.spend(client) as unknown:
+                try:
+                    verified = await self._sent("verify", part, VerifyResponse)
+                except FacilitatorStatusError as failed:
+                    if failed.code == UnknownChannelsBusyError.code:
+                        unknown()
+                    raise
+                if verified.invalid_reason == ChannelNotFoundError.code:
                     unknown()
-                raise
-            if verified.invalid_reason == ChannelNotFoundError.code:
-                unknown()
-            return verified
+                return verified
+        except OverBudget:
+            self._proxy_unseen(exchange.request, client)
+            raise
+
+    def _proxy_unseen(self, request: Request, client: str) -> None:
+        """A refused client whose requests carry an `X-Forwarded-For` that uvicorn did not apply (the client is not
+        among its addresses) is most likely a proxy that uvicorn does not trust: every client behind it then shares
+        one budget, and one flood has all new payers refused. Said in the log, once in `PROXY_WARNING_SECONDS`
+        (or a client sent the header itself, which changes nothing)."""
+        forwarded = request.headers.get("x-forwarded-for")
+        peer = request.scope.get("client")
+        if not forwarded or not peer or peer[0] in {part.strip() for part in forwarded.split(",")}:
+            return
+        now = time.monotonic()
+        if now - self._proxy_warned < PROXY_WARNING_SECONDS:
+            return
+        self._proxy_warned = now
+        logger.warning(
+            "client %s is refused for its payments on channels the facilitator does not know, and its requests carry "
+            "X-Forwarded-For that uvicorn did not apply: behind a proxy, run uvicorn with --forwarded-allow-ips=<the "
+            "proxy's address>, or every client behind the proxy shares this budget (docs/x402.md)",
+            client,
+        )
 
     async def settle(self, payload: Any, requirements: Any) -> SettleResponse:
         exchange = _exchange.get()
