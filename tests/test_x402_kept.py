@@ -182,3 +182,27 @@ def test_a_file_that_fails_never_fails_a_paid_request(tmp_path: Path, monkeypatc
     answers, paid, free = asyncio.run(run())
     assert answers == [(200, b"answer 1", "receipt-1")] * 3
     assert (paid, free) == ([1, 1, 0], True)
+
+
+def test_a_claim_taken_before_the_file_failed_is_released(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The claim succeeded, the read after it failed: the process pays on its own and releases the claim; held, it
+    would have held the payment's copies at the other processes for `claim_seconds`."""
+    reads = 0
+    read = SharedAnswers.get
+
+    def second_read_fails(self: SharedAnswers, key: str) -> KeptAnswer | None:
+        nonlocal reads
+        reads += 1
+        if reads == 2:
+            raise sqlite3.OperationalError("disk I/O error")
+        return read(self, key)
+
+    async def run() -> tuple[tuple[int, bytes, str | None], int, bool]:
+        answers, handler = PaidAnswers(path=tmp_path / "answers.sqlite3"), Handler(status=402, settled=False)
+        handler.go.set()
+        with monkeypatch.context() as patch:
+            patch.setattr(SharedAnswers, "get", second_read_fails)
+            response = await answers.answer(KEY, handler)
+        return answered(response), handler.paid, SharedAnswers(tmp_path / "answers.sqlite3").claim(KEY)
+
+    assert asyncio.run(run()) == ((402, b"answer 1", None), 1, True)

@@ -843,6 +843,7 @@ class PaidAnswers:
         claimed = False
         try:
             if self.shared is not None:
+                claimed = True  # released below whatever happens: a claim taken before the file failed too
                 try:
                     elsewhere = await self._claimed(self.shared, key)
                 except sqlite3.Error as ex:  # the file failed: this process answers as if it had none
@@ -850,7 +851,6 @@ class PaidAnswers:
                 else:
                     if elsewhere is not None:
                         return elsewhere
-                    claimed = True
             response = await pay()
             kept_here = self.keep(key, response)
             if claimed and self.shared is not None and kept_here is not None:
@@ -861,7 +861,7 @@ class PaidAnswers:
                     self._file_failed("write", ex)
             return response
         finally:
-            if claimed and self.shared is not None:  # not kept (an answer not to keep, an error, cancelled)
+            if claimed and self.shared is not None:  # not kept (an answer not to keep, an error, cancelled; none)
                 try:
                     self.shared.release(key)
                 except sqlite3.Error as ex:  # the claim runs out on its own
