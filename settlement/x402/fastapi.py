@@ -250,7 +250,7 @@ class ChannelHubFacilitatorClient(HTTPFacilitatorClient):
         self.max_payment_bytes = max_payment_bytes
         self.unseen = UnseenBudget(unseen_per_client, unseen_burst)  # by client: payments on channels no one knows
         self.ipv6_prefix = ipv6_prefix
-        self._proxy_warned = -PROXY_WARNING_SECONDS  # when an unapplied X-Forwarded-For was last logged (monotonic)
+        self._proxy_log = _Seldom(PROXY_WARNING_SECONDS)  # an unapplied X-Forwarded-For, said in the log
         self._queued: list[_Queued] = []
         self._settling: set[tuple[ChannelId, int]] = set()  # the vouchers of the settles queued or in flight
         self._senders: set[asyncio.Task[None]] = set()  # held: the event loop keeps only weak references to tasks
@@ -337,8 +337,8 @@ class ChannelHubFacilitatorClient(HTTPFacilitatorClient):
         client in debt is refused here, unsent. Only unseen channels spend it: a payer whose channel the payee knows
         verifies locally."""
         exchange = _exchange.get()
-        client = None if exchange is None else client_of(exchange.request.scope, self.ipv6_prefix) or None
-        if exchange is None or client is None:
+        client = "" if exchange is None else client_of(exchange.request.scope, self.ipv6_prefix)
+        if exchange is None or not client:
             return await self._sent("verify", part, VerifyResponse)
         try:
             async with self.unseen.spend(client) as unknown:
@@ -364,10 +364,8 @@ class ChannelHubFacilitatorClient(HTTPFacilitatorClient):
         peer = request.scope.get("client")
         if not forwarded or not peer or peer[0] in {part.strip() for part in forwarded.split(",")}:
             return
-        now = time.monotonic()
-        if now - self._proxy_warned < PROXY_WARNING_SECONDS:
+        if not self._proxy_log.due():
             return
-        self._proxy_warned = now
         logger.warning(
             "client %s is refused for its payments on channels the facilitator does not know, and its requests carry "
             "X-Forwarded-For that uvicorn did not apply: behind a proxy, run uvicorn with --forwarded-allow-ips=<the "
@@ -706,7 +704,11 @@ def _limited(wait: int) -> FacilitatorResponseError:
     exchange = _exchange.get()
     if exchange is not None:
         exchange.limited = wait
-    return FacilitatorResponseError(f"{OVER_BUDGET}: retry in {wait}s")
+    return FacilitatorResponseError(_over_budget(wait))
+
+
+def _over_budget(wait: int) -> str:
+    return f"{OVER_BUDGET}: retry in {wait}s"
 
 
 def _unavailable(operation: str, ex: Exception) -> FacilitatorResponseError:
@@ -727,6 +729,21 @@ def _unavailable(operation: str, ex: Exception) -> FacilitatorResponseError:
     if exchange is not None:
         exchange.failure = f"the facilitator could not {operation} the payment ({shown})"
     return FacilitatorResponseError(f"facilitator {operation} unavailable ({shown})")
+
+
+class _Seldom:
+    """`due()` is true at most once in `seconds`: a log line for what may happen at every request. One event loop."""
+
+    def __init__(self, seconds: float) -> None:
+        self.seconds = seconds
+        self._last: float | None = None
+
+    def due(self) -> bool:
+        now = time.monotonic()
+        if self._last is not None and now - self._last < self.seconds:
+            return False
+        self._last = now
+        return True
 
 
 class _FailureLog:
@@ -791,7 +808,7 @@ class PaidAnswers:
         self._answers: OrderedDict[str, _Answer] = OrderedDict()
         self._bytes = 0
         self._in_flight: dict[str, asyncio.Event] = {}
-        self._file_logged = -FAILURE_LOG_SECONDS  # when a failure of the shared file was last logged (monotonic)
+        self._file_log = _Seldom(FAILURE_LOG_SECONDS)  # a failure of the shared file, said in the log
 
     def key_of(self, request: Request) -> str | None:
         """The payment's key, or None when the request carries no payment with a valid identifier."""
@@ -872,23 +889,21 @@ class PaidAnswers:
     def _file_failed(self, what: str, ex: sqlite3.Error) -> None:
         """A failure of the shared file, logged once in `FAILURE_LOG_SECONDS`: the paid request goes on without it (a
         retry at another process is then a replay there, as without the file), never fails for it."""
-        now = time.monotonic()
-        if now - self._file_logged >= FAILURE_LOG_SECONDS:
-            self._file_logged = now
+        if self._file_log.due():
             logger.warning("could not %s the paid answers shared by this app's processes: %s", what, ex)
 
     async def _claimed(self, shared: SharedAnswers, key: str) -> Response | None:
         """The answer another process kept of this payment (waiting while one is answering it), or None once this
-        process holds the payment's claim and no process kept an answer. The file is read and claimed on the event
-        loop (tens of microseconds, never a flush): a claim made on a thread for a request cancelled meanwhile was
-        held by no one until it ran out, and every copy of the payment waited for it."""
+        process holds the payment's claim and no process kept an answer; a claim it holds either way is released by
+        `answer`. The file is read and claimed on the event loop (tens of microseconds, never a flush): a claim made
+        on a thread for a request cancelled meanwhile was held by no one until it ran out, and every copy of the
+        payment waited for it."""
         while True:
             kept = shared.get(key)
             if kept is None and shared.claim(key):
                 kept = shared.get(key)  # kept by another as it released its claim
                 if kept is None:
                     return None
-                shared.release(key)
             if kept is not None:
                 return _response(kept)
             await asyncio.sleep(CLAIM_POLL_SECONDS)
@@ -939,7 +954,7 @@ class PaymentMiddleware(PaymentMiddlewareASGI):
             _exchange.reset(token)
         if exchange.limited is not None:
             return JSONResponse(
-                {"error": RateLimitedError.code, "message": f"{OVER_BUDGET}: retry in {exchange.limited}s"},
+                {"error": RateLimitedError.code, "message": _over_budget(exchange.limited)},
                 status_code=RateLimitedError.status,
                 headers={"Retry-After": str(exchange.limited)},
             )
