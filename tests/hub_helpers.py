@@ -370,10 +370,13 @@ def x402_request(
 
 
 def x402_settle_batch(*requests: dict[str, Any]) -> dict[str, Any]:
-    """The body of a facilitator's /settle/batch for these /settle bodies (`x402_request`), in order."""
+    """The body of a facilitator's /settle/batch for these /settle bodies (`x402_request`), in order (with the
+    `attempt` of a body that has one)."""
     return {
         "x402Version": 2,
-        "settlements": [{k: r[k] for k in ("paymentPayload", "paymentRequirements")} for r in requests],
+        "settlements": [
+            {k: r[k] for k in ("paymentPayload", "paymentRequirements", "attempt") if k in r} for r in requests
+        ],
     }
 
 

@@ -1382,6 +1382,40 @@ def test_a_settle_whose_answer_was_lost_is_sent_again_and_the_payer_gets_what_it
     assert accepted_for(rig.service, rig.payee) == 3 * PRICE
 
 
+def test_a_replayed_payment_settled_after_the_first_buys_nothing_when_its_refusals_answer_is_lost(
+    devnet: Devnet, proxied_payee: Callable[..., ProxiedPayee]
+) -> None:
+    """A payer sends one payment header twice: the first request's handler takes 1.5 s, the second's none. Both are
+    verified (the voucher not settled yet); the second is served and its voucher accepted; the first's settle, a
+    second later, is refused by the facilitator as a replay, and that refusal's answer is lost on the way. The payee
+    sends the settle again as a `resend`, which the facilitator answered accepted (the payment accepted before): the
+    first request was served too, two responses for one voucher. Now each settle carries its own `attempt`, and the
+    resend of another attempt than the one that got the voucher accepted is the replay it was: a 402, one charge."""
+    rig = proxied_payee(16, 18, script=ROOT / "tests" / "faulty_paid_api.py")
+    x402 = paying_client(devnet, rig.scheme)
+    path = "/reports/uploaded/size"
+    headers = x402HTTPClient(x402).encode_payment_signature_header(payment_for(rig.api, x402, path))
+
+    async def twice() -> tuple[httpx.Response, httpx.Response]:
+        async with httpx.AsyncClient(timeout=30) as http:
+            slow = asyncio.create_task(http.get(f"{rig.api}{path}", params={"think": 1.5}, headers=headers))
+            await asyncio.sleep(0.5)  # verified, and in its handler
+            fast = await http.get(f"{rig.api}{path}", headers=headers)
+            rig.proxy.lose_answer(b"/settle")  # the next settle's answer, the slow one's refusal: lost
+            return fast, await slow
+
+    fast, slow = asyncio.run(twice())
+    assert (fast.status_code, fast.json()) == (200, {"bytes": 0})
+    refused = json.loads(base64.b64decode(slow.headers["payment-response"]))
+    assert (slow.status_code, refused["success"], refused.get("errorReason"), rig.proxy.lost) == (
+        402,
+        False,
+        "voucher_replayed",
+        1,
+    )
+    assert accepted_for(rig.service, rig.payee) == PRICE
+
+
 def test_a_facilitators_failure_reaches_the_payer_short_and_without_its_urls(
     devnet: Devnet,
     spawn: Callable[..., ServiceProcess],

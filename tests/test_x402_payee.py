@@ -7,6 +7,7 @@ from __future__ import annotations
 import asyncio
 import gc
 import queue
+import re
 import threading
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
@@ -401,14 +402,17 @@ def test_a_settle_whose_answer_was_lost_is_sent_again_as_a_resend_and_one_vouche
     """A settle batch (or one `/settle`) that reached the facilitator and whose answer was lost (the connection closed
     before it came, a proxy's 502 in its place, or a body that is not the answer) is sent once more, marked `resend`:
     its payments answered as the facilitator answers them then (a payment the first send got accepted, as accepted).
-    A second request carrying a voucher already being settled is refused at once as a replay, unsent: with a resend,
-    the facilitator would have answered both as accepted."""
+    Each payment carries its `attempt`, an id of its own, the same in the resend: the facilitator answers a resend
+    accepted only for the attempt that got the payment accepted. A second request carrying a voucher already being
+    settled is refused at once as a replay, unsent."""
     seen: list[tuple[bool, int]] = []
+    attempts: list[str] = []
 
     async def settle(request: web.Request) -> web.Response:
         body = await request.json()
         settlements = body.get("settlements", [body])
         seen.append((body.get("resend", False), len(settlements)))
+        attempts.extend(s["attempt"] for s in settlements)
         if len(seen) == 1:  # the work done, the answer lost
             if loss == "bad gateway":
                 return web.Response(status=502, text="<html>502 Bad Gateway</html>")
@@ -435,6 +439,9 @@ def test_a_settle_whose_answer_was_lost_is_sent_again_as_a_resend_and_one_vouche
 
     assert asyncio.run(run()) == [(True, "7", None), (False, None, "voucher_replayed")]
     assert seen == [(False, 1), (True, 1)]
+    assert attempts[0] == attempts[1] and re.fullmatch("[0-9a-f]{24}", attempts[0]), attempts
+    assert asyncio.run(run())[0] == (True, "7", None)  # its answer not lost now: sent once, with an attempt of its own
+    assert len(attempts) == 3 and attempts[2] != attempts[0], attempts
 
 
 @pytest.mark.parametrize("way", ["endless", "declared", "dribble"])

@@ -23,6 +23,7 @@ from x402 import x402FacilitatorSync
 from x402.interfaces import FacilitatorContext
 from x402.schemas import PaymentPayload, PaymentRequirements, SettleResponse, VerifyResponse
 
+from settlement.api.attempts import SettleAttempts
 from settlement.chain.node import rpc_errors
 from settlement.domain.ledger import Verdict, receipt_body
 from settlement.domain.model import ETH, ChannelId, Receipt, Voucher
@@ -77,6 +78,7 @@ class ChannelHubFacilitator:
         self.service = service
         self._parties: dict[ChannelId, Parties] = {}
         self._parties_lock = threading.Lock()
+        self.attempts = SettleAttempts()  # which settle got each recent voucher accepted: a resend buys only its own
         self.network = network_of(service.deployment.chain_id)
         self.receipts = receipt_domain(service.domain)
         try:  # receipts are signed with the operator's key, when there is one
@@ -124,16 +126,25 @@ class ChannelHubFacilitator:
         return payload.accepted.scheme == SCHEME and payload.accepted.network == self.network
 
     async def settle_async(
-        self, payload: PaymentPayload, requirements: PaymentRequirements, *, resend: bool = False
+        self,
+        payload: PaymentPayload,
+        requirements: PaymentRequirements,
+        *,
+        resend: bool = False,
+        attempt: str | None = None,
     ) -> SettleResponse:
         """`settle` on the event loop: the commit is awaited without holding a thread (settlement.api.fastpath)."""
-        (answer,) = await self.settle_many_async([(payload, requirements)], resend=resend)
+        (answer,) = await self.settle_many_async([(payload, requirements)], resend=resend, attempts=[attempt])
         if isinstance(answer, BaseException):
             raise answer
         return answer
 
     async def settle_many_async(
-        self, payments: Sequence[tuple[PaymentPayload, PaymentRequirements]], *, resend: bool = False
+        self,
+        payments: Sequence[tuple[PaymentPayload, PaymentRequirements]],
+        *,
+        resend: bool = False,
+        attempts: Sequence[str | None] | None = None,
     ) -> list[SettleResponse | BaseException]:
         """`settle` for each payment, on the event loop, in order; in place of an answer, what a payment raised (the
         store or the chain down: a 503). The vouchers go to ingest together, as a voucher batch's do: one job for the
@@ -142,7 +153,9 @@ class ChannelHubFacilitator:
         seen is looked up once, on a worker thread (one lookup a payment, racing, could put a channel's payments out of
         order: an honest second payment judged first was refused as an overpayment). With `resend` (a payee's batch
         sent again after its answer was lost), a payment accepted before is answered as accepted, with its receipt:
-        the first send's acceptance, whose answer the payee never read."""
+        the first send's acceptance, whose answer the payee never read; unless the payee's `attempts` (each payment's
+        own id, the same in its resend) show that another settle got it accepted (`SettleAttempts`): then it is the
+        replay it was at its first send."""
         answers: dict[int, SettleResponse | BaseException] = {}
         checked: list[tuple[int, VoucherPayload, int, Parties | None]] = []
         for i, (payload, requirements) in enumerate(payments):
@@ -178,10 +191,13 @@ class ChannelHubFacilitator:
                 outcomes = [ex] * len(priced)
             resent: set[tuple[ChannelId, int]] = set()  # a resend's vouchers: the same one twice is one purchase
             for (i, voucher, channel), outcome in zip(priced, outcomes, strict=True):
-                first = resend and (voucher.channel_id, voucher.cumulative) not in resent
+                key, attempt = (voucher.channel_id, voucher.cumulative), None if attempts is None else attempts[i]
+                first = resend and key not in resent and not self.attempts.another(*key, attempt)
                 if first:
-                    resent.add((voucher.channel_id, voucher.cumulative))
+                    resent.add(key)
                 answers[i] = self._answer(outcome, channel, first)
+                if attempt is not None and isinstance(outcome, Verdict) and outcome.new:
+                    self.attempts.accepted(*key, attempt)
         return [answers[i] for i in range(len(payments))]
 
     def _answer(

@@ -12,10 +12,10 @@ import asyncio
 import json
 import logging
 import re
-from typing import Any, Literal, TypeVar
+from typing import Annotated, Any, Literal, TypeVar
 
 from fastapi import APIRouter, Request, Response
-from pydantic import BaseModel, Field, ValidationError
+from pydantic import BaseModel, Field, StringConstraints, ValidationError
 from x402.schemas import (
     PaymentPayload,
     PaymentRequirements,
@@ -39,6 +39,12 @@ _RESEND = (
     "the payee's settle sent again after its answer was lost: a payment already accepted is answered as accepted (its "
     "receipt), not refused as a replay; nothing is charged twice"
 )
+_ATTEMPT = (
+    "the payee's own id of this settle, the same in its resend: a resend is answered accepted only for the attempt "
+    "that got the payment accepted (another attempt's is the replay it was), so a voucher replayed to a payee buys "
+    "one response even when an answer is lost"
+)
+Attempt = Annotated[str, StringConstraints(pattern=r"^[A-Za-z0-9_-]{8,64}$")]
 
 
 class X402Request(BaseModel):
@@ -50,16 +56,18 @@ class X402Request(BaseModel):
 
 
 class X402SettleRequest(X402Request):
-    """x402 v2's body of /settle, and a ChannelHub addition beside it: `resend`."""
+    """x402 v2's body of /settle, and ChannelHub additions beside it: `resend`, `attempt`."""
 
     resend: bool = Field(default=False, description=_RESEND)
+    attempt: Attempt | None = Field(default=None, description=_ATTEMPT)
 
 
 class X402Settlement(BaseModel):
-    """One payment of a batch: what x402 v2's /settle body carries."""
+    """One payment of a batch: what x402 v2's /settle body carries, and its `attempt`."""
 
     paymentPayload: PaymentPayload
     paymentRequirements: PaymentRequirements
+    attempt: Attempt | None = Field(default=None, description=_ATTEMPT)
 
 
 class X402SettleBatch(BaseModel):
@@ -73,6 +81,7 @@ class X402SettleBatch(BaseModel):
 
 _Body = TypeVar("_Body", bound=X402Request)
 _FRAME = {"paymentPayload", "paymentRequirements"}
+_FRAMES = (_FRAME, _FRAME | {"attempt"})
 _SURROGATE_ESCAPE = re.compile(rb"\\u[dD][89a-fA-F]")  # \ud800 to \udfff
 
 
@@ -104,7 +113,7 @@ class X402Operations:
         body that is not x402 v2's shape, and the store's or the chain's 503. A `resend` (X402SettleRequest) answers
         a payment accepted before as accepted, as a batch's does."""
         parsed = _request(body, X402SettleRequest)
-        answer = await self._settle(parsed.paymentPayload, parsed.paymentRequirements, parsed.resend)
+        answer = await self._settle(parsed.paymentPayload, parsed.paymentRequirements, parsed.resend, parsed.attempt)
         return answer.model_dump_json(by_alias=True, exclude_none=True).encode()
 
     async def settle_batch(self, body: bytes, client: str) -> bytes:
@@ -120,17 +129,16 @@ class X402Operations:
                 f"a batch holds at most {self.max_batch} settlements, got {count}", maxItems=self.max_batch
             )
         refused = {i: item for i, item in enumerate(parsed) if isinstance(item, SettleResponse)}
-        payments = {
-            i: (item.paymentPayload, item.paymentRequirements)
-            for i, item in enumerate(parsed)
-            if isinstance(item, X402Settlement)
-        }
+        items = {i: item for i, item in enumerate(parsed) if isinstance(item, X402Settlement)}
+        payments = {i: (item.paymentPayload, item.paymentRequirements) for i, item in items.items()}
         ours: list[int] = []  # our scheme's, whose vouchers go to ingest together
         theirs: list[int] = []  # the rest, which x402's facilitator answers `unsupported`
         for i, (payload, _) in payments.items():
             (ours if self.scheme.serves(payload) else theirs).append(i)
         settled, others = await asyncio.gather(
-            self.scheme.settle_many_async([payments[i] for i in ours], resend=resend),
+            self.scheme.settle_many_async(
+                [payments[i] for i in ours], resend=resend, attempts=[items[i].attempt for i in ours]
+            ),
             asyncio.gather(*(asyncio.to_thread(self._settled, *payments[i]) for i in theirs), return_exceptions=True),
         )
         forged = InvalidSignatureError.code
@@ -157,7 +165,7 @@ class X402Operations:
                 outer = _BatchOf.model_validate(read)
             except ValidationError:
                 raise whole from None
-            if not all(isinstance(item, dict) and set(item) == _FRAME for item in outer.settlements):
+            if not all(isinstance(item, dict) and set(item) in _FRAMES for item in outer.settlements):
                 raise whole from None
         found: list[X402Settlement | SettleResponse] = []
         for item in outer.settlements:
@@ -177,9 +185,11 @@ class X402Operations:
                 )
         return found, outer.resend
 
-    async def _settle(self, payload: PaymentPayload, requirements: PaymentRequirements, resend: bool) -> SettleResponse:
+    async def _settle(
+        self, payload: PaymentPayload, requirements: PaymentRequirements, resend: bool, attempt: str | None
+    ) -> SettleResponse:
         if self.scheme.serves(payload):
-            return await self.scheme.settle_async(payload, requirements, resend=resend)
+            return await self.scheme.settle_async(payload, requirements, resend=resend, attempt=attempt)
         return await asyncio.to_thread(self._settled, payload, requirements)
 
     def _verified(self, parsed: X402Request) -> VerifyResponse:

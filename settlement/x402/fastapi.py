@@ -47,6 +47,7 @@ import asyncio
 import gc
 import hashlib
 import logging
+import os
 import sqlite3
 import threading
 import time
@@ -384,7 +385,7 @@ class ChannelHubFacilitatorClient(HTTPFacilitatorClient):
             elif isinstance(part := _part(payload, requirements, self.max_payment_bytes), str):
                 settled = _refused(part, requirements.network)
             elif payload.accepted.scheme == SCHEME:
-                settled = await self._settle_ours(payload, requirements, part)
+                settled = await self._settle_ours(payload, requirements, _attempted(part))
             else:
                 settled = await self._sent("settle", part, SettleResponse)
         except Exception as ex:
@@ -399,10 +400,11 @@ class ChannelHubFacilitatorClient(HTTPFacilitatorClient):
         self, payload: PaymentPayload, requirements: PaymentRequirements, part: bytes
     ) -> SettleResponse:
         """A payment of our scheme, settled in a batch (`_settle_batched`) or alone (`_settle_alone`); `part` is its
-        part of a batch body (`_part`), made before: a payment that cannot be sent is refused alone. One voucher is
-        settled for one request at a time: the same voucher for two requests at once (a replay) is refused at once,
-        unsent. The facilitator would accept one and refuse the other as a replay, but a settle sent again after its
-        answer was lost (`resend`) would have both answered accepted."""
+        part of a batch body (`_part`, with its `_attempted` id), made before: a payment that cannot be sent is refused
+        alone. One voucher is settled for one request at a time: the same voucher for two requests at once (a replay)
+        is refused at once, unsent. The facilitator would accept one and refuse the other as a replay, also when the
+        other's answer is lost and it is sent again (`resend`): it answers a resend accepted only for the attempt that
+        got the voucher accepted, which also covers a replay settled after the first, or by another process."""
         key = _voucher_key(payload)
         if key is not None and key in self._settling:
             message = "this voucher is being settled for another request: a new payment needs a new voucher"
@@ -639,6 +641,13 @@ def _part(payload: PaymentPayload, requirements: PaymentRequirements, limit: int
     if len(part) > limit:
         return f"the payment is {len(part):,} bytes: this payee sends its facilitator payments of {limit:,} at most"
     return part
+
+
+def _attempted(part: bytes) -> bytes:
+    """The settle's part with its `attempt`, an id of its own that its resend carries too: the facilitator answers a
+    resend accepted only for the attempt that got the payment accepted (settlement.api.attempts). Random, so that the
+    processes of one payee (forked or not) never share one."""
+    return part[:-1] + b',"attempt":"' + os.urandom(12).hex().encode() + b'"}'
 
 
 def _refused(message: str, network: str, reason: str = Reason.INVALID_PAYLOAD) -> SettleResponse:
