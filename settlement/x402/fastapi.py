@@ -92,7 +92,7 @@ from settlement.x402.kept import CLAIM_SECONDS, KeptAnswer, SharedAnswers
 from settlement.x402.positions import Forged, Positions
 from settlement.x402.refunds import MAX_TTL, REFUND_PATH, RefundDesk
 from settlement.x402.unseen import OverBudget, UnseenBudget
-from settlement.x402.wire import SCHEME, PayloadError, Reason, VoucherPayload, payment_identifier_in
+from settlement.x402.wire import CONNECTION_GONE, SCHEME, PayloadError, Reason, VoucherPayload, payment_identifier_in
 
 logger = logging.getLogger(__name__)
 _Answered = TypeVar("_Answered", VerifyResponse, SettleResponse)
@@ -376,7 +376,7 @@ class ChannelHubFacilitatorClient(HTTPFacilitatorClient):
 
     async def settle(self, payload: Any, requirements: Any) -> SettleResponse:
         exchange = _exchange.get()
-        if exchange is not None and await exchange.request.is_disconnected():  # charged for nothing it gets
+        if exchange is not None and await _gone(exchange.request):  # charged for nothing it gets
             raise FacilitatorResponseError("the payer went away before its answer was ready: not settled")
         ours = isinstance(payload, PaymentPayload) and isinstance(requirements, PaymentRequirements)
         try:
@@ -641,6 +641,15 @@ def _part(payload: PaymentPayload, requirements: PaymentRequirements, limit: int
     if len(part) > limit:
         return f"the payment is {len(part):,} bytes: this payee sends its facilitator payments of {limit:,} at most"
     return part
+
+
+async def _gone(request: Request) -> bool:
+    """Whether the request's client went away: told by settlement.x402.serving's protocol at no cost
+    (`CONNECTION_GONE`), else Starlette's probe of the request's receive (25-40 µs)."""
+    told = request.scope.get("extensions", {}).get(CONNECTION_GONE)
+    if told is not None:
+        return bool(told["gone"]())
+    return await request.is_disconnected()
 
 
 def _attempted(part: bytes) -> bytes:

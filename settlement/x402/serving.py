@@ -29,6 +29,8 @@ import asyncio
 from collections.abc import Callable
 from typing import Any, Self
 
+from settlement.x402.wire import CONNECTION_GONE
+
 try:
     import httptools
     from uvicorn.protocols.http.flow_control import FlowControl
@@ -190,6 +192,11 @@ class BoundedProtocol(HttpToolsProtocol):
         cycle = self.cycle  # the request this head made (an upgrade makes none)
         if cycle is not None and not cycle.response_complete and cycle not in self._unanswered:
             self._unanswered = [c for c in self._unanswered if not c.response_complete] + [cycle]
+            # Whether its client went away, from the connection (`connection_lost` tells every request of it): the
+            # payment middleware asks before it settles, and Starlette's own probe (a receive in a cancelled anyio
+            # scope) cost 25-40 µs of a paid request, most of it anyio formatting the task's repr for its message.
+            told: dict[object, object] = {"gone": lambda: cycle.disconnected}
+            cycle.scope.setdefault("extensions", {})[CONNECTION_GONE] = told
 
     def on_message_complete(self) -> None:
         late = self._rest_deadline.set

@@ -22,6 +22,9 @@ from x402.schemas import PaymentPayload, PaymentRequirements
 from settlement.domain.model import ChannelId, hex32_of, signature_of, uint256_of
 
 SCHEME = "channelhub"
+# The ASGI scope extension through which settlement.x402.serving's protocol tells the payment middleware whether a
+# request's client went away: `{"gone": <callable, true once the connection is gone>}` (settlement.x402.fastapi).
+CONNECTION_GONE = "channelhub.connection_gone"
 NETWORK_PREFIX = "eip155:"
 # Matched whole (`fullmatch`): `$` would also match before a final newline, which `int` and `bytes.fromhex` skip, so
 # "0x…\n" passed as a channel id no other layer spells that way (a paid voucher sent again so went to the chain).
