@@ -9,8 +9,9 @@ own id, kept for its resend; the facilitator keeps, for the vouchers accepted la
 accepted, and answers a resend of another attempt as the replay it is.
 
 Kept in memory, the last GENERATION to twice as many acceptances (a resend follows its lost answer within the payee's
-timeout): a resend the memory no longer covers (a restart of the facilitator meanwhile, or that many settles since) is
-answered as before, accepted. Keys and attempts are kept as their hashes (64 bits, this process's seed): 12 MB for the
+timeout), each `serve` process its own: a resend the memory does not cover (a restart of the facilitator meanwhile,
+that many settles since, or a resend that reached another process than the first send) is answered as before,
+accepted. Keys and attempts are kept as their hashes (64 bits, this process's seed): 12 MB for the
 100,000 acceptances of two full generations (0.3 µs an acceptance), where the strings took 33 MB."""
 
 from __future__ import annotations
