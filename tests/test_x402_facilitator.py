@@ -16,9 +16,7 @@ from fastapi.testclient import TestClient
 from web3 import Web3
 from web3.contract import Contract
 
-from settlement.api.attempts import SettleAttempts
 from settlement.devtools.devnet import Devnet
-from settlement.domain.model import ChannelId
 from settlement.eip712.receipts import SignedFields, receipt_domain, receipt_signer
 from settlement.eip712.vouchers import read_domain
 from tests.hub_helpers import (
@@ -529,10 +527,11 @@ def test_a_resend_is_answered_accepted_only_for_the_settle_attempt_that_got_the_
     """A voucher replayed to a payee (two of its processes, or two requests one after the other) is settled twice:
     the first settle accepted, the second refused as a replay. When that refusal's answer was lost, the payee sent
     the settle again as a `resend`, and it was answered accepted: the voucher bought two responses. Each settle now
-    carries its `attempt` (the payee's id, the same in its resend): a resend is answered accepted only for the attempt
-    that got the payment accepted (with that acceptance's receipt), another attempt's is the replay it was, in a batch
-    or alone; a resend naming no attempt is answered as before, and a malformed attempt is a 400 (on the fast path
-    and on FastAPI's route). Nothing is charged twice."""
+    carries its `attempt` (the payee's id, the same in its resend), stored with the payment it gets accepted: a
+    resend is answered accepted only for the attempt that got the payment accepted (with that acceptance's receipt),
+    another attempt's is the replay it was, in a batch or alone, also at another `serve` process on the same store (or
+    after a restart); a resend naming no attempt is answered as before, and a malformed attempt is a 400 (on the fast
+    path and on FastAPI's route). Nothing is charged twice."""
     client = api()
     required = requirements(devnet, channel.payee)
     paid = x402_request(required, voucher(channel, PRICE, sign))
@@ -546,7 +545,7 @@ def test_a_resend_is_answered_accepted_only_for_the_settle_attempt_that_got_the_
         return answer["success"], answer.get("errorReason")
 
     replayed, accepted_again = (False, "voucher_replayed"), (True, None)
-    for client_of in (client, behind_the_fast_path(client)):
+    for client_of in (client, behind_the_fast_path(client), api()):  # the last: another process on the same store
         batches = [
             x402_settle_batch(other),
             x402_settle_batch(other) | {"resend": True},
@@ -570,21 +569,6 @@ def test_a_resend_is_answered_accepted_only_for_the_settle_attempt_that_got_the_
             else:
                 assert [(b.status_code, b.json()["code"]) for b in bad] == 2 * [(400, "malformed_request")], attempt
     assert accepted(client, channel) == "10"
-
-
-def test_the_settle_attempts_kept_are_the_last_generation_to_twice_as_many() -> None:
-    """The facilitator's memory of which attempt got each voucher accepted is bounded: two generations, the older
-    dropped whole; a voucher it no longer holds is judged as before (no other attempt known)."""
-    attempts = SettleAttempts(generation=2)
-    channel = ChannelId("0x" + "ab" * 32)
-    for cumulative in (1, 2, 3):
-        attempts.accepted(channel, cumulative, f"attempt-{cumulative:04}")
-    known = [attempts.another(channel, c, "attempt-9999") for c in (1, 2, 3)]
-    own = [attempts.another(channel, c, f"attempt-{c:04}") for c in (1, 2, 3)]
-    assert (known, own, attempts.another(channel, 1, None)) == ([True, True, True], [False, False, False], False)
-    for cumulative in (4, 5):
-        attempts.accepted(channel, cumulative, f"attempt-{cumulative:04}")
-    assert [attempts.another(channel, c, "attempt-9999") for c in (1, 2, 3, 4, 5)] == [False, False, True, True, True]
 
 
 def test_a_large_settle_batch_is_recovered_by_a_worker_process_and_each_payment_answered_in_place(

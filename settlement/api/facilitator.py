@@ -23,7 +23,6 @@ from x402 import x402FacilitatorSync
 from x402.interfaces import FacilitatorContext
 from x402.schemas import PaymentPayload, PaymentRequirements, SettleResponse, VerifyResponse
 
-from settlement.api.attempts import SettleAttempts
 from settlement.chain.node import rpc_errors
 from settlement.domain.ledger import Verdict, receipt_body
 from settlement.domain.model import ETH, ChannelId, Receipt, Voucher
@@ -78,7 +77,6 @@ class ChannelHubFacilitator:
         self.service = service
         self._parties: dict[ChannelId, Parties] = {}
         self._parties_lock = threading.Lock()
-        self.attempts = SettleAttempts()  # which settle got each recent voucher accepted: a resend buys only its own
         self.network = network_of(service.deployment.chain_id)
         self.receipts = receipt_domain(service.domain)
         try:  # receipts are signed with the operator's key, when there is one
@@ -153,9 +151,9 @@ class ChannelHubFacilitator:
         seen is looked up once, on a worker thread (one lookup a payment, racing, could put a channel's payments out of
         order: an honest second payment judged first was refused as an overpayment). With `resend` (a payee's batch
         sent again after its answer was lost), a payment accepted before is answered as accepted, with its receipt:
-        the first send's acceptance, whose answer the payee never read; unless the payee's `attempts` (each payment's
-        own id, the same in its resend) show that another settle got it accepted (`SettleAttempts`): then it is the
-        replay it was at its first send."""
+        the first send's acceptance, whose answer the payee never read; unless another settle got it accepted: each
+        payment's `attempt` (the payee's id of its settle, the same in its resend) is stored with the payment it gets
+        accepted, and a resend of another attempt is the replay it was at its first send (`_another_attempt`)."""
         answers: dict[int, SettleResponse | BaseException] = {}
         checked: list[tuple[int, VoucherPayload, int, Parties | None]] = []
         for i, (payload, requirements) in enumerate(payments):
@@ -177,7 +175,10 @@ class ChannelHubFacilitator:
                 answers[i] = found
             else:
                 try:
-                    priced.append((i, self._priced(*payments[i], parsed, price, found), found))
+                    voucher = self._priced(*payments[i], parsed, price, found)
+                    if attempts is not None and attempts[i] is not None:
+                        voucher = replace(voucher, attempt=attempts[i])
+                    priced.append((i, voucher, found))
                 except Refused as refused:
                     answers[i] = self._settle_refused(refused)
                 except Exception as ex:  # as an answer in its place, as every payment's failure
@@ -191,13 +192,11 @@ class ChannelHubFacilitator:
                 outcomes = [ex] * len(priced)
             resent: set[tuple[ChannelId, int]] = set()  # a resend's vouchers: the same one twice is one purchase
             for (i, voucher, channel), outcome in zip(priced, outcomes, strict=True):
-                key, attempt = (voucher.channel_id, voucher.cumulative), None if attempts is None else attempts[i]
-                first = resend and key not in resent and not self.attempts.another(*key, attempt)
+                key = (voucher.channel_id, voucher.cumulative)
+                first = resend and key not in resent and not _another_attempt(outcome, voucher.attempt)
                 if first:
                     resent.add(key)
                 answers[i] = self._answer(outcome, channel, first)
-                if attempt is not None and isinstance(outcome, Verdict) and outcome.new:
-                    self.attempts.accepted(*key, attempt)
         return [answers[i] for i in range(len(payments))]
 
     def _answer(
@@ -338,6 +337,15 @@ def _verdict(outcome: Outcome) -> Verdict:
     if isinstance(outcome, SettlementError):
         raise outcome
     return outcome
+
+
+def _another_attempt(outcome: Outcome | BaseException, attempt: str | None) -> bool:
+    """Whether the voucher was accepted before by another settle than the payee's `attempt` (stored with the payment:
+    whichever `serve` process took it, and after a restart). A settle or a payment that names none is judged as
+    before."""
+    if attempt is None or not isinstance(outcome, Verdict):
+        return False
+    return outcome.receipt.attempt is not None and outcome.receipt.attempt != attempt
 
 
 def _payment_id(payload: PaymentPayload) -> str | None:

@@ -221,6 +221,7 @@ def judge(
         accepted_at=now,
         reference=voucher.reference,
         idempotency_key=voucher.idempotency_key,
+        attempt=voucher.attempt,
     )
     return Verdict(receipt, new=True)
 

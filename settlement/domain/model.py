@@ -142,8 +142,8 @@ class BlockRef:
 
 @dataclass(frozen=True)
 class Voucher:
-    """A voucher as submitted: the signed (channelId, cumulativeAmount), and unsigned metadata: the app's reference
-    and the client's idempotency key."""
+    """A voucher as submitted: the signed (channelId, cumulativeAmount), and unsigned metadata: the app's reference,
+    the client's idempotency key, and the x402 settle attempt that submitted it."""
 
     channel_id: ChannelId
     cumulative: int
@@ -151,6 +151,7 @@ class Voucher:
     reference: str | None = None
     idempotency_key: str | None = None  # the client's id of the payment: a retry with it never pays twice
     price: int | None = None  # the exact increment it must pay over the channel's position (x402); None: any
+    attempt: str | None = None  # the payee's id of the x402 settle that submitted it (settlement.api.facilitator)
 
     @property
     def key(self) -> tuple[ChannelId, int]:
@@ -169,6 +170,7 @@ class Receipt:
     accepted_at: datetime
     reference: str | None = None
     idempotency_key: str | None = None
+    attempt: str | None = None  # the x402 settle that got it accepted: stored, never shown (not in `receipt_body`)
 
 
 def utcnow() -> datetime:

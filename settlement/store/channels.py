@@ -281,7 +281,7 @@ def receipts_by_key(conn: Connection, keys: Sequence[tuple[ChannelId, str]]) -> 
 # planned as a walk of the channel's every payment, filtered: a keyed payment on a channel with 200,000 payments
 # behind it took 35 ms of the SQLite writer, a re-sent old voucher 21 ms, and the writer serves every payer.
 _RECEIPT_COLUMNS = (
-    "c.channel_id, p.cumulative, p.increment, p.remaining, p.accepted_at_us, p.reference, p.idempotency_key"
+    "c.channel_id, p.cumulative, p.increment, p.remaining, p.accepted_at_us, p.reference, p.idempotency_key, p.attempt"
 )
 _PAIRED = " JOIN channels AS c ON c.channel_id = k.id JOIN payments AS p ON p.channel_no = c.channel_no AND "
 _BY_AMOUNT = "p.cumulative = k.value"
@@ -316,7 +316,7 @@ def _paired(
 def _receipt_of(row: tuple[Any, ...]) -> Receipt:
     """A receipt from a row of `_RECEIPT_COLUMNS`: the driver's values (SQLite's compact amounts, PostgreSQL's
     decimals) or SQLAlchemy's (ints)."""
-    channel_id, cumulative, increment, remaining, accepted_at_us, reference, idempotency_key = row
+    channel_id, cumulative, increment, remaining, accepted_at_us, reference, idempotency_key, attempt = row
     return Receipt(
         channel_id=ChannelId(channel_id),
         cumulative=stored_amount(cumulative),
@@ -325,12 +325,13 @@ def _receipt_of(row: tuple[Any, ...]) -> Receipt:
         accepted_at=from_us(accepted_at_us),
         reference=reference,
         idempotency_key=idempotency_key,
+        attempt=attempt,
     )
 
 
 def _receipt(row: Row[Any], channel_id: ChannelId) -> Receipt:
     values = (row.cumulative, row.increment, row.remaining, row.accepted_at_us, row.reference, row.idempotency_key)
-    return _receipt_of((channel_id, *values))
+    return _receipt_of((channel_id, *values, row.attempt))
 
 
 def record_payments(
@@ -426,15 +427,15 @@ def _pipelined(
 # rise together, which the per-channel listings rely on. Each channel's latest voucher is found here, from the
 # payments' own arrays (its highest cumulative), rather than sent as more arrays. Numbers travel as one text of
 # comma-separated decimals each, which the server splits and parses: psycopg builds a binary array element by element
-# in Python, which was the largest part of the writer's time per voucher. References and idempotency keys are sent
-# as NULL when the group has none (the hot path): `unnest` pads a NULL array with NULLs.
+# in Python, which was the largest part of the writer's time per voucher. References, idempotency keys and x402
+# settle attempts are sent as NULL when the group has none (the hot path): `unnest` pads a NULL array with NULLs.
 _PAYMENTS_IN = (
     "WITH p AS MATERIALIZED ("
     " SELECT * FROM unnest(string_to_array(%(nos)b::text, ',')::bigint[],"
     " string_to_array(%(cumulative)b::text, ',')::numeric[], string_to_array(%(increment)b::text, ',')::numeric[],"
     " string_to_array(%(remaining)b::text, ',')::numeric[], %(signature)b::bytea[], %(reference)b::varchar[],"
-    " string_to_array(%(at)b::text, ',')::bigint[], %(keys)b::varchar[]) WITH ORDINALITY"
-    " AS p(channel_no, cumulative, increment, remaining, signature, reference, at, key, n)),"
+    " string_to_array(%(at)b::text, ',')::bigint[], %(keys)b::varchar[], %(attempts)b::varchar[]) WITH ORDINALITY"
+    " AS p(channel_no, cumulative, increment, remaining, signature, reference, at, key, attempt, n)),"
     " v AS (SELECT DISTINCT ON (channel_no) channel_no, cumulative, signature, at FROM p"
     " ORDER BY channel_no, cumulative DESC),"
 )
@@ -444,8 +445,8 @@ _MOVE_LATEST = (
     " version = c.version + 1"
     " FROM v{held} WHERE c.channel_no = v.channel_no RETURNING c.channel_no)"
     " INSERT INTO payments"
-    " (channel_no, cumulative, increment, remaining, signature, reference, accepted_at_us, idempotency_key)"
-    " SELECT p.channel_no, p.cumulative, p.increment, p.remaining, p.signature, p.reference, p.at, p.key"
+    " (channel_no, cumulative, increment, remaining, signature, reference, accepted_at_us, idempotency_key, attempt)"
+    " SELECT p.channel_no, p.cumulative, p.increment, p.remaining, p.signature, p.reference, p.at, p.key, p.attempt"
     " FROM p JOIN latest ON latest.channel_no = p.channel_no ORDER BY p.n"
 )
 # Under the rows' locks (`lock_versions`).
@@ -505,6 +506,7 @@ def _payments_statement(
     at = _times_us(receipts)
     references = [r.reference for r in receipts]
     keys = [r.idempotency_key for r in receipts]
+    attempts = [r.attempt for r in receipts]
     params = {
         "nos": _decimals(numbers[r.channel_id] for r in receipts),
         "cumulative": _decimals(r.cumulative for r in receipts),
@@ -514,6 +516,7 @@ def _payments_statement(
         "reference": references if any(ref is not None for ref in references) else None,
         "at": _decimals(at[r.accepted_at] for r in receipts),
         "keys": keys if any(key is not None for key in keys) else None,
+        "attempts": attempts if any(attempt is not None for attempt in attempts) else None,
     }
     if held is None:
         return _RECORD_PAYMENTS, params
@@ -547,9 +550,8 @@ def _record_payments_sqlite(
     writer's time on the batch endpoint."""
     at = _times_us(r for r, _ in accepted)
     conn.exec_driver_sql(
-        "INSERT INTO payments"
-        " (channel_no, cumulative, increment, remaining, signature, reference, accepted_at_us, idempotency_key)"
-        " VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+        "INSERT INTO payments (channel_no, cumulative, increment, remaining, signature, reference, accepted_at_us,"
+        " idempotency_key, attempt) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
         [
             (
                 numbers[r.channel_id],
@@ -560,6 +562,7 @@ def _record_payments_sqlite(
                 r.reference,
                 at[r.accepted_at],
                 r.idempotency_key,
+                r.attempt,
             )
             for r, signature in accepted
         ],

@@ -111,6 +111,7 @@ payments = Table(
     Column("accepted_at_us", BigInteger(), nullable=False),
     Column("idempotency_key", String(64), nullable=True),
     Column("channel_no", BigInteger(), nullable=False),
+    Column("attempt", String(64), nullable=True),  # the x402 settle that got it accepted (revision 0019)
     UniqueConstraint("channel_no", "cumulative"),
     # SQLite only: on PostgreSQL the per-row check cost the writer 10-30%; there a payment's channel is kept by the
     # group statement's join and by triggers that refuse to delete or renumber a channel (revision 0016).
