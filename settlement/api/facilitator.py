@@ -15,7 +15,7 @@ import asyncio
 import hashlib
 import threading
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from typing import Any
 
 from eth_account.signers.local import LocalAccount
@@ -175,10 +175,8 @@ class ChannelHubFacilitator:
                 answers[i] = found
             else:
                 try:
-                    voucher = self._priced(*payments[i], parsed, price, found)
-                    if attempts is not None and attempts[i] is not None:
-                        voucher = replace(voucher, attempt=attempts[i])
-                    priced.append((i, voucher, found))
+                    attempt = None if attempts is None else attempts[i]
+                    priced.append((i, self._priced(*payments[i], parsed, price, found, attempt), found))
                 except Refused as refused:
                     answers[i] = self._settle_refused(refused)
                 except Exception as ex:  # as an answer in its place, as every payment's failure
@@ -321,15 +319,23 @@ class ChannelHubFacilitator:
         parsed: VoucherPayload,
         price: int,
         channel: Parties,
+        attempt: str | None = None,
     ) -> Voucher:
-        """The channel's payee and asset checked against the requirements; the voucher with its price and key."""
+        """The channel's payee and asset checked against the requirements; the voucher with its price, its key and
+        the payee's settle `attempt`."""
         if not same_address(channel.payee, requirements.pay_to):
             raise Refused(Reason.WRONG_PAY_TO, f"channel {parsed.channel_id} pays {channel.payee}", channel.payer)
         if not same_address(channel.token, requirements.asset):
             asset = "ETH" if channel.token == ETH else channel.token
             raise Refused(Reason.WRONG_ASSET, f"channel {parsed.channel_id} is in {asset}", channel.payer)
-        voucher = Voucher(parsed.channel_id, parsed.cumulative, parsed.signature)
-        return replace(voucher, idempotency_key=_payment_id(payload), price=price)
+        return Voucher(
+            parsed.channel_id,
+            parsed.cumulative,
+            parsed.signature,
+            idempotency_key=_payment_id(payload),
+            price=price,
+            attempt=attempt,
+        )
 
 
 def _verdict(outcome: Outcome) -> Verdict:

@@ -653,9 +653,9 @@ async def _gone(request: Request) -> bool:
 
 
 def _attempted(part: bytes) -> bytes:
-    """The settle's part with its `attempt`, an id of its own that its resend carries too: the facilitator answers a
-    resend accepted only for the attempt that got the payment accepted (settlement.api.attempts). Random, so that the
-    processes of one payee (forked or not) never share one."""
+    """The settle's part with its `attempt`, an id of its own that its resend carries too: the facilitator stores it
+    with the payment it gets accepted and answers a resend accepted only for that attempt (settlement.api.facilitator).
+    Random, so that the processes of one payee (forked or not) never share one."""
     return part[:-1] + b',"attempt":"' + os.urandom(12).hex().encode() + b'"}'
 
 
