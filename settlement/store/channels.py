@@ -504,19 +504,16 @@ def _payments_statement(
 ) -> tuple[str, dict[str, Any]]:
     receipts = [r for r, _ in accepted]
     at = _times_us(receipts)
-    references = [r.reference for r in receipts]
-    keys = [r.idempotency_key for r in receipts]
-    attempts = [r.attempt for r in receipts]
     params = {
         "nos": _decimals(numbers[r.channel_id] for r in receipts),
         "cumulative": _decimals(r.cumulative for r in receipts),
         "increment": _decimals(r.increment for r in receipts),
         "remaining": _decimals(r.remaining for r in receipts),
         "signature": [signature for _, signature in accepted],
-        "reference": references if any(ref is not None for ref in references) else None,
+        "reference": _texts_or_null([r.reference for r in receipts]),
         "at": _decimals(at[r.accepted_at] for r in receipts),
-        "keys": keys if any(key is not None for key in keys) else None,
-        "attempts": attempts if any(attempt is not None for attempt in attempts) else None,
+        "keys": _texts_or_null([r.idempotency_key for r in receipts]),
+        "attempts": _texts_or_null([r.attempt for r in receipts]),
     }
     if held is None:
         return _RECORD_PAYMENTS, params
@@ -531,6 +528,11 @@ def _check_inserted(statement: str, inserted: int, count: int, *, held: bool) ->
     # A channel whose row was not updated: fail the group rather than drop a payment.
     missing = psycopg.errors.ForeignKeyViolation("payments without a channel")  # as SQLite's foreign key says it
     raise DBAPIError.instance(statement, None, missing, psycopg.Error)
+
+
+def _texts_or_null(texts: list[str | None]) -> list[str | None] | None:
+    """A text array parameter, or NULL when every element is (the hot path's vouchers carry no metadata)."""
+    return texts if any(text is not None for text in texts) else None
 
 
 def _decimals(numbers: Iterable[int]) -> str:
