@@ -85,7 +85,7 @@ def test_supported_names_the_scheme_the_network_and_what_requirements_carry(
                 "extra": {"hub": hub.address, "name": "ChannelHub", "version": "1"},
             }
         ],
-        "extensions": [],
+        "extensions": ["channelhub-settle-attempt"],  # it keeps each settle's attempt: a payee may send them
         "signers": {"eip155:*": [accounts[0].address]},  # the receipts' signer: the operator (the devnet's first)
     }
 

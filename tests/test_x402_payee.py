@@ -39,6 +39,7 @@ from settlement.x402.fastapi import (
     _Supported,
 )
 from settlement.x402.positions import Forged, Positions
+from settlement.x402.wire import SETTLE_ATTEMPT
 from tests.hub_helpers import ETH, Channel, wait_indexed
 
 Sign = Callable[..., bytes]
@@ -294,12 +295,22 @@ def settled_each(body: dict[str, Any]) -> list[dict[str, Any]]:
 
 @asynccontextmanager
 async def batch_route(
-    handler: Callable[[web.Request], Awaitable[web.Response]], route: str = "/settle/batch"
+    handler: Callable[[web.Request], Awaitable[web.Response]],
+    route: str = "/settle/batch",
+    extensions: list[str] | None = None,
 ) -> AsyncIterator[str]:
-    """A facilitator's URL whose `route` (`/settle/batch`) is `handler`, over real HTTP (aiohttp's server); any other
-    route is a 404."""
+    """A facilitator's URL whose `route` (`/settle/batch`) is `handler`, over real HTTP (aiohttp's server), with a
+    `/supported` that lists `extensions` when they are given; any other route is a 404."""
     app = web.Application()
     app.router.add_post(f"/x402{route}", handler)
+    if extensions is not None:
+        kind = {"x402Version": 2, "scheme": "channelhub", "network": "eip155:31337"}
+        supported = {"kinds": [kind], "extensions": extensions, "signers": {}}
+
+        async def listed(_: web.Request) -> web.Response:
+            return web.json_response(supported)
+
+        app.router.add_get("/x402/supported", listed)
     runner = web.AppRunner(app)
     await runner.setup()
     site = web.TCPSite(runner, "127.0.0.1", 0)
@@ -442,6 +453,51 @@ def test_a_settle_whose_answer_was_lost_is_sent_again_as_a_resend_and_one_vouche
     assert attempts[0] == attempts[1] and re.fullmatch("[0-9a-f]{24}", attempts[0]), attempts
     assert asyncio.run(run())[0] == (True, "7", None)  # its answer not lost now: sent once, with an attempt of its own
     assert len(attempts) == 3 and attempts[2] != attempts[0], attempts
+
+
+@pytest.mark.parametrize(
+    ("extensions", "attempted"),
+    [
+        (None, True),  # /supported not read (an app that calls the client itself): sent
+        ([SETTLE_ATTEMPT], True),  # a facilitator that keeps attempts
+        ([], False),  # one older than the attempt
+        (["bazaar"], False),  # one that lists other extensions only
+    ],
+)
+def test_a_settle_names_its_attempt_only_to_a_facilitator_that_lists_attempts_in_supported(
+    extensions: list[str] | None, attempted: bool
+) -> None:
+    """A facilitator older than the attempt ignores it in a settle it reads with pydantic-core, but it reads a batch
+    too deep for pydantic-core (a payer's `extensions` nested past 200 levels) by each payment's two x402 keys alone,
+    and refused the whole batch (400) when a payment had a third: every payer's payment in the batch a 503. The
+    facilitator here, when its `/supported` does not list `SETTLE_ATTEMPT`, refuses any third key as that one did
+    the deep batch's; the payee sends attempts only to a facilitator whose `/supported` lists it (or that it has not
+    asked). Before, every payment here carried an attempt, and the two older facilitators refused both payments."""
+    parts: list[list[str]] = []
+
+    async def settle(request: web.Request) -> web.Response:
+        body = await request.json()
+        parts.append([",".join(sorted(item)) for item in body["settlements"]])
+        older = extensions is not None and SETTLE_ATTEMPT not in extensions
+        if older and any(set(item) != {"paymentPayload", "paymentRequirements"} for item in body["settlements"]):
+            return web.json_response({"error": {"code": "malformed_request", "message": "a third key"}}, status=400)
+        return web.json_response({"settlements": settled_each(body)})
+
+    async def run() -> list[tuple[bool, str | None]]:
+        async with batch_route(settle, extensions=extensions) as url:
+            facilitator = ChannelHubFacilitatorClient(FacilitatorConfig(url=url), local_verify=False)
+            try:
+                if extensions is not None:  # as x402's middleware asks it before its first 402
+                    assert (await asyncio.to_thread(facilitator.get_supported)).extensions == extensions
+                paid = [facilitator.settle(p, p.accepted) for p in (bare_payment(5), bare_payment(6))]
+                answers = await asyncio.gather(*paid, return_exceptions=True)
+            finally:
+                await facilitator.aclose()
+        return [(a.success, a.amount) if isinstance(a, SettleResponse) else (False, repr(a)) for a in answers]
+
+    assert asyncio.run(run()) == [(True, "5"), (True, "6")]
+    keys = "attempt,paymentPayload,paymentRequirements" if attempted else "paymentPayload,paymentRequirements"
+    assert parts == [[keys, keys]]
 
 
 @pytest.mark.parametrize("way", ["endless", "declared", "dribble"])

@@ -20,7 +20,7 @@ from typing import Any
 
 from eth_account.signers.local import LocalAccount
 from x402 import x402FacilitatorSync
-from x402.interfaces import FacilitatorContext
+from x402.interfaces import FacilitatorContext, FacilitatorExtension
 from x402.schemas import PaymentPayload, PaymentRequirements, SettleResponse, VerifyResponse
 
 from settlement.chain.node import rpc_errors
@@ -33,6 +33,7 @@ from settlement.server.operator import operator_account
 from settlement.server.service import Service
 from settlement.x402.wire import (
     SCHEME,
+    SETTLE_ATTEMPT,
     PayloadError,
     Reason,
     VoucherPayload,
@@ -375,7 +376,9 @@ def _position(receipt: Receipt) -> dict[str, str]:
 
 def x402_facilitator(scheme: ChannelHubFacilitator) -> x402FacilitatorSync:
     """x402's facilitator with our scheme registered for this deployment's network, and no hooks: the fast path
-    (settlement.api.fastpath) hands our scheme's settlements to it directly, as this facilitator would."""
+    (settlement.api.fastpath) hands our scheme's settlements to it directly, as this facilitator would. It lists
+    `SETTLE_ATTEMPT` in `/supported`: a payee sends each settle's `attempt` to a facilitator that keeps it."""
     facilitator = x402FacilitatorSync()
     facilitator.register([scheme.network], scheme)
+    facilitator.register_extension(FacilitatorExtension(key=SETTLE_ATTEMPT))
     return facilitator

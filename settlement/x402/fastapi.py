@@ -92,7 +92,15 @@ from settlement.x402.kept import CLAIM_SECONDS, KeptAnswer, SharedAnswers
 from settlement.x402.positions import Forged, Positions
 from settlement.x402.refunds import MAX_TTL, REFUND_PATH, RefundDesk
 from settlement.x402.unseen import OverBudget, UnseenBudget
-from settlement.x402.wire import CONNECTION_GONE, SCHEME, PayloadError, Reason, VoucherPayload, payment_identifier_in
+from settlement.x402.wire import (
+    CONNECTION_GONE,
+    SCHEME,
+    SETTLE_ATTEMPT,
+    PayloadError,
+    Reason,
+    VoucherPayload,
+    payment_identifier_in,
+)
 
 logger = logging.getLogger(__name__)
 _Answered = TypeVar("_Answered", VerifyResponse, SettleResponse)
@@ -385,7 +393,7 @@ class ChannelHubFacilitatorClient(HTTPFacilitatorClient):
             elif isinstance(part := _part(payload, requirements, self.max_payment_bytes), str):
                 settled = _refused(part, requirements.network)
             elif payload.accepted.scheme == SCHEME:
-                settled = await self._settle_ours(payload, requirements, _attempted(part))
+                settled = await self._settle_ours(payload, requirements, self._with_attempt(part))
             else:
                 settled = await self._sent("settle", part, SettleResponse)
         except Exception as ex:
@@ -396,15 +404,26 @@ class ChannelHubFacilitatorClient(HTTPFacilitatorClient):
             self.positions.learn(payload, requirements, settled)
         return settled
 
+    def _with_attempt(self, part: bytes) -> bytes:
+        """The settle's part with its `attempt` (`_attempted`), unless the facilitator's `/supported` answered without
+        `SETTLE_ATTEMPT`: one older than the attempt ignores it, but reads a batch too deep for pydantic-core (a
+        payer's `extensions` nested past 200 levels) by its two x402 keys alone, and refused the whole batch, every
+        other payer's payment in it a 503. Not read yet (the settle of an app that calls this client itself): sent."""
+        supported = self._supported.answered
+        if supported is not None and SETTLE_ATTEMPT not in supported.extensions:
+            return part
+        return _attempted(part)
+
     async def _settle_ours(
         self, payload: PaymentPayload, requirements: PaymentRequirements, part: bytes
     ) -> SettleResponse:
         """A payment of our scheme, settled in a batch (`_settle_batched`) or alone (`_settle_alone`); `part` is its
-        part of a batch body (`_part`, with its `_attempted` id), made before: a payment that cannot be sent is refused
-        alone. One voucher is settled for one request at a time: the same voucher for two requests at once (a replay)
-        is refused at once, unsent. The facilitator would accept one and refuse the other as a replay, also when the
-        other's answer is lost and it is sent again (`resend`): it answers a resend accepted only for the attempt that
-        got the voucher accepted, which also covers a replay settled after the first, or by another process."""
+        part of a batch body (`_part`, with its attempt: `_with_attempt`), made before: a payment that cannot be sent
+        is refused alone. One voucher is settled for one request at a time: the same voucher for two requests at once
+        (a replay) is refused at once, unsent. The facilitator would accept one and refuse the other as a replay, also
+        when the other's answer is lost and it is sent again (`resend`): it answers a resend accepted only for the
+        attempt that got the voucher accepted, which also covers a replay settled after the first, or by another
+        process."""
         key = _voucher_key(payload)
         if key is not None and key in self._settling:
             message = "this voucher is being settled for another request: a new payment needs a new voucher"
@@ -563,6 +582,11 @@ class _Supported:
         self._began = 0.0  # when it began (time.monotonic)
         self._running = False  # the thread runs (fetching, or waiting to fetch again)
         self._asked = 0.0  # when a request last asked
+
+    @property
+    def answered(self) -> SupportedResponse | None:
+        """The answer, if the facilitator gave one (never waited for)."""
+        return self._answer
 
     def get(self, wait: float) -> SupportedResponse:
         """The answer; else the fetch in flight waited for until it has run `wait` seconds; else at once the last

@@ -25,6 +25,9 @@ SCHEME = "channelhub"
 # The ASGI scope extension through which settlement.x402.serving's protocol tells the payment middleware whether a
 # request's client went away: `{"gone": <callable, true once the connection is gone>}` (settlement.x402.fastapi).
 CONNECTION_GONE = "channelhub.connection_gone"
+# The extension a facilitator lists in `/supported` when it stores each settle's `attempt` (settlement.api.facilitator):
+# a payee sends attempts only to a facilitator that lists it, or whose `/supported` it has not read yet.
+SETTLE_ATTEMPT = "channelhub-settle-attempt"
 NETWORK_PREFIX = "eip155:"
 # Matched whole (`fullmatch`): `$` would also match before a final newline, which `int` and `bytes.fromhex` skip, so
 # "0x…\n" passed as a channel id no other layer spells that way (a paid voucher sent again so went to the chain).
