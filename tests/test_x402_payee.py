@@ -500,6 +500,50 @@ def test_a_settle_names_its_attempt_only_to_a_facilitator_that_lists_attempts_in
     assert parts == [[keys, keys]]
 
 
+def test_a_running_payee_learns_that_its_facilitator_now_keeps_attempts_and_then_that_it_no_longer_does() -> None:
+    """The operator upgrades the service first, then its payees; a payee that runs on learns it from `/supported`,
+    fetched again every `supported_refresh` seconds, and sends attempts from then on; and stops when the facilitator
+    is put back to a version that does not list them. Before, a payee sent attempts as its first `/supported` said,
+    until it restarted."""
+    parts: list[list[str]] = []
+    extensions: list[str] = []
+
+    async def settle(request: web.Request) -> web.Response:
+        body = await request.json()
+        parts.append([",".join(sorted(item)) for item in body["settlements"]])
+        return web.json_response({"settlements": settled_each(body)})
+
+    async def settle_once(facilitator: ChannelHubFacilitatorClient, amount: int) -> None:
+        payment = bare_payment(amount)
+        assert (await facilitator.settle(payment, payment.accepted)).success
+
+    async def run() -> None:
+        async with batch_route(settle, extensions=extensions) as url:
+            facilitator = ChannelHubFacilitatorClient(
+                FacilitatorConfig(url=url), local_verify=False, supported_refresh=1.0
+            )
+            try:
+                await asyncio.to_thread(facilitator.get_supported)
+                await settle_once(facilitator, 1)
+                extensions.append(SETTLE_ATTEMPT)  # the service upgraded
+                await settle_once(facilitator, 2)  # the answer still fresh
+                await asyncio.sleep(1.05)
+                await settle_once(facilitator, 3)  # the answer old: fetched again, this one sent as it said
+                await asyncio.to_thread(_join_supported_threads)
+                await settle_once(facilitator, 4)
+                extensions.clear()  # put back
+                await asyncio.sleep(1.05)
+                await settle_once(facilitator, 5)
+                await asyncio.to_thread(_join_supported_threads)
+                await settle_once(facilitator, 6)
+            finally:
+                await facilitator.aclose()
+
+    asyncio.run(run())
+    bare, attempted = "paymentPayload,paymentRequirements", "attempt,paymentPayload,paymentRequirements"
+    assert parts == [[bare], [bare], [bare], [attempted], [attempted], [bare]]
+
+
 @pytest.mark.parametrize("way", ["endless", "declared", "dribble"])
 def test_a_facilitator_answer_that_never_ends_is_cut_off_in_size_and_in_time(way: str) -> None:
     """The payee's own calls to its facilitator read an answer whole within six times the timeout and at most 8 MB,
@@ -650,6 +694,40 @@ def test_supported_is_fetched_again_while_it_fails_and_a_request_waits_only_for_
     outcomes.put(SupportedResponse(kinds=[]))
     assert idle.get(5) == SupportedResponse(kinds=[])  # a thread begun again, and its fetch waited for
     assert calls == [0, 1]
+
+
+def test_an_answered_supported_is_fetched_again_once_it_is_old_and_kept_while_a_newer_one_fails() -> None:
+    """`current()` never waits: the last answer, and once it is `refresh` seconds old one fetch of a newer one on a
+    thread (however many ask meanwhile), whose answer replaces it; a fetch that fails keeps it for another `refresh`
+    seconds. Before, an answer was kept for as long as the app ran."""
+    outcomes: queue.Queue[SupportedResponse | Exception] = queue.Queue()
+    calls: list[int] = []
+
+    def fetch() -> SupportedResponse:
+        calls.append(len(calls))
+        outcome = outcomes.get(timeout=20)
+        if isinstance(outcome, Exception):
+            raise outcome
+        return outcome
+
+    older, newer = SupportedResponse(kinds=[]), SupportedResponse(kinds=[], extensions=[SETTLE_ATTEMPT])
+    supported = _Supported(fetch, refresh=1.0)
+    assert supported.current() is None  # nothing asked yet: nothing fetched
+    outcomes.put(older)
+    assert supported.get(5) == older
+    _join_supported_threads()
+    assert [supported.current() for _ in range(3)] == [older] * 3 and calls == [0]  # fresh: not fetched again
+    time.sleep(1.05)
+    assert [supported.current() for _ in range(3)] == [older] * 3  # old: one fetch begun, the old answer meanwhile
+    outcomes.put(newer)
+    _join_supported_threads()
+    assert (supported.current(), calls) == (newer, [0, 1])
+    time.sleep(1.05)
+    assert supported.current() == newer
+    outcomes.put(ConnectionRefusedError("down"))
+    _join_supported_threads()
+    assert (supported.current(), supported.get(0), calls) == (newer, newer, [0, 1, 2])  # kept through the failure
+    assert supported.current() == newer and calls == [0, 1, 2]  # and not fetched again at once
 
 
 def _join_supported_threads() -> None:

@@ -138,6 +138,9 @@ SUPPORTED_WAIT = 1.0  # seconds the event loop waits for a /supported begun (x40
 SUPPORTED_TIMEOUT = 5.0  # seconds a /supported request may take on its own thread (x402's default: 90)
 SUPPORTED_RETRY = 0.25  # seconds between a failed /supported and the next, while paid requests ask
 SUPPORTED_IDLE = 10.0  # seconds without a paid request asking after which a failed /supported is not fetched again
+# Seconds after which an answered /supported is fetched again (on a thread; the last answer used meanwhile): what the
+# payee learns from it (whether its facilitator keeps settle attempts) follows the facilitator's upgrades.
+SUPPORTED_REFRESH = 300.0
 BAD_GATEWAY = 502  # a proxy's answer when the facilitator behind it dropped the request, whether it did the work or not
 CONNECT_TIMEOUT = 3.0  # seconds to reach the facilitator: a request not sent yet charges nothing, so fail it early
 FAILURE_SHOWN_MAX = 240  # characters of the facilitator's failure a payer's 503 quotes (the payee's log has it whole)
@@ -202,7 +205,8 @@ class ChannelHubFacilitatorClient(HTTPFacilitatorClient):
     in this process a payment on a channel whose position the facilitator's last settle answered (`Positions`:
     one facilitator call per paid request instead of two), and settling the payments in flight at once in batches
     (`batch_settles=False`: one `/settle` each). `local_verify=False` asks the facilitator every time. A payment that
-    cannot be sent (no JSON can carry it, or larger than `max_payment_bytes`) is refused, `invalid_payload`, unsent."""
+    cannot be sent (no JSON can carry it, or larger than `max_payment_bytes`) is refused, `invalid_payload`, unsent.
+    The facilitator's `/supported` is fetched again every `supported_refresh` seconds."""
 
     def __init__(
         self,
@@ -218,6 +222,7 @@ class ChannelHubFacilitatorClient(HTTPFacilitatorClient):
         unseen_per_client: float = UNSEEN_PER_CLIENT,
         unseen_burst: float = UNSEEN_BURST,
         ipv6_prefix: int = IPV6_PREFIX,
+        supported_refresh: float = SUPPORTED_REFRESH,
     ) -> None:
         config = config or FacilitatorConfig()
         self.gc_young_threshold = gc_young_threshold
@@ -263,7 +268,7 @@ class ChannelHubFacilitatorClient(HTTPFacilitatorClient):
         self._queued: list[_Queued] = []
         self._settling: set[tuple[ChannelId, int]] = set()  # the vouchers of the settles queued or in flight
         self._senders: set[asyncio.Task[None]] = set()  # held: the event loop keeps only weak references to tasks
-        self._supported = _Supported(super().get_supported)
+        self._supported = _Supported(super().get_supported, refresh=supported_refresh)
 
     def get_supported(self) -> SupportedResponse:
         """x402's `/supported`, asked on a thread (`_Supported`): a fetch waited for a second at most in all
@@ -408,8 +413,9 @@ class ChannelHubFacilitatorClient(HTTPFacilitatorClient):
         """The settle's part with its `attempt` (`_attempted`), unless the facilitator's `/supported` answered without
         `SETTLE_ATTEMPT`: one older than the attempt ignores it, but reads a batch too deep for pydantic-core (a
         payer's `extensions` nested past 200 levels) by its two x402 keys alone, and refused the whole batch, every
-        other payer's payment in it a 503. Not read yet (the settle of an app that calls this client itself): sent."""
-        supported = self._supported.answered
+        other payer's payment in it a 503. Not read yet (the settle of an app that calls this client itself): sent. The
+        answer is fetched again every `SUPPORTED_REFRESH` seconds (`_Supported.current`)."""
+        supported = self._supported.current()
         if supported is not None and SETTLE_ATTEMPT not in supported.extensions:
             return part
         return _attempted(part)
@@ -571,10 +577,13 @@ class _Supported:
         fetch: Callable[[], SupportedResponse],
         retry: float = SUPPORTED_RETRY,
         idle: float = SUPPORTED_IDLE,
+        refresh: float = SUPPORTED_REFRESH,
     ) -> None:
-        self._fetch, self._retry, self._idle = fetch, retry, idle
+        self._fetch, self._retry, self._idle, self._refresh = fetch, retry, idle, refresh
         self._changed = threading.Condition()
         self._answer: SupportedResponse | None = None
+        self._answered_at = 0.0  # when the answer came, or a fetch of a newer one last failed (time.monotonic)
+        self._refreshing = False  # a fetch of a newer answer runs
         self._error: Exception | None = None  # the last fetch's
         self._took = 0.0  # seconds the last fetch took
         self._ended = 0  # fetches ended
@@ -583,10 +592,29 @@ class _Supported:
         self._running = False  # the thread runs (fetching, or waiting to fetch again)
         self._asked = 0.0  # when a request last asked
 
-    @property
-    def answered(self) -> SupportedResponse | None:
-        """The answer, if the facilitator gave one (never waited for)."""
-        return self._answer
+    def current(self) -> SupportedResponse | None:
+        """The answer, if the facilitator gave one, never waited for. One `refresh` seconds old is fetched again on a
+        thread, and used until a newer one comes (a fetch that fails keeps it for another `refresh` seconds): a payee
+        that runs for weeks learns of its facilitator's upgrade, or of its going back to an older version."""
+        answer = self._answer
+        if answer is not None and not self._refreshing and time.monotonic() - self._answered_at >= self._refresh:
+            with self._changed:
+                if not self._refreshing:
+                    self._refreshing = True
+                    threading.Thread(target=self._fetch_newer, name="x402-supported", daemon=True).start()
+        return answer
+
+    def _fetch_newer(self) -> None:
+        try:
+            newer: SupportedResponse | None = self._fetch()
+        except Exception as ex:
+            newer = None
+            logger.info("the facilitator's /supported could not be fetched again (the last answer stands): %s", ex)
+        with self._changed:
+            if newer is not None:
+                self._answer = newer
+            self._answered_at = time.monotonic()
+            self._refreshing = False
 
     def get(self, wait: float) -> SupportedResponse:
         """The answer; else the fetch in flight waited for until it has run `wait` seconds; else at once the last
@@ -621,6 +649,7 @@ class _Supported:
                 answer, error = None, ex
             with self._changed:
                 self._answer, self._error = answer, error
+                self._answered_at = time.monotonic()
                 self._took = time.monotonic() - self._began
                 self._ended += 1
                 self._fetching = False
