@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import gc
+import logging
 import queue
 import re
 import threading
@@ -696,10 +697,14 @@ def test_supported_is_fetched_again_while_it_fails_and_a_request_waits_only_for_
     assert calls == [0, 1]
 
 
-def test_an_answered_supported_is_fetched_again_once_it_is_old_and_kept_while_a_newer_one_fails() -> None:
+def test_an_answered_supported_is_fetched_again_once_it_is_old_and_kept_while_a_newer_one_fails(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
     """`current()` never waits: the last answer, and once it is `refresh` seconds old one fetch of a newer one on a
     thread (however many ask meanwhile), whose answer replaces it; a fetch that fails keeps it for another `refresh`
-    seconds. Before, an answer was kept for as long as the app ran."""
+    seconds, and is logged without the URL's credentials, path or query. Before, an answer was kept for as long as the
+    app ran."""
+    caplog.set_level(logging.INFO, logger="settlement.x402.fastapi")
     outcomes: queue.Queue[SupportedResponse | Exception] = queue.Queue()
     calls: list[int] = []
 
@@ -724,10 +729,14 @@ def test_an_answered_supported_is_fetched_again_once_it_is_old_and_kept_while_a_
     assert (supported.current(), calls) == (newer, [0, 1])
     time.sleep(1.05)
     assert supported.current() == newer
-    outcomes.put(ConnectionRefusedError("down"))
+    outcomes.put(ConnectionRefusedError("down at http://key:secret@facilitator.example:8443/x402/supported?k=abc"))
     _join_supported_threads()
     assert (supported.current(), supported.get(0), calls) == (newer, newer, [0, 1, 2])  # kept through the failure
     assert supported.current() == newer and calls == [0, 1, 2]  # and not fetched again at once
+    assert [r.getMessage() for r in caplog.records] == [
+        "the facilitator's /supported could not be fetched again (the last answer stands): "
+        "ConnectionRefusedError: down at http://facilitator.example:8443/…"
+    ]
 
 
 def _join_supported_threads() -> None:

@@ -609,7 +609,8 @@ class _Supported:
             newer: SupportedResponse | None = self._fetch()
         except Exception as ex:
             newer = None
-            logger.info("the facilitator's /supported could not be fetched again (the last answer stands): %s", ex)
+            failure = scrubbed_start(f"{type(ex).__name__}: {ex}", FAILURE_LOGGED_MAX)  # as `_unavailable` logs it
+            logger.info("the facilitator's /supported could not be fetched again (the last answer stands): %s", failure)
         with self._changed:
             if newer is not None:
                 self._answer = newer
