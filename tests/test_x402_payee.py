@@ -615,6 +615,22 @@ def test_a_facilitator_answer_that_never_ends_is_cut_off_in_size_and_in_time(way
         assert "took more than 3s" in str(supported), supported
 
 
+class ScriptedFetch:
+    """A `/supported` fetch for `_Supported`: each call noted in `calls`, and answered (or raised) by the next of
+    `outcomes`, waited for."""
+
+    def __init__(self) -> None:
+        self.outcomes: queue.Queue[SupportedResponse | Exception] = queue.Queue()
+        self.calls: list[int] = []
+
+    def __call__(self) -> SupportedResponse:
+        self.calls.append(len(self.calls))
+        outcome = self.outcomes.get(timeout=20)
+        if isinstance(outcome, Exception):
+            raise outcome
+        return outcome
+
+
 def test_supported_is_fetched_again_while_it_fails_and_a_request_waits_only_for_a_fetch_that_may_end_soon() -> None:
     """What the payee's event loop does while the facilitator's /supported is slow, failing, then answering (the
     end-to-end cases: tests/test_x402_e2e.py, a payee started without its facilitator, and one whose facilitator's
@@ -623,15 +639,8 @@ def test_supported_is_fetched_again_while_it_fails_and_a_request_waits_only_for_
     requests ask. Before, each request after a failed fetch began the next and waited for it (with the facilitator's
     host down, a second of the payee's event loop in every connect timeout), and a request that came while a fetch
     ran answered at once, though the facilitator had come back and that fetch was about to say so."""
-    outcomes: queue.Queue[SupportedResponse | Exception] = queue.Queue()
-    calls: list[int] = []
-
-    def fetch() -> SupportedResponse:
-        calls.append(len(calls))
-        outcome = outcomes.get(timeout=20)
-        if isinstance(outcome, Exception):
-            raise outcome
-        return outcome
+    fetch = ScriptedFetch()
+    outcomes, calls = fetch.outcomes, fetch.calls
 
     def fetches(count: int) -> None:
         deadline = time.monotonic() + 10
@@ -705,15 +714,8 @@ def test_an_answered_supported_is_fetched_again_once_it_is_old_and_kept_while_a_
     seconds, and is logged without the URL's credentials, path or query. Before, an answer was kept for as long as the
     app ran."""
     caplog.set_level(logging.INFO, logger="settlement.x402.fastapi")
-    outcomes: queue.Queue[SupportedResponse | Exception] = queue.Queue()
-    calls: list[int] = []
-
-    def fetch() -> SupportedResponse:
-        calls.append(len(calls))
-        outcome = outcomes.get(timeout=20)
-        if isinstance(outcome, Exception):
-            raise outcome
-        return outcome
+    fetch = ScriptedFetch()
+    outcomes, calls = fetch.outcomes, fetch.calls
 
     older, newer = SupportedResponse(kinds=[]), SupportedResponse(kinds=[], extensions=[SETTLE_ATTEMPT])
     supported = _Supported(fetch, refresh=1.0)
