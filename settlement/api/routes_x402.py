@@ -69,6 +69,10 @@ class X402Settlement(BaseModel):
     paymentRequirements: PaymentRequirements
     attempt: Attempt | None = Field(default=None, description=_ATTEMPT)
 
+    @property
+    def payment(self) -> tuple[PaymentPayload, PaymentRequirements]:
+        return self.paymentPayload, self.paymentRequirements
+
 
 class X402SettleBatch(BaseModel):
     """Many payments settled in one call (`POST /x402/settle/batch`): a ChannelHub addition to x402's facilitator
@@ -130,16 +134,17 @@ class X402Operations:
             )
         refused = {i: item for i, item in enumerate(parsed) if isinstance(item, SettleResponse)}
         items = {i: item for i, item in enumerate(parsed) if isinstance(item, X402Settlement)}
-        payments = {i: (item.paymentPayload, item.paymentRequirements) for i, item in items.items()}
         ours: list[int] = []  # our scheme's, whose vouchers go to ingest together
         theirs: list[int] = []  # the rest, which x402's facilitator answers `unsupported`
-        for i, (payload, _) in payments.items():
-            (ours if self.scheme.serves(payload) else theirs).append(i)
+        for i, item in items.items():
+            (ours if self.scheme.serves(item.paymentPayload) else theirs).append(i)
         settled, others = await asyncio.gather(
             self.scheme.settle_many_async(
-                [payments[i] for i in ours], resend=resend, attempts=[items[i].attempt for i in ours]
+                [items[i].payment for i in ours], resend=resend, attempts=[items[i].attempt for i in ours]
             ),
-            asyncio.gather(*(asyncio.to_thread(self._settled, *payments[i]) for i in theirs), return_exceptions=True),
+            asyncio.gather(
+                *(asyncio.to_thread(self._settled, *items[i].payment) for i in theirs), return_exceptions=True
+            ),
         )
         forged = InvalidSignatureError.code
         forgeries.charge(client, sum(isinstance(s, SettleResponse) and s.error_reason == forged for s in settled))
