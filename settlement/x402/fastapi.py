@@ -609,8 +609,8 @@ class _Supported:
             newer: SupportedResponse | None = self._fetch()
         except Exception as ex:
             newer = None
-            failure = scrubbed_start(f"{type(ex).__name__}: {ex}", FAILURE_LOGGED_MAX)  # as `_unavailable` logs it
-            logger.info("the facilitator's /supported could not be fetched again (the last answer stands): %s", failure)
+            _, logged = _failure_of(ex)  # as the facilitator's other failures are logged
+            logger.info("the facilitator's /supported could not be fetched again (the last answer stands): %s", logged)
         with self._changed:
             if newer is not None:
                 self._answer = newer
@@ -783,6 +783,14 @@ def _over_budget(wait: int) -> str:
     return f"{OVER_BUDGET}: retry in {wait}s"
 
 
+def _failure_of(ex: Exception) -> tuple[str, str]:
+    """A facilitator's failure as a payer may be shown the start of it (its first `FAILURE_LOGGED_MAX` characters,
+    URLs written as `shown_url` writes them), and as the payee's log keeps it (that, and its length when longer)."""
+    text = f"{type(ex).__name__}: {ex}"
+    failure = scrubbed_start(text, FAILURE_LOGGED_MAX)
+    return failure, failure if len(text) <= FAILURE_LOGGED_MAX else f"{failure}… ({len(text):,} characters in all)"
+
+
 def _unavailable(operation: str, ex: Exception) -> FacilitatorResponseError:
     """The error x402 answers (a 502, a 503 under `PaymentMiddleware`) when the facilitator could not judge a payment.
 
@@ -792,9 +800,7 @@ def _unavailable(operation: str, ex: Exception) -> FacilitatorResponseError:
     `FAILURE_LOGGED_MAX` characters (URLs written as `shown_url` writes them) and its length, once in
     `FAILURE_LOG_SECONDS` with the count. Cut before its URLs are scrubbed: a 100-KB error page took 2.1 ms of the
     payee's CPU to scrub for each paid request of an outage, and its whole was a 100-KB line in the log every 10 s."""
-    text = f"{type(ex).__name__}: {ex}"
-    failure = scrubbed_start(text, FAILURE_LOGGED_MAX)
-    logged = failure if len(text) <= FAILURE_LOGGED_MAX else f"{failure}… ({len(text):,} characters in all)"
+    failure, logged = _failure_of(ex)
     _failures.note(operation, logged)
     shown = failure if len(failure) <= FAILURE_SHOWN_MAX else failure[:FAILURE_SHOWN_MAX] + "…"
     exchange = _exchange.get()
