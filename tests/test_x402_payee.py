@@ -286,6 +286,15 @@ def bare_payment(amount: int) -> PaymentPayload:
     ))  # fmt: skip
 
 
+BARE = "paymentPayload,paymentRequirements"  # a settle batch part's keys, sorted: x402's two
+ATTEMPTED = "attempt,paymentPayload,paymentRequirements"  # and the attempt beside them
+
+
+def keys_each(body: dict[str, Any]) -> list[str]:
+    """The keys of each part of a settle batch's body, sorted and joined (`BARE`, `ATTEMPTED`)."""
+    return [",".join(sorted(item)) for item in body["settlements"]]
+
+
 def settled_each(body: dict[str, Any]) -> list[dict[str, Any]]:
     """A facilitator's answers to a settle batch's body: each payment settled for its requirements' amount."""
     return [
@@ -478,9 +487,9 @@ def test_a_settle_names_its_attempt_only_to_a_facilitator_that_lists_attempts_in
 
     async def settle(request: web.Request) -> web.Response:
         body = await request.json()
-        parts.append([",".join(sorted(item)) for item in body["settlements"]])
+        parts.append(keys_each(body))
         older = extensions is not None and SETTLE_ATTEMPT not in extensions
-        if older and any(set(item) != {"paymentPayload", "paymentRequirements"} for item in body["settlements"]):
+        if older and any(keys != BARE for keys in parts[-1]):
             return web.json_response({"error": {"code": "malformed_request", "message": "a third key"}}, status=400)
         return web.json_response({"settlements": settled_each(body)})
 
@@ -497,7 +506,7 @@ def test_a_settle_names_its_attempt_only_to_a_facilitator_that_lists_attempts_in
         return [(a.success, a.amount) if isinstance(a, SettleResponse) else (False, repr(a)) for a in answers]
 
     assert asyncio.run(run()) == [(True, "5"), (True, "6")]
-    keys = "attempt,paymentPayload,paymentRequirements" if attempted else "paymentPayload,paymentRequirements"
+    keys = ATTEMPTED if attempted else BARE
     assert parts == [[keys, keys]]
 
 
@@ -511,7 +520,7 @@ def test_a_running_payee_learns_that_its_facilitator_now_keeps_attempts_and_then
 
     async def settle(request: web.Request) -> web.Response:
         body = await request.json()
-        parts.append([",".join(sorted(item)) for item in body["settlements"]])
+        parts.append(keys_each(body))
         return web.json_response({"settlements": settled_each(body)})
 
     async def settle_once(facilitator: ChannelHubFacilitatorClient, amount: int) -> None:
@@ -541,8 +550,7 @@ def test_a_running_payee_learns_that_its_facilitator_now_keeps_attempts_and_then
                 await facilitator.aclose()
 
     asyncio.run(run())
-    bare, attempted = "paymentPayload,paymentRequirements", "attempt,paymentPayload,paymentRequirements"
-    assert parts == [[bare], [bare], [bare], [attempted], [attempted], [bare]]
+    assert parts == [[BARE], [BARE], [BARE], [ATTEMPTED], [ATTEMPTED], [BARE]]
 
 
 @pytest.mark.parametrize("way", ["endless", "declared", "dribble"])
