@@ -3,8 +3,8 @@
 - the domain (records and ledger rules) imports nothing of ours but the error tree, and nothing from outside the
   standard library;
 - what apps install (sdk, x402, eip712, chain, domain, errors) imports nothing of the server, nor any server-only
-  library (but settlement.x402.fastapi, a payee's FastAPI adapter, imports FastAPI, and settlement.x402.serving, its
-  uvicorn protocol, uvicorn);
+  library (but settlement.x402.fastapi, a payee's FastAPI adapter, and the modules it is made of (facilitator_client,
+  paid_answers, exchange) import FastAPI and Starlette, and settlement.x402.serving, its uvicorn protocol, uvicorn);
 - nothing imports the dev tools but the CLI (and the dev tools themselves);
 - the API reaches the store through its package and its query module only, never its tables or internals.
 """
@@ -56,7 +56,13 @@ SERVER_LIBRARIES = (
 )
 # A payee app's web framework adapter and the protocol its server runs: imported only by apps that run FastAPI and
 # uvicorn themselves (the SDK alone needs neither).
-WEB_ADAPTERS = ("settlement.x402.fastapi", "settlement.x402.serving")
+WEB_ADAPTERS = (
+    "settlement.x402.fastapi",
+    "settlement.x402.facilitator_client",
+    "settlement.x402.paid_answers",
+    "settlement.x402.exchange",
+    "settlement.x402.serving",
+)
 WEB_FRAMEWORK = ("fastapi", "starlette", "uvicorn")
 # The query modules the API reads through; a payee's book spans channels, the chain log and the engine's facts.
 API_MAY_USE_OF_THE_STORE = (

@@ -54,7 +54,7 @@ from settlement.sdk.payee import PayeeClient
 from settlement.sdk.payer import PayerClient
 from settlement.x402.ahead import PayAheadAdapter, PayAheadTransport
 from settlement.x402.client import ChannelHubClientScheme, DepositPolicy, PaymentIdentifiers
-from settlement.x402.fastapi import CONNECT_TIMEOUT, SUPPORTED_RETRY
+from settlement.x402.facilitator_client import CONNECT_TIMEOUT, SUPPORTED_RETRY
 from settlement.x402.refunds import REFUND_PATH, RefundDesk, ask_refund
 from settlement.x402.unanswered import UnansweredWire
 from tests.hub_helpers import (

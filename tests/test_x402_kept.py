@@ -11,8 +11,8 @@ from pathlib import Path
 import pytest
 from fastapi import Response
 
-from settlement.x402.fastapi import PaidAnswers
 from settlement.x402.kept import KeptAnswer, SharedAnswers
+from settlement.x402.paid_answers import PaidAnswers
 
 KEY = "a" * 64
 

@@ -31,7 +31,7 @@ from x402.schemas import PaymentPayload, PaymentRequirements, SettleResponse, Su
 from settlement.devtools.devnet import Devnet
 from settlement.eip712.vouchers import Domain
 from settlement.server.config import Settings
-from settlement.x402.fastapi import (
+from settlement.x402.facilitator_client import (
     CONNECT_TIMEOUT,
     GC_YOUNG_THRESHOLD,
     KEEPALIVE_SECONDS,
@@ -721,7 +721,7 @@ def test_an_answered_supported_is_fetched_again_once_it_is_old_and_kept_while_a_
     thread (however many ask meanwhile), whose answer replaces it; a fetch that fails keeps it for another `refresh`
     seconds, and is logged without the URL's credentials, path or query. Before, an answer was kept for as long as the
     app ran."""
-    caplog.set_level(logging.INFO, logger="settlement.x402.fastapi")
+    caplog.set_level(logging.INFO, logger="settlement.x402.facilitator_client")
     fetch = ScriptedFetch()
     outcomes, calls = fetch.outcomes, fetch.calls
 

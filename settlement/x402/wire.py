@@ -22,8 +22,9 @@ from x402.schemas import PaymentPayload, PaymentRequirements
 from settlement.domain.model import ChannelId, hex32_of, signature_of, uint256_of
 
 SCHEME = "channelhub"
-# The ASGI scope extension through which settlement.x402.serving's protocol tells the payment middleware whether a
-# request's client went away: `{"gone": <callable, true once the connection is gone>}` (settlement.x402.fastapi).
+# The ASGI scope extension through which settlement.x402.serving's protocol tells the payee's facilitator client
+# whether a request's client went away: `{"gone": <callable, true once the connection is gone>}`
+# (settlement.x402.facilitator_client: a payer gone is not charged).
 CONNECTION_GONE = "channelhub.connection_gone"
 # The extension a facilitator lists in `/supported` when it stores each settle's `attempt` (settlement.api.facilitator):
 # a payee sends attempts only to a facilitator that lists it, or whose `/supported` it has not read yet.

@@ -1,0 +1,26 @@
+"""One paid request as the payee's guard sees it: `PaymentMiddleware` (settlement.x402.fastapi) makes it, and the
+facilitator client under x402's middleware (settlement.x402.facilitator_client) writes into it what x402's own
+interfaces cannot carry back (the facilitator could not judge the payment; the client is over its budget), so that the
+middleware answers 503 or 429 instead of x402's 402, 500 or 502."""
+
+from __future__ import annotations
+
+from contextvars import ContextVar
+from dataclasses import dataclass
+
+from starlette.requests import Request
+
+
+@dataclass
+class Exchange:
+    """One request through `PaymentMiddleware`, as the parts under it saw it: one object per request, so that tasks
+    that copy the context (the app's, under Starlette's `call_next`) still write into this request's."""
+
+    request: Request
+    failure: str | None = None  # the facilitator could not judge the payment: the answer is a 503
+    limited: int | None = None  # or the client is over its budget of unknown channels: a 429, retry in this many s
+    sent_whole: bool = False  # the app sent its answer's last part
+    failed: Exception | None = None  # or raised this instead
+
+
+EXCHANGE: ContextVar[Exchange | None] = ContextVar("channelhub_exchange", default=None)
