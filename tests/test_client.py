@@ -36,7 +36,16 @@ from settlement.errors import (
 from settlement.sdk import bounded
 from settlement.sdk.payee import PayeeClient
 from settlement.sdk.payer import PayerClient, Reclaim
-from tests.hub_helpers import Channel, Tampering, TamperingProxy, body, send, stored_payments, stream_through
+from tests.hub_helpers import (
+    Channel,
+    Tampering,
+    TamperingProxy,
+    body,
+    send,
+    stored_payments,
+    stream_through,
+    wait_until,
+)
 from tests.proxy import TcpProxy
 from tests.servers import ServiceProcess, ServiceThread
 
@@ -95,7 +104,7 @@ def test_sdk_pays_tops_up_and_closes(
     assert client.pay(token_channel, 10**23).cumulative == 10**23
 
     client.close(channel)
-    assert client.wait_until_known(channel)["status"] in ("open", "closing")
+    wait_until(lambda: client.wait_until_known(channel)["status"] == "closing")  # the service follows the chain
     stored = stored_payments(store_url, channel.hex_id)
     assert [p.reference for p in stored[::-1][:3]] == ["order-100", "order-250", "order-50"]
     assert sum(p.increment for p in stored) == 1_100
