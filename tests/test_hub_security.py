@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections import Counter
 from collections.abc import Callable
 from typing import Any
 
@@ -15,8 +16,8 @@ from web3.contract import Contract
 
 from settlement.chain.batch_codec import SettleEntry
 from settlement.eip712.vouchers import Domain, sign_voucher
-from tests.conftest import reverts_with
-from tests.hub_helpers import CLOSED, ETH, Channel, batch, channel_id, events, salt_of, send, settle_call
+from tests.conftest import CHALLENGE_PERIOD, reverts_with
+from tests.hub_helpers import CLOSED, CLOSING, ETH, OPEN, Channel, batch, channel_id, events, salt_of, send, settle_call
 
 
 def _approve_and_open(w3: Web3, hub: Contract, tok: Contract, payer: str, payee: str, amount: int, salt: int) -> bytes:
@@ -105,7 +106,8 @@ def test_reentrant_token_cannot_reenter(
 
 
 # --------------------------------------------------------------------------------------------------------------------
-# Random sequences: contract balance == credited balances + sum(deposit - settled) of channels not closed, per asset
+# Random sequences: contract balance == credited balances + sum(deposit - settled) of channels not closed, per asset;
+# and each operation does exactly what the contract promises (a model of its effect, from the state before it)
 # --------------------------------------------------------------------------------------------------------------------
 
 ops = st.lists(
@@ -132,11 +134,56 @@ def test_invariant_under_random_sequences(
         w3.provider.make_request("evm_revert", [snapshot])
 
 
+def test_a_sequence_the_model_follows_through_every_change(
+    w3: Web3, hub: Contract, token: Contract, domain: Domain, accounts: list[LocalAccount]
+) -> None:
+    """The random sequences' model is not vacuous: in this one every operation takes effect, a settle before and one
+    during the close, and one settle that passes the deposit is skipped."""
+    actors = accounts[1:9]
+    sequence = [
+        ("open", 0, 1_000, True),
+        ("settle", 0, 400, True),
+        ("top_up", 0, 500, True),
+        ("settle", 0, 2_000, True),  # 2,400 > the deposit of 1,500: skipped, nothing moves
+        ("request_close", 0, 1, True),
+        ("settle", 1, 100, True),  # still signed from 2,400: 2,500 > 1,500, skipped
+        ("open", 2, 300, False),
+        ("settle", 1, 250, False),  # the second channel (index 1), a token one: 250 of 300
+        ("finalize", 0, 1, True),
+        ("withdraw", 1, 10**6, True),  # the first channel's payee takes its 400
+        ("close_by_payee", 1, 1, False),
+    ]
+    effects = _run_sequence(w3, hub, token, domain, actors, sequence)
+    assert effects == Counter(
+        {
+            "open": 2,
+            "settle": 2,
+            "skipped": 2,
+            "top_up": 1,
+            "request_close": 1,
+            "finalize": 1,
+            "withdraw": 1,
+            "close_by_payee": 1,
+        }
+    )
+    assert hub.functions.balanceOf(actors[0].address, ETH).call() == 1_100  # the first payer's 1,500 less 400
+    assert hub.functions.balanceOf(actors[1].address, ETH).call() == 0  # withdrawn
+    assert hub.functions.balanceOf(actors[3].address, token.address).call() == 250  # the second payee, not withdrawn
+    assert hub.functions.balanceOf(actors[2].address, token.address).call() == 50  # the second payer's remainder
+
+
 def _run_sequence(
     w3: Web3, hub: Contract, token: Contract, domain: Domain, actors: list[LocalAccount], sequence: list[Any]
-) -> None:
+) -> Counter[str]:
+    """Play `sequence`, checking after each operation its exact effect and the invariant; returns what took effect
+    ("skipped": a settle the contract skipped, as the model said it would)."""
     channels: list[Channel] = []
     signed: dict[bytes, int] = {}
+    effects: Counter[str] = Counter()
+
+    def credited(who: str, asset: str) -> int:
+        return int(hub.functions.balanceOf(who, asset).call())
+
     for n, (op, who, amount, use_eth) in enumerate(sequence):
         actor = actors[who % len(actors)]
         asset = ETH if use_eth else token.address
@@ -153,31 +200,62 @@ def _run_sequence(
             channels.append(
                 Channel(channel_id(actor.address, payee, asset, salt_of(n)), actor, payee, asset, salt_of(n))
             )
-        elif op == "top_up" and state[6] == 1:
+            assert hub.functions.channel(channels[-1].id).call()[3:] == (amount, 0, 0, OPEN)
+            effects["open"] += 1
+            _check_invariant(w3, hub, token, actors, channels)
+            continue
+        deposit, settled, deadline, status = state[3:]
+        payee_before, payer_before = credited(ch.payee, ch.token), credited(ch.payer.address, ch.token)
+        expected = [deposit, settled, deadline, status]
+        payee_gets = payer_gets = 0
+        if op == "top_up" and status == OPEN:
             if ch.token == ETH:
                 send(w3, hub.functions.topUp(ch.id, amount), actor.address, value=amount)
             else:
                 send(w3, token.functions.mint(actor.address, amount), actor.address)
                 send(w3, token.functions.approve(hub.address, amount), actor.address)
                 send(w3, hub.functions.topUp(ch.id, amount), actor.address)
+            expected[0] += amount
+            effects[op] += 1
         elif op == "settle":
             cumulative = signed.get(ch.id, 0) + amount  # may exceed the deposit: then it is skipped
             signed[ch.id] = cumulative
             sig = sign_voucher(ch.payer, domain, ch.id, cumulative)
-            send(w3, settle_call(hub, batch(ch.payee, ch.token, ch.voucher(cumulative, sig))), actor.address)
-        elif op == "request_close" and state[6] == 1:
-            send(w3, hub.functions.requestClose(ch.id), ch.payer.address)
-        elif op == "finalize" and state[6] == 2:
-            w3.provider.make_request("evm_increaseTime", [3601])
+            receipt = send(w3, settle_call(hub, batch(ch.payee, ch.token, ch.voucher(cumulative, sig))), actor.address)
+            mined_at = w3.eth.get_block(receipt["blockNumber"])["timestamp"]
+            live = status == OPEN or (status == CLOSING and mined_at <= deadline)
+            if live and settled < cumulative <= deposit:
+                expected[1], payee_gets = cumulative, cumulative - settled
+                effects[op] += 1
+            else:
+                effects["skipped"] += 1
+        elif op == "request_close" and status == OPEN:
+            receipt = send(w3, hub.functions.requestClose(ch.id), ch.payer.address)
+            mined_at = w3.eth.get_block(receipt["blockNumber"])["timestamp"]
+            expected[2:] = [mined_at + CHALLENGE_PERIOD, CLOSING]
+            effects[op] += 1
+        elif op == "finalize" and status == CLOSING:
+            w3.provider.make_request("evm_increaseTime", [CHALLENGE_PERIOD + 1])
             w3.provider.make_request("evm_mine", [])
             send(w3, hub.functions.finalizeClose(ch.id), actor.address)
-        elif op == "close_by_payee" and state[6] in (1, 2):
+            expected[3], payer_gets = CLOSED, deposit - settled
+            effects[op] += 1
+        elif op == "close_by_payee" and status in (OPEN, CLOSING):
             send(w3, hub.functions.closeByPayee(ch.id, 0, b""), ch.payee)
+            expected[3], payer_gets = CLOSED, deposit - settled
+            effects[op] += 1
         elif op == "withdraw":
-            balance = hub.functions.balanceOf(actor.address, asset).call()
+            balance = credited(actor.address, asset)
             if balance:
                 send(w3, hub.functions.withdraw(asset, min(balance, amount), actor.address), actor.address)
+                assert credited(actor.address, asset) == balance - min(balance, amount)
+                effects[op] += 1
+                payee_before, payer_before = credited(ch.payee, ch.token), credited(ch.payer.address, ch.token)
+        assert hub.functions.channel(ch.id).call()[3:] == tuple(expected), (op, state)
+        assert credited(ch.payee, ch.token) == payee_before + payee_gets, (op, state)
+        assert credited(ch.payer.address, ch.token) == payer_before + payer_gets, (op, state)
         _check_invariant(w3, hub, token, actors, channels)
+    return effects
 
 
 def _check_invariant(
