@@ -6,7 +6,7 @@ from dataclasses import fields, replace
 from datetime import UTC, datetime, timedelta
 
 import pytest
-from hypothesis import given
+from hypothesis import example, given
 from hypothesis import strategies as st
 
 from settlement.domain.ledger import ANY, Cap, Rules, Verdict, judge
@@ -161,6 +161,10 @@ def test_stale_error_carries_the_current_value() -> None:
     assert info.value.body()["currentCumulativeAmount"] == "70"
 
 
+@example(deposit=1_000, accepted=100, settled=50, cumulative=600)  # accepted: 500 over the floor of 100
+@example(deposit=1_000, accepted=100, settled=300, cumulative=300)  # stale: the chain's settle raised the floor
+@example(deposit=1_000, accepted=0, settled=0, cumulative=1_001)  # past the deposit
+@example(deposit=1_000, accepted=0, settled=0, cumulative=0)  # no amount at all
 @given(
     deposit=st.integers(0, MAX_UINT256),
     accepted=st.integers(0, MAX_UINT256),
@@ -170,18 +174,30 @@ def test_stale_error_carries_the_current_value() -> None:
 def test_accepted_vouchers_never_pay_past_the_deposit_nor_twice(
     deposit: int, accepted: int, settled: int, cumulative: int
 ) -> None:
+    """Each voucher gets exactly the verdict the rules give, from a model of them: the exact refusal, or the exact
+    increment over the floor and what remains of the deposit."""
     ch = channel(
         deposit=deposit, accepted=accepted, settled=min(settled, deposit), signature=b"s" if accepted else None
     )
-    try:
-        verdict = run(ch, cumulative)
-    except VoucherRejectedError as ex:
-        assert 400 <= ex.status < 500
+    floor = max(accepted, min(settled, deposit))
+    refusal: type[VoucherRejectedError] | None = None
+    if not 0 < cumulative <= MAX_UINT256:
+        refusal = AmountOutOfRangeError
+    elif cumulative <= floor:
+        refusal = StaleVoucherError
+    elif cumulative > deposit:
+        refusal = AmountExceedsDepositError
+    if refusal is not None:
+        with pytest.raises(VoucherRejectedError) as info:
+            run(ch, cumulative)
+        assert type(info.value) is refusal
         return
-    assert verdict.new
-    assert ch.floor < cumulative <= deposit
-    assert verdict.receipt.increment == cumulative - ch.floor > 0
-    assert verdict.receipt.remaining == deposit - cumulative >= 0
+    verdict = run(ch, cumulative)
+    assert (verdict.new, verdict.receipt.increment, verdict.receipt.remaining) == (
+        True,
+        cumulative - floor,
+        deposit - cumulative,
+    )
 
 
 def test_a_priced_voucher_pays_exactly_its_price_over_the_position() -> None:
