@@ -78,6 +78,11 @@ def events(contract: Contract, receipt: TxReceipt, name: str) -> list[dict[str, 
     return [dict(e["args"]) for e in contract.events[name]().process_receipt(receipt, errors=DISCARD)]
 
 
+def credited(hub: Contract, who: str, asset: str = ETH) -> int:
+    """What the hub holds for `who` to withdraw, in `asset`."""
+    return int(hub.functions.balanceOf(who, asset).call())
+
+
 def salt_of(n: int) -> bytes:
     return n.to_bytes(32, "big")
 

@@ -29,7 +29,7 @@ from settlement.sdk.payer import PayerClient
 from settlement.store import Database
 from settlement.store import settlements as batch_q
 from settlement.store.settlements import Batch, SentTx
-from tests.hub_helpers import ETH, Channel, body, send, stored_payments, stream_through, wait_until
+from tests.hub_helpers import Channel, body, credited, send, stored_payments, stream_through, wait_until
 from tests.proxy import TcpProxy
 from tests.servers import ServiceProcess
 
@@ -94,10 +94,6 @@ def automine(w3: Web3, on: bool) -> None:
 
 def settled(hub: Contract, channel: Channel) -> int:
     return int(hub.functions.channel(channel.id).call()[4])
-
-
-def credited(hub: Contract, payee: str) -> int:
-    return int(hub.functions.balanceOf(payee, ETH).call())
 
 
 def confirmed_once(url: str) -> Batch:

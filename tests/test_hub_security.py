@@ -17,7 +17,20 @@ from web3.contract import Contract
 from settlement.chain.batch_codec import SettleEntry
 from settlement.eip712.vouchers import Domain, sign_voucher
 from tests.conftest import CHALLENGE_PERIOD, reverts_with
-from tests.hub_helpers import CLOSED, CLOSING, ETH, OPEN, Channel, batch, channel_id, events, salt_of, send, settle_call
+from tests.hub_helpers import (
+    CLOSED,
+    CLOSING,
+    ETH,
+    OPEN,
+    Channel,
+    batch,
+    channel_id,
+    credited,
+    events,
+    salt_of,
+    send,
+    settle_call,
+)
 
 
 def _approve_and_open(w3: Web3, hub: Contract, tok: Contract, payer: str, payee: str, amount: int, salt: int) -> bytes:
@@ -166,10 +179,10 @@ def test_a_sequence_the_model_follows_through_every_change(
             "close_by_payee": 1,
         }
     )
-    assert hub.functions.balanceOf(actors[0].address, ETH).call() == 1_100  # the first payer's 1,500 less 400
-    assert hub.functions.balanceOf(actors[1].address, ETH).call() == 0  # withdrawn
-    assert hub.functions.balanceOf(actors[3].address, token.address).call() == 250  # the second payee, not withdrawn
-    assert hub.functions.balanceOf(actors[2].address, token.address).call() == 50  # the second payer's remainder
+    assert credited(hub, actors[0].address) == 1_100  # the first payer's 1,500 less 400
+    assert credited(hub, actors[1].address) == 0  # withdrawn
+    assert credited(hub, actors[3].address, token.address) == 250  # the second payee, not withdrawn
+    assert credited(hub, actors[2].address, token.address) == 50  # the second payer's remainder
 
 
 def _run_sequence(
@@ -180,9 +193,6 @@ def _run_sequence(
     channels: list[Channel] = []
     signed: dict[bytes, int] = {}
     effects: Counter[str] = Counter()
-
-    def credited(who: str, asset: str) -> int:
-        return int(hub.functions.balanceOf(who, asset).call())
 
     for n, (op, who, amount, use_eth) in enumerate(sequence):
         actor = actors[who % len(actors)]
@@ -205,7 +215,7 @@ def _run_sequence(
             _check_invariant(w3, hub, token, actors, channels)
             continue
         deposit, settled, deadline, status = state[3:]
-        payee_before, payer_before = credited(ch.payee, ch.token), credited(ch.payer.address, ch.token)
+        payee_before, payer_before = credited(hub, ch.payee, ch.token), credited(hub, ch.payer.address, ch.token)
         expected = [deposit, settled, deadline, status]
         payee_gets = payer_gets = 0
         if op == "top_up" and status == OPEN:
@@ -245,15 +255,18 @@ def _run_sequence(
             expected[3], payer_gets = CLOSED, deposit - settled
             effects[op] += 1
         elif op == "withdraw":
-            balance = credited(actor.address, asset)
+            balance = credited(hub, actor.address, asset)
             if balance:
                 send(w3, hub.functions.withdraw(asset, min(balance, amount), actor.address), actor.address)
-                assert credited(actor.address, asset) == balance - min(balance, amount)
+                assert credited(hub, actor.address, asset) == balance - min(balance, amount)
                 effects[op] += 1
-                payee_before, payer_before = credited(ch.payee, ch.token), credited(ch.payer.address, ch.token)
+                payee_before, payer_before = (
+                    credited(hub, ch.payee, ch.token),
+                    credited(hub, ch.payer.address, ch.token),
+                )
         assert hub.functions.channel(ch.id).call()[3:] == tuple(expected), (op, state)
-        assert credited(ch.payee, ch.token) == payee_before + payee_gets, (op, state)
-        assert credited(ch.payer.address, ch.token) == payer_before + payer_gets, (op, state)
+        assert credited(hub, ch.payee, ch.token) == payee_before + payee_gets, (op, state)
+        assert credited(hub, ch.payer.address, ch.token) == payer_before + payer_gets, (op, state)
         _check_invariant(w3, hub, token, actors, channels)
     return effects
 
@@ -263,11 +276,11 @@ def _check_invariant(
 ) -> None:
     for asset in (ETH, token.address):
         held = w3.eth.get_balance(hub.address) if asset == ETH else token.functions.balanceOf(hub.address).call()
-        credited = sum(hub.functions.balanceOf(a.address, asset).call() for a in actors)
+        owed = sum(credited(hub, a.address, asset) for a in actors)
         locked = 0
         for ch in channels:
             _, _, tok, deposit, settled, _, status = hub.functions.channel(ch.id).call()
             assert settled <= deposit
             if tok == asset and status != CLOSED:
                 locked += deposit - settled
-        assert held == credited + locked, f"invariant broken for {asset}"
+        assert held == owed + locked, f"invariant broken for {asset}"
