@@ -8,6 +8,7 @@ from __future__ import annotations
 import threading
 import time
 from collections.abc import Callable
+from datetime import UTC, datetime
 from typing import Any
 
 import pytest
@@ -15,6 +16,7 @@ from eth_account import Account
 from eth_account.signers.local import LocalAccount
 from fastapi.testclient import TestClient
 
+import settlement.ingest.pipeline
 import settlement.server.risk
 from settlement.domain.ledger import Verdict
 from settlement.domain.model import Voucher
@@ -30,14 +32,31 @@ def voucher(channel: Channel, sign: Sign, cumulative: int) -> dict[str, Any]:
     return body(channel, cumulative, sign(channel.payer, channel.id, cumulative))
 
 
+@pytest.fixture
+def hold_ingest_clock(monkeypatch: pytest.MonkeyPatch) -> Callable[[int], None]:
+    """Factory: hold_ingest_clock(second) stops ingest's clock at that unix second (call again to move it), so a
+    refusal's window and Retry-After are exact."""
+
+    def hold(second: int) -> None:
+        monkeypatch.setattr(settlement.ingest.pipeline, "utcnow", lambda: datetime.fromtimestamp(second, UTC))
+
+    return hold
+
+
 def caps_reach_ingest(*services: Service, count: int = 1) -> None:
     """The risk monitor hands the store's caps to ingest every quarter of a second, in each process."""
     wait_until(lambda: all(len(s.ingestor.rules.caps) == count for s in services), timeout=5)
 
 
 def test_a_payee_caps_what_each_payer_spends_on_its_channels_per_window(
-    api: Callable[..., TestClient], open_channel: Callable[..., Channel], accounts: list[LocalAccount], sign: Sign
+    api: Callable[..., TestClient],
+    open_channel: Callable[..., Channel],
+    accounts: list[LocalAccount],
+    sign: Sign,
+    hold_ingest_clock: Callable[[int], None],
 ) -> None:
+    now = int(time.time())
+    hold_ingest_clock(now)
     client = api()
     payee = accounts[6].address
     first, second = open_channel(accounts[3], payee, amount=1_000), open_channel(accounts[4], payee, amount=1_000)
@@ -56,14 +75,15 @@ def test_a_payee_caps_what_each_payer_spends_on_its_channels_per_window(
     assert client.post("/v1/vouchers", json=voucher(first, sign, 100)).status_code == 201  # 100 in the window
     refused = client.post("/v1/vouchers", json=voucher(first, sign, 101))
     error = refused.json()
-    window_ends = int(time.time()) // 3600 * 3600 + 3600
-    assert (refused.status_code, error["code"], error["capAmount"], error["spent"]) == (
+    window_ends = now // 3600 * 3600 + 3600
+    assert (refused.status_code, error["code"], error["capAmount"], error["spent"], error["windowEnds"]) == (
         409,
         "spending_cap_reached",
         "100",
         "100",
+        window_ends,
     )
-    assert error["windowEnds"] == window_ends and refused.headers["retry-after"] == str(error["retryAfter"])
+    assert error["retryAfter"] == window_ends - now and refused.headers["retry-after"] == str(window_ends - now)
     assert client.post("/v1/vouchers", json=voucher(first, sign, 100)).status_code == 200  # a re-send costs nothing
     # Each payer on its own count; the payer's channel to another payee is not this payee's to cap.
     batch = [voucher(second, sign, 100), voucher(elsewhere, sign, 500), voucher(second, sign, 101)]
@@ -82,19 +102,38 @@ def test_a_payee_caps_what_each_payer_spends_on_its_channels_per_window(
 
 
 def test_a_short_window_ends_and_the_payer_may_pay_again(
-    api: Callable[..., TestClient], open_channel: Callable[..., Channel], accounts: list[LocalAccount], sign: Sign
+    api: Callable[..., TestClient],
+    open_channel: Callable[..., Channel],
+    accounts: list[LocalAccount],
+    sign: Sign,
+    hold_ingest_clock: Callable[[int], None],
 ) -> None:
+    start = int(time.time()) // 2 * 2  # the start of a 2-s window
+    hold_ingest_clock(start)
     client = api()
     channel = open_channel(accounts[8], accounts[9].address, amount=1_000)
     payer = channel.payer.address
     cap = {"payer": payer, "amount": "10", "windowSeconds": 2}
     assert client.put(f"/v1/payees/{channel.payee}/caps", json=cap).status_code == 200
     caps_reach_ingest(client.app.state.service)  # type: ignore[attr-defined]
-    wait_until(lambda: int(time.time()) % 2 == 0, timeout=3)  # at the start of a window: the next one is 2 s away
     assert client.post("/v1/vouchers", json=voucher(channel, sign, 10)).status_code == 201
-    refused = client.post("/v1/vouchers", json=voucher(channel, sign, 11)).json()
-    assert (refused["code"], refused["retryAfter"]) in {("spending_cap_reached", 2), ("spending_cap_reached", 1)}
-    wait_until(lambda: client.post("/v1/vouchers", json=voucher(channel, sign, 11)).status_code == 201, timeout=5)
+    for second, wait in ((start, 2), (start + 1, 1)):
+        hold_ingest_clock(second)
+        refused = client.post("/v1/vouchers", json=voucher(channel, sign, 11))
+        error = refused.json()
+        assert (refused.status_code, error["code"], error["spent"], error["windowEnds"], error["retryAfter"]) == (
+            409,
+            "spending_cap_reached",
+            "10",
+            start + 2,
+            wait,
+        )
+        assert refused.headers["retry-after"] == str(wait)
+    hold_ingest_clock(start + 2)  # the next window: its count starts at nothing
+    assert client.post("/v1/vouchers", json=voucher(channel, sign, 11)).status_code == 201
+    refused = client.post("/v1/vouchers", json=voucher(channel, sign, 21)).json()
+    assert (refused["code"], refused["spent"], refused["windowEnds"]) == ("spending_cap_reached", "1", start + 4)
+    assert client.get(f"/v1/channels/0x{channel.id.hex()}").json()["acceptedCumulativeAmount"] == "11"
 
 
 def test_the_operator_caps_a_payer_over_every_payee(
