@@ -81,7 +81,9 @@ def test_settle_status_channels_reconcile_withdraw(
     assert out.stdout.startswith(f"withdrew 800 wei (0.0000000000000008 ETH) to {payee.address} (tx 0x")
     assert out.stdout.rstrip().endswith("; 0 wei (0 ETH) left in the hub")
     assert hub.functions.balanceOf(payee.address, ETH).call() == 0
-    assert w3.eth.get_balance(payee.address) > balance - 10**15  # got 800 wei back, minus gas
+    withdrawal = w3.eth.get_transaction_receipt(re.findall(r"\(tx (0x[0-9a-f]{64})\)", out.stdout)[0])
+    fee = withdrawal["gasUsed"] * withdrawal["effectiveGasPrice"]
+    assert w3.eth.get_balance(payee.address) == balance + 800 - fee  # exactly the 800 wei, less the withdrawal's gas
     again = forked_cli(
         "withdraw", env={**env, "SETTLEMENT_WITHDRAW_KEY": HexBytes(payee.key).to_0x_hex()}, cwd=tmp_path
     )
