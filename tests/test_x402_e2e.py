@@ -2223,12 +2223,20 @@ def test_a_payees_deposit_hint_locks_no_more_than_the_payers_limit(
     asked, and pays on it."""
     rig = lane_rig("hostile-hint", deposit_multiple=10**8)
     ((payee, api),) = rig.payees
-    wallet = w3.eth.get_balance(rig.payer.address)
+    wallet, since = w3.eth.get_balance(rig.payer.address), w3.eth.block_number
 
     assert [paid_get(devnet, rig.scheme, f"{api}/weather") for _ in range(2)] == [200, 200]
     (channel,) = rig.payer.open_channels(payee)
     assert int(channel["deposit"]) == 1_000 * PRICE
-    assert wallet - w3.eth.get_balance(rig.payer.address) < 1_000 * PRICE + 10**16  # the deposit and gas, no more
+    sent = [
+        w3.eth.get_transaction_receipt(tx["hash"])
+        for number in range(since + 1, w3.eth.block_number + 1)
+        for tx in w3.eth.get_block(number, full_transactions=True)["transactions"]
+        if tx["from"] == rig.payer.address
+    ]
+    assert [r["to"] for r in sent] == [rig.payer.hub.address]  # one transaction: the open
+    fees = sum(r["gasUsed"] * r["effectiveGasPrice"] for r in sent)
+    assert wallet - w3.eth.get_balance(rig.payer.address) == 1_000 * PRICE + fees  # the deposit and its gas, no more
     assert accepted_for(rig.service, payee) == 2 * PRICE
 
 
