@@ -33,7 +33,7 @@ from collections.abc import Callable, Coroutine
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from types import SimpleNamespace
-from typing import Any
+from typing import Any, ClassVar
 
 from eth_utils.address import to_checksum_address
 from pydantic_core import PydanticSerializationError, to_json
@@ -127,7 +127,7 @@ class ChannelHubClientScheme:
     # is opened to it; and how long such a channel is left to its payee's own close before this payer requests it.
     max_stopped: int = 2
     stopped_grace: float = 60.0
-    scheme: str = SCHEME
+    scheme: ClassVar[str] = SCHEME  # what x402 registers it under; not a choice: `channelhub` only
     # A payment on a free lane whose position the journal holds is made on the event loop: one journal commit (the
     # disk's flush, ~0.1-0.3 ms on a local SSD) instead of a hand-off to a worker thread and back (~0.2 ms of CPU and
     # a wait for each side's turn under load). False: every payment in a worker thread (a journal on a slow disk).
