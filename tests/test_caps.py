@@ -16,7 +16,6 @@ from eth_account import Account
 from eth_account.signers.local import LocalAccount
 from fastapi.testclient import TestClient
 
-import settlement.ingest.pipeline
 import settlement.server.risk
 from settlement.domain.ledger import Verdict
 from settlement.domain.model import Voucher
@@ -32,15 +31,11 @@ def voucher(channel: Channel, sign: Sign, cumulative: int) -> dict[str, Any]:
     return body(channel, cumulative, sign(channel.payer, channel.id, cumulative))
 
 
-@pytest.fixture
-def hold_ingest_clock(monkeypatch: pytest.MonkeyPatch) -> Callable[[int], None]:
-    """Factory: hold_ingest_clock(second) stops ingest's clock at that unix second (call again to move it), so a
-    refusal's window and Retry-After are exact."""
-
-    def hold(second: int) -> None:
-        monkeypatch.setattr(settlement.ingest.pipeline, "utcnow", lambda: datetime.fromtimestamp(second, UTC))
-
-    return hold
+def hold_ingest_clock(client: TestClient, second: int) -> None:
+    """Stop the service's ingest clock at that unix second (call again to move it), so a refusal's window and
+    Retry-After are exact."""
+    service: Service = client.app.state.service  # type: ignore[attr-defined]
+    service.ingestor.clock = lambda: datetime.fromtimestamp(second, UTC)
 
 
 def caps_reach_ingest(*services: Service, count: int = 1) -> None:
@@ -53,11 +48,10 @@ def test_a_payee_caps_what_each_payer_spends_on_its_channels_per_window(
     open_channel: Callable[..., Channel],
     accounts: list[LocalAccount],
     sign: Sign,
-    hold_ingest_clock: Callable[[int], None],
 ) -> None:
-    now = int(time.time())
-    hold_ingest_clock(now)
     client = api()
+    now = int(time.time())
+    hold_ingest_clock(client, now)
     payee = accounts[6].address
     first, second = open_channel(accounts[3], payee, amount=1_000), open_channel(accounts[4], payee, amount=1_000)
     elsewhere = open_channel(accounts[3], accounts[7].address, amount=1_000)  # the same payer, another payee
@@ -106,11 +100,10 @@ def test_a_short_window_ends_and_the_payer_may_pay_again(
     open_channel: Callable[..., Channel],
     accounts: list[LocalAccount],
     sign: Sign,
-    hold_ingest_clock: Callable[[int], None],
 ) -> None:
-    start = int(time.time()) // 2 * 2  # the start of a 2-s window
-    hold_ingest_clock(start)
     client = api()
+    start = int(time.time()) // 2 * 2  # the start of a 2-s window
+    hold_ingest_clock(client, start)
     channel = open_channel(accounts[8], accounts[9].address, amount=1_000)
     payer = channel.payer.address
     cap = {"payer": payer, "amount": "10", "windowSeconds": 2}
@@ -118,7 +111,7 @@ def test_a_short_window_ends_and_the_payer_may_pay_again(
     caps_reach_ingest(client.app.state.service)  # type: ignore[attr-defined]
     assert client.post("/v1/vouchers", json=voucher(channel, sign, 10)).status_code == 201
     for second, wait in ((start, 2), (start + 1, 1)):
-        hold_ingest_clock(second)
+        hold_ingest_clock(client, second)
         refused = client.post("/v1/vouchers", json=voucher(channel, sign, 11))
         error = refused.json()
         assert (refused.status_code, error["code"], error["spent"], error["windowEnds"], error["retryAfter"]) == (
@@ -129,7 +122,7 @@ def test_a_short_window_ends_and_the_payer_may_pay_again(
             wait,
         )
         assert refused.headers["retry-after"] == str(wait)
-    hold_ingest_clock(start + 2)  # the next window: its count starts at nothing
+    hold_ingest_clock(client, start + 2)  # the next window: its count starts at nothing
     assert client.post("/v1/vouchers", json=voucher(channel, sign, 11)).status_code == 201
     refused = client.post("/v1/vouchers", json=voucher(channel, sign, 21)).json()
     assert (refused["code"], refused["spent"], refused["windowEnds"]) == ("spending_cap_reached", "1", start + 4)

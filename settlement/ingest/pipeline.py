@@ -122,8 +122,10 @@ class Ingestor:
         unknown_reads_per_second: float = 50.0,
         held_max: int = HELD_MAX,
         shard: Shard = UNSHARDED,
+        clock: Callable[[], datetime] = utcnow,
     ) -> None:
         self.db = db
+        self.clock = clock  # the time every judgement reads (close guard, spending windows, accepted_at)
         self._writes = db.writer_connection()  # the writer thread's own, kept between its groups
         self.verifier = verifier
         self.indexer = indexer
@@ -257,7 +259,7 @@ class Ingestor:
             prior = channel_q.receipts_for(conn, [voucher.key]).get(voucher.key) if stale else None
             key = None if voucher.idempotency_key is None else (voucher.channel_id, voucher.idempotency_key)
             keyed = None if key is None else channel_q.receipts_by_key(conn, [key]).get(key)
-            now, rules = utcnow(), self.rules
+            now, rules = self.clock(), self.rules
             verdict = judge(
                 channel,
                 voucher,
@@ -511,7 +513,7 @@ class Ingestor:
             return None
         signers = [s for job in jobs for s in job.signers]
         try:
-            outcomes, accepted, seen = self._judge(vouchers, signers, channels, {}, {}, utcnow(), rules, {})
+            outcomes, accepted, seen = self._judge(vouchers, signers, channels, {}, {}, self.clock(), rules, {})
         except Exception:  # a bug: the usual way isolates what fails
             logger.exception("a group of %d vouchers could not be judged in memory", len(vouchers))
             return None
@@ -801,7 +803,7 @@ class Ingestor:
         keyed = channel_q.receipts_by_key(
             conn, [(v.channel_id, v.idempotency_key) for v in vouchers if v.idempotency_key is not None]
         )
-        now = utcnow()
+        now = self.clock()
         rules = self.rules if rules is None else rules
         spent, before = self._lock_spending(conn, rules, channels, now)
         outcomes, accepted, seen = self._judge(vouchers, signers, channels, priors, keyed, now, rules, spent)
