@@ -83,6 +83,11 @@ def credited(hub: Contract, who: str, asset: str = ETH) -> int:
     return int(hub.functions.balanceOf(who, asset).call())
 
 
+def fee_paid(receipt: TxReceipt) -> int:
+    """The wei a mined transaction cost its sender in gas."""
+    return int(receipt["gasUsed"]) * int(receipt["effectiveGasPrice"])
+
+
 def salt_of(n: int) -> bytes:
     return n.to_bytes(32, "big")
 

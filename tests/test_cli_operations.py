@@ -21,7 +21,7 @@ from web3.contract import Contract
 from settlement.domain.model import Voucher
 from settlement.server.config import Settings
 from settlement.server.service import Service
-from tests.hub_helpers import ETH, Channel, TamperingProxy, body, send
+from tests.hub_helpers import ETH, Channel, TamperingProxy, body, fee_paid, send
 from tests.servers import ServiceThread, forked_cli
 
 
@@ -82,8 +82,7 @@ def test_settle_status_channels_reconcile_withdraw(
     assert out.stdout.rstrip().endswith("; 0 wei (0 ETH) left in the hub")
     assert hub.functions.balanceOf(payee.address, ETH).call() == 0
     withdrawal = w3.eth.get_transaction_receipt(re.findall(r"\(tx (0x[0-9a-f]{64})\)", out.stdout)[0])
-    fee = withdrawal["gasUsed"] * withdrawal["effectiveGasPrice"]
-    assert w3.eth.get_balance(payee.address) == balance + 800 - fee  # exactly the 800 wei, less the withdrawal's gas
+    assert w3.eth.get_balance(payee.address) == balance + 800 - fee_paid(withdrawal)  # 800 wei, less its gas
     again = forked_cli(
         "withdraw", env={**env, "SETTLEMENT_WITHDRAW_KEY": HexBytes(payee.key).to_0x_hex()}, cwd=tmp_path
     )

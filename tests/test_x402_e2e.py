@@ -63,6 +63,7 @@ from tests.hub_helpers import (
     Tampering,
     TamperingProxy,
     events,
+    fee_paid,
     free_test_port,
     scraped,
     send,
@@ -2235,7 +2236,7 @@ def test_a_payees_deposit_hint_locks_no_more_than_the_payers_limit(
         if tx["from"] == rig.payer.address
     ]
     assert [r["to"] for r in sent] == [rig.payer.hub.address]  # one transaction: the open
-    fees = sum(r["gasUsed"] * r["effectiveGasPrice"] for r in sent)
+    fees = sum(fee_paid(r) for r in sent)
     assert wallet - w3.eth.get_balance(rig.payer.address) == 1_000 * PRICE + fees  # the deposit and its gas, no more
     assert accepted_for(rig.service, payee) == 2 * PRICE
 
