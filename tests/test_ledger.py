@@ -74,31 +74,34 @@ def test_settled_on_chain_above_accepted_raises_the_floor() -> None:
 
 
 @pytest.mark.parametrize(
-    ("ch", "cumulative", "signer", "error"),
+    ("ch", "cumulative", "signer", "error", "status", "code"),
     [
-        (None, 5, SIGNER, ChannelNotFoundError),
-        (channel(), 5, None, InvalidSignatureError),
-        (channel(), 5, b"\x02" * 20, InvalidSignatureError),
-        (channel(suspended_reason="reorg"), 5, SIGNER, ChannelSuspendedError),
-        (channel(status=ChannelStatus.CLOSED), 5, SIGNER, ChannelClosedError),
+        (None, 5, SIGNER, ChannelNotFoundError, 404, "channel_not_found"),
+        (channel(), 5, None, InvalidSignatureError, 400, "invalid_signature"),
+        (channel(), 5, b"\x02" * 20, InvalidSignatureError, 400, "invalid_signature"),
+        (channel(suspended_reason="reorg"), 5, SIGNER, ChannelSuspendedError, 409, "channel_suspended"),
+        (channel(status=ChannelStatus.CLOSED), 5, SIGNER, ChannelClosedError, 409, "channel_closed"),
         (
             channel(status=ChannelStatus.CLOSING, close_deadline=int(NOW.timestamp()) + 59),
             5,
             SIGNER,
             ChannelClosedError,
+            409,
+            "channel_closed",
         ),
-        (channel(), 0, SIGNER, AmountOutOfRangeError),
-        (channel(), MAX_UINT256 + 1, SIGNER, AmountOutOfRangeError),
-        (channel(accepted=7, signature=b"s"), 7, SIGNER, StaleVoucherError),
-        (channel(accepted=7, signature=b"s"), 3, SIGNER, StaleVoucherError),
-        (channel(), 1_001, SIGNER, AmountExceedsDepositError),
+        (channel(), 0, SIGNER, AmountOutOfRangeError, 400, "amount_out_of_range"),
+        (channel(), MAX_UINT256 + 1, SIGNER, AmountOutOfRangeError, 400, "amount_out_of_range"),
+        (channel(accepted=7, signature=b"s"), 7, SIGNER, StaleVoucherError, 409, "stale_voucher"),
+        (channel(accepted=7, signature=b"s"), 3, SIGNER, StaleVoucherError, 409, "stale_voucher"),
+        (channel(), 1_001, SIGNER, AmountExceedsDepositError, 409, "amount_exceeds_deposit"),
     ],
 )
-def test_each_rule_has_its_code(ch: Channel | None, cumulative: int, signer: bytes | None, error: type) -> None:
+def test_each_rule_has_its_code(
+    ch: Channel | None, cumulative: int, signer: bytes | None, error: type, status: int, code: str
+) -> None:
     with pytest.raises(error) as info:
         run(ch, cumulative, signer)
-    assert 400 <= info.value.status < 500
-    assert info.value.code
+    assert (info.value.status, info.value.code) == (status, code)
 
 
 def test_closing_channel_accepts_while_the_guard_allows() -> None:
