@@ -64,7 +64,6 @@ SKIP = {
     "ExceedsDeposit": 5,
     "InvalidSignature": 6,
 }
-OPEN, CLOSING, CLOSED = 1, 2, 3
 
 
 def send(w3: Web3, call: Any, sender: str, value: int = 0) -> TxReceipt:

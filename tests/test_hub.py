@@ -16,13 +16,11 @@ from web3.types import RPCEndpoint
 
 from settlement.chain.batch_codec import MAX_AMOUNT, SettleEntry, encode_batch, group_header, packed_entry
 from settlement.chain.contracts import HUB, load_artifact
+from settlement.domain.model import ChannelStatus
 from settlement.eip712.vouchers import MAX_UINT256, SECP256K1_N, Domain, VoucherVerifier, to_compact
 from tests.conftest import reverts_with
 from tests.hub_helpers import (
-    CLOSED,
-    CLOSING,
     ETH,
-    OPEN,
     SKIP,
     Channel,
     Group,
@@ -109,7 +107,7 @@ def test_open_eth_channel(w3: Web3, hub: Contract, accounts: list[LocalAccount])
             "deposit": 5 * 10**17,
         }
     ]
-    assert view(hub, cid) == (payer.address, payee, ETH, 5 * 10**17, 0, 0, OPEN)
+    assert view(hub, cid) == (payer.address, payee, ETH, 5 * 10**17, 0, 0, ChannelStatus.OPEN)
     assert w3.eth.get_balance(hub.address) == 5 * 10**17
 
 
@@ -117,7 +115,7 @@ def test_open_token_channel(
     open_channel: OpenChannel, hub: Contract, token: Contract, accounts: list[LocalAccount]
 ) -> None:
     ch = open_channel(accounts[1], accounts[2].address, token, 1234)
-    assert view(hub, ch.id) == (accounts[1].address, accounts[2].address, token.address, 1234, 0, 0, OPEN)
+    assert view(hub, ch.id) == (accounts[1].address, accounts[2].address, token.address, 1234, 0, 0, ChannelStatus.OPEN)
     assert token.functions.balanceOf(hub.address).call() == 1234
 
 
@@ -206,7 +204,7 @@ def test_open_and_top_up_from_balance(
     # the payee spends its earnings on a channel of its own, no withdraw/deposit round trip
     send(w3, hub.functions.openFromBalance(third, ETH, salt_of(1), 400), earner.address)
     own = channel_id(earner.address, third, ETH, salt_of(1))
-    assert view(hub, own)[3:] == (400, 0, 0, OPEN)
+    assert view(hub, own)[3:] == (400, 0, 0, ChannelStatus.OPEN)
     send(w3, hub.functions.topUpFromBalance(own, 150), earner.address)
     assert view(hub, own)[3] == 550
     assert hub.functions.balanceOf(earner.address, ETH).call() == 50
@@ -457,7 +455,7 @@ def test_close_by_payee_signature_forms(
     revert = reverts_with(hub.functions.closeByPayee(ch.id, 10, mutation(good)), hub.abi, {"from": ch.payee})
     assert (revert.name, revert.args) == ("ChannelHubInvalidSignature", (ch.id,))
     send(w3, hub.functions.closeByPayee(ch.id, 10, good), ch.payee)
-    assert view(hub, ch.id)[4:] == (10, 0, CLOSED)
+    assert view(hub, ch.id)[4:] == (10, 0, ChannelStatus.CLOSED)
 
 
 def test_wrong_payer_salt_or_token_names_no_channel(
@@ -523,7 +521,7 @@ def test_close_with_challenge_period(
     receipt = send(w3, hub.functions.requestClose(ch.id), ch.payer.address)
     deadline = w3.eth.get_block(receipt["blockNumber"])["timestamp"] + 3600
     assert events(hub, receipt, "CloseRequested") == [{"channelId": ch.id, "deadline": deadline}]
-    assert view(hub, ch.id)[5:] == (deadline, CLOSING)
+    assert view(hub, ch.id)[5:] == (deadline, ChannelStatus.CLOSING)
     assert reverts_with(hub.functions.requestClose(ch.id), hub.abi, {"from": ch.payer.address}).name == (
         "ChannelHubChannelNotOpen"
     )
@@ -538,7 +536,7 @@ def test_close_with_challenge_period(
     assert events(hub, receipt, "ChannelClosed") == [{"channelId": ch.id, "settled": 300, "refund": 700}]
     assert hub.functions.balanceOf(ch.payer.address, ETH).call() == 700
     assert hub.functions.balanceOf(accounts[9].address, ETH).call() == 0
-    assert view(hub, ch.id)[6] == CLOSED
+    assert view(hub, ch.id)[6] == ChannelStatus.CLOSED
     assert reverts_with(hub.functions.finalizeClose(ch.id), hub.abi, {"from": ch.payer.address}).name == (
         "ChannelHubChannelClosed"
     )
@@ -587,7 +585,7 @@ def test_a_payer_racing_the_settlement_with_request_close(
     assert [r["status"] for r in receipts] == [1, 1]
     assert receipts[0]["blockNumber"] == receipts[1]["blockNumber"]
     assert [r["transactionIndex"] for r in receipts] == [0, 1]
-    assert view(hub, ch.id)[4] == 300 and view(hub, ch.id)[6] == CLOSING
+    assert view(hub, ch.id)[4] == 300 and view(hub, ch.id)[6] == ChannelStatus.CLOSING
     assert hub.functions.balanceOf(ch.payee, ETH).call() == 300
     time_travel(w3, 3601)
     send(w3, hub.functions.finalizeClose(ch.id), ch.payer.address)

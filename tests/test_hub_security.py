@@ -15,13 +15,11 @@ from web3 import Web3
 from web3.contract import Contract
 
 from settlement.chain.batch_codec import SettleEntry
+from settlement.domain.model import ChannelStatus
 from settlement.eip712.vouchers import Domain, sign_voucher
 from tests.conftest import CHALLENGE_PERIOD, reverts_with
 from tests.hub_helpers import (
-    CLOSED,
-    CLOSING,
     ETH,
-    OPEN,
     Channel,
     batch,
     channel_id,
@@ -210,7 +208,7 @@ def _run_sequence(
             channels.append(
                 Channel(channel_id(actor.address, payee, asset, salt_of(n)), actor, payee, asset, salt_of(n))
             )
-            assert hub.functions.channel(channels[-1].id).call()[3:] == (amount, 0, 0, OPEN)
+            assert hub.functions.channel(channels[-1].id).call()[3:] == (amount, 0, 0, ChannelStatus.OPEN)
             effects["open"] += 1
             _check_invariant(w3, hub, token, actors, channels)
             continue
@@ -218,7 +216,7 @@ def _run_sequence(
         payee_before, payer_before = credited(hub, ch.payee, ch.token), credited(hub, ch.payer.address, ch.token)
         expected = [deposit, settled, deadline, status]
         payee_gets = payer_gets = 0
-        if op == "top_up" and status == OPEN:
+        if op == "top_up" and status == ChannelStatus.OPEN:
             if ch.token == ETH:
                 send(w3, hub.functions.topUp(ch.id, amount), actor.address, value=amount)
             else:
@@ -233,26 +231,26 @@ def _run_sequence(
             sig = sign_voucher(ch.payer, domain, ch.id, cumulative)
             receipt = send(w3, settle_call(hub, batch(ch.payee, ch.token, ch.voucher(cumulative, sig))), actor.address)
             mined_at = w3.eth.get_block(receipt["blockNumber"])["timestamp"]
-            live = status == OPEN or (status == CLOSING and mined_at <= deadline)
+            live = status == ChannelStatus.OPEN or (status == ChannelStatus.CLOSING and mined_at <= deadline)
             if live and settled < cumulative <= deposit:
                 expected[1], payee_gets = cumulative, cumulative - settled
                 effects[op] += 1
             else:
                 effects["skipped"] += 1
-        elif op == "request_close" and status == OPEN:
+        elif op == "request_close" and status == ChannelStatus.OPEN:
             receipt = send(w3, hub.functions.requestClose(ch.id), ch.payer.address)
             mined_at = w3.eth.get_block(receipt["blockNumber"])["timestamp"]
-            expected[2:] = [mined_at + CHALLENGE_PERIOD, CLOSING]
+            expected[2:] = [mined_at + CHALLENGE_PERIOD, ChannelStatus.CLOSING]
             effects[op] += 1
-        elif op == "finalize" and status == CLOSING:
+        elif op == "finalize" and status == ChannelStatus.CLOSING:
             w3.provider.make_request("evm_increaseTime", [CHALLENGE_PERIOD + 1])
             w3.provider.make_request("evm_mine", [])
             send(w3, hub.functions.finalizeClose(ch.id), actor.address)
-            expected[3], payer_gets = CLOSED, deposit - settled
+            expected[3], payer_gets = ChannelStatus.CLOSED, deposit - settled
             effects[op] += 1
-        elif op == "close_by_payee" and status in (OPEN, CLOSING):
+        elif op == "close_by_payee" and status in (ChannelStatus.OPEN, ChannelStatus.CLOSING):
             send(w3, hub.functions.closeByPayee(ch.id, 0, b""), ch.payee)
-            expected[3], payer_gets = CLOSED, deposit - settled
+            expected[3], payer_gets = ChannelStatus.CLOSED, deposit - settled
             effects[op] += 1
         elif op == "withdraw":
             balance = credited(hub, actor.address, asset)
@@ -281,6 +279,6 @@ def _check_invariant(
         for ch in channels:
             _, _, tok, deposit, settled, _, status = hub.functions.channel(ch.id).call()
             assert settled <= deposit
-            if tok == asset and status != CLOSED:
+            if tok == asset and status != ChannelStatus.CLOSED:
                 locked += deposit - settled
         assert held == owed + locked, f"invariant broken for {asset}"
