@@ -38,7 +38,7 @@ from web3.types import TxReceipt
 from settlement.chain.batch_codec import SettleEntry, decode_settlements, encode_batch
 from settlement.devtools.devnet import port_free
 from settlement.domain.buckets import TokenBucket
-from settlement.domain.model import Address, ChannelId, ChannelStatus, Receipt, Voucher
+from settlement.domain.model import Address, ChannelId, ChannelStatus, ChannelViewField, Receipt, Voucher
 from settlement.domain.model import Channel as StoredChannel
 from settlement.eip712.vouchers import Domain, channel_id, sign_voucher
 from settlement.errors import PaymentUncertainError
@@ -185,7 +185,20 @@ def pay(service: Service, channel: Channel, cumulative: int, sign: Sign) -> None
 
 
 def settled_on_chain(hub: Contract, channel: Channel) -> int:
-    return int(hub.functions.channel(channel.id).call()[4])
+    return int(hub.functions.channel(channel.id).call()[ChannelViewField.SETTLED])
+
+
+def money_and_status(hub: Contract, cid: bytes) -> tuple[int, int, int, int]:
+    """The hub's (deposit, settled, close deadline, status) of a channel."""
+    view = hub.functions.channel(cid).call()
+    fields = (
+        ChannelViewField.DEPOSIT,
+        ChannelViewField.SETTLED,
+        ChannelViewField.CLOSE_DEADLINE,
+        ChannelViewField.STATUS,
+    )
+    deposit, settled, deadline, status = (int(view[field]) for field in fields)
+    return deposit, settled, deadline, status
 
 
 def wait_indexed(service: Service) -> None:

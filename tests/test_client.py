@@ -804,7 +804,9 @@ def test_a_channel_reference_reads_well_and_is_rebuilt_from_its_id(
     client.close(channel)
     with pytest.raises(TransactionFailedError) as info:
         client.finalize_close(channel)
-    deadline = datetime.fromtimestamp(client.hub.functions.channel(channel.channel_id).call()[5], UTC)
+    deadline = datetime.fromtimestamp(
+        client.hub.functions.channel(channel.channel_id).call()[ChannelViewField.CLOSE_DEADLINE], UTC
+    )
     assert str(info.value) == (
         f"transaction would revert: ChannelHubChallengeNotOver(channelId={channel.hex_id}, "
         f"deadline={deadline.isoformat().replace('+00:00', 'Z')})"

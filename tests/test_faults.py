@@ -25,11 +25,21 @@ from web3.exceptions import TransactionNotFound
 
 from scripts.proc_cpu import children
 from settlement.devtools.devnet import Devnet
+from settlement.domain.model import ChannelViewField
 from settlement.sdk.payer import PayerClient
 from settlement.store import Database
 from settlement.store import settlements as batch_q
 from settlement.store.settlements import Batch, SentTx
-from tests.hub_helpers import Channel, body, credited, send, stored_payments, stream_through, wait_until
+from tests.hub_helpers import (
+    Channel,
+    body,
+    credited,
+    send,
+    settled_on_chain,
+    stored_payments,
+    stream_through,
+    wait_until,
+)
 from tests.proxy import TcpProxy
 from tests.servers import ServiceProcess
 
@@ -92,10 +102,6 @@ def automine(w3: Web3, on: bool) -> None:
     w3.provider.make_request("evm_setAutomine", [on])
 
 
-def settled(hub: Contract, channel: Channel) -> int:
-    return int(hub.functions.channel(channel.id).call()[4])
-
-
 def confirmed_once(url: str) -> Batch:
     """The store holds exactly one batch and it is confirmed; returns it."""
     wait_until(lambda: [b.status for b, _ in batches(url)] == ["confirmed"])
@@ -131,7 +137,7 @@ def test_killed_between_the_intent_and_the_broadcast_settles_once(
     w3.provider.make_request("anvil_setBalance", [settler.address, hex(funds)])
     service.start()
     batch = confirmed_once(store_url)
-    assert (settled(hub, channel), credited(hub, payee)) == (777, 777)
+    assert (settled_on_chain(hub, channel), credited(hub, payee)) == (777, 777)
     assert w3.eth.get_transaction_count(settler.address) == nonce + 1 == batch.nonce + 1  # same nonce: no gap
 
 
@@ -164,7 +170,7 @@ def test_killed_after_the_broadcast_before_mining_has_no_double_effect_and_no_no
     finally:
         automine(w3, True)
     batch = confirmed_once(store_url)
-    assert (settled(hub, channel), credited(hub, payee)) == (555, 555)
+    assert (settled_on_chain(hub, channel), credited(hub, payee)) == (555, 555)
     assert w3.eth.get_transaction_count(settler.address) == nonce + 1
     assert batch.tx_hash == sent.tx_hash  # the transaction signed before the crash is the one that counted
 
@@ -186,7 +192,7 @@ def test_killed_after_mining_before_recording_is_marked_settled_from_the_chain(
     nonce = w3.eth.get_transaction_count(settler.address)
     service = engine_process(store_url, confirmations="2")
     assert pay(service, channel, 444, sign).status_code == 201
-    wait_until(lambda: settled(hub, channel) == 444)  # mined; nothing else mines, so it stays too shallow
+    wait_until(lambda: settled_on_chain(hub, channel) == 444)  # mined; nothing else mines, so it stays too shallow
     time.sleep(0.5)
     [(batch, [sent])] = batches(store_url)
     assert batch.status == "sent"
@@ -232,7 +238,7 @@ def test_rpc_outage_ingest_goes_on_for_known_channels_and_settlement_catches_up(
         proxy.mend()
         assert pay(service, unknown, 5, sign).status_code == 201
         wait_until(lambda: credited(hub, payee) == 35)
-        assert (settled(hub, known), settled(hub, unknown)) == (30, 5)
+        assert (settled_on_chain(hub, known), settled_on_chain(hub, unknown)) == (30, 5)
 
 
 def test_the_rpc_urls_key_is_never_shown_to_a_client_nor_written_to_the_log(
@@ -320,7 +326,7 @@ def test_a_reorged_out_top_up_never_backs_a_voucher(
     assert pay(service, channel, 500, sign).json()["code"] == "amount_exceeds_deposit"
     assert pay(service, channel, 100, sign).status_code == 201
     wait_until(lambda: credited(hub, payee) == 100)
-    assert hub.functions.channel(channel.id).call()[3] == 100  # the deposit the hub holds
+    assert hub.functions.channel(channel.id).call()[ChannelViewField.DEPOSIT] == 100  # the deposit the hub holds
 
 
 def test_a_settlement_reorged_out_is_sent_again(
@@ -340,7 +346,7 @@ def test_a_settlement_reorged_out_is_sent_again(
     service = engine_process(store_url, confirmations="2")
     fork = w3.provider.make_request("evm_snapshot", [])["result"]
     assert pay(service, channel, 77, sign).status_code == 201
-    wait_until(lambda: settled(hub, channel) == 77)  # mined, not yet 2 deep
+    wait_until(lambda: settled_on_chain(hub, channel) == 77)  # mined, not yet 2 deep
     [(_, [sent])] = batches(store_url)
 
     assert service.process is not None
@@ -349,10 +355,10 @@ def test_a_settlement_reorged_out_is_sent_again(
         assert w3.provider.make_request("evm_revert", [fork])["result"] is True
         with pytest.raises(TransactionNotFound):
             w3.eth.get_transaction(HexBytes(sent.tx_hash))  # the settlement is gone from the chain and the pool
-        assert (settled(hub, channel), credited(hub, payee)) == (0, 0)
+        assert (settled_on_chain(hub, channel), credited(hub, payee)) == (0, 0)
     finally:
         service.process.send_signal(signal.SIGCONT)
-    wait_until(lambda: settled(hub, channel) == 77)  # the engine sent the stored transaction again
+    wait_until(lambda: settled_on_chain(hub, channel) == 77)  # the engine sent the stored transaction again
     mine(w3, 2)
     batch = confirmed_once(store_url)
     assert batch.tx_hash == sent.tx_hash and credited(hub, payee) == 77

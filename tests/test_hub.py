@@ -16,7 +16,7 @@ from web3.types import RPCEndpoint
 
 from settlement.chain.batch_codec import MAX_AMOUNT, SettleEntry, encode_batch, group_header, packed_entry
 from settlement.chain.contracts import HUB, load_artifact
-from settlement.domain.model import ChannelStatus
+from settlement.domain.model import ChannelStatus, ChannelViewField
 from settlement.eip712.vouchers import MAX_UINT256, SECP256K1_N, Domain, VoucherVerifier, to_compact
 from tests.conftest import reverts_with
 from tests.hub_helpers import (
@@ -536,7 +536,7 @@ def test_close_with_challenge_period(
     assert events(hub, receipt, "ChannelClosed") == [{"channelId": ch.id, "settled": 300, "refund": 700}]
     assert hub.functions.balanceOf(ch.payer.address, ETH).call() == 700
     assert hub.functions.balanceOf(accounts[9].address, ETH).call() == 0
-    assert view(hub, ch.id)[6] == ChannelStatus.CLOSED
+    assert view(hub, ch.id)[ChannelViewField.STATUS] == ChannelStatus.CLOSED
     assert reverts_with(hub.functions.finalizeClose(ch.id), hub.abi, {"from": ch.payer.address}).name == (
         "ChannelHubChannelClosed"
     )
@@ -585,7 +585,10 @@ def test_a_payer_racing_the_settlement_with_request_close(
     assert [r["status"] for r in receipts] == [1, 1]
     assert receipts[0]["blockNumber"] == receipts[1]["blockNumber"]
     assert [r["transactionIndex"] for r in receipts] == [0, 1]
-    assert view(hub, ch.id)[4] == 300 and view(hub, ch.id)[6] == ChannelStatus.CLOSING
+    assert (
+        view(hub, ch.id)[ChannelViewField.SETTLED] == 300
+        and view(hub, ch.id)[ChannelViewField.STATUS] == ChannelStatus.CLOSING
+    )
     assert hub.functions.balanceOf(ch.payee, ETH).call() == 300
     time_travel(w3, 3601)
     send(w3, hub.functions.finalizeClose(ch.id), ch.payer.address)

@@ -15,7 +15,7 @@ from web3 import Web3
 from web3.contract import Contract
 
 from settlement.chain.batch_codec import SettleEntry
-from settlement.domain.model import ChannelStatus
+from settlement.domain.model import ChannelStatus, ChannelViewField
 from settlement.eip712.vouchers import Domain, sign_voucher
 from tests.conftest import CHALLENGE_PERIOD, reverts_with
 from tests.hub_helpers import (
@@ -25,6 +25,7 @@ from tests.hub_helpers import (
     channel_id,
     credited,
     events,
+    money_and_status,
     salt_of,
     send,
     settle_call,
@@ -44,7 +45,7 @@ def test_fee_on_transfer_token_is_credited_what_arrived(
     fee_token = deploy("FeeOnTransferToken", 100)  # 1% burnt on every transfer
     payer, payee = accounts[1].address, accounts[2].address
     cid = _approve_and_open(w3, hub, fee_token, payer, payee, 10_000, 1)
-    assert hub.functions.channel(cid).call()[3] == 9_900
+    assert hub.functions.channel(cid).call()[ChannelViewField.DEPOSIT] == 9_900
     assert fee_token.functions.balanceOf(hub.address).call() == 9_900
     send(w3, fee_token.functions.mint(payer, 1000), payer)
     send(w3, fee_token.functions.approve(hub.address, 1000), payer)
@@ -77,7 +78,9 @@ def test_token_returning_false_is_refused(
     assert revert.data.startswith(
         "0x" + function_signature_to_4byte_selector("SafeERC20FailedOperation(address)").hex()
     )
-    assert hub.functions.channel(channel_id(payer, payee, liar.address, salt_of(1))).call()[6] == 0
+    assert (
+        hub.functions.channel(channel_id(payer, payee, liar.address, salt_of(1))).call()[ChannelViewField.STATUS] == 0
+    )
     # a withdrawal whose transfer returns false reverts as a whole: the balance is kept
     send(w3, liar.functions.setFailing(False), payer)
     cid = _approve_and_open(w3, hub, liar, payer, payee, 100, 2)
@@ -113,7 +116,7 @@ def test_reentrant_token_cannot_reenter(
     assert evil.functions.attempted().call() is True
     assert evil.functions.reentered().call() is False
     assert "0x" + bytes(evil.functions.revertData().call()).hex() == REENTRANCY_SELECTOR
-    assert hub.functions.channel(first).call()[3] == 1010
+    assert hub.functions.channel(first).call()[ChannelViewField.DEPOSIT] == 1010
 
 
 # --------------------------------------------------------------------------------------------------------------------
@@ -196,7 +199,7 @@ def _run_sequence(
         actor = actors[who % len(actors)]
         asset = ETH if use_eth else token.address
         ch = channels[who % len(channels)] if channels else None
-        state = hub.functions.channel(ch.id).call() if ch else None
+        state = money_and_status(hub, ch.id) if ch else None
         if op == "open" or ch is None or state is None:
             payee = actors[(who + 1) % len(actors)].address
             if asset == ETH:
@@ -208,11 +211,11 @@ def _run_sequence(
             channels.append(
                 Channel(channel_id(actor.address, payee, asset, salt_of(n)), actor, payee, asset, salt_of(n))
             )
-            assert hub.functions.channel(channels[-1].id).call()[3:] == (amount, 0, 0, ChannelStatus.OPEN)
+            assert money_and_status(hub, channels[-1].id) == (amount, 0, 0, ChannelStatus.OPEN)
             effects["open"] += 1
             _check_invariant(w3, hub, token, actors, channels)
             continue
-        deposit, settled, deadline, status = state[3:]
+        deposit, settled, deadline, status = state
         payee_before, payer_before = credited(hub, ch.payee, ch.token), credited(hub, ch.payer.address, ch.token)
         expected = [deposit, settled, deadline, status]
         payee_gets = payer_gets = 0
@@ -262,7 +265,7 @@ def _run_sequence(
                     credited(hub, ch.payee, ch.token),
                     credited(hub, ch.payer.address, ch.token),
                 )
-        assert hub.functions.channel(ch.id).call()[3:] == tuple(expected), (op, state)
+        assert money_and_status(hub, ch.id) == tuple(expected), (op, state)
         assert credited(hub, ch.payee, ch.token) == payee_before + payee_gets, (op, state)
         assert credited(hub, ch.payer.address, ch.token) == payer_before + payer_gets, (op, state)
         _check_invariant(w3, hub, token, actors, channels)

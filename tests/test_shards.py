@@ -29,6 +29,7 @@ from tests.hub_helpers import (
     database_down,
     in_one_block,
     salt_of,
+    settled_on_chain,
     wait_until,
     x402_request,
     x402_requirements,
@@ -130,5 +131,5 @@ def test_two_shards_take_their_own_payers_and_settle_on_one_hub(
 
     for client in shards:
         wait_until(summarised(client))
-    assert [int(hub.functions.channel(c.id).call()[4]) for c in channels] == [40, 40]
+    assert [settled_on_chain(hub, c) for c in channels] == [40, 40]
     assert shards[1].get(f"/v1/channels/0x{channels[0].id.hex()}").json()["code"] == "wrong_shard"
