@@ -19,7 +19,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import httpx
 import pytest
@@ -188,17 +188,24 @@ def settled_on_chain(hub: Contract, channel: Channel) -> int:
     return int(hub.functions.channel(channel.id).call()[ChannelViewField.SETTLED])
 
 
-def money_and_status(hub: Contract, cid: bytes) -> tuple[int, int, int, int]:
-    """The hub's (deposit, settled, close deadline, status) of a channel."""
+class ChannelMoney(NamedTuple):
+    """The money and state of a channel as the hub's `channel(id)` view has them, by name."""
+
+    deposit: int
+    settled: int
+    close_deadline: int
+    status: int
+
+
+def money_and_status(hub: Contract, cid: bytes) -> ChannelMoney:
+    """The hub's deposit, settled total, close deadline and status of a channel."""
     view = hub.functions.channel(cid).call()
-    fields = (
-        ChannelViewField.DEPOSIT,
-        ChannelViewField.SETTLED,
-        ChannelViewField.CLOSE_DEADLINE,
-        ChannelViewField.STATUS,
+    return ChannelMoney(
+        deposit=int(view[ChannelViewField.DEPOSIT]),
+        settled=int(view[ChannelViewField.SETTLED]),
+        close_deadline=int(view[ChannelViewField.CLOSE_DEADLINE]),
+        status=int(view[ChannelViewField.STATUS]),
     )
-    deposit, settled, deadline, status = (int(view[field]) for field in fields)
-    return deposit, settled, deadline, status
 
 
 def wait_indexed(service: Service) -> None:

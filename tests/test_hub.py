@@ -16,7 +16,7 @@ from web3.types import RPCEndpoint
 
 from settlement.chain.batch_codec import MAX_AMOUNT, SettleEntry, encode_batch, group_header, packed_entry
 from settlement.chain.contracts import HUB, load_artifact
-from settlement.domain.model import ChannelStatus, ChannelViewField
+from settlement.domain.model import ChannelStatus
 from settlement.eip712.vouchers import MAX_UINT256, SECP256K1_N, Domain, VoucherVerifier, to_compact
 from tests.conftest import reverts_with
 from tests.hub_helpers import (
@@ -27,6 +27,7 @@ from tests.hub_helpers import (
     batch,
     channel_id,
     events,
+    money_and_status,
     record,
     salt_of,
     send,
@@ -182,7 +183,7 @@ def test_top_up(w3: Web3, hub: Contract, open_channel: OpenChannel, accounts: li
     ch = open_channel(accounts[1], accounts[2].address, amount=100)
     receipt = send(w3, hub.functions.topUp(ch.id, 50), accounts[3].address, value=50)  # anyone may fund
     assert events(hub, receipt, "ChannelToppedUp") == [{"channelId": ch.id, "amount": 50, "deposit": 150}]
-    assert view(hub, ch.id)[3] == 150
+    assert money_and_status(hub, ch.id).deposit == 150
 
 
 def test_top_up_errors(w3: Web3, hub: Contract, open_channel: OpenChannel, accounts: list[LocalAccount]) -> None:
@@ -204,9 +205,9 @@ def test_open_and_top_up_from_balance(
     # the payee spends its earnings on a channel of its own, no withdraw/deposit round trip
     send(w3, hub.functions.openFromBalance(third, ETH, salt_of(1), 400), earner.address)
     own = channel_id(earner.address, third, ETH, salt_of(1))
-    assert view(hub, own)[3:] == (400, 0, 0, ChannelStatus.OPEN)
+    assert money_and_status(hub, own) == (400, 0, 0, ChannelStatus.OPEN)
     send(w3, hub.functions.topUpFromBalance(own, 150), earner.address)
-    assert view(hub, own)[3] == 550
+    assert money_and_status(hub, own).deposit == 550
     assert hub.functions.balanceOf(earner.address, ETH).call() == 50
     revert = reverts_with(hub.functions.topUpFromBalance(own, 51), hub.abi, {"from": earner.address})
     assert (revert.name, revert.args) == ("ChannelHubInsufficientBalance", (ETH, 50, 51))
@@ -236,7 +237,8 @@ def test_settle_credits_increments_once(
     assert events(hub, receipt, "VoucherSkipped") == [{"channelId": ch.id, "reason": SKIP["NotAboveSettled"]}]
     assert events(hub, receipt, "ChannelsSettled") == []
     assert hub.functions.balanceOf(payee, ETH).call() == 350
-    assert view(hub, ch.id)[3:5] == (1000, 350)
+    money = money_and_status(hub, ch.id)
+    assert (money.deposit, money.settled) == (1000, 350)
 
 
 def test_settle_is_callable_by_anyone_and_pays_only_the_payee(
@@ -252,7 +254,7 @@ def test_settle_is_callable_by_anyone_and_pays_only_the_payee(
     claimed = channel_id(payer.address, stranger, ETH, ch.salt)
     assert events(hub, receipt, "VoucherSkipped") == [{"channelId": claimed, "reason": SKIP["UnknownChannel"]}]
     assert hub.functions.balanceOf(stranger, ETH).call() == 0
-    assert view(hub, ch.id)[4] == 10
+    assert money_and_status(hub, ch.id).settled == 10
 
 
 def test_mixed_batch_settles_the_valid_entries(
@@ -297,7 +299,7 @@ def test_amounts_above_104_bits_cannot_be_packed_and_the_largest_is_skipped(
         encode_batch([batch(ch.payee, ETH, too_big)])
     receipt = settle(w3, hub, batch(ch.payee, ETH, ch.voucher(MAX_AMOUNT, sign(ch.payer, ch.id, MAX_AMOUNT))))
     assert events(hub, receipt, "VoucherSkipped") == [{"channelId": ch.id, "reason": SKIP["ExceedsDeposit"]}]
-    assert view(hub, ch.id)[4] == 0
+    assert money_and_status(hub, ch.id).settled == 0
 
 
 def test_malformed_batches_revert(
@@ -317,7 +319,7 @@ def test_malformed_batches_revert(
         assert (revert.name, revert.args) == ("ChannelHubMalformedBatch", (offset,)), name
     assert settle_raw(w3, hub, b"")["status"] == 1  # nothing to settle is not an error
     settle_raw(w3, hub, good + good)  # the same group twice: the second entry is skipped, not reverted
-    assert view(hub, ch.id)[4] == 10
+    assert money_and_status(hub, ch.id).settled == 10
 
 
 def test_settle_exactly_the_deposit(
@@ -340,7 +342,7 @@ def assert_skipped_invalid(w3: Web3, hub: Contract, ch: Channel, cumulative: int
     """Settle a voucher whose signature is well formed but signs something else: skipped, nothing credited."""
     receipt = settle(w3, hub, batch(ch.payee, ch.token, ch.voucher(cumulative, signature)))
     assert events(hub, receipt, "VoucherSkipped") == [{"channelId": ch.id, "reason": SKIP["InvalidSignature"]}]
-    assert view(hub, ch.id)[4] == 0
+    assert money_and_status(hub, ch.id).settled == 0
 
 
 def test_signed_field_chain_id(w3: Web3, hub: Contract, eth_channel: Channel, domain: Domain, sign: Sign) -> None:
@@ -393,9 +395,9 @@ def test_signed_field_signature(
     header = group_header(ch.payee, ch.token, 1)
     receipt = settle_raw(w3, hub, header + packed_entry(ch.payer.address, ch.salt, 10, *mutation(r, vs)))
     assert events(hub, receipt, "VoucherSkipped") == [{"channelId": ch.id, "reason": SKIP["InvalidSignature"]}]
-    assert view(hub, ch.id)[4] == 0
+    assert money_and_status(hub, ch.id).settled == 0
     settle_raw(w3, hub, header + packed_entry(ch.payer.address, ch.salt, 10, r, vs))  # the unmutated one settles
-    assert view(hub, ch.id)[4] == 10
+    assert money_and_status(hub, ch.id).settled == 10
 
 
 def _tweak(word: bytes, kind: str, bit: int, noise: bytes) -> bytes:
@@ -438,7 +440,7 @@ def test_inlined_recovery_agrees_with_openzeppelin(
     snapshot = w3.provider.make_request(RPCEndpoint("evm_snapshot"), [])["result"]
     try:
         settle_raw(w3, hub, group_header(ch.payee, ch.token, 1) + packed_entry(ch.payer.address, ch.salt, 10, r, vs))
-        assert (view(hub, ch.id)[4] == 10) == openzeppelin_accepts
+        assert (money_and_status(hub, ch.id).settled == 10) == openzeppelin_accepts
     finally:
         w3.provider.make_request(RPCEndpoint("evm_revert"), [snapshot])
 
@@ -455,7 +457,8 @@ def test_close_by_payee_signature_forms(
     revert = reverts_with(hub.functions.closeByPayee(ch.id, 10, mutation(good)), hub.abi, {"from": ch.payee})
     assert (revert.name, revert.args) == ("ChannelHubInvalidSignature", (ch.id,))
     send(w3, hub.functions.closeByPayee(ch.id, 10, good), ch.payee)
-    assert view(hub, ch.id)[4:] == (10, 0, ChannelStatus.CLOSED)
+    money = money_and_status(hub, ch.id)
+    assert (money.settled, money.close_deadline, money.status) == (10, 0, ChannelStatus.CLOSED)
 
 
 def test_wrong_payer_salt_or_token_names_no_channel(
@@ -473,7 +476,7 @@ def test_wrong_payer_salt_or_token_names_no_channel(
     expected = [channel_id(e.payer, ch.payee, asset, e.salt) for asset, e in wrong]
     skipped = events(hub, receipt, "VoucherSkipped")
     assert skipped == [{"channelId": cid, "reason": SKIP["UnknownChannel"]} for cid in expected]
-    assert view(hub, ch.id)[4] == 0
+    assert money_and_status(hub, ch.id).settled == 0
     assert hub.functions.balanceOf(ch.payee, token.address).call() == 0
 
 
@@ -521,7 +524,8 @@ def test_close_with_challenge_period(
     receipt = send(w3, hub.functions.requestClose(ch.id), ch.payer.address)
     deadline = w3.eth.get_block(receipt["blockNumber"])["timestamp"] + 3600
     assert events(hub, receipt, "CloseRequested") == [{"channelId": ch.id, "deadline": deadline}]
-    assert view(hub, ch.id)[5:] == (deadline, ChannelStatus.CLOSING)
+    money = money_and_status(hub, ch.id)
+    assert (money.close_deadline, money.status) == (deadline, ChannelStatus.CLOSING)
     assert reverts_with(hub.functions.requestClose(ch.id), hub.abi, {"from": ch.payer.address}).name == (
         "ChannelHubChannelNotOpen"
     )
@@ -536,7 +540,7 @@ def test_close_with_challenge_period(
     assert events(hub, receipt, "ChannelClosed") == [{"channelId": ch.id, "settled": 300, "refund": 700}]
     assert hub.functions.balanceOf(ch.payer.address, ETH).call() == 700
     assert hub.functions.balanceOf(accounts[9].address, ETH).call() == 0
-    assert view(hub, ch.id)[ChannelViewField.STATUS] == ChannelStatus.CLOSED
+    assert money_and_status(hub, ch.id).status == ChannelStatus.CLOSED
     assert reverts_with(hub.functions.finalizeClose(ch.id), hub.abi, {"from": ch.payer.address}).name == (
         "ChannelHubChannelClosed"
     )
@@ -585,10 +589,8 @@ def test_a_payer_racing_the_settlement_with_request_close(
     assert [r["status"] for r in receipts] == [1, 1]
     assert receipts[0]["blockNumber"] == receipts[1]["blockNumber"]
     assert [r["transactionIndex"] for r in receipts] == [0, 1]
-    assert (
-        view(hub, ch.id)[ChannelViewField.SETTLED] == 300
-        and view(hub, ch.id)[ChannelViewField.STATUS] == ChannelStatus.CLOSING
-    )
+    money = money_and_status(hub, ch.id)
+    assert (money.settled, money.status) == (300, ChannelStatus.CLOSING)
     assert hub.functions.balanceOf(ch.payee, ETH).call() == 300
     time_travel(w3, 3601)
     send(w3, hub.functions.finalizeClose(ch.id), ch.payer.address)
