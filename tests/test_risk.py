@@ -182,9 +182,23 @@ def test_risk_routes_refuse_malformed_input(api: Callable[..., TestClient]) -> N
         ("DELETE", "/v1/risk/holds/nothex", None),
         ("GET", "/v1/risk/events?cursor=-1", None),
         ("GET", "/v1/risk/events?limit=0", None),
+        ("GET", "/v1/risk/events?kind=", None),
+        ("GET", "/v1/risk/events?kind=Burst", None),
     ):
         answer = client.request(method, path, json=body_)
         assert (answer.status_code, answer.json()["code"]) == (400, "malformed_request"), path
+
+
+def test_a_kind_of_risk_event_that_does_not_exist_is_refused_not_answered_with_nothing(
+    api: Callable[..., TestClient],
+) -> None:
+    """An operator's typo (`kind=brust`) was answered 200 with no events, as if none had happened."""
+    client = api()
+    answer = client.get("/v1/risk/events?kind=brust")
+    assert (answer.status_code, answer.json()["code"]) == (400, "malformed_request")
+    assert [problem["field"] for problem in answer.json()["errors"]] == ["query.kind"]
+    for kind in ("burst", "dust", "repeated_refusals", "channel_spread", "close_while_streaming", "channel_held"):
+        assert client.get(f"/v1/risk/events?kind={kind}").json() == {"items": [], "nextCursor": None}, kind
 
 
 def test_the_monitor_looks_past_the_chain_events_it_does_not_watch(db: Database, store_url: str) -> None:

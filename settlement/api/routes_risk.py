@@ -12,8 +12,9 @@ from pydantic import Field
 from settlement.api.auth import OperatorDep
 from settlement.api.deps import ERRORS, ChannelIdPath, Limit, ServiceDep
 from settlement.api.schemas import StrictModel
+from settlement.domain.model import RiskKind
 from settlement.errors import NotFoundError
-from settlement.store.risk import events_after, hold, holds, record, release
+from settlement.store.risk import RiskFinding, events_after, hold, holds, record, release
 
 router = APIRouter(prefix="/v1/risk", responses=ERRORS, tags=["risk"])
 
@@ -45,7 +46,7 @@ class HoldOut(StrictModel):
 def risk_events(
     service: ServiceDep,
     _: OperatorDep,
-    kind: Annotated[str | None, Query(max_length=32)] = None,
+    kind: Annotated[RiskKind | None, Query(description="only events of this kind")] = None,
     cursor: Annotated[int, Query(ge=0, le=2**63 - 1, description="the previous page's nextCursor")] = 0,
     limit: Limit = 100,
 ) -> RiskEventPage:
@@ -71,7 +72,7 @@ def hold_channel(channelId: ChannelIdPath, body: HoldIn, service: ServiceDep, _:
     now_us = time.time_ns() // 1000
     with service.db.write() as conn:
         hold(conn, channel_id, body.reason, now_us)
-        record(conn, [(now_us, "channel_held", None, channel_id, {"reason": body.reason})])
+        record(conn, [RiskFinding(now_us, RiskKind.CHANNEL_HELD, None, channel_id, {"reason": body.reason})])
     return HoldOut(channelId=channel_id, reason=body.reason)
 
 

@@ -82,6 +82,18 @@ class HubEvent(StrEnum):
     CHANNEL_CLOSED = "ChannelClosed"
 
 
+class RiskKind(StrEnum):
+    """What a risk event says happened (docs/security.md#risk-controls): the monitor's findings and the operator's
+    holds, stored, counted and listed by this name."""
+
+    BURST = "burst"
+    DUST = "dust"
+    REPEATED_REFUSALS = "repeated_refusals"
+    CHANNEL_SPREAD = "channel_spread"
+    CLOSE_WHILE_STREAMING = "close_while_streaming"
+    CHANNEL_HELD = "channel_held"
+
+
 @dataclass(frozen=True)
 class Channel:
     """One channel: the chain's facts plus the latest voucher the service accepted.

@@ -19,12 +19,13 @@ from __future__ import annotations
 import logging
 import time
 from collections import Counter, deque
-from typing import Any
+from typing import NamedTuple
 
 from eth_utils.address import to_checksum_address
 
 from settlement.domain.ledger import Cap, Rules
-from settlement.domain.model import HubEvent
+from settlement.domain.model import HubEvent, RiskKind
+from settlement.errors import IncrementTooSmallError
 from settlement.ingest.pipeline import Ingestor
 from settlement.server.config import Settings
 from settlement.server.metrics import Metrics
@@ -33,13 +34,19 @@ from settlement.store import Database
 from settlement.store.caps import caps, prune_windows
 from settlement.store.caps import generation as caps_generation
 from settlement.store.payee_events import last_chain_position
-from settlement.store.risk import chain_events_since, holds, last_payment_at, record
+from settlement.store.risk import RiskFinding, chain_events_since, holds, last_payment_at, record
 
 logger = logging.getLogger(__name__)
 BURST_FLOOR = 1_000  # vouchers in a window below which no rise counts as a burst
 PRUNE_EVERY_SECONDS = 3_600.0  # ended spend windows are removed hourly
 CHAIN_EVENTS_PER_TICK = 1_000  # openings and close requests read at one tick, at most
-Event = tuple[int, str, str | None, str | None, dict[str, Any]]
+
+
+class Opening(NamedTuple):
+    """A channel opening the monitor saw within the window."""
+
+    at_us: int
+    payer: str
 
 
 class RiskMonitor:
@@ -55,7 +62,7 @@ class RiskMonitor:
         self._window_started = time.monotonic()
         self._previous: Counter[str] = Counter()
         self._position: tuple[int, int] | None = None
-        self._opened: deque[tuple[int, str]] = deque()  # (when, payer) of channel openings in the window
+        self._opened: deque[Opening] = deque()  # channel openings in the window
         self._spread_flagged: dict[str, int] = {}  # payer -> when it was last flagged
         self._next_prune = 0.0
         # What ingest was last handed, and the caps' generation it was read at (settlement.store.caps.generation).
@@ -98,28 +105,29 @@ class RiskMonitor:
     def close(self) -> None:
         self.lease.release()
 
-    def _from_ingest(self, now_us: int) -> list[Event]:
+    def _from_ingest(self, now_us: int) -> list[RiskFinding]:
         counts = self.ingestor.take_counts()
         window = self.settings.risk_window_seconds
-        events: list[Event] = []
+        events: list[RiskFinding] = []
         accepted: Counter[str] = Counter()
         for (payer, code), count in sorted(counts.items()):
             if not code:
                 accepted[payer] += count
             elif count >= self.settings.risk_refusals_per_window:
-                kind = "dust" if code == "increment_too_small" else "repeated_refusals"
-                events.append((now_us, kind, payer, None, {"code": code, "count": count, "windowSeconds": window}))
+                kind = RiskKind.DUST if code == IncrementTooSmallError.code else RiskKind.REPEATED_REFUSALS
+                detail = {"code": code, "count": count, "windowSeconds": window}
+                events.append(RiskFinding(now_us, kind, payer, None, detail))
         for payer, count in sorted(accepted.items()):
             before = self._previous.get(payer, 0)
             over = count >= self.settings.risk_payer_vouchers_per_window
             rise = before > 0 and count >= BURST_FLOOR and count >= self.settings.risk_burst_factor * before
             if over or rise:
                 detail = {"count": count, "previousCount": before, "windowSeconds": window}
-                events.append((now_us, "burst", payer, None, detail))
+                events.append(RiskFinding(now_us, RiskKind.BURST, payer, None, detail))
         self._previous = accepted
         return events
 
-    def _from_chain(self, now_us: int) -> list[Event]:
+    def _from_chain(self, now_us: int) -> list[RiskFinding]:
         with self.db.read() as conn:
             if self._position is None:
                 self._position = last_chain_position(conn)  # from now on
@@ -127,46 +135,41 @@ class RiskMonitor:
             until = last_chain_position(conn)
             found = chain_events_since(conn, *self._position, until, limit=CHAIN_EVENTS_PER_TICK)
             window_us = int(self.settings.risk_window_seconds * 1_000_000)
-            events: list[Event] = []
-            for block, log, event, channel_id, args in found:
-                self._position = (block, log)
-                if event == HubEvent.CHANNEL_OPENED:
-                    events.extend(self._opening(now_us, to_checksum_address(str(args["payer"])), window_us))
-                elif channel_id is not None:
-                    last = last_payment_at(conn, channel_id)
+            events: list[RiskFinding] = []
+            for seen in found:
+                self._position = (seen.block, seen.log)
+                if seen.event == HubEvent.CHANNEL_OPENED:
+                    events.extend(self._opening(now_us, to_checksum_address(str(seen.args["payer"])), window_us))
+                elif seen.channel_id is not None:
+                    last = last_payment_at(conn, seen.channel_id)
                     if last is not None and now_us - last <= window_us:
-                        detail = {"secondsSinceLastPayment": round((now_us - last) / 1e6, 3), "block": block}
-                        events.append((now_us, "close_while_streaming", None, channel_id, detail))
+                        detail = {"secondsSinceLastPayment": round((now_us - last) / 1e6, 3), "block": seen.block}
+                        events.append(
+                            RiskFinding(now_us, RiskKind.CLOSE_WHILE_STREAMING, None, seen.channel_id, detail)
+                        )
             if len(found) < CHAIN_EVENTS_PER_TICK:  # it looked past every event up to `until` (deposits, settlements
                 self._position = max(self._position, until)  # ...): the next tick starts there, not behind them
         return events
 
-    def _opening(self, now_us: int, payer: str, window_us: int) -> list[Event]:
-        self._opened.append((now_us, payer))
-        while self._opened and self._opened[0][0] < now_us - window_us:
+    def _opening(self, now_us: int, payer: str, window_us: int) -> list[RiskFinding]:
+        self._opened.append(Opening(now_us, payer))
+        while self._opened and self._opened[0].at_us < now_us - window_us:
             self._opened.popleft()
-        count = sum(1 for _, p in self._opened if p == payer)
+        count = sum(1 for opening in self._opened if opening.payer == payer)
         if (
             count < self.settings.risk_new_channels_per_window
             or now_us - self._spread_flagged.get(payer, 0) < window_us
         ):
             return []
         self._spread_flagged[payer] = now_us
-        return [
-            (
-                now_us,
-                "channel_spread",
-                payer,
-                None,
-                {"count": count, "windowSeconds": self.settings.risk_window_seconds},
-            )
-        ]
+        detail = {"count": count, "windowSeconds": self.settings.risk_window_seconds}
+        return [RiskFinding(now_us, RiskKind.CHANNEL_SPREAD, payer, None, detail)]
 
-    def _report(self, events: list[Event]) -> None:
+    def _report(self, events: list[RiskFinding]) -> None:
         if not events:
             return
         with self.db.write() as conn:
             record(conn, events)
-        for _, kind, payer, channel, detail in events:
-            self.metrics.risk_events.labels(kind).inc()
-            logger.critical("ALERT risk %s: %s %s", kind, payer or channel, detail)
+        for found in events:
+            self.metrics.risk_events.labels(found.kind.value).inc()
+            logger.critical("ALERT risk %s: %s %s", found.kind.value, found.payer or found.channel_id, found.detail)

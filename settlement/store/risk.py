@@ -4,25 +4,47 @@ from __future__ import annotations
 
 import json
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, NamedTuple
 
 from sqlalchemy import Connection, delete, insert, not_, select
 from sqlalchemy.dialects.postgresql import insert as pg_insert
 from sqlalchemy.dialects.sqlite import insert as sqlite_insert
 
-from settlement.domain.model import HubEvent
+from settlement.domain.model import HubEvent, RiskKind
 from settlement.store.chainlog import after_position
 from settlement.store.tables import chain_events, channel_holds, channels, payments, risk_events
 
 
+class RiskFinding(NamedTuple):
+    """A risk event to record: about a payer, a channel, or both."""
+
+    at_us: int
+    kind: RiskKind
+    payer: str | None
+    channel_id: str | None
+    detail: dict[str, Any]
+
+
 @dataclass(frozen=True)
 class RiskEvent:
+    """A recorded risk event, as listed."""
+
     event_id: int
     at_us: int
     kind: str
     payer: str | None
     channel_id: str | None
     detail: dict[str, Any]
+
+
+class WatchedChainEvent(NamedTuple):
+    """A channel's opening or close request, where it stands in the chain."""
+
+    block: int
+    log: int
+    event: HubEvent
+    channel_id: str | None
+    args: dict[str, Any]
 
 
 def hold(conn: Connection, channel_id: str, reason: str, at_us: int) -> None:
@@ -42,31 +64,35 @@ def holds(conn: Connection) -> dict[str, str]:
     }
 
 
-def record(conn: Connection, events: list[tuple[int, str, str | None, str | None, dict[str, Any]]]) -> None:
-    """(at, kind, payer, channel, detail) each."""
-    if events:
+def record(conn: Connection, findings: list[RiskFinding]) -> None:
+    if findings:
         conn.execute(
             insert(risk_events),
             [
-                {"at_us": at, "kind": kind, "payer": payer, "channel_id": channel, "detail": json.dumps(detail)}
-                for at, kind, payer, channel, detail in events
+                {
+                    "at_us": found.at_us,
+                    "kind": found.kind.value,
+                    "payer": found.payer,
+                    "channel_id": found.channel_id,
+                    "detail": json.dumps(found.detail),
+                }
+                for found in findings
             ],
         )
 
 
-def events_after(conn: Connection, after: int, limit: int, kind: str | None = None) -> list[RiskEvent]:
+def events_after(conn: Connection, after: int, limit: int, kind: RiskKind | None = None) -> list[RiskEvent]:
     query = select(risk_events).where(risk_events.c.id > after)
     if kind is not None:
-        query = query.where(risk_events.c.kind == kind)
+        query = query.where(risk_events.c.kind == kind.value)
     rows = conn.execute(query.order_by(risk_events.c.id).limit(limit))
     return [RiskEvent(r.id, r.at_us, r.kind, r.payer, r.channel_id, json.loads(r.detail)) for r in rows]
 
 
 def chain_events_since(
     conn: Connection, block: int, log: int, until: tuple[int, int], limit: int
-) -> list[tuple[int, int, str, str | None, dict[str, Any]]]:
-    """Channel openings and close requests after (block, log) and up to `until`, in chain order: (block, log, event,
-    channel, args)."""
+) -> list[WatchedChainEvent]:
+    """Channel openings and close requests after (block, log) and up to `until`, in chain order."""
     query = (
         select(
             chain_events.c.block_number,
@@ -83,7 +109,10 @@ def chain_events_since(
         .order_by(chain_events.c.block_number, chain_events.c.log_index)
         .limit(limit)
     )
-    return [(b, i, event, cid, json.loads(args)) for b, i, event, cid, args in conn.execute(query)]
+    return [
+        WatchedChainEvent(b, i, HubEvent(event), cid, json.loads(args))
+        for b, i, event, cid, args in conn.execute(query)
+    ]
 
 
 def last_payment_at(conn: Connection, channel_id: str) -> int | None:
