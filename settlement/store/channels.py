@@ -305,11 +305,11 @@ def _paired(
         for at in range(0, len(pairs), _SQLITE_PAIRS_PER_STATEMENT):
             part = pairs[at : at + _SQLITE_PAIRS_PER_STATEMENT]
             sql = f"WITH k(id, value) AS (VALUES {', '.join(['(?, ?)'] * len(part))}) {head} FROM k{join}"
-            rows += _execute_raw(conn, sql, [v for channel_id, value in part for v in (channel_id, stored(value))])[1]
+            rows += _execute_raw(conn, sql, [v for channel_id, value in part for v in (channel_id, stored(value))]).rows
     elif pairs:
         array, values = postgres_values
         sql = f"{head} FROM unnest(%(ids)b::varchar[], {array}) AS k(id, value){join}"
-        rows = _execute_raw(conn, sql, {"ids": [channel_id for channel_id, _ in pairs], "values": values})[1]
+        rows = _execute_raw(conn, sql, {"ids": [channel_id for channel_id, _ in pairs], "values": values}).rows
     return [_receipt_of(row) for row in rows]
 
 
@@ -358,8 +358,7 @@ def record_payments(
         _record_payments_sqlite(conn, accepted, numbers)
         return set()
     statement, params = _payments_statement(accepted, numbers, None)
-    inserted, _ = _execute_raw(conn, statement, params)
-    _check_inserted(statement, inserted, len(accepted), held=False)
+    _check_inserted(statement, _execute_raw(conn, statement, params).touched, len(accepted), held=False)
     return {receipt.channel_id for receipt, _ in accepted}
 
 
@@ -378,16 +377,18 @@ def record_payments_in_steps(
     transaction back. Returns the channels whose row was rewritten."""
     paid = {receipt.channel_id for receipt, _ in accepted}
     kept = {channel_id: held[channel_id] for channel_id in held.keys() - paid}
-    statements = []
+    statements: list[Statement] = []
     if accepted:
         statements.append(_payments_statement(accepted, numbers, _at_versions(numbers, held, paid)))
     if kept:
-        statements.append((_VERSIONS_KEPT, _at_versions(numbers, kept, kept)))
+        statements.append(Statement(_VERSIONS_KEPT, _at_versions(numbers, kept, kept)))
     results = yield from _pipelined(conn, statements)
     if accepted:
-        _check_inserted(statements[0][0], results[0][0], len(accepted), held=True)
-    if kept and results[-1][1][0][0] != len(kept):
-        raise ChannelMovedError("a channel moved since the writer's copy of it")
+        _check_inserted(statements[0].sql, results[0].touched, len(accepted), held=True)
+    if kept:
+        ((at_versions,),) = results[-1].rows  # count(*): the group's other channels still at their versions
+        if at_versions != len(kept):
+            raise ChannelMovedError("a channel moved since the writer's copy of it")
     return paid
 
 
@@ -400,9 +401,22 @@ def run_steps(steps: Generator[None, None, T]) -> T:
             return cast(T, done.value)
 
 
-def _pipelined(
-    conn: Connection, statements: list[tuple[str, dict[str, Any]]]
-) -> Generator[None, None, list[tuple[int, list[tuple[Any, ...]]]]]:
+class Executed(NamedTuple):
+    """What a statement run on the driver's connection did: the rows it touched and those it returned (the driver's
+    plain tuples)."""
+
+    touched: int
+    rows: list[tuple[Any, ...]]
+
+
+class Statement(NamedTuple):
+    """A statement for the driver's connection, with its parameters."""
+
+    sql: str
+    params: dict[str, Any]
+
+
+def _pipelined(conn: Connection, statements: list[Statement]) -> Generator[None, None, list[Executed]]:
     """`_execute_raw` of several statements, sent before the yield and read after it: each one's rows touched and
     rows returned. The transaction's generic plans (`_GENERIC_PLANS`) go first, in the same round trip."""
     driver: Any = conn.connection.driver_connection
@@ -415,7 +429,7 @@ def _pipelined(
                 cursors.append(cursor := driver.cursor())
                 cursor.execute(statement, params)
             yield
-        return [(int(c.rowcount), c.fetchall() if c.description is not None else []) for c in cursors]
+        return [Executed(int(c.rowcount), c.fetchall() if c.description is not None else []) for c in cursors]
     except psycopg.Error as ex:  # as SQLAlchemy would have raised it: the store's error handling sees no difference
         raise DBAPIError.instance(statement, None, ex, psycopg.Error) from ex
     finally:
@@ -482,7 +496,7 @@ def _at_versions(
     return {"held_nos": _decimals(numbers[c] for c in ids), "versions": _decimals(versions[c] for c in ids)}
 
 
-def _execute_raw(conn: Connection, statement: str, params: Any) -> tuple[int, list[tuple[Any, ...]]]:
+def _execute_raw(conn: Connection, statement: str, params: Any) -> Executed:
     """Run `statement` on the transaction's own driver connection: the rows it touched and those it returned, as the
     driver's plain tuples (SQLAlchemy's row processing was a tenth of the SQLite writer's time). On PostgreSQL the
     parameters go in binary (`%(name)b`: the text format quotes every array element, a regular expression each)."""
@@ -492,7 +506,7 @@ def _execute_raw(conn: Connection, statement: str, params: Any) -> tuple[int, li
         cursor = driver.cursor()
         try:
             cursor.execute(statement, params)
-            return int(cursor.rowcount), cursor.fetchall() if cursor.description is not None else []
+            return Executed(int(cursor.rowcount), cursor.fetchall() if cursor.description is not None else [])
         finally:
             cursor.close()
     except error as ex:  # as SQLAlchemy would have raised it: the store's error handling sees no difference
@@ -501,7 +515,7 @@ def _execute_raw(conn: Connection, statement: str, params: Any) -> tuple[int, li
 
 def _payments_statement(
     accepted: Sequence[tuple[Receipt, bytes]], numbers: Mapping[ChannelId, int], held: dict[str, str] | None
-) -> tuple[str, dict[str, Any]]:
+) -> Statement:
     receipts = [r for r, _ in accepted]
     at = _times_us(receipts)
     params = {
@@ -516,8 +530,8 @@ def _payments_statement(
         "attempts": _texts_or_null([r.attempt for r in receipts]),
     }
     if held is None:
-        return _RECORD_PAYMENTS, params
-    return _RECORD_PAYMENTS_HELD, params | held
+        return Statement(_RECORD_PAYMENTS, params)
+    return Statement(_RECORD_PAYMENTS_HELD, params | held)
 
 
 def _check_inserted(statement: str, inserted: int, count: int, *, held: bool) -> None:
