@@ -26,7 +26,7 @@ from collections.abc import Callable, Sequence
 from concurrent import futures
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, NamedTuple
 from urllib.parse import urlsplit, urlunsplit
 
 import httpx
@@ -175,16 +175,24 @@ def _worth_saving(stored: Position, passed: Position) -> bool:
     return (passed.block, passed.log) != (stored.block, stored.log) or passed.payment - stored.payment >= PASSED_SAVED
 
 
-def _quiet(hook: WebhookRow, seen: dict[str, tuple[Front, Front]], last: Front, now: Front, moved: set[str]) -> bool:
+class Seen(NamedTuple):
+    """Where a webhook's last turn left it: the tick's front it had nothing more to deliver as of, and the front it
+    last read its events at."""
+
+    checked: Front
+    read_at: Front
+
+
+def _quiet(hook: WebhookRow, seen: dict[str, Seen], last: Front, now: Front, moved: set[str]) -> bool:
     """Whether a webhook's turn would read nothing new and store nothing: it had nothing to deliver as of the last
     tick's front, its payee has no event since, no chain event came since its last read (its position moves past
     every settlement at once: `_worth_saving`), and fewer than PASSED_SAVED payments of other payees."""
-    checked, read_at = seen.get(hook.webhook_id, (None, None))
+    was = seen.get(hook.webhook_id)
     return (
-        checked == last
-        and read_at is not None
+        was is not None
+        and was.checked == last
         and hook.payee.lower() not in moved
-        and (now.block, now.log) == (read_at.block, read_at.log)
+        and (now.block, now.log) == (was.read_at.block, was.read_at.log)
         and now.horizon - hook.after_payment < PASSED_SAVED
     )
 
@@ -219,7 +227,7 @@ class WebhookSender:
         self._busy: set[str] = set()  # webhooks whose turn is running
         self._front: Front | None = None  # the feed's front at the last tick
         # webhook -> (the front as of which it had nothing to deliver, the front of its last turn that read all)
-        self._seen: dict[str, tuple[Front, Front]] = {}
+        self._seen: dict[str, Seen] = {}
         self._lock = threading.Lock()
 
     def tick(self, wait: float | None = None) -> int:
@@ -246,7 +254,7 @@ class WebhookSender:
                 for hook in due
                 if last is not None and moved is not None and _quiet(hook, seen, last, front, moved)
             }
-            seen.update({webhook: (front, seen[webhook][1]) for webhook in quiet})  # checked as of this front
+            seen.update({webhook: seen[webhook]._replace(checked=front) for webhook in quiet})  # as of this front
             self._seen = seen
             due = [hook for hook in due if hook.webhook_id not in quiet]
             self._busy.update(hook.webhook_id for hook in due)
@@ -278,7 +286,7 @@ class WebhookSender:
             with self._lock:
                 self._busy.discard(hook.webhook_id)
                 if complete:  # it read all it had as of `front`
-                    self._seen[hook.webhook_id] = (front, front)
+                    self._seen[hook.webhook_id] = Seen(checked=front, read_at=front)
                 else:
                     self._seen.pop(hook.webhook_id, None)
 
