@@ -38,7 +38,7 @@ if TYPE_CHECKING:
     from settlement.chain.deployment import Deployment
     from settlement.devtools.devnet import Devnet
     from settlement.server.service import Service
-    from settlement.store.settlements import Batch
+    from settlement.store.settlements import CountedBatch
 
 app = typer.Typer(help="ChannelHub micropayment settlement: run, settle and check it.", no_args_is_help=True)
 # Piped or logged output is not cut at 80 columns: keys, addresses and amounts are printed whole.
@@ -345,7 +345,7 @@ def _print_batches(service: Service, limit: int) -> None:
         console.print(_batch_table("settlement batches", batch_q.recent_batches(conn, limit)))
 
 
-def _batch_table(title: str, batches: list[tuple[Batch, int]]) -> Table:
+def _batch_table(title: str, batches: list[CountedBatch]) -> Table:
     table = Table(title=title)
     for column in ("batch", "status", "channels", "gas", "block", "tx", "created"):
         table.add_column(column)
@@ -396,7 +396,7 @@ def status(
         closes = batch_q.closing_channels(conn)
         batches = batch_q.recent_batches(conn, 10)
         interval = engine_interval(conn)  # the running engine's, not this CLI's
-    last = batches[0][0].created_at if batches else None
+    last = batches[0].batch.created_at if batches else None
     next_at = (last.timestamp() + interval) if last and interval else None
     if as_json:
         print(

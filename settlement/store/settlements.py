@@ -5,7 +5,7 @@ from __future__ import annotations
 from collections.abc import Collection, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import datetime
-from typing import Any
+from typing import Any, NamedTuple
 
 from sqlalchemy import Connection, Row, and_, bindparam, case, exists, func, select, text, update
 
@@ -260,7 +260,14 @@ def finish_batch(
         )
 
 
-def recent_batches(conn: Connection, limit: int = 10) -> list[tuple[Batch, int]]:
+class CountedBatch(NamedTuple):
+    """A batch and how many channel entries it carries."""
+
+    batch: Batch
+    entries: int
+
+
+def recent_batches(conn: Connection, limit: int = 10) -> list[CountedBatch]:
     """The latest batches with their entry counts, newest first (each batch's entries counted on the primary key's
     prefix: counting every batch's entries before picking the latest grew with the whole history)."""
     count = (
@@ -270,7 +277,7 @@ def recent_batches(conn: Connection, limit: int = 10) -> list[tuple[Batch, int]]
         .label("n")
     )
     query = select(settlement_batches, count).order_by(settlement_batches.c.created_at_us.desc()).limit(limit)
-    return [(_batch(row), int(row.n or 0)) for row in conn.execute(query)]
+    return [CountedBatch(_batch(row), int(row.n or 0)) for row in conn.execute(query)]
 
 
 @dataclass(frozen=True)
