@@ -18,12 +18,11 @@ from sqlalchemy.engine import make_url
 from sqlalchemy.exc import OperationalError
 from web3 import Web3
 from web3.contract import Contract
-from web3.exceptions import ContractCustomError, ContractLogicError
 
 from settlement.api.app import create_app
 from settlement.chain.contracts import load_artifact
 from settlement.chain.deployment import Deployment, deploy_hub, hub_contract
-from settlement.chain.node import Revert, connect, revert_of
+from settlement.chain.node import connect
 from settlement.devtools.devnet import Devnet
 from settlement.eip712.vouchers import Domain
 from settlement.indexer.follower import Indexer
@@ -31,19 +30,8 @@ from settlement.server.config import Settings
 from settlement.server.service import Service
 from settlement.settle.engine import Settler
 from settlement.store import Database
-from tests.hub_helpers import voucher_signer
+from tests.hub_helpers import CHALLENGE_PERIOD, devnet_settings, voucher_signer
 from tests.servers import ServiceProcess, ServiceThread
-
-ROOT = Path(__file__).resolve().parent.parent
-CHALLENGE_PERIOD = 3600
-
-
-TEST_HOSTS = ["127.0.0.1", "localhost", "[::1]", "testserver"]  # the defaults, and what TestClient sends
-
-
-def devnet_settings(**overrides: Any) -> Settings:
-    """Settings for a test devnet, independent of the caller's environment and .env file."""
-    return Settings(_env_file=None, **({"allowed_hosts": TEST_HOSTS} | overrides))  # type: ignore[call-arg]
 
 
 @pytest.fixture(scope="session")
@@ -130,15 +118,6 @@ def domain(hub: Contract, w3: Web3) -> Domain:
 def sign(domain: Domain) -> Callable[..., bytes]:
     """Factory: sign(account, channel_id, cumulative, domain=None) -> 65-byte signature."""
     return voucher_signer(domain)
-
-
-def reverts_with(call: Any, abi: list[dict[str, Any]], tx: dict[str, Any]) -> Revert:
-    """Send `call` expecting a custom-error revert; return the decoded error."""
-    with pytest.raises((ContractCustomError, ContractLogicError)) as info:
-        call.transact(tx)
-    revert = revert_of(info.value, abi)
-    assert revert is not None, f"no revert data in {info.value!r}"
-    return revert
 
 
 @pytest.fixture(scope="session")

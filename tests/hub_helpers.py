@@ -32,10 +32,12 @@ from sqlalchemy import create_engine, text
 from sqlalchemy.engine import make_url
 from web3 import Web3
 from web3.contract import Contract
+from web3.exceptions import ContractCustomError, ContractLogicError
 from web3.logs import DISCARD
 from web3.types import TxReceipt
 
 from settlement.chain.batch_codec import SettleEntry, decode_settlements, encode_batch
+from settlement.chain.node import Revert, revert_of
 from settlement.devtools.devnet import port_free
 from settlement.domain.buckets import TokenBucket
 from settlement.domain.model import Address, ChannelId, ChannelStatus, ChannelViewField, Receipt, Voucher
@@ -45,6 +47,7 @@ from settlement.errors import PaymentUncertainError
 from settlement.indexer.follower import Indexer
 from settlement.sdk.payer import ChannelRef, PayerClient
 from settlement.server.api_keys import Role, make_key
+from settlement.server.config import Settings
 from settlement.server.service import Service
 from settlement.settle.engine import Settler
 from settlement.store import Database
@@ -55,6 +58,9 @@ from settlement.store.keys import add_key
 
 __all__ = ["channel_id"]  # re-exported: tests import it from here with the other helpers
 
+ROOT = Path(__file__).resolve().parent.parent
+CHALLENGE_PERIOD = 3600
+TEST_HOSTS = ["127.0.0.1", "localhost", "[::1]", "testserver"]  # the defaults, and what TestClient sends
 ETH = "0x0000000000000000000000000000000000000000"
 SKIP = {
     "UnknownChannel": 1,
@@ -64,6 +70,20 @@ SKIP = {
     "ExceedsDeposit": 5,
     "InvalidSignature": 6,
 }
+
+
+def devnet_settings(**overrides: Any) -> Settings:
+    """Settings for a test devnet, independent of the caller's environment and .env file."""
+    return Settings(_env_file=None, **({"allowed_hosts": TEST_HOSTS} | overrides))  # type: ignore[call-arg]
+
+
+def reverts_with(call: Any, abi: list[dict[str, Any]], tx: dict[str, Any]) -> Revert:
+    """Send `call` expecting a custom-error revert; return the decoded error."""
+    with pytest.raises((ContractCustomError, ContractLogicError)) as info:
+        call.transact(tx)
+    revert = revert_of(info.value, abi)
+    assert revert is not None, f"no revert data in {info.value!r}"
+    return revert
 
 
 def send(w3: Web3, call: Any, sender: str, value: int = 0) -> TxReceipt:

@@ -12,7 +12,7 @@ import pytest
 from scripts.compile_contracts import build_artifacts
 from settlement.chain.contracts import HUB, load_artifact, runtime_matches, verify_sources
 from settlement.errors import ArtifactError, SourceDriftError
-from tests.conftest import ROOT
+from tests.hub_helpers import ROOT
 
 
 @pytest.fixture(scope="module")

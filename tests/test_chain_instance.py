@@ -17,10 +17,7 @@ from settlement.chain.node import connect
 from settlement.devtools.devnet import Devnet
 from settlement.errors import ChainMismatchError
 from settlement.server.service import Service
-from tests.conftest import devnet_settings
-from tests.hub_helpers import free_test_port
-
-CHALLENGE_PERIOD = 3600
+from tests.hub_helpers import CHALLENGE_PERIOD, devnet_settings, free_test_port
 
 
 def start_chain(port: int, extra_blocks: int) -> tuple[Devnet, Deployment]:

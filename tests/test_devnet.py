@@ -15,7 +15,7 @@ import pytest
 
 from settlement.chain.node import connect
 from settlement.devtools.devnet import Devnet
-from tests.conftest import devnet_settings
+from tests.hub_helpers import devnet_settings
 
 
 def _alive(pid: int) -> bool:

@@ -9,7 +9,7 @@ from eth_account.signers.local import LocalAccount
 from web3 import Web3
 
 from scripts.bench import GasBench
-from tests.conftest import ROOT
+from tests.hub_helpers import ROOT
 
 GAS_JSON = ROOT / "docs" / "gas.json"
 TOLERANCE = 1.01

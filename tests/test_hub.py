@@ -18,7 +18,6 @@ from settlement.chain.batch_codec import MAX_AMOUNT, SettleEntry, encode_batch, 
 from settlement.chain.contracts import HUB, load_artifact
 from settlement.domain.model import ChannelStatus
 from settlement.eip712.vouchers import MAX_UINT256, SECP256K1_N, Domain, VoucherVerifier, to_compact
-from tests.conftest import reverts_with
 from tests.hub_helpers import (
     ETH,
     SKIP,
@@ -29,6 +28,7 @@ from tests.hub_helpers import (
     events,
     money_and_status,
     record,
+    reverts_with,
     salt_of,
     send,
     settle_call,
@@ -484,7 +484,7 @@ def test_vouchers_from_another_chain_do_not_settle(accounts: list[LocalAccount],
     """A hub deployed on an anvil with another chain id refuses vouchers signed for this chain."""
     from settlement.chain.node import connect
     from settlement.devtools.devnet import Devnet
-    from tests.conftest import devnet_settings
+    from tests.hub_helpers import devnet_settings
 
     with Devnet(devnet_settings(devnet_chain_id=4242)) as other_net:
         other = connect(other_net.url)

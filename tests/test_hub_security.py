@@ -17,8 +17,8 @@ from web3.contract import Contract
 from settlement.chain.batch_codec import SettleEntry
 from settlement.domain.model import ChannelStatus, ChannelViewField
 from settlement.eip712.vouchers import Domain, sign_voucher
-from tests.conftest import CHALLENGE_PERIOD, reverts_with
 from tests.hub_helpers import (
+    CHALLENGE_PERIOD,
     ETH,
     Channel,
     batch,
@@ -26,6 +26,7 @@ from tests.hub_helpers import (
     credited,
     events,
     money_and_status,
+    reverts_with,
     salt_of,
     send,
     settle_call,

@@ -20,7 +20,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import ROOT
+from tests.hub_helpers import ROOT
 
 PACKAGE = ROOT / "settlement"
 SDK_SIDE = (

@@ -9,7 +9,7 @@ from importlib.metadata import PackageNotFoundError, distribution
 from packaging.requirements import Requirement
 from packaging.utils import NormalizedName, canonicalize_name
 
-from tests.conftest import ROOT
+from tests.hub_helpers import ROOT
 
 PROJECT = "channelhub-settlement"
 

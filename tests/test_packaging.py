@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import ROOT
+from tests.hub_helpers import ROOT
 
 pytestmark = pytest.mark.slow
 

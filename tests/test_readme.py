@@ -18,9 +18,8 @@ from pathlib import Path
 import httpx
 import pytest
 
-from tests.hub_helpers import CLI, free_test_port, run_cli, typed_env, wait_until
+from tests.hub_helpers import CLI, ROOT, free_test_port, run_cli, typed_env, wait_until
 
-ROOT = Path(__file__).resolve().parents[1]
 README = (ROOT / "README.md").read_text(encoding="utf-8")
 VENV_BIN = Path(sys.executable).parent
 PAYEE, PAYEE_KEY = (

@@ -11,8 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import ROOT
-from tests.hub_helpers import typed_env
+from tests.hub_helpers import ROOT, typed_env
 
 STAMP = Path("node_modules/.installed")
 NODE_18 = "v18.20.8"

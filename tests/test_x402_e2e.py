@@ -59,6 +59,7 @@ from settlement.x402.refunds import REFUND_PATH, RefundDesk, ask_refund
 from settlement.x402.unanswered import UnansweredWire
 from tests.hub_helpers import (
     ETH,
+    ROOT,
     Answers,
     Tampering,
     TamperingProxy,
@@ -74,7 +75,6 @@ from tests.hub_helpers import (
 from tests.proxy import TcpProxy
 from tests.servers import Forked, ServiceProcess, run_script
 
-ROOT = Path(__file__).resolve().parents[1]
 EXAMPLE_APP = ROOT / "examples" / "paid_api.py"
 PRICE = 1_000_000_000
 C = TypeVar("C", x402Client, x402ClientSync)
