@@ -15,8 +15,8 @@ import pytest
 
 from settlement.errors import BudgetExceededError
 from settlement.sdk.journal import KEEP_ACCEPTED, Budget, JournalPayment, PayerJournal, PaymentStatus
+from tests.hub_helpers import ETH
 
-ETH = "0x" + "00" * 20
 A, B = "0x" + "aa" * 20, "0x" + "bb" * 20
 
 
