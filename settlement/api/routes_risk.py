@@ -22,7 +22,7 @@ router = APIRouter(prefix="/v1/risk", responses=ERRORS, tags=["risk"])
 class RiskEventOut(StrictModel):
     id: int
     at: int = Field(description="unix microseconds")
-    kind: RiskKind
+    kind: str
     payer: str | None
     channelId: str | None
     detail: dict[str, Any]

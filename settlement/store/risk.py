@@ -31,7 +31,7 @@ class RiskEvent:
 
     event_id: int
     at_us: int
-    kind: RiskKind
+    kind: str
     payer: str | None
     channel_id: str | None
     detail: dict[str, Any]
@@ -86,7 +86,7 @@ def events_after(conn: Connection, after: int, limit: int, kind: RiskKind | None
     if kind is not None:
         query = query.where(risk_events.c.kind == kind.value)
     rows = conn.execute(query.order_by(risk_events.c.id).limit(limit))
-    return [RiskEvent(r.id, r.at_us, RiskKind(r.kind), r.payer, r.channel_id, json.loads(r.detail)) for r in rows]
+    return [RiskEvent(r.id, r.at_us, r.kind, r.payer, r.channel_id, json.loads(r.detail)) for r in rows]
 
 
 def chain_events_since(
