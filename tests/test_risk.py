@@ -10,6 +10,7 @@ from typing import Any, cast
 
 from eth_account.signers.local import LocalAccount
 from fastapi.testclient import TestClient
+from sqlalchemy import insert
 from web3 import Web3
 from web3.contract import Contract
 
@@ -18,7 +19,8 @@ from settlement.ingest.pipeline import Ingestor
 from settlement.server.config import Settings
 from settlement.server.metrics import Metrics
 from settlement.server.risk import RiskMonitor
-from settlement.store import Database
+from settlement.server.service import Service
+from settlement.store import Database, tables
 from tests.hub_helpers import ETH, Channel, body, chain_happened, in_one_block, positions, signed_in, wait_until
 
 Sign = Callable[..., bytes]
@@ -222,3 +224,15 @@ def test_the_monitor_looks_past_the_chain_events_it_does_not_watch(db: Database,
         assert monitor.position == (3399, 2)
     finally:
         monitor.close()
+
+
+def test_a_stored_event_of_a_kind_this_version_does_not_know_is_still_listed(api: Callable[..., TestClient]) -> None:
+    """A newer version may record a kind this one does not name (a rollback, a rolling deploy): the listing shows it
+    as stored rather than failing whole."""
+    client = api()
+    service: Service = client.app.state.service  # type: ignore[attr-defined]
+    with service.db.write() as conn:
+        row = {"at_us": 1, "kind": "future_kind", "payer": None, "channel_id": None, "detail": "{}"}
+        conn.execute(insert(tables.risk_events).values(**row))
+    items = client.get("/v1/risk/events").json()["items"]
+    assert [(item["kind"], item["at"], item["detail"]) for item in items] == [("future_kind", 1, {})]
