@@ -204,10 +204,6 @@ def pay(service: Service, channel: Channel, cumulative: int, sign: Sign) -> None
     assert not isinstance(outcome, Exception), outcome
 
 
-def settled_on_chain(hub: Contract, channel: Channel) -> int:
-    return int(hub.functions.channel(channel.id).call()[ChannelViewField.SETTLED])
-
-
 class ChannelMoney(NamedTuple):
     """The money and state of a channel as the hub's `channel(id)` view has them, by name."""
 
@@ -226,6 +222,10 @@ def money_and_status(hub: Contract, cid: bytes) -> ChannelMoney:
         close_deadline=int(view[ChannelViewField.CLOSE_DEADLINE]),
         status=int(view[ChannelViewField.STATUS]),
     )
+
+
+def settled_on_chain(hub: Contract, channel: Channel) -> int:
+    return money_and_status(hub, channel.id).settled
 
 
 def wait_indexed(service: Service) -> None:
