@@ -721,10 +721,10 @@ def new_key(store_url: str, role: Role, account: str | None = None) -> str:
     db = Database(store_url)
     try:
         db.migrate()
-        secret, row, digest = make_key(role, account, f"test {role}", time.time_ns() // 1000)
+        made = make_key(role, account, f"test {role}", time.time_ns() // 1000)
         with db.write() as conn:
-            add_key(conn, row, digest)
-        return secret
+            add_key(conn, made.row, made.digest)
+        return made.secret
     finally:
         db.dispose()
 

@@ -61,8 +61,8 @@ def test_a_key_id_never_starts_with_a_dash(monkeypatch: pytest.MonkeyPatch) -> N
     that began with "-" (1 key in 64) read as an option there ("No such option: -Q"). Such a draw is drawn again."""
     draws = iter(["-QbCQHbV" + "a" * 35, "QbCQHbV-" + "b" * 35])
     monkeypatch.setattr("settlement.server.api_keys.secrets.token_urlsafe", lambda _n: next(draws))
-    secret, row, _ = make_key(Role.OPERATOR, None, "test", 0)
-    assert (secret, row.key_id) == ("chk_QbCQHbV-" + "b" * 35, "QbCQHbV-")
+    made = make_key(Role.OPERATOR, None, "test", 0)
+    assert (made.secret, made.row.key_id) == ("chk_QbCQHbV-" + "b" * 35, "QbCQHbV-")
 
 
 def reads(client: TestClient, channel: Channel, credential: str | None) -> dict[str, int]:
@@ -347,13 +347,15 @@ def test_challenges_and_tokens_expire_and_are_bound_to_their_secret_and_chain() 
     signin = SignIn(b"k" * 32, 31337, challenge_ttl=300, token_ttl=3600)
     account: LocalAccount = Account.create()
     now = 1_900_000_000
-    message, expires = signin.challenge(account.address, "127.0.0.1:8000", "http://127.0.0.1:8000", now)
-    assert expires == now + 300
+    challenge = signin.challenge(account.address, "127.0.0.1:8000", "http://127.0.0.1:8000", now)
+    message = challenge.message
+    assert challenge.expires == now + 300
     signature = account.sign_message(encode_defunct(text=message)).signature.to_0x_hex()
     with pytest.raises(InvalidCredentialsError, match="expired"):
         signin.redeem(message, signature, now + 301)
-    token, who, until = signin.redeem(message, signature, now + 300)
-    assert (who, until) == (account.address, now + 3900)
+    issued = signin.redeem(message, signature, now + 300)
+    token = issued.token
+    assert (issued.account, issued.expires) == (account.address, now + 3900)
     assert signin.caller(token, now + 3900).account == account.address
     with pytest.raises(InvalidCredentialsError, match="expired"):
         signin.caller(token, now + 3901)
@@ -383,11 +385,10 @@ def test_a_live_stream_ends_once_its_key_is_revoked_or_its_token_expires(
     service = serve_here(store, access_control=True, signin_secret="s" * 32)
     now = int(time.time())
     signin = SignIn(b"s" * 32, 31337, challenge_ttl=300, token_ttl=60)  # the service's secret: a token of its own
-    message, _ = signin.challenge(payee.address, "127.0.0.1", service.url, now - 58)
-    token, _, expires = signin.redeem(
-        message, payee.sign_message(encode_defunct(text=message)).signature.to_0x_hex(), now - 58
-    )
-    assert expires == now + 2
+    message = signin.challenge(payee.address, "127.0.0.1", service.url, now - 58).message
+    issued = signin.redeem(message, payee.sign_message(encode_defunct(text=message)).signature.to_0x_hex(), now - 58)
+    token = issued.token
+    assert issued.expires == now + 2
     url = f"{service.url}/v1/payees/{{}}/events"
     by_key = EventStream(url.format(payee.address), {"Authorization": f"Bearer {revoked}"})
     by_token = EventStream(url.format(payee.address), {"Authorization": f"Bearer {token}"})
@@ -402,7 +403,7 @@ def test_a_live_stream_ends_once_its_key_is_revoked_or_its_token_expires(
         assert by_key.next(timeout=5) is None  # and the service hung up
         ended = by_token.next(timeout=10)
         assert ended is not None and (ended[0], ended[1]["code"]) == ("stream.ended", "invalid_credentials")
-        assert "expired" in ended[1]["message"] and time.time() >= expires
+        assert "expired" in ended[1]["message"] and time.time() >= issued.expires
         assert by_token.next(timeout=5) is None
         with pytest.raises(AssertionError, match="no event"):
             by_live_key.next(timeout=0.5)  # another payee's stream, its key live, goes on

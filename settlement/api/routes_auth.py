@@ -62,15 +62,15 @@ def challenge(body: ChallengeIn, request: Request, service: ServiceDep) -> Chall
             f"sign-in challenges name a host SETTLEMENT_ALLOWED_HOSTS lists by name; {host[:100]!r} is not listed "
             "(`*` lets any host reach the API, not sign in under its name)"
         )
-    message, expires = service.signin.challenge(address, host, f"{request.url.scheme}://{host}", int(time.time()))
-    return ChallengeOut(message=message, expiresAt=expires)
+    challenge = service.signin.challenge(address, host, f"{request.url.scheme}://{host}", int(time.time()))
+    return ChallengeOut(message=challenge.message, expiresAt=challenge.expires)
 
 
 @router.post("/token", operation_id="signInToken")
 def token(body: TokenIn, service: ServiceDep) -> TokenOut:
     """A bearer token for the account that signed a challenge of this service (401 invalid_credentials if not)."""
-    issued, account, expires = service.signin.redeem(body.message, body.signature, int(time.time()))
-    return TokenOut(token=issued, account=account, expiresAt=expires)
+    issued = service.signin.redeem(body.message, body.signature, int(time.time()))
+    return TokenOut(token=issued.token, account=issued.account, expiresAt=issued.expires)
 
 
 @router.get("/whoami", operation_id="whoAmI")

@@ -28,21 +28,22 @@ def create(settings: Settings, console: Console, role: str, account: str | None,
         raise ConfigError(f"--account {account!r} is not an address")
     checksummed = to_checksum_address(account) if account else None
     try:
-        secret, row, digest = make_key(Role(role), checksummed, name, time.time_ns() // 1000)
+        made = make_key(Role(role), checksummed, name, time.time_ns() // 1000)
     except ValueError as ex:
         raise ConfigError(str(ex)) from ex
     db = _store(settings)
     try:
         with db.write() as conn:
-            add_key(conn, row, digest)
+            add_key(conn, made.row, made.digest)
     finally:
         db.dispose()
     who = f" for {checksummed}" if checksummed else ""
     # The name is the operator's text, not markup: "[/]" in it failed this line, after the key was stored, and the
     # key (shown here once) was never shown.
-    console.print(f"made {role} key [bold]{row.key_id}[/]{who} ({escape(name)}); it is shown once, keep it secret:")
-    print(secret)
-    return secret
+    shown = f"made {role} key [bold]{made.row.key_id}[/]{who} ({escape(name)}); it is shown once, keep it secret:"
+    console.print(shown)
+    print(made.secret)
+    return made.secret
 
 
 def show(settings: Settings, console: Console) -> None:
@@ -88,15 +89,15 @@ def devnet_operator_key(settings: Settings, db: Database, console: Console) -> N
     with db.write() as conn:
         if has_live_key(conn, Role.OPERATOR):
             return
-        secret, row, digest = make_key(Role.OPERATOR, None, "devnet", time.time_ns() // 1000)
-        add_key(conn, row, digest)
+        made = make_key(Role.OPERATOR, None, "devnet", time.time_ns() // 1000)
+        add_key(conn, made.row, made.digest)
     path = operator_key_file(settings)
     path.parent.mkdir(parents=True, exist_ok=True)
     path.unlink(missing_ok=True)
     descriptor = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
     with os.fdopen(descriptor, "w") as out:
-        out.write(secret + "\n")
-    console.print(escape(f"devnet operator API key (also in {path}): {secret}"), soft_wrap=True)
+        out.write(made.secret + "\n")
+    console.print(escape(f"devnet operator API key (also in {path}): {made.secret}"), soft_wrap=True)
 
 
 def operator_key_file(settings: Settings) -> Path:

@@ -20,6 +20,7 @@ import hmac
 import re
 from dataclasses import dataclass
 from datetime import UTC, datetime
+from typing import NamedTuple
 
 from eth_account import Account
 from eth_account.messages import encode_defunct
@@ -79,6 +80,17 @@ def identify(keys: KeyDirectory, signin: SignIn, credential: str, now: int) -> C
     return signin.caller(credential, now)
 
 
+class Challenge(NamedTuple):
+    message: str  # EIP-4361's text, for the account to sign (personal_sign)
+    expires: int  # unix seconds: when it stops being accepted
+
+
+class Token(NamedTuple):
+    token: str
+    account: str  # checksummed: the account that signed the challenge
+    expires: int  # unix seconds
+
+
 class SignIn:
     """EIP-4361 challenges for one chain, and the tokens a signed challenge buys."""
 
@@ -88,8 +100,7 @@ class SignIn:
         self.challenge_ttl = challenge_ttl
         self.token_ttl = token_ttl
 
-    def challenge(self, address: str, domain: str, uri: str, now: int) -> tuple[str, int]:
-        """The message `address` is to sign (personal_sign), and when it stops being accepted (unix seconds)."""
+    def challenge(self, address: str, domain: str, uri: str, now: int) -> Challenge:
         account = to_checksum_address(address)
         expires = now + self.challenge_ttl
         issued_text, expires_text = _iso(now), _iso(expires)
@@ -99,10 +110,10 @@ class SignIn:
             f"URI: {uri}\nVersion: 1\nChain ID: {self.chain_id}\nNonce: {nonce}\n"
             f"Issued At: {issued_text}\nExpiration Time: {expires_text}"
         )
-        return message, expires
+        return Challenge(message, expires)
 
-    def redeem(self, message: str, signature: str, now: int) -> tuple[str, str, int]:
-        """(token, account, expiry) for a challenge of ours, unexpired, signed by the account it names."""
+    def redeem(self, message: str, signature: str, now: int) -> Token:
+        """A token for a challenge of ours, unexpired, signed by the account it names."""
         found = _MESSAGE.match(message)
         if found is None:
             raise InvalidCredentialsError("the message is not a sign-in challenge of this service")
@@ -123,7 +134,7 @@ class SignIn:
             raise InvalidCredentialsError(f"the message names {account}; it was signed by {signer}")
         expires = now + self.token_ttl
         address = account[2:].lower()
-        return f"{TOKEN_PREFIX}{address}.{expires}.{self._mac('token', address, str(expires))}", account, expires
+        return Token(f"{TOKEN_PREFIX}{address}.{expires}.{self._mac('token', address, str(expires))}", account, expires)
 
     def caller(self, token: str, now: int) -> Caller:
         found = _TOKEN.match(token)

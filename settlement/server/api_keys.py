@@ -11,6 +11,7 @@ import secrets
 import time
 from collections.abc import Callable
 from enum import StrEnum
+from typing import NamedTuple
 
 from settlement.domain.buckets import TokenBucket
 from settlement.errors import UnknownKeysBusyError
@@ -31,8 +32,13 @@ class Role(StrEnum):
     ACCOUNT = "account"
 
 
-def make_key(role: Role, account: str | None, name: str, now_us: int) -> tuple[str, KeyRow, str]:
-    """A new key: (the key, shown once; its row; its hash)."""
+class NewKey(NamedTuple):
+    secret: str  # the key itself, shown once and never stored
+    row: KeyRow
+    digest: str  # what the store keeps: the key's SHA-256
+
+
+def make_key(role: Role, account: str | None, name: str, now_us: int) -> NewKey:
     if role is Role.ACCOUNT:
         raise ValueError("an API key is for the operator, a payee or a payer; an account signs in with its own key")
     if (account is None) != (role is Role.OPERATOR):
@@ -41,7 +47,7 @@ def make_key(role: Role, account: str | None, name: str, now_us: int) -> tuple[s
     while secret[len(KEY_PREFIX)] == "-":  # an id "-Qb..." would read as an option: `settlement keys revoke -Qb...`
         secret = KEY_PREFIX + secrets.token_urlsafe(32)
     row = KeyRow(secret[len(KEY_PREFIX) : len(KEY_PREFIX) + 8], role.value, account, name, now_us, None)
-    return secret, row, hash_key(secret)
+    return NewKey(secret, row, hash_key(secret))
 
 
 def hash_key(secret: str) -> str:
