@@ -6,6 +6,12 @@ from __future__ import annotations
 import math
 import threading
 from collections.abc import Hashable
+from typing import NamedTuple
+
+
+class Level(NamedTuple):
+    tokens: float  # below zero: a debt (`Buckets.charge`)
+    when: float  # the time `tokens` was counted at
 
 
 class Buckets:
@@ -17,7 +23,7 @@ class Buckets:
         self.rate = rate
         self.burst = burst
         self.max_keys = max_keys
-        self._buckets: dict[Hashable, tuple[float, float]] = {}  # key -> (tokens, when)
+        self._buckets: dict[Hashable, Level] = {}
         self._lock = threading.Lock()
 
     def take(self, key: Hashable, now: float) -> int | None:
@@ -27,7 +33,7 @@ class Buckets:
         with self._lock:
             tokens = self._level(key, now)
             if tokens < 1:
-                self._buckets[key] = (tokens, now)
+                self._buckets[key] = Level(tokens, now)
                 return self._wait(tokens)
             self._set(key, tokens - 1, now)
         return None
@@ -51,7 +57,7 @@ class Buckets:
 
     def _level(self, key: Hashable, now: float) -> float:
         """The tokens `key` has at `now` (under the lock): a new key is full."""
-        tokens, when = self._buckets.get(key, (self.burst, now))
+        tokens, when = self._buckets.get(key, (self.burst, now))  # a Level, or a new key's
         return min(self.burst, tokens + (now - when) * self.rate)
 
     def _wait(self, tokens: float) -> int:
@@ -59,7 +65,7 @@ class Buckets:
         return max(1, math.ceil((1 - tokens) / self.rate))
 
     def _set(self, key: Hashable, tokens: float, now: float) -> None:
-        self._buckets[key] = (tokens, now)
+        self._buckets[key] = Level(tokens, now)
         if len(self._buckets) > self.max_keys:
             self._prune(now)
 
@@ -68,7 +74,7 @@ class Buckets:
         for key in full:
             del self._buckets[key]
         if len(self._buckets) > self.max_keys // 2:
-            for key in sorted(self._buckets, key=lambda k: self._buckets[k][1])[: len(self._buckets) // 2]:
+            for key in sorted(self._buckets, key=lambda k: self._buckets[k].when)[: len(self._buckets) // 2]:
                 del self._buckets[key]
 
 
