@@ -30,7 +30,7 @@ from dataclasses import dataclass
 from datetime import datetime
 from enum import StrEnum
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import httpx
 import requests
@@ -86,6 +86,13 @@ _RETRYABLE = {429, 502, 503, 504}  # 429: this address is over its rate; the ret
 DEFAULT_STATE_DIR = Path.home() / ".channelhub"
 STALE_RETRIES = 20  # other instances paying on the same channel at once; each attempt loses only to a winner
 SALT_RANDOM_BYTES = 8  # a default salt is this many random bytes, left-padded to 32: cheap calldata at settlement
+
+
+class Authorized(NamedTuple):
+    """A voucher `PayerClient.authorize` signed for someone else to deliver."""
+
+    cumulative: int  # the channel's new cumulative total, in base units
+    signature: bytes  # EIP-712, 65 bytes
 
 
 class Reclaim(StrEnum):
@@ -432,9 +439,9 @@ class PayerClient:
 
     def authorize(
         self, channel: ChannelRef, amount: int, idempotency_key: str, budgets: Sequence[Budget] = ()
-    ) -> tuple[int, bytes]:
+    ) -> Authorized:
         """Sign and journal the next voucher of `amount` on `channel` for someone else to deliver; nothing is sent.
-        Returns (cumulative amount, signature). Report what became of it with `concluded`.
+        Report what became of it with `concluded`.
 
         Earlier vouchers on the channel whose fate is unknown are first settled by asking the service where the
         channel stands, never by submitting them: a voucher handed to a payee pays only if the payee delivers it.
@@ -447,7 +454,7 @@ class PayerClient:
 
     def authorize_now(
         self, channel: ChannelRef, amount: int, idempotency_key: str, budgets: Sequence[Budget] = (), *, within: int
-    ) -> tuple[int, bytes] | None:
+    ) -> Authorized | None:
         """`authorize`, if the journal alone can, in one short commit: None, and nothing signed, when it would first
         ask the service or the chain (payments of unknown fate on the channel, no position of it here), when the
         journal's once-a-minute tidy-up is due with it (`PayerJournal.tidy_due`), when another thread is paying on the
@@ -487,14 +494,14 @@ class PayerClient:
         now: float,
         *,
         group: bool = True,
-    ) -> tuple[int, bytes]:
+    ) -> Authorized:
         """Journal the voucher of `amount` over `start`, spent at `now` (unix time) and counted against `budgets`,
         then sign it; under the channel's lock. `group=False`: the journal commits it at once (`PayerJournal.begin`)."""
         payment = JournalPayment(
             idempotency_key, channel.hex_id, amount, start + amount, None, PaymentStatus.PENDING, None
         )
         self.journal.begin(payment, spend=(channel.payee, channel.token, now), budgets=budgets, group=group)
-        return payment.cumulative, self.signer.sign(channel.channel_id, payment.cumulative)
+        return Authorized(payment.cumulative, self.signer.sign(channel.channel_id, payment.cumulative))
 
     def concluded(self, channel: ChannelRef, idempotency_key: str, receipt: dict[str, Any] | None) -> None:
         """An authorized voucher was accepted (with the facilitator's receipt) or refused (None): refused, the

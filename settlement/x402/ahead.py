@@ -28,7 +28,7 @@ import threading
 import time
 from collections import OrderedDict
 from collections.abc import Callable
-from typing import Any
+from typing import Any, NamedTuple
 
 import httpx
 import requests
@@ -42,21 +42,26 @@ from settlement.x402.resend import ResendingAdapter
 from settlement.x402.unanswered import Unanswered, UnansweredWire, tell_unanswered, telling_if_unanswered
 
 
+class _Learned(NamedTuple):
+    required: PaymentRequired  # the route's last 402
+    until: float  # monotonic seconds: when it is stale
+
+
 class _Routes:
     """The requirements each URL's last 402 named, for `ttl` seconds, at most `max_routes` URLs (oldest first out).
     A lock: a requests session may be shared by threads."""
 
     def __init__(self, http: x402HTTPClient | x402HTTPClientSync, ttl: float, max_routes: int) -> None:
         self._http, self.ttl, self.max_routes = http, ttl, max_routes
-        self._routes: OrderedDict[str, tuple[PaymentRequired, float]] = OrderedDict()
+        self._routes: OrderedDict[str, _Learned] = OrderedDict()
         self._lock = threading.Lock()
 
     def required(self, route: str) -> PaymentRequired | None:
         with self._lock:
             found = self._routes.get(route)
-        if found is None or found[1] < time.monotonic():
+        if found is None or found.until < time.monotonic():
             return None
-        return found[0]
+        return found.required
 
     def learn(self, route: str, header: Callable[[str], str | None]) -> None:
         try:
@@ -67,7 +72,7 @@ class _Routes:
             return
         with self._lock:
             self._routes.pop(route, None)
-            self._routes[route] = (required, time.monotonic() + self.ttl)
+            self._routes[route] = _Learned(required, time.monotonic() + self.ttl)
             while len(self._routes) > self.max_routes:
                 self._routes.popitem(last=False)
 

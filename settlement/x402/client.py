@@ -33,7 +33,7 @@ from collections.abc import Callable, Coroutine
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from types import SimpleNamespace
-from typing import Any, ClassVar
+from typing import Any, ClassVar, NamedTuple
 
 from eth_utils.address import to_checksum_address
 from pydantic_core import PydanticSerializationError, to_json
@@ -52,12 +52,19 @@ from settlement.domain.model import ETH, ChannelId, ChannelStatus
 from settlement.errors import TransactionFailedError, UntrustedServiceError
 from settlement.sdk.answers import service_amount
 from settlement.sdk.journal import Budget
-from settlement.sdk.payer import ChannelRef, PayerClient, Reclaim
+from settlement.sdk.payer import Authorized, ChannelRef, PayerClient, Reclaim
 from settlement.x402.wire import SCHEME, PayloadError, VoucherPayload, base_units, network_of, same_address
 
 PREPARED_KEPT = 1024  # payments made ahead by the hook and not yet handed over (aborted ones fall out oldest first)
 # Refusals after which the payer's position is re-read and the payment tried once more.
 STALE_REASONS = frozenset({"overpayment", "underpayment", "stale_voucher", "voucher_replayed"})
+
+
+class Prepared(NamedTuple):
+    """A payment the hook made ahead, for `create_payment_payload` to hand over (or its refusal, to raise there)."""
+
+    requirements: PaymentRequirements  # the very object it was made for
+    made: dict[str, Any] | Exception
 
 
 @dataclass
@@ -145,9 +152,7 @@ class ChannelHubClientScheme:
         # One deposit at a time (payments are made in worker threads): two opens must not read one hub balance or
         # one ERC-20 allowance as if each had it alone.
         self._funding = threading.Lock()
-        self._prepared: OrderedDict[asyncio.Task[Any], tuple[PaymentRequirements, dict[str, Any] | Exception]] = (
-            OrderedDict()
-        )
+        self._prepared: OrderedDict[asyncio.Task[Any], Prepared] = OrderedDict()
         self.scheme_hooks = SimpleNamespace(
             on_before_payment_creation=self.on_before_payment_creation, on_payment_response=self.on_payment_response
         )
@@ -193,10 +198,10 @@ class ChannelHubClientScheme:
         task = _current_task()  # the hook and this call run in one task: the payment x402 is making now
         with self._guard:
             prepared = None if task is None else self._prepared.pop(task, None)
-        if prepared is not None and prepared[0] is requirements:  # made by the hook for these very requirements
-            if isinstance(prepared[1], Exception):
-                raise prepared[1]
-            return prepared[1]
+        if prepared is not None and prepared.requirements is requirements:  # made by the hook for these very ones
+            if isinstance(prepared.made, Exception):
+                raise prepared.made
+            return prepared.made
         return self._pay(requirements)
 
     def _prepare(self, task: asyncio.Task[Any], requirements: PaymentRequirements) -> None:
@@ -213,7 +218,7 @@ class ChannelHubClientScheme:
     ) -> None:
         """`task`'s payment, made by the hook, for `create_payment_payload` to hand over."""
         with self._guard:
-            self._prepared[task] = (requirements, made)
+            self._prepared[task] = Prepared(requirements, made)
             while len(self._prepared) > PREPARED_KEPT:  # payments another hook aborted: their lanes time out
                 self._prepared.popitem(last=False)
 
@@ -240,7 +245,7 @@ class ChannelHubClientScheme:
             lane, lambda key: self.payer.authorize_now(lane.channel, price, key, self.budgets, within=lane.deposit)
         )
 
-    def _signed(self, lane: Lane, authorize: Callable[[str], tuple[int, bytes] | None]) -> dict[str, Any] | None:
+    def _signed(self, lane: Lane, authorize: Callable[[str], Authorized | None]) -> dict[str, Any] | None:
         """The payment `authorize` signs under a new journal key on `lane` (held), or None; the lane is freed when it
         signs nothing."""
         key = uuid.uuid4().hex
@@ -252,8 +257,8 @@ class ChannelHubClientScheme:
         if made is None:
             self._release(lane)
             return None
-        lane.key, lane.cumulative = key, made[0]
-        return VoucherPayload(ChannelId(lane.channel.hex_id), *made).to_dict()
+        lane.key, lane.cumulative = key, made.cumulative
+        return VoucherPayload(ChannelId(lane.channel.hex_id), made.cumulative, made.signature).to_dict()
 
     def on_payment_response(self, context: PaymentResponseContext) -> RecoveredResponseResult | None:
         """x402's hook after a paid request: conclude the voucher, free its channel, recover from a stale position."""
