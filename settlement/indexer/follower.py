@@ -23,7 +23,7 @@ import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, replace
-from typing import Any
+from typing import Any, NamedTuple
 
 from eth_utils.address import to_checksum_address
 from hexbytes import HexBytes
@@ -66,6 +66,16 @@ ABSENT_MAX = 100_000  # remembered unknown ids before the expired ones are dropp
 
 
 CHANNEL_EVENTS = frozenset(HubEvent)
+
+
+class Heads(NamedTuple):
+    head: int
+    confirmed: int  # the highest block `confirmations` deep (not below the start block's parent)
+
+
+class _HeadsRead(NamedTuple):
+    at: float  # monotonic seconds
+    heads: Heads
 
 
 @dataclass(frozen=True)
@@ -140,7 +150,7 @@ class Indexer:
         self.reorg_window = reorg_window
         self.anchor = anchor
         self.failing: str | None = None  # why the last poll of `run` failed; None while it progresses
-        self._heads: tuple[float, int, int] | None = None  # (when, head, confirmed) of the last read that succeeded
+        self._heads: _HeadsRead | None = None  # the last read that succeeded
         self._heads_lock = threading.Lock()
         self._events = {HexBytes(event.topic): event for event in hub.all_events()}
         self._opened_topic = HexBytes(hub.events.ChannelOpened.topic)
@@ -175,28 +185,29 @@ class Indexer:
             self._heads = None
             raise
 
-    def recent_heads(self, max_age: float) -> tuple[int, int]:
+    def recent_heads(self, max_age: float) -> Heads:
         """`confirmed_heads` as read at most `max_age` seconds ago (by a poll, a look-up, an earlier call) and since no
         read of this indexer failed; else read now, once for every caller waiting. For /ready, which anyone may ask:
         a flood of it cost the chain's RPC a call a request (a paid provider's quota, shared with the indexer and the
         engine, which must settle closing channels in time)."""
         with self._heads_lock:
             read = self._heads
-            if read is not None and time.monotonic() - read[0] <= max_age:
-                return read[1], read[2]
+            if read is not None and time.monotonic() - read.at <= max_age:
+                return read.heads
             return self.confirmed_heads()
 
-    def confirmed_heads(self) -> tuple[int, int]:
-        """(head, highest confirmed block). The head is read as a block, not as a number (one call either way), for its
-        time: the engine's final settle counts from the head's time, and so must ingest's close guard; the confirmed
-        block's time was up to `confirmations` blocks behind."""
+    def confirmed_heads(self) -> Heads:
+        """The head and the highest confirmed block. The head is read as a block, not as a number (one call either
+        way), for its time: the engine's final settle counts from the head's time, and so must ingest's close guard;
+        the confirmed block's time was up to `confirmations` blocks behind."""
         with self._reading("reading the chain head"):
             block = self.w3.eth.get_block("latest")
         head = int(block["number"])
         self._saw_time(block.get("timestamp"))
         confirmed = max(head - self.confirmations, self.start_block - 1)
-        self._heads = (time.monotonic(), head, confirmed)
-        return head, confirmed
+        heads = Heads(head, confirmed)
+        self._heads = _HeadsRead(time.monotonic(), heads)
+        return heads
 
     def check_anchor(self) -> None:
         """Raise ChainMismatchError when the chain no longer has the hub's deployment block (a restarted devnet)."""
@@ -330,7 +341,7 @@ class Indexer:
             with self._absent_lock:
                 self._absent[channel_id] = time.monotonic() + self.absent_ttl
             return None
-        _head, confirmed = self.confirmed_heads()
+        confirmed = self.confirmed_heads().confirmed
         channel = self.read_channel(channel_id, confirmed)
         if channel is None:
             raise ChannelUnconfirmedError(
@@ -357,7 +368,7 @@ class Indexer:
 
     def resume(self, channel_id: ChannelId) -> Channel:
         """Lift a suspension after an operator checked the channel: re-read its confirmed state, clear the flag."""
-        _head, confirmed = self.confirmed_heads()
+        confirmed = self.confirmed_heads().confirmed
         with self.db.read() as conn:
             known = channel_q.get_channel(conn, channel_id)
         fresh = None if known is None else self.read_channel(channel_id, confirmed, known.salt)
