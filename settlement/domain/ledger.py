@@ -20,6 +20,7 @@ import functools
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from datetime import datetime
+from typing import NamedTuple
 
 from settlement.domain.model import MAX_UINT256, Channel, ChannelStatus, Receipt, Voucher
 from settlement.errors import (
@@ -44,7 +45,12 @@ SIGNATURE_BYTES = 65  # r (32) | s (32) | v (1), as the hub checks it
 
 ANY = "*"  # a cap's payee or payer that stands for every one
 
-WindowKey = tuple[int, str, int]  # (cap id, payer, window start): one payer's spending in one window of one cap
+class WindowKey(NamedTuple):
+    """One payer's spending in one window of one cap."""
+
+    cap_id: int
+    payer: str
+    start: int  # unix second the window starts at
 
 
 @dataclass(frozen=True)
@@ -61,7 +67,7 @@ class Cap:
     window: int
 
     def key(self, channel: Channel, now: int) -> WindowKey:
-        return self.cap_id, channel.payer, now - now % self.window
+        return WindowKey(self.cap_id, channel.payer, now - now % self.window)
 
 
 @dataclass(frozen=True)
@@ -98,7 +104,7 @@ class Rules:
             key = cap.key(channel, now)
             already = spent.get(key, 0)
             if already + increment > cap.amount:
-                ends = key[2] + cap.window
+                ends = key.start + cap.window
                 raise SpendingCapError(
                     f"payer {channel.payer} may spend {cap.amount} of {cap.token} in {cap.window}s windows "
                     f"({'every payee' if cap.payee == ANY else 'on this payee'}); it spent {already} in this one, "

@@ -398,7 +398,7 @@ class Ingestor:
             return {}, {}
         unix = _unix(now)
         ends = {cap.cap_id: cap.window for cap in rules.caps}
-        keys = [(key, key[2] + ends[key[0]]) for c in channels.values() for key in rules.windows(c, unix)]
+        keys = [(key, key.start + ends[key.cap_id]) for c in channels.values() for key in rules.windows(c, unix)]
         spent = caps_q.lock_windows(conn, keys)
         return spent, dict(spent)
 

@@ -117,7 +117,7 @@ def read_windows(conn: Connection, keys: Sequence[WindowKey], *, lock: bool = Fa
     query = select(*columns, spend_windows.c.spent).where(tuple_(*columns).in_(list(keys)))
     if lock:
         query = query.order_by(*columns).with_for_update()
-    return {(int(c), str(p), int(s)): int(spent) for c, p, s, spent in conn.execute(query)}
+    return {WindowKey(int(c), str(p), int(s)): int(spent) for c, p, s, spent in conn.execute(query)}
 
 
 def save_windows(conn: Connection, spent: Mapping[WindowKey, int]) -> None:
