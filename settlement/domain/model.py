@@ -10,7 +10,7 @@ import re
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from enum import IntEnum, StrEnum
-from typing import NewType
+from typing import NamedTuple, NewType
 
 # One representation per scalar in the service's layers (the SDK holds a channel id as its 32 raw bytes instead):
 ChannelId = NewType("ChannelId", str)  # "0x" + 64 lowercase hex digits
@@ -94,6 +94,13 @@ class RiskKind(StrEnum):
     CHANNEL_HELD = "channel_held"
 
 
+class ChainPosition(NamedTuple):
+    """Where an event stands in the chain's order; positions compare in that order."""
+
+    block: int
+    log: int  # the log's index in its block (-1: before the block's first)
+
+
 @dataclass(frozen=True)
 class Channel:
     """One channel: the chain's facts plus the latest voucher the service accepted.
@@ -129,9 +136,9 @@ class Channel:
         return max(self.accepted, self.settled)
 
     @property
-    def position(self) -> tuple[int, int]:
-        """The chain position the facts are current to: (block number, log index)."""
-        return self.as_of_block, self.as_of_log
+    def position(self) -> ChainPosition:
+        """The chain position the facts are current to."""
+        return ChainPosition(self.as_of_block, self.as_of_log)
 
     def with_voucher(self, cumulative: int, signature: bytes) -> Channel:
         """The writer calls this once per accepted voucher: a copy of the fields with two replaced costs a third of

@@ -24,7 +24,7 @@ from typing import NamedTuple
 from eth_utils.address import to_checksum_address
 
 from settlement.domain.ledger import Cap, Rules
-from settlement.domain.model import HubEvent, RiskKind
+from settlement.domain.model import ChainPosition, HubEvent, RiskKind
 from settlement.errors import IncrementTooSmallError
 from settlement.ingest.pipeline import Ingestor
 from settlement.server.config import Settings
@@ -61,7 +61,7 @@ class RiskMonitor:
         }
         self._window_started = time.monotonic()
         self._previous: Counter[str] = Counter()
-        self._position: tuple[int, int] | None = None
+        self._position: ChainPosition | None = None
         self._opened: deque[Opening] = deque()  # channel openings in the window
         self._spread_flagged: dict[str, int] = {}  # payer -> when it was last flagged
         self._next_prune = 0.0
@@ -71,8 +71,8 @@ class RiskMonitor:
         self._caps_generation: str | None = None
 
     @property
-    def position(self) -> tuple[int, int] | None:
-        """The (block, log index) up to which the chain's events have been looked at; None before the first look."""
+    def position(self) -> ChainPosition | None:
+        """The position up to which the chain's events have been looked at; None before the first look."""
         return self._position
 
     def refresh(self) -> None:
@@ -133,11 +133,11 @@ class RiskMonitor:
                 self._position = last_chain_position(conn)  # from now on
                 return []
             until = last_chain_position(conn)
-            found = chain_events_since(conn, *self._position, until, limit=CHAIN_EVENTS_PER_TICK)
+            found = chain_events_since(conn, self._position, until, limit=CHAIN_EVENTS_PER_TICK)
             window_us = int(self.settings.risk_window_seconds * 1_000_000)
             events: list[RiskFinding] = []
             for seen in found:
-                self._position = (seen.block, seen.log)
+                self._position = ChainPosition(seen.block, seen.log)
                 if seen.event == HubEvent.CHANNEL_OPENED:
                     events.extend(self._opening(now_us, to_checksum_address(str(seen.args["payer"])), window_us))
                 elif seen.channel_id is not None:

@@ -13,7 +13,7 @@ from sqlalchemy import ColumnElement, Connection, delete, select, tuple_, update
 from sqlalchemy.dialects.postgresql import insert as pg_insert
 from sqlalchemy.dialects.sqlite import insert as sqlite_insert
 
-from settlement.domain.model import ChannelId
+from settlement.domain.model import ChainPosition, ChannelId
 from settlement.store.channels import to_us
 from settlement.store.tables import chain_events, indexed_blocks, indexer_cursor
 
@@ -40,9 +40,9 @@ class ChainEvent:
     args: dict[str, Any]
 
     @property
-    def position(self) -> tuple[int, int]:
-        """Where the event stands in the chain's order: (block number, log index)."""
-        return self.block_number, self.log_index
+    def position(self) -> ChainPosition:
+        """Where the event stands in the chain's order."""
+        return ChainPosition(self.block_number, self.log_index)
 
 
 def _insert(conn: Connection) -> Any:

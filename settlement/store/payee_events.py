@@ -10,7 +10,7 @@ from typing import Any
 
 from sqlalchemy import Connection, and_, insert, or_, select, text, update
 
-from settlement.domain.model import HubEvent
+from settlement.domain.model import ChainPosition, HubEvent
 from settlement.store.chainlog import after_position
 from settlement.store.standing import Admission, Limits, admit
 from settlement.store.tables import chain_events, channels, payments, webhooks
@@ -127,13 +127,13 @@ def payees_of_chain_events(conn: Connection, block: int, log: int) -> set[str]:
     return found
 
 
-def last_chain_position(conn: Connection) -> tuple[int, int]:
+def last_chain_position(conn: Connection) -> ChainPosition:
     found = conn.execute(
         select(chain_events.c.block_number, chain_events.c.log_index)
         .order_by(chain_events.c.block_number.desc(), chain_events.c.log_index.desc())
         .limit(1)
     ).first()
-    return (0, -1) if found is None else (int(found[0]), int(found[1]))
+    return ChainPosition(0, -1) if found is None else ChainPosition(int(found[0]), int(found[1]))
 
 
 # --- webhooks ---------------------------------------------------------------------------------------------------

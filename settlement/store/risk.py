@@ -10,7 +10,7 @@ from sqlalchemy import Connection, delete, insert, not_, select
 from sqlalchemy.dialects.postgresql import insert as pg_insert
 from sqlalchemy.dialects.sqlite import insert as sqlite_insert
 
-from settlement.domain.model import HubEvent, RiskKind
+from settlement.domain.model import ChainPosition, HubEvent, RiskKind
 from settlement.store.chainlog import after_position
 from settlement.store.tables import chain_events, channel_holds, channels, payments, risk_events
 
@@ -90,9 +90,9 @@ def events_after(conn: Connection, after: int, limit: int, kind: RiskKind | None
 
 
 def chain_events_since(
-    conn: Connection, block: int, log: int, until: tuple[int, int], limit: int
+    conn: Connection, after: ChainPosition, until: ChainPosition, limit: int
 ) -> list[WatchedChainEvent]:
-    """Channel openings and close requests after (block, log) and up to `until`, in chain order."""
+    """Channel openings and close requests after `after` and up to `until`, in chain order."""
     query = (
         select(
             chain_events.c.block_number,
@@ -102,8 +102,8 @@ def chain_events_since(
             chain_events.c.args,
         )
         .where(
-            after_position(block, log),
-            not_(after_position(*until)),
+            after_position(after.block, after.log),
+            not_(after_position(until.block, until.log)),
             chain_events.c.event.in_([HubEvent.CHANNEL_OPENED.value, HubEvent.CLOSE_REQUESTED.value]),
         )
         .order_by(chain_events.c.block_number, chain_events.c.log_index)
