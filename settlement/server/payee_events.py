@@ -16,7 +16,7 @@ import threading
 import time
 from dataclasses import dataclass
 from datetime import UTC, datetime
-from typing import Any
+from typing import Any, NamedTuple
 
 from settlement.chain.batch_codec import decode_settlements
 from settlement.domain.model import HubEvent
@@ -96,6 +96,11 @@ def payees_moved(db: Database, since: Front, now: Front) -> set[str] | None:
     return moved
 
 
+class Gap(NamedTuple):
+    missing: int  # the first payment id not visible yet
+    since: float  # monotonic seconds: when it was first found missing
+
+
 class Horizon:
     """The highest payment id up to which every id is visible or given up on (see the module's docstring)."""
 
@@ -104,7 +109,7 @@ class Horizon:
         self.gap_wait = gap_wait
         self.scan = scan
         self._safe = 0
-        self._gap: tuple[int, float] | None = None  # the first missing id, and since when
+        self._gap: Gap | None = None
         self._lock = threading.Lock()
 
     def refresh(self) -> int:
@@ -123,9 +128,9 @@ class Horizon:
 
     def _given_up(self, missing: int) -> bool:
         now = time.monotonic()
-        if self._gap is None or self._gap[0] != missing:
-            self._gap = (missing, now)
-        return now - self._gap[1] >= self.gap_wait
+        if self._gap is None or self._gap.missing != missing:
+            self._gap = Gap(missing, now)
+        return now - self._gap.since >= self.gap_wait
 
 
 @dataclass(frozen=True)

@@ -651,14 +651,19 @@ class AssetSummary:
 def payee_summary(conn: Connection, payee: str) -> list[AssetSummary]:
     """Per asset; summed in Python because SQLite keeps large amounts as blobs (exact, but not summable in SQL)."""
     query = select(channels.c.token, latest_accepted(conn), channels.c.settled).where(channels.c.payee == payee)
-    totals: dict[str, list[int]] = {}
+    by_token: dict[str, list[tuple[int, int]]] = {}
     for token, accepted, settled in conn.execute(query):
-        entry = totals.setdefault(token, [0, 0, 0, 0])
-        entry[0] += 1
-        entry[1] += accepted
-        entry[2] += settled
-        entry[3] += max(accepted - settled, 0)
-    return [AssetSummary(token, *values) for token, values in sorted(totals.items())]
+        by_token.setdefault(token, []).append((int(accepted), int(settled)))
+    return [
+        AssetSummary(
+            token,
+            channels=len(amounts),
+            accepted=sum(accepted for accepted, _ in amounts),
+            settled=sum(settled for _, settled in amounts),
+            unsettled=sum(max(accepted - settled, 0) for accepted, settled in amounts),
+        )
+        for token, amounts in sorted(by_token.items())
+    ]
 
 
 def count_channels(conn: Connection) -> int:
