@@ -669,6 +669,13 @@ class TamperingProxy:
             self.server.server_close()
 
 
+class StreamEvent(NamedTuple):
+    """One server-sent event of a payee's stream."""
+
+    kind: str  # its `event:` line ("message" when it has none)
+    data: dict[str, Any]  # its `data:` line, read as JSON
+
+
 class EventStream:
     """A live stream of payee events (`GET /v1/payees/{address}/events`) read on a thread of its own, so that a test
     waits for its events, or for its end, with a timeout. A refused stream has its status and `json()` only."""
@@ -677,7 +684,7 @@ class EventStream:
         self.client = httpx.Client(timeout=httpx.Timeout(10, read=None))
         self.response = self.client.send(self.client.build_request("GET", url, headers=headers), stream=True)
         self.status = self.response.status_code
-        self.events: queue.Queue[tuple[str, dict[str, Any]] | None] = queue.Queue()
+        self.events: queue.Queue[StreamEvent | None] = queue.Queue()
         if self.status == 200:
             threading.Thread(target=self._read, daemon=True).start()
         else:
@@ -693,14 +700,14 @@ class EventStream:
                 if line.startswith("event:"):
                     kind = line[6:].strip()
                 elif line.startswith("data:"):
-                    self.events.put((kind, json.loads(line[5:].strip())))
+                    self.events.put(StreamEvent(kind, json.loads(line[5:].strip())))
                     kind = "message"
         except httpx.HTTPError:
             pass  # closed by the test
         self.events.put(None)
 
-    def next(self, timeout: float = 10.0) -> tuple[str, dict[str, Any]] | None:
-        """The next event (type, data), or None once the service ended the stream; AssertionError if none came."""
+    def next(self, timeout: float = 10.0) -> StreamEvent | None:
+        """The next event, or None once the service ended the stream; AssertionError if none came."""
         try:
             return self.events.get(timeout=timeout)
         except queue.Empty:

@@ -399,11 +399,11 @@ def test_a_live_stream_ends_once_its_key_is_revoked_or_its_token_expires(
             by_key.next(timeout=1.0)  # five checks of a live key: the stream goes on
         revoke(store, revoked)
         ended = by_key.next(timeout=5)
-        assert ended is not None and (ended[0], ended[1]["code"]) == ("stream.ended", "invalid_credentials")
+        assert ended is not None and (ended.kind, ended.data["code"]) == ("stream.ended", "invalid_credentials")
         assert by_key.next(timeout=5) is None  # and the service hung up
         ended = by_token.next(timeout=10)
-        assert ended is not None and (ended[0], ended[1]["code"]) == ("stream.ended", "invalid_credentials")
-        assert "expired" in ended[1]["message"] and time.time() >= issued.expires
+        assert ended is not None and (ended.kind, ended.data["code"]) == ("stream.ended", "invalid_credentials")
+        assert "expired" in ended.data["message"] and time.time() >= issued.expires
         assert by_token.next(timeout=5) is None
         with pytest.raises(AssertionError, match="no event"):
             by_live_key.next(timeout=0.5)  # another payee's stream, its key live, goes on
