@@ -17,7 +17,7 @@ from eth_account.signers.local import LocalAccount
 
 from settlement.domain.model import MAX_UINT256, Voucher
 from settlement.eip712.vouchers import Domain, VoucherSigner, VoucherVerifier
-from settlement.ingest.recovery import RecoveredBy, Recovery
+from settlement.ingest.recovery import Recovered, RecoveredBy, Recovery
 from tests.hub_helpers import wait_until
 
 DOMAIN = Domain(chain_id=31337, verifying_contract="0x" + "5a" * 20)
@@ -58,12 +58,12 @@ def test_many_requests_in_flight_on_two_workers_each_get_their_own_signers_in_pl
         for r in range(24)
     ]
 
-    async def all_at_once() -> list[tuple[list[bytes | None], RecoveredBy]]:
+    async def all_at_once() -> list[Recovered]:
         return await asyncio.gather(*(workers.recover(request) for request in requests))
 
     answers = asyncio.run(all_at_once())
-    assert [where for _, where in answers] == [RecoveredBy.PROCESS] * 24
-    assert [signers for signers, _ in answers] == [
+    assert [answer.by for answer in answers] == [RecoveredBy.PROCESS] * 24
+    assert [answer.signers for answer in answers] == [
         [stranger if (r + n) % 5 == 0 else payer for n in range(1, 18 + r)] for r in range(24)
     ]
 
@@ -79,7 +79,7 @@ def test_a_batch_larger_than_the_pipe_is_written_as_the_worker_reads_it(recovery
     large = [Voucher("0x" + channel.hex(), n, signer.sign(channel, n)) for n in range(1, 3001)]
     small = [[voucher(os.urandom(32), n, STRANGER) for n in range(1, 21)] for _ in range(3)]
 
-    async def together() -> list[tuple[list[bytes | None], RecoveredBy]]:
+    async def together() -> list[Recovered]:
         return await asyncio.gather(workers.recover(large), *(workers.recover(request) for request in small))
 
     answers = asyncio.run(together())
@@ -99,7 +99,7 @@ def test_request_numbers_wrap_past_what_a_frame_header_holds(recovery: Callable[
     payer, stranger = bytes.fromhex(PAYER.address[2:]), bytes.fromhex(STRANGER.address[2:])
     requests = [[voucher(os.urandom(32), n, STRANGER if n == r else PAYER) for n in range(1, 4)] for r in range(1, 6)]
 
-    async def in_turn() -> list[tuple[list[bytes | None], RecoveredBy]]:
+    async def in_turn() -> list[Recovered]:
         return [await workers.recover(request) for request in requests]
 
     assert asyncio.run(in_turn()) == [
@@ -123,8 +123,8 @@ def test_when_one_worker_dies_a_request_waiting_on_another_goes_on_on_threads_at
     channel = os.urandom(32)
     payer = bytes.fromhex(PAYER.address[2:])
 
-    async def scenario() -> list[tuple[list[bytes | None], RecoveredBy]]:
-        assert (await workers.recover([voucher(channel, n, PAYER) for n in range(1, 21)]))[1] == RecoveredBy.PROCESS
+    async def scenario() -> list[Recovered]:
+        assert (await workers.recover([voucher(channel, n, PAYER) for n in range(1, 21)])).by == RecoveredBy.PROCESS
         for name in ("recover-0", "recover-1"):
             os.kill(by_name[name].pid, signal.SIGSTOP)  # type: ignore[arg-type]
         alone = asyncio.ensure_future(workers.recover([voucher(channel, 21, PAYER)]))  # all on the first worker
@@ -192,7 +192,7 @@ def test_stopping_after_the_event_loop_is_gone_ends_the_workers(recovery: Callab
     wait_until(lambda: workers.workers_ready)
     (worker,) = set(multiprocessing.active_children()) - before
     channel = os.urandom(32)
-    assert asyncio.run(workers.recover([voucher(channel, n, PAYER) for n in range(1, 21)]))[1] == RecoveredBy.PROCESS
+    assert asyncio.run(workers.recover([voucher(channel, n, PAYER) for n in range(1, 21)])).by == RecoveredBy.PROCESS
     workers.stop()
     worker.join(timeout=10)
     assert worker.exitcode == 0

@@ -351,8 +351,9 @@ class Ingestor:
         if len(todo) < PARALLEL_RECOVERY_MIN or self._thread is None:
             signers = self.recovery.here(todo)
         else:
-            signers, where = await self.recovery.recover(todo)
-            self.metrics.signers_recovered.labels(where).inc(len(todo))
+            recovered = await self.recovery.recover(todo)
+            signers = recovered.signers
+            self.metrics.signers_recovered.labels(recovered.by).inc(len(todo))
         pending, todo, signers = self._admit(pending, todo, signers, refused)
         results = await asyncio.wrap_future(self.submit(todo, signers)) if todo else []
         return _in_order(len(vouchers), refused, pending, results)

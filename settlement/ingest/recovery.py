@@ -34,7 +34,7 @@ from dataclasses import dataclass, field
 from enum import StrEnum
 from multiprocessing.connection import Connection
 from multiprocessing.process import BaseProcess
-from typing import TypeVar
+from typing import NamedTuple, TypeVar
 
 from settlement.domain.model import Voucher
 from settlement.eip712.vouchers import Domain, VoucherVerifier, encode_voucher
@@ -62,6 +62,11 @@ class RecoveredBy(StrEnum):
 
     PROCESS = "process"
     THREAD = "thread"
+
+
+class Recovered(NamedTuple):
+    signers: list[bytes | None]  # each voucher's, in order; None where the hub would refuse the signature
+    by: RecoveredBy
 
 
 class _WorkerLost(Exception):
@@ -249,15 +254,14 @@ class Recovery:
         workers = self._workers
         return workers is not None and workers.ready.is_set()
 
-    async def recover(self, vouchers: Sequence[Voucher]) -> tuple[list[bytes | None], RecoveredBy]:
-        """Each voucher's signer (None where the hub would refuse the signature), in order, and where they were
-        recovered. Call `start()` first."""
+    async def recover(self, vouchers: Sequence[Voucher]) -> Recovered:
+        """Each voucher's signer, and where they were recovered. Call `start()` first."""
         loop = asyncio.get_running_loop()
         workers = self._usable_workers()
         if workers is not None and workers.loop in (None, loop):
             try:
                 async with asyncio.timeout(self.deadline):
-                    return await self._in_workers(loop, workers, vouchers), RecoveredBy.PROCESS
+                    return Recovered(await self._in_workers(loop, workers, vouchers), RecoveredBy.PROCESS)
             except TimeoutError:  # before OSError: TimeoutError is one
                 logger.error("recovery workers did not answer in %s s: ended, new ones starting", self.deadline)
                 self._discard(workers, again=True)
@@ -270,7 +274,7 @@ class Recovery:
         parts = await asyncio.gather(
             *(loop.run_in_executor(threads, self.here, part) for part in _split(list(vouchers), self.threads))
         )
-        return [signer for part in parts for signer in part], RecoveredBy.THREAD
+        return Recovered([signer for part in parts for signer in part], RecoveredBy.THREAD)
 
     async def _in_workers(
         self, loop: asyncio.AbstractEventLoop, workers: _Workers, vouchers: Sequence[Voucher]
