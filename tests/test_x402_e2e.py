@@ -2509,7 +2509,7 @@ def test_a_payer_asks_the_payee_for_the_refund_and_only_the_payer_can(
         made_up = n.to_bytes(32, "big")
         signature = sign_refund_request(payer.account, payer.domain, made_up, expires)
         body = {"channelId": "0x" + made_up.hex(), "expires": expires, "signature": "0x" + signature.hex()}
-        codes.append(desk.answer(json.dumps(body).encode())[1]["code"])
+        codes.append(desk.answer(json.dumps(body).encode()).body["code"])
     assert codes == ["channel_not_found"] * 20 + ["rate_limited"] * 5
     payee.shutdown()
 

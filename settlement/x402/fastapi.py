@@ -174,7 +174,7 @@ def refund_router(payee: PayeeClient, *, path: str = REFUND_PATH, max_ttl: int =
 
     @router.post(path, summary="Close a channel now at its payer's request (closeByPayee)")
     async def refund(request: Request) -> JSONResponse:
-        status, body = await run_in_threadpool(desk.answer, await request.body())
-        return JSONResponse(body, status_code=status)
+        answer = await run_in_threadpool(desk.answer, await request.body())
+        return JSONResponse(answer.body, status_code=answer.status)
 
     return router

@@ -25,7 +25,7 @@ from __future__ import annotations
 import threading
 import time
 from collections.abc import Callable
-from typing import Annotated, Any
+from typing import Annotated, Any, NamedTuple
 
 import httpx
 from eth_utils.address import to_checksum_address
@@ -97,8 +97,13 @@ def ask_refund(
     return int(view[ChannelViewField.DEPOSIT]) - int(view[ChannelViewField.SETTLED])
 
 
+class DeskAnswer(NamedTuple):
+    status: int  # HTTP
+    body: dict[str, Any]  # JSON: the refund, or an error's body (`code`, `message`, ...)
+
+
 class RefundDesk:
-    """A payee's answers to refund requests: `answer(body)` -> (HTTP status, JSON body). Blocking (the chain, the
+    """A payee's answers to refund requests: `answer(body)` -> a DeskAnswer. Blocking (the chain, the
     service): a web framework runs it off its event loop.
 
     Each well-formed, unexpired request costs a read of the chain, so they are budgeted (`chain_reads_per_second`,
@@ -118,10 +123,10 @@ class RefundDesk:
         self._reads = Buckets(chain_reads_per_second, burst, max_keys=1)
         self._one_at_a_time = threading.Lock()
 
-    def answer(self, body: bytes) -> tuple[int, dict[str, Any]]:
+    def answer(self, body: bytes) -> DeskAnswer:
         try:
             asked = RefundRequestIn.model_validate_json(body)
-            return 200, {"channelId": asked.channelId, "refunded": str(self._refund(asked))}
+            return DeskAnswer(200, {"channelId": asked.channelId, "refunded": str(self._refund(asked))})
         except ValidationError as ex:
             return _refusal(MalformedRequestError(f"not a refund request: {ex.error_count()} field(s) wrong"))
         except SettlementError as ex:
@@ -155,5 +160,5 @@ class RefundDesk:
             return payee.refund(asked.channelId)
 
 
-def _refusal(error: SettlementError) -> tuple[int, dict[str, Any]]:
-    return error.status, error.body()
+def _refusal(error: SettlementError) -> DeskAnswer:
+    return DeskAnswer(error.status, error.body())
