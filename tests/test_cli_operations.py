@@ -8,7 +8,7 @@ import re
 import time
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import httpx
 import pytest
@@ -23,6 +23,14 @@ from settlement.server.config import Settings
 from settlement.server.service import Service
 from tests.hub_helpers import ETH, Channel, TamperingProxy, body, fee_paid, send
 from tests.servers import ServiceThread, forked_cli
+
+
+class Ran(NamedTuple):
+    """A command's exit code and its stripped output."""
+
+    code: int
+    out: str
+    err: str
 
 
 def test_settle_status_channels_reconcile_withdraw(
@@ -268,22 +276,22 @@ def test_a_payee_withdraws_with_only_its_key_and_the_hub_address(
     rpc = {"SETTLEMENT_RPC_URL": w3.provider.endpoint_uri}  # type: ignore[attr-defined]
     nowhere = {**rpc, "SETTLEMENT_DEPLOYMENT_FILE": str(tmp_path / "none.json")}
 
-    def withdraw(*args: str, env: dict[str, str] = nowhere) -> tuple[int, str, str]:
+    def withdraw(*args: str, env: dict[str, str] = nowhere) -> Ran:
         result = forked_cli("withdraw", *args, env=env, cwd=tmp_path)
-        return result.returncode, result.stdout.strip(), result.stderr.strip()
+        return Ran(result.returncode, result.stdout.strip(), result.stderr.strip())
 
     code, _, err = withdraw("--key-file", str(key_file), "--token", token.address)
     assert (code, err.split("]")[0]) == (1, "error [deployment_missing")
     assert "pass --hub 0x… or set SETTLEMENT_HUB_ADDRESS" in err and "settlement deploy" not in err
-    assert withdraw("--key-file", str(key_file), "--hub", token.address)[2] == (
+    assert withdraw("--key-file", str(key_file), "--hub", token.address).err == (
         f"error [deployment_missing] no ChannelHub code at {token.address} on chain {w3.eth.chain_id}: "
         "check the address"
     )
-    assert withdraw("--hub", hub.address)[2] == (
+    assert withdraw("--hub", hub.address).err == (
         "error [config_invalid] no key: set SETTLEMENT_WITHDRAW_KEY or pass --key-file FILE "
         "(a file holding 0x + 64 hex)"
     )
-    assert withdraw("--hub", hub.address, env={**nowhere, "SETTLEMENT_WITHDRAW_KEY": "0x1234"})[2] == (
+    assert withdraw("--hub", hub.address, env={**nowhere, "SETTLEMENT_WITHDRAW_KEY": "0x1234"}).err == (
         "error [config_invalid] configuration refused: SETTLEMENT_WITHDRAW_KEY must be 32 bytes of hex (0x + 64 hex "
         "digits)"
     )  # one line, no traceback
@@ -292,14 +300,14 @@ def test_a_payee_withdraws_with_only_its_key_and_the_hub_address(
     assert code == 1
     assert err.startswith(f"error [config_invalid] the key file {tmp_path / 'bad.key'} does not hold a valid"), err
     assert forked_cli("withdraw", "--private-key", "0x" + "1" * 64, env=nowhere, cwd=tmp_path).returncode == 2  # gone
-    assert withdraw("--key-file", str(key_file), "--hub", hub.address)[2] == (
+    assert withdraw("--key-file", str(key_file), "--hub", hub.address).err == (
         f"error [balance_insufficient] {payee.address} holds 0 wei (0 ETH) in the hub: nothing to withdraw. Accepted "
         "payments are credited by the engine's next batch: `settlement payee` shows what is settled and what is not yet"
     )
     too_much = withdraw(
         "--key-file", str(key_file), "--hub", hub.address, "--token", token.address, "--amount", str(amount + 1)
     )
-    assert too_much[2].startswith(
+    assert too_much.err.startswith(
         f"error [balance_insufficient] {payee.address} holds 1,500,000,000,000,000,000 base units (1.5 DEV) in the "
         "hub: cannot withdraw 1,500,000,000,000,000,001 base units (1.500000000000000001 DEV)."
     )

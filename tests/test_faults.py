@@ -105,7 +105,8 @@ def automine(w3: Web3, on: bool) -> None:
 def confirmed_once(url: str) -> Batch:
     """The store holds exactly one batch and it is confirmed; returns it."""
     wait_until(lambda: [b.status for b, _ in batches(url)] == ["confirmed"])
-    return batches(url)[0][0]
+    [(batch, _)] = batches(url)
+    return batch
 
 
 # --- 1-3: the settlement engine killed at each step ---------------------------------------------------------------
