@@ -60,6 +60,13 @@ PREPARED_KEPT = 1024  # payments made ahead by the hook and not yet handed over 
 STALE_REASONS = frozenset({"overpayment", "underpayment", "stale_voucher", "voucher_replayed"})
 
 
+class Party(NamedTuple):
+    """Whom a payment pays, in what: a payer's channels are kept per payee and asset."""
+
+    payee: str  # checksummed
+    asset: str  # checksummed token address (ETH: the zero address)
+
+
 class Prepared(NamedTuple):
     """A payment the hook made ahead, for `create_payment_payload` to hand over (or its refusal, to raise there)."""
 
@@ -144,10 +151,10 @@ class ChannelHubClientScheme:
         if self.max_stopped < 1 or self.stopped_grace < 0:
             raise ValueError("max_stopped is at least 1 channel and stopped_grace at least 0 seconds")
         self.network = network_of(self.payer.domain.chain_id)
-        self._lanes: dict[tuple[str, str], list[Lane]] = {}
+        self._lanes: dict[Party, list[Lane]] = {}
         self._by_channel: dict[str, Lane] = {}  # the same lanes by channel id (a payment's answer names its channel)
-        self._opening: Counter[tuple[str, str]] = Counter()  # channels being opened per payee, not yet lanes
-        self._stopped: dict[tuple[str, str], list[Stopped]] = {}  # left for a stop, their deposits not back yet
+        self._opening: Counter[Party] = Counter()  # channels being opened per payee, not yet lanes
+        self._stopped: dict[Party, list[Stopped]] = {}  # left for a stop, their deposits not back yet
         self._guard = threading.Lock()
         # One deposit at a time (payments are made in worker threads): two opens must not read one hub balance or
         # one ERC-20 allowance as if each had it alone.
@@ -338,8 +345,8 @@ class ChannelHubClientScheme:
     # --- lanes -------------------------------------------------------------------------------------------------
 
     def _acquire(self, requirements: PaymentRequirements, price: int) -> Lane:
-        payee, asset = self._party(requirements)
-        party = (payee, asset)
+        party = self._party(requirements)
+        payee, asset = party
         hint = base_units((requirements.extra or {}).get("minDeposit"))  # not a whole amount: no hint
         with self._guard:
             lanes = self._lanes.get(party)
@@ -407,8 +414,8 @@ class ChannelHubClientScheme:
                 stopped.append(Stopped(channel, time.monotonic()))
         return lanes, stopped
 
-    def _party(self, requirements: PaymentRequirements) -> tuple[str, str]:
-        return _checksummed(requirements.pay_to), _checksummed(requirements.asset)
+    def _party(self, requirements: PaymentRequirements) -> Party:
+        return Party(_checksummed(requirements.pay_to), _checksummed(requirements.asset))
 
     def _lane_of(self, channel_id: str) -> Lane | None:
         with self._guard:
@@ -427,7 +434,7 @@ class ChannelHubClientScheme:
             if self._by_channel.get(lane.channel.hex_id) is lane:
                 del self._by_channel[lane.channel.hex_id]
 
-    def _reclaim(self, party: tuple[str, str]) -> None:
+    def _reclaim(self, party: Party) -> None:
         """Before a new channel to a payee: follow the deposits of the channels left to it (`PayerClient.reclaim`:
         the close requested once a channel was left `stopped_grace` seconds to its payee's own, finalized once its
         challenge period is over), and refuse while `max_stopped` are not back. A payee that stopped every channel
@@ -447,7 +454,7 @@ class ChannelHubClientScheme:
             waiting = self._stopped[party] = [s for s in self._stopped.get(party, ()) if s not in back]
         if len(waiting) >= self.max_stopped:
             raise ValueError(
-                f"{party[0]} stopped {len(waiting)} channels of this payer without closing them; no new channel is "
+                f"{party.payee} stopped {len(waiting)} channels of this payer without closing them; no new channel is "
                 f"opened to it until their deposits are back (closes requested after {self.stopped_grace:g}s, "
                 "finalized after the hub's challenge period)"
             )
