@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, NamedTuple
 
 import httpx
 from eth_utils.address import is_address, to_checksum_address
@@ -208,13 +208,14 @@ def payee_report(
     table = Table(title=f"payee {payee}")
     for column in ("asset", "channels", "accepted", "settled", "unsettled", "withdrawable now", "withdrawn"):
         table.add_column(column, justify="left" if column == "asset" else "right")
-    for token, channels, accepted, settled, unsettled, withdrawable, withdrawn in rows:
+    for row in rows:
+        unknown = "not read" if row.token in unread else "chain down"
         table.add_row(
-            "ETH (wei)" if token == ETH else token,
-            str(channels),
-            *(f"{value:,}" for value in (accepted, settled, unsettled)),
-            ("not read" if token in unread else "chain down") if withdrawable is None else f"{withdrawable:,}",
-            f"{withdrawn:,}",
+            "ETH (wei)" if row.token == ETH else row.token,
+            str(row.channels),
+            *(f"{value:,}" for value in (row.accepted, row.settled, row.unsettled)),
+            unknown if row.withdrawable is None else f"{row.withdrawable:,}",
+            f"{row.withdrawn:,}",
         )
     console.print(table)
     if unread:
@@ -229,7 +230,16 @@ def payee_report(
     console.print(f"unsettled value becomes withdrawable {when}; `settlement withdraw` takes it out")
 
 
-_SummaryRow = tuple[str, int, int, int, int, int | None, int]
+class _SummaryRow(NamedTuple):
+    """One asset of a payee's summary, as the service answered it, each field checked."""
+
+    token: str
+    channels: int
+    accepted: int
+    settled: int
+    unsettled: int
+    withdrawable: int | None  # None: the service did not read the balance (`balancesUnread`) or the chain is down
+    withdrawn: int
 
 
 def _summary_of(summary: dict[str, Any]) -> tuple[list[_SummaryRow], float | None, set[str]]:
@@ -249,5 +259,5 @@ def _summary_of(summary: dict[str, Any]) -> tuple[list[_SummaryRow], float | Non
         withdrawable = None if row.get("withdrawable") is None else service_amount(row, "withdrawable")
         accepted, settled, unsettled = (service_amount(row, field) for field in ("accepted", "settled", "unsettled"))
         token, withdrawn = service_address(row, "token"), service_amount(row, "withdrawn")
-        rows.append((token, channels, accepted, settled, unsettled, withdrawable, withdrawn))
+        rows.append(_SummaryRow(token, channels, accepted, settled, unsettled, withdrawable, withdrawn))
     return rows, None if interval is None else float(interval), {to_checksum_address(t) for t in unread}
