@@ -322,11 +322,11 @@ def test_refusals_leave_no_garbage_for_the_collector(
 
 def _until_unchanged(count: Callable[[], int], quiet: float = 0.5) -> None:
     """Wait until `count` has not moved for `quiet` seconds."""
-    seen = (count(), time.monotonic())
-    while time.monotonic() - seen[1] < quiet:
+    last, since = count(), time.monotonic()
+    while time.monotonic() - since < quiet:
         time.sleep(0.05)
-        if (now := count()) != seen[0]:
-            seen = (now, time.monotonic())
+        if (now := count()) != last:
+            last, since = now, time.monotonic()
 
 
 def test_a_flood_of_readiness_checks_costs_the_chain_no_call_each(api: Callable[..., TestClient], w3: Web3) -> None:

@@ -474,9 +474,10 @@ def test_the_service_holds_at_most_its_webhooks_in_all_even_when_payees_ask_at_o
     made = [(path, a.json()["webhookId"]) for path, a in zip(paths, answers, strict=True) if a.status_code == 201]
     assert sum(len(httpx.get(path).json()) for path in paths) == 3
     refused = next(path for path, a in zip(paths, answers, strict=True) if a.status_code == 503)
-    assert httpx.delete(f"{made[0][0]}/{made[0][1]}", timeout=30).status_code == 204
+    first_path, first_id = made[0]
+    assert httpx.delete(f"{first_path}/{first_id}", timeout=30).status_code == 204
     assert httpx.post(refused, json={"url": url}, timeout=30).status_code == 201
-    assert httpx.post(made[0][0], json={"url": url}, timeout=30).json()["code"] == "webhooks_full"
+    assert httpx.post(first_path, json={"url": url}, timeout=30).json()["code"] == "webhooks_full"
 
 
 def test_fresh_keys_fill_no_more_than_their_share_of_webhooks_and_never_hold_back_a_payee_of_a_channel(
