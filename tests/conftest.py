@@ -8,7 +8,7 @@ import uuid
 from collections.abc import Callable, Iterator
 from contextlib import ExitStack, contextmanager
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import pytest
 from eth_account.signers.local import LocalAccount
@@ -18,6 +18,7 @@ from sqlalchemy.engine import make_url
 from sqlalchemy.exc import OperationalError
 from web3 import Web3
 from web3.contract import Contract
+from web3.types import RPCEndpoint
 
 from settlement.api.app import create_app
 from settlement.chain.contracts import load_artifact
@@ -59,7 +60,7 @@ def deploy(w3: Web3, accounts: list[LocalAccount]) -> Callable[..., Contract]:
         factory = w3.eth.contract(abi=artifact.abi, bytecode=artifact.bytecode)
         tx = factory.constructor(*args).transact({"from": (sender or accounts[0]).address})
         receipt = w3.eth.wait_for_transaction_receipt(tx)
-        return w3.eth.contract(address=receipt["contractAddress"], abi=artifact.abi)
+        return cast(Contract, w3.eth.contract(address=receipt["contractAddress"], abi=artifact.abi))
 
     return make
 
@@ -83,9 +84,9 @@ def evm_snapshot(request: pytest.FixtureRequest) -> Iterator[None]:
         return
     chain: Web3 = request.getfixturevalue("w3")
     request.getfixturevalue("session_hub")  # deployed once, before the first snapshot
-    snapshot = chain.provider.make_request("evm_snapshot", [])["result"]
+    snapshot = chain.provider.make_request(RPCEndpoint("evm_snapshot"), [])["result"]
     yield
-    assert chain.provider.make_request("evm_revert", [snapshot])["result"] is True
+    assert chain.provider.make_request(RPCEndpoint("evm_revert"), [snapshot])["result"] is True
 
 
 @pytest.fixture(params=["automine", "interval"])
@@ -95,13 +96,13 @@ def mining(request: pytest.FixtureRequest, w3: Web3) -> Iterator[str]:
     if request.param == "automine":
         yield "automine"
         return
-    w3.provider.make_request("evm_setAutomine", [False])
-    w3.provider.make_request("evm_setIntervalMining", [1])
+    w3.provider.make_request(RPCEndpoint("evm_setAutomine"), [False])
+    w3.provider.make_request(RPCEndpoint("evm_setIntervalMining"), [1])
     try:
         yield "interval"
     finally:  # before evm_snapshot's revert (an autouse fixture, so set up first and torn down last)
-        w3.provider.make_request("evm_setIntervalMining", [0])
-        w3.provider.make_request("evm_setAutomine", [True])
+        w3.provider.make_request(RPCEndpoint("evm_setIntervalMining"), [0])
+        w3.provider.make_request(RPCEndpoint("evm_setAutomine"), [True])
 
 
 @pytest.fixture

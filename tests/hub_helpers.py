@@ -14,7 +14,7 @@ import sys
 import threading
 import time
 import uuid
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -22,6 +22,7 @@ from pathlib import Path
 from typing import Any, NamedTuple
 
 import httpx
+import httpx2
 import pytest
 from eth_account.messages import encode_defunct
 from eth_account.signers.local import LocalAccount
@@ -34,7 +35,7 @@ from web3 import Web3
 from web3.contract import Contract
 from web3.exceptions import ContractCustomError, ContractLogicError
 from web3.logs import DISCARD
-from web3.types import TxReceipt
+from web3.types import RPCEndpoint, TxReceipt
 
 from settlement.chain.batch_codec import SettleEntry, decode_settlements, encode_batch
 from settlement.chain.node import Revert, revert_of
@@ -77,11 +78,11 @@ def devnet_settings(**overrides: Any) -> Settings:
     return Settings(_env_file=None, **({"allowed_hosts": TEST_HOSTS} | overrides))  # type: ignore[call-arg]
 
 
-def reverts_with(call: Any, abi: list[dict[str, Any]], tx: dict[str, Any]) -> Revert:
-    """Send `call` expecting a custom-error revert; return the decoded error."""
+def reverts_with(call: Any, abi: Sequence[Any], tx: dict[str, Any]) -> Revert:
+    """Send `call` expecting a custom-error revert; return the decoded error. `abi`: a contract's (web3's `ABI`)."""
     with pytest.raises((ContractCustomError, ContractLogicError)) as info:
         call.transact(tx)
-    revert = revert_of(info.value, abi)
+    revert = revert_of(info.value, [dict(entry) for entry in abi])
     assert revert is not None, f"no revert data in {info.value!r}"
     return revert
 
@@ -123,9 +124,18 @@ class Channel:
     deposit: int = 0
     extra: dict[str, Any] = field(default_factory=dict)
 
+    @property
+    def hex_id(self) -> ChannelId:
+        """The id as the service's layers name it: 0x + 64 hex."""
+        return ChannelId("0x" + self.id.hex())
+
     def voucher(self, cumulative: int, signature: bytes) -> SettleEntry:
         return SettleEntry(self.payer.address, self.salt, cumulative, signature)
 
+
+# What a test's HTTP client is and answers: httpx's, or FastAPI's TestClient, which starlette builds on httpx2.
+AnyClient = httpx.Client | TestClient
+Answer = httpx.Response | httpx2.Response
 
 Sign = Callable[..., bytes]
 
@@ -178,18 +188,18 @@ def in_one_block(w3: Web3, *txs: Tx, gas: int = 1_000_000) -> list[TxReceipt]:
     """Send `txs` in this order into one block, as a real chain would mine them; returns every receipt (reverted
     ones included: the caller asserts what it expects). Mining stops while they queue, and the chain mines as it did
     before after (automine, or a block every N seconds: `mining`'s interval chain stays one)."""
-    automine = w3.provider.make_request("anvil_getAutomine", [])["result"]  # type: ignore[arg-type]
-    interval = w3.provider.make_request("anvil_getIntervalMining", [])["result"]  # type: ignore[arg-type]
-    w3.provider.make_request("evm_setIntervalMining", [0])
-    w3.provider.make_request("evm_setAutomine", [False])
+    automine = w3.provider.make_request(RPCEndpoint("anvil_getAutomine"), [])["result"]
+    interval = w3.provider.make_request(RPCEndpoint("anvil_getIntervalMining"), [])["result"]
+    w3.provider.make_request(RPCEndpoint("evm_setIntervalMining"), [0])
+    w3.provider.make_request(RPCEndpoint("evm_setAutomine"), [False])
     try:
         hashes = [call.transact({"from": sender, "value": value, "gas": gas}) for call, sender, value in txs]
-        w3.provider.make_request("evm_mine", [])
+        w3.provider.make_request(RPCEndpoint("evm_mine"), [])
     finally:
         if interval:
-            w3.provider.make_request("evm_setIntervalMining", [interval])
+            w3.provider.make_request(RPCEndpoint("evm_setIntervalMining"), [interval])
         else:
-            w3.provider.make_request("evm_setAutomine", [bool(automine)])
+            w3.provider.make_request(RPCEndpoint("evm_setAutomine"), [bool(automine)])
     receipts = [w3.eth.wait_for_transaction_receipt(h) for h in hashes]
     assert len({r["blockNumber"] for r in receipts}) == 1, "the transactions did not share a block"
     return receipts
@@ -199,7 +209,7 @@ def in_one_block(w3: Web3, *txs: Tx, gas: int = 1_000_000) -> list[TxReceipt]:
 
 
 def pay(service: Service, channel: Channel, cumulative: int, sign: Sign) -> None:
-    voucher = Voucher("0x" + channel.id.hex(), cumulative, sign(channel.payer, channel.id, cumulative))
+    voucher = Voucher(channel.hex_id, cumulative, sign(channel.payer, channel.id, cumulative))
     outcome = service.ingestor.ingest([voucher])[0]
     assert not isinstance(outcome, Exception), outcome
 
@@ -381,7 +391,7 @@ def stored_payments(url: str, channel_id: str) -> list[Receipt]:
         db.dispose()
 
 
-def signed_in(client: httpx.Client, account: LocalAccount) -> dict[str, str]:
+def signed_in(client: AnyClient, account: LocalAccount) -> dict[str, str]:
     """The Authorization header of `account` signed in with its own key (challenge, personal_sign, token)."""
     challenge = client.post("/v1/auth/challenge", json={"address": account.address}).json()
     signature = account.sign_message(encode_defunct(text=challenge["message"])).signature.to_0x_hex()

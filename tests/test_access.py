@@ -443,6 +443,11 @@ def test_the_payer_sdk_signs_in_by_itself_and_signs_nothing_else(
             auth._check(bad)
 
 
+def _expiring_at(at: object) -> Callable[[dict[str, Any]], object]:
+    """A token answer rewritten to expire at `at`."""
+    return lambda data: {**data, "expiresAt": at}
+
+
 def test_a_sign_in_answer_not_in_the_services_form_is_untrusted(
     serve_here: Callable[..., ServiceThread], devnet: Any, accounts: list[LocalAccount], tmp_path: Path
 ) -> None:
@@ -456,7 +461,7 @@ def test_a_sign_in_answer_not_in_the_services_form_is_untrusted(
         ("/v1/auth/token", lambda data: {k: v for k, v in data.items() if k != "token"}, "token is not a string"),
         ("/v1/auth/token", lambda data: [data], "is not a JSON object"),
     ] + [
-        ("/v1/auth/token", lambda data, at=at: {**data, "expiresAt": at}, "expires at")
+        ("/v1/auth/token", _expiring_at(at), "expires at")
         for at in ("inf", "nan", str(int(time.time()) + 60), 1e12, True, None)
     ]
     for path, rewrite, refusal in answers:

@@ -12,19 +12,20 @@ import json
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, cast
 
-import httpx
 import pytest
 from eth_account.signers.local import LocalAccount
 from fastapi.testclient import TestClient
 from web3 import Web3
 from web3.contract import Contract
+from web3.types import RPCEndpoint
 
 from settlement.api.app import create_app
-from settlement.eip712.vouchers import MAX_UINT256, Domain
+from settlement.domain.model import MAX_UINT256
+from settlement.eip712.vouchers import Domain
 from settlement.server.config import Settings
-from tests.hub_helpers import Channel, open_eth_channel, salt_of, send, voucher_signer, wait_until
+from tests.hub_helpers import Answer, Channel, open_eth_channel, salt_of, send, voucher_signer, wait_until
 from tests.signatures import REFUSED_FORMS
 
 # Every case runs on both stores (store_url's parameters): "a 4xx with a stable code" must hold on each, and some
@@ -61,10 +62,10 @@ class Scene:
         body.update(fields)
         return {key: value for key, value in body.items() if value is not _DROP}
 
-    def post(self, body: Any) -> httpx.Response:
+    def post(self, body: Any) -> Answer:
         return self.client.post("/v1/vouchers", json=body)
 
-    def post_raw(self, content: bytes, content_type: str | None = "application/json") -> httpx.Response:
+    def post_raw(self, content: bytes, content_type: str | None = "application/json") -> Answer:
         headers = {"content-type": content_type} if content_type else {}
         return self.client.post("/v1/vouchers", content=content, headers=headers)
 
@@ -83,52 +84,52 @@ class Scene:
 _DROP = object()
 
 
-def _signed_with(form: Callable[[bytes], bytes]) -> Callable[[Scene], httpx.Response]:
+def _signed_with(form: Callable[[bytes], bytes]) -> Callable[[Scene], Answer]:
     return lambda s: s.post(s.voucher(100, signature="0x" + form(s.signature(100)).hex()))
 
 
-def _other_domain(s: Scene, **change: Any) -> httpx.Response:
+def _other_domain(s: Scene, **change: Any) -> Answer:
     domain = Domain(**{"chain_id": s.domain.chain_id, "verifying_contract": s.domain.verifying_contract, **change})
     return s.post(s.voucher(100, signature="0x" + s.signature(100, domain=domain).hex()))
 
 
-def _stale(s: Scene) -> httpx.Response:
+def _stale(s: Scene) -> Answer:
     s.accept(500)
     return s.post(s.voucher(400))
 
 
-def _equal_other_signer(s: Scene) -> httpx.Response:
+def _equal_other_signer(s: Scene) -> Answer:
     s.accept(100)
     return s.post(s.voucher(100, signature="0x" + s.signature(100, signer=s.stranger).hex()))
 
 
-def _closed(s: Scene) -> httpx.Response:
+def _closed(s: Scene) -> Answer:
     s.close()
     return s.post(s.voucher(100))
 
 
-def _key_reused(s: Scene) -> httpx.Response:
+def _key_reused(s: Scene) -> Answer:
     assert s.post(s.voucher(100, idempotencyKey="pay-1")).status_code == 201
     return s.post(s.voucher(300, idempotencyKey="pay-1"))  # 200 more, where pay-1 paid 100
 
 
-def _resent_with_other_reference(s: Scene) -> httpx.Response:
+def _resent_with_other_reference(s: Scene) -> Answer:
     assert s.post(s.voucher(100, reference="order-1")).status_code == 201
     return s.post(s.voucher(100, reference="order-2"))
 
 
-def _length_beyond_any_integer(s: Scene) -> httpx.Response:
+def _length_beyond_any_integer(s: Scene) -> Answer:
     """A declared length of 5,000 digits (an ASGI server that passes it on): int() refuses more than 4,300."""
     headers = {"content-type": "application/json", "content-length": "9" * 5000}
     return s.client.post("/v1/vouchers", content=json.dumps(s.voucher()).encode(), headers=headers)
 
 
-def _chunked_huge(s: Scene) -> httpx.Response:
+def _chunked_huge(s: Scene) -> Answer:
     chunks = (b"x" * 65536 for _ in range(32))
     return s.client.post("/v1/vouchers", content=chunks, headers={"content-type": "application/json"})
 
 
-Case = tuple[Callable[[Scene], httpx.Response], int, str]
+Case = tuple[Callable[[Scene], Answer], int, str]
 
 CASES: dict[str, Case] = {
     # the body as a whole
@@ -187,7 +188,7 @@ CASES: dict[str, Case] = {
         "malformed_request",
     ),
     "signature-empty": (lambda s: s.post(s.voucher(signature="0x")), 400, "invalid_signature"),
-    **{f"signature-{p.id}": (_signed_with(p.values[0]), 400, "invalid_signature") for p in REFUSED_FORMS},
+    **{f"signature-{p.id}": (_signed_with(cast(Any, p.values[0])), 400, "invalid_signature") for p in REFUSED_FORMS},
     "signature-v-flipped": (_signed_with(lambda sig: sig[:64] + bytes((55 - sig[64],))), 400, "invalid_signature"),
     "signature-r-bit-flipped": (
         _signed_with(lambda sig: sig[:31] + bytes((sig[31] ^ 1,)) + sig[32:]),
@@ -299,7 +300,7 @@ def scenes(
 ) -> Iterator[dict[str, Scene]]:
     """A scene per shared case, all on one app: the channels are opened first, so the app's start indexes them all
     (and the chain is reverted to where it was once the module is done)."""
-    snapshot = w3.provider.make_request("evm_snapshot", [])["result"]
+    snapshot = w3.provider.make_request(RPCEndpoint("evm_snapshot"), [])["result"]
     try:
         names = [case for case in CASES if case not in ON_THEIR_OWN] + [MIXED_BATCH]
         channels = {
@@ -316,7 +317,7 @@ def scenes(
                 for name, channel in channels.items()
             }
     finally:
-        assert w3.provider.make_request("evm_revert", [snapshot])["result"] is True
+        assert w3.provider.make_request(RPCEndpoint("evm_revert"), [snapshot])["result"] is True
 
 
 @pytest.fixture

@@ -17,6 +17,7 @@ from eth_account.signers.local import LocalAccount
 from fastapi.testclient import TestClient
 
 import settlement.server.risk
+import settlement.store.caps
 from settlement.domain.ledger import Verdict
 from settlement.domain.model import Voucher
 from settlement.errors import SettlementError, SpendingCapError
@@ -171,7 +172,7 @@ def test_a_cap_holds_exactly_with_two_services_writing_on_one_store(
 
     def pay(n: int) -> None:
         service, channel = services[n], channels[n]
-        cid = "0x" + channel.id.hex()
+        cid = channel.hex_id
         for step in range(1, 41):  # 40 vouchers of 10 each way: 800 asked, 500 allowed
             outcomes[n] += service.ingestor.ingest(
                 [Voucher(cid, step * 10, sign(channel.payer, channel.id, step * 10))]
@@ -192,7 +193,7 @@ def test_a_cap_holds_exactly_with_two_services_writing_on_one_store(
     last = max(o.receipt.cumulative for o in outcomes[0] if isinstance(o, Verdict))
     with pytest.raises(SpendingCapError):
         services[0].ingestor.preview(
-            Voucher("0x" + channel.id.hex(), last + 10, sign(channel.payer, channel.id, last + 10))
+            Voucher(channel.hex_id, last + 10, sign(channel.payer, channel.id, last + 10))
         )
 
 
@@ -314,7 +315,7 @@ def test_caps_are_read_again_only_when_they_changed(
     client = api()
     service: Service = client.app.state.service  # type: ignore[attr-defined]
     reads: list[int] = []
-    real = settlement.server.risk.caps
+    real = settlement.store.caps.caps  # what the risk monitor reads the caps with
 
     def counted(conn: Any) -> list[Any]:
         reads.append(1)
@@ -324,6 +325,7 @@ def test_caps_are_read_again_only_when_they_changed(
     path = f"/v1/payees/{accounts[6].address}/caps"
     made = client.put(path, json={"amount": "5", "windowSeconds": 60}).json()
     caps_reach_ingest(service)
+    assert service.risk is not None
     service.risk.refresh()
     before = len(reads)
     for _ in range(5):

@@ -10,6 +10,7 @@ from typing import Any
 
 import pytest
 from fastapi.testclient import TestClient
+from web3.types import RPCEndpoint
 
 from settlement.api.app import create_app
 from settlement.chain.deployment import Deployment, deploy_hub
@@ -25,7 +26,7 @@ def start_chain(port: int, extra_blocks: int) -> tuple[Devnet, Deployment]:
     net = Devnet(devnet_settings(devnet_port=port, devnet_accounts=2)).start()
     w3 = connect(net.url)
     for _ in range(extra_blocks):
-        w3.provider.make_request("evm_mine", [])
+        w3.provider.make_request(RPCEndpoint("evm_mine"), [])
     return net, deploy_hub(w3, net.accounts[0], CHALLENGE_PERIOD)
 
 
@@ -82,7 +83,7 @@ def test_ready_fails_while_the_chain_under_a_running_service_was_replaced(
     with TestClient(create_app(settings_for(old_net, old, store_url, tmp_path))) as client:
         assert client.get("/ready").status_code == 200
         new_net, _new = restartable_chain(extra_blocks=3)  # same port: the running service now talks to it
-        connect(new_net.url).provider.make_request("anvil_mine", [hex(10)])
+        connect(new_net.url).provider.make_request(RPCEndpoint("anvil_mine"), [hex(10)])
         deadline = time.monotonic() + 20
         while time.monotonic() < deadline:  # while the port changes hands /ready says the chain does not answer
             answer = client.get("/ready")

@@ -7,9 +7,11 @@ import signal
 import time
 from collections.abc import Callable
 from pathlib import Path
+from typing import cast
 
 import httpx
 import pytest
+from hexbytes import HexBytes
 from web3 import Web3
 
 from settlement.chain.contracts import HUB, load_artifact, runtime_matches
@@ -43,7 +45,8 @@ def test_deploy_writes_a_record_with_code_at_the_address(devnet: Devnet, w3: Web
     assert deployment.artifact_sha256 == load_artifact(HUB).checksum
     code = w3.eth.get_code(Web3.to_checksum_address(deployment.address))
     assert runtime_matches(load_artifact(HUB), bytes(code))
-    assert w3.eth.get_block(deployment.block_number)["transactions"][0].to_0x_hex() == deployment.tx_hash
+    deployed = w3.eth.get_block(deployment.block_number)["transactions"][0]  # hashes: not full transactions
+    assert cast(HexBytes, deployed).to_0x_hex() == deployment.tx_hash
     deployment.check(w3)
     hub = w3.eth.contract(address=Web3.to_checksum_address(deployment.address), abi=load_artifact(HUB).abi)
     assert hub.functions.challengePeriod().call() == 120

@@ -49,7 +49,7 @@ def test_settle_status_channels_reconcile_withdraw(
     service.indexer.catch_up()
     for channel, amount in zip(channels, (300, 500), strict=True):
         outcome = service.ingestor.ingest(
-            [Voucher("0x" + channel.id.hex(), amount, sign(channel.payer, channel.id, amount))]
+            [Voucher(channel.hex_id, amount, sign(channel.payer, channel.id, amount))]
         )[0]
         assert not isinstance(outcome, Exception)
     settings = service_settings()
@@ -174,7 +174,7 @@ def test_status_and_channels_read_the_store_alone_when_the_chain_is_down(
     service = make_service()
     channel = open_channel(accounts[5], accounts[7].address, amount=10**18)
     service.indexer.catch_up()
-    outcome = service.ingestor.ingest([Voucher("0x" + channel.id.hex(), 300, sign(channel.payer, channel.id, 300))])[0]
+    outcome = service.ingestor.ingest([Voucher(channel.hex_id, 300, sign(channel.payer, channel.id, 300))])[0]
     assert not isinstance(outcome, Exception)
     settings = service_settings()
     env = {
@@ -431,9 +431,11 @@ def test_a_payee_summary_not_in_the_services_form_is_refused_not_rendered(
     ]
     summary = f"/v1/payees/{payee}/summary"
     for forge, refusal in forms:
-        with TamperingProxy(
-            service.url, lambda path, data, forge=forge: forge(data) if path == summary else data
-        ) as proxy:
+
+        def rewrite(path: str, data: Any, forge: Callable[[Any], Any] = forge) -> Any:
+            return forge(data) if path == summary else data
+
+        with TamperingProxy(service.url, rewrite) as proxy:
             out = forked_cli("payee", payee, "--service-url", proxy.url, env={}, cwd=tmp_path)
         assert (out.returncode, "Traceback" in out.stderr) == (1, False), out.stderr
         assert "error [service_untrusted]" in out.stderr and refusal in out.stderr, out.stderr

@@ -21,6 +21,7 @@ from fastapi.testclient import TestClient
 from hexbytes import HexBytes
 from web3 import Web3
 from web3.contract import Contract
+from web3.types import RPCEndpoint
 
 from settlement.devtools.devnet import Devnet
 from settlement.domain.model import ChannelStatus, ChannelViewField
@@ -140,7 +141,12 @@ def test_service_killed_mid_stream_loses_no_acknowledged_voucher(
     client = payer_client(accounts[12], service.url, retries=10, backoff=0.1, timeout=5)
     channel = client.open_channel(accounts[11].address, 10**9)
     client.wait_until_known(channel)
-    receipts = stream_through(client, channel, lambda: (service.kill(), service.start()))
+
+    def restart() -> None:
+        service.kill()
+        service.start()
+
+    receipts = stream_through(client, channel, restart)
     stored = {(p.cumulative, p.increment) for p in stored_payments(store_url, channel.hex_id)}
     acknowledged = {(r.cumulative, r.increment) for r in receipts}
     assert acknowledged <= stored  # every receipt the client holds is durable
@@ -348,7 +354,13 @@ def test_paying_again_with_the_key_after_an_uncertain_payment_pays_once(
     client.wait_until_known(channel)
     client.pay(channel, 100)
     if killed:
-        tamper.after_post = lambda: (service.kill(), drop_answer())
+
+        def kill_then_drop() -> None:
+            assert isinstance(service, ServiceProcess)
+            service.kill()
+            drop_answer()
+
+        tamper.after_post = kill_then_drop
     else:
         tamper.after_post = drop_answer
     with pytest.raises(PaymentUncertainError) as info:
@@ -836,8 +848,9 @@ def test_reclaim_takes_the_step_that_is_due_until_the_deposit_is_back(
     assert (client.reclaim(channel, request_close=False), status()) == (Reclaim.OPEN, ChannelStatus.OPEN)
     assert (client.reclaim(channel), status()) == (Reclaim.CLOSING, ChannelStatus.CLOSING)
     assert (client.reclaim(channel), status()) == (Reclaim.CLOSING, ChannelStatus.CLOSING)  # the period runs
-    w3.provider.make_request("evm_increaseTime", [3601])  # the session hub's challenge period, and a second
-    w3.provider.make_request("evm_mine", [])
+    # the session hub's challenge period, and a second
+    w3.provider.make_request(RPCEndpoint("evm_increaseTime"), [3601])
+    w3.provider.make_request(RPCEndpoint("evm_mine"), [])
     assert (client.reclaim(channel), status()) == (Reclaim.BACK, ChannelStatus.CLOSED)
     assert client.hub_balance() == before + 1_000  # no engine here: the voucher of 300 was never settled
     assert client.reclaim(channel) == Reclaim.BACK
@@ -893,7 +906,7 @@ def test_a_payer_waits_for_its_new_channel_through_a_read_budget_that_admits_non
     def confirm_later() -> None:
         time.sleep(6)
         for _ in range(3):
-            w3.provider.make_request("evm_mine", [])  # type: ignore[arg-type]
+            w3.provider.make_request(RPCEndpoint("evm_mine"), [])
 
     miner = threading.Thread(target=confirm_later)
     miner.start()

@@ -12,6 +12,8 @@ from pathlib import Path
 
 import httpx
 import pytest
+from web3 import Web3
+from web3.types import RPCEndpoint
 
 from settlement.chain.node import connect
 from settlement.devtools.devnet import Devnet
@@ -40,7 +42,7 @@ def test_devnet_starts_answers_and_stops() -> None:
     try:
         w3 = connect(net.url)
         assert w3.eth.chain_id == 4747
-        assert [a.address for a in net.accounts] == w3.eth.accounts
+        assert [a.address for a in net.accounts] == list(w3.eth.accounts)
         assert w3.eth.get_balance(net.accounts[2].address) == 7 * 10**18
     finally:
         net.stop()
@@ -63,7 +65,7 @@ def test_keep_states_forgets_old_states_but_serves_recent_ones(keep: int | None)
         w3 = connect(net.url)
         account = net.accounts[1].address
         for _ in range(6):
-            w3.provider.make_request("evm_mine", [])  # type: ignore[arg-type]
+            w3.provider.make_request(RPCEndpoint("evm_mine"), [])
         assert w3.eth.get_balance(account, block_identifier=5) > 0
         if keep is None:  # the whole history
             assert w3.eth.get_balance(account, block_identifier=1) > 0
@@ -145,7 +147,7 @@ def test_settlement_devnet_started_with_ampersand_mines_mints_and_stops_on_sigin
         first = w3.eth.block_number
         time.sleep(2.5)
         assert w3.eth.block_number >= first + 2  # blocks come without transactions
-        erc20 = w3.eth.contract(address=match.group(1), abi=ERC20_BALANCE)
+        erc20 = w3.eth.contract(address=Web3.to_checksum_address(match.group(1)), abi=ERC20_BALANCE)
         assert [erc20.functions.balanceOf(a).call() for a in w3.eth.accounts] == [10**24] * 10
         process.send_signal(signal.SIGINT)
         assert process.wait(timeout=20) == 0

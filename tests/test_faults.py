@@ -22,6 +22,7 @@ from sqlalchemy.engine import make_url
 from web3 import Web3
 from web3.contract import Contract
 from web3.exceptions import TransactionNotFound
+from web3.types import RPCEndpoint
 
 from scripts.proc_cpu import children
 from settlement.devtools.devnet import Devnet
@@ -95,11 +96,11 @@ def batches(url: str) -> list[tuple[Batch, list[SentTx]]]:
 
 def mine(w3: Web3, blocks: int = 1) -> None:
     for _ in range(blocks):
-        w3.provider.make_request("evm_mine", [])
+        w3.provider.make_request(RPCEndpoint("evm_mine"), [])
 
 
 def automine(w3: Web3, on: bool) -> None:
-    w3.provider.make_request("evm_setAutomine", [on])
+    w3.provider.make_request(RPCEndpoint("evm_setAutomine"), [on])
 
 
 def confirmed_once(url: str) -> Batch:
@@ -128,14 +129,14 @@ def test_killed_between_the_intent_and_the_broadcast_settles_once(
     intent): kill -9 there, fund the settler, restart."""
     channel = open_channel(accounts[5], payee)
     nonce, funds = w3.eth.get_transaction_count(settler.address), w3.eth.get_balance(settler.address)
-    w3.provider.make_request("anvil_setBalance", [settler.address, hex(10**9)])
+    w3.provider.make_request(RPCEndpoint("anvil_setBalance"), [settler.address, hex(10**9)])
     service = engine_process(store_url)
     assert pay(service, channel, 777, sign).status_code == 201
     wait_until(lambda: "low_funds" in service.log.read_text())
     assert [(b.status, txs) for b, txs in batches(store_url)] == [("pending", [])]
     service.kill()
 
-    w3.provider.make_request("anvil_setBalance", [settler.address, hex(funds)])
+    w3.provider.make_request(RPCEndpoint("anvil_setBalance"), [settler.address, hex(funds)])
     service.start()
     batch = confirmed_once(store_url)
     assert (settled_on_chain(hub, channel), credited(hub, payee)) == (777, 777)
@@ -314,12 +315,12 @@ def test_a_reorged_out_top_up_never_backs_a_voucher(
     channel = open_channel(accounts[5], payee, amount=100)
     mine(w3, 2)
     service = engine_process(store_url, confirmations="2")
-    fork = w3.provider.make_request("evm_snapshot", [])["result"]
+    fork = w3.provider.make_request(RPCEndpoint("evm_snapshot"), [])["result"]
     send(w3, hub.functions.topUp(channel.id, 900), channel.payer.address, value=900)
     refused = pay(service, channel, 500, sign)  # the top-up is not confirmed yet
     assert (refused.status_code, refused.json()["code"]) == (409, "amount_exceeds_deposit")
 
-    assert w3.provider.make_request("evm_revert", [fork])["result"] is True  # the top-up never happened
+    assert w3.provider.make_request(RPCEndpoint("evm_revert"), [fork])["result"] is True  # the top-up never happened
     mine(w3, 3)
     url = f"{service.url}/v1/channels/0x{channel.id.hex()}"
     wait_until(lambda: httpx.get(f"{service.url}/ready").json()["indexedBlock"] >= w3.eth.block_number - 2)
@@ -345,7 +346,7 @@ def test_a_settlement_reorged_out_is_sent_again(
     mine(w3, 2)
     nonce = w3.eth.get_transaction_count(settler.address)
     service = engine_process(store_url, confirmations="2")
-    fork = w3.provider.make_request("evm_snapshot", [])["result"]
+    fork = w3.provider.make_request(RPCEndpoint("evm_snapshot"), [])["result"]
     assert pay(service, channel, 77, sign).status_code == 201
     wait_until(lambda: settled_on_chain(hub, channel) == 77)  # mined, not yet 2 deep
     [(_, [sent])] = batches(store_url)
@@ -353,7 +354,7 @@ def test_a_settlement_reorged_out_is_sent_again(
     assert service.process is not None
     service.process.send_signal(signal.SIGSTOP)  # hold the engine still while the chain forks under it
     try:
-        assert w3.provider.make_request("evm_revert", [fork])["result"] is True
+        assert w3.provider.make_request(RPCEndpoint("evm_revert"), [fork])["result"] is True
         with pytest.raises(TransactionNotFound):
             w3.eth.get_transaction(HexBytes(sent.tx_hash))  # the settlement is gone from the chain and the pool
         assert (settled_on_chain(hub, channel), credited(hub, payee)) == (0, 0)
@@ -390,7 +391,7 @@ def test_a_close_while_the_service_is_down(
     assert [pay(service, channel, amount, sign).status_code for amount in (40, 90)] == [201, 201]
     service.kill()
     send(w3, hub.functions.requestClose(channel.id), channel.payer.address)  # only 0 of the 90 is settled
-    w3.provider.make_request("evm_increaseTime", [asleep])
+    w3.provider.make_request(RPCEndpoint("evm_increaseTime"), [asleep])
     mine(w3)
 
     service.start()
@@ -464,7 +465,13 @@ def test_postgres_outages_during_ingest_lose_no_acknowledged_voucher(
         try:
             channel = client.open_channel(accounts[11].address, 10**9)
             client.wait_until_known(channel)
-            receipts = stream_through(client, channel, lambda: (proxy.cut(), time.sleep(1.5), proxy.mend()))
+
+            def outage() -> None:
+                proxy.cut()
+                time.sleep(1.5)
+                proxy.mend()
+
+            receipts = stream_through(client, channel, outage)
             position = client.position(channel)
         finally:
             client.shutdown()

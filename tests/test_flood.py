@@ -15,11 +15,13 @@ from eth_account.signers.local import LocalAccount
 from fastapi.testclient import TestClient
 from web3 import Web3
 from web3.contract import Contract
+from web3.types import RPCEndpoint
 
 from settlement.domain.ledger import Verdict
 from settlement.domain.model import Voucher
 from settlement.eip712.vouchers import channel_id
 from settlement.errors import SettlementError, UnknownChannelsBusyError
+from settlement.indexer.follower import Indexer
 from settlement.server.service import Service
 from tests.hub_helpers import (
     ETH,
@@ -155,7 +157,7 @@ def test_a_new_channels_concurrent_first_payments_share_one_admission(
     head = service.w3.eth.block_number  # the indexer's first pass ends before the channel opens: it never holds it
     wait_cursor(service.indexer, head)
     channel = open_channel(accounts[7], accounts[8].address, amount=100)
-    voucher = Voucher("0x" + channel.id.hex(), 7, sign(channel.payer, channel.id, 7))
+    voucher = Voucher(channel.hex_id, 7, sign(channel.payer, channel.id, 7))
     start = threading.Barrier(20)
 
     def submit(_: int) -> object:
@@ -167,7 +169,7 @@ def test_a_new_channels_concurrent_first_payments_share_one_admission(
     assert [isinstance(o, Verdict) for o in outcomes] == [True] * 20, outcomes
     assert sorted(o.new for o in outcomes if isinstance(o, Verdict)) == [False] * 19 + [True]
     other = ghost(channel, 6000)
-    refused = service.ingestor.ingest([Voucher("0x" + other.id.hex(), 1, sign(channel.payer, other.id, 1))])[0]
+    refused = service.ingestor.ingest([Voucher(other.hex_id, 1, sign(channel.payer, other.id, 1))])[0]
     assert isinstance(refused, UnknownChannelsBusyError)
 
 
@@ -179,8 +181,8 @@ def test_a_restarted_service_holds_its_stored_payers_from_the_start(
     channel = open_channel(accounts[7], accounts[8].address, amount=100)
     make_service().indexer.catch_up()  # stores the channel
     restarted = make_service(indexer_interval=60, unknown_channel_reads_per_second=0.001)  # admits no unknown id
-    cid = "0x" + channel.id.hex()
-    unknown = "0x" + ghost(channel, 4000).id.hex()
+    cid = channel.hex_id
+    unknown = ghost(channel, 4000).hex_id
     outcomes = restarted.ingestor.ingest(
         [
             Voucher(unknown, 1, sign(channel.payer, bytes.fromhex(unknown[2:]), 1)),
@@ -206,10 +208,11 @@ def test_channels_opened_in_one_block_are_held_from_the_indexer_without_a_read(
                         1_000) for p, salt in zip(payers, salts, strict=True)]  # fmt: skip
     # Until the indexer stores them the answer is 503 (no read admitted); then each pays with no read at all.
     for channel in channels:
-        wait_until(
-            lambda c=channel: client.post("/v1/vouchers", json=body(c, 1, sign(c.payer, c.id, 1))).status_code == 201,
-            timeout=10,
-        )
+
+        def paid(c: Channel = channel) -> bool:
+            return client.post("/v1/vouchers", json=body(c, 1, sign(c.payer, c.id, 1))).status_code == 201
+
+        wait_until(paid, timeout=10)
 
 
 def budgeted_facilitator(
@@ -336,12 +339,20 @@ def test_a_flood_of_readiness_checks_costs_the_chain_no_call_each(api: Callable[
     reads it every time, as before."""
     for max_age, cost in ((3600.0, 0), (0.0, 50)):
         client = api(indexer_interval=3600.0, ready_chain_max_age=max_age)
-        indexer = client.app.state.service.indexer  # type: ignore[attr-defined]
-        wait_until(lambda i=indexer: i.progress is not None and i.progress.cursor >= i.progress.confirmed)
+        indexer: Indexer = client.app.state.service.indexer  # type: ignore[attr-defined]
+
+        def caught_up(i: Indexer = indexer) -> bool:
+            return i.progress is not None and i.progress.cursor >= i.progress.confirmed
+
+        wait_until(caught_up)
         calls = client.app.state.service.w3.provider.calls  # type: ignore[attr-defined]
         # A poll that advanced is followed at once by another (it reads the head and the cursor's block, then finds
         # nothing to do): counted inside the checks below, it made the cost 1 or 2 when it came late.
-        _until_unchanged(lambda c=calls: int(c["eth_getBlockByNumber"]))
+
+        def polls(c: Any = calls) -> int:
+            return int(c["eth_getBlockByNumber"])
+
+        _until_unchanged(polls)
         before = calls["eth_getBlockByNumber"]
         answers = [client.get("/ready") for _ in range(50)]
         assert {(a.status_code, a.json()["headBlock"]) for a in answers} == {(200, w3.eth.block_number)}
@@ -371,7 +382,7 @@ def test_a_flood_of_payee_summaries_reads_each_balance_once_a_block(
     assert answers == [first] * 50
     assert [a["withdrawable"] for a in first["assets"]] == ["0"]
     assert calls["eth_call"] - before == 0
-    w3.provider.make_request("evm_mine", [])  # the store's facts move to a new block: read there, once
+    w3.provider.make_request(RPCEndpoint("evm_mine"), [])  # the store's facts move to a new block: read there, once
     wait_cursor(indexer, w3.eth.block_number - indexer.confirmations)
     before = calls["eth_call"]
     assert [client.get(summary).json()["assets"][0]["withdrawable"] for _ in range(10)] == ["0"] * 10

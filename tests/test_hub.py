@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import Any
+from typing import Any, cast
 
 import pytest
 from eth_account.signers.local import LocalAccount
@@ -12,12 +12,12 @@ from hypothesis import strategies as st
 from web3 import Web3
 from web3.contract import Contract
 from web3.exceptions import ContractCustomError
-from web3.types import RPCEndpoint
+from web3.types import RPCEndpoint, Wei
 
 from settlement.chain.batch_codec import MAX_AMOUNT, SettleEntry, encode_batch, group_header, packed_entry
 from settlement.chain.contracts import HUB, load_artifact
-from settlement.domain.model import ChannelStatus
-from settlement.eip712.vouchers import MAX_UINT256, SECP256K1_N, Domain, VoucherVerifier, to_compact
+from settlement.domain.model import MAX_UINT256, ChannelStatus
+from settlement.eip712.vouchers import SECP256K1_N, Domain, VoucherVerifier, to_compact
 from tests.hub_helpers import (
     ETH,
     SKIP,
@@ -41,8 +41,8 @@ Sign = Callable[..., bytes]
 
 
 def time_travel(w3: Web3, seconds: int) -> None:
-    w3.provider.make_request("evm_increaseTime", [seconds])
-    w3.provider.make_request("evm_mine", [])
+    w3.provider.make_request(RPCEndpoint("evm_increaseTime"), [seconds])
+    w3.provider.make_request(RPCEndpoint("evm_mine"), [])
 
 
 def settle(w3: Web3, hub: Contract, *groups: Group, sender: str | None = None) -> Any:
@@ -494,8 +494,9 @@ def test_vouchers_from_another_chain_do_not_settle(accounts: list[LocalAccount],
             .constructor(600)
             .transact({"from": other_net.accounts[0].address})
         )
-        hub = other.eth.contract(
-            address=other.eth.wait_for_transaction_receipt(tx)["contractAddress"], abi=artifact.abi
+        hub = cast(
+            Contract,
+            other.eth.contract(address=other.eth.wait_for_transaction_receipt(tx)["contractAddress"], abi=artifact.abi),
         )
         payer, payee = other_net.accounts[1], other_net.accounts[2].address
         send(other, hub.functions.open(payee, ETH, salt_of(1), 100), payer.address, value=100)
@@ -554,10 +555,10 @@ def test_settle_at_the_deadline_and_one_second_after(
     ch = open_channel(accounts[1], accounts[2].address, amount=1000)
     receipt = send(w3, hub.functions.requestClose(ch.id), ch.payer.address)
     deadline = events(hub, receipt, "CloseRequested")[0]["deadline"]
-    w3.provider.make_request("evm_setNextBlockTimestamp", [deadline])
+    w3.provider.make_request(RPCEndpoint("evm_setNextBlockTimestamp"), [deadline])
     receipt = settle(w3, hub, batch(ch.payee, ETH, ch.voucher(100, sign(ch.payer, ch.id, 100))))
     assert settled(hub, receipt) == {ch.id: 100}
-    w3.provider.make_request("evm_setNextBlockTimestamp", [deadline + 1])
+    w3.provider.make_request(RPCEndpoint("evm_setNextBlockTimestamp"), [deadline + 1])
     receipt = settle(w3, hub, batch(ch.payee, ETH, ch.voucher(200, sign(ch.payer, ch.id, 200))))
     assert events(hub, receipt, "VoucherSkipped")[0]["reason"] == SKIP["ChallengeExpired"]
 
@@ -576,15 +577,22 @@ def test_a_payer_racing_the_settlement_with_request_close(
         if close_first
         else ((payout, ch.payee), (close, ch.payer.address))
     )
-    w3.provider.make_request("evm_setAutomine", [False])
+    w3.provider.make_request(RPCEndpoint("evm_setAutomine"), [False])
     try:
         hashes = [
-            call.transact({"from": sender, "gas": 500_000, "maxPriorityFeePerGas": tip, "maxFeePerGas": 10**11})
+            call.transact(
+                {
+                    "from": Web3.to_checksum_address(sender),
+                    "gas": 500_000,
+                    "maxPriorityFeePerGas": Wei(tip),
+                    "maxFeePerGas": Wei(10**11),
+                }
+            )
             for (call, sender), tip in ((first, 2 * 10**9), (second, 10**9))  # the higher tip goes first
         ]
-        w3.provider.make_request("evm_mine", [])
+        w3.provider.make_request(RPCEndpoint("evm_mine"), [])
     finally:
-        w3.provider.make_request("evm_setAutomine", [True])
+        w3.provider.make_request(RPCEndpoint("evm_setAutomine"), [True])
     receipts = [w3.eth.get_transaction_receipt(h) for h in hashes]
     assert [r["status"] for r in receipts] == [1, 1]
     assert receipts[0]["blockNumber"] == receipts[1]["blockNumber"]

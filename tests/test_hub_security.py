@@ -13,6 +13,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from web3 import Web3
 from web3.contract import Contract
+from web3.types import RPCEndpoint
 
 from settlement.chain.batch_codec import SettleEntry
 from settlement.domain.model import ChannelStatus, ChannelViewField
@@ -142,11 +143,11 @@ ops = st.lists(
 def test_invariant_under_random_sequences(
     w3: Web3, hub: Contract, token: Contract, domain: Domain, accounts: list[LocalAccount], sequence: list[Any]
 ) -> None:
-    snapshot = w3.provider.make_request("evm_snapshot", [])["result"]
+    snapshot = w3.provider.make_request(RPCEndpoint("evm_snapshot"), [])["result"]
     try:
         _run_sequence(w3, hub, token, domain, accounts[1:9], sequence)
     finally:
-        w3.provider.make_request("evm_revert", [snapshot])
+        w3.provider.make_request(RPCEndpoint("evm_revert"), [snapshot])
 
 
 def test_a_sequence_the_model_follows_through_every_change(
@@ -247,8 +248,8 @@ def _run_sequence(
             expected[2:] = [mined_at + CHALLENGE_PERIOD, ChannelStatus.CLOSING]
             effects[op] += 1
         elif op == "finalize" and status == ChannelStatus.CLOSING:
-            w3.provider.make_request("evm_increaseTime", [CHALLENGE_PERIOD + 1])
-            w3.provider.make_request("evm_mine", [])
+            w3.provider.make_request(RPCEndpoint("evm_increaseTime"), [CHALLENGE_PERIOD + 1])
+            w3.provider.make_request(RPCEndpoint("evm_mine"), [])
             send(w3, hub.functions.finalizeClose(ch.id), actor.address)
             expected[3], payer_gets = ChannelStatus.CLOSED, deposit - settled
             effects[op] += 1

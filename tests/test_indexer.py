@@ -12,6 +12,7 @@ from eth_account.signers.local import LocalAccount
 from sqlalchemy import func, select
 from web3 import Web3
 from web3.contract import Contract
+from web3.types import RPCEndpoint
 
 from settlement.chain.deployment import Deployment
 from settlement.domain.model import Channel, ChannelStatus, Voucher
@@ -41,7 +42,7 @@ def event_count(db: Database) -> int:
 
 def mine(w3: Web3, blocks: int) -> None:
     for _ in range(blocks):
-        w3.provider.make_request("evm_mine", [])
+        w3.provider.make_request(RPCEndpoint("evm_mine"), [])
 
 
 def test_applies_every_channel_event(
@@ -58,7 +59,8 @@ def test_applies_every_channel_event(
     channel = open_channel(payer, payee, amount=1_000)
     indexer.catch_up()
     first = stored(db, channel)
-    assert (first.payer, first.payee, first.deposit, first.status) == (payer.address, payee, 1_000, ChannelStatus.OPEN)
+    stored_parties = (str(first.payer), str(first.payee))
+    assert (*stored_parties, first.deposit, first.status) == (payer.address, payee, 1_000, ChannelStatus.OPEN)
     assert first.salt == "0x" + channel.salt.hex()
 
     send(w3, hub.functions.topUp(channel.id, 500), payer.address, value=500)
@@ -121,7 +123,7 @@ def test_catch_up_waits_for_every_block_even_when_another_indexer_applies_a_rang
     slow, rival = make_indexer(), make_indexer()
     slow.batch_blocks = rival.batch_blocks = 1
     real_apply = slow._apply
-    lost = []
+    lost: list[bool] = []
 
     def rival_first(*args: object) -> bool:
         if not lost:
@@ -133,6 +135,7 @@ def test_catch_up_waits_for_every_block_even_when_another_indexer_applies_a_rang
     monkeypatch.setattr(slow, "_apply", rival_first)
     slow.catch_up()
     assert lost[0] is True
+    assert slow.progress is not None
     assert slow.progress.cursor == slow.progress.confirmed
     assert [stored(db, c).deposit for c in channels] == [100, 101, 102]
 
@@ -148,7 +151,7 @@ def test_a_lookup_before_the_indexer_gets_there_is_not_applied_twice(
     indexer = make_indexer()
     channel = open_channel(accounts[5], accounts[6].address, amount=100)
     send(w3, hub.functions.topUp(channel.id, 50), accounts[5].address, value=50)
-    found = indexer.lookup("0x" + channel.id.hex())
+    found = indexer.lookup(channel.hex_id)
     assert found is not None and found.deposit == 150
     send(w3, hub.functions.topUp(channel.id, 1), accounts[5].address, value=1)
     indexer.catch_up()  # replays ChannelOpened and the first top-up (already reflected) and the second (new)
@@ -169,12 +172,12 @@ def test_deposits_count_only_once_confirmed_and_a_shallow_reorg_is_absorbed(
     mine(w3, 3)
     indexer.catch_up()
     assert stored(db, channel).deposit == 100
-    snapshot = w3.provider.make_request("evm_snapshot", [])["result"]
+    snapshot = w3.provider.make_request(RPCEndpoint("evm_snapshot"), [])["result"]
     send(w3, hub.functions.topUp(channel.id, 900), accounts[5].address, value=900)
     mine(w3, 1)
     indexer.catch_up()
     assert stored(db, channel).deposit == 100  # two blocks deep: not confirmed yet
-    w3.provider.make_request("evm_revert", [snapshot])  # the top-up is reorged out
+    w3.provider.make_request(RPCEndpoint("evm_revert"), [snapshot])  # the top-up is reorged out
     mine(w3, 6)
     indexer.catch_up()
     state = stored(db, channel)
@@ -196,12 +199,12 @@ def test_a_reorg_deeper_than_the_confirmations_suspends_the_channels_it_touched(
     untouched = open_channel(accounts[7], accounts[6].address, amount=100)
     mine(w3, 2)
     indexer.catch_up()
-    snapshot = w3.provider.make_request("evm_snapshot", [])["result"]
+    snapshot = w3.provider.make_request(RPCEndpoint("evm_snapshot"), [])["result"]
     channel = open_channel(accounts[5], accounts[6].address, amount=100)
     mine(w3, 3)
     indexer.catch_up()
     assert stored(db, channel).deposit == 100
-    w3.provider.make_request("evm_revert", [snapshot])
+    w3.provider.make_request(RPCEndpoint("evm_revert"), [snapshot])
     mine(w3, 6)
     with caplog.at_level(logging.CRITICAL, logger="settlement.indexer.follower"):
         indexer.catch_up()
@@ -214,8 +217,8 @@ def test_a_reorg_deeper_than_the_confirmations_suspends_the_channels_it_touched(
     ingestor = Ingestor(db, VoucherVerifier(domain), indexer, Metrics(), close_guard=0)
     ingestor.start()
     try:
-        outcome = ingestor.ingest([Voucher("0x" + channel.id.hex(), 5, sign(accounts[5], channel.id, 5))])[0]
-        ok = ingestor.ingest([Voucher("0x" + untouched.id.hex(), 5, sign(accounts[7], untouched.id, 5))])[0]
+        outcome = ingestor.ingest([Voucher(channel.hex_id, 5, sign(accounts[5], channel.id, 5))])[0]
+        ok = ingestor.ingest([Voucher(untouched.hex_id, 5, sign(accounts[7], untouched.id, 5))])[0]
     finally:
         ingestor.stop()
     assert isinstance(outcome, ChannelSuspendedError)
@@ -239,11 +242,11 @@ def test_an_operator_resumes_a_suspended_channel_from_the_cli(
 
     assert isinstance(tmp_path, Path)
     indexer = make_indexer(confirmations=1)
-    snapshot = w3.provider.make_request("evm_snapshot", [])["result"]
+    snapshot = w3.provider.make_request(RPCEndpoint("evm_snapshot"), [])["result"]
     channel = open_channel(accounts[5], accounts[6].address, amount=100)
     mine(w3, 2)
     indexer.catch_up()
-    w3.provider.make_request("evm_revert", [snapshot])
+    w3.provider.make_request(RPCEndpoint("evm_revert"), [snapshot])
     again = open_channel(accounts[5], accounts[6].address, amount=300, salt=channel.salt)  # same id, more money
     assert again.id == channel.id
     mine(w3, 5)
@@ -279,7 +282,7 @@ def test_a_lookup_searches_only_the_blocks_after_the_indexers_cursor(
     (O(chain length), and refused by providers that cap log ranges)."""
     indexer = make_indexer()
     indexer.batch_blocks = 1_000
-    w3.provider.make_request("anvil_mine", [hex(300)])
+    w3.provider.make_request(RPCEndpoint("anvil_mine"), [hex(300)])
     indexer.catch_up()
     cursor = indexer.progress.cursor if indexer.progress else 0
     channel = open_channel(accounts[5], accounts[6].address, amount=100)
@@ -291,6 +294,6 @@ def test_a_lookup_searches_only_the_blocks_after_the_indexers_cursor(
         return real_logs(from_block, to_block, topics)
 
     monkeypatch.setattr(indexer, "_logs", logged)
-    found = indexer.lookup("0x" + channel.id.hex())
+    found = indexer.lookup(channel.hex_id)
     assert found is not None and found.salt == "0x" + channel.salt.hex()
     assert ranges == [(cursor + 1, w3.eth.block_number)]

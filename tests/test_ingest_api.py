@@ -18,12 +18,13 @@ from pydantic_core import to_json
 from sqlalchemy import event
 from web3 import Web3
 from web3.contract import Contract
+from web3.types import RPCEndpoint
 
 from settlement.api.schemas import BatchOut, ReceiptOut
 from settlement.domain.ledger import receipt_body
 from settlement.domain.model import ChannelId, ChannelViewField, Receipt
 from settlement.eip712.vouchers import Domain
-from settlement.ingest import recovery as recovery_module
+from settlement.indexer.follower import Indexer
 from tests.hub_helpers import (
     ETH,
     Channel,
@@ -197,7 +198,7 @@ def test_a_machine_that_cannot_start_a_recovery_worker_still_serves_batches_on_t
     def refused(_: str) -> Any:
         raise OSError(38, "Function not implemented")
 
-    monkeypatch.setattr(recovery_module.multiprocessing, "get_context", refused)
+    monkeypatch.setattr("settlement.ingest.recovery.multiprocessing.get_context", refused)
     client = api(recovery_processes=1)
     items = [body(channel, n, sign(channel.payer, channel.id, n)) for n in range(1, 21)]
     results = client.post("/v1/vouchers/batch", json={"vouchers": items}).json()["results"]
@@ -314,7 +315,7 @@ def test_unconfirmed_channel_then_confirmed(
     assert answer.status_code == 409
     assert answer.json()["code"] == "channel_unconfirmed"
     for _ in range(2):
-        w3.provider.make_request("evm_mine", [])
+        w3.provider.make_request(RPCEndpoint("evm_mine"), [])
     assert client.post("/v1/vouchers", json=body(fresh, 5, sign(payer, fresh.id, 5))).status_code == 201
 
 
@@ -366,7 +367,7 @@ def test_a_channel_its_payee_stopped_takes_no_voucher_after_the_stop_which_answe
     assert writes == []  # and no write again: a flood of stops does not take the store's write lock from ingest
     assert client.get(url).json() == state
     assert client.post(f"/v1/channels/0x{'42' * 32}/stop", json={}).json()["code"] == "channel_not_found"
-    bad = [
+    bad: list[tuple[str, dict[str, Any], int, str]] = [
         (f"/v1/channels/0x{'zz' * 32}/stop", {"json": {}}, 400, "malformed_request"),  # not an id
         (f"/v1/channels/0x{'42' * 31}/stop", {"json": {}}, 400, "malformed_request"),  # 31 bytes
         (f"{url}/stop", {"json": {"cumulativeAmount": "1"}}, 400, "malformed_request"),  # a stop names nothing
@@ -395,13 +396,17 @@ def test_closing_channel_accepts_until_the_guard_by_the_chains_clock(
     # the session hub's challenge period is an hour: 600 s before the deadline there is still time
     assert client.post("/v1/vouchers", json=body(channel, 10, sign(channel.payer, channel.id, 10))).status_code == 201
     moved = state["closeDeadline"] - 500 - int(w3.eth.get_block("latest")["timestamp"])
-    w3.provider.make_request("evm_increaseTime", [moved])
-    w3.provider.make_request("evm_mine", [])
+    w3.provider.make_request(RPCEndpoint("evm_increaseTime"), [moved])
+    w3.provider.make_request(RPCEndpoint("evm_mine"), [])
     mined = int(w3.eth.get_block("latest")["timestamp"])
     later = api(close_guard_seconds=600)
     for each in (client, later):
-        indexer = each.app.state.service.indexer  # type: ignore[attr-defined]
-        wait_until(lambda indexer=indexer: indexer.block_time >= mined)
+        indexer: Indexer = each.app.state.service.indexer  # type: ignore[attr-defined]
+
+        def caught_up(indexer: Indexer = indexer) -> bool:
+            return indexer.block_time >= mined
+
+        wait_until(caught_up)
         late = each.post("/v1/vouchers", json=body(channel, 20, sign(channel.payer, channel.id, 20)))
         assert (late.status_code, late.json()["code"]) == (409, "channel_closed"), late.text
         assert late.json()["closeDeadline"] == state["closeDeadline"]
@@ -415,16 +420,17 @@ def test_the_close_guard_counts_from_the_heads_time_not_the_confirmed_blocks(
     those: up to that many blocks' time behind the head, from which the engine's final settle counts. A chain whose
     clock jumped at the head (here 3,100 s in one block) had ingest accept vouchers the engine no longer settles."""
     for _ in range(3):
-        w3.provider.make_request("evm_mine", [])  # the session's channel, 3 blocks deep
+        w3.provider.make_request(RPCEndpoint("evm_mine"), [])  # the session's channel, 3 blocks deep
     client = api(close_guard_seconds=600, confirmations=3)
     send(w3, hub.functions.requestClose(channel.id), channel.payer.address)
     for _ in range(3):
-        w3.provider.make_request("evm_mine", [])
+        w3.provider.make_request(RPCEndpoint("evm_mine"), [])
     state = _wait_for(client, channel, lambda state: state["status"] == "closing")
     assert client.post("/v1/vouchers", json=body(channel, 10, sign(channel.payer, channel.id, 10))).status_code == 201
     moved = state["closeDeadline"] - 500 - int(w3.eth.get_block("latest")["timestamp"])
-    w3.provider.make_request("evm_increaseTime", [moved])
-    w3.provider.make_request("evm_mine", [])  # the head is 500 s from the deadline; the confirmed block is not
+    w3.provider.make_request(RPCEndpoint("evm_increaseTime"), [moved])
+    # the head is 500 s from the deadline; the confirmed block is not
+    w3.provider.make_request(RPCEndpoint("evm_mine"), [])
     head = w3.eth.get_block("latest")
     mined = int(head["timestamp"])
     indexer = client.app.state.service.indexer  # type: ignore[attr-defined]
@@ -486,7 +492,8 @@ def test_the_fast_path_and_the_fastapi_route_give_the_same_answers(
 ) -> None:
     fast = api()
     route = behind_the_fast_path(fast)
-    voucher = lambda n, signer=None: body(channel, n, sign(signer or channel.payer, channel.id, n))  # noqa: E731
+    def voucher(n: int, signer: LocalAccount | None = None) -> dict[str, Any]:
+        return body(channel, n, sign(signer or channel.payer, channel.id, n))
 
     first = route.post("/v1/vouchers", json=voucher(10))
     again = fast.post("/v1/vouchers", json=voucher(10))

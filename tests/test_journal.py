@@ -106,9 +106,9 @@ def test_budget_sums_over_the_buckets_equal_the_payments_in_every_window_within_
     ]
     checked = 0
     for since in moments:
-        for payee in (None, A, B):
-            expected = sum(a for p, a, at in kept.values() if at > since and payee in (None, p))
-            assert journal.spent(ETH, since, payee) == expected
+        for whom in (None, A, B):
+            expected = sum(a for p, a, at in kept.values() if at > since and whom in (None, p))
+            assert journal.spent(ETH, since, whom) == expected
             checked += expected > 0
     assert checked > 500  # the windows held payments
     journal.close()

@@ -4,14 +4,14 @@ from __future__ import annotations
 
 from dataclasses import fields, replace
 from datetime import UTC, datetime, timedelta
+from typing import Any, cast
 
 import pytest
 from hypothesis import example, given
 from hypothesis import strategies as st
 
 from settlement.domain.ledger import ANY, Cap, Rules, Verdict, judge
-from settlement.domain.model import ETH, Channel, ChannelStatus, Receipt, Voucher
-from settlement.eip712.vouchers import MAX_UINT256
+from settlement.domain.model import ETH, MAX_UINT256, Address, Channel, ChannelId, ChannelStatus, Receipt, Voucher
 from settlement.errors import (
     AmountExceedsDepositError,
     AmountOutOfRangeError,
@@ -22,22 +22,23 @@ from settlement.errors import (
     IdempotencyKeyReusedError,
     InvalidSignatureError,
     OverpaymentError,
+    SettlementError,
     StaleVoucherError,
     UnderpaymentError,
     VoucherRejectedError,
 )
 
-PAYER = "0x" + "a1" * 20
+PAYER = Address("0x" + "a1" * 20)
 SIGNER = bytes.fromhex("a1" * 20)
 NOW = datetime(2026, 11, 24, 12, 0, tzinfo=UTC)
-CID = "0x" + "cd" * 32
+CID = ChannelId("0x" + "cd" * 32)
 
 
 def channel(**changes: object) -> Channel:
     base = Channel(
         channel_id=CID,
         payer=PAYER,
-        payee="0x" + "b2" * 20,
+        payee=Address("0x" + "b2" * 20),
         token=ETH,
         salt="0x" + "00" * 32,
         deposit=1_000,
@@ -97,7 +98,7 @@ def test_settled_on_chain_above_accepted_raises_the_floor() -> None:
     ],
 )
 def test_each_rule_has_its_code(
-    ch: Channel | None, cumulative: int, signer: bytes | None, error: type, status: int, code: str
+    ch: Channel | None, cumulative: int, signer: bytes | None, error: type[SettlementError], status: int, code: str
 ) -> None:
     with pytest.raises(error) as info:
         run(ch, cumulative, signer)
@@ -138,7 +139,7 @@ def test_a_resend_with_other_metadata_is_reported_and_one_without_asserts_nothin
     ch = channel(accepted=5, signature=b"s")
     with pytest.raises(ExistsWithDifferentMetadataError) as info:
         run(ch, 5, prior=prior)  # voucher() carries reference "ref"
-    assert info.value.body()["receipt"]["reference"] == "attacker"
+    assert cast(dict[str, Any], info.value.body()["receipt"])["reference"] == "attacker"
     bare = Voucher(CID, 5, b"\x01" * 65)
     assert judge(ch, bare, SIGNER, prior=prior, now=NOW, close_guard=60) == Verdict(prior, new=False)
     other_key = Voucher(CID, 5, b"\x01" * 65, "attacker", "k-2")
@@ -155,7 +156,7 @@ def test_a_key_that_paid_answers_its_retry_and_refuses_another_amount() -> None:
     other = Voucher(CID, 150, b"\x01" * 65, None, "pay-7")
     with pytest.raises(IdempotencyKeyReusedError) as info:
         judge(ch, other, SIGNER, prior=None, keyed=keyed, now=NOW, close_guard=60)
-    assert info.value.body()["receipt"]["cumulativeAmount"] == "100"
+    assert cast(dict[str, Any], info.value.body()["receipt"])["cumulativeAmount"] == "100"
 
 
 def test_stale_error_carries_the_current_value() -> None:

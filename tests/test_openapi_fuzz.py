@@ -7,6 +7,7 @@ pytest 9), and each operation's cases are drawn with Hypothesis."""
 from __future__ import annotations
 
 from collections.abc import Callable, Iterator
+from typing import Any
 
 import pytest
 from fastapi.routing import APIRoute
@@ -47,7 +48,7 @@ def test_generated_requests_get_documented_answers_and_no_server_error(client: T
 
     @given(case=operation.as_strategy())
     @settings(max_examples=80, deadline=None, suppress_health_check=list(HealthCheck), database=None)
-    def check(case: Case) -> None:
+    def check(case: Case[Any]) -> None:
         case.call_and_validate(excluded_checks=[positive_data_acceptance] if operation_id in CHECKSUMMED else [])
 
     check()

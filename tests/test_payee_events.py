@@ -46,6 +46,7 @@ from settlement.store.payee_events import (
 from settlement.store.standing import Admission, Limits
 from tests.hub_helpers import (
     ETH,
+    Answer,
     Channel,
     EventStream,
     a_channel,
@@ -494,7 +495,7 @@ def test_fresh_keys_fill_no_more_than_their_share_of_webhooks_and_never_hold_bac
     url = receiver().url
     fresh = [Account.create() for _ in range(3)]
 
-    def make(key: Any) -> httpx.Response:
+    def make(key: Any) -> Answer:
         return client.post(f"/v1/payees/{key.address}/webhooks", json={"url": url}, headers=signed_in(client, key))
 
     assert [make(fresh[0]).status_code, make(fresh[0]).status_code] == [201, 201]

@@ -20,7 +20,6 @@ from fastapi.testclient import TestClient
 from starlette.types import Message, Receive, Scope, Send
 from web3 import Web3
 
-from settlement.api import middleware
 from settlement.api.middleware import CONNECTION, RefusalTarpit
 from settlement.domain.clients import client_key
 from tests.hub_helpers import (
@@ -190,7 +189,11 @@ def test_a_payees_settle_batches_are_not_paced_for_one_payers_refused_payments(
         return [a.get("errorReason", a["success"]) for a in answer.json()["settlements"]]
 
     for channel in (honest, replaying):  # indexed (each poll on a connection of its own: a 404 is a refusal)
-        wait_until(lambda c=channel: httpx.get(f"{service.url}/v1/channels/0x{c.id.hex()}").status_code == 200)
+
+        def indexed(c: Channel = channel) -> bool:
+            return httpx.get(f"{service.url}/v1/channels/0x{c.id.hex()}").status_code == 200
+
+        wait_until(indexed)
     with httpx.Client(base_url=service.url, timeout=10) as http:
         answers = [batch(http, n) for n in range(1, 7)]
         channel = http.get(f"/v1/channels/0x{honest.id.hex()}").json()
@@ -225,7 +228,7 @@ def test_connections_refused_together_are_answered_at_phases_of_their_own(
     draws = iter([0.25, 0.75] if phased else [0.0, 0.0])
     delayed: list[int] = []
     tarpit = RefusalTarpit(refuse, 5.0, 2.0, lambda: delayed.append(1), clock=lambda: 100.0, phase=lambda: next(draws))
-    monkeypatch.setattr(middleware.asyncio, "sleep", no_sleep)
+    monkeypatch.setattr("settlement.api.middleware.asyncio.sleep", no_sleep)
     connections: list[dict[str, object]] = [{}, {}]
     for _ in range(4):
         for connection in connections:

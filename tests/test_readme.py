@@ -73,8 +73,8 @@ class Shell:
             self.env[name] = value
             return None
         if command.startswith("kill %"):
-            for job in reversed(command.removeprefix("kill ").split()):
-                self.jobs[int(job.removeprefix("%")) - 1].send_signal(signal.SIGTERM)
+            for number in reversed(command.removeprefix("kill ").split()):
+                self.jobs[int(number.removeprefix("%")) - 1].send_signal(signal.SIGTERM)
             return None
         command = re.sub(r"\$(\w+)", lambda m: self.env.get(m.group(1), ""), command)  # $VAR, as bash expands it
         words = shlex.split(command.removesuffix("&"))
@@ -134,13 +134,15 @@ def test_the_by_hand_devnet_session_pays_settles_and_withdraws(shell: Shell, tmp
     assert re.search(r"test ERC-20 0x[0-9a-fA-F]{40} \(DEV, 18 decimals\)", shell.job_log(1))
     shell.run(export)
     deployed = shell.run(deploy)
-    assert deployed is not None and deployed.returncode == 0, deployed.stderr
+    assert deployed is not None
+    assert deployed.returncode == 0, deployed.stderr
     shell.run(serve)
     wait_until(lambda: listening(int(shell.ports["8000"])), timeout=60)
     assert "warning" not in shell.job_log(2)  # 1 s blocks: confirmations come on their own
 
     paid = shell.run(pay)
-    assert paid is not None and paid.returncode == 0, paid.stdout + paid.stderr
+    assert paid is not None
+    assert paid.returncode == 0, paid.stdout + paid.stderr
     assert paid.stdout.splitlines()[0] == "25000000000 25000000000 999999975000000000"
 
     # The close made the engine settle the channel at once; the payee (signed in with its own key) sees it, then
@@ -154,11 +156,13 @@ def test_the_by_hand_devnet_session_pays_settles_and_withdraws(shell: Shell, tmp
 
     wait_until(settled, timeout=90)
     view = shell.run(payee)
-    assert view is not None and view.returncode == 0, view.stderr
+    assert view is not None
+    assert view.returncode == 0, view.stderr
     cells = ["ETH \\(wei\\)", "1", "25,000,000,000", "25,000,000,000", "0", "25,000,000,000", "0"]
     assert re.search(r"\s*│\s*".join(cells), view.stdout), view.stdout
     out = shell.run(withdraw)
-    assert out is not None and out.returncode == 0, out.stderr
+    assert out is not None
+    assert out.returncode == 0, out.stderr
     assert out.stdout.startswith(
         "withdrew 25,000,000,000 wei (0.000000025 ETH) to 0x3C44CdDdB6a900fa2b585dd299e03d12FA4293BC"
     )
@@ -168,7 +172,8 @@ def test_the_by_hand_devnet_session_pays_settles_and_withdraws(shell: Shell, tmp
         pytest.skip("curl is not installed: the README's clock step cannot run as written")
     (jump,) = commands(block_after("To see a close to its end", "bash"))
     moved = shell.run(jump)
-    assert moved is not None and moved.returncode == 0 and '"result"' in moved.stdout, moved.stdout + moved.stderr
+    assert moved is not None
+    assert moved.returncode == 0 and '"result"' in moved.stdout, moved.stdout + moved.stderr
     listed = run_cli("channels", "--json", env=_cli_env(shell), cwd=tmp_path)
     (channel_id,) = [c["channelId"] for c in json.loads(listed.stdout)]
     finish = shell.line(FINISH.format(channel_id=channel_id))

@@ -15,7 +15,7 @@ import pytest
 from eth_account import Account
 from eth_account.signers.local import LocalAccount
 
-from settlement.domain.model import MAX_UINT256, Voucher
+from settlement.domain.model import MAX_UINT256, ChannelId, Voucher
 from settlement.eip712.vouchers import Domain, VoucherSigner, VoucherVerifier
 from settlement.ingest.recovery import Recovered, RecoveredBy, Recovery
 from tests.hub_helpers import wait_until
@@ -42,7 +42,7 @@ def recovery() -> Iterator[Callable[..., Recovery]]:
 
 
 def voucher(channel: bytes, cumulative: int, by: LocalAccount) -> Voucher:
-    return Voucher("0x" + channel.hex(), cumulative, VoucherSigner(by, DOMAIN).sign(channel, cumulative))
+    return Voucher(ChannelId("0x" + channel.hex()), cumulative, VoucherSigner(by, DOMAIN).sign(channel, cumulative))
 
 
 def test_many_requests_in_flight_on_two_workers_each_get_their_own_signers_in_place(
@@ -76,7 +76,7 @@ def test_a_batch_larger_than_the_pipe_is_written_as_the_worker_reads_it(recovery
     wait_until(lambda: workers.workers_ready)
     channel = os.urandom(32)
     signer = VoucherSigner(PAYER, DOMAIN)
-    large = [Voucher("0x" + channel.hex(), n, signer.sign(channel, n)) for n in range(1, 3001)]
+    large = [Voucher(ChannelId("0x" + channel.hex()), n, signer.sign(channel, n)) for n in range(1, 3001)]
     small = [[voucher(os.urandom(32), n, STRANGER) for n in range(1, 21)] for _ in range(3)]
 
     async def together() -> list[Recovered]:
@@ -157,7 +157,7 @@ def test_a_voucher_no_record_holds_has_no_signer_and_the_rest_keep_their_places(
         5: Voucher(good[0].channel_id, 1, signature + b"\x00"),
         9: Voucher(good[0].channel_id, -1, signature),
         13: Voucher(good[0].channel_id, MAX_UINT256 + 1, signature),
-        21: Voucher("0x" + channel[:31].hex(), 1, signature),
+        21: Voucher(ChannelId("0x" + channel[:31].hex()), 1, signature),
     }
     mixed = list(good)
     for at in sorted(bad):

@@ -15,6 +15,7 @@ import pytest
 from eth_account.signers.local import LocalAccount
 from web3 import Web3
 from web3.contract import Contract
+from web3.types import RPCEndpoint
 
 from settlement.domain.model import ChannelStatus
 from settlement.indexer.follower import Indexer
@@ -100,7 +101,7 @@ def stored_equals_chain(db: Database, hub: Contract, cid: bytes) -> dict[str, An
     with db.read() as conn:
         found = channel_q.get_channel(conn, "0x" + cid.hex())
     assert found is not None
-    store = {"deposit": found.deposit, "settled": found.settled, "status": found.status}
+    store: dict[str, Any] = {"deposit": found.deposit, "settled": found.settled, "status": found.status}
     store["deadline"] = found.close_deadline
     assert store == chain
     return store
@@ -114,7 +115,7 @@ def prepare(w3: Web3, ops: Ops, state: str) -> None:
     if state == "expired":
         call, sender, value = ops.request_close()
         send(w3, call, sender, value)
-        w3.provider.make_request("evm_increaseTime", [CHALLENGE + 1])
+        w3.provider.make_request(RPCEndpoint("evm_increaseTime"), [CHALLENGE + 1])
 
 
 @pytest.mark.parametrize(("state", "first", "second"), PAIRS, ids=[f"{s}:{a}+{b}" for s, a, b in PAIRS])
@@ -193,7 +194,7 @@ def test_two_events_of_one_channel_in_one_transaction_are_both_applied(
         payer_account = LocalAccount.__new__(LocalAccount)  # never signs: only its address is used
         payee = accounts[8].address
         channel = Channel(channel_id(multicall.address, payee, ETH, salt), payer_account, payee, ETH, salt, DEPOSIT)
-        channel_ops = _ContractPayerOps(hub, channel, sign, multicall.address)
+        channel_ops: Ops = _ContractPayerOps(hub, channel, sign, multicall.address)
     else:
         n = 30_000 + ONE_TX_AS_ANYONE.index((state, first, second))
         channel_ops = Ops(hub, _fresh_channel(accounts, n), sign)
@@ -207,8 +208,9 @@ def test_two_events_of_one_channel_in_one_transaction_are_both_applied(
             send(w3, call, channel_ops.channel.payer.address, value)
     if state == "expired":
         send(w3, hub.functions.requestClose(channel_ops.channel.id), channel_ops.channel.payer.address)
-        w3.provider.make_request("evm_increaseTime", [CHALLENGE + 1])
-        w3.provider.make_request("evm_mine", [])  # the gas estimate runs on the latest block: past the deadline
+        w3.provider.make_request(RPCEndpoint("evm_increaseTime"), [CHALLENGE + 1])
+        # the gas estimate runs on the latest block: past the deadline
+        w3.provider.make_request(RPCEndpoint("evm_mine"), [])
     indexer.catch_up()
     pair = [getattr(channel_ops, first)(), getattr(channel_ops, second)()]
     receipt = one_transaction(w3, multicall, hub, *[(c, accounts[9].address, v) for c, _s, v in pair])
@@ -311,7 +313,7 @@ def test_reconcile_reports_accepted_value_a_closed_channel_never_settled(
     c = channel_ops.channel
     prepare(w3, channel_ops, "open")
     service.indexer.catch_up()
-    cid = "0x" + c.id.hex()
+    cid = c.hex_id
     [outcome] = service.ingestor.ingest([Voucher(cid, 700, sign(c.payer, c.id, 700))])
     assert outcome.new
     call, sender, value = channel_ops.close_by_payee()  # the payee closes without its voucher: 700 is never paid

@@ -17,7 +17,9 @@ from eth_account.signers.local import LocalAccount
 from hexbytes import HexBytes
 from web3 import Web3
 from web3.contract import Contract
+from web3.types import RPCEndpoint
 
+from settlement.domain.model import ChannelId
 from settlement.server.service import Service
 from settlement.settle.engine import UNSETTLED_REPORT_SECONDS, Broadcast, Outcome, Settler
 from settlement.store import settlements as batch_q
@@ -44,14 +46,14 @@ def chain_time(w3: Web3) -> int:
     return int(w3.eth.get_block("latest")["timestamp"])
 
 
-def batches(service: Service) -> list[tuple[batch_q.Batch, int]]:
+def batches(service: Service) -> list[batch_q.CountedBatch]:
     with service.db.read() as conn:
         return batch_q.recent_batches(conn, 1000)
 
 
-def entries(service: Service) -> list[tuple[str, int]]:
+def entries(service: Service) -> list[tuple[ChannelId, int]]:
     """Every (channel, cumulative) the engine ever put in a batch, oldest batch first."""
-    out = []
+    out: list[tuple[ChannelId, int]] = []
     for b, _n in reversed(batches(service)):
         with service.db.read() as conn:
             out += [(e.channel_id, e.cumulative) for e in batch_q.entries_of(conn, b.batch_id)]
@@ -286,7 +288,8 @@ def test_the_unsettled_gauge_reads_zero_once_settled_and_names_few_of_the_tokens
         pay(service, channel, amount, sign)
 
     def gauge() -> dict[str, float]:
-        return {s.labels["token"]: s.value for s in service.metrics.unsettled.collect()[0].samples}
+        [family] = service.metrics.unsettled.collect()
+        return {s.labels["token"]: s.value for s in family.samples}
 
     assert step(settler, service, now, 0) is None  # the interval is not over: a report, no batch
     lower = min(picked, key=lambda t: t.address)  # the one named: the others in address order, one here
@@ -342,7 +345,7 @@ def test_a_front_run_batch_is_noticed_not_resent_and_the_payee_is_paid(
     wait_indexed(service)
     for channel in channels:
         pay(service, channel, 700, sign)
-    w3.provider.make_request("evm_setAutomine", [False])
+    w3.provider.make_request(RPCEndpoint("evm_setAutomine"), [False])
     try:
         now[0] += 31
         assert settler.tick().started is not None  # in the mempool
@@ -351,9 +354,9 @@ def test_a_front_run_batch_is_noticed_not_resent_and_the_payee_is_paid(
             settle_call(hub, batch(channel.payee, channel.token, entry)).transact(
                 {"from": payer.address, "gas": 200_000, "maxPriorityFeePerGas": 100 * GWEI, "maxFeePerGas": 200 * GWEI}
             )
-        w3.provider.make_request("evm_mine", [])
+        w3.provider.make_request(RPCEndpoint("evm_mine"), [])
     finally:
-        w3.provider.make_request("evm_setAutomine", [True])
+        w3.provider.make_request(RPCEndpoint("evm_setAutomine"), [True])
     with caplog.at_level(logging.CRITICAL, logger="settlement.settle.engine"):
         run_until_idle(settler, service)
     [(front_run, _n)] = batches(service)
@@ -404,7 +407,7 @@ def test_a_close_requested_in_the_same_block_as_a_settlement_or_top_up_is_watche
     now[0] = deadline - service.settings.close_guard_seconds
     assert step(settler, service, now, 0) is not None
     run_until_idle(settler, service)
-    w3.provider.make_request("evm_setNextBlockTimestamp", [deadline + 1])  # the first second it is allowed
+    w3.provider.make_request(RPCEndpoint("evm_setNextBlockTimestamp"), [deadline + 1])  # the first second it is allowed
     [finalized] = in_one_block(w3, (hub.functions.finalizeClose(channel.id), payer, 0))
     assert finalized["status"] == 1
     assert settled_on_chain(hub, channel) == 9_000
@@ -447,7 +450,7 @@ def test_fee_bumps_follow_the_engines_clock_not_the_wall_clock(
     channel = open_channel(accounts[5], accounts[7].address, amount=10**18)
     wait_indexed(service)
     pay(service, channel, 100, sign)
-    w3.provider.make_request("evm_setAutomine", [False])
+    w3.provider.make_request(RPCEndpoint("evm_setAutomine"), [False])
     try:
         started = settler.tick(force=True).started
         assert started is not None
@@ -463,7 +466,7 @@ def test_fee_bumps_follow_the_engines_clock_not_the_wall_clock(
         settler.tick()
         assert len(sent()) == 2  # replaced with higher fees at exactly bump_after on the engine's clock
     finally:
-        w3.provider.make_request("evm_setAutomine", [True])
+        w3.provider.make_request(RPCEndpoint("evm_setAutomine"), [True])
 
 
 def test_broadcast_outcomes_are_read_from_the_chain(

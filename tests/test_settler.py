@@ -10,8 +10,10 @@ from typing import Any
 
 import pytest
 from eth_account.signers.local import LocalAccount
+from eth_typing import HexStr
 from web3 import Web3
 from web3.contract import Contract
+from web3.types import Nonce, RPCEndpoint, TxData, Wei
 
 from settlement.server.service import Service
 from settlement.settle.engine import NONCE_USED_GRACE_SECONDS, SETTLED, Settler
@@ -87,7 +89,7 @@ def test_a_large_batch_names_its_slots_in_an_access_list_and_a_small_one_does_no
     service, settler = engine()
     channels = [open_channel(accounts[5], accounts[7].address, amount=10**18) for _ in range(40)]
     wait_indexed(service)
-    sent = []
+    sent: list[TxData] = []
     for paid in (channels, channels[:1]):
         for channel in paid:
             pay(service, channel, 100 + len(sent), sign)
@@ -96,7 +98,7 @@ def test_a_large_batch_names_its_slots_in_an_access_list_and_a_small_one_does_no
         run_until_idle(settler, service)
         with service.db.read() as conn:
             (tx,) = batch_q.txs_of(conn, batch_id)
-        sent.append(service.w3.eth.get_transaction(tx.tx_hash))
+        sent.append(service.w3.eth.get_transaction(HexStr(tx.tx_hash)))
         assert [settled_on_chain(hub, c) for c in paid] == [100 + len(sent) - 1] * len(paid)
     large, small = sent
     (listed,) = large["accessList"]
@@ -178,7 +180,7 @@ def test_an_unmined_batch_is_replaced_with_higher_fees(
 ) -> None:
     service, settler = engine(bump_after=0.01)
     channel = paid_channel(service, 500)
-    w3.provider.make_request("evm_setAutomine", [False])
+    w3.provider.make_request(RPCEndpoint("evm_setAutomine"), [False])
     try:
         batch_id = settler.tick(force=True).started
         assert batch_id is not None
@@ -188,9 +190,9 @@ def test_an_unmined_batch_is_replaced_with_higher_fees(
             txs = batch_q.txs_of(conn, batch_id)
         assert len(txs) == 2 and txs[0].nonce == txs[1].nonce
         assert txs[1].max_fee > txs[0].max_fee and txs[1].priority_fee > txs[0].priority_fee
-        w3.provider.make_request("evm_mine", [])
+        w3.provider.make_request(RPCEndpoint("evm_mine"), [])
     finally:
-        w3.provider.make_request("evm_setAutomine", [True])
+        w3.provider.make_request(RPCEndpoint("evm_setAutomine"), [True])
     run_until_idle(settler, service)
     assert settled_on_chain(hub, channel) == 500
     with service.db.read() as conn:
@@ -211,7 +213,7 @@ def test_a_batch_whose_nonce_another_transaction_took_fails_only_after_a_grace_p
     now = [1_000_000.0]
     service, settler = engine(clock=lambda: now[0])
     channel = paid_channel(service, 250)
-    w3.provider.make_request("evm_setAutomine", [False])
+    w3.provider.make_request(RPCEndpoint("evm_setAutomine"), [False])
     try:
         batch_id = settler.tick(force=True).started
         assert batch_id is not None
@@ -221,14 +223,14 @@ def test_a_batch_whose_nonce_another_transaction_took_fails_only_after_a_grace_p
             {
                 "from": settler_account.address,
                 "to": settler_account.address,
-                "nonce": ours.nonce,
-                "maxFeePerGas": ours.max_fee * 3,
-                "maxPriorityFeePerGas": ours.priority_fee * 3,
+                "nonce": Nonce(ours.nonce),
+                "maxFeePerGas": Wei(ours.max_fee * 3),
+                "maxPriorityFeePerGas": Wei(ours.priority_fee * 3),
             }
         )
-        w3.provider.make_request("evm_mine", [])
+        w3.provider.make_request(RPCEndpoint("evm_mine"), [])
     finally:
-        w3.provider.make_request("evm_setAutomine", [True])
+        w3.provider.make_request(RPCEndpoint("evm_setAutomine"), [True])
     assert settled_on_chain(hub, channel) == 0  # the replacement took the nonce; our batch never mined
     assert settler.reconcile() == []  # nonce used, no receipt of ours: not concluded yet
     now[0] += NONCE_USED_GRACE_SECONDS
@@ -261,8 +263,8 @@ def test_watchtower_settles_a_close_that_happened_while_the_service_was_down(
     service.stop()
     # the payer closes while nothing watches; the hub's challenge period is an hour; 50 minutes pass
     send(w3, hub.functions.requestClose(channel.id), payer.address)
-    w3.provider.make_request("evm_increaseTime", [3000])
-    w3.provider.make_request("evm_mine", [])
+    w3.provider.make_request(RPCEndpoint("evm_increaseTime"), [3000])
+    w3.provider.make_request(RPCEndpoint("evm_mine"), [])
 
     restarted, watch = engine(close_alert_seconds=10**9)  # any deadline counts as near: the alert must fire
     wait_indexed(restarted)
@@ -271,8 +273,8 @@ def test_watchtower_settles_a_close_that_happened_while_the_service_was_down(
     assert "close_deadline_at_risk" in caplog.text
     run_until_idle(watch, restarted)
     assert settled_on_chain(hub, channel) == 90
-    w3.provider.make_request("evm_increaseTime", [601])
-    w3.provider.make_request("evm_mine", [])
+    w3.provider.make_request(RPCEndpoint("evm_increaseTime"), [601])
+    w3.provider.make_request(RPCEndpoint("evm_mine"), [])
     send(w3, hub.functions.finalizeClose(channel.id), payer.address)
     assert hub.functions.balanceOf(payee, ETH).call() == 90
     assert hub.functions.balanceOf(payer.address, ETH).call() == 10**18 - 90
@@ -309,7 +311,7 @@ def test_a_settler_without_funds_keeps_the_intent_and_resumes_after_a_top_up(
     service, settler = engine()
     channel = paid_channel(service, 321)
     funds = w3.eth.get_balance(settler_account.address)
-    w3.provider.make_request("anvil_setBalance", [settler_account.address, hex(10**9)])
+    w3.provider.make_request(RPCEndpoint("anvil_setBalance"), [settler_account.address, hex(10**9)])
     with caplog.at_level(logging.CRITICAL, logger="settlement.settle.engine"):
         batch_id = settler.tick(force=True).started
         settler.tick()
@@ -317,7 +319,7 @@ def test_a_settler_without_funds_keeps_the_intent_and_resumes_after_a_top_up(
     with service.db.read() as conn:
         assert [b.batch_id for b in batch_q.open_batches(conn)] == [batch_id]
         assert batch_q.txs_of(conn, batch_id) == []
-    w3.provider.make_request("anvil_setBalance", [settler_account.address, hex(funds)])
+    w3.provider.make_request(RPCEndpoint("anvil_setBalance"), [settler_account.address, hex(funds)])
     run_until_idle(settler, service)
     assert settled_on_chain(hub, channel) == 321
     with service.db.read() as conn:

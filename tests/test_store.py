@@ -17,6 +17,7 @@ from typing import Any, cast
 import pytest
 from eth_account.signers.local import LocalAccount
 from sqlalchemy import event, text
+from sqlalchemy.pool import QueuePool
 
 from settlement.chain.deployment import Deployment
 from settlement.domain.ledger import ANY, Cap, Rules, Verdict
@@ -228,7 +229,7 @@ def test_fifty_concurrent_submissions_to_one_channel(
     """Two services (as two processes would) share the store; the highest valid cumulative wins, nothing is lost."""
     services = [make_service(), make_service()]
     hub_channel = open_channel(accounts[5], accounts[6].address, amount=40)
-    cid = "0x" + hub_channel.id.hex()
+    cid = hub_channel.hex_id
     amounts = [random.Random(7).randint(1, 45) for _ in range(50)]
     vouchers = [Voucher(cid, a, sign(accounts[5], hub_channel.id, a)) for a in amounts]
     start = threading.Barrier(50)
@@ -297,11 +298,11 @@ def test_one_voucher_the_store_refuses_never_fails_its_group(
     channels = [open_channel(accounts[5], accounts[6].address, amount=1_000) for _ in range(10)]
     service.indexer.catch_up()
     if paid_before:
-        earlier = [Voucher("0x" + c.id.hex(), 50, sign(c.payer, c.id, 50)) for c in channels]
-        codes = service.ingestor.submit(earlier, [service.ingestor.recover(v) for v in earlier]).result()
-        assert all(isinstance(o, Verdict) and o.new for o in codes)
+        earlier = [Voucher(c.hex_id, 50, sign(c.payer, c.id, 50)) for c in channels]
+        first = service.ingestor.submit(earlier, [service.ingestor.recover(v) for v in earlier]).result()
+        assert all(isinstance(o, Verdict) and o.new for o in first)
     vouchers = [
-        Voucher("0x" + c.id.hex(), 100, sign(c.payer, c.id, 100), reference="a\x00b" if n == 3 else f"ok-{n}")
+        Voucher(c.hex_id, 100, sign(c.payer, c.id, 100), reference="a\x00b" if n == 3 else f"ok-{n}")
         for n, c in enumerate(channels)
     ]
     if store_url.startswith("sqlite"):
@@ -354,7 +355,7 @@ def test_a_pooled_connection_the_server_ended_while_idle_is_replaced_unseen(fres
         assert end_sessions(fresh_postgres) == 1
         time.sleep(0.1)
         assert _one(db) == 1  # pinged on its way out of the pool, found dead, replaced
-        assert db.engine.pool.checkedin() == 1
+        assert cast(QueuePool, db.engine.pool).checkedin() == 1
     finally:
         db.dispose()
 
@@ -386,7 +387,11 @@ def test_a_connection_reused_at_once_is_not_pinged_and_one_dead_since_fails_one_
     db = Database(fresh_postgres, ping_after_idle=60.0)
     pings: list[object] = []
     ping = db.engine.dialect.do_ping
-    monkeypatch.setattr(db.engine.dialect, "do_ping", lambda connection: pings.append(connection) or ping(connection))
+    def counted_ping(connection: Any) -> bool:
+        pings.append(connection)
+        return ping(connection)
+
+    monkeypatch.setattr(db.engine.dialect, "do_ping", counted_ping)
     try:
         assert [_one(db) for _ in range(3)] == [1, 1, 1]
         assert end_sessions(fresh_postgres) == 1
@@ -414,26 +419,27 @@ def test_a_writer_keeps_its_connection_between_quick_transactions_and_gives_it_b
     checkouts: list[object] = []
     event.listen(db.engine, "checkout", lambda *_: checkouts.append(None))
     writer = db.writer_connection()
+    pool = cast(QueuePool, db.engine.pool)
     try:
         for n in range(1, 6):
             with writer.write() as conn:
                 channel_q.insert_channel(conn, a_channel(n, deposit=100 * n), utcnow())
-        assert (len(checkouts), db.engine.pool.checkedout()) == (1, 1)  # one connection for all five, still held
+        assert (len(checkouts), pool.checkedout()) == (1, 1)  # one connection for all five, still held
         time.sleep(0.4)
         with writer.write() as conn:
             channel_q.insert_channel(conn, a_channel(6, deposit=600), utcnow())
-        assert (len(checkouts), db.engine.pool.checkedout()) == (2, 1)  # given back after idling, taken again
+        assert (len(checkouts), pool.checkedout()) == (2, 1)  # given back after idling, taken again
         with pytest.raises(ValueError), writer.write() as conn:
             channel_q.insert_channel(conn, a_channel(7, deposit=700), utcnow())
             raise ValueError("the transaction fails after its write")
-        assert db.engine.pool.checkedout() == 0  # given back, rolled back
+        assert pool.checkedout() == 0  # given back, rolled back
         with writer.write() as conn:
             channel_q.insert_channel(conn, a_channel(8, deposit=800), utcnow())
         assert len(checkouts) == 3
         assert [_deposit_of(db, a_channel(n).channel_id) for n in (1, 5, 6, 7, 8)] == [100, 500, 600, None, 800]
     finally:
         writer.close()
-        assert db.engine.pool.checkedout() == 0
+        assert pool.checkedout() == 0
         db.dispose()
 
 
@@ -615,7 +621,7 @@ def test_a_writer_writes_against_its_own_copies_in_one_statement_and_never_answe
     writer = Ingestor(db, cast(Any, None), cast(Any, None), Metrics(), close_guard=0)
     writer.start()
 
-    def pay(*vouchers: tuple[str, int]) -> list[str]:
+    def pay(*vouchers: tuple[ChannelId, int]) -> list[str]:
         outcomes = writer.submit([Voucher(cid, amount, bytes(65)) for cid, amount in vouchers], [payer] * len(vouchers))
         return [o.code if isinstance(o, SettlementError) else f"new +{o.receipt.increment}" for o in outcomes.result()]
 
@@ -766,7 +772,7 @@ def test_a_group_answers_what_it_locked_while_another_process_holds_one_of_its_c
         writer.stop()
 
 
-def _stored_channels(db: Database, *numbers: int) -> list[str]:
+def _stored_channels(db: Database, *numbers: int) -> list[ChannelId]:
     """`a_channel(n)` for each number, stored with a deposit of 100; their ids."""
     with db.write() as conn:
         for n in numbers:
@@ -879,7 +885,7 @@ def test_a_caller_gone_before_its_group_commits_never_stops_the_writer(db: Datab
     one, nine = _stored_channels(db, 1, 9)
     writer = _started_writer(db)
 
-    def pay(cid: str, amount: int) -> Any:
+    def pay(cid: ChannelId, amount: int) -> Any:
         return writer.submit([Voucher(cid, amount, bytes(65))], [PAYER])
 
     def increment(future: Any) -> int:

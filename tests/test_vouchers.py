@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import pytest
 from coincurve import PublicKey
 from eth_account import Account
@@ -9,10 +11,10 @@ from eth_utils.crypto import keccak
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from settlement.domain.model import MAX_UINT256
 from settlement.eip712.receipts import ReceiptSigner, SignedFields, receipt_domain, receipt_signer, sign_receipt
 from settlement.eip712.refunds import refund_requester, sign_refund_request
 from settlement.eip712.vouchers import (
-    MAX_UINT256,
     SECP256K1_N,
     Domain,
     VoucherSigner,
@@ -58,7 +60,7 @@ def test_each_signed_field_changes_the_signer() -> None:
 
 
 @pytest.mark.parametrize("mutate", REFUSED_FORMS)
-def test_refuses_what_the_hub_refuses(mutate) -> None:  # type: ignore[no-untyped-def]
+def test_refuses_what_the_hub_refuses(mutate: Callable[[bytes], bytes]) -> None:
     signature = mutate(sign_voucher(KEY, DOMAIN, CID, 100))
     assert VoucherVerifier(DOMAIN).recover(CID, 100, signature) is None
 

@@ -20,7 +20,7 @@ from concurrent.futures import ThreadPoolExecutor
 from contextlib import closing
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, ClassVar, TypeVar
+from typing import Any, ClassVar, TypeVar, cast
 
 import httpx
 import pytest
@@ -31,6 +31,7 @@ from hexbytes import HexBytes
 from httpx_aiohttp import AiohttpTransport
 from web3 import Web3
 from web3.contract import Contract
+from web3.types import RPCEndpoint, TxData
 from x402 import x402Client, x402ClientSync
 from x402.http import x402HTTPClient
 from x402.http.clients import x402_httpx_transport, x402_requests, x402HttpxClient
@@ -309,7 +310,12 @@ def gate_calls(payer: PayerClient, method: str, *, after: bool = False) -> tuple
     return gate, reached
 
 
-def paying_client(devnet: Devnet, scheme: ChannelHubClientScheme, asset: str = ETH, kind: type[C] = x402Client) -> C:
+def paying_client(
+    devnet: Devnet,
+    scheme: ChannelHubClientScheme,
+    asset: str = ETH,
+    kind: type[C] = x402Client,  # type: ignore[assignment]  # mypy takes no default for a constrained TypeVar
+) -> C:
     """x402's client (async, or `kind=x402ClientSync`) with our scheme, and its spend controls allowing the asset on
     this chain up to 10x the price."""
     network = f"eip155:{devnet.chain_id}"
@@ -328,7 +334,7 @@ def paying_wire(
     a paid request that got no payment answer. `network`: the transport under it (httpx's by default)."""
     if wire == "pay-ahead":
         return PayAheadTransport(x402, network, unanswered=scheme.unanswered)
-    return x402_httpx_transport(x402, UnansweredWire(scheme.unanswered, network))
+    return cast(httpx.AsyncBaseTransport, x402_httpx_transport(x402, UnansweredWire(scheme.unanswered, network)))
 
 
 Walked = tuple[int, list[int], bool]  # an answer's status, the redirects before it, whether it carries a payment answer
@@ -373,7 +379,8 @@ def paid_get(devnet: Devnet, scheme: ChannelHubClientScheme, url: str, asset: st
 
     async def get() -> int:
         async with x402HttpxClient(paying_client(devnet, scheme, asset), timeout=60) as http:
-            return (await http.get(url)).status_code
+            answer: httpx.Response = await http.get(url)
+            return answer.status_code
 
     return asyncio.run(get())
 
@@ -385,11 +392,18 @@ def made_up_payment(required: PaymentRequirements, n: int) -> dict[str, str]:
     return {"PAYMENT-SIGNATURE": encode_payment_signature_header(PaymentPayload(payload=signed, accepted=required))}
 
 
+def requirements_of(x402: x402Client, url: str) -> PaymentRequired:
+    """The 402 of a paid route as x402's client reads it: a v2 one (its decoder reads v1's too; none is served here)."""
+    required = x402HTTPClient(x402).get_payment_required_response(httpx.get(url).headers.get, None)
+    assert isinstance(required, PaymentRequired), required
+    return required
+
+
 def payment_for(api: str, x402: x402Client, path: str = "/weather") -> PaymentPayload:
     """x402's payment for the 402 of `api`'s paid route, made as a payer app makes it, not sent."""
-    http = x402HTTPClient(x402)
-    required = http.get_payment_required_response(httpx.get(f"{api}{path}").headers.get, None)
-    return asyncio.run(x402.create_payment_payload(required))
+    payment = asyncio.run(x402.create_payment_payload(requirements_of(x402, f"{api}{path}")))
+    assert isinstance(payment, PaymentPayload), payment
+    return payment
 
 
 def identified_payment(devnet: Devnet, scheme: ChannelHubClientScheme, api: str) -> dict[str, str]:
@@ -568,7 +582,8 @@ def test_the_example_app_refuses_a_request_head_past_its_bound_and_serves_paid_r
 
     async def paid() -> int:
         async with x402HttpxClient(paying_client(devnet, rig.scheme), timeout=60) as http:
-            return (await http.get(f"{api}/weather")).status_code
+            answer: httpx.Response = await http.get(f"{api}/weather")
+            return answer.status_code
 
     assert asyncio.run(paid()) == 200
     assert accepted_for(rig.service, payee) == PRICE
@@ -761,6 +776,7 @@ def test_a_retried_payment_with_an_identifier_is_answered_again_and_charged_once
 
     answers = asyncio.run(retried())
     payment = decode_payment_signature_header(next(iter(headers.values())))
+    assert isinstance(payment, PaymentPayload), payment
     assert len((payment.extensions or {})["payment-identifier"]["info"]["id"]) >= 16
     assert [a.status_code for a in answers] == [200] * 9
     assert {(a.content, a.headers["payment-response"]) for a in answers} == {
@@ -840,7 +856,7 @@ def test_a_restarted_payer_and_a_second_device_pay_on_without_paying_twice(
     def get(scheme: ChannelHubClientScheme, path: str) -> int:
         async def once() -> int:
             async with x402HttpxClient(paying_client(devnet, scheme), timeout=60) as http:
-                answer = await http.get(f"{api}{path}")
+                answer: httpx.Response = await http.get(f"{api}{path}")
                 assert answer.status_code == 200, base64.b64decode(answer.headers["payment-required"])[:400]
                 return answer.status_code
 
@@ -970,11 +986,7 @@ def test_paying_ahead_and_verifying_locally_cost_one_request_and_one_facilitator
 
     # A forger who read the channel's id off the chain: a signature not the payer's, on a channel the payee knows, is
     # refused by the payee itself (`invalid_signature`, as the facilitator would), which never sees it.
-    required = (
-        x402HTTPClient(paying_client(devnet, ChannelHubClientScheme(payer)))
-        .get_payment_required_response(httpx.get(f"{api}/weather").headers.get, None)
-        .accepts[0]
-    )
+    required = requirements_of(paying_client(devnet, ChannelHubClientScheme(payer)), f"{api}/weather").accepts[0]
     voucher = {"channelId": first["channelId"], "cumulativeAmount": str(10**15), "signature": "0x" + "11" * 64 + "1b"}
     forged = encode_payment_signature_header(PaymentPayload(x402_version=2, payload=voucher, accepted=required))
     refused = httpx.get(f"{api}/weather", headers={"PAYMENT-SIGNATURE": forged})
@@ -1328,7 +1340,7 @@ def test_the_facilitator_down_is_a_503_and_charges_nothing(
 
     async def get() -> httpx.Response:
         async with x402HttpxClient(paying_client(devnet, rig.scheme), timeout=30) as http:
-            return await http.get(f"{rig.api}/weather")
+            return cast(httpx.Response, await http.get(f"{rig.api}/weather"))
 
     assert asyncio.run(get()).status_code == 200
     if outage == "service killed":
@@ -1439,7 +1451,7 @@ def test_a_facilitators_failure_reaches_the_payer_short_and_without_its_urls(
 
         async def get() -> httpx.Response:
             async with x402HttpxClient(paying_client(devnet, scheme), timeout=30) as http:
-                return await http.get(f"{api}/weather")
+                return cast(httpx.Response, await http.get(f"{api}/weather"))
 
         answers = [asyncio.run(get()) for _ in range(2)]
     failure = (
@@ -1516,11 +1528,7 @@ def test_a_flood_of_made_up_channels_through_a_payee_never_holds_a_known_payers_
     ((payee, api),) = rig.payees
     service, scheme = rig.service, rig.scheme
     assert paid_get(devnet, scheme, f"{api}/weather") == 200  # the payee knows this payer's channel now
-    required = (
-        x402HTTPClient(paying_client(devnet, scheme))
-        .get_payment_required_response(httpx.get(f"{api}/weather").headers.get, None)
-        .accepts[0]
-    )
+    required = requirements_of(paying_client(devnet, scheme), f"{api}/weather").accepts[0]
 
     def delayed() -> float:
         return sum(scraped(service.url, "settlement_refusals_delayed_total").values())
@@ -1572,8 +1580,7 @@ def test_a_client_paying_on_made_up_channels_is_refused_by_the_payee_past_its_bu
     ((payee, api),) = rig.payees
     service, scheme = rig.service, rig.scheme
     x402 = paying_client(devnet, scheme)
-    required = x402HTTPClient(x402).get_payment_required_response(httpx.get(f"{api}/weather").headers.get, None)
-    accepted = required.accepts[0]
+    accepted = requirements_of(x402, f"{api}/weather").accepts[0]
 
     def refusal(answer: httpx.Response) -> tuple[int, str]:
         if answer.status_code == 402:
@@ -1597,7 +1604,8 @@ def test_a_client_paying_on_made_up_channels_is_refused_by_the_payee_past_its_bu
     async def pay(source: str) -> int:
         wire = x402_httpx_transport(x402, httpx.AsyncHTTPTransport(local_address=source))
         async with httpx.AsyncClient(transport=wire, timeout=60) as http:
-            return (await http.get(f"{api}/weather")).status_code
+            answer: httpx.Response = await http.get(f"{api}/weather")
+            return answer.status_code
 
     assert asyncio.run(pay("127.0.0.2")) == 200  # a new payer from elsewhere: its channel verified by the facilitator
     assert asyncio.run(pay("127.0.0.1")) == 200  # from the flood's address: a channel the payee knows now
@@ -1617,7 +1625,7 @@ def test_a_payee_behind_a_proxy_it_does_not_trust_is_told_so_when_it_refuses_a_c
     rig = lane_rig("proxied", script=ROOT / "tests" / "faulty_paid_api.py", unknown_channel_reads_per_second="1000")
     ((_payee, api),) = rig.payees
     x402 = paying_client(devnet, rig.scheme)
-    accepted = x402HTTPClient(x402).get_payment_required_response(httpx.get(f"{api}/weather").headers.get, None)
+    accepted = requirements_of(x402, f"{api}/weather")
 
     async def flood(source: str, forwarded_for: str, ids: range) -> list[int]:
         wire = httpx.AsyncHTTPTransport(local_address=source)
@@ -1915,7 +1923,8 @@ def test_a_payee_answering_odd_headers_never_stalls_the_payer_nor_charges_it_for
             async with httpx.AsyncClient(transport=transport, timeout=60) as http:
 
                 async def get() -> int:
-                    return (await http.get(url)).status_code
+                    answer: httpx.Response = await http.get(url)
+                    return answer.status_code
 
                 return await walk(get)
 
@@ -2179,11 +2188,11 @@ def test_only_the_payment_a_channel_carries_now_frees_it(devnet: Devnet, lane_ri
 
     async def pay_once() -> int:
         async with x402HttpxClient(x402, timeout=60) as paying:
-            return (await paying.get(f"{api}/weather")).status_code
+            answer: httpx.Response = await paying.get(f"{api}/weather")
+            return answer.status_code
 
     assert asyncio.run(pay_once()) == 200  # the channel opened, one price paid
-    http = x402HTTPClient(x402)
-    required = http.get_payment_required_response(httpx.get(f"{api}/weather").headers.get, None).accepts[0]
+    required = requirements_of(x402, f"{api}/weather").accepts[0]
     held = rig.scheme.create_payment_payload(required)  # the channel busy with this payment
     assert held["cumulativeAmount"] == str(2 * PRICE)
     older = held | {"cumulativeAmount": str(int(held["cumulativeAmount"]) - PRICE)}
@@ -2224,20 +2233,18 @@ def test_a_payees_deposit_hint_locks_no_more_than_the_payers_limit(
     asked, and pays on it."""
     rig = lane_rig("hostile-hint", deposit_multiple=10**8)
     ((payee, api),) = rig.payees
-    wallet, since = w3.eth.get_balance(rig.payer.address), w3.eth.block_number
+    wallet, since = w3.eth.get_balance(Web3.to_checksum_address(rig.payer.address)), w3.eth.block_number
 
     assert [paid_get(devnet, rig.scheme, f"{api}/weather") for _ in range(2)] == [200, 200]
     (channel,) = rig.payer.open_channels(payee)
     assert int(channel["deposit"]) == 1_000 * PRICE
-    sent = [
-        w3.eth.get_transaction_receipt(tx["hash"])
-        for number in range(since + 1, w3.eth.block_number + 1)
-        for tx in w3.eth.get_block(number, full_transactions=True)["transactions"]
-        if tx["from"] == rig.payer.address
-    ]
+    blocks = [w3.eth.get_block(n, full_transactions=True) for n in range(since + 1, w3.eth.block_number + 1)]
+    mined = [cast(TxData, tx) for block in blocks for tx in block["transactions"]]  # full: TxData, not hashes
+    sent = [w3.eth.get_transaction_receipt(tx["hash"]) for tx in mined if tx["from"] == rig.payer.address]
     assert [r["to"] for r in sent] == [rig.payer.hub.address]  # one transaction: the open
     fees = sum(fee_paid(r) for r in sent)
-    assert wallet - w3.eth.get_balance(rig.payer.address) == 1_000 * PRICE + fees  # the deposit and its gas, no more
+    # the deposit and its gas, no more
+    assert wallet - w3.eth.get_balance(Web3.to_checksum_address(rig.payer.address)) == 1_000 * PRICE + fees
     assert accepted_for(rig.service, payee) == 2 * PRICE
 
 
@@ -2256,6 +2263,7 @@ class TakesAndRefuses(httpx.AsyncBaseTransport):
         if header is None:
             return await self.inner.handle_async_request(request)
         payload = decode_payment_signature_header(header)
+        assert isinstance(payload, PaymentPayload), payload
         body = x402_request(payload.accepted.model_dump(by_alias=True, exclude_none=True), payload.payload)
         async with httpx.AsyncClient(timeout=60) as http:
             stored = (await http.post(f"{self.facilitator}/settle", json=body)).json()
@@ -2407,8 +2415,9 @@ def test_a_payee_that_stops_every_channel_locks_at_most_two_deposits_and_the_pay
 
     assert [state(raw, ChannelViewField.STATUS) for raw in stopped] == [ChannelStatus.CLOSING] * 2
     wait_until(lambda: [state(raw, ChannelViewField.SETTLED) for raw in stopped] == [PRICE] * 2, timeout=60)
-    w3.provider.make_request("evm_increaseTime", [3601])  # the session hub's challenge period, and a second
-    w3.provider.make_request("evm_mine", [])
+    # the session hub's challenge period, and a second
+    w3.provider.make_request(RPCEndpoint("evm_increaseTime"), [3601])
+    w3.provider.make_request(RPCEndpoint("evm_mine"), [])
     assert paid_get(devnet, scheme, f"{api}/weather") == 200  # both finalized; a new channel from the refunds
     assert [state(raw, ChannelViewField.STATUS) for raw in stopped] == [ChannelStatus.CLOSED] * 2
     assert payer.hub_balance() == 2 * 99 * PRICE - 100 * PRICE
@@ -2470,7 +2479,8 @@ def test_a_payer_asks_the_payee_for_the_refund_and_only_the_payer_can(
     assert post(payer.account, channel_id=b"\x42" * 32) == (404, "channel_not_found")
     elsewhere = payer.open_channel(accounts[8].address, 10**15)  # the same payer's channel to another payee
     assert post(payer.account, channel_id=elsewhere.channel_id) == (403, "forbidden")
-    for body in ({"channelId": cid}, {"channelId": cid, "expires": "soon", "signature": "0x00"}, []):
+    bodies: list[Any] = [{"channelId": cid}, {"channelId": cid, "expires": "soon", "signature": "0x00"}, []]
+    for body in bodies:
         answer = httpx.post(url, json=body, timeout=60)
         assert (answer.status_code, answer.json()["code"]) == (400, "malformed_request")
     assert hub.functions.channel(raw).call()[ChannelViewField.STATUS] == ChannelStatus.OPEN  # nothing changed

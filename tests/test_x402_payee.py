@@ -158,7 +158,7 @@ def test_each_wrong_field_sends_the_payment_to_the_facilitator(
     }
     assert {name: positions.vouch(paid, required) for name, paid in wrong.items()} == dict.fromkeys(wrong)
     # The payee's requirements themselves differ from what the position was learnt under.
-    other = {
+    other: dict[str, dict[str, Any]] = {
         "another payTo": {"pay_to": accounts[7].address},
         "another asset": {"asset": "0x" + "11" * 20},
         "another network": {"network": "eip155:1"},
@@ -234,13 +234,14 @@ def test_a_settle_answer_that_does_not_match_its_payment_teaches_nothing(
     positions = Positions()
     required = requirements(devnet, hub, channel.payee)
     paid = payment(required, channel, PRICE, sign)
-    for changes in (
+    changed: tuple[dict[str, Any], ...] = (
         {"extra": {"channel": {"deposit": "25", "cumulativeAmount": str(2 * PRICE)}}},  # another position
         {"extra": {"channel": {"cumulativeAmount": str(PRICE)}}},  # no deposit
         {"extra": {}},  # no position
         {"payer": "nobody"},
         {"success": False},
-    ):
+    )
+    for changes in changed:
         positions.learn(paid, required, answered(channel, required, PRICE, DEPOSIT, **changes))
         assert len(positions) == 0, changes
     positions.learn(paid, required, answered(channel, required, PRICE, DEPOSIT))

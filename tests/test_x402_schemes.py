@@ -5,6 +5,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import httpx
 import pytest
@@ -101,7 +102,8 @@ def test_networks_and_payloads_have_one_form() -> None:
     assert chain_id_of("eip155:" + "9" * 32) == 10**32 - 1  # CAIP-2's longest reference
     good = {"channelId": "0x" + "ab" * 32, "cumulativeAmount": "5", "signature": "0x" + "cd" * 65}
     assert VoucherPayload.parse(good).to_dict() == good
-    for bad in ({**good, "cumulativeAmount": "05"}, {**good, "cumulativeAmount": 5}, {**good, "x": 1}, [good]):
+    bads: list[Any] = [{**good, "cumulativeAmount": "05"}, {**good, "cumulativeAmount": 5}, {**good, "x": 1}, [good]]
+    for bad in bads:
         with pytest.raises(ValueError):
             VoucherPayload.parse(bad)
 
@@ -146,7 +148,7 @@ def test_a_payers_bounds_on_channels_its_payees_stopped_are_checked(
     try:
         for bad in ({"max_stopped": 0}, {"max_stopped": -1}, {"stopped_grace": -1.0}):
             with pytest.raises(ValueError, match="max_stopped is at least 1 channel"):
-                ChannelHubClientScheme(payer, **bad)  # type: ignore[arg-type]
+                ChannelHubClientScheme(payer, **bad)
         assert ChannelHubClientScheme(payer, max_stopped=1, stopped_grace=0).max_stopped == 1
     finally:
         payer.shutdown()
@@ -159,7 +161,7 @@ def test_a_payer_refuses_requirements_it_cannot_trust(
     service = spawn(f"sqlite:///{tmp_path / 'refuse.db'}")
     payer = PayerClient(HexBytes(accounts[12].key).to_0x_hex(), devnet.url, service.url, state_path=tmp_path / "j")
     scheme = ChannelHubClientScheme(payer)
-    fields = {
+    fields: dict[str, Any] = {
         "scheme": "channelhub",
         "network": f"eip155:{devnet.chain_id}",
         "asset": ETH,
@@ -168,13 +170,14 @@ def test_a_payer_refuses_requirements_it_cannot_trust(
         "max_timeout_seconds": 60,
         "extra": {"hub": payer.hub.address},
     }
-    fields |= {
+    changes: dict[str, dict[str, Any]] = {
         "another hub": {"extra": {"hub": "0x" + "22" * 20}},
         "no hub": {"extra": {}},
         "another chain": {"network": "eip155:1"},
         "another scheme": {"scheme": "exact"},
         "price not a number": {"amount": "ten"},
-    }[change]
+    }
+    fields |= changes[change]
     with pytest.raises(ValueError):
         scheme.create_payment_payload(PaymentRequirements(**fields))
     assert payer.open_channels(accounts[13].address) == []  # nothing was opened, nothing signed

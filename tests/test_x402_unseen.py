@@ -20,7 +20,7 @@ class Facilitator:
 
     async def verify(self) -> bool:
         self.sent += 1
-        answer = asyncio.get_running_loop().create_future()
+        answer: asyncio.Future[bool] = asyncio.get_running_loop().create_future()
         self.in_flight.append(answer)
         self.most_at_once = max(self.most_at_once, len(self.in_flight))
         return await answer
