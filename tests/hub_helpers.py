@@ -19,7 +19,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
-from typing import Any, NamedTuple
+from typing import Any, NamedTuple, cast
 
 import httpx
 import httpx2
@@ -39,6 +39,7 @@ from web3.types import RPCEndpoint, TxReceipt
 
 from settlement.chain.batch_codec import SettleEntry, decode_settlements, encode_batch
 from settlement.chain.node import Revert, revert_of
+from settlement.chain.provider import FailoverProvider
 from settlement.devtools.devnet import port_free
 from settlement.domain.buckets import TokenBucket
 from settlement.domain.model import Address, ChannelId, ChannelStatus, ChannelViewField, Receipt, Voucher
@@ -317,7 +318,7 @@ def recovered(client: TestClient, where: str) -> float:
 
 def workers_ready(client: TestClient) -> None:
     """Wait until the service's signature recovery workers answer."""
-    recovery = client.app.state.service.ingestor.recovery  # type: ignore[attr-defined]
+    recovery = service_of(client).ingestor.recovery
     wait_until(lambda: recovery.workers_ready)
 
 
@@ -389,6 +390,16 @@ def stored_payments(url: str, channel_id: str) -> list[Receipt]:
             return channel_q.list_payments(conn, channel_id, limit=1000).items
     finally:
         db.dispose()
+
+
+def service_of(client: TestClient) -> Service:
+    """The Service behind an app `create_app` made, served by FastAPI's TestClient (typed as any ASGI app there)."""
+    return cast(Service, cast(FastAPI, client.app).state.service)
+
+
+def provider_of(client: TestClient) -> FailoverProvider:
+    """The chain provider of that service (`settlement serve` makes it a FailoverProvider, which counts its calls)."""
+    return cast(FailoverProvider, service_of(client).w3.provider)
 
 
 def signed_in(client: AnyClient, account: LocalAccount) -> dict[str, str]:

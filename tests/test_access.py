@@ -35,6 +35,7 @@ from tests.hub_helpers import (
     body,
     free_test_port,
     new_key,
+    service_of,
     signed_in,
     wait_until,
     x402_request,
@@ -128,7 +129,7 @@ def test_the_x402_facilitator_stays_open_to_payees_with_or_without_credentials(
     """A payee's middleware calls /x402/verify, /settle and /settle/batch with no key (x402's facilitator client
     sends none); a header that is not a key changes nothing: what a payment buys is decided by its signed voucher."""
     client, channel = paid_channel()
-    service = client.app.state.service  # type: ignore[attr-defined]
+    service = service_of(client)
     required = x402_requirements(service.deployment.chain_id, channel.payee, 5)
     payments = [x402_request(required, x402_voucher(channel, n, sign)) for n in (10, 15, 20, 25)]
     for headers in ({}, {"Authorization": "Bearer cht_not-a-token"}):
@@ -230,7 +231,7 @@ def test_a_flood_of_made_up_api_keys_costs_the_store_a_bounded_number_of_reads(
     `unknown_keys_busy` with no read. A held key is read each time (revocation stops it at once), so the operator's
     key works through the flood, and a key made during it works once the budget refills."""
     client = api(access_control=True)
-    service = client.app.state.service  # type: ignore[attr-defined]
+    service = service_of(client)
     now = [1_000.0]
     service.keys = KeyDirectory(service.db, 5.0, clock=lambda: now[0])
     statements: list[str] = []

@@ -14,7 +14,7 @@ from web3.contract import Contract
 from settlement.chain.deployment import Deployment
 from settlement.devtools.devnet import Devnet
 from settlement.eip712.vouchers import VoucherVerifier, read_domain
-from tests.hub_helpers import ETH, Channel, body, send, wait_cursor, wait_until
+from tests.hub_helpers import ETH, Channel, body, send, service_of, wait_cursor, wait_until
 from tests.proxy import TcpProxy
 
 Sign = Callable[..., bytes]
@@ -151,7 +151,7 @@ def test_a_payee_sees_what_it_can_withdraw_and_what_it_withdrew(
         send(w3, hub.functions.withdraw(ETH, 25, accounts[8].address), payee.address)  # to another account
         stranger = accounts[9].address
         open_channel(accounts[5], stranger, amount=100)  # a payee whose summary nobody asked for yet
-        indexer = client.app.state.service.indexer  # type: ignore[attr-defined]
+        indexer = service_of(client).indexer
         wait_cursor(indexer, w3.eth.block_number - indexer.confirmations)
         wait_until(lambda: asset()["withdrawn"] == "25")
         assert (asset()["withdrawable"], asset()["settled"]) == ("35", "60")

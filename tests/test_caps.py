@@ -23,7 +23,7 @@ from settlement.domain.model import Voucher
 from settlement.errors import SettlementError, SpendingCapError
 from settlement.server.api_keys import Role
 from settlement.server.service import Service
-from tests.hub_helpers import Channel, body, new_key, signed_in, wait_until
+from tests.hub_helpers import Channel, body, new_key, service_of, signed_in, wait_until
 
 Sign = Callable[..., bytes]
 
@@ -35,7 +35,7 @@ def voucher(channel: Channel, sign: Sign, cumulative: int) -> dict[str, Any]:
 def hold_ingest_clock(client: TestClient, second: int) -> None:
     """Stop the service's ingest clock at that unix second (call again to move it), so a refusal's window and
     Retry-After are exact."""
-    service: Service = client.app.state.service  # type: ignore[attr-defined]
+    service: Service = service_of(client)
     service.ingestor.clock = lambda: datetime.fromtimestamp(second, UTC)
 
 
@@ -65,7 +65,7 @@ def test_a_payee_caps_what_each_payer_spends_on_its_channels_per_window(
         "amount": "100",
         "windowSeconds": 3600,
     }
-    caps_reach_ingest(client.app.state.service)  # type: ignore[attr-defined]
+    caps_reach_ingest(service_of(client))
     assert client.post("/v1/vouchers", json=voucher(first, sign, 60)).status_code == 201
     assert client.post("/v1/vouchers", json=voucher(first, sign, 100)).status_code == 201  # 100 in the window
     refused = client.post("/v1/vouchers", json=voucher(first, sign, 101))
@@ -92,7 +92,7 @@ def test_a_payee_caps_what_each_payer_spends_on_its_channels_per_window(
     wait_until(lambda: client.post("/v1/vouchers", json=voucher(first, sign, 150)).status_code == 201, timeout=5)
     assert client.delete(f"/v1/payees/{payee}/caps/{again['capId']}").status_code == 204
     assert client.get(f"/v1/payees/{payee}/caps").json() == []
-    caps_reach_ingest(client.app.state.service, count=0)  # type: ignore[attr-defined]
+    caps_reach_ingest(service_of(client), count=0)
     assert client.post("/v1/vouchers", json=voucher(first, sign, 900)).status_code == 201
 
 
@@ -109,7 +109,7 @@ def test_a_short_window_ends_and_the_payer_may_pay_again(
     payer = channel.payer.address
     cap = {"payer": payer, "amount": "10", "windowSeconds": 2}
     assert client.put(f"/v1/payees/{channel.payee}/caps", json=cap).status_code == 200
-    caps_reach_ingest(client.app.state.service)  # type: ignore[attr-defined]
+    caps_reach_ingest(service_of(client))
     assert client.post("/v1/vouchers", json=voucher(channel, sign, 10)).status_code == 201
     for second, wait in ((start, 2), (start + 1, 1)):
         hold_ingest_clock(client, second)
@@ -138,7 +138,7 @@ def test_the_operator_caps_a_payer_over_every_payee(
     one, two = (open_channel(payer, accounts[n].address, amount=1_000) for n in (11, 12))
     cap = client.put("/v1/risk/caps", json={"payer": payer.address, "amount": "50", "windowSeconds": 86400}).json()
     assert (cap["payee"], cap["payer"], cap["amount"]) == ("*", payer.address, "50")
-    caps_reach_ingest(client.app.state.service)  # type: ignore[attr-defined]
+    caps_reach_ingest(service_of(client))
     assert client.post("/v1/vouchers", json=voucher(one, sign, 30)).status_code == 201
     assert client.post("/v1/vouchers", json=voucher(two, sign, 20)).status_code == 201
     for channel in (one, two):
@@ -313,7 +313,7 @@ def test_caps_are_read_again_only_when_they_changed(
     read, a fifth of a core a process, changed or not. They are read again only when a change moved their generation;
     every change (a new cap, a new amount, a removal) still reaches ingest, on both stores."""
     client = api()
-    service: Service = client.app.state.service  # type: ignore[attr-defined]
+    service: Service = service_of(client)
     reads: list[int] = []
     real = settlement.store.caps.caps  # what the risk monitor reads the caps with
 

@@ -42,6 +42,7 @@ from tests.hub_helpers import (
     Tampering,
     TamperingProxy,
     body,
+    provider_of,
     send,
     stored_payments,
     stream_through,
@@ -271,7 +272,7 @@ def test_rpc_failover_to_a_second_url_and_back(
 ) -> None:
     with TcpProxy(devnet.port) as primary:
         client = api(rpc_url=primary.url, rpc_fallback_urls=[devnet.url], rpc_primary_retry=0.2)
-        provider = client.app.state.service.w3.provider  # type: ignore[attr-defined]
+        provider = provider_of(client)
         assert provider.endpoint_uri == primary.url
         primary.cut()
         fresh = open_channel(accounts[7], accounts[6].address, amount=100)  # only the chain knows it: a lookup

@@ -28,6 +28,8 @@ from tests.hub_helpers import (
     Channel,
     body,
     in_one_block,
+    provider_of,
+    service_of,
     stand_still,
     wait_cursor,
     wait_until,
@@ -42,7 +44,7 @@ Sign = Callable[..., bytes]
 
 def rpc_calls(client: TestClient) -> int:
     """The calls a channel look-up makes (the indexer's own head polls run beside it on their own schedule)."""
-    calls = client.app.state.service.w3.provider.calls  # type: ignore[attr-defined]
+    calls = provider_of(client).calls
     return int(calls["eth_call"] + calls["eth_getLogs"])
 
 
@@ -55,8 +57,8 @@ def test_a_repeated_unknown_channel_id_costs_the_chain_nothing_more(
 ) -> None:
     channel = open_channel(accounts[5], accounts[6].address, amount=100)
     client = api(indexer_interval=60, unknown_channel_ttl=30)  # the indexer's own polls out of the count:
-    indexer = client.app.state.service.indexer  # type: ignore[attr-defined]
-    head = client.app.state.service.w3.eth.block_number  # type: ignore[attr-defined]
+    indexer = service_of(client).indexer
+    head = service_of(client).w3.eth.block_number
     # its first catch-up polls back to back (one eth_getLogs a range) until it reaches the head, then rests 60 s.
     wait_cursor(indexer, head)
     unknown = ghost(channel, 7)
@@ -85,8 +87,8 @@ def test_lookups_of_never_seen_ids_are_capped_and_an_honest_channel_still_pays(
     # The chain's budget is the subject here: store reads of unknown ids are not limited first.
     client = api(indexer_interval=60, chain_lookups_per_second=5, unknown_channel_reads_per_second=10_000)  # burst 10
     channel = open_channel(accounts[5], accounts[6].address, amount=100)
-    service = client.app.state.service  # type: ignore[attr-defined]
-    provider = service.w3.provider
+    service = service_of(client)
+    provider = provider_of(client)
     stand_still(monkeypatch, service.indexer._lookups)  # while the flood is judged
     before = provider.calls["eth_call"]
     flood = [ghost(channel, n) for n in range(1000, 1300)]
@@ -118,7 +120,7 @@ def test_unknown_ids_beyond_the_read_budget_are_refused_before_any_read_and_know
     path), while a payer whose channel this process holds (the indexer told ingest of it) pays with no wait."""
     channel = open_channel(accounts[5], accounts[6].address, amount=100)
     client = api(indexer_interval=60, unknown_channel_reads_per_second=2)  # burst 4
-    service = client.app.state.service  # type: ignore[attr-defined]
+    service = service_of(client)
     stand_still(monkeypatch, service.ingestor._unknown_reads)
     head = service.w3.eth.block_number
     wait_cursor(service.indexer, head)
@@ -221,7 +223,7 @@ def budgeted_facilitator(
     """A service whose read budget for unknown ids is its burst of 4 (its clock stands), its indexer past the
     channel's opening (and then idle), and the payee's requirements at a price of 5."""
     client = api(indexer_interval=60, unknown_channel_reads_per_second=2)
-    service = client.app.state.service  # type: ignore[attr-defined]
+    service = service_of(client)
     stand_still(monkeypatch, service.ingestor._unknown_reads)
     head = service.w3.eth.block_number
     wait_cursor(service.indexer, head)
@@ -339,13 +341,13 @@ def test_a_flood_of_readiness_checks_costs_the_chain_no_call_each(api: Callable[
     reads it every time, as before."""
     for max_age, cost in ((3600.0, 0), (0.0, 50)):
         client = api(indexer_interval=3600.0, ready_chain_max_age=max_age)
-        indexer: Indexer = client.app.state.service.indexer  # type: ignore[attr-defined]
+        indexer: Indexer = service_of(client).indexer
 
         def caught_up(i: Indexer = indexer) -> bool:
             return i.progress is not None and i.progress.cursor >= i.progress.confirmed
 
         wait_until(caught_up)
-        calls = client.app.state.service.w3.provider.calls  # type: ignore[attr-defined]
+        calls = provider_of(client).calls
         # A poll that advanced is followed at once by another (it reads the head and the cursor's block, then finds
         # nothing to do): counted inside the checks below, it made the cost 1 or 2 when it came late.
 
@@ -372,8 +374,8 @@ def test_a_flood_of_payee_summaries_reads_each_balance_once_a_block(
     client = api()
     channel = open_channel(accounts[5], accounts[11].address, amount=100)
     assert client.post("/v1/vouchers", json=body(channel, 10, sign(channel.payer, channel.id, 10))).status_code == 201
-    calls = client.app.state.service.w3.provider.calls  # type: ignore[attr-defined]
-    indexer = client.app.state.service.indexer  # type: ignore[attr-defined]
+    calls = provider_of(client).calls
+    indexer = service_of(client).indexer
     wait_cursor(indexer, w3.eth.block_number - indexer.confirmations)
     summary = f"/v1/payees/{channel.payee}/summary"
     first = client.get(summary).json()
@@ -387,8 +389,9 @@ def test_a_flood_of_payee_summaries_reads_each_balance_once_a_block(
     before = calls["eth_call"]
     assert [client.get(summary).json()["assets"][0]["withdrawable"] for _ in range(10)] == ["0"] * 10
     assert calls["eth_call"] - before == 1
-    balances = client.app.state.service.balances  # type: ignore[attr-defined]
+    balances = service_of(client).balances
     before = calls["eth_call"]
+    assert indexer.progress is not None
     assert balances.at(channel.payee, ETH, indexer.progress.cursor, "0x" + "ab" * 32) == 0  # that number, another
     assert calls["eth_call"] - before == 1  # block (a reorganisation): read again
 
@@ -411,9 +414,9 @@ def test_a_payee_paid_in_many_tokens_costs_a_few_balance_reads_a_summary(
     made = [deploy("DevToken", f"Made {n}", f"M{n}", 18) for n in range(3)]
     for asset in (*made, token, None):
         open_channel(accounts[5], payee, token=asset, amount=1_000)
-    indexer = client.app.state.service.indexer  # type: ignore[attr-defined]
+    indexer = service_of(client).indexer
     wait_cursor(indexer, w3.eth.block_number - indexer.confirmations)
-    calls = client.app.state.service.w3.provider.calls  # type: ignore[attr-defined]
+    calls = provider_of(client).calls
     before = calls["eth_call"]
     summary = client.get(f"/v1/payees/{payee}/summary").json()
     assert calls["eth_call"] - before == 2

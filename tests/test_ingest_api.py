@@ -33,6 +33,7 @@ from tests.hub_helpers import (
     database_down,
     recovered,
     send,
+    service_of,
     wait_until,
     workers_ready,
 )
@@ -204,7 +205,7 @@ def test_a_machine_that_cannot_start_a_recovery_worker_still_serves_batches_on_t
     results = client.post("/v1/vouchers/batch", json={"vouchers": items}).json()["results"]
     assert [r["status"] for r in results] == [201] * 20
     assert (recovered(client, "process"), recovered(client, "thread")) == (0, 20)
-    assert client.app.state.service.ingestor.recovery.processes == 0  # type: ignore[attr-defined]
+    assert service_of(client).ingestor.recovery.processes == 0
 
 
 def test_a_hung_recovery_worker_is_ended_and_the_request_recovered_on_threads(
@@ -218,7 +219,7 @@ def test_a_hung_recovery_worker_is_ended_and_the_request_recovered_on_threads(
     the request is recovered on threads, the worker is killed, and new ones take over."""
     before = set(multiprocessing.active_children())
     client = api(recovery_processes=1)
-    client.app.state.service.ingestor.recovery.deadline = 0.5  # type: ignore[attr-defined]
+    service_of(client).ingestor.recovery.deadline = 0.5
     workers_ready(client)
     (worker,) = set(multiprocessing.active_children()) - before
     assert worker.pid is not None
@@ -358,7 +359,7 @@ def test_a_channel_its_payee_stopped_takes_no_voucher_after_the_stop_which_answe
     again = client.post("/v1/vouchers", json=body(channel, 250, sign(channel.payer, channel.id, 250)))
     assert (again.status_code, again.json()["cumulativeAmount"]) == (200, "250")
     writes: list[str] = []
-    engine = client.app.state.service.db.engine  # type: ignore[attr-defined]
+    engine = service_of(client).db.engine
     listen = event.listens_for(engine, "before_cursor_execute")
     noted = listen(lambda _c, _cur, statement, *_: writes.append(statement) if "UPDATE" in statement else None)
     for _ in range(5):
@@ -401,7 +402,7 @@ def test_closing_channel_accepts_until_the_guard_by_the_chains_clock(
     mined = int(w3.eth.get_block("latest")["timestamp"])
     later = api(close_guard_seconds=600)
     for each in (client, later):
-        indexer: Indexer = each.app.state.service.indexer  # type: ignore[attr-defined]
+        indexer: Indexer = service_of(each).indexer
 
         def caught_up(indexer: Indexer = indexer) -> bool:
             return indexer.block_time >= mined
@@ -433,7 +434,7 @@ def test_the_close_guard_counts_from_the_heads_time_not_the_confirmed_blocks(
     w3.provider.make_request(RPCEndpoint("evm_mine"), [])
     head = w3.eth.get_block("latest")
     mined = int(head["timestamp"])
-    indexer = client.app.state.service.indexer  # type: ignore[attr-defined]
+    indexer = service_of(client).indexer
     wait_until(lambda: indexer.progress is not None and indexer.progress.head >= head["number"])  # it saw the head
     late = client.post("/v1/vouchers", json=body(channel, 20, sign(channel.payer, channel.id, 20)))
     assert late.status_code == 409, late.text  # before: 201, a receipt the engine would not settle
@@ -569,7 +570,7 @@ def test_an_unexpected_failure_on_the_fast_path_is_a_500_and_the_service_goes_on
     api: Callable[..., TestClient], channel: Channel, sign: Sign, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     client = api()
-    service = client.app.state.service  # type: ignore[attr-defined]
+    service = service_of(client)
     real = service.ingestor.ingest_async
 
     async def broken(_: Any) -> Any:

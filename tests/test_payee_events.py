@@ -56,6 +56,7 @@ from tests.hub_helpers import (
     free_test_port,
     in_one_block,
     positions,
+    service_of,
     settle_call,
     signed_in,
     wait_until,
@@ -543,7 +544,7 @@ def test_a_webhook_host_slow_to_resolve_holds_no_request_thread(
     thread, another payee's webhook is refused at once, retryable (before, it waited behind them and was told its own
     host did not resolve); once they answer, it is made."""
     client = api()
-    lookups = client.app.state.service.lookups  # type: ignore[attr-defined]
+    lookups = service_of(client).lookups
     answer_now = threading.Event()
 
     def slow(host: str, port: int) -> list[tuple[Any, ...]]:  # a zone that answers when the test says so

@@ -14,7 +14,7 @@ from web3.contract import Contract
 
 from settlement.server.service import Service
 from settlement.store.retention import compact
-from tests.hub_helpers import ETH, Channel, batch, body, send, settle_call, wait_until
+from tests.hub_helpers import ETH, Channel, batch, body, send, service_of, settle_call, wait_until
 from tests.servers import forked_cli
 
 Sign = Callable[..., bytes]
@@ -32,7 +32,7 @@ def test_settled_payments_past_retention_go_and_the_rest_stay(
     tmp_path: Path,
 ) -> None:
     client = api()
-    service: Service = client.app.state.service  # type: ignore[attr-defined]
+    service: Service = service_of(client)
     settled, unsettled = (open_channel(accounts[n], accounts[4].address, amount=1_000) for n in (3, 5))
 
     def pay(channel: Channel, cumulative: int) -> int:

@@ -21,7 +21,17 @@ from settlement.server.metrics import Metrics
 from settlement.server.risk import RiskMonitor
 from settlement.server.service import Service
 from settlement.store import Database, tables
-from tests.hub_helpers import ETH, Channel, body, chain_happened, in_one_block, positions, signed_in, wait_until
+from tests.hub_helpers import (
+    ETH,
+    Channel,
+    body,
+    chain_happened,
+    in_one_block,
+    positions,
+    service_of,
+    signed_in,
+    wait_until,
+)
 
 Sign = Callable[..., bytes]
 
@@ -49,7 +59,8 @@ def test_a_voucher_below_the_least_increment_is_refused_and_repeated_dust_is_rep
     wait_until(lambda: client.post("/v1/vouchers", json=voucher(erc20, sign, 1)).status_code == 201)  # no floor set
     # The six dust vouchers are sent at the start of one of the monitor's 2 s windows (its clock is this process's),
     # so they are counted in one window however slow the machine: none is left to the next one.
-    monitor = client.app.state.service.risk  # type: ignore[attr-defined]
+    monitor = service_of(client).risk
+    assert monitor is not None
     wait_until(lambda: time.monotonic() - monitor._window_started < 0.5, timeout=10)
     dust = client.post("/v1/vouchers", json=voucher(eth, sign, 199))
     assert (dust.status_code, dust.json()["code"], dust.json()["minIncrement"]) == (409, "increment_too_small", "100")
@@ -77,7 +88,7 @@ def test_a_held_channel_takes_no_voucher_until_released(
     cid = "0x" + held.id.hex()
     answer = client.put(f"/v1/risk/holds/{cid}", json={"reason": "chargeback under review"})
     assert answer.json() == {"channelId": cid, "reason": "chargeback under review"}
-    rules = client.app.state.service.ingestor  # type: ignore[attr-defined]
+    rules = service_of(client).ingestor
     wait_until(lambda: cid in rules.rules.held, timeout=5)  # the monitor hands holds to ingest every 0.25 s
     refused = client.post("/v1/vouchers", json=voucher(held, sign, 20)).json()
     assert (refused["code"], refused["reason"]) == ("channel_held", "chargeback under review")
@@ -230,7 +241,7 @@ def test_a_stored_event_of_a_kind_this_version_does_not_know_is_still_listed(api
     """A newer version may record a kind this one does not name (a rollback, a rolling deploy): the listing shows it
     as stored rather than failing whole."""
     client = api()
-    service: Service = client.app.state.service  # type: ignore[attr-defined]
+    service: Service = service_of(client)
     with service.db.write() as conn:
         row = {"at_us": 1, "kind": "future_kind", "payer": None, "channel_id": None, "detail": "{}"}
         conn.execute(insert(tables.risk_events).values(**row))

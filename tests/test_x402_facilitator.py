@@ -25,6 +25,7 @@ from tests.hub_helpers import (
     behind_the_fast_path,
     recovered,
     send,
+    service_of,
     wait_indexed,
     wait_until,
     workers_ready,
@@ -405,7 +406,7 @@ def test_a_settle_batch_answers_each_payment_as_settle_would_in_order(
     client = api()
     required = requirements(devnet, channel.payee)
     other = open_channel(accounts[5], channel.payee, amount=1_000)
-    wait_indexed(client.app.state.service)  # type: ignore[attr-defined]  # only the made-up id costs the read budget
+    wait_indexed(service_of(client))  # only the made-up id costs the read budget
     assert client.post("/x402/settle", json=x402_request(required, voucher(channel, PRICE, sign))).json()["success"]
     # Known to the facilitator before (verify stores nothing): each payment is then queued in the batch's order.
     assert client.post("/x402/verify", json=x402_request(required, voucher(other, PRICE, sign))).json()["isValid"]

@@ -41,7 +41,7 @@ from settlement.x402.facilitator_client import (
 )
 from settlement.x402.positions import Forged, Positions
 from settlement.x402.wire import SETTLE_ATTEMPT
-from tests.hub_helpers import ETH, Channel, wait_indexed
+from tests.hub_helpers import ETH, Channel, service_of, wait_indexed
 
 Sign = Callable[..., bytes]
 PRICE = 10
@@ -848,7 +848,7 @@ def test_settles_in_flight_together_go_in_one_batch_each_answered_as_alone(
     facilitator = facilitator_of(app)
     required = requirements(devnet, hub, accounts[6].address)
     one, two, three = (open_channel(accounts[5], accounts[6].address, amount=DEPOSIT) for _ in range(3))
-    wait_indexed(service.app.state.service)  # type: ignore[attr-defined]  # else each id costs the read budget
+    wait_indexed(service_of(service))  # else each id costs the read budget
     answers = settle_all(
         facilitator,
         (payment(required, one, PRICE, sign), required),
@@ -889,7 +889,7 @@ def test_one_payers_payment_never_fails_the_other_payments_of_its_batch(
     facilitator = facilitator_of(app, batch_bytes=32_768)
     required = requirements(devnet, hub, accounts[6].address)
     honest, odd, large, larger = (open_channel(accounts[5], accounts[6].address, amount=DEPOSIT) for _ in range(4))
-    wait_indexed(service.app.state.service)  # type: ignore[attr-defined]
+    wait_indexed(service_of(service))
 
     answers = settle_all(
         facilitator,
@@ -980,7 +980,7 @@ def test_a_batch_the_facilitator_cannot_judge_is_unavailable_for_each_of_its_pay
     service = api()
     required = requirements(devnet, hub, accounts[6].address)
     one, two = (open_channel(accounts[5], accounts[6].address, amount=DEPOSIT) for _ in range(2))
-    wait_indexed(service.app.state.service)  # type: ignore[attr-defined]
+    wait_indexed(service_of(service))
     facilitator = facilitator_of(Recorded(service))
     assert all(
         a.success for a in settle_all(facilitator, *((payment(required, c, PRICE, sign), required) for c in (one, two)))
