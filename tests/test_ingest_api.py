@@ -430,7 +430,7 @@ def test_the_close_guard_counts_from_the_heads_time_not_the_confirmed_blocks(
     assert client.post("/v1/vouchers", json=body(channel, 10, sign(channel.payer, channel.id, 10))).status_code == 201
     moved = state["closeDeadline"] - 500 - int(w3.eth.get_block("latest")["timestamp"])
     w3.provider.make_request(RPCEndpoint("evm_increaseTime"), [moved])
-    # the head is 500 s from the deadline; the confirmed block is not
+    # mined: the head is 500 s from the deadline; the confirmed block is not
     w3.provider.make_request(RPCEndpoint("evm_mine"), [])
     head = w3.eth.get_block("latest")
     mined = int(head["timestamp"])

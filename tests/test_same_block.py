@@ -209,7 +209,7 @@ def test_two_events_of_one_channel_in_one_transaction_are_both_applied(
     if state == "expired":
         send(w3, hub.functions.requestClose(channel_ops.channel.id), channel_ops.channel.payer.address)
         w3.provider.make_request(RPCEndpoint("evm_increaseTime"), [CHALLENGE + 1])
-        # the gas estimate runs on the latest block: past the deadline
+        # mined: the gas estimate runs on the latest block, past the deadline
         w3.provider.make_request(RPCEndpoint("evm_mine"), [])
     indexer.catch_up()
     pair = [getattr(channel_ops, first)(), getattr(channel_ops, second)()]
