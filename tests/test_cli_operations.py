@@ -21,7 +21,7 @@ from web3.contract import Contract
 from settlement.domain.model import Voucher
 from settlement.server.config import Settings
 from settlement.server.service import Service
-from tests.hub_helpers import ETH, Channel, TamperingProxy, body, fee_paid, send
+from tests.hub_helpers import ETH, Channel, TamperingProxy, body, fee_paid, rpc_url, send
 from tests.servers import ServiceThread, forked_cli
 
 
@@ -273,7 +273,7 @@ def test_a_payee_withdraws_with_only_its_key_and_the_hub_address(
     send(w3, hub.functions.closeByPayee(channel.id, amount, sign(channel.payer, channel.id, amount)), payee.address)
     key_file = tmp_path / "payee.key"
     key_file.write_text(HexBytes(payee.key).to_0x_hex() + "\n")
-    rpc = {"SETTLEMENT_RPC_URL": w3.provider.endpoint_uri}  # type: ignore[attr-defined]
+    rpc = {"SETTLEMENT_RPC_URL": rpc_url(w3)}
     nowhere = {**rpc, "SETTLEMENT_DEPLOYMENT_FILE": str(tmp_path / "none.json")}
 
     def withdraw(*args: str, env: dict[str, str] = nowhere) -> Ran:
@@ -392,7 +392,7 @@ def test_a_withdrawal_is_printed_to_the_last_base_unit(
 def withdrawing(w3: Web3, hub: Contract, payee: LocalAccount, tmp_path: Path) -> dict[str, str]:
     """The environment of `settlement withdraw` by `payee` from `hub`, in `tmp_path` (cwd too)."""
     return {
-        "SETTLEMENT_RPC_URL": w3.provider.endpoint_uri,  # type: ignore[attr-defined]
+        "SETTLEMENT_RPC_URL": rpc_url(w3),
         "SETTLEMENT_HUB_ADDRESS": hub.address,
         "SETTLEMENT_WITHDRAW_KEY": HexBytes(payee.key).to_0x_hex(),
         "SETTLEMENT_DEPLOYMENT_FILE": str(tmp_path / "none.json"),

@@ -25,7 +25,7 @@ from settlement.store import Database
 from settlement.store import channels as channel_q
 from settlement.store.tables import chain_events
 from tests.hub_helpers import Channel as HubChannel
-from tests.hub_helpers import batch, send, settle_call
+from tests.hub_helpers import batch, rpc_url, send, settle_call
 
 
 def stored(db: Database, channel: HubChannel) -> Channel:
@@ -256,7 +256,7 @@ def test_an_operator_resumes_a_suspended_channel_from_the_cli(
     record = tmp_path / "deployment.json"
     hub_deployment.save(record)
     env = {
-        "SETTLEMENT_RPC_URL": w3.provider.endpoint_uri,  # type: ignore[attr-defined]
+        "SETTLEMENT_RPC_URL": rpc_url(w3),
         "SETTLEMENT_DEPLOYMENT_FILE": str(record),
         "SETTLEMENT_DATABASE_URL": store_url,
         "SETTLEMENT_CONFIRMATIONS": "1",
