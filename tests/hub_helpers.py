@@ -397,11 +397,6 @@ def service_of(client: TestClient) -> Service:
     return cast(Service, cast(FastAPI, client.app).state.service)
 
 
-def rpc_url(w3: Web3) -> str:
-    """The URL a `connect`ed Web3 reaches its chain at (its provider is a FailoverProvider)."""
-    return cast(FailoverProvider, w3.provider).endpoint_uri
-
-
 def provider_of(client: TestClient) -> FailoverProvider:
     """The chain provider of that service (`settlement serve` makes it a FailoverProvider, which counts its calls)."""
     return cast(FailoverProvider, service_of(client).w3.provider)

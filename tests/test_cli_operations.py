@@ -18,10 +18,11 @@ from sqlalchemy import text
 from web3 import Web3
 from web3.contract import Contract
 
+from settlement.devtools.devnet import Devnet
 from settlement.domain.model import Voucher
 from settlement.server.config import Settings
 from settlement.server.service import Service
-from tests.hub_helpers import ETH, Channel, TamperingProxy, body, fee_paid, rpc_url, send
+from tests.hub_helpers import ETH, Channel, TamperingProxy, body, fee_paid, send
 from tests.servers import ServiceThread, forked_cli
 
 
@@ -259,6 +260,7 @@ def test_a_payee_withdraws_with_only_its_key_and_the_hub_address(
     hub: Contract,
     token: Contract,
     w3: Web3,
+    devnet: Devnet,
     sign: Callable[..., bytes],
     tmp_path: Path,
 ) -> None:
@@ -273,7 +275,7 @@ def test_a_payee_withdraws_with_only_its_key_and_the_hub_address(
     send(w3, hub.functions.closeByPayee(channel.id, amount, sign(channel.payer, channel.id, amount)), payee.address)
     key_file = tmp_path / "payee.key"
     key_file.write_text(HexBytes(payee.key).to_0x_hex() + "\n")
-    rpc = {"SETTLEMENT_RPC_URL": rpc_url(w3)}
+    rpc = {"SETTLEMENT_RPC_URL": devnet.url}
     nowhere = {**rpc, "SETTLEMENT_DEPLOYMENT_FILE": str(tmp_path / "none.json")}
 
     def withdraw(*args: str, env: dict[str, str] = nowhere) -> Ran:
@@ -334,6 +336,7 @@ def test_a_tokens_symbol_is_printed_as_text_never_as_markup_or_terminal_control(
     accounts: list[LocalAccount],
     hub: Contract,
     w3: Web3,
+    devnet: Devnet,
     sign: Callable[..., bytes],
     tmp_path: Path,
 ) -> None:
@@ -352,7 +355,7 @@ def test_a_tokens_symbol_is_printed_as_text_never_as_markup_or_terminal_control(
         hostile.address,
         "--amount",
         str(amount // 3),
-        env=withdrawing(w3, hub, payee, tmp_path),
+        env=withdrawing(devnet, hub, payee, tmp_path),
         cwd=tmp_path,
     )
     assert result.returncode == 0, result.stderr
@@ -369,6 +372,7 @@ def test_a_withdrawal_is_printed_to_the_last_base_unit(
     accounts: list[LocalAccount],
     hub: Contract,
     w3: Web3,
+    devnet: Devnet,
     sign: Callable[..., bytes],
     tmp_path: Path,
 ) -> None:
@@ -380,7 +384,7 @@ def test_a_withdrawal_is_printed_to_the_last_base_unit(
     amount = 123_456_789_012_345_678_901_234_567_891
     channel = open_channel(accounts[5], payee.address, token=token, amount=amount)
     send(w3, hub.functions.closeByPayee(channel.id, amount, sign(channel.payer, channel.id, amount)), payee.address)
-    env = withdrawing(w3, hub, payee, tmp_path)
+    env = withdrawing(devnet, hub, payee, tmp_path)
     result = forked_cli("withdraw", "--token", token.address, "--amount", str(amount - 1), env=env, cwd=tmp_path)
     assert result.returncode == 0, result.stderr
     assert result.stdout.startswith(
@@ -389,10 +393,10 @@ def test_a_withdrawal_is_printed_to_the_last_base_unit(
     assert result.stdout.rstrip("\n").endswith("; 1 base units (0.000000000000000001 BIG) left in the hub")
 
 
-def withdrawing(w3: Web3, hub: Contract, payee: LocalAccount, tmp_path: Path) -> dict[str, str]:
+def withdrawing(devnet: Devnet, hub: Contract, payee: LocalAccount, tmp_path: Path) -> dict[str, str]:
     """The environment of `settlement withdraw` by `payee` from `hub`, in `tmp_path` (cwd too)."""
     return {
-        "SETTLEMENT_RPC_URL": rpc_url(w3),
+        "SETTLEMENT_RPC_URL": devnet.url,
         "SETTLEMENT_HUB_ADDRESS": hub.address,
         "SETTLEMENT_WITHDRAW_KEY": HexBytes(payee.key).to_0x_hex(),
         "SETTLEMENT_DEPLOYMENT_FILE": str(tmp_path / "none.json"),

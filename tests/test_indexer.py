@@ -15,6 +15,7 @@ from web3.contract import Contract
 from web3.types import RPCEndpoint
 
 from settlement.chain.deployment import Deployment
+from settlement.devtools.devnet import Devnet
 from settlement.domain.model import Channel, ChannelStatus, Voucher
 from settlement.eip712.vouchers import VoucherVerifier, read_domain
 from settlement.errors import ChannelSuspendedError
@@ -25,7 +26,7 @@ from settlement.store import Database
 from settlement.store import channels as channel_q
 from settlement.store.tables import chain_events
 from tests.hub_helpers import Channel as HubChannel
-from tests.hub_helpers import batch, rpc_url, send, settle_call
+from tests.hub_helpers import batch, send, settle_call
 
 
 def stored(db: Database, channel: HubChannel) -> Channel:
@@ -230,7 +231,7 @@ def test_an_operator_resumes_a_suspended_channel_from_the_cli(
     db: Database,
     store_url: str,
     w3: Web3,
-    devnet: object,
+    devnet: Devnet,
     hub_deployment: Deployment,
     open_channel: Callable[..., HubChannel],
     accounts: list[LocalAccount],
@@ -256,7 +257,7 @@ def test_an_operator_resumes_a_suspended_channel_from_the_cli(
     record = tmp_path / "deployment.json"
     hub_deployment.save(record)
     env = {
-        "SETTLEMENT_RPC_URL": rpc_url(w3),
+        "SETTLEMENT_RPC_URL": devnet.url,
         "SETTLEMENT_DEPLOYMENT_FILE": str(record),
         "SETTLEMENT_DATABASE_URL": store_url,
         "SETTLEMENT_CONFIRMATIONS": "1",
