@@ -6,12 +6,6 @@ from __future__ import annotations
 import math
 import threading
 from collections.abc import Hashable
-from typing import NamedTuple
-
-
-class Level(NamedTuple):
-    tokens: float  # below zero: a debt (`Buckets.charge`)
-    when: float  # the time `tokens` was counted at
 
 
 class Buckets:
@@ -23,7 +17,9 @@ class Buckets:
         self.rate = rate
         self.burst = burst
         self.max_keys = max_keys
-        self._buckets: dict[Hashable, Level] = {}
+        # key -> (tokens, when): its level (below zero, a debt: `charge`) and the time it was counted at. A plain
+        # pair, not a NamedTuple: one is made for every request the rate guard takes (~190 ns against ~6).
+        self._buckets: dict[Hashable, tuple[float, float]] = {}
         self._lock = threading.Lock()
 
     def take(self, key: Hashable, now: float) -> int | None:
@@ -33,7 +29,7 @@ class Buckets:
         with self._lock:
             tokens = self._level(key, now)
             if tokens < 1:
-                self._buckets[key] = Level(tokens, now)
+                self._buckets[key] = (tokens, now)
                 return self._wait(tokens)
             self._set(key, tokens - 1, now)
         return None
@@ -57,7 +53,7 @@ class Buckets:
 
     def _level(self, key: Hashable, now: float) -> float:
         """The tokens `key` has at `now` (under the lock): a new key is full."""
-        tokens, when = self._buckets.get(key, (self.burst, now))  # a Level, or a new key's
+        tokens, when = self._buckets.get(key, (self.burst, now))
         return min(self.burst, tokens + (now - when) * self.rate)
 
     def _wait(self, tokens: float) -> int:
@@ -65,7 +61,7 @@ class Buckets:
         return max(1, math.ceil((1 - tokens) / self.rate))
 
     def _set(self, key: Hashable, tokens: float, now: float) -> None:
-        self._buckets[key] = Level(tokens, now)
+        self._buckets[key] = (tokens, now)
         if len(self._buckets) > self.max_keys:
             self._prune(now)
 
@@ -74,7 +70,8 @@ class Buckets:
         for key in full:
             del self._buckets[key]
         if len(self._buckets) > self.max_keys // 2:
-            for key in sorted(self._buckets, key=lambda k: self._buckets[k].when)[: len(self._buckets) // 2]:
+            counted = {key: when for key, (_tokens, when) in self._buckets.items()}
+            for key in sorted(counted, key=counted.__getitem__)[: len(counted) // 2]:
                 del self._buckets[key]
 
 
