@@ -35,7 +35,11 @@ class Role(StrEnum):
 class NewKey(NamedTuple):
     secret: str  # the key itself, shown once and never stored
     row: KeyRow
-    digest: str  # what the store keeps: the key's SHA-256
+
+    @property
+    def digest(self) -> str:
+        """What the store keeps of it: its SHA-256."""
+        return hash_key(self.secret)
 
 
 def make_key(role: Role, account: str | None, name: str, now_us: int) -> NewKey:
@@ -47,7 +51,7 @@ def make_key(role: Role, account: str | None, name: str, now_us: int) -> NewKey:
     while secret[len(KEY_PREFIX)] == "-":  # an id "-Qb..." would read as an option: `settlement keys revoke -Qb...`
         secret = KEY_PREFIX + secrets.token_urlsafe(32)
     row = KeyRow(secret[len(KEY_PREFIX) : len(KEY_PREFIX) + 8], role.value, account, name, now_us, None)
-    return NewKey(secret, row, hash_key(secret))
+    return NewKey(secret, row)
 
 
 def hash_key(secret: str) -> str:
