@@ -134,8 +134,7 @@ class Channel:
         return SettleEntry(self.payer.address, self.salt, cumulative, signature)
 
 
-# What a test's HTTP client is and answers: httpx's, or FastAPI's TestClient, which starlette builds on httpx2.
-AnyClient = httpx.Client | TestClient
+# What a test's HTTP client answers: httpx's, or FastAPI's TestClient's, which starlette builds on httpx2.
 Answer = httpx.Response | httpx2.Response
 
 Sign = Callable[..., bytes]
@@ -402,7 +401,7 @@ def provider_of(client: TestClient) -> FailoverProvider:
     return cast(FailoverProvider, service_of(client).w3.provider)
 
 
-def signed_in(client: AnyClient, account: LocalAccount) -> dict[str, str]:
+def signed_in(client: httpx.Client | TestClient, account: LocalAccount) -> dict[str, str]:
     """The Authorization header of `account` signed in with its own key (challenge, personal_sign, token)."""
     challenge = client.post("/v1/auth/challenge", json={"address": account.address}).json()
     signature = account.sign_message(encode_defunct(text=challenge["message"])).signature.to_0x_hex()
