@@ -648,21 +648,28 @@ class AssetSummary:
     unsettled: int
 
 
+@dataclass(slots=True)
+class _Totals:
+    """An AssetSummary's sums while `payee_summary` adds a payee's channels up."""
+
+    channels: int = 0
+    accepted: int = 0
+    settled: int = 0
+    unsettled: int = 0
+
+
 def payee_summary(conn: Connection, payee: str) -> list[AssetSummary]:
     """Per asset; summed in Python because SQLite keeps large amounts as blobs (exact, but not summable in SQL)."""
     query = select(channels.c.token, latest_accepted(conn), channels.c.settled).where(channels.c.payee == payee)
-    by_token: dict[str, list[tuple[int, int]]] = {}
+    totals: dict[str, _Totals] = {}  # running, one per asset: a payee's channels are not held in memory
     for token, accepted, settled in conn.execute(query):
-        by_token.setdefault(token, []).append((int(accepted), int(settled)))
+        asset = totals.setdefault(token, _Totals())
+        asset.channels += 1
+        asset.accepted += accepted
+        asset.settled += settled
+        asset.unsettled += max(accepted - settled, 0)
     return [
-        AssetSummary(
-            token,
-            channels=len(amounts),
-            accepted=sum(accepted for accepted, _ in amounts),
-            settled=sum(settled for _, settled in amounts),
-            unsettled=sum(max(accepted - settled, 0) for accepted, settled in amounts),
-        )
-        for token, amounts in sorted(by_token.items())
+        AssetSummary(token, t.channels, t.accepted, t.settled, t.unsettled) for token, t in sorted(totals.items())
     ]
 
 
