@@ -88,8 +88,7 @@ def _payee(address: str, who: Caller) -> str:
 
 def _now(service: Service) -> Position:
     with service.db.read() as conn:
-        block, log = last_chain_position(conn)
-        return Position(last_payment_id(conn), block, log)
+        return Position(last_payment_id(conn), *last_chain_position(conn))
 
 
 @router.post("/webhooks", operation_id="createWebhook", status_code=201)

@@ -19,7 +19,7 @@ from datetime import UTC, datetime
 from typing import Any, NamedTuple
 
 from settlement.chain.batch_codec import decode_settlements
-from settlement.domain.model import HubEvent
+from settlement.domain.model import ChainPosition, HubEvent
 from settlement.store import Database
 from settlement.store.payee_events import (
     ChainRow,
@@ -42,6 +42,10 @@ class Position:
     payment: int = 0
     block: int = 0
     log: int = -1
+
+    @property
+    def chain(self) -> ChainPosition:
+        return ChainPosition(self.block, self.log)
 
     def token(self) -> str:
         return f"{self.payment}.{self.block}.{self.log}"
@@ -76,22 +80,25 @@ class Front:
     block: int
     log: int
 
+    @property
+    def chain(self) -> ChainPosition:
+        return ChainPosition(self.block, self.log)
+
 
 def read_front(db: Database, horizon: Horizon) -> Front:
     safe = horizon.refresh()  # first: every payment up to it is visible to the chain read below too
     with db.read() as conn:
-        block, log = last_chain_position(conn)
-    return Front(safe, block, log)
+        return Front(safe, *last_chain_position(conn))
 
 
 def payees_moved(db: Database, since: Front, now: Front) -> set[str] | None:
     """The payees (lower case) with an event between two fronts, or None when that cannot be told (the chain's
     position went back: a reorganisation replaced events): then every payee may have one."""
-    if (now.block, now.log) < (since.block, since.log) or now.horizon < since.horizon:
+    if now.chain < since.chain or now.horizon < since.horizon:
         return None
     with db.read() as conn:
         moved = payees_paid(conn, since.horizon, now.horizon) if now.horizon > since.horizon else set()
-        if (now.block, now.log) > (since.block, since.log):
+        if now.chain > since.chain:
             moved |= payees_of_chain_events(conn, since.block, since.log)
     return moved
 

@@ -172,7 +172,7 @@ def _worth_saving(stored: Position, passed: Position) -> bool:
     """Whether to store a position moved past rows that were not the payee's: at once for chain events (rare), and
     once it passes PASSED_SAVED payments, so a quiet payee's read walks at most that many of the other payees'
     payments without a write per webhook at every tick."""
-    return (passed.block, passed.log) != (stored.block, stored.log) or passed.payment - stored.payment >= PASSED_SAVED
+    return passed.chain != stored.chain or passed.payment - stored.payment >= PASSED_SAVED
 
 
 class Seen(NamedTuple):
@@ -192,7 +192,7 @@ def _quiet(hook: WebhookRow, seen: dict[str, Seen], last: Front, now: Front, mov
         was is not None
         and was.checked == last
         and hook.payee.lower() not in moved
-        and (now.block, now.log) == (was.read_at.block, was.read_at.log)
+        and now.chain == was.read_at.chain
         and now.horizon - hook.after_payment < PASSED_SAVED
     )
 
@@ -226,8 +226,7 @@ class WebhookSender:
         self._slow_until: dict[str, float] = {}
         self._busy: set[str] = set()  # webhooks whose turn is running
         self._front: Front | None = None  # the feed's front at the last tick
-        # webhook -> (the front as of which it had nothing to deliver, the front of its last turn that read all)
-        self._seen: dict[str, Seen] = {}
+        self._seen: dict[str, Seen] = {}  # webhook -> where its last turn left it
         self._lock = threading.Lock()
 
     def tick(self, wait: float | None = None) -> int:
