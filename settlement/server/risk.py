@@ -137,13 +137,14 @@ class RiskMonitor:
             window_us = int(self.settings.risk_window_seconds * 1_000_000)
             events: list[RiskFinding] = []
             for seen in found:
-                self._position = ChainPosition(seen.block, seen.log)
+                self._position = seen.position
                 if seen.event == HubEvent.CHANNEL_OPENED:
                     events.extend(self._opening(now_us, to_checksum_address(str(seen.args["payer"])), window_us))
                 elif seen.channel_id is not None:
                     last = last_payment_at(conn, seen.channel_id)
                     if last is not None and now_us - last <= window_us:
-                        detail = {"secondsSinceLastPayment": round((now_us - last) / 1e6, 3), "block": seen.block}
+                        since = round((now_us - last) / 1e6, 3)
+                        detail = {"secondsSinceLastPayment": since, "block": seen.position.block}
                         events.append(
                             RiskFinding(now_us, RiskKind.CLOSE_WHILE_STREAMING, None, seen.channel_id, detail)
                         )

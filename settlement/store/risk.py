@@ -40,8 +40,7 @@ class RiskEvent:
 class WatchedChainEvent(NamedTuple):
     """A channel's opening or close request, where it stands in the chain."""
 
-    block: int
-    log: int
+    position: ChainPosition
     event: HubEvent
     channel_id: str | None
     args: dict[str, Any]
@@ -110,7 +109,7 @@ def chain_events_since(
         .limit(limit)
     )
     return [
-        WatchedChainEvent(b, i, HubEvent(event), cid, json.loads(args))
+        WatchedChainEvent(ChainPosition(b, i), HubEvent(event), cid, json.loads(args))
         for b, i, event, cid, args in conn.execute(query)
     ]
 
