@@ -287,7 +287,7 @@ def cli_env(env: dict[str, str]) -> dict[str, str]:
 
 def body(channel: Channel, cumulative: int, signature: bytes, **extra: Any) -> dict[str, Any]:
     return {
-        "channelId": "0x" + channel.id.hex(),
+        "channelId": channel.hex_id,
         "cumulativeAmount": str(cumulative),
         "signature": "0x" + signature.hex(),
         **extra,
@@ -453,7 +453,7 @@ def x402_voucher(channel: Channel, cumulative: int, sign: Sign, signer: LocalAcc
     """A `channelhub` payload: the channel's voucher for `cumulative`, signed by its payer (or `signer`)."""
     signature = sign(signer or channel.payer, channel.id, cumulative)
     return {
-        "channelId": "0x" + channel.id.hex(),
+        "channelId": channel.hex_id,
         "cumulativeAmount": str(cumulative),
         "signature": "0x" + signature.hex(),
     }

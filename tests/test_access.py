@@ -69,7 +69,7 @@ def test_a_key_id_never_starts_with_a_dash(monkeypatch: pytest.MonkeyPatch) -> N
 def reads(client: TestClient, channel: Channel, credential: str | None) -> dict[str, int]:
     """The status of each protected read about `channel` with this credential."""
     headers = {} if credential is None else {"Authorization": f"Bearer {credential}"}
-    cid = "0x" + channel.id.hex()
+    cid = channel.hex_id
     paths = {
         "channel": f"/v1/channels/{cid}",
         "list": f"/v1/channels?payee={channel.payee}",
@@ -179,7 +179,7 @@ def test_a_payee_key_reads_its_own_channels_and_takings_only(
         "metrics": 403,
     }
     mine = client.get(f"/v1/channels?payer={channel.payer.address}", headers={"Authorization": f"Bearer {payer_key}"})
-    assert [c["channelId"] for c in mine.json()["items"]] == ["0x" + channel.id.hex()]
+    assert [c["channelId"] for c in mine.json()["items"]] == [channel.hex_id]
 
 
 def test_only_its_payee_and_the_operator_stop_a_channel(

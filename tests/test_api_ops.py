@@ -88,7 +88,7 @@ def test_listings_and_payee_summary(
     page = client.get("/v1/channels", params={"payee": payee, "limit": 2}).json()
     rest = client.get("/v1/channels", params={"payee": payee, "cursor": page["nextCursor"]}).json()
     ids = [c["channelId"] for c in page["items"] + rest["items"]]
-    assert sorted(ids) == sorted("0x" + c.id.hex() for c in (eth_a, eth_b, tok))
+    assert sorted(ids) == sorted(c.hex_id for c in (eth_a, eth_b, tok))
     assert rest["nextCursor"] is None
     mine = client.get("/v1/channels", params={"payer": accounts[8].address, "status": "open"}).json()
     assert [c["channelId"] for c in mine["items"]] == ["0x" + eth_b.id.hex()]

@@ -189,9 +189,9 @@ def test_status_and_channels_read_the_store_alone_when_the_chain_is_down(
     listed = forked_cli("channels", "--json", env=env, cwd=tmp_path)
     assert listed.returncode == 0, listed.stderr
     rows = json.loads(listed.stdout)
-    assert [(c["channelId"], c["acceptedCumulativeAmount"]) for c in rows] == [("0x" + channel.id.hex(), "300")]
+    assert [(c["channelId"], c["acceptedCumulativeAmount"]) for c in rows] == [(channel.hex_id, "300")]
     table = forked_cli("channels", env=env, cwd=tmp_path).stdout  # piped, as into a log: nothing cut at 80 columns
-    assert "0x" + channel.id.hex() in table and "1,000,000,000,000,000,000" in table and accounts[7].address in table
+    assert channel.hex_id in table and "1,000,000,000,000,000,000" in table and accounts[7].address in table
 
 
 def test_read_only_commands_refuse_a_missing_database_instead_of_creating_one(tmp_path: Path) -> None:
@@ -249,9 +249,9 @@ def test_status_reports_the_running_engines_interval_and_every_closing_channel(
     settler.tick()
     after = json.loads(forked_cli("status", "--json", env=env, cwd=tmp_path).stdout)
     assert after["settleInterval"] == 7.0
-    assert after["pendingCloses"] == [{"channelId": "0x" + channel.id.hex(), "deadline": deadline, "unsettled": "0"}]
+    assert after["pendingCloses"] == [{"channelId": channel.hex_id, "deadline": deadline, "unsettled": "0"}]
     text_out = forked_cli("status", env=env, cwd=tmp_path).stdout
-    assert "the engine settles every 7s" in text_out and "0x" + channel.id.hex() in text_out
+    assert "the engine settles every 7s" in text_out and channel.hex_id in text_out
 
 
 def test_a_payee_withdraws_with_only_its_key_and_the_hub_address(

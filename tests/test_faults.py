@@ -428,7 +428,7 @@ def test_fifty_concurrent_submissions_over_http_end_in_one_state(
         else:
             assert answer.json()["cumulativeAmount"] == str(amount)
 
-    stored = sorted(stored_payments(store_url, "0x" + channel.id.hex()), key=lambda r: r.cumulative)
+    stored = sorted(stored_payments(store_url, channel.hex_id), key=lambda r: r.cumulative)
     assert stored[-1].cumulative == max(amounts)
     assert sum(r.increment for r in stored) == max(amounts)  # increments chain up: nothing lost, nothing twice
     assert statuses.count(201) == len(stored)

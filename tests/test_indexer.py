@@ -31,7 +31,7 @@ from tests.hub_helpers import batch, send, settle_call
 
 def stored(db: Database, channel: HubChannel) -> Channel:
     with db.read() as conn:
-        found = channel_q.get_channel(conn, "0x" + channel.id.hex())
+        found = channel_q.get_channel(conn, channel.hex_id)
     assert found is not None
     return found
 
@@ -262,7 +262,7 @@ def test_an_operator_resumes_a_suspended_channel_from_the_cli(
         "SETTLEMENT_DATABASE_URL": store_url,
         "SETTLEMENT_CONFIRMATIONS": "1",
     }
-    result = forked_cli("resume", "0x" + channel.id.hex(), env=env, cwd=tmp_path)
+    result = forked_cli("resume", channel.hex_id, env=env, cwd=tmp_path)
     assert result.returncode == 0, result.stderr
     assert "resumed" in result.stdout
     state = stored(db, channel)

@@ -63,7 +63,7 @@ def test_accepts_then_answers_a_resend_with_the_same_receipt(
     first = client.post("/v1/vouchers", json=body(channel, 100, sign(channel.payer, channel.id, 100), reference="o-1"))
     assert first.status_code == 201, first.text
     receipt = first.json()
-    assert receipt["channelId"] == "0x" + channel.id.hex()
+    assert receipt["channelId"] == channel.hex_id
     assert (receipt["cumulativeAmount"], receipt["increment"], receipt["remaining"]) == ("100", "100", "900")
     assert receipt["reference"] == "o-1"
     again = client.post("/v1/vouchers", json=body(channel, 100, sign(channel.payer, channel.id, 100), reference="o-1"))

@@ -199,7 +199,7 @@ def test_a_payee_is_told_of_each_payment_settlement_and_close_in_order_signed(
     closing = delivered[4]
     assert (closing["type"], closing["data"]["channelId"], closing["data"]["closeDeadline"]) == (
         "channel.closing",
-        "0x" + channel.id.hex(),
+        channel.hex_id,
         requested["deadline"],
     )
     assert closing["data"]["transaction"] == closed["transactionHash"].to_0x_hex()

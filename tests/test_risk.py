@@ -170,7 +170,7 @@ def test_risk_routes_are_the_operators(
 ) -> None:
     client = api(access_control=True)
     channel = open_channel(accounts[13], accounts[14].address, amount=1)
-    cid = "0x" + channel.id.hex()
+    cid = channel.hex_id
     payee = signed_in(client, accounts[14])  # even the channel's own payee is not the operator
     calls = [
         ("GET", "/v1/risk/events", None),

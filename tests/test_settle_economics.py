@@ -60,10 +60,6 @@ def entries(service: Service) -> list[tuple[ChannelId, int]]:
     return out
 
 
-def cid(channel: Channel) -> str:
-    return "0x" + channel.id.hex()
-
-
 def idle(mining: str) -> dict[str, Any]:
     """run_until_idle's pace on this chain: on interval mining, ticks a quarter second apart for up to 10 s."""
     return {"ticks": 40, "pause": 0.25} if mining == "interval" else {}
@@ -120,13 +116,13 @@ def test_a_closing_payer_streaming_one_wei_vouchers_buys_no_extra_batches(
         cumulative += 1
         pay(service, attacker, cumulative, sign)
         step(settler, service, now, 1.0)
-    assert entries(service) == [(cid(attacker), 1_001)]  # the close, settled once as soon as it was seen
+    assert entries(service) == [(attacker.hex_id, 1_001)]  # the close, settled once as soon as it was seen
 
     now[0] = deadline - service.settings.close_guard_seconds  # ingest takes no more vouchers from here
     assert step(settler, service, now, 0) is not None
     for _ in range(5):
         step(settler, service, now, 1.0)
-    assert entries(service) == [(cid(attacker), 1_001), (cid(attacker), cumulative)]
+    assert entries(service) == [(attacker.hex_id, 1_001), (attacker.hex_id, cumulative)]
     assert [n for _b, n in batches(service)] == [1, 1]
     spent = [b.gas_used for b, _n in batches(service)]
     assert all(gas is not None and gas <= 60_000 for gas in spent), spent  # the documented bound: 2 x 60,000 gas
@@ -157,7 +153,7 @@ def test_regular_batches_take_only_channels_worth_their_gas(
     pay(service, token_small, 499, sign)
     assert step(settler, service, now, 31.0) is not None
     run_until_idle(settler, service)
-    assert sorted(entries(service)) == sorted([(cid(big), threshold), (cid(token_big), 500)])
+    assert sorted(entries(service)) == sorted([(big.hex_id, threshold), (token_big.hex_id, 500)])
     assert step(settler, service, now, 31.0) is None  # what is left is still not worth a batch
     assert settler.tick(force=True).started is not None  # an operator's `settlement settle` takes everything
     run_until_idle(settler, service)
@@ -197,7 +193,7 @@ def test_a_token_a_payer_made_never_crowds_other_payees_out_of_regular_batches(
     wait_indexed(service)
     assert step(settler, service, now, 0) is not None  # the watchtower's first settlement of the close
     run_until_idle(settler, service, **idle(mining))
-    assert entries(service) == [(cid(junk[2]), 10**30)]
+    assert entries(service) == [(junk[2].hex_id, 10**30)]
     pay(service, junk[2], 2 * 10**30, sign)  # the closing channel paid again: its second settlement is not due yet
     for channel in junk[:2]:
         pay(service, channel, 10**30, sign)
@@ -205,8 +201,8 @@ def test_a_token_a_payer_made_never_crowds_other_payees_out_of_regular_batches(
 
     assert step(settler, service, now, 31) is not None  # a regular batch of two places; the close is not due
     run_until_idle(settler, service, **idle(mining))
-    first_junk = min(junk[:2], key=cid)  # the two open ones tie: the channel id decides
-    assert sorted(entries(service)[1:]) == sorted([(cid(honest), 100), (cid(first_junk), 10**30)])
+    first_junk = min(junk[:2], key=lambda c: c.hex_id)  # the two open ones tie: the channel id decides
+    assert sorted(entries(service)[1:]) == sorted([(honest.hex_id, 100), (first_junk.hex_id, 10**30)])
     assert settled_on_chain(hub, honest) == 100
 
 
@@ -241,7 +237,7 @@ def test_a_token_a_payer_made_spends_its_own_ceiling_not_the_settlers(
         pay(service, channel, 10, sign)
     assert step(settler, service, now, 31) is not None
     run_until_idle(settler, service, **idle(mining))
-    assert sorted(entries(service)) == sorted([(cid(honest), 10), (cid(configured), 10), (cid(junk), 10)])
+    assert sorted(entries(service)) == sorted([(honest.hex_id, 10), (configured.hex_id, 10), (junk.hex_id, 10)])
     hour_ago = datetime.fromtimestamp(now[0] - 3600, UTC)
     with service.db.read() as conn:
         spent = batch_q.spent_since(conn, hour_ago)
@@ -253,7 +249,7 @@ def test_a_token_a_payer_made_spends_its_own_ceiling_not_the_settlers(
     caplog.set_level(logging.CRITICAL)
     assert step(settler, service, now, 31) is not None
     run_until_idle(settler, service, **idle(mining))
-    assert sorted(entries(service)[3:]) == sorted([(cid(honest), 20), (cid(configured), 20)])
+    assert sorted(entries(service)[3:]) == sorted([(honest.hex_id, 20), (configured.hex_id, 20)])
     assert [settled_on_chain(hub, c) for c in (honest, configured, junk)] == [20, 20, 10]
     alerts = [r.getMessage().split(":")[0] for r in caplog.records if r.name == "settlement.settle.engine"]
     assert alerts == ["ALERT unpriced_spend_ceiling"]

@@ -323,7 +323,7 @@ def test_a_settler_without_funds_keeps_the_intent_and_resumes_after_a_top_up(
     run_until_idle(settler, service)
     assert settled_on_chain(hub, channel) == 321
     with service.db.read() as conn:
-        assert channel_q.get_channel(conn, "0x" + channel.id.hex()).settled == 321  # type: ignore[union-attr]
+        assert channel_q.get_channel(conn, channel.hex_id).settled == 321  # type: ignore[union-attr]
 
 
 def _metrics(service: Service) -> str:

@@ -1126,7 +1126,7 @@ def test_racing_retries_of_one_keyed_payment_pay_it_once(
     service = make_service()
     channel = open_channel(accounts[5], accounts[6].address, amount=1_000)
     service.indexer.catch_up()
-    cid = ChannelId("0x" + channel.id.hex())
+    cid = channel.hex_id
     vouchers = [
         Voucher(cid, amount, sign(channel.payer, channel.id, amount), idempotency_key="pay-1")
         for amount in [100, 200] * 8

@@ -437,7 +437,7 @@ def test_a_settle_batch_answers_each_payment_as_settle_would_in_order(
             ]
             settled = answer.json()["settlements"]
             assert settled[0]["extra"]["channel"] == {"deposit": "1000", "cumulativeAmount": "20", "remaining": "980"}
-            assert settled[6]["extra"]["receipt"]["channelId"] == "0x" + other.id.hex()
+            assert settled[6]["extra"]["receipt"]["channelId"] == other.hex_id
         else:  # sent again: each payment accepted before is a replay now; `other` moved past 9 meanwhile
             assert found == [
                 (False, "voucher_replayed", None),

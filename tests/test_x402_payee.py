@@ -71,7 +71,7 @@ def payment(
     extensions: dict[str, Any] | None = None,
 ) -> PaymentPayload:
     signature = sign(signer or channel.payer, channel.id, cumulative, domain)
-    voucher = {"channelId": "0x" + channel.id.hex(), "cumulativeAmount": str(cumulative),
+    voucher = {"channelId": channel.hex_id, "cumulativeAmount": str(cumulative),
                "signature": "0x" + signature.hex()}  # fmt: skip
     return PaymentPayload(x402_version=2, payload=voucher, accepted=required, extensions=extensions)
 
