@@ -141,7 +141,7 @@ def test_the_x402_facilitator_stays_open_to_payees_with_or_without_credentials(
     answer = client.post("/x402/settle/batch", json=batch, headers={"Authorization": "Bearer cht_not-a-token"})
     assert answer.status_code == 200
     assert [a["success"] for a in answer.json()["settlements"]] == [True, True, True]
-    position = client.get(f"/v1/channels/0x{channel.id.hex()}")
+    position = client.get(f"/v1/channels/{channel.hex_id}")
     assert position.status_code == 401  # the channel's state stays the parties' to read
 
 
@@ -194,7 +194,7 @@ def test_only_its_payee_and_the_operator_stop_a_channel(
     may, and only then is a voucher refused."""
     client, channel = paid_channel(3, 4)
     _, other = paid_channel(5, 6)
-    url = f"/v1/channels/0x{channel.id.hex()}/stop"
+    url = f"/v1/channels/{channel.hex_id}/stop"
     credentials = {
         "anonymous": None,
         "its payer": signed_in(client, accounts[3])["Authorization"].split()[1],
@@ -214,7 +214,7 @@ def test_only_its_payee_and_the_operator_stop_a_channel(
     refused = client.post("/v1/vouchers", json=body(channel, 7, sign(channel.payer, channel.id, 7)))
     assert (refused.status_code, refused.json()["code"]) == (409, "channel_closed")
     token = signed_in(client, accounts[6])  # the other channel's payee, signed in
-    assert client.post(f"/v1/channels/0x{other.id.hex()}/stop", json={}, headers=token).status_code == 200
+    assert client.post(f"/v1/channels/{other.hex_id}/stop", json={}, headers=token).status_code == 200
     operator = new_key(store_url, Role.OPERATOR)
     service, third = paid_channel(7, 8)  # through the service it paid: the first spent its unknown-id reads on `other`
     third_stop = service.post(
@@ -280,7 +280,7 @@ def test_an_account_signs_in_with_its_own_key_and_reads_as_payer_and_payee(
     who = client.get("/v1/auth/whoami", headers={"Authorization": f"Bearer {payer_token}"}).json()
     assert (who["role"], who["account"], who["via"]) == ("account", accounts[3].address, "sign-in")
     assert (
-        client.get(f"/v1/channels/0x{channel.id.hex()}", headers={"Authorization": f"Bearer {payer_token}"}).status_code
+        client.get(f"/v1/channels/{channel.hex_id}", headers={"Authorization": f"Bearer {payer_token}"}).status_code
         == 200
     )
 

@@ -127,7 +127,7 @@ def test_a_short_window_ends_and_the_payer_may_pay_again(
     assert client.post("/v1/vouchers", json=voucher(channel, sign, 11)).status_code == 201
     refused = client.post("/v1/vouchers", json=voucher(channel, sign, 21)).json()
     assert (refused["code"], refused["spent"], refused["windowEnds"]) == ("spending_cap_reached", "1", start + 4)
-    assert client.get(f"/v1/channels/0x{channel.id.hex()}").json()["acceptedCumulativeAmount"] == "11"
+    assert client.get(f"/v1/channels/{channel.hex_id}").json()["acceptedCumulativeAmount"] == "11"
 
 
 def test_the_operator_caps_a_payer_over_every_payee(
@@ -294,7 +294,7 @@ def test_fresh_keys_fill_no_more_than_their_share_of_caps_and_never_hold_back_a_
     payee = accounts[6]
     channel = open_channel(accounts[3], payee.address, amount=1_000)
     as_payee = signed_in(client, payee)
-    wait_until(lambda: client.get(f"/v1/channels/0x{channel.id.hex()}", headers=as_payee).status_code == 200)
+    wait_until(lambda: client.get(f"/v1/channels/{channel.hex_id}", headers=as_payee).status_code == 200)
     assert put(payee, as_payee).status_code == 200  # not held back by the fresh keys
     assert put(payee, as_payee, payer=accounts[3].address).status_code == 200  # 6 in all
     full = put(accounts[7])

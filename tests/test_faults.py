@@ -322,7 +322,7 @@ def test_a_reorged_out_top_up_never_backs_a_voucher(
 
     assert w3.provider.make_request(RPCEndpoint("evm_revert"), [fork])["result"] is True  # the top-up never happened
     mine(w3, 3)
-    url = f"{service.url}/v1/channels/0x{channel.id.hex()}"
+    url = f"{service.url}/v1/channels/{channel.hex_id}"
     wait_until(lambda: httpx.get(f"{service.url}/ready").json()["indexedBlock"] >= w3.eth.block_number - 2)
     assert httpx.get(url).json()["deposit"] == "100"
     assert pay(service, channel, 500, sign).json()["code"] == "amount_exceeds_deposit"

@@ -140,7 +140,7 @@ def test_unknown_ids_beyond_the_read_budget_are_refused_before_any_read_and_know
         )
     denied = client.get(f"/v1/channels/0x{ghost(channel, 2000).id.hex()}")  # found absent moments ago: no budget
     assert (denied.status_code, denied.json()["code"]) == (404, "channel_not_found")
-    assert client.get(f"/v1/channels/0x{channel.id.hex()}").json()["acceptedCumulativeAmount"] == "5"
+    assert client.get(f"/v1/channels/{channel.hex_id}").json()["acceptedCumulativeAmount"] == "5"
     assert rpc_calls(client) - before == 4
 
 

@@ -79,13 +79,13 @@ def test_accepts_then_answers_a_resend_with_the_same_receipt(
     # an older voucher that was accepted once is still a re-send, not an error
     assert client.post("/v1/vouchers", json=body(channel, 100, sign(channel.payer, channel.id, 100))).json() == receipt
 
-    state = client.get(f"/v1/channels/0x{channel.id.hex()}").json()
+    state = client.get(f"/v1/channels/{channel.hex_id}").json()
     assert state["acceptedCumulativeAmount"] == "250"
     assert state["deposit"] == "1000"
     assert state["unsettled"] == "250"
     assert state["status"] == "open"
     assert state["payer"] == channel.payer.address
-    payments = client.get(f"/v1/channels/0x{channel.id.hex()}/payments").json()
+    payments = client.get(f"/v1/channels/{channel.hex_id}/payments").json()
     assert [p["cumulativeAmount"] for p in payments["items"]] == ["250", "100"]
     assert payments["nextCursor"] is None
 
@@ -100,14 +100,14 @@ def test_payments_paginate_newest_first(api: Callable[..., TestClient], channel:
     cursor = None
     while True:
         params: dict[str, Any] = {"limit": 3, **({"cursor": cursor} if cursor else {})}
-        page = client.get(f"/v1/channels/0x{channel.id.hex()}/payments", params=params).json()
+        page = client.get(f"/v1/channels/{channel.hex_id}/payments", params=params).json()
         seen += [p["cumulativeAmount"] for p in page["items"]]
         cursor = page["nextCursor"]
         if cursor is None:
             break
     assert seen == [str(n) for n in range(7, 0, -1)]
     # A cursor naming no payment of this channel (compacted, another channel's, made up) still means "ids below it".
-    url = f"/v1/channels/0x{channel.id.hex()}/payments"
+    url = f"/v1/channels/{channel.hex_id}/payments"
     seventh = int(client.get(url, params={"limit": 1}).json()["nextCursor"])  # the id of the newest payment
     made_up = client.get(url, params={"cursor": seventh + 10**6}).json()["items"]
     assert [p["cumulativeAmount"] for p in made_up] == [str(n) for n in range(7, 0, -1)]
@@ -159,7 +159,7 @@ def test_a_large_batch_recovered_off_the_event_loop_keeps_each_result_in_its_pla
     assert [r["receipt"]["cumulativeAmount"] for r in result["results"] if r["receipt"]] == [
         str(n) for n in range(1, 41) if n not in forged
     ]
-    assert client.get(f"/v1/channels/0x{channel.id.hex()}").json()["acceptedCumulativeAmount"] == "40"
+    assert client.get(f"/v1/channels/{channel.hex_id}").json()["acceptedCumulativeAmount"] == "40"
     assert (recovered(client, "process"), recovered(client, "thread")) == ((40, 0) if processes else (0, 40))
 
 
@@ -188,7 +188,7 @@ def test_a_killed_recovery_worker_costs_a_recovery_on_threads_then_a_new_worker_
     workers_ready(client)
     assert batch(41) == expected
     assert (recovered(client, "process"), recovered(client, "thread")) == (40, 20)
-    assert client.get(f"/v1/channels/0x{channel.id.hex()}").json()["acceptedCumulativeAmount"] == "59"
+    assert client.get(f"/v1/channels/{channel.hex_id}").json()["acceptedCumulativeAmount"] == "59"
 
 
 def test_a_machine_that_cannot_start_a_recovery_worker_still_serves_batches_on_threads(
@@ -248,7 +248,7 @@ def test_batch_over_the_limit_is_refused_whole(api: Callable[..., TestClient], c
     answer = client.post("/v1/vouchers/batch", json={"vouchers": items})
     assert answer.status_code == 413
     assert answer.json()["code"] == "batch_too_large"
-    assert client.get(f"/v1/channels/0x{channel.id.hex()}").json()["acceptedCumulativeAmount"] == "0"
+    assert client.get(f"/v1/channels/{channel.hex_id}").json()["acceptedCumulativeAmount"] == "0"
 
 
 # --- one negative test per signed field: change only that field, the voucher must be refused -----------------------
@@ -339,7 +339,7 @@ def test_a_channel_its_payee_stopped_takes_no_voucher_after_the_stop_which_answe
     every later one is refused (409 channel_closed); a re-send of an accepted voucher is still answered as accepted
     (a lost answer retried); a second stop answers the same; the close settles exactly what the service accepted."""
     client = api(indexer_interval=60)  # the close is not seen by the service within the test, as on a slow chain
-    url = f"/v1/channels/0x{channel.id.hex()}"
+    url = f"/v1/channels/{channel.hex_id}"
     for cumulative in (100, 250):
         paid = client.post("/v1/vouchers", json=body(channel, cumulative, sign(channel.payer, channel.id, cumulative)))
         assert paid.status_code == 201, paid.text
@@ -447,7 +447,7 @@ def _wait_for(client: TestClient, channel: Channel, done: Callable[[dict[str, An
 
     deadline = time.monotonic() + 10
     while time.monotonic() < deadline:
-        state: dict[str, Any] = client.get(f"/v1/channels/0x{channel.id.hex()}").json()
+        state: dict[str, Any] = client.get(f"/v1/channels/{channel.hex_id}").json()
         if done(state):
             return state
         time.sleep(0.05)
@@ -481,7 +481,7 @@ def test_store_outage_answers_503_and_acknowledges_nothing(
         assert answer.json()["code"] == "store_unavailable"
         assert client.get("/ready").status_code == 503
     assert client.post("/v1/vouchers", json=body(channel, 20, sign(channel.payer, channel.id, 20))).status_code == 201
-    payments = client.get(f"/v1/channels/0x{channel.id.hex()}/payments").json()["items"]
+    payments = client.get(f"/v1/channels/{channel.hex_id}/payments").json()["items"]
     assert [p["cumulativeAmount"] for p in payments] == ["20", "10"]
 
 
@@ -553,7 +553,7 @@ def test_the_batch_route_answers_the_same_on_the_fast_path_and_behind_it(
         answers = [client.post("/v1/vouchers/batch", **request) for client in (fast, route)]
         assert [(a.status_code, a.json()["code"]) for a in answers] == [(status, code)] * 2
         assert answers[0].json() == answers[1].json()
-    assert fast.get(f"/v1/channels/0x{channel.id.hex()}").json()["acceptedCumulativeAmount"] == "40"
+    assert fast.get(f"/v1/channels/{channel.hex_id}").json()["acceptedCumulativeAmount"] == "40"
 
 
 @pytest.mark.parametrize("microsecond", [0, 1, 999_999])
@@ -607,7 +607,7 @@ def test_an_idempotency_key_makes_a_retry_the_same_payment_on_both_routes(
     ]
     reused = client.post("/v1/vouchers", json=voucher(400, "pay-2"))  # 50 more: another amount under pay-2
     assert (reused.status_code, reused.json()["code"]) == (409, "idempotency_key_reused")
-    payments = client.get(f"/v1/channels/0x{channel.id.hex()}/payments").json()["items"]
+    payments = client.get(f"/v1/channels/{channel.hex_id}/payments").json()["items"]
     assert [(p["cumulativeAmount"], p["increment"], p["idempotencyKey"]) for p in payments] == [
         ("350", "250", "pay-2"),
         ("100", "100", "pay-1"),

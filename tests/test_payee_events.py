@@ -156,7 +156,7 @@ def known_channel(
 
     def make(client: TestClient, payer: int, payee: int) -> Channel:
         channel = open_channel(accounts[payer], accounts[payee].address, amount=1_000)
-        wait_until(lambda: client.get(f"/v1/channels/0x{channel.id.hex()}").status_code == 200)
+        wait_until(lambda: client.get(f"/v1/channels/{channel.hex_id}").status_code == 200)
         return channel
 
     return make
@@ -505,7 +505,7 @@ def test_fresh_keys_fill_no_more_than_their_share_of_webhooks_and_never_hold_bac
     assert "SETTLEMENT_WEBHOOKS_WITHOUT_CHANNELS" in refused.json()["message"]
     payee = accounts[6]
     channel = open_channel(accounts[5], payee.address, amount=1_000)
-    wait_until(lambda: client.get(f"/v1/channels/0x{channel.id.hex()}", headers=signed_in(client, payee)).is_success)
+    wait_until(lambda: client.get(f"/v1/channels/{channel.hex_id}", headers=signed_in(client, payee)).is_success)
     assert [make(payee).status_code, make(payee).status_code] == [201, 201]  # 4 in all: not held back by them
     full = make(accounts[7])
     assert (full.status_code, full.json()["code"]) == (503, "webhooks_full")
@@ -553,7 +553,7 @@ def test_a_webhook_host_slow_to_resolve_holds_no_request_thread(
 
     lookups.resolve, lookups.timeout = slow, 30.0
     channel = open_channel(accounts[5], accounts[6].address, amount=1_000)
-    path = f"/v1/channels/0x{channel.id.hex()}"
+    path = f"/v1/channels/{channel.hex_id}"
     wait_until(lambda: client.get(path).status_code == 200)
     made = f"/v1/payees/{channel.payee}/webhooks"
     other = f"/v1/payees/{accounts[7].address}/webhooks"  # another payee's (access control is off here)
@@ -668,7 +668,7 @@ def test_deliveries_survive_the_service_killed_mid_delivery(
     channel = open_channel(accounts[9], accounts[10].address, amount=1_000)
     hook = receiver(delay=0.3)  # each delivery in flight for a while: the kill lands inside one
     made = httpx.post(f"{service.url}/v1/payees/{channel.payee}/webhooks", json={"url": hook.url}).json()
-    wait_until(lambda: httpx.get(f"{service.url}/v1/channels/0x{channel.id.hex()}").status_code == 200)
+    wait_until(lambda: httpx.get(f"{service.url}/v1/channels/{channel.hex_id}").status_code == 200)
     for cumulative in range(1, 11):
         voucher = body(channel, cumulative, sign(channel.payer, channel.id, cumulative))
         assert httpx.post(f"{service.url}/v1/vouchers", json=voucher).status_code == 201
@@ -693,7 +693,7 @@ def test_the_live_stream_sends_events_as_they_happen_and_resumes_after_the_last_
 ) -> None:
     service = serve_here(f"sqlite:///{tmp_path / 'stream.db'}")
     channel = open_channel(accounts[11], accounts[12].address, amount=1_000)
-    wait_until(lambda: httpx.get(f"{service.url}/v1/channels/0x{channel.id.hex()}").status_code == 200)
+    wait_until(lambda: httpx.get(f"{service.url}/v1/channels/{channel.hex_id}").status_code == 200)
     url = f"{service.url}/v1/payees/{channel.payee}/events"
 
     def pay_many(*amounts: int) -> None:
@@ -760,7 +760,7 @@ def test_live_streams_are_bounded_per_account_and_per_process_and_an_idle_one_re
     channel = open_channel(accounts[13], alice.address, amount=1_000)
     with httpx.Client(base_url=service.url, timeout=10) as client:
         as_alice, as_bob = signed_in(client, alice), signed_in(client, bob)
-        wait_until(lambda: client.get(f"/v1/channels/0x{channel.id.hex()}", headers=as_alice).status_code == 200)
+        wait_until(lambda: client.get(f"/v1/channels/{channel.hex_id}", headers=as_alice).status_code == 200)
     events_of_alice, events_of_bob = (f"{service.url}/v1/payees/{who.address}/events" for who in (alice, bob))
     opened: list[EventStream] = []
 
@@ -830,7 +830,7 @@ def test_fresh_keys_take_no_more_than_their_share_of_a_processs_streams(
     channel = open_channel(accounts[13], payee.address, amount=1_000)
     with httpx.Client(base_url=service.url, timeout=10) as client:
         as_payee, as_fresh = signed_in(client, payee), [signed_in(client, key) for key in fresh]
-        wait_until(lambda: client.get(f"/v1/channels/0x{channel.id.hex()}", headers=as_payee).status_code == 200)
+        wait_until(lambda: client.get(f"/v1/channels/{channel.hex_id}", headers=as_payee).status_code == 200)
     opened: list[EventStream] = []
 
     def stream(who: Any, headers: dict[str, str]) -> EventStream:

@@ -191,7 +191,7 @@ def test_a_payees_settle_batches_are_not_paced_for_one_payers_refused_payments(
     for channel in (honest, replaying):  # indexed (each poll on a connection of its own: a 404 is a refusal)
 
         def indexed(c: Channel = channel) -> bool:
-            return httpx.get(f"{service.url}/v1/channels/0x{c.id.hex()}").status_code == 200
+            return httpx.get(f"{service.url}/v1/channels/{c.hex_id}").status_code == 200
 
         wait_until(indexed)
     with httpx.Client(base_url=service.url, timeout=10) as http:
@@ -295,7 +295,7 @@ def test_a_client_sending_forged_vouchers_in_batches_is_refused_before_their_rec
     )
     payee, forger = accounts[6].address, accounts[7]
     channel = open_channel(accounts[5], payee, amount=10_000)
-    wait_until(lambda: httpx.get(f"{service.url}/v1/channels/0x{channel.id.hex()}").status_code == 200)
+    wait_until(lambda: httpx.get(f"{service.url}/v1/channels/{channel.hex_id}").status_code == 200)
     forged = {"vouchers": [body(channel, n, sign(forger, channel.id, n)) for n in range(1, 41)]}
     required = x402_requirements(w3.eth.chain_id, payee, 5)
 

@@ -51,7 +51,7 @@ def test_settled_payments_past_retention_go_and_the_rest_stay(
     assert compact(service.db, 0, time.time_ns() // 1000 + 1_000_000) == 3  # 10, 20, 30: settled, not the latest
 
     def amounts(channel: Channel) -> list[str]:
-        page = client.get(f"/v1/channels/0x{channel.id.hex()}/payments").json()
+        page = client.get(f"/v1/channels/{channel.hex_id}/payments").json()
         return [p["cumulativeAmount"] for p in page["items"]]
 
     assert (amounts(settled), amounts(unsettled)) == (["40"], ["6", "5"])

@@ -129,7 +129,7 @@ def test_bursts_and_payers_spreading_over_new_channels_become_risk_events(
     assert (spread["payer"], spread["detail"]["count"]) == (accounts[9].address, 3)
 
     channel = spreader[0]
-    wait_until(lambda: client.get(f"/v1/channels/0x{channel.id.hex()}").status_code == 200)
+    wait_until(lambda: client.get(f"/v1/channels/{channel.hex_id}").status_code == 200)
     items = [voucher(channel, sign, n) for n in range(1, 13)]  # one group commit: counted in one window
     assert [r["status"] for r in client.post("/v1/vouchers/batch", json={"vouchers": items}).json()["results"]] == [
         201

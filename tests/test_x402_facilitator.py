@@ -69,7 +69,7 @@ def at_once(count: int, call: Callable[[], T]) -> list[T]:
 
 
 def accepted(client: TestClient, channel: Channel) -> str:
-    return str(client.get(f"/v1/channels/0x{channel.id.hex()}").json()["acceptedCumulativeAmount"])
+    return str(client.get(f"/v1/channels/{channel.hex_id}").json()["acceptedCumulativeAmount"])
 
 
 def test_supported_names_the_scheme_the_network_and_what_requirements_carry(
@@ -313,10 +313,10 @@ def test_every_bad_payment_gets_its_reason_and_charges_nothing(
     elif case == "closing channel":  # the session hub's challenge period is an hour: inside a 2-hour close guard
         send(w3, hub.functions.requestClose(channel.id), channel.payer.address)
         client = api(close_guard_seconds=7200)
-        url = f"/v1/channels/0x{channel.id.hex()}"
+        url = f"/v1/channels/{channel.hex_id}"
         wait_until(lambda: client.get(url).json()["status"] == "closing")  # the indexers saw the close
     elif case == "channel its payee stopped":  # to close it with the latest voucher (closeByPayee)
-        assert client.post(f"/v1/channels/0x{channel.id.hex()}/stop", json={}).status_code == 200
+        assert client.post(f"/v1/channels/{channel.hex_id}/stop", json={}).status_code == 200
     for route, flag, why in (("/x402/verify", "isValid", "invalidReason"), ("/x402/settle", "success", "errorReason")):
         answer = client.post(route, json=body)
         assert answer.status_code == 200, answer.text

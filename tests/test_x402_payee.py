@@ -185,7 +185,7 @@ def test_a_forged_signature_on_a_known_channel_is_refused_by_the_payee_itself(
     payer is hashed into its id); the same payment sent to the facilitator is refused so too. A channel the payee does
     not know, or another payee's requirements, still go to the facilitator."""
     client, positions, required = first_settled(api(), devnet, hub, channel, sign)
-    message = f"the signature does not recover to the payer of channel 0x{channel.id.hex()}"
+    message = f"the signature does not recover to the payer of channel {channel.hex_id}"
     forged = {
         "the next amount": payment(required, channel, 2 * PRICE, sign, signer=accounts[9]),
         "any amount": payment(required, channel, 7 * PRICE + 3, sign, signer=accounts[9]),
@@ -864,7 +864,7 @@ def test_settles_in_flight_together_go_in_one_batch_each_answered_as_alone(
     assert len(facilitator.positions or ()) == 2  # both accepted positions learnt: their next payments verify here
     (alone,) = settle_all(facilitator, (payment(required, one, 2 * PRICE, sign), required))
     assert (alone.success, app.paths) == (True, ["/x402/settle/batch"] * 2)
-    assert [service.get(f"/v1/channels/0x{c.id.hex()}").json()["acceptedCumulativeAmount"] for c in (one, two)] == [
+    assert [service.get(f"/v1/channels/{c.hex_id}").json()["acceptedCumulativeAmount"] for c in (one, two)] == [
         "20",
         "10",
     ]
@@ -906,7 +906,7 @@ def test_one_payers_payment_never_fails_the_other_payments_of_its_batch(
     ]
     assert app.paths == ["/x402/settle/batch"] * 3  # the honest one, then each large one alone
     accepted = [
-        service.get(f"/v1/channels/0x{c.id.hex()}").json()["acceptedCumulativeAmount"]
+        service.get(f"/v1/channels/{c.hex_id}").json()["acceptedCumulativeAmount"]
         for c in (honest, odd, large, larger)
     ]
     assert accepted == [str(PRICE), "0", str(PRICE), str(PRICE)]
@@ -964,7 +964,7 @@ def test_a_payment_is_sent_as_its_batch_writes_it_and_one_that_cannot_be_sent_is
     assert settle_all(facilitator, (payment(required, channel, 2 * PRICE, sign), required))[0].success
     settles = ["/x402/settle/batch"] * 2 if batched else ["/x402/settle"] * 2
     assert app.paths == ["/x402/verify", *settles]
-    assert service.get(f"/v1/channels/0x{channel.id.hex()}").json()["acceptedCumulativeAmount"] == str(2 * PRICE)
+    assert service.get(f"/v1/channels/{channel.hex_id}").json()["acceptedCumulativeAmount"] == str(2 * PRICE)
 
 
 def test_a_batch_the_facilitator_cannot_judge_is_unavailable_for_each_of_its_payments(
@@ -992,7 +992,7 @@ def test_a_batch_the_facilitator_cannot_judge_is_unavailable_for_each_of_its_pay
     assert [type(a) for a in answers] == [FacilitatorResponseError] * 2
     assert all("facilitator settle unavailable" in str(a) for a in answers)
     assert len(broken.positions or ()) == 0
-    assert [service.get(f"/v1/channels/0x{c.id.hex()}").json()["acceptedCumulativeAmount"] for c in (one, two)] == [
+    assert [service.get(f"/v1/channels/{c.hex_id}").json()["acceptedCumulativeAmount"] for c in (one, two)] == [
         "10",
         "10",
     ]
