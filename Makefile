@@ -57,6 +57,7 @@ compile: setup
 
 lint: setup
 	$(VENV)/bin/ruff check settlement tests scripts examples
+	$(VENV)/bin/ruff format --check settlement tests scripts examples
 	$(VENV)/bin/mypy
 
 # `make run PORT=8001` when 8000 is taken.

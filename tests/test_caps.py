@@ -192,9 +192,7 @@ def test_a_cap_holds_exactly_with_two_services_writing_on_one_store(
     channel = channels[0]
     last = max(o.receipt.cumulative for o in outcomes[0] if isinstance(o, Verdict))
     with pytest.raises(SpendingCapError):
-        services[0].ingestor.preview(
-            Voucher(channel.hex_id, last + 10, sign(channel.payer, channel.id, last + 10))
-        )
+        services[0].ingestor.preview(Voucher(channel.hex_id, last + 10, sign(channel.payer, channel.id, last + 10)))
 
 
 def test_only_the_payee_and_the_operator_reach_a_payees_caps(

@@ -49,9 +49,7 @@ def test_settle_status_channels_reconcile_withdraw(
     channels = [open_channel(accounts[5], payee.address, amount=10**18), open_channel(accounts[6], payee.address)]
     service.indexer.catch_up()
     for channel, amount in zip(channels, (300, 500), strict=True):
-        outcome = service.ingestor.ingest(
-            [Voucher(channel.hex_id, amount, sign(channel.payer, channel.id, amount))]
-        )[0]
+        outcome = service.ingestor.ingest([Voucher(channel.hex_id, amount, sign(channel.payer, channel.id, amount))])[0]
         assert not isinstance(outcome, Exception)
     settings = service_settings()
     env = {

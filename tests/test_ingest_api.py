@@ -493,6 +493,7 @@ def test_the_fast_path_and_the_fastapi_route_give_the_same_answers(
 ) -> None:
     fast = api()
     route = behind_the_fast_path(fast)
+
     def voucher(n: int, signer: LocalAccount | None = None) -> dict[str, Any]:
         return body(channel, n, sign(signer or channel.payer, channel.id, n))
 

@@ -387,6 +387,7 @@ def test_a_connection_reused_at_once_is_not_pinged_and_one_dead_since_fails_one_
     db = Database(fresh_postgres, ping_after_idle=60.0)
     pings: list[object] = []
     ping = db.engine.dialect.do_ping
+
     def counted_ping(connection: Any) -> bool:
         pings.append(connection)
         return ping(connection)

@@ -906,8 +906,7 @@ def test_one_payers_payment_never_fails_the_other_payments_of_its_batch(
     ]
     assert app.paths == ["/x402/settle/batch"] * 3  # the honest one, then each large one alone
     accepted = [
-        service.get(f"/v1/channels/{c.hex_id}").json()["acceptedCumulativeAmount"]
-        for c in (honest, odd, large, larger)
+        service.get(f"/v1/channels/{c.hex_id}").json()["acceptedCumulativeAmount"] for c in (honest, odd, large, larger)
     ]
     assert accepted == [str(PRICE), "0", str(PRICE), str(PRICE)]
 

@@ -45,6 +45,7 @@ SIGNATURE_BYTES = 65  # r (32) | s (32) | v (1), as the hub checks it
 
 ANY = "*"  # a cap's payee or payer that stands for every one
 
+
 class WindowKey(NamedTuple):
     """One payer's spending in one window of one cap."""
 

@@ -668,9 +668,7 @@ def payee_summary(conn: Connection, payee: str) -> list[AssetSummary]:
         asset.accepted += accepted
         asset.settled += settled
         asset.unsettled += max(accepted - settled, 0)
-    return [
-        AssetSummary(token, t.channels, t.accepted, t.settled, t.unsettled) for token, t in sorted(totals.items())
-    ]
+    return [AssetSummary(token, t.channels, t.accepted, t.settled, t.unsettled) for token, t in sorted(totals.items())]
 
 
 def count_channels(conn: Connection) -> int:
