@@ -25,7 +25,7 @@ from web3.types import RPCEndpoint
 
 from settlement.devtools.devnet import Devnet
 from settlement.domain.model import ChannelStatus, ChannelViewField
-from settlement.domain.redaction import scrubbed, scrubbed_start, shown_url
+from settlement.domain.redaction import scrubbed, scrubbed_start, shown_url, text_start
 from settlement.eip712.vouchers import VoucherSigner
 from settlement.errors import (
     PaymentUncertainError,
@@ -321,6 +321,27 @@ def test_a_url_is_written_without_the_parts_that_may_hold_its_key() -> None:
         20: "failed at ",
     }
     assert scrubbed(failure[:57]) == "failed at https://api.example/…, see https://user:12"  # what a plain cut showed
+
+
+def test_an_answer_body_is_quoted_by_its_start_and_its_length() -> None:
+    """A failure quotes an answer's body (a proxy's error page, up to the 8-MB bound) by its start: only that is
+    decoded, as UTF-8, a character the cut falls in left out and not shown as a replacement; then its length in
+    bytes. The end-to-end case: tests/test_x402_e2e.py::test_a_facilitators_failure_reaches_the_payer_short_and_wi…"""
+    accented = "é".encode() * 40  # 80 bytes, two a character
+    assert {
+        "short": text_start(b"Bad gateway", 11),
+        "cut": text_start(b"x" * 100, 30),
+        "accented": text_start(accented, 30),
+        "not utf-8": text_start(b"\xff\x00<html>", 80),
+        "nothing left": text_start(b"x" * 100, 5),
+    } == {
+        "short": "Bad gateway",
+        "cut": "x" * 10 + "… (100 bytes in all)",
+        "accented": "é" * 5 + "… (80 bytes in all)",  # 11 bytes of it: 5 characters and half of one
+        "not utf-8": "\ufffd\x00<html>",
+        "nothing left": "… (100 bytes in all)",
+    }
+    assert len(text_start(b"x" * 8 * 2**20, 3_000)) == 3_000
 
 
 def drop_answer() -> None:

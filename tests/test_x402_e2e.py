@@ -1467,9 +1467,11 @@ def test_a_facilitators_failure_reaches_the_payer_short_and_without_its_urls(
     assert [line[: line.index("xxx")] for line in lines] == [
         "the facilitator could not judge 1 payment(s) since the last such line; the last could not verify: " + failure
     ]
-    whole = len("FacilitatorStatusError: Facilitator verify failed (502): ") + len(page)
-    assert lines[0].endswith("x" * 1_000 + f"… ({whole:,} characters in all)"), lines[0][-200:]  # its start, its length
-    assert ("s3cr3t" in log, len(lines[0]) < 4_200) == (False, True)
+    # Of the page only its start is decoded (`FAILURE_BODY_MAX` characters with its length in bytes), not 100 KB.
+    after = "… (100,070 bytes in all)"
+    quoted = "upstream https://facilitator.example.com/… failed: " + "x" * (3_000 - 70 - len(after)) + after
+    assert (len(page), lines[0].endswith(quoted)) == (100_070, True), lines[0][-200:]  # its start, its length
+    assert ("s3cr3t" in log, len(lines[0]) < 3_300) == (False, True)
     assert accepted_for(service, payee) == 0
 
 

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import gc
+import json
 import logging
 import queue
 import re
@@ -33,10 +34,12 @@ from settlement.eip712.vouchers import Domain
 from settlement.server.config import Settings
 from settlement.x402.facilitator_client import (
     CONNECT_TIMEOUT,
+    ERROR_CODE_READ_MAX,
     GC_YOUNG_THRESHOLD,
     KEEPALIVE_SECONDS,
     SUPPORTED_TIMEOUT,
     ChannelHubFacilitatorClient,
+    FacilitatorStatusError,
     _Supported,
 )
 from settlement.x402.positions import Forged, Positions
@@ -622,6 +625,19 @@ def test_a_facilitator_answer_that_never_ends_is_cut_off_in_size_and_in_time(way
         assert 2.9 < took < 6, took  # 0.5 s x 6, where each byte came within the 0.5 s of a read
         assert seen == [False]
         assert "took more than 3s" in str(supported), supported
+
+
+def test_a_facilitators_error_answer_is_read_for_its_code_only_when_small() -> None:
+    """The payee reads our service's code off an error answer (`unknown_channels_busy` spends a client's budget of
+    unseen channels) only up to 64 KB of it: ours are under 1 KB, and 8 MB of JSON took 65 ms of the payee's event
+    loop to read, at each paid request while its facilitator (or a proxy before it) answered so."""
+    small = json.dumps({"code": "unknown_channels_busy", "message": "busy"}).encode()
+    large = json.dumps({"code": "unknown_channels_busy", "pad": "x" * ERROR_CODE_READ_MAX}).encode()
+    assert [FacilitatorStatusError("failed (503)", body).code for body in (small, large, b"<html>")] == [
+        "unknown_channels_busy",
+        None,
+        None,
+    ]
 
 
 class ScriptedFetch:

@@ -14,6 +14,7 @@ import httpx
 from eth_utils.address import is_address, to_checksum_address
 
 from settlement.domain.model import hex32_of, uint256_of
+from settlement.domain.redaction import text_start
 from settlement.errors import ServiceRejectedError, UntrustedServiceError, rejected
 
 
@@ -25,7 +26,7 @@ def answer_object(response: httpx.Response, who: str = "the service") -> dict[st
         data = None
     if not isinstance(data, dict):
         raise UntrustedServiceError(
-            f"{who}'s answer to {_request(response)} is not a JSON object: {response.text[:80]!r}"
+            f"{who}'s answer to {_request(response)} is not a JSON object: {text_start(response.content, 80)!r}"
         )
     return data
 
@@ -39,7 +40,7 @@ def refusal(response: httpx.Response) -> ServiceRejectedError:
     if not isinstance(data, dict):
         data = {}
     code = str(data.get("code", f"http_{response.status_code}"))
-    message = str(data.get("message", response.text[:200]))
+    message = str(data.get("message", text_start(response.content, 200)))
     details = {k: v for k, v in data.items() if k not in _NAMED}  # "request" or "status" in a body raised TypeError
     return rejected(response.status_code, code, message, request=_request(response), **details)
 

@@ -44,6 +44,7 @@ from settlement.chain.contracts import HUB, load_artifact
 from settlement.chain.deployment import hub_at
 from settlement.chain.node import Transactor, connect
 from settlement.domain.model import ETH, ChannelStatus, ChannelViewField, Receipt, signature_of
+from settlement.domain.redaction import text_start
 from settlement.eip712.vouchers import Domain, VoucherSigner, VoucherVerifier, read_domain
 from settlement.eip712.vouchers import channel_id as channel_id_of
 from settlement.errors import (
@@ -633,7 +634,7 @@ class PayerClient:
                         f"not a receipt ({type(ex).__name__})"
                     ) from ex
             if response.status_code in _RETRYABLE:
-                last = f"HTTP {response.status_code}: {response.text[:200]}"
+                last = f"HTTP {response.status_code}: {text_start(response.content, 200)}"
                 continue
             raise refusal(response)
         raise PaymentUncertainError(

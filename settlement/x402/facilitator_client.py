@@ -47,7 +47,7 @@ from x402.schemas import PaymentPayload, PaymentRequirements, SettleResponse, Su
 
 from settlement.domain.clients import client_of
 from settlement.domain.model import ChannelId
-from settlement.domain.redaction import scrubbed_start
+from settlement.domain.redaction import scrubbed_start, text_start
 from settlement.errors import ChannelNotFoundError, InvalidSignatureError, UnknownChannelsBusyError
 from settlement.sdk.bounded import ANSWER_DEADLINE_FACTOR, MAX_ANSWER_BYTES, BoundedTransport
 from settlement.x402.exchange import EXCHANGE
@@ -97,6 +97,8 @@ BAD_GATEWAY = 502  # a proxy's answer when the facilitator behind it dropped the
 CONNECT_TIMEOUT = 3.0  # seconds to reach the facilitator: a request not sent yet charges nothing, so fail it early
 FAILURE_SHOWN_MAX = 240  # characters of the facilitator's failure a payer's 503 quotes (the payee's log has it whole)
 FAILURE_LOGGED_MAX = 4_000  # characters of it the payee's log keeps (its length too)
+FAILURE_BODY_MAX = 3_000  # characters of a facilitator's answer body its failure quotes (its length in bytes too)
+ERROR_CODE_READ_MAX = 64 * 1024  # an error answer read for our service's code up to this (ours < 1 KB; 8 MB: 65 ms)
 PROXY_WARNING_SECONDS = 600.0  # a payee behind a proxy it does not trust is told so in its log once in this long
 # The collector's young generation is scanned after this many more new objects than freed ones (Python's default: 700).
 # A paid request's objects are freed by reference counting: at 500 paid/s the default scanned the young objects ~45
@@ -118,7 +120,7 @@ class FacilitatorStatusError(ValueError):
     def __init__(self, text: str, content: bytes) -> None:
         super().__init__(text)
         try:
-            body = from_json(content)
+            body = from_json(content) if len(content) <= ERROR_CODE_READ_MAX else None
         except ValueError:
             body = None
         code = body.get("code") if isinstance(body, dict) else None
@@ -426,7 +428,7 @@ class ChannelHubFacilitatorClient(HTTPFacilitatorClient):
             found = await asyncio.gather(*(self._settle_alone(q.part, resend) for q in batch), return_exceptions=True)
             return [a if isinstance(a, SettleResponse | Exception) else RuntimeError(str(a)) for a in found]
         if status != 200:
-            text = f"facilitator settle batch failed ({status}): {content[:300].decode(errors='replace')}"
+            text = f"facilitator settle batch failed ({status}): {text_start(content, 300)}"
             raise _status_failure(text, status, content, settle=True)
         try:
             read = from_json(content)
@@ -449,7 +451,7 @@ class ChannelHubFacilitatorClient(HTTPFacilitatorClient):
         opening = b'{"x402Version":2,"resend":true,' if resend else b'{"x402Version":2,'
         status, content = await self._post(f"{self._url}/{operation}", opening + part[1:], headers, settle)
         if status != 200:
-            text = f"Facilitator {operation} failed ({status}): {content.decode(errors='replace')}"
+            text = f"Facilitator {operation} failed ({status}): {text_start(content, FAILURE_BODY_MAX)}"
             raise _status_failure(text, status, content, settle)
         try:
             return answer.model_validate_json(content)
@@ -721,10 +723,12 @@ def _unavailable(operation: str, ex: Exception) -> FacilitatorResponseError:
 
     The facilitator's failure is its text, and x402's client quotes the facilitator's whole answer body in it (`…
     failed (502): <body>`): a proxy's HTML page, or a hosted facilitator's error naming its own URL, key and all, went
-    whole into the payer's 503. A payer is shown the start of it, without URLs; the payee's log has its first
-    `FAILURE_LOGGED_MAX` characters (URLs written as `shown_url` writes them) and its length, once in
-    `FAILURE_LOG_SECONDS` with the count. Cut before its URLs are scrubbed: a 100-KB error page took 2.1 ms of the
-    payee's CPU to scrub for each paid request of an outage, and its whole was a 100-KB line in the log every 10 s."""
+    whole into the payer's 503. Ours quotes the body's first `FAILURE_BODY_MAX` characters and its length in bytes
+    (`_sent`: decoding an 8-MB page of non-ASCII text took 13.5 ms of the payee's loop a paid request). A payer is
+    shown the start of it, without URLs; the payee's log has its first `FAILURE_LOGGED_MAX` characters (URLs written as
+    `shown_url` writes them) and its length, once in `FAILURE_LOG_SECONDS` with the count. Cut before its URLs are
+    scrubbed: a 100-KB error page took 2.1 ms of the payee's CPU to scrub for each paid request of an outage, and its
+    whole was a 100-KB line in the log every 10 s."""
     failure, logged = _failure_of(ex)
     _failures.note(operation, logged)
     shown = failure if len(failure) <= FAILURE_SHOWN_MAX else failure[:FAILURE_SHOWN_MAX] + "…"
