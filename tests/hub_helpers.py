@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import contextlib
+import functools
+import gzip
 import itertools
 import json
 import os
@@ -591,12 +593,23 @@ class Tampering(httpx.BaseTransport):
         return httpx.Response(response.status_code, json=data)
 
 
+GZIP_BOMB_DECODED = 64 * 2**20
+
+
+@functools.cache
+def gzip_bomb() -> bytes:
+    """A gzip-encoded answer body of ~64 KB that decodes to `GZIP_BOMB_DECODED` bytes (spaces: JSON's whitespace)."""
+    return gzip.compress(b" " * GZIP_BOMB_DECODED, compresslevel=9)
+
+
 class TamperingProxy:
     """An HTTP proxy in front of a service, as `Tampering` is for the SDK's client but for any program (the CLI):
         forwards each GET for real, then `rewrite(path, JSON answer)` gives the JSON (or bytes) it answers instead; or,
         where `hostile(path)` names a way, answers 200 and then a body that never ends ("endless": as fast as the client
         reads, up to 256 MB, counted in `written`) or comes a byte every 0.2 s ("dribble"), or sends its headers a byte
-        every 0.2 s ("slow_headers": 100 of them, 20 s, then the end of the headers and `{}`). Every POST is answered
+        every 0.2 s ("slow_headers": 100 of them, 20 s, then the end of the headers and `{}`), or whole but
+        gzip-encoded, 64 KB that decode to 64 MB ("gzip": `GZIP_BOMB`); each hostile answer's request's
+        Accept-Encoding is noted in `asked`. Every POST is answered
     `failing_posts` (a status and a body) when given, as a failing server or a proxy's error page is (else 501)."""
 
     def __init__(
@@ -612,6 +625,7 @@ class TamperingProxy:
         self.url = f"http://127.0.0.1:{self.port}"
         self.server: ThreadingHTTPServer | None = None
         self.written = 0
+        self.asked: list[str | None] = []
 
     def __enter__(self) -> TamperingProxy:
         proxy = self
@@ -631,8 +645,19 @@ class TamperingProxy:
                 self.close_connection = True
 
             def answer_hostile(self, way: str) -> None:
+                proxy.asked.append(self.headers.get("accept-encoding"))
                 if way == "slow_headers":
                     self.answer_slow_headers()
+                    return
+                if way == "gzip":
+                    bomb = gzip_bomb()
+                    self.send_response(200)
+                    self.send_header("content-type", "application/json")
+                    self.send_header("content-encoding", "gzip")
+                    self.send_header("content-length", str(len(bomb)))
+                    self.end_headers()
+                    self.wfile.write(bomb)
+                    proxy.written += len(bomb)
                     return
                 self.send_response(200)  # HTTP/1.0: the body runs until the connection closes
                 self.send_header("content-type", "application/json")

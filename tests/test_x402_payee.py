@@ -27,10 +27,19 @@ from httpx_aiohttp import AiohttpTransport
 from web3.contract import Contract
 from x402.http import FacilitatorConfig
 from x402.http.facilitator_client_base import FacilitatorResponseError
-from x402.schemas import PaymentPayload, PaymentRequirements, SettleResponse, SupportedResponse, VerifyResponse
+from x402.schemas import (
+    PaymentPayload,
+    PaymentPayloadV1,
+    PaymentRequirements,
+    PaymentRequirementsV1,
+    SettleResponse,
+    SupportedResponse,
+    VerifyResponse,
+)
 
 from settlement.devtools.devnet import Devnet
 from settlement.eip712.vouchers import Domain
+from settlement.sdk.bounded import BoundedAsyncTransport
 from settlement.server.config import Settings
 from settlement.x402.facilitator_client import (
     CONNECT_TIMEOUT,
@@ -44,7 +53,7 @@ from settlement.x402.facilitator_client import (
 )
 from settlement.x402.positions import Forged, Positions
 from settlement.x402.wire import SETTLE_ATTEMPT
-from tests.hub_helpers import ETH, Channel, service_of, wait_indexed
+from tests.hub_helpers import ETH, Channel, gzip_bomb, service_of, wait_indexed
 
 Sign = Callable[..., bytes]
 PRICE = 10
@@ -260,7 +269,9 @@ def test_the_payees_facilitator_client_takes_both_of_x402s_config_forms() -> Non
     typed = ChannelHubFacilitatorClient(FacilitatorConfig(url=url))
     assert (as_dict.url, typed.url, as_dict.own_client) == (url, url, None)
     assert isinstance(typed.own_client, httpx.AsyncClient)
-    transport = typed.own_client._transport  # aiohttp's pool under httpx's API, with the idle limit
+    bounded = typed.own_client._transport  # x402's own calls bounded as ours (`BoundedAsyncTransport`), over
+    assert isinstance(bounded, BoundedAsyncTransport) and (bounded.max_bytes, bounded.deadline) == (8 * 2**20, 540)
+    transport = bounded.inner  # aiohttp's pool under httpx's API, with the idle limit
     assert isinstance(transport, AiohttpTransport) and transport.limits.keepalive_expiry == KEEPALIVE_SECONDS
     assert KEEPALIVE_SECONDS < Settings.model_fields["keep_alive_seconds"].default
     expected = (CONNECT_TIMEOUT, 90.0, 90.0, 90.0)  # connect, read, write, pool: x402's default timeout is 90 s
@@ -271,10 +282,11 @@ def test_the_payees_facilitator_client_takes_both_of_x402s_config_forms() -> Non
     assert settles is not None and settles.transport is not transport and settles.timeout is typed._pool.timeout
     assert isinstance(settles.transport, AiohttpTransport) and settles.transport.limits == transport.limits
     batches = typed._pool.timeout  # the same limits as x402's own calls
-    assert batches is not None and (batches.sock_connect, batches.sock_read, batches.connect) == (
+    assert batches is not None and (batches.sock_connect, batches.sock_read, batches.connect, batches.total) == (
         CONNECT_TIMEOUT,
         90,
         90,
+        540,  # read whole within six times the timeout
     )
     with typed._get_sync_client() as sync:
         assert (sync.timeout.connect, sync.timeout.read) == (CONNECT_TIMEOUT, SUPPORTED_TIMEOUT)
@@ -290,6 +302,13 @@ def bare_payment(amount: int) -> PaymentPayload:
     ))  # fmt: skip
 
 
+V1_PAYMENT = (
+    PaymentPayloadV1(x402_version=1, scheme="exact", network="base-sepolia", payload={"n": 1}),
+    PaymentRequirementsV1(
+        scheme="exact", network="base-sepolia", max_amount_required="1", resource="http://payee.example/",
+        pay_to=ETH, max_timeout_seconds=60, asset=ETH,
+    ),
+)  # fmt: skip  # a payment of x402 v1: verified through x402's own code, not ours
 BARE = "paymentPayload,paymentRequirements"  # a settle batch part's keys, sorted: x402's two
 ATTEMPTED = "attempt,paymentPayload,paymentRequirements"  # and the attempt beside them
 
@@ -557,20 +576,27 @@ def test_a_running_payee_learns_that_its_facilitator_now_keeps_attempts_and_then
     assert parts == [[BARE], [BARE], [BARE], [ATTEMPTED], [ATTEMPTED], [BARE]]
 
 
-@pytest.mark.parametrize("way", ["endless", "declared", "dribble"])
+@pytest.mark.parametrize("way", ["endless", "declared", "dribble", "gzip"])
 def test_a_facilitator_answer_that_never_ends_is_cut_off_in_size_and_in_time(way: str) -> None:
     """The payee's own calls to its facilitator read an answer whole within six times the timeout and at most 8 MB,
     as the SDK's calls to the service do: an endless body (a broken proxy on the way) filled the payee's memory, and a
     body sent a byte at a time (each read within aiohttp's per-read timeout) held the paid request for good. Either is
     the facilitator's failure (the payee's 503); an answer too large may be a lost one, so a settle batch is sent once
     more as a resend, an answer too slow is not; one that declares a length past the bound is not read at all. x402's
-    `/supported`, asked on a thread, is bounded alike."""
+    `/supported`, asked on a thread, is bounded alike, and so are x402's own calls (a payment of x402 v1: a verify
+    through x402's code). The 8 MB were counted before decoding: 64 KB of gzip were read as 64 MB (2 MB as 2 GB); each
+    call now asks for its answer plain and refuses one encoded all the same, unread."""
     seen: list[bool] = []
     written = [0]
+    asked: list[tuple[str, str | None]] = []
 
     async def never_ends(request: web.Request) -> web.StreamResponse:
-        if request.method == "POST":
+        asked.append((request.path, request.headers.get("Accept-Encoding")))
+        if request.method == "POST" and request.path.endswith("/batch"):
             seen.append((await request.json()).get("resend", False))
+        if way == "gzip":
+            headers = {"Content-Type": "application/json", "Content-Encoding": "gzip"}
+            return web.Response(body=gzip_bomb(), headers=headers)
         answer = web.StreamResponse(headers={"Content-Type": "application/json"})
         if way == "declared":
             answer.content_length = 100 * 2**20
@@ -586,9 +612,10 @@ def test_a_facilitator_answer_that_never_ends_is_cut_off_in_size_and_in_time(way
             pass  # the client went away
         return answer
 
-    async def run() -> tuple[BaseException, float, BaseException]:
+    async def run() -> tuple[BaseException, float, BaseException, BaseException]:
         app = web.Application()
         app.router.add_post("/x402/settle/batch", never_ends)
+        app.router.add_post("/x402/verify", never_ends)
         app.router.add_get("/x402/supported", never_ends)
         runner = web.AppRunner(app)
         await runner.setup()
@@ -609,22 +636,35 @@ def test_a_facilitator_answer_that_never_ends_is_cut_off_in_size_and_in_time(way
                 supported = await asyncio.to_thread(lambda: facilitator._supported.get(20))
             except Exception as ex:
                 supported = ex
+            written[0] = 0
+            (verified,) = await asyncio.wait_for(
+                asyncio.gather(facilitator.verify(*V1_PAYMENT), return_exceptions=True), 20
+            )
         finally:
             await facilitator.aclose()
             await runner.cleanup()
         assert isinstance(settled, BaseException) and isinstance(supported, BaseException), (settled, supported)
-        return settled, took, supported
+        assert isinstance(verified, BaseException), verified
+        return settled, took, supported, verified
 
-    settled, took, supported = asyncio.run(run())
-    assert isinstance(settled, FacilitatorResponseError)
-    if way != "dribble":
+    settled, took, supported, verified = asyncio.run(run())
+    assert isinstance(settled, FacilitatorResponseError) and isinstance(verified, FacilitatorResponseError)
+    paths = ["/x402/settle/batch", "/x402/supported", "/x402/verify"]  # the last, x402's own call
+    assert sorted(set(asked)) == [(path, "identity") for path in paths], asked  # (a failed /supported is asked again)
+    if way == "gzip":
+        encoded = "encoded ('gzip'), not plain as asked"
+        assert [encoded in str(ex) for ex in (settled, supported, verified)] == [True] * 3, (settled, verified)
+        assert seen == [False, True]  # maybe lost: sent once more
+    elif way != "dribble":
         assert "larger than 8,388,608 bytes" in str(settled), settled
         assert seen == [False, True]  # maybe lost: sent once more
         assert "larger than 8388608 bytes" in str(supported), supported
+        assert "larger than 8388608 bytes" in str(verified), verified
     else:
         assert 2.9 < took < 6, took  # 0.5 s x 6, where each byte came within the 0.5 s of a read
         assert seen == [False]
         assert "took more than 3s" in str(supported), supported
+        assert "took more than 3s" in str(verified), verified
 
 
 def test_a_facilitators_error_answer_is_read_for_its_code_only_when_small() -> None:

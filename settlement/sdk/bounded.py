@@ -8,14 +8,20 @@ owes the SDK are small (a receipt, a channel, a listing of at most a thousand ch
 answer past `MAX_ANSWER_BYTES`, or not read whole within its deadline, is the service's word the SDK cannot take
 (UntrustedServiceError): a payment whose answer it was stays pending in the journal, as for any answer that is not a
 receipt, and is asked again. An app that brings its own client (`http=`) keeps its own rules.
+
+The bound is on the body as the app reads it, so every request asks for it plain (`Accept-Encoding: identity`) and an
+answer encoded anyway (gzip, deflate, br) is refused before its body is read (`refused_encoding`): httpx counts and
+cuts the bytes as they come, then decompresses them, and 2 MB of gzip from a hostile service held 2 GB in the payer's
+memory past an 8-MB bound.
 """
 
 from __future__ import annotations
 
+import asyncio
 import ssl
 import time
 import typing
-from collections.abc import Iterator
+from collections.abc import AsyncIterator, Iterator, Mapping
 from contextvars import ContextVar
 
 import httpcore
@@ -27,6 +33,8 @@ MAX_ANSWER_BYTES = 8 * 2**20
 ANSWER_DEADLINE_FACTOR = 6  # an answer is read whole within this many times the client's timeout
 # The SDK's pool keeps httpx's default limits (httpx.HTTPTransport's own).
 POOL_CONNECTIONS, POOL_KEEPALIVE, POOL_KEEPALIVE_SECONDS = 100, 20, 5.0
+
+PLAIN = "identity"  # the one content coding an answer may have: its size as sent is its size as read
 
 # When the request this thread is making must be over (time.monotonic()); set by BoundedTransport for each request.
 _ENDS: ContextVar[float | None] = ContextVar("settlement_sdk_request_ends", default=None)
@@ -59,12 +67,16 @@ class BoundedTransport(httpx.BaseTransport):
         ends = time.monotonic() + self.deadline
         _ENDS.set(ends)  # for this request's reads and writes, its body's included (read after this returns)
         what = f"{request.method} {request.url.path}"
+        request.headers["Accept-Encoding"] = PLAIN
         try:
             response = self._inner.handle_request(request)
         except httpx.TimeoutException:
             if time.monotonic() < ends:
                 raise
             raise _late(what, self.deadline) from None
+        if (refusal := refused_encoding(response.headers, f"the service's answer to {what}")) is not None:
+            response.close()
+            raise UntrustedServiceError(refusal)
         assert isinstance(response.stream, httpx.SyncByteStream)
         response.stream = _Bounded(response.stream, self.max_bytes, ends, what, self.deadline)
         return response
@@ -98,6 +110,68 @@ class _Bounded(httpx.SyncByteStream):
 
     def close(self) -> None:
         self._inner.close()
+
+
+class BoundedAsyncTransport(httpx.AsyncBaseTransport):
+    """`inner` (an async transport: httpx-aiohttp's) under `BoundedTransport`'s rules: asked plain, each answer read
+    whole within `deadline` seconds of its request's start and cut at `max_bytes`."""
+
+    def __init__(self, inner: httpx.AsyncBaseTransport, max_bytes: int, deadline: float) -> None:
+        self.inner, self.max_bytes, self.deadline = inner, max_bytes, deadline
+
+    async def handle_async_request(self, request: httpx.Request) -> httpx.Response:
+        ends = asyncio.get_running_loop().time() + self.deadline
+        what = f"{request.method} {request.url.path}"
+        request.headers["Accept-Encoding"] = PLAIN
+        try:
+            async with asyncio.timeout_at(ends):
+                response = await self.inner.handle_async_request(request)
+        except TimeoutError:
+            raise _late(what, self.deadline) from None
+        if (refusal := refused_encoding(response.headers, f"the service's answer to {what}")) is not None:
+            await response.aclose()
+            raise UntrustedServiceError(refusal)
+        assert isinstance(response.stream, httpx.AsyncByteStream)
+        response.stream = _BoundedAsync(response.stream, self.max_bytes, ends, what, self.deadline)
+        return response
+
+    async def aclose(self) -> None:
+        await self.inner.aclose()
+
+
+class _BoundedAsync(httpx.AsyncByteStream):
+    def __init__(self, inner: httpx.AsyncByteStream, max_bytes: int, ends: float, what: str, deadline: float) -> None:
+        self._inner, self._max, self._ends, self._what, self._deadline = inner, max_bytes, ends, what, deadline
+
+    async def __aiter__(self) -> AsyncIterator[bytes]:
+        read = 0
+        chunks = aiter(self._inner)
+        while True:
+            try:
+                async with asyncio.timeout_at(self._ends):
+                    chunk = await anext(chunks)
+            except StopAsyncIteration:
+                return
+            except TimeoutError:
+                await self.aclose()
+                raise _late(self._what, self._deadline) from None
+            read += len(chunk)
+            if read > self._max:
+                await self.aclose()
+                raise UntrustedServiceError(f"the service's answer to {self._what} is larger than {self._max} bytes")
+            yield chunk
+
+    async def aclose(self) -> None:
+        await self._inner.aclose()
+
+
+def refused_encoding(headers: Mapping[str, str], answer: str) -> str | None:
+    """Why an answer whose body is encoded (gzip, deflate, br: not asked for) cannot be taken, or None when plain.
+    Decompressed, its size is not what was counted of it: 2 MB of gzip is 2 GB of zeros."""
+    coding = headers.get("content-encoding", PLAIN).strip().lower()
+    if coding in ("", PLAIN):
+        return None
+    return f"{answer} is encoded ({coding[:40]!r}), not plain as asked: its size when decoded is not bounded"
 
 
 def _late(what: str, deadline: float) -> UntrustedServiceError:

@@ -49,7 +49,14 @@ from settlement.domain.clients import client_of
 from settlement.domain.model import ChannelId
 from settlement.domain.redaction import scrubbed_start, text_start
 from settlement.errors import ChannelNotFoundError, InvalidSignatureError, UnknownChannelsBusyError
-from settlement.sdk.bounded import ANSWER_DEADLINE_FACTOR, MAX_ANSWER_BYTES, BoundedTransport
+from settlement.sdk.bounded import (
+    ANSWER_DEADLINE_FACTOR,
+    MAX_ANSWER_BYTES,
+    PLAIN,
+    BoundedAsyncTransport,
+    BoundedTransport,
+    refused_encoding,
+)
 from settlement.x402.exchange import EXCHANGE
 from settlement.x402.positions import Forged, Positions
 from settlement.x402.seldom import FAILURE_LOG_SECONDS, Seldom
@@ -165,17 +172,17 @@ class ChannelHubFacilitatorClient(HTTPFacilitatorClient):
             # A facilitator host that is down (its packets dropped) held each paid request for x402's whole timeout
             # (90 s by default) before the 503; a connection not made yet is a payment not sent, so that fails in
             # CONNECT_TIMEOUT. An answer keeps the whole timeout: a settle cut short may have been committed.
+            # x402's own calls through it (a payment of x402 v1, or of another scheme) are bounded as ours are.
             limits = httpx.Limits(keepalive_expiry=keepalive_seconds)
             transport = AiohttpTransport(limits=limits)
             timeout = httpx.Timeout(config.timeout, connect=min(config.timeout, CONNECT_TIMEOUT))
-            client = httpx.AsyncClient(timeout=timeout, follow_redirects=True, transport=transport)
+            whole = config.timeout * ANSWER_DEADLINE_FACTOR
+            bounded = BoundedAsyncTransport(transport, MAX_ANSWER_BYTES, whole)
+            client = httpx.AsyncClient(timeout=timeout, follow_redirects=True, transport=bounded)
             config = replace(config, http_client=client)
             self.own_client = client
             posted = aiohttp.ClientTimeout(  # as httpx-aiohttp maps httpx's for x402's calls, and a whole one
-                connect=timeout.pool,
-                sock_connect=timeout.connect,
-                sock_read=timeout.read,
-                total=None if timeout.read is None else timeout.read * ANSWER_DEADLINE_FACTOR,
+                connect=timeout.pool, sock_connect=timeout.connect, sock_read=timeout.read, total=whole
             )
             self._pool = _Pool(transport, posted)
             # Settles on connections of their own: a payment on a channel id no one opened (a flood of them is cheap
@@ -467,8 +474,9 @@ class ChannelHubFacilitatorClient(HTTPFacilitatorClient):
         docs/benchmarks.md). There the answer is bounded as the SDK's are (settlement.sdk.bounded): read whole within
         `ANSWER_DEADLINE_FACTOR` times the timeout (aiohttp's timeouts are per read: a body sent a byte at a time held
         the paid request for good), and cut past `MAX_ANSWER_BYTES` (an endless body, from a broken proxy on the way,
-        filled the payee's memory; the facilitator's answers are small: 100 settles, ~100 KB). An app's own httpx
-        client is used as given."""
+        filled the payee's memory; the facilitator's answers are small: 100 settles, ~100 KB), asked plain and
+        refused encoded (`refused_encoding`: a gzip-encoded answer of 2 MB was 2 GB read). An app's own httpx client
+        is used as given."""
         pool = self._settle_pool if settle else self._pool
         if pool is None:
             response = await self._get_async_client().post(url, headers=headers, content=body)
@@ -476,7 +484,10 @@ class ChannelHubFacilitatorClient(HTTPFacilitatorClient):
         transport = pool.transport
         if not isinstance(transport.client, aiohttp.ClientSession):
             transport.client = transport.get_client()  # made as httpx-aiohttp makes it at its first request
+        headers["Accept-Encoding"] = PLAIN
         async with transport.client.post(url, headers=headers, data=body, timeout=pool.timeout) as answer:
+            if (refusal := refused_encoding(answer.headers, "the facilitator's answer")) is not None:
+                raise AnswerUnreadError(refusal)
             too_large = AnswerUnreadError(f"the facilitator's answer is larger than {MAX_ANSWER_BYTES:,} bytes")
             if answer.content_length is not None:  # its length said: read whole, or not at all
                 if answer.content_length > MAX_ANSWER_BYTES:
