@@ -441,6 +441,17 @@ def test_a_payee_summary_not_in_the_services_form_is_refused_not_rendered(
             out = forked_cli("payee", payee, "--service-url", proxy.url, env={}, cwd=tmp_path)
         assert (out.returncode, "Traceback" in out.stderr) == (1, False), out.stderr
         assert "error [service_untrusted]" in out.stderr and refusal in out.stderr, out.stderr
+    # Its answer bounded as the SDK's are (a plain httpx.get before: 64 KB of gzip read as 64 MB, an endless body read
+    # until memory ran out).
+    for way, refusal in [("endless", "is larger than 8388608 bytes"), ("gzip", "is encoded ('gzip'), not plain")]:
+
+        def hostile(path: str, way: str = way) -> str | None:
+            return way if path == summary else None
+
+        with TamperingProxy(service.url, lambda _path, data: data, hostile) as proxy:
+            out = forked_cli("payee", payee, "--service-url", proxy.url, env={}, cwd=tmp_path)
+        assert (out.returncode, "Traceback" in out.stderr) == (1, False), out.stderr
+        assert "error [service_untrusted]" in out.stderr and refusal in out.stderr, out.stderr
     shown = forked_cli("payee", payee, "--service-url", service.url, env={}, cwd=tmp_path)
     assert shown.returncode == 0, shown.stderr
     assert re.search(r"\s*│\s*".join(["ETH \\(wei\\)", "1", "10", "0", "10"]), shown.stdout), shown.stdout

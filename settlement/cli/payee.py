@@ -30,6 +30,7 @@ from settlement.errors import (
     rejected,
 )
 from settlement.sdk.answers import answer_object, service_address, service_amount, service_int
+from settlement.sdk.bounded import bounded_client
 from settlement.server.config import Settings, is_private_key
 
 if TYPE_CHECKING:
@@ -187,7 +188,8 @@ def payee_report(
 
         auth = SignInAuth(withdraw_account(settings, key_file), url)
     try:
-        answer = httpx.get(request.split(" ", 1)[1], timeout=10, headers=headers, auth=auth)
+        with bounded_client(url, 10) as http:  # the SDK's bounds: a hostile answer cannot fill the CLI's memory
+            answer = http.get(f"/v1/payees/{payee}/summary", headers=headers, auth=auth)
     except httpx.HTTPError as ex:
         raise ServiceRejectedError(
             503, "service_unavailable", f"the service at {url} does not answer ({ex}): pass --service-url"
