@@ -593,6 +593,7 @@ class Tampering(httpx.BaseTransport):
         return httpx.Response(response.status_code, json=data)
 
 
+DEEP_JSON = b"[" * 5_000 + b"]" * 5_000  # JSON nested past the standard library's decoder (its RecursionError)
 GZIP_BOMB_DECODED = 64 * 2**20
 
 

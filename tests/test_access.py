@@ -29,6 +29,7 @@ from settlement.server.service import check_credentials
 from settlement.store import Database
 from settlement.store.keys import revoke_key
 from tests.hub_helpers import (
+    DEEP_JSON,
     Channel,
     EventStream,
     Tampering,
@@ -458,6 +459,7 @@ def test_a_sign_in_answer_not_in_the_services_form_is_untrusted(
     service = serve_here(f"sqlite:///{tmp_path / 'signin.db'}", access_control=True)
     answers: list[tuple[str, Callable[[dict[str, Any]], object], str]] = [
         ("/v1/auth/challenge", lambda data: b"<html>", "is not a JSON object"),
+        ("/v1/auth/challenge", lambda data: DEEP_JSON, "is not a JSON object"),
         ("/v1/auth/challenge", lambda data: {**data, "message": 7}, "message is not a string"),
         ("/v1/auth/token", lambda data: {k: v for k, v in data.items() if k != "token"}, "token is not a string"),
         ("/v1/auth/token", lambda data: [data], "is not a JSON object"),

@@ -29,7 +29,7 @@ from settlement.errors import (
     UntrustedServiceError,
     rejected,
 )
-from settlement.sdk.answers import answer_object, service_address, service_amount, service_int
+from settlement.sdk.answers import answer_object, json_of, service_address, service_amount, service_int
 from settlement.sdk.bounded import bounded_client
 from settlement.server.config import Settings, is_private_key
 
@@ -196,7 +196,7 @@ def payee_report(
         ) from ex
     if answer.status_code != 200:
         try:
-            body = answer.json()
+            body = json_of(answer)
             raise rejected(answer.status_code, str(body["code"]), str(body["message"]), request=request)
         except (ValueError, KeyError, TypeError):
             raise ServiceRejectedError(

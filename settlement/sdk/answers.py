@@ -12,16 +12,23 @@ from typing import Any
 
 import httpx
 from eth_utils.address import is_address, to_checksum_address
+from pydantic_core import from_json
 
 from settlement.domain.model import hex32_of, uint256_of
 from settlement.domain.redaction import text_start
 from settlement.errors import ServiceRejectedError, UntrustedServiceError, rejected
 
 
+def json_of(response: httpx.Response) -> Any:
+    """The answer's JSON, read by pydantic-core: the standard library's decoder (httpx's `json()`) raised
+    RecursionError, not ValueError, for an answer nested a few thousand deep (2 KB of `[`), out of the SDK's call."""
+    return from_json(response.content)
+
+
 def answer_object(response: httpx.Response, who: str = "the service") -> dict[str, Any]:
     """The answer's JSON object."""
     try:
-        data = response.json()
+        data = json_of(response)
     except ValueError:
         data = None
     if not isinstance(data, dict):
@@ -34,7 +41,7 @@ def answer_object(response: httpx.Response, who: str = "the service") -> dict[st
 def refusal(response: httpx.Response) -> ServiceRejectedError:
     """A refusal's error of its code, with its details; a body that is not one of ours keeps the status as code."""
     try:
-        data = response.json()
+        data = json_of(response)
     except ValueError:
         data = {}
     if not isinstance(data, dict):

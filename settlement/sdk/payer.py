@@ -55,6 +55,7 @@ from settlement.errors import (
 )
 from settlement.sdk.answers import (
     answer_object,
+    json_of,
     refusal,
     service_address,
     service_amount,
@@ -626,7 +627,7 @@ class PayerClient:
                 continue
             if response.status_code in (200, 201):
                 try:
-                    data: dict[str, Any] = response.json()
+                    data: dict[str, Any] = json_of(response)
                     return _receipt(data), data
                 except (ValueError, KeyError, TypeError, AttributeError) as ex:  # left pending: asked again later
                     raise UntrustedServiceError(

@@ -19,7 +19,7 @@ from eth_account.messages import encode_defunct
 from eth_account.signers.local import LocalAccount
 
 from settlement.errors import UntrustedServiceError, rejected
-from settlement.sdk.answers import answer_object, service_text
+from settlement.sdk.answers import answer_object, json_of, service_text
 
 RENEW_BEFORE_SECONDS = 30  # a token this close to its expiry is renewed before use
 
@@ -91,7 +91,7 @@ def _answer(response: httpx.Response) -> dict[str, Any]:
     response.read()
     if response.status_code != 200:
         try:
-            body = response.json()
+            body = json_of(response)
             code, text = str(body["code"]), str(body["message"])
         except (ValueError, KeyError, TypeError):
             code, text = "service_unavailable", f"sign-in answered {response.status_code}"
