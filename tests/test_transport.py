@@ -32,6 +32,31 @@ def raw(service: ServiceProcess) -> Iterator[socket.socket]:
         sock.close()
 
 
+def test_a_body_nested_past_the_stack_is_a_400_and_the_service_serves_on(
+    spawn: Callable[..., ServiceProcess], tmp_path: Path
+) -> None:
+    """py_ecc, imported with eth_account, sets the recursion limit to 100,000, and CPython's JSON decoder stops at
+    that limit, not at the end of the stack: 100,000 `[` in a body (200 KB, within the 1-MB bound) to a route past
+    the fast path ran FastAPI's `json.loads` off the stack, a segmentation fault of the whole service. Each such body
+    is now a 400 `malformed_request` (settlement.recursion), on every route anyone may post to."""
+    service = spawn(f"sqlite:///{tmp_path / 'deep.db'}")
+    deep = b"[" * 100_000 + b"]" * 100_000
+    paths = [
+        "/v1/auth/challenge",
+        "/v1/vouchers",
+        "/v1/vouchers/batch",
+        "/x402/verify",
+        "/x402/settle",
+        "/x402/settle/batch",
+    ]
+    answers = [
+        httpx.post(service.url + path, content=deep, headers={"content-type": "application/json"}, timeout=30)
+        for path in paths
+    ]
+    assert [(answer.status_code, answer.json()["code"]) for answer in answers] == 6 * [(400, "malformed_request")]
+    assert httpx.get(f"{service.url}/health", timeout=10).status_code == 200
+
+
 def test_a_body_that_arrives_too_slowly_gets_a_408(spawn: Callable[..., ServiceProcess], tmp_path: Path) -> None:
     service = spawn(f"sqlite:///{tmp_path / 't.db'}", body_timeout_seconds="1")
     with raw(service) as sock:

@@ -5,11 +5,13 @@ accept as far as that answer shows; every other payment (one wrong field at a ti
 from __future__ import annotations
 
 import asyncio
+import base64
 import gc
 import json
 import logging
 import queue
 import re
+import sys
 import threading
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
@@ -25,7 +27,7 @@ from fastapi import FastAPI
 from fastapi.testclient import TestClient
 from httpx_aiohttp import AiohttpTransport
 from web3.contract import Contract
-from x402.http import FacilitatorConfig
+from x402.http import FacilitatorConfig, decode_payment_signature_header
 from x402.http.facilitator_client_base import FacilitatorResponseError
 from x402.schemas import (
     PaymentPayload,
@@ -39,6 +41,7 @@ from x402.schemas import (
 
 from settlement.devtools.devnet import Devnet
 from settlement.eip712.vouchers import Domain
+from settlement.recursion import SAFE_RECURSION_LIMIT
 from settlement.sdk.bounded import BoundedAsyncTransport
 from settlement.server.config import Settings
 from settlement.x402.facilitator_client import (
@@ -856,6 +859,22 @@ def test_the_facilitator_clients_lifespan_scans_the_young_generation_less_often_
         assert gc.get_threshold() == (own, 11, 12)  # put back when the app stops
     finally:
         gc.set_threshold(*saved)
+
+
+def test_the_facilitator_clients_lifespan_keeps_the_recursion_limit_where_json_cannot_run_off_the_stack() -> None:
+    """py_ecc, imported with eth_account (here, and in a payee app), sets the recursion limit to 100,000, and x402
+    reads a payment header with `json.loads`, whose recursion stops at that limit, not at the end of the stack: 200 KB
+    of `[` in one header (to an app on a server that bounds no request head, as plain uvicorn with httptools) was a
+    segmentation fault of the payee app. While the app runs the limit is the interpreter's default, and such a header
+    raises RecursionError, which x402's middleware answers as no payment (a 402); it is put back when the app stops."""
+    facilitator = ChannelHubFacilitatorClient(FacilitatorConfig(url="http://127.0.0.1:8000/x402"))
+    header = base64.b64encode(b"[" * 100_000 + b"]" * 100_000).decode()
+    assert sys.getrecursionlimit() == 100_000  # py_ecc's
+    with TestClient(FastAPI(lifespan=facilitator.lifespan)):
+        assert sys.getrecursionlimit() == SAFE_RECURSION_LIMIT == 1_000
+        with pytest.raises(RecursionError):
+            decode_payment_signature_header(header)
+    assert sys.getrecursionlimit() == 100_000
 
 
 # --- the payee's settles in flight go to the facilitator together (POST /settle/batch) ---------------------------

@@ -24,6 +24,7 @@ from settlement.api.routes import router
 from settlement.api.routes_x402 import X402Operations
 from settlement.api.schemas import shape_error
 from settlement.errors import MalformedRequestError, MethodNotAllowedError, NotFoundError, SettlementError
+from settlement.recursion import bounded_recursion
 from settlement.server.config import Settings
 from settlement.server.service import Service
 
@@ -49,7 +50,8 @@ def create_app(settings: Settings, service: Service | None = None) -> RefusalTar
             ThreadPoolExecutor(settings.request_threads, thread_name_prefix="request")
         )
         try:
-            yield
+            with bounded_recursion():  # a deeply nested body is a 400, not a segfault (settlement.recursion)
+                yield
         finally:
             running.stop()
 

@@ -49,6 +49,7 @@ from settlement.domain.clients import client_of
 from settlement.domain.model import ChannelId
 from settlement.domain.redaction import scrubbed_start, text_start
 from settlement.errors import ChannelNotFoundError, InvalidSignatureError, UnknownChannelsBusyError
+from settlement.recursion import bounded_recursion
 from settlement.sdk.bounded import (
     ANSWER_DEADLINE_FACTOR,
     MAX_ANSWER_BYTES,
@@ -244,14 +245,18 @@ class ChannelHubFacilitatorClient(HTTPFacilitatorClient):
         full collection walked them all, a 45-75 ms stall of every request in flight every few seconds under load,
         which was most of the paid p99 at 300 paid/s (docs/benchmarks.md). And while the app runs, the young
         generation is scanned after `gc_young_threshold` new objects, not Python's 700 (never sooner than the app set
-        itself, nor turned on where it turned them off; None: left alone); its setting is put back when it stops."""
+        itself, nor turned on where it turned them off; None: left alone); its setting is put back when it stops.
+        So is the recursion limit, lowered while the app runs to the interpreter's default (`bounded_recursion`): x402
+        reads a payment header with `json.loads`, and py_ecc (imported with eth_account) had raised the limit past
+        the stack, so that 200 KB of `[` in one header (a server that bounds no request head) crashed the app."""
         gc.collect()
         gc.freeze()
         before = gc.get_threshold()
         if self.gc_young_threshold is not None and 0 < before[0] < self.gc_young_threshold:  # 0: collections off
             gc.set_threshold(self.gc_young_threshold, *before[1:])
         try:
-            yield
+            with bounded_recursion():
+                yield
         finally:
             gc.set_threshold(*before)
         await self.aclose()
