@@ -593,7 +593,9 @@ class Tampering(httpx.BaseTransport):
         return httpx.Response(response.status_code, json=data)
 
 
-DEEP_JSON = b"[" * 5_000 + b"]" * 5_000  # JSON nested past the standard library's decoder (its RecursionError)
+# JSON nested 100,000 deep (200 KB): past the stack for the standard library's decoder under py_ecc's recursion limit
+# (a segmentation fault, not an error: settlement.recursion)
+DEEP_JSON = b"[" * 100_000 + b"]" * 100_000
 GZIP_BOMB_DECODED = 64 * 2**20
 
 

@@ -518,7 +518,7 @@ def test_a_listing_or_a_state_not_in_the_services_form_is_untrusted(
     listing = {"channelId": channel.hex_id, "token": "0x" + "00" * 20}
     listings: list[tuple[object, str]] = [
         (b"<html>Bad gateway</html>", "is not a JSON object"),
-        (DEEP_JSON, "is not a JSON object"),  # RecursionError out of `open_channels` before
+        (DEEP_JSON, "is not a JSON object"),  # a segfault of the app before
         ([listing], "is not a JSON object"),
         ({"items": "all of them"}, "lists no channels"),
         ({"items": [listing, "0x" + "ab" * 32]}, "lists no channels"),
@@ -735,7 +735,7 @@ def test_an_answer_that_is_not_a_receipt_is_untrusted_and_the_payment_asked_agai
     answers: list[tuple[object, str]] = [
         ({"status": "ok"}, "is not a receipt"),
         ([], "is not a receipt"),
-        (DEEP_JSON, r"is not a receipt \(ValueError\)"),  # RecursionError out of `pay` before
+        (DEEP_JSON, r"is not a receipt \(ValueError\)"),  # a segfault of the app before
         ({"channelId": channel.hex_id}, "cumulativeAmount is not an amount"),
     ]
     for answer, refusal in answers:  # the first payment's; the next two calls ask for it again first
@@ -788,7 +788,7 @@ def test_a_refusal_with_fields_of_any_name_is_still_the_refusal(
     assert (refused.value.status, refused.value.code) == (409, "amount_exceeds_deposit")
     assert (refused.value.request, refused.value.details["note"]) == ("POST /v1/vouchers", "kept")
     assert "status" not in refused.value.details
-    tamper.rewrite_post = lambda path, data: DEEP_JSON  # RecursionError out of `pay` before: now its status as code
+    tamper.rewrite_post = lambda path, data: DEEP_JSON  # a segfault of the app before: now its status as code
     with pytest.raises(ServiceRejectedError) as refused:
         payer.pay(channel, 5_000)
     assert (refused.value.status, refused.value.code) == (409, "http_409")
