@@ -13,19 +13,39 @@ that reads what others send lowers the limit while it serves (`bounded_recursion
 from __future__ import annotations
 
 import sys
+import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
 
 SAFE_RECURSION_LIMIT = 1_000  # CPython's default: ~130 KB of C stack for the JSON decoder's deepest
 
 
+class _Sections:
+    """The bounded sections running in this process: the limit they found is put back when the last one ends, in
+    whatever order they end (two apps of one process, a service and a payee app in the demo, overlap)."""
+
+    def __init__(self) -> None:
+        self.lock = threading.Lock()
+        self.running = 0
+        self.found = 0
+
+
+_sections = _Sections()
+
+
 @contextmanager
 def bounded_recursion(limit: int = SAFE_RECURSION_LIMIT) -> Iterator[None]:
     """The recursion limit at most `limit` within (never raised: an app that set a lower one keeps it), and put back
-    as it was after."""
-    before = sys.getrecursionlimit()
-    sys.setrecursionlimit(min(before, limit))
+    as the first section found it once the last one ends."""
+    with _sections.lock:
+        if _sections.running == 0:
+            _sections.found = sys.getrecursionlimit()
+        _sections.running += 1
+        sys.setrecursionlimit(min(sys.getrecursionlimit(), limit))
     try:
         yield
     finally:
-        sys.setrecursionlimit(before)
+        with _sections.lock:
+            _sections.running -= 1
+            if _sections.running == 0:
+                sys.setrecursionlimit(_sections.found)

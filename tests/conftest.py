@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import shutil
+import sys
 import uuid
 from collections.abc import Callable, Iterator
 from contextlib import ExitStack, contextmanager
@@ -20,6 +21,7 @@ from web3 import Web3
 from web3.contract import Contract
 from web3.types import RPCEndpoint
 
+from settlement import recursion
 from settlement.api.app import create_app
 from settlement.chain.contracts import load_artifact
 from settlement.chain.deployment import Deployment, deploy_hub, hub_contract
@@ -449,3 +451,14 @@ def serve_here(
     yield make
     for service in running:
         service.stop()
+
+
+@pytest.fixture
+def limit_of_py_ecc(monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
+    """The process's limit as py_ecc leaves it (100,000), and no section running (an app of an earlier test in this
+    process may still run one), for the test; both as they were after."""
+    saved = sys.getrecursionlimit()
+    monkeypatch.setattr(recursion, "_sections", recursion._Sections())
+    sys.setrecursionlimit(100_000)
+    yield
+    sys.setrecursionlimit(saved)

@@ -861,7 +861,9 @@ def test_the_facilitator_clients_lifespan_scans_the_young_generation_less_often_
         gc.set_threshold(*saved)
 
 
-def test_the_facilitator_clients_lifespan_keeps_the_recursion_limit_where_json_cannot_run_off_the_stack() -> None:
+def test_the_facilitator_clients_lifespan_keeps_the_recursion_limit_where_json_cannot_run_off_the_stack(
+    limit_of_py_ecc: None,
+) -> None:
     """py_ecc, imported with eth_account (here, and in a payee app), sets the recursion limit to 100,000, and x402
     reads a payment header with `json.loads`, whose recursion stops at that limit, not at the end of the stack: 200 KB
     of `[` in one header (to an app on a server that bounds no request head, as plain uvicorn with httptools) was a
@@ -869,7 +871,6 @@ def test_the_facilitator_clients_lifespan_keeps_the_recursion_limit_where_json_c
     raises RecursionError, which x402's middleware answers as no payment (a 402); it is put back when the app stops."""
     facilitator = ChannelHubFacilitatorClient(FacilitatorConfig(url="http://127.0.0.1:8000/x402"))
     header = base64.b64encode(b"[" * 100_000 + b"]" * 100_000).decode()
-    assert sys.getrecursionlimit() == 100_000  # py_ecc's
     with TestClient(FastAPI(lifespan=facilitator.lifespan)):
         assert sys.getrecursionlimit() == SAFE_RECURSION_LIMIT == 1_000
         with pytest.raises(RecursionError):
