@@ -34,14 +34,14 @@ _sections = _Sections()
 
 
 @contextmanager
-def bounded_recursion(limit: int = SAFE_RECURSION_LIMIT) -> Iterator[None]:
-    """The recursion limit at most `limit` within (never raised: an app that set a lower one keeps it), and put back
-    as the first section found it once the last one ends."""
+def bounded_recursion() -> Iterator[None]:
+    """The recursion limit at most `SAFE_RECURSION_LIMIT` within (never raised: an app that set a lower one keeps it),
+    and put back as the first section found it once the last one ends."""
     with _sections.lock:
         if _sections.running == 0:
             _sections.found = sys.getrecursionlimit()
         _sections.running += 1
-        sys.setrecursionlimit(min(sys.getrecursionlimit(), limit))
+        sys.setrecursionlimit(min(sys.getrecursionlimit(), SAFE_RECURSION_LIMIT))
     try:
         yield
     finally:
