@@ -105,7 +105,7 @@ class _Bounded(httpx.SyncByteStream):
             read += len(chunk)
             if read > self._max:
                 self.close()
-                raise UntrustedServiceError(f"the service's answer to {self._what} is larger than {self._max} bytes")
+                raise _too_large(self._what, self._max)
             yield chunk
 
     def close(self) -> None:
@@ -158,7 +158,7 @@ class _BoundedAsync(httpx.AsyncByteStream):
             read += len(chunk)
             if read > self._max:
                 await self.aclose()
-                raise UntrustedServiceError(f"the service's answer to {self._what} is larger than {self._max} bytes")
+                raise _too_large(self._what, self._max)
             yield chunk
 
     async def aclose(self) -> None:
@@ -172,6 +172,10 @@ def refused_encoding(headers: Mapping[str, str], answer: str) -> str | None:
     if coding in ("", PLAIN):
         return None
     return f"{answer} is encoded ({coding[:40]!r}), not plain as asked: its size when decoded is not bounded"
+
+
+def _too_large(what: str, max_bytes: int) -> UntrustedServiceError:
+    return UntrustedServiceError(f"the service's answer to {what} is larger than {max_bytes} bytes")
 
 
 def _late(what: str, deadline: float) -> UntrustedServiceError:
