@@ -178,7 +178,8 @@ def payee_report(
         raise ConfigError(f"{address!r} is not an address")
     payee = to_checksum_address(address)
     url = (service_url or settings.service_url or f"http://{settings.api_host}:{settings.api_port}").rstrip("/")
-    request = f"GET {url}/v1/payees/{payee}/summary"
+    path = f"/v1/payees/{payee}/summary"
+    request = f"GET {url}{path}"
     auth: httpx.Auth | None = None
     headers = {}
     if settings.api_key is not None:
@@ -189,7 +190,7 @@ def payee_report(
         auth = SignInAuth(withdraw_account(settings, key_file), url)
     try:
         with bounded_client(url, 10) as http:  # the SDK's bounds: a hostile answer cannot fill the CLI's memory
-            answer = http.get(f"/v1/payees/{payee}/summary", headers=headers, auth=auth)
+            answer = http.get(path, headers=headers, auth=auth)
     except httpx.HTTPError as ex:
         raise ServiceRejectedError(
             503, "service_unavailable", f"the service at {url} does not answer ({ex}): pass --service-url"
