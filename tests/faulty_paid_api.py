@@ -1,6 +1,7 @@
 """examples/paid_api.py with more paid routes that fail the ways a payee's own code can: a handler that raises, a
 streamed answer whose body breaks after its first chunk, a handler slower than its payer waits (SLOW_SECONDS), a
 route that has moved (a redirect, as Starlette's router also answers a paid URL with a trailing slash), and a 304.
+And a paid route whose handler counts its runs (its side effect), with a free route that tells the count.
 None is the response the payer paid for, so none may be charged (tests/test_x402_e2e.py runs it as it runs the
 example). And a paid route that reads its request's body, served with a body bound of 1 s (10 by default) so that
 the tests of slow bodies take seconds. With SETTLE_ONE_BY_ONE set, its facilitator client settles each payment
@@ -12,6 +13,7 @@ from __future__ import annotations
 import asyncio
 import os
 import runpy
+from collections import Counter
 from collections.abc import AsyncIterator
 from pathlib import Path
 
@@ -65,6 +67,21 @@ async def unchanged() -> Response:
 async def uploaded(request: Request, think: float = 0.0) -> dict[str, int]:
     await asyncio.sleep(think)  # the handler's own work before it reads the body
     return {"bytes": len(await request.body())}
+
+
+RUNS: Counter[str] = Counter()  # each counted handler's runs, by name
+
+
+@app.get("/reports/counted/{name}")  # a handler with a side effect (an SMS sent, an order placed), then its answer
+async def counted(name: str, think: float = 0.0) -> dict[str, int]:
+    RUNS[name] += 1
+    await asyncio.sleep(think)
+    return {"runs": RUNS[name]}
+
+
+@app.get("/runs/{name}")  # free: how many times a counted handler ran
+async def runs(name: str) -> dict[str, int]:
+    return {"runs": RUNS[name]}
 
 
 @app.websocket("/echo")  # free: a payee app's own WebSocket outlives the protocol's body bound

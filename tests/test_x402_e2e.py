@@ -517,6 +517,43 @@ def test_a_replayed_payment_header_buys_nothing(
     assert accepted_for(service, payee) == PRICE
 
 
+def test_one_voucher_sent_for_many_requests_at_once_runs_the_handler_once(
+    devnet: Devnet, lane_rig: Callable[..., LaneRig]
+) -> None:
+    """One payment header sent for eight requests at once, or its voucher under eight payment identifiers (a retry's
+    answer is kept by its exact header, so these are eight payments to the payee): x402 verifies a payment before
+    the handler and settles it after, and each copy verified, so the handler ran eight times; seven were refused at
+    settle as replays, their answers withheld, but a handler's side effect (an SMS sent, an order placed, a model
+    run) is the payee's cost: one payment bought eight. Now the first copy's verify claims the voucher until its
+    request ends, and the others are 402 `voucher_replayed` before the handler: one run, one charge. On a channel
+    new to the payee (the facilitator verifies each copy) and on one it knows (the payee verifies alone)."""
+    rig = lane_rig("claimed", max_lanes=1, script=ROOT / "tests" / "faulty_paid_api.py")
+    ((payee, api),) = rig.payees
+
+    async def at_once(url: str, headers: list[dict[str, str]]) -> list[httpx.Response]:
+        async with httpx.AsyncClient(timeout=30) as client:
+            return await asyncio.gather(*(client.get(url, headers=copy) for copy in headers))
+
+    for paid, name in enumerate(("new", "known", "renamed"), start=1):
+        path = f"/reports/counted/{name}?think=0.5"
+        x402 = paying_client(devnet, ChannelHubClientScheme(rig.payer))
+        payment = payment_for(api, x402, path)
+        if name == "renamed":
+            named = ({"payment-identifier": {"info": {"required": False, "id": f"renamed-{n:012d}"}}} for n in range(8))
+            copies = (payment.model_copy(update={"extensions": extensions}) for extensions in named)
+            headers = [{"PAYMENT-SIGNATURE": encode_payment_signature_header(each)} for each in copies]
+        else:
+            headers = [x402HTTPClient(x402).encode_payment_signature_header(payment)] * 8
+        if name == "known":  # a request that bought nothing lets its voucher go: its handler raised, nothing charged
+            assert httpx.get(f"{api}/reports/broken/raise", headers=headers[0]).status_code == 500
+        answers = asyncio.run(at_once(f"{api}{path}", headers))
+        assert sorted(a.status_code for a in answers) == [200] + [402] * 7, [a.text for a in answers]
+        refused = [json.loads(base64.b64decode(a.headers["payment-required"])) for a in answers if a.status_code == 402]
+        assert {r["error"] for r in refused} == {"voucher_replayed"}
+        assert httpx.get(f"{api}/runs/{name}").json() == {"runs": 1}
+        assert accepted_for(rig.service, payee) == paid * PRICE
+
+
 def test_a_payment_header_nested_deeper_than_the_services_json_reader_goes_pays_and_one_that_cannot_be_sent_is_a_402(
     devnet: Devnet,
     lane_rig: Callable[..., LaneRig],
@@ -1396,15 +1433,18 @@ def test_a_settle_whose_answer_was_lost_is_sent_again_and_the_payer_gets_what_it
 
 
 def test_a_replayed_payment_settled_after_the_first_buys_nothing_when_its_refusals_answer_is_lost(
-    devnet: Devnet, proxied_payee: Callable[..., ProxiedPayee]
+    devnet: Devnet, proxied_payee: Callable[..., ProxiedPayee], paid_api: PaidApis
 ) -> None:
-    """A payer sends one payment header twice: the first request's handler takes 1.5 s, the second's none. Both are
-    verified (the voucher not settled yet); the second is served and its voucher accepted; the first's settle, a
-    second later, is refused by the facilitator as a replay, and that refusal's answer is lost on the way. The payee
-    sends the settle again as a `resend`, which the facilitator answered accepted (the payment accepted before): the
-    first request was served too, two responses for one voucher. Now each settle carries its own `attempt`, and the
-    resend of another attempt than the one that got the voucher accepted is the replay it was: a 402, one charge."""
-    rig = proxied_payee(16, 18, script=ROOT / "tests" / "faulty_paid_api.py")
+    """A payer sends one payment header to two processes of one payee (each holds a voucher for its own requests
+    only): the first request's handler takes 1.5 s, the second's none. Both are verified (the voucher not settled
+    yet); the second is served and its voucher accepted; the first's settle, a second later, is refused by the
+    facilitator as a replay, and that refusal's answer is lost on the way. The payee sends the settle again as a
+    `resend`, which the facilitator answered accepted (the payment accepted before): the first request was served
+    too, two responses for one voucher. Now each settle carries its own `attempt`, and the resend of another attempt
+    than the one that got the voucher accepted is the replay it was: a 402, one charge."""
+    script = ROOT / "tests" / "faulty_paid_api.py"
+    rig = proxied_payee(16, 18, script=script)
+    other = paid_api(rig.service, rig.payee, facilitator=rig.proxy.url, script=script)  # its second process
     x402 = paying_client(devnet, rig.scheme)
     path = "/reports/uploaded/size"
     headers = x402HTTPClient(x402).encode_payment_signature_header(payment_for(rig.api, x402, path))
@@ -1413,7 +1453,7 @@ def test_a_replayed_payment_settled_after_the_first_buys_nothing_when_its_refusa
         async with httpx.AsyncClient(timeout=30) as http:
             slow = asyncio.create_task(http.get(f"{rig.api}{path}", params={"think": 1.5}, headers=headers))
             await asyncio.sleep(0.5)  # verified, and in its handler
-            fast = await http.get(f"{rig.api}{path}", headers=headers)
+            fast = await http.get(f"{other}{path}", headers=headers)
             rig.proxy.lose_answer(b"/settle")  # the next settle's answer, the slow one's refusal: lost
             return fast, await slow
 

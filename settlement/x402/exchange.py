@@ -5,10 +5,15 @@ middleware answers 503 or 429 instead of x402's 402, 500 or 502."""
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from contextvars import ContextVar
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from starlette.requests import Request
+
+from settlement.domain.model import ChannelId
+
+Voucher = tuple[ChannelId, int]  # a voucher as the facilitator keys it: its channel and cumulative amount
 
 
 @dataclass
@@ -21,6 +26,14 @@ class Exchange:
     limited: int | None = None  # or the client is over its budget of unknown channels: a 429, retry in this many s
     sent_whole: bool = False  # the app sent its answer's last part
     failed: Exception | None = None  # or raised this instead
+    claimed: Voucher | None = None  # the voucher this request's verify claimed, until the request ends
+    ending: list[Callable[[], None]] = field(default_factory=list)  # called once the request is answered
+
+    def end(self) -> None:
+        """The request is answered (or failed): what its parts held for it is let go."""
+        for let_go in self.ending:
+            let_go()
+        self.ending.clear()
 
 
 EXCHANGE: ContextVar[Exchange | None] = ContextVar("channelhub_exchange", default=None)

@@ -46,7 +46,6 @@ from x402.http.facilitator_client_base import FacilitatorResponseError
 from x402.schemas import PaymentPayload, PaymentRequirements, SettleResponse, SupportedResponse, VerifyResponse
 
 from settlement.domain.clients import client_of
-from settlement.domain.model import ChannelId
 from settlement.domain.redaction import scrubbed_start, text_start
 from settlement.errors import ChannelNotFoundError, InvalidSignatureError, UnknownChannelsBusyError
 from settlement.recursion import bounded_recursion
@@ -58,7 +57,7 @@ from settlement.sdk.bounded import (
     BoundedTransport,
     refused_encoding,
 )
-from settlement.x402.exchange import EXCHANGE
+from settlement.x402.exchange import EXCHANGE, Voucher
 from settlement.x402.positions import Forged, Positions
 from settlement.x402.seldom import FAILURE_LOG_SECONDS, Seldom
 from settlement.x402.unseen import OverBudget, UnseenBudget
@@ -201,7 +200,7 @@ class ChannelHubFacilitatorClient(HTTPFacilitatorClient):
         self.ipv6_prefix = ipv6_prefix
         self._proxy_log = Seldom(PROXY_WARNING_SECONDS)  # an unapplied X-Forwarded-For, said in the log
         self._queued: list[_Queued] = []
-        self._settling: set[tuple[ChannelId, int]] = set()  # the vouchers of the settles queued or in flight
+        self._claimed: set[Voucher] = set()  # vouchers paying for a request now (`_claim`), or settling
         self._senders: set[asyncio.Task[None]] = set()  # held: the event loop keeps only weak references to tasks
         self._supported = _Supported(super().get_supported, refresh=supported_refresh)
 
@@ -263,10 +262,13 @@ class ChannelHubFacilitatorClient(HTTPFacilitatorClient):
 
     async def verify(self, payload: Any, requirements: Any) -> VerifyResponse:
         """Vouched for here (`Positions`), or the facilitator's `/verify` of the payment written as its settle will be
-        (`_part`): one that cannot be sent is refused here."""
+        (`_part`): one that cannot be sent is refused here, as is a voucher another request pays with (`_claim`)."""
         try:
             if not (isinstance(payload, PaymentPayload) and isinstance(requirements, PaymentRequirements)):
                 return await super().verify(payload, requirements)
+            if not self._claim(payload):
+                message = "this voucher is paying for another request: a new payment needs a new voucher"
+                return VerifyResponse(is_valid=False, invalid_reason=Reason.VOUCHER_REPLAYED, invalid_message=message)
             payer = None if self.positions is None else self.positions.vouch(payload, requirements)
             if isinstance(payer, Forged):
                 reason = InvalidSignatureError.code
@@ -283,6 +285,25 @@ class ChannelHubFacilitatorClient(HTTPFacilitatorClient):
             raise _limited(over.wait) from None
         except Exception as ex:
             raise _unavailable("verify", ex) from ex
+
+    def _claim(self, payload: PaymentPayload) -> bool:
+        """Whether this request may pay with its voucher: not while another request of this process pays with it, from
+        that one's verify until it is answered. x402 verifies a payment before the handler and settles it after, so one
+        header sent for many requests at once (or its voucher under many payment identifiers) verified for each, and
+        the handler ran for each: one charged, the others refused at settle, their answers withheld, but a handler's
+        side effect (an SMS sent, an order placed, a model run) is the payee's cost. Only under `PaymentMiddleware`
+        (settlement.x402.fastapi), which says when a request ends; else a voucher is held from its settle to its
+        answer, as before."""
+        exchange = EXCHANGE.get()
+        key = _voucher_key(payload) if payload.accepted.scheme == SCHEME else None
+        if exchange is None or key is None or exchange.claimed == key:
+            return True
+        if key in self._claimed:
+            return False
+        self._claimed.add(key)
+        exchange.claimed = key
+        exchange.ending.append(partial(self._claimed.discard, key))
+        return True
 
     async def _verified(self, part: bytes) -> VerifyResponse:
         """The facilitator's `/verify` of a payment on a channel this payee has not seen, within its client's budget
@@ -370,18 +391,20 @@ class ChannelHubFacilitatorClient(HTTPFacilitatorClient):
         attempt that got the voucher accepted, which also covers a replay settled after the first, or by another
         process."""
         key = _voucher_key(payload)
-        if key is not None and key in self._settling:
+        exchange = EXCHANGE.get()
+        held = key is not None and (exchange is None or exchange.claimed != key)  # not claimed by its verify (`_claim`)
+        if held and key in self._claimed:
             message = "this voucher is being settled for another request: a new payment needs a new voucher"
             return _refused(message, requirements.network, Reason.VOUCHER_REPLAYED)
-        if key is not None:
-            self._settling.add(key)
+        if held and key is not None:
+            self._claimed.add(key)
         try:
             if self.batch_settles:
                 return await self._settle_batched(payload, requirements, part)
             return await self._settle_alone(part)
         finally:
-            if key is not None:
-                self._settling.discard(key)
+            if held and key is not None:
+                self._claimed.discard(key)
 
     async def _settle_batched(
         self, payload: PaymentPayload, requirements: PaymentRequirements, part: bytes
@@ -661,7 +684,7 @@ def _refused(message: str, network: str, reason: str = Reason.INVALID_PAYLOAD) -
     return SettleResponse(success=False, error_reason=reason, error_message=message, transaction="", network=network)
 
 
-def _voucher_key(payload: PaymentPayload) -> tuple[ChannelId, int] | None:
+def _voucher_key(payload: PaymentPayload) -> Voucher | None:
     """The voucher a payment of our scheme carries, as the facilitator keys it (channel, cumulative amount); None for
     a payload that is not one (the facilitator refuses it)."""
     try:

@@ -99,6 +99,7 @@ class PaymentMiddleware(PaymentMiddlewareASGI):
             logger.debug("%s %s: the client went away before its request's body came", request.method, request.url.path)
             return Response(status_code=400)  # sent to no one (the connection is gone)
         finally:
+            exchange.end()
             EXCHANGE.reset(token)
         if exchange.limited is not None:
             return JSONResponse(
