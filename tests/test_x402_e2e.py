@@ -554,6 +554,36 @@ def test_one_voucher_sent_for_many_requests_at_once_runs_the_handler_once(
         assert accepted_for(rig.service, payee) == paid * PRICE
 
 
+def test_a_payment_the_payee_cannot_send_its_facilitator_runs_no_handler_on_a_channel_it_knows(
+    devnet: Devnet, lane_rig: Callable[..., LaneRig]
+) -> None:
+    """A payment whose `extensions` carry a lone surrogate escape (x402 reads the header's JSON with Python's reader,
+    which takes it; no JSON writer can send it on) on a channel the payee knows: the payee vouched for the voucher
+    itself and ran the handler, then could not send the settle and withheld the answer, the voucher unaccepted.
+    Each paid request let its payer have one such run free. Now it is refused at verify, as on a channel the payee
+    has not learned: a 402 `invalid_payload`, the handler not run; the same voucher sent rightly then pays."""
+    rig = lane_rig("unsendable", max_lanes=1, script=ROOT / "tests" / "faulty_paid_api.py")
+    ((payee, api),) = rig.payees
+    path = "/reports/counted/unsendable"
+    x402 = paying_client(devnet, ChannelHubClientScheme(rig.payer))
+    first = x402HTTPClient(x402).encode_payment_signature_header(payment_for(api, x402, path))
+    assert httpx.get(f"{api}{path}", headers=first).status_code == 200  # the payee knows the channel now
+    x402 = paying_client(devnet, ChannelHubClientScheme(rig.payer))
+    payment = payment_for(api, x402, path)
+    written = (
+        json.dumps(payment.model_dump(by_alias=True, exclude_none=True)).removesuffix("}")
+        + ', "extensions": {"note": "\\udc00"}}'
+    )
+    unsendable = httpx.get(f"{api}{path}", headers={"PAYMENT-SIGNATURE": base64.b64encode(written.encode()).decode()})
+    assert unsendable.status_code == 402, unsendable.text
+    assert json.loads(base64.b64decode(unsendable.headers["payment-required"]))["error"] == "invalid_payload"
+    assert httpx.get(f"{api}/runs/unsendable").json() == {"runs": 1}
+    assert accepted_for(rig.service, payee) == PRICE
+    rightly = httpx.get(f"{api}{path}", headers=x402HTTPClient(x402).encode_payment_signature_header(payment))
+    assert (rightly.status_code, rightly.json()) == (200, {"runs": 2})
+    assert accepted_for(rig.service, payee) == 2 * PRICE
+
+
 def test_a_payment_header_nested_deeper_than_the_services_json_reader_goes_pays_and_one_that_cannot_be_sent_is_a_402(
     devnet: Devnet,
     lane_rig: Callable[..., LaneRig],

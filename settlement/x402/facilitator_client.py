@@ -262,13 +262,18 @@ class ChannelHubFacilitatorClient(HTTPFacilitatorClient):
 
     async def verify(self, payload: Any, requirements: Any) -> VerifyResponse:
         """Vouched for here (`Positions`), or the facilitator's `/verify` of the payment written as its settle will be
-        (`_part`): one that cannot be sent is refused here, as is a voucher another request pays with (`_claim`)."""
+        (`_part`): one that cannot be sent is refused here, vouched for or not (a payment vouched for whose settle could
+        not be sent ran the handler for nothing, its answer withheld), as is a voucher another request pays with
+        (`_claim`)."""
         try:
             if not (isinstance(payload, PaymentPayload) and isinstance(requirements, PaymentRequirements)):
                 return await super().verify(payload, requirements)
             if not self._claim(payload):
                 message = "this voucher is paying for another request: a new payment needs a new voucher"
                 return VerifyResponse(is_valid=False, invalid_reason=Reason.VOUCHER_REPLAYED, invalid_message=message)
+            part = _part(payload, requirements, self.max_payment_bytes)  # also before vouching: its settle must go
+            if isinstance(part, str):
+                return VerifyResponse(is_valid=False, invalid_reason=Reason.INVALID_PAYLOAD, invalid_message=part)
             payer = None if self.positions is None else self.positions.vouch(payload, requirements)
             if isinstance(payer, Forged):
                 reason = InvalidSignatureError.code
@@ -277,9 +282,6 @@ class ChannelHubFacilitatorClient(HTTPFacilitatorClient):
                 )
             if payer is not None:
                 return VerifyResponse(is_valid=True, payer=payer)
-            part = _part(payload, requirements, self.max_payment_bytes)
-            if isinstance(part, str):
-                return VerifyResponse(is_valid=False, invalid_reason=Reason.INVALID_PAYLOAD, invalid_message=part)
             return await self._verified(part)
         except OverBudget as over:
             raise _limited(over.wait) from None
