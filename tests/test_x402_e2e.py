@@ -584,6 +584,39 @@ def test_a_payment_the_payee_cannot_send_its_facilitator_runs_no_handler_on_a_ch
     assert accepted_for(rig.service, payee) == 2 * PRICE
 
 
+def test_a_payer_that_fails_its_own_settles_gets_one_handler_run_free_not_one_after_each_payment(
+    devnet: Devnet, lane_rig: Callable[..., LaneRig]
+) -> None:
+    """A payer sends its next voucher under a payment identifier it used before: the payee, which knows the channel,
+    vouches for the voucher itself and runs the handler; the facilitator refuses the settle (`voucher_replayed`: the
+    identifier's first payment stands) and the answer is withheld. The same voucher under a new identifier then pays,
+    the payee learns the channel again, and so on: a handler run free after each paid request. Now a channel refused
+    at settle is verified by the facilitator for a minute (`Positions.doubt`), which refuses such a payment before
+    the handler: one run free in all, three paid."""
+    rig = lane_rig("reused", max_lanes=1, script=ROOT / "tests" / "faulty_paid_api.py")
+    ((payee, api),) = rig.payees
+    path = "/reports/counted/reused"
+
+    def identified(payment: PaymentPayload, n: int) -> dict[str, str]:
+        named = payment.model_copy(
+            update={"extensions": {"payment-identifier": {"info": {"required": False, "id": f"identifier-{n:08d}"}}}}
+        )
+        return {"PAYMENT-SIGNATURE": encode_payment_signature_header(named)}
+
+    statuses = []
+    for paid in range(4):
+        payment = payment_for(api, paying_client(devnet, ChannelHubClientScheme(rig.payer)), path)
+        if paid:
+            reused = httpx.get(f"{api}{path}", headers=identified(payment, 0))  # the first payment's identifier
+            statuses.append((reused.status_code, "payment-required" in reused.headers))
+        answer = httpx.get(f"{api}{path}", headers=identified(payment, paid))
+        assert answer.status_code == 200, answer.text
+    # The first refused at settle after its handler ran (its 402 carries the settle's answer), the others at verify.
+    assert statuses == [(402, False), (402, True), (402, True)]
+    assert httpx.get(f"{api}/runs/reused").json() == {"runs": 5}
+    assert accepted_for(rig.service, payee) == 4 * PRICE
+
+
 def test_a_payment_header_nested_deeper_than_the_services_json_reader_goes_pays_and_one_that_cannot_be_sent_is_a_402(
     devnet: Devnet,
     lane_rig: Callable[..., LaneRig],
@@ -1045,10 +1078,11 @@ def test_paying_ahead_and_verifying_locally_cost_one_request_and_one_facilitator
     assert asyncio.run(get(2)) == [200, 200]
     # The stale early payment, x402's flow, then paid ahead again. The payee's local verify passed the stale
     # voucher too (its position predates the other device's payment): the facilitator refused it at settle, after
-    # the handler, so its answer was withheld and the channel forgotten; the next verify asked the facilitator.
+    # the handler, so its answer was withheld and the channel forgotten, and doubted for a minute: the next two
+    # verifies asked the facilitator (a payer may fail its own settles on purpose, for a handler run each time).
     assert wire.sent == ["paid", "unpaid", "paid", "paid"]
     assert accepted_for(service, payee) == 28 * PRICE + 7
-    assert x402_calls(service) == {"verify ok": len(channels) + 1.0, "settle underpayment": 1.0, "settle ok": 28.0}
+    assert x402_calls(service) == {"verify ok": len(channels) + 2.0, "settle underpayment": 1.0, "settle ok": 28.0}
     assert made == ["loop"] * 3  # the stale one too (no journal knows what another device paid), then 2
 
     # A forger who read the channel's id off the chain: a signature not the payer's, on a channel the payee knows, is
@@ -1059,7 +1093,7 @@ def test_paying_ahead_and_verifying_locally_cost_one_request_and_one_facilitator
     refused = httpx.get(f"{api}/weather", headers={"PAYMENT-SIGNATURE": forged})
     assert refused.status_code == 402
     assert json.loads(base64.b64decode(refused.headers["payment-required"]))["error"] == "invalid_signature"
-    assert x402_calls(service) == {"verify ok": len(channels) + 1.0, "settle underpayment": 1.0, "settle ok": 28.0}
+    assert x402_calls(service) == {"verify ok": len(channels) + 2.0, "settle underpayment": 1.0, "settle ok": 28.0}
 
     # x402's sync client (requests) has no loop: the payment is made inline, as it always was.
     sync_payer = payer_for(accounts[15], service, "sync")

@@ -243,6 +243,31 @@ def test_a_refused_or_unanswered_settle_forgets_the_channel_and_positions_expire
     assert expired.vouch(payment(required, channel, 3 * PRICE, sign), required) is None
 
 
+def test_a_channel_refused_at_settle_is_vouched_for_by_no_one_but_the_facilitator_for_a_while(
+    devnet: Devnet, hub: Contract, channel: Channel, sign: Sign, accounts: list[LocalAccount]
+) -> None:
+    """A payer can make its own payment pass the payee's local verify and fail the facilitator's settle (a payment
+    identifier it used before); learnt again at its next paid request, the channel had one handler run free after each.
+    After a refusal its payments go to the facilitator for `doubt` seconds, whatever the settles between say."""
+    required, room = requirements(devnet, hub, channel.payee), 10 * PRICE  # the deposit the answers say
+    first, second, third = (payment(required, channel, n * PRICE, sign) for n in (1, 2, 3))
+    refused = SettleResponse(success=False, error_reason="voucher_replayed", transaction="", network=required.network)
+    doubting = Positions()
+    doubting.learn(first, required, answered(channel, required, PRICE, room))
+    assert doubting.vouch(second, required) == channel.payer.address
+    doubting.learn(second, required, refused)
+    doubting.learn(second, required, answered(channel, required, 2 * PRICE, room))  # paid rightly, after
+    assert len(doubting) == 1
+    assert doubting.vouch(third, required) is None  # the facilitator's to judge
+    forged = payment(required, channel, 3 * PRICE, sign, signer=accounts[9])
+    message = f"the signature does not recover to the payer of channel {channel.hex_id}"
+    assert doubting.vouch(forged, required) == Forged(channel.payer.address, message)  # still refused here
+    other = Positions(doubt=0.0)  # a doubt over: vouched for again
+    other.learn(second, required, refused)
+    other.learn(second, required, answered(channel, required, 2 * PRICE, room))
+    assert other.vouch(third, required) == channel.payer.address
+
+
 def test_a_settle_answer_that_does_not_match_its_payment_teaches_nothing(
     devnet: Devnet, hub: Contract, channel: Channel, sign: Sign
 ) -> None:

@@ -10,6 +10,11 @@ the deposit; anything else (a channel it has not seen, a position another proces
 know of) goes to the facilitator as before. At worst a stale position costs one handler run whose answer is then
 withheld (settle refuses it and forgets the channel), exactly what a payment refused at settle costs today.
 
+A channel whose payment was refused at settle is then verified by the facilitator for `doubt` seconds, whatever the
+settles between say: a payer can make its own payment pass here and fail there (a payment identifier it used before,
+which only the facilitator knows), and with the channel learnt again at its next paid request it had one handler run
+free after each one.
+
 One refusal is made here too: a payment on a known channel whose signature is not that channel's payer's (`Forged`),
 which the facilitator refuses `invalid_signature` whatever else it holds (a channel's payer is hashed into its id, so
 no position going stale changes that); a forger who read channel ids off the chain cost the facilitator a call and
@@ -29,6 +34,8 @@ from x402.schemas import PaymentPayload, PaymentRequirements, SettleResponse
 from settlement.domain.model import ChannelId
 from settlement.eip712.vouchers import Domain, VoucherVerifier
 from settlement.x402.wire import SCHEME, PayloadError, VoucherPayload, answers, base_units, chain_id_of, same_address
+
+DOUBT_SECONDS = 60.0  # a channel whose payment was refused at settle: verified by the facilitator this long
 
 
 @dataclass(frozen=True)
@@ -59,9 +66,10 @@ class Positions:
     """Channel positions from settle answers, at most `max_channels` (least recently paid out first), each trusted
     for `ttl` seconds after the answer that gave it."""
 
-    def __init__(self, ttl: float = 60.0, max_channels: int = 100_000) -> None:
-        self.ttl, self.max_channels = ttl, max_channels
+    def __init__(self, ttl: float = 60.0, max_channels: int = 100_000, doubt: float = DOUBT_SECONDS) -> None:
+        self.ttl, self.max_channels, self.doubt = ttl, max_channels, doubt
         self._known: OrderedDict[ChannelId, Position] = OrderedDict()
+        self._doubted: OrderedDict[ChannelId, float] = OrderedDict()  # until when (monotonic), soonest first
         self._verifiers: dict[Domain, VoucherVerifier] = {}
 
     def __len__(self) -> int:
@@ -91,21 +99,28 @@ class Positions:
                                                 voucher.signature)  # fmt: skip
         if signer != known.payer_bytes:
             return Forged(known.payer, f"the signature does not recover to the payer of channel {voucher.channel_id}")
-        if known.expires < time.monotonic():
+        now = time.monotonic()
+        if known.expires < now:
+            return None
+        doubted = self._doubted.get(voucher.channel_id)
+        if doubted is not None and doubted > now:
             return None
         if voucher.cumulative != known.cumulative + price or voucher.cumulative > known.deposit:
             return None
         return known.payer
 
     def learn(self, payload: PaymentPayload, requirements: PaymentRequirements, settled: SettleResponse) -> None:
-        """Keep the position a successful settle answered; forget the channel after any refusal."""
+        """Keep the position a successful settle answered; forget the channel after any refusal, and doubt it."""
         try:
             voucher = VoucherPayload.parse(payload.payload)
         except PayloadError:
             return
         self._known.pop(voucher.channel_id, None)
+        if not settled.success:
+            self._doubt(voucher.channel_id)
+            return
         channel = (settled.extra or {}).get("channel")
-        if not settled.success or not settled.payer or not isinstance(channel, dict):
+        if not settled.payer or not isinstance(channel, dict):
             return
         cumulative, deposit = base_units(channel.get("cumulativeAmount")), base_units(channel.get("deposit"))
         domain = _domain(requirements)
@@ -123,6 +138,16 @@ class Positions:
         )
         while len(self._known) > self.max_channels:
             self._known.popitem(last=False)
+
+    def _doubt(self, channel: ChannelId) -> None:
+        """Vouch for no payment on `channel` for `doubt` seconds; what ended its doubt, or is past the bound, goes."""
+        now = time.monotonic()
+        self._doubted.pop(channel, None)
+        self._doubted[channel] = now + self.doubt  # one length for all: the dict stays in the order they end
+        for oldest, until in list(self._doubted.items()):
+            if until > now and len(self._doubted) <= self.max_channels:
+                break
+            del self._doubted[oldest]
 
     def forget(self, payload: PaymentPayload) -> None:
         """Drop what is known of the payment's channel (the facilitator could not answer)."""
