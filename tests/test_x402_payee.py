@@ -267,6 +267,12 @@ def test_a_channel_refused_at_settle_is_vouched_for_by_no_one_but_the_facilitato
     other.learn(second, required, answered(channel, required, 2 * PRICE, room))
     assert other.vouch(third, required) == channel.payer.address
 
+    bounded = Positions(max_channels=2)  # the doubted are bounded as the known are, the oldest going first
+    for n in range(1, 4):
+        made_up = {**second.payload, "channelId": "0x" + n.to_bytes(32, "big").hex()}
+        bounded.learn(second.model_copy(update={"payload": made_up}), required, refused)
+    assert [int(doubted, 16) for doubted in bounded._doubted] == [2, 3]
+
 
 def test_a_settle_answer_that_does_not_match_its_payment_teaches_nothing(
     devnet: Devnet, hub: Contract, channel: Channel, sign: Sign

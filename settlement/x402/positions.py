@@ -144,7 +144,8 @@ class Positions:
         now = time.monotonic()
         self._doubted.pop(channel, None)
         self._doubted[channel] = now + self.doubt  # one length for all: the dict stays in the order they end
-        for oldest, until in list(self._doubted.items()):
+        while self._doubted:  # the oldest first
+            oldest, until = next(iter(self._doubted.items()))
             if until > now and len(self._doubted) <= self.max_channels:
                 break
             del self._doubted[oldest]
