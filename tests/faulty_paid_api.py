@@ -1,7 +1,8 @@
 """examples/paid_api.py with more paid routes that fail the ways a payee's own code can: a handler that raises, a
 streamed answer whose body breaks after its first chunk, a handler slower than its payer waits (SLOW_SECONDS), a
 route that has moved (a redirect, as Starlette's router also answers a paid URL with a trailing slash), and a 304.
-And a paid route whose handler counts its runs (its side effect), with a free route that tells the count.
+And paid routes whose handlers count their runs (their side effect; one answers HEAD too), with a free route that
+tells the count.
 None is the response the payer paid for, so none may be charged (tests/test_x402_e2e.py runs it as it runs the
 example). And a paid route that reads its request's body, served with a body bound of 1 s (10 by default) so that
 the tests of slow bodies take seconds. With SETTLE_ONE_BY_ONE set, its facilitator client settles each payment
@@ -76,6 +77,12 @@ RUNS: Counter[str] = Counter()  # each counted handler's runs, by name
 async def counted(name: str, think: float = 0.0) -> dict[str, int]:
     RUNS[name] += 1
     await asyncio.sleep(think)
+    return {"runs": RUNS[name]}
+
+
+@app.api_route("/reports/headed/{name}", methods=["GET", "HEAD"])  # as Starlette's own routes answer HEAD
+async def headed(name: str) -> dict[str, int]:
+    RUNS[name] += 1
     return {"runs": RUNS[name]}
 
 

@@ -617,6 +617,34 @@ def test_a_payer_that_fails_its_own_settles_gets_one_handler_run_free_not_one_af
     assert accepted_for(rig.service, payee) == 4 * PRICE
 
 
+def test_a_head_of_a_paid_get_route_is_paid_as_the_get_is(devnet: Devnet, lane_rig: Callable[..., LaneRig]) -> None:
+    """x402 matches a request's method exactly, and Starlette answers HEAD with the GET handler (its own routes,
+    StaticFiles, a FastAPI route that lists both): a HEAD of a paid GET route ran the handler free (its side effect)
+    and told the paid answer's headers. Now it is a 402 unpaid; paid, it is served (headers only) and charged as the
+    GET. A FastAPI GET route, which answers HEAD 405, is a 402 unpaid too, and its 405 charges nothing."""
+    rig = lane_rig("head", max_lanes=1, script=ROOT / "tests" / "faulty_paid_api.py")
+    ((payee, api),) = rig.payees
+    path = "/reports/headed/head"
+    unpaid = httpx.head(f"{api}{path}")
+    assert unpaid.status_code == 402
+    assert httpx.get(f"{api}/runs/head").json() == {"runs": 0}
+    x402 = paying_client(devnet, ChannelHubClientScheme(rig.payer))
+    payment = payment_for(api, x402, path)
+    paid = httpx.head(f"{api}{path}", headers=x402HTTPClient(x402).encode_payment_signature_header(payment))
+    assert (paid.status_code, paid.content, "payment-response" in paid.headers) == (200, b"", True)
+    assert httpx.get(f"{api}/runs/head").json() == {"runs": 1}
+    assert accepted_for(rig.service, payee) == PRICE
+
+    assert httpx.head(f"{api}/weather").status_code == 402
+    x402 = paying_client(devnet, ChannelHubClientScheme(rig.payer))
+    payment = payment_for(api, x402, "/weather")
+    refused = httpx.head(f"{api}/weather", headers=x402HTTPClient(x402).encode_payment_signature_header(payment))
+    assert (refused.status_code, "payment-response" in refused.headers) == (405, False)
+    assert accepted_for(rig.service, payee) == PRICE
+    free = httpx.head(f"{api}/health")  # a free GET route: x402 never sees it
+    assert free.status_code == 405
+
+
 def test_a_payment_header_nested_deeper_than_the_services_json_reader_goes_pays_and_one_that_cannot_be_sent_is_a_402(
     devnet: Devnet,
     lane_rig: Callable[..., LaneRig],

@@ -12,6 +12,8 @@ middleware is, ends a streamed body quietly when the handler raises partway, and
 settles: the payer would be charged for the part, sent as a 200. Here the handler's error is raised instead (the app
 answers 500, as for a handler that raises at once) and nothing is settled.
 
+A `HEAD` of a paid `GET` route is paid as the `GET` is: Starlette answers it with the `GET` handler.
+
 And only a 2xx answer is settled: x402 settles every answer below 400, so a redirect was charged, and a payer that
 followed it paid again where it landed. A redirect (or a 304) is sent as the app gave it, unsettled.
 
@@ -75,7 +77,7 @@ class PaymentMiddleware(PaymentMiddlewareASGI):
         paywall_config: PaywallConfig | None = None,
         answers: PaidAnswers | None = None,
     ) -> None:
-        super().__init__(_watched(app), routes, server, paywall_config)
+        super().__init__(_watched(app), _head_paid_as_get(routes), server, paywall_config)
         self.answers = answers if answers is not None else PaidAnswers()
 
     async def dispatch(self, request: Request, call_next: Callable[[Request], Awaitable[Response]]) -> Response:
@@ -114,6 +116,22 @@ class PaymentMiddleware(PaymentMiddlewareASGI):
                 headers={"Retry-After": str(RETRY_AFTER_SECONDS)},
             )
         return response
+
+
+def _head_paid_as_get(routes: RoutesConfig) -> RoutesConfig:
+    """`routes` with each paid `GET` route paid for `HEAD` too (unless `routes` names that itself). x402 matches a
+    request's method exactly, and Starlette serves a `HEAD` with the `GET` handler (its `Route`, `StaticFiles`, a
+    FastAPI route that lists both): a `HEAD` ran a paid handler free, its side effects and all, and told its answer's
+    headers (the paid body's length, its digest). A FastAPI `GET` route answers `HEAD` 405, now after the 402: a
+    payment for it is not settled (not a 2xx), nothing charged."""
+    if not isinstance(routes, dict) or "accepts" in routes:  # one config for every method already
+        return routes
+    paid = dict(routes)
+    for pattern, config in routes.items():
+        parts = pattern.split(None, 1)
+        if len(parts) == 2 and parts[0].upper() == "GET":
+            paid.setdefault(f"HEAD {parts[1]}", config)
+    return paid
 
 
 def _watched(app: ASGIApp) -> ASGIApp:
