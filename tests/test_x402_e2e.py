@@ -645,6 +645,31 @@ def test_a_head_of_a_paid_get_route_is_paid_as_the_get_is(devnet: Devnet, lane_r
     assert free.status_code == 405
 
 
+def test_a_payer_that_hangs_up_before_each_answer_has_a_few_runs_free_then_a_429(
+    devnet: Devnet, lane_rig: Callable[..., LaneRig]
+) -> None:
+    """A payer that went away before its answer was ready is not charged, and its voucher is free again: hanging up
+    before each answer, one voucher had the handler run for nothing as often as its payer liked (five runs, five
+    hang-ups, nothing charged). Now such runs are counted per channel (three at once, then one a minute): the
+    fourth is a 429 `rate_limited` with Retry-After, before the handler."""
+    rig = lane_rig("hang-ups", max_lanes=1, script=ROOT / "tests" / "faulty_paid_api.py")
+    ((payee, api),) = rig.payees
+    path = "/reports/counted/hang-ups?think=0.5"
+    x402 = paying_client(devnet, ChannelHubClientScheme(rig.payer))
+    headers = x402HTTPClient(x402).encode_payment_signature_header(payment_for(api, x402, path))
+    for _ in range(3):
+        with pytest.raises(httpx.ReadTimeout):
+            httpx.get(f"{api}{path}", headers=headers, timeout=httpx.Timeout(5, read=0.25))
+        time.sleep(0.5)  # the handler ends; the settle is not sent (no one is there to answer)
+    assert httpx.get(f"{api}/runs/hang-ups").json() == {"runs": 3}
+    limited = httpx.get(f"{api}{path}", headers=headers, timeout=httpx.Timeout(5, read=0.25))
+    assert (limited.status_code, limited.json()["error"]) == (429, "rate_limited")
+    assert limited.json()["message"].startswith("this channel's payer left before its answers were ready")
+    assert 55 <= int(limited.headers["retry-after"]) <= 60
+    assert httpx.get(f"{api}/runs/hang-ups").json() == {"runs": 3}
+    assert accepted_for(rig.service, payee) == 0
+
+
 def test_a_payment_header_nested_deeper_than_the_services_json_reader_goes_pays_and_one_that_cannot_be_sent_is_a_402(
     devnet: Devnet,
     lane_rig: Callable[..., LaneRig],

@@ -16,6 +16,14 @@ from settlement.domain.model import ChannelId
 Voucher = tuple[ChannelId, int]  # a voucher as the facilitator keys it: its channel and cumulative amount
 
 
+@dataclass(frozen=True)
+class Limited:
+    """A payment refused for a budget: the payee's 429, with Retry-After."""
+
+    wait: int  # seconds
+    message: str
+
+
 @dataclass
 class Exchange:
     """One request through `PaymentMiddleware`, as the parts under it saw it: one object per request, so that tasks
@@ -23,7 +31,7 @@ class Exchange:
 
     request: Request
     failure: str | None = None  # the facilitator could not judge the payment: the answer is a 503
-    limited: int | None = None  # or the client is over its budget of unknown channels: a 429, retry in this many s
+    limited: Limited | None = None  # or the client or the channel is over a budget: a 429
     sent_whole: bool = False  # the app sent its answer's last part
     failed: Exception | None = None  # or raised this instead
     claimed: Voucher | None = None  # the voucher this request's verify claimed, until the request ends

@@ -20,6 +20,9 @@ holds a token while its verify is in flight, so that a wave sent at once cannot 
 
 A payer that went away before its answer was ready (its client timed out, the connection closed while the
 handler ran) is not charged: the settle is not sent. (One that goes away while the settle is on its way may still be.)
+Its voucher is then free again, so a payer could have a handler run for nothing as often as it liked by hanging up
+before each answer: such runs are counted per channel (`abandoned_per_channel`, bursts of `abandoned_burst`), and a
+channel past them is answered 429 `rate_limited` before the handler, until its budget refills.
 """
 
 from __future__ import annotations
@@ -45,6 +48,7 @@ from x402.http import FacilitatorConfig, HTTPFacilitatorClient
 from x402.http.facilitator_client_base import FacilitatorResponseError
 from x402.schemas import PaymentPayload, PaymentRequirements, SettleResponse, SupportedResponse, VerifyResponse
 
+from settlement.domain.buckets import Buckets
 from settlement.domain.clients import client_of
 from settlement.domain.redaction import scrubbed_start, text_start
 from settlement.errors import ChannelNotFoundError, InvalidSignatureError, UnknownChannelsBusyError
@@ -57,7 +61,7 @@ from settlement.sdk.bounded import (
     BoundedTransport,
     refused_encoding,
 )
-from settlement.x402.exchange import EXCHANGE, Voucher
+from settlement.x402.exchange import EXCHANGE, Limited, Voucher
 from settlement.x402.positions import Forged, Positions
 from settlement.x402.seldom import FAILURE_LOG_SECONDS, Seldom
 from settlement.x402.unseen import OverBudget, UnseenBudget
@@ -93,6 +97,12 @@ UNSEEN_PER_CLIENT = 5.0
 UNSEEN_BURST = 20.0
 IPV6_PREFIX = 64  # an IPv6 client is counted by its network of this many bits (a host holds a /64)
 OVER_BUDGET = "this client's payments named more channels the facilitator does not know than this payee allows"
+# Handler runs a channel's payer left before their answers were ready (not charged), a second beyond a burst: past
+# them, that channel's payments are answered 429 before the handler (0: no limit). An honest client whose timeout is
+# shorter than the handler meets it after a few; one hanging up on purpose had every run free.
+ABANDONED_PER_CHANNEL = 1 / 60
+ABANDONED_BURST = 3.0
+ABANDONED = "this channel's payer left before its answers were ready more often than this payee allows"
 SUPPORTED_WAIT = 1.0  # seconds the event loop waits for a /supported begun (x402 asks it synchronously)
 SUPPORTED_TIMEOUT = 5.0  # seconds a /supported request may take on its own thread (x402's default: 90)
 SUPPORTED_RETRY = 0.25  # seconds between a failed /supported and the next, while paid requests ask
@@ -155,6 +165,8 @@ class ChannelHubFacilitatorClient(HTTPFacilitatorClient):
         gc_young_threshold: int | None = GC_YOUNG_THRESHOLD,
         unseen_per_client: float = UNSEEN_PER_CLIENT,
         unseen_burst: float = UNSEEN_BURST,
+        abandoned_per_channel: float = ABANDONED_PER_CHANNEL,
+        abandoned_burst: float = ABANDONED_BURST,
         ipv6_prefix: int = IPV6_PREFIX,
         supported_refresh: float = SUPPORTED_REFRESH,
     ) -> None:
@@ -197,6 +209,7 @@ class ChannelHubFacilitatorClient(HTTPFacilitatorClient):
         self.batch_bytes = batch_bytes
         self.max_payment_bytes = max_payment_bytes
         self.unseen = UnseenBudget(unseen_per_client, unseen_burst)  # by client: payments on channels no one knows
+        self.abandoned = Buckets(abandoned_per_channel, abandoned_burst)  # by channel: runs its payer hung up on
         self.ipv6_prefix = ipv6_prefix
         self._proxy_log = Seldom(PROXY_WARNING_SECONDS)  # an unapplied X-Forwarded-For, said in the log
         self._queued: list[_Queued] = []
@@ -268,9 +281,12 @@ class ChannelHubFacilitatorClient(HTTPFacilitatorClient):
         try:
             if not (isinstance(payload, PaymentPayload) and isinstance(requirements, PaymentRequirements)):
                 return await super().verify(payload, requirements)
-            if not self._claim(payload):
+            key = _voucher_key(payload) if payload.accepted.scheme == SCHEME else None
+            if not self._claim(key):
                 message = "this voucher is paying for another request: a new payment needs a new voucher"
                 return VerifyResponse(is_valid=False, invalid_reason=Reason.VOUCHER_REPLAYED, invalid_message=message)
+            if key is not None and (wait := self.abandoned.due(key[0], time.monotonic())) is not None:
+                raise OverBudget(wait, ABANDONED)
             part = _part(payload, requirements, self.max_payment_bytes)  # also before vouching: its settle must go
             if isinstance(part, str):
                 return VerifyResponse(is_valid=False, invalid_reason=Reason.INVALID_PAYLOAD, invalid_message=part)
@@ -284,11 +300,11 @@ class ChannelHubFacilitatorClient(HTTPFacilitatorClient):
                 return VerifyResponse(is_valid=True, payer=payer)
             return await self._verified(part)
         except OverBudget as over:
-            raise _limited(over.wait) from None
+            raise _limited(over.wait, over.why or OVER_BUDGET) from None
         except Exception as ex:
             raise _unavailable("verify", ex) from ex
 
-    def _claim(self, payload: PaymentPayload) -> bool:
+    def _claim(self, key: Voucher | None) -> bool:
         """Whether this request may pay with its voucher: not while another request of this process pays with it, from
         that one's verify until it is answered. x402 verifies a payment before the handler and settles it after, so one
         header sent for many requests at once (or its voucher under many payment identifiers) verified for each, and
@@ -297,7 +313,6 @@ class ChannelHubFacilitatorClient(HTTPFacilitatorClient):
         (settlement.x402.fastapi), which says when a request ends; else a voucher is held from its settle to its
         answer, as before."""
         exchange = EXCHANGE.get()
-        key = _voucher_key(payload) if payload.accepted.scheme == SCHEME else None
         if exchange is None or key is None or exchange.claimed == key:
             return True
         if key in self._claimed:
@@ -352,6 +367,8 @@ class ChannelHubFacilitatorClient(HTTPFacilitatorClient):
     async def settle(self, payload: Any, requirements: Any) -> SettleResponse:
         exchange = EXCHANGE.get()
         if exchange is not None and await _gone(exchange.request):  # charged for nothing it gets
+            if exchange.claimed is not None:  # a run its payer hung up on: counted against its channel
+                self.abandoned.charge(exchange.claimed[0], 1, time.monotonic())
             raise FacilitatorResponseError("the payer went away before its answer was ready: not settled")
         ours = isinstance(payload, PaymentPayload) and isinstance(requirements, PaymentRequirements)
         try:
@@ -739,16 +756,13 @@ def _batch_answer(answer: Any) -> SettleResponse | Exception:
         return ValueError(f"the facilitator's settle answer is not x402's: {ex}")
 
 
-def _limited(wait: int) -> FacilitatorResponseError:
-    """The error x402 answers when a client is over its budget of unknown channels; the payee's answer is a 429."""
+def _limited(wait: int, why: str) -> FacilitatorResponseError:
+    """The error x402 answers when a client or a channel is over a budget (`why`); the payee's answer is a 429."""
+    limited = Limited(wait, f"{why}: retry in {wait}s")
     exchange = EXCHANGE.get()
     if exchange is not None:
-        exchange.limited = wait
-    return FacilitatorResponseError(over_budget(wait))
-
-
-def over_budget(wait: int) -> str:
-    return f"{OVER_BUDGET}: retry in {wait}s"
+        exchange.limited = limited
+    return FacilitatorResponseError(limited.message)
 
 
 def _failure_of(ex: Exception) -> tuple[str, str]:

@@ -3,7 +3,8 @@
 facilitator cannot judge a payment (no answer, a 5xx, a body that is not x402's), x402 answers 500 or 502, or, after
 the handler ran, a 402 that tells the payer to pay again. Here the payee answers **503** with `Retry-After` instead:
 retry later, nothing was charged (the voucher was not accepted, so it pays nothing; the payer's next payment finds
-that out from the service). A client over its budget of payments on channels no one knows is answered **429**.
+that out from the service). A client over its budget of payments on channels no one knows, or a channel over its
+budget of runs its payer hung up on, is answered **429**.
 
 A retry of a paid request is answered as the first one was (`PaidAnswers`, settlement.x402.paid_answers).
 
@@ -42,7 +43,7 @@ from x402.http.types import RoutesConfig
 from settlement.errors import RateLimitedError, SettlementError
 from settlement.sdk.payee import PayeeClient
 from settlement.x402.exchange import EXCHANGE, Exchange
-from settlement.x402.facilitator_client import ChannelHubFacilitatorClient, over_budget
+from settlement.x402.facilitator_client import ChannelHubFacilitatorClient
 from settlement.x402.paid_answers import PaidAnswers
 from settlement.x402.refunds import MAX_TTL, REFUND_PATH, RefundDesk
 from settlement.x402.wire import Reason
@@ -105,9 +106,9 @@ class PaymentMiddleware(PaymentMiddlewareASGI):
             EXCHANGE.reset(token)
         if exchange.limited is not None:
             return JSONResponse(
-                {"error": RateLimitedError.code, "message": over_budget(exchange.limited)},
+                {"error": RateLimitedError.code, "message": exchange.limited.message},
                 status_code=RateLimitedError.status,
-                headers={"Retry-After": str(exchange.limited)},
+                headers={"Retry-After": str(exchange.limited.wait)},
             )
         if exchange.failure is not None:
             return JSONResponse(

@@ -20,11 +20,12 @@ from settlement.domain.buckets import Buckets
 
 
 class OverBudget(Exception):
-    """A client over its budget of payments on unknown channels: retry in `wait` seconds."""
+    """A client over its budget of payments on unknown channels (or over another budget: `why`): retry in `wait`
+    seconds."""
 
-    def __init__(self, wait: int) -> None:
+    def __init__(self, wait: int, why: str | None = None) -> None:
         super().__init__(wait)
-        self.wait = wait
+        self.wait, self.why = wait, why
 
 
 @dataclass
