@@ -281,7 +281,8 @@ class ChannelHubFacilitatorClient(HTTPFacilitatorClient):
         try:
             if not (isinstance(payload, PaymentPayload) and isinstance(requirements, PaymentRequirements)):
                 return await super().verify(payload, requirements)
-            key = _voucher_key(payload) if payload.accepted.scheme == SCHEME else None
+            voucher = _voucher_of(payload) if payload.accepted.scheme == SCHEME else None
+            key = None if voucher is None else (voucher.channel_id, voucher.cumulative)
             if not self._claim(key):
                 message = "this voucher is paying for another request: a new payment needs a new voucher"
                 return VerifyResponse(is_valid=False, invalid_reason=Reason.VOUCHER_REPLAYED, invalid_message=message)
@@ -290,7 +291,7 @@ class ChannelHubFacilitatorClient(HTTPFacilitatorClient):
             part = _part(payload, requirements, self.max_payment_bytes)  # also before vouching: its settle must go
             if isinstance(part, str):
                 return VerifyResponse(is_valid=False, invalid_reason=Reason.INVALID_PAYLOAD, invalid_message=part)
-            payer = None if self.positions is None else self.positions.vouch(payload, requirements)
+            payer = None if self.positions is None else self.positions.vouch(payload, requirements, voucher)
             if isinstance(payer, Forged):
                 reason = InvalidSignatureError.code
                 return VerifyResponse(
@@ -703,14 +704,18 @@ def _refused(message: str, network: str, reason: str = Reason.INVALID_PAYLOAD) -
     return SettleResponse(success=False, error_reason=reason, error_message=message, transaction="", network=network)
 
 
-def _voucher_key(payload: PaymentPayload) -> Voucher | None:
-    """The voucher a payment of our scheme carries, as the facilitator keys it (channel, cumulative amount); None for
-    a payload that is not one (the facilitator refuses it)."""
+def _voucher_of(payload: PaymentPayload) -> VoucherPayload | None:
+    """The voucher a payment of our scheme carries; None for a payload that is not one (the facilitator refuses it)."""
     try:
-        voucher = VoucherPayload.parse(payload.payload)
+        return VoucherPayload.parse(payload.payload)
     except PayloadError:
         return None
-    return voucher.channel_id, voucher.cumulative
+
+
+def _voucher_key(payload: PaymentPayload) -> Voucher | None:
+    """The voucher as the facilitator keys it (channel, cumulative amount)."""
+    voucher = _voucher_of(payload)
+    return None if voucher is None else (voucher.channel_id, voucher.cumulative)
 
 
 def _status_failure(text: str, status: int, content: bytes, settle: bool) -> ValueError:

@@ -75,17 +75,20 @@ class Positions:
     def __len__(self) -> int:
         return len(self._known)
 
-    def vouch(self, payload: PaymentPayload, requirements: PaymentRequirements) -> str | Forged | None:
+    def vouch(
+        self, payload: PaymentPayload, requirements: PaymentRequirements, parsed: VoucherPayload | None = None
+    ) -> str | Forged | None:
         """The payer, when this payment is provably what the facilitator would accept now as far as its last answer
         shows; `Forged` when it is provably what the facilitator refuses `invalid_signature` (a channel this payee
         knows, signed by someone else than its payer, whatever the amount and however old what is known of the channel:
-        its payer is hashed into its id); None when only the facilitator can tell."""
+        its payer is hashed into its id); None when only the facilitator can tell. `parsed`: its voucher, when the
+        caller has read it already."""
         if requirements.scheme != SCHEME or not answers(payload.accepted, requirements):
             return None
         price = base_units(requirements.amount)
         domain = _domain(requirements)
         try:
-            voucher = VoucherPayload.parse(payload.payload)
+            voucher = parsed or VoucherPayload.parse(payload.payload)
         except PayloadError:
             return None
         known = self._known.get(voucher.channel_id)
