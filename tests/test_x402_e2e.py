@@ -406,6 +406,19 @@ def payment_for(api: str, x402: x402Client, path: str = "/weather") -> PaymentPa
     return payment
 
 
+def next_payment(devnet: Devnet, payer: PayerClient, api: str, path: str) -> PaymentPayload:
+    """The payer's next payment for `api`'s paid `path`, made by a new scheme over its journal, not sent."""
+    return payment_for(api, paying_client(devnet, ChannelHubClientScheme(payer)), path)
+
+
+def signature_header(payment: PaymentPayload, identifier: str | None = None) -> dict[str, str]:
+    """The PAYMENT-SIGNATURE header of `payment`, under x402's payment `identifier` when one is given."""
+    if identifier is not None:
+        named = {"payment-identifier": {"info": {"required": False, "id": identifier}}}
+        payment = payment.model_copy(update={"extensions": named})
+    return {"PAYMENT-SIGNATURE": encode_payment_signature_header(payment)}
+
+
 def identified_payment(devnet: Devnet, scheme: ChannelHubClientScheme, api: str) -> dict[str, str]:
     """A PAYMENT-SIGNATURE header for `api`'s paid route carrying x402's payment identifier, made as a payer app
     that registers `PaymentIdentifiers` makes it, not sent."""
@@ -536,14 +549,11 @@ def test_one_voucher_sent_for_many_requests_at_once_runs_the_handler_once(
 
     for paid, name in enumerate(("new", "known", "renamed"), start=1):
         path = f"/reports/counted/{name}?think=0.5"
-        x402 = paying_client(devnet, ChannelHubClientScheme(rig.payer))
-        payment = payment_for(api, x402, path)
+        payment = next_payment(devnet, rig.payer, api, path)
         if name == "renamed":
-            named = ({"payment-identifier": {"info": {"required": False, "id": f"renamed-{n:012d}"}}} for n in range(8))
-            copies = (payment.model_copy(update={"extensions": extensions}) for extensions in named)
-            headers = [{"PAYMENT-SIGNATURE": encode_payment_signature_header(each)} for each in copies]
+            headers = [signature_header(payment, f"renamed-{n:012d}") for n in range(8)]
         else:
-            headers = [x402HTTPClient(x402).encode_payment_signature_header(payment)] * 8
+            headers = [signature_header(payment)] * 8
         if name == "known":  # a request that bought nothing lets its voucher go: its handler raised, nothing charged
             assert httpx.get(f"{api}/reports/broken/raise", headers=headers[0]).status_code == 500
         answers = asyncio.run(at_once(f"{api}{path}", headers))
@@ -565,11 +575,9 @@ def test_a_payment_the_payee_cannot_send_its_facilitator_runs_no_handler_on_a_ch
     rig = lane_rig("unsendable", max_lanes=1, script=ROOT / "tests" / "faulty_paid_api.py")
     ((payee, api),) = rig.payees
     path = "/reports/counted/unsendable"
-    x402 = paying_client(devnet, ChannelHubClientScheme(rig.payer))
-    first = x402HTTPClient(x402).encode_payment_signature_header(payment_for(api, x402, path))
+    first = signature_header(next_payment(devnet, rig.payer, api, path))
     assert httpx.get(f"{api}{path}", headers=first).status_code == 200  # the payee knows the channel now
-    x402 = paying_client(devnet, ChannelHubClientScheme(rig.payer))
-    payment = payment_for(api, x402, path)
+    payment = next_payment(devnet, rig.payer, api, path)
     written = (
         json.dumps(payment.model_dump(by_alias=True, exclude_none=True)).removesuffix("}")
         + ', "extensions": {"note": "\\udc00"}}'
@@ -579,7 +587,7 @@ def test_a_payment_the_payee_cannot_send_its_facilitator_runs_no_handler_on_a_ch
     assert json.loads(base64.b64decode(unsendable.headers["payment-required"]))["error"] == "invalid_payload"
     assert httpx.get(f"{api}/runs/unsendable").json() == {"runs": 1}
     assert accepted_for(rig.service, payee) == PRICE
-    rightly = httpx.get(f"{api}{path}", headers=x402HTTPClient(x402).encode_payment_signature_header(payment))
+    rightly = httpx.get(f"{api}{path}", headers=signature_header(payment))
     assert (rightly.status_code, rightly.json()) == (200, {"runs": 2})
     assert accepted_for(rig.service, payee) == 2 * PRICE
 
@@ -597,19 +605,13 @@ def test_a_payer_that_fails_its_own_settles_gets_one_handler_run_free_not_one_af
     ((payee, api),) = rig.payees
     path = "/reports/counted/reused"
 
-    def identified(payment: PaymentPayload, n: int) -> dict[str, str]:
-        named = payment.model_copy(
-            update={"extensions": {"payment-identifier": {"info": {"required": False, "id": f"identifier-{n:08d}"}}}}
-        )
-        return {"PAYMENT-SIGNATURE": encode_payment_signature_header(named)}
-
     statuses = []
     for paid in range(4):
-        payment = payment_for(api, paying_client(devnet, ChannelHubClientScheme(rig.payer)), path)
+        payment = next_payment(devnet, rig.payer, api, path)
         if paid:
-            reused = httpx.get(f"{api}{path}", headers=identified(payment, 0))  # the first payment's identifier
+            reused = httpx.get(f"{api}{path}", headers=signature_header(payment, "identifier-00000000"))  # the first's
             statuses.append((reused.status_code, "payment-required" in reused.headers))
-        answer = httpx.get(f"{api}{path}", headers=identified(payment, paid))
+        answer = httpx.get(f"{api}{path}", headers=signature_header(payment, f"identifier-{paid:08d}"))
         assert answer.status_code == 200, answer.text
     # The first refused at settle after its handler ran (its 402 carries the settle's answer), the others at verify.
     assert statuses == [(402, False), (402, True), (402, True)]
@@ -628,17 +630,13 @@ def test_a_head_of_a_paid_get_route_is_paid_as_the_get_is(devnet: Devnet, lane_r
     unpaid = httpx.head(f"{api}{path}")
     assert unpaid.status_code == 402
     assert httpx.get(f"{api}/runs/head").json() == {"runs": 0}
-    x402 = paying_client(devnet, ChannelHubClientScheme(rig.payer))
-    payment = payment_for(api, x402, path)
-    paid = httpx.head(f"{api}{path}", headers=x402HTTPClient(x402).encode_payment_signature_header(payment))
+    paid = httpx.head(f"{api}{path}", headers=signature_header(next_payment(devnet, rig.payer, api, path)))
     assert (paid.status_code, paid.content, "payment-response" in paid.headers) == (200, b"", True)
     assert httpx.get(f"{api}/runs/head").json() == {"runs": 1}
     assert accepted_for(rig.service, payee) == PRICE
 
     assert httpx.head(f"{api}/weather").status_code == 402
-    x402 = paying_client(devnet, ChannelHubClientScheme(rig.payer))
-    payment = payment_for(api, x402, "/weather")
-    refused = httpx.head(f"{api}/weather", headers=x402HTTPClient(x402).encode_payment_signature_header(payment))
+    refused = httpx.head(f"{api}/weather", headers=signature_header(next_payment(devnet, rig.payer, api, "/weather")))
     assert (refused.status_code, "payment-response" in refused.headers) == (405, False)
     assert accepted_for(rig.service, payee) == PRICE
     free = httpx.head(f"{api}/health")  # a free GET route: x402 never sees it
@@ -655,8 +653,7 @@ def test_a_payer_that_hangs_up_before_each_answer_has_a_few_runs_free_then_a_429
     rig = lane_rig("hang-ups", max_lanes=1, script=ROOT / "tests" / "faulty_paid_api.py")
     ((payee, api),) = rig.payees
     path = "/reports/counted/hang-ups?think=0.5"
-    x402 = paying_client(devnet, ChannelHubClientScheme(rig.payer))
-    headers = x402HTTPClient(x402).encode_payment_signature_header(payment_for(api, x402, path))
+    headers = signature_header(next_payment(devnet, rig.payer, api, path))
     for _ in range(3):
         with pytest.raises(httpx.ReadTimeout):
             httpx.get(f"{api}{path}", headers=headers, timeout=httpx.Timeout(5, read=0.25))
@@ -944,10 +941,7 @@ def test_a_retried_payment_with_an_identifier_is_answered_again_and_charged_once
     elsewhere = httpx.get(f"{api}/reports/1", headers=headers)
     assert elsewhere.status_code == 402
     assert json.loads(base64.b64decode(elsewhere.headers["payment-required"]))["error"] == "voucher_replayed"
-    renamed = payment.model_copy(
-        update={"extensions": {"payment-identifier": {"info": {"required": False, "id": "another-id-0123456789"}}}}
-    )
-    forged = httpx.get(f"{api}/weather", headers={"PAYMENT-SIGNATURE": encode_payment_signature_header(renamed)})
+    forged = httpx.get(f"{api}/weather", headers=signature_header(payment, "another-id-0123456789"))
     assert forged.status_code == 402
     refused = json.loads(base64.b64decode(forged.headers["payment-required"]))["error"]
     assert refused == "exists_with_different_metadata"
