@@ -1360,6 +1360,75 @@ def test_channels_being_opened_count_against_max_lanes(devnet: Devnet, lane_rig:
     assert accepted_for(service, payee) == 2 * PRICE
 
 
+def test_a_top_up_the_chain_refused_frees_its_channel_for_the_next_payment(
+    devnet: Devnet, w3: Web3, lane_rig: Callable[..., LaneRig]
+) -> None:
+    """A channel that cannot cover the next price is topped up first; here the top-up is refused (the payer's wallet
+    emptied: nothing to pay the deposit or the gas with), and that payment fails. It left the channel held as if its
+    payment were in flight, for `lane_timeout` (120 s), so once the wallet was funded again the next payment opened a
+    second channel beside it: a second deposit and an open's gas, one per such failure. Now the channel is freed, and
+    the next payment tops it up and pays on it."""
+    rig = lane_rig("top-up-refused")
+    ((payee, api),) = rig.payees
+    scheme = ChannelHubClientScheme(rig.payer, DepositPolicy(multiple=2, follow_hint=False), max_lanes=2)
+    assert [paid_get(devnet, scheme, f"{api}/weather") for _ in range(2)] == [200, 200]  # the deposit of 2 prices spent
+    wallet = Web3.to_checksum_address(rig.payer.address)
+    funds = w3.eth.get_balance(wallet)
+    w3.provider.make_request(RPCEndpoint("anvil_setBalance"), [wallet, "0x0"])
+    with pytest.raises(PaymentError, match="Insufficient funds for gas"):
+        paid_get(devnet, scheme, f"{api}/weather")
+    w3.provider.make_request(RPCEndpoint("anvil_setBalance"), [wallet, hex(funds)])
+
+    assert [paid_get(devnet, scheme, f"{api}/weather") for _ in range(2)] == [200, 200]
+    (channel,) = rig.payer.open_channels(payee)  # the code before: two channels, the first held
+    assert int(channel["deposit"]) == 4 * PRICE  # topped up once, by the policy's 2 prices
+    assert accepted_for(rig.service, payee) == 4 * PRICE
+
+
+def test_a_new_channel_the_service_had_not_counted_in_time_is_paid_on_next_not_opened_again(
+    devnet: Devnet, lane_rig: Callable[..., LaneRig], tmp_path: Path
+) -> None:
+    """A payment that opened a channel waits for the service to count its deposit (confirmed) before it pays on it.
+    Here the payer's link to the service is cut as the channel is opened, and the wait gives up (`confirm_timeout`):
+    that payment fails. The channel was then forgotten by the client, its deposit locked in it, and the next payment
+    opened another: a deposit and an open's gas for each payment made while the service was out of reach. Now the
+    channel is the payer's lane from the moment it is on chain: the next payment waits for the service's count
+    again, and pays on it."""
+    rig = lane_rig("uncounted")
+    ((payee, api),) = rig.payees
+    with TcpProxy(rig.service.port) as proxy:
+        key = HexBytes(rig.payer.account.key).to_0x_hex()
+        payer = PayerClient(key, devnet.url, proxy.url, state_path=tmp_path / "proxied.sqlite3", retries=1)
+        try:
+            scheme = ChannelHubClientScheme(payer, DepositPolicy(multiple=100, follow_hint=False), confirm_timeout=1)
+            gate, opened = gate_calls(payer, "open_channel", after=True)
+
+            async def cut_as_it_opens() -> str:
+                async with x402HttpxClient(paying_client(devnet, scheme), timeout=60) as http:
+                    paying = asyncio.create_task(http.get(f"{api}/weather"))
+                    try:
+                        assert await asyncio.to_thread(opened.acquire, timeout=60)
+                        proxy.cut()  # the service out of the payer's reach, the channel on chain
+                    finally:
+                        gate.set()
+                    with pytest.raises(PaymentError) as failed:
+                        await paying
+                    return str(failed.value)
+
+            failure = asyncio.run(cut_as_it_opens())
+            proxy.mend()
+            assert [paid_get(devnet, scheme, f"{api}/weather") for _ in range(2)] == [200, 200]
+        finally:
+            payer.shutdown()
+    (channel,) = rig.payer.open_channels(payee)  # the code before: two channels, the first forgotten
+    assert failure.startswith(
+        f"Failed to handle payment: the service does not count {channel['channelId']} with a deposit of at least "
+        f"{100 * PRICE} after 1s; its last answer: [service_unavailable] "
+    ), failure
+    assert int(channel["deposit"]) == 100 * PRICE
+    assert accepted_for(rig.service, payee) == 2 * PRICE
+
+
 class CountingAdapter(PayAheadAdapter):
     """PayAheadAdapter that counts the requests that reached the payee, paid or not (every answer off the wire
     passes through build_response, x402's own retries included)."""

@@ -142,7 +142,8 @@ def test_a_payees_deposit_hint_is_followed_only_up_to_the_payers_limit() -> None
 def test_a_payers_bounds_on_channels_its_payees_stopped_are_checked(
     spawn: Callable[..., ServiceProcess], devnet: Devnet, accounts: list[LocalAccount], tmp_path: Path
 ) -> None:
-    """No channel could ever be opened with `max_stopped` 0, and a negative grace is not a time."""
+    """No channel could ever be opened with `max_stopped` 0, and a negative grace is not a time; nor is a wait for
+    the service to count a deposit of no time at all."""
     service = spawn(f"sqlite:///{tmp_path / 'bounds.db'}")
     payer = PayerClient(HexBytes(accounts[12].key).to_0x_hex(), devnet.url, service.url, state_path=tmp_path / "j")
     try:
@@ -150,6 +151,10 @@ def test_a_payers_bounds_on_channels_its_payees_stopped_are_checked(
             with pytest.raises(ValueError, match="max_stopped is at least 1 channel"):
                 ChannelHubClientScheme(payer, **bad)
         assert ChannelHubClientScheme(payer, max_stopped=1, stopped_grace=0).max_stopped == 1
+        for wait in (0.0, -1.0):
+            with pytest.raises(ValueError, match="confirm_timeout is a time in seconds, more than 0"):
+                ChannelHubClientScheme(payer, confirm_timeout=wait)
+        assert ChannelHubClientScheme(payer, confirm_timeout=0.5).confirm_timeout == 0.5
     finally:
         payer.shutdown()
 

@@ -81,6 +81,7 @@ class Lane:
     channel: ChannelRef
     deposit: int
     busy_since: float | None = None  # monotonic time the payment in flight was signed
+    counted: bool = True  # the service counts `deposit` (confirmed): a new channel or top-up is not, until it says so
     key: str | None = None  # that payment's journal key
     cumulative: int | None = None  # and its voucher's cumulative amount
 
@@ -136,6 +137,9 @@ class ChannelHubClientScheme:
     policy: DepositPolicy = field(default_factory=DepositPolicy)
     max_lanes: int = 16
     lane_timeout: float = 120.0  # a payment whose answer never came is looked up after this long
+    # How long a payment waits for the service to count a deposit just made (its confirmations); past it the payment
+    # fails, and the channel stays this payer's lane, waited for again by the next payment that takes it.
+    confirm_timeout: float = 60.0
     budgets: list[Budget] = field(default_factory=list)  # rolling limits per period, overall or per payee
     # Channels a payee stopped and whose deposits are not back yet, per payee and asset, beyond which no new channel
     # is opened to it; and how long such a channel is left to its payee's own close before this payer requests it.
@@ -150,6 +154,8 @@ class ChannelHubClientScheme:
     def __post_init__(self) -> None:
         if self.max_stopped < 1 or self.stopped_grace < 0:
             raise ValueError("max_stopped is at least 1 channel and stopped_grace at least 0 seconds")
+        if self.confirm_timeout <= 0:
+            raise ValueError("confirm_timeout is a time in seconds, more than 0")
         self.network = network_of(self.payer.domain.chain_id)
         self._lanes: dict[Party, list[Lane]] = {}
         self._by_channel: dict[str, Lane] = {}  # the same lanes by channel id (a payment's answer names its channel)
@@ -245,7 +251,7 @@ class ChannelHubClientScheme:
         party = self._party(requirements)
         with self._guard:
             lane = _idle(self._lanes.get(party, []))
-            if lane is None:
+            if lane is None or not lane.counted:  # a deposit the service may not count yet: a thread waits for it
                 return None
             lane.carry(time.monotonic())
         return self._signed(
@@ -377,21 +383,35 @@ class ChannelHubClientScheme:
                     self._reclaim(party)
                     held = self.payer.hub_balance(token) >= deposit  # a refund or earnings in the hub go first
                     channel = self.payer.open_channel(payee, deposit, token=token, from_balance=held)
-                    self.payer.wait_until_known(channel, min_deposit=deposit)
-                free = Lane(channel, deposit, busy_since=time.monotonic())
-            finally:  # an opening ends as a lane, or as nothing when it failed
+                free = Lane(channel, deposit, busy_since=time.monotonic(), counted=False)
+            finally:  # an opening ends as a lane once its channel is on chain, or as nothing when it failed
                 with self._guard:
                     self._opening[party] -= 1
                     if free is not None:
                         self._lanes[party].append(free)
                         self._by_channel[free.channel.hex_id] = free
-        if self.payer.position(free.channel) + price > free.deposit:
+        try:
+            self._cover(free, price, hint, token)
+        except BaseException:
+            # Freed, not held as if a payment were in flight: held, it was passed over for `lane_timeout` and the next
+            # payments opened new channels beside it, a deposit each.
+            self._release(free)
+            raise
+        return free
+
+    def _cover(self, lane: Lane, price: int, hint: int | None, token: str | None) -> None:
+        """Make `lane`'s deposit, as the service counts it, cover the next price: topped up if short, and waited for
+        until the service counts what was deposited (a channel just opened, a top-up). A deposit the chain took stays
+        the lane's whatever the wait's end: a payment that waited in vain fails, and the next one waits again."""
+        if self.payer.position(lane.channel) + price > lane.deposit:
             top_up = self.policy.amount(price, hint)
             with self._funding:
-                self.payer.top_up(free.channel, top_up, from_balance=self.payer.hub_balance(token) >= top_up)
-                free.deposit += top_up
-                self.payer.wait_until_known(free.channel, min_deposit=free.deposit)
-        return free
+                self.payer.top_up(lane.channel, top_up, from_balance=self.payer.hub_balance(token) >= top_up)
+                lane.deposit += top_up
+                lane.counted = False
+        if not lane.counted:
+            self.payer.wait_until_known(lane.channel, min_deposit=lane.deposit, timeout=self.confirm_timeout)
+            lane.counted = True
 
     def _discover(self, payee: str, asset: str) -> tuple[list[Lane], list[Stopped]]:
         """This payer's open channels to the payee in the asset, as the service knows them (after a restart): the
@@ -482,8 +502,14 @@ class PaymentIdentifiers:
 
 
 def _idle(lanes: list[Lane]) -> Lane | None:
-    """The first lane that carries no payment now."""
-    return next((lane for lane in lanes if lane.busy_since is None), None)
+    """The first lane that carries no payment now, one whose deposit the service counts first."""
+    uncounted = None
+    for lane in lanes:
+        if lane.busy_since is None:
+            if lane.counted:
+                return lane
+            uncounted = uncounted or lane
+    return uncounted
 
 
 def _writable(required: object) -> None:
