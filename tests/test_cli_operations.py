@@ -17,6 +17,7 @@ from hexbytes import HexBytes
 from sqlalchemy import text
 from web3 import Web3
 from web3.contract import Contract
+from web3.types import RPCEndpoint
 
 from settlement.devtools.devnet import Devnet
 from settlement.domain.model import Voucher
@@ -319,6 +320,38 @@ def test_a_payee_withdraws_with_only_its_key_and_the_hub_address(
     assert out.startswith(f"withdrew 500,000,000,000,000,000 base units (0.5 DEV) to {accounts[8].address} (tx 0x")
     assert out.endswith("; 1,000,000,000,000,000,000 base units (1 DEV) left in the hub")
     assert token.functions.balanceOf(accounts[8].address).call() == 500_000_000_000_000_000
+
+
+def test_a_payee_without_eth_for_the_gas_is_told_so_not_shown_a_traceback(
+    open_channel: Callable[..., Channel],
+    accounts: list[LocalAccount],
+    hub: Contract,
+    w3: Web3,
+    devnet: Devnet,
+    sign: Callable[..., bytes],
+    tmp_path: Path,
+) -> None:
+    """A payee that earned in the hub and holds no ETH (a fresh address for its service, paid only through channels)
+    withdraws; the node refuses the transaction for its gas. `settlement withdraw` printed web3's error under a
+    traceback of ~40 lines; it now says what the node said and what the account holds, in one line."""
+    payee = accounts[7]
+    channel = open_channel(accounts[5], payee.address, amount=10**18)
+    send(w3, hub.functions.closeByPayee(channel.id, 10**17, sign(channel.payer, channel.id, 10**17)), payee.address)
+    w3.provider.make_request(RPCEndpoint("anvil_setBalance"), [payee.address, "0x0"])
+    env = {
+        "SETTLEMENT_RPC_URL": devnet.url,
+        "SETTLEMENT_HUB_ADDRESS": hub.address,
+        "SETTLEMENT_WITHDRAW_KEY": HexBytes(payee.key).to_0x_hex(),
+        "SETTLEMENT_DEPLOYMENT_FILE": str(tmp_path / "none.json"),
+    }
+    out = forked_cli("withdraw", env=env, cwd=tmp_path)
+    assert (out.returncode, out.stdout) == (1, "")
+    assert out.stderr == (
+        f"error [transaction_failed] the chain's node refused a transaction from {payee.address}: Insufficient funds "
+        "for gas * price + value (the account holds 0 wei; a transaction's gas is paid in ETH from the account "
+        "sending it)\n"
+    )
+    assert hub.functions.balanceOf(payee.address, ETH).call() == 10**17  # nothing withdrawn
 
 
 @pytest.mark.parametrize(

@@ -1375,8 +1375,12 @@ def test_a_top_up_the_chain_refused_frees_its_channel_for_the_next_payment(
     wallet = Web3.to_checksum_address(rig.payer.address)
     funds = w3.eth.get_balance(wallet)
     w3.provider.make_request(RPCEndpoint("anvil_setBalance"), [wallet, "0x0"])
-    with pytest.raises(PaymentError, match="Insufficient funds for gas"):
+    with pytest.raises(PaymentError) as refused:
         paid_get(devnet, scheme, f"{api}/weather")
+    assert str(refused.value) == (
+        f"Failed to handle payment: the chain's node refused a transaction from {wallet}: Insufficient funds for gas * "
+        "price + value (the account holds 0 wei; a transaction's gas is paid in ETH from the account sending it)"
+    )
     w3.provider.make_request(RPCEndpoint("anvil_setBalance"), [wallet, hex(funds)])
 
     assert [paid_get(devnet, scheme, f"{api}/weather") for _ in range(2)] == [200, 200]

@@ -189,6 +189,8 @@ class Transactor:
             revert = revert_of(ex, self.abi)
             reason = revert.describe() if revert else str(ex)
             raise TransactionFailedError(f"transaction would revert: {reason}") from ex
+        except Web3RPCError as ex:
+            raise self._refused(ex) from ex
         with self._lock:
             for attempt in range(NONCE_RETRIES):
                 nonce = self._nonce()
@@ -200,13 +202,26 @@ class Transactor:
                     self._next_nonce = None  # re-read from the chain: the nonce may or may not be used
                     if "nonce too low" in str(ex).lower() and attempt + 1 < NONCE_RETRIES:
                         continue  # something else sent from this account: number again from the chain
-                    raise
+                    raise self._refused(ex) from ex
                 except Exception:
                     self._next_nonce = None
                     raise
                 self._next_nonce = nonce + 1
                 break
         return self.wait(tx_hash)
+
+    def _refused(self, ex: Web3RPCError) -> TransactionFailedError:
+        """The node's refusal in its own words (an account with nothing to pay the gas with, above all: a payee that
+        earned in the hub only), not web3's error and its traceback out of a command."""
+        error = (ex.rpc_response or {}).get("error")
+        said = scrubbed(str(error.get("message") if isinstance(error, dict) else ex))
+        if "insufficient funds" in said.lower():
+            try:
+                held = f"{self.w3.eth.get_balance(self.account.address):,} wei"
+            except (requests.RequestException, OSError, Web3RPCError):
+                held = "too little"
+            said += f" (the account holds {held}; a transaction's gas is paid in ETH from the account sending it)"
+        return TransactionFailedError(f"the chain's node refused a transaction from {self.account.address}: {said}")
 
     def wait(self, tx_hash: HexBytes) -> TxReceipt:
         try:
