@@ -333,7 +333,8 @@ def test_a_payee_without_eth_for_the_gas_is_told_so_not_shown_a_traceback(
 ) -> None:
     """A payee that earned in the hub and holds no ETH (a fresh address for its service, paid only through channels)
     withdraws; the node refuses the transaction for its gas. `settlement withdraw` printed web3's error under a
-    traceback of ~40 lines; it now says what the node said and what the account holds, in one line."""
+    traceback of ~40 lines (`settlement deploy` from an unfunded key too); it now says what the node said and what
+    the account holds, in one line."""
     payee = accounts[7]
     channel = open_channel(accounts[5], payee.address, amount=10**18)
     send(w3, hub.functions.closeByPayee(channel.id, 10**17, sign(channel.payer, channel.id, 10**17)), payee.address)
@@ -352,6 +353,19 @@ def test_a_payee_without_eth_for_the_gas_is_told_so_not_shown_a_traceback(
         "sending it)\n"
     )
     assert hub.functions.balanceOf(payee.address, ETH).call() == 10**17  # nothing withdrawn
+    # So did `settlement deploy` from an account with no ETH (the operator's new key, before it was funded).
+    deployed = forked_cli(
+        "deploy",
+        env={
+            "SETTLEMENT_RPC_URL": devnet.url,
+            "SETTLEMENT_PRIVATE_KEY": HexBytes(payee.key).to_0x_hex(),
+            "SETTLEMENT_DEPLOYMENT_FILE": str(tmp_path / "deployment.json"),
+        },
+        cwd=tmp_path,
+    )
+    assert (deployed.returncode, deployed.stdout) == (1, "")
+    assert deployed.stderr == out.stderr
+    assert not (tmp_path / "deployment.json").exists()
 
 
 @pytest.mark.parametrize(
