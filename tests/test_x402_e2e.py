@@ -10,6 +10,7 @@ import copy
 import json
 import os
 import random
+import re
 import socket
 import sqlite3
 import threading
@@ -290,9 +291,9 @@ def paid_channel(
     return make
 
 
-def gate_calls(payer: PayerClient, method: str, *, after: bool = False) -> tuple[threading.Event, threading.Semaphore]:
-    """Hold every call of the payer's `method` at a gate until it is set (before the call runs, or `after` it): (the
-    gate, a semaphore released by each call reaching it)."""
+def gate_calls(payer: object, method: str, *, after: bool = False) -> tuple[threading.Event, threading.Semaphore]:
+    """Hold every call of the payer's (or one of its parts', its `transactor`) `method` at a gate until it is set
+    (before the call runs, or `after` it): (the gate, a semaphore released by each call reaching it)."""
     gate, reached = threading.Event(), threading.Semaphore(0)
     real = getattr(payer, method)
 
@@ -1358,6 +1359,50 @@ def test_channels_being_opened_count_against_max_lanes(devnet: Devnet, lane_rig:
     assert paid == [200, 200]
     assert len(payer.open_channels(payee)) == 2
     assert accepted_for(service, payee) == 2 * PRICE
+
+
+def test_an_open_whose_receipt_was_never_read_is_paid_on_once_mined_not_opened_again(
+    devnet: Devnet, lane_rig: Callable[..., LaneRig], tmp_path: Path
+) -> None:
+    """The payer's node goes out of reach between taking a channel's open and answering for its receipt: that
+    payment fails, the client not knowing whether the channel exists. It was mined: the hub holds it, the payer's
+    deposit in it. The client never paid on it (until a restart found it at the service) and the next payment opened
+    another beside it, a deposit and an open's gas more. Now the next payment looks for it on the hub first (the
+    channel's id is known before its open is sent), and pays on it."""
+    rig = lane_rig("unread-open")
+    ((payee, api),) = rig.payees
+    with TcpProxy(int(devnet.url.rsplit(":", 1)[1])) as node:
+        key = HexBytes(rig.payer.account.key).to_0x_hex()
+        payer = PayerClient(key, node.url, rig.service.url, state_path=tmp_path / "unread.sqlite3")
+        try:
+            scheme = ChannelHubClientScheme(payer, DepositPolicy(multiple=100, follow_hint=False))
+            gate, waiting = gate_calls(payer.transactor, "wait")
+
+            async def cut_before_the_receipt() -> str:
+                async with x402HttpxClient(paying_client(devnet, scheme), timeout=60) as http:
+                    paying = asyncio.create_task(http.get(f"{api}/weather"))
+                    try:
+                        assert await asyncio.to_thread(waiting.acquire, timeout=60)
+                        node.cut()  # the open sent and mined (automine), its receipt not read
+                    finally:
+                        gate.set()
+                    with pytest.raises(PaymentError) as failed:
+                        await paying
+                    return str(failed.value)
+
+            failure = asyncio.run(cut_before_the_receipt())
+            node.mend()
+            assert [paid_get(devnet, scheme, f"{api}/weather") for _ in range(2)] == [200, 200]
+        finally:
+            payer.shutdown()
+    assert re.fullmatch(
+        "Failed to handle payment: transaction 0x[0-9a-f]{64} was sent, and the chain's RPC went away before its "
+        r"receipt was read \(ConnectionError\): it may be mined yet",
+        failure,
+    ), failure
+    (channel,) = rig.payer.open_channels(payee)  # the code before: two channels, the first never paid on
+    assert int(channel["deposit"]) == 100 * PRICE
+    assert accepted_for(rig.service, payee) == 2 * PRICE
 
 
 def test_a_top_up_the_chain_refused_frees_its_channel_for_the_next_payment(

@@ -173,6 +173,7 @@ class Transactor:
         self.timeout = timeout
         self._lock = threading.Lock()
         self._next_nonce: int | None = None
+        self.broadcasts = 0  # transactions the node took: one whose receipt was then never read may still be mined
 
     @property
     def address(self) -> str:
@@ -207,6 +208,7 @@ class Transactor:
                     self._next_nonce = None
                     raise
                 self._next_nonce = nonce + 1
+                self.broadcasts += 1
                 break
         return self.wait(tx_hash)
 
@@ -228,6 +230,11 @@ class Transactor:
             receipt = self.w3.eth.wait_for_transaction_receipt(tx_hash, timeout=self.timeout)
         except TimeExhausted as ex:
             raise TransactionFailedError(f"transaction {tx_hash.to_0x_hex()} not mined in {self.timeout}s") from ex
+        except (requests.RequestException, OSError) as ex:
+            raise ChainUnavailableError(
+                f"transaction {tx_hash.to_0x_hex()} was sent, and the chain's RPC went away before its receipt was "
+                f"read ({type(ex).__name__}): it may be mined yet"
+            ) from ex
         if receipt["status"] != 1:
             raise TransactionFailedError(f"transaction {tx_hash.to_0x_hex()} reverted")
         return receipt

@@ -217,9 +217,8 @@ class PayerClient:
         `open` revert with ChannelHubChannelExists, nothing is lost). `from_balance`: the deposit comes from this
         payer's balance in the hub (a refund, earnings) instead of its wallet.
         """
-        asset = to_checksum_address(token) if token else ETH
-        salt = salt if salt is not None else os.urandom(SALT_RANDOM_BYTES).rjust(32, b"\0")
-        payee = to_checksum_address(payee)
+        ref = self.planned_channel(payee, token, salt)
+        payee, asset, salt = ref.payee, ref.token, ref.salt
         if from_balance:
             self.transactor.send(self.hub.functions.openFromBalance(payee, asset, salt, deposit))
         else:
@@ -227,9 +226,17 @@ class PayerClient:
                 self._approve(asset, deposit)
             value = deposit if asset == ETH else 0
             self.transactor.send(self.hub.functions.open(payee, asset, salt, deposit), value=value)
-        ref = ChannelRef(channel_id_of(self.address, payee, asset, salt), payee, asset, salt)
         self.journal.reset(ref.hex_id)  # new on this chain (open reverts otherwise): whatever the journal held is void
         return ref
+
+    def planned_channel(self, payee: str, token: str | None = None, salt: bytes | None = None) -> ChannelRef:
+        """The channel `open_channel(payee, ..., token=token, salt=ref.salt)` opens, named before it is sent (a new
+        salt unless given): an open whose outcome is unknown (its receipt never read: the node went away, a timeout)
+        may still be mined, and the hub then holds this id."""
+        asset = to_checksum_address(token) if token else ETH
+        salt = salt if salt is not None else os.urandom(SALT_RANDOM_BYTES).rjust(32, b"\0")
+        payee = to_checksum_address(payee)
+        return ChannelRef(channel_id_of(self.address, payee, asset, salt), payee, asset, salt)
 
     def channel(self, channel_id: str | bytes, *, salt: bytes | None = None, from_block: int = 0) -> ChannelRef:
         """Rebuild the reference of one of this payer's channels from its id (after a restart): its payee and asset

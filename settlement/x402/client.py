@@ -48,7 +48,7 @@ from x402.schemas import (
     RecoveredResponseResult,
 )
 
-from settlement.domain.model import ETH, ChannelId, ChannelStatus
+from settlement.domain.model import ETH, ChannelId, ChannelStatus, ChannelViewField
 from settlement.errors import TransactionFailedError, UntrustedServiceError
 from settlement.sdk.answers import service_amount
 from settlement.sdk.journal import Budget
@@ -56,6 +56,7 @@ from settlement.sdk.payer import Authorized, ChannelRef, PayerClient, Reclaim
 from settlement.x402.wire import SCHEME, PayloadError, VoucherPayload, base_units, network_of, same_address
 
 PREPARED_KEPT = 1024  # payments made ahead by the hook and not yet handed over (aborted ones fall out oldest first)
+UNSURE_SECONDS = 3600.0  # how long an open whose outcome is unknown is looked for on the hub, if it is not there yet
 # Refusals after which the payer's position is re-read and the payment tried once more.
 STALE_REASONS = frozenset({"overpayment", "underpayment", "stale_voucher", "voucher_replayed"})
 
@@ -88,6 +89,16 @@ class Lane:
     def carry(self, since: float | None) -> None:
         """Busy from `since` with a payment not signed yet, or free (None)."""
         self.busy_since, self.key, self.cumulative = since, None, None
+
+
+@dataclass(frozen=True)
+class Unsure:
+    """A channel this client asked the hub to open whose outcome it never learnt (the open's receipt not read: the
+    node went away, a timeout): mined later, it holds a deposit of the payer's, so it is looked for before another
+    channel is opened to its payee."""
+
+    channel: ChannelRef
+    since: float  # monotonic: when its open failed
 
 
 @dataclass
@@ -161,6 +172,7 @@ class ChannelHubClientScheme:
         self._by_channel: dict[str, Lane] = {}  # the same lanes by channel id (a payment's answer names its channel)
         self._opening: Counter[Party] = Counter()  # channels being opened per payee, not yet lanes
         self._stopped: dict[Party, list[Stopped]] = {}  # left for a stop, their deposits not back yet
+        self._unsure: dict[Party, list[Unsure]] = {}  # opens that failed unanswered: maybe mined since
         self._guard = threading.Lock()
         # One deposit at a time (payments are made in worker threads): two opens must not read one hub balance or
         # one ERC-20 allowance as if each had it alone.
@@ -378,12 +390,23 @@ class ChannelHubClientScheme:
         token = None if asset == ETH else asset
         if free is None:
             try:
-                deposit = self.policy.amount(price, hint)
-                with self._funding:
-                    self._reclaim(party)
-                    held = self.payer.hub_balance(token) >= deposit  # a refund or earnings in the hub go first
-                    channel = self.payer.open_channel(payee, deposit, token=token, from_balance=held)
-                free = Lane(channel, deposit, busy_since=time.monotonic(), counted=False)
+                free = self._adopted(party)
+                if free is None:
+                    deposit = self.policy.amount(price, hint)
+                    with self._funding:
+                        self._reclaim(party)
+                        held = self.payer.hub_balance(token) >= deposit  # a refund or earnings in the hub go first
+                        planned = self.payer.planned_channel(payee, token)
+                        sent = self.payer.transactor.broadcasts
+                        try:
+                            channel = self.payer.open_channel(
+                                payee, deposit, token=token, from_balance=held, salt=planned.salt
+                            )
+                        except Exception:
+                            if self.payer.transactor.broadcasts != sent:  # the node took it: it may be mined yet
+                                self._unsure_of(party, planned)
+                            raise
+                    free = Lane(channel, deposit, busy_since=time.monotonic(), counted=False)
             finally:  # an opening ends as a lane once its channel is on chain, or as nothing when it failed
                 with self._guard:
                     self._opening[party] -= 1
@@ -400,18 +423,55 @@ class ChannelHubClientScheme:
         return free
 
     def _cover(self, lane: Lane, price: int, hint: int | None, token: str | None) -> None:
-        """Make `lane`'s deposit, as the service counts it, cover the next price: topped up if short, and waited for
-        until the service counts what was deposited (a channel just opened, a top-up). A deposit the chain took stays
+        """Make `lane`'s deposit, as the service counts it, cover the next price: waited for until the service counts
+        what was deposited (a channel just opened, a top-up), and topped up if short. A deposit the chain took stays
         the lane's whatever the wait's end: a payment that waited in vain fails, and the next one waits again."""
+        if not lane.counted:
+            self._counted(lane)
         if self.payer.position(lane.channel) + price > lane.deposit:
             top_up = self.policy.amount(price, hint)
             with self._funding:
                 self.payer.top_up(lane.channel, top_up, from_balance=self.payer.hub_balance(token) >= top_up)
                 lane.deposit += top_up
                 lane.counted = False
-        if not lane.counted:
-            self.payer.wait_until_known(lane.channel, min_deposit=lane.deposit, timeout=self.confirm_timeout)
-            lane.counted = True
+            self._counted(lane)
+
+    def _counted(self, lane: Lane) -> None:
+        self.payer.wait_until_known(lane.channel, min_deposit=lane.deposit, timeout=self.confirm_timeout)
+        lane.counted = True
+
+    def _unsure_of(self, party: Party, channel: ChannelRef) -> None:
+        """Remember an open whose outcome is unknown; at most `max_lanes` a payee, the latest."""
+        with self._guard:
+            unsure = self._unsure.setdefault(party, [])
+            unsure.append(Unsure(channel, time.monotonic()))
+            del unsure[: -self.max_lanes]
+
+    def _adopted(self, party: Party) -> Lane | None:
+        """A channel of an earlier open to this payee whose outcome was unknown and that the hub holds open now (mined
+        after all), as a lane carrying the payment about to be made; those not on chain yet are looked for again at
+        the next opening, for `UNSURE_SECONDS`. One hub read each, only when a channel is about to be opened: without
+        it, such a channel was never paid on (until a restart found it) and the next payment opened another."""
+        with self._guard:
+            unsure = self._unsure.pop(party, [])
+        found, kept, now = None, [], time.monotonic()
+        for earlier in unsure:
+            if found is not None:
+                kept.append(earlier)
+                continue
+            try:
+                view = self.payer.hub.functions.channel(earlier.channel.channel_id).call()
+            except Exception:  # the node again: looked for next time
+                kept.append(earlier)
+                continue
+            status = int(view[ChannelViewField.STATUS])
+            if status == ChannelStatus.OPEN:
+                found = Lane(earlier.channel, int(view[ChannelViewField.DEPOSIT]), busy_since=now, counted=False)
+            elif status == ChannelStatus.NONE and now - earlier.since < UNSURE_SECONDS:
+                kept.append(earlier)  # not mined (yet); a closed one is the payer's app's to follow
+        with self._guard:
+            self._unsure[party] = (kept + self._unsure.get(party, []))[-self.max_lanes :]
+        return found
 
     def _discover(self, payee: str, asset: str) -> tuple[list[Lane], list[Stopped]]:
         """This payer's open channels to the payee in the asset, as the service knows them (after a restart): the
