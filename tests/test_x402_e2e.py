@@ -311,6 +311,32 @@ def gate_calls(payer: object, method: str, *, after: bool = False) -> tuple[thre
     return gate, reached
 
 
+def failed_payment_across(
+    devnet: Devnet,
+    scheme: ChannelHubClientScheme,
+    url: str,
+    gated: tuple[threading.Event, threading.Semaphore],
+    outage: Callable[[], None],
+) -> str:
+    """One paid GET of `url` held at a gate (`gate_calls`) while `outage` happens, then let on: the text of the
+    PaymentError it must end in."""
+    gate, reached = gated
+
+    async def pay() -> str:
+        async with x402HttpxClient(paying_client(devnet, scheme), timeout=60) as http:
+            paying = asyncio.create_task(http.get(url))
+            try:
+                assert await asyncio.to_thread(reached.acquire, timeout=60)
+                outage()
+            finally:
+                gate.set()
+            with pytest.raises(PaymentError) as failed:
+                await paying
+            return str(failed.value)
+
+    return asyncio.run(pay())
+
+
 def paying_client(
     devnet: Devnet,
     scheme: ChannelHubClientScheme,
@@ -1376,21 +1402,10 @@ def test_an_open_whose_receipt_was_never_read_is_paid_on_once_mined_not_opened_a
         payer = PayerClient(key, node.url, rig.service.url, state_path=tmp_path / "unread.sqlite3")
         try:
             scheme = ChannelHubClientScheme(payer, DepositPolicy(multiple=100, follow_hint=False))
-            gate, waiting = gate_calls(payer.transactor, "wait")
-
-            async def cut_before_the_receipt() -> str:
-                async with x402HttpxClient(paying_client(devnet, scheme), timeout=60) as http:
-                    paying = asyncio.create_task(http.get(f"{api}/weather"))
-                    try:
-                        assert await asyncio.to_thread(waiting.acquire, timeout=60)
-                        node.cut()  # the open sent and mined (automine), its receipt not read
-                    finally:
-                        gate.set()
-                    with pytest.raises(PaymentError) as failed:
-                        await paying
-                    return str(failed.value)
-
-            failure = asyncio.run(cut_before_the_receipt())
+            # The open sent and mined (automine), then the node cut before its receipt is read.
+            failure = failed_payment_across(
+                devnet, scheme, f"{api}/weather", gate_calls(payer.transactor, "wait"), node.cut
+            )
             node.mend()
             assert [paid_get(devnet, scheme, f"{api}/weather") for _ in range(2)] == [200, 200]
         finally:
@@ -1450,21 +1465,9 @@ def test_a_new_channel_the_service_had_not_counted_in_time_is_paid_on_next_not_o
         payer = PayerClient(key, devnet.url, proxy.url, state_path=tmp_path / "proxied.sqlite3", retries=1)
         try:
             scheme = ChannelHubClientScheme(payer, DepositPolicy(multiple=100, follow_hint=False), confirm_timeout=1)
-            gate, opened = gate_calls(payer, "open_channel", after=True)
-
-            async def cut_as_it_opens() -> str:
-                async with x402HttpxClient(paying_client(devnet, scheme), timeout=60) as http:
-                    paying = asyncio.create_task(http.get(f"{api}/weather"))
-                    try:
-                        assert await asyncio.to_thread(opened.acquire, timeout=60)
-                        proxy.cut()  # the service out of the payer's reach, the channel on chain
-                    finally:
-                        gate.set()
-                    with pytest.raises(PaymentError) as failed:
-                        await paying
-                    return str(failed.value)
-
-            failure = asyncio.run(cut_as_it_opens())
+            # The channel on chain, then the service out of the payer's reach.
+            opened = gate_calls(payer, "open_channel", after=True)
+            failure = failed_payment_across(devnet, scheme, f"{api}/weather", opened, proxy.cut)
             proxy.mend()
             assert [paid_get(devnet, scheme, f"{api}/weather") for _ in range(2)] == [200, 200]
         finally:
