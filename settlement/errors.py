@@ -188,6 +188,12 @@ class ChainMismatchError(ChainError):
     code = "chain_mismatch"
 
 
+class SettlerUnfundedError(ChainError):
+    """The settler's ETH does not cover a batch's gas: the batch waits in the store until it does."""
+
+    code = "settler_unfunded"
+
+
 class TransactionFailedError(ChainError):
     """A transaction reverted or was never mined."""
 

@@ -226,6 +226,55 @@ def test_settle_next_to_a_running_engine_says_so(
     assert "[engine_busy] another process runs the settlement engine on this store" in result.stderr
 
 
+def test_settle_with_a_settler_that_cannot_pay_the_gas_says_so_at_once(
+    make_service: Callable[..., Service],
+    service_settings: Callable[..., Settings],
+    open_channel: Callable[..., Channel],
+    accounts: list[LocalAccount],
+    hub: Contract,
+    w3: Web3,
+    sign: Callable[..., bytes],
+    tmp_path: Path,
+) -> None:
+    """The operator's settler key holds no ETH. `settlement settle` made the batch, could not send it (the engine's
+    `low_funds` alert), and waited out its whole `--timeout` (300 s) for a confirmation no wait brings, to say then
+    that the batch "is not confirmed". It now ends at once with `settler_unfunded`, saying what the settler holds and
+    what the batch may need; the batch stays in the store and goes out once the settler is funded."""
+    service = make_service()
+    payee = accounts[7]
+    channel = open_channel(accounts[5], payee.address, amount=10**18)
+    service.indexer.catch_up()
+    assert not isinstance(
+        service.ingestor.ingest([Voucher(channel.hex_id, 300, sign(channel.payer, channel.id, 300))])[0], Exception
+    )
+    settings = service_settings()
+    settler = accounts[19]
+    env = {
+        "SETTLEMENT_RPC_URL": settings.rpc_url,
+        "SETTLEMENT_DEPLOYMENT_FILE": str(settings.deployment_file),
+        "SETTLEMENT_DATABASE_URL": settings.database_url,
+        "SETTLEMENT_CONFIRMATIONS": "0",
+        "SETTLEMENT_PRIVATE_KEY": HexBytes(settler.key).to_0x_hex(),
+    }
+    funds = w3.eth.get_balance(settler.address)
+    w3.provider.make_request(RPCEndpoint("anvil_setBalance"), [settler.address, "0x0"])
+    unfunded = forked_cli("settle", "--timeout", "20", env=env, cwd=tmp_path)  # before: chain_error after 20 s
+    (error,) = [line for line in unfunded.stderr.splitlines() if line.startswith("error [")]
+    assert unfunded.returncode == 1
+    refusal = (
+        f"error \\[settler_unfunded\\] settler {settler.address} holds 0 wei, batch [0-9a-f]{{32}} may need "
+        "[1-9][0-9]*: top it up; the batch waits \\(sent once the settler can pay: by a running engine, or "
+        "`settlement settle` again\\)"
+    )
+    assert re.fullmatch(refusal, error), error
+    assert hub.functions.balanceOf(payee.address, ETH).call() == 0
+
+    w3.provider.make_request(RPCEndpoint("anvil_setBalance"), [settler.address, hex(funds)])
+    settled = forked_cli("settle", env=env, cwd=tmp_path)
+    assert settled.returncode == 0, settled.stderr
+    assert hub.functions.balanceOf(payee.address, ETH).call() == 300
+
+
 def test_status_reports_the_running_engines_interval_and_every_closing_channel(
     engine: Callable[..., Any],
     service_settings: Callable[..., Settings],

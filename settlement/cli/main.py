@@ -26,7 +26,14 @@ from rich.markup import escape
 from rich.table import Table
 
 from settlement.domain.model import ETH, ChannelId
-from settlement.errors import ChainError, ConfigError, EngineBusyError, PortInUseError, SettlementError
+from settlement.errors import (
+    ChainError,
+    ConfigError,
+    EngineBusyError,
+    PortInUseError,
+    SettlementError,
+    SettlerUnfundedError,
+)
 from settlement.server.config import Settings, get_settings
 
 # Each command imports the parts it runs (web3 and eth-account alone take seconds to import on a slow machine): `--help`
@@ -314,11 +321,21 @@ def settle(
             result = service.settler.tick(force=True)
             deadline = time.monotonic() + timeout
             with console.status("waiting for confirmations…"):
-                while service.settler.reconcile() == [] and _open(service) and time.monotonic() < deadline:
+                while (
+                    service.settler.short_of_funds is None  # no wait ends that: the operator's top-up does
+                    and service.settler.reconcile() == []
+                    and _open(service)
+                    and time.monotonic() < deadline
+                ):
                     time.sleep(0.5)
             _print_batches(service, 1 if result.started else 0)
             if result.started is None and not result.finished:
                 console.print("nothing to settle")
+            if _open(service) and service.settler.short_of_funds is not None:
+                raise SettlerUnfundedError(
+                    f"{service.settler.short_of_funds} (sent once the settler can pay: by a running engine, or "
+                    "`settlement settle` again)"
+                )
             if _open(service):
                 raise ChainError(f"the batch is not confirmed after {timeout:.0f}s; the engine will carry on with it")
         finally:

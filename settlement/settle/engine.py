@@ -131,6 +131,8 @@ class Settler:
         self._unsettled_shown: set[str] = set()  # the assets the unsettled-value gauge names now
         self._recorded = False  # its interval and sender, in the store for `settlement status`
         self._claimed: dict[tuple[str, str], float] = {}  # alerts this process claimed in the store, and when
+        # Why the open batch waits, when its gas is more than the settler holds (`low_funds`); None once one is sent.
+        self.short_of_funds: str | None = None
 
     @property
     def sender(self) -> str:
@@ -344,13 +346,13 @@ class Settler:
             return
         balance = self._balance()
         if balance < gas * max_fee:
-            self._alert(
-                "low_funds",
+            self.short_of_funds = (
                 f"settler {self.sender} holds {balance} wei, batch {batch.batch_id} may need {gas * max_fee}: "
-                "top it up; the batch waits",
-                batch.batch_id,
+                "top it up; the batch waits"
             )
+            self._alert("low_funds", self.short_of_funds, batch.batch_id)
             return
+        self.short_of_funds = None
         params: TxParams = {
             **request,
             "nonce": batch.nonce,  # type: ignore[typeddict-item]
