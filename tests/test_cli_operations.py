@@ -77,6 +77,8 @@ def test_settle_status_channels_reconcile_withdraw(
 
     listed = json.loads(forked_cli("channels", "--json", "--payee", payee.address, env=env, cwd=tmp_path).stdout)
     assert sorted(c["settled"] for c in listed) == ["300", "500"]
+    typed = forked_cli("channels", "--json", "--payee", payee.address.lower(), env=env, cwd=tmp_path)  # was: []
+    assert json.loads(typed.stdout) == listed
 
     report = forked_cli("reconcile", "--json", env=env, cwd=tmp_path)
     assert report.returncode == 0, report.stdout + report.stderr
@@ -361,6 +363,16 @@ def test_a_payee_withdraws_with_only_its_key_and_the_hub_address(
         f"error [balance_insufficient] {payee.address} holds 1,500,000,000,000,000,000 base units (1.5 DEV) in the "
         "hub: cannot withdraw 1,500,000,000,000,000,001 base units (1.500000000000000001 DEV)."
     )
+    # One character wrong in a pasted recipient: its EIP-55 checksum no longer holds. It was taken for the address
+    # it spells (eth_utils' `is_address` takes any mixed case), and the balance went to no one's account.
+    typo = accounts[8].address[:-1] + ("0" if accounts[8].address[-1] != "0" else "1")
+    assert not Web3.is_checksum_address(typo) and typo != typo.lower()
+    keyed = {**nowhere, "SETTLEMENT_WITHDRAW_KEY": HexBytes(payee.key).to_0x_hex()}
+    assert withdraw("--hub", hub.address, "--token", token.address, "--to", typo, env=keyed).err == (
+        f"error [config_invalid] --to '{typo}' is not an address (0x + 40 hex digits; mixed case must be a correct "
+        "EIP-55 checksum)"
+    )
+    assert hub.functions.balanceOf(payee.address, token.address).call() == amount
     code, out, err = withdraw(
         "--token", token.address, "--amount", "500000000000000000", "--to", accounts[8].address,
         env={**rpc, "SETTLEMENT_HUB_ADDRESS": hub.address, "SETTLEMENT_WITHDRAW_KEY": HexBytes(payee.key).to_0x_hex()},

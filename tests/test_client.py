@@ -769,6 +769,30 @@ def test_the_hub_is_checked_before_any_value_is_sent(
     assert payer_client(accounts[10], service.url, hub_address=hub.address).hub.address == hub.address
 
 
+def test_a_payee_address_pasted_with_a_typo_is_refused_before_any_deposit(
+    serve_here: Callable[..., ServiceThread],
+    payer_client: Callable[..., PayerClient],
+    store_url: str,
+    accounts: list[LocalAccount],
+    w3: Web3,
+) -> None:
+    """A payee's address in mixed case with one character wrong (its EIP-55 checksum broken) was taken for the address
+    it spells: a channel opened to no one's account, its deposit locked until the payer's own close. It is refused now,
+    before any transaction; the same address in one case is taken as typed."""
+    client = payer_client(accounts[10], serve_here(store_url).url)
+    payee = accounts[11].address
+    typo = payee[:-1] + ("0" if payee[-1] != "0" else "1")
+    assert not Web3.is_checksum_address(typo) and typo != typo.lower()
+    nonce = w3.eth.get_transaction_count(accounts[10].address)
+    with pytest.raises(ValueError) as refused:
+        client.open_channel(typo, 10**15)
+    assert str(refused.value) == (
+        f"payee '{typo}' is not an address (0x + 40 hex digits; mixed case must be a correct EIP-55 checksum)"
+    )
+    assert w3.eth.get_transaction_count(accounts[10].address) == nonce  # nothing sent
+    assert client.open_channel(payee.lower(), 10**15).payee == payee
+
+
 def test_a_refusal_with_fields_of_any_name_is_still_the_refusal(
     serve_here: Callable[..., ServiceThread],
     payer_client: Callable[..., PayerClient],

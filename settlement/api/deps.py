@@ -4,10 +4,11 @@ from __future__ import annotations
 
 from typing import Annotated, Any
 
-from eth_utils.address import is_address, is_checksum_address, to_checksum_address
+from eth_utils.address import to_checksum_address
 from fastapi import Depends, Path, Query, Request
 
 from settlement.api.schemas import ErrorOut
+from settlement.chain.addresses import ADDRESS_RULE, is_typed_address
 from settlement.domain.clients import client_of
 from settlement.errors import MalformedRequestError, SettlementError
 from settlement.server.service import Service
@@ -30,7 +31,6 @@ def client_of_request(request: Request) -> str:
 
 
 ChannelIdPath = Annotated[str, Path(pattern=r"^0x[0-9a-fA-F]{64}$", description="0x + 64 hex digits")]
-ADDRESS_RULE = "0x + 40 hex digits; mixed case must be a correct EIP-55 checksum"
 AddressPath = Annotated[str, Path(pattern=r"^0x[0-9a-fA-F]{40}$", description=ADDRESS_RULE)]
 AddressQuery = Annotated[str | None, Query(pattern=r"^0x[0-9a-fA-F]{40}$", description=ADDRESS_RULE)]
 Limit = Annotated[int, Query(ge=1, le=1000)]
@@ -45,9 +45,7 @@ def checked_address(value: str | None, name: str) -> str | None:
     """Any valid address, checksummed; mixed case must carry a correct EIP-55 checksum."""
     if value is None:
         return None
-    digits = value[2:]
-    mixed = digits != digits.lower() and digits != digits.upper()
-    if not is_address(value) or (mixed and not is_checksum_address(value)):
+    if not is_typed_address(value):
         raise MalformedRequestError(f"{name} is not a valid address (mixed case must be a correct EIP-55 checksum)")
     return to_checksum_address(value)
 

@@ -7,11 +7,12 @@ import os
 import time
 from pathlib import Path
 
-from eth_utils.address import is_address, to_checksum_address
+from eth_utils.address import to_checksum_address
 from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
 
+from settlement.chain.addresses import ADDRESS_RULE, is_typed_address
 from settlement.errors import ConfigError, NotFoundError
 from settlement.server.api_keys import Role, make_key
 from settlement.server.config import Settings
@@ -24,8 +25,8 @@ ROLES = [Role.OPERATOR.value, Role.PAYEE.value, Role.PAYER.value]
 def create(settings: Settings, console: Console, role: str, account: str | None, name: str) -> str:
     if role not in ROLES:
         raise ConfigError(f"--role must be one of {', '.join(ROLES)}, not {role!r}")
-    if account is not None and not is_address(account):
-        raise ConfigError(f"--account {account!r} is not an address")
+    if account is not None and not is_typed_address(account):
+        raise ConfigError(f"--account {account!r} is not an address ({ADDRESS_RULE})")
     checksummed = to_checksum_address(account) if account else None
     try:
         made = make_key(Role(role), checksummed, name, time.time_ns() // 1000)

@@ -474,8 +474,15 @@ def channels(
 ) -> None:
     """The channels the service knows, with accepted, settled and deposit."""
     from settlement.api.schemas import ChannelOut
+    from settlement.chain.addresses import checksummed
     from settlement.store import channels as channel_q
 
+    try:  # the store holds addresses checksummed: one typed in lower case found nothing, an empty table
+        payee, payer = (
+            None if a is None else checksummed(a, option) for a, option in ((payee, "--payee"), (payer, "--payer"))
+        )
+    except ValueError as ex:
+        raise _fail(ConfigError(str(ex))) from ex
     with _store_only(_settings()) as conn:
         page = channel_q.list_channels(conn, payer=payer, payee=payee, limit=limit)
     if as_json:

@@ -19,6 +19,7 @@ from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
 
+from settlement.chain.addresses import ADDRESS_RULE, is_typed_address
 from settlement.domain.amounts import human_of_units
 from settlement.domain.model import ETH
 from settlement.errors import (
@@ -59,8 +60,8 @@ def resolve_hub(w3: Web3, settings: Settings, hub: str | None) -> Contract:
         deployment = Deployment.load(settings.deployment_file)
         deployment.check(w3)
         return hub_contract(w3, deployment)
-    if not is_address(address):
-        raise ConfigError(f"--hub {address!r} is not an address")
+    if not is_typed_address(address):
+        raise ConfigError(f"--hub {address!r} is not an address ({ADDRESS_RULE})")
     found = hub_at(w3, address)
     if found is None:
         checksummed = to_checksum_address(address)
@@ -132,8 +133,8 @@ def withdraw(
 
     account = withdraw_account(settings, key_file)
     for option, given in (("--token", token), ("--to", to)):
-        if given is not None and not is_address(given):
-            raise ConfigError(f"{option} {given!r} is not an address")
+        if given is not None and not is_typed_address(given):  # a pasted address with a typo: someone else's
+            raise ConfigError(f"{option} {given!r} is not an address ({ADDRESS_RULE})")
     if amount is not None and amount <= 0:
         raise ConfigError(f"--amount must be positive base units, not {amount}")
     w3 = connect(settings.rpc_url, settings.rpc_timeout)
@@ -174,8 +175,8 @@ def payee_report(
     """The service's summary for `address`: paid, settled, unsettled, withdrawable and withdrawn, per asset. Sent
     with SETTLEMENT_API_KEY when set, else signed in with the payee's own key (--key-file or SETTLEMENT_WITHDRAW_KEY)
     when the service asks for credentials."""
-    if not is_address(address):
-        raise ConfigError(f"{address!r} is not an address")
+    if not is_typed_address(address):
+        raise ConfigError(f"{address!r} is not an address ({ADDRESS_RULE})")
     payee = to_checksum_address(address)
     url = (service_url or settings.service_url or f"http://{settings.api_host}:{settings.api_port}").rstrip("/")
     path = f"/v1/payees/{payee}/summary"

@@ -40,6 +40,7 @@ from eth_utils.address import to_checksum_address
 from web3 import Web3
 from web3.contract import Contract
 
+from settlement.chain.addresses import checksummed
 from settlement.chain.contracts import HUB, load_artifact
 from settlement.chain.deployment import hub_at
 from settlement.chain.node import Transactor, connect
@@ -233,9 +234,9 @@ class PayerClient:
         """The channel `open_channel(payee, ..., token=token, salt=ref.salt)` opens, named before it is sent (a new
         salt unless given): an open whose outcome is unknown (its receipt never read: the node went away, a timeout)
         may still be mined, and the hub then holds this id."""
-        asset = to_checksum_address(token) if token else ETH
+        asset = checksummed(token, "token") if token else ETH
         salt = salt if salt is not None else os.urandom(SALT_RANDOM_BYTES).rjust(32, b"\0")
-        payee = to_checksum_address(payee)
+        payee = checksummed(payee, "payee")  # a pasted address with a typo: a deposit locked for no one
         return ChannelRef(channel_id_of(self.address, payee, asset, salt), payee, asset, salt)
 
     def channel(self, channel_id: str | bytes, *, salt: bytes | None = None, from_block: int = 0) -> ChannelRef:

@@ -5,10 +5,11 @@ from __future__ import annotations
 from functools import lru_cache
 from pathlib import Path
 
-from eth_utils.address import is_address, to_checksum_address
+from eth_utils.address import to_checksum_address
 from pydantic import Field, SecretStr, ValidationInfo, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
+from settlement.chain.addresses import ADDRESS_RULE, is_typed_address
 from settlement.domain.model import ETH
 
 # The mnemonic every anvil and hardhat devnet uses by default: public, so it is only ever a devnet default.
@@ -394,8 +395,8 @@ class Settings(BaseSettings):
     def _checksum_tokens(cls, value: dict[str, int]) -> dict[str, int]:
         out: dict[str, int] = {}
         for token, amount in value.items():
-            if not is_address(token):
-                raise ValueError(f"token_min_settle_amounts: {token!r} is not an address")
+            if not is_typed_address(token):
+                raise ValueError(f"token_min_settle_amounts: {token!r} is not an address ({ADDRESS_RULE})")
             if amount < 1:
                 raise ValueError(f"token_min_settle_amounts: {token} needs at least 1 base unit")
             out[to_checksum_address(token)] = amount
@@ -432,8 +433,8 @@ class Settings(BaseSettings):
     @field_validator("hub_address")
     @classmethod
     def _checksum_hub(cls, value: str | None) -> str | None:
-        if value is not None and not is_address(value):
-            raise ValueError(f"SETTLEMENT_HUB_ADDRESS: {value!r} is not an address")
+        if value is not None and not is_typed_address(value):
+            raise ValueError(f"SETTLEMENT_HUB_ADDRESS: {value!r} is not an address ({ADDRESS_RULE})")
         return None if value is None else to_checksum_address(value)
 
 
