@@ -777,8 +777,9 @@ def test_a_payee_address_pasted_with_a_typo_is_refused_before_any_deposit(
     w3: Web3,
 ) -> None:
     """A payee's address in mixed case with one character wrong (its EIP-55 checksum broken) was taken for the address
-    it spells: a channel opened to no one's account, its deposit locked until the payer's own close. It is refused now,
-    before any transaction; the same address in one case is taken as typed."""
+    it spells: a channel opened to no one's account, its deposit locked until the payer's own close; a withdrawal's
+    recipient so typed was paid the balance. Both are refused now, before any transaction; the same address in one
+    case is taken as typed."""
     client = payer_client(accounts[10], serve_here(store_url).url)
     payee = accounts[11].address
     typo = payee[:-1] + ("0" if payee[-1] != "0" else "1")
@@ -789,6 +790,9 @@ def test_a_payee_address_pasted_with_a_typo_is_refused_before_any_deposit(
     assert str(refused.value) == (
         f"payee '{typo}' is not an address (0x + 40 hex digits; mixed case must be a correct EIP-55 checksum)"
     )
+    with pytest.raises(ValueError) as withdrawn:  # the payer's hub balance, sent to the typo's address before
+        client.withdraw(to=typo)
+    assert str(withdrawn.value) == str(refused.value).replace("payee", "to", 1)
     assert w3.eth.get_transaction_count(accounts[10].address) == nonce  # nothing sent
     assert client.open_channel(payee.lower(), 10**15).payee == payee
 

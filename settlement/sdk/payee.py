@@ -16,6 +16,7 @@ from eth_account import Account
 from eth_account.signers.local import LocalAccount
 from eth_utils.address import to_checksum_address
 
+from settlement.chain.addresses import checksummed
 from settlement.chain.node import Transactor, connect
 from settlement.domain.model import ETH, ChannelViewField, signature_of
 from settlement.eip712.vouchers import VoucherVerifier
@@ -88,7 +89,7 @@ class PayeeClient:
 
     def withdraw(self, token: str | None = None) -> int:
         """Everything the hub holds for this payee in `token` (default ETH), to itself; returns the amount."""
-        asset = to_checksum_address(token) if token else ETH
+        asset = checksummed(token, "token") if token else ETH
         value = int(self.hub.functions.balanceOf(self.address, asset).call())
         if value:
             self.transactor.send(self.hub.functions.withdraw(asset, value, self.address))

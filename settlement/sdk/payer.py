@@ -272,9 +272,9 @@ class PayerClient:
     ) -> list[dict[str, Any]]:
         """This payer's channels to `payee` in `token` in `status` as the service lists them (`open_channels` with
         those the payee stopped, their deposits still locked in the hub)."""
-        asset = to_checksum_address(token) if token else ETH
+        asset = checksummed(token, "token") if token else ETH
         query = (
-            f"/v1/channels?payer={self.address}&payee={to_checksum_address(payee)}&status={status.name.lower()}"
+            f"/v1/channels?payer={self.address}&payee={checksummed(payee, 'payee')}&status={status.name.lower()}"
             "&limit=1000"
         )
         listed = self._get(query).get("items")
@@ -327,14 +327,16 @@ class PayerClient:
 
     def hub_balance(self, token: str | None = None) -> int:
         """What the hub holds for this payer in `token` (default ETH): refunds of closed channels, earnings."""
-        return int(self.hub.functions.balanceOf(self.address, to_checksum_address(token) if token else ETH).call())
+        return int(self.hub.functions.balanceOf(self.address, checksummed(token, "token") if token else ETH).call())
 
     def withdraw(self, token: str | None = None, amount: int | None = None, to: str | None = None) -> int:
-        """Move this payer's hub balance (all of it by default) to `to` (default: itself); returns the amount."""
-        asset = to_checksum_address(token) if token else ETH
+        """Move this payer's hub balance (all of it by default) to `to` (default: itself); returns the amount. `to`
+        with a broken EIP-55 checksum is refused (ValueError), not taken for the address its typo spells."""
+        asset = checksummed(token, "token") if token else ETH
+        recipient = checksummed(to, "to") if to else self.address
         value = amount if amount is not None else int(self.hub.functions.balanceOf(self.address, asset).call())
         if value:
-            self.transactor.send(self.hub.functions.withdraw(asset, value, to_checksum_address(to or self.address)))
+            self.transactor.send(self.hub.functions.withdraw(asset, value, recipient))
         return value
 
     def _approve(self, token: str, amount: int) -> None:
