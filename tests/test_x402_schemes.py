@@ -116,6 +116,17 @@ def test_amounts_from_a_payee_or_a_facilitator_have_one_form() -> None:
         assert wire.base_units(bad) is None, bad
 
 
+def test_addresses_compared_on_the_wire_hold_to_their_checksum() -> None:
+    """`same_address` said a mixed-case address must carry its checksum, and took any (eth_utils' `is_address` does
+    not check it): a payee's `payTo` pasted with one character wrong matched the address its typo spells."""
+    payee = "0x15d34AAf54267DB7D7c367839AAf71A00a2C6A65"
+    typo = payee[:-1] + "6"
+    assert [wire.same_address(payee, payee.lower()), wire.same_address(payee.lower(), "0x" + payee[2:].upper())] == [
+        True, True,
+    ]  # fmt: skip
+    assert [wire.same_address(typo, typo.lower()), wire.same_address(typo.lower(), typo)] == [False, False]
+
+
 def test_deposit_policy() -> None:
     assert DepositPolicy(multiple=10).amount(7, None) == 70
     assert DepositPolicy(multiple=10).amount(7, 1000) == 1000  # the payee's hint

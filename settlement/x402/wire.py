@@ -14,11 +14,12 @@ from enum import StrEnum
 from functools import lru_cache
 from typing import Any
 
-from eth_utils.address import is_address, to_checksum_address
+from eth_utils.address import to_checksum_address
 from x402.extensions.payment_identifier import PAYMENT_ID_PATTERN, extract_payment_identifier
 from x402.http.utils import decode_payment_signature_header
 from x402.schemas import PaymentPayload, PaymentRequirements
 
+from settlement.chain.addresses import is_typed_address
 from settlement.domain.model import ChannelId, hex32_of, signature_of, uint256_of
 
 SCHEME = "channelhub"
@@ -79,7 +80,7 @@ def same_address(a: str, b: str) -> bool:
 @lru_cache(maxsize=4096)
 def _canonical(address: str) -> str | None:
     """Checksumming costs a keccak (~20 µs); a facilitator compares the same few addresses on every payment."""
-    return to_checksum_address(address) if is_address(address) else None
+    return to_checksum_address(address) if is_typed_address(address) else None
 
 
 class PayloadError(ValueError):
