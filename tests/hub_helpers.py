@@ -30,6 +30,7 @@ from eth_account.messages import encode_defunct
 from eth_account.signers.local import LocalAccount
 from fastapi import FastAPI
 from fastapi.testclient import TestClient
+from hexbytes import HexBytes
 from prometheus_client.parser import text_string_to_metric_families
 from sqlalchemy import create_engine, text
 from sqlalchemy.engine import make_url
@@ -74,6 +75,18 @@ SKIP = {
     "ExceedsDeposit": 5,
     "InvalidSignature": 6,
 }
+
+
+def operator_env(settings: Settings, settler: LocalAccount) -> dict[str, str]:
+    """The environment an operator's `settlement` command reads for the service of `settings`: its chain, deployment
+    file and store, deposits counted at once, `settler`'s key."""
+    return {
+        "SETTLEMENT_RPC_URL": settings.rpc_url,
+        "SETTLEMENT_DEPLOYMENT_FILE": str(settings.deployment_file),
+        "SETTLEMENT_DATABASE_URL": settings.database_url,
+        "SETTLEMENT_CONFIRMATIONS": "0",
+        "SETTLEMENT_PRIVATE_KEY": HexBytes(settler.key).to_0x_hex(),
+    }
 
 
 def devnet_settings(**overrides: Any) -> Settings:

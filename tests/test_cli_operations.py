@@ -23,7 +23,7 @@ from settlement.devtools.devnet import Devnet
 from settlement.domain.model import Voucher
 from settlement.server.config import Settings
 from settlement.server.service import Service
-from tests.hub_helpers import ETH, Channel, TamperingProxy, body, fee_paid, send
+from tests.hub_helpers import ETH, Channel, TamperingProxy, body, fee_paid, operator_env, send
 from tests.servers import ServiceThread, forked_cli
 
 
@@ -53,13 +53,7 @@ def test_settle_status_channels_reconcile_withdraw(
         outcome = service.ingestor.ingest([Voucher(channel.hex_id, amount, sign(channel.payer, channel.id, amount))])[0]
         assert not isinstance(outcome, Exception)
     settings = service_settings()
-    env = {
-        "SETTLEMENT_RPC_URL": settings.rpc_url,
-        "SETTLEMENT_DEPLOYMENT_FILE": str(settings.deployment_file),
-        "SETTLEMENT_DATABASE_URL": settings.database_url,
-        "SETTLEMENT_CONFIRMATIONS": "0",
-        "SETTLEMENT_PRIVATE_KEY": HexBytes(accounts[19].key).to_0x_hex(),
-    }
+    env = operator_env(settings, accounts[19])
 
     before = json.loads(forked_cli("status", "--json", env=env, cwd=tmp_path).stdout)
     assert before["unsettled"] == {ETH: "800"}
@@ -216,13 +210,7 @@ def test_settle_next_to_a_running_engine_says_so(
     while "settlement_engine_leader 1.0" not in httpx.get(f"{service.url}/metrics").text:  # it holds the lease
         assert time.monotonic() < deadline, "the engine never took the lease"
         time.sleep(0.1)
-    env = {
-        "SETTLEMENT_RPC_URL": settings.rpc_url,
-        "SETTLEMENT_DEPLOYMENT_FILE": str(settings.deployment_file),
-        "SETTLEMENT_DATABASE_URL": settings.database_url,
-        "SETTLEMENT_CONFIRMATIONS": "0",
-        "SETTLEMENT_PRIVATE_KEY": key,
-    }
+    env = operator_env(settings, accounts[19])
     result = forked_cli("settle", env=env, cwd=tmp_path)
     assert result.returncode == 1
     assert "[engine_busy] another process runs the settlement engine on this store" in result.stderr
@@ -243,21 +231,12 @@ def test_settle_with_a_settler_that_cannot_pay_the_gas_says_so_at_once(
     that the batch "is not confirmed". It now ends at once with `settler_unfunded`, saying what the settler holds and
     what the batch may need; the batch stays in the store and goes out once the settler is funded."""
     service = make_service()
-    payee = accounts[7]
+    payee, settler = accounts[7], accounts[19]
     channel = open_channel(accounts[5], payee.address, amount=10**18)
     service.indexer.catch_up()
-    assert not isinstance(
-        service.ingestor.ingest([Voucher(channel.hex_id, 300, sign(channel.payer, channel.id, 300))])[0], Exception
-    )
-    settings = service_settings()
-    settler = accounts[19]
-    env = {
-        "SETTLEMENT_RPC_URL": settings.rpc_url,
-        "SETTLEMENT_DEPLOYMENT_FILE": str(settings.deployment_file),
-        "SETTLEMENT_DATABASE_URL": settings.database_url,
-        "SETTLEMENT_CONFIRMATIONS": "0",
-        "SETTLEMENT_PRIVATE_KEY": HexBytes(settler.key).to_0x_hex(),
-    }
+    (outcome,) = service.ingestor.ingest([Voucher(channel.hex_id, 300, sign(channel.payer, channel.id, 300))])
+    assert not isinstance(outcome, Exception)
+    env = operator_env(service_settings(), settler)
     funds = w3.eth.get_balance(settler.address)
     w3.provider.make_request(RPCEndpoint("anvil_setBalance"), [settler.address, "0x0"])
     unfunded = forked_cli("settle", "--timeout", "20", env=env, cwd=tmp_path)  # before: chain_error after 20 s
