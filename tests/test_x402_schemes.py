@@ -170,7 +170,9 @@ def test_a_payers_bounds_on_channels_its_payees_stopped_are_checked(
         payer.shutdown()
 
 
-@pytest.mark.parametrize("change", ["another hub", "no hub", "another chain", "another scheme", "price not a number"])
+@pytest.mark.parametrize(
+    "change", ["another hub", "no hub", "another chain", "another scheme", "price not a number", "payTo with a typo"]
+)
 def test_a_payer_refuses_requirements_it_cannot_trust(
     change: str, spawn: Callable[..., ServiceProcess], devnet: Devnet, accounts: list[LocalAccount], tmp_path: Path
 ) -> None:
@@ -192,11 +194,14 @@ def test_a_payer_refuses_requirements_it_cannot_trust(
         "another chain": {"network": "eip155:1"},
         "another scheme": {"scheme": "exact"},
         "price not a number": {"amount": "ten"},
+        # One character wrong in the payee's configured address (its EIP-55 checksum broken): a deposit for no one.
+        "payTo with a typo": {"pay_to": accounts[13].address[:-1] + ("0" if accounts[13].address[-1] != "0" else "1")},
     }
     fields |= changes[change]
     with pytest.raises(ValueError):
         scheme.create_payment_payload(PaymentRequirements(**fields))
     assert payer.open_channels(accounts[13].address) == []  # nothing was opened, nothing signed
+    assert payer.open_channels(fields["pay_to"].lower()) == []
     payer.shutdown()
 
 

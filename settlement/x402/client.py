@@ -48,6 +48,7 @@ from x402.schemas import (
     RecoveredResponseResult,
 )
 
+from settlement.chain.addresses import ADDRESS_RULE, is_typed_address
 from settlement.domain.model import ETH, ChannelId, ChannelStatus, ChannelViewField
 from settlement.errors import TransactionFailedError, UntrustedServiceError
 from settlement.sdk.answers import service_amount
@@ -358,6 +359,9 @@ class ChannelHubClientScheme:
         price = base_units(requirements.amount)
         if price is None:
             raise ValueError(f"the payee's price {requirements.amount!r} is not a positive integer of base units")
+        for field_name, address in (("payTo", requirements.pay_to), ("asset", requirements.asset)):
+            if not _typed(address):  # a typo in the payee's own config: a deposit locked for no one
+                raise ValueError(f"the payee's {field_name} {address!r} is not an address ({ADDRESS_RULE})")
         return price
 
     # --- lanes -------------------------------------------------------------------------------------------------
@@ -581,6 +585,12 @@ def _writable(required: object) -> None:
         to_json(required)
     except PydanticSerializationError as ex:
         raise ValueError(f"the payee's payment requirements cannot be written into a payment header: {ex}") from None
+
+
+@functools.lru_cache(maxsize=1024)
+def _typed(address: str) -> bool:
+    """`is_typed_address`, once per address (its checksum check is a keccak, on every payment otherwise)."""
+    return is_typed_address(address)
 
 
 @functools.lru_cache(maxsize=1024)
