@@ -26,9 +26,11 @@ from eth_account.signers.local import LocalAccount
 from fastapi import FastAPI
 from fastapi.testclient import TestClient
 from httpx_aiohttp import AiohttpTransport
+from starlette.applications import Starlette
 from web3.contract import Contract
 from x402.http import FacilitatorConfig, decode_payment_signature_header
 from x402.http.facilitator_client_base import FacilitatorResponseError
+from x402.http.types import PaymentOption, RouteConfig
 from x402.schemas import (
     PaymentPayload,
     PaymentPayloadV1,
@@ -38,6 +40,7 @@ from x402.schemas import (
     SupportedResponse,
     VerifyResponse,
 )
+from x402.server import x402ResourceServer
 
 from settlement.devtools.devnet import Devnet
 from settlement.eip712.vouchers import Domain
@@ -54,7 +57,9 @@ from settlement.x402.facilitator_client import (
     FacilitatorStatusError,
     _Supported,
 )
+from settlement.x402.fastapi import PaymentMiddleware
 from settlement.x402.positions import Forged, Positions
+from settlement.x402.server import ChannelHubServerScheme
 from settlement.x402.wire import SETTLE_ATTEMPT
 from tests.hub_helpers import ETH, Channel, gzip_bomb, service_of, wait_indexed
 
@@ -1102,3 +1107,32 @@ def test_a_batch_the_facilitator_cannot_judge_is_unavailable_for_each_of_its_pay
         "10",
         "10",
     ]
+
+
+@pytest.mark.parametrize("form", ["RouteConfig", "dict"])
+def test_a_paid_route_whose_pay_to_has_a_typo_is_refused_at_start(form: str) -> None:
+    """A payee's own address pasted into its routes with one character wrong (its EIP-55 checksum broken): x402 takes
+    any text, and the payee's 402s asked for payment to the address the typo spells; payers locked deposits for no
+    one (now they refuse such requirements, and the payee was told nothing). The app now refuses to start; its
+    address in one case, or checksummed, starts."""
+    server = x402ResourceServer(ChannelHubFacilitatorClient(FacilitatorConfig(url="http://127.0.0.1:1/x402")))
+    server.register("eip155:31337", ChannelHubServerScheme())
+    payee = "0x15d34AAf54267DB7D7c367839AAf71A00a2C6A65"
+    typo = payee[:-1] + "6"
+
+    def routes(pay_to: str) -> dict[str, Any]:
+        if form == "dict":
+            return {
+                "GET /w": {"accepts": {"scheme": "channelhub", "payTo": pay_to, "price": "1", "network": "eip155:1"}}
+            }
+        option = PaymentOption(scheme="channelhub", pay_to=pay_to, price="1", network="eip155:31337")
+        return {"GET /w": RouteConfig(accepts=[option])}
+
+    with pytest.raises(ValueError) as refused:
+        PaymentMiddleware(Starlette(), routes=routes(typo), server=server)
+    assert str(refused.value) == (
+        f"a paid route's payTo '{typo}' is not an address (0x + 40 hex digits; mixed case must be a correct EIP-55 "
+        "checksum)"
+    )
+    for good in (payee, payee.lower()):
+        assert isinstance(PaymentMiddleware(Starlette(), routes=routes(good), server=server), PaymentMiddleware)

@@ -40,13 +40,14 @@ from x402.http import PaywallConfig
 from x402.http.middleware.fastapi import PaymentMiddlewareASGI
 from x402.http.types import RoutesConfig
 
+from settlement.chain.addresses import ADDRESS_RULE, is_typed_address
 from settlement.errors import RateLimitedError, SettlementError
 from settlement.sdk.payee import PayeeClient
 from settlement.x402.exchange import EXCHANGE, Exchange
 from settlement.x402.facilitator_client import ChannelHubFacilitatorClient
 from settlement.x402.paid_answers import PaidAnswers
 from settlement.x402.refunds import MAX_TTL, REFUND_PATH, RefundDesk
-from settlement.x402.wire import Reason
+from settlement.x402.wire import SCHEME, Reason
 
 __all__ = ["ChannelHubFacilitatorClient", "PaidAnswers", "PaymentMiddleware", "refund_router"]
 
@@ -78,6 +79,7 @@ class PaymentMiddleware(PaymentMiddlewareASGI):
         paywall_config: PaywallConfig | None = None,
         answers: PaidAnswers | None = None,
     ) -> None:
+        _check_pay_to(routes)
         super().__init__(_watched(app), _head_paid_as_get(routes), server, paywall_config)
         self.answers = answers if answers is not None else PaidAnswers()
 
@@ -117,6 +119,22 @@ class PaymentMiddleware(PaymentMiddlewareASGI):
                 headers={"Retry-After": str(RETRY_AFTER_SECONDS)},
             )
         return response
+
+
+def _check_pay_to(routes: RoutesConfig) -> None:
+    """Refuse, at start, a route of our scheme whose `payTo` is no address by the EIP-55 rule (a typo in mixed case):
+    x402 takes any text, and payers either locked deposits for the address the typo spells (before they checked it)
+    or refuse every payment, with nothing said at the payee."""
+    configs = [routes] if not isinstance(routes, dict) or "accepts" in routes else list(routes.values())
+    for config in configs:
+        accepts = config.get("accepts", []) if isinstance(config, dict) else getattr(config, "accepts", [])
+        for option in accepts if isinstance(accepts, list) else [accepts]:
+            if isinstance(option, dict):
+                scheme, pay_to = option.get("scheme"), option.get("payTo", option.get("pay_to"))
+            else:
+                scheme, pay_to = getattr(option, "scheme", None), getattr(option, "pay_to", None)
+            if scheme == SCHEME and isinstance(pay_to, str) and not is_typed_address(pay_to):
+                raise ValueError(f"a paid route's payTo {pay_to!r} is not an address ({ADDRESS_RULE})")
 
 
 def _head_paid_as_get(routes: RoutesConfig) -> RoutesConfig:
