@@ -225,6 +225,7 @@ def test_settle_with_a_settler_that_cannot_pay_the_gas_says_so_at_once(
     w3: Web3,
     sign: Callable[..., bytes],
     tmp_path: Path,
+    mining: str,
 ) -> None:
     """The operator's settler key holds no ETH. `settlement settle` made the batch, could not send it (the engine's
     `low_funds` alert), and waited out its whole `--timeout` (300 s) for a confirmation no wait brings, to say then

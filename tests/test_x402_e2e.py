@@ -229,7 +229,10 @@ def lane_rig(
             payee = Account.create().address
             apps.append((payee, paid_api(service, payee, deposit_multiple=deposit_multiple, script=script)))
         account: LocalAccount = Account.create()
-        w3.eth.send_transaction({"from": accounts[0].address, "to": account.address, "value": Web3.to_wei(1, "ether")})
+        funded = w3.eth.send_transaction(
+            {"from": accounts[0].address, "to": account.address, "value": Web3.to_wei(1, "ether")}
+        )
+        w3.eth.wait_for_transaction_receipt(funded)  # on a chain that mines every second, too
         payer = payer_for(account, service)
         scheme = ChannelHubClientScheme(payer, DepositPolicy(multiple=100), max_lanes=max_lanes)
         return LaneRig(service, payer, scheme, apps)
@@ -1388,7 +1391,7 @@ def test_channels_being_opened_count_against_max_lanes(devnet: Devnet, lane_rig:
 
 
 def test_an_open_whose_receipt_was_never_read_is_paid_on_once_mined_not_opened_again(
-    devnet: Devnet, lane_rig: Callable[..., LaneRig], tmp_path: Path
+    devnet: Devnet, lane_rig: Callable[..., LaneRig], tmp_path: Path, mining: str
 ) -> None:
     """The payer's node goes out of reach between taking a channel's open and answering for its receipt: that
     payment fails, the client not knowing whether the channel exists. It was mined: the hub holds it, the payer's
@@ -1421,7 +1424,7 @@ def test_an_open_whose_receipt_was_never_read_is_paid_on_once_mined_not_opened_a
 
 
 def test_a_top_up_the_chain_refused_frees_its_channel_for_the_next_payment(
-    devnet: Devnet, w3: Web3, lane_rig: Callable[..., LaneRig]
+    devnet: Devnet, w3: Web3, lane_rig: Callable[..., LaneRig], mining: str
 ) -> None:
     """A channel that cannot cover the next price is topped up first; here the top-up is refused (the payer's wallet
     emptied: nothing to pay the deposit or the gas with), and that payment fails. It left the channel held as if its
@@ -1450,7 +1453,7 @@ def test_a_top_up_the_chain_refused_frees_its_channel_for_the_next_payment(
 
 
 def test_a_new_channel_the_service_had_not_counted_in_time_is_paid_on_next_not_opened_again(
-    devnet: Devnet, lane_rig: Callable[..., LaneRig], tmp_path: Path
+    devnet: Devnet, lane_rig: Callable[..., LaneRig], tmp_path: Path, mining: str
 ) -> None:
     """A payment that opened a channel waits for the service to count its deposit (confirmed) before it pays on it.
     Here the payer's link to the service is cut as the channel is opened, and the wait gives up (`confirm_timeout`):

@@ -173,7 +173,8 @@ class Transactor:
         self.timeout = timeout
         self._lock = threading.Lock()
         self._next_nonce: int | None = None
-        self.broadcasts = 0  # transactions the node took: one whose receipt was then never read may still be mined
+        # The nonce of the last transaction the node took: one whose receipt was then never read may still be mined.
+        self.last_nonce: int | None = None
 
     @property
     def address(self) -> str:
@@ -208,7 +209,7 @@ class Transactor:
                     self._next_nonce = None
                     raise
                 self._next_nonce = nonce + 1
-                self.broadcasts += 1
+                self.last_nonce = nonce
                 break
         return self.wait(tx_hash)
 

@@ -57,7 +57,6 @@ from settlement.sdk.payer import Authorized, ChannelRef, PayerClient, Reclaim
 from settlement.x402.wire import SCHEME, PayloadError, VoucherPayload, base_units, network_of, same_address
 
 PREPARED_KEPT = 1024  # payments made ahead by the hook and not yet handed over (aborted ones fall out oldest first)
-UNSURE_SECONDS = 3600.0  # how long an open whose outcome is unknown is looked for on the hub, if it is not there yet
 # Refusals after which the payer's position is re-read and the payment tried once more.
 STALE_REASONS = frozenset({"overpayment", "underpayment", "stale_voucher", "voucher_replayed"})
 
@@ -99,7 +98,7 @@ class Unsure:
     channel is opened to its payee."""
 
     channel: ChannelRef
-    since: float  # monotonic: when its open failed
+    nonce: int  # the payer's transaction that the node took last before the open failed: the open, or its approval
 
 
 @dataclass
@@ -401,14 +400,15 @@ class ChannelHubClientScheme:
                         self._reclaim(party)
                         held = self.payer.hub_balance(token) >= deposit  # a refund or earnings in the hub go first
                         planned = self.payer.planned_channel(payee, token)
-                        sent = self.payer.transactor.broadcasts
+                        sent = self.payer.transactor.last_nonce
                         try:
                             channel = self.payer.open_channel(
                                 payee, deposit, token=token, from_balance=held, salt=planned.salt
                             )
                         except Exception:
-                            if self.payer.transactor.broadcasts != sent:  # the node took it: it may be mined yet
-                                self._unsure_of(party, planned)
+                            nonce = self.payer.transactor.last_nonce
+                            if nonce is not None and nonce != sent:  # the node took it: it may be mined yet
+                                self._unsure_of(party, Unsure(planned, nonce))
                             raise
                     free = Lane(channel, deposit, busy_since=time.monotonic(), counted=False)
             finally:  # an opening ends as a lane once its channel is on chain, or as nothing when it failed
@@ -444,38 +444,50 @@ class ChannelHubClientScheme:
         self.payer.wait_until_known(lane.channel, min_deposit=lane.deposit, timeout=self.confirm_timeout)
         lane.counted = True
 
-    def _unsure_of(self, party: Party, channel: ChannelRef) -> None:
+    def _unsure_of(self, party: Party, open_: Unsure) -> None:
         """Remember an open whose outcome is unknown; at most `max_lanes` a payee, the latest."""
         with self._guard:
             unsure = self._unsure.setdefault(party, [])
-            unsure.append(Unsure(channel, time.monotonic()))
+            unsure.append(open_)
             del unsure[: -self.max_lanes]
 
     def _adopted(self, party: Party) -> Lane | None:
         """A channel of an earlier open to this payee whose outcome was unknown and that the hub holds open now (mined
-        after all), as a lane carrying the payment about to be made; those not on chain yet are looked for again at
-        the next opening, for `UNSURE_SECONDS`. One hub read each, only when a channel is about to be opened: without
-        it, such a channel was never paid on (until a restart found it) and the next payment opened another."""
+        after all), as a lane carrying the payment about to be made. An open still pending (its nonce not mined) is
+        waited for, up to `confirm_timeout`: another open would be mined after it anyway (nonces go in order), and on a
+        chain that mines every few seconds it was not mined yet when the next payment came. Checked only when a
+        channel is about to be opened: without it, such a channel was never paid on (until a restart found it) and the
+        next payment opened another."""
         with self._guard:
             unsure = self._unsure.pop(party, [])
-        found, kept, now = None, [], time.monotonic()
+        found, kept = None, []
         for earlier in unsure:
-            if found is not None:
-                kept.append(earlier)
-                continue
-            try:
-                view = self.payer.hub.functions.channel(earlier.channel.channel_id).call()
-            except Exception:  # the node again: looked for next time
-                kept.append(earlier)
-                continue
-            status = int(view[ChannelViewField.STATUS])
-            if status == ChannelStatus.OPEN:
-                found = Lane(earlier.channel, int(view[ChannelViewField.DEPOSIT]), busy_since=now, counted=False)
-            elif status == ChannelStatus.NONE and now - earlier.since < UNSURE_SECONDS:
-                kept.append(earlier)  # not mined (yet); a closed one is the payer's app's to follow
+            view = None if found is not None else self._outcome(earlier)
+            if view is None:
+                kept.append(earlier)  # still pending, or the node again (or one found already): looked for next time
+            elif int(view[ChannelViewField.STATUS]) == ChannelStatus.OPEN:
+                deposit = int(view[ChannelViewField.DEPOSIT])
+                found = Lane(earlier.channel, deposit, busy_since=time.monotonic(), counted=False)
         with self._guard:
             self._unsure[party] = (kept + self._unsure.get(party, []))[-self.max_lanes :]
         return found
+
+    def _outcome(self, earlier: Unsure) -> tuple[Any, ...] | None:
+        """The hub's view of an open of unknown outcome, once that is known: the channel (any status), or nothing
+        there though its nonce was used (it reverted, or it was the open's approval); None while still pending after
+        `confirm_timeout`, or the node failing."""
+        deadline = time.monotonic() + self.confirm_timeout
+        try:
+            while True:
+                used = self.payer.w3.eth.get_transaction_count(self.payer.account.address, "latest") > earlier.nonce
+                view = tuple(self.payer.hub.functions.channel(earlier.channel.channel_id).call())
+                if int(view[ChannelViewField.STATUS]) != ChannelStatus.NONE or used:  # read after the nonce
+                    return view
+                if time.monotonic() > deadline:
+                    return None
+                time.sleep(0.2)
+        except Exception:  # the node again
+            return None
 
     def _discover(self, payee: str, asset: str) -> tuple[list[Lane], list[Stopped]]:
         """This payer's open channels to the payee in the asset, as the service knows them (after a restart): the
