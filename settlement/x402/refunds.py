@@ -15,9 +15,10 @@ makes the refund; another web framework mounts the desk the same way.
 
 Every refusal is a 4xx with a stable code (settlement.errors): malformed_request, refund_request_expired, forbidden
 (not the payer's signature, or another payee's channel), channel_not_found, channel_closed (a replay after the
-refund changes nothing), rate_limited (429: more requests than the desk's budget of chain reads). A request names
-an expiry at most `max_ttl` seconds ahead (600), so a captured request is not usable for long; refunds of one payee
-app are made one at a time, so two racing requests close the channel once.
+refund changes nothing; `ask_refund` answers it with the hub's figure of a closed channel), rate_limited (429: more
+requests than the desk's budget of chain reads). A request names an expiry at most `max_ttl` seconds ahead (600), so
+a captured request is not usable for long; refunds of one payee app are made one at a time, so two racing requests
+close the channel once.
 """
 
 from __future__ import annotations
@@ -79,6 +80,8 @@ def ask_refund(
     """Ask the payee behind `url` to refund the channel now; returns what went back to the payer's hub balance, as
     the hub says (the payee's figure is its word). A refusal raises the SDK's error for its code (a
     ServiceRejectedError); an answer of success while the hub holds the channel open, UntrustedServiceError.
+    Asking again is safe: a channel already closed (the first answer lost on its way, the refund made) is answered
+    `channel_closed` by the payee, and this returns the hub's figure as the first call would have, not that error.
     `http`: the client to send it with (a proxy, other timeouts), else one made for the request."""
     raw = bytes.fromhex(channel_id.removeprefix("0x"))
     expires = int(time.time()) + ttl
@@ -89,10 +92,13 @@ def ask_refund(
             answer = own.post(url, json=body)
     else:
         answer = http.post(url, json=body, timeout=timeout)
-    if answer.status_code != 200:
-        raise refusal(answer)
+    refused = None if answer.status_code == 200 else refusal(answer)
+    if refused is not None and not isinstance(refused, ChannelClosedError):
+        raise refused
     view = payer.hub.functions.channel(raw).call()
     if view[ChannelViewField.STATUS] != ChannelStatus.CLOSED:
+        if refused is not None:  # the payee's word against the hub's: the channel is open, nothing came back
+            raise refused
         raise UntrustedServiceError(f"the payee at {url} says it refunded 0x{raw.hex()}; the hub holds it open")
     return int(view[ChannelViewField.DEPOSIT]) - int(view[ChannelViewField.SETTLED])
 
