@@ -797,6 +797,70 @@ def test_a_payee_address_pasted_with_a_typo_is_refused_before_any_deposit(
     assert client.open_channel(payee.lower(), 10**15).payee == payee
 
 
+def test_a_payers_open_the_base_fee_rose_past_is_re_priced_within_its_cap_and_mined(
+    serve_here: Callable[..., ServiceThread],
+    payer_client: Callable[..., PayerClient],
+    accounts: list[LocalAccount],
+    hub: Contract,
+    w3: Web3,
+    tmp_path: Path,
+) -> None:
+    """The base fee rose past what the payer's open offered before it was mined (a fee spike): the open sat in the
+    node's pool, the SDK said "not mined in 120s", and every later transaction of the payer queued behind it until the
+    base fee came down. Now it is signed again with its nonce at the fees of the moment, never above the payer's cap
+    (`max_fee_per_gas`): capped below the base fee it waits; uncapped, it is replaced and mined."""
+    cap = 10**12
+    client = payer_client(accounts[10], serve_here(f"sqlite:///{tmp_path / 'fees.db'}").url, max_fee_per_gas=cap)
+    sender, payer = client.transactor, accounts[10].address
+    sender.reprice_after, sender.timeout = 0.5, 30.0
+    nonce = w3.eth.get_transaction_count(payer)
+
+    def pooled() -> dict[str, Any] | None:
+        pending = rpc(w3, "txpool_content")["pending"]
+        mine = {k.lower(): v for k, v in pending.items()}.get(payer.lower(), {})
+        found: dict[str, Any] | None = mine.get(str(nonce))
+        return found
+
+    base = w3.eth.get_block("latest")["baseFeePerGas"]
+    rpc(w3, "evm_setAutomine", [False])
+    try:
+        with ThreadPoolExecutor(1) as pool:
+            opening = pool.submit(client.open_channel, accounts[11].address, 10**15)
+            wait_until(lambda: pooled() is not None)
+            first = pooled()
+            assert first is not None
+            spike = 2 * cap  # the next block's base fee: past the open's offer and past the cap
+            rpc(w3, "anvil_setNextBlockBaseFeePerGas", [hex(spike)])
+            rpc(w3, "evm_mine")
+            # Not mined: it offers too little. anvil drops it from its pool (geth keeps it there, as unminable).
+            assert (w3.eth.get_transaction_count(payer), pooled()) == (nonce, None)
+            time.sleep(4 * sender.reprice_after)  # re-priced to the cap at most: below the base fee, refused
+            assert (w3.eth.get_transaction_count(payer), pooled()) == (nonce, None)
+            sender.max_fee_per_gas = None
+            tip = int(first["maxPriorityFeePerGas"], 16) * 9 // 8 + 1
+            wait_until(lambda: pooled() is not None)
+            replacement = pooled()
+            assert replacement is not None
+            assert (int(replacement["maxFeePerGas"], 16), int(replacement["maxPriorityFeePerGas"], 16)) == (
+                2 * spike + tip,
+                tip,
+            )
+            rpc(w3, "evm_mine")
+            opened = opening.result(timeout=30)  # the code before: "not mined in 30.0s", the open left in the pool
+    finally:  # anvil's next base fee is not undone by the snapshot's revert: the next test would pay the spike's
+        rpc(w3, "anvil_dropAllTransactions")
+        rpc(w3, "anvil_setNextBlockBaseFeePerGas", [hex(base)])
+        rpc(w3, "evm_setAutomine", [True])
+    assert w3.eth.get_transaction_count(payer) == nonce + 1
+    view = hub.functions.channel(opened.channel_id).call()
+    assert (view[ChannelViewField.STATUS], view[ChannelViewField.DEPOSIT]) == (ChannelStatus.OPEN, 10**15)
+    assert w3.eth.get_transaction_receipt(replacement["hash"])["status"] == 1
+
+
+def rpc(w3: Web3, method: str, params: list[Any] | None = None) -> Any:
+    return w3.provider.make_request(RPCEndpoint(method), params or [])["result"]
+
+
 def test_a_refusal_with_fields_of_any_name_is_still_the_refusal(
     serve_here: Callable[..., ServiceThread],
     payer_client: Callable[..., PayerClient],

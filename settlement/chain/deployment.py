@@ -14,7 +14,7 @@ from web3.exceptions import TransactionNotFound
 from web3.types import TxReceipt
 
 from settlement.chain.contracts import HUB, Artifact, load_artifact, runtime_matches
-from settlement.chain.node import Transactor, rpc_errors
+from settlement.chain.node import REPRICE_AFTER, Transactor, rpc_errors
 from settlement.domain.model import BlockRef
 from settlement.errors import ChainMismatchError, DeploymentError
 
@@ -100,10 +100,20 @@ def deploy_contract(transactor: Transactor, artifact: Artifact, *args: object) -
     return transactor.w3.eth.contract(address=address, abi=artifact.abi), receipt
 
 
-def deploy_hub(w3: Web3, account: LocalAccount, challenge_period: int, *, timeout: float = 120.0) -> Deployment:
+def deploy_hub(
+    w3: Web3,
+    account: LocalAccount,
+    challenge_period: int,
+    *,
+    timeout: float = 120.0,
+    reprice_after: float = REPRICE_AFTER,
+    max_fee_per_gas: int | None = None,
+) -> Deployment:
     """Deploy a ChannelHub and return its record (not yet saved)."""
     artifact = load_artifact(HUB)
-    transactor = Transactor(w3, account, artifact.abi, timeout=timeout)
+    transactor = Transactor(
+        w3, account, artifact.abi, timeout=timeout, reprice_after=reprice_after, max_fee_per_gas=max_fee_per_gas
+    )
     contract, receipt = deploy_contract(transactor, artifact, challenge_period)
     return Deployment(
         address=contract.address,

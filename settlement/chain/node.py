@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import threading
+import time
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -18,7 +19,7 @@ from eth_utils.address import to_checksum_address
 from hexbytes import HexBytes
 from web3 import Web3
 from web3.contract.contract import ContractConstructor, ContractFunction
-from web3.exceptions import ContractCustomError, ContractLogicError, TimeExhausted, Web3RPCError
+from web3.exceptions import ContractCustomError, ContractLogicError, TransactionNotFound, Web3RPCError
 from web3.types import AccessList, Nonce, TxParams, TxReceipt
 
 from settlement.chain.provider import FailoverProvider
@@ -162,15 +163,38 @@ def revert_of(ex: Exception, abi: list[dict[str, Any]]) -> Revert | None:
     return None
 
 
+REPRICE_AFTER = 30.0  # seconds a transaction waits unmined before it is sent again at the fees of the moment
+RECEIPT_POLL = 0.1  # seconds between receipt reads (web3's own pace)
+
+
 class Transactor:
     """Signs and sends transactions from one local account, numbering nonces itself so that concurrent senders in
-    this process never collide and never leave gaps (a failed send gives its nonce back)."""
+    this process never collide and never leave gaps (a failed send gives its nonce back).
 
-    def __init__(self, w3: Web3, account: LocalAccount, abi: list[dict[str, Any]], *, timeout: float = 120.0):
+    A transaction not mined within `reprice_after` seconds is signed again with the same nonce at the fees a new one
+    would be given then (twice the base fee plus the node's tip, at least 12.5 % above the last), until `timeout`: the
+    chain's base fee can double in six full blocks, and a transaction priced before was left in the node's pool with
+    every later transaction of the account queued behind it. `max_fee_per_gas` (wei), when set, caps what any of them
+    offers: past it, the transaction waits for the base fee to come down."""
+
+    def __init__(
+        self,
+        w3: Web3,
+        account: LocalAccount,
+        abi: list[dict[str, Any]],
+        *,
+        timeout: float = 120.0,
+        reprice_after: float = REPRICE_AFTER,
+        max_fee_per_gas: int | None = None,
+    ):
+        if max_fee_per_gas is not None and max_fee_per_gas < 1:
+            raise ValueError(f"max_fee_per_gas must be a positive number of wei, not {max_fee_per_gas!r}")
         self.w3 = w3
         self.account = account
         self.abi = abi
         self.timeout = timeout
+        self.reprice_after = reprice_after
+        self.max_fee_per_gas = max_fee_per_gas
         self._lock = threading.Lock()
         self._next_nonce: int | None = None
         # The nonce of the last transaction the node took: one whose receipt was then never read may still be mined.
@@ -197,8 +221,9 @@ class Transactor:
             for attempt in range(NONCE_RETRIES):
                 nonce = self._nonce()
                 full: TxParams = {**params, "gas": estimate, "nonce": Nonce(nonce), "chainId": self.w3.eth.chain_id}
-                signed = self.account.sign_transaction(call.build_transaction(full))  # type: ignore[arg-type]
                 try:
+                    tx = call.build_transaction({**full, **self._fees(None)})  # type: ignore[arg-type]
+                    signed = self.account.sign_transaction(tx)  # type: ignore[arg-type]
                     tx_hash = self.w3.eth.send_raw_transaction(signed.raw_transaction)
                 except Web3RPCError as ex:
                     self._next_nonce = None  # re-read from the chain: the nonce may or may not be used
@@ -211,7 +236,7 @@ class Transactor:
                 self._next_nonce = nonce + 1
                 self.last_nonce = nonce
                 break
-        return self.wait(tx_hash)
+        return self.wait(tx_hash, tx)
 
     def _refused(self, ex: Web3RPCError) -> TransactionFailedError:
         """The node's refusal in its own words (an account with nothing to pay the gas with, above all: a payee that
@@ -226,21 +251,86 @@ class Transactor:
             said += f" (the account holds {held}; a transaction's gas is paid in ETH from the account sending it)"
         return TransactionFailedError(f"the chain's node refused a transaction from {self.account.address}: {said}")
 
-    def wait(self, tx_hash: HexBytes) -> TxReceipt:
+    def wait(self, tx_hash: HexBytes, tx: TxParams | None = None) -> TxReceipt:
+        """The receipt of a transaction sent, waited for up to `timeout`; `tx`, the transaction as signed, is
+        re-priced every `reprice_after` seconds unmined (without it, it is waited for as it is)."""
+        hashes, deadline = [tx_hash], time.monotonic() + self.timeout
+        while True:
+            receipt = self._receipt_of(hashes, min(deadline, time.monotonic() + self.reprice_after))
+            if receipt is not None:
+                return receipt
+            if time.monotonic() >= deadline:
+                again = f" (sent {len(hashes)} times, re-priced)" if len(hashes) > 1 else ""
+                raise TransactionFailedError(f"transaction {tx_hash.to_0x_hex()} not mined in {self.timeout}s{again}")
+            if tx is not None:
+                tx = self._replaced(tx, hashes)
+
+    def _receipt_of(self, hashes: list[HexBytes], until: float) -> TxReceipt | None:
+        """The receipt of any of `hashes` (one nonce: at most one is mined), or None once `until` passes."""
+        while True:
+            for tx_hash in reversed(hashes):
+                try:
+                    receipt = self.w3.eth.get_transaction_receipt(tx_hash)
+                except TransactionNotFound:
+                    continue
+                except (requests.RequestException, OSError) as ex:
+                    raise ChainUnavailableError(
+                        f"transaction {hashes[0].to_0x_hex()} was sent, and the chain's RPC went away before its "
+                        f"receipt was read ({type(ex).__name__}): it may be mined yet"
+                    ) from ex
+                if receipt["status"] != 1:
+                    raise TransactionFailedError(f"transaction {tx_hash.to_0x_hex()} reverted")
+                return receipt
+            now = time.monotonic()
+            if now >= until:
+                return None
+            time.sleep(min(RECEIPT_POLL, until - now))
+
+    def _replaced(self, tx: TxParams, hashes: list[HexBytes]) -> TxParams:
+        """`tx` signed again at the fees of the moment and sent (its hash added to `hashes`), or `tx` itself when
+        no dearer offer is allowed, the chain has no base fee, or the node keeps what it holds."""
         try:
-            receipt = self.w3.eth.wait_for_transaction_receipt(tx_hash, timeout=self.timeout)
-        except TimeExhausted as ex:
-            raise TransactionFailedError(f"transaction {tx_hash.to_0x_hex()} not mined in {self.timeout}s") from ex
-        except (requests.RequestException, OSError) as ex:
-            raise ChainUnavailableError(
-                f"transaction {tx_hash.to_0x_hex()} was sent, and the chain's RPC went away before its receipt was "
-                f"read ({type(ex).__name__}): it may be mined yet"
-            ) from ex
-        if receipt["status"] != 1:
-            raise TransactionFailedError(f"transaction {tx_hash.to_0x_hex()} reverted")
-        return receipt
+            fees = self._fees(tx)
+            if not fees or fees["maxFeePerGas"] <= int(tx.get("maxFeePerGas", 0)):
+                return tx
+            dearer: TxParams = {**tx, **fees}  # type: ignore[typeddict-item]
+            signed = self.account.sign_transaction(dearer)  # type: ignore[arg-type]
+            hashes.append(self.w3.eth.send_raw_transaction(signed.raw_transaction))
+        except Web3RPCError as ex:  # mined meanwhile ("nonce too low"), or underpriced for this node: waited for
+            logger.info("transaction %s not re-priced: %s", hashes[0].to_0x_hex(), scrubbed(str(ex)))
+            return tx
+        except (requests.RequestException, OSError):
+            return tx  # the node out of reach: its receipt is read (or its absence said) by the wait
+        logger.warning(
+            "transaction %s not mined in %.0fs: sent again as %s at %d wei a gas at most",
+            hashes[0].to_0x_hex(),
+            self.reprice_after,
+            hashes[-1].to_0x_hex(),
+            fees["maxFeePerGas"],
+        )
+        return dearer
+
+    def _fees(self, previous: TxParams | None) -> dict[str, int]:
+        """EIP-1559 fees as web3 would fill them now (twice the latest base fee plus the node's tip); above
+        `previous`'s by the replacement bump; within `max_fee_per_gas`. Empty on a chain without a base fee."""
+        base = self.w3.eth.get_block("latest").get("baseFeePerGas")
+        if base is None:
+            return {}
+        priority = int(self.w3.eth.max_priority_fee)
+        if previous is not None:
+            priority = max(priority, _bumped(previous.get("maxPriorityFeePerGas")))
+        max_fee = max(2 * int(base) + priority, 0 if previous is None else _bumped(previous.get("maxFeePerGas")))
+        cap = self.max_fee_per_gas
+        if cap is not None:
+            max_fee, priority = min(max_fee, cap), min(priority, cap)
+        return {"maxFeePerGas": max_fee, "maxPriorityFeePerGas": priority}
 
     def _nonce(self) -> int:
         if self._next_nonce is None:
             self._next_nonce = self.w3.eth.get_transaction_count(self.account.address, "pending")
         return self._next_nonce
+
+
+def _bumped(fee: object) -> int:
+    """A replacement's least offer above `fee`: 12.5 % more (nodes take one 10-12.5 % dearer, or ignore it)."""
+    return fee * 9 // 8 + 1 if isinstance(fee, int) else 0

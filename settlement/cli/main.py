@@ -178,7 +178,14 @@ def _deploy(settings: Settings, challenge_period: int, out: Path) -> Deployment:
     from settlement.server.operator import operator_account
 
     w3 = connect(settings.rpc_url, settings.rpc_timeout)
-    deployment = deploy_hub(w3, operator_account(settings, w3), challenge_period, timeout=settings.tx_timeout)
+    deployment = deploy_hub(
+        w3,
+        operator_account(settings, w3),
+        challenge_period,
+        timeout=settings.tx_timeout,
+        reprice_after=settings.bump_after,
+        max_fee_per_gas=settings.max_fee_per_gas,
+    )
     deployment.save(out)
     return deployment
 

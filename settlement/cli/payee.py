@@ -153,7 +153,14 @@ def withdraw(
             balance=str(balance),
         )
     recipient = to_checksum_address(to or account.address)
-    transactor = Transactor(w3, account, list(contract.abi), timeout=settings.tx_timeout)  # type: ignore[arg-type]
+    transactor = Transactor(
+        w3,
+        account,
+        list(contract.abi),  # type: ignore[arg-type]
+        timeout=settings.tx_timeout,
+        reprice_after=settings.bump_after,
+        max_fee_per_gas=settings.max_fee_per_gas,
+    )
     receipt = transactor.send(contract.functions.withdraw(asset, value, recipient))
     console.print(
         escape(

@@ -164,11 +164,14 @@ class PayerClient:
         backoff: float = 0.2,
         http: httpx.Client | None = None,
         loop_commits: LoopCommits | None = None,
+        max_fee_per_gas: int | None = None,
     ) -> None:
         """`hub_address`: the hub to trust (from the operator's deployment record); without it, the hub the service
         names is checked on chain. `state_path`: the payer's journal (default ~/.channelhub/<chain>-<hub>-<payer>
         .sqlite3); keep it across restarts, it is what makes a retry after a crash safe. `loop_commits`: when the
-        journal's disk is too slow for payments made on an event loop (`authorize_now`; default `LoopCommits()`)."""
+        journal's disk is too slow for payments made on an event loop (`authorize_now`; default `LoopCommits()`).
+        `max_fee_per_gas` (wei): the most its transactions (opens, top-ups, closes) offer a gas, re-priced with the
+        chain's base fee while unmined (settlement.chain.node.Transactor); None follows the base fee alone."""
         self.account: LocalAccount = Account.from_key(private_key)
         self._rpc_session = requests.Session()
         self.w3: Web3 = connect(rpc_url, timeout, self._rpc_session)
@@ -184,7 +187,7 @@ class PayerClient:
             self.http.close()
             self._rpc_session.close()
             raise
-        self.transactor = Transactor(self.w3, self.account, abi)
+        self.transactor = Transactor(self.w3, self.account, abi, max_fee_per_gas=max_fee_per_gas)
         self._verifier = VoucherVerifier(self.domain)
         self.signer = VoucherSigner(self.account, self.domain)
         self.journal = PayerJournal(
