@@ -43,7 +43,7 @@ from web3.types import RPCEndpoint, TxReceipt
 from settlement.chain.batch_codec import SettleEntry, decode_settlements, encode_batch
 from settlement.chain.node import Revert, revert_of
 from settlement.chain.provider import FailoverProvider
-from settlement.devtools.devnet import port_free
+from settlement.devtools.devnet import Devnet, port_free
 from settlement.domain.buckets import TokenBucket
 from settlement.domain.model import Address, ChannelId, ChannelStatus, ChannelViewField, Receipt, Voucher
 from settlement.domain.model import Channel as StoredChannel
@@ -92,6 +92,18 @@ def operator_env(settings: Settings, settler: LocalAccount) -> dict[str, str]:
 def devnet_settings(**overrides: Any) -> Settings:
     """Settings for a test devnet, independent of the caller's environment and .env file."""
     return Settings(_env_file=None, **({"allowed_hosts": TEST_HOSTS} | overrides))  # type: ignore[call-arg]
+
+
+@dataclass
+class ForkedDevnet(Devnet):
+    """An anvil forked from `fork_url` at `fork_block`: the same chain up to that block and none after it, as a
+    node behind the others is (a fallback RPC, another node behind a provider's balancer)."""
+
+    fork_url: str = ""
+    fork_block: int = 0
+
+    def command(self, port: int) -> list[str]:
+        return [*super().command(port), "--fork-url", self.fork_url, "--fork-block-number", str(self.fork_block)]
 
 
 def reverts_with(call: Any, abi: Sequence[Any], tx: dict[str, Any]) -> Revert:

@@ -4,6 +4,7 @@ confirmation depth (evm_snapshot / evm_revert)."""
 from __future__ import annotations
 
 import logging
+import time
 from collections.abc import Callable
 from typing import Any
 
@@ -15,18 +16,20 @@ from web3.contract import Contract
 from web3.types import RPCEndpoint
 
 from settlement.chain.deployment import Deployment
+from settlement.chain.node import connect
 from settlement.devtools.devnet import Devnet
 from settlement.domain.model import Channel, ChannelStatus, Voucher
 from settlement.eip712.vouchers import VoucherVerifier, read_domain
 from settlement.errors import ChannelSuspendedError
-from settlement.indexer.follower import Indexer
+from settlement.indexer.follower import Indexer, Progress
 from settlement.ingest.pipeline import Ingestor
 from settlement.server.metrics import Metrics
 from settlement.store import Database
 from settlement.store import channels as channel_q
 from settlement.store.tables import chain_events
 from tests.hub_helpers import Channel as HubChannel
-from tests.hub_helpers import batch, send, settle_call
+from tests.hub_helpers import ForkedDevnet, batch, devnet_settings, send, settle_call
+from tests.proxy import TcpProxy
 
 
 def stored(db: Database, channel: HubChannel) -> Channel:
@@ -224,6 +227,51 @@ def test_a_reorg_deeper_than_the_confirmations_suspends_the_channels_it_touched(
         ingestor.stop()
     assert isinstance(outcome, ChannelSuspendedError)
     assert not isinstance(ok, Exception)
+
+
+def test_a_node_behind_the_indexer_is_waited_for_not_taken_for_a_reorg(
+    db: Database,
+    w3: Web3,
+    hub: Contract,
+    hub_deployment: Deployment,
+    devnet: Devnet,
+    open_channel: Callable[..., HubChannel],
+    accounts: list[LocalAccount],
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """The primary RPC fails over to a fallback a few blocks behind it (or a provider's balancer sends a read to a node
+    behind the others): the block at the indexer's cursor is not there yet. It was taken for a reorganisation deeper
+    than the confirmations: every channel touched since the last block that node had was suspended (409
+    `channel_suspended` to its payer, its deposit read as 0) until an operator resumed it. Now the indexer waits for
+    the node, says so once, and goes on where it was when a node that has the blocks answers again."""
+    fork_block = w3.eth.block_number
+    channel = open_channel(accounts[5], accounts[6].address, amount=100)  # in a block the node behind lacks
+    mine(w3, 3)
+    settings = devnet_settings(devnet_accounts=1)
+    with (
+        TcpProxy(devnet.port) as primary,
+        ForkedDevnet(settings, fork_url=devnet.url, fork_block=fork_block) as behind,
+    ):
+        chain = connect(primary.url, fallbacks=[behind.url], primary_retry=0.5)
+        hub_there = chain.eth.contract(address=hub.address, abi=hub.abi)
+        indexer = Indexer(db, chain, hub_there, start_block=hub_deployment.block_number, confirmations=1)
+        indexer.catch_up()
+        applied = fork_block + 3
+        assert (stored(db, channel).deposit, indexer.progress) == (100, Progress(applied + 1, applied, applied))
+        primary.cut()  # the fallback answers now
+        with caplog.at_level(logging.WARNING, logger="settlement.indexer.follower"):
+            assert [indexer.poll() for _ in range(3)] == [0, 0, 0]
+        assert [r.getMessage() for r in caplog.records if r.name == "settlement.indexer.follower"] == [
+            f"the chain's node is at block {fork_block}, behind block {applied} the indexer applied: waiting for it"
+        ]
+        state = stored(db, channel)  # the code before: suspended, its deposit 0
+        assert (state.suspended_reason, state.deposit, state.status) == (None, 100, ChannelStatus.OPEN)
+        primary.mend()
+        send(w3, hub.functions.topUp(channel.id, 50), accounts[5].address, value=50)
+        mine(w3, 1)
+        time.sleep(0.5)  # the primary is tried again after `primary_retry`
+        indexer.catch_up()
+    assert (stored(db, channel).deposit, stored(db, channel).suspended_reason) == (150, None)
 
 
 def test_an_operator_resumes_a_suspended_channel_from_the_cli(

@@ -155,6 +155,7 @@ class Indexer:
         self._events = {HexBytes(event.topic): event for event in hub.all_events()}
         self._opened_topic = HexBytes(hub.events.ChannelOpened.topic)
         self.progress: Progress | None = None
+        self._behind = False  # the node lacked the block at the cursor at the last poll (said once in the log)
         # Channel ids the chain said do not exist, until when (monotonic): a repeated unknown id costs no RPC call.
         # Short-lived: a payer may open the channel a moment later, and its first voucher must not wait long.
         self.absent_ttl = absent_ttl
@@ -390,11 +391,25 @@ class Indexer:
         with self.db.read() as conn:
             cursor = log_q.get_cursor(conn)
         assert cursor is not None  # created in __init__
-        if cursor.block_hash is not None and self._block_hash(cursor.block_number) != cursor.block_hash:
-            self.check_anchor()  # a replaced chain is not a reorganisation: nothing here can be rewound to
-            self._rewind(cursor, confirmed)
-            self.progress = Progress(head, confirmed, cursor.block_number)
-            return 0
+        if cursor.block_hash is not None:
+            found = self._block_hash(cursor.block_number)
+            if found != cursor.block_hash:
+                self.check_anchor()  # a replaced chain is not a reorganisation: nothing here can be rewound to
+                if found is not None:  # another block in its place
+                    self._rewind(cursor, confirmed)
+                elif not self._behind:
+                    # This node has no such block yet: it is behind what was applied (a fallback RPC, another node
+                    # behind the provider's balancer), not reorganised. It was taken for a reorganisation deeper
+                    # than the confirmations: every channel touched since the last block it had was suspended.
+                    logger.warning(
+                        "the chain's node is at block %d, behind block %d the indexer applied: waiting for it",
+                        head,
+                        cursor.block_number,
+                    )
+                self._behind = found is None
+                self.progress = Progress(head, confirmed, cursor.block_number)
+                return 0
+        self._behind = False
         if confirmed <= cursor.block_number:
             self.progress = Progress(head, confirmed, cursor.block_number)
             return 0
