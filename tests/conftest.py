@@ -33,7 +33,8 @@ from settlement.server.config import Settings
 from settlement.server.service import Service
 from settlement.settle.engine import Settler
 from settlement.store import Database
-from tests.hub_helpers import CHALLENGE_PERIOD, devnet_settings, voucher_signer
+from tests.hub_helpers import CHALLENGE_PERIOD, ForkedDevnet, devnet_settings, voucher_signer
+from tests.proxy import TcpProxy
 from tests.servers import ServiceProcess, ServiceThread
 
 
@@ -252,6 +253,22 @@ def make_indexer(w3: Web3, hub: Contract, hub_deployment: Deployment, db: Databa
         return Indexer(db, w3, hub, start_block=hub_deployment.block_number, confirmations=confirmations)
 
     return make
+
+
+@pytest.fixture
+def failover_behind(devnet: Devnet) -> Iterator[Callable[[int], tuple[TcpProxy, Web3]]]:
+    """Factory: failover_behind(fork_block) -> (primary, w3): a Web3 whose primary RPC, a TCP proxy in front of the
+    devnet, fails over to an anvil forked from it at `fork_block`, blocks behind it (as a fallback RPC or a node behind
+    a provider's balancer may be): after `primary.cut()` the node behind answers. All stopped after the test."""
+    with ExitStack() as stack:
+
+        def make(fork_block: int) -> tuple[TcpProxy, Web3]:
+            primary = stack.enter_context(TcpProxy(devnet.port))
+            settings = devnet_settings(devnet_accounts=1)
+            behind = stack.enter_context(ForkedDevnet(settings, fork_url=devnet.url, fork_block=fork_block))
+            return primary, connect(primary.url, fallbacks=[behind.url], primary_retry=0.5)
+
+        yield make
 
 
 @pytest.fixture

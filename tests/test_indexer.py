@@ -16,11 +16,10 @@ from web3.contract import Contract
 from web3.types import RPCEndpoint
 
 from settlement.chain.deployment import Deployment
-from settlement.chain.node import connect
 from settlement.devtools.devnet import Devnet
 from settlement.domain.model import Channel, ChannelStatus, Voucher
 from settlement.eip712.vouchers import VoucherVerifier, read_domain
-from settlement.errors import ChannelSuspendedError
+from settlement.errors import ChainUnavailableError, ChannelSuspendedError
 from settlement.indexer.follower import Indexer, Progress
 from settlement.ingest.pipeline import Ingestor
 from settlement.server.metrics import Metrics
@@ -28,7 +27,7 @@ from settlement.store import Database
 from settlement.store import channels as channel_q
 from settlement.store.tables import chain_events
 from tests.hub_helpers import Channel as HubChannel
-from tests.hub_helpers import ForkedDevnet, batch, devnet_settings, send, settle_call
+from tests.hub_helpers import batch, send, settle_call
 from tests.proxy import TcpProxy
 
 
@@ -234,7 +233,7 @@ def test_a_node_behind_the_indexer_is_waited_for_not_taken_for_a_reorg(
     w3: Web3,
     hub: Contract,
     hub_deployment: Deployment,
-    devnet: Devnet,
+    failover_behind: Callable[[int], tuple[TcpProxy, Web3]],
     open_channel: Callable[..., HubChannel],
     accounts: list[LocalAccount],
     caplog: pytest.LogCaptureFixture,
@@ -247,31 +246,67 @@ def test_a_node_behind_the_indexer_is_waited_for_not_taken_for_a_reorg(
     fork_block = w3.eth.block_number
     channel = open_channel(accounts[5], accounts[6].address, amount=100)  # in a block the node behind lacks
     mine(w3, 3)
-    settings = devnet_settings(devnet_accounts=1)
-    with (
-        TcpProxy(devnet.port) as primary,
-        ForkedDevnet(settings, fork_url=devnet.url, fork_block=fork_block) as behind,
-    ):
-        chain = connect(primary.url, fallbacks=[behind.url], primary_retry=0.5)
-        hub_there = chain.eth.contract(address=hub.address, abi=hub.abi)
-        indexer = Indexer(db, chain, hub_there, start_block=hub_deployment.block_number, confirmations=1)
-        indexer.catch_up()
-        applied = fork_block + 3
-        assert (stored(db, channel).deposit, indexer.progress) == (100, Progress(applied + 1, applied, applied))
-        primary.cut()  # the fallback answers now
-        with caplog.at_level(logging.WARNING, logger="settlement.indexer.follower"):
-            assert [indexer.poll() for _ in range(3)] == [0, 0, 0]
-        assert [r.getMessage() for r in caplog.records if r.name == "settlement.indexer.follower"] == [
-            f"the chain's node is at block {fork_block}, behind block {applied} the indexer applied: waiting for it"
-        ]
-        state = stored(db, channel)  # the code before: suspended, its deposit 0
-        assert (state.suspended_reason, state.deposit, state.status) == (None, 100, ChannelStatus.OPEN)
-        primary.mend()
-        send(w3, hub.functions.topUp(channel.id, 50), accounts[5].address, value=50)
-        mine(w3, 1)
-        time.sleep(0.5)  # the primary is tried again after `primary_retry`
-        indexer.catch_up()
+    primary, chain = failover_behind(fork_block)
+    hub_there = chain.eth.contract(address=hub.address, abi=hub.abi)
+    indexer = Indexer(db, chain, hub_there, start_block=hub_deployment.block_number, confirmations=1)
+    indexer.catch_up()
+    applied = fork_block + 3
+    assert (stored(db, channel).deposit, indexer.progress) == (100, Progress(applied + 1, applied, applied))
+    primary.cut()  # the fallback answers now
+    with caplog.at_level(logging.WARNING, logger="settlement.indexer.follower"):
+        assert [indexer.poll() for _ in range(3)] == [0, 0, 0]
+    assert [r.getMessage() for r in caplog.records if r.name == "settlement.indexer.follower"] == [
+        f"the chain's node is at block {fork_block}, behind block {applied} the indexer applied: waiting for it"
+    ]
+    state = stored(db, channel)  # the code before: suspended, its deposit 0
+    assert (state.suspended_reason, state.deposit, state.status) == (None, 100, ChannelStatus.OPEN)
+    primary.mend()
+    send(w3, hub.functions.topUp(channel.id, 50), accounts[5].address, value=50)
+    mine(w3, 1)
+    time.sleep(0.5)  # the primary is tried again after `primary_retry`
+    indexer.catch_up()
     assert (stored(db, channel).deposit, stored(db, channel).suspended_reason) == (150, None)
+
+
+def test_a_resume_through_a_node_behind_the_indexer_is_refused_not_applied(
+    db: Database,
+    w3: Web3,
+    hub: Contract,
+    hub_deployment: Deployment,
+    failover_behind: Callable[[int], tuple[TcpProxy, Web3]],
+    open_channel: Callable[..., HubChannel],
+    accounts: list[LocalAccount],
+) -> None:
+    """An operator's `resume` re-reads the channel's confirmed state and saves it. Through a node behind the indexer
+    it read an older state than the one applied and saved it: a close requested since was read back as open (no
+    watch on its deadline, vouchers taken to its end), and the events already applied were not applied again. Now it
+    is refused until the node has caught up."""
+    channel = open_channel(accounts[5], accounts[6].address, amount=100)
+    mine(w3, 2)
+    fork_block = w3.eth.block_number  # the channel is open and confirmed there
+    send(w3, hub.functions.requestClose(channel.id), accounts[5].address)
+    mine(w3, 2)
+    primary, chain = failover_behind(fork_block)
+    indexer = Indexer(
+        db,
+        chain,
+        chain.eth.contract(address=hub.address, abi=hub.abi),
+        start_block=hub_deployment.block_number,
+        confirmations=1,
+    )
+    indexer.catch_up()
+    assert stored(db, channel).status == ChannelStatus.CLOSING
+    primary.cut()
+    with pytest.raises(ChainUnavailableError) as refused:
+        indexer.resume(channel.hex_id)
+    assert str(refused.value) == (
+        f"the chain's node is at block {fork_block} (confirmed {fork_block - 1}), behind block {fork_block + 2} the "
+        "indexer applied: resume once it has caught up"
+    )
+    assert stored(db, channel).status == ChannelStatus.CLOSING  # the code before: open again
+    primary.mend()
+    time.sleep(0.5)  # the primary is tried again after `primary_retry`
+    assert indexer.resume(channel.hex_id).status == ChannelStatus.CLOSING
 
 
 def test_an_operator_resumes_a_suspended_channel_from_the_cli(

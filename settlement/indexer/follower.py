@@ -50,6 +50,7 @@ from settlement.domain.shards import UNSHARDED, Shard
 from settlement.errors import (
     ChainError,
     ChainMismatchError,
+    ChainUnavailableError,
     ChannelNotFoundError,
     ChannelUnconfirmedError,
     LookupBudgetError,
@@ -369,9 +370,17 @@ class Indexer:
 
     def resume(self, channel_id: ChannelId) -> Channel:
         """Lift a suspension after an operator checked the channel: re-read its confirmed state, clear the flag."""
-        confirmed = self.confirmed_heads().confirmed
+        head, confirmed = self.confirmed_heads()
         with self.db.read() as conn:
             known = channel_q.get_channel(conn, channel_id)
+            cursor = log_q.get_cursor(conn)
+        if cursor is not None and confirmed < cursor.block_number:
+            # A node behind the indexer (a fallback RPC): its state is older than what was applied, and saved it
+            # undid every event since (a close request read back as open: no watch on its deadline).
+            raise ChainUnavailableError(
+                f"the chain's node is at block {head} (confirmed {confirmed}), behind block {cursor.block_number} "
+                "the indexer applied: resume once it has caught up"
+            )
         fresh = None if known is None else self.read_channel(channel_id, confirmed, known.salt)
         with self.db.write() as conn:
             stored = channel_q.lock_channels(conn, [channel_id]).get(channel_id)
