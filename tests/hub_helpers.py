@@ -742,6 +742,57 @@ class TamperingProxy:
             self.server.server_close()
 
 
+class RangeCappedRpc:
+    """A JSON-RPC endpoint in front of a node, as a provider that caps `eth_getLogs` is: a call over more than
+    `max_blocks` blocks is refused in such a provider's words (code -32005); everything else is forwarded.
+    `ranges` lists every eth_getLogs range asked for, taken or not."""
+
+    def __init__(self, target: str, max_blocks: int) -> None:
+        self.target, self.max_blocks = target, max_blocks
+        self.port = free_test_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.server: ThreadingHTTPServer | None = None
+        self.ranges: list[tuple[int, int]] = []
+        self.client = httpx.Client(timeout=30)
+
+    def __enter__(self) -> RangeCappedRpc:
+        rpc = self
+
+        class Handler(BaseHTTPRequestHandler):
+            def do_POST(self) -> None:
+                body = self.rfile.read(int(self.headers.get("content-length", "0")))
+                call = json.loads(body)
+                answer = None
+                if isinstance(call, dict) and call.get("method") == "eth_getLogs":
+                    asked = call["params"][0]
+                    first, last = int(asked["fromBlock"], 16), int(asked["toBlock"], 16)
+                    rpc.ranges.append((first, last))
+                    if last - first + 1 > rpc.max_blocks:
+                        error = {"code": -32005, "message": f"query exceeds max block range {rpc.max_blocks}"}
+                        answer = json.dumps({"jsonrpc": "2.0", "id": call.get("id"), "error": error}).encode()
+                if answer is None:
+                    real = rpc.client.post(rpc.target, content=body, headers={"content-type": "application/json"})
+                    answer = real.content
+                self.send_response(200)
+                self.send_header("content-type", "application/json")
+                self.send_header("content-length", str(len(answer)))
+                self.end_headers()
+                self.wfile.write(answer)
+
+            def log_message(self, *args: Any) -> None:
+                pass
+
+        self.server = ThreadingHTTPServer(("127.0.0.1", self.port), Handler)
+        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+        return self
+
+    def __exit__(self, *_exc: object) -> None:
+        if self.server is not None:
+            self.server.shutdown()
+            self.server.server_close()
+        self.client.close()
+
+
 class StreamEvent(NamedTuple):
     """One server-sent event of a payee's stream."""
 

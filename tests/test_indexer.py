@@ -16,18 +16,19 @@ from web3.contract import Contract
 from web3.types import RPCEndpoint
 
 from settlement.chain.deployment import Deployment
+from settlement.chain.node import connect
 from settlement.devtools.devnet import Devnet
 from settlement.domain.model import Channel, ChannelStatus, Voucher
 from settlement.eip712.vouchers import VoucherVerifier, read_domain
 from settlement.errors import ChainUnavailableError, ChannelSuspendedError
-from settlement.indexer.follower import Indexer, Progress
+from settlement.indexer.follower import SPAN_REGROWTH, Indexer, Progress
 from settlement.ingest.pipeline import Ingestor
 from settlement.server.metrics import Metrics
 from settlement.store import Database
 from settlement.store import channels as channel_q
 from settlement.store.tables import chain_events
 from tests.hub_helpers import Channel as HubChannel
-from tests.hub_helpers import batch, send, settle_call
+from tests.hub_helpers import RangeCappedRpc, batch, send, settle_call
 from tests.proxy import TcpProxy
 
 
@@ -307,6 +308,58 @@ def test_a_resume_through_a_node_behind_the_indexer_is_refused_not_applied(
     primary.mend()
     time.sleep(0.5)  # the primary is tried again after `primary_retry`
     assert indexer.resume(channel.hex_id).status == ChannelStatus.CLOSING
+
+
+def test_a_log_range_the_rpc_refuses_is_read_in_narrower_ranges(
+    db: Database,
+    w3: Web3,
+    hub: Contract,
+    hub_deployment: Deployment,
+    devnet: Devnet,
+    open_channel: Callable[..., HubChannel],
+    accounts: list[LocalAccount],
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """Providers cap `eth_getLogs` (by blocks, by results: a busy hub's 2,000 blocks hold more than 10,000 logs). The
+    indexer asked for the refused range again at every poll, for good: no event after it was applied (a close
+    request unseen, its deadline unwatched). Now a refused range is read in halves, the narrower span is kept, and
+    every event is applied."""
+    first = open_channel(accounts[5], accounts[6].address, amount=100)
+    mine(w3, 40)
+    last = open_channel(accounts[7], accounts[6].address, amount=200)
+    with RangeCappedRpc(devnet.url, max_blocks=16) as capped:
+        chain = connect(capped.url)
+        hub_there = chain.eth.contract(address=hub.address, abi=hub.abi)
+        indexer = Indexer(db, chain, hub_there, start_block=hub_deployment.block_number, confirmations=0)
+        with caplog.at_level(logging.WARNING, logger="settlement.indexer.follower"):
+            indexer.catch_up()
+        assert (stored(db, first).deposit, stored(db, last).deposit) == (100, 200)  # the code before: ChainError
+        ranges, head = list(capped.ranges), w3.eth.block_number
+        # After SPAN_REGROWTH (64) reads taken in a row the span is tried twice as wide: refused here, halved again.
+        capped.ranges.clear()
+        w3.provider.make_request(RPCEndpoint("anvil_mine"), [hex(1_000)])
+        later = open_channel(accounts[8], accounts[6].address, amount=300)
+        indexer.catch_up()
+        assert stored(db, later).deposit == 300
+        widened = [b - a + 1 for a, b in capped.ranges]
+    capped.ranges = ranges
+    start = hub_deployment.block_number
+    assert head - start + 1 > 32  # the first poll's range, refused, then halved at least twice
+    refused, size = [], head - start + 1  # each refused range halved, from the first block, until one is taken
+    while size > 16:
+        refused.append((start, start + size - 1))
+        size //= 2
+    assert capped.ranges == refused + [(n, min(n + size - 1, head)) for n in range(start, head + 1, size)]
+    assert indexer.span == size
+    taken_before = len(capped.ranges) - len(refused)
+    assert widened[: SPAN_REGROWTH - taken_before + 1] == [size] * (SPAN_REGROWTH - taken_before) + [2 * size]
+    assert set(widened[:-1]) == {size, 2 * size}  # `size` taken, twice that refused (the last: up to the head)
+    warned = [r.getMessage() for r in caplog.records if r.name == "settlement.indexer.follower"]
+    assert warned[0] == (
+        f"indexer: reading hub logs {start}..{head}: the chain's RPC refused ({{'code': -32005, 'message': 'query "
+        f"exceeds max block range 16'}}); reading {(head - start + 1) // 2} blocks at a time"
+    )
+    assert len(warned) == len(refused) + widened.count(2 * size)
 
 
 def test_an_operator_resumes_a_suspended_channel_from_the_cli(

@@ -64,6 +64,7 @@ from settlement.store.chainlog import ChainEvent, Cursor
 logger = logging.getLogger(__name__)
 
 ABSENT_MAX = 100_000  # remembered unknown ids before the expired ones are dropped: a flood cannot grow it unbounded
+SPAN_REGROWTH = 64  # reads taken in a row at a narrowed span before it is tried twice as wide
 
 
 CHANNEL_EVENTS = frozenset(HubEvent)
@@ -148,6 +149,8 @@ class Indexer:
         self.start_block = start_block
         self.confirmations = confirmations
         self.batch_blocks = batch_blocks
+        self.span = batch_blocks  # blocks an eth_getLogs call asks for: narrower after the RPC refused a range
+        self._taken = 0  # reads taken in a row at this span
         self.reorg_window = reorg_window
         self.anchor = anchor
         self.failing: str | None = None  # why the last poll of `run` failed; None while it progresses
@@ -235,12 +238,34 @@ class Indexer:
             self.block_time = stamp
 
     def _logs(self, from_block: int, to_block: int, topics: list[Any] | None = None) -> list[ChainEvent]:
-        params: FilterParams = {"address": self.hub.address, "fromBlock": from_block, "toBlock": to_block}
-        if topics:
-            params["topics"] = topics
-        with self._reading(f"reading hub logs {from_block}..{to_block}"):
-            logs = self.w3.eth.get_logs(params)
-        return [e for e in (self._decode(log) for log in logs) if e is not None]
+        """The hub's logs of blocks from..to, read `span` blocks at a time. A range the RPC refuses (providers cap
+        `eth_getLogs` by blocks or by results: 10,000 logs, 500 to 10,000 blocks) is read again in halves, and the
+        span stays halved; it doubles back after `SPAN_REGROWTH` reads in a row are taken. A refusal of one block's
+        logs is raised. Before, the indexer asked for the same refused range forever: no event applied after it."""
+        events: list[ChainEvent] = []
+        start = from_block
+        while start <= to_block:
+            end = min(to_block, start + self.span - 1)
+            params: FilterParams = {"address": self.hub.address, "fromBlock": start, "toBlock": end}
+            if topics:
+                params["topics"] = topics
+            try:
+                with self._reading(f"reading hub logs {start}..{end}"):
+                    logs = self.w3.eth.get_logs(params)
+            except ChainUnavailableError:
+                raise
+            except ChainError as ex:
+                if end == start:
+                    raise
+                self.span, self._taken = max(1, (end - start + 1) // 2), 0
+                logger.warning("indexer: %s; reading %d blocks at a time", ex.message, self.span)
+                continue
+            events += [e for e in (self._decode(log) for log in logs) if e is not None]
+            start = end + 1
+            self._taken += 1
+            if self._taken >= SPAN_REGROWTH and self.span < self.batch_blocks:
+                self.span, self._taken = min(self.batch_blocks, 2 * self.span), 0
+        return events
 
     def _decode(self, log: LogReceipt) -> ChainEvent | None:
         event = self._events.get(HexBytes(log["topics"][0])) if log["topics"] else None
@@ -301,10 +326,10 @@ class Indexer:
         if stored is not None:
             return stored.salt
         first = max(self.start_block, cursor.block_number + 1 if cursor else self.start_block)
-        # Newest first, in ranges of batch_blocks: a voucher for a fresh channel comes soon after its opening.
+        # Newest first, a span at a time: a voucher for a fresh channel comes soon after its opening.
         to_block = block
         while to_block >= first:
-            from_block = max(first, to_block - self.batch_blocks + 1)
+            from_block = max(first, to_block - self.span + 1)
             opened = self._logs(from_block, to_block, [self._opened_topic, channel_id])
             if opened:
                 return str(opened[0].args["salt"])
@@ -422,7 +447,7 @@ class Indexer:
         if confirmed <= cursor.block_number:
             self.progress = Progress(head, confirmed, cursor.block_number)
             return 0
-        to_block = min(confirmed, cursor.block_number + self.batch_blocks)
+        to_block = min(confirmed, cursor.block_number + self.span)
         events = self._logs(cursor.block_number + 1, to_block)
         to_hash = self._block_hash(to_block)
         advanced = self._apply(cursor, Cursor(to_block, to_hash), events)
