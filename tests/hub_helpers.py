@@ -755,6 +755,15 @@ class RangeCappedRpc:
         self.ranges: list[tuple[int, int]] = []
         self.client = httpx.Client(timeout=30)
 
+    def block_of(self, tag: str | None) -> int:
+        """A block number of eth_getLogs' `fromBlock`/`toBlock`: a number, "earliest", or a tag of the head."""
+        if tag is not None and tag.startswith("0x"):
+            return int(tag, 16)
+        if tag == "earliest":
+            return 0
+        asked = {"jsonrpc": "2.0", "id": 1, "method": "eth_blockNumber", "params": []}
+        return int(self.client.post(self.target, json=asked).json()["result"], 16)
+
     def __enter__(self) -> RangeCappedRpc:
         rpc = self
 
@@ -765,7 +774,7 @@ class RangeCappedRpc:
                 answer = None
                 if isinstance(call, dict) and call.get("method") == "eth_getLogs":
                     asked = call["params"][0]
-                    first, last = int(asked["fromBlock"], 16), int(asked["toBlock"], 16)
+                    first, last = rpc.block_of(asked.get("fromBlock")), rpc.block_of(asked.get("toBlock"))
                     rpc.ranges.append((first, last))
                     if last - first + 1 > rpc.max_blocks:
                         error = {"code": -32005, "message": f"query exceeds max block range {rpc.max_blocks}"}

@@ -63,6 +63,7 @@ from tests.hub_helpers import (
     ETH,
     ROOT,
     Answers,
+    RangeCappedRpc,
     Tampering,
     TamperingProxy,
     events,
@@ -175,13 +176,22 @@ def paid_api(devnet: Devnet, tmp_path: Path) -> Iterator[PaidApis]:
 
 @pytest.fixture
 def payer_for(devnet: Devnet, tmp_path: Path) -> Iterator[Callable[..., PayerClient]]:
-    """Factory: payer_for(account, service, journal="payer") -> the account's PayerClient on that service, with its
-    journal in this test's directory; all are shut down after the test."""
+    """Factory: payer_for(account, service, journal="payer", rpc_url=None) -> the account's PayerClient on that
+    service (or a URL: a proxy's), with its journal in this test's directory, on the devnet (or `rpc_url`); all are
+    shut down after the test."""
     made: list[PayerClient] = []
 
-    def make(account: LocalAccount, service: ServiceProcess, journal: str = "payer") -> PayerClient:
+    def make(
+        account: LocalAccount,
+        service: ServiceProcess | str,
+        journal: str = "payer",
+        rpc_url: str | None = None,
+    ) -> PayerClient:
         client = PayerClient(
-            HexBytes(account.key).to_0x_hex(), devnet.url, service.url, state_path=tmp_path / f"{journal}.sqlite3"
+            HexBytes(account.key).to_0x_hex(),
+            rpc_url or devnet.url,
+            service if isinstance(service, str) else service.url,
+            state_path=tmp_path / f"{journal}.sqlite3",
         )
         made.append(client)
         return client
@@ -1421,6 +1431,60 @@ def test_an_open_whose_receipt_was_never_read_is_paid_on_once_mined_not_opened_a
     (channel,) = rig.payer.open_channels(payee)  # the code before: two channels, the first never paid on
     assert int(channel["deposit"]) == 100 * PRICE
     assert accepted_for(rig.service, payee) == 2 * PRICE
+
+
+def test_a_restarted_payer_finds_its_channel_through_an_rpc_that_caps_log_ranges(
+    lane_rig: Callable[..., LaneRig], devnet: Devnet, w3: Web3, payer_for: Callable[..., PayerClient]
+) -> None:
+    """After a restart x402's client learns its channels from the service and checks each against the hub. It read a
+    channel's salt from its ChannelOpened log, searched from block 0: a provider that caps `eth_getLogs` ranges (most
+    do) refused that, and the restarted payer could pay no more, each payment failing with the RPC's error. The
+    listing's salt is taken now, checked (with the parties the hub holds it must hash to the channel's id), and no
+    log is searched. A listing whose salt names another channel, or is no salt, is the service's word, not taken."""
+    rig = lane_rig("capped-logs")
+    ((payee, api),) = rig.payees
+    assert paid_get(devnet, rig.scheme, f"{api}/weather") == 200  # its channel opened
+    (listed,) = rig.payer.open_channels(payee)
+    rig.payer.shutdown()
+    w3.provider.make_request(RPCEndpoint("anvil_mine"), [hex(100)])  # the chain goes on: its opening 100 blocks back
+    with RangeCappedRpc(devnet.url, max_blocks=16) as capped:
+        again = payer_for(rig.payer.account, rig.service, rpc_url=capped.url)  # the same journal: restarted
+        assert paid_get(devnet, ChannelHubClientScheme(again, DepositPolicy(multiple=100)), f"{api}/weather") == 200
+    assert capped.ranges == []  # the code before: blocks 0..head asked, refused, and the payment failed
+    assert [c["channelId"] for c in again.open_channels(payee)] == [listed["channelId"]]
+    assert accepted_for(rig.service, payee) == 2 * PRICE
+
+    def refused(scheme: ChannelHubClientScheme) -> str:
+        async def pay() -> str:
+            async with x402HttpxClient(paying_client(devnet, scheme), timeout=60) as http:
+                with pytest.raises(PaymentError) as failed:
+                    await http.get(f"{api}/weather")
+                return str(failed.value)
+
+        return asyncio.run(pay())
+
+    cid = listed["channelId"]
+    for salt, said in (
+        ("0x" + "00" * 31 + "01", f"salt 0x{'00' * 31}01 does not name channel {cid}"),
+        (None, None),
+    ):
+
+        def rewrite(path: str, data: Any, salt: str | None = salt) -> Any:
+            if path == "/v1/channels":
+                return {**data, "items": [{**item, "salt": salt} for item in data["items"]]}
+            return data
+
+        with TamperingProxy(rig.service.url, rewrite) as proxy:
+            told = payer_for(rig.payer.account, proxy.url, journal=f"told-{salt}")
+            failure = refused(ChannelHubClientScheme(told))
+        expected = (
+            f"the service lists {cid} among this payer's: {said}"
+            if said
+            else "the service's salt is not a 32-byte salt: 'None'"
+        )
+        assert failure == f"Failed to handle payment: {expected}"
+    assert accepted_for(rig.service, payee) == 2 * PRICE
+    assert [c["channelId"] for c in again.open_channels(payee)] == [cid]  # nothing opened beside it
 
 
 def test_a_top_up_the_chain_refused_frees_its_channel_for_the_next_payment(

@@ -87,11 +87,12 @@ def service_address(data: dict[str, Any], field: str, who: str = "the service") 
     return to_checksum_address(found)
 
 
-def service_channel_id(data: dict[str, Any], field: str, who: str = "the service") -> str:
-    """A channel id in the answer ("0x" + 64 hex digits, matched whole), in lower case."""
+def service_channel_id(data: dict[str, Any], field: str, who: str = "the service", what: str = "a channel id") -> str:
+    """A channel id (or another 32-byte word: `what`) in the answer ("0x" + 64 hex digits, matched whole), in lower
+    case."""
     found = hex32_of(data.get(field))
     if found is None:
-        raise UntrustedServiceError(f"{who}'s {field} is not a channel id: {str(data.get(field))[:70]!r}")
+        raise UntrustedServiceError(f"{who}'s {field} is not {what}: {str(data.get(field))[:70]!r}")
     return found
 
 

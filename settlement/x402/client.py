@@ -51,7 +51,7 @@ from x402.schemas import (
 from settlement.chain.addresses import ADDRESS_RULE, is_typed_address
 from settlement.domain.model import ETH, ChannelId, ChannelStatus, ChannelViewField
 from settlement.errors import TransactionFailedError, UntrustedServiceError
-from settlement.sdk.answers import service_amount
+from settlement.sdk.answers import service_amount, service_channel_id
 from settlement.sdk.journal import Budget
 from settlement.sdk.payer import Authorized, ChannelRef, PayerClient, Reclaim
 from settlement.x402.wire import SCHEME, PayloadError, VoucherPayload, base_units, network_of, same_address
@@ -495,10 +495,14 @@ class ChannelHubClientScheme:
         lanes, stopped = [], []
         closing = self.payer.listed_channels(payee, asset, ChannelStatus.CLOSING)
         for listed in [*self.payer.listed_channels(payee, asset), *(c for c in closing if c.get("stoppedAt"))]:
+            listed_id = service_channel_id(listed, "channelId")
+            # The listing's salt, not a search of the hub's logs from block 0 (which a provider capping log ranges
+            # refused: no payment after a restart); checked, as it must hash to the id with the parties the hub holds.
+            salt = bytes.fromhex(service_channel_id(listed, "salt", what="a 32-byte salt")[2:])
             try:  # the hub's word, not the listing's: this payer's channel, to this payee, in this asset
-                channel = self.payer.channel(listed["channelId"])
+                channel = self.payer.channel(listed_id, salt=salt)
             except ValueError as ex:
-                raise UntrustedServiceError(f"the service lists {listed['channelId']} among this payer's: {ex}") from ex
+                raise UntrustedServiceError(f"the service lists {listed_id} among this payer's: {ex}") from ex
             if (channel.payee, channel.token) != (payee, asset):  # else its vouchers would pay someone else
                 raise UntrustedServiceError(
                     f"the service lists {channel.hex_id} as a channel to {payee} in {asset}; the hub says it pays "
