@@ -28,6 +28,7 @@ from settlement.domain.model import ChannelStatus, ChannelViewField
 from settlement.domain.redaction import scrubbed, scrubbed_start, shown_url, text_start
 from settlement.eip712.vouchers import VoucherSigner
 from settlement.errors import (
+    ChainError,
     PaymentUncertainError,
     ServiceRejectedError,
     TransactionFailedError,
@@ -40,6 +41,7 @@ from settlement.sdk.payer import PayerClient, Reclaim
 from tests.hub_helpers import (
     DEEP_JSON,
     Channel,
+    RangeCappedRpc,
     Tampering,
     TamperingProxy,
     body,
@@ -57,13 +59,14 @@ pytestmark = pytest.mark.slow
 
 @pytest.fixture
 def payer_client(devnet: Devnet, tmp_path: Path) -> Iterator[Callable[..., PayerClient]]:
-    """Factory: payer_client(account, service_url, **options) -> PayerClient; all are shut down after the test.
+    """Factory: payer_client(account, service_url, rpc_url=None, **options) -> PayerClient on the devnet (or
+    `rpc_url`: a proxy's); all are shut down after the test.
     Each client has a journal of its own (a new app on another machine) unless `state_path` is given (a restart)."""
     made: list[PayerClient] = []
 
-    def make(account: LocalAccount, service_url: str, **options: Any) -> PayerClient:
+    def make(account: LocalAccount, service_url: str, rpc_url: str | None = None, **options: Any) -> PayerClient:
         options.setdefault("state_path", tmp_path / f"journal-{len(made)}.sqlite3")
-        client = PayerClient(key(account), devnet.url, service_url, **options)
+        client = PayerClient(key(account), rpc_url or devnet.url, service_url, **options)
         made.append(client)
         return client
 
@@ -948,6 +951,45 @@ def test_a_channel_reference_reads_well_and_is_rebuilt_from_its_id(
         f"transaction would revert: ChannelHubChallengeNotOver(channelId={channel.hex_id}, "
         f"deadline={deadline.isoformat().replace('+00:00', 'Z')})"
     )
+
+
+def test_a_channel_is_rebuilt_from_its_id_through_an_rpc_that_caps_log_ranges(
+    serve_here: Callable[..., ServiceThread],
+    payer_client: Callable[..., PayerClient],
+    accounts: list[LocalAccount],
+    devnet: Devnet,
+    w3: Web3,
+    tmp_path: Path,
+) -> None:
+    """`client.channel(id)` (what an app calls after a restart) read the channel's salt from its ChannelOpened log,
+    searched from block 0: a provider that caps `eth_getLogs` ranges (most do) refused it, and web3's own error came
+    out of the SDK. The service's salt is taken now, checked (with the hub's parties it must hash to the id); a salt
+    that names another channel is `service_untrusted`; with the service away the logs are searched, and a refusal
+    there is the SDK's `ChainError`."""
+    service = serve_here(f"sqlite:///{tmp_path / 'rebuilt.db'}")
+    opened = payer_client(accounts[10], service.url).open_channel(accounts[11].address, 10**15)
+    w3.provider.make_request(RPCEndpoint("anvil_mine"), [hex(100)])  # its opening 100 blocks back
+    with RangeCappedRpc(devnet.url, max_blocks=16) as capped:
+        restarted = payer_client(accounts[10], service.url, rpc_url=capped.url, retries=0)
+        assert restarted.channel(opened.hex_id) == opened  # the code before: web3's Web3RPCError
+        assert capped.ranges == []
+        tamper = Tampering()
+        lie = "0x" + "00" * 31 + "07"
+        tamper.rewrite = lambda path, data: {**data, "salt": lie} if path.startswith("/v1/channels/") else data
+        told = payer_client(
+            accounts[10], service.url, rpc_url=capped.url, http=httpx.Client(base_url=service.url, transport=tamper)
+        )
+        with pytest.raises(UntrustedServiceError) as untrusted:
+            told.channel(opened.hex_id)
+        assert str(untrusted.value) == f"the service's salt {lie} does not name channel {opened.hex_id}"
+        service.stop()  # the service away: the hub's logs, which this provider refuses to search from block 0
+        with pytest.raises(ChainError) as refused:
+            restarted.channel(opened.hex_id)
+        assert str(refused.value) == (
+            f"searching the ChannelOpened log of {opened.hex_id} from block 0: the chain's RPC refused ({{'code': "
+            "-32005, 'message': 'query exceeds max block range 16'})"
+        )
+        assert capped.ranges == [(0, w3.eth.block_number)]
 
 
 def test_reclaim_takes_the_step_that_is_due_until_the_deposit_is_back(

@@ -43,7 +43,7 @@ from web3.contract import Contract
 from settlement.chain.addresses import checksummed
 from settlement.chain.contracts import HUB, load_artifact
 from settlement.chain.deployment import hub_at
-from settlement.chain.node import Transactor, connect
+from settlement.chain.node import Transactor, connect, rpc_errors
 from settlement.domain.model import ETH, ChannelStatus, ChannelViewField, Receipt, signature_of
 from settlement.domain.redaction import text_start
 from settlement.eip712.vouchers import Domain, VoucherSigner, VoucherVerifier, read_domain
@@ -244,25 +244,42 @@ class PayerClient:
 
     def channel(self, channel_id: str | bytes, *, salt: bytes | None = None, from_block: int = 0) -> ChannelRef:
         """Rebuild the reference of one of this payer's channels from its id (after a restart): its payee and asset
-        from the hub, its salt from `salt` or else from the channel's ChannelOpened log, searched from `from_block`
-        (a provider that caps log ranges needs `salt` or a recent `from_block`)."""
+        from the hub, its salt from `salt`, else the service's (checked: with the hub's parties it must hash to the
+        id), else the channel's ChannelOpened log searched from `from_block` (a provider that caps log ranges refuses
+        a long search: `ChainError`; pass `salt` or a recent `from_block`)."""
         raw = bytes.fromhex(channel_id[2:]) if isinstance(channel_id, str) else bytes(channel_id)
         view = self.hub.functions.channel(raw).call()
         if to_checksum_address(view[ChannelViewField.PAYER]) != self.address:
             raise ValueError(f"0x{raw.hex()} is not a channel of payer {self.address} on hub {self.hub.address}")
-        if salt is None:
-            opened = self.hub.events.ChannelOpened().get_logs(
-                argument_filters={"channelId": raw}, from_block=from_block, to_block="latest"
-            )
-            if not opened:
-                raise ValueError(f"no ChannelOpened log for 0x{raw.hex()} since block {from_block}: pass salt=")
-            salt = bytes(opened[0]["args"]["salt"])
         payee = to_checksum_address(view[ChannelViewField.PAYEE])
         token = to_checksum_address(view[ChannelViewField.TOKEN])
+        if salt is None:
+            told = self._told_salt(raw)
+            if told is not None and channel_id_of(self.address, payee, token, told) != raw:
+                raise UntrustedServiceError(f"the service's salt 0x{told.hex()} does not name channel 0x{raw.hex()}")
+            salt = told if told is not None else self._logged_salt(raw, from_block)
         ref = ChannelRef(raw, payee, token, salt)
         if channel_id_of(self.address, payee, token, salt) != raw:
             raise ValueError(f"salt 0x{salt.hex()} does not name channel 0x{raw.hex()}")
         return ref
+
+    def _told_salt(self, raw: bytes) -> bytes | None:
+        """The channel's salt as the service has it, or None when it does not know the channel (or is away): one
+        read, where a search of the hub's logs from the channel's opening was refused by providers that cap ranges."""
+        try:
+            known = self._get(f"/v1/channels/0x{raw.hex()}")
+        except ServiceRejectedError:
+            return None
+        return bytes.fromhex(service_channel_id(known, "salt", what="a 32-byte salt")[2:])
+
+    def _logged_salt(self, raw: bytes, from_block: int) -> bytes:
+        with rpc_errors(f"searching the ChannelOpened log of 0x{raw.hex()} from block {from_block}"):
+            opened = self.hub.events.ChannelOpened().get_logs(
+                argument_filters={"channelId": raw}, from_block=from_block, to_block="latest"
+            )
+        if not opened:
+            raise ValueError(f"no ChannelOpened log for 0x{raw.hex()} since block {from_block}: pass salt=")
+        return bytes(opened[0]["args"]["salt"])
 
     def open_channels(self, payee: str, token: str | None = None) -> list[dict[str, Any]]:
         """This payer's open channels to `payee` in `token` (default ETH) as the service lists them (its word:
