@@ -1433,6 +1433,43 @@ def test_an_open_whose_receipt_was_never_read_is_paid_on_once_mined_not_opened_a
     assert accepted_for(rig.service, payee) == 2 * PRICE
 
 
+def test_a_top_up_whose_receipt_was_never_read_is_counted_once_mined_not_made_again(
+    devnet: Devnet, w3: Web3, lane_rig: Callable[..., LaneRig], tmp_path: Path, mining: str
+) -> None:
+    """The payer's node goes out of reach between taking a top-up and answering for its receipt: that payment fails,
+    the client not knowing whether the deposit grew. It did: the top-up was mined. The client kept its old figure of
+    the deposit, and the next payment topped the channel up again: more of the payer's money locked than its policy
+    asks. Now the next payment reads the deposit from the hub once the top-up's nonce is mined, and pays on it."""
+    rig = lane_rig("unread-top-up")
+    ((payee, api),) = rig.payees
+    with TcpProxy(int(devnet.url.rsplit(":", 1)[1])) as node:
+        key = HexBytes(rig.payer.account.key).to_0x_hex()
+        payer = PayerClient(key, node.url, rig.service.url, state_path=tmp_path / "unread-top-up.sqlite3")
+        try:
+            scheme = ChannelHubClientScheme(payer, DepositPolicy(multiple=1, follow_hint=False))
+            assert paid_get(devnet, scheme, f"{api}/weather") == 200  # a channel of one price, used up
+            # The next payment tops it up by a price; the top-up is sent and mined, then the node is cut.
+            failure = failed_payment_across(
+                devnet, scheme, f"{api}/weather", gate_calls(payer.transactor, "wait"), node.cut
+            )
+            node.mend()
+            assert paid_get(devnet, scheme, f"{api}/weather") == 200
+        finally:
+            payer.shutdown()
+    assert re.fullmatch(
+        "Failed to handle payment: transaction 0x[0-9a-f]{64} was sent, and the chain's RPC went away before its "
+        r"receipt was read \(ConnectionError\): it may be mined yet",
+        failure,
+    ), failure
+    wallet = rig.payer.account.address
+    wait_until(lambda: w3.eth.get_transaction_count(wallet, "pending") == w3.eth.get_transaction_count(wallet))
+    (channel,) = rig.payer.open_channels(payee)
+    on_chain = w3.eth.contract(address=rig.payer.hub.address, abi=rig.payer.hub.abi).functions.channel
+    assert on_chain(bytes.fromhex(channel["channelId"][2:])).call()[ChannelViewField.DEPOSIT] == 2 * PRICE
+    # the code before: 3 prices, a second top-up
+    assert accepted_for(rig.service, payee) == 2 * PRICE
+
+
 def test_a_restarted_payer_finds_its_channel_through_an_rpc_that_caps_log_ranges(
     lane_rig: Callable[..., LaneRig], devnet: Devnet, w3: Web3, payer_for: Callable[..., PayerClient]
 ) -> None:

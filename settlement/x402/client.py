@@ -49,8 +49,9 @@ from x402.schemas import (
 )
 
 from settlement.chain.addresses import ADDRESS_RULE, is_typed_address
+from settlement.chain.node import rpc_errors
 from settlement.domain.model import ETH, ChannelId, ChannelStatus, ChannelViewField
-from settlement.errors import TransactionFailedError, UntrustedServiceError
+from settlement.errors import ChainUnavailableError, TransactionFailedError, UntrustedServiceError
 from settlement.sdk.answers import service_amount, service_channel_id
 from settlement.sdk.journal import Budget
 from settlement.sdk.payer import Authorized, ChannelRef, PayerClient, Reclaim
@@ -85,6 +86,7 @@ class Lane:
     counted: bool = True  # the service counts `deposit` (confirmed): a new channel or top-up is not, until it says so
     key: str | None = None  # that payment's journal key
     cumulative: int | None = None  # and its voucher's cumulative amount
+    topping: int | None = None  # the nonce of a top-up the node took whose receipt was never read: it may be mined
 
     def carry(self, since: float | None) -> None:
         """Busy from `since` with a payment not signed yet, or free (None)."""
@@ -430,15 +432,45 @@ class ChannelHubClientScheme:
         """Make `lane`'s deposit, as the service counts it, cover the next price: waited for until the service counts
         what was deposited (a channel just opened, a top-up), and topped up if short. A deposit the chain took stays
         the lane's whatever the wait's end: a payment that waited in vain fails, and the next one waits again."""
+        if lane.topping is not None:
+            self._topped(lane)
         if not lane.counted:
             self._counted(lane)
         if self.payer.position(lane.channel) + price > lane.deposit:
             top_up = self.policy.amount(price, hint)
             with self._funding:
-                self.payer.top_up(lane.channel, top_up, from_balance=self.payer.hub_balance(token) >= top_up)
+                sent = self.payer.transactor.last_nonce
+                try:
+                    self.payer.top_up(lane.channel, top_up, from_balance=self.payer.hub_balance(token) >= top_up)
+                except Exception:
+                    nonce = self.payer.transactor.last_nonce
+                    if nonce is not None and nonce != sent:  # the node took it: it may be mined yet
+                        lane.topping = nonce
+                    raise
                 lane.deposit += top_up
                 lane.counted = False
             self._counted(lane)
+
+    def _topped(self, lane: Lane) -> None:
+        """The deposit of a lane whose last top-up's outcome is unknown, as the hub holds it once that top-up's nonce
+        is mined (waited for up to `confirm_timeout`; still pending, the payment fails and the next one waits again).
+        Taken as it was, a top-up mined after all was not counted and the next payment topped up again: more of the
+        payer's money locked than its policy asks."""
+        deadline, nonce = time.monotonic() + self.confirm_timeout, lane.topping
+        if nonce is None:
+            return
+        with rpc_errors(f"reading what became of the top-up of channel {lane.channel.hex_id}"):
+            while self.payer.w3.eth.get_transaction_count(self.payer.account.address, "latest") <= nonce:
+                if time.monotonic() > deadline:
+                    raise ChainUnavailableError(
+                        f"the top-up of channel {lane.channel.hex_id} (nonce {nonce}) is not mined yet: retry later"
+                    )
+                time.sleep(0.2)
+            view = self.payer.hub.functions.channel(lane.channel.channel_id).call()
+        deposit = int(view[ChannelViewField.DEPOSIT])
+        if deposit > lane.deposit:  # mined after all (a deposit read after the nonce is used has it)
+            lane.deposit, lane.counted = deposit, False
+        lane.topping = None
 
     def _counted(self, lane: Lane) -> None:
         self.payer.wait_until_known(lane.channel, min_deposit=lane.deposit, timeout=self.confirm_timeout)
