@@ -860,6 +860,25 @@ def test_a_payers_open_the_base_fee_rose_past_is_re_priced_within_its_cap_and_mi
     assert w3.eth.get_transaction_receipt(replacement["hash"])["status"] == 1
 
 
+def test_a_fee_ceiling_is_a_positive_number_of_wei(
+    serve_here: Callable[..., ServiceThread], accounts: list[LocalAccount], devnet: Devnet, tmp_path: Path
+) -> None:
+    """`max_fee_per_gas` of either SDK client is the ceiling of its transactions: 0 or less would make every one of
+    them unminable, so it is refused when the client is made."""
+    url = serve_here(f"sqlite:///{tmp_path / 'ceiling.db'}").url
+    for make in (
+        lambda fee: PayerClient(key(accounts[10]), devnet.url, url, state_path=tmp_path / "j.sqlite3", **fee),
+        lambda fee: PayeeClient(key(accounts[11]), devnet.url, url, **fee),
+    ):
+        for wrong in (0, -1):
+            with pytest.raises(ValueError) as refused:
+                make({"max_fee_per_gas": wrong})
+            assert str(refused.value) == f"max_fee_per_gas must be a positive number of wei, not {wrong}"
+        client = make({"max_fee_per_gas": 7 * 10**9})
+        assert client.transactor.max_fee_per_gas == 7 * 10**9
+        client.shutdown()
+
+
 def rpc(w3: Web3, method: str, params: list[Any] | None = None) -> Any:
     return w3.provider.make_request(RPCEndpoint(method), params or [])["result"]
 

@@ -39,21 +39,29 @@ class PayeeClient:
         hub_address: str | None = None,
         timeout: float = 10,
         http: httpx.Client | None = None,
+        max_fee_per_gas: int | None = None,
     ) -> None:
-        """`http`: the client to reach the service with (a proxy, other timeouts), else one made here."""
+        """`http`: the client to reach the service with (a proxy, other timeouts), else one made here.
+        `max_fee_per_gas` (wei): the most its transactions (refunds' closes, withdrawals) offer a gas, re-priced with
+        the chain's base fee while unmined (settlement.chain.node.Transactor); None follows the base fee alone."""
         self.account: LocalAccount = Account.from_key(private_key)
         self._rpc_session = requests.Session()
         self.w3 = connect(rpc_url, timeout, self._rpc_session)
         self.http = http or bounded_client(service_url, timeout)
         try:
             self.hub, self.domain = checked_hub(self.w3, self._get("/v1/eip712"), hub_address)
+            self.transactor = Transactor(
+                self.w3,
+                self.account,
+                list(self.hub.abi),  # type: ignore[arg-type]
+                max_fee_per_gas=max_fee_per_gas,
+            )
         except BaseException:
             self.shutdown()
             raise
         if self.http.auth is None:  # reads of its own channels: signed in with its own key when asked to
             self.http.auth = SignInAuth(self.account, service_url, self.domain.chain_id)
         self._verifier = VoucherVerifier(self.domain)
-        self.transactor = Transactor(self.w3, self.account, list(self.hub.abi))  # type: ignore[arg-type]
 
     @property
     def address(self) -> str:

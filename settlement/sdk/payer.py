@@ -183,11 +183,11 @@ class PayerClient:
             if self.http.auth is None:  # reads of its own channels: signed in with its own key when asked to
                 self.http.auth = SignInAuth(self.account, service_url, self.domain.chain_id)
             abi = load_artifact(HUB).abi
+            self.transactor = Transactor(self.w3, self.account, abi, max_fee_per_gas=max_fee_per_gas)
         except BaseException:
             self.http.close()
             self._rpc_session.close()
             raise
-        self.transactor = Transactor(self.w3, self.account, abi, max_fee_per_gas=max_fee_per_gas)
         self._verifier = VoucherVerifier(self.domain)
         self.signer = VoucherSigner(self.account, self.domain)
         self.journal = PayerJournal(
