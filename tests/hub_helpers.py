@@ -21,7 +21,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
-from typing import Any, NamedTuple, cast
+from typing import Any, NamedTuple, Self, cast
 
 import httpx
 import httpx2
@@ -630,7 +630,30 @@ def gzip_bomb() -> bytes:
     return gzip.compress(b" " * GZIP_BOMB_DECODED, compresslevel=9)
 
 
-class TamperingProxy:
+class LocalServer:
+    """An HTTP server a test runs on 127.0.0.1 (a port of this worker's range, `url`), on a thread of its own while
+    the `with` block lasts; a subclass gives its request handler (`handler`)."""
+
+    def __init__(self) -> None:
+        self.port = free_test_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.server: ThreadingHTTPServer | None = None
+
+    def handler(self) -> type[BaseHTTPRequestHandler]:
+        raise NotImplementedError
+
+    def __enter__(self) -> Self:
+        self.server = ThreadingHTTPServer(("127.0.0.1", self.port), self.handler())
+        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+        return self
+
+    def __exit__(self, *_exc: object) -> None:
+        if self.server is not None:
+            self.server.shutdown()
+            self.server.server_close()
+
+
+class TamperingProxy(LocalServer):
     """An HTTP proxy in front of a service, as `Tampering` is for the SDK's client but for any program (the CLI):
         forwards each GET for real, then `rewrite(path, JSON answer)` gives the JSON (or bytes) it answers instead; or,
         where `hostile(path)` names a way, answers 200 and then a body that never ends ("endless": as fast as the client
@@ -647,15 +670,13 @@ class TamperingProxy:
         hostile: Callable[[str], str | None] = lambda _path: None,
         failing_posts: tuple[int, bytes] | None = None,
     ) -> None:
+        super().__init__()
         self.target, self.rewrite, self.hostile = target.rstrip("/"), rewrite, hostile
         self.failing_posts = failing_posts
-        self.port = free_test_port()
-        self.url = f"http://127.0.0.1:{self.port}"
-        self.server: ThreadingHTTPServer | None = None
         self.written = 0
         self.asked: list[str | None] = []
 
-    def __enter__(self) -> TamperingProxy:
+    def handler(self) -> type[BaseHTTPRequestHandler]:
         proxy = self
 
         class Handler(BaseHTTPRequestHandler):
@@ -732,26 +753,17 @@ class TamperingProxy:
             def log_message(self, *args: Any) -> None:
                 pass
 
-        self.server = ThreadingHTTPServer(("127.0.0.1", self.port), Handler)
-        threading.Thread(target=self.server.serve_forever, daemon=True).start()
-        return self
-
-    def __exit__(self, *_exc: object) -> None:
-        if self.server is not None:
-            self.server.shutdown()
-            self.server.server_close()
+        return Handler
 
 
-class RangeCappedRpc:
+class RangeCappedRpc(LocalServer):
     """A JSON-RPC endpoint in front of a node, as a provider that caps `eth_getLogs` is: a call over more than
     `max_blocks` blocks is refused in such a provider's words (code -32005); everything else is forwarded.
     `ranges` lists every eth_getLogs range asked for, taken or not."""
 
     def __init__(self, target: str, max_blocks: int) -> None:
+        super().__init__()
         self.target, self.max_blocks = target, max_blocks
-        self.port = free_test_port()
-        self.url = f"http://127.0.0.1:{self.port}"
-        self.server: ThreadingHTTPServer | None = None
         self.ranges: list[tuple[int, int]] = []
         self.client = httpx.Client(timeout=30)
 
@@ -764,7 +776,7 @@ class RangeCappedRpc:
         asked = {"jsonrpc": "2.0", "id": 1, "method": "eth_blockNumber", "params": []}
         return int(self.client.post(self.target, json=asked).json()["result"], 16)
 
-    def __enter__(self) -> RangeCappedRpc:
+    def handler(self) -> type[BaseHTTPRequestHandler]:
         rpc = self
 
         class Handler(BaseHTTPRequestHandler):
@@ -791,14 +803,10 @@ class RangeCappedRpc:
             def log_message(self, *args: Any) -> None:
                 pass
 
-        self.server = ThreadingHTTPServer(("127.0.0.1", self.port), Handler)
-        threading.Thread(target=self.server.serve_forever, daemon=True).start()
-        return self
+        return Handler
 
     def __exit__(self, *_exc: object) -> None:
-        if self.server is not None:
-            self.server.shutdown()
-            self.server.server_close()
+        super().__exit__()
         self.client.close()
 
 
