@@ -3,6 +3,7 @@ the client and of the service (kill -9), two service processes on one PostgreSQL
 
 from __future__ import annotations
 
+import re
 import sqlite3
 import threading
 import time
@@ -858,6 +859,35 @@ def test_a_payers_open_the_base_fee_rose_past_is_re_priced_within_its_cap_and_mi
     view = hub.functions.channel(opened.channel_id).call()
     assert (view[ChannelViewField.STATUS], view[ChannelViewField.DEPOSIT]) == (ChannelStatus.OPEN, 10**15)
     assert w3.eth.get_transaction_receipt(replacement["hash"])["status"] == 1
+
+
+def test_a_transaction_that_left_the_pool_unmined_does_not_hold_back_the_next(
+    serve_here: Callable[..., ServiceThread],
+    payer_client: Callable[..., PayerClient],
+    accounts: list[LocalAccount],
+    hub: Contract,
+    w3: Web3,
+    tmp_path: Path,
+) -> None:
+    """An open whose outcome the SDK never learnt (not mined in its time; the node went away) left the node's pool
+    unmined (dropped; a node restarted without it). The next transaction was numbered after it, waited behind a nonce
+    no transaction would use, and so did every later one: the payer could send nothing more. Now the next one is
+    numbered from the node's count again, and is mined."""
+    client = payer_client(accounts[10], serve_here(f"sqlite:///{tmp_path / 'dropped.db'}").url)
+    client.transactor.timeout = 2.0
+    payer = accounts[10].address
+    nonce = w3.eth.get_transaction_count(payer)
+    rpc(w3, "evm_setAutomine", [False])
+    try:
+        with pytest.raises(TransactionFailedError) as unmined:
+            client.open_channel(accounts[11].address, 10**15)
+        assert re.fullmatch(r"transaction 0x[0-9a-f]{64} not mined in 2.0s", str(unmined.value)), unmined.value
+        rpc(w3, "anvil_dropAllTransactions")  # it leaves the pool unmined
+    finally:
+        rpc(w3, "evm_setAutomine", [True])
+    opened = client.open_channel(accounts[11].address, 10**15)  # the code before: "not mined in 2.0s", a nonce gap
+    assert w3.eth.get_transaction_count(payer) == nonce + 1
+    assert hub.functions.channel(opened.channel_id).call()[ChannelViewField.DEPOSIT] == 10**15
 
 
 def test_a_fee_ceiling_is_a_positive_number_of_wei(

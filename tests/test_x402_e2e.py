@@ -1470,6 +1470,46 @@ def test_a_top_up_whose_receipt_was_never_read_is_counted_once_mined_not_made_ag
     assert accepted_for(rig.service, payee) == 2 * PRICE
 
 
+def test_a_top_up_that_left_the_pool_unmined_is_made_again_on_its_nonce(
+    devnet: Devnet, w3: Web3, lane_rig: Callable[..., LaneRig], tmp_path: Path
+) -> None:
+    """A top-up of unknown outcome (its receipt never read) that then left the node's pool unmined (dropped; a node
+    restarted without it): its nonce is never used. The next payment on its channel waited for that nonce for
+    `confirm_timeout` and failed, and so did every later one on it; and the next transaction, numbered after the
+    lost one, would never be mined. Now a nonce the node no longer holds is given up, the deposit taken as it was,
+    and the next top-up is numbered from the node's count: mined, and the payment made."""
+    rig = lane_rig("dropped-top-up")
+    ((payee, api),) = rig.payees
+    with TcpProxy(int(devnet.url.rsplit(":", 1)[1])) as node:
+        key = HexBytes(rig.payer.account.key).to_0x_hex()
+        payer = PayerClient(key, node.url, rig.service.url, state_path=tmp_path / "dropped-top-up.sqlite3")
+        try:
+            policy = DepositPolicy(multiple=1, follow_hint=False)
+            scheme = ChannelHubClientScheme(payer, policy, confirm_timeout=2)
+            assert paid_get(devnet, scheme, f"{api}/weather") == 200  # a channel of one price, used up
+            w3.provider.make_request(RPCEndpoint("evm_setAutomine"), [False])
+            try:
+
+                def lost() -> None:  # the top-up sent, then the node cut and the top-up gone from its pool
+                    node.cut()
+                    w3.provider.make_request(RPCEndpoint("anvil_dropAllTransactions"), [])
+
+                failure = failed_payment_across(
+                    devnet, scheme, f"{api}/weather", gate_calls(payer.transactor, "wait"), lost
+                )
+            finally:
+                w3.provider.make_request(RPCEndpoint("evm_setAutomine"), [True])
+            node.mend()
+            assert paid_get(devnet, scheme, f"{api}/weather") == 200  # the code before: it failed, and each after it
+        finally:
+            payer.shutdown()
+    assert failure.startswith("Failed to handle payment: transaction 0x"), failure
+    (channel,) = rig.payer.open_channels(payee)
+    on_chain = w3.eth.contract(address=rig.payer.hub.address, abi=rig.payer.hub.abi).functions.channel
+    assert on_chain(bytes.fromhex(channel["channelId"][2:])).call()[ChannelViewField.DEPOSIT] == 2 * PRICE
+    assert accepted_for(rig.service, payee) == 2 * PRICE
+
+
 def test_a_restarted_payer_finds_its_channel_through_an_rpc_that_caps_log_ranges(
     lane_rig: Callable[..., LaneRig], devnet: Devnet, w3: Web3, payer_for: Callable[..., PayerClient]
 ) -> None:

@@ -254,23 +254,40 @@ class Transactor:
     def wait(self, tx_hash: HexBytes, tx: TxParams | None = None) -> TxReceipt:
         """The receipt of a transaction sent, waited for up to `timeout`; `tx`, the transaction as signed, is
         re-priced every `reprice_after` seconds unmined (without it, it is waited for as it is)."""
-        hashes, deadline = [tx_hash], time.monotonic() + self.timeout
+        try:
+            receipt = self._mined([tx_hash], tx)
+        except (ChainUnavailableError, TransactionFailedError):
+            self._forget_nonce()  # its outcome not known: it may have left the node's pool
+            raise
+        if receipt["status"] != 1:
+            raise TransactionFailedError(f"transaction {HexBytes(receipt['transactionHash']).to_0x_hex()} reverted")
+        return receipt
+
+    def _mined(self, hashes: list[HexBytes], tx: TxParams | None) -> TxReceipt:
+        deadline = time.monotonic() + self.timeout
         while True:
             receipt = self._receipt_of(hashes, min(deadline, time.monotonic() + self.reprice_after))
             if receipt is not None:
                 return receipt
             if time.monotonic() >= deadline:
                 again = f" (sent {len(hashes)} times, re-priced)" if len(hashes) > 1 else ""
-                raise TransactionFailedError(f"transaction {tx_hash.to_0x_hex()} not mined in {self.timeout}s{again}")
+                raise TransactionFailedError(f"transaction {hashes[0].to_0x_hex()} not mined in {self.timeout}s{again}")
             if tx is not None:
                 tx = self._replaced(tx, hashes)
+
+    def _forget_nonce(self) -> None:
+        """The next transaction is numbered from the node's count again. A transaction whose outcome was not learnt
+        may have left the node's pool (dropped, or the node restarted without it): numbered after it, the next one
+        waited behind a nonce never to be used, and every later one with it."""
+        with self._lock:
+            self._next_nonce = None
 
     def _receipt_of(self, hashes: list[HexBytes], until: float) -> TxReceipt | None:
         """The receipt of any of `hashes` (one nonce: at most one is mined), or None once `until` passes."""
         while True:
             for tx_hash in reversed(hashes):
                 try:
-                    receipt = self.w3.eth.get_transaction_receipt(tx_hash)
+                    return self.w3.eth.get_transaction_receipt(tx_hash)
                 except TransactionNotFound:
                     continue
                 except (requests.RequestException, OSError) as ex:
@@ -278,9 +295,6 @@ class Transactor:
                         f"transaction {hashes[0].to_0x_hex()} was sent, and the chain's RPC went away before its "
                         f"receipt was read ({type(ex).__name__}): it may be mined yet"
                     ) from ex
-                if receipt["status"] != 1:
-                    raise TransactionFailedError(f"transaction {tx_hash.to_0x_hex()} reverted")
-                return receipt
             now = time.monotonic()
             if now >= until:
                 return None

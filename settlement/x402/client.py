@@ -453,15 +453,20 @@ class ChannelHubClientScheme:
 
     def _topped(self, lane: Lane) -> None:
         """The deposit of a lane whose last top-up's outcome is unknown, as the hub holds it once that top-up's nonce
-        is mined (waited for up to `confirm_timeout`; still pending, the payment fails and the next one waits again).
+        is mined (waited for up to `confirm_timeout`; still pending, the payment fails and the next one waits again;
+        gone from the node's pool unmined, the deposit is as it was).
         Taken as it was, a top-up mined after all was not counted and the next payment topped up again: more of the
         payer's money locked than its policy asks."""
         deadline, nonce = time.monotonic() + self.confirm_timeout, lane.topping
         if nonce is None:
             return
+        wallet = self.payer.account.address
         with rpc_errors(f"reading what became of the top-up of channel {lane.channel.hex_id}"):
-            while self.payer.w3.eth.get_transaction_count(self.payer.account.address, "latest") <= nonce:
+            while self.payer.w3.eth.get_transaction_count(wallet, "latest") <= nonce:
                 if time.monotonic() > deadline:
+                    if self.payer.w3.eth.get_transaction_count(wallet, "pending") <= nonce:
+                        lane.topping = None  # the node holds it no more: it left the pool unmined
+                        return
                     raise ChainUnavailableError(
                         f"the top-up of channel {lane.channel.hex_id} (nonce {nonce}) is not mined yet: retry later"
                     )
