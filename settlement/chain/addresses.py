@@ -18,8 +18,9 @@ def is_typed_address(value: str) -> bool:
     return digits in (digits.lower(), digits.upper()) or is_checksum_address(value)
 
 
-def checksummed(value: str, name: str) -> str:
-    """`value` in EIP-55 form, if it is an address by `ADDRESS_RULE`; else ValueError naming `name`."""
+def checksummed(value: str, name: str, error: type[ValueError] = ValueError) -> str:
+    """`value` in EIP-55 form, if it is an address by `ADDRESS_RULE`; else `error` (a ValueError: the CLI's
+    ConfigError) naming `name`."""
     if not is_typed_address(value):
-        raise ValueError(f"{name} {value!r} is not an address ({ADDRESS_RULE})")
+        raise error(f"{name} {value!r} is not an address ({ADDRESS_RULE})")
     return to_checksum_address(value)

@@ -7,12 +7,11 @@ import os
 import time
 from pathlib import Path
 
-from eth_utils.address import to_checksum_address
 from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
 
-from settlement.chain.addresses import ADDRESS_RULE, is_typed_address
+from settlement.chain.addresses import checksummed
 from settlement.errors import ConfigError, NotFoundError
 from settlement.server.api_keys import Role, make_key
 from settlement.server.config import Settings
@@ -25,11 +24,9 @@ ROLES = [Role.OPERATOR.value, Role.PAYEE.value, Role.PAYER.value]
 def create(settings: Settings, console: Console, role: str, account: str | None, name: str) -> str:
     if role not in ROLES:
         raise ConfigError(f"--role must be one of {', '.join(ROLES)}, not {role!r}")
-    if account is not None and not is_typed_address(account):
-        raise ConfigError(f"--account {account!r} is not an address ({ADDRESS_RULE})")
-    checksummed = to_checksum_address(account) if account else None
+    typed = None if account is None else checksummed(account, "--account", ConfigError)
     try:
-        made = make_key(Role(role), checksummed, name, time.time_ns() // 1000)
+        made = make_key(Role(role), typed, name, time.time_ns() // 1000)
     except ValueError as ex:
         raise ConfigError(str(ex)) from ex
     db = _store(settings)
@@ -38,7 +35,7 @@ def create(settings: Settings, console: Console, role: str, account: str | None,
             add_key(conn, made.row, made.digest)
     finally:
         db.dispose()
-    who = f" for {checksummed}" if checksummed else ""
+    who = f" for {typed}" if typed else ""
     # The name is the operator's text, not markup: "[/]" in it failed this line, after the key was stored, and the
     # key (shown here once) was never shown.
     shown = f"made {role} key [bold]{made.row.key_id}[/]{who} ({escape(name)}); it is shown once, keep it secret:"

@@ -486,10 +486,11 @@ def channels(
 
     try:  # the store holds addresses checksummed: one typed in lower case found nothing, an empty table
         payee, payer = (
-            None if a is None else checksummed(a, option) for a, option in ((payee, "--payee"), (payer, "--payer"))
+            None if a is None else checksummed(a, option, ConfigError)
+            for a, option in ((payee, "--payee"), (payer, "--payer"))
         )
-    except ValueError as ex:
-        raise _fail(ConfigError(str(ex))) from ex
+    except ConfigError as ex:
+        raise _fail(ex) from ex
     with _store_only(_settings()) as conn:
         page = channel_q.list_channels(conn, payer=payer, payee=payee, limit=limit)
     if as_json:

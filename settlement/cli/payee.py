@@ -19,7 +19,7 @@ from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
 
-from settlement.chain.addresses import ADDRESS_RULE, is_typed_address
+from settlement.chain.addresses import ADDRESS_RULE, checksummed, is_typed_address
 from settlement.domain.amounts import human_of_units
 from settlement.domain.model import ETH
 from settlement.errors import (
@@ -60,12 +60,10 @@ def resolve_hub(w3: Web3, settings: Settings, hub: str | None) -> Contract:
         deployment = Deployment.load(settings.deployment_file)
         deployment.check(w3)
         return hub_contract(w3, deployment)
-    if not is_typed_address(address):
-        raise ConfigError(f"--hub {address!r} is not an address ({ADDRESS_RULE})")
-    found = hub_at(w3, address)
+    typed = checksummed(address, "--hub", ConfigError)
+    found = hub_at(w3, typed)
     if found is None:
-        checksummed = to_checksum_address(address)
-        raise DeploymentError(f"no ChannelHub code at {checksummed} on chain {w3.eth.chain_id}: check the address")
+        raise DeploymentError(f"no ChannelHub code at {typed} on chain {w3.eth.chain_id}: check the address")
     return found
 
 
@@ -133,8 +131,8 @@ def withdraw(
 
     account = withdraw_account(settings, key_file)
     for option, given in (("--token", token), ("--to", to)):
-        if given is not None and not is_typed_address(given):  # a pasted address with a typo: someone else's
-            raise ConfigError(f"{option} {given!r} is not an address ({ADDRESS_RULE})")
+        if given is not None:  # a pasted address with a typo: someone else's
+            checksummed(given, option, ConfigError)
     if amount is not None and amount <= 0:
         raise ConfigError(f"--amount must be positive base units, not {amount}")
     w3 = connect(settings.rpc_url, settings.rpc_timeout)
