@@ -253,15 +253,12 @@ class PayerClient:
             raise ValueError(f"0x{raw.hex()} is not a channel of payer {self.address} on hub {self.hub.address}")
         payee = to_checksum_address(view[ChannelViewField.PAYEE])
         token = to_checksum_address(view[ChannelViewField.TOKEN])
-        if salt is None:
-            told = self._told_salt(raw)
-            if told is not None and channel_id_of(self.address, payee, token, told) != raw:
-                raise UntrustedServiceError(f"the service's salt 0x{told.hex()} does not name channel 0x{raw.hex()}")
-            salt = told if told is not None else self._logged_salt(raw, from_block)
-        ref = ChannelRef(raw, payee, token, salt)
+        told = None if salt is not None else self._told_salt(raw)
+        salt = salt if salt is not None else told if told is not None else self._logged_salt(raw, from_block)
         if channel_id_of(self.address, payee, token, salt) != raw:
-            raise ValueError(f"salt 0x{salt.hex()} does not name channel 0x{raw.hex()}")
-        return ref
+            wrong = f"salt 0x{salt.hex()} does not name channel 0x{raw.hex()}"
+            raise UntrustedServiceError(f"the service's {wrong}") if told is not None else ValueError(wrong)
+        return ChannelRef(raw, payee, token, salt)
 
     def _told_salt(self, raw: bytes) -> bytes | None:
         """The channel's salt as the service has it, or None when it does not know the channel (or is away): one
