@@ -29,8 +29,9 @@ import threading
 import time
 import uuid
 from collections import Counter, OrderedDict
-from collections.abc import Callable, Coroutine
+from collections.abc import Callable, Coroutine, Iterator
 from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from types import SimpleNamespace
 from typing import Any, ClassVar, NamedTuple
@@ -91,6 +92,9 @@ class Lane:
     def carry(self, since: float | None) -> None:
         """Busy from `since` with a payment not signed yet, or free (None)."""
         self.busy_since, self.key, self.cumulative = since, None, None
+
+    def topping_at(self, nonce: int) -> None:
+        self.topping = nonce
 
 
 @dataclass(frozen=True)
@@ -402,16 +406,10 @@ class ChannelHubClientScheme:
                         self._reclaim(party)
                         held = self.payer.hub_balance(token) >= deposit  # a refund or earnings in the hub go first
                         planned = self.payer.planned_channel(payee, token)
-                        sent = self.payer.transactor.last_nonce
-                        try:
+                        with self._taken(lambda nonce: self._unsure_of(party, Unsure(planned, nonce))):
                             channel = self.payer.open_channel(
                                 payee, deposit, token=token, from_balance=held, salt=planned.salt
                             )
-                        except Exception:
-                            nonce = self.payer.transactor.last_nonce
-                            if nonce is not None and nonce != sent:  # the node took it: it may be mined yet
-                                self._unsure_of(party, Unsure(planned, nonce))
-                            raise
                     free = Lane(channel, deposit, busy_since=time.monotonic(), counted=False)
             finally:  # an opening ends as a lane once its channel is on chain, or as nothing when it failed
                 with self._guard:
@@ -439,14 +437,8 @@ class ChannelHubClientScheme:
         if self.payer.position(lane.channel) + price > lane.deposit:
             top_up = self.policy.amount(price, hint)
             with self._funding:
-                sent = self.payer.transactor.last_nonce
-                try:
+                with self._taken(lane.topping_at):
                     self.payer.top_up(lane.channel, top_up, from_balance=self.payer.hub_balance(token) >= top_up)
-                except Exception:
-                    nonce = self.payer.transactor.last_nonce
-                    if nonce is not None and nonce != sent:  # the node took it: it may be mined yet
-                        lane.topping = nonce
-                    raise
                 lane.deposit += top_up
                 lane.counted = False
             self._counted(lane)
@@ -457,20 +449,17 @@ class ChannelHubClientScheme:
         gone from the node's pool unmined, the deposit is as it was).
         Taken as it was, a top-up mined after all was not counted and the next payment topped up again: more of the
         payer's money locked than its policy asks."""
-        deadline, nonce = time.monotonic() + self.confirm_timeout, lane.topping
+        nonce = lane.topping
         if nonce is None:
             return
-        wallet = self.payer.account.address
         with rpc_errors(f"reading what became of the top-up of channel {lane.channel.hex_id}"):
-            while self.payer.w3.eth.get_transaction_count(wallet, "latest") <= nonce:
-                if time.monotonic() > deadline:
-                    if self.payer.w3.eth.get_transaction_count(wallet, "pending") <= nonce:
-                        lane.topping = None  # the node holds it no more: it left the pool unmined
-                        return
-                    raise ChainUnavailableError(
-                        f"the top-up of channel {lane.channel.hex_id} (nonce {nonce}) is not mined yet: retry later"
-                    )
-                time.sleep(0.2)
+            if not self._mined_by(nonce):
+                if self.payer.w3.eth.get_transaction_count(self.payer.account.address, "pending") <= nonce:
+                    lane.topping = None  # the node holds it no more: it left the pool unmined
+                    return
+                raise ChainUnavailableError(
+                    f"the top-up of channel {lane.channel.hex_id} (nonce {nonce}) is not mined yet: retry later"
+                )
             view = self.payer.hub.functions.channel(lane.channel.channel_id).call()
         deposit = int(view[ChannelViewField.DEPOSIT])
         if deposit > lane.deposit:  # mined after all (a deposit read after the nonce is used has it)
@@ -513,18 +502,34 @@ class ChannelHubClientScheme:
         """The hub's view of an open of unknown outcome, once that is known: the channel (any status), or nothing
         there though its nonce was used (it reverted, or it was the open's approval); None while still pending after
         `confirm_timeout`, or the node failing."""
-        deadline = time.monotonic() + self.confirm_timeout
         try:
-            while True:
-                used = self.payer.w3.eth.get_transaction_count(self.payer.account.address, "latest") > earlier.nonce
-                view = tuple(self.payer.hub.functions.channel(earlier.channel.channel_id).call())
-                if int(view[ChannelViewField.STATUS]) != ChannelStatus.NONE or used:  # read after the nonce
-                    return view
-                if time.monotonic() > deadline:
-                    return None
-                time.sleep(0.2)
+            if not self._mined_by(earlier.nonce):
+                return None
+            return tuple(self.payer.hub.functions.channel(earlier.channel.channel_id).call())  # read after the nonce
         except Exception:  # the node again
             return None
+
+    def _mined_by(self, nonce: int) -> bool:
+        """Whether the payer's transaction `nonce` is mined (its nonce used), waited for up to `confirm_timeout`."""
+        deadline = time.monotonic() + self.confirm_timeout
+        while self.payer.w3.eth.get_transaction_count(self.payer.account.address, "latest") <= nonce:
+            if time.monotonic() > deadline:
+                return False
+            time.sleep(0.2)
+        return True
+
+    @contextmanager
+    def _taken(self, note: Callable[[int], None]) -> Iterator[None]:
+        """Around one of the payer's transactions: when it fails after the node took it (its receipt not read: it may
+        be mined yet), `note` is given its nonce, to look for what became of it before the next payment."""
+        sent = self.payer.transactor.last_nonce
+        try:
+            yield
+        except Exception:
+            nonce = self.payer.transactor.last_nonce
+            if nonce is not None and nonce != sent:
+                note(nonce)
+            raise
 
     def _discover(self, payee: str, asset: str) -> tuple[list[Lane], list[Stopped]]:
         """This payer's open channels to the payee in the asset, as the service knows them (after a restart): the
