@@ -5,11 +5,10 @@ from __future__ import annotations
 from functools import lru_cache
 from pathlib import Path
 
-from eth_utils.address import to_checksum_address
 from pydantic import Field, SecretStr, ValidationInfo, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
-from settlement.chain.addresses import ADDRESS_RULE, is_typed_address
+from settlement.chain.addresses import checksummed
 from settlement.domain.model import ETH
 
 # The mnemonic every anvil and hardhat devnet uses by default: public, so it is only ever a devnet default.
@@ -395,11 +394,10 @@ class Settings(BaseSettings):
     def _checksum_tokens(cls, value: dict[str, int]) -> dict[str, int]:
         out: dict[str, int] = {}
         for token, amount in value.items():
-            if not is_typed_address(token):
-                raise ValueError(f"token_min_settle_amounts: {token!r} is not an address ({ADDRESS_RULE})")
+            typed = checksummed(token, "token_min_settle_amounts:")
             if amount < 1:
                 raise ValueError(f"token_min_settle_amounts: {token} needs at least 1 base unit")
-            out[to_checksum_address(token)] = amount
+            out[typed] = amount
         return out
 
     @field_validator("private_key", "withdraw_key")
@@ -433,9 +431,7 @@ class Settings(BaseSettings):
     @field_validator("hub_address")
     @classmethod
     def _checksum_hub(cls, value: str | None) -> str | None:
-        if value is not None and not is_typed_address(value):
-            raise ValueError(f"SETTLEMENT_HUB_ADDRESS: {value!r} is not an address ({ADDRESS_RULE})")
-        return None if value is None else to_checksum_address(value)
+        return None if value is None else checksummed(value, "SETTLEMENT_HUB_ADDRESS:")
 
 
 def is_private_key(text: str) -> bool:

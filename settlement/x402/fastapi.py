@@ -40,7 +40,7 @@ from x402.http import PaywallConfig
 from x402.http.middleware.fastapi import PaymentMiddlewareASGI
 from x402.http.types import RoutesConfig
 
-from settlement.chain.addresses import ADDRESS_RULE, is_typed_address
+from settlement.chain.addresses import checksummed
 from settlement.errors import RateLimitedError, SettlementError
 from settlement.sdk.payee import PayeeClient
 from settlement.x402.exchange import EXCHANGE, Exchange
@@ -133,8 +133,8 @@ def _check_pay_to(routes: RoutesConfig) -> None:
                 scheme, pay_to = option.get("scheme"), option.get("payTo", option.get("pay_to"))
             else:
                 scheme, pay_to = getattr(option, "scheme", None), getattr(option, "pay_to", None)
-            if scheme == SCHEME and isinstance(pay_to, str) and not is_typed_address(pay_to):
-                raise ValueError(f"a paid route's payTo {pay_to!r} is not an address ({ADDRESS_RULE})")
+            if scheme == SCHEME and isinstance(pay_to, str):
+                checksummed(pay_to, "a paid route's payTo")
 
 
 def _head_paid_as_get(routes: RoutesConfig) -> RoutesConfig:
