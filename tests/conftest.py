@@ -81,15 +81,20 @@ def session_hub(w3: Web3, hub_deployment: Deployment) -> Contract:
 
 @pytest.fixture(autouse=True)
 def evm_snapshot(request: pytest.FixtureRequest) -> Iterator[None]:
-    """Every test that touches the chain starts from the same state and leaves nothing behind."""
+    """Every test that touches the chain starts from the same state and leaves nothing behind: what `evm_revert`
+    does not undo is set back too (transactions left in anvil's pool; its next block's base fee, which a test may
+    have raised to a spike's)."""
     if "w3" not in request.fixturenames:
         yield
         return
     chain: Web3 = request.getfixturevalue("w3")
     request.getfixturevalue("session_hub")  # deployed once, before the first snapshot
+    base = chain.eth.get_block("latest")["baseFeePerGas"]
     snapshot = chain.provider.make_request(RPCEndpoint("evm_snapshot"), [])["result"]
     yield
     assert chain.provider.make_request(RPCEndpoint("evm_revert"), [snapshot])["result"] is True
+    chain.provider.make_request(RPCEndpoint("anvil_dropAllTransactions"), [])
+    chain.provider.make_request(RPCEndpoint("anvil_setNextBlockBaseFeePerGas"), [hex(base)])
 
 
 @pytest.fixture(params=["automine", "interval"])

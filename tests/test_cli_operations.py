@@ -424,25 +424,21 @@ def test_a_withdrawal_offers_at_most_the_configured_fee_ceiling(
     payee = accounts[7]
     channel = open_channel(accounts[5], payee.address, amount=10**18)
     send(w3, hub.functions.closeByPayee(channel.id, 10**17, sign(channel.payer, channel.id, 10**17)), payee.address)
-    base = w3.eth.get_block("latest")["baseFeePerGas"]
     env = withdrawing(devnet, hub, payee, tmp_path)
-    try:
-        w3.provider.make_request(RPCEndpoint("anvil_setNextBlockBaseFeePerGas"), [hex(10**12)])
-        w3.provider.make_request(RPCEndpoint("evm_mine"), [])  # a fee spike: the latest block's base fee 1,000 gwei
-        out = forked_cli("withdraw", env={**env, "SETTLEMENT_MAX_FEE_PER_GAS": str(10**11)}, cwd=tmp_path)
-        assert (out.returncode, out.stdout) == (1, "")
-        assert out.stderr == (
-            f"error [transaction_failed] the chain's node refused a transaction from {payee.address}: max fee per gas "
-            "less than block base fee\n"
-        )
-        assert hub.functions.balanceOf(payee.address, ETH).call() == 10**17  # nothing withdrawn
-        out = forked_cli("withdraw", env={**env, "SETTLEMENT_MAX_FEE_PER_GAS": str(3 * 10**12)}, cwd=tmp_path)
-        assert out.returncode == 0, out.stderr
-        assert hub.functions.balanceOf(payee.address, ETH).call() == 0
-        (withdrawal,) = hub.events.Withdrawn().get_logs(from_block=w3.eth.block_number)
-        assert w3.eth.get_transaction(withdrawal["transactionHash"])["maxFeePerGas"] == 2 * 10**12 + 10**9
-    finally:  # anvil's next base fee is not undone by the snapshot's revert
-        w3.provider.make_request(RPCEndpoint("anvil_setNextBlockBaseFeePerGas"), [hex(base)])
+    w3.provider.make_request(RPCEndpoint("anvil_setNextBlockBaseFeePerGas"), [hex(10**12)])
+    w3.provider.make_request(RPCEndpoint("evm_mine"), [])  # a fee spike: the latest block's base fee 1,000 gwei
+    out = forked_cli("withdraw", env={**env, "SETTLEMENT_MAX_FEE_PER_GAS": str(10**11)}, cwd=tmp_path)
+    assert (out.returncode, out.stdout) == (1, "")
+    assert out.stderr == (
+        f"error [transaction_failed] the chain's node refused a transaction from {payee.address}: max fee per gas "
+        "less than block base fee\n"
+    )
+    assert hub.functions.balanceOf(payee.address, ETH).call() == 10**17  # nothing withdrawn
+    out = forked_cli("withdraw", env={**env, "SETTLEMENT_MAX_FEE_PER_GAS": str(3 * 10**12)}, cwd=tmp_path)
+    assert out.returncode == 0, out.stderr
+    assert hub.functions.balanceOf(payee.address, ETH).call() == 0
+    (withdrawal,) = hub.events.Withdrawn().get_logs(from_block=w3.eth.block_number)
+    assert w3.eth.get_transaction(withdrawal["transactionHash"])["maxFeePerGas"] == 2 * 10**12 + 10**9
 
 
 @pytest.mark.parametrize(

@@ -825,7 +825,6 @@ def test_a_payers_open_the_base_fee_rose_past_is_re_priced_within_its_cap_and_mi
         found: dict[str, Any] | None = mine.get(str(nonce))
         return found
 
-    base = w3.eth.get_block("latest")["baseFeePerGas"]
     rpc(w3, "evm_setAutomine", [False])
     try:
         with ThreadPoolExecutor(1) as pool:
@@ -851,9 +850,7 @@ def test_a_payers_open_the_base_fee_rose_past_is_re_priced_within_its_cap_and_mi
             )
             rpc(w3, "evm_mine")
             opened = opening.result(timeout=30)  # the code before: "not mined in 30.0s", the open left in the pool
-    finally:  # anvil's next base fee is not undone by the snapshot's revert: the next test would pay the spike's
-        rpc(w3, "anvil_dropAllTransactions")
-        rpc(w3, "anvil_setNextBlockBaseFeePerGas", [hex(base)])
+    finally:
         rpc(w3, "evm_setAutomine", [True])
     assert w3.eth.get_transaction_count(payer) == nonce + 1
     view = hub.functions.channel(opened.channel_id).call()
