@@ -96,5 +96,11 @@ def service_channel_id(data: dict[str, Any], field: str, who: str = "the service
     return found
 
 
+def service_salt(data: dict[str, Any], who: str = "the service") -> bytes:
+    """A channel's `salt` in the answer, as the 32 bytes it names (checked by the caller: with the channel's parties
+    it must hash to its id)."""
+    return bytes.fromhex(service_channel_id(data, "salt", who, what="a 32-byte salt")[2:])
+
+
 def _request(response: httpx.Response) -> str:
     return f"{response.request.method} {response.request.url.path}"

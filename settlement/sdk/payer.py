@@ -62,6 +62,7 @@ from settlement.sdk.answers import (
     service_amount,
     service_channel_id,
     service_int,
+    service_salt,
     service_text,
 )
 from settlement.sdk.bounded import bounded_client
@@ -267,7 +268,7 @@ class PayerClient:
             known = self._get(f"/v1/channels/0x{raw.hex()}")
         except ServiceRejectedError:
             return None
-        return bytes.fromhex(service_channel_id(known, "salt", what="a 32-byte salt")[2:])
+        return service_salt(known)
 
     def _logged_salt(self, raw: bytes, from_block: int) -> bytes:
         with rpc_errors(f"searching the ChannelOpened log of 0x{raw.hex()} from block {from_block}"):

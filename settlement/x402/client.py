@@ -53,7 +53,7 @@ from settlement.chain.addresses import ADDRESS_RULE, is_typed_address
 from settlement.chain.node import rpc_errors
 from settlement.domain.model import ETH, ChannelId, ChannelStatus, ChannelViewField
 from settlement.errors import ChainUnavailableError, TransactionFailedError, UntrustedServiceError
-from settlement.sdk.answers import service_amount, service_channel_id
+from settlement.sdk.answers import service_amount, service_channel_id, service_salt
 from settlement.sdk.journal import Budget
 from settlement.sdk.payer import Authorized, ChannelRef, PayerClient, Reclaim
 from settlement.x402.wire import SCHEME, PayloadError, VoucherPayload, base_units, network_of, same_address
@@ -540,7 +540,7 @@ class ChannelHubClientScheme:
             listed_id = service_channel_id(listed, "channelId")
             # The listing's salt, not a search of the hub's logs from block 0 (which a provider capping log ranges
             # refused: no payment after a restart); checked, as it must hash to the id with the parties the hub holds.
-            salt = bytes.fromhex(service_channel_id(listed, "salt", what="a 32-byte salt")[2:])
+            salt = service_salt(listed)
             try:  # the hub's word, not the listing's: this payer's channel, to this payee, in this asset
                 channel = self.payer.channel(listed_id, salt=salt)
             except ValueError as ex:
