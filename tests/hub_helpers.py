@@ -756,25 +756,23 @@ class TamperingProxy(LocalServer):
         return Handler
 
 
-class RangeCappedRpc(LocalServer):
-    """A JSON-RPC endpoint in front of a node, as a provider that caps `eth_getLogs` is: a call over more than
-    `max_blocks` blocks is refused in such a provider's words (code -32005); everything else is forwarded.
-    `ranges` lists every eth_getLogs range asked for, taken or not."""
+class RpcProxy(LocalServer):
+    """A JSON-RPC endpoint in front of a node (`target`) that forwards each call, except those `answer(call)` answers
+    itself (a JSON-RPC answer, or None to forward): a subclass is the provider a test needs."""
 
-    def __init__(self, target: str, max_blocks: int) -> None:
+    def __init__(self, target: str) -> None:
         super().__init__()
-        self.target, self.max_blocks = target, max_blocks
-        self.ranges: list[tuple[int, int]] = []
+        self.target = target
         self.client = httpx.Client(timeout=30)
 
-    def block_of(self, tag: str | None) -> int:
-        """A block number of eth_getLogs' `fromBlock`/`toBlock`: a number, "earliest", or a tag of the head."""
-        if tag is not None and tag.startswith("0x"):
-            return int(tag, 16)
-        if tag == "earliest":
-            return 0
-        asked = {"jsonrpc": "2.0", "id": 1, "method": "eth_blockNumber", "params": []}
-        return int(self.client.post(self.target, json=asked).json()["result"], 16)
+    def answer(self, call: dict[str, Any]) -> dict[str, Any] | None:
+        return None
+
+    def ask(self, method: str, params: list[Any]) -> dict[str, Any]:
+        """The node's own answer to one call: its `result` or its `error`."""
+        asked = {"jsonrpc": "2.0", "id": 1, "method": method, "params": params}
+        answer = self.client.post(self.target, json=asked).json()
+        return {key: answer[key] for key in ("result", "error") if key in answer}
 
     def handler(self) -> type[BaseHTTPRequestHandler]:
         rpc = self
@@ -783,15 +781,10 @@ class RangeCappedRpc(LocalServer):
             def do_POST(self) -> None:
                 body = self.rfile.read(int(self.headers.get("content-length", "0")))
                 call = json.loads(body)
-                answer = None
-                if isinstance(call, dict) and call.get("method") == "eth_getLogs":
-                    asked = call["params"][0]
-                    first, last = rpc.block_of(asked.get("fromBlock")), rpc.block_of(asked.get("toBlock"))
-                    rpc.ranges.append((first, last))
-                    if last - first + 1 > rpc.max_blocks:
-                        error = {"code": -32005, "message": f"query exceeds max block range {rpc.max_blocks}"}
-                        answer = json.dumps({"jsonrpc": "2.0", "id": call.get("id"), "error": error}).encode()
-                if answer is None:
+                own = rpc.answer(call) if isinstance(call, dict) else None
+                if own is not None:
+                    answer = json.dumps({"jsonrpc": "2.0", "id": call.get("id")} | own).encode()
+                else:
                     real = rpc.client.post(rpc.target, content=body, headers={"content-type": "application/json"})
                     answer = real.content
                 self.send_response(200)
@@ -808,6 +801,77 @@ class RangeCappedRpc(LocalServer):
     def __exit__(self, *_exc: object) -> None:
         super().__exit__()
         self.client.close()
+
+
+class RangeCappedRpc(RpcProxy):
+    """A JSON-RPC endpoint in front of a node, as a provider that caps `eth_getLogs` is: a call over more than
+    `max_blocks` blocks is refused in such a provider's words (code -32005); everything else is forwarded.
+    `ranges` lists every eth_getLogs range asked for, taken or not."""
+
+    def __init__(self, target: str, max_blocks: int) -> None:
+        super().__init__(target)
+        self.max_blocks = max_blocks
+        self.ranges: list[tuple[int, int]] = []
+
+    def block_of(self, tag: str | None) -> int:
+        """A block number of eth_getLogs' `fromBlock`/`toBlock`: a number, "earliest", or a tag of the head."""
+        if tag is not None and tag.startswith("0x"):
+            return int(tag, 16)
+        if tag == "earliest":
+            return 0
+        return int(self.ask("eth_blockNumber", [])["result"], 16)
+
+    def answer(self, call: dict[str, Any]) -> dict[str, Any] | None:
+        if call.get("method") != "eth_getLogs":
+            return None
+        asked = call["params"][0]
+        first, last = self.block_of(asked.get("fromBlock")), self.block_of(asked.get("toBlock"))
+        self.ranges.append((first, last))
+        if last - first + 1 <= self.max_blocks:
+            return None
+        return {"error": {"code": -32005, "message": f"query exceeds max block range {self.max_blocks}"}}
+
+
+BLOCK_PARAM = {  # where each JSON-RPC method that reads the chain's state takes its block
+    "eth_call": 1,
+    "eth_getBalance": 1,
+    "eth_getCode": 1,
+    "eth_getTransactionCount": 1,
+    "eth_getStorageAt": 2,
+    "eth_getBlockByNumber": 0,
+}
+
+
+class LaggingRpc(RpcProxy):
+    """A JSON-RPC endpoint in front of a node, as a provider's balancer is that sends some calls to a node behind the
+    others: while `at` is set, the calls of `methods` read the chain as the node at block `at` does ("latest" and the
+    other tags are that block, a later one is unknown there: geth's "header not found"); every other call, and every
+    call once `at` is None again (the node caught up), reads the chain as it is."""
+
+    def __init__(self, target: str, methods: frozenset[str]) -> None:
+        super().__init__(target)
+        assert methods <= {*BLOCK_PARAM, "eth_blockNumber"}, methods
+        self.methods = methods
+        self.at: int | None = None
+        self.unknown = 0  # calls answered "header not found"
+
+    def answer(self, call: dict[str, Any]) -> dict[str, Any] | None:
+        method, at = call.get("method"), self.at
+        if at is None or method not in self.methods:
+            return None
+        if method == "eth_blockNumber":
+            return {"result": hex(at)}
+        params = list(call.get("params") or [])
+        where = BLOCK_PARAM[str(method)]
+        block = params[where] if len(params) > where else "latest"
+        if isinstance(block, str) and block.startswith("0x"):
+            if int(block, 16) > at:
+                self.unknown += 1
+                return {"error": {"code": -32000, "message": "header not found"}}
+            return None
+        params[len(params) :] = [None] * (where + 1 - len(params))
+        params[where] = hex(at)
+        return self.ask(str(method), params)
 
 
 class StreamEvent(NamedTuple):

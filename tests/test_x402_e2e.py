@@ -63,6 +63,7 @@ from tests.hub_helpers import (
     ETH,
     ROOT,
     Answers,
+    LaggingRpc,
     RangeCappedRpc,
     Tampering,
     TamperingProxy,
@@ -415,10 +416,12 @@ def position_on_only_channel(payer: PayerClient, payee: str) -> int:
 
 
 @contextmanager
-def payer_through_a_proxy(devnet: Devnet, rig: LaneRig, journal: Path) -> Iterator[tuple[TcpProxy, PayerClient]]:
-    """A client of the rig's payer whose RPC goes through a TCP proxy in front of the devnet (to cut), its journal
-    `journal`; shut down after."""
-    with TcpProxy(int(devnet.url.rsplit(":", 1)[1])) as node:
+def payer_through_a_proxy(
+    devnet: Devnet, rig: LaneRig, journal: Path, rpc: str | None = None
+) -> Iterator[tuple[TcpProxy, PayerClient]]:
+    """A client of the rig's payer whose RPC goes through a TCP proxy (to cut) in front of `rpc` (the devnet's by
+    default), its journal `journal`; shut down after."""
+    with TcpProxy(int((rpc or devnet.url).rsplit(":", 1)[1])) as node:
         key = HexBytes(rig.payer.account.key).to_0x_hex()
         payer = PayerClient(key, node.url, rig.service.url, state_path=journal)
         try:
@@ -1504,6 +1507,47 @@ def test_a_top_up_that_left_the_pool_unmined_is_made_again_on_its_nonce(
     on_chain = w3.eth.contract(address=rig.payer.hub.address, abi=rig.payer.hub.abi).functions.channel
     assert on_chain(bytes.fromhex(channel["channelId"][2:])).call()[ChannelViewField.DEPOSIT] == 2 * PRICE
     assert accepted_for(rig.service, payee) == 2 * PRICE
+
+
+@pytest.mark.parametrize("made", ["open", "top-up"])
+def test_what_a_transaction_of_unknown_outcome_did_is_read_at_a_block_that_holds_it(
+    devnet: Devnet, w3: Web3, lane_rig: Callable[..., LaneRig], tmp_path: Path, made: str, mining: str
+) -> None:
+    """An open (a top-up) whose receipt was never read, mined after all: the next payment reads what it did once its
+    nonce is used. Behind a provider's balancer the hub's view came from a node behind the one that counted the nonce,
+    as of a block before the transaction: the open was taken as never made and another channel opened beside it (the
+    top-up as not counted and made again), a deposit more of the payer's money locked. Now the view is read at the
+    block by which the nonce was counted: a node without that block refuses, the payment fails (retryable), and the
+    next one, the node caught up, pays on what the transaction did."""
+    rig = lane_rig(f"lagging-{made}")
+    ((payee, api),) = rig.payees
+    methods = frozenset({"eth_call"})
+    with (
+        LaggingRpc(devnet.url, methods) as balancer,
+        payer_through_a_proxy(devnet, rig, tmp_path / "lagging.sqlite3", rpc=balancer.url) as (node, payer),
+    ):
+        multiple = 100 if made == "open" else 1
+        scheme = ChannelHubClientScheme(payer, DepositPolicy(multiple=multiple, follow_hint=False), confirm_timeout=10)
+        if made == "top-up":
+            assert paid_get(devnet, scheme, f"{api}/weather") == 200  # a channel of one price, used up
+        balancer.at = w3.eth.block_number  # the hub's reads now reach a node that stays at this block
+        failure = failed_payment_across(
+            devnet, scheme, f"{api}/weather", gate_calls(payer.transactor, "wait"), node.cut
+        )
+        node.mend()
+        with pytest.raises(PaymentError) as behind:  # the code before: paid, on a second channel (a second top-up)
+            paid_get(devnet, scheme, f"{api}/weather")
+        balancer.at = None  # the node caught up
+        assert paid_get(devnet, scheme, f"{api}/weather") == 200
+    assert re.fullmatch(UNREAD_RECEIPT, failure), failure
+    (channel,) = rig.payer.open_channels(payee)
+    assert str(behind.value) == (
+        f"Failed to handle payment: reading what became of the {made} of channel {channel['channelId']}: the chain's "
+        "RPC refused ({'code': -32000, 'message': 'header not found'})"
+    )
+    assert balancer.unknown == 1
+    assert int(channel["deposit"]) == (100 if made == "open" else 2) * PRICE
+    assert accepted_for(rig.service, payee) == (1 if made == "open" else 2) * PRICE
 
 
 def test_a_restarted_payer_finds_its_channel_through_an_rpc_that_caps_log_ranges(

@@ -453,16 +453,17 @@ class ChannelHubClientScheme:
         if nonce is None:
             return
         with rpc_errors(f"reading what became of the top-up of channel {lane.channel.hex_id}"):
-            if not self._mined_by(nonce):
+            mined = self._mined_at(nonce)
+            if mined is None:
                 if self.payer.w3.eth.get_transaction_count(self.payer.account.address, "pending") <= nonce:
                     lane.topping = None  # the node holds it no more: it left the pool unmined
                     return
                 raise ChainUnavailableError(
                     f"the top-up of channel {lane.channel.hex_id} (nonce {nonce}) is not mined yet: retry later"
                 )
-            view = self.payer.hub.functions.channel(lane.channel.channel_id).call()
+            view = self.payer.hub.functions.channel(lane.channel.channel_id).call(block_identifier=mined)
         deposit = int(view[ChannelViewField.DEPOSIT])
-        if deposit > lane.deposit:  # mined after all (a deposit read after the nonce is used has it)
+        if deposit > lane.deposit:  # mined after all (a deposit read at a block by which the nonce is used has it)
             lane.deposit, lane.counted = deposit, False
         lane.topping = None
 
@@ -487,36 +488,44 @@ class ChannelHubClientScheme:
         with self._guard:
             unsure = self._unsure.pop(party, [])
         found, kept = None, []
-        for earlier in unsure:
-            view = None if found is not None else self._outcome(earlier)
-            if view is None:
-                kept.append(earlier)  # still pending, or the node again (or one found already): looked for next time
-            elif int(view[ChannelViewField.STATUS]) == ChannelStatus.OPEN:
-                deposit = int(view[ChannelViewField.DEPOSIT])
-                found = Lane(earlier.channel, deposit, busy_since=time.monotonic(), counted=False)
-        with self._guard:
-            self._unsure[party] = (kept + self._unsure.get(party, []))[-self.max_lanes :]
+        try:
+            while unsure and found is None:
+                view = self._outcome(unsure[0])  # raises with the node failing or behind: this payment fails
+                earlier = unsure.pop(0)
+                if view is None:
+                    kept.append(earlier)  # still pending: looked for next time
+                elif int(view[ChannelViewField.STATUS]) == ChannelStatus.OPEN:
+                    deposit = int(view[ChannelViewField.DEPOSIT])
+                    found = Lane(earlier.channel, deposit, busy_since=time.monotonic(), counted=False)
+        finally:  # what was not read (one found already, or the node failing) is looked for next time
+            with self._guard:
+                self._unsure[party] = (kept + unsure + self._unsure.get(party, []))[-self.max_lanes :]
         return found
 
     def _outcome(self, earlier: Unsure) -> tuple[Any, ...] | None:
         """The hub's view of an open of unknown outcome, once that is known: the channel (any status), or nothing
         there though its nonce was used (it reverted, or it was the open's approval); None while still pending after
-        `confirm_timeout`, or the node failing."""
-        try:
-            if not self._mined_by(earlier.nonce):
+        `confirm_timeout`."""
+        with rpc_errors(f"reading what became of the open of channel {earlier.channel.hex_id}"):
+            mined = self._mined_at(earlier.nonce)
+            if mined is None:
                 return None
-            return tuple(self.payer.hub.functions.channel(earlier.channel.channel_id).call())  # read after the nonce
-        except Exception:  # the node again
-            return None
+            return tuple(self.payer.hub.functions.channel(earlier.channel.channel_id).call(block_identifier=mined))
 
-    def _mined_by(self, nonce: int) -> bool:
-        """Whether the payer's transaction `nonce` is mined (its nonce used), waited for up to `confirm_timeout`."""
+    def _mined_at(self, nonce: int) -> int | None:
+        """A block by which the payer's transaction `nonce` is mined (its nonce used), waited for up to
+        `confirm_timeout`; None while it is not. What the transaction did is read at that block: a provider's balancer
+        may send the next read to a node behind the one that counted the nonce, and read at "latest" there the hub
+        did not hold it yet (an open taken as never made, a top-up as not counted: made again). A node without
+        the block refuses the read instead."""
         deadline = time.monotonic() + self.confirm_timeout
-        while self.payer.w3.eth.get_transaction_count(self.payer.account.address, "latest") <= nonce:
+        while True:
+            head = self.payer.w3.eth.block_number
+            if self.payer.w3.eth.get_transaction_count(self.payer.account.address, head) > nonce:
+                return int(head)
             if time.monotonic() > deadline:
-                return False
+                return None
             time.sleep(0.2)
-        return True
 
     @contextmanager
     def _taken(self, note: Callable[[int], None]) -> Iterator[None]:
