@@ -887,6 +887,73 @@ def test_a_transaction_that_left_the_pool_unmined_does_not_hold_back_the_next(
     assert hub.functions.channel(opened.channel_id).call()[ChannelViewField.DEPOSIT] == 10**15
 
 
+@pytest.mark.parametrize("second", ["after", "dearer", "at once"])
+def test_two_apps_paying_from_one_key_never_take_each_others_nonce(
+    serve_here: Callable[..., ServiceThread],
+    payer_client: Callable[..., PayerClient],
+    accounts: list[LocalAccount],
+    hub: Contract,
+    w3: Web3,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    second: str,
+) -> None:
+    """Two apps (processes, hosts) paying from one key, each with its own client: one opens a channel and waits for
+    it to be mined while the other opens another. The other numbered its transaction from its own count, the nonce
+    the first had just taken: offering the same fees, the node refused it as a replacement offering too little
+    ("after"); offering 10 % more (the first one capped by its `max_fee_per_gas`, or priced before the base fee
+    rose), it pushed the first one's open out of the pool, never to be mined ("dearer"). Now each transaction is
+    numbered from the node's count of the account's pending transactions (or the client's own where that is higher),
+    and one the node refuses for its nonce is numbered again: so is the first one's when the two read the count at
+    once ("at once": the first one held between its numbering and its sending)."""
+    url = serve_here(f"sqlite:///{tmp_path / 'one-key.db'}").url
+    apps = [payer_client(accounts[10], url), payer_client(accounts[10], url)]
+    apps[0].transactor.timeout = 15.0
+    payer = accounts[10].address
+    base = 1_000  # wei a gas: the next block's base fee (a quiet chain's)
+    rpc(w3, "anvil_setNextBlockBaseFeePerGas", [hex(base)])
+    apps[1].open_channel(accounts[11].address, 10**15)  # mined: the second client numbers its next after it
+    if second == "dearer":  # the first offers a little above the next base fee, its tip the same
+        apps[0].transactor.max_fee_per_gas = base * 5 // 4
+        assert 2 * base * 11 // 10 < int(w3.eth.max_priority_fee)  # the second offers 10 % more in both fees
+    numbered, sending = threading.Event(), threading.Event()
+    if second == "at once":
+        send_raw = apps[0].transactor.w3.eth.send_raw_transaction
+
+        def held(raw: Any) -> Any:
+            numbered.set()
+            assert sending.wait(30)
+            return send_raw(raw)
+
+        monkeypatch.setattr(apps[0].transactor.w3.eth, "send_raw_transaction", held)
+    nonce = w3.eth.get_transaction_count(payer)
+
+    def sent(count: int) -> bool:
+        return w3.eth.get_transaction_count(payer, "pending") == nonce + count
+
+    rpc(w3, "evm_setAutomine", [False])
+    try:
+        with ThreadPoolExecutor(2) as pool:
+            opening = pool.submit(apps[0].open_channel, accounts[12].address, 10**15)
+            if second == "at once":
+                assert numbered.wait(30)
+            else:
+                wait_until(lambda: sent(1))  # the first one's open, in the pool
+            pooled = w3.eth.get_block("pending")["transactions"]
+            other = pool.submit(apps[1].open_channel, accounts[13].address, 10**15)
+            wait_until(lambda: w3.eth.get_block("pending")["transactions"] != pooled or other.done())
+            sending.set()
+            wait_until(lambda: sent(2) or opening.done() or other.done())
+            rpc(w3, "evm_mine")
+            # The code before: "... replacement transaction underpriced" (after, at once), "not mined" (dearer)
+            opened = [opening.result(timeout=30), other.result(timeout=30)]
+    finally:
+        rpc(w3, "evm_setAutomine", [True])
+    assert w3.eth.get_transaction_count(payer) == nonce + 2
+    deposits = [hub.functions.channel(channel.channel_id).call()[ChannelViewField.DEPOSIT] for channel in opened]
+    assert deposits == [10**15, 10**15]
+
+
 def test_a_fee_ceiling_is_a_positive_number_of_wei(
     serve_here: Callable[..., ServiceThread], accounts: list[LocalAccount], devnet: Devnet, tmp_path: Path
 ) -> None:

@@ -227,8 +227,8 @@ class Transactor:
                     tx_hash = self.w3.eth.send_raw_transaction(signed.raw_transaction)
                 except Web3RPCError as ex:
                     self._next_nonce = None  # re-read from the chain: the nonce may or may not be used
-                    if "nonce too low" in str(ex).lower() and attempt + 1 < NONCE_RETRIES:
-                        continue  # something else sent from this account: number again from the chain
+                    if _taken_by_another(ex) and attempt + 1 < NONCE_RETRIES:
+                        continue  # another sender from this account took it (mined, or in the pool): number again
                     raise self._refused(ex) from ex
                 except Exception:
                     self._next_nonce = None
@@ -340,9 +340,22 @@ class Transactor:
         return {"maxFeePerGas": max_fee, "maxPriorityFeePerGas": priority}
 
     def _nonce(self) -> int:
-        if self._next_nonce is None:
-            self._next_nonce = self.w3.eth.get_transaction_count(self.account.address, "pending")
+        """The node's count of the account's transactions, pending ones included, or this process's own where that is
+        higher (one it sent the node does not count yet). Read at each send: another app paying from the same key
+        (another process, another host) takes nonces this one never hears of, and numbered from its own count alone
+        its transaction was refused as a replacement offering too little, or, the base fee risen since the other was
+        priced, replaced the other's in the pool."""
+        counted = int(self.w3.eth.get_transaction_count(self.account.address, "pending"))
+        if self._next_nonce is None or counted > self._next_nonce:
+            self._next_nonce = counted
         return self._next_nonce
+
+
+def _taken_by_another(refusal: Web3RPCError) -> bool:
+    """Whether a node refused a transaction for its nonce: used already, or held in the pool for a transaction this
+    process did not send (each of its own has a nonce of its own; a re-pricing is not sent through here)."""
+    said = str(refusal).lower()
+    return "nonce too low" in said or "replacement transaction underpriced" in said
 
 
 def _bumped(fee: object) -> int:
