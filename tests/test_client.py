@@ -9,6 +9,7 @@ import threading
 import time
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import TimeoutError as FutureTimeout
 from contextlib import closing
 from dataclasses import replace
 from datetime import UTC, datetime
@@ -952,6 +953,71 @@ def test_two_apps_paying_from_one_key_never_take_each_others_nonce(
     assert w3.eth.get_transaction_count(payer) == nonce + 2
     deposits = [hub.functions.channel(channel.channel_id).call()[ChannelViewField.DEPOSIT] for channel in opened]
     assert deposits == [10**15, 10**15]
+
+
+def test_a_token_that_changes_allowances_only_through_zero_takes_a_deposit_after_an_allowance_left_over(
+    serve_here: Callable[..., ServiceThread],
+    payer_client: Callable[..., PayerClient],
+    accounts: list[LocalAccount],
+    deploy: Callable[..., Contract],
+    hub: Contract,
+    w3: Web3,
+    tmp_path: Path,
+) -> None:
+    """USDT refuses to change an allowance that is not 0 to another that is not 0. A payer whose allowance to the hub
+    was left over (an open that failed after its approval: 100 units here) could open no channel of that token for
+    more: the SDK's approval reverted, each time. Now it is set to 0 first, then to the deposit."""
+    client = payer_client(accounts[10], serve_here(f"sqlite:///{tmp_path / 'usdt.db'}").url)
+    payer, usdt = accounts[10].address, deploy("NoReturnToken")
+    send(w3, usdt.functions.mint(payer, 1_000), payer)
+    send(w3, usdt.functions.approve(hub.address, 100), payer)  # the allowance an earlier open left over
+    nonce = w3.eth.get_transaction_count(payer)
+    opened = client.open_channel(accounts[11].address, 300, token=usdt.address)  # the code before: "would revert"
+    assert hub.functions.channel(opened.channel_id).call()[ChannelViewField.DEPOSIT] == 300
+    assert w3.eth.get_transaction_count(payer) == nonce + 3  # to 0, to 300, the open
+    assert usdt.functions.allowance(payer, hub.address).call() == 0
+    more = client.open_channel(accounts[11].address, 200, token=usdt.address)  # from 0: one approval
+    assert hub.functions.channel(more.channel_id).call()[ChannelViewField.DEPOSIT] == 200
+    assert w3.eth.get_transaction_count(payer) == nonce + 5
+
+
+def test_token_deposits_made_at_once_by_two_threads_each_spend_their_own_approval(
+    serve_here: Callable[..., ServiceThread],
+    payer_client: Callable[..., PayerClient],
+    accounts: list[LocalAccount],
+    token: Contract,
+    hub: Contract,
+    w3: Web3,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Two threads of one app open token channels at once: the first approves its deposit (100), and before its open
+    is sent the second reads that allowance, finds it enough for its own (50), opens and spends it. The first's open
+    was then refused (the allowance left short of its deposit). Now a token deposit (its approval, then its open or
+    top-up) is made one at a time: the second waits for the first, then approves its own."""
+    client = payer_client(accounts[10], serve_here(f"sqlite:///{tmp_path / 'two-threads.db'}").url)
+    payer = accounts[10].address
+    send(w3, token.functions.mint(payer, 1_000), payer)
+    approve, approved, going = client._approve, threading.Event(), threading.Event()
+
+    def held(asset: str, amount: int) -> None:  # the first's open held after its approval
+        approve(asset, amount)
+        if amount == 100:
+            approved.set()
+            assert going.wait(30)
+
+    monkeypatch.setattr(client, "_approve", held)
+    with ThreadPoolExecutor(2) as pool:
+        first = pool.submit(client.open_channel, accounts[11].address, 100, token=token.address)
+        assert approved.wait(30)
+        second = pool.submit(client.open_channel, accounts[12].address, 50, token=token.address)
+        with pytest.raises(FutureTimeout):  # the code before: made, on the first's approval
+            second.result(timeout=2)
+        going.set()
+        opened = [first.result(timeout=30), second.result(timeout=30)]  # the code before: "would revert"
+    deposits = [hub.functions.channel(channel.channel_id).call()[ChannelViewField.DEPOSIT] for channel in opened]
+    assert deposits == [100, 50]
+    assert token.functions.allowance(payer, hub.address).call() == 0
 
 
 def test_a_fee_ceiling_is_a_positive_number_of_wei(

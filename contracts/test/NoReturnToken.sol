@@ -2,7 +2,8 @@
 pragma solidity 0.8.30;
 
 /// @title NoReturnToken
-/// @notice Test token whose transfer functions return nothing (like USDT on mainnet).
+/// @notice Test token whose transfer functions return nothing, and whose approvals go through 0 (like USDT on
+/// mainnet).
 contract NoReturnToken {
     mapping(address => uint256) public balanceOf;
     mapping(address => mapping(address => uint256)) public allowance;
@@ -12,8 +13,10 @@ contract NoReturnToken {
         balanceOf[to] += amount;
     }
 
-    /// @notice Approves without returning a value.
+    /// @notice Approves without returning a value; as USDT, refuses to change an allowance that is not 0 to
+    /// another that is not 0 (set it to 0 first).
     function approve(address spender, uint256 amount) external {
+        require(amount == 0 || allowance[msg.sender][spender] == 0, "approve from non-zero to non-zero");
         allowance[msg.sender][spender] = amount;
     }
 

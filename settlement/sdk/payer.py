@@ -39,6 +39,7 @@ from eth_account.signers.local import LocalAccount
 from eth_utils.address import to_checksum_address
 from web3 import Web3
 from web3.contract import Contract
+from web3.exceptions import ContractCustomError, ContractLogicError
 
 from settlement.chain.addresses import checksummed
 from settlement.chain.contracts import HUB, load_artifact
@@ -198,6 +199,9 @@ class PayerClient:
         self.loop_commits = loop_commits or LoopCommits()
         self._locks: dict[bytes, threading.Lock] = {}
         self._guard = threading.Lock()
+        # One token deposit (its approval, then the open or top-up that spends it) at a time: two at once each read
+        # the allowance before the other's was spent or set, and one of them was left short (its open reverted).
+        self._token_deposits = threading.Lock()
 
     @property
     def address(self) -> str:
@@ -226,11 +230,12 @@ class PayerClient:
         payee, asset, salt = ref.payee, ref.token, ref.salt
         if from_balance:
             self.transactor.send(self.hub.functions.openFromBalance(payee, asset, salt, deposit))
+        elif asset == ETH:
+            self.transactor.send(self.hub.functions.open(payee, asset, salt, deposit), value=deposit)
         else:
-            if asset != ETH:
+            with self._token_deposits:
                 self._approve(asset, deposit)
-            value = deposit if asset == ETH else 0
-            self.transactor.send(self.hub.functions.open(payee, asset, salt, deposit), value=value)
+                self.transactor.send(self.hub.functions.open(payee, asset, salt, deposit))
         self.journal.reset(ref.hex_id)  # new on this chain (open reverts otherwise): whatever the journal held is void
         return ref
 
@@ -308,11 +313,12 @@ class PayerClient:
         if from_balance:
             self.transactor.send(self.hub.functions.topUpFromBalance(channel.channel_id, amount))
             return
-        if channel.token != ETH:
+        if channel.token == ETH:
+            self.transactor.send(self.hub.functions.topUp(channel.channel_id, amount), value=amount)
+            return
+        with self._token_deposits:
             self._approve(channel.token, amount)
-        self.transactor.send(
-            self.hub.functions.topUp(channel.channel_id, amount), value=amount if channel.token == ETH else 0
-        )
+            self.transactor.send(self.hub.functions.topUp(channel.channel_id, amount))
 
     def close(self, channel: ChannelRef) -> None:
         """Start the challenge period; the payee (or the service for it) can still settle until it ends."""
@@ -358,9 +364,20 @@ class PayerClient:
         return value
 
     def _approve(self, token: str, amount: int) -> None:
+        """Let the hub take `amount` of `token` for the deposit about to be made. An allowance left over (an open that
+        failed after its approval) is raised to it; a token that refuses to change an allowance that is not 0 to
+        another (USDT does) has it set to 0 first: before, every later deposit of that token was refused."""
         erc20 = self.w3.eth.contract(address=to_checksum_address(token), abi=ERC20_ABI)
-        if int(erc20.functions.allowance(self.address, self.hub.address).call()) < amount:
-            self.transactor.send(erc20.functions.approve(self.hub.address, amount))
+        allowed = int(erc20.functions.allowance(self.address, self.hub.address).call())
+        if allowed >= amount:
+            return
+        approval = erc20.functions.approve(self.hub.address, amount)
+        if allowed:
+            try:
+                approval.estimate_gas({"from": self.address})
+            except (ContractCustomError, ContractLogicError):
+                self.transactor.send(erc20.functions.approve(self.hub.address, 0))
+        self.transactor.send(approval)
 
     # --- with the service --------------------------------------------------------------------------------------
 
