@@ -1020,6 +1020,35 @@ def test_token_deposits_made_at_once_by_two_threads_each_spend_their_own_approva
     assert token.functions.allowance(payer, hub.address).call() == 0
 
 
+def test_a_token_deposit_the_payer_does_not_hold_is_refused_in_the_tokens_words(
+    serve_here: Callable[..., ServiceThread],
+    payer_client: Callable[..., PayerClient],
+    accounts: list[LocalAccount],
+    token: Contract,
+    hub: Contract,
+    w3: Web3,
+    tmp_path: Path,
+) -> None:
+    """A payer opening (or topping up) a token channel for more than its wallet holds: the token refuses the hub's
+    transfer with OpenZeppelin's ERC-20 error, which the SDK named `unknown()` (it decoded the hub's errors only)."""
+    client = payer_client(accounts[10], serve_here(f"sqlite:///{tmp_path / 'short.db'}").url)
+    payer = accounts[10].address
+    send(w3, token.functions.mint(payer, 40), payer)
+    with pytest.raises(TransactionFailedError) as short:
+        client.open_channel(accounts[11].address, 100, token=token.address)
+    assert (
+        str(short.value)
+        == f"transaction would revert: ERC20InsufficientBalance(sender={payer}, balance=40, needed=100)"
+    )
+    channel = client.open_channel(accounts[11].address, 40, token=token.address)
+    with pytest.raises(TransactionFailedError) as empty:
+        client.top_up(channel, 1)
+    assert (
+        str(empty.value) == f"transaction would revert: ERC20InsufficientBalance(sender={payer}, balance=0, needed=1)"
+    )
+    assert hub.functions.channel(channel.channel_id).call()[ChannelViewField.DEPOSIT] == 40
+
+
 def test_a_fee_ceiling_is_a_positive_number_of_wei(
     serve_here: Callable[..., ServiceThread], accounts: list[LocalAccount], devnet: Devnet, tmp_path: Path
 ) -> None:

@@ -12,6 +12,7 @@ from typing import Any
 from settlement.errors import ArtifactError, SourceDriftError
 
 HUB = "ChannelHub"
+DEV_TOKEN = "DevToken"  # a mintable OpenZeppelin ERC20, for devnets, the simulator and tests
 
 
 @dataclass(frozen=True)
@@ -87,3 +88,10 @@ def runtime_matches(artifact: Artifact, code: bytes) -> bool:
     for start, length in artifact.immutable_references:
         actual[start : start + length] = expected[start : start + length]
     return actual == expected
+
+
+def erc20_errors() -> list[dict[str, Any]]:
+    """The ERC-20 errors of OpenZeppelin's tokens (IERC20Errors, as DevToken declares them): what a token reverts
+    with when the hub takes a deposit the payer does not hold or did not approve, named for the payer (before:
+    `unknown()`)."""
+    return [entry for entry in load_artifact(DEV_TOKEN).abi if entry.get("type") == "error"]

@@ -20,7 +20,7 @@ from typing import IO
 import httpx
 from eth_account.signers.local import LocalAccount
 
-from settlement.chain.contracts import load_artifact
+from settlement.chain.contracts import DEV_TOKEN, load_artifact
 from settlement.chain.deployment import deploy_contract
 from settlement.chain.node import Transactor, connect
 from settlement.errors import DevnetError
@@ -214,7 +214,7 @@ def deploy_test_token(net: Devnet, *, per_account: int = 10**6 * 10**18) -> Test
     `open_channel(..., token=address)` can be tried by hand. The last account deploys it so that the operator's
     (the first account's) nonce, and with it the hub's address from `settlement deploy`, stay what they were."""
     w3 = connect(net.url)
-    artifact = load_artifact("DevToken")
+    artifact = load_artifact(DEV_TOKEN)
     transactor = Transactor(w3, net.accounts[-1], artifact.abi)
     token, _ = deploy_contract(transactor, artifact, "Devnet Token", "DEV", 18)
     with ThreadPoolExecutor(max_workers=len(net.accounts)) as pool:  # one block for every mint, not one each

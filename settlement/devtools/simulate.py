@@ -27,7 +27,7 @@ from web3.contract import Contract
 
 from settlement.api.app import create_app
 from settlement.chain.batch_codec import decode_settlements
-from settlement.chain.contracts import load_artifact
+from settlement.chain.contracts import DEV_TOKEN, load_artifact
 from settlement.chain.deployment import Deployment, deploy_contract, deploy_hub, hub_contract
 from settlement.chain.node import Transactor, connect
 from settlement.devtools.devnet import Devnet, free_port
@@ -194,7 +194,7 @@ class Simulation:
     def _deploy(self, w3: Web3, operator: LocalAccount, payers: list[LocalAccount], tmp: Path) -> str:
         deployment = deploy_hub(w3, operator, self.settings.challenge_period)
         deployment.save(tmp / "deployment.json")
-        artifact = load_artifact("DevToken")
+        artifact = load_artifact(DEV_TOKEN)
         transactor = Transactor(w3, operator, artifact.abi)
         token, _ = deploy_contract(transactor, artifact, "Simulation Token", "SIM", 18)
         for payer in payers:

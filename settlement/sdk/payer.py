@@ -42,7 +42,7 @@ from web3.contract import Contract
 from web3.exceptions import ContractCustomError, ContractLogicError
 
 from settlement.chain.addresses import checksummed
-from settlement.chain.contracts import HUB, load_artifact
+from settlement.chain.contracts import HUB, erc20_errors, load_artifact
 from settlement.chain.deployment import hub_at
 from settlement.chain.node import Transactor, connect, rpc_errors
 from settlement.domain.model import ETH, ChannelStatus, ChannelViewField, Receipt, signature_of
@@ -184,7 +184,7 @@ class PayerClient:
             self.hub, self.domain = checked_hub(self.w3, self._get("/v1/eip712"), hub_address)
             if self.http.auth is None:  # reads of its own channels: signed in with its own key when asked to
                 self.http.auth = SignInAuth(self.account, service_url, self.domain.chain_id)
-            abi = load_artifact(HUB).abi
+            abi = load_artifact(HUB).abi + erc20_errors()  # a token deposit's refusals come from the token
             self.transactor = Transactor(self.w3, self.account, abi, max_fee_per_gas=max_fee_per_gas)
         except BaseException:
             self.http.close()
