@@ -77,6 +77,26 @@ def payer_client(devnet: Devnet, tmp_path: Path) -> Iterator[Callable[..., Payer
         client.shutdown()
 
 
+@pytest.fixture
+def token_payer(
+    serve_here: Callable[..., ServiceThread],
+    payer_client: Callable[..., PayerClient],
+    accounts: list[LocalAccount],
+    token: Contract,
+    w3: Web3,
+    tmp_path: Path,
+) -> Callable[..., PayerClient]:
+    """Factory: token_payer(minted, token=the test's DevToken) -> a client of accounts[10] (on a service of its own)
+    whose wallet holds `minted` units of the token."""
+
+    def make(minted: int, minting: Contract = token) -> PayerClient:
+        client = payer_client(accounts[10], serve_here(f"sqlite:///{tmp_path / 'token-payer.db'}").url)
+        send(w3, minting.functions.mint(client.address, minted), client.address)
+        return client
+
+    return make
+
+
 def key(account: LocalAccount) -> str:
     return HexBytes(account.key).to_0x_hex()
 
@@ -956,20 +976,17 @@ def test_two_apps_paying_from_one_key_never_take_each_others_nonce(
 
 
 def test_a_token_that_changes_allowances_only_through_zero_takes_a_deposit_after_an_allowance_left_over(
-    serve_here: Callable[..., ServiceThread],
-    payer_client: Callable[..., PayerClient],
+    token_payer: Callable[..., PayerClient],
     accounts: list[LocalAccount],
     deploy: Callable[..., Contract],
     hub: Contract,
     w3: Web3,
-    tmp_path: Path,
 ) -> None:
     """USDT refuses to change an allowance that is not 0 to another that is not 0. A payer whose allowance to the hub
     was left over (an open that failed after its approval: 100 units here) could open no channel of that token for
     more: the SDK's approval reverted, each time. Now it is set to 0 first, then to the deposit."""
-    client = payer_client(accounts[10], serve_here(f"sqlite:///{tmp_path / 'usdt.db'}").url)
-    payer, usdt = accounts[10].address, deploy("NoReturnToken")
-    send(w3, usdt.functions.mint(payer, 1_000), payer)
+    usdt = deploy("NoReturnToken")
+    client, payer = token_payer(1_000, usdt), accounts[10].address
     send(w3, usdt.functions.approve(hub.address, 100), payer)  # the allowance an earlier open left over
     nonce = w3.eth.get_transaction_count(payer)
     opened = client.open_channel(accounts[11].address, 300, token=usdt.address)  # the code before: "would revert"
@@ -982,22 +999,17 @@ def test_a_token_that_changes_allowances_only_through_zero_takes_a_deposit_after
 
 
 def test_token_deposits_made_at_once_by_two_threads_each_spend_their_own_approval(
-    serve_here: Callable[..., ServiceThread],
-    payer_client: Callable[..., PayerClient],
+    token_payer: Callable[..., PayerClient],
     accounts: list[LocalAccount],
     token: Contract,
     hub: Contract,
-    w3: Web3,
-    tmp_path: Path,
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     """Two threads of one app open token channels at once: the first approves its deposit (100), and before its open
     is sent the second reads that allowance, finds it enough for its own (50), opens and spends it. The first's open
     was then refused (the allowance left short of its deposit). Now a token deposit (its approval, then its open or
     top-up) is made one at a time: the second waits for the first, then approves its own."""
-    client = payer_client(accounts[10], serve_here(f"sqlite:///{tmp_path / 'two-threads.db'}").url)
-    payer = accounts[10].address
-    send(w3, token.functions.mint(payer, 1_000), payer)
+    client = token_payer(1_000)
     approve, approved, going = client._approve, threading.Event(), threading.Event()
 
     def held(asset: str, amount: int) -> None:  # the first's open held after its approval
@@ -1017,23 +1029,15 @@ def test_token_deposits_made_at_once_by_two_threads_each_spend_their_own_approva
         opened = [first.result(timeout=30), second.result(timeout=30)]  # the code before: "would revert"
     deposits = [hub.functions.channel(channel.channel_id).call()[ChannelViewField.DEPOSIT] for channel in opened]
     assert deposits == [100, 50]
-    assert token.functions.allowance(payer, hub.address).call() == 0
+    assert token.functions.allowance(client.address, hub.address).call() == 0
 
 
 def test_a_token_deposit_the_payer_does_not_hold_is_refused_in_the_tokens_words(
-    serve_here: Callable[..., ServiceThread],
-    payer_client: Callable[..., PayerClient],
-    accounts: list[LocalAccount],
-    token: Contract,
-    hub: Contract,
-    w3: Web3,
-    tmp_path: Path,
+    token_payer: Callable[..., PayerClient], accounts: list[LocalAccount], token: Contract, hub: Contract
 ) -> None:
     """A payer opening (or topping up) a token channel for more than its wallet holds: the token refuses the hub's
     transfer with OpenZeppelin's ERC-20 error, which the SDK named `unknown()` (it decoded the hub's errors only)."""
-    client = payer_client(accounts[10], serve_here(f"sqlite:///{tmp_path / 'short.db'}").url)
-    payer = accounts[10].address
-    send(w3, token.functions.mint(payer, 40), payer)
+    client, payer = token_payer(40), accounts[10].address
     with pytest.raises(TransactionFailedError) as short:
         client.open_channel(accounts[11].address, 100, token=token.address)
     assert (
