@@ -651,6 +651,7 @@ class LocalServer:
         if self.server is not None:
             self.server.shutdown()
             self.server.server_close()
+            self.server = None
 
 
 class TamperingProxy(LocalServer):

@@ -12,8 +12,7 @@ import threading
 import time
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from http.server import BaseHTTPRequestHandler
 from pathlib import Path
 from typing import Any
 
@@ -49,11 +48,11 @@ from tests.hub_helpers import (
     Answer,
     Channel,
     EventStream,
+    LocalServer,
     a_channel,
     batch,
     body,
     chain_happened,
-    free_test_port,
     in_one_block,
     positions,
     service_of,
@@ -67,25 +66,26 @@ from tests.servers import ServiceProcess, ServiceThread
 Sign = Callable[..., bytes]
 
 
-@dataclass
-class Receiver:
-    """A payee's webhook endpoint on a real socket: records every delivery whose body arrived whole; `fail` answers
-    that many with 500, `delay` sleeps before answering."""
+class Receiver(LocalServer):
+    """A payee's webhook endpoint on a real socket (`url`, from `start()` to `stop()`): records every delivery whose
+    body arrived whole; `fail` answers that many with 500, `delay` sleeps before answering."""
 
-    port: int
-    deliveries: list[tuple[int, dict[str, str], bytes]] = field(default_factory=list)  # (status answered, ...)
-    fail: int = 0
-    delay: float = 0.0
-    server: ThreadingHTTPServer | None = None
-
-    @property
-    def url(self) -> str:
-        return f"http://127.0.0.1:{self.port}/hook"
+    def __init__(self, fail: int = 0, delay: float = 0.0) -> None:
+        super().__init__()
+        self.url = f"{self.url}/hook"
+        self.deliveries: list[tuple[int, dict[str, str], bytes]] = []  # (status answered, headers, body)
+        self.fail, self.delay = fail, delay
 
     def accepted(self) -> list[dict[str, Any]]:
         return [json.loads(raw) for status, _, raw in self.deliveries if status == 200]
 
     def start(self) -> Receiver:
+        return self.__enter__()
+
+    def stop(self) -> None:
+        self.__exit__()
+
+    def handler(self) -> type[BaseHTTPRequestHandler]:
         receiver = self
 
         class Handler(BaseHTTPRequestHandler):
@@ -106,15 +106,7 @@ class Receiver:
             def log_message(self, *args: Any) -> None:
                 pass
 
-        self.server = ThreadingHTTPServer(("127.0.0.1", self.port), Handler)
-        threading.Thread(target=self.server.serve_forever, daemon=True).start()
-        return self
-
-    def stop(self) -> None:
-        if self.server is not None:
-            self.server.shutdown()
-            self.server.server_close()
-            self.server = None
+        return Handler
 
 
 @pytest.fixture
@@ -123,7 +115,7 @@ def receiver() -> Iterator[Callable[..., Receiver]]:
     made: list[Receiver] = []
 
     def make(fail: int = 0, delay: float = 0.0, started: bool = True) -> Receiver:
-        hook = Receiver(free_test_port(), fail=fail, delay=delay)
+        hook = Receiver(fail=fail, delay=delay)
         made.append(hook.start() if started else hook)
         return hook
 
@@ -299,12 +291,17 @@ def test_many_slow_receivers_never_hold_the_threads_other_payees_webhooks_are_de
     assert [[e["data"]["cumulativeAmount"] for e in hook.accepted()] for hook in slow] == [["1", "2"]] * 8
 
 
-class HostileReceiver:
-    """A webhook endpoint that never finishes its answer: `endless` answers 200 and then a body that goes on (up to
-    `body_cap` bytes, counted in `written`), `dribble` sends its status line and then a header byte every 0.2 s."""
+class HostileReceiver(LocalServer):
+    """A webhook endpoint that never finishes its answer (`url`, while its `with` block lasts): `endless` answers 200
+    and then a body that goes on (up to `body_cap` bytes, counted in `written`), `dribble` sends its status line and
+    then a header byte every 0.2 s."""
 
     def __init__(self, mode: str, body_cap: int = 256 * 2**20) -> None:
+        super().__init__()
+        self.url = f"{self.url}/hook"
         self.mode, self.body_cap, self.written, self.posts = mode, body_cap, 0, 0
+
+    def handler(self) -> type[BaseHTTPRequestHandler]:
         hostile = self
 
         class Handler(BaseHTTPRequestHandler):
@@ -336,14 +333,7 @@ class HostileReceiver:
             def log_message(self, *args: Any) -> None:
                 pass
 
-        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        self.server.daemon_threads = True
-        self.url = f"http://127.0.0.1:{self.server.server_address[1]}/hook"
-        threading.Thread(target=self.server.serve_forever, daemon=True).start()
-
-    def stop(self) -> None:
-        self.server.shutdown()
-        self.server.server_close()
+        return Handler
 
 
 def test_a_receiver_that_never_finishes_its_answer_holds_nothing(
@@ -359,8 +349,8 @@ def test_a_receiver_that_never_finishes_its_answer_holds_nothing(
     retried with backoff, and a healthy receiver beside them gets every event."""
     client = api(webhook_tick=0.05, webhook_timeout_seconds=1.0, webhook_backoff_max_seconds=0.5)
     channel = known_channel(client, 5, 6)
-    endless, dribble, healthy = HostileReceiver("endless"), HostileReceiver("dribble"), receiver()
-    try:
+    healthy = receiver()
+    with HostileReceiver("endless") as endless, HostileReceiver("dribble") as dribble:
         made = {name: subscribe(client, channel.payee, hook.url) for name, hook in
                 (("endless", endless), ("dribble", dribble), ("healthy", healthy))}  # fmt: skip
         pay(client, channel, sign, 5, 7)
@@ -386,9 +376,6 @@ def test_a_receiver_that_never_finishes_its_answer_holds_nothing(
         assert endless.written < 64 * 2**20  # what the sockets' buffers took before the sender hung up; old: 256 MB
         assert hooks["dribble"]["lastError"].startswith(f"{first}: TimeoutError")
         assert delivered(hooks["dribble"]) == delivered(made["dribble"])  # its first event still to deliver
-    finally:
-        endless.stop()
-        dribble.stop()
 
 
 def test_a_receiver_down_gets_everything_when_it_comes_back(
