@@ -846,12 +846,14 @@ BLOCK_PARAM = {  # where each JSON-RPC method that reads the chain's state takes
 class LaggingRpc(RpcProxy):
     """A JSON-RPC endpoint in front of a node, as a provider's balancer is that sends some calls to a node behind the
     others: while `at` is set, the calls of `methods` read the chain as the node at block `at` does ("latest" and the
-    other tags are that block, a later one is unknown there: geth's "header not found"); every other call, and every
-    call once `at` is None again (the node caught up), reads the chain as it is."""
+    other tags are that block, a later one is unknown there: geth's "header not found"; `eth_getLogs` as geth answers
+    it, a range past its head with the logs of the blocks it has and no error, a block asked by its hash that it has
+    not with "unknown block"); every other call, and every call once `at` is None again (the node caught up), reads
+    the chain as it is."""
 
     def __init__(self, target: str, methods: frozenset[str]) -> None:
         super().__init__(target)
-        assert methods <= {*BLOCK_PARAM, "eth_blockNumber"}, methods
+        assert methods <= {*BLOCK_PARAM, "eth_blockNumber", "eth_getLogs"}, methods
         self.methods = methods
         self.at: int | None = None
         self.unknown = 0  # calls answered "header not found"
@@ -862,6 +864,8 @@ class LaggingRpc(RpcProxy):
             return None
         if method == "eth_blockNumber":
             return {"result": hex(at)}
+        if method == "eth_getLogs":
+            return self.logs(dict(call["params"][0]), at)
         params = list(call.get("params") or [])
         where = BLOCK_PARAM[str(method)]
         block = params[where] if len(params) > where else "latest"
@@ -873,6 +877,22 @@ class LaggingRpc(RpcProxy):
         params[len(params) :] = [None] * (where + 1 - len(params))
         params[where] = hex(at)
         return self.ask(str(method), params)
+
+    def logs(self, query: dict[str, Any], at: int) -> dict[str, Any]:
+        """`eth_getLogs` as a node at block `at` answers it."""
+        if "blockHash" in query:
+            block = self.ask("eth_getBlockByHash", [query["blockHash"], False]).get("result")
+            if block is None or int(block["number"], 16) > at:
+                self.unknown += 1
+                return {"error": {"code": -32000, "message": "unknown block"}}
+            return self.ask("eth_getLogs", [query])
+        first, last = (
+            int(tag, 16) if isinstance(tag, str) and tag.startswith("0x") else 0 if tag == "earliest" else at
+            for tag in (query.get("fromBlock"), query.get("toBlock"))
+        )
+        if first > at:
+            return {"result": []}
+        return self.ask("eth_getLogs", [query | {"fromBlock": hex(first), "toBlock": hex(min(last, at))}])
 
 
 class StreamEvent(NamedTuple):

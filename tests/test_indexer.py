@@ -28,7 +28,7 @@ from settlement.store import Database
 from settlement.store import channels as channel_q
 from settlement.store.tables import chain_events
 from tests.hub_helpers import Channel as HubChannel
-from tests.hub_helpers import RangeCappedRpc, batch, send, settle_call
+from tests.hub_helpers import LaggingRpc, RangeCappedRpc, batch, send, settle_call
 from tests.proxy import TcpProxy
 
 
@@ -360,6 +360,51 @@ def test_a_log_range_the_rpc_refuses_is_read_in_narrower_ranges(
         f"exceeds max block range 16'}}); reading {(head - start + 1) // 2} blocks at a time"
     )
     assert len(warned) == len(refused) + widened.count(2 * size)
+
+
+def test_logs_a_node_behind_left_out_of_a_range_are_read_before_the_range_is_taken(
+    db: Database,
+    w3: Web3,
+    hub: Contract,
+    hub_deployment: Deployment,
+    devnet: Devnet,
+    open_channel: Callable[..., HubChannel],
+    accounts: list[LocalAccount],
+    caplog: pytest.LogCaptureFixture,
+    mining: str,
+) -> None:
+    """A provider's balancer sends the indexer's `eth_getLogs` to a node behind the others. Geth (and providers after
+    it) answers a range past its head with the logs of the blocks it has, and nothing, no error, for the rest: the
+    indexer took the range as read, and a payer's close request in those blocks was never applied (the channel open
+    in the store: vouchers accepted past the close guard, its deadline unwatched, the payer's refund taken with them
+    unpaid). Now each block within `verify_blocks` of the head is checked against its header's bloom filter: one
+    that may hold the hub's logs and had none in the answer is read by its hash, which a node without it refuses,
+    and the range is applied once every such block is read."""
+    channel = open_channel(accounts[5], accounts[6].address, amount=100)
+    mine(w3, 1)  # the open confirmed
+    with LaggingRpc(devnet.url, frozenset({"eth_getLogs"})) as balancer:
+        chain = connect(balancer.url)
+        hub_there = chain.eth.contract(address=hub.address, abi=hub.abi)
+        indexer = Indexer(db, chain, hub_there, start_block=hub_deployment.block_number, confirmations=1)
+        indexer.catch_up()
+        assert stored(db, channel).status == ChannelStatus.OPEN
+        balancer.at = w3.eth.block_number  # the logs now come from a node that stays at this block
+        closed = send(w3, hub.functions.requestClose(channel.id), accounts[5].address)
+        mine(w3, 3)
+        with caplog.at_level(logging.WARNING, logger="settlement.indexer.follower"):
+            assert indexer.poll() == 0  # the code before: the range applied, the close request left out of it
+            assert indexer.poll() == 0
+        assert stored(db, channel).status == ChannelStatus.OPEN
+        assert balancer.unknown == 2  # the close request's block asked by its hash, refused, at each poll
+        balancer.at = None  # the node caught up
+        indexer.catch_up()
+    assert stored(db, channel).status == ChannelStatus.CLOSING
+    assert stored(db, channel).as_of_block >= closed["blockNumber"]
+    warned = [r.getMessage() for r in caplog.records if r.name == "settlement.indexer.follower"]
+    assert warned == [
+        f"the chain's node left block {closed['blockNumber']} out of the hub's logs (it is behind the others): "
+        "waiting for it"
+    ]
 
 
 def test_an_operator_resumes_a_suspended_channel_from_the_cli(

@@ -25,12 +25,13 @@ from contextlib import contextmanager
 from dataclasses import dataclass, replace
 from typing import Any, NamedTuple
 
+from eth_bloom.bloom import BloomFilter
 from eth_utils.address import to_checksum_address
 from hexbytes import HexBytes
 from web3 import Web3
 from web3.contract import Contract
 from web3.exceptions import BlockNotFound
-from web3.types import FilterParams, LogReceipt, RPCEndpoint
+from web3.types import BlockData, FilterParams, LogReceipt, RPCEndpoint
 
 from settlement.chain.batch_codec import decode_settlements
 from settlement.chain.node import rpc_errors
@@ -65,6 +66,7 @@ logger = logging.getLogger(__name__)
 
 ABSENT_MAX = 100_000  # remembered unknown ids before the expired ones are dropped: a flood cannot grow it unbounded
 SPAN_REGROWTH = 64  # reads taken in a row at a narrowed span before it is tried twice as wide
+VERIFY_BLOCKS = 64  # blocks within this many of the head: a node behind a provider's balancer may not have them yet
 
 
 CHANNEL_EVENTS = frozenset(HubEvent)
@@ -137,6 +139,7 @@ class Indexer:
         confirmations: int,
         anchor: BlockRef | None = None,
         batch_blocks: int = 2_000,
+        verify_blocks: int = VERIFY_BLOCKS,
         reorg_window: int = 256,
         absent_ttl: float = 2.0,
         lookups_per_second: float = 100.0,
@@ -151,6 +154,8 @@ class Indexer:
         self.batch_blocks = batch_blocks
         self.span = batch_blocks  # blocks an eth_getLogs call asks for: narrower after the RPC refused a range
         self._taken = 0  # reads taken in a row at this span
+        self.verify_blocks = verify_blocks  # blocks this near the head are checked against their headers' blooms
+        self._partial = False  # a node behind left blocks out of the last poll's logs (said once in the log)
         self.reorg_window = reorg_window
         self.anchor = anchor
         self.failing: str | None = None  # why the last poll of `run` failed; None while it progresses
@@ -224,14 +229,19 @@ class Indexer:
             )
 
     def _block_hash(self, number: int) -> str | None:
+        block = self._block(number)
+        block_hash = None if block is None else block.get("hash")
+        return None if block_hash is None else HexBytes(block_hash).to_0x_hex()
+
+    def _block(self, number: int) -> BlockData | None:
+        """Block `number`'s header, or None where the node has no such block (yet)."""
         with self._reading(f"reading block {number}"):
             try:
                 block = self.w3.eth.get_block(number)
             except (ValueError, BlockNotFound):
                 return None
         self._saw_time(block.get("timestamp"))
-        block_hash = block.get("hash")
-        return None if block_hash is None else HexBytes(block_hash).to_0x_hex()
+        return block
 
     def _saw_time(self, stamp: object) -> None:
         if isinstance(stamp, int) and stamp > self.block_time:
@@ -266,6 +276,52 @@ class Indexer:
             if self._taken >= SPAN_REGROWTH and self.span < self.batch_blocks:
                 self.span, self._taken = min(self.batch_blocks, 2 * self.span), 0
         return events
+
+    def _whole(
+        self, first: int, last: int, head: int, events: list[ChainEvent]
+    ) -> tuple[list[ChainEvent], str | None] | None:
+        """The hub's events of blocks first..last, those `eth_getLogs` left out added, and block `last`'s hash; None
+        while a node without some of those blocks answers.
+        A provider's balancer may send the call to a node behind the others, and geth (providers after it) answers a
+        range past its head with the logs of the blocks it has and no error: a payer's close request in the others
+        was never applied (its channel open in the store, its deadline unwatched). So each block within
+        `verify_blocks` of the head is checked against its header's bloom filter: one that may hold the hub's logs
+        and has none in the answer is read by its hash, which a node without the block refuses (a block further from
+        the head is on every node a balancer keeps)."""
+        near = max(first, head - self.verify_blocks + 1)
+        if near > last:
+            return events, self._block_hash(last)
+        found = {event.block_number for event in events}
+        hub = bytes(HexBytes(self.hub.address))
+        more: list[ChainEvent] = []
+        last_hash = None
+        for number in range(near, last + 1):
+            block = self._block(number)
+            if block is None:
+                self._left_out(number)
+                return None
+            block_hash = HexBytes(block["hash"])
+            last_hash = block_hash.to_0x_hex()
+            if number in found or hub not in BloomFilter(int.from_bytes(bytes(block["logsBloom"]), "big")):
+                continue
+            try:
+                with self._reading(f"reading hub logs of block {number}"):
+                    logs = self.w3.eth.get_logs({"address": self.hub.address, "blockHash": block_hash})
+            except ChainUnavailableError:
+                raise
+            except ChainError:
+                self._left_out(number)
+                return None
+            more += [e for e in (self._decode(log) for log in logs) if e is not None]
+        self._partial = False
+        return sorted(events + more, key=lambda event: event.position), last_hash
+
+    def _left_out(self, number: int) -> None:
+        if not self._partial:
+            logger.warning(
+                "the chain's node left block %d out of the hub's logs (it is behind the others): waiting for it", number
+            )
+        self._partial = True
 
     def _decode(self, log: LogReceipt) -> ChainEvent | None:
         event = self._events.get(HexBytes(log["topics"][0])) if log["topics"] else None
@@ -449,7 +505,11 @@ class Indexer:
             return 0
         to_block = min(confirmed, cursor.block_number + self.span)
         events = self._logs(cursor.block_number + 1, to_block)
-        to_hash = self._block_hash(to_block)
+        whole = self._whole(cursor.block_number + 1, to_block, head, events)
+        if whole is None:  # a node behind left blocks out of the answer: waited for
+            self.progress = Progress(head, confirmed, cursor.block_number)
+            return 0
+        events, to_hash = whole
         advanced = self._apply(cursor, Cursor(to_block, to_hash), events)
         self.progress = Progress(head, confirmed, to_block if advanced else cursor.block_number)
         return to_block - cursor.block_number if advanced else 0

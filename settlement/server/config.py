@@ -50,6 +50,11 @@ class Settings(BaseSettings):
     confirmations: int = Field(default=2, ge=0, le=1000, description="blocks before a deposit or event counts")
     indexer_interval: float = Field(default=1.0, gt=0, description="seconds between polls when caught up")
     indexer_batch_blocks: int = Field(default=2000, ge=1, description="blocks per eth_getLogs call, at most")
+    indexer_verify_blocks: int = Field(
+        default=64,
+        ge=0,
+        description="blocks this near the head checked against their headers' blooms: logs a node behind left out",
+    )
     reorg_window: int = Field(default=256, ge=8, description="recent block hashes kept to find a fork point")
     unknown_channel_ttl: float = Field(
         default=2.0, ge=0, description="seconds a channel id the chain does not know is answered without asking it"

@@ -118,6 +118,7 @@ class Service:
             anchor=anchor,
             confirmations=settings.confirmations,
             batch_blocks=settings.indexer_batch_blocks,
+            verify_blocks=settings.indexer_verify_blocks,
             reorg_window=settings.reorg_window,
             absent_ttl=settings.unknown_channel_ttl,
             lookups_per_second=settings.chain_lookups_per_second,
