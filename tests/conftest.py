@@ -252,10 +252,13 @@ def db(store_url: str) -> Iterator[Database]:
 
 @pytest.fixture
 def make_indexer(w3: Web3, hub: Contract, hub_deployment: Deployment, db: Database) -> Callable[..., Indexer]:
-    """Factory: an indexer of the session hub on this test's store."""
+    """Factory: make_indexer(confirmations=0, chain=None) -> an indexer of the session hub on this test's store,
+    reading the chain through `chain` (another node, a proxy's Web3) or the devnet's own."""
 
-    def make(confirmations: int = 0) -> Indexer:
-        return Indexer(db, w3, hub, start_block=hub_deployment.block_number, confirmations=confirmations)
+    def make(confirmations: int = 0, chain: Web3 | None = None) -> Indexer:
+        there = hub if chain is None else chain.eth.contract(address=hub.address, abi=hub.abi)
+        node = w3 if chain is None else chain
+        return Indexer(db, node, there, start_block=hub_deployment.block_number, confirmations=confirmations)
 
     return make
 

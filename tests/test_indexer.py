@@ -233,7 +233,7 @@ def test_a_node_behind_the_indexer_is_waited_for_not_taken_for_a_reorg(
     db: Database,
     w3: Web3,
     hub: Contract,
-    hub_deployment: Deployment,
+    make_indexer: Callable[..., Indexer],
     failover_behind: Callable[[int], tuple[TcpProxy, Web3]],
     open_channel: Callable[..., HubChannel],
     accounts: list[LocalAccount],
@@ -248,8 +248,7 @@ def test_a_node_behind_the_indexer_is_waited_for_not_taken_for_a_reorg(
     channel = open_channel(accounts[5], accounts[6].address, amount=100)  # in a block the node behind lacks
     mine(w3, 3)
     primary, chain = failover_behind(fork_block)
-    hub_there = chain.eth.contract(address=hub.address, abi=hub.abi)
-    indexer = Indexer(db, chain, hub_there, start_block=hub_deployment.block_number, confirmations=1)
+    indexer = make_indexer(confirmations=1, chain=chain)
     indexer.catch_up()
     applied = fork_block + 3
     assert (stored(db, channel).deposit, indexer.progress) == (100, Progress(applied + 1, applied, applied))
@@ -273,7 +272,7 @@ def test_a_resume_through_a_node_behind_the_indexer_is_refused_not_applied(
     db: Database,
     w3: Web3,
     hub: Contract,
-    hub_deployment: Deployment,
+    make_indexer: Callable[..., Indexer],
     failover_behind: Callable[[int], tuple[TcpProxy, Web3]],
     open_channel: Callable[..., HubChannel],
     accounts: list[LocalAccount],
@@ -288,13 +287,7 @@ def test_a_resume_through_a_node_behind_the_indexer_is_refused_not_applied(
     send(w3, hub.functions.requestClose(channel.id), accounts[5].address)
     mine(w3, 2)
     primary, chain = failover_behind(fork_block)
-    indexer = Indexer(
-        db,
-        chain,
-        chain.eth.contract(address=hub.address, abi=hub.abi),
-        start_block=hub_deployment.block_number,
-        confirmations=1,
-    )
+    indexer = make_indexer(confirmations=1, chain=chain)
     indexer.catch_up()
     assert stored(db, channel).status == ChannelStatus.CLOSING
     primary.cut()
@@ -313,8 +306,8 @@ def test_a_resume_through_a_node_behind_the_indexer_is_refused_not_applied(
 def test_a_log_range_the_rpc_refuses_is_read_in_narrower_ranges(
     db: Database,
     w3: Web3,
-    hub: Contract,
     hub_deployment: Deployment,
+    make_indexer: Callable[..., Indexer],
     devnet: Devnet,
     open_channel: Callable[..., HubChannel],
     accounts: list[LocalAccount],
@@ -328,9 +321,7 @@ def test_a_log_range_the_rpc_refuses_is_read_in_narrower_ranges(
     mine(w3, 40)
     last = open_channel(accounts[7], accounts[6].address, amount=200)
     with RangeCappedRpc(devnet.url, max_blocks=16) as capped:
-        chain = connect(capped.url)
-        hub_there = chain.eth.contract(address=hub.address, abi=hub.abi)
-        indexer = Indexer(db, chain, hub_there, start_block=hub_deployment.block_number, confirmations=0)
+        indexer = make_indexer(confirmations=0, chain=connect(capped.url))
         with caplog.at_level(logging.WARNING, logger="settlement.indexer.follower"):
             indexer.catch_up()
         assert (stored(db, first).deposit, stored(db, last).deposit) == (100, 200)  # the code before: ChainError
@@ -366,7 +357,7 @@ def test_logs_a_node_behind_left_out_of_a_range_are_read_before_the_range_is_tak
     db: Database,
     w3: Web3,
     hub: Contract,
-    hub_deployment: Deployment,
+    make_indexer: Callable[..., Indexer],
     devnet: Devnet,
     open_channel: Callable[..., HubChannel],
     accounts: list[LocalAccount],
@@ -383,9 +374,7 @@ def test_logs_a_node_behind_left_out_of_a_range_are_read_before_the_range_is_tak
     channel = open_channel(accounts[5], accounts[6].address, amount=100)
     mine(w3, 1)  # the open confirmed
     with LaggingRpc(devnet.url, frozenset({"eth_getLogs"})) as balancer:
-        chain = connect(balancer.url)
-        hub_there = chain.eth.contract(address=hub.address, abi=hub.abi)
-        indexer = Indexer(db, chain, hub_there, start_block=hub_deployment.block_number, confirmations=1)
+        indexer = make_indexer(confirmations=1, chain=connect(balancer.url))
         indexer.catch_up()
         assert stored(db, channel).status == ChannelStatus.OPEN
         balancer.at = w3.eth.block_number  # the logs now come from a node that stays at this block
