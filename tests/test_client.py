@@ -31,6 +31,7 @@ from settlement.domain.redaction import scrubbed, scrubbed_start, shown_url, tex
 from settlement.eip712.vouchers import VoucherSigner
 from settlement.errors import (
     ChainError,
+    ChainUnavailableError,
     PaymentUncertainError,
     ServiceRejectedError,
     TransactionFailedError,
@@ -1051,6 +1052,55 @@ def test_a_token_deposit_the_payer_does_not_hold_is_refused_in_the_tokens_words(
         str(empty.value) == f"transaction would revert: ERC20InsufficientBalance(sender={payer}, balance=0, needed=1)"
     )
     assert hub.functions.channel(channel.channel_id).call()[ChannelViewField.DEPOSIT] == 40
+
+
+def test_an_sdk_whose_rpc_is_down_raises_our_error_without_the_rpcs_key(
+    serve_here: Callable[..., ServiceThread],
+    accounts: list[LocalAccount],
+    token: Contract,
+    devnet: Devnet,
+    tmp_path: Path,
+) -> None:
+    """The payer's (or payee's) RPC out of reach: every call of the SDK that reads the chain or sends a transaction
+    raised requests' `ConnectionError`, out of our errors' root (an app catching `SettlementError` missed it), its
+    message naming the RPC's URL path and query, where a provider's key is. Now it is `ChainUnavailableError`, saying
+    what was being done, the URL's path and query cut."""
+    url = serve_here(f"sqlite:///{tmp_path / 'rpc-down.db'}").url
+    payee = accounts[11]
+    with TcpProxy(devnet.port) as node:
+        rpc_url = f"{node.url}/?key=SECRET-KEY"
+        payer = PayerClient(key(accounts[10]), rpc_url, url, state_path=tmp_path / "journal.sqlite3")
+        earner = PayeeClient(key(payee), rpc_url, url)
+        try:
+            channel = payer.open_channel(payee.address, 10)
+            node.cut()
+            sending = f"sending a transaction from {accounts[10].address}"
+            calls: list[tuple[str, Callable[[], object]]] = [
+                (sending, lambda: payer.open_channel(payee.address, 10)),
+                ("opening a channel", lambda: payer.open_channel(payee.address, 10, token=token.address)),
+                (sending, lambda: payer.top_up(channel, 1)),
+                (sending, lambda: payer.close(channel)),
+                ("reclaiming a channel's deposit", lambda: payer.reclaim(channel)),
+                ("reading the payer's hub balance", payer.hub_balance),
+                ("withdrawing the payer's hub balance", payer.withdraw),
+                ("reading a channel's status from the hub", lambda: payer.is_open(channel)),
+                ("reading a channel from the hub", lambda: payer.channel(channel.hex_id)),
+                ("refunding a channel", lambda: earner.refund(channel.hex_id)),
+                ("withdrawing the payee's hub balance", earner.withdraw),
+            ]
+            for what, call in calls:
+                with pytest.raises(ChainUnavailableError) as down:  # the code before: requests' ConnectionError
+                    call()
+                assert re.fullmatch(
+                    rf"{re.escape(what)}: the chain's RPC does not answer \(HTTPConnectionPool\(host='127\.0\.0\.1', "
+                    rf"port={node.port}\): Max retries exceeded with url: … \(Caused by NewConnectionError\("
+                    rf"\"HTTPConnection\(host='127\.0\.0\.1', port={node.port}\): Failed to establish a new "
+                    r"connection: \[Errno 111\] Connection refused\"\)\)\)",
+                    str(down.value),
+                ), str(down.value)
+        finally:
+            payer.shutdown()
+            earner.shutdown()
 
 
 def test_a_fee_ceiling_is_a_positive_number_of_wei(

@@ -1447,6 +1447,33 @@ def test_an_open_whose_receipt_was_never_read_is_paid_on_once_mined_not_opened_a
     assert accepted_for(rig.service, payee) == 2 * PRICE
 
 
+def test_an_open_whose_sending_went_unanswered_is_paid_on_once_mined_not_opened_again(
+    devnet: Devnet, lane_rig: Callable[..., LaneRig], tmp_path: Path, mining: str
+) -> None:
+    """The payer's node took a channel's open and its answer to the sending was lost (the connection closed on the
+    way): that payment failed with requests' own error, and the client, never told a transaction had left, took the
+    open as never made: the next payment opened another channel beside it, a deposit more locked. Now the sending's
+    nonce is noted as taken (`ChainUnavailableError`: "it may have reached the node"), the next payment looks for the
+    channel on the hub first, and pays on it."""
+    rig = lane_rig("unanswered-send")
+    ((payee, api),) = rig.payees
+    with payer_through_a_proxy(devnet, rig, tmp_path / "unanswered-send.sqlite3") as (node, payer):
+        scheme = ChannelHubClientScheme(payer, DepositPolicy(multiple=100, follow_hint=False))
+        node.lose_answer(b"eth_sendRawTransaction")
+        with pytest.raises(PaymentError) as lost:
+            paid_get(devnet, scheme, f"{api}/weather")
+        assert [paid_get(devnet, scheme, f"{api}/weather") for _ in range(2)] == [200, 200]
+    (channel,) = rig.payer.open_channels(payee)  # the code before: two channels, the first never paid on
+    assert int(channel["deposit"]) == 100 * PRICE
+    assert accepted_for(rig.service, payee) == 2 * PRICE
+    assert node.lost == 1
+    assert re.fullmatch(
+        rf"Failed to handle payment: a transaction from {payer.address} \(nonce \d+\) was being sent, and the chain's "
+        r"RPC did not answer \(ConnectionError\): it may have reached the node, and be mined yet",
+        str(lost.value),
+    ), lost.value
+
+
 def test_a_top_up_whose_receipt_was_never_read_is_counted_once_mined_not_made_again(
     devnet: Devnet, w3: Web3, lane_rig: Callable[..., LaneRig], tmp_path: Path, mining: str
 ) -> None:

@@ -17,7 +17,7 @@ from eth_account.signers.local import LocalAccount
 from eth_utils.address import to_checksum_address
 
 from settlement.chain.addresses import checksummed
-from settlement.chain.node import Transactor, connect
+from settlement.chain.node import Transactor, connect, rpc_errors
 from settlement.domain.model import ETH, ChannelViewField, signature_of
 from settlement.eip712.vouchers import VoucherVerifier
 from settlement.errors import UntrustedServiceError
@@ -67,6 +67,7 @@ class PayeeClient:
     def address(self) -> str:
         return str(self.account.address)
 
+    @rpc_errors("refunding a channel")
     def refund(self, channel_id: str) -> int:
         """Close the channel now with the payer's latest voucher the service holds (checked against the payer's
         key first): returns what went back to the payer. The channel is stopped at the service first (it accepts
@@ -95,6 +96,7 @@ class PayeeClient:
         voucher accepted). Final."""
         return self._post(f"/v1/channels/0x{bytes.fromhex(channel_id.removeprefix('0x')).hex()}/stop")
 
+    @rpc_errors("withdrawing the payee's hub balance")
     def withdraw(self, token: str | None = None) -> int:
         """Everything the hub holds for this payee in `token` (default ETH), to itself; returns the amount."""
         asset = checksummed(token, "token") if token else ETH

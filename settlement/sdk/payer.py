@@ -209,6 +209,7 @@ class PayerClient:
 
     # --- on chain ----------------------------------------------------------------------------------------------
 
+    @rpc_errors("opening a channel")
     def open_channel(
         self,
         payee: str,
@@ -248,6 +249,7 @@ class PayerClient:
         payee = checksummed(payee, "payee")  # a pasted address with a typo: a deposit locked for no one
         return ChannelRef(channel_id_of(self.address, payee, asset, salt), payee, asset, salt)
 
+    @rpc_errors("reading a channel from the hub")
     def channel(self, channel_id: str | bytes, *, salt: bytes | None = None, from_block: int = 0) -> ChannelRef:
         """Rebuild the reference of one of this payer's channels from its id (after a restart): its payee and asset
         from the hub, its salt from `salt`, else the service's (checked: with the hub's parties it must hash to the
@@ -307,6 +309,7 @@ class PayerClient:
             service_channel_id(listing, "channelId")
         return [c for c in listed if service_address(c, "token") == asset]
 
+    @rpc_errors("topping up a channel")
     def top_up(self, channel: ChannelRef, amount: int, *, from_balance: bool = False) -> None:
         """Add `amount` to the channel's deposit (vouchers may use it once the service sees it confirmed), from the
         wallet or, with `from_balance`, from this payer's balance in the hub."""
@@ -320,14 +323,17 @@ class PayerClient:
             self._approve(channel.token, amount)
             self.transactor.send(self.hub.functions.topUp(channel.channel_id, amount))
 
+    @rpc_errors("requesting the close of a channel")
     def close(self, channel: ChannelRef) -> None:
         """Start the challenge period; the payee (or the service for it) can still settle until it ends."""
         self.transactor.send(self.hub.functions.requestClose(channel.channel_id))
 
+    @rpc_errors("finalizing the close of a channel")
     def finalize_close(self, channel: ChannelRef) -> None:
         """After the challenge period: the unspent deposit is credited to this payer's balance in the hub."""
         self.transactor.send(self.hub.functions.finalizeClose(channel.channel_id))
 
+    @rpc_errors("reclaiming a channel's deposit")
     def reclaim(self, channel: ChannelRef, *, request_close: bool = True) -> Reclaim:
         """One step towards the channel's unspent deposit, by the hub's word: finalize a close whose challenge period
         is over, request the close of a channel still open (when `request_close`), and say where it stands.
@@ -349,10 +355,12 @@ class PayerClient:
             return Reclaim.CLOSING
         return Reclaim.OPEN
 
+    @rpc_errors("reading the payer's hub balance")
     def hub_balance(self, token: str | None = None) -> int:
         """What the hub holds for this payer in `token` (default ETH): refunds of closed channels, earnings."""
         return int(self.hub.functions.balanceOf(self.address, checksummed(token, "token") if token else ETH).call())
 
+    @rpc_errors("withdrawing the payer's hub balance")
     def withdraw(self, token: str | None = None, amount: int | None = None, to: str | None = None) -> int:
         """Move this payer's hub balance (all of it by default) to `to` (default: itself); returns the amount. `to`
         with a broken EIP-55 checksum is refused (ValueError), not taken for the address its typo spells."""
@@ -441,6 +449,7 @@ class PayerClient:
             )
         return accepted
 
+    @rpc_errors("reading what the hub settled of a channel")
     def _settled_on_chain(self, channel: ChannelRef) -> int:
         return int(self.hub.functions.channel(channel.channel_id).call()[ChannelViewField.SETTLED])
 
@@ -577,6 +586,7 @@ class PayerClient:
             self.journal.set_position(channel.hex_id, proven)
             return proven
 
+    @rpc_errors("reading a channel's status from the hub")
     def is_open(self, channel: ChannelRef) -> bool:
         """Whether the hub has the channel open still (neither closing nor closed): the chain's word, not a payee's."""
         status = self.hub.functions.channel(channel.channel_id).call()[ChannelViewField.STATUS]
