@@ -209,43 +209,41 @@ class Transactor:
     ) -> TxReceipt:
         """Estimate, sign, send and wait; raises TransactionFailedError (with the decoded revert) on failure."""
         params: TxParams = {"from": self.account.address, "value": value}  # type: ignore[typeddict-item]
-        try:
-            estimate = gas or int(call.estimate_gas(params) * GAS_HEADROOM)
-        except (ContractCustomError, ContractLogicError) as ex:
-            revert = revert_of(ex, self.abi)
-            reason = revert.describe() if revert else str(ex)
-            raise TransactionFailedError(f"transaction would revert: {reason}") from ex
-        except Web3RPCError as ex:
-            raise self._refused(ex) from ex
-        except (requests.RequestException, OSError) as ex:
-            raise self._unanswered(ex) from ex
-        with self._lock:
-            for attempt in range(NONCE_RETRIES):
-                try:
-                    nonce = self._nonce()
-                    full: TxParams = {
-                        **params,
-                        "gas": estimate,
-                        "nonce": Nonce(nonce),
-                        "chainId": self.w3.eth.chain_id,
-                    }
-                    tx = call.build_transaction({**full, **self._fees(None)})  # type: ignore[arg-type]
-                    signed = self.account.sign_transaction(tx)  # type: ignore[arg-type]
-                    tx_hash = self._broadcast(signed.raw_transaction, nonce)
-                except Web3RPCError as ex:
-                    self._next_nonce = None  # re-read from the chain: the nonce may or may not be used
-                    if _taken_by_another(ex) and attempt + 1 < NONCE_RETRIES:
-                        continue  # another sender from this account took it (mined, or in the pool): number again
-                    raise self._refused(ex) from ex
-                except (requests.RequestException, OSError) as ex:
-                    self._next_nonce = None
-                    raise self._unanswered(ex) from ex
-                except Exception:
-                    self._next_nonce = None
-                    raise
-                self._next_nonce = nonce + 1
-                self.last_nonce = nonce
-                break
+        # No node answering (before the transaction is sent) is ChainUnavailableError, not requests' error, whose
+        # message names the RPC's URL path (a provider's key); a node's refusal is turned into ours below first.
+        with rpc_errors(f"sending a transaction from {self.account.address}"):
+            try:
+                estimate = gas or int(call.estimate_gas(params) * GAS_HEADROOM)
+            except (ContractCustomError, ContractLogicError) as ex:
+                revert = revert_of(ex, self.abi)
+                reason = revert.describe() if revert else str(ex)
+                raise TransactionFailedError(f"transaction would revert: {reason}") from ex
+            except Web3RPCError as ex:
+                raise self._refused(ex) from ex
+            with self._lock:
+                for attempt in range(NONCE_RETRIES):
+                    try:
+                        nonce = self._nonce()
+                        full: TxParams = {
+                            **params,
+                            "gas": estimate,
+                            "nonce": Nonce(nonce),
+                            "chainId": self.w3.eth.chain_id,
+                        }
+                        tx = call.build_transaction({**full, **self._fees(None)})  # type: ignore[arg-type]
+                        signed = self.account.sign_transaction(tx)  # type: ignore[arg-type]
+                        tx_hash = self._broadcast(signed.raw_transaction, nonce)
+                    except Web3RPCError as ex:
+                        self._next_nonce = None  # re-read from the chain: the nonce may or may not be used
+                        if _taken_by_another(ex) and attempt + 1 < NONCE_RETRIES:
+                            continue  # another sender from this account took it (mined, or in the pool): again
+                        raise self._refused(ex) from ex
+                    except Exception:
+                        self._next_nonce = None
+                        raise
+                    self._next_nonce = nonce + 1
+                    self.last_nonce = nonce
+                    break
         return self.wait(tx_hash, tx)
 
     def _broadcast(self, raw: bytes, nonce: int) -> HexBytes:
@@ -259,13 +257,6 @@ class Transactor:
                 f"a transaction from {self.account.address} (nonce {nonce}) was being sent, and the chain's RPC did "
                 f"not answer ({type(ex).__name__}): it may have reached the node, and be mined yet"
             ) from ex
-
-    def _unanswered(self, ex: Exception) -> ChainUnavailableError:
-        """No node answered before the transaction was sent: our error, not requests' (whose message names the
-        RPC's URL path: a provider's key)."""
-        return ChainUnavailableError(
-            f"sending a transaction from {self.account.address}: the chain's RPC does not answer ({scrubbed(str(ex))})"
-        )
 
     def _refused(self, ex: Web3RPCError) -> TransactionFailedError:
         """The node's refusal in its own words (an account with nothing to pay the gas with, above all: a payee that
