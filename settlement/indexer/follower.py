@@ -20,7 +20,7 @@ from __future__ import annotations
 import logging
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, replace
 from typing import Any, NamedTuple
@@ -270,7 +270,7 @@ class Indexer:
                 self.span, self._taken = max(1, (end - start + 1) // 2), 0
                 logger.warning("indexer: %s; reading %d blocks at a time", ex.message, self.span)
                 continue
-            events += [e for e in (self._decode(log) for log in logs) if e is not None]
+            events += self._decoded(logs)
             start = end + 1
             self._taken += 1
             if self._taken >= SPAN_REGROWTH and self.span < self.batch_blocks:
@@ -312,7 +312,7 @@ class Indexer:
             except ChainError:
                 self._left_out(number)
                 return None
-            more += [e for e in (self._decode(log) for log in logs) if e is not None]
+            more += self._decoded(logs)
         self._partial = False
         return sorted(events + more, key=lambda event: event.position), last_hash
 
@@ -322,6 +322,10 @@ class Indexer:
                 "the chain's node left block %d out of the hub's logs (it is behind the others): waiting for it", number
             )
         self._partial = True
+
+    def _decoded(self, logs: Sequence[LogReceipt]) -> list[ChainEvent]:
+        """The hub's events among `logs` (a log of no event the hub declares is left out)."""
+        return [event for event in (self._decode(log) for log in logs) if event is not None]
 
     def _decode(self, log: LogReceipt) -> ChainEvent | None:
         event = self._events.get(HexBytes(log["topics"][0])) if log["topics"] else None
