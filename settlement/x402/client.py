@@ -453,15 +453,14 @@ class ChannelHubClientScheme:
         if nonce is None:
             return
         with rpc_errors(f"reading what became of the top-up of channel {lane.channel.hex_id}"):
-            mined = self._mined_at(nonce)
-            if mined is None:
+            view = self._view_after(lane.channel, nonce)
+            if view is None:
                 if self.payer.w3.eth.get_transaction_count(self.payer.account.address, "pending") <= nonce:
                     lane.topping = None  # the node holds it no more: it left the pool unmined
                     return
                 raise ChainUnavailableError(
                     f"the top-up of channel {lane.channel.hex_id} (nonce {nonce}) is not mined yet: retry later"
                 )
-            view = self.payer.hub.functions.channel(lane.channel.channel_id).call(block_identifier=mined)
         deposit = int(view[ChannelViewField.DEPOSIT])
         if deposit > lane.deposit:  # mined after all (a deposit read at a block by which the nonce is used has it)
             lane.deposit, lane.counted = deposit, False
@@ -507,22 +506,19 @@ class ChannelHubClientScheme:
         there though its nonce was used (it reverted, or it was the open's approval); None while still pending after
         `confirm_timeout`."""
         with rpc_errors(f"reading what became of the open of channel {earlier.channel.hex_id}"):
-            mined = self._mined_at(earlier.nonce)
-            if mined is None:
-                return None
-            return tuple(self.payer.hub.functions.channel(earlier.channel.channel_id).call(block_identifier=mined))
+            return self._view_after(earlier.channel, earlier.nonce)
 
-    def _mined_at(self, nonce: int) -> int | None:
-        """A block by which the payer's transaction `nonce` is mined (its nonce used), waited for up to
-        `confirm_timeout`; None while it is not. What the transaction did is read at that block: a provider's balancer
-        may send the next read to a node behind the one that counted the nonce, and read at "latest" there the hub
-        did not hold it yet (an open taken as never made, a top-up as not counted: made again). A node without
+    def _view_after(self, channel: ChannelRef, nonce: int) -> tuple[Any, ...] | None:
+        """The hub's view of `channel` at a block by which the payer's transaction `nonce` is mined (its nonce used),
+        waited for up to `confirm_timeout`; None while it is not. Read at that block, not at "latest": a provider's
+        balancer may send the read to a node behind the one that counted the nonce, where the hub did not hold what
+        the transaction did yet (an open taken as never made, a top-up as not counted: made again). A node without
         the block refuses the read instead."""
         deadline = time.monotonic() + self.confirm_timeout
         while True:
             head = self.payer.w3.eth.block_number
             if self.payer.w3.eth.get_transaction_count(self.payer.account.address, head) > nonce:
-                return int(head)
+                return tuple(self.payer.hub.functions.channel(channel.channel_id).call(block_identifier=head))
             if time.monotonic() > deadline:
                 return None
             time.sleep(0.2)
