@@ -775,6 +775,15 @@ class RpcProxy(LocalServer):
         answer = self.client.post(self.target, json=asked).json()
         return {key: answer[key] for key in ("result", "error") if key in answer}
 
+    def block_of(self, tag: str | None, head: int | None = None) -> int:
+        """A block number of eth_getLogs' `fromBlock`/`toBlock`: a number, "earliest", or a tag of the head (`head`,
+        or the node's own)."""
+        if tag is not None and tag.startswith("0x"):
+            return int(tag, 16)
+        if tag == "earliest":
+            return 0
+        return head if head is not None else int(self.ask("eth_blockNumber", [])["result"], 16)
+
     def handler(self) -> type[BaseHTTPRequestHandler]:
         rpc = self
 
@@ -813,14 +822,6 @@ class RangeCappedRpc(RpcProxy):
         super().__init__(target)
         self.max_blocks = max_blocks
         self.ranges: list[tuple[int, int]] = []
-
-    def block_of(self, tag: str | None) -> int:
-        """A block number of eth_getLogs' `fromBlock`/`toBlock`: a number, "earliest", or a tag of the head."""
-        if tag is not None and tag.startswith("0x"):
-            return int(tag, 16)
-        if tag == "earliest":
-            return 0
-        return int(self.ask("eth_blockNumber", [])["result"], 16)
 
     def answer(self, call: dict[str, Any]) -> dict[str, Any] | None:
         if call.get("method") != "eth_getLogs":
@@ -886,10 +887,7 @@ class LaggingRpc(RpcProxy):
                 self.unknown += 1
                 return {"error": {"code": -32000, "message": "unknown block"}}
             return self.ask("eth_getLogs", [query])
-        first, last = (
-            int(tag, 16) if isinstance(tag, str) and tag.startswith("0x") else 0 if tag == "earliest" else at
-            for tag in (query.get("fromBlock"), query.get("toBlock"))
-        )
+        first, last = self.block_of(query.get("fromBlock"), at), self.block_of(query.get("toBlock"), at)
         if first > at:
             return {"result": []}
         return self.ask("eth_getLogs", [query | {"fromBlock": hex(first), "toBlock": hex(min(last, at))}])
