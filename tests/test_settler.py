@@ -201,6 +201,47 @@ def test_an_unmined_batch_is_replaced_with_higher_fees(
 
 
 @pytest.mark.faults
+def test_a_batch_priced_under_a_fee_spike_is_replaced_at_the_fees_of_the_moment(
+    engine: Callable[..., tuple[Service, Settler]],
+    paid_channel: Callable[[Service, int], Channel],
+    settler_account: LocalAccount,
+    hub: Contract,
+    w3: Web3,
+) -> None:
+    """The base fee jumps 20 times over after a batch was priced (a busy hour on a chain): its replacement offers
+    twice the base fee the chain asks now plus the tip, not 20 % over an offer the chain has left behind, which took
+    a bump every `bump_after` (30 s) for each 20 % of the jump while closes waited behind it."""
+    service, settler = engine(bump_after=0.01)
+    channel = paid_channel(service, 500)
+    w3.provider.make_request(RPCEndpoint("evm_setAutomine"), [False])
+    try:
+        batch_id = settler.tick(force=True).started
+        assert batch_id is not None
+        with service.db.read() as conn:
+            (first,) = batch_q.txs_of(conn, batch_id)
+        spike = 20 * first.max_fee
+        w3.provider.make_request(RPCEndpoint("anvil_setNextBlockBaseFeePerGas"), [hex(spike)])
+        w3.provider.make_request(RPCEndpoint("evm_mine"), [])  # the spike's block: the batch offers too little
+        assert w3.eth.get_block("latest")["baseFeePerGas"] == spike
+        assert w3.eth.get_transaction_count(settler_account.address, "latest") == first.nonce
+        time.sleep(0.05)
+        settler.tick()  # not mined after bump_after: replaced
+        with service.db.read() as conn:
+            txs = batch_q.txs_of(conn, batch_id)
+        assert [tx.nonce for tx in txs] == [first.nonce, first.nonce]
+        tip = first.priority_fee * 120 // 100 + 1
+        assert (txs[1].max_fee, txs[1].priority_fee) == (2 * spike + tip, tip)
+        w3.provider.make_request(RPCEndpoint("evm_mine"), [])  # the base fee 7/8 of the spike's: the replacement fits
+    finally:
+        w3.provider.make_request(RPCEndpoint("evm_setAutomine"), [True])
+    assert settled_on_chain(hub, channel) == 500
+    run_until_idle(settler, service)
+    with service.db.read() as conn:
+        (batch, _), *_ = batch_q.recent_batches(conn)
+    assert batch.tx_hash == txs[1].tx_hash
+
+
+@pytest.mark.faults
 def test_a_batch_whose_nonce_another_transaction_took_fails_only_after_a_grace_period(
     engine: Callable[..., tuple[Service, Settler]],
     paid_channel: Callable[[Service, int], Channel],

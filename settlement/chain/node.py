@@ -9,7 +9,8 @@ from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import UTC, datetime
-from typing import Any
+from fractions import Fraction
+from typing import Any, NamedTuple
 
 import requests
 from eth_abi.abi import decode as abi_decode
@@ -30,6 +31,7 @@ logger = logging.getLogger(__name__)
 
 GAS_HEADROOM = 1.2  # estimates are exact on anvil, but state can move between estimate and inclusion
 NONCE_RETRIES = 3
+REPRICE_BUMP = Fraction(9, 8)  # a payer's re-pricing: 12.5 % dearer, what every node takes as a replacement
 
 
 def access_list_plan(w3: Web3, tx: TxParams, estimate: int | None = None) -> tuple[int, AccessList | None]:
@@ -345,19 +347,16 @@ class Transactor:
         return dearer
 
     def _fees(self, previous: TxParams | None) -> dict[str, int]:
-        """EIP-1559 fees as web3 would fill them now (twice the latest base fee plus the node's tip); above
-        `previous`'s by the replacement bump; within `max_fee_per_gas`. Empty on a chain without a base fee."""
+        """EIP-1559 fees at the node's tip (`offered_fees`), a re-pricing 12.5 % above `previous`'s offer at least;
+        within `max_fee_per_gas`. Empty on a chain without a base fee."""
         base = self.w3.eth.get_block("latest").get("baseFeePerGas")
         if base is None:
             return {}
-        priority = int(self.w3.eth.max_priority_fee)
+        before = None
         if previous is not None:
-            priority = max(priority, _bumped(previous.get("maxPriorityFeePerGas")))
-        max_fee = max(2 * int(base) + priority, 0 if previous is None else _bumped(previous.get("maxFeePerGas")))
-        cap = self.max_fee_per_gas
-        if cap is not None:
-            max_fee, priority = min(max_fee, cap), min(priority, cap)
-        return {"maxFeePerGas": max_fee, "maxPriorityFeePerGas": priority}
+            before = Fees(_fee(previous.get("maxFeePerGas")), _fee(previous.get("maxPriorityFeePerGas")))
+        fees = offered_fees(int(base), int(self.w3.eth.max_priority_fee), before, REPRICE_BUMP, self.max_fee_per_gas)
+        return {"maxFeePerGas": fees.max_fee, "maxPriorityFeePerGas": fees.priority}
 
     def _nonce(self) -> int:
         """The node's count of the account's transactions, pending ones included, or this process's own where that is
@@ -378,6 +377,30 @@ def _taken_by_another(refusal: Web3RPCError) -> bool:
     return "nonce too low" in said or "replacement transaction underpriced" in said
 
 
-def _bumped(fee: object) -> int:
-    """A replacement's least offer above `fee`: 12.5 % more (nodes take one 10-12.5 % dearer, or ignore it)."""
-    return fee * 9 // 8 + 1 if isinstance(fee, int) else 0
+def _fee(fee: object) -> int:
+    return fee if isinstance(fee, int) else 0
+
+
+class Fees(NamedTuple):
+    """An EIP-1559 offer, wei per gas."""
+
+    max_fee: int
+    priority: int
+
+
+def offered_fees(base: int, tip: int, previous: Fees | None, bump: Fraction, cap: int | None) -> Fees:
+    """What a transaction offers when the latest block's base fee is `base`: twice it plus `tip` (web3's rule, room
+    for six full blocks in a row), and, replacing `previous`, at least `bump` times its offer, plus one wei (nodes
+    take a replacement only 10-12.5 % dearer); at most `cap`. The higher of the two, not the bump alone: after the
+    base fee jumped, a bump of the last offer alone stays under it, one bump after another, while what waits behind
+    the transaction's nonce (a close's settlement) waits too."""
+    if previous is not None:
+        tip = max(tip, _raised(previous.priority, bump))
+    max_fee = max(2 * base + tip, 0 if previous is None else _raised(previous.max_fee, bump))
+    if cap is not None:
+        max_fee, tip = min(max_fee, cap), min(tip, cap)
+    return Fees(max_fee, tip)
+
+
+def _raised(fee: int, bump: Fraction) -> int:
+    return fee * bump.numerator // bump.denominator + 1

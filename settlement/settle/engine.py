@@ -37,6 +37,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from enum import Enum, IntEnum
+from fractions import Fraction
 
 from eth_account.signers.local import LocalAccount
 from hexbytes import HexBytes
@@ -47,7 +48,7 @@ from web3.logs import DISCARD
 from web3.types import TxParams, TxReceipt
 
 from settlement.chain.batch_codec import SettleEntry, decode_settlements, encode_batch
-from settlement.chain.node import GAS_HEADROOM, access_list_plan, rpc_errors
+from settlement.chain.node import GAS_HEADROOM, Fees, access_list_plan, offered_fees, rpc_errors
 from settlement.domain.model import ETH, Channel, ChannelId
 from settlement.errors import SettlementError
 from settlement.server.config import Settings
@@ -408,16 +409,12 @@ class Settler:
         logger.warning("transaction %s refused: %s", tx.tx_hash, refusal)
         return Broadcast.REFUSED
 
-    def _fees(self, previous: SentTx | None) -> tuple[int, int]:
-        cap = self.settings.max_fee_per_gas
-        if previous is None:
-            with rpc_errors("reading the base fee"):
-                base = int(self.w3.eth.get_block("latest").get("baseFeePerGas", 0))
-            priority = min(self.settings.priority_fee_per_gas, cap)
-            return min(2 * base + priority, cap), priority
-        factor = 100 + self.settings.bump_percent
-        priority = min(max(previous.priority_fee * factor // 100, previous.priority_fee + 1), cap)
-        return min(max(previous.max_fee * factor // 100, previous.max_fee + 1), cap), priority
+    def _fees(self, previous: SentTx | None) -> Fees:
+        with rpc_errors("reading the base fee"):
+            base = int(self.w3.eth.get_block("latest").get("baseFeePerGas", 0))
+        before = None if previous is None else Fees(previous.max_fee, previous.priority_fee)
+        bump = Fraction(100 + self.settings.bump_percent, 100)
+        return offered_fees(base, self.settings.priority_fee_per_gas, before, bump, self.settings.max_fee_per_gas)
 
     def _chain(self) -> int:
         if self._chain_id is None:
