@@ -371,15 +371,18 @@ def settler_account(accounts: list[LocalAccount]) -> LocalAccount:
 def engine(
     make_service: Callable[..., Service], settler_account: LocalAccount
 ) -> Iterator[Callable[..., tuple[Service, Settler]]]:
-    """Factory: engine(clock=None, **settings) -> (service, settler) sharing this test's store; call again to
-    'restart'. `clock` replaces the settler's wall clock."""
+    """Factory: engine(clock=None, chain=None, **settings) -> (service, settler) sharing this test's store; call
+    again to 'restart'. `clock` replaces the settler's wall clock; `chain` (another node, a proxy's Web3) is what the
+    settler reads and sends through instead of the devnet."""
 
-    def make(clock: Callable[[], float] | None = None, **overrides: Any) -> tuple[Service, Settler]:
+    def make(
+        clock: Callable[[], float] | None = None, chain: Web3 | None = None, **overrides: Any
+    ) -> tuple[Service, Settler]:
         service = make_service(**{"settle_interval": 3600.0, **overrides})
         settler = Settler(
             service.db,
-            service.w3,
-            service.hub,
+            service.w3 if chain is None else chain,
+            service.hub if chain is None else chain.eth.contract(address=service.hub.address, abi=service.hub.abi),
             settler_account,
             service.settings,
             service.metrics,

@@ -15,11 +15,23 @@ from web3 import Web3
 from web3.contract import Contract
 from web3.types import Nonce, RPCEndpoint, TxData, Wei
 
+from settlement.chain.node import connect
+from settlement.devtools.devnet import Devnet
 from settlement.server.service import Service
 from settlement.settle.engine import NONCE_USED_GRACE_SECONDS, SETTLED, Settler
 from settlement.store import channels as channel_q
 from settlement.store import settlements as batch_q
-from tests.hub_helpers import ETH, Channel, Sign, pay, run_until_idle, send, settled_on_chain, wait_indexed
+from tests.hub_helpers import (
+    ETH,
+    Channel,
+    RpcProxy,
+    Sign,
+    pay,
+    run_until_idle,
+    send,
+    settled_on_chain,
+    wait_indexed,
+)
 
 
 class Crash(Exception):
@@ -239,6 +251,43 @@ def test_a_batch_priced_under_a_fee_spike_is_replaced_at_the_fees_of_the_moment(
     with service.db.read() as conn:
         (batch, _), *_ = batch_q.recent_batches(conn)
     assert batch.tx_hash == txs[1].tx_hash
+
+
+class SuggestingRpc(RpcProxy):
+    """A node that suggests a tip of `tip` wei a gas (`eth_maxPriorityFeePerGas`), as an L2's does."""
+
+    def __init__(self, target: str, tip: int) -> None:
+        super().__init__(target)
+        self.tip = tip
+
+    def answer(self, call: dict[str, Any]) -> dict[str, Any] | None:
+        return {"result": hex(self.tip)} if call.get("method") == "eth_maxPriorityFeePerGas" else None
+
+
+@pytest.mark.parametrize(("configured", "tip"), [(None, 10**6), (3 * 10**9, 3 * 10**9)], ids=["suggested", "set"])
+def test_a_batch_tips_what_the_node_suggests_unless_a_tip_is_set(
+    engine: Callable[..., tuple[Service, Settler]],
+    paid_channel: Callable[[Service, int], Channel],
+    devnet: Devnet,
+    w3: Web3,
+    configured: int | None,
+    tip: int,
+) -> None:
+    """A fixed tip of 1 gwei (the default before) is mainnet's; an L2's node suggests a thousandth of that or less,
+    and there every entry of every batch cost its gas at ~1,000 times the going tip (and channels owed less than
+    `settle_fee_share_percent` of that waited). The tip is the node's suggestion, read at each sending, unless
+    SETTLEMENT_PRIORITY_FEE_PER_GAS sets one."""
+    with SuggestingRpc(devnet.url, tip=10**6) as l2:
+        service, settler = engine(chain=connect(l2.url), priority_fee_per_gas=configured)
+        channel = paid_channel(service, 500)
+        base = int(w3.eth.get_block("latest")["baseFeePerGas"])
+        batch_id = settler.tick(force=True).started
+        assert batch_id is not None
+        with service.db.read() as conn:
+            (sent,) = batch_q.txs_of(conn, batch_id)
+        assert (sent.max_fee, sent.priority_fee) == (2 * base + tip, tip)
+        run_until_idle(settler, service)
+    assert settled_on_chain(service.hub, channel) == 500
 
 
 @pytest.mark.faults

@@ -324,7 +324,9 @@ class Settings(BaseSettings):
     batch_max_entries: int = Field(default=400, ge=1, le=1200, description="channels per settleBatch at most")
     batch_gas_limit: int = Field(default=8_000_000, ge=100_000, le=16_777_216, description="gas per batch at most")
     max_fee_per_gas: int = Field(default=500 * 10**9, ge=1, description="fee ceiling, wei per gas")
-    priority_fee_per_gas: int = Field(default=10**9, ge=0, description="tip, wei per gas")
+    priority_fee_per_gas: int | None = Field(
+        default=None, ge=0, description="settlements' tip, wei per gas (None: the node's suggestion at each sending)"
+    )
     bump_after: float = Field(default=30.0, gt=0, description="seconds before an unmined batch is re-sent dearer")
     bump_percent: int = Field(default=20, ge=11, le=500, description="fee increase per replacement")
     close_alert_seconds: int = Field(default=900, ge=0, description="alert when a close deadline is this near")

@@ -246,7 +246,15 @@ class Settler:
         """What a settlement pays per gas now: the base fee plus our tip."""
         with rpc_errors("reading the base fee"):
             base = int(self.w3.eth.get_block("latest").get("baseFeePerGas", 0))
-        return base + self.settings.priority_fee_per_gas
+        return base + self._tip()
+
+    def _tip(self) -> int:
+        """SETTLEMENT_PRIORITY_FEE_PER_GAS, or the node's suggestion: a fixed tip fits one chain (1 gwei, mainnet's,
+        is ~1,000 times an L2's)."""
+        if self.settings.priority_fee_per_gas is not None:
+            return self.settings.priority_fee_per_gas
+        with rpc_errors("reading the suggested tip"):
+            return int(self.w3.eth.max_priority_fee)
 
     def _spent_last_hour(self) -> int:
         with self.db.read() as conn:
@@ -414,7 +422,7 @@ class Settler:
             base = int(self.w3.eth.get_block("latest").get("baseFeePerGas", 0))
         before = None if previous is None else Fees(previous.max_fee, previous.priority_fee)
         bump = Fraction(100 + self.settings.bump_percent, 100)
-        return offered_fees(base, self.settings.priority_fee_per_gas, before, bump, self.settings.max_fee_per_gas)
+        return offered_fees(base, self._tip(), before, bump, self.settings.max_fee_per_gas)
 
     def _chain(self) -> int:
         if self._chain_id is None:
