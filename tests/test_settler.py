@@ -253,6 +253,48 @@ def test_a_batch_priced_under_a_fee_spike_is_replaced_at_the_fees_of_the_moment(
     assert batch.tx_hash == txs[1].tx_hash
 
 
+@pytest.mark.faults
+def test_a_batch_the_node_refuses_is_re_priced_after_bump_after(
+    engine: Callable[..., tuple[Service, Settler]],
+    paid_channel: Callable[[Service, int], Channel],
+    settler_account: LocalAccount,
+    hub: Contract,
+    w3: Web3,
+) -> None:
+    """The node refuses a batch priced a moment ago (its next block's base fee already past it; a full pool refuses
+    the cheapest "underpriced" the same). Before, a refused transaction was never counted as sent, so it was never
+    replaced: its bytes were sent again at every tick, refused each time, and every batch after it (a close's
+    settlement) waited behind its nonce until the base fee came down. Its wait now counts from its signing."""
+    service, settler = engine(bump_after=0.01)
+    channel = paid_channel(service, 500)
+    w3.provider.make_request(RPCEndpoint("evm_setAutomine"), [False])
+    try:
+        spike = 100 * int(w3.eth.get_block("latest")["baseFeePerGas"])
+        w3.provider.make_request(RPCEndpoint("anvil_setNextBlockBaseFeePerGas"), [hex(spike)])
+        batch_id = settler.tick(force=True).started  # priced at the latest block's base fee: refused
+        assert batch_id is not None
+        with service.db.read() as conn:
+            (refused,) = batch_q.txs_of(conn, batch_id)
+        assert refused.sent_at is None
+        w3.provider.make_request(RPCEndpoint("evm_mine"), [])  # the spike's block, without it
+        assert w3.eth.get_transaction_count(settler_account.address, "latest") == refused.nonce
+        time.sleep(0.05)
+        settler.tick()
+        with service.db.read() as conn:
+            txs = batch_q.txs_of(conn, batch_id)
+        tip = refused.priority_fee * 120 // 100 + 1
+        assert [(tx.max_fee, tx.priority_fee) for tx in txs[1:]] == [(2 * spike + tip, tip)]
+        assert txs[1].sent_at is not None
+        w3.provider.make_request(RPCEndpoint("evm_mine"), [])
+    finally:
+        w3.provider.make_request(RPCEndpoint("evm_setAutomine"), [True])
+    assert settled_on_chain(hub, channel) == 500
+    run_until_idle(settler, service)
+    with service.db.read() as conn:
+        (batch, _), *_ = batch_q.recent_batches(conn)
+    assert batch.tx_hash == txs[1].tx_hash
+
+
 class SuggestingRpc(RpcProxy):
     """A node that suggests a tip of `tip` wei a gas (`eth_maxPriorityFeePerGas`), as an L2's does."""
 

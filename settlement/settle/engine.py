@@ -476,7 +476,10 @@ class Settler:
             with self.db.write() as conn:
                 batch_q.clear_nonce_used(conn, batch.batch_id)  # it was a node's passing view
         last = txs[-1]
-        if last.sent_at is not None and self.clock() - last.sent_at.timestamp() >= self.settings.bump_after:
+        # Counted from its first broadcast the node took, or, one it refused (its fees under the next block's base
+        # fee, a full pool's "underpriced"), from its signing: it must be re-priced too, not sent again for good.
+        since = last.sent_at or last.created_at
+        if self.clock() - since.timestamp() >= self.settings.bump_after:
             logger.warning(
                 "batch %s not mined after %.0fs: replacing it with higher fees",
                 batch.batch_id,
