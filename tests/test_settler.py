@@ -213,79 +213,48 @@ def test_an_unmined_batch_is_replaced_with_higher_fees(
 
 
 @pytest.mark.faults
-def test_a_batch_priced_under_a_fee_spike_is_replaced_at_the_fees_of_the_moment(
+@pytest.mark.parametrize("spiked", ["after_sending", "before_sending"])
+def test_a_batch_under_a_fee_spike_is_replaced_at_the_fees_of_the_moment(
     engine: Callable[..., tuple[Service, Settler]],
     paid_channel: Callable[[Service, int], Channel],
     settler_account: LocalAccount,
     hub: Contract,
     w3: Web3,
+    spiked: str,
 ) -> None:
-    """The base fee jumps 20 times over after a batch was priced (a busy hour on a chain): its replacement offers
-    twice the base fee the chain asks now plus the tip, not 20 % over an offer the chain has left behind, which took
-    a bump every `bump_after` (30 s) for each 20 % of the jump while closes waited behind it."""
+    """The base fee jumps 100 times over (a busy hour on a chain), after a batch was sent, or before, past the
+    block it was priced at (the node refuses it; a full pool refuses the cheapest "underpriced" the same). Its
+    replacement, `bump_after` later, offers twice the base fee of the moment plus the tip, and is mined.
+
+    Before, a replacement only raised the last offer by 20 %: under the base fee still (anvil refused it), a bump
+    every `bump_after` (30 s) for each 20 % of the jump, and every batch after it (a close's settlement) waited behind
+    its nonce. And a refused transaction was never counted as sent, so never replaced: its bytes were sent again at
+    every tick, refused each time, until the base fee came down. Its wait now counts from its signing."""
     service, settler = engine(bump_after=0.01)
     channel = paid_channel(service, 500)
+    spike = 100 * int(w3.eth.get_block("latest")["baseFeePerGas"])
     w3.provider.make_request(RPCEndpoint("evm_setAutomine"), [False])
     try:
+        if spiked == "before_sending":
+            w3.provider.make_request(RPCEndpoint("anvil_setNextBlockBaseFeePerGas"), [hex(spike)])
         batch_id = settler.tick(force=True).started
         assert batch_id is not None
         with service.db.read() as conn:
             (first,) = batch_q.txs_of(conn, batch_id)
-        spike = 20 * first.max_fee
-        w3.provider.make_request(RPCEndpoint("anvil_setNextBlockBaseFeePerGas"), [hex(spike)])
-        w3.provider.make_request(RPCEndpoint("evm_mine"), [])  # the spike's block: the batch offers too little
+        assert (first.sent_at is None) == (spiked == "before_sending")  # refused: never sent
+        if spiked == "after_sending":
+            w3.provider.make_request(RPCEndpoint("anvil_setNextBlockBaseFeePerGas"), [hex(spike)])
+        w3.provider.make_request(RPCEndpoint("evm_mine"), [])  # the spike's block: the batch is not in it
         assert w3.eth.get_block("latest")["baseFeePerGas"] == spike
         assert w3.eth.get_transaction_count(settler_account.address, "latest") == first.nonce
         time.sleep(0.05)
         settler.tick()  # not mined after bump_after: replaced
         with service.db.read() as conn:
             txs = batch_q.txs_of(conn, batch_id)
-        assert [tx.nonce for tx in txs] == [first.nonce, first.nonce]
         tip = first.priority_fee * 120 // 100 + 1
-        assert (txs[1].max_fee, txs[1].priority_fee) == (2 * spike + tip, tip)
-        w3.provider.make_request(RPCEndpoint("evm_mine"), [])  # the base fee 7/8 of the spike's: the replacement fits
-    finally:
-        w3.provider.make_request(RPCEndpoint("evm_setAutomine"), [True])
-    assert settled_on_chain(hub, channel) == 500
-    run_until_idle(settler, service)
-    with service.db.read() as conn:
-        (batch, _), *_ = batch_q.recent_batches(conn)
-    assert batch.tx_hash == txs[1].tx_hash
-
-
-@pytest.mark.faults
-def test_a_batch_the_node_refuses_is_re_priced_after_bump_after(
-    engine: Callable[..., tuple[Service, Settler]],
-    paid_channel: Callable[[Service, int], Channel],
-    settler_account: LocalAccount,
-    hub: Contract,
-    w3: Web3,
-) -> None:
-    """The node refuses a batch priced a moment ago (its next block's base fee already past it; a full pool refuses
-    the cheapest "underpriced" the same). Before, a refused transaction was never counted as sent, so it was never
-    replaced: its bytes were sent again at every tick, refused each time, and every batch after it (a close's
-    settlement) waited behind its nonce until the base fee came down. Its wait now counts from its signing."""
-    service, settler = engine(bump_after=0.01)
-    channel = paid_channel(service, 500)
-    w3.provider.make_request(RPCEndpoint("evm_setAutomine"), [False])
-    try:
-        spike = 100 * int(w3.eth.get_block("latest")["baseFeePerGas"])
-        w3.provider.make_request(RPCEndpoint("anvil_setNextBlockBaseFeePerGas"), [hex(spike)])
-        batch_id = settler.tick(force=True).started  # priced at the latest block's base fee: refused
-        assert batch_id is not None
-        with service.db.read() as conn:
-            (refused,) = batch_q.txs_of(conn, batch_id)
-        assert refused.sent_at is None
-        w3.provider.make_request(RPCEndpoint("evm_mine"), [])  # the spike's block, without it
-        assert w3.eth.get_transaction_count(settler_account.address, "latest") == refused.nonce
-        time.sleep(0.05)
-        settler.tick()
-        with service.db.read() as conn:
-            txs = batch_q.txs_of(conn, batch_id)
-        tip = refused.priority_fee * 120 // 100 + 1
-        assert [(tx.max_fee, tx.priority_fee) for tx in txs[1:]] == [(2 * spike + tip, tip)]
+        assert [(tx.nonce, tx.max_fee, tx.priority_fee) for tx in txs[1:]] == [(first.nonce, 2 * spike + tip, tip)]
         assert txs[1].sent_at is not None
-        w3.provider.make_request(RPCEndpoint("evm_mine"), [])
+        w3.provider.make_request(RPCEndpoint("evm_mine"), [])  # the base fee 7/8 of the spike's: the replacement fits
     finally:
         w3.provider.make_request(RPCEndpoint("evm_setAutomine"), [True])
     assert settled_on_chain(hub, channel) == 500
