@@ -1577,6 +1577,37 @@ def test_what_a_transaction_of_unknown_outcome_did_is_read_at_a_block_that_holds
     assert accepted_for(rig.service, payee) == (1 if made == "open" else 2) * PRICE
 
 
+def test_a_restarted_payer_checks_its_channels_at_the_block_the_service_lists_them_at(
+    lane_rig: Callable[..., LaneRig], devnet: Devnet, w3: Web3, payer_for: Callable[..., PayerClient]
+) -> None:
+    """After a restart x402's client checks each channel the service lists on the hub. Behind a provider's balancer
+    the check reached a node behind the channel's opening, at "latest": the hub had no such channel there, and the
+    payment failed with `service_untrusted` (the service listed a channel that is not the payer's), a false alarm
+    that tells an app to stop trusting its service. The hub is read at the block the listing is current to
+    (`asOfBlock`): a node without it refuses (a chain error, retryable), and once it caught up the payer pays on."""
+    rig = lane_rig("lagging-discovery")
+    ((payee, api),) = rig.payees
+    before = w3.eth.block_number
+    assert paid_get(devnet, rig.scheme, f"{api}/weather") == 200  # its channel opened
+    (listed,) = rig.payer.open_channels(payee)
+    rig.payer.shutdown()
+    with LaggingRpc(devnet.url, frozenset({"eth_call"})) as balancer:
+        again = payer_for(rig.payer.account, rig.service, rpc_url=balancer.url)  # the same journal: restarted
+        scheme = ChannelHubClientScheme(again, DepositPolicy(multiple=100))
+        balancer.at = before  # the hub's reads reach a node still at the block before the opening
+        with pytest.raises(PaymentError) as behind:
+            paid_get(devnet, scheme, f"{api}/weather")
+        balancer.at = None  # the node caught up
+        assert paid_get(devnet, scheme, f"{api}/weather") == 200
+    assert str(behind.value) == (
+        "Failed to handle payment: reading a channel from the hub: the chain's RPC refused ({'code': -32000, "
+        "'message': 'header not found'})"
+    )
+    assert balancer.unknown == 1
+    assert [c["channelId"] for c in again.open_channels(payee)] == [listed["channelId"]]
+    assert accepted_for(rig.service, payee) == 2 * PRICE
+
+
 def test_a_restarted_payer_finds_its_channel_through_an_rpc_that_caps_log_ranges(
     lane_rig: Callable[..., LaneRig], devnet: Devnet, w3: Web3, payer_for: Callable[..., PayerClient]
 ) -> None:
@@ -1584,7 +1615,8 @@ def test_a_restarted_payer_finds_its_channel_through_an_rpc_that_caps_log_ranges
     channel's salt from its ChannelOpened log, searched from block 0: a provider that caps `eth_getLogs` ranges (most
     do) refused that, and the restarted payer could pay no more, each payment failing with the RPC's error. The
     listing's salt is taken now, checked (with the parties the hub holds it must hash to the channel's id), and no
-    log is searched. A listing whose salt names another channel, or is no salt, is the service's word, not taken."""
+    log is searched. A listing whose salt names another channel, or is no salt, is the service's word, not taken; nor
+    is one whose `asOfBlock` (the block the hub is read at) is no block, or a block before the channel's opening."""
     rig = lane_rig("capped-logs")
     ((payee, api),) = rig.payees
     assert paid_get(devnet, rig.scheme, f"{api}/weather") == 200  # its channel opened
@@ -1608,24 +1640,34 @@ def test_a_restarted_payer_finds_its_channel_through_an_rpc_that_caps_log_ranges
         return asyncio.run(pay())
 
     cid = listed["channelId"]
-    for salt, said in (
-        ("0x" + "00" * 31 + "01", f"salt 0x{'00' * 31}01 does not name channel {cid}"),
-        (None, None),
+    for field, value, expected in (
+        (
+            "salt",
+            "0x" + "00" * 31 + "01",
+            f"the service lists {cid} among this payer's: salt 0x{'00' * 31}01 does not name channel {cid}",
+        ),
+        ("salt", None, "the service's salt is not a 32-byte salt: 'None'"),
+        ("asOfBlock", -1, "the service's asOfBlock is not a block number: '-1'"),
+        (
+            "asOfBlock",
+            str(listed["asOfBlock"]),
+            f"the service's asOfBlock is not a block number: '{listed['asOfBlock']}'",
+        ),
+        (
+            "asOfBlock",
+            0,
+            f"the service lists {cid} among this payer's: hub {rig.payer.hub.address} holds no code at block 0",
+        ),
     ):
 
-        def rewrite(path: str, data: Any, salt: str | None = salt) -> Any:
+        def rewrite(path: str, data: Any, field: str = field, value: Any = value) -> Any:
             if path == "/v1/channels":
-                return {**data, "items": [{**item, "salt": salt} for item in data["items"]]}
+                return {**data, "items": [{**item, field: value} for item in data["items"]]}
             return data
 
         with TamperingProxy(rig.service.url, rewrite) as proxy:
-            told = payer_for(rig.payer.account, proxy.url, journal=f"told-{salt}")
+            told = payer_for(rig.payer.account, proxy.url, journal=f"told-{field}-{value}")
             failure = refused(ChannelHubClientScheme(told))
-        expected = (
-            f"the service lists {cid} among this payer's: {said}"
-            if said
-            else "the service's salt is not a 32-byte salt: 'None'"
-        )
         assert failure == f"Failed to handle payment: {expected}"
     assert accepted_for(rig.service, payee) == 2 * PRICE
     assert [c["channelId"] for c in again.open_channels(payee)] == [cid]  # nothing opened beside it

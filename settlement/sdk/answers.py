@@ -64,9 +64,10 @@ def service_amount(data: dict[str, Any], field: str, who: str = "the service") -
 
 
 def service_int(data: dict[str, Any], field: str, what: str, who: str = "the service") -> int:
-    """A JSON integer of the answer (not a bool, which JSON's true is to Python, nor a string of digits)."""
+    """A JSON integer of the answer, 0 or more (not a bool, which JSON's true is to Python, nor a string of digits):
+    a count, a number, a block."""
     found = data.get(field)
-    if not isinstance(found, int) or isinstance(found, bool):
+    if not isinstance(found, int) or isinstance(found, bool) or found < 0:
         raise UntrustedServiceError(f"{who}'s {field} is not {what}: {str(found)[:40]!r}")
     return found
 

@@ -39,7 +39,7 @@ from eth_account.signers.local import LocalAccount
 from eth_utils.address import to_checksum_address
 from web3 import Web3
 from web3.contract import Contract
-from web3.exceptions import ContractCustomError, ContractLogicError
+from web3.exceptions import BadFunctionCallOutput, ContractCustomError, ContractLogicError
 
 from settlement.chain.addresses import checksummed
 from settlement.chain.contracts import HUB, erc20_errors, load_artifact
@@ -250,13 +250,22 @@ class PayerClient:
         return ChannelRef(channel_id_of(self.address, payee, asset, salt), payee, asset, salt)
 
     @rpc_errors("reading a channel from the hub")
-    def channel(self, channel_id: str | bytes, *, salt: bytes | None = None, from_block: int = 0) -> ChannelRef:
+    def channel(
+        self, channel_id: str | bytes, *, salt: bytes | None = None, from_block: int = 0, at_block: int | None = None
+    ) -> ChannelRef:
         """Rebuild the reference of one of this payer's channels from its id (after a restart): its payee and asset
         from the hub, its salt from `salt`, else the service's (checked: with the hub's parties it must hash to the
         id), else the channel's ChannelOpened log searched from `from_block` (a provider that caps log ranges refuses
-        a long search: `ChainError`; pass `salt` or a recent `from_block`)."""
+        a long search: `ChainError`; pass `salt` or a recent `from_block`).
+
+        `at_block`: the block to read the hub at, for a channel known to exist by then (the service's `asOfBlock`):
+        a node behind it (a provider's balancer sends reads to one) refuses (`ChainError`), where at "latest" it had
+        no such channel yet. A channel's parties never change once it is opened: any block after that tells them."""
         raw = bytes.fromhex(channel_id[2:]) if isinstance(channel_id, str) else bytes(channel_id)
-        view = self.hub.functions.channel(raw).call()
+        try:
+            view = self.hub.functions.channel(raw).call(block_identifier="latest" if at_block is None else at_block)
+        except BadFunctionCallOutput as ex:  # no code there: a block before the hub's deployment
+            raise ValueError(f"hub {self.hub.address} holds no code at block {at_block}") from ex
         if to_checksum_address(view[ChannelViewField.PAYER]) != self.address:
             raise ValueError(f"0x{raw.hex()} is not a channel of payer {self.address} on hub {self.hub.address}")
         payee = to_checksum_address(view[ChannelViewField.PAYEE])

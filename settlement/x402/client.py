@@ -53,7 +53,7 @@ from settlement.chain.addresses import ADDRESS_RULE, is_typed_address
 from settlement.chain.node import rpc_errors
 from settlement.domain.model import ETH, ChannelId, ChannelStatus, ChannelViewField
 from settlement.errors import ChainUnavailableError, TransactionFailedError, UntrustedServiceError
-from settlement.sdk.answers import service_amount, service_channel_id, service_salt
+from settlement.sdk.answers import service_amount, service_channel_id, service_int, service_salt
 from settlement.sdk.journal import Budget
 from settlement.sdk.payer import Authorized, ChannelRef, PayerClient, Reclaim
 from settlement.x402.wire import SCHEME, PayloadError, VoucherPayload, base_units, network_of, same_address
@@ -546,8 +546,11 @@ class ChannelHubClientScheme:
             # The listing's salt, not a search of the hub's logs from block 0 (which a provider capping log ranges
             # refused: no payment after a restart); checked, as it must hash to the id with the parties the hub holds.
             salt = service_salt(listed)
+            # Read at the block the listing is current to: a node behind it refuses (retryable), where at "latest"
+            # it had no such channel and the service was taken for a liar.
+            as_of = service_int(listed, "asOfBlock", "a block number")
             try:  # the hub's word, not the listing's: this payer's channel, to this payee, in this asset
-                channel = self.payer.channel(listed_id, salt=salt)
+                channel = self.payer.channel(listed_id, salt=salt, at_block=as_of)
             except ValueError as ex:
                 raise UntrustedServiceError(f"the service lists {listed_id} among this payer's: {ex}") from ex
             if (channel.payee, channel.token) != (payee, asset):  # else its vouchers would pay someone else
