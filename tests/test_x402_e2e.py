@@ -2986,6 +2986,32 @@ def test_channels_the_payers_own_app_closes_count_for_no_payee(
     assert accepted_for(service, payee) == 3 * PRICE
 
 
+def test_a_refund_is_taken_once_the_payers_node_shows_it(
+    paid_channel: Callable[..., PaidChannel],
+    accounts: list[LocalAccount],
+    w3: Web3,
+    devnet: Devnet,
+    payer_for: Callable[..., PayerClient],
+) -> None:
+    """The payee closed the channel and said so; the payer's reads reach, through a provider's balancer, a node some
+    blocks behind the payee's, where the channel is still open. It was taken at that word at once: the payee called
+    a liar (`service_untrusted`) for a refund it made. The payer's node is asked again, for up to `behind` seconds,
+    and the refund is what the hub says once it shows the close; a payee that says so of an open channel is still
+    refused once `behind` has passed."""
+    rig = paid_channel("lagging-refund", paid=2, payer=11, payee=12, payee_key=HexBytes(accounts[12].key).to_0x_hex())
+    with LaggingRpc(devnet.url, frozenset({"eth_call"})) as balancer:
+        lagging = payer_for(rig.payer.account, rig.service, journal="lagging", rpc_url=balancer.url)
+        balancer.at = w3.eth.block_number  # the payer's reads reach a node at the block before the refund
+        catching_up = threading.Timer(1.0, lambda: setattr(balancer, "at", None))
+        catching_up.start()
+        try:
+            refunded = ask_refund(f"{rig.api}{REFUND_PATH}", lagging, rig.channel_id)
+        finally:
+            catching_up.cancel()
+    assert refunded == 98 * PRICE  # the code before: UntrustedServiceError, "... the hub holds it open"
+    assert rig.payer.hub_balance() == 98 * PRICE
+
+
 def test_a_payer_asks_the_payee_for_the_refund_and_only_the_payer_can(
     paid_channel: Callable[..., PaidChannel], devnet: Devnet, accounts: list[LocalAccount], hub: Contract
 ) -> None:
@@ -3031,7 +3057,7 @@ def test_a_payer_asks_the_payee_for_the_refund_and_only_the_payer_can(
     # A payee that says `channel_closed` of a channel the hub holds open: its refusal stands, nothing came back.
     tamper.rewrite_post = lambda path, data: {"code": "channel_closed", "message": "closed, it says"}
     with httpx.Client(transport=tamper) as proxied, pytest.raises(ChannelClosedError):
-        ask_refund(url, payer, elsewhere.hex_id, http=proxied)
+        ask_refund(url, payer, elsewhere.hex_id, http=proxied, behind=0.5)
     tamper.rewrite_post = lambda path, data: b"<html>Bad gateway</html>"  # a refusal that is not the payee's JSON
     with httpx.Client(transport=tamper) as proxied, pytest.raises(ServiceRejectedError) as refused:
         ask_refund(url, payer, cid, http=proxied)

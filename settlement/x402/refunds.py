@@ -32,6 +32,7 @@ import httpx
 from eth_utils.address import to_checksum_address
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
+from settlement.chain.node import rpc_errors
 from settlement.domain.buckets import Buckets
 from settlement.domain.model import ChannelStatus, ChannelViewField
 from settlement.eip712.refunds import refund_requester, sign_refund_request
@@ -76,13 +77,16 @@ def ask_refund(
     ttl: int = 300,
     timeout: float = 60,
     http: httpx.Client | None = None,
+    behind: float = 10,
 ) -> int:
     """Ask the payee behind `url` to refund the channel now; returns what went back to the payer's hub balance, as
     the hub says (the payee's figure is its word). A refusal raises the SDK's error for its code (a
     ServiceRejectedError); an answer of success while the hub holds the channel open, UntrustedServiceError.
     Asking again is safe: a channel already closed (the first answer lost on its way, the refund made) is answered
     `channel_closed` by the payee, and this returns the hub's figure as the first call would have, not that error.
-    `http`: the client to send it with (a proxy, other timeouts), else one made for the request."""
+    `http`: the client to send it with (a proxy, other timeouts), else one made for the request. `behind`: how long
+    the payer's node may take to show the payee's close (a provider's balancer sends reads to nodes blocks apart)
+    before the hub's word that the channel is open is taken."""
     raw = bytes.fromhex(channel_id.removeprefix("0x"))
     expires = int(time.time()) + ttl
     signature = sign_refund_request(payer.account, payer.domain, raw, expires)
@@ -95,12 +99,27 @@ def ask_refund(
     refused = None if answer.status_code == 200 else refusal(answer)
     if refused is not None and not isinstance(refused, ChannelClosedError):
         raise refused
-    view = payer.hub.functions.channel(raw).call()
-    if view[ChannelViewField.STATUS] != ChannelStatus.CLOSED:
+    view = _closed(payer, raw, behind)
+    if view is None:
         if refused is not None:  # the payee's word against the hub's: the channel is open, nothing came back
             raise refused
         raise UntrustedServiceError(f"the payee at {url} says it refunded 0x{raw.hex()}; the hub holds it open")
     return int(view[ChannelViewField.DEPOSIT]) - int(view[ChannelViewField.SETTLED])
+
+
+def _closed(payer: PayerClient, raw: bytes, behind: float) -> tuple[Any, ...] | None:
+    """The hub's view of the channel once the payer's node shows it closed, asked again for up to `behind` seconds;
+    None if it does not. The payee's node saw the close mined before it answered; the payer's may be some blocks
+    behind it, and taken at its first word the payee was called a liar for a refund it made."""
+    deadline = time.monotonic() + behind
+    while True:
+        with rpc_errors(f"reading channel 0x{raw.hex()} from the hub"):
+            view = tuple(payer.hub.functions.channel(raw).call())
+        if view[ChannelViewField.STATUS] == ChannelStatus.CLOSED:
+            return view
+        if time.monotonic() >= deadline:
+            return None
+        time.sleep(0.25)
 
 
 class DeskAnswer(NamedTuple):
