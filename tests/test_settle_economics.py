@@ -324,6 +324,53 @@ def test_the_spend_ceiling_stops_regular_batches_but_not_closes(
     assert [settled_on_chain(hub, c) for c in (first, second, closing)] == [100, 0, 100]
 
 
+def test_a_close_due_while_a_mined_batch_waits_for_its_confirmations_is_settled_at_once(
+    clocked: Clocked,
+    open_channel: Callable[..., Channel],
+    accounts: list[LocalAccount],
+    w3: Web3,
+    hub: Contract,
+    sign: Sign,
+) -> None:
+    """One batch is in flight at a time, and a batch is in flight until it is `confirmations` deep. A close's final
+    settlement is due `close_guard_seconds` (120) before its deadline, when ingest stops taking its vouchers; a regular
+    batch mined just before held it for its confirmations: with 12 of mainnet's 12-s blocks, 144 s, past the
+    deadline, and the payee lost what the payer paid since the close was seen. A mined batch holds its nonce no
+    more: a close due while it deepens goes out at once with the next nonce (regular batches still wait)."""
+    service, settler, now = clocked(confirmations=2, settle_interval=30.0)
+    regular = open_channel(accounts[5], accounts[7].address, amount=10**18)
+    closing = open_channel(accounts[6], accounts[7].address, amount=10**18)
+
+    def mine(blocks: int = 2) -> None:
+        w3.provider.make_request(RPCEndpoint("anvil_mine"), [hex(blocks)])
+        wait_indexed(service)
+
+    mine()
+    pay(service, regular, 100, sign)
+    pay(service, closing, 100, sign)
+    receipt = send(w3, hub.functions.requestClose(closing.id), closing.payer.address)
+    deadline = int(w3.eth.get_block(receipt["blockNumber"])["timestamp"]) + 3600
+    mine()
+    assert step(settler, service, now, 0) is not None  # the close seen: settled at once
+    mine()
+    settler.tick()  # confirmed
+    assert [settled_on_chain(hub, c) for c in (regular, closing)] == [0, 100]
+    pay(service, regular, 200, sign)
+    pay(service, closing, 300, sign)  # paid after the close was seen, before the guard
+
+    now[0] = deadline - service.settings.close_guard_seconds - 1
+    regular_batch = step(settler, service, now, 0)  # the interval is over: a regular batch, mined at once
+    assert regular_batch is not None and settled_on_chain(hub, regular) == 200
+    with service.db.read() as conn:
+        assert [b.batch_id for b in batch_q.open_batches(conn)] == [regular_batch]  # 0 of its 2 confirmations
+    final = step(settler, service, now, 1)  # ingest takes no more of the closing channel's vouchers: due
+    assert final is not None  # the code before: None, until the regular batch was 2 blocks deep
+    assert settled_on_chain(hub, closing) == 300
+    mine()
+    run_until_idle(settler, service)
+    assert entries(service) == [(closing.hex_id, 100), (regular.hex_id, 200), (closing.hex_id, 300)]
+
+
 def test_a_front_run_batch_is_noticed_not_resent_and_the_payee_is_paid(
     clocked: Clocked,
     open_channel: Callable[..., Channel],

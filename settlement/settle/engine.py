@@ -11,7 +11,8 @@ when it stopped, the next `tick` finds the open intent and moves it on from what
     receipt, deep enough     -> record each entry's outcome from the receipt's events, not from what was sent
 
 A batch re-sent after all is harmless: the hub skips entries that are not above what is settled. One batch is in
-flight at a time.
+flight at a time, but for a close's settlement that comes due while the batch before it waits for its confirmations
+(mined, its nonce used): that one goes out at once, with the next nonce.
 
 Settlement is economic, since every entry costs the operator gas and a payer can make vouchers for free:
 - a regular batch (every `settle_interval`) takes an ETH channel only when its gas, at the current fee, is at most
@@ -132,6 +133,7 @@ class Settler:
         self._unsettled_shown: set[str] = set()  # the assets the unsettled-value gauge names now
         self._recorded = False  # its interval and sender, in the store for `settlement status`
         self._claimed: dict[tuple[str, str], float] = {}  # alerts this process claimed in the store, and when
+        self._deepening: set[str] = set()  # open batches mined, waiting for their confirmations (as last read)
         # Why the open batch waits, when its gas is more than the settler holds (`low_funds`); None once one is sent.
         self.short_of_funds: str | None = None
 
@@ -159,11 +161,16 @@ class Settler:
         chain_now = self._watch([w.channel for w in closing])
         self._watch_funds()
         self._report_unsettled()
-        if in_flight:
-            return TickResult(None, finished)
-        now = self.clock()
         phases = {w.channel.channel_id: p for w in closing if (p := self._close_due(w, chain_now)) is not None}
         due_closes = [w.channel for w in closing if w.channel.channel_id in phases]
+        if in_flight:
+            # A batch mined and waiting for its confirmations holds its nonce no more: a close due meanwhile goes out
+            # now with the next one. Held for the wait (12 of mainnet's 12-s blocks: 144 s), a final settlement due
+            # `close_guard_seconds` (120) before its deadline missed it, and the payee what was paid since the first.
+            if not due_closes or any(b.batch_id not in self._deepening for b in in_flight):
+                return TickResult(None, finished)
+            return TickResult(self._start(due_closes[: self.settings.batch_max_entries], phases), finished)
+        now = self.clock()
         since = max(last_batch.timestamp() if last_batch else self._started_at, self._checked_at or float("-inf"))
         interval_over = now - since >= self.settings.settle_interval
         if not (force or due_closes or interval_over):
@@ -454,6 +461,7 @@ class Settler:
             receipt = self._receipt(tx.tx_hash)
             if receipt is not None:
                 return self._mined(batch, receipt)
+        self._deepening.discard(batch.batch_id)  # not mined (or no more: reorganised out)
         with rpc_errors("reading the settler's nonce"):
             used = self.w3.eth.get_transaction_count(self.account.address, "latest")
         if used > batch.nonce:
@@ -501,7 +509,9 @@ class Settler:
         with rpc_errors("reading the chain head"):
             head = self.w3.eth.block_number
         if receipt["blockNumber"] > head - self.settings.confirmations:
+            self._deepening.add(batch.batch_id)
             return False
+        self._deepening.discard(batch.batch_id)
         now = self._now()
         tx_hash = HexBytes(receipt["transactionHash"]).to_0x_hex()
 
