@@ -19,7 +19,7 @@ from web3 import Web3
 from web3.contract import Contract
 from web3.types import RPCEndpoint
 
-from settlement.domain.model import ChannelId
+from settlement.domain.model import ChannelId, ChannelViewField
 from settlement.server.service import Service
 from settlement.settle.engine import UNSETTLED_REPORT_SECONDS, Broadcast, Outcome, Settler
 from settlement.store import settlements as batch_q
@@ -81,6 +81,12 @@ def clocked(engine: Callable[..., tuple[Service, Settler]], w3: Web3) -> Clocked
     return make
 
 
+def close_requested(w3: Web3, hub: Contract, channel: Channel) -> int:
+    """The channel's payer requests its close; returns the close's deadline, as the hub holds it."""
+    send(w3, hub.functions.requestClose(channel.id), channel.payer.address)
+    return int(hub.functions.channel(channel.id).call()[ChannelViewField.CLOSE_DEADLINE])
+
+
 def step(settler: Settler, service: Service, now: list[float], seconds: float) -> str | None:
     """Let `seconds` pass on the engine's clock, tick once, and let the indexer see what was mined."""
     now[0] += seconds
@@ -107,8 +113,7 @@ def test_a_closing_payer_streaming_one_wei_vouchers_buys_no_extra_batches(
     for channel in dust:
         pay(service, channel, GWEI, sign)
     pay(service, attacker, 1_000, sign)
-    receipt = send(w3, hub.functions.requestClose(attacker.id), attacker.payer.address)
-    deadline = int(w3.eth.get_block(receipt["blockNumber"])["timestamp"]) + 3600
+    deadline = close_requested(w3, hub, attacker)
     wait_indexed(service)
 
     cumulative = 1_000
@@ -348,8 +353,7 @@ def test_a_close_due_while_a_mined_batch_waits_for_its_confirmations_is_settled_
     mine()
     pay(service, regular, 100, sign)
     pay(service, closing, 100, sign)
-    receipt = send(w3, hub.functions.requestClose(closing.id), closing.payer.address)
-    deadline = int(w3.eth.get_block(receipt["blockNumber"])["timestamp"]) + 3600
+    deadline = close_requested(w3, hub, closing)
     mine()
     assert step(settler, service, now, 0) is not None  # the close seen: settled at once
     mine()
