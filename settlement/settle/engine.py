@@ -144,7 +144,8 @@ class Settler:
     # --- the engine step ---------------------------------------------------------------------------------------
 
     def tick(self, *, force: bool = False) -> TickResult:
-        """Move open batches on; then start a new batch if one is due (or `force`) and none is in flight.
+        """Move open batches on; then start a new batch if one is due (or `force`) and none is in flight (a close's
+        settlement, also while those in flight are mined and wait for their confirmations).
 
         A tick that starts nothing reads only open batches and closing channels: the settleable channels (possibly
         hundreds of thousands) are read, LIMITed to one batch, only when a regular batch may start.
