@@ -49,7 +49,7 @@ from settlement.devtools.devnet import Devnet
 from settlement.domain.model import ChannelStatus, ChannelViewField
 from settlement.eip712.refunds import sign_refund_request
 from settlement.eip712.vouchers import VoucherSigner
-from settlement.errors import BudgetExceededError, ChannelClosedError, ServiceRejectedError
+from settlement.errors import BudgetExceededError, ChannelClosedError, ChannelNotFoundError, ServiceRejectedError
 from settlement.sdk.journal import PRUNE_EVERY, Budget
 from settlement.sdk.loop_commits import LoopCommits
 from settlement.sdk.payee import PayeeClient
@@ -88,9 +88,9 @@ pytestmark = pytest.mark.slow
 
 class PaidApis:
     """Factory: paid_apis(service, pay_to, asset=ETH, price=PRICE, port=None, payee_key=None, deposit_multiple=None,
-    script=EXAMPLE_APP, facilitator=None) -> base URL of examples/paid_api.py (or `script`, which runs it with more
-    routes) in its own process, `service` its facilitator (reached at `facilitator`, a proxy's URL, when given; with
-    payee_key: taking refund requests);
+    script=EXAMPLE_APP, facilitator=None, rpc_url=None) -> base URL of examples/paid_api.py (or `script`, which runs
+    it with more routes) in its own process, `service` its facilitator (reached at `facilitator`, a proxy's URL, when
+    given; with payee_key: taking refund requests, reading the chain at `rpc_url`, a proxy's, or the devnet);
     `stop(url)` kills one; `reprice(url, price)` serves the same app at another price on the same URL.
 
     `service` may be only launched (`spawn(..., wait=False)`): the app starts meanwhile (it asks the facilitator
@@ -113,6 +113,7 @@ class PaidApis:
         deposit_multiple: int | None = None,
         script: Path = EXAMPLE_APP,
         facilitator: str | None = None,
+        rpc_url: str | None = None,
     ) -> str:
         if payee_key is not None:
             service.ready()
@@ -124,7 +125,7 @@ class PaidApis:
             "PRICE_WEI": str(price),
             "ASSET": asset,
             "PORT": str(port),
-            "RPC_URL": self.devnet.url,
+            "RPC_URL": rpc_url or self.devnet.url,
         }
         if payee_key is not None:  # the app takes payers' refund requests
             env["PAYEE_KEY"] = payee_key
@@ -142,6 +143,7 @@ class PaidApis:
             "deposit_multiple": deposit_multiple,
             "script": script,
             "facilitator": facilitator,
+            "rpc_url": rpc_url,
         }
 
         def up() -> bool:
@@ -3010,6 +3012,41 @@ def test_a_refund_is_taken_once_the_payers_node_shows_it(
             catching_up.cancel()
     assert refunded == 98 * PRICE  # the code before: UntrustedServiceError, "... the hub holds it open"
     assert rig.payer.hub_balance() == 98 * PRICE
+
+
+def test_a_refund_is_asked_again_while_the_payees_node_does_not_know_the_channel(
+    paid_channel: Callable[..., PaidChannel],
+    paid_api: PaidApis,
+    accounts: list[LocalAccount],
+    w3: Web3,
+    devnet: Devnet,
+) -> None:
+    """A payer asks for its refund soon after opening; the payee's reads reach, through a provider's balancer, a node
+    behind the opening, where the hub holds no such channel: the payee answered `channel_not_found`, and the payer
+    took it for the end (a refund it could have had). The payer's own node holds the channel, so the request is sent
+    again, for up to `behind` seconds, and refunded once the payee's node caught up; an id the payer's node does not
+    hold either is refused at the first answer."""
+    before_opening = w3.eth.block_number
+    rig = paid_channel("refund-payee-behind", paid=2, payer=11, payee=12)
+    with LaggingRpc(devnet.url, frozenset({"eth_call"})) as balancer:
+        desk = paid_api(
+            rig.service, rig.payee.address, payee_key=HexBytes(rig.payee.key).to_0x_hex(), rpc_url=balancer.url
+        )
+        balancer.at = before_opening  # the payee's reads reach a node at the block before the channel's opening
+        asked: list[str] = []
+        with httpx.Client(event_hooks={"request": [lambda request: asked.append(request.url.path)]}) as http:
+            with pytest.raises(ChannelNotFoundError):  # not the payer's channel on its own node either: at once
+                ask_refund(f"{desk}{REFUND_PATH}", rig.payer, "0x" + "42" * 32, http=http)
+            assert asked == [REFUND_PATH]
+            catching_up = threading.Timer(1.0, lambda: setattr(balancer, "at", None))
+            catching_up.start()
+            try:
+                refunded = ask_refund(f"{desk}{REFUND_PATH}", rig.payer, rig.channel_id, http=http)
+            finally:
+                catching_up.cancel()
+    assert refunded == 98 * PRICE  # the code before: ChannelNotFoundError, "no channel 0x… on chain"
+    assert rig.payer.hub_balance() == 98 * PRICE
+    assert len(asked) > 2  # asked again while the payee's node was behind
 
 
 def test_a_payer_asks_the_payee_for_the_refund_and_only_the_payer_can(

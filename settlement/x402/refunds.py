@@ -23,6 +23,7 @@ close the channel once.
 
 from __future__ import annotations
 
+import contextlib
 import threading
 import time
 from collections.abc import Callable
@@ -86,17 +87,21 @@ def ask_refund(
     `channel_closed` by the payee, and this returns the hub's figure as the first call would have, not that error.
     `http`: the client to send it with (a proxy, other timeouts), else one made for the request. `behind`: how long
     the payer's node may take to show the payee's close (a provider's balancer sends reads to nodes blocks apart)
-    before the hub's word that the channel is open is taken."""
+    before the hub's word that the channel is open is taken, and the payee's node to show a channel the payer's
+    holds (`channel_not_found` meanwhile: the request is sent again)."""
     raw = bytes.fromhex(channel_id.removeprefix("0x"))
     expires = int(time.time()) + ttl
     signature = sign_refund_request(payer.account, payer.domain, raw, expires)
     body = {"channelId": "0x" + raw.hex(), "expires": expires, "signature": "0x" + signature.hex()}
-    if http is None:
-        with bounded_client("", timeout) as own:
-            answer = own.post(url, json=body)
-    else:
-        answer = http.post(url, json=body, timeout=timeout)
-    refused = None if answer.status_code == 200 else refusal(answer)
+    deadline = time.monotonic() + behind
+    with contextlib.ExitStack() as owned:
+        client = http or owned.enter_context(bounded_client("", timeout))
+        while True:
+            answer = client.post(url, json=body, timeout=timeout)
+            refused = None if answer.status_code == 200 else refusal(answer)
+            if not isinstance(refused, ChannelNotFoundError) or time.monotonic() >= deadline or not _exists(payer, raw):
+                break
+            time.sleep(0.5)  # the payee's node is behind the payer's: asked again once it may have the opening
     if refused is not None and not isinstance(refused, ChannelClosedError):
         raise refused
     view = _closed(payer, raw, behind)
@@ -105,6 +110,14 @@ def ask_refund(
             raise refused
         raise UntrustedServiceError(f"the payee at {url} says it refunded 0x{raw.hex()}; the hub holds it open")
     return int(view[ChannelViewField.DEPOSIT]) - int(view[ChannelViewField.SETTLED])
+
+
+def _exists(payer: PayerClient, raw: bytes) -> bool:
+    """Whether the payer's node holds the channel: a payee that does not know it yet reads a node behind (a channel
+    opened moments ago, a provider's balancer), and is asked again; an id the hub does not hold is refused at once."""
+    with rpc_errors(f"reading channel 0x{raw.hex()} from the hub"):
+        view = payer.hub.functions.channel(raw).call()
+    return int(view[ChannelViewField.STATUS]) != ChannelStatus.NONE
 
 
 def _closed(payer: PayerClient, raw: bytes, behind: float) -> tuple[Any, ...] | None:
