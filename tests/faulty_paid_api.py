@@ -7,7 +7,8 @@ None is the response the payer paid for, so none may be charged (tests/test_x402
 example). And a paid route that reads its request's body, served with a body bound of 1 s (10 by default) so that
 the tests of slow bodies take seconds. With SETTLE_ONE_BY_ONE set, its facilitator client settles each payment
 with one `/settle` (`batch_settles=False`); UNSEEN_BUDGET ("rate burst") sets its budget of a client's payments
-on channels the facilitator does not know."""
+on channels the facilitator does not know. And a free route that is a plain `def` (`/plain`), run on the app's
+worker threads."""
 
 from __future__ import annotations
 
@@ -89,6 +90,11 @@ async def headed(name: str) -> dict[str, int]:
 @app.get("/runs/{name}")  # free: how many times a counted handler ran
 async def runs(name: str) -> dict[str, int]:
     return {"runs": RUNS[name]}
+
+
+@app.get("/plain")  # free, and a plain `def`: FastAPI runs it on the app's worker threads, as it runs any such route
+def plain() -> dict[str, str]:
+    return {"status": "ok"}
 
 
 @app.websocket("/echo")  # free: a payee app's own WebSocket outlives the protocol's body bound

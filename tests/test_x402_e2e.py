@@ -57,6 +57,7 @@ from settlement.sdk.payer import PayerClient
 from settlement.x402.ahead import PayAheadAdapter, PayAheadTransport
 from settlement.x402.client import ChannelHubClientScheme, DepositPolicy, PaymentIdentifiers
 from settlement.x402.facilitator_client import CONNECT_TIMEOUT, SUPPORTED_RETRY
+from settlement.x402.fastapi import REFUNDS_WAITING
 from settlement.x402.refunds import REFUND_PATH, RefundDesk, ask_refund
 from settlement.x402.unanswered import UnansweredWire
 from tests.hub_helpers import (
@@ -3047,6 +3048,50 @@ def test_a_refund_is_asked_again_while_the_payees_node_does_not_know_the_channel
     assert refunded == 98 * PRICE  # the code before: ChannelNotFoundError, "no channel 0x… on chain"
     assert rig.payer.hub_balance() == 98 * PRICE
     assert len(asked) > 2  # asked again while the payee's node was behind
+
+
+def test_refund_requests_waiting_behind_a_refund_never_hold_the_apps_worker_threads(
+    paid_channel: Callable[..., PaidChannel], w3: Web3, accounts: list[LocalAccount]
+) -> None:
+    """Refunds are made one at a time, and a request waits for the one before it, whose close waits to be mined
+    (seconds; minutes in a fee spike). Those waits were on the app's worker threads (40): a flood of well-formed
+    requests for made-up channels, within the desk's budget of chain reads, held every one of them while a refund
+    was being mined, and every plain `def` route of the payee's app waited with them. The desk waits on a thread of
+    its own now, at most REFUNDS_WAITING requests (the refund being made among them); past that, 429 at once."""
+    rig = paid_channel(
+        "refund-queue", paid=2, payer=11, payee=12, payee_key=HexBytes(accounts[12].key).to_0x_hex(),
+        script=ROOT / "tests" / "faulty_paid_api.py",
+    )  # fmt: skip
+    url, payee = f"{rig.api}{REFUND_PATH}", rig.payee.address
+
+    def made_up(n: int) -> tuple[int, str]:
+        expires, channel = int(time.time()) + 300, n.to_bytes(32, "big")
+        signature = sign_refund_request(rig.payer.account, rig.payer.domain, channel, expires)
+        body = {"channelId": "0x" + channel.hex(), "expires": expires, "signature": "0x" + signature.hex()}
+        answer = httpx.post(url, json=body, timeout=120)
+        return answer.status_code, answer.json()["code"]
+
+    w3.provider.make_request(RPCEndpoint("evm_setAutomine"), [False])
+    try:
+        with ThreadPoolExecutor(1) as asking, ThreadPoolExecutor(64) as flooding:
+            refunding = asking.submit(ask_refund, url, rig.payer, rig.channel_id)
+            wait_until(lambda: w3.eth.get_transaction_count(payee, "pending") > w3.eth.get_transaction_count(payee))
+            flood = []
+            for n in range(60):  # 10 a second: the desk's budget admits 20 at once and 5 a second
+                flood.append(flooding.submit(made_up, n))
+                time.sleep(0.1)
+            plain = httpx.get(f"{rig.api}/plain", timeout=5)  # the code before: ReadTimeout, every thread waiting
+            assert (plain.status_code, plain.json()) == (200, {"status": "ok"})
+            queued = REFUNDS_WAITING - 1  # the refund being made is one of those waiting
+            wait_until(lambda: sum(f.done() for f in flood) >= 60 - queued)
+            at_once = [f.result() for f in flood if f.done()]
+            assert at_once == [(429, "rate_limited")] * (60 - queued)  # the rest wait for the refund
+            w3.provider.make_request(RPCEndpoint("evm_mine"), [])
+            assert refunding.result(timeout=60) == 98 * PRICE
+            codes = Counter(f.result(timeout=60) for f in flood)
+    finally:
+        w3.provider.make_request(RPCEndpoint("evm_setAutomine"), [True])
+    assert sum(codes.values()) == 60 and set(codes) <= {(404, "channel_not_found"), (429, "rate_limited")}
 
 
 def test_a_payer_asks_the_payee_for_the_refund_and_only_the_payer_can(
