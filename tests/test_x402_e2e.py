@@ -3056,8 +3056,8 @@ def test_refund_requests_waiting_behind_a_refund_never_hold_the_apps_worker_thre
     """Refunds are made one at a time, and a request waits for the one before it, whose close waits to be mined
     (seconds; minutes in a fee spike). Those waits were on the app's worker threads (40): a flood of well-formed
     requests for made-up channels, within the desk's budget of chain reads, held every one of them while a refund
-    was being mined, and every plain `def` route of the payee's app waited with them. The desk waits on a thread of
-    its own now, at most REFUNDS_WAITING requests (the refund being made among them); past that, 429 at once."""
+    was being mined, and every plain `def` route of the payee's app waited with them. They wait on the event loop now
+    for the desk's own limiter, REFUNDS_WAITING at most behind the refund being made; past that, 429 at once."""
     rig = paid_channel(
         "refund-queue", paid=2, payer=11, payee=12, payee_key=HexBytes(accounts[12].key).to_0x_hex(),
         script=ROOT / "tests" / "faulty_paid_api.py",
@@ -3082,7 +3082,7 @@ def test_refund_requests_waiting_behind_a_refund_never_hold_the_apps_worker_thre
                 time.sleep(0.1)
             plain = httpx.get(f"{rig.api}/plain", timeout=5)  # the code before: ReadTimeout, every thread waiting
             assert (plain.status_code, plain.json()) == (200, {"status": "ok"})
-            queued = REFUNDS_WAITING - 1  # the refund being made is one of those waiting
+            queued = REFUNDS_WAITING  # behind the refund being made
             wait_until(lambda: sum(f.done() for f in flood) >= 60 - queued)
             at_once = [f.result() for f in flood if f.done()]
             assert at_once == [(429, "rate_limited")] * (60 - queued)  # the rest wait for the refund

@@ -26,13 +26,12 @@ What a payee app imports is here, in one place: this module's names and `Channel
 
 from __future__ import annotations
 
-import asyncio
 import logging
-import threading
 from collections.abc import AsyncIterator, Awaitable, Callable
-from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
+import anyio
+import anyio.to_thread
 from fastapi import APIRouter, Request, Response
 from fastapi.responses import JSONResponse
 from starlette.requests import ClientDisconnect
@@ -48,7 +47,7 @@ from settlement.sdk.payee import PayeeClient
 from settlement.x402.exchange import EXCHANGE, Exchange
 from settlement.x402.facilitator_client import ChannelHubFacilitatorClient
 from settlement.x402.paid_answers import PaidAnswers
-from settlement.x402.refunds import MAX_TTL, REFUND_PATH, DeskAnswer, RefundDesk
+from settlement.x402.refunds import MAX_TTL, REFUND_PATH, RefundDesk
 from settlement.x402.wire import SCHEME, Reason
 
 __all__ = ["ChannelHubFacilitatorClient", "PaidAnswers", "PaymentMiddleware", "refund_router"]
@@ -56,7 +55,7 @@ __all__ = ["ChannelHubFacilitatorClient", "PaidAnswers", "PaymentMiddleware", "r
 logger = logging.getLogger(__name__)
 
 RETRY_AFTER_SECONDS = 1
-REFUNDS_WAITING = 32  # refund requests queued for the desk's thread at most; past that, 429 at once
+REFUNDS_WAITING = 32  # refund requests waiting for the one being made, at most; past that, 429 at once
 
 
 class _NotSettled(Exception):
@@ -213,48 +212,21 @@ def refund_router(
 ) -> APIRouter:
     """The payee's route that turns a payer's signed refund request into `closeByPayee` (settlement.x402.refunds).
 
-    The desk answers on a thread of its own, not on the app's worker threads: refunds are made one at a time, and a
-    request waits for the one before it (its transaction mined: seconds, minutes in a fee spike); on the shared
-    threads a flood of requests waiting so held every one of them (40), and every plain `def` route of the app waited
-    with them. At most `max_waiting` requests wait; past that one is answered 429 `rate_limited` at once."""
+    Refunds are made one at a time, and a request waits for the one before it (its close mined: seconds, minutes in
+    a fee spike). It waits on the event loop, for a limiter of its own: waiting on the app's worker threads, a flood
+    of requests held every one of them (40), and every plain `def` route of the app waited with them. At most
+    `max_waiting` requests wait; past that one is answered 429 `rate_limited` at once."""
     desk = RefundDesk(payee, max_ttl=max_ttl)
-    thread = ThreadPoolExecutor(1, thread_name_prefix="refund-desk")
-    waiting = _Waiting(max_waiting)
+    one_at_a_time = anyio.CapacityLimiter(1)
     router = APIRouter()
-
-    def answer(body: bytes) -> DeskAnswer:
-        try:
-            return desk.answer(body)
-        finally:
-            waiting.leave()  # on the desk's thread: a request whose client went away still counts until it is done
 
     @router.post(path, summary="Close a channel now at its payer's request (closeByPayee)")
     async def refund(request: Request) -> JSONResponse:
         body = await request.body()
-        if not waiting.enter():
+        if one_at_a_time.statistics().tasks_waiting >= max_waiting:
             busy = RateLimitedError("refund requests are waiting for the ones before them: retry later", retryAfter=1)
             return JSONResponse(busy.body(), status_code=busy.status)
-        made = await asyncio.get_running_loop().run_in_executor(thread, answer, body)
-        return JSONResponse(made.body, status_code=made.status)
+        answer = await anyio.to_thread.run_sync(desk.answer, body, limiter=one_at_a_time)
+        return JSONResponse(answer.body, status_code=answer.status)
 
     return router
-
-
-class _Waiting:
-    """How many requests are queued or in work for the desk's thread, up to a limit; thread-safe (entered on the
-    event loop, left on the desk's thread)."""
-
-    def __init__(self, limit: int) -> None:
-        self.limit, self.count = limit, 0
-        self._lock = threading.Lock()
-
-    def enter(self) -> bool:
-        with self._lock:
-            if self.count >= self.limit:
-                return False
-            self.count += 1
-            return True
-
-    def leave(self) -> None:
-        with self._lock:
-            self.count -= 1
