@@ -590,6 +590,19 @@ def database_down(url: str) -> Iterator[None]:
         admin.dispose()
 
 
+def many_clients(**kwargs: Any) -> httpx.Client:
+    """An httpx client each of whose requests comes, as a local proxy tells uvicorn (`X-Forwarded-For`, which it takes
+    from 127.0.0.1), from an address of its own: a test's requests are not one client's to budgets kept per client
+    (a payee's refund route)."""
+    numbers = itertools.count(1)
+
+    def address(request: httpx.Request) -> None:
+        n = next(numbers)
+        request.headers["X-Forwarded-For"] = f"10.{n >> 16 & 255}.{n >> 8 & 255}.{n & 255}"
+
+    return httpx.Client(event_hooks={"request": [address]}, **kwargs)
+
+
 class Tampering(httpx.BaseTransport):
     """Between the SDK and the service, as a proxy would be: forwards every request for real, then may drop the
     answer (`after_post`: called once the voucher was delivered; raise to lose the answer) or rewrite a JSON answer

@@ -7,6 +7,7 @@ from __future__ import annotations
 import asyncio
 import base64
 import copy
+import itertools
 import json
 import os
 import random
@@ -71,6 +72,7 @@ from tests.hub_helpers import (
     events,
     fee_paid,
     free_test_port,
+    many_clients,
     scraped,
     send,
     trickled,
@@ -252,6 +254,14 @@ def lane_rig(
         return LaneRig(service, payer, scheme, apps)
 
     return make
+
+
+@pytest.fixture
+def clients() -> Iterator[httpx.Client]:
+    """An httpx client each of whose requests comes from an address of its own (`many_clients`): within each
+    client's share of a payee's refund route."""
+    with many_clients(timeout=120) as client:
+        yield client
 
 
 @dataclass(frozen=True)
@@ -3047,11 +3057,11 @@ def test_a_refund_is_asked_again_while_the_payees_node_does_not_know_the_channel
                 catching_up.cancel()
     assert refunded == 98 * PRICE  # the code before: ChannelNotFoundError, "no channel 0x… on chain"
     assert rig.payer.hub_balance() == 98 * PRICE
-    assert len(asked) > 2  # asked again while the payee's node was behind
+    assert len(asked) > 2  # asked again while the payee's node was behind, within one client's share of the route
 
 
 def test_refund_requests_waiting_behind_a_refund_never_hold_the_apps_worker_threads(
-    paid_channel: Callable[..., PaidChannel], w3: Web3, accounts: list[LocalAccount]
+    paid_channel: Callable[..., PaidChannel], w3: Web3, accounts: list[LocalAccount], clients: httpx.Client
 ) -> None:
     """Refunds are made one at a time, and a request waits for the one before it, whose close waits to be mined
     (seconds; minutes in a fee spike). Those waits were on the app's worker threads (40): a flood of well-formed
@@ -3064,11 +3074,11 @@ def test_refund_requests_waiting_behind_a_refund_never_hold_the_apps_worker_thre
     )  # fmt: skip
     url, payee = f"{rig.api}{REFUND_PATH}", rig.payee.address
 
-    def made_up(n: int) -> tuple[int, str]:
+    def made_up(n: int) -> tuple[int, str]:  # from addresses of their own: each within its share
         expires, channel = int(time.time()) + 300, n.to_bytes(32, "big")
         signature = sign_refund_request(rig.payer.account, rig.payer.domain, channel, expires)
         body = {"channelId": "0x" + channel.hex(), "expires": expires, "signature": "0x" + signature.hex()}
-        answer = httpx.post(url, json=body, timeout=120)
+        answer = clients.post(url, json=body)
         return answer.status_code, answer.json()["code"]
 
     w3.provider.make_request(RPCEndpoint("evm_setAutomine"), [False])
@@ -3094,8 +3104,47 @@ def test_refund_requests_waiting_behind_a_refund_never_hold_the_apps_worker_thre
     assert sum(codes.values()) == 60 and set(codes) <= {(404, "channel_not_found"), (429, "rate_limited")}
 
 
+def test_one_clients_flood_of_refund_requests_leaves_other_payers_their_refunds(
+    paid_channel: Callable[..., PaidChannel], accounts: list[LocalAccount]
+) -> None:
+    """The desk's budget of chain reads (5 a second, bursts of 20) was one for every client: one address sending
+    refund requests for made-up channels without pause took all of it, and every other payer's refund was refused
+    (429) for as long as the flood went on. Each client's address now has a share of its own, asked first (1 a second,
+    bursts of 5); past it, 429 at once, and the rest of the budget is the others'."""
+    rig = paid_channel("refund-flood", paid=2, payer=11, payee=12, payee_key=HexBytes(accounts[12].key).to_0x_hex())
+    url, flooding, answers = f"{rig.api}{REFUND_PATH}", threading.Event(), []
+
+    def flood() -> None:  # from 10.0.0.66 as uvicorn sees it (it takes X-Forwarded-For from a local proxy)
+        with httpx.Client(headers={"X-Forwarded-For": "10.0.0.66"}, timeout=60) as http:
+            for n in itertools.count():
+                if not flooding.is_set():
+                    return
+                expires, channel = int(time.time()) + 300, n.to_bytes(32, "big")
+                signature = sign_refund_request(accounts[9], rig.payer.domain, channel, expires)
+                body = {"channelId": "0x" + channel.hex(), "expires": expires, "signature": "0x" + signature.hex()}
+                answer = http.post(url, json=body)
+                answers.append((answer.status_code, answer.json()["code"]))
+
+    flooding.set()
+    flooder = threading.Thread(target=flood)
+    flooder.start()
+    try:
+        wait_until(lambda: len(answers) >= 30)
+        refunded = ask_refund(url, rig.payer, rig.channel_id)  # the code before: RateLimitedError
+        assert len(answers) > 30  # the flood went on meanwhile
+    finally:
+        flooding.clear()
+        flooder.join(60)
+    assert refunded == 98 * PRICE
+    assert answers[:6] == [(404, "channel_not_found")] * 5 + [(429, "rate_limited")]  # the flooder's burst, then 429
+
+
 def test_a_payer_asks_the_payee_for_the_refund_and_only_the_payer_can(
-    paid_channel: Callable[..., PaidChannel], devnet: Devnet, accounts: list[LocalAccount], hub: Contract
+    paid_channel: Callable[..., PaidChannel],
+    devnet: Devnet,
+    accounts: list[LocalAccount],
+    hub: Contract,
+    clients: httpx.Client,
 ) -> None:
     """The payer signs a refund request and posts it to the payee's refund route: the payee closes the channel at
     once (closeByPayee), paid what it earned, the rest back to the payer. Every other request is refused with its
@@ -3110,7 +3159,7 @@ def test_a_payer_asks_the_payee_for_the_refund_and_only_the_payer_can(
         expires = int(time.time()) + expires_in
         signature = sign_refund_request(signer, payer.domain, channel_id, expires)
         body = {"channelId": "0x" + channel_id.hex(), "expires": expires, "signature": "0x" + signature.hex()}
-        answer = httpx.post(url, json=body, timeout=60)
+        answer = clients.post(url, json=body)
         return answer.status_code, answer.json()["code"] if answer.status_code != 200 else answer.json()["refunded"]
 
     assert post(accounts[9]) == (403, "forbidden")  # not the payer's signature
@@ -3121,27 +3170,27 @@ def test_a_payer_asks_the_payee_for_the_refund_and_only_the_payer_can(
     assert post(payer.account, channel_id=elsewhere.channel_id) == (403, "forbidden")
     bodies: list[Any] = [{"channelId": cid}, {"channelId": cid, "expires": "soon", "signature": "0x00"}, []]
     for body in bodies:
-        answer = httpx.post(url, json=body, timeout=60)
+        answer = clients.post(url, json=body)
         assert (answer.status_code, answer.json()["code"]) == (400, "malformed_request")
     assert hub.functions.channel(raw).call()[ChannelViewField.STATUS] == ChannelStatus.OPEN  # nothing changed
 
     # Through a proxy that inflates the payee's figure: the payer takes the hub's (its `refunded` is the payee's word).
     tamper = Tampering()
     tamper.rewrite_post = lambda path, data: {**data, "refunded": str(10**30)} if "refunded" in data else data
-    with httpx.Client(transport=tamper) as proxied:
+    with many_clients(transport=tamper) as proxied:
         assert ask_refund(url, payer, cid, http=proxied) == 98 * PRICE
     assert hub.functions.balanceOf(payer.address, ETH).call() == 98 * PRICE  # back at once
     assert hub.functions.balanceOf(payee_account.address, ETH).call() == 2 * PRICE
     assert post(payer.account) == (409, "channel_closed")  # again: nothing left to do
     # The payer asking again (its first answer lost on the way) is told what came back, not refused (code before:
     # ChannelClosedError, for a refund that was made).
-    assert ask_refund(url, payer, cid) == 98 * PRICE
+    assert ask_refund(url, payer, cid, http=clients) == 98 * PRICE
     # A payee that says `channel_closed` of a channel the hub holds open: its refusal stands, nothing came back.
     tamper.rewrite_post = lambda path, data: {"code": "channel_closed", "message": "closed, it says"}
-    with httpx.Client(transport=tamper) as proxied, pytest.raises(ChannelClosedError):
+    with many_clients(transport=tamper) as proxied, pytest.raises(ChannelClosedError):
         ask_refund(url, payer, elsewhere.hex_id, http=proxied, behind=0.5)
     tamper.rewrite_post = lambda path, data: b"<html>Bad gateway</html>"  # a refusal that is not the payee's JSON
-    with httpx.Client(transport=tamper) as proxied, pytest.raises(ServiceRejectedError) as refused:
+    with many_clients(transport=tamper) as proxied, pytest.raises(ServiceRejectedError) as refused:
         ask_refund(url, payer, cid, http=proxied)
     assert (refused.value.status, refused.value.code) == (409, "http_409")
     wait_until(lambda: payer.open_channels(payee_account.address) == [])  # the service saw the close
@@ -3154,7 +3203,7 @@ def test_a_payer_asks_the_payee_for_the_refund_and_only_the_payer_can(
         answers = sorted(pool.map(lambda _: post(payer.account, channel_id=raw), range(2)), key=lambda a: a[0])
     assert answers == [(200, str(int(fresh["deposit"]) - PRICE)), (409, "channel_closed")]
     # The SDK asking for it a third time, as a payer whose answer was lost would: the refund's figure again.
-    assert ask_refund(url, payer, fresh["channelId"]) == int(fresh["deposit"]) - PRICE
+    assert ask_refund(url, payer, fresh["channelId"], http=clients) == int(fresh["deposit"]) - PRICE
 
     # A flood of well-formed requests for made-up channels: each admitted one costs a chain read, so only the
     # burst is read (404 each) and the rest are refused before the chain (429), the clock standing still.

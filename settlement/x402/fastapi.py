@@ -215,7 +215,8 @@ def refund_router(
     Refunds are made one at a time, and a request waits for the one before it (its close mined: seconds, minutes in
     a fee spike). It waits on the event loop, for a limiter of its own: waiting on the app's worker threads, a flood
     of requests held every one of them (40), and every plain `def` route of the app waited with them. At most
-    `max_waiting` requests wait; past that one is answered 429 `rate_limited` at once."""
+    `max_waiting` requests wait; past that one is answered 429 `rate_limited` at once, as is a client over its share
+    (`RefundDesk.admit`, by its address as uvicorn gives it: behind a proxy, uvicorn `--forwarded-allow-ips`)."""
     desk = RefundDesk(payee, max_ttl=max_ttl)
     one_at_a_time = anyio.CapacityLimiter(1)
     router = APIRouter()
@@ -223,6 +224,9 @@ def refund_router(
     @router.post(path, summary="Close a channel now at its payer's request (closeByPayee)")
     async def refund(request: Request) -> JSONResponse:
         body = await request.body()
+        refused = desk.admit(request.client.host if request.client else "")
+        if refused is not None:
+            return JSONResponse(refused.body, status_code=refused.status)
         if one_at_a_time.statistics().tasks_waiting >= max_waiting:
             busy = RateLimitedError("refund requests are waiting for the ones before them: retry later", retryAfter=1)
             return JSONResponse(busy.body(), status_code=busy.status)

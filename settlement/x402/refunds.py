@@ -16,9 +16,9 @@ makes the refund; another web framework mounts the desk the same way.
 Every refusal is a 4xx with a stable code (settlement.errors): malformed_request, refund_request_expired, forbidden
 (not the payer's signature, or another payee's channel), channel_not_found, channel_closed (a replay after the
 refund changes nothing; `ask_refund` answers it with the hub's figure of a closed channel), rate_limited (429: more
-requests than the desk's budget of chain reads). A request names an expiry at most `max_ttl` seconds ahead (600), so
-a captured request is not usable for long; refunds of one payee app are made one at a time, so two racing requests
-close the channel once.
+requests than the desk's budget of chain reads, or than one client's share of it: `admit`). A request names an
+expiry at most `max_ttl` seconds ahead (600), so a captured request is not usable for long; refunds of one payee app
+are made one at a time, so two racing requests close the channel once.
 """
 
 from __future__ import annotations
@@ -57,6 +57,9 @@ REFUND_PATH = "/x402/channelhub/refund"
 MAX_TTL = 600
 CHAIN_READS_PER_SECOND = 5.0
 CHAIN_READS_BURST = 20.0
+CLIENT_REQUESTS_PER_SECOND = 1.0  # each client's share (its address), so that one client's flood is not everyone's
+CLIENT_REQUESTS_BURST = 5.0
+CLIENTS_KEPT = 10_000
 
 _Hex32 = Annotated[str, Field(pattern=r"^0x[0-9a-fA-F]{64}$")]
 _Signature = Annotated[str, Field(pattern=r"^0x[0-9a-fA-F]{130}$")]
@@ -101,7 +104,7 @@ def ask_refund(
             refused = None if answer.status_code == 200 else refusal(answer)
             if not isinstance(refused, ChannelNotFoundError) or time.monotonic() >= deadline or not _exists(payer, raw):
                 break
-            time.sleep(0.5)  # the payee's node is behind the payer's: asked again once it may have the opening
+            time.sleep(1.0)  # the payee's node is behind: asked again, within a client's share (RefundDesk.admit)
     if refused is not None and not isinstance(refused, ChannelClosedError):
         raise refused
     view = _closed(payer, raw, behind)
@@ -146,7 +149,9 @@ class RefundDesk:
 
     Each well-formed, unexpired request costs a read of the chain, so they are budgeted (`chain_reads_per_second`,
     bursts of `burst`): a flood of made-up requests costs the payee a bounded number of RPC calls and gets 429
-    `rate_limited`; an honest payer refused in a flood retries after `retryAfter`."""
+    `rate_limited`; an honest payer refused in a flood retries after `retryAfter`. And each client (its address, as
+    the web framework gives it) has a share of its own, asked first (`admit`, `client_requests_per_second`, bursts
+    of `client_burst`): one client's flood took the whole budget, and every other payer's refund was refused."""
 
     def __init__(
         self,
@@ -155,11 +160,22 @@ class RefundDesk:
         max_ttl: int = MAX_TTL,
         chain_reads_per_second: float = CHAIN_READS_PER_SECOND,
         burst: float = CHAIN_READS_BURST,
+        client_requests_per_second: float = CLIENT_REQUESTS_PER_SECOND,
+        client_burst: float = CLIENT_REQUESTS_BURST,
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
         self.payee, self.max_ttl, self._clock = payee, max_ttl, clock
         self._reads = Buckets(chain_reads_per_second, burst, max_keys=1)
+        self._clients = Buckets(client_requests_per_second, client_burst, max_keys=CLIENTS_KEPT)
         self._one_at_a_time = threading.Lock()
+
+    def admit(self, client: str) -> DeskAnswer | None:
+        """None if `client` (its address) is within its share of requests, else the 429 to answer it: no I/O, so a
+        framework asks on its event loop, before the request waits for the desk."""
+        wait = self._clients.take(client, self._clock())
+        if wait is None:
+            return None
+        return _refusal(RateLimitedError("too many refund requests from this client: retry later", retryAfter=wait))
 
     def answer(self, body: bytes) -> DeskAnswer:
         try:
