@@ -1033,6 +1033,40 @@ def test_token_deposits_made_at_once_by_two_threads_each_spend_their_own_approva
     assert token.functions.allowance(client.address, hub.address).call() == 0
 
 
+def test_two_apps_paying_from_one_key_each_make_their_token_deposit(
+    token_payer: Callable[..., PayerClient],
+    payer_client: Callable[..., PayerClient],
+    accounts: list[LocalAccount],
+    token: Contract,
+    hub: Contract,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Two apps pay from one key, each with a client of its own (P18): the first approves its deposit (100), and
+    before its open is sent the second's deposit (50) reads that allowance, finds it enough, opens and spends it. The
+    first's open was refused, "would revert: ERC20InsufficientAllowance", and its payment failed. A deposit refused
+    while the allowance is short of it is now approved and sent again."""
+    first = token_payer(1_000)
+    second = payer_client(accounts[10], str(first.http.base_url))
+    approve, approved, going = first._approve, threading.Event(), threading.Event()
+
+    def held(asset: str, amount: int) -> None:  # the first's open held after its approval
+        approve(asset, amount)
+        approved.set()
+        assert going.wait(30)
+
+    monkeypatch.setattr(first, "_approve", held)
+    with ThreadPoolExecutor(1) as pool:
+        opening = pool.submit(first.open_channel, accounts[11].address, 100, token=token.address)
+        assert approved.wait(30)
+        spent = second.open_channel(accounts[12].address, 50, token=token.address)  # on the first's approval
+        going.set()
+        opened = opening.result(timeout=60)  # the code before: TransactionFailedError, "would revert: ..."
+    deposits = [hub.functions.channel(c.channel_id).call()[ChannelViewField.DEPOSIT] for c in (opened, spent)]
+    assert deposits == [100, 50]
+    assert token.functions.balanceOf(first.address).call() == 1_000 - 150
+    assert token.functions.allowance(first.address, hub.address).call() == 0
+
+
 def test_a_token_deposit_the_payer_does_not_hold_is_refused_in_the_tokens_words(
     token_payer: Callable[..., PayerClient], accounts: list[LocalAccount], token: Contract, hub: Contract
 ) -> None:

@@ -39,6 +39,7 @@ from eth_account.signers.local import LocalAccount
 from eth_utils.address import to_checksum_address
 from web3 import Web3
 from web3.contract import Contract
+from web3.contract.contract import ContractFunction
 from web3.exceptions import BadFunctionCallOutput, ContractCustomError, ContractLogicError
 
 from settlement.chain.addresses import checksummed
@@ -52,6 +53,7 @@ from settlement.eip712.vouchers import channel_id as channel_id_of
 from settlement.errors import (
     PaymentUncertainError,
     ServiceRejectedError,
+    TransactionFailedError,
     UntrustedServiceError,
     WaitTimeoutError,
 )
@@ -90,6 +92,7 @@ ERC20_ABI: list[dict[str, Any]] = [
 _RETRYABLE = {429, 502, 503, 504}  # 429: this address is over its rate; the retry waits
 DEFAULT_STATE_DIR = Path.home() / ".channelhub"
 STALE_RETRIES = 20  # other instances paying on the same channel at once; each attempt loses only to a winner
+TOKEN_DEPOSIT_TRIES = 3  # a token deposit whose approval another app of the same key spent first: approved again
 SALT_RANDOM_BYTES = 8  # a default salt is this many random bytes, left-padded to 32: cheap calldata at settlement
 
 
@@ -234,9 +237,7 @@ class PayerClient:
         elif asset == ETH:
             self.transactor.send(self.hub.functions.open(payee, asset, salt, deposit), value=deposit)
         else:
-            with self._token_deposits:
-                self._approve(asset, deposit)
-                self.transactor.send(self.hub.functions.open(payee, asset, salt, deposit))
+            self._token_deposit(asset, deposit, self.hub.functions.open(payee, asset, salt, deposit))
         self.journal.reset(ref.hex_id)  # new on this chain (open reverts otherwise): whatever the journal held is void
         return ref
 
@@ -328,9 +329,7 @@ class PayerClient:
         if channel.token == ETH:
             self.transactor.send(self.hub.functions.topUp(channel.channel_id, amount), value=amount)
             return
-        with self._token_deposits:
-            self._approve(channel.token, amount)
-            self.transactor.send(self.hub.functions.topUp(channel.channel_id, amount))
+        self._token_deposit(channel.token, amount, self.hub.functions.topUp(channel.channel_id, amount))
 
     @rpc_errors("requesting the close of a channel")
     def close(self, channel: ChannelRef) -> None:
@@ -380,12 +379,31 @@ class PayerClient:
             self.transactor.send(self.hub.functions.withdraw(asset, value, recipient))
         return value
 
+    def _token_deposit(self, token: str, amount: int, deposit: ContractFunction) -> None:
+        """Approve `amount` of `token`, then send `deposit` (the open or top-up that spends it); one such pair at a
+        time in this client. Another app paying from the same key may spend the approval first (its deposit read the
+        allowance before this one's was sent): refused while the allowance is short of `amount`, the deposit is
+        approved and sent again (before, it failed, "would revert: ERC20InsufficientAllowance")."""
+        with self._token_deposits:
+            for attempt in range(TOKEN_DEPOSIT_TRIES):
+                self._approve(token, amount)
+                try:
+                    self.transactor.send(deposit)
+                    return
+                except TransactionFailedError:
+                    if attempt + 1 == TOKEN_DEPOSIT_TRIES or self._allowance(token) >= amount:
+                        raise  # refused for something else than its allowance
+
+    def _allowance(self, token: str) -> int:
+        erc20 = self.w3.eth.contract(address=to_checksum_address(token), abi=ERC20_ABI)
+        return int(erc20.functions.allowance(self.address, self.hub.address).call())
+
     def _approve(self, token: str, amount: int) -> None:
         """Let the hub take `amount` of `token` for the deposit about to be made. An allowance left over (an open that
         failed after its approval) is raised to it; a token that refuses to change an allowance that is not 0 to
         another (USDT does) has it set to 0 first: before, every later deposit of that token was refused."""
         erc20 = self.w3.eth.contract(address=to_checksum_address(token), abi=ERC20_ABI)
-        allowed = int(erc20.functions.allowance(self.address, self.hub.address).call())
+        allowed = self._allowance(token)
         if allowed >= amount:
             return
         approval = erc20.functions.approve(self.hub.address, amount)
