@@ -3105,7 +3105,7 @@ def test_refund_requests_waiting_behind_a_refund_never_hold_the_apps_worker_thre
 
 
 def test_one_clients_flood_of_refund_requests_leaves_other_payers_their_refunds(
-    paid_channel: Callable[..., PaidChannel], accounts: list[LocalAccount]
+    paid_channel: Callable[..., PaidChannel], accounts: list[LocalAccount], tmp_path: Path
 ) -> None:
     """The desk's budget of chain reads (5 a second, bursts of 20) was one for every client: one address sending
     refund requests for made-up channels without pause took all of it, and every other payer's refund was refused
@@ -3137,6 +3137,16 @@ def test_one_clients_flood_of_refund_requests_leaves_other_payers_their_refunds(
         flooder.join(60)
     assert refunded == 98 * PRICE
     assert answers[:6] == [(404, "channel_not_found")] * 5 + [(429, "rate_limited")]  # the flooder's burst, then 429
+
+    # Through a proxy uvicorn does not trust (127.0.0.2: it trusts 127.0.0.1 alone by default), every client is the
+    # proxy's address and shares its share: a client refused there is logged once, naming the setting.
+    with httpx.Client(transport=httpx.HTTPTransport(local_address="127.0.0.2"), timeout=60) as proxy:
+        codes = [proxy.post(url, json=[], headers={"X-Forwarded-For": f"203.0.113.{n}"}).status_code for n in range(7)]
+    assert codes == [400] * 5 + [429] * 2
+    log = (tmp_path / f"paid-api-{rig.api.rsplit(':', 1)[1]}-{PRICE}.log").read_text()
+    warned = [line for line in log.splitlines() if "X-Forwarded-For that uvicorn did not apply" in line]
+    assert len(warned) == 1, log
+    assert "client 127.0.0.2 is refused refund requests" in warned[0] and "--forwarded-allow-ips" in warned[0]
 
 
 def test_a_payer_asks_the_payee_for_the_refund_and_only_the_payer_can(

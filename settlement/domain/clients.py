@@ -36,3 +36,11 @@ def _ipv6_client(host: str, ipv6_prefix: int) -> str:
     if ip.ipv4_mapped is not None:
         return str(ip.ipv4_mapped)
     return str(ipaddress.IPv6Network((int(ip), ipv6_prefix), strict=False))
+
+
+def untrusted_proxy(scope: Mapping[str, Any], forwarded_for: str | None) -> bool:
+    """Whether a request (its ASGI scope) carries an `X-Forwarded-For` (`forwarded_for`) that uvicorn did not apply
+    (the client it gives is not among its addresses): most likely a proxy that uvicorn does not trust, whose clients
+    then share every budget kept per client (or a client sent the header itself, which changes nothing)."""
+    peer = scope.get("client")
+    return bool(forwarded_for and peer and peer[0] not in {part.strip() for part in forwarded_for.split(",")})

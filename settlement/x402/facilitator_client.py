@@ -49,7 +49,7 @@ from x402.http.facilitator_client_base import FacilitatorResponseError
 from x402.schemas import PaymentPayload, PaymentRequirements, SettleResponse, SupportedResponse, VerifyResponse
 
 from settlement.domain.buckets import Buckets
-from settlement.domain.clients import client_of
+from settlement.domain.clients import client_of, untrusted_proxy
 from settlement.domain.redaction import scrubbed_start, text_start
 from settlement.errors import ChannelNotFoundError, InvalidSignatureError, UnknownChannelsBusyError
 from settlement.recursion import bounded_recursion
@@ -348,15 +348,9 @@ class ChannelHubFacilitatorClient(HTTPFacilitatorClient):
             raise
 
     def _proxy_unseen(self, request: Request, client: str) -> None:
-        """A refused client whose requests carry an `X-Forwarded-For` that uvicorn did not apply (the client is not
-        among its addresses) is most likely a proxy that uvicorn does not trust: every client behind it then shares
-        one budget, and one flood has all new payers refused. Said in the log, once in `PROXY_WARNING_SECONDS`
-        (or a client sent the header itself, which changes nothing)."""
-        forwarded = request.headers.get("x-forwarded-for")
-        peer = request.scope.get("client")
-        if not forwarded or not peer or peer[0] in {part.strip() for part in forwarded.split(",")}:
-            return
-        if not self._proxy_log.due():
+        """A refused client behind a proxy uvicorn does not trust (`untrusted_proxy`): every client behind it shares
+        one budget, and one flood has all new payers refused. Said in the log, once in `PROXY_WARNING_SECONDS`."""
+        if not untrusted_proxy(request.scope, request.headers.get("x-forwarded-for")) or not self._proxy_log.due():
             return
         logger.warning(
             "client %s is refused for its payments on channels the facilitator does not know, and its requests carry "

@@ -42,12 +42,14 @@ from x402.http.middleware.fastapi import PaymentMiddlewareASGI
 from x402.http.types import RoutesConfig
 
 from settlement.chain.addresses import checksummed
+from settlement.domain.clients import client_of, untrusted_proxy
 from settlement.errors import RateLimitedError, SettlementError
 from settlement.sdk.payee import PayeeClient
 from settlement.x402.exchange import EXCHANGE, Exchange
-from settlement.x402.facilitator_client import ChannelHubFacilitatorClient
+from settlement.x402.facilitator_client import IPV6_PREFIX, PROXY_WARNING_SECONDS, ChannelHubFacilitatorClient
 from settlement.x402.paid_answers import PaidAnswers
 from settlement.x402.refunds import MAX_TTL, REFUND_PATH, RefundDesk
+from settlement.x402.seldom import Seldom
 from settlement.x402.wire import SCHEME, Reason
 
 __all__ = ["ChannelHubFacilitatorClient", "PaidAnswers", "PaymentMiddleware", "refund_router"]
@@ -208,7 +210,12 @@ async def _checked(body: AsyncIterator[Any], exchange: Exchange) -> AsyncIterato
 
 
 def refund_router(
-    payee: PayeeClient, *, path: str = REFUND_PATH, max_ttl: int = MAX_TTL, max_waiting: int = REFUNDS_WAITING
+    payee: PayeeClient,
+    *,
+    path: str = REFUND_PATH,
+    max_ttl: int = MAX_TTL,
+    max_waiting: int = REFUNDS_WAITING,
+    ipv6_prefix: int = IPV6_PREFIX,
 ) -> APIRouter:
     """The payee's route that turns a payer's signed refund request into `closeByPayee` (settlement.x402.refunds).
 
@@ -216,16 +223,26 @@ def refund_router(
     a fee spike). It waits on the event loop, for a limiter of its own: waiting on the app's worker threads, a flood
     of requests held every one of them (40), and every plain `def` route of the app waited with them. At most
     `max_waiting` requests wait; past that one is answered 429 `rate_limited` at once, as is a client over its share
-    (`RefundDesk.admit`, by its address as uvicorn gives it: behind a proxy, uvicorn `--forwarded-allow-ips`)."""
+    (`RefundDesk.admit`, by its address as uvicorn gives it, an IPv6 one by its network of `ipv6_prefix` bits: behind
+    a proxy, uvicorn `--forwarded-allow-ips`; a client refused behind a proxy uvicorn does not trust is logged)."""
     desk = RefundDesk(payee, max_ttl=max_ttl)
     one_at_a_time = anyio.CapacityLimiter(1)
+    proxy_log = Seldom(PROXY_WARNING_SECONDS)
     router = APIRouter()
 
     @router.post(path, summary="Close a channel now at its payer's request (closeByPayee)")
     async def refund(request: Request) -> JSONResponse:
         body = await request.body()
-        refused = desk.admit(request.client.host if request.client else "")
+        client = client_of(request.scope, ipv6_prefix)
+        refused = desk.admit(client)
         if refused is not None:
+            if untrusted_proxy(request.scope, request.headers.get("x-forwarded-for")) and proxy_log.due():
+                logger.warning(
+                    "client %s is refused refund requests over its share, and its requests carry X-Forwarded-For "
+                    "that uvicorn did not apply: behind a proxy, run uvicorn with --forwarded-allow-ips=<the proxy's "
+                    "address>, or every client behind the proxy shares one share (docs/x402.md)",
+                    client,
+                )
             return JSONResponse(refused.body, status_code=refused.status)
         if one_at_a_time.statistics().tasks_waiting >= max_waiting:
             busy = RateLimitedError("refund requests are waiting for the ones before them: retry later", retryAfter=1)
