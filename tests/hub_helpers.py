@@ -590,6 +590,24 @@ def database_down(url: str) -> Iterator[None]:
         admin.dispose()
 
 
+def held_after(
+    monkeypatch: pytest.MonkeyPatch, owner: object, method: str, when: Callable[..., bool]
+) -> tuple[threading.Event, threading.Event]:
+    """Hold each call of `owner.method` that `when` takes (its arguments) once it ran, until the second event is set:
+    (set when one is held, the one to set to let it on)."""
+    real, reached, going = getattr(owner, method), threading.Event(), threading.Event()
+
+    def held(*args: Any, **kwargs: Any) -> Any:
+        result = real(*args, **kwargs)
+        if when(*args, **kwargs):
+            reached.set()
+            assert going.wait(30), "never let on"
+        return result
+
+    monkeypatch.setattr(owner, method, held)
+    return reached, going
+
+
 def many_clients(**kwargs: Any) -> httpx.Client:
     """An httpx client each of whose requests comes, as a local proxy tells uvicorn (`X-Forwarded-For`, which it takes
     from 127.0.0.1), from an address of its own: a test's requests are not one client's to budgets kept per client

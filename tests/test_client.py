@@ -48,6 +48,7 @@ from tests.hub_helpers import (
     Tampering,
     TamperingProxy,
     body,
+    held_after,
     provider_of,
     send,
     stored_payments,
@@ -1011,15 +1012,7 @@ def test_token_deposits_made_at_once_by_two_threads_each_spend_their_own_approva
     was then refused (the allowance left short of its deposit). Now a token deposit (its approval, then its open or
     top-up) is made one at a time: the second waits for the first, then approves its own."""
     client = token_payer(1_000)
-    approve, approved, going = client._approve, threading.Event(), threading.Event()
-
-    def held(asset: str, amount: int) -> None:  # the first's open held after its approval
-        approve(asset, amount)
-        if amount == 100:
-            approved.set()
-            assert going.wait(30)
-
-    monkeypatch.setattr(client, "_approve", held)
+    approved, going = held_after(monkeypatch, client, "_approve", lambda _token, amount: amount == 100)  # the first's
     with ThreadPoolExecutor(2) as pool:
         first = pool.submit(client.open_channel, accounts[11].address, 100, token=token.address)
         assert approved.wait(30)
@@ -1047,14 +1040,7 @@ def test_two_apps_paying_from_one_key_each_make_their_token_deposit(
     while the allowance is short of it is now approved and sent again."""
     first = token_payer(1_000)
     second = payer_client(accounts[10], str(first.http.base_url))
-    approve, approved, going = first._approve, threading.Event(), threading.Event()
-
-    def held(asset: str, amount: int) -> None:  # the first's open held after its approval
-        approve(asset, amount)
-        approved.set()
-        assert going.wait(30)
-
-    monkeypatch.setattr(first, "_approve", held)
+    approved, going = held_after(monkeypatch, first, "_approve", lambda _token, amount: True)  # its open held after
     with ThreadPoolExecutor(1) as pool:
         opening = pool.submit(first.open_channel, accounts[11].address, 100, token=token.address)
         assert approved.wait(30)
