@@ -72,6 +72,7 @@ from tests.hub_helpers import (
     events,
     fee_paid,
     free_test_port,
+    held_after,
     many_clients,
     scraped,
     send,
@@ -3147,6 +3148,32 @@ def test_one_clients_flood_of_refund_requests_leaves_other_payers_their_refunds(
     warned = [line for line in log.splitlines() if "X-Forwarded-For that uvicorn did not apply" in line]
     assert len(warned) == 1, log
     assert "client 127.0.0.2 is refused refund requests" in warned[0] and "--forwarded-allow-ips" in warned[0]
+
+
+def test_a_deposit_from_a_hub_balance_another_app_spent_first_is_made_from_the_wallet(
+    paid_channel: Callable[..., PaidChannel],
+    payer_for: Callable[..., PayerClient],
+    devnet: Devnet,
+    accounts: list[LocalAccount],
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A payer's balance in the hub (here its refund, 98 prices) pays its next deposit first. Two apps pay from one
+    key: the first reads the balance, enough for its new channel (50 prices), and before its open is sent the second
+    withdraws the balance. The open from the balance was refused ("would revert") and the payment failed; refused
+    while the balance is short of it, the deposit is now made from the wallet, and the payment goes through."""
+    rig = paid_channel("balance-race", paid=2, payer=11, payee=12, payee_key=HexBytes(accounts[12].key).to_0x_hex())
+    assert ask_refund(f"{rig.api}{REFUND_PATH}", rig.payer, rig.channel_id) == 98 * PRICE
+    scheme = ChannelHubClientScheme(rig.payer, DepositPolicy(multiple=50, follow_hint=False))
+    read, going = held_after(monkeypatch, rig.payer, "hub_balance", lambda *_: True)
+    with ThreadPoolExecutor(1) as pool:
+        paying = pool.submit(paid_get, devnet, scheme, f"{rig.api}/weather")
+        assert read.wait(30)  # the first app read its balance: 98 prices, enough
+        other = payer_for(rig.payer.account, rig.service, journal="other-app")
+        assert other.withdraw() == 98 * PRICE  # the second app of the key takes it
+        going.set()
+        assert paying.result(timeout=120) == 200  # the code before: PaymentError, "... would revert: ..."
+    (opened,) = rig.payer.open_channels(rig.payee.address)
+    assert (int(opened["deposit"]), rig.payer.hub_balance()) == (50 * PRICE, 0)
 
 
 def test_a_payer_asks_the_payee_for_the_refund_and_only_the_payer_can(

@@ -34,7 +34,7 @@ from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from types import SimpleNamespace
-from typing import Any, ClassVar, NamedTuple
+from typing import Any, ClassVar, NamedTuple, TypeVar
 
 from eth_utils.address import to_checksum_address
 from pydantic_core import PydanticSerializationError, to_json
@@ -58,6 +58,7 @@ from settlement.sdk.journal import Budget
 from settlement.sdk.payer import Authorized, ChannelRef, PayerClient, Reclaim
 from settlement.x402.wire import SCHEME, PayloadError, VoucherPayload, base_units, network_of, same_address
 
+T = TypeVar("T")
 PREPARED_KEPT = 1024  # payments made ahead by the hook and not yet handed over (aborted ones fall out oldest first)
 # Refusals after which the payer's position is re-read and the payment tried once more.
 STALE_REASONS = frozenset({"overpayment", "underpayment", "stale_voucher", "voucher_replayed"})
@@ -404,11 +405,14 @@ class ChannelHubClientScheme:
                     deposit = self.policy.amount(price, hint)
                     with self._funding:
                         self._reclaim(party)
-                        held = self.payer.hub_balance(token) >= deposit  # a refund or earnings in the hub go first
                         planned = self.payer.planned_channel(payee, token)
                         with self._taken(lambda nonce: self._unsure_of(party, Unsure(planned, nonce))):
-                            channel = self.payer.open_channel(
-                                payee, deposit, token=token, from_balance=held, salt=planned.salt
+                            channel = self._funded(
+                                token,
+                                deposit,
+                                lambda held: self.payer.open_channel(
+                                    payee, deposit, token=token, from_balance=held, salt=planned.salt
+                                ),
                             )
                     free = Lane(channel, deposit, busy_since=time.monotonic(), counted=False)
             finally:  # an opening ends as a lane once its channel is on chain, or as nothing when it failed
@@ -438,10 +442,23 @@ class ChannelHubClientScheme:
             top_up = self.policy.amount(price, hint)
             with self._funding:
                 with self._taken(lane.topping_at):
-                    self.payer.top_up(lane.channel, top_up, from_balance=self.payer.hub_balance(token) >= top_up)
+                    self._funded(token, top_up, lambda held: self.payer.top_up(lane.channel, top_up, from_balance=held))
                 lane.deposit += top_up
                 lane.counted = False
             self._counted(lane)
+
+    def _funded(self, token: str | None, amount: int, deposit: Callable[[bool], T]) -> T:
+        """`deposit(from_balance)`: from the payer's balance in the hub (a refund, earnings) when it holds `amount`,
+        else from its wallet. Another app paying from the same key may spend that balance between the read and the
+        deposit: refused while the balance is short of `amount`, the deposit is made from the wallet (before, the
+        payment failed, "would revert")."""
+        held = self.payer.hub_balance(token) >= amount
+        try:
+            return deposit(held)
+        except TransactionFailedError:
+            if not held or self.payer.hub_balance(token) >= amount:
+                raise  # refused for something else than the balance
+            return deposit(False)
 
     def _topped(self, lane: Lane) -> None:
         """The deposit of a lane whose last top-up's outcome is unknown, as the hub holds it once that top-up's nonce
