@@ -3176,6 +3176,34 @@ def test_a_deposit_from_a_hub_balance_another_app_spent_first_is_made_from_the_w
     assert (int(opened["deposit"]), rig.payer.hub_balance()) == (50 * PRICE, 0)
 
 
+def test_a_refund_request_no_payee_answers_is_our_error_that_says_it_may_have_been_made(
+    spawn: Callable[..., ServiceProcess],
+    payer_for: Callable[..., PayerClient],
+    accounts: list[LocalAccount],
+    tmp_path: Path,
+) -> None:
+    """No one listening at the refund route, or a payee that takes the request and never answers: httpx's own error
+    came out of `ask_refund`, outside the SDK's root (`SettlementError`), and a payer could not tell that the refund
+    may have been made. Now 503 `service_unavailable`, naming the route without its query (where a key may be)."""
+    payer = payer_for(accounts[11], spawn(f"sqlite:///{tmp_path / 'no-answer.db'}"))
+    channel = "0x" + "ab" * 32
+    with socket.socket() as silent:  # takes connections (the kernel's backlog), reads nothing, answers nothing
+        silent.bind(("127.0.0.1", 0))
+        silent.listen(8)
+        places = {"refused": free_test_port(), "silent": silent.getsockname()[1]}
+        for why, port in places.items():
+            with pytest.raises(ServiceRejectedError) as unanswered:
+                ask_refund(f"http://127.0.0.1:{port}{REFUND_PATH}?key=SECRET", payer, channel, timeout=1)
+            error = unanswered.value  # the code before: httpx.ConnectError, httpx.ReadTimeout
+            failure = "ConnectError" if why == "refused" else "ReadTimeout"
+            assert (error.status, error.code, str(error)) == (
+                503,
+                "service_unavailable",
+                f"the payee at http://127.0.0.1:{port}{REFUND_PATH} did not answer the refund request of {channel} "
+                f"({failure}); it may have made it: ask again (a refund made is answered as made)",
+            )
+
+
 def test_a_payer_asks_the_payee_for_the_refund_and_only_the_payer_can(
     paid_channel: Callable[..., PaidChannel],
     devnet: Devnet,

@@ -45,6 +45,7 @@ from settlement.errors import (
     MalformedRequestError,
     RateLimitedError,
     RefundRequestExpiredError,
+    ServiceRejectedError,
     SettlementError,
     UntrustedServiceError,
 )
@@ -85,7 +86,8 @@ def ask_refund(
 ) -> int:
     """Ask the payee behind `url` to refund the channel now; returns what went back to the payer's hub balance, as
     the hub says (the payee's figure is its word). A refusal raises the SDK's error for its code (a
-    ServiceRejectedError); an answer of success while the hub holds the channel open, UntrustedServiceError.
+    ServiceRejectedError; no answer, one of code `service_unavailable`, 503); an answer of success while the hub
+    holds the channel open, UntrustedServiceError.
     Asking again is safe: a channel already closed (the first answer lost on its way, the refund made) is answered
     `channel_closed` by the payee, and this returns the hub's figure as the first call would have, not that error.
     `http`: the client to send it with (a proxy, other timeouts), else one made for the request. `behind`: how long
@@ -100,7 +102,17 @@ def ask_refund(
     with contextlib.ExitStack() as owned:
         client = http or owned.enter_context(bounded_client("", timeout))
         while True:
-            answer = client.post(url, json=body, timeout=timeout)
+            try:
+                answer = client.post(url, json=body, timeout=timeout)
+            except httpx.TransportError as ex:  # no answer: httpx's own error was out of the SDK's root
+                where = httpx.URL(url).copy_with(query=None, fragment=None)  # a key in its query is not repeated
+                raise ServiceRejectedError(
+                    503,
+                    "service_unavailable",
+                    f"the payee at {where} did not answer the refund request of 0x{raw.hex()} "
+                    f"({type(ex).__name__}); it may have made it: ask again (a refund made is answered as made)",
+                    request=f"POST {where}",
+                ) from ex
             refused = None if answer.status_code == 200 else refusal(answer)
             if not isinstance(refused, ChannelNotFoundError) or time.monotonic() >= deadline or not _exists(payer, raw):
                 break
