@@ -48,6 +48,7 @@ from tests.hub_helpers import (
     Tampering,
     TamperingProxy,
     body,
+    free_test_port,
     held_after,
     provider_of,
     send,
@@ -1072,6 +1073,35 @@ def test_a_token_deposit_the_payer_does_not_hold_is_refused_in_the_tokens_words(
         str(empty.value) == f"transaction would revert: ERC20InsufficientBalance(sender={payer}, balance=0, needed=1)"
     )
     assert hub.functions.channel(channel.channel_id).call()[ChannelViewField.DEPOSIT] == 40
+
+
+def test_a_payee_client_whose_service_is_out_of_reach_raises_our_error(
+    serve_here: Callable[..., ServiceThread], accounts: list[LocalAccount], devnet: Devnet, tmp_path: Path
+) -> None:
+    """The service out of reach when a payee's client asks it (its start, a stop before a refund): httpx's own
+    `ConnectError` came out, outside our errors' root (an app catching `SettlementError` missed it). Now 503
+    `service_unavailable`, naming the call (asked again, a stop is final and a read changes nothing)."""
+    url = serve_here(f"sqlite:///{tmp_path / 'service-down.db'}").url
+    channel = "0x" + "ab" * 32
+    with TcpProxy(int(url.rsplit(":", 1)[1])) as service:
+        payee = PayeeClient(key(accounts[11]), devnet.url, service.url)
+        try:
+            service.cut()
+            with pytest.raises(ServiceRejectedError) as stopping:
+                payee.stop(channel)
+        finally:
+            payee.shutdown()
+    with pytest.raises(ServiceRejectedError) as starting:
+        PayeeClient(key(accounts[11]), devnet.url, f"http://127.0.0.1:{free_test_port()}")
+    answers = [(e.value.status, e.value.code, str(e.value)) for e in (stopping, starting)]
+    assert answers == [  # the code before: httpx.ConnectError, twice
+        (
+            503,
+            "service_unavailable",
+            f"POST /v1/channels/{channel}/stop: the service did not answer (ConnectError); ask again",
+        ),
+        (503, "service_unavailable", "GET /v1/eip712: the service did not answer (ConnectError); ask again"),
+    ]
 
 
 def test_an_sdk_whose_rpc_is_down_raises_our_error_without_the_rpcs_key(

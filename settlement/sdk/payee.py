@@ -8,6 +8,7 @@ transaction. Only the payee can do it, so it is the payee's choice; the payer lo
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 import httpx
@@ -20,7 +21,7 @@ from settlement.chain.addresses import checksummed
 from settlement.chain.node import Transactor, connect, rpc_errors
 from settlement.domain.model import ETH, ChannelViewField, signature_of
 from settlement.eip712.vouchers import VoucherVerifier
-from settlement.errors import UntrustedServiceError
+from settlement.errors import ServiceRejectedError, UntrustedServiceError
 from settlement.sdk.answers import answer_object, refusal, service_amount
 from settlement.sdk.bounded import bounded_client
 from settlement.sdk.payer import checked_hub
@@ -110,10 +111,24 @@ class PayeeClient:
         self._rpc_session.close()
 
     def _get(self, path: str) -> dict[str, Any]:
-        return self._answer(self.http.get(path))
+        return self._answer(self._asked("GET", path, lambda: self.http.get(path)))
 
     def _post(self, path: str) -> dict[str, Any]:
-        return self._answer(self.http.post(path, json={}))
+        return self._answer(self._asked("POST", path, lambda: self.http.post(path, json={})))
+
+    @staticmethod
+    def _asked(method: str, path: str, call: Callable[[], httpx.Response]) -> httpx.Response:
+        """The service's answer; none (out of reach, a timeout) is our 503 `service_unavailable`, not httpx's own
+        error outside the SDK's root. Each call here may be asked again (a stop is final, a read changes nothing)."""
+        try:
+            return call()
+        except httpx.TransportError as ex:
+            raise ServiceRejectedError(
+                503,
+                "service_unavailable",
+                f"{method} {path}: the service did not answer ({type(ex).__name__}); ask again",
+                request=f"{method} {path}",
+            ) from ex
 
     @staticmethod
     def _answer(answer: httpx.Response) -> dict[str, Any]:
