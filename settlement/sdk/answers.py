@@ -55,6 +55,12 @@ def refusal(response: httpx.Response) -> ServiceRejectedError:
 _NAMED = frozenset(("status", "code", "message", "request"))  # what `rejected` takes by name
 
 
+def unanswered(request: str, message: str) -> ServiceRejectedError:
+    """No answer at all (out of reach, a timeout; raise it `from` httpx's error): our 503 `service_unavailable`, not
+    httpx's own error, outside the SDK's root. `request`: "POST /path" as the error names it."""
+    return ServiceRejectedError(503, "service_unavailable", message, request=request)
+
+
 def service_amount(data: dict[str, Any], field: str, who: str = "the service") -> int:
     """An amount in the answer, in its one form (`uint256_of`), not whatever `int()` made of the text or raised."""
     found = uint256_of(data.get(field))

@@ -21,8 +21,8 @@ from settlement.chain.addresses import checksummed
 from settlement.chain.node import Transactor, connect, rpc_errors
 from settlement.domain.model import ETH, ChannelViewField, signature_of
 from settlement.eip712.vouchers import VoucherVerifier
-from settlement.errors import ServiceRejectedError, UntrustedServiceError
-from settlement.sdk.answers import answer_object, refusal, service_amount
+from settlement.errors import UntrustedServiceError
+from settlement.sdk.answers import answer_object, refusal, service_amount, unanswered
 from settlement.sdk.bounded import bounded_client
 from settlement.sdk.payer import checked_hub
 from settlement.sdk.signin import SignInAuth
@@ -123,11 +123,8 @@ class PayeeClient:
         try:
             return call()
         except httpx.TransportError as ex:
-            raise ServiceRejectedError(
-                503,
-                "service_unavailable",
-                f"{method} {path}: the service did not answer ({type(ex).__name__}); ask again",
-                request=f"{method} {path}",
+            raise unanswered(
+                f"{method} {path}", f"{method} {path}: the service did not answer ({type(ex).__name__}); ask again"
             ) from ex
 
     @staticmethod

@@ -144,6 +144,21 @@ class FacilitatorStatusError(ValueError):
         self.code = code if isinstance(code, str) else None
 
 
+def warn_untrusted_proxy(request: Request, client: str, refused: str, log: Seldom) -> None:
+    """Say in the log (when `log` is due: once in `PROXY_WARNING_SECONDS`) that `client`, `refused` something by a
+    budget kept per client, sent an X-Forwarded-For that uvicorn did not apply (`untrusted_proxy`): behind a proxy
+    uvicorn does not trust, every client of the proxy shares the one budget of its address."""
+    if not untrusted_proxy(request.scope, request.headers.get("x-forwarded-for")) or not log.due():
+        return
+    logger.warning(
+        "client %s is refused %s, and its requests carry X-Forwarded-For that uvicorn did not apply: behind a proxy, "
+        "run uvicorn with --forwarded-allow-ips=<the proxy's address>, or every client behind the proxy shares this "
+        "budget (docs/x402.md)",
+        client,
+        refused,
+    )
+
+
 class ChannelHubFacilitatorClient(HTTPFacilitatorClient):
     """x402's HTTP facilitator client, noting when the facilitator could not judge a payment at all, and verifying
     in this process a payment on a channel whose position the facilitator's last settle answered (`Positions`:
@@ -348,15 +363,10 @@ class ChannelHubFacilitatorClient(HTTPFacilitatorClient):
             raise
 
     def _proxy_unseen(self, request: Request, client: str) -> None:
-        """A refused client behind a proxy uvicorn does not trust (`untrusted_proxy`): every client behind it shares
-        one budget, and one flood has all new payers refused. Said in the log, once in `PROXY_WARNING_SECONDS`."""
-        if not untrusted_proxy(request.scope, request.headers.get("x-forwarded-for")) or not self._proxy_log.due():
-            return
-        logger.warning(
-            "client %s is refused for its payments on channels the facilitator does not know, and its requests carry "
-            "X-Forwarded-For that uvicorn did not apply: behind a proxy, run uvicorn with --forwarded-allow-ips=<the "
-            "proxy's address>, or every client behind the proxy shares this budget (docs/x402.md)",
-            client,
+        """A refused client behind a proxy uvicorn does not trust: every client behind it shares one budget, and one
+        flood has all new payers refused."""
+        warn_untrusted_proxy(
+            request, client, "for its payments on channels the facilitator does not know", self._proxy_log
         )
 
     async def settle(self, payload: Any, requirements: Any) -> SettleResponse:

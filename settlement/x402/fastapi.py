@@ -42,11 +42,16 @@ from x402.http.middleware.fastapi import PaymentMiddlewareASGI
 from x402.http.types import RoutesConfig
 
 from settlement.chain.addresses import checksummed
-from settlement.domain.clients import client_of, untrusted_proxy
+from settlement.domain.clients import client_of
 from settlement.errors import RateLimitedError, SettlementError
 from settlement.sdk.payee import PayeeClient
 from settlement.x402.exchange import EXCHANGE, Exchange
-from settlement.x402.facilitator_client import IPV6_PREFIX, PROXY_WARNING_SECONDS, ChannelHubFacilitatorClient
+from settlement.x402.facilitator_client import (
+    IPV6_PREFIX,
+    PROXY_WARNING_SECONDS,
+    ChannelHubFacilitatorClient,
+    warn_untrusted_proxy,
+)
 from settlement.x402.paid_answers import PaidAnswers
 from settlement.x402.refunds import MAX_TTL, REFUND_PATH, RefundDesk
 from settlement.x402.seldom import Seldom
@@ -236,13 +241,7 @@ def refund_router(
         client = client_of(request.scope, ipv6_prefix)
         refused = desk.admit(client)
         if refused is not None:
-            if untrusted_proxy(request.scope, request.headers.get("x-forwarded-for")) and proxy_log.due():
-                logger.warning(
-                    "client %s is refused refund requests over its share, and its requests carry X-Forwarded-For "
-                    "that uvicorn did not apply: behind a proxy, run uvicorn with --forwarded-allow-ips=<the proxy's "
-                    "address>, or every client behind the proxy shares one share (docs/x402.md)",
-                    client,
-                )
+            warn_untrusted_proxy(request, client, "refund requests over its share", proxy_log)
             return JSONResponse(refused.body, status_code=refused.status)
         if one_at_a_time.statistics().tasks_waiting >= max_waiting:
             busy = RateLimitedError("refund requests are waiting for the ones before them: retry later", retryAfter=1)

@@ -45,11 +45,10 @@ from settlement.errors import (
     MalformedRequestError,
     RateLimitedError,
     RefundRequestExpiredError,
-    ServiceRejectedError,
     SettlementError,
     UntrustedServiceError,
 )
-from settlement.sdk.answers import refusal
+from settlement.sdk.answers import refusal, unanswered
 from settlement.sdk.bounded import bounded_client
 from settlement.sdk.payee import PayeeClient
 from settlement.sdk.payer import PayerClient
@@ -106,12 +105,10 @@ def ask_refund(
                 answer = client.post(url, json=body, timeout=timeout)
             except httpx.TransportError as ex:  # no answer: httpx's own error was out of the SDK's root
                 where = httpx.URL(url).copy_with(query=None, fragment=None)  # a key in its query is not repeated
-                raise ServiceRejectedError(
-                    503,
-                    "service_unavailable",
+                raise unanswered(
+                    f"POST {where}",
                     f"the payee at {where} did not answer the refund request of 0x{raw.hex()} "
                     f"({type(ex).__name__}); it may have made it: ask again (a refund made is answered as made)",
-                    request=f"POST {where}",
                 ) from ex
             refused = None if answer.status_code == 200 else refusal(answer)
             if not isinstance(refused, ChannelNotFoundError) or time.monotonic() >= deadline or not _exists(payer, raw):
@@ -127,12 +124,16 @@ def ask_refund(
     return int(view[ChannelViewField.DEPOSIT]) - int(view[ChannelViewField.SETTLED])
 
 
+def _view(payer: PayerClient, raw: bytes) -> tuple[Any, ...]:
+    """The channel as the payer's node holds it in the hub."""
+    with rpc_errors(f"reading channel 0x{raw.hex()} from the hub"):
+        return tuple(payer.hub.functions.channel(raw).call())
+
+
 def _exists(payer: PayerClient, raw: bytes) -> bool:
     """Whether the payer's node holds the channel: a payee that does not know it yet reads a node behind (a channel
     opened moments ago, a provider's balancer), and is asked again; an id the hub does not hold is refused at once."""
-    with rpc_errors(f"reading channel 0x{raw.hex()} from the hub"):
-        view = payer.hub.functions.channel(raw).call()
-    return int(view[ChannelViewField.STATUS]) != ChannelStatus.NONE
+    return int(_view(payer, raw)[ChannelViewField.STATUS]) != ChannelStatus.NONE
 
 
 def _closed(payer: PayerClient, raw: bytes, behind: float) -> tuple[Any, ...] | None:
@@ -141,8 +142,7 @@ def _closed(payer: PayerClient, raw: bytes, behind: float) -> tuple[Any, ...] | 
     behind it, and taken at its first word the payee was called a liar for a refund it made."""
     deadline = time.monotonic() + behind
     while True:
-        with rpc_errors(f"reading channel 0x{raw.hex()} from the hub"):
-            view = tuple(payer.hub.functions.channel(raw).call())
+        view = _view(payer, raw)
         if view[ChannelViewField.STATUS] == ChannelStatus.CLOSED:
             return view
         if time.monotonic() >= deadline:
