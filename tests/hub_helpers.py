@@ -47,6 +47,7 @@ from settlement.devtools.devnet import Devnet, port_free
 from settlement.domain.buckets import TokenBucket
 from settlement.domain.model import Address, ChannelId, ChannelStatus, ChannelViewField, Receipt, Voucher
 from settlement.domain.model import Channel as StoredChannel
+from settlement.eip712.refunds import sign_refund_request
 from settlement.eip712.vouchers import Domain, channel_id, sign_voucher
 from settlement.errors import PaymentUncertainError
 from settlement.indexer.follower import Indexer
@@ -588,6 +589,13 @@ def database_down(url: str) -> Iterator[None]:
         with admin.connect() as conn:
             conn.execute(text(f'ALTER DATABASE "{name}" ALLOW_CONNECTIONS true'))
         admin.dispose()
+
+
+def refund_request(signer: LocalAccount, domain: Domain, channel: bytes, expires_in: int = 300) -> dict[str, Any]:
+    """The JSON body of a payer's refund request for `channel`, signed by `signer`, valid `expires_in` seconds."""
+    expires = int(time.time()) + expires_in
+    signature = sign_refund_request(signer, domain, channel, expires)
+    return {"channelId": "0x" + channel.hex(), "expires": expires, "signature": "0x" + signature.hex()}
 
 
 def held_after(

@@ -48,7 +48,6 @@ from x402.schemas import PaymentPayload, PaymentRequired, PaymentRequirements
 
 from settlement.devtools.devnet import Devnet
 from settlement.domain.model import ChannelStatus, ChannelViewField
-from settlement.eip712.refunds import sign_refund_request
 from settlement.eip712.vouchers import VoucherSigner
 from settlement.errors import BudgetExceededError, ChannelClosedError, ChannelNotFoundError, ServiceRejectedError
 from settlement.sdk.journal import PRUNE_EVERY, Budget
@@ -74,6 +73,7 @@ from tests.hub_helpers import (
     free_test_port,
     held_after,
     many_clients,
+    refund_request,
     scraped,
     send,
     trickled,
@@ -3076,10 +3076,7 @@ def test_refund_requests_waiting_behind_a_refund_never_hold_the_apps_worker_thre
     url, payee = f"{rig.api}{REFUND_PATH}", rig.payee.address
 
     def made_up(n: int) -> tuple[int, str]:  # from addresses of their own: each within its share
-        expires, channel = int(time.time()) + 300, n.to_bytes(32, "big")
-        signature = sign_refund_request(rig.payer.account, rig.payer.domain, channel, expires)
-        body = {"channelId": "0x" + channel.hex(), "expires": expires, "signature": "0x" + signature.hex()}
-        answer = clients.post(url, json=body)
+        answer = clients.post(url, json=refund_request(rig.payer.account, rig.payer.domain, n.to_bytes(32, "big")))
         return answer.status_code, answer.json()["code"]
 
     w3.provider.make_request(RPCEndpoint("evm_setAutomine"), [False])
@@ -3120,10 +3117,7 @@ def test_one_clients_flood_of_refund_requests_leaves_other_payers_their_refunds(
             for n in itertools.count():
                 if not flooding.is_set():
                     return
-                expires, channel = int(time.time()) + 300, n.to_bytes(32, "big")
-                signature = sign_refund_request(accounts[9], rig.payer.domain, channel, expires)
-                body = {"channelId": "0x" + channel.hex(), "expires": expires, "signature": "0x" + signature.hex()}
-                answer = http.post(url, json=body)
+                answer = http.post(url, json=refund_request(accounts[9], rig.payer.domain, n.to_bytes(32, "big")))
                 answers.append((answer.status_code, answer.json()["code"]))
 
     flooding.set()
@@ -3221,10 +3215,7 @@ def test_a_payer_asks_the_payee_for_the_refund_and_only_the_payer_can(
     url = f"{api}{REFUND_PATH}"
 
     def post(signer: LocalAccount, expires_in: int = 300, channel_id: bytes = raw) -> tuple[int, str]:
-        expires = int(time.time()) + expires_in
-        signature = sign_refund_request(signer, payer.domain, channel_id, expires)
-        body = {"channelId": "0x" + channel_id.hex(), "expires": expires, "signature": "0x" + signature.hex()}
-        answer = clients.post(url, json=body)
+        answer = clients.post(url, json=refund_request(signer, payer.domain, channel_id, expires_in))
         return answer.status_code, answer.json()["code"] if answer.status_code != 200 else answer.json()["refunded"]
 
     assert post(accounts[9]) == (403, "forbidden")  # not the payer's signature
@@ -3276,10 +3267,7 @@ def test_a_payer_asks_the_payee_for_the_refund_and_only_the_payer_can(
     desk = RefundDesk(payee, chain_reads_per_second=5, burst=20, clock=lambda: 0.0)
     codes = []
     for n in range(25):
-        expires = int(time.time()) + 60
-        made_up = n.to_bytes(32, "big")
-        signature = sign_refund_request(payer.account, payer.domain, made_up, expires)
-        body = {"channelId": "0x" + made_up.hex(), "expires": expires, "signature": "0x" + signature.hex()}
+        body = refund_request(payer.account, payer.domain, n.to_bytes(32, "big"), expires_in=60)
         codes.append(desk.answer(json.dumps(body).encode()).body["code"])
     assert codes == ["channel_not_found"] * 20 + ["rate_limited"] * 5
     payee.shutdown()
