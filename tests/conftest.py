@@ -46,12 +46,8 @@ def devnet() -> Iterator[Devnet]:
 
 @pytest.fixture(scope="session")
 def w3(devnet: Devnet) -> Web3:
-    """The tests' own client of the devnet. Without web3's validation middleware, which asked the node its chain id
-    (eth_chainId, twice) before every call and transaction the tests make: two thirds of the RPC calls of a test
-    that reads the hub a lot (tests/test_hub_security.py's random sequences). The code under test makes its own."""
-    client = connect(devnet.url)
-    client.middleware_onion.remove("validation")
-    return client
+    """The tests' client of the devnet, made as the service makes its own (`connect`)."""
+    return connect(devnet.url)
 
 
 @pytest.fixture(scope="session")
@@ -255,20 +251,13 @@ def db(store_url: str) -> Iterator[Database]:
     database.dispose()
 
 
-@pytest.fixture(scope="session")
-def service_w3(devnet: Devnet) -> Web3:
-    """A client of the devnet as `connect` makes one for the service (web3's validation middleware and all), for the
-    code under test that is handed one (the tests' own `w3` has no validation middleware)."""
-    return connect(devnet.url)
-
-
 @pytest.fixture
-def make_indexer(service_w3: Web3, hub: Contract, hub_deployment: Deployment, db: Database) -> Callable[..., Indexer]:
+def make_indexer(w3: Web3, hub: Contract, hub_deployment: Deployment, db: Database) -> Callable[..., Indexer]:
     """Factory: make_indexer(confirmations=0, chain=None) -> an indexer of the session hub on this test's store,
-    reading the chain through `chain` (another node, a proxy's Web3) or the devnet's own (`service_w3`)."""
+    reading the chain through `chain` (another node, a proxy's Web3) or the devnet's own (`w3`)."""
 
     def make(confirmations: int = 0, chain: Web3 | None = None) -> Indexer:
-        node = service_w3 if chain is None else chain
+        node = w3 if chain is None else chain
         there = node.eth.contract(address=hub.address, abi=hub.abi)
         return Indexer(db, node, there, start_block=hub_deployment.block_number, confirmations=confirmations)
 

@@ -3,10 +3,12 @@ the client and of the service (kill -9), two service processes on one PostgreSQL
 
 from __future__ import annotations
 
+import logging
 import re
 import sqlite3
 import threading
 import time
+from collections import Counter
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from concurrent.futures import TimeoutError as FutureTimeout
@@ -23,8 +25,10 @@ from fastapi.testclient import TestClient
 from hexbytes import HexBytes
 from web3 import Web3
 from web3.contract import Contract
-from web3.types import RPCEndpoint
+from web3.types import RPCEndpoint, Wei
 
+from settlement.chain.node import connect
+from settlement.chain.provider import FailoverProvider, WrongChainError
 from settlement.devtools.devnet import Devnet
 from settlement.domain.model import ChannelStatus, ChannelViewField
 from settlement.domain.redaction import scrubbed, scrubbed_start, shown_url, text_start
@@ -48,6 +52,7 @@ from tests.hub_helpers import (
     Tampering,
     TamperingProxy,
     body,
+    devnet_settings,
     free_test_port,
     held_after,
     provider_of,
@@ -315,6 +320,57 @@ def test_rpc_failover_to_a_second_url_and_back(
             client.get("/ready")
             time.sleep(0.1)
         assert provider.endpoint_uri == primary.url
+
+
+def test_a_contract_read_is_one_rpc_call(devnet: Devnet, hub: Contract, accounts: list[LocalAccount]) -> None:
+    """web3's validation middleware asked the node its chain id twice before every call, estimate and access list: a
+    read of the hub was three RPC calls, each a round trip and each billed by a provider. `connect`'s clients go
+    without it (the provider holds every URL to one chain: the test below)."""
+    w3 = connect(devnet.url)
+    provider = w3.provider
+    assert isinstance(provider, FailoverProvider)
+    there = w3.eth.contract(address=hub.address, abi=hub.abi)
+    before = Counter(provider.calls)
+    there.functions.domainSeparator().call()
+    w3.eth.estimate_gas({"from": accounts[0].address, "to": accounts[1].address, "value": Wei(1)})
+    assert Counter(provider.calls) - before == Counter({"eth_call": 1, "eth_estimateGas": 1})
+
+
+def test_a_fallback_serving_another_chain_is_passed_over(devnet: Devnet, caplog: pytest.LogCaptureFixture) -> None:
+    """Every URL must serve the chain `connect` found. A fallback down at `connect` was never asked its chain: come up
+    serving another (a URL mistyped, a node restarted on a testnet), it answered every read when the primary failed,
+    and the service read another chain's hub. It is now asked its chain when failover first reaches it, and passed
+    over. The same of a primary that comes back serving another chain: the fallback keeps the requests."""
+    other_port = free_test_port()  # nothing listens there yet: the fallback is down at `connect`
+    with TcpProxy(devnet.port) as primary, TcpProxy(other_port) as fallback, TcpProxy(devnet.port) as second:
+        w3 = connect(primary.url, fallbacks=[fallback.url, second.url], timeout=5, primary_retry=0.2)
+        provider = w3.provider
+        assert isinstance(provider, FailoverProvider)
+        with Devnet(devnet_settings(devnet_chain_id=4242, devnet_accounts=1)) as other:
+            fallback.target_port = other.port
+            assert connect(fallback.url).eth.chain_id == 4242  # it is up, on chain 4242
+            primary.cut()
+            with caplog.at_level(logging.ERROR, logger="settlement.chain.provider"):
+                assert w3.eth.chain_id == 31337  # answered by the second fallback, the first passed over
+            assert provider.endpoint_uri == second.url
+            assert [r.getMessage() for r in caplog.records if r.levelno == logging.ERROR] == [
+                f"RPC {fallback.url} serves chain 4242, not 31337: passed over"
+            ]
+            second.cut()
+            with pytest.raises(WrongChainError, match=f"^RPC {fallback.url} serves chain 4242, not 31337$"):
+                w3.eth.block_number  # noqa: B018 (a read: the one URL up serves another chain)
+            second.mend()
+            assert w3.eth.chain_id == 31337
+            primary.target_port = other.port  # the primary comes back, serving another chain
+            primary.mend()
+            caplog.clear()
+            with caplog.at_level(logging.ERROR, logger="settlement.chain.provider"):
+                time.sleep(0.3)
+                assert w3.eth.chain_id == 31337
+            assert provider.endpoint_uri == second.url
+            assert [r.getMessage() for r in caplog.records] == [
+                f"RPC primary {primary.url} serves chain 4242, not 31337"
+            ]
 
 
 def test_a_url_is_written_without_the_parts_that_may_hold_its_key() -> None:

@@ -65,20 +65,18 @@ def connect(
     """
     provider = FailoverProvider([url, *fallbacks], timeout=timeout, session=session, primary_retry=primary_retry)
     w3 = Web3(provider)
+    w3.middleware_onion.remove("validation")  # the provider holds every URL to one chain (its docstring)
     try:
-        chain_id = w3.eth.chain_id
-    except (requests.RequestException, OSError, Web3RPCError) as ex:
+        chain_id = provider.learn_chain()
+    except (requests.RequestException, OSError) as ex:
         raise ChainUnavailableError(f"no JSON-RPC answer at {provider.shown_urls}: {scrubbed(str(ex))}") from ex
-    for other in fallbacks:
-        probe = Web3(Web3.HTTPProvider(other, request_kwargs={"timeout": timeout}))
-        try:
-            other_id = probe.eth.chain_id
-        except (requests.RequestException, OSError, Web3RPCError):
-            continue  # down for now; failover will skip it
-        if other_id != chain_id:
-            raise ConfigError(
-                f"RPC {shown_url(other)} serves chain {other_id}, {shown_url(url)} serves chain {chain_id}"
-            )
+    others = provider.survey()
+    if others:
+        other, other_id = others[0]
+        raise ConfigError(
+            f"RPC {shown_url(other)} serves chain {other_id}, {shown_url(provider.endpoint_uri)} serves chain "
+            f"{chain_id}"
+        )
     return w3
 
 
@@ -199,6 +197,7 @@ class Transactor:
         self.max_fee_per_gas = max_fee_per_gas
         self._lock = threading.Lock()
         self._next_nonce: int | None = None
+        self._chain_id: int | None = None  # asked once: a connection's chain never changes (FailoverProvider)
         # The nonce of the last transaction the node took: one whose receipt was then never read may still be mined.
         self.last_nonce: int | None = None
 
@@ -226,12 +225,9 @@ class Transactor:
                 for attempt in range(NONCE_RETRIES):
                     try:
                         nonce = self._nonce()
-                        full: TxParams = {
-                            **params,
-                            "gas": estimate,
-                            "nonce": Nonce(nonce),
-                            "chainId": self.w3.eth.chain_id,
-                        }
+                        if self._chain_id is None:
+                            self._chain_id = int(self.w3.eth.chain_id)
+                        full: TxParams = {**params, "gas": estimate, "nonce": Nonce(nonce), "chainId": self._chain_id}
                         tx = call.build_transaction({**full, **self._fees(None)})  # type: ignore[arg-type]
                         signed = self.account.sign_transaction(tx)  # type: ignore[arg-type]
                         tx_hash = self._broadcast(signed.raw_transaction, nonce)

@@ -5,6 +5,12 @@ active URL, to the next one that answers. While a fallback is active the primary
 `primary_retry` seconds and taken back as soon as it answers. JSON-RPC errors are answers, not failures: they are
 returned as they are.
 
+Every URL must serve one chain: `connect` learns its id from the first answer (`chain_id`), and a URL is asked its
+chain id before its first request (at `connect`, or when failover first reaches it: a fallback down at `connect` may
+come up serving another chain). One serving another chain is passed over as one that does not answer, and said in the
+log. (This is why the clients `connect` makes go without web3's validation middleware, which asked the active URL its
+chain id twice before every call, estimate and access list: three RPC calls for one read.)
+
 A provider's URL often carries its API key (in the path, the query or the user part): every URL this module writes
 (a log line, an error) is written by `settlement.domain.redaction.shown_url`, its scheme, host and port only.
 """
@@ -30,6 +36,14 @@ logger = logging.getLogger(__name__)
 TRANSPORT_ERRORS = (requests.RequestException, OSError)
 
 
+class WrongChainError(requests.ConnectionError):
+    """A URL that serves another chain than the others: for a caller, one more URL that does not answer ours."""
+
+    def __init__(self, message: str, served: int) -> None:
+        super().__init__(message)
+        self.served = served
+
+
 class FailoverProvider(JSONBaseProvider):
     """An HTTP provider per URL, first healthy one wins; the first URL is preferred whenever it is up."""
 
@@ -53,6 +67,8 @@ class FailoverProvider(JSONBaseProvider):
         self._active = 0
         self._last_probe = 0.0
         self._lock = threading.Lock()
+        self.chain_id: int | None = None  # the chain every URL must serve, once `connect` has learnt it
+        self._serving: set[int] = set()  # the URLs (by index) seen serving `chain_id`
 
     @property
     def endpoint_uri(self) -> str:
@@ -77,9 +93,12 @@ class FailoverProvider(JSONBaseProvider):
         for offset in range(len(self._providers)):
             index = (start + offset) % len(self._providers)
             try:
+                self._check_chain(index)
                 response = self._providers[index].make_request(method, params)
             except TRANSPORT_ERRORS as ex:
                 last = ex
+                with self._lock:
+                    self._serving.discard(index)  # back up, it may be another node: asked its chain again first
                 logger.warning(
                     "RPC %s failed (%s)", shown_url(str(self._providers[index].endpoint_uri)), type(ex).__name__
                 )
@@ -93,15 +112,65 @@ class FailoverProvider(JSONBaseProvider):
         assert last is not None
         raise last
 
+    def learn_chain(self) -> int:
+        """Ask the active URL its chain id, and hold every URL to it from now on; raises as `make_request`."""
+        chain_id = _chain_of(self.make_request(RPCEndpoint("eth_chainId"), []), self.endpoint_uri)
+        with self._lock:
+            self.chain_id = chain_id
+            self._serving = {self._active}
+        return chain_id
+
+    def survey(self) -> list[tuple[str, int]]:
+        """Ask each URL not yet seen serving `chain_id` its chain: the URLs and ids of those serving another (those
+        down are asked again when failover reaches them)."""
+        others = []
+        for index, url in enumerate(self.urls):
+            if index in self._serving:
+                continue
+            try:
+                self._check_chain(index)
+            except WrongChainError as ex:
+                others.append((url, ex.served))
+            except TRANSPORT_ERRORS:
+                continue
+        return others
+
+    def served_chain(self, index: int) -> int:
+        """The chain id the URL at `index` answers; raises a transport error when it does not answer one."""
+        return _chain_of(self._providers[index].make_request(RPCEndpoint("eth_chainId"), []), self.urls[index])
+
+    def _check_chain(self, index: int) -> None:
+        if self.chain_id is None or index in self._serving:
+            return
+        served = self.served_chain(index)
+        if served != self.chain_id:
+            shown = shown_url(self.urls[index])
+            logger.error("RPC %s serves chain %d, not %d: passed over", shown, served, self.chain_id)
+            raise WrongChainError(f"RPC {shown} serves chain {served}, not {self.chain_id}", served)
+        with self._lock:
+            self._serving.add(index)
+
     def _maybe_return_to_primary(self) -> None:
         if self._active == 0 or time.monotonic() - self._last_probe < self.primary_retry:
             return
         with self._lock:
             self._last_probe = time.monotonic()
         try:
-            self._providers[0].make_request(RPCEndpoint("eth_chainId"), [])
+            served = self.served_chain(0)
         except TRANSPORT_ERRORS:
             return
+        if self.chain_id is not None and served != self.chain_id:
+            logger.error("RPC primary %s serves chain %d, not %d", shown_url(self.urls[0]), served, self.chain_id)
+            return
         with self._lock:
+            self._serving.add(0)
             self._active = 0
         logger.warning("RPC primary %s answers again: switching back", shown_url(str(self._providers[0].endpoint_uri)))
+
+
+def _chain_of(answer: RPCResponse, url: str) -> int:
+    """The chain id in an eth_chainId answer; a JSON-RPC error instead is a URL that does not serve a chain."""
+    result = answer.get("result")
+    if not isinstance(result, str):
+        raise requests.ConnectionError(f"RPC {shown_url(url)} answered no chain id ({answer.get('error')})")
+    return int(result, 16)
