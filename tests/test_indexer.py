@@ -10,6 +10,7 @@ from typing import Any
 
 import pytest
 from eth_account.signers.local import LocalAccount
+from fastapi.testclient import TestClient
 from sqlalchemy import func, select
 from web3 import Web3
 from web3.contract import Contract
@@ -28,7 +29,7 @@ from settlement.store import Database
 from settlement.store import channels as channel_q
 from settlement.store.tables import chain_events
 from tests.hub_helpers import Channel as HubChannel
-from tests.hub_helpers import LaggingRpc, RangeCappedRpc, batch, send, settle_call
+from tests.hub_helpers import LaggingRpc, RangeCappedRpc, batch, body, send, settle_call
 from tests.proxy import TcpProxy
 
 
@@ -394,6 +395,40 @@ def test_logs_a_node_behind_left_out_of_a_range_are_read_before_the_range_is_tak
         f"the chain's node left block {closed['blockNumber']} out of the hub's logs (it is behind the others): "
         "waiting for it"
     ]
+
+
+def test_a_fresh_channel_whose_opening_the_rpcs_logs_do_not_hold_yet_is_a_retryable_503(
+    api: Callable[..., TestClient],
+    w3: Web3,
+    devnet: Devnet,
+    open_channel: Callable[..., HubChannel],
+    accounts: list[LocalAccount],
+    sign: Callable[..., bytes],
+) -> None:
+    """A voucher for a channel the indexer has not reached is looked up: its state at the confirmed block, its salt in
+    its ChannelOpened log. A provider's balancer may send the log search to a node behind the one that answered the
+    state: no log. That was 502 `chain_error` ("exists … but no ChannelOpened log"), an answer a payer takes for the
+    service's fault; it is the chain's RPC not caught up, 503 `chain_unavailable` with Retry-After, paid once it is."""
+    with LaggingRpc(devnet.url, frozenset({"eth_getLogs"})) as balancer:
+        balancer.at = w3.eth.block_number  # the logs come from a node at the block before the opening
+        client = api(rpc_url=balancer.url, indexer_interval=60)
+        channel = open_channel(accounts[5], accounts[6].address, amount=100)
+        opened = w3.eth.block_number
+        voucher = body(channel, 1, sign(accounts[5], channel.id, 1))
+        answer = client.post("/v1/vouchers", json=voucher)
+        assert (answer.status_code, answer.json()["code"], answer.headers.get("Retry-After")) == (
+            503,
+            "chain_unavailable",
+            "1",
+        )
+        assert answer.json()["message"] == (
+            f"channel 0x{channel.id.hex()} is on chain at block {opened}, but the chain's RPC has no ChannelOpened "
+            f"log for it in blocks {opened}..{opened} yet (its logs behind its state: a provider's balancer); retry "
+            "in a second"
+        )
+        balancer.at = None  # the node caught up
+        paid = client.post("/v1/vouchers", json=voucher)
+        assert (paid.status_code, paid.json()["cumulativeAmount"]) == (201, "1"), paid.text
 
 
 def test_an_operator_resumes_a_suspended_channel_from_the_cli(

@@ -394,9 +394,12 @@ class Indexer:
             if opened:
                 return str(opened[0].args["salt"])
             to_block = from_block - 1
-        raise ChainError(
-            f"channel {channel_id} exists at block {block} but no ChannelOpened log for it is in blocks "
-            f"{first}..{block}, after the indexer's cursor"
+        # The state says it exists, so its opening is in these blocks: a node whose logs are behind its state answered
+        # (a provider's balancer sends calls to several). Not a fault of ours nor of the payer: retry shortly.
+        raise ChainUnavailableError(
+            f"channel {channel_id} is on chain at block {block}, but the chain's RPC has no ChannelOpened log for it "
+            f"in blocks {first}..{block} yet (its logs behind its state: a provider's balancer); retry in a second",
+            retryAfter=1,
         )
 
     # --- one channel, on demand --------------------------------------------------------------------------------
@@ -443,7 +446,7 @@ class Indexer:
     def _exists_at_latest(self, channel_id: ChannelId) -> bool:
         """Whether the hub has the channel at the latest block: ONE raw eth_call, read by position (the view is a
         static tuple of words; its status is word STATUS). A made-up id, what a flood sends, costs the chain this
-        call and nothing more; web3's contract call would add two eth_chainId calls and ~5 ms of CPU to each."""
+        call and nothing more; web3's contract call would add ~5 ms of CPU to each."""
         call = {"to": self.hub.address, "data": self._channel_selector + channel_id[2:]}
         with self._reading(f"reading channel {channel_id}"):
             answer = self.w3.provider.make_request(RPCEndpoint("eth_call"), [call, "latest"])
