@@ -49,7 +49,13 @@ from x402.schemas import PaymentPayload, PaymentRequired, PaymentRequirements
 from settlement.devtools.devnet import Devnet
 from settlement.domain.model import ChannelStatus, ChannelViewField
 from settlement.eip712.vouchers import VoucherSigner
-from settlement.errors import BudgetExceededError, ChannelClosedError, ChannelNotFoundError, ServiceRejectedError
+from settlement.errors import (
+    BudgetExceededError,
+    ChannelClosedError,
+    ChannelNotFoundError,
+    RateLimitedError,
+    ServiceRejectedError,
+)
 from settlement.sdk.journal import PRUNE_EVERY, Budget
 from settlement.sdk.loop_commits import LoopCommits
 from settlement.sdk.payee import PayeeClient
@@ -3142,6 +3148,40 @@ def test_one_clients_flood_of_refund_requests_leaves_other_payers_their_refunds(
     warned = [line for line in log.splitlines() if "X-Forwarded-For that uvicorn did not apply" in line]
     assert len(warned) == 1, log
     assert "client 127.0.0.2 is refused refund requests" in warned[0] and "--forwarded-allow-ips" in warned[0]
+
+
+def test_a_refund_refused_for_the_payers_own_pace_is_asked_again_after_its_retry_after(
+    paid_channel: Callable[..., PaidChannel], accounts: list[LocalAccount]
+) -> None:
+    """A payer over its share of the refund route (here its own five requests a moment before: the burst) is refused
+    429 with `retryAfter` (1 s); `ask_refund` raised it at once. It now waits that out and asks again while within
+    its `timeout`; a `retryAfter` past it is raised at once. Each case from an address of its own."""
+    rig = paid_channel("refund-paced", paid=2, payer=11, payee=12, payee_key=HexBytes(accounts[12].key).to_0x_hex())
+    url = f"{rig.api}{REFUND_PATH}"
+    for client, timeout in (("10.0.0.77", 0.5), ("10.0.0.78", 60.0)):
+        answered: list[int] = []
+        hooks = {"response": [lambda response, seen=answered: seen.append(response.status_code)]}
+        with httpx.Client(headers={"X-Forwarded-For": client}, event_hooks=hooks, timeout=60) as http:
+            for n in range(5):  # the client's burst, spent
+                http.post(url, json=refund_request(rig.payer.account, rig.payer.domain, n.to_bytes(32, "big")))
+            if timeout < 1:
+                with pytest.raises(RateLimitedError) as refused:
+                    ask_refund(url, rig.payer, rig.channel_id, http=http, timeout=timeout)
+                assert (answered, refused.value.details["retryAfter"]) == ([404] * 5 + [429], 1)
+            else:
+                refunded = ask_refund(url, rig.payer, rig.channel_id, http=http)  # the code before: RateLimitedError
+                assert (answered, refunded) == ([404] * 5 + [429, 200], 98 * PRICE)
+    assert rig.payer.hub_balance() == 98 * PRICE
+    # A payee that answers "retry at once" for ever is asked once a second, until the timeout.
+    asked: list[float] = []
+
+    def never(request: httpx.Request) -> httpx.Response:
+        asked.append(time.monotonic())
+        return httpx.Response(429, json={"code": "rate_limited", "message": "later", "retryAfter": 0})
+
+    with httpx.Client(transport=httpx.MockTransport(never)) as hostile, pytest.raises(RateLimitedError):
+        ask_refund(url, rig.payer, "0x" + "42" * 32, http=hostile, timeout=2.5)
+    assert len(asked) == 3 and all(b - a >= 1 for a, b in itertools.pairwise(asked))
 
 
 def test_a_deposit_from_a_hub_balance_another_app_spent_first_is_made_from_the_wallet(

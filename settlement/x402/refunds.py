@@ -92,12 +92,14 @@ def ask_refund(
     `http`: the client to send it with (a proxy, other timeouts), else one made for the request. `behind`: how long
     the payer's node may take to show the payee's close (a provider's balancer sends reads to nodes blocks apart)
     before the hub's word that the channel is open is taken, and the payee's node to show a channel the payer's
-    holds (`channel_not_found` meanwhile: the request is sent again)."""
+    holds (`channel_not_found` meanwhile: the request is sent again). A 429 (`rate_limited`) is asked again after
+    its `retryAfter` while that is within `timeout` of the first request, else raised."""
     raw = bytes.fromhex(channel_id.removeprefix("0x"))
     expires = int(time.time()) + ttl
     signature = sign_refund_request(payer.account, payer.domain, raw, expires)
     body = {"channelId": "0x" + raw.hex(), "expires": expires, "signature": "0x" + signature.hex()}
-    deadline = time.monotonic() + behind
+    start = time.monotonic()
+    deadline = start + behind
     with contextlib.ExitStack() as owned:
         client = http or owned.enter_context(bounded_client("", timeout))
         while True:
@@ -111,6 +113,13 @@ def ask_refund(
                     f"({type(ex).__name__}); it may have made it: ask again (a refund made is answered as made)",
                 ) from ex
             refused = None if answer.status_code == 200 else refusal(answer)
+            if isinstance(refused, RateLimitedError):
+                wait = refused.details.get("retryAfter")  # a payee's word: 1 s at least, never a tight loop
+                pause = max(wait, 1) if isinstance(wait, int) and not isinstance(wait, bool) else None
+                if pause is None or time.monotonic() + pause > start + timeout:
+                    break
+                time.sleep(pause)  # over this client's share (its own pace, or a flood): asked again within `timeout`
+                continue
             if not isinstance(refused, ChannelNotFoundError) or time.monotonic() >= deadline or not _exists(payer, raw):
                 break
             time.sleep(1.0)  # the payee's node is behind: asked again, within a client's share (RefundDesk.admit)
