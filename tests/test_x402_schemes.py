@@ -3,18 +3,21 @@ to pay (another hub, another chain, a malformed price)."""
 
 from __future__ import annotations
 
+import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import httpx
 import pytest
+from eth_account import Account
 from eth_account.signers.local import LocalAccount
 from hexbytes import HexBytes
+from web3 import Web3
 from x402.schemas import AssetAmount, PaymentRequirements, SupportedKind
 
 from settlement.devtools.devnet import Devnet
-from settlement.errors import UntrustedServiceError
+from settlement.errors import BudgetExceededError, UntrustedServiceError
 from settlement.sdk.payer import PayerClient
 from settlement.x402 import wire
 from settlement.x402.client import ChannelHubClientScheme, DepositPolicy
@@ -168,6 +171,54 @@ def test_a_payers_bounds_on_channels_its_payees_stopped_are_checked(
         assert ChannelHubClientScheme(payer, confirm_timeout=0.5).confirm_timeout == 0.5
     finally:
         payer.shutdown()
+
+
+def test_a_payee_naming_a_new_pay_to_at_each_request_opens_at_most_max_opens_channels(
+    spawn: Callable[..., ServiceProcess], devnet: Devnet, w3: Web3, accounts: list[LocalAccount], tmp_path: Path
+) -> None:
+    """A hostile payee (or one whose key rotates) names a new `payTo` in each 402. Each was a payee of its own: a
+    channel opened per request, a deposit locked and an open's gas each, within any budget (budgets count payments,
+    one price each; `max_lanes` counts lanes per payee). At most `max_opens` channels are opened in any rolling
+    `opens_period`, all payees together; past it, `BudgetExceededError` before anything is sent or signed."""
+    service = spawn(f"sqlite:///{tmp_path / 'opens.db'}")
+    payer = PayerClient(HexBytes(accounts[12].key).to_0x_hex(), devnet.url, service.url, state_path=tmp_path / "j")
+    scheme = ChannelHubClientScheme(payer, DepositPolicy(multiple=2), max_opens=3, opens_period=3.0)
+    payees = [Account.create().address for _ in range(5)]
+
+    def pay(payee: str) -> dict[str, Any]:
+        return scheme.create_payment_payload(
+            PaymentRequirements(
+                scheme="channelhub",
+                network=f"eip155:{devnet.chain_id}",
+                asset=ETH,
+                amount="10",
+                pay_to=payee,
+                max_timeout_seconds=60,
+                extra={"hub": payer.hub.address},
+            )
+        )
+
+    try:
+        for payee in payees[:3]:
+            assert pay(payee)["cumulativeAmount"] == "10"
+        nonce = w3.eth.get_transaction_count(accounts[12].address)
+        with pytest.raises(BudgetExceededError) as refused:  # the code before: a fourth channel opened
+            pay(payees[3])
+        assert refused.value.message == (
+            f"this client opened 3 channels in the last 3s, its max_opens: no channel is opened to {payees[3]} (a "
+            "payee naming a new payTo at each request?)"
+        )
+        wait = refused.value.details["retryAfter"]
+        assert isinstance(wait, int) and 0 < wait <= 3  # when the oldest open leaves the window
+        assert payer.open_channels(payees[3]) == [] and w3.eth.get_transaction_count(accounts[12].address) == nonce
+        time.sleep(wait)  # the window rolls on: the oldest open leaves it
+        assert pay(payees[4])["cumulativeAmount"] == "10"
+    finally:
+        payer.shutdown()
+    with pytest.raises(ValueError, match="max_opens is at least 1 channel"):
+        ChannelHubClientScheme(payer, max_opens=0)
+    with pytest.raises(ValueError, match="opens_period more than 0 seconds"):
+        ChannelHubClientScheme(payer, opens_period=0)
 
 
 @pytest.mark.parametrize(

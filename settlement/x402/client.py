@@ -25,10 +25,11 @@ from __future__ import annotations
 
 import asyncio
 import functools
+import math
 import threading
 import time
 import uuid
-from collections import Counter, OrderedDict
+from collections import Counter, OrderedDict, deque
 from collections.abc import Callable, Coroutine, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
@@ -52,7 +53,12 @@ from x402.schemas import (
 from settlement.chain.addresses import ADDRESS_RULE, is_typed_address
 from settlement.chain.node import rpc_errors
 from settlement.domain.model import ETH, ChannelId, ChannelStatus, ChannelViewField
-from settlement.errors import ChainUnavailableError, TransactionFailedError, UntrustedServiceError
+from settlement.errors import (
+    BudgetExceededError,
+    ChainUnavailableError,
+    TransactionFailedError,
+    UntrustedServiceError,
+)
 from settlement.sdk.answers import service_amount, service_channel_id, service_int, service_salt
 from settlement.sdk.journal import Budget
 from settlement.sdk.payer import Authorized, ChannelRef, PayerClient, Reclaim
@@ -163,6 +169,11 @@ class ChannelHubClientScheme:
     # is opened to it; and how long such a channel is left to its payee's own close before this payer requests it.
     max_stopped: int = 2
     stopped_grace: float = 60.0
+    # At most `max_opens` channels opened in any rolling `opens_period` seconds, all payees together (None: no limit).
+    # A payee naming a new `payTo` in each 402 had the payer open a channel (a deposit locked, an open's gas) per
+    # request, within any budget: budgets count payments, one price each, and `max_lanes` counts lanes per payee.
+    max_opens: int | None = 32
+    opens_period: float = 3600.0
     scheme: ClassVar[str] = SCHEME  # what x402 registers it under; not a choice: `channelhub` only
     # A payment on a free lane whose position the journal holds is made on the event loop: one journal commit (the
     # disk's flush, ~0.1-0.3 ms on a local SSD) instead of a hand-off to a worker thread and back (~0.2 ms of CPU and
@@ -174,12 +185,15 @@ class ChannelHubClientScheme:
             raise ValueError("max_stopped is at least 1 channel and stopped_grace at least 0 seconds")
         if self.confirm_timeout <= 0:
             raise ValueError("confirm_timeout is a time in seconds, more than 0")
+        if (self.max_opens is not None and self.max_opens < 1) or self.opens_period <= 0:
+            raise ValueError("max_opens is at least 1 channel (None: no limit) and opens_period more than 0 seconds")
         self.network = network_of(self.payer.domain.chain_id)
         self._lanes: dict[Party, list[Lane]] = {}
         self._by_channel: dict[str, Lane] = {}  # the same lanes by channel id (a payment's answer names its channel)
         self._opening: Counter[Party] = Counter()  # channels being opened per payee, not yet lanes
         self._stopped: dict[Party, list[Stopped]] = {}  # left for a stop, their deposits not back yet
         self._unsure: dict[Party, list[Unsure]] = {}  # opens that failed unanswered: maybe mined since
+        self._opened: deque[float] = deque()  # when this client's channels were opened, within `opens_period`
         self._guard = threading.Lock()
         # One deposit at a time (payments are made in worker threads): two opens must not read one hub balance or
         # one ERC-20 allowance as if each had it alone.
@@ -404,6 +418,7 @@ class ChannelHubClientScheme:
                 if free is None:
                     deposit = self.policy.amount(price, hint)
                     with self._funding:
+                        self._may_open(payee)
                         self._reclaim(party)
                         planned = self.payer.planned_channel(payee, token)
                         with self._taken(lambda nonce: self._unsure_of(party, Unsure(planned, nonce))):
@@ -414,6 +429,7 @@ class ChannelHubClientScheme:
                                     payee, deposit, token=token, from_balance=held, salt=planned.salt
                                 ),
                             )
+                        self._opened.append(time.monotonic())
                     free = Lane(channel, deposit, busy_since=time.monotonic(), counted=False)
             finally:  # an opening ends as a lane once its channel is on chain, or as nothing when it failed
                 with self._guard:
@@ -429,6 +445,21 @@ class ChannelHubClientScheme:
             self._release(free)
             raise
         return free
+
+    def _may_open(self, payee: str) -> None:
+        """Refuse, before anything is sent, a channel past `max_opens` in `opens_period` (opens are made one at a time,
+        under `_funding`)."""
+        if self.max_opens is None:
+            return
+        now = time.monotonic()
+        while self._opened and now - self._opened[0] >= self.opens_period:
+            self._opened.popleft()
+        if len(self._opened) >= self.max_opens:
+            raise BudgetExceededError(
+                f"this client opened {len(self._opened)} channels in the last {self.opens_period:g}s, its max_opens: "
+                f"no channel is opened to {payee} (a payee naming a new payTo at each request?)",
+                retryAfter=math.ceil(self.opens_period - (now - self._opened[0])),
+            )
 
     def _cover(self, lane: Lane, price: int, hint: int | None, token: str | None) -> None:
         """Make `lane`'s deposit, as the service counts it, cover the next price: waited for until the service counts
