@@ -137,6 +137,8 @@ class FailoverProvider(JSONBaseProvider):
 
     def served_chain(self, index: int) -> int:
         """The chain id the URL at `index` answers; raises a transport error when it does not answer one."""
+        with self._lock:
+            self.calls["eth_chainId"] += 1
         return _chain_of(self._providers[index].make_request(RPCEndpoint("eth_chainId"), []), self.urls[index])
 
     def _check_chain(self, index: int) -> None:
