@@ -47,6 +47,7 @@ from settlement.sdk.payee import PayeeClient
 from settlement.sdk.payer import PayerClient, Reclaim
 from tests.hub_helpers import (
     DEEP_JSON,
+    ETH,
     Channel,
     RangeCappedRpc,
     Tampering,
@@ -320,6 +321,35 @@ def test_rpc_failover_to_a_second_url_and_back(
             client.get("/ready")
             time.sleep(0.1)
         assert provider.endpoint_uri == primary.url
+
+
+def test_the_payer_and_payee_sdks_go_on_through_a_fallback_rpc_when_theirs_fails(
+    serve_here: Callable[..., ServiceThread],
+    payer_client: Callable[..., PayerClient],
+    devnet: Devnet,
+    store_url: str,
+    hub: Contract,
+    accounts: list[LocalAccount],
+) -> None:
+    """A payer's or a payee's one RPC URL down (its provider's outage) was every transaction of theirs refused
+    (`chain_unavailable`): no channel opened, no refund made, nothing withdrawn. Both SDK clients take fallback URLs,
+    as the service does (`rpc_fallback_urls`), each held to the chain the first answered."""
+    service = serve_here(store_url)
+    with TcpProxy(devnet.port) as payers, TcpProxy(devnet.port) as payees:
+        payer = payer_client(accounts[10], service.url, rpc_url=payers.url, rpc_fallback_urls=[devnet.url])
+        payee = PayeeClient(key(accounts[11]), payees.url, service.url, rpc_fallback_urls=[devnet.url])
+        try:
+            payers.cut()
+            payees.cut()
+            channel = payer.open_channel(accounts[11].address, 10_000)  # the code before: no such argument
+            payer.wait_until_known(channel)
+            payer.pay(channel, 1_000)
+            earned = hub.functions.balanceOf(accounts[11].address, ETH).call()  # before, in other tests
+            assert payee.refund(channel.hex_id) == 9_000
+            assert payee.withdraw() == earned + 1_000
+        finally:
+            payee.shutdown()
+    assert hub.functions.channel(channel.channel_id).call()[ChannelViewField.STATUS] == ChannelStatus.CLOSED
 
 
 def test_a_contract_read_is_one_rpc_call(devnet: Devnet, hub: Contract, accounts: list[LocalAccount]) -> None:

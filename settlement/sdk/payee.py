@@ -8,7 +8,7 @@ transaction. Only the payee can do it, so it is the payee's choice; the payer lo
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import httpx
@@ -41,13 +41,16 @@ class PayeeClient:
         timeout: float = 10,
         http: httpx.Client | None = None,
         max_fee_per_gas: int | None = None,
+        rpc_fallback_urls: Sequence[str] = (),
     ) -> None:
         """`http`: the client to reach the service with (a proxy, other timeouts), else one made here.
         `max_fee_per_gas` (wei): the most its transactions (refunds' closes, withdrawals) offer a gas, re-priced with
-        the chain's base fee while unmined (settlement.chain.node.Transactor); None follows the base fee alone."""
+        the chain's base fee while unmined (settlement.chain.node.Transactor); None follows the base fee alone.
+        `rpc_fallback_urls`: more RPC URLs of the same chain, tried in order when `rpc_url` fails (each held to its
+        chain: settlement.chain.provider)."""
         self.account: LocalAccount = Account.from_key(private_key)
         self._rpc_session = requests.Session()
-        self.w3 = connect(rpc_url, timeout, self._rpc_session)
+        self.w3 = connect(rpc_url, timeout, self._rpc_session, fallbacks=rpc_fallback_urls)
         self.http = http or bounded_client(service_url, timeout)
         try:
             self.hub, self.domain = checked_hub(self.w3, self._get("/v1/eip712"), hub_address)

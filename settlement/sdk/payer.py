@@ -170,16 +170,19 @@ class PayerClient:
         http: httpx.Client | None = None,
         loop_commits: LoopCommits | None = None,
         max_fee_per_gas: int | None = None,
+        rpc_fallback_urls: Sequence[str] = (),
     ) -> None:
         """`hub_address`: the hub to trust (from the operator's deployment record); without it, the hub the service
         names is checked on chain. `state_path`: the payer's journal (default ~/.channelhub/<chain>-<hub>-<payer>
         .sqlite3); keep it across restarts, it is what makes a retry after a crash safe. `loop_commits`: when the
         journal's disk is too slow for payments made on an event loop (`authorize_now`; default `LoopCommits()`).
         `max_fee_per_gas` (wei): the most its transactions (opens, top-ups, closes) offer a gas, re-priced with the
-        chain's base fee while unmined (settlement.chain.node.Transactor); None follows the base fee alone."""
+        chain's base fee while unmined (settlement.chain.node.Transactor); None follows the base fee alone.
+        `rpc_fallback_urls`: more RPC URLs of the same chain, tried in order when `rpc_url` fails (each held to its
+        chain: settlement.chain.provider)."""
         self.account: LocalAccount = Account.from_key(private_key)
         self._rpc_session = requests.Session()
-        self.w3: Web3 = connect(rpc_url, timeout, self._rpc_session)
+        self.w3: Web3 = connect(rpc_url, timeout, self._rpc_session, fallbacks=rpc_fallback_urls)
         self.http = http or bounded_client(service_url, timeout)
         self.retries = retries
         self.backoff = backoff
