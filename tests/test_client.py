@@ -305,22 +305,38 @@ def test_rpc_failover_to_a_second_url_and_back(
     accounts: list[LocalAccount],
     sign: Callable[..., bytes],
 ) -> None:
-    with TcpProxy(devnet.port) as primary:
-        client = api(rpc_url=primary.url, rpc_fallback_urls=[devnet.url], rpc_primary_retry=0.2)
+    """The first fallback is down when the service starts and comes up serving another chain: passed over, and both
+    the URL in use and the URLs serving another chain are in /metrics, for an operator's alert."""
+
+    def gauges() -> tuple[str, str]:
+        lines = client.get("/metrics").text.splitlines()
+        active, wrong = (
+            next(line.split()[-1] for line in lines if line.startswith(f"{name} "))
+            for name in ("settlement_rpc_active_url", "settlement_rpc_wrong_chain_urls")
+        )
+        return active, wrong
+
+    with TcpProxy(devnet.port) as primary, TcpProxy(free_test_port()) as elsewhere:
+        client = api(rpc_url=primary.url, rpc_fallback_urls=[elsewhere.url, devnet.url], rpc_primary_retry=0.2)
         provider = provider_of(client)
         assert provider.endpoint_uri == primary.url
-        primary.cut()
-        fresh = open_channel(accounts[7], accounts[6].address, amount=100)  # only the chain knows it: a lookup
-        answer = client.post("/v1/vouchers", json=body(fresh, 1, sign(accounts[7], fresh.id, 1)))
-        assert answer.status_code == 201, answer.text
-        assert provider.endpoint_uri == devnet.url
-        assert client.get("/ready").status_code == 200
+        assert gauges() == ("0.0", "0.0")
+        with Devnet(devnet_settings(devnet_chain_id=4242, devnet_accounts=1)) as other:
+            elsewhere.target_port = other.port
+            primary.cut()
+            fresh = open_channel(accounts[7], accounts[6].address, amount=100)  # only the chain knows it: a lookup
+            answer = client.post("/v1/vouchers", json=body(fresh, 1, sign(accounts[7], fresh.id, 1)))
+            assert answer.status_code == 201, answer.text
+            assert provider.endpoint_uri == devnet.url
+            assert client.get("/ready").status_code == 200
+            assert gauges() == ("2.0", "1.0")
         primary.mend()
         deadline = time.monotonic() + 10
         while provider.endpoint_uri != primary.url and time.monotonic() < deadline:
             client.get("/ready")
             time.sleep(0.1)
         assert provider.endpoint_uri == primary.url
+        assert gauges() == ("0.0", "1.0")  # the other URL is not asked again until failover reaches it
 
 
 def test_the_payer_and_payee_sdks_go_on_through_a_fallback_rpc_when_theirs_fails(

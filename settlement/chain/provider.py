@@ -69,11 +69,17 @@ class FailoverProvider(JSONBaseProvider):
         self._lock = threading.Lock()
         self.chain_id: int | None = None  # the chain every URL must serve, once `connect` has learnt it
         self._serving: set[int] = set()  # the URLs (by index) seen serving `chain_id`
+        self.wrong_chain: dict[int, int] = {}  # the URLs (by index) last seen serving another chain: that chain's id
 
     @property
     def endpoint_uri(self) -> str:
         """The URL requests go to now."""
         return str(self._providers[self._active].endpoint_uri)
+
+    @property
+    def active(self) -> int:
+        """The index in `urls` of the URL requests go to now (0: the primary)."""
+        return self._active
 
     @property
     def urls(self) -> list[str]:
@@ -147,10 +153,13 @@ class FailoverProvider(JSONBaseProvider):
         served = self.served_chain(index)
         if served != self.chain_id:
             shown = shown_url(self.urls[index])
+            with self._lock:
+                self.wrong_chain[index] = served
             logger.error("RPC %s serves chain %d, not %d: passed over", shown, served, self.chain_id)
             raise WrongChainError(f"RPC {shown} serves chain {served}, not {self.chain_id}", served)
         with self._lock:
             self._serving.add(index)
+            self.wrong_chain.pop(index, None)
 
     def _maybe_return_to_primary(self) -> None:
         if self._active == 0 or time.monotonic() - self._last_probe < self.primary_retry:
@@ -162,10 +171,13 @@ class FailoverProvider(JSONBaseProvider):
         except TRANSPORT_ERRORS:
             return
         if self.chain_id is not None and served != self.chain_id:
+            with self._lock:
+                self.wrong_chain[0] = served
             logger.error("RPC primary %s serves chain %d, not %d", shown_url(self.urls[0]), served, self.chain_id)
             return
         with self._lock:
             self._serving.add(0)
+            self.wrong_chain.pop(0, None)
             self._active = 0
         logger.warning("RPC primary %s answers again: switching back", shown_url(str(self._providers[0].endpoint_uri)))
 

@@ -75,6 +75,16 @@ class Metrics:
             ["method"],
             registry=self.registry,
         )
+        self.rpc_active_url = Gauge(
+            "settlement_rpc_active_url",
+            "The RPC URL requests go to now: its place in the list (0: SETTLEMENT_RPC_URL, 1: the first fallback, ...)",
+            registry=self.registry,
+        )
+        self.rpc_wrong_chain_urls = Gauge(
+            "settlement_rpc_wrong_chain_urls",
+            "RPC URLs last seen serving another chain than the service's (passed over as down)",
+            registry=self.registry,
+        )
         self.risk_events = Counter(
             "settlement_risk_events", "Risk events recorded by this process, by kind", ["kind"], registry=self.registry
         )

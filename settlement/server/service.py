@@ -17,6 +17,7 @@ from web3.contract import Contract
 from settlement.chain.balances import HubBalances
 from settlement.chain.deployment import Deployment, hub_contract
 from settlement.chain.node import connect, is_devnet
+from settlement.chain.provider import FailoverProvider
 from settlement.domain.shards import Shard
 from settlement.eip712.vouchers import Domain, VoucherVerifier, read_domain
 from settlement.errors import ConfigError, SettlementError
@@ -200,8 +201,12 @@ class Service:
             self.metrics.indexer_head.set(progress.head)
             self.metrics.indexer_cursor.set(progress.cursor)
             self.metrics.indexer_lag.set(progress.lag)
-        for method, count in dict(getattr(self.w3.provider, "calls", {})).items():
-            self.metrics.rpc_requests.labels(method=method).set(count)
+        provider = self.w3.provider
+        if isinstance(provider, FailoverProvider):
+            for method, count in dict(provider.calls).items():
+                self.metrics.rpc_requests.labels(method=method).set(count)
+            self.metrics.rpc_active_url.set(provider.active)
+            self.metrics.rpc_wrong_chain_urls.set(len(provider.wrong_chain))
 
     def _every(self, seconds: float, name: str, step: Callable[[], object], finish: Callable[[], None]) -> None:
         """Run `step` every `seconds` on a thread of its own until stop (a failing step is logged and retried at the
