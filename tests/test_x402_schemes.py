@@ -3,7 +3,6 @@ to pay (another hub, another chain, a malformed price)."""
 
 from __future__ import annotations
 
-import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -179,10 +178,12 @@ def test_a_payee_naming_a_new_pay_to_at_each_request_opens_at_most_max_opens_cha
     """A hostile payee (or one whose key rotates) names a new `payTo` in each 402. Each was a payee of its own: a
     channel opened per request, a deposit locked and an open's gas each, within any budget (budgets count payments,
     one price each; `max_lanes` counts lanes per payee). At most `max_opens` channels are opened in any rolling
-    `opens_period`, all payees together; past it, `BudgetExceededError` before anything is sent or signed."""
+    `opens_period` (an hour; the scheme's clock here), all payees together; past it, `BudgetExceededError` before
+    anything is sent or signed."""
     service = spawn(f"sqlite:///{tmp_path / 'opens.db'}")
     payer = PayerClient(HexBytes(accounts[12].key).to_0x_hex(), devnet.url, service.url, state_path=tmp_path / "j")
-    scheme = ChannelHubClientScheme(payer, DepositPolicy(multiple=2), max_opens=3, opens_period=3.0)
+    now = [1000.0]
+    scheme = ChannelHubClientScheme(payer, DepositPolicy(multiple=2), max_opens=3, clock=lambda: now[0])
     payees = [Account.create().address for _ in range(5)]
 
     def pay(payee: str) -> dict[str, Any]:
@@ -201,17 +202,20 @@ def test_a_payee_naming_a_new_pay_to_at_each_request_opens_at_most_max_opens_cha
     try:
         for payee in payees[:3]:
             assert pay(payee)["cumulativeAmount"] == "10"
+            now[0] += 600  # ten minutes apart
         nonce = w3.eth.get_transaction_count(accounts[12].address)
         with pytest.raises(BudgetExceededError) as refused:  # the code before: a fourth channel opened
             pay(payees[3])
         assert refused.value.message == (
-            f"this client opened 3 channels in the last 3s, its max_opens: no channel is opened to {payees[3]} (a "
+            f"this client opened 3 channels in the last 3600s, its max_opens: no channel is opened to {payees[3]} (a "
             "payee naming a new payTo at each request?)"
         )
-        wait = refused.value.details["retryAfter"]
-        assert isinstance(wait, int) and 0 < wait <= 3  # when the oldest open leaves the window
+        assert refused.value.details == {"retryAfter": 1800}  # when the oldest open leaves the window
         assert payer.open_channels(payees[3]) == [] and w3.eth.get_transaction_count(accounts[12].address) == nonce
-        time.sleep(wait)  # the window rolls on: the oldest open leaves it
+        now[0] += 1799
+        with pytest.raises(BudgetExceededError):
+            pay(payees[3])
+        now[0] += 1  # the window rolls on: the oldest open leaves it
         assert pay(payees[4])["cumulativeAmount"] == "10"
     finally:
         payer.shutdown()

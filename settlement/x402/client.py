@@ -174,6 +174,7 @@ class ChannelHubClientScheme:
     # request, within any budget: budgets count payments, one price each, and `max_lanes` counts lanes per payee.
     max_opens: int | None = 32
     opens_period: float = 3600.0
+    clock: Callable[[], float] = time.monotonic  # what `opens_period` is counted by
     scheme: ClassVar[str] = SCHEME  # what x402 registers it under; not a choice: `channelhub` only
     # A payment on a free lane whose position the journal holds is made on the event loop: one journal commit (the
     # disk's flush, ~0.1-0.3 ms on a local SSD) instead of a hand-off to a worker thread and back (~0.2 ms of CPU and
@@ -429,7 +430,7 @@ class ChannelHubClientScheme:
                                     payee, deposit, token=token, from_balance=held, salt=planned.salt
                                 ),
                             )
-                        self._opened.append(time.monotonic())
+                        self._opened.append(self.clock())
                     free = Lane(channel, deposit, busy_since=time.monotonic(), counted=False)
             finally:  # an opening ends as a lane once its channel is on chain, or as nothing when it failed
                 with self._guard:
@@ -451,7 +452,7 @@ class ChannelHubClientScheme:
         under `_funding`)."""
         if self.max_opens is None:
             return
-        now = time.monotonic()
+        now = self.clock()
         while self._opened and now - self._opened[0] >= self.opens_period:
             self._opened.popleft()
         if len(self._opened) >= self.max_opens:
