@@ -23,7 +23,7 @@ from settlement.devtools.devnet import Devnet
 from settlement.domain.model import Voucher
 from settlement.server.config import Settings
 from settlement.server.service import Service
-from tests.hub_helpers import ETH, Channel, TamperingProxy, body, fee_paid, operator_env, send
+from tests.hub_helpers import ETH, Channel, TamperingProxy, body, fee_paid, free_test_port, operator_env, send
 from tests.servers import ServiceThread, forked_cli
 
 
@@ -353,9 +353,15 @@ def test_a_payee_withdraws_with_only_its_key_and_the_hub_address(
         "EIP-55 checksum)"
     )
     assert hub.functions.balanceOf(payee.address, token.address).call() == amount
+    # SETTLEMENT_RPC_URL down, as in a provider's outage: the fallbacks the service is configured with are used too
+    # (before, the withdrawal was `chain_unavailable` with a fallback configured).
+    down = {"SETTLEMENT_RPC_URL": f"http://127.0.0.1:{free_test_port()}"}
     code, out, err = withdraw(
         "--token", token.address, "--amount", "500000000000000000", "--to", accounts[8].address,
-        env={**rpc, "SETTLEMENT_HUB_ADDRESS": hub.address, "SETTLEMENT_WITHDRAW_KEY": HexBytes(payee.key).to_0x_hex()},
+        env={
+            **down, "SETTLEMENT_RPC_FALLBACK_URLS": json.dumps([devnet.url]), "SETTLEMENT_HUB_ADDRESS": hub.address,
+            "SETTLEMENT_WITHDRAW_KEY": HexBytes(payee.key).to_0x_hex(),
+        },
     )  # fmt: skip
     assert code == 0, err
     assert out.startswith(f"withdrew 500,000,000,000,000,000 base units (0.5 DEV) to {accounts[8].address} (tx 0x")

@@ -35,6 +35,7 @@ from tests.hub_helpers import (
     Channel,
     body,
     credited,
+    free_test_port,
     send,
     settled_on_chain,
     stored_payments,
@@ -243,6 +244,20 @@ def test_rpc_outage_ingest_goes_on_for_known_channels_and_settlement_catches_up(
         assert (settled_on_chain(hub, known), settled_on_chain(hub, unknown)) == (30, 5)
 
 
+def test_serve_starts_through_a_fallback_while_its_primary_rpc_is_down(
+    spawn: Callable[..., ServiceProcess], store_url: str, devnet: Devnet
+) -> None:
+    """`serve` built the service through the primary and its fallbacks, then, with confirmations configured (2 by
+    default), asked the primary alone whether the chain mines only on transactions: a start during the primary's
+    outage failed there (`chain_unavailable`), its fallbacks up. It asks through the service's connection now."""
+    down = f"http://127.0.0.1:{free_test_port()}"
+    service = spawn(store_url, rpc_url=down, rpc_fallback_urls=json.dumps([devnet.url]), confirmations="2")
+    assert httpx.get(f"{service.url}/ready", timeout=10).status_code == 200
+    log = service.log.read_text()
+    assert f"RPC failover: now using {devnet.url}" in log
+    assert "this chain mines a block only when a transaction arrives: with SETTLEMENT_CONFIRMATIONS=2" in log
+
+
 def test_the_rpc_urls_key_is_never_shown_to_a_client_nor_written_to_the_log(
     spawn: Callable[..., ServiceProcess],
     store_url: str,
@@ -261,7 +276,8 @@ def test_the_rpc_urls_key_is_never_shown_to_a_client_nor_written_to_the_log(
         service = spawn(
             store_url,
             rpc_url=f"{proxy.url}/?apikey={secret}",
-            rpc_fallbacks=json.dumps([f"{proxy.url}/v2/{secret}"]),  # anvil answers this path 404: a failing fallback
+            # anvil answers this path 404: a failing fallback
+            rpc_fallback_urls=json.dumps([f"{proxy.url}/v2/{secret}"]),
             indexer_interval="0.2",
         )
         proxy.cut()

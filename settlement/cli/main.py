@@ -41,6 +41,7 @@ from settlement.server.config import Settings, get_settings
 # about a second, without loading the chain, the API or the engine.
 if TYPE_CHECKING:
     from sqlalchemy import Connection
+    from web3 import Web3
 
     from settlement.chain.deployment import Deployment
     from settlement.devtools.devnet import Devnet
@@ -177,7 +178,7 @@ def _deploy(settings: Settings, challenge_period: int, out: Path) -> Deployment:
     from settlement.chain.node import connect
     from settlement.server.operator import operator_account
 
-    w3 = connect(settings.rpc_url, settings.rpc_timeout)
+    w3 = connect(settings.rpc_url, settings.rpc_timeout, fallbacks=settings.rpc_fallback_urls)
     deployment = deploy_hub(
         w3,
         operator_account(settings, w3),
@@ -248,7 +249,7 @@ def _serve(
         api = create_app(settings, service)
         if service.devnet:
             devnet_operator_key(settings, service.db, console)
-        _warn_if_never_confirmed(settings)
+        _warn_if_never_confirmed(settings, service.w3)
     except SettlementError as ex:
         raise _fail(ex) from ex
     console.print(escape(f"API on http://{host}:{port} (docs at /docs); store: {service.db.shown_url}"))
@@ -274,10 +275,12 @@ def _check_port_free(host: str, port: int) -> None:
         )
 
 
-def _warn_if_never_confirmed(settings: Settings) -> None:
-    from settlement.chain.node import connect, mines_only_on_transactions
+def _warn_if_never_confirmed(settings: Settings, w3: Web3) -> None:
+    """Through the service's own connection: a second one to SETTLEMENT_RPC_URL alone failed the start while it was
+    down, its fallbacks up."""
+    from settlement.chain.node import mines_only_on_transactions
 
-    if settings.confirmations and mines_only_on_transactions(connect(settings.rpc_url, settings.rpc_timeout)):
+    if settings.confirmations and mines_only_on_transactions(w3):
         err_console.print(f"[yellow]warning[/] {escape(_AUTOMINE_WARNING.format(n=settings.confirmations))}")
 
 

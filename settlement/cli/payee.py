@@ -135,7 +135,7 @@ def withdraw(
             checksummed(given, option, ConfigError)
     if amount is not None and amount <= 0:
         raise ConfigError(f"--amount must be positive base units, not {amount}")
-    w3 = connect(settings.rpc_url, settings.rpc_timeout)
+    w3 = connect(settings.rpc_url, settings.rpc_timeout, fallbacks=settings.rpc_fallback_urls)
     contract = resolve_hub(w3, settings, hub)
     asset = to_checksum_address(token) if token else ETH
     unit, decimals = asset_name(w3, asset)
