@@ -20,7 +20,7 @@ from settlement.devtools.devnet import Devnet
 from settlement.errors import DeploymentError
 from settlement.server.config import Settings
 from tests.hub_helpers import run_cli, wait_until
-from tests.servers import ServiceProcess
+from tests.servers import ServiceProcess, forked_cli
 
 
 def test_help_lists_the_commands(tmp_path: Path) -> None:
@@ -82,6 +82,33 @@ def test_record_for_another_chain_is_refused(devnet: Devnet, w3: Web3, tmp_path:
         Deployment.load(tmp_path / "d.json").check(w3)
     with pytest.raises(DeploymentError, match="no deployment file"):
         Deployment.load(tmp_path / "missing.json")
+
+
+def test_a_setting_no_one_reads_is_refused_not_ignored(tmp_path: Path) -> None:
+    """A misspelt variable (SETTLEMENT_RPC_FALLBACKS for SETTLEMENT_RPC_FALLBACK_URLS: this suite's own faults test
+    had it so, and ran without its fallback) was ignored without a word and the default used. Every command refuses
+    a SETTLEMENT_* name no setting reads, in the environment or .env, and names the setting it is closest to."""
+    store = {"SETTLEMENT_DATABASE_URL": f"sqlite:///{tmp_path / 'store.db'}"}
+    refused = forked_cli("status", env={**store, "SETTLEMENT_RPC_FALLBACKS": '["http://127.0.0.1:9"]'}, cwd=tmp_path)
+    assert (refused.returncode, refused.stderr.strip()) == (
+        1,
+        "error [config_invalid] not a setting: SETTLEMENT_RPC_FALLBACKS (did you mean SETTLEMENT_RPC_FALLBACK_URLS?), "
+        "in the environment or .env: fix or unset it (the README lists every setting)",
+    )
+    (tmp_path / ".env").write_text("# this host's\nexport SETTLEMENT_CONFIRMATION=3\nOTHER_APP=1\nSETTLEMENT_XYZ=\n")
+    refused = forked_cli("status", env=store, cwd=tmp_path)
+    assert (refused.returncode, refused.stderr.strip()) == (
+        1,
+        "error [config_invalid] not a setting: SETTLEMENT_CONFIRMATION (did you mean SETTLEMENT_CONFIRMATIONS?), "
+        "SETTLEMENT_XYZ, in the environment or .env: fix or unset it (the README lists every setting)",
+    )
+    (tmp_path / ".env").write_text("export SETTLEMENT_CONFIRMATIONS=3\nOTHER_APP=1\n")  # others' names are theirs
+    ran = forked_cli("status", env=store, cwd=tmp_path)  # past the settings: to the store, which is not there yet
+    assert (ran.returncode, ran.stderr.strip()) == (
+        1,
+        f"error [store_error] no database at {tmp_path / 'store.db'}: set SETTLEMENT_DATABASE_URL to the service's "
+        "store (`settlement serve` creates it)",
+    )
 
 
 def test_settings_read_the_environment(monkeypatch: pytest.MonkeyPatch) -> None:

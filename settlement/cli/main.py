@@ -63,6 +63,8 @@ def _settings() -> Settings:
     """The settings, or a one-line `config_invalid` naming each bad variable (not a pydantic traceback)."""
     try:
         return get_settings()
+    except ConfigError as ex:
+        raise _fail(ex) from None
     except ValidationError as ex:
         problems = "; ".join(
             _setting_problem(e["loc"], str(e["msg"]).removeprefix("Value error, ")) for e in ex.errors()

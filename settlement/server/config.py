@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+import difflib
+import os
+import re
+from collections.abc import Mapping
 from functools import lru_cache
 from pathlib import Path
 
@@ -10,6 +14,7 @@ from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from settlement.chain.addresses import checksummed
 from settlement.domain.model import ETH
+from settlement.errors import ConfigError
 
 # The mnemonic every anvil and hardhat devnet uses by default: public, so it is only ever a devnet default.
 DEVNET_MNEMONIC = "test test test test test test test test test test test junk"
@@ -447,7 +452,33 @@ def is_private_key(text: str) -> bool:
     return len(digits) == 64 and all(c in "0123456789abcdef" for c in digits)
 
 
+NOT_SETTINGS = frozenset({"SETTLEMENT_TEST_POSTGRES_URL"})  # the tests' and the benchmarks' PostgreSQL, not ours
+_ENV_FILE_NAME = re.compile(r"^\s*(?:export\s+)?([A-Za-z_][A-Za-z0-9_]*)\s*=")  # a .env line's name, as dotenv reads it
+
+
+def unknown_variables(environ: Mapping[str, str], env_file: Path | None) -> list[str]:
+    """The SETTLEMENT_* names, in the environment or the .env file, that no setting reads: one misspelt
+    (SETTLEMENT_RPC_FALLBACKS for SETTLEMENT_RPC_FALLBACK_URLS) was ignored without a word, and its default used."""
+    names = set(environ)
+    if env_file is not None and env_file.is_file():
+        lines = env_file.read_text(encoding="utf-8", errors="replace").splitlines()
+        names |= {found.group(1) for line in lines if (found := _ENV_FILE_NAME.match(line))}
+    known = {f"SETTLEMENT_{field.upper()}" for field in Settings.model_fields} | NOT_SETTINGS
+    return sorted(name for name in names if name.upper().startswith("SETTLEMENT_") and name.upper() not in known)
+
+
 @lru_cache(maxsize=1)
 def get_settings() -> Settings:
-    """The process-wide settings, read once."""
+    """The process-wide settings, read once; a SETTLEMENT_* variable no setting reads is refused (ConfigError)."""
+    unknown = unknown_variables(os.environ, Path(".env"))
+    if unknown:
+        known = [f"SETTLEMENT_{field.upper()}" for field in Settings.model_fields]
+        named = []
+        for name in unknown:
+            close = difflib.get_close_matches(name.upper(), known, n=1, cutoff=0.8)
+            named.append(f"{name} (did you mean {close[0]}?)" if close else name)
+        raise ConfigError(
+            f"not a setting: {', '.join(named)}, in the environment or .env: fix or unset it (the README lists every "
+            "setting)"
+        )
     return Settings()
