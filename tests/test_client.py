@@ -36,6 +36,7 @@ from settlement.eip712.vouchers import VoucherSigner
 from settlement.errors import (
     ChainError,
     ChainUnavailableError,
+    ConfigError,
     PaymentUncertainError,
     ServiceRejectedError,
     TransactionFailedError,
@@ -417,6 +418,10 @@ def test_a_fallback_serving_another_chain_is_passed_over(devnet: Devnet, caplog:
             assert [r.getMessage() for r in caplog.records] == [
                 f"RPC primary {primary.url} serves chain 4242, not 31337"
             ]
+            # Up at the start, a URL of another chain is a configuration error, not a URL to pass over.
+            with pytest.raises(ConfigError) as refused:
+                connect(second.url, fallbacks=[devnet.url, fallback.url], timeout=5)
+            assert refused.value.message == f"RPC {fallback.url} serves chain 4242, {second.url} serves chain 31337"
 
 
 def test_a_url_is_written_without_the_parts_that_may_hold_its_key() -> None:
