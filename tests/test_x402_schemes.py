@@ -213,8 +213,14 @@ def test_a_payee_naming_a_new_pay_to_at_each_request_opens_at_most_max_opens_cha
         assert refused.value.details == {"retryAfter": 1800}  # when the oldest open leaves the window
         assert payer.open_channels(payees[3]) == [] and w3.eth.get_transaction_count(accounts[12].address) == nonce
         now[0] += 1799
-        with pytest.raises(BudgetExceededError):
-            pay(payees[3])
+        strangers = [Account.create().address for _ in range(20)]
+        for payee in [payees[3], *strangers]:  # one refused payee a request: none is kept (it grew the client's maps)
+            with pytest.raises(BudgetExceededError):
+                pay(payee)
+        turned_away = {payees[3], *strangers}
+        held = (scheme._lanes, scheme._opening, scheme._stopped, scheme._unsure)
+        assert [[party.payee for party in kept if party.payee in turned_away] for kept in held] == [[], [], [], []]
+        assert sorted(party.payee for party in scheme._lanes) == sorted(payees[:3])
         now[0] += 1  # the window rolls on: the oldest open leaves it
         assert pay(payees[4])["cumulativeAmount"] == "10"
     finally:

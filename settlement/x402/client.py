@@ -438,6 +438,8 @@ class ChannelHubClientScheme:
                     if free is not None:
                         self._lanes[party].append(free)
                         self._by_channel[free.channel.hex_id] = free
+                    elif not (self._lanes[party] or self._opening[party] or self._stopped.get(party)):
+                        self._forget(party)
         try:
             self._cover(free, price, hint, token)
         except BaseException:
@@ -446,6 +448,15 @@ class ChannelHubClientScheme:
             self._release(free)
             raise
         return free
+
+    def _forget(self, party: Party) -> None:
+        """A payee this client holds nothing of (its one open failed, or was refused): its entries go, and its next
+        payment looks for its channels again. Kept, a payee naming a new `payTo` at each request grew them for good,
+        one payee a request (under `_guard`). An open of unknown outcome keeps them: it may be mined yet."""
+        if self._unsure.get(party):
+            return
+        for held in (self._lanes, self._stopped, self._unsure, self._opening):
+            held.pop(party, None)
 
     def _may_open(self, payee: str) -> None:
         """Refuse, before anything is sent, a channel past `max_opens` in `opens_period` (opens are made one at a time,
