@@ -1211,6 +1211,24 @@ def test_a_payee_client_whose_service_is_out_of_reach_raises_our_error(
     ]
 
 
+def test_a_payer_client_whose_service_is_out_of_reach_names_the_call(
+    devnet: Devnet, accounts: list[LocalAccount]
+) -> None:
+    """A payer's reads of the service (its start, a channel's state) retried and then raised a 503
+    `service_unavailable` of their own making, naming no `request`, as the payee's client and every other refusal do.
+    It is the SDK's one "no answer" error now (`settlement.sdk.answers.unanswered`)."""
+    with pytest.raises(ServiceRejectedError) as refused:
+        PayerClient(key(accounts[10]), devnet.url, f"http://127.0.0.1:{free_test_port()}", retries=1, backoff=0.01)
+    assert (refused.value.status, refused.value.code, refused.value.request) == (
+        503,
+        "service_unavailable",
+        "GET /v1/eip712",  # the code before: ""
+    )
+    assert str(refused.value) == (
+        "GET /v1/eip712: the service did not answer after 2 attempts (ConnectError: [Errno 111] Connection refused)"
+    )
+
+
 def test_an_sdk_whose_rpc_is_down_raises_our_error_without_the_rpcs_key(
     serve_here: Callable[..., ServiceThread],
     accounts: list[LocalAccount],

@@ -67,6 +67,7 @@ from settlement.sdk.answers import (
     service_int,
     service_salt,
     service_text,
+    unanswered,
 )
 from settlement.sdk.bounded import bounded_client
 from settlement.sdk.journal import Budget, JournalPayment, PayerJournal, PaymentStatus
@@ -750,7 +751,8 @@ class PayerClient:
             if response.status_code not in _RETRYABLE:
                 raise refusal(response)
             last = f"HTTP {response.status_code}"
-        raise ServiceRejectedError(503, "service_unavailable", f"GET {path} failed after retries ({last})")
+        tries = self.retries + 1
+        raise unanswered(f"GET {path}", f"GET {path}: the service did not answer after {tries} attempts ({last})")
 
     def __enter__(self) -> PayerClient:
         return self
