@@ -1225,7 +1225,8 @@ def test_a_payer_client_whose_service_is_out_of_reach_names_the_call(
         "GET /v1/eip712",  # the code before: ""
     )
     assert str(refused.value) == (
-        "GET /v1/eip712: the service did not answer after 2 attempts (ConnectError: [Errno 111] Connection refused)"
+        "GET /v1/eip712: no answer but a retryable one in 2 attempts (the last: ConnectError: [Errno 111] Connection "
+        "refused)"
     )
 
 

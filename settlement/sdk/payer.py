@@ -751,8 +751,8 @@ class PayerClient:
             if response.status_code not in _RETRYABLE:
                 raise refusal(response)
             last = f"HTTP {response.status_code}"
-        tries = self.retries + 1
-        raise unanswered(f"GET {path}", f"GET {path}: the service did not answer after {tries} attempts ({last})")
+        message = f"GET {path}: no answer but a retryable one in {self.retries + 1} attempts (the last: {last})"
+        raise unanswered(f"GET {path}", message)
 
     def __enter__(self) -> PayerClient:
         return self
