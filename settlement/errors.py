@@ -99,6 +99,13 @@ class SettlementError(Exception):
         """The JSON error body of the API: a stable code, a message for people, and any details."""
         return {"code": self.code, "message": self.message, **self.details}
 
+    @property
+    def retry_after(self) -> int | None:
+        """The whole seconds its `retryAfter` detail says to wait before asking again (a 429, a busy budget), if it
+        says so: for the API's Retry-After header and for a client reading a refusal alike."""
+        wait = self.details.get("retryAfter")
+        return wait if isinstance(wait, int) and not isinstance(wait, bool) else None
+
     def detached(self) -> Self:
         """This error without its traceback, to keep as an outcome or to answer: the traceback holds the frames that
         hold the error (a local, an outcome list), a reference cycle per refusal that only the garbage collector

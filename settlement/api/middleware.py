@@ -93,8 +93,8 @@ async def read_json_body(
 
 def retry_after(error: SettlementError) -> str | None:
     """The Retry-After header of a refusal that says when to come back (429s, the chain look-up budget)."""
-    wait = error.details.get("retryAfter")
-    return str(wait) if isinstance(wait, int) and not isinstance(wait, bool) else None
+    wait = error.retry_after
+    return None if wait is None else str(wait)
 
 
 async def refuse(send: Send, error: SettlementError, headers: list[tuple[bytes, bytes]] | None = None) -> None:

@@ -114,8 +114,8 @@ def ask_refund(
                 ) from ex
             refused = None if answer.status_code == 200 else refusal(answer)
             if isinstance(refused, RateLimitedError):
-                wait = refused.details.get("retryAfter")  # a payee's word: 1 s at least, never a tight loop
-                pause = max(wait, 1) if isinstance(wait, int) and not isinstance(wait, bool) else None
+                wait = refused.retry_after  # a payee's word: 1 s at least, never a tight loop
+                pause = None if wait is None else max(wait, 1)
                 if pause is None or time.monotonic() + pause > start + timeout:
                     break
                 time.sleep(pause)  # over this client's share (its own pace, or a flood): asked again within `timeout`
