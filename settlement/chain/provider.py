@@ -151,15 +151,20 @@ class FailoverProvider(JSONBaseProvider):
         if self.chain_id is None or index in self._serving:
             return
         served = self.served_chain(index)
-        if served != self.chain_id:
+        if not self._noted(index, served):
             shown = shown_url(self.urls[index])
-            with self._lock:
-                self.wrong_chain[index] = served
             logger.error("RPC %s serves chain %d, not %d: passed over", shown, served, self.chain_id)
             raise WrongChainError(f"RPC {shown} serves chain {served}, not {self.chain_id}", served)
+
+    def _noted(self, index: int, served: int) -> bool:
+        """Whether `served` (the chain the URL at `index` answered) is ours; noted either way (`wrong_chain`)."""
         with self._lock:
+            if self.chain_id is not None and served != self.chain_id:
+                self.wrong_chain[index] = served
+                return False
             self._serving.add(index)
             self.wrong_chain.pop(index, None)
+            return True
 
     def _maybe_return_to_primary(self) -> None:
         if self._active == 0 or time.monotonic() - self._last_probe < self.primary_retry:
@@ -170,14 +175,10 @@ class FailoverProvider(JSONBaseProvider):
             served = self.served_chain(0)
         except TRANSPORT_ERRORS:
             return
-        if self.chain_id is not None and served != self.chain_id:
-            with self._lock:
-                self.wrong_chain[0] = served
+        if not self._noted(0, served):
             logger.error("RPC primary %s serves chain %d, not %d", shown_url(self.urls[0]), served, self.chain_id)
             return
         with self._lock:
-            self._serving.add(0)
-            self.wrong_chain.pop(0, None)
             self._active = 0
         logger.warning("RPC primary %s answers again: switching back", shown_url(str(self._providers[0].endpoint_uri)))
 
