@@ -398,18 +398,20 @@ class PayerClient:
                     if attempt + 1 == TOKEN_DEPOSIT_TRIES or self._allowance(token) >= amount:
                         raise  # refused for something else than its allowance
 
+    def _erc20(self, token: str) -> Contract:
+        return self.w3.eth.contract(address=to_checksum_address(token), abi=ERC20_ABI)
+
     def _allowance(self, token: str) -> int:
-        erc20 = self.w3.eth.contract(address=to_checksum_address(token), abi=ERC20_ABI)
-        return int(erc20.functions.allowance(self.address, self.hub.address).call())
+        return int(self._erc20(token).functions.allowance(self.address, self.hub.address).call())
 
     def _approve(self, token: str, amount: int) -> None:
         """Let the hub take `amount` of `token` for the deposit about to be made. An allowance left over (an open that
         failed after its approval) is raised to it; a token that refuses to change an allowance that is not 0 to
         another (USDT does) has it set to 0 first: before, every later deposit of that token was refused."""
-        erc20 = self.w3.eth.contract(address=to_checksum_address(token), abi=ERC20_ABI)
         allowed = self._allowance(token)
         if allowed >= amount:
             return
+        erc20 = self._erc20(token)
         approval = erc20.functions.approve(self.hub.address, amount)
         if allowed:
             try:

@@ -456,6 +456,11 @@ NOT_SETTINGS = frozenset({"SETTLEMENT_TEST_POSTGRES_URL"})  # the tests' and the
 _ENV_FILE_NAME = re.compile(r"^\s*(?:export\s+)?([A-Za-z_][A-Za-z0-9_]*)\s*=")  # a .env line's name, as dotenv reads it
 
 
+def setting_variables() -> list[str]:
+    """Every setting's variable name (SETTLEMENT_RPC_URL, ...)."""
+    return [f"SETTLEMENT_{field.upper()}" for field in Settings.model_fields]
+
+
 def unknown_variables(environ: Mapping[str, str], env_file: Path | None) -> list[str]:
     """The SETTLEMENT_* names, in the environment or the .env file, that no setting reads: one misspelt
     (SETTLEMENT_RPC_FALLBACKS for SETTLEMENT_RPC_FALLBACK_URLS) was ignored without a word, and its default used."""
@@ -463,7 +468,7 @@ def unknown_variables(environ: Mapping[str, str], env_file: Path | None) -> list
     if env_file is not None and env_file.is_file():
         lines = env_file.read_text(encoding="utf-8", errors="replace").splitlines()
         names |= {found.group(1) for line in lines if (found := _ENV_FILE_NAME.match(line))}
-    known = {f"SETTLEMENT_{field.upper()}" for field in Settings.model_fields} | NOT_SETTINGS
+    known = {*setting_variables(), *NOT_SETTINGS}
     return sorted(name for name in names if name.upper().startswith("SETTLEMENT_") and name.upper() not in known)
 
 
@@ -472,7 +477,7 @@ def get_settings() -> Settings:
     """The process-wide settings, read once; a SETTLEMENT_* variable no setting reads is refused (ConfigError)."""
     unknown = unknown_variables(os.environ, Path(".env"))
     if unknown:
-        known = [f"SETTLEMENT_{field.upper()}" for field in Settings.model_fields]
+        known = setting_variables()
         named = []
         for name in unknown:
             close = difflib.get_close_matches(name.upper(), known, n=1, cutoff=0.8)
