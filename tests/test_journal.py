@@ -14,7 +14,15 @@ from typing import Any
 import pytest
 
 from settlement.errors import BudgetExceededError
-from settlement.sdk.journal import KEEP_ACCEPTED, Budget, JournalPayment, PayerJournal, PaymentStatus
+from settlement.sdk.journal import (
+    KEEP_ACCEPTED,
+    LONGEST_PERIOD,
+    Budget,
+    JournalPayment,
+    OpensWindow,
+    PayerJournal,
+    PaymentStatus,
+)
 from tests.hub_helpers import ETH
 
 A, B = "0x" + "aa" * 20, "0x" + "bb" * 20
@@ -75,6 +83,40 @@ def test_concurrent_payments_cannot_squeeze_past_a_budget(tmp_path: Path) -> Non
         thread.join()
     assert len(signed) == 25
     assert journals[0].spent(ETH, 0) == 25
+    for journal in journals:
+        journal.close()
+
+
+def test_opens_are_counted_once_in_a_rolling_window_shared_by_the_apps_of_one_file(tmp_path: Path) -> None:
+    """x402's `max_opens`: two apps sharing one journal file, 12 opens racing for a window of 5: exactly 5 counted,
+    the others told the window (how many, the oldest); an open the chain never took gives its place back; 366 days
+    on, the rows of then are gone."""
+    path = tmp_path / "shared.sqlite3"
+    journals = [PayerJournal(path), PayerJournal(path)]
+    answers: dict[int, OpensWindow | None] = {}
+    start = threading.Barrier(12)
+
+    def claim(n: int) -> None:
+        start.wait()
+        answers[n] = journals[n % 2].claim_open(f"0x{n:064x}", 1000.0 + n / 100, 3600, 5)
+
+    threads = [threading.Thread(target=claim, args=(n,)) for n in range(12)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    counted = sorted(n for n, full in answers.items() if full is None)
+    assert len(counted) == 5
+    oldest = 1000.0 + counted[0] / 100
+    assert sorted(full for full in answers.values() if full is not None) == [OpensWindow(5, oldest)] * 7
+    journals[1].unclaim_open(f"0x{counted[-1]:064x}")
+    assert journals[0].claim_open("0x" + "ab" * 32, 1100.0, 3600, 5) is None
+    assert journals[0].claim_open("0x" + "cd" * 32, 1100.0, 3600, 5) == OpensWindow(5, oldest)
+    assert journals[0].claim_open("0x" + "cd" * 32, oldest + 3600, 3600, 5) is None  # the oldest left the window
+    assert journals[1].claim_open("0x" + "ef" * 32, 1100.0 + LONGEST_PERIOD, 3600, 1) is None
+    with closing(sqlite3.connect(path)) as conn:
+        kept = conn.execute("SELECT channel_id FROM opens ORDER BY at").fetchall()
+        assert kept == [("0x" + "cd" * 32,), ("0x" + "ef" * 32,)]  # the one at `oldest + 3600` within the year
     for journal in journals:
         journal.close()
 

@@ -16,7 +16,7 @@ from web3 import Web3
 from x402.schemas import AssetAmount, PaymentRequirements, SupportedKind
 
 from settlement.devtools.devnet import Devnet
-from settlement.errors import BudgetExceededError, UntrustedServiceError
+from settlement.errors import BudgetExceededError, TransactionFailedError, UntrustedServiceError
 from settlement.sdk.payer import PayerClient
 from settlement.x402 import wire
 from settlement.x402.client import ChannelHubClientScheme, DepositPolicy
@@ -186,18 +186,19 @@ def test_a_payee_naming_a_new_pay_to_at_each_request_opens_at_most_max_opens_cha
     scheme = ChannelHubClientScheme(payer, DepositPolicy(multiple=2), max_opens=3, clock=lambda: now[0])
     payees = [Account.create().address for _ in range(5)]
 
-    def pay(payee: str) -> dict[str, Any]:
-        return scheme.create_payment_payload(
-            PaymentRequirements(
-                scheme="channelhub",
-                network=f"eip155:{devnet.chain_id}",
-                asset=ETH,
-                amount="10",
-                pay_to=payee,
-                max_timeout_seconds=60,
-                extra={"hub": payer.hub.address},
-            )
+    def requirements(payee: str) -> PaymentRequirements:
+        return PaymentRequirements(
+            scheme="channelhub",
+            network=f"eip155:{devnet.chain_id}",
+            asset=ETH,
+            amount="10",
+            pay_to=payee,
+            max_timeout_seconds=60,
+            extra={"hub": payer.hub.address},
         )
+
+    def pay(payee: str) -> dict[str, Any]:
+        return scheme.create_payment_payload(requirements(payee))
 
     try:
         for payee in payees[:3]:
@@ -207,10 +208,25 @@ def test_a_payee_naming_a_new_pay_to_at_each_request_opens_at_most_max_opens_cha
         with pytest.raises(BudgetExceededError) as refused:  # the code before: a fourth channel opened
             pay(payees[3])
         assert refused.value.message == (
-            f"this client opened 3 channels in the last 3600s, its max_opens: no channel is opened to {payees[3]} (a "
+            f"this payer opened 3 channels in the last 3600s, its max_opens: no channel is opened to {payees[3]} (a "
             "payee naming a new payTo at each request?)"
         )
         assert refused.value.details == {"retryAfter": 1800}  # when the oldest open leaves the window
+        # Counted in the payer's journal: the app restarted (a new client on its file), or a second app of the key
+        # beside it, is refused too. Counted in memory before, each started a fresh window.
+        restarted = PayerClient(
+            HexBytes(accounts[12].key).to_0x_hex(), devnet.url, service.url, state_path=tmp_path / "j"
+        )
+        try:
+            again = ChannelHubClientScheme(restarted, DepositPolicy(multiple=2), max_opens=3, clock=lambda: now[0])
+            with pytest.raises(BudgetExceededError) as refused_again:  # the code before: a fourth channel opened
+                again.create_payment_payload(requirements(payees[3]))
+            assert (refused_again.value.message, refused_again.value.details) == (
+                refused.value.message,
+                {"retryAfter": 1800},
+            )
+        finally:
+            restarted.shutdown()
         assert payer.open_channels(payees[3]) == [] and w3.eth.get_transaction_count(accounts[12].address) == nonce
         now[0] += 1799
         strangers = [Account.create().address for _ in range(20)]
@@ -229,6 +245,32 @@ def test_a_payee_naming_a_new_pay_to_at_each_request_opens_at_most_max_opens_cha
         ChannelHubClientScheme(payer, max_opens=0)
     with pytest.raises(ValueError, match="opens_period more than 0 seconds"):
         ChannelHubClientScheme(payer, opens_period=0)
+
+
+def test_an_open_the_chain_never_took_is_not_counted_against_max_opens(
+    spawn: Callable[..., ServiceProcess], devnet: Devnet, accounts: list[LocalAccount], tmp_path: Path
+) -> None:
+    """An open refused before the node took it (a deposit beyond the wallet) gives its place in the window back: the
+    window is counted before the open is sent, and a payer whose opens failed must not be locked out for an hour."""
+    service = spawn(f"sqlite:///{tmp_path / 'opens.db'}")
+    payer = PayerClient(HexBytes(accounts[13].key).to_0x_hex(), devnet.url, service.url, state_path=tmp_path / "j")
+    requirements = PaymentRequirements(
+        scheme="channelhub",
+        network=f"eip155:{devnet.chain_id}",
+        asset=ETH,
+        amount="10",
+        pay_to=Account.create().address,
+        max_timeout_seconds=60,
+        extra={"hub": payer.hub.address},
+    )
+    try:
+        beyond = ChannelHubClientScheme(payer, DepositPolicy(multiple=10**24), max_opens=1)  # 10**25 wei
+        with pytest.raises(TransactionFailedError, match=r"Insufficient funds for gas \* price \+ value"):
+            beyond.create_payment_payload(requirements)
+        scheme = ChannelHubClientScheme(payer, DepositPolicy(multiple=2), max_opens=1)
+        assert scheme.create_payment_payload(requirements)["cumulativeAmount"] == "10"
+    finally:
+        payer.shutdown()
 
 
 @pytest.mark.parametrize(

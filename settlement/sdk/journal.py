@@ -1,7 +1,7 @@
-"""The payer's durable memory: the highest cumulative amount it signed per channel, and each payment until its
-outcome is known. The payer SDK writes here BEFORE it sends a voucher, so neither a lost answer nor a restart of the
-app can make it sign more than the app asked for (TigerBeetle's reliable submission: the client makes the id,
-persists it, retries with it).
+"""The payer's durable memory: the highest cumulative amount it signed per channel, each payment until its outcome
+is known, and when its x402 clients opened channels (their `max_opens`). The payer SDK writes here BEFORE it sends a
+voucher, so neither a lost answer nor a restart of the app can make it sign more than the app asked for
+(TigerBeetle's reliable submission: the client makes the id, persists it, retries with it).
 
 One SQLite file per payer key, hub and chain (stdlib `sqlite3`: the SDK needs nothing of the server), in WAL mode
 with `synchronous=FULL` (a receipt's record alone is not flushed, and is written with the next change: `accepted`).
@@ -25,7 +25,7 @@ from contextlib import contextmanager, suppress
 from dataclasses import dataclass, replace
 from enum import Enum
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 from settlement.errors import BudgetExceededError
 
@@ -62,6 +62,10 @@ CREATE TABLE IF NOT EXISTS spend_buckets (  -- what budgets sum: the spending ro
     amount TEXT NOT NULL,           -- decimal base units
     PRIMARY KEY (width, asset, payee, start)
 );
+CREATE TABLE IF NOT EXISTS opens (  -- channels opened (or being opened) by this payer's x402 clients: their max_opens
+    channel_id TEXT PRIMARY KEY,
+    at REAL NOT NULL                -- unix time the open was counted, before it was sent
+);
 CREATE TABLE IF NOT EXISTS spend_pruned (  -- below which start a width's buckets (and, for seconds, the rows) are gone
     width INTEGER PRIMARY KEY,
     below INTEGER NOT NULL
@@ -95,6 +99,13 @@ class Budget:
     def __post_init__(self) -> None:
         if self.limit < 0 or not 0 < self.period <= LONGEST_PERIOD:
             raise ValueError(f"a budget is a limit >= 0 over a period in (0, {LONGEST_PERIOD}] seconds (366 days)")
+
+
+class OpensWindow(NamedTuple):
+    """The channels opened within a window that is full: how many, and when the oldest was (unix time)."""
+
+    opened: int
+    oldest: float
 
 
 class PaymentStatus(Enum):
@@ -456,6 +467,26 @@ class PayerJournal:
                 "INSERT INTO positions VALUES (?, '0') ON CONFLICT (channel_id) DO UPDATE SET signed = '0'",
                 (channel_id,),
             )
+
+    def claim_open(self, channel_id: str, at: float, period: float, limit: int) -> OpensWindow | None:
+        """Count a channel about to be opened at `at` against at most `limit` opens in any `period` seconds (one
+        transaction: two apps sharing this file cannot both take the last one); None once counted, else the full
+        window, nothing counted. In the file, not in memory: a payer restarted (a crash loop, a command run per job)
+        started a fresh window, and a payee naming a new `payTo` in each 402 had it open a channel a request again."""
+        with self._write():
+            self._conn.execute("DELETE FROM opens WHERE at <= ?", (at - LONGEST_PERIOD,))
+            count, oldest = self._conn.execute(
+                "SELECT count(*), min(at) FROM opens WHERE at > ?", (at - period,)
+            ).fetchone()
+            if count >= limit:
+                return OpensWindow(count, oldest)
+            self._conn.execute("INSERT OR REPLACE INTO opens VALUES (?, ?)", (channel_id, at))
+        return None
+
+    def unclaim_open(self, channel_id: str) -> None:
+        """An open counted by `claim_open` that the chain never took: it does not count."""
+        with self._write():
+            self._conn.execute("DELETE FROM opens WHERE channel_id = ?", (channel_id,))
 
     def accepted(self, key: str, receipt: dict[str, Any] | None, *, lower_to: int | None = None) -> None:
         """The service stored the payment (if it is pending here: a payment concluded already keeps its outcome).

@@ -29,7 +29,7 @@ import math
 import threading
 import time
 import uuid
-from collections import Counter, OrderedDict, deque
+from collections import Counter, OrderedDict
 from collections.abc import Callable, Coroutine, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
@@ -60,7 +60,7 @@ from settlement.errors import (
     UntrustedServiceError,
 )
 from settlement.sdk.answers import service_amount, service_channel_id, service_int, service_salt
-from settlement.sdk.journal import Budget
+from settlement.sdk.journal import LONGEST_PERIOD, Budget
 from settlement.sdk.payer import Authorized, ChannelRef, PayerClient, Reclaim
 from settlement.x402.wire import SCHEME, PayloadError, VoucherPayload, base_units, network_of, same_address
 
@@ -174,7 +174,7 @@ class ChannelHubClientScheme:
     # request, within any budget: budgets count payments, one price each, and `max_lanes` counts lanes per payee.
     max_opens: int | None = 32
     opens_period: float = 3600.0
-    clock: Callable[[], float] = time.monotonic  # what `opens_period` is counted by
+    clock: Callable[[], float] = time.time  # what `opens_period` is counted by: unix time, kept in the journal
     scheme: ClassVar[str] = SCHEME  # what x402 registers it under; not a choice: `channelhub` only
     # A payment on a free lane whose position the journal holds is made on the event loop: one journal commit (the
     # disk's flush, ~0.1-0.3 ms on a local SSD) instead of a hand-off to a worker thread and back (~0.2 ms of CPU and
@@ -186,15 +186,17 @@ class ChannelHubClientScheme:
             raise ValueError("max_stopped is at least 1 channel and stopped_grace at least 0 seconds")
         if self.confirm_timeout <= 0:
             raise ValueError("confirm_timeout is a time in seconds, more than 0")
-        if (self.max_opens is not None and self.max_opens < 1) or self.opens_period <= 0:
-            raise ValueError("max_opens is at least 1 channel (None: no limit) and opens_period more than 0 seconds")
+        if (self.max_opens is not None and self.max_opens < 1) or not 0 < self.opens_period <= LONGEST_PERIOD:
+            raise ValueError(
+                "max_opens is at least 1 channel (None: no limit) and opens_period more than 0 seconds, at most "
+                f"{LONGEST_PERIOD} (366 days)"
+            )
         self.network = network_of(self.payer.domain.chain_id)
         self._lanes: dict[Party, list[Lane]] = {}
         self._by_channel: dict[str, Lane] = {}  # the same lanes by channel id (a payment's answer names its channel)
         self._opening: Counter[Party] = Counter()  # channels being opened per payee, not yet lanes
         self._stopped: dict[Party, list[Stopped]] = {}  # left for a stop, their deposits not back yet
         self._unsure: dict[Party, list[Unsure]] = {}  # opens that failed unanswered: maybe mined since
-        self._opened: deque[float] = deque()  # when this client's channels were opened, within `opens_period`
         self._guard = threading.Lock()
         # One deposit at a time (payments are made in worker threads): two opens must not read one hub balance or
         # one ERC-20 allowance as if each had it alone.
@@ -419,18 +421,25 @@ class ChannelHubClientScheme:
                 if free is None:
                     deposit = self.policy.amount(price, hint)
                     with self._funding:
-                        self._may_open(payee)
-                        self._reclaim(party)
                         planned = self.payer.planned_channel(payee, token)
-                        with self._taken(lambda nonce: self._unsure_of(party, Unsure(planned, nonce))):
-                            channel = self._funded(
-                                token,
-                                deposit,
-                                lambda held: self.payer.open_channel(
-                                    payee, deposit, token=token, from_balance=held, salt=planned.salt
-                                ),
-                            )
-                        self._opened.append(self.clock())
+                        self._may_open(planned)
+                        taken: list[int] = []  # the nonce of an open the node took, its outcome unknown
+                        try:
+                            self._reclaim(party)
+                            with self._taken(taken.append):
+                                channel = self._funded(
+                                    token,
+                                    deposit,
+                                    lambda held: self.payer.open_channel(
+                                        payee, deposit, token=token, from_balance=held, salt=planned.salt
+                                    ),
+                                )
+                        except BaseException:
+                            if taken:  # it may be mined yet: looked for before the next open, and still counted
+                                self._unsure_of(party, Unsure(planned, taken[0]))
+                            else:
+                                self.payer.journal.unclaim_open(planned.hex_id)
+                            raise
                     free = Lane(channel, deposit, busy_since=time.monotonic(), counted=False)
             finally:  # an opening ends as a lane once its channel is on chain, or as nothing when it failed
                 with self._guard:
@@ -458,19 +467,19 @@ class ChannelHubClientScheme:
         for held in (self._lanes, self._stopped, self._unsure, self._opening):
             held.pop(party, None)
 
-    def _may_open(self, payee: str) -> None:
-        """Refuse, before anything is sent, a channel past `max_opens` in `opens_period` (opens are made one at a time,
-        under `_funding`)."""
+    def _may_open(self, planned: ChannelRef) -> None:
+        """Count `planned` against `max_opens` in `opens_period`, in the payer's journal (every client of its file
+        together, across restarts); past it, refuse before anything is sent."""
         if self.max_opens is None:
             return
         now = self.clock()
-        while self._opened and now - self._opened[0] >= self.opens_period:
-            self._opened.popleft()
-        if len(self._opened) >= self.max_opens:
+        full = self.payer.journal.claim_open(planned.hex_id, now, self.opens_period, self.max_opens)
+        if full is not None:
             raise BudgetExceededError(
-                f"this client opened {len(self._opened)} channels in the last {self.opens_period:g}s, its max_opens: "
-                f"no channel is opened to {payee} (a payee naming a new payTo at each request?)",
-                retryAfter=math.ceil(self.opens_period - (now - self._opened[0])),
+                f"this payer opened {full.opened} channel{'s' if full.opened > 1 else ''} in the last "
+                f"{self.opens_period:g}s, its max_opens: "
+                f"no channel is opened to {planned.payee} (a payee naming a new payTo at each request?)",
+                retryAfter=math.ceil(self.opens_period - (now - full.oldest)),
             )
 
     def _cover(self, lane: Lane, price: int, hint: int | None, token: str | None) -> None:
