@@ -411,10 +411,14 @@ def test_a_fallback_serving_another_chain_is_passed_over(devnet: Devnet, caplog:
             primary.target_port = other.port  # the primary comes back, serving another chain
             primary.mend()
             caplog.clear()
+            probes, devnet_block = provider.calls["eth_chainId"], w3.eth.block_number
             with caplog.at_level(logging.ERROR, logger="settlement.chain.provider"):
-                time.sleep(0.3)
-                assert w3.eth.chain_id == 31337
+                for _ in range(3):  # three probes of the primary, each past `primary_retry`
+                    time.sleep(0.3)
+                    assert w3.eth.block_number == devnet_block  # the devnet's: no block mined meanwhile
             assert provider.endpoint_uri == second.url
+            assert provider.calls["eth_chainId"] - probes == 3
+            # Said once, not at each probe (the code before: three lines, one every `primary_retry` seconds).
             assert [r.getMessage() for r in caplog.records] == [
                 f"RPC primary {primary.url} serves chain 4242, not 31337"
             ]

@@ -152,19 +152,31 @@ class FailoverProvider(JSONBaseProvider):
             return
         served = self.served_chain(index)
         if not self._noted(index, served):
-            shown = shown_url(self.urls[index])
-            logger.error("RPC %s serves chain %d, not %d: passed over", shown, served, self.chain_id)
-            raise WrongChainError(f"RPC {shown} serves chain {served}, not {self.chain_id}", served)
+            raise WrongChainError(
+                f"RPC {shown_url(self.urls[index])} serves chain {served}, not {self.chain_id}", served
+            )
 
     def _noted(self, index: int, served: int) -> bool:
-        """Whether `served` (the chain the URL at `index` answered) is ours; noted either way (`wrong_chain`)."""
+        """Whether `served` (the chain the URL at `index` answered) is ours; noted either way (`wrong_chain`). A URL
+        seen serving another chain is an ERROR line once, until it serves ours again or another: a primary that
+        stayed on it was one at each probe (every `primary_retry` seconds), a fallback one at each failover past it."""
         with self._lock:
-            if self.chain_id is not None and served != self.chain_id:
-                self.wrong_chain[index] = served
-                return False
-            self._serving.add(index)
-            self.wrong_chain.pop(index, None)
-            return True
+            if self.chain_id is None or served == self.chain_id:
+                self._serving.add(index)
+                self.wrong_chain.pop(index, None)
+                return True
+            news = self.wrong_chain.get(index) != served
+            self.wrong_chain[index] = served
+        logger.log(
+            logging.ERROR if news else logging.DEBUG,
+            "RPC %s%s serves chain %d, not %d%s",
+            "primary " if index == 0 else "",
+            shown_url(self.urls[index]),
+            served,
+            self.chain_id,
+            "" if index == 0 else ": passed over",
+        )
+        return False
 
     def _maybe_return_to_primary(self) -> None:
         if self._active == 0 or time.monotonic() - self._last_probe < self.primary_retry:
@@ -176,7 +188,6 @@ class FailoverProvider(JSONBaseProvider):
         except TRANSPORT_ERRORS:
             return
         if not self._noted(0, served):
-            logger.error("RPC primary %s serves chain %d, not %d", shown_url(self.urls[0]), served, self.chain_id)
             return
         with self._lock:
             self._active = 0
