@@ -437,7 +437,7 @@ class ChannelHubClientScheme:
                         except BaseException:
                             if taken:  # it may be mined yet: looked for before the next open, and still counted
                                 self._unsure_of(party, Unsure(planned, taken[0]))
-                            else:
+                            elif self.max_opens is not None:
                                 self.payer.journal.unclaim_open(planned.hex_id)
                             raise
                     free = Lane(channel, deposit, busy_since=time.monotonic(), counted=False)
