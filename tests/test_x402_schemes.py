@@ -3,6 +3,7 @@ to pay (another hub, another chain, a malformed price)."""
 
 from __future__ import annotations
 
+import threading
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -245,6 +246,57 @@ def test_a_payee_naming_a_new_pay_to_at_each_request_opens_at_most_max_opens_cha
         ChannelHubClientScheme(payer, max_opens=0)
     with pytest.raises(ValueError, match="opens_period more than 0 seconds"):
         ChannelHubClientScheme(payer, opens_period=0)
+
+
+def test_two_apps_of_one_key_racing_for_the_last_open_open_one_channel(
+    spawn: Callable[..., ServiceProcess],
+    devnet: Devnet,
+    w3: Web3,
+    accounts: list[LocalAccount],
+    tmp_path: Path,
+    mining: str,
+) -> None:
+    """Two apps of one payer key on one journal, `max_opens=1`, each paying a new payee at the same moment: one
+    channel opened, the other payment refused before anything is sent (the count and the claim are one transaction
+    of the shared file), on automine and on a chain that mines every second."""
+    service = spawn(f"sqlite:///{tmp_path / 'race.db'}")
+    key = HexBytes(accounts[14].key).to_0x_hex()
+    payers = [PayerClient(key, devnet.url, service.url, state_path=tmp_path / "shared-journal") for _ in range(2)]
+    payees = [Account.create().address for _ in range(2)]
+    start = threading.Barrier(2)
+    outcomes: dict[int, str] = {}
+
+    def pay(n: int) -> None:
+        scheme = ChannelHubClientScheme(payers[n], DepositPolicy(multiple=2), max_opens=1)
+        requirements = PaymentRequirements(
+            scheme="channelhub",
+            network=f"eip155:{devnet.chain_id}",
+            asset=ETH,
+            amount="10",
+            pay_to=payees[n],
+            max_timeout_seconds=60,
+            extra={"hub": payers[n].hub.address},
+        )
+        start.wait()
+        try:
+            outcomes[n] = scheme.create_payment_payload(requirements)["cumulativeAmount"]
+        except BudgetExceededError as ex:
+            outcomes[n] = ex.code
+
+    nonce = w3.eth.get_transaction_count(accounts[14].address)
+    try:
+        threads = [threading.Thread(target=pay, args=(n,)) for n in range(2)]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join(timeout=120)
+        assert sorted(outcomes.values()) == ["10", "budget_exceeded"]
+        opened = [n for n, outcome in outcomes.items() if outcome == "10"]
+        assert [len(payers[0].open_channels(payee)) for payee in payees] == [1 if n in opened else 0 for n in range(2)]
+        assert w3.eth.get_transaction_count(accounts[14].address) == nonce + 1  # one open sent, nothing else
+    finally:
+        for payer in payers:
+            payer.shutdown()
 
 
 def test_an_open_the_chain_never_took_is_not_counted_against_max_opens(
