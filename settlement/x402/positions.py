@@ -23,7 +23,6 @@ a signature recovery for each payment it sent the payee.
 
 from __future__ import annotations
 
-import functools
 import time
 from collections import OrderedDict
 from dataclasses import dataclass
@@ -33,7 +32,7 @@ from x402.schemas import PaymentPayload, PaymentRequirements, SettleResponse
 
 from settlement.domain.model import ChannelId
 from settlement.eip712.vouchers import Domain, VoucherVerifier
-from settlement.x402.wire import SCHEME, PayloadError, VoucherPayload, answers, base_units, chain_id_of, same_address
+from settlement.x402.wire import SCHEME, PayloadError, VoucherPayload, answers, base_units, domain_of, same_address
 
 DOUBT_SECONDS = 60.0  # a channel whose payment was refused at settle: verified by the facilitator this long
 
@@ -86,7 +85,7 @@ class Positions:
         if requirements.scheme != SCHEME or not answers(payload.accepted, requirements):
             return None
         price = base_units(requirements.amount)
-        domain = _domain(requirements)
+        domain = domain_of(requirements)
         try:
             voucher = parsed or VoucherPayload.parse(payload.payload)
         except PayloadError:
@@ -126,7 +125,7 @@ class Positions:
         if not settled.payer or not isinstance(channel, dict):
             return
         cumulative, deposit = base_units(channel.get("cumulativeAmount")), base_units(channel.get("deposit"))
-        domain = _domain(requirements)
+        domain = domain_of(requirements)
         if cumulative != voucher.cumulative or deposit is None or domain is None or not is_address(settled.payer):
             return
         self._known[voucher.channel_id] = Position(
@@ -165,22 +164,3 @@ class Positions:
         if found is None:
             found = self._verifiers[domain] = VoucherVerifier(domain)
         return found
-
-
-def _domain(requirements: PaymentRequirements) -> Domain | None:
-    """The hub's EIP-712 domain, as the payee's own requirements name it (from its facilitator's /supported)."""
-    extra = requirements.extra or {}
-    hub, name, version = extra.get("hub"), extra.get("name"), extra.get("version")
-    if not (isinstance(hub, str) and isinstance(name, str) and isinstance(version, str)):
-        return None
-    return _named_domain(requirements.network, hub, name, version)
-
-
-@functools.lru_cache(maxsize=64)
-def _named_domain(network: str, hub: str, name: str, version: str) -> Domain | None:
-    """A payee names one or a few domains, once per paid request and per settle: checked once each (the address
-    check was most of the time)."""
-    chain_id = chain_id_of(network)
-    if chain_id is None or not is_address(hub):
-        return None
-    return Domain(chain_id, hub, name, version)

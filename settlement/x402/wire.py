@@ -14,13 +14,14 @@ from enum import StrEnum
 from functools import lru_cache
 from typing import Any
 
-from eth_utils.address import to_checksum_address
+from eth_utils.address import is_address, to_checksum_address
 from x402.extensions.payment_identifier import PAYMENT_ID_PATTERN, extract_payment_identifier
 from x402.http.utils import decode_payment_signature_header
 from x402.schemas import PaymentPayload, PaymentRequirements
 
 from settlement.chain.addresses import is_typed_address
 from settlement.domain.model import ChannelId, hex32_of, signature_of, uint256_of
+from settlement.eip712.vouchers import Domain
 
 SCHEME = "channelhub"
 # The ASGI scope extension through which settlement.x402.serving's protocol tells the payee's facilitator client
@@ -58,6 +59,25 @@ def chain_id_of(network: str) -> int | None:
     """The chain id of an `eip155:<chainId>` network in its one form (CAIP-2: at most 32 characters); else None."""
     digits = network.removeprefix(NETWORK_PREFIX)
     return int(digits) if network.startswith(NETWORK_PREFIX) and _CHAIN_ID.fullmatch(digits) else None
+
+
+def domain_of(requirements: PaymentRequirements) -> Domain | None:
+    """The hub's EIP-712 domain, as the payee's own requirements name it (from its facilitator's /supported)."""
+    extra = requirements.extra or {}
+    hub, name, version = extra.get("hub"), extra.get("name"), extra.get("version")
+    if not (isinstance(hub, str) and isinstance(name, str) and isinstance(version, str)):
+        return None
+    return _named_domain(requirements.network, hub, name, version)
+
+
+@lru_cache(maxsize=64)
+def _named_domain(network: str, hub: str, name: str, version: str) -> Domain | None:
+    """A payee names one or a few domains, once per paid request and per settle: checked once each (the address
+    check was most of the time)."""
+    chain_id = chain_id_of(network)
+    if chain_id is None or not is_address(hub):
+        return None
+    return Domain(chain_id, hub, name, version)
 
 
 def answers(accepted: PaymentRequirements, requirements: PaymentRequirements) -> bool:
