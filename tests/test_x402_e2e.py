@@ -35,6 +35,7 @@ from web3 import Web3
 from web3.contract import Contract
 from web3.types import RPCEndpoint, TxData
 from x402 import x402Client, x402ClientSync
+from x402.extensions.payment_identifier import append_payment_identifier_to_extensions
 from x402.http import x402HTTPClient
 from x402.http.clients import x402_httpx_transport, x402_requests, x402HttpxClient
 from x402.http.clients.httpx import PaymentError
@@ -44,7 +45,7 @@ from x402.http.utils import (
     encode_payment_required_header,
     encode_payment_signature_header,
 )
-from x402.schemas import PaymentPayload, PaymentRequired, PaymentRequirements
+from x402.schemas import PaymentCreationContext, PaymentPayload, PaymentRequired, PaymentRequirements
 
 from settlement.devtools.devnet import Devnet
 from settlement.domain.model import ChannelStatus, ChannelViewField
@@ -66,6 +67,7 @@ from settlement.x402.facilitator_client import CONNECT_TIMEOUT, SUPPORTED_RETRY
 from settlement.x402.fastapi import REFUNDS_WAITING
 from settlement.x402.refunds import REFUND_PATH, RefundDesk, ask_refund
 from settlement.x402.unanswered import UnansweredWire
+from settlement.x402.wire import VoucherPayload
 from tests.hub_helpers import (
     ETH,
     ROOT,
@@ -678,9 +680,11 @@ def test_a_payment_the_payee_cannot_send_its_facilitator_runs_no_handler_on_a_ch
 def test_a_payer_that_fails_its_own_settles_gets_one_handler_run_free_not_one_after_each_payment(
     devnet: Devnet, lane_rig: Callable[..., LaneRig]
 ) -> None:
-    """A payer sends its next voucher under a payment identifier it used before: the payee, which knows the channel,
-    vouches for the voucher itself and runs the handler; the facilitator refuses the settle (`voucher_replayed`: the
-    identifier's first payment stands) and the answer is withheld. The same voucher under a new identifier then pays,
+    """A payer sends its next voucher under a payment identifier it used before, with other credentials than the
+    request that identifier paid for (no answer is kept for it then: with the same ones it is x402's retry, answered
+    again, below). The payee, which knows the channel, vouches for the voucher itself and runs the handler; the
+    facilitator refuses the settle (`voucher_replayed`: the identifier's first payment stands) and the answer is
+    withheld. The same voucher under a new identifier then pays,
     the payee learns the channel again, and so on: a handler run free after each paid request. Now a channel refused
     at settle is verified by the facilitator for a minute (`Positions.doubt`), which refuses such a payment before
     the handler: one run free in all, three paid."""
@@ -692,7 +696,8 @@ def test_a_payer_that_fails_its_own_settles_gets_one_handler_run_free_not_one_af
     for paid in range(4):
         payment = next_payment(devnet, rig.payer, api, path)
         if paid:
-            reused = httpx.get(f"{api}{path}", headers=signature_header(payment, "identifier-00000000"))  # the first's
+            the_firsts = signature_header(payment, "identifier-00000000")
+            reused = httpx.get(f"{api}{path}", headers={**the_firsts, "Authorization": "Bearer another-session"})
             statuses.append((reused.status_code, "payment-required" in reused.headers))
         answer = httpx.get(f"{api}{path}", headers=signature_header(payment, f"identifier-{paid:08d}"))
         assert answer.status_code == 200, answer.text
@@ -1066,6 +1071,136 @@ def test_a_retried_payment_is_answered_again_by_another_process_of_the_payee_and
         assert anyone.status_code == 402
         assert json.loads(base64.b64decode(anyone.headers["payment-required"]))["error"] == "voucher_replayed"
     assert accepted_for(rig.service, payee) == PRICE
+
+
+def identified_by(x402: x402Client, identifier: list[str]) -> None:
+    """Have `x402` put `identifier[0]` on each payment it makes, as x402's documents show a payer app doing for one
+    logical request (a hook before each payment is made), so that sending the request again is the same payment."""
+
+    async def same_identifier(context: PaymentCreationContext) -> None:
+        required = context.payment_required
+        if isinstance(required, PaymentRequired) and required.extensions is not None:  # the payee declared it
+            append_payment_identifier_to_extensions(required.extensions, identifier[0])
+
+    x402.on_before_payment_creation(same_identifier)
+
+
+def test_the_official_client_retrying_as_x402s_documents_show_gets_the_answer_bought_and_pays_once(
+    devnet: Devnet, lane_rig: Callable[..., LaneRig]
+) -> None:
+    """x402's documents have a payer app keep one payment identifier per logical request and send the request again
+    through its x402 client to retry it: each attempt gets a 402 and a payment made afresh under that identifier (for
+    this scheme a new voucher, signed from the payer's position after the first). The payee kept answers by the exact
+    header, so such a retry ran the handler again (its side effect twice), was refused at settle and its answer
+    withheld: a 402 `voucher_replayed` for an answer paid for. Now each retry gets the answer the first payment bought,
+    byte for byte, charged nothing, the handler not run; the payer's position goes back to where the service has it
+    (the new voucher was not taken: before, the payer counted it spent), and its next request, under a new
+    identifier, pays exactly the price at the first try."""
+    rig = lane_rig("documented", max_lanes=1, script=ROOT / "tests" / "faulty_paid_api.py")
+    ((payee, api),) = rig.payees
+    path = "/reports/counted/documented"
+    x402 = paying_client(devnet, rig.scheme)
+    identifier = ["order-0000000000000001"]
+    identified_by(x402, identifier)
+
+    async def requests(n: int) -> list[httpx.Response]:
+        async with x402HttpxClient(x402, timeout=60) as http:
+            return [await http.get(f"{api}{path}") for _ in range(n)]
+
+    answers = asyncio.run(requests(3))
+    assert [(a.status_code, a.json()) for a in answers] == [(200, {"runs": 1})] * 3
+    assert len({a.headers["payment-response"] for a in answers}) == 1
+    assert httpx.get(f"{api}/runs/documented").json() == {"runs": 1}
+    assert accepted_for(rig.service, payee) == PRICE
+    assert (position_on_only_channel(rig.payer, payee), rig.payer.journal.spent(ETH, 0)) == (PRICE, PRICE)
+
+    identifier[0] = "order-0000000000000002"
+    (answer,) = asyncio.run(requests(1))
+    assert (answer.status_code, answer.json()) == (200, {"runs": 2})
+    assert accepted_for(rig.service, payee) == 2 * PRICE
+    assert (position_on_only_channel(rig.payer, payee), rig.payer.journal.spent(ETH, 0)) == (2 * PRICE, 2 * PRICE)
+    assert {call for call in x402_calls(rig.service) if not call.endswith(" ok")} == set()
+
+
+def test_attempts_of_one_request_paid_afresh_at_once_at_two_processes_get_one_answer_and_one_charge(
+    devnet: Devnet,
+    lane_rig: Callable[..., LaneRig],
+    paid_api: PaidApis,
+    monkeypatch: pytest.MonkeyPatch,
+    tmp_path: Path,
+) -> None:
+    """Four attempts of one logical request (one identifier) sent at once through x402's client, each paid afresh on
+    a channel of the payer's own (four are opened), at two processes of the payee sharing their kept answers: the
+    attempts that arrive while the first is answered wait for it, at either process, then get its answer. One
+    handler run, one price; each channel's position, at the payer, where the service has it. Before, each attempt
+    on another channel was a payment of its own (the service's idempotency key is per channel), charged."""
+    monkeypatch.setenv("PAID_ANSWERS", str(tmp_path / "answers.sqlite3"))
+    script = ROOT / "tests" / "faulty_paid_api.py"
+    rig = lane_rig("afresh", max_lanes=4, script=script)
+    ((payee, one),) = rig.payees
+    two = paid_api(rig.service, payee, script=script)
+    x402 = paying_client(devnet, rig.scheme)
+    identified_by(x402, ["order-0000000000000001"])
+
+    async def at_once() -> list[httpx.Response]:
+        async with x402HttpxClient(x402, timeout=60) as http:
+            attempts: list[httpx.Response] = await asyncio.gather(
+                *(http.get(f"{api}/reports/counted/afresh") for api in (one, two) * 2)
+            )
+            return attempts
+
+    answers = asyncio.run(at_once())
+    assert [(a.status_code, a.json()) for a in answers] == [(200, {"runs": 1})] * 4
+    assert len({a.headers["payment-response"] for a in answers}) == 1
+    assert sum(httpx.get(f"{api}/runs/afresh").json()["runs"] for api in (one, two)) == 1
+    assert accepted_for(rig.service, payee) == PRICE
+    channels = rig.payer.open_channels(payee)
+    service_positions = sorted(int(c["acceptedCumulativeAmount"]) for c in channels)
+    assert service_positions == [0, 0, 0, PRICE]
+    assert sorted(rig.payer.position(rig.payer.channel(c["channelId"])) for c in channels) == service_positions
+    assert rig.payer.journal.spent(ETH, 0) == PRICE
+
+
+def test_another_payment_under_an_identifier_that_bought_an_answer_is_a_409_and_buys_nothing(
+    devnet: Devnet,
+    lane_rig: Callable[..., LaneRig],
+    accounts: list[LocalAccount],
+    payer_for: Callable[..., PayerClient],
+) -> None:
+    """x402's rule for "same id, different payload": 409 Conflict. A payment under an identifier whose answer the
+    payee keeps, for the same route and credentials, is given that answer only when the first payment's payer signed
+    it for the same requirements. Another payer's payment, the payer's channel and amount signed by someone else,
+    and the payer's own voucher for other requirements are each a 409 `idempotency_key_reused`: the kept answer not
+    given, the handler not run, nothing settled (each then pays under an identifier of its own)."""
+    rig = lane_rig("conflict", max_lanes=1, script=ROOT / "tests" / "faulty_paid_api.py")
+    ((payee, api),) = rig.payees
+    path, signed_in = "/reports/counted/conflict", {"Authorization": "Bearer the-payers-own"}
+
+    def get(payment: PaymentPayload, identifier: str) -> httpx.Response:
+        return httpx.get(f"{api}{path}", headers={**signature_header(payment, identifier), **signed_in})
+
+    first = get(next_payment(devnet, rig.payer, api, path), "order-0000000000000001")
+    assert (first.status_code, first.json()) == (200, {"runs": 1})
+    other = next_payment(devnet, payer_for(accounts[15], rig.service, journal="other"), api, path)
+    again = next_payment(devnet, rig.payer, api, path)
+    forged = again.model_copy(deep=True)
+    voucher = VoucherPayload.parse(forged.payload)
+    forger = VoucherSigner(Account.create(), rig.payer.domain)
+    forged.payload["signature"] = "0x" + forger.sign(bytes.fromhex(voucher.channel_id[2:]), voucher.cumulative).hex()
+    repriced = again.model_copy(update={"accepted": again.accepted.model_copy(update={"amount": str(2 * PRICE)})})
+    for payment in (other, forged, repriced):
+        conflict = get(payment, "order-0000000000000001")
+        assert (conflict.status_code, conflict.json()["error"]) == (409, "idempotency_key_reused"), conflict.text
+        assert "payment-response" not in conflict.headers
+    assert httpx.get(f"{api}/runs/conflict").json() == {"runs": 1}
+    assert accepted_for(rig.service, payee) == PRICE
+
+    retried = get(again, "order-0000000000000001")  # the payer's own, made afresh: the answer bought, not settled
+    assert (retried.status_code, retried.content) == (200, first.content)
+    assert retried.headers["payment-response"] == first.headers["payment-response"]
+    paid = [get(payment, f"order-{n:016d}").json() for n, payment in enumerate((other, again), start=2)]
+    assert paid == [{"runs": 2}, {"runs": 3}]
+    assert accepted_for(rig.service, payee) == 3 * PRICE
 
 
 def test_a_restarted_payer_and_a_second_device_pay_on_without_paying_twice(

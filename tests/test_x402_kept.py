@@ -70,6 +70,46 @@ def test_copies_sent_to_two_processes_at_once_pay_once(tmp_path: Path) -> None:
     assert asyncio.run(run()) == ([(200, b"answer 1", "receipt-1")] * 4, 1)
 
 
+def test_another_payload_under_a_kept_payments_key_waits_and_is_refused_409_at_either_process(tmp_path: Path) -> None:
+    """Copies of a payment's key (its route, credentials and identifier) sent while the first is answered, two at the
+    other process: the one with the first's header gets the answer bought, the one whose payload is not the first
+    payer's (here no payment at all) a 409 `idempotency_key_reused` once the first is answered; one handler run. The
+    header that bought an answer is kept with it in the file: another process judges the copies by it."""
+
+    async def run() -> tuple[list[tuple[int, bytes, str | None]], int, int]:
+        one, two = PaidAnswers(path=tmp_path / "answers.sqlite3"), PaidAnswers(path=tmp_path / "answers.sqlite3")
+        first, others = Handler(), Handler()
+        copies = [
+            asyncio.create_task(one.answer(KEY, first, "the-first")),
+            asyncio.create_task(two.answer(KEY, others, "the-first")),
+            asyncio.create_task(two.answer(KEY, others, "another")),
+            asyncio.create_task(one.answer(KEY, others, "another")),
+        ]
+        await settle_soon(first, others)
+        return [answered(a) for a in await asyncio.gather(*copies)], first.paid, others.paid
+
+    reused = (409, b'{"error":"idempotency_key_reused","message":"this payment identifier bought an answer with another'
+              b' payment: a new payment needs a new identifier"}', None)  # fmt: skip
+    assert asyncio.run(run()) == ([(200, b"answer 1", "receipt-1")] * 2 + [reused] * 2, 1, 0)
+
+
+def test_a_file_kept_before_answers_carried_their_payment_takes_them_now(tmp_path: Path) -> None:
+    """A file an earlier version made has no column for the header that bought each answer: it is added, not a
+    failure at each write (the app would have answered as if it had no file)."""
+    path = tmp_path / "answers.sqlite3"
+    with sqlite3.connect(path) as old:
+        old.execute(
+            "CREATE TABLE answers (key TEXT PRIMARY KEY, status INTEGER NOT NULL, headers TEXT NOT NULL,"
+            " body BLOB NOT NULL, size INTEGER NOT NULL, expires REAL NOT NULL)"
+        )
+        old.execute("INSERT INTO answers VALUES ('old', 200, '[]', x'00', 1, 1e12)")
+    shared = SharedAnswers(path)
+    answer = KeptAnswer(200, [(b"payment-response", b"r")], b"new", "its-payment")
+    assert shared.claim(KEY)
+    shared.keep(KEY, answer, ttl=60, max_bytes=300)
+    assert (shared.get(KEY), shared.get("old")) == (answer, KeptAnswer(200, [], b"\x00", ""))
+
+
 def test_an_answer_not_kept_lets_the_waiting_process_pay_for_itself(tmp_path: Path) -> None:
     """The first process's answer was a refusal (nothing settled, nothing kept): the copy waiting at the other
     process is judged on its own once the claim is released."""

@@ -322,7 +322,14 @@ class ChannelHubClientScheme:
         try:
             if settled is not None and settled.success:
                 receipt = (settled.extra or {}).get("receipt")
-                self.payer.concluded(lane.channel, lane.key, receipt if isinstance(receipt, dict) else {})
+                receipt = receipt if isinstance(receipt, dict) else {}
+                if _for_another(receipt, voucher):
+                    # The answer an earlier payment under this payment's identifier bought, given again (x402's
+                    # retry of a logical request with a payment made afresh): this voucher was not taken. Where the
+                    # channel stands, and so this payment's fate, is the service's word, not the payee's.
+                    self.payer.resynchronise(lane.channel)
+                    return None
+                self.payer.concluded(lane.channel, lane.key, receipt)
                 return None
             # Refused, in the payee's word. A hostile payee can store the voucher at the service and still answer
             # a refusal, so the payment stays pending (counted against the budgets) until the service proves its
@@ -698,6 +705,14 @@ class PaymentIdentifiers:
             return payload
         extensions = dict(payload.extensions or {}) | {PAYMENT_IDENTIFIER: declared}
         return payload.model_copy(update={"extensions": append_payment_identifier_to_extensions(extensions)})
+
+
+def _for_another(receipt: dict[str, Any], voucher: VoucherPayload) -> bool:
+    """Whether a receipt names another voucher than `voucher` (a receipt without those fields names none)."""
+    channel, cumulative = receipt.get("channelId"), receipt.get("cumulativeAmount")
+    return (isinstance(channel, str) and channel.lower() != voucher.channel_id.lower()) or (
+        isinstance(cumulative, str) and cumulative != str(voucher.cumulative)
+    )
 
 
 def _idle(lanes: list[Lane]) -> Lane | None:

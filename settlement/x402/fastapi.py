@@ -93,10 +93,10 @@ class PaymentMiddleware(PaymentMiddlewareASGI):
         self.answers = answers if answers is not None else PaidAnswers()
 
     async def dispatch(self, request: Request, call_next: Callable[[Request], Awaitable[Response]]) -> Response:
-        key = self.answers.key_of(request)
-        if key is None:
+        paying = self.answers.key_of(request)
+        if paying is None:
             return await self._paid(request, call_next)
-        return await self.answers.answer(key, lambda: self._paid(request, call_next))
+        return await self.answers.answer(paying.key, lambda: self._paid(request, call_next), paying.header)
 
     async def _paid(self, request: Request, call_next: Callable[[Request], Awaitable[Response]]) -> Response:
         exchange = Exchange(request)

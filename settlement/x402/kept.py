@@ -28,11 +28,13 @@ CLAIM_SECONDS = 60.0  # longest a process may take to answer a paid request (its
 
 @dataclass(frozen=True)
 class KeptAnswer:
-    """A paid answer as it went out: its status, its raw headers and its body."""
+    """A paid answer as it went out: its status, its raw headers and its body; and the `PAYMENT-SIGNATURE` header of
+    the payment that bought it (a copy of the payment under its identifier with another payload is judged by it)."""
 
     status: int
     headers: list[tuple[bytes, bytes]]
     body: bytes
+    paid_with: str = ""
 
 
 class SharedAnswers:
@@ -70,6 +72,9 @@ class SharedAnswers:
                 CREATE TABLE IF NOT EXISTS claims (key TEXT PRIMARY KEY, owner TEXT NOT NULL, until REAL NOT NULL);
                 """
             )
+            if "paid_with" not in {column for _, column, *_ in db.execute("PRAGMA table_info(answers)")}:
+                # A file kept before 2026-12-08 (keyed by the header; its rows are never asked for again).
+                db.execute("ALTER TABLE answers ADD COLUMN paid_with TEXT NOT NULL DEFAULT ''")
             self._db, self._pid = db, os.getpid()
         return self._db
 
@@ -77,13 +82,17 @@ class SharedAnswers:
         with self._lock:
             row = (
                 self._open()
-                .execute("SELECT status, headers, body FROM answers WHERE key = ? AND expires >= ?", (key, time.time()))
+                .execute(
+                    "SELECT status, headers, body, paid_with FROM answers WHERE key = ? AND expires >= ?",
+                    (key, time.time()),
+                )
                 .fetchone()
             )
         if row is None:
             return None
-        status, headers, body = row
-        return KeptAnswer(status, [(k.encode("latin-1"), v.encode("latin-1")) for k, v in json.loads(headers)], body)
+        status, headers, body, paid_with = row
+        raw = [(k.encode("latin-1"), v.encode("latin-1")) for k, v in json.loads(headers)]
+        return KeptAnswer(status, raw, body, paid_with)
 
     def claim(self, key: str) -> bool:
         """Whether this process may answer the payment now: no other process holds its claim (or the claim ran out)."""
@@ -113,8 +122,9 @@ class SharedAnswers:
                 _drop(db, "SELECT key, size FROM answers WHERE key = ? OR expires < ?", (key, now))
                 db.execute("DELETE FROM claims WHERE until < ?", (now,))
                 db.execute(
-                    "INSERT INTO answers (key, status, headers, body, size, expires) VALUES (?, ?, ?, ?, ?, ?)",
-                    (key, answer.status, headers, answer.body, len(answer.body), now + ttl),
+                    "INSERT INTO answers (key, status, headers, body, size, expires, paid_with)"
+                    " VALUES (?, ?, ?, ?, ?, ?, ?)",
+                    (key, answer.status, headers, answer.body, len(answer.body), now + ttl, answer.paid_with),
                 )
                 db.execute("UPDATE kept SET bytes = bytes + ?", (len(answer.body),))
                 while db.execute("SELECT bytes FROM kept").fetchone()[0] > max_bytes:  # the first to expire go
