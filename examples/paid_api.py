@@ -51,9 +51,8 @@ app = FastAPI(title="a paid API", lifespan=facilitator.lifespan, max_body_size=6
 # A retried payment (same identifier) gets the answer it bought, kept by the process that served it; an app served by
 # several processes (uvicorn --workers) shares them through a file: PAID_ANSWERS=/var/lib/paid-api/answers.sqlite3.
 answers = PaidAnswers(path=os.environ.get("PAID_ANSWERS") or None)
-app.add_middleware(
-    PaymentMiddleware, routes={"GET /weather": paid, "GET /reports/*": paid}, server=server, answers=answers
-)
+routes = {"GET /weather": paid, "GET /reports/*": paid}
+app.add_middleware(PaymentMiddleware, routes=routes, server=server, answers=answers)
 
 
 # Handlers that do not block are `async def`: FastAPI runs a plain `def` on a worker thread, a hand-off that cost

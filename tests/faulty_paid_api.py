@@ -1,8 +1,8 @@
 """examples/paid_api.py with more paid routes that fail the ways a payee's own code can: a handler that raises, a
 streamed answer whose body breaks after its first chunk, a handler slower than its payer waits (SLOW_SECONDS), a
 route that has moved (a redirect, as Starlette's router also answers a paid URL with a trailing slash), and a 304.
-And paid routes whose handlers count their runs (their side effect; one answers HEAD too), with a free route that
-tells the count.
+And paid routes whose handlers count their runs (their side effect; one answers HEAD too; one requires x402's
+payment identifier), with a free route that tells the count.
 None is the response the payer paid for, so none may be charged (tests/test_x402_e2e.py runs it as it runs the
 example). And a paid route that reads its request's body, served with a body bound of 1 s (10 by default) so that
 the tests of slow bodies take seconds. With SETTLE_ONE_BY_ONE set, its facilitator client settles each payment
@@ -22,6 +22,8 @@ from pathlib import Path
 import uvicorn
 from fastapi import FastAPI, Request, Response, WebSocket
 from fastapi.responses import RedirectResponse, StreamingResponse
+from x402.extensions.payment_identifier import PAYMENT_IDENTIFIER, declare_payment_identifier_extension
+from x402.http.types import RouteConfig
 
 from settlement.x402.serving import bounded_protocol
 from settlement.x402.unseen import UnseenBudget
@@ -72,6 +74,17 @@ async def uploaded(request: Request, think: float = 0.0) -> dict[str, int]:
 
 
 RUNS: Counter[str] = Counter()  # each counted handler's runs, by name
+# Paid as the example's routes are, and only with a payment identifier (an order: placed once, whatever the retries).
+example["routes"]["GET /orders/*"] = RouteConfig(
+    accepts=example["paid"].accepts,
+    extensions={PAYMENT_IDENTIFIER: declare_payment_identifier_extension(required=True)},
+)
+
+
+@app.get("/orders/{name}")
+async def order(name: str) -> dict[str, int]:
+    RUNS[name] += 1
+    return {"runs": RUNS[name]}
 
 
 @app.get("/reports/counted/{name}")  # a handler with a side effect (an SMS sent, an order placed), then its answer

@@ -496,10 +496,11 @@ def next_payment(devnet: Devnet, payer: PayerClient, api: str, path: str) -> Pay
     return payment_for(api, paying_client(devnet, ChannelHubClientScheme(payer)), path)
 
 
-def signature_header(payment: PaymentPayload, identifier: str | None = None) -> dict[str, str]:
-    """The PAYMENT-SIGNATURE header of `payment`, under x402's payment `identifier` when one is given."""
+def signature_header(payment: PaymentPayload, identifier: str | None = None, required: bool = False) -> dict[str, str]:
+    """The PAYMENT-SIGNATURE header of `payment`, under x402's payment `identifier` when one is given (echoing a
+    declaration that it is `required` or not)."""
     if identifier is not None:
-        named = {"payment-identifier": {"info": {"required": False, "id": identifier}}}
+        named = {"payment-identifier": {"info": {"required": required, "id": identifier}}}
         payment = payment.model_copy(update={"extensions": named})
     return {"PAYMENT-SIGNATURE": encode_payment_signature_header(payment)}
 
@@ -1201,6 +1202,45 @@ def test_another_payment_under_an_identifier_that_bought_an_answer_is_a_409_and_
     paid = [get(payment, f"order-{n:016d}").json() for n, payment in enumerate((other, again), start=2)]
     assert paid == [{"runs": 2}, {"runs": 3}]
     assert accepted_for(rig.service, payee) == 3 * PRICE
+
+
+def test_a_route_that_requires_the_payment_identifier_answers_a_payment_without_one_400_and_runs_nothing(
+    devnet: Devnet, lane_rig: Callable[..., LaneRig]
+) -> None:
+    """x402's rule for a route that declares the payment identifier required: a payment without one is a 400. x402's
+    middleware declared it in the 402 and then took such a payment: the handler ran and the payment was charged (an
+    order placed that no retry could be matched to). Now a payment with none, or with one that breaks the extension's
+    rules, is a 400 `payment_identifier_required`, nothing verified, run or charged; the same voucher under an
+    identifier then pays, and an x402 client that registers `PaymentIdentifiers` pays at its first try."""
+    rig = lane_rig("required", max_lanes=1, script=ROOT / "tests" / "faulty_paid_api.py")
+    ((payee, api),) = rig.payees
+    path = "/orders/required"
+    unpaid = httpx.get(f"{api}{path}")
+    assert unpaid.status_code == 402
+    declared = json.loads(base64.b64decode(unpaid.headers["payment-required"]))["extensions"]["payment-identifier"]
+    assert declared["info"] == {"required": True}
+
+    payment = next_payment(devnet, rig.payer, api, path)
+    assert payment.extensions is not None and "id" not in payment.extensions["payment-identifier"]["info"]
+    for headers in (signature_header(payment), signature_header(payment, "too-short", required=True)):
+        refused = httpx.get(f"{api}{path}", headers=headers)
+        assert (refused.status_code, refused.json()["error"]) == (400, "payment_identifier_required"), refused.text
+    assert httpx.get(f"{api}/runs/required").json() == {"runs": 0}
+    assert accepted_for(rig.service, payee) == 0
+
+    paid = httpx.get(f"{api}{path}", headers=signature_header(payment, "order-0000000000000001", required=True))
+    assert (paid.status_code, paid.json()) == (200, {"runs": 1})
+    x402 = paying_client(devnet, rig.scheme)
+    x402.register_extension(PaymentIdentifiers())
+
+    async def identified() -> httpx.Response:
+        async with x402HttpxClient(x402, timeout=60) as http:
+            answer: httpx.Response = await http.get(f"{api}{path}")
+            return answer
+
+    answer = asyncio.run(identified())
+    assert (answer.status_code, answer.json()) == (200, {"runs": 2})
+    assert accepted_for(rig.service, payee) == 2 * PRICE
 
 
 def test_a_restarted_payer_and_a_second_device_pay_on_without_paying_twice(

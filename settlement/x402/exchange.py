@@ -1,7 +1,8 @@
 """One paid request as the payee's guard sees it: `PaymentMiddleware` (settlement.x402.fastapi) makes it, and the
 facilitator client under x402's middleware (settlement.x402.facilitator_client) writes into it what x402's own
-interfaces cannot carry back (the facilitator could not judge the payment; the client is over its budget), so that the
-middleware answers 503 or 429 instead of x402's 402, 500 or 502."""
+interfaces cannot carry back (the facilitator could not judge the payment; the client is over its budget; the payment
+lacks the identifier its route requires), so that the middleware answers 503, 429 or 400 instead of x402's 402, 500 or
+502."""
 
 from __future__ import annotations
 
@@ -32,6 +33,7 @@ class Exchange:
     request: Request
     failure: str | None = None  # the facilitator could not judge the payment: the answer is a 503
     limited: Limited | None = None  # or the client or the channel is over a budget: a 429
+    unidentified: bool = False  # or the route requires a payment identifier and the payment has none: a 400
     sent_whole: bool = False  # the app sent its answer's last part
     failed: Exception | None = None  # or raised this instead
     claimed: Voucher | None = None  # the voucher this request's verify claimed, until the request ends

@@ -15,6 +15,10 @@ answers 500, as for a handler that raises at once) and nothing is settled.
 
 A `HEAD` of a paid `GET` route is paid as the `GET` is: Starlette answers it with the `GET` handler.
 
+A route that declares x402's payment identifier required (`declare_payment_identifier_extension(required=True)`)
+answers a payment without one **400** `payment_identifier_required`, as x402's specification says, before anything is
+verified: x402's middleware declares it and lets such a payment through.
+
 And only a 2xx answer is settled: x402 settles every answer below 400, so a redirect was charged, and a payer that
 followed it paid again where it landed. A redirect (or a 304) is sent as the app gave it, unsettled.
 
@@ -37,9 +41,11 @@ from fastapi.responses import JSONResponse
 from starlette.requests import ClientDisconnect
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 from x402 import x402ResourceServer
+from x402.extensions.payment_identifier import PAYMENT_IDENTIFIER, is_payment_identifier_required
 from x402.http import PaywallConfig
 from x402.http.middleware.fastapi import PaymentMiddlewareASGI
 from x402.http.types import RoutesConfig
+from x402.schemas import AbortResult, PaymentPayload, VerifyContext
 
 from settlement.chain.addresses import checksummed
 from settlement.domain.clients import client_of
@@ -55,7 +61,7 @@ from settlement.x402.facilitator_client import (
 from settlement.x402.paid_answers import PaidAnswers
 from settlement.x402.refunds import MAX_TTL, REFUND_PATH, RefundDesk
 from settlement.x402.seldom import Seldom
-from settlement.x402.wire import SCHEME, Reason
+from settlement.x402.wire import SCHEME, Reason, payment_identifier
 
 __all__ = ["ChannelHubFacilitatorClient", "PaidAnswers", "PaymentMiddleware", "refund_router"]
 
@@ -89,6 +95,7 @@ class PaymentMiddleware(PaymentMiddlewareASGI):
         answers: PaidAnswers | None = None,
     ) -> None:
         _check_pay_to(routes)
+        server.on_before_verify(_identifier_required)
         super().__init__(_watched(app), _head_paid_as_get(routes), server, paywall_config)
         self.answers = answers if answers is not None else PaidAnswers()
 
@@ -121,6 +128,11 @@ class PaymentMiddleware(PaymentMiddlewareASGI):
                 status_code=RateLimitedError.status,
                 headers={"Retry-After": str(exchange.limited.wait)},
             )
+        if exchange.unidentified:
+            return JSONResponse(
+                {"error": Reason.IDENTIFIER_REQUIRED, "message": "this route requires x402's payment identifier"},
+                status_code=400,
+            )
         if exchange.failure is not None:
             return JSONResponse(
                 {"error": Reason.UNAVAILABLE, "message": exchange.failure},
@@ -128,6 +140,21 @@ class PaymentMiddleware(PaymentMiddlewareASGI):
                 headers={"Retry-After": str(RETRY_AFTER_SECONDS)},
             )
         return response
+
+
+def _identifier_required(context: VerifyContext) -> AbortResult | None:
+    """x402's hook before a payment is verified: a payment without a valid payment identifier, on a route that
+    declares it required, is not verified (the answer is a 400: `PaymentMiddleware`)."""
+    declared = (context.declared_extensions or {}).get(PAYMENT_IDENTIFIER)
+    if declared is None or not is_payment_identifier_required(declared):
+        return None
+    payment = context.payment_payload
+    if isinstance(payment, PaymentPayload) and payment_identifier(payment) is not None:
+        return None
+    exchange = EXCHANGE.get()
+    if exchange is not None:
+        exchange.unidentified = True
+    return AbortResult(reason=Reason.IDENTIFIER_REQUIRED, message="this route requires x402's payment identifier")
 
 
 def _check_pay_to(routes: RoutesConfig) -> None:

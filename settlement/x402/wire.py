@@ -48,6 +48,7 @@ class Reason(StrEnum):
     WRONG_ASSET = "wrong_asset"  # the channel is in another asset
     VOUCHER_REPLAYED = "voucher_replayed"  # this voucher already bought a response
     UNAVAILABLE = "facilitator_unavailable"  # the store or the chain does not answer: retry later
+    IDENTIFIER_REQUIRED = "payment_identifier_required"  # the route requires x402's payment identifier: the payee's 400
 
 
 def network_of(chain_id: int) -> str:
