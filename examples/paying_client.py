@@ -27,7 +27,9 @@ async def main(url: str, times: int) -> None:
     network = f"eip155:{payer.domain.chain_id}"
     x402 = x402Client()
     x402.register(network, ChannelHubClientScheme(payer))
-    x402.register_extension(PaymentIdentifiers())  # a retried payment is answered again, charged once
+    # A retried payment is answered again, charged once; an app that retries a request itself (after a timeout, an
+    # answer lost) makes its attempts one payment inside `with PaymentIdentifiers.one_request(): ...`.
+    x402.register_extension(PaymentIdentifiers())
     # x402's spend controls: which assets may be paid at all, and at most how much per request (here 0.001 ETH).
     x402.set_spend_controls(
         {"allowed_assets": [{"network": network, "asset": ETH, "max_amount_per_payment": str(10**15)}]}

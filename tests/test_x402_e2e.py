@@ -1162,6 +1162,52 @@ def test_attempts_of_one_request_paid_afresh_at_once_at_two_processes_get_one_an
     assert rig.payer.journal.spent(ETH, 0) == PRICE
 
 
+def test_an_apps_own_retry_of_a_request_whose_answer_was_lost_is_one_payment_inside_one_request(
+    devnet: Devnet, lane_rig: Callable[..., LaneRig]
+) -> None:
+    """The payee settles a paid request and its answer is lost on the way (a proxy closes the connection): the payer
+    app sees a transport error and sends the request again itself. Each attempt carried an identifier of its own
+    (`PaymentIdentifiers`), so the retry was a payment of its own: two prices, two handler runs, for one answer (as
+    it still is outside `one_request`, below). Inside `PaymentIdentifiers.one_request()` both attempts carry one
+    identifier: the retry gets the answer the first bought, one handler run, one price, and the payer's position and
+    spending count it once. Connections are not kept alive here, so the transport does not send the request again
+    itself (`Resending` sends only one lost on a kept-alive connection)."""
+    rig = lane_rig("lost", max_lanes=1, script=ROOT / "tests" / "faulty_paid_api.py")
+    ((payee, api),) = rig.payees
+    x402 = paying_client(devnet, rig.scheme)
+    x402.register_extension(PaymentIdentifiers())
+    network = httpx.AsyncHTTPTransport(limits=httpx.Limits(max_keepalive_connections=0))
+
+    async def attempts(url: str) -> tuple[int, httpx.Response]:
+        tried = 0
+        async with httpx.AsyncClient(transport=paying_wire("x402", x402, rig.scheme, network), timeout=60) as http:
+            while True:
+                tried += 1
+                try:
+                    return tried, await http.get(url)
+                except PaymentError as lost:  # x402's transport wraps the connection's error
+                    assert tried == 1 and isinstance(lost.__cause__, httpx.RemoteProtocolError), lost
+
+    with TcpProxy(int(api.rsplit(":", 1)[1])) as proxy:
+        for name, paid in (("alone", 2 * PRICE), ("one-request", 3 * PRICE)):
+            proxy.lose_answer(b"PAYMENT-SIGNATURE")
+            if name == "alone":
+                tried, answer = asyncio.run(attempts(f"{proxy.url}/reports/counted/{name}"))
+            else:
+                with PaymentIdentifiers.one_request() as identifier:
+                    tried, answer = asyncio.run(attempts(f"{proxy.url}/reports/counted/{name}"))
+                assert len(identifier) >= 16
+            runs = 2 if name == "alone" else 1
+            assert (tried, answer.status_code, answer.json()) == (2, 200, {"runs": runs})
+            assert httpx.get(f"{api}/runs/{name}").json() == {"runs": runs}
+            assert accepted_for(rig.service, payee) == paid
+            assert (position_on_only_channel(rig.payer, payee), rig.payer.journal.spent(ETH, 0)) == (paid, paid)
+        assert proxy.lost == 2
+    with pytest.raises(ValueError, match="16-128"):
+        with PaymentIdentifiers.one_request("too-short"):
+            pass
+
+
 def test_another_payment_under_an_identifier_that_bought_an_answer_is_a_409_and_buys_nothing(
     devnet: Devnet,
     lane_rig: Callable[..., LaneRig],

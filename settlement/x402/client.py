@@ -33,13 +33,18 @@ from collections import Counter, OrderedDict
 from collections.abc import Callable, Coroutine, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
+from contextvars import ContextVar
 from dataclasses import dataclass, field
 from types import SimpleNamespace
 from typing import Any, ClassVar, NamedTuple, TypeVar
 
 from eth_utils.address import to_checksum_address
 from pydantic_core import PydanticSerializationError, to_json
-from x402.extensions.payment_identifier import PAYMENT_IDENTIFIER, append_payment_identifier_to_extensions
+from x402.extensions.payment_identifier import (
+    PAYMENT_IDENTIFIER,
+    append_payment_identifier_to_extensions,
+    generate_payment_id,
+)
 from x402.interfaces import PaymentPayloadContext
 from x402.schemas import (
     PaymentCreationContext,
@@ -62,9 +67,18 @@ from settlement.errors import (
 from settlement.sdk.answers import service_amount, service_channel_id, service_int, service_salt
 from settlement.sdk.journal import LONGEST_PERIOD, Budget
 from settlement.sdk.payer import Authorized, ChannelRef, PayerClient, Reclaim
-from settlement.x402.wire import SCHEME, PayloadError, VoucherPayload, base_units, network_of, same_address
+from settlement.x402.wire import (
+    SCHEME,
+    PayloadError,
+    VoucherPayload,
+    base_units,
+    is_payment_id,
+    network_of,
+    same_address,
+)
 
 T = TypeVar("T")
+_ONE_REQUEST: ContextVar[str | None] = ContextVar("channelhub_one_request", default=None)  # PaymentIdentifiers
 PREPARED_KEPT = 1024  # payments made ahead by the hook and not yet handed over (aborted ones fall out oldest first)
 # Refusals after which the payer's position is re-read and the payment tried once more.
 STALE_REASONS = frozenset({"overpayment", "underpayment", "stale_voucher", "voucher_replayed"})
@@ -691,9 +705,10 @@ class ChannelHubClientScheme:
 
 
 class PaymentIdentifiers:
-    """An x402 client extension (`x402Client.register_extension`): each payment carries a fresh identifier when the
-    payee declares x402's `payment-identifier` extension, so that sending the same paid request again (a lost
-    answer, a timeout) is recognised as the same payment: answered again, charged once (docs/x402.md)."""
+    """An x402 client extension (`x402Client.register_extension`): each payment carries an identifier when the payee
+    declares x402's `payment-identifier` extension, so that sending the same paid request again (a lost answer, a
+    timeout) is recognised as the same payment: answered again, charged once (docs/x402.md). A fresh one for each
+    payment, or inside `one_request` the same one for every attempt of one logical request."""
 
     key = PAYMENT_IDENTIFIER
     hooks = None  # no lifecycle hooks: the payload carries it all
@@ -704,7 +719,25 @@ class PaymentIdentifiers:
         if declared is None:
             return payload
         extensions = dict(payload.extensions or {}) | {PAYMENT_IDENTIFIER: declared}
-        return payload.model_copy(update={"extensions": append_payment_identifier_to_extensions(extensions)})
+        identified = append_payment_identifier_to_extensions(extensions, _ONE_REQUEST.get())
+        return payload.model_copy(update={"extensions": identified})
+
+    @staticmethod
+    @contextmanager
+    def one_request(identifier: str | None = None) -> Iterator[str]:
+        """Inside, every payment carries `identifier` (or one made now, given back): x402's logical request, whose
+        attempts are one payment. An app's own retry of a request whose answer it never got (a timeout, a connection
+        lost after the payee settled; a POST, which the transport does not send again) is then answered with what the
+        first attempt bought, charged once; each attempt outside pays anew. One logical request inside: two different
+        requests to one route inside get one answer."""
+        chosen = identifier if identifier is not None else generate_payment_id()
+        if not is_payment_id(chosen):
+            raise ValueError("a payment identifier is 16-128 of A-Z, a-z, 0-9, _ and -")
+        token = _ONE_REQUEST.set(chosen)
+        try:
+            yield chosen
+        finally:
+            _ONE_REQUEST.reset(token)
 
 
 def _for_another(receipt: dict[str, Any], voucher: VoucherPayload) -> bool:

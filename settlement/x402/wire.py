@@ -15,7 +15,7 @@ from functools import lru_cache
 from typing import Any
 
 from eth_utils.address import is_address, to_checksum_address
-from x402.extensions.payment_identifier import PAYMENT_ID_PATTERN, extract_payment_identifier
+from x402.extensions.payment_identifier import PAYMENT_ID_PATTERN, extract_payment_identifier, is_valid_payment_id
 from x402.http.utils import decode_payment_signature_header
 from x402.schemas import PaymentPayload, PaymentRequirements
 
@@ -168,6 +168,11 @@ def payment_identifier_in(header: object) -> str | None:
     """The valid x402 payment identifier of the payment a `PAYMENT-SIGNATURE` header carries, if any."""
     payment = payment_in(header)
     return None if payment is None else payment_identifier(payment)
+
+
+def is_payment_id(text: str) -> bool:
+    """Whether `text` is a payment identifier by the extension's rules (16-128 of `[a-zA-Z0-9_-]`), matched whole."""
+    return is_valid_payment_id(text) and PAYMENT_ID_PATTERN.fullmatch(text) is not None
 
 
 def payment_identifier(payment: PaymentPayload) -> str | None:
