@@ -68,6 +68,7 @@ __all__ = ["ChannelHubFacilitatorClient", "PaidAnswers", "PaymentMiddleware", "r
 logger = logging.getLogger(__name__)
 
 RETRY_AFTER_SECONDS = 1
+IDENTIFIER_REQUIRED = "this route requires x402's payment identifier (16-128 of A-Z, a-z, 0-9, _ and -)"
 REFUNDS_WAITING = 32  # refund requests waiting for the one being made, at most; past that, 429 at once
 
 
@@ -131,7 +132,7 @@ class PaymentMiddleware(PaymentMiddlewareASGI):
             )
         if exchange.unidentified:
             return JSONResponse(
-                {"error": Reason.IDENTIFIER_REQUIRED, "message": "this route requires x402's payment identifier"},
+                {"error": Reason.IDENTIFIER_REQUIRED, "message": IDENTIFIER_REQUIRED},
                 status_code=400,
             )
         if exchange.failure is not None:
@@ -155,7 +156,7 @@ def _identifier_required(context: VerifyContext) -> AbortResult | None:
     exchange = EXCHANGE.get()
     if exchange is not None:
         exchange.unidentified = True
-    return AbortResult(reason=Reason.IDENTIFIER_REQUIRED, message="this route requires x402's payment identifier")
+    return AbortResult(reason=Reason.IDENTIFIER_REQUIRED, message=IDENTIFIER_REQUIRED)
 
 
 def _check_pay_to(routes: RoutesConfig) -> None:

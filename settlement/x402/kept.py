@@ -74,7 +74,11 @@ class SharedAnswers:
             )
             if "paid_with" not in {column for _, column, *_ in db.execute("PRAGMA table_info(answers)")}:
                 # A file kept before 2026-12-08 (keyed by the header; its rows are never asked for again).
-                db.execute("ALTER TABLE answers ADD COLUMN paid_with TEXT NOT NULL DEFAULT ''")
+                try:
+                    db.execute("ALTER TABLE answers ADD COLUMN paid_with TEXT NOT NULL DEFAULT ''")
+                except sqlite3.OperationalError as ex:  # another process starting on the file added it first
+                    if "duplicate column" not in str(ex):
+                        raise
             self._db, self._pid = db, os.getpid()
         return self._db
 
