@@ -1218,7 +1218,8 @@ def test_another_payment_under_an_identifier_that_bought_an_answer_is_a_409_and_
     payee keeps, for the same route and credentials, is given that answer only when the first payment's payer signed
     it for the same requirements. Another payer's payment, the payer's channel and amount signed by someone else,
     and the payer's own voucher for other requirements are each a 409 `idempotency_key_reused`: the kept answer not
-    given, the handler not run, nothing settled (each then pays under an identifier of its own)."""
+    given, the handler not run, nothing settled (each then pays under an identifier of its own); 24 forgeries at
+    once beside the payer's own retry change nothing for it."""
     rig = lane_rig("conflict", max_lanes=1, script=ROOT / "tests" / "faulty_paid_api.py")
     ((payee, api),) = rig.payees
     path, signed_in = "/reports/counted/conflict", {"Authorization": "Bearer the-payers-own"}
@@ -1242,9 +1243,17 @@ def test_another_payment_under_an_identifier_that_bought_an_answer_is_a_409_and_
     assert httpx.get(f"{api}/runs/conflict").json() == {"runs": 1}
     assert accepted_for(rig.service, payee) == PRICE
 
-    retried = get(again, "order-0000000000000001")  # the payer's own, made afresh: the answer bought, not settled
+    async def flood() -> list[httpx.Response]:  # the payer's own retry among 24 forgeries, all at once
+        headers = {**signature_header(forged, "order-0000000000000001"), **signed_in}
+        async with httpx.AsyncClient(timeout=30) as client:
+            forgeries = [client.get(f"{api}{path}", headers=headers) for _ in range(24)]
+            return await asyncio.gather(asyncio.to_thread(get, again, "order-0000000000000001"), *forgeries)
+
+    retried, *forgeries = asyncio.run(flood())  # the payer's own, made afresh: the answer bought, not settled
     assert (retried.status_code, retried.content) == (200, first.content)
     assert retried.headers["payment-response"] == first.headers["payment-response"]
+    assert [f.status_code for f in forgeries] == [409] * 24
+    assert httpx.get(f"{api}/runs/conflict").json() == {"runs": 1}
     paid = [get(payment, f"order-{n:016d}").json() for n, payment in enumerate((other, again), start=2)]
     assert paid == [{"runs": 2}, {"runs": 3}]
     assert accepted_for(rig.service, payee) == 3 * PRICE
