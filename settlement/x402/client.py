@@ -57,7 +57,7 @@ from x402.schemas import (
 
 from settlement.chain.addresses import ADDRESS_RULE, is_typed_address
 from settlement.chain.node import rpc_errors
-from settlement.domain.model import ETH, ChannelId, ChannelStatus, ChannelViewField
+from settlement.domain.model import ETH, ChannelId, ChannelStatus, ChannelViewField, hex32_of, uint256_of
 from settlement.errors import (
     BudgetExceededError,
     ChainUnavailableError,
@@ -742,9 +742,9 @@ class PaymentIdentifiers:
 
 def _for_another(receipt: dict[str, Any], voucher: VoucherPayload) -> bool:
     """Whether a receipt names another voucher than `voucher` (a receipt without those fields names none)."""
-    channel, cumulative = receipt.get("channelId"), receipt.get("cumulativeAmount")
-    return (isinstance(channel, str) and channel.lower() != voucher.channel_id.lower()) or (
-        isinstance(cumulative, str) and cumulative != str(voucher.cumulative)
+    channel, cumulative = hex32_of(receipt.get("channelId")), uint256_of(receipt.get("cumulativeAmount"))
+    return (channel is not None and channel != voucher.channel_id) or (
+        cumulative is not None and cumulative != voucher.cumulative
     )
 
 

@@ -34,7 +34,7 @@ from settlement.eip712.vouchers import VoucherVerifier
 from settlement.errors import IdempotencyKeyReusedError
 from settlement.x402.kept import CLAIM_SECONDS, KeptAnswer, SharedAnswers
 from settlement.x402.seldom import FAILURE_LOG_SECONDS, Seldom
-from settlement.x402.wire import PayloadError, VoucherPayload, domain_of, payment_identifier, payment_in
+from settlement.x402.wire import PayloadError, VoucherPayload, domain_of, payment_identifier_in, payment_in
 
 logger = logging.getLogger(__name__)
 
@@ -90,8 +90,7 @@ class PaidAnswers:
         header = request.headers.get("payment-signature")
         if not header or len(header) > 16384:
             return None
-        payment = payment_in(header)
-        identifier = None if payment is None else payment_identifier(payment)
+        identifier = payment_identifier_in(header)
         if identifier is None:  # no identifier, or not x402's (the middleware answers it)
             return None
         asking = "\n".join(f"{name}: {value}" for name in self.vary for value in request.headers.getlist(name))

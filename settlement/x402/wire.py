@@ -179,4 +179,4 @@ def payment_identifier(payment: PaymentPayload) -> str | None:
     """The payment's x402 payment identifier if it is valid by the extension's rules, x402's pattern matched whole:
     x402 matches it with `match` and `$`, which also takes a final newline ("…abc\n" was a key of its own)."""
     found = extract_payment_identifier(payment, validate=True)
-    return found if found is not None and PAYMENT_ID_PATTERN.fullmatch(found) else None
+    return found if found is not None and is_payment_id(found) else None
